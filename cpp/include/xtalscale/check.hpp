@@ -1,0 +1,46 @@
+/// @file check.hpp
+/// @brief Argument validation shared by every public entry point.
+///
+/// Every function reachable from Python validates its inputs with these helpers. They throw
+/// std::invalid_argument (ValueError in Python) or std::out_of_range (IndexError in Python)
+/// with a message that names the offending argument, so nothing crashes on bad input.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <stdexcept>
+#include <string>
+
+namespace xtalscale {
+
+/// Throw std::invalid_argument(message) unless @p condition holds.
+inline void require(bool condition, const std::string& message) {
+  if (!condition) throw std::invalid_argument(message);
+}
+
+/// Throw std::out_of_range unless 0 <= index < size; @p what names the index argument.
+inline void require_index(std::ptrdiff_t index, std::size_t size, const char* what) {
+  if (index < 0 || static_cast<std::size_t>(index) >= size)
+    throw std::out_of_range(std::string(what) + ": index " + std::to_string(index) +
+                            " is out of range for size " + std::to_string(size));
+}
+
+/// Throw std::invalid_argument unless the two lengths agree.
+inline void require_same_length(std::size_t a, std::size_t b, const char* name_a,
+                                const char* name_b) {
+  if (a != b)
+    throw std::invalid_argument(std::string(name_a) + " and " + name_b +
+                                " must have the same length (got " + std::to_string(a) +
+                                " and " + std::to_string(b) + ")");
+}
+
+/// Throw std::invalid_argument if any of the @p n values is NaN or infinite.
+inline void require_finite(const double* values, std::size_t n, const char* name) {
+  for (std::size_t i = 0; i < n; ++i) {
+    if (!std::isfinite(values[i]))
+      throw std::invalid_argument(std::string(name) + " must be finite (element " +
+                                  std::to_string(i) + " is " + std::to_string(values[i]) + ")");
+  }
+}
+
+}  // namespace xtalscale

@@ -1,0 +1,12 @@
+// The xtalscale._core extension module: registers each area's bindings.
+#include "common.hpp"
+#include "xtalscale/core.hpp"
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "xtalscale compiled core (Eigen/C++17). Use the xtalscale package, not this module.";
+  m.attr("__version__") = xtalscale::version();
+  auto smoothers = m.def_submodule("smoothers", "Gaussian smoothers (DIALS/Aimless SmoothedValue)");
+  xtalscale::py_bind::bind_smoothers(smoothers);
+  auto components = m.def_submodule("components", "Scale-component kernels");
+  xtalscale::py_bind::bind_components(components);
+}

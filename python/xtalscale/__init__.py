@@ -1,0 +1,41 @@
+"""xtalscale: DIALS-compatible crystallographic scaling on a fast Eigen/C++17 core.
+
+The package mirrors the layout of ``dials`` where DIALS scripts import from
+(``xtalscale.algorithms.scaling...``, ``xtalscale.array_family.flex``), so an
+existing DIALS-style script runs after changing only its import lines.
+
+Naming convention (as in DIALS): the product of a model's component values is the
+*inverse scale factor* ``g``; observed ``I ~ g * I_true`` and scaled ``I = I_obs / g``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import _core
+
+__version__: str = _core.__version__
+
+__all__ = ["__version__", "get_include", "get_cmake_dir"]
+
+
+def get_include() -> str:
+    """Directory holding the installed C++ headers (``xtalscale/*.hpp``).
+
+    Returns
+    -------
+    str
+        Absolute path; add it to a compiler's include path.
+    """
+    return str(Path(__file__).resolve().parent / "include")
+
+
+def get_cmake_dir() -> str:
+    """Directory holding ``xtalscaleConfig.cmake`` of this installation.
+
+    Returns
+    -------
+    str
+        Pass it to CMake as ``-Dxtalscale_DIR=...`` so that
+        ``find_package(xtalscale REQUIRED)`` finds the target ``xtalscale::core``.
+    """
+    return str(Path(__file__).resolve().parent / "lib" / "cmake" / "xtalscale")

@@ -1,0 +1,1 @@
+# Stubs for xtalscale._core.components (filled in with the component bindings).

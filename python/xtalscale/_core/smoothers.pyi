@@ -1,0 +1,1 @@
+# Stubs for xtalscale._core.smoothers (filled in with the smoother bindings).

@@ -1,0 +1,1 @@
+"""DIALS-shaped import path (facade over the xtalscale core)."""

@@ -1,0 +1,1 @@
+"""Readers and writers for real data files: DIALS .refl/.expt, MTZ, XDS."""
