@@ -5,8 +5,9 @@ Two installations are checked:
 * the one inside the installed wheel (``xtalscale.get_cmake_dir()``): the C++ unit tests and the
   README's consumer program are built against it, proving that the headers, the library and the
   package config (``find_package(xtalscale)`` giving ``xtalscale::core``) are complete;
-* a plain ``cmake --install`` of the source tree built against a *system* Eigen (Debian's
-  libeigen3-dev), proving that C++ users need neither Python nor cmeel-eigen.
+* a plain ``cmake --install`` of the source tree as a *shared* library built against a *system*
+  Eigen (Debian's libeigen3-dev), proving that C++ users need neither Python nor cmeel-eigen and
+  that every symbol the tests use is exported (the library hides everything else).
 """
 from __future__ import annotations
 
@@ -65,15 +66,15 @@ def test_cpp_unit_tests_and_consumer_against_installed_wheel(tmp_path: Path) -> 
 @needs_cmake
 @pytest.mark.skipif(not SYSTEM_EIGEN_DIR.is_dir(),
                     reason="system Eigen not installed (apt-get install libeigen3-dev; CI does)")
-def test_cmake_install_with_system_eigen(tmp_path: Path) -> None:
+def test_shared_cmake_install_with_system_eigen(tmp_path: Path) -> None:
     prefix = tmp_path / "prefix"
     eigen = f"-DEigen3_DIR={SYSTEM_EIGEN_DIR}"
     _run(["cmake", "-S", str(REPO), "-B", str(tmp_path / "core"), "-DCMAKE_BUILD_TYPE=Release",
-          "-DXTALSCALE_BUILD_PYTHON=OFF", eigen, f"-DCMAKE_INSTALL_PREFIX={prefix}", *_generator()])
+          "-DXTALSCALE_BUILD_PYTHON=OFF", "-DBUILD_SHARED_LIBS=ON", eigen, f"-DCMAKE_INSTALL_PREFIX={prefix}", *_generator()])
     _run(["cmake", "--build", str(tmp_path / "core")])
     _run(["cmake", "--install", str(tmp_path / "core")])
     config = next(prefix.glob("lib*/cmake/xtalscale/xtalscaleConfig.cmake"))
     assert (prefix / "include" / "xtalscale" / "export.hpp").is_file()
-    out = _build_and_ctest(tmp_path / "consumer", [f"-Dxtalscale_DIR={config.parent}", eigen,
-                                                   "-DXS_CONSUMER_ONLY=ON"])
+    assert list(prefix.glob("lib*/libxtalscale.so*")), "shared library not installed"
+    out = _build_and_ctest(tmp_path / "tests", [f"-Dxtalscale_DIR={config.parent}", eigen])
     assert "100% tests passed" in out
