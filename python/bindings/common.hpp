@@ -31,5 +31,6 @@ inline Eigen::Map<const Eigen::VectorXd> vector_view(const DoubleArray& a, const
 // One registration function per area; each lives in its own bindings/<area>.cpp.
 void bind_smoothers(py::module_& m);
 void bind_components(py::module_& m);
+void bind_refl(py::module_& m);
 
 }  // namespace xtalscale::py_bind

@@ -9,4 +9,6 @@ PYBIND11_MODULE(_core, m) {
   xtalscale::py_bind::bind_smoothers(smoothers);
   auto components = m.def_submodule("components", "Scale-component kernels");
   xtalscale::py_bind::bind_components(components);
+  auto refl = m.def_submodule("refl", "Reflection-file codecs (legacy DIALS pickle payloads)");
+  xtalscale::py_bind::bind_refl(refl);
 }

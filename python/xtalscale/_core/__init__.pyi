@@ -1,5 +1,6 @@
 # Type stubs for the compiled extension xtalscale._core (one .pyi per submodule beside this one).
 from . import components as components
 from . import smoothers as smoothers
+from . import refl as refl
 
 __version__: str
