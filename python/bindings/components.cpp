@@ -1,6 +1,346 @@
-// Bindings for the scale-component kernels (filled in by the component work).
+// Bindings for the scale-component kernels and spherical harmonics (_core.components).
+// Inputs are converted once at the boundary (c_style | forcecast); outputs are fresh numpy
+// arrays written in place by the kernels. The GIL is released around each kernel: by then
+// every Python object has been converted and the kernels only touch raw buffers.
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
 #include "common.hpp"
+#include "xtalscale/components.hpp"
+#include "xtalscale/harmonics.hpp"
 
 namespace xtalscale::py_bind {
-void bind_components(py::module_& /*m*/) {}
+namespace {
+
+using Int32Array = py::array_t<std::int32_t, py::array::c_style | py::array::forcecast>;
+using Int64Array = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
+
+std::size_t size_of(const py::array& a) { return static_cast<std::size_t>(a.size()); }
+
+void require_ndim(const py::array& a, py::ssize_t ndim, const char* name) {
+  if (a.ndim() != ndim)
+    throw std::invalid_argument(std::string(name) + " must be " + std::to_string(ndim) +
+                                "-dimensional (got ndim=" + std::to_string(a.ndim()) + ")");
+}
+
+/// An (n, k) float64 array (or a flat one of length n*k, as flex vec3 columns may arrive).
+std::size_t rows_of(const DoubleArray& a, py::ssize_t k, const char* name) {
+  if (a.ndim() == 2 && a.shape(1) == k) return static_cast<std::size_t>(a.shape(0));
+  throw std::invalid_argument(std::string(name) + " must have shape (n, " + std::to_string(k) +
+                              ")");
+}
+
+/// Structural checks of a CSR triple produced by smoother_weights (kept cheap: O(n)).
+void check_csr32(const Int32Array& indptr, const Int32Array& indices, const DoubleArray& data) {
+  require_ndim(indptr, 1, "indptr");
+  require_ndim(indices, 1, "indices");
+  require_ndim(data, 1, "data");
+  require(indptr.size() >= 1, "indptr must have n_rows + 1 entries");
+  require_same_length(size_of(indices), size_of(data), "indices", "data");
+  const std::int32_t* ip = indptr.data();
+  require(ip[0] == 0, "indptr must start at 0");
+  for (py::ssize_t i = 0; i + 1 < indptr.size(); ++i)
+    require(ip[i + 1] >= ip[i], "indptr must be non-decreasing");
+  require(static_cast<std::size_t>(ip[indptr.size() - 1]) == size_of(data),
+          "indptr must end at len(data)");
+}
+
+void check_columns(const Int32Array& indices, std::size_t n_cols, const char* what) {
+  const std::int32_t* ix = indices.data();
+  for (py::ssize_t k = 0; k < indices.size(); ++k)
+    require_index(ix[k], n_cols, what);
+}
+
+/// Optional first-column vector (first-fixed smoother) of length n_rows, or nullptr.
+const double* optional_column(const std::optional<DoubleArray>& col, std::size_t n_rows) {
+  if (!col) return nullptr;
+  require_ndim(*col, 1, "first_col");
+  require_same_length(size_of(*col), n_rows, "first_col", "rows");
+  return col->data();
+}
+
+py::tuple smoother_weights(const std::vector<DoubleArray>& coords, const std::vector<double>& x0,
+                           const std::vector<double>& spacing, const std::vector<int>& nvalues,
+                           const std::vector<int>& naverage,
+                           const std::vector<DoubleArray>& positions, double sigma,
+                           bool drop_first) {
+  const int n_axes = static_cast<int>(coords.size());
+  require(n_axes >= 1 && n_axes <= 3, "coords must hold 1, 2 or 3 coordinate arrays");
+  for (const auto* v : {&x0, &spacing})
+    require(v->size() == coords.size(), "one x0/spacing per axis is required");
+  require(nvalues.size() == coords.size() && naverage.size() == coords.size() &&
+              positions.size() == coords.size(),
+          "one nvalues/naverage/positions entry per axis is required");
+  require(!drop_first || n_axes == 1, "drop_first is only defined for a 1-D smoother");
+  static const char* const kNames[3] = {"x", "y", "z"};
+  const std::size_t n = size_of(coords[0]);
+  components::SmootherAxis axes[3];
+  const double* cptr[3] = {nullptr, nullptr, nullptr};
+  for (int a = 0; a < n_axes; ++a) {
+    require_ndim(coords[a], 1, kNames[a]);
+    require_same_length(size_of(coords[a]), n, kNames[a], "x");
+    require_ndim(positions[a], 1, "positions");
+    require(positions[a].size() == nvalues[a], "positions must have nvalues entries");
+    axes[a] = {x0[a], spacing[a], nvalues[a], naverage[a], positions[a].data()};
+    cptr[a] = coords[a].data();
+  }
+  components::validate_smoother(axes, n_axes, sigma, cptr, kNames, n);
+  Int32Array indptr(static_cast<py::ssize_t>(n + 1));
+  std::size_t nnz = 0;
+  {
+    py::gil_scoped_release release;  // pure C++ over converted buffers
+    nnz = components::smoother_weights_indptr(axes, n_axes, cptr, n, drop_first,
+                                              indptr.mutable_data());
+  }
+  Int32Array indices(static_cast<py::ssize_t>(nnz));
+  DoubleArray data(static_cast<py::ssize_t>(nnz));
+  py::object first_col = py::none();
+  double* first_ptr = nullptr;
+  if (drop_first) {
+    DoubleArray col(static_cast<py::ssize_t>(n));
+    first_ptr = col.mutable_data();
+    first_col = col;
+  }
+  {
+    py::gil_scoped_release release;
+    components::smoother_weights_fill(axes, n_axes, sigma, cptr, n, drop_first, indptr.data(),
+                                      indices.mutable_data(), data.mutable_data(), first_ptr);
+  }
+  return py::make_tuple(indptr, indices, data, first_col);
+}
+
+DoubleArray csr_matvec(const Int32Array& indptr, const Int32Array& indices,
+                       const DoubleArray& data, const DoubleArray& p,
+                       const std::optional<DoubleArray>& first_col, double p0) {
+  check_csr32(indptr, indices, data);
+  auto pv = vector_view(p, "parameters");
+  check_columns(indices, static_cast<std::size_t>(pv.size()), "indices");
+  const std::size_t n_rows = size_of(indptr) - 1;
+  const double* fc = optional_column(first_col, n_rows);
+  DoubleArray out(static_cast<py::ssize_t>(n_rows));
+  double* o = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    components::csr_matvec(n_rows, indptr.data(), indices.data(), data.data(), pv.data(), fc,
+                           p0, o);
+  }
+  return out;
+}
+
+py::tuple exp_scales(const DoubleArray& factor, double coef, bool derivatives) {
+  auto f = vector_view(factor, "factor");
+  require(std::isfinite(coef), "parameter must be finite");
+  const std::size_t n = static_cast<std::size_t>(f.size());
+  DoubleArray scales(static_cast<py::ssize_t>(n));
+  py::object derivs = py::none();
+  double* dptr = nullptr;
+  if (derivatives) {
+    DoubleArray d(static_cast<py::ssize_t>(n));
+    dptr = d.mutable_data();
+    derivs = d;
+  }
+  double* s = scales.mutable_data();
+  {
+    py::gil_scoped_release release;
+    components::exp_scales(n, f.data(), coef, s, dptr);
+  }
+  return py::make_tuple(scales, derivs);
+}
+
+py::tuple smooth_b_scales(const Int32Array& indptr, const Int32Array& indices,
+                          const DoubleArray& data, const DoubleArray& p,
+                          const DoubleArray& factor, const std::optional<DoubleArray>& first_col,
+                          double p0, bool derivatives) {
+  check_csr32(indptr, indices, data);
+  auto pv = vector_view(p, "parameters");
+  check_columns(indices, static_cast<std::size_t>(pv.size()), "indices");
+  const std::size_t n_rows = size_of(indptr) - 1;
+  auto f = vector_view(factor, "factor");
+  require_same_length(static_cast<std::size_t>(f.size()), n_rows, "factor", "rows");
+  const double* fc = optional_column(first_col, n_rows);
+  DoubleArray scales(static_cast<py::ssize_t>(n_rows));
+  py::object d_data = py::none();
+  double* dptr = nullptr;
+  if (derivatives) {
+    DoubleArray d(data.size());
+    dptr = d.mutable_data();
+    d_data = d;
+  }
+  double* s = scales.mutable_data();
+  {
+    py::gil_scoped_release release;
+    components::smooth_b_scales(n_rows, indptr.data(), indices.data(), data.data(), pv.data(),
+                                fc, p0, f.data(), s, dptr);
+  }
+  return py::make_tuple(scales, d_data);
+}
+
+DoubleArray row_multiply(const Int64Array& indptr, const DoubleArray& data, const DoubleArray& v) {
+  require_ndim(indptr, 1, "indptr");
+  require_ndim(data, 1, "data");
+  auto vv = vector_view(v, "v", false);
+  require(indptr.size() >= 1, "indptr must have n_rows + 1 entries");
+  const std::size_t n_rows = size_of(indptr) - 1;
+  require_same_length(static_cast<std::size_t>(vv.size()), n_rows, "v", "matrix rows");
+  const std::int64_t* ip = indptr.data();
+  require(ip[0] == 0 && static_cast<std::size_t>(ip[n_rows]) == size_of(data),
+          "indptr must run from 0 to len(data)");
+  for (std::size_t i = 0; i < n_rows; ++i) require(ip[i + 1] >= ip[i], "indptr must be sorted");
+  DoubleArray out(data.size());
+  double* o = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    components::row_multiply(n_rows, ip, data.data(), vv.data(), o);
+  }
+  return out;
+}
+
+DoubleArray sh_scales(const DoubleArray& harmonics, const DoubleArray& coef) {
+  require_ndim(harmonics, 2, "harmonic_values");
+  auto c = vector_view(coef, "parameters");
+  const auto n = static_cast<std::size_t>(harmonics.shape(0));
+  const auto np = static_cast<std::size_t>(harmonics.shape(1));
+  require_same_length(static_cast<std::size_t>(c.size()), np, "parameters",
+                      "harmonic_values columns");
+  DoubleArray out(static_cast<py::ssize_t>(n));
+  double* o = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    components::sh_scales(n, np, harmonics.data(), c.data(), o);
+  }
+  return out;
+}
+
+// ------------------------------------------------------------------ harmonics
+
+DoubleArray calc_theta_phi(const DoubleArray& xyz) {
+  const std::size_t n = rows_of(xyz, 3, "xyz");
+  DoubleArray out({static_cast<py::ssize_t>(n), py::ssize_t{2}});
+  double* o = out.mutable_data();
+  const double* in = xyz.data();
+  {
+    py::gil_scoped_release release;
+    harmonics::calc_theta_phi(in, n, o);
+  }
+  return out;
+}
+
+Int64Array calc_lookup_index(const DoubleArray& theta_phi, double points_per_degree) {
+  const std::size_t n = rows_of(theta_phi, 2, "theta_phi");
+  Int64Array out(static_cast<py::ssize_t>(n));
+  std::int64_t* o = out.mutable_data();
+  const double* in = theta_phi.data();
+  {
+    py::gil_scoped_release release;
+    harmonics::calc_lookup_index(in, n, points_per_degree, o);
+  }
+  return out;
+}
+
+DoubleArray sph_harm_table(const DoubleArray& tp0, const DoubleArray& tp1, int lmax) {
+  const std::size_t n = rows_of(tp0, 2, "s0_theta_phi");
+  require_same_length(n, rows_of(tp1, 2, "s1_theta_phi"), "s0_theta_phi", "s1_theta_phi");
+  const std::size_t np = harmonics::n_params(lmax);
+  DoubleArray out({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(np)});
+  double* o = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    harmonics::sph_harm_table(tp0.data(), tp1.data(), n, lmax, o);
+  }
+  return out;
+}
+
+DoubleArray sph_harm_lookup_table(int lmax, int points_per_degree) {
+  const std::size_t np = harmonics::n_params(lmax);
+  const std::size_t n_items = harmonics::lookup_table_size(points_per_degree);
+  DoubleArray out({static_cast<py::ssize_t>(n_items), static_cast<py::ssize_t>(np)});
+  double* o = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    harmonics::sph_harm_lookup_table(lmax, points_per_degree, o);
+  }
+  return out;
+}
+
+DoubleArray harmonics_from_lookup(const Int64Array& i0, const Int64Array& i1,
+                                  const DoubleArray& table, std::size_t n_cols) {
+  require_ndim(i0, 1, "s0_selection");
+  require_ndim(i1, 1, "s1_selection");
+  require_same_length(size_of(i0), size_of(i1), "s0_selection", "s1_selection");
+  require_ndim(table, 2, "coefficients table");
+  const auto n_rows = static_cast<std::size_t>(table.shape(0));
+  const auto stride = static_cast<std::size_t>(table.shape(1));
+  require(n_cols <= stride, "n_params exceeds the columns of the coefficients table (" +
+                                std::to_string(n_cols) + " > " + std::to_string(stride) + ")");
+  const std::size_t n = size_of(i0);
+  DoubleArray out({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(n_cols)});
+  double* o = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    harmonics::harmonics_from_lookup(i0.data(), i1.data(), n, table.data(), n_rows, stride,
+                                     n_cols, o);
+  }
+  return out;
+}
+
+DoubleArray rotate_vectors_about_axis(const DoubleArray& axis, const DoubleArray& vectors,
+                                      const DoubleArray& angles) {
+  require(axis.size() == 3, "rot_axis must hold exactly one 3-vector");
+  const std::size_t n = rows_of(vectors, 3, "vectors");
+  require_ndim(angles, 1, "angles");
+  require_same_length(n, size_of(angles), "vectors", "angles");
+  DoubleArray out({static_cast<py::ssize_t>(n), py::ssize_t{3}});
+  double* o = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    harmonics::rotate_vectors_about_axis(axis.data(), vectors.data(), angles.data(), n, o);
+  }
+  return out;
+}
+
+DoubleArray real_harmonics(int lmax, double theta, double phi) {
+  DoubleArray out(static_cast<py::ssize_t>(harmonics::n_params(lmax)));
+  harmonics::real_harmonics(lmax, theta, phi, out.mutable_data());
+  return out;
+}
+
+}  // namespace
+
+void bind_components(py::module_& m) {
+  m.def("smoother_weights", &smoother_weights, py::arg("coords"), py::arg("x0"),
+        py::arg("spacing"), py::arg("nvalues"), py::arg("naverage"), py::arg("positions"),
+        py::arg("sigma"), py::arg("drop_first") = false,
+        "Normalised Gaussian-smoother weights as CSR (indptr, indices, data, first_col).");
+  m.def("csr_matvec", &csr_matvec, py::arg("indptr"), py::arg("indices"), py::arg("data"),
+        py::arg("parameters"), py::arg("first_col") = py::none(), py::arg("p0") = 0.0,
+        "Row-wise weighted sums W·p (+ first_col·p0).");
+  m.def("exp_scales", &exp_scales, py::arg("factor"), py::arg("coef"),
+        py::arg("derivatives") = true, "(exp(coef·factor), exp(coef·factor)·factor or None).");
+  m.def("smooth_b_scales", &smooth_b_scales, py::arg("indptr"), py::arg("indices"),
+        py::arg("data"), py::arg("parameters"), py::arg("factor"),
+        py::arg("first_col") = py::none(), py::arg("p0") = 0.0, py::arg("derivatives") = true,
+        "Smoothed B-factor scales exp(W·p·factor) and the row-multiplied CSR data.");
+  m.def("row_multiply", &row_multiply, py::arg("indptr"), py::arg("data"), py::arg("v"),
+        "CSR data with each row multiplied by v[row].");
+  m.def("sh_scales", &sh_scales, py::arg("harmonic_values"), py::arg("parameters"),
+        "1 + H·C for a row-major (n, n_params) harmonic matrix H.");
+  m.def("calc_theta_phi", &calc_theta_phi, py::arg("xyz"));
+  m.def("calc_lookup_index", &calc_lookup_index, py::arg("theta_phi"),
+        py::arg("points_per_degree"));
+  m.def("sph_harm_table", &sph_harm_table, py::arg("s0_theta_phi"), py::arg("s1_theta_phi"),
+        py::arg("lmax"), "Exact (n, lmax²+2·lmax) table of averaged real harmonics.");
+  m.def("sph_harm_lookup_table", &sph_harm_lookup_table, py::arg("lmax"),
+        py::arg("points_per_degree"), "(360·180·ppd², n_params) grid of real harmonics.");
+  m.def("harmonics_from_lookup", &harmonics_from_lookup, py::arg("s0_selection"),
+        py::arg("s1_selection"), py::arg("table"), py::arg("n_params"));
+  m.def("rotate_vectors_about_axis", &rotate_vectors_about_axis, py::arg("rot_axis"),
+        py::arg("vectors"), py::arg("angles"));
+  m.def("real_harmonics", &real_harmonics, py::arg("lmax"), py::arg("theta"), py::arg("phi"),
+        "Real harmonics (l=1..lmax, m=-l..l) at one direction, DIALS conventions.");
+  m.def("n_sph_harm_params", &harmonics::n_params, py::arg("lmax"));
+}
+
 }  // namespace xtalscale::py_bind

@@ -1,0 +1,70 @@
+/// @file harmonics.hpp
+/// @brief Real spherical harmonics with DIALS's absorption-surface conventions.
+///
+/// Conventions (spec §2.5): parameters are ordered l = 1..lmax and, within each l,
+/// m = -l..l, so there are lmax² + 2·lmax of them. The real harmonic is
+///   m > 0: √2 · N_lm · P̄_l^m(cos θ) · cos(mφ)
+///   m = 0: N_l0 · P_l(cos θ)
+///   m < 0: √2 · N_l|m| · P̄_l^|m|(cos θ) · sin(|m|φ)
+/// with P̄ the associated Legendre function *without* the Condon–Shortley phase (DIALS
+/// multiplies boost's phased Y_l^m by (-1)^m, which cancels it) and √2 *truncated* to
+/// 1.414213562 as in DIALS. All arrays are row-major; vectors are packed xyz triples and
+/// angle pairs are packed (θ, φ).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "xtalscale/export.hpp"
+
+namespace xtalscale::harmonics {
+
+/// √2 as DIALS writes it (truncated); part of the parity contract.
+inline constexpr double kSqrt2Truncated = 1.414213562;
+
+/// Largest lmax accepted (factorials stay exact in double far beyond this).
+inline constexpr int kMaxLmax = 30;
+
+/// Number of absorption parameters for @p lmax: lmax² + 2·lmax. Throws unless 1 <= lmax <= 30.
+XTALSCALE_EXPORT std::size_t n_params(int lmax);
+
+/// Evaluate every real harmonic (l = 1..lmax, m = -l..l) at one direction into
+/// out[0..n_params(lmax)). θ is the polar angle from +z, φ the azimuth (radians).
+XTALSCALE_EXPORT void real_harmonics(int lmax, double theta, double phi, double* out);
+
+/// (θ, φ) of n vectors: θ = atan2(√(x²+y²), z) ∈ [0, π], φ = (atan2(y, x) + 2π) mod 2π.
+XTALSCALE_EXPORT void calc_theta_phi(const double* xyz, std::size_t n, double* theta_phi);
+
+/// Nearest-lower grid index of n (θ, φ) pairs on a grid with @p points_per_degree:
+/// int(360·ppd·floor(θ·ppd·180/π) + floor(φ·ppd·180/π)). Throws std::invalid_argument
+/// for non-finite or negative angles and for a non-positive ppd.
+XTALSCALE_EXPORT void calc_lookup_index(const double* theta_phi, std::size_t n,
+                                        double points_per_degree, std::int64_t* out);
+
+/// Exact per-reflection table: out is n × n_params(lmax) (row-major), each row the mean of the
+/// harmonics at the two directions (θ₀,φ₀) and (θ₁,φ₁). Throws on non-finite angles.
+XTALSCALE_EXPORT void sph_harm_table(const double* theta_phi0, const double* theta_phi1,
+                                     std::size_t n, int lmax, double* out);
+
+/// Number of grid points of the lookup table: 360·180·ppd².
+XTALSCALE_EXPORT std::size_t lookup_table_size(int points_per_degree);
+
+/// Lookup table, row-major lookup_table_size(ppd) × n_params(lmax): row i holds the full
+/// harmonics (no ½) at θ = floor(i / (360·ppd))·π/(180·ppd), φ = (i mod 360·ppd)·π/(180·ppd).
+XTALSCALE_EXPORT void sph_harm_lookup_table(int lmax, int points_per_degree, double* out);
+
+/// Averages of two table rows per reflection: out[j, k] = (table[i0[j], k] + table[i1[j], k])/2
+/// for k < n_cols. @p table has @p n_rows rows of @p row_stride doubles (row_stride >= n_cols).
+/// Throws std::out_of_range (naming s0_selection / s1_selection) for an index past the table.
+XTALSCALE_EXPORT void harmonics_from_lookup(const std::int64_t* i0, const std::int64_t* i1,
+                                            std::size_t n, const double* table,
+                                            std::size_t n_rows, std::size_t row_stride,
+                                            std::size_t n_cols, double* out);
+
+/// Rodrigues rotation of n vectors about one axis (normalised here) by per-vector angles
+/// (radians, right-handed). Throws for a zero-length axis or non-finite input.
+XTALSCALE_EXPORT void rotate_vectors_about_axis(const double axis[3], const double* vectors,
+                                                const double* angles, std::size_t n,
+                                                double* out);
+
+}  // namespace xtalscale::harmonics

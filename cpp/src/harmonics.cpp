@@ -1,0 +1,190 @@
+// Real spherical harmonics for the SH absorption component (conventions in harmonics.hpp).
+#include "xtalscale/harmonics.hpp"
+
+#include <cmath>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "xtalscale/check.hpp"
+
+namespace xtalscale::harmonics {
+namespace {
+
+constexpr double kPi = 3.14159265358979323846;
+
+void require_lmax(int lmax) {
+  require(lmax >= 1 && lmax <= kMaxLmax,
+          "lmax must be between 1 and " + std::to_string(kMaxLmax) + " (got " +
+              std::to_string(lmax) + ")");
+}
+
+/// Normalisation and √2 prefactors for every (l, |m|), indexed l*(lmax+1)+|m|. Computed once
+/// per call of a table builder so the inner loops only multiply.
+std::vector<double> prefactors(int lmax) {
+  std::vector<double> pref(static_cast<std::size_t>((lmax + 1) * (lmax + 1)), 0.0);
+  for (int l = 0; l <= lmax; ++l) {
+    for (int m = 0; m <= l; ++m) {
+      // (l-m)!/(l+m)! as a product, which stays accurate for every l we accept.
+      double ratio = 1.0;
+      for (int k = l - m + 1; k <= l + m; ++k) ratio /= static_cast<double>(k);
+      const double norm = std::sqrt((2.0 * l + 1.0) / (4.0 * kPi) * ratio);
+      pref[static_cast<std::size_t>(l * (lmax + 1) + m)] = m == 0 ? norm : kSqrt2Truncated * norm;
+    }
+  }
+  return pref;
+}
+
+/// All harmonics at one direction, given the prefactor table; legendre is scratch of
+/// (lmax+1)² doubles holding P̄_l^m(cos θ) without the Condon–Shortley phase.
+void evaluate(int lmax, const double* pref, double theta, double phi, double* legendre,
+              double* out) {
+  const int stride = lmax + 1;
+  const double x = std::cos(theta);
+  const double s = std::sin(theta);
+  // Diagonal P_m^m = (2m-1)!! s^m, then the upward recurrence in l for each m.
+  double pmm = 1.0;
+  for (int m = 0; m <= lmax; ++m) {
+    if (m > 0) pmm *= (2.0 * m - 1.0) * s;
+    legendre[m * stride + m] = pmm;
+    if (m + 1 <= lmax) legendre[(m + 1) * stride + m] = x * (2.0 * m + 1.0) * pmm;
+    for (int l = m + 2; l <= lmax; ++l) {
+      legendre[l * stride + m] = ((2.0 * l - 1.0) * x * legendre[(l - 1) * stride + m] -
+                                  (l + m - 1.0) * legendre[(l - 2) * stride + m]) /
+                                 static_cast<double>(l - m);
+    }
+  }
+  std::size_t k = 0;
+  for (int l = 1; l <= lmax; ++l) {
+    for (int m = -l; m <= l; ++m, ++k) {
+      const int am = m < 0 ? -m : m;
+      const double base = pref[l * stride + am] * legendre[l * stride + am];
+      if (m > 0)
+        out[k] = base * std::cos(m * phi);
+      else if (m == 0)
+        out[k] = base;
+      else
+        out[k] = base * std::sin(am * phi);
+    }
+  }
+}
+
+void require_finite_angles(const double* tp, std::size_t n, const char* name) {
+  require_finite(tp, 2 * n, name);
+}
+
+}  // namespace
+
+std::size_t n_params(int lmax) {
+  require_lmax(lmax);
+  return static_cast<std::size_t>(lmax * lmax + 2 * lmax);
+}
+
+void real_harmonics(int lmax, double theta, double phi, double* out) {
+  require_lmax(lmax);
+  require(std::isfinite(theta) && std::isfinite(phi), "theta and phi must be finite");
+  const auto pref = prefactors(lmax);
+  std::vector<double> legendre(pref.size());
+  evaluate(lmax, pref.data(), theta, phi, legendre.data(), out);
+}
+
+void calc_theta_phi(const double* xyz, std::size_t n, double* theta_phi) {
+  require_finite(xyz, 3 * n, "xyz");
+  for (std::size_t i = 0; i < n; ++i) {
+    const double x = xyz[3 * i], y = xyz[3 * i + 1], z = xyz[3 * i + 2];
+    theta_phi[2 * i] = std::atan2(std::sqrt(x * x + y * y), z);
+    theta_phi[2 * i + 1] = std::fmod(std::atan2(y, x) + 2.0 * kPi, 2.0 * kPi);
+  }
+}
+
+void calc_lookup_index(const double* theta_phi, std::size_t n, double points_per_degree,
+                       std::int64_t* out) {
+  require(std::isfinite(points_per_degree) && points_per_degree > 0.0,
+          "points_per_degree must be a positive number");
+  require_finite_angles(theta_phi, n, "theta_phi");
+  const double f = points_per_degree * 180.0 / kPi;
+  for (std::size_t i = 0; i < n; ++i) {
+    const double theta = theta_phi[2 * i], phi = theta_phi[2 * i + 1];
+    if (theta < 0.0 || phi < 0.0)
+      throw std::invalid_argument("theta_phi: angles must be >= 0 (row " + std::to_string(i) +
+                                  ")");
+    out[i] = static_cast<std::int64_t>(360.0 * points_per_degree * std::floor(theta * f) +
+                                       std::floor(phi * f));
+  }
+}
+
+void sph_harm_table(const double* theta_phi0, const double* theta_phi1, std::size_t n,
+                    int lmax, double* out) {
+  const std::size_t np = n_params(lmax);
+  require_finite_angles(theta_phi0, n, "s0_theta_phi");
+  require_finite_angles(theta_phi1, n, "s1_theta_phi");
+  const auto pref = prefactors(lmax);
+  std::vector<double> legendre(pref.size()), y0(np), y1(np);
+  for (std::size_t i = 0; i < n; ++i) {
+    evaluate(lmax, pref.data(), theta_phi0[2 * i], theta_phi0[2 * i + 1], legendre.data(),
+             y0.data());
+    evaluate(lmax, pref.data(), theta_phi1[2 * i], theta_phi1[2 * i + 1], legendre.data(),
+             y1.data());
+    double* row = out + i * np;
+    for (std::size_t k = 0; k < np; ++k) row[k] = 0.5 * (y0[k] + y1[k]);
+  }
+}
+
+std::size_t lookup_table_size(int points_per_degree) {
+  require(points_per_degree >= 1 && points_per_degree <= 100,
+          "points_per_degree must be between 1 and 100 (got " +
+              std::to_string(points_per_degree) + ")");
+  const auto ppd = static_cast<std::size_t>(points_per_degree);
+  return 360 * 180 * ppd * ppd;
+}
+
+void sph_harm_lookup_table(int lmax, int points_per_degree, double* out) {
+  const std::size_t np = n_params(lmax);
+  const std::size_t n_items = lookup_table_size(points_per_degree);
+  const auto n_phi = static_cast<std::size_t>(360 * points_per_degree);
+  const double step = kPi / (180.0 * points_per_degree);
+  const auto pref = prefactors(lmax);
+  std::vector<double> legendre(pref.size());
+  for (std::size_t i = 0; i < n_items; ++i) {
+    const double theta = static_cast<double>(i / n_phi) * step;
+    const double phi = static_cast<double>(i % n_phi) * step;
+    evaluate(lmax, pref.data(), theta, phi, legendre.data(), out + i * np);
+  }
+}
+
+void harmonics_from_lookup(const std::int64_t* i0, const std::int64_t* i1, std::size_t n,
+                           const double* table, std::size_t n_rows, std::size_t row_stride,
+                           std::size_t n_cols, double* out) {
+  require(n_cols <= row_stride, "coefficients table has fewer columns than requested");
+  for (std::size_t j = 0; j < n; ++j) {
+    require_index(static_cast<std::ptrdiff_t>(i0[j]), n_rows, "s0_selection");
+    require_index(static_cast<std::ptrdiff_t>(i1[j]), n_rows, "s1_selection");
+  }
+  for (std::size_t j = 0; j < n; ++j) {
+    const double* a = table + static_cast<std::size_t>(i0[j]) * row_stride;
+    const double* b = table + static_cast<std::size_t>(i1[j]) * row_stride;
+    double* row = out + j * n_cols;
+    for (std::size_t k = 0; k < n_cols; ++k) row[k] = (a[k] + b[k]) / 2.0;
+  }
+}
+
+void rotate_vectors_about_axis(const double axis[3], const double* vectors,
+                               const double* angles, std::size_t n, double* out) {
+  require_finite(axis, 3, "rot_axis");
+  const double norm = std::sqrt(axis[0] * axis[0] + axis[1] * axis[1] + axis[2] * axis[2]);
+  require(norm > 0.0, "rot_axis must be non-zero");
+  require_finite(vectors, 3 * n, "vectors");
+  require_finite(angles, n, "angles");
+  const double ux = axis[0] / norm, uy = axis[1] / norm, uz = axis[2] / norm;
+  for (std::size_t i = 0; i < n; ++i) {
+    const double c = std::cos(angles[i]), s = std::sin(angles[i]), t = 1.0 - c;
+    const double x = vectors[3 * i], y = vectors[3 * i + 1], z = vectors[3 * i + 2];
+    out[3 * i] = (c + ux * ux * t) * x + (ux * uy * t - uz * s) * y + (ux * uz * t + uy * s) * z;
+    out[3 * i + 1] =
+        (ux * uy * t + uz * s) * x + (c + uy * uy * t) * y + (uy * uz * t - ux * s) * z;
+    out[3 * i + 2] =
+        (ux * uz * t - uy * s) * x + (uy * uz * t + ux * s) * y + (c + uz * uz * t) * z;
+  }
+}
+
+}  // namespace xtalscale::harmonics
