@@ -1,0 +1,223 @@
+/// @file smoother.hpp
+/// @brief DIALS-exact Gaussian smoothers in 1, 2 and 3 dimensions (Aimless `SmoothedValue` design).
+///
+/// A smoother holds a regular grid of *values* (parameters) along each axis and evaluates a smooth
+/// function at any coordinate as the Gaussian-weighted mean of the values in a small window:
+///
+///     value(x) = Σ_i w_i p_i / Σ_i w_i,     w_i = exp(−((z − pos_i)/σ)²),     z = (x − x0)/spacing
+///
+/// The layout rules are those of DIALS `GaussianSmoother{,2D,3D}` and `GaussianSmootherFirstFixed`
+/// (see `docs/dials_scaling_spec.md` §3):
+///  * `num_intervals` n > 0 gives `num_values` 2 (n = 1), 3 (n = 2) or n + 2 (n ≥ 3);
+///  * `spacing = (x1 − x0)/n` must be > 0;
+///  * positions are `0, 1, ...` when there are fewer than 4 values, otherwise `i − 0.5`;
+///  * the window of a normalised coordinate z is all values when there are at most 3, otherwise
+///    `[iround(z − naverage/2) + 1, +naverage)` clipped to at least 2 values at either end, where
+///    `iround` rounds half **away from zero**;
+///  * the default σ is `0.65 + 0.05·(naverage − 2)`; in 2D/3D it uses the smallest per-axis naverage.
+///
+/// In 2D and 3D the weight of a grid value is the product of the per-axis 1D weights (equal to
+/// `exp(−Σ_a Δ_a²/σ²)`), and values are stored with x fastest: `index = i + j·nx + k·nx·ny`.
+///
+/// Two levels of API are offered:
+///  * `SmootherAxis` — the per-axis layout with inline `window()` / `eval()` helpers, for kernels
+///    that want to fuse the smoother into their own per-reflection loop;
+///  * `GaussianSmoother<D>` — whole smoothers with a single-point `value_weight()` and a bulk
+///    `multi_value_weight()` that writes values, sums of weights and a row-major CSR matrix
+///    of raw weights (or of ∂value/∂p = w/Σw) straight into caller-provided buffers.
+///
+/// All objects are immutable during evaluation (const methods, no shared scratch), so one smoother
+/// can be evaluated from many threads at once.
+#pragma once
+
+#include <array>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "xtalscale/check.hpp"
+#include "xtalscale/export.hpp"
+
+namespace xtalscale {
+
+/// Largest number of values in one axis window (DIALS limits naverage to 1..5).
+constexpr int kMaxAxisWindow = 5;
+
+/// Round half away from zero (boost `iround`), e.g. −0.5 → −1, 1.5 → 2, 2.5 → 3.
+/// Valid for |v| < 2^52; callers clamp larger arguments first.
+inline std::int64_t iround_half_away(double v) noexcept {
+  auto t = static_cast<std::int64_t>(v);  // truncates toward zero
+  const double frac = v - static_cast<double>(t);  // exact for |v| < 2^52
+  if (frac >= 0.5) ++t;
+  else if (frac <= -0.5) --t;
+  return t;
+}
+
+/// The weights of one axis at one coordinate: values `first .. first+count−1` with weights `w[k]`.
+struct AxisWindow {
+  int first = 0;                       ///< index of the first value in the window
+  int count = 0;                       ///< number of values in the window (2..5, or all if ≤ 3)
+  std::array<double, kMaxAxisWindow> w{};  ///< raw Gaussian weights exp(−((z − pos)/σ)²)
+};
+
+/// Layout of one smoother axis: DIALS `GaussianSmoother` without the parameter values.
+class XTALSCALE_EXPORT SmootherAxis {
+ public:
+  /// Build the axis for the coordinate range [x0, x1] split into @p num_intervals intervals.
+  /// @param name names the range argument in error messages (e.g. "x_range").
+  /// @throws std::invalid_argument if num_intervals == 0, x0/x1 are not finite or x1 <= x0.
+  SmootherAxis(double x0, double x1, std::size_t num_intervals, const char* name = "x_range");
+
+  /// Set the window size: naverage = min(num_average, num_values()), which must lie in 1..5.
+  /// @throws std::invalid_argument otherwise.
+  void set_average(std::size_t num_average);
+
+  std::size_t num_values() const noexcept { return nvalues_; }   ///< number of values on this axis
+  std::size_t num_samples() const noexcept { return nsample_; }  ///< number of intervals
+  std::size_t num_average() const noexcept { return naverage_; } ///< window size naverage
+  double spacing() const noexcept { return spacing_; }           ///< (x1 − x0)/num_intervals
+  double x0() const noexcept { return x0_; }                     ///< start of the range
+  /// Positions of the values in normalised units (0,1,2 or −0.5,0.5,...).
+  const std::vector<double>& positions() const noexcept { return positions_; }
+  /// Largest possible window on this axis (the nnz bound per axis).
+  int max_window() const noexcept {
+    return nvalues_ <= 3 ? static_cast<int>(nvalues_) : static_cast<int>(naverage_ < 2 ? 2 : naverage_);
+  }
+
+  /// Normalised coordinate z = (x − x0)/spacing (a division, as DIALS, so window edges match).
+  double normalise(double x) const noexcept { return (x - x0_) / spacing_; }
+
+  /// The index window [first, first+count) for normalised coordinate @p z (§3.2 of the spec).
+  void window(double z, int& first, int& count) const noexcept {
+    if (nvalues_ <= 3) {
+      first = 0;
+      count = static_cast<int>(nvalues_);
+      return;
+    }
+    // Beyond ±2^30 the window is pinned to an end anyway; clamping keeps iround exact.
+    const double zc = z < -1073741824.0 ? -1073741824.0 : (z > 1073741824.0 ? 1073741824.0 : z);
+    const auto nv = static_cast<std::int64_t>(nvalues_);
+    std::int64_t i1 = iround_half_away(zc - half_) + 1;
+    std::int64_t i2 = i1 + static_cast<std::int64_t>(naverage_);
+    if (i1 < 0) {
+      i1 = 0;
+      if (i2 < 2) i2 = 2;
+    }
+    if (i2 > nv) {
+      i2 = nv;
+      if (i1 > nv - 2) i1 = nv - 2;
+    }
+    first = static_cast<int>(i1);
+    count = static_cast<int>(i2 - i1);
+  }
+
+  /// Fill @p out with the window and raw weights at normalised coordinate @p z for width @p sigma.
+  void eval(double z, double sigma, AxisWindow& out) const noexcept {
+    window(z, out.first, out.count);
+    const double* pos = positions_.data() + out.first;
+    for (int k = 0; k < out.count; ++k) {
+      const double ds = (z - pos[k]) / sigma;
+      out.w[k] = std::exp(-ds * ds);
+    }
+  }
+
+ private:
+  double x0_;
+  double spacing_;
+  double half_ = 1.5;
+  std::size_t nsample_;
+  std::size_t nvalues_;
+  std::size_t naverage_ = 3;
+  std::vector<double> positions_;
+};
+
+/// What a bulk evaluation writes into the CSR data array.
+enum class WeightMode {
+  raw,         ///< raw Gaussian weights w_i (DIALS `multi_value_weight`)
+  normalised,  ///< w_i/Σw = ∂value/∂p_i (0 for a row whose Σw is 0)
+};
+
+/// The result of a single-point evaluation: value, Σw and the sparse weight row.
+struct SinglePoint {
+  double value = 0.0;      ///< Σ w p / Σ w (0 when Σw == 0, as DIALS)
+  double sumweight = 0.0;  ///< Σ w over the window (always includes p0)
+  std::vector<std::int64_t> index;  ///< column of each weight, ascending
+  std::vector<double> weight;       ///< raw weight of each column
+};
+
+/// A DIALS Gaussian smoother in @p D = 1, 2 or 3 dimensions.
+///
+/// Construction takes one (x0, x1, num_intervals) triple per axis. The default smoothing is
+/// `set_smoothing(3, -1)`. Methods are const and allocation-free in the bulk path.
+template <int D>
+class XTALSCALE_EXPORT GaussianSmoother {
+  static_assert(D >= 1 && D <= 3, "GaussianSmoother supports 1, 2 or 3 dimensions");
+
+ public:
+  /// Axis ranges `ranges[a] = {x0, x1}` and interval counts per axis.
+  /// @throws std::invalid_argument for a zero interval count or an empty/reversed/non-finite range.
+  GaussianSmoother(const std::array<std::array<double, 2>, D>& ranges,
+                   const std::array<std::size_t, D>& num_intervals);
+
+  /// DIALS `set_smoothing`: per axis naverage = min(num_average, nvalues) in 1..5; sigma < 0 picks
+  /// the default 0.65 + 0.05·(min naverage − 2).
+  /// @throws std::invalid_argument if a naverage is outside 1..5, or sigma is 0 or not finite.
+  void set_smoothing(std::size_t num_average, double sigma);
+
+  const SmootherAxis& axis(int a) const { return axes_.at(static_cast<std::size_t>(a)); }
+  double sigma() const noexcept { return sigma_; }
+  /// Total number of values (product over axes), the length of a parameter vector.
+  std::size_t num_values() const noexcept { return ntotal_; }
+  /// Upper bound on the non-zeros of one weight row (product of the per-axis window bounds).
+  std::size_t max_row_nnz() const noexcept;
+
+  /// Single-point evaluation at @p coord (D coordinates) with @p n_values parameter values.
+  /// With @p first_fixed (1D only) the weight row drops column 0 and shifts the others down by
+  /// one (intended DIALS behaviour; DIALS's own single-point version also writes a stray entry).
+  /// @throws std::invalid_argument for wrong n_values, non-finite input, or first_fixed in 2D/3D.
+  SinglePoint value_weight(const std::array<double, D>& coord, const double* values,
+                           std::size_t n_values, bool first_fixed = false) const;
+
+  /// Bulk evaluation at @p n points; `coords[a][p]` is coordinate a of point p.
+  ///
+  /// Writes `value_out[p]`, `sumweight_out[p]`, and a CSR matrix of n rows and
+  /// `num_values()` columns (`num_values() − 1` with @p first_fixed, 1D only): `indptr[0..n]`,
+  /// `indices`/`data` of capacity at least `n * max_row_nnz()`. Columns within a row are ascending.
+  /// Any of value_out, sumweight_out may be null to skip them; if `data` is null only the
+  /// values are computed (indptr/indices are then ignored).
+  /// @return the number of non-zeros written (= indptr[n]).
+  /// @throws std::invalid_argument for wrong n_values, non-finite values or coordinates
+  ///         (the message names coordinate "x", "y" or "z" and the element).
+  template <typename Index>
+  std::size_t multi_value_weight(std::size_t n, const std::array<const double*, D>& coords,
+                                 const double* values, std::size_t n_values, double* value_out,
+                                 double* sumweight_out, Index* indptr, Index* indices,
+                                 double* data, WeightMode mode = WeightMode::raw,
+                                 bool first_fixed = false) const;
+
+  /// Values and propagated errors at @p n points: σ_v² = Σ_i (w_i/Σw)² σ_i² (esds may be null → 0).
+  void value_error(std::size_t n, const std::array<const double*, D>& coords,
+                   const double* values, const double* esds, std::size_t n_values,
+                   double* value_out, double* error_out) const;
+
+ private:
+  void check_values(const double* values, std::size_t n_values, const char* name) const;
+  std::array<SmootherAxis, D> axes_;
+  std::size_t ntotal_ = 0;
+  double sigma_ = 0.7;
+};
+
+extern template class GaussianSmoother<1>;
+extern template class GaussianSmoother<2>;
+extern template class GaussianSmoother<3>;
+
+using GaussianSmoother1D = GaussianSmoother<1>;  ///< DIALS GaussianSmoother / FirstFixed
+using GaussianSmoother2D = GaussianSmoother<2>;  ///< DIALS GaussianSmoother2D
+using GaussianSmoother3D = GaussianSmoother<3>;  ///< DIALS GaussianSmoother3D
+
+/// Convert a number of smoother values to DIALS's number of intervals (`SmoothMixin.nparam_to_val`):
+/// n − 1 for n ∈ {2, 3}, n − 2 for n ≥ 4. @throws std::invalid_argument for n < 2.
+XTALSCALE_EXPORT std::size_t nparam_to_val(std::size_t n_params);
+
+}  // namespace xtalscale

@@ -1,0 +1,1 @@
+"""DIALS-shaped import path ``dials.algorithms.refinement`` (only what scaling scripts use)."""
