@@ -1,0 +1,592 @@
+"""DIALS reflection files: modern msgpack ``.refl`` and legacy (Python 2) pickles.
+
+Reading
+    :func:`read_refl` detects the format from the first bytes (a file named ``.refl`` may be
+    either). msgpack column blobs are read straight from the file into their final numpy
+    arrays (one copy, no per-element Python). Legacy pickles go through a restricted
+    unpickler that admits only the DIALS/scitbx flex classes it decodes (no other pickle code
+    ever runs), then each column's base-256 payload is decoded in C++.
+Writing
+    :func:`write_msgpack` writes what DIALS writes (same type strings, key order, integer
+    encodings and row-major little-endian blobs), so DIALS reads it and a DIALS-written file
+    round-trips byte for byte (shoebox columns excepted: they are skipped on reading).
+
+Every problem in an input file raises :class:`ReflFileError` (a ``ValueError``) whose message
+starts with the file name and says what is wrong.
+"""
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import struct
+import sys
+from typing import Any, BinaryIO, Callable
+
+import msgpack
+import numpy as np
+
+from .. import flex_arrays as fa
+from ..reflection_table import check_identifiers, experiment_id_map, reflection_table
+
+__all__ = ["ReflFileError", "read_refl", "read_msgpack", "read_legacy_pickle", "write_msgpack",
+           "write_legacy_pickle", "COLUMN_TYPES"]
+
+
+class ReflFileError(ValueError):
+    """A reflection file is truncated, corrupt, of an unknown layout or inconsistent."""
+
+
+#: msgpack type string -> (flex type, numpy dtype of one scalar, components per element)
+COLUMN_TYPES: dict[str, tuple[type, np.dtype, int]] = {
+    "double": (fa.double, np.dtype("<f8"), 1),
+    "int": (fa.int, np.dtype("<i4"), 1),
+    "std::size_t": (fa.size_t, np.dtype("<u8"), 1),
+    "bool": (fa.bool, np.dtype("u1"), 1),
+    "vec2<double>": (fa.vec2_double, np.dtype("<f8"), 2),
+    "vec3<double>": (fa.vec3_double, np.dtype("<f8"), 3),
+    "mat3<double>": (fa.mat3_double, np.dtype("<f8"), 9),
+    "int6": (fa.int6, np.dtype("<i4"), 6),
+    "cctbx::miller::index<>": (fa.miller_index, np.dtype("<i4"), 3),
+}
+_SKIPPED_TYPES = {"Shoebox<>", "FrameSlicedShoebox<>"}
+_TYPE_NAME = {v[0]: k for k, v in COLUMN_TYPES.items()}
+_TYPE_NAME[fa.std_string] = "std::string"
+_MAGIC = "dials::af::reflection_table"
+
+
+def read_refl(filename: Any, required_columns: Any = ()) -> reflection_table:
+    """Read a DIALS reflection file of either format.
+
+    Parameters
+    ----------
+    filename : str or path-like
+        A msgpack ``.refl`` or a legacy pickle (``.pickle`` or ``.refl``).
+    required_columns : iterable of str, optional
+        Column names that must be present; a missing one raises ReflFileError.
+
+    Returns
+    -------
+    reflection_table
+
+    Raises
+    ------
+    ReflFileError
+        Truncated/corrupt data, unknown column type, inconsistent lengths or identifiers,
+        a pickle that refers to anything but DIALS/scitbx flex classes, or missing columns.
+    """
+    path = os.fspath(filename)
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head[:2] == b"\x80\x02" or head[:1] == b"\x80":
+        table = read_legacy_pickle(path)
+    elif head[:1] in (b"\x93", b"\xdc", b"\xdd"):
+        table = read_msgpack(path)
+    elif not head:
+        raise ReflFileError(f"{path}: empty file")
+    else:
+        raise ReflFileError(f"{path}: not a DIALS reflection file (starts with {head!r}; "
+                            "expected msgpack 0x93 or pickle 0x80)")
+    _require(table, required_columns, path)
+    return table
+
+
+def _require(table: reflection_table, required: Any, path: str) -> None:
+    missing = [c for c in required if c not in table]
+    if missing:
+        raise ReflFileError(f"{path}: missing required columns {missing}")
+
+
+def _finish(table: reflection_table, path: str) -> reflection_table:
+    try:
+        check_identifiers(table, where=path)
+    except ValueError as exc:
+        raise ReflFileError(str(exc)) from None
+    return table
+
+
+# =============================================================================== msgpack
+class _Reader:
+    """Minimal msgpack reader over a binary file: structure only, blobs read into numpy."""
+
+    def __init__(self, f: BinaryIO, size: int, path: str) -> None:
+        self.f, self.size, self.path = f, size, path
+
+    def fail(self, msg: str) -> "ReflFileError":
+        return ReflFileError(f"{self.path}: {msg} (at byte {self.f.tell()})")
+
+    def read(self, n: int) -> bytes:
+        b = self.f.read(n)
+        if len(b) != n:
+            raise self.fail(f"truncated file (wanted {n} bytes, {len(b)} left)")
+        return b
+
+    def _u(self, fmt: str, n: int) -> int:
+        return struct.unpack(fmt, self.read(n))[0]
+
+    def header(self) -> tuple[str, int]:
+        """Next object's kind and its length/value: ('array'|'map'|'str'|'bin', n) or ('int', v)."""
+        t = self.read(1)[0]
+        if t <= 0x7F:
+            return "int", t
+        if t >= 0xE0:
+            return "int", t - 0x100
+        if 0x80 <= t <= 0x8F:
+            return "map", t & 0x0F
+        if 0x90 <= t <= 0x9F:
+            return "array", t & 0x0F
+        if 0xA0 <= t <= 0xBF:
+            return "str", t & 0x1F
+        table = {0xC4: ("bin", ">B", 1), 0xC5: ("bin", ">H", 2), 0xC6: ("bin", ">I", 4),
+                 0xD9: ("str", ">B", 1), 0xDA: ("str", ">H", 2), 0xDB: ("str", ">I", 4),
+                 0xDC: ("array", ">H", 2), 0xDD: ("array", ">I", 4),
+                 0xDE: ("map", ">H", 2), 0xDF: ("map", ">I", 4),
+                 0xCC: ("int", ">B", 1), 0xCD: ("int", ">H", 2), 0xCE: ("int", ">I", 4),
+                 0xCF: ("int", ">Q", 8), 0xD0: ("int", ">b", 1), 0xD1: ("int", ">h", 2),
+                 0xD2: ("int", ">i", 4), 0xD3: ("int", ">q", 8),
+                 0xCA: ("float", ">f", 4), 0xCB: ("float", ">d", 8)}
+        if t in table:
+            kind, fmt, n = table[t]
+            return kind, self._u(fmt, n)
+        if t == 0xC0:
+            return "nil", 0
+        if t in (0xC2, 0xC3):
+            return "bool", t - 0xC2
+        raise self.fail(f"unsupported msgpack type byte 0x{t:02x}")
+
+    def check_len(self, n: int, what: str) -> None:
+        if n > self.size - self.f.tell():
+            raise self.fail(f"{what} of {n} bytes runs past the end of the file (truncated)")
+
+    def obj(self, depth: int = 0) -> Any:
+        """A small generic object (identifiers, names, numbers)."""
+        if depth > 16:
+            raise self.fail("msgpack nesting too deep")
+        kind, n = self.header()
+        if kind in ("int", "float", "nil", "bool"):
+            return None if kind == "nil" else (bool(n) if kind == "bool" else n)
+        if kind == "str":
+            self.check_len(n, "string")
+            try:
+                return self.read(n).decode("utf-8")
+            except UnicodeDecodeError:
+                raise self.fail("string is not valid UTF-8") from None
+        if kind == "bin":
+            self.check_len(n, "binary blob")
+            return self.read(n)
+        if kind == "array":
+            self.check_len(n, "array")
+            return [self.obj(depth + 1) for _ in range(n)]
+        self.check_len(n, "map")
+        out = {}
+        for _ in range(n):
+            k = self.obj(depth + 1)
+            if isinstance(k, (list, dict)):
+                raise self.fail("unhashable map key")
+            out[k] = self.obj(depth + 1)
+        return out
+
+    def expect(self, kind: str, what: str) -> int:
+        k, n = self.header()
+        if k != kind:
+            raise self.fail(f"{what}: expected msgpack {kind}, found {k}")
+        return n
+
+    def skip(self) -> None:
+        kind, n = self.header()
+        if kind in ("str", "bin"):
+            self.check_len(n, kind)
+            self.f.seek(n, io.SEEK_CUR)
+        elif kind == "array":
+            for _ in range(n):
+                self.skip()
+        elif kind == "map":
+            for _ in range(2 * n):
+                self.skip()
+
+
+def read_msgpack(filename: Any) -> reflection_table:
+    """Read a modern DIALS msgpack ``.refl`` file (shoebox columns are skipped)."""
+    path = os.fspath(filename)
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        r = _Reader(f, size, path)
+        try:
+            table = _read_msgpack_body(r)
+        except ReflFileError:
+            raise
+        except (struct.error, OverflowError, MemoryError, UnicodeDecodeError) as exc:
+            raise r.fail(f"corrupt msgpack data ({exc})") from None
+        if f.tell() != size:
+            raise r.fail(f"{size - f.tell()} unexpected bytes after the table")
+    return _finish(table, path)
+
+
+def _read_msgpack_body(r: _Reader) -> reflection_table:
+    if r.expect("array", "top level") != 3:
+        raise r.fail("top level must be a 3-element array")
+    magic = r.obj()
+    if magic != _MAGIC:
+        raise r.fail(f"not a reflection table (type tag {magic!r})")
+    version = r.obj()
+    if version not in (1, 2):
+        raise r.fail(f"unsupported reflection table version {version!r}")
+    nkeys = r.expect("map", "table header")
+    nrows = None
+    ids: dict = {}
+    cols: dict[str, fa.FlexArray] = {}
+    seen_data = False
+    for _ in range(nkeys):
+        key = r.obj()
+        if key == "nrows":
+            nrows = r.obj()
+            if not isinstance(nrows, int) or isinstance(nrows, bool) or nrows < 0:
+                raise r.fail(f"nrows must be a non-negative integer (got {nrows!r})")
+        elif key == "identifiers":
+            ids = r.obj()
+            if not isinstance(ids, dict):
+                raise r.fail("identifiers must be a map")
+        elif key == "data":
+            seen_data = True
+            ncols = r.expect("map", "data")
+            for _ in range(ncols):
+                name = r.obj()
+                if not isinstance(name, str):
+                    raise r.fail(f"column name must be a string (got {name!r})")
+                col = _read_column(r, name)
+                if col is not None:
+                    cols[name] = col
+        else:
+            raise r.fail(f"unknown key {key!r} in the table header")
+    if nrows is None:
+        raise r.fail("missing required key 'nrows'")
+    if not seen_data:
+        raise r.fail("missing required key 'data'")
+    table = reflection_table(nrows)
+    for name, col in cols.items():
+        if len(col) != nrows:
+            raise r.fail(f"column {name!r} has {len(col)} rows but nrows is {nrows}")
+        table._cols[name] = col
+    try:
+        table._ids = experiment_id_map(ids)
+    except (TypeError, ValueError) as exc:
+        raise r.fail(f"bad identifiers map: {exc}") from None
+    return table
+
+
+def _read_column(r: _Reader, name: str) -> fa.FlexArray | None:
+    if r.expect("array", f"column {name!r}") != 2:
+        raise r.fail(f"column {name!r} must be a [type, data] pair")
+    type_name = r.obj()
+    if type_name in _SKIPPED_TYPES:
+        r.skip()
+        return None
+    if type_name == "std::string":
+        body = r.obj()
+        if (not isinstance(body, list) or len(body) != 2 or not isinstance(body[1], list)
+                or body[0] != len(body[1]) or not all(isinstance(s, str) for s in body[1])):
+            raise r.fail(f"column {name!r}: malformed std::string column")
+        return fa.std_string(body[1])
+    if type_name not in COLUMN_TYPES:
+        raise r.fail(f"column {name!r} has unknown type {type_name!r}")
+    ftype, dtype, ncomp = COLUMN_TYPES[type_name]
+    if r.expect("array", f"column {name!r} data") != 2:
+        raise r.fail(f"column {name!r}: data must be a [size, blob] pair")
+    n = r.obj()
+    if not isinstance(n, int) or n < 0:
+        raise r.fail(f"column {name!r}: bad element count {n!r}")
+    nbytes = r.expect("bin", f"column {name!r} blob")
+    if nbytes != n * ncomp * dtype.itemsize:
+        raise r.fail(f"column {name!r} ({type_name}): blob has {nbytes} bytes, expected "
+                     f"{n} x {ncomp * dtype.itemsize}")
+    r.check_len(nbytes, f"column {name!r} blob")
+    shape = (n, ncomp) if ncomp > 1 else (n,)
+    arr = np.empty(shape, dtype=dtype)
+    # Read straight into the column's final memory: the only copy of the data.
+    got = r.f.readinto(memoryview(arr).cast("B")) if nbytes else 0
+    if got != nbytes:
+        raise r.fail(f"column {name!r}: truncated blob ({got} of {nbytes} bytes)")
+    if dtype.kind == "u" and dtype.itemsize == 1:  # bool: only 0/1 are valid bytes
+        if n and arr.max() > 1:
+            raise r.fail(f"column {name!r}: bool column holds bytes other than 0/1")
+        arr = arr.view(np.bool_)
+    if not dtype.isnative:
+        arr = arr.astype(dtype.newbyteorder("="))
+    return ftype._wrap(arr)
+
+
+def write_msgpack(table: reflection_table, filename: Any) -> None:
+    """Write ``table`` as a DIALS msgpack ``.refl`` (version 2, columns in name order)."""
+    path = os.fspath(filename)
+    if not table.is_consistent():
+        raise ValueError(f"{path}: table columns have unequal lengths")
+    p = msgpack.Packer(use_bin_type=True)
+    names = sorted(table.keys(), key=lambda s: s.encode("utf-8"))  # std::map order
+    tmp = path + ".tmp-xtalscale"
+    with open(tmp, "wb") as f:
+        f.write(p.pack_array_header(3) + p.pack(_MAGIC) + p.pack(2) + p.pack_map_header(3))
+        ids = table.experiment_identifiers()
+        out = [p.pack("identifiers"), p.pack_map_header(len(ids))]
+        for k, v in ids.items():
+            out += [p.pack(k), p.pack(v)]
+        out += [p.pack("nrows"), p.pack(len(table)), p.pack("data"), p.pack_map_header(len(names))]
+        f.write(b"".join(out))
+        for name in names:
+            col = table[name]
+            type_name = _TYPE_NAME.get(type(col))
+            if type_name is None:
+                raise TypeError(f"{path}: column {name!r} of type {type(col).__name__} "
+                                "cannot be written")
+            head = p.pack(name) + p.pack_array_header(2) + p.pack(type_name) + p.pack_array_header(2)
+            if type_name == "std::string":
+                f.write(head + p.pack(len(col)) + p.pack(list(col)))
+                continue
+            data = np.ascontiguousarray(col.as_numpy_array())
+            f.write(head + p.pack(len(col)) + _bin_header(data.nbytes))
+            f.write(memoryview(data).cast("B"))
+    os.replace(tmp, path)
+
+
+def _bin_header(n: int) -> bytes:
+    if n < 1 << 8:
+        return b"\xc4" + struct.pack(">B", n)
+    if n < 1 << 16:
+        return b"\xc5" + struct.pack(">H", n)
+    if n < 1 << 32:
+        return b"\xc6" + struct.pack(">I", n)
+    raise ValueError(f"column blob of {n} bytes exceeds the msgpack limit of 4 GiB")
+
+
+# =============================================================================== legacy pickle
+# Kinds of scitbx/DIALS flex payloads: flex type, scalar codec kind, components per element.
+_PICKLE_FLEX: dict[tuple[str, str], tuple[type, str, int]] = {
+    ("scitbx_array_family_flex_ext", "double"): (fa.double, "double", 1),
+    ("scitbx_array_family_flex_ext", "int"): (fa.int, "int", 1),
+    ("scitbx_array_family_flex_ext", "size_t"): (fa.size_t, "size_t", 1),
+    ("scitbx_array_family_flex_ext", "bool"): (fa.bool, "bool", 1),
+    ("scitbx_array_family_flex_ext", "vec2_double"): (fa.vec2_double, "double", 2),
+    ("scitbx_array_family_flex_ext", "vec3_double"): (fa.vec3_double, "double", 3),
+    ("scitbx_array_family_flex_ext", "mat3_double"): (fa.mat3_double, "double", 9),
+    ("cctbx_array_family_flex_ext", "miller_index"): (fa.miller_index, "int", 3),
+    ("dials_array_family_flex_ext", "int6"): (fa.int6, "int", 6),
+}
+_PICKLE_SKIP = {("dials_array_family_flex_ext", "shoebox")}
+
+
+class _Stub:
+    """Placeholder built by the restricted unpickler; keeps constructor args and state only."""
+
+    __slots__ = ("key", "args", "state")
+
+    def __init__(self, key: tuple[str, str], args: tuple) -> None:
+        self.key, self.args, self.state = key, args, None
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+
+class _StubFactory:
+    __slots__ = ("key",)
+
+    def __init__(self, key: tuple[str, str]) -> None:
+        self.key = key
+
+    def __call__(self, *args: Any) -> _Stub:
+        return _Stub(self.key, args)
+
+
+_TABLE_KEY = ("dials_array_family_flex_ext", "reflection_table")
+_GRID_KEY = ("scitbx_array_family_flex_ext", "grid")
+_ALLOWED = {_TABLE_KEY, _GRID_KEY, *_PICKLE_FLEX, *_PICKLE_SKIP}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only the DIALS/scitbx classes of a reflection table, to inert stubs."""
+
+    def __init__(self, f: BinaryIO, path: str) -> None:
+        super().__init__(f, encoding="bytes")
+        self.path = path
+
+    def find_class(self, module: str, name: str) -> Callable[..., _Stub]:
+        key = (module, name)
+        if key not in _ALLOWED:
+            raise ReflFileError(f"{self.path}: refusing to load '{module}.{name}': a reflection "
+                                "pickle may only refer to DIALS/scitbx flex classes")
+        return _StubFactory(key)
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise ReflFileError(f"{self.path}: persistent ids are not allowed in a reflection pickle")
+
+
+def read_legacy_pickle(filename: Any) -> reflection_table:
+    """Read a legacy DIALS reflection-table pickle without executing any pickle code."""
+    path = os.fspath(filename)
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        root = _RestrictedUnpickler(io.BytesIO(data), path).load()
+    except ReflFileError:
+        raise
+    except RecursionError:
+        raise ReflFileError(f"{path}: corrupt pickle (nesting too deep)") from None
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt file
+        raise ReflFileError(f"{path}: corrupt or truncated pickle ({type(exc).__name__}: {exc})") from None
+    if not isinstance(root, _Stub) or root.key != _TABLE_KEY:
+        raise ReflFileError(f"{path}: pickle does not hold a DIALS reflection_table")
+    return _finish(_table_from_state(root.state, path), path)
+
+
+def _table_from_state(state: Any, path: str) -> reflection_table:
+    def bad(msg: str) -> ReflFileError:
+        return ReflFileError(f"{path}: {msg}")
+
+    if not isinstance(state, tuple) or not state:
+        raise bad("reflection_table pickle state is not a tuple")
+    if state[0] == 1 and len(state) == 4:
+        ids, (nrows, ncols, columns) = {}, state[1:]
+    elif state[0] == 2 and len(state) == 5:
+        ids, nrows, ncols, columns = state[1:]
+    else:
+        raise bad(f"unsupported reflection_table pickle version/layout {state[0]!r}")
+    if not isinstance(nrows, int) or not isinstance(ncols, int) or nrows < 0:
+        raise bad("bad nrows/ncols in pickle state")
+    if not isinstance(columns, dict) or len(columns) != ncols:
+        raise bad(f"pickle declares {ncols} columns but holds "
+                  f"{len(columns) if isinstance(columns, dict) else 'no'} column map")
+    if not isinstance(ids, dict):
+        raise bad("identifiers in pickle state are not a dict")
+    table = reflection_table(nrows)
+    for raw_name, stub in columns.items():
+        name = _text(raw_name, path, "column name")
+        if not isinstance(stub, _Stub):
+            raise bad(f"column {name!r} is not a flex array")
+        if stub.key in _PICKLE_SKIP:
+            continue
+        col = _decode_flex(stub, name, path)
+        if len(col) != nrows:
+            raise bad(f"column {name!r} has {len(col)} rows but nrows is {nrows}")
+        table._cols[name] = col
+    try:
+        table._ids = experiment_id_map({k: _text(v, path, "identifier") for k, v in ids.items()})
+    except (TypeError, ValueError) as exc:
+        raise bad(f"bad identifiers map: {exc}") from None
+    return table
+
+
+def _text(x: Any, path: str, what: str) -> str:
+    if isinstance(x, bytes):
+        try:
+            return x.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ReflFileError(f"{path}: {what} is not valid UTF-8") from None
+    if isinstance(x, str):
+        return x
+    raise ReflFileError(f"{path}: {what} must be a string (got {type(x).__name__})")
+
+
+def _decode_flex(stub: _Stub, name: str, path: str) -> fa.FlexArray:
+    from .. import _core
+
+    if stub.key not in _PICKLE_FLEX:
+        raise ReflFileError(f"{path}: column {name!r} has unsupported type {'.'.join(stub.key)}")
+    ftype, kind, ncomp = _PICKLE_FLEX[stub.key]
+    st = stub.state
+    if not (isinstance(st, tuple) and len(st) == 2 and isinstance(st[1], bytes)):
+        raise ReflFileError(f"{path}: column {name!r}: flex state is not (grid, bytes)")
+    grid = st[0]
+    try:
+        arr = _core.refl.decode_base256_column(st[1], kind, ncomp, f"{path}: column {name!r}")
+    except ValueError as exc:
+        raise ReflFileError(str(exc)) from None
+    if isinstance(grid, _Stub) and grid.key == _GRID_KEY:
+        dims = grid.args[1] if len(grid.args) >= 2 else None
+        if not (isinstance(dims, tuple) and len(dims) == 1 and dims[0] == arr.shape[0]):
+            raise ReflFileError(f"{path}: column {name!r}: grid {grid.args!r} does not match "
+                                f"{arr.shape[0]} decoded elements")
+    return ftype._wrap(arr)
+
+
+def write_legacy_pickle(table: reflection_table, filename: Any) -> None:
+    """Write the legacy DIALS pickle layout (protocol 2, version-2 state, scitbx payloads).
+
+    Intended for tests/benchmarks and for old cctbx/DIALS tools; modern DIALS reads msgpack.
+    """
+    from .. import _core
+
+    path = os.fspath(filename)
+    if not table.is_consistent():
+        raise ValueError(f"{path}: table columns have unequal lengths")
+    rev = {v[0]: (k, v[1]) for k, v in _PICKLE_FLEX.items()}
+    n = len(table)
+    w = _PickleWriter()
+    w.raw(b"\x80\x02")
+    w.global_(*_TABLE_KEY)
+    w.raw(b")R(")  # EMPTY_TUPLE REDUCE MARK
+    w.int(2)
+    w.raw(b"}(")  # EMPTY_DICT MARK
+    for k, v in table.experiment_identifiers().items():
+        w.int(k)
+        w.string(v.encode("utf-8"))
+    w.raw(b"u")  # SETITEMS
+    w.int(n)
+    w.int(table.ncols())
+    w.raw(b"}(")
+    for name, col in table.cols():
+        if type(col) not in rev:
+            raise TypeError(f"{path}: column {name!r} ({type(col).__name__}) has no legacy pickle form")
+        key, kind = rev[type(col)]
+        w.string(name.encode("utf-8"))
+        w.global_(*key)
+        w.raw(b")R")
+        w.global_(*_GRID_KEY)
+        w.int(0)
+        w.raw(b"\x85")  # TUPLE1
+        w.int(n)
+        w.raw(b"\x85\x88\x87R")  # TUPLE1 NEWTRUE TUPLE3 REDUCE
+        w.int(n)
+        w.raw(b"\x85b")  # TUPLE1 BUILD (grid focus state, as scitbx writes)
+        payload = _core.refl.encode_base256_column(np.ascontiguousarray(col.as_numpy_array()), kind)
+        w.string(payload)
+        w.raw(b"\x86b")  # TUPLE2 BUILD
+    # SETITEMS (columns), TUPLE (closes the state's MARK: version, ids, nrows, ncols,
+    # columns), BUILD (table.__setstate__), STOP
+    w.raw(b"utb.")
+    data = w.getvalue()
+    tmp = path + ".tmp-xtalscale"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+class _PickleWriter:
+    """Emits the handful of protocol-2 opcodes the legacy layout needs."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+
+    def raw(self, b: bytes) -> None:
+        self.parts.append(b)
+
+    def global_(self, module: str, name: str) -> None:
+        self.parts.append(b"c" + module.encode() + b"\n" + name.encode() + b"\n")
+
+    def int(self, v: int) -> None:
+        if 0 <= v < 256:
+            self.parts.append(b"K" + struct.pack("<B", v))
+        elif 0 <= v < 65536:
+            self.parts.append(b"M" + struct.pack("<H", v))
+        elif -(1 << 31) <= v < (1 << 31):
+            self.parts.append(b"J" + struct.pack("<i", v))
+        else:
+            raise ValueError(f"integer {v} too large for the legacy pickle layout")
+
+    def string(self, b: bytes) -> None:
+        if len(b) < 256:
+            self.parts.append(b"U" + struct.pack("<B", len(b)) + b)
+        elif len(b) < (1 << 31):
+            self.parts.append(b"T" + struct.pack("<i", len(b)) + b)
+        else:
+            raise ValueError("column payload exceeds 2 GiB, the legacy pickle limit")
+
+    def getvalue(self) -> bytes:
+        return b"".join(self.parts)
