@@ -316,7 +316,7 @@ def _read_column(r: _Reader, name: str) -> fa.FlexArray | None:
 
 
 def write_msgpack(table: reflection_table, filename: Any) -> None:
-    """Write ``table`` as a DIALS msgpack ``.refl`` (version 2, columns in name order)."""
+    """Write ``table`` as a DIALS msgpack ``.refl`` (format version 1, columns in name order)."""
     path = os.fspath(filename)
     if not table.is_consistent():
         raise ValueError(f"{path}: table columns have unequal lengths")
@@ -324,7 +324,9 @@ def write_msgpack(table: reflection_table, filename: Any) -> None:
     names = sorted(table.keys(), key=lambda s: s.encode("utf-8"))  # std::map order
     tmp = path + ".tmp-xtalscale"
     with open(tmp, "wb") as f:
-        f.write(p.pack_array_header(3) + p.pack(_MAGIC) + p.pack(2) + p.pack_map_header(3))
+        # Version 1: what the DIALS releases that wrote our reference files emit; every DIALS
+        # reader accepts it (newer ones also accept 2, with the same layout).
+        f.write(p.pack_array_header(3) + p.pack(_MAGIC) + p.pack(1) + p.pack_map_header(3))
         ids = table.experiment_identifiers()
         out = [p.pack("identifiers"), p.pack_map_header(len(ids))]
         for k, v in ids.items():
