@@ -32,5 +32,6 @@ inline Eigen::Map<const Eigen::VectorXd> vector_view(const DoubleArray& a, const
 void bind_smoothers(py::module_& m);
 void bind_components(py::module_& m);
 void bind_refl(py::module_& m);
+void bind_grouping(py::module_& m);
 
 }  // namespace xtalscale::py_bind

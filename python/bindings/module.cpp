@@ -11,4 +11,6 @@ PYBIND11_MODULE(_core, m) {
   xtalscale::py_bind::bind_components(components);
   auto refl = m.def_submodule("refl", "Reflection-file codecs (legacy DIALS pickle payloads)");
   xtalscale::py_bind::bind_refl(refl);
+  auto grouping = m.def_submodule("grouping", "Reciprocal ASU mapping kernel");
+  xtalscale::py_bind::bind_grouping(grouping);
 }

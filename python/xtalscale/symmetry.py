@@ -26,6 +26,8 @@ from typing import Iterable, NamedTuple
 import gemmi
 import numpy as np
 
+from ._core import grouping as _core_grouping
+
 __all__ = [
     "SpaceGroup",
     "UnitCell",
@@ -70,8 +72,8 @@ def miller_array(hkl, name: str = "miller_index") -> np.ndarray:
             raise ValueError(f"{name} must hold integer values")
     elif a.dtype.kind not in "iu" and a.size:
         raise ValueError(f"{name} must be integer, got dtype {a.dtype}")
-    if a.size and (np.abs(a).max() > 2**20):
-        raise ValueError(f"{name} holds implausibly large indices (|h| > 2**20)")
+    if a.size and (np.abs(a).max() >= 2**20):
+        raise ValueError(f"{name} holds implausibly large indices (|h| >= 2**20)")
     return np.ascontiguousarray(a, dtype=np.int32)
 
 
@@ -403,3 +405,275 @@ class UnitCell:
 
 def _as_space_group(space_group) -> SpaceGroup:
     return space_group if isinstance(space_group, SpaceGroup) else SpaceGroup(space_group)
+
+
+# --------------------------------------------------------------------------- ASU mapping
+
+# Vectorised versions of gemmi's reciprocal-ASU conditions in the reference setting, keyed by
+# gemmi's own condition text (so an unknown condition is detected rather than guessed).
+def _c_m1(h, k, l):
+    return (l > 0) | ((l == 0) & ((h > 0) | ((h == 0) & (k >= 0))))
+
+
+def _c_2m(h, k, l):
+    return (k >= 0) & ((l > 0) | ((l == 0) & (h >= 0)))
+
+
+def _c_mmm(h, k, l):
+    return (h >= 0) & (k >= 0) & (l >= 0)
+
+
+def _c_4m(h, k, l):
+    return (l >= 0) & (((h >= 0) & (k > 0)) | ((h == 0) & (k == 0)))
+
+
+def _c_4mmm(h, k, l):
+    return (h >= k) & (k >= 0) & (l >= 0)
+
+
+def _c_m3(h, k, l):
+    return ((h >= 0) & (k > 0)) | ((h == 0) & (k == 0) & (l >= 0))
+
+
+def _c_m312(h, k, l):
+    return (h >= k) & (k >= 0) & ((k > 0) | (l >= 0))
+
+
+def _c_m321(h, k, l):
+    return (h >= k) & (k >= 0) & ((h > k) | (l >= 0))
+
+
+def _c_cubic_m3(h, k, l):
+    return (h >= 0) & (((l >= h) & (k > h)) | ((l == h) & (k == h)))
+
+
+def _c_m3m(h, k, l):
+    return (k >= l) & (l >= h) & (h >= 0)
+
+
+_ASU_CONDITIONS = {
+    "l>0 or (l=0 and (h>0 or (h=0 and k>=0)))": _c_m1,
+    "k>=0 and (l>0 or (l=0 and h>=0))": _c_2m,
+    "h>=0 and k>=0 and l>=0": _c_mmm,
+    "l>=0 and ((h>=0 and k>0) or (h=0 and k=0))": _c_4m,
+    "h>=k and k>=0 and l>=0": _c_4mmm,
+    "(h>=0 and k>0) or (h=0 and k=0 and l>=0)": _c_m3,
+    "h>=k and k>=0 and (k>0 or l>=0)": _c_m312,
+    "h>=k and k>=0 and (h>k or l>=0)": _c_m321,
+    "h>=0 and ((l>=h and k>h) or (l=h and k=h))": _c_cubic_m3,
+    "k>=l and l>=h and h>=0": _c_m3m,
+}
+
+
+_CONDITION_INDEX = {text: i for i, text in enumerate(_ASU_CONDITIONS)}  # = C++ AsuCondition
+
+
+def _asu_symmetry(sg: SpaceGroup):
+    """(rotations (m,3,3), basis (3,3), condition id) for the C++ ASU kernel.
+
+    ``basis`` takes the group's indices to gemmi's reference setting (h_ref = h @ basis);
+    it is kept in units of 1/DEN because the conditions only compare indices with each
+    other and with 0, so a positive common factor does not change them (centred triclinic
+    settings have fractional change-of-basis matrices).
+    """
+    gsg = sg.gemmi
+    cond = gemmi.ReciprocalAsu(gsg).condition_str()
+    if cond not in _CONDITION_INDEX:
+        raise ValueError(f"unsupported reciprocal ASU condition {cond!r} for {sg.symbol()}")
+    basis = np.eye(3, dtype=np.int64)
+    if not gsg.is_reference_setting():
+        basis = np.array(gsg.basisop.as_hkl().rot, dtype=np.int64)
+    return sg.point_group_rotations(), basis, _CONDITION_INDEX[cond]
+
+
+class AsuMapping(NamedTuple):
+    """Result of :func:`map_to_asu` (all arrays have one entry per input index).
+
+    Attributes
+    ----------
+    asu_hkl : ndarray, int32, (n, 3)
+        ASU index; with ``anomalous=True`` Bijvoet-minus acentrics are negated (cctbx).
+    isym : ndarray, int32, (n,)
+        MTZ-style symmetry number: ``2k+1`` (h_asu = h R_k) or ``2k+2`` (h_asu = -h R_k).
+    friedel_minus : ndarray, bool, (n,)
+        True where the observation is the Bijvoet-minus mate (even ``isym``) of an acentric
+        reflection.
+    centric : ndarray, bool, (n,)
+        True for centric reflections.
+    """
+
+    asu_hkl: np.ndarray
+    isym: np.ndarray
+    friedel_minus: np.ndarray
+    centric: np.ndarray
+
+
+def map_to_asu(hkl, space_group, anomalous: bool = False) -> AsuMapping:
+    """Map Miller indices into the reciprocal-space asymmetric unit (vectorised).
+
+    Parameters
+    ----------
+    hkl : array_like, (n, 3)
+        Miller indices (any symmetry-equivalent form).
+    space_group : SpaceGroup or str
+        Space group (Hall or Hermann-Mauguin symbol accepted).
+    anomalous : bool
+        If True, Bijvoet mates are kept apart: an acentric Bijvoet-minus observation maps
+        to the negated ASU index (cctbx/DIALS convention, spec 6.1).
+
+    Returns
+    -------
+    AsuMapping
+        ``asu_hkl``, ``isym``, ``friedel_minus``, ``centric``. ``asu_hkl`` and ``isym``
+        equal gemmi's ``ReciprocalAsu.to_asu`` for every index when ``anomalous=False``.
+
+    Raises
+    ------
+    ValueError
+        If ``hkl`` is not an ``(n, 3)`` integer array or contains (0, 0, 0).
+    """
+    sg = _as_space_group(space_group)
+    hkl = miller_array(hkl, "hkl")
+    n = len(hkl)
+    rotations, basis, condition = _asu_symmetry(sg)
+    asu, isym = _core_grouping.map_to_asu(hkl, rotations, basis, condition)
+    centric = sg.gemmi_ops.centric_flag_array(asu) if n else np.zeros(0, dtype=bool)
+    minus = (isym % 2 == 0) & ~centric
+    if anomalous:
+        asu[minus] *= -1
+    return AsuMapping(asu, isym, minus, centric)
+
+
+# --------------------------------------------------------------------------- grouping
+
+
+class Grouping(NamedTuple):
+    """Observations grouped into unique reflections, ready for the C++ core.
+
+    Attributes
+    ----------
+    order : ndarray, int64, (n,)
+        Stable sort permutation: rows of group 0 first, each group's rows in input order.
+    group_index : ndarray, int64, (n,)
+        Group id of every input row (in input order).
+    offsets : ndarray, int64, (n_groups + 1,)
+        Rows of group g are ``order[offsets[g]:offsets[g+1]]``.
+    unique_hkl : ndarray, int32, (n_groups, 3)
+        The group's index, groups sorted lexicographically by signed (h, k, l).
+    """
+
+    order: np.ndarray
+    group_index: np.ndarray
+    offsets: np.ndarray
+    unique_hkl: np.ndarray
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.unique_hkl)
+
+    def group_sizes(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
+_PACK_OFFSET = 1 << 20
+_PACK_BASE = 1 << 21
+
+
+def _pack(hkl: np.ndarray) -> np.ndarray:
+    """Order-preserving int64 key of signed (h, k, l): lexicographic h, then k, then l."""
+    a = hkl.astype(np.int64) + _PACK_OFFSET
+    return (a[:, 0] * _PACK_BASE + a[:, 1]) * _PACK_BASE + a[:, 2]
+
+
+def group_reflections(asu_hkl) -> Grouping:
+    """Group rows with equal (ASU) Miller index, DIALS order (spec 6.1, 11.16).
+
+    Groups are ordered lexicographically by signed (h, k, l) (cctbx ``packed_indices``
+    order) and rows within a group keep their input order (stable sort). Deterministic.
+
+    Parameters
+    ----------
+    asu_hkl : array_like, (n, 3)
+        Indices already mapped to the ASU (e.g. ``map_to_asu(...).asu_hkl``).
+    """
+    hkl = miller_array(asu_hkl, "asu_hkl")
+    key = _pack(hkl)
+    order = np.argsort(key, kind="stable")
+    sk = key[order]
+    new = np.empty(len(sk), dtype=bool)
+    if len(sk):
+        new[0] = True
+        np.not_equal(sk[1:], sk[:-1], out=new[1:])
+    starts = np.flatnonzero(new)
+    offsets = np.append(starts, len(sk)).astype(np.int64)
+    group_sorted = np.cumsum(new) - 1
+    group_index = np.empty(len(sk), dtype=np.int64)
+    group_index[order] = group_sorted
+    unique = hkl[order[starts]] if len(sk) else np.zeros((0, 3), dtype=np.int32)
+    return Grouping(order.astype(np.int64), group_index, offsets, np.ascontiguousarray(unique))
+
+
+# --------------------------------------------------------------------------- misc
+
+
+def d_spacings(hkl, unit_cell) -> np.ndarray:
+    """d-spacings (Å) of ``hkl`` in ``unit_cell`` (a UnitCell, gemmi cell or 6 parameters)."""
+    uc = unit_cell if isinstance(unit_cell, UnitCell) else UnitCell(unit_cell)
+    return np.atleast_1d(uc.d(miller_array(hkl, "hkl")))
+
+
+def systematic_absences(hkl, space_group) -> np.ndarray:
+    """Boolean mask, True where the index is systematically absent in the space group."""
+    sg = _as_space_group(space_group)
+    a = miller_array(hkl, "hkl")
+    return np.asarray(sg.gemmi_ops.systematic_absences(a), dtype=bool)
+
+
+def centric_flags(hkl, space_group) -> np.ndarray:
+    """Boolean mask, True for centric reflections."""
+    sg = _as_space_group(space_group)
+    a = miller_array(hkl, "hkl")
+    return np.asarray(sg.gemmi_ops.centric_flag_array(a), dtype=bool)
+
+
+def reindex(hkl, operator) -> np.ndarray:
+    """Apply a change of basis to Miller indices.
+
+    Parameters
+    ----------
+    hkl : array_like, (n, 3)
+    operator : str or gemmi.Op or array_like (3, 3)
+        A reciprocal-space operator such as ``'k,h,-l'`` (new index in terms of old), or
+        a 3x3 matrix M with ``hkl_new = M @ hkl``.
+
+    Raises
+    ------
+    ValueError
+        If the operator is not invertible or gives non-integral indices.
+    """
+    a = miller_array(hkl, "hkl").astype(np.int64)
+    if isinstance(operator, str):
+        try:
+            op = gemmi.Op(operator)
+        except Exception as exc:  # noqa: BLE001
+            raise ValueError(f"cannot parse reindexing operator {operator!r}: {exc}") from None
+        M = np.array(op.rot, dtype=np.int64)
+        den = gemmi.Op.DEN
+        if any(t != 0 for t in op.tran):
+            raise ValueError(f"reindexing operator {operator!r} must not have a translation")
+    elif isinstance(operator, gemmi.Op):
+        M, den = np.array(operator.rot, dtype=np.int64), gemmi.Op.DEN
+    else:
+        Mf = np.asarray(operator, dtype=float)
+        if Mf.shape != (3, 3) or not np.all(np.isfinite(Mf)):
+            raise ValueError("reindexing matrix must be a finite 3x3 array")
+        den = 24
+        M = np.round(Mf * den).astype(np.int64)
+        if not np.allclose(M / den, Mf, atol=1e-9):
+            raise ValueError("reindexing matrix entries must be multiples of 1/24")
+    if round(abs(np.linalg.det(M / den)), 9) == 0:
+        raise ValueError("reindexing operator is singular")
+    new = a @ M.T
+    if np.any(new % den):
+        raise ValueError("reindexing operator gives non-integral indices for these hkl")
+    return (new // den).astype(np.int32)

@@ -1,0 +1,51 @@
+/// @file grouping.hpp
+/// @brief Reciprocal-space ASU mapping and grouping of observations into unique reflections.
+///
+/// The ASU conditions are gemmi's (CCP4 convention) in the reference setting; a space group in
+/// another setting passes the change-of-basis matrix that takes its indices to the reference
+/// setting. Results equal gemmi's ReciprocalAsu::to_asu index by index, including the MTZ
+/// symmetry number ISYM (2k+1 for h R_k, 2k+2 for -h R_k).
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+namespace xtalscale {
+
+/// The ten reciprocal ASU conditions (one per Laue class, plus the two trigonal -3m settings).
+enum class AsuCondition : int {
+  triclinic = 0,   ///< -1: l>0 or (l=0 and (h>0 or (h=0 and k>=0)))
+  monoclinic = 1,  ///< 2/m: k>=0 and (l>0 or (l=0 and h>=0))
+  orthorhombic = 2,  ///< mmm: h>=0 and k>=0 and l>=0
+  tetragonal_low = 3,  ///< 4/m: l>=0 and ((h>=0 and k>0) or (h=0 and k=0))
+  tetragonal_high = 4,  ///< 4/mmm: h>=k and k>=0 and l>=0
+  trigonal_low = 5,  ///< -3 (also 6/m in gemmi): (h>=0 and k>0) or (h=0 and k=0 and l>=0)
+  trigonal_312 = 6,  ///< -31m: h>=k and k>=0 and (k>0 or l>=0)
+  trigonal_321 = 7,  ///< -3m1 (also 6/mmm): h>=k and k>=0 and (h>k or l>=0)
+  cubic_low = 8,  ///< m-3: h>=0 and ((l>=h and k>h) or (l=h and k=h))
+  cubic_high = 9,  ///< m-3m: k>=l and l>=h and h>=0
+};
+
+/// True if the index (already in the reference setting) lies in the ASU.
+bool in_asu(AsuCondition condition, std::int64_t h, std::int64_t k, std::int64_t l);
+
+/// Symmetry data needed for ASU mapping.
+struct AsuSymmetry {
+  /// Integer rotation parts of the primitive operators (row-major 3x3), in gemmi's order.
+  std::vector<std::array<int, 9>> rotations;
+  /// Reference-setting transform: h_ref = h * basis (row vector times matrix). Entries may be
+  /// scaled by any positive integer (the conditions are invariant under positive scaling).
+  std::array<std::int64_t, 9> basis{1, 0, 0, 0, 1, 0, 0, 0, 1};
+  AsuCondition condition = AsuCondition::triclinic;
+};
+
+/// Map @p n Miller indices (n x 3, row-major) to the ASU.
+/// Writes the ASU index to @p asu_out (n x 3) and ISYM to @p isym_out (n).
+/// Throws std::invalid_argument naming the row for (0,0,0) or an index with no ASU image.
+/// Thread-safe (no shared state); @p hkl and the outputs must not overlap.
+void map_to_asu(const AsuSymmetry& sym, const std::int32_t* hkl, std::size_t n,
+                std::int32_t* asu_out, std::int32_t* isym_out);
+
+}  // namespace xtalscale

@@ -1,0 +1,62 @@
+// Bindings for the ASU-mapping kernel: xtalscale._core.grouping.
+//
+// xtalscale.symmetry builds the operator list and condition from gemmi and calls map_to_asu;
+// outputs are fresh numpy arrays filled in place with the GIL released.
+#include <cstdint>
+#include <string>
+
+#include "common.hpp"
+#include "xtalscale/grouping.hpp"
+
+namespace xtalscale::py_bind {
+namespace {
+
+using IntArray = py::array_t<std::int32_t, py::array::c_style | py::array::forcecast>;
+using LongArray = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
+
+py::tuple map_to_asu_py(const IntArray& hkl, const LongArray& rotations, const LongArray& basis,
+                        int condition) {
+  if (hkl.ndim() != 2 || hkl.shape(1) != 3)
+    throw std::invalid_argument("hkl must have shape (n, 3)");
+  if (rotations.ndim() != 3 || rotations.shape(1) != 3 || rotations.shape(2) != 3 ||
+      rotations.shape(0) < 1 || rotations.shape(0) > 48)
+    throw std::invalid_argument("rotations must have shape (m, 3, 3) with 1 <= m <= 48");
+  if (basis.ndim() != 2 || basis.shape(0) != 3 || basis.shape(1) != 3)
+    throw std::invalid_argument("basis must have shape (3, 3)");
+  if (condition < 0 || condition > 9)
+    throw std::invalid_argument("condition must be in [0, 9], got " + std::to_string(condition));
+  AsuSymmetry sym;
+  sym.condition = static_cast<AsuCondition>(condition);
+  const auto* r = rotations.data();
+  for (py::ssize_t j = 0; j < rotations.shape(0); ++j) {
+    std::array<int, 9> m{};
+    for (int e = 0; e < 9; ++e) m[static_cast<std::size_t>(e)] = static_cast<int>(r[9 * j + e]);
+    sym.rotations.push_back(m);
+  }
+  for (int e = 0; e < 9; ++e) sym.basis[static_cast<std::size_t>(e)] = basis.data()[e];
+  const auto n = static_cast<std::size_t>(hkl.shape(0));
+  IntArray asu({static_cast<py::ssize_t>(n), py::ssize_t{3}});
+  IntArray isym({static_cast<py::ssize_t>(n)});
+  const std::int32_t* in = hkl.data();
+  std::int32_t* out = asu.mutable_data();
+  std::int32_t* iso = isym.mutable_data();
+  {
+    // Safe: only raw buffers owned by the arrays above are touched; no Python objects.
+    py::gil_scoped_release release;
+    map_to_asu(sym, in, n, out, iso);
+  }
+  return py::make_tuple(asu, isym);
+}
+
+}  // namespace
+
+void bind_grouping(py::module_& m) {
+  m.def("map_to_asu", &map_to_asu_py, py::arg("hkl"), py::arg("rotations"), py::arg("basis"),
+        py::arg("condition"),
+        "Map (n, 3) int32 Miller indices to gemmi's reciprocal ASU.\n\n"
+        "rotations: (m, 3, 3) integer rotation parts (gemmi sym_ops order); basis: (3, 3)\n"
+        "reference-setting transform (h_ref = h @ basis, any positive scale); condition: 0-9\n"
+        "(xtalscale.grouping.AsuCondition). Returns (asu_hkl (n, 3) int32, isym (n,) int32).");
+}
+
+}  // namespace xtalscale::py_bind

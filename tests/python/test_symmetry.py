@@ -1,0 +1,192 @@
+"""Symmetry layer: space groups, vectorised ASU mapping, grouping, absences, reindexing."""
+from __future__ import annotations
+
+import gemmi
+import numpy as np
+import pytest
+
+from xtalscale.symmetry import (
+    SpaceGroup,
+    UnitCell,
+    centric_flags,
+    d_spacings,
+    group_reflections,
+    map_to_asu,
+    reindex,
+    space_group_from_hall,
+    systematic_absences,
+)
+
+
+@pytest.mark.parametrize(
+    "hall, number, hm",
+    [(" P 2 2", 16, "P 2 2 2"), (' P 31 2"', 152, "P 31 2 1"), (" I 2 2 3", 197, "I 2 3"),
+     (" P 4abw 2nw", 92, "P 41 21 2"), (" P 2ac 2ab", 19, "P 21 21 21"),
+     (" R 3", 146, "R 3")],
+)
+def test_space_group_from_hall(hall, number, hm):
+    sg = space_group_from_hall(hall)
+    assert sg.type().number() == number
+    assert sg.type().lookup_symbol() == hm
+    assert sg.hall_symbol() == hall
+    assert sg == SpaceGroup(hm)
+
+
+def test_space_group_properties():
+    sg = SpaceGroup("P 21 21 21")
+    assert sg.order_z() == 4 and not sg.is_centric() and sg.is_chiral()
+    assert sg.build_derived_patterson_group().order_z() == 8
+    assert SpaceGroup("C 1 2 1").order_z() == 4 and SpaceGroup("C 1 2 1").order_p() == 2
+    with pytest.raises(ValueError, match="space group"):
+        SpaceGroup("")
+    with pytest.raises(ValueError, match="Hall symbol"):
+        space_group_from_hall(" X 9 q")
+
+
+def test_asu_matches_gemmi_for_every_tabulated_setting():
+    """Index-by-index equality with gemmi's ReciprocalAsu.to_asu (ASU index and ISYM)
+    for all 564 settings in gemmi's table, on random indices."""
+    rng = np.random.default_rng(7)
+    hkl = rng.integers(-9, 10, size=(120, 3)).astype(np.int32)
+    hkl = hkl[hkl.any(axis=1)]
+    n_groups = 0
+    for gsg in gemmi.spacegroup_table():
+        m = map_to_asu(hkl, SpaceGroup(gsg))
+        asu, ops = gemmi.ReciprocalAsu(gsg), gsg.operations()
+        ref = [asu.to_asu([int(v) for v in h], ops) for h in hkl]
+        np.testing.assert_array_equal(m.asu_hkl, [r[0] for r in ref], err_msg=gsg.xhm())
+        np.testing.assert_array_equal(m.isym, [r[1] for r in ref], err_msg=gsg.xhm())
+        n_groups += 1
+    assert n_groups == len(list(gemmi.spacegroup_table())) > 500
+
+
+def test_c2_anomalous_example_from_spec():
+    """Spec 6.1: in C2, (1,1,1) and (-1,1,-1) map to (1,1,1) while (-1,-1,-1) and
+    (1,-1,1) map to (-1,-1,-1) when anomalous."""
+    hkl = [(1, 1, 1), (-1, 1, -1), (-1, -1, -1), (1, -1, 1)]
+    anom = map_to_asu(hkl, "C 1 2 1", anomalous=True)
+    np.testing.assert_array_equal(anom.asu_hkl, [(1, 1, 1), (1, 1, 1), (-1, -1, -1),
+                                                 (-1, -1, -1)])
+    np.testing.assert_array_equal(anom.friedel_minus, [False, False, True, True])
+    np.testing.assert_array_equal(anom.isym, [1, 3, 2, 4])
+    plain = map_to_asu(hkl, "C 1 2 1")
+    np.testing.assert_array_equal(plain.asu_hkl, [(1, 1, 1)] * 4)
+
+
+def test_centric_reflections_are_never_negated():
+    # In P2 (b unique) h0l is centric: (-1,0,-2) maps to (1,0,2) via the Friedel branch
+    # (isym even) but must keep the + index when anomalous (cctbx behaviour).
+    m = map_to_asu([(1, 0, 2), (-1, 0, -2), (1, 1, 2), (-1, -1, -2)], "P 1 2 1",
+                   anomalous=True)
+    np.testing.assert_array_equal(m.centric, [True, True, False, False])
+    np.testing.assert_array_equal(m.isym % 2, [1, 0, 1, 0])
+    np.testing.assert_array_equal(m.asu_hkl, [(1, 0, 2), (1, 0, 2), (1, 1, 2), (-1, -1, -2)])
+    np.testing.assert_array_equal(centric_flags([(1, 0, 2), (1, 1, 2)], "P 1 2 1"),
+                                  [True, False])
+
+
+def test_grouping_spec_example_order():
+    """The Ih-table example of spec 9.6 (P1): groups sorted by signed (h,k,l)."""
+    hkl = [(1, 0, 0), (0, 0, 1), (-1, 0, 0), (0, 2, 0), (0, 4, 0), (0, 0, -2), (0, 0, 2)]
+    asu = map_to_asu(hkl, "P 1").asu_hkl
+    g = group_reflections(asu)
+    np.testing.assert_array_equal(g.unique_hkl, [(0, 0, 1), (0, 0, 2), (0, 2, 0), (0, 4, 0),
+                                                 (1, 0, 0)])
+    np.testing.assert_array_equal(g.group_index, [4, 0, 4, 2, 3, 1, 1])
+    np.testing.assert_array_equal(g.order, [1, 5, 6, 3, 4, 0, 2])
+    np.testing.assert_array_equal(g.offsets, [0, 1, 3, 4, 5, 7])
+    np.testing.assert_array_equal(g.group_sizes(), [1, 2, 1, 1, 2])
+
+
+def test_grouping_signed_lexicographic_order():
+    # spec 6.1: (0,0,1) < (0,0,2) < (0,0,20) < (0,2,0) < (1,0,0) < (3,0,0) < (10,0,0);
+    # negative indices sort before positive ones (signed comparison).
+    hkl = [(10, 0, 0), (0, 0, 20), (3, 0, 0), (0, 2, 0), (1, 0, 0), (0, 0, 2), (0, 0, 1),
+           (-1, 5, 5), (0, -3, 1)]
+    g = group_reflections(hkl)
+    np.testing.assert_array_equal(
+        g.unique_hkl, [(-1, 5, 5), (0, -3, 1), (0, 0, 1), (0, 0, 2), (0, 0, 20), (0, 2, 0),
+                       (1, 0, 0), (3, 0, 0), (10, 0, 0)])
+
+
+def test_grouping_against_reference_and_deterministic():
+    rng = np.random.default_rng(3)
+    hkl = rng.integers(-6, 7, size=(5000, 3)).astype(np.int32)
+    hkl = hkl[hkl.any(axis=1)]
+    asu = map_to_asu(hkl, "P 41 21 2").asu_hkl
+    g = group_reflections(asu)
+    # independent reference: dict of sorted keys -> input rows in order
+    ref: dict = {}
+    for i, h in enumerate(map(tuple, asu.tolist())):
+        ref.setdefault(h, []).append(i)
+    keys = sorted(ref)
+    assert [tuple(h) for h in g.unique_hkl.tolist()] == keys
+    for gi, key in enumerate(keys):
+        rows = g.order[g.offsets[gi]:g.offsets[gi + 1]].tolist()
+        assert rows == ref[key]  # stable: input order kept within a group
+        assert set(np.flatnonzero(g.group_index == gi).tolist()) == set(rows)
+    g2 = group_reflections(asu.copy())
+    for a, b in zip(g, g2):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_grouping_empty():
+    g = group_reflections(np.zeros((0, 3), dtype=np.int32))
+    assert g.n_groups == 0 and g.offsets.tolist() == [0] and len(g.order) == 0
+
+
+def test_d_spacings_match_gemmi():
+    cell = UnitCell((58.44, 58.44, 156.16, 90, 90, 120))
+    hkl = np.array([[1, 0, 0], [3, -2, 7], [10, 10, 40], [0, 0, 1]], dtype=np.int32)
+    ref = gemmi.UnitCell(58.44, 58.44, 156.16, 90, 90, 120).calculate_d_array(hkl)
+    np.testing.assert_allclose(d_spacings(hkl, cell), ref, rtol=1e-13)
+    assert d_spacings([[0, 0, 1]], cell)[0] == pytest.approx(156.16, rel=1e-12)
+
+
+def test_systematic_absences_p212121():
+    hkl = [(1, 0, 0), (2, 0, 0), (0, 3, 0), (0, 4, 0), (0, 0, 5), (0, 0, 6), (1, 1, 0)]
+    np.testing.assert_array_equal(systematic_absences(hkl, " P 2ac 2ab"),
+                                  [True, False, True, False, True, False, False])
+    assert SpaceGroup("P 21 21 21").is_sys_absent([(0, 0, 1)]).tolist() == [True]
+
+
+def test_reindex():
+    hkl = np.array([(1, 2, 3), (-4, 5, 6)])
+    np.testing.assert_array_equal(reindex(hkl, "k,h,-l"), [(2, 1, -3), (5, -4, -6)])
+    np.testing.assert_array_equal(reindex(hkl, [[0, 1, 0], [1, 0, 0], [0, 0, -1]]),
+                                  [(2, 1, -3), (5, -4, -6)])
+    np.testing.assert_array_equal(reindex([(2, 0, 4)], "h/2,k,l/2"), [(1, 0, 2)])
+    with pytest.raises(ValueError, match="non-integral"):
+        reindex([(1, 0, 0)], "h/2,k,l")
+    with pytest.raises(ValueError, match="singular"):
+        reindex(hkl, [[1, 0, 0], [1, 0, 0], [0, 0, 1]])
+    with pytest.raises(ValueError, match="cannot parse"):
+        reindex(hkl, "q,r,s")
+
+
+def test_bad_miller_input():
+    with pytest.raises(ValueError, match="hkl must have shape \\(n, 3\\)"):
+        map_to_asu(np.zeros((4, 2), dtype=int), "P 1")
+    with pytest.raises(ValueError, match="row 1 is \\(0, 0, 0\\)"):
+        map_to_asu([(1, 0, 0), (0, 0, 0)], "P 1")
+    with pytest.raises(ValueError, match="integer values"):
+        map_to_asu([(1.5, 0, 0)], "P 1")
+    with pytest.raises(ValueError, match="finite"):
+        group_reflections([(np.nan, 0, 0)])
+    with pytest.raises(ValueError, match="implausibly large"):
+        group_reflections([(2**21, 0, 0)])
+
+
+def test_isym_reproduces_original_index():
+    """Applying operator k (and the Friedel sign) to the ASU index gives back the input."""
+    sg = SpaceGroup("R 3:H")
+    rng = np.random.default_rng(11)
+    hkl = rng.integers(-15, 16, size=(3000, 3)).astype(np.int32)
+    hkl = hkl[hkl.any(axis=1)]
+    m = map_to_asu(hkl, sg)
+    R = sg.point_group_rotations()
+    k = (m.isym - 1) // 2
+    sign = np.where(m.isym % 2 == 1, 1, -1)
+    # h_asu = sign * h R_k  =>  h = sign * h_asu R_k^-1
+    back = np.einsum("ni,nij->nj", sign[:, None] * m.asu_hkl, np.linalg.inv(R[k]))
+    np.testing.assert_allclose(back, hkl, atol=1e-9)
