@@ -2,7 +2,9 @@
 // Inputs are converted once at the boundary (c_style | forcecast); outputs are fresh numpy
 // arrays written in place by the kernels. The GIL is released around each kernel: by then
 // every Python object has been converted and the kernels only touch raw buffers.
+#include <array>
 #include <cmath>
+#include <limits>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -11,6 +13,7 @@
 #include "common.hpp"
 #include "xtalscale/components.hpp"
 #include "xtalscale/harmonics.hpp"
+#include "xtalscale/smoother.hpp"
 
 namespace xtalscale::py_bind {
 namespace {
@@ -62,54 +65,75 @@ const double* optional_column(const std::optional<DoubleArray>& col, std::size_t
   return col->data();
 }
 
-py::tuple smoother_weights(const std::vector<DoubleArray>& coords, const std::vector<double>& x0,
-                           const std::vector<double>& spacing, const std::vector<int>& nvalues,
-                           const std::vector<int>& naverage,
-                           const std::vector<DoubleArray>& positions, double sigma,
-                           bool drop_first) {
-  const int n_axes = static_cast<int>(coords.size());
-  require(n_axes >= 1 && n_axes <= 3, "coords must hold 1, 2 or 3 coordinate arrays");
-  for (const auto* v : {&x0, &spacing})
-    require(v->size() == coords.size(), "one x0/spacing per axis is required");
-  require(nvalues.size() == coords.size() && naverage.size() == coords.size() &&
-              positions.size() == coords.size(),
-          "one nvalues/naverage/positions entry per axis is required");
-  require(!drop_first || n_axes == 1, "drop_first is only defined for a 1-D smoother");
+/// Normalised weight matrix of a D-dim smoother over n points (capacity n·max_row_nnz, trimmed
+/// by a copy only when the bound overshoots by more than 10%).
+template <int D>
+py::tuple smoother_weights_d(const std::vector<DoubleArray>& coords,
+                             const std::vector<std::array<double, 2>>& ranges,
+                             const std::vector<std::size_t>& intervals, std::size_t num_average,
+                             double sigma, bool first_fixed) {
   static const char* const kNames[3] = {"x", "y", "z"};
+  std::array<std::array<double, 2>, D> r{};
+  std::array<std::size_t, D> iv{};
+  std::array<const double*, D> cptr{};
   const std::size_t n = size_of(coords[0]);
-  components::SmootherAxis axes[3];
-  const double* cptr[3] = {nullptr, nullptr, nullptr};
-  for (int a = 0; a < n_axes; ++a) {
+  for (int a = 0; a < D; ++a) {
     require_ndim(coords[a], 1, kNames[a]);
     require_same_length(size_of(coords[a]), n, kNames[a], "x");
-    require_ndim(positions[a], 1, "positions");
-    require(positions[a].size() == nvalues[a], "positions must have nvalues entries");
-    axes[a] = {x0[a], spacing[a], nvalues[a], naverage[a], positions[a].data()};
+    r[a] = ranges[a];
+    iv[a] = intervals[a];
     cptr[a] = coords[a].data();
   }
-  components::validate_smoother(axes, n_axes, sigma, cptr, kNames, n);
+  GaussianSmoother<D> smoother(r, iv);
+  smoother.set_smoothing(num_average, sigma);
+  const std::size_t capacity = n * smoother.max_row_nnz();
+  require(capacity < static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max()),
+          "too many weight entries for 32-bit CSR indices; split the reflections into blocks");
+  const std::vector<double> zeros(smoother.num_values(), 0.0);
   Int32Array indptr(static_cast<py::ssize_t>(n + 1));
-  std::size_t nnz = 0;
-  {
-    py::gil_scoped_release release;  // pure C++ over converted buffers
-    nnz = components::smoother_weights_indptr(axes, n_axes, cptr, n, drop_first,
-                                              indptr.mutable_data());
-  }
-  Int32Array indices(static_cast<py::ssize_t>(nnz));
-  DoubleArray data(static_cast<py::ssize_t>(nnz));
+  Int32Array indices(static_cast<py::ssize_t>(capacity));
+  DoubleArray data(static_cast<py::ssize_t>(capacity));
   py::object first_col = py::none();
   double* first_ptr = nullptr;
-  if (drop_first) {
+  if (first_fixed) {
     DoubleArray col(static_cast<py::ssize_t>(n));
     first_ptr = col.mutable_data();
     first_col = col;
   }
+  std::size_t nnz = 0;
   {
-    py::gil_scoped_release release;
-    components::smoother_weights_fill(axes, n_axes, sigma, cptr, n, drop_first, indptr.data(),
-                                      indices.mutable_data(), data.mutable_data(), first_ptr);
+    py::gil_scoped_release release;  // pure C++ over converted buffers
+    nnz = smoother.template multi_value_weight<std::int32_t>(
+        n, cptr, zeros.data(), zeros.size(), nullptr, nullptr, indptr.mutable_data(),
+        indices.mutable_data(), data.mutable_data(), WeightMode::normalised, false);
+    if (first_fixed)
+      nnz = components::split_first_column(n, indptr.mutable_data(), indices.mutable_data(),
+                                           data.mutable_data(), first_ptr);
   }
-  return py::make_tuple(indptr, indices, data, first_col);
+  py::object ind = indices, dat = data;
+  const py::slice head(0, static_cast<py::ssize_t>(nnz), 1);
+  if (nnz * 10 < capacity * 9) {
+    ind = py::array(indices[head]).attr("copy")();
+    dat = py::array(data[head]).attr("copy")();
+  } else if (nnz < capacity) {
+    ind = indices[head];
+    dat = data[head];
+  }
+  return py::make_tuple(indptr, ind, dat, first_col);
+}
+
+py::tuple smoother_weights(const std::vector<DoubleArray>& coords,
+                           const std::vector<std::array<double, 2>>& ranges,
+                           const std::vector<std::size_t>& intervals, std::size_t num_average,
+                           double sigma, bool first_fixed) {
+  const std::size_t d = coords.size();
+  require(d >= 1 && d <= 3, "coords must hold 1, 2 or 3 coordinate arrays");
+  require(ranges.size() == d && intervals.size() == d,
+          "one range and one interval count per coordinate array are required");
+  require(!first_fixed || d == 1, "first_fixed is only defined for a 1-D smoother");
+  if (d == 1) return smoother_weights_d<1>(coords, ranges, intervals, num_average, sigma, first_fixed);
+  if (d == 2) return smoother_weights_d<2>(coords, ranges, intervals, num_average, sigma, false);
+  return smoother_weights_d<3>(coords, ranges, intervals, num_average, sigma, false);
 }
 
 DoubleArray csr_matvec(const Int32Array& indptr, const Int32Array& indices,
@@ -310,10 +334,11 @@ DoubleArray real_harmonics(int lmax, double theta, double phi) {
 }  // namespace
 
 void bind_components(py::module_& m) {
-  m.def("smoother_weights", &smoother_weights, py::arg("coords"), py::arg("x0"),
-        py::arg("spacing"), py::arg("nvalues"), py::arg("naverage"), py::arg("positions"),
-        py::arg("sigma"), py::arg("drop_first") = false,
-        "Normalised Gaussian-smoother weights as CSR (indptr, indices, data, first_col).");
+  m.def("smoother_weights", &smoother_weights, py::arg("coords"), py::arg("ranges"),
+        py::arg("intervals"), py::arg("num_average") = 3, py::arg("sigma") = -1.0,
+        py::arg("first_fixed") = false,
+        "Normalised Gaussian-smoother weights w/Σw as CSR (indptr, indices, data, first_col);\n"
+        "with first_fixed, column 0 is moved to the dense first_col and the others shift down.");
   m.def("csr_matvec", &csr_matvec, py::arg("indptr"), py::arg("indices"), py::arg("data"),
         py::arg("parameters"), py::arg("first_col") = py::none(), py::arg("p0") = 0.0,
         "Row-wise weighted sums W·p (+ first_col·p0).");

@@ -1,6 +1,7 @@
 /// @file components.hpp
-/// @brief Kernels behind the scale components (spec §2): Gaussian-smoother weight matrices in
-/// CSR form, fused exp scales and derivatives, CSR products and the SH surface.
+/// @brief Kernels behind the scale components (spec §2): CSR weight-matrix helpers, fused exp
+/// scales and derivatives, CSR products and the SH surface. The smoother weights themselves come
+/// from xtalscale/smoother.hpp (GaussianSmoother<D>::multi_value_weight, normalised mode).
 ///
 /// Every kernel works on caller-owned, row-major buffers so the Python layer can hand numpy
 /// arrays in and out without copies. A CSR matrix here is (indptr[n_rows+1], indices[nnz],
@@ -15,40 +16,14 @@
 
 namespace xtalscale::components {
 
-/// One axis of a Gaussian smoother (spec §3.1): coordinate z = (x - x0)/spacing is compared
-/// with @p positions (length nvalues) over a window of naverage points (§3.2).
-struct SmootherAxis {
-  double x0 = 0.0;                     ///< start of the smoother range
-  double spacing = 1.0;                ///< (x1 - x0)/num_intervals, > 0
-  int nvalues = 0;                     ///< number of parameters along this axis, >= 2
-  int naverage = 3;                    ///< window size, 1..5 (clipped to nvalues)
-  const double* positions = nullptr;  ///< nvalues positions in normalised units
-};
-
-/// Half-open parameter window [first, last) for normalised coordinate @p z on @p axis, with
-/// DIALS's rounding (half away from zero) and edge clipping (spec §3.2).
-XTALSCALE_EXPORT void smoother_window(const SmootherAxis& axis, double z, int& first, int& last);
-
-/// Validate axes (spacing > 0, nvalues >= 2, 1 <= naverage <= 5, finite positions) and the
-/// coordinates (finite); throws std::invalid_argument naming @p coord_names[a] on failure.
-XTALSCALE_EXPORT void validate_smoother(const SmootherAxis* axes, int n_axes, double sigma,
-                                        const double* const* coords,
-                                        const char* const* coord_names, std::size_t n);
-
-/// Pass 1 of the weight matrix: writes indptr[0..n] (row starts) and returns nnz. When
-/// @p drop_first is set (1-D only) column 0 is left out (first-fixed smoother, spec §3.4).
-XTALSCALE_EXPORT std::size_t smoother_weights_indptr(const SmootherAxis* axes, int n_axes,
-                                                     const double* const* coords, std::size_t n,
-                                                     bool drop_first, std::int32_t* indptr);
-
-/// Pass 2: normalised weights w_j/Σw (= ∂value/∂p_j) in CSR form. Columns are flat parameter
-/// indices i + j·nx + k·nx·ny. With @p drop_first the normalised weight of p₀ goes to
-/// @p first_col[row] (if non-null) instead of the matrix, and other columns shift down by one.
-XTALSCALE_EXPORT void smoother_weights_fill(const SmootherAxis* axes, int n_axes, double sigma,
-                                            const double* const* coords, std::size_t n,
-                                            bool drop_first, const std::int32_t* indptr,
-                                            std::int32_t* indices, double* data,
-                                            double* first_col);
+/// Move column 0 of a CSR matrix out into a dense vector, in place: for each row whose first
+/// stored column is 0, first_col[row] receives that entry and it is removed; every other column
+/// index is decreased by one. indptr is rewritten; returns the new nnz. This turns the
+/// normalised weight matrix of a first-fixed 1-D smoother into (∂s/∂p₁.., ∂s/∂p₀) so that
+/// value = W'·p[1:] + first_col·p₀ while W' is the derivative matrix (spec §3.4).
+XTALSCALE_EXPORT std::size_t split_first_column(std::size_t n_rows, std::int32_t* indptr,
+                                                std::int32_t* indices, double* data,
+                                                double* first_col);
 
 /// out[i] = Σ_k data[k]·p[indices[k]] over row i (+ first_col[i]·p0 if first_col is non-null).
 XTALSCALE_EXPORT void csr_matvec(std::size_t n_rows, const std::int32_t* indptr,

@@ -13,3 +13,11 @@ from xtalscale.smoothing import (  # noqa: F401  (re-exported DIALS names)
 )
 
 # ---- smoother re-exports end here; the smooth scale components follow below. ----
+from xtalscale.components import (  # noqa: E402,F401  (re-exported DIALS names)
+    SmoothBScaleComponent1D,
+    SmoothMixin,
+    SmoothScaleComponent1D,
+    SmoothScaleComponent2D,
+    SmoothScaleComponent3D,
+)
+from xtalscale.dials_scaling_ext import row_multiply  # noqa: E402,F401

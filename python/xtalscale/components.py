@@ -1,0 +1,1197 @@
+"""Scale components: the factors whose product is a reflection's inverse scale ``g``.
+
+Each component holds its parameters and, once :meth:`~ScaleComponentBase.update_reflection_data`
+has split its ``data`` into blocks, returns per-block scales and the sparse derivative matrix
+``∂s/∂p`` (``n_refl × n_free_params``, a ``scipy.sparse.csr_matrix``). Names, signatures and the
+per-block protocol follow DIALS's ``dials.algorithms.scaling.model.components`` (spec §1.1–1.3,
+§2). Kernels run in C++ (``xtalscale._core.components``); everything that does not depend on the
+parameters (smoother weights, 1/(2d²), harmonic tables) is computed once per block and cached,
+so a call only does the parameter-dependent work.
+
+Derivative matrices share their index arrays (and, for the smooth and SH components, their data)
+with the component's caches; those arrays are marked read-only, so modify a copy
+(``d.copy()``) rather than the returned matrix in place.
+
+Two constructor forms of :class:`ScaleComponentBase` are accepted: DIALS's
+``(initial_values, parameter_esds=None)`` and the commissioning API's
+``(active_parameter_manager, params=None)`` for user-written components (see
+:meth:`ScaleComponentBase.as_sparse_derivatives`).
+"""
+from __future__ import annotations
+
+from math import ceil, floor
+from typing import Any, ClassVar, Optional, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+from ._core import components as _kern
+
+__all__ = [
+    "ComponentError",
+    "ScaleComponentBase",
+    "SingleScaleFactor",
+    "SingleBScaleFactor",
+    "LinearDoseDecay",
+    "QuadraticDoseDecay",
+    "SHScaleComponent",
+    "AnalyticalComponent",
+    "SmoothMixin",
+    "SmoothScaleComponent1D",
+    "SmoothBScaleComponent1D",
+    "SmoothScaleComponent2D",
+    "SmoothScaleComponent3D",
+    "create_sph_harm_lookup_table",
+    "sh_lookup_data",
+    "SH_POINTS_PER_DEGREE",
+]
+
+#: Grid density DIALS uses for the harmonic lookup table ("memory" mode): 0.5° steps.
+SH_POINTS_PER_DEGREE = 2
+
+
+class ComponentError(ValueError, AssertionError):
+    """Invalid input to a scale component.
+
+    A ``ValueError`` (this project's convention for bad arguments) that is also an
+    ``AssertionError``, which is what DIALS raises for the same conditions.
+    """
+
+
+# ----------------------------------------------------------------------------- helpers
+def _vector(values: Any, name: str, finite: bool = True) -> np.ndarray:
+    """``values`` as a fresh 1-D float64 array; raises ComponentError naming ``name``."""
+    try:
+        arr = np.array(np.asarray(values), dtype=np.float64, copy=True)
+    except (TypeError, ValueError) as exc:
+        raise ComponentError(f"{name} must be a 1-D array of numbers ({exc})") from None
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.ndim != 1:
+        raise ComponentError(f"{name} must be 1-dimensional (got shape {arr.shape})")
+    if finite and not np.all(np.isfinite(arr)):
+        bad = int(np.flatnonzero(~np.isfinite(arr))[0])
+        raise ComponentError(f"{name} must be finite (element {bad} is {arr[bad]})")
+    return arr
+
+
+def _column(values: Any, name: str, owner: str, positive: bool = False) -> np.ndarray:
+    """A per-reflection data column as float64, checked finite (and > 0 if ``positive``)."""
+    arr = np.asarray(values)
+    if arr.dtype != np.float64:
+        arr = arr.astype(np.float64)
+    if arr.ndim != 1:
+        raise ComponentError(f"{owner}: data['{name}'] must be 1-dimensional (got shape {arr.shape})")
+    bad = ~np.isfinite(arr)
+    if positive:
+        bad |= arr <= 0.0
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        need = "finite and > 0" if positive else "finite"
+        raise ComponentError(f"{owner}: data['{name}'] must be {need} (element {i} is {arr[i]})")
+    return arr
+
+
+def _readonly(*arrays: np.ndarray) -> None:
+    for a in arrays:
+        if a is not None:
+            a.flags.writeable = False
+
+
+def _csr(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: tuple) -> sp.csr_matrix:
+    """Wrap CSR arrays without copying (scipy keeps int32 indices when they fit)."""
+    m = sp.csr_matrix((data, indices, indptr), shape=shape, copy=False)
+    return m
+
+
+def _empty_derivatives(n_rows: int = 0, n_cols: int = 0) -> sp.csr_matrix:
+    return sp.csr_matrix((n_rows, n_cols), dtype=np.float64)
+
+
+def _is_parameter_manager(obj: Any) -> bool:
+    """True for an object used as the seed API's parameter manager (not a parameter array)."""
+    return hasattr(obj, "add_parameters") or hasattr(obj, "get_parameters")
+
+
+def _block_indices(selection: Any, block_selections: Any, n: int, owner: str) -> list:
+    """Per-block row selections into the stored data: a list of index arrays or ``None`` (all).
+
+    ``selection`` is a bool mask over the data (one block); ``block_selections`` a list of index
+    arrays (one block each). Validates lengths and index bounds.
+    """
+    if selection is not None:
+        mask = np.asarray(selection)
+        if mask.dtype != np.bool_:
+            raise ComponentError(f"{owner}: selection must be a boolean mask")
+        if mask.shape != (n,):
+            raise ComponentError(
+                f"{owner}: selection has length {mask.size} but the data has {n} reflections")
+        return [np.flatnonzero(mask)]
+    if block_selections is not None and len(block_selections) > 0:
+        blocks = []
+        for b, sel in enumerate(block_selections):
+            idx = np.asarray(sel)
+            if idx.size == 0:
+                blocks.append(np.zeros(0, dtype=np.int64))
+                continue
+            if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
+                raise ComponentError(f"{owner}: block_selections[{b}] must be a 1-D integer array")
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < 0 or hi >= n:
+                bad = lo if lo < 0 else hi
+                raise IndexError(f"{owner}: block_selections[{b}] index {bad} is out of range "
+                                 f"for {n} reflections")
+            blocks.append(idx)
+        return blocks
+    return [None]
+
+
+def _take(arr: np.ndarray, idx: Optional[np.ndarray]) -> np.ndarray:
+    return arr if idx is None else arr[idx]
+
+
+# ----------------------------------------------------------------------------- base class
+class ScaleComponentBase:
+    """Base scale component: parameters, esds and the per-block scale/derivative protocol.
+
+    Parameters
+    ----------
+    initial_values : array_like or parameter manager
+        DIALS form: the initial parameter values. Seed form: an object with
+        ``add_parameters``/``get_parameters`` (an active parameter manager), stored as
+        ``self.active_parameter_manager``; the subclass then owns its parameters.
+    parameter_esds : array_like, optional
+        DIALS form: estimated standard deviations, same length as the parameters.
+        Seed form: the user's ``params`` object, stored as ``self.params``.
+
+    Notes
+    -----
+    ``data`` is a dict of full-length per-reflection arrays whose keys each subclass fixes.
+    ``update_reflection_data`` builds the per-block state; ``calculate_scales_and_derivatives``
+    returns ``(scales (n,), csr_matrix (n, n_free_params))`` for one block.
+    """
+
+    null_parameter_value: ClassVar[float] = 1.0
+    _data_keys: ClassVar[Optional[frozenset]] = None
+
+    def __init__(self, initial_values: Any = None, parameter_esds: Any = None) -> None:
+        self._seed_form = _is_parameter_manager(initial_values)
+        if self._seed_form:
+            self.active_parameter_manager = initial_values
+            self.params = parameter_esds
+            self._parameters = np.zeros(0)
+            self._parameter_esds = None
+        else:
+            if initial_values is None:
+                raise ComponentError(f"{type(self).__name__}: initial_values are required")
+            self._parameters = _vector(initial_values, "initial_values")
+            self._parameter_esds = None
+            if parameter_esds is not None:
+                self._parameter_esds = self._checked_esds(parameter_esds, self._parameters.size)
+        self._n_params = int(self._parameters.size)
+        self._var_cov = None
+        self._n_refl: list = []
+        self._parameter_restraints = None
+        self._data: dict = {}
+
+    # ---------------------------------------------------------------- seed-form support
+    @staticmethod
+    def as_sparse_derivatives(derivatives: Any, n_rows: Optional[int] = None) -> sp.csr_matrix:
+        """Turn a derivative return of any supported form into a ``csr_matrix``.
+
+        Parameters
+        ----------
+        derivatives : scipy sparse, numpy array, flex grid array or nested sequence
+            ``∂s_i/∂p_j`` with one row per reflection; a 1-D array is one column.
+        n_rows : int, optional
+            Expected number of rows (reflections); checked when given.
+
+        Returns
+        -------
+        scipy.sparse.csr_matrix
+            float64, shape ``(n_rows, n_params)``.
+        """
+        if sp.issparse(derivatives):
+            m = sp.csr_matrix(derivatives, dtype=np.float64)
+        else:
+            if hasattr(derivatives, "as_dense_matrix"):  # scitbx-like sparse
+                derivatives = derivatives.as_dense_matrix()
+            arr = np.asarray(derivatives, dtype=np.float64)
+            if arr.ndim == 1:
+                arr = arr.reshape(-1, 1)
+            if arr.ndim != 2:
+                raise ComponentError(f"derivatives must be 2-dimensional (got shape {arr.shape})")
+            if not np.all(np.isfinite(arr)):
+                raise ComponentError("derivatives must be finite")
+            m = sp.csr_matrix(arr)
+        if n_rows is not None and m.shape[0] != n_rows:
+            raise ComponentError(f"derivatives have {m.shape[0]} rows but there are {n_rows} "
+                                 "reflections")
+        return m
+
+    # ---------------------------------------------------------------- data
+    @property
+    def data(self) -> dict:
+        """Full-length per-reflection arrays this component uses (keys fixed per subclass)."""
+        return self._data
+
+    @data.setter
+    def data(self, data: dict) -> None:
+        if self._data_keys is not None:
+            keys = set(data.keys())
+            if keys != set(self._data_keys):
+                missing = sorted(set(self._data_keys) - keys)
+                extra = sorted(keys - set(self._data_keys))
+                raise ComponentError(
+                    f"{type(self).__name__}.data needs exactly the keys "
+                    f"{sorted(self._data_keys)} (missing {missing}, unexpected {extra})")
+        self._data = self._convert_data(dict(data))
+
+    @data.deleter
+    def data(self) -> None:
+        self._data = {}
+
+    def _convert_data(self, data: dict) -> dict:
+        """Validate and convert data columns (subclasses override)."""
+        return data
+
+    def _data_length(self) -> int:
+        if not self._data:
+            raise ComponentError(f"{type(self).__name__}: set .data before update_reflection_data")
+        return len(next(iter(self._data.values())))
+
+    # ---------------------------------------------------------------- parameters
+    @property
+    def parameter_restraints(self) -> Optional[np.ndarray]:
+        """Restraint weights, one per parameter (or None)."""
+        return self._parameter_restraints
+
+    @parameter_restraints.setter
+    def parameter_restraints(self, restraints: Any) -> None:
+        r = _vector(restraints, "parameter_restraints")
+        if r.size != self._parameters.size:
+            raise ComponentError(f"parameter_restraints has {r.size} weights but the component "
+                                 f"has {self._parameters.size} parameters")
+        self._parameter_restraints = r
+
+    @property
+    def n_params(self) -> int:
+        """Number of parameters (read-only)."""
+        return self._n_params
+
+    @property
+    def parameters(self) -> np.ndarray:
+        """Parameter values (float64 array; the setter keeps the length)."""
+        return self._parameters
+
+    @parameters.setter
+    def parameters(self, new_parameters: Any) -> None:
+        p = _vector(new_parameters, "parameters")
+        if p.size != self._parameters.size:
+            raise ComponentError(
+                f"attempting to set a new set of parameters of different length than previous "
+                f"assignment: was {self._parameters.size}, attempting {p.size}")
+        self._parameters = p
+
+    @property
+    def free_parameters(self) -> np.ndarray:
+        """The refined parameters (all of them unless a subclass fixes some)."""
+        return self._parameters
+
+    @free_parameters.setter
+    def free_parameters(self, parameters: Any) -> None:
+        self.parameters = parameters
+
+    @staticmethod
+    def _checked_esds(esds: Any, n: int) -> np.ndarray:
+        e = _vector(esds, "parameter_esds", finite=False)
+        if e.size != n:
+            raise ComponentError(f"parameter_esds has {e.size} values but there are {n} parameters")
+        return e
+
+    @property
+    def parameter_esds(self) -> Optional[np.ndarray]:
+        """Estimated standard deviations of the parameters (or None)."""
+        return self._parameter_esds
+
+    @parameter_esds.setter
+    def parameter_esds(self, esds: Any) -> None:
+        self._parameter_esds = self._checked_esds(esds, self._parameters.size)
+
+    @property
+    def free_parameter_esds(self) -> Optional[np.ndarray]:
+        """Esds of the free parameters."""
+        return self._parameter_esds
+
+    @free_parameter_esds.setter
+    def free_parameter_esds(self, esds: Any) -> None:
+        self._parameter_esds = self._checked_esds(esds, self.free_parameters.size)
+
+    @property
+    def var_cov_matrix(self) -> Any:
+        """Variance-covariance matrix of the parameters (set by the refiner)."""
+        return self._var_cov
+
+    @var_cov_matrix.setter
+    def var_cov_matrix(self, var_cov: Any) -> None:
+        self._var_cov = var_cov
+
+    @property
+    def n_refl(self) -> list:
+        """Number of reflections in each block."""
+        return self._n_refl
+
+    # ---------------------------------------------------------------- restraints
+    def calculate_restraints(self) -> Optional[tuple]:
+        """``(residuals, gradient)`` of the restraint term, or None if unrestrained."""
+        return None
+
+    def calculate_jacobian_restraints(self) -> Optional[tuple]:
+        """``(residuals, jacobian, weights)`` for least-squares restraints, or None."""
+        return None
+
+    def _quadratic_restraints(self) -> tuple:
+        w = self._require_restraints()
+        p = self._parameters
+        return w * p * p, 2.0 * w * p
+
+    def _quadratic_jacobian_restraints(self) -> tuple:
+        w = self._require_restraints()
+        n = self._n_params
+        return self._parameters.copy(), sp.identity(n, dtype=np.float64, format="csr"), w
+
+    def _require_restraints(self) -> np.ndarray:
+        if self._parameter_restraints is None:
+            raise ComponentError(f"{type(self).__name__}: parameter_restraints are not set")
+        return self._parameter_restraints
+
+    # ---------------------------------------------------------------- protocol
+    def update_reflection_data(self, selection: Any = None, block_selections: Any = None) -> None:
+        """Split ``data`` into blocks (a bool ``selection`` or a list of index arrays)."""
+        raise NotImplementedError()
+
+    def calculate_scales_and_derivatives(self, block_id: int = 0) -> tuple:
+        """``(scales, csr derivatives)`` for one block."""
+        raise NotImplementedError()
+
+    def calculate_scales(self, block_id: int = 0) -> np.ndarray:
+        """Scales for one block."""
+        raise NotImplementedError()
+
+    def _check_block(self, block_id: int) -> int:
+        if block_id is None:
+            block_id = 0
+        if not self._n_refl:
+            raise ComponentError(f"{type(self).__name__}: call update_reflection_data first")
+        if not -len(self._n_refl) <= block_id < len(self._n_refl):
+            raise IndexError(f"block_id {block_id} is out of range for {len(self._n_refl)} blocks")
+        return block_id
+
+
+# ----------------------------------------------------------------------------- simple components
+class _OneColumnDerivatives:
+    """Shared index arrays of an n × 1 derivative matrix, grown as needed."""
+
+    def __init__(self) -> None:
+        self._cols = np.zeros(0, dtype=np.int32)
+        self._rows = np.zeros(1, dtype=np.int32)
+
+    def matrix(self, data: np.ndarray) -> sp.csr_matrix:
+        n = data.size
+        if self._cols.size < n:
+            self._cols = np.zeros(n, dtype=np.int32)
+            self._rows = np.arange(n + 1, dtype=np.int32)
+            _readonly(self._cols, self._rows)
+        return _csr(data, self._cols[:n], self._rows[: n + 1], (n, 1))
+
+
+class SingleScaleFactor(ScaleComponentBase):
+    """One overall scale parameter: ``s = p₀`` and ``∂s/∂p₀ = 1`` (KB "scale")."""
+
+    null_parameter_value = 1.0
+    _data_keys = frozenset({"id"})
+
+    def __init__(self, initial_values: Any, parameter_esds: Any = None) -> None:
+        super().__init__(initial_values, parameter_esds)
+        if self._n_params != 1:
+            raise ComponentError("This model component can only hold a single parameter.")
+        self._ones = _OneColumnDerivatives()
+        self._unit: Optional[np.ndarray] = None
+
+    def update_reflection_data(self, selection: Any = None, block_selections: Any = None) -> None:
+        n = self._data_length()
+        blocks = _block_indices(selection, block_selections, n, type(self).__name__)
+        self._n_refl = [n if idx is None else int(idx.size) for idx in blocks]
+
+    def calculate_scales_and_derivatives(self, block_id: int = 0) -> tuple:
+        b = self._check_block(block_id)
+        n = self._n_refl[b]
+        if self._unit is None or self._unit.size < n:
+            self._unit = np.ones(n)
+            _readonly(self._unit)
+        return self.calculate_scales(b), self._ones.matrix(self._unit[:n])
+
+    def calculate_scales(self, block_id: int = 0) -> np.ndarray:
+        b = self._check_block(block_id)
+        return np.full(self._n_refl[b], self._parameters[0])
+
+
+class _ExpFactorComponent(ScaleComponentBase):
+    """``s = exp(p₀·f)``, ``∂s/∂p₀ = s·f`` with a per-reflection factor f fixed per block."""
+
+    def __init__(self, initial_values: Any, parameter_esds: Any = None) -> None:
+        super().__init__(initial_values, parameter_esds)
+        if self._n_params != 1:
+            raise ComponentError(f"{type(self).__name__} holds exactly one parameter "
+                                 f"(got {self._n_params})")
+        self._factors: list = []
+        self._d_values: list = []
+        self._one_col = _OneColumnDerivatives()
+
+    @property
+    def d_values(self) -> list:
+        """d-spacings of each block."""
+        return self._d_values
+
+    def _factor(self, idx: Optional[np.ndarray]) -> np.ndarray:
+        raise NotImplementedError()
+
+    def update_reflection_data(self, selection: Any = None, block_selections: Any = None) -> None:
+        n = self._data_length()
+        blocks = _block_indices(selection, block_selections, n, type(self).__name__)
+        self._d_values = [_take(self._data["d"], idx) for idx in blocks]
+        self._factors = [self._factor(idx) for idx in blocks]
+        self._n_refl = [int(f.size) for f in self._factors]
+
+    def calculate_scales_and_derivatives(self, block_id: int = 0) -> tuple:
+        b = self._check_block(block_id)
+        scales, derivs = _kern.exp_scales(self._factors[b], float(self._parameters[0]), True)
+        return scales, self._one_col.matrix(derivs)
+
+    def calculate_scales(self, block_id: int = 0) -> np.ndarray:
+        b = self._check_block(block_id)
+        return _kern.exp_scales(self._factors[b], float(self._parameters[0]), False)[0]
+
+
+class SingleBScaleFactor(_ExpFactorComponent):
+    """One overall B factor: ``s = exp(B/(2d²))``, ``∂s/∂B = s/(2d²)`` (KB "decay")."""
+
+    null_parameter_value = 0.0
+    _data_keys = frozenset({"d"})
+
+    def _convert_data(self, data: dict) -> dict:
+        return {"d": _column(data["d"], "d", type(self).__name__, positive=True)}
+
+    def _factor(self, idx: Optional[np.ndarray]) -> np.ndarray:
+        d = _take(self._data["d"], idx)
+        return 1.0 / (2.0 * d * d)
+
+
+class LinearDoseDecay(_ExpFactorComponent):
+    """Dose decay linear in 1/d: ``s = exp(C·x/d)`` with x the raw image number (z px)."""
+
+    null_parameter_value = 0.0
+    _data_keys = frozenset({"d", "x"})
+
+    def _convert_data(self, data: dict) -> dict:
+        name = type(self).__name__
+        out = {"d": _column(data["d"], "d", name, positive=True), "x": _column(data["x"], "x", name)}
+        if out["d"].size != out["x"].size:
+            raise ComponentError(f"{name}: data['d'] and data['x'] must have the same length")
+        return out
+
+    def _factor(self, idx: Optional[np.ndarray]) -> np.ndarray:
+        return _take(self._data["x"], idx) / _take(self._data["d"], idx)
+
+    @property
+    def x_values(self) -> list:
+        """Raw z coordinates of each block."""
+        return [f * d for f, d in zip(self._factors, self._d_values)]
+
+
+class QuadraticDoseDecay(LinearDoseDecay):
+    """Dose decay quadratic in 1/d: ``s = exp(C·x/d²)``."""
+
+    def _factor(self, idx: Optional[np.ndarray]) -> np.ndarray:
+        d = _take(self._data["d"], idx)
+        return _take(self._data["x"], idx) / (d * d)
+
+    @property
+    def x_values(self) -> list:
+        return [f * d * d for f, d in zip(self._factors, self._d_values)]
+
+
+class AnalyticalComponent(ScaleComponentBase):
+    """A fixed, externally computed correction: ``s = correction``; no parameters."""
+
+    null_parameter_value = 1.0
+    _data_keys = frozenset({"correction"})
+
+    def __init__(self, initial_values: Any = (), parameter_esds: Any = None) -> None:
+        super().__init__(np.zeros(0) if initial_values is None else initial_values, parameter_esds)
+        self._corrections: list = []
+
+    @property
+    def free_parameters(self) -> np.ndarray:
+        """Always empty: the correction is not refined."""
+        return np.zeros(0)
+
+    @free_parameters.setter
+    def free_parameters(self, parameters: Any) -> None:
+        if len(parameters) != 0:
+            raise ComponentError("AnalyticalComponent has no free parameters")
+
+    def _convert_data(self, data: dict) -> dict:
+        return {"correction": _column(data["correction"], "correction", type(self).__name__)}
+
+    def update_reflection_data(self, selection: Any = None, block_selections: Any = None) -> None:
+        n = self._data_length()
+        blocks = _block_indices(selection, block_selections, n, type(self).__name__)
+        self._corrections = [_take(self._data["correction"], idx) for idx in blocks]
+        self._n_refl = [int(c.size) for c in self._corrections]
+
+    def calculate_scales_and_derivatives(self, block_id: int = 0) -> tuple:
+        b = self._check_block(block_id)
+        return self.calculate_scales(b), _empty_derivatives(self._n_refl[b], 0)
+
+    def calculate_scales(self, block_id: int = 0) -> np.ndarray:
+        b = self._check_block(block_id)
+        return self._corrections[b].copy()
+
+
+# ----------------------------------------------------------------------------- spherical harmonics
+class SHScaleComponent(ScaleComponentBase):
+    """Spherical-harmonic absorption surface: ``s = 1 + Σ C_lm·Ȳ_lm`` (spec §2.5).
+
+    ``data`` is either ``{"sph_harm_table": (n_params × n_refl) matrix}`` ("speed" mode: the
+    exact per-reflection harmonics) or ``{"s0_lookup", "s1_lookup"}`` grid indices ("memory"
+    mode, read from the class-wide ``coefficients_list`` lookup table). Either way the block's
+    ``n_refl × n_params`` harmonic matrix is built once in ``update_reflection_data`` and kept
+    dense; a call is one matrix-vector product, and the derivative matrix shares its memory.
+    """
+
+    null_parameter_value = 0.0
+    coefficients_list: ClassVar[Optional[list]] = None
+    _table_cache: ClassVar[dict] = {}
+
+    def __init__(self, initial_values: Any, parameter_esds: Any = None) -> None:
+        super().__init__(initial_values, parameter_esds)
+        self._mode: Optional[str] = None
+        self._blocks: list = []  # dense (n_b, n_params) harmonic matrices, read-only
+        self._col_index = np.zeros(0, dtype=np.int32)
+
+    @ScaleComponentBase.data.setter  # type: ignore[attr-defined]
+    def data(self, data: dict) -> None:
+        keys = set(data.keys())
+        name = type(self).__name__
+        if keys == {"s0_lookup", "s1_lookup"}:
+            self._mode = "memory"
+            self._data = {k: self._lookup_column(data[k], k) for k in ("s0_lookup", "s1_lookup")}
+            if self._data["s0_lookup"].size != self._data["s1_lookup"].size:
+                raise ComponentError(f"{name}: s0_lookup and s1_lookup must have the same length")
+        elif keys == {"sph_harm_table"}:
+            self._mode = "speed"
+            self._data = {"sph_harm_table": data["sph_harm_table"]}
+            self._dense_table = self._harmonics_by_row(data["sph_harm_table"])
+        else:
+            raise ComponentError(f"{name}.data needs the keys ['sph_harm_table'] or "
+                                 f"['s0_lookup', 's1_lookup'] (got {sorted(keys)})")
+
+    @staticmethod
+    def _lookup_column(values: Any, name: str) -> np.ndarray:
+        arr = np.asarray(values)
+        if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
+            raise ComponentError(f"SHScaleComponent: data['{name}'] must be a 1-D integer array")
+        return arr.astype(np.int64, copy=False)
+
+    def _harmonics_by_row(self, table: Any) -> np.ndarray:
+        """(n_params × n_refl) table (sparse or dense) → C-contiguous (n_refl × n_params)."""
+        if sp.issparse(table) and table.format == "csc" and table.shape[0] == self._n_params:
+            n = table.shape[1]
+            p = self._n_params
+            # sph_harm_table's full-pattern CSC already holds the row-major (n × p) values.
+            if table.nnz == n * p and table.has_sorted_indices and np.array_equal(
+                    table.indptr[[0, -1]], [0, n * p]) and np.all(np.diff(table.indptr) == p):
+                dense = np.asarray(table.data, dtype=np.float64).reshape(n, p)
+                if not np.all(np.isfinite(dense)):
+                    raise ComponentError("SHScaleComponent: sph_harm_table must be finite")
+                return dense
+        dense = table.toarray() if sp.issparse(table) else np.asarray(
+            table.as_dense_matrix() if hasattr(table, "as_dense_matrix") else table,
+            dtype=np.float64)
+        if dense.ndim != 2 or dense.shape[0] != self._n_params:
+            raise ComponentError(
+                f"SHScaleComponent: sph_harm_table must have shape (n_params={self._n_params}, "
+                f"n_refl) (got {dense.shape})")
+        if not np.all(np.isfinite(dense)):
+            raise ComponentError("SHScaleComponent: sph_harm_table must be finite")
+        return np.ascontiguousarray(dense.T, dtype=np.float64)
+
+    @property
+    def sph_harm_table(self) -> Any:
+        """The full (n_params × n_refl) harmonic table ("speed" mode data)."""
+        return self._data["sph_harm_table"]
+
+    @sph_harm_table.setter
+    def sph_harm_table(self, sht: Any) -> None:
+        self.data = {"sph_harm_table": sht}
+
+    @property
+    def harmonic_values(self) -> list:
+        """Per block: the (n_refl × n_params) harmonic matrix as ``csr_matrix`` ("speed"), or
+        one array per parameter ("memory"), as in DIALS."""
+        if self._mode == "memory":
+            return [[h[:, k] for k in range(h.shape[1])] for h in self._blocks]
+        return [self._matrix(h) for h in self._blocks]
+
+    def dense_harmonic_values(self, block_id: int = 0) -> np.ndarray:
+        """The block's harmonic matrix as a read-only dense (n_refl × n_params) array."""
+        return self._blocks[self._check_block(block_id)]
+
+    @classmethod
+    def _lookup_table(cls, n_params: int) -> np.ndarray:
+        """The class lookup table stacked row-major (n_grid × n_params_max), cached by identity."""
+        coeffs = cls.coefficients_list
+        if coeffs is None:
+            raise ComponentError(
+                "SHScaleComponent.coefficients_list is not set: assign "
+                "create_sph_harm_lookup_table(lmax, points_per_degree) before using lookup data")
+        key = id(coeffs)
+        cached = cls._table_cache.get("table")
+        if cached is None or cached[0] is not coeffs:
+            if isinstance(coeffs, np.ndarray) and coeffs.ndim == 2:
+                table = np.ascontiguousarray(coeffs, dtype=np.float64)
+            else:
+                table = np.ascontiguousarray(np.stack([np.asarray(c, dtype=np.float64)
+                                                       for c in coeffs], axis=1))
+            cls._table_cache["table"] = (coeffs, table, key)
+            cached = cls._table_cache["table"]
+        table = cached[1]
+        if table.shape[1] < n_params:
+            raise ComponentError(f"coefficients_list has {table.shape[1]} harmonics but the "
+                                 f"component has {n_params} parameters")
+        return table
+
+    def update_reflection_data(self, selection: Any = None, block_selections: Any = None) -> None:
+        name = type(self).__name__
+        if self._mode is None:
+            raise ComponentError(f"{name}: set .data before update_reflection_data")
+        if self._mode == "speed":
+            n = self._dense_table.shape[0]
+            blocks = _block_indices(selection, block_selections, n, name)
+            self._blocks = [self._dense_table if idx is None else self._dense_table[idx]
+                            for idx in blocks]
+        else:
+            n = self._data["s0_lookup"].size
+            blocks = _block_indices(selection, block_selections, n, name)
+            table = self._lookup_table(self._n_params)
+            self._blocks = [
+                _kern.harmonics_from_lookup(_take(self._data["s0_lookup"], idx),
+                                            _take(self._data["s1_lookup"], idx), table,
+                                            self._n_params)
+                for idx in blocks]
+        _readonly(*self._blocks)
+        self._n_refl = [int(h.shape[0]) for h in self._blocks]
+
+    def _matrix(self, h: np.ndarray) -> sp.csr_matrix:
+        """The dense block as CSR sharing its values; the column pattern is shared too."""
+        n, p = h.shape
+        if self._col_index.size < n * p:
+            self._col_index = np.tile(np.arange(p, dtype=np.int32), max(n, 1))
+            _readonly(self._col_index)
+        indptr = np.arange(0, n * p + 1, max(p, 1), dtype=np.int32)[: n + 1]
+        return _csr(h.reshape(-1), self._col_index[: n * p], indptr, (n, p))
+
+    def calculate_scales_and_derivatives(self, block_id: int = 0) -> tuple:
+        b = self._check_block(block_id)
+        h = self._blocks[b]
+        return _kern.sh_scales(h, self._parameters), self._matrix(h)
+
+    def calculate_scales(self, block_id: int = 0) -> np.ndarray:
+        b = self._check_block(block_id)
+        return _kern.sh_scales(self._blocks[b], self._parameters)
+
+    def calculate_restraints(self) -> tuple:
+        """``(w·C², 2·w·C)`` with w the ``parameter_restraints``."""
+        return self._quadratic_restraints()
+
+    def calculate_jacobian_restraints(self) -> tuple:
+        """``(C, identity, w)``."""
+        return self._quadratic_jacobian_restraints()
+
+
+# ----------------------------------------------------------------------------- smooth components
+def _smoother_classes() -> tuple:
+    """The DIALS-style smoother classes (xtalscale.smoothing), imported on first use."""
+    from . import smoothing
+
+    return smoothing.GaussianSmoother1D, smoothing.GaussianSmoother2D, smoothing.GaussianSmoother3D
+
+
+def _call(attr: Any) -> Any:
+    return attr() if callable(attr) else attr
+
+
+def _smoothing_settings(smoother: Any, n_axes: int) -> tuple:
+    """(num_average to pass to set_smoothing, sigma) currently set on ``smoother``.
+
+    Per-axis averages are min(num_average, nvalues_axis); passing their maximum back
+    reproduces every axis's value, so the weights can be rebuilt from plain numbers.
+    """
+    sigma = float(_call(smoother.sigma))
+    if n_axes == 1:
+        averages = [int(_call(smoother.num_average))]
+    elif hasattr(smoother, "num_x_average"):
+        names = ("num_x_average", "num_y_average", "num_z_average")[:n_axes]
+        averages = [int(_call(getattr(smoother, nm))) for nm in names]
+    else:
+        averages = [int(smoother.axis_num_average(a)) for a in range(n_axes)]
+    return max(averages), sigma
+
+
+def _smooth_range(values: np.ndarray) -> list:
+    """DIALS's data-driven smoother extent: [floor(round(min,10)), max(ceil(round(max,10)), 1)]."""
+    return [floor(round(float(values.min()), 10)), max(ceil(round(float(values.max()), 10)), 1)]
+
+
+class SmoothMixin:
+    """Shared helpers of the smooth components: ``value``, ``smoother``, ``nparam_to_val``."""
+
+    def __init__(self) -> None:
+        self._smoother = None
+
+    @property
+    def value(self) -> np.ndarray:
+        """The parameters, as the smoother's values."""
+        return self._parameters
+
+    @property
+    def smoother(self) -> Any:
+        """The Gaussian smoother built by the last ``update_reflection_data``."""
+        return self._smoother
+
+    @staticmethod
+    def nparam_to_val(n_params: int) -> int:
+        """Number of smoother intervals for ``n_params`` values (n−1 for 2, 3; n−2 above)."""
+        if n_params < 2:
+            raise ComponentError("cannot initialise a smooth scale factor for <2 parameters.")
+        if n_params in (2, 3):
+            return n_params - 1
+        return n_params - 2
+
+
+class _WeightCache:
+    """Per-block normalised weight matrix, rebuilt only when its inputs change.
+
+    Keyed on the identity of the coordinate arrays (DIALS code and tests replace the lists
+    of normalised values wholesale) and on the smoother settings and fixed-first flag.
+    """
+
+    __slots__ = ("sources", "key", "indptr", "indices", "data", "first_col")
+
+    def __init__(self, sources: tuple, key: tuple, arrays: tuple) -> None:
+        self.sources = sources
+        self.key = key
+        self.indptr, self.indices, self.data, self.first_col = arrays
+        _readonly(self.indptr, self.indices, self.data, self.first_col)
+
+    def matches(self, sources: tuple, key: tuple) -> bool:
+        return self.key == key and all(a is b for a, b in zip(self.sources, sources))
+
+
+class _SmoothComponentND(ScaleComponentBase, SmoothMixin):
+    """Common machinery of the 1-, 2- and 3-D smooth components."""
+
+    null_parameter_value = 1.0
+    _axes: ClassVar[tuple] = ("x",)
+
+    def __init__(self, initial_values: Any, parameter_esds: Any = None) -> None:
+        ScaleComponentBase.__init__(self, initial_values, parameter_esds)
+        SmoothMixin.__init__(self)
+        self._fixed_initial = False
+        self._normalised: list = []  # per axis: list of per-block arrays
+        self._ranges: list = []
+        self._caches: dict = {}
+
+    # -- subclass hooks
+    def _shape(self) -> tuple:
+        raise NotImplementedError()
+
+    def _convert_data(self, data: dict) -> dict:
+        name = type(self).__name__
+        out = {k: _column(data[k], k, name) for k in self._axes}
+        for extra in set(data) - set(self._axes):
+            out[extra] = data[extra]
+        lengths = {v.size for k, v in out.items() if k in self._axes}
+        if len(lengths) > 1:
+            raise ComponentError(f"{name}: data columns {list(self._axes)} must have the same length")
+        return out
+
+    def update_reflection_data(self, selection: Any = None, block_selections: Any = None) -> None:
+        """Shift each coordinate to start at 0, size the smoother to the data, split into blocks."""
+        name = type(self).__name__
+        n = self._data_length()
+        sel = None
+        if selection is not None:
+            sel = _block_indices(selection, None, n, name)[0]
+        blocks = _block_indices(None, block_selections, n, name)
+        normalised, self._ranges = [], []
+        for axis in self._axes:
+            values = _take(self._data[axis], sel)
+            if values.size == 0:
+                raise ComponentError(f"{name}: no reflections selected for data['{axis}']")
+            values = values - values.min()
+            self._ranges.append(_smooth_range(values))
+            normalised.append([_take(values, idx) for idx in blocks])
+        self._normalised = normalised
+        self._smoother = self._make_smoother()
+        self._caches = {}
+        self._n_refl = [int(v.size) for v in normalised[0]]
+
+    def _make_smoother(self) -> Any:
+        intervals = [self.nparam_to_val(n) for n in self._shape()]
+        classes = _smoother_classes()
+        cls = classes[len(self._axes) - 1]
+        args = []
+        for rng, k in zip(self._ranges, intervals):
+            args += [rng, k]
+        return cls(*args)
+
+    def _block_coords(self, b: int) -> tuple:
+        return tuple(axis_blocks[b] for axis_blocks in self._normalised)
+
+    def _weights(self, b: int) -> _WeightCache:
+        coords = self._block_coords(b)
+        settings = _smoothing_settings(self._smoother, len(self._axes))
+        key = (settings, self._fixed_initial)
+        cache = self._caches.get(b)
+        if cache is None or not cache.matches(coords, key):
+            intervals = [self.nparam_to_val(n) for n in self._shape()]
+            arrays = _kern.smoother_weights(
+                [np.ascontiguousarray(c, dtype=np.float64) for c in coords],
+                [tuple(r) for r in self._ranges], intervals, settings[0], settings[1],
+                self._fixed_initial)
+            cache = _WeightCache(coords, key, arrays)
+            self._caches[b] = cache
+        return cache
+
+    def _n_free(self) -> int:
+        return self._n_params - 1 if self._fixed_initial else self._n_params
+
+    def _values(self, w: _WeightCache) -> np.ndarray:
+        p = self._parameters
+        if w.first_col is not None:
+            return _kern.csr_matvec(w.indptr, w.indices, w.data, p[1:], w.first_col, float(p[0]))
+        return _kern.csr_matvec(w.indptr, w.indices, w.data, p)
+
+    def calculate_scales_and_derivatives(self, block_id: int = 0) -> tuple:
+        b = self._check_block(block_id)
+        n = self._n_refl[b]
+        if n == 0:
+            return np.zeros(0), _empty_derivatives()
+        w = self._weights(b)
+        return self._values(w), _csr(w.data, w.indices, w.indptr, (n, self._n_free()))
+
+    def calculate_scales(self, block_id: int = 0) -> np.ndarray:
+        b = self._check_block(block_id)
+        if self._n_refl[b] == 0:
+            return np.zeros(0)
+        return self._values(self._weights(b))
+
+
+class SmoothScaleComponent1D(_SmoothComponentND):
+    """A scale smoothly varying along one coordinate (physical "scale", spec §2.6).
+
+    ``s = Σ_j w_j p_j / Σ_j w_j`` with Gaussian weights of the normalised coordinate ``x``.
+    ``fix_initial_parameter()`` removes p₀ from the free parameters and derivative columns
+    (its value still contributes to the scale).
+    """
+
+    null_parameter_value = 1.0
+    _data_keys = frozenset({"x"})
+    _axes = ("x",)
+
+    def __init__(self, initial_values: Any, parameter_esds: Any = None) -> None:
+        super().__init__(initial_values, parameter_esds)
+        self.nparam_to_val(self._n_params)
+
+    def _shape(self) -> tuple:
+        return (self._n_params,)
+
+    def fix_initial_parameter(self) -> None:
+        """Fix the first parameter (it stays in the scale but is no longer refined)."""
+        self._fixed_initial = True
+
+    @property
+    def free_parameters(self) -> np.ndarray:
+        if self._fixed_initial:
+            return self._parameters[1:].copy()
+        return self._parameters
+
+    @free_parameters.setter
+    def free_parameters(self, parameters: Any) -> None:
+        if not self._fixed_initial:
+            self.parameters = parameters
+            return
+        p = _vector(parameters, "free_parameters")
+        if p.size != self._n_params - 1:
+            raise ComponentError(f"free_parameters needs {self._n_params - 1} values "
+                                 f"(got {p.size})")
+        new = self._parameters.copy()
+        new[1:] = p
+        self._parameters = new
+
+    @property
+    def free_parameter_esds(self) -> Optional[np.ndarray]:
+        if self._fixed_initial and self._parameter_esds is not None:
+            return self._parameter_esds[1:].copy()
+        return self._parameter_esds
+
+    @free_parameter_esds.setter
+    def free_parameter_esds(self, esds: Any) -> None:
+        e = self._checked_esds(esds, self.free_parameters.size)
+        if not self._fixed_initial:
+            self._parameter_esds = e
+            return
+        full = np.zeros(self._n_params)
+        full[1:] = e  # the fixed parameter has no uncertainty
+        self._parameter_esds = full
+
+    def set_new_parameters(self, new_parameters: Any) -> None:
+        """Replace the parameters by a vector of a different length (esds are reset)."""
+        p = _vector(new_parameters, "new_parameters")
+        self.nparam_to_val(p.size)
+        self._parameters = p
+        self._parameter_esds = None
+        self._n_params = int(p.size)
+        self._caches = {}
+
+    @property
+    def normalised_values(self) -> list:
+        """Per block: the coordinate shifted to start at 0 (smoother units)."""
+        return self._normalised[0] if self._normalised else []
+
+    @property
+    def _normalised_values(self) -> list:  # DIALS attribute name, used by DIALS tests
+        return self.normalised_values
+
+    @_normalised_values.setter
+    def _normalised_values(self, values: list) -> None:
+        self._normalised = [[np.asarray(v, dtype=np.float64) for v in values]]
+
+
+class SmoothBScaleComponent1D(SmoothScaleComponent1D):
+    """A smoothly varying B factor: ``s = exp(B(x)/(2d²))`` (physical "decay", spec §2.7)."""
+
+    null_parameter_value = 0.0
+    _data_keys = frozenset({"x", "d"})
+
+    def __init__(self, initial_values: Any, parameter_esds: Any = None) -> None:
+        super().__init__(initial_values, parameter_esds)
+        self._d_values: list = []
+        self._factor_cache: dict = {}
+
+    def _convert_data(self, data: dict) -> dict:
+        out = super()._convert_data(data)
+        out["d"] = _column(data["d"], "d", type(self).__name__, positive=True)
+        if out["d"].size != out["x"].size:
+            raise ComponentError(f"{type(self).__name__}: data['x'] and data['d'] must have "
+                                 "the same length")
+        return out
+
+    @property
+    def d_values(self) -> list:
+        """d-spacings of each block."""
+        return self._d_values
+
+    def update_reflection_data(self, selection: Any = None, block_selections: Any = None) -> None:
+        super().update_reflection_data(selection, block_selections)
+        n = self._data_length()
+        d = self._data["d"]
+        if selection is not None:
+            d = d[_block_indices(selection, None, n, type(self).__name__)[0]]
+        blocks = _block_indices(None, block_selections, d.size, type(self).__name__)
+        self._d_values = [_take(d, idx) for idx in blocks]
+        self._factor_cache = {}
+
+    def _factor(self, b: int) -> np.ndarray:
+        d = self._d_values[b]
+        cached = self._factor_cache.get(b)
+        if cached is None or cached[0] is not d:
+            d64 = np.asarray(d, dtype=np.float64)
+            cached = (d, np.ascontiguousarray(1.0 / (2.0 * d64 * d64)))
+            self._factor_cache[b] = cached
+        return cached[1]
+
+    def _b_scales(self, b: int, derivatives: bool) -> tuple:
+        w = self._weights(b)
+        p = self._parameters
+        if w.first_col is not None:
+            return w, _kern.smooth_b_scales(w.indptr, w.indices, w.data, p[1:], self._factor(b),
+                                            w.first_col, float(p[0]), derivatives)
+        return w, _kern.smooth_b_scales(w.indptr, w.indices, w.data, p, self._factor(b),
+                                        None, 0.0, derivatives)
+
+    def calculate_scales_and_derivatives(self, block_id: int = 0) -> tuple:
+        b = self._check_block(block_id)
+        n = self._n_refl[b]
+        if n == 0:
+            return np.zeros(0), _empty_derivatives()
+        w, (scales, d_data) = self._b_scales(b, True)
+        return scales, _csr(d_data, w.indices, w.indptr, (n, self._n_free()))
+
+    def calculate_scales(self, block_id: int = 0) -> np.ndarray:
+        b = self._check_block(block_id)
+        if self._n_refl[b] == 0:
+            return np.zeros(0)
+        return self._b_scales(b, False)[1][0]
+
+    def calculate_restraints(self) -> tuple:
+        """``(w·B², 2·w·B)`` with w the ``parameter_restraints``."""
+        return self._quadratic_restraints()
+
+    def calculate_jacobian_restraints(self) -> tuple:
+        """``(B, identity, w)``."""
+        return self._quadratic_jacobian_restraints()
+
+
+class _SmoothGridComponent(_SmoothComponentND):
+    """2-D/3-D smooth components: a flat parameter grid with x fastest."""
+
+    def __init__(self, initial_values: Any, shape: Sequence[int], parameter_esds: Any = None) -> None:
+        super().__init__(initial_values, parameter_esds)
+        self._grid_shape = self._checked_shape(shape, self._n_params)
+
+    def _checked_shape(self, shape: Sequence[int], n: int) -> tuple:
+        shape = tuple(int(s) for s in shape)
+        if len(shape) != len(self._axes):
+            raise ComponentError(f"{type(self).__name__}: shape must have {len(self._axes)} "
+                                 f"entries (got {shape})")
+        if int(np.prod(shape)) != n:
+            raise ComponentError(
+                f"The shape information {shape} to initialise a {len(self._axes)}D smoother is "
+                f"inconsistent with the length of the initial parameter list ({n}).")
+        for s in shape:
+            self.nparam_to_val(s)
+        return shape
+
+    def _shape(self) -> tuple:
+        return self._grid_shape
+
+    def set_new_parameters(self, new_parameters: Any, shape: Sequence[int]) -> None:
+        """Replace the parameters and grid shape (esds are reset)."""
+        p = _vector(new_parameters, "new_parameters")
+        self._grid_shape = self._checked_shape(shape, p.size)
+        self._parameters = p
+        self._parameter_esds = None
+        self._n_params = int(p.size)
+        self._caches = {}
+
+    @property
+    def n_x_params(self) -> int:
+        """Number of parameters along x."""
+        return self._grid_shape[0]
+
+    @property
+    def n_y_params(self) -> int:
+        """Number of parameters along y."""
+        return self._grid_shape[1]
+
+    def _axis_values(self, a: int) -> Optional[list]:
+        return self._normalised[a] if self._normalised else None
+
+    def _set_axis_values(self, a: int, values: list) -> None:
+        if not self._normalised:
+            self._normalised = [[] for _ in self._axes]
+        self._normalised[a] = [np.asarray(v, dtype=np.float64) for v in values]
+
+    @property
+    def normalised_x_values(self) -> Optional[list]:
+        """Per block: x shifted to start at 0."""
+        return self._axis_values(0)
+
+    @property
+    def normalised_y_values(self) -> Optional[list]:
+        """Per block: y shifted to start at 0."""
+        return self._axis_values(1)
+
+    # DIALS attribute names (used by DIALS's own tests to inject blocks)
+    _normalised_x_values = property(lambda self: self._axis_values(0),
+                                    lambda self, v: self._set_axis_values(0, v))
+    _normalised_y_values = property(lambda self: self._axis_values(1),
+                                    lambda self, v: self._set_axis_values(1, v))
+
+
+class SmoothScaleComponent2D(_SmoothGridComponent):
+    """A scale smooth in two coordinates (array "decay"/"modulation", spec §2.8).
+
+    Parameters are a flat array of length nx·ny with x fastest (index i + j·nx).
+    """
+
+    _data_keys = frozenset({"x", "y"})
+    _axes = ("x", "y")
+
+
+class SmoothScaleComponent3D(_SmoothGridComponent):
+    """A scale smooth in three coordinates (array "absorption", spec §2.9).
+
+    Parameters are a flat array of length nx·ny·nz, index i + j·nx + k·nx·ny.
+    """
+
+    _data_keys = frozenset({"x", "y", "z"})
+    _axes = ("x", "y", "z")
+
+    @property
+    def n_z_params(self) -> int:
+        """Number of parameters along z."""
+        return self._grid_shape[2]
+
+    @property
+    def normalised_z_values(self) -> Optional[list]:
+        """Per block: z shifted to start at 0."""
+        return self._axis_values(2)
+
+    _normalised_z_values = property(lambda self: self._axis_values(2),
+                                    lambda self, v: self._set_axis_values(2, v))
+
+
+# ----------------------------------------------------------------------------- SH lookup helpers
+def create_sph_harm_lookup_table(lmax: int, points_per_degree: int = SH_POINTS_PER_DEGREE) -> list:
+    """DIALS's lookup table: one array per harmonic (l = 1..lmax, m = -l..l).
+
+    Entry i of each array is the full real harmonic at θ = floor(i/(360·ppd))·π/(180·ppd),
+    φ = (i mod 360·ppd)·π/(180·ppd). The arrays are column views of one row-major
+    (grid × n_params) table (kept alive by the views), which SHScaleComponent reads directly.
+    """
+    table = _kern.sph_harm_lookup_table(int(lmax), int(points_per_degree))
+    _readonly(table)
+    columns = [table[:, k] for k in range(table.shape[1])]
+    SHScaleComponent._table_cache["table"] = (columns, table, id(columns))
+    return columns
+
+
+def sh_lookup_data(s0c: Any, s1c: Any, lmax: int,
+                   points_per_degree: int = SH_POINTS_PER_DEGREE) -> dict:
+    """"Memory"-mode data for :class:`SHScaleComponent` from aligned crystal-frame vectors.
+
+    Makes sure ``SHScaleComponent.coefficients_list`` covers ``lmax`` (building it if needed)
+    and returns ``{"s0_lookup": ..., "s1_lookup": ...}`` grid indices.
+    """
+    n_params = int(_kern.n_sph_harm_params(int(lmax)))
+    coeffs = SHScaleComponent.coefficients_list
+    if coeffs is None or len(coeffs) < n_params:
+        SHScaleComponent.coefficients_list = create_sph_harm_lookup_table(lmax, points_per_degree)
+    out = {}
+    for name, vectors in (("s0_lookup", s0c), ("s1_lookup", s1c)):
+        v = np.asarray(vectors, dtype=np.float64)
+        if v.ndim != 2 or v.shape[1] != 3:
+            raise ComponentError(f"sh_lookup_data: {name[:2]}c must have shape (n, 3) (got {v.shape})")
+        idx = _kern.calc_lookup_index(_kern.calc_theta_phi(v), float(points_per_degree))
+        # θ = π exactly indexes one row past the table (DIALS reads out of bounds there);
+        # use the last θ row instead.
+        n_grid = 360 * 180 * int(points_per_degree) ** 2
+        past = idx >= n_grid
+        if past.any():
+            idx[past] -= 360 * int(points_per_degree)
+        out[name] = idx
+    return out

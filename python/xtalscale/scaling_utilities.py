@@ -1,0 +1,212 @@
+"""Geometry helpers of the spherical-harmonic absorption surface (DIALS ``scaling_utilities``).
+
+* :func:`calc_crystal_frame_vectors` rotates the beam and scattered directions into the
+  crystal frame (columns ``s0c``/``s1c``, spec §2.5 steps 1–3);
+* :func:`align_axis_along_z` realigns them so the goniometer axis (lab x in DIALS's scaler
+  factory) becomes z (step 4);
+* :func:`sph_harm_table` evaluates the averaged real harmonics (step 5 and the "speed" table).
+
+:func:`absorption_frame_vectors` chains the first two with DIALS's alignment axis (1, 0, 0).
+Per-reflection work runs in C++ (``xtalscale._core.components``).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+from ._core import components as _kern
+
+__all__ = [
+    "calc_crystal_frame_vectors",
+    "align_axis_along_z",
+    "absorption_frame_vectors",
+    "calc_theta_phi",
+    "sph_harm_table",
+    "sph_harm_values",
+    "DIALS_ALIGNMENT_AXIS",
+]
+
+#: The axis DIALS's scaler factory aligns along z before evaluating the harmonics.
+DIALS_ALIGNMENT_AXIS = (1.0, 0.0, 0.0)
+
+
+def _column(table: Any, name: str, width: int | None = None) -> np.ndarray:
+    """A float64 column of a reflection table (or dict), with a KeyError naming it if absent."""
+    try:
+        present = name in table
+    except TypeError:
+        present = False
+    if not present:
+        raise KeyError(f"the reflection table has no column '{name}'")
+    arr = np.asarray(table[name], dtype=np.float64)
+    if width is not None and (arr.ndim != 2 or arr.shape[1] != width):
+        raise ValueError(f"column '{name}' must hold {width}-vectors (got shape {arr.shape})")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"column '{name}' must be finite")
+    return arr
+
+
+def _vec3(v: Any, name: str) -> np.ndarray:
+    a = np.asarray(v, dtype=np.float64).reshape(-1)
+    if a.size != 3 or not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} must be a finite 3-vector (got {v!r})")
+    return a
+
+
+def _mat3(m: Any, name: str) -> np.ndarray:
+    a = np.asarray(m, dtype=np.float64).reshape(-1)
+    if a.size != 9 or not np.all(np.isfinite(a)):
+        raise ValueError(f"{name} must be a finite 3x3 matrix")
+    return a.reshape(3, 3)
+
+
+def _sample_to_source(beam: Any) -> np.ndarray:
+    """Unit vector from the sample to the source (−ŝ0)."""
+    for getter in ("get_sample_to_source_direction", "get_direction"):
+        if hasattr(beam, getter):
+            u = _vec3(getattr(beam, getter)(), f"beam.{getter}()")
+            break
+    else:
+        u = -_vec3(beam.get_s0(), "beam.get_s0()")
+    norm = np.linalg.norm(u)
+    if norm == 0.0:
+        raise ValueError("the beam direction must be non-zero")
+    return u / norm
+
+
+def calc_crystal_frame_vectors(reflection_table: Any, experiment: Any) -> Any:
+    """Add the crystal-frame beam and scattered directions ``s0c`` and ``s1c``.
+
+    With ``R = S · Rot(axis_datum, φ) · F`` (setting rotation S, fixed rotation F, scan angle
+    ``φ`` of each reflection's z pixel coordinate), ``s0c = Rᵀ·u0`` for the sample-to-source
+    unit vector u0 and ``s1c = Rᵀ·s1/|s1|`` (zero where |s1| = 0).
+
+    Parameters
+    ----------
+    reflection_table : reflection table or dict
+        Needs ``s1`` (n×3) and ``xyzobs.px.value`` (n×3).
+    experiment : Experiment
+        Needs ``beam``, ``goniometer`` and ``scan``.
+
+    Returns
+    -------
+    The same table, with ``s0c`` and ``s1c`` (n×3 float64) set.
+
+    Raises
+    ------
+    KeyError
+        If ``s1`` or ``xyzobs.px.value`` is missing.
+    ValueError
+        If a column is not finite or the experiment lacks a goniometer/scan.
+    """
+    s1 = _column(reflection_table, "s1", 3)
+    xyz = _column(reflection_table, "xyzobs.px.value", 3)
+    gonio = getattr(experiment, "goniometer", None)
+    scan = getattr(experiment, "scan", None)
+    if gonio is None or scan is None:
+        raise ValueError("calc_crystal_frame_vectors needs an experiment with a goniometer and a scan")
+    axis = _vec3(gonio.get_rotation_axis_datum(), "goniometer rotation axis")
+    F = _mat3(gonio.get_fixed_rotation(), "fixed rotation")
+    S = _mat3(gonio.get_setting_rotation(), "setting rotation")
+    phi = np.asarray(scan.get_angle_from_array_index(xyz[:, 2], deg=False), dtype=np.float64)
+    phi = np.ascontiguousarray(np.broadcast_to(phi, (xyz.shape[0],)))
+    u0 = S.T @ _sample_to_source(experiment.beam)
+    n = s1.shape[0]
+    norms = np.linalg.norm(s1, axis=1)
+    s1_unit = np.divide(s1, norms[:, None], out=np.zeros_like(s1), where=norms[:, None] > 0)
+    # Rᵀ v = Fᵀ · Rot(axis, −φ) · Sᵀ v: one C++ Rodrigues pass per vector set.
+    s0_rot = _kern.rotate_vectors_about_axis(axis, np.tile(u0, (n, 1)), -phi)
+    s1_rot = _kern.rotate_vectors_about_axis(axis, np.ascontiguousarray(s1_unit @ S), -phi)
+    reflection_table["s0c"] = s0_rot @ F
+    reflection_table["s1c"] = s1_rot @ F
+    return reflection_table
+
+
+def align_axis_along_z(alignment_axis: Sequence[float], vectors: Any) -> np.ndarray:
+    """Rotate ``vectors`` so that ``alignment_axis`` points along +z.
+
+    The rotation is about ``(u_y, −u_x, 0)`` by ``acos(u_z/|u|)``; for u = (1, 0, 0) this maps
+    (x, y, z) → (−z, y, x). Vectors are returned unchanged if u is already along +z.
+
+    Parameters
+    ----------
+    alignment_axis : 3-vector
+    vectors : (n, 3) array_like
+
+    Returns
+    -------
+    numpy.ndarray
+        (n, 3) float64.
+    """
+    u = _vec3(alignment_axis, "alignment_axis")
+    norm = np.linalg.norm(u)
+    if norm == 0.0:
+        raise ValueError("alignment_axis must be non-zero")
+    v = np.ascontiguousarray(np.asarray(vectors, dtype=np.float64))
+    if v.ndim != 2 or v.shape[1] != 3:
+        raise ValueError(f"vectors must have shape (n, 3) (got {v.shape})")
+    if u[0] == 0.0 and u[1] == 0.0 and u[2] > 0.0:
+        return v.copy()
+    rot_axis = np.array([u[1], -u[0], 0.0])
+    angle = float(np.arccos(u[2] / norm))
+    if not np.any(rot_axis):  # u along −z: any perpendicular axis works
+        rot_axis = np.array([1.0, 0.0, 0.0])
+    return _kern.rotate_vectors_about_axis(rot_axis, v, np.full(v.shape[0], angle))
+
+
+def absorption_frame_vectors(reflection_table: Any, experiment: Any,
+                             alignment_axis: Sequence[float] = DIALS_ALIGNMENT_AXIS) -> tuple:
+    """``(s0c, s1c)`` in the frame DIALS evaluates the absorption harmonics in.
+
+    Runs :func:`calc_crystal_frame_vectors` (which sets the table columns) and then
+    :func:`align_axis_along_z` with DIALS's axis (1, 0, 0), as DIALS's scaler factory does;
+    the table's ``s0c``/``s1c`` columns are replaced by the aligned vectors.
+    """
+    calc_crystal_frame_vectors(reflection_table, experiment)
+    s0c = align_axis_along_z(alignment_axis, reflection_table["s0c"])
+    s1c = align_axis_along_z(alignment_axis, reflection_table["s1c"])
+    reflection_table["s0c"] = s0c
+    reflection_table["s1c"] = s1c
+    return s0c, s1c
+
+
+def calc_theta_phi(vectors: Any) -> np.ndarray:
+    """(n, 2) polar angle θ ∈ [0, π] and azimuth φ ∈ [0, 2π) of (n, 3) vectors."""
+    v = np.asarray(vectors, dtype=np.float64)
+    if v.ndim != 2 or v.shape[1] != 3:
+        raise ValueError(f"vectors must have shape (n, 3) (got {v.shape})")
+    return _kern.calc_theta_phi(v)
+
+
+def sph_harm_values(s0c: Any, s1c: Any, lmax: int) -> np.ndarray:
+    """Dense (n_refl, lmax²+2·lmax) averaged real harmonics of the two directions."""
+    return _kern.sph_harm_table(calc_theta_phi(s0c), calc_theta_phi(s1c), int(lmax))
+
+
+def sph_harm_table(reflection_table: Any, lmax: int) -> sp.csc_matrix:
+    """The exact harmonic table of DIALS: a sparse (n_params × n_refl) matrix.
+
+    Parameters
+    ----------
+    reflection_table : reflection table or dict
+        Needs the (aligned) crystal-frame columns ``s0c`` and ``s1c``.
+    lmax : int
+        Highest harmonic order (1..30).
+
+    Returns
+    -------
+    scipy.sparse.csc_matrix
+        Column j holds reflection j's harmonics; the values share memory with a dense
+        row-major (n_refl × n_params) array, which :class:`SHScaleComponent` uses directly.
+    """
+    s0c = _column(reflection_table, "s0c", 3)
+    s1c = _column(reflection_table, "s1c", 3)
+    if s0c.shape != s1c.shape:
+        raise ValueError("columns 's0c' and 's1c' must have the same length")
+    values = sph_harm_values(s0c, s1c, lmax)
+    n, p = values.shape
+    indices = np.tile(np.arange(p, dtype=np.int32), n)
+    indptr = np.arange(0, n * p + 1, p, dtype=np.int64 if n * p >= 2**31 else np.int32)
+    return sp.csc_matrix((values.reshape(-1), indices, indptr), shape=(p, n), copy=False)
