@@ -59,8 +59,9 @@ py::array decode_column(const py::bytes& payload, const std::string& kind, std::
   return out;
 }
 
-py::bytes encode_column(const py::array& values, const std::string& kind) {
+py::bytes encode_column(const py::object& values, const std::string& kind) {
   const auto k = scalar_kind(kind);
+  // ensure() goes through numpy's __array__ protocol, so flex arrays arrive without a copy.
   py::array arr = py::array::ensure(values, py::array::c_style);
   require(static_cast<bool>(arr), "values must be convertible to a C-contiguous array");
   require(arr.dtype().is(dtype_for(k)), "values dtype does not match kind '" + kind + "'");
@@ -75,6 +76,12 @@ py::bytes encode_column(const py::array& values, const std::string& kind) {
   return py::bytes(s);
 }
 
+// Address of the buffer a float64 entry point receives: lets tests prove that flex arrays
+// reach C++ without a copy through the project's standard DoubleArray conversion.
+std::uintptr_t data_address(const DoubleArray& a) {
+  return reinterpret_cast<std::uintptr_t>(a.data());
+}
+
 }  // namespace
 
 void bind_refl(py::module_& m) {
@@ -85,6 +92,8 @@ void bind_refl(py::module_& m) {
         "bool. Raises ValueError naming `what` on truncated or corrupt input.");
   m.def("encode_base256_column", &encode_column, py::arg("values"), py::arg("kind"),
         "Encode a 1-D or (n, ncomp) array as a scitbx single-buffered flex payload.");
+  m.def("data_address", &data_address, py::arg("values"),
+        "Address of the float64 buffer a C++ entry point sees (diagnostic for zero-copy tests).");
 }
 
 }  // namespace xtalscale::py_bind

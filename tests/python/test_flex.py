@@ -1,0 +1,180 @@
+"""flex array compatibles: constructors, growth, selection, arithmetic, numpy interop."""
+from __future__ import annotations
+
+import copy
+import pickle
+
+import numpy as np
+import pytest
+
+from xtalscale.array_family import flex
+
+
+def test_constructors_follow_scitbx():
+    assert list(flex.double()) == []
+    assert list(flex.double(3)) == [0.0, 0.0, 0.0]
+    assert list(flex.int(2, 7)) == [7, 7]
+    assert list(flex.bool(2, True)) == [True, True]
+    assert list(flex.size_t([1, 2])) == [1, 2]
+    assert list(flex.std_string(["a", "bc"])) == ["a", "bc"]
+    assert flex.vec3_double(2, (1, 2, 3))[1] == (1.0, 2.0, 3.0)
+    assert flex.miller_index([(1, -2, 3)])[0] == (1, -2, 3)
+    v = flex.vec3_double(flex.double([1, 2]), flex.double([3, 4]), flex.double([5, 6]))
+    assert v[1] == (2.0, 4.0, 6.0)
+    assert type(flex.double([1, 2])[0]) is float and type(flex.int([1])[0]) is int
+    with pytest.raises(ValueError, match="non-integral"):
+        flex.int([1.5])
+    with pytest.raises(ValueError, match="outside"):
+        flex.size_t([-1])
+    with pytest.raises(ValueError, match=r"shape \(n, 3\)"):
+        flex.vec3_double([(1, 2)])
+    with pytest.raises(ValueError, match="non-negative"):
+        flex.double(-1)
+
+
+def test_grid_arrays():
+    g = flex.double(flex.grid(3, 2), 0.0)
+    assert g.all() == (3, 2) and g.size() == 6
+    g[1, 1] = 5.0
+    assert g[1, 1] == 5.0 and g[0, 1] == 0.0
+    h = g * 2.0
+    assert isinstance(h, flex.double) and h.all() == (3, 2) and h[1, 1] == 10.0
+    assert flex.double(flex.grid(0, 0)).all() == (0, 0)
+    with pytest.raises(ValueError, match="grid array"):
+        g.append(1.0)
+    with pytest.raises(IndexError):
+        g[3, 0]
+
+
+def test_zero_copy_numpy_views_and_wrapping():
+    a = np.arange(5.0)
+    f = flex.double(a)
+    assert np.shares_memory(f.as_numpy_array(), a)  # wraps an existing float64 array
+    v = f.as_numpy_array()
+    v[0] = 42.0
+    assert f[0] == 42.0
+    assert np.shares_memory(np.asarray(f), v)
+    m = flex.miller_index(np.zeros((4, 3), dtype=np.int32))
+    assert m.as_numpy_array().shape == (4, 3)
+
+
+def test_append_extend_grow_amortised_and_keep_old_views_valid():
+    f = flex.double()
+    view_before = f.as_numpy_array()
+    for i in range(1000):
+        f.append(float(i))
+    assert len(f) == 1000 and f[999] == 999.0
+    assert f._buf.shape[0] < 2100  # geometric growth, not one allocation per append
+    assert view_before.shape == (0,)
+    f.extend(flex.double([1.0, 2.0]))
+    f.extend(np.array([3.0]))
+    assert list(f)[-3:] == [1.0, 2.0, 3.0]
+    v = flex.vec3_double()
+    v.append((1, 2, 3))
+    v.extend(flex.vec3_double([(4, 5, 6)]))
+    assert list(v) == [(1.0, 2.0, 3.0), (4.0, 5.0, 6.0)]
+    with pytest.raises(ValueError, match="3 components"):
+        v.append((1, 2))
+
+
+def test_select_and_set_selected():
+    a = flex.double([10, 20, 30, 40])
+    assert list(a.select(flex.bool([True, False, True, False]))) == [10, 30]
+    assert list(a.select(flex.size_t([3, 0]))) == [40, 10]
+    with pytest.raises(IndexError, match="index 4 out of range for size 4"):
+        a.select(flex.size_t([4]))
+    with pytest.raises(ValueError, match="bool mask of length 2"):
+        a.select(flex.bool([True, False]))
+    a.set_selected(a > 25, 0.0)
+    assert list(a) == [10, 20, 0, 0]
+    a.set_selected(flex.size_t([0, 1]), flex.double([1, 2]))
+    assert list(a) == [1, 2, 0, 0]
+    a.set_selected(flex.bool([False, True, False, True]), flex.double([7, 8]))
+    assert list(a) == [1, 7, 0, 8]
+    with pytest.raises(ValueError, match="3 values for 2 selected"):
+        a.set_selected(flex.size_t([0, 1]), flex.double([1, 2, 3]))
+
+
+def test_arithmetic_keeps_flex_types():
+    a = flex.double([1.0, 4.0, 9.0])
+    b = flex.double([1.0, 2.0, 3.0])
+    assert isinstance(a * b, flex.double) and list(a * b) == [1.0, 8.0, 27.0]
+    assert list(a / b) == [1.0, 2.0, 3.0]
+    assert list(2.0 * b - 1) == [1.0, 3.0, 5.0]
+    m = a > 2.0
+    assert isinstance(m, flex.bool) and list(m) == [False, True, True]
+    assert list(~m) == [True, False, False] and isinstance(~m, flex.bool)
+    assert list(m & (b < 3)) == [False, True, False]
+    assert m.count(True) == 2 and list(m.iselection()) == [1, 2]
+    i = flex.int([1, 2, 3])
+    assert isinstance(i + 1, flex.int) and list(i * 2) == [2, 4, 6]
+    v = flex.vec3_double([(1, 2, 2), (0, 3, 4)])
+    assert list(v.norms()) == [3.0, 5.0]
+    w = v * flex.double([2.0, 1.0])  # scitbx: each vector scaled by its own factor
+    assert isinstance(w, flex.vec3_double) and w[0] == (2.0, 4.0, 4.0)
+    x, y, z = v.parts()
+    assert list(x) == [1.0, 0.0] and list(z) == [2.0, 4.0]
+    mi = flex.miller_index([(1, 2, 3), (1, 2, 4)])
+    assert list(mi == flex.miller_index([(1, 2, 3), (0, 0, 0)])) == [True, False]
+    assert isinstance(-mi, flex.miller_index) and (-mi)[0] == (-1, -2, -3)
+    assert np.sqrt(a)[2] == 3.0 and isinstance(np.sqrt(a), flex.double)
+
+
+def test_module_functions():
+    a = flex.double([3.0, -1.0, 2.0])
+    assert flex.mean(a) == pytest.approx(4.0 / 3.0, rel=1e-15)
+    assert flex.min(a) == -1.0 and flex.max(a) == 3.0 and flex.sum(a) == 4.0
+    assert list(flex.abs(a)) == [3.0, 1.0, 2.0]
+    assert list(flex.sqrt(flex.double([4.0, 9.0]))) == [2.0, 3.0]
+    assert flex.exp(flex.double([0.0]))[0] == 1.0
+    assert list(flex.pow2(a)) == [9.0, 1.0, 4.0]
+    assert flex.sum(flex.bool([True, False, True])) == 2
+    with pytest.raises(ValueError, match="empty"):
+        flex.mean(flex.double())
+    assert list(flex.sort_permutation(flex.double([3, 1, 2, 1]))) == [1, 3, 2, 0]
+    # descending keeps ties in input order (stable), as scitbx
+    assert list(flex.sort_permutation(flex.double([3, 1, 2, 1]), reverse=True)) == [0, 2, 1, 3]
+    assert list(flex.sort_permutation(flex.int([2, 2, 1]), reverse=True)) == [0, 1, 2]
+
+
+def test_random_selection_is_seeded_and_valid():
+    flex.set_random_seed(42)
+    s1 = list(flex.random_selection(1000, 50))
+    flex.set_random_seed(42)
+    s2 = list(flex.random_selection(1000, 50))
+    assert s1 == s2 and len(set(s1)) == 50 and s1 == sorted(s1)
+    assert all(0 <= i < 1000 for i in s1)
+    with pytest.raises(ValueError, match="exceeds"):
+        flex.random_selection(3, 4)
+
+
+def test_copies_pickle_and_truthiness():
+    a = flex.double([1, 2])
+    b = a.deep_copy()
+    b[0] = 9.0
+    assert a[0] == 1.0
+    c = copy.deepcopy(a)
+    assert list(c) == [1.0, 2.0] and not np.shares_memory(c.as_numpy_array(), a.as_numpy_array())
+    d = pickle.loads(pickle.dumps(flex.miller_index([(1, 2, 3)])))
+    assert isinstance(d, flex.miller_index) and d[0] == (1, 2, 3)
+    with pytest.raises(ValueError, match="ambiguous"):
+        bool(flex.bool([True]))
+    assert a[1:].size() == 1 and not np.shares_memory(a[1:].as_numpy_array(), a.as_numpy_array())
+
+
+def test_passes_into_cpp_without_copy():
+    """A C++ entry point receives the flex buffer itself (its decoded result proves the view)."""
+    from xtalscale import _core
+
+    a = flex.int([5, -7, 2**31 - 1])
+    enc = _core.refl.encode_base256_column(a, "int")  # accepts flex via __array__
+    assert list(_core.refl.decode_base256_column(enc, "int")) == [5, -7, 2**31 - 1]
+    d = flex.double([1.0, 2.0, 3.0])
+    d.append(4.0)  # over-allocated buffer: the C++ side still sees the live data in place
+    addr = d.as_numpy_array().__array_interface__["data"][0]
+    assert _core.refl.data_address(d) == addr
+    v = flex.vec3_double([(1, 2, 3)])
+    assert _core.refl.data_address(v) == v.as_numpy_array().__array_interface__["data"][0]
+    # a non-float64 array must be converted (a copy), which shows the check can fail
+    i = flex.int([1])
+    assert _core.refl.data_address(i) != i.as_numpy_array().__array_interface__["data"][0]
