@@ -1,0 +1,655 @@
+"""Scale components: DIALS parity numbers (spec §9.2, §9.9), derivatives against finite
+differences, spherical harmonics against scipy, the lookup table against the exact path, the
+seed API form, and bad input."""
+from __future__ import annotations
+
+from math import exp, pi, sqrt
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from scipy.special import sph_harm_y
+
+from xtalscale import dials_scaling_ext as ext
+from xtalscale.algorithms.scaling.model.components.analytical_component import AnalyticalComponent
+from xtalscale.algorithms.scaling.model.components.scale_components import (
+    LinearDoseDecay,
+    QuadraticDoseDecay,
+    ScaleComponentBase,
+    SHScaleComponent,
+    SingleBScaleFactor,
+    SingleScaleFactor,
+)
+from xtalscale.algorithms.scaling.model.components.smooth_scale_components import (
+    SmoothBScaleComponent1D,
+    SmoothMixin,
+    SmoothScaleComponent1D,
+    SmoothScaleComponent2D,
+    SmoothScaleComponent3D,
+)
+from xtalscale.components import ComponentError, create_sph_harm_lookup_table, sh_lookup_data
+from xtalscale.scaling_utilities import (
+    align_axis_along_z,
+    calc_crystal_frame_vectors,
+    sph_harm_table,
+    sph_harm_values,
+)
+
+SQRT2_DIALS = 1.414213562  # DIALS's truncated √2 (spec §2.5, §11.4)
+
+
+# ----------------------------------------------------------------------------- §9.2 numbers
+def test_base_component_parameters_esds_and_var_cov():
+    base = ScaleComponentBase(np.ones(3))
+    assert base.n_params == 3 and base.parameter_esds is None
+    assert list(base.parameters) == [1.0, 1.0, 1.0]
+    base.parameters = [2.0, 2.0, 2.0]
+    assert list(base.parameters) == [2.0, 2.0, 2.0]
+    with pytest.raises(AssertionError, match="different length"):
+        base.parameters = [2.0] * 4
+    assert base.var_cov_matrix is None
+    base.var_cov_matrix = [1.0, 0.0, 0.0]
+    assert base.var_cov_matrix == [1.0, 0.0, 0.0]
+    assert base.calculate_restraints() is None and base.calculate_jacobian_restraints() is None
+    assert list(ScaleComponentBase(np.ones(3), np.full(3, 0.1)).parameter_esds) == [0.1] * 3
+
+
+def test_single_scale_factor():
+    comp = SingleScaleFactor([2.0])
+    comp.data = {"id": np.array([0, 0])}
+    comp.update_reflection_data()
+    assert comp.n_refl == [2]
+    s, d = comp.calculate_scales_and_derivatives()
+    assert list(s) == [2.0, 2.0]
+    assert d.shape == (2, 1) and d[0, 0] == 1.0 and d[1, 0] == 1.0
+    comp.update_reflection_data(np.array([True, False]))
+    assert comp.n_refl == [1]
+
+
+def test_single_b_scale_factor():
+    comp = SingleBScaleFactor([0.0])
+    comp.data = {"d": np.array([1.0, 1.0])}
+    comp.update_reflection_data()
+    assert comp.n_refl == [2] and list(comp.d_values[0]) == [1.0, 1.0]
+    s, d = comp.calculate_scales_and_derivatives()
+    assert list(s) == [1.0, 1.0]
+    assert d[0, 0] == 0.5 and d[1, 0] == 0.5  # s/(2d²) with s = 1, d = 1
+    comp.update_reflection_data(np.array([True, False]))
+    assert comp.n_refl == [1]
+
+
+def test_sh_component_with_given_table_and_selection():
+    comp = SHScaleComponent([0.1] * 3)
+    table = sp.lil_matrix((3, 1))
+    table[:, 0] = 0.2
+    comp.data = {"sph_harm_table": table.tocsr()}
+    comp.update_reflection_data()
+    assert [comp.harmonic_values[0][0, k] for k in range(3)] == [0.2] * 3
+    s, d = comp.calculate_scales_and_derivatives()
+    assert s[0] == pytest.approx(1.0 + 3 * 0.2 * 0.1, abs=1e-15)  # 1.06
+    assert [d[0, k] for k in range(3)] == [0.2] * 3
+    table = sp.lil_matrix((3, 2))
+    table[0, 0] = table[0, 1] = table[2, 0] = 0.2
+    comp.data = {"sph_harm_table": table}
+    comp.update_reflection_data(np.array([False, True]))
+    assert comp.harmonic_values[0].shape == (1, 3) and comp.n_refl == [1]
+    assert list(comp.calculate_scales()) == pytest.approx([1.02], abs=1e-15)
+    comp.parameter_restraints = [0.1, 0.2, 0.3]
+    res, grad = comp.calculate_restraints()
+    np.testing.assert_allclose(res, [0.1 * 0.01, 0.2 * 0.01, 0.3 * 0.01], rtol=1e-15)
+    np.testing.assert_allclose(grad, [0.02, 0.04, 0.06], rtol=1e-15)
+    r, jac, w = comp.calculate_jacobian_restraints()
+    assert list(r) == [0.1] * 3 and (jac.toarray() == np.eye(3)).all() and list(w) == [0.1, 0.2, 0.3]
+
+
+def test_nparam_to_val():
+    mixin = SmoothMixin()
+    assert hasattr(mixin, "smoother")
+    assert [mixin.nparam_to_val(n) for n in (2, 3, 5, 6)] == [1, 2, 3, 4]
+    with pytest.raises(AssertionError):
+        mixin.nparam_to_val(1)
+
+
+# Weights of the normalised coordinate 0.5 on positions −0.5, 0.5, 1.5 with σ = 1: e⁻¹, 1, e⁻¹.
+W_CENTRE = 1.0 / (2.0 * exp(-1.0) + 1.0)
+
+
+def _smooth1d(cls, value, d=None):
+    comp = cls(np.full(5, value))
+    data = {"x": np.array([0.5, 1.0, 2.5, 0.0])}
+    if d is not None:
+        data["d"] = np.full(4, d)
+    comp.data = data
+    comp.update_reflection_data()
+    comp.smoother.set_smoothing(4, 1.0)
+    return comp
+
+
+def test_smooth_1d_dials_numbers():
+    comp = _smooth1d(SmoothScaleComponent1D, 1.1)
+    assert list(comp.normalised_values[0]) == [0.5, 1.0, 2.5, 0.0]
+    assert list(comp.smoother.positions()) == [-0.5, 0.5, 1.5, 2.5, 3.5]
+    s, d = comp.calculate_scales_and_derivatives()
+    assert list(s) == list(comp.calculate_scales())
+    np.testing.assert_allclose(s, [1.1] * 4, rtol=1e-15)
+    assert d[0, 0] / d[0, 1] == pytest.approx(exp(-1.0), rel=1e-14)
+    assert d[0, 1] == pytest.approx(W_CENTRE, rel=1e-14)
+    # Rows are normalised weights: they sum to 1 up to rounding of the last bit.
+    np.testing.assert_allclose(np.asarray(d.sum(axis=1)).ravel(), 1.0, rtol=0, atol=4e-16)
+    # z = 1 sits between positions 0.5 and 1.5: a symmetric 4-point window.
+    assert d[1, 1] == pytest.approx(d[1, 2], rel=1e-15) and d[1, 0] == pytest.approx(d[1, 3], rel=1e-15)
+
+
+def test_smooth_1d_single_and_empty_blocks():
+    comp = _smooth1d(SmoothScaleComponent1D, 1.1)
+    comp._normalised_values = [np.array([0.5])]
+    comp._n_refl = [1]
+    s, d = comp.calculate_scales_and_derivatives()
+    assert list(s) == list(comp.calculate_scales()) and s[0] == pytest.approx(1.1, rel=1e-15)
+    assert d.shape == (1, 5) and d[0, 1] == pytest.approx(W_CENTRE, rel=1e-14)
+    comp._normalised_values = [np.array([])]
+    comp._n_refl = [0]
+    s, d = comp.calculate_scales_and_derivatives()
+    assert s.size == 0 and d.shape == (0, 0) and comp.calculate_scales().size == 0
+
+
+def test_smooth_b_1d_dials_numbers():
+    comp = _smooth1d(SmoothBScaleComponent1D, 0.0, d=1.0)
+    assert list(comp.d_values[0]) == [1.0] * 4
+    s, d = comp.calculate_scales_and_derivatives()
+    assert list(s) == list(comp.calculate_scales()) == [1.0] * 4
+    assert d[0, 0] / d[0, 1] == pytest.approx(exp(-1.0), rel=1e-14)
+    assert d[0, 1] == pytest.approx(W_CENTRE * s[1] / 2.0, rel=1e-14)
+    np.testing.assert_allclose(np.asarray(d.sum(axis=1)).ravel(), 0.5, rtol=0, atol=4e-16)
+    assert d[1, 1] == pytest.approx(d[1, 2], rel=1e-15) and d[1, 0] == pytest.approx(d[1, 3], rel=1e-15)
+    comp._normalised_values = [np.array([0.5])]
+    comp._n_refl = [1]
+    comp._d_values = [np.array([1.0])]
+    assert list(comp.calculate_scales_and_derivatives()[0]) == list(comp.calculate_scales())
+
+
+def test_smooth_2d_dials_numbers():
+    with pytest.raises(AssertionError):
+        SmoothScaleComponent2D(np.full(30, 1.1), shape=(5, 5))
+    comp = SmoothScaleComponent2D(np.full(30, 1.1), shape=(6, 5))
+    assert (comp.n_x_params, comp.n_y_params, comp.n_params) == (6, 5, 30)
+    x, y = np.full(30, 0.5), np.full(30, 0.5)
+    x[0] = y[0] = 0.0
+    x[29], y[29] = 3.99, 2.99
+    comp.data = {"x": x, "y": y}
+    comp.update_reflection_data()
+    comp.smoother.set_smoothing(4, 1.0)
+    assert list(comp.smoother.x_positions()) == [-0.5, 0.5, 1.5, 2.5, 3.5, 4.5]
+    assert list(comp.smoother.y_positions()) == [-0.5, 0.5, 1.5, 2.5, 3.5]
+    s, d = comp.calculate_scales_and_derivatives()
+    np.testing.assert_allclose(s, 1.1, rtol=1e-15)
+    # (0.5, 0.5) is a grid point; its 3×3 neighbourhood has weights 1, 4·e⁻¹, 4·e⁻².
+    assert d[1, 7] == pytest.approx(1.0 / (1.0 + 4 * exp(-1.0) + 4 * exp(-2.0)), rel=1e-14)
+
+    comp = SmoothScaleComponent2D(np.full(6, 1.1), shape=(3, 2))
+    x, y = np.full(6, 0.5), np.full(6, 0.5)
+    x[0] = y[0] = 0.0
+    x[5], y[5] = 1.99, 0.99
+    comp.data = {"x": x, "y": y}
+    comp.update_reflection_data()
+    comp.smoother.set_smoothing(4, 1.0)
+    assert list(comp.smoother.x_positions()) == [0.0, 1.0, 2.0]
+    assert list(comp.smoother.y_positions()) == [0.0, 1.0]
+    s, d = comp.calculate_scales_and_derivatives()
+    assert list(s) == list(comp.calculate_scales())
+    expected = exp(-0.5) / (4.0 * exp(-0.5) + 2.0 * exp(-2.5))
+    assert d[1, 1] == pytest.approx(expected, rel=1e-14)
+    comp._normalised_x_values = [np.array([0.5])]
+    comp._normalised_y_values = [np.array([0.5])]
+    comp._n_refl = [1]
+    assert list(comp.calculate_scales()) == pytest.approx([1.1], rel=1e-15)
+    comp._normalised_x_values = [np.array([])]
+    comp._normalised_y_values = [np.array([])]
+    comp._n_refl = [0]
+    s, d = comp.calculate_scales_and_derivatives()
+    assert s.size == 0 and d.shape == (0, 0)
+
+
+def test_smooth_3d_dials_numbers():
+    with pytest.raises(AssertionError):
+        SmoothScaleComponent3D(np.full(150, 1.1), shape=(5, 5, 5))
+    comp = SmoothScaleComponent3D(np.full(150, 1.1), shape=(6, 5, 5))
+    assert (comp.n_x_params, comp.n_y_params, comp.n_z_params) == (6, 5, 5)
+    x, y, z = (np.full(150, 0.5) for _ in range(3))
+    x[0] = y[0] = z[0] = 0.0
+    x[149], y[149], z[149] = 3.99, 2.99, 2.99
+    comp.data = {"x": x, "y": y, "z": z}
+    comp.update_reflection_data()
+    comp.smoother.set_smoothing(3, 1.0)
+    assert list(comp.smoother.z_positions()) == [-0.5, 0.5, 1.5, 2.5, 3.5]
+    s, d = comp.calculate_scales_and_derivatives()
+    assert list(s) == list(comp.calculate_scales())
+    np.testing.assert_allclose(s, 1.1, rtol=1e-15)
+    sumexp = 1.0 + 6 * exp(-1.0) + 12 * exp(-2.0) + 8 * exp(-3.0)
+    assert d[1, 7] == pytest.approx(exp(-1.0) / sumexp, rel=1e-14)
+
+
+def test_fixed_first_parameter_drops_the_first_column():
+    comp = SmoothScaleComponent1D(np.array([1.0, 1.2, 0.9, 1.1, 1.05]))
+    comp.data = {"x": np.array([0.0, 0.4, 1.3, 2.2, 3.0])}
+    comp.update_reflection_data()
+    s_full, d_full = comp.calculate_scales_and_derivatives()
+    comp.fix_initial_parameter()
+    s, d = comp.calculate_scales_and_derivatives()
+    assert d.shape == (5, 4)
+    np.testing.assert_allclose(s, s_full, rtol=1e-15)  # p₀ still contributes to the value
+    np.testing.assert_allclose(d.toarray(), d_full.toarray()[:, 1:], rtol=1e-15)
+    assert list(comp.free_parameters) == [1.2, 0.9, 1.1, 1.05]
+    comp.free_parameters = [2.0, 2.0, 2.0, 2.0]
+    assert list(comp.parameters) == [1.0, 2.0, 2.0, 2.0, 2.0]
+    comp.free_parameter_esds = [0.1, 0.2, 0.3, 0.4]
+    assert list(comp.parameter_esds) == [0.0, 0.1, 0.2, 0.3, 0.4]
+    assert list(comp.free_parameter_esds) == [0.1, 0.2, 0.3, 0.4]
+
+
+def test_dose_decay_and_analytical_components():
+    d = np.array([1.0, 2.0, 4.0])
+    x = np.array([10.0, 20.0, 5.0])
+    lin, quad = LinearDoseDecay([0.01]), QuadraticDoseDecay([0.01])
+    for comp in (lin, quad):
+        comp.data = {"d": d, "x": x}
+        comp.update_reflection_data()
+    np.testing.assert_allclose(lin.calculate_scales(), np.exp(0.01 * x / d), rtol=1e-15)
+    np.testing.assert_allclose(quad.calculate_scales(), np.exp(0.01 * x / d**2), rtol=1e-15)
+    an = AnalyticalComponent()
+    an.data = {"correction": np.array([1.5, 0.5, 2.0])}
+    an.update_reflection_data(block_selections=[np.array([2, 0])])
+    s, deriv = an.calculate_scales_and_derivatives()
+    assert list(s) == [2.0, 1.5] and deriv.shape == (2, 0) and an.free_parameters.size == 0
+
+
+# ----------------------------------------------------------------------------- finite differences
+def _fd_check(comp, block_id=0, h=1e-6):
+    """Central differences of calculate_scales against the analytic derivative matrix.
+
+    With h = 1e-6 the truncation error (h²·s''') and rounding (ε·s/h) are both ~1e-10 relative,
+    so a 1e-6 tolerance leaves four orders of margin but still catches any wrong factor.
+    """
+    s0, deriv = comp.calculate_scales_and_derivatives(block_id)
+    np.testing.assert_array_equal(s0, comp.calculate_scales(block_id))
+    free = np.array(comp.free_parameters, dtype=float)
+    fd = np.zeros((s0.size, free.size))
+    for j in range(free.size):
+        for sign in (1.0, -1.0):
+            p = free.copy()
+            p[j] += sign * h
+            comp.free_parameters = p
+            fd[:, j] += sign * comp.calculate_scales(block_id) / (2 * h)
+        comp.free_parameters = free
+    an = deriv.toarray()
+    assert an.shape == fd.shape
+    scale = np.abs(an).max()
+    np.testing.assert_allclose(fd, an, rtol=1e-6, atol=1e-6 * scale)
+    return an
+
+
+@pytest.fixture(scope="module")
+def rng():
+    return np.random.default_rng(20261125)
+
+
+def _blocks(n):
+    idx = np.arange(n)
+    return [idx[::2], idx[1::2][::-1]]
+
+
+def test_derivatives_match_finite_differences(rng):
+    n = 60
+    d = rng.uniform(0.9, 4.0, n)
+    z = rng.uniform(0.0, 90.0, n)
+    cases = []
+    cases.append((SingleScaleFactor([1.7]), {"id": np.zeros(n, dtype=int)}))
+    cases.append((SingleBScaleFactor([3.5]), {"d": d}))
+    cases.append((LinearDoseDecay([-0.002]), {"d": d, "x": z}))
+    cases.append((QuadraticDoseDecay([0.003]), {"d": d, "x": z}))
+    s1d = SmoothScaleComponent1D(rng.uniform(0.5, 1.5, 8))
+    cases.append((s1d, {"x": z * 0.0666}))
+    s1f = SmoothScaleComponent1D(rng.uniform(0.5, 1.5, 8))
+    s1f.fix_initial_parameter()
+    cases.append((s1f, {"x": z * 0.0666}))
+    sb = SmoothBScaleComponent1D(rng.uniform(-2.0, 2.0, 7))
+    cases.append((sb, {"x": z * 0.0555, "d": d}))
+    sbf = SmoothBScaleComponent1D(rng.uniform(-2.0, 2.0, 7))
+    sbf.fix_initial_parameter()
+    cases.append((sbf, {"x": z * 0.0555, "d": d}))
+    s2 = SmoothScaleComponent2D(rng.uniform(0.5, 1.5, 12 * 7), shape=(12, 7))
+    cases.append((s2, {"x": rng.uniform(0, 10, n), "y": z * 0.06}))
+    s3 = SmoothScaleComponent3D(rng.uniform(0.5, 1.5, 5 * 5 * 7), shape=(5, 5, 7))
+    cases.append((s3, {"x": rng.uniform(0, 3, n), "y": rng.uniform(0, 3, n), "z": z * 0.06}))
+    sh = SHScaleComponent(rng.uniform(-0.1, 0.1, 24))
+    s0c = rng.normal(size=(n, 3))
+    s1c = rng.normal(size=(n, 3))
+    sh.data = {"sph_harm_table": sph_harm_table({"s0c": s0c, "s1c": s1c}, 4)}
+    cases.append((sh, None))
+    for comp, data in cases:
+        if data is not None:
+            comp.data = data
+        comp.update_reflection_data(block_selections=_blocks(n))
+        assert comp.n_refl == [30, 30]
+        for b in (0, 1):
+            an = _fd_check(comp, b)
+            assert np.abs(an).max() > 0, type(comp).__name__
+
+
+def test_blocks_agree_with_the_whole(rng):
+    n = 40
+    comp = SmoothBScaleComponent1D(rng.uniform(-1, 1, 6))
+    comp.data = {"x": rng.uniform(0, 5, n), "d": rng.uniform(1, 3, n)}
+    comp.update_reflection_data()
+    s_all, d_all = comp.calculate_scales_and_derivatives()
+    blocks = _blocks(n)
+    comp.update_reflection_data(block_selections=blocks)
+    for b, idx in enumerate(blocks):
+        s, d = comp.calculate_scales_and_derivatives(b)
+        np.testing.assert_array_equal(s, s_all[idx])
+        np.testing.assert_array_equal(d.toarray(), d_all.toarray()[idx])
+
+
+def test_derivative_matrices_are_read_only_views(rng):
+    comp = SmoothScaleComponent1D(np.ones(5))
+    comp.data = {"x": rng.uniform(0, 3, 10)}
+    comp.update_reflection_data()
+    _, d = comp.calculate_scales_and_derivatives()
+    with pytest.raises(ValueError):
+        d.data[0] = 5.0
+    d2 = d.copy()
+    d2.data[0] = 5.0  # a copy is writable
+    assert comp.calculate_scales_and_derivatives()[1].data[0] != 5.0
+
+
+# ----------------------------------------------------------------------------- spherical harmonics
+def _reference_real_sh(lmax, theta, phi, sqrt2=SQRT2_DIALS):
+    """DIALS's real harmonics from scipy's complex Y_l^m (which carries the Condon–Shortley
+    phase): √2·(−1)^m·Re Y_l^m for m > 0, Y_l^0, √2·(−1)^|m|·Im Y_l^|m| for m < 0."""
+    out = []
+    for l in range(1, lmax + 1):
+        for m in range(-l, l + 1):
+            y = sph_harm_y(l, abs(m), theta, phi)
+            if m > 0:
+                out.append(sqrt2 * (-1) ** m * y.real)
+            elif m == 0:
+                out.append(y.real)
+            else:
+                out.append(sqrt2 * (-1) ** m * y.imag)
+    return np.stack(out, axis=-1)
+
+
+def test_harmonics_match_scipy_with_dials_conventions(rng):
+    lmax = 6
+    n = 500
+    theta = np.arccos(rng.uniform(-1, 1, (n, 2)))
+    phi = rng.uniform(0, 2 * pi, (n, 2))
+    tp0 = np.stack([theta[:, 0], phi[:, 0]], axis=1)
+    tp1 = np.stack([theta[:, 1], phi[:, 1]], axis=1)
+    table = ext.create_sph_harm_table(tp0, tp1, lmax)
+    assert table.shape == (48, n)
+    ref = 0.5 * (_reference_real_sh(lmax, theta[:, 0], phi[:, 0]) +
+                 _reference_real_sh(lmax, theta[:, 1], phi[:, 1]))
+    # Both sides are double-precision evaluations of the same formula: agreement to ~1e-13.
+    np.testing.assert_allclose(table.toarray().T, ref, rtol=0, atol=1e-12)
+    # The √2 is DIALS's truncated constant: the true √2 differs by 2.6e-10 relative.
+    ref_true = 0.5 * (_reference_real_sh(lmax, theta[:, 0], phi[:, 0], sqrt(2)) +
+                      _reference_real_sh(lmax, theta[:, 1], phi[:, 1], sqrt(2)))
+    col = 4  # (l, m) = (2, -1): columns run l = 1..lmax, m = -l..l
+    ratio = table.toarray().T[:, col] / ref_true[:, col]
+    np.testing.assert_allclose(ratio, SQRT2_DIALS / sqrt(2), rtol=1e-13)
+
+
+def test_sh_table_dials_numbers_and_crystal_frame_vectors():
+    # spec §9.9: beam s0 = (0,0,2), axis x, scan 1–90 at 1°, s1 = (1/√2, 0, 1/√2), z = 0, 45, 90.
+    r = 1 / sqrt(2)
+    beam = SimpleNamespace(get_sample_to_source_direction=lambda: (0.0, 0.0, -1.0))
+    gonio = SimpleNamespace(get_rotation_axis_datum=lambda: (1.0, 0.0, 0.0),
+                            get_fixed_rotation=lambda: (1, 0, 0, 0, 1, 0, 0, 0, 1),
+                            get_setting_rotation=lambda: (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    scan = SimpleNamespace(get_angle_from_array_index=lambda z, deg=True: np.radians(z))
+    expt = SimpleNamespace(beam=beam, goniometer=gonio, scan=scan)
+    table = {"s1": np.array([[r, 0, r]] * 3), "xyzobs.px.value": np.array([[0, 0, 0], [0, 0, 45],
+                                                                           [0, 0, 90.0]])}
+    calc_crystal_frame_vectors(table, expt)
+    np.testing.assert_allclose(table["s0c"], [[0, 0, -1], [0, -r, -r], [0, -1, 0]], atol=1e-15)
+    np.testing.assert_allclose(table["s1c"], [[r, 0, r], [r, 0.5, 0.5], [r, r, 0]], atol=1e-15)
+    s0c = align_axis_along_z((1.0, 0.0, 0.0), table["s0c"])
+    s1c = align_axis_along_z((1.0, 0.0, 0.0), table["s1c"])
+    np.testing.assert_allclose(s0c, [[1, 0, 0], [r, -r, 0], [0, -1, 0]], atol=1e-15)
+    np.testing.assert_allclose(s1c, [[-r, 0, r], [-0.5, 0.5, r], [0, r, r]], atol=1e-15)
+    np.testing.assert_allclose(ext.calc_theta_phi(s0c),
+                               [[pi / 2, 0], [pi / 2, 7 * pi / 4], [pi / 2, 3 * pi / 2]], atol=1e-15)
+    np.testing.assert_allclose(ext.calc_theta_phi(s1c),
+                               [[pi / 4, pi], [pi / 4, 3 * pi / 4], [pi / 4, pi / 2]], atol=1e-15)
+    sht = sph_harm_table({"s0c": s0c, "s1c": s1c}, 2).toarray()
+    np.testing.assert_allclose(sht[1], sqrt(3 / (8 * pi)) / 2, rtol=1e-14)  # l=1, m=0
+    np.testing.assert_allclose(sht[5], -sqrt(5 / (256 * pi)), rtol=1e-14)  # l=2, m=0
+
+
+def test_lookup_index_and_table_selection_numbers():
+    tp = np.array([(0.001, 0), (3.141, 2 * 3.141), (0.001, 2 * 3.141), (3.141, 0)])
+    assert list(ext.calc_lookup_index(tp, 1)) == [0, 64799, 359, 64440]
+    assert list(ext.calc_lookup_index(tp, 2)) == [0, 259199, 719, 258480]
+    sel = np.array([1, 0, 2, 3, 1])
+    values, matrix = ext.calculate_harmonic_tables_from_selections(
+        sel, sel, [[10, 11, 12, 13], [20, 21, 22, 23]])
+    assert [list(v) for v in values] == [[11, 10, 12, 13, 11], [21, 20, 22, 23, 21]]
+    assert matrix.shape == (5, 2) and matrix[3, 1] == 23
+
+
+def test_lookup_path_matches_exact_path_within_the_grid_resolution(rng):
+    """Memory mode reads the harmonics at the grid corner below each direction. Moving a point
+    on the unit sphere by at most √(Δθ² + Δφ²) with Δθ = Δφ = 0.5° (0.0087 rad) changes
+    Y_lm by at most |∇Y_lm| times that, and by the addition theorem
+    Σ_m |∇Y_lm|² = l(l+1)(2l+1)/4π, so |ΔY_lm| ≤ √(l(l+1)(2l+1)/4π) · √2 · 0.0087 (×√2 for
+    the real form); the average of two directions obeys the same bound."""
+    lmax = 4
+    n = 2000
+    s0c = rng.normal(size=(n, 3))
+    s1c = rng.normal(size=(n, 3))
+    exact = sph_harm_values(s0c, s1c, lmax)
+    saved = SHScaleComponent.coefficients_list
+    try:
+        SHScaleComponent.coefficients_list = None
+        data = sh_lookup_data(s0c, s1c, lmax)
+        comp = SHScaleComponent(np.zeros(24))
+        comp.data = data
+        comp.update_reflection_data()
+        lookup = comp.dense_harmonic_values(0)
+    finally:
+        SHScaleComponent.coefficients_list = saved
+    step = pi / 360.0
+    k = 0
+    for l in range(1, lmax + 1):
+        bound = sqrt(l * (l + 1) * (2 * l + 1) / (4 * pi)) * sqrt(2) * sqrt(2) * step
+        err = np.abs(lookup[:, k:k + 2 * l + 1] - exact[:, k:k + 2 * l + 1]).max()
+        assert err <= bound, (l, err, bound)
+        assert err > bound / 50  # the lookup really is the coarse path
+        k += 2 * l + 1
+
+
+def test_lookup_table_layout():
+    table = create_sph_harm_lookup_table(2, 1)
+    assert len(table) == 8 and table[0].size == 64800
+    i = 360 * 30 + 45  # θ = 30°, φ = 45°
+    ref = _reference_real_sh(2, np.radians(30.0), np.radians(45.0))
+    np.testing.assert_allclose([t[i] for t in table], ref, atol=1e-13)
+
+
+def test_sh_lookup_mode_scales_and_derivatives(rng):
+    n = 50
+    s0c, s1c = rng.normal(size=(n, 3)), rng.normal(size=(n, 3))
+    comp = SHScaleComponent(rng.uniform(-0.1, 0.1, 8))
+    comp.data = sh_lookup_data(s0c, s1c, 2)
+    comp.update_reflection_data(block_selections=_blocks(n))
+    h = comp.dense_harmonic_values(1)
+    s, d = comp.calculate_scales_and_derivatives(1)
+    np.testing.assert_allclose(s, 1.0 + h @ comp.parameters, rtol=1e-14)
+    np.testing.assert_array_equal(d.toarray(), h)
+    assert len(comp.harmonic_values[0]) == 8  # memory mode: one array per harmonic
+
+
+# ----------------------------------------------------------------------------- seed API form
+class _SimpleMultiplicative(ScaleComponentBase):
+    """The commissioning document's example component (seed form), lightly adapted."""
+
+    def __init__(self, active_parameter_manager, initial_scale=1.0):
+        super().__init__(active_parameter_manager)
+        self.active_parameter_manager.add_parameters(np.array([initial_scale]))
+
+    @property
+    def n_params(self):
+        return 1
+
+    @property
+    def parameters(self):
+        return self.active_parameter_manager.get_parameters()[: self.n_params]
+
+    def calculate_scales_and_derivatives(self, reflection_table, block_id=None):
+        n = len(reflection_table["d"])
+        return np.full(n, self.parameters[0]), np.ones((n, 1))
+
+
+def test_seed_form_component_and_dense_derivatives():
+    from xtalscale.parameter_managers import active_parameter_manager
+
+    apm = active_parameter_manager()
+    comp = _SimpleMultiplicative(apm, initial_scale=2.5)
+    assert comp.active_parameter_manager is apm and comp.params is None
+    assert comp.n_params == 1 and list(comp.parameters) == [2.5]
+    table = {"d": np.array([1.0, 2.0, 3.0])}
+    scales, dense = comp.calculate_scales_and_derivatives(table)
+    deriv = ScaleComponentBase.as_sparse_derivatives(dense, n_rows=3)
+    assert sp.issparse(deriv) and deriv.shape == (3, 1) and deriv.nnz == 3
+    # Mixed with a C++-backed component, the chain rule needs only these two forms.
+    b = SingleBScaleFactor([1.0])
+    b.data = {"d": table["d"]}
+    b.update_reflection_data()
+    sb, db = b.calculate_scales_and_derivatives()
+    g = scales * sb
+    np.testing.assert_allclose(g, 2.5 * np.exp(1.0 / (2 * table["d"] ** 2)), rtol=1e-15)
+    jac = sp.hstack([deriv.multiply(sb[:, None]), db.multiply(scales[:, None])]).toarray()
+    np.testing.assert_allclose(jac[:, 1], 2.5 * sb / (2 * table["d"] ** 2), rtol=1e-15)
+    with pytest.raises(ValueError, match="rows"):
+        ScaleComponentBase.as_sparse_derivatives(dense, n_rows=4)
+    grid_like = SimpleNamespace(as_dense_matrix=lambda: [[1.0, 0.0], [0.0, 2.0]])
+    assert ScaleComponentBase.as_sparse_derivatives(grid_like).toarray()[1, 1] == 2.0
+
+
+def test_seed_form_takes_params_second():
+    from xtalscale.parameter_managers import active_parameter_manager
+
+    params = SimpleNamespace(n_bins=3)
+    comp = ScaleComponentBase(active_parameter_manager(), params)
+    assert comp.params is params and comp.parameter_esds is None
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_wrong_parameter_counts():
+    with pytest.raises(ValueError, match="single parameter"):
+        SingleScaleFactor([1.0, 2.0])
+    with pytest.raises(ValueError, match="exactly one parameter"):
+        SingleBScaleFactor([])
+    with pytest.raises(ValueError, match="<2 parameters"):
+        SmoothScaleComponent1D([1.0])
+    with pytest.raises(ValueError, match="inconsistent"):
+        SmoothScaleComponent2D(np.ones(7), shape=(3, 2))
+    with pytest.raises(ValueError, match="parameter_esds has 2"):
+        SingleScaleFactor([1.0], [0.1, 0.2])
+    comp = SHScaleComponent(np.zeros(8))
+    with pytest.raises(ValueError, match="n_params=8"):
+        comp.data = {"sph_harm_table": np.zeros((3, 5))}
+    comp.data = {"sph_harm_table": np.zeros((8, 5))}
+    comp.update_reflection_data()
+    with pytest.raises(ValueError, match="parameter_restraints has 3"):
+        comp.parameter_restraints = [1.0, 1.0, 1.0]
+
+
+def test_missing_or_wrong_data_keys():
+    with pytest.raises(ValueError, match=r"missing \['d'\]"):
+        SingleBScaleFactor([0.0]).data = {"x": np.ones(2)}
+    with pytest.raises(ValueError, match=r"missing \['x'\]"):
+        SmoothBScaleComponent1D(np.zeros(3)).data = {"d": np.ones(2)}
+    with pytest.raises(ValueError, match="sph_harm_table"):
+        SHScaleComponent(np.zeros(3)).data = {"s0_lookup": np.zeros(2, dtype=int)}
+    with pytest.raises(ValueError, match="set .data"):
+        SingleBScaleFactor([0.0]).update_reflection_data()
+    with pytest.raises(KeyError, match="'s1'"):
+        calc_crystal_frame_vectors({"xyzobs.px.value": np.zeros((2, 3))}, None)
+    with pytest.raises(KeyError, match="xyzobs.px.value"):
+        calc_crystal_frame_vectors({"s1": np.zeros((2, 3))}, None)
+    with pytest.raises(KeyError, match="'s0c'"):
+        sph_harm_table({"s1c": np.zeros((2, 3))}, 2)
+
+
+@pytest.mark.parametrize("bad, what", [(0.0, "> 0"), (-1.5, "> 0"), (np.nan, "finite"),
+                                       (np.inf, "finite")])
+def test_bad_d_values(bad, what):
+    for comp in (SingleBScaleFactor([0.0]), QuadraticDoseDecay([0.0])):
+        data = {"d": np.array([1.0, bad])}
+        if isinstance(comp, QuadraticDoseDecay):
+            data["x"] = np.ones(2)
+        with pytest.raises(ValueError, match=rf"data\['d'\] must be .*{what}.*element 1"):
+            comp.data = data
+
+
+def test_nan_inputs_are_rejected():
+    with pytest.raises(ValueError, match="initial_values must be finite"):
+        SingleScaleFactor([np.nan])
+    comp = SmoothScaleComponent1D(np.ones(4))
+    with pytest.raises(ValueError, match=r"data\['x'\] must be finite"):
+        comp.data = {"x": np.array([0.0, np.nan])}
+    comp.data = {"x": np.array([0.0, 1.0, 2.0])}
+    comp.update_reflection_data()
+    with pytest.raises(ValueError, match="parameters must be finite"):
+        comp.parameters = [1.0, np.nan, 1.0, 1.0]
+    with pytest.raises(ValueError, match="finite"):
+        ext.calc_theta_phi(np.array([[np.nan, 0.0, 1.0]]))
+    with pytest.raises(ValueError, match="s0_theta_phi must be finite"):
+        ext.create_sph_harm_table(np.array([[np.nan, 0.0]]), np.array([[0.0, 0.0]]), 2)
+
+
+def test_bad_selections_and_block_ids():
+    comp = SingleBScaleFactor([0.0])
+    comp.data = {"d": np.ones(4)}
+    with pytest.raises(ValueError, match="selection has length 3"):
+        comp.update_reflection_data(np.array([True, False, True]))
+    with pytest.raises(IndexError, match=r"block_selections\[1\] index 4"):
+        comp.update_reflection_data(block_selections=[np.array([0]), np.array([1, 4])])
+    comp.update_reflection_data(block_selections=[np.array([0, 1])])
+    with pytest.raises(IndexError, match="block_id 1"):
+        comp.calculate_scales(1)
+
+
+def test_kernel_level_bad_input():
+    from xtalscale._core import components as kern
+
+    with pytest.raises(ValueError, match="lmax"):
+        kern.sph_harm_table(np.zeros((1, 2)), np.zeros((1, 2)), 0)
+    with pytest.raises(ValueError, match="same length"):
+        kern.sph_harm_table(np.zeros((2, 2)), np.zeros((1, 2)), 2)
+    with pytest.raises(IndexError, match="s1_selection"):
+        kern.harmonics_from_lookup(np.array([0]), np.array([10]), np.zeros((10, 3)), 3)
+    with pytest.raises(ValueError, match="rot_axis must be non-zero"):
+        kern.rotate_vectors_about_axis(np.zeros(3), np.zeros((1, 3)), np.zeros(1))
+    with pytest.raises(IndexError, match="indices"):
+        kern.csr_matvec(np.array([0, 1], dtype=np.int32), np.array([5], dtype=np.int32),
+                        np.ones(1), np.ones(3))
+    with pytest.raises(ValueError, match="x must be finite"):
+        kern.smoother_weights([np.array([0.0, np.inf])], [(0.0, 2.0)], [2])
+    with pytest.raises(ValueError, match="theta_phi"):
+        ext.calc_lookup_index(np.array([[-0.1, 0.0]]), 2)
+    with pytest.raises(ValueError, match="v must have one value per matrix row"):
+        ext.row_multiply(sp.identity(3, format="csr"), np.ones(2))
+
+
+def test_row_multiply_and_elementwise_square():
+    m = sp.csr_matrix(np.array([[1.0, 0.0, 2.0], [0.0, 3.0, 0.0]]))
+    np.testing.assert_array_equal(ext.row_multiply(m, [2.0, -1.0]).toarray(),
+                                  [[2.0, 0.0, 4.0], [0.0, -3.0, 0.0]])
+    np.testing.assert_array_equal(ext.elementwise_square(m.tocsc()).toarray(),
+                                  [[1.0, 0.0, 4.0], [0.0, 9.0, 0.0]])
+    rotated = ext.rotate_vectors_about_axis([[0.0, 0.0, 2.0]], [[1.0, 0.0, 0.0]], [pi / 2])
+    np.testing.assert_allclose(rotated, [[0.0, 1.0, 0.0]], atol=1e-16)
