@@ -1,0 +1,122 @@
+// Component kernels and spherical harmonics, checked against closed forms.
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <vector>
+
+#include "harness.hpp"
+#include "xtalscale/components.hpp"
+#include "xtalscale/core.hpp"
+#include "xtalscale/harmonics.hpp"
+
+namespace h = xtalscale::harmonics;
+namespace c = xtalscale::components;
+
+static const double kPi = 3.14159265358979323846;
+
+TEST_CASE("real harmonics follow DIALS's conventions for l = 1 and 2") {
+  const double theta = 0.7, phi = 2.1;
+  std::vector<double> y(h::n_params(2));
+  CHECK(y.size() == 8);
+  h::real_harmonics(2, theta, phi, y.data());
+  const double n1 = std::sqrt(3.0 / (4.0 * kPi));
+  // No Condon–Shortley phase, truncated √2: Y_1,±1 = 1.414213562·N·sinθ·{sin,cos}φ.
+  CHECK_CLOSE(y[0], h::kSqrt2Truncated * std::sqrt(3.0 / (8.0 * kPi)) * std::sin(theta) *
+                        std::sin(phi),
+              1e-15);
+  CHECK_CLOSE(y[1], n1 * std::cos(theta), 1e-15);
+  CHECK_CLOSE(y[2], h::kSqrt2Truncated * std::sqrt(3.0 / (8.0 * kPi)) * std::sin(theta) *
+                        std::cos(phi),
+              1e-15);
+  const double p20 = 0.5 * (3.0 * std::cos(theta) * std::cos(theta) - 1.0);
+  CHECK_CLOSE(y[5], std::sqrt(5.0 / (4.0 * kPi)) * p20, 1e-15);
+  // (2, 2): N = √(5/(96π)), P_2^2 = 3 sin²θ.
+  CHECK_CLOSE(y[7], h::kSqrt2Truncated * std::sqrt(5.0 / (96.0 * kPi)) * 3.0 *
+                        std::sin(theta) * std::sin(theta) * std::cos(2.0 * phi),
+              1e-15);
+  CHECK_THROWS_AS(h::n_params(0), std::invalid_argument);
+  CHECK_THROWS_AS(h::real_harmonics(2, NAN, 0.0, y.data()), std::invalid_argument);
+}
+
+TEST_CASE("sph_harm_table averages the two directions") {
+  const double tp0[2] = {kPi / 2, 0.0}, tp1[2] = {kPi / 4, kPi};
+  std::vector<double> out(8);
+  h::sph_harm_table(tp0, tp1, 1, 2, out.data());
+  CHECK_CLOSE(out[1], std::sqrt(3.0 / (8.0 * kPi)) / 2.0, 1e-15);
+  CHECK_CLOSE(out[5], -std::sqrt(5.0 / (256.0 * kPi)), 1e-15);
+}
+
+TEST_CASE("lookup index and table access") {
+  const double tp[8] = {0.001, 0.0, 3.141, 2 * 3.141, 0.001, 2 * 3.141, 3.141, 0.0};
+  std::int64_t idx[4];
+  h::calc_lookup_index(tp, 4, 2.0, idx);
+  CHECK(idx[0] == 0 && idx[1] == 259199 && idx[2] == 719 && idx[3] == 258480);
+  const double table[6] = {1.0, 2.0, 3.0, 4.0, 5.0, 6.0};  // 3 rows × 2 cols
+  const std::int64_t a[2] = {0, 2}, b[2] = {1, 2};
+  double out[2];
+  h::harmonics_from_lookup(a, b, 2, table, 3, 2, 1, out);
+  CHECK_CLOSE(out[0], 2.0, 0.0);
+  CHECK_CLOSE(out[1], 5.0, 0.0);
+  const std::int64_t past[1] = {3};
+  CHECK_THROWS_AS(h::harmonics_from_lookup(past, past, 1, table, 3, 2, 1, out), std::out_of_range);
+}
+
+TEST_CASE("Rodrigues rotation about a non-unit axis") {
+  const double axis[3] = {0.0, 0.0, 3.0}, v[3] = {1.0, 0.0, 0.0}, ang[1] = {kPi / 2};
+  double out[3];
+  h::rotate_vectors_about_axis(axis, v, ang, 1, out);
+  CHECK_CLOSE(out[0], 0.0, 1e-16);
+  CHECK_CLOSE(out[1], 1.0, 1e-16);
+  const double zero[3] = {0.0, 0.0, 0.0};
+  CHECK_THROWS_AS(h::rotate_vectors_about_axis(zero, v, ang, 1, out), std::invalid_argument);
+}
+
+TEST_CASE("split_first_column moves column 0 out and shifts the rest") {
+  // rows: {0:0.2, 1:0.5, 2:0.3}, {1:0.6, 2:0.4}, {0:1.0, 1:0.0}
+  std::int32_t indptr[4] = {0, 3, 5, 7};
+  std::int32_t indices[7] = {0, 1, 2, 1, 2, 0, 1};
+  double data[7] = {0.2, 0.5, 0.3, 0.6, 0.4, 1.0, 0.0};
+  double first[3];
+  const std::size_t nnz = c::split_first_column(3, indptr, indices, data, first);
+  CHECK(nnz == 5);
+  CHECK(indptr[1] == 2 && indptr[2] == 4 && indptr[3] == 5);
+  CHECK(indices[0] == 0 && indices[1] == 1 && indices[4] == 0);
+  CHECK_CLOSE(first[0], 0.2, 0.0);
+  CHECK_CLOSE(first[1], 0.0, 0.0);
+  CHECK_CLOSE(first[2], 1.0, 0.0);
+  const double p[2] = {10.0, 100.0};
+  double v[3];
+  c::csr_matvec(3, indptr, indices, data, p, first, 2.0, v);
+  CHECK_CLOSE(v[0], 0.2 * 2.0 + 0.5 * 10.0 + 0.3 * 100.0, 1e-13);
+  CHECK_CLOSE(v[1], 0.6 * 10.0 + 0.4 * 100.0, 1e-13);
+  CHECK_CLOSE(v[2], 2.0, 1e-15);
+}
+
+TEST_CASE("exp and smoothed-B kernels give scales and derivatives") {
+  const double f[2] = {0.5, 0.125};  // 1/(2d²) for d = 1, 2
+  double s[2], ds[2];
+  c::exp_scales(2, f, 2.0, s, ds);
+  CHECK_CLOSE(s[0], std::exp(1.0), 1e-15);
+  CHECK_CLOSE(ds[1], std::exp(0.25) * 0.125, 1e-15);
+  const std::int32_t indptr[3] = {0, 2, 3}, indices[3] = {0, 1, 1};
+  const double w[3] = {0.25, 0.75, 1.0}, p[2] = {4.0, 8.0};
+  double d_data[3];
+  c::smooth_b_scales(2, indptr, indices, w, p, nullptr, 0.0, f, s, d_data);
+  CHECK_CLOSE(s[0], std::exp(7.0 * 0.5), 1e-13);
+  CHECK_CLOSE(d_data[1], 0.75 * s[0] * 0.5, 1e-13);
+  CHECK_CLOSE(d_data[2], s[1] * 0.125, 1e-15);
+}
+
+TEST_CASE("SH scales and CSR validation") {
+  const double hv[4] = {0.2, 0.2, 0.1, -0.3}, coef[2] = {0.1, 0.1};
+  double s[2];
+  c::sh_scales(2, 2, hv, coef, s);
+  CHECK_CLOSE(s[0], 1.04, 1e-15);
+  CHECK_CLOSE(s[1], 0.98, 1e-15);
+  const std::int64_t ip[3] = {0, 1, 2}, ix[2] = {0, 5};
+  CHECK_THROWS_AS(c::validate_csr(2, 3, ip, ix, 2, "m"), std::out_of_range);
+  const std::int64_t bad_ip[3] = {0, 2, 1};
+  CHECK_THROWS_AS(c::validate_csr(2, 3, bad_ip, ix, 1, "m"), std::invalid_argument);
+}
+
+XS_TEST_MAIN()
