@@ -59,7 +59,6 @@ __all__ = [
     "calc_n_param_from_bins",
     "calculate_new_offset",
     "determine_auto_absorption_params",
-    "crystal_frame_vectors",
     "legacy_crystal_frame_vectors",
     "inverse_scale_factors",
 ]
@@ -643,7 +642,11 @@ def _crystal_frame_columns(model: ScalingModelBase, table: Any, experiment: Any)
                          "(or give the reflection table 's0c' and 's1c' columns)")
     if model.crystal_frame == "legacy":
         return legacy_crystal_frame_vectors(table, experiment)
-    return crystal_frame_vectors(table, experiment)
+    from .scaling_utilities import absorption_frame_vectors  # noqa: PLC0415
+
+    # A private column view, so that the caller's table does not gain s0c/s1c columns.
+    view = _Columns({"s1": _column(table, "s1"), "xyzobs.px.value": _column(table, "xyzobs.px.value")})
+    return absorption_frame_vectors(view, experiment)
 
 
 def _add_absorption(model: ScalingModelBase, reflection_table: Any, experiment: Any) -> None:
@@ -1362,65 +1365,11 @@ for _cls in (PhysicalScalingModel, KBScalingModel, ArrayScalingModel, DoseDecay)
 # ==========================================================================
 # crystal frame for models refined by DIALS 1.x/2.x (2019)
 # ==========================================================================
-def _rotate(axis: np.ndarray, vectors: np.ndarray, angles: np.ndarray) -> np.ndarray:
-    """Rodrigues rotation of each row of ``vectors`` about unit ``axis`` by ``angles`` (rad)."""
-    u = axis / np.linalg.norm(axis)
-    c = np.cos(angles)[:, None]
-    s = np.sin(angles)[:, None]
-    return vectors * c + np.cross(u, vectors) * s + np.outer(vectors @ u, u) * (1.0 - c)
-
-
-def _unit_rows(v: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(v, axis=1)
-    out = np.zeros_like(v)
-    ok = norms > 0  # rows with |s1| = 0 stay (0, 0, 0), as in DIALS
-    out[ok] = v[ok] / norms[ok, None]
-    return out
-
-
-def _align_axis_along_z(axis: Sequence[float], vectors: np.ndarray) -> np.ndarray:
-    """Turn the frame so that ``axis`` lies along +z (rotation about (u_y, -u_x, 0))."""
-    ux, uy, uz = (float(a) for a in axis)
-    if (ux, uy, uz) == (0.0, 0.0, 1.0):
-        return vectors
-    turn = np.full(len(vectors), math.acos(uz / math.sqrt(ux * ux + uy * uy + uz * uz)))
-    return _rotate(np.array([uy, -ux, 0.0]), vectors, turn)
-
-
-def crystal_frame_vectors(reflection_table: Any, experiment: Any) -> tuple[np.ndarray, np.ndarray]:
-    """``(s0c, s1c)``: beam and scattered directions in the crystal frame (current DIALS).
-
-    With ``R = S · Rot(axis_datum, φ) · F`` (setting rotation S, fixed rotation
-    F, ``φ = scan.get_angle_from_array_index(z)``): ``s0c = Rᵀ·(−ŝ0)`` (sample to
-    source) and ``s1c = Rᵀ·ŝ1``; both are then turned so that lab x lies along
-    z (spec section 2.5). Reproduces 2022 DIALS files to 1e-15.
-
-    Returns
-    -------
-    (numpy.ndarray, numpy.ndarray)
-        Unit ``n x 3`` arrays (zero rows where ``|s1| = 0``).
-    """
-    scan, gonio = experiment.scan, experiment.goniometer
-    z = _z_px(reflection_table)
-    osc_start, osc_width = (float(v) for v in scan.get_oscillation())
-    first_array_index = float(scan.get_image_range()[0]) - 1.0
-    angles = np.radians(osc_start + (z - first_array_index) * osc_width)
-    fixed = np.asarray(gonio.get_fixed_rotation(), dtype=np.float64).reshape(3, 3)
-    setting = np.asarray(gonio.get_setting_rotation(), dtype=np.float64).reshape(3, 3)
-    datum = np.asarray(gonio.get_rotation_axis_datum(), dtype=np.float64)
-    s0 = np.asarray(experiment.beam.get_s0(), dtype=np.float64)
-    u0 = -s0 / np.linalg.norm(s0)
-    s1 = _unit_rows(np.asarray(_column(reflection_table, "s1"), dtype=np.float64).reshape(-1, 3))
-    # Row form of R^T v = F^T Rot(datum, -phi) S^T v.
-    s0c = _rotate(datum, np.tile(u0 @ setting, (z.size, 1)), -angles) @ fixed
-    s1c = _rotate(datum, s1 @ setting, -angles) @ fixed
-    return _align_axis_along_z((1.0, 0.0, 0.0), s0c), _align_axis_along_z((1.0, 0.0, 0.0), s1c)
-
-
 def legacy_crystal_frame_vectors(reflection_table: Any, experiment: Any) -> tuple[np.ndarray, np.ndarray]:
     """``(s0c, s1c)`` as DIALS 1.x/2.x (2019) computed them for the absorption surface.
 
-    The differences from the current convention (``calc_crystal_frame_vectors``):
+    The differences from the current convention
+    (:func:`xtalscale.scaling_utilities.absorption_frame_vectors`):
     the rotation angle is ``φ = z·osc_width`` relative to the scan start (the
     table's ``phi`` column when present), vectors are rotated by ``−φ`` about
     ``goniometer.get_rotation_axis()`` ignoring the fixed rotation, ``s0`` is
@@ -1438,11 +1387,17 @@ def legacy_crystal_frame_vectors(reflection_table: Any, experiment: Any) -> tupl
         phi_deg = np.asarray(reflection_table["phi"], dtype=np.float64)
     else:
         phi_deg = _z_px(reflection_table) * float(experiment.scan.get_oscillation()[1])
-    angles = -np.radians(phi_deg)
+    from ._core.components import rotate_vectors_about_axis  # noqa: PLC0415
+    from .scaling_utilities import align_axis_along_z  # noqa: PLC0415
+
+    angles = np.ascontiguousarray(-np.radians(phi_deg))
     axis = np.asarray(experiment.goniometer.get_rotation_axis(), dtype=np.float64)
     s0 = np.tile(np.asarray(experiment.beam.get_s0(), dtype=np.float64), (n, 1))
-    s1 = np.asarray(_column(reflection_table, "s1"), dtype=np.float64).reshape(-1, 3)
-    return _align_axis_along_z(axis, _rotate(axis, s0, angles)), _align_axis_along_z(axis, _rotate(axis, s1, angles))
+    s1 = np.ascontiguousarray(_column(reflection_table, "s1"), dtype=np.float64).reshape(-1, 3)
+    s0c = rotate_vectors_about_axis(axis, s0, angles)
+    s1c = rotate_vectors_about_axis(axis, s1, angles)
+    # 2019 DIALS turned the rotation axis itself (not lab x) onto z.
+    return align_axis_along_z(axis, s0c), align_axis_along_z(axis, s1c)
 
 
 # ==========================================================================
