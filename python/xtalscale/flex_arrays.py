@@ -33,7 +33,8 @@ __all__ = [
     "mean", "min", "max", "sum", "abs", "sqrt", "exp", "log", "pow2", "pow", "sum_sq",
     "sort_permutation", "random_selection", "random_permutation", "random_double",
     "set_random_seed", "get_random_seed", "size_t_range", "int_range", "double_range",
-    "mean_and_variance", "min_max_mean_double", "union", "intersection",
+    "mean_and_variance", "min_max_mean_double", "union", "intersection", "mean_weighted",
+    "first_index", "last_index", "linear_correlation",
 ]
 
 _builtin_int = int
@@ -312,6 +313,9 @@ class FlexArray(NDArrayOperatorsMixin):
             if a.ndim != len(key):
                 raise IndexError(f"{type(self).__name__}: {len(key)} indices for a {a.ndim}-D array")
             return a[key].item()
+        if isinstance(key, tuple) and not self._width:
+            part = a[key]  # e.g. a grid row g[i, :]: a copy, like every flex slice
+            return type(self)._wrap(part.copy()) if isinstance(part, np.ndarray) and part.ndim else part
         if isinstance(key, slice):
             return type(self)._wrap(a[key].copy())
         if isinstance(key, (FlexArray, np.ndarray, list)):
@@ -537,11 +541,31 @@ class _NumericMixin:
 
 
 class double(_NumericMixin, FlexArray):
-    """flex.double: float64 values (1-D or a grid)."""
+    """flex.double: float64 values (1-D or a grid).
+
+    ``v * M`` with a scipy sparse matrix ``M`` is the row-vector product ``(v^T M)_j =
+    sum_i v_i M_ij`` (the scitbx ``flex.double * sparse.matrix`` convention).
+    """
 
     __slots__ = ()
     _dtype = np.dtype(np.float64)
     _default = 0.0
+
+    def __mul__(self, other: Any) -> Any:
+        if _is_sparse(other):
+            if self._buf.ndim != 1 or other.shape[0] != self._n:
+                raise ValueError(f"flex.double * sparse: vector of size {self._n} does not match "
+                                 f"a matrix with {other.shape[0]} rows")
+            return double._wrap(np.asarray(other.T @ self._a, dtype=np.float64).reshape(-1))
+        return super().__mul__(other)
+
+    def __rmul__(self, other: Any) -> Any:
+        if _is_sparse(other):  # M * v: column-vector product
+            if self._buf.ndim != 1 or other.shape[1] != self._n:
+                raise ValueError(f"sparse * flex.double: matrix with {other.shape[1]} columns "
+                                 f"does not match a vector of size {self._n}")
+            return double._wrap(np.asarray(other @ self._a, dtype=np.float64).reshape(-1))
+        return super().__rmul__(other)
 
 
 class int(_NumericMixin, FlexArray):  # noqa: A001  (scitbx name)
@@ -780,6 +804,15 @@ def as_flex(obj: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------- helpers
+def _is_sparse(obj: Any) -> _builtin_bool:
+    mod = type(obj).__module__
+    if not mod.startswith("scipy.sparse"):
+        return False
+    import scipy.sparse
+
+    return scipy.sparse.issparse(obj)
+
+
 def _builtin_len_set(cols: list) -> _builtin_int:
     return len({c.shape for c in cols})
 
@@ -1061,6 +1094,45 @@ def intersection(*masks: Any) -> bool:
     if out is None:
         raise ValueError("intersection needs at least one mask")
     return bool._wrap(out)
+
+
+def first_index(a: Any, value: Any) -> Any:
+    """Index of the first element equal to ``value``, or None."""
+    hits = np.flatnonzero(_plain(a, "a") == value)
+    return _builtin_int(hits[0]) if hits.size else None
+
+
+def last_index(a: Any, value: Any) -> Any:
+    """Index of the last element equal to ``value``, or None."""
+    hits = np.flatnonzero(_plain(a, "a") == value)
+    return _builtin_int(hits[-1]) if hits.size else None
+
+
+class linear_correlation:
+    """Pearson correlation of two equal-length arrays (scitbx ``flex.linear_correlation``)."""
+
+    def __init__(self, x: Any, y: Any) -> None:
+        xa = np.asarray(x, dtype=np.float64)
+        ya = np.asarray(y, dtype=np.float64)
+        if xa.shape != ya.shape or xa.ndim != 1:
+            raise ValueError("linear_correlation: x and y must be 1-D of equal length")
+        self._n = xa.size
+        self._r = 0.0
+        self._ok = False
+        if xa.size > 1:
+            dx, dy = xa - xa.mean(), ya - ya.mean()
+            den = np.sqrt(np.dot(dx, dx) * np.dot(dy, dy))
+            if den > 0:
+                self._r, self._ok = float(np.dot(dx, dy) / den), True
+
+    def is_well_defined(self) -> _builtin_bool:
+        return self._ok
+
+    def coefficient(self) -> float:
+        return self._r
+
+    def n(self) -> _builtin_int:
+        return self._n
 
 
 class _MinMaxMean:

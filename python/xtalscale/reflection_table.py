@@ -479,6 +479,39 @@ class reflection_table:
 
         write_legacy_pickle(self, filename)
 
+    def as_msgpack(self) -> bytes:
+        """The msgpack ``.refl`` bytes of this table (what ``as_file`` writes)."""
+        from .io.refl import msgpack_bytes
+
+        return msgpack_bytes(self)
+
+    @staticmethod
+    def from_msgpack(data: bytes) -> "reflection_table":
+        """A table from msgpack ``.refl`` bytes (as returned by ``as_msgpack``)."""
+        from .io.refl import read_msgpack_bytes
+
+        return read_msgpack_bytes(data)
+
+    @staticmethod
+    def concat(tables: Iterable["reflection_table"]) -> "reflection_table":
+        """One table holding the rows of all ``tables`` in order (identifiers merged)."""
+        tables = list(tables)
+        out = tables[0].copy() if tables else reflection_table()
+        for t in tables[1:]:
+            out.extend(t)
+        return out
+
+    def compute_d(self, experiments: Any) -> None:
+        """Set the ``d`` column from each experiment's unit cell (rows by ``id``)."""
+        mi = self["miller_index"].as_numpy_array()
+        ids = self["id"].as_numpy_array()
+        d = np.zeros(self._nrows, dtype=np.float64)
+        for i, expt in enumerate(experiments):
+            sel = ids == i
+            if np.any(sel):
+                d[sel] = np.asarray(expt.crystal.get_unit_cell().d(mi[sel]), dtype=np.float64)
+        self["d"] = fa.double._wrap(d)
+
     @staticmethod
     def empty_standard(nrows: int) -> "reflection_table":
         """A table of ``nrows`` rows with the standard integration columns zero-filled."""

@@ -178,3 +178,31 @@ def test_passes_into_cpp_without_copy():
     # a non-float64 array must be converted (a copy), which shows the check can fail
     i = flex.int([1])
     assert _core.refl.data_address(i) != i.as_numpy_array().__array_interface__["data"][0]
+
+
+def test_sparse_products_and_grid_rows():
+    import scipy.sparse as sp
+
+    m = sp.csc_matrix(np.array([[1.0, 0.0, 2.0], [0.0, 3.0, 0.0]]))
+    v = flex.double([10.0, 100.0])
+    r = v * m  # row vector on the left: (v^T M)_j
+    assert isinstance(r, flex.double) and list(r) == [10.0, 300.0, 20.0]
+    c = m * flex.double([1.0, 1.0, 1.0])
+    assert list(c) == [3.0, 3.0]
+    with pytest.raises(ValueError, match="does not match"):
+        flex.double(3) * m
+    g = flex.double(flex.grid(2, 3), 0.0)
+    g[1, 2] = 7.0
+    row = g[1, :]
+    assert isinstance(row, flex.double) and list(row) == [0.0, 0.0, 7.0]
+    row[0] = 5.0  # a copy, as every flex slice
+    assert g[1, 0] == 0.0
+
+
+def test_linear_correlation_and_index_helpers():
+    x = flex.double([1.0, 2.0, 3.0, 4.0])
+    lc = flex.linear_correlation(x, 2.0 * x + 1.0)
+    assert lc.is_well_defined() and lc.coefficient() == pytest.approx(1.0, abs=1e-15)
+    assert not flex.linear_correlation(x, flex.double(4, 1.0)).is_well_defined()
+    assert flex.first_index(flex.int([3, 1, 3]), 3) == 0 and flex.last_index(flex.int([3, 1, 3]), 3) == 2
+    assert flex.first_index(flex.int([3]), 9) is None

@@ -166,3 +166,50 @@ def test_real_table_memory_close_to_raw_column_bytes():
     # (measured 1.03x); skipped shoebox bytes must not be kept.
     assert raw <= current <= 1.2 * raw, (current, raw)
     assert peak <= 1.2 * raw, (peak, raw)
+
+
+def test_msgpack_bytes_round_trip_concat_and_strings(tmp_path):
+    t = _table()
+    t["label"] = flex.std_string(["a", "b", "", "d"])
+    back = flex.reflection_table.from_msgpack(t.as_msgpack())
+    assert back.keys() == sorted(t.keys())
+    assert list(back["label"]) == ["a", "b", "", "d"]
+    assert back.experiment_identifiers().as_dict() == {0: "e0", 1: "e1"}
+    both = flex.reflection_table.concat([t, t])
+    assert len(both) == 8 and list(both["label"])[4:] == ["a", "b", "", "d"]
+    assert len(t) == 4  # concat does not modify its inputs
+
+
+def test_failed_write_leaves_no_file(tmp_path):
+    t = _table()
+    t["weird"] = flex.double(4)
+    t._cols["weird"] = flex.grid  # not a flex array: the writer must refuse it cleanly
+    out = tmp_path / "x.refl"
+    with pytest.raises((TypeError, AttributeError)):
+        t.as_file(out)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_compute_d_uses_each_experiments_unit_cell():
+    class Cell:
+        def __init__(self, a):
+            self.a = a
+
+        def d(self, hkl):  # cubic cell
+            h = np.asarray(hkl, dtype=float)
+            return self.a / np.sqrt((h * h).sum(axis=1))
+
+    class Crystal:
+        def __init__(self, a):
+            self._cell = Cell(a)
+
+        def get_unit_cell(self):
+            return self._cell
+
+    class Expt:
+        def __init__(self, a):
+            self.crystal = Crystal(a)
+
+    t = _table()
+    t.compute_d([Expt(10.0), Expt(20.0)])
+    assert list(t["d"]) == pytest.approx([10.0, 20.0, 10.0, 20.0 / np.sqrt(3.0)], rel=1e-15)

@@ -29,8 +29,9 @@ import numpy as np
 from .. import flex_arrays as fa
 from ..reflection_table import check_identifiers, experiment_id_map, reflection_table
 
-__all__ = ["ReflFileError", "read_refl", "read_msgpack", "read_legacy_pickle", "write_msgpack",
-           "write_legacy_pickle", "COLUMN_TYPES"]
+__all__ = ["ReflFileError", "read_refl", "read_msgpack", "read_msgpack_bytes",
+           "read_legacy_pickle", "write_msgpack", "msgpack_bytes", "write_legacy_pickle",
+           "COLUMN_TYPES"]
 
 
 class ReflFileError(ValueError):
@@ -209,16 +210,26 @@ def read_msgpack(filename: Any) -> reflection_table:
     """Read a modern DIALS msgpack ``.refl`` file (shoebox columns are skipped)."""
     path = os.fspath(filename)
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        r = _Reader(f, size, path)
-        try:
-            table = _read_msgpack_body(r)
-        except ReflFileError:
-            raise
-        except (struct.error, OverflowError, MemoryError, UnicodeDecodeError) as exc:
-            raise r.fail(f"corrupt msgpack data ({exc})") from None
-        if f.tell() != size:
-            raise r.fail(f"{size - f.tell()} unexpected bytes after the table")
+        return _read_msgpack_stream(f, os.fstat(f.fileno()).st_size, path)
+
+
+def read_msgpack_bytes(data: bytes, name: str = "<msgpack bytes>") -> reflection_table:
+    """A table from in-memory msgpack ``.refl`` bytes."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"{name}: expected bytes (got {type(data).__name__})")
+    return _read_msgpack_stream(io.BytesIO(data), len(data), name)
+
+
+def _read_msgpack_stream(f: BinaryIO, size: int, path: str) -> reflection_table:
+    r = _Reader(f, size, path)
+    try:
+        table = _read_msgpack_body(r)
+    except ReflFileError:
+        raise
+    except (struct.error, OverflowError, MemoryError, UnicodeDecodeError) as exc:
+        raise r.fail(f"corrupt msgpack data ({exc})") from None
+    if f.tell() != size:
+        raise r.fail(f"{size - f.tell()} unexpected bytes after the table")
     return _finish(table, path)
 
 
@@ -316,37 +327,56 @@ def _read_column(r: _Reader, name: str) -> fa.FlexArray | None:
 
 
 def write_msgpack(table: reflection_table, filename: Any) -> None:
-    """Write ``table`` as a DIALS msgpack ``.refl`` (format version 1, columns in name order)."""
+    """Write ``table`` as a DIALS msgpack ``.refl`` (format version 1, columns in name order).
+
+    The file is written beside the target and renamed into place, so a failure never leaves
+    a half-written ``.refl`` under the requested name.
+    """
     path = os.fspath(filename)
+    tmp = path + ".tmp-xtalscale"
+    try:
+        with open(tmp, "wb") as f:
+            _write_msgpack_stream(table, f, path)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def msgpack_bytes(table: reflection_table) -> bytes:
+    """The msgpack ``.refl`` bytes of ``table``."""
+    buf = io.BytesIO()
+    _write_msgpack_stream(table, buf, "<msgpack bytes>")
+    return buf.getvalue()
+
+
+def _write_msgpack_stream(table: reflection_table, f: BinaryIO, path: str) -> None:
     if not table.is_consistent():
         raise ValueError(f"{path}: table columns have unequal lengths")
     p = msgpack.Packer(use_bin_type=True)
     names = sorted(table.keys(), key=lambda s: s.encode("utf-8"))  # std::map order
-    tmp = path + ".tmp-xtalscale"
-    with open(tmp, "wb") as f:
-        # Version 1: what the DIALS releases that wrote our reference files emit; every DIALS
-        # reader accepts it (newer ones also accept 2, with the same layout).
-        f.write(p.pack_array_header(3) + p.pack(_MAGIC) + p.pack(1) + p.pack_map_header(3))
-        ids = table.experiment_identifiers()
-        out = [p.pack("identifiers"), p.pack_map_header(len(ids))]
-        for k, v in ids.items():
-            out += [p.pack(k), p.pack(v)]
-        out += [p.pack("nrows"), p.pack(len(table)), p.pack("data"), p.pack_map_header(len(names))]
-        f.write(b"".join(out))
-        for name in names:
-            col = table[name]
-            type_name = _TYPE_NAME.get(type(col))
-            if type_name is None:
-                raise TypeError(f"{path}: column {name!r} of type {type(col).__name__} "
-                                "cannot be written")
-            head = p.pack(name) + p.pack_array_header(2) + p.pack(type_name) + p.pack_array_header(2)
-            if type_name == "std::string":
-                f.write(head + p.pack(len(col)) + p.pack(list(col)))
-                continue
-            data = np.ascontiguousarray(col.as_numpy_array())
-            f.write(head + p.pack(len(col)) + _bin_header(data.nbytes))
-            f.write(memoryview(data).cast("B"))
-    os.replace(tmp, path)
+    # Version 1: what the DIALS releases that wrote our reference files emit; every DIALS
+    # reader accepts it (newer ones also accept 2, with the same layout).
+    f.write(p.pack_array_header(3) + p.pack(_MAGIC) + p.pack(1) + p.pack_map_header(3))
+    ids = table.experiment_identifiers()
+    out = [p.pack("identifiers"), p.pack_map_header(len(ids))]
+    for k, v in ids.items():
+        out += [p.pack(k), p.pack(v)]
+    out += [p.pack("nrows"), p.pack(len(table)), p.pack("data"), p.pack_map_header(len(names))]
+    f.write(b"".join(out))
+    for name in names:
+        col = table[name]
+        type_name = _TYPE_NAME.get(type(col))
+        if type_name is None:
+            raise TypeError(f"{path}: column {name!r} of type {type(col).__name__} "
+                            "cannot be written")
+        head = p.pack(name) + p.pack_array_header(2) + p.pack(type_name) + p.pack_array_header(2)
+        if type_name == "std::string":
+            f.write(head + p.pack(len(col)) + p.pack(list(col)))
+            continue
+        data = np.ascontiguousarray(col.as_numpy_array())
+        f.write(head + p.pack(len(col)) + _bin_header(data.nbytes))
+        f.write(memoryview(data).cast("B"))
 
 
 def _bin_header(n: int) -> bytes:
@@ -555,9 +585,13 @@ def write_legacy_pickle(table: reflection_table, filename: Any) -> None:
     w.raw(b"utb.")
     data = w.getvalue()
     tmp = path + ".tmp-xtalscale"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 class _PickleWriter:
