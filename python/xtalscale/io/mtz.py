@@ -1,0 +1,822 @@
+"""MTZ reading and writing (unmerged and merged) on top of gemmi.
+
+Reading
+-------
+:func:`read_unmerged_mtz` reads an unmerged MTZ from MOSFLM (partials stored as separate
+rows), AIMLESS or DIALS scaled-unmerged (``SCALEUSED``) or a DIALS export (unscaled) into
+a :class:`~xtalscale.array_family.flex.reflection_table` plus an
+:class:`~xtalscale.experiments.ExperimentList` with one experiment per (MTZ dataset,
+contiguous batch run). All column work is vectorised numpy on gemmi's float32 array.
+
+Column mapping (MTZ → DIALS-style table column):
+
+=======================  ==============================================================
+``H K L`` + ``M/ISYM``   ``miller_index`` (original, un-mapped index, as DIALS stores it)
+``I``, ``SIGI``          ``intensity.sum.value`` / ``.variance`` (σ²); for scaled files
+                         see below
+``IPR``, ``SIGIPR``      ``intensity.prf.value`` / ``.variance``
+``SCALEUSED``            ``inverse_scale_factor`` (g); ``I``/``SIGI`` become
+                         ``intensity.scale.*`` and the raw intensity is ``I·g`` (DIALS
+                         convention: scaled = raw / g)
+``SIGSCALEUSED``         ``inverse_scale_factor_variance`` (σ²)
+``BATCH``                ``batch``; experiment index → ``id``
+``XDET YDET`` + frame    ``xyzobs.px.value`` (z = fractional array index from ``ROT``)
+``ROT``                  ``phi`` (degrees)
+``FRACTIONCALC``         ``partiality`` (summed over partial pieces)
+``LP``, ``QE``           ``lp``, ``qe``
+``BG``, ``SIGBG``        ``background.sum.value`` / ``.variance``
+``NPART`` / ``MPART``    ``n_parts`` (pieces summed), ``partial_complete`` (bool),
+                         ``batch_first`` / ``batch_last`` (batches of the pieces)
+=======================  ==============================================================
+
+``d`` is computed from the cell. ``flags`` get ``integrated_sum`` where I and SIGI are
+finite with SIGI > 0, and ``integrated_prf`` likewise for IPR/SIGIPR: rows with MTZ
+missing values (NaN) are kept, but not flagged.
+
+MOSFLM partials (``MPART = 100·nparts + part``, M flag of ``M/ISYM`` set) are summed as
+AIMLESS does: pieces with the same original index on consecutive batches form one
+reflection; I and σ² add, FRACTIONCALC adds (the summed ``partiality``), position and
+ROT are fraction-weighted means, the batch is the middle piece's. ``partial_complete`` is
+True when the pieces are exactly parts 1..nparts of one set (fulls are complete).
+
+Writing
+-------
+:func:`write_unmerged_mtz` writes ``H K L M/ISYM BATCH I SIGI`` (+ ``SCALEUSED``,
+``SIGSCALEUSED``, ``FRACTIONCALC``, ``XDET``, ``YDET``, ``ROT``, ``LP`` when available)
+with one CCP4 orientation block (batch header) per batch, as ``dials.export`` does.
+:func:`write_merged_mtz` writes ``IMEAN SIGIMEAN`` and, when anomalous,
+``I(+) SIGI(+) I(-) SIGI(-) N(+) N(-)`` like ``dials.merge``.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import gemmi
+import numpy as np
+
+from ..experiments import Beam, Crystal, Experiment, ExperimentList, Goniometer, Scan
+from ..symmetry import SpaceGroup, UnitCell, group_reflections, map_to_asu, miller_array
+
+__all__ = [
+    "MtzFormatError",
+    "UnmergedMtz",
+    "MergedMtz",
+    "read_unmerged_mtz",
+    "read_merged_mtz",
+    "write_unmerged_mtz",
+    "write_merged_mtz",
+    "merge_intensities",
+]
+
+
+class MtzFormatError(ValueError):
+    """An MTZ file is unreadable, truncated or lacks required columns (names file + problem)."""
+
+
+# CCP4 orientation-block (batch header) layout: positions in Batch.ints / Batch.floats.
+_I_NWORDS, _I_NINTGR, _I_NREALS, _I_IORTYP = 0, 1, 2, 3
+_I_LBCELL, _I_MISFLG, _I_JUMPAX, _I_NCRYST, _I_LCRFLG, _I_LDTYPE = 4, 10, 11, 12, 13, 14
+_I_JSAXS, _I_NBSCAL, _I_NGONAX, _I_LBMFLG, _I_NDET, _I_NBSETID = 15, 16, 17, 18, 19, 20
+_F_CELL, _F_UMAT, _F_PHIXYZ, _F_CRYDAT, _F_DATUM = 0, 6, 15, 21, 33
+_F_PHISTT, _F_PHIEND, _F_SCANAX, _F_TIME1, _F_TIME2 = 36, 37, 38, 41, 42
+_F_BSCALE, _F_BBFAC, _F_SDBSCALE, _F_SDBFAC, _F_PHIRANGE = 43, 44, 45, 46, 47
+_F_E1, _F_E2, _F_E3, _F_SOURCE, _F_SO, _F_ALAMBD = 59, 62, 65, 80, 83, 86
+_F_DX, _F_DETLM = 111, 113
+# The U matrix is stored column by column (Fortran order): U[j][k] = floats[6 + 3k + j].
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _read(path) -> gemmi.Mtz:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"MTZ file not found: {path}")
+    size = os.path.getsize(path)
+    if size < 80:
+        raise MtzFormatError(f"{path}: not an MTZ file (only {size} bytes)")
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    if magic[:2] == b"\x1f\x8b":  # gzip-compressed MTZ (gemmi reads it directly)
+        try:
+            with gzip.open(path, "rb") as fh:
+                magic = fh.read(4)
+        except (OSError, EOFError) as exc:
+            raise MtzFormatError(f"{path}: corrupt gzip-compressed MTZ ({exc})") from None
+    if magic != b"MTZ ":
+        raise MtzFormatError(f"{path}: not an MTZ file (bad magic {magic!r})")
+    try:
+        mtz = gemmi.read_mtz_file(path)
+    except Exception as exc:  # noqa: BLE001 - gemmi raises RuntimeError/IOError variants
+        raise MtzFormatError(f"{path}: unreadable or truncated MTZ ({exc})") from None
+    ncol = len(mtz.columns)
+    expected = mtz.nreflections * ncol
+    data = mtz.array
+    if data.size != expected:
+        raise MtzFormatError(f"{path}: truncated MTZ: header promises {mtz.nreflections} rows"
+                             f" x {ncol} columns but {data.size} values were read")
+    return mtz
+
+
+def _require(mtz: gemmi.Mtz, labels, path: str) -> None:
+    present = set(mtz.column_labels())
+    missing = [x for x in labels if x not in present]
+    if missing:
+        raise MtzFormatError(f"{path}: missing required column(s) {', '.join(missing)} "
+                             f"(file has {', '.join(mtz.column_labels())})")
+
+
+def _symmetry(mtz: gemmi.Mtz, path: str) -> tuple[SpaceGroup, UnitCell]:
+    if mtz.spacegroup is None:
+        raise MtzFormatError(f"{path}: MTZ header has no space group")
+    try:
+        cell = UnitCell(mtz.cell.parameters)
+    except ValueError as exc:
+        raise MtzFormatError(f"{path}: bad unit cell in MTZ header ({exc})") from None
+    return SpaceGroup(mtz.spacegroup), cell
+
+
+def _to_table(columns: dict, identifiers: dict):
+    """Wrap numpy columns into the project's reflection_table."""
+    from ..array_family import flex
+
+    table = flex.reflection_table()
+    flags = columns.pop("flags", None)
+    for name, values in columns.items():
+        table[name] = values
+    if flags is not None:
+        table["flags"] = flags
+    ids = table.experiment_identifiers()
+    for k, v in identifiers.items():
+        ids[k] = v
+    return table
+
+
+def _flags(columns: dict) -> np.ndarray:
+    from ..reflection_table import Flags
+
+    flags = np.zeros(len(columns["miller_index"]), dtype=np.uint64)
+    for kind, bit in (("sum", Flags.integrated_sum), ("prf", Flags.integrated_prf)):
+        v = columns.get(f"intensity.{kind}.value")
+        var = columns.get(f"intensity.{kind}.variance")
+        if v is not None:
+            ok = np.isfinite(v) & np.isfinite(var) & (var > 0)
+            flags[ok] |= np.uint64(int(bit))
+    return flags
+
+
+# --------------------------------------------------------------------------- reading
+
+
+@dataclass
+class UnmergedMtz:
+    """Result of :func:`read_unmerged_mtz`.
+
+    Attributes
+    ----------
+    table : reflection_table
+        One row per observation (per summed reflection for MOSFLM partials).
+    experiments : ExperimentList
+        One experiment per (dataset, contiguous batch run): beam wavelength, scan
+        (batch → image, φ), crystal (cell, space group, batch UMAT as U).
+    space_group, unit_cell :
+        From the MTZ header.
+    batches : dict of ndarray
+        Per batch header: ``number``, ``dataset_id``, ``experiment_id``, ``phi_start``,
+        ``phi_end``, ``wavelength``.
+    kind : str
+        ``'mosflm_partials'``, ``'scaled'`` (SCALEUSED present) or ``'unscaled'``.
+    n_rows_in_file : int
+        Rows before partial summation.
+    """
+
+    table: Any
+    experiments: ExperimentList
+    space_group: SpaceGroup
+    unit_cell: UnitCell
+    batches: dict
+    kind: str
+    n_rows_in_file: int
+    columns_in_file: list = field(default_factory=list)
+
+
+def _batch_arrays(mtz: gemmi.Mtz) -> dict:
+    nb = len(mtz.batches)
+    out = {
+        "number": np.empty(nb, dtype=np.int64),
+        "dataset_id": np.empty(nb, dtype=np.int64),
+        "phi_start": np.empty(nb),
+        "phi_end": np.empty(nb),
+        "wavelength": np.empty(nb),
+        "scan_axis": np.zeros((nb, 3)),
+        "umat": np.zeros((nb, 9)),
+    }
+    for i, b in enumerate(mtz.batches):
+        f = b.floats
+        out["number"][i] = b.number
+        out["dataset_id"][i] = b.dataset_id
+        out["phi_start"][i] = f[_F_PHISTT]
+        out["phi_end"][i] = f[_F_PHIEND]
+        out["wavelength"][i] = f[_F_ALAMBD]
+        out["scan_axis"][i] = [f[_F_SCANAX + j] for j in range(3)]
+        out["umat"][i] = np.reshape([f[_F_UMAT + j] for j in range(9)], (3, 3)).T.ravel()
+    return out
+
+
+def _runs(numbers: np.ndarray, datasets: np.ndarray) -> np.ndarray:
+    """Run index per batch: a new run starts at a new dataset or a gap in batch numbers."""
+    order = np.lexsort((numbers, datasets))
+    n, d = numbers[order], datasets[order]
+    new = np.ones(len(n), dtype=bool)
+    new[1:] = (d[1:] != d[:-1]) | (n[1:] != n[:-1] + 1)
+    run_sorted = np.cumsum(new) - 1
+    run = np.empty(len(n), dtype=np.int64)
+    run[order] = run_sorted
+    return run
+
+
+def _crystal(cell: UnitCell, sg: SpaceGroup, umat) -> Crystal:
+    U = np.asarray(umat, dtype=float).reshape(3, 3)
+    if not np.allclose(U @ U.T, np.eye(3), atol=1e-3):
+        U = np.eye(3)
+    A = U @ cell.B_matrix()
+    real = np.linalg.inv(A)
+    return Crystal({"__id__": "crystal", "real_space_a": real[0].tolist(),
+                    "real_space_b": real[1].tolist(), "real_space_c": real[2].tolist(),
+                    "space_group_hall_symbol": sg.hall_symbol()})
+
+
+def _make_experiments(mtz, batches, row_batch, rot, cell, sg, path):
+    """ExperimentList (one per run) and the per-row experiment index and frame z."""
+    n = len(row_batch)
+    z = np.full(n, np.nan)
+    exp_id = np.zeros(n, dtype=np.int32)
+    el = ExperimentList()
+    default_wl = next((d.wavelength for d in mtz.datasets if d.wavelength > 0), 1.0)
+    if len(batches["number"]) == 0:
+        # No batch headers (e.g. reciprocalspaceship output): one sweep, φ fitted from ROT.
+        first, last = int(row_batch.min()), int(row_batch.max())
+        width, start = 1.0, float(first - 1)
+        if rot is not None and np.isfinite(rot).all() and last > first:
+            width, start = np.polyfit(row_batch - first + 0.5, rot, 1)
+        scan = Scan({"image_range": [1, last - first + 1], "oscillation": [float(start),
+                                                                          float(width)],
+                     "batch_offset": first - 1})
+        z = (rot - start) / width if rot is not None else row_batch - first + 0.5
+        el.append(Experiment(beam=Beam({"direction": [0.0, 0.0, 1.0],
+                                        "wavelength": float(default_wl)}),
+                             scan=scan, goniometer=Goniometer({"rotation_axis": [1.0, 0, 0]}),
+                             crystal=_crystal(cell, sg, np.eye(3)), identifier="0"))
+        batches["experiment_id"] = np.zeros(0, dtype=np.int64)
+        return el, exp_id, z
+    run = _runs(batches["number"], batches["dataset_id"])
+    batches["experiment_id"] = run
+    # map each row's batch number to its header
+    order = np.argsort(batches["number"], kind="stable")
+    sorted_numbers = batches["number"][order]
+    pos = np.searchsorted(sorted_numbers, row_batch)
+    pos = np.clip(pos, 0, len(sorted_numbers) - 1)
+    found = sorted_numbers[pos] == row_batch
+    if not np.all(found):
+        bad = np.unique(row_batch[~found])[:5]
+        raise MtzFormatError(f"{path}: {int((~found).sum())} rows refer to batch numbers "
+                             f"without a batch header (e.g. {bad.tolist()})")
+    header_of_row = order[pos]
+    exp_id[:] = run[header_of_row]
+    for r in range(int(run.max()) + 1):
+        sel = np.flatnonzero(run == r)
+        sel = sel[np.argsort(batches["number"][sel])]
+        first_b = int(batches["number"][sel[0]])
+        last_b = int(batches["number"][sel[-1]])
+        phi0 = float(batches["phi_start"][sel[0]])
+        widths = batches["phi_end"][sel] - batches["phi_start"][sel]
+        width = float(np.median(widths)) if len(widths) else 1.0
+        wl = float(batches["wavelength"][sel[0]]) or float(default_wl)
+        axis = batches["scan_axis"][sel[0]]
+        axis = axis if np.linalg.norm(axis) > 0 else np.array([1.0, 0.0, 0.0])
+        scan = Scan({"image_range": [1, last_b - first_b + 1], "oscillation": [phi0, width],
+                     "batch_offset": first_b - 1})
+        el.append(Experiment(
+            beam=Beam({"direction": [0.0, 0.0, 1.0], "wavelength": wl}),
+            goniometer=Goniometer({"rotation_axis": [float(x) for x in axis]}),
+            scan=scan, crystal=_crystal(cell, sg, batches["umat"][sel[0]]), identifier=str(r)))
+        rows = exp_id == r
+        if rot is not None and width != 0:
+            z[rows] = (rot[rows] - phi0) / width
+        else:
+            z[rows] = row_batch[rows] - first_b + 0.5
+    return el, exp_id, z
+
+
+def _sum_partials(cols: dict, npart_raw: np.ndarray, order_keys) -> tuple[dict, np.ndarray]:
+    """Sum MOSFLM partial pieces (same original hkl, consecutive batches)."""
+    hkl, batch = cols["H"], cols["BATCH"]
+    order = np.lexsort((batch, hkl[:, 2], hkl[:, 1], hkl[:, 0]))
+    hs, bs = hkl[order], batch[order]
+    n = len(order)
+    new = np.ones(n, dtype=bool)
+    if n:
+        new[1:] = ~((hs[1:] == hs[:-1]).all(axis=1) & (bs[1:] == bs[:-1] + 1))
+    starts = np.flatnonzero(new)
+    group = np.cumsum(new) - 1
+    size = np.diff(np.append(starts, n))
+
+    def add(x):
+        return np.add.reduceat(x[order], starts) if n else x[:0]
+
+    out = {"H": hs[starts], "n_parts": size.astype(np.int32)}
+    frac = cols.get("FRACTIONCALC")
+    w = frac[order] if frac is not None else np.ones(n)
+    wsum = np.add.reduceat(w, starts) if n else w[:0]
+    safe = np.where(wsum > 0, wsum, 1.0)
+    for name, x in cols.items():
+        if name in ("H", "BATCH", "M/ISYM", "MPART", "n_parts"):
+            continue
+        if name in ("I", "IPR", "BG"):
+            out[name] = add(x)
+        elif name in ("SIGI", "SIGIPR", "SIGBG"):
+            out[name] = np.sqrt(add(x.astype(np.float64) ** 2))
+        elif name == "FRACTIONCALC":
+            out[name] = wsum
+        else:  # positions, ROT, LP, ...: fraction-weighted mean over the pieces
+            xs = x[order].astype(np.float64)
+            mean = np.add.reduceat(xs * w, starts) / safe if n else xs[:0]
+            plain = np.add.reduceat(xs, starts) / size if n else xs[:0]
+            out[name] = np.where(wsum > 0, mean, plain)
+    out["BATCH"] = bs[starts + size // 2]
+    out["batch_first"], out["batch_last"] = bs[starts], bs[starts + size - 1]
+    # completeness: parts 1..nparts of one set, or a full (MPART == 0)
+    mp = npart_raw[order]
+    part, nparts = mp % 100, mp // 100
+    pos_in_group = np.arange(n) - starts[group]
+    row_ok = (part == pos_in_group + 1) & (nparts == nparts[starts][group])
+    bad = np.bincount(group, weights=~row_ok, minlength=len(starts)) if n else np.zeros(0)
+    complete = ((bad == 0) & (size == nparts[starts])) | (mp[starts] == 0)
+    out["partial_complete"] = complete
+    return out, order
+
+
+def read_unmerged_mtz(filename, sum_partials: bool = True) -> UnmergedMtz:
+    """Read an unmerged MTZ into a reflection table and experiment list.
+
+    Parameters
+    ----------
+    filename : str or path
+        MOSFLM, AIMLESS/DIALS scaled-unmerged or DIALS-exported unmerged MTZ.
+    sum_partials : bool
+        Sum MOSFLM partial pieces (``MPART`` column) per reflection (AIMLESS behaviour).
+
+    Returns
+    -------
+    UnmergedMtz
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file does not exist.
+    MtzFormatError (ValueError)
+        For corrupt/truncated files, merged files, missing required columns or rows whose
+        batch has no header; the message names the file.
+    """
+    path = os.fspath(filename)
+    mtz = _read(path)
+    _require(mtz, ["H", "K", "L", "M/ISYM", "BATCH"], path)
+    labels = mtz.column_labels()
+    if "I" not in labels and "IPR" not in labels:
+        raise MtzFormatError(f"{path}: missing required intensity column I (or IPR)")
+    sg, cell = _symmetry(mtz, path)
+    n_in = mtz.nreflections
+    # gemmi restores the original (measured) indices from M/ISYM in C++.
+    if n_in and not mtz.switch_to_original_hkl():
+        raise MtzFormatError(f"{path}: cannot restore original indices from M/ISYM")
+    data = mtz.array
+    if n_in and not np.all(np.isfinite(data[:, :5])):
+        raise MtzFormatError(f"{path}: H, K, L, M/ISYM or BATCH has missing values")
+    col = {lab: data[:, i] for i, lab in enumerate(labels)}
+    cols: dict[str, np.ndarray] = {"H": data[:, 0:3].astype(np.int32),
+                                   "BATCH": col["BATCH"].astype(np.int64)}
+    for lab in ("I", "SIGI", "IPR", "SIGIPR", "SCALEUSED", "SIGSCALEUSED", "FRACTIONCALC",
+                "XDET", "YDET", "ROT", "LP", "QE", "BG", "SIGBG", "NPART"):
+        if lab in col:
+            cols[lab] = col[lab].astype(np.float64)
+    kind = "scaled" if "SCALEUSED" in col else "unscaled"
+    order = None
+    if sum_partials and "MPART" in col:
+        kind = "mosflm_partials"
+        mpart = col["MPART"].astype(np.int64)
+        cols, order = _sum_partials(cols, mpart, None)
+    batches = _batch_arrays(mtz)
+    rot = cols.get("ROT")
+    el, exp_id, z = _make_experiments(mtz, batches, cols["BATCH"], rot, cell, sg, path)
+    out = _columns_from_mtz(cols, kind, z, exp_id, cell)
+    table = _to_table(out, {i: e.identifier for i, e in enumerate(el)})
+    return UnmergedMtz(table, el, sg, cell, batches, kind, n_in, list(labels))
+
+
+def _columns_from_mtz(cols: dict, kind: str, z, exp_id, cell: UnitCell) -> dict:
+    n = len(cols["H"])
+    out: dict[str, np.ndarray] = {"miller_index": cols["H"].astype(np.int32),
+                                  "id": exp_id.astype(np.int32),
+                                  "batch": cols["BATCH"].astype(np.int32)}
+    with np.errstate(divide="ignore"):
+        out["d"] = cell.d(out["miller_index"]) if n else np.zeros(0)
+    if "I" in cols:
+        value, sig = cols["I"], cols["SIGI"] if "SIGI" in cols else np.full(n, np.nan)
+        if kind == "scaled":
+            g = cols["SCALEUSED"]
+            out["intensity.scale.value"] = value
+            out["intensity.scale.variance"] = sig ** 2
+            out["inverse_scale_factor"] = g
+            if "SIGSCALEUSED" in cols:
+                out["inverse_scale_factor_variance"] = cols["SIGSCALEUSED"] ** 2
+            out["intensity.sum.value"] = value * g
+            out["intensity.sum.variance"] = (sig * g) ** 2
+        else:
+            out["intensity.sum.value"] = value
+            out["intensity.sum.variance"] = sig ** 2
+    if "IPR" in cols:
+        out["intensity.prf.value"] = cols["IPR"]
+        out["intensity.prf.variance"] = cols.get("SIGIPR", np.full(n, np.nan)) ** 2
+    if "FRACTIONCALC" in cols:
+        frac = cols["FRACTIONCALC"]
+        # AIMLESS rewrites FRACTIONCALC to 0 for summed/full data: 0 everywhere means
+        # "not recorded", and a partiality of 0 would discard every reflection.
+        out["partiality"] = frac if np.any(frac > 0) else np.ones(n)
+    else:
+        out["partiality"] = np.ones(n)
+    if "LP" in cols:
+        out["lp"] = cols["LP"]
+    if "QE" in cols:
+        out["qe"] = cols["QE"]
+    if "BG" in cols:
+        out["background.sum.value"] = cols["BG"]
+        if "SIGBG" in cols:
+            out["background.sum.variance"] = cols["SIGBG"] ** 2
+    x = cols.get("XDET", np.zeros(n))
+    y = cols.get("YDET", np.zeros(n))
+    out["xyzobs.px.value"] = np.column_stack([x, y, z]).astype(np.float64)
+    if "ROT" in cols:
+        out["phi"] = cols["ROT"]
+    if "n_parts" in cols:
+        out["n_parts"] = cols["n_parts"]
+        out["partial_complete"] = cols["partial_complete"]
+        out["batch_first"] = cols["batch_first"].astype(np.int32)
+        out["batch_last"] = cols["batch_last"].astype(np.int32)
+    elif "NPART" in cols:
+        out["n_parts"] = cols["NPART"].astype(np.int32)
+    out["flags"] = _flags(out)
+    return out
+
+
+@dataclass
+class MergedMtz:
+    """Result of :func:`read_merged_mtz` (arrays are per unique reflection)."""
+
+    miller_index: np.ndarray
+    columns: dict
+    space_group: SpaceGroup
+    unit_cell: UnitCell
+    wavelength: float
+
+
+def read_merged_mtz(filename) -> MergedMtz:
+    """Read a merged MTZ (e.g. ``dials.merge`` or AIMLESS output).
+
+    Returns every column as float64 (integer-typed columns as int64) keyed by its label.
+
+    Raises
+    ------
+    MtzFormatError (ValueError)
+        If the file is unreadable, has batches (unmerged) or no ``IMEAN``/``I(+)``/``F``.
+    """
+    path = os.fspath(filename)
+    mtz = _read(path)
+    _require(mtz, ["H", "K", "L"], path)
+    if "M/ISYM" in mtz.column_labels():
+        raise MtzFormatError(f"{path}: this is an unmerged MTZ (has M/ISYM); "
+                             "use read_unmerged_mtz")
+    labels = mtz.column_labels()
+    if not any(x in labels for x in ("IMEAN", "I(+)", "I", "F", "FP")):
+        raise MtzFormatError(f"{path}: no intensity or amplitude column found")
+    sg, cell = _symmetry(mtz, path)
+    data = mtz.array
+    cols = {}
+    for i, c in enumerate(mtz.columns):
+        if i < 3:
+            continue
+        v = data[:, i]
+        cols[c.label] = (v.astype(np.int64) if c.type in ("I", "B", "Y") and
+                         np.all(np.isfinite(v)) else v.astype(np.float64))
+    wl = next((d.wavelength for d in mtz.datasets if d.wavelength > 0), 0.0)
+    return MergedMtz(data[:, :3].astype(np.int32), cols, sg, cell, float(wl))
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _col(table, name):
+    return np.asarray(table[name]) if name in table else None
+
+
+def _batch_offsets(ranges: list[tuple[int, int]]) -> list[int]:
+    """Offsets (multiples of 1000 beyond the previous run) making batch ranges disjoint."""
+    offsets, next_free = [], None
+    for first, last in ranges:
+        off = 0
+        if next_free is not None and first <= next_free:
+            off = int(np.ceil((next_free - first + 1) / 1000.0)) * 1000
+        offsets.append(off)
+        next_free = last + off
+    return offsets
+
+
+def write_unmerged_mtz(filename, table, experiments: ExperimentList,
+                       intensity: str | None = None, sort: bool = True,
+                       project_name: str = "xtalscale", crystal_name: str = "XTAL",
+                       dataset_name: str = "NATIVE") -> np.ndarray:
+    """Write an unmerged MTZ (``H K L M/ISYM BATCH I SIGI`` + optional columns).
+
+    Parameters
+    ----------
+    filename : str or path
+    table : reflection_table
+        Needs ``miller_index``, ``id``, an intensity (see ``intensity``) and either
+        ``batch`` or ``xyzobs.px.value`` (batch = floor(z) + first image + offset).
+    experiments : ExperimentList
+        Supplies space group, cell, wavelength, φ per batch. Experiments with
+        overlapping batch ranges get offsets of multiples of 1000 (as DIALS does).
+    intensity : {'scale', 'prf', 'sum'} or None
+        Which ``intensity.<kind>`` to write as I/SIGI. Default: ``scale`` if present,
+        else ``prf``, else ``sum``. With ``inverse_scale_factor`` present, SCALEUSED and
+        SIGSCALEUSED are written (I is then the scaled intensity: I = raw / SCALEUSED).
+    sort : bool
+        Sort rows by ASU index, M/ISYM, BATCH (recorded in the header sort order).
+
+    Returns
+    -------
+    ndarray
+        The row permutation used: file row i holds ``table`` row ``perm[i]``.
+
+    Raises
+    ------
+    ValueError / KeyError
+        For missing columns, identifiers inconsistent with the experiments, or lengths
+        that do not match.
+    """
+    path = os.fspath(filename)
+    n = len(table)
+    if len(experiments) == 0:
+        raise ValueError(f"{path}: experiments is empty")
+    hkl = miller_array(_required(table, "miller_index", path), "miller_index")
+    ids = _required(table, "id", path).astype(np.int64)
+    if np.any((ids < 0) | (ids >= len(experiments))):
+        bad = int(ids[(ids < 0) | (ids >= len(experiments))][0])
+        raise KeyError(f"{path}: table id {bad} has no experiment (list has "
+                       f"{len(experiments)})")
+    _check_identifiers(table, experiments, path)
+    kind = intensity or next((k for k in ("scale", "prf", "sum")
+                              if f"intensity.{k}.value" in table), None)
+    if kind is None:
+        raise KeyError(f"{path}: table has no intensity.scale/prf/sum.value column")
+    value = _required(table, f"intensity.{kind}.value", path).astype(np.float64)
+    var = _required(table, f"intensity.{kind}.variance", path).astype(np.float64)
+    if np.any(var < 0):
+        raise ValueError(f"{path}: intensity.{kind}.variance has negative values")
+    crystal0 = experiments[0].crystal
+    if crystal0 is None:
+        raise ValueError(f"{path}: experiment 0 has no crystal (space group and cell needed)")
+    sg = crystal0.get_space_group()
+    cell = crystal0.get_unit_cell()
+    # batches
+    scans = [e.scan for e in experiments]
+    ranges = [s.get_batch_range() if s is not None else (1, 1) for s in scans]
+    offsets = _batch_offsets(ranges)
+    if "batch" in table:
+        batch = np.asarray(table["batch"]).astype(np.int64) + np.asarray(offsets)[ids]
+    else:
+        z = np.asarray(_required(table, "xyzobs.px.value", path))[:, 2]
+        first = np.array([s.get_image_range()[0] if s is not None else 1 for s in scans])
+        boff = np.array([s.get_batch_offset() if s is not None else 0 for s in scans])
+        batch = (np.floor(z).astype(np.int64) + first[ids] + boff[ids]
+                 + np.asarray(offsets)[ids])
+    mapping = map_to_asu(hkl, sg)
+    isym = mapping.isym.astype(np.int64)
+    perm = np.arange(n)
+    if sort and n:
+        a = mapping.asu_hkl
+        perm = np.lexsort((batch, isym, a[:, 2], a[:, 1], a[:, 0]))
+    cols: list[tuple[str, str, np.ndarray]] = [
+        ("H", "H", mapping.asu_hkl[:, 0]), ("K", "H", mapping.asu_hkl[:, 1]),
+        ("L", "H", mapping.asu_hkl[:, 2]), ("M/ISYM", "Y", isym), ("BATCH", "B", batch),
+        ("I", "J", value), ("SIGI", "Q", np.sqrt(var)),
+    ]
+    if kind != "prf" and "intensity.prf.value" in table:
+        # DIALS/MOSFLM convention: I = summation (or scaled), IPR = profile-fitted.
+        pv = _required(table, "intensity.prf.variance", path).astype(np.float64)
+        cols.append(("IPR", "J", _required(table, "intensity.prf.value", path)))
+        cols.append(("SIGIPR", "Q", np.sqrt(np.where(pv >= 0, pv, np.nan))))
+    g = _col(table, "inverse_scale_factor")
+    if g is not None and kind == "scale":
+        cols.append(("SCALEUSED", "R", g))
+        gv = _col(table, "inverse_scale_factor_variance")
+        cols.append(("SIGSCALEUSED", "R", np.sqrt(gv) if gv is not None else np.zeros(n)))
+    for name, label in (("partiality", "FRACTIONCALC"),):
+        v = _col(table, name)
+        if v is not None:
+            cols.append((label, "R", v))
+    xyz = _col(table, "xyzobs.px.value")
+    if xyz is not None:
+        cols.append(("XDET", "R", xyz[:, 0]))
+        cols.append(("YDET", "R", xyz[:, 1]))
+        phi = _col(table, "phi")
+        if phi is None:
+            phi = np.empty(n)
+            for i, s in enumerate(scans):
+                rows = ids == i
+                phi[rows] = (s.get_angle_from_array_index(xyz[rows, 2]) if s is not None
+                             else 0.0)
+        cols.append(("ROT", "R", phi))
+    lp = _col(table, "lp")
+    if lp is not None:
+        cols.append(("LP", "R", lp))
+    for label, _, v in cols:
+        if len(v) != n:
+            raise ValueError(f"{path}: column for {label} has length {len(v)}, table has {n}")
+    mtz = gemmi.Mtz(with_base=True)
+    mtz.title = "From xtalscale"
+    mtz.spacegroup = sg.gemmi
+    mtz.set_cell_for_all(cell.gemmi)
+    ds = mtz.add_dataset(dataset_name)
+    ds.project_name, ds.crystal_name = project_name, crystal_name
+    ds.wavelength = experiments[0].beam.get_wavelength() if experiments[0].beam else 0.0
+    ds.cell = cell.gemmi
+    for label, ctype, _ in cols[3:]:  # H, K, L come with the base dataset
+        mtz.add_column(label, ctype, dataset_id=1)
+    data = np.empty((n, len(cols)), dtype=np.float32)
+    for j, (_, _, v) in enumerate(cols):
+        data[:, j] = np.asarray(v)[perm]
+    mtz.set_data(data)
+    if sort:
+        mtz.sort_order = [1, 2, 3, 4, 5]
+    _add_batch_headers(mtz, experiments, ids, batch, offsets, cell)
+    mtz.write_to_file(path)
+    return perm
+
+
+def _required(table, name: str, path: str) -> np.ndarray:
+    if name not in table:
+        raise KeyError(f"{path}: reflection table is missing required column {name!r}")
+    return np.asarray(table[name])
+
+
+def _check_identifiers(table, experiments: ExperimentList, path: str) -> None:
+    ids_map = table.experiment_identifiers()
+    for k, v in ids_map.items():
+        if not 0 <= int(k) < len(experiments):
+            raise KeyError(f"{path}: table identifier map has id {k} but only "
+                           f"{len(experiments)} experiments")
+        if experiments[int(k)].identifier and experiments[int(k)].identifier != v:
+            raise ValueError(f"{path}: table id {k} has identifier {v!r} but experiment {k} "
+                             f"has {experiments[int(k)].identifier!r}")
+
+
+def _add_batch_headers(mtz, experiments, ids, batch, offsets, cell: UnitCell) -> None:
+    used = np.unique(batch)
+    owner = {}
+    for i in range(len(experiments)):
+        for b in np.unique(batch[ids == i]):
+            owner.setdefault(int(b), i)
+    for b in used.tolist():
+        i = owner[int(b)]
+        e = experiments[i]
+        hdr = gemmi.Mtz.Batch()
+        hdr.number = int(b)
+        hdr.dataset_id = 1
+        hdr.title = f"Batch {int(b)}"
+        ints = hdr.ints
+        ints[_I_NCRYST] = 1
+        ints[_I_LDTYPE] = 2
+        ints[_I_JSAXS] = 1
+        ints[_I_NGONAX] = 1
+        ints[_I_NDET] = 1
+        ints[_I_NBSETID] = 1
+        f = hdr.floats
+        for j, v in enumerate(cell.parameters()):
+            f[_F_CELL + j] = v
+        U = np.eye(3)
+        if e.crystal is not None:
+            U = np.asarray(e.crystal.get_U()).reshape(3, 3)
+        for j, v in enumerate(U.T.ravel()):  # column-major, see _F_UMAT
+            f[_F_UMAT + j] = float(v)
+        f[_F_BSCALE] = 1.0
+        if e.scan is not None:
+            image = int(b) - offsets[i] - e.scan.get_batch_offset()
+            start = e.scan.get_angle_from_image_index(image)
+            width = e.scan.get_oscillation()[1]
+            f[_F_PHISTT], f[_F_PHIEND], f[_F_PHIRANGE] = start, start + width, width
+        axis = e.goniometer.get_rotation_axis() if e.goniometer is not None else (1, 0, 0)
+        for j in range(3):
+            f[_F_SCANAX + j] = float(axis[j])
+            f[_F_E1 + j] = float(axis[j])
+        if e.beam is not None:
+            f[_F_ALAMBD] = e.beam.get_wavelength()
+            unit_s0 = np.asarray(e.beam.get_unit_s0())
+            # idealised source vector: the lab axis the beam comes from; so: with tilts
+            f[_F_SOURCE + int(np.argmax(np.abs(unit_s0)))] = -float(
+                np.sign(unit_s0[np.argmax(np.abs(unit_s0))]))
+            for j in range(3):
+                f[_F_SO + j] = float(-unit_s0[j])
+        hdr.ints = ints
+        hdr.floats = f
+        hdr.axes = ["AXIS"]
+        mtz.batches.append(hdr)
+
+
+def merge_intensities(hkl, intensities, variances, space_group, anomalous: bool = False):
+    """Inverse-variance weighted merge per unique (ASU) reflection (vectorised).
+
+    Returns
+    -------
+    tuple
+        ``(unique_hkl, mean, sigma, multiplicity)``; rows with variance <= 0 or
+        non-finite values are ignored.
+    """
+    I = np.asarray(intensities, dtype=np.float64)
+    V = np.asarray(variances, dtype=np.float64)
+    hkl = miller_array(hkl, "hkl")
+    if not (len(I) == len(V) == len(hkl)):
+        raise ValueError(f"hkl, intensities and variances must have equal lengths "
+                         f"(got {len(hkl)}, {len(I)}, {len(V)})")
+    ok = np.isfinite(I) & np.isfinite(V) & (V > 0)
+    m = map_to_asu(hkl[ok], space_group, anomalous=anomalous)
+    g = group_reflections(m.asu_hkl)
+    w = 1.0 / V[ok]
+    sw = np.bincount(g.group_index, weights=w, minlength=g.n_groups)
+    swi = np.bincount(g.group_index, weights=w * I[ok], minlength=g.n_groups)
+    return g.unique_hkl, swi / sw, np.sqrt(1.0 / sw), g.group_sizes()
+
+
+def write_merged_mtz(filename, hkl, imean, sigimean, space_group, unit_cell,
+                     wavelength: float, i_plus=None, sigi_plus=None, i_minus=None,
+                     sigi_minus=None, n_plus=None, n_minus=None,
+                     project_name: str = "xtalscale", crystal_name: str = "XTAL",
+                     dataset_name: str = "NATIVE") -> None:
+    """Write a merged MTZ (``IMEAN SIGIMEAN`` [+ ``I(+) SIGI(+) I(-) SIGI(-) N(+) N(-)``]).
+
+    Parameters
+    ----------
+    hkl : array_like (n, 3)
+        Unique reflections (ASU indices).
+    imean, sigimean : array_like (n,)
+    space_group : SpaceGroup or str
+    unit_cell : UnitCell or 6 parameters
+    wavelength : float
+    i_plus, sigi_plus, i_minus, sigi_minus, n_plus, n_minus : array_like (n,), optional
+        Anomalous columns (NaN = not measured); all four intensity arrays are needed.
+
+    Raises
+    ------
+    ValueError
+        On unequal lengths, non-ASU indices or inconsistent anomalous arrays.
+    """
+    path = os.fspath(filename)
+    hkl = miller_array(hkl, "hkl")
+    sg = space_group if isinstance(space_group, SpaceGroup) else SpaceGroup(space_group)
+    cell = unit_cell if isinstance(unit_cell, UnitCell) else UnitCell(unit_cell)
+    n = len(hkl)
+    cols = [("IMEAN", "J", imean), ("SIGIMEAN", "Q", sigimean)]
+    anom = [i_plus, sigi_plus, i_minus, sigi_minus]
+    if any(a is not None for a in anom):
+        if any(a is None for a in anom):
+            raise ValueError(f"{path}: i_plus, sigi_plus, i_minus and sigi_minus are all "
+                             "required for anomalous output")
+        cols += [("I(+)", "K", i_plus), ("SIGI(+)", "M", sigi_plus), ("I(-)", "K", i_minus),
+                 ("SIGI(-)", "M", sigi_minus)]
+        if n_plus is not None and n_minus is not None:
+            cols += [("N(+)", "I", n_plus), ("N(-)", "I", n_minus)]
+    for label, _, v in cols:
+        if len(np.asarray(v)) != n:
+            raise ValueError(f"{path}: {label} has length {len(np.asarray(v))}, hkl has {n}")
+    if n:
+        m = map_to_asu(hkl, sg)
+        if not np.array_equal(m.asu_hkl, hkl):
+            bad = int(np.flatnonzero((m.asu_hkl != hkl).any(axis=1))[0])
+            raise ValueError(f"{path}: hkl row {bad} {tuple(hkl[bad])} is not in the ASU")
+    mtz = gemmi.Mtz(with_base=True)
+    mtz.title = "From xtalscale"
+    mtz.spacegroup = sg.gemmi
+    mtz.set_cell_for_all(cell.gemmi)
+    ds = mtz.add_dataset(dataset_name)
+    ds.project_name, ds.crystal_name, ds.wavelength = project_name, crystal_name, wavelength
+    ds.cell = cell.gemmi
+    for label, ctype, _ in cols:
+        mtz.add_column(label, ctype, dataset_id=1)
+    data = np.empty((n, 3 + len(cols)), dtype=np.float32)
+    data[:, :3] = hkl
+    for j, (_, _, v) in enumerate(cols):
+        data[:, 3 + j] = np.asarray(v, dtype=np.float64)
+    mtz.set_data(data)
+    mtz.write_to_file(path)
