@@ -2,6 +2,7 @@
 #include "xtalscale/smoother.hpp"
 
 #include <algorithm>
+#include <memory>
 #include <string>
 
 namespace xtalscale {
@@ -88,7 +89,7 @@ void GaussianSmoother<D>::set_smoothing(std::size_t num_average, double sigma) {
     min_nav = std::min(min_nav, nav);
   }
   for (auto& ax : axes_) ax.set_average(num_average);
-  sigma_ = sigma < 0.0 ? 0.65 + 0.05 * (static_cast<double>(min_nav) - 2.0) : sigma;
+  kernel_.set(sigma < 0.0 ? 0.65 + 0.05 * (static_cast<double>(min_nav) - 2.0) : sigma);
 }
 
 template <int D>
@@ -113,11 +114,11 @@ namespace {
 
 /// Evaluate the per-axis windows of one point; returns false if a coordinate is not finite.
 template <int D>
-inline bool eval_axes(const std::array<SmootherAxis, D>& axes, const double* coord, double sigma,
-                      std::array<AxisWindow, D>& win) {
+inline bool eval_axes(const std::array<SmootherAxis, D>& axes, const double* coord,
+                      const GaussianKernel& g, std::array<AxisWindow, D>& win) {
   for (int a = 0; a < D; ++a) {
     if (!std::isfinite(coord[a])) return false;
-    axes[a].eval(axes[a].normalise(coord[a]), sigma, win[a]);
+    axes[a].eval_fast(axes[a].normalise(coord[a]), g, win[a]);
   }
   return true;
 }
@@ -161,7 +162,7 @@ SinglePoint GaussianSmoother<D>::value_weight(const std::array<double, D>& coord
   std::array<AxisWindow, D> win;
   for (int a = 0; a < D; ++a)
     if (!std::isfinite(coord[a])) fail_non_finite(kAxisNames[a], 0, coord[a]);
-  eval_axes<D>(axes_, coord.data(), sigma_, win);
+  eval_axes<D>(axes_, coord.data(), kernel_, win);
   SinglePoint out;
   double sumwv = 0.0;
   // Intended first-fixed behaviour: w_j goes to column j-1 for j >= 1 and w_0 is dropped from
@@ -181,6 +182,167 @@ SinglePoint GaussianSmoother<D>::value_weight(const std::array<double, D>& coord
   return out;
 }
 
+// ------------------------------------------------------------------------- bulk evaluation
+//
+// Points are processed in chunks. Per axis, a first pass computes the window and the two
+// exponent arguments of the product form (GaussianKernel) for every point of the chunk, and a
+// second pass evaluates all exponentials; both loops are branch-free so the compiler vectorises
+// them. On x86-64 Linux with GCC they are also compiled for AVX2+FMA and picked at run time;
+// FMA may change the last bit of a weight relative to the baseline build (both are within a few
+// ulp of exp(-((z - pos)/sigma)^2)). A final scalar pass assembles rows and the CSR output.
+
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && \
+    defined(__linux__)
+#define XS_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define XS_MULTIVERSION
+#endif
+// GCC will not if-convert FP comparisons under -ftrapping-math (the default), which blocks
+// vectorising the window pass. We never inspect FP exception flags, and values are unchanged.
+#if defined(__GNUC__) && !defined(__clang__)
+#define XS_NO_TRAPPING __attribute__((optimize("no-trapping-math")))
+#else
+#define XS_NO_TRAPPING
+#endif
+
+namespace {
+
+constexpr int kChunk = 256;
+
+/// Per-axis constants for the vectorised window pass.
+struct AxisParams {
+  double x0, spacing, half, offset, a;
+  std::int32_t nvalues, naverage;
+};
+
+/// One axis of one chunk: windows, exponentials of the product form, and a fast-path flag.
+/// Window bounds are kept as doubles so the preparation loop is all-double and vectorises.
+struct AxisChunk {
+  alignas(64) double e[kChunk];      // exp(-a d^2)
+  alignas(64) double q[kChunk];      // exp(2 a d)
+  alignas(64) double first[kChunk];  // window start (an integer value)
+  alignas(64) double count[kChunk];  // window size (an integer value)
+  alignas(64) double slow[kChunk];   // 1: outside the product form's safe range
+};
+
+/// Product-form exponent arguments of distance @p d, or 0 with slow = 1 where unsafe.
+/// Safe means every factor stays a normal number: e^-ad² >= e^-600 and e^(2ad·k) <= e^600.
+XS_NO_TRAPPING inline void product_args(double d, double a, AxisChunk& c, int i) {
+  const double ad2 = a * d * d;
+  const double two_ad = 2.0 * a * d;
+  // Bitwise | (not ||) keeps the loop free of branches; inputs are finite (checked earlier).
+  const bool bad = (ad2 > 600.0) | (two_ad > 150.0) | (two_ad < -150.0);
+  c.slow[i] = bad ? 1.0 : 0.0;
+  c.e[i] = bad ? 0.0 : -ad2;
+  c.q[i] = bad ? 0.0 : two_ad;
+}
+
+/// In-place exp of the chunk's product-form arguments (kept apart from the no-trapping-math
+/// functions: GCC does not inline across differing optimisation attributes).
+XS_MULTIVERSION
+void exp_chunk(AxisChunk& c, int m) {
+  for (int i = 0; i < m; ++i) c.e[i] = exp_bounded(c.e[i]);
+  for (int i = 0; i < m; ++i) c.q[i] = exp_bounded(c.q[i]);
+}
+
+/// Windows and exponent arguments of @p m points (m <= kChunk) on an axis with > 3 values.
+XS_MULTIVERSION XS_NO_TRAPPING
+void prepare_axis(const double* __restrict x, int m, const AxisParams& p, AxisChunk& c) {
+  constexpr double lim = 1073741824.0;  // |z| clamp: beyond it the window is pinned anyway
+  const double nv = p.nvalues;
+  const double nav = p.naverage;
+  for (int i = 0; i < m; ++i) {
+    const double z = (x[i] - p.x0) / p.spacing;
+    double zc = z < -lim ? -lim : z;
+    zc = zc > lim ? lim : zc;
+    // iround(zc - half): round half away from zero, written branch-free in doubles.
+    const double v = zc - p.half;
+    const double t = std::trunc(v);
+    const double frac = v - t;
+    double i1 = t + (frac >= 0.5 ? 1.0 : 0.0) - (frac <= -0.5 ? 1.0 : 0.0) + 1.0;
+    double i2 = i1 + nav;
+    const bool low = i1 < 0.0;
+    i1 = low ? 0.0 : i1;
+    i2 = (low & (i2 < 2.0)) ? 2.0 : i2;
+    const bool high = i2 > nv;
+    i2 = high ? nv : i2;
+    i1 = (high & (i1 > nv - 2.0)) ? nv - 2.0 : i1;
+    c.first[i] = i1;
+    c.count[i] = i2 - i1;
+    product_args(z - (i1 + p.offset), p.a, c, i);
+  }
+}
+
+/// Same for an axis of at most 3 values: the window is always all of them.
+XS_MULTIVERSION XS_NO_TRAPPING
+void prepare_small_axis(const double* __restrict x, int m, const AxisParams& p, AxisChunk& c) {
+  for (int i = 0; i < m; ++i) {
+    c.first[i] = 0.0;
+    c.count[i] = p.nvalues;
+    product_args((x[i] - p.x0) / p.spacing, p.a, c, i);  // positions start at 0
+  }
+}
+
+/// Evaluates chunks of points and hands each point's per-axis windows to a callback.
+template <int D>
+class ChunkEvaluator {
+ public:
+  ChunkEvaluator(const std::array<SmootherAxis, D>& axes, const GaussianKernel& g)
+      : axes_(axes), g_(g) {
+    for (int a = 0; a < D; ++a) {
+      const auto& ax = axes[a];
+      params_[a] = {ax.x0(), ax.spacing(), static_cast<double>(ax.num_average()) / 2.0,
+                    ax.positions()[0], g.a, static_cast<std::int32_t>(ax.num_values()),
+                    static_cast<std::int32_t>(ax.num_average())};
+    }
+  }
+
+  /// Call f(p, win) for every point p in [0, n); throws for a non-finite coordinate.
+  template <typename F>
+  void run(std::size_t n, const std::array<const double*, D>& coords, F&& f) {
+    std::array<AxisWindow, D> win;
+    for (std::size_t base = 0; base < n; base += kChunk) {
+      const int m = static_cast<int>(std::min<std::size_t>(kChunk, n - base));
+      for (int a = 0; a < D; ++a) {
+        const double* x = coords[a] + base;
+        for (int i = 0; i < m; ++i)
+          if (!std::isfinite(x[i])) fail_non_finite(kAxisNames[a], base + i, x[i]);
+        if (params_[a].nvalues <= 3) prepare_small_axis(x, m, params_[a], chunk_[a]);
+        else prepare_axis(x, m, params_[a], chunk_[a]);
+        exp_chunk(chunk_[a], m);
+      }
+      for (int i = 0; i < m; ++i) {
+        for (int a = 0; a < D; ++a) expand(a, coords[a][base + i], i, win[a]);
+        f(base + i, win);
+      }
+    }
+  }
+
+ private:
+  void expand(int a, double x, int i, AxisWindow& w) const {
+    const AxisChunk& c = chunk_[a];
+    if (c.slow[i] != 0.0) {  // far outside the range: direct exponentials (rare)
+      axes_[a].eval(axes_[a].normalise(x), g_.sigma, w);
+      return;
+    }
+    w.first = static_cast<int>(c.first[i]);
+    w.count = static_cast<int>(c.count[i]);
+    const double q = c.q[i];
+    double t = c.e[i];
+    for (int k = 0; k < w.count; ++k) {
+      w.w[k] = t * g_.c[k];
+      t *= q;
+    }
+  }
+
+  const std::array<SmootherAxis, D>& axes_;
+  const GaussianKernel& g_;
+  std::array<AxisParams, D> params_;
+  std::array<AxisChunk, D> chunk_;
+};
+
+}  // namespace
+
 template <int D>
 template <typename Index>
 std::size_t GaussianSmoother<D>::multi_value_weight(
@@ -196,14 +358,8 @@ std::size_t GaussianSmoother<D>::multi_value_weight(
   const std::int64_t shift = first_fixed ? 1 : 0;
   std::size_t nnz = 0;
   if (want_matrix) indptr[0] = 0;
-  std::array<AxisWindow, D> win;
-  double coord[D];
-  for (std::size_t p = 0; p < n; ++p) {
-    for (int a = 0; a < D; ++a) coord[a] = coords[a][p];
-    if (!eval_axes<D>(axes_, coord, sigma_, win)) {
-      for (int a = 0; a < D; ++a)
-        if (!std::isfinite(coord[a])) fail_non_finite(kAxisNames[a], p, coord[a]);
-    }
+  auto evaluator = std::make_unique<ChunkEvaluator<D>>(axes_, kernel_);  // ~10 kB: keep off the stack
+  evaluator->run(n, coords, [&](std::size_t p, const std::array<AxisWindow, D>& win) {
     double sumw = 0.0, sumwv = 0.0;
     const std::size_t row_start = nnz;
     for_each_weight<D>(axes_, win, [&](std::int64_t col, double w) {
@@ -224,7 +380,7 @@ std::size_t GaussianSmoother<D>::multi_value_weight(
     }
     if (value_out) value_out[p] = sumw > 0.0 ? sumwv / sumw : 0.0;
     if (sumweight_out) sumweight_out[p] = sumw;
-  }
+  });
   return nnz;
 }
 
@@ -235,14 +391,8 @@ void GaussianSmoother<D>::value_error(std::size_t n, const std::array<const doub
                                       double* error_out) const {
   check_values(values, n_values, "values");
   if (esds) check_values(esds, n_values, "esds");
-  std::array<AxisWindow, D> win;
-  double coord[D];
-  for (std::size_t p = 0; p < n; ++p) {
-    for (int a = 0; a < D; ++a) coord[a] = coords[a][p];
-    if (!eval_axes<D>(axes_, coord, sigma_, win)) {
-      for (int a = 0; a < D; ++a)
-        if (!std::isfinite(coord[a])) fail_non_finite(kAxisNames[a], p, coord[a]);
-    }
+  auto evaluator = std::make_unique<ChunkEvaluator<D>>(axes_, kernel_);
+  evaluator->run(n, coords, [&](std::size_t p, const std::array<AxisWindow, D>& win) {
     double sumw = 0.0, sumwv = 0.0, sumw2s2 = 0.0;
     for_each_weight<D>(axes_, win, [&](std::int64_t col, double w) {
       sumw += w;
@@ -253,7 +403,7 @@ void GaussianSmoother<D>::value_error(std::size_t n, const std::array<const doub
     if (value_out) value_out[p] = ok ? sumwv / sumw : 0.0;
     // σ_v² = Σ (w_i/Σw)² σ_i² = (Σ w_i² σ_i²)/(Σw)²
     if (error_out) error_out[p] = ok ? std::sqrt(sumw2s2) / sumw : 0.0;
-  }
+  });
 }
 
 std::size_t nparam_to_val(std::size_t n_params) {
