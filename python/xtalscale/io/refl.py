@@ -264,6 +264,8 @@ def _read_msgpack_body(r: _Reader) -> reflection_table:
                 name = r.obj()
                 if not isinstance(name, str):
                     raise r.fail(f"column name must be a string (got {name!r})")
+                if name in cols:
+                    raise r.fail(f"duplicate column {name!r}")
                 col = _read_column(r, name)
                 if col is not None:
                     cols[name] = col
