@@ -684,12 +684,17 @@ def _check_identifiers(table, experiments: ExperimentList, path: str) -> None:
 
 
 def _add_batch_headers(mtz, experiments, ids, batch, offsets, cell: UnitCell) -> None:
-    used = np.unique(batch)
-    owner = {}
-    for i in range(len(experiments)):
-        for b in np.unique(batch[ids == i]):
+    # One header per image of every scan (as dials.export), plus any batch used by a row
+    # outside its scan's range.
+    owner: dict[int, int] = {}
+    for i, e in enumerate(experiments):
+        if e.scan is not None:
+            first, last = e.scan.get_batch_range()
+            for b in range(first + offsets[i], last + offsets[i] + 1):
+                owner.setdefault(b, i)
+        for b in np.unique(batch[ids == i]).tolist():
             owner.setdefault(int(b), i)
-    for b in used.tolist():
+    for b in sorted(owner):
         i = owner[int(b)]
         e = experiments[i]
         hdr = gemmi.Mtz.Batch()
