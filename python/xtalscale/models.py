@@ -224,8 +224,11 @@ def _opt(params: Any, section: str, name: str, default: Any) -> Any:
 # reflection-table access (works with flex tables, dicts of arrays, ...)
 # ==========================================================================
 def _nrows(table: Any) -> int:
+    """Row count of a flex table, a dict of columns or a sized sequence."""
     if hasattr(table, "size") and callable(table.size):
         return int(table.size())
+    if isinstance(table, Mapping):
+        return len(next(iter(table.values()))) if table else 0
     return int(len(table))
 
 
@@ -493,11 +496,16 @@ class ScalingModelBase:
             for comp in comps.values():
                 comp.update_reflection_data()
             self._configured_rows = _nrows(reflection_table)
-        elif self._configured_rows is None:
-            raise ValueError("get_scales() needs a reflection_table the first time (no data configured yet)")
-        g = np.ones(self._configured_rows)
+        g = None
         for comp in comps.values():
-            g = g * np.asarray(comp.calculate_scales(0), dtype=np.float64)
+            # Without a table this uses the components' current data (block 0); a component
+            # that has none raises, naming itself.
+            s = np.asarray(comp.calculate_scales(0), dtype=np.float64)
+            g = s.copy() if g is None else g * s
+        if g is None:
+            if self._configured_rows is None:
+                raise ValueError("get_scales() needs a reflection_table (the model has no components)")
+            g = np.ones(self._configured_rows)
         return g
 
     def get_inverse_scales(self, reflection_table: Any = None, experiment: Any = None,
