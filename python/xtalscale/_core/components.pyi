@@ -1,1 +1,52 @@
-# Stubs for xtalscale._core.components (filled in with the component bindings).
+# Stubs for xtalscale._core.components: scale-component kernels and spherical harmonics.
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import numpy.typing as npt
+
+_F64 = npt.NDArray[np.float64]
+_I32 = npt.NDArray[np.int32]
+_I64 = npt.NDArray[np.int64]
+
+def smoother_weights(
+    coords: Sequence[npt.ArrayLike],
+    ranges: Sequence[Tuple[float, float]],
+    intervals: Sequence[int],
+    num_average: int = 3,
+    sigma: float = -1.0,
+    first_fixed: bool = False,
+) -> Tuple[_I32, _I32, _F64, Optional[_F64]]:
+    """Normalised smoother weights w/Σw as CSR (indptr, indices, data) and, with first_fixed,
+    the dense column of p₀ (the others shifted down by one)."""
+
+def csr_matvec(
+    indptr: _I32,
+    indices: _I32,
+    data: _F64,
+    parameters: npt.ArrayLike,
+    first_col: Optional[_F64] = None,
+    p0: float = 0.0,
+) -> _F64: ...
+def exp_scales(factor: npt.ArrayLike, coef: float, derivatives: bool = True) -> Tuple[_F64, Optional[_F64]]: ...
+def smooth_b_scales(
+    indptr: _I32,
+    indices: _I32,
+    data: _F64,
+    parameters: npt.ArrayLike,
+    factor: npt.ArrayLike,
+    first_col: Optional[_F64] = None,
+    p0: float = 0.0,
+    derivatives: bool = True,
+) -> Tuple[_F64, Optional[_F64]]: ...
+def row_multiply(indptr: npt.ArrayLike, data: npt.ArrayLike, v: npt.ArrayLike) -> _F64: ...
+def sh_scales(harmonic_values: npt.ArrayLike, parameters: npt.ArrayLike) -> _F64: ...
+def calc_theta_phi(xyz: npt.ArrayLike) -> _F64: ...
+def calc_lookup_index(theta_phi: npt.ArrayLike, points_per_degree: float) -> _I64: ...
+def sph_harm_table(s0_theta_phi: npt.ArrayLike, s1_theta_phi: npt.ArrayLike, lmax: int) -> _F64: ...
+def sph_harm_lookup_table(lmax: int, points_per_degree: int) -> _F64: ...
+def harmonics_from_lookup(
+    s0_selection: npt.ArrayLike, s1_selection: npt.ArrayLike, table: npt.ArrayLike, n_params: int
+) -> _F64: ...
+def rotate_vectors_about_axis(rot_axis: npt.ArrayLike, vectors: npt.ArrayLike, angles: npt.ArrayLike) -> _F64: ...
+def real_harmonics(lmax: int, theta: float, phi: float) -> _F64: ...
+def n_sph_harm_params(lmax: int) -> int: ...
