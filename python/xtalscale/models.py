@@ -69,6 +69,9 @@ AUTO = "auto"
 #: Above this many reflections the absorption harmonics use DIALS's 0.5° lookup table.
 SH_LOOKUP_THRESHOLD = 100000
 
+# Guards the class-wide SH lookup table shared by all SHScaleComponent instances (as in DIALS).
+_SH_TABLE_LOCK = threading.Lock()
+
 
 class ScalingModelError(ValueError):
     """A scaling-model configuration or parameter set is inconsistent."""
@@ -673,10 +676,13 @@ def _add_absorption(model: ScalingModelBase, reflection_table: Any, experiment: 
     absorption = model.components["absorption"]
     if _nrows(reflection_table) > SH_LOOKUP_THRESHOLD:
         cls = type(absorption)
-        table = cls.coefficients_list
-        if table is None or np.asarray(table).shape[-1] < _sh_count(lmax):
-            # Shared by all SH components, as in DIALS; rebuilt only for a larger lmax.
-            cls.coefficients_list = kern.sph_harm_lookup_table(lmax, 2)
+        with _SH_TABLE_LOCK:
+            table = cls.coefficients_list
+            # DIALS stores a list with one array per harmonic; the kernel a (grid, n_harmonics) array.
+            n_have = 0 if table is None else (np.shape(table)[1] if isinstance(table, np.ndarray) else len(table))
+            if n_have < _sh_count(lmax):
+                # Shared by all SH components, as in DIALS; only ever grows (a larger lmax).
+                cls.coefficients_list = kern.sph_harm_lookup_table(lmax, 2)
         absorption.data = {"s0_lookup": kern.calc_lookup_index(tp0, 2),
                            "s1_lookup": kern.calc_lookup_index(tp1, 2)}
     else:

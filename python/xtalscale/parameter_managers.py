@@ -40,6 +40,7 @@ __all__ = [
     "scaling_active_parameter_manager",
     "ScalingParameterManagerGenerator",
     "calc_sf_variances",
+    "full_model_var_cov",
 ]
 
 
@@ -707,6 +708,46 @@ class ScalingParameterManagerGenerator(ParameterManagerGenerator):
 # --------------------------------------------------------------------------
 # uncertainty propagation to the scales
 # --------------------------------------------------------------------------
+def full_model_var_cov(components: Mapping[str, Any], apm: Any) -> np.ndarray:
+    """Place a single-dataset manager's var-cov into the full model's parameter space.
+
+    DIALS ``SingleScaler.update_var_cov``: the result is ``n_model x n_model``
+    with n_model counting *all* parameters of every component; each active
+    (component, component) block of ``apm.var_cov_matrix`` lands at the
+    components' full-model offsets. A fixed-first component's ``n - 1`` free
+    parameters occupy offsets ``0..n-2`` of its block (matching the ``n - 1``
+    derivative columns used by :func:`calc_sf_variances`); rows and columns of
+    inactive components stay zero.
+
+    Parameters
+    ----------
+    components : dict
+        The model's ``{name: component}``.
+    apm : active_parameter_manager
+        After ``calculate_model_state_uncertainties``.
+
+    Returns
+    -------
+    numpy.ndarray
+    """
+    if apm.var_cov_matrix is None:
+        raise ValueError("the parameter manager has no var_cov_matrix yet (call calculate_model_state_uncertainties)")
+    V = _square(apm.var_cov_matrix, apm.n_active_params, "apm.var_cov_matrix")
+    offsets, start = {}, 0
+    for name, comp in components.items():
+        offsets[name] = start
+        start += int(comp.n_params)
+    full = np.zeros((start, start))
+    for name_i, info_i in apm.components.items():
+        if name_i not in offsets:
+            raise KeyError(f"active component {name_i!r} is not in the model's components")
+        oi, si, ni = offsets[name_i], info_i["start_idx"], info_i["n_params"]
+        for name_j, info_j in apm.components.items():
+            oj, sj, nj = offsets[name_j], info_j["start_idx"], info_j["n_params"]
+            full[oi:oi + ni, oj:oj + nj] = V[si:si + ni, sj:sj + nj]
+    return full
+
+
 def calc_sf_variances(components: Mapping[str, Any], var_cov: Any, block_id: int = 0) -> np.ndarray:
     """Variance of each reflection's inverse scale factor from a parameter var-cov matrix.
 

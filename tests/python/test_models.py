@@ -687,3 +687,17 @@ def test_serialisation_of_esds_and_analytical():
     again = model_from_dict(out)
     assert list(again.components) == ["scale", "decay", "absorption", "analytical"]
     assert again.to_dict() == out
+
+
+def test_dose_decay_limit_image_range():
+    model = DoseDecay.from_data(default_model_params(), mock_experiment(), synthetic_reflections())
+    model.set_valid_image_range((1, 90))
+    scale = np.asarray(model.components["scale"].parameters).copy()
+    model.limit_image_range((1, 45))
+    # 45 images at 2-degree intervals: 23 bins -> 25 parameters, the first 25 kept.
+    assert model.components["scale"].n_params == 25
+    np.testing.assert_array_equal(model.components["scale"].parameters, scale[:25])
+    assert model.configdict["valid_osc_range"] == (0.0, 45.0)
+    assert model.configdict["valid_image_range"] == (1, 45)
+    with pytest.raises(ValueError, match="start <= end"):
+        model.limit_image_range((40, 10))

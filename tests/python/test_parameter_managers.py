@@ -331,3 +331,26 @@ def test_calc_sf_variances_matches_dense_formula_with_fixed_first_parameter():
     np.testing.assert_allclose(calc_sf_variances(comps, V), np.einsum("ij,jk,ik->i", J, V, J), rtol=1e-12)
     with pytest.raises(ValueError, match="shape \\(6, 6\\)"):
         calc_sf_variances(comps, np.eye(5))
+
+
+def test_full_model_var_cov_places_blocks_at_model_offsets():
+    """Fixed-first scale (4 params, 3 free) + decay (1): the 4x4 apm matrix goes to a 5x5 model one."""
+    from xtalscale.parameter_managers import full_model_var_cov
+
+    scale = SmoothScaleComponent1D(np.array([1.0, 1.1, 1.2, 1.3]))
+    scale.fix_initial_parameter()
+    decay = SingleBScaleFactor(np.array([0.5]))
+    comps = {"scale": scale, "decay": decay}
+    apm = active_parameter_manager(comps, ["scale", "decay"])
+    V = np.arange(16.0).reshape(4, 4)
+    V = V + V.T
+    apm.calculate_model_state_uncertainties(V)
+    full = full_model_var_cov(comps, apm)
+    assert full.shape == (5, 5)
+    np.testing.assert_array_equal(full[:3, :3], V[:3, :3])   # free scale params at offsets 0..2
+    np.testing.assert_array_equal(full[3, :], 0.0)           # the fixed parameter's slot stays empty
+    np.testing.assert_array_equal(full[4, 4], V[3, 3])       # decay at model offset 4
+    np.testing.assert_array_equal(full[:3, 4], V[:3, 3])     # cross terms kept within a dataset
+    apm_decay_only = active_parameter_manager(comps, ["decay"])
+    with pytest.raises(ValueError, match="no var_cov_matrix"):
+        full_model_var_cov(comps, apm_decay_only)
