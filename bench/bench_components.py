@@ -153,8 +153,12 @@ def main(n: int = 1_000_000) -> None:
     c = SmoothScaleComponent1D(p_scale)
     c.fix_initial_parameter()
     c.data = {"x": xs}
-    cases.append(("SmoothScaleComponent1D (fixed p0)", c,
-                  lambda: _np_smooth([xs - xs.min()], (26,), p_scale)))
+
+    def np_scale():
+        v, w = _np_smooth([xs - xs.min()], (26,), p_scale)
+        return v, w[:, 1:]  # p0 fixed: its column is not a derivative
+
+    cases.append(("SmoothScaleComponent1D (fixed p0)", c, np_scale))
 
     xd = z / 20.0
     p_b = rng.uniform(-1.0, 1.0, 20)

@@ -7,6 +7,8 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "xtalscale/check.hpp"
 #include "xtalscale/smoother.hpp"  // exp_bounded
@@ -108,7 +110,7 @@ void row_multiply(std::size_t n_rows, const std::int64_t* indptr, const double* 
     for (std::int64_t k = indptr[i]; k < indptr[i + 1]; ++k) out_data[k] = data[k] * v[i];
 }
 
-void sh_scales(std::size_t n, std::size_t n_params, const double* harmonics, const double* coef,
+XS_MULTIVERSION void sh_scales(std::size_t n, std::size_t n_params, const double* harmonics, const double* coef,
                double* scales) {
   for (std::size_t i = 0; i < n; ++i) {
     const double* row = harmonics + i * n_params;
@@ -128,6 +130,41 @@ void validate_csr(std::size_t n_rows, std::size_t n_cols, const std::int64_t* in
           name + ": indptr must end at the number of stored entries");
   for (std::size_t k = 0; k < nnz; ++k)
     require_index(static_cast<std::ptrdiff_t>(indices[k]), n_cols, what);
+}
+
+WeightMatrix::WeightMatrix(std::size_t n_rows, std::size_t n_cols,
+                           std::vector<std::int32_t> indptr, std::vector<std::int32_t> indices,
+                           std::vector<double> data, std::vector<double> first_col,
+                           bool fixed_first)
+    : n_rows_(n_rows),
+      n_cols_(n_cols),
+      fixed_(fixed_first),
+      indptr_(std::move(indptr)),
+      indices_(std::move(indices)),
+      data_(std::move(data)),
+      first_col_(std::move(first_col)) {
+  require(indptr_.size() == n_rows_ + 1, "indptr must have n_rows + 1 entries");
+  require(indices_.size() == data_.size(), "indices and data must have the same length");
+  require(fixed_ ? first_col_.size() == n_rows_ : first_col_.empty(),
+          "first_col must have one entry per row with a fixed first parameter, else be empty");
+  std::vector<std::int64_t> ip(indptr_.begin(), indptr_.end());
+  std::vector<std::int64_t> ix(indices_.begin(), indices_.end());
+  validate_csr(n_rows_, n_cols_, ip.data(), ix.data(), data_.size(), "weight matrix");
+}
+
+void WeightMatrix::values(const double* p, double* out) const {
+  if (!fixed_)
+    csr_matvec(n_rows_, indptr_.data(), indices_.data(), data_.data(), p, nullptr, 0.0, out);
+  else
+    csr_matvec(n_rows_, indptr_.data(), indices_.data(), data_.data(), p + 1, first_col_.data(),
+               p[0], out);
+}
+
+void WeightMatrix::b_scales(const double* p, const double* factor, double* scales,
+                            double* d_data) const {
+  const bool fixed = fixed_;
+  smooth_b_scales(n_rows_, indptr_.data(), indices_.data(), data_.data(), fixed ? p + 1 : p,
+                  fixed ? first_col_.data() : nullptr, fixed ? p[0] : 0.0, factor, scales, d_data);
 }
 
 }  // namespace xtalscale::components

@@ -65,13 +65,12 @@ const double* optional_column(const std::optional<DoubleArray>& col, std::size_t
   return col->data();
 }
 
-/// Normalised weight matrix of a D-dim smoother over n points (capacity n·max_row_nnz, trimmed
-/// by a copy only when the bound overshoots by more than 10%).
+/// Normalised weight matrix of a D-dim smoother over n points, as an owning WeightMatrix.
 template <int D>
-py::tuple smoother_weights_d(const std::vector<DoubleArray>& coords,
-                             const std::vector<std::array<double, 2>>& ranges,
-                             const std::vector<std::size_t>& intervals, std::size_t num_average,
-                             double sigma, bool first_fixed) {
+components::WeightMatrix weight_matrix_d(const std::vector<DoubleArray>& coords,
+                                         const std::vector<std::array<double, 2>>& ranges,
+                                         const std::vector<std::size_t>& intervals,
+                                         std::size_t num_average, double sigma, bool first_fixed) {
   static const char* const kNames[3] = {"x", "y", "z"};
   std::array<std::array<double, 2>, D> r{};
   std::array<std::size_t, D> iv{};
@@ -89,51 +88,100 @@ py::tuple smoother_weights_d(const std::vector<DoubleArray>& coords,
   const std::size_t capacity = n * smoother.max_row_nnz();
   require(capacity < static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max()),
           "too many weight entries for 32-bit CSR indices; split the reflections into blocks");
-  const std::vector<double> zeros(smoother.num_values(), 0.0);
-  Int32Array indptr(static_cast<py::ssize_t>(n + 1));
-  Int32Array indices(static_cast<py::ssize_t>(capacity));
-  DoubleArray data(static_cast<py::ssize_t>(capacity));
-  py::object first_col = py::none();
-  double* first_ptr = nullptr;
-  if (first_fixed) {
-    DoubleArray col(static_cast<py::ssize_t>(n));
-    first_ptr = col.mutable_data();
-    first_col = col;
-  }
-  std::size_t nnz = 0;
+  const std::size_t n_values = smoother.num_values();
+  std::vector<std::int32_t> indptr(n + 1), indices(capacity);
+  std::vector<double> data(capacity), first_col(first_fixed ? n : 0);
   {
     py::gil_scoped_release release;  // pure C++ over converted buffers
-    nnz = smoother.template multi_value_weight<std::int32_t>(
-        n, cptr, zeros.data(), zeros.size(), nullptr, nullptr, indptr.mutable_data(),
-        indices.mutable_data(), data.mutable_data(), WeightMode::normalised, false);
+    const std::vector<double> zeros(n_values, 0.0);
+    std::size_t nnz = smoother.template multi_value_weight<std::int32_t>(
+        n, cptr, zeros.data(), zeros.size(), nullptr, nullptr, indptr.data(), indices.data(),
+        data.data(), WeightMode::normalised, false);
     if (first_fixed)
-      nnz = components::split_first_column(n, indptr.mutable_data(), indices.mutable_data(),
-                                           data.mutable_data(), first_ptr);
+      nnz = components::split_first_column(n, indptr.data(), indices.data(), data.data(),
+                                           first_col.data());
+    indices.resize(nnz);
+    data.resize(nnz);
+    if (nnz * 10 < capacity * 9) {  // the window bound overshot: do not hold the slack
+      indices.shrink_to_fit();
+      data.shrink_to_fit();
+    }
   }
-  py::object ind = indices, dat = data;
-  const py::slice head(0, static_cast<py::ssize_t>(nnz), 1);
-  if (nnz * 10 < capacity * 9) {
-    ind = py::array(indices[head]).attr("copy")();
-    dat = py::array(data[head]).attr("copy")();
-  } else if (nnz < capacity) {
-    ind = indices[head];
-    dat = data[head];
+  return components::WeightMatrix(n, first_fixed ? n_values - 1 : n_values, std::move(indptr),
+                                  std::move(indices), std::move(data), std::move(first_col),
+                                  first_fixed);
+}
+
+components::WeightMatrix weight_matrix(const std::vector<DoubleArray>& coords,
+                                       const std::vector<std::array<double, 2>>& ranges,
+                                       const std::vector<std::size_t>& intervals,
+                                       std::size_t num_average, double sigma, bool first_fixed) {
+  const std::size_t d = coords.size();
+  require(d >= 1 && d <= 3, "coords must hold 1, 2 or 3 coordinate arrays");
+  require(ranges.size() == d && intervals.size() == d,
+          "one range and one interval count per coordinate array are required");
+  require(!first_fixed || d == 1, "first_fixed is only defined for a 1-D smoother");
+  if (d == 1) return weight_matrix_d<1>(coords, ranges, intervals, num_average, sigma, first_fixed);
+  if (d == 2) return weight_matrix_d<2>(coords, ranges, intervals, num_average, sigma, false);
+  return weight_matrix_d<3>(coords, ranges, intervals, num_average, sigma, false);
+}
+
+/// A read-only numpy view of a vector owned by @p owner (kept alive as the array's base).
+template <typename T>
+py::array readonly_view(const std::vector<T>& v, const py::object& owner) {
+  py::array_t<T> a(static_cast<py::ssize_t>(v.size()), v.data(), owner);
+  a.attr("setflags")(py::arg("write") = false);
+  return std::move(a);
+}
+
+DoubleArray wm_values(const components::WeightMatrix& w, const DoubleArray& p) {
+  auto pv = vector_view(p, "parameters");
+  require(static_cast<std::size_t>(pv.size()) == w.n_params(),
+          "parameters must have " + std::to_string(w.n_params()) + " values (got " +
+              std::to_string(pv.size()) + ")");
+  DoubleArray out(static_cast<py::ssize_t>(w.n_rows()));
+  double* o = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    w.values(pv.data(), o);
   }
-  return py::make_tuple(indptr, ind, dat, first_col);
+  return out;
+}
+
+py::tuple wm_b_scales(const components::WeightMatrix& w, const DoubleArray& p,
+                      const DoubleArray& factor, bool derivatives) {
+  auto pv = vector_view(p, "parameters");
+  require(static_cast<std::size_t>(pv.size()) == w.n_params(),
+          "parameters must have " + std::to_string(w.n_params()) + " values (got " +
+              std::to_string(pv.size()) + ")");
+  auto f = vector_view(factor, "factor");
+  require_same_length(static_cast<std::size_t>(f.size()), w.n_rows(), "factor", "rows");
+  DoubleArray scales(static_cast<py::ssize_t>(w.n_rows()));
+  py::object d_data = py::none();
+  double* dptr = nullptr;
+  if (derivatives) {
+    DoubleArray d(static_cast<py::ssize_t>(w.nnz()));
+    dptr = d.mutable_data();
+    d_data = d;
+  }
+  double* s = scales.mutable_data();
+  {
+    py::gil_scoped_release release;
+    w.b_scales(pv.data(), f.data(), s, dptr);
+  }
+  return py::make_tuple(scales, d_data);
 }
 
 py::tuple smoother_weights(const std::vector<DoubleArray>& coords,
                            const std::vector<std::array<double, 2>>& ranges,
                            const std::vector<std::size_t>& intervals, std::size_t num_average,
                            double sigma, bool first_fixed) {
-  const std::size_t d = coords.size();
-  require(d >= 1 && d <= 3, "coords must hold 1, 2 or 3 coordinate arrays");
-  require(ranges.size() == d && intervals.size() == d,
-          "one range and one interval count per coordinate array are required");
-  require(!first_fixed || d == 1, "first_fixed is only defined for a 1-D smoother");
-  if (d == 1) return smoother_weights_d<1>(coords, ranges, intervals, num_average, sigma, first_fixed);
-  if (d == 2) return smoother_weights_d<2>(coords, ranges, intervals, num_average, sigma, false);
-  return smoother_weights_d<3>(coords, ranges, intervals, num_average, sigma, false);
+  py::object owner = py::cast(weight_matrix(coords, ranges, intervals, num_average, sigma,
+                                            first_fixed));
+  const auto& w = owner.cast<const components::WeightMatrix&>();
+  py::object first = first_fixed ? py::object(readonly_view(w.first_col(), owner)) : py::none();
+  return py::make_tuple(readonly_view(w.indptr(), owner), readonly_view(w.indices(), owner),
+                        readonly_view(w.data(), owner), first);
 }
 
 DoubleArray csr_matvec(const Int32Array& indptr, const Int32Array& indices,
@@ -334,6 +382,38 @@ DoubleArray real_harmonics(int lmax, double theta, double phi) {
 }  // namespace
 
 void bind_components(py::module_& m) {
+  using components::WeightMatrix;
+  py::class_<WeightMatrix>(m, "WeightMatrix",
+                           "Normalised smoother weights of one block (CSR, built once).")
+      .def_property_readonly("shape",
+                             [](const WeightMatrix& w) {
+                               return py::make_tuple(w.n_rows(), w.n_cols());
+                             })
+      .def_property_readonly("n_params", &WeightMatrix::n_params)
+      .def_property_readonly("nnz", &WeightMatrix::nnz)
+      .def_property_readonly("nbytes", &WeightMatrix::nbytes)
+      .def_property_readonly("fixed_first", &WeightMatrix::fixed_first)
+      .def_property_readonly(
+          "indptr", [](py::object self) { return readonly_view(self.cast<const WeightMatrix&>().indptr(), self); })
+      .def_property_readonly(
+          "indices", [](py::object self) { return readonly_view(self.cast<const WeightMatrix&>().indices(), self); })
+      .def_property_readonly(
+          "data", [](py::object self) { return readonly_view(self.cast<const WeightMatrix&>().data(), self); })
+      .def_property_readonly("first_col",
+                             [](py::object self) -> py::object {
+                               const auto& w = self.cast<const WeightMatrix&>();
+                               if (!w.fixed_first()) return py::none();
+                               return readonly_view(w.first_col(), self);
+                             })
+      .def("values", &wm_values, py::arg("parameters"),
+           "Σ_j w_ij p_j for the full parameter vector (p₀ included when it is fixed).")
+      .def("b_scales", &wm_b_scales, py::arg("parameters"), py::arg("factor"),
+           py::arg("derivatives") = true,
+           "(exp(value·factor), derivative values data·scale·factor or None).");
+  m.def("weight_matrix", &weight_matrix, py::arg("coords"), py::arg("ranges"),
+        py::arg("intervals"), py::arg("num_average") = 3, py::arg("sigma") = -1.0,
+        py::arg("first_fixed") = false,
+        "The block's normalised smoother weights as a WeightMatrix (spec §2.6–2.9, §3).");
   m.def("smoother_weights", &smoother_weights, py::arg("coords"), py::arg("ranges"),
         py::arg("intervals"), py::arg("num_average") = 3, py::arg("sigma") = -1.0,
         py::arg("first_fixed") = false,

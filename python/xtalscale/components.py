@@ -573,12 +573,13 @@ class SHScaleComponent(ScaleComponentBase):
     null_parameter_value = 0.0
     coefficients_list: ClassVar[Optional[list]] = None
     _table_cache: ClassVar[dict] = {}
+    # Column pattern 0..p-1 repeated per row, shared by every instance (read-only, grown on demand).
+    _col_index: ClassVar[dict] = {}
 
     def __init__(self, initial_values: Any, parameter_esds: Any = None) -> None:
         super().__init__(initial_values, parameter_esds)
         self._mode: Optional[str] = None
         self._blocks: list = []  # dense (n_b, n_params) harmonic matrices, read-only
-        self._col_index = np.zeros(0, dtype=np.int32)
 
     @ScaleComponentBase.data.setter  # type: ignore[attr-defined]
     def data(self, data: dict) -> None:
@@ -696,11 +697,13 @@ class SHScaleComponent(ScaleComponentBase):
     def _matrix(self, h: np.ndarray) -> sp.csr_matrix:
         """The dense block as CSR sharing its values; the column pattern is shared too."""
         n, p = h.shape
-        if self._col_index.size < n * p:
-            self._col_index = np.tile(np.arange(p, dtype=np.int32), max(n, 1))
-            _readonly(self._col_index)
+        cols = SHScaleComponent._col_index.get(p)
+        if cols is None or cols.size < n * p:
+            cols = np.tile(np.arange(p, dtype=np.int32), max(n, 1))
+            _readonly(cols)
+            SHScaleComponent._col_index[p] = cols
         indptr = np.arange(0, n * p + 1, max(p, 1), dtype=np.int32)[: n + 1]
-        return _csr(h.reshape(-1), self._col_index[: n * p], indptr, (n, p))
+        return _csr(h.reshape(-1), cols[: n * p], indptr, (n, p))
 
     def calculate_scales_and_derivatives(self, block_id: int = 0) -> tuple:
         b = self._check_block(block_id)
@@ -781,19 +784,21 @@ class SmoothMixin:
 
 
 class _WeightCache:
-    """Per-block normalised weight matrix, rebuilt only when its inputs change.
+    """Per-block normalised weight matrix (a C++ ``WeightMatrix``), rebuilt only when its
+    inputs change.
 
     Keyed on the identity of the coordinate arrays (DIALS code and tests replace the lists
-    of normalised values wholesale) and on the smoother settings and fixed-first flag.
+    of normalised values wholesale) and on the smoother settings and fixed-first flag. The
+    CSR arrays are read-only views of the C++ buffers.
     """
 
-    __slots__ = ("sources", "key", "indptr", "indices", "data", "first_col")
+    __slots__ = ("sources", "key", "matrix", "indptr", "indices", "data")
 
-    def __init__(self, sources: tuple, key: tuple, arrays: tuple) -> None:
+    def __init__(self, sources: tuple, key: tuple, matrix: Any) -> None:
         self.sources = sources
         self.key = key
-        self.indptr, self.indices, self.data, self.first_col = arrays
-        _readonly(self.indptr, self.indices, self.data, self.first_col)
+        self.matrix = matrix
+        self.indptr, self.indices, self.data = matrix.indptr, matrix.indices, matrix.data
 
     def matches(self, sources: tuple, key: tuple) -> bool:
         return self.key == key and all(a is b for a, b in zip(self.sources, sources))
@@ -867,11 +872,11 @@ class _SmoothComponentND(ScaleComponentBase, SmoothMixin):
         cache = self._caches.get(b)
         if cache is None or not cache.matches(coords, key):
             intervals = [self.nparam_to_val(n) for n in self._shape()]
-            arrays = _kern.smoother_weights(
+            matrix = _kern.weight_matrix(
                 [np.ascontiguousarray(c, dtype=np.float64) for c in coords],
                 [tuple(r) for r in self._ranges], intervals, settings[0], settings[1],
                 self._fixed_initial)
-            cache = _WeightCache(coords, key, arrays)
+            cache = _WeightCache(coords, key, matrix)
             self._caches[b] = cache
         return cache
 
@@ -879,10 +884,7 @@ class _SmoothComponentND(ScaleComponentBase, SmoothMixin):
         return self._n_params - 1 if self._fixed_initial else self._n_params
 
     def _values(self, w: _WeightCache) -> np.ndarray:
-        p = self._parameters
-        if w.first_col is not None:
-            return _kern.csr_matvec(w.indptr, w.indices, w.data, p[1:], w.first_col, float(p[0]))
-        return _kern.csr_matvec(w.indptr, w.indices, w.data, p)
+        return w.matrix.values(self._parameters)
 
     def calculate_scales_and_derivatives(self, block_id: int = 0) -> tuple:
         b = self._check_block(block_id)
@@ -1025,12 +1027,7 @@ class SmoothBScaleComponent1D(SmoothScaleComponent1D):
 
     def _b_scales(self, b: int, derivatives: bool) -> tuple:
         w = self._weights(b)
-        p = self._parameters
-        if w.first_col is not None:
-            return w, _kern.smooth_b_scales(w.indptr, w.indices, w.data, p[1:], self._factor(b),
-                                            w.first_col, float(p[0]), derivatives)
-        return w, _kern.smooth_b_scales(w.indptr, w.indices, w.data, p, self._factor(b),
-                                        None, 0.0, derivatives)
+        return w, w.matrix.b_scales(self._parameters, self._factor(b), derivatives)
 
     def calculate_scales_and_derivatives(self, block_id: int = 0) -> tuple:
         b = self._check_block(block_id)

@@ -645,6 +645,34 @@ def test_kernel_level_bad_input():
         ext.row_multiply(sp.identity(3, format="csr"), np.ones(2))
 
 
+def test_weight_matrix_object():
+    from xtalscale._core import components as kern
+
+    x = np.array([0.0, 0.4, 1.3, 2.2, 3.0])
+    full = kern.weight_matrix([x], [(0.0, 3.0)], [3])
+    fixed = kern.weight_matrix([x], [(0.0, 3.0)], [3], first_fixed=True)
+    assert full.shape == (5, 5) and fixed.shape == (5, 4) and fixed.n_params == 5
+    assert fixed.fixed_first and full.first_col is None
+    dense = sp.csr_matrix((full.data, full.indices, full.indptr), shape=full.shape).toarray()
+    np.testing.assert_array_equal(fixed.first_col, dense[:, 0])
+    p = np.array([1.0, 1.2, 0.9, 1.1, 1.05])
+    np.testing.assert_allclose(fixed.values(p), dense @ p, rtol=1e-15)
+    np.testing.assert_allclose(full.values(p), dense @ p, rtol=1e-15)
+    f = np.full(5, 0.125)
+    s, d_data = full.b_scales(p, f)
+    np.testing.assert_allclose(s, np.exp(dense @ p * 0.125), rtol=1e-15)
+    np.testing.assert_allclose(d_data, full.data * np.repeat(s * 0.125, np.diff(full.indptr)),
+                               rtol=1e-15)
+    with pytest.raises(ValueError):
+        full.data[0] = 1.0  # views of the C++ buffers are read-only
+    with pytest.raises(ValueError, match="parameters must have 5 values"):
+        fixed.values(p[1:])
+    with pytest.raises(ValueError, match="factor and rows"):
+        full.b_scales(p, f[:3])
+    with pytest.raises(ValueError, match="first_fixed is only defined"):
+        kern.weight_matrix([x, x], [(0.0, 3.0)] * 2, [3, 3], first_fixed=True)
+
+
 def test_row_multiply_and_elementwise_square():
     m = sp.csr_matrix(np.array([[1.0, 0.0, 2.0], [0.0, 3.0, 0.0]]))
     np.testing.assert_array_equal(ext.row_multiply(m, [2.0, -1.0]).toarray(),

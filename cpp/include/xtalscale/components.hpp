@@ -11,6 +11,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "xtalscale/export.hpp"
 
@@ -56,5 +57,50 @@ XTALSCALE_EXPORT void sh_scales(std::size_t n, std::size_t n_params, const doubl
 XTALSCALE_EXPORT void validate_csr(std::size_t n_rows, std::size_t n_cols,
                                    const std::int64_t* indptr, const std::int64_t* indices,
                                    std::size_t nnz, const char* what);
+
+/// The normalised weight matrix of a smooth component for one block of reflections: built
+/// once (it depends only on the coordinates and the smoother settings), validated once, then
+/// reused on every call since only the parameters change. With a fixed first parameter, its
+/// column is held separately (first_col) and the matrix has columns for p₁.. only.
+class XTALSCALE_EXPORT WeightMatrix {
+ public:
+  WeightMatrix() = default;
+  /// Take ownership of CSR arrays (validated): n_rows × n_cols; with @p fixed_first, first_col
+  /// holds the n_rows weights of p₀, otherwise it must be empty.
+  WeightMatrix(std::size_t n_rows, std::size_t n_cols, std::vector<std::int32_t> indptr,
+               std::vector<std::int32_t> indices, std::vector<double> data,
+               std::vector<double> first_col, bool fixed_first);
+
+  std::size_t n_rows() const noexcept { return n_rows_; }
+  /// Columns of the derivative matrix (n_params, or n_params − 1 with a fixed first parameter).
+  std::size_t n_cols() const noexcept { return n_cols_; }
+  /// Length of the full parameter vector the value needs.
+  std::size_t n_params() const noexcept { return n_cols_ + (fixed_first() ? 1 : 0); }
+  bool fixed_first() const noexcept { return fixed_; }
+  /// Bytes held (the arrays' sizes, not their capacities).
+  std::size_t nbytes() const noexcept {
+    return indptr_.size() * sizeof(std::int32_t) + indices_.size() * sizeof(std::int32_t) +
+           (data_.size() + first_col_.size()) * sizeof(double);
+  }
+  std::size_t nnz() const noexcept { return data_.size(); }
+  const std::vector<std::int32_t>& indptr() const noexcept { return indptr_; }
+  const std::vector<std::int32_t>& indices() const noexcept { return indices_; }
+  const std::vector<double>& data() const noexcept { return data_; }
+  const std::vector<double>& first_col() const noexcept { return first_col_; }
+
+  /// value[i] = Σ w_ij p_j over the full parameter vector @p p (length n_params()).
+  void values(const double* p, double* out) const;
+  /// Smoothed-B scales exp(value·factor) and, if @p d_data is non-null, the derivative values
+  /// data[k]·scale[i]·factor[i] (same sparsity as this matrix).
+  void b_scales(const double* p, const double* factor, double* scales, double* d_data) const;
+
+ private:
+  std::size_t n_rows_ = 0, n_cols_ = 0;
+  bool fixed_ = false;
+  std::vector<std::int32_t> indptr_{0};
+  std::vector<std::int32_t> indices_;
+  std::vector<double> data_;
+  std::vector<double> first_col_;
+};
 
 }  // namespace xtalscale::components

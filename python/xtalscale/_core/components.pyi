@@ -8,6 +8,40 @@ _F64 = npt.NDArray[np.float64]
 _I32 = npt.NDArray[np.int32]
 _I64 = npt.NDArray[np.int64]
 
+class WeightMatrix:
+    """Normalised smoother weights of one block (CSR, built once, read-only views)."""
+
+    @property
+    def shape(self) -> Tuple[int, int]: ...
+    @property
+    def n_params(self) -> int: ...
+    @property
+    def nnz(self) -> int: ...
+    @property
+    def nbytes(self) -> int: ...
+    @property
+    def fixed_first(self) -> bool: ...
+    @property
+    def indptr(self) -> _I32: ...
+    @property
+    def indices(self) -> _I32: ...
+    @property
+    def data(self) -> _F64: ...
+    @property
+    def first_col(self) -> Optional[_F64]: ...
+    def values(self, parameters: npt.ArrayLike) -> _F64: ...
+    def b_scales(
+        self, parameters: npt.ArrayLike, factor: npt.ArrayLike, derivatives: bool = True
+    ) -> Tuple[_F64, Optional[_F64]]: ...
+
+def weight_matrix(
+    coords: Sequence[npt.ArrayLike],
+    ranges: Sequence[Tuple[float, float]],
+    intervals: Sequence[int],
+    num_average: int = 3,
+    sigma: float = -1.0,
+    first_fixed: bool = False,
+) -> WeightMatrix: ...
 def smoother_weights(
     coords: Sequence[npt.ArrayLike],
     ranges: Sequence[Tuple[float, float]],
