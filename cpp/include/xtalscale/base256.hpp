@@ -17,24 +17,26 @@
 #include <cstdint>
 #include <string>
 
+#include "xtalscale/export.hpp"
+
 namespace xtalscale::base256 {
 
 /// The scalar type of the values in one encoded column.
 enum class Scalar { Int32, UInt64, Float64, Bool };
 
 /// Decode the leading element count of an encoded column; @p pos is advanced past it.
-std::uint64_t decode_count(const std::uint8_t* data, std::size_t size, std::size_t& pos,
+XTALSCALE_EXPORT std::uint64_t decode_count(const std::uint8_t* data, std::size_t size, std::size_t& pos,
                            const char* what);
 
 /// Decode @p n_values scalars of type @p kind starting at @p pos into @p out (which must hold
 /// n_values elements of the matching C type: int32_t, uint64_t, double or bool).
 /// @p pos is advanced past the last value.
-void decode_values(const std::uint8_t* data, std::size_t size, std::size_t& pos, Scalar kind,
+XTALSCALE_EXPORT void decode_values(const std::uint8_t* data, std::size_t size, std::size_t& pos, Scalar kind,
                    std::size_t n_values, void* out, const char* what);
 
 /// Encode @p n_elements elements of @p n_components scalars each (count prefix + values),
 /// exactly as scitbx writes them, so DIALS/cctbx can read the result.
-std::string encode(Scalar kind, const void* values, std::size_t n_elements,
+XTALSCALE_EXPORT std::string encode(Scalar kind, const void* values, std::size_t n_elements,
                    std::size_t n_components);
 
 }  // namespace xtalscale::base256
