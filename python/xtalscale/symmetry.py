@@ -361,8 +361,7 @@ class UnitCell:
         """1/d^2 for one index (float) or an ``(n, 3)`` array (ndarray)."""
         a = np.asarray(hkl)
         single = a.ndim == 1
-        s = miller_array(a).astype(np.float64) @ self._B.T
-        out = np.einsum("ij,ij->i", s, s)
+        out = self._cell.calculate_1_d2_array(miller_array(a))  # vectorised in gemmi (C++)
         return float(out[0]) if single else out
 
     def d(self, hkl):

@@ -607,7 +607,7 @@ def write_unmerged_mtz(filename, table, experiments: ExperimentList,
     perm = np.arange(n)
     if sort and n:
         a = mapping.asu_hkl
-        perm = np.lexsort((batch, isym, a[:, 2], a[:, 1], a[:, 0]))
+        perm = _sort_permutation([a[:, 0], a[:, 1], a[:, 2], isym, batch])
     cols: list[tuple[str, str, np.ndarray]] = [
         ("H", "H", mapping.asu_hkl[:, 0]), ("K", "H", mapping.asu_hkl[:, 1]),
         ("L", "H", mapping.asu_hkl[:, 2]), ("M/ISYM", "Y", isym), ("BATCH", "B", batch),
@@ -657,13 +657,31 @@ def write_unmerged_mtz(filename, table, experiments: ExperimentList,
         mtz.add_column(label, ctype, dataset_id=1)
     data = np.empty((n, len(cols)), dtype=np.float32)
     for j, (_, _, v) in enumerate(cols):
-        data[:, j] = np.asarray(v)[perm]
+        data[:, j] = v
+    if sort:
+        data = data[perm]  # one row gather (contiguous rows) instead of one per column
     mtz.set_data(data)
     if sort:
         mtz.sort_order = [1, 2, 3, 4, 5]
     _add_batch_headers(mtz, experiments, ids, batch, offsets, cell)
     mtz.write_to_file(path)
     return perm
+
+
+def _sort_permutation(keys: list) -> np.ndarray:
+    """Stable lexicographic sort permutation over integer keys (most significant first).
+
+    Packs the keys into one int64 (mixed radix from the actual value ranges) when they
+    fit in 63 bits -- one stable argsort instead of a multi-key lexsort.
+    """
+    lows = [int(k.min()) for k in keys]
+    spans = [int(k.max()) - lo + 1 for k, lo in zip(keys, lows)]
+    if sum(max(int(s - 1).bit_length(), 1) for s in spans) > 62:
+        return np.lexsort(tuple(reversed(keys)))
+    packed = np.zeros(len(keys[0]), dtype=np.int64)
+    for k, lo, span in zip(keys, lows, spans):
+        packed = packed * span + (k.astype(np.int64) - lo)
+    return np.argsort(packed, kind="stable")
 
 
 def _required(table, name: str, path: str) -> np.ndarray:
@@ -683,60 +701,67 @@ def _check_identifiers(table, experiments: ExperimentList, path: str) -> None:
                              f"has {experiments[int(k)].identifier!r}")
 
 
+def _batch_template(e, cell: UnitCell) -> gemmi.Mtz.Batch:
+    """The orientation block shared by all batches of one experiment (φ set per batch)."""
+    hdr = gemmi.Mtz.Batch()
+    hdr.dataset_id = 1
+    ints = hdr.ints
+    for pos, v in ((_I_NCRYST, 1), (_I_LDTYPE, 2), (_I_JSAXS, 1), (_I_NGONAX, 1),
+                   (_I_NDET, 1), (_I_NBSETID, 1)):
+        ints[pos] = v
+    f = hdr.floats
+    for j, v in enumerate(cell.parameters()):
+        f[_F_CELL + j] = v
+    U = np.asarray(e.crystal.get_U()).reshape(3, 3) if e.crystal is not None else np.eye(3)
+    for j, v in enumerate(U.T.ravel()):  # column-major, see _F_UMAT
+        f[_F_UMAT + j] = float(v)
+    f[_F_BSCALE] = 1.0
+    axis = e.goniometer.get_rotation_axis() if e.goniometer is not None else (1.0, 0.0, 0.0)
+    for j in range(3):
+        f[_F_SCANAX + j] = float(axis[j])
+        f[_F_E1 + j] = float(axis[j])
+    if e.beam is not None:
+        f[_F_ALAMBD] = e.beam.get_wavelength()
+        unit_s0 = np.asarray(e.beam.get_unit_s0())
+        k = int(np.argmax(np.abs(unit_s0)))
+        # idealised source vector: the lab axis the beam comes from; so: with tilts
+        f[_F_SOURCE + k] = -float(np.sign(unit_s0[k]))
+        for j in range(3):
+            f[_F_SO + j] = float(-unit_s0[j])
+    if e.scan is not None:
+        f[_F_PHIRANGE] = e.scan.get_oscillation()[1]
+    hdr.ints = ints
+    hdr.floats = f
+    hdr.axes = ["AXIS"]
+    return hdr
+
+
 def _add_batch_headers(mtz, experiments, ids, batch, offsets, cell: UnitCell) -> None:
     # One header per image of every scan (as dials.export), plus any batch used by a row
     # outside its scan's range.
     owner: dict[int, int] = {}
+    order = np.argsort(ids, kind="stable")
+    bounds = np.searchsorted(ids[order], np.arange(len(experiments) + 1))
     for i, e in enumerate(experiments):
         if e.scan is not None:
             first, last = e.scan.get_batch_range()
             for b in range(first + offsets[i], last + offsets[i] + 1):
                 owner.setdefault(b, i)
-        for b in np.unique(batch[ids == i]).tolist():
+        for b in np.unique(batch[order[bounds[i]:bounds[i + 1]]]).tolist():
             owner.setdefault(int(b), i)
+    templates = [_batch_template(e, cell) for e in experiments]
     for b in sorted(owner):
-        i = owner[int(b)]
+        i = owner[b]
         e = experiments[i]
-        hdr = gemmi.Mtz.Batch()
+        hdr = templates[i].clone()
         hdr.number = int(b)
-        hdr.dataset_id = 1
         hdr.title = f"Batch {int(b)}"
-        ints = hdr.ints
-        ints[_I_NCRYST] = 1
-        ints[_I_LDTYPE] = 2
-        ints[_I_JSAXS] = 1
-        ints[_I_NGONAX] = 1
-        ints[_I_NDET] = 1
-        ints[_I_NBSETID] = 1
-        f = hdr.floats
-        for j, v in enumerate(cell.parameters()):
-            f[_F_CELL + j] = v
-        U = np.eye(3)
-        if e.crystal is not None:
-            U = np.asarray(e.crystal.get_U()).reshape(3, 3)
-        for j, v in enumerate(U.T.ravel()):  # column-major, see _F_UMAT
-            f[_F_UMAT + j] = float(v)
-        f[_F_BSCALE] = 1.0
         if e.scan is not None:
             image = int(b) - offsets[i] - e.scan.get_batch_offset()
             start = e.scan.get_angle_from_image_index(image)
-            width = e.scan.get_oscillation()[1]
-            f[_F_PHISTT], f[_F_PHIEND], f[_F_PHIRANGE] = start, start + width, width
-        axis = e.goniometer.get_rotation_axis() if e.goniometer is not None else (1, 0, 0)
-        for j in range(3):
-            f[_F_SCANAX + j] = float(axis[j])
-            f[_F_E1 + j] = float(axis[j])
-        if e.beam is not None:
-            f[_F_ALAMBD] = e.beam.get_wavelength()
-            unit_s0 = np.asarray(e.beam.get_unit_s0())
-            # idealised source vector: the lab axis the beam comes from; so: with tilts
-            f[_F_SOURCE + int(np.argmax(np.abs(unit_s0)))] = -float(
-                np.sign(unit_s0[np.argmax(np.abs(unit_s0))]))
-            for j in range(3):
-                f[_F_SO + j] = float(-unit_s0[j])
-        hdr.ints = ints
-        hdr.floats = f
-        hdr.axes = ["AXIS"]
+            f = hdr.floats
+            f[_F_PHISTT], f[_F_PHIEND] = start, start + e.scan.get_oscillation()[1]
+            hdr.floats = f
         mtz.batches.append(hdr)
 
 
