@@ -113,6 +113,40 @@ def _is_parameter_manager(obj: Any) -> bool:
     return hasattr(obj, "add_parameters") or hasattr(obj, "get_parameters")
 
 
+def _apm_size(apm: Any) -> int:
+    try:
+        return len(apm.get_parameters())
+    except Exception:  # noqa: BLE001  (a fresh manager may have nothing to report yet)
+        return 0
+
+
+def _seed_register(apm: Any) -> int:
+    """Record where a seed-form component's parameters start in its manager."""
+    offset = _apm_size(apm)
+    try:
+        starts = apm.__dict__.setdefault("_xtalscale_seed_offsets", [])
+        starts.append(offset)
+    except AttributeError:  # a manager without __dict__: spans end at the manager's end
+        pass
+    return offset
+
+
+def _seed_span(comp: Any) -> tuple:
+    """(start, count) of a seed-form component's parameters within its manager.
+
+    A subclass's own ``n_params`` wins; otherwise the span runs to the next seed component
+    registered on the same manager (or to the end of the manager's parameters).
+    """
+    start = comp._apm_offset
+    own = type(comp).n_params
+    if own is not ScaleComponentBase.n_params:
+        return start, int(own.fget(comp) if isinstance(own, property) else own)
+    apm = comp.active_parameter_manager
+    later = [o for o in getattr(apm, "_xtalscale_seed_offsets", []) if o > start]
+    end = min(later) if later else _apm_size(apm)
+    return start, end - start
+
+
 def _block_indices(selection: Any, block_selections: Any, n: int, owner: str) -> list:
     """Per-block row selections into the stored data: a list of index arrays or ``None`` (all).
 
@@ -181,6 +215,8 @@ class ScaleComponentBase:
             self.params = parameter_esds
             self._parameters = np.zeros(0)
             self._parameter_esds = None
+            # The subclass appends its parameters to the manager next; remember where they start.
+            self._apm_offset = _seed_register(initial_values)
         else:
             if initial_values is None:
                 raise ComponentError(f"{type(self).__name__}: initial_values are required")
@@ -277,16 +313,33 @@ class ScaleComponentBase:
     @property
     def n_params(self) -> int:
         """Number of parameters (read-only)."""
+        if self._seed_form:
+            return _seed_span(self)[1]
         return self._n_params
 
     @property
     def parameters(self) -> np.ndarray:
-        """Parameter values (float64 array; the setter keeps the length)."""
+        """Parameter values (float64 array; the setter keeps the length).
+
+        In the seed form these are this component's slice of the manager's parameters.
+        """
+        if self._seed_form:
+            start, n = _seed_span(self)
+            return np.asarray(self.active_parameter_manager.get_parameters(),
+                              dtype=np.float64)[start:start + n]
         return self._parameters
 
     @parameters.setter
     def parameters(self, new_parameters: Any) -> None:
         p = _vector(new_parameters, "parameters")
+        if self._seed_form:
+            start, n = _seed_span(self)
+            if p.size != n:
+                raise ComponentError(f"parameters needs {n} values (got {p.size})")
+            full = np.array(self.active_parameter_manager.get_parameters(), dtype=np.float64)
+            full[start:start + n] = p
+            self.active_parameter_manager.set_parameters(full)
+            return
         if p.size != self._parameters.size:
             raise ComponentError(
                 f"attempting to set a new set of parameters of different length than previous "
@@ -296,7 +349,7 @@ class ScaleComponentBase:
     @property
     def free_parameters(self) -> np.ndarray:
         """The refined parameters (all of them unless a subclass fixes some)."""
-        return self._parameters
+        return self.parameters
 
     @free_parameters.setter
     def free_parameters(self, parameters: Any) -> None:
@@ -367,7 +420,13 @@ class ScaleComponentBase:
 
     # ---------------------------------------------------------------- protocol
     def update_reflection_data(self, selection: Any = None, block_selections: Any = None) -> None:
-        """Split ``data`` into blocks (a bool ``selection`` or a list of index arrays)."""
+        """Split ``data`` into blocks (a bool ``selection`` or a list of index arrays).
+
+        In the seed form (``update_reflection_data(reflection_table)``) the base does nothing;
+        seed components that need data override it.
+        """
+        if self._seed_form:
+            return
         raise NotImplementedError()
 
     def calculate_scales_and_derivatives(self, block_id: int = 0) -> tuple:

@@ -546,6 +546,83 @@ def test_seed_form_takes_params_second():
     assert comp.params is params and comp.parameter_esds is None
 
 
+class _SeedSmooth(ScaleComponentBase):
+    """The commissioning document's §7 smooth component: no ``parameters`` of its own, so the
+    base class serves its slice of the manager's parameters."""
+
+    def __init__(self, active_parameter_manager, coordinate_values, n_control_points=6):
+        from xtalscale.smoothing import GaussianSmoother1D
+
+        super().__init__(active_parameter_manager)
+        coords = np.asarray(coordinate_values, dtype=float)
+        self.smoother = GaussianSmoother1D(n_parameters=n_control_points,
+                                           value_range=(coords.min(), coords.max()))
+        self.active_parameter_manager.add_parameters(np.linspace(0.8, 1.2, n_control_points))
+        self.coordinate_values = coords
+
+    @property
+    def n_params(self):
+        return self.smoother.n_parameters
+
+    def calculate_scales_and_derivatives(self, reflection_table, block_id=None):
+        self.smoother.set_parameters(self.parameters)
+        scales, _ = self.smoother.value_error_for_location(self.coordinate_values)
+        deriv = np.zeros((scales.size, self.n_params))
+        for i, x in enumerate(self.coordinate_values):
+            w = self.smoother.value_weight(x)
+            weights = np.asarray(w.get_weight(), dtype=float)
+            deriv[i] = weights / w.get_sumweight()
+        return scales, deriv
+
+
+def test_seed_smooth_component_shares_a_manager_and_mixes_with_cpp_components():
+    from xtalscale.parameter_managers import active_parameter_manager
+
+    apm = active_parameter_manager()
+    first = _SimpleMultiplicative(apm, initial_scale=1.5)
+    x = np.linspace(0.0, 10.0, 9)
+    smooth = _SeedSmooth(apm, x)
+    # The base class finds each component's slice of the shared manager.
+    assert list(first.parameters) == [1.5]
+    np.testing.assert_allclose(smooth.parameters, np.linspace(0.8, 1.2, 6), rtol=1e-15)
+    smooth.parameters = np.full(6, 1.1)
+    np.testing.assert_allclose(apm.get_parameters(), [1.5] + [1.1] * 6, rtol=1e-15)
+    smooth.parameters = np.linspace(0.9, 1.3, 6)
+    b = SingleBScaleFactor([2.0])
+    b.data = {"d": np.linspace(1.0, 3.0, 9)}
+    b.update_reflection_data()
+    table = {"d": b.data["d"]}
+
+    def g_and_jac():
+        s1, d1 = first.calculate_scales_and_derivatives(table)
+        s2, d2 = smooth.calculate_scales_and_derivatives(table)
+        s3, d3 = b.calculate_scales_and_derivatives()
+        d1 = ScaleComponentBase.as_sparse_derivatives(d1, 9)
+        d2 = ScaleComponentBase.as_sparse_derivatives(d2, 9)
+        g = s1 * s2 * s3
+        jac = sp.hstack([d1.multiply((s2 * s3)[:, None]), d2.multiply((s1 * s3)[:, None]),
+                         d3.multiply((s1 * s2)[:, None])]).toarray()
+        return g, jac
+
+    g, jac = g_and_jac()
+    assert jac.shape == (9, 8)
+    # Chain rule of the mixed model against central differences of g (relative 1e-6).
+    p0 = np.concatenate([apm.get_parameters(), b.parameters])
+    h = 1e-6
+    fd = np.zeros_like(jac)
+    for j in range(p0.size):
+        for sign in (1.0, -1.0):
+            p = p0.copy()
+            p[j] += sign * h
+            apm.set_parameters(p[:7])
+            b.parameters = p[7:]
+            fd[:, j] += sign * g_and_jac()[0] / (2 * h)
+    apm.set_parameters(p0[:7])
+    b.parameters = p0[7:]
+    np.testing.assert_allclose(fd, jac, rtol=1e-6, atol=1e-6 * np.abs(jac).max())
+    smooth.update_reflection_data(table)  # seed form: a no-op unless the subclass overrides it
+
+
 # ----------------------------------------------------------------------------- bad input
 def test_wrong_parameter_counts():
     with pytest.raises(ValueError, match="single parameter"):
