@@ -5,13 +5,15 @@ Python loops over reflections, only over the (at most 48) point-group operators.
 
 ASU convention
 --------------
-The reciprocal-space asymmetric unit is gemmi's (the CCP4 convention, see
-``gemmi.ReciprocalAsu.condition_str()``). It coincides with cctbx's (used by DIALS) for
-the Laue classes -1, 2/m, mmm, 4/m, 4/mmm, 6/m, 6/mmm and m-3m in their reference settings,
-which covers every dataset shipped with the tests. For -3, -3m and m-3 the two
-conventions may pick a different representative of the same orbit. That never changes
-*which* observations are grouped together (grouping depends only on the orbit), only the
-label of a group and hence the lexicographic order of the groups. Anomalous (Bijvoet)
+The reciprocal-space asymmetric unit is gemmi's (``gemmi.ReciprocalAsu``). Its reference
+conditions are the same ten as cctbx's (``cctbx/sgtbx/reciprocal_space_ref_asu.cpp``,
+which DIALS uses; 6/m shares 4/m's condition and 6/mmm 4/mmm's, -3m is split into -31m
+and -3m1 in both), so for space groups in their reference setting -- every dataset
+shipped with the tests -- the ASU index is the one DIALS gets. For a non-reference
+setting both libraries transform to the reference setting first; the two change-of-basis
+choices could in principle differ, which would change only the *label* of a group (its
+representative) and hence the lexicographic order of the groups, never which
+observations are grouped together (that depends only on the orbit). Anomalous (Bijvoet)
 separation follows cctbx (spec 6.1): a Bijvoet-minus observation of an acentric
 reflection maps to the *negated* ASU index; centric reflections are never negated.
 

@@ -289,3 +289,21 @@ def test_duplicate_identifiers_rejected(tmp_path):
     d["experiment"][1]["identifier"] = d["experiment"][0]["identifier"]
     with pytest.raises(ValueError, match="duplicate experiment identifier"):
         ExperimentList.from_file(_write(tmp_path, d))
+
+
+def test_identifiers_match_reflection_table_and_mismatch_is_reported(tmp_path):
+    """Integration with the reflection table: the quartz .refl/.expt pair is consistent;
+    an experiment list whose identifier differs is rejected with both names."""
+    from xtalscale.array_family import flex
+
+    refl = DATA / "dials_quartz_3ded" / "scaled.refl"
+    if not refl.exists():
+        pytest.skip("scaled.refl not shipped")
+    table = flex.reflection_table.from_file(refl)
+    el = ExperimentList.from_file(FILES["quartz"])
+    table.assert_experiment_identifiers_are_consistent(el)
+    d = _raw("quartz")
+    d["experiment"][0]["identifier"] = "not-the-same"
+    other = ExperimentList.from_file(_write(tmp_path, d))
+    with pytest.raises(ValueError, match="not-the-same"):
+        table.assert_experiment_identifiers_are_consistent(other)

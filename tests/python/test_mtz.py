@@ -100,6 +100,7 @@ def test_hypf_geometry_and_symmetry(hypf):
     assert (round(a, 2), round(c, 2), ga) == (58.44, 156.16, 120.0)
     assert hypf.experiments[0].beam.get_wavelength() == pytest.approx(0.9997, abs=1e-6)
     assert len(hypf.experiments) == 1 and hypf.table.experiment_identifiers()[0] == "0"
+    hypf.table.assert_experiment_identifiers_are_consistent(hypf.experiments)
 
 
 def test_original_indices_restored_match_file():

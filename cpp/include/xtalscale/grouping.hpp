@@ -14,16 +14,17 @@
 
 namespace xtalscale {
 
-/// The ten reciprocal ASU conditions (one per Laue class, plus the two trigonal -3m settings).
+/// The ten reciprocal ASU conditions of gemmi and cctbx (reference settings; 6/m and 6/mmm
+/// share the 4/m and 4/mmm conditions, -3m has the -31m and -3m1 variants).
 enum class AsuCondition : int {
   triclinic = 0,   ///< -1: l>0 or (l=0 and (h>0 or (h=0 and k>=0)))
   monoclinic = 1,  ///< 2/m: k>=0 and (l>0 or (l=0 and h>=0))
   orthorhombic = 2,  ///< mmm: h>=0 and k>=0 and l>=0
-  tetragonal_low = 3,  ///< 4/m: l>=0 and ((h>=0 and k>0) or (h=0 and k=0))
-  tetragonal_high = 4,  ///< 4/mmm: h>=k and k>=0 and l>=0
-  trigonal_low = 5,  ///< -3 (also 6/m in gemmi): (h>=0 and k>0) or (h=0 and k=0 and l>=0)
+  tetragonal_low = 3,  ///< 4/m and 6/m: l>=0 and ((h>=0 and k>0) or (h=0 and k=0))
+  tetragonal_high = 4,  ///< 4/mmm and 6/mmm: h>=k and k>=0 and l>=0
+  trigonal_low = 5,  ///< -3: (h>=0 and k>0) or (h=0 and k=0 and l>=0)
   trigonal_312 = 6,  ///< -31m: h>=k and k>=0 and (k>0 or l>=0)
-  trigonal_321 = 7,  ///< -3m1 (also 6/mmm): h>=k and k>=0 and (h>k or l>=0)
+  trigonal_321 = 7,  ///< -3m1: h>=k and k>=0 and (h>k or l>=0)
   cubic_low = 8,  ///< m-3: h>=0 and ((l>=h and k>h) or (l=h and k=h))
   cubic_high = 9,  ///< m-3m: k>=l and l>=h and h>=0
 };
