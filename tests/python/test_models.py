@@ -701,3 +701,39 @@ def test_dose_decay_limit_image_range():
     assert model.configdict["valid_image_range"] == (1, 45)
     with pytest.raises(ValueError, match="start <= end"):
         model.limit_image_range((40, 10))
+
+
+def test_inverse_scale_factors_api_on_kb_models():
+    """Two KB experiments in one table: rows matched by id, unsuitable rows keep fill_value."""
+    from xtalscale.models import inverse_scale_factors
+
+    def kb(scale, B):
+        return {"__id__": "KB", "scale": {"n_parameters": 1, "parameters": [scale], "null_parameter_value": 1.0},
+                "decay": {"n_parameters": 1, "parameters": [B], "null_parameter_value": 0.0},
+                "configuration_parameters": {"corrections": ["decay", "scale"]}}
+
+    experiments = [SimpleNamespace(scaling_model=kb(2.0, 0.0), identifier="a"),
+                   SimpleNamespace(scaling_model=kb(0.5, 1.0), identifier="b")]
+    d = np.array([1.0, 2.0, 1.0, 2.0, 0.0])
+    flags = np.zeros(5, dtype=np.uint64)
+    flags[2] = 1 << 24  # excluded_for_scaling
+    table = {"id": np.array([0, 0, 1, 1, 1]), "d": d, "flags": flags}
+    g = inverse_scale_factors(experiments, table)
+    np.testing.assert_allclose(g, [2.0, 2.0, 1.0, 0.5 * np.exp(1.0 / 8.0), 1.0], rtol=1e-15)
+    g = inverse_scale_factors(experiments, table, fill_value=np.nan)
+    assert np.isnan(g[2]) and np.isnan(g[4])  # excluded, and d = 0
+    sel = np.array([True, False, True, True, False])
+    g = inverse_scale_factors(experiments, table, selection=sel, fill_value=0.0)
+    np.testing.assert_allclose(g, [2.0, 0.0, 0.5 * np.exp(0.5), 0.5 * np.exp(1.0 / 8.0), 0.0], rtol=1e-15)
+    # One table per experiment.
+    parts = [{"id": np.zeros(2, int), "d": d[:2]}, {"id": np.ones(2, int), "d": d[2:4]}]
+    g0, g1 = inverse_scale_factors(experiments, parts)
+    np.testing.assert_allclose(g1, [0.5 * np.exp(0.5), 0.5 * np.exp(1.0 / 8.0)], rtol=1e-15)
+    with pytest.raises(ValueError, match="crystal_frame"):
+        inverse_scale_factors(experiments, table, crystal_frame="sideways")
+    with pytest.raises(ValueError, match="selection must be a bool array of length 5"):
+        inverse_scale_factors(experiments, table, selection=[True])
+    with pytest.raises(ValueError, match="2 reflection tables"):
+        inverse_scale_factors(experiments[:1], parts)
+    with pytest.raises(ValueError, match="no scaling_model"):
+        inverse_scale_factors([SimpleNamespace(scaling_model=None)], {"d": d[:1]})
