@@ -283,6 +283,9 @@ class FlexArray(NDArrayOperatorsMixin):
 
     # ------------------------------------------------------------------ container protocol
     def __len__(self) -> _builtin_int:
+        # scitbx: a grid array's length is its total element count (iteration is flat too)
+        if not self._width and self._buf.ndim > 1:
+            return _builtin_int(self._a.size)
         return self._n
 
     def size(self) -> _builtin_int:

@@ -212,6 +212,9 @@ class reflection_table:
         raise TypeError(f"reflection_table indices must be str, int or slice (got {type(key).__name__})")
 
     def __setitem__(self, key: Any, value: Any) -> None:
+        if isinstance(key, (numbers.Integral, np.integer)) and not isinstance(key, bool):
+            self._set_row(int(key), value)
+            return
         if not isinstance(key, str):
             raise TypeError(f"column names must be str (got {type(key).__name__})")
         col = _as_column(value, key)
@@ -220,6 +223,19 @@ class reflection_table:
         if not self._cols:
             self._nrows = len(col)
         self._cols[key] = col
+
+    def _set_row(self, i: int, row: Any) -> None:
+        """``table[i] = {name: value}``: set existing columns of one row (as DIALS)."""
+        if i < -self._nrows or i >= self._nrows:
+            raise IndexError(f"row {i} out of range for a table of {self._nrows} rows")
+        if not isinstance(row, dict):
+            raise TypeError("a row must be assigned from a dict {column: value}")
+        unknown = [k for k in row if k not in self._cols]
+        if unknown:
+            raise KeyError(f"reflection_table has no columns {unknown}")
+        for k, v in row.items():
+            col = self._cols[k]
+            col._a[i] = col._coerce_value(v, k)
 
     def __delitem__(self, key: str) -> None:
         try:

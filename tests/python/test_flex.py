@@ -34,7 +34,8 @@ def test_constructors_follow_scitbx():
 
 def test_grid_arrays():
     g = flex.double(flex.grid(3, 2), 0.0)
-    assert g.all() == (3, 2) and g.size() == 6
+    assert g.all() == (3, 2) and g.size() == 6 and len(g) == 6  # scitbx: total size
+    assert len(list(g)) == 6
     g[1, 1] = 5.0
     assert g[1, 1] == 5.0 and g[0, 1] == 0.0
     h = g * 2.0
@@ -206,3 +207,62 @@ def test_linear_correlation_and_index_helpers():
     assert not flex.linear_correlation(x, flex.double(4, 1.0)).is_well_defined()
     assert flex.first_index(flex.int([3, 1, 3]), 3) == 0 and flex.last_index(flex.int([3, 1, 3]), 3) == 2
     assert flex.first_index(flex.int([3]), 9) is None
+
+
+# ----------------------------------------------------------------------------- properties
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+finite = st.floats(allow_nan=False, allow_infinity=False, width=64)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(finite, max_size=60), st.booleans())
+def test_sort_permutation_is_the_stable_python_sort(xs, reverse):
+    perm = list(flex.sort_permutation(flex.double(xs), reverse=reverse))
+    assert perm == sorted(range(len(xs)), key=lambda i: xs[i], reverse=reverse)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(-2**31, 2**31 - 1), max_size=60), st.booleans())
+def test_sort_permutation_ints(xs, reverse):
+    perm = list(flex.sort_permutation(flex.int(xs), reverse=reverse))
+    assert perm == sorted(range(len(xs)), key=lambda i: xs[i], reverse=reverse)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(finite, min_size=1, max_size=40), st.data())
+def test_select_and_set_selected_match_numpy(xs, data):
+    a = flex.double(xs)
+    n = len(xs)
+    mask = data.draw(st.lists(st.booleans(), min_size=n, max_size=n))
+    idx = data.draw(st.lists(st.integers(0, n - 1), max_size=10))
+    ref = np.array(xs)
+    assert list(a.select(flex.bool(mask))) == list(ref[np.array(mask, dtype=bool)])
+    assert list(a.select(flex.size_t(idx))) == list(ref[np.array(idx, dtype=np.intp)])
+    vals = [float(i) for i in range(sum(mask))]
+    a.set_selected(flex.bool(mask), flex.double(vals))
+    ref[np.array(mask, dtype=bool)] = vals
+    assert list(a) == list(ref)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(finite, max_size=50), st.lists(st.integers(-2**31, 2**31 - 1), max_size=50),
+       st.lists(st.integers(0, 2**64 - 1), max_size=50))
+def test_base256_round_trip_is_exact(ds, ints, sizes):
+    from xtalscale import _core
+
+    for arr, kind in [(np.array(ds, dtype=np.float64), "double"), (np.array(ints, dtype=np.int32), "int"),
+                      (np.array(sizes, dtype=np.uint64), "size_t")]:
+        back = _core.refl.decode_base256_column(_core.refl.encode_base256_column(arr, kind), kind)
+        # bit-exact except the sign of zero, which scitbx does not store
+        assert np.array_equal(back, arr + 0) and back.dtype == arr.dtype
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(finite, finite, finite), max_size=30))
+def test_append_one_by_one_equals_bulk_construction(vs):
+    a = flex.vec3_double()
+    for v in vs:
+        a.append(v)
+    assert list(a) == list(flex.vec3_double(vs)) == [tuple(v) for v in vs]

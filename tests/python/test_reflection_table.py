@@ -213,3 +213,15 @@ def test_compute_d_uses_each_experiments_unit_cell():
     t = _table()
     t.compute_d([Expt(10.0), Expt(20.0)])
     assert list(t["d"]) == pytest.approx([10.0, 20.0, 10.0, 20.0 / np.sqrt(3.0)], rel=1e-15)
+
+
+def test_row_assignment():
+    t = _table()
+    t[2] = {"intensity.sum.value": 9.5, "miller_index": (3, 3, 3)}
+    assert t[2]["intensity.sum.value"] == 9.5 and t[2]["miller_index"] == (3, 3, 3)
+    with pytest.raises(KeyError, match="no columns"):
+        t[0] = {"nope": 1.0}
+    with pytest.raises(IndexError, match="row 4 out of range"):
+        t[4] = {"id": 0}
+    with pytest.raises(ValueError, match="3 components"):
+        t[0] = {"miller_index": (1, 2)}
