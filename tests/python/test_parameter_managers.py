@@ -354,3 +354,59 @@ def test_full_model_var_cov_places_blocks_at_model_offsets():
     apm_decay_only = active_parameter_manager(comps, ["decay"])
     with pytest.raises(ValueError, match="no var_cov_matrix"):
         full_model_var_cov(comps, apm_decay_only)
+
+
+def test_refinement_flow_with_a_physical_model():
+    """apm + model + components together: Gauss-Newton fit of g, esds back into the model dict,
+    and scale variances from the var-cov matrix (the path dials.scale takes after full-matrix)."""
+    from types import SimpleNamespace
+
+    from xtalscale.models import PhysicalScalingModel, default_model_params
+
+    rng = np.random.default_rng(5)
+    n = 400
+    z = rng.uniform(0.0, 30.0, n)
+    table = {"xyzobs.px.value": np.column_stack([np.zeros(n), np.zeros(n), z]), "d": rng.uniform(1.0, 3.0, n)}
+    scan = SimpleNamespace(get_oscillation=lambda: (0.0, 1.0), get_oscillation_range=lambda: (0.0, 30.0),
+                           get_image_range=lambda: (1, 30))
+    expt = SimpleNamespace(scan=scan, beam=SimpleNamespace(get_s0=lambda: (0.0, 0.0, 1.0)))
+    model = PhysicalScalingModel.from_data(default_model_params(), expt, table)  # 30 deg: scale + decay only
+    assert list(model.components) == ["scale", "decay"]
+    truth = {"scale": 1.0 + 0.2 * np.sin(np.arange(model.components["scale"].n_params)),
+             "decay": 0.4 * np.cos(np.arange(model.components["decay"].n_params))}
+    for name, values in truth.items():
+        model.components[name].parameters = values
+    g_obs = model.get_scales(table, expt)
+    model.fix_initial_parameter(default_model_params())  # scale p0 stays at its true value
+    for name in ("scale", "decay"):
+        comp = model.components[name]
+        comp.free_parameters = np.asarray(comp.free_parameters) * 0.0 + (1.0 if name == "scale" else 0.0)
+    apm = active_parameter_manager(model.components, ["scale", "decay"])
+
+    def residuals_and_jacobian():
+        (s1, d1), (s2, d2) = (c.calculate_scales_and_derivatives(0) for c in model.components.values())
+        J = np.hstack([d1.toarray() * s2[:, None], d2.toarray() * s1[:, None]])
+        return s1 * s2 - g_obs, J
+
+    for _ in range(8):
+        r, J = residuals_and_jacobian()
+        apm.set_param_vals(apm.get_param_vals() - np.linalg.lstsq(J, r, rcond=None)[0])
+    r, J = residuals_and_jacobian()
+    assert np.max(np.abs(r)) < 1e-12  # noise-free data: exact recovery
+    np.testing.assert_allclose(model.components["decay"].parameters, truth["decay"], atol=1e-10)
+    np.testing.assert_allclose(model.components["scale"].parameters, truth["scale"], atol=1e-10)
+    # Unit-weight var-cov of the free parameters, esds back into the components and the dict.
+    V = np.linalg.inv(J.T @ J) * 1e-6
+    apm.calculate_model_state_uncertainties(V)
+    apm.set_param_esds(np.sqrt(np.diag(V)))
+    out = model.to_dict()
+    n_s = model.components["scale"].n_params
+    assert out["scale"]["est_standard_devs"][0] == 0.0  # the fixed parameter
+    np.testing.assert_allclose(out["scale"]["est_standard_devs"][1:], np.sqrt(np.diag(V))[: n_s - 1], rtol=1e-15)
+    np.testing.assert_allclose(out["decay"]["est_standard_devs"], np.sqrt(np.diag(V))[n_s - 1:], rtol=1e-15)
+    # Scale variances: J V J^T per reflection, via the full-model layout.
+    from xtalscale.parameter_managers import full_model_var_cov
+
+    var = calc_sf_variances(model.components, full_model_var_cov(model.components, apm))
+    np.testing.assert_allclose(var, np.einsum("ij,jk,ik->i", J, V, J), rtol=1e-10)
+    assert np.all(var > 0)
