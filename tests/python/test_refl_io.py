@@ -403,3 +403,18 @@ def test_random_corruption_never_crashes_or_returns_a_short_table(source, tmp_pa
         # a flip inside a value blob is undetectable, but the table is never short
         assert len(t) == len(good) and t.is_consistent() and t.ncols() == good.ncols()
     assert outcomes["error"] > 0 and outcomes["loaded"] > 0
+
+
+def test_legacy_pickle_string_columns_and_their_corruption(tmp_path):
+    t = _small_table()
+    t["label"] = flex.std_string(["x", "", "a,b"])  # commas inside strings are length-delimited
+    out = tmp_path / "s.pickle"
+    write_legacy_pickle(t, out)
+    back = read_refl(out)
+    assert list(back["label"]) == ["x", "", "a,b"]
+    raw = out.read_bytes()
+    # scitbx layout "3,1,x,0,,3,a,b," -> break the middle element's length
+    assert b"3,1,x,0,,3,a,b," in raw
+    out.write_bytes(raw.replace(b"3,1,x,0,,3,a,b,", b"3,1,x,7,,3,a,b,"))
+    with pytest.raises(ReflFileError, match=r"s\.pickle: column 'label': truncated std_string"):
+        read_refl(out)

@@ -405,6 +405,8 @@ _PICKLE_FLEX: dict[tuple[str, str], tuple[type, str, int]] = {
     ("dials_array_family_flex_ext", "int6"): (fa.int6, "int", 6),
 }
 _PICKLE_SKIP = {("dials_array_family_flex_ext", "shoebox")}
+# flex.std_string uses scitbx's "double buffered" text layout instead (see _decode_std_string).
+_PICKLE_STRING = ("scitbx_array_family_flex_ext", "std_string")
 
 
 class _Stub:
@@ -431,7 +433,7 @@ class _StubFactory:
 
 _TABLE_KEY = ("dials_array_family_flex_ext", "reflection_table")
 _GRID_KEY = ("scitbx_array_family_flex_ext", "grid")
-_ALLOWED = {_TABLE_KEY, _GRID_KEY, *_PICKLE_FLEX, *_PICKLE_SKIP}
+_ALLOWED = {_TABLE_KEY, _GRID_KEY, _PICKLE_STRING, *_PICKLE_FLEX, *_PICKLE_SKIP}
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -518,9 +520,54 @@ def _text(x: Any, path: str, what: str) -> str:
     raise ReflFileError(f"{path}: {what} must be a string (got {type(x).__name__})")
 
 
+def _decode_std_string(payload: bytes, name: str, path: str) -> fa.std_string:
+    """scitbx double-buffered strings: ``"<count>,"`` then ``"<len>,<bytes>,"`` per element.
+
+    String columns are rare and short, so this walks the elements in Python.
+    """
+    def bad(msg: str) -> ReflFileError:
+        return ReflFileError(f"{path}: column {name!r}: {msg}")
+
+    def number(pos: int) -> tuple[int, int]:
+        end = payload.find(b",", pos, pos + 21)
+        if end < 0 or not payload[pos:end].isdigit():
+            raise bad(f"malformed std_string payload at byte {pos}")
+        return int(payload[pos:end]), end + 1
+
+    count, pos = number(0)
+    if count > len(payload):
+        raise bad(f"element count {count} exceeds the payload")
+    out = []
+    for _ in range(count):
+        n, pos = number(pos)
+        if pos + n + 1 > len(payload) or payload[pos + n: pos + n + 1] != b",":
+            raise bad(f"truncated std_string payload at byte {pos}")
+        try:
+            out.append(payload[pos: pos + n].decode("utf-8"))
+        except UnicodeDecodeError:
+            raise bad("string is not valid UTF-8") from None
+        pos += n + 1
+    if pos != len(payload):
+        raise bad(f"{len(payload) - pos} unexpected trailing bytes")
+    return fa.std_string(out)
+
+
+def _encode_std_string(values: list) -> bytes:
+    parts = [f"{len(values)},".encode()]
+    for v in values:
+        b = v.encode("utf-8")
+        parts += [f"{len(b)},".encode(), b, b","]
+    return b"".join(parts)
+
+
 def _decode_flex(stub: _Stub, name: str, path: str) -> fa.FlexArray:
     from .. import _core
 
+    if stub.key == _PICKLE_STRING:
+        st = stub.state
+        if not (isinstance(st, tuple) and len(st) == 2 and isinstance(st[1], bytes)):
+            raise ReflFileError(f"{path}: column {name!r}: flex state is not (grid, bytes)")
+        return _decode_std_string(st[1], name, path)
     if stub.key not in _PICKLE_FLEX:
         raise ReflFileError(f"{path}: column {name!r} has unsupported type {'.'.join(stub.key)}")
     ftype, kind, ncomp = _PICKLE_FLEX[stub.key]
@@ -551,6 +598,7 @@ def write_legacy_pickle(table: reflection_table, filename: Any) -> None:
     if not table.is_consistent():
         raise ValueError(f"{path}: table columns have unequal lengths")
     rev = {v[0]: (k, v[1]) for k, v in _PICKLE_FLEX.items()}
+    rev[fa.std_string] = (_PICKLE_STRING, "std_string")
     n = len(table)
     w = _PickleWriter()
     w.raw(b"\x80\x02")
@@ -579,7 +627,10 @@ def write_legacy_pickle(table: reflection_table, filename: Any) -> None:
         w.raw(b"\x85\x88\x87R")  # TUPLE1 NEWTRUE TUPLE3 REDUCE
         w.int(n)
         w.raw(b"\x85b")  # TUPLE1 BUILD (grid focus state, as scitbx writes)
-        payload = _core.refl.encode_base256_column(np.ascontiguousarray(col.as_numpy_array()), kind)
+        if kind == "std_string":
+            payload = _encode_std_string(list(col))
+        else:
+            payload = _core.refl.encode_base256_column(np.ascontiguousarray(col.as_numpy_array()), kind)
         w.string(payload)
         w.raw(b"\x86b")  # TUPLE2 BUILD
     # SETITEMS (columns), TUPLE (closes the state's MARK: version, ids, nrows, ncols,
