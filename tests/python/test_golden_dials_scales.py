@@ -185,3 +185,35 @@ def test_stored_parameter_layout(case):
     n, norm, rot = models.initialise_smooth_input(osc, width, 20.0)
     assert (n, norm, rot) == (counts["decay"], pytest.approx(conf["d_norm_fac"], rel=1e-15),
                               pytest.approx(conf["decay_rot_interval"], rel=1e-15))
+
+
+def test_from_data_reproduces_dials_parameterisation_quartz():
+    """DIALS 2022 created quartz's model from the same scan: from_data gives the same config.
+
+    The data just keep absorption on: the widest scattering angle is 2.588°, above the
+    acos(0.999) = 2.563° cut-off that turns absorption off for electron data.
+    """
+    table, experiments = _load(QUARTZ / "scaled.refl", QUARTZ / "scaled.expt")
+    model = PhysicalScalingModel.from_data(models.default_model_params(), experiments[0], table)
+    stored = experiments[0].scaling_model["configuration_parameters"]
+    created = json.loads(json.dumps(model.configdict))
+    # dials.scale adds valid_image_range, the error model and Imid after creation.
+    assert created == {k: stored[k] for k in list(stored)[:8]}
+    assert list(created) == list(stored)[:8]
+    assert {k: c.n_params for k, c in model.components.items()} == {"scale": 9, "decay": 7, "absorption": 24}
+
+
+def test_from_data_reproduces_dials_parameterisation_lcysteine():
+    """Sweep 20 before scaling (integrated pickle) -> the layout DIALS 2019 chose for it.
+
+    Only the absorption surface weight differs: DIALS's default was 1e6 in 2019, 5e5 now.
+    """
+    integrated = DATA / "dials_l_cysteine_integrated"
+    table = flex.reflection_table.from_file(str(integrated / "20_integrated.pickle"))
+    expt = ExperimentList.from_file(str(integrated / "20_integrated_experiments.json"))[0]
+    model = PhysicalScalingModel.from_data(models.default_model_params(), expt, table)
+    stored = ExperimentList.from_file(str(LCYS / "scaled_20_25.expt"))[0].scaling_model["configuration_parameters"]
+    created = json.loads(json.dumps(model.configdict))
+    assert created.pop("abs_surface_weight") == 5e5 and stored["abs_surface_weight"] == 1e6
+    assert created == {k: stored[k] for k in created}
+    assert {k: c.n_params for k, c in model.components.items()} == {"scale": 14, "decay": 11, "absorption": 24}
