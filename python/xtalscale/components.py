@@ -898,7 +898,8 @@ class _SmoothComponentND(ScaleComponentBase, SmoothMixin):
         sel = None
         if selection is not None:
             sel = _block_indices(selection, None, n, name)[0]
-        blocks = _block_indices(None, block_selections, n, name)
+        # Block selections index into the (bool-)selected data, as in DIALS.
+        blocks = _block_indices(None, block_selections, n if sel is None else sel.size, name)
         normalised, self._ranges = [], []
         for axis in self._axes:
             values = _take(self._data[axis], sel)
