@@ -12,6 +12,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "xtalscale/export.hpp"
+
 namespace xtalscale {
 
 /// The ten reciprocal ASU conditions of gemmi and cctbx (reference settings; 6/m and 6/mmm
@@ -30,7 +32,7 @@ enum class AsuCondition : int {
 };
 
 /// True if the index (already in the reference setting) lies in the ASU.
-bool in_asu(AsuCondition condition, std::int64_t h, std::int64_t k, std::int64_t l);
+XTALSCALE_EXPORT bool in_asu(AsuCondition condition, std::int64_t h, std::int64_t k, std::int64_t l);
 
 /// Symmetry data needed for ASU mapping.
 struct AsuSymmetry {
@@ -46,7 +48,7 @@ struct AsuSymmetry {
 /// Writes the ASU index to @p asu_out (n x 3) and ISYM to @p isym_out (n).
 /// Throws std::invalid_argument naming the row for (0,0,0) or an index with no ASU image.
 /// Thread-safe (no shared state); @p hkl and the outputs must not overlap.
-void map_to_asu(const AsuSymmetry& sym, const std::int32_t* hkl, std::size_t n,
+XTALSCALE_EXPORT void map_to_asu(const AsuSymmetry& sym, const std::int32_t* hkl, std::size_t n,
                 std::int32_t* asu_out, std::int32_t* isym_out);
 
 }  // namespace xtalscale
