@@ -266,3 +266,24 @@ def test_append_one_by_one_equals_bulk_construction(vs):
     for v in vs:
         a.append(v)
     assert list(a) == list(flex.vec3_double(vs)) == [tuple(v) for v in vs]
+
+
+def test_flumpy_bridge_shares_memory():
+    from xtalscale.util import flumpy
+
+    a = np.arange(4.0)
+    f = flumpy.from_numpy(a)
+    assert isinstance(f, flex.double) and np.shares_memory(flumpy.to_numpy(f), a)
+    assert isinstance(flumpy.from_numpy(np.array([1, 2], dtype=np.int32)), flex.int)
+    assert isinstance(flumpy.from_numpy(np.array([True])), flex.bool)
+    assert flumpy.from_numpy(np.zeros((2, 3))).all() == (2, 3)  # grid double
+    v = np.ones((5, 3))
+    assert isinstance(flumpy.vec_from_numpy(v), flex.vec3_double)
+    assert np.shares_memory(flumpy.vec_from_numpy(v).as_numpy_array(), v)
+    mi = flumpy.miller_index_from_numpy(np.array([[1, 2, 3]], dtype=np.int64))
+    assert mi[0] == (1, 2, 3)
+    with pytest.raises(ValueError, match="outside"):
+        flumpy.miller_index_from_numpy(np.array([[2**40, 0, 0]]))
+    assert flumpy.mat3_from_numpy(np.eye(3)[None]).as_numpy_array().shape == (1, 9)
+    with pytest.raises(TypeError, match="expected a flex array"):
+        flumpy.to_numpy(np.zeros(2))

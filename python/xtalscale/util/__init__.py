@@ -1,0 +1,1 @@
+"""DIALS-shaped ``dials.util`` import path (``xtalscale.util.flumpy``)."""
