@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <memory>
 #include <string>
+#include <type_traits>
 
 namespace xtalscale {
 
@@ -110,78 +111,6 @@ void GaussianSmoother<D>::check_values(const double* values, std::size_t n_value
   require_finite(values, n_values, name);
 }
 
-namespace {
-
-/// Evaluate the per-axis windows of one point; returns false if a coordinate is not finite.
-template <int D>
-inline bool eval_axes(const std::array<SmootherAxis, D>& axes, const double* coord,
-                      const GaussianKernel& g, std::array<AxisWindow, D>& win) {
-  for (int a = 0; a < D; ++a) {
-    if (!std::isfinite(coord[a])) return false;
-    axes[a].eval_fast(axes[a].normalise(coord[a]), g, win[a]);
-  }
-  return true;
-}
-
-/// Visit the tensor-product window in ascending column order: f(column, weight).
-template <int D, typename F>
-inline void for_each_weight(const std::array<SmootherAxis, D>& axes,
-                            const std::array<AxisWindow, D>& win, F&& f) {
-  if constexpr (D == 1) {
-    for (int i = 0; i < win[0].count; ++i) f(std::int64_t(win[0].first + i), win[0].w[i]);
-  } else if constexpr (D == 2) {
-    const auto nx = static_cast<std::int64_t>(axes[0].num_values());
-    for (int j = 0; j < win[1].count; ++j) {
-      const std::int64_t row = (win[1].first + j) * nx + win[0].first;
-      const double wy = win[1].w[j];
-      for (int i = 0; i < win[0].count; ++i) f(row + i, win[0].w[i] * wy);
-    }
-  } else {
-    const auto nx = static_cast<std::int64_t>(axes[0].num_values());
-    const auto nxy = nx * static_cast<std::int64_t>(axes[1].num_values());
-    for (int k = 0; k < win[2].count; ++k) {
-      const double wz = win[2].w[k];
-      const std::int64_t plane = (win[2].first + k) * nxy + win[0].first;
-      for (int j = 0; j < win[1].count; ++j) {
-        const std::int64_t row = plane + (win[1].first + j) * nx;
-        const double wyz = win[1].w[j] * wz;
-        for (int i = 0; i < win[0].count; ++i) f(row + i, win[0].w[i] * wyz);
-      }
-    }
-  }
-}
-
-}  // namespace
-
-template <int D>
-SinglePoint GaussianSmoother<D>::value_weight(const std::array<double, D>& coord,
-                                              const double* values, std::size_t n_values,
-                                              bool first_fixed) const {
-  require(!first_fixed || D == 1, "first_fixed is only defined for the 1D smoother");
-  check_values(values, n_values, "values");
-  std::array<AxisWindow, D> win;
-  for (int a = 0; a < D; ++a)
-    if (!std::isfinite(coord[a])) fail_non_finite(kAxisNames[a], 0, coord[a]);
-  eval_axes<D>(axes_, coord.data(), kernel_, win);
-  SinglePoint out;
-  double sumwv = 0.0;
-  // Intended first-fixed behaviour: w_j goes to column j-1 for j >= 1 and w_0 is dropped from
-  // the row (it still counts in value and sumweight). DIALS's single-point version also writes
-  // w_j at column j, leaving a stray (possibly out-of-bounds) entry; we do not reproduce that.
-  for_each_weight<D>(axes_, win, [&](std::int64_t col, double w) {
-    sumwv += w * values[col];
-    out.sumweight += w;
-    if (first_fixed) {
-      if (col == 0) return;
-      --col;
-    }
-    out.index.push_back(col);
-    out.weight.push_back(w);
-  });
-  out.value = out.sumweight > 0.0 ? sumwv / out.sumweight : 0.0;
-  return out;
-}
-
 // ------------------------------------------------------------------------- bulk evaluation
 //
 // Points are processed in chunks. Per axis, a first pass computes the window and the two
@@ -207,7 +136,7 @@ SinglePoint GaussianSmoother<D>::value_weight(const std::array<double, D>& coord
 
 namespace {
 
-constexpr int kChunk = 256;
+constexpr int kChunk = 128;  // points per chunk: a 3D chunk (3 × 10 arrays × 1 kB) stays in L1/L2
 
 /// Per-axis constants for the vectorised window pass.
 struct AxisParams {
@@ -223,6 +152,16 @@ struct AxisChunk {
   alignas(64) double first[kChunk];  // window start (an integer value)
   alignas(64) double count[kChunk];  // window size (an integer value)
   alignas(64) double slow[kChunk];   // 1: outside the product form's safe range
+  alignas(64) double w[kMaxAxisWindow][kChunk];  // w[k][i]: weight of value first+k at point i
+};
+
+/// A point's window on one axis, reading the weights from a chunk (stride kChunk). Reading
+/// them from memory written a whole pass earlier avoids store-forwarding stalls.
+struct WinRef {
+  int first;
+  int count;
+  const double* w;
+  double wt(int k) const { return w[k * kChunk]; }
 };
 
 /// Product-form exponent arguments of distance @p d, or 0 with slow = 1 where unsafe.
@@ -237,12 +176,28 @@ XS_NO_TRAPPING inline void product_args(double d, double a, AxisChunk& c, int i)
   c.q[i] = bad ? 0.0 : two_ad;
 }
 
-/// In-place exp of the chunk's product-form arguments (kept apart from the no-trapping-math
-/// functions: GCC does not inline across differing optimisation attributes).
+/// Exponentials of the chunk's product-form arguments, then the window weights
+/// w[k][i] = e_i q_i^k c_k for k < @p maxw (kept apart from the no-trapping-math functions:
+/// GCC does not inline across differing optimisation attributes).
 XS_MULTIVERSION
-void exp_chunk(AxisChunk& c, int m) {
+void weights_chunk(AxisChunk& c, int m, const double* ck, int maxw) {
   for (int i = 0; i < m; ++i) c.e[i] = exp_bounded(c.e[i]);
   for (int i = 0; i < m; ++i) c.q[i] = exp_bounded(c.q[i]);
+  for (int k = 0; k < maxw; ++k) {
+    const double ckk = ck[k];
+    double* __restrict wk = c.w[k];
+    for (int i = 0; i < m; ++i) {
+      wk[i] *= c.e[i] * ckk;  // wk holds the window mask (1 inside, 0 outside)
+      c.e[i] *= c.q[i];
+    }
+  }
+}
+
+/// value = Σwp/Σw (0 when Σw = 0, as DIALS) for a chunk, vectorised.
+XS_MULTIVERSION
+void finish_values(const double* __restrict sumw, const double* __restrict sumwv, int m,
+                   double* __restrict value_out) {
+  for (int i = 0; i < m; ++i) value_out[i] = sumw[i] > 0.0 ? sumwv[i] / sumw[i] : 0.0;
 }
 
 /// Windows and exponent arguments of @p m points (m <= kChunk) on an axis with > 3 values.
@@ -270,6 +225,8 @@ void prepare_axis(const double* __restrict x, int m, const AxisParams& p, AxisCh
     c.first[i] = i1;
     c.count[i] = i2 - i1;
     product_args(z - (i1 + p.offset), p.a, c, i);
+    // Window mask: weights beyond the window are zero, so row loops can run a fixed width.
+    for (int k = 0; k < kMaxAxisWindow; ++k) c.w[k][i] = (k < i2 - i1) ? 1.0 : 0.0;
   }
 }
 
@@ -280,6 +237,7 @@ void prepare_small_axis(const double* __restrict x, int m, const AxisParams& p, 
     c.first[i] = 0.0;
     c.count[i] = p.nvalues;
     product_args((x[i] - p.x0) / p.spacing, p.a, c, i);  // positions start at 0
+    for (int k = 0; k < kMaxAxisWindow; ++k) c.w[k][i] = k < p.nvalues ? 1.0 : 0.0;
   }
 }
 
@@ -297,42 +255,44 @@ class ChunkEvaluator {
     }
   }
 
-  /// Call f(p, win) for every point p in [0, n); throws for a non-finite coordinate.
-  template <typename F>
-  void run(std::size_t n, const std::array<const double*, D>& coords, F&& f) {
-    std::array<AxisWindow, D> win;
+  /// Call f(p, i, win) for every point p in [0, n) (i = p − chunk start), then
+  /// done(base, m) after each chunk of m points; throws for a non-finite coordinate.
+  template <typename F, typename G>
+  void run(std::size_t n, const std::array<const double*, D>& coords, F&& f, G&& done) {
+    std::array<WinRef, D> win;
     for (std::size_t base = 0; base < n; base += kChunk) {
       const int m = static_cast<int>(std::min<std::size_t>(kChunk, n - base));
       for (int a = 0; a < D; ++a) {
         const double* x = coords[a] + base;
         for (int i = 0; i < m; ++i)
           if (!std::isfinite(x[i])) fail_non_finite(kAxisNames[a], base + i, x[i]);
-        if (params_[a].nvalues <= 3) prepare_small_axis(x, m, params_[a], chunk_[a]);
-        else prepare_axis(x, m, params_[a], chunk_[a]);
-        exp_chunk(chunk_[a], m);
+        AxisChunk& c = chunk_[a];
+        if (params_[a].nvalues <= 3) prepare_small_axis(x, m, params_[a], c);
+        else prepare_axis(x, m, params_[a], c);
+        weights_chunk(c, m, g_.c.data(), axes_[a].max_window());
+        for (int i = 0; i < m; ++i)
+          if (c.slow[i] != 0.0) fix_slow(a, x[i], i);
       }
       for (int i = 0; i < m; ++i) {
-        for (int a = 0; a < D; ++a) expand(a, coords[a][base + i], i, win[a]);
-        f(base + i, win);
+        for (int a = 0; a < D; ++a) {
+          const AxisChunk& c = chunk_[a];
+          win[a] = {static_cast<int>(c.first[i]), static_cast<int>(c.count[i]), &c.w[0][i]};
+        }
+        f(base + i, i, win);
       }
+      done(base, m);
     }
   }
 
  private:
-  void expand(int a, double x, int i, AxisWindow& w) const {
-    const AxisChunk& c = chunk_[a];
-    if (c.slow[i] != 0.0) {  // far outside the range: direct exponentials (rare)
-      axes_[a].eval(axes_[a].normalise(x), g_.sigma, w);
-      return;
-    }
-    w.first = static_cast<int>(c.first[i]);
-    w.count = static_cast<int>(c.count[i]);
-    const double q = c.q[i];
-    double t = c.e[i];
-    for (int k = 0; k < w.count; ++k) {
-      w.w[k] = t * g_.c[k];
-      t *= q;
-    }
+  /// Far outside the range (rare): direct exponentials instead of the product form.
+  void fix_slow(int a, double x, int i) {
+    AxisWindow w;
+    axes_[a].eval(axes_[a].normalise(x), g_.sigma, w);
+    AxisChunk& c = chunk_[a];
+    c.first[i] = w.first;
+    c.count[i] = w.count;
+    for (int k = 0; k < kMaxAxisWindow; ++k) c.w[k][i] = k < w.count ? w.w[k] : 0.0;
   }
 
   const std::array<SmootherAxis, D>& axes_;
@@ -340,6 +300,150 @@ class ChunkEvaluator {
   std::array<AxisParams, D> params_;
   std::array<AxisChunk, D> chunk_;
 };
+
+}  // namespace
+
+namespace {
+
+/// Σw and Σw·p of one point (with kSquared: Σw² and Σw²·p). In 2D/3D Σw is the product of
+/// the per-axis sums and Σw·p is nested per axis: short dependency chains instead of one 9- or
+/// 27-term chain, equal to the flat sums up to rounding (a few ulp).
+///
+/// The x loops run the fixed width @p W (the axis's largest window): weights past the window
+/// are zero, and @p values is padded so the reads past the last value stay in bounds.
+template <int D, int W, bool kSquared = false>
+inline void point_sums(const std::array<WinRef, D>& win, const double* values, std::int64_t nx,
+                       std::int64_t nxy, double& sumw, double& sumwv) {
+  const auto wt = [](const WinRef& r, int k) {
+    const double w = r.wt(k);
+    return kSquared ? w * w : w;
+  };
+  const WinRef& wx = win[0];
+  double sx = 0.0;
+  for (int i = 0; i < W; ++i) sx += wt(wx, i);
+  if constexpr (D == 1) {
+    double s = 0.0;
+    for (int i = 0; i < W; ++i) s += wt(wx, i) * values[wx.first + i];
+    sumw = sx;
+    sumwv = s;
+  } else {
+    const WinRef& wy = win[1];
+    double sy = 0.0;
+    for (int j = 0; j < wy.count; ++j) sy += wt(wy, j);
+    const auto plane_sum = [&](const double* v) {  // Σ_j wy_j Σ_i wx_i v[j·nx + i]
+      double s = 0.0;
+      for (int j = 0; j < wy.count; ++j) {
+        const double* row = v + (wy.first + j) * nx + wx.first;
+        double r = 0.0;
+        for (int i = 0; i < W; ++i) r += wt(wx, i) * row[i];
+        s += wt(wy, j) * r;
+      }
+      return s;
+    };
+    if constexpr (D == 2) {
+      sumw = sx * sy;
+      sumwv = plane_sum(values);
+    } else {
+      const WinRef& wz = win[2];
+      double sz = 0.0, s = 0.0;
+      for (int k = 0; k < wz.count; ++k) {
+        sz += wt(wz, k);
+        s += wt(wz, k) * plane_sum(values + (wz.first + k) * nxy);
+      }
+      sumw = sx * sy * sz;
+      sumwv = s;
+    }
+  }
+}
+
+/// Write one CSR row: weights (times @p scale when normalised) in ascending column order.
+/// Each x run is written at the fixed width @p W and the cursor then advances by the true
+/// count, so entries past the window are overwritten by the next run (the buffers hold
+/// n·max_row_nnz entries, enough for the last row's overhang). With kFirstFixed (1D) column 0
+/// is dropped and the others move down by one.
+template <int D, int W, typename Index, bool kNormalised, bool kFirstFixed>
+inline std::size_t write_row(const std::array<WinRef, D>& win, std::int64_t nx, std::int64_t nxy,
+                             double scale, Index* __restrict indices, double* __restrict data,
+                             std::size_t nnz) {
+  const WinRef& wx = win[0];
+  const double f = kNormalised ? scale : 1.0;
+  if constexpr (D == 1) {
+    // First-fixed with the window at 0: entry k goes to nnz + k − 1; entry 0 is written at nnz
+    // first and then overwritten by entry 1, so it is dropped.
+    const int drop = kFirstFixed && wx.first == 0 ? 1 : 0;
+    const std::int64_t col0 = wx.first - (kFirstFixed ? 1 : 0);
+    Index* ix = indices + nnz;
+    double* d = data + nnz;
+    ix[0] = static_cast<Index>(col0);
+    d[0] = kNormalised ? wx.wt(0) * f : wx.wt(0);
+    ix -= drop;
+    d -= drop;
+    for (int i = 1; i < W; ++i) {
+      ix[i] = static_cast<Index>(col0 + i);
+      d[i] = kNormalised ? wx.wt(i) * f : wx.wt(i);
+    }
+    return nnz + static_cast<std::size_t>(wx.count - drop);
+  } else {
+    const WinRef& wy = win[1];
+    const int nk = D == 3 ? win[2].count : 1;
+    double wxs[W];
+    for (int i = 0; i < W; ++i) wxs[i] = wx.wt(i);
+    for (int k = 0; k < nk; ++k) {
+      double wz = f;
+      std::int64_t plane = wx.first;
+      if constexpr (D == 3) {
+        wz = win[2].wt(k) * f;
+        plane += (win[2].first + k) * nxy;
+      }
+      for (int j = 0; j < wy.count; ++j) {
+        const double wyz = wy.wt(j) * wz;
+        const std::int64_t row = plane + (wy.first + j) * nx;
+        for (int i = 0; i < W; ++i) {
+          indices[nnz + i] = static_cast<Index>(row + i);
+          data[nnz + i] = wxs[i] * wyz;
+        }
+        nnz += static_cast<std::size_t>(wx.count);
+      }
+    }
+  }
+  return nnz;
+}
+
+/// The parameter values followed by zeros: fixed-width x loops read up to 3 past the end.
+inline std::vector<double> padded_values(const double* values, std::size_t n) {
+  std::vector<double> v(values, values + n);
+  v.resize(n + kMaxAxisWindow, 0.0);
+  return v;
+}
+
+/// The bulk loop, specialised on what is written so the per-point code has no mode branches.
+template <int D, int W, typename Index, bool kMatrix, bool kNormalised, bool kFirstFixed>
+std::size_t bulk(ChunkEvaluator<D>& ev, std::size_t n, const std::array<const double*, D>& coords,
+                 const double* values, std::int64_t nx, std::int64_t nxy, double* value_out,
+                 double* sumweight_out, Index* indptr, Index* indices, double* data) {
+  std::size_t nnz = 0;
+  if constexpr (kMatrix) indptr[0] = 0;
+  alignas(64) double sw[kChunk];
+  alignas(64) double swv[kChunk];
+  ev.run(
+      n, coords,
+      [&](std::size_t p, int i, const std::array<WinRef, D>& win) {
+        point_sums<D, W>(win, values, nx, nxy, sw[i], swv[i]);
+        if constexpr (kMatrix) {
+          // As DIALS's row_multiply(weight, 1/sumweight); a row with Σw = 0 (far outside the
+          // range, every weight underflowed) gets derivative 0 rather than NaN.
+          const double scale = kNormalised ? (sw[i] > 0.0 ? 1.0 / sw[i] : 0.0) : 1.0;
+          nnz = write_row<D, W, Index, kNormalised, kFirstFixed>(win, nx, nxy, scale, indices,
+                                                                 data, nnz);
+          indptr[p + 1] = static_cast<Index>(nnz);
+        }
+      },
+      [&](std::size_t base, int m) {
+        if (value_out) finish_values(sw, swv, m, value_out + base);
+        if (sumweight_out) std::copy(sw, sw + m, sumweight_out + base);
+      });
+  return nnz;
+}
 
 }  // namespace
 
@@ -354,34 +458,55 @@ std::size_t GaussianSmoother<D>::multi_value_weight(
   const bool want_matrix = data != nullptr;
   require(!want_matrix || (indptr != nullptr && indices != nullptr),
           "indptr and indices must be given with data");
-  const bool normalised = mode == WeightMode::normalised;
-  const std::int64_t shift = first_fixed ? 1 : 0;
-  std::size_t nnz = 0;
-  if (want_matrix) indptr[0] = 0;
-  auto evaluator = std::make_unique<ChunkEvaluator<D>>(axes_, kernel_);  // ~10 kB: keep off the stack
-  evaluator->run(n, coords, [&](std::size_t p, const std::array<AxisWindow, D>& win) {
-    double sumw = 0.0, sumwv = 0.0;
-    const std::size_t row_start = nnz;
-    for_each_weight<D>(axes_, win, [&](std::int64_t col, double w) {
-      sumw += w;
-      sumwv += w * values[col];
-      if (!want_matrix || col < shift) return;  // first-fixed drops column 0
-      indices[nnz] = static_cast<Index>(col - shift);
-      data[nnz] = w;
-      ++nnz;
-    });
-    if (want_matrix) {
-      if (normalised) {
-        // Σw underflows only far outside the range; the derivative is then 0, not NaN.
-        const double inv = sumw > 0.0 ? 1.0 / sumw : 0.0;
-        for (std::size_t k = row_start; k < nnz; ++k) data[k] *= inv;
-      }
-      indptr[p + 1] = static_cast<Index>(nnz);
+  const auto nx = static_cast<std::int64_t>(axes_[0].num_values());
+  const std::int64_t nxy = D >= 2 ? nx * static_cast<std::int64_t>(axes_[D >= 2 ? 1 : 0].num_values()) : nx;
+  auto ev = std::make_unique<ChunkEvaluator<D>>(axes_, kernel_);  // ~20 kB/axis: off the stack
+  const std::vector<double> padded = padded_values(values, n_values);
+  const bool norm = mode == WeightMode::normalised;
+  const auto go = [&](auto width, auto matrix, auto normalised, auto fixed) {
+    return bulk<D, decltype(width)::value, Index, decltype(matrix)::value,
+                decltype(normalised)::value, decltype(fixed)::value>(
+        *ev, n, coords, padded.data(), nx, nxy, value_out, sumweight_out, indptr, indices, data);
+  };
+  const auto modes = [&](auto width) -> std::size_t {
+    using T = std::true_type;
+    using F = std::false_type;
+    if (!want_matrix) return go(width, F{}, F{}, F{});
+    if constexpr (D == 1) {
+      if (first_fixed) return norm ? go(width, T{}, T{}, T{}) : go(width, T{}, F{}, T{});
     }
-    if (value_out) value_out[p] = sumw > 0.0 ? sumwv / sumw : 0.0;
-    if (sumweight_out) sumweight_out[p] = sumw;
-  });
-  return nnz;
+    return norm ? go(width, T{}, T{}, F{}) : go(width, T{}, F{}, F{});
+  };
+  // The x window width as a compile-time constant, so the innermost loops are fully unrolled.
+  switch (axes_[0].max_window()) {
+    case 2: return modes(std::integral_constant<int, 2>{});
+    case 3: return modes(std::integral_constant<int, 3>{});
+    case 4: return modes(std::integral_constant<int, 4>{});
+    default: return modes(std::integral_constant<int, 5>{});
+  }
+}
+
+template <int D>
+SinglePoint GaussianSmoother<D>::value_weight(const std::array<double, D>& coord,
+                                              const double* values, std::size_t n_values,
+                                              bool first_fixed) const {
+  // One-point bulk evaluation, so single- and multi-point results agree bit for bit.
+  // Intended first-fixed behaviour: w_j goes to column j-1 for j >= 1 and w_0 is dropped from
+  // the row (it still counts in value and sumweight). DIALS's single-point version also writes
+  // w_j at column j, leaving a stray (possibly out-of-bounds) entry; we do not reproduce that.
+  std::array<const double*, D> ptrs{};
+  for (int a = 0; a < D; ++a) ptrs[a] = &coord[a];
+  SinglePoint out;
+  const std::size_t cap = max_row_nnz();
+  out.index.resize(cap);
+  out.weight.resize(cap);
+  std::int64_t indptr[2];
+  const std::size_t nnz = multi_value_weight<std::int64_t>(
+      1, ptrs, values, n_values, &out.value, &out.sumweight, indptr, out.index.data(),
+      out.weight.data(), WeightMode::raw, first_fixed);
+  out.index.resize(nnz);
+  out.weight.resize(nnz);
+  return out;
 }
 
 template <int D>
@@ -391,19 +516,27 @@ void GaussianSmoother<D>::value_error(std::size_t n, const std::array<const doub
                                       double* error_out) const {
   check_values(values, n_values, "values");
   if (esds) check_values(esds, n_values, "esds");
-  auto evaluator = std::make_unique<ChunkEvaluator<D>>(axes_, kernel_);
-  evaluator->run(n, coords, [&](std::size_t p, const std::array<AxisWindow, D>& win) {
-    double sumw = 0.0, sumwv = 0.0, sumw2s2 = 0.0;
-    for_each_weight<D>(axes_, win, [&](std::int64_t col, double w) {
-      sumw += w;
-      sumwv += w * values[col];
-      if (esds) sumw2s2 += w * w * esds[col] * esds[col];
-    });
-    const bool ok = sumw > 0.0;
-    if (value_out) value_out[p] = ok ? sumwv / sumw : 0.0;
-    // σ_v² = Σ (w_i/Σw)² σ_i² = (Σ w_i² σ_i²)/(Σw)²
-    if (error_out) error_out[p] = ok ? std::sqrt(sumw2s2) / sumw : 0.0;
-  });
+  const auto nx = static_cast<std::int64_t>(axes_[0].num_values());
+  const std::int64_t nxy = D >= 2 ? nx * static_cast<std::int64_t>(axes_[D >= 2 ? 1 : 0].num_values()) : nx;
+  // σ_v² = Σ (w_i/Σw)² σ_i² = (Σ w_i² σ_i²)/(Σw)²: the same nested sums with squared weights
+  // and σ² as the "values".
+  const std::vector<double> vals = padded_values(values, n_values);
+  std::vector<double> var(n_values + kMaxAxisWindow, 0.0);
+  if (esds)
+    for (std::size_t i = 0; i < n_values; ++i) var[i] = esds[i] * esds[i];
+  auto ev = std::make_unique<ChunkEvaluator<D>>(axes_, kernel_);
+  ev->run(
+      n, coords,
+      [&](std::size_t p, int, const std::array<WinRef, D>& win) {
+        double sumw, sumwv, sumw2, sumw2s2;
+        // Width 5 covers every window; weights past the window are zero.
+        point_sums<D, kMaxAxisWindow>(win, vals.data(), nx, nxy, sumw, sumwv);
+        point_sums<D, kMaxAxisWindow, true>(win, var.data(), nx, nxy, sumw2, sumw2s2);
+        const bool ok = sumw > 0.0;
+        if (value_out) value_out[p] = ok ? sumwv / sumw : 0.0;
+        if (error_out) error_out[p] = ok ? std::sqrt(sumw2s2) / sumw : 0.0;
+      },
+      [](std::size_t, int) {});
 }
 
 std::size_t nparam_to_val(std::size_t n_params) {

@@ -123,6 +123,36 @@ py::tuple multi_impl(const GaussianSmoother<D>& s, std::size_t n,
                         to_numpy(std::move(indptr), n + 1));
 }
 
+/// A writable, C-contiguous output array of exactly dtype T and at least @p min_len elements.
+/// No conversion: a converted copy would be written and then lost.
+template <typename T>
+T* out_ptr(py::array& a, std::size_t min_len, const char* name) {
+  if (!py::isinstance<py::array_t<T>>(a) || a.ndim() != 1 ||
+      !(a.flags() & py::array::c_style) || !a.writeable())
+    throw std::invalid_argument(std::string(name) + " must be a writable, contiguous 1-D " +
+                                py::str(py::dtype::of<T>()).cast<std::string>() + " array");
+  if (static_cast<std::size_t>(a.size()) < min_len)
+    throw std::invalid_argument(std::string(name) + " must have at least " +
+                                std::to_string(min_len) + " elements (got " +
+                                std::to_string(a.size()) + ")");
+  return static_cast<T*>(a.mutable_data());
+}
+
+template <int D, typename Index>
+std::size_t into_impl(const GaussianSmoother<D>& s, std::size_t n,
+                      const std::array<const double*, D>& ptrs, const DoubleArray& values,
+                      double* value, double* sumweight, py::array& indptr, py::array& indices,
+                      double* data, bool normalised, bool first_fixed) {
+  Index* ip = out_ptr<Index>(indptr, n + 1, "indptr");
+  Index* ix = out_ptr<Index>(indices, n * s.max_row_nnz(), "indices");
+  if (n * s.max_row_nnz() > static_cast<std::size_t>(std::numeric_limits<Index>::max()))
+    throw std::invalid_argument("indptr/indices dtype is too small for this many non-zeros");
+  py::gil_scoped_release release;  // pure C++ on buffers the caller keeps alive
+  return s.template multi_value_weight<Index>(
+      n, ptrs, values.data(), static_cast<std::size_t>(values.size()), value, sumweight, ip, ix,
+      data, normalised ? WeightMode::normalised : WeightMode::raw, first_fixed);
+}
+
 template <int D>
 void bind_smoother(py::module_& m, const char* name, const char* doc) {
   using S = GaussianSmoother<D>;
@@ -193,6 +223,28 @@ void bind_smoother(py::module_& m, const char* name, const char* doc) {
           py::arg("coords"), py::arg("values"), py::arg("normalised") = false,
           py::arg("first_fixed") = false, py::arg("want_matrix") = true,
           "Bulk: (value, sumweight, data, indices, indptr) with a row-major CSR weight matrix.")
+      .def(
+          "multi_value_weight_into",
+          [](const S& s, const std::array<DoubleArray, D>& coords, const DoubleArray& values,
+             py::array value, py::array sumweight, py::array indptr, py::array indices,
+             py::array data, bool normalised, bool first_fixed) {
+            std::size_t n = 0;
+            const auto ptrs = coord_pointers<D>(coords, n);
+            const auto& v = params_1d(values, "values");
+            double* vo = out_ptr<double>(value, n, "value");
+            double* so = out_ptr<double>(sumweight, n, "sumweight");
+            double* d = out_ptr<double>(data, n * s.max_row_nnz(), "data");
+            if (py::isinstance<py::array_t<std::int32_t>>(indptr))
+              return into_impl<D, std::int32_t>(s, n, ptrs, v, vo, so, indptr, indices, d,
+                                                normalised, first_fixed);
+            return into_impl<D, std::int64_t>(s, n, ptrs, v, vo, so, indptr, indices, d,
+                                              normalised, first_fixed);
+          },
+          py::arg("coords"), py::arg("values"), py::arg("value"), py::arg("sumweight"),
+          py::arg("indptr"), py::arg("indices"), py::arg("data"), py::arg("normalised") = false,
+          py::arg("first_fixed") = false,
+          "Bulk evaluation into preallocated arrays (indices/data of at least n*max_row_nnz);\n"
+          "returns nnz. For repeated evaluation without allocation (refinement loops, benchmarks).")
       .def(
           "value_error",
           [](const S& s, const std::array<DoubleArray, D>& coords, const DoubleArray& values,
