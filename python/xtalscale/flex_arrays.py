@@ -158,7 +158,14 @@ class FlexArray(NDArrayOperatorsMixin):
             return np.full(arg.all(), self._default, dtype=self._dtype)
         if isinstance(arg, numbers.Integral) and not isinstance(arg, (_builtin_bool, np.bool_)):
             return self._empty(_check_size(arg, "size"))
-        return self._coerce_array(arg, "data")
+        data = self._coerce_array(arg, "data")
+        # flex(flex) copies, as scitbx does; a numpy array is adopted without a copy (flumpy
+        # semantics) unless it is read-only, since flex arrays are always writable.
+        if isinstance(arg, FlexArray) and np.shares_memory(data, arg._buf):
+            return data.copy()
+        if not data.flags.writeable:
+            return data.copy()
+        return data
 
     @classmethod
     def _coerce_value(cls, value: Any, what: str) -> np.ndarray:
@@ -803,6 +810,8 @@ def as_flex(obj: Any) -> Any:
     data = t._cast(obj, "array")
     if not data.flags.c_contiguous:
         data = np.ascontiguousarray(data)
+    if not data.flags.writeable:  # e.g. np.frombuffer on bytes: columns must be writable
+        data = data.copy()
     return t._wrap(data)
 
 

@@ -287,3 +287,19 @@ def test_flumpy_bridge_shares_memory():
     assert flumpy.mat3_from_numpy(np.eye(3)[None]).as_numpy_array().shape == (1, 9)
     with pytest.raises(TypeError, match="expected a flex array"):
         flumpy.to_numpy(np.zeros(2))
+
+
+def test_flex_from_flex_copies_and_read_only_input_is_copied():
+    a = flex.double([1.0, 2.0])
+    b = flex.double(a)
+    b[0] = 5.0
+    assert a[0] == 1.0  # scitbx: constructing from a flex array copies
+    ro = np.frombuffer(np.arange(3.0).tobytes())
+    assert not ro.flags.writeable
+    f = flex.double(ro)
+    f[0] = 7.0  # writable copy
+    assert ro[0] == 0.0 and f[0] == 7.0
+    t = flex.reflection_table()
+    t["x"] = ro
+    t["x"][1] = 3.0
+    assert t["x"][1] == 3.0
