@@ -131,8 +131,9 @@ def calc_n_param_from_bins(value_min: float, value_max: float, n_bins: int) -> t
 
     Raises
     ------
-    ParameterCountError
-        If ``n_bins`` is not a positive int (also an ``AssertionError``, as in DIALS).
+    ValueError
+        If ``n_bins`` is not a positive int (the exception is also an
+        ``AssertionError``, which DIALS raises here).
     """
     if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins <= 0:
         raise _BinsError(f"n_bins must be a positive int (got {n_bins!r})")
