@@ -343,3 +343,33 @@ def test_window_size_rule_1d(n_intervals, n_avg, xs):
         # a full window of naverage inside; clipped windows keep at least 2 values
         assert np.all((sizes == nav) | ((sizes >= min(2, nav)) & (sizes <= max(nav, 2))))
         assert s.sigma() == pytest.approx(0.65 + 0.05 * (nav - 2), abs=1e-15)
+
+
+# ------------------------------------------------------------------------------- raw kernels
+def test_core_into_buffers_and_normalised_mode():
+    gs = GaussianSmoother2D([0, 4], 4, [0, 5], 5)
+    core = gs._core
+    rng = np.random.default_rng(7)
+    x, y = rng.uniform(-1, 5, 500), rng.uniform(0, 6, 500)
+    p = rng.uniform(0.5, 2.0, gs.num_values())
+    value, weight, sumweight = gs.multi_value_weight(x, y, p)
+    cap = x.size * core.max_row_nnz
+    out = dict(value=np.empty(x.size), sumweight=np.empty(x.size),
+               indptr=np.empty(x.size + 1, np.int64), indices=np.empty(cap, np.int64),
+               data=np.empty(cap))
+    nnz = core.multi_value_weight_into([x, y], p, **out)
+    assert nnz == weight.nnz
+    np.testing.assert_array_equal(out["value"], value)
+    np.testing.assert_array_equal(out["sumweight"], sumweight)
+    np.testing.assert_array_equal(out["indptr"], weight.indptr)
+    np.testing.assert_array_equal(out["data"][:nnz], weight.data)
+    # normalised: w / sum w = d value / d p (DIALS row_multiply(weight, 1/sumweight))
+    _, _, data, indices, indptr = core.multi_value_weight([x, y], p, normalised=True)
+    np.testing.assert_allclose(data, weight.data / np.repeat(sumweight, np.diff(indptr)),
+                               rtol=1e-15)
+    with pytest.raises(ValueError, match="data"):
+        core.multi_value_weight_into([x, y], p, **dict(out, data=np.empty(10)))
+    with pytest.raises(ValueError, match="value"):
+        core.multi_value_weight_into([x, y], p, **dict(out, value=np.empty(x.size, np.float32)))
+    with pytest.raises(ValueError, match="indices"):
+        core.multi_value_weight_into([x, y], p, **dict(out, indices=np.empty(cap, np.int32)))
