@@ -421,3 +421,17 @@ def test_gemmi_accepts_written_unmerged_file_for_merging(gamma, tmp_path):
     assert ours.r_merge() == pytest.approx(ref.r_merge(), rel=1e-12)
     assert ours.cc_half() == pytest.approx(ref.cc_half(), rel=1e-12)
     assert round(ref.r_merge(), 3) == 0.051 and round(ref.cc_half(), 3) == 0.998
+
+
+def test_empty_table_is_refused_and_mtz_experiments_serialise(hypf, tmp_path):
+    empty = hypf.table.select(np.zeros(len(hypf.table), dtype=bool))
+    with pytest.raises(ValueError, match="empty.mtz: the reflection table is empty"):
+        write_unmerged_mtz(tmp_path / "empty.mtz", empty, hypf.experiments)
+    assert not (tmp_path / "empty.mtz").exists()
+    # experiments built from MTZ batch headers are ordinary experiments: .expt round trip
+    hypf.experiments.as_file(tmp_path / "hypf.expt")
+    (e,) = ExperimentList.from_file(tmp_path / "hypf.expt")
+    np.testing.assert_allclose(e.crystal.get_unit_cell().parameters(),
+                               hypf.unit_cell.parameters(), rtol=1e-12)
+    assert e.scan.get_oscillation() == (0.0, 1.0) and e.scan.get_batch_range() == (1, 84)
+    assert e.crystal.get_space_group() == hypf.space_group

@@ -240,8 +240,12 @@ def _runs(numbers: np.ndarray, datasets: np.ndarray) -> np.ndarray:
 
 def _crystal(cell: UnitCell, sg: SpaceGroup, umat) -> Crystal:
     U = np.asarray(umat, dtype=float).reshape(3, 3)
-    if not np.allclose(U @ U.T, np.eye(3), atol=1e-3):
+    if not np.allclose(U @ U.T, np.eye(3), atol=1e-3) or np.linalg.det(U) < 0:
         U = np.eye(3)
+    # UMAT is stored as float32: snap it to the nearest rotation (polar decomposition) so
+    # the crystal's cell equals the header cell to double precision.
+    w, _, vt = np.linalg.svd(U)
+    U = w @ vt
     A = U @ cell.B_matrix()
     real = np.linalg.inv(A)
     return Crystal({"__id__": "crystal", "real_space_a": real[0].tolist(),
@@ -570,6 +574,9 @@ def write_unmerged_mtz(filename, table, experiments: ExperimentList,
     n = len(table)
     if len(experiments) == 0:
         raise ValueError(f"{path}: experiments is empty")
+    if n == 0:
+        # gemmi (like CCP4) cannot read back an MTZ without reflections
+        raise ValueError(f"{path}: the reflection table is empty; nothing to write")
     hkl = miller_array(_required(table, "miller_index", path), "miller_index")
     ids = _required(table, "id", path).astype(np.int64)
     if np.any((ids < 0) | (ids >= len(experiments))):
