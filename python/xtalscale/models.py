@@ -494,6 +494,8 @@ class ScalingModelBase:
             ``g`` in table order.
         """
         comps = self._component_dict()
+        if reflection_table is not None and _nrows(reflection_table) == 0:
+            return np.zeros(0)  # nothing to configure the smoothers' extents on
         if reflection_table is not None:
             self.configure_components(reflection_table, experiment if experiment is not None else self._experiment,
                                       params if params is not None else default_model_params())

@@ -737,3 +737,16 @@ def test_inverse_scale_factors_api_on_kb_models():
         inverse_scale_factors(experiments[:1], parts)
     with pytest.raises(ValueError, match="no scaling_model"):
         inverse_scale_factors([SimpleNamespace(scaling_model=None)], {"d": d[:1]})
+
+
+def test_get_scales_on_tiny_tables():
+    """One reflection uses the single-point smoother path; an empty table gives an empty g."""
+    model = PhysicalScalingModel.from_data(default_model_params(), mock_experiment(), synthetic_reflections())
+    model.components["scale"].parameters = np.linspace(0.9, 1.1, model.components["scale"].n_params)
+    table = synthetic_reflections(n=3)
+    g3 = model.get_scales(table)
+    one = {k: v[:1] for k, v in table.items()}
+    g1 = model.get_scales(one)
+    assert g1.shape == (1,) and np.isfinite(g1[0]) and g1[0] > 0
+    assert model.get_scales({k: v[:0] for k, v in table.items()}).shape == (0,)
+    assert g3.shape == (3,)
