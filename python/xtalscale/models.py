@@ -23,7 +23,8 @@ Contents
   (``"dose_decay"``), with DIALS's defaults, automatic parameterisation,
   image-range limiting and ``.expt`` serialisation (spec section 4).
 * A model registry: :func:`register_scaling_model`, :func:`model_from_dict`,
-  :func:`create_scaling_model`.
+  :func:`create_scaling_model`. Packages can also register models through the
+  entry-point group ``xtalscale.scaling_model_ext`` (DIALS: ``dxtbx.scaling_model_ext``).
 * Parameter-layout helpers :func:`initialise_smooth_input`,
   :func:`calc_n_param_from_bins`, :func:`calculate_new_offset`,
   :func:`determine_auto_absorption_params`.
