@@ -15,7 +15,16 @@ from . import _core
 
 __version__: str = _core.__version__
 
-__all__ = ["__version__", "get_include", "get_cmake_dir"]
+__all__ = ["__version__", "get_include", "get_cmake_dir", "inverse_scale_factors"]
+
+
+def __getattr__(name: str):
+    # Lazy: `import xtalscale` stays cheap; the models (and scipy) load on first use.
+    if name == "inverse_scale_factors":
+        from .models import inverse_scale_factors
+
+        return inverse_scale_factors
+    raise AttributeError(f"module 'xtalscale' has no attribute {name!r}")
 
 
 def get_include() -> str:
