@@ -472,9 +472,15 @@ class Scan(_JsonModel):
         d = self._data
         props = d.get("properties")
         if "oscillation" not in d and isinstance(props, dict) and "oscillation" in props:
-            osc = props["oscillation"]
-            width = props.get("oscillation_width", [osc[1] - osc[0] if len(osc) > 1 else 0.0])
-            self._osc = (float(osc[0]), float(width[0]))
+            # newer dxtbx: per-image start angles in a properties table (uniform scans only)
+            osc = [float(x) for x in props["oscillation"]]
+            if len(osc) > 1:
+                width = osc[1] - osc[0]
+            else:
+                width = float(props.get("oscillation_width", [0.0])[0])
+            if not osc or not all(math.isfinite(x) for x in osc + [width]):
+                raise ValueError("scan.properties.oscillation must hold finite angles")
+            self._osc = (osc[0], width)
         elif "oscillation" in d:
             self._osc = tuple(float(x) for x in _vec(d["oscillation"], "scan.oscillation", 2))
         else:

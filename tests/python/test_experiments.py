@@ -307,3 +307,17 @@ def test_identifiers_match_reflection_table_and_mismatch_is_reported(tmp_path):
     other = ExperimentList.from_file(_write(tmp_path, d))
     with pytest.raises(ValueError, match="not-the-same"):
         table.assert_experiment_identifiers_are_consistent(other)
+
+
+def test_scan_properties_table_format():
+    """Newer dxtbx files keep per-image start angles in scan['properties']."""
+    s = Scan({"image_range": [1, 3], "batch_offset": 0,
+              "properties": {"oscillation": [10.0, 10.5, 11.0], "epochs": [1.0, 2.0, 3.0],
+                             "exposure_time": [0.1, 0.1, 0.1]}})
+    assert s.get_oscillation() == (10.0, 0.5)
+    assert s.get_angle_from_array_index(2) == 11.0
+    np.testing.assert_array_equal(s.get_epochs(), [1.0, 2.0, 3.0])
+    one = Scan({"image_range": [5, 5], "properties": {"oscillation": [3.0],
+                                                      "oscillation_width": [0.2]}})
+    assert one.get_oscillation() == (3.0, 0.2)
+    assert one.to_dict()["properties"]["oscillation"] == [3.0]  # written back unchanged
