@@ -361,10 +361,14 @@ class multi_active_parameter_manager(TargetInterface):  # noqa: N801
 
     @property
     def x(self) -> np.ndarray:
-        """numpy.ndarray: the concatenated active parameters of all datasets."""
+        """numpy.ndarray: the concatenated active parameters of all datasets (assignable)."""
         if not self.apm_list:
             return np.zeros(0)
         return np.concatenate([apm.get_param_vals() for apm in self.apm_list])
+
+    @x.setter
+    def x(self, values: Any) -> None:
+        self.set_param_vals(values)
 
     @property
     def n_active_params(self) -> int:
@@ -514,8 +518,12 @@ class shared_active_parameter_manager(multi_active_parameter_manager):  # noqa: 
 
     @property
     def x(self) -> np.ndarray:
-        """numpy.ndarray: the unique (reduced) parameters."""
+        """numpy.ndarray: the unique (reduced) parameters (assignable)."""
         return self._x
+
+    @x.setter
+    def x(self, values: Any) -> None:
+        self.set_param_vals(values)
 
     def select_parameters(self, apm_number: int) -> np.ndarray:
         if apm_number not in self._apm_data:

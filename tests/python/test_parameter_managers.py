@@ -163,6 +163,8 @@ def test_multi_apm_dials_numbers():
     assert multi.n_active_params == 3
     assert multi.apm_data[0] == {"start_idx": 0, "end_idx": 2}
     assert multi.apm_data[1] == {"start_idx": 2, "end_idx": 3}
+    multi.x = [1.0, 1.0, 1.0]  # assigning x writes through, as set_param_vals
+    assert c2["scale"].free_parameters[0] == 1.0
     multi.set_param_vals([3.0, 2.5, 2.0])
     np.testing.assert_array_equal(multi.get_param_vals(), [3.0, 2.5, 2.0])
     np.testing.assert_array_equal(multi.select_parameters(0), [3.0, 2.5])
