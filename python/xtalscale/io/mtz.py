@@ -315,7 +315,7 @@ def _make_experiments(mtz, batches, row_batch, rot, cell, sg, path):
     return el, exp_id, z
 
 
-def _sum_partials(cols: dict, npart_raw: np.ndarray, order_keys) -> tuple[dict, np.ndarray]:
+def _sum_partials(cols: dict, npart_raw: np.ndarray) -> tuple[dict, np.ndarray]:
     """Sum MOSFLM partial pieces (same original hkl, consecutive batches)."""
     hkl, batch = cols["H"], cols["BATCH"]
     order = np.lexsort((batch, hkl[:, 2], hkl[:, 1], hkl[:, 0]))
@@ -411,7 +411,7 @@ def read_unmerged_mtz(filename, sum_partials: bool = True) -> UnmergedMtz:
     if sum_partials and "MPART" in col:
         kind = "mosflm_partials"
         mpart = col["MPART"].astype(np.int64)
-        cols, order = _sum_partials(cols, mpart, None)
+        cols, order = _sum_partials(cols, mpart)
     batches = _batch_arrays(mtz)
     rot = cols.get("ROT")
     el, exp_id, z = _make_experiments(mtz, batches, cols["BATCH"], rot, cell, sg, path)
@@ -571,55 +571,79 @@ def write_unmerged_mtz(filename, table, experiments: ExperimentList,
         that do not match.
     """
     path = os.fspath(filename)
-    n = len(table)
+    hkl, ids, kind = _check_unmerged_input(path, table, experiments, intensity)
+    crystal0 = experiments[0].crystal
+    sg, cell = crystal0.get_space_group(), crystal0.get_unit_cell()
+    batch, offsets = _row_batches(path, table, experiments, ids)
+    mapping = map_to_asu(hkl, sg)
+    isym = mapping.isym.astype(np.int64)
+    cols = [("H", "H", mapping.asu_hkl[:, 0]), ("K", "H", mapping.asu_hkl[:, 1]),
+            ("L", "H", mapping.asu_hkl[:, 2]), ("M/ISYM", "Y", isym), ("BATCH", "B", batch)]
+    cols += _unmerged_data_columns(path, table, experiments, ids, kind)
+    wavelength = experiments[0].beam.get_wavelength() if experiments[0].beam else 0.0
+    mtz = _new_mtz(sg, cell, wavelength, cols[3:], project_name, crystal_name, dataset_name)
+    data = np.empty((len(hkl), len(cols)), dtype=np.float32)
+    for j, (_, _, v) in enumerate(cols):
+        data[:, j] = v
+    perm = np.arange(len(hkl))
+    if sort:
+        a = mapping.asu_hkl
+        perm = _sort_permutation([a[:, 0], a[:, 1], a[:, 2], isym, batch])
+        data = data[perm]  # one row gather (contiguous rows) instead of one per column
+        mtz.sort_order = [1, 2, 3, 4, 5]
+    mtz.set_data(data)
+    _add_batch_headers(mtz, experiments, ids, batch, offsets, cell)
+    mtz.write_to_file(path)
+    return perm
+
+
+def _check_unmerged_input(path: str, table, experiments, intensity):
+    """Validate the writer's inputs; return (hkl, experiment ids, intensity kind)."""
     if len(experiments) == 0:
         raise ValueError(f"{path}: experiments is empty")
-    if n == 0:
+    if len(table) == 0:
         # gemmi (like CCP4) cannot read back an MTZ without reflections
         raise ValueError(f"{path}: the reflection table is empty; nothing to write")
     hkl = miller_array(_required(table, "miller_index", path), "miller_index")
     ids = _required(table, "id", path).astype(np.int64)
-    if np.any((ids < 0) | (ids >= len(experiments))):
-        bad = int(ids[(ids < 0) | (ids >= len(experiments))][0])
-        raise KeyError(f"{path}: table id {bad} has no experiment (list has "
+    bad = (ids < 0) | (ids >= len(experiments))
+    if np.any(bad):
+        raise KeyError(f"{path}: table id {int(ids[bad][0])} has no experiment (list has "
                        f"{len(experiments)})")
     _check_identifiers(table, experiments, path)
+    if experiments[0].crystal is None:
+        raise ValueError(f"{path}: experiment 0 has no crystal (space group and cell needed)")
     kind = intensity or next((k for k in ("scale", "prf", "sum")
                               if f"intensity.{k}.value" in table), None)
     if kind is None:
         raise KeyError(f"{path}: table has no intensity.scale/prf/sum.value column")
-    value = _required(table, f"intensity.{kind}.value", path).astype(np.float64)
-    var = _required(table, f"intensity.{kind}.variance", path).astype(np.float64)
-    if np.any(var < 0):
+    for suffix in ("value", "variance"):
+        _required(table, f"intensity.{kind}.{suffix}", path)
+    if np.any(np.asarray(table[f"intensity.{kind}.variance"]) < 0):
         raise ValueError(f"{path}: intensity.{kind}.variance has negative values")
-    crystal0 = experiments[0].crystal
-    if crystal0 is None:
-        raise ValueError(f"{path}: experiment 0 has no crystal (space group and cell needed)")
-    sg = crystal0.get_space_group()
-    cell = crystal0.get_unit_cell()
-    # batches
+    return hkl, ids, kind
+
+
+def _row_batches(path: str, table, experiments, ids):
+    """Batch number of every row, with per-experiment offsets making ranges disjoint."""
     scans = [e.scan for e in experiments]
-    ranges = [s.get_batch_range() if s is not None else (1, 1) for s in scans]
-    offsets = _batch_offsets(ranges)
+    offsets = _batch_offsets([s.get_batch_range() if s is not None else (1, 1)
+                              for s in scans])
     if "batch" in table:
-        batch = np.asarray(table["batch"]).astype(np.int64) + np.asarray(offsets)[ids]
-    else:
-        z = np.asarray(_required(table, "xyzobs.px.value", path))[:, 2]
-        first = np.array([s.get_image_range()[0] if s is not None else 1 for s in scans])
-        boff = np.array([s.get_batch_offset() if s is not None else 0 for s in scans])
-        batch = (np.floor(z).astype(np.int64) + first[ids] + boff[ids]
-                 + np.asarray(offsets)[ids])
-    mapping = map_to_asu(hkl, sg)
-    isym = mapping.isym.astype(np.int64)
-    perm = np.arange(n)
-    if sort and n:
-        a = mapping.asu_hkl
-        perm = _sort_permutation([a[:, 0], a[:, 1], a[:, 2], isym, batch])
-    cols: list[tuple[str, str, np.ndarray]] = [
-        ("H", "H", mapping.asu_hkl[:, 0]), ("K", "H", mapping.asu_hkl[:, 1]),
-        ("L", "H", mapping.asu_hkl[:, 2]), ("M/ISYM", "Y", isym), ("BATCH", "B", batch),
-        ("I", "J", value), ("SIGI", "Q", np.sqrt(var)),
-    ]
+        return np.asarray(table["batch"]).astype(np.int64) + np.asarray(offsets)[ids], offsets
+    z = np.asarray(_required(table, "xyzobs.px.value", path))[:, 2]
+    first = np.array([s.get_image_range()[0] if s is not None else 1 for s in scans])
+    boff = np.array([s.get_batch_offset() if s is not None else 0 for s in scans])
+    batch = np.floor(z).astype(np.int64) + (first + boff + np.asarray(offsets))[ids]
+    return batch, offsets
+
+
+def _unmerged_data_columns(path: str, table, experiments, ids, kind: str) -> list:
+    """(label, MTZ type, values) of the data columns after H K L M/ISYM BATCH."""
+    n = len(table)
+    var = np.asarray(table[f"intensity.{kind}.variance"], dtype=np.float64)
+    cols = [("I", "J", np.asarray(table[f"intensity.{kind}.value"])),
+            ("SIGI", "Q", np.sqrt(var))]
     if kind != "prf" and "intensity.prf.value" in table:
         # DIALS/MOSFLM convention: I = summation (or scaled), IPR = profile-fitted.
         pv = _required(table, "intensity.prf.variance", path).astype(np.float64)
@@ -627,52 +651,39 @@ def write_unmerged_mtz(filename, table, experiments: ExperimentList,
         cols.append(("SIGIPR", "Q", np.sqrt(np.where(pv >= 0, pv, np.nan))))
     g = _col(table, "inverse_scale_factor")
     if g is not None and kind == "scale":
-        cols.append(("SCALEUSED", "R", g))
         gv = _col(table, "inverse_scale_factor_variance")
+        cols.append(("SCALEUSED", "R", g))
         cols.append(("SIGSCALEUSED", "R", np.sqrt(gv) if gv is not None else np.zeros(n)))
-    for name, label in (("partiality", "FRACTIONCALC"),):
-        v = _col(table, name)
-        if v is not None:
-            cols.append((label, "R", v))
+    if "partiality" in table:
+        cols.append(("FRACTIONCALC", "R", _col(table, "partiality")))
     xyz = _col(table, "xyzobs.px.value")
     if xyz is not None:
-        cols.append(("XDET", "R", xyz[:, 0]))
-        cols.append(("YDET", "R", xyz[:, 1]))
         phi = _col(table, "phi")
         if phi is None:
-            phi = np.empty(n)
-            for i, s in enumerate(scans):
+            phi = np.zeros(n)
+            for i, e in enumerate(experiments):
                 rows = ids == i
-                phi[rows] = (s.get_angle_from_array_index(xyz[rows, 2]) if s is not None
-                             else 0.0)
-        cols.append(("ROT", "R", phi))
-    lp = _col(table, "lp")
-    if lp is not None:
-        cols.append(("LP", "R", lp))
-    for label, _, v in cols:
-        if len(v) != n:
-            raise ValueError(f"{path}: column for {label} has length {len(v)}, table has {n}")
+                if e.scan is not None:
+                    phi[rows] = e.scan.get_angle_from_array_index(xyz[rows, 2])
+        cols += [("XDET", "R", xyz[:, 0]), ("YDET", "R", xyz[:, 1]), ("ROT", "R", phi)]
+    if "lp" in table:
+        cols.append(("LP", "R", _col(table, "lp")))
+    return cols
+
+
+def _new_mtz(sg: SpaceGroup, cell: UnitCell, wavelength: float, data_columns,
+             project_name: str, crystal_name: str, dataset_name: str) -> gemmi.Mtz:
+    """An empty MTZ with the base dataset (H K L) plus one dataset holding the columns."""
     mtz = gemmi.Mtz(with_base=True)
     mtz.title = "From xtalscale"
     mtz.spacegroup = sg.gemmi
     mtz.set_cell_for_all(cell.gemmi)
     ds = mtz.add_dataset(dataset_name)
-    ds.project_name, ds.crystal_name = project_name, crystal_name
-    ds.wavelength = experiments[0].beam.get_wavelength() if experiments[0].beam else 0.0
+    ds.project_name, ds.crystal_name, ds.wavelength = project_name, crystal_name, wavelength
     ds.cell = cell.gemmi
-    for label, ctype, _ in cols[3:]:  # H, K, L come with the base dataset
+    for label, ctype, _ in data_columns:
         mtz.add_column(label, ctype, dataset_id=1)
-    data = np.empty((n, len(cols)), dtype=np.float32)
-    for j, (_, _, v) in enumerate(cols):
-        data[:, j] = v
-    if sort:
-        data = data[perm]  # one row gather (contiguous rows) instead of one per column
-    mtz.set_data(data)
-    if sort:
-        mtz.sort_order = [1, 2, 3, 4, 5]
-    _add_batch_headers(mtz, experiments, ids, batch, offsets, cell)
-    mtz.write_to_file(path)
-    return perm
+    return mtz
 
 
 def _sort_permutation(keys: list) -> np.ndarray:
@@ -842,15 +853,7 @@ def write_merged_mtz(filename, hkl, imean, sigimean, space_group, unit_cell,
         if not np.array_equal(m.asu_hkl, hkl):
             bad = int(np.flatnonzero((m.asu_hkl != hkl).any(axis=1))[0])
             raise ValueError(f"{path}: hkl row {bad} {tuple(hkl[bad])} is not in the ASU")
-    mtz = gemmi.Mtz(with_base=True)
-    mtz.title = "From xtalscale"
-    mtz.spacegroup = sg.gemmi
-    mtz.set_cell_for_all(cell.gemmi)
-    ds = mtz.add_dataset(dataset_name)
-    ds.project_name, ds.crystal_name, ds.wavelength = project_name, crystal_name, wavelength
-    ds.cell = cell.gemmi
-    for label, ctype, _ in cols:
-        mtz.add_column(label, ctype, dataset_id=1)
+    mtz = _new_mtz(sg, cell, wavelength, cols, project_name, crystal_name, dataset_name)
     data = np.empty((n, 3 + len(cols)), dtype=np.float32)
     data[:, :3] = hkl
     for j, (_, _, v) in enumerate(cols):
