@@ -43,6 +43,7 @@ __all__ = [
     "centric_flags",
     "reindex",
     "miller_array",
+    "add_asu_miller_index",
 ]
 
 
@@ -678,3 +679,31 @@ def reindex(hkl, operator) -> np.ndarray:
     if np.any(new % den):
         raise ValueError("reindexing operator gives non-integral indices for these hkl")
     return (new // den).astype(np.int32)
+
+
+def add_asu_miller_index(table, space_group, anomalous: bool = False) -> AsuMapping:
+    """Store ``asu_miller_index`` on a reflection table (as DIALS's Ih table does).
+
+    Parameters
+    ----------
+    table : reflection_table
+        Must hold ``miller_index``.
+    space_group : SpaceGroup or str
+    anomalous : bool
+        Keep Bijvoet mates apart (minus mates get the negated ASU index).
+
+    Returns
+    -------
+    AsuMapping
+        The full mapping (ISYM, Friedel and centric flags) for further use.
+
+    Raises
+    ------
+    KeyError
+        If the table has no ``miller_index`` column.
+    """
+    if "miller_index" not in table:
+        raise KeyError("reflection table has no 'miller_index' column")
+    mapping = map_to_asu(np.asarray(table["miller_index"]), space_group, anomalous=anomalous)
+    table["asu_miller_index"] = mapping.asu_hkl
+    return mapping

@@ -190,3 +190,17 @@ def test_isym_reproduces_original_index():
     # h_asu = sign * h R_k  =>  h = sign * h_asu R_k^-1
     back = np.einsum("ni,nij->nj", sign[:, None] * m.asu_hkl, np.linalg.inv(R[k]))
     np.testing.assert_allclose(back, hkl, atol=1e-9)
+
+
+def test_add_asu_miller_index_on_table():
+    from xtalscale.array_family import flex
+    from xtalscale.symmetry import add_asu_miller_index
+
+    t = flex.reflection_table()
+    t["miller_index"] = np.array([(1, 1, 1), (-1, -1, -1), (1, -1, 1)], dtype=np.int32)
+    m = add_asu_miller_index(t, "C 1 2 1", anomalous=True)
+    np.testing.assert_array_equal(np.asarray(t["asu_miller_index"]),
+                                  [(1, 1, 1), (-1, -1, -1), (-1, -1, -1)])
+    assert m.isym.tolist() == [1, 2, 4]
+    with pytest.raises(KeyError, match="miller_index"):
+        add_asu_miller_index(flex.reflection_table(), "P 1")
