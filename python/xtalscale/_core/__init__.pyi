@@ -2,5 +2,6 @@
 from . import components as components
 from . import smoothers as smoothers
 from . import refl as refl
+from . import grouping as grouping
 
 __version__: str
