@@ -283,6 +283,12 @@ def _make_component(class_name: str, values: Any, esds: Any = None, **kwargs: An
     return cls(values, parameter_esds=esds, **kwargs) if kwargs else cls(values, esds)
 
 
+def _is_seed_component(comp: Any) -> bool:
+    """True for a commissioning-API component: built on a parameter manager, evaluated on a table."""
+    return bool(getattr(comp, "_seed_form", False)) or (
+        hasattr(comp, "active_parameter_manager") and not hasattr(comp, "calculate_scales"))
+
+
 # ==========================================================================
 # the base class
 # ==========================================================================
@@ -500,20 +506,31 @@ class ScalingModelBase:
         if reflection_table is not None:
             self.configure_components(reflection_table, experiment if experiment is not None else self._experiment,
                                       params if params is not None else default_model_params())
+            self._last_table = reflection_table
             for comp in comps.values():
-                comp.update_reflection_data()
+                if not _is_seed_component(comp):
+                    comp.update_reflection_data()
             self._configured_rows = _nrows(reflection_table)
         g = None
         for comp in comps.values():
             # Without a table this uses the components' current data (block 0); a component
             # that has none raises, naming itself.
-            s = np.asarray(comp.calculate_scales(0), dtype=np.float64)
+            s = np.asarray(self._component_scales(comp), dtype=np.float64)
             g = s.copy() if g is None else g * s
         if g is None:
             if self._configured_rows is None:
                 raise ValueError("get_scales() needs a reflection_table (the model has no components)")
             g = np.ones(self._configured_rows)
         return g
+
+    def _component_scales(self, comp: Any) -> Any:
+        """Block-0 scales of a DIALS-style component, or a seed-API component's scales for the table."""
+        if _is_seed_component(comp):
+            table = getattr(self, "_last_table", None)
+            if table is None:
+                raise ValueError("get_scales() needs a reflection_table for seed-API components")
+            return comp.calculate_scales_and_derivatives(table)[0]
+        return comp.calculate_scales(0)
 
     def get_inverse_scales(self, reflection_table: Any = None, experiment: Any = None,
                            params: Any = None) -> np.ndarray:

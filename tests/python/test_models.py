@@ -750,3 +750,36 @@ def test_get_scales_on_tiny_tables():
     assert g1.shape == (1,) and np.isfinite(g1[0]) and g1[0] > 0
     assert model.get_scales({k: v[:0] for k, v in table.items()}).shape == (0,)
     assert g3.shape == (3,)
+
+
+class SlicedMultiplicativeComponent(ScaleComponentBase):
+    """Seed-form component without the seed example's ``[:n_params]`` slip: the base class
+    serves each component its own slice of the shared manager."""
+
+    def __init__(self, active_parameter_manager, initial_scale=1.0):
+        super().__init__(active_parameter_manager)
+        self.active_parameter_manager.add_parameters(flex.double([initial_scale]))
+
+    def calculate_scales_and_derivatives(self, reflection_table, block_id=None):
+        n_refl = len(reflection_table)
+        return flex.double(n_refl, self.parameters[0]), flex.double(flex.grid(n_refl, 1), 1.0)
+
+
+class PlainCustomModel(ScalingModelBase):
+    """A custom model that relies on the base class's components/get_scales."""
+
+    def configure_components(self, reflection_table, experiment, params):
+        self.active_parameter_manager = active_parameter_manager()
+        self._components["a"] = SlicedMultiplicativeComponent(self.active_parameter_manager, initial_scale=2.0)
+        self._components["b"] = SlicedMultiplicativeComponent(self.active_parameter_manager, initial_scale=0.5)
+
+
+def test_base_get_scales_with_seed_components():
+    table = flex.reflection_table()
+    table["d"] = flex.double([1.0, 2.0])
+    model = PlainCustomModel({"anything": 1})
+    np.testing.assert_allclose(model.get_scales(table), [1.0, 1.0])  # 2.0 * 0.5
+    model.active_parameter_manager.set_parameters([3.0, 0.5])
+    np.testing.assert_allclose(model.get_scales(), [1.5, 1.5])  # same table, new parameters
+    np.testing.assert_allclose(model.get_inverse_scales(), [1 / 1.5, 1 / 1.5])
+    assert list(model.components) == ["a", "b"] and model.n_params == 2
