@@ -221,3 +221,17 @@ def test_from_data_reproduces_dials_parameterisation_lcysteine():
     assert created.pop("abs_surface_weight") == 5e5 and stored["abs_surface_weight"] == 1e6
     assert created == {k: stored[k] for k in created}
     assert {k: c.n_params for k, c in model.components.items()} == {"scale": 14, "decay": 11, "absorption": 24}
+
+
+def test_models_written_back_through_an_experiment_list(tmp_path):
+    """Model objects assigned to experiments serialise into .expt exactly as DIALS wrote them."""
+    for expt_path in (QUARTZ / "scaled.expt", LCYS / "scaled_20_25.expt"):
+        experiments = ExperimentList.from_file(str(expt_path))
+        stored = [copy.deepcopy(e.scaling_model) for e in experiments]
+        for e in experiments:
+            e.scaling_model = model_from_dict(copy.deepcopy(e.scaling_model))
+        out = tmp_path / expt_path.name
+        experiments.as_file(str(out))
+        again = ExperimentList.from_file(str(out))
+        assert [e.scaling_model for e in again] == stored
+        assert json.loads(out.read_text())["scaling_model"] == json.loads(expt_path.read_text())["scaling_model"]
