@@ -291,6 +291,41 @@ class reflection_table:
         out._ids = experiment_id_map({i: self._ids[i] for i in ids})
         return out
 
+    def remove_on_experiment_identifiers(self, identifiers: Iterable[str]) -> "reflection_table":
+        """A table without the rows (and map entries) of the given experiment identifiers."""
+        drop = set(identifiers)
+        inv = {v: k for k, v in self._ids.items()}
+        missing = [d for d in drop if d not in inv]
+        if missing:
+            raise KeyError(f"experiment identifiers not in the table: {sorted(missing)}")
+        keep = [v for k, v in self._ids.items() if v not in drop]
+        if "id" not in self._cols:
+            out = self.copy()
+        else:
+            ids = self["id"].as_numpy_array()
+            out = self.select(~np.isin(ids, np.asarray([inv[d] for d in drop], dtype=np.int64)))
+        out._ids = experiment_id_map({inv[v]: v for v in keep})
+        return out
+
+    def clean_experiment_identifiers_map(self) -> None:
+        """Drop map entries whose id does not occur in the ``id`` column."""
+        used = set(np.unique(self["id"].as_numpy_array()).tolist()) if "id" in self._cols else set()
+        for k in [k for k in self._ids.keys() if k not in used]:
+            del self._ids[k]
+
+    def reset_ids(self) -> None:
+        """Renumber the ``id`` column to 0..n-1 in order of the current ids (>= 0), keeping
+        each row's experiment identifier; rows with negative ids are left unchanged."""
+        ids = self["id"].as_numpy_array()
+        present = np.unique(ids[ids >= 0])
+        mapping = {int(old): new for new, old in enumerate(present)}
+        new_ids = ids.copy()
+        if present.size:
+            pos = np.searchsorted(present, ids[ids >= 0])
+            new_ids[ids >= 0] = pos.astype(ids.dtype)
+        self._cols["id"] = fa.int._wrap(new_ids)
+        self._ids = experiment_id_map({mapping[k]: v for k, v in self._ids.items() if k in mapping})
+
     def set_selected(self, selection: Any, other: "reflection_table") -> None:
         """Copy the rows of ``other`` into the selected rows (or named columns) of this table."""
         if not isinstance(other, reflection_table):

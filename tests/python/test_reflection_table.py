@@ -225,3 +225,20 @@ def test_row_assignment():
         t[4] = {"id": 0}
     with pytest.raises(ValueError, match="3 components"):
         t[0] = {"miller_index": (1, 2)}
+
+
+def test_identifier_housekeeping():
+    t = _table()
+    t["id"] = flex.int([0, 5, 0, 5])
+    t.experiment_identifiers()[5] = "e5"
+    del t.experiment_identifiers()[1]
+    t.reset_ids()
+    assert list(t["id"]) == [0, 1, 0, 1]
+    assert t.experiment_identifiers().as_dict() == {0: "e0", 1: "e5"}
+    r = t.remove_on_experiment_identifiers(["e0"])
+    assert list(r["id"]) == [1, 1] and r.experiment_identifiers().as_dict() == {1: "e5"}
+    with pytest.raises(KeyError, match="not in the table"):
+        t.remove_on_experiment_identifiers(["zz"])
+    t.experiment_identifiers()[7] = "unused"
+    t.clean_experiment_identifiers_map()
+    assert t.experiment_identifiers().keys() == [0, 1]
