@@ -168,6 +168,37 @@ void harmonics_from_lookup(const std::int64_t* i0, const std::int64_t* i1, std::
   }
 }
 
+void lookup_sh_scales(const std::int32_t* i0, const std::int32_t* i1, std::size_t n,
+                      const double* table, std::size_t n_rows, std::size_t row_stride,
+                      std::size_t n_cols, const double* coef, double* scales) {
+  require(n_cols <= row_stride, "coefficients table has fewer columns than requested");
+  for (std::size_t j = 0; j < n; ++j) {
+    require_index(i0[j], n_rows, "s0_lookup");
+    require_index(i1[j], n_rows, "s1_lookup");
+  }
+  // Whole-grid surface when it is cheaper than n direct row reads (2·n_cols per reflection).
+  if (n_rows < 2 * n) {
+    std::vector<double> surface(n_rows);
+    for (std::size_t r = 0; r < n_rows; ++r) {
+      const double* row = table + r * row_stride;
+      double acc = 0.0;
+      for (std::size_t k = 0; k < n_cols; ++k) acc += row[k] * coef[k];
+      surface[r] = acc;
+    }
+    for (std::size_t j = 0; j < n; ++j)
+      scales[j] = 1.0 + (surface[static_cast<std::size_t>(i0[j])] +
+                         surface[static_cast<std::size_t>(i1[j])]) / 2.0;
+    return;
+  }
+  for (std::size_t j = 0; j < n; ++j) {
+    const double* a = table + static_cast<std::size_t>(i0[j]) * row_stride;
+    const double* b = table + static_cast<std::size_t>(i1[j]) * row_stride;
+    double acc = 0.0;
+    for (std::size_t k = 0; k < n_cols; ++k) acc += coef[k] * ((a[k] + b[k]) / 2.0);
+    scales[j] = 1.0 + acc;
+  }
+}
+
 void rotate_vectors_about_axis(const double axis[3], const double* vectors,
                                const double* angles, std::size_t n, double* out) {
   require_finite(axis, 3, "rot_axis");

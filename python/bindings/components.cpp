@@ -358,6 +358,29 @@ DoubleArray harmonics_from_lookup(const Int64Array& i0, const Int64Array& i1,
   return out;
 }
 
+DoubleArray lookup_sh_scales(const Int32Array& i0, const Int32Array& i1, const DoubleArray& table,
+                             const DoubleArray& coef) {
+  require_ndim(i0, 1, "s0_lookup");
+  require_ndim(i1, 1, "s1_lookup");
+  require_same_length(size_of(i0), size_of(i1), "s0_lookup", "s1_lookup");
+  require_ndim(table, 2, "coefficients table");
+  auto c = vector_view(coef, "parameters");
+  const auto n_cols = static_cast<std::size_t>(c.size());
+  const auto n_rows = static_cast<std::size_t>(table.shape(0));
+  const auto stride = static_cast<std::size_t>(table.shape(1));
+  require(n_cols <= stride, "n_params exceeds the columns of the coefficients table (" +
+                                std::to_string(n_cols) + " > " + std::to_string(stride) + ")");
+  const std::size_t n = size_of(i0);
+  DoubleArray out(static_cast<py::ssize_t>(n));
+  double* o = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    harmonics::lookup_sh_scales(i0.data(), i1.data(), n, table.data(), n_rows, stride, n_cols,
+                                c.data(), o);
+  }
+  return out;
+}
+
 DoubleArray rotate_vectors_about_axis(const DoubleArray& axis, const DoubleArray& vectors,
                                       const DoubleArray& angles) {
   require(axis.size() == 3, "rot_axis must hold exactly one 3-vector");
@@ -441,6 +464,9 @@ void bind_components(py::module_& m) {
         py::arg("points_per_degree"), "(360·180·ppd², n_params) grid of real harmonics.");
   m.def("harmonics_from_lookup", &harmonics_from_lookup, py::arg("s0_selection"),
         py::arg("s1_selection"), py::arg("table"), py::arg("n_params"));
+  m.def("lookup_sh_scales", &lookup_sh_scales, py::arg("s0_lookup"), py::arg("s1_lookup"),
+        py::arg("table"), py::arg("parameters"),
+        "SH scales 1 + C·(T[i0] + T[i1])/2 straight from the lookup table.");
   m.def("rotate_vectors_about_axis", &rotate_vectors_about_axis, py::arg("rot_axis"),
         py::arg("vectors"), py::arg("angles"));
   m.def("real_harmonics", &real_harmonics, py::arg("lmax"), py::arg("theta"), py::arg("phi"),

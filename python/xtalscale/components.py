@@ -638,7 +638,9 @@ class SHScaleComponent(ScaleComponentBase):
     def __init__(self, initial_values: Any, parameter_esds: Any = None) -> None:
         super().__init__(initial_values, parameter_esds)
         self._mode: Optional[str] = None
-        self._blocks: list = []  # dense (n_b, n_params) harmonic matrices, read-only
+        self._blocks: list = []  # dense (n_b, n_params) harmonic matrices (or None), read-only
+        self._lookup_blocks: list = []  # memory mode: per block (s0, s1) int32 grid indices
+        self._table: Optional[np.ndarray] = None
 
     @ScaleComponentBase.data.setter  # type: ignore[attr-defined]
     def data(self, data: dict) -> None:
@@ -700,13 +702,14 @@ class SHScaleComponent(ScaleComponentBase):
     def harmonic_values(self) -> list:
         """Per block: the (n_refl × n_params) harmonic matrix as ``csr_matrix`` ("speed"), or
         one array per parameter ("memory"), as in DIALS."""
+        blocks = [self._block_matrix(b) for b in range(len(self._n_refl))]
         if self._mode == "memory":
-            return [[h[:, k] for k in range(h.shape[1])] for h in self._blocks]
-        return [self._matrix(h) for h in self._blocks]
+            return [[h[:, k] for k in range(h.shape[1])] for h in blocks]
+        return [self._matrix(h) for h in blocks]
 
     def dense_harmonic_values(self, block_id: int = 0) -> np.ndarray:
         """The block's harmonic matrix as a read-only dense (n_refl × n_params) array."""
-        return self._blocks[self._check_block(block_id)]
+        return self._block_matrix(self._check_block(block_id))
 
     @classmethod
     def _lookup_table(cls, n_params: int) -> np.ndarray:
@@ -716,7 +719,6 @@ class SHScaleComponent(ScaleComponentBase):
             raise ComponentError(
                 "SHScaleComponent.coefficients_list is not set: assign "
                 "create_sph_harm_lookup_table(lmax, points_per_degree) before using lookup data")
-        key = id(coeffs)
         cached = cls._table_cache.get("table")
         if cached is None or cached[0] is not coeffs:
             if isinstance(coeffs, np.ndarray) and coeffs.ndim == 2:
@@ -724,7 +726,8 @@ class SHScaleComponent(ScaleComponentBase):
             else:
                 table = np.ascontiguousarray(np.stack([np.asarray(c, dtype=np.float64)
                                                        for c in coeffs], axis=1))
-            cls._table_cache["table"] = (coeffs, table, key)
+            _readonly(table)
+            cls._table_cache["table"] = (coeffs, table, id(coeffs))
             cached = cls._table_cache["table"]
         table = cached[1]
         if table.shape[1] < n_params:
@@ -733,6 +736,12 @@ class SHScaleComponent(ScaleComponentBase):
         return table
 
     def update_reflection_data(self, selection: Any = None, block_selections: Any = None) -> None:
+        """Select each block's harmonics ("speed") or grid indices ("memory").
+
+        In "memory" mode only the two grid indices per reflection are kept (8 bytes); scales
+        are read from the shared table, and a block's harmonic matrix is built the first time
+        its derivatives are asked for.
+        """
         name = type(self).__name__
         if self._mode is None:
             raise ComponentError(f"{name}: set .data before update_reflection_data")
@@ -741,17 +750,35 @@ class SHScaleComponent(ScaleComponentBase):
             blocks = _block_indices(selection, block_selections, n, name)
             self._blocks = [self._dense_table if idx is None else self._dense_table[idx]
                             for idx in blocks]
-        else:
-            n = self._data["s0_lookup"].size
-            blocks = _block_indices(selection, block_selections, n, name)
-            table = self._lookup_table(self._n_params)
-            self._blocks = [
-                _kern.harmonics_from_lookup(_take(self._data["s0_lookup"], idx),
-                                            _take(self._data["s1_lookup"], idx), table,
-                                            self._n_params)
-                for idx in blocks]
-        _readonly(*self._blocks)
-        self._n_refl = [int(h.shape[0]) for h in self._blocks]
+            _readonly(*self._blocks)
+            self._n_refl = [int(h.shape[0]) for h in self._blocks]
+            return
+        n = self._data["s0_lookup"].size
+        blocks = _block_indices(selection, block_selections, n, name)
+        self._table = self._lookup_table(self._n_params)
+        n_grid = self._table.shape[0]
+        self._lookup_blocks = []
+        for idx in blocks:
+            pair = []
+            for key in ("s0_lookup", "s1_lookup"):
+                sel = _take(self._data[key], idx)
+                if sel.size and (sel.min() < 0 or sel.max() >= n_grid):
+                    bad = int(sel.min() if sel.min() < 0 else sel.max())
+                    raise IndexError(f"{name}: {key} index {bad} is out of range for the "
+                                     f"{n_grid}-point lookup table")
+                pair.append(np.ascontiguousarray(sel, dtype=np.int32))
+            self._lookup_blocks.append(tuple(pair))
+        self._blocks = [None] * len(blocks)
+        self._n_refl = [int(p[0].size) for p in self._lookup_blocks]
+
+    def _block_matrix(self, b: int) -> np.ndarray:
+        h = self._blocks[b]
+        if h is None:  # memory mode: build this block's harmonics on first use
+            i0, i1 = self._lookup_blocks[b]
+            h = _kern.harmonics_from_lookup(i0, i1, self._table, self._n_params)
+            _readonly(h)
+            self._blocks[b] = h
+        return h
 
     def _matrix(self, h: np.ndarray) -> sp.csr_matrix:
         """The dense block as CSR sharing its values; the column pattern is shared too."""
@@ -766,11 +793,14 @@ class SHScaleComponent(ScaleComponentBase):
 
     def calculate_scales_and_derivatives(self, block_id: int = 0) -> tuple:
         b = self._check_block(block_id)
-        h = self._blocks[b]
+        h = self._block_matrix(b)
         return _kern.sh_scales(h, self._parameters), self._matrix(h)
 
     def calculate_scales(self, block_id: int = 0) -> np.ndarray:
         b = self._check_block(block_id)
+        if self._blocks[b] is None:
+            i0, i1 = self._lookup_blocks[b]
+            return _kern.lookup_sh_scales(i0, i1, self._table, self._parameters)
         return _kern.sh_scales(self._blocks[b], self._parameters)
 
     def calculate_restraints(self) -> tuple:

@@ -491,6 +491,29 @@ def test_sh_lookup_mode_scales_and_derivatives(rng):
     assert len(comp.harmonic_values[0]) == 8  # memory mode: one array per harmonic
 
 
+@pytest.mark.parametrize("n", [1000, 140_000])  # direct row reads / whole-grid surface
+def test_lookup_mode_scales_without_the_harmonic_matrix(rng, n):
+    s0c, s1c = rng.normal(size=(n, 3)), rng.normal(size=(n, 3))
+    comp = SHScaleComponent(rng.uniform(-0.1, 0.1, 24))
+    comp.data = sh_lookup_data(s0c, s1c, 4)
+    comp.update_reflection_data()
+    assert comp._blocks == [None]  # only the grid indices are held until derivatives are asked
+    s_lookup = comp.calculate_scales()
+    s, d = comp.calculate_scales_and_derivatives()
+    assert d.shape == (n, 24) and comp._blocks[0] is not None
+    # Same sums in a different order: agreement to rounding (|C·Y| < 1, so 1e-14 absolute).
+    np.testing.assert_allclose(s_lookup, s, rtol=0, atol=1e-14)
+    np.testing.assert_allclose(comp.calculate_scales(), s, rtol=0, atol=0)
+
+
+def test_lookup_indices_are_checked_at_update():
+    comp = SHScaleComponent(np.zeros(8))
+    comp.data = sh_lookup_data(np.array([[0.0, 0.0, 1.0]]), np.array([[1.0, 0.0, 0.0]]), 2)
+    comp.data = {"s0_lookup": np.array([0]), "s1_lookup": np.array([10**7])}
+    with pytest.raises(IndexError, match="s1_lookup index 10000000"):
+        comp.update_reflection_data()
+
+
 # ----------------------------------------------------------------------------- seed API form
 class _SimpleMultiplicative(ScaleComponentBase):
     """The commissioning document's example component (seed form), lightly adapted."""

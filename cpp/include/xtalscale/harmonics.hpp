@@ -61,6 +61,16 @@ XTALSCALE_EXPORT void harmonics_from_lookup(const std::int64_t* i0, const std::i
                                             std::size_t n_rows, std::size_t row_stride,
                                             std::size_t n_cols, double* out);
 
+/// SH scales straight from the lookup table, without materialising the harmonic matrix:
+/// scales[j] = 1 + Σ_k coef[k]·(table[i0[j], k] + table[i1[j], k])/2 for k < n_cols.
+/// For large n the surface is first evaluated on the whole grid (one n_rows × n_cols pass),
+/// so each reflection costs two reads from an n_rows-long array; small n read the rows
+/// directly. Indices are validated as in harmonics_from_lookup.
+XTALSCALE_EXPORT void lookup_sh_scales(const std::int32_t* i0, const std::int32_t* i1,
+                                       std::size_t n, const double* table, std::size_t n_rows,
+                                       std::size_t row_stride, std::size_t n_cols,
+                                       const double* coef, double* scales);
+
 /// Rodrigues rotation of n vectors about one axis (normalised here) by per-vector angles
 /// (radians, right-handed). Throws for a zero-length axis or non-finite input.
 XTALSCALE_EXPORT void rotate_vectors_about_axis(const double axis[3], const double* vectors,
