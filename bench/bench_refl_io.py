@@ -13,6 +13,7 @@ The table is DERIVED from real data: the l-cysteine scaled sweeps (tests/data, 2
 Run: ``PYTHONPATH=python python bench/bench_refl_io.py [--rows 1000000] [--repeat 3]``.
 No timed assertions anywhere: this only prints.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,10 +62,17 @@ def plain_python_msgpack_read(path: str) -> dict:
     """The obvious pure-Python reader: unpackb, then decode every element in Python."""
     with open(path, "rb") as f:
         obj = msgpack.unpackb(f.read(), strict_map_key=False)
-    fmt = {"double": "<d", "int": "<i", "std::size_t": "<Q", "bool": "<?",
-           "vec3<double>": "<3d", "cctbx::miller::index<>": "<3i", "int6": "<6i"}
+    fmt = {
+        "double": "<d",
+        "int": "<i",
+        "std::size_t": "<Q",
+        "bool": "<?",
+        "vec3<double>": "<3d",
+        "cctbx::miller::index<>": "<3i",
+        "int6": "<6i",
+    }
     out = {}
-    for name, (typ, (n, blob)) in obj[2]["data"].items():
+    for name, (typ, (_, blob)) in obj[2]["data"].items():
         out[name] = [v if len(v) > 1 else v[0] for v in struct.iter_unpack(fmt[typ], blob)]
     return out
 
@@ -72,18 +80,26 @@ def plain_python_msgpack_read(path: str) -> dict:
 def plain_python_msgpack_write(table: flex.reflection_table, path: str) -> None:
     data = {k: ["double", [len(c), c.as_numpy_array().tobytes()]] for k, c in table.cols()}
     with open(path, "wb") as f:
-        f.write(msgpack.packb(["dials::af::reflection_table", 1,
-                               {"identifiers": {}, "nrows": len(table), "data": data}]))
+        f.write(
+            msgpack.packb(
+                [
+                    "dials::af::reflection_table",
+                    1,
+                    {"identifiers": {}, "nrows": len(table), "data": data},
+                ]
+            )
+        )
 
 
 def py_base256_column(buf: bytes, is_double: bool) -> list:
     """Pure-Python scitbx base-256 decode (what a reader without C++ does)."""
+
     def read_int(pos):
         h = buf[pos]
         n = h & 0x7F
         if n == 0:
             return 0, pos + 1
-        v = int.from_bytes(buf[pos + 1:pos + n], "little")
+        v = int.from_bytes(buf[pos + 1 : pos + n], "little")
         return (-v if h > 128 else v), pos + n
 
     count, pos = read_int(0)
@@ -97,7 +113,7 @@ def py_base256_column(buf: bytes, is_double: bool) -> list:
                 pos += 1
                 continue
             frac = 0.0
-            for b in reversed(buf[pos + 1:pos + n]):
+            for b in reversed(buf[pos + 1 : pos + n]):
                 frac = (frac + b) / 256.0
             e, pos = read_int(pos + n)
             v = math.ldexp(frac, e)
@@ -116,8 +132,10 @@ def main() -> None:
 
     t = tiled_table(args.rows)
     raw_bytes = sum(c.as_numpy_array().nbytes for _, c in t.cols())
-    print(f"table: {len(t):,} rows x {t.ncols()} columns, raw column bytes {raw_bytes / 1e6:.1f} MB "
-          "(derived: l-cysteine sweeps 30+35 tiled)")
+    print(
+        f"table: {len(t):,} rows x {t.ncols()} columns, raw column bytes {raw_bytes / 1e6:.1f} MB "
+        "(derived: l-cysteine sweeps 30+35 tiled)"
+    )
 
     with tempfile.TemporaryDirectory() as tmp:
         mp = os.path.join(tmp, "big.refl")
@@ -129,27 +147,35 @@ def main() -> None:
                 f.write(memoryview(blob))
 
         t_raw = best(raw_write, args.repeat)
-        print(f"baseline: one write() of the same {blob.nbytes / 1e6:.0f} MB: {t_raw:.3f} s = "
-              f"{blob.nbytes / t_raw / 1e9:.2f} GB/s (the file-system ceiling for writing)")
-        del blob
+        print(
+            f"baseline: one write() of the same {blob.nbytes / 1e6:.0f} MB: {t_raw:.3f} s = "
+            f"{blob.nbytes / t_raw / 1e9:.2f} GB/s (the file-system ceiling for writing)"
+        )
+        blob = None  # free the copy before timing the real writers
         os.remove(os.path.join(tmp, "raw.bin"))
         tw = best(lambda: write_msgpack(t, mp), args.repeat)
         size_mp = os.path.getsize(mp)
         tr = best(lambda: read_refl(mp), args.repeat)
-        print(f"msgpack  file {size_mp / 1e6:8.1f} MB | read {tr:7.3f} s = {size_mp / tr / 1e9:6.2f} GB/s"
-              f" | write {tw:7.3f} s = {size_mp / tw / 1e9:6.2f} GB/s   [targets: read >= 1, write >= 0.5]")
+        print(
+            f"msgpack  file {size_mp / 1e6:8.1f} MB | read {tr:7.3f} s = {size_mp / tr / 1e9:6.2f} GB/s"
+            f" | write {tw:7.3f} s = {size_mp / tw / 1e9:6.2f} GB/s   [targets: read >= 1, write >= 0.5]"
+        )
 
         tlw = best(lambda: write_legacy_pickle(t, lp), 1)
         size_lp = os.path.getsize(lp)
         tlr = best(lambda: read_refl(lp), args.repeat)
-        print(f"legacy   file {size_lp / 1e6:8.1f} MB | read {tlr:7.3f} s = {size_lp / tlr / 1e6:6.0f} MB/s"
-              f" | write {tlw:7.3f} s = {size_lp / tlw / 1e6:6.0f} MB/s   [target: read >= 35 MB/s]")
+        print(
+            f"legacy   file {size_lp / 1e6:8.1f} MB | read {tlr:7.3f} s = {size_lp / tlr / 1e6:6.0f} MB/s"
+            f" | write {tlw:7.3f} s = {size_lp / tlw / 1e6:6.0f} MB/s   [target: read >= 35 MB/s]"
+        )
 
         # ---- plain Python, same run
         tpr = best(lambda: plain_python_msgpack_read(mp), 1)
         tpw = best(lambda: plain_python_msgpack_write(t, os.path.join(tmp, "plain.refl")), 1)
-        print(f"plain-Python msgpack (unpackb + per-element decode) read {tpr:7.3f} s = "
-              f"{size_mp / tpr / 1e6:6.0f} MB/s | packb write {tpw:7.3f} s = {size_mp / tpw / 1e6:6.0f} MB/s")
+        print(
+            f"plain-Python msgpack (unpackb + per-element decode) read {tpr:7.3f} s = "
+            f"{size_mp / tpr / 1e6:6.0f} MB/s | packb write {tpw:7.3f} s = {size_mp / tpw / 1e6:6.0f} MB/s"
+        )
         import pickle
 
         from xtalscale.io.refl import _RestrictedUnpickler
@@ -167,8 +193,10 @@ def main() -> None:
         t_dec = time.perf_counter() - t0
         total_payload = sum(len(c.state[1]) for c in cols.values())
         t_py_legacy = t_unpickle + t_dec * total_payload / sum(len(s) for s in sample)
-        print(f"plain-Python legacy (pickle.load + Python base-256 decode, extrapolated from 2 columns) "
-              f"read ~{t_py_legacy:7.1f} s = {size_lp / t_py_legacy / 1e6:6.1f} MB/s")
+        print(
+            f"plain-Python legacy (pickle.load + Python base-256 decode, extrapolated from 2 columns) "
+            f"read ~{t_py_legacy:7.1f} s = {size_lp / t_py_legacy / 1e6:6.1f} MB/s"
+        )
         del pickle
 
         # ---- memory
@@ -176,8 +204,10 @@ def main() -> None:
         t2 = read_refl(mp)
         cur, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-        print(f"memory: table after msgpack read {cur / 1e6:.1f} MB for {raw_bytes / 1e6:.1f} MB of columns "
-              f"= {cur / raw_bytes:.3f}x (peak during read {peak / raw_bytes:.3f}x) [target <= 1.2x]")
+        print(
+            f"memory: table after msgpack read {cur / 1e6:.1f} MB for {raw_bytes / 1e6:.1f} MB of columns "
+            f"= {cur / raw_bytes:.3f}x (peak during read {peak / raw_bytes:.3f}x) [target <= 1.2x]"
+        )
         del t2
 
 

@@ -19,6 +19,7 @@ scitbx semantics that differ from numpy are kept: ``a.all()`` returns the grid d
 (use ``all_eq``/``count`` for truth tests), slicing returns a copy, and ``flex.double(n)``
 is ``n`` zeros.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -28,13 +29,48 @@ import numpy as np
 from numpy.lib.mixins import NDArrayOperatorsMixin
 
 __all__ = [
-    "grid", "FlexArray", "double", "int", "bool", "size_t", "std_string", "vec2_double",
-    "vec3_double", "mat3_double", "miller_index", "int6", "flex_type_for", "as_flex",
-    "mean", "min", "max", "sum", "abs", "sqrt", "exp", "log", "pow2", "pow", "sum_sq",
-    "sort_permutation", "random_selection", "random_permutation", "random_double",
-    "set_random_seed", "get_random_seed", "size_t_range", "int_range", "double_range",
-    "mean_and_variance", "min_max_mean_double", "union", "intersection", "mean_weighted",
-    "first_index", "last_index", "linear_correlation",
+    "grid",
+    "FlexArray",
+    "double",
+    "int",
+    "bool",
+    "size_t",
+    "std_string",
+    "vec2_double",
+    "vec3_double",
+    "mat3_double",
+    "miller_index",
+    "int6",
+    "flex_type_for",
+    "as_flex",
+    "mean",
+    "min",
+    "max",
+    "sum",
+    "abs",
+    "sqrt",
+    "exp",
+    "log",
+    "pow2",
+    "pow",
+    "sum_sq",
+    "sort_permutation",
+    "random_selection",
+    "random_permutation",
+    "random_double",
+    "set_random_seed",
+    "get_random_seed",
+    "size_t_range",
+    "int_range",
+    "double_range",
+    "mean_and_variance",
+    "min_max_mean_double",
+    "union",
+    "intersection",
+    "mean_weighted",
+    "first_index",
+    "last_index",
+    "linear_correlation",
 ]
 
 _builtin_int = int
@@ -65,7 +101,9 @@ class grid:
         except TypeError as exc:
             raise TypeError(f"grid: dimensions must be integers (got {dims!r})") from exc
         if not parsed or any(d < 0 for d in parsed):
-            raise ValueError(f"grid: dimensions must be non-negative and at least one (got {dims!r})")
+            raise ValueError(
+                f"grid: dimensions must be non-negative and at least one (got {dims!r})"
+            )
         self._dims = parsed
 
     def all(self) -> tuple[_builtin_int, ...]:
@@ -128,7 +166,9 @@ class FlexArray(NDArrayOperatorsMixin):
         elif len(args) == 2:
             data = self._from_size_value(args[0], args[1])
         else:
-            raise TypeError(f"{type(self).__name__}() takes at most 2 arguments ({len(args)} given)")
+            raise TypeError(
+                f"{type(self).__name__}() takes at most 2 arguments ({len(args)} given)"
+            )
         self._buf = data
         self._n = data.shape[0]
 
@@ -171,8 +211,9 @@ class FlexArray(NDArrayOperatorsMixin):
     def _coerce_value(cls, value: Any, what: str) -> np.ndarray:
         arr = np.asarray(value)
         if cls._width and arr.shape != (cls._width,):
-            raise ValueError(f"{cls.__name__}: {what} must have {cls._width} components "
-                             f"(got shape {arr.shape})")
+            raise ValueError(
+                f"{cls.__name__}: {what} must have {cls._width} components (got shape {arr.shape})"
+            )
         if not cls._width and arr.ndim != 0:
             raise ValueError(f"{cls.__name__}: {what} must be a scalar (got shape {arr.shape})")
         return cls._cast(arr, what)
@@ -192,8 +233,9 @@ class FlexArray(NDArrayOperatorsMixin):
                 raise TypeError(f"{cls.__name__}: {what} has dtype {arr.dtype}, expected integers")
             info = np.iinfo(cls._dtype)
             if arr.min() < info.min or arr.max() > info.max:
-                raise ValueError(f"{cls.__name__}: {what} holds values outside "
-                                 f"[{info.min}, {info.max}]")
+                raise ValueError(
+                    f"{cls.__name__}: {what} holds values outside [{info.min}, {info.max}]"
+                )
         elif cls._dtype.kind == "f" and arr.dtype.kind not in "iufb":
             raise TypeError(f"{cls.__name__}: {what} has dtype {arr.dtype}, expected numbers")
         elif cls._dtype.kind == "b" and arr.dtype.kind not in "b":
@@ -204,7 +246,7 @@ class FlexArray(NDArrayOperatorsMixin):
 
     @classmethod
     def _coerce_array(cls, seq: Any, what: str) -> np.ndarray:
-        """Array of this flex type's layout from a sequence/array; zero-copy when it already fits."""
+        """This flex type's array layout from a sequence/array (zero-copy when it already fits)."""
         if isinstance(seq, FlexArray):
             arr = seq._a
         elif isinstance(seq, np.ndarray):
@@ -217,8 +259,9 @@ class FlexArray(NDArrayOperatorsMixin):
             arr = np.asarray(seq) if len(seq) else np.zeros((0,) + cls._element_shape(), cls._dtype)
         if cls._width:
             if arr.ndim != 2 or arr.shape[1] != cls._width:
-                raise ValueError(f"{cls.__name__}: {what} must have shape (n, {cls._width}) "
-                                 f"(got {arr.shape})")
+                raise ValueError(
+                    f"{cls.__name__}: {what} must have shape (n, {cls._width}) (got {arr.shape})"
+                )
         elif arr.ndim < 1:
             raise ValueError(f"{cls.__name__}: {what} must be 1-dimensional (got a scalar)")
         arr = cls._cast(arr, what)
@@ -309,7 +352,9 @@ class FlexArray(NDArrayOperatorsMixin):
 
     def __getitem__(self, key: Any) -> Any:
         a = self._a
-        if isinstance(key, (numbers.Integral, np.integer)) and not isinstance(key, (_builtin_bool, np.bool_)):
+        if isinstance(key, (numbers.Integral, np.integer)) and not isinstance(
+            key, (_builtin_bool, np.bool_)
+        ):
             k = _builtin_int(key)
             if k < -self._n or k >= self._n:
                 raise IndexError(f"{type(self).__name__} index {k} out of range for size {self._n}")
@@ -319,13 +364,21 @@ class FlexArray(NDArrayOperatorsMixin):
                 return type(self)._wrap(a[k].copy())
             v = a[k]
             return v.item() if isinstance(v, np.generic) else v
-        if isinstance(key, tuple) and all(isinstance(k, (numbers.Integral, np.integer)) for k in key):
+        if isinstance(key, tuple) and all(
+            isinstance(k, (numbers.Integral, np.integer)) for k in key
+        ):
             if a.ndim != len(key):
-                raise IndexError(f"{type(self).__name__}: {len(key)} indices for a {a.ndim}-D array")
+                raise IndexError(
+                    f"{type(self).__name__}: {len(key)} indices for a {a.ndim}-D array"
+                )
             return a[key].item()
         if isinstance(key, tuple) and not self._width:
             part = a[key]  # e.g. a grid row g[i, :]: a copy, like every flex slice
-            return type(self)._wrap(part.copy()) if isinstance(part, np.ndarray) and part.ndim else part
+            return (
+                type(self)._wrap(part.copy())
+                if isinstance(part, np.ndarray) and part.ndim
+                else part
+            )
         if isinstance(key, slice):
             return type(self)._wrap(a[key].copy())
         if isinstance(key, (FlexArray, np.ndarray, list)):
@@ -355,8 +408,10 @@ class FlexArray(NDArrayOperatorsMixin):
         return (type(self)._wrap, (self._a.copy(),))
 
     def __bool__(self) -> _builtin_bool:
-        raise ValueError(f"the truth value of a flex.{type(self).__name__} is ambiguous; "
-                         "use all_eq(), count() or len()")
+        raise ValueError(
+            f"the truth value of a flex.{type(self).__name__} is ambiguous; "
+            "use all_eq(), count() or len()"
+        )
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -379,7 +434,9 @@ class FlexArray(NDArrayOperatorsMixin):
         if not isinstance(g, grid):
             g = grid(g)
         if self._width or g.size_1d() != self._a.size:
-            raise ValueError(f"{type(self).__name__}.reshape: grid {g} does not match size {self._a.size}")
+            raise ValueError(
+                f"{type(self).__name__}.reshape: grid {g} does not match size {self._a.size}"
+            )
         self._buf = self._a.reshape(g.all())
         self._n = self._buf.shape[0]
 
@@ -414,7 +471,7 @@ class FlexArray(NDArrayOperatorsMixin):
         data = self._coerce_array(other, "other")
         m = data.shape[0]
         self._reserve(self._n + m)
-        self._buf[self._n: self._n + m] = data
+        self._buf[self._n : self._n + m] = data
         self._n += m
 
     def resize(self, n: Any, value: Any = None) -> None:
@@ -424,7 +481,9 @@ class FlexArray(NDArrayOperatorsMixin):
         if n > self._n:
             old = self._n
             self._reserve(n)
-            self._buf[old:n] = self._coerce_value(self._default if value is None else value, "value")
+            self._buf[old:n] = self._coerce_value(
+                self._default if value is None else value, "value"
+            )
         self._n = n
 
     def clear(self) -> None:
@@ -460,14 +519,18 @@ class FlexArray(NDArrayOperatorsMixin):
         self._ensure_1d("set_selected")
         sel = _as_selection(selection, self._n, "selection")
         n_sel = _builtin_int(np.count_nonzero(sel)) if sel.dtype == np.bool_ else len(sel)
-        if isinstance(values, FlexArray) or (isinstance(values, (np.ndarray, list, tuple)) and
-                                             np.ndim(values) > (1 if self._width else 0)):
+        if isinstance(values, FlexArray) or (
+            isinstance(values, (np.ndarray, list, tuple))
+            and np.ndim(values) > (1 if self._width else 0)
+        ):
             vals = self._coerce_array(values, "values")
             if sel.dtype == np.bool_ and len(vals) == self._n and n_sel != self._n:
                 vals = vals[sel]
             if len(vals) != n_sel:
-                raise ValueError(f"{type(self).__name__}.set_selected: {len(vals)} values for "
-                                 f"{n_sel} selected elements")
+                raise ValueError(
+                    f"{type(self).__name__}.set_selected: {len(vals)} values for "
+                    f"{n_sel} selected elements"
+                )
             self._a[sel] = vals
         else:
             self._a[sel] = self._coerce_value(values, "values")
@@ -526,8 +589,11 @@ class FlexArray(NDArrayOperatorsMixin):
         return double._wrap(self._a.astype(np.float64))
 
     def as_int(self) -> "int":
-        return int._wrap(int._cast(self._a, "values") if self._a.dtype.kind != "f"
-                         else np.trunc(self._a).astype(np.int32))
+        return int._wrap(
+            int._cast(self._a, "values")
+            if self._a.dtype.kind != "f"
+            else np.trunc(self._a).astype(np.int32)
+        )
 
     def as_string(self) -> "std_string":
         return std_string._wrap(np.array([str(x) for x in self], dtype=object))
@@ -564,16 +630,20 @@ class double(_NumericMixin, FlexArray):
     def __mul__(self, other: Any) -> Any:
         if _is_sparse(other):
             if self._buf.ndim != 1 or other.shape[0] != self._n:
-                raise ValueError(f"flex.double * sparse: vector of size {self._n} does not match "
-                                 f"a matrix with {other.shape[0]} rows")
+                raise ValueError(
+                    f"flex.double * sparse: vector of size {self._n} does not match "
+                    f"a matrix with {other.shape[0]} rows"
+                )
             return double._wrap(np.asarray(other.T @ self._a, dtype=np.float64).reshape(-1))
         return super().__mul__(other)
 
     def __rmul__(self, other: Any) -> Any:
         if _is_sparse(other):  # M * v: column-vector product
             if self._buf.ndim != 1 or other.shape[1] != self._n:
-                raise ValueError(f"sparse * flex.double: matrix with {other.shape[1]} columns "
-                                 f"does not match a vector of size {self._n}")
+                raise ValueError(
+                    f"sparse * flex.double: matrix with {other.shape[1]} columns "
+                    f"does not match a vector of size {self._n}"
+                )
             return double._wrap(np.asarray(other @ self._a, dtype=np.float64).reshape(-1))
         return super().__rmul__(other)
 
@@ -747,11 +817,20 @@ class int6(FlexArray):
 
 
 # ---------------------------------------------------------------------------- wrapping
-_SCALAR_TYPES = {np.dtype(np.float64): double, np.dtype(np.int32): int,
-                 np.dtype(np.uint64): size_t, np.dtype(np.bool_): bool, np.dtype(object): std_string}
-_TUPLE_TYPES = {(np.dtype(np.float64), 2): vec2_double, (np.dtype(np.float64), 3): vec3_double,
-                (np.dtype(np.float64), 9): mat3_double, (np.dtype(np.int32), 3): miller_index,
-                (np.dtype(np.int32), 6): int6}
+_SCALAR_TYPES = {
+    np.dtype(np.float64): double,
+    np.dtype(np.int32): int,
+    np.dtype(np.uint64): size_t,
+    np.dtype(np.bool_): bool,
+    np.dtype(object): std_string,
+}
+_TUPLE_TYPES = {
+    (np.dtype(np.float64), 2): vec2_double,
+    (np.dtype(np.float64), 3): vec3_double,
+    (np.dtype(np.float64), 9): mat3_double,
+    (np.dtype(np.int32), 3): miller_index,
+    (np.dtype(np.int32), 6): int6,
+}
 
 
 def flex_type_for(arr: np.ndarray) -> type[FlexArray]:
@@ -868,8 +947,12 @@ def _ufunc_operands(inputs: tuple) -> list:
     if widths:
         out = []
         for x, a in zip(inputs, arrays):
-            if (isinstance(a, np.ndarray) and a.ndim == 1 and not
-                    (isinstance(x, FlexArray) and x._width) and a.shape[0] in widths):
+            if (
+                isinstance(a, np.ndarray)
+                and a.ndim == 1
+                and not (isinstance(x, FlexArray) and x._width)
+                and a.shape[0] in widths
+            ):
                 a = a[:, None]
             out.append(a)
         return out
@@ -992,7 +1075,9 @@ def min_max_mean_double(a: Any) -> "_MinMaxMean":
     return _MinMaxMean(_plain(a, "min_max_mean_double"))
 
 
-def sort_permutation(data: Any, reverse: _builtin_bool = False, stable: _builtin_bool = True) -> size_t:
+def sort_permutation(
+    data: Any, reverse: _builtin_bool = False, stable: _builtin_bool = True
+) -> size_t:
     """Indices that sort ``data`` (ascending, or descending with ``reverse``); stable.
 
     Ties keep input order in both directions, as scitbx's stable sort does.
@@ -1010,8 +1095,11 @@ def sort_permutation(data: Any, reverse: _builtin_bool = False, stable: _builtin
         if arr.dtype.kind in "f":
             perm = np.argsort(-arr, kind="stable")
         elif arr.dtype.kind in "iub":
-            perm = np.argsort(-(arr.astype(np.float64)), kind="stable") if arr.dtype == np.uint64 \
+            perm = (
+                np.argsort(-(arr.astype(np.float64)), kind="stable")
+                if arr.dtype == np.uint64
                 else np.argsort(-(arr.astype(np.int64)), kind="stable")
+            )
         else:
             perm = _stable_reverse(np.argsort(arr, kind="stable"), arr)
     else:
@@ -1024,8 +1112,11 @@ def _stable_reverse(perm: np.ndarray, arr: np.ndarray) -> np.ndarray:
     # Reverse the ascending order, then restore input order inside each run of equal keys.
     rev = perm[::-1]
     keys = arr[rev]
-    same = np.all(keys[1:] == keys[:-1], axis=tuple(range(1, keys.ndim))) if keys.ndim > 1 \
+    same = (
+        np.all(keys[1:] == keys[:-1], axis=tuple(range(1, keys.ndim)))
+        if keys.ndim > 1
         else keys[1:] == keys[:-1]
+    )
     starts = np.flatnonzero(np.concatenate([[True], ~same]))
     out = rev.copy()
     bounds = np.append(starts, len(rev))

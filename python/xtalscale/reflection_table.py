@@ -4,6 +4,7 @@ Columns are flex arrays of equal length (see :mod:`xtalscale.flex_arrays`); ``ta
 returns the stored column itself, so its ``as_numpy_array()`` is a zero-copy view and in-place
 edits change the table, as in DIALS. Assigning a numpy array wraps it without copying.
 """
+
 from __future__ import annotations
 
 import enum
@@ -67,7 +68,7 @@ class experiment_id_map(MutableMapping):
     def __init__(self, items: Any = None) -> None:
         self._d: dict[int, str] = {}
         if items:
-            for k, v in (items.items() if hasattr(items, "items") else items):
+            for k, v in items.items() if hasattr(items, "items") else items:
                 self[k] = v
 
     @staticmethod
@@ -137,9 +138,13 @@ def _as_column(value: Any, name: str) -> fa.FlexArray:
         except (TypeError, ValueError) as exc:
             raise type(exc)(f"column {name!r}: {exc}") from None
         if not isinstance(col, fa.FlexArray):
-            raise TypeError(f"column {name!r}: no flex type for dtype {arr.dtype}, shape {arr.shape}")
+            raise TypeError(
+                f"column {name!r}: no flex type for dtype {arr.dtype}, shape {arr.shape}"
+            )
     if not col._width and col.ndim != 1:
-        raise ValueError(f"column {name!r}: grid arrays cannot be table columns (shape {col.shape})")
+        raise ValueError(
+            f"column {name!r}: grid arrays cannot be table columns (shape {col.shape})"
+        )
     return col
 
 
@@ -209,7 +214,9 @@ class reflection_table:
             return {k: c[i] for k, c in self._cols.items()}
         if isinstance(key, slice):
             return self.select(np.arange(self._nrows)[key])
-        raise TypeError(f"reflection_table indices must be str, int or slice (got {type(key).__name__})")
+        raise TypeError(
+            f"reflection_table indices must be str, int or slice (got {type(key).__name__})"
+        )
 
     def __setitem__(self, key: Any, value: Any) -> None:
         if isinstance(key, (numbers.Integral, np.integer)) and not isinstance(key, bool):
@@ -267,12 +274,20 @@ class reflection_table:
         """
         if hasattr(selection, "identifier"):
             return self.select_on_experiment_identifiers([selection.identifier])
-        if isinstance(selection, (list, tuple)) and selection and all(isinstance(s, str) for s in selection):
+        if (
+            isinstance(selection, (list, tuple))
+            and selection
+            and all(isinstance(s, str) for s in selection)
+        ):
             missing = [s for s in selection if s not in self._cols]
             if missing:
                 raise KeyError(f"reflection_table has no columns {missing}")
             return self._adopt({s: self._cols[s].deep_copy() for s in selection}, self._nrows)
-        if isinstance(selection, (list, tuple)) and selection and all(hasattr(s, "identifier") for s in selection):
+        if (
+            isinstance(selection, (list, tuple))
+            and selection
+            and all(hasattr(s, "identifier") for s in selection)
+        ):
             return self.select_on_experiment_identifiers([s.identifier for s in selection])
         sel = fa._as_selection(selection, self._nrows, "selection")
         n = int(np.count_nonzero(sel)) if sel.dtype == np.bool_ else len(sel)
@@ -330,7 +345,11 @@ class reflection_table:
         """Copy the rows of ``other`` into the selected rows (or named columns) of this table."""
         if not isinstance(other, reflection_table):
             raise TypeError("set_selected: other must be a reflection_table")
-        if isinstance(selection, (list, tuple)) and selection and all(isinstance(s, str) for s in selection):
+        if (
+            isinstance(selection, (list, tuple))
+            and selection
+            and all(isinstance(s, str) for s in selection)
+        ):
             for name in selection:
                 self[name] = other[name].deep_copy()
             return
@@ -342,8 +361,10 @@ class reflection_table:
             if name not in self._cols:
                 self._cols[name] = type(col)(self._nrows)
             elif type(self._cols[name]) is not type(col):
-                raise TypeError(f"set_selected: column {name!r} types differ "
-                                f"({type(self._cols[name]).__name__} vs {type(col).__name__})")
+                raise TypeError(
+                    f"set_selected: column {name!r} types differ "
+                    f"({type(self._cols[name]).__name__} vs {type(col).__name__})"
+                )
             self._cols[name]._a[sel] = col._a
 
     def del_selected(self, selection: Any) -> None:
@@ -358,8 +379,10 @@ class reflection_table:
     def _merge_identifiers(self, other: "reflection_table", what: str) -> None:
         for k, v in other._ids.items():
             if k in self._ids and self._ids[k] != v:
-                raise ValueError(f"{what}: experiment identifiers do not match for id {k} "
-                                 f"({self._ids[k]!r} vs {v!r})")
+                raise ValueError(
+                    f"{what}: experiment identifiers do not match for id {k} "
+                    f"({self._ids[k]!r} vs {v!r})"
+                )
         for k, v in other._ids.items():
             self._ids[k] = v
 
@@ -369,8 +392,10 @@ class reflection_table:
             raise TypeError("extend: other must be a reflection_table")
         for name, col in other._cols.items():
             if name in self._cols and type(self._cols[name]) is not type(col):
-                raise TypeError(f"extend: column {name!r} types differ "
-                                f"({type(self._cols[name]).__name__} vs {type(col).__name__})")
+                raise TypeError(
+                    f"extend: column {name!r} types differ "
+                    f"({type(self._cols[name]).__name__} vs {type(col).__name__})"
+                )
         self._merge_identifiers(other, "extend")
         n_old, n_new = self._nrows, self._nrows + len(other)
         for name in list(self._cols) + [k for k in other._cols if k not in self._cols]:
@@ -435,7 +460,10 @@ class reflection_table:
         return self.copy()
 
     def __reduce__(self) -> tuple:
-        return (_rebuild, (self._nrows, {k: c._a for k, c in self._cols.items()}, self._ids.as_dict()))
+        return (
+            _rebuild,
+            (self._nrows, {k: c._a for k, c in self._cols.items()}, self._ids.as_dict()),
+        )
 
     # ------------------------------------------------------------------ flags
     def _flags_column(self, create: bool) -> np.ndarray:
@@ -479,7 +507,7 @@ class reflection_table:
         for i, n in enumerate(counts):
             if n == 0:
                 continue
-            t = self.select(order[bounds[i]: bounds[i + 1]])
+            t = self.select(order[bounds[i] : bounds[i + 1]])
             t._ids = experiment_id_map({i: self._ids[i]} if i in self._ids else {})
             out.append(t)
         return out
@@ -573,14 +601,27 @@ class reflection_table:
 
 
 _STANDARD_COLUMNS = [
-    ("flags", fa.size_t), ("id", fa.int), ("panel", fa.size_t), ("miller_index", fa.miller_index),
-    ("entering", fa.bool), ("s1", fa.vec3_double), ("xyzcal.mm", fa.vec3_double),
-    ("xyzcal.px", fa.vec3_double), ("bbox", fa.int6), ("xyzobs.px.value", fa.vec3_double),
-    ("xyzobs.px.variance", fa.vec3_double), ("xyzobs.mm.value", fa.vec3_double),
-    ("xyzobs.mm.variance", fa.vec3_double), ("partial_id", fa.size_t), ("partiality", fa.double),
-    ("intensity.sum.value", fa.double), ("intensity.sum.variance", fa.double),
-    ("intensity.prf.value", fa.double), ("intensity.prf.variance", fa.double),
-    ("lp", fa.double), ("profile.correlation", fa.double),
+    ("flags", fa.size_t),
+    ("id", fa.int),
+    ("panel", fa.size_t),
+    ("miller_index", fa.miller_index),
+    ("entering", fa.bool),
+    ("s1", fa.vec3_double),
+    ("xyzcal.mm", fa.vec3_double),
+    ("xyzcal.px", fa.vec3_double),
+    ("bbox", fa.int6),
+    ("xyzobs.px.value", fa.vec3_double),
+    ("xyzobs.px.variance", fa.vec3_double),
+    ("xyzobs.mm.value", fa.vec3_double),
+    ("xyzobs.mm.variance", fa.vec3_double),
+    ("partial_id", fa.size_t),
+    ("partiality", fa.double),
+    ("intensity.sum.value", fa.double),
+    ("intensity.sum.variance", fa.double),
+    ("intensity.prf.value", fa.double),
+    ("intensity.prf.variance", fa.double),
+    ("lp", fa.double),
+    ("profile.correlation", fa.double),
 ]
 
 
@@ -592,7 +633,9 @@ def _rebuild(nrows: int, cols: dict, ids: dict) -> reflection_table:
     return t
 
 
-def check_identifiers(table: reflection_table, experiments: Any = None, where: str = "table") -> None:
+def check_identifiers(
+    table: reflection_table, experiments: Any = None, where: str = "table"
+) -> None:
     """Validate a table's experiment identifiers; raise ValueError describing the mismatch."""
     ids = table.experiment_identifiers()
     values = ids.values()
@@ -602,14 +645,19 @@ def check_identifiers(table: reflection_table, experiments: Any = None, where: s
         used = np.unique(table["id"].as_numpy_array())
         unknown = [int(u) for u in used if u >= 0 and int(u) not in ids]
         if unknown:
-            raise ValueError(f"{where}: experiment ids {unknown} in the 'id' column have no "
-                             f"identifier (identifiers cover {ids.keys()})")
+            raise ValueError(
+                f"{where}: experiment ids {unknown} in the 'id' column have no "
+                f"identifier (identifiers cover {ids.keys()})"
+            )
     if experiments is not None:
         expt_ids = [getattr(e, "identifier", None) for e in experiments]
         for k, v in ids.items():
             if k >= len(expt_ids):
-                raise ValueError(f"{where}: id {k} ({v!r}) has no experiment "
-                                 f"(only {len(expt_ids)} experiments)")
+                raise ValueError(
+                    f"{where}: id {k} ({v!r}) has no experiment (only {len(expt_ids)} experiments)"
+                )
             if expt_ids[k] != v:
-                raise ValueError(f"{where}: identifier for id {k} is {v!r} but experiment {k} "
-                                 f"has {expt_ids[k]!r}")
+                raise ValueError(
+                    f"{where}: identifier for id {k} is {v!r} but experiment {k} "
+                    f"has {expt_ids[k]!r}"
+                )

@@ -1,4 +1,5 @@
 """flex array compatibles: constructors, growth, selection, arithmetic, numpy interop."""
+
 from __future__ import annotations
 
 import copy
@@ -205,7 +206,10 @@ def test_linear_correlation_and_index_helpers():
     lc = flex.linear_correlation(x, 2.0 * x + 1.0)
     assert lc.is_well_defined() and lc.coefficient() == pytest.approx(1.0, abs=1e-15)
     assert not flex.linear_correlation(x, flex.double(4, 1.0)).is_well_defined()
-    assert flex.first_index(flex.int([3, 1, 3]), 3) == 0 and flex.last_index(flex.int([3, 1, 3]), 3) == 2
+    assert (
+        flex.first_index(flex.int([3, 1, 3]), 3) == 0
+        and flex.last_index(flex.int([3, 1, 3]), 3) == 2
+    )
     assert flex.first_index(flex.int([3]), 9) is None
 
 
@@ -224,7 +228,7 @@ def test_sort_permutation_is_the_stable_python_sort(xs, reverse):
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(st.integers(-2**31, 2**31 - 1), max_size=60), st.booleans())
+@given(st.lists(st.integers(-(2**31), 2**31 - 1), max_size=60), st.booleans())
 def test_sort_permutation_ints(xs, reverse):
     perm = list(flex.sort_permutation(flex.int(xs), reverse=reverse))
     assert perm == sorted(range(len(xs)), key=lambda i: xs[i], reverse=reverse)
@@ -247,13 +251,19 @@ def test_select_and_set_selected_match_numpy(xs, data):
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(finite, max_size=50), st.lists(st.integers(-2**31, 2**31 - 1), max_size=50),
-       st.lists(st.integers(0, 2**64 - 1), max_size=50))
+@given(
+    st.lists(finite, max_size=50),
+    st.lists(st.integers(-(2**31), 2**31 - 1), max_size=50),
+    st.lists(st.integers(0, 2**64 - 1), max_size=50),
+)
 def test_base256_round_trip_is_exact(ds, ints, sizes):
     from xtalscale import _core
 
-    for arr, kind in [(np.array(ds, dtype=np.float64), "double"), (np.array(ints, dtype=np.int32), "int"),
-                      (np.array(sizes, dtype=np.uint64), "size_t")]:
+    for arr, kind in [
+        (np.array(ds, dtype=np.float64), "double"),
+        (np.array(ints, dtype=np.int32), "int"),
+        (np.array(sizes, dtype=np.uint64), "size_t"),
+    ]:
         back = _core.refl.decode_base256_column(_core.refl.encode_base256_column(arr, kind), kind)
         # bit-exact except the sign of zero, which scitbx does not store
         assert np.array_equal(back, arr + 0) and back.dtype == arr.dtype

@@ -1,4 +1,5 @@
 """DIALS .refl I/O on real files: msgpack and legacy pickles, round trips and bad input."""
+
 from __future__ import annotations
 
 import math
@@ -34,7 +35,7 @@ def _ref_int(buf: bytes, pos: int) -> tuple[int, int]:
     n = head & 0x7F
     if n == 0:
         return 0, pos + 1
-    v = int.from_bytes(buf[pos + 1: pos + n], "little")
+    v = int.from_bytes(buf[pos + 1 : pos + n], "little")
     return (-v if head > 128 else v), pos + n
 
 
@@ -44,7 +45,7 @@ def _ref_double(buf: bytes, pos: int) -> tuple[float, int]:
     if n == 0:
         return 0.0, pos + 1
     frac = 0.0
-    for b in reversed(buf[pos + 1: pos + n]):
+    for b in reversed(buf[pos + 1 : pos + n]):
         frac = (frac + b) / 256.0
     e, nxt = _ref_int(buf, pos + n)
     v = math.ldexp(frac, e)
@@ -82,13 +83,18 @@ def test_l_cysteine_scaled_legacy_pickles_rows_flags_and_dials_intensity_relatio
         m = used.as_numpy_array()
         assert np.all(t["partiality"].as_numpy_array()[m] > 0)
         scale = t["intensity.scale.value"].as_numpy_array()[m]
-        expect = (t["intensity.sum.value"].as_numpy_array()[m] * t["lp"].as_numpy_array()[m]
-                  / t["dqe"].as_numpy_array()[m] / t["partiality"].as_numpy_array()[m])
+        expect = (
+            t["intensity.sum.value"].as_numpy_array()[m]
+            * t["lp"].as_numpy_array()[m]
+            / t["dqe"].as_numpy_array()[m]
+            / t["partiality"].as_numpy_array()[m]
+        )
         # DIALS computed it in double from the same stored values: agreement to rounding.
         assert np.max(np.abs(scale - expect) / np.abs(scale)) < 1e-12
     assert n_used == 11816
-    assert dict(tables[0].experiment_identifiers()) == {0: "0", 1: "1"} or \
-        tables[0].experiment_identifiers().as_dict() == {0: "0", 1: "1"}
+    assert dict(tables[0].experiment_identifiers()) == {0: "0", 1: "1"} or tables[
+        0
+    ].experiment_identifiers().as_dict() == {0: "0", 1: "1"}
     assert tables[1].experiment_identifiers().as_dict() == {0: "2"}
     t = tables[1]
     assert isinstance(t["miller_index"], flex.miller_index)
@@ -102,8 +108,14 @@ def test_l_cysteine_scaled_legacy_pickles_rows_flags_and_dials_intensity_relatio
 def test_legacy_decoder_matches_independent_python_decoder_bit_for_bit():
     payloads = _pickle_payloads(LCYS / "scaled_30.refl")
     t = flex.reflection_table.from_file(LCYS / "scaled_30.refl")
-    for name, kind in [("intensity.sum.value", "d"), ("s1", "d"), ("miller_index", "i"),
-                       ("bbox", "i"), ("flags", "i"), ("id", "i")]:
+    for name, kind in [
+        ("intensity.sum.value", "d"),
+        ("s1", "d"),
+        ("miller_index", "i"),
+        ("bbox", "i"),
+        ("flags", "i"),
+        ("id", "i"),
+    ]:
         buf = payloads[name]
         count, pos = _ref_int(buf, 0)
         assert count == 5308
@@ -121,7 +133,12 @@ def test_integrated_pickle_skips_shoebox_and_matches_scaled_sweep_rows():
     assert len(p) == 4417 and p.ncols() == 34 and "shoebox" not in p
     s = flex.reflection_table.from_file(SCALED[0])
     s0 = s.select(s["id"] == 0)
-    for name in ["miller_index", "intensity.sum.value", "intensity.prf.variance", "xyzobs.px.value"]:
+    for name in [
+        "miller_index",
+        "intensity.sum.value",
+        "intensity.prf.variance",
+        "xyzobs.px.value",
+    ]:
         assert np.array_equal(p[name].as_numpy_array(), s0[name].as_numpy_array()), name
     # dials.scale only added its own bits (22..26: scaling exclusions, outliers, scaled)
     scaling_bits = np.uint64(0b11111 << 22)
@@ -129,8 +146,10 @@ def test_integrated_pickle_skips_shoebox_and_matches_scaled_sweep_rows():
     assert p.get_flags(F.integrated_sum).count(True) == 2389
 
 
-@pytest.mark.parametrize("path, nrows, ncols, nids", [
-    (QUARTZ, 1620, 38, 1), (CENTROID, 2269, 34, 0), (WEDGE, 92, 34, 1), (SSX, 5203, 24, 5)])
+@pytest.mark.parametrize(
+    "path, nrows, ncols, nids",
+    [(QUARTZ, 1620, 38, 1), (CENTROID, 2269, 34, 0), (WEDGE, 92, 34, 1), (SSX, 5203, 24, 5)],
+)
 def test_msgpack_files_load_with_expected_shape(path, nrows, ncols, nids):
     t = read_refl(path)
     raw = msgpack.unpackb(path.read_bytes(), strict_map_key=False)
@@ -138,9 +157,15 @@ def test_msgpack_files_load_with_expected_shape(path, nrows, ncols, nids):
     assert len(t) == nrows == raw[2]["nrows"]
     assert t.ncols() == ncols == len([k for k in types if types[k] != "Shoebox<>"])
     assert len(t.experiment_identifiers()) == nids
-    expected = {"double": flex.double, "int": flex.int, "std::size_t": flex.size_t,
-                "bool": flex.bool, "vec3<double>": flex.vec3_double, "int6": flex.int6,
-                "cctbx::miller::index<>": flex.miller_index}
+    expected = {
+        "double": flex.double,
+        "int": flex.int,
+        "std::size_t": flex.size_t,
+        "bool": flex.bool,
+        "vec3<double>": flex.vec3_double,
+        "int6": flex.int6,
+        "cctbx::miller::index<>": flex.miller_index,
+    }
     for name, tn in types.items():
         if tn == "Shoebox<>":
             assert name not in t
@@ -176,7 +201,7 @@ def test_msgpack_round_trip_of_every_column_type(tmp_path):
     n = 257
     t = flex.reflection_table()
     t["d"] = rng.normal(size=n)
-    t["i"] = rng.integers(-2**31, 2**31 - 1, size=n, dtype=np.int32)
+    t["i"] = rng.integers(-(2**31), 2**31 - 1, size=n, dtype=np.int32)
     t["flags"] = rng.integers(0, 2**63, size=n, dtype=np.uint64)
     t["b"] = rng.random(n) > 0.5
     t["v3"] = rng.normal(size=(n, 3))
@@ -204,8 +229,15 @@ def test_msgpack_round_trip_of_every_column_type(tmp_path):
 def test_legacy_pickle_writer_payloads_equal_scitbx_bytes(tmp_path):
     payloads = _pickle_payloads(LCYS / "scaled_35.refl")
     t = read_refl(LCYS / "scaled_35.refl")
-    kinds = {flex.double: "double", flex.vec3_double: "double", flex.int: "int",
-             flex.miller_index: "int", flex.int6: "int", flex.size_t: "size_t", flex.bool: "bool"}
+    kinds = {
+        flex.double: "double",
+        flex.vec3_double: "double",
+        flex.int: "int",
+        flex.miller_index: "int",
+        flex.int6: "int",
+        flex.size_t: "size_t",
+        flex.bool: "bool",
+    }
     for name, col in t.cols():
         enc = _core.refl.encode_base256_column(col.as_numpy_array(), kinds[type(col)])
         assert enc == payloads[name], name
@@ -219,16 +251,30 @@ def test_legacy_pickle_writer_payloads_equal_scitbx_bytes(tmp_path):
 
 
 def test_base256_codec_extremes():
-    d = np.array([0.0, 1.0, -1.0, 5e-324, -2.2250738585072014e-308, 1.7976931348623157e308,
-                  np.pi, -1e-300, 0.1], dtype=np.float64)
+    d = np.array(
+        [
+            0.0,
+            1.0,
+            -1.0,
+            5e-324,
+            -2.2250738585072014e-308,
+            1.7976931348623157e308,
+            np.pi,
+            -1e-300,
+            0.1,
+        ],
+        dtype=np.float64,
+    )
     enc = _core.refl.encode_base256_column(d, "double")
     assert np.array_equal(_core.refl.decode_base256_column(enc, "double"), d)
-    i = np.array([0, 1, -1, 2**31 - 1, -2**31, 255, -256], dtype=np.int32)
-    assert np.array_equal(_core.refl.decode_base256_column(
-        _core.refl.encode_base256_column(i, "int"), "int"), i)
+    i = np.array([0, 1, -1, 2**31 - 1, -(2**31), 255, -256], dtype=np.int32)
+    assert np.array_equal(
+        _core.refl.decode_base256_column(_core.refl.encode_base256_column(i, "int"), "int"), i
+    )
     u = np.array([0, 1, 2**64 - 1, 2**32], dtype=np.uint64)
-    assert np.array_equal(_core.refl.decode_base256_column(
-        _core.refl.encode_base256_column(u, "size_t"), "size_t"), u)
+    assert np.array_equal(
+        _core.refl.decode_base256_column(_core.refl.encode_base256_column(u, "size_t"), "size_t"), u
+    )
     with pytest.raises(ValueError, match="not finite"):
         _core.refl.encode_base256_column(np.array([np.nan]), "double")
 
@@ -349,12 +395,16 @@ def test_pickle_that_runs_code_is_refused(tmp_path):
 
     p = tmp_path / "evil.refl"
     p.write_bytes(pickle.dumps(Evil(), protocol=2))
-    with pytest.raises(ReflFileError, match=r"evil\.refl: refusing to load '(posix|os|nt)\.system'"):
+    with pytest.raises(
+        ReflFileError, match=r"evil\.refl: refusing to load '(posix|os|nt)\.system'"
+    ):
         read_refl(p)
     assert not marker.exists()
     # A pickle that hides the call inside an allowed-looking table state is refused too.
-    p.write_bytes(b"\x80\x02cdials_array_family_flex_ext\nreflection_table\n)R(K\x02}cbuiltins\neval\n"
-                  b"U\x0bprint('hi')\x85RK\x00K\x00}tb.")
+    p.write_bytes(
+        b"\x80\x02cdials_array_family_flex_ext\nreflection_table\n)R(K\x02}cbuiltins\neval\n"
+        b"U\x0bprint('hi')\x85RK\x00K\x00}tb."
+    )
     with pytest.raises(ReflFileError, match="refusing to load 'builtins.eval'"):
         read_refl(p)
 
@@ -380,7 +430,7 @@ def test_decode_rejects_impossible_counts_and_trailing_bytes():
 
 @pytest.mark.parametrize("source", [WEDGE, LCYS / "scaled_35.refl"])
 def test_random_corruption_never_crashes_or_returns_a_short_table(source, tmp_path):
-    """Deterministic byte flips/truncations: either a clean ReflFileError or a full, consistent table."""
+    """Deterministic byte flips/cuts give a clean ReflFileError or a full, consistent table."""
     raw = source.read_bytes()
     good = read_refl(source)
     rng = np.random.default_rng(7)

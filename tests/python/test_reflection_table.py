@@ -1,4 +1,5 @@
 """reflection_table: columns, rows, selection, flags (DIALS bit values), identifiers."""
+
 from __future__ import annotations
 
 import copy
@@ -28,18 +29,37 @@ def _table() -> flex.reflection_table:
 def test_dials_flag_values():
     # dials/array_family/reflection_table.h (enum Flags)
     expected = {
-        "predicted": 1, "observed": 2, "indexed": 4, "used_in_refinement": 8, "strong": 32,
-        "reference_spot": 64, "dont_integrate": 128, "integrated_sum": 256,
-        "integrated_prf": 512, "integrated": 768, "overloaded": 1024, "overlapped_bg": 2048,
-        "overlapped_fg": 4096, "in_powder_ring": 8192,
-        "foreground_includes_bad_pixels": 16384, "background_includes_bad_pixels": 32768,
-        "includes_bad_pixels": 49152, "bad_shoebox": 64512, "bad_spot": 64512,
-        "used_in_modelling": 65536, "centroid_outlier": 131072,
-        "failed_during_background_modelling": 262144, "failed_during_summation": 524288,
-        "failed_during_profile_fitting": 1048576, "bad_reference": 2097152,
-        "user_excluded_in_scaling": 4194304, "outlier_in_scaling": 8388608,
-        "excluded_for_scaling": 16777216, "bad_for_scaling": 29360128,
-        "excluded_for_refinement": 33554432, "bad_for_refinement": 33685504,
+        "predicted": 1,
+        "observed": 2,
+        "indexed": 4,
+        "used_in_refinement": 8,
+        "strong": 32,
+        "reference_spot": 64,
+        "dont_integrate": 128,
+        "integrated_sum": 256,
+        "integrated_prf": 512,
+        "integrated": 768,
+        "overloaded": 1024,
+        "overlapped_bg": 2048,
+        "overlapped_fg": 4096,
+        "in_powder_ring": 8192,
+        "foreground_includes_bad_pixels": 16384,
+        "background_includes_bad_pixels": 32768,
+        "includes_bad_pixels": 49152,
+        "bad_shoebox": 64512,
+        "bad_spot": 64512,
+        "used_in_modelling": 65536,
+        "centroid_outlier": 131072,
+        "failed_during_background_modelling": 262144,
+        "failed_during_summation": 524288,
+        "failed_during_profile_fitting": 1048576,
+        "bad_reference": 2097152,
+        "user_excluded_in_scaling": 4194304,
+        "outlier_in_scaling": 8388608,
+        "excluded_for_scaling": 16777216,
+        "bad_for_scaling": 29360128,
+        "excluded_for_refinement": 33554432,
+        "bad_for_refinement": 33685504,
         "scaled": 67108864,
     }
     for name, value in expected.items():
@@ -57,8 +77,15 @@ def test_numpy_columns_are_wrapped_by_dtype_without_copy():
     t["s"] = np.array([1, 2, 3], dtype=np.uint64)
     t["names"] = np.array(["x", "y", "z"])
     kinds = {k: type(t[k]) for k in t.keys()}
-    assert kinds == {"d": flex.double, "v": flex.vec3_double, "hkl": flex.miller_index,
-                     "i": flex.int, "b": flex.bool, "s": flex.size_t, "names": flex.std_string}
+    assert kinds == {
+        "d": flex.double,
+        "v": flex.vec3_double,
+        "hkl": flex.miller_index,
+        "i": flex.int,
+        "b": flex.bool,
+        "s": flex.size_t,
+        "names": flex.std_string,
+    }
     assert np.shares_memory(t["d"].as_numpy_array(), d)
     t["d"].as_numpy_array()[0] = 5.0  # the column is the table's storage
     assert t["d"][0] == 5.0 and len(t) == 3

@@ -6,6 +6,7 @@ Holds the numpy-backed flex array types (``flex.double``, ``flex.int``, ``flex.b
 ``flex.random_selection``, ...) and ``flex.reflection_table``. See
 :mod:`xtalscale.flex_arrays` and :mod:`xtalscale.reflection_table` for the details.
 """
+
 from __future__ import annotations
 
 from ..flex_arrays import *  # noqa: F401,F403  (the DIALS flex namespace)

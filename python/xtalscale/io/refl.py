@@ -14,13 +14,13 @@ Writing
 Every problem in an input file raises :class:`ReflFileError` (a ``ValueError``) whose message
 starts with the file name and says what is wrong.
 """
+
 from __future__ import annotations
 
 import io
 import os
 import pickle
 import struct
-import sys
 from typing import Any, BinaryIO, Callable
 
 import msgpack
@@ -29,9 +29,17 @@ import numpy as np
 from .. import flex_arrays as fa
 from ..reflection_table import check_identifiers, experiment_id_map, reflection_table
 
-__all__ = ["ReflFileError", "read_refl", "read_msgpack", "read_msgpack_bytes",
-           "read_legacy_pickle", "write_msgpack", "msgpack_bytes", "write_legacy_pickle",
-           "COLUMN_TYPES"]
+__all__ = [
+    "ReflFileError",
+    "read_refl",
+    "read_msgpack",
+    "read_msgpack_bytes",
+    "read_legacy_pickle",
+    "write_msgpack",
+    "msgpack_bytes",
+    "write_legacy_pickle",
+    "COLUMN_TYPES",
+]
 
 
 class ReflFileError(ValueError):
@@ -86,8 +94,10 @@ def read_refl(filename: Any, required_columns: Any = ()) -> reflection_table:
     elif not head:
         raise ReflFileError(f"{path}: empty file")
     else:
-        raise ReflFileError(f"{path}: not a DIALS reflection file (starts with {head!r}; "
-                            "expected msgpack 0x93 or pickle 0x80)")
+        raise ReflFileError(
+            f"{path}: not a DIALS reflection file (starts with {head!r}; "
+            "expected msgpack 0x93 or pickle 0x80)"
+        )
     _require(table, required_columns, path)
     return table
 
@@ -138,14 +148,28 @@ class _Reader:
             return "array", t & 0x0F
         if 0xA0 <= t <= 0xBF:
             return "str", t & 0x1F
-        table = {0xC4: ("bin", ">B", 1), 0xC5: ("bin", ">H", 2), 0xC6: ("bin", ">I", 4),
-                 0xD9: ("str", ">B", 1), 0xDA: ("str", ">H", 2), 0xDB: ("str", ">I", 4),
-                 0xDC: ("array", ">H", 2), 0xDD: ("array", ">I", 4),
-                 0xDE: ("map", ">H", 2), 0xDF: ("map", ">I", 4),
-                 0xCC: ("int", ">B", 1), 0xCD: ("int", ">H", 2), 0xCE: ("int", ">I", 4),
-                 0xCF: ("int", ">Q", 8), 0xD0: ("int", ">b", 1), 0xD1: ("int", ">h", 2),
-                 0xD2: ("int", ">i", 4), 0xD3: ("int", ">q", 8),
-                 0xCA: ("float", ">f", 4), 0xCB: ("float", ">d", 8)}
+        table = {
+            0xC4: ("bin", ">B", 1),
+            0xC5: ("bin", ">H", 2),
+            0xC6: ("bin", ">I", 4),
+            0xD9: ("str", ">B", 1),
+            0xDA: ("str", ">H", 2),
+            0xDB: ("str", ">I", 4),
+            0xDC: ("array", ">H", 2),
+            0xDD: ("array", ">I", 4),
+            0xDE: ("map", ">H", 2),
+            0xDF: ("map", ">I", 4),
+            0xCC: ("int", ">B", 1),
+            0xCD: ("int", ">H", 2),
+            0xCE: ("int", ">I", 4),
+            0xCF: ("int", ">Q", 8),
+            0xD0: ("int", ">b", 1),
+            0xD1: ("int", ">h", 2),
+            0xD2: ("int", ">i", 4),
+            0xD3: ("int", ">q", 8),
+            0xCA: ("float", ">f", 4),
+            0xCB: ("float", ">d", 8),
+        }
         if t in table:
             kind, fmt, n = table[t]
             return kind, self._u(fmt, n)
@@ -296,8 +320,13 @@ def _read_column(r: _Reader, name: str) -> fa.FlexArray | None:
         return None
     if type_name == "std::string":
         body = r.obj()
-        if (not isinstance(body, list) or len(body) != 2 or not isinstance(body[1], list)
-                or body[0] != len(body[1]) or not all(isinstance(s, str) for s in body[1])):
+        if (
+            not isinstance(body, list)
+            or len(body) != 2
+            or not isinstance(body[1], list)
+            or body[0] != len(body[1])
+            or not all(isinstance(s, str) for s in body[1])
+        ):
             raise r.fail(f"column {name!r}: malformed std::string column")
         return fa.std_string(body[1])
     if type_name not in COLUMN_TYPES:
@@ -310,8 +339,10 @@ def _read_column(r: _Reader, name: str) -> fa.FlexArray | None:
         raise r.fail(f"column {name!r}: bad element count {n!r}")
     nbytes = r.expect("bin", f"column {name!r} blob")
     if nbytes != n * ncomp * dtype.itemsize:
-        raise r.fail(f"column {name!r} ({type_name}): blob has {nbytes} bytes, expected "
-                     f"{n} x {ncomp * dtype.itemsize}")
+        raise r.fail(
+            f"column {name!r} ({type_name}): blob has {nbytes} bytes, expected "
+            f"{n} x {ncomp * dtype.itemsize}"
+        )
     r.check_len(nbytes, f"column {name!r} blob")
     shape = (n, ncomp) if ncomp > 1 else (n,)
     arr = np.empty(shape, dtype=dtype)
@@ -370,8 +401,9 @@ def _write_msgpack_stream(table: reflection_table, f: BinaryIO, path: str) -> No
         col = table[name]
         type_name = _TYPE_NAME.get(type(col))
         if type_name is None:
-            raise TypeError(f"{path}: column {name!r} of type {type(col).__name__} "
-                            "cannot be written")
+            raise TypeError(
+                f"{path}: column {name!r} of type {type(col).__name__} cannot be written"
+            )
         head = p.pack(name) + p.pack_array_header(2) + p.pack(type_name) + p.pack_array_header(2)
         if type_name == "std::string":
             f.write(head + p.pack(len(col)) + p.pack(list(col)))
@@ -437,7 +469,7 @@ _ALLOWED = {_TABLE_KEY, _GRID_KEY, _PICKLE_STRING, *_PICKLE_FLEX, *_PICKLE_SKIP}
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only the DIALS/scitbx classes of a reflection table, to inert stubs."""
+    """Unpickler resolving only a reflection table's DIALS/scitbx classes, to inert stubs."""
 
     def __init__(self, f: BinaryIO, path: str) -> None:
         super().__init__(f, encoding="bytes")
@@ -446,8 +478,10 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Callable[..., _Stub]:
         key = (module, name)
         if key not in _ALLOWED:
-            raise ReflFileError(f"{self.path}: refusing to load '{module}.{name}': a reflection "
-                                "pickle may only refer to DIALS/scitbx flex classes")
+            raise ReflFileError(
+                f"{self.path}: refusing to load '{module}.{name}': a reflection "
+                "pickle may only refer to DIALS/scitbx flex classes"
+            )
         return _StubFactory(key)
 
     def persistent_load(self, pid: Any) -> Any:
@@ -466,7 +500,9 @@ def read_legacy_pickle(filename: Any) -> reflection_table:
     except RecursionError:
         raise ReflFileError(f"{path}: corrupt pickle (nesting too deep)") from None
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means a corrupt file
-        raise ReflFileError(f"{path}: corrupt or truncated pickle ({type(exc).__name__}: {exc})") from None
+        raise ReflFileError(
+            f"{path}: corrupt or truncated pickle ({type(exc).__name__}: {exc})"
+        ) from None
     if not isinstance(root, _Stub) or root.key != _TABLE_KEY:
         raise ReflFileError(f"{path}: pickle does not hold a DIALS reflection_table")
     return _finish(_table_from_state(root.state, path), path)
@@ -487,8 +523,10 @@ def _table_from_state(state: Any, path: str) -> reflection_table:
     if not isinstance(nrows, int) or not isinstance(ncols, int) or nrows < 0:
         raise bad("bad nrows/ncols in pickle state")
     if not isinstance(columns, dict) or len(columns) != ncols:
-        raise bad(f"pickle declares {ncols} columns but holds "
-                  f"{len(columns) if isinstance(columns, dict) else 'no'} column map")
+        raise bad(
+            f"pickle declares {ncols} columns but holds "
+            f"{len(columns) if isinstance(columns, dict) else 'no'} column map"
+        )
     if not isinstance(ids, dict):
         raise bad("identifiers in pickle state are not a dict")
     table = reflection_table(nrows)
@@ -525,6 +563,7 @@ def _decode_std_string(payload: bytes, name: str, path: str) -> fa.std_string:
 
     String columns are rare and short, so this walks the elements in Python.
     """
+
     def bad(msg: str) -> ReflFileError:
         return ReflFileError(f"{path}: column {name!r}: {msg}")
 
@@ -540,10 +579,10 @@ def _decode_std_string(payload: bytes, name: str, path: str) -> fa.std_string:
     out = []
     for _ in range(count):
         n, pos = number(pos)
-        if pos + n + 1 > len(payload) or payload[pos + n: pos + n + 1] != b",":
+        if pos + n + 1 > len(payload) or payload[pos + n : pos + n + 1] != b",":
             raise bad(f"truncated std_string payload at byte {pos}")
         try:
-            out.append(payload[pos: pos + n].decode("utf-8"))
+            out.append(payload[pos : pos + n].decode("utf-8"))
         except UnicodeDecodeError:
             raise bad("string is not valid UTF-8") from None
         pos += n + 1
@@ -582,8 +621,10 @@ def _decode_flex(stub: _Stub, name: str, path: str) -> fa.FlexArray:
     if isinstance(grid, _Stub) and grid.key == _GRID_KEY:
         dims = grid.args[1] if len(grid.args) >= 2 else None
         if not (isinstance(dims, tuple) and len(dims) == 1 and dims[0] == arr.shape[0]):
-            raise ReflFileError(f"{path}: column {name!r}: grid {grid.args!r} does not match "
-                                f"{arr.shape[0]} decoded elements")
+            raise ReflFileError(
+                f"{path}: column {name!r}: grid {grid.args!r} does not match "
+                f"{arr.shape[0]} decoded elements"
+            )
     return ftype._wrap(arr)
 
 
@@ -615,7 +656,9 @@ def write_legacy_pickle(table: reflection_table, filename: Any) -> None:
     w.raw(b"}(")
     for name, col in table.cols():
         if type(col) not in rev:
-            raise TypeError(f"{path}: column {name!r} ({type(col).__name__}) has no legacy pickle form")
+            raise TypeError(
+                f"{path}: column {name!r} ({type(col).__name__}) has no legacy pickle form"
+            )
         key, kind = rev[type(col)]
         w.string(name.encode("utf-8"))
         w.global_(*key)
@@ -630,7 +673,9 @@ def write_legacy_pickle(table: reflection_table, filename: Any) -> None:
         if kind == "std_string":
             payload = _encode_std_string(list(col))
         else:
-            payload = _core.refl.encode_base256_column(np.ascontiguousarray(col.as_numpy_array()), kind)
+            payload = _core.refl.encode_base256_column(
+                np.ascontiguousarray(col.as_numpy_array()), kind
+            )
         w.string(payload)
         w.raw(b"\x86b")  # TUPLE2 BUILD
     # SETITEMS (columns), TUPLE (closes the state's MARK: version, ids, nrows, ncols,

@@ -3,6 +3,7 @@
 Flex arrays here are numpy-backed, so both directions share memory with their input (as
 DIALS's flumpy does for contiguous arrays of a matching dtype).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -74,6 +75,7 @@ def miller_index_from_numpy(array: Any) -> fa.miller_index:
     """``flex.miller_index`` from an ``(n, 3)`` integer array (values must fit int32)."""
     a = np.asarray(array)
     if a.ndim != 2 or a.shape[1] != 3 or a.dtype.kind not in "iu":
-        raise ValueError(f"miller_index_from_numpy: need an (n, 3) integer array "
-                         f"(got {a.dtype}, {a.shape})")
+        raise ValueError(
+            f"miller_index_from_numpy: need an (n, 3) integer array (got {a.dtype}, {a.shape})"
+        )
     return fa.miller_index._wrap(np.ascontiguousarray(fa.miller_index._cast(a, "array")))
