@@ -331,6 +331,19 @@ class FlexArray(NDArrayOperatorsMixin):
         kw = _unflex_tree(kwargs)
         return func(*conv, **kw)
 
+    # numpy-style read-only conveniences for code that treats columns as arrays; results are
+    # plain numpy objects. (scitbx names such as all(), count(), select() keep flex meaning.)
+    _NUMPY_PASSTHROUGH = frozenset(
+        {"astype", "tolist", "min", "max", "mean", "std", "var", "argsort", "argmin", "argmax",
+         "reshape", "ravel", "flatten", "T", "any", "nonzero", "cumsum", "prod", "clip",
+         "itemsize", "strides", "flags", "tobytes", "view"}
+    )
+
+    def __getattr__(self, name: str) -> Any:
+        if name in FlexArray._NUMPY_PASSTHROUGH:
+            return getattr(self._a, name)
+        raise AttributeError(f"flex.{type(self).__name__} has no attribute {name!r}")
+
     # ------------------------------------------------------------------ container protocol
     def __len__(self) -> _builtin_int:
         # scitbx: a grid array's length is its total element count (iteration is flat too)

@@ -313,3 +313,12 @@ def test_flex_from_flex_copies_and_read_only_input_is_copied():
     t["x"] = ro
     t["x"][1] = 3.0
     assert t["x"][1] == 3.0
+
+
+def test_numpy_style_conveniences_return_numpy():
+    a = flex.double([3.0, 1.0, 2.0])
+    assert a.max() == 3.0 and a.mean() == 2.0 and list(a.argsort()) == [1, 2, 0]
+    assert a.astype(np.int32).dtype == np.int32 and a.tolist() == [3.0, 1.0, 2.0]
+    assert a.all() == (3,)  # scitbx meaning is kept
+    with pytest.raises(AttributeError, match="no attribute 'frobnicate'"):
+        a.frobnicate
