@@ -321,4 +321,4 @@ def test_numpy_style_conveniences_return_numpy():
     assert a.astype(np.int32).dtype == np.int32 and a.tolist() == [3.0, 1.0, 2.0]
     assert a.all() == (3,)  # scitbx meaning is kept
     with pytest.raises(AttributeError, match="no attribute 'frobnicate'"):
-        a.frobnicate
+        getattr(a, "frobnicate")  # noqa: B009
