@@ -468,3 +468,16 @@ def test_legacy_pickle_string_columns_and_their_corruption(tmp_path):
     out.write_bytes(raw.replace(b"3,1,x,0,,3,a,b,", b"3,1,x,7,,3,a,b,"))
     with pytest.raises(ReflFileError, match=r"s\.pickle: column 'label': truncated std_string"):
         read_refl(out)
+
+
+def test_protocol_0_style_pickle_without_proto_header_is_detected(tmp_path):
+    t = read_refl(LCYS / "scaled_35.refl")
+    out = tmp_path / "p.pickle"
+    write_legacy_pickle(t, out)
+    raw = out.read_bytes()
+    assert raw[:2] == b"\x80\x02"
+    old = tmp_path / "old.refl"
+    old.write_bytes(raw[2:])  # no PROTO opcode: starts with GLOBAL, as protocol-0/1 files do
+    back = read_refl(old)
+    assert len(back) == 5463
+    assert np.array_equal(back["s1"].as_numpy_array(), t["s1"].as_numpy_array())

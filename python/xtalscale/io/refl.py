@@ -86,8 +86,10 @@ def read_refl(filename: Any, required_columns: Any = ()) -> reflection_table:
     """
     path = os.fspath(filename)
     with open(path, "rb") as f:
-        head = f.read(2)
-    if head[:2] == b"\x80\x02" or head[:1] == b"\x80":
+        head = f.read(32)
+    # Pickles: protocol >= 2 opens with PROTO (0x80); protocol 0/1 pickles of a table open
+    # directly with the GLOBAL opcode naming the DIALS class.
+    if head[:1] == b"\x80" or head.startswith(b"cdials_array_family_flex_ext\n"):
         table = read_legacy_pickle(path)
     elif head[:1] in (b"\x93", b"\xdc", b"\xdd"):
         table = read_msgpack(path)
@@ -95,7 +97,7 @@ def read_refl(filename: Any, required_columns: Any = ()) -> reflection_table:
         raise ReflFileError(f"{path}: empty file")
     else:
         raise ReflFileError(
-            f"{path}: not a DIALS reflection file (starts with {head!r}; "
+            f"{path}: not a DIALS reflection file (starts with {head[:8]!r}; "
             "expected msgpack 0x93 or pickle 0x80)"
         )
     _require(table, required_columns, path)
