@@ -481,3 +481,16 @@ def test_protocol_0_style_pickle_without_proto_header_is_detected(tmp_path):
     back = read_refl(old)
     assert len(back) == 5463
     assert np.array_equal(back["s1"].as_numpy_array(), t["s1"].as_numpy_array())
+
+
+def test_missing_file_is_an_oserror_not_a_format_error(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        read_refl(tmp_path / "nope.refl")
+    from xtalscale.io.refl import read_legacy_pickle
+
+    with pytest.raises(FileNotFoundError):
+        read_legacy_pickle(tmp_path / "nope.pickle")
+    empty = tmp_path / "e.pickle"
+    empty.write_bytes(b"")
+    with pytest.raises(ReflFileError, match="empty file"):
+        read_legacy_pickle(empty)

@@ -18,6 +18,7 @@ starts with the file name and says what is wrong.
 from __future__ import annotations
 
 import io
+import mmap
 import os
 import pickle
 import struct
@@ -493,10 +494,21 @@ class _RestrictedUnpickler(pickle.Unpickler):
 def read_legacy_pickle(filename: Any) -> reflection_table:
     """Read a legacy DIALS reflection-table pickle without executing any pickle code."""
     path = os.fspath(filename)
-    with open(path, "rb") as f:
-        data = f.read()
+    with open(path, "rb") as f:  # OSError (missing file, ...) propagates unchanged
+        if os.fstat(f.fileno()).st_size == 0:
+            raise ReflFileError(f"{path}: empty file")
+        # Unpickle straight from a read-only map: payload strings are copied once, from the
+        # page cache, instead of reading the whole file into memory first.
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            root = _load_restricted(m, path)
+    if not isinstance(root, _Stub) or root.key != _TABLE_KEY:
+        raise ReflFileError(f"{path}: pickle does not hold a DIALS reflection_table")
+    return _finish(_table_from_state(root.state, path), path)
+
+
+def _load_restricted(stream: Any, path: str) -> Any:
     try:
-        root = _RestrictedUnpickler(io.BytesIO(data), path).load()
+        return _RestrictedUnpickler(stream, path).load()
     except ReflFileError:
         raise
     except RecursionError:
@@ -505,9 +517,6 @@ def read_legacy_pickle(filename: Any) -> reflection_table:
         raise ReflFileError(
             f"{path}: corrupt or truncated pickle ({type(exc).__name__}: {exc})"
         ) from None
-    if not isinstance(root, _Stub) or root.key != _TABLE_KEY:
-        raise ReflFileError(f"{path}: pickle does not hold a DIALS reflection_table")
-    return _finish(_table_from_state(root.state, path), path)
 
 
 def _table_from_state(state: Any, path: str) -> reflection_table:
