@@ -6,7 +6,7 @@ the same run:
 * ns/reflection for one evaluation of every component's scales and derivative
   matrices ("components": the kernel figure the targets refer to), and for the full
   model ``g`` plus ``dg/dp`` assembled by the product rule into one scipy CSR matrix
-  ("model", as DIALS's RefinerCalculator does each iteration; the assembly is scipy in
+  ("model", xtalscale's RefinerCalculator, as DIALS does each iteration; the assembly is scipy in
   both columns, and at 30 non-zeros per row it moves >= 360 B/refl by itself);
 * bytes/reflection held by the model between calls (component caches), measured with
   tracemalloc (numpy buffers are traced), excluding the input columns;
@@ -37,6 +37,7 @@ import scipy.sparse as sp
 
 from xtalscale import models
 from xtalscale.models import PhysicalScalingModel, default_model_params
+from xtalscale.parameter_managers import RefinerCalculator, active_parameter_manager
 
 
 def make_data(n: int, seed: int = 1) -> tuple[dict, SimpleNamespace]:
@@ -69,19 +70,9 @@ def configure(model: PhysicalScalingModel, table: dict, expt: SimpleNamespace) -
         comp.update_reflection_data()
 
 
-def model_scales_and_derivatives(comps: list) -> tuple[np.ndarray, sp.csr_matrix]:
-    """g and dg/dp (n x n_free) by the product rule, as the refiner's calculator does."""
-    results = [c.calculate_scales_and_derivatives(0) for c in comps]
-    scales = [np.asarray(s) for s, _ in results]
-    g = scales[0] * scales[1] * scales[2]
-    blocks = []
-    for i, (_, d) in enumerate(results):
-        other = np.ones_like(g)
-        for j, s in enumerate(scales):
-            if j != i:
-                other *= s
-        blocks.append(sp.diags(other) @ d)
-    return g, sp.hstack(blocks, format="csr")
+def model_scales_and_derivatives(apm: active_parameter_manager) -> tuple[np.ndarray, sp.csr_matrix]:
+    """g and dg/dp (n x n_free) by the product rule (xtalscale's RefinerCalculator)."""
+    return RefinerCalculator.calculate_scales_and_derivatives(apm, 0)
 
 
 class NumpyPhysical:
@@ -205,7 +196,8 @@ def main() -> None:
     setup = time.perf_counter() - t0
 
     t_comp = best_time(lambda: [c.calculate_scales_and_derivatives(0) for c in comps], args.repeats)
-    t_model = best_time(lambda: model_scales_and_derivatives(comps), args.repeats)
+    apm = active_parameter_manager(model.components, list(model.components))
+    t_model = best_time(lambda: model_scales_and_derivatives(apm), args.repeats)
 
     # Re-applying a stored model to all reflections (DIALS: expand_scales_to_all_reflections).
     stored = model.to_dict()
@@ -215,7 +207,7 @@ def main() -> None:
     t_ref_comp = best_time(ref.components, args.repeats)
     t_ref = best_time(ref.scales_and_derivatives, args.repeats)
 
-    g, J = model_scales_and_derivatives(comps)
+    g, J = model_scales_and_derivatives(apm)
     g_ref, J_ref = ref.scales_and_derivatives()
     max_rel = float(np.max(np.abs(g / g_ref - 1.0)))
     max_jac = float(abs(J - J_ref).max() / abs(J_ref).max())

@@ -412,3 +412,28 @@ def test_refinement_flow_with_a_physical_model():
     var = calc_sf_variances(model.components, full_model_var_cov(model.components, apm))
     np.testing.assert_allclose(var, np.einsum("ij,jk,ik->i", J, V, J), rtol=1e-10)
     assert np.all(var > 0)
+
+
+def test_refiner_calculator_product_rule_and_dials_quirk():
+    """Spec 5.4: KB with scale fixed at 2 and only B active: dg/dB = 1/(2d²), not 2/(2d²)."""
+    from xtalscale.parameter_managers import RefinerCalculator, row_multiply
+
+    d = np.array([1.0, 2.0, 0.5])
+    comps = _kb(2.0, 0.3, d)
+    only_b = scaling_active_parameter_manager(comps, ["decay"])
+    g, J = RefinerCalculator.calculate_scales_and_derivatives(only_b, 0)
+    sB = np.exp(0.3 / (2 * d**2))
+    np.testing.assert_allclose(g, 2.0 * sB, rtol=1e-15)
+    np.testing.assert_allclose(J.toarray()[:, 0], sB / (2 * d**2), rtol=1e-15)  # no factor 2: the quirk
+    both = scaling_active_parameter_manager(comps, ["scale", "decay"])
+    g, J = RefinerCalculator.calculate_scales_and_derivatives(both, 0)
+    np.testing.assert_allclose(g, 2.0 * sB, rtol=1e-15)
+    np.testing.assert_allclose(J.toarray(), np.column_stack([sB, 2.0 * sB / (2 * d**2)]), rtol=1e-15)
+    none = scaling_active_parameter_manager(comps, [])
+    g, J = RefinerCalculator.calculate_scales_and_derivatives(none, 0)
+    np.testing.assert_allclose(g, 2.0 * sB, rtol=1e-15)
+    assert J.shape == (0, 0)
+    m = row_multiply(sp.csr_matrix(np.array([[1.0, 0.0], [2.0, 3.0]])), [10.0, -1.0])
+    np.testing.assert_array_equal(m.toarray(), [[10.0, 0.0], [-2.0, -3.0]])
+    with pytest.raises(ValueError, match="one per row"):
+        row_multiply(sp.csr_matrix(np.eye(2)), [1.0])
