@@ -8,8 +8,9 @@ the same run:
   model ``g`` plus ``dg/dp`` assembled by the product rule into one scipy CSR matrix
   ("model", xtalscale's RefinerCalculator, as DIALS does each iteration; the assembly is scipy in
   both columns, and at 30 non-zeros per row it moves >= 360 B/refl by itself);
-* bytes/reflection held by the model between calls (component caches), measured with
-  tracemalloc (numpy buffers are traced), excluding the input columns;
+* bytes/reflection held by the model between calls (component data and caches, after
+  the first call), from the RSS growth (after malloc_trim) or tracemalloc, whichever is
+  larger, excluding the input columns; the shared 0.5° SH lookup table (50 MB) counts too;
 * one-off set-up time (configure + update_reflection_data + first call), and the time to
   re-apply a stored model to all reflections (``model_from_dict(d).get_scales``, what
   DIALS does when it expands scales), in ns/reflection.
