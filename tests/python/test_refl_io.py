@@ -494,3 +494,23 @@ def test_missing_file_is_an_oserror_not_a_format_error(tmp_path):
     empty.write_bytes(b"")
     with pytest.raises(ReflFileError, match="empty file"):
         read_legacy_pickle(empty)
+
+
+def test_parallel_legacy_decode_matches_serial_and_reports_errors(tmp_path, monkeypatch):
+    import xtalscale.io.refl as refl_mod
+
+    serial = read_refl(LCYS / "scaled_30.refl")
+    monkeypatch.setattr(refl_mod, "_PARALLEL_DECODE_BYTES", 0)  # force the thread pool
+    parallel = read_refl(LCYS / "scaled_30.refl")
+    assert parallel.keys() == serial.keys()
+    for k in serial.keys():
+        assert np.array_equal(parallel[k].as_numpy_array(), serial[k].as_numpy_array()), k
+    raw = (LCYS / "scaled_30.refl").read_bytes()
+    blob = _pickle_payloads(LCYS / "scaled_30.refl")["xyzcal.px"]
+    i = raw.index(blob)
+    bad = bytearray(raw)
+    bad[i + len(blob) - 2] = 0x09
+    p = tmp_path / "bad.pickle"
+    p.write_bytes(bytes(bad))
+    with pytest.raises(ReflFileError, match=r"bad\.pickle: column 'xyzcal.px'"):
+        read_refl(p)

@@ -541,13 +541,14 @@ def _table_from_state(state: Any, path: str) -> reflection_table:
     if not isinstance(ids, dict):
         raise bad("identifiers in pickle state are not a dict")
     table = reflection_table(nrows)
+    todo = []
     for raw_name, stub in columns.items():
         name = _text(raw_name, path, "column name")
         if not isinstance(stub, _Stub):
             raise bad(f"column {name!r} is not a flex array")
-        if stub.key in _PICKLE_SKIP:
-            continue
-        col = _decode_flex(stub, name, path)
+        if stub.key not in _PICKLE_SKIP:
+            todo.append((name, stub))
+    for name, col in zip([n for n, _ in todo], _decode_all(todo, path)):
         if len(col) != nrows:
             raise bad(f"column {name!r} has {len(col)} rows but nrows is {nrows}")
         table._cols[name] = col
@@ -556,6 +557,37 @@ def _table_from_state(state: Any, path: str) -> reflection_table:
     except (TypeError, ValueError) as exc:
         raise bad(f"bad identifiers map: {exc}") from None
     return table
+
+
+_PARALLEL_DECODE_BYTES = 8 << 20  # below this, thread start-up costs more than it saves
+
+
+def _decode_all(todo: list, path: str) -> list:
+    """Decode the column payloads, on a few threads for big files (the C++ decoder releases
+    the GIL and each column is independent, so the result does not depend on scheduling)."""
+    total = sum(len(stub.state[1]) for _, stub in todo if _payload_ok(stub))
+    workers = min(4, os.cpu_count() or 1, len(todo))
+    if total < _PARALLEL_DECODE_BYTES or workers < 2:
+        return [_decode_flex(stub, name, path) for name, stub in todo]
+    from concurrent.futures import ThreadPoolExecutor
+
+    # Largest payloads first, so the threads finish together.
+    order = sorted(range(len(todo)), key=lambda i: -_payload_len(todo[i][1]))
+    out: list = [None] * len(todo)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {i: pool.submit(_decode_flex, todo[i][1], todo[i][0], path) for i in order}
+        for i in range(len(todo)):  # in column order, so the first bad column is reported
+            out[i] = futures[i].result()
+    return out
+
+
+def _payload_ok(stub: _Stub) -> bool:
+    st = stub.state
+    return isinstance(st, tuple) and len(st) == 2 and isinstance(st[1], bytes)
+
+
+def _payload_len(stub: _Stub) -> int:
+    return len(stub.state[1]) if _payload_ok(stub) else 0
 
 
 def _text(x: Any, path: str, what: str) -> str:
