@@ -1,6 +1,7 @@
 // Reciprocal-space ASU mapping (see grouping.hpp).
 #include "xtalscale/grouping.hpp"
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 
@@ -73,6 +74,93 @@ void map_to_asu(const AsuSymmetry& sym, const std::int32_t* hkl, std::size_t n,
       throw std::invalid_argument("hkl: row " + std::to_string(i) +
                                   " has no image in the ASU (inconsistent symmetry)");
   }
+}
+
+namespace {
+
+/// Stable LSD radix sort of unsigned keys in [0, range], then group boundaries.
+std::vector<std::int64_t> radix_group(std::vector<std::uint64_t>& k, std::uint64_t range,
+                                      std::int64_t* order, std::int64_t* group_index) {
+  const std::size_t n = k.size();
+  std::vector<std::uint64_t> k_tmp(n);
+  std::vector<std::int64_t> idx(n), idx_tmp(n);
+  for (std::size_t i = 0; i < n; ++i) idx[i] = static_cast<std::int64_t>(i);
+  constexpr int kBits = 11;
+  constexpr std::size_t kBuckets = std::size_t{1} << kBits;
+  std::vector<std::size_t> count(kBuckets);
+  // Each pass is a stable counting sort on one 11-bit digit; only digits below the key
+  // range's highest set bit need a pass.
+  for (int shift = 0; shift < 64 && (range >> shift) != 0; shift += kBits) {
+    std::fill(count.begin(), count.end(), std::size_t{0});
+    for (std::size_t i = 0; i < n; ++i) ++count[(k[i] >> shift) & (kBuckets - 1)];
+    std::size_t sum = 0;
+    for (auto& c : count) {
+      const std::size_t c0 = c;
+      c = sum;
+      sum += c0;
+    }
+    for (std::size_t i = 0; i < n; ++i) {
+      const std::size_t pos = count[(k[i] >> shift) & (kBuckets - 1)]++;
+      k_tmp[pos] = k[i];
+      idx_tmp[pos] = idx[i];
+    }
+    k.swap(k_tmp);
+    idx.swap(idx_tmp);
+  }
+  std::vector<std::int64_t> offsets;
+  std::int64_t group = -1;
+  for (std::size_t i = 0; i < n; ++i) {
+    if (i == 0 || k[i] != k[i - 1]) {
+      ++group;
+      offsets.push_back(static_cast<std::int64_t>(i));
+    }
+    order[i] = idx[i];
+    group_index[idx[i]] = group;
+  }
+  offsets.push_back(static_cast<std::int64_t>(n));
+  return offsets;
+}
+
+}  // namespace
+
+std::vector<std::int64_t> group_keys(const std::int64_t* keys, std::size_t n,
+                                     std::int64_t* order, std::int64_t* group_index) {
+  if (n == 0) return {0};
+  const auto [lo_it, hi_it] = std::minmax_element(keys, keys + n);
+  // Shift to unsigned so that the order of the keys is the order of the digits.
+  const std::uint64_t lo = static_cast<std::uint64_t>(*lo_it);
+  std::vector<std::uint64_t> k(n);
+  for (std::size_t i = 0; i < n; ++i) k[i] = static_cast<std::uint64_t>(keys[i]) - lo;
+  return radix_group(k, static_cast<std::uint64_t>(*hi_it) - lo, order, group_index);
+}
+
+std::vector<std::int64_t> group_miller_indices(const std::int32_t* hkl, std::size_t n,
+                                               std::int64_t* order,
+                                               std::int64_t* group_index) {
+  if (n == 0) return {0};
+  std::int64_t lo[3], hi[3];
+  for (int c = 0; c < 3; ++c) lo[c] = hi[c] = hkl[c];
+  for (std::size_t i = 0; i < n; ++i)
+    for (int c = 0; c < 3; ++c) {
+      const std::int64_t v = hkl[3 * i + static_cast<std::size_t>(c)];
+      lo[c] = std::min(lo[c], v);
+      hi[c] = std::max(hi[c], v);
+    }
+  // Mixed-radix key from the actual ranges: lexicographic (h, k, l) order, few bits.
+  const std::uint64_t s1 = static_cast<std::uint64_t>(hi[1] - lo[1] + 1);
+  const std::uint64_t s2 = static_cast<std::uint64_t>(hi[2] - lo[2] + 1);
+  const std::uint64_t s0 = static_cast<std::uint64_t>(hi[0] - lo[0] + 1);
+  require(s0 <= (std::uint64_t{1} << 21) && s1 <= (std::uint64_t{1} << 21) &&
+              s2 <= (std::uint64_t{1} << 21),
+          "hkl: index range too large (more than 2^21 distinct values per component)");
+  std::vector<std::uint64_t> k(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    const auto h = static_cast<std::uint64_t>(hkl[3 * i] - lo[0]);
+    const auto kk = static_cast<std::uint64_t>(hkl[3 * i + 1] - lo[1]);
+    const auto l = static_cast<std::uint64_t>(hkl[3 * i + 2] - lo[2]);
+    k[i] = (h * s1 + kk) * s2 + l;
+  }
+  return radix_group(k, s0 * s1 * s2 - 1, order, group_index);
 }
 
 }  // namespace xtalscale

@@ -2,8 +2,10 @@
 //
 // xtalscale.symmetry builds the operator list and condition from gemmi and calls map_to_asu;
 // outputs are fresh numpy arrays filled in place with the GIL released.
+#include <algorithm>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "common.hpp"
 #include "xtalscale/grouping.hpp"
@@ -48,6 +50,45 @@ py::tuple map_to_asu_py(const IntArray& hkl, const LongArray& rotations, const L
   return py::make_tuple(asu, isym);
 }
 
+py::tuple group_keys_py(const LongArray& keys) {
+  if (keys.ndim() != 1) throw std::invalid_argument("keys must be 1-dimensional");
+  const auto n = static_cast<std::size_t>(keys.shape(0));
+  LongArray order({static_cast<py::ssize_t>(n)});
+  LongArray group_index({static_cast<py::ssize_t>(n)});
+  const std::int64_t* in = keys.data();
+  std::int64_t* o = order.mutable_data();
+  std::int64_t* g = group_index.mutable_data();
+  std::vector<std::int64_t> offsets;
+  {
+    // Safe: only raw buffers owned by the arrays above are touched; no Python objects.
+    py::gil_scoped_release release;
+    offsets = group_keys(in, n, o, g);
+  }
+  LongArray off({static_cast<py::ssize_t>(offsets.size())});
+  std::copy(offsets.begin(), offsets.end(), off.mutable_data());
+  return py::make_tuple(order, group_index, off);
+}
+
+py::tuple group_miller_py(const IntArray& hkl) {
+  if (hkl.ndim() != 2 || hkl.shape(1) != 3)
+    throw std::invalid_argument("hkl must have shape (n, 3)");
+  const auto n = static_cast<std::size_t>(hkl.shape(0));
+  LongArray order({static_cast<py::ssize_t>(n)});
+  LongArray group_index({static_cast<py::ssize_t>(n)});
+  const std::int32_t* in = hkl.data();
+  std::int64_t* o = order.mutable_data();
+  std::int64_t* g = group_index.mutable_data();
+  std::vector<std::int64_t> offsets;
+  {
+    // Safe: only raw buffers owned by the arrays above are touched; no Python objects.
+    py::gil_scoped_release release;
+    offsets = group_miller_indices(in, n, o, g);
+  }
+  LongArray off({static_cast<py::ssize_t>(offsets.size())});
+  std::copy(offsets.begin(), offsets.end(), off.mutable_data());
+  return py::make_tuple(order, group_index, off);
+}
+
 }  // namespace
 
 void bind_grouping(py::module_& m) {
@@ -57,6 +98,13 @@ void bind_grouping(py::module_& m) {
         "rotations: (m, 3, 3) integer rotation parts (gemmi sym_ops order); basis: (3, 3)\n"
         "reference-setting transform (h_ref = h @ basis, any positive scale); condition: 0-9\n"
         "(xtalscale.grouping.AsuCondition). Returns (asu_hkl (n, 3) int32, isym (n,) int32).");
+  m.def("group_keys", &group_keys_py, py::arg("keys"),
+        "Stable O(n) grouping of equal int64 keys (LSD radix sort).\n\n"
+        "Returns (order, group_index, offsets): the sort permutation, each row's group\n"
+        "(groups in increasing key order) and the group start offsets plus n.");
+  m.def("group_miller_indices", &group_miller_py, py::arg("hkl"),
+        "Stable O(n) grouping of (n, 3) int32 Miller indices in signed lexicographic\n"
+        "(h, k, l) order (DIALS order). Returns (order, group_index, offsets).");
 }
 
 }  // namespace xtalscale::py_bind

@@ -599,20 +599,11 @@ def group_reflections(asu_hkl) -> Grouping:
         Indices already mapped to the ASU (e.g. ``map_to_asu(...).asu_hkl``).
     """
     hkl = miller_array(asu_hkl, "asu_hkl")
-    key = _pack(hkl)
-    order = np.argsort(key, kind="stable")
-    sk = key[order]
-    new = np.empty(len(sk), dtype=bool)
-    if len(sk):
-        new[0] = True
-        np.not_equal(sk[1:], sk[:-1], out=new[1:])
-    starts = np.flatnonzero(new)
-    offsets = np.append(starts, len(sk)).astype(np.int64)
-    group_sorted = np.cumsum(new) - 1
-    group_index = np.empty(len(sk), dtype=np.int64)
-    group_index[order] = group_sorted
-    unique = hkl[order[starts]] if len(sk) else np.zeros((0, 3), dtype=np.int32)
-    return Grouping(order.astype(np.int64), group_index, offsets, np.ascontiguousarray(unique))
+    # O(n) stable radix sort in C++ on an order-preserving key packed from the actual
+    # index ranges (few bits, so few radix passes).
+    order, group_index, offsets = _core_grouping.group_miller_indices(hkl)
+    unique = np.ascontiguousarray(hkl[order[offsets[:-1]]])
+    return Grouping(order, group_index, offsets, unique)
 
 
 # --------------------------------------------------------------------------- misc

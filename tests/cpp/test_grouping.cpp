@@ -44,4 +44,33 @@ TEST_CASE("(0,0,0) and empty operator lists are rejected") {
   CHECK_THROWS_AS(xtalscale::map_to_asu(empty, one, 1, asu, isym), std::invalid_argument);
 }
 
+TEST_CASE("group_miller_indices: signed lexicographic groups, stable rows") {
+  // (1,0,0) (0,0,1) (1,0,0) (-2,5,5) (0,0,1) (0,-1,3)
+  const std::int32_t hkl[18] = {1, 0, 0, 0, 0, 1, 1, 0, 0, -2, 5, 5, 0, 0, 1, 0, -1, 3};
+  std::int64_t order[6] = {};
+  std::int64_t group[6] = {};
+  const auto offsets = xtalscale::group_miller_indices(hkl, 6, order, group);
+  // groups: (-2,5,5) < (0,-1,3) < (0,0,1) < (1,0,0)
+  const std::int64_t want_order[6] = {3, 5, 1, 4, 0, 2};
+  const std::int64_t want_group[6] = {3, 2, 3, 0, 2, 1};
+  for (int i = 0; i < 6; ++i) {
+    CHECK(order[i] == want_order[i]);
+    CHECK(group[i] == want_group[i]);
+  }
+  CHECK(offsets.size() == 5 && offsets[0] == 0 && offsets[1] == 1 && offsets[2] == 2 &&
+        offsets[3] == 4 && offsets[4] == 6);
+}
+
+TEST_CASE("group_keys handles negative and extreme keys") {
+  const std::int64_t keys[5] = {INT64_MAX, -5, INT64_MIN, -5, 0};
+  std::int64_t order[5] = {};
+  std::int64_t group[5] = {};
+  const auto offsets = xtalscale::group_keys(keys, 5, order, group);
+  const std::int64_t want_order[5] = {2, 1, 3, 4, 0};
+  for (int i = 0; i < 5; ++i) CHECK(order[i] == want_order[i]);
+  CHECK(group[1] == 1 && group[3] == 1 && group[0] == 3 && offsets.size() == 5);
+  const auto empty = xtalscale::group_keys(keys, 0, order, group);
+  CHECK(empty.size() == 1 && empty[0] == 0);
+}
+
 XS_TEST_MAIN()

@@ -51,4 +51,21 @@ struct AsuSymmetry {
 XTALSCALE_EXPORT void map_to_asu(const AsuSymmetry& sym, const std::int32_t* hkl, std::size_t n,
                 std::int32_t* asu_out, std::int32_t* isym_out);
 
+/// Group equal keys: a stable sort of @p keys (LSD radix sort, so O(n) and deterministic).
+/// Writes the sort permutation to @p order (n), the 0-based group of every input position to
+/// @p group_index (n) -- groups numbered in increasing key order -- and returns the group
+/// start offsets into @p order, with n appended (size n_groups + 1).
+/// Thread-safe; the outputs must not overlap @p keys.
+XTALSCALE_EXPORT std::vector<std::int64_t> group_keys(const std::int64_t* keys, std::size_t n,
+                                                      std::int64_t* order,
+                                                      std::int64_t* group_index);
+
+/// Group equal Miller indices (n x 3, row-major), groups in lexicographic order of signed
+/// (h, k, l) and rows within a group in input order (DIALS order). Same outputs as
+/// group_keys. Throws std::invalid_argument if a component spans more than 2^21 values.
+XTALSCALE_EXPORT std::vector<std::int64_t> group_miller_indices(const std::int32_t* hkl,
+                                                                std::size_t n,
+                                                                std::int64_t* order,
+                                                                std::int64_t* group_index);
+
 }  // namespace xtalscale
