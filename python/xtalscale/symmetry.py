@@ -577,16 +577,6 @@ class Grouping(NamedTuple):
         return np.diff(self.offsets)
 
 
-_PACK_OFFSET = 1 << 20
-_PACK_BASE = 1 << 21
-
-
-def _pack(hkl: np.ndarray) -> np.ndarray:
-    """Order-preserving int64 key of signed (h, k, l): lexicographic h, then k, then l."""
-    a = hkl.astype(np.int64) + _PACK_OFFSET
-    return (a[:, 0] * _PACK_BASE + a[:, 1]) * _PACK_BASE + a[:, 2]
-
-
 def group_reflections(asu_hkl) -> Grouping:
     """Group rows with equal (ASU) Miller index, DIALS order (spec 6.1, 11.16).
 
