@@ -22,6 +22,7 @@ import mmap
 import os
 import pickle
 import struct
+import sys
 from typing import Any, BinaryIO, Callable
 
 import msgpack
@@ -412,6 +413,8 @@ def _write_msgpack_stream(table: reflection_table, f: BinaryIO, path: str) -> No
             f.write(head + p.pack(len(col)) + p.pack(list(col)))
             continue
         data = np.ascontiguousarray(col.as_numpy_array())
+        if data.dtype.byteorder == ">" or (data.dtype.byteorder == "=" and sys.byteorder == "big"):
+            data = data.astype(data.dtype.newbyteorder("<"))  # .refl blobs are little-endian
         f.write(head + p.pack(len(col)) + _bin_header(data.nbytes))
         f.write(memoryview(data).cast("B"))
 
