@@ -1,7 +1,12 @@
 // Gaussian smoothers (DIALS GaussianSmoother{,2D,3D} and GaussianSmootherFirstFixed semantics).
 #include "xtalscale/smoother.hpp"
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <type_traits>
@@ -194,19 +199,22 @@ void weights_chunk(AxisChunk& c, int m, const double* ck, int maxw) {
 }
 
 /// value = Σwp/Σw (0 when Σw = 0, as DIALS) for a chunk, vectorised.
-XS_MULTIVERSION
+XS_MULTIVERSION XS_NO_TRAPPING
 void finish_values(const double* __restrict sumw, const double* __restrict sumwv, int m,
                    double* __restrict value_out) {
   for (int i = 0; i < m; ++i) value_out[i] = sumw[i] > 0.0 ? sumwv[i] / sumw[i] : 0.0;
 }
 
 /// Windows and exponent arguments of @p m points (m <= kChunk) on an axis with > 3 values.
+/// Returns the number of non-finite coordinates (the caller then reports the first).
 XS_MULTIVERSION XS_NO_TRAPPING
-void prepare_axis(const double* __restrict x, int m, const AxisParams& p, AxisChunk& c) {
+int prepare_axis(const double* __restrict x, int m, const AxisParams& p, AxisChunk& c) {
   constexpr double lim = 1073741824.0;  // |z| clamp: beyond it the window is pinned anyway
   const double nv = p.nvalues;
   const double nav = p.naverage;
+  int bad = 0;
   for (int i = 0; i < m; ++i) {
+    bad += (x[i] - x[i] == 0.0) ? 0 : 1;  // NaN and ±inf give NaN here: a vectorisable test
     const double z = (x[i] - p.x0) / p.spacing;
     double zc = z < -lim ? -lim : z;
     zc = zc > lim ? lim : zc;
@@ -228,17 +236,21 @@ void prepare_axis(const double* __restrict x, int m, const AxisParams& p, AxisCh
     // Window mask: weights beyond the window are zero, so row loops can run a fixed width.
     for (int k = 0; k < kMaxAxisWindow; ++k) c.w[k][i] = (k < i2 - i1) ? 1.0 : 0.0;
   }
+  return bad;
 }
 
 /// Same for an axis of at most 3 values: the window is always all of them.
 XS_MULTIVERSION XS_NO_TRAPPING
-void prepare_small_axis(const double* __restrict x, int m, const AxisParams& p, AxisChunk& c) {
+int prepare_small_axis(const double* __restrict x, int m, const AxisParams& p, AxisChunk& c) {
+  int bad = 0;
   for (int i = 0; i < m; ++i) {
+    bad += (x[i] - x[i] == 0.0) ? 0 : 1;
     c.first[i] = 0.0;
     c.count[i] = p.nvalues;
     product_args((x[i] - p.x0) / p.spacing, p.a, c, i);  // positions start at 0
     for (int k = 0; k < kMaxAxisWindow; ++k) c.w[k][i] = k < p.nvalues ? 1.0 : 0.0;
   }
+  return bad;
 }
 
 /// Evaluates chunks of points and hands each point's per-axis windows to a callback.
@@ -264,11 +276,12 @@ class ChunkEvaluator {
       const int m = static_cast<int>(std::min<std::size_t>(kChunk, n - base));
       for (int a = 0; a < D; ++a) {
         const double* x = coords[a] + base;
-        for (int i = 0; i < m; ++i)
-          if (!std::isfinite(x[i])) fail_non_finite(kAxisNames[a], base + i, x[i]);
         AxisChunk& c = chunk_[a];
-        if (params_[a].nvalues <= 3) prepare_small_axis(x, m, params_[a], c);
-        else prepare_axis(x, m, params_[a], c);
+        const int bad = params_[a].nvalues <= 3 ? prepare_small_axis(x, m, params_[a], c)
+                                                : prepare_axis(x, m, params_[a], c);
+        if (bad)
+          for (int i = 0; i < m; ++i)
+            if (!std::isfinite(x[i])) fail_non_finite(kAxisNames[a], base + i, x[i]);
         weights_chunk(c, m, g_.c.data(), axes_[a].max_window());
         for (int i = 0; i < m; ++i)
           if (c.slow[i] != 0.0) fix_slow(a, x[i], i);
@@ -356,12 +369,34 @@ inline void point_sums(const std::array<WinRef, D>& win, const double* values, s
   }
 }
 
+/// Store helpers for the CSR arrays. kStream uses non-temporal stores (x86-64): a large
+/// output is written once and not read back soon, so bypassing the cache saves the
+/// read-for-ownership traffic that otherwise halves the store bandwidth.
+template <bool kStream, typename T>
+inline void put(T* p, T v) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if constexpr (kStream) {
+    if constexpr (sizeof(T) == 8) {
+      long long bits;
+      std::memcpy(&bits, &v, 8);
+      _mm_stream_si64(reinterpret_cast<long long*>(p), bits);
+    } else {
+      int bits;
+      std::memcpy(&bits, &v, 4);
+      _mm_stream_si32(reinterpret_cast<int*>(p), bits);
+    }
+    return;
+  }
+#endif
+  *p = v;
+}
+
 /// Write one CSR row: weights (times @p scale when normalised) in ascending column order.
 /// Each x run is written at the fixed width @p W and the cursor then advances by the true
 /// count, so entries past the window are overwritten by the next run (the buffers hold
 /// n·max_row_nnz entries, enough for the last row's overhang). With kFirstFixed (1D) column 0
 /// is dropped and the others move down by one.
-template <int D, int W, typename Index, bool kNormalised, bool kFirstFixed>
+template <int D, int W, typename Index, bool kNormalised, bool kFirstFixed, bool kStream>
 inline std::size_t write_row(const std::array<WinRef, D>& win, std::int64_t nx, std::int64_t nxy,
                              double scale, Index* __restrict indices, double* __restrict data,
                              std::size_t nnz) {
@@ -374,13 +409,13 @@ inline std::size_t write_row(const std::array<WinRef, D>& win, std::int64_t nx, 
     const std::int64_t col0 = wx.first - (kFirstFixed ? 1 : 0);
     Index* ix = indices + nnz;
     double* d = data + nnz;
-    ix[0] = static_cast<Index>(col0);
-    d[0] = kNormalised ? wx.wt(0) * f : wx.wt(0);
+    put<kStream>(ix, static_cast<Index>(col0));
+    put<kStream>(d, kNormalised ? wx.wt(0) * f : wx.wt(0));
     ix -= drop;
     d -= drop;
     for (int i = 1; i < W; ++i) {
-      ix[i] = static_cast<Index>(col0 + i);
-      d[i] = kNormalised ? wx.wt(i) * f : wx.wt(i);
+      put<kStream>(ix + i, static_cast<Index>(col0 + i));
+      put<kStream>(d + i, kNormalised ? wx.wt(i) * f : wx.wt(i));
     }
     return nnz + static_cast<std::size_t>(wx.count - drop);
   } else {
@@ -399,8 +434,8 @@ inline std::size_t write_row(const std::array<WinRef, D>& win, std::int64_t nx, 
         const double wyz = wy.wt(j) * wz;
         const std::int64_t row = plane + (wy.first + j) * nx;
         for (int i = 0; i < W; ++i) {
-          indices[nnz + i] = static_cast<Index>(row + i);
-          data[nnz + i] = wxs[i] * wyz;
+          put<kStream>(indices + nnz + i, static_cast<Index>(row + i));
+          put<kStream>(data + nnz + i, wxs[i] * wyz);
         }
         nnz += static_cast<std::size_t>(wx.count);
       }
@@ -417,7 +452,8 @@ inline std::vector<double> padded_values(const double* values, std::size_t n) {
 }
 
 /// The bulk loop, specialised on what is written so the per-point code has no mode branches.
-template <int D, int W, typename Index, bool kMatrix, bool kNormalised, bool kFirstFixed>
+template <int D, int W, typename Index, bool kMatrix, bool kNormalised, bool kFirstFixed,
+          bool kStream>
 std::size_t bulk(ChunkEvaluator<D>& ev, std::size_t n, const std::array<const double*, D>& coords,
                  const double* values, std::int64_t nx, std::int64_t nxy, double* value_out,
                  double* sumweight_out, Index* indptr, Index* indices, double* data) {
@@ -433,8 +469,8 @@ std::size_t bulk(ChunkEvaluator<D>& ev, std::size_t n, const std::array<const do
           // As DIALS's row_multiply(weight, 1/sumweight); a row with Σw = 0 (far outside the
           // range, every weight underflowed) gets derivative 0 rather than NaN.
           const double scale = kNormalised ? (sw[i] > 0.0 ? 1.0 / sw[i] : 0.0) : 1.0;
-          nnz = write_row<D, W, Index, kNormalised, kFirstFixed>(win, nx, nxy, scale, indices,
-                                                                 data, nnz);
+          nnz = write_row<D, W, Index, kNormalised, kFirstFixed, kStream>(
+              win, nx, nxy, scale, indices, data, nnz);
           indptr[p + 1] = static_cast<Index>(nnz);
         }
       },
@@ -442,6 +478,9 @@ std::size_t bulk(ChunkEvaluator<D>& ev, std::size_t n, const std::array<const do
         if (value_out) finish_values(sw, swv, m, value_out + base);
         if (sumweight_out) std::copy(sw, sw + m, sumweight_out + base);
       });
+#if defined(__x86_64__) || defined(_M_X64)
+  if constexpr (kStream) _mm_sfence();  // order the streamed stores before returning
+#endif
   return nnz;
 }
 
@@ -463,10 +502,19 @@ std::size_t GaussianSmoother<D>::multi_value_weight(
   auto ev = std::make_unique<ChunkEvaluator<D>>(axes_, kernel_);  // ~20 kB/axis: off the stack
   const std::vector<double> padded = padded_values(values, n_values);
   const bool norm = mode == WeightMode::normalised;
+  // Non-temporal stores only for wide rows (3D: up to 27 entries) and outputs far larger than
+  // the caches: measured 15% faster in 3D, no gain in 1D and 5% slower in 2D.
+  const bool stream = want_matrix && max_row_nnz() >= 16 &&
+                      n * max_row_nnz() * (sizeof(Index) + 8) > (std::size_t(32) << 20);
   const auto go = [&](auto width, auto matrix, auto normalised, auto fixed) {
-    return bulk<D, decltype(width)::value, Index, decltype(matrix)::value,
-                decltype(normalised)::value, decltype(fixed)::value>(
-        *ev, n, coords, padded.data(), nx, nxy, value_out, sumweight_out, indptr, indices, data);
+    constexpr int kW = decltype(width)::value;
+    constexpr bool kM = decltype(matrix)::value, kN = decltype(normalised)::value,
+                   kF = decltype(fixed)::value;
+    if (kM && stream)
+      return bulk<D, kW, Index, kM, kN, kF, true>(*ev, n, coords, padded.data(), nx, nxy,
+                                                  value_out, sumweight_out, indptr, indices, data);
+    return bulk<D, kW, Index, kM, kN, kF, false>(*ev, n, coords, padded.data(), nx, nxy,
+                                                 value_out, sumweight_out, indptr, indices, data);
   };
   const auto modes = [&](auto width) -> std::size_t {
     using T = std::true_type;

@@ -373,3 +373,21 @@ def test_core_into_buffers_and_normalised_mode():
         core.multi_value_weight_into([x, y], p, **dict(out, value=np.empty(x.size, np.float32)))
     with pytest.raises(ValueError, match="indices"):
         core.multi_value_weight_into([x, y], p, **dict(out, indices=np.empty(cap, np.int32)))
+
+
+def test_large_3d_output_streaming_path_matches_small_calls():
+    # > 32 MB of CSR output switches the kernel to non-temporal stores; rows must not change.
+    gs = GaussianSmoother3D([0, 10], 10, [0, 10], 10, [0, 10], 10)
+    rng = np.random.default_rng(3)
+    n = 150_000  # 150k rows x 27 entries x 12 bytes = 49 MB
+    x, y, z = (rng.uniform(-1, 11, n) for _ in range(3))
+    p = rng.uniform(0.5, 1.5, gs.num_values())
+    value, weight, sumweight = gs.multi_value_weight(x, y, z, p)
+    assert weight.nnz > 32 * 2**20 // 12
+    for sl in (slice(0, 1500), slice(n - 1500, n)):
+        v, w, sw = gs.multi_value_weight(x[sl], y[sl], z[sl], p)
+        np.testing.assert_array_equal(v, value[sl])
+        np.testing.assert_array_equal(sw, sumweight[sl])
+        lo, hi = weight.indptr[sl.start], weight.indptr[sl.stop]
+        np.testing.assert_array_equal(w.data, weight.data[lo:hi])
+        np.testing.assert_array_equal(w.indices, weight.indices[lo:hi])
