@@ -13,21 +13,13 @@
 #include "xtalscale/check.hpp"
 #include "xtalscale/smoother.hpp"  // exp_bounded
 
-// On x86-64 with GCC the vectorised loops are also compiled for AVX2+FMA and picked at load
-// time (ifunc), so one portable binary still uses 4-wide FMA arithmetic where the CPU has it.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define XS_MULTIVERSION __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define XS_MULTIVERSION
-#endif
-
 namespace xtalscale::components {
 namespace {
 
 /// In-place exp over an array, written so the compiler can vectorise it (no libm call, no
 /// branch). Callers use it only when every argument lies in [-700, 700], where exp_bounded is
 /// within ~2 ulp of std::exp; otherwise they fall back to std::exp for IEEE overflow/underflow.
-XS_MULTIVERSION void exp_inplace(std::size_t n, double* x) noexcept {
+void exp_inplace(std::size_t n, double* x) noexcept {
   for (std::size_t i = 0; i < n; ++i) {
     x[i] = exp_bounded(x[i]);
   }
@@ -110,7 +102,7 @@ void row_multiply(std::size_t n_rows, const std::int64_t* indptr, const double* 
     for (std::int64_t k = indptr[i]; k < indptr[i + 1]; ++k) out_data[k] = data[k] * v[i];
 }
 
-XS_MULTIVERSION void sh_scales(std::size_t n, std::size_t n_params, const double* harmonics, const double* coef,
+void sh_scales(std::size_t n, std::size_t n_params, const double* harmonics, const double* coef,
                double* scales) {
   for (std::size_t i = 0; i < n; ++i) {
     const double* row = harmonics + i * n_params;
