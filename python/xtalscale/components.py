@@ -634,6 +634,10 @@ class SHScaleComponent(ScaleComponentBase):
     _table_cache: ClassVar[dict] = {}
     # Column pattern 0..p-1 repeated per row, shared by every instance (read-only, grown on demand).
     _col_index: ClassVar[dict] = {}
+    #: "Memory" mode: keep a block's harmonic matrix once its derivatives have been built
+    #: (faster repeated calls, 8·n_params bytes per reflection). Set False on the class or an
+    #: instance to rebuild it on each derivative call instead and hold only 8 bytes/reflection.
+    cache_harmonics: ClassVar[bool] = True
 
     def __init__(self, initial_values: Any, parameter_esds: Any = None) -> None:
         super().__init__(initial_values, parameter_esds)
@@ -777,7 +781,8 @@ class SHScaleComponent(ScaleComponentBase):
             i0, i1 = self._lookup_blocks[b]
             h = _kern.harmonics_from_lookup(i0, i1, self._table, self._n_params)
             _readonly(h)
-            self._blocks[b] = h
+            if self.cache_harmonics:
+                self._blocks[b] = h
         return h
 
     def _matrix(self, h: np.ndarray) -> sp.csr_matrix:

@@ -506,6 +506,21 @@ def test_lookup_mode_scales_without_the_harmonic_matrix(rng, n):
     np.testing.assert_allclose(comp.calculate_scales(), s, rtol=0, atol=0)
 
 
+def test_lookup_mode_without_caching_holds_only_indices(rng):
+    n = 500
+    s0c, s1c = rng.normal(size=(n, 3)), rng.normal(size=(n, 3))
+    cached, lean = SHScaleComponent(np.full(8, 0.05)), SHScaleComponent(np.full(8, 0.05))
+    lean.cache_harmonics = False
+    for comp in (cached, lean):
+        comp.data = sh_lookup_data(s0c, s1c, 2)
+        comp.update_reflection_data()
+    s_c, d_c = cached.calculate_scales_and_derivatives()
+    s_l, d_l = lean.calculate_scales_and_derivatives()
+    assert lean._blocks == [None] and cached._blocks[0] is not None
+    np.testing.assert_array_equal(s_l, s_c)
+    np.testing.assert_array_equal(d_l.toarray(), d_c.toarray())
+
+
 def test_lookup_indices_are_checked_at_update():
     comp = SHScaleComponent(np.zeros(8))
     comp.data = sh_lookup_data(np.array([[0.0, 0.0, 1.0]]), np.array([[1.0, 0.0, 0.0]]), 2)
