@@ -314,9 +314,23 @@ class _SmootherBase:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         ranges, intervals = _parse_form(self._dim, args, kwargs)
+        self._build(ranges, intervals)
+
+    def _build(self, ranges: list, intervals: list) -> None:
+        self._layout = (list(ranges), list(intervals))
+        self._smoothing: Optional[Tuple[int, float]] = None
         self._core = self._kernel(ranges, intervals)
         self._parameters: Optional[np.ndarray] = None
         self._esds: Optional[np.ndarray] = None
+
+    # -- pickling / copying (the compiled kernel is rebuilt from the layout) ---------------
+    def __reduce__(self) -> tuple:
+        state = (self._layout, self._smoothing, self._parameters, self._esds)
+        return (_restore, (type(self), state))
+
+    def __deepcopy__(self, memo: dict) -> "_SmootherBase":
+        cls, state = self.__reduce__()[1]
+        return _restore(cls, state)
 
     # -- smoothing -------------------------------------------------------------------------
     def set_smoothing(self, num_average: int, sigma: float) -> None:
@@ -333,6 +347,7 @@ class _SmootherBase:
         if not _is_int(num_average):
             raise ValueError(f"num_average must be an integer (got {num_average!r})")
         self._core.set_smoothing(int(num_average), float(sigma))
+        self._smoothing = (int(num_average), float(sigma))
 
     def sigma(self) -> float:
         """The Gaussian width in normalised units."""
@@ -434,6 +449,20 @@ class _SmootherBase:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(n_values={self.num_values()}, sigma={self.sigma():.4g})"
+
+
+def _restore(cls: type, state: tuple) -> "_SmootherBase":
+    """Rebuild a pickled or copied smoother (see ``_SmootherBase.__reduce__``)."""
+    (ranges, intervals), smoothing, parameters, esds = state
+    obj = cls.__new__(cls)
+    obj._build(ranges, intervals)
+    if smoothing is not None:
+        obj.set_smoothing(*smoothing)
+    if parameters is not None:
+        obj.set_parameters(parameters)
+    if esds is not None:
+        obj.set_parameter_esds(esds)
+    return obj
 
 
 def _axis_accessors(axis: int) -> dict:

@@ -391,3 +391,22 @@ def test_large_3d_output_streaming_path_matches_small_calls():
         lo, hi = weight.indptr[sl.start], weight.indptr[sl.stop]
         np.testing.assert_array_equal(w.data, weight.data[lo:hi])
         np.testing.assert_array_equal(w.indices, weight.indices[lo:hi])
+
+
+def test_pickle_and_deepcopy_keep_layout_smoothing_and_parameters():
+    import copy
+    import pickle
+
+    s = GaussianSmoother2D(5, 3, (0, 1), (0, 2))
+    s.set_smoothing(2, 0.9)
+    s.set_parameters(np.arange(15.0))
+    s.set_parameter_esds(np.full(15, 0.1))
+    for clone in (pickle.loads(pickle.dumps(s)), copy.deepcopy(s)):
+        assert type(clone) is GaussianSmoother2D
+        assert clone.sigma() == 0.9 and clone.num_x_average() == 2
+        a = s.value_error_for_location([[0.3, 1.1], [0.9, 0.1]])
+        b = clone.value_error_for_location([[0.3, 1.1], [0.9, 0.1]])
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+    r = pickle.loads(pickle.dumps(RefinementGaussianSmoother((1, 100), 5)))
+    assert isinstance(r, RefinementGaussianSmoother) and r.spacing() == pytest.approx(19.8)
