@@ -619,8 +619,6 @@ def _check_unmerged_input(path: str, table, experiments, intensity):
         raise KeyError(f"{path}: table has no intensity.scale/prf/sum.value column")
     for suffix in ("value", "variance"):
         _required(table, f"intensity.{kind}.{suffix}", path)
-    if np.any(np.asarray(table[f"intensity.{kind}.variance"]) < 0):
-        raise ValueError(f"{path}: intensity.{kind}.variance has negative values")
     return hkl, ids, kind
 
 
@@ -642,8 +640,10 @@ def _unmerged_data_columns(path: str, table, experiments, ids, kind: str) -> lis
     """(label, MTZ type, values) of the data columns after H K L M/ISYM BATCH."""
     n = len(table)
     var = np.asarray(table[f"intensity.{kind}.variance"], dtype=np.float64)
+    # DIALS marks failed measurements with negative variances: they become missing
+    # (NaN) sigmas in the MTZ, which CCP4 programs skip.
     cols = [("I", "J", np.asarray(table[f"intensity.{kind}.value"])),
-            ("SIGI", "Q", np.sqrt(var))]
+            ("SIGI", "Q", np.sqrt(np.where(var >= 0, var, np.nan)))]
     if kind != "prf" and "intensity.prf.value" in table:
         # DIALS/MOSFLM convention: I = summation (or scaled), IPR = profile-fitted.
         pv = _required(table, "intensity.prf.variance", path).astype(np.float64)
