@@ -321,3 +321,14 @@ def test_scan_properties_table_format():
                                                       "oscillation_width": [0.2]}})
     assert one.get_oscillation() == (3.0, 0.2)
     assert one.to_dict()["properties"]["oscillation"] == [3.0]  # written back unchanged
+
+
+def test_dxtbx_import_paths():
+    """A DIALS script's dxtbx imports work with only the package prefix changed."""
+    from xtalscale.dxtbx.model import Crystal as C2
+    from xtalscale.dxtbx.model import ExperimentList as EL2
+    from xtalscale.dxtbx.serialize import load
+
+    el = load.experiment_list(str(FILES["wedge11"]), check_format=False)
+    assert isinstance(el, EL2) and isinstance(el[0].crystal, C2)
+    assert EL2 is ExperimentList
