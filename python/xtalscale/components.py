@@ -230,6 +230,23 @@ class ScaleComponentBase:
         self._parameter_restraints = None
         self._data: dict = {}
 
+    # ---------------------------------------------------------------- pickling
+    #: Attributes rebuilt on demand (C++ caches, smoother objects), left out of pickles.
+    _transient: ClassVar[tuple] = ()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        for key in self._transient:
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._reset_transient()
+
+    def _reset_transient(self) -> None:
+        """Recreate the attributes named in ``_transient`` (empty caches)."""
+
     # ---------------------------------------------------------------- seed-form support
     @staticmethod
     def as_sparse_derivatives(derivatives: Any, n_rows: Optional[int] = None) -> sp.csr_matrix:
@@ -639,6 +656,12 @@ class SHScaleComponent(ScaleComponentBase):
     #: instance to rebuild it on each derivative call instead and hold only 8 bytes/reflection.
     cache_harmonics: ClassVar[bool] = True
 
+    _transient = ("_table",)
+
+    def _reset_transient(self) -> None:
+        # The lookup table is class-wide; re-read it (it must be set in this process too).
+        self._table = self._lookup_table(self._n_params) if self._lookup_blocks else None
+
     def __init__(self, initial_values: Any, parameter_esds: Any = None) -> None:
         super().__init__(initial_values, parameter_esds)
         self._mode: Optional[str] = None
@@ -903,6 +926,12 @@ class _SmoothComponentND(ScaleComponentBase, SmoothMixin):
 
     null_parameter_value = 1.0
     _axes: ClassVar[tuple] = ("x",)
+    _transient = ("_caches", "_smoother", "_factor_cache")
+
+    def _reset_transient(self) -> None:
+        self._caches = {}
+        self._factor_cache = {}
+        self._smoother = self._make_smoother() if self._ranges else None
 
     def __init__(self, initial_values: Any, parameter_esds: Any = None) -> None:
         ScaleComponentBase.__init__(self, initial_values, parameter_esds)

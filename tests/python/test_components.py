@@ -351,6 +351,25 @@ def test_blocks_agree_with_the_whole(rng):
         np.testing.assert_array_equal(d.toarray(), d_all.toarray()[idx])
 
 
+def test_components_pickle_without_their_caches(rng):
+    import pickle
+
+    comp = SmoothBScaleComponent1D(rng.uniform(-1, 1, 6))
+    comp.fix_initial_parameter()
+    comp.data = {"x": rng.uniform(0, 5, 30), "d": rng.uniform(1, 3, 30)}
+    comp.update_reflection_data(block_selections=_blocks(30))
+    s, d = comp.calculate_scales_and_derivatives(1)
+    clone = pickle.loads(pickle.dumps(comp))
+    s2, d2 = clone.calculate_scales_and_derivatives(1)
+    np.testing.assert_array_equal(s2, s)
+    np.testing.assert_array_equal(d2.toarray(), d.toarray())
+    sh = SHScaleComponent(rng.uniform(-0.1, 0.1, 8))
+    sh.data = sh_lookup_data(rng.normal(size=(20, 3)), rng.normal(size=(20, 3)), 2)
+    sh.update_reflection_data()
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(sh)).calculate_scales(),
+                                  sh.calculate_scales())
+
+
 def test_derivative_matrices_are_read_only_views(rng):
     comp = SmoothScaleComponent1D(np.ones(5))
     comp.data = {"x": rng.uniform(0, 3, 10)}
