@@ -21,8 +21,11 @@ import argparse
 import time
 
 import numpy as np
-
-from xtalscale.smoothing import GaussianSmoother1D, GaussianSmoother2D, GaussianSmoother3D
+from xtalscale.smoothing import (
+    GaussianSmoother1D,
+    GaussianSmoother2D,
+    GaussianSmoother3D,
+)
 
 GRIDS = {1: [50], 2: [20, 20], 3: [10, 10, 10]}
 CLASSES = {1: GaussianSmoother1D, 2: GaussianSmoother2D, 3: GaussianSmoother3D}
@@ -87,6 +90,20 @@ def best_time(fn, repeat):
     return best
 
 
+def kernel_time(core, coords, values, repeat):
+    """Best time of the C++ kernel writing into preallocated, already-faulted arrays."""
+    n = coords[0].size
+    cap = n * core.max_row_nnz
+    index_dtype = np.int32 if cap < 2**31 - 1 else np.int64
+    out = {"value": np.empty(n), "sumweight": np.empty(n),
+           "indptr": np.empty(n + 1, index_dtype), "indices": np.empty(cap, index_dtype),
+           "data": np.empty(cap)}
+    for a in out.values():
+        a.fill(0)  # fault the pages in once: the kernel figure excludes first-touch costs
+    # out is freed on return, before the API call allocates its own (3D, 1e7 points: 3.3 GB)
+    return best_time(lambda: core.multi_value_weight_into(coords, values, **out), repeat)
+
+
 def run(dim, n, repeat, rng):
     intervals = GRIDS[dim]
     ranges = [(0.0, float(k)) for k in intervals]
@@ -95,14 +112,7 @@ def run(dim, n, repeat, rng):
     core = smoother._core
     coords = [rng.uniform(r[0], r[1], n) for r in ranges]
     values = rng.uniform(0.5, 1.5, smoother.num_values())
-    cap = n * core.max_row_nnz
-    index_dtype = np.int32 if cap < 2**31 - 1 else np.int64
-    out = dict(value=np.empty(n), sumweight=np.empty(n), indptr=np.empty(n + 1, index_dtype),
-               indices=np.empty(cap, index_dtype), data=np.empty(cap))
-    for a in out.values():
-        a.fill(0)  # fault the pages in once: the kernel figure excludes first-touch costs
-    kernel = best_time(lambda: core.multi_value_weight_into(coords, values, **out), repeat)
-    del out  # free before the API call allocates its own (3D at 1e7 points: 3.3 GB each)
+    kernel = kernel_time(core, coords, values, repeat)
     api = best_time(lambda: smoother.multi_value_weight(*coords, values), repeat)
 
     chunk = 2**18

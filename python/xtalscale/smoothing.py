@@ -34,7 +34,8 @@ Differences from DIALS (deliberate)
 from __future__ import annotations
 
 import numbers
-from typing import Any, Iterator, Optional, Sequence, Tuple
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from scipy.sparse import csr_matrix
@@ -70,7 +71,7 @@ class SparseVector:
         Values of the stored entries.
     """
 
-    __slots__ = ("_size", "indices", "data")
+    __slots__ = ("_size", "data", "indices")
 
     def __init__(self, size: int, indices: np.ndarray, data: np.ndarray) -> None:
         self._size = int(size)
@@ -151,7 +152,7 @@ class ValueWeight(tuple):
 
     __slots__ = ()
 
-    def __new__(cls, value: Any, weight: Any, sumweight: Any) -> "ValueWeight":
+    def __new__(cls, value: Any, weight: Any, sumweight: Any) -> ValueWeight:  # noqa: PYI034
         return super().__new__(cls, (value, weight, sumweight))
 
     @property
@@ -225,7 +226,7 @@ def _values_to_intervals(n: Any, name: str) -> int:
     return nparam_to_val(int(n))
 
 
-def _as_range(r: Any, name: str) -> Tuple[float, float]:
+def _as_range(r: Any, name: str) -> tuple[float, float]:
     """A (start, end) range with finite, increasing ends."""
     try:
         a = np.asarray(r, dtype=np.float64)
@@ -269,7 +270,7 @@ def _vector(v: Any, name: str) -> np.ndarray:
     return a
 
 
-def _parse_form(dim: int, args: tuple, kwargs: dict) -> Tuple[list, list]:
+def _parse_form(dim: int, args: tuple, kwargs: dict) -> tuple[list, list]:
     """Return per-axis (range, n_intervals) from either constructor form (see module docstring)."""
     seed_keys = ["n_parameters", "value_range"] if dim == 1 else (
         [f"n_{a}_params" for a in _AXES[:dim]] + [f"{a}_range" for a in _AXES[:dim]])
@@ -318,17 +319,17 @@ class _SmootherBase:
 
     def _build(self, ranges: list, intervals: list) -> None:
         self._layout = (list(ranges), list(intervals))
-        self._smoothing: Optional[Tuple[int, float]] = None
+        self._smoothing: tuple[int, float] | None = None
         self._core = self._kernel(ranges, intervals)
-        self._parameters: Optional[np.ndarray] = None
-        self._esds: Optional[np.ndarray] = None
+        self._parameters: np.ndarray | None = None
+        self._esds: np.ndarray | None = None
 
     # -- pickling / copying (the compiled kernel is rebuilt from the layout) ---------------
     def __reduce__(self) -> tuple:
         state = (self._layout, self._smoothing, self._parameters, self._esds)
         return (_restore, (type(self), state))
 
-    def __deepcopy__(self, memo: dict) -> "_SmootherBase":
+    def __deepcopy__(self, memo: dict) -> _SmootherBase:
         cls, state = self.__reduce__()[1]
         return _restore(cls, state)
 
@@ -375,12 +376,12 @@ class _SmootherBase:
         self._esds = self._checked_params(esds, "esds")
 
     @property
-    def parameters(self) -> Optional[np.ndarray]:
+    def parameters(self) -> np.ndarray | None:
         """The stored parameter values (None until :meth:`set_parameters`)."""
         return self._parameters
 
     @property
-    def parameter_esds(self) -> Optional[np.ndarray]:
+    def parameter_esds(self) -> np.ndarray | None:
         """The stored parameter esds (None until :meth:`set_parameter_esds`)."""
         return self._esds
 
@@ -428,7 +429,7 @@ class _SmootherBase:
             a = a.T
         return [np.ascontiguousarray(a[:, k]) for k in range(self._dim)]
 
-    def value_error_for_location(self, locations: Any) -> Tuple[np.ndarray, np.ndarray]:
+    def value_error_for_location(self, locations: Any) -> tuple[np.ndarray, np.ndarray]:
         """Smoothed values and their propagated errors at many locations (seed API).
 
         Uses the stored parameters and esds (esds default to 0). The error is
@@ -451,7 +452,7 @@ class _SmootherBase:
         return f"{type(self).__name__}(n_values={self.num_values()}, sigma={self.sigma():.4g})"
 
 
-def _restore(cls: type, state: tuple) -> "_SmootherBase":
+def _restore(cls: type, state: tuple) -> _SmootherBase:
     """Rebuild a pickled or copied smoother (see ``_SmootherBase.__reduce__``)."""
     (ranges, intervals), smoothing, parameters, esds = state
     obj = cls.__new__(cls)
@@ -484,10 +485,17 @@ def _axis_accessors(axis: int) -> dict:
     def positions(self: _SmootherBase) -> list:
         return self._core.axis_positions(axis).tolist()
 
-    return {
-        f"num_{a}_values": num_values, f"num_{a}_samples": num_samples,
-        f"num_{a}_average": num_average, f"{a}_spacing": spacing, f"{a}_positions": positions,
+    methods = {
+        f"num_{a}_values": (num_values, f"Number of smoother values along {a}."),
+        f"num_{a}_samples": (num_samples, f"Number of intervals along {a}."),
+        f"num_{a}_average": (num_average, f"Window size naverage along {a}."),
+        f"{a}_spacing": (spacing, f"Interval width along {a} in the input coordinate."),
+        f"{a}_positions": (positions, f"Positions of the {a} values in normalised units."),
     }
+    for name, (fn, doc) in methods.items():
+        fn.__name__ = fn.__qualname__ = name
+        fn.__doc__ = doc
+    return {name: fn for name, (fn, _) in methods.items()}
 
 
 class GaussianSmoother1D(_SmootherBase):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
+from xtalscale import dials_refinement_helpers_ext as ext
 from xtalscale.algorithms.refinement.parameterisation.scan_varying_model_parameters import (
     GaussianSmoother as RefinementGaussianSmoother,
 )
@@ -20,7 +20,6 @@ from xtalscale.algorithms.scaling.model.components.smooth_scale_components impor
     GaussianSmoother2D,
     GaussianSmoother3D,
 )
-from xtalscale import dials_refinement_helpers_ext as ext
 from xtalscale.smoothing import SparseVector, ValueWeight, WeightMatrix, nparam_to_val
 
 TOL = 1e-12
@@ -116,7 +115,7 @@ def test_2d_spec_example():
     expected_value = (10 * math.exp(-0.5 / s2) + 2 * math.exp(-2.5 / s2)) / expected_sumw
     assert sumw[0] == pytest.approx(expected_sumw, abs=TOL)
     assert value[0] == pytest.approx(expected_value, abs=TOL)
-    v, w, sw = gs.value_weight(0.5, 1.0, p)
+    v, w, _sw = gs.value_weight(0.5, 1.0, p)
     assert w.non_zeroes == 6
     assert v == pytest.approx(expected_value, abs=TOL)
     # x fastest: weight of value (i=1, j=2) at flat index 1 + 2*2 = 5
@@ -146,7 +145,7 @@ def test_3d_spec_example():
     expected_value = (20 * math.exp(-0.75 / s2) + 4 * math.exp(-2.75 / s2)) / expected_sumw
     assert sumw[0] == pytest.approx(expected_sumw, abs=TOL)
     assert value[0] == pytest.approx(expected_value, abs=TOL)
-    v, w, sw = gs.value_weight(0.5, 1.0, 0.5, p)
+    v, w, _sw = gs.value_weight(0.5, 1.0, 0.5, p)
     assert w.non_zeroes == 12
     assert v == pytest.approx(expected_value, abs=TOL)
     gs = GaussianSmoother3D([0, 1], 1, [0, 2], 2, [0, 3], 3)
@@ -206,7 +205,7 @@ def test_seed_stateful_calls_and_error_propagation():
 
 def test_refinement_smoother_accepts_parameter_sets_and_flex_like_inputs():
     class ParamSet:  # a ScanVaryingParameterSet-like object
-        value = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]
+        value = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0)
 
     class FlexLike:  # numpy-backed, as xtalscale.array_family.flex arrays
         def __init__(self, a):
@@ -216,7 +215,7 @@ def test_refinement_smoother_accepts_parameter_sets_and_flex_like_inputs():
             return self._a
 
     s = RefinementGaussianSmoother((1, 100), 5)
-    v, w, sw = s.value_weight(50.5, ParamSet())
+    v, _w, sw = s.value_weight(50.5, ParamSet())
     ref = GaussianSmoother1D((1, 100), 5).value_weight(50.5, ParamSet.value)
     assert (v, sw) == (ref[0], ref[2])
     values, weight, _ = s.multi_value_weight(FlexLike([1.0, 50.5]), ParamSet())
@@ -354,9 +353,9 @@ def test_core_into_buffers_and_normalised_mode():
     p = rng.uniform(0.5, 2.0, gs.num_values())
     value, weight, sumweight = gs.multi_value_weight(x, y, p)
     cap = x.size * core.max_row_nnz
-    out = dict(value=np.empty(x.size), sumweight=np.empty(x.size),
-               indptr=np.empty(x.size + 1, np.int64), indices=np.empty(cap, np.int64),
-               data=np.empty(cap))
+    out = {"value": np.empty(x.size), "sumweight": np.empty(x.size),
+               "indptr": np.empty(x.size + 1, np.int64), "indices": np.empty(cap, np.int64),
+               "data": np.empty(cap)}
     nnz = core.multi_value_weight_into([x, y], p, **out)
     assert nnz == weight.nnz
     np.testing.assert_array_equal(out["value"], value)
@@ -364,7 +363,7 @@ def test_core_into_buffers_and_normalised_mode():
     np.testing.assert_array_equal(out["indptr"], weight.indptr)
     np.testing.assert_array_equal(out["data"][:nnz], weight.data)
     # normalised: w / sum w = d value / d p (DIALS row_multiply(weight, 1/sumweight))
-    _, _, data, indices, indptr = core.multi_value_weight([x, y], p, normalised=True)
+    _, _, data, _indices, indptr = core.multi_value_weight([x, y], p, normalised=True)
     np.testing.assert_allclose(data, weight.data / np.repeat(sumweight, np.diff(indptr)),
                                rtol=1e-15)
     with pytest.raises(ValueError, match="data"):
