@@ -223,8 +223,8 @@ def main(n: int = 1_000_000) -> None:
         t0 = time.perf_counter()
         comp.update_reflection_data()
         t_update = time.perf_counter() - t0
-        t_sd = _median_time(lambda: comp.calculate_scales_and_derivatives(0))
-        t_s = _median_time(lambda: comp.calculate_scales(0))
+        t_sd = _median_time(lambda c=comp: c.calculate_scales_and_derivatives(0))
+        t_s = _median_time(lambda c=comp: c.calculate_scales(0))
         t_np = _median_time(np_fn, repeats=3)
         s_ours, d_ours = comp.calculate_scales_and_derivatives(0)
         s_np, d_np = np_fn()
