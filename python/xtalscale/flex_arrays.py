@@ -334,9 +334,32 @@ class FlexArray(NDArrayOperatorsMixin):
     # numpy-style read-only conveniences for code that treats columns as arrays; results are
     # plain numpy objects. (scitbx names such as all(), count(), select() keep flex meaning.)
     _NUMPY_PASSTHROUGH = frozenset(
-        {"astype", "tolist", "min", "max", "mean", "std", "var", "argsort", "argmin", "argmax",
-         "reshape", "ravel", "flatten", "T", "any", "nonzero", "cumsum", "prod", "clip",
-         "itemsize", "strides", "flags", "tobytes", "view"}
+        {
+            "astype",
+            "tolist",
+            "min",
+            "max",
+            "mean",
+            "std",
+            "var",
+            "argsort",
+            "argmin",
+            "argmax",
+            "reshape",
+            "ravel",
+            "flatten",
+            "T",
+            "any",
+            "nonzero",
+            "cumsum",
+            "prod",
+            "clip",
+            "itemsize",
+            "strides",
+            "flags",
+            "tobytes",
+            "view",
+        }
     )
 
     def __getattr__(self, name: str) -> Any:
@@ -649,6 +672,19 @@ class double(_NumericMixin, FlexArray):
                 )
             return double._wrap(np.asarray(other.T @ self._a, dtype=np.float64).reshape(-1))
         return super().__mul__(other)
+
+    def matrix_transpose(self) -> "double":
+        """Transpose of a 2-D grid array (a copy)."""
+        if self._buf.ndim != 2:
+            raise ValueError(f"matrix_transpose needs a 2-D grid (got shape {self._a.shape})")
+        return double._wrap(np.ascontiguousarray(self._a.T))
+
+    def matrix_multiply(self, other: Any) -> "double":
+        """Matrix product with a 2-D grid or a vector (scitbx ``matrix_multiply``)."""
+        a, b = self._a, np.asarray(other, dtype=np.float64)
+        if a.ndim != 2 or b.ndim not in (1, 2) or a.shape[1] != b.shape[0]:
+            raise ValueError(f"matrix_multiply: shapes {a.shape} and {b.shape} do not match")
+        return double._wrap(np.ascontiguousarray(a @ b))
 
     def __rmul__(self, other: Any) -> Any:
         if _is_sparse(other):  # M * v: column-vector product

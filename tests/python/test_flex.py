@@ -322,3 +322,16 @@ def test_numpy_style_conveniences_return_numpy():
     assert a.all() == (3,)  # scitbx meaning is kept
     with pytest.raises(AttributeError, match="no attribute 'frobnicate'"):
         getattr(a, "frobnicate")  # noqa: B009
+
+
+def test_grid_matrix_helpers():
+    j = flex.double(flex.grid(3, 2), 0.0)
+    for i in range(3):
+        j[i, 0] = float(i + 1)
+        j[i, 1] = 1.0
+    jtj = j.matrix_transpose().matrix_multiply(j)
+    assert jtj.all() == (2, 2)
+    assert [jtj[0, 0], jtj[0, 1], jtj[1, 1]] == [14.0, 6.0, 3.0]
+    assert list(j.matrix_multiply(flex.double([1.0, -1.0]))) == [0.0, 1.0, 2.0]
+    with pytest.raises(ValueError, match="do not match"):
+        j.matrix_multiply(flex.double([1.0, 2.0, 3.0]))
