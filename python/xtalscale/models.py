@@ -692,22 +692,16 @@ def _add_absorption(model: ScalingModelBase, reflection_table: Any, experiment: 
 
     lmax = int(model.configdict["lmax"])
     s0c, s1c = _crystal_frame_columns(model, reflection_table, experiment)
-    tp0 = kern.calc_theta_phi(np.ascontiguousarray(s0c, dtype=np.float64).reshape(-1, 3))
-    tp1 = kern.calc_theta_phi(np.ascontiguousarray(s1c, dtype=np.float64).reshape(-1, 3))
+    s0c = np.ascontiguousarray(s0c, dtype=np.float64).reshape(-1, 3)
+    s1c = np.ascontiguousarray(s1c, dtype=np.float64).reshape(-1, 3)
     absorption = model.components["absorption"]
     if _nrows(reflection_table) > SH_LOOKUP_THRESHOLD:
-        cls = type(absorption)
+        # Grid indices into the class-wide table (built or grown for lmax under the lock).
         with _SH_TABLE_LOCK:
-            table = cls.coefficients_list
-            # DIALS stores a list with one array per harmonic; the kernel a (grid, n_harmonics) array.
-            n_have = 0 if table is None else (np.shape(table)[1] if isinstance(table, np.ndarray) else len(table))
-            if n_have < _sh_count(lmax):
-                # Shared by all SH components, as in DIALS; only ever grows (a larger lmax).
-                cls.coefficients_list = kern.sph_harm_lookup_table(lmax, 2)
-        absorption.data = {"s0_lookup": kern.calc_lookup_index(tp0, 2),
-                           "s1_lookup": kern.calc_lookup_index(tp1, 2)}
+            absorption.data = _components_module().sh_lookup_data(s0c, s1c, lmax)
     else:
-        absorption.data = {"sph_harm_table": kern.sph_harm_table(tp0, tp1, lmax).T}
+        table = kern.sph_harm_table(kern.calc_theta_phi(s0c), kern.calc_theta_phi(s1c), lmax)
+        absorption.data = {"sph_harm_table": table.T}  # DIALS's (n_params x n_refl) orientation, a view
     absorption.parameter_restraints = np.full(_sh_count(lmax), float(model.configdict["abs_surface_weight"]))
 
 
