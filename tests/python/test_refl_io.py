@@ -514,3 +514,28 @@ def test_parallel_legacy_decode_matches_serial_and_reports_errors(tmp_path, monk
     p.write_bytes(bytes(bad))
     with pytest.raises(ReflFileError, match=r"bad\.pickle: column 'xyzcal.px'"):
         read_refl(p)
+
+
+def test_grid_that_disagrees_with_the_payload_is_refused(tmp_path):
+    t = _small_table()
+    out = tmp_path / "g.pickle"
+    write_legacy_pickle(t, out)
+    raw = out.read_bytes()
+    # The grid of every column is flex.grid((0,), (3,), True): "K\x00\x85K\x03\x85\x88\x87R".
+    grid = b"K\x00\x85K\x03\x85\x88\x87R"
+    assert raw.count(grid) == 3
+    out.write_bytes(raw.replace(grid, b"K\x00\x85K\x04\x85\x88\x87R", 1))
+    with pytest.raises(ReflFileError, match=r"g\.pickle: column 'id': grid .* does not match 3"):
+        read_refl(out)
+
+
+def test_concurrent_reads_are_independent_and_identical():
+    from concurrent.futures import ThreadPoolExecutor
+
+    paths = [LCYS / "scaled_35.refl", QUARTZ] * 3
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        tables = list(pool.map(read_refl, paths))
+    for a, b in [(tables[0], tables[2]), (tables[1], tables[3])]:
+        assert a.keys() == b.keys()
+        for k in a.keys():
+            assert np.array_equal(a[k].as_numpy_array(), b[k].as_numpy_array()), k

@@ -664,13 +664,15 @@ def _decode_flex(stub: _Stub, name: str, path: str) -> fa.FlexArray:
         arr = _core.refl.decode_base256_column(st[1], kind, ncomp, f"{path}: column {name!r}")
     except ValueError as exc:
         raise ReflFileError(str(exc)) from None
-    if isinstance(grid, _Stub) and grid.key == _GRID_KEY:
-        dims = grid.args[1] if len(grid.args) >= 2 else None
-        if not (isinstance(dims, tuple) and len(dims) == 1 and dims[0] == arr.shape[0]):
-            raise ReflFileError(
-                f"{path}: column {name!r}: grid {grid.args!r} does not match "
-                f"{arr.shape[0]} decoded elements"
-            )
+    # scitbx stores the accessor as flex.grid((0,), (n,), True): a 1-D grid of n elements.
+    if not (isinstance(grid, _Stub) and grid.key == _GRID_KEY):
+        raise ReflFileError(f"{path}: column {name!r}: flex state has no flex.grid accessor")
+    dims = grid.args[1] if len(grid.args) >= 2 else None
+    if not (isinstance(dims, tuple) and len(dims) == 1 and dims[0] == arr.shape[0]):
+        raise ReflFileError(
+            f"{path}: column {name!r}: grid {grid.args!r} does not match "
+            f"{arr.shape[0]} decoded elements"
+        )
     return ftype._wrap(arr)
 
 
