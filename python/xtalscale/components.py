@@ -193,7 +193,9 @@ class ScaleComponentBase:
     initial_values : array_like or parameter manager
         DIALS form: the initial parameter values. Seed form: an object with
         ``add_parameters``/``get_parameters`` (an active parameter manager), stored as
-        ``self.active_parameter_manager``; the subclass then owns its parameters.
+        ``self.active_parameter_manager``; the subclass adds its parameters to it, and
+        ``parameters``/``n_params`` then serve this component's slice of the manager
+        (unless the subclass defines them itself).
     parameter_esds : array_like, optional
         DIALS form: estimated standard deviations, same length as the parameters.
         Seed form: the user's ``params`` object, stored as ``self.params``.

@@ -119,4 +119,23 @@ TEST_CASE("SH scales and CSR validation") {
   CHECK_THROWS_AS(c::validate_csr(2, 3, bad_ip, ix, 1, "m"), std::invalid_argument);
 }
 
+TEST_CASE("WeightMatrix: fixed first parameter and the Eigen view") {
+  // Two rows over three parameters; p0 is fixed, so the matrix holds p1, p2 only.
+  c::WeightMatrix w(2, 2, {0, 2, 3}, {0, 1, 1}, {0.5, 0.25, 0.4}, {0.25, 0.6}, true);
+  CHECK(w.n_params() == 3 && w.fixed_first() && w.nnz() == 3);
+  const double p[3] = {2.0, 4.0, 8.0};
+  double v[2];
+  w.values(p, v);
+  CHECK_CLOSE(v[0], 0.25 * 2.0 + 0.5 * 4.0 + 0.25 * 8.0, 1e-15);
+  CHECK_CLOSE(v[1], 0.6 * 2.0 + 0.4 * 8.0, 1e-15);
+  Eigen::Vector2d free(4.0, 8.0);
+  const Eigen::VectorXd dv = w.as_eigen() * free;  // derivative matrix times free parameters
+  CHECK_CLOSE(dv[0] + 0.25 * 2.0, v[0], 1e-15);
+  CHECK_CLOSE(w.as_eigen().coeff(1, 1), 0.4, 0.0);
+  CHECK_THROWS_AS(c::WeightMatrix(2, 2, {0, 2, 3}, {0, 5, 1}, {0.5, 0.25, 0.4}, {}, false),
+                  std::out_of_range);
+  CHECK_THROWS_AS(c::WeightMatrix(2, 2, {0, 2, 3}, {0, 1, 1}, {0.5, 0.25, 0.4}, {}, true),
+                  std::invalid_argument);
+}
+
 XS_TEST_MAIN()

@@ -13,6 +13,8 @@
 #include <cstdint>
 #include <vector>
 
+#include <Eigen/SparseCore>
+
 #include "xtalscale/export.hpp"
 
 namespace xtalscale::components {
@@ -64,6 +66,9 @@ XTALSCALE_EXPORT void validate_csr(std::size_t n_rows, std::size_t n_cols,
 /// column is held separately (first_col) and the matrix has columns for p₁.. only.
 class XTALSCALE_EXPORT WeightMatrix {
  public:
+  /// Zero-copy Eigen view of the CSR arrays (row-major sparse, 32-bit indices).
+  using EigenMap = Eigen::Map<const Eigen::SparseMatrix<double, Eigen::RowMajor, std::int32_t>>;
+
   WeightMatrix() = default;
   /// Take ownership of CSR arrays (validated): n_rows × n_cols; with @p fixed_first, first_col
   /// holds the n_rows weights of p₀, otherwise it must be empty.
@@ -87,6 +92,12 @@ class XTALSCALE_EXPORT WeightMatrix {
   const std::vector<std::int32_t>& indices() const noexcept { return indices_; }
   const std::vector<double>& data() const noexcept { return data_; }
   const std::vector<double>& first_col() const noexcept { return first_col_; }
+  /// The derivative matrix ∂value/∂p (n_rows × n_cols) as an Eigen sparse view of this object.
+  EigenMap as_eigen() const {
+    return EigenMap(static_cast<Eigen::Index>(n_rows_), static_cast<Eigen::Index>(n_cols_),
+                    static_cast<Eigen::Index>(data_.size()), indptr_.data(), indices_.data(),
+                    data_.data());
+  }
 
   /// value[i] = Σ w_ij p_j over the full parameter vector @p p (length n_params()).
   void values(const double* p, double* out) const;
