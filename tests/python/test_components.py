@@ -327,6 +327,10 @@ def test_derivatives_match_finite_differences(rng):
     s1c = rng.normal(size=(n, 3))
     sh.data = {"sph_harm_table": sph_harm_table({"s0c": s0c, "s1c": s1c}, 4)}
     cases.append((sh, None))
+    sh_lookup = SHScaleComponent(rng.uniform(-0.1, 0.1, 24))
+    sh_lookup.cache_harmonics = False  # scales straight from the table, derivatives rebuilt
+    sh_lookup.data = sh_lookup_data(s0c, s1c, 4)
+    cases.append((sh_lookup, None))
     for comp, data in cases:
         if data is not None:
             comp.data = data
