@@ -290,7 +290,9 @@ def _make_experiments(mtz, batches, row_batch, rot, cell, sg, path):
                              f"without a batch header (e.g. {bad.tolist()})")
     header_of_row = order[pos]
     exp_id[:] = run[header_of_row]
-    for r in range(int(run.max()) + 1):
+    n_runs = int(run.max()) + 1
+    phi0s, widths_, firsts = np.zeros(n_runs), np.zeros(n_runs), np.zeros(n_runs)
+    for r in range(n_runs):
         sel = np.flatnonzero(run == r)
         sel = sel[np.argsort(batches["number"][sel])]
         first_b = int(batches["number"][sel[0]])
@@ -307,11 +309,12 @@ def _make_experiments(mtz, batches, row_batch, rot, cell, sg, path):
             beam=Beam({"direction": [0.0, 0.0, 1.0], "wavelength": wl}),
             goniometer=Goniometer({"rotation_axis": [float(x) for x in axis]}),
             scan=scan, crystal=_crystal(cell, sg, batches["umat"][sel[0]]), identifier=str(r)))
-        rows = exp_id == r
-        if rot is not None and width != 0:
-            z[rows] = (rot[rows] - phi0) / width
-        else:
-            z[rows] = row_batch[rows] - first_b + 0.5
+        phi0s[r], widths_[r], firsts[r] = phi0, width, first_b
+    # frame coordinate of every row, vectorised over runs
+    if rot is not None and np.all(widths_ != 0):
+        z = (rot - phi0s[exp_id]) / widths_[exp_id]
+    else:
+        z = row_batch - firsts[exp_id] + 0.5
     return el, exp_id, z
 
 
