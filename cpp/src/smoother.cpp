@@ -486,6 +486,16 @@ std::size_t bulk(ChunkEvaluator<D>& ev, std::size_t n, const std::array<const do
 
 }  // namespace
 
+namespace {
+/// nx·ny, the stride of z in the flat value index (nx in 1D, unused there).
+template <int D>
+std::int64_t plane_size(const std::array<SmootherAxis, D>& axes) {
+  const auto nx = static_cast<std::int64_t>(axes[0].num_values());
+  if constexpr (D >= 2) return nx * static_cast<std::int64_t>(axes[1].num_values());
+  return nx;
+}
+}  // namespace
+
 template <int D>
 template <typename Index>
 std::size_t GaussianSmoother<D>::multi_value_weight(
@@ -498,7 +508,7 @@ std::size_t GaussianSmoother<D>::multi_value_weight(
   require(!want_matrix || (indptr != nullptr && indices != nullptr),
           "indptr and indices must be given with data");
   const auto nx = static_cast<std::int64_t>(axes_[0].num_values());
-  const std::int64_t nxy = D >= 2 ? nx * static_cast<std::int64_t>(axes_[D >= 2 ? 1 : 0].num_values()) : nx;
+  const std::int64_t nxy = plane_size<D>(axes_);
   auto ev = std::make_unique<ChunkEvaluator<D>>(axes_, kernel_);  // ~20 kB/axis: off the stack
   const std::vector<double> padded = padded_values(values, n_values);
   const bool norm = mode == WeightMode::normalised;
@@ -565,7 +575,7 @@ void GaussianSmoother<D>::value_error(std::size_t n, const std::array<const doub
   check_values(values, n_values, "values");
   if (esds) check_values(esds, n_values, "esds");
   const auto nx = static_cast<std::int64_t>(axes_[0].num_values());
-  const std::int64_t nxy = D >= 2 ? nx * static_cast<std::int64_t>(axes_[D >= 2 ? 1 : 0].num_values()) : nx;
+  const std::int64_t nxy = plane_size<D>(axes_);
   // σ_v² = Σ (w_i/Σw)² σ_i² = (Σ w_i² σ_i²)/(Σw)²: the same nested sums with squared weights
   // and σ² as the "values".
   const std::vector<double> vals = padded_values(values, n_values);

@@ -116,7 +116,8 @@ class SparseVector:
         return dense if dtype is None else dense.astype(dtype)
 
     def __repr__(self) -> str:
-        pairs = ", ".join(f"{i}: {w:.6g}" for i, w in zip(self.indices.tolist(), self.data.tolist()))
+        items = zip(self.indices.tolist(), self.data.tolist())
+        pairs = ", ".join(f"{i}: {w:.6g}" for i, w in items)
         return f"SparseVector(size={self._size}, {{{pairs}}})"
 
 
@@ -651,7 +652,7 @@ class GaussianSmoother(GaussianSmoother1D):
     """
 
     def value_weight(self, x: float, param: Any = None) -> ValueWeight:
-        """Value, weights and sumweight at one point (see :meth:`GaussianSmoother1D.value_weight`)."""
+        """Value, weights and sumweight at one point (as :meth:`GaussianSmoother1D.value_weight`)."""
         return super().value_weight(x, _param_values(param))
 
     def multi_value_weight(self, x: Any, param: Any = None) -> ValueWeight:

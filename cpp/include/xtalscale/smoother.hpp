@@ -14,7 +14,8 @@
 ///  * the window of a normalised coordinate z is all values when there are at most 3, otherwise
 ///    `[iround(z − naverage/2) + 1, +naverage)` clipped to at least 2 values at either end, where
 ///    `iround` rounds half **away from zero**;
-///  * the default σ is `0.65 + 0.05·(naverage − 2)`; in 2D/3D it uses the smallest per-axis naverage.
+///  * the default σ is `0.65 + 0.05·(naverage − 2)`; in 2D/3D it uses the smallest per-axis
+///    naverage.
 ///
 /// In 2D and 3D the weight of a grid value is the product of the per-axis 1D weights (equal to
 /// `exp(−Σ_a Δ_a²/σ²)`), and values are stored with x fastest: `index = i + j·nx + k·nx·ny`.
@@ -143,7 +144,8 @@ class XTALSCALE_EXPORT SmootherAxis {
   const std::vector<double>& positions() const noexcept { return positions_; }
   /// Largest possible window on this axis (the nnz bound per axis).
   int max_window() const noexcept {
-    return nvalues_ <= 3 ? static_cast<int>(nvalues_) : static_cast<int>(naverage_ < 2 ? 2 : naverage_);
+    if (nvalues_ <= 3) return static_cast<int>(nvalues_);
+    return static_cast<int>(naverage_ < 2 ? 2 : naverage_);
   }
 
   /// Normalised coordinate z = (x − x0)/spacing (a division, as DIALS, so window edges match).
@@ -313,8 +315,9 @@ using GaussianSmoother1D = GaussianSmoother<1>;  ///< DIALS GaussianSmoother / F
 using GaussianSmoother2D = GaussianSmoother<2>;  ///< DIALS GaussianSmoother2D
 using GaussianSmoother3D = GaussianSmoother<3>;  ///< DIALS GaussianSmoother3D
 
-/// Convert a number of smoother values to DIALS's number of intervals (`SmoothMixin.nparam_to_val`):
-/// n − 1 for n ∈ {2, 3}, n − 2 for n ≥ 4. @throws std::invalid_argument for n < 2.
+/// Convert a number of smoother values to DIALS's number of intervals
+/// (`SmoothMixin.nparam_to_val`): n − 1 for n ∈ {2, 3}, n − 2 for n ≥ 4.
+/// @throws std::invalid_argument for n < 2.
 XTALSCALE_EXPORT std::size_t nparam_to_val(std::size_t n_params);
 
 }  // namespace xtalscale
