@@ -380,8 +380,7 @@ class Goniometer(_JsonModel):
             axes = np.asarray(d["axes"], dtype=float)
             if axes.ndim != 2 or axes.shape[1] != 3 or len(axes) == 0:
                 raise ValueError(f"goniometer.axes must be a list of 3-vectors, got {d['axes']!r}")
-            angles = _vec(d.get("angles", []), "goniometer.angles", len(axes))
-            del angles
+            _vec(d.get("angles", []), "goniometer.angles", len(axes))
             scan_axis = d.get("scan_axis")
             if not isinstance(scan_axis, int) or not 0 <= scan_axis < len(axes):
                 raise ValueError(
@@ -561,7 +560,8 @@ class Scan(_JsonModel):
                                                                       for r in ranges]
 
     def get_exposure_times(self) -> np.ndarray:
-        v = self._data.get("exposure_time", self._data.get("properties", {}).get("exposure_time", []))
+        props = self._data.get("properties", {})
+        v = self._data.get("exposure_time", props.get("exposure_time", []))
         return np.asarray(v, dtype=float)
 
     def get_epochs(self) -> np.ndarray:

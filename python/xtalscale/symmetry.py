@@ -23,7 +23,7 @@ where ``k`` indexes ``gemmi.GroupOps.sym_ops`` (the primitive operators).
 """
 from __future__ import annotations
 
-from typing import Iterable, NamedTuple
+from typing import NamedTuple
 
 import gemmi
 import numpy as np

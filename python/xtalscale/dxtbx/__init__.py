@@ -1,1 +1,2 @@
-"""dxtbx-shaped import path: ``from xtalscale.dxtbx.model.experiment_list import ExperimentList``."""
+"""dxtbx-shaped import path, e.g.
+``from xtalscale.dxtbx.model.experiment_list import ExperimentList``."""
