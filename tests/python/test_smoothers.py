@@ -409,3 +409,20 @@ def test_pickle_and_deepcopy_keep_layout_smoothing_and_parameters():
         np.testing.assert_array_equal(a[1], b[1])
     r = pickle.loads(pickle.dumps(RefinementGaussianSmoother((1, 100), 5)))
     assert isinstance(r, RefinementGaussianSmoother) and r.spacing() == pytest.approx(19.8)
+
+
+def test_concurrent_calls_on_one_smoother_give_serial_results():
+    # The GIL is released in the kernel and the smoother keeps no scratch state.
+    from concurrent.futures import ThreadPoolExecutor
+
+    gs = GaussianSmoother2D([0, 20], 20, [0, 20], 20)
+    rng = np.random.default_rng(11)
+    jobs = [(rng.uniform(0, 20, 50_000), rng.uniform(0, 20, 50_000)) for _ in range(4)]
+    p = rng.uniform(0.5, 1.5, gs.num_values())
+    serial = [gs.multi_value_weight(x, y, p) for x, y in jobs]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        threaded = list(pool.map(lambda xy: gs.multi_value_weight(*xy, p), jobs))
+    for (v1, w1, s1), (v2, w2, s2) in zip(serial, threaded):
+        np.testing.assert_array_equal(v1, v2)
+        np.testing.assert_array_equal(s1, s2)
+        np.testing.assert_array_equal(w1.data, w2.data)
