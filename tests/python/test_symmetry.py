@@ -204,3 +204,31 @@ def test_add_asu_miller_index_on_table():
     assert m.isym.tolist() == [1, 2, 4]
     with pytest.raises(KeyError, match="miller_index"):
         add_asu_miller_index(flex.reflection_table(), "P 1")
+
+
+def test_l_cysteine_grouping_matches_published_counts():
+    """All 4 l-cysteine sweeps with DIALS's flags (integrated, not bad_for_scaling):
+    11,816 observations in 1,565 unique reflections (data_and_formats.md, section 2)."""
+    from pathlib import Path
+
+    from xtalscale.array_family import flex
+    from xtalscale.experiments import ExperimentList
+
+    data = Path(__file__).resolve().parents[1] / "data" / "dials_l_cysteine_4_sweeps_scaled"
+    names = ("scaled_20_25", "scaled_30", "scaled_35")
+    if not all((data / f"{n}.refl").exists() for n in names):
+        pytest.skip("l-cysteine scaled .refl files not shipped")
+    hkl, sg = [], None
+    for name in names:
+        t = flex.reflection_table.from_file(data / f"{name}.refl")
+        el = ExperimentList.from_file(data / f"{name}.expt")
+        t.assert_experiment_identifiers_are_consistent(el)
+        sel = t.get_flags(t.flags.integrated, all=False) & ~t.get_flags(
+            t.flags.bad_for_scaling, all=False)
+        hkl.append(np.asarray(t.select(sel)["miller_index"]))
+        sg = el[0].crystal.get_space_group()
+    hkl = np.concatenate(hkl)
+    assert len(hkl) == 11816 and sg.type().number() == 16
+    g = group_reflections(map_to_asu(hkl, sg).asu_hkl)
+    assert g.n_groups == 1565
+    assert g.group_sizes().sum() == 11816 and g.group_sizes().min() >= 1
