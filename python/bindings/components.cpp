@@ -286,6 +286,69 @@ DoubleArray sh_scales(const DoubleArray& harmonics, const DoubleArray& coef) {
   return out;
 }
 
+/// g and ∂g/∂p of a product of components; the output CSR uses 32-bit indices when they fit.
+py::tuple product_rule(const std::vector<DoubleArray>& scales, const std::vector<Int64Array>& indptrs,
+                       const std::vector<Int32Array>& indices, const std::vector<DoubleArray>& data,
+                       const std::vector<std::int64_t>& widths) {
+  const std::size_t k = scales.size();
+  require(k >= 1, "product_rule needs at least one component");
+  require(indptrs.size() == k && indices.size() == k && data.size() == k && widths.size() == k,
+          "product_rule needs scales, indptr, indices, data and a width for every component");
+  const std::size_t n = size_of(scales[0]);
+  std::vector<components::ComponentBlock> blocks(k);
+  std::int64_t offset = 0;
+  for (std::size_t c = 0; c < k; ++c) {
+    const std::string name = "component " + std::to_string(c);
+    auto s = vector_view(scales[c], (name + " scales").c_str());
+    require(static_cast<std::size_t>(s.size()) == n, name + ": scales must have one value per row");
+    require(indptrs[c].ndim() == 1 && size_of(indptrs[c]) == n + 1,
+            name + ": derivative matrix must have one row per reflection");
+    require(widths[c] >= 0, name + ": width must be >= 0");
+    require(size_of(indices[c]) == size_of(data[c]), name + ": indices and data lengths differ");
+    require_finite(data[c].data(), size_of(data[c]), (name + " derivatives").c_str());
+    std::vector<std::int64_t> ix(indices[c].data(), indices[c].data() + indices[c].size());
+    components::validate_csr(n, static_cast<std::size_t>(widths[c]), indptrs[c].data(), ix.data(),
+                             size_of(data[c]), (name + " derivatives").c_str());
+    blocks[c] = {s.data(), indptrs[c].data(), indices[c].data(), data[c].data(), offset};
+    offset += widths[c];
+  }
+  Int64Array indptr64(static_cast<py::ssize_t>(n + 1));
+  std::size_t nnz = 0;
+  {
+    py::gil_scoped_release release;
+    nnz = components::product_rule_indptr(n, blocks.data(), k, indptr64.mutable_data());
+  }
+  DoubleArray g(static_cast<py::ssize_t>(n)), out_data(static_cast<py::ssize_t>(nnz));
+  const bool small = nnz < static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max()) &&
+                     offset < std::numeric_limits<std::int32_t>::max();
+  py::array out_indices, out_indptr;
+  if (small) {
+    Int32Array ix(static_cast<py::ssize_t>(nnz));
+    Int32Array ip(static_cast<py::ssize_t>(n + 1));
+    {
+      py::gil_scoped_release release;
+      components::product_rule_fill<std::int32_t>(n, blocks.data(), k, indptr64.data(),
+                                                  ix.mutable_data(), out_data.mutable_data(),
+                                                  g.mutable_data());
+      for (std::size_t i = 0; i <= n; ++i)
+        ip.mutable_data()[i] = static_cast<std::int32_t>(indptr64.data()[i]);
+    }
+    out_indices = ix;
+    out_indptr = ip;
+  } else {
+    Int64Array ix(static_cast<py::ssize_t>(nnz));
+    {
+      py::gil_scoped_release release;
+      components::product_rule_fill<std::int64_t>(n, blocks.data(), k, indptr64.data(),
+                                                  ix.mutable_data(), out_data.mutable_data(),
+                                                  g.mutable_data());
+    }
+    out_indices = ix;
+    out_indptr = indptr64;
+  }
+  return py::make_tuple(g, out_indptr, out_indices, out_data, offset);
+}
+
 // ------------------------------------------------------------------ harmonics
 
 DoubleArray calc_theta_phi(const DoubleArray& xyz) {
@@ -455,6 +518,9 @@ void bind_components(py::module_& m) {
         "CSR data with each row multiplied by v[row].");
   m.def("sh_scales", &sh_scales, py::arg("harmonic_values"), py::arg("parameters"),
         "1 + H·C for a row-major (n, n_params) harmonic matrix H.");
+  m.def("product_rule", &product_rule, py::arg("scales"), py::arg("indptrs"), py::arg("indices"),
+        py::arg("data"), py::arg("widths"),
+        "(g, indptr, indices, data, n_cols) of g = Π s_c and ∂g/∂p by the product rule.");
   m.def("calc_theta_phi", &calc_theta_phi, py::arg("xyz"));
   m.def("calc_lookup_index", &calc_lookup_index, py::arg("theta_phi"),
         py::arg("points_per_degree"));

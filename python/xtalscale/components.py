@@ -43,6 +43,7 @@ __all__ = [
     "SmoothScaleComponent3D",
     "create_sph_harm_lookup_table",
     "sh_lookup_data",
+    "product_rule",
     "SH_POINTS_PER_DEGREE",
 ]
 
@@ -1318,3 +1319,47 @@ def sh_lookup_data(s0c: Any, s1c: Any, lmax: int,
             idx[past] -= 360 * int(points_per_degree)
         out[name] = idx
     return out
+
+
+# ----------------------------------------------------------------------------- model assembly
+def product_rule(results: Sequence[tuple], widths: Optional[Sequence[int]] = None) -> tuple:
+    """Inverse scales ``g = Π s_c`` and ``∂g/∂p`` of several components, in one C++ pass.
+
+    Parameters
+    ----------
+    results : sequence of (scales, derivatives)
+        What each component's ``calculate_scales_and_derivatives`` returned for one block
+        (derivatives sparse or dense, ``n × width_c``).
+    widths : sequence of int, optional
+        Number of columns reserved for each component (default: its derivative's width);
+        component c's columns start at the sum of the earlier widths.
+
+    Returns
+    -------
+    (numpy.ndarray, scipy.sparse.csr_matrix)
+        ``g`` (n,) and the Jacobian ``n × Σ widths`` whose row i holds
+        ``∂s_c/∂p_c[i, :] · Π_{c'≠c} s_c'[i]`` for every component c.
+    """
+    if len(results) == 0:
+        raise ComponentError("product_rule needs at least one component")
+    scales, indptrs, indices, data, cols = [], [], [], [], []
+    n = np.asarray(results[0][0]).size
+    for c, (s, d) in enumerate(results):
+        m = d if sp.issparse(d) and d.format == "csr" else ScaleComponentBase.as_sparse_derivatives(d)
+        if m.shape[0] == 0 and n > 0:  # DIALS returns 0×0 for empty blocks only
+            raise ComponentError(f"product_rule: component {c} has no derivative rows")
+        if not m.has_canonical_format:
+            m = m.copy()
+            m.sum_duplicates()
+        scales.append(np.ascontiguousarray(s, dtype=np.float64))
+        indptrs.append(m.indptr)
+        indices.append(m.indices)
+        data.append(m.data)
+        cols.append(m.shape[1])
+    if widths is None:
+        widths = cols
+    elif len(widths) != len(results):
+        raise ComponentError(f"product_rule: {len(widths)} widths for {len(results)} components")
+    g, indptr, idx, values, n_cols = _kern.product_rule(scales, indptrs, indices, data,
+                                                        [int(w) for w in widths])
+    return g, _csr(values, idx, indptr, (g.size, int(n_cols)))
