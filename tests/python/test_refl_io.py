@@ -539,3 +539,14 @@ def test_concurrent_reads_are_independent_and_identical():
         assert a.keys() == b.keys()
         for k in a.keys():
             assert np.array_equal(a[k].as_numpy_array(), b[k].as_numpy_array()), k
+
+
+def test_parallel_chunked_msgpack_read_matches_raw_blobs(monkeypatch):
+    import xtalscale.io.refl as refl_mod
+
+    monkeypatch.setattr(refl_mod, "_PARALLEL_READ_BYTES", 0)  # force the thread pool
+    monkeypatch.setattr(refl_mod, "_READ_CHUNK", 4096 + 3)  # many odd-sized chunks per column
+    t = read_refl(SSX)
+    raw = msgpack.unpackb(SSX.read_bytes(), strict_map_key=False)
+    for name, (_, (_, blob)) in raw[2]["data"].items():
+        assert t[name].as_numpy_array().tobytes() == blob, name
