@@ -2,10 +2,12 @@
 
 Reading
     :func:`read_refl` detects the format from the first bytes (a file named ``.refl`` may be
-    either). msgpack column blobs are read straight from the file into their final numpy
-    arrays (one copy, no per-element Python). Legacy pickles go through a restricted
-    unpickler that admits only the DIALS/scitbx flex classes it decodes (no other pickle code
-    ever runs), then each column's base-256 payload is decoded in C++.
+    either). The msgpack structure is walked first; then every column blob is read straight
+    from the file into its final numpy array (one copy, no per-element Python), with
+    positional reads spread over a few threads for big files. Legacy pickles go through a
+    restricted unpickler that admits only the DIALS/scitbx flex classes it decodes (no other
+    pickle code ever runs); each column's base-256 payload is then decoded in C++ (GIL
+    released, columns on a few threads for big files).
 Writing
     :func:`write_msgpack` writes what DIALS writes (same type strings, key order, integer
     encodings and row-major little-endian blobs), so DIALS reads it and a DIALS-written file
