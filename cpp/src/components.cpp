@@ -129,7 +129,7 @@ std::size_t product_rule_indptr(std::size_t n, const ComponentBlock* blocks, std
   std::int64_t nnz = 0;
   out_indptr[0] = 0;
   for (std::size_t i = 0; i < n; ++i) {
-    for (std::size_t c = 0; c < k; ++c) nnz += blocks[c].indptr[i + 1] - blocks[c].indptr[i];
+    for (std::size_t c = 0; c < k; ++c) nnz += blocks[c].row_start(i + 1) - blocks[c].row_start(i);
     out_indptr[i + 1] = nnz;
   }
   return static_cast<std::size_t>(nnz);
@@ -157,12 +157,12 @@ void product_rule_fill(std::size_t n, const ComponentBlock* blocks, std::size_t 
     for (std::size_t c = k; c-- > 0;) {
       const ComponentBlock& b = blocks[c];
       const double others = prefix[c] * suffix;
-      const std::int64_t first = b.indptr[i], last = b.indptr[i + 1];
+      const std::int64_t first = b.row_start(i), last = b.row_start(i + 1);
       const std::int64_t start = end - (last - first);
-      for (std::int64_t q = first; q < last; ++q) {
-        out_indices[start + (q - first)] = static_cast<I>(b.indices[q] + b.col_offset);
-        out_data[start + (q - first)] = b.data[q] * others;
-      }
+      for (std::int64_t q = first; q < last; ++q) out_data[start + (q - first)] = b.data[q] * others;
+      if (out_indices != nullptr)
+        for (std::int64_t q = first; q < last; ++q)
+          out_indices[start + (q - first)] = static_cast<I>(b.indices[q] + b.col_offset);
       end = start;
       suffix *= b.scales[i];
     }

@@ -474,6 +474,7 @@ class _OneColumnDerivatives:
     def __init__(self) -> None:
         self._cols = np.zeros(0, dtype=np.int32)
         self._rows = np.zeros(1, dtype=np.int32)
+        self._views: dict = {}
 
     def matrix(self, data: np.ndarray) -> sp.csr_matrix:
         n = data.size
@@ -481,7 +482,11 @@ class _OneColumnDerivatives:
             self._cols = np.zeros(n, dtype=np.int32)
             self._rows = np.arange(n + 1, dtype=np.int32)
             _readonly(self._cols, self._rows)
-        return _csr(data, self._cols[:n], self._rows[: n + 1], (n, 1))
+            self._views = {}
+        views = self._views.get(n)
+        if views is None:  # the same view objects each call, so patterns can be recognised
+            views = self._views[n] = (self._cols[:n], self._rows[: n + 1])
+        return _csr(data, views[0], views[1], (n, 1))
 
 
 class SingleScaleFactor(ScaleComponentBase):
@@ -814,13 +819,26 @@ class SHScaleComponent(ScaleComponentBase):
     def _matrix(self, h: np.ndarray) -> sp.csr_matrix:
         """The dense block as CSR sharing its values; the column pattern is shared too."""
         n, p = h.shape
-        cols = SHScaleComponent._col_index.get(p)
-        if cols is None or cols.size < n * p:
-            cols = np.tile(np.arange(p, dtype=np.int32), max(n, 1))
-            _readonly(cols)
-            SHScaleComponent._col_index[p] = cols
-        indptr = np.arange(0, n * p + 1, max(p, 1), dtype=np.int32)[: n + 1]
-        return _csr(h.reshape(-1), cols[: n * p], indptr, (n, p))
+        indices, indptr = self._pattern(n, p)
+        return _csr(h.reshape(-1), indices, indptr, (n, p))
+
+    @classmethod
+    def _pattern(cls, n: int, p: int) -> tuple:
+        """Read-only (indices, indptr) of a full n × p matrix; the same arrays on every call."""
+        cached = cls._col_index.get((n, p))
+        if cached is None:
+            cols = cls._col_index.get(p)
+            if cols is None or cols.size < n * p:
+                cols = np.tile(np.arange(p, dtype=np.int32), max(n, 1))
+                _readonly(cols)
+                cls._col_index[p] = cols
+            indptr = np.arange(0, n * p + 1, max(p, 1), dtype=np.int32)[: n + 1]
+            _readonly(indptr)
+            cached = (cols[: n * p], indptr)
+            if len(cls._col_index) > 64:  # many distinct block sizes: keep the cache small
+                cls._col_index = {k: v for k, v in cls._col_index.items() if isinstance(k, int)}
+            cls._col_index[(n, p)] = cached
+        return cached
 
     def calculate_scales_and_derivatives(self, block_id: int = 0) -> tuple:
         b = self._check_block(block_id)
@@ -1322,7 +1340,12 @@ def sh_lookup_data(s0c: Any, s1c: Any, lmax: int,
 
 
 # ----------------------------------------------------------------------------- model assembly
-def product_rule(results: Sequence[tuple], widths: Optional[Sequence[int]] = None) -> tuple:
+def _buffer_key(a: np.ndarray) -> tuple:
+    return (a.__array_interface__["data"][0], a.shape, a.dtype.str)
+
+
+def product_rule(results: Sequence[tuple], widths: Optional[Sequence[int]] = None,
+                 out: Optional[sp.csr_matrix] = None) -> tuple:
     """Inverse scales ``g = Π s_c`` and ``∂g/∂p`` of several components, in one C++ pass.
 
     Parameters
@@ -1333,6 +1356,11 @@ def product_rule(results: Sequence[tuple], widths: Optional[Sequence[int]] = Non
     widths : sequence of int, optional
         Number of columns reserved for each component (default: its derivative's width);
         component c's columns start at the sum of the earlier widths.
+    out : scipy.sparse.csr_matrix, optional
+        A Jacobian returned by an earlier call. If the components' derivative patterns are
+        the same buffers as then (the cached patterns of this module's components between
+        parameter updates), its values are overwritten in place and it is returned again:
+        no allocation, no index writes. Otherwise a new matrix is built.
 
     Returns
     -------
@@ -1348,18 +1376,21 @@ def product_rule(results: Sequence[tuple], widths: Optional[Sequence[int]] = Non
         m = d if sp.issparse(d) and d.format == "csr" else ScaleComponentBase.as_sparse_derivatives(d)
         if m.shape[0] == 0 and n > 0:  # DIALS returns 0×0 for empty blocks only
             raise ComponentError(f"product_rule: component {c} has no derivative rows")
-        if not m.has_canonical_format:
-            m = m.copy()
-            m.sum_duplicates()
         scales.append(np.ascontiguousarray(s, dtype=np.float64))
         indptrs.append(m.indptr)
-        indices.append(m.indices)
+        indices.append(np.ascontiguousarray(m.indices, dtype=np.int32))
         data.append(m.data)
         cols.append(m.shape[1])
-    if widths is None:
-        widths = cols
-    elif len(widths) != len(results):
+    widths = cols if widths is None else [int(w) for w in widths]
+    if len(widths) != len(results):
         raise ComponentError(f"product_rule: {len(widths)} widths for {len(results)} components")
-    g, indptr, idx, values, n_cols = _kern.product_rule(scales, indptrs, indices, data,
-                                                        [int(w) for w in widths])
-    return g, _csr(values, idx, indptr, (g.size, int(n_cols)))
+    pattern = (tuple(widths), tuple(_buffer_key(a) for a in indptrs + indices))
+    previous = getattr(out, "_xtalscale_pattern", None) if out is not None else None
+    if previous is not None and previous[0] == pattern:
+        g, _, _, values, _ = _kern.product_rule(scales, indptrs, indices, data, widths, out.data)
+        return g, out
+    g, indptr, idx, values, n_cols = _kern.product_rule(scales, indptrs, indices, data, widths)
+    jac = sp.csr_matrix((values, idx, indptr), shape=(g.size, int(n_cols)), copy=False)
+    # Keep the component arrays alive so their buffer addresses identify the pattern.
+    jac._xtalscale_pattern = (pattern, indptrs, indices)
+    return g, jac

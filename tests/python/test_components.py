@@ -409,6 +409,18 @@ def test_product_rule_matches_scipy_assembly(rng):
     np.testing.assert_allclose(g, s[0] * s[1] * s[2], rtol=1e-15)
     np.testing.assert_allclose(jac.toarray(), expected, rtol=1e-14, atol=1e-16)
     assert jac.shape == (n, 5 + 5 + 8) and jac.has_sorted_indices
+    # Same patterns after a parameter change: the previous matrix is refilled in place.
+    for comp in comps:
+        comp.parameters = comp.parameters * 1.01
+    results2 = [c.calculate_scales_and_derivatives() for c in comps]
+    fresh_g, fresh = product_rule(results2)
+    g2, jac2 = product_rule(results2, out=jac)
+    assert jac2 is jac
+    np.testing.assert_array_equal(g2, fresh_g)
+    np.testing.assert_array_equal(jac2.toarray(), fresh.toarray())
+    # A different pattern is not reused.
+    _, other = product_rule(results2[:2], out=jac)
+    assert other is not jac and other.shape == (n, 10)
     # A zero scale still gives the other components' derivative columns (no division by s).
     zero = np.ones(n)
     zero[0] = 0.0
