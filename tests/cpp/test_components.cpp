@@ -138,4 +138,40 @@ TEST_CASE("WeightMatrix: fixed first parameter and the Eigen view") {
                   std::invalid_argument);
 }
 
+TEST_CASE("product rule of two components, including a zero scale") {
+  // Component A: 2 rows, 1 column (dA/dp = 1); component B: 2 rows, 2 columns.
+  const double sa[2] = {2.0, 0.0}, sb[2] = {3.0, 5.0};
+  const std::int32_t ipa[3] = {0, 1, 2}, ixa[2] = {0, 0};
+  const double da[2] = {1.0, 1.0};
+  const std::int64_t ipb[3] = {0, 2, 3};
+  const std::int32_t ixb[3] = {0, 1, 1};
+  const double db[3] = {0.5, 0.25, 2.0};
+  c::ComponentBlock blocks[2];
+  blocks[0].scales = sa;
+  blocks[0].indptr32 = ipa;
+  blocks[0].indices = ixa;
+  blocks[0].data = da;
+  blocks[1].scales = sb;
+  blocks[1].indptr64 = ipb;
+  blocks[1].indices = ixb;
+  blocks[1].data = db;
+  blocks[1].col_offset = 1;
+  std::int64_t indptr[3];
+  CHECK(c::product_rule_indptr(2, blocks, 2, indptr) == 5);
+  std::int32_t indices[5];
+  double data[5], g[2];
+  c::product_rule_fill<std::int32_t>(2, blocks, 2, indptr, indices, data, g);
+  CHECK_CLOSE(g[0], 6.0, 0.0);
+  CHECK_CLOSE(g[1], 0.0, 0.0);
+  // Row 0: [dA·sB, dB0·sA, dB1·sA] = [3, 1, 0.5] at columns 0, 1, 2.
+  CHECK(indices[0] == 0 && indices[1] == 1 && indices[2] == 2);
+  CHECK_CLOSE(data[0], 3.0, 0.0);
+  CHECK_CLOSE(data[1], 1.0, 0.0);
+  CHECK_CLOSE(data[2], 0.5, 0.0);
+  // Row 1: sA = 0, so B's derivative vanishes but A's is sB = 5.
+  CHECK(indices[3] == 0 && indices[4] == 2);
+  CHECK_CLOSE(data[3], 5.0, 0.0);
+  CHECK_CLOSE(data[4], 0.0, 0.0);
+}
+
 XS_TEST_MAIN()
