@@ -550,3 +550,50 @@ def test_parallel_chunked_msgpack_read_matches_raw_blobs(monkeypatch):
     raw = msgpack.unpackb(SSX.read_bytes(), strict_map_key=False)
     for name, (_, (_, blob)) in raw[2]["data"].items():
         assert t[name].as_numpy_array().tobytes() == blob, name
+
+
+# ----------------------------------------------------------------------------- properties
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_KINDS = {
+    "double": lambda rng, n: flex.double(rng.normal(size=n) * 10.0 ** rng.integers(-300, 300)),
+    "int": lambda rng, n: flex.int(rng.integers(-(2**31), 2**31 - 1, size=n, dtype=np.int32)),
+    "size_t": lambda rng, n: flex.size_t(rng.integers(0, 2**64 - 1, size=n, dtype=np.uint64)),
+    "bool": lambda rng, n: flex.bool(rng.random(n) > 0.5),
+    "vec3": lambda rng, n: flex.vec3_double(rng.normal(size=(n, 3))),
+    "miller": lambda rng, n: flex.miller_index(rng.integers(-99, 99, size=(n, 3), dtype=np.int32)),
+    "int6": lambda rng, n: flex.int6(rng.integers(-5, 5000, size=(n, 6), dtype=np.int32)),
+    "str": lambda rng, n: flex.std_string([f"s{i},{'x' * int(i % 3)}" for i in range(n)]),
+}
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(0, 40),
+    st.lists(st.sampled_from(sorted(_KINDS)), min_size=1, max_size=6),
+    st.integers(0, 2**32 - 1),
+)
+def test_random_tables_round_trip_through_both_formats(nrows, kinds, seed):
+    import tempfile
+
+    rng = np.random.default_rng(seed)
+    t = flex.reflection_table()
+    for i, k in enumerate(kinds):
+        t[f"c{i}.{k}"] = _KINDS[k](rng, nrows)
+    t["id"] = flex.int(nrows, 0)
+    t.experiment_identifiers()[0] = f"expt-{seed}"
+    back = flex.reflection_table.from_msgpack(t.as_msgpack())
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "t.pickle")
+        t.as_pickle(p)
+        legacy = read_refl(p)
+    for other in (back, legacy):
+        assert len(other) == nrows and sorted(other.keys()) == sorted(t.keys())
+        assert other.experiment_identifiers().as_dict() == {0: f"expt-{seed}"}
+        for k in t.keys():
+            assert type(other[k]) is type(t[k]), k
+            if isinstance(t[k], flex.std_string):
+                assert list(other[k]) == list(t[k])
+            else:
+                assert np.array_equal(other[k].as_numpy_array(), t[k].as_numpy_array()), k

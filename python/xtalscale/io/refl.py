@@ -395,13 +395,13 @@ def _fill_blobs(r: _Reader, blobs: list) -> None:
     if fd is None or not hasattr(os, "preadv"):
         for b in blobs:  # in-memory stream or a platform without preadv
             r.f.seek(b.offset)
-            got = r.f.readinto(memoryview(b.arr).cast("B")) if b.nbytes else 0
+            got = r.f.readinto(_bytes_view(b.arr)) if b.nbytes else 0
             if got != b.nbytes:
                 raise r.fail(f"column {b.name!r}: truncated blob ({got} of {b.nbytes} bytes)")
         return
     tasks = []
     for b in blobs:
-        view = memoryview(b.arr).cast("B")
+        view = _bytes_view(b.arr)
         for start in range(0, b.nbytes, _READ_CHUNK):
             tasks.append((b, view[start : start + _READ_CHUNK], b.offset + start))
 
@@ -424,6 +424,12 @@ def _fill_blobs(r: _Reader, blobs: list) -> None:
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for _ in pool.map(read, tasks):
             pass
+
+
+def _bytes_view(arr: np.ndarray) -> memoryview:
+    """Flat writable byte view of a C-contiguous array (also for empty (0, k) arrays, which
+    ``memoryview.cast`` refuses)."""
+    return memoryview(arr.reshape(-1).view(np.uint8))
 
 
 def _fileno(f: Any) -> int | None:
@@ -486,7 +492,7 @@ def _write_msgpack_stream(table: reflection_table, f: BinaryIO, path: str) -> No
         if data.dtype.byteorder == ">" or (data.dtype.byteorder == "=" and sys.byteorder == "big"):
             data = data.astype(data.dtype.newbyteorder("<"))  # .refl blobs are little-endian
         f.write(head + p.pack(len(col)) + _bin_header(data.nbytes))
-        f.write(memoryview(data).cast("B"))
+        f.write(_bytes_view(data))
 
 
 def _bin_header(n: int) -> bytes:
