@@ -276,3 +276,32 @@ def test_identifier_housekeeping():
     t.experiment_identifiers()[7] = "unused"
     t.clean_experiment_identifiers_map()
     assert t.experiment_identifiers().keys() == [0, 1]
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4), st.integers(-3, 3)), max_size=40), st.booleans())
+def test_sort_split_and_extend_invariants(rows, reverse):
+    t = flex.reflection_table()
+    t["id"] = flex.int([r[0] for r in rows])
+    t["key"] = flex.double([float(r[1]) for r in rows])
+    t["row"] = flex.size_t(list(range(len(rows))))
+    for i in range(5):
+        t.experiment_identifiers()[i] = f"x{i}"
+    s = t.copy()
+    s.sort("key", reverse=reverse)
+    expect = sorted(range(len(rows)), key=lambda i: rows[i][1], reverse=reverse)
+    assert list(s["row"]) == expect  # stable in both directions
+    parts = t.split_by_experiment_id()
+    assert sum(len(p) for p in parts) == len(rows)
+    for p in parts:
+        ids = set(p["id"])
+        assert len(ids) == 1
+        (i,) = ids
+        assert p.experiment_identifiers().as_dict() == {i: f"x{i}"}
+        assert list(p["row"]) == [j for j, r in enumerate(rows) if r[0] == i]  # order kept
+    joined = flex.reflection_table.concat(parts) if parts else flex.reflection_table()
+    assert sorted(joined["row"]) == list(range(len(rows))) if rows else len(joined) == 0
