@@ -28,6 +28,7 @@ from xtalscale.components import (
     SmoothScaleComponent3D,
     sh_lookup_data,
 )
+from xtalscale.components import product_rule
 from xtalscale.scaling_utilities import sph_harm_table
 
 
@@ -67,8 +68,10 @@ def _held_bytes(comp) -> int:
             for s in obj.__slots__:
                 visit(getattr(obj, s, None), depth + 1)
 
+    # Input data and the class-wide lookup table (shared by every SH component, reported
+    # separately) are not this component's own state.
     for key, value in vars(comp).items():
-        if key not in ("_data", "_dense_table"):
+        if key not in ("_data", "_dense_table", "_table"):
             visit(value)
     return total
 
@@ -211,14 +214,17 @@ def main(n: int = 1_000_000) -> None:
     cases.append(("SHScaleComponent lmax 4 (lookup, lean)", c, lambda: (1.0 + h_dense @ p_sh, h_csr)))
 
     print(f"n_refl = {n:,}; times are medians of 7 calls after a warm-up; ns per reflection")
+    table_mb = SHScaleComponent._lookup_table(24).nbytes / 1e6
     print(f"SH exact table build (lmax 4): {1e9 * t_table / n:.0f} ns/refl; "
-          f"lookup indices + table: {1e9 * t_lookup / n:.0f} ns/refl")
+          f"lookup indices + table: {1e9 * t_lookup / n:.0f} ns/refl; "
+          f"shared lookup table {table_mb:.0f} MB (not in B/refl)")
     print("columns: update = update_reflection_data; s+deriv / scales = per call; ratio = numpy "
           "s+d / ours; B/refl = held between calls after a derivative call")
     header = (f"{'component':40s} {'update':>8s} {'s+deriv':>8s} {'scales':>8s} "
               f"{'numpy s+d':>10s} {'ratio':>6s} {'B/refl':>7s}")
     print(header)
     print("-" * len(header))
+    by_name = {}
     for name, comp, np_fn in cases:
         t0 = time.perf_counter()
         comp.update_reflection_data()
@@ -232,8 +238,38 @@ def main(n: int = 1_000_000) -> None:
             assert np.allclose(s_ours, s_np, rtol=1e-12, atol=0), name
             assert abs(d_ours - d_np).max() < 1e-12, name
         held = _held_bytes(comp) / n
+        by_name[name] = comp
         print(f"{name:40s} {1e9 * t_update / n:8.1f} {1e9 * t_sd / n:8.2f} {1e9 * t_s / n:8.2f} "
               f"{1e9 * t_np / n:10.1f} {t_np / t_sd:6.1f} {held:7.0f}")
+    _bench_assembly(n, [by_name["SmoothScaleComponent1D (fixed p0)"],
+                        by_name["SmoothBScaleComponent1D"],
+                        by_name["SHScaleComponent lmax 4 (lookup)"]])
+
+
+def _bench_assembly(n: int, comps: list) -> None:
+    """g and dg/dp of a physical-like model (scale, decay, SH lmax 4) by the product rule."""
+    results = [c.calculate_scales_and_derivatives(0) for c in comps]
+
+    def scipy_assembly():
+        s = [r[0] for r in results]
+        blocks = []
+        for i, (_, d) in enumerate(results):
+            others = np.prod([s[j] for j in range(len(s)) if j != i], axis=0)
+            blocks.append(d.multiply(others[:, None]))
+        return np.prod(s, axis=0), sp.hstack(blocks).tocsr()
+
+    t_new = _median_time(lambda: product_rule(results), repeats=3)
+    _, jac = product_rule(results)
+    t_reuse = _median_time(lambda: product_rule(results, out=jac), repeats=5)
+    t_scipy = _median_time(scipy_assembly, repeats=1)
+    t_all = _median_time(lambda: product_rule([c.calculate_scales_and_derivatives(0)
+                                               for c in comps], out=jac), repeats=5)
+    print(f"\nmodel assembly, scale + decay + SH lmax 4 ({jac.nnz / n:.0f} non-zeros per row):")
+    print(f"  product_rule (new matrix)        {1e9 * t_new / n:8.1f} ns/refl")
+    print(f"  product_rule (reused pattern)    {1e9 * t_reuse / n:8.1f} ns/refl")
+    print(f"  scipy multiply + hstack          {1e9 * t_scipy / n:8.1f} ns/refl "
+          f"(ratio {t_scipy / t_reuse:.0f}x)")
+    print(f"  components + reused assembly     {1e9 * t_all / n:8.1f} ns/refl")
 
 
 if __name__ == "__main__":
