@@ -149,3 +149,15 @@ def test_not_an_xds_file(tmp_path):
     bad.write_text("1 2 3 4\n5 6 7 8\n")
     with pytest.raises(XdsFormatError, match="random.HKL: no !END_OF_HEADER"):
         read_xds_hkl(bad)
+
+
+def test_compensating_record_lengths_are_caught(tmp_path):
+    """One short and one long record (same total token count) must not shift columns."""
+    lines = ASCII.read_text().splitlines()
+    i = next(k for k, x in enumerate(lines) if x.startswith("!END_OF_HEADER")) + 1
+    a, b = lines[i].split(), lines[i + 1].split()
+    lines[i], lines[i + 1] = " ".join(a[:-1]), " ".join(b + [a[-1]])
+    bad = tmp_path / "shifted.HKL"
+    bad.write_text("\n".join(lines) + "\n")
+    with pytest.raises(XdsFormatError, match="shifted.HKL: record 1 has 11 items, expected 12"):
+        read_xds_hkl(bad)

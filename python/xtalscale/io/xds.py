@@ -23,6 +23,7 @@ kept but get no ``integrated`` flag.
 """
 from __future__ import annotations
 
+import io
 import os
 import re
 from dataclasses import dataclass
@@ -162,23 +163,26 @@ def _ascii_items(header: dict, path: str) -> list[str]:
 
 
 def _parse_records(body: list[str], n_items: int, first_line_no: int, path: str) -> np.ndarray:
-    tokens = " ".join(body).split()
-    if len(tokens) != len(body) * n_items:
-        # slow path only to name the offending line
-        for i, line in enumerate(body):
-            if len(line.split()) != n_items:
-                raise XdsFormatError(f"{path}: record {i + 1} has {len(line.split())} items, "
-                                     f"expected {n_items}: {line.strip()[:80]!r}")
+    """Parse the data records with numpy's C reader, which checks every line's length."""
+    if not body:
+        return np.zeros((0, n_items))
     try:
-        data = np.array(tokens, dtype=np.float64).reshape(len(body), n_items)
-    except ValueError:
+        data = np.loadtxt(io.StringIO("\n".join(body)), dtype=np.float64, ndmin=2)
+    except ValueError as exc:
+        # numpy names the offending row; re-check to give the record and its text
         for i, line in enumerate(body):
+            parts = line.split()
+            if len(parts) != n_items:
+                raise XdsFormatError(f"{path}: record {i + 1} has {len(parts)} items, "
+                                     f"expected {n_items}: {line.strip()[:80]!r}") from None
             try:
-                [float(x) for x in line.split()]
+                [float(x) for x in parts]
             except ValueError:
                 raise XdsFormatError(f"{path}: record {i + 1} is not numeric: "
                                      f"{line.strip()[:80]!r}") from None
-        raise
+        raise XdsFormatError(f"{path}: unreadable records ({exc})") from None
+    if data.shape[1] != n_items:
+        raise XdsFormatError(f"{path}: records have {data.shape[1]} items, expected {n_items}")
     if not np.all(np.isfinite(data)):
         i = int(np.flatnonzero(~np.isfinite(data).all(axis=1))[0])
         raise XdsFormatError(f"{path}: record {i + 1} has a non-finite value")
