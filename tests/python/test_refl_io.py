@@ -597,3 +597,16 @@ def test_random_tables_round_trip_through_both_formats(nrows, kinds, seed):
                 assert list(other[k]) == list(t[k])
             else:
                 assert np.array_equal(other[k].as_numpy_array(), t[k].as_numpy_array()), k
+
+
+def test_identifiers_checked_against_the_experiment_list():
+    from xtalscale.experiments import ExperimentList
+
+    expts = ExperimentList.from_file(str(QUARTZ.with_suffix(".expt")))
+    t = read_refl(QUARTZ, experiments=expts)
+    assert t.experiment_identifiers()[0] == expts[0].identifier
+    other = ExperimentList.from_file(
+        str(DATA / "dials_l_cysteine_narrow_wedge" / "11_integrated.expt")
+    )
+    with pytest.raises(ReflFileError, match=r"scaled\.refl: identifier for id 0 is '001f4105"):
+        read_refl(QUARTZ, experiments=other)

@@ -68,7 +68,9 @@ _TYPE_NAME[fa.std_string] = "std::string"
 _MAGIC = "dials::af::reflection_table"
 
 
-def read_refl(filename: Any, required_columns: Any = ()) -> reflection_table:
+def read_refl(
+    filename: Any, required_columns: Any = (), experiments: Any = None
+) -> reflection_table:
     """Read a DIALS reflection file of either format.
 
     Parameters
@@ -77,6 +79,9 @@ def read_refl(filename: Any, required_columns: Any = ()) -> reflection_table:
         A msgpack ``.refl`` or a legacy pickle (``.pickle`` or ``.refl``).
     required_columns : iterable of str, optional
         Column names that must be present; a missing one raises ReflFileError.
+    experiments : sequence of objects with ``.identifier``, optional
+        The experiment list the table belongs to: identifier ``i`` of the table must be the
+        identifier of ``experiments[i]``.
 
     Returns
     -------
@@ -105,6 +110,11 @@ def read_refl(filename: Any, required_columns: Any = ()) -> reflection_table:
             "expected msgpack 0x93 or pickle 0x80)"
         )
     _require(table, required_columns, path)
+    if experiments is not None:
+        try:
+            check_identifiers(table, experiments, where=path)
+        except ValueError as exc:
+            raise ReflFileError(str(exc)) from None
     return table
 
 
