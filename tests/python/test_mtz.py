@@ -550,3 +550,28 @@ def test_hypf_partial_summation_restores_merging_statistics(hypf):
     rm, rp, mult = _rmerge_rpim(col(t, "miller_index")[done],
                                 col(t, "intensity.sum.value")[done], hypf.space_group)
     assert (round(rm, 3), round(rp, 3), round(mult, 2)) == (0.081, 0.062, 2.47)
+
+
+def test_two_datasets_become_two_experiments(tmp_path):
+    """Batches of a second MTZ dataset (e.g. another wavelength) form their own experiment,
+    even when the batch numbers continue the first dataset's."""
+    m = gemmi.read_mtz_file(str(GAMMA))
+    ds = m.add_dataset("second")
+    ds.wavelength = 0.9
+    for b in m.batches:
+        if b.number > 60:
+            b.dataset_id = ds.id
+            f = b.floats
+            f[86] = 0.9
+            b.floats = f
+    out = tmp_path / "two_datasets.mtz"
+    m.write_to_file(str(out))
+    r = read_unmerged_mtz(out)
+    assert len(r.experiments) == 2
+    assert [e.scan.get_batch_range() for e in r.experiments] == [(1, 60), (61, 100)]
+    assert r.experiments[0].beam.get_wavelength() == pytest.approx(1.54179, abs=1e-6)
+    assert r.experiments[1].beam.get_wavelength() == pytest.approx(0.9, abs=1e-6)
+    ids, batch = col(r.table, "id"), col(r.table, "batch")
+    np.testing.assert_array_equal(ids, (batch > 60).astype(np.int32))
+    assert r.experiments[1].scan.get_oscillation() == (71.0, 1.0)  # batch 61 = 71-72 deg
+    r.table.assert_experiment_identifiers_are_consistent(r.experiments)
