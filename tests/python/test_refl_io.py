@@ -610,3 +610,14 @@ def test_identifiers_checked_against_the_experiment_list():
     )
     with pytest.raises(ReflFileError, match=r"scaled\.refl: identifier for id 0 is '001f4105"):
         read_refl(QUARTZ, experiments=other)
+
+
+def test_parallel_chunked_write_is_byte_identical(tmp_path, monkeypatch):
+    import xtalscale.io.refl as refl_mod
+
+    t = read_refl(QUARTZ)
+    monkeypatch.setattr(refl_mod, "_PARALLEL_WRITE_BYTES", 0)  # force the thread pool
+    monkeypatch.setattr(refl_mod, "_READ_CHUNK", 1000 + 7)  # chunk size is shared with reads
+    out = tmp_path / "par.refl"
+    t.as_file(out)
+    assert out.read_bytes() == QUARTZ.read_bytes()

@@ -453,13 +453,15 @@ def write_msgpack(table: reflection_table, filename: Any) -> None:
     """Write ``table`` as a DIALS msgpack ``.refl`` (format version 1, columns in name order).
 
     The file is written beside the target and renamed into place, so a failure never leaves
-    a half-written ``.refl`` under the requested name.
+    a half-written ``.refl`` under the requested name. Big tables are written with positional
+    writes on a few threads (the layout is fixed before any byte is written).
     """
     path = os.fspath(filename)
+    segments = _msgpack_segments(table, path)
     tmp = path + ".tmp-xtalscale"
     try:
         with open(tmp, "wb") as f:
-            _write_msgpack_stream(table, f, path)
+            _write_segments(f, segments, path)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -468,25 +470,24 @@ def write_msgpack(table: reflection_table, filename: Any) -> None:
 
 def msgpack_bytes(table: reflection_table) -> bytes:
     """The msgpack ``.refl`` bytes of ``table``."""
-    buf = io.BytesIO()
-    _write_msgpack_stream(table, buf, "<msgpack bytes>")
-    return buf.getvalue()
+    return b"".join(bytes(s) for s in _msgpack_segments(table, "<msgpack bytes>"))
 
 
-def _write_msgpack_stream(table: reflection_table, f: BinaryIO, path: str) -> None:
+def _msgpack_segments(table: reflection_table, path: str) -> list:
+    """The file as a list of byte segments: small headers and zero-copy column views."""
     if not table.is_consistent():
         raise ValueError(f"{path}: table columns have unequal lengths")
     p = msgpack.Packer(use_bin_type=True)
     names = sorted(table.keys(), key=lambda s: s.encode("utf-8"))  # std::map order
     # Version 1: what the DIALS releases that wrote our reference files emit; every DIALS
     # reader accepts it (newer ones also accept 2, with the same layout).
-    f.write(p.pack_array_header(3) + p.pack(_MAGIC) + p.pack(1) + p.pack_map_header(3))
+    out = [p.pack_array_header(3), p.pack(_MAGIC), p.pack(1), p.pack_map_header(3)]
     ids = table.experiment_identifiers()
-    out = [p.pack("identifiers"), p.pack_map_header(len(ids))]
+    out += [p.pack("identifiers"), p.pack_map_header(len(ids))]
     for k, v in ids.items():
         out += [p.pack(k), p.pack(v)]
     out += [p.pack("nrows"), p.pack(len(table)), p.pack("data"), p.pack_map_header(len(names))]
-    f.write(b"".join(out))
+    segments: list = []
     for name in names:
         col = table[name]
         type_name = _TYPE_NAME.get(type(col))
@@ -494,15 +495,54 @@ def _write_msgpack_stream(table: reflection_table, f: BinaryIO, path: str) -> No
             raise TypeError(
                 f"{path}: column {name!r} of type {type(col).__name__} cannot be written"
             )
-        head = p.pack(name) + p.pack_array_header(2) + p.pack(type_name) + p.pack_array_header(2)
+        out += [p.pack(name), p.pack_array_header(2), p.pack(type_name), p.pack_array_header(2)]
         if type_name == "std::string":
-            f.write(head + p.pack(len(col)) + p.pack(list(col)))
+            out += [p.pack(len(col)), p.pack(list(col))]
             continue
         data = np.ascontiguousarray(col.as_numpy_array())
         if data.dtype.byteorder == ">" or (data.dtype.byteorder == "=" and sys.byteorder == "big"):
             data = data.astype(data.dtype.newbyteorder("<"))  # .refl blobs are little-endian
-        f.write(head + p.pack(len(col)) + _bin_header(data.nbytes))
-        f.write(_bytes_view(data))
+        out += [p.pack(len(col)), _bin_header(data.nbytes)]
+        segments += [b"".join(out), _bytes_view(data)]
+        out = []
+    segments.append(b"".join(out))
+    return segments
+
+
+_PARALLEL_WRITE_BYTES = 32 << 20  # below this, one sequential write() is fastest
+
+
+def _write_segments(f: BinaryIO, segments: list, path: str) -> None:
+    total = sum(len(s) for s in segments)
+    fd = _fileno(f)
+    workers = min(4, os.cpu_count() or 1)
+    if fd is None or not hasattr(os, "pwritev") or total < _PARALLEL_WRITE_BYTES or workers < 2:
+        for seg in segments:
+            f.write(seg)
+        return
+    f.flush()
+    tasks, offset = [], 0
+    for seg in segments:
+        view = memoryview(seg)
+        for start in range(0, len(view), _READ_CHUNK):
+            tasks.append((view[start : start + _READ_CHUNK], offset + start))
+        offset += len(view)
+
+    def write(task: tuple) -> None:
+        view, at = task
+        done = 0
+        while done < len(view):
+            n = os.pwritev(fd, [view[done:]], at + done)
+            if n <= 0:
+                raise OSError(f"{path}: short write at byte {at + done}")
+            done += n
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for _ in pool.map(write, tasks):
+            pass
+    f.seek(total)
 
 
 def _bin_header(n: int) -> bytes:
