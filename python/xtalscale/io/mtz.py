@@ -410,13 +410,16 @@ def read_unmerged_mtz(filename, sum_partials: bool = True) -> UnmergedMtz:
     data = mtz.array
     if n_in and not np.all(np.isfinite(data[:, :5])):
         raise MtzFormatError(f"{path}: H, K, L, M/ISYM or BATCH has missing values")
-    col = {lab: data[:, i] for i, lab in enumerate(labels)}
+    # One transposing float32 -> float64 pass gives every column as a contiguous row
+    # (converting strided column views one by one costs several times more).
+    by_col = np.ascontiguousarray(data.T, dtype=np.float64)
+    col = {lab: by_col[i] for i, lab in enumerate(labels)}
     cols: dict[str, np.ndarray] = {"H": data[:, 0:3].astype(np.int32),
                                    "BATCH": col["BATCH"].astype(np.int64)}
     for lab in ("I", "SIGI", "IPR", "SIGIPR", "SCALEUSED", "SIGSCALEUSED", "FRACTIONCALC",
                 "XDET", "YDET", "ROT", "LP", "QE", "BG", "SIGBG", "NPART"):
         if lab in col:
-            cols[lab] = col[lab].astype(np.float64)
+            cols[lab] = col[lab]
     kind = "scaled" if "SCALEUSED" in col else "unscaled"
     order = None
     if sum_partials and "MPART" in col:
