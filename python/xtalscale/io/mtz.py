@@ -43,9 +43,13 @@ Writing
 -------
 :func:`write_unmerged_mtz` writes ``H K L M/ISYM BATCH I SIGI`` (+ ``SCALEUSED``,
 ``SIGSCALEUSED``, ``FRACTIONCALC``, ``XDET``, ``YDET``, ``ROT``, ``LP`` when available)
-with one CCP4 orientation block (batch header) per batch, as ``dials.export`` does.
+with one CCP4 orientation block (batch header) per image of every scan, as
+``dials.export`` does; sweeps with overlapping batch ranges are offset by multiples of
+1000. Negative (failed) variances are written as missing sigmas. The file is sorted by
+ASU index, M/ISYM and BATCH unless ``sort=False``. gemmi reads it back as unmerged data.
 :func:`write_merged_mtz` writes ``IMEAN SIGIMEAN`` and, when anomalous,
-``I(+) SIGI(+) I(-) SIGI(-) N(+) N(-)`` like ``dials.merge``.
+``I(+) SIGI(+) I(-) SIGI(-) N(+) N(-)`` like ``dials.merge``;
+:func:`write_merged_mtz_from_table` merges a table (inverse-variance weights) first.
 """
 from __future__ import annotations
 
