@@ -177,12 +177,17 @@ class reflection_table:
     def ncols(self) -> int:
         return len(self._cols)
 
+    def _names(self) -> list[str]:
+        # DIALS keeps columns in a std::map: byte-wise name order, whatever the insertion order.
+        return sorted(self._cols, key=lambda s: s.encode("utf-8"))
+
     def keys(self) -> list[str]:
-        """Column names, in insertion order."""
-        return list(self._cols)
+        """Column names, in DIALS order (sorted by name)."""
+        return self._names()
 
     def cols(self) -> Iterator[tuple[str, fa.FlexArray]]:
-        return iter(list(self._cols.items()))
+        """(name, column) pairs in DIALS order."""
+        return iter([(k, self._cols[k]) for k in self._names()])
 
     def __contains__(self, name: object) -> bool:
         return name in self._cols
@@ -211,7 +216,7 @@ class reflection_table:
             i = int(key)
             if i < -self._nrows or i >= self._nrows:
                 raise IndexError(f"row {i} out of range for a table of {self._nrows} rows")
-            return {k: c[i] for k, c in self._cols.items()}
+            return {k: self._cols[k][i] for k in self._names()}
         if isinstance(key, slice):
             return self.select(np.arange(self._nrows)[key])
         raise TypeError(
