@@ -467,7 +467,11 @@ class reflection_table:
     def __reduce__(self) -> tuple:
         return (
             _rebuild,
-            (self._nrows, {k: c._a for k, c in self._cols.items()}, self._ids.as_dict()),
+            (
+                self._nrows,
+                {k: (type(c).__name__, c._a) for k, c in self._cols.items()},
+                self._ids.as_dict(),
+            ),
         )
 
     # ------------------------------------------------------------------ flags
@@ -630,10 +634,31 @@ _STANDARD_COLUMNS = [
 ]
 
 
+_FLEX_TYPES = {
+    t.__name__: t
+    for t in (
+        fa.double,
+        fa.int,
+        fa.size_t,
+        fa.bool,
+        fa.std_string,
+        fa.vec2_double,
+        fa.vec3_double,
+        fa.mat3_double,
+        fa.miller_index,
+        fa.int6,
+    )
+}
+
+
 def _rebuild(nrows: int, cols: dict, ids: dict) -> reflection_table:
+    """Unpickle helper: each column comes back as exactly the flex type it was."""
     t = reflection_table(nrows)
-    for k, v in cols.items():
-        t[k] = v
+    for k, (type_name, data) in cols.items():
+        col = _FLEX_TYPES[type_name]._wrap(data)
+        if len(col) != nrows:
+            raise ValueError(f"column {k!r} has {len(col)} rows but the table has {nrows}")
+        t._cols[k] = col
     t._ids = experiment_id_map(ids)
     return t
 

@@ -306,3 +306,20 @@ def test_sort_split_and_extend_invariants(rows, reverse):
         assert list(p["row"]) == [j for j, r in enumerate(rows) if r[0] == i]  # order kept
     joined = flex.reflection_table.concat(parts) if parts else flex.reflection_table()
     assert sorted(joined["row"]) == list(range(len(rows))) if rows else len(joined) == 0
+
+
+def test_pickle_keeps_every_column_type():
+    import pickle
+
+    t = _table()
+    t["v2"] = flex.vec2_double(4, (1.0, 2.0))
+    t["m3"] = flex.mat3_double(4, tuple(range(9)))
+    t["bbox"] = flex.int6(4, (0, 1, 2, 3, 4, 5))
+    t["s"] = flex.std_string(["a", "b", "c", "d"])
+    t["b"] = flex.bool(4, True)
+    back = pickle.loads(pickle.dumps(t))
+    assert back.keys() == t.keys() and len(back) == 4
+    for k in t.keys():
+        assert type(back[k]) is type(t[k]), k
+        assert list(back[k]) == list(t[k]), k
+    assert back.experiment_identifiers() == t.experiment_identifiers()
