@@ -42,6 +42,7 @@ __all__ = [
     "systematic_absences",
     "centric_flags",
     "reindex",
+    "reindex_unit_cell",
     "miller_array",
     "add_asu_miller_index",
 ]
@@ -619,6 +620,33 @@ def centric_flags(hkl, space_group) -> np.ndarray:
     return np.asarray(sg.gemmi_ops.centric_flag_array(a), dtype=bool)
 
 
+def _reindex_matrix(operator) -> tuple[np.ndarray, int]:
+    """(M, den): integer matrix in units of 1/den with hkl_new = (M / den) @ hkl."""
+    if isinstance(operator, str):
+        try:
+            op = gemmi.Op(operator)
+        except Exception as exc:  # noqa: BLE001
+            raise ValueError(f"cannot parse reindexing operator {operator!r}: {exc}") from None
+        if any(t != 0 for t in op.tran):
+            raise ValueError(f"reindexing operator {operator!r} must not have a translation")
+        # gemmi applies an Op to indices as the row vector h @ rot (Op.apply_to_hkl), so
+        # the column-vector matrix M (hkl_new = M @ hkl) is rot transposed.
+        M, den = np.array(op.rot, dtype=np.int64).T, gemmi.Op.DEN
+    elif isinstance(operator, gemmi.Op):
+        M, den = np.array(operator.rot, dtype=np.int64).T, gemmi.Op.DEN
+    else:
+        Mf = np.asarray(operator, dtype=float)
+        if Mf.shape != (3, 3) or not np.all(np.isfinite(Mf)):
+            raise ValueError("reindexing matrix must be a finite 3x3 array")
+        den = 24
+        M = np.round(Mf * den).astype(np.int64)
+        if not np.allclose(M / den, Mf, atol=1e-9):
+            raise ValueError("reindexing matrix entries must be multiples of 1/24")
+    if round(abs(np.linalg.det(M / den)), 9) == 0:
+        raise ValueError("reindexing operator is singular")
+    return M, den
+
+
 def reindex(hkl, operator) -> np.ndarray:
     """Apply a change of basis to Miller indices.
 
@@ -635,31 +663,29 @@ def reindex(hkl, operator) -> np.ndarray:
         If the operator is not invertible or gives non-integral indices.
     """
     a = miller_array(hkl, "hkl").astype(np.int64)
-    if isinstance(operator, str):
-        try:
-            op = gemmi.Op(operator)
-        except Exception as exc:  # noqa: BLE001
-            raise ValueError(f"cannot parse reindexing operator {operator!r}: {exc}") from None
-        M = np.array(op.rot, dtype=np.int64)
-        den = gemmi.Op.DEN
-        if any(t != 0 for t in op.tran):
-            raise ValueError(f"reindexing operator {operator!r} must not have a translation")
-    elif isinstance(operator, gemmi.Op):
-        M, den = np.array(operator.rot, dtype=np.int64), gemmi.Op.DEN
-    else:
-        Mf = np.asarray(operator, dtype=float)
-        if Mf.shape != (3, 3) or not np.all(np.isfinite(Mf)):
-            raise ValueError("reindexing matrix must be a finite 3x3 array")
-        den = 24
-        M = np.round(Mf * den).astype(np.int64)
-        if not np.allclose(M / den, Mf, atol=1e-9):
-            raise ValueError("reindexing matrix entries must be multiples of 1/24")
-    if round(abs(np.linalg.det(M / den)), 9) == 0:
-        raise ValueError("reindexing operator is singular")
+    M, den = _reindex_matrix(operator)
     new = a @ M.T
     if np.any(new % den):
         raise ValueError("reindexing operator gives non-integral indices for these hkl")
     return (new // den).astype(np.int32)
+
+
+def reindex_unit_cell(unit_cell, operator) -> UnitCell:
+    """The unit cell in the basis where indices are ``reindex(hkl, operator)``.
+
+    Indices and direct-space basis vectors transform alike (h·x is invariant): with
+    ``hkl_new = M hkl`` the new basis vectors are ``(a', b', c') = M (a, b, c)``.
+    """
+    uc = unit_cell if isinstance(unit_cell, UnitCell) else UnitCell(unit_cell)
+    M, den = _reindex_matrix(operator)
+    basis = (M / den) @ uc.orthogonalization_matrix().T  # rows: new a, b, c (Cartesian)
+    lengths = np.linalg.norm(basis, axis=1)
+
+    def angle(i, j):
+        return float(np.degrees(np.arccos(np.clip(
+            basis[i] @ basis[j] / (lengths[i] * lengths[j]), -1.0, 1.0))))
+
+    return UnitCell((*lengths.tolist(), angle(1, 2), angle(0, 2), angle(0, 1)))
 
 
 def add_asu_miller_index(table, space_group, anomalous: bool = False) -> AsuMapping:

@@ -156,6 +156,10 @@ def test_reindex():
     np.testing.assert_array_equal(reindex(hkl, [[0, 1, 0], [1, 0, 0], [0, 0, -1]]),
                                   [(2, 1, -3), (5, -4, -6)])
     np.testing.assert_array_equal(reindex([(2, 0, 4)], "h/2,k,l/2"), [(1, 0, 2)])
+    # a non-symmetric operator: (h, k, l) -> (h, h + 2k, l), as gemmi's Op.apply_to_hkl
+    np.testing.assert_array_equal(reindex([(1, 0, 0), (0, 1, 0), (3, -1, 2)], "h,h+2*k,l"),
+                                  [(1, 1, 0), (0, 2, 0), (3, 1, 2)])
+    assert gemmi.Op("h,h+2*k,l").apply_to_hkl([3, -1, 2]) == [3, 1, 2]
     with pytest.raises(ValueError, match="non-integral"):
         reindex([(1, 0, 0)], "h/2,k,l")
     with pytest.raises(ValueError, match="singular"):
@@ -232,3 +236,20 @@ def test_l_cysteine_grouping_matches_published_counts():
     g = group_reflections(map_to_asu(hkl, sg).asu_hkl)
     assert g.n_groups == 1565
     assert g.group_sizes().sum() == 11816 and g.group_sizes().min() >= 1
+
+
+def test_reindex_unit_cell():
+    from xtalscale.symmetry import reindex_unit_cell
+
+    np.testing.assert_allclose(reindex_unit_cell((10, 20, 30, 90, 90, 90), "k,h,-l").parameters(),
+                               (20, 10, 30, 90, 90, 90), atol=1e-12)
+    # hexagonal -> orthohexagonal C cell: a' = a - b? use h' = h + 2k style check on d-spacings
+    hexa = UnitCell((58.44, 58.44, 156.16, 90, 90, 120))
+    op = "h,h+2*k,l"  # indices of the C-centred orthohexagonal setting (a'=a, b'=a+2b)
+    ortho = reindex_unit_cell(hexa, op)
+    a, b, c, al, be, ga = ortho.parameters()
+    assert (a, round(b, 6), c) == pytest.approx((58.44, round(58.44 * 3 ** 0.5, 6), 156.16))
+    assert (al, be, ga) == pytest.approx((90, 90, 90), abs=1e-9)
+    # d-spacings are invariant under reindexing
+    hkl = np.array([(1, 0, 0), (2, 1, 3), (-1, 4, 2)])
+    np.testing.assert_allclose(ortho.d(reindex(hkl, op)), hexa.d(hkl), rtol=1e-12)
