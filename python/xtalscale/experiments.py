@@ -602,9 +602,13 @@ class Crystal(_JsonModel):
         self._sg = space_group_from_hall(d["space_group_hall_symbol"])
         self._A_scan = None
         if "A_at_scan_points" in d:
-            a = np.asarray(d["A_at_scan_points"], dtype=float)
+            try:
+                a = np.asarray(d["A_at_scan_points"], dtype=float)
+            except (TypeError, ValueError):
+                a = np.zeros((0, 0))  # ragged or non-numeric: reported below
             if a.ndim != 2 or a.shape[1] != 9 or not np.all(np.isfinite(a)):
-                raise ValueError("crystal.A_at_scan_points must be a list of 9-element matrices")
+                raise ValueError("crystal.A_at_scan_points must be a list of 9-element "
+                                 "finite matrices (ragged, short or non-numeric entries found)")
 
     def _real_space(self) -> np.ndarray:
         d = self._data

@@ -332,3 +332,11 @@ def test_dxtbx_import_paths():
     el = load.experiment_list(str(FILES["wedge11"]), check_format=False)
     assert isinstance(el, EL2) and isinstance(el[0].crystal, C2)
     assert EL2 is ExperimentList
+
+
+def test_ragged_scan_points_are_reported(tmp_path):
+    d = _raw("quartz")
+    d["crystal"][0]["A_at_scan_points"][5] = d["crystal"][0]["A_at_scan_points"][5][:8]
+    with pytest.raises(ValueError, match="bad.expt: crystal\\[0\\]: crystal.A_at_scan_points "
+                                         "must be a list of 9-element"):
+        ExperimentList.from_file(_write(tmp_path, d))
