@@ -94,10 +94,8 @@ components::WeightMatrix weight_matrix_d(const std::vector<DoubleArray>& coords,
   std::vector<double> data(capacity), first_col(first_fixed ? n : 0);
   {
     py::gil_scoped_release release;  // pure C++ over converted buffers
-    const std::vector<double> zeros(n_values, 0.0);
-    std::size_t nnz = smoother.template multi_value_weight<std::int32_t>(
-        n, cptr, zeros.data(), zeros.size(), nullptr, nullptr, indptr.data(), indices.data(),
-        data.data(), WeightMode::normalised, false);
+    std::size_t nnz = components::dials_weight_matrix<D>(smoother, n, cptr, indptr.data(),
+                                                         indices.data(), data.data());
     if (first_fixed)
       nnz = components::split_first_column(n, indptr.data(), indices.data(), data.data(),
                                            first_col.data());

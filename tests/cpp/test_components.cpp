@@ -174,4 +174,20 @@ TEST_CASE("product rule of two components, including a zero scale") {
   CHECK_CLOSE(data[4], 0.0, 0.0);
 }
 
+TEST_CASE("DIALS weight matrix: spec 9.1 weights at x = 0.5 on (0, 10) with 10 intervals") {
+  xtalscale::GaussianSmoother<1> smoother({{{0.0, 10.0}}}, {10});
+  const double x[2] = {0.5, 10.0};
+  std::int32_t indptr[3], indices[6];
+  double data[6];
+  const std::size_t nnz = c::dials_weight_matrix<1>(smoother, 2, {x}, indptr, indices, data);
+  CHECK(nnz == 5 && indptr[1] == 3);  // x = 10 is the clipped 2-point window {10, 11}
+  const double sumw = 1.259845216610119;
+  CHECK_CLOSE(data[0], 0.12992260830505953 / sumw, 1e-16);
+  CHECK_CLOSE(data[1], 1.0 / sumw, 1e-16);
+  CHECK(indices[3] == 10 && indices[4] == 11);
+  const double bad[1] = {NAN};
+  CHECK_THROWS_AS(c::dials_weight_matrix<1>(smoother, 1, {bad}, indptr, indices, data),
+                  std::invalid_argument);
+}
+
 XS_TEST_MAIN()

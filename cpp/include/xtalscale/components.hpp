@@ -10,14 +10,36 @@
 #pragma once
 
 #include <cstddef>
+#include <array>
 #include <cstdint>
 #include <vector>
 
 #include <Eigen/SparseCore>
 
 #include "xtalscale/export.hpp"
+#include "xtalscale/smoother.hpp"
 
 namespace xtalscale::components {
+
+/// Normalised weights w_j/Σw of @p smoother at n points (coords[a][i]) as CSR, computed
+/// exactly as DIALS does: w = exp(−ds·ds) with ds = (z − pos)/σ in 1D, and
+/// w = exp(−Σ_a (z_a − pos_a)²/σ²) in 2D/3D, each row scaled by 1/Σw. Windows come from the
+/// smoother's axes. This runs once per block, so it favours DIALS's bits over speed.
+/// @p indices / @p data need capacity n·smoother.max_row_nnz(); returns nnz. Throws
+/// std::invalid_argument naming "x", "y" or "z" for a non-finite coordinate.
+template <int D>
+std::size_t dials_weight_matrix(const GaussianSmoother<D>& smoother, std::size_t n,
+                                const std::array<const double*, D>& coords, std::int32_t* indptr,
+                                std::int32_t* indices, double* data);
+extern template XTALSCALE_EXPORT std::size_t dials_weight_matrix<1>(
+    const GaussianSmoother<1>&, std::size_t, const std::array<const double*, 1>&, std::int32_t*,
+    std::int32_t*, double*);
+extern template XTALSCALE_EXPORT std::size_t dials_weight_matrix<2>(
+    const GaussianSmoother<2>&, std::size_t, const std::array<const double*, 2>&, std::int32_t*,
+    std::int32_t*, double*);
+extern template XTALSCALE_EXPORT std::size_t dials_weight_matrix<3>(
+    const GaussianSmoother<3>&, std::size_t, const std::array<const double*, 3>&, std::int32_t*,
+    std::int32_t*, double*);
 
 /// Move column 0 of a CSR matrix out into a dense vector, in place: for each row whose first
 /// stored column is 0, first_col[row] receives that entry and it is removed; every other column
