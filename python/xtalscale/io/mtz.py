@@ -392,6 +392,14 @@ def read_unmerged_mtz(filename, sum_partials: bool = True) -> UnmergedMtz:
     -------
     UnmergedMtz
 
+    Notes
+    -----
+    Experiments carry what an MTZ records: wavelength, φ per batch, cell, space group and
+    the batch UMAT (in the MTZ's own laboratory frame); there is no detector model. A file
+    without batch headers (e.g. reciprocalspaceship output) gives one sweep whose φ is
+    fitted from ROT against BATCH; if no wavelength is recorded anywhere the beam gets
+    1.0 Å as a placeholder.
+
     Raises
     ------
     FileNotFoundError
