@@ -509,7 +509,7 @@ std::size_t GaussianSmoother<D>::multi_value_weight(
           "indptr and indices must be given with data");
   const auto nx = static_cast<std::int64_t>(axes_[0].num_values());
   const std::int64_t nxy = plane_size<D>(axes_);
-  auto ev = std::make_unique<ChunkEvaluator<D>>(axes_, kernel_);  // ~20 kB/axis: off the stack
+  auto ev = std::make_unique<ChunkEvaluator<D>>(axes_, kernel_);  // ~10 kB/axis: off the stack
   const std::vector<double> padded = padded_values(values, n_values);
   const bool norm = mode == WeightMode::normalised;
   // Non-temporal stores only for wide rows (3D: up to 27 entries) and outputs far larger than

@@ -21,8 +21,8 @@
 /// `exp(−Σ_a Δ_a²/σ²)`), and values are stored with x fastest: `index = i + j·nx + k·nx·ny`.
 ///
 /// Two levels of API are offered:
-///  * `SmootherAxis` — the per-axis layout with inline `window()` / `eval()` helpers, for kernels
-///    that want to fuse the smoother into their own per-reflection loop;
+///  * `SmootherAxis` — the per-axis layout with inline `window()` / `eval()` / `eval_fast()`
+///    helpers, for kernels that want to fuse the smoother into their own per-reflection loop;
 ///  * `GaussianSmoother<D>` — whole smoothers with a single-point `value_weight()` and a bulk
 ///    `multi_value_weight()` that writes values, sums of weights and a row-major CSR matrix
 ///    of raw weights (or of ∂value/∂p = w/Σw) straight into caller-provided buffers.
@@ -283,7 +283,7 @@ class XTALSCALE_EXPORT GaussianSmoother {
   /// chosen at run time on x86-64 Linux/GCC, so the last bit of a weight may differ between
   /// machines); Σw is the product of per-axis sums. Results agree with DIALS's direct formula
   /// to ~1e-15 relative. value_weight() runs this same code, so single- and multi-point
-  /// evaluations agree bit for bit. No allocation per point; one ~20 kB scratch per axis per call.
+  /// evaluations agree bit for bit. No allocation per point; one ~10 kB scratch per axis per call.
   /// @return the number of non-zeros written (= indptr[n]).
   /// @throws std::invalid_argument for wrong n_values, non-finite values or coordinates
   ///         (the message names coordinate "x", "y" or "z" and the element); outputs may then
