@@ -193,7 +193,6 @@ void lookup_sh_scales(const std::int32_t* i0, const std::int32_t* i1, std::size_
   for (std::size_t j = 0; j < n; ++j) {
     const double* a = table + static_cast<std::size_t>(i0[j]) * row_stride;
     const double* b = table + static_cast<std::size_t>(i1[j]) * row_stride;
-    // Same operations in the same order as sh_scales on the materialised row: equal bits.
     double acc = 1.0;
     for (std::size_t k = 0; k < n_cols; ++k) acc += ((a[k] + b[k]) / 2.0) * coef[k];
     scales[j] = acc;

@@ -843,7 +843,10 @@ class SHScaleComponent(ScaleComponentBase):
     def calculate_scales_and_derivatives(self, block_id: int = 0) -> tuple:
         b = self._check_block(block_id)
         h = self._block_matrix(b)
-        return _kern.sh_scales(h, self._parameters), self._matrix(h)
+        # Scales by the same path calculate_scales will take, so the two always agree.
+        scales = self.calculate_scales(b) if self._blocks[b] is None else _kern.sh_scales(
+            h, self._parameters)
+        return scales, self._matrix(h)
 
     def calculate_scales(self, block_id: int = 0) -> np.ndarray:
         b = self._check_block(block_id)

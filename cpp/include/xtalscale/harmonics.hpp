@@ -64,9 +64,9 @@ XTALSCALE_EXPORT void harmonics_from_lookup(const std::int64_t* i0, const std::i
 /// SH scales straight from the lookup table, without materialising the harmonic matrix:
 /// scales[j] = 1 + Σ_k coef[k]·(table[i0[j], k] + table[i1[j], k])/2 for k < n_cols.
 /// For large n the surface is first evaluated on the whole grid (one n_rows × n_cols pass),
-/// so each reflection costs two reads from an n_rows-long array (equal to the materialised
-/// path up to rounding); small n read the rows directly, with the same bits as sh_scales on
-/// harmonics_from_lookup's rows. Indices are validated as in harmonics_from_lookup.
+/// so each reflection costs two reads from an n_rows-long array; small n read the rows
+/// directly. Both equal the materialised path (sh_scales on harmonics_from_lookup's rows) up
+/// to rounding. Indices are validated as in harmonics_from_lookup.
 XTALSCALE_EXPORT void lookup_sh_scales(const std::int32_t* i0, const std::int32_t* i1,
                                        std::size_t n, const double* table, std::size_t n_rows,
                                        std::size_t row_stride, std::size_t n_cols,
