@@ -343,6 +343,18 @@ def test_derivatives_match_finite_differences(rng):
             assert np.abs(an).max() > 0, type(comp).__name__
 
 
+def test_selection_then_blocks_index_the_selected_data(rng):
+    x = np.array([5.0, 0.0, 1.0, 2.0, 3.0])
+    comp = SmoothScaleComponent1D(np.linspace(0.5, 1.5, 5))
+    comp.data = {"x": x}
+    mask = np.array([False, True, True, True, True])  # drops x = 5: the range becomes [0, 3]
+    comp.update_reflection_data(mask, block_selections=[np.array([3, 0])])
+    assert comp.smoother.spacing() == 1.0 and comp.n_refl == [2]  # 5/3 if x = 5 counted
+    assert list(comp.normalised_values[0]) == [3.0, 0.0]
+    with pytest.raises(IndexError, match="index 4 is out of range for 4"):
+        comp.update_reflection_data(mask, block_selections=[np.array([4])])
+
+
 def test_blocks_agree_with_the_whole(rng):
     n = 40
     comp = SmoothBScaleComponent1D(rng.uniform(-1, 1, 6))
@@ -594,6 +606,19 @@ def test_lookup_mode_without_caching_holds_only_indices(rng):
     np.testing.assert_allclose(s_l, s_c, rtol=0, atol=1e-15)  # summation order differs
     np.testing.assert_array_equal(s_l, lean.calculate_scales())
     np.testing.assert_array_equal(d_l.toarray(), d_c.toarray())
+
+
+def test_lookup_theta_pi_is_kept_inside_the_table():
+    # θ = π indexes one row past DIALS's table; sh_lookup_data uses the last θ row instead.
+    down = np.array([[0.0, 0.0, -1.0]])
+    assert ext.calc_lookup_index(ext.calc_theta_phi(down), 2)[0] == 259200  # DIALS's index
+    data = sh_lookup_data(down, down, 2)
+    assert data["s0_lookup"][0] == 259200 - 720
+    comp = SHScaleComponent(np.zeros(8))
+    comp.data = data
+    comp.update_reflection_data()
+    # Y_10 at the last grid row (θ = 179.5°) is within 4e-5 of its value at the pole.
+    assert comp.dense_harmonic_values()[0, 1] == pytest.approx(-sqrt(3 / (4 * pi)), abs=4e-5)
 
 
 def test_lookup_indices_are_checked_at_update():
