@@ -16,6 +16,13 @@ Two constructor forms of :class:`ScaleComponentBase` are accepted: DIALS's
 ``(initial_values, parameter_esds=None)`` and the commissioning API's
 ``(active_parameter_manager, params=None)`` for user-written components (see
 :meth:`ScaleComponentBase.as_sparse_derivatives`).
+
+For model assembly, :func:`product_rule` forms ``g = Π s_c`` and ``∂g/∂p`` in one C++ pass
+and can refill a previous Jacobian in place (``out=``) while the sparsity pattern is unchanged.
+Memory: the smooth components hold their weight matrices (≈ 40 B/reflection for a 1-D
+smoother); the SH component holds its dense harmonic matrix (8·n_params B/reflection) unless
+``SHScaleComponent.cache_harmonics`` is False in lookup ("memory") mode, where it holds only
+two 32-bit grid indices per reflection.
 """
 from __future__ import annotations
 
