@@ -158,6 +158,7 @@ struct AxisChunk {
   alignas(64) double count[kChunk];  // window size (an integer value)
   alignas(64) double slow[kChunk];   // 1: outside the product form's safe range
   alignas(64) double w[kMaxAxisWindow][kChunk];  // w[k][i]: weight of value first+k at point i
+  int n_slow = 0;  // number of slow points in the chunk (most chunks have none)
 };
 
 /// A point's window on one axis, reading the weights from a chunk (stride kChunk). Reading
@@ -171,7 +172,9 @@ struct WinRef {
 
 /// Product-form exponent arguments of distance @p d, or 0 with slow = 1 where unsafe.
 /// Safe means every factor stays a normal number: e^-ad² >= e^-600 and e^(2ad·k) <= e^600.
-XS_NO_TRAPPING inline void product_args(double d, double a, AxisChunk& c, int i) {
+/// Returns the slow flag (1 or 0), so callers can count slow points without a second pass
+/// (an integer count: a floating-point sum would not vectorise without reassociation).
+XS_NO_TRAPPING inline int product_args(double d, double a, AxisChunk& c, int i) {
   const double ad2 = a * d * d;
   const double two_ad = 2.0 * a * d;
   // Bitwise | (not ||) keeps the loop free of branches; inputs are finite (checked earlier).
@@ -179,6 +182,7 @@ XS_NO_TRAPPING inline void product_args(double d, double a, AxisChunk& c, int i)
   c.slow[i] = bad ? 1.0 : 0.0;
   c.e[i] = bad ? 0.0 : -ad2;
   c.q[i] = bad ? 0.0 : two_ad;
+  return bad ? 1 : 0;
 }
 
 /// Exponentials of the chunk's product-form arguments, then the window weights
@@ -213,6 +217,7 @@ int prepare_axis(const double* __restrict x, int m, const AxisParams& p, AxisChu
   const double nv = p.nvalues;
   const double nav = p.naverage;
   int bad = 0;
+  int n_slow = 0;
   for (int i = 0; i < m; ++i) {
     bad += (x[i] - x[i] == 0.0) ? 0 : 1;  // NaN and ±inf give NaN here: a vectorisable test
     const double z = (x[i] - p.x0) / p.spacing;
@@ -232,10 +237,11 @@ int prepare_axis(const double* __restrict x, int m, const AxisParams& p, AxisChu
     i1 = (high & (i1 > nv - 2.0)) ? nv - 2.0 : i1;
     c.first[i] = i1;
     c.count[i] = i2 - i1;
-    product_args(z - (i1 + p.offset), p.a, c, i);
+    n_slow += product_args(z - (i1 + p.offset), p.a, c, i);
     // Window mask: weights beyond the window are zero, so row loops can run a fixed width.
     for (int k = 0; k < kMaxAxisWindow; ++k) c.w[k][i] = (k < i2 - i1) ? 1.0 : 0.0;
   }
+  c.n_slow = n_slow;
   return bad;
 }
 
@@ -243,13 +249,15 @@ int prepare_axis(const double* __restrict x, int m, const AxisParams& p, AxisChu
 XS_MULTIVERSION XS_NO_TRAPPING
 int prepare_small_axis(const double* __restrict x, int m, const AxisParams& p, AxisChunk& c) {
   int bad = 0;
+  int n_slow = 0;
   for (int i = 0; i < m; ++i) {
     bad += (x[i] - x[i] == 0.0) ? 0 : 1;
     c.first[i] = 0.0;
     c.count[i] = p.nvalues;
-    product_args((x[i] - p.x0) / p.spacing, p.a, c, i);  // positions start at 0
+    n_slow += product_args((x[i] - p.x0) / p.spacing, p.a, c, i);  // positions start at 0
     for (int k = 0; k < kMaxAxisWindow; ++k) c.w[k][i] = k < p.nvalues ? 1.0 : 0.0;
   }
+  c.n_slow = n_slow;
   return bad;
 }
 
@@ -283,8 +291,9 @@ class ChunkEvaluator {
           for (int i = 0; i < m; ++i)
             if (!std::isfinite(x[i])) fail_non_finite(kAxisNames[a], base + i, x[i]);
         weights_chunk(c, m, g_.c.data(), axes_[a].max_window());
-        for (int i = 0; i < m; ++i)
-          if (c.slow[i] != 0.0) fix_slow(a, x[i], i);
+        if (c.n_slow > 0)  // points far outside the range: direct exponentials (rare)
+          for (int i = 0; i < m; ++i)
+            if (c.slow[i] != 0.0) fix_slow(a, x[i], i);
       }
       for (int i = 0; i < m; ++i) {
         for (int a = 0; a < D; ++a) {
@@ -464,19 +473,21 @@ std::size_t bulk(ChunkEvaluator<D>& ev, std::size_t n, const std::array<const do
   ev.run(
       n, coords,
       [&](std::size_t p, int i, const std::array<WinRef, D>& win) {
-        point_sums<D, W>(win, values, nx, nxy, sw[i], swv[i]);
+        // Σw goes straight to the caller's array when there is one (no per-chunk copy).
+        double& sw_p = sumweight_out ? sumweight_out[p] : sw[i];
+        point_sums<D, W>(win, values, nx, nxy, sw_p, swv[i]);
         if constexpr (kMatrix) {
           // As DIALS's row_multiply(weight, 1/sumweight); a row with Σw = 0 (far outside the
           // range, every weight underflowed) gets derivative 0 rather than NaN.
-          const double scale = kNormalised ? (sw[i] > 0.0 ? 1.0 / sw[i] : 0.0) : 1.0;
+          const double scale = kNormalised ? (sw_p > 0.0 ? 1.0 / sw_p : 0.0) : 1.0;
           nnz = write_row<D, W, Index, kNormalised, kFirstFixed, kStream>(
               win, nx, nxy, scale, indices, data, nnz);
           indptr[p + 1] = static_cast<Index>(nnz);
         }
       },
       [&](std::size_t base, int m) {
-        if (value_out) finish_values(sw, swv, m, value_out + base);
-        if (sumweight_out) std::copy(sw, sw + m, sumweight_out + base);
+        if (value_out) finish_values(sumweight_out ? sumweight_out + base : sw, swv, m,
+                                     value_out + base);
       });
 #if defined(__x86_64__) || defined(_M_X64)
   if constexpr (kStream) _mm_sfence();  // order the streamed stores before returning
