@@ -118,12 +118,13 @@ void GaussianSmoother<D>::check_values(const double* values, std::size_t n_value
 
 // ------------------------------------------------------------------------- bulk evaluation
 //
-// Points are processed in chunks. Per axis, a first pass computes the window and the two
-// exponent arguments of the product form (GaussianKernel) for every point of the chunk, and a
-// second pass evaluates all exponentials; both loops are branch-free so the compiler vectorises
-// them. On x86-64 Linux with GCC they are also compiled for AVX2+FMA and picked at run time;
-// FMA may change the last bit of a weight relative to the baseline build (both are within a few
-// ulp of exp(-((z - pos)/sigma)^2)). A final scalar pass assembles rows and the CSR output.
+// Points are processed in chunks. Per axis, a first pass computes the window of every point of
+// the chunk, and a second pass its weights exp(-((z - pos)/sigma)^2), written with DIALS's own
+// operations (so symmetric windows give identical weights and the centre weight is exactly 1);
+// both loops are branch-free so the compiler vectorises them, with exp_bounded in place of
+// libm's exp (within ~1 ulp of it). On x86-64 Linux with GCC they are also compiled for
+// AVX2+FMA and picked at run time; FMA may change the last bit of a weight relative to the
+// baseline build. A final scalar pass assembles rows and the CSR output.
 
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && \
     defined(__linux__)
@@ -145,18 +146,18 @@ constexpr int kChunk = 128;  // points per chunk: a 3D chunk (3 × 10 arrays × 
 
 /// Per-axis constants for the vectorised window pass.
 struct AxisParams {
-  double x0, spacing, half, offset, a;
+  double x0, spacing, half, offset, sigma;
   std::int32_t nvalues, naverage;
+  double max_window;  // weight rows computed per point (past-the-window rows are masked)
 };
 
-/// One axis of one chunk: windows, exponentials of the product form, and a fast-path flag.
+/// One axis of one chunk: normalised coordinates, windows, weights and a fast-path flag.
 /// Window bounds are kept as doubles so the preparation loop is all-double and vectorises.
 struct AxisChunk {
-  alignas(64) double e[kChunk];      // exp(-a d^2)
-  alignas(64) double q[kChunk];      // exp(2 a d)
+  alignas(64) double z[kChunk];      // normalised coordinate (x - x0)/spacing
   alignas(64) double first[kChunk];  // window start (an integer value)
   alignas(64) double count[kChunk];  // window size (an integer value)
-  alignas(64) double slow[kChunk];   // 1: outside the product form's safe range
+  alignas(64) double slow[kChunk];   // 1: a weight would leave exp_bounded's range
   alignas(64) double w[kMaxAxisWindow][kChunk];  // w[k][i]: weight of value first+k at point i
   int n_slow = 0;  // number of slow points in the chunk (most chunks have none)
 };
@@ -170,34 +171,35 @@ struct WinRef {
   double wt(int k) const { return w[k * kChunk]; }
 };
 
-/// Product-form exponent arguments of distance @p d, or 0 with slow = 1 where unsafe.
-/// Safe means every factor stays a normal number: e^-ad² >= e^-600 and e^(2ad·k) <= e^600.
-/// Returns the slow flag (1 or 0), so callers can count slow points without a second pass
-/// (an integer count: a floating-point sum would not vectorise without reassociation).
-XS_NO_TRAPPING inline int product_args(double d, double a, AxisChunk& c, int i) {
-  const double ad2 = a * d * d;
-  const double two_ad = 2.0 * a * d;
+/// Store z and flag the point as slow when the exponent (d/σ)² of any computed weight row
+/// (the window, and masked rows up to max_window) would leave exp_bounded's range (|d| ≳ 26σ:
+/// only far outside the smoother's range). Returns the flag (1 or 0), so callers count slow
+/// points without a second pass (an integer count: a floating-point sum would not vectorise
+/// without reassociation).
+XS_NO_TRAPPING inline int check_window(double z, double first, const AxisParams& p,
+                                       AxisChunk& c, int i) {
+  const double d0 = (z - (first + p.offset)) / p.sigma;  // first and last computed rows
+  const double d1 = (z - (first + p.max_window - 1.0 + p.offset)) / p.sigma;
   // Bitwise | (not ||) keeps the loop free of branches; inputs are finite (checked earlier).
-  const bool bad = (ad2 > 600.0) | (two_ad > 150.0) | (two_ad < -150.0);
+  const bool bad = (d0 * d0 > 690.0) | (d1 * d1 > 690.0);
+  c.z[i] = z;
   c.slow[i] = bad ? 1.0 : 0.0;
-  c.e[i] = bad ? 0.0 : -ad2;
-  c.q[i] = bad ? 0.0 : two_ad;
   return bad ? 1 : 0;
 }
 
-/// Exponentials of the chunk's product-form arguments, then the window weights
-/// w[k][i] = e_i q_i^k c_k for k < @p maxw (kept apart from the no-trapping-math functions:
-/// GCC does not inline across differing optimisation attributes).
+/// The window weights w[k][i] = exp(-((z - pos_k)/σ)²) for k < @p maxw, with DIALS's order of
+/// operations; w[k] holds the window mask on entry (weights past the window stay 0). Kept
+/// apart from the no-trapping-math functions: GCC does not inline across differing
+/// optimisation attributes, and exp_bounded must inline here.
 XS_MULTIVERSION
-void weights_chunk(AxisChunk& c, int m, const double* ck, int maxw) {
-  for (int i = 0; i < m; ++i) c.e[i] = exp_bounded(c.e[i]);
-  for (int i = 0; i < m; ++i) c.q[i] = exp_bounded(c.q[i]);
+void weights_chunk(AxisChunk& c, int m, const AxisParams& p, int maxw) {
   for (int k = 0; k < maxw; ++k) {
-    const double ckk = ck[k];
     double* __restrict wk = c.w[k];
     for (int i = 0; i < m; ++i) {
-      wk[i] *= c.e[i] * ckk;  // wk holds the window mask (1 inside, 0 outside)
-      c.e[i] *= c.q[i];
+      const double pos = (c.first[i] + k) + p.offset;  // = DIALS's position i - 0.5 (or i)
+      const double ds = (c.z[i] - pos) / p.sigma;
+      // In range unless the point is slow (check_window); slow points are redone by fix_slow.
+      wk[i] *= exp_bounded(-ds * ds);
     }
   }
 }
@@ -237,7 +239,7 @@ int prepare_axis(const double* __restrict x, int m, const AxisParams& p, AxisChu
     i1 = (high & (i1 > nv - 2.0)) ? nv - 2.0 : i1;
     c.first[i] = i1;
     c.count[i] = i2 - i1;
-    n_slow += product_args(z - (i1 + p.offset), p.a, c, i);
+    n_slow += check_window(z, i1, p, c, i);
     // Window mask: weights beyond the window are zero, so row loops can run a fixed width.
     for (int k = 0; k < kMaxAxisWindow; ++k) c.w[k][i] = (k < i2 - i1) ? 1.0 : 0.0;
   }
@@ -254,7 +256,7 @@ int prepare_small_axis(const double* __restrict x, int m, const AxisParams& p, A
     bad += (x[i] - x[i] == 0.0) ? 0 : 1;
     c.first[i] = 0.0;
     c.count[i] = p.nvalues;
-    n_slow += product_args((x[i] - p.x0) / p.spacing, p.a, c, i);  // positions start at 0
+    n_slow += check_window((x[i] - p.x0) / p.spacing, 0.0, p, c, i);
     for (int k = 0; k < kMaxAxisWindow; ++k) c.w[k][i] = k < p.nvalues ? 1.0 : 0.0;
   }
   c.n_slow = n_slow;
@@ -270,8 +272,9 @@ class ChunkEvaluator {
     for (int a = 0; a < D; ++a) {
       const auto& ax = axes[a];
       params_[a] = {ax.x0(), ax.spacing(), static_cast<double>(ax.num_average()) / 2.0,
-                    ax.positions()[0], g.a, static_cast<std::int32_t>(ax.num_values()),
-                    static_cast<std::int32_t>(ax.num_average())};
+                    ax.positions()[0], g.sigma, static_cast<std::int32_t>(ax.num_values()),
+                    static_cast<std::int32_t>(ax.num_average()),
+                    static_cast<double>(ax.max_window())};
     }
   }
 
@@ -290,7 +293,7 @@ class ChunkEvaluator {
         if (bad)
           for (int i = 0; i < m; ++i)
             if (!std::isfinite(x[i])) fail_non_finite(kAxisNames[a], base + i, x[i]);
-        weights_chunk(c, m, g_.c.data(), axes_[a].max_window());
+        weights_chunk(c, m, params_[a], axes_[a].max_window());
         if (c.n_slow > 0)  // points far outside the range: direct exponentials (rare)
           for (int i = 0; i < m; ++i)
             if (c.slow[i] != 0.0) fix_slow(a, x[i], i);

@@ -99,6 +99,8 @@ TEST_CASE("1D single point value/weights (spec 9.1 [verified])") {
   CHECK_CLOSE(r.weight[0], 0.12992260830505953, kTol);
   CHECK_CLOSE(r.weight[1], 1.0, kTol);
   CHECK_CLOSE(r.weight[2], 0.12992260830505953, kTol);
+  CHECK(r.weight[0] == r.weight[2]);  // DIALS's operations per weight: exact symmetry
+  CHECK(r.weight[1] == 1.0);
 }
 
 TEST_CASE("first-fixed multi-point (spec 9.1 [verified]) and the intended single point") {
