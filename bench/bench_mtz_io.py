@@ -21,11 +21,11 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 from pathlib import Path
 
 import gemmi
 import numpy as np
+from timing import best_time
 
 from xtalscale.array_family import flex
 from xtalscale.experiments import Experiment, ExperimentList, Scan
@@ -105,14 +105,6 @@ def plain_python_read(path):
     return hkl, inten, var, batch
 
 
-def best(fn, repeat):
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -125,15 +117,15 @@ def main() -> None:
     print(f"rows: {n:,} ({args.copies} sweeps x 44,990 real rows of {SOURCE.name})")
     with tempfile.TemporaryDirectory() as tmp:
         ours, plain = Path(tmp) / "ours.mtz", Path(tmp) / "plain.mtz"
-        t_w = best(lambda: write_unmerged_mtz(ours, table, el), args.repeat)
+        t_w = best_time(lambda: write_unmerged_mtz(ours, table, el), args.repeat)
         size = os.path.getsize(ours) / 1e6
-        t_r = best(lambda: read_unmerged_mtz(ours), args.repeat)
+        t_r = best_time(lambda: read_unmerged_mtz(ours), args.repeat)
         check = read_unmerged_mtz(ours)
         assert len(check.table) == n and len(check.experiments) == args.copies
-        t_pw = best(lambda: plain_python_write(plain, table, el, sg), args.plain_repeat)
+        t_pw = best_time(lambda: plain_python_write(plain, table, el, sg), args.plain_repeat)
         psize = os.path.getsize(plain) / 1e6
-        t_pr = best(lambda: plain_python_read(plain), args.plain_repeat)
-        t_gr = best(lambda: gemmi.read_mtz_file(str(ours)), args.repeat)
+        t_pr = best_time(lambda: plain_python_read(plain), args.plain_repeat)
+        t_gr = best_time(lambda: gemmi.read_mtz_file(str(ours)), args.repeat)
     print(f"file sizes: xtalscale {size:.1f} MB (14 columns), plain {psize:.1f} MB (8 columns)")
     print(f"{'':28s}{'seconds':>10s}{'MB/s':>10s}{'Mrows/s':>10s}")
     for name, t, mb in (("xtalscale write", t_w, size), ("plain Python write", t_pw, psize),

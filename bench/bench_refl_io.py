@@ -27,6 +27,7 @@ from pathlib import Path
 
 import msgpack
 import numpy as np
+from timing import best_time
 
 from xtalscale.array_family import flex
 from xtalscale.io.refl import read_refl, write_legacy_pickle, write_msgpack
@@ -48,14 +49,6 @@ def tiled_table(min_rows: int) -> flex.reflection_table:
     big.experiment_identifiers()[0] = "derived-l-cysteine-tiled"
     return big
 
-
-def best(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def plain_python_msgpack_read(path: str) -> dict:
@@ -146,32 +139,32 @@ def main() -> None:
             with open(os.path.join(tmp, "raw.bin"), "wb") as f:
                 f.write(memoryview(blob))
 
-        t_raw = best(raw_write, args.repeat)
+        t_raw = best_time(raw_write, args.repeat)
         print(
             f"baseline: one write() of the same {blob.nbytes / 1e6:.0f} MB: {t_raw:.3f} s = "
             f"{blob.nbytes / t_raw / 1e9:.2f} GB/s (the file-system ceiling for writing)"
         )
         blob = None  # free the copy before timing the real writers
         os.remove(os.path.join(tmp, "raw.bin"))
-        tw = best(lambda: write_msgpack(t, mp), args.repeat)
+        tw = best_time(lambda: write_msgpack(t, mp), args.repeat)
         size_mp = os.path.getsize(mp)
-        tr = best(lambda: read_refl(mp), args.repeat)
+        tr = best_time(lambda: read_refl(mp), args.repeat)
         print(
             f"msgpack  file {size_mp / 1e6:8.1f} MB | read {tr:7.3f} s = {size_mp / tr / 1e9:6.2f} GB/s"
             f" | write {tw:7.3f} s = {size_mp / tw / 1e9:6.2f} GB/s   [targets: read >= 1, write >= 0.5]"
         )
 
-        tlw = best(lambda: write_legacy_pickle(t, lp), 1)
+        tlw = best_time(lambda: write_legacy_pickle(t, lp), 1)
         size_lp = os.path.getsize(lp)
-        tlr = best(lambda: read_refl(lp), args.repeat)
+        tlr = best_time(lambda: read_refl(lp), args.repeat)
         print(
             f"legacy   file {size_lp / 1e6:8.1f} MB | read {tlr:7.3f} s = {size_lp / tlr / 1e6:6.0f} MB/s"
             f" | write {tlw:7.3f} s = {size_lp / tlw / 1e6:6.0f} MB/s   [target: read >= 35 MB/s]"
         )
 
         # ---- plain Python, same run
-        tpr = best(lambda: plain_python_msgpack_read(mp), 1)
-        tpw = best(lambda: plain_python_msgpack_write(t, os.path.join(tmp, "plain.refl")), 1)
+        tpr = best_time(lambda: plain_python_msgpack_read(mp), 1)
+        tpw = best_time(lambda: plain_python_msgpack_write(t, os.path.join(tmp, "plain.refl")), 1)
         print(
             f"plain-Python msgpack (unpackb + per-element decode) read {tpr:7.3f} s = "
             f"{size_mp / tpr / 1e6:6.0f} MB/s | packb write {tpw:7.3f} s = {size_mp / tpw / 1e6:6.0f} MB/s"

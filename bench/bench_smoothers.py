@@ -21,6 +21,7 @@ import argparse
 import time
 
 import numpy as np
+from timing import best_time
 from xtalscale.smoothing import (
     GaussianSmoother1D,
     GaussianSmoother2D,
@@ -81,15 +82,6 @@ def numpy_multi_value_weight(coords, ranges, intervals, values, sigma):
 
 
 # ----------------------------------------------------------------- timing
-def best_time(fn, repeat):
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.thread_time()
-        fn()
-        best = min(best, time.thread_time() - t)
-    return best
-
-
 def kernel_time(core, coords, values, repeat):
     """Best time of the C++ kernel writing into preallocated, already-faulted arrays."""
     n = coords[0].size
@@ -101,7 +93,7 @@ def kernel_time(core, coords, values, repeat):
     for a in out.values():
         a.fill(0)  # fault the pages in once: the kernel figure excludes first-touch costs
     # out is freed on return, before the API call allocates its own (3D, 1e7 points: 3.3 GB)
-    return best_time(lambda: core.multi_value_weight_into(coords, values, **out), repeat)
+    return best_time(lambda: core.multi_value_weight_into(coords, values, **out), repeat, time.thread_time)
 
 
 def run(dim, n, repeat, rng):
@@ -113,7 +105,7 @@ def run(dim, n, repeat, rng):
     coords = [rng.uniform(r[0], r[1], n) for r in ranges]
     values = rng.uniform(0.5, 1.5, smoother.num_values())
     kernel = kernel_time(core, coords, values, repeat)
-    api = best_time(lambda: smoother.multi_value_weight(*coords, values), repeat)
+    api = best_time(lambda: smoother.multi_value_weight(*coords, values), repeat, time.thread_time)
 
     chunk = 2**18
 
@@ -128,7 +120,7 @@ def run(dim, n, repeat, rng):
     mine = smoother.multi_value_weight(*[c[:1000] for c in coords], values)
     np.testing.assert_allclose(ref[0], mine[0], rtol=1e-13)
     np.testing.assert_array_equal(ref[4], mine[1].indptr)
-    numpy_t = best_time(numpy_all, 1 if n > 2_000_000 else repeat)
+    numpy_t = best_time(numpy_all, 1 if n > 2_000_000 else repeat, time.thread_time)
     per = 1e9 / n
     print(f"{dim}D n={n:>9,d}  kernel {kernel * per:7.1f} ns/pt   api {api * per:7.1f} ns/pt   "
           f"numpy {numpy_t * per:8.1f} ns/pt   numpy/kernel {numpy_t / kernel:6.1f}x", flush=True)

@@ -1,0 +1,18 @@
+"""Timing helper shared by the bench scripts (run them from the repository root or bench/)."""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+
+def best_time(fn: Callable[[], object], repeat: int, clock: Callable[[], float] = time.perf_counter) -> float:
+    """Shortest of ``repeat`` timed calls of ``fn``: the least disturbed run on a shared machine.
+
+    ``clock`` defaults to wall time; pass ``time.thread_time`` to count only this thread's CPU.
+    """
+    best = float("inf")
+    for _ in range(repeat):
+        start = clock()
+        fn()
+        best = min(best, clock() - start)
+    return best
