@@ -3,14 +3,22 @@
 Prints, for xtalscale and for a vectorised numpy implementation of the same model in
 the same run:
 
-* ns/reflection for one evaluation of every component's scales and derivative
-  matrices ("components": the kernel figure the targets refer to), and for the full
+* ns/reflection for one evaluation of every component's scales and derivatives
+  ("components": the kernel figure the targets refer to; best and median of the repeats).
+  The lean path: the smoothers recompute their weights into caller-owned output buffers
+  (``calculate_scales_and_derivatives(0, out=bufs)``), the SH component returns its held
+  harmonic block as the dense derivative (``calculate_scales_and_dense_derivatives``).
+  The DIALS-API figure (every component returning a scipy CSR matrix) is printed too;
+* the same for the full
   model ``g`` plus ``dg/dp`` assembled by the product rule into one scipy CSR matrix
   ("model", xtalscale's RefinerCalculator, as DIALS does each iteration; the assembly is scipy in
   both columns, and at 30 non-zeros per row it moves >= 360 B/refl by itself);
-* bytes/reflection held by the model between calls (component data and caches, after
-  the first call), from the RSS growth (after malloc_trim) or tracemalloc, whichever is
-  larger, excluding the input columns; the shared 0.5° SH lookup table (50 MB) counts too;
+* bytes/reflection held by the model between calls: the sum of the components'
+  ``held_bytes()`` (actual buffer sizes of their state), and as a cross-check the RSS growth
+  (after malloc_trim) or tracemalloc over configure + first call, whichever is larger (that
+  one also sees the input columns configure builds); the class-wide 0.5° SH lookup table
+  is printed separately (shared by all models in the process);
+* bytes/reflection of the caller-owned output buffers of the lean path (not model state);
 * one-off set-up time (configure + update_reflection_data + first call), and the time to
   re-apply a stored model to all reflections (``model_from_dict(d).get_scales``, what
   DIALS does when it expands scales), in ns/reflection.
@@ -36,7 +44,7 @@ from types import SimpleNamespace
 import numpy as np
 import scipy.sparse as sp
 
-from xtalscale import models
+from xtalscale import components as xs_components, models
 from xtalscale.models import PhysicalScalingModel, default_model_params
 from xtalscale.parameter_managers import RefinerCalculator, active_parameter_manager
 
@@ -135,14 +143,31 @@ class NumpyPhysical:
         return g, sp.hstack([J_s, J_d, J_a], format="csr")
 
 
-def best_time(fn, repeats: int) -> float:
-    best = np.inf
+def times(fn, repeats: int) -> list:
+    out = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-        del out
-    return best
+        res = fn()
+        out.append(time.perf_counter() - t0)
+        del res
+    return out
+
+
+def best_time(fn, repeats: int) -> float:
+    return min(times(fn, repeats))
+
+
+def lean_call(comps: dict, buffers: dict):
+    """Scales + derivatives of every component by the lean path (see the module notes)."""
+    res = []
+    for name, comp in comps.items():
+        if hasattr(comp, "calculate_scales_and_dense_derivatives"):
+            res.append(comp.calculate_scales_and_dense_derivatives(0))
+        elif name in buffers:
+            res.append(comp.calculate_scales_and_derivatives(0, out=buffers[name]))
+        else:
+            res.append(comp.calculate_scales_and_derivatives(0))
+    return res
 
 
 def _rss() -> int:
@@ -196,6 +221,16 @@ def main() -> None:
     held, _ = held_bytes(setup_and_first_call)
     setup = time.perf_counter() - t0
 
+    comp_map = model.components
+    buffers = {}
+    for name, comp in comp_map.items():
+        if hasattr(comp, "derivative_buffers") and comp._is_lean(0):
+            buffers[name] = comp.derivative_buffers(0)
+    out_bytes = sum(b.nbytes for bufs in buffers.values() for b in bufs)
+    out_bytes += 8 * n * sum(1 for name in comp_map if name not in buffers)  # fresh scales arrays
+    model_held = sum(c.held_bytes() for c in comps)
+    lean_call(comp_map, buffers)  # warm
+    t_lean = times(lambda: lean_call(comp_map, buffers), args.repeats)
     t_comp = best_time(lambda: [c.calculate_scales_and_derivatives(0) for c in comps], args.repeats)
     apm = active_parameter_manager(model.components, list(model.components))
     t_model = best_time(lambda: model_scales_and_derivatives(apm), args.repeats)
@@ -216,16 +251,28 @@ def main() -> None:
     n_params = [c.n_params for c in comps]
     print(f"physical model, lmax 4: n = {n:,} reflections, parameters scale/decay/absorption = {n_params}, "
           f"harmonics: {mode}")
-    print(f"  xtalscale components (scales + derivative blocks): {1e9 * t_comp / n:8.1f} ns/refl")
+    print(f"  xtalscale components, lean path (scales + derivatives): best {1e9 * min(t_lean) / n:6.1f} "
+          f"ns/refl, median {1e9 * float(np.median(t_lean)) / n:6.1f} ns/refl  [target <= 30]")
+    print(f"  xtalscale components, DIALS API (scipy CSR blocks):     best {1e9 * t_comp / n:6.1f} ns/refl")
     print(f"  xtalscale model (g + dg/dp CSR, product rule):      {1e9 * t_model / n:8.1f} ns/refl")
     print(f"  numpy components (same caching):                    {1e9 * t_ref_comp / n:8.1f} ns/refl")
     print(f"  numpy model (g + dg/dp CSR, product rule):          {1e9 * t_ref / n:8.1f} ns/refl")
-    print(f"  speed-up vs numpy: components {t_ref_comp / t_comp:5.1f}x, model {t_ref / t_model:5.1f}x")
-    print(f"  held between calls (input columns excluded): xtalscale {held / n:6.1f} B/refl, "
-          f"numpy {ref_held / n:6.1f} B/refl")
-    for name, comp in model.components.items():
-        t_c = best_time(lambda c=comp: c.calculate_scales_and_derivatives(0), args.repeats)
-        print(f"    {name:10s}: {1e9 * t_c / n:6.1f} ns/refl per scales + derivatives call")
+    print(f"  speed-up vs numpy: components lean {t_ref_comp / min(t_lean):5.1f}x "
+          f"(DIALS API {t_ref_comp / t_comp:5.1f}x), model {t_ref / t_model:5.1f}x")
+    print(f"  held by the model between calls (sum of held_bytes()): {model_held / n:6.1f} B/refl  "
+          f"[target <= 150]")
+    for name, comp in comp_map.items():
+        print(f"    {name:10s}: {comp.held_bytes() / n:6.1f} B/refl")
+    print(f"  caller-owned output buffers of the lean path (not model state): {out_bytes / n:6.1f} B/refl")
+    print(f"  shared SH lookup table(s), class-wide, not per model: "
+          f"{xs_components.SHScaleComponent.shared_table_bytes() / 1e6:6.1f} MB")
+    print(f"  RSS/tracemalloc growth over configure + first call (includes input columns built by "
+          f"configure): xtalscale {held / n:6.1f} B/refl, numpy reference {ref_held / n:6.1f} B/refl")
+    for name, comp in comp_map.items():
+        one = {name: comp}
+        t_c = times(lambda o=one: lean_call(o, buffers), args.repeats)
+        print(f"    {name:10s}: lean best {1e9 * min(t_c) / n:6.1f}, median "
+              f"{1e9 * float(np.median(t_c)) / n:6.1f} ns/refl per scales + derivatives call")
     print(f"  one-off setup (configure + update_reflection_data + first call): {1e9 * setup / n:8.1f} ns/refl")
     print(f"  re-applying the stored model (from_dict + get_scales on all reflections): "
           f"{1e9 * t_apply / n:8.1f} ns/refl")

@@ -181,6 +181,306 @@ void sh_scales(std::size_t n, std::size_t n_params, const double* harmonics, con
   out.array() += 1.0;
 }
 
+void sh_scales_f32(std::size_t n, std::size_t n_params, const float* harmonics,
+                   const double* coef, double* scales) {
+  const std::size_t p = n_params, p4 = p - p % 4;
+  for (std::size_t i = 0; i < n; ++i) {
+    const float* r = harmonics + i * p;
+    double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
+    std::size_t k = 0;
+    for (; k < p4; k += 4) {
+      a0 += static_cast<double>(r[k]) * coef[k];
+      a1 += static_cast<double>(r[k + 1]) * coef[k + 1];
+      a2 += static_cast<double>(r[k + 2]) * coef[k + 2];
+      a3 += static_cast<double>(r[k + 3]) * coef[k + 3];
+    }
+    for (; k < p; ++k) a0 += static_cast<double>(r[k]) * coef[k];
+    scales[i] = 1.0 + ((a0 + a1) + (a2 + a3));
+  }
+}
+
+void harmonics_from_lookup_f32(const std::int32_t* i0, const std::int32_t* i1, std::size_t n,
+                               const double* table, std::size_t n_rows, std::size_t row_stride,
+                               std::size_t n_cols, float* out) {
+  for (std::size_t j = 0; j < n; ++j) {
+    require_index(static_cast<std::ptrdiff_t>(i0[j]), n_rows, "s0_lookup");
+    require_index(static_cast<std::ptrdiff_t>(i1[j]), n_rows, "s1_lookup");
+  }
+  for (std::size_t j = 0; j < n; ++j) {
+    const double* a = table + static_cast<std::size_t>(i0[j]) * row_stride;
+    const double* b = table + static_cast<std::size_t>(i1[j]) * row_stride;
+    float* o = out + j * n_cols;
+    for (std::size_t k = 0; k < n_cols; ++k) o[k] = static_cast<float>((a[k] + b[k]) / 2.0);
+  }
+}
+
+namespace {
+
+constexpr double kMaxDouble = std::numeric_limits<double>::max();
+
+/// One chunk of the lean 1-D kernel with a compile-time window bound W.
+///
+/// Positions are unit-spaced, so with d = z − pos[first] and a = 1/σ² the Gaussian weights are
+/// w_k = exp(−a(d − k)²) = exp(−a d²) · q^k · c_k, q = exp(2 a d), c_k = exp(−a k²). The
+/// normalised weights w_k/Σw do not depend on the common factor exp(−a d²), so a point needs
+/// one exponential (the vectorisable exp_bounded, within ~2 ulp of std::exp): results are within
+/// a few ulp of DIALS's direct formula. A chunk with a point far outside the smoother's range
+/// (|2ad| > 150, where q^k could overflow) uses the direct formula with std::exp instead, so
+/// rows whose weights all underflow stay zero as in DIALS.
+template <int W>
+std::size_t smooth_1d_chunk(const SmootherAxis& ax, double sigma, std::size_t m, const double* x,
+                            double x_shift, const double* p, bool first_fixed, double* scales,
+                            std::int32_t* indptr, std::int32_t* indices, double* data) {
+  constexpr std::size_t kChunk = 256;
+  alignas(64) double q[kChunk];
+  alignas(64) double zs[kChunk];
+  int first[kChunk], count[kChunk];
+  const double* pos = ax.positions().data();
+  const double a = 1.0 / (sigma * sigma);
+  double c[W];
+  for (int k = 0; k < W; ++k) c[k] = std::exp(-a * k * k);
+  bool far = false;
+  for (std::size_t i = 0; i < m; ++i) {
+    const double z = ax.normalise(x[i] - x_shift);
+    ax.window(z, first[i], count[i]);
+    zs[i] = z;
+    const double d0 = z - pos[first[i]];
+    q[i] = 2.0 * a * d0;
+    far |= !(q[i] >= -150.0 && q[i] <= 150.0 && a * d0 * d0 <= 600.0);
+  }
+  for (std::size_t i = 0; i < m; ++i) q[i] = exp_bounded(far ? 0.0 : q[i]);
+  std::size_t nnz = 0;
+  const int skip = first_fixed ? 1 : 0;
+  double w[W];
+  for (std::size_t i = 0; i < m; ++i) {
+    const int cnt = count[i];
+    if (!far) {
+      double t = 1.0;
+      for (int k = 0; k < W; ++k) {
+        w[k] = k < cnt ? t * c[k] : 0.0;
+        t *= q[i];
+      }
+    } else {
+      for (int k = 0; k < W; ++k) {
+        const double ds = k < cnt ? (zs[i] - pos[first[i] + k]) / sigma : 0.0;
+        w[k] = k < cnt ? std::exp(-ds * ds) : 0.0;
+      }
+    }
+    double sumw = 0.0;
+    for (int k = 0; k < W; ++k) sumw += w[k];
+    const double inv = sumw > 0.0 ? 1.0 / sumw : 0.0;  // a zero sum leaves a zero row
+    double value = 0.0;
+    for (int k = 0; k < W; ++k) {
+      if (k >= cnt) break;
+      const int col = first[i] + k;
+      const double wn = w[k] * inv;
+      value += wn * p[col];
+      if (indptr != nullptr && col >= skip) {
+        indices[nnz] = col - skip;
+        data[nnz] = wn;
+        ++nnz;
+      }
+    }
+    scales[i] = value;
+    if (indptr != nullptr) indptr[i + 1] = indptr[0] + static_cast<std::int32_t>(nnz);
+  }
+  return nnz;
+}
+
+}  // namespace
+
+std::size_t smooth_1d_eval(const GaussianSmoother<1>& smoother, std::size_t n, const double* x,
+                           double x_shift, const double* p, std::size_t n_params,
+                           bool first_fixed, const double* d, double* scales,
+                           std::int32_t* indptr, std::int32_t* indices, double* data) {
+  require_finite(x, n, "x");
+  require_finite(p, n_params, "parameters");
+  require(n_params == smoother.num_values(), "parameters must have one value per smoother value");
+  if (d != nullptr) {
+    bool bad = false;
+    for (std::size_t i = 0; i < n; ++i) bad |= !(d[i] > 0.0 && d[i] <= kMaxDouble);
+    require(!bad, "d must be finite and positive");
+  }
+  const SmootherAxis& ax = smoother.axis(0);
+  const double sigma = smoother.sigma();
+  const int width = ax.max_window();
+  constexpr std::size_t kChunk = 256;
+  std::size_t nnz = 0;
+  if (indptr != nullptr) indptr[0] = 0;
+  for (std::size_t start = 0; start < n; start += kChunk) {
+    const std::size_t m = std::min(kChunk, n - start);
+    std::int32_t* ip = indptr != nullptr ? indptr + start : nullptr;
+    std::int32_t* ix = indptr != nullptr ? indices + nnz : nullptr;
+    double* dd = indptr != nullptr ? data + nnz : nullptr;
+    const double* xs = x + start;
+    double* s = scales + start;
+    std::size_t got = 0;
+    switch (width) {
+      case 1: got = smooth_1d_chunk<1>(ax, sigma, m, xs, x_shift, p, first_fixed, s, ip, ix, dd); break;
+      case 2: got = smooth_1d_chunk<2>(ax, sigma, m, xs, x_shift, p, first_fixed, s, ip, ix, dd); break;
+      case 3: got = smooth_1d_chunk<3>(ax, sigma, m, xs, x_shift, p, first_fixed, s, ip, ix, dd); break;
+      case 4: got = smooth_1d_chunk<4>(ax, sigma, m, xs, x_shift, p, first_fixed, s, ip, ix, dd); break;
+      default: got = smooth_1d_chunk<5>(ax, sigma, m, xs, x_shift, p, first_fixed, s, ip, ix, dd); break;
+    }
+    nnz += got;
+  }
+  if (d != nullptr) {
+    bool outside = false;
+    for (std::size_t i = 0; i < n; ++i) {
+      scales[i] *= 1.0 / (2.0 * d[i] * d[i]);
+      outside |= !(scales[i] >= -700.0 && scales[i] <= 700.0);
+    }
+    if (outside) {
+      for (std::size_t i = 0; i < n; ++i) scales[i] = std::exp(scales[i]);
+    } else {
+      exp_inplace(n, scales);
+    }
+    if (indptr != nullptr)
+      for (std::size_t i = 0; i < n; ++i) {
+        const double r = scales[i] * (1.0 / (2.0 * d[i] * d[i]));
+        for (std::int32_t k = indptr[i]; k < indptr[i + 1]; ++k) data[k] *= r;
+      }
+  }
+  return nnz;
+}
+
+std::size_t smooth_1d_prepare(const GaussianSmoother<1>& smoother, std::size_t n,
+                              const double* x, double x_shift, std::uint16_t* window,
+                              double* q) {
+  require_finite(x, n, "x");
+  const SmootherAxis& ax = smoother.axis(0);
+  require(ax.num_values() <= 8191, "smooth_1d_prepare: at most 8191 smoother values");
+  const double* pos = ax.positions().data();
+  const double a = 1.0 / (smoother.sigma() * smoother.sigma());
+  std::size_t n_far = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    const double z = ax.normalise(x[i] - x_shift);
+    int f = 0, c = 0;
+    ax.window(z, f, c);
+    window[i] = static_cast<std::uint16_t>((f << 3) | c);  // first < 8192, count <= 5
+    const double d0 = z - pos[f];
+    const double arg = 2.0 * a * d0;
+    // Far outside the range: q^k could overflow, or every weight underflows (a zero row in
+    // DIALS, which the product form would not reproduce).
+    const bool far = !(arg >= -150.0 && arg <= 150.0 && a * d0 * d0 <= 600.0);
+    n_far += far ? 1 : 0;
+    q[i] = far ? std::numeric_limits<double>::quiet_NaN() : arg;
+  }
+  if (n_far == 0) {
+    exp_inplace(n, q);
+  } else {
+    for (std::size_t i = 0; i < n; ++i)
+      if (!std::isnan(q[i])) q[i] = exp_bounded(q[i]);
+  }
+  return n_far;
+}
+
+namespace {
+
+/// Rows of the held-window kernel for a compile-time window bound W (see smooth_1d_apply).
+template <int W>
+std::size_t smooth_1d_apply_w(const SmootherAxis& ax, double sigma, std::size_t n,
+                              const double* x, double x_shift, const std::uint16_t* window,
+                              const double* q, const double* p, bool first_fixed,
+                              const double* d, double* scales, std::int32_t* indptr,
+                              std::int32_t* indices, double* data) {
+  const double a = 1.0 / (sigma * sigma);
+  constexpr std::size_t kChunk = 256;
+  alignas(64) double fac[kChunk];
+  double c[W];
+  for (int k = 0; k < W; ++k) c[k] = std::exp(-a * k * k);
+  const double* pos = ax.positions().data();
+  const int skip = first_fixed ? 1 : 0;
+  std::size_t nnz = 0;
+  if (indptr != nullptr) indptr[0] = 0;
+  double w[W];
+  for (std::size_t i = 0; i < n; ++i) {
+    const int f = window[i] >> 3, cnt = window[i] & 7;
+    const double qi = q[i];
+    if (!std::isnan(qi)) {
+      double t = 1.0;
+      for (int k = 0; k < W; ++k) {
+        w[k] = k < cnt ? t * c[k] : 0.0;
+        t *= qi;
+      }
+    } else {  // far outside the range: DIALS's direct formula (all weights may underflow)
+      const double z = ax.normalise(x[i] - x_shift);
+      for (int k = 0; k < W; ++k) {
+        const double ds = k < cnt ? (z - pos[f + k]) / sigma : 0.0;
+        w[k] = k < cnt ? std::exp(-ds * ds) : 0.0;
+      }
+    }
+    double sumw = 0.0;
+    for (int k = 0; k < W; ++k) sumw += w[k];
+    const double inv = sumw > 0.0 ? 1.0 / sumw : 0.0;  // a zero sum leaves a zero row
+    double value = 0.0;
+    for (int k = 0; k < W; ++k) {
+      if (k >= cnt) break;
+      const int col = f + k;
+      const double wn = w[k] * inv;
+      value += wn * p[col];
+      if (indptr != nullptr && col >= skip) {
+        indices[nnz] = col - skip;
+        data[nnz] = wn;
+        ++nnz;
+      }
+    }
+    scales[i] = value;
+    if (indptr != nullptr) indptr[i + 1] = static_cast<std::int32_t>(nnz);
+    // Smoothed B, per chunk of rows while they are in cache: s = exp(B·f), f = 1/(2d²), and
+    // the derivative rows scaled by s·f (one vectorised division and exponential per row).
+    if (d != nullptr && ((i + 1) % kChunk == 0 || i + 1 == n)) {
+      const std::size_t c0 = i + 1 - ((i + 1) % kChunk == 0 ? kChunk : (i + 1) % kChunk);
+      const std::size_t m = i + 1 - c0;
+      double* sc = scales + c0;
+      bool outside = false;
+      for (std::size_t j = 0; j < m; ++j) {
+        fac[j] = 1.0 / (2.0 * d[c0 + j] * d[c0 + j]);
+        sc[j] *= fac[j];
+        outside |= !(sc[j] >= -700.0 && sc[j] <= 700.0);
+      }
+      if (outside) {
+        for (std::size_t j = 0; j < m; ++j) sc[j] = std::exp(sc[j]);
+      } else {
+        exp_inplace(m, sc);
+      }
+      if (indptr != nullptr)
+        for (std::size_t j = 0; j < m; ++j) {
+          const double r = sc[j] * fac[j];
+          for (std::int32_t k = indptr[c0 + j]; k < indptr[c0 + j + 1]; ++k) data[k] *= r;
+        }
+    }
+  }
+  return nnz;
+}
+
+}  // namespace
+
+std::size_t smooth_1d_apply(const GaussianSmoother<1>& smoother, std::size_t n, const double* x,
+                            double x_shift, const std::uint16_t* window, const double* q,
+                            const double* p, std::size_t n_params, bool first_fixed,
+                            const double* d, double* scales, std::int32_t* indptr,
+                            std::int32_t* indices, double* data) {
+  require_finite(p, n_params, "parameters");
+  require(n_params == smoother.num_values(), "parameters must have one value per smoother value");
+  if (d != nullptr) {
+    bool bad = false;
+    for (std::size_t i = 0; i < n; ++i) bad |= !(d[i] > 0.0 && d[i] <= kMaxDouble);
+    require(!bad, "d must be finite and positive");
+  }
+  const SmootherAxis& ax = smoother.axis(0);
+  const double sigma = smoother.sigma();
+  std::size_t nnz = 0;
+  switch (ax.max_window()) {
+    case 1: nnz = smooth_1d_apply_w<1>(ax, sigma, n, x, x_shift, window, q, p, first_fixed, d, scales, indptr, indices, data); break;
+    case 2: nnz = smooth_1d_apply_w<2>(ax, sigma, n, x, x_shift, window, q, p, first_fixed, d, scales, indptr, indices, data); break;
+    case 3: nnz = smooth_1d_apply_w<3>(ax, sigma, n, x, x_shift, window, q, p, first_fixed, d, scales, indptr, indices, data); break;
+    case 4: nnz = smooth_1d_apply_w<4>(ax, sigma, n, x, x_shift, window, q, p, first_fixed, d, scales, indptr, indices, data); break;
+    default: nnz = smooth_1d_apply_w<5>(ax, sigma, n, x, x_shift, window, q, p, first_fixed, d, scales, indptr, indices, data); break;
+  }
+  return nnz;
+}
+
 void validate_csr(std::size_t n_rows, std::size_t n_cols, const std::int64_t* indptr,
                   const std::int64_t* indices, std::size_t nnz, const char* what) {
   const std::string name = what;

@@ -483,6 +483,197 @@ DoubleArray lookup_sh_scales(const Int32Array& i0, const Int32Array& i1, const D
   return out;
 }
 
+using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+
+/// A caller-provided output array: exactly @p dtype, C-contiguous, writeable, 1-D, >= n long.
+template <typename T>
+T* output_buffer(const py::object& obj, std::size_t n, const char* name) {
+  if (!py::isinstance<py::array_t<T>>(obj))
+    throw std::invalid_argument(std::string(name) + " must be a numpy array of dtype " +
+                         py::str(py::dtype::of<T>()).cast<std::string>());
+  auto a = obj.cast<py::array_t<T>>();
+  require(a.ndim() == 1, std::string(name) + " must be 1-dimensional");
+  require((a.flags() & py::array::c_style) != 0, std::string(name) + " must be C-contiguous");
+  require(a.writeable(), std::string(name) + " must be writeable");
+  require(static_cast<std::size_t>(a.size()) >= n,
+          std::string(name) + " must hold at least " + std::to_string(n) + " entries (got " +
+              std::to_string(a.size()) + ")");
+  return a.mutable_data();
+}
+
+py::tuple smooth_1d_eval(const DoubleArray& x, double x_shift, std::array<double, 2> range,
+                         std::size_t n_intervals, std::size_t num_average, double sigma,
+                         const DoubleArray& p, bool first_fixed,
+                         const std::optional<DoubleArray>& d, bool derivatives,
+                         const py::object& scales_out, const py::object& indptr_out,
+                         const py::object& indices_out, const py::object& data_out) {
+  require_ndim(x, 1, "x");
+  require(std::isfinite(x_shift), "x_shift must be finite");
+  auto pv = vector_view(p, "parameters");
+  const std::size_t n = size_of(x);
+  const double* dptr = nullptr;
+  if (d) {
+    require_ndim(*d, 1, "d");
+    require_same_length(size_of(*d), n, "d", "x");
+    dptr = d->data();
+  }
+  GaussianSmoother<1> smoother({range}, {n_intervals});
+  smoother.set_smoothing(num_average, sigma);
+  require(static_cast<std::size_t>(pv.size()) == smoother.num_values(),
+          "parameters must have " + std::to_string(smoother.num_values()) + " values (got " +
+              std::to_string(pv.size()) + ")");
+  const std::size_t capacity = n * smoother.max_row_nnz();
+  require(capacity < static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max()),
+          "too many weight entries for 32-bit CSR indices; split the reflections into blocks");
+  auto buffer = [](const py::object& given, auto tag, std::size_t len, const char* name) {
+    using T = decltype(tag);
+    if (given.is_none()) return py::object(py::array_t<T>(static_cast<py::ssize_t>(len)));
+    output_buffer<T>(given, len, name);
+    return given;
+  };
+  py::object scales = buffer(scales_out, double{}, n, "scales_out");
+  double* s = output_buffer<double>(scales, n, "scales_out");
+  py::object indptr = py::none(), indices = py::none(), data = py::none();
+  std::int32_t *ip = nullptr, *ix = nullptr;
+  double* dd = nullptr;
+  if (derivatives) {
+    indptr = buffer(indptr_out, std::int32_t{}, n + 1, "indptr_out");
+    indices = buffer(indices_out, std::int32_t{}, capacity, "indices_out");
+    data = buffer(data_out, double{}, capacity, "data_out");
+    ip = output_buffer<std::int32_t>(indptr, n + 1, "indptr_out");
+    ix = output_buffer<std::int32_t>(indices, capacity, "indices_out");
+    dd = output_buffer<double>(data, capacity, "data_out");
+  }
+  std::size_t nnz = 0;
+  {
+    py::gil_scoped_release release;
+    nnz = components::smooth_1d_eval(smoother, n, x.data(), x_shift, pv.data(),
+                                     static_cast<std::size_t>(pv.size()), first_fixed, dptr, s,
+                                     ip, ix, dd);
+  }
+  return py::make_tuple(scales, indptr, indices, data, nnz);
+}
+
+py::tuple smooth_1d_prepare(const DoubleArray& x, double x_shift, std::array<double, 2> range,
+                            std::size_t n_intervals, std::size_t num_average, double sigma) {
+  require_ndim(x, 1, "x");
+  require(std::isfinite(x_shift), "x_shift must be finite");
+  GaussianSmoother<1> smoother({range}, {n_intervals});
+  smoother.set_smoothing(num_average, sigma);
+  const std::size_t n = size_of(x);
+  py::array_t<std::uint16_t> window(static_cast<py::ssize_t>(n));
+  DoubleArray q(static_cast<py::ssize_t>(n));
+  std::uint16_t* w = window.mutable_data();
+  double* qq = q.mutable_data();
+  {
+    py::gil_scoped_release release;
+    components::smooth_1d_prepare(smoother, n, x.data(), x_shift, w, qq);
+  }
+  return py::make_tuple(window, q);
+}
+
+py::tuple smooth_1d_apply(const DoubleArray& x, double x_shift, std::array<double, 2> range,
+                          std::size_t n_intervals, std::size_t num_average, double sigma,
+                          const py::array_t<std::uint16_t, py::array::c_style>& window,
+                          const DoubleArray& q, const DoubleArray& p, bool first_fixed,
+                          const std::optional<DoubleArray>& d, bool derivatives,
+                          const py::object& scales_out, const py::object& indptr_out,
+                          const py::object& indices_out, const py::object& data_out) {
+  require_ndim(x, 1, "x");
+  require(std::isfinite(x_shift), "x_shift must be finite");
+  auto pv = vector_view(p, "parameters");
+  const std::size_t n = size_of(x);
+  require_ndim(window, 1, "window");
+  require_ndim(q, 1, "q");
+  require_same_length(size_of(window), n, "window", "x");
+  require_same_length(size_of(q), n, "q", "x");
+  const double* dptr = nullptr;
+  if (d) {
+    require_ndim(*d, 1, "d");
+    require_same_length(size_of(*d), n, "d", "x");
+    dptr = d->data();
+  }
+  GaussianSmoother<1> smoother({range}, {n_intervals});
+  smoother.set_smoothing(num_average, sigma);
+  require(static_cast<std::size_t>(pv.size()) == smoother.num_values(),
+          "parameters must have " + std::to_string(smoother.num_values()) + " values (got " +
+              std::to_string(pv.size()) + ")");
+  {  // windows must fit this smoother (they index the parameters)
+    const std::uint16_t* w = window.data();
+    const auto nv = smoother.num_values();
+    bool bad = false;
+    for (std::size_t i = 0; i < n; ++i)
+      bad |= static_cast<std::size_t>(w[i] >> 3) + (w[i] & 7u) > nv || (w[i] & 7u) > 5u;
+    require(!bad, "window does not fit the smoother: prepare it with the same settings");
+  }
+  const std::size_t capacity = n * smoother.max_row_nnz();
+  require(capacity < static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max()),
+          "too many weight entries for 32-bit CSR indices; split the reflections into blocks");
+  auto buffer = [](const py::object& given, auto tag, std::size_t len, const char* name) {
+    using T = decltype(tag);
+    if (given.is_none()) return py::object(py::array_t<T>(static_cast<py::ssize_t>(len)));
+    output_buffer<T>(given, len, name);
+    return given;
+  };
+  py::object scales = buffer(scales_out, double{}, n, "scales_out");
+  double* s = output_buffer<double>(scales, n, "scales_out");
+  py::object indptr = py::none(), indices = py::none(), data = py::none();
+  std::int32_t *ip = nullptr, *ix = nullptr;
+  double* dd = nullptr;
+  if (derivatives) {
+    indptr = buffer(indptr_out, std::int32_t{}, n + 1, "indptr_out");
+    indices = buffer(indices_out, std::int32_t{}, capacity, "indices_out");
+    data = buffer(data_out, double{}, capacity, "data_out");
+    ip = output_buffer<std::int32_t>(indptr, n + 1, "indptr_out");
+    ix = output_buffer<std::int32_t>(indices, capacity, "indices_out");
+    dd = output_buffer<double>(data, capacity, "data_out");
+  }
+  std::size_t nnz = 0;
+  {
+    py::gil_scoped_release release;
+    nnz = components::smooth_1d_apply(smoother, n, x.data(), x_shift, window.data(), q.data(),
+                                      pv.data(), static_cast<std::size_t>(pv.size()),
+                                      first_fixed, dptr, s, ip, ix, dd);
+  }
+  return py::make_tuple(scales, indptr, indices, data, nnz);
+}
+
+DoubleArray sh_scales_f32(const FloatArray& h, const DoubleArray& coef) {
+  require_ndim(h, 2, "harmonic_values");
+  auto c = vector_view(coef, "parameters");
+  require(h.shape(1) == c.size(), "harmonic_values must have one column per parameter (" +
+                                      std::to_string(c.size()) + ")");
+  const auto n = static_cast<std::size_t>(h.shape(0));
+  DoubleArray out(static_cast<py::ssize_t>(n));
+  double* o = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    components::sh_scales_f32(n, static_cast<std::size_t>(c.size()), h.data(), c.data(), o);
+  }
+  return out;
+}
+
+FloatArray harmonics_from_lookup_f32(const Int32Array& i0, const Int32Array& i1,
+                                     const DoubleArray& table, std::size_t n_params) {
+  require_ndim(i0, 1, "s0_lookup");
+  require_ndim(i1, 1, "s1_lookup");
+  require_same_length(size_of(i0), size_of(i1), "s0_lookup", "s1_lookup");
+  require_ndim(table, 2, "coefficients table");
+  const auto n_rows = static_cast<std::size_t>(table.shape(0));
+  const auto stride = static_cast<std::size_t>(table.shape(1));
+  require(n_params <= stride, "n_params exceeds the columns of the coefficients table (" +
+                                  std::to_string(n_params) + " > " + std::to_string(stride) + ")");
+  const std::size_t n = size_of(i0);
+  FloatArray out({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(n_params)});
+  float* o = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    components::harmonics_from_lookup_f32(i0.data(), i1.data(), n, table.data(), n_rows, stride,
+                                          n_params, o);
+  }
+  return out;
+}
+
 DoubleArray rotate_vectors_about_axis(const DoubleArray& axis, const DoubleArray& vectors,
                                       const DoubleArray& angles) {
   require(axis.size() == 3, "rot_axis must hold exactly one 3-vector");
@@ -572,6 +763,31 @@ void bind_components(py::module_& m) {
   m.def("lookup_sh_scales", &lookup_sh_scales, py::arg("s0_lookup"), py::arg("s1_lookup"),
         py::arg("table"), py::arg("parameters"),
         "SH scales 1 + C·(T[i0] + T[i1])/2 straight from the lookup table.");
+  m.def("smooth_1d_eval", &smooth_1d_eval, py::arg("x"), py::arg("x_shift"), py::arg("range"),
+        py::arg("n_intervals"), py::arg("num_average"), py::arg("sigma"), py::arg("parameters"),
+        py::arg("first_fixed") = false, py::arg("d") = py::none(),
+        py::arg("derivatives") = true, py::arg("scales_out") = py::none(),
+        py::arg("indptr_out") = py::none(), py::arg("indices_out") = py::none(),
+        py::arg("data_out") = py::none(),
+        "Lean 1-D smooth component: recompute the weights (none held) and write scales and, "
+        "with derivatives, the CSR derivative matrix into the *_out buffers (allocated if "
+        "None). With d, the smoothed-B form exp(B/(2d^2)). Returns (scales, indptr, indices, "
+        "data, nnz); indices/data are valid up to nnz.");
+  m.def("smooth_1d_prepare", &smooth_1d_prepare, py::arg("x"), py::arg("x_shift"),
+        py::arg("range"), py::arg("n_intervals"), py::arg("num_average"), py::arg("sigma"),
+        "Held-window data (window uint16, q float64; 10 B/point) for smooth_1d_apply.");
+  m.def("smooth_1d_apply", &smooth_1d_apply, py::arg("x"), py::arg("x_shift"), py::arg("range"),
+        py::arg("n_intervals"), py::arg("num_average"), py::arg("sigma"), py::arg("window"),
+        py::arg("q"), py::arg("parameters"), py::arg("first_fixed") = false,
+        py::arg("d") = py::none(), py::arg("derivatives") = true,
+        py::arg("scales_out") = py::none(), py::arg("indptr_out") = py::none(),
+        py::arg("indices_out") = py::none(), py::arg("data_out") = py::none(),
+        "As smooth_1d_eval with windows and q from smooth_1d_prepare (no exponential per row).");
+  m.def("sh_scales_f32", &sh_scales_f32, py::arg("harmonic_values"), py::arg("parameters"),
+        "1 + H @ parameters for a float32 (n, n_params) block, accumulated in double.");
+  m.def("harmonics_from_lookup_f32", &harmonics_from_lookup_f32, py::arg("s0_lookup"),
+        py::arg("s1_lookup"), py::arg("table"), py::arg("n_params"),
+        "Float32 (n, n_params) block of lookup-table harmonics (mean of the two rows).");
   m.def("rotate_vectors_about_axis", &rotate_vectors_about_axis, py::arg("rot_axis"),
         py::arg("vectors"), py::arg("angles"));
   m.def("real_harmonics", &real_harmonics, py::arg("lmax"), py::arg("theta"), py::arg("phi"),

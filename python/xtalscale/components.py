@@ -106,6 +106,27 @@ def _readonly(*arrays: np.ndarray) -> None:
             a.flags.writeable = False
 
 
+def _nbytes_held(arrays: Sequence[Any], given: Sequence[Any]) -> int:
+    """Bytes of the distinct numpy buffers in ``arrays`` that are not (views of) ``given``.
+
+    ``given`` are the caller's arrays (data columns the component only references); views
+    of one buffer are counted once.
+    """
+    seen: dict = {}
+    given = [g for g in given if isinstance(g, np.ndarray)]
+    for a in arrays:
+        if not isinstance(a, np.ndarray) or a.size == 0:
+            continue
+        if any(np.may_share_memory(a, g) for g in given):
+            continue
+        base = a
+        while isinstance(base.base, np.ndarray):
+            base = base.base
+        key = base.__array_interface__["data"][0]
+        seen[key] = max(seen.get(key, 0), base.nbytes)
+    return int(sum(seen.values()))
+
+
 def _csr(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: tuple) -> sp.csr_matrix:
     """Wrap CSR arrays without copying (scipy keeps int32 indices when they fit)."""
     m = sp.csr_matrix((data, indices, indptr), shape=shape, copy=False)
@@ -248,6 +269,7 @@ class ScaleComponentBase:
         state = self.__dict__.copy()
         for key in self._transient:
             state.pop(key, None)
+        state.pop("_given", None)  # the caller's arrays: referenced only for held_bytes
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -308,6 +330,7 @@ class ScaleComponentBase:
                 raise ComponentError(
                     f"{type(self).__name__}.data needs exactly the keys "
                     f"{sorted(self._data_keys)} (missing {missing}, unexpected {extra})")
+        self._given = [v for v in data.values() if isinstance(v, np.ndarray)]
         self._data = self._convert_data(dict(data))
 
     @data.deleter
@@ -317,6 +340,20 @@ class ScaleComponentBase:
     def _convert_data(self, data: dict) -> dict:
         """Validate and convert data columns (subclasses override)."""
         return data
+
+    def _held_arrays(self) -> list:
+        """Arrays this component holds between calls (subclasses extend)."""
+        return list(self._data.values())
+
+    def held_bytes(self) -> int:
+        """Bytes of per-reflection state this component holds between calls.
+
+        Counts the buffers it allocated and keeps (converted data columns, normalised
+        coordinates, weight matrices, harmonic blocks, grid indices), each once; excludes the
+        data columns it was given and only references, class-wide shared tables (see
+        :meth:`SHScaleComponent.shared_table_bytes`) and the outputs returned to the caller.
+        """
+        return _nbytes_held(self._held_arrays(), getattr(self, "_given", []))
 
     def _data_length(self) -> int:
         if not self._data:
@@ -659,23 +696,39 @@ class SHScaleComponent(ScaleComponentBase):
     mode, read from the class-wide ``coefficients_list`` lookup table). Either way the block's
     ``n_refl × n_params`` harmonic matrix is built once in ``update_reflection_data`` and kept
     dense; a call is one matrix-vector product, and the derivative matrix shares its memory.
+
+    Large-data ("memory"/lookup) regime: the block is held as **float32** (4·n_params
+    B/reflection, computed once in ``update_reflection_data``) unless ``exact_harmonics`` is
+    True. Reasoning: in this regime the harmonics already come from DIALS's 0.5° lookup table,
+    whose values differ from the exact harmonics by up to ~1e-2; float32 rounding (2⁻²⁴ ≈ 6e-8
+    relative per value, so |Δs| ≤ 6e-8·Σ|C_lm·Ȳ_lm|) is five orders of magnitude smaller.
+    Scales are accumulated in double from the float32 block and float64 coefficients; the
+    dense derivative block is the held block itself (:meth:`calculate_scales_and_dense_derivatives`,
+    no per-call copy). The exact float64 path is kept for "speed" data (exact harmonics, used
+    by models up to 100k reflections) and whenever ``exact_harmonics`` is True. No column-index
+    pattern is held: ``calculate_scales_and_derivatives`` builds the CSR pattern per call.
     """
 
     null_parameter_value = 0.0
     coefficients_list: ClassVar[Optional[list]] = None
     _table_cache: ClassVar[dict] = {}
-    # Column pattern 0..p-1 repeated per row, shared by every instance (read-only, grown on demand).
-    _col_index: ClassVar[dict] = {}
     #: "Memory" mode: keep a block's harmonic matrix once its derivatives have been built
     #: (faster repeated calls, 8·n_params bytes per reflection). Set False on the class or an
     #: instance to rebuild it on each derivative call instead and hold only 8 bytes/reflection.
     cache_harmonics: ClassVar[bool] = True
+    #: "Memory" mode: hold the float64 lookup harmonics instead of the float32 block (exact
+    #: averages of the table rows; 8·n_params instead of 4·n_params bytes per reflection).
+    exact_harmonics: ClassVar[bool] = False
+    #: The float32 block is used only above this many reflections (DIALS's own switch to the
+    #: lookup table); smaller lookup data keep the float64 path.
+    float32_min_reflections: ClassVar[int] = 100_000
 
     _transient = ("_table",)
 
     def _reset_transient(self) -> None:
         # The lookup table is class-wide; re-read it (it must be set in this process too).
-        self._table = self._lookup_table(self._n_params) if self._lookup_blocks else None
+        needed = any(pair is not None for pair in self._lookup_blocks)
+        self._table = self._lookup_table(self._n_params) if needed else None
 
     def __init__(self, initial_values: Any, parameter_esds: Any = None) -> None:
         super().__init__(initial_values, parameter_esds)
@@ -688,6 +741,7 @@ class SHScaleComponent(ScaleComponentBase):
     def data(self, data: dict) -> None:
         keys = set(data.keys())
         name = type(self).__name__
+        self._given = [v for v in data.values() if isinstance(v, np.ndarray)]
         if keys == {"s0_lookup", "s1_lookup"}:
             self._mode = "memory"
             self._data = {k: self._lookup_column(data[k], k) for k in ("s0_lookup", "s1_lookup")}
@@ -706,7 +760,10 @@ class SHScaleComponent(ScaleComponentBase):
         arr = np.asarray(values)
         if arr.ndim != 1 or not (np.issubdtype(arr.dtype, np.integer) or arr.size == 0):
             raise ComponentError(f"SHScaleComponent: data['{name}'] must be a 1-D integer array")
-        return arr.astype(np.int64, copy=False)
+        if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.int32).max):
+            bad = int(arr.min() if arr.min() < 0 else arr.max())
+            raise IndexError(f"SHScaleComponent: data['{name}'] index {bad} is out of range")
+        return arr.astype(np.int32, copy=False)  # grid indices: 4 bytes each
 
     def _harmonics_by_row(self, table: Any) -> np.ndarray:
         """(n_params × n_refl) table (sparse or dense) → C-contiguous (n_refl × n_params)."""
@@ -780,9 +837,10 @@ class SHScaleComponent(ScaleComponentBase):
     def update_reflection_data(self, selection: Any = None, block_selections: Any = None) -> None:
         """Select each block's harmonics ("speed") or grid indices ("memory").
 
-        In "memory" mode only the two grid indices per reflection are kept (8 bytes); scales
-        are read from the shared table, and a block's harmonic matrix is built the first time
-        its derivatives are asked for.
+        In "memory" mode the block's harmonics are built here as float32 (see the class
+        notes; float64 with ``exact_harmonics``). With ``cache_harmonics`` False only the two
+        grid indices per reflection are kept (8 bytes); scales are then read from the shared
+        table and the harmonic matrix is rebuilt on each derivative call.
         """
         name = type(self).__name__
         if self._mode is None:
@@ -812,6 +870,13 @@ class SHScaleComponent(ScaleComponentBase):
             self._lookup_blocks.append(tuple(pair))
         self._blocks = [None] * len(blocks)
         self._n_refl = [int(p[0].size) for p in self._lookup_blocks]
+        if self.cache_harmonics and not self.exact_harmonics and n > self.float32_min_reflections:
+            for b, (i0, i1) in enumerate(self._lookup_blocks):
+                h = _kern.harmonics_from_lookup_f32(i0, i1, self._table, self._n_params)
+                _readonly(h)
+                self._blocks[b] = h
+            # The blocks replace the indices; the grid indices stay in self._data.
+            self._lookup_blocks = [None] * len(blocks)
 
     def _block_matrix(self, b: int) -> np.ndarray:
         h = self._blocks[b]
@@ -823,44 +888,64 @@ class SHScaleComponent(ScaleComponentBase):
                 self._blocks[b] = h
         return h
 
-    def _matrix(self, h: np.ndarray) -> sp.csr_matrix:
-        """The dense block as CSR sharing its values; the column pattern is shared too."""
+    @staticmethod
+    def _matrix(h: np.ndarray) -> sp.csr_matrix:
+        """The dense block as float64 CSR. The column pattern is built here, per call, and not
+        held (it would cost 4·n_params bytes per reflection); float64 blocks share their values."""
         n, p = h.shape
-        indices, indptr = self._pattern(n, p)
-        return _csr(h.reshape(-1), indices, indptr, (n, p))
-
-    @classmethod
-    def _pattern(cls, n: int, p: int) -> tuple:
-        """Read-only (indices, indptr) of a full n × p matrix; the same arrays on every call."""
-        cached = cls._col_index.get((n, p))
-        if cached is None:
-            cols = cls._col_index.get(p)
-            if cols is None or cols.size < n * p:
-                cols = np.tile(np.arange(p, dtype=np.int32), max(n, 1))
-                _readonly(cols)
-                cls._col_index[p] = cols
-            indptr = np.arange(0, n * p + 1, max(p, 1), dtype=np.int32)[: n + 1]
-            _readonly(indptr)
-            cached = (cols[: n * p], indptr)
-            if len(cls._col_index) > 64:  # many distinct block sizes: keep the cache small
-                cls._col_index = {k: v for k, v in cls._col_index.items() if isinstance(k, int)}
-            cls._col_index[(n, p)] = cached
-        return cached
+        indices = np.tile(np.arange(p, dtype=np.int32), n)
+        indptr = np.arange(0, n * p + 1, max(p, 1), dtype=np.int32)[: n + 1]
+        data = h.reshape(-1) if h.dtype == np.float64 else h.reshape(-1).astype(np.float64)
+        m = _csr(data, indices, indptr, (n, p))
+        m._xtalscale_dense = True  # a full n × p pattern: product_rule identifies it by shape
+        return m
 
     def calculate_scales_and_derivatives(self, block_id: int = 0) -> tuple:
         b = self._check_block(block_id)
         h = self._block_matrix(b)
         # Scales by the same path calculate_scales will take, so the two always agree.
-        scales = self.calculate_scales(b) if self._blocks[b] is None else _kern.sh_scales(
-            h, self._parameters)
+        scales = self.calculate_scales(b) if self._blocks[b] is None else self._scales(h)
         return scales, self._matrix(h)
+
+    def calculate_scales_and_dense_derivatives(self, block_id: int = 0) -> tuple:
+        """``(scales, ∂s/∂C)`` with the derivatives as the dense read-only (n_refl × n_params)
+        harmonic block itself (float32 in the lookup regime, see the class notes): no copy and
+        no sparse pattern, so a call costs one pass over the block."""
+        b = self._check_block(block_id)
+        h = self._block_matrix(b)
+        scales = self.calculate_scales(b) if self._blocks[b] is None else self._scales(h)
+        return scales, h
+
+    def _scales(self, h: np.ndarray) -> np.ndarray:
+        if h.dtype == np.float32:
+            return _kern.sh_scales_f32(h, self._parameters)
+        return _kern.sh_scales(h, self._parameters)
 
     def calculate_scales(self, block_id: int = 0) -> np.ndarray:
         b = self._check_block(block_id)
         if self._blocks[b] is None:
             i0, i1 = self._lookup_blocks[b]
             return _kern.lookup_sh_scales(i0, i1, self._table, self._parameters)
-        return _kern.sh_scales(self._blocks[b], self._parameters)
+        return self._scales(self._blocks[b])
+
+    def _held_arrays(self) -> list:
+        arrays = list(self._data.values()) + [h for h in self._blocks if h is not None]
+        for pair in self._lookup_blocks:
+            if pair is not None:
+                arrays += list(pair)
+        return arrays
+
+    @classmethod
+    def shared_table_bytes(cls) -> int:
+        """Bytes of the class-wide lookup tables (``coefficients_list`` and its stacked copy),
+        shared by every instance in the process and not counted by :meth:`held_bytes`."""
+        total = 0
+        if cls.coefficients_list is not None:
+            total += sum(np.asarray(c).nbytes for c in cls.coefficients_list)
+        cached = cls._table_cache.get("table")
+        if cached is not None:
+            total += cached[1].nbytes
+        return int(total)
 
     def calculate_restraints(self) -> tuple:
         """``(w·C², 2·w·C)`` with w the ``parameter_restraints``."""
@@ -957,10 +1042,16 @@ class _SmoothComponentND(ScaleComponentBase, SmoothMixin):
 
     null_parameter_value = 1.0
     _axes: ClassVar[tuple] = ("x",)
-    _transient = ("_caches", "_smoother", "_factor_cache")
+    _transient = ("_caches", "_smoother", "_factor_cache", "_lean_windows")
+    #: 1-D blocks with more reflections than this hold no weights ("lean" mode): each call
+    #: recomputes them in C++ (the smoother's bulk product-form weights, within ~1e-15 of
+    #: DIALS's direct formula) straight into the outputs, so the component holds only the
+    #: normalised coordinate (8 B/reflection). Smaller blocks cache DIALS-exact weights.
+    lean_min_reflections: ClassVar[int] = 100_000
 
     def _reset_transient(self) -> None:
         self._caches = {}
+        self._lean_windows = {}
         self._factor_cache = {}
         self._smoother = self._make_smoother() if self._ranges else None
 
@@ -971,6 +1062,7 @@ class _SmoothComponentND(ScaleComponentBase, SmoothMixin):
         self._normalised: list = []  # per axis: list of per-block arrays
         self._ranges: list = []
         self._caches: dict = {}
+        self._lean_windows: dict = {}  # lean blocks: (key, x, window uint16, q float64)
 
     # -- subclass hooks
     def _shape(self) -> tuple:
@@ -1006,6 +1098,7 @@ class _SmoothComponentND(ScaleComponentBase, SmoothMixin):
         self._normalised = normalised
         self._smoother = self._make_smoother()
         self._caches = {}
+        self._lean_windows = {}
         self._n_refl = [int(v.size) for v in normalised[0]]
 
     def _make_smoother(self) -> Any:
@@ -1041,11 +1134,67 @@ class _SmoothComponentND(ScaleComponentBase, SmoothMixin):
     def _values(self, w: _WeightCache) -> np.ndarray:
         return w.matrix.values(self._parameters)
 
-    def calculate_scales_and_derivatives(self, block_id: int = 0) -> tuple:
+    def _is_lean(self, b: int) -> bool:
+        return len(self._axes) == 1 and self._n_refl[b] > self.lean_min_reflections
+
+    def _lean_d(self, b: int) -> Optional[np.ndarray]:
+        return None  # the B-factor subclass passes d
+
+    def _lean_eval(self, b: int, derivatives: bool, out: Optional[Sequence[np.ndarray]]) -> tuple:
+        """Lean 1-D evaluation (see ``lean_min_reflections``) into ``out`` or fresh arrays."""
+        if out is None:
+            out = (None, None, None, None)
+        elif len(out) != 4:
+            raise ValueError("out must be (scales, indptr, indices, data) buffers, e.g. from "
+                             "derivative_buffers()")
+        num_average, sigma = _smoothing_settings(self._smoother, 1)
+        x = self._normalised[0][b]
+        setup = (x, 0.0, tuple(self._ranges[0]), self.nparam_to_val(self._n_params), num_average,
+                 sigma)
+        key = setup[2:]
+        held = getattr(self, "_lean_windows", {}).get(b)
+        if held is None or held[0] != key or held[1] is not x:
+            # Windows and q = exp(2ad) per point (10 B): parameter-independent, so computed once
+            # (again if the coordinates or smoother settings change).
+            held = (key, x, *_kern.smooth_1d_prepare(*setup))
+            if not hasattr(self, "_lean_windows"):
+                self._lean_windows = {}
+            self._lean_windows[b] = held
+        return _kern.smooth_1d_apply(*setup, held[2], held[3], self._parameters,
+                                     self._fixed_initial, self._lean_d(b), derivatives, *out)
+
+    def derivative_buffers(self, block_id: int = 0) -> tuple:
+        """Caller-owned output buffers ``(scales, indptr, indices, data)`` sized for block
+        ``block_id``, to pass as ``out=`` to :meth:`calculate_scales_and_derivatives`."""
+        b = self._check_block(block_id)
+        n = self._n_refl[b]
+        if not self._is_lean(b):
+            raise ValueError(f"block_id {block_id}: derivative_buffers is for lean 1-D blocks "
+                             f"(more than lean_min_reflections={self.lean_min_reflections} rows)")
+        num_average = _smoothing_settings(self._smoother, 1)[0]
+        p = self._n_params  # the smoother's window bound (max_row_nnz)
+        width = p if p <= 3 else max(min(num_average, p), 2)
+        return (np.empty(n), np.empty(n + 1, dtype=np.int32), np.empty(n * width, dtype=np.int32),
+                np.empty(n * width))
+
+    def calculate_scales_and_derivatives(self, block_id: int = 0,
+                                         out: Optional[Sequence[np.ndarray]] = None) -> tuple:
+        """Scales and ``∂s/∂p`` (CSR) of block ``block_id``.
+
+        ``out`` (lean 1-D blocks only, else ignored): caller-owned ``(scales, indptr, indices,
+        data)`` buffers (see :meth:`derivative_buffers`) written in place; the returned arrays
+        are views of them, valid until the next call with the same buffers.
+        """
         b = self._check_block(block_id)
         n = self._n_refl[b]
         if n == 0:
             return np.zeros(0), _empty_derivatives()
+        if self._is_lean(b):
+            scales, indptr, indices, data, nnz = self._lean_eval(b, True, out)
+            return scales[:n], _csr(data[:nnz], indices[:nnz], indptr[: n + 1], (n, self._n_free()))
+        return self._exact_scales_and_derivatives(b, n)
+
+    def _exact_scales_and_derivatives(self, b: int, n: int) -> tuple:
         w = self._weights(b)
         return self._values(w), _csr(w.data, w.indices, w.indptr, (n, self._n_free()))
 
@@ -1053,7 +1202,29 @@ class _SmoothComponentND(ScaleComponentBase, SmoothMixin):
         b = self._check_block(block_id)
         if self._n_refl[b] == 0:
             return np.zeros(0)
+        if self._is_lean(b):
+            return self._lean_eval(b, False, None)[0]
+        return self._exact_scales(b)
+
+    def _exact_scales(self, b: int) -> np.ndarray:
         return self._values(self._weights(b))
+
+    def _held_arrays(self) -> list:
+        arrays = list(self._data.values())
+        for axis_blocks in self._normalised:
+            arrays += list(axis_blocks)
+        for cache in self._caches.values():
+            arrays += [cache.indptr, cache.indices, cache.data]
+            first = getattr(cache.matrix, "first_col", None)
+            if first is not None:
+                arrays.append(np.asarray(first))
+        for held in getattr(self, "_lean_windows", {}).values():
+            arrays += [held[2], held[3]]
+        for _, factor in getattr(self, "_factor_cache", {}).values():
+            arrays.append(factor)
+        for d in getattr(self, "_d_values", []):
+            arrays.append(d)
+        return arrays
 
 
 class SmoothScaleComponent1D(_SmoothComponentND):
@@ -1122,6 +1293,7 @@ class SmoothScaleComponent1D(_SmoothComponentND):
         self._parameter_esds = None
         self._n_params = int(p.size)
         self._caches = {}
+        self._lean_windows = {}
 
     @property
     def normalised_values(self) -> list:
@@ -1184,18 +1356,14 @@ class SmoothBScaleComponent1D(SmoothScaleComponent1D):
         w = self._weights(b)
         return w, w.matrix.b_scales(self._parameters, self._factor(b), derivatives)
 
-    def calculate_scales_and_derivatives(self, block_id: int = 0) -> tuple:
-        b = self._check_block(block_id)
-        n = self._n_refl[b]
-        if n == 0:
-            return np.zeros(0), _empty_derivatives()
+    def _lean_d(self, b: int) -> Optional[np.ndarray]:
+        return self._d_values[b]
+
+    def _exact_scales_and_derivatives(self, b: int, n: int) -> tuple:
         w, (scales, d_data) = self._b_scales(b, True)
         return scales, _csr(d_data, w.indices, w.indptr, (n, self._n_free()))
 
-    def calculate_scales(self, block_id: int = 0) -> np.ndarray:
-        b = self._check_block(block_id)
-        if self._n_refl[b] == 0:
-            return np.zeros(0)
+    def _exact_scales(self, b: int) -> np.ndarray:
         return self._b_scales(b, False)[1][0]
 
     def calculate_restraints(self) -> tuple:
@@ -1238,6 +1406,7 @@ class _SmoothGridComponent(_SmoothComponentND):
         self._parameter_esds = None
         self._n_params = int(p.size)
         self._caches = {}
+        self._lean_windows = {}
 
     @property
     def n_x_params(self) -> int:
@@ -1380,7 +1549,7 @@ def product_rule(results: Sequence[tuple], widths: Optional[Sequence[int]] = Non
     """
     if len(results) == 0:
         raise ComponentError("product_rule needs at least one component")
-    scales, indptrs, indices, data, cols = [], [], [], [], []
+    scales, indptrs, indices, data, cols, keys = [], [], [], [], [], []
     n = np.asarray(results[0][0]).size
     for c, (s, d) in enumerate(results):
         m = d if sp.issparse(d) and d.format == "csr" else ScaleComponentBase.as_sparse_derivatives(d)
@@ -1391,10 +1560,12 @@ def product_rule(results: Sequence[tuple], widths: Optional[Sequence[int]] = Non
         indices.append(np.ascontiguousarray(m.indices, dtype=np.int32))
         data.append(m.data)
         cols.append(m.shape[1])
+        keys.append(("dense", m.shape) if getattr(m, "_xtalscale_dense", False)
+                    else (_buffer_key(indptrs[-1]), _buffer_key(indices[-1])))
     widths = cols if widths is None else [int(w) for w in widths]
     if len(widths) != len(results):
         raise ComponentError(f"product_rule: {len(widths)} widths for {len(results)} components")
-    pattern = (tuple(widths), tuple(_buffer_key(a) for a in indptrs + indices))
+    pattern = (tuple(widths), tuple(keys))
     previous = getattr(out, "_xtalscale_pattern", None) if out is not None else None
     if previous is not None and previous[0] == pattern:
         g, _, _, values, _ = _kern.product_rule(scales, indptrs, indices, data, widths, out.data)

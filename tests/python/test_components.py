@@ -581,6 +581,7 @@ def test_sh_lookup_mode_scales_and_derivatives(rng):
 def test_lookup_mode_scales_without_the_harmonic_matrix(rng, n):
     s0c, s1c = rng.normal(size=(n, 3)), rng.normal(size=(n, 3))
     comp = SHScaleComponent(rng.uniform(-0.1, 0.1, 24))
+    comp.exact_harmonics = True  # the lazy float64 path (above 100k the default is float32)
     comp.data = sh_lookup_data(s0c, s1c, 4)
     comp.update_reflection_data()
     assert comp._blocks == [None]  # only the grid indices are held until derivatives are asked

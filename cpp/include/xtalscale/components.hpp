@@ -76,6 +76,59 @@ XTALSCALE_EXPORT void row_multiply(std::size_t n_rows, const std::int64_t* indpt
 XTALSCALE_EXPORT void sh_scales(std::size_t n, std::size_t n_params, const double* harmonics,
                                 const double* coef, double* scales);
 
+/// SH surface from a float32 harmonic block: scales[i] = 1 + Σ_k double(H[i,k])·coef[k], summed
+/// in double (four partial sums per row in a fixed order, so results do not depend on the
+/// machine). Used in the large-data (lookup-table) regime, where the block is held as float32:
+/// its 2^-24 ≈ 6e-8 relative rounding is far below the ~1e-2 error of the 0.5° lookup table.
+XTALSCALE_EXPORT void sh_scales_f32(std::size_t n, std::size_t n_params, const float* harmonics,
+                                    const double* coef, double* scales);
+
+/// Float32 harmonic block from the lookup table: out[j, k] = float((t[i0[j], k] + t[i1[j], k])/2)
+/// for k < n_cols, with t an n_rows × row_stride row-major table. Throws std::out_of_range
+/// naming s0_lookup / s1_lookup for an index outside [0, n_rows).
+XTALSCALE_EXPORT void harmonics_from_lookup_f32(const std::int32_t* i0, const std::int32_t* i1,
+                                                std::size_t n, const double* table,
+                                                std::size_t n_rows, std::size_t row_stride,
+                                                std::size_t n_cols, float* out);
+
+/// Lean 1-D smooth component: recompute the normalised weights of @p smoother at the n points
+/// x[i] − x_shift (no weights are held between calls) and write, into caller buffers,
+///  * scales[i] = Σ_j w_ij p_j (or, when @p d is non-null, exp(that · 1/(2 d[i]²)), the
+///    smoothed-B "decay" scale);
+///  * if @p indptr is non-null, the derivative matrix ∂s/∂p (CSR, 32-bit indices; without
+///    column 0 when @p first_fixed): for the B form each row is also multiplied by
+///    scales[i]/(2 d[i]²).
+/// @p indices / @p data need capacity n·smoother.max_row_nnz(). Weights are the smoother's
+/// bulk (product-form) weights, within ~1e-15 relative of DIALS's direct formula.
+/// Returns the nnz written. Throws std::invalid_argument naming "x" or "d" for non-finite
+/// input (or a non-positive d).
+XTALSCALE_EXPORT std::size_t smooth_1d_eval(const GaussianSmoother<1>& smoother, std::size_t n,
+                                            const double* x, double x_shift, const double* p,
+                                            std::size_t n_params, bool first_fixed,
+                                            const double* d, double* scales,
+                                            std::int32_t* indptr, std::int32_t* indices,
+                                            double* data);
+
+/// Held-window form of smooth_1d_eval, for repeated calls on the same coordinates. Prepare
+/// once: window[i] = first << 3 | count of point i's smoother window, and q[i] = exp(2a·d_i),
+/// a = 1/σ², d_i = z_i − pos[first] (NaN for a point so far outside the range that q^k could
+/// overflow; those rows use DIALS's direct formula from x at apply time). 10 bytes per point.
+/// Returns the number of such far points. Needs num_values() <= 8191.
+XTALSCALE_EXPORT std::size_t smooth_1d_prepare(const GaussianSmoother<1>& smoother,
+                                               std::size_t n, const double* x, double x_shift,
+                                               std::uint16_t* window, double* q);
+
+/// Apply: as smooth_1d_eval, but the windows and q come from smooth_1d_prepare, so a row costs
+/// no exponential: the normalised weights are q^k·c_k / Σ_j q^j·c_j with c_k = exp(−a k²)
+/// (the common factor exp(−a d²) cancels), within a few ulp of DIALS's direct formula.
+XTALSCALE_EXPORT std::size_t smooth_1d_apply(const GaussianSmoother<1>& smoother, std::size_t n,
+                                             const double* x, double x_shift,
+                                             const std::uint16_t* window, const double* q,
+                                             const double* p, std::size_t n_params,
+                                             bool first_fixed, const double* d, double* scales,
+                                             std::int32_t* indptr, std::int32_t* indices,
+                                             double* data);
+
 /// Check that a CSR structure is well formed for a n_rows × n_cols matrix: indptr starts at 0,
 /// is non-decreasing and ends at nnz, and every index is in [0, n_cols). Throws naming @p what.
 XTALSCALE_EXPORT void validate_csr(std::size_t n_rows, std::size_t n_cols,

@@ -94,6 +94,30 @@ def lookup_sh_scales(
     s0_lookup: npt.NDArray[np.int32], s1_lookup: npt.NDArray[np.int32], table: npt.ArrayLike,
     parameters: npt.ArrayLike
 ) -> _F64: ...
+def smooth_1d_eval(
+    x: npt.ArrayLike, x_shift: float, range: Tuple[float, float], n_intervals: int,
+    num_average: int, sigma: float, parameters: npt.ArrayLike, first_fixed: bool = False,
+    d: Optional[npt.ArrayLike] = None, derivatives: bool = True,
+    scales_out: Optional[_F64] = None, indptr_out: Optional[_I32] = None,
+    indices_out: Optional[_I32] = None, data_out: Optional[_F64] = None
+) -> Tuple[_F64, Optional[_I32], Optional[_I32], Optional[_F64], int]: ...
+def smooth_1d_prepare(
+    x: npt.ArrayLike, x_shift: float, range: Tuple[float, float], n_intervals: int,
+    num_average: int, sigma: float
+) -> Tuple[npt.NDArray[np.uint16], _F64]: ...
+def smooth_1d_apply(
+    x: npt.ArrayLike, x_shift: float, range: Tuple[float, float], n_intervals: int,
+    num_average: int, sigma: float, window: npt.NDArray[np.uint16], q: npt.ArrayLike,
+    parameters: npt.ArrayLike, first_fixed: bool = False, d: Optional[npt.ArrayLike] = None,
+    derivatives: bool = True, scales_out: Optional[_F64] = None,
+    indptr_out: Optional[_I32] = None, indices_out: Optional[_I32] = None,
+    data_out: Optional[_F64] = None
+) -> Tuple[_F64, Optional[_I32], Optional[_I32], Optional[_F64], int]: ...
+def sh_scales_f32(harmonic_values: npt.ArrayLike, parameters: npt.ArrayLike) -> _F64: ...
+def harmonics_from_lookup_f32(
+    s0_lookup: npt.NDArray[np.int32], s1_lookup: npt.NDArray[np.int32], table: npt.ArrayLike,
+    n_params: int
+) -> npt.NDArray[np.float32]: ...
 def rotate_vectors_about_axis(rot_axis: npt.ArrayLike, vectors: npt.ArrayLike, angles: npt.ArrayLike) -> _F64: ...
 def real_harmonics(lmax: int, theta: float, phi: float) -> _F64: ...
 def n_sph_harm_params(lmax: int) -> int: ...

@@ -1,0 +1,257 @@
+"""Large-data ("lean") paths of the physical model's components.
+
+* SH absorption in the lookup regime holds a float32 harmonic block (no column pattern);
+* 1-D smoothers above ``lean_min_reflections`` hold no weights, only the normalised
+  coordinate and a 10-byte window record per reflection, and recompute the weights per call.
+
+The thresholds are lowered per instance so the tests run on small data. No timings here:
+memory claims are checked through ``held_bytes()``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from xtalscale._core import components as kern
+from xtalscale.components import (
+    SHScaleComponent,
+    SmoothBScaleComponent1D,
+    SmoothScaleComponent1D,
+    product_rule,
+    sh_lookup_data,
+)
+
+F32_EPS = 2.0 ** -24  # unit roundoff of float32 (round to nearest)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(7)
+
+
+def _sh(rng, n, lmax=4, float32=True):
+    p = lmax * lmax + 2 * lmax
+    comp = SHScaleComponent(rng.uniform(-0.05, 0.05, p))
+    comp.float32_min_reflections = 0 if float32 else 10**12
+    comp.data = sh_lookup_data(rng.normal(size=(n, 3)), rng.normal(size=(n, 3)), lmax)
+    comp.update_reflection_data()
+    return comp
+
+
+def test_sh_float32_block_within_float32_rounding_of_exact(rng):
+    n = 3000
+    fast = _sh(rng, n)
+    exact = SHScaleComponent(fast.parameters.copy())
+    exact.exact_harmonics = True
+    exact.data = dict(fast.data)
+    exact.update_reflection_data()
+    s32, h32 = fast.calculate_scales_and_dense_derivatives()
+    s64, h64 = exact.calculate_scales_and_dense_derivatives()
+    assert h32.dtype == np.float32 and h64.dtype == np.float64 and h32.shape == (n, 24)
+    # Each stored harmonic is the float64 value rounded once to float32.
+    assert np.all(np.abs(h32 - h64) <= F32_EPS * np.abs(h64))
+    # Scales: Σ C_k h_k accumulated in double from those values, so
+    # |Δs| <= 2^-24 Σ |C_k h_k| (+ double rounding, far smaller).
+    bound = F32_EPS * (np.abs(h64) @ np.abs(exact.parameters)) + 1e-15
+    assert np.all(np.abs(s32 - s64) <= bound)
+    # The scipy (DIALS-API) form holds the same values.
+    s, d = fast.calculate_scales_and_derivatives()
+    np.testing.assert_array_equal(s, s32)
+    np.testing.assert_array_equal(d.toarray(), h32.astype(np.float64))
+    np.testing.assert_array_equal(fast.calculate_scales(), s32)
+
+
+def test_sh_float32_derivatives_match_finite_differences(rng):
+    comp = _sh(rng, 500)
+    s0, h = comp.calculate_scales_and_dense_derivatives()
+    step = 1e-3
+    for k in (0, 5, 23):
+        p = comp.parameters.copy()
+        p[k] += step
+        comp.parameters = p
+        s1 = comp.calculate_scales()
+        p[k] -= step
+        comp.parameters = p
+        # The surface is linear in C: the difference quotient equals the column (to rounding).
+        np.testing.assert_allclose((s1 - s0) / step, h[:, k], rtol=0, atol=1e-9)
+
+
+def test_sh_held_bytes_float32_block_and_no_pattern(rng):
+    n, p = 2000, 24
+    comp = _sh(rng, n)
+    block = 4 * p * n
+    lookups = 2 * 4 * n  # int32 grid indices kept in .data
+    assert comp.held_bytes() == block + lookups
+    comp.calculate_scales_and_derivatives()  # builds a CSR pattern for the caller ...
+    assert comp.held_bytes() == block + lookups  # ... which is not kept
+    assert not hasattr(SHScaleComponent, "_col_index")
+    _, h = comp.calculate_scales_and_dense_derivatives()
+    assert not h.flags.writeable  # a view of the held block, not a copy
+    h2 = comp.calculate_scales_and_dense_derivatives()[1]
+    assert np.shares_memory(h, h2)
+    exact = _sh(rng, n, float32=False)
+    exact.calculate_scales_and_derivatives()
+    assert exact.held_bytes() == 8 * p * n + lookups  # float64 block below the threshold
+
+
+def test_sh_shared_table_is_reported_separately(rng):
+    _sh(rng, 10)
+    assert SHScaleComponent.shared_table_bytes() >= 360 * 180 * 4 * 24 * 8
+
+
+def _smooth_pair(rng, cls, n, fixed=False):
+    n_par = 12
+    made = []
+    x = rng.uniform(0, 10, n)
+    d = rng.uniform(0.8, 4.0, n)
+    for lean in (True, False):
+        comp = cls(rng.uniform(0.8, 1.2, n_par) if cls is SmoothScaleComponent1D
+                   else rng.uniform(-0.5, 0.5, n_par))
+        comp.lean_min_reflections = 0 if lean else 10**12
+        if fixed:
+            comp.fix_initial_parameter()
+        comp.data = {"x": x} if cls is SmoothScaleComponent1D else {"x": x, "d": d}
+        comp.update_reflection_data()
+        made.append(comp)
+    made[1].parameters = made[0].parameters.copy()
+    return made
+
+
+@pytest.mark.parametrize("cls", [SmoothScaleComponent1D, SmoothBScaleComponent1D])
+@pytest.mark.parametrize("fixed", [False, True])
+def test_lean_smoother_matches_exact_weights(rng, cls, fixed):
+    lean, exact = _smooth_pair(rng, cls, 4000, fixed)
+    s_l, d_l = lean.calculate_scales_and_derivatives()
+    s_e, d_e = exact.calculate_scales_and_derivatives()
+    # Product-form weights: a few ulp from DIALS's direct formula.
+    np.testing.assert_allclose(s_l, s_e, rtol=1e-14, atol=0)
+    assert d_l.shape == d_e.shape and d_l.nnz == d_e.nnz
+    np.testing.assert_array_equal(d_l.indptr, d_e.indptr)
+    np.testing.assert_array_equal(d_l.indices, d_e.indices)
+    np.testing.assert_allclose(d_l.data, d_e.data, rtol=1e-13, atol=1e-16)
+    np.testing.assert_allclose(lean.calculate_scales(), s_e, rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("cls", [SmoothScaleComponent1D, SmoothBScaleComponent1D])
+def test_lean_smoother_derivatives_match_finite_differences(rng, cls):
+    lean, _ = _smooth_pair(rng, cls, 600)
+    s0, d = lean.calculate_scales_and_derivatives()
+    d = d.toarray()
+    step = 1e-6
+    for k in (0, 4, 11):
+        p = lean.parameters.copy()
+        p[k] += step
+        lean.parameters = p
+        sp_ = lean.calculate_scales()
+        p[k] -= 2 * step
+        lean.parameters = p
+        sm = lean.calculate_scales()
+        p[k] += step
+        lean.parameters = p
+        np.testing.assert_allclose((sp_ - sm) / (2 * step), d[:, k], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("cls", [SmoothScaleComponent1D, SmoothBScaleComponent1D])
+def test_lean_smoother_holds_no_weights(rng, cls):
+    n = 5000
+    lean, exact = _smooth_pair(rng, cls, n)
+    lean.calculate_scales_and_derivatives()
+    # normalised x (8 B) + window record (uint16) + q (float64); x and d are the caller's.
+    assert lean.held_bytes() == n * (8 + 2 + 8)
+    exact.calculate_scales_and_derivatives()
+    assert exact.held_bytes() > n * (8 + 12 + 24)  # the cached weight matrix
+
+
+def test_lean_smoother_writes_into_caller_buffers(rng):
+    lean, _ = _smooth_pair(rng, SmoothBScaleComponent1D, 3000)
+    bufs = lean.derivative_buffers()
+    s, d = lean.calculate_scales_and_derivatives(out=bufs)
+    assert np.shares_memory(s, bufs[0]) and np.shares_memory(d.data, bufs[3])
+    assert np.shares_memory(d.indices, bufs[2]) and np.shares_memory(d.indptr, bufs[1])
+    s2, d2 = lean.calculate_scales_and_derivatives()
+    np.testing.assert_array_equal(s, s2)
+    np.testing.assert_array_equal(d.toarray(), d2.toarray())
+    with pytest.raises(ValueError, match="out"):
+        lean.calculate_scales_and_derivatives(out=bufs[:3])
+    with pytest.raises(ValueError, match="data_out"):
+        lean.calculate_scales_and_derivatives(out=(*bufs[:3], bufs[3][:10]))
+    with pytest.raises(ValueError, match="indices_out"):
+        lean.calculate_scales_and_derivatives(out=(bufs[0], bufs[1], bufs[2].astype(np.int64),
+                                                   bufs[3]))
+    _, exact = _smooth_pair(rng, SmoothScaleComponent1D, 10)
+    with pytest.raises(ValueError, match="derivative_buffers"):
+        exact.derivative_buffers()
+
+
+def test_lean_product_rule_matches_exact(rng):
+    n = 800
+    scale, scale_e = _smooth_pair(rng, SmoothScaleComponent1D, n, fixed=True)
+    decay, decay_e = _smooth_pair(rng, SmoothBScaleComponent1D, n)
+    sh = _sh(rng, n)
+    g, jac = product_rule([c.calculate_scales_and_derivatives() for c in (scale, decay, sh)])
+    g_e, jac_e = product_rule([c.calculate_scales_and_derivatives() for c in (scale_e, decay_e, sh)])
+    np.testing.assert_allclose(g, g_e, rtol=1e-14)
+    assert sp.issparse(jac)
+    np.testing.assert_allclose(jac.toarray(), jac_e.toarray(), rtol=1e-13, atol=1e-15)
+
+
+def _kernel_args(x, n_intervals=10):
+    return (x, 0.0, (0.0, float(n_intervals)), n_intervals, 3, 0.7)
+
+
+def test_lean_kernels_match_dials_weights_outside_the_range(rng):
+    # Points far outside the smoother's range: every DIALS weight underflows (a zero row) or
+    # q^k would overflow; the lean kernels fall back to the direct formula there.
+    x = np.concatenate([rng.uniform(0, 10, 200), [-1e6, 1e6, -30.0, 45.0, -3.0, 13.0]])
+    p = rng.uniform(0.8, 1.2, 12)
+    setup = _kernel_args(x)
+    window, q = kern.smooth_1d_prepare(*setup)
+    s_a, ip_a, ix_a, d_a, nnz_a = kern.smooth_1d_apply(*setup, window, q, p)
+    s_e, ip_e, ix_e, d_e, nnz_e = kern.smooth_1d_eval(*setup, p)
+    w = kern.weight_matrix([x], [(0.0, 10.0)], [10], 3, 0.7, False)
+    ref = w.values(p)
+    np.testing.assert_allclose(s_a, ref, rtol=1e-14, atol=0)
+    np.testing.assert_allclose(s_e, ref, rtol=1e-14, atol=0)
+    assert nnz_a == nnz_e == w.nnz
+    np.testing.assert_array_equal(ip_a, np.asarray(w.indptr))
+    np.testing.assert_array_equal(ix_a[:nnz_a], np.asarray(w.indices))
+    np.testing.assert_allclose(d_a[:nnz_a], np.asarray(w.data), rtol=1e-13, atol=0)
+    assert s_a[-6] == 0.0 and s_a[-5] == 0.0
+
+
+def test_lean_kernels_validate_inputs(rng):
+    x = rng.uniform(0, 10, 50)
+    p = rng.uniform(0.8, 1.2, 12)
+    setup = _kernel_args(x)
+    window, q = kern.smooth_1d_prepare(*setup)
+    bad = x.copy()
+    bad[3] = np.nan
+    with pytest.raises(ValueError, match="x"):
+        kern.smooth_1d_prepare(*_kernel_args(bad))
+    with pytest.raises(ValueError, match="x"):
+        kern.smooth_1d_eval(*_kernel_args(bad), p)
+    with pytest.raises(ValueError, match="parameters"):
+        kern.smooth_1d_apply(*setup, window, q, p[:5])
+    with pytest.raises(ValueError, match="parameters"):
+        kern.smooth_1d_apply(*setup, window, q, np.full(12, np.inf))
+    with pytest.raises(ValueError, match="d"):
+        kern.smooth_1d_apply(*setup, window, q, p, d=np.zeros(50))
+    with pytest.raises(ValueError, match="d"):
+        kern.smooth_1d_apply(*setup, window, q, p, d=np.ones(49))
+    with pytest.raises(ValueError, match="window"):
+        kern.smooth_1d_apply(*setup, window[:10], q, p)
+    with pytest.raises(ValueError, match="window"):
+        kern.smooth_1d_apply(*setup, np.full(50, 0xFFFF, dtype=np.uint16), q, p)
+    with pytest.raises(ValueError, match="scales_out"):
+        kern.smooth_1d_apply(*setup, window, q, p, scales_out=np.empty(3))
+    with pytest.raises(ValueError, match="parameters"):
+        kern.sh_scales_f32(np.zeros((4, 3), np.float32), np.array([1.0, np.nan, 0.0]))
+    with pytest.raises(ValueError, match="harmonic_values"):
+        kern.sh_scales_f32(np.zeros((4, 3), np.float32), np.zeros(2))
+    table = np.zeros((100, 8))
+    with pytest.raises(IndexError, match="s1_lookup"):
+        kern.harmonics_from_lookup_f32(np.zeros(3, np.int32), np.array([0, 100, 0], np.int32),
+                                       table, 8)
+    with pytest.raises(ValueError, match="s0_lookup"):
+        kern.harmonics_from_lookup_f32(np.zeros(3, np.int32), np.zeros(2, np.int32), table, 8)
