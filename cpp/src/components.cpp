@@ -377,16 +377,38 @@ std::size_t smooth_1d_prepare(const GaussianSmoother<1>& smoother, std::size_t n
 
 namespace {
 
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && \
+    defined(__linux__)
+#define XS_LEAN_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define XS_LEAN_MULTIVERSION
+#endif
+
+/// s[j] = exp(s[j]·fac[j]) over a chunk, vectorised (and compiled for AVX2+FMA too, picked at
+/// run time: FMA may change the last bit, within exp_bounded's ~2 ulp). std::exp for a chunk
+/// with an argument outside [−700, 700], so overflow/underflow follow IEEE as elsewhere.
+XS_LEAN_MULTIVERSION void exp_times(std::size_t m, double* s, const double* fac) {
+  bool outside = false;
+  for (std::size_t j = 0; j < m; ++j) {
+    s[j] *= fac[j];
+    outside |= !(s[j] >= -700.0 && s[j] <= 700.0);
+  }
+  if (outside) {
+    for (std::size_t j = 0; j < m; ++j) s[j] = std::exp(s[j]);
+    return;
+  }
+  for (std::size_t j = 0; j < m; ++j) s[j] = exp_bounded(s[j]);
+}
+
 /// Rows of the held-window kernel for a compile-time window bound W (see smooth_1d_apply).
 template <int W>
 std::size_t smooth_1d_apply_w(const SmootherAxis& ax, double sigma, std::size_t n,
                               const double* x, double x_shift, const std::uint16_t* window,
                               const double* q, const double* p, bool first_fixed,
-                              const double* d, double* scales, std::int32_t* indptr,
+                              const double* factor, double* scales, std::int32_t* indptr,
                               std::int32_t* indices, double* data) {
   const double a = 1.0 / (sigma * sigma);
   constexpr std::size_t kChunk = 256;
-  alignas(64) double fac[kChunk];
   double c[W];
   for (int k = 0; k < W; ++k) c[k] = std::exp(-a * k * k);
   const double* pos = ax.positions().data();
@@ -428,22 +450,13 @@ std::size_t smooth_1d_apply_w(const SmootherAxis& ax, double sigma, std::size_t 
     scales[i] = value;
     if (indptr != nullptr) indptr[i + 1] = static_cast<std::int32_t>(nnz);
     // Smoothed B, per chunk of rows while they are in cache: s = exp(B·f), f = 1/(2d²), and
-    // the derivative rows scaled by s·f (one vectorised division and exponential per row).
-    if (d != nullptr && ((i + 1) % kChunk == 0 || i + 1 == n)) {
+    // the derivative rows scaled by s·f (one vectorised exponential per row).
+    if (factor != nullptr && ((i + 1) % kChunk == 0 || i + 1 == n)) {
       const std::size_t c0 = i + 1 - ((i + 1) % kChunk == 0 ? kChunk : (i + 1) % kChunk);
       const std::size_t m = i + 1 - c0;
       double* sc = scales + c0;
-      bool outside = false;
-      for (std::size_t j = 0; j < m; ++j) {
-        fac[j] = 1.0 / (2.0 * d[c0 + j] * d[c0 + j]);
-        sc[j] *= fac[j];
-        outside |= !(sc[j] >= -700.0 && sc[j] <= 700.0);
-      }
-      if (outside) {
-        for (std::size_t j = 0; j < m; ++j) sc[j] = std::exp(sc[j]);
-      } else {
-        exp_inplace(m, sc);
-      }
+      const double* fac = factor + c0;
+      exp_times(m, sc, fac);
       if (indptr != nullptr)
         for (std::size_t j = 0; j < m; ++j) {
           const double r = sc[j] * fac[j];
@@ -459,24 +472,24 @@ std::size_t smooth_1d_apply_w(const SmootherAxis& ax, double sigma, std::size_t 
 std::size_t smooth_1d_apply(const GaussianSmoother<1>& smoother, std::size_t n, const double* x,
                             double x_shift, const std::uint16_t* window, const double* q,
                             const double* p, std::size_t n_params, bool first_fixed,
-                            const double* d, double* scales, std::int32_t* indptr,
+                            const double* factor, double* scales, std::int32_t* indptr,
                             std::int32_t* indices, double* data) {
   require_finite(p, n_params, "parameters");
   require(n_params == smoother.num_values(), "parameters must have one value per smoother value");
-  if (d != nullptr) {
+  if (factor != nullptr) {
     bool bad = false;
-    for (std::size_t i = 0; i < n; ++i) bad |= !(d[i] > 0.0 && d[i] <= kMaxDouble);
-    require(!bad, "d must be finite and positive");
+    for (std::size_t i = 0; i < n; ++i) bad |= !(factor[i] > 0.0 && factor[i] <= kMaxDouble);
+    require(!bad, "factor must be finite and positive");
   }
   const SmootherAxis& ax = smoother.axis(0);
   const double sigma = smoother.sigma();
   std::size_t nnz = 0;
   switch (ax.max_window()) {
-    case 1: nnz = smooth_1d_apply_w<1>(ax, sigma, n, x, x_shift, window, q, p, first_fixed, d, scales, indptr, indices, data); break;
-    case 2: nnz = smooth_1d_apply_w<2>(ax, sigma, n, x, x_shift, window, q, p, first_fixed, d, scales, indptr, indices, data); break;
-    case 3: nnz = smooth_1d_apply_w<3>(ax, sigma, n, x, x_shift, window, q, p, first_fixed, d, scales, indptr, indices, data); break;
-    case 4: nnz = smooth_1d_apply_w<4>(ax, sigma, n, x, x_shift, window, q, p, first_fixed, d, scales, indptr, indices, data); break;
-    default: nnz = smooth_1d_apply_w<5>(ax, sigma, n, x, x_shift, window, q, p, first_fixed, d, scales, indptr, indices, data); break;
+    case 1: nnz = smooth_1d_apply_w<1>(ax, sigma, n, x, x_shift, window, q, p, first_fixed, factor, scales, indptr, indices, data); break;
+    case 2: nnz = smooth_1d_apply_w<2>(ax, sigma, n, x, x_shift, window, q, p, first_fixed, factor, scales, indptr, indices, data); break;
+    case 3: nnz = smooth_1d_apply_w<3>(ax, sigma, n, x, x_shift, window, q, p, first_fixed, factor, scales, indptr, indices, data); break;
+    case 4: nnz = smooth_1d_apply_w<4>(ax, sigma, n, x, x_shift, window, q, p, first_fixed, factor, scales, indptr, indices, data); break;
+    default: nnz = smooth_1d_apply_w<5>(ax, sigma, n, x, x_shift, window, q, p, first_fixed, factor, scales, indptr, indices, data); break;
   }
   return nnz;
 }

@@ -576,7 +576,7 @@ py::tuple smooth_1d_apply(const DoubleArray& x, double x_shift, std::array<doubl
                           std::size_t n_intervals, std::size_t num_average, double sigma,
                           const py::array_t<std::uint16_t, py::array::c_style>& window,
                           const DoubleArray& q, const DoubleArray& p, bool first_fixed,
-                          const std::optional<DoubleArray>& d, bool derivatives,
+                          const std::optional<DoubleArray>& factor, bool derivatives,
                           const py::object& scales_out, const py::object& indptr_out,
                           const py::object& indices_out, const py::object& data_out) {
   require_ndim(x, 1, "x");
@@ -588,10 +588,10 @@ py::tuple smooth_1d_apply(const DoubleArray& x, double x_shift, std::array<doubl
   require_same_length(size_of(window), n, "window", "x");
   require_same_length(size_of(q), n, "q", "x");
   const double* dptr = nullptr;
-  if (d) {
-    require_ndim(*d, 1, "d");
-    require_same_length(size_of(*d), n, "d", "x");
-    dptr = d->data();
+  if (factor) {
+    require_ndim(*factor, 1, "factor");
+    require_same_length(size_of(*factor), n, "factor", "x");
+    dptr = factor->data();
   }
   GaussianSmoother<1> smoother({range}, {n_intervals});
   smoother.set_smoothing(num_average, sigma);
@@ -779,10 +779,11 @@ void bind_components(py::module_& m) {
   m.def("smooth_1d_apply", &smooth_1d_apply, py::arg("x"), py::arg("x_shift"), py::arg("range"),
         py::arg("n_intervals"), py::arg("num_average"), py::arg("sigma"), py::arg("window"),
         py::arg("q"), py::arg("parameters"), py::arg("first_fixed") = false,
-        py::arg("d") = py::none(), py::arg("derivatives") = true,
+        py::arg("factor") = py::none(), py::arg("derivatives") = true,
         py::arg("scales_out") = py::none(), py::arg("indptr_out") = py::none(),
         py::arg("indices_out") = py::none(), py::arg("data_out") = py::none(),
-        "As smooth_1d_eval with windows and q from smooth_1d_prepare (no exponential per row).");
+        "As smooth_1d_eval with windows and q from smooth_1d_prepare (no exponential per row); "
+        "the smoothed-B form takes factor = 1/(2d^2) instead of d.");
   m.def("sh_scales_f32", &sh_scales_f32, py::arg("harmonic_values"), py::arg("parameters"),
         "1 + H @ parameters for a float32 (n, n_params) block, accumulated in double.");
   m.def("harmonics_from_lookup_f32", &harmonics_from_lookup_f32, py::arg("s0_lookup"),

@@ -157,8 +157,10 @@ def test_lean_smoother_holds_no_weights(rng, cls):
     n = 5000
     lean, exact = _smooth_pair(rng, cls, n)
     lean.calculate_scales_and_derivatives()
-    # normalised x (8 B) + window record (uint16) + q (float64); x and d are the caller's.
-    assert lean.held_bytes() == n * (8 + 2 + 8)
+    # normalised x (8 B) + window record (uint16) + q (float64) [+ 1/(2d²) for the B form];
+    # x and d are the caller's.
+    extra = 8 if cls is SmoothBScaleComponent1D else 0
+    assert lean.held_bytes() == n * (8 + 2 + 8 + extra)
     exact.calculate_scales_and_derivatives()
     assert exact.held_bytes() > n * (8 + 12 + 24)  # the cached weight matrix
 
@@ -235,10 +237,14 @@ def test_lean_kernels_validate_inputs(rng):
         kern.smooth_1d_apply(*setup, window, q, p[:5])
     with pytest.raises(ValueError, match="parameters"):
         kern.smooth_1d_apply(*setup, window, q, np.full(12, np.inf))
+    with pytest.raises(ValueError, match="factor"):
+        kern.smooth_1d_apply(*setup, window, q, p, factor=np.zeros(50))
+    with pytest.raises(ValueError, match="factor"):
+        kern.smooth_1d_apply(*setup, window, q, p, factor=np.full(50, np.nan))
+    with pytest.raises(ValueError, match="factor"):
+        kern.smooth_1d_apply(*setup, window, q, p, factor=np.ones(49))
     with pytest.raises(ValueError, match="d"):
-        kern.smooth_1d_apply(*setup, window, q, p, d=np.zeros(50))
-    with pytest.raises(ValueError, match="d"):
-        kern.smooth_1d_apply(*setup, window, q, p, d=np.ones(49))
+        kern.smooth_1d_eval(*setup, p, d=np.zeros(50))
     with pytest.raises(ValueError, match="window"):
         kern.smooth_1d_apply(*setup, window[:10], q, p)
     with pytest.raises(ValueError, match="window"):

@@ -121,11 +121,13 @@ XTALSCALE_EXPORT std::size_t smooth_1d_prepare(const GaussianSmoother<1>& smooth
 /// Apply: as smooth_1d_eval, but the windows and q come from smooth_1d_prepare, so a row costs
 /// no exponential: the normalised weights are q^k·c_k / Σ_j q^j·c_j with c_k = exp(−a k²)
 /// (the common factor exp(−a d²) cancels), within a few ulp of DIALS's direct formula.
+/// The smoothed-B form takes @p factor = 1/(2d²) per point (finite, > 0) instead of d.
 XTALSCALE_EXPORT std::size_t smooth_1d_apply(const GaussianSmoother<1>& smoother, std::size_t n,
                                              const double* x, double x_shift,
                                              const std::uint16_t* window, const double* q,
                                              const double* p, std::size_t n_params,
-                                             bool first_fixed, const double* d, double* scales,
+                                             bool first_fixed, const double* factor,
+                                             double* scales,
                                              std::int32_t* indptr, std::int32_t* indices,
                                              double* data);
 

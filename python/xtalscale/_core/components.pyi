@@ -108,8 +108,9 @@ def smooth_1d_prepare(
 def smooth_1d_apply(
     x: npt.ArrayLike, x_shift: float, range: Tuple[float, float], n_intervals: int,
     num_average: int, sigma: float, window: npt.NDArray[np.uint16], q: npt.ArrayLike,
-    parameters: npt.ArrayLike, first_fixed: bool = False, d: Optional[npt.ArrayLike] = None,
-    derivatives: bool = True, scales_out: Optional[_F64] = None,
+    parameters: npt.ArrayLike, first_fixed: bool = False,
+    factor: Optional[npt.ArrayLike] = None, derivatives: bool = True,
+    scales_out: Optional[_F64] = None,
     indptr_out: Optional[_I32] = None, indices_out: Optional[_I32] = None,
     data_out: Optional[_F64] = None
 ) -> Tuple[_F64, Optional[_I32], Optional[_I32], Optional[_F64], int]: ...
