@@ -181,8 +181,17 @@ void sh_scales(std::size_t n, std::size_t n_params, const double* harmonics, con
   out.array() += 1.0;
 }
 
-void sh_scales_f32(std::size_t n, std::size_t n_params, const float* harmonics,
-                   const double* coef, double* scales) {
+namespace {
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && \
+    defined(__linux__)
+#define XS_SH_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define XS_SH_MULTIVERSION
+#endif
+/// The float32 GEMV, also compiled for AVX2+FMA (picked at run time).
+XS_SH_MULTIVERSION void sh_scales_f32_impl(std::size_t n, std::size_t n_params,
+                                           const float* harmonics, const double* coef,
+                                           double* scales) {
   const std::size_t p = n_params, p4 = p - p % 4;
   for (std::size_t i = 0; i < n; ++i) {
     const float* r = harmonics + i * p;
@@ -197,6 +206,12 @@ void sh_scales_f32(std::size_t n, std::size_t n_params, const float* harmonics,
     for (; k < p; ++k) a0 += static_cast<double>(r[k]) * coef[k];
     scales[i] = 1.0 + ((a0 + a1) + (a2 + a3));
   }
+}
+}  // namespace
+
+void sh_scales_f32(std::size_t n, std::size_t n_params, const float* harmonics,
+                   const double* coef, double* scales) {
+  sh_scales_f32_impl(n, n_params, harmonics, coef, scales);
 }
 
 void harmonics_from_lookup_f32(const std::int32_t* i0, const std::int32_t* i1, std::size_t n,
@@ -402,11 +417,11 @@ XS_LEAN_MULTIVERSION void exp_times(std::size_t m, double* s, const double* fac)
 
 /// Rows of the held-window kernel for a compile-time window bound W (see smooth_1d_apply).
 template <int W>
-std::size_t smooth_1d_apply_w(const SmootherAxis& ax, double sigma, std::size_t n,
+__attribute__((always_inline)) inline std::size_t smooth_1d_apply_w(const SmootherAxis& ax, double sigma, std::size_t n,
                               const double* x, double x_shift, const std::uint16_t* window,
                               const double* q, const double* p, bool first_fixed,
                               const double* factor, double* scales, std::int32_t* indptr,
-                              std::int32_t* indices, double* data) {
+                              std::int32_t* indices, double* data, bool write_pattern) {
   const double a = 1.0 / (sigma * sigma);
   constexpr std::size_t kChunk = 256;
   double c[W];
@@ -414,10 +429,13 @@ std::size_t smooth_1d_apply_w(const SmootherAxis& ax, double sigma, std::size_t 
   const double* pos = ax.positions().data();
   const int skip = first_fixed ? 1 : 0;
   std::size_t nnz = 0;
-  if (indptr != nullptr) indptr[0] = 0;
+  const bool pattern = data != nullptr && write_pattern;
+  if (pattern) indptr[0] = 0;
+  std::size_t row_start[kChunk + 1];  // nnz at the start of each row of the current chunk
   double w[W];
   for (std::size_t i = 0; i < n; ++i) {
     const int f = window[i] >> 3, cnt = window[i] & 7;
+    row_start[i % kChunk] = nnz;
     const double qi = q[i];
     if (!std::isnan(qi)) {
       double t = 1.0;
@@ -441,14 +459,14 @@ std::size_t smooth_1d_apply_w(const SmootherAxis& ax, double sigma, std::size_t 
       const int col = f + k;
       const double wn = w[k] * inv;
       value += wn * p[col];
-      if (indptr != nullptr && col >= skip) {
-        indices[nnz] = col - skip;
+      if (data != nullptr && col >= skip) {
+        if (pattern) indices[nnz] = col - skip;
         data[nnz] = wn;
         ++nnz;
       }
     }
     scales[i] = value;
-    if (indptr != nullptr) indptr[i + 1] = static_cast<std::int32_t>(nnz);
+    if (pattern) indptr[i + 1] = static_cast<std::int32_t>(nnz);
     // Smoothed B, per chunk of rows while they are in cache: s = exp(B·f), f = 1/(2d²), and
     // the derivative rows scaled by s·f (one vectorised exponential per row).
     if (factor != nullptr && ((i + 1) % kChunk == 0 || i + 1 == n)) {
@@ -457,14 +475,31 @@ std::size_t smooth_1d_apply_w(const SmootherAxis& ax, double sigma, std::size_t 
       double* sc = scales + c0;
       const double* fac = factor + c0;
       exp_times(m, sc, fac);
-      if (indptr != nullptr)
+      if (data != nullptr) {  // row bounds from this call's own count, not from indptr
+        row_start[m] = nnz;
         for (std::size_t j = 0; j < m; ++j) {
           const double r = sc[j] * fac[j];
-          for (std::int32_t k = indptr[c0 + j]; k < indptr[c0 + j + 1]; ++k) data[k] *= r;
+          for (std::size_t k = row_start[j]; k < row_start[j + 1]; ++k) data[k] *= r;
         }
+      }
     }
   }
   return nnz;
+}
+
+/// The row loop for every window bound, compiled for AVX2+FMA too (picked at run time).
+XS_LEAN_MULTIVERSION std::size_t smooth_1d_apply_any(
+    int width, const SmootherAxis& ax, double sigma, std::size_t n, const double* x,
+    double x_shift, const std::uint16_t* window, const double* q, const double* p,
+    bool first_fixed, const double* factor, double* scales, std::int32_t* indptr,
+    std::int32_t* indices, double* data, bool write_pattern) {
+  switch (width) {
+    case 1: return smooth_1d_apply_w<1>(ax, sigma, n, x, x_shift, window, q, p, first_fixed, factor, scales, indptr, indices, data, write_pattern);
+    case 2: return smooth_1d_apply_w<2>(ax, sigma, n, x, x_shift, window, q, p, first_fixed, factor, scales, indptr, indices, data, write_pattern);
+    case 3: return smooth_1d_apply_w<3>(ax, sigma, n, x, x_shift, window, q, p, first_fixed, factor, scales, indptr, indices, data, write_pattern);
+    case 4: return smooth_1d_apply_w<4>(ax, sigma, n, x, x_shift, window, q, p, first_fixed, factor, scales, indptr, indices, data, write_pattern);
+    default: return smooth_1d_apply_w<5>(ax, sigma, n, x, x_shift, window, q, p, first_fixed, factor, scales, indptr, indices, data, write_pattern);
+  }
 }
 
 }  // namespace
@@ -473,7 +508,7 @@ std::size_t smooth_1d_apply(const GaussianSmoother<1>& smoother, std::size_t n, 
                             double x_shift, const std::uint16_t* window, const double* q,
                             const double* p, std::size_t n_params, bool first_fixed,
                             const double* factor, double* scales, std::int32_t* indptr,
-                            std::int32_t* indices, double* data) {
+                            std::int32_t* indices, double* data, bool write_pattern) {
   require_finite(p, n_params, "parameters");
   require(n_params == smoother.num_values(), "parameters must have one value per smoother value");
   if (factor != nullptr) {
@@ -483,14 +518,9 @@ std::size_t smooth_1d_apply(const GaussianSmoother<1>& smoother, std::size_t n, 
   }
   const SmootherAxis& ax = smoother.axis(0);
   const double sigma = smoother.sigma();
-  std::size_t nnz = 0;
-  switch (ax.max_window()) {
-    case 1: nnz = smooth_1d_apply_w<1>(ax, sigma, n, x, x_shift, window, q, p, first_fixed, factor, scales, indptr, indices, data); break;
-    case 2: nnz = smooth_1d_apply_w<2>(ax, sigma, n, x, x_shift, window, q, p, first_fixed, factor, scales, indptr, indices, data); break;
-    case 3: nnz = smooth_1d_apply_w<3>(ax, sigma, n, x, x_shift, window, q, p, first_fixed, factor, scales, indptr, indices, data); break;
-    case 4: nnz = smooth_1d_apply_w<4>(ax, sigma, n, x, x_shift, window, q, p, first_fixed, factor, scales, indptr, indices, data); break;
-    default: nnz = smooth_1d_apply_w<5>(ax, sigma, n, x, x_shift, window, q, p, first_fixed, factor, scales, indptr, indices, data); break;
-  }
+  const std::size_t nnz = smooth_1d_apply_any(ax.max_window(), ax, sigma, n, x, x_shift, window,
+                                               q, p, first_fixed, factor, scales, indptr,
+                                               indices, data, write_pattern);
   return nnz;
 }
 

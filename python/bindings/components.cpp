@@ -578,7 +578,8 @@ py::tuple smooth_1d_apply(const DoubleArray& x, double x_shift, std::array<doubl
                           const DoubleArray& q, const DoubleArray& p, bool first_fixed,
                           const std::optional<DoubleArray>& factor, bool derivatives,
                           const py::object& scales_out, const py::object& indptr_out,
-                          const py::object& indices_out, const py::object& data_out) {
+                          const py::object& indices_out, const py::object& data_out,
+                          bool write_pattern) {
   require_ndim(x, 1, "x");
   require(std::isfinite(x_shift), "x_shift must be finite");
   auto pv = vector_view(p, "parameters");
@@ -620,7 +621,15 @@ py::tuple smooth_1d_apply(const DoubleArray& x, double x_shift, std::array<doubl
   py::object indptr = py::none(), indices = py::none(), data = py::none();
   std::int32_t *ip = nullptr, *ix = nullptr;
   double* dd = nullptr;
-  if (derivatives) {
+  if (derivatives && !write_pattern) {
+    // The pattern buffers hold an earlier call's pattern: returned as they are, never touched.
+    require(!indptr_out.is_none() && !indices_out.is_none(),
+            "indptr_out and indices_out must be given with write_pattern=False");
+    indptr = indptr_out;
+    indices = indices_out;
+    data = buffer(data_out, double{}, capacity, "data_out");
+    dd = output_buffer<double>(data, capacity, "data_out");
+  } else if (derivatives) {
     indptr = buffer(indptr_out, std::int32_t{}, n + 1, "indptr_out");
     indices = buffer(indices_out, std::int32_t{}, capacity, "indices_out");
     data = buffer(data_out, double{}, capacity, "data_out");
@@ -633,7 +642,7 @@ py::tuple smooth_1d_apply(const DoubleArray& x, double x_shift, std::array<doubl
     py::gil_scoped_release release;
     nnz = components::smooth_1d_apply(smoother, n, x.data(), x_shift, window.data(), q.data(),
                                       pv.data(), static_cast<std::size_t>(pv.size()),
-                                      first_fixed, dptr, s, ip, ix, dd);
+                                      first_fixed, dptr, s, ip, ix, dd, write_pattern);
   }
   return py::make_tuple(scales, indptr, indices, data, nnz);
 }
@@ -782,8 +791,11 @@ void bind_components(py::module_& m) {
         py::arg("factor") = py::none(), py::arg("derivatives") = true,
         py::arg("scales_out") = py::none(), py::arg("indptr_out") = py::none(),
         py::arg("indices_out") = py::none(), py::arg("data_out") = py::none(),
+        py::arg("write_pattern") = true,
         "As smooth_1d_eval with windows and q from smooth_1d_prepare (no exponential per row); "
-        "the smoothed-B form takes factor = 1/(2d^2) instead of d.");
+        "the smoothed-B form takes factor = 1/(2d^2) instead of d. write_pattern=False leaves "
+        "indptr_out/indices_out untouched (they hold an earlier call's pattern for the same "
+        "windows) and writes only scales and data.");
   m.def("sh_scales_f32", &sh_scales_f32, py::arg("harmonic_values"), py::arg("parameters"),
         "1 + H @ parameters for a float32 (n, n_params) block, accumulated in double.");
   m.def("harmonics_from_lookup_f32", &harmonics_from_lookup_f32, py::arg("s0_lookup"),

@@ -26,6 +26,7 @@ two 32-bit grid indices per reflection.
 """
 from __future__ import annotations
 
+import weakref
 from math import ceil, floor
 from typing import Any, ClassVar, Optional, Sequence
 
@@ -1016,6 +1017,17 @@ class SmoothMixin:
         return n_params - 2
 
 
+class _PatternToken:
+    """Identity of one held window record (a pattern written into caller buffers refers to it)."""
+
+    __slots__ = ("__weakref__",)
+
+
+#: Caller buffers holding a lean smoother's CSR pattern: (indptr, indices) buffer keys →
+#: (weakref to the window record's token, fixed_first, nnz). Small: one entry per buffer pair.
+_LEAN_PATTERNS: dict = {}
+
+
 class _WeightCache:
     """Per-block normalised weight matrix (a C++ ``WeightMatrix``), rebuilt only when its
     inputs change.
@@ -1158,12 +1170,35 @@ class _SmoothComponentND(ScaleComponentBase, SmoothMixin):
         if held is None or held[0] != key or held[1] is not x:
             # Windows and q = exp(2ad) per point (10 B): parameter-independent, so computed once
             # (again if the coordinates or smoother settings change).
-            held = (key, x, *_kern.smooth_1d_prepare(*setup))
+            held = (key, x, *_kern.smooth_1d_prepare(*setup), _PatternToken())
             if not hasattr(self, "_lean_windows"):
                 self._lean_windows = {}
             self._lean_windows[b] = held
-        return _kern.smooth_1d_apply(*setup, held[2], held[3], self._parameters,
-                                     self._fixed_initial, self._lean_factor(b), derivatives, *out)
+        factor = self._lean_factor(b)
+        bufs = tuple(out)
+        pattern_key = None
+        if derivatives and all(isinstance(a, np.ndarray) for a in bufs[1:3]):
+            pattern_key = (_buffer_key(bufs[1]), _buffer_key(bufs[2]))
+            memo = _LEAN_PATTERNS.get(pattern_key)
+            if (memo is not None and memo[0]() is held[4] and memo[1] == self._fixed_initial
+                    and not bufs[1].flags.writeable and not bufs[2].flags.writeable):
+                # The buffers still hold this block's pattern (read-only since we wrote it).
+                return _kern.smooth_1d_apply(*setup, held[2], held[3], self._parameters,
+                                             self._fixed_initial, factor, True, *bufs,
+                                             write_pattern=False)[:4] + (memo[2],)
+            for a in bufs[1:3]:
+                a.flags.writeable = True  # ours to write (raises if the caller's base is read-only)
+        res = _kern.smooth_1d_apply(*setup, held[2], held[3], self._parameters,
+                                    self._fixed_initial, factor, derivatives, *bufs)
+        if pattern_key is not None:
+            # Mark the pattern read-only: while it stays so and comes back for this block, the
+            # next call writes only scales and data (like product_rule's out=).
+            bufs[1].flags.writeable = False
+            bufs[2].flags.writeable = False
+            if len(_LEAN_PATTERNS) > 64:  # stale entries (freed buffers) only cost a rewrite
+                _LEAN_PATTERNS.clear()
+            _LEAN_PATTERNS[pattern_key] = (weakref.ref(held[4]), self._fixed_initial, res[4])
+        return res
 
     def derivative_buffers(self, block_id: int = 0) -> tuple:
         """Caller-owned output buffers ``(scales, indptr, indices, data)`` sized for block
@@ -1185,7 +1220,9 @@ class _SmoothComponentND(ScaleComponentBase, SmoothMixin):
 
         ``out`` (lean 1-D blocks only, else ignored): caller-owned ``(scales, indptr, indices,
         data)`` buffers (see :meth:`derivative_buffers`) written in place; the returned arrays
-        are views of them, valid until the next call with the same buffers.
+        are views of them, valid until the next call with the same buffers. The pattern
+        buffers (indptr, indices) are left read-only; passed back unchanged for the same block,
+        only scales and data are rewritten (the pattern depends on the coordinates only).
         """
         b = self._check_block(block_id)
         n = self._n_refl[b]

@@ -77,8 +77,8 @@ XTALSCALE_EXPORT void sh_scales(std::size_t n, std::size_t n_params, const doubl
                                 const double* coef, double* scales);
 
 /// SH surface from a float32 harmonic block: scales[i] = 1 + Σ_k double(H[i,k])·coef[k], summed
-/// in double (four partial sums per row in a fixed order, so results do not depend on the
-/// machine). Used in the large-data (lookup-table) regime, where the block is held as float32:
+/// in double (four partial sums per row in a fixed order; also compiled for AVX2+FMA and
+/// picked at run time, where FMA may change the last bit). Used in the large-data (lookup-table) regime, where the block is held as float32:
 /// its 2^-24 ≈ 6e-8 relative rounding is far below the ~1e-2 error of the 0.5° lookup table.
 XTALSCALE_EXPORT void sh_scales_f32(std::size_t n, std::size_t n_params, const float* harmonics,
                                     const double* coef, double* scales);
@@ -122,6 +122,8 @@ XTALSCALE_EXPORT std::size_t smooth_1d_prepare(const GaussianSmoother<1>& smooth
 /// no exponential: the normalised weights are q^k·c_k / Σ_j q^j·c_j with c_k = exp(−a k²)
 /// (the common factor exp(−a d²) cancels), within a few ulp of DIALS's direct formula.
 /// The smoothed-B form takes @p factor = 1/(2d²) per point (finite, > 0) instead of d.
+/// With @p write_pattern false, indptr/indices are neither written nor read (they hold the
+/// pattern of an earlier call on the same windows): only scales and data are written.
 XTALSCALE_EXPORT std::size_t smooth_1d_apply(const GaussianSmoother<1>& smoother, std::size_t n,
                                              const double* x, double x_shift,
                                              const std::uint16_t* window, const double* q,
@@ -129,7 +131,7 @@ XTALSCALE_EXPORT std::size_t smooth_1d_apply(const GaussianSmoother<1>& smoother
                                              bool first_fixed, const double* factor,
                                              double* scales,
                                              std::int32_t* indptr, std::int32_t* indices,
-                                             double* data);
+                                             double* data, bool write_pattern = true);
 
 /// Check that a CSR structure is well formed for a n_rows × n_cols matrix: indptr starts at 0,
 /// is non-decreasing and ends at nnz, and every index is in [0, n_cols). Throws naming @p what.

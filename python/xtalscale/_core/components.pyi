@@ -112,7 +112,7 @@ def smooth_1d_apply(
     factor: Optional[npt.ArrayLike] = None, derivatives: bool = True,
     scales_out: Optional[_F64] = None,
     indptr_out: Optional[_I32] = None, indices_out: Optional[_I32] = None,
-    data_out: Optional[_F64] = None
+    data_out: Optional[_F64] = None, write_pattern: bool = True
 ) -> Tuple[_F64, Optional[_I32], Optional[_I32], Optional[_F64], int]: ...
 def sh_scales_f32(harmonic_values: npt.ArrayLike, parameters: npt.ArrayLike) -> _F64: ...
 def harmonics_from_lookup_f32(
