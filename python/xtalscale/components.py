@@ -19,10 +19,14 @@ Two constructor forms of :class:`ScaleComponentBase` are accepted: DIALS's
 
 For model assembly, :func:`product_rule` forms ``g = Π s_c`` and ``∂g/∂p`` in one C++ pass
 and can refill a previous Jacobian in place (``out=``) while the sparsity pattern is unchanged.
-Memory: the smooth components hold their weight matrices (≈ 40 B/reflection for a 1-D
-smoother); the SH component holds its dense harmonic matrix (8·n_params B/reflection) unless
-``SHScaleComponent.cache_harmonics`` is False in lookup ("memory") mode, where it holds only
-two 32-bit grid indices per reflection.
+Memory (``held_bytes()`` reports each component's own state): below 100k reflections the
+smooth components hold their DIALS-exact weight matrices (≈ 40 B/reflection for a 1-D smoother)
+and the SH component its float64 harmonic matrix (8·n_params B/reflection). Above it
+(``lean_min_reflections``, ``float32_min_reflections``) a 1-D smoother holds the normalised
+coordinate and a 10-byte window record (+ 1/(2d²) for the B form) and recomputes its weights
+per call, and the SH component in lookup mode holds a float32 block (4·n_params B/reflection;
+see :class:`SHScaleComponent` for why float32 is enough there) plus its int32 grid indices.
+With ``SHScaleComponent.cache_harmonics`` False, lookup mode holds only the grid indices.
 """
 from __future__ import annotations
 

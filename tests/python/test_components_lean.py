@@ -287,3 +287,17 @@ def test_lean_pattern_in_caller_buffers_is_reused_only_while_valid(rng):
     bufs[2][:10] = 0
     _, d5 = decay.calculate_scales_and_derivatives(out=bufs)
     np.testing.assert_array_equal(d5.toarray(), d_ref.toarray())
+
+
+def test_lean_components_pickle_without_their_caches(rng):
+    import pickle
+
+    lean, exact = _smooth_pair(rng, SmoothBScaleComponent1D, 1500)
+    sh = _sh(rng, 1500)
+    for comp in (lean, sh):
+        s, d = comp.calculate_scales_and_derivatives()
+        back = pickle.loads(pickle.dumps(comp))
+        s2, d2 = back.calculate_scales_and_derivatives()
+        np.testing.assert_array_equal(s, s2)
+        np.testing.assert_array_equal(d.toarray(), d2.toarray())
+    assert "_lean_windows" not in lean.__getstate__()
