@@ -30,6 +30,9 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from .components import product_rule
+from .dials_scaling_ext import row_multiply
+
 __all__ = [
     "ParameterManagerError",
     "active_parameter_manager",
@@ -103,7 +106,22 @@ def _square(matrix: Any, n: int, name: str) -> np.ndarray:
 # --------------------------------------------------------------------------
 # single-dataset manager
 # --------------------------------------------------------------------------
-class active_parameter_manager:  # noqa: N801  (DIALS class name)
+class _SeedInterface:
+    """The commissioning API's names for the DIALS parameter-manager calls (shared by all managers)."""
+
+    def get_parameters(self) -> np.ndarray:
+        """Return a copy of all parameters (seed name for ``get_param_vals``)."""
+        return self.get_param_vals()  # type: ignore[attr-defined]
+
+    def set_parameters(self, values: Any) -> None:
+        """Set all parameters (seed name for ``set_param_vals``)."""
+        self.set_param_vals(values)  # type: ignore[attr-defined]
+
+    def __len__(self) -> int:
+        return self.n_active_params  # type: ignore[attr-defined]
+
+
+class active_parameter_manager(_SeedInterface):  # noqa: N801  (DIALS class name)
     """Manage the active (refined) parameters of one dataset.
 
     Parameters
@@ -254,17 +272,6 @@ class active_parameter_manager:  # noqa: N801  (DIALS class name)
         self._blocks.append((start, self.x.size))
         return slice(start, self.x.size)
 
-    def get_parameters(self) -> np.ndarray:
-        """Return a copy of all parameters (seed name for :meth:`get_param_vals`)."""
-        return self.get_param_vals()
-
-    def set_parameters(self, values: Any) -> None:
-        """Set all parameters (seed name for :meth:`set_param_vals`)."""
-        self.set_param_vals(values)
-
-    def __len__(self) -> int:
-        return self.n_active_params
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}(n_active_params={self.n_active_params}, components={self.components_list})"
 
@@ -298,7 +305,7 @@ class TargetInterface:
         return self._require_target().compute_residuals(block)
 
 
-class multi_active_parameter_manager(TargetInterface):  # noqa: N801
+class multi_active_parameter_manager(_SeedInterface, TargetInterface):  # noqa: N801
     """Concatenate the active parameters of several datasets (concurrent refinement).
 
     Parameters
@@ -437,18 +444,6 @@ class multi_active_parameter_manager(TargetInterface):  # noqa: N801
             m = apm.n_active_params
             apm.calculate_model_state_uncertainties(dense[start:start + m, start:start + m])
             start += m
-
-    # ---- seed interface --------------------------------------------------
-    def get_parameters(self) -> np.ndarray:
-        """Seed name for :meth:`get_param_vals`."""
-        return self.get_param_vals()
-
-    def set_parameters(self, values: Any) -> None:
-        """Seed name for :meth:`set_param_vals`."""
-        self.set_param_vals(values)
-
-    def __len__(self) -> int:
-        return self.n_active_params
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(n_datasets={len(self.apm_list)}, n_active_params={self.n_active_params})"
@@ -718,25 +713,6 @@ class ScalingParameterManagerGenerator(ParameterManagerGenerator):
 # --------------------------------------------------------------------------
 # scales and derivatives for minimisation (spec section 5.4)
 # --------------------------------------------------------------------------
-def row_multiply(matrix: Any, factors: Any) -> sp.csr_matrix:
-    """``m_ij · v_i`` as a CSR matrix sharing ``matrix``'s index arrays (DIALS ``row_multiply``).
-
-    Parameters
-    ----------
-    matrix : scipy sparse matrix or 2-D array
-        ``n x m``.
-    factors : array_like
-        ``n`` row factors.
-    """
-    m = matrix if sp.isspmatrix_csr(matrix) or isinstance(matrix, sp.csr_array) else sp.csr_matrix(matrix)
-    v = np.asarray(factors, dtype=np.float64)
-    if v.shape != (m.shape[0],):
-        raise ValueError(f"factors must have {m.shape[0]} values (one per row), got shape {v.shape}")
-    # One multiply per stored entry; the pattern (indices, indptr) is shared, not copied.
-    data = m.data * np.repeat(v, np.diff(m.indptr))
-    return sp.csr_matrix((data, m.indices, m.indptr), shape=m.shape)
-
-
 class RefinerCalculator:
     """Inverse scales and their derivatives for one dataset block (DIALS ``basis_functions``)."""
 
@@ -764,23 +740,13 @@ class RefinerCalculator:
                 raise ValueError("the parameter manager has neither active components nor constant scales")
             return const.copy(), sp.csr_matrix((0, 0))
         results = [obj.calculate_scales_and_derivatives(block_id) for obj in objects]
-        scales = [np.asarray(s, dtype=np.float64) for s, _ in results]
         if len(results) == 1:
-            g = scales[0] * const if const is not None else scales[0].copy()
+            scales = np.asarray(results[0][0], dtype=np.float64)
+            g = scales * const if const is not None else scales.copy()
             return g, sp.csr_matrix(results[0][1])
-        blocks = []
-        for i, (_, deriv) in enumerate(results):
-            other = np.ones_like(scales[0]) if const is None else const.copy()
-            for j, s in enumerate(scales):
-                if j != i:
-                    other *= s
-            blocks.append(row_multiply(deriv, other))
-        g = scales[0] * scales[1]
-        for s in scales[2:]:
-            g = g * s
-        if const is not None:
-            g = g * const
-        return g, sp.hstack(blocks, format="csr")
+        if const is not None:  # the fixed factors join the product with no columns of their own
+            results.append((const, sp.csr_matrix((const.size, 0))))
+        return product_rule(results)
 
 
 # --------------------------------------------------------------------------

@@ -435,5 +435,5 @@ def test_refiner_calculator_product_rule_and_dials_quirk():
     assert J.shape == (0, 0)
     m = row_multiply(sp.csr_matrix(np.array([[1.0, 0.0], [2.0, 3.0]])), [10.0, -1.0])
     np.testing.assert_array_equal(m.toarray(), [[10.0, 0.0], [-2.0, -3.0]])
-    with pytest.raises(ValueError, match="one per row"):
+    with pytest.raises(ValueError, match="one value per matrix row"):
         row_multiply(sp.csr_matrix(np.eye(2)), [1.0])
