@@ -657,6 +657,22 @@ def _sh_count(lmax: int) -> int:
     return int(lmax) * (int(lmax) + 2)
 
 
+def _smooth_component(parameters_dict: Mapping[str, Any], name: str, class_name: str) -> Any:
+    """A smoothed component from its stored parameters (at least 2 smoother values)."""
+    values, esds = _require_entry(parameters_dict, name)
+    _require_smoother_count(name, values)
+    return _make_component(class_name, values, esds)
+
+
+def _absorption_component(parameters_dict: Mapping[str, Any], configdict: Mapping[str, Any]) -> Any:
+    """The spherical-harmonic absorption component; its size must match ``lmax`` when given."""
+    values, esds = _require_entry(parameters_dict, "absorption")
+    if "lmax" in configdict:
+        _require_count("absorption", values, _sh_count(configdict["lmax"]),
+                       f"lmax={configdict['lmax']} needs lmax^2 + 2 lmax")
+    return _make_component("SHScaleComponent", values, esds)
+
+
 def _add_analytical(model: ScalingModelBase, reflection_table: Any) -> None:
     if "analytical" in model.components:
         if "analytical_correction" not in reflection_table:
@@ -797,19 +813,11 @@ class PhysicalScalingModel(ScalingModelBase):
         super().__init__(configdict, is_scaled)
         corrections = configdict["corrections"]
         if "scale" in corrections:
-            values, esds = _require_entry(parameters_dict, "scale")
-            _require_smoother_count("scale", values)
-            self._components["scale"] = _make_component("SmoothScaleComponent1D", values, esds)
+            self._components["scale"] = _smooth_component(parameters_dict, "scale", "SmoothScaleComponent1D")
         if "decay" in corrections:
-            values, esds = _require_entry(parameters_dict, "decay")
-            _require_smoother_count("decay", values)
-            self._components["decay"] = _make_component("SmoothBScaleComponent1D", values, esds)
+            self._components["decay"] = _smooth_component(parameters_dict, "decay", "SmoothBScaleComponent1D")
         if "absorption" in corrections:
-            values, esds = _require_entry(parameters_dict, "absorption")
-            if "lmax" in configdict:
-                _require_count("absorption", values, _sh_count(configdict["lmax"]),
-                               f"lmax={configdict['lmax']} needs lmax^2 + 2 lmax")
-            self._components["absorption"] = _make_component("SHScaleComponent", values, esds)
+            self._components["absorption"] = _absorption_component(parameters_dict, configdict)
         if "analytical" in corrections:
             self._components["analytical"] = _make_component("AnalyticalComponent", [])
 
@@ -1182,9 +1190,7 @@ class DoseDecay(ScalingModelBase):
         super().__init__(configdict, is_scaled)
         corrections = configdict["corrections"]
         if "scale" in corrections:
-            values, esds = _require_entry(parameters_dict, "scale")
-            _require_smoother_count("scale", values)
-            self._components["scale"] = _make_component("SmoothScaleComponent1D", values, esds)
+            self._components["scale"] = _smooth_component(parameters_dict, "scale", "SmoothScaleComponent1D")
         if "decay" in corrections:
             values, esds = _require_entry(parameters_dict, "decay")
             _require_count("decay", values, 1, "a single dose-decay constant")
@@ -1198,11 +1204,7 @@ class DoseDecay(ScalingModelBase):
             _require_count("relative_B", values, 1, "a single relative B")
             self._components["relative_B"] = _make_component("SingleBScaleFactor", values, esds)
         if "absorption" in corrections:
-            values, esds = _require_entry(parameters_dict, "absorption")
-            if "lmax" in configdict:
-                _require_count("absorption", values, _sh_count(configdict["lmax"]),
-                               f"lmax={configdict['lmax']} needs lmax^2 + 2 lmax")
-            self._components["absorption"] = _make_component("SHScaleComponent", values, esds)
+            self._components["absorption"] = _absorption_component(parameters_dict, configdict)
         if "analytical" in corrections:
             self._components["analytical"] = _make_component("AnalyticalComponent", [])
 
