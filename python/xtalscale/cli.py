@@ -54,7 +54,7 @@ def _agreement_summary(g_new: np.ndarray, g_dials: np.ndarray) -> str:
 def _apply_model(args: argparse.Namespace) -> int:
     from .experiments import ExperimentList
     from .io.mtz import merge_intensities, write_merged_mtz, write_unmerged_mtz
-    from .models import _default_selection, inverse_scale_factors
+    from .models import inverse_scale_factors, suitable_for_scaling
     from .reflection_table import reflection_table
 
     t0 = time.perf_counter()
@@ -63,7 +63,7 @@ def _apply_model(args: argparse.Namespace) -> int:
     t_read = time.perf_counter() - t0
     print(f"read {len(experiments)} experiment(s) and {len(table)} reflections in {t_read:.2f} s")
 
-    evaluated = _default_selection(table)
+    evaluated = suitable_for_scaling(table)
     stored = np.asarray(table["inverse_scale_factor"]) if "inverse_scale_factor" in table else None
     t0 = time.perf_counter()
     g = inverse_scale_factors(experiments, table, selection=evaluated)

@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from .reflection_table import Flags
+
 __all__ = [
     "AUTO",
     "ScalingModelError",
@@ -62,6 +64,7 @@ __all__ = [
     "determine_auto_absorption_params",
     "legacy_crystal_frame_vectors",
     "inverse_scale_factors",
+    "suitable_for_scaling",
 ]
 
 #: Marker for "choose automatically" options (DIALS phil ``Auto``).
@@ -1434,8 +1437,7 @@ def legacy_crystal_frame_vectors(reflection_table: Any, experiment: Any) -> tupl
 # ==========================================================================
 # one-call evaluation of stored models
 # ==========================================================================
-_USER_EXCLUDED = 1 << 22
-_EXCLUDED_FOR_SCALING = 1 << 24
+_NOT_SCALED = Flags.user_excluded_in_scaling | Flags.excluded_for_scaling
 
 
 def _experiment_ids(table: Any, experiments: Sequence[Any]) -> list[int]:
@@ -1456,13 +1458,24 @@ def _experiment_ids(table: Any, experiments: Sequence[Any]) -> list[int]:
     return list(range(len(experiments)))
 
 
-def _default_selection(table: Any) -> np.ndarray:
-    """Rows DIALS gives a scale: not user-excluded, not excluded for scaling, d > 0."""
+def suitable_for_scaling(table: Any) -> np.ndarray:
+    """Rows DIALS gives a scale: not user-excluded, not excluded for scaling, d > 0.
+
+    Parameters
+    ----------
+    table : reflection table or mapping of columns
+        Uses ``flags`` and ``d`` when present.
+
+    Returns
+    -------
+    numpy.ndarray
+        Boolean mask in table order; the other rows keep ``g = 1`` (DIALS's convention).
+    """
     n = _nrows(table)
     mask = np.ones(n, dtype=bool)
     if "flags" in table:
         flags = np.asarray(table["flags"]).astype(np.uint64)
-        mask &= (flags & np.uint64(_USER_EXCLUDED | _EXCLUDED_FOR_SCALING)) == 0
+        mask &= (flags & np.uint64(_NOT_SCALED)) == 0
     if "d" in table:
         mask &= np.asarray(table["d"], dtype=np.float64) > 0
     return mask
@@ -1525,7 +1538,7 @@ _EVAL_COLUMNS = ("xyzobs.px.value", "d", "s1", "phi", "id", "s0c", "s1c", "analy
 def _evaluate_table(experiments: list, table: Any, crystal_frame: str, selection: Any, fill_value: float,
                     params: Any, ids: list[int] | None) -> np.ndarray:
     n = _nrows(table)
-    base = _default_selection(table) if selection is None else np.asarray(selection, dtype=bool)
+    base = suitable_for_scaling(table) if selection is None else np.asarray(selection, dtype=bool)
     if base.shape != (n,):
         raise ValueError(f"selection must be a bool array of length {n} (got shape {base.shape})")
     g = np.full(n, float(fill_value))
