@@ -415,9 +415,22 @@ class ScalingModelBase:
         """Fix a parameter for full-matrix refinement; the base model has none."""
         return False
 
+    #: The one component a model may share across datasets (``configdict["shared"]``), if any.
+    shareable_component: str | None = None
+
     def get_shared_components(self) -> str | None:
         """Name of a component shared across datasets, or None."""
+        name = self.shareable_component
+        if name is not None and name in self.configdict.get("shared", []) \
+                and name not in self.fixed_components:
+            return name
         return None
+
+    def _fix_initial_scale(self, params: Any) -> bool:
+        """Fix the first smoothed-scale parameter when ``<model id>.fix_initial`` (default True)."""
+        if "scale" in self.components and _opt(params, self.id_, "fix_initial", True):
+            self.components["scale"].fix_initial_parameter()
+        return True
 
     # ---- configuration ------------------------------------------------------
     def configure_components(self, reflection_table: Any, experiment: Any, params: Any) -> None:
@@ -809,6 +822,7 @@ class PhysicalScalingModel(ScalingModelBase):
     """
 
     id_ = "physical"
+    shareable_component = "absorption"
     allowed_corrections = ("scale", "decay", "absorption", "analytical")
 
     def __init__(self, parameters_dict: Mapping[str, Any], configdict: Mapping[str, Any],
@@ -830,15 +844,7 @@ class PhysicalScalingModel(ScalingModelBase):
 
     def fix_initial_parameter(self, params: Any) -> bool:
         """Fix the first scale parameter when ``physical.fix_initial`` (default True)."""
-        if "scale" in self.components and _opt(params, "physical", "fix_initial", True):
-            self.components["scale"].fix_initial_parameter()
-        return True
-
-    def get_shared_components(self) -> str | None:
-        shared = self.configdict.get("shared", [])
-        if "absorption" in shared and "absorption" not in self.fixed_components:
-            return "absorption"
-        return None
+        return self._fix_initial_scale(params)
 
     def configure_components(self, reflection_table: Any, experiment: Any, params: Any) -> None:
         """Set ``x = z·norm_fac`` for scale/decay, ``d`` for decay, and the absorption harmonics."""
@@ -1186,6 +1192,7 @@ class DoseDecay(ScalingModelBase):
     """
 
     id_ = "dose_decay"
+    shareable_component = "decay"
     allowed_corrections = ("scale", "decay", "relative_B", "absorption", "analytical")
 
     def __init__(self, parameters_dict: Mapping[str, Any], configdict: Mapping[str, Any],
@@ -1216,15 +1223,8 @@ class DoseDecay(ScalingModelBase):
         return [["scale", "relative_B", "decay"], ["absorption"]]
 
     def fix_initial_parameter(self, params: Any) -> bool:
-        if "scale" in self.components and _opt(params, "dose_decay", "fix_initial", True):
-            self.components["scale"].fix_initial_parameter()
-        return True
-
-    def get_shared_components(self) -> str | None:
-        shared = self.configdict.get("shared", [])
-        if "decay" in shared and "decay" not in self.fixed_components:
-            return "decay"
-        return None
+        """Fix the first scale parameter when ``dose_decay.fix_initial`` (default True)."""
+        return self._fix_initial_scale(params)
 
     def update(self, params: Any) -> None:
         fix = _opt(params, "dose_decay", "correction", None)
