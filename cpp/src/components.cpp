@@ -242,6 +242,53 @@ constexpr double kMaxDouble = std::numeric_limits<double>::max();
 /// a few ulp of DIALS's direct formula. A chunk with a point far outside the smoother's range
 /// (|2ad| > 150, where q^k could overflow) uses the direct formula with std::exp instead, so
 /// rows whose weights all underflow stay zero as in DIALS.
+/// Raw window weights of one point for the lean 1-D kernels: the recurrence w_k = c_k·q^k
+/// (c_k = exp(−a k²), q = exp(2a d₀)), or, for a point far outside the smoother's range
+/// (@p direct), DIALS's formula exp(−((z − pos_k)/σ)²). Weights past the window are 0.
+template <int W>
+__attribute__((always_inline)) inline void lean_row_weights(bool direct, double q, int cnt,
+                                                            const double* c, double z,
+                                                            const double* window_pos,
+                                                            double sigma, double* w) {
+  if (!direct) {
+    double t = 1.0;
+    for (int k = 0; k < W; ++k) {
+      w[k] = k < cnt ? t * c[k] : 0.0;
+      t *= q;
+    }
+  } else {
+    for (int k = 0; k < W; ++k) {
+      const double ds = k < cnt ? (z - window_pos[k]) / sigma : 0.0;
+      w[k] = k < cnt ? std::exp(-ds * ds) : 0.0;
+    }
+  }
+}
+
+/// Normalise one row of weights, return value = Σ w_k p_k / Σw, and append the row's
+/// derivative entries w_k/Σw (columns from @p skip on) to @p data, and their columns to
+/// @p indices; either pointer may be null to skip that output. A zero Σw leaves a zero row.
+template <int W>
+__attribute__((always_inline)) inline double write_normalised_row(
+    const double* w, int first, int cnt, const double* p, int skip, std::int32_t* indices,
+    double* data, std::size_t& nnz) {
+  double sumw = 0.0;
+  for (int k = 0; k < W; ++k) sumw += w[k];
+  const double inv = sumw > 0.0 ? 1.0 / sumw : 0.0;
+  double value = 0.0;
+  for (int k = 0; k < W; ++k) {
+    if (k >= cnt) break;
+    const int col = first + k;
+    const double wn = w[k] * inv;
+    value += wn * p[col];
+    if (data != nullptr && col >= skip) {
+      if (indices != nullptr) indices[nnz] = col - skip;
+      data[nnz] = wn;
+      ++nnz;
+    }
+  }
+  return value;
+}
+
 template <int W>
 std::size_t smooth_1d_chunk(const SmootherAxis& ax, double sigma, std::size_t m, const double* x,
                             double x_shift, const double* p, bool first_fixed, double* scales,
@@ -266,37 +313,12 @@ std::size_t smooth_1d_chunk(const SmootherAxis& ax, double sigma, std::size_t m,
   for (std::size_t i = 0; i < m; ++i) q[i] = exp_bounded(far ? 0.0 : q[i]);
   std::size_t nnz = 0;
   const int skip = first_fixed ? 1 : 0;
+  std::int32_t* row_indices = indptr != nullptr ? indices : nullptr;
+  double* row_data = indptr != nullptr ? data : nullptr;
   double w[W];
   for (std::size_t i = 0; i < m; ++i) {
-    const int cnt = count[i];
-    if (!far) {
-      double t = 1.0;
-      for (int k = 0; k < W; ++k) {
-        w[k] = k < cnt ? t * c[k] : 0.0;
-        t *= q[i];
-      }
-    } else {
-      for (int k = 0; k < W; ++k) {
-        const double ds = k < cnt ? (zs[i] - pos[first[i] + k]) / sigma : 0.0;
-        w[k] = k < cnt ? std::exp(-ds * ds) : 0.0;
-      }
-    }
-    double sumw = 0.0;
-    for (int k = 0; k < W; ++k) sumw += w[k];
-    const double inv = sumw > 0.0 ? 1.0 / sumw : 0.0;  // a zero sum leaves a zero row
-    double value = 0.0;
-    for (int k = 0; k < W; ++k) {
-      if (k >= cnt) break;
-      const int col = first[i] + k;
-      const double wn = w[k] * inv;
-      value += wn * p[col];
-      if (indptr != nullptr && col >= skip) {
-        indices[nnz] = col - skip;
-        data[nnz] = wn;
-        ++nnz;
-      }
-    }
-    scales[i] = value;
+    lean_row_weights<W>(far, q[i], count[i], c, zs[i], pos + first[i], sigma, w);
+    scales[i] = write_normalised_row<W>(w, first[i], count[i], p, skip, row_indices, row_data, nnz);
     if (indptr != nullptr) indptr[i + 1] = indptr[0] + static_cast<std::int32_t>(nnz);
   }
   return nnz;
@@ -436,36 +458,11 @@ __attribute__((always_inline)) inline std::size_t smooth_1d_apply_w(const Smooth
   for (std::size_t i = 0; i < n; ++i) {
     const int f = window[i] >> 3, cnt = window[i] & 7;
     row_start[i % kChunk] = nnz;
-    const double qi = q[i];
-    if (!std::isnan(qi)) {
-      double t = 1.0;
-      for (int k = 0; k < W; ++k) {
-        w[k] = k < cnt ? t * c[k] : 0.0;
-        t *= qi;
-      }
-    } else {  // far outside the range: DIALS's direct formula (all weights may underflow)
-      const double z = ax.normalise(x[i] - x_shift);
-      for (int k = 0; k < W; ++k) {
-        const double ds = k < cnt ? (z - pos[f + k]) / sigma : 0.0;
-        w[k] = k < cnt ? std::exp(-ds * ds) : 0.0;
-      }
-    }
-    double sumw = 0.0;
-    for (int k = 0; k < W; ++k) sumw += w[k];
-    const double inv = sumw > 0.0 ? 1.0 / sumw : 0.0;  // a zero sum leaves a zero row
-    double value = 0.0;
-    for (int k = 0; k < W; ++k) {
-      if (k >= cnt) break;
-      const int col = f + k;
-      const double wn = w[k] * inv;
-      value += wn * p[col];
-      if (data != nullptr && col >= skip) {
-        if (pattern) indices[nnz] = col - skip;
-        data[nnz] = wn;
-        ++nnz;
-      }
-    }
-    scales[i] = value;
+    // A NaN q marks a point far outside the range (see smooth_1d_prepare): direct formula.
+    const bool direct = std::isnan(q[i]);
+    lean_row_weights<W>(direct, q[i], cnt, c, direct ? ax.normalise(x[i] - x_shift) : 0.0,
+                        pos + f, sigma, w);
+    scales[i] = write_normalised_row<W>(w, f, cnt, p, skip, pattern ? indices : nullptr, data, nnz);
     if (pattern) indptr[i + 1] = static_cast<std::int32_t>(nnz);
     // Smoothed B, per chunk of rows while they are in cache: s = exp(B·f), f = 1/(2d²), and
     // the derivative rows scaled by s·f (one vectorised exponential per row).
