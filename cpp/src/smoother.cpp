@@ -118,13 +118,15 @@ void GaussianSmoother<D>::check_values(const double* values, std::size_t n_value
 
 // ------------------------------------------------------------------------- bulk evaluation
 //
-// Points are processed in chunks. Per axis, a first pass computes the window of every point of
-// the chunk, and a second pass its weights exp(-((z - pos)/sigma)^2), written with DIALS's own
+// Points are processed in chunks of kChunk. Per axis, a first pass computes every point's
+// window, and a second pass its weights exp(-((z - pos)/sigma)^2), written with DIALS's own
 // operations (so symmetric windows give identical weights and the centre weight is exactly 1);
 // both loops are branch-free so the compiler vectorises them, with exp_bounded in place of
-// libm's exp (within ~1 ulp of it). On x86-64 Linux with GCC they are also compiled for
-// AVX2+FMA and picked at run time; FMA may change the last bit of a weight relative to the
-// baseline build. A final scalar pass assembles rows and the CSR output.
+// libm's exp (within ~1 ulp of it). In 1D the sums Σw and Σw·p are vectorised over the chunk
+// too. On x86-64 Linux with GCC these passes are also compiled for AVX2+FMA and picked at run
+// time; FMA may change the last bit of a weight relative to the baseline build. A final pass
+// writes the rows of the CSR output. smoother.cpp is compiled with -fno-trapping-math (see
+// CMakeLists.txt): GCC does not if-convert floating-point comparisons otherwise.
 
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && \
     defined(__linux__)
@@ -132,27 +134,22 @@ void GaussianSmoother<D>::check_values(const double* values, std::size_t n_value
 #else
 #define XS_MULTIVERSION
 #endif
-// GCC will not if-convert FP comparisons under -ftrapping-math (the default), which blocks
-// vectorising the window pass. We never inspect FP exception flags, and values are unchanged.
-#if defined(__GNUC__) && !defined(__clang__)
-#define XS_NO_TRAPPING __attribute__((optimize("no-trapping-math")))
-#else
-#define XS_NO_TRAPPING
-#endif
 
 namespace {
 
-constexpr int kChunk = 128;  // points per chunk: a 3D chunk (3 × 10 arrays × 1 kB) stays in L1/L2
+constexpr int kChunk = 128;  // points per chunk: a 3D chunk (3 × 9 arrays × 1 kB) stays in L1/L2
 
-/// Per-axis constants for the vectorised window pass.
+/// Per-axis constants for the vectorised passes.
 struct AxisParams {
   double x0, spacing, half, offset, sigma;
+  double inv_sigma;  // 1/σ
   std::int32_t nvalues, naverage;
-  double max_window;  // weight rows computed per point (past-the-window rows are masked)
+  int max_window;    // weight rows computed per point (rows past the window are 0)
+  int min_window;    // every window holds at least this many values (2, or all of ≤ 3)
 };
 
 /// One axis of one chunk: normalised coordinates, windows, weights and a fast-path flag.
-/// Window bounds are kept as doubles so the preparation loop is all-double and vectorises.
+/// Window bounds are kept as doubles so the window pass is all-double and vectorises.
 struct AxisChunk {
   alignas(64) double z[kChunk];      // normalised coordinate (x - x0)/spacing
   alignas(64) double first[kChunk];  // window start (an integer value)
@@ -171,53 +168,19 @@ struct WinRef {
   double wt(int k) const { return w[k * kChunk]; }
 };
 
-/// Store z and flag the point as slow when the exponent (d/σ)² of any computed weight row
-/// (the window, and masked rows up to max_window) would leave exp_bounded's range (|d| ≳ 26σ:
-/// only far outside the smoother's range). Returns the flag (1 or 0), so callers count slow
-/// points without a second pass (an integer count: a floating-point sum would not vectorise
-/// without reassociation).
-XS_NO_TRAPPING inline int check_window(double z, double first, const AxisParams& p,
-                                       AxisChunk& c, int i) {
-  const double d0 = (z - (first + p.offset)) / p.sigma;  // first and last computed rows
-  const double d1 = (z - (first + p.max_window - 1.0 + p.offset)) / p.sigma;
-  // Bitwise | (not ||) keeps the loop free of branches; inputs are finite (checked earlier).
-  const bool bad = (d0 * d0 > 690.0) | (d1 * d1 > 690.0);
-  c.z[i] = z;
-  c.slow[i] = bad ? 1.0 : 0.0;
-  return bad ? 1 : 0;
-}
-
-/// The window weights w[k][i] = exp(-((z - pos_k)/σ)²) for k < @p maxw, with DIALS's order of
-/// operations; w[k] holds the window mask on entry (weights past the window stay 0). Kept
-/// apart from the no-trapping-math functions: GCC does not inline across differing
-/// optimisation attributes, and exp_bounded must inline here.
-XS_MULTIVERSION
-void weights_chunk(AxisChunk& c, int m, const AxisParams& p, int maxw) {
-  for (int k = 0; k < maxw; ++k) {
-    double* __restrict wk = c.w[k];
-    for (int i = 0; i < m; ++i) {
-      const double pos = (c.first[i] + k) + p.offset;  // = DIALS's position i - 0.5 (or i)
-      const double ds = (c.z[i] - pos) / p.sigma;
-      // In range unless the point is slow (check_window); slow points are redone by fix_slow.
-      wk[i] *= exp_bounded(-ds * ds);
-    }
-  }
-}
-
-/// value = Σwp/Σw (0 when Σw = 0, as DIALS) for a chunk, vectorised.
-XS_MULTIVERSION XS_NO_TRAPPING
-void finish_values(const double* __restrict sumw, const double* __restrict sumwv, int m,
-                   double* __restrict value_out) {
-  for (int i = 0; i < m; ++i) value_out[i] = sumw[i] > 0.0 ? sumwv[i] / sumw[i] : 0.0;
-}
-
-/// Windows and exponent arguments of @p m points (m <= kChunk) on an axis with > 3 values.
+/// Windows of @p m points (m <= kChunk), their normalised coordinates and slow flags.
+/// A point is slow when the exponent (d/σ)² of a computed weight row (the window, and rows
+/// up to max_window) would leave exp_bounded's range: only far outside the smoother's range.
 /// Returns the number of non-finite coordinates (the caller then reports the first).
-XS_MULTIVERSION XS_NO_TRAPPING
-int prepare_axis(const double* __restrict x, int m, const AxisParams& p, AxisChunk& c) {
+enum class Clip { all_values, min_max, dials };
+
+template <Clip kClip>
+inline int window_pass(const double* __restrict x, int m, const AxisParams& p, AxisChunk& c) {
   constexpr double lim = 1073741824.0;  // |z| clamp: beyond it the window is pinned anyway
   const double nv = p.nvalues;
   const double nav = p.naverage;
+  // Distance from a window's first row to the centre of its max_window computed rows.
+  const double half_rows = 0.5 * (p.max_window - 1);
   int bad = 0;
   int n_slow = 0;
   for (int i = 0; i < m; ++i) {
@@ -231,36 +194,135 @@ int prepare_axis(const double* __restrict x, int m, const AxisParams& p, AxisChu
     const double frac = v - t;
     double i1 = t + (frac >= 0.5 ? 1.0 : 0.0) - (frac <= -0.5 ? 1.0 : 0.0) + 1.0;
     double i2 = i1 + nav;
-    const bool low = i1 < 0.0;
-    i1 = low ? 0.0 : i1;
-    i2 = (low & (i2 < 2.0)) ? 2.0 : i2;
-    const bool high = i2 > nv;
-    i2 = high ? nv : i2;
-    i1 = (high & (i1 > nv - 2.0)) ? nv - 2.0 : i1;
+    if constexpr (kClip == Clip::all_values) {  // at most 3 values: the window is all of them
+      i1 = 0.0;
+      i2 = nv;
+    } else if constexpr (kClip == Clip::min_max) {
+      // DIALS's clipping (below) for naverage >= 2 and nvalues >= 4: fewer operations.
+      i2 = std::min(std::max(i2, 2.0), nv);
+      i1 = std::max(std::min(i1, nv - 2.0), 0.0);
+    } else {
+      const bool low = i1 < 0.0;
+      i1 = low ? 0.0 : i1;
+      i2 = (low & (i2 < 2.0)) ? 2.0 : i2;
+      const bool high = i2 > nv;
+      i2 = high ? nv : i2;
+      i1 = (high & (i1 > nv - 2.0)) ? nv - 2.0 : i1;
+    }
+    // The farthest computed row is |z - centre| + half_rows away (bitwise | keeps it branch-free).
+    const double far = (std::abs(z - (i1 + p.offset + half_rows)) + half_rows) * p.inv_sigma;
+    const bool is_slow = far > 26.2;  // 26.2² = 686 < 690 (exp_bounded's argument limit, ~700)
+    c.z[i] = z;
     c.first[i] = i1;
     c.count[i] = i2 - i1;
-    n_slow += check_window(z, i1, p, c, i);
-    // Window mask: weights beyond the window are zero, so row loops can run a fixed width.
-    for (int k = 0; k < kMaxAxisWindow; ++k) c.w[k][i] = (k < i2 - i1) ? 1.0 : 0.0;
+    c.slow[i] = is_slow ? 1.0 : 0.0;
+    n_slow += is_slow ? 1 : 0;
   }
   c.n_slow = n_slow;
   return bad;
 }
+XS_MULTIVERSION
+int window_pass(const double* __restrict x, int m, const AxisParams& p, AxisChunk& c) {
+  // One loop per clipping rule: GCC does not unswitch a loop body this large by itself.
+  if (p.nvalues <= 3) return window_pass<Clip::all_values>(x, m, p, c);
+  if (p.naverage >= 2) return window_pass<Clip::min_max>(x, m, p, c);
+  return window_pass<Clip::dials>(x, m, p, c);
+}
 
-/// Same for an axis of at most 3 values: the window is always all of them.
-XS_MULTIVERSION XS_NO_TRAPPING
-int prepare_small_axis(const double* __restrict x, int m, const AxisParams& p, AxisChunk& c) {
-  int bad = 0;
-  int n_slow = 0;
-  for (int i = 0; i < m; ++i) {
-    bad += (x[i] - x[i] == 0.0) ? 0 : 1;
-    c.first[i] = 0.0;
-    c.count[i] = p.nvalues;
-    n_slow += check_window((x[i] - p.x0) / p.spacing, 0.0, p, c, i);
-    for (int k = 0; k < kMaxAxisWindow; ++k) c.w[k][i] = k < p.nvalues ? 1.0 : 0.0;
+/// The window weights w[k][i] = exp(-((z - pos_k)/σ)²) for k < max_window, with DIALS's order
+/// of operations; rows past a point's window get weight 0 (so row loops can run a fixed
+/// width). Slow points get meaningless values here and are redone by the caller.
+XS_MULTIVERSION
+void weights_pass(AxisChunk& c, int m, const AxisParams& p) {
+  for (int k = 0; k < p.max_window; ++k) {
+    double* __restrict wk = c.w[k];
+    const bool masked = k >= p.min_window;  // loop-invariant: the loop is unswitched
+    for (int i = 0; i < m; ++i) {
+      const double pos = (c.first[i] + k) + p.offset;  // = DIALS's position i - 0.5 (or i)
+      // DIALS divides by σ; multiplying by 1/σ (a division per weight costs a third of the
+      // kernel) changes ds by at most 1 ulp, so w by ≲ 2·ds²·2⁻⁵³ relative (≤ 1e-15 here).
+      // Symmetric windows still give equal weights and the centre weight is still exactly 1.
+      const double ds = (c.z[i] - pos) * p.inv_sigma;
+      const double w = exp_bounded(-ds * ds);
+      wk[i] = (masked && k >= c.count[i]) ? 0.0 : w;
+    }
   }
-  c.n_slow = n_slow;
-  return bad;
+}
+
+/// 1D: Σw and Σw·p of a chunk at the fixed width @p W (weights past the window are 0 and
+/// @p values is padded), vectorised over points.
+template <int W>
+void sums_pass_1d(const AxisChunk& c, int m, const double* __restrict values,
+                  double* __restrict sumw, double* __restrict sumwv) {
+  for (int i = 0; i < m; ++i) {
+    const auto first = static_cast<std::int32_t>(c.first[i]);
+    double s = 0.0, sv = 0.0;
+    for (int k = 0; k < W; ++k) {
+      s += c.w[k][i];
+      sv += c.w[k][i] * values[first + k];
+    }
+    sumw[i] = s;
+    sumwv[i] = sv;
+  }
+}
+XS_MULTIVERSION
+void sums_pass_1d(const AxisChunk& c, int m, int width, const double* __restrict values,
+                  double* __restrict sumw, double* __restrict sumwv) {
+  switch (width) {
+    case 2: return sums_pass_1d<2>(c, m, values, sumw, sumwv);
+    case 3: return sums_pass_1d<3>(c, m, values, sumw, sumwv);
+    case 4: return sums_pass_1d<4>(c, m, values, sumw, sumwv);
+    default: return sums_pass_1d<5>(c, m, values, sumw, sumwv);
+  }
+}
+
+/// 1D rows of a chunk in which every window has the full width W (all but the chunks at the
+/// ends of the range): row i is entries [nnz0 + i·W, nnz0 + (i+1)·W). Written point-major from
+/// the weight-major chunk; GCC vectorises the interleave. @p scale is 1/Σw per point (kNorm).
+template <int W, typename Index, bool kNorm>
+inline void full_rows_1d(const AxisChunk& c, int m, const double* __restrict scale,
+                         Index* __restrict indices, double* __restrict data,
+                         Index* __restrict indptr_next, Index nnz0) {
+  for (int i = 0; i < m; ++i) {
+    const double f = kNorm ? scale[i] : 1.0;
+    const auto col0 = static_cast<Index>(c.first[i]);
+    for (int k = 0; k < W; ++k) {
+      data[i * W + k] = kNorm ? c.w[k][i] * f : c.w[k][i];
+      indices[i * W + k] = col0 + static_cast<Index>(k);
+    }
+    indptr_next[i] = nnz0 + static_cast<Index>((i + 1) * W);
+  }
+}
+template <typename Index, bool kNorm>
+XS_MULTIVERSION void full_rows_1d(const AxisChunk& c, int m, int width, const double* scale,
+                                  Index* indices, double* data, Index* indptr_next, Index nnz0) {
+  switch (width) {
+    case 2: return full_rows_1d<2, Index, kNorm>(c, m, scale, indices, data, indptr_next, nnz0);
+    case 3: return full_rows_1d<3, Index, kNorm>(c, m, scale, indices, data, indptr_next, nnz0);
+    case 4: return full_rows_1d<4, Index, kNorm>(c, m, scale, indices, data, indptr_next, nnz0);
+    default: return full_rows_1d<5, Index, kNorm>(c, m, scale, indices, data, indptr_next, nnz0);
+  }
+}
+
+/// out[i] = 1/v[i], or 0 where v[i] is 0 (a row whose weights all underflowed).
+XS_MULTIVERSION
+void reciprocals(const double* __restrict v, int m, double* __restrict out) {
+  for (int i = 0; i < m; ++i) out[i] = v[i] > 0.0 ? 1.0 / v[i] : 0.0;
+}
+
+/// The smallest window in a chunk (vectorised).
+XS_MULTIVERSION
+double min_count(const AxisChunk& c, int m) {
+  double lo = c.count[0];
+  for (int i = 1; i < m; ++i) lo = c.count[i] < lo ? c.count[i] : lo;
+  return lo;
+}
+
+/// value = Σwp/Σw (0 when Σw = 0, as DIALS) for a chunk, vectorised.
+XS_MULTIVERSION
+void finish_values(const double* __restrict sumw, const double* __restrict sumwv, int m,
+                   double* __restrict value_out) {
+  for (int i = 0; i < m; ++i) value_out[i] = sumw[i] > 0.0 ? sumwv[i] / sumw[i] : 0.0;
 }
 
 /// Evaluates chunks of points and hands each point's per-axis windows to a callback.
@@ -272,32 +334,45 @@ class ChunkEvaluator {
     for (int a = 0; a < D; ++a) {
       const auto& ax = axes[a];
       params_[a] = {ax.x0(), ax.spacing(), static_cast<double>(ax.num_average()) / 2.0,
-                    ax.positions()[0], g.sigma, static_cast<std::int32_t>(ax.num_values()),
+                    ax.positions()[0], g.sigma, 1.0 / g.sigma,
+                    static_cast<std::int32_t>(ax.num_values()),
                     static_cast<std::int32_t>(ax.num_average()),
-                    static_cast<double>(ax.max_window())};
+                    ax.max_window(),
+                    ax.num_values() <= 3 ? static_cast<int>(ax.num_values())
+                                         : static_cast<int>(std::min<std::size_t>(ax.num_average(), 2))};
     }
+    // Rows at and past an axis's max_window are never computed but are read as zeros by
+    // fixed-width loops (value_error runs width 5).
+    for (auto& c : chunk_) std::memset(c.w, 0, sizeof c.w);
   }
 
   /// Call f(p, i, win) for every point p in [0, n) (i = p − chunk start), then
   /// done(base, m) after each chunk of m points; throws for a non-finite coordinate.
   template <typename F, typename G>
   void run(std::size_t n, const std::array<const double*, D>& coords, F&& f, G&& done) {
+    run(n, coords, [](std::size_t, int) {}, f, done);
+  }
+
+  /// As above, with ready(base, m) called once a chunk's windows and weights are in place
+  /// (see chunk()), before its points are handed to f.
+  template <typename R, typename F, typename G>
+  void run(std::size_t n, const std::array<const double*, D>& coords, R&& ready, F&& f,
+           G&& done) {
     std::array<WinRef, D> win;
     for (std::size_t base = 0; base < n; base += kChunk) {
       const int m = static_cast<int>(std::min<std::size_t>(kChunk, n - base));
       for (int a = 0; a < D; ++a) {
         const double* x = coords[a] + base;
         AxisChunk& c = chunk_[a];
-        const int bad = params_[a].nvalues <= 3 ? prepare_small_axis(x, m, params_[a], c)
-                                                : prepare_axis(x, m, params_[a], c);
-        if (bad)
+        if (window_pass(x, m, params_[a], c) != 0)
           for (int i = 0; i < m; ++i)
             if (!std::isfinite(x[i])) fail_non_finite(kAxisNames[a], base + i, x[i]);
-        weights_chunk(c, m, params_[a], axes_[a].max_window());
+        weights_pass(c, m, params_[a]);
         if (c.n_slow > 0)  // points far outside the range: direct exponentials (rare)
           for (int i = 0; i < m; ++i)
             if (c.slow[i] != 0.0) fix_slow(a, x[i], i);
       }
+      ready(base, m);
       for (int i = 0; i < m; ++i) {
         for (int a = 0; a < D; ++a) {
           const AxisChunk& c = chunk_[a];
@@ -308,6 +383,9 @@ class ChunkEvaluator {
       done(base, m);
     }
   }
+
+  /// The current chunk of axis @p a.
+  const AxisChunk& chunk(int a) const { return chunk_[a]; }
 
  private:
   /// Far outside the range (rare): direct exponentials instead of the product form.
@@ -473,12 +551,33 @@ std::size_t bulk(ChunkEvaluator<D>& ev, std::size_t n, const std::array<const do
   if constexpr (kMatrix) indptr[0] = 0;
   alignas(64) double sw[kChunk];
   alignas(64) double swv[kChunk];
+  // Σw goes straight to the caller's array when there is one (no per-chunk copy).
+  const auto sumw_of_chunk = [&](std::size_t base) { return sumweight_out ? sumweight_out + base : sw; };
+  alignas(64) double inv_sw[kChunk];
+  bool rows_written = false;  // the chunk's rows were written by the vectorised 1D path
   ev.run(
       n, coords,
+      [&](std::size_t base, int m) {
+        if constexpr (D == 1) {  // 1D sums, and rows of full windows, vectorised per chunk
+          const AxisChunk& c = ev.chunk(0);
+          double* sumw = sumw_of_chunk(base);
+          sums_pass_1d(c, m, W, values, sumw, swv);
+          rows_written = false;
+          if constexpr (kMatrix && !kFirstFixed) {
+            if (min_count(c, m) == W) {
+              if constexpr (kNormalised) reciprocals(sumw, m, inv_sw);
+              full_rows_1d<Index, kNormalised>(c, m, W, inv_sw, indices + nnz, data + nnz,
+                                                indptr + base + 1, static_cast<Index>(nnz));
+              nnz += static_cast<std::size_t>(m) * W;
+              rows_written = true;
+            }
+          }
+        }
+      },
       [&](std::size_t p, int i, const std::array<WinRef, D>& win) {
-        // Σw goes straight to the caller's array when there is one (no per-chunk copy).
+        if (rows_written) return;
         double& sw_p = sumweight_out ? sumweight_out[p] : sw[i];
-        point_sums<D, W>(win, values, nx, nxy, sw_p, swv[i]);
+        if constexpr (D > 1) point_sums<D, W>(win, values, nx, nxy, sw_p, swv[i]);
         if constexpr (kMatrix) {
           // As DIALS's row_multiply(weight, 1/sumweight); a row with Σw = 0 (far outside the
           // range, every weight underflowed) gets derivative 0 rather than NaN.
@@ -489,8 +588,7 @@ std::size_t bulk(ChunkEvaluator<D>& ev, std::size_t n, const std::array<const do
         }
       },
       [&](std::size_t base, int m) {
-        if (value_out) finish_values(sumweight_out ? sumweight_out + base : sw, swv, m,
-                                     value_out + base);
+        if (value_out) finish_values(sumw_of_chunk(base), swv, m, value_out + base);
       });
 #if defined(__x86_64__) || defined(_M_X64)
   if constexpr (kStream) _mm_sfence();  // order the streamed stores before returning
