@@ -181,13 +181,17 @@ inline int window_pass(const double* __restrict x, int m, const AxisParams& p, A
   const double nav = p.naverage;
   // Distance from a window's first row to the centre of its max_window computed rows.
   const double half_rows = 0.5 * (p.max_window - 1);
-  int bad = 0;
-  int n_slow = 0;
+  // 64-bit counters: the same lane width as the doubles, so no packing in the vector loop.
+  std::int64_t bad = 0;
+  std::int64_t n_slow = 0;
   for (int i = 0; i < m; ++i) {
     bad += (x[i] - x[i] == 0.0) ? 0 : 1;  // NaN and ±inf give NaN here: a vectorisable test
     const double z = (x[i] - p.x0) / p.spacing;
-    double zc = z < -lim ? -lim : z;
-    zc = zc > lim ? lim : zc;
+    double zc = z;
+    if constexpr (kClip != Clip::min_max) {  // min/max clipping is exact for any finite z
+      zc = zc < -lim ? -lim : zc;
+      zc = zc > lim ? lim : zc;
+    }
     // iround(zc - half): round half away from zero, written branch-free in doubles.
     const double v = zc - p.half;
     const double t = std::trunc(v);
@@ -218,8 +222,8 @@ inline int window_pass(const double* __restrict x, int m, const AxisParams& p, A
     c.slow[i] = is_slow ? 1.0 : 0.0;
     n_slow += is_slow ? 1 : 0;
   }
-  c.n_slow = n_slow;
-  return bad;
+  c.n_slow = static_cast<int>(n_slow);
+  return bad != 0 ? 1 : 0;
 }
 XS_MULTIVERSION
 int window_pass(const double* __restrict x, int m, const AxisParams& p, AxisChunk& c) {
@@ -239,10 +243,7 @@ void weights_pass(AxisChunk& c, int m, const AxisParams& p) {
     const bool masked = k >= p.min_window;  // loop-invariant: the loop is unswitched
     for (int i = 0; i < m; ++i) {
       const double pos = (c.first[i] + k) + p.offset;  // = DIALS's position i - 0.5 (or i)
-      // DIALS divides by σ; multiplying by 1/σ (a division per weight costs a third of the
-      // kernel) changes ds by at most 1 ulp, so w by ≲ 2·ds²·2⁻⁵³ relative (≤ 1e-15 here).
-      // Symmetric windows still give equal weights and the centre weight is still exactly 1.
-      const double ds = (c.z[i] - pos) * p.inv_sigma;
+      const double ds = (c.z[i] - pos) / p.sigma;
       const double w = exp_bounded(-ds * ds);
       wk[i] = (masked && k >= c.count[i]) ? 0.0 : w;
     }
@@ -350,11 +351,12 @@ class ChunkEvaluator {
   /// done(base, m) after each chunk of m points; throws for a non-finite coordinate.
   template <typename F, typename G>
   void run(std::size_t n, const std::array<const double*, D>& coords, F&& f, G&& done) {
-    run(n, coords, [](std::size_t, int) {}, f, done);
+    run(n, coords, [](std::size_t, int) { return false; }, f, done);
   }
 
   /// As above, with ready(base, m) called once a chunk's windows and weights are in place
-  /// (see chunk()), before its points are handed to f.
+  /// (see chunk()); it returns true when it has done the chunk's work itself, and f is then
+  /// not called for the chunk's points.
   template <typename R, typename F, typename G>
   void run(std::size_t n, const std::array<const double*, D>& coords, R&& ready, F&& f,
            G&& done) {
@@ -372,13 +374,14 @@ class ChunkEvaluator {
           for (int i = 0; i < m; ++i)
             if (c.slow[i] != 0.0) fix_slow(a, x[i], i);
       }
-      ready(base, m);
-      for (int i = 0; i < m; ++i) {
-        for (int a = 0; a < D; ++a) {
-          const AxisChunk& c = chunk_[a];
-          win[a] = {static_cast<int>(c.first[i]), static_cast<int>(c.count[i]), &c.w[0][i]};
+      if (!ready(base, m)) {
+        for (int i = 0; i < m; ++i) {
+          for (int a = 0; a < D; ++a) {
+            const AxisChunk& c = chunk_[a];
+            win[a] = {static_cast<int>(c.first[i]), static_cast<int>(c.count[i]), &c.w[0][i]};
+          }
+          f(base + i, i, win);
         }
-        f(base + i, i, win);
       }
       done(base, m);
     }
@@ -554,15 +557,14 @@ std::size_t bulk(ChunkEvaluator<D>& ev, std::size_t n, const std::array<const do
   // Σw goes straight to the caller's array when there is one (no per-chunk copy).
   const auto sumw_of_chunk = [&](std::size_t base) { return sumweight_out ? sumweight_out + base : sw; };
   alignas(64) double inv_sw[kChunk];
-  bool rows_written = false;  // the chunk's rows were written by the vectorised 1D path
   ev.run(
       n, coords,
       [&](std::size_t base, int m) {
+        bool rows_written = false;  // by the vectorised 1D path: no per-point work left
         if constexpr (D == 1) {  // 1D sums, and rows of full windows, vectorised per chunk
           const AxisChunk& c = ev.chunk(0);
           double* sumw = sumw_of_chunk(base);
           sums_pass_1d(c, m, W, values, sumw, swv);
-          rows_written = false;
           if constexpr (kMatrix && !kFirstFixed) {
             if (min_count(c, m) == W) {
               if constexpr (kNormalised) reciprocals(sumw, m, inv_sw);
@@ -573,9 +575,9 @@ std::size_t bulk(ChunkEvaluator<D>& ev, std::size_t n, const std::array<const do
             }
           }
         }
+        return rows_written || (D == 1 && !kMatrix);  // 1D values-only: nothing per point
       },
       [&](std::size_t p, int i, const std::array<WinRef, D>& win) {
-        if (rows_written) return;
         double& sw_p = sumweight_out ? sumweight_out[p] : sw[i];
         if constexpr (D > 1) point_sums<D, W>(win, values, nx, nxy, sw_p, swv[i]);
         if constexpr (kMatrix) {
