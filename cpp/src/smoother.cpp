@@ -143,6 +143,7 @@ constexpr int kChunk = 128;  // points per chunk: a 3D chunk (3 × 9 arrays × 1
 struct AxisParams {
   double x0, spacing, half, offset, sigma;
   double inv_sigma;  // 1/σ
+  double gauss_scale;  // √log₂e/σ: exp(−(d/σ)²) = 2^(−(d·gauss_scale)²)
   std::int32_t nvalues, naverage;
   int max_window;    // weight rows computed per point (rows past the window are 0)
   int min_window;    // every window holds at least this many values (2, or all of ≤ 3)
@@ -243,8 +244,8 @@ void weights_pass(AxisChunk& c, int m, const AxisParams& p) {
     const bool masked = k >= p.min_window;  // loop-invariant: the loop is unswitched
     for (int i = 0; i < m; ++i) {
       const double pos = (c.first[i] + k) + p.offset;  // = DIALS's position i - 0.5 (or i)
-      const double ds = (c.z[i] - pos) / p.sigma;
-      const double w = exp_bounded(-ds * ds);
+      const double ds2 = (c.z[i] - pos) * p.gauss_scale;  // (z − pos)/σ in base-2 units
+      const double w = exp2_bounded(-ds2 * ds2);
       wk[i] = (masked && k >= c.count[i]) ? 0.0 : w;
     }
   }
@@ -326,6 +327,109 @@ void finish_values(const double* __restrict sumw, const double* __restrict sumwv
   for (int i = 0; i < m; ++i) value_out[i] = sumw[i] > 0.0 ? sumwv[i] / sumw[i] : 0.0;
 }
 
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+#define XS_HAVE_AVX2_1D 1
+#define XS_TARGET_AVX2 __attribute__((target("avx2,fma")))
+
+/// True when the CPU runs AVX2 and FMA (checked once).
+bool cpu_has_avx2_fma() {
+  static const bool ok = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return ok;
+}
+
+/// Store the @p count column indices first, first+1, ... of one row (4 written; the caller
+/// guarantees room, and entries past @p count are overwritten by the next row).
+XS_TARGET_AVX2 inline void put_columns4(std::int32_t* dst, std::int32_t first) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst),
+                   _mm_add_epi32(_mm_set1_epi32(first), _mm_setr_epi32(0, 1, 2, 3)));
+}
+XS_TARGET_AVX2 inline void put_columns4(std::int64_t* dst, std::int32_t first) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                      _mm256_add_epi64(_mm256_set1_epi64x(first), _mm256_setr_epi64x(0, 1, 2, 3)));
+}
+
+/// 1D chunks with windows of at most 4 values (naverage <= 4), AVX2: Σw, the value
+/// Σw·p/Σw (when @p value is not null) and, with kRows, the CSR rows (raw weights, or w/Σw with kNorm). Four points at a time, the weight
+/// rows w[k][i..i+4] are transposed into one 4-vector per point, which is both the point's
+/// CSR row (stored 4 wide; the next row overwrites the entries past this row's window) and,
+/// times the 4 consecutive values at the window start, the terms of Σw·p. Every 1D chunk of
+/// such a smoother goes through here on an AVX2 machine, single points included, so single-
+/// and multi-point results stay identical. Only the last row of a call (@p last_chunk) is
+/// stored exactly, so nothing is written past n·max_row_nnz. Returns the new nnz.
+template <bool kRows, bool kNorm, typename Index>
+XS_TARGET_AVX2 std::size_t chunk_1d_avx2(const AxisChunk& c, int m, bool last_chunk,
+                                         const double* values, double* value, double* sumw,
+                                         Index* indices, double* data, Index* indptr_next,
+                                         std::size_t nnz) {
+  for (int i = 0; i < m; i += 4) {
+    const int lanes = std::min(4, m - i);
+    const __m256d w0 = _mm256_load_pd(c.w[0] + i);
+    const __m256d w1 = _mm256_load_pd(c.w[1] + i);
+    const __m256d w2 = _mm256_load_pd(c.w[2] + i);
+    const __m256d w3 = _mm256_load_pd(c.w[3] + i);  // zero when the window is at most 3
+    const __m256d sw = _mm256_add_pd(_mm256_add_pd(_mm256_add_pd(w0, w1), w2), w3);
+    // Transpose: row[j] = (w0, w1, w2, w3) of point i + j.
+    const __m256d t0 = _mm256_unpacklo_pd(w0, w1);
+    const __m256d t1 = _mm256_unpackhi_pd(w0, w1);
+    const __m256d t2 = _mm256_unpacklo_pd(w2, w3);
+    const __m256d t3 = _mm256_unpackhi_pd(w2, w3);
+    __m256d row[4] = {_mm256_permute2f128_pd(t0, t2, 0x20), _mm256_permute2f128_pd(t1, t3, 0x20),
+                      _mm256_permute2f128_pd(t0, t2, 0x31), _mm256_permute2f128_pd(t1, t3, 0x31)};
+    alignas(16) std::int32_t first[4];
+    alignas(16) std::int32_t count[4];
+    _mm_store_si128(reinterpret_cast<__m128i*>(first), _mm256_cvttpd_epi32(_mm256_load_pd(c.first + i)));
+    _mm_store_si128(reinterpret_cast<__m128i*>(count), _mm256_cvttpd_epi32(_mm256_load_pd(c.count + i)));
+    // Σw·p: lanes past the window have w = 0 (values is zero-padded, and finite).
+    __m256d prod[4];
+    for (int j = 0; j < 4; ++j) prod[j] = _mm256_mul_pd(row[j], _mm256_loadu_pd(values + first[j]));
+    const __m256d h01 = _mm256_hadd_pd(prod[0], prod[1]);
+    const __m256d h23 = _mm256_hadd_pd(prod[2], prod[3]);
+    const __m256d swv = _mm256_add_pd(_mm256_permute2f128_pd(h01, h23, 0x20),
+                                      _mm256_permute2f128_pd(h01, h23, 0x31));
+    // value = Σw·p/Σw, 0 where Σw = 0 (as finish_values)
+    const __m256d positive = _mm256_cmp_pd(sw, _mm256_setzero_pd(), _CMP_GT_OQ);
+    const __m256d val = _mm256_and_pd(positive, _mm256_div_pd(swv, sw));
+    alignas(32) double sw_lane[4];
+    _mm256_store_pd(sw_lane, sw);
+    if (lanes == 4) {
+      _mm256_storeu_pd(sumw + i, sw);
+      if (value) _mm256_storeu_pd(value + i, val);
+    } else {
+      alignas(32) double val_lane[4];
+      _mm256_store_pd(val_lane, val);
+      for (int j = 0; j < lanes; ++j) {
+        sumw[i + j] = sw_lane[j];
+        if (value) value[i + j] = val_lane[j];
+      }
+    }
+    if constexpr (kRows) {
+      for (int j = 0; j < lanes; ++j) {
+        __m256d r = row[j];
+        if constexpr (kNorm)  // as DIALS's row_multiply(weight, 1/Σw); 0 when Σw = 0
+          r = _mm256_mul_pd(r, _mm256_set1_pd(sw_lane[j] > 0.0 ? 1.0 / sw_lane[j] : 0.0));
+        if (!last_chunk || i + j != m - 1) {
+          _mm256_storeu_pd(data + nnz, r);
+          put_columns4(indices + nnz, first[j]);
+        } else {  // the call's last row: exactly count entries
+          alignas(32) double r_lane[4];
+          _mm256_store_pd(r_lane, r);
+          for (int k = 0; k < count[j]; ++k) {
+            data[nnz + k] = r_lane[k];
+            indices[nnz + k] = static_cast<Index>(first[j] + k);
+          }
+        }
+        nnz += static_cast<std::size_t>(count[j]);
+        indptr_next[i + j] = static_cast<Index>(nnz);
+      }
+    }
+  }
+  return nnz;
+}
+#endif
+
 /// Evaluates chunks of points and hands each point's per-axis windows to a callback.
 template <int D>
 class ChunkEvaluator {
@@ -336,6 +440,7 @@ class ChunkEvaluator {
       const auto& ax = axes[a];
       params_[a] = {ax.x0(), ax.spacing(), static_cast<double>(ax.num_average()) / 2.0,
                     ax.positions()[0], g.sigma, 1.0 / g.sigma,
+                    std::sqrt(1.4426950408889634) / g.sigma,
                     static_cast<std::int32_t>(ax.num_values()),
                     static_cast<std::int32_t>(ax.num_average()),
                     ax.max_window(),
@@ -344,7 +449,12 @@ class ChunkEvaluator {
     }
     // Rows at and past an axis's max_window are never computed but are read as zeros by
     // fixed-width loops (value_error runs width 5).
-    for (auto& c : chunk_) std::memset(c.w, 0, sizeof c.w);
+    // Windows past a chunk's end are read (never used) by the 4-wide 1D path: keep them valid.
+    for (auto& c : chunk_) {
+      std::memset(c.w, 0, sizeof c.w);
+      std::memset(c.first, 0, sizeof c.first);
+      std::memset(c.count, 0, sizeof c.count);
+    }
   }
 
   /// Call f(p, i, win) for every point p in [0, n) (i = p − chunk start), then
@@ -557,6 +667,10 @@ std::size_t bulk(ChunkEvaluator<D>& ev, std::size_t n, const std::array<const do
   // Σw goes straight to the caller's array when there is one (no per-chunk copy).
   const auto sumw_of_chunk = [&](std::size_t base) { return sumweight_out ? sumweight_out + base : sw; };
   alignas(64) double inv_sw[kChunk];
+#ifdef XS_HAVE_AVX2_1D
+  const bool avx2 = cpu_has_avx2_fma();
+#endif
+  bool values_done = false;  // the chunk's values were written by the AVX2 1D path
   ev.run(
       n, coords,
       [&](std::size_t base, int m) {
@@ -564,6 +678,17 @@ std::size_t bulk(ChunkEvaluator<D>& ev, std::size_t n, const std::array<const do
         if constexpr (D == 1) {  // 1D sums, and rows of full windows, vectorised per chunk
           const AxisChunk& c = ev.chunk(0);
           double* sumw = sumw_of_chunk(base);
+#ifdef XS_HAVE_AVX2_1D
+          if constexpr (W <= 4 && !kFirstFixed) {
+            if (avx2) {
+              nnz = chunk_1d_avx2<kMatrix, kNormalised, Index>(
+                  c, m, base + m == n, values, value_out ? value_out + base : nullptr, sumw,
+                  indices, data, indptr + base + 1, nnz);
+              values_done = true;
+              return true;
+            }
+          }
+#endif
           sums_pass_1d(c, m, W, values, sumw, swv);
           if constexpr (kMatrix && !kFirstFixed) {
             if (min_count(c, m) == W) {
@@ -590,7 +715,7 @@ std::size_t bulk(ChunkEvaluator<D>& ev, std::size_t n, const std::array<const do
         }
       },
       [&](std::size_t base, int m) {
-        if (value_out) finish_values(sumw_of_chunk(base), swv, m, value_out + base);
+        if (value_out && !values_done) finish_values(sumw_of_chunk(base), swv, m, value_out + base);
       });
 #if defined(__x86_64__) || defined(_M_X64)
   if constexpr (kStream) _mm_sfence();  // order the streamed stores before returning
