@@ -6,6 +6,7 @@
 #endif
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -328,12 +329,15 @@ void finish_values(const double* __restrict sumw, const double* __restrict sumwv
 }
 
 #if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-#define XS_HAVE_AVX2_1D 1
+#define XS_HAVE_AVX2 1
 #define XS_TARGET_AVX2 __attribute__((target("avx2,fma")))
 
-/// True when the CPU runs AVX2 and FMA (checked once).
+/// True when the CPU runs AVX2 and FMA (checked once), unless the environment variable
+/// XTALSCALE_DISABLE_AVX2 is set to a value other than 0 (tests use it to run the portable path).
 bool cpu_has_avx2_fma() {
   static const bool ok = [] {
+    const char* off = std::getenv("XTALSCALE_DISABLE_AVX2");
+    if (off != nullptr && off[0] != '\0' && std::strcmp(off, "0") != 0) return false;
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   }();
@@ -428,6 +432,154 @@ XS_TARGET_AVX2 std::size_t chunk_1d_avx2(const AxisChunk& c, int m, bool last_ch
   }
   return nnz;
 }
+
+/// Moves staged CSR entries to an output array. With kStream, whole aligned 16-byte blocks go
+/// out with non-temporal stores and the remainder (< 16 bytes) stays staged for the next
+/// flush, so plain and streamed stores never share a cache line except at the two ends of a
+/// call. Without kStream it is a plain copy.
+template <typename T, bool kStream>
+class StagedOutput {
+ public:
+  /// @p out receives entries from index @p pos on; @p stage holds at least a flush's worth of
+  /// entries plus 16 bytes of carry.
+  StagedOutput(T* out, std::size_t pos, T* stage) : out_(out), pos_(pos), stage_(stage) {}
+
+  /// Where the next entry is staged.
+  T* cursor() { return stage_ + fill_; }
+  /// @p n entries were staged at cursor().
+  void advance(std::size_t n) { fill_ += n; }
+
+  /// Write out what can be written now.
+  XS_TARGET_AVX2 void flush() {
+    if constexpr (!kStream) {
+      finish();
+    } else {
+      constexpr std::size_t per = 16 / sizeof(T);
+      // Locals: the streaming stores go through a may-alias type, which would otherwise make
+      // the compiler reload the members after every store.
+      T* const out = out_;
+      T* const stage = stage_;
+      const std::size_t fill = fill_;
+      std::size_t pos = pos_;
+      std::size_t i = 0;
+      // Up to the first 16-byte boundary: plain stores (only at the start of a call).
+      while (i < fill && (reinterpret_cast<std::uintptr_t>(out + pos) & 15u) != 0) {
+        out[pos++] = stage[i++];
+      }
+      for (; i + per <= fill; i += per, pos += per)
+        _mm_stream_si128(reinterpret_cast<__m128i*>(out + pos),
+                         _mm_loadu_si128(reinterpret_cast<const __m128i*>(stage + i)));
+      const std::size_t rest = fill - i;  // < per: carried to the next flush
+      for (std::size_t k = 0; k < rest; ++k) stage[k] = stage[i + k];
+      fill_ = rest;
+      pos_ = pos;
+    }
+  }
+  /// Write out everything (plain stores).
+  void finish() {
+    if (fill_ > 0) std::memcpy(out_ + pos_, stage_, fill_ * sizeof(T));
+    pos_ += fill_;
+    fill_ = 0;
+  }
+
+ private:
+  T* out_;
+  std::size_t pos_;
+  T* stage_;
+  std::size_t fill_ = 0;
+};
+
+/// 2D/3D chunks whose x windows hold at most 4 values, AVX2: Σw (the product of the per-axis
+/// sums), the value Σw·p/Σw and, with kRows, the CSR rows. A point's x weights are one
+/// 4-vector (transposed four points at a time, as in 1D); each (y, z) pair of its window gives
+/// one x run: that vector times w_y·w_z, stored 4 wide into the staging (the next run
+/// overwrites the entries past the x window), and fused-multiply-added with the 4 consecutive
+/// values it covers into Σw·p. Staged rows go out every 4 points (streamed with kStream).
+/// Every chunk of such a smoother goes through here on an AVX2 machine, single points
+/// included, so single- and multi-point results stay identical. Returns the new nnz.
+template <int D, bool kRows, bool kNorm, bool kStream, typename Index>
+XS_TARGET_AVX2 std::size_t chunk_nd_avx2(const std::array<AxisChunk, D>& c, int m,
+                                         const double* values, std::int64_t nx, std::int64_t nxy,
+                                         double* value, double* sumw, Index* indptr_next,
+                                         std::size_t nnz, StagedOutput<Index, kStream>& out_idx,
+                                         StagedOutput<double, kStream>& out_data) {
+  const AxisChunk& cx = c[0];
+  const AxisChunk& cy = c[1];
+  for (int i0 = 0; i0 < m; i0 += 4) {
+    const int lanes = std::min(4, m - i0);
+    const __m256d w0 = _mm256_load_pd(cx.w[0] + i0);
+    const __m256d w1 = _mm256_load_pd(cx.w[1] + i0);
+    const __m256d w2 = _mm256_load_pd(cx.w[2] + i0);
+    const __m256d w3 = _mm256_load_pd(cx.w[3] + i0);
+    const __m256d sx4 = _mm256_add_pd(_mm256_add_pd(_mm256_add_pd(w0, w1), w2), w3);
+    const __m256d t0 = _mm256_unpacklo_pd(w0, w1);
+    const __m256d t1 = _mm256_unpackhi_pd(w0, w1);
+    const __m256d t2 = _mm256_unpacklo_pd(w2, w3);
+    const __m256d t3 = _mm256_unpackhi_pd(w2, w3);
+    const __m256d wx4[4] = {
+        _mm256_permute2f128_pd(t0, t2, 0x20), _mm256_permute2f128_pd(t1, t3, 0x20),
+        _mm256_permute2f128_pd(t0, t2, 0x31), _mm256_permute2f128_pd(t1, t3, 0x31)};
+    alignas(32) double sx[4];
+    _mm256_store_pd(sx, sx4);
+    for (int j4 = 0; j4 < lanes; ++j4) {
+      const int i = i0 + j4;
+      const auto fx = static_cast<std::int64_t>(cx.first[i]);
+      const int nxw = static_cast<int>(cx.count[i]);
+      const auto fy = static_cast<std::int64_t>(cy.first[i]);
+      const int ny = static_cast<int>(cy.count[i]);
+      std::int64_t fz = 0;
+      int nz = 1;
+      if constexpr (D == 3) {
+        fz = static_cast<std::int64_t>(c[2].first[i]);
+        nz = static_cast<int>(c[2].count[i]);
+      }
+      double sy = 0.0;
+      for (int j = 0; j < ny; ++j) sy += cy.w[j][i];
+      double sz = 1.0;
+      if constexpr (D == 3) {
+        sz = 0.0;
+        for (int k = 0; k < nz; ++k) sz += c[2].w[k][i];
+      }
+      const double sw = D == 3 ? sx[j4] * sy * sz : sx[j4] * sy;
+      const double f = kNorm ? (sw > 0.0 ? 1.0 / sw : 0.0) : 1.0;  // as row_multiply(w, 1/Σw)
+      __m256d acc = _mm256_setzero_pd();
+      std::size_t row_nnz = 0;
+      double* stage_data = kRows ? out_data.cursor() : nullptr;
+      Index* stage_idx = kRows ? out_idx.cursor() : nullptr;
+      for (int k = 0; k < nz; ++k) {
+        const double wz = D == 3 ? c[2].w[k][i] : 1.0;
+        const std::int64_t plane = fx + (fz + k) * nxy;
+        for (int j = 0; j < ny; ++j) {
+          const double wyz = cy.w[j][i] * wz;
+          const std::int64_t col = plane + (fy + j) * nx;
+          const __m256d run = _mm256_mul_pd(wx4[j4], _mm256_set1_pd(wyz));
+          acc = _mm256_fmadd_pd(run, _mm256_loadu_pd(values + col), acc);
+          if constexpr (kRows) {
+            _mm256_storeu_pd(stage_data + row_nnz,
+                             kNorm ? _mm256_mul_pd(run, _mm256_set1_pd(f)) : run);
+            put_columns4(stage_idx + row_nnz, static_cast<std::int32_t>(col));
+            row_nnz += static_cast<std::size_t>(nxw);
+          }
+        }
+      }
+      const __m128d acc2 = _mm_add_pd(_mm256_castpd256_pd128(acc), _mm256_extractf128_pd(acc, 1));
+      const double swv = _mm_cvtsd_f64(_mm_add_sd(acc2, _mm_unpackhi_pd(acc2, acc2)));
+      sumw[i] = sw;
+      if (value) value[i] = sw > 0.0 ? swv / sw : 0.0;
+      if constexpr (kRows) {
+        out_data.advance(row_nnz);
+        out_idx.advance(row_nnz);
+        nnz += row_nnz;
+        indptr_next[i] = static_cast<Index>(nnz);
+      }
+    }
+    if constexpr (kRows) {  // every 4 points: the staging holds at most 4 rows and the carry
+      out_data.flush();
+      out_idx.flush();
+    }
+  }
+  return nnz;
+}
 #endif
 
 /// Evaluates chunks of points and hands each point's per-axis windows to a callback.
@@ -499,6 +651,8 @@ class ChunkEvaluator {
 
   /// The current chunk of axis @p a.
   const AxisChunk& chunk(int a) const { return chunk_[a]; }
+  /// The current chunks of all axes.
+  const std::array<AxisChunk, D>& chunks() const { return chunk_; }
 
  private:
   /// Far outside the range (rare): direct exponentials instead of the product form.
@@ -658,8 +812,9 @@ inline std::vector<double> padded_values(const double* values, std::size_t n) {
 template <int D, int W, typename Index, bool kMatrix, bool kNormalised, bool kFirstFixed,
           bool kStream>
 std::size_t bulk(ChunkEvaluator<D>& ev, std::size_t n, const std::array<const double*, D>& coords,
-                 const double* values, std::int64_t nx, std::int64_t nxy, double* value_out,
-                 double* sumweight_out, Index* indptr, Index* indices, double* data) {
+                 const double* values, std::int64_t nx, std::int64_t nxy, std::size_t max_row_nnz,
+                 double* value_out, double* sumweight_out, Index* indptr, Index* indices,
+                 double* data) {
   std::size_t nnz = 0;
   if constexpr (kMatrix) indptr[0] = 0;
   alignas(64) double sw[kChunk];
@@ -667,18 +822,40 @@ std::size_t bulk(ChunkEvaluator<D>& ev, std::size_t n, const std::array<const do
   // Σw goes straight to the caller's array when there is one (no per-chunk copy).
   const auto sumw_of_chunk = [&](std::size_t base) { return sumweight_out ? sumweight_out + base : sw; };
   alignas(64) double inv_sw[kChunk];
-#ifdef XS_HAVE_AVX2_1D
+#ifdef XS_HAVE_AVX2
   const bool avx2 = cpu_has_avx2_fma();
 #endif
-  bool values_done = false;  // the chunk's values were written by the AVX2 1D path
+  bool values_done = false;  // the chunk's values were written by an AVX2 path
+  // Staging for 4 rows of the 2D/3D AVX2 path (4-wide stores overhang by up to 3), plus the
+  // carry of less than 16 bytes.
+  const std::size_t stage_size = kMatrix && D >= 2 ? 4 * max_row_nnz + 8 : 0;
+  std::unique_ptr<Index[]> stage_idx(new Index[stage_size]);
+  std::unique_ptr<double[]> stage_data(new double[stage_size]);
+  StagedOutput<Index, kStream> out_idx(indices, 0, stage_idx.get());
+  StagedOutput<double, kStream> out_data(data, 0, stage_data.get());
   ev.run(
       n, coords,
       [&](std::size_t base, int m) {
         bool rows_written = false;  // by the vectorised 1D path: no per-point work left
+#ifdef XS_HAVE_AVX2
+        if constexpr (D >= 2 && W <= 4) {
+          if (avx2) {
+            nnz = chunk_nd_avx2<D, kMatrix, kNormalised, kStream, Index>(
+                ev.chunks(), m, values, nx, nxy, value_out ? value_out + base : nullptr,
+                sumw_of_chunk(base), indptr + base + 1, nnz, out_idx, out_data);
+            if (kMatrix && base + m == n) {  // the call's last chunk: write out the rest
+              out_idx.finish();
+              out_data.finish();
+            }
+            values_done = true;
+            return true;
+          }
+        }
+#endif
         if constexpr (D == 1) {  // 1D sums, and rows of full windows, vectorised per chunk
           const AxisChunk& c = ev.chunk(0);
           double* sumw = sumw_of_chunk(base);
-#ifdef XS_HAVE_AVX2_1D
+#ifdef XS_HAVE_AVX2
           if constexpr (W <= 4 && !kFirstFixed) {
             if (avx2) {
               nnz = chunk_1d_avx2<kMatrix, kNormalised, Index>(
@@ -761,9 +938,11 @@ std::size_t GaussianSmoother<D>::multi_value_weight(
                    kF = decltype(fixed)::value;
     if (kM && stream)
       return bulk<D, kW, Index, kM, kN, kF, true>(*ev, n, coords, padded.data(), nx, nxy,
-                                                  value_out, sumweight_out, indptr, indices, data);
+                                                  max_row_nnz(), value_out, sumweight_out,
+                                                  indptr, indices, data);
     return bulk<D, kW, Index, kM, kN, kF, false>(*ev, n, coords, padded.data(), nx, nxy,
-                                                 value_out, sumweight_out, indptr, indices, data);
+                                                 max_row_nnz(), value_out, sumweight_out,
+                                                 indptr, indices, data);
   };
   const auto modes = [&](auto width) -> std::size_t {
     using T = std::true_type;

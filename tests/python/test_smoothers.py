@@ -380,20 +380,25 @@ def test_core_into_buffers_and_normalised_mode():
         core.multi_value_weight_into([x, y], p, **dict(out, indices=np.empty(cap, np.int32)))
 
 
-def test_large_3d_output_streaming_path_matches_small_calls():
-    # > 32 MB of CSR output switches the kernel to non-temporal stores; rows must not change.
-    gs = GaussianSmoother3D([0, 10], 10, [0, 10], 10, [0, 10], 10)
+@pytest.mark.parametrize("dims, n", [(2, 400_000), (3, 150_000)])
+def test_large_output_streaming_path_matches_small_calls(dims, n):
+    # > 32 MB of CSR output (2D: 400k x 9 x 12 bytes, 3D: 150k x 27 x 12) switches the kernel
+    # to non-temporal stores with a carry of less than 16 bytes between flushes; rows, values
+    # and sums must be those of small (plain-store) calls, at any offset.
+    gs = (GaussianSmoother2D([0, 10], 10, [0, 10], 10) if dims == 2
+          else GaussianSmoother3D([0, 10], 10, [0, 10], 10, [0, 10], 10))
     rng = np.random.default_rng(3)
-    n = 150_000  # 150k rows x 27 entries x 12 bytes = 49 MB
-    x, y, z = (rng.uniform(-1, 11, n) for _ in range(3))
+    coords = [rng.uniform(-1, 11, n) for _ in range(dims)]
     p = rng.uniform(0.5, 1.5, gs.num_values())
-    value, weight, sumweight = gs.multi_value_weight(x, y, z, p)
+    value, weight, sumweight = gs.multi_value_weight(*coords, p)
     assert weight.nnz > 32 * 2**20 // 12
-    for sl in (slice(0, 1500), slice(n - 1500, n)):
-        v, w, sw = gs.multi_value_weight(x[sl], y[sl], z[sl], p)
+    assert weight.indptr[-1] == weight.nnz == weight.data.size
+    for sl in (slice(0, 1500), slice(77_777, 79_000), slice(n - 1501, n)):
+        v, w, sw = gs.multi_value_weight(*[c[sl] for c in coords], p)
         np.testing.assert_array_equal(v, value[sl])
         np.testing.assert_array_equal(sw, sumweight[sl])
         lo, hi = weight.indptr[sl.start], weight.indptr[sl.stop]
+        np.testing.assert_array_equal(np.diff(w.indptr), np.diff(weight.indptr[sl.start:sl.stop + 1]))
         np.testing.assert_array_equal(w.data, weight.data[lo:hi])
         np.testing.assert_array_equal(w.indices, weight.indices[lo:hi])
 
@@ -432,3 +437,46 @@ def test_concurrent_calls_on_one_smoother_give_serial_results():
         np.testing.assert_array_equal(v1, v2)
         np.testing.assert_array_equal(s1, s2)
         np.testing.assert_array_equal(w1.data, w2.data)
+
+
+_PORTABLE_SCRIPT = """
+import sys, numpy as np
+from xtalscale.smoothing import GaussianSmoother1D, GaussianSmoother2D, GaussianSmoother3D
+rng = np.random.default_rng(11)
+out = {}
+for name, gs, dims in [("1d", GaussianSmoother1D([0, 20], 20), 1),
+                       ("1d5", GaussianSmoother1D([0, 20], 20), 1),
+                       ("2d", GaussianSmoother2D([0, 6], 6, [0, 3], 3), 2),
+                       ("3d", GaussianSmoother3D([0, 4], 4, [0, 5], 5, [0, 2], 2), 3)]:
+    if name == "1d5":
+        gs.set_smoothing(5, -1.0)
+    coords = [rng.uniform(-1.5, 22, 3001) if dims == 1 else rng.uniform(-1, 7, 3001)
+              for _ in range(dims)]
+    p = rng.uniform(0.5, 1.5, gs.num_values())
+    v, w, sw = gs.multi_value_weight(*coords, p)
+    out.update({name + "_v": v, name + "_sw": sw, name + "_data": w.data,
+                name + "_indices": w.indices, name + "_indptr": w.indptr})
+np.savez(sys.argv[1], **out)
+"""
+
+
+def test_portable_path_agrees_with_the_avx2_path(tmp_path):
+    # XTALSCALE_DISABLE_AVX2=1 runs the portable kernels (what a CPU without AVX2 runs). They
+    # sum in another order, so values agree to rounding; the CSR structure is identical.
+    import os
+    import subprocess
+    import sys
+    script = tmp_path / "run.py"
+    script.write_text(_PORTABLE_SCRIPT)
+    results = {}
+    for flag in ("0", "1"):
+        env = dict(os.environ, XTALSCALE_DISABLE_AVX2=flag)
+        subprocess.run([sys.executable, str(script), str(tmp_path / f"r{flag}.npz")], env=env,
+                       check=True)
+        results[flag] = np.load(tmp_path / f"r{flag}.npz")
+    fast, portable = results["0"], results["1"]
+    for key in fast.files:
+        if key.endswith(("_indices", "_indptr")):
+            np.testing.assert_array_equal(fast[key], portable[key], err_msg=key)
+        else:
+            np.testing.assert_allclose(fast[key], portable[key], rtol=1e-14, atol=0, err_msg=key)
