@@ -120,14 +120,15 @@ void GaussianSmoother<D>::check_values(const double* values, std::size_t n_value
 // ------------------------------------------------------------------------- bulk evaluation
 //
 // Points are processed in chunks of kChunk. Per axis, a first pass computes every point's
-// window, and a second pass its weights exp(-((z - pos)/sigma)^2), written with DIALS's own
-// operations (so symmetric windows give identical weights and the centre weight is exactly 1);
-// both loops are branch-free so the compiler vectorises them, with exp_bounded in place of
-// libm's exp (within ~1 ulp of it). In 1D the sums Σw and Σw·p are vectorised over the chunk
-// too. On x86-64 Linux with GCC these passes are also compiled for AVX2+FMA and picked at run
-// time; FMA may change the last bit of a weight relative to the baseline build. A final pass
-// writes the rows of the CSR output. smoother.cpp is compiled with -fno-trapping-math (see
-// CMakeLists.txt): GCC does not if-convert floating-point comparisons otherwise.
+// window (with DIALS's operations) and a second pass its weights 2^-((z - pos)·√log2e/σ)^2
+// = exp(-((z - pos)/σ)^2) with exp2_bounded (symmetric windows give identical weights and the
+// centre weight is exactly 1); both loops are branch-free so the compiler vectorises them. On
+// x86-64 Linux with GCC these passes are also compiled for AVX2+FMA and picked at run time.
+// Then, on AVX2 machines and for windows of at most 4 values along x, one AVX2 pass per chunk
+// forms the sums, values and CSR rows (chunk_1d_avx2, chunk_nd_avx2); otherwise the sums are
+// vectorised (1D) or done per point, and rows are written per point (write_row).
+// smoother.cpp is compiled with -fno-trapping-math (see CMakeLists.txt): GCC does not
+// if-convert floating-point comparisons otherwise.
 
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && \
     defined(__linux__)
@@ -156,7 +157,7 @@ struct AxisChunk {
   alignas(64) double z[kChunk];      // normalised coordinate (x - x0)/spacing
   alignas(64) double first[kChunk];  // window start (an integer value)
   alignas(64) double count[kChunk];  // window size (an integer value)
-  alignas(64) double slow[kChunk];   // 1: a weight would leave exp_bounded's range
+  alignas(64) double slow[kChunk];   // 1: non-finite, or a weight would leave exp2_bounded's range
   alignas(64) double w[kMaxAxisWindow][kChunk];  // w[k][i]: weight of value first+k at point i
   int n_slow = 0;  // number of slow points in the chunk (most chunks have none)
 };
@@ -172,22 +173,20 @@ struct WinRef {
 
 /// Windows of @p m points (m <= kChunk), their normalised coordinates and slow flags.
 /// A point is slow when the exponent (d/σ)² of a computed weight row (the window, and rows
-/// up to max_window) would leave exp_bounded's range: only far outside the smoother's range.
-/// Returns the number of non-finite coordinates (the caller then reports the first).
+/// up to max_window) would leave exp2_bounded's range: only far outside the smoother's range.
+/// A NaN or infinite coordinate is flagged slow too (the caller then reports it).
 enum class Clip { all_values, min_max, dials };
 
 template <Clip kClip>
-inline int window_pass(const double* __restrict x, int m, const AxisParams& p, AxisChunk& c) {
+inline void window_pass(const double* __restrict x, int m, const AxisParams& p, AxisChunk& c) {
   constexpr double lim = 1073741824.0;  // |z| clamp: beyond it the window is pinned anyway
   const double nv = p.nvalues;
   const double nav = p.naverage;
   // Distance from a window's first row to the centre of its max_window computed rows.
   const double half_rows = 0.5 * (p.max_window - 1);
-  // 64-bit counters: the same lane width as the doubles, so no packing in the vector loop.
-  std::int64_t bad = 0;
+  // A 64-bit counter: the same lane width as the doubles, so no packing in the vector loop.
   std::int64_t n_slow = 0;
   for (int i = 0; i < m; ++i) {
-    bad += (x[i] - x[i] == 0.0) ? 0 : 1;  // NaN and ±inf give NaN here: a vectorisable test
     const double z = (x[i] - p.x0) / p.spacing;
     double zc = z;
     if constexpr (kClip != Clip::min_max) {  // min/max clipping is exact for any finite z
@@ -215,9 +214,10 @@ inline int window_pass(const double* __restrict x, int m, const AxisParams& p, A
       i2 = high ? nv : i2;
       i1 = (high & (i1 > nv - 2.0)) ? nv - 2.0 : i1;
     }
-    // The farthest computed row is |z - centre| + half_rows away (bitwise | keeps it branch-free).
+    // The farthest computed row is |z - centre| + half_rows away. 26.2² = 686 < 693, the
+    // largest (d/σ)² for which exp2_bounded's argument stays in range; NaN fails the test too.
     const double far = (std::abs(z - (i1 + p.offset + half_rows)) + half_rows) * p.inv_sigma;
-    const bool is_slow = far > 26.2;  // 26.2² = 686 < 690 (exp_bounded's argument limit, ~700)
+    const bool is_slow = !(far <= 26.2);
     c.z[i] = z;
     c.first[i] = i1;
     c.count[i] = i2 - i1;
@@ -225,10 +225,9 @@ inline int window_pass(const double* __restrict x, int m, const AxisParams& p, A
     n_slow += is_slow ? 1 : 0;
   }
   c.n_slow = static_cast<int>(n_slow);
-  return bad != 0 ? 1 : 0;
 }
 XS_MULTIVERSION
-int window_pass(const double* __restrict x, int m, const AxisParams& p, AxisChunk& c) {
+void window_pass(const double* __restrict x, int m, const AxisParams& p, AxisChunk& c) {
   // One loop per clipping rule: GCC does not unswitch a loop body this large by itself.
   if (p.nvalues <= 3) return window_pass<Clip::all_values>(x, m, p, c);
   if (p.naverage >= 2) return window_pass<Clip::min_max>(x, m, p, c);
@@ -628,13 +627,14 @@ class ChunkEvaluator {
       for (int a = 0; a < D; ++a) {
         const double* x = coords[a] + base;
         AxisChunk& c = chunk_[a];
-        if (window_pass(x, m, params_[a], c) != 0)
-          for (int i = 0; i < m; ++i)
-            if (!std::isfinite(x[i])) fail_non_finite(kAxisNames[a], base + i, x[i]);
+        window_pass(x, m, params_[a], c);
         weights_pass(c, m, params_[a]);
-        if (c.n_slow > 0)  // points far outside the range: direct exponentials (rare)
+        if (c.n_slow > 0)  // non-finite, or far outside the range: direct exponentials (rare)
           for (int i = 0; i < m; ++i)
-            if (c.slow[i] != 0.0) fix_slow(a, x[i], i);
+            if (c.slow[i] != 0.0) {
+              if (!std::isfinite(x[i])) fail_non_finite(kAxisNames[a], base + i, x[i]);
+              fix_slow(a, x[i], i);
+            }
       }
       if (!ready(base, m)) {
         for (int i = 0; i < m; ++i) {

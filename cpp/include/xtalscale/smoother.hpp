@@ -283,15 +283,19 @@ class XTALSCALE_EXPORT GaussianSmoother {
   /// With WeightMode::normalised the data are w_i·(1/Σw) — DIALS's `row_multiply(weight,
   /// 1/sumweight)`, i.e. ∂value/∂p_i — ready to use as a derivative matrix.
   ///
-  /// Numerics: per-axis weights are exp(−((z − pos)/σ)²) computed with DIALS's operations
-  /// (symmetric windows give equal weights, the centre weight is exactly 1) by exp_bounded,
-  /// within ~1 ulp of libm's exp; in 2D/3D a grid weight is the product of the axis weights
-  /// (DIALS takes one exp of the summed exponent: the same number up to a few ulp) and Σw is
-  /// the product of per-axis sums. Results agree with DIALS to ~1e-15 relative.
+  /// Numerics: the window and z = (x − x0)/spacing use DIALS's operations, so windows are
+  /// DIALS's exactly. A per-axis weight exp(−((z − pos)/σ)²) is evaluated as 2^(−u²) with
+  /// u = (z − pos)·√log₂e/σ (exp2_bounded); symmetric windows still give equal weights and the
+  /// centre weight is still exactly 1. In 2D/3D a grid weight is the product of the axis
+  /// weights (DIALS takes one exp of the summed exponent). Each weight is within
+  /// ~1e-15·(1 + E) relative of DIALS's exp(−E), the size of the rounding DIALS's own formula
+  /// carries; Σw (a product of per-axis sums in 2D/3D) and values agree to ~1e-15.
   /// value_weight() runs this same code, so single- and multi-point evaluations agree bit for
-  /// bit. Performance: chunks of 128 points, vectorised window and weight passes (an AVX2+FMA
-  /// clone is chosen at run time on x86-64 Linux/GCC, so the last bit of a weight may differ
-  /// between machines), no allocation per point, one ~10 kB scratch per axis per call.
+  /// bit. Performance: chunks of 128 points, vectorised window and weight passes; on x86-64
+  /// with AVX2+FMA (checked at run time; XTALSCALE_DISABLE_AVX2=1 turns it off) the sums and
+  /// rows are assembled with AVX2 (naverage <= 4), and outputs beyond 32 MB are written with
+  /// streaming stores. The AVX2 and portable paths sum in different orders (values differ in
+  /// the last bit between machines). No allocation per point; a few kB of scratch per call.
   /// @return the number of non-zeros written (= indptr[n]).
   /// @throws std::invalid_argument for wrong n_values, non-finite values or coordinates
   ///         (the message names coordinate "x", "y" or "z" and the element); outputs may then
