@@ -354,6 +354,35 @@ XS_TARGET_AVX2 inline void put_columns4(std::int64_t* dst, std::int32_t first) {
                       _mm256_add_epi64(_mm256_set1_epi64x(first), _mm256_setr_epi64x(0, 1, 2, 3)));
 }
 
+/// The 12 column indices of four rows of 3: f0, f0+1, f0+2, f1, ..., f3+2.
+XS_TARGET_AVX2 inline void put_columns12(std::int32_t* dst, __m128i first) {
+  const __m256i f = _mm256_castsi128_si256(first);
+  const __m256i lo = _mm256_add_epi32(
+      _mm256_permutevar8x32_epi32(f, _mm256_setr_epi32(0, 0, 0, 1, 1, 1, 2, 2)),
+      _mm256_setr_epi32(0, 1, 2, 0, 1, 2, 0, 1));
+  const __m128i hi = _mm_add_epi32(_mm256_castsi256_si128(_mm256_permutevar8x32_epi32(
+                                       f, _mm256_setr_epi32(2, 3, 3, 3, 0, 0, 0, 0))),
+                                   _mm_setr_epi32(2, 0, 1, 2));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), lo);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 8), hi);
+}
+XS_TARGET_AVX2 inline void put_columns12(std::int64_t* dst, __m128i first) {
+  alignas(16) std::int32_t f[4];
+  _mm_store_si128(reinterpret_cast<__m128i*>(f), first);
+  for (int j = 0; j < 4; ++j) put_columns4(dst + 3 * j, f[j]);  // each overwrites the last's spare
+}
+/// indptr entries after four rows of 3 starting at @p nnz: nnz + 3, + 6, + 9, + 12.
+XS_TARGET_AVX2 inline void put_offsets4(std::int32_t* dst, std::size_t nnz) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst),
+                   _mm_add_epi32(_mm_set1_epi32(static_cast<std::int32_t>(nnz)),
+                                 _mm_setr_epi32(3, 6, 9, 12)));
+}
+XS_TARGET_AVX2 inline void put_offsets4(std::int64_t* dst, std::size_t nnz) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
+                      _mm256_add_epi64(_mm256_set1_epi64x(static_cast<std::int64_t>(nnz)),
+                                       _mm256_setr_epi64x(3, 6, 9, 12)));
+}
+
 /// 1D chunks with windows of at most 4 values (naverage <= 4), AVX2: Σw, the value
 /// Σw·p/Σw (when @p value is not null) and, with kRows, the CSR rows (raw weights, or w/Σw with kNorm). Four points at a time, the weight
 /// rows w[k][i..i+4] are transposed into one 4-vector per point, which is both the point's
@@ -409,6 +438,22 @@ XS_TARGET_AVX2 std::size_t chunk_1d_avx2(const AxisChunk& c, int m, bool last_ch
       }
     }
     if constexpr (kRows) {
+      const __m128i count4 = _mm_load_si128(reinterpret_cast<const __m128i*>(count));
+      const bool full3 = lanes == 4 && !(last_chunk && i + 4 == m) &&
+                         _mm_movemask_epi8(_mm_cmpeq_epi32(count4, _mm_set1_epi32(3))) == 0xFFFF;
+      if (full3) {  // four windows of 3 (the default naverage): fixed offsets, vector indices
+        if constexpr (kNorm) {
+          const __m256d inv = _mm256_and_pd(positive, _mm256_div_pd(_mm256_set1_pd(1.0), sw));
+          alignas(32) double inv_lane[4];
+          _mm256_store_pd(inv_lane, inv);
+          for (int j = 0; j < 4; ++j) row[j] = _mm256_mul_pd(row[j], _mm256_set1_pd(inv_lane[j]));
+        }
+        for (int j = 0; j < 4; ++j) _mm256_storeu_pd(data + nnz + 3 * j, row[j]);
+        put_columns12(indices + nnz, _mm_load_si128(reinterpret_cast<const __m128i*>(first)));
+        put_offsets4(indptr_next + i, nnz);
+        nnz += 12;
+        continue;
+      }
       for (int j = 0; j < lanes; ++j) {
         __m256d r = row[j];
         if constexpr (kNorm)  // as DIALS's row_multiply(weight, 1/Σw); 0 when Σw = 0

@@ -454,7 +454,9 @@ for name, gs, dims in [("1d", GaussianSmoother1D([0, 20], 20), 1),
               for _ in range(dims)]
     p = rng.uniform(0.5, 1.5, gs.num_values())
     v, w, sw = gs.multi_value_weight(*coords, p)
-    out.update({name + "_v": v, name + "_sw": sw, name + "_data": w.data,
+    _, _, norm, _, _ = gs._core.multi_value_weight(coords, p, normalised=True)
+    np.testing.assert_allclose(norm, w.data / np.repeat(sw, np.diff(w.indptr)), rtol=1e-15)
+    out.update({name + "_v": v, name + "_sw": sw, name + "_data": w.data, name + "_norm": norm,
                 name + "_indices": w.indices, name + "_indptr": w.indptr})
 np.savez(sys.argv[1], **out)
 """
