@@ -25,7 +25,7 @@ Column mapping (MTZ → DIALS-style table column):
 ``FRACTIONCALC``         ``partiality`` (summed over partial pieces)
 ``LP``, ``QE``           ``lp``, ``qe``
 ``BG``, ``SIGBG``        ``background.sum.value`` / ``.variance``
-``NPART`` / ``MPART``    ``n_parts`` (pieces summed), ``partial_complete`` (bool),
+``NPART`` / ``MPART``    ``n_parts`` (pieces summed), ``partial_complete``, ``partial_accepted``,
                          ``batch_first`` / ``batch_last`` (batches of the pieces)
 =======================  ==============================================================
 
@@ -38,6 +38,9 @@ AIMLESS does: pieces with the same original index on consecutive batches form on
 reflection; I and σ² add, FRACTIONCALC adds (the summed ``partiality``), position and
 ROT are fraction-weighted means, the batch is the middle piece's. ``partial_complete`` is
 True when the pieces are exactly parts 1..nparts of one set (fulls are complete).
+``partial_accepted`` applies AIMLESS's default acceptance (summed fraction in
+[0.95, 1.05], fulls always); rejected reflections stay in the table, flagged
+``excluded_for_scaling``.
 
 Writing
 -------
@@ -330,7 +333,8 @@ def _make_experiments(mtz, batches, row_batch, rot, cell, sg, path):
     return el, exp_id, z
 
 
-def _sum_partials(cols: dict, npart_raw: np.ndarray) -> tuple[dict, np.ndarray]:
+def _sum_partials(cols: dict, npart_raw: np.ndarray,
+                  fraction_limits: tuple[float, float]) -> tuple[dict, np.ndarray]:
     """Sum MOSFLM partial pieces (same original hkl, consecutive batches)."""
     hkl, batch = cols["H"], cols["BATCH"]
     order = np.lexsort((batch, hkl[:, 2], hkl[:, 1], hkl[:, 0]))
@@ -373,12 +377,18 @@ def _sum_partials(cols: dict, npart_raw: np.ndarray) -> tuple[dict, np.ndarray]:
     pos_in_group = np.arange(n) - starts[group]
     row_ok = (part == pos_in_group + 1) & (nparts == nparts[starts][group])
     bad = np.bincount(group, weights=~row_ok, minlength=len(starts)) if n else np.zeros(0)
-    complete = ((bad == 0) & (size == nparts[starts])) | (mp[starts] == 0)
+    full = mp[starts] == 0
+    complete = ((bad == 0) & (size == nparts[starts])) | full
     out["partial_complete"] = complete
+    # AIMLESS's acceptance test (PARTIALS TEST, default 0.95 1.05) on the summed fraction
+    lo, hi = fraction_limits
+    out["partial_accepted"] = full | ((wsum >= lo) & (wsum <= hi)) if frac is not None else \
+        np.ones(len(starts), dtype=bool)
     return out, order
 
 
-def read_unmerged_mtz(filename, sum_partials: bool = True) -> UnmergedMtz:
+def read_unmerged_mtz(filename, sum_partials: bool = True,
+                      partial_fraction_limits: tuple[float, float] = (0.95, 1.05)) -> UnmergedMtz:
     """Read an unmerged MTZ into a reflection table and experiment list.
 
     Parameters
@@ -387,6 +397,10 @@ def read_unmerged_mtz(filename, sum_partials: bool = True) -> UnmergedMtz:
         MOSFLM, AIMLESS/DIALS scaled-unmerged or DIALS-exported unmerged MTZ.
     sum_partials : bool
         Sum MOSFLM partial pieces (``MPART`` column) per reflection (AIMLESS behaviour).
+    partial_fraction_limits : (float, float)
+        AIMLESS's ``PARTIALS TEST`` limits: a summed partial whose total ``FRACTIONCALC``
+        lies outside them stays in the table with ``partial_accepted`` False and the
+        ``excluded_for_scaling`` flag (fulls are always accepted).
 
     Returns
     -------
@@ -437,7 +451,7 @@ def read_unmerged_mtz(filename, sum_partials: bool = True) -> UnmergedMtz:
     if sum_partials and "MPART" in col:
         kind = "mosflm_partials"
         mpart = col["MPART"].astype(np.int64)
-        cols, order = _sum_partials(cols, mpart)
+        cols, order = _sum_partials(cols, mpart, partial_fraction_limits)
     batches = _batch_arrays(mtz)
     rot = cols.get("ROT")
     el, exp_id, z = _make_experiments(mtz, batches, cols["BATCH"], rot, cell, sg, path)
@@ -493,11 +507,16 @@ def _columns_from_mtz(cols: dict, kind: str, z, exp_id, cell: UnitCell) -> dict:
     if "n_parts" in cols:
         out["n_parts"] = cols["n_parts"]
         out["partial_complete"] = cols["partial_complete"]
+        out["partial_accepted"] = cols["partial_accepted"]
         out["batch_first"] = cols["batch_first"].astype(np.int32)
         out["batch_last"] = cols["batch_last"].astype(np.int32)
     elif "NPART" in cols:
         out["n_parts"] = cols["NPART"].astype(np.int32)
     out["flags"] = _flags(out)
+    if "partial_accepted" in out:
+        from ..reflection_table import Flags
+
+        out["flags"][~out["partial_accepted"]] |= np.uint64(int(Flags.excluded_for_scaling))
     return out
 
 
