@@ -65,33 +65,22 @@ inline std::int64_t iround_half_away(double v) noexcept {
   return t + static_cast<std::int64_t>(frac >= 0.5) - static_cast<std::int64_t>(frac <= -0.5);
 }
 
-/// exp(x) for |x| <= 700 (so the result is a normal number), to within ~2 ulp of std::exp.
-///
-/// Branch-free (Cody–Waite reduction x = k·ln2 + r, |r| <= ln2/2, degree-11 fitted polynomial,
-/// error < 4e-18 relative), so it inlines and pipelines where std::exp is a libm call.
-/// The caller guarantees the range; the bulk kernels fall back to std::exp outside it.
-inline double exp_bounded(double x) noexcept {
-  constexpr double log2e = 1.4426950408889634;
-  constexpr double ln2_hi = 6.93147180369123816490e-01;  // low 32 bits zero: k·ln2_hi is exact
-  constexpr double ln2_lo = 1.90821492927058770002e-10;
-  constexpr double shifter = 6755399441055744.0;         // 1.5·2^52: t's low bits hold round(x/ln2)
-  const double t = x * log2e + shifter;
-  const double kd = t - shifter;
-  const double r = (x - kd * ln2_hi) - kd * ln2_lo;
-  // Near-minimax (Chebyshev-fitted) degree-11 polynomial for e^r on |r| <= ln2/2, absolute
-  // error 3.2e-18 (0.03 ulp): as accurate as the degree-13 Taylor series, two FMAs cheaper.
-  double p = 2.5110037605963777e-08;
-  p = p * r + 2.763263963904103e-07;
-  p = p * r + 2.755724091857897e-06;
-  p = p * r + 2.4801485482328494e-05;
-  p = p * r + 0.00019841269890047113;
-  p = p * r + 0.0013888888952314775;
-  p = p * r + 0.008333333333319601;
-  p = p * r + 0.0416666666664881;
-  p = p * r + 0.1666666666666668;
-  p = p * r + 0.5000000000000019;
-  p = p * r + 1.0;
-  p = p * r + 1.0;
+namespace detail {
+
+/// 1.5·2^52: for |v| < 2^51, the low bits of t = v + kRoundShifter hold round(v), and
+/// t − kRoundShifter is round(v) as a double.
+constexpr double kRoundShifter = 6755399441055744.0;
+
+/// Horner evaluation of c[0]·r^(N−1) + ... + c[N−1] (highest degree first).
+template <std::size_t N>
+inline double horner(double r, const double (&c)[N]) noexcept {
+  double p = c[0];
+  for (std::size_t i = 1; i < N; ++i) p = p * r + c[i];
+  return p;
+}
+
+/// p·2^k, where t = k + kRoundShifter (so −1022 <= k <= 1023 gives a normal scale).
+inline double times_pow2(double p, double t) noexcept {
   std::uint64_t tb;
   std::memcpy(&tb, &t, sizeof tb);
   const std::uint64_t scale_bits = (tb + 1023u) << 52;  // 2^k: the exponent field k + 1023
@@ -100,35 +89,48 @@ inline double exp_bounded(double x) noexcept {
   return p * scale;
 }
 
+/// Near-minimax (Chebyshev-fitted) degree-11 polynomial for e^r on |r| <= ln2/2, absolute
+/// error 3.2e-18 (0.03 ulp): as accurate as the degree-13 Taylor series, two FMAs cheaper.
+constexpr double kExpPoly[12] = {
+    2.5110037605963777e-08, 2.763263963904103e-07, 2.755724091857897e-06,
+    2.4801485482328494e-05, 0.00019841269890047113, 0.0013888888952314775,
+    0.008333333333319601,   0.0416666666664881,     0.1666666666666668,
+    0.5000000000000019,     1.0,                    1.0};
+
+/// The same fit for 2^r on |r| <= 1/2 (error 3.2e-18).
+constexpr double kExp2Poly[12] = {
+    4.4558179083360645e-10, 7.074194297288521e-09, 1.0178057087733941e-07,
+    1.3215432535912375e-06, 1.5252733841556773e-05, 0.00015403530463724353,
+    0.001333355814640647,   0.009618129107587256,  0.055504108664821625,
+    0.24022650695910158,    0.6931471805599453,    1.0};
+
+}  // namespace detail
+
+/// exp(x) for |x| <= 700 (so the result is a normal number), to within ~2 ulp of std::exp.
+///
+/// Branch-free (Cody–Waite reduction x = k·ln2 + r, |r| <= ln2/2, then detail::kExpPoly), so
+/// it inlines and pipelines where std::exp is a libm call. The caller guarantees the range;
+/// the bulk kernels fall back to std::exp outside it.
+inline double exp_bounded(double x) noexcept {
+  constexpr double log2e = 1.4426950408889634;
+  constexpr double ln2_hi = 6.93147180369123816490e-01;  // low 32 bits zero: k·ln2_hi is exact
+  constexpr double ln2_lo = 1.90821492927058770002e-10;
+  const double t = x * log2e + detail::kRoundShifter;
+  const double kd = t - detail::kRoundShifter;
+  const double r = (x - kd * ln2_hi) - kd * ln2_lo;
+  return detail::times_pow2(detail::horner(r, detail::kExpPoly), t);
+}
+
 /// 2^u for −1000 <= u <= 0 (a normal result), to within ~1 ulp.
 ///
-/// u = k + r with k = round(u), |r| <= 1/2 (exact), then a near-minimax (Chebyshev-fitted)
-/// degree-11 polynomial for 2^r (error 3.2e-18). With u = −(d·√log₂e/σ)² it gives the Gaussian
-/// exp(−(d/σ)²) with one fewer multiplication and no Cody–Waite reduction, which is what the
-/// bulk smoother kernels use.
+/// u = k + r with k = round(u), |r| <= 1/2 (exact), then detail::kExp2Poly for 2^r. With
+/// u = −(d·√log₂e/σ)² it gives the Gaussian exp(−(d/σ)²) with one fewer multiplication and no
+/// Cody–Waite reduction, which is what the bulk smoother kernels use.
 inline double exp2_bounded(double u) noexcept {
-  constexpr double shifter = 6755399441055744.0;  // 1.5·2^52: t's low bits hold round(u)
-  const double t = u + shifter;
-  const double kd = t - shifter;
+  const double t = u + detail::kRoundShifter;
+  const double kd = t - detail::kRoundShifter;
   const double r = u - kd;  // exact (Sterbenz)
-  double p = 4.4558179083360645e-10;
-  p = p * r + 7.074194297288521e-09;
-  p = p * r + 1.0178057087733941e-07;
-  p = p * r + 1.3215432535912375e-06;
-  p = p * r + 1.5252733841556773e-05;
-  p = p * r + 0.00015403530463724353;
-  p = p * r + 0.001333355814640647;
-  p = p * r + 0.009618129107587256;
-  p = p * r + 0.055504108664821625;
-  p = p * r + 0.24022650695910158;
-  p = p * r + 0.6931471805599453;
-  p = p * r + 1.0;
-  std::uint64_t tb;
-  std::memcpy(&tb, &t, sizeof tb);
-  const std::uint64_t scale_bits = (tb + 1023u) << 52;  // 2^k: the exponent field k + 1023
-  double scale;
-  std::memcpy(&scale, &scale_bits, sizeof scale);
-  return p * scale;
+  return detail::times_pow2(detail::horner(r, detail::kExp2Poly), t);
 }
 
 /// The Gaussian of one smoother: its width σ (normalised units) and a = 1/σ².
