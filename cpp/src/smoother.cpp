@@ -534,7 +534,7 @@ class StagedOutput {
 };
 
 /// 2D/3D chunks whose x windows hold at most 4 values, AVX2: Σw (the product of the per-axis
-/// sums), the value Σw·p/Σw and, with kRows, the CSR rows. A point's x weights are one
+/// sums), Σw·p and, with kRows, the CSR rows. A point's x weights are one
 /// 4-vector (transposed four points at a time, as in 1D); each (y, z) pair of its window gives
 /// one x run: that vector times w_y·w_z, stored 4 wide into the staging (the next run
 /// overwrites the entries past the x window), and fused-multiply-added with the 4 consecutive
@@ -544,7 +544,7 @@ class StagedOutput {
 template <int D, bool kRows, bool kNorm, bool kStream, typename Index>
 XS_TARGET_AVX2 std::size_t chunk_nd_avx2(const std::array<AxisChunk, D>& c, int m,
                                          const double* values, std::int64_t nx, std::int64_t nxy,
-                                         double* value, double* sumw, Index* indptr_next,
+                                         double* sumw, double* sumwv, Index* indptr_next,
                                          std::size_t nnz, StagedOutput<Index, kStream>& out_idx,
                                          StagedOutput<double, kStream>& out_data) {
   const AxisChunk& cx = c[0];
@@ -586,6 +586,7 @@ XS_TARGET_AVX2 std::size_t chunk_nd_avx2(const std::array<AxisChunk, D>& c, int 
       }
       const double sw = D == 3 ? sx[j4] * sy * sz : sx[j4] * sy;
       const double f = kNorm ? (sw > 0.0 ? 1.0 / sw : 0.0) : 1.0;  // as row_multiply(w, 1/Σw)
+      // Σw·p per z plane (independent chains), then over the planes.
       __m256d acc = _mm256_setzero_pd();
       std::size_t row_nnz = 0;
       double* stage_data = kRows ? out_data.cursor() : nullptr;
@@ -593,11 +594,12 @@ XS_TARGET_AVX2 std::size_t chunk_nd_avx2(const std::array<AxisChunk, D>& c, int 
       for (int k = 0; k < nz; ++k) {
         const double wz = D == 3 ? c[2].w[k][i] : 1.0;
         const std::int64_t plane = fx + (fz + k) * nxy;
+        __m256d acc_plane = _mm256_setzero_pd();
         for (int j = 0; j < ny; ++j) {
           const double wyz = cy.w[j][i] * wz;
           const std::int64_t col = plane + (fy + j) * nx;
           const __m256d run = _mm256_mul_pd(wx4[j4], _mm256_set1_pd(wyz));
-          acc = _mm256_fmadd_pd(run, _mm256_loadu_pd(values + col), acc);
+          acc_plane = _mm256_fmadd_pd(run, _mm256_loadu_pd(values + col), acc_plane);
           if constexpr (kRows) {
             _mm256_storeu_pd(stage_data + row_nnz,
                              kNorm ? _mm256_mul_pd(run, _mm256_set1_pd(f)) : run);
@@ -605,11 +607,13 @@ XS_TARGET_AVX2 std::size_t chunk_nd_avx2(const std::array<AxisChunk, D>& c, int 
             row_nnz += static_cast<std::size_t>(nxw);
           }
         }
+        acc = _mm256_add_pd(acc, acc_plane);
       }
       const __m128d acc2 = _mm_add_pd(_mm256_castpd256_pd128(acc), _mm256_extractf128_pd(acc, 1));
-      const double swv = _mm_cvtsd_f64(_mm_add_sd(acc2, _mm_unpackhi_pd(acc2, acc2)));
       sumw[i] = sw;
-      if (value) value[i] = sw > 0.0 ? swv / sw : 0.0;
+      // The value Σw·p/Σw is formed for the whole chunk afterwards (finish_values): a division
+      // here would sit at the end of this point's dependency chain.
+      sumwv[i] = _mm_cvtsd_f64(_mm_add_sd(acc2, _mm_unpackhi_pd(acc2, acc2)));
       if constexpr (kRows) {
         out_data.advance(row_nnz);
         out_idx.advance(row_nnz);
@@ -886,14 +890,13 @@ std::size_t bulk(ChunkEvaluator<D>& ev, std::size_t n, const std::array<const do
         if constexpr (D >= 2 && W <= 4) {
           if (avx2) {
             nnz = chunk_nd_avx2<D, kMatrix, kNormalised, kStream, Index>(
-                ev.chunks(), m, values, nx, nxy, value_out ? value_out + base : nullptr,
-                sumw_of_chunk(base), indptr + base + 1, nnz, out_idx, out_data);
+                ev.chunks(), m, values, nx, nxy, sumw_of_chunk(base), swv, indptr + base + 1,
+                nnz, out_idx, out_data);
             if (kMatrix && base + m == n) {  // the call's last chunk: write out the rest
               out_idx.finish();
               out_data.finish();
             }
-            values_done = true;
-            return true;
+            return true;  // values: finish_values in done()
           }
         }
 #endif
