@@ -477,49 +477,28 @@ XS_TARGET_AVX2 std::size_t chunk_1d_avx2(const AxisChunk& c, int m, bool last_ch
   return nnz;
 }
 
-/// Moves staged CSR entries to an output array. With kStream, whole aligned 16-byte blocks go
-/// out with non-temporal stores and the remainder (< 16 bytes) stays staged for the next
-/// flush, so plain and streamed stores never share a cache line except at the two ends of a
-/// call. Without kStream it is a plain copy.
-template <typename T, bool kStream>
-class StagedOutput {
+/// Where the 2D/3D AVX2 path writes CSR entries: in place, except for the call's last row
+/// (see stage_last_row), whose 4-wide stores could pass the end of the buffer; that row is
+/// staged and copied exactly by finish(). (Streaming stores through a staging buffer were
+/// measured slower here than plain in-place stores, unlike in the per-point path.)
+template <typename T>
+class RowOutput {
  public:
-  /// @p out receives entries from index @p pos on; @p stage holds at least a flush's worth of
-  /// entries plus 16 bytes of carry.
-  StagedOutput(T* out, std::size_t pos, T* stage) : out_(out), pos_(pos), stage_(stage) {}
+  /// @p out receives entries from index 0 on; @p stage holds one row plus 4 entries.
+  RowOutput(T* out, T* stage) : out_(out), stage_(stage) {}
 
-  /// Where the next entry is staged.
-  T* cursor() { return stage_ + fill_; }
-  /// @p n entries were staged at cursor().
-  void advance(std::size_t n) { fill_ += n; }
-
-  /// Write out what can be written now.
-  XS_TARGET_AVX2 void flush() {
-    if constexpr (!kStream) {
-      finish();
-    } else {
-      constexpr std::size_t per = 16 / sizeof(T);
-      // Locals: the streaming stores go through a may-alias type, which would otherwise make
-      // the compiler reload the members after every store.
-      T* const out = out_;
-      T* const stage = stage_;
-      const std::size_t fill = fill_;
-      std::size_t pos = pos_;
-      std::size_t i = 0;
-      // Up to the first 16-byte boundary: plain stores (only at the start of a call).
-      while (i < fill && (reinterpret_cast<std::uintptr_t>(out + pos) & 15u) != 0) {
-        out[pos++] = stage[i++];
-      }
-      for (; i + per <= fill; i += per, pos += per)
-        _mm_stream_si128(reinterpret_cast<__m128i*>(out + pos),
-                         _mm_loadu_si128(reinterpret_cast<const __m128i*>(stage + i)));
-      const std::size_t rest = fill - i;  // < per: carried to the next flush
-      for (std::size_t k = 0; k < rest; ++k) stage[k] = stage[i + k];
-      fill_ = rest;
-      pos_ = pos;
-    }
+  /// Where the next entry goes.
+  T* cursor() { return last_row_ ? stage_ + fill_ : out_ + pos_; }
+  /// @p n entries were written at cursor().
+  void advance(std::size_t n) {
+    if (last_row_)
+      fill_ += n;
+    else
+      pos_ += n;
   }
-  /// Write out everything (plain stores).
+  /// The next row is the call's last: stage it.
+  void stage_last_row() { last_row_ = true; }
+  /// Copy the staged row out.
   void finish() {
     if (fill_ > 0) std::memcpy(out_ + pos_, stage_, fill_ * sizeof(T));
     pos_ += fill_;
@@ -528,9 +507,10 @@ class StagedOutput {
 
  private:
   T* out_;
-  std::size_t pos_;
   T* stage_;
+  std::size_t pos_ = 0;
   std::size_t fill_ = 0;
+  bool last_row_ = false;
 };
 
 /// 2D/3D chunks whose x windows hold at most 4 values, AVX2: Σw (the product of the per-axis
@@ -538,15 +518,16 @@ class StagedOutput {
 /// 4-vector (transposed four points at a time, as in 1D); each (y, z) pair of its window gives
 /// one x run: that vector times w_y·w_z, stored 4 wide into the staging (the next run
 /// overwrites the entries past the x window), and fused-multiply-added with the 4 consecutive
-/// values it covers into Σw·p. Staged rows go out every 4 points (streamed with kStream).
+/// values it covers into Σw·p. Rows are written in place (RowOutput).
 /// Every chunk of such a smoother goes through here on an AVX2 machine, single points
 /// included, so single- and multi-point results stay identical. Returns the new nnz.
-template <int D, bool kRows, bool kNorm, bool kStream, typename Index>
+template <int D, bool kRows, bool kNorm, typename Index>
 XS_TARGET_AVX2 std::size_t chunk_nd_avx2(const std::array<AxisChunk, D>& c, int m,
                                          const double* values, std::int64_t nx, std::int64_t nxy,
-                                         double* sumw, double* sumwv, Index* indptr_next,
-                                         std::size_t nnz, StagedOutput<Index, kStream>& out_idx,
-                                         StagedOutput<double, kStream>& out_data) {
+                                         bool last_chunk, double* sumw, double* sumwv,
+                                         Index* indptr_next,
+                                         std::size_t nnz, RowOutput<Index>& out_idx,
+                                         RowOutput<double>& out_data) {
   const AxisChunk& cx = c[0];
   const AxisChunk& cy = c[1];
   for (int i0 = 0; i0 < m; i0 += 4) {
@@ -586,6 +567,10 @@ XS_TARGET_AVX2 std::size_t chunk_nd_avx2(const std::array<AxisChunk, D>& c, int 
       }
       const double sw = D == 3 ? sx[j4] * sy * sz : sx[j4] * sy;
       const double f = kNorm ? (sw > 0.0 ? 1.0 / sw : 0.0) : 1.0;  // as row_multiply(w, 1/Σw)
+      if (kRows && last_chunk && i == m - 1) {
+        out_data.stage_last_row();
+        out_idx.stage_last_row();
+      }
       // Σw·p per z plane (independent chains), then over the planes.
       __m256d acc = _mm256_setzero_pd();
       std::size_t row_nnz = 0;
@@ -620,10 +605,6 @@ XS_TARGET_AVX2 std::size_t chunk_nd_avx2(const std::array<AxisChunk, D>& c, int 
         nnz += row_nnz;
         indptr_next[i] = static_cast<Index>(nnz);
       }
-    }
-    if constexpr (kRows) {  // every 4 points: the staging holds at most 4 rows and the carry
-      out_data.flush();
-      out_idx.flush();
     }
   }
   return nnz;
@@ -875,13 +856,12 @@ std::size_t bulk(ChunkEvaluator<D>& ev, std::size_t n, const std::array<const do
   const bool avx2 = cpu_has_avx2_fma();
 #endif
   bool values_done = false;  // the chunk's values were written by an AVX2 path
-  // Staging for 4 rows of the 2D/3D AVX2 path (4-wide stores overhang by up to 3), plus the
-  // carry of less than 16 bytes.
-  const std::size_t stage_size = kMatrix && D >= 2 ? 4 * max_row_nnz + 8 : 0;
+  // Staging for the last row of the 2D/3D AVX2 path (4-wide stores overhang by up to 3).
+  const std::size_t stage_size = kMatrix && D >= 2 ? max_row_nnz + 4 : 0;
   std::unique_ptr<Index[]> stage_idx(new Index[stage_size]);
   std::unique_ptr<double[]> stage_data(new double[stage_size]);
-  StagedOutput<Index, kStream> out_idx(indices, 0, stage_idx.get());
-  StagedOutput<double, kStream> out_data(data, 0, stage_data.get());
+  RowOutput<Index> out_idx(indices, stage_idx.get());
+  RowOutput<double> out_data(data, stage_data.get());
   ev.run(
       n, coords,
       [&](std::size_t base, int m) {
@@ -889,10 +869,10 @@ std::size_t bulk(ChunkEvaluator<D>& ev, std::size_t n, const std::array<const do
 #ifdef XS_HAVE_AVX2
         if constexpr (D >= 2 && W <= 4) {
           if (avx2) {
-            nnz = chunk_nd_avx2<D, kMatrix, kNormalised, kStream, Index>(
-                ev.chunks(), m, values, nx, nxy, sumw_of_chunk(base), swv, indptr + base + 1,
-                nnz, out_idx, out_data);
-            if (kMatrix && base + m == n) {  // the call's last chunk: write out the rest
+            nnz = chunk_nd_avx2<D, kMatrix, kNormalised, Index>(
+                ev.chunks(), m, values, nx, nxy, base + m == n, sumw_of_chunk(base), swv,
+                indptr + base + 1, nnz, out_idx, out_data);
+            if (kMatrix && base + m == n) {  // the call's last chunk: copy its staged last row
               out_idx.finish();
               out_data.finish();
             }
@@ -976,8 +956,9 @@ std::size_t GaussianSmoother<D>::multi_value_weight(
   auto ev = std::make_unique<ChunkEvaluator<D>>(axes_, kernel_);  // ~10 kB/axis: off the stack
   const std::vector<double> padded = padded_values(values, n_values);
   const bool norm = mode == WeightMode::normalised;
-  // Non-temporal stores only for wide rows (3D: up to 27 entries) and outputs far larger than
-  // the caches: measured 15% faster in 3D, no gain in 1D and 5% slower in 2D.
+  // Non-temporal stores (per-point path only: the AVX2 paths write in place) for wide rows
+  // (3D: up to 27 entries) and outputs far larger than the caches: measured 15% faster in 3D,
+  // no gain in 1D and 5% slower in 2D.
   const bool stream = want_matrix && max_row_nnz() >= 16 &&
                       n * max_row_nnz() * (sizeof(Index) + 8) > (std::size_t(32) << 20);
   const auto go = [&](auto width, auto matrix, auto normalised, auto fixed) {
