@@ -10,7 +10,8 @@ Prints ns/point for
   evaluated in chunks of 2**18 points (its chunk outputs are discarded, which favours numpy),
 
 and the ratio numpy / kernel. Times are per-thread CPU times (``time.thread_time``), the best of
-``--repeat`` runs, so other processes on the machine inflate them less than wall time would.
+``--repeat`` runs (the kernel: at least 3·10⁷/n runs), so other processes on the machine inflate
+them less than wall time would.
 Points are uniform over the smoother range; grids are 50 (1D), 20x20 (2D), 10x10x10 (3D) intervals.
 
 Usage: python bench/bench_smoothers.py [--sizes 1e6 1e7] [--repeat 3] [--dims 1 2 3]
@@ -93,6 +94,9 @@ def kernel_time(core, coords, values, repeat):
     for a in out.values():
         a.fill(0)  # fault the pages in once: the kernel figure excludes first-touch costs
     # out is freed on return, before the API call allocates its own (3D, 1e7 points: 3.3 GB)
+    # Best of at least ~0.3 s of runs: on a shared machine a short burst of interference can
+    # cover a handful of 10 ms runs.
+    repeat = max(repeat, int(3e7 // n))
     return best_time(lambda: core.multi_value_weight_into(coords, values, **out), repeat, time.thread_time)
 
 
