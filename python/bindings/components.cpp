@@ -439,17 +439,27 @@ DoubleArray sph_harm_lookup_table(int lmax, int points_per_degree) {
   return out;
 }
 
-DoubleArray harmonics_from_lookup(const Int64Array& i0, const Int64Array& i1,
-                                  const DoubleArray& table, std::size_t n_cols) {
-  require_ndim(i0, 1, "s0_selection");
-  require_ndim(i1, 1, "s1_selection");
-  require_same_length(size_of(i0), size_of(i1), "s0_selection", "s1_selection");
+/// Checks a lookup-table call (two row-index arrays, a 2-D coefficients table, the number of
+/// columns wanted) and returns {n, table rows, table row stride}.
+template <typename IndexArray>
+std::array<std::size_t, 3> check_lookup(const IndexArray& i0, const IndexArray& i1,
+                                        const char* name0, const char* name1,
+                                        const DoubleArray& table, std::size_t n_cols) {
+  require_ndim(i0, 1, name0);
+  require_ndim(i1, 1, name1);
+  require_same_length(size_of(i0), size_of(i1), name0, name1);
   require_ndim(table, 2, "coefficients table");
   const auto n_rows = static_cast<std::size_t>(table.shape(0));
   const auto stride = static_cast<std::size_t>(table.shape(1));
   require(n_cols <= stride, "n_params exceeds the columns of the coefficients table (" +
                                 std::to_string(n_cols) + " > " + std::to_string(stride) + ")");
-  const std::size_t n = size_of(i0);
+  return {size_of(i0), n_rows, stride};
+}
+
+DoubleArray harmonics_from_lookup(const Int64Array& i0, const Int64Array& i1,
+                                  const DoubleArray& table, std::size_t n_cols) {
+  const auto [n, n_rows, stride] =
+      check_lookup(i0, i1, "s0_selection", "s1_selection", table, n_cols);
   DoubleArray out({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(n_cols)});
   double* o = out.mutable_data();
   {
@@ -462,17 +472,9 @@ DoubleArray harmonics_from_lookup(const Int64Array& i0, const Int64Array& i1,
 
 DoubleArray lookup_sh_scales(const Int32Array& i0, const Int32Array& i1, const DoubleArray& table,
                              const DoubleArray& coef) {
-  require_ndim(i0, 1, "s0_lookup");
-  require_ndim(i1, 1, "s1_lookup");
-  require_same_length(size_of(i0), size_of(i1), "s0_lookup", "s1_lookup");
-  require_ndim(table, 2, "coefficients table");
   auto c = vector_view(coef, "parameters");
   const auto n_cols = static_cast<std::size_t>(c.size());
-  const auto n_rows = static_cast<std::size_t>(table.shape(0));
-  const auto stride = static_cast<std::size_t>(table.shape(1));
-  require(n_cols <= stride, "n_params exceeds the columns of the coefficients table (" +
-                                std::to_string(n_cols) + " > " + std::to_string(stride) + ")");
-  const std::size_t n = size_of(i0);
+  const auto [n, n_rows, stride] = check_lookup(i0, i1, "s0_lookup", "s1_lookup", table, n_cols);
   DoubleArray out(static_cast<py::ssize_t>(n));
   double* o = out.mutable_data();
   {
@@ -664,15 +666,8 @@ DoubleArray sh_scales_f32(const FloatArray& h, const DoubleArray& coef) {
 
 FloatArray harmonics_from_lookup_f32(const Int32Array& i0, const Int32Array& i1,
                                      const DoubleArray& table, std::size_t n_params) {
-  require_ndim(i0, 1, "s0_lookup");
-  require_ndim(i1, 1, "s1_lookup");
-  require_same_length(size_of(i0), size_of(i1), "s0_lookup", "s1_lookup");
-  require_ndim(table, 2, "coefficients table");
-  const auto n_rows = static_cast<std::size_t>(table.shape(0));
-  const auto stride = static_cast<std::size_t>(table.shape(1));
-  require(n_params <= stride, "n_params exceeds the columns of the coefficients table (" +
-                                  std::to_string(n_params) + " > " + std::to_string(stride) + ")");
-  const std::size_t n = size_of(i0);
+  const auto [n, n_rows, stride] =
+      check_lookup(i0, i1, "s0_lookup", "s1_lookup", table, n_params);
   FloatArray out({static_cast<py::ssize_t>(n), static_cast<py::ssize_t>(n_params)});
   float* o = out.mutable_data();
   {
