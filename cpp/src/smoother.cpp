@@ -148,7 +148,7 @@ struct AxisParams {
   double gauss_scale;  // √log₂e/σ: exp(−(d/σ)²) = 2^(−(d·gauss_scale)²)
   std::int32_t nvalues, naverage;
   int max_window;    // weight rows computed per point (rows past the window are 0)
-  int min_window;    // every window holds at least this many values (2, or all of ≤ 3)
+  int min_window;    // every window holds at least this many values (all of ≤ 3, else min(naverage, 2))
 };
 
 /// One axis of one chunk: normalised coordinates, windows, weights and a fast-path flag.
