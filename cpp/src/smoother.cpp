@@ -151,10 +151,10 @@ struct AxisParams {
   int min_window;    // every window holds at least this many values (all of ≤ 3, else min(naverage, 2))
 };
 
-/// One axis of one chunk: normalised coordinates, windows, weights and a fast-path flag.
+/// One axis of one chunk: windows, offsets into them, weights and a fast-path flag.
 /// Window bounds are kept as doubles so the window pass is all-double and vectorises.
 struct AxisChunk {
-  alignas(64) double z[kChunk];      // normalised coordinate (x - x0)/spacing
+  alignas(64) double d[kChunk];      // z − position of the window's first value (grid units)
   alignas(64) double first[kChunk];  // window start (an integer value)
   alignas(64) double count[kChunk];  // window size (an integer value)
   alignas(64) double slow[kChunk];   // 1: non-finite, or a weight would leave exp2_bounded's range
@@ -216,9 +216,10 @@ inline void window_pass(const double* __restrict x, int m, const AxisParams& p, 
     }
     // The farthest computed row is |z - centre| + half_rows away. 26.2² = 686 < 693, the
     // largest (d/σ)² for which exp2_bounded's argument stays in range; NaN fails the test too.
-    const double far = (std::abs(z - (i1 + p.offset + half_rows)) + half_rows) * p.inv_sigma;
+    const double d = z - (i1 + p.offset);  // from the window's first position
+    const double far = (std::abs(d - half_rows) + half_rows) * p.inv_sigma;
     const bool is_slow = !(far <= 26.2);
-    c.z[i] = z;
+    c.d[i] = d;
     c.first[i] = i1;
     c.count[i] = i2 - i1;
     c.slow[i] = is_slow ? 1.0 : 0.0;
@@ -234,8 +235,8 @@ void window_pass(const double* __restrict x, int m, const AxisParams& p, AxisChu
   return window_pass<Clip::dials>(x, m, p, c);
 }
 
-/// The window weights w[k][i] = exp(-((z - pos_k)/σ)²) for k < max_window, with DIALS's order
-/// of operations; rows past a point's window get weight 0 (so row loops can run a fixed
+/// The window weights w[k][i] = exp(-((z - pos_k)/σ)²) for k < max_window (as 2^-u², see
+/// exp2_bounded); rows past a point's window get weight 0 (so row loops can run a fixed
 /// width). Slow points get meaningless values here and are redone by the caller.
 XS_MULTIVERSION
 void weights_pass(AxisChunk& c, int m, const AxisParams& p) {
@@ -243,8 +244,9 @@ void weights_pass(AxisChunk& c, int m, const AxisParams& p) {
     double* __restrict wk = c.w[k];
     const bool masked = k >= p.min_window;  // loop-invariant: the loop is unswitched
     for (int i = 0; i < m; ++i) {
-      const double pos = (c.first[i] + k) + p.offset;  // = DIALS's position i - 0.5 (or i)
-      const double ds2 = (c.z[i] - pos) * p.gauss_scale;  // (z − pos)/σ in base-2 units
+      // (z − pos_k)/σ in base-2 units, as (z − pos_0 − k)·√log₂e/σ: exact for a point on a
+      // position (symmetric windows give equal weights, the centre weight is exactly 1).
+      const double ds2 = (c.d[i] - k) * p.gauss_scale;
       const double w = exp2_bounded(-ds2 * ds2);
       wk[i] = (masked && k >= c.count[i]) ? 0.0 : w;
     }
