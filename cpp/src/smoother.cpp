@@ -149,6 +149,7 @@ struct AxisParams {
   std::int32_t nvalues, naverage;
   int max_window;    // weight rows computed per point (rows past the window are 0)
   int min_window;    // every window holds at least this many values (all of ≤ 3, else min(naverage, 2))
+  double half_rows;  // (max_window − 1)/2: from a window's first row to the centre of its rows
 };
 
 /// One axis of one chunk: windows, offsets into them, weights and a fast-path flag.
@@ -157,7 +158,6 @@ struct AxisChunk {
   alignas(64) double d[kChunk];      // z − position of the window's first value (grid units)
   alignas(64) double first[kChunk];  // window start (an integer value)
   alignas(64) double count[kChunk];  // window size (an integer value)
-  alignas(64) double slow[kChunk];   // 1: non-finite, or a weight would leave exp2_bounded's range
   alignas(64) double w[kMaxAxisWindow][kChunk];  // w[k][i]: weight of value first+k at point i
   int n_slow = 0;  // number of slow points in the chunk (most chunks have none)
 };
@@ -171,10 +171,17 @@ struct WinRef {
   double wt(int k) const { return w[k * kChunk]; }
 };
 
-/// Windows of @p m points (m <= kChunk), their normalised coordinates and slow flags.
-/// A point is slow when the exponent (d/σ)² of a computed weight row (the window, and rows
-/// up to max_window) would leave exp2_bounded's range: only far outside the smoother's range.
-/// A NaN or infinite coordinate is flagged slow too (the caller then reports it).
+/// True for a slow point: the exponent (d/σ)² of a computed weight row (the window, and rows
+/// up to max_window) would leave exp2_bounded's range (only far outside the smoother's range),
+/// or the coordinate is not finite (NaN fails the test). @p d is the offset from the window's
+/// first position. The farthest computed row is |d − half_rows| + half_rows away; 26.2² = 686
+/// stays below 693, the largest (d/σ)² for which exp2_bounded's argument is in range.
+inline bool is_slow(double d, const AxisParams& p) {
+  return !((std::abs(d - p.half_rows) + p.half_rows) * p.inv_sigma <= 26.2);
+}
+
+/// Windows of @p m points (m <= kChunk), the offsets into them and the number of slow points
+/// (see is_slow; the caller finds them again and reports non-finite coordinates).
 enum class Clip { all_values, min_max, dials };
 
 template <Clip kClip>
@@ -182,8 +189,6 @@ inline void window_pass(const double* __restrict x, int m, const AxisParams& p, 
   constexpr double lim = 1073741824.0;  // |z| clamp: beyond it the window is pinned anyway
   const double nv = p.nvalues;
   const double nav = p.naverage;
-  // Distance from a window's first row to the centre of its max_window computed rows.
-  const double half_rows = 0.5 * (p.max_window - 1);
   // A 64-bit counter: the same lane width as the doubles, so no packing in the vector loop.
   std::int64_t n_slow = 0;
   for (int i = 0; i < m; ++i) {
@@ -214,16 +219,11 @@ inline void window_pass(const double* __restrict x, int m, const AxisParams& p, 
       i2 = high ? nv : i2;
       i1 = (high & (i1 > nv - 2.0)) ? nv - 2.0 : i1;
     }
-    // The farthest computed row is |z - centre| + half_rows away. 26.2² = 686 < 693, the
-    // largest (d/σ)² for which exp2_bounded's argument stays in range; NaN fails the test too.
     const double d = z - (i1 + p.offset);  // from the window's first position
-    const double far = (std::abs(d - half_rows) + half_rows) * p.inv_sigma;
-    const bool is_slow = !(far <= 26.2);
     c.d[i] = d;
     c.first[i] = i1;
     c.count[i] = i2 - i1;
-    c.slow[i] = is_slow ? 1.0 : 0.0;
-    n_slow += is_slow ? 1 : 0;
+    n_slow += is_slow(d, p) ? 1 : 0;
   }
   c.n_slow = static_cast<int>(n_slow);
 }
@@ -628,7 +628,8 @@ class ChunkEvaluator {
                     static_cast<std::int32_t>(ax.num_average()),
                     ax.max_window(),
                     ax.num_values() <= 3 ? static_cast<int>(ax.num_values())
-                                         : static_cast<int>(std::min<std::size_t>(ax.num_average(), 2))};
+                                         : static_cast<int>(std::min<std::size_t>(ax.num_average(), 2)),
+                    0.5 * (ax.max_window() - 1)};
     }
     // Rows at and past an axis's max_window are never computed but are read as zeros by
     // fixed-width loops (value_error runs width 5).
@@ -663,7 +664,7 @@ class ChunkEvaluator {
         weights_pass(c, m, params_[a]);
         if (c.n_slow > 0)  // non-finite, or far outside the range: direct exponentials (rare)
           for (int i = 0; i < m; ++i)
-            if (c.slow[i] != 0.0) {
+            if (is_slow(c.d[i], params_[a])) {
               if (!std::isfinite(x[i])) fail_non_finite(kAxisNames[a], base + i, x[i]);
               fix_slow(a, x[i], i);
             }
