@@ -180,10 +180,12 @@ inline bool is_slow(double d, const AxisParams& p) {
   return !((std::abs(d - p.half_rows) + p.half_rows) * p.inv_sigma <= 26.2);
 }
 
-/// Windows of @p m points (m <= kChunk), the offsets into them and the number of slow points
-/// (see is_slow; the caller finds them again and reports non-finite coordinates).
+/// How a window is clipped at the ends of an axis: all values (at most 3), DIALS's rule in
+/// min/max form (naverage >= 2), or DIALS's rule as written (naverage 1).
 enum class Clip { all_values, min_max, dials };
 
+/// Windows of @p m points (m <= kChunk), the offsets into them and the number of slow points
+/// (see is_slow; the caller finds them again and reports non-finite coordinates).
 template <Clip kClip>
 inline void window_pass(const double* __restrict x, int m, const AxisParams& p, AxisChunk& c) {
   constexpr double lim = 1073741824.0;  // |z| clamp: beyond it the window is pinned anyway
@@ -345,8 +347,8 @@ bool cpu_has_avx2_fma() {
   return ok;
 }
 
-/// Store the @p count column indices first, first+1, ... of one row (4 written; the caller
-/// guarantees room, and entries past @p count are overwritten by the next row).
+/// Store the column indices first, first+1, first+2, first+3 of one row (the caller
+/// guarantees room; entries past the row's window are overwritten by the next row).
 XS_TARGET_AVX2 inline void put_columns4(std::int32_t* dst, std::int32_t first) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(dst),
                    _mm_add_epi32(_mm_set1_epi32(first), _mm_setr_epi32(0, 1, 2, 3)));
@@ -385,8 +387,9 @@ XS_TARGET_AVX2 inline void put_offsets4(std::int64_t* dst, std::size_t nnz) {
                                        _mm256_setr_epi64x(3, 6, 9, 12)));
 }
 
-/// 1D chunks with windows of at most 4 values (naverage <= 4), AVX2: Σw, the value
-/// Σw·p/Σw (when @p value is not null) and, with kRows, the CSR rows (raw weights, or w/Σw with kNorm). Four points at a time, the weight
+/// 1D chunks with windows of at most 4 values (naverage <= 4), AVX2: Σw, the value Σw·p/Σw
+/// (when @p value is not null) and, with kRows, the CSR rows (raw weights, or w/Σw with
+/// kNorm). Four points at a time, the weight
 /// rows w[k][i..i+4] are transposed into one 4-vector per point, which is both the point's
 /// CSR row (stored 4 wide; the next row overwrites the entries past this row's window) and,
 /// times the 4 consecutive values at the window start, the terms of Σw·p. Every 1D chunk of
@@ -516,19 +519,19 @@ class RowOutput {
 };
 
 /// 2D/3D chunks whose x windows hold at most 4 values, AVX2: Σw (the product of the per-axis
-/// sums), Σw·p and, with kRows, the CSR rows. A point's x weights are one
-/// 4-vector (transposed four points at a time, as in 1D); each (y, z) pair of its window gives
-/// one x run: that vector times w_y·w_z, stored 4 wide into the staging (the next run
-/// overwrites the entries past the x window), and fused-multiply-added with the 4 consecutive
-/// values it covers into Σw·p. Rows are written in place (RowOutput).
+/// sums), Σw·p and, with kRows, the CSR rows. A point's x weights are one 4-vector
+/// (transposed four points at a time, as in 1D); each (y, z) pair of its window gives one x
+/// run: that vector times w_y·w_z, stored 4 wide (the next run overwrites the entries past the
+/// x window; see RowOutput), and fused-multiply-added with the 4 consecutive values it covers
+/// into Σw·p.
 /// Every chunk of such a smoother goes through here on an AVX2 machine, single points
 /// included, so single- and multi-point results stay identical. Returns the new nnz.
 template <int D, bool kRows, bool kNorm, typename Index>
 XS_TARGET_AVX2 std::size_t chunk_nd_avx2(const std::array<AxisChunk, D>& c, int m,
                                          const double* values, std::int64_t nx, std::int64_t nxy,
                                          bool last_chunk, double* sumw, double* sumwv,
-                                         Index* indptr_next,
-                                         std::size_t nnz, RowOutput<Index>& out_idx,
+                                         Index* indptr_next, std::size_t nnz,
+                                         RowOutput<Index>& out_idx,
                                          RowOutput<double>& out_data) {
   const AxisChunk& cx = c[0];
   const AxisChunk& cy = c[1];
@@ -576,8 +579,8 @@ XS_TARGET_AVX2 std::size_t chunk_nd_avx2(const std::array<AxisChunk, D>& c, int 
       // Σw·p per z plane (independent chains), then over the planes.
       __m256d acc = _mm256_setzero_pd();
       std::size_t row_nnz = 0;
-      double* stage_data = kRows ? out_data.cursor() : nullptr;
-      Index* stage_idx = kRows ? out_idx.cursor() : nullptr;
+      double* row_data = kRows ? out_data.cursor() : nullptr;
+      Index* row_idx = kRows ? out_idx.cursor() : nullptr;
       for (int k = 0; k < nz; ++k) {
         const double wz = D == 3 ? c[2].w[k][i] : 1.0;
         const std::int64_t plane = fx + (fz + k) * nxy;
@@ -588,9 +591,9 @@ XS_TARGET_AVX2 std::size_t chunk_nd_avx2(const std::array<AxisChunk, D>& c, int 
           const __m256d run = _mm256_mul_pd(wx4[j4], _mm256_set1_pd(wyz));
           acc_plane = _mm256_fmadd_pd(run, _mm256_loadu_pd(values + col), acc_plane);
           if constexpr (kRows) {
-            _mm256_storeu_pd(stage_data + row_nnz,
+            _mm256_storeu_pd(row_data + row_nnz,
                              kNorm ? _mm256_mul_pd(run, _mm256_set1_pd(f)) : run);
-            put_columns4(stage_idx + row_nnz, static_cast<std::int32_t>(col));
+            put_columns4(row_idx + row_nnz, static_cast<std::int32_t>(col));
             row_nnz += static_cast<std::size_t>(nxw);
           }
         }
