@@ -503,6 +503,67 @@ T* output_buffer(const py::object& obj, std::size_t n, const char* name) {
   return a.mutable_data();
 }
 
+/// @p given when it is a valid output buffer of at least @p len entries, or a new array
+/// when it is None.
+template <typename T>
+py::object output_or_new(const py::object& given, std::size_t len, const char* name) {
+  if (given.is_none()) return py::object(py::array_t<T>(static_cast<py::ssize_t>(len)));
+  output_buffer<T>(given, len, name);
+  return given;
+}
+
+/// The CSR output arrays of a lean 1-D smoother call (objects returned to Python, and their
+/// data pointers; null where the kernel must not write).
+struct CsrOutput {
+  py::object indptr = py::none(), indices = py::none(), data = py::none();
+  std::int32_t* ip = nullptr;
+  std::int32_t* ix = nullptr;
+  double* dd = nullptr;
+};
+
+/// New or caller-given CSR arrays for n rows of at most @p capacity entries in all.
+CsrOutput csr_output(const py::object& indptr_out, const py::object& indices_out,
+                     const py::object& data_out, std::size_t n, std::size_t capacity) {
+  CsrOutput o;
+  o.indptr = output_or_new<std::int32_t>(indptr_out, n + 1, "indptr_out");
+  o.indices = output_or_new<std::int32_t>(indices_out, capacity, "indices_out");
+  o.data = output_or_new<double>(data_out, capacity, "data_out");
+  o.ip = output_buffer<std::int32_t>(o.indptr, n + 1, "indptr_out");
+  o.ix = output_buffer<std::int32_t>(o.indices, capacity, "indices_out");
+  o.dd = output_buffer<double>(o.data, capacity, "data_out");
+  return o;
+}
+
+/// The smoother of a lean 1-D component call.
+GaussianSmoother<1> lean_smoother(std::array<double, 2> range, std::size_t n_intervals,
+                                  std::size_t num_average, double sigma) {
+  GaussianSmoother<1> smoother({range}, {n_intervals});
+  smoother.set_smoothing(num_average, sigma);
+  return smoother;
+}
+
+/// Checks the parameter count against the smoother and returns the CSR capacity for n rows
+/// (which must fit 32-bit indices).
+std::size_t lean_csr_capacity(const GaussianSmoother<1>& smoother, std::size_t n_params,
+                              std::size_t n) {
+  require(n_params == smoother.num_values(),
+          "parameters must have " + std::to_string(smoother.num_values()) + " values (got " +
+              std::to_string(n_params) + ")");
+  const std::size_t capacity = n * smoother.max_row_nnz();
+  require(capacity < static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max()),
+          "too many weight entries for 32-bit CSR indices; split the reflections into blocks");
+  return capacity;
+}
+
+/// The data of an optional per-reflection factor of length n (null when absent).
+const double* optional_column(const std::optional<DoubleArray>& column, std::size_t n,
+                              const char* name) {
+  if (!column) return nullptr;
+  require_ndim(*column, 1, name);
+  require_same_length(size_of(*column), n, name, "x");
+  return column->data();
+}
+
 py::tuple smooth_1d_eval(const DoubleArray& x, double x_shift, std::array<double, 2> range,
                          std::size_t n_intervals, std::size_t num_average, double sigma,
                          const DoubleArray& p, bool first_fixed,
@@ -513,55 +574,29 @@ py::tuple smooth_1d_eval(const DoubleArray& x, double x_shift, std::array<double
   require(std::isfinite(x_shift), "x_shift must be finite");
   auto pv = vector_view(p, "parameters");
   const std::size_t n = size_of(x);
-  const double* dptr = nullptr;
-  if (d) {
-    require_ndim(*d, 1, "d");
-    require_same_length(size_of(*d), n, "d", "x");
-    dptr = d->data();
-  }
-  GaussianSmoother<1> smoother({range}, {n_intervals});
-  smoother.set_smoothing(num_average, sigma);
-  require(static_cast<std::size_t>(pv.size()) == smoother.num_values(),
-          "parameters must have " + std::to_string(smoother.num_values()) + " values (got " +
-              std::to_string(pv.size()) + ")");
-  const std::size_t capacity = n * smoother.max_row_nnz();
-  require(capacity < static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max()),
-          "too many weight entries for 32-bit CSR indices; split the reflections into blocks");
-  auto buffer = [](const py::object& given, auto tag, std::size_t len, const char* name) {
-    using T = decltype(tag);
-    if (given.is_none()) return py::object(py::array_t<T>(static_cast<py::ssize_t>(len)));
-    output_buffer<T>(given, len, name);
-    return given;
-  };
-  py::object scales = buffer(scales_out, double{}, n, "scales_out");
+  const double* dptr = optional_column(d, n, "d");
+  const GaussianSmoother<1> smoother = lean_smoother(range, n_intervals, num_average, sigma);
+  const std::size_t capacity =
+      lean_csr_capacity(smoother, static_cast<std::size_t>(pv.size()), n);
+  py::object scales = output_or_new<double>(scales_out, n, "scales_out");
   double* s = output_buffer<double>(scales, n, "scales_out");
-  py::object indptr = py::none(), indices = py::none(), data = py::none();
-  std::int32_t *ip = nullptr, *ix = nullptr;
-  double* dd = nullptr;
-  if (derivatives) {
-    indptr = buffer(indptr_out, std::int32_t{}, n + 1, "indptr_out");
-    indices = buffer(indices_out, std::int32_t{}, capacity, "indices_out");
-    data = buffer(data_out, double{}, capacity, "data_out");
-    ip = output_buffer<std::int32_t>(indptr, n + 1, "indptr_out");
-    ix = output_buffer<std::int32_t>(indices, capacity, "indices_out");
-    dd = output_buffer<double>(data, capacity, "data_out");
-  }
+  CsrOutput csr;
+  if (derivatives) csr = csr_output(indptr_out, indices_out, data_out, n, capacity);
   std::size_t nnz = 0;
   {
     py::gil_scoped_release release;
     nnz = components::smooth_1d_eval(smoother, n, x.data(), x_shift, pv.data(),
                                      static_cast<std::size_t>(pv.size()), first_fixed, dptr, s,
-                                     ip, ix, dd);
+                                     csr.ip, csr.ix, csr.dd);
   }
-  return py::make_tuple(scales, indptr, indices, data, nnz);
+  return py::make_tuple(scales, csr.indptr, csr.indices, csr.data, nnz);
 }
 
 py::tuple smooth_1d_prepare(const DoubleArray& x, double x_shift, std::array<double, 2> range,
                             std::size_t n_intervals, std::size_t num_average, double sigma) {
   require_ndim(x, 1, "x");
   require(std::isfinite(x_shift), "x_shift must be finite");
-  GaussianSmoother<1> smoother({range}, {n_intervals});
-  smoother.set_smoothing(num_average, sigma);
+  const GaussianSmoother<1> smoother = lean_smoother(range, n_intervals, num_average, sigma);
   const std::size_t n = size_of(x);
   py::array_t<std::uint16_t> window(static_cast<py::ssize_t>(n));
   DoubleArray q(static_cast<py::ssize_t>(n));
@@ -590,17 +625,10 @@ py::tuple smooth_1d_apply(const DoubleArray& x, double x_shift, std::array<doubl
   require_ndim(q, 1, "q");
   require_same_length(size_of(window), n, "window", "x");
   require_same_length(size_of(q), n, "q", "x");
-  const double* dptr = nullptr;
-  if (factor) {
-    require_ndim(*factor, 1, "factor");
-    require_same_length(size_of(*factor), n, "factor", "x");
-    dptr = factor->data();
-  }
-  GaussianSmoother<1> smoother({range}, {n_intervals});
-  smoother.set_smoothing(num_average, sigma);
-  require(static_cast<std::size_t>(pv.size()) == smoother.num_values(),
-          "parameters must have " + std::to_string(smoother.num_values()) + " values (got " +
-              std::to_string(pv.size()) + ")");
+  const double* dptr = optional_column(factor, n, "factor");
+  const GaussianSmoother<1> smoother = lean_smoother(range, n_intervals, num_average, sigma);
+  const std::size_t capacity =
+      lean_csr_capacity(smoother, static_cast<std::size_t>(pv.size()), n);
   {  // windows must fit this smoother (they index the parameters)
     const std::uint16_t* w = window.data();
     const auto nv = smoother.num_values();
@@ -609,45 +637,30 @@ py::tuple smooth_1d_apply(const DoubleArray& x, double x_shift, std::array<doubl
       bad |= static_cast<std::size_t>(w[i] >> 3) + (w[i] & 7u) > nv || (w[i] & 7u) > 5u;
     require(!bad, "window does not fit the smoother: prepare it with the same settings");
   }
-  const std::size_t capacity = n * smoother.max_row_nnz();
-  require(capacity < static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max()),
-          "too many weight entries for 32-bit CSR indices; split the reflections into blocks");
-  auto buffer = [](const py::object& given, auto tag, std::size_t len, const char* name) {
-    using T = decltype(tag);
-    if (given.is_none()) return py::object(py::array_t<T>(static_cast<py::ssize_t>(len)));
-    output_buffer<T>(given, len, name);
-    return given;
-  };
-  py::object scales = buffer(scales_out, double{}, n, "scales_out");
+  py::object scales = output_or_new<double>(scales_out, n, "scales_out");
   double* s = output_buffer<double>(scales, n, "scales_out");
-  py::object indptr = py::none(), indices = py::none(), data = py::none();
-  std::int32_t *ip = nullptr, *ix = nullptr;
-  double* dd = nullptr;
+  CsrOutput csr;
   if (derivatives && !write_pattern) {
     // The pattern buffers hold an earlier call's pattern: returned as they are, never touched.
     require(!indptr_out.is_none() && !indices_out.is_none(),
             "indptr_out and indices_out must be given with write_pattern=False");
-    indptr = indptr_out;
-    indices = indices_out;
-    data = buffer(data_out, double{}, capacity, "data_out");
-    dd = output_buffer<double>(data, capacity, "data_out");
+    csr.indptr = indptr_out;
+    csr.indices = indices_out;
+    csr.data = output_or_new<double>(data_out, capacity, "data_out");
+    csr.dd = output_buffer<double>(csr.data, capacity, "data_out");
   } else if (derivatives) {
-    indptr = buffer(indptr_out, std::int32_t{}, n + 1, "indptr_out");
-    indices = buffer(indices_out, std::int32_t{}, capacity, "indices_out");
-    data = buffer(data_out, double{}, capacity, "data_out");
-    ip = output_buffer<std::int32_t>(indptr, n + 1, "indptr_out");
-    ix = output_buffer<std::int32_t>(indices, capacity, "indices_out");
-    dd = output_buffer<double>(data, capacity, "data_out");
+    csr = csr_output(indptr_out, indices_out, data_out, n, capacity);
   }
   std::size_t nnz = 0;
   {
     py::gil_scoped_release release;
     nnz = components::smooth_1d_apply(smoother, n, x.data(), x_shift, window.data(), q.data(),
                                       pv.data(), static_cast<std::size_t>(pv.size()),
-                                      first_fixed, dptr, s, ip, ix, dd, write_pattern);
+                                      first_fixed, dptr, s, csr.ip, csr.ix, csr.dd, write_pattern);
   }
-  return py::make_tuple(scales, indptr, indices, data, nnz);
+  return py::make_tuple(scales, csr.indptr, csr.indices, csr.data, nnz);
 }
+
 
 DoubleArray sh_scales_f32(const FloatArray& h, const DoubleArray& coef) {
   require_ndim(h, 2, "harmonic_values");
