@@ -31,6 +31,8 @@ from xtalscale.components import (
 from xtalscale.components import product_rule
 from xtalscale.scaling_utilities import sph_harm_table
 
+from numpy_windows import numpy_axis_window
+
 
 def _median_time(fn, repeats: int = 7) -> float:
     fn()  # warm-up: fills caches
@@ -79,26 +81,11 @@ def _held_bytes(comp) -> int:
 # ----------------------------------------------------------------------------- numpy versions
 def _np_windows(z, nvalues, naverage, sigma):
     """Vectorised DIALS window + raw Gaussian weights: (n, k) columns and weights."""
-    if nvalues <= 3:
-        first = np.zeros(z.size, dtype=np.int64)
-        last = np.full(z.size, nvalues)
-        width = nvalues
-    else:
-        v = z - naverage / 2.0
-        first = (np.sign(v) * np.floor(np.abs(v) + 0.5)).astype(np.int64) + 1  # half away from 0
-        last = first + naverage
-        lo = first < 0
-        first = np.where(lo, 0, first)
-        last = np.where(lo, np.maximum(last, 2), last)
-        hi = last > nvalues
-        last = np.where(hi, nvalues, last)
-        first = np.where(hi, np.minimum(first, nvalues - 2), first)
-        width = max(naverage, 2)
-    pos = np.arange(nvalues) - (0.5 if nvalues >= 4 else 0.0)
-    cols = first[:, None] + np.arange(width)[None, :]
-    valid = cols < last[:, None]
-    colc = np.minimum(cols, nvalues - 1)
-    w = np.exp(-(((z[:, None] - pos[colc]) / sigma) ** 2)) * valid
+    first, count, width, pos0 = numpy_axis_window(z, nvalues, naverage)
+    k = np.arange(width)
+    valid = k[None, :] < count[:, None]
+    colc = np.minimum(first[:, None] + k[None, :], nvalues - 1)
+    w = np.exp(-(((z[:, None] - (colc + pos0)) / sigma) ** 2)) * valid
     return colc, w
 
 

@@ -22,6 +22,7 @@ import argparse
 import time
 
 import numpy as np
+from numpy_windows import numpy_axis_window
 from timing import best_time
 from xtalscale.smoothing import (
     GaussianSmoother1D,
@@ -37,24 +38,7 @@ CLASSES = {1: GaussianSmoother1D, 2: GaussianSmoother2D, 3: GaussianSmoother3D}
 def _axis_numpy(x, x0, spacing, nvalues, naverage, sigma):
     """Per-axis window start (n,), window mask (n, W) and raw weights (n, W) for W values."""
     z = (x - x0) / spacing
-    if nvalues <= 3:
-        first = np.zeros(z.shape, dtype=np.int64)
-        width = nvalues
-        count = np.full(z.shape, nvalues)
-        pos0 = 0.0
-    else:
-        v = z - naverage / 2.0
-        i1 = (np.sign(v) * np.floor(np.abs(v) + 0.5)).astype(np.int64) + 1  # half away from 0
-        i2 = i1 + naverage
-        low = i1 < 0
-        i1 = np.where(low, 0, i1)
-        i2 = np.where(low, np.maximum(i2, 2), i2)
-        high = i2 > nvalues
-        i2 = np.where(high, nvalues, i2)
-        i1 = np.where(high, np.minimum(i1, nvalues - 2), i1)
-        first, count = i1, i2 - i1
-        width = max(naverage, 2)
-        pos0 = -0.5
+    first, count, width, pos0 = numpy_axis_window(z, nvalues, naverage)
     k = np.arange(width)
     mask = k[None, :] < count[:, None]
     d = (z[:, None] - (first[:, None] + k[None, :] + pos0)) / sigma
