@@ -545,7 +545,7 @@ def test_parallel_chunked_msgpack_read_matches_raw_blobs(monkeypatch):
     import xtalscale.io.refl as refl_mod
 
     monkeypatch.setattr(refl_mod, "_PARALLEL_READ_BYTES", 0)  # force the thread pool
-    monkeypatch.setattr(refl_mod, "_READ_CHUNK", 4096 + 3)  # many odd-sized chunks per column
+    monkeypatch.setattr(refl_mod, "_IO_CHUNK", 4096 + 3)  # many odd-sized chunks per column
     t = read_refl(SSX)
     raw = msgpack.unpackb(SSX.read_bytes(), strict_map_key=False)
     for name, (_, (_, blob)) in raw[2]["data"].items():
@@ -617,7 +617,7 @@ def test_parallel_chunked_write_is_byte_identical(tmp_path, monkeypatch):
 
     t = read_refl(QUARTZ)
     monkeypatch.setattr(refl_mod, "_PARALLEL_WRITE_BYTES", 0)  # force the thread pool
-    monkeypatch.setattr(refl_mod, "_READ_CHUNK", 1000 + 7)  # chunk size is shared with reads
+    monkeypatch.setattr(refl_mod, "_IO_CHUNK", 1000 + 7)  # chunk size is shared with reads
     out = tmp_path / "par.refl"
     t.as_file(out)
     assert out.read_bytes() == QUARTZ.read_bytes()

@@ -394,7 +394,36 @@ class _Blob:
 
 
 _PARALLEL_READ_BYTES = 32 << 20  # below this, one thread reads faster than a pool starts
-_READ_CHUNK = 8 << 20  # work unit of the parallel read, so threads finish together
+_IO_CHUNK = 8 << 20  # work unit of parallel positional I/O, so threads finish together
+
+
+def _positional_io(fd: int, transfer, pieces: list, short, parallel: bool) -> None:
+    """Move every byte of ``pieces`` (``(view, file offset, label)``) with ``transfer``
+    (``os.preadv`` or ``os.pwritev``), in chunks of ``_IO_CHUNK``, on up to 4 threads when
+    ``parallel`` (the GIL is released inside each call). A call that moves nothing raises
+    ``short(label, file offset)``."""
+    tasks = [(view[start : start + _IO_CHUNK], at + start, label)
+             for view, at, label in pieces for start in range(0, len(view), _IO_CHUNK)]
+
+    def run(task: tuple) -> None:
+        view, at, label = task
+        done = 0
+        while done < len(view):
+            moved = transfer(fd, [view[done:]], at + done)
+            if moved <= 0:
+                raise short(label, at + done)
+            done += moved
+
+    workers = min(4, os.cpu_count() or 1)
+    if not parallel or workers < 2:
+        for t in tasks:
+            run(t)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for _ in pool.map(run, tasks):
+            pass
 
 
 def _fill_blobs(r: _Reader, blobs: list) -> None:
@@ -409,31 +438,10 @@ def _fill_blobs(r: _Reader, blobs: list) -> None:
             if got != b.nbytes:
                 raise r.fail(f"column {b.name!r}: truncated blob ({got} of {b.nbytes} bytes)")
         return
-    tasks = []
-    for b in blobs:
-        view = _bytes_view(b.arr)
-        for start in range(0, b.nbytes, _READ_CHUNK):
-            tasks.append((b, view[start : start + _READ_CHUNK], b.offset + start))
-
-    def read(task: tuple) -> None:
-        b, view, offset = task
-        done = 0
-        while done < len(view):
-            got = os.preadv(fd, [view[done:]], offset + done)
-            if got <= 0:
-                raise ReflFileError(f"{r.path}: column {b.name!r}: truncated blob")
-            done += got
-
-    workers = min(4, os.cpu_count() or 1)
-    if total < _PARALLEL_READ_BYTES or workers < 2:
-        for t in tasks:
-            read(t)
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for _ in pool.map(read, tasks):
-            pass
+    pieces = [(_bytes_view(b.arr), b.offset, b.name) for b in blobs]
+    _positional_io(fd, os.preadv, pieces,
+                   lambda name, _: ReflFileError(f"{r.path}: column {name!r}: truncated blob"),
+                   parallel=total >= _PARALLEL_READ_BYTES)
 
 
 def _bytes_view(arr: np.ndarray) -> memoryview:
@@ -521,27 +529,13 @@ def _write_segments(f: BinaryIO, segments: list, path: str) -> None:
             f.write(seg)
         return
     f.flush()
-    tasks, offset = [], 0
+    pieces, offset = [], 0
     for seg in segments:
         view = memoryview(seg)
-        for start in range(0, len(view), _READ_CHUNK):
-            tasks.append((view[start : start + _READ_CHUNK], offset + start))
+        pieces.append((view, offset, None))
         offset += len(view)
-
-    def write(task: tuple) -> None:
-        view, at = task
-        done = 0
-        while done < len(view):
-            n = os.pwritev(fd, [view[done:]], at + done)
-            if n <= 0:
-                raise OSError(f"{path}: short write at byte {at + done}")
-            done += n
-
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        for _ in pool.map(write, tasks):
-            pass
+    _positional_io(fd, os.pwritev, pieces,
+                   lambda _, at: OSError(f"{path}: short write at byte {at}"), parallel=True)
     f.seek(total)
 
 
