@@ -860,8 +860,11 @@ std::size_t bulk(ChunkEvaluator<D>& ev, std::size_t n, const std::array<const do
   alignas(64) double inv_sw[kChunk];
 #ifdef XS_HAVE_AVX2
   const bool avx2 = cpu_has_avx2_fma();
+  // The 1D AVX2 path writes the values itself; every other path leaves them to done().
+  const bool values_in_chunk_pass = D == 1 && W <= 4 && !kFirstFixed && avx2;
+#else
+  const bool values_in_chunk_pass = false;
 #endif
-  bool values_done = false;  // the chunk's values were written by an AVX2 path
   // Staging for the last row of the 2D/3D AVX2 path (4-wide stores overhang by up to 3).
   const std::size_t stage_size = kMatrix && D >= 2 ? max_row_nnz + 4 : 0;
   std::unique_ptr<Index[]> stage_idx(new Index[stage_size]);
@@ -895,7 +898,6 @@ std::size_t bulk(ChunkEvaluator<D>& ev, std::size_t n, const std::array<const do
               nnz = chunk_1d_avx2<kMatrix, kNormalised, Index>(
                   c, m, base + m == n, values, value_out ? value_out + base : nullptr, sumw,
                   indices, data, indptr + base + 1, nnz);
-              values_done = true;
               return true;
             }
           }
@@ -926,7 +928,8 @@ std::size_t bulk(ChunkEvaluator<D>& ev, std::size_t n, const std::array<const do
         }
       },
       [&](std::size_t base, int m) {
-        if (value_out && !values_done) finish_values(sumw_of_chunk(base), swv, m, value_out + base);
+        if (value_out && !values_in_chunk_pass)
+          finish_values(sumw_of_chunk(base), swv, m, value_out + base);
       });
 #if defined(__x86_64__) || defined(_M_X64)
   if constexpr (kStream) _mm_sfence();  // order the streamed stores before returning
