@@ -98,6 +98,17 @@ def test_hypf_partial_summation_counts(hypf):
     assert round(accepted.sum() / len(groups.unique_hkl), 1) == 2.5
 
 
+@pytest.mark.parametrize("limits", [(1.05, 0.95), (0.95, float("nan")), (-float("inf"), 1.0)])
+def test_partial_fraction_limits_are_checked(limits):
+    with pytest.raises(ValueError, match="partial_fraction_limits"):
+        read_unmerged_mtz(HYPF, partial_fraction_limits=limits)
+
+
+def test_hypf_partial_limits_are_a_parameter():
+    t = read_unmerged_mtz(HYPF, partial_fraction_limits=(0.9, 1.1)).table
+    assert col(t, "partial_accepted").sum() == 23292  # the (0.9, 1.1) count of the data
+
+
 def test_hypf_batch_74_identifiable(hypf):
     b = hypf.batches
     assert len(b["number"]) == 84

@@ -421,7 +421,13 @@ def read_unmerged_mtz(filename, sum_partials: bool = True,
     MtzFormatError (ValueError)
         For corrupt/truncated files, merged files, missing required columns or rows whose
         batch has no header; the message names the file.
+    ValueError
+        If ``partial_fraction_limits`` are not finite or lower > upper.
     """
+    lo, hi = (float(v) for v in partial_fraction_limits)
+    if not (np.isfinite(lo) and np.isfinite(hi) and lo <= hi):
+        raise ValueError("partial_fraction_limits must be two finite numbers, lower <= upper "
+                         f"(got {tuple(partial_fraction_limits)!r})")
     path = os.fspath(filename)
     mtz = _read(path)
     _require(mtz, ["H", "K", "L", "M/ISYM", "BATCH"], path)
@@ -451,7 +457,7 @@ def read_unmerged_mtz(filename, sum_partials: bool = True,
     if sum_partials and "MPART" in col:
         kind = "mosflm_partials"
         mpart = col["MPART"].astype(np.int64)
-        cols, order = _sum_partials(cols, mpart, partial_fraction_limits)
+        cols, order = _sum_partials(cols, mpart, (lo, hi))
     batches = _batch_arrays(mtz)
     rot = cols.get("ROT")
     el, exp_id, z = _make_experiments(mtz, batches, cols["BATCH"], rot, cell, sg, path)
