@@ -13,4 +13,6 @@ PYBIND11_MODULE(_core, m) {
   xtalscale::py_bind::bind_refl(refl);
   auto grouping = m.def_submodule("grouping", "Reciprocal ASU mapping kernel");
   xtalscale::py_bind::bind_grouping(grouping);
+  auto fit = m.def_submodule("fit", "Fit kernels: Ih table, target, normal equations");
+  xtalscale::py_bind::bind_fit(fit);
 }

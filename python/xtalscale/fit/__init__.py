@@ -1,0 +1,1 @@
+"""xtalscale.fit: the refinement engine (placeholder docstring, completed below)."""
