@@ -33,6 +33,7 @@ void bind_smoothers(py::module_& m);
 void bind_components(py::module_& m);
 void bind_refl(py::module_& m);
 void bind_grouping(py::module_& m);
+void bind_fit(py::module_& m);
 void bind_job(py::module_& m);
 
 }  // namespace xtalscale::py_bind

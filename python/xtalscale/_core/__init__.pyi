@@ -3,6 +3,7 @@ from . import components as components
 from . import smoothers as smoothers
 from . import refl as refl
 from . import grouping as grouping
+from . import fit as fit
 from . import job as job
 
 __version__: str
