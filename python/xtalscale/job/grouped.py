@@ -23,7 +23,7 @@ def suitable_rows(table: Any) -> np.ndarray:
     """Rows not flagged ``excluded_for_scaling`` or ``user_excluded_in_scaling`` (DIALS)."""
     from ..reflection_table import Flags
 
-    n = len(table)
+    n = _nrows(table)
     if "flags" not in table:
         return np.ones(n, dtype=bool)
     flags = np.asarray(table["flags"]).astype(np.uint64)
@@ -31,12 +31,19 @@ def suitable_rows(table: Any) -> np.ndarray:
     return (flags & bad) == 0
 
 
+def _nrows(table: Any) -> int:
+    """Rows of a reflection table or of a dict of columns."""
+    if isinstance(table, dict):
+        return len(np.asarray(table["intensity"])) if "intensity" in table else 0
+    return len(table)
+
+
 def _column(table: Any, name: str, default: float | None = None) -> np.ndarray:
     if name in table:
         return np.asarray(table[name], dtype=np.float64)
     if default is None:
         raise KeyError(f"the reflection table has no column '{name}'")
-    return np.full(len(table), float(default))
+    return np.full(_nrows(table), float(default))
 
 
 @dataclass
@@ -94,9 +101,10 @@ class GroupedObservations:
         parts: dict[str, list] = {k: [] for k in ("I", "V", "g", "hkl", "ds", "row")}
         extras: dict[str, list] = {k: [] for k in extra_columns}
         for k, table in enumerate(tables):
+            n_rows = _nrows(table)
             sel = suitable_rows(table) if selections is None else np.asarray(selections[k], dtype=bool)
-            if sel.shape != (len(table),):
-                raise ValueError(f"selection {k} must be a bool array of length {len(table)}")
+            if sel.shape != (n_rows,):
+                raise ValueError(f"selection {k} must be a bool array of length {n_rows}")
             idx = np.flatnonzero(sel)
             parts["I"].append(_column(table, "intensity")[idx])
             parts["V"].append(_column(table, "variance")[idx])
