@@ -13,4 +13,6 @@ PYBIND11_MODULE(_core, m) {
   xtalscale::py_bind::bind_refl(refl);
   auto grouping = m.def_submodule("grouping", "Reciprocal ASU mapping kernel");
   xtalscale::py_bind::bind_grouping(grouping);
+  auto merge = m.def_submodule("merge", "Merging kernels (French–Wilson truncation)");
+  xtalscale::py_bind::bind_merge(merge);
 }
