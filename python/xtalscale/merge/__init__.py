@@ -25,13 +25,13 @@ from .observations import (
 
 __all__ = [
     "FrenchWilsonResult",
-    "expected_intensities",
-    "french_wilson",
     "MergedData",
-    "merge_observations",
-    "write_merged_mtz",
     "NoScaledDataError",
     "ScaledObservations",
+    "expected_intensities",
+    "french_wilson",
+    "merge_observations",
     "observations_from_mtz",
     "observations_from_reflections",
+    "write_merged_mtz",
 ]

@@ -15,8 +15,12 @@ import numpy as np
 
 from ..symmetry import SpaceGroup, UnitCell
 
-__all__ = ["ScaledObservations", "observations_from_reflections", "observations_from_mtz",
-           "NoScaledDataError"]
+__all__ = [
+    "NoScaledDataError",
+    "ScaledObservations",
+    "observations_from_mtz",
+    "observations_from_reflections",
+]
 
 
 class NoScaledDataError(ValueError):
@@ -46,7 +50,7 @@ class ScaledObservations:
         """d (Å) per observation."""
         return np.sqrt(1.0 / self.unit_cell.d_star_sq(self.miller_index))
 
-    def resolution_filter(self, d_min=None, d_max=None) -> "ScaledObservations":
+    def resolution_filter(self, d_min=None, d_max=None) -> ScaledObservations:
         """The observations with d_min <= d <= d_max (limits None = open)."""
         if d_min is None and d_max is None:
             return self
