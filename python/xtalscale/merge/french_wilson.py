@@ -116,6 +116,7 @@ def french_wilson(intensities, sigmas, d_star_cubed, centric, max_bins: int = 60
         expected = np.full(I.shape, np.nan)
         if usable.any():
             expected[usable] = expected_intensities(x[usable], I[usable], max_bins=max_bins)
-    j, sig_j, f, sig_f, valid = _kernel.french_wilson(I, s, expected, c.astype(np.uint8),
-                                                      h_min)
+    # A flat positive prior has no centric/acentric distinction: the acentric form, Σ = ∞.
+    kernel_centric = np.zeros(I.shape, np.uint8) if flat_prior else c.astype(np.uint8)
+    j, sig_j, f, sig_f, valid = _kernel.french_wilson(I, s, expected, kernel_centric, h_min)
     return FrenchWilsonResult(j, sig_j, f, sig_f, valid, expected)

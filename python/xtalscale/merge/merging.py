@@ -110,7 +110,7 @@ def merge_observations(observations: ScaledObservations, anomalous: bool = True,
             anomalous_columns["DANO"] = np.where(pair, fp - fm, np.nan)
             anomalous_columns["SIGDANO"] = np.where(pair, np.hypot(sfp, sfm), np.nan)
         columns.update(anomalous_columns)
-    logger.info("merged %d observations into %d unique reflections", len(obs), len(hkl))
+    logger.debug("merged %d observations into %d unique reflections", len(obs), len(hkl))
     return MergedData(hkl, columns, sg, cell, obs.wavelength, len(obs), truncation)
 
 
