@@ -13,4 +13,6 @@ PYBIND11_MODULE(_core, m) {
   xtalscale::py_bind::bind_refl(refl);
   auto grouping = m.def_submodule("grouping", "Reciprocal ASU mapping kernel");
   xtalscale::py_bind::bind_grouping(grouping);
+  auto stats = m.def_submodule("stats", "Merging-statistics kernels");
+  xtalscale::py_bind::bind_stats(stats);
 }
