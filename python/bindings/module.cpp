@@ -15,4 +15,6 @@ PYBIND11_MODULE(_core, m) {
   xtalscale::py_bind::bind_grouping(grouping);
   auto merge = m.def_submodule("merge", "Merging kernels (French–Wilson truncation)");
   xtalscale::py_bind::bind_merge(merge);
+  auto stats = m.def_submodule("stats", "Merging-statistics kernels");
+  xtalscale::py_bind::bind_stats(stats);
 }

@@ -4,5 +4,6 @@ from . import smoothers as smoothers
 from . import refl as refl
 from . import grouping as grouping
 from . import merge as merge
+from . import stats as stats
 
 __version__: str
