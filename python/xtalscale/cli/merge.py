@@ -67,47 +67,43 @@ def _load(files: list[str]) -> tuple[Any, Any, Any]:
                      f"(found {found})")
 
 
-def _statistics(obs, params, log, experiments=None, reflections=None) -> tuple[Any, Any, list[str]]:
-    """(statistics, anomalous statistics, notes) from xtalscale.merging_statistics."""
-    try:
-        from .. import merging_statistics
-    except ImportError:
-        return None, None, ["Merging statistics are not available in this build "
-                            "(xtalscale.merging_statistics is missing)."]
-    notes = []
+def _statistics(obs, params, log) -> tuple[Any, Any, dict, list[str]]:
+    """(statistics, anomalous statistics, report extras, notes) of the merged observations.
+
+    The statistics are computed on exactly the observations that were merged
+    (:meth:`dataset_statistics.from_arrays`), as dials.merge does.
+    """
+    import numpy as np
+
+    from .. import merging_statistics as ms
+
+    notes: list[str] = []
     stats = anomalous = None
-    limits = {"n_bins": params.n_bins, "d_min": params.d_min, "d_max": params.d_max,
-              "use_internal_variance": params.use_internal_variance}
-
-    def compute(anomalous_flag: bool):
-        cls = merging_statistics.dataset_statistics
-        if reflections is None:
-            return cls.from_mtz(obs.source, anomalous=anomalous_flag, **limits)
-        return cls.from_reflections(experiments, reflections, anomalous=anomalous_flag,
-                                    **limits)
-
+    extras: dict = {}
+    sigma = np.sqrt(obs.variance)
+    arguments = (obs.miller_index, obs.intensity, sigma, obs.space_group, obs.unit_cell)
+    settings = {"n_bins": params.n_bins, "use_internal_variance": params.use_internal_variance}
     try:
-        stats = compute(False)
+        stats = ms.dataset_statistics.from_arrays(*arguments, anomalous=False, **settings)
         if params.anomalous and not obs.space_group.is_centric():
-            anomalous = compute(True)
-    except ValueError as error:  # e.g. no multiplicity: say so in the table's place
+            anomalous = ms.dataset_statistics.from_arrays(*arguments, anomalous=True, **settings)
+    except ValueError as error:  # e.g. no multiplicity: the report and table say so
         notes.append(f"Merging statistics could not be computed: {error}")
         log.warning("merging statistics: %s", error)
-    return stats, anomalous, notes
+    per_batch = ms.batch_statistics(obs.miller_index, obs.intensity, sigma, obs.batch,
+                                    obs.space_group, dataset=obs.dataset)
+    extras["batch_statistics"] = {
+        f"dataset {int(d)}": {"batch": per_batch.batch[per_batch.dataset == d],
+                              "r_merge": per_batch.r_merge[per_batch.dataset == d],
+                              "i_over_sigma": per_batch.i_over_sigma_mean[per_batch.dataset == d]}
+        for d in np.unique(per_batch.dataset)}
+    extras["normalised_deviations"] = ms.normalised_deviations(
+        obs.miller_index, obs.intensity, sigma, obs.space_group)
+    return stats, anomalous, extras, notes
 
 
 def _stats_table(stats) -> str:
-    from ..report import STATISTICS_COLUMNS, statistics_as_dict
-    from ..report.html import _format
-    from ..report.terminal import aligned_table
-
-    if hasattr(stats, "as_table"):
-        return str(stats.as_table())
-    d = statistics_as_dict(stats) or {}
-    columns = [c for c in STATISTICS_COLUMNS if c[0] in (d.get("overall") or {})]
-    rows = [[_format(b.get(n), f, n) for n, _, f in columns] for b in d.get("bins", [])]
-    overall = [_format(d["overall"].get(n), f, n) for n, _, f in columns]
-    return aligned_table([h for _, h, _ in columns], rows, [overall])
+    return str(stats.as_table())
 
 
 def _json_safe(value: Any) -> Any:
@@ -138,7 +134,7 @@ def _merge(files: list[str], params, log) -> int:
 
     t0 = time.perf_counter()
     with progress("reading input"):
-        obs, experiments, reflections = _load(files)
+        obs, experiments, _ = _load(files)
     obs = obs.resolution_filter(params.d_min, params.d_max)
     log.info("read %d observations from %s", len(obs), obs.source)
     excluded = [(k, v) for k, v in obs.excluded.items() if v]
@@ -158,18 +154,19 @@ def _merge(files: list[str], params, log) -> int:
     if merged.truncation:
         log.info("French-Wilson: %s", ", ".join(f"{k} {v}" for k, v in merged.truncation.items()))
     with progress("merging statistics"):
-        stats, anomalous_stats, notes = _statistics(obs, params, log, experiments, reflections)
+        stats, anomalous_stats, extras, notes = _statistics(obs, params, log)
     for note in notes:
         log.info("%s", note)
     if stats is not None:
-        log.info("\nMerging statistics\n%s", _stats_table(stats))
+        log.info("\n%s", _stats_table(stats))
+    if anomalous_stats is not None:
+        log.info("\n%s", _stats_table(anomalous_stats))
     summary = _summary(obs, merged)
     if params.output.json:
-        from ..report import statistics_as_dict
-
         document = {"summary": dict(summary), "notes": notes,
-                    "statistics": statistics_as_dict(stats),
-                    "anomalous_statistics": statistics_as_dict(anomalous_stats)}
+                    "statistics": json.loads(stats.as_json()) if stats else None,
+                    "anomalous_statistics": (json.loads(anomalous_stats.as_json())
+                                             if anomalous_stats else None)}
         with open(params.output.json, "w", encoding="utf-8") as f:
             json.dump(_json_safe(document), f, indent=1)
         log.info("wrote %s", params.output.json)
@@ -180,22 +177,9 @@ def _merge(files: list[str], params, log) -> int:
             t1 = time.perf_counter()
             write_html_report(params.output.html, statistics=stats, merged=merged,
                               experiments=experiments, summary=summary, notes=notes,
-                              title="xtalscale merge report",
-                              **_stats_extras(stats))
+                              title="xtalscale merge report", **extras)
         log.info("wrote %s (%.2f s)", params.output.html, time.perf_counter() - t1)
     return 0
-
-
-def _stats_extras(stats) -> dict:
-    """Per-batch statistics and normalised deviations, where the statistics provide them."""
-    extras: dict = {}
-    if stats is None:
-        return extras
-    if hasattr(stats, "batch_statistics"):
-        extras["batch_statistics"] = stats.batch_statistics()
-    if hasattr(stats, "normalised_deviations"):
-        extras["normalised_deviations"] = stats.normalised_deviations()
-    return extras
 
 
 def run(argv: Sequence[str]) -> int:

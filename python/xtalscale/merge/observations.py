@@ -87,89 +87,58 @@ def _mask_counts(masks: dict) -> tuple[np.ndarray, dict]:
     return keep, counts
 
 
-def _combine_partials(partial_id: np.ndarray, columns: dict) -> tuple[np.ndarray, dict]:
-    """Sum intensity, variance and partiality over rows sharing a partial_id.
-
-    Returns the index of each group's first row (for the per-reflection columns such as
-    Miller index and batch) and the summed columns.
-    """
-    from .._core import grouping
-
-    _, group_index, offsets = grouping.group_keys(partial_id.astype(np.int64))
-    n_groups = len(offsets) - 1
-    first = np.full(n_groups, len(partial_id), dtype=np.int64)
-    np.minimum.at(first, group_index, np.arange(len(partial_id)))
-    summed = {k: np.bincount(group_index, weights=v, minlength=n_groups)
-              for k, v in columns.items()}
-    return first, summed
-
-
 def observations_from_reflections(experiments, table, partiality_threshold: float = 0.4,
                                   source: str = "reflections") -> ScaledObservations:
     """Scaled observations from a scaled DIALS reflection table, selected as dials.merge.
 
-    Rows are kept when not ``bad_for_scaling`` (user-excluded, excluded for scaling,
-    outlier), with ``inverse_scale_factor`` > 0, a finite intensity, variance > 0 and
-    index ≠ (0, 0, 0). The scaled intensity is ``intensity.scale.value / g`` with variance
-    ``intensity.scale.variance / g²``. Partials sharing a ``partial_id`` are summed
-    (intensity, variance, partiality) and reflections with summed partiality below
-    ``partiality_threshold`` are left out. Space group and cell come from experiment 0.
+    The rows and intensities are those of
+    :func:`xtalscale.io.scaled_intensities.scaled_intensities` (DIALS's scaled selection:
+    not ``bad_for_scaling``, g > 0, variance > 0, partiality > 0; I = value / g; partials
+    combined), with dials.merge's partiality threshold (0.4). Rows with index (0, 0, 0) are
+    left out. Space group, cell and wavelength come from experiment 0.
 
     Raises
     ------
     KeyError
         If a required column is missing.
     NoScaledDataError
-        If nothing is left.
+        If nothing is left (the message names the step that removed the last rows).
     """
+    from ..io.scaled_intensities import ScaledIntensityError, scaled_intensities
     from ..reflection_table import Flags
 
-    for name in ("miller_index", "intensity.scale.value", "intensity.scale.variance",
-                 "inverse_scale_factor"):
-        if name not in table:
-            raise KeyError(f"{source}: reflection table has no column {name!r} "
-                           "(is it scaled? xtalscale merge needs scaled reflections)")
+    missing = [c for c in ("miller_index", "intensity.scale.value", "intensity.scale.variance",
+                           "inverse_scale_factor") if c not in table]
+    if missing:
+        raise KeyError(f"{source}: reflection table has no column {missing[0]!r} "
+                       "(is it scaled? xtalscale merge needs scaled reflections)")
     if len(experiments) == 0 or experiments[0].crystal is None:
         raise ValueError(f"{source}: the experiment list has no crystal (space group, cell)")
     n = len(table)
-    hkl = np.asarray(table["miller_index"], dtype=np.int32).reshape(-1, 3)
-    g = np.asarray(table["inverse_scale_factor"], dtype=np.float64)
-    value = np.asarray(table["intensity.scale.value"], dtype=np.float64)
-    variance = np.asarray(table["intensity.scale.variance"], dtype=np.float64)
     flags = (np.asarray(table["flags"]).astype(np.uint64) if "flags" in table
              else np.zeros(n, dtype=np.uint64))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        intensity, scaled_variance = value / g, variance / (g * g)
-    keep, excluded = _mask_counts({
-        "bad_for_scaling": (flags & np.uint64(int(Flags.bad_for_scaling))) == 0,
-        "inverse_scale_factor <= 0": g > 0,
-        "non-finite intensity": np.isfinite(intensity),
-        "variance <= 0": np.isfinite(scaled_variance) & (scaled_variance > 0),
-        "index (0, 0, 0)": hkl.any(axis=1),
-    })
-    rows = np.flatnonzero(keep)
+    n_bad = int(np.count_nonzero(flags & np.uint64(int(Flags.bad_for_scaling))))
+    if n == 0:
+        raise NoScaledDataError(f"{source}: no scaled observation to merge (empty table)")
+    try:
+        selected = scaled_intensities(table, partiality_threshold=partiality_threshold)
+    except ScaledIntensityError as error:
+        raise NoScaledDataError(f"{source}: no scaled observation to merge ({error})") from None
+    hkl = np.asarray(selected["miller_index"], dtype=np.int32).reshape(-1, 3)
+    keep = hkl.any(axis=1)
+    rows = np.asarray(selected["original_index"], dtype=np.int64)[keep]
     batch = (np.asarray(table["batch"], dtype=np.int64) if "batch" in table
-             else _batches_from_z(experiments, table))
-    dataset = np.asarray(table["id"], dtype=np.int64) if "id" in table else np.zeros(n, int)
-    partiality = (np.asarray(table["partiality"], dtype=np.float64) if "partiality" in table
-                  else np.ones(n))
-    if "partial_id" in table:
-        first, summed = _combine_partials(
-            np.asarray(table["partial_id"])[rows],
-            {"i": intensity[rows], "v": scaled_variance[rows], "p": partiality[rows]})
-        rows = rows[first]
-        intensity_sel, variance_sel, partiality_sel = summed["i"], summed["v"], summed["p"]
-        excluded["partial pieces combined"] = int(keep.sum() - len(rows))
-    else:
-        intensity_sel, variance_sel = intensity[rows], scaled_variance[rows]
-        partiality_sel = partiality[rows]
-    full = partiality_sel >= partiality_threshold
-    excluded[f"partiality < {partiality_threshold}"] = int((~full).sum())
-    rows = rows[full]
-    crystal = experiments[0].crystal
-    beam = experiments[0].beam
+             else _batches_from_z(experiments, table))[rows]
+    dataset = (np.asarray(table["id"], dtype=np.int64) if "id" in table
+               else np.zeros(n, dtype=np.int64))[rows]
+    excluded = {"bad_for_scaling": n_bad,
+                "g <= 0, variance <= 0, partiality or combined partial pieces":
+                    n - n_bad - len(hkl),
+                "index (0, 0, 0)": int((~keep).sum())}
+    crystal, beam = experiments[0].crystal, experiments[0].beam
     obs = ScaledObservations(
-        hkl[rows], intensity_sel[full], variance_sel[full], batch[rows], dataset[rows],
+        hkl[keep], np.asarray(selected["intensity"], dtype=np.float64)[keep],
+        np.asarray(selected["variance"], dtype=np.float64)[keep], batch, dataset,
         crystal.get_space_group(), crystal.get_unit_cell(),
         float(beam.get_wavelength()) if beam is not None else 0.0, source, n, excluded)
     return _check_usable(obs)

@@ -42,23 +42,40 @@ STATISTICS_COLUMNS = (
 )
 
 
+def _shell_dict(shell: Any) -> dict:
+    d = dict(shell.as_dict()) if hasattr(shell, "as_dict") else dict(shell)
+    if "mean_redundancy" not in d and "multiplicity" in d:
+        d["mean_redundancy"] = d["multiplicity"]
+    return d
+
+
 def statistics_as_dict(statistics: Any) -> dict | None:
-    """``{"overall": {...}, "bins": [{...}, ...]}`` from a dataset_statistics or a dict."""
+    """``{"overall": {...}, "bins": [{...}, ...]}`` (iotbx names, completeness in %).
+
+    Accepts a ``dataset_statistics`` (``.overall`` and ``.bins``), iotbx's ``as_dict()``
+    layout (one list per quantity plus ``overall``) or this layout itself.
+    """
     if statistics is None:
         return None
-    if isinstance(statistics, Mapping):
-        return dict(statistics)
-    if hasattr(statistics, "as_dict"):
-        return dict(statistics.as_dict())
-    raise TypeError(f"statistics must be a mapping or have as_dict(); got "
-                    f"{type(statistics).__name__}")
+    if hasattr(statistics, "bins") and hasattr(statistics, "overall"):
+        return {"overall": _shell_dict(statistics.overall),
+                "bins": [_shell_dict(b) for b in statistics.bins]}
+    if not isinstance(statistics, Mapping):
+        raise TypeError(f"statistics must be a mapping or a dataset_statistics; got "
+                        f"{type(statistics).__name__}")
+    overall = _shell_dict(statistics.get("overall") or {})
+    if "bins" in statistics:
+        return {"overall": overall, "bins": [_shell_dict(b) for b in statistics["bins"]]}
+    lists = {k: v for k, v in statistics.items() if isinstance(v, (list, tuple))}
+    n = len(lists.get("d_min", []))
+    return {"overall": overall,
+            "bins": [_shell_dict({k: v[i] for k, v in lists.items() if len(v) == n})
+                     for i in range(n)]}
 
 
-def _format(value: Any, fmt: str, name: str) -> str:
+def _format(value: Any, fmt: str) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
-    if name == "completeness" and float(value) <= 1.0 + 1e-9:
-        value = 100.0 * float(value)
     if fmt.endswith("d}"):
         return fmt.format(int(value))
     return fmt.format(float(value))
@@ -72,8 +89,8 @@ def _table(stats: dict) -> dict | None:
     if not present:
         return None
     return {"header": [h for _, h, _ in present],
-            "rows": [[_format(b.get(n), f, n) for n, _, f in present] for b in bins],
-            "overall": [_format(overall.get(n), f, n) for n, _, f in present]}
+            "rows": [[_format(b.get(n), f) for n, _, f in present] for b in bins],
+            "overall": [_format(overall.get(n), f) for n, _, f in present]}
 
 
 def _json_figures(figures: dict) -> str:
@@ -162,7 +179,8 @@ def write_html_report(path: Any, statistics: Any = None, merged: Any = None,
     ----------
     path : str or path
     statistics : dataset_statistics or dict, optional
-        Merging statistics (``as_dict()`` with ``overall`` and ``bins`` in iotbx names).
+        Merging statistics: a ``dataset_statistics`` or a dict (see
+        :func:`statistics_as_dict`; completeness in %).
     merged : xtalscale.merge.MergedData, optional
         For the Wilson plot and the cumulative intensity distribution.
     experiments : ExperimentList, optional

@@ -60,7 +60,7 @@ def resolution_plots(bins: Sequence[Mapping]) -> dict:
     ----------
     bins : sequence of dicts
         One per shell with iotbx names: ``d_max``, ``d_min`` and any of ``cc_one_half``,
-        ``cc_anom``, ``i_over_sigma_mean``, ``completeness`` (fraction or %),
+        ``cc_anom``, ``i_over_sigma_mean``, ``completeness`` (%),
         ``mean_redundancy``.
 
     Returns
@@ -96,8 +96,6 @@ def resolution_plots(bins: Sequence[Mapping]) -> dict:
         y = series(key)
         if y is None:
             continue
-        if key == "completeness" and np.nanmax(y) <= 1.0 + 1e-9:
-            y = 100.0 * y
         plots[key] = _figure([{"x": _finite_list(x), "y": _finite_list(y), "type": "scatter",
                                "mode": "lines+markers", "name": label}], title, axis,
                              {"title": {"text": label}, "rangemode": "tozero"})
