@@ -17,4 +17,8 @@ PYBIND11_MODULE(_core, m) {
   xtalscale::py_bind::bind_fit(fit);
   auto job = m.def_submodule("job", "Per-group kernels of the scaling job (outliers, sums)");
   xtalscale::py_bind::bind_job(job);
+  auto merge = m.def_submodule("merge", "Merging kernels (French–Wilson truncation)");
+  xtalscale::py_bind::bind_merge(merge);
+  auto stats = m.def_submodule("stats", "Merging-statistics kernels");
+  xtalscale::py_bind::bind_stats(stats);
 }

@@ -84,6 +84,7 @@ __all__ = [
     "write_merged_mtz",
     "merge_intensities",
     "write_merged_mtz_from_table",
+    "anomalous_halves",
 ]
 
 
@@ -862,8 +863,14 @@ def write_merged_mtz(filename, hkl, imean, sigimean, space_group, unit_cell,
                      wavelength: float, i_plus=None, sigi_plus=None, i_minus=None,
                      sigi_minus=None, n_plus=None, n_minus=None,
                      project_name: str = "xtalscale", crystal_name: str = "XTAL",
-                     dataset_name: str = "NATIVE") -> None:
+                     dataset_name: str = "NATIVE", *, n=None, f=None, sigf=None,
+                     f_plus=None, sigf_plus=None, f_minus=None, sigf_minus=None,
+                     dano=None, sigdano=None) -> None:
     """Write a merged MTZ (``IMEAN SIGIMEAN`` [+ ``I(+) SIGI(+) I(-) SIGI(-) N(+) N(-)``]).
+
+    With the optional amplitude arrays the columns and types are those of ``dials.merge``:
+    ``IMEAN J SIGIMEAN Q N I F F SIGF Q I(+) K SIGI(+) M I(-) K SIGI(-) M N(+) I N(-) I
+    F(+) G SIGF(+) L F(-) G SIGF(-) L DANO D SIGDANO Q`` (in that order; absent ones left out).
 
     Parameters
     ----------
@@ -875,6 +882,10 @@ def write_merged_mtz(filename, hkl, imean, sigimean, space_group, unit_cell,
     wavelength : float
     i_plus, sigi_plus, i_minus, sigi_minus, n_plus, n_minus : array_like (n,), optional
         Anomalous columns (NaN = not measured); all four intensity arrays are needed.
+    n : array_like (n,), optional
+        Multiplicity of IMEAN (``N``).
+    f, sigf, f_plus, sigf_plus, f_minus, sigf_minus, dano, sigdano : array_like, optional
+        Amplitudes (e.g. French–Wilson); each value/σ pair must be given together.
 
     Raises
     ------
@@ -885,8 +896,11 @@ def write_merged_mtz(filename, hkl, imean, sigimean, space_group, unit_cell,
     hkl = miller_array(hkl, "hkl")
     sg = space_group if isinstance(space_group, SpaceGroup) else SpaceGroup(space_group)
     cell = unit_cell if isinstance(unit_cell, UnitCell) else UnitCell(unit_cell)
-    n = len(hkl)
+    n_rows = len(hkl)
     cols = [("IMEAN", "J", imean), ("SIGIMEAN", "Q", sigimean)]
+    if n is not None:
+        cols.append(("N", "I", n))
+    cols += _optional_columns(path, [("F", "F", f), ("SIGF", "Q", sigf)])
     anom = [i_plus, sigi_plus, i_minus, sigi_minus]
     if any(a is not None for a in anom):
         if any(a is None for a in anom):
@@ -896,21 +910,63 @@ def write_merged_mtz(filename, hkl, imean, sigimean, space_group, unit_cell,
                  ("SIGI(-)", "M", sigi_minus)]
         if n_plus is not None and n_minus is not None:
             cols += [("N(+)", "I", n_plus), ("N(-)", "I", n_minus)]
+    cols += _optional_columns(path, [("F(+)", "G", f_plus), ("SIGF(+)", "L", sigf_plus),
+                                     ("F(-)", "G", f_minus), ("SIGF(-)", "L", sigf_minus)])
+    cols += _optional_columns(path, [("DANO", "D", dano), ("SIGDANO", "Q", sigdano)])
     for label, _, v in cols:
-        if len(np.asarray(v)) != n:
-            raise ValueError(f"{path}: {label} has length {len(np.asarray(v))}, hkl has {n}")
-    if n:
+        if len(np.asarray(v)) != n_rows:
+            raise ValueError(f"{path}: {label} has length {len(np.asarray(v))}, hkl has {n_rows}")
+    if n_rows:
         m = map_to_asu(hkl, sg)
         if not np.array_equal(m.asu_hkl, hkl):
             bad = int(np.flatnonzero((m.asu_hkl != hkl).any(axis=1))[0])
             raise ValueError(f"{path}: hkl row {bad} {tuple(hkl[bad])} is not in the ASU")
     mtz = _new_mtz(sg, cell, wavelength, cols, project_name, crystal_name, dataset_name)
-    data = np.empty((n, 3 + len(cols)), dtype=np.float32)
+    data = np.empty((n_rows, 3 + len(cols)), dtype=np.float32)
     data[:, :3] = hkl
     for j, (_, _, v) in enumerate(cols):
         data[:, 3 + j] = np.asarray(v, dtype=np.float64)
     mtz.set_data(data)
     mtz.write_to_file(path)
+
+
+def _optional_columns(path: str, group: list) -> list:
+    """The (label, type, values) of a group of columns given all together, or none."""
+    given = [v is not None for _, _, v in group]
+    if any(given) and not all(given):
+        raise ValueError(f"{path}: {', '.join(label for label, _, _ in group)} must be "
+                         "given together")
+    return group if all(given) else []
+
+
+def anomalous_halves(unique_hkl, anomalous_hkl, *values) -> list:
+    """Split arrays merged per anomalous ASU index into (+) and (-) halves of ``unique_hkl``.
+
+    Parameters
+    ----------
+    unique_hkl : (n, 3)
+        Non-anomalous ASU indices (the rows of the merged file).
+    anomalous_hkl : (m, 3)
+        Anomalous ASU indices, sorted as :func:`merge_intensities` returns them.
+    *values : array_like (m,)
+        Arrays per anomalous index.
+
+    Returns
+    -------
+    list of tuples
+        ``[(plus values...), (minus values...)]``, each array of length n with NaN where the
+        half was not observed (for centric reflections only the (+) half exists).
+    """
+    keys = _hkl_key(miller_array(anomalous_hkl, "anomalous_hkl"))
+    hkl = miller_array(unique_hkl, "unique_hkl")
+    halves = []
+    for sign in (1, -1):
+        want = _hkl_key(sign * hkl)
+        pos = np.clip(np.searchsorted(keys, want), 0, max(len(keys) - 1, 0))
+        hit = keys[pos] == want if len(keys) else np.zeros(len(hkl), dtype=bool)
+        halves.append(tuple(np.where(hit, np.asarray(v, dtype=np.float64)[pos], np.nan)
+                            if len(keys) else np.full(len(hkl), np.nan) for v in values))
+    return halves
 
 
 def _hkl_key(hkl: np.ndarray) -> np.ndarray:
@@ -963,15 +1019,7 @@ def write_merged_mtz_from_table(filename, table, experiments: ExperimentList,
     extra = {}
     if anomalous:
         ah, am, asig, an = merge_intensities(hkl, I, V, sg, anomalous=True)
-        keys = _hkl_key(ah)  # sorted: group_reflections orders groups lexicographically
-        halves = []
-        for sign in (1, -1):
-            want = _hkl_key(sign * uh)
-            pos = np.clip(np.searchsorted(keys, want), 0, len(keys) - 1)
-            hit = keys[pos] == want
-            halves.append((np.where(hit, am[pos], np.nan), np.where(hit, asig[pos], np.nan),
-                           np.where(hit, an[pos], np.nan)))
-        (ip, sp, nplus), (im, sm, nminus) = halves
+        (ip, sp, nplus), (im, sm, nminus) = anomalous_halves(uh, ah, am, asig, an)
         if duplicate_centrics:
             centric = centric_flags(uh, sg)
             im, sm, nminus = (np.where(centric, a, b) for a, b in ((ip, im), (sp, sm),
