@@ -10,6 +10,7 @@ from .merging import (
     normalised_deviations,
     shell_limits,
 )
+from .resolution import ResolutionEstimate, ResolutionResult, estimate_resolution
 
 __all__ = [
     "BatchStatistics",
@@ -17,8 +18,11 @@ __all__ = [
     "MergingShell",
     "MergingStatistics",
     "MergingStatisticsError",
+    "ResolutionEstimate",
+    "ResolutionResult",
     "batch_statistics",
     "dataset_statistics",
+    "estimate_resolution",
     "normalised_deviations",
     "shell_limits",
 ]
