@@ -264,6 +264,8 @@ class MergedArray:
     shell : ndarray (m,) int32
         Shell index (−1 outside every shell).
     centric : ndarray (m,) bool
+    half1, half2 : ndarray (m,)
+        Means of the two random halves behind CC½ (NaN when multiplicity < 2).
     """
 
     miller_index: np.ndarray
@@ -274,6 +276,8 @@ class MergedArray:
     d: np.ndarray
     shell: np.ndarray
     centric: np.ndarray
+    half1: np.ndarray
+    half2: np.ndarray
 
     def __len__(self) -> int:
         return len(self.intensity)
@@ -614,7 +618,7 @@ class MergingStatistics:
         self.merged = MergedArray(hkl_u, merged["intensity"], merged["sigma"],
                                   merged["multiplicity"], bij,
                                   1.0 / np.sqrt(group_dss[g]), shell[g].astype(np.int32),
-                                  group_centric[g])
+                                  group_centric[g], merged["half1"], merged["half2"])
         self._sums = sums
         self._shell_obs_dss_max = self._shell_extreme(shell, group_dss, n_shells)
         self._build_shells(n_shells)
@@ -665,13 +669,15 @@ class MergingStatistics:
         st.n_uniq = int(s["n_uniq"])
         # iotbx: complete set of the shell's merged array (to its own d_min), then the
         # shell's d range (d_min <= d <= d_max)
+        # (compared in d*², with a relative slack of 1e-12 so that a reflection exactly at a
+        # limit taken from the data is counted, as iotbx's d comparisons do)
         obs_hi = float(self._shell_obs_dss_max[k])
-        upper = min(1.0 / d_min ** 2, obs_hi * (1 + 2 * _FP_EPS)) if st.n_uniq else 1.0 / d_min ** 2
-        lower = 1.0 / d_max ** 2 if d_max > 0 else 0.0
+        upper = (min(hi, obs_hi) if st.n_uniq else hi) * (1 + 1e-12)
+        lower = lo * (1 - 1e-12)
         st.n_expected = _count_between(complete, lower, upper)
         st.completeness = min(st.n_uniq / st.n_expected, 1.0) if st.n_expected else 0.0
         if self.anomalous:
-            n_acentric = _count_between(complete_acentric, lower, 1.0 / d_min ** 2)
+            n_acentric = _count_between(complete_acentric, lower, hi * (1 + 1e-12))
             st.n_bijvoet_pairs = int(s["n_bijvoet_pairs"])
             st.anom_completeness = st.n_bijvoet_pairs / n_acentric if n_acentric else 0.0
         if len(mult):
