@@ -117,6 +117,12 @@ def test_insulin_anomalous_parity():
     assert o.n_bijvoet_pairs <= o.n_uniq // 2 + 1
 
 
+def test_anomalous_pass_keeps_the_shells(insulin):
+    a = insulin.anomalous_pass()
+    assert a.anomalous and a.overall.n_uniq == 18151
+    np.testing.assert_array_equal(a.limits, insulin.limits)
+
+
 def test_gamma_parity():
     o = MergingStatistics.from_mtz(GAMMA).overall
     assert (o.n_obs, o.n_uniq) == (44990, 12213)

@@ -588,6 +588,12 @@ class MergingStatistics:
         return MergingStatistics(self._prepared, n_bins, binning_method=binning_method,
                                  reflections_per_bin=reflections_per_bin, **settings)
 
+    def anomalous_pass(self) -> MergingStatistics:
+        """The same data and shells with I(+) and I(−) kept apart (DIALS's second pass:
+        anomalous completeness, multiplicity and R factors)."""
+        return self.rebinned(self.n_bins, self.binning_method, self.reflections_per_bin,
+                             anomalous=True)
+
     # ------------------------------------------------------------------ computation
     def _compute(self) -> None:
         p = self._prepared
