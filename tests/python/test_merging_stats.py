@@ -494,3 +494,16 @@ def test_facade_reexports_core_objects():
     assert merging_statistics.dataset_statistics is merging.MergingStatistics
     assert merging_statistics.merging_stats is merging.MergingShell
     assert issubclass(merging_statistics.StatisticsError, ValueError)
+
+
+def test_map_to_asu_isym_matches_map_to_asu():
+    from xtalscale.symmetry import map_to_asu, map_to_asu_isym
+
+    rng = np.random.default_rng(0)
+    hkl = rng.integers(-6, 7, (500, 3))
+    hkl = hkl[np.any(hkl != 0, axis=1)]
+    for sg in ("P 21 21 21", "I 2 3", "P 61 2 2", "C 1 2 1"):
+        full = map_to_asu(hkl, sg)
+        asu, isym = map_to_asu_isym(hkl, sg)
+        np.testing.assert_array_equal(asu, full.asu_hkl)
+        np.testing.assert_array_equal(isym, full.isym)
