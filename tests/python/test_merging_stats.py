@@ -399,6 +399,18 @@ def test_batch_statistics_and_normalised_deviations(small):
     assert math.isnan(delta[5])
 
 
+def test_batch_statistics_from_reflections(lcys_inputs):
+    from xtalscale.stats import batch_statistics_from_reflections
+
+    expts, refls = lcys_inputs
+    b = batch_statistics_from_reflections(expts, refls)
+    assert b.n_obs.sum() == 11816
+    assert sorted(set(b.dataset.tolist())) == [0, 1, 2, 3]
+    assert b.batch.min() >= 1
+    positive = b.n_obs[b.r_merge > 0]
+    assert positive.sum() > 0.9 * 11816 and 0 < np.median(b.r_merge) < 0.2
+
+
 def test_batch_statistics_on_insulin():
     from xtalscale.io.mtz import read_unmerged_mtz
 

@@ -887,3 +887,43 @@ def batch_statistics(miller_index, intensity, sigma, batch, space_group, dataset
         r = np.where(si != 0, dev / si, 0.0)
         ios = np.where(n_obs > 0, sios / np.maximum(n_obs, 1), 0.0)
     return BatchStatistics(uniq[:, 1].copy(), uniq[:, 0].copy(), n_obs, r, ios)
+
+
+def batch_statistics_from_reflections(experiments, reflections, anomalous: bool = False,
+                                      apply_inverse_scale: bool = True) -> BatchStatistics:
+    """:func:`batch_statistics` of DIALS-scaled tables, one dataset per experiment.
+
+    Rows are DIALS's scaled selection with partials combined
+    (:func:`~xtalscale.io.scaled_intensities.scaled_intensities`, no partiality cut). The
+    batch of a row is ``floor(z) + 1 + batch_offset`` with z the observed frame coordinate
+    (``xyzobs.px.value``) and the scan's batch offset, as DIALS assigns batches; the dataset
+    number runs over the experiments of all lists in order. The space group is the first
+    experiment's.
+    """
+    from ..io.scaled_intensities import scaled_intensities
+
+    tables = reflections if isinstance(reflections, (list, tuple)) else [reflections]
+    expt_lists = experiments if isinstance(experiments, (list, tuple)) else [experiments]
+    if len(tables) != len(expt_lists):
+        raise MergingStatisticsError(f"{len(tables)} reflection tables but {len(expt_lists)} "
+                                     "experiment lists")
+    hkl, inten, sig, batch, dataset = [], [], [], [], []
+    first_dataset = 0
+    for el, t in zip(expt_lists, tables):
+        sel = scaled_intensities(t, 0.0, True, None, apply_inverse_scale)
+        ids = np.asarray(sel["id"]).astype(np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= len(el)):
+            raise MergingStatisticsError(f"reflection ids {ids.min()}..{ids.max()} do not match "
+                                         f"{len(el)} experiments")
+        offsets = np.array([(e.scan.get_batch_offset() if e.scan is not None else 0)
+                            for e in el], dtype=np.int64)
+        z = np.asarray(sel["xyzobs.px.value"])[:, 2]
+        hkl.append(np.asarray(sel["miller_index"]))
+        inten.append(np.asarray(sel["intensity"]))
+        sig.append(np.sqrt(np.asarray(sel["variance"])))
+        batch.append(np.floor(z).astype(np.int64) + 1 + offsets[ids])
+        dataset.append(ids + first_dataset)
+        first_dataset += len(el)
+    sg = expt_lists[0][0].crystal.get_space_group()
+    return batch_statistics(np.concatenate(hkl), np.concatenate(inten), np.concatenate(sig),
+                            np.concatenate(batch), sg, np.concatenate(dataset), anomalous)
