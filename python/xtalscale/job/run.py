@@ -1,0 +1,195 @@
+"""The whole ``xtalscale scale`` job: read, scale, write, report, with time per stage.
+
+:func:`run_scale_job` is what the command line runs; scripts can call it with a ``params``
+object from :func:`xtalscale.job.phil.parse_phil_arguments`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..reflection_table import Flags
+
+__all__ = ["ScaleJobResult", "run_scale_job", "check_outputs_writable", "exclusion_summary"]
+
+logger = logging.getLogger("xtalscale.scale")
+
+
+@dataclass
+class ScaleJobResult:
+    """What the job produced: experiments, the joined table, statistics, files and timings."""
+
+    experiments: Any
+    reflections: Any
+    statistics: Any = None
+    algorithm: Any = None
+    files: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    n_rows_in: int = 0
+
+
+def _output_paths(params: Any) -> list[str]:
+    out = params.output
+    return [p for p in (out.reflections, out.experiments, out.html, out.log, out.json, out.merged_mtz,
+                        out.unmerged_mtz) if p and str(p).lower() != "none"]
+
+
+def check_outputs_writable(params: Any) -> None:
+    """Fail before any work if an output file's folder is missing or not writable (OSError)."""
+    for path in _output_paths(params):
+        folder = Path(path).resolve().parent
+        if not folder.is_dir():
+            raise OSError(f"cannot write {path}: the folder {folder} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise OSError(f"cannot write {path}: the folder {folder} is not writable")
+        if Path(path).is_dir():
+            raise OSError(f"cannot write {path}: it is a folder")
+
+
+def exclusion_summary(table: Any) -> list[tuple[str, int]]:
+    """Rows by final status, for the end-of-job summary."""
+    flags = np.asarray(table["flags"]).astype(np.uint64)
+
+    def has(f: Flags) -> np.ndarray:
+        return (flags & np.uint64(int(f))) != 0
+
+    user = has(Flags.user_excluded_in_scaling)
+    excluded = has(Flags.excluded_for_scaling) & ~user
+    outlier = has(Flags.outlier_in_scaling) & ~user & ~excluded
+    scaled = has(Flags.scaled)
+    return [("rows read", int(flags.size)), ("scaled", int(scaled.sum())),
+            ("excluded by the user's options (d range, exclude_images, ...)", int(user.sum())),
+            ("excluded as unfit (filters, no experiment, tiny scale)", int(excluded.sum())),
+            ("outliers", int(outlier.sum()))]
+
+
+def _statistics(experiments: Any, table: Any, params: Any) -> tuple[Any, Any, dict]:
+    """Merging statistics of the scaled rows, the scaled observations and report extras."""
+    from ..merge.observations import observations_from_reflections
+    from ..merging_statistics import batch_statistics, dataset_statistics, normalised_deviations
+
+    obs = observations_from_reflections(experiments, table)
+    sigma = np.sqrt(obs.variance)
+    stats = dataset_statistics.from_arrays(obs.miller_index, obs.intensity, sigma, obs.space_group,
+                                           obs.unit_cell, n_bins=int(params.output.merging.nbins),
+                                           anomalous=False,
+                                           use_internal_variance=bool(params.output.use_internal_variance))
+    extras: dict = {}
+    try:
+        per_batch = batch_statistics(obs.miller_index, obs.intensity, sigma, obs.batch, obs.space_group,
+                                     dataset=obs.dataset)
+        extras["batch_statistics"] = {
+            f"dataset {int(d)}": {"batch": per_batch.batch[per_batch.dataset == d],
+                                  "r_merge": per_batch.r_merge[per_batch.dataset == d],
+                                  "i_over_sigma": per_batch.i_over_sigma_mean[per_batch.dataset == d]}
+            for d in np.unique(per_batch.dataset)}
+        extras["normalised_deviations"] = normalised_deviations(obs.miller_index, obs.intensity, sigma,
+                                                                obs.space_group)
+    except ValueError as exc:
+        logger.info("batch statistics not computed: %s", exc)
+    return stats, obs, extras
+
+
+def run_scale_job(params: Any, files: Sequence[str]) -> ScaleJobResult:
+    """Read ``files``, scale with ``params`` and write every requested output."""
+    from .algorithm import ScalingAlgorithm
+    from .inputs import load_inputs
+
+    timings: dict[str, float] = {}
+    check_outputs_writable(params)
+    t0 = time.perf_counter()
+    inputs = load_inputs(files)
+    timings["read"] = time.perf_counter() - t0
+    n_in = inputs.n_reflections
+    logger.info("read %d experiment(s), %d reflections from %s (%.2f s)", len(inputs.experiments), n_in,
+                ", ".join(inputs.sources), timings["read"])
+
+    t0 = time.perf_counter()
+    algorithm = ScalingAlgorithm(params, inputs.experiments, inputs.tables)
+    timings["prepare"] = time.perf_counter() - t0
+    for name in algorithm.scaler.removed_datasets:
+        logger.warning("dataset %s was removed: nothing left to scale after filtering", name)
+    t0 = time.perf_counter()
+    algorithm.run()
+    timings["scale"] = time.perf_counter() - t0
+    for stage, seconds in algorithm.scaler.timings.items():
+        timings[f"  {stage}"] = seconds
+    for journal in algorithm.scaler.journals:
+        logger.debug("%s: %d steps, %s", getattr(journal, "round_engine", "?"), len(journal.rows),
+                     journal.reason_for_termination)
+    experiments, table = algorithm.finish()
+    for ds in algorithm.scaler.datasets:
+        if algorithm.scaled:
+            ds.model.set_scaling_model_as_scaled()
+        em = ds.error_model
+        if em is not None:
+            logger.info("error model %s: a = %.4f, b = %.4f", ds.experiment.identifier, em.a, em.b)
+    result = ScaleJobResult(experiments, table, algorithm=algorithm, timings=timings, n_rows_in=n_in)
+    if len(table) != n_in:
+        raise RuntimeError(f"internal error: {n_in} rows read but {len(table)} to write")
+
+    stats = obs = None
+    extras: dict = {}
+    if algorithm.scaled:
+        t0 = time.perf_counter()
+        try:
+            stats, obs, extras = _statistics(experiments, table, params)
+            logger.info("\n%s", stats.as_table())
+        except ValueError as exc:
+            logger.warning("merging statistics not computed: %s", exc)
+        timings["statistics"] = time.perf_counter() - t0
+    result.statistics = stats
+
+    t0 = time.perf_counter()
+    out = params.output
+    table.as_file(str(out.reflections))
+    experiments.as_file(str(out.experiments))
+    result.files.update(reflections=out.reflections, experiments=out.experiments)
+    if out.unmerged_mtz:
+        from ..io.mtz import write_unmerged_mtz
+
+        scaled = table.select(table.get_flags(Flags.scaled))
+        write_unmerged_mtz(str(out.unmerged_mtz), scaled, experiments, project_name=out.project_name,
+                           crystal_name=out.crystal_name)
+        result.files["unmerged_mtz"] = out.unmerged_mtz
+    merged = None
+    if out.merged_mtz or (out.html and str(out.html).lower() != "none" and obs is not None):
+        if obs is not None:
+            from ..merge import merge_observations, write_merged_mtz
+
+            merged = merge_observations(obs, anomalous=bool(params.anomalous))
+            if out.merged_mtz:
+                write_merged_mtz(str(out.merged_mtz), merged, out.project_name, out.crystal_name)
+                result.files["merged_mtz"] = out.merged_mtz
+    if out.json and stats is not None:
+        Path(out.json).write_text(stats.as_json())
+        result.files["json"] = out.json
+    timings["write"] = time.perf_counter() - t0
+    if out.html and str(out.html).lower() != "none":
+        t0 = time.perf_counter()
+        from ..report import write_html_report
+
+        summary = [(k, str(v)) for k, v in exclusion_summary(table)]
+        notes = [] if algorithm.scaled else [getattr(algorithm, "no_equivalents", None) or "not scaled"]
+        write_html_report(out.html, statistics=stats, merged=merged, experiments=experiments,
+                          summary=summary, notes=notes, title="xtalscale scale report", **extras)
+        result.files["html"] = out.html
+        timings["report"] = time.perf_counter() - t0
+    logger.info("\nrows: %s", "; ".join(f"{k}: {v}" for k, v in exclusion_summary(table)))
+    for text, number in algorithm.reasons.reasons.items():
+        if number:
+            logger.info("  %-45s %d", text, number)
+    for kind, path in result.files.items():
+        logger.info("wrote %s", path)
+    return result
+
+
+def timings_as_json(result: ScaleJobResult) -> str:
+    return json.dumps(result.timings, indent=1)
