@@ -200,16 +200,20 @@ class ErrorModelBinner:
         return self.bin_variances
 
 
+def _normal_cdf(x: float) -> float:
+    return 0.5 * math.erfc(-x / math.sqrt(2.0))
+
+
 def _refine_a(model: BasicErrorModel, data: ErrorModelData) -> None:
     """a ← a·slope of the central normal probability plot of δ."""
-    from scipy.stats import norm
+    from scipy.special import ndtri  # the normal quantile (scipy.stats costs seconds to import)
 
     delta = np.sort(calc_deltahl(data, data.n_h, calc_sigmaprime(model.parameters, data)))
     n = delta.size
-    lo = int(math.ceil(norm.cdf(-1.5) * n - 0.5))
-    hi = int(math.ceil(norm.cdf(1.5) * n - 0.5))
+    lo = int(math.ceil(_normal_cdf(-1.5) * n - 0.5))
+    hi = int(math.ceil(_normal_cdf(1.5) * n - 0.5))
     i = np.arange(lo, hi)
-    x = norm.ppf((i + 0.5) / n)
+    x = ndtri((i + 0.5) / n)
     y = delta[lo:hi]
     slope = np.polyfit(x, y, 1)[0]
     model.parameters = [model.a * float(slope), model.b]
@@ -223,12 +227,27 @@ def _b_objective(b: float, model: BasicErrorModel, data: ErrorModelData, binner:
     return float(np.sum(w * ((0.5 - v) ** 2 + 1.0 / v - 1.25)))
 
 
-def _refine_b(model: BasicErrorModel, data: ErrorModelData, binner: ErrorModelBinner) -> None:
-    from scipy.optimize import minimize_scalar
+def _golden_section(f: Any, lo: float, hi: float, tol: float = 1e-7) -> float:
+    """Minimiser of a unimodal f on [lo, hi] (golden-section search)."""
+    ratio = (math.sqrt(5.0) - 1.0) / 2.0
+    c, d = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fc, fd = f(c), f(d)
+    while hi - lo > tol:
+        if fc < fd:
+            hi, d, fd = d, c, fc
+            c = hi - ratio * (hi - lo)
+            fc = f(c)
+        else:
+            lo, c, fc = c, d, fd
+            d = lo + ratio * (hi - lo)
+            fd = f(d)
+    return 0.5 * (lo + hi)
 
-    result = minimize_scalar(_b_objective, bounds=(0.0, 1.0), args=(model, data, binner),
-                             method="bounded", options={"xatol": 1e-7})
-    model.parameters = [model.a, float(result.x)]
+
+def _refine_b(model: BasicErrorModel, data: ErrorModelData, binner: ErrorModelBinner) -> None:
+    """b minimising the binned-variance objective, searched on [0, 0.5]."""
+    b = _golden_section(lambda x: _b_objective(x, model, data, binner), 0.0, 0.5)
+    model.parameters = [model.a, b]
 
 
 def _regression(model: BasicErrorModel, data: ErrorModelData) -> None:

@@ -427,11 +427,23 @@ def _parse(text: str) -> Any:
     return freephil.parse(re.sub(r"\n {9,}(?=[^\s.])", " ", text))
 
 
-model_phil_scope = _parse(model_phil_str)
-error_model_phil_scope = _parse(error_model_phil_str)
-scaling_phil_scope = _parse(scaling_phil_str)
-refinement_phil_scope = _parse(refinement_phil_str)
-scale_phil_scope = _parse(scale_phil_str)
+_SCOPE_TEXTS = {
+    "model_phil_scope": model_phil_str,
+    "error_model_phil_scope": error_model_phil_str,
+    "scaling_phil_scope": scaling_phil_str,
+    "refinement_phil_scope": refinement_phil_str,
+    "scale_phil_scope": scale_phil_str,
+}
+_SCOPES: dict[str, Any] = {}
+
+
+def __getattr__(name: str) -> Any:
+    """The scopes are parsed on first use (parsing all of them costs ~0.7 s at import)."""
+    if name in _SCOPE_TEXTS:
+        if name not in _SCOPES:
+            _SCOPES[name] = _parse(_SCOPE_TEXTS[name])
+        return _SCOPES[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 #: Defaults that differ from dials.scale: (parameter, xtalscale default, dials.scale default).
 DIFFERING_DEFAULTS: tuple[tuple[str, str, str], ...] = (
@@ -444,7 +456,7 @@ DIFFERING_DEFAULTS: tuple[tuple[str, str, str], ...] = (
 
 def phil_definition_paths(scope: Any = None) -> list[str]:
     """Full dotted names of every definition in ``scope`` (default: the dials.scale master)."""
-    scope = scale_phil_scope if scope is None else scope
+    scope = __getattr__("scale_phil_scope") if scope is None else scope
     return [d.path for d in scope.all_definitions()]
 
 
@@ -498,7 +510,7 @@ def parse_phil_arguments(words: Iterable[str], scope: Any = None) -> tuple[Any, 
     """
     import freephil
 
-    scope = scale_phil_scope if scope is None else scope
+    scope = __getattr__("scale_phil_scope") if scope is None else scope
     paths = phil_definition_paths(scope)
     interpreter = scope.command_line_argument_interpreter()
     sources = []
@@ -548,14 +560,14 @@ def _check_values(params: Any) -> None:
 
 def default_scale_params() -> Any:
     """The dials.scale parameter object with every default (``params`` of a plain run)."""
-    return scale_phil_scope.extract()
+    return __getattr__("scale_phil_scope").extract()
 
 
 def show_configuration(working: Any = None, attributes_level: int = 2) -> str:
     """The full configuration with defaults and help strings (``-c`` output)."""
     import io
 
-    working = scale_phil_scope if working is None else working
+    working = __getattr__("scale_phil_scope") if working is None else working
     out = io.StringIO()
     working.show(out=out, attributes_level=attributes_level)
     lines = ["# xtalscale scale: full configuration (defaults unless given on the command line)",

@@ -311,7 +311,6 @@ def _to_table(cols: dict[str, np.ndarray], sweep: int, identifier: str, unit_cel
     t["partiality"] = fa.double(np.ones(n))
     t["lp"] = fa.double(cols["lp"])
     t["qe"] = fa.double(np.ones(n))
-    t["partial_id"] = fa.size_t(np.arange(n, dtype=np.uint64))
     t.experiment_identifiers()[sweep] = identifier
     return t
 
@@ -363,6 +362,10 @@ def simulate(options: SimulationOptions | None = None, **overrides: Any) -> Simu
         tables.append(_to_table(cols, k, expt.identifier, expt.crystal.get_unit_cell()))
     table = reflection_table.concat(tables)
     n = len(table)
+    from .. import flex_arrays as fa
+
+    # a unique id per row (DIALS's partial_id): the truth arrays are indexed by it
+    table["partial_id"] = fa.size_t(np.arange(n, dtype=np.uint64))
     if n == 0:
         raise ValueError("the simulated geometry records no reflections (check d_min and the scan)")
 
@@ -400,8 +403,6 @@ def simulate(options: SimulationOptions | None = None, **overrides: Any) -> Simu
     raw_prf = raw_prf + boost
     var_sum = np.where(outliers, np.maximum(raw_sum, 0) + 2 * bg, var_sum)
     var_prf = np.where(outliers, np.maximum(raw_prf, 0) + 1.25 * bg, var_prf)
-
-    from .. import flex_arrays as fa
 
     table["intensity.sum.value"] = fa.double(raw_sum)
     table["intensity.sum.variance"] = fa.double(var_sum)
