@@ -113,6 +113,10 @@ def filter_bad_reflections(reflection_table: Any, partiality_cutoff: float = 0.4
         neg = np.asarray(reflection_table["id"]) < 0
         reasons.add_reason("negative experiment id", int(neg.sum()))
         bad |= neg
+    if "miller_index" in reflection_table:
+        unindexed = ~np.any(np.asarray(reflection_table["miller_index"]).reshape(-1, 3) != 0, axis=1)
+        reasons.add_reason("miller index (0, 0, 0)", int(unindexed.sum()))
+        bad |= unindexed
     integrated = np.zeros(n, dtype=bool)
     for k in kinds:
         flag = Flags.integrated_prf if k == "prf" else Flags.integrated_sum
