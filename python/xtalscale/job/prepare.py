@@ -265,3 +265,39 @@ def apply_resolution_and_partiality_cuts(table: Any, d_min: float | None, d_max:
     if reasons is not None:
         reasons.add_reason("outside d_min/d_max", int(cut.sum()))
     return table
+
+
+def quasi_normalisation(reflection_table: Any, experiment: Any) -> Any:
+    """Add ``Esq``, the normalised intensity E² of each row (DIALS ``scaling_utilities``).
+
+    With 10000 or fewer suitable rows every Esq is 1 (too few for the shell means, as DIALS).
+    Otherwise E² = I/(ε N(d)) with N the shell mean of I/ε (negatives as 0) in equal-d*² shells
+    (10, 15 or 20 for more than 15000 / 20000 rows), interpolated in d*.
+    """
+    from ..symmetry import SpaceGroup
+    from .outlier_rejection import quasi_normalised_intensities
+
+    n = len(reflection_table)
+    flags = flags_of(reflection_table)
+    good = (flags & np.uint64(int(Flags.bad_for_scaling))) == 0
+    esq = np.ones(n)
+    if good.sum() > 10000:
+        sg = experiment.crystal.get_space_group()
+        sg = sg if isinstance(sg, SpaceGroup) else SpaceGroup(str(sg))
+        hkl = np.asarray(reflection_table["miller_index"]).reshape(-1, 3)[good]
+        eps = np.asarray(sg.epsilon(hkl), dtype=np.float64)
+        esq[good] = quasi_normalised_intensities(_column(reflection_table, "intensity")[good],
+                                                 _column(reflection_table, "d")[good], eps)
+    reflection_table["Esq"] = fa.double(esq)
+    return reflection_table
+
+
+def set_wilson_outliers(reflection_table: Any) -> Any:
+    """Flag ``outlier_in_scaling`` where E² > 23.91 (centric) or > 13.82 (acentric) (DIALS).
+
+    Needs ``Esq`` and a ``centric_flag`` column."""
+    esq = _column(reflection_table, "Esq")
+    centric = np.asarray(reflection_table["centric_flag"], dtype=bool)
+    outliers = np.where(centric, esq > 23.91, esq > 13.82)
+    reflection_table.set_flags(outliers, Flags.outlier_in_scaling)
+    return reflection_table

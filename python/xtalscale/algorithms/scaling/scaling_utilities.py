@@ -1,6 +1,7 @@
 """DIALS import path ``dials.algorithms.scaling.scaling_utilities`` (absorption geometry part).
 
-Implemented in :mod:`xtalscale.scaling_utilities`.
+Implemented in :mod:`xtalscale.scaling_utilities` (geometry) and :mod:`xtalscale.job.prepare`
+(reasons, prescaling correction, normalisation, Wilson outliers).
 """
 from __future__ import annotations
 
@@ -10,4 +11,11 @@ from xtalscale.scaling_utilities import (  # noqa: F401  (re-exported DIALS name
     calc_crystal_frame_vectors,
     calc_theta_phi,
     sph_harm_table,
+)
+from xtalscale.job.prepare import (  # noqa: F401,E402  (re-exported DIALS names)
+    BadDatasetForScalingException,
+    Reasons,
+    calculate_prescaling_correction,
+    quasi_normalisation,
+    set_wilson_outliers,
 )
