@@ -15,9 +15,10 @@ Column mapping (MTZ → DIALS-style table column):
 ``I``, ``SIGI``          ``intensity.sum.value`` / ``.variance`` (σ²); for scaled files
                          see below
 ``IPR``, ``SIGIPR``      ``intensity.prf.value`` / ``.variance``
-``SCALEUSED``            ``inverse_scale_factor`` (g); ``I``/``SIGI`` become
-                         ``intensity.scale.*`` and the raw intensity is ``I·g`` (DIALS
-                         convention: scaled = raw / g)
+``SCALEUSED``            ``inverse_scale_factor`` (g); ``I``/``SIGI`` are the scaled
+                         intensity, so ``intensity.scale.*`` (and ``intensity.sum.*``)
+                         hold the raw intensity ``I·g``, ``σ·g`` (DIALS convention:
+                         scaled = ``intensity.scale.value / inverse_scale_factor``)
 ``SIGSCALEUSED``         ``inverse_scale_factor_variance`` (σ²)
 ``BATCH``                ``batch``; experiment index → ``id``
 ``XDET YDET`` + frame    ``xyzobs.px.value`` (z = fractional array index from ``ROT``)
@@ -476,9 +477,11 @@ def _columns_from_mtz(cols: dict, kind: str, z, exp_id, cell: UnitCell) -> dict:
     if "I" in cols:
         value, sig = cols["I"], cols["SIGI"] if "SIGI" in cols else np.full(n, np.nan)
         if kind == "scaled":
+            # I is the scaled intensity raw / g; a DIALS table holds the raw (corrected)
+            # intensity in intensity.scale.* beside g, and the scaled one is value / g.
             g = cols["SCALEUSED"]
-            out["intensity.scale.value"] = value
-            out["intensity.scale.variance"] = sig ** 2
+            out["intensity.scale.value"] = value * g
+            out["intensity.scale.variance"] = (sig * g) ** 2
             out["inverse_scale_factor"] = g
             if "SIGSCALEUSED" in cols:
                 out["inverse_scale_factor_variance"] = cols["SIGSCALEUSED"] ** 2
@@ -606,7 +609,9 @@ def write_unmerged_mtz(filename, table, experiments: ExperimentList,
     intensity : {'scale', 'prf', 'sum'} or None
         Which ``intensity.<kind>`` to write as I/SIGI. Default: ``scale`` if present,
         else ``prf``, else ``sum``. With ``inverse_scale_factor`` present, SCALEUSED and
-        SIGSCALEUSED are written (I is then the scaled intensity: I = raw / SCALEUSED).
+        SIGSCALEUSED are written and I/SIGI hold the scaled intensity
+        ``intensity.scale.value / inverse_scale_factor`` (σ likewise), as ``dials.export``
+        and AIMLESS write it; g must then be finite and > 0 on every row.
     sort : bool
         Sort rows by ASU index, M/ISYM, BATCH (recorded in the header sort order).
 
@@ -693,14 +698,20 @@ def _unmerged_data_columns(path: str, table, experiments, ids, kind: str) -> lis
     var = np.asarray(table[f"intensity.{kind}.variance"], dtype=np.float64)
     # DIALS marks failed measurements with negative variances: they become missing
     # (NaN) sigmas in the MTZ, which CCP4 programs skip.
-    cols = [("I", "J", np.asarray(table[f"intensity.{kind}.value"])),
-            ("SIGI", "Q", np.sqrt(np.where(var >= 0, var, np.nan)))]
+    value = np.asarray(table[f"intensity.{kind}.value"], dtype=np.float64)
+    sigma = np.sqrt(np.where(var >= 0, var, np.nan))
+    g = _col(table, "inverse_scale_factor")
+    if g is not None and kind == "scale":
+        # DIALS/AIMLESS convention: I and SIGI of a scaled unmerged file are the scaled
+        # intensity raw / g and its sigma sigma_raw / g; SCALEUSED records the g applied.
+        g = _checked_scales(g, path)
+        value, sigma = value / g, sigma / g
+    cols = [("I", "J", value), ("SIGI", "Q", sigma)]
     if kind != "prf" and "intensity.prf.value" in table:
         # DIALS/MOSFLM convention: I = summation (or scaled), IPR = profile-fitted.
         pv = _required(table, "intensity.prf.variance", path).astype(np.float64)
         cols.append(("IPR", "J", _required(table, "intensity.prf.value", path)))
         cols.append(("SIGIPR", "Q", np.sqrt(np.where(pv >= 0, pv, np.nan))))
-    g = _col(table, "inverse_scale_factor")
     if g is not None and kind == "scale":
         gv = _col(table, "inverse_scale_factor_variance")
         cols.append(("SCALEUSED", "R", g))
@@ -720,6 +731,17 @@ def _unmerged_data_columns(path: str, table, experiments, ids, kind: str) -> lis
     if "lp" in table:
         cols.append(("LP", "R", _col(table, "lp")))
     return cols
+
+
+def _checked_scales(g, path: str) -> np.ndarray:
+    """Inverse scale factors as float64, refusing non-finite or non-positive ones (by row)."""
+    g = np.asarray(g, dtype=np.float64)
+    bad = ~(np.isfinite(g) & (g > 0))
+    if np.any(bad):
+        row = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{path}: inverse_scale_factor must be finite and > 0; row {row} has "
+                         f"{g[row]} ({int(bad.sum())} such rows); select the scaled rows first")
+    return g
 
 
 def _new_mtz(sg: SpaceGroup, cell: UnitCell, wavelength: float, data_columns,
@@ -935,7 +957,9 @@ def write_merged_mtz_from_table(filename, table, experiments: ExperimentList,
     filename : str or path
     table : reflection_table
         ``miller_index``, ``id`` and ``intensity.<kind>.value/.variance``; select the rows
-        to merge beforehand (e.g. integrated and not ``bad_for_scaling``).
+        to merge beforehand (e.g. integrated and not ``bad_for_scaling``). For
+        ``intensity.scale`` with ``inverse_scale_factor`` present the scaled intensity
+        ``value / g`` (variance ``/ g²``) is merged.
     experiments : ExperimentList
         Space group and cell from experiment 0, wavelength from its beam.
     intensity : {'scale', 'prf', 'sum'} or None
@@ -956,6 +980,10 @@ def write_merged_mtz_from_table(filename, table, experiments: ExperimentList,
     sg, cell = crystal.get_space_group(), crystal.get_unit_cell()
     I = np.asarray(table[f"intensity.{kind}.value"], dtype=np.float64)
     V = np.asarray(table[f"intensity.{kind}.variance"], dtype=np.float64)
+    if kind == "scale" and "inverse_scale_factor" in table:
+        # merge the scaled intensities raw / g (as dials.merge does)
+        g = _checked_scales(table["inverse_scale_factor"], path)
+        I, V = I / g, V / g**2
     uh, mean, sig, _ = merge_intensities(hkl, I, V, sg)
     if len(uh) == 0:
         raise ValueError(f"{path}: no observation has a positive variance; nothing to merge")
