@@ -227,3 +227,209 @@ def test_one_inconsistent_row_does_not_move_the_others(tmp_path, label, value):
     np.testing.assert_allclose(z_bad[others], z_good[others], atol=1e-4)
     flags = np.asarray(bad.table["flags"])
     assert flags[~consistent][0] & int(Flags.excluded_for_scaling)
+
+
+# ------------------------------------------------------------------ XDS, .expt (3, 4, 6, 7)
+
+XDS_ASCII = DATA / "xds_hewl_ssad_snippets" / "XDS_ASCII.HKL"
+QUARTZ = DATA / "dials_quartz_3ded"
+
+
+def _edited_xds(tmp_path: Path, old: str, new: str) -> Path:
+    text = XDS_ASCII.read_text()
+    assert old in text
+    p = tmp_path / "XDS_ASCII.HKL"
+    p.write_text(text.replace(old, new, 1))
+    return p
+
+
+def _first_record(text: str) -> str:
+    return next(x for x in text.splitlines() if x.strip() and not x.startswith("!"))
+
+
+def test_readers_refuse_devices_instead_of_reading_them_forever():
+    """9.3: /dev/zero was read until memory ran out (.expt and XDS); bounded child."""
+    out = run_bounded("""
+        from xtalscale.experiments import ExperimentList
+        from xtalscale.io.xds import read_xds_hkl
+        from xtalscale.io.mtz import read_unmerged_mtz
+        from xtalscale.io.refl import read_refl
+        for reader in (ExperimentList.from_file, read_xds_hkl, read_unmerged_mtz, read_refl):
+            try:
+                reader("/dev/zero")
+            except ValueError as exc:
+                print("refused:", exc)
+    """, timeout=30, memory_mb=600)
+    assert out.count("/dev/zero: not a regular file") == 3, out
+    assert out.count("refused:") == 4, out
+
+
+@pytest.mark.parametrize("old, new, expected", [
+    ("!OSCILLATION_RANGE=  0.500000", "!OSCILLATION_RANGE=  0.0", "OSCILLATION_RANGE"),
+    ("!DATA_RANGE=       1    1439", "!DATA_RANGE=       1    1e300", "DATA_RANGE"),
+    ("!STARTING_FRAME=       1", "!STARTING_FRAME=       1e300", "STARTING_FRAME"),
+    ("!NX=  2463", "!NX=  1e400", "NX"),
+    ("!NUMBER_OF_ITEMS_IN_EACH_DATA_RECORD=12", "!NUMBER_OF_ITEMS_IN_EACH_DATA_RECORD=x",
+     "NUMBER_OF_ITEMS_IN_EACH_DATA_RECORD"),
+])
+def test_xds_absurd_header_values_are_refused(tmp_path, old, new, expected):
+    from xtalscale.io.xds import XdsFormatError, read_xds_hkl
+
+    with pytest.raises(XdsFormatError, match=rf"XDS_ASCII\.HKL: header {expected}"):
+        read_xds_hkl(_edited_xds(tmp_path, old, new))
+
+
+@pytest.mark.parametrize("h", ["5000000000", "22.5"])
+def test_xds_miller_indices_must_be_integral_and_in_range(tmp_path, h):
+    """9.4: H=5e9 read as -2147483648 before."""
+    from xtalscale.io.xds import XdsFormatError, read_xds_hkl
+
+    record = _first_record(XDS_ASCII.read_text())
+    fields = record.split()
+    p = _edited_xds(tmp_path, record, record.replace(fields[0], h, 1))
+    with pytest.raises(XdsFormatError, match=r"record 1: H=.* is not an integer"):
+        read_xds_hkl(p)
+
+
+def test_deeply_nested_expt_json_is_a_format_error(tmp_path):
+    """9.7: RecursionError before."""
+    from xtalscale.experiments import ExperimentFormatError, ExperimentList
+
+    p = tmp_path / "deep.expt"
+    p.write_text('{"experiment": [], "beam": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(ExperimentFormatError, match=r"deep\.expt: JSON nested too deeply"):
+        ExperimentList.from_file(p)
+
+
+def test_deeply_nested_shoebox_column_is_a_format_error(tmp_path):
+    """9.7: a skipped (shoebox) msgpack column nested 100,000 deep: RecursionError before."""
+    import msgpack
+
+    deep = b"\x91" * 100_000 + b"\xc0"  # [[[...[nil]...]]]
+    head = msgpack.packb(["dials::af::reflection_table", 1,
+                          {"nrows": 0, "identifiers": {}, "data": {}}])
+    # replace the empty data map by one Shoebox<> column holding the nested list
+    column = msgpack.packb("shoebox") + b"\x92" + msgpack.packb("Shoebox<>") + deep
+    p = tmp_path / "shoebox.refl"
+    p.write_bytes(head[:-1] + b"\x81" + column)
+    with pytest.raises(ReflFileError, match=r"shoebox\.refl: msgpack nesting too deep"):
+        read_refl(p)
+
+
+# ------------------------------------------------------------------ models, selections (6)
+
+
+def _quartz():
+    from xtalscale.experiments import ExperimentList
+    from xtalscale.reflection_table import reflection_table
+
+    return (ExperimentList.from_file(QUARTZ / "scaled.expt"),
+            reflection_table.from_file(str(QUARTZ / "scaled.refl")))
+
+
+@pytest.mark.parametrize("key", ["s_norm_fac", "d_norm_fac"])
+def test_zero_normalisation_factor_in_a_stored_model_is_refused(key):
+    from xtalscale.models import ScalingModelError, model_from_dict
+
+    experiments, _ = _quartz()
+    stored = experiments[0].scaling_model
+    stored = stored if isinstance(stored, dict) else stored.to_dict()
+    import copy
+
+    bad = copy.deepcopy(stored)
+    bad["configuration_parameters"][key] = 0.0
+    with pytest.raises(ScalingModelError, match=rf"configuration_parameters\['{key}'\] must be"):
+        model_from_dict(bad)
+    bad["configuration_parameters"] = ["not", "a", "dict"]
+    with pytest.raises(ScalingModelError, match="configuration_parameters must be a dict"):
+        model_from_dict(bad)
+
+
+def test_rows_matching_no_experiment_bad_d_and_s1_are_refused():
+    from xtalscale.models import inverse_scale_factors
+
+    experiments, table = _quartz()
+    ids = np.asarray(table["id"]).copy()
+    ids[5] = 7
+    table["id"] = ids
+    with pytest.raises(ValueError, match=r"table row 5 has id 7, which matches no experiment"):
+        inverse_scale_factors(experiments, table)
+    experiments, table = _quartz()
+    d = np.asarray(table["d"]).copy()
+    d[9] = 1e-10
+    table["d"] = d
+    with pytest.raises(ValueError, match=r"g = inf on table row 9, d = 1e-10"):
+        inverse_scale_factors(experiments, table)
+    experiments, table = _quartz()
+    from xtalscale.models import suitable_for_scaling
+
+    row = int(np.flatnonzero(suitable_for_scaling(table))[20])
+    s1 = np.asarray(table["s1"]).copy()
+    s1[row] = 0.0
+    table["s1"] = s1
+    with pytest.raises(ValueError, match=rf"table row {row} has s1 = \[0.0, 0.0, 0.0\]"):
+        inverse_scale_factors(experiments, table)
+
+
+def test_selections_are_not_silently_reinterpreted():
+    from xtalscale.array_family import flex
+    from xtalscale.models import inverse_scale_factors
+
+    experiments, table = _quartz()
+    with pytest.raises(TypeError, match="selection must be a bool array"):
+        inverse_scale_factors(experiments, table, selection=np.ones(len(table)))
+    t = flex.reflection_table()
+    t["x"] = flex.double([1.0, 2.0, 3.0, 4.0])
+    with pytest.raises(TypeError, match="mixes bools and indices"):
+        t.select([True, 3])
+    assert list(t.select([1, 3])["x"]) == [2.0, 4.0]
+    assert list(t.select([True, False, False, True])["x"]) == [1.0, 4.0]
+
+
+def test_smoother_interval_count_is_bounded_with_a_message():
+    """9.3: GaussianSmoother1D((0, 10), 10**9) allocated 7.7 GB; 2**31 gave bad_alloc."""
+    from xtalscale.smoothing import GaussianSmoother1D, GaussianSmoother3D
+
+    for n in (10**9, 2**31):
+        with pytest.raises(ValueError, match=rf"num_intervals must be <= 1000000 \(got {n}\)"):
+            GaussianSmoother1D((0, 10), n)
+    with pytest.raises(ValueError, match="would hold over 10000000 values"):
+        GaussianSmoother3D((0, 1), 1000, (0, 1), 1000, (0, 1), 1000)
+    assert GaussianSmoother1D((0, 10), 1000).num_values() == 1002
+
+
+# ------------------------------------------------------------------ CLI (7)
+
+
+def _write_quartz_subset(tmp_path: Path, keep) -> tuple[Path, Path]:
+    import shutil
+
+    from xtalscale.reflection_table import reflection_table
+
+    table = reflection_table.from_file(str(QUARTZ / "scaled.refl"))
+    keep = keep(table)
+    sub = table.select(keep) if keep.dtype == np.bool_ else table
+    refl = tmp_path / "sub.refl"
+    sub.as_file(str(refl))
+    expt = tmp_path / "sub.expt"
+    shutil.copy(QUARTZ / "scaled.expt", expt)
+    return expt, refl
+
+
+def test_cli_empty_and_all_excluded_tables_give_a_clear_error(tmp_path, capsys):
+    from xtalscale.cli import main
+    from xtalscale.reflection_table import Flags
+
+    expt, refl = _write_quartz_subset(tmp_path, lambda t: np.zeros(len(t), dtype=bool))
+    assert main(["apply-model", str(expt), str(refl), "-o", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "sub.refl: the reflection table is empty" in err and "index -1" not in err
+
+    def exclude_all(t):
+        t["flags"] = np.asarray(t["flags"]) | np.uint64(int(Flags.excluded_for_scaling))
+        return np.ones(len(t), dtype=bool)
+
+    expt, refl = _write_quartz_subset(tmp_path, exclude_all)
+    assert main(["apply-model", str(expt), str(refl), "-o", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "sub.refl: none of the 1620 reflections is suitable for scaling" in err
