@@ -569,15 +569,22 @@ def read_unmerged_mtz(filename, sum_partials: bool = True,
     stored = mtz.array
     for j, lab in enumerate(("H", "K", "L", "M/ISYM")):  # before gemmi casts them to int
         _integral(stored[:, j].astype(np.float64), lab, path, _MAX_INDEX)
+    _check_isym(stored[:, 3], len(mtz.spacegroup.operations().sym_ops), path)
     # gemmi restores the original (measured) indices from M/ISYM in C++.
-    if n_in and not mtz.switch_to_original_hkl():
+    try:
+        restored = not n_in or mtz.switch_to_original_hkl()
+    except (IndexError, RuntimeError) as exc:
+        raise MtzFormatError(f"{path}: cannot restore original indices from M/ISYM "
+                             f"({exc})") from None
+    if not restored:
         raise MtzFormatError(f"{path}: cannot restore original indices from M/ISYM")
     data = mtz.array
     if n_in and not np.all(np.isfinite(data[:, :5])):
         raise MtzFormatError(f"{path}: H, K, L, M/ISYM or BATCH has missing values")
     # One transposing float32 -> float64 pass gives every column as a contiguous row
     # (converting strided column views one by one costs several times more).
-    by_col = np.ascontiguousarray(data.T, dtype=np.float64)
+    with np.errstate(invalid="ignore"):  # signalling NaNs in a corrupt file become quiet NaN
+        by_col = np.ascontiguousarray(data.T, dtype=np.float64)
     col = {lab: by_col[i] for i, lab in enumerate(labels)}
     hkl = np.column_stack([_integral(col[lab], lab, path, _MAX_INDEX) for lab in "HKL"])
     cols: dict[str, np.ndarray] = {
@@ -612,6 +619,16 @@ def read_unmerged_mtz(filename, sum_partials: bool = True,
 # bound); batch numbers and MPART are exact in float32 up to 2**24.
 _MAX_INDEX = (1 << 20) - 1
 _MAX_FLOAT32_INTEGER = 1 << 24
+
+
+def _check_isym(m_isym: np.ndarray, n_ops: int, path: str) -> None:
+    """ISYM (M/ISYM mod 256) numbers a symmetry operator and its Friedel mate: 1..2·n_ops."""
+    isym = m_isym.astype(np.int64) % 256
+    bad = (isym < 1) | (isym > 2 * n_ops)
+    if np.any(bad):
+        row = int(np.flatnonzero(bad)[0])
+        raise MtzFormatError(f"{path}: column M/ISYM row {row} holds {int(m_isym[row])}: ISYM "
+                             f"{int(isym[row])} is not in 1..{2 * n_ops} for this space group")
 
 
 def _integral(values: np.ndarray, label: str, path: str, bound: int) -> np.ndarray:
