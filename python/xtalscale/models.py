@@ -1600,7 +1600,8 @@ def _first_row(mask: np.ndarray) -> int:
 
 def _check_rows_to_evaluate(table: Any, rows: np.ndarray, ids: list[int] | None) -> None:
     """Refuse rows that cannot get a meaningful g: an id matching no experiment, d not
-    finite and > 0, a zero or non-finite s1 (names the table row)."""
+    finite and > 0, a non-finite xyzobs.px.value, a zero or non-finite s1 (the message
+    names the table row, not a position inside one experiment's subset)."""
     if ids is not None and "id" in table:
         row_ids = np.asarray(table["id"])
         orphan = rows & ~np.isin(row_ids, np.asarray(ids))
@@ -1615,6 +1616,13 @@ def _check_rows_to_evaluate(table: Any, rows: np.ndarray, ids: list[int] | None)
         if np.any(bad):
             r = _first_row(bad)
             raise ValueError(f"table row {r} has d = {d[r]}; d must be finite and > 0")
+    if "xyzobs.px.value" in table:  # z places the row on the scale/decay smoothers
+        xyz = np.asarray(table["xyzobs.px.value"], dtype=np.float64).reshape(-1, 3)
+        bad = rows & ~np.isfinite(xyz).all(axis=1)
+        if np.any(bad):
+            r = _first_row(bad)
+            raise ValueError(f"table row {r} has xyzobs.px.value = {xyz[r].tolist()}; it must "
+                             "be finite")
     if "s1" in table:
         s1 = np.asarray(table["s1"], dtype=np.float64).reshape(-1, 3)
         length = np.sqrt(np.einsum("ij,ij->i", s1, s1))

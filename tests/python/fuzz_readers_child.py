@@ -75,7 +75,7 @@ def main() -> int:
                for kind, reader, path in spec["sources"]]
     # warm up every reader on its original file (lazy imports, caches), then cap memory
     largest = 0
-    for kind, reader, raw, path in sources:
+    for _, reader, raw, path in sources:
         assert _complete(readers[reader](path)) is None, path
         size = len(gzip.decompress(raw)) if raw[:2] == b"\x1f\x8b" else len(raw)
         largest = max(largest, size)

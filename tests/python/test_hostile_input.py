@@ -369,6 +369,13 @@ def test_rows_matching_no_experiment_bad_d_and_s1_are_refused():
     table["s1"] = s1
     with pytest.raises(ValueError, match=rf"table row {row} has s1 = \[0.0, 0.0, 0.0\]"):
         inverse_scale_factors(experiments, table)
+    # a bad z is named by its table row, not by its position in the experiment's subset
+    experiments, table = _quartz()
+    xyz = np.asarray(table["xyzobs.px.value"]).copy()
+    xyz[row, 2] = np.nan
+    table["xyzobs.px.value"] = xyz
+    with pytest.raises(ValueError, match=rf"table row {row} has xyzobs.px.value"):
+        inverse_scale_factors(experiments, table)
 
 
 def test_selections_are_not_silently_reinterpreted():
