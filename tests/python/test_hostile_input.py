@@ -110,6 +110,19 @@ def test_pickle_memo_and_unknown_opcodes_are_bounded(tmp_path):
         read_refl(p)
 
 
+def test_column_less_table_cannot_claim_unbounded_rows(tmp_path):
+    import msgpack
+
+    p = tmp_path / "rows.refl"
+    p.write_bytes(msgpack.packb(["dials::af::reflection_table", 1,
+                                 {"nrows": 10**15, "identifiers": {}, "data": {}}]))
+    with pytest.raises(ReflFileError, match=r"rows\.refl: a table without columns claims"):
+        read_refl(p)
+    p.write_bytes(TABLE_HEAD + b"(K\x02}\x8a\x07\x00\x80\xc6\xa4\x7e\x8d\x03K\x00}tb.")
+    with pytest.raises(ReflFileError, match=r"a table without columns claims 1000000000000000"):
+        read_refl(p)
+
+
 def test_real_legacy_pickles_pass_the_pre_pass():
     data = Path(__file__).resolve().parents[1] / "data"
     t = read_refl(data / "dials_l_cysteine_4_sweeps_scaled" / "scaled_35.refl")

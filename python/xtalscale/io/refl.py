@@ -330,6 +330,7 @@ def _read_msgpack_body(r: _Reader) -> reflection_table:
     _fill_blobs(r, blobs)
     r.f.seek(end)
     cols = {k: (c.finish(r) if isinstance(c, _Blob) else c) for k, c in cols.items()}
+    _check_row_count(nrows, len(cols), r.size, r.path)
     table = reflection_table(nrows)
     for name, col in cols.items():
         if len(col) != nrows:
@@ -340,6 +341,13 @@ def _read_msgpack_body(r: _Reader) -> reflection_table:
     except (TypeError, ValueError) as exc:
         raise r.fail(f"bad identifiers map: {exc}") from None
     return table
+
+
+def _check_row_count(nrows: int, ncols: int, size: int, path: str) -> None:
+    """Without columns nothing bounds nrows: refuse more rows than the file has bytes (a
+    column-less table of 10**15 rows would make the first per-row mask exhaust memory)."""
+    if ncols == 0 and nrows > size:
+        raise ReflFileError(f"{path}: a table without columns claims {nrows} rows")
 
 
 def _read_column(r: _Reader, name: str) -> Any:
@@ -646,7 +654,9 @@ def read_legacy_pickle(filename: Any) -> reflection_table:
             root = _load_restricted(m, path)
     if not isinstance(root, _Stub) or root.key != _TABLE_KEY:
         raise ReflFileError(f"{path}: pickle does not hold a DIALS reflection_table")
-    return _finish(_table_from_state(root.state, path), path)
+    table = _table_from_state(root.state, path)
+    _check_row_count(len(table), table.ncols(), st.st_size, path)
+    return _finish(table, path)
 
 
 # Bounds of the opcode pre-pass. A real table pickle has ~10 opcodes, ~3 memo entries and
