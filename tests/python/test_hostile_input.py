@@ -205,6 +205,15 @@ def test_mtz_indices_and_batches_must_be_integral_and_in_range(tmp_path, label, 
         read_unmerged_mtz(p)
 
 
+def test_merged_mtz_indices_must_be_integral_and_in_range(tmp_path):
+    from xtalscale.io.mtz import MtzFormatError, read_merged_mtz
+
+    merged = DATA / "mtz_brap_mad_mosflm_6A" / "brap_pk_6A_scaled2.mtz.gz"
+    assert len(read_merged_mtz(merged).miller_index) > 0
+    with pytest.raises(MtzFormatError, match=r"column K row 2 holds 3000000000.0"):
+        read_merged_mtz(_edited_mtz(merged, tmp_path / "m.mtz", _set("K", 2, 3e9)))
+
+
 def test_mtz_writer_refuses_batches_float32_cannot_hold(tmp_path):
     from xtalscale.io.mtz import read_unmerged_mtz, write_unmerged_mtz
 

@@ -736,15 +736,18 @@ def read_merged_mtz(filename) -> MergedMtz:
         raise MtzFormatError(f"{path}: no intensity or amplitude column found")
     sg, cell = _symmetry(mtz, path)
     data = mtz.array
+    hkl = np.column_stack([_integral(data[:, j].astype(np.float64), lab, path, _MAX_INDEX)
+                           for j, lab in enumerate("HKL")]) if len(data) else np.zeros((0, 3))
     cols = {}
     for i, c in enumerate(mtz.columns):
         if i < 3:
             continue
-        v = data[:, i]
-        cols[c.label] = (v.astype(np.int64) if c.type in ("I", "B", "Y") and
-                         np.all(np.isfinite(v)) else v.astype(np.float64))
+        v = data[:, i].astype(np.float64)
+        # integer-typed columns become int64 only when every value is an exact integer
+        exact = np.all(np.isfinite(v) & (v == np.round(v)) & (np.abs(v) <= _MAX_FLOAT32_INTEGER))
+        cols[c.label] = v.astype(np.int64) if c.type in ("I", "B", "Y") and exact else v
     wl = next((d.wavelength for d in mtz.datasets if d.wavelength > 0), 0.0)
-    return MergedMtz(data[:, :3].astype(np.int32), cols, sg, cell, float(wl))
+    return MergedMtz(hkl.astype(np.int32), cols, sg, cell, float(wl))
 
 
 # --------------------------------------------------------------------------- writing
