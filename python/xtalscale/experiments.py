@@ -972,6 +972,10 @@ class ExperimentListFactory:
                     models.append(cls(entry) if cls is not None else entry)
                 except ValueError as exc:
                     raise ExperimentFormatError(f"{filename}: {key}[{i}]: {exc}") from None
+                except (TypeError, KeyError) as exc:
+                    # a wrong type or a missing field in the file is a format error too
+                    raise ExperimentFormatError(
+                        f"{filename}: {key}[{i}]: wrong type or missing field ({exc})") from None
             pools[key] = models
         out = ExperimentList()
         out._extra_top = {k: v for k, v in data.items()

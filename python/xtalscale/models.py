@@ -606,7 +606,12 @@ class ScalingModelBase:
             raise ScalingModelError(f"{cls.id_} model: configuration_parameters must be a dict "
                                     f"(got {type(configdict).__name__})")
         out: dict[str, dict[str, Any]] = {}
-        for name in configdict.get("corrections", []):
+        corrections = configdict.get("corrections", [])
+        if not isinstance(corrections, (list, tuple)) or not all(isinstance(c, str)
+                                                                  for c in corrections):
+            raise ScalingModelError(f"{cls.id_} model: configuration_parameters['corrections'] "
+                                    "must be a list of names")
+        for name in corrections:
             if name == "analytical":
                 continue
             if name not in obj:
@@ -617,15 +622,17 @@ class ScalingModelBase:
                                         "'parameters'")
             try:
                 values = np.asarray(entry["parameters"], dtype=np.float64)
+                esds = entry.get("est_standard_devs")
+                esds = None if esds is None else np.asarray(esds, dtype=np.float64)
+                n_stored = entry.get("n_parameters", values.size)
+                n_stored = int(n_stored) if not isinstance(n_stored, bool) else None
             except (TypeError, ValueError):
-                raise ScalingModelError(f"{cls.id_} model: {name} parameters are not a list of "
-                                        "numbers") from None
-            if "n_parameters" in entry and int(entry["n_parameters"]) != values.size:
+                raise ScalingModelError(f"{cls.id_} model: {name} parameters, est_standard_devs "
+                                        "and n_parameters must be numbers") from None
+            if n_stored != values.size:
                 raise ScalingModelError(f"{name}: n_parameters is {entry['n_parameters']} but "
                                         f"{values.size} parameters are stored")
-            esds = entry.get("est_standard_devs")
-            out[name] = {"parameters": values,
-                         "parameter_esds": None if esds is None else np.asarray(esds, dtype=np.float64)}
+            out[name] = {"parameters": values, "parameter_esds": esds}
         return out
 
     @classmethod

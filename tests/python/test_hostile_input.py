@@ -462,3 +462,28 @@ def test_cli_empty_and_all_excluded_tables_give_a_clear_error(tmp_path, capsys):
     assert main(["apply-model", str(expt), str(refl), "-o", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "sub.refl: none of the 1620 reflections is suitable for scaling" in err
+
+
+def test_wrongly_typed_expt_and_model_fields_give_format_errors(tmp_path):
+    """Structural mutations of a real .expt: a dict where a number belongs, a non-list
+    'corrections', non-numeric n_parameters or esds (TypeError before)."""
+    import json
+
+    from xtalscale.experiments import ExperimentFormatError, ExperimentList
+    from xtalscale.models import ScalingModelError, model_from_dict
+
+    src = json.loads((QUARTZ / "scaled.expt").read_text())
+    p = tmp_path / "t.expt"
+    bad = json.loads(json.dumps(src))
+    bad["beam"][0]["wavelength"] = {"a": 1}
+    p.write_text(json.dumps(bad))
+    with pytest.raises(ExperimentFormatError, match=r"t\.expt: beam\[0\]: wrong type"):
+        ExperimentList.from_file(p)
+    model = src["scaling_model"][0]
+    for path, value in ((("configuration_parameters", "corrections"), None),
+                        (("decay", "n_parameters"), None),
+                        (("absorption", "est_standard_devs"), {"a": 1})):
+        m = json.loads(json.dumps(model))
+        m[path[0]][path[1]] = value
+        with pytest.raises(ScalingModelError):
+            model_from_dict(m)
