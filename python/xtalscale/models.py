@@ -300,15 +300,19 @@ _NORMALISATION_KEYS = ("s_norm_fac", "d_norm_fac")
 
 def _check_normalisation(configdict: Mapping[str, Any]) -> None:
     """Smoother normalisation factors (x = z * norm_fac) must be finite and > 0: a stored 0
-    would put every row at the first smoother point and give silently wrong scales."""
-    for key in _NORMALISATION_KEYS:
+    would put every row at the first smoother point and give silently wrong scales. The
+    absorption settings must be numbers too (lmax an integer 0..50: DIALS uses 4-6)."""
+    checks = [(key, lambda v: v > 0, "> 0") for key in _NORMALISATION_KEYS]
+    checks += [("abs_surface_weight", lambda v: v >= 0, ">= 0"),
+               ("lmax", lambda v: v == int(v) and 0 <= v <= 50, "an integer in 0..50")]
+    for key, valid, what in checks:
         if key in configdict:
             value = configdict[key]
             number = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
-            if not (number and np.isfinite(value) and value > 0):
+            if not (number and np.isfinite(value) and valid(value)):
                 shown = value if number else type(value).__name__
                 raise ScalingModelError(f"configuration_parameters[{key!r}] must be a finite "
-                                        f"number > 0 (got {shown})")
+                                        f"number {what} (got {shown})")
 
 
 class ScalingModelBase:

@@ -482,7 +482,9 @@ def test_wrongly_typed_expt_and_model_fields_give_format_errors(tmp_path):
     model = src["scaling_model"][0]
     for path, value in ((("configuration_parameters", "corrections"), None),
                         (("decay", "n_parameters"), None),
-                        (("absorption", "est_standard_devs"), {"a": 1})):
+                        (("absorption", "est_standard_devs"), {"a": 1}),
+                        (("configuration_parameters", "abs_surface_weight"), None),
+                        (("configuration_parameters", "lmax"), 10**9)):
         m = json.loads(json.dumps(model))
         m[path[0]][path[1]] = value
         with pytest.raises(ScalingModelError):
