@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from xtalscale.job.simulate import simulate, write_simulation
 
 

@@ -6,7 +6,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
-
 from xtalscale import flex_arrays as fa
 from xtalscale.reflection_table import Flags, reflection_table
 from xtalscale.symmetry import SpaceGroup
@@ -15,7 +14,13 @@ DATA = Path(__file__).resolve().parents[1] / "data" / "dials_l_cysteine_integrat
 
 
 def test_facades_reexport_the_core_objects():
-    from xtalscale.algorithms.scaling import algorithm, outlier_rejection, scaler, scaler_factory, scaling_library
+    from xtalscale.algorithms.scaling import (
+        algorithm,
+        outlier_rejection,
+        scaler,
+        scaler_factory,
+        scaling_library,
+    )
     from xtalscale.algorithms.scaling.error_model import engine, error_model
     from xtalscale.job import algorithm as core_algorithm
     from xtalscale.job import error_model as core_em
@@ -93,7 +98,10 @@ def test_scaling_utilities_additions():
 
 
 def test_scaling_library_scale_single_dataset():
-    from xtalscale.algorithms.scaling.scaling_library import create_Ih_table, scale_single_dataset
+    from xtalscale.algorithms.scaling.scaling_library import (
+        create_Ih_table,
+        scale_single_dataset,
+    )
     from xtalscale.job.inputs import load_inputs
 
     inputs = load_inputs([DATA / "20_integrated.pickle", DATA / "20_integrated_experiments.json"])

@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from xtalscale.job.inputs import InputError, file_kind, load_inputs, split_arguments
 from xtalscale.job.phil import (
     DIFFERING_DEFAULTS,
@@ -140,7 +139,10 @@ def test_load_inputs_pairs_and_renumbers():
 def test_dials_argument_parser_facade():
     from xtalscale.algorithms.scaling.model.model import model_phil_scope
     from xtalscale.algorithms.scaling.scaling_options import phil_scope
-    from xtalscale.util.options import ArgumentParser, reflections_and_experiments_from_files
+    from xtalscale.util.options import (
+        ArgumentParser,
+        reflections_and_experiments_from_files,
+    )
 
     assert phil_scope.extract().scaling_options.outlier_rejection == "standard"
     assert model_phil_scope.extract().physical.decay_correction is True

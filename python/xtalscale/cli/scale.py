@@ -15,7 +15,7 @@ HTML report and the log; merged/unmerged MTZ on request.
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 __all__ = ["SUMMARY", "run"]
 

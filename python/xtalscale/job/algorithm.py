@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -27,9 +28,16 @@ from .prepare import (
 from .reflection_selection import select_for_minimisation
 from .scaler import MultiScaler, ScalerBase, SingleScaler
 
-__all__ = ["prepare_input", "ScalingAlgorithm", "scaling_algorithm", "create_scaler",
-           "expand_and_do_outlier_rejection", "do_intensity_combination", "do_error_analysis",
-           "NoEquivalentsError"]
+__all__ = [
+    "NoEquivalentsError",
+    "ScalingAlgorithm",
+    "create_scaler",
+    "do_error_analysis",
+    "do_intensity_combination",
+    "expand_and_do_outlier_rejection",
+    "prepare_input",
+    "scaling_algorithm",
+]
 
 logger = logging.getLogger("xtalscale.scale")
 

@@ -9,7 +9,8 @@ Per-group sums run in C++ (:mod:`xtalscale._core.job`).
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -18,14 +19,19 @@ from ..reflection_table import Flags
 from .grouped import GroupedObservations
 from .prepare import flags_of
 
-__all__ = ["combine_intensities", "calculate_combined_raw_intensities", "rmeas_of", "candidate_Imids",
-           "combine_scaler_intensities"]
+__all__ = [
+    "calculate_combined_raw_intensities",
+    "candidate_Imids",
+    "combine_intensities",
+    "combine_scaler_intensities",
+    "rmeas_of",
+]
 
 logger = logging.getLogger("xtalscale.scale")
 
 
-def calculate_combined_raw_intensities(Iprf: np.ndarray, Isum: np.ndarray, Vprf: np.ndarray,  # noqa: N803
-                                       Vsum: np.ndarray, Imid: float) -> tuple[np.ndarray, np.ndarray]:  # noqa: N803
+def calculate_combined_raw_intensities(Iprf: np.ndarray, Isum: np.ndarray, Vprf: np.ndarray,
+                                       Vsum: np.ndarray, Imid: float) -> tuple[np.ndarray, np.ndarray]:
     """Combined I and V for one midpoint (0: profile, 1: summation)."""
     if Imid == 0:
         return Iprf.copy(), Vprf.copy()
@@ -36,13 +42,13 @@ def calculate_combined_raw_intensities(Iprf: np.ndarray, Isum: np.ndarray, Vprf:
     return w * Iprf + (1 - w) * Isum, w * Vprf + (1 - w) * Vsum
 
 
-def candidate_Imids(Isum_over_p: np.ndarray) -> list[float]:  # noqa: N802
+def candidate_Imids(Isum_over_p: np.ndarray) -> list[float]:
     """[0, 1, avg, Imid, Imid/10, ...] while above avg = max(10, mean(I_sum/p))."""
     avg = max(10.0, float(np.mean(Isum_over_p)))
-    Imid = float(np.max(Isum_over_p)) / 10.0  # noqa: N806
+    Imid = float(np.max(Isum_over_p)) / 10.0
     out = [0.0, 1.0, avg, Imid]
     while Imid > avg:
-        Imid /= 10.0  # noqa: N806
+        Imid /= 10.0
         out.append(Imid)
     return out
 
@@ -72,7 +78,7 @@ def rmeas_of(grouped: GroupedObservations, intensity: np.ndarray, variance: np.n
 
 
 def combine_intensities(tables: Sequence[Any], space_group: Any, selections: Sequence[np.ndarray],
-                        Imids: Sequence[float] | None = None) -> tuple[float, dict[float, float]]:  # noqa: N803
+                        Imids: Sequence[float] | None = None) -> tuple[float, dict[float, float]]:
     """The best Imid for ``tables`` (rows ``selections``), and the Rmeas of every candidate."""
     parts: dict[str, list] = {k: [] for k in ("Iprf", "Isum", "Vprf", "Vsum", "g", "hkl")}
     for t, sel in zip(tables, selections):
@@ -95,7 +101,7 @@ def combine_intensities(tables: Sequence[Any], space_group: Any, selections: Seq
     order_back[:] = grouped.row
     candidates = list(Imids) if Imids else candidate_Imids(arr["Isum"])
     results = {}
-    for Imid in candidates:  # noqa: N806
+    for Imid in candidates:
         I, V = calculate_combined_raw_intensities(arr["Iprf"], arr["Isum"], arr["Vprf"], arr["Vsum"], Imid)
         results[float(Imid)] = rmeas_of(grouped, I[order_back], V[order_back])
     valid = {k: v for k, v in results.items() if v >= 0}
@@ -103,7 +109,7 @@ def combine_intensities(tables: Sequence[Any], space_group: Any, selections: Seq
     return best, results
 
 
-def _apply(table: Any, suitable: np.ndarray, Imid: float) -> None:  # noqa: N803
+def _apply(table: Any, suitable: np.ndarray, Imid: float) -> None:
     """Set intensity/variance of the suitable rows from the chosen combination (§8.5 step 6)."""
     flags = flags_of(table)
     prf_ok = (flags & np.uint64(int(Flags.integrated_prf))) != 0
@@ -167,7 +173,7 @@ def combine_scaler_intensities(scaler: Any) -> None:
     else:
         choices = [combine_intensities([ds.table], scaler.space_group, [s], given)[0]
                    for ds, s in zip(datasets, sels)]
-    for ds, Imid in zip(datasets, choices):  # noqa: N806
+    for ds, Imid in zip(datasets, choices):
         _apply(ds.table, ds.suitable, Imid)
         ds.model.record_intensity_combination_Imid(Imid)
     scaler.Imid = choices[0]

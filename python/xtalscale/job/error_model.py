@@ -20,15 +20,24 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from .grouped import GroupedObservations
 
-__all__ = ["BasicErrorModel", "ErrorModelBinner", "ErrorModelData", "run_error_model_refinement",
-           "refine_error_models", "extract_error_model_groups", "ErrorModelRefinementError",
-           "calc_deltahl", "calc_sigmaprime"]
+__all__ = [
+    "BasicErrorModel",
+    "ErrorModelBinner",
+    "ErrorModelData",
+    "ErrorModelRefinementError",
+    "calc_deltahl",
+    "calc_sigmaprime",
+    "extract_error_model_groups",
+    "refine_error_models",
+    "run_error_model_refinement",
+]
 
 logger = logging.getLogger("xtalscale.scale")
 
@@ -55,7 +64,7 @@ class BasicErrorModel:
             self._a = float(basic_params.a)
         if self.fixed_b:
             self._b = float(basic_params.b)
-        self.filtered_Ih_table: ErrorModelData | None = None  # noqa: N815 (DIALS name)
+        self.filtered_Ih_table: ErrorModelData | None = None
         self.binner: ErrorModelBinner | None = None
         self.n_refl = 0
 
@@ -90,7 +99,7 @@ class BasicErrorModel:
         return {"__id__": self.id_, "parameters": self.parameters}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "BasicErrorModel":
+    def from_dict(cls, d: dict) -> BasicErrorModel:
         a, b = d["parameters"] if "parameters" in d else d["error_model_parameters"]
         return cls(a, b)
 
@@ -98,13 +107,13 @@ class BasicErrorModel:
         return f"BasicErrorModel(a={self.a:.5f}, b={self.b:.5f})"
 
 
-def calc_sigmaprime(x: Sequence[float], data: "ErrorModelData") -> np.ndarray:
+def calc_sigmaprime(x: Sequence[float], data: ErrorModelData) -> np.ndarray:
     """σ' in scaled units: a·sqrt(σ² + (bI)²)/g for parameters x = (a, b)."""
     a, b = float(x[0]), float(x[1])
     return a * np.sqrt(data.variance + (b * data.intensity) ** 2) / data.scale
 
 
-def calc_deltahl(data: "ErrorModelData", n_h: np.ndarray, sigmaprime: np.ndarray) -> np.ndarray:
+def calc_deltahl(data: ErrorModelData, n_h: np.ndarray, sigmaprime: np.ndarray) -> np.ndarray:
     """δ = sqrt((n−1)/n)(I/g − Ĩ)/σ'."""
     return np.sqrt((n_h - 1.0) / n_h) * (data.intensity / data.scale - data.Ih) / sigmaprime
 
@@ -112,7 +121,7 @@ def calc_deltahl(data: "ErrorModelData", n_h: np.ndarray, sigmaprime: np.ndarray
 class ErrorModelData:
     """The filtered rows the error model is fitted to (Ĩ fixed, per-row n_h)."""
 
-    def __init__(self, grouped: GroupedObservations, min_Ih: float = 25.0,  # noqa: N803
+    def __init__(self, grouped: GroupedObservations, min_Ih: float = 25.0,
                  min_partiality: float = 0.25) -> None:
         g = grouped
         if "partiality" in g.extra:
@@ -128,12 +137,12 @@ class ErrorModelData:
         self.intensity = g.intensity
         self.variance = g.variance
         self.scale = g.scale
-        self.Ih = Ih[group]  # noqa: N815
+        self.Ih = Ih[group]
         self.n_h = g.group_sizes()[group].astype(np.float64)
         self.expected = self.Ih * self.scale * (g.extra["partiality"] if "partiality" in g.extra else 1.0)
 
     @staticmethod
-    def _filter(g: GroupedObservations, min_Ih: float) -> GroupedObservations:  # noqa: N803
+    def _filter(g: GroupedObservations, min_Ih: float) -> GroupedObservations:
         if g.size == 0:
             return g
         group = g.group_of_row()
@@ -206,7 +215,9 @@ def _normal_cdf(x: float) -> float:
 
 def _refine_a(model: BasicErrorModel, data: ErrorModelData) -> None:
     """a ← a·slope of the central normal probability plot of δ."""
-    from scipy.special import ndtri  # the normal quantile (scipy.stats costs seconds to import)
+    from scipy.special import (
+        ndtri,  # the normal quantile (scipy.stats costs seconds to import)
+    )
 
     delta = np.sort(calc_deltahl(data, data.n_h, calc_sigmaprime(model.parameters, data)))
     n = delta.size
@@ -275,7 +286,7 @@ def _regression(model: BasicErrorModel, data: ErrorModelData) -> None:
 
 
 def run_error_model_refinement(model: BasicErrorModel, grouped: GroupedObservations,
-                               minimisation: str = "individual", min_Ih: float = 25.0,  # noqa: N803
+                               minimisation: str = "individual", min_Ih: float = 25.0,
                                n_bins: int = 10, min_partiality: float = 0.25,
                                max_cycles: int = 50) -> BasicErrorModel:
     """Refine ``model`` on grouped scaled observations (rows as for outlier rejection, but with

@@ -9,8 +9,9 @@ group, as DIALS's Ih table orders them). The per-group work runs in C++
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -83,7 +84,7 @@ class GroupedObservations:
     @classmethod
     def from_tables(cls, tables: Sequence[Any], space_group: Any, anomalous: bool = False,
                     selections: Sequence[np.ndarray] | None = None,
-                    extra_columns: Sequence[str] = ()) -> "GroupedObservations":
+                    extra_columns: Sequence[str] = ()) -> GroupedObservations:
         """Group the suitable rows of ``tables`` (columns ``intensity``, ``variance``,
         ``miller_index``, optionally ``inverse_scale_factor`` (default 1) and ``flags``).
 
@@ -160,11 +161,11 @@ class GroupedObservations:
         a, b = _kern.weighted_group_sums(self.order, self.offsets, self.intensity, w, self.scale)
         return np.divide(a, b, out=np.zeros_like(a), where=b > 0)
 
-    def Ih_values(self) -> np.ndarray:  # noqa: N802 (DIALS name)
+    def Ih_values(self) -> np.ndarray:
         """Ĩ broadcast to every row."""
         return self.group_means()[self.group_of_row()]
 
-    def subset(self, keep: np.ndarray) -> "GroupedObservations":
+    def subset(self, keep: np.ndarray) -> GroupedObservations:
         """The rows with ``keep`` (a per-row bool array), regrouped without empty groups."""
         keep = np.asarray(keep, dtype=bool)
         if keep.shape != (self.size,):

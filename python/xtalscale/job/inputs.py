@@ -10,11 +10,12 @@ first bytes. Kinds: ``"reflections"`` (DIALS msgpack ``.refl`` or legacy pickle)
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-__all__ = ["InputError", "file_kind", "ScalingInputs", "load_inputs", "split_arguments"]
+__all__ = ["InputError", "ScalingInputs", "file_kind", "load_inputs", "split_arguments"]
 
 
 class InputError(ValueError):

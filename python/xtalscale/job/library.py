@@ -1,15 +1,23 @@
 """DIALS ``scaling_library``: the scaling job's building blocks as functions for scripts."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from .prepare import calculate_prescaling_correction, choose_initial_scaling_intensities
 
-__all__ = ["scale_single_dataset", "create_scaling_model", "create_Ih_table", "scale_against_target",
-           "choose_initial_scaling_intensities", "calculate_prescaling_correction",
-           "merging_stats_from_scaled_array", "create_auto_scaling_model"]
+__all__ = [
+    "calculate_prescaling_correction",
+    "choose_initial_scaling_intensities",
+    "create_Ih_table",
+    "create_auto_scaling_model",
+    "create_scaling_model",
+    "merging_stats_from_scaled_array",
+    "scale_against_target",
+    "scale_single_dataset",
+]
 
 
 def _params(params: Any, **overrides: str) -> Any:
@@ -39,7 +47,7 @@ def create_scaling_model(params: Any, experiments: Sequence[Any], reflections: S
     return experiments
 
 
-def create_Ih_table(experiments: Sequence[Any], reflections: Sequence[Any],  # noqa: N802
+def create_Ih_table(experiments: Sequence[Any], reflections: Sequence[Any],
                     selections: Sequence[Any] | None = None, n_blocks: int = 1, anomalous: bool = False) -> Any:
     """An Ih table of the tables (rows ``selections``), grouped in the first experiment's space group."""
     from ..fit import IhTable

@@ -28,24 +28,24 @@ from .._core import job as _kern
 from .grouped import GroupedObservations
 
 __all__ = [
-    "OutlierRejectionBase",
+    "OUTLIER_METHODS",
     "NormDevOutlierRejection",
+    "OutlierRejectionBase",
     "SimpleNormDevOutlierRejection",
     "TargetedOutlierRejection",
+    "as_grouped",
+    "determine_Esq_outlier_index_arrays",
     "determine_outlier_index_arrays",
     "determine_outlier_rows",
-    "determine_Esq_outlier_index_arrays",
     "limit_outlier_weights",
-    "reject_outliers",
-    "as_grouped",
     "quasi_normalised_intensities",
-    "OUTLIER_METHODS",
+    "reject_outliers",
 ]
 
 OUTLIER_METHODS = ("standard", "simple", "target")
 
 
-def as_grouped(Ih_table: Any) -> GroupedObservations:  # noqa: N803 (DIALS name)
+def as_grouped(Ih_table: Any) -> GroupedObservations:
     """A :class:`GroupedObservations` from one, or from an object that can give one."""
     if isinstance(Ih_table, GroupedObservations):
         return Ih_table
@@ -146,7 +146,7 @@ def determine_outlier_rows(grouped: GroupedObservations, method: str = "standard
                      f"(choose from {', '.join(OUTLIER_METHODS)})")
 
 
-def determine_outlier_index_arrays(Ih_table: Any, method: str | None = "standard",  # noqa: N803
+def determine_outlier_index_arrays(Ih_table: Any, method: str | None = "standard",
                                    zmax: float = 6.0, target: Any = None) -> list[np.ndarray]:
     """DIALS: one array of outlier rows per dataset (``method=None``: no outliers)."""
     grouped = as_grouped(Ih_table)
@@ -161,7 +161,7 @@ class OutlierRejectionBase:
 
     method = ""
 
-    def __init__(self, Ih_table: Any, zmax: float) -> None:  # noqa: N803
+    def __init__(self, Ih_table: Any, zmax: float) -> None:
         self.grouped = as_grouped(Ih_table)
         self.zmax = _check_zmax(zmax)
         self.final_outlier_arrays: list[np.ndarray] = []
@@ -190,7 +190,7 @@ class TargetedOutlierRejection(OutlierRejectionBase):
 
     method = "target"
 
-    def __init__(self, Ih_table: Any, zmax: float, target: Any) -> None:  # noqa: N803
+    def __init__(self, Ih_table: Any, zmax: float, target: Any) -> None:
         super().__init__(Ih_table, zmax)
         self.target = as_grouped(target)
 
@@ -223,7 +223,7 @@ def quasi_normalised_intensities(intensity: np.ndarray, d: np.ndarray, epsilon: 
     return np.divide(intensity, epsilon * norm, out=np.zeros(n), where=norm > 0)
 
 
-def determine_Esq_outlier_index_arrays(Ih_table: Any, experiment: Any, emax: float = 10.0  # noqa: N802,N803
+def determine_Esq_outlier_index_arrays(Ih_table: Any, experiment: Any, emax: float = 10.0
                                        ) -> list[np.ndarray]:
     """Rows (per dataset) whose normalised scaled intensity E² exceeds emax²."""
     grouped = as_grouped(Ih_table)

@@ -19,25 +19,26 @@ object; an unknown or misspelt name is a :class:`PhilError` naming the closest d
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 __all__ = [
-    "PhilError",
-    "model_phil_str",
-    "error_model_phil_str",
-    "scaling_phil_str",
-    "refinement_phil_str",
-    "scale_phil_str",
-    "model_phil_scope",
-    "error_model_phil_scope",
-    "scaling_phil_scope",
-    "refinement_phil_scope",
-    "scale_phil_scope",
     "DIFFERING_DEFAULTS",
+    "PhilError",
+    "default_scale_params",
+    "error_model_phil_scope",
+    "error_model_phil_str",
+    "model_phil_scope",
+    "model_phil_str",
     "parse_phil_arguments",
     "phil_definition_paths",
-    "default_scale_params",
+    "refinement_phil_scope",
+    "refinement_phil_str",
+    "scale_phil_scope",
+    "scale_phil_str",
+    "scaling_phil_scope",
+    "scaling_phil_str",
 ]
 
 

@@ -7,7 +7,8 @@ why, for the end-of-job summary.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -15,15 +16,15 @@ from .. import flex_arrays as fa
 from ..reflection_table import Flags
 
 __all__ = [
-    "Reasons",
     "BadDatasetForScalingException",
-    "filter_bad_reflections",
-    "calculate_prescaling_correction",
-    "choose_initial_scaling_intensities",
+    "Reasons",
     "apply_exclude_images",
     "apply_resolution_and_partiality_cuts",
-    "parse_exclude_images",
+    "calculate_prescaling_correction",
+    "choose_initial_scaling_intensities",
+    "filter_bad_reflections",
     "flags_of",
+    "parse_exclude_images",
 ]
 
 
@@ -35,7 +36,7 @@ class Reasons:
     """Counts of rows excluded, by reason (DIALS ``scaling_utilities.Reasons``)."""
 
     def __init__(self) -> None:
-        self.reasons: "OrderedDict[str, int]" = OrderedDict()
+        self.reasons: OrderedDict[str, int] = OrderedDict()
 
     def add_reason(self, text: str, number: int) -> None:
         self.reasons[text] = self.reasons.get(text, 0) + int(number)

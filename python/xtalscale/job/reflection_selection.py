@@ -16,7 +16,7 @@ import numpy as np
 
 from .grouped import GroupedObservations
 
-__all__ = ["calculate_scaling_subset_ranges", "select_random_groups", "choose_method", "select_for_minimisation"]
+__all__ = ["calculate_scaling_subset_ranges", "choose_method", "select_for_minimisation", "select_random_groups"]
 
 
 def calculate_scaling_subset_ranges(intensity: np.ndarray, variance: np.ndarray, d: np.ndarray,

@@ -9,15 +9,16 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from ..reflection_table import Flags
 
-__all__ = ["ScaleJobResult", "run_scale_job", "check_outputs_writable", "exclusion_summary"]
+__all__ = ["ScaleJobResult", "check_outputs_writable", "exclusion_summary", "run_scale_job"]
 
 logger = logging.getLogger("xtalscale.scale")
 
@@ -73,7 +74,11 @@ def exclusion_summary(table: Any) -> list[tuple[str, int]]:
 def _statistics(experiments: Any, table: Any, params: Any) -> tuple[Any, Any, dict]:
     """Merging statistics of the scaled rows, the scaled observations and report extras."""
     from ..merge.observations import observations_from_reflections
-    from ..merging_statistics import batch_statistics, dataset_statistics, normalised_deviations
+    from ..merging_statistics import (
+        batch_statistics,
+        dataset_statistics,
+        normalised_deviations,
+    )
 
     obs = observations_from_reflections(experiments, table)
     sigma = np.sqrt(obs.variance)

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -24,11 +25,21 @@ import scipy.sparse as sp
 from .. import flex_arrays as fa
 from ..reflection_table import Flags
 from .grouped import GroupedObservations
-from .outlier_rejection import determine_Esq_outlier_index_arrays, determine_outlier_rows
+from .outlier_rejection import (
+    determine_Esq_outlier_index_arrays,
+    determine_outlier_rows,
+)
 from .prepare import BadDatasetForScalingException, flags_of
 
-__all__ = ["ScalerBase", "SingleScaler", "MultiScaler", "TargetScaler", "NullScaler", "Dataset",
-           "calc_sf_variances"]
+__all__ = [
+    "Dataset",
+    "MultiScaler",
+    "NullScaler",
+    "ScalerBase",
+    "SingleScaler",
+    "TargetScaler",
+    "calc_sf_variances",
+]
 
 logger = logging.getLogger("xtalscale.scale")
 
@@ -89,7 +100,7 @@ class ScalerBase:
         return self.datasets[0].experiment.crystal.get_space_group()
 
     @property
-    def global_Ih_table(self) -> GroupedObservations:  # noqa: N802 (DIALS name)
+    def global_Ih_table(self) -> GroupedObservations:
         return self._grouped_suitable()
 
     def _tick(self, stage: str, t0: float) -> None:
@@ -309,7 +320,7 @@ class ScalerBase:
         self._tick("outlier rejection", t0)
 
     # ------------------------------------------------------------------ error model
-    def perform_error_optimisation(self, update_Ih: bool = True) -> None:  # noqa: N803
+    def perform_error_optimisation(self, update_Ih: bool = True) -> None:
         """Refine the basic error model(s) on the current scales (spec §8.6)."""
         from .error_model import refine_error_models
 
@@ -358,7 +369,7 @@ class ScalerBase:
             t.unset_flags(np.ones(n, bool), Flags.scaled)
             t.set_flags(~bad, Flags.scaled)
 
-    def clear_Ih_table(self) -> None:  # noqa: N802
+    def clear_Ih_table(self) -> None:
         self.Ih_table = None
 
 

@@ -1,14 +1,21 @@
 """DIALS's scaler factories (``scaler_factory.py``) over the job's scalers."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .algorithm import create_scaler
 from .prepare import filter_bad_reflections
 from .scaler import MultiScaler, NullScaler, SingleScaler, TargetScaler
 
-__all__ = ["create_scaler", "SingleScalerFactory", "MultiScalerFactory", "TargetScalerFactory",
-           "NullScalerFactory", "ScalerFactory"]
+__all__ = [
+    "MultiScalerFactory",
+    "NullScalerFactory",
+    "ScalerFactory",
+    "SingleScalerFactory",
+    "TargetScalerFactory",
+    "create_scaler",
+]
 
 
 class ScalerFactory:

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["SimulationOptions", "Simulation", "simulate", "write_simulation", "DEFAULT_GEOMETRY"]
+__all__ = ["DEFAULT_GEOMETRY", "Simulation", "SimulationOptions", "simulate", "write_simulation"]
 
 #: Real geometry the simulator starts from (l-cysteine, DIALS test data, sweep 20).
 DEFAULT_GEOMETRY = (Path(__file__).resolve().parents[3] / "tests" / "data"

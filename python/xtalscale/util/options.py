@@ -4,7 +4,7 @@ Implemented in :mod:`xtalscale.job.options`.
 """
 from __future__ import annotations
 
-from xtalscale.job.options import (  # noqa: F401
+from xtalscale.job.options import (
     ArgumentParser,
     FilenameDataWrapper,
     reflections_and_experiments_from_files,

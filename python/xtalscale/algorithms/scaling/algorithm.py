@@ -1,7 +1,7 @@
 """DIALS import path ``dials.algorithms.scaling.algorithm``. Implemented in :mod:`xtalscale.job.algorithm`."""
 from __future__ import annotations
 
-from xtalscale.job.algorithm import (  # noqa: F401
+from xtalscale.job.algorithm import (
     ScalingAlgorithm,
     do_error_analysis,
     do_intensity_combination,

@@ -2,7 +2,7 @@
 :mod:`xtalscale.job.combine_intensities`."""
 from __future__ import annotations
 
-from xtalscale.job.combine_intensities import (  # noqa: F401
+from xtalscale.job.combine_intensities import (
     calculate_combined_raw_intensities,
     combine_intensities,
 )

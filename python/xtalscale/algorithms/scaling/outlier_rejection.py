@@ -2,7 +2,7 @@
 :mod:`xtalscale.job.outlier_rejection`."""
 from __future__ import annotations
 
-from xtalscale.job.outlier_rejection import (  # noqa: F401
+from xtalscale.job.outlier_rejection import (
     NormDevOutlierRejection,
     OutlierRejectionBase,
     SimpleNormDevOutlierRejection,

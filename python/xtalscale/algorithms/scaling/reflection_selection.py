@@ -2,6 +2,6 @@
 :mod:`xtalscale.job.reflection_selection`."""
 from __future__ import annotations
 
-from xtalscale.job.reflection_selection import calculate_scaling_subset_ranges  # noqa: F401
+from xtalscale.job.reflection_selection import calculate_scaling_subset_ranges
 
 __all__ = ["calculate_scaling_subset_ranges"]

@@ -1,7 +1,7 @@
 """DIALS import path ``dials.algorithms.scaling.scaler``. Implemented in :mod:`xtalscale.job.scaler`."""
 from __future__ import annotations
 
-from xtalscale.job.scaler import (  # noqa: F401
+from xtalscale.job.scaler import (
     MultiScaler,
     NullScaler,
     ScalerBase,

@@ -2,7 +2,7 @@
 :mod:`xtalscale.job.scaler_factory`."""
 from __future__ import annotations
 
-from xtalscale.job.scaler_factory import (  # noqa: F401
+from xtalscale.job.scaler_factory import (
     MultiScalerFactory,
     NullScalerFactory,
     ScalerFactory,

@@ -2,7 +2,7 @@
 :mod:`xtalscale.job.library`."""
 from __future__ import annotations
 
-from xtalscale.job.library import (  # noqa: F401
+from xtalscale.job.library import (
     calculate_prescaling_correction,
     choose_initial_scaling_intensities,
     create_auto_scaling_model,
@@ -13,6 +13,13 @@ from xtalscale.job.library import (  # noqa: F401
     scale_single_dataset,
 )
 
-__all__ = ["calculate_prescaling_correction", "choose_initial_scaling_intensities",
-           "create_auto_scaling_model", "create_Ih_table", "create_scaling_model",
-           "merging_stats_from_scaled_array", "scale_against_target", "scale_single_dataset"]
+__all__ = [
+    "calculate_prescaling_correction",
+    "choose_initial_scaling_intensities",
+    "create_Ih_table",
+    "create_auto_scaling_model",
+    "create_scaling_model",
+    "merging_stats_from_scaled_array",
+    "scale_against_target",
+    "scale_single_dataset",
+]

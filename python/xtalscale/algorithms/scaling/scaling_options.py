@@ -4,6 +4,6 @@ Implemented in :mod:`xtalscale.job.phil`.
 """
 from __future__ import annotations
 
-from xtalscale.job.phil import scaling_phil_scope as phil_scope  # noqa: F401
+from xtalscale.job.phil import scaling_phil_scope as phil_scope
 
 __all__ = ["phil_scope"]

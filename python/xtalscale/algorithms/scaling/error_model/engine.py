@@ -2,6 +2,6 @@
 :mod:`xtalscale.job.error_model`."""
 from __future__ import annotations
 
-from xtalscale.job.error_model import run_error_model_refinement  # noqa: F401
+from xtalscale.job.error_model import run_error_model_refinement
 
 __all__ = ["run_error_model_refinement"]
