@@ -200,12 +200,23 @@ class ErrorModelBinner:
                 break
         members = [m for m in members if m.size >= self.min_per_bin - 5]
         self.bins = members
+        # per-row bin (−1: in no bin) for one-pass bincount sums in calculate_bin_variances
+        self.bin_index = np.full(n, -1, dtype=np.int64)
+        for k, m in enumerate(members):
+            self.bin_index[m] = k
+        self._in_bin = self.bin_index >= 0
+        self._counts = np.bincount(self.bin_index[self._in_bin], minlength=len(members)).astype(np.float64)
         self.weights = np.array([E[m].mean() for m in members])
         self.bin_variances = np.zeros(len(members))
         self.summation_matrix = members
 
     def calculate_bin_variances(self, delta: np.ndarray) -> np.ndarray:
-        self.bin_variances = np.array([np.mean(delta[m] ** 2) - np.mean(delta[m]) ** 2 for m in self.bins])
+        """mean(δ²) − mean(δ)² per bin."""
+        idx, d = self.bin_index[self._in_bin], delta[self._in_bin]
+        n_bins = len(self.bins)
+        mean = np.bincount(idx, weights=d, minlength=n_bins) / self._counts
+        mean_sq = np.bincount(idx, weights=d * d, minlength=n_bins) / self._counts
+        self.bin_variances = mean_sq - mean ** 2
         return self.bin_variances
 
 
