@@ -174,3 +174,32 @@ def test_known_truth_small():
     assert np.sqrt(np.mean(res ** 2)) < 0.01
     assert np.count_nonzero(outl & out_true) >= 0.99 * np.count_nonzero(out_true)
     assert np.count_nonzero(outl & ~out_true) <= 0.002 * np.count_nonzero(~out_true)
+
+
+def test_two_narrow_wedges_complete(tmp_path):
+    wedge = DATA.parent / "dials_l_cysteine_narrow_wedge"
+    files = [str(wedge / "11_integrated.refl"), str(wedge / "11_integrated.expt"),
+             str(wedge / "23_integrated.refl"), str(wedge / "23_integrated.expt")]
+    expts, table = _scale(tmp_path, files, "output.html=None")
+    assert len(expts) == 2 and len(table) == 161
+    for e in expts:  # 1° wedges: DIALS's auto rule (physical from 1°) applies
+        model = e.scaling_model if isinstance(e.scaling_model, dict) else e.scaling_model.to_dict()
+        assert model["__id__"] in ("physical", "KB")
+
+
+def test_targeted_against_a_scaled_reference(tmp_path):
+    """Sweep 25 against a scaled sweep 20 (reference=): the reference's model stays fixed and
+    its rows are not written (DIALS's bound for 30 against 35: Rpim < 0.024, CC½ > 0.995)."""
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert main(["scale", *SWEEP20, "output.html=None", "output.reflections=ref20.refl",
+                     "output.experiments=ref20.expt"]) == 0
+    finally:
+        os.chdir(cwd)
+    ref_model = json.loads((tmp_path / "ref20.expt").read_text())["scaling_model"][0]
+    expts, table = _scale(tmp_path, SWEEP25, "reference=ref20.refl", "output.html=None")
+    assert len(expts) == 1 and len(table) == len(reflection_table.from_file(SWEEP25[0]))
+    o = _stats(expts, table)
+    assert o.r_pim < 0.024 and o.cc_one_half > 0.995 and o.n_obs > 2000
+    assert json.loads((tmp_path / "ref20.expt").read_text())["scaling_model"][0] == ref_model

@@ -198,12 +198,16 @@ def scaling_algorithm(scaler: ScalerBase) -> ScalerBase:
 class ScalingAlgorithm:
     """dials.scale's ``ScalingAlgorithm``: ``run()`` scales, ``finish()`` joins the output."""
 
-    def __init__(self, params: Any, experiments: Any, reflections: Sequence[Any]) -> None:
+    def __init__(self, params: Any, experiments: Any, reflections: Sequence[Any], n_reference: int = 0) -> None:
         t0 = time.perf_counter()
         self.params = params
         self.experiments, self.reflections, self.reasons, self.left_out = prepare_input(
             params, experiments, list(reflections))
         self.scaler = create_scaler(params, self.experiments, self.reflections, self.reasons)
+        # the first n_reference datasets are a reference: models fixed, rows not written
+        self.n_reference = n_reference
+        for ds in self.scaler.datasets[:n_reference]:
+            ds.model.fixed_components = list(ds.model.components)
         self.scaled = False
         self.timings = {"prepare": time.perf_counter() - t0}
 
@@ -236,7 +240,7 @@ class ScalingAlgorithm:
         """(experiments, one joined reflection table); working columns removed."""
         from ..experiments import ExperimentList
 
-        kept = [ds for ds in self.scaler.datasets]
+        kept = [ds for ds in self.scaler.datasets[self.n_reference:]]
         experiments = ExperimentList([ds.experiment for ds in kept])
         tables = []
         for k, ds in enumerate(kept):

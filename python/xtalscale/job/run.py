@@ -102,6 +102,43 @@ def _statistics(experiments: Any, table: Any, params: Any) -> tuple[Any, Any, di
     return stats, obs, extras
 
 
+def _add_reference(inputs: Any, path: str) -> int:
+    """Put a scaled reference (.refl with its .expt beside it) first in ``inputs``.
+
+    Returns the number of reference experiments. Its models stay fixed during scaling and its
+    rows are not written. A merged-MTZ or model reference is not supported yet (clear error).
+    """
+    from .inputs import InputError, file_kind, load_inputs
+
+    kind = file_kind(path)
+    if kind != "reflections":
+        raise InputError(f"reference={path}: only a scaled .refl (with its .expt beside it) is "
+                         f"supported as a reference so far (got {kind})")
+    expt = Path(path).with_suffix(".expt")
+    if not expt.is_file():
+        raise InputError(f"reference={path}: no experiment file {expt} beside it")
+    ref = load_inputs([path, str(expt)])
+    n_ref = len(ref.experiments)
+    ref.tables = [t.select(np.asarray(t["id"]) >= 0) for t in ref.tables]  # rows of no experiment
+    # renumber the inputs after the reference experiments
+    from .. import flex_arrays as fa
+
+    for table in inputs.tables:
+        ids = table.experiment_identifiers()
+        mapping = dict(ids.items())
+        for key in list(ids.keys()):
+            del ids[key]
+        for key, value in mapping.items():
+            ids[key + n_ref] = value
+        id_col = np.asarray(table["id"]).astype(np.int64)
+        table["id"] = fa.int(np.where(id_col >= 0, id_col + n_ref, id_col).astype(np.int32))
+    for expt_ in inputs.experiments:
+        ref.experiments.append(expt_)
+    inputs.experiments = ref.experiments
+    inputs.tables = ref.tables + inputs.tables
+    return n_ref
+
+
 def run_scale_job(params: Any, files: Sequence[str]) -> ScaleJobResult:
     """Read ``files``, scale with ``params`` and write every requested output."""
     from .algorithm import ScalingAlgorithm
@@ -116,8 +153,12 @@ def run_scale_job(params: Any, files: Sequence[str]) -> ScaleJobResult:
     logger.info("read %d experiment(s), %d reflections from %s (%.2f s)", len(inputs.experiments), n_in,
                 ", ".join(inputs.sources), timings["read"])
 
+    n_reference = 0
+    reference = params.scaling_options.reference
+    if reference:
+        n_reference = _add_reference(inputs, str(reference))
     t0 = time.perf_counter()
-    algorithm = ScalingAlgorithm(params, inputs.experiments, inputs.tables)
+    algorithm = ScalingAlgorithm(params, inputs.experiments, inputs.tables, n_reference=n_reference)
     timings["prepare"] = time.perf_counter() - t0
     for name in algorithm.scaler.removed_datasets:
         logger.warning("dataset %s was removed: nothing left to scale after filtering", name)
@@ -137,6 +178,9 @@ def run_scale_job(params: Any, files: Sequence[str]) -> ScaleJobResult:
         if em is not None:
             logger.info("error model %s: a = %.4f, b = %.4f", ds.experiment.identifier, em.a, em.b)
     result = ScaleJobResult(experiments, table, algorithm=algorithm, timings=timings, n_rows_in=n_in)
+    if n_reference:
+        logger.info("scaled against the reference %s (its model kept fixed; its rows not written)",
+                    params.scaling_options.reference)
     if len(table) != n_in:
         raise RuntimeError(f"internal error: {n_in} rows read but {len(table)} to write")
 

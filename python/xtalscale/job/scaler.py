@@ -214,7 +214,7 @@ class ScalerBase:
                         tolerance: float | None = None) -> None:
         """One round of minimisation over the minimisation table."""
         from ..fit import ScalingTarget, scaling_refinery
-        from ..parameter_managers import multi_active_parameter_manager
+        from ..parameter_managers import multi_active_parameter_manager, scaling_active_parameter_manager
 
         t0 = time.perf_counter()
         ref_params = self._params.refinement
@@ -225,8 +225,9 @@ class ScalerBase:
             if not any(selection):
                 continue
             target = ScalingTarget()
+            # the fixed (or not-this-step) components enter g as constant factors
             apm = multi_active_parameter_manager(target, [ds.model.components for ds in self.datasets],
-                                                 selection)
+                                                 selection, apm_class=scaling_active_parameter_manager)
             if apm.n_active_params == 0:
                 continue
             refinery = scaling_refinery(engine, self, target, apm, max_iterations)
