@@ -162,8 +162,11 @@ def run_scale_job(params: Any, files: Sequence[str]) -> ScaleJobResult:
     timings["prepare"] = time.perf_counter() - t0
     for name in algorithm.scaler.removed_datasets:
         logger.warning("dataset %s was removed: nothing left to scale after filtering", name)
+    from ..report.terminal import progress
+
     t0 = time.perf_counter()
-    algorithm.run()
+    with progress("scaling"):
+        algorithm.run()
     timings["scale"] = time.perf_counter() - t0
     for stage, seconds in algorithm.scaler.timings.items():
         timings[f"  {stage}"] = seconds
