@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from timing import best_time
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,7 +80,11 @@ def bench_french_wilson(n: int) -> None:
 
 
 def bench_merge(n: int) -> None:
-    from xtalscale.merge import ScaledObservations, merge_observations, observations_from_mtz
+    from xtalscale.merge import (
+        ScaledObservations,
+        merge_observations,
+        observations_from_mtz,
+    )
     from xtalscale.symmetry import SpaceGroup, UnitCell
 
     obs = observations_from_mtz(INSULIN)
@@ -104,10 +107,10 @@ def bench_merge(n: int) -> None:
 
 
 def bench_cli_and_report() -> None:
+    from xtalscale import merging_statistics as ms
     from xtalscale.cli import main
     from xtalscale.experiments import ExperimentList
     from xtalscale.merge import merge_observations, observations_from_mtz
-    from xtalscale import merging_statistics as ms
     from xtalscale.report import write_html_report
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -5,11 +5,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from xtalscale.experiments import ExperimentList
 from xtalscale.merge import merge_observations, observations_from_mtz
-from xtalscale.report import render_html_report, statistics_as_dict, write_html_report
-from xtalscale.report import plots
+from xtalscale.report import (
+    plots,
+    render_html_report,
+    statistics_as_dict,
+    write_html_report,
+)
 from xtalscale.report.browser import find_chromium, render_in_browser, screenshot
 from xtalscale.report.terminal import aligned_table
 

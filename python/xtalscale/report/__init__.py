@@ -6,6 +6,11 @@ arrays and dicts; :mod:`xtalscale.report.terminal` prints tables and progress in
 """
 from __future__ import annotations
 
-from .html import STATISTICS_COLUMNS, render_html_report, statistics_as_dict, write_html_report
+from .html import (
+    STATISTICS_COLUMNS,
+    render_html_report,
+    statistics_as_dict,
+    write_html_report,
+)
 
 __all__ = ["STATISTICS_COLUMNS", "render_html_report", "statistics_as_dict", "write_html_report"]
