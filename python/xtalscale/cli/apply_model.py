@@ -60,7 +60,13 @@ def _apply_model(args: argparse.Namespace) -> int:
     t_read = time.perf_counter() - t0
     print(f"read {len(experiments)} experiment(s) and {len(table)} reflections in {t_read:.2f} s")
 
+    if len(table) == 0:
+        raise ValueError(f"{args.reflections}: the reflection table is empty; nothing to scale")
     evaluated = suitable_for_scaling(table)
+    if not evaluated.any():
+        raise ValueError(f"{args.reflections}: none of the {len(table)} reflections is suitable "
+                         "for scaling (all are excluded_for_scaling/user_excluded_in_scaling or "
+                         "have d <= 0); nothing to scale")
     stored = np.asarray(table["inverse_scale_factor"]) if "inverse_scale_factor" in table else None
     t0 = time.perf_counter()
     g = inverse_scale_factors(experiments, table, selection=evaluated)
