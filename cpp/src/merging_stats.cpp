@@ -37,28 +37,34 @@ SplitMix64 stream(std::uint64_t seed, std::size_t group, std::uint64_t sub) {
   return g;
 }
 
+// A set of observations laid out contiguously: values, sigmas and weights 1/sigma^2.
+struct Obs {
+  const double* I;
+  const double* s;
+  const double* w;
+  std::size_t m;
+};
+
 // Weighted merge of one set of observations (cctbx merge_equivalents_obs).
 struct Merged {
   double mean = 0, sigma = 0, sigma_internal = 0;
 };
 
-Merged merge(const std::int64_t* idx, std::size_t m, const double* I, const double* s,
-             const MergingOptions& opt) {
+Merged merge(const Obs& o, const MergingOptions& opt) {
   Merged r;
   double max_sigma = 0;
-  for (std::size_t i = 0; i < m; ++i) max_sigma = std::max(max_sigma, s[idx[i]]);
+  for (std::size_t i = 0; i < o.m; ++i) max_sigma = std::max(max_sigma, o.s[i]);
   const double threshold = opt.sigma_dynamic_range > 0 ? max_sigma * opt.sigma_dynamic_range : 0;
   double sw = 0, swx = 0, sww = 0, last_sigma = 0, last_value = 0;
   std::size_t used = 0;
-  for (std::size_t i = 0; i < m; ++i) {
-    const double si = s[idx[i]];
-    if (!(si > threshold)) continue;
-    const double w = 1.0 / (si * si);
+  for (std::size_t i = 0; i < o.m; ++i) {
+    if (!(o.s[i] > threshold)) continue;
+    const double w = o.w[i];
     sw += w;
-    swx += w * I[idx[i]];
+    swx += w * o.I[i];
     sww += w * w;
-    last_sigma = si;
-    last_value = I[idx[i]];
+    last_sigma = o.s[i];
+    last_value = o.I[i];
     ++used;
   }
   if (used == 0) return r;  // cctbx: mean 0, sigma 0
@@ -69,11 +75,10 @@ Merged merge(const std::int64_t* idx, std::size_t m, const double* I, const doub
   }
   r.mean = swx / sw;
   double sdev = 0;
-  for (std::size_t i = 0; i < m; ++i) {
-    const double si = s[idx[i]];
-    if (!(si > threshold)) continue;
-    const double d = I[idx[i]] - r.mean;
-    sdev += d * d / (si * si);
+  for (std::size_t i = 0; i < o.m; ++i) {
+    if (!(o.s[i] > threshold)) continue;
+    const double d = o.I[i] - r.mean;
+    sdev += d * d * o.w[i];
   }
   // GSL's weighted variance (scitbx mean_and_variance::gsl_stats_wvariance).
   const double denom = sw * sw - sww;
@@ -84,24 +89,29 @@ Merged merge(const std::int64_t* idx, std::size_t m, const double* I, const doub
   return r;
 }
 
-// Shuffle idx[0..m) with the generator and return the means (1/sigma^2-weighted if asked) of
-// the first floor(m/2) and of the remaining observations.
-void half_means(std::int64_t* idx, std::size_t m, const double* I, const double* s,
-                SplitMix64 gen, bool weighted, double& h1, double& h2) {
-  for (std::size_t i = m - 1; i > 0; --i) std::swap(idx[i], idx[gen.below(i + 1)]);
-  const std::size_t split = m / 2;
-  double sw1 = 0, swx1 = 0, sw2 = 0, swx2 = 0;
-  for (std::size_t i = 0; i < m; ++i) {
-    const double w = weighted ? 1.0 / (s[idx[i]] * s[idx[i]]) : 1.0;
-    if (i < split) {
-      sw1 += w;
-      swx1 += w * I[idx[i]];
-    } else {
-      sw2 += w;
-      swx2 += w * I[idx[i]];
-    }
+// Random half split of o (m >= 2): a partial Fisher-Yates shuffle of positions picks
+// floor(m/2) observations for the first half; returns the means (1/sigma^2-weighted if asked)
+// of that half and of the rest. perm is scratch of at least m entries.
+void half_means(const Obs& o, SplitMix64 gen, bool weighted, std::uint32_t* perm, double& h1,
+                double& h2) {
+  const std::size_t m = o.m, split = m / 2;
+  for (std::size_t i = 0; i < m; ++i) perm[i] = static_cast<std::uint32_t>(i);
+  double sw1 = 0, swx1 = 0;
+  for (std::size_t i = 0; i < split; ++i) {
+    std::swap(perm[i], perm[i + gen.below(m - i)]);
+    const std::uint32_t k = perm[i];
+    const double w = weighted ? o.w[k] : 1.0;
+    sw1 += w;
+    swx1 += w * o.I[k];
   }
   h1 = swx1 / sw1;
+  double sw2 = 0, swx2 = 0;
+  for (std::size_t i = split; i < m; ++i) {
+    const std::uint32_t k = perm[i];
+    const double w = weighted ? o.w[k] : 1.0;
+    sw2 += w;
+    swx2 += w * o.I[k];
+  }
   h2 = swx2 / sw2;
 }
 
@@ -137,25 +147,64 @@ struct AnomPair {
   double d1, d2;
 };
 
-void validate(const double* I, const double* s, std::size_t n, const std::int64_t* order,
-              const std::int64_t* offsets, std::size_t n_groups) {
-  require(n == 0 || (I != nullptr && s != nullptr && order != nullptr),
-          "intensity, sigma and order are required");
+// Observations in group order (contiguous per group), validated on the way.
+struct Sorted {
+  std::vector<double> I, s, w;
+  std::vector<std::uint8_t> minus;
+};
+
+void check_offsets(std::size_t n, const std::int64_t* offsets, std::size_t n_groups) {
   require(offsets != nullptr, "offsets are required");
   require(offsets[0] == 0, "offsets[0] must be 0");
   require(offsets[n_groups] == static_cast<std::int64_t>(n),
           "offsets[-1] must equal the number of observations (" + std::to_string(n) + ")");
-  for (std::size_t g = 0; g < n_groups; ++g)
-    require(offsets[g + 1] >= offsets[g], "offsets must be non-decreasing (group " +
-                                              std::to_string(g) + ")");
-  for (std::size_t i = 0; i < n; ++i) {
-    require_index(order[i], n, "order");
-    if (!std::isfinite(I[i]))
+  for (std::size_t g = 0; g < n_groups; ++g) {
+    require(offsets[g + 1] >= offsets[g],
+            "offsets must be non-decreasing (group " + std::to_string(g) + ")");
+    require(offsets[g + 1] - offsets[g] < (std::int64_t{1} << 31),
+            "group " + std::to_string(g) + " has more than 2^31 observations");
+  }
+}
+
+Sorted gather(const double* I, const double* s, const std::uint8_t* minus, std::size_t n,
+              const std::int64_t* order, const std::int64_t* offsets, std::size_t n_groups) {
+  require(n == 0 || (I != nullptr && s != nullptr && order != nullptr),
+          "intensity, sigma and order are required");
+  check_offsets(n, offsets, n_groups);
+  Sorted out;
+  out.I.resize(n);
+  out.s.resize(n);
+  out.w.resize(n);
+  if (minus != nullptr) out.minus.resize(n);
+  for (std::size_t j = 0; j < n; ++j) {
+    const std::int64_t i = order[j];
+    require_index(i, n, "order");
+    const double v = I[i], si = s[i];
+    if (!std::isfinite(v))
       throw std::invalid_argument("intensity must be finite (element " + std::to_string(i) +
                                   ")");
-    if (!(std::isfinite(s[i]) && s[i] > 0))
+    if (!(std::isfinite(si) && si > 0))
       throw std::invalid_argument("sigma must be finite and > 0 (element " + std::to_string(i) +
-                                  " is " + std::to_string(s[i]) + ")");
+                                  " is " + std::to_string(si) + ")");
+    out.I[j] = v;
+    out.s[j] = si;
+    out.w[j] = 1.0 / (si * si);
+    if (minus != nullptr) out.minus[j] = minus[i] != 0;
+  }
+  return out;
+}
+
+// Copy the observations of one group with the given Friedel flag into buffers.
+void select_mate(const Sorted& d, std::size_t b, std::size_t e, std::uint8_t flag,
+                 std::vector<double>& I, std::vector<double>& s, std::vector<double>& w) {
+  I.clear();
+  s.clear();
+  w.clear();
+  for (std::size_t j = b; j < e; ++j) {
+    if (d.minus[j] != flag) continue;
+    I.push_back(d.I[j]);
+    s.push_back(d.s[j]);
+    w.push_back(d.w[j]);
   }
 }
 
@@ -166,13 +215,13 @@ MergingStatistics compute_merging_statistics(
     const std::int64_t* order, const std::int64_t* offsets, std::size_t n_groups,
     const std::int32_t* group_shell, const std::uint8_t* group_centric, std::size_t n_shells,
     const MergingOptions& opt) {
-  validate(I, s, n, order, offsets, n_groups);
   require(n_groups == 0 || group_shell != nullptr, "group_shell is required");
   for (std::size_t g = 0; g < n_groups; ++g)
     require(group_shell[g] >= -1 && group_shell[g] < static_cast<std::int64_t>(n_shells),
             "group_shell: group " + std::to_string(g) + " has shell " +
                 std::to_string(group_shell[g]) + ", outside [-1, " + std::to_string(n_shells) +
                 ")");
+  const Sorted d = gather(I, s, minus, n, order, offsets, n_groups);
   MergingStatistics out;
   out.shells.assign(n_shells + 1, ShellStatistics{});
   std::vector<ShellWork> work(n_shells + 1);
@@ -187,24 +236,25 @@ MergingStatistics compute_merging_statistics(
   mr.multiplicity.reserve(reserve);
   uniq_shell.reserve(reserve);
 
-  std::vector<std::int64_t> all, plus, minus_obs, scratch;
+  std::vector<double> pI, ps, pw, mI, ms, mw;  // I(+) and I(-) of the current group
+  std::vector<std::uint32_t> perm;
   const std::size_t overall = n_shells;
 
   // Merge one set of observations into a unique reflection and accumulate its shell sums.
-  auto add_unique = [&](std::size_t g, std::int8_t bijvoet, std::vector<std::int64_t>& idx,
-                        std::int32_t shell, std::uint64_t sub) {
-    const std::size_t m = idx.size();
-    const Merged r = merge(idx.data(), m, I, s, opt);
+  auto add_unique = [&](std::size_t g, std::int8_t bijvoet, const Obs& o, std::int32_t shell,
+                        std::uint64_t sub) {
+    const std::size_t m = o.m;
+    const Merged r = merge(o, opt);
     double h1 = kNaN, h2 = kNaN;
     double abs_dev = 0, sum_i = 0, unmerged_ios = 0;
     for (std::size_t i = 0; i < m; ++i) {
-      abs_dev += std::fabs(I[idx[i]] - r.mean);
-      sum_i += I[idx[i]];
-      unmerged_ios += I[idx[i]] / s[idx[i]];
+      abs_dev += std::fabs(o.I[i] - r.mean);
+      sum_i += o.I[i];
+      unmerged_ios += o.I[i] / o.s[i];
     }
     if (m >= 2) {
-      scratch.assign(idx.begin(), idx.end());
-      half_means(scratch.data(), m, I, s, stream(opt.seed, g, sub), opt.weighted_halves, h1, h2);
+      if (perm.size() < m) perm.resize(m);
+      half_means(o, stream(opt.seed, g, sub), opt.weighted_halves, perm.data(), h1, h2);
     }
     mr.group.push_back(static_cast<std::int64_t>(g));
     mr.bijvoet.push_back(bijvoet);
@@ -243,37 +293,37 @@ MergingStatistics compute_merging_statistics(
   };
 
   for (std::size_t g = 0; g < n_groups; ++g) {
-    const std::int64_t b = offsets[g], e = offsets[g + 1];
+    const auto b = static_cast<std::size_t>(offsets[g]), e = static_cast<std::size_t>(offsets[g + 1]);
     if (e == b) continue;
     const std::int32_t shell = group_shell[g];
     const bool centric = group_centric != nullptr && group_centric[g] != 0;
-    all.assign(order + b, order + e);
-    if (centric || minus == nullptr) {
+    const Obs all{d.I.data() + b, d.s.data() + b, d.w.data() + b, e - b};
+    if (centric || d.minus.empty()) {
       add_unique(g, 0, all, shell, 0);
       continue;
     }
-    plus.clear();
-    minus_obs.clear();
-    for (std::int64_t i : all) (minus[i] ? minus_obs : plus).push_back(i);
+    select_mate(d, b, e, 0, pI, ps, pw);
+    select_mate(d, b, e, 1, mI, ms, mw);
+    const Obs plus{pI.data(), ps.data(), pw.data(), pI.size()};
+    const Obs minus_o{mI.data(), ms.data(), mw.data(), mI.size()};
     if (shell >= 0) {
       for (std::size_t k : {static_cast<std::size_t>(shell), overall}) {
         out.shells[k].n_acentric += 1;
-        if (!plus.empty() && !minus_obs.empty()) out.shells[k].n_bijvoet_pairs += 1;
+        if (plus.m > 0 && minus_o.m > 0) out.shells[k].n_bijvoet_pairs += 1;
       }
     }
-    if (plus.size() >= 2 && minus_obs.size() >= 2) {
+    if (plus.m >= 2 && minus_o.m >= 2) {
       double p1, p2, m1, m2;
-      scratch.assign(plus.begin(), plus.end());
-      half_means(scratch.data(), plus.size(), I, s, stream(opt.seed, g, 3), opt.weighted_halves, p1, p2);
-      scratch.assign(minus_obs.begin(), minus_obs.end());
-      half_means(scratch.data(), minus_obs.size(), I, s, stream(opt.seed, g, 4), opt.weighted_halves, m1, m2);
+      if (perm.size() < e - b) perm.resize(e - b);
+      half_means(plus, stream(opt.seed, g, 3), opt.weighted_halves, perm.data(), p1, p2);
+      half_means(minus_o, stream(opt.seed, g, 4), opt.weighted_halves, perm.data(), m1, m2);
       pairs.push_back({shell, p1 - m1, p2 - m2});
     }
     if (!opt.anomalous) {
       add_unique(g, 0, all, shell, 0);
     } else {
-      if (!plus.empty()) add_unique(g, 1, plus, shell, 1);
-      if (!minus_obs.empty()) add_unique(g, -1, minus_obs, shell, 2);
+      if (plus.m > 0) add_unique(g, 1, plus, shell, 1);
+      if (minus_o.m > 0) add_unique(g, -1, minus_o, shell, 2);
     }
   }
 
@@ -292,7 +342,8 @@ MergingStatistics compute_merging_statistics(
     if (uniq_shell[u] < 0 || mr.multiplicity[u] < 2) continue;
     for (std::size_t k : {static_cast<std::size_t>(uniq_shell[u]), overall}) {
       work[k].cc_half.add_centered(mr.half1[u], mr.half2[u]);
-      const double dy = mr.intensity[u] - work[k].sum_y / static_cast<double>(out.shells[k].n_multi);
+      const double dy =
+          mr.intensity[u] - work[k].sum_y / static_cast<double>(out.shells[k].n_multi);
       work[k].sum_yy_c += dy * dy;
     }
   }
@@ -321,19 +372,19 @@ MergingStatistics compute_merging_statistics(
 void normalised_deviations(const double* I, const double* s, std::size_t n,
                            const std::int64_t* order, const std::int64_t* offsets,
                            std::size_t n_groups, double* out) {
-  validate(I, s, n, order, offsets, n_groups);
+  const Sorted d = gather(I, s, nullptr, n, order, offsets, n_groups);
   const MergingOptions opt;
   for (std::size_t g = 0; g < n_groups; ++g) {
-    const std::int64_t b = offsets[g], e = offsets[g + 1];
-    const std::size_t m = static_cast<std::size_t>(e - b);
+    const auto b = static_cast<std::size_t>(offsets[g]), e = static_cast<std::size_t>(offsets[g + 1]);
+    const std::size_t m = e - b;
     if (m == 0) continue;
     if (m == 1) {
       out[order[b]] = kNaN;
       continue;
     }
-    const double mean = merge(order + b, m, I, s, opt).mean;
+    const double mean = merge(Obs{d.I.data() + b, d.s.data() + b, d.w.data() + b, m}, opt).mean;
     const double f = std::sqrt((static_cast<double>(m) - 1.0) / static_cast<double>(m));
-    for (std::int64_t j = b; j < e; ++j) out[order[j]] = f * (I[order[j]] - mean) / s[order[j]];
+    for (std::size_t j = b; j < e; ++j) out[order[j]] = f * (d.I[j] - mean) / d.s[j];
   }
 }
 
@@ -341,7 +392,7 @@ void batch_sums(const double* I, const double* s, std::size_t n, const std::int6
                 const std::int64_t* offsets, std::size_t n_groups,
                 const std::int64_t* batch_index, std::size_t n_batches, std::int64_t* n_obs,
                 double* sum_abs_dev, double* sum_i, double* sum_ios) {
-  validate(I, s, n, order, offsets, n_groups);
+  const Sorted d = gather(I, s, nullptr, n, order, offsets, n_groups);
   for (std::size_t i = 0; i < n; ++i)
     require(batch_index[i] >= -1 && batch_index[i] < static_cast<std::int64_t>(n_batches),
             "batch_index: element " + std::to_string(i) + " is outside [-1, n_batches)");
@@ -351,17 +402,17 @@ void batch_sums(const double* I, const double* s, std::size_t n, const std::int6
   std::fill(sum_ios, sum_ios + n_batches, 0.0);
   const MergingOptions opt;
   for (std::size_t g = 0; g < n_groups; ++g) {
-    const std::int64_t b = offsets[g], e = offsets[g + 1];
+    const auto b = static_cast<std::size_t>(offsets[g]), e = static_cast<std::size_t>(offsets[g + 1]);
     if (e == b) continue;
-    const double mean = merge(order + b, static_cast<std::size_t>(e - b), I, s, opt).mean;
-    for (std::int64_t j = b; j < e; ++j) {
-      const std::int64_t i = order[j];
-      const std::int64_t k = batch_index[i];
+    const double mean =
+        merge(Obs{d.I.data() + b, d.s.data() + b, d.w.data() + b, e - b}, opt).mean;
+    for (std::size_t j = b; j < e; ++j) {
+      const std::int64_t k = batch_index[order[j]];
       if (k < 0) continue;
       n_obs[k] += 1;
-      sum_abs_dev[k] += std::fabs(I[i] - mean);
-      sum_i[k] += I[i];
-      sum_ios[k] += I[i] / s[i];
+      sum_abs_dev[k] += std::fabs(d.I[j] - mean);
+      sum_i[k] += d.I[j];
+      sum_ios[k] += d.I[j] / d.s[j];
     }
   }
 }

@@ -6,10 +6,12 @@ from .merging import (
     MergingStatistics,
     MergingStatisticsError,
     batch_statistics,
+    batch_statistics_from_reflections,
     dataset_statistics,
     normalised_deviations,
     shell_limits,
 )
+from .resolution import ResolutionEstimate, ResolutionResult, estimate_resolution
 
 __all__ = [
     "BatchStatistics",
@@ -17,8 +19,12 @@ __all__ = [
     "MergingShell",
     "MergingStatistics",
     "MergingStatisticsError",
+    "ResolutionEstimate",
+    "ResolutionResult",
     "batch_statistics",
+    "batch_statistics_from_reflections",
     "dataset_statistics",
+    "estimate_resolution",
     "normalised_deviations",
     "shell_limits",
 ]

@@ -59,6 +59,7 @@ from ..symmetry import (
     centric_flags,
     group_reflections,
     map_to_asu,
+    map_to_asu_isym,
     miller_array,
     systematic_absences,
 )
@@ -101,18 +102,22 @@ def _volume_limits(dss_min: float, dss_max: float, n_bins: int) -> np.ndarray:
 
 def _counting_limits(dss: np.ndarray, n_bins: int, reflections_per_bin: int | None
                      ) -> np.ndarray:
-    """Limits giving shells of about equal numbers of observations (sorted d*²)."""
+    """Limits of shells with about equal numbers of observations (cctbx
+    ``setup_binner_counting_sorted``: ``max(ceil(n/n_bins), reflections_per_bin)`` sorted
+    d*² values per shell; equal d*² values never straddle a limit)."""
     s = np.sort(dss)
     n = len(s)
+    per_bin = max(1, math.ceil(n / max(1, n_bins)))
     if reflections_per_bin:
-        n_bins = max(1, min(n_bins, n // int(reflections_per_bin)))
-    n_bins = max(1, min(n_bins, n))
-    cuts = [s[(i * n) // n_bins] for i in range(1, n_bins)]
+        per_bin = max(per_bin, int(reflections_per_bin))
+    cuts = s[per_bin:n:per_bin]
+    cuts = cuts[cuts > s[0]]
     span = s[-1] - s[0]
     lo = max(s[0] - span * _D_TOLERANCE, 0.0)
     hi = s[-1] + span * _D_TOLERANCE
-    limits = np.unique(np.array([lo, *cuts, hi]))  # ties in d*² merge shells
-    return limits
+    if hi <= lo:
+        hi = lo * (1 + 1e-6) + 1e-12
+    return np.unique(np.concatenate([[lo], cuts[cuts < hi], [hi]]))
 
 
 def shell_limits(d_star_sq, n_bins: int = 20, binning_method: str = "volume",
@@ -259,6 +264,8 @@ class MergedArray:
     shell : ndarray (m,) int32
         Shell index (−1 outside every shell).
     centric : ndarray (m,) bool
+    half1, half2 : ndarray (m,)
+        Means of the two random halves behind CC½ (NaN when multiplicity < 2).
     """
 
     miller_index: np.ndarray
@@ -269,6 +276,8 @@ class MergedArray:
     d: np.ndarray
     shell: np.ndarray
     centric: np.ndarray
+    half1: np.ndarray
+    half2: np.ndarray
 
     def __len__(self) -> int:
         return len(self.intensity)
@@ -308,37 +317,50 @@ def _prepare(hkl, intensity, sigma, space_group, unit_cell, d_min=None, d_max=No
     n = len(I)
     if n == 0:
         raise MergingStatisticsError("no observations (empty input)")
-    zero = ~np.any(hkl != 0, axis=1)
-    if zero.any():
-        raise MergingStatisticsError(f"miller_index row {int(np.flatnonzero(zero)[0])} is "
-                                     "(0, 0, 0)")
     dss = cell.d_star_sq(hkl)
-    in_range = np.ones(n, dtype=bool)
-    if d_min is not None:
-        if d_max is not None and not d_max > d_min:
-            raise MergingStatisticsError(f"d_max ({d_max}) must exceed d_min ({d_min})")
-        in_range &= dss <= 1.0 / (float(d_min) * (1 - _D_TOLERANCE)) ** 2
-    if d_max is not None:
-        in_range &= dss >= 1.0 / (float(d_max) * (1 + _D_TOLERANCE)) ** 2
-    rejected = {"outside_d_range": int((~in_range).sum())}
-    if not in_range.any():
-        raise MergingStatisticsError("no reflections left after applying resolution cutoffs")
+    if not np.all(dss > 0):
+        bad = int(np.flatnonzero(~(dss > 0))[0])
+        raise MergingStatisticsError(f"miller_index row {bad} is (0, 0, 0)")
+    in_range = None  # all rows (the common case avoids full-size masks and copies)
+    if d_min is not None or d_max is not None:
+        in_range = np.ones(n, dtype=bool)
+        if d_min is not None:
+            if d_max is not None and not d_max > d_min:
+                raise MergingStatisticsError(f"d_max ({d_max}) must exceed d_min ({d_min})")
+            in_range &= dss <= 1.0 / (float(d_min) * (1 - _D_TOLERANCE)) ** 2
+        if d_max is not None:
+            in_range &= dss >= 1.0 / (float(d_max) * (1 + _D_TOLERANCE)) ** 2
+        if not in_range.any():
+            raise MergingStatisticsError("no reflections left after applying resolution cutoffs")
+    rejected = {"outside_d_range": 0 if in_range is None else int((~in_range).sum())}
     if eliminate_sys_absent:
-        absent = systematic_absences(hkl, sg) & in_range
+        absent = systematic_absences(hkl, sg)
+        if in_range is not None:
+            absent &= in_range
         rejected["systematically_absent"] = int(absent.sum())
-        in_range &= ~absent
-    finite = np.isfinite(I) & np.isfinite(s)
-    rejected["non_finite"] = int((in_range & ~finite).sum())
-    rejected["sigma_negative"] = int((in_range & finite & (s < 0)).sum())
-    rejected["sigma_zero"] = int((in_range & finite & (s == 0)).sum())
-    binning_dss = dss[in_range]
-    used = in_range & finite & (s > 0)
-    rows = np.flatnonzero(used)
-    if len(rows) == 0:
+        in_range = ~absent if in_range is None else in_range & ~absent
+    used = np.isfinite(I) & np.isfinite(s) & (s > 0)
+    if in_range is not None:
+        used &= in_range
+    n_used = int(used.sum())
+    considered = n if in_range is None else int(in_range.sum())
+    if n_used < considered:
+        inr = np.ones(n, dtype=bool) if in_range is None else in_range
+        finite = np.isfinite(I) & np.isfinite(s)
+        rejected["non_finite"] = int((inr & ~finite).sum())
+        rejected["sigma_negative"] = int((inr & finite & (s < 0)).sum())
+        rejected["sigma_zero"] = int((inr & finite & (s == 0)).sum())
+    else:
+        rejected.update(non_finite=0, sigma_negative=0, sigma_zero=0)
+    if n_used == 0:
         raise MergingStatisticsError(
             "no observations with finite intensity and sigma > 0 "
             f"({rejected['sigma_negative']} with sigma < 0, {rejected['sigma_zero']} with "
             f"sigma = 0, {rejected['non_finite']} non-finite)")
+    binning_dss = dss if in_range is None else dss[in_range]
+    if n_used == n:
+        return _Prepared(hkl, I, s, dss, binning_dss, np.arange(n), sg, cell, n, rejected)
+    rows = np.flatnonzero(used)
     return _Prepared(np.ascontiguousarray(hkl[rows]), I[rows], s[rows], dss[rows], binning_dss,
                      rows, sg, cell, n, rejected)
 
@@ -566,14 +588,23 @@ class MergingStatistics:
         return MergingStatistics(self._prepared, n_bins, binning_method=binning_method,
                                  reflections_per_bin=reflections_per_bin, **settings)
 
+    def anomalous_pass(self) -> MergingStatistics:
+        """The same data and shells with I(+) and I(−) kept apart (DIALS's second pass:
+        anomalous completeness, multiplicity and R factors)."""
+        return self.rebinned(self.n_bins, self.binning_method, self.reflections_per_bin,
+                             anomalous=True)
+
     # ------------------------------------------------------------------ computation
     def _compute(self) -> None:
         p = self._prepared
-        mapping = map_to_asu(p.hkl, p.space_group, anomalous=False)
-        grouping = group_reflections(mapping.asu_hkl)
+        asu_hkl, isym = map_to_asu_isym(p.hkl, p.space_group)
+        grouping = group_reflections(asu_hkl)
         first_row = grouping.order[grouping.offsets[:-1]]
         group_dss = p.d_star_sq[first_row]
-        group_centric = mapping.centric[first_row]
+        # centric per unique reflection; a row is a Bijvoet-minus mate if its ISYM is even
+        # (the kernel ignores the flag for centric groups)
+        group_centric = centric_flags(grouping.unique_hkl, p.space_group)
+        friedel_minus = (isym % 2 == 0).view(np.uint8)
         n_shells = len(self.limits) - 1
         shell = np.searchsorted(self.limits, group_dss, side="right") - 1
         shell[(shell < 0) | (shell >= n_shells)] = -1
@@ -582,7 +613,7 @@ class MergingStatistics:
                 "the data contain no symmetry-equivalent observations (already merged?): "
                 "merging statistics need unmerged data")
         merged, sums = _core_stats.merging_statistics(
-            p.intensity, p.sigma, mapping.friedel_minus.astype(np.uint8), grouping.order,
+            p.intensity, p.sigma, friedel_minus, grouping.order,
             grouping.offsets, shell.astype(np.int32), group_centric.astype(np.uint8), n_shells,
             use_internal_variance=self.use_internal_variance, anomalous=self.anomalous,
             seed=self.seed)
@@ -593,7 +624,7 @@ class MergingStatistics:
         self.merged = MergedArray(hkl_u, merged["intensity"], merged["sigma"],
                                   merged["multiplicity"], bij,
                                   1.0 / np.sqrt(group_dss[g]), shell[g].astype(np.int32),
-                                  group_centric[g])
+                                  group_centric[g], merged["half1"], merged["half2"])
         self._sums = sums
         self._shell_obs_dss_max = self._shell_extreme(shell, group_dss, n_shells)
         self._build_shells(n_shells)
@@ -644,13 +675,15 @@ class MergingStatistics:
         st.n_uniq = int(s["n_uniq"])
         # iotbx: complete set of the shell's merged array (to its own d_min), then the
         # shell's d range (d_min <= d <= d_max)
+        # (compared in d*², with a relative slack of 1e-12 so that a reflection exactly at a
+        # limit taken from the data is counted, as iotbx's d comparisons do)
         obs_hi = float(self._shell_obs_dss_max[k])
-        upper = min(1.0 / d_min ** 2, obs_hi * (1 + 2 * _FP_EPS)) if st.n_uniq else 1.0 / d_min ** 2
-        lower = 1.0 / d_max ** 2 if d_max > 0 else 0.0
+        upper = (min(hi, obs_hi) if st.n_uniq else hi) * (1 + 1e-12)
+        lower = lo * (1 - 1e-12)
         st.n_expected = _count_between(complete, lower, upper)
         st.completeness = min(st.n_uniq / st.n_expected, 1.0) if st.n_expected else 0.0
         if self.anomalous:
-            n_acentric = _count_between(complete_acentric, lower, 1.0 / d_min ** 2)
+            n_acentric = _count_between(complete_acentric, lower, hi * (1 + 1e-12))
             st.n_bijvoet_pairs = int(s["n_bijvoet_pairs"])
             st.anom_completeness = st.n_bijvoet_pairs / n_acentric if n_acentric else 0.0
         if len(mult):
@@ -854,3 +887,43 @@ def batch_statistics(miller_index, intensity, sigma, batch, space_group, dataset
         r = np.where(si != 0, dev / si, 0.0)
         ios = np.where(n_obs > 0, sios / np.maximum(n_obs, 1), 0.0)
     return BatchStatistics(uniq[:, 1].copy(), uniq[:, 0].copy(), n_obs, r, ios)
+
+
+def batch_statistics_from_reflections(experiments, reflections, anomalous: bool = False,
+                                      apply_inverse_scale: bool = True) -> BatchStatistics:
+    """:func:`batch_statistics` of DIALS-scaled tables, one dataset per experiment.
+
+    Rows are DIALS's scaled selection with partials combined
+    (:func:`~xtalscale.io.scaled_intensities.scaled_intensities`, no partiality cut). The
+    batch of a row is ``floor(z) + 1 + batch_offset`` with z the observed frame coordinate
+    (``xyzobs.px.value``) and the scan's batch offset, as DIALS assigns batches; the dataset
+    number runs over the experiments of all lists in order. The space group is the first
+    experiment's.
+    """
+    from ..io.scaled_intensities import scaled_intensities
+
+    tables = reflections if isinstance(reflections, (list, tuple)) else [reflections]
+    expt_lists = experiments if isinstance(experiments, (list, tuple)) else [experiments]
+    if len(tables) != len(expt_lists):
+        raise MergingStatisticsError(f"{len(tables)} reflection tables but {len(expt_lists)} "
+                                     "experiment lists")
+    hkl, inten, sig, batch, dataset = [], [], [], [], []
+    first_dataset = 0
+    for el, t in zip(expt_lists, tables):
+        sel = scaled_intensities(t, 0.0, True, None, apply_inverse_scale)
+        ids = np.asarray(sel["id"]).astype(np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= len(el)):
+            raise MergingStatisticsError(f"reflection ids {ids.min()}..{ids.max()} do not match "
+                                         f"{len(el)} experiments")
+        offsets = np.array([(e.scan.get_batch_offset() if e.scan is not None else 0)
+                            for e in el], dtype=np.int64)
+        z = np.asarray(sel["xyzobs.px.value"])[:, 2]
+        hkl.append(np.asarray(sel["miller_index"]))
+        inten.append(np.asarray(sel["intensity"]))
+        sig.append(np.sqrt(np.asarray(sel["variance"])))
+        batch.append(np.floor(z).astype(np.int64) + 1 + offsets[ids])
+        dataset.append(ids + first_dataset)
+        first_dataset += len(el)
+    sg = expt_lists[0][0].crystal.get_space_group()
+    return batch_statistics(np.concatenate(hkl), np.concatenate(inten), np.concatenate(sig),
+                            np.concatenate(batch), sg, np.concatenate(dataset), anomalous)
