@@ -135,6 +135,15 @@ def test_merged_mtz_read_back_by_gemmi(tmp_path, insulin_merged):
     assert (f[np.isfinite(f)] > 0).all()
 
 
+def test_mtz_observations_are_the_files_scaled_intensities():
+    obs = observations_from_mtz(INSULIN)
+    mtz = gemmi.read_mtz_file(str(INSULIN))
+    np.testing.assert_allclose(np.sort(obs.intensity),
+                               np.sort(mtz.column_with_label("I").array), rtol=1e-6)
+    np.testing.assert_allclose(np.sort(np.sqrt(obs.variance)),
+                               np.sort(mtz.column_with_label("SIGI").array), rtol=1e-6)
+
+
 def test_merge_of_dials_reflections_selects_as_dials():
     from xtalscale.experiments import ExperimentList
     from xtalscale.reflection_table import reflection_table

@@ -90,6 +90,13 @@ def _statistics(obs, params, log) -> tuple[Any, Any, dict, list[str]]:
     except ValueError as error:  # e.g. no multiplicity: the report and table say so
         notes.append(f"Merging statistics could not be computed: {error}")
         log.warning("merging statistics: %s", error)
+    if stats is not None:
+        from ..stats import estimate_resolution
+
+        try:
+            extras["resolution"] = estimate_resolution(stats)
+        except ValueError as error:
+            notes.append(f"Resolution estimate failed: {error}")
     per_batch = ms.batch_statistics(obs.miller_index, obs.intensity, sigma, obs.batch,
                                     obs.space_group, dataset=obs.dataset)
     extras["batch_statistics"] = {
@@ -161,12 +168,19 @@ def _merge(files: list[str], params, log) -> int:
         log.info("\n%s", _stats_table(stats))
     if anomalous_stats is not None:
         log.info("\n%s", _stats_table(anomalous_stats))
+    resolution = extras.pop("resolution", None)
     summary = _summary(obs, merged)
+    if resolution is not None:
+        log.info("\n%s", resolution.summary())
+        if resolution.d_min is not None:
+            summary.append(("Resolution estimate (CC½ fit, 0.3)", f"{resolution.d_min:.2f} Å"))
     if params.output.json:
         document = {"summary": dict(summary), "notes": notes,
                     "statistics": json.loads(stats.as_json()) if stats else None,
                     "anomalous_statistics": (json.loads(anomalous_stats.as_json())
-                                             if anomalous_stats else None)}
+                                             if anomalous_stats else None),
+                    "resolution_estimate": (_json_safe(resolution.as_dict())
+                                            if resolution is not None else None)}
         with open(params.output.json, "w", encoding="utf-8") as f:
             json.dump(_json_safe(document), f, indent=1)
         log.info("wrote %s", params.output.json)

@@ -514,6 +514,9 @@ class MergingStatistics:
         t = m.table
         if "intensity.scale.value" in t:
             I, var = t["intensity.scale.value"], t["intensity.scale.variance"]
+            if "inverse_scale_factor" in t:  # the reader keeps raw = I·g (DIALS convention)
+                g = np.asarray(t["inverse_scale_factor"], dtype=np.float64)
+                I, var = np.asarray(I) / g, np.asarray(var) / g ** 2
         elif "intensity.sum.value" in t:
             I, var = t["intensity.sum.value"], t["intensity.sum.variance"]
         else:
