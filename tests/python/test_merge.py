@@ -184,10 +184,17 @@ def test_empty_and_sigma_free_inputs_raise_clear_errors():
         observations_from_reflections(experiments, table)
 
 
-def test_no_multiplicity_still_merges():
+def test_no_multiplicity_still_merges_and_the_report_says_why_statistics_are_missing(tmp_path):
+    from xtalscale.report import render_html_report, statistics_for_report
+
     obs = _observations([(1, 2, 3), (2, 3, 4)], [10.0, 14.0], [4.0, 4.0])
     merged = merge_observations(obs)
     assert (merged.columns["N"] == 1).all()
+    inputs = statistics_for_report(obs)
+    assert inputs.statistics is None and inputs.resolution is None
+    assert any("could not be computed" in note for note in inputs.notes)
+    page = render_html_report(merged=merged, **inputs.report_arguments())
+    assert "could not be computed" in page and "No merging statistics were given." in page
 
 
 def _write_unmerged_like(path, labels, spacegroup="P 21 21 21"):
