@@ -158,11 +158,14 @@ void check_offsets(std::size_t n, const std::int64_t* offsets, std::size_t n_gro
   require(offsets[0] == 0, "offsets[0] must be 0");
   require(offsets[n_groups] == static_cast<std::int64_t>(n),
           "offsets[-1] must equal the number of observations (" + std::to_string(n) + ")");
+  // (messages are built only on failure: these loops run once per group)
   for (std::size_t g = 0; g < n_groups; ++g) {
-    require(offsets[g + 1] >= offsets[g],
-            "offsets must be non-decreasing (group " + std::to_string(g) + ")");
-    require(offsets[g + 1] - offsets[g] < (std::int64_t{1} << 31),
-            "group " + std::to_string(g) + " has more than 2^31 observations");
+    if (offsets[g + 1] < offsets[g])
+      throw std::invalid_argument("offsets must be non-decreasing (group " + std::to_string(g) +
+                                  ")");
+    if (offsets[g + 1] - offsets[g] >= (std::int64_t{1} << 31))
+      throw std::invalid_argument("group " + std::to_string(g) +
+                                  " has 2^31 or more observations");
   }
 }
 
@@ -217,10 +220,10 @@ MergingStatistics compute_merging_statistics(
     const MergingOptions& opt) {
   require(n_groups == 0 || group_shell != nullptr, "group_shell is required");
   for (std::size_t g = 0; g < n_groups; ++g)
-    require(group_shell[g] >= -1 && group_shell[g] < static_cast<std::int64_t>(n_shells),
-            "group_shell: group " + std::to_string(g) + " has shell " +
-                std::to_string(group_shell[g]) + ", outside [-1, " + std::to_string(n_shells) +
-                ")");
+    if (group_shell[g] < -1 || group_shell[g] >= static_cast<std::int64_t>(n_shells))
+      throw std::invalid_argument("group_shell: group " + std::to_string(g) + " has shell " +
+                                  std::to_string(group_shell[g]) + ", outside [-1, " +
+                                  std::to_string(n_shells) + ")");
   const Sorted d = gather(I, s, minus, n, order, offsets, n_groups);
   MergingStatistics out;
   out.shells.assign(n_shells + 1, ShellStatistics{});
@@ -394,8 +397,9 @@ void batch_sums(const double* I, const double* s, std::size_t n, const std::int6
                 double* sum_abs_dev, double* sum_i, double* sum_ios) {
   const Sorted d = gather(I, s, nullptr, n, order, offsets, n_groups);
   for (std::size_t i = 0; i < n; ++i)
-    require(batch_index[i] >= -1 && batch_index[i] < static_cast<std::int64_t>(n_batches),
-            "batch_index: element " + std::to_string(i) + " is outside [-1, n_batches)");
+    if (batch_index[i] < -1 || batch_index[i] >= static_cast<std::int64_t>(n_batches))
+      throw std::invalid_argument("batch_index: element " + std::to_string(i) +
+                                  " is outside [-1, n_batches)");
   std::fill(n_obs, n_obs + n_batches, 0);
   std::fill(sum_abs_dev, sum_abs_dev + n_batches, 0.0);
   std::fill(sum_i, sum_i + n_batches, 0.0);

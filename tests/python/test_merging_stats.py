@@ -415,8 +415,9 @@ def test_batch_statistics_on_insulin():
     from xtalscale.io.mtz import read_unmerged_mtz
 
     t = read_unmerged_mtz(INSULIN).table
-    b = batch_statistics(np.asarray(t["miller_index"]), np.asarray(t["intensity.scale.value"]),
-                         np.sqrt(np.asarray(t["intensity.scale.variance"])),
+    g = np.asarray(t["inverse_scale_factor"])
+    b = batch_statistics(np.asarray(t["miller_index"]), np.asarray(t["intensity.scale.value"]) / g,
+                         np.sqrt(np.asarray(t["intensity.scale.variance"])) / g,
                          np.asarray(t["batch"]), "I 2 3", np.asarray(t["id"]))
     assert b.n_obs.sum() == 45595
     assert np.all(np.diff(b.batch[b.dataset == b.dataset[0]]) > 0)

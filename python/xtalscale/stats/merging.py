@@ -499,7 +499,8 @@ class MergingStatistics:
                  ) -> MergingStatistics:
         """Statistics of a scaled unmerged MTZ (``I``/``SIGI``, or ``IPR``/``SIGIPR``).
 
-        The intensities are the file's (already scaled) ``I`` and ``SIGI``; indices are the
+        The intensities are the file's (already scaled) ``I`` and ``SIGI`` (recovered from
+        the reader's ``intensity.scale.*`` / ``inverse_scale_factor``); indices are the
         original (measured) ones restored from ``M/ISYM``. Other keyword arguments as for
         :meth:`from_arrays`.
 
@@ -512,11 +513,13 @@ class MergingStatistics:
 
         m = read_unmerged_mtz(path, sum_partials=True)
         t = m.table
-        if "intensity.scale.value" in t:
-            I, var = t["intensity.scale.value"], t["intensity.scale.variance"]
-            if "inverse_scale_factor" in t:  # the reader keeps raw = I·g (DIALS convention)
-                g = np.asarray(t["inverse_scale_factor"], dtype=np.float64)
-                I, var = np.asarray(I) / g, np.asarray(var) / g ** 2
+        if "intensity.scale.value" in t and "inverse_scale_factor" in t:
+            # the reader keeps DIALS's convention (raw I·g beside g): the file's scaled
+            # I and SIGI are value/g and sqrt(variance)/g
+            g = np.asarray(t["inverse_scale_factor"], dtype=np.float64)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                I = np.asarray(t["intensity.scale.value"], dtype=np.float64) / g
+                var = np.asarray(t["intensity.scale.variance"], dtype=np.float64) / g ** 2
         elif "intensity.sum.value" in t:
             I, var = t["intensity.sum.value"], t["intensity.sum.variance"]
         else:

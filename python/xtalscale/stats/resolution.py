@@ -98,7 +98,8 @@ class ResolutionEstimate:
             if r.error:
                 lines.append(f"Resolution fit against {name} failed: {r.error}")
                 continue
-            value = "   none" if r.d_min is None else f"{r.d_min:{max(1, 18 - len(label))}.2f}"
+            width = max(6, 18 - len(label))
+            value = f"{'none':>{width}}" if r.d_min is None else f"{r.d_min:{width}.2f}"
             lines.append(f"Resolution {label}:{value}")
         return "\n".join(lines)
 
