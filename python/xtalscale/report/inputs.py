@@ -43,13 +43,29 @@ class ReportInputs:
                 "summary": summary}
 
 
+def _batch_groups(batch: np.ndarray, dataset: np.ndarray, max_points: int) -> np.ndarray:
+    """Each observation's batch, or the first batch of its group of consecutive batches when
+    a dataset has more than ``max_points`` batches (so that each point has observations)."""
+    grouped = np.asarray(batch, dtype=np.int64).copy()
+    for d in np.unique(dataset):
+        mine = dataset == d
+        first, last = int(grouped[mine].min()), int(grouped[mine].max())
+        width = -(-(last - first + 1) // max_points)  # ceil
+        if width > 1:
+            grouped[mine] = first + (grouped[mine] - first) // width * width
+    return grouped
+
+
 def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True,
-                          use_internal_variance: bool = False) -> ReportInputs:
+                          use_internal_variance: bool = False,
+                          max_batch_points: int = 100) -> ReportInputs:
     """Statistics of scaled observations (a :class:`~xtalscale.merge.ScaledObservations`).
 
     Computed on exactly these observations, as dials.merge does. A statistic that cannot be
     computed (e.g. no reflection measured twice) is left out with a note saying why, so the
-    report and the table say so instead of failing.
+    report and the table say so instead of failing. Per-batch statistics of a dataset with
+    more than ``max_batch_points`` batches are computed over groups of consecutive batches
+    (each point at the group's first batch).
     """
     from .. import merging_statistics as ms
     from ..stats import estimate_resolution
@@ -71,7 +87,8 @@ def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True
             out.resolution = estimate_resolution(out.statistics)
         except ValueError as error:
             out.notes.append(f"Resolution estimate failed: {error}")
-    per_batch = ms.batch_statistics(obs.miller_index, obs.intensity, sigma, obs.batch,
+    per_batch = ms.batch_statistics(obs.miller_index, obs.intensity, sigma,
+                                    _batch_groups(obs.batch, obs.dataset, max_batch_points),
                                     obs.space_group, dataset=obs.dataset)
     for d in np.unique(per_batch.dataset):
         mine = per_batch.dataset == d
