@@ -8,7 +8,6 @@ from pathlib import Path
 import gemmi
 import numpy as np
 import pytest
-
 from xtalscale._core import merge as kernel
 from xtalscale.cli import main
 from xtalscale.io.detect import detect_file_type
@@ -136,6 +135,15 @@ def test_merged_mtz_read_back_by_gemmi(tmp_path, insulin_merged):
     assert (f[np.isfinite(f)] > 0).all()
 
 
+def test_mtz_observations_are_the_files_scaled_intensities():
+    obs = observations_from_mtz(INSULIN)
+    mtz = gemmi.read_mtz_file(str(INSULIN))
+    np.testing.assert_allclose(np.sort(obs.intensity),
+                               np.sort(mtz.column_with_label("I").array), rtol=1e-6)
+    np.testing.assert_allclose(np.sort(np.sqrt(obs.variance)),
+                               np.sort(mtz.column_with_label("SIGI").array), rtol=1e-6)
+
+
 def test_merge_of_dials_reflections_selects_as_dials():
     from xtalscale.experiments import ExperimentList
     from xtalscale.reflection_table import reflection_table
@@ -176,10 +184,17 @@ def test_empty_and_sigma_free_inputs_raise_clear_errors():
         observations_from_reflections(experiments, table)
 
 
-def test_no_multiplicity_still_merges():
+def test_no_multiplicity_still_merges_and_the_report_says_why_statistics_are_missing(tmp_path):
+    from xtalscale.report import render_html_report, statistics_for_report
+
     obs = _observations([(1, 2, 3), (2, 3, 4)], [10.0, 14.0], [4.0, 4.0])
     merged = merge_observations(obs)
     assert (merged.columns["N"] == 1).all()
+    inputs = statistics_for_report(obs)
+    assert inputs.statistics is None and inputs.resolution is None
+    assert any("could not be computed" in note for note in inputs.notes)
+    page = render_html_report(merged=merged, **inputs.report_arguments())
+    assert "could not be computed" in page and "No merging statistics were given." in page
 
 
 def _write_unmerged_like(path, labels, spacegroup="P 21 21 21"):

@@ -5,11 +5,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from xtalscale.experiments import ExperimentList
 from xtalscale.merge import merge_observations, observations_from_mtz
-from xtalscale.report import render_html_report, statistics_as_dict, write_html_report
-from xtalscale.report import plots
+from xtalscale.report import (
+    plots,
+    render_html_report,
+    statistics_as_dict,
+    write_html_report,
+)
 from xtalscale.report.browser import find_chromium, render_in_browser, screenshot
 from xtalscale.report.terminal import aligned_table
 
@@ -168,3 +171,14 @@ def test_screenshot_is_written(tmp_path, insulin):
     png = screenshot(path, tmp_path / "r.png", height=1200)
     data = Path(png).read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20000
+
+
+def test_batch_groups_cap_the_points_per_dataset():
+    from xtalscale.report.inputs import _batch_groups
+
+    batch = np.concatenate([np.arange(1, 1701), np.arange(1, 51)])
+    dataset = np.concatenate([np.zeros(1700, int), np.ones(50, int)])
+    grouped = _batch_groups(batch, dataset, 100)
+    assert len(np.unique(grouped[dataset == 0])) == 100  # groups of 17 images
+    assert grouped[16] == 1 and grouped[17] == 18
+    np.testing.assert_array_equal(grouped[dataset == 1], np.arange(1, 51))  # kept as they are

@@ -6,7 +6,7 @@
 ///   acentric: p(z) ∝ exp(-(z - h)²/2),           h = I/σ - σ/Σ
 ///   centric:  p(z) ∝ z^(-1/2) exp(-(z - h)²/2),   h = I/σ - σ/(2Σ)
 /// The posterior mean and standard deviation of J and of F = √J are integrated numerically
-/// (composite Gauss–Legendre in u = √z, where both integrands are smooth) for every h: no
+/// (64-point composite Gauss–Legendre in u = √z, where both integrands are smooth) for every h: no
 /// lookup tables and no switch to an asymptotic form at large h. A flat positive prior is
 /// Σ = +∞ with the acentric form.
 #pragma once

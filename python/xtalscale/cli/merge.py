@@ -67,41 +67,6 @@ def _load(files: list[str]) -> tuple[Any, Any, Any]:
                      f"(found {found})")
 
 
-def _statistics(obs, params, log) -> tuple[Any, Any, dict, list[str]]:
-    """(statistics, anomalous statistics, report extras, notes) of the merged observations.
-
-    The statistics are computed on exactly the observations that were merged
-    (:meth:`dataset_statistics.from_arrays`), as dials.merge does.
-    """
-    import numpy as np
-
-    from .. import merging_statistics as ms
-
-    notes: list[str] = []
-    stats = anomalous = None
-    extras: dict = {}
-    sigma = np.sqrt(obs.variance)
-    arguments = (obs.miller_index, obs.intensity, sigma, obs.space_group, obs.unit_cell)
-    settings = {"n_bins": params.n_bins, "use_internal_variance": params.use_internal_variance}
-    try:
-        stats = ms.dataset_statistics.from_arrays(*arguments, anomalous=False, **settings)
-        if params.anomalous and not obs.space_group.is_centric():
-            anomalous = ms.dataset_statistics.from_arrays(*arguments, anomalous=True, **settings)
-    except ValueError as error:  # e.g. no multiplicity: the report and table say so
-        notes.append(f"Merging statistics could not be computed: {error}")
-        log.warning("merging statistics: %s", error)
-    per_batch = ms.batch_statistics(obs.miller_index, obs.intensity, sigma, obs.batch,
-                                    obs.space_group, dataset=obs.dataset)
-    extras["batch_statistics"] = {
-        f"dataset {int(d)}": {"batch": per_batch.batch[per_batch.dataset == d],
-                              "r_merge": per_batch.r_merge[per_batch.dataset == d],
-                              "i_over_sigma": per_batch.i_over_sigma_mean[per_batch.dataset == d]}
-        for d in np.unique(per_batch.dataset)}
-    extras["normalised_deviations"] = ms.normalised_deviations(
-        obs.miller_index, obs.intensity, sigma, obs.space_group)
-    return stats, anomalous, extras, notes
-
-
 def _stats_table(stats) -> str:
     return str(stats.as_table())
 
@@ -153,20 +118,30 @@ def _merge(files: list[str], params, log) -> int:
              len(obs), len(merged), t_merge, params.output.mtz)
     if merged.truncation:
         log.info("French-Wilson: %s", ", ".join(f"{k} {v}" for k, v in merged.truncation.items()))
+    from ..report import statistics_for_report
+
     with progress("merging statistics"):
-        stats, anomalous_stats, extras, notes = _statistics(obs, params, log)
-    for note in notes:
-        log.info("%s", note)
+        inputs = statistics_for_report(obs, n_bins=params.n_bins, anomalous=params.anomalous,
+                                       use_internal_variance=params.use_internal_variance)
+    stats, anomalous_stats, resolution = (inputs.statistics, inputs.anomalous_statistics,
+                                          inputs.resolution)
+    for note in inputs.notes:
+        log.warning("%s", note)
     if stats is not None:
         log.info("\n%s", _stats_table(stats))
     if anomalous_stats is not None:
         log.info("\n%s", _stats_table(anomalous_stats))
-    summary = _summary(obs, merged)
+    if resolution is not None:
+        log.info("\n%s", resolution.summary())
+    report_arguments = inputs.report_arguments()
+    summary = _summary(obs, merged) + report_arguments.pop("summary")
     if params.output.json:
-        document = {"summary": dict(summary), "notes": notes,
+        document = {"summary": dict(summary), "notes": inputs.notes,
                     "statistics": json.loads(stats.as_json()) if stats else None,
                     "anomalous_statistics": (json.loads(anomalous_stats.as_json())
-                                             if anomalous_stats else None)}
+                                             if anomalous_stats else None),
+                    "resolution_estimate": (_json_safe(resolution.as_dict())
+                                            if resolution is not None else None)}
         with open(params.output.json, "w", encoding="utf-8") as f:
             json.dump(_json_safe(document), f, indent=1)
         log.info("wrote %s", params.output.json)
@@ -175,9 +150,9 @@ def _merge(files: list[str], params, log) -> int:
 
         with progress("HTML report"):
             t1 = time.perf_counter()
-            write_html_report(params.output.html, statistics=stats, merged=merged,
-                              experiments=experiments, summary=summary, notes=notes,
-                              title="xtalscale merge report", **extras)
+            write_html_report(params.output.html, merged=merged, experiments=experiments,
+                              summary=summary, title="xtalscale merge report",
+                              **report_arguments)
         log.info("wrote %s (%.2f s)", params.output.html, time.perf_counter() - t1)
     return 0
 

@@ -129,8 +129,8 @@ def summarise_mtz(path: Any) -> str:
     data = np.asarray(mtz.array)
     out = [f"MTZ file {path}", f"  title: {mtz.title.strip()}",
            f"  rows: {mtz.nreflections}",
-           f"  space group: {mtz.spacegroup.hm if mtz.spacegroup else 'unknown'}"
-           f" ({mtz.spacegroup.number if mtz.spacegroup else '-'})",
+           (f"  space group: {mtz.spacegroup.hm if mtz.spacegroup else 'unknown'}"
+            f" ({mtz.spacegroup.number if mtz.spacegroup else '-'})"),
            f"  unit cell: {' '.join(f'{p:.3f}' for p in mtz.cell.parameters)}",
            f"  resolution: {mtz.resolution_high():.3f} - {mtz.resolution_low():.3f} Å"
            if mtz.nreflections else "  resolution: -",

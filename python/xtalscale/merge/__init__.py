@@ -9,8 +9,9 @@ Entry points for pipelines (and the scaling job)::
     merged = merge_observations(obs, anomalous=True, truncate=True)  # IMEAN, I(±), F, DANO, N
     write_merged_mtz("merged.mtz", merged)
 
-:func:`run_merge` does the whole ``xtalscale merge`` job from PHIL parameters
-(:data:`~xtalscale.merge.params.phil_scope`).
+``xtalscale merge`` (:mod:`xtalscale.cli.merge`) runs these with the PHIL parameters of
+:mod:`xtalscale.merge.params`, adds the merging statistics (:mod:`xtalscale.merging_statistics`)
+and writes the HTML report (:func:`xtalscale.report.write_html_report`).
 """
 from __future__ import annotations
 

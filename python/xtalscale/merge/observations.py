@@ -160,8 +160,9 @@ def _batches_from_z(experiments, table) -> np.ndarray:
 def observations_from_mtz(path: Any) -> ScaledObservations:
     """Scaled observations from a scaled unmerged MTZ (AIMLESS or dials.export/scale).
 
-    ``I``/``SIGI`` are used as they are (already scaled); rows with missing or non-positive
-    σ, or excluded by the reader (rejected summed partials), are left out.
+    The file's scaled ``I``/``SIGI`` are used (the reader's ``intensity.scale.*`` divided by
+    ``SCALEUSED``, which gives them back); rows with missing or non-positive σ, or excluded
+    by the reader (rejected summed partials), are left out.
 
     Raises
     ------
@@ -185,6 +186,11 @@ def observations_from_mtz(path: Any) -> ScaledObservations:
         raise MtzFormatError(f"{source}: no intensity column (I/SIGI or IPR/SIGIPR)")
     intensity = np.asarray(table[f"intensity.{kind}.value"], dtype=np.float64)
     variance = np.asarray(table[f"intensity.{kind}.variance"], dtype=np.float64)
+    if kind == "scale" and "inverse_scale_factor" in table:
+        # the reader keeps DIALS's convention: intensity.scale.* = I·g (raw), scaled = raw / g
+        g = np.asarray(table["inverse_scale_factor"], dtype=np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            intensity, variance = intensity / g, variance / (g * g)
     flags = np.asarray(table["flags"]).astype(np.uint64)
     hkl = np.asarray(table["miller_index"], dtype=np.int32).reshape(-1, 3)
     keep, excluded = _mask_counts({

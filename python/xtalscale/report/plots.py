@@ -39,7 +39,9 @@ def _resolution_axis(d_star_sq: np.ndarray, n_ticks: int = 6) -> dict:
 
 
 def _figure(traces: list, title: str, xaxis: dict, yaxis: dict, **layout: Any) -> dict:
-    return {"data": traces, "layout": {"title": {"text": title}, "xaxis": xaxis,
+    # title at the left: plotly's mode bar sits at the top right
+    return {"data": traces, "layout": {"title": {"text": title, "x": 0.02, "xanchor": "left"},
+                                       "xaxis": xaxis,
                                        "yaxis": yaxis, "margin": {"t": 60, "b": 110},
                                        "legend": {"orientation": "h", "y": -0.3},
                                        **layout}}
@@ -86,8 +88,10 @@ def resolution_plots(bins: Sequence[Mapping]) -> dict:
         if cc_anom is not None:
             traces.append({"x": _finite_list(x), "y": _finite_list(cc_anom), "type": "scatter",
                            "mode": "lines+markers", "name": "CCano"})
+        lowest = min(float(np.nanmin(cc)), float(np.nanmin(cc_anom)) if cc_anom is not None
+                     else 0.0, -0.1)
         plots["cc_one_half"] = _figure(traces, "CC½ against resolution", axis,
-                                       {"title": {"text": "CC"}, "range": [-0.1, 1.05]})
+                                       {"title": {"text": "CC"}, "range": [lowest - 0.05, 1.05]})
     for key, title, label in (("i_over_sigma_mean", "⟨I/σ(I)⟩ against resolution", "⟨I/σ⟩"),
                               ("completeness", "Completeness against resolution",
                                "Completeness (%)"),
