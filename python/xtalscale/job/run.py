@@ -71,35 +71,17 @@ def exclusion_summary(table: Any) -> list[tuple[str, int]]:
             ("outliers", int(outlier.sum()))]
 
 
-def _statistics(experiments: Any, table: Any, params: Any) -> tuple[Any, Any, dict]:
-    """Merging statistics of the scaled rows, the scaled observations and report extras."""
+def _statistics(experiments: Any, table: Any, params: Any) -> tuple[Any, Any]:
+    """The report inputs (statistics, per-batch, deviations, resolution) of the scaled rows,
+    and the scaled observations they were computed on."""
     from ..merge.observations import observations_from_reflections
-    from ..merging_statistics import (
-        batch_statistics,
-        dataset_statistics,
-        normalised_deviations,
-    )
+    from ..report import statistics_for_report
 
     obs = observations_from_reflections(experiments, table)
-    sigma = np.sqrt(obs.variance)
-    stats = dataset_statistics.from_arrays(obs.miller_index, obs.intensity, sigma, obs.space_group,
-                                           obs.unit_cell, n_bins=int(params.output.merging.nbins),
-                                           anomalous=False,
-                                           use_internal_variance=bool(params.output.use_internal_variance))
-    extras: dict = {}
-    try:
-        per_batch = batch_statistics(obs.miller_index, obs.intensity, sigma, obs.batch, obs.space_group,
-                                     dataset=obs.dataset)
-        extras["batch_statistics"] = {
-            f"dataset {int(d)}": {"batch": per_batch.batch[per_batch.dataset == d],
-                                  "r_merge": per_batch.r_merge[per_batch.dataset == d],
-                                  "i_over_sigma": per_batch.i_over_sigma_mean[per_batch.dataset == d]}
-            for d in np.unique(per_batch.dataset)}
-        extras["normalised_deviations"] = normalised_deviations(obs.miller_index, obs.intensity, sigma,
-                                                                obs.space_group)
-    except ValueError as exc:
-        logger.info("batch statistics not computed: %s", exc)
-    return stats, obs, extras
+    inputs = statistics_for_report(obs, n_bins=int(params.output.merging.nbins),
+                                   anomalous=bool(params.anomalous),
+                                   use_internal_variance=bool(params.output.use_internal_variance))
+    return inputs, obs
 
 
 def _add_reference(inputs: Any, path: str) -> int:
@@ -187,15 +169,23 @@ def run_scale_job(params: Any, files: Sequence[str]) -> ScaleJobResult:
     if len(table) != n_in:
         raise RuntimeError(f"internal error: {n_in} rows read but {len(table)} to write")
 
-    stats = obs = None
-    extras: dict = {}
+    stats = obs = report_inputs = None
     if algorithm.scaled:
         t0 = time.perf_counter()
         try:
-            stats, obs, extras = _statistics(experiments, table, params)
-            logger.info("\n%s", stats.as_table())
+            report_inputs, obs = _statistics(experiments, table, params)
         except ValueError as exc:
             logger.warning("merging statistics not computed: %s", exc)
+        if report_inputs is not None:
+            stats = report_inputs.statistics
+            for note in report_inputs.notes:
+                logger.info("%s", note)
+            if stats is not None:
+                logger.info("\n%s", stats.as_table())
+            if report_inputs.anomalous_statistics is not None:
+                logger.info("\n%s", report_inputs.anomalous_statistics.as_table())
+            if report_inputs.resolution is not None and report_inputs.resolution.d_min is not None:
+                logger.info("resolution estimate (CC½ fit, 0.3): %.2f Å", report_inputs.resolution.d_min)
         timings["statistics"] = time.perf_counter() - t0
     result.statistics = stats
 
@@ -228,10 +218,13 @@ def run_scale_job(params: Any, files: Sequence[str]) -> ScaleJobResult:
         t0 = time.perf_counter()
         from ..report import write_html_report
 
-        summary = [(k, str(v)) for k, v in exclusion_summary(table)]
-        notes = [] if algorithm.scaled else [getattr(algorithm, "no_equivalents", None) or "not scaled"]
-        write_html_report(out.html, statistics=stats, merged=merged, experiments=experiments,
-                          summary=summary, notes=notes, title="xtalscale scale report", **extras)
+        arguments = report_inputs.report_arguments() if report_inputs is not None else {"notes": []}
+        arguments["summary"] = [(k, str(v)) for k, v in exclusion_summary(table)] + list(
+            arguments.get("summary", []))
+        if not algorithm.scaled:
+            arguments["notes"] = [getattr(algorithm, "no_equivalents", None) or "not scaled"]
+        write_html_report(out.html, merged=merged, experiments=experiments,
+                          title="xtalscale scale report", **arguments)
         result.files["html"] = out.html
         timings["report"] = time.perf_counter() - t0
     logger.info("\nrows: %s", "; ".join(f"{k}: {v}" for k, v in exclusion_summary(table)))
