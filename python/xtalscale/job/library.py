@@ -92,7 +92,7 @@ def scale_against_target(reflection_table: Any, experiment: Any, target_reflecti
 def merging_stats_from_scaled_array(experiments: Any, reflections: Any, n_bins: int = 20,
                                     use_internal_variance: bool = False) -> Any:
     """Merging statistics of scaled reflections (iotbx conventions)."""
-    from ..merging_statistics import dataset_statistics
+    from ..stats.merging import MergingStatistics
 
-    return dataset_statistics.from_reflections(experiments, reflections, n_bins=n_bins,
+    return MergingStatistics.from_reflections(experiments, reflections, n_bins=n_bins,
                                                use_internal_variance=use_internal_variance)
