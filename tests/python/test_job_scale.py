@@ -59,7 +59,9 @@ def test_sweep20_profile_simple_free_set(tmp_path):
     assert gemmi.read_mtz_file(str(tmp_path / "unmerged.mtz")).nreflections > 2300
     assert json.loads((tmp_path / "stats.json").read_text())
     assert (tmp_path / "xtalscale.scale.html").stat().st_size > 10000
-    assert "Merging statistics" in (tmp_path / "xtalscale.scale.log").read_text()
+    log = (tmp_path / "xtalscale.scale.log").read_text()
+    assert "Merging statistics" in log
+    assert "work/free: Rmeas" in log  # use_free_set=1 reports the work and free groups
 
 
 def test_sweep20_standard_consecutive_combine(tmp_path):

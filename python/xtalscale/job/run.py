@@ -34,6 +34,7 @@ class ScaleJobResult:
     files: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
     n_rows_in: int = 0
+    work_free: dict | None = None
 
 
 def _output_paths(params: Any) -> list[str]:
@@ -82,6 +83,30 @@ def _statistics(experiments: Any, table: Any, params: Any) -> tuple[Any, Any]:
                                    anomalous=bool(params.anomalous),
                                    use_internal_variance=bool(params.output.use_internal_variance))
     return inputs, obs
+
+
+def work_free_statistics(algorithm: Any, obs: Any, params: Any) -> dict[str, dict[str, float]] | None:
+    """Rmeas and CC½ of the work and free groups (``use_free_set``), as DIALS reports them."""
+    from ..stats.merging import MergingStatistics
+    from ..symmetry import map_to_asu
+
+    free_hkl = getattr(algorithm.scaler, "free_asu_hkl", None)
+    if free_hkl is None or obs is None or len(free_hkl) == 0:
+        return None
+    asu = map_to_asu(obs.miller_index, obs.space_group, anomalous=bool(params.anomalous)).asu_hkl
+
+    def keys(h: np.ndarray) -> np.ndarray:
+        h = h.astype(np.int64) + (1 << 20)
+        return (h[:, 0] << 42) | (h[:, 1] << 21) | h[:, 2]
+
+    is_free = np.isin(keys(asu), keys(np.asarray(free_hkl)))
+    sigma = np.sqrt(obs.variance)
+    out = {}
+    for name, rows in (("work", ~is_free), ("free", is_free)):
+        s = MergingStatistics.from_arrays(obs.miller_index[rows], obs.intensity[rows], sigma[rows],
+                                          obs.space_group, obs.unit_cell, n_bins=1).overall
+        out[name] = {"r_meas": float(s.r_meas), "cc_one_half": float(s.cc_one_half), "n_obs": int(s.n_obs)}
+    return out
 
 
 def _add_reference(inputs: Any, path: str) -> int:
@@ -169,7 +194,7 @@ def run_scale_job(params: Any, files: Sequence[str]) -> ScaleJobResult:
     if len(table) != n_in:
         raise RuntimeError(f"internal error: {n_in} rows read but {len(table)} to write")
 
-    stats = obs = report_inputs = None
+    stats = obs = report_inputs = result_free = None
     if algorithm.scaled:
         t0 = time.perf_counter()
         try:
@@ -184,10 +209,23 @@ def run_scale_job(params: Any, files: Sequence[str]) -> ScaleJobResult:
                 logger.info("\n%s", stats.as_table())
             if report_inputs.anomalous_statistics is not None:
                 logger.info("\n%s", report_inputs.anomalous_statistics.as_table())
+            work_free = work_free_statistics(algorithm, obs, params) if params.scaling_options.use_free_set \
+                else None
+            if work_free:
+                result_free = work_free
+                logger.info("work/free: Rmeas %.4f / %.4f, CC½ %.4f / %.4f (%d / %d observations)",
+                            work_free["work"]["r_meas"], work_free["free"]["r_meas"],
+                            work_free["work"]["cc_one_half"], work_free["free"]["cc_one_half"],
+                            work_free["work"]["n_obs"], work_free["free"]["n_obs"])
+                report_inputs.notes.append(
+                    "Work/free Rmeas {:.4f}/{:.4f}, CC½ {:.4f}/{:.4f}".format(
+                        work_free["work"]["r_meas"], work_free["free"]["r_meas"],
+                        work_free["work"]["cc_one_half"], work_free["free"]["cc_one_half"]))
             if report_inputs.resolution is not None and report_inputs.resolution.d_min is not None:
                 logger.info("resolution estimate (CC½ fit, 0.3): %.2f Å", report_inputs.resolution.d_min)
         timings["statistics"] = time.perf_counter() - t0
     result.statistics = stats
+    result.work_free = result_free
 
     t0 = time.perf_counter()
     out = params.output

@@ -84,6 +84,7 @@ class ScalerBase:
         self.timings: dict[str, float] = {}
         self.n_threads = max(1, int(getattr(params.scaling_options, "nproc", 1)))
         self.error_model: Any = None
+        self.free_asu_hkl: np.ndarray | None = None
         self._observers: dict[str, list] = {}
 
     # ------------------------------------------------------------------ properties
@@ -155,6 +156,9 @@ class ScalerBase:
         self.Ih_table = IhTable(tables, self.space_group, indices_lists=indices, nblocks=1,
                                 free_set_percentage=pct, free_set_offset=int(so.free_set_offset),
                                 anomalous=bool(self._params.anomalous))
+        free = self.Ih_table.extract_free_set() if pct > 0 else None
+        # the free groups' ASU indices, for work/free statistics after scaling
+        self.free_asu_hkl = None if free is None else np.unique(np.asarray(free.asu_miller_index), axis=0)
         if self.error_model is not None or any(ds.error_model is not None for ds in self.datasets):
             for block in self.Ih_table.blocked_data_list:
                 for k, ds in enumerate(self.datasets):
