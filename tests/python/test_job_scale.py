@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 from xtalscale.cli import main
 from xtalscale.experiments import ExperimentList
 from xtalscale.job.algorithm import ScalingAlgorithm
@@ -205,3 +206,12 @@ def test_targeted_against_a_scaled_reference(tmp_path):
     o = _stats(expts, table)
     assert o.r_pim < 0.024 and o.cc_one_half > 0.995 and o.n_obs > 2000
     assert json.loads((tmp_path / "ref20.expt").read_text())["scaling_model"][0] == ref_model
+
+
+@pytest.mark.parametrize("source", ["xds_hewl_ssad_snippets/INTEGRATE.HKL", "mtz_hypf_mosflm/hypf_unmerged.mtz.gz"])
+def test_xds_and_unmerged_mtz_inputs(tmp_path, source):
+    """Self-contained inputs (no s1 column: the physical model has no absorption term)."""
+    expts, table = _scale(tmp_path, [str(DATA.parent / source)], "output.html=None")
+    assert len(expts) >= 1 and np.count_nonzero(table.get_flags(Flags.scaled)) > 100
+    g = np.asarray(table["inverse_scale_factor"])[np.asarray(table.get_flags(Flags.scaled))]
+    assert np.all(np.isfinite(g)) and np.all(g > 0)

@@ -462,7 +462,17 @@ def _make_dataset(params: Any, experiment: Any, table: Any) -> Dataset:
         model = existing if hasattr(existing, "components") else model_from_dict(existing)
     else:
         name = params.model or _auto_model(experiment)
-        model = create_scaling_model(name, params, experiment, sub)
+        if name == "physical" and "s1" not in table and params.physical.absorption_correction is not False:
+            # MTZ and XDS inputs carry no scattering vectors: no absorption surface for them
+            logger.info("experiment %s: no s1 column, so no absorption correction", experiment.identifier)
+            saved = params.physical.absorption_correction, params.physical.absorption_level
+            params.physical.absorption_correction, params.physical.absorption_level = False, None
+            try:
+                model = create_scaling_model(name, params, experiment, sub)
+            finally:
+                params.physical.absorption_correction, params.physical.absorption_level = saved
+        else:
+            model = create_scaling_model(name, params, experiment, sub)
     model.configure_components(sub, experiment, params)
     experiment.scaling_model = model
     return Dataset(experiment, table, model, suitable, np.zeros(int(suitable.sum()), bool))
