@@ -268,7 +268,7 @@ class ScalingAlgorithm:
 
 def _with_columns_of(table: Any, template: Any) -> Any:
     """``table`` with the columns of ``template`` (missing ones zero-filled, extra ones dropped)."""
-    for name in template.keys():
+    for name in template.keys():  # noqa: SIM118 (a reflection table, not a dict)
         if name not in table:
             col = template[name]
             table[name] = type(col)(len(table))

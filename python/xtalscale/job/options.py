@@ -99,7 +99,7 @@ class ArgumentParser:
 
         ``-h`` prints the help and ``-c`` the configuration, then exit with status 0 (as DIALS).
         """
-        from .inputs import InputError, file_kind, load_inputs
+        from .inputs import file_kind, load_inputs
 
         words = list(sys.argv[1:] if args is None else args)
         options, rest = self._flags.parse_known_args(words)
@@ -132,10 +132,7 @@ class ArgumentParser:
                 print("The following parameters have been modified:\n\n" + diff)
         reflections, experiments = [], []
         if files:
-            try:
-                loaded = load_inputs(files)
-            except InputError:
-                raise
+            loaded = load_inputs(files)
             for table, source in zip(loaded.tables, loaded.sources):
                 reflections.append(FilenameDataWrapper(source.split(" + ")[0], table))
             experiments.append(FilenameDataWrapper(

@@ -473,7 +473,7 @@ def _suggest(name: str, paths: Sequence[str]) -> str:
 
 def _interpret(interpreter: Any, word: str, paths: Sequence[str]) -> Any:
     """One ``key=value`` word as a PHIL object, or a PhilError naming the nearest names."""
-    key, sep, value = word.partition("=")
+    key, sep, _ = word.partition("=")
     if not sep or not key.strip():
         raise PhilError(f"malformed parameter {word!r}: expected name=value")
     try:

@@ -269,7 +269,7 @@ def run_scale_job(params: Any, files: Sequence[str]) -> ScaleJobResult:
     for text, number in algorithm.reasons.reasons.items():
         if number:
             logger.info("  %-45s %d", text, number)
-    for kind, path in result.files.items():
+    for path in result.files.values():
         logger.info("wrote %s", path)
     return result
 

@@ -218,7 +218,10 @@ class ScalerBase:
                         tolerance: float | None = None) -> None:
         """One round of minimisation over the minimisation table."""
         from ..fit import ScalingTarget, scaling_refinery
-        from ..parameter_managers import multi_active_parameter_manager, scaling_active_parameter_manager
+        from ..parameter_managers import (
+            multi_active_parameter_manager,
+            scaling_active_parameter_manager,
+        )
 
         t0 = time.perf_counter()
         ref_params = self._params.refinement
