@@ -452,6 +452,9 @@ DIFFERING_DEFAULTS: tuple[tuple[str, str, str], ...] = (
     ("refinement.engine", "LevMar", "SimpleLBFGS"),
     ("output.log", "xtalscale.scale.log", "dials.scale.log"),
     ("output.html", "xtalscale.scale.html", "dials.scale.html"),
+    ("reflection_selection.Isigma_range", "2.0, 0.0 (spec §8.3)", "-5.0, 0.0 in the current source"),
+    ("reflection_selection.min_partiality", "0.25 (spec §8.3)", "0.95 in the current source"),
+    ("reflection_selection.seed", "42 (new: seeded numpy selections)", "scitbx's generator seeded at import"),
 )
 
 
