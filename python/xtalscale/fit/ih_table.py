@@ -102,7 +102,7 @@ class IhTableBlock:
         for k, v in cols.items():
             self._cols.setdefault(k, []).append(v)
         self._group_parts.append(groups)
-        self._hkl_parts.append(np.asarray(hkl).reshape(n, -1) if hkl is not None else np.zeros((n, 3), np.int32))
+        self._hkl_parts.append(np.asarray(hkl).reshape(n, 3) if hkl is not None else np.zeros((n, 3), np.int32))
         self.block_selections[dataset_id] = np.asarray(cols["loc_indices"], dtype=np.int64)
         self.dataset_info[dataset_id] = {"start_index": self._n_filled, "end_index": self._n_filled + n}
         self._n_filled += n
@@ -397,7 +397,7 @@ class IhTable:
                                        if _has(table, "inverse_scale_factor") else np.ones(rows.size))
         for name in extra:
             out[name] = np.asarray(_column(table, name))[rows]
-        out["loc_indices"] = np.arange(rows.size, dtype=np.int64) if sel is None else np.arange(rows.size, dtype=np.int64)
+        out["loc_indices"] = rows  # rows of the input table (DIALS block_selections)
         return out
 
     def _asu(self, table: Any, sel: np.ndarray | None, i: int) -> np.ndarray:

@@ -80,11 +80,11 @@ class ScalingTarget:
             r_sq += float(np.sum(block.weights * r * r))
             n += block.size
         if self.param_restraints:
-            restraints = apm.compute_restraints_residuals_and_gradients(apm)
+            restraints = apm.compute_restraints_functional_gradients(apm)  # residuals w p²
             if restraints is None:
                 self.param_restraints = False
             else:
-                r_sq += float(np.sum(np.asarray(restraints[2]) * np.asarray(restraints[0]) ** 2))
+                r_sq += float(np.sum(restraints[0]))
         return [float(np.sqrt(r_sq / n))] if n else [0.0]
 
     # ---------------------------------------------------------------- DIALS static pieces
