@@ -13,28 +13,34 @@ namespace {
 
 std::string block_name(std::size_t b) { return "block " + std::to_string(b); }
 
+// Build the message only on failure: these checks run once per element on every call.
+#define XS_REQUIRE(cond, msg)                         \
+  do {                                                \
+    if (!(cond)) throw std::invalid_argument(msg);    \
+  } while (0)
+
 void check_csr(const ModelBlock& block, std::size_t b, std::size_t n_params) {
   const DerivativesView& v = block.view;
-  require(v.column_offset + v.n_cols <= n_params,
+  XS_REQUIRE(v.column_offset + v.n_cols <= n_params,
           block_name(b) + ": column_offset + n_cols = " + std::to_string(v.column_offset + v.n_cols) +
               " exceeds the parameter count " + std::to_string(n_params));
-  require(v.n_rows == 0 || v.scales != nullptr, block_name(b) + ": scales missing");
+  XS_REQUIRE(v.n_rows == 0 || v.scales != nullptr, block_name(b) + ": scales missing");
   if (v.n_cols == 0 && v.indptr == nullptr) return;  // a block with no active parameters
-  require(v.indptr != nullptr, block_name(b) + ": indptr missing");
-  require(v.indptr[0] == 0, block_name(b) + ": indptr[0] must be 0");
+  XS_REQUIRE(v.indptr != nullptr, block_name(b) + ": indptr missing");
+  XS_REQUIRE(v.indptr[0] == 0, block_name(b) + ": indptr[0] must be 0");
   for (std::size_t r = 0; r < v.n_rows; ++r) {
     const std::int64_t lo = v.indptr[r];
     const std::int64_t hi = v.indptr[r + 1];
-    require(hi >= lo, block_name(b) + ": indptr decreases at row " + std::to_string(r));
+    XS_REQUIRE(hi >= lo, block_name(b) + ": indptr decreases at row " + std::to_string(r));
     for (std::int64_t e = lo; e < hi; ++e) {
       const std::int32_t c = v.indices[e];
-      require(c >= 0 && static_cast<std::size_t>(c) < v.n_cols,
+      XS_REQUIRE(c >= 0 && static_cast<std::size_t>(c) < v.n_cols,
               block_name(b) + ": column index " + std::to_string(c) + " out of range at row " +
                   std::to_string(r));
-      require(e == lo || c > v.indices[e - 1],
+      XS_REQUIRE(e == lo || c > v.indices[e - 1],
               block_name(b) + ": column indices must be strictly increasing within a row (row " +
                   std::to_string(r) + "); pass a canonical CSR matrix");
-      require(std::isfinite(v.values[e]),
+      XS_REQUIRE(std::isfinite(v.values[e]),
               block_name(b) + ": derivative not finite at row " + std::to_string(r));
     }
   }
@@ -43,21 +49,52 @@ void check_csr(const ModelBlock& block, std::size_t b, std::size_t n_params) {
 }  // namespace
 
 void check_grouped_observations(const GroupedObservations& t) {
-  require(t.group_offsets != nullptr, "group_offsets missing");
-  require(t.group_offsets[0] == 0, "group_offsets[0] must be 0");
+  XS_REQUIRE(t.group_offsets != nullptr, "group_offsets missing");
+  XS_REQUIRE(t.group_offsets[0] == 0, "group_offsets[0] must be 0");
   for (std::size_t h = 0; h < t.n_groups; ++h)
-    require(t.group_offsets[h + 1] >= t.group_offsets[h],
+    XS_REQUIRE(t.group_offsets[h + 1] >= t.group_offsets[h],
             "group_offsets must be non-decreasing (group " + std::to_string(h) + ")");
-  require(static_cast<std::size_t>(t.group_offsets[t.n_groups]) == t.n_obs,
+  XS_REQUIRE(static_cast<std::size_t>(t.group_offsets[t.n_groups]) == t.n_obs,
           "group_offsets must end at the observation count " + std::to_string(t.n_obs));
   require_finite(t.intensities, t.n_obs, "intensities");
   require_finite(t.weights, t.n_obs, "weights");
   for (std::size_t i = 0; i < t.n_obs; ++i)
-    require(t.weights[i] >= 0.0, "weights must be >= 0 (row " + std::to_string(i) + ")");
+    XS_REQUIRE(t.weights[i] >= 0.0, "weights must be >= 0 (row " + std::to_string(i) + ")");
 }
 
+namespace {
+
+void check_values(const ModelBlock& block, std::size_t b, std::size_t n_params) {
+  const DerivativesView& v = block.view;
+  XS_REQUIRE(v.column_offset + v.n_cols <= n_params,
+             block_name(b) + ": column_offset + n_cols exceeds the parameter count " +
+                 std::to_string(n_params));
+  bool ok = true;
+  for (std::size_t r = 0; r < v.n_rows; ++r) ok &= std::isfinite(v.scales[r]) && v.scales[r] > 0.0;
+  const std::size_t nnz = v.indptr ? static_cast<std::size_t>(v.indptr[v.n_rows]) : 0;
+  for (std::size_t e = 0; e < nnz; ++e) ok &= std::isfinite(v.values[e]);
+  if (ok) return;
+  for (std::size_t r = 0; r < v.n_rows; ++r)
+    XS_REQUIRE(std::isfinite(v.scales[r]) && v.scales[r] > 0.0,
+               block_name(b) + ": scale at row " + std::to_string(r) + " is " +
+                   std::to_string(v.scales[r]) + " (scales must be finite and > 0)");
+  throw std::invalid_argument(block_name(b) + ": derivatives must be finite");
+}
+
+}  // namespace
+
 void check_model_blocks(const GroupedObservations& t, const std::vector<ModelBlock>& blocks,
-                        std::size_t n_params) {
+                        std::size_t n_params, bool structure) {
+  if (!structure) {
+    std::size_t total = 0;
+    for (std::size_t b = 0; b < blocks.size(); ++b) {
+      check_values(blocks[b], b, n_params);
+      total += blocks[b].view.n_rows;
+    }
+    XS_REQUIRE(total == t.n_obs, "the model blocks cover " + std::to_string(total) +
+                                     " rows but the table has " + std::to_string(t.n_obs));
+    return;
+  }
   std::vector<unsigned char> covered(t.n_obs, 0);
   std::size_t total = 0;
   for (std::size_t b = 0; b < blocks.size(); ++b) {
@@ -66,20 +103,20 @@ void check_model_blocks(const GroupedObservations& t, const std::vector<ModelBlo
     check_csr(block, b, n_params);
     for (std::size_t r = 0; r < v.n_rows; ++r) {
       const std::int64_t row = block.table_rows ? block.table_rows[r] : static_cast<std::int64_t>(r);
-      require(row >= 0 && static_cast<std::size_t>(row) < t.n_obs,
+      XS_REQUIRE(row >= 0 && static_cast<std::size_t>(row) < t.n_obs,
               block_name(b) + ": table row " + std::to_string(row) + " out of range at row " +
                   std::to_string(r));
-      require(!covered[static_cast<std::size_t>(row)],
+      XS_REQUIRE(!covered[static_cast<std::size_t>(row)],
               block_name(b) + ": table row " + std::to_string(row) + " is mapped twice");
       covered[static_cast<std::size_t>(row)] = 1;
       const double g = v.scales[r];
-      require(std::isfinite(g) && g > 0.0,
+      XS_REQUIRE(std::isfinite(g) && g > 0.0,
               block_name(b) + ": scale at row " + std::to_string(r) + " is " + std::to_string(g) +
                   " (scales must be finite and > 0)");
     }
     total += v.n_rows;
   }
-  require(total == t.n_obs, "the model blocks cover " + std::to_string(total) +
+  XS_REQUIRE(total == t.n_obs, "the model blocks cover " + std::to_string(total) +
                                 " rows but the table has " + std::to_string(t.n_obs));
 }
 
