@@ -31,7 +31,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .components import product_rule
-from .dials_scaling_ext import row_multiply
+from .scaling_utilities import row_multiply
 
 __all__ = [
     "ParameterManagerError",
