@@ -533,58 +533,6 @@ void validate_csr(std::size_t n_rows, std::size_t n_cols, const std::int64_t* in
     require_index(static_cast<std::ptrdiff_t>(indices[k]), n_cols, what);
 }
 
-std::size_t product_rule_indptr(std::size_t n, const ComponentBlock* blocks, std::size_t k,
-                                std::int64_t* out_indptr) {
-  std::int64_t nnz = 0;
-  out_indptr[0] = 0;
-  for (std::size_t i = 0; i < n; ++i) {
-    for (std::size_t c = 0; c < k; ++c) nnz += blocks[c].row_start(i + 1) - blocks[c].row_start(i);
-    out_indptr[i + 1] = nnz;
-  }
-  return static_cast<std::size_t>(nnz);
-}
-
-template <typename I>
-void product_rule_fill(std::size_t n, const ComponentBlock* blocks, std::size_t k,
-                       const std::int64_t* out_indptr, I* out_indices, double* out_data,
-                       double* g) {
-  constexpr std::size_t kStack = 16;
-  std::vector<double> heap;
-  double prefix_stack[kStack + 1];
-  double* prefix = prefix_stack;
-  if (k > kStack) {
-    heap.resize(k + 1);
-    prefix = heap.data();
-  }
-  for (std::size_t i = 0; i < n; ++i) {
-    prefix[0] = 1.0;
-    for (std::size_t c = 0; c < k; ++c) prefix[c + 1] = prefix[c] * blocks[c].scales[i];
-    g[i] = prefix[k];
-    // Walk the components backwards with a running suffix product: others = prefix·suffix.
-    double suffix = 1.0;
-    std::int64_t end = out_indptr[i + 1];
-    for (std::size_t c = k; c-- > 0;) {
-      const ComponentBlock& b = blocks[c];
-      const double others = prefix[c] * suffix;
-      const std::int64_t first = b.row_start(i), last = b.row_start(i + 1);
-      const std::int64_t start = end - (last - first);
-      for (std::int64_t q = first; q < last; ++q) out_data[start + (q - first)] = b.data[q] * others;
-      if (out_indices != nullptr)
-        for (std::int64_t q = first; q < last; ++q)
-          out_indices[start + (q - first)] = static_cast<I>(b.indices[q] + b.col_offset);
-      end = start;
-      suffix *= b.scales[i];
-    }
-  }
-}
-
-template XTALSCALE_EXPORT void product_rule_fill<std::int32_t>(std::size_t, const ComponentBlock*,
-                                                               std::size_t, const std::int64_t*,
-                                                               std::int32_t*, double*, double*);
-template XTALSCALE_EXPORT void product_rule_fill<std::int64_t>(std::size_t, const ComponentBlock*,
-                                                               std::size_t, const std::int64_t*,
-                                                               std::int64_t*, double*, double*);
-
 WeightMatrix::WeightMatrix(std::size_t n_rows, std::size_t n_cols,
                            std::vector<std::int32_t> indptr, std::vector<std::int32_t> indices,
                            std::vector<double> data, std::vector<double> first_col,

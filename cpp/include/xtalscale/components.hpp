@@ -139,41 +139,6 @@ XTALSCALE_EXPORT void validate_csr(std::size_t n_rows, std::size_t n_cols,
                                    const std::int64_t* indptr, const std::int64_t* indices,
                                    std::size_t nnz, const char* what);
 
-/// One component's contribution to a model: its scales and its CSR derivative block.
-/// The row starts are either 32- or 64-bit (exactly one of indptr32/indptr64 is set).
-struct ComponentBlock {
-  const double* scales = nullptr;            ///< n scale factors s_c
-  const std::int32_t* indptr32 = nullptr;    ///< n+1 row starts of ∂s_c/∂p_c (32-bit), or
-  const std::int64_t* indptr64 = nullptr;    ///< the same as 64-bit integers
-  const std::int32_t* indices = nullptr;     ///< column within the component
-  const double* data = nullptr;              ///< derivative values
-  std::int64_t col_offset = 0;               ///< first column of this component in the model
-  /// Start of row i (i = n gives nnz).
-  std::int64_t row_start(std::size_t i) const noexcept {
-    return indptr32 != nullptr ? indptr32[i] : indptr64[i];
-  }
-};
-
-/// Product rule for a model g = Π_c s_c (spec §2, §5.4): pass 1 writes the row starts of
-/// ∂g/∂p (out_indptr[0..n]) and returns its nnz.
-XTALSCALE_EXPORT std::size_t product_rule_indptr(std::size_t n, const ComponentBlock* blocks,
-                                                 std::size_t k, std::int64_t* out_indptr);
-
-/// Pass 2: g[i] = Π_c s_c[i] and row i of ∂g/∂p = [∂s_c/∂p_c[i, :] · Π_{c'≠c} s_c'[i]] for each
-/// c, columns shifted by col_offset (prefix/suffix products, so a zero scale is handled). Index
-/// type @p I of the output is int32_t or int64_t. With @p out_indices null only g and the
-/// values are written (the sparsity pattern of a previous call is being reused).
-template <typename I>
-void product_rule_fill(std::size_t n, const ComponentBlock* blocks, std::size_t k,
-                       const std::int64_t* out_indptr, I* out_indices, double* out_data,
-                       double* g);
-extern template XTALSCALE_EXPORT void product_rule_fill<std::int32_t>(
-    std::size_t, const ComponentBlock*, std::size_t, const std::int64_t*, std::int32_t*, double*,
-    double*);
-extern template XTALSCALE_EXPORT void product_rule_fill<std::int64_t>(
-    std::size_t, const ComponentBlock*, std::size_t, const std::int64_t*, std::int64_t*, double*,
-    double*);
-
 /// The normalised weight matrix of a smooth component for one block of reflections: built
 /// once (it depends only on the coordinates and the smoother settings), validated once, then
 /// reused on every call since only the parameters change. With a fixed first parameter, its
