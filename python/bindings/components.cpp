@@ -94,8 +94,19 @@ components::WeightMatrix weight_matrix_d(const std::vector<DoubleArray>& coords,
   std::vector<double> data(capacity), first_col(first_fixed ? n : 0);
   {
     py::gil_scoped_release release;  // pure C++ over converted buffers
-    std::size_t nnz = components::dials_weight_matrix<D>(smoother, n, cptr, indptr.data(),
-                                                         indices.data(), data.data());
+    // Exactness policy (components.hpp, dials_weight_matrix_1d): 1-D blocks keep DIALS's
+    // operations; 2-D/3-D go through the smoother's bulk kernel. first_fixed is applied below,
+    // so that p₀'s weights are kept in first_col.
+    std::size_t nnz = 0;
+    if constexpr (D == 1) {
+      nnz = components::dials_weight_matrix_1d(smoother, n, cptr[0], indptr.data(),
+                                               indices.data(), data.data());
+    } else {
+      const std::vector<double> zeros(n_values, 0.0);  // values are not computed here
+      nnz = smoother.template multi_value_weight<std::int32_t>(
+          n, cptr, zeros.data(), n_values, nullptr, nullptr, indptr.data(), indices.data(),
+          data.data(), WeightMode::normalised);
+    }
     if (first_fixed)
       nnz = components::split_first_column(n, indptr.data(), indices.data(), data.data(),
                                            first_col.data());

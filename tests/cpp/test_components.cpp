@@ -145,18 +145,17 @@ TEST_CASE("DIALS weight matrix: spec 9.1 weights at x = 0.5 on (0, 10) with 10 i
   const double x[2] = {0.5, 10.0};
   std::int32_t indptr[3], indices[6];
   double data[6];
-  const std::size_t nnz = c::dials_weight_matrix<1>(smoother, 2, {x}, indptr, indices, data);
+  const std::size_t nnz = c::dials_weight_matrix_1d(smoother, 2, x, indptr, indices, data);
   CHECK(nnz == 5 && indptr[1] == 3);  // x = 10 is the clipped 2-point window {10, 11}
   const double sumw = 1.259845216610119;
   CHECK_CLOSE(data[0], 0.12992260830505953 / sumw, 1e-16);
   CHECK_CLOSE(data[1], 1.0 / sumw, 1e-16);
   CHECK(indices[3] == 10 && indices[4] == 11);
   const double bad[1] = {NAN};
-  CHECK_THROWS_AS(c::dials_weight_matrix<1>(smoother, 1, {bad}, indptr, indices, data),
+  CHECK_THROWS_AS(c::dials_weight_matrix_1d(smoother, 1, bad, indptr, indices, data),
                   std::invalid_argument);
 }
 
-XS_TEST_MAIN()
 
 TEST_CASE("model block: product rule of two terms, including a zero scale and a fixed factor") {
   // Term A: 2 rows, 1 column (dA/dp = 1); term B: 2 rows, 2 columns; F: fixed factor 2.
@@ -214,3 +213,5 @@ TEST_CASE("model block: exp-factor and scale terms share nothing mutable") {
     CHECK_CLOSE(one.view().values[2 * i + 1], 2.0 * std::exp(0.1 * f) * f, 1e-14);
   }
 }
+
+XS_TEST_MAIN()

@@ -1,7 +1,8 @@
 /// @file components.hpp
 /// @brief Kernels behind the scale components (spec §2): CSR weight-matrix helpers, fused exp
 /// scales and derivatives, CSR products and the SH surface. The smoother weights themselves come
-/// from xtalscale/smoother.hpp (GaussianSmoother<D>::multi_value_weight, normalised mode).
+/// from xtalscale/smoother.hpp (GaussianSmoother<D>::multi_value_weight, normalised mode; the
+/// 1-D DIALS-exact rows from SmootherAxis::eval).
 ///
 /// Every kernel works on caller-owned, row-major buffers so the Python layer can hand numpy
 /// arrays in and out without copies. A CSR matrix here is (indptr[n_rows+1], indices[nnz],
@@ -21,25 +22,18 @@
 
 namespace xtalscale::components {
 
-/// Normalised weights w_j/Σw of @p smoother at n points (coords[a][i]) as CSR, computed
-/// exactly as DIALS does: w = exp(−ds·ds) with ds = (z − pos)/σ in 1D, and
-/// w = exp(−Σ_a (z_a − pos_a)²/σ²) in 2D/3D, each row scaled by 1/Σw. Windows come from the
-/// smoother's axes. This runs once per block, so it favours DIALS's bits over speed.
+/// Normalised weights w_j/Σw of a 1-D @p smoother at n points x[i] as CSR, with DIALS's own
+/// operations (SmootherAxis::eval: w = exp(−ds·ds), ds = (z − pos)/σ, each row scaled by 1/Σw),
+/// so the weights are DIALS's bit for bit. The exactness policy: 1-D blocks up to
+/// lean_min_reflections use this (DIALS's tests compare these weights exactly); 2-D/3-D blocks
+/// and large 1-D blocks use the smoother's bulk kernel (GaussianSmoother::multi_value_weight,
+/// within ~1e-15 relative of DIALS; golden DIALS scales still agree to 1e-12).
 /// @p indices / @p data need capacity n·smoother.max_row_nnz(); returns nnz. Throws
-/// std::invalid_argument naming "x", "y" or "z" for a non-finite coordinate.
-template <int D>
-std::size_t dials_weight_matrix(const GaussianSmoother<D>& smoother, std::size_t n,
-                                const std::array<const double*, D>& coords, std::int32_t* indptr,
-                                std::int32_t* indices, double* data);
-extern template XTALSCALE_EXPORT std::size_t dials_weight_matrix<1>(
-    const GaussianSmoother<1>&, std::size_t, const std::array<const double*, 1>&, std::int32_t*,
-    std::int32_t*, double*);
-extern template XTALSCALE_EXPORT std::size_t dials_weight_matrix<2>(
-    const GaussianSmoother<2>&, std::size_t, const std::array<const double*, 2>&, std::int32_t*,
-    std::int32_t*, double*);
-extern template XTALSCALE_EXPORT std::size_t dials_weight_matrix<3>(
-    const GaussianSmoother<3>&, std::size_t, const std::array<const double*, 3>&, std::int32_t*,
-    std::int32_t*, double*);
+/// std::invalid_argument naming "x" for a non-finite coordinate.
+XTALSCALE_EXPORT std::size_t dials_weight_matrix_1d(const GaussianSmoother<1>& smoother,
+                                                   std::size_t n, const double* x,
+                                                   std::int32_t* indptr, std::int32_t* indices,
+                                                   double* data);
 
 /// Move column 0 of a CSR matrix out into a dense vector, in place: for each row whose first
 /// stored column is 0, first_col[row] receives that entry and it is removed; every other column
