@@ -481,16 +481,31 @@ std::size_t smooth_1d_apply(const GaussianSmoother<1>& smoother, std::size_t n, 
   return nnz;
 }
 
+namespace {
+
+/// validate_csr for either index width; messages are built only on failure.
+template <typename I>
+void validate_csr_any(std::size_t n_rows, std::size_t n_cols, const I* indptr, const I* indices,
+                      std::size_t nnz, const char* what) {
+  const auto fail = [what](const char* problem) {
+    throw std::invalid_argument(std::string(what) + ": " + problem);
+  };
+  if (indptr[0] != 0) fail("indptr must start at 0");
+  for (std::size_t i = 0; i < n_rows; ++i)
+    if (indptr[i + 1] < indptr[i]) fail("indptr must be non-decreasing");
+  if (static_cast<std::size_t>(indptr[n_rows]) != nnz)
+    fail("indptr must end at the number of stored entries");
+  const auto limit = static_cast<std::int64_t>(n_cols);
+  for (std::size_t k = 0; k < nnz; ++k)
+    if (indices[k] < 0 || static_cast<std::int64_t>(indices[k]) >= limit)
+      require_index(static_cast<std::ptrdiff_t>(indices[k]), n_cols, what);
+}
+
+}  // namespace
+
 void validate_csr(std::size_t n_rows, std::size_t n_cols, const std::int64_t* indptr,
                   const std::int64_t* indices, std::size_t nnz, const char* what) {
-  const std::string name = what;
-  require(indptr[0] == 0, name + ": indptr must start at 0");
-  for (std::size_t i = 0; i < n_rows; ++i)
-    require(indptr[i + 1] >= indptr[i], name + ": indptr must be non-decreasing");
-  require(static_cast<std::size_t>(indptr[n_rows]) == nnz,
-          name + ": indptr must end at the number of stored entries");
-  for (std::size_t k = 0; k < nnz; ++k)
-    require_index(static_cast<std::ptrdiff_t>(indices[k]), n_cols, what);
+  validate_csr_any(n_rows, n_cols, indptr, indices, nnz, what);
 }
 
 WeightMatrix::WeightMatrix(std::size_t n_rows, std::size_t n_cols,
@@ -508,9 +523,8 @@ WeightMatrix::WeightMatrix(std::size_t n_rows, std::size_t n_cols,
   require(indices_.size() == data_.size(), "indices and data must have the same length");
   require(fixed_ ? first_col_.size() == n_rows_ : first_col_.empty(),
           "first_col must have one entry per row with a fixed first parameter, else be empty");
-  std::vector<std::int64_t> ip(indptr_.begin(), indptr_.end());
-  std::vector<std::int64_t> ix(indices_.begin(), indices_.end());
-  validate_csr(n_rows_, n_cols_, ip.data(), ix.data(), data_.size(), "weight matrix");
+  validate_csr_any(n_rows_, n_cols_, indptr_.data(), indices_.data(), data_.size(),
+                   "weight matrix");
 }
 
 void WeightMatrix::values(const double* p, double* out) const {

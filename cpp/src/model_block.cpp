@@ -27,18 +27,22 @@ void check_held(const void* data, std::size_t size, std::size_t n, const char* n
 }
 
 /// Checks a CSR pattern (n_rows × n_cols, ascending columns within a row); returns its nnz.
+/// Messages are built only on failure.
 std::size_t check_pattern(std::size_t n_rows, std::size_t n_cols, const std::int64_t* indptr,
                           const std::int32_t* indices) {
-  require(indptr[0] == 0, "derivatives indptr must start at 0");
+  const auto fail = [](const std::string& problem) {
+    throw std::invalid_argument("derivatives " + problem);
+  };
+  if (indptr[0] != 0) fail("indptr must start at 0");
+  const auto limit = static_cast<std::int64_t>(n_cols);
   for (std::size_t i = 0; i < n_rows; ++i) {
-    require(indptr[i + 1] >= indptr[i], "derivatives indptr must be non-decreasing");
+    if (indptr[i + 1] < indptr[i]) fail("indptr must be non-decreasing");
     for (std::int64_t q = indptr[i]; q < indptr[i + 1]; ++q) {
-      require(indices[q] >= 0 && static_cast<std::size_t>(indices[q]) < n_cols,
-              "derivatives indices must lie in [0, n_cols) (got " + std::to_string(indices[q]) +
-                  " in row " + std::to_string(i) + ")");
-      require(q == indptr[i] || indices[q] > indices[q - 1],
-              "derivatives indices must be ascending within a row (row " + std::to_string(i) +
-                  ")");
+      if (indices[q] < 0 || indices[q] >= limit)
+        fail("indices must lie in [0, n_cols) (got " + std::to_string(indices[q]) + " in row " +
+             std::to_string(i) + ")");
+      if (q > indptr[i] && indices[q] <= indices[q - 1])
+        fail("indices must be ascending within a row (row " + std::to_string(i) + ")");
     }
   }
   return static_cast<std::size_t>(indptr[n_rows]);
