@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_physical_model import build_model, make_data, lean_call  # noqa: E402
+from bench_physical_model import build_model, lean_call, make_data  # noqa: E402
 
 import xtalscale  # noqa: E402
 from xtalscale import components as xs_components  # noqa: E402
