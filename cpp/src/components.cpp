@@ -12,22 +12,14 @@
 
 #include <Eigen/Core>
 
+#include "internal/kernel_support.hpp"  // XS_MULTIVERSION, exp_guarded, with_window_width
 #include "xtalscale/check.hpp"
 #include "xtalscale/smoother.hpp"  // exp_bounded
 
 namespace xtalscale::components {
-namespace {
 
-/// In-place exp over an array, written so the compiler can vectorise it (no libm call, no
-/// branch). Callers use it only when every argument lies in [-700, 700], where exp_bounded is
-/// within ~2 ulp of std::exp; otherwise they fall back to std::exp for IEEE overflow/underflow.
-void exp_inplace(std::size_t n, double* x) noexcept {
-  for (std::size_t i = 0; i < n; ++i) {
-    x[i] = exp_bounded(x[i]);
-  }
-}
-
-}  // namespace
+using detail::exp_guarded;
+using detail::with_window_width;
 std::size_t dials_weight_matrix_1d(const GaussianSmoother<1>& smoother, std::size_t n,
                                    const double* x, std::int32_t* indptr, std::int32_t* indices,
                                    double* data) {
@@ -89,13 +81,7 @@ void csr_matvec(std::size_t n_rows, const std::int32_t* indptr, const std::int32
 void exp_scales(std::size_t n, const double* factor, double coef, double* scales,
                 double* derivs) {
   for (std::size_t i = 0; i < n; ++i) scales[i] = coef * factor[i];
-  bool outside = false;
-  for (std::size_t i = 0; i < n; ++i) outside |= !(scales[i] >= -700.0 && scales[i] <= 700.0);
-  if (outside) {
-    for (std::size_t i = 0; i < n; ++i) scales[i] = std::exp(coef * factor[i]);
-  } else {
-    exp_inplace(n, scales);
-  }
+  exp_guarded(n, scales);
   if (derivs != nullptr)
     for (std::size_t i = 0; i < n; ++i) derivs[i] = scales[i] * factor[i];
 }
@@ -105,16 +91,8 @@ void smooth_b_scales(std::size_t n_rows, const std::int32_t* indptr, const std::
                      const double* factor, double* scales, double* d_data) {
   // Three passes so the exp pass vectorises: B(x)·factor, exp, then the row-scaled weights.
   csr_matvec(n_rows, indptr, indices, data, p, first_col, p0, scales);
-  bool outside = false;
-  for (std::size_t i = 0; i < n_rows; ++i) {
-    scales[i] *= factor[i];
-    outside |= !(scales[i] >= -700.0 && scales[i] <= 700.0);
-  }
-  if (outside) {
-    for (std::size_t i = 0; i < n_rows; ++i) scales[i] = std::exp(scales[i]);
-  } else {
-    exp_inplace(n_rows, scales);
-  }
+  for (std::size_t i = 0; i < n_rows; ++i) scales[i] *= factor[i];
+  exp_guarded(n_rows, scales);
   if (d_data == nullptr) return;
   for (std::size_t i = 0; i < n_rows; ++i) {
     const double r = scales[i] * factor[i];
@@ -142,14 +120,8 @@ void sh_scales(std::size_t n, std::size_t n_params, const double* harmonics, con
 }
 
 namespace {
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && \
-    defined(__linux__)
-#define XS_SH_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define XS_SH_MULTIVERSION
-#endif
 /// The float32 GEMV, also compiled for AVX2+FMA (picked at run time).
-XS_SH_MULTIVERSION void sh_scales_f32_impl(std::size_t n, std::size_t n_params,
+XS_MULTIVERSION void sh_scales_f32_impl(std::size_t n, std::size_t n_params,
                                            const float* harmonics, const double* coef,
                                            double* scales) {
   const std::size_t p = n_params, p4 = p - p % 4;
@@ -311,27 +283,14 @@ std::size_t smooth_1d_eval(const GaussianSmoother<1>& smoother, std::size_t n, c
     double* dd = indptr != nullptr ? data + nnz : nullptr;
     const double* xs = x + start;
     double* s = scales + start;
-    std::size_t got = 0;
-    switch (width) {
-      case 1: got = smooth_1d_chunk<1>(ax, sigma, m, xs, x_shift, p, first_fixed, s, ip, ix, dd); break;
-      case 2: got = smooth_1d_chunk<2>(ax, sigma, m, xs, x_shift, p, first_fixed, s, ip, ix, dd); break;
-      case 3: got = smooth_1d_chunk<3>(ax, sigma, m, xs, x_shift, p, first_fixed, s, ip, ix, dd); break;
-      case 4: got = smooth_1d_chunk<4>(ax, sigma, m, xs, x_shift, p, first_fixed, s, ip, ix, dd); break;
-      default: got = smooth_1d_chunk<5>(ax, sigma, m, xs, x_shift, p, first_fixed, s, ip, ix, dd); break;
-    }
-    nnz += got;
+    nnz += with_window_width<1>(width, [&](auto w) {
+      return smooth_1d_chunk<decltype(w)::value>(ax, sigma, m, xs, x_shift, p, first_fixed, s, ip,
+                                                 ix, dd);
+    });
   }
   if (d != nullptr) {
-    bool outside = false;
-    for (std::size_t i = 0; i < n; ++i) {
-      scales[i] *= 1.0 / (2.0 * d[i] * d[i]);
-      outside |= !(scales[i] >= -700.0 && scales[i] <= 700.0);
-    }
-    if (outside) {
-      for (std::size_t i = 0; i < n; ++i) scales[i] = std::exp(scales[i]);
-    } else {
-      exp_inplace(n, scales);
-    }
+    for (std::size_t i = 0; i < n; ++i) scales[i] *= 1.0 / (2.0 * d[i] * d[i]);
+    exp_guarded(n, scales);
     if (indptr != nullptr)
       for (std::size_t i = 0; i < n; ++i) {
         const double r = scales[i] * (1.0 / (2.0 * d[i] * d[i]));
@@ -364,7 +323,7 @@ std::size_t smooth_1d_prepare(const GaussianSmoother<1>& smoother, std::size_t n
     q[i] = far ? std::numeric_limits<double>::quiet_NaN() : arg;
   }
   if (n_far == 0) {
-    exp_inplace(n, q);
+    for (std::size_t i = 0; i < n; ++i) q[i] = exp_bounded(q[i]);  // every argument in range
   } else {
     for (std::size_t i = 0; i < n; ++i)
       if (!std::isnan(q[i])) q[i] = exp_bounded(q[i]);
@@ -374,27 +333,12 @@ std::size_t smooth_1d_prepare(const GaussianSmoother<1>& smoother, std::size_t n
 
 namespace {
 
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && \
-    defined(__linux__)
-#define XS_LEAN_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define XS_LEAN_MULTIVERSION
-#endif
-
 /// s[j] = exp(s[j]·fac[j]) over a chunk, vectorised (and compiled for AVX2+FMA too, picked at
 /// run time: FMA may change the last bit, within exp_bounded's ~2 ulp). std::exp for a chunk
 /// with an argument outside [−700, 700], so overflow/underflow follow IEEE as elsewhere.
-XS_LEAN_MULTIVERSION void exp_times(std::size_t m, double* s, const double* fac) {
-  bool outside = false;
-  for (std::size_t j = 0; j < m; ++j) {
-    s[j] *= fac[j];
-    outside |= !(s[j] >= -700.0 && s[j] <= 700.0);
-  }
-  if (outside) {
-    for (std::size_t j = 0; j < m; ++j) s[j] = std::exp(s[j]);
-    return;
-  }
-  for (std::size_t j = 0; j < m; ++j) s[j] = exp_bounded(s[j]);
+XS_MULTIVERSION void exp_times(std::size_t m, double* s, const double* fac) {
+  for (std::size_t j = 0; j < m; ++j) s[j] *= fac[j];
+  exp_guarded(m, s);  // inlined, so compiled for each target of this function
 }
 
 /// Rows of the held-window kernel for a compile-time window bound W (see smooth_1d_apply).
@@ -444,8 +388,10 @@ __attribute__((always_inline)) inline std::size_t smooth_1d_apply_w(const Smooth
   return nnz;
 }
 
-/// The row loop for every window bound, compiled for AVX2+FMA too (picked at run time).
-XS_LEAN_MULTIVERSION std::size_t smooth_1d_apply_any(
+/// The row loop for every window bound, compiled for AVX2+FMA too (picked at run time). The
+/// width switch is written out (not detail::with_window_width): a lambda would be a separate
+/// function that the target clones do not cover.
+XS_MULTIVERSION std::size_t smooth_1d_apply_any(
     int width, const SmootherAxis& ax, double sigma, std::size_t n, const double* x,
     double x_shift, const std::uint16_t* window, const double* q, const double* p,
     bool first_fixed, const double* factor, double* scales, std::int32_t* indptr,
