@@ -15,4 +15,7 @@ PYBIND11_MODULE(_core, m) {
   xtalscale::py_bind::bind_grouping(grouping);
   auto fit = m.def_submodule("fit", "Fit kernels: Ih table, target, normal equations");
   xtalscale::py_bind::bind_fit(fit);
+  auto model_block = m.def_submodule(
+      "model_block", "Model blocks: g and dg/dp of a model's components (the fit contract)");
+  xtalscale::py_bind::bind_model_block(model_block);
 }
