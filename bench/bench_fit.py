@@ -159,7 +159,7 @@ def main():
     args = (offsets, inten, w, blocks, P)
     res = {}
     for nt in (1, 2):
-        t = best_time(lambda: core_fit.functional_and_gradient(*args, n_threads=nt, check_structure=False), 5)
+        t = best_time(lambda nt=nt: core_fit.functional_and_gradient(*args, n_threads=nt, check_structure=False), 5)
         res[("fg", nt)] = t
         print(f"f+g            {nt} thread(s): {t / n * 1e9:7.1f} ns/obs")
     t_np = best_time(lambda: numpy_f_g(*args), 2)
@@ -167,7 +167,7 @@ def main():
     print(f"f+g with the full structure check (first call): {t_chk / n * 1e9:7.1f} ns/obs")
     print(f"f+g numpy reference:       {t_np / n * 1e9:7.1f} ns/obs  (C++ 1 thread is {t_np / res[('fg', 1)]:.1f}x faster)")
     for nt in (1, 2):
-        t = best_time(lambda: core_fit.normal_equations(*args, kind="dials", n_threads=nt, check_structure=False), 2)
+        t = best_time(lambda nt=nt: core_fit.normal_equations(*args, kind="dials", n_threads=nt, check_structure=False), 2)
         res[("ne", nt)] = t
         print(f"normal matrix  {nt} thread(s): {t / n * 1e9:7.1f} ns/obs")
     sub = min(n, 200_000)

@@ -167,6 +167,22 @@ class ModelBlockData:
         self.column_offset = int(column_offset)
         self.table_rows = None if table_rows is None else np.ascontiguousarray(table_rows, dtype=np.int64)
 
+    #: per model-block object: (block, pattern version, indptr, indices) of the last wrap
+    _patterns: dict[int, tuple[Any, int, np.ndarray, np.ndarray]] = {}
+
+    @classmethod
+    def from_model_block(cls, block: Any, table_rows: Any = None) -> "ModelBlockData":
+        """Wrap an evaluated C++ ``xtalscale._core.model_block.ModelBlock`` (its DerivativesView)
+        without copies. While the block's pattern ``version`` is unchanged the same
+        ``indptr``/``indices`` objects are reused, so their structure is checked only once."""
+        cached = cls._patterns.get(id(block))
+        if cached is not None and cached[0] is block and cached[1] == block.version:
+            indptr, indices = cached[2], cached[3]
+        else:
+            indptr, indices = block.indptr, block.indices
+            cls._patterns[id(block)] = (block, block.version, indptr, indices)
+        return cls(block.scales, (indptr, indices, block.values, block.n_cols), block.column_offset, table_rows)
+
     @property
     def derivatives(self) -> sp.csr_matrix:
         return sp.csr_matrix((self.values, self.indices, self.indptr), shape=(self.scales.size, self.n_cols))
