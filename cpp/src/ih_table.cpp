@@ -7,7 +7,7 @@
 #include "fit_parallel.hpp"
 #include "xtalscale/check.hpp"
 
-namespace xtalscale {
+namespace xtalscale::fit {
 
 namespace {
 
@@ -19,7 +19,7 @@ std::string block_name(std::size_t b) { return "block " + std::to_string(b); }
     if (!(cond)) throw std::invalid_argument(msg);    \
   } while (0)
 
-void check_csr(const ModelBlock& block, std::size_t b, std::size_t n_params) {
+void check_csr(const FitBlock& block, std::size_t b, std::size_t n_params) {
   const DerivativesView& v = block.view;
   XS_REQUIRE(v.column_offset + v.n_cols <= n_params,
           block_name(b) + ": column_offset + n_cols = " + std::to_string(v.column_offset + v.n_cols) +
@@ -64,7 +64,7 @@ void check_grouped_observations(const GroupedObservations& t) {
 
 namespace {
 
-void check_values(const ModelBlock& block, std::size_t b, std::size_t n_params) {
+void check_values(const FitBlock& block, std::size_t b, std::size_t n_params) {
   const DerivativesView& v = block.view;
   XS_REQUIRE(v.column_offset + v.n_cols <= n_params,
              block_name(b) + ": column_offset + n_cols exceeds the parameter count " +
@@ -83,7 +83,7 @@ void check_values(const ModelBlock& block, std::size_t b, std::size_t n_params) 
 
 }  // namespace
 
-void check_model_blocks(const GroupedObservations& t, const std::vector<ModelBlock>& blocks,
+void check_model_blocks(const GroupedObservations& t, const std::vector<FitBlock>& blocks,
                         std::size_t n_params, bool structure) {
   if (!structure) {
     std::size_t total = 0;
@@ -98,7 +98,7 @@ void check_model_blocks(const GroupedObservations& t, const std::vector<ModelBlo
   std::vector<unsigned char> covered(t.n_obs, 0);
   std::size_t total = 0;
   for (std::size_t b = 0; b < blocks.size(); ++b) {
-    const ModelBlock& block = blocks[b];
+    const FitBlock& block = blocks[b];
     const DerivativesView& v = block.view;
     check_csr(block, b, n_params);
     for (std::size_t r = 0; r < v.n_rows; ++r) {
@@ -120,11 +120,11 @@ void check_model_blocks(const GroupedObservations& t, const std::vector<ModelBlo
                                 " rows but the table has " + std::to_string(t.n_obs));
 }
 
-void gather_scales(const std::vector<ModelBlock>& blocks, double* g_table) {
+void gather_scales(const std::vector<FitBlock>& blocks, double* g_table) {
   const auto chunks = detail::block_chunks(blocks);
   detail::parallel_for(chunks.size(), 1, [&](std::size_t c) {
     const auto& ch = chunks[c];
-    const ModelBlock& block = blocks[ch.block];
+    const FitBlock& block = blocks[ch.block];
     for (std::size_t r = ch.first; r < ch.last; ++r)
       g_table[detail::table_row(block, r)] = block.view.scales[r];
   });
@@ -164,4 +164,4 @@ int max_threads() {
 #endif
 }
 
-}  // namespace xtalscale
+}  // namespace xtalscale::fit

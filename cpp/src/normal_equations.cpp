@@ -10,7 +10,7 @@
 
 #include "fit_parallel.hpp"
 
-namespace xtalscale {
+namespace xtalscale::fit {
 
 namespace {
 
@@ -73,10 +73,15 @@ std::vector<std::size_t> row_split(std::size_t n, int n_threads) {
   return bounds;
 }
 
-/// Σ_l c_l a_l a_lᵀ (rows lo..hi) and the rhs, in block/row order.
-void observation_terms(const std::vector<ModelBlock>& blocks, const RowTerms& rt, std::size_t n,
-                       std::size_t lo, std::size_t hi, double* matrix, double* rhs) {
-  for (const ModelBlock& block : blocks) {
+/// Σ_l c_l a_l a_lᵀ (rows lo..hi) and the rhs, in block/row order. Each row's entries are
+/// first copied to contiguous local arrays so the inner update is a plain indexed FMA loop on
+/// restrict pointers (no aliasing reloads).
+void observation_terms(const std::vector<FitBlock>& blocks, const RowTerms& rt, std::size_t n,
+                       std::size_t lo, std::size_t hi, double* __restrict matrix,
+                       double* __restrict rhs) {
+  std::vector<double> a;
+  std::vector<std::size_t> col;
+  for (const FitBlock& block : blocks) {
     const DerivativesView& v = block.view;
     const std::size_t off = v.column_offset;
     if (v.n_cols == 0 || off >= hi || off + v.n_cols <= lo) continue;
@@ -86,23 +91,30 @@ void observation_terms(const std::vector<ModelBlock>& blocks, const RowTerms& rt
       const double cr = rt.rhs[row];
       if (c == 0.0 && cr == 0.0) continue;
       const auto first = v.indptr[r];
-      const auto last = v.indptr[r + 1];
-      for (auto e1 = first; e1 < last; ++e1) {
-        const std::size_t c1 = off + static_cast<std::size_t>(v.indices[e1]);
-        if (c1 < lo) continue;
-        if (c1 >= hi) break;
-        const double a1 = v.values[e1];
-        rhs[c1] += cr * a1;
-        const double ca1 = c * a1;
-        double* out = matrix + c1 * n + off;
-        for (auto e2 = e1; e2 < last; ++e2) out[v.indices[e2]] += ca1 * v.values[e2];
+      const auto k = static_cast<std::size_t>(v.indptr[r + 1] - first);
+      a.resize(k);
+      col.resize(k);
+      double* __restrict av = a.data();
+      std::size_t* __restrict cv = col.data();
+      for (std::size_t e = 0; e < k; ++e) {
+        av[e] = v.values[first + static_cast<std::int64_t>(e)];
+        cv[e] = off + static_cast<std::size_t>(v.indices[first + static_cast<std::int64_t>(e)]);
+      }
+      std::size_t e1 = 0;
+      while (e1 < k && cv[e1] < lo) ++e1;
+      for (; e1 < k && cv[e1] < hi; ++e1) {
+        const std::size_t c1 = cv[e1];
+        rhs[c1] += cr * av[e1];
+        const double ca1 = c * av[e1];
+        double* __restrict out = matrix + c1 * n;
+        for (std::size_t e2 = e1; e2 < k; ++e2) out[cv[e2]] += ca1 * av[e2];
       }
     }
   }
 }
 
 /// − Σ_h (b bᵀ − [dials] e eᵀ)/S for rows lo..hi, in group order.
-void group_terms(const GroupedObservations& t, const std::vector<ModelBlock>& blocks,
+void group_terms(const GroupedObservations& t, const std::vector<FitBlock>& blocks,
                  const std::vector<std::int32_t>& src_block, const std::vector<std::int64_t>& src_row,
                  const RowTerms& rt, bool dials, std::size_t n, std::size_t lo, std::size_t hi,
                  double* matrix) {
@@ -151,7 +163,7 @@ void group_terms(const GroupedObservations& t, const std::vector<ModelBlock>& bl
 }  // namespace
 
 NormalEquationsSummary normal_equations(const GroupedObservations& t,
-                                        const std::vector<ModelBlock>& blocks, std::size_t n,
+                                        const std::vector<FitBlock>& blocks, std::size_t n,
                                         double* matrix, double* rhs, NormalMatrixKind kind,
                                         const double* fixed_Ih, int n_threads) {
   std::vector<double> g(t.n_obs);
@@ -182,4 +194,4 @@ NormalEquationsSummary normal_equations(const GroupedObservations& t,
   return {rt.r_sq, t.n_obs};
 }
 
-}  // namespace xtalscale
+}  // namespace xtalscale::fit

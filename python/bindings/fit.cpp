@@ -19,6 +19,8 @@
 namespace xtalscale::py_bind {
 namespace {
 
+using namespace xtalscale::fit;  // NOLINT: the fit kernels' types and functions
+
 using Int32Array = py::array_t<std::int32_t, py::array::c_style | py::array::forcecast>;
 using Int64Array = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
 
@@ -30,7 +32,7 @@ struct CallData {
   std::vector<Int64Array> indptr, rows;
   std::vector<Int32Array> indices;
   GroupedObservations table;
-  std::vector<ModelBlock> blocks;
+  std::vector<FitBlock> blocks;
 };
 
 void require_1d(const py::array& a, std::size_t n, const std::string& name) {
@@ -78,7 +80,7 @@ void load_blocks(CallData& d, const py::list& blocks, std::size_t n_params, bool
     const auto offset = item[5].cast<std::int64_t>();
     if (n_cols < 0 || offset < 0)
       throw std::invalid_argument(name + ": n_cols and column_offset must be >= 0");
-    ModelBlock mb;
+    FitBlock mb;
     mb.view.n_rows = n_rows;
     mb.view.n_cols = static_cast<std::size_t>(n_cols);
     mb.view.column_offset = static_cast<std::size_t>(offset);
