@@ -194,4 +194,47 @@ NormalEquationsSummary normal_equations(const GroupedObservations& t,
   return {rt.r_sq, t.n_obs};
 }
 
+void normal_matrix_diagonal(const GroupedObservations& t, const std::vector<FitBlock>& blocks,
+                            std::size_t n, double* diagonal, const double* fixed_Ih) {
+  std::vector<double> g(t.n_obs);
+  gather_scales(blocks, g.data());
+  const RowTerms rt = row_terms(t, g.data(), fixed_Ih);
+  std::fill(diagonal, diagonal + n, 0.0);
+  std::vector<std::int32_t> src_block(t.n_obs, 0);
+  std::vector<std::int64_t> src_row(t.n_obs, 0);
+  for (std::size_t b = 0; b < blocks.size(); ++b) {
+    const DerivativesView& v = blocks[b].view;
+    for (std::size_t r = 0; r < v.n_rows; ++r) {
+      const std::size_t row = detail::table_row(blocks[b], r);
+      src_block[row] = static_cast<std::int32_t>(b);
+      src_row[row] = static_cast<std::int64_t>(r);
+      for (auto e = v.indptr[r]; e < v.indptr[r + 1]; ++e)
+        diagonal[v.column_offset + static_cast<std::size_t>(v.indices[e])] +=
+            rt.obs[row] * v.values[e] * v.values[e];
+    }
+  }
+  if (fixed_Ih) return;
+  std::vector<double> bsum(n, 0.0);
+  std::vector<std::size_t> touched;
+  for (std::size_t h = 0; h < t.n_groups; ++h) {
+    if (rt.inv_s[h] == 0.0) continue;
+    touched.clear();
+    for (auto l = t.group_offsets[h]; l < t.group_offsets[h + 1]; ++l) {
+      const DerivativesView& v = blocks[static_cast<std::size_t>(src_block[l])].view;
+      const auto r = static_cast<std::size_t>(src_row[l]);
+      if (v.n_cols == 0) continue;
+      for (auto k = v.indptr[r]; k < v.indptr[r + 1]; ++k) {
+        const std::size_t c = v.column_offset + static_cast<std::size_t>(v.indices[k]);
+        if (bsum[c] == 0.0) touched.push_back(c);
+        bsum[c] += rt.b[l] * v.values[k];
+        if (bsum[c] == 0.0) bsum[c] = 1e-300;  // keep it marked as touched
+      }
+    }
+    for (std::size_t c : touched) {
+      diagonal[c] -= bsum[c] * bsum[c] * rt.inv_s[h];
+      bsum[c] = 0.0;
+    }
+  }
+}
+
 }  // namespace xtalscale::fit

@@ -161,6 +161,24 @@ py::tuple normal_equations_py(const Int64Array& offsets, const DoubleArray& inte
   return py::make_tuple(matrix, rhs, s.r_sq, s.n_equations);
 }
 
+DoubleArray normal_matrix_diagonal_py(const Int64Array& offsets, const DoubleArray& intensities,
+                                      const DoubleArray& weights, const py::list& blocks,
+                                      std::int64_t n_params, const std::optional<DoubleArray>& fixed_Ih,
+                                      bool check_structure) {
+  if (n_params < 0) throw std::invalid_argument("n_params must be >= 0");
+  CallData d;
+  load_table(d, offsets, intensities, weights);
+  load_blocks(d, blocks, static_cast<std::size_t>(n_params), check_structure);
+  const double* fixed = optional_rows(fixed_Ih, d.table.n_obs, "fixed_Ih");
+  DoubleArray diag(n_params);
+  {
+    py::gil_scoped_release release;
+    normal_matrix_diagonal(d.table, d.blocks, static_cast<std::size_t>(n_params),
+                           diag.mutable_data(), fixed);
+  }
+  return diag;
+}
+
 py::tuple calc_Ih_py(const Int64Array& offsets, const DoubleArray& intensities,
                      const DoubleArray& weights, const DoubleArray& g, int n_threads) {
   CallData d;
@@ -211,6 +229,10 @@ void bind_fit(py::module_& m) {
         py::arg("weights"), py::arg("blocks"), py::arg("n_params"), py::arg("kind") = "schur",
         py::arg("fixed_Ih") = py::none(), py::arg("n_threads") = 1, py::arg("check_structure") = true,
         "Normal matrix (Ih eliminated) and rhs -J^T W r: returns (matrix, rhs, r_sq, n_equations).");
+  m.def("normal_matrix_diagonal", &normal_matrix_diagonal_py, py::arg("group_offsets"),
+        py::arg("intensities"), py::arg("weights"), py::arg("blocks"), py::arg("n_params"),
+        py::arg("fixed_Ih") = py::none(), py::arg("check_structure") = true,
+        "Diagonal of the Ih-eliminated normal matrix (no P x P storage): an L-BFGS preconditioner.");
   m.def("calc_Ih", &calc_Ih_py, py::arg("group_offsets"), py::arg("intensities"),
         py::arg("weights"), py::arg("g"), py::arg("n_threads") = 1,
         "Per group Ih = sum wgI / sum wg^2 (0 if the sum is 0) and S = sum wg^2.");

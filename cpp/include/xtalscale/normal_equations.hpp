@@ -40,4 +40,11 @@ XTALSCALE_EXPORT NormalEquationsSummary normal_equations(
     NormalMatrixKind kind = NormalMatrixKind::schur, const double* fixed_Ih = nullptr,
     int n_threads = 1);
 
+/// Diagonal of the Ĩ-eliminated normal matrix (kind schur; obs term only with @p fixed_Ih) into
+/// @p diagonal (n_params): O(N k) + O(G u), no P x P storage. Used to precondition L-BFGS.
+XTALSCALE_EXPORT void normal_matrix_diagonal(const GroupedObservations& table,
+                                             const std::vector<FitBlock>& blocks,
+                                             std::size_t n_params, double* diagonal,
+                                             const double* fixed_Ih = nullptr);
+
 }  // namespace xtalscale::fit

@@ -29,6 +29,16 @@ def normal_equations(
     check_structure: bool = True,
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], float, int]: ...
 
+def normal_matrix_diagonal(
+    group_offsets: npt.ArrayLike,
+    intensities: npt.ArrayLike,
+    weights: npt.ArrayLike,
+    blocks: list[Any],
+    n_params: int,
+    fixed_Ih: npt.ArrayLike | None = None,
+    check_structure: bool = True,
+) -> npt.NDArray[np.float64]: ...
+
 def calc_Ih(
     group_offsets: npt.ArrayLike,
     intensities: npt.ArrayLike,

@@ -149,14 +149,18 @@ def _try_f_and_grad(objective: Objective, x: np.ndarray) -> tuple[float, np.ndar
 
 
 # --------------------------------------------------------------------------- L-BFGS
-def _two_loop(grad: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarray, float]]) -> np.ndarray:
+def _two_loop(grad: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarray, float]],
+              h0: np.ndarray | None = None) -> np.ndarray:
+    """L-BFGS direction; ``h0`` is a diagonal initial inverse Hessian (else the usual sᵀy/yᵀy)."""
     q = grad.copy()
     alphas = []
     for s, y, rho in reversed(pairs):
         a = rho * _dot(s, q)
         alphas.append(a)
         q -= a * y
-    if pairs:
+    if h0 is not None:
+        q *= h0
+    elif pairs:
         s, y, _ = pairs[-1]
         q *= _dot(s, y) / _dot(y, y)
     for (s, y, rho), a in zip(pairs, reversed(alphas)):
@@ -197,9 +201,31 @@ def _line_search(objective: Objective, x: np.ndarray, f0: float, g0: np.ndarray,
     return None
 
 
+def _preconditioner(objective: Objective, journal: Journal) -> np.ndarray | None:
+    """``1/(2 diag JᵀWJ)`` (the Gauss–Newton diagonal of ``Σ w r²``), or None if unavailable."""
+    getter = getattr(objective, "diagonal", None)
+    diag = getter() if getter is not None else None
+    if diag is None:
+        return None
+    diag = np.asarray(diag, dtype=np.float64)
+    good = np.isfinite(diag) & (diag > 0)
+    if not np.any(good):
+        return None
+    floor = 1e-12 * float(np.max(diag[good]))
+    h0 = 1.0 / (2.0 * np.where(good & (diag > floor), diag, np.max(diag[good])))
+    journal.messages.append("L-BFGS preconditioned by the diagonal of the Ĩ-eliminated normal matrix")
+    return h0
+
+
 def lbfgs(objective: Objective, max_iterations: int | None = None, rmsd_tolerance: float = 1e-4,
-          history: int = 5, journal: Journal | None = None) -> Journal:
-    """Minimise ``Σ w r²`` with L-BFGS; stops on DIALS's rules (spec 7.2)."""
+          history: int = 5, journal: Journal | None = None, precondition: bool = True) -> Journal:
+    """Minimise ``Σ w r²`` with L-BFGS; stops on DIALS's rules (spec 7.2).
+
+    With ``precondition`` (default) the initial inverse Hessian is the diagonal of the
+    Gauss–Newton matrix (one O(N k) C++ pass at the start): the scale, decay and absorption
+    parameters differ in curvature by orders of magnitude, and unpreconditioned L-BFGS (DIALS's)
+    under-converges on them. ``precondition=False`` is the plain scitbx-like algorithm.
+    """
     journal = journal or Journal(engine="SimpleLBFGS")
     t0 = time.perf_counter()
     x = objective.get_x().astype(np.float64).copy()
@@ -207,6 +233,7 @@ def lbfgs(objective: Objective, max_iterations: int | None = None, rmsd_toleranc
     if first is None:
         raise RefinementFailed("the starting parameters give non-finite scales or target", journal)
     f, g = first
+    h0 = _preconditioner(objective, journal) if precondition else None
     pairs: list[tuple[np.ndarray, np.ndarray, float]] = []
     iteration = 0
     while True:
@@ -217,11 +244,11 @@ def lbfgs(objective: Objective, max_iterations: int | None = None, rmsd_toleranc
         if max_iterations is not None and iteration >= max_iterations:
             journal.reason_for_termination = MAX_ITERATIONS
             break
-        d = _two_loop(g, pairs)
+        d = _two_loop(g, pairs, h0)
         if _dot(g, d) >= 0:  # not a descent direction: restart from steepest descent
             pairs.clear()
-            d = -g
-        alpha0 = 1.0 if pairs else min(1.0, 1.0 / gnorm)
+            d = -g if h0 is None else -h0 * g
+        alpha0 = 1.0 if (pairs or h0 is not None) else min(1.0, 1.0 / gnorm)
         found = _line_search(objective, x, f, g, d, alpha0, journal)
         if found is None:
             _try_set(objective, x)

@@ -106,6 +106,27 @@ class ScalerObjective:
             n_eq += len(r)
         return matrix, rhs, r_sq, n_eq
 
+    def diagonal(self) -> np.ndarray | None:
+        """Diagonal of JᵀWJ (Ĩ eliminated, restraints included): the L-BFGS preconditioner."""
+        inner = getattr(self.apm, "target", None) or self.target
+        if not hasattr(inner, "compute_normal_diagonal"):
+            return None
+        blocks = self._refresh()
+        diag = None
+        for block in blocks:
+            part = inner.compute_normal_diagonal(block)
+            diag = part if diag is None else diag + part
+        if diag is None:
+            return None
+        reduce = getattr(self.apm, "reducing_matrix", None)
+        if reduce is not None:
+            diag = np.asarray(reduce.multiply(reduce).T @ diag).ravel()
+        restraints = self.apm.compute_restraints_residuals_and_gradients(self.apm)
+        if restraints:
+            jac = sp.csr_matrix(restraints[1])
+            diag = diag + np.asarray(jac.multiply(jac).T @ np.asarray(restraints[2])).ravel()
+        return diag
+
     def objective_only(self) -> float:
         blocks = self._refresh()
         total = 0.0
@@ -294,6 +315,14 @@ class ModelObjective:
             r_sq += float(np.sum(w * self.x * self.x))
             n_eq += int(np.count_nonzero(w))
         return matrix, rhs, r_sq, n_eq
+
+    def diagonal(self) -> np.ndarray:
+        """Diagonal of the Ĩ-eliminated normal matrix (+ restraint weights): L-BFGS preconditioner."""
+        diag = self._checked_call(_fit.normal_matrix_diagonal, self.offsets, self.intensities, self.weights,
+                                  self._blocks, self.n_params, fixed_Ih=self.fixed_Ih)
+        if self.restraint_weights is not None:
+            diag = diag + self.restraint_weights
+        return diag
 
     def rmsd(self) -> float:
         """``sqrt((Σ w r² + Σ w p²) / n)`` (spec 6.7), reusing the functional of this point."""

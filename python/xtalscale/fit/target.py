@@ -158,6 +158,12 @@ class ScalingTarget:
         block.derivatives = None
         return matrix, rhs, r_sq, n_eq
 
+    def compute_normal_diagonal(self, block: Any) -> np.ndarray:
+        """Diagonal of the Ĩ-eliminated normal matrix of one block (L-BFGS preconditioner)."""
+        offsets, inten, w, models, n_params = block_kernel_arguments(block)
+        fixed = np.ascontiguousarray(block.Ih_values[block._order]) if self.fixed_Ih else None
+        return _fit.normal_matrix_diagonal(offsets, inten, w, models, n_params, fixed_Ih=fixed)
+
     # ---------------------------------------------------------------- restraints
     def compute_restraints_functional_gradients(self, apm: Any) -> list[Any] | None:
         if not self.param_restraints:
