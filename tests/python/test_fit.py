@@ -549,3 +549,33 @@ def test_cpp_model_blocks_with_a_python_term_refine_through_the_engine():
     np.testing.assert_allclose([x[2] - x[0], x[1], x[3]], [truth["b1"] - truth["b0"], truth["s1"], truth["c"]],
                                rtol=1e-6)
     assert obj.var_cov is not None and journal.reason_for_termination
+
+
+# ----------------------------------------------------------------------------- orders and sharing
+def test_consecutive_order_and_shared_component_refine():
+    tables, mdls, g_true, ds, sg = _truth_case(["scaled_30", "scaled_35"])
+    for m in mdls:
+        _reset(m)
+    scaler = BasicScaler(mdls, tables, sg)
+    target = ScalingTarget()
+    start = None
+    for apm in ScalingParameterManagerGenerator(mdls, target, "consecutive").parameter_managers():
+        refinery = scaling_refinery("LevMar", scaler, target, apm, 20)
+        journal = refinery.run()
+        start = journal.rows[0]["rmsd"] if start is None else start
+        assert journal.get_nrows() >= 1
+    assert journal.rows[-1]["rmsd"] < start
+    # the absorption surface shared by both sweeps: one set of 24 parameters, applied to both
+    for m in mdls:
+        _reset(m)
+    scaler = BasicScaler(mdls, tables, sg)
+    apm = next(iter(ScalingParameterManagerGenerator(mdls, ScalingTarget(), "concurrent",
+                                                     shared="absorption").parameter_managers()))
+    n_unshared = sum(c.n_params for m in mdls for n, c in m.components.items() if n != "absorption")
+    assert apm.n_active_params == n_unshared + 48 and len(apm.get_param_vals()) == n_unshared + 24
+    for engine in ("SimpleLBFGS", "LevMar"):
+        journal = scaling_refinery(engine, scaler, apm.target, apm, 50).run()
+        assert journal.rows[-1]["rmsd"] < journal.rows[0]["rmsd"] or journal.get_nrows() == 1
+    np.testing.assert_array_equal(mdls[0].components["absorption"].parameters,
+                                  mdls[1].components["absorption"].parameters)
+    assert np.all(np.isfinite(mdls[0].components["absorption"].free_parameter_esds))
