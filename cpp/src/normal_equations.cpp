@@ -74,13 +74,14 @@ std::vector<std::size_t> row_split(std::size_t n, int n_threads) {
 }
 
 /// Σ_l c_l a_l a_lᵀ (rows lo..hi) and the rhs, in block/row order. Each row's entries are
-/// first copied to contiguous local arrays so the inner update is a plain indexed FMA loop on
-/// restrict pointers (no aliasing reloads).
+/// copied to contiguous local arrays and split into runs of consecutive columns (a smoother
+/// window, the harmonics block): within a run the update is a contiguous, vectorisable loop.
+/// The order of additions into each matrix element is unchanged (row by row).
 void observation_terms(const std::vector<FitBlock>& blocks, const RowTerms& rt, std::size_t n,
                        std::size_t lo, std::size_t hi, double* __restrict matrix,
                        double* __restrict rhs) {
   std::vector<double> a;
-  std::vector<std::size_t> col;
+  std::vector<std::size_t> col, run_end;
   for (const FitBlock& block : blocks) {
     const DerivativesView& v = block.view;
     const std::size_t off = v.column_offset;
@@ -94,12 +95,16 @@ void observation_terms(const std::vector<FitBlock>& blocks, const RowTerms& rt, 
       const auto k = static_cast<std::size_t>(v.indptr[r + 1] - first);
       a.resize(k);
       col.resize(k);
+      run_end.resize(k);
       double* __restrict av = a.data();
       std::size_t* __restrict cv = col.data();
       for (std::size_t e = 0; e < k; ++e) {
         av[e] = v.values[first + static_cast<std::int64_t>(e)];
         cv[e] = off + static_cast<std::size_t>(v.indices[first + static_cast<std::int64_t>(e)]);
       }
+      // run_end[e]: one past the last entry of the consecutive-column run containing e
+      for (std::size_t e = k; e-- > 0;)
+        run_end[e] = (e + 1 < k && cv[e + 1] == cv[e] + 1) ? run_end[e + 1] : e + 1;
       std::size_t e1 = 0;
       while (e1 < k && cv[e1] < lo) ++e1;
       for (; e1 < k && cv[e1] < hi; ++e1) {
@@ -107,7 +112,14 @@ void observation_terms(const std::vector<FitBlock>& blocks, const RowTerms& rt, 
         rhs[c1] += cr * av[e1];
         const double ca1 = c * av[e1];
         double* __restrict out = matrix + c1 * n;
-        for (std::size_t e2 = e1; e2 < k; ++e2) out[cv[e2]] += ca1 * av[e2];
+        for (std::size_t e2 = e1; e2 < k;) {
+          const std::size_t end = run_end[e2];
+          double* __restrict o = out + cv[e2];
+          const double* __restrict src = av + e2;
+          const std::size_t len = end - e2;
+          for (std::size_t t = 0; t < len; ++t) o[t] += ca1 * src[t];
+          e2 = end;
+        }
       }
     }
   }
@@ -120,7 +132,7 @@ void group_terms(const GroupedObservations& t, const std::vector<FitBlock>& bloc
                  double* matrix) {
   std::vector<double> b(n, 0.0), e(n, 0.0);
   std::vector<unsigned char> seen(n, 0);
-  std::vector<std::size_t> touched;
+  std::vector<std::size_t> touched, run_end;
   for (std::size_t h = 0; h < t.n_groups; ++h) {
     const double inv_s = rt.inv_s[h];
     if (inv_s == 0.0) continue;
@@ -140,16 +152,29 @@ void group_terms(const GroupedObservations& t, const std::vector<FitBlock>& bloc
       }
     }
     std::sort(touched.begin(), touched.end());
-    for (std::size_t i = 0; i < touched.size(); ++i) {
+    // runs of consecutive columns: the rank-1 update is contiguous (vectorisable) within a run
+    const std::size_t m = touched.size();
+    run_end.resize(m);
+    for (std::size_t i = m; i-- > 0;)
+      run_end[i] = (i + 1 < m && touched[i + 1] == touched[i] + 1) ? run_end[i + 1] : i + 1;
+    for (std::size_t i = 0; i < m; ++i) {
       const std::size_t ci = touched[i];
       if (ci < lo || ci >= hi) continue;
       const double bi = b[ci] * inv_s;
       const double ei = e[ci] * inv_s;
-      double* out = matrix + ci * n;
-      for (std::size_t j = i; j < touched.size(); ++j) {
-        const std::size_t cj = touched[j];
-        out[cj] -= bi * b[cj];
-        if (dials) out[cj] += ei * e[cj];
+      double* __restrict out = matrix + ci * n;
+      for (std::size_t j = i; j < m;) {
+        const std::size_t first_col = touched[j];
+        const std::size_t len = run_end[j] - j;
+        double* __restrict o = out + first_col;
+        const double* __restrict bj = b.data() + first_col;
+        const double* __restrict ej = e.data() + first_col;
+        if (dials) {
+          for (std::size_t q = 0; q < len; ++q) o[q] += ei * ej[q] - bi * bj[q];
+        } else {
+          for (std::size_t q = 0; q < len; ++q) o[q] -= bi * bj[q];
+        }
+        j = run_end[j];
       }
     }
     for (std::size_t c : touched) {
