@@ -5,5 +5,7 @@ from . import refl as refl
 from . import grouping as grouping
 from . import fit as fit
 from . import model_block as model_block
+from . import merge as merge
+from . import stats as stats
 
 __version__: str
