@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import scipy.sparse as sp
+from numpy_windows import numpy_axis_window
 
 from xtalscale.components import (
     QuadraticDoseDecay,
@@ -26,12 +27,10 @@ from xtalscale.components import (
     SmoothScaleComponent1D,
     SmoothScaleComponent2D,
     SmoothScaleComponent3D,
+    product_rule,
     sh_lookup_data,
 )
-from xtalscale.components import product_rule
 from xtalscale.scaling_utilities import sph_harm_table
-
-from numpy_windows import numpy_axis_window
 
 
 def _median_time(fn, repeats: int = 7) -> float:

@@ -44,7 +44,8 @@ from types import SimpleNamespace
 import numpy as np
 import scipy.sparse as sp
 
-from xtalscale import components as xs_components, models
+from xtalscale import components as xs_components
+from xtalscale import models
 from xtalscale.models import PhysicalScalingModel, default_model_params
 from xtalscale.parameter_managers import RefinerCalculator, active_parameter_manager
 

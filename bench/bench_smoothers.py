@@ -24,6 +24,7 @@ import time
 import numpy as np
 from numpy_windows import numpy_axis_window
 from timing import best_time
+
 from xtalscale.smoothing import (
     GaussianSmoother1D,
     GaussianSmoother2D,

@@ -12,85 +12,37 @@
 
 #include <Eigen/Core>
 
+#include "internal/kernel_support.hpp"  // XS_MULTIVERSION, exp_guarded, with_window_width
 #include "xtalscale/check.hpp"
 #include "xtalscale/smoother.hpp"  // exp_bounded
 
 namespace xtalscale::components {
-namespace {
 
-/// In-place exp over an array, written so the compiler can vectorise it (no libm call, no
-/// branch). Callers use it only when every argument lies in [-700, 700], where exp_bounded is
-/// within ~2 ulp of std::exp; otherwise they fall back to std::exp for IEEE overflow/underflow.
-void exp_inplace(std::size_t n, double* x) noexcept {
-  for (std::size_t i = 0; i < n; ++i) {
-    x[i] = exp_bounded(x[i]);
-  }
-}
-
-}  // namespace
-template <int D>
-std::size_t dials_weight_matrix(const GaussianSmoother<D>& smoother, std::size_t n,
-                                const std::array<const double*, D>& coords, std::int32_t* indptr,
-                                std::int32_t* indices, double* data) {
-  static const char* const kNames[3] = {"x", "y", "z"};
-  for (int a = 0; a < D; ++a) require_finite(coords[a], n, kNames[a]);
+using detail::exp_guarded;
+using detail::with_window_width;
+std::size_t dials_weight_matrix_1d(const GaussianSmoother<1>& smoother, std::size_t n,
+                                   const double* x, std::int32_t* indptr, std::int32_t* indices,
+                                   double* data) {
+  require_finite(x, n, "x");
+  const SmootherAxis& ax = smoother.axis(0);
   const double sigma = smoother.sigma();
-  std::array<int, 3> first{0, 0, 0}, count{1, 1, 1};
-  std::array<std::array<double, kMaxAxisWindow>, 3> dz{};  // z_a − pos_a over each window
-  const std::int64_t nx = static_cast<std::int64_t>(smoother.axis(0).num_values());
-  const std::int64_t nxy = D > 1 ? nx * static_cast<std::int64_t>(smoother.axis(1).num_values()) : nx;
+  AxisWindow win;
   std::size_t nnz = 0;
   indptr[0] = 0;
   for (std::size_t i = 0; i < n; ++i) {
-    for (int a = 0; a < D; ++a) {
-      const SmootherAxis& ax = smoother.axis(a);
-      const double z = ax.normalise(coords[a][i]);
-      ax.window(z, first[a], count[a]);
-      for (int q = 0; q < count[a]; ++q) dz[a][q] = z - ax.positions()[first[a] + q];
-    }
-    const std::size_t row_start = nnz;
+    ax.eval(ax.normalise(x[i]), sigma, win);  // DIALS's single-point formula
     double sumw = 0.0;
-    for (int kz = 0; kz < count[2]; ++kz) {
-      for (int ky = 0; ky < count[1]; ++ky) {
-        for (int kx = 0; kx < count[0]; ++kx) {
-          double w;
-          if constexpr (D == 1) {
-            const double ds = dz[0][kx] / sigma;
-            w = std::exp(-ds * ds);
-          } else if constexpr (D == 2) {
-            w = std::exp(-(dz[0][kx] * dz[0][kx] + dz[1][ky] * dz[1][ky]) / (sigma * sigma));
-          } else {
-            w = std::exp(-(dz[0][kx] * dz[0][kx] + dz[1][ky] * dz[1][ky] +
-                           dz[2][kz] * dz[2][kz]) / (sigma * sigma));
-          }
-          sumw += w;
-          indices[nnz] = static_cast<std::int32_t>((first[0] + kx) + (first[1] + ky) * nx +
-                                                   (first[2] + kz) * nxy);
-          data[nnz] = w;
-          ++nnz;
-        }
-      }
-    }
+    for (int k = 0; k < win.count; ++k) sumw += win.w[k];
     // As DIALS's row_multiply(weight, 1/sumweight); a zero sum leaves a zero row.
     const double inv = sumw > 0.0 ? 1.0 / sumw : 0.0;
-    for (std::size_t q = row_start; q < nnz; ++q) data[q] *= inv;
+    for (int k = 0; k < win.count; ++k, ++nnz) {
+      indices[nnz] = static_cast<std::int32_t>(win.first + k);
+      data[nnz] = win.w[k] * inv;
+    }
     indptr[i + 1] = static_cast<std::int32_t>(nnz);
   }
   return nnz;
 }
-
-template XTALSCALE_EXPORT std::size_t dials_weight_matrix<1>(const GaussianSmoother<1>&,
-                                                             std::size_t,
-                                                             const std::array<const double*, 1>&,
-                                                             std::int32_t*, std::int32_t*, double*);
-template XTALSCALE_EXPORT std::size_t dials_weight_matrix<2>(const GaussianSmoother<2>&,
-                                                             std::size_t,
-                                                             const std::array<const double*, 2>&,
-                                                             std::int32_t*, std::int32_t*, double*);
-template XTALSCALE_EXPORT std::size_t dials_weight_matrix<3>(const GaussianSmoother<3>&,
-                                                             std::size_t,
-                                                             const std::array<const double*, 3>&,
-                                                             std::int32_t*, std::int32_t*, double*);
 
 std::size_t split_first_column(std::size_t n_rows, std::int32_t* indptr, std::int32_t* indices,
                                double* data, double* first_col) {
@@ -129,13 +81,7 @@ void csr_matvec(std::size_t n_rows, const std::int32_t* indptr, const std::int32
 void exp_scales(std::size_t n, const double* factor, double coef, double* scales,
                 double* derivs) {
   for (std::size_t i = 0; i < n; ++i) scales[i] = coef * factor[i];
-  bool outside = false;
-  for (std::size_t i = 0; i < n; ++i) outside |= !(scales[i] >= -700.0 && scales[i] <= 700.0);
-  if (outside) {
-    for (std::size_t i = 0; i < n; ++i) scales[i] = std::exp(coef * factor[i]);
-  } else {
-    exp_inplace(n, scales);
-  }
+  exp_guarded(n, scales);
   if (derivs != nullptr)
     for (std::size_t i = 0; i < n; ++i) derivs[i] = scales[i] * factor[i];
 }
@@ -145,16 +91,8 @@ void smooth_b_scales(std::size_t n_rows, const std::int32_t* indptr, const std::
                      const double* factor, double* scales, double* d_data) {
   // Three passes so the exp pass vectorises: B(x)·factor, exp, then the row-scaled weights.
   csr_matvec(n_rows, indptr, indices, data, p, first_col, p0, scales);
-  bool outside = false;
-  for (std::size_t i = 0; i < n_rows; ++i) {
-    scales[i] *= factor[i];
-    outside |= !(scales[i] >= -700.0 && scales[i] <= 700.0);
-  }
-  if (outside) {
-    for (std::size_t i = 0; i < n_rows; ++i) scales[i] = std::exp(scales[i]);
-  } else {
-    exp_inplace(n_rows, scales);
-  }
+  for (std::size_t i = 0; i < n_rows; ++i) scales[i] *= factor[i];
+  exp_guarded(n_rows, scales);
   if (d_data == nullptr) return;
   for (std::size_t i = 0; i < n_rows; ++i) {
     const double r = scales[i] * factor[i];
@@ -182,14 +120,8 @@ void sh_scales(std::size_t n, std::size_t n_params, const double* harmonics, con
 }
 
 namespace {
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && \
-    defined(__linux__)
-#define XS_SH_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define XS_SH_MULTIVERSION
-#endif
 /// The float32 GEMV, also compiled for AVX2+FMA (picked at run time).
-XS_SH_MULTIVERSION void sh_scales_f32_impl(std::size_t n, std::size_t n_params,
+XS_MULTIVERSION void sh_scales_f32_impl(std::size_t n, std::size_t n_params,
                                            const float* harmonics, const double* coef,
                                            double* scales) {
   const std::size_t p = n_params, p4 = p - p % 4;
@@ -351,27 +283,14 @@ std::size_t smooth_1d_eval(const GaussianSmoother<1>& smoother, std::size_t n, c
     double* dd = indptr != nullptr ? data + nnz : nullptr;
     const double* xs = x + start;
     double* s = scales + start;
-    std::size_t got = 0;
-    switch (width) {
-      case 1: got = smooth_1d_chunk<1>(ax, sigma, m, xs, x_shift, p, first_fixed, s, ip, ix, dd); break;
-      case 2: got = smooth_1d_chunk<2>(ax, sigma, m, xs, x_shift, p, first_fixed, s, ip, ix, dd); break;
-      case 3: got = smooth_1d_chunk<3>(ax, sigma, m, xs, x_shift, p, first_fixed, s, ip, ix, dd); break;
-      case 4: got = smooth_1d_chunk<4>(ax, sigma, m, xs, x_shift, p, first_fixed, s, ip, ix, dd); break;
-      default: got = smooth_1d_chunk<5>(ax, sigma, m, xs, x_shift, p, first_fixed, s, ip, ix, dd); break;
-    }
-    nnz += got;
+    nnz += with_window_width<1>(width, [&](auto w) {
+      return smooth_1d_chunk<decltype(w)::value>(ax, sigma, m, xs, x_shift, p, first_fixed, s, ip,
+                                                 ix, dd);
+    });
   }
   if (d != nullptr) {
-    bool outside = false;
-    for (std::size_t i = 0; i < n; ++i) {
-      scales[i] *= 1.0 / (2.0 * d[i] * d[i]);
-      outside |= !(scales[i] >= -700.0 && scales[i] <= 700.0);
-    }
-    if (outside) {
-      for (std::size_t i = 0; i < n; ++i) scales[i] = std::exp(scales[i]);
-    } else {
-      exp_inplace(n, scales);
-    }
+    for (std::size_t i = 0; i < n; ++i) scales[i] *= 1.0 / (2.0 * d[i] * d[i]);
+    exp_guarded(n, scales);
     if (indptr != nullptr)
       for (std::size_t i = 0; i < n; ++i) {
         const double r = scales[i] * (1.0 / (2.0 * d[i] * d[i]));
@@ -404,7 +323,7 @@ std::size_t smooth_1d_prepare(const GaussianSmoother<1>& smoother, std::size_t n
     q[i] = far ? std::numeric_limits<double>::quiet_NaN() : arg;
   }
   if (n_far == 0) {
-    exp_inplace(n, q);
+    for (std::size_t i = 0; i < n; ++i) q[i] = exp_bounded(q[i]);  // every argument in range
   } else {
     for (std::size_t i = 0; i < n; ++i)
       if (!std::isnan(q[i])) q[i] = exp_bounded(q[i]);
@@ -414,27 +333,12 @@ std::size_t smooth_1d_prepare(const GaussianSmoother<1>& smoother, std::size_t n
 
 namespace {
 
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && \
-    defined(__linux__)
-#define XS_LEAN_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define XS_LEAN_MULTIVERSION
-#endif
-
 /// s[j] = exp(s[j]·fac[j]) over a chunk, vectorised (and compiled for AVX2+FMA too, picked at
 /// run time: FMA may change the last bit, within exp_bounded's ~2 ulp). std::exp for a chunk
 /// with an argument outside [−700, 700], so overflow/underflow follow IEEE as elsewhere.
-XS_LEAN_MULTIVERSION void exp_times(std::size_t m, double* s, const double* fac) {
-  bool outside = false;
-  for (std::size_t j = 0; j < m; ++j) {
-    s[j] *= fac[j];
-    outside |= !(s[j] >= -700.0 && s[j] <= 700.0);
-  }
-  if (outside) {
-    for (std::size_t j = 0; j < m; ++j) s[j] = std::exp(s[j]);
-    return;
-  }
-  for (std::size_t j = 0; j < m; ++j) s[j] = exp_bounded(s[j]);
+XS_MULTIVERSION void exp_times(std::size_t m, double* s, const double* fac) {
+  for (std::size_t j = 0; j < m; ++j) s[j] *= fac[j];
+  exp_guarded(m, s);  // inlined, so compiled for each target of this function
 }
 
 /// Rows of the held-window kernel for a compile-time window bound W (see smooth_1d_apply).
@@ -484,8 +388,10 @@ __attribute__((always_inline)) inline std::size_t smooth_1d_apply_w(const Smooth
   return nnz;
 }
 
-/// The row loop for every window bound, compiled for AVX2+FMA too (picked at run time).
-XS_LEAN_MULTIVERSION std::size_t smooth_1d_apply_any(
+/// The row loop for every window bound, compiled for AVX2+FMA too (picked at run time). The
+/// width switch is written out (not detail::with_window_width): a lambda would be a separate
+/// function that the target clones do not cover.
+XS_MULTIVERSION std::size_t smooth_1d_apply_any(
     int width, const SmootherAxis& ax, double sigma, std::size_t n, const double* x,
     double x_shift, const std::uint16_t* window, const double* q, const double* p,
     bool first_fixed, const double* factor, double* scales, std::int32_t* indptr,
@@ -521,69 +427,32 @@ std::size_t smooth_1d_apply(const GaussianSmoother<1>& smoother, std::size_t n, 
   return nnz;
 }
 
+namespace {
+
+/// validate_csr for either index width; messages are built only on failure.
+template <typename I>
+void validate_csr_any(std::size_t n_rows, std::size_t n_cols, const I* indptr, const I* indices,
+                      std::size_t nnz, const char* what) {
+  const auto fail = [what](const char* problem) {
+    throw std::invalid_argument(std::string(what) + ": " + problem);
+  };
+  if (indptr[0] != 0) fail("indptr must start at 0");
+  for (std::size_t i = 0; i < n_rows; ++i)
+    if (indptr[i + 1] < indptr[i]) fail("indptr must be non-decreasing");
+  if (static_cast<std::size_t>(indptr[n_rows]) != nnz)
+    fail("indptr must end at the number of stored entries");
+  const auto limit = static_cast<std::int64_t>(n_cols);
+  for (std::size_t k = 0; k < nnz; ++k)
+    if (indices[k] < 0 || static_cast<std::int64_t>(indices[k]) >= limit)
+      require_index(static_cast<std::ptrdiff_t>(indices[k]), n_cols, what);
+}
+
+}  // namespace
+
 void validate_csr(std::size_t n_rows, std::size_t n_cols, const std::int64_t* indptr,
                   const std::int64_t* indices, std::size_t nnz, const char* what) {
-  const std::string name = what;
-  require(indptr[0] == 0, name + ": indptr must start at 0");
-  for (std::size_t i = 0; i < n_rows; ++i)
-    require(indptr[i + 1] >= indptr[i], name + ": indptr must be non-decreasing");
-  require(static_cast<std::size_t>(indptr[n_rows]) == nnz,
-          name + ": indptr must end at the number of stored entries");
-  for (std::size_t k = 0; k < nnz; ++k)
-    require_index(static_cast<std::ptrdiff_t>(indices[k]), n_cols, what);
+  validate_csr_any(n_rows, n_cols, indptr, indices, nnz, what);
 }
-
-std::size_t product_rule_indptr(std::size_t n, const ComponentBlock* blocks, std::size_t k,
-                                std::int64_t* out_indptr) {
-  std::int64_t nnz = 0;
-  out_indptr[0] = 0;
-  for (std::size_t i = 0; i < n; ++i) {
-    for (std::size_t c = 0; c < k; ++c) nnz += blocks[c].row_start(i + 1) - blocks[c].row_start(i);
-    out_indptr[i + 1] = nnz;
-  }
-  return static_cast<std::size_t>(nnz);
-}
-
-template <typename I>
-void product_rule_fill(std::size_t n, const ComponentBlock* blocks, std::size_t k,
-                       const std::int64_t* out_indptr, I* out_indices, double* out_data,
-                       double* g) {
-  constexpr std::size_t kStack = 16;
-  std::vector<double> heap;
-  double prefix_stack[kStack + 1];
-  double* prefix = prefix_stack;
-  if (k > kStack) {
-    heap.resize(k + 1);
-    prefix = heap.data();
-  }
-  for (std::size_t i = 0; i < n; ++i) {
-    prefix[0] = 1.0;
-    for (std::size_t c = 0; c < k; ++c) prefix[c + 1] = prefix[c] * blocks[c].scales[i];
-    g[i] = prefix[k];
-    // Walk the components backwards with a running suffix product: others = prefix·suffix.
-    double suffix = 1.0;
-    std::int64_t end = out_indptr[i + 1];
-    for (std::size_t c = k; c-- > 0;) {
-      const ComponentBlock& b = blocks[c];
-      const double others = prefix[c] * suffix;
-      const std::int64_t first = b.row_start(i), last = b.row_start(i + 1);
-      const std::int64_t start = end - (last - first);
-      for (std::int64_t q = first; q < last; ++q) out_data[start + (q - first)] = b.data[q] * others;
-      if (out_indices != nullptr)
-        for (std::int64_t q = first; q < last; ++q)
-          out_indices[start + (q - first)] = static_cast<I>(b.indices[q] + b.col_offset);
-      end = start;
-      suffix *= b.scales[i];
-    }
-  }
-}
-
-template XTALSCALE_EXPORT void product_rule_fill<std::int32_t>(std::size_t, const ComponentBlock*,
-                                                               std::size_t, const std::int64_t*,
-                                                               std::int32_t*, double*, double*);
-template XTALSCALE_EXPORT void product_rule_fill<std::int64_t>(std::size_t, const ComponentBlock*,
-                                                               std::size_t, const std::int64_t*,
-                                                               std::int64_t*, double*, double*);
 
 WeightMatrix::WeightMatrix(std::size_t n_rows, std::size_t n_cols,
                            std::vector<std::int32_t> indptr, std::vector<std::int32_t> indices,
@@ -600,9 +469,8 @@ WeightMatrix::WeightMatrix(std::size_t n_rows, std::size_t n_cols,
   require(indices_.size() == data_.size(), "indices and data must have the same length");
   require(fixed_ ? first_col_.size() == n_rows_ : first_col_.empty(),
           "first_col must have one entry per row with a fixed first parameter, else be empty");
-  std::vector<std::int64_t> ip(indptr_.begin(), indptr_.end());
-  std::vector<std::int64_t> ix(indices_.begin(), indices_.end());
-  validate_csr(n_rows_, n_cols_, ip.data(), ix.data(), data_.size(), "weight matrix");
+  validate_csr_any(n_rows_, n_cols_, indptr_.data(), indices_.data(), data_.size(),
+                   "weight matrix");
 }
 
 void WeightMatrix::values(const double* p, double* out) const {

@@ -14,7 +14,7 @@
 
 #include "xtalscale/ih_table.hpp"
 
-namespace xtalscale::detail {
+namespace xtalscale::fit::detail {
 
 /// Rows per work chunk. Fixed, so chunk partial sums never depend on the thread count.
 constexpr std::size_t kChunkRows = std::size_t{1} << 14;
@@ -27,7 +27,7 @@ struct BlockChunk {
 };
 
 /// Split every block into chunks of at most kChunkRows rows, in block then row order.
-inline std::vector<BlockChunk> block_chunks(const std::vector<ModelBlock>& blocks) {
+inline std::vector<BlockChunk> block_chunks(const std::vector<FitBlock>& blocks) {
   std::vector<BlockChunk> chunks;
   for (std::size_t b = 0; b < blocks.size(); ++b) {
     const std::size_t n = blocks[b].view.n_rows;
@@ -38,7 +38,7 @@ inline std::vector<BlockChunk> block_chunks(const std::vector<ModelBlock>& block
 }
 
 /// Table row of view row @p r of @p block.
-inline std::size_t table_row(const ModelBlock& block, std::size_t r) {
+inline std::size_t table_row(const FitBlock& block, std::size_t r) {
   return block.table_rows ? static_cast<std::size_t>(block.table_rows[r]) : r;
 }
 
@@ -67,4 +67,4 @@ void per_thread(int n_threads, Body body) {
 #endif
 }
 
-}  // namespace xtalscale::detail
+}  // namespace xtalscale::fit::detail

@@ -9,6 +9,22 @@
 
 namespace xtalscale {
 
+const char* asu_condition_text(AsuCondition condition) noexcept {
+  switch (condition) {
+    case AsuCondition::triclinic: return "l>0 or (l=0 and (h>0 or (h=0 and k>=0)))";
+    case AsuCondition::monoclinic: return "k>=0 and (l>0 or (l=0 and h>=0))";
+    case AsuCondition::orthorhombic: return "h>=0 and k>=0 and l>=0";
+    case AsuCondition::tetragonal_low: return "l>=0 and ((h>=0 and k>0) or (h=0 and k=0))";
+    case AsuCondition::tetragonal_high: return "h>=k and k>=0 and l>=0";
+    case AsuCondition::trigonal_low: return "(h>=0 and k>0) or (h=0 and k=0 and l>=0)";
+    case AsuCondition::trigonal_312: return "h>=k and k>=0 and (k>0 or l>=0)";
+    case AsuCondition::trigonal_321: return "h>=k and k>=0 and (h>k or l>=0)";
+    case AsuCondition::cubic_low: return "h>=0 and ((l>=h and k>h) or (l=h and k=h))";
+    case AsuCondition::cubic_high: return "k>=l and l>=h and h>=0";
+  }
+  return "";
+}
+
 bool in_asu(AsuCondition c, std::int64_t h, std::int64_t k, std::int64_t l) {
   switch (c) {
     case AsuCondition::triclinic: return l > 0 || (l == 0 && (h > 0 || (h == 0 && k >= 0)));

@@ -10,7 +10,7 @@
 
 #include "fit_parallel.hpp"
 
-namespace xtalscale {
+namespace xtalscale::fit {
 
 namespace {
 
@@ -73,10 +73,16 @@ std::vector<std::size_t> row_split(std::size_t n, int n_threads) {
   return bounds;
 }
 
-/// Σ_l c_l a_l a_lᵀ (rows lo..hi) and the rhs, in block/row order.
-void observation_terms(const std::vector<ModelBlock>& blocks, const RowTerms& rt, std::size_t n,
-                       std::size_t lo, std::size_t hi, double* matrix, double* rhs) {
-  for (const ModelBlock& block : blocks) {
+/// Σ_l c_l a_l a_lᵀ (rows lo..hi) and the rhs, in block/row order. Each row's entries are
+/// copied to contiguous local arrays and split into runs of consecutive columns (a smoother
+/// window, the harmonics block): within a run the update is a contiguous, vectorisable loop.
+/// The order of additions into each matrix element is unchanged (row by row).
+void observation_terms(const std::vector<FitBlock>& blocks, const RowTerms& rt, std::size_t n,
+                       std::size_t lo, std::size_t hi, double* __restrict matrix,
+                       double* __restrict rhs) {
+  std::vector<double> a;
+  std::vector<std::size_t> col, run_end;
+  for (const FitBlock& block : blocks) {
     const DerivativesView& v = block.view;
     const std::size_t off = v.column_offset;
     if (v.n_cols == 0 || off >= hi || off + v.n_cols <= lo) continue;
@@ -86,29 +92,47 @@ void observation_terms(const std::vector<ModelBlock>& blocks, const RowTerms& rt
       const double cr = rt.rhs[row];
       if (c == 0.0 && cr == 0.0) continue;
       const auto first = v.indptr[r];
-      const auto last = v.indptr[r + 1];
-      for (auto e1 = first; e1 < last; ++e1) {
-        const std::size_t c1 = off + static_cast<std::size_t>(v.indices[e1]);
-        if (c1 < lo) continue;
-        if (c1 >= hi) break;
-        const double a1 = v.values[e1];
-        rhs[c1] += cr * a1;
-        const double ca1 = c * a1;
-        double* out = matrix + c1 * n + off;
-        for (auto e2 = e1; e2 < last; ++e2) out[v.indices[e2]] += ca1 * v.values[e2];
+      const auto k = static_cast<std::size_t>(v.indptr[r + 1] - first);
+      a.resize(k);
+      col.resize(k);
+      run_end.resize(k);
+      double* __restrict av = a.data();
+      std::size_t* __restrict cv = col.data();
+      for (std::size_t e = 0; e < k; ++e) {
+        av[e] = v.values[first + static_cast<std::int64_t>(e)];
+        cv[e] = off + static_cast<std::size_t>(v.indices[first + static_cast<std::int64_t>(e)]);
+      }
+      // run_end[e]: one past the last entry of the consecutive-column run containing e
+      for (std::size_t e = k; e-- > 0;)
+        run_end[e] = (e + 1 < k && cv[e + 1] == cv[e] + 1) ? run_end[e + 1] : e + 1;
+      std::size_t e1 = 0;
+      while (e1 < k && cv[e1] < lo) ++e1;
+      for (; e1 < k && cv[e1] < hi; ++e1) {
+        const std::size_t c1 = cv[e1];
+        rhs[c1] += cr * av[e1];
+        const double ca1 = c * av[e1];
+        double* __restrict out = matrix + c1 * n;
+        for (std::size_t e2 = e1; e2 < k;) {
+          const std::size_t end = run_end[e2];
+          double* __restrict o = out + cv[e2];
+          const double* __restrict src = av + e2;
+          const std::size_t len = end - e2;
+          for (std::size_t t = 0; t < len; ++t) o[t] += ca1 * src[t];
+          e2 = end;
+        }
       }
     }
   }
 }
 
 /// − Σ_h (b bᵀ − [dials] e eᵀ)/S for rows lo..hi, in group order.
-void group_terms(const GroupedObservations& t, const std::vector<ModelBlock>& blocks,
+void group_terms(const GroupedObservations& t, const std::vector<FitBlock>& blocks,
                  const std::vector<std::int32_t>& src_block, const std::vector<std::int64_t>& src_row,
                  const RowTerms& rt, bool dials, std::size_t n, std::size_t lo, std::size_t hi,
                  double* matrix) {
   std::vector<double> b(n, 0.0), e(n, 0.0);
   std::vector<unsigned char> seen(n, 0);
-  std::vector<std::size_t> touched;
+  std::vector<std::size_t> touched, run_end;
   for (std::size_t h = 0; h < t.n_groups; ++h) {
     const double inv_s = rt.inv_s[h];
     if (inv_s == 0.0) continue;
@@ -128,16 +152,29 @@ void group_terms(const GroupedObservations& t, const std::vector<ModelBlock>& bl
       }
     }
     std::sort(touched.begin(), touched.end());
-    for (std::size_t i = 0; i < touched.size(); ++i) {
+    // runs of consecutive columns: the rank-1 update is contiguous (vectorisable) within a run
+    const std::size_t m = touched.size();
+    run_end.resize(m);
+    for (std::size_t i = m; i-- > 0;)
+      run_end[i] = (i + 1 < m && touched[i + 1] == touched[i] + 1) ? run_end[i + 1] : i + 1;
+    for (std::size_t i = 0; i < m; ++i) {
       const std::size_t ci = touched[i];
       if (ci < lo || ci >= hi) continue;
       const double bi = b[ci] * inv_s;
       const double ei = e[ci] * inv_s;
-      double* out = matrix + ci * n;
-      for (std::size_t j = i; j < touched.size(); ++j) {
-        const std::size_t cj = touched[j];
-        out[cj] -= bi * b[cj];
-        if (dials) out[cj] += ei * e[cj];
+      double* __restrict out = matrix + ci * n;
+      for (std::size_t j = i; j < m;) {
+        const std::size_t first_col = touched[j];
+        const std::size_t len = run_end[j] - j;
+        double* __restrict o = out + first_col;
+        const double* __restrict bj = b.data() + first_col;
+        const double* __restrict ej = e.data() + first_col;
+        if (dials) {
+          for (std::size_t q = 0; q < len; ++q) o[q] += ei * ej[q] - bi * bj[q];
+        } else {
+          for (std::size_t q = 0; q < len; ++q) o[q] -= bi * bj[q];
+        }
+        j = run_end[j];
       }
     }
     for (std::size_t c : touched) {
@@ -151,7 +188,7 @@ void group_terms(const GroupedObservations& t, const std::vector<ModelBlock>& bl
 }  // namespace
 
 NormalEquationsSummary normal_equations(const GroupedObservations& t,
-                                        const std::vector<ModelBlock>& blocks, std::size_t n,
+                                        const std::vector<FitBlock>& blocks, std::size_t n,
                                         double* matrix, double* rhs, NormalMatrixKind kind,
                                         const double* fixed_Ih, int n_threads) {
   std::vector<double> g(t.n_obs);
@@ -182,4 +219,47 @@ NormalEquationsSummary normal_equations(const GroupedObservations& t,
   return {rt.r_sq, t.n_obs};
 }
 
-}  // namespace xtalscale
+void normal_matrix_diagonal(const GroupedObservations& t, const std::vector<FitBlock>& blocks,
+                            std::size_t n, double* diagonal, const double* fixed_Ih) {
+  std::vector<double> g(t.n_obs);
+  gather_scales(blocks, g.data());
+  const RowTerms rt = row_terms(t, g.data(), fixed_Ih);
+  std::fill(diagonal, diagonal + n, 0.0);
+  std::vector<std::int32_t> src_block(t.n_obs, 0);
+  std::vector<std::int64_t> src_row(t.n_obs, 0);
+  for (std::size_t b = 0; b < blocks.size(); ++b) {
+    const DerivativesView& v = blocks[b].view;
+    for (std::size_t r = 0; r < v.n_rows; ++r) {
+      const std::size_t row = detail::table_row(blocks[b], r);
+      src_block[row] = static_cast<std::int32_t>(b);
+      src_row[row] = static_cast<std::int64_t>(r);
+      for (auto e = v.indptr[r]; e < v.indptr[r + 1]; ++e)
+        diagonal[v.column_offset + static_cast<std::size_t>(v.indices[e])] +=
+            rt.obs[row] * v.values[e] * v.values[e];
+    }
+  }
+  if (fixed_Ih) return;
+  std::vector<double> bsum(n, 0.0);
+  std::vector<std::size_t> touched;
+  for (std::size_t h = 0; h < t.n_groups; ++h) {
+    if (rt.inv_s[h] == 0.0) continue;
+    touched.clear();
+    for (auto l = t.group_offsets[h]; l < t.group_offsets[h + 1]; ++l) {
+      const DerivativesView& v = blocks[static_cast<std::size_t>(src_block[l])].view;
+      const auto r = static_cast<std::size_t>(src_row[l]);
+      if (v.n_cols == 0) continue;
+      for (auto k = v.indptr[r]; k < v.indptr[r + 1]; ++k) {
+        const std::size_t c = v.column_offset + static_cast<std::size_t>(v.indices[k]);
+        if (bsum[c] == 0.0) touched.push_back(c);
+        bsum[c] += rt.b[l] * v.values[k];
+        if (bsum[c] == 0.0) bsum[c] = 1e-300;  // keep it marked as touched
+      }
+    }
+    for (std::size_t c : touched) {
+      diagonal[c] -= bsum[c] * bsum[c] * rt.inv_s[h];
+      bsum[c] = 0.0;
+    }
+  }
+}
+
+}  // namespace xtalscale::fit

@@ -1,5 +1,6 @@
 // Gaussian smoothers (DIALS GaussianSmoother{,2D,3D} and GaussianSmootherFirstFixed semantics).
 #include "xtalscale/smoother.hpp"
+#include "internal/kernel_support.hpp"  // XS_MULTIVERSION, with_window_width
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -130,12 +131,9 @@ void GaussianSmoother<D>::check_values(const double* values, std::size_t n_value
 // smoother.cpp is compiled with -fno-trapping-math (see CMakeLists.txt): GCC does not
 // if-convert floating-point comparisons otherwise.
 
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && \
-    defined(__linux__)
-#define XS_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define XS_MULTIVERSION
-#endif
+// XS_MULTIVERSION (AVX2+FMA clones) comes from internal/kernel_support.hpp. The width switches
+// of the multiversioned dispatchers below stay written out: a lambda would be a separate
+// function that the target clones do not cover.
 
 namespace {
 
@@ -992,12 +990,7 @@ std::size_t GaussianSmoother<D>::multi_value_weight(
     return norm ? go(width, T{}, T{}, F{}) : go(width, T{}, F{}, F{});
   };
   // The x window width as a compile-time constant, so the innermost loops are fully unrolled.
-  switch (axes_[0].max_window()) {
-    case 2: return modes(std::integral_constant<int, 2>{});
-    case 3: return modes(std::integral_constant<int, 3>{});
-    case 4: return modes(std::integral_constant<int, 4>{});
-    default: return modes(std::integral_constant<int, 5>{});
-  }
+  return detail::with_window_width<2>(axes_[0].max_window(), modes);
 }
 
 template <int D>

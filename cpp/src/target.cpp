@@ -6,7 +6,7 @@
 
 #include "fit_parallel.hpp"
 
-namespace xtalscale {
+namespace xtalscale::fit {
 
 namespace {
 
@@ -50,7 +50,7 @@ double residual_pass(const GroupedObservations& t, const double* g, const double
 }
 
 /// gradient = Σ_rows coef[row] ∂g/∂p, via per-chunk partials over each block's own columns.
-void gradient_pass(const std::vector<ModelBlock>& blocks, const double* coef, std::size_t n_params,
+void gradient_pass(const std::vector<FitBlock>& blocks, const double* coef, std::size_t n_params,
                    double* gradient, int n_threads) {
   const auto chunks = detail::block_chunks(blocks);
   std::vector<std::size_t> start(chunks.size() + 1, 0);
@@ -59,7 +59,7 @@ void gradient_pass(const std::vector<ModelBlock>& blocks, const double* coef, st
   std::vector<double> partial(start.back(), 0.0);
   detail::parallel_for(chunks.size(), n_threads, [&](std::size_t c) {
     const auto& ch = chunks[c];
-    const ModelBlock& block = blocks[ch.block];
+    const FitBlock& block = blocks[ch.block];
     const DerivativesView& v = block.view;
     if (v.n_cols == 0) return;
     double* acc = partial.data() + start[c];
@@ -78,7 +78,7 @@ void gradient_pass(const std::vector<ModelBlock>& blocks, const double* coef, st
 
 }  // namespace
 
-double functional_and_gradient(const GroupedObservations& t, const std::vector<ModelBlock>& blocks,
+double functional_and_gradient(const GroupedObservations& t, const std::vector<FitBlock>& blocks,
                                std::size_t n_params, double* gradient, const TargetOptions& o) {
   std::vector<double> g_local;
   double* g = o.g_out;
@@ -94,4 +94,4 @@ double functional_and_gradient(const GroupedObservations& t, const std::vector<M
   return f;
 }
 
-}  // namespace xtalscale
+}  // namespace xtalscale::fit

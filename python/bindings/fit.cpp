@@ -3,6 +3,9 @@
 // A model block arrives as a tuple (scales, indptr, indices, values, n_cols, column_offset,
 // table_rows | None): numpy arrays of the right dtype are used in place (no copy). Everything
 // is validated before the GIL is released; the kernels only touch raw buffers.
+// check_structure=False skips the O(nnz) index checks (row-map coverage, column ranges and
+// order) for callers passing the very index arrays an earlier call checked; values are always
+// checked.
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -16,6 +19,8 @@
 namespace xtalscale::py_bind {
 namespace {
 
+using namespace xtalscale::fit;  // NOLINT: the fit kernels' types and functions
+
 using Int32Array = py::array_t<std::int32_t, py::array::c_style | py::array::forcecast>;
 using Int64Array = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
 
@@ -27,7 +32,7 @@ struct CallData {
   std::vector<Int64Array> indptr, rows;
   std::vector<Int32Array> indices;
   GroupedObservations table;
-  std::vector<ModelBlock> blocks;
+  std::vector<FitBlock> blocks;
 };
 
 void require_1d(const py::array& a, std::size_t n, const std::string& name) {
@@ -54,7 +59,7 @@ void load_table(CallData& d, const Int64Array& offsets, const DoubleArray& inten
   check_grouped_observations(d.table);
 }
 
-void load_blocks(CallData& d, const py::list& blocks, std::size_t n_params) {
+void load_blocks(CallData& d, const py::list& blocks, std::size_t n_params, bool structure) {
   for (std::size_t b = 0; b < blocks.size(); ++b) {
     const std::string name = "block " + std::to_string(b);
     auto item = blocks[b].cast<py::tuple>();
@@ -75,7 +80,7 @@ void load_blocks(CallData& d, const py::list& blocks, std::size_t n_params) {
     const auto offset = item[5].cast<std::int64_t>();
     if (n_cols < 0 || offset < 0)
       throw std::invalid_argument(name + ": n_cols and column_offset must be >= 0");
-    ModelBlock mb;
+    FitBlock mb;
     mb.view.n_rows = n_rows;
     mb.view.n_cols = static_cast<std::size_t>(n_cols);
     mb.view.column_offset = static_cast<std::size_t>(offset);
@@ -90,7 +95,7 @@ void load_blocks(CallData& d, const py::list& blocks, std::size_t n_params) {
     }
     d.blocks.push_back(mb);
   }
-  check_model_blocks(d.table, d.blocks, n_params);
+  check_model_blocks(d.table, d.blocks, n_params, structure);
 }
 
 const double* optional_rows(const std::optional<DoubleArray>& a, std::size_t n, const char* name) {
@@ -104,11 +109,11 @@ py::tuple functional_and_gradient_py(const Int64Array& offsets, const DoubleArra
                                      const DoubleArray& weights, const py::list& blocks,
                                      std::int64_t n_params, bool gradient,
                                      const std::optional<DoubleArray>& fixed_Ih, bool rows,
-                                     int n_threads) {
+                                     int n_threads, bool check_structure) {
   if (n_params < 0) throw std::invalid_argument("n_params must be >= 0");
   CallData d;
   load_table(d, offsets, intensities, weights);
-  load_blocks(d, blocks, static_cast<std::size_t>(n_params));
+  load_blocks(d, blocks, static_cast<std::size_t>(n_params), check_structure);
   const auto n = static_cast<py::ssize_t>(d.table.n_obs);
   TargetOptions o;
   o.fixed_Ih = optional_rows(fixed_Ih, d.table.n_obs, "fixed_Ih");
@@ -133,13 +138,14 @@ py::tuple functional_and_gradient_py(const Int64Array& offsets, const DoubleArra
 py::tuple normal_equations_py(const Int64Array& offsets, const DoubleArray& intensities,
                               const DoubleArray& weights, const py::list& blocks,
                               std::int64_t n_params, const std::string& kind,
-                              const std::optional<DoubleArray>& fixed_Ih, int n_threads) {
+                              const std::optional<DoubleArray>& fixed_Ih, int n_threads,
+                              bool check_structure) {
   if (n_params < 0) throw std::invalid_argument("n_params must be >= 0");
   if (kind != "schur" && kind != "dials")
     throw std::invalid_argument("kind must be 'schur' or 'dials' (got '" + kind + "')");
   CallData d;
   load_table(d, offsets, intensities, weights);
-  load_blocks(d, blocks, static_cast<std::size_t>(n_params));
+  load_blocks(d, blocks, static_cast<std::size_t>(n_params), check_structure);
   const double* fixed = optional_rows(fixed_Ih, d.table.n_obs, "fixed_Ih");
   const auto p = static_cast<py::ssize_t>(n_params);
   DoubleArray matrix({p, p});
@@ -153,6 +159,24 @@ py::tuple normal_equations_py(const Int64Array& offsets, const DoubleArray& inte
                          n_threads);
   }
   return py::make_tuple(matrix, rhs, s.r_sq, s.n_equations);
+}
+
+DoubleArray normal_matrix_diagonal_py(const Int64Array& offsets, const DoubleArray& intensities,
+                                      const DoubleArray& weights, const py::list& blocks,
+                                      std::int64_t n_params, const std::optional<DoubleArray>& fixed_Ih,
+                                      bool check_structure) {
+  if (n_params < 0) throw std::invalid_argument("n_params must be >= 0");
+  CallData d;
+  load_table(d, offsets, intensities, weights);
+  load_blocks(d, blocks, static_cast<std::size_t>(n_params), check_structure);
+  const double* fixed = optional_rows(fixed_Ih, d.table.n_obs, "fixed_Ih");
+  DoubleArray diag(n_params);
+  {
+    py::gil_scoped_release release;
+    normal_matrix_diagonal(d.table, d.blocks, static_cast<std::size_t>(n_params),
+                           diag.mutable_data(), fixed);
+  }
+  return diag;
 }
 
 py::tuple calc_Ih_py(const Int64Array& offsets, const DoubleArray& intensities,
@@ -198,13 +222,17 @@ void bind_fit(py::module_& m) {
   m.def("functional_and_gradient", &functional_and_gradient_py, py::arg("group_offsets"),
         py::arg("intensities"), py::arg("weights"), py::arg("blocks"), py::arg("n_params"),
         py::arg("gradient") = true, py::arg("fixed_Ih") = py::none(), py::arg("rows") = false,
-        py::arg("n_threads") = 1,
+        py::arg("n_threads") = 1, py::arg("check_structure") = true,
         "f = sum w (I - g Ih)^2 and its envelope-theorem gradient; returns (f, gradient|None, "
         "(Ih, residuals, g)|None) in table order.");
   m.def("normal_equations", &normal_equations_py, py::arg("group_offsets"), py::arg("intensities"),
         py::arg("weights"), py::arg("blocks"), py::arg("n_params"), py::arg("kind") = "schur",
-        py::arg("fixed_Ih") = py::none(), py::arg("n_threads") = 1,
+        py::arg("fixed_Ih") = py::none(), py::arg("n_threads") = 1, py::arg("check_structure") = true,
         "Normal matrix (Ih eliminated) and rhs -J^T W r: returns (matrix, rhs, r_sq, n_equations).");
+  m.def("normal_matrix_diagonal", &normal_matrix_diagonal_py, py::arg("group_offsets"),
+        py::arg("intensities"), py::arg("weights"), py::arg("blocks"), py::arg("n_params"),
+        py::arg("fixed_Ih") = py::none(), py::arg("check_structure") = true,
+        "Diagonal of the Ih-eliminated normal matrix (no P x P storage): an L-BFGS preconditioner.");
   m.def("calc_Ih", &calc_Ih_py, py::arg("group_offsets"), py::arg("intensities"),
         py::arg("weights"), py::arg("g"), py::arg("n_threads") = 1,
         "Per group Ih = sum wgI / sum wg^2 (0 if the sum is 0) and S = sum wg^2.");

@@ -92,6 +92,19 @@ py::tuple group_miller_py(const IntArray& hkl) {
 }  // namespace
 
 void bind_grouping(py::module_& m) {
+  py::enum_<AsuCondition>(m, "AsuCondition", "Reciprocal-ASU condition of a Laue class (reference setting).")
+      .value("triclinic", AsuCondition::triclinic)
+      .value("monoclinic", AsuCondition::monoclinic)
+      .value("orthorhombic", AsuCondition::orthorhombic)
+      .value("tetragonal_low", AsuCondition::tetragonal_low)
+      .value("tetragonal_high", AsuCondition::tetragonal_high)
+      .value("trigonal_low", AsuCondition::trigonal_low)
+      .value("trigonal_312", AsuCondition::trigonal_312)
+      .value("trigonal_321", AsuCondition::trigonal_321)
+      .value("cubic_low", AsuCondition::cubic_low)
+      .value("cubic_high", AsuCondition::cubic_high);
+  m.def("asu_condition_text", &asu_condition_text, py::arg("condition"),
+        "gemmi's condition text (ReciprocalAsu.condition_str()) of an AsuCondition.");
   m.def("map_to_asu", &map_to_asu_py, py::arg("hkl"), py::arg("rotations"), py::arg("basis"),
         py::arg("condition"),
         "Map (n, 3) int32 Miller indices to gemmi's reciprocal ASU.\n\n"

@@ -17,6 +17,9 @@ PYBIND11_MODULE(_core, m) {
   xtalscale::py_bind::bind_fit(fit);
   auto job = m.def_submodule("job", "Per-group kernels of the scaling job (outliers, sums)");
   xtalscale::py_bind::bind_job(job);
+  auto model_block = m.def_submodule(
+      "model_block", "Model blocks: g and dg/dp of a model's components (the fit contract)");
+  xtalscale::py_bind::bind_model_block(model_block);
   auto merge = m.def_submodule("merge", "Merging kernels (French–Wilson truncation)");
   xtalscale::py_bind::bind_merge(merge);
   auto stats = m.def_submodule("stats", "Merging-statistics kernels");

@@ -1001,3 +1001,9 @@ class ExperimentListFactory:
             except ValueError as exc:
                 raise ExperimentFormatError(f"{filename}: {exc}") from None
         return out
+
+
+def experiment_list(filename, check_format: bool = True) -> ExperimentList:
+    """Load an ``.expt`` / ``*_experiments.json`` file (dxtbx's ``serialize.load.experiment_list``;
+    ``check_format`` is accepted for compatibility: image files are never opened)."""
+    return ExperimentListFactory.from_json_file(filename, check_format=check_format)

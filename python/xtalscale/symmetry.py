@@ -413,63 +413,10 @@ def _as_space_group(space_group) -> SpaceGroup:
 
 # --------------------------------------------------------------------------- ASU mapping
 
-# Vectorised versions of gemmi's reciprocal-ASU conditions in the reference setting, keyed by
-# gemmi's own condition text (so an unknown condition is detected rather than guessed).
-def _c_m1(h, k, l):
-    return (l > 0) | ((l == 0) & ((h > 0) | ((h == 0) & (k >= 0))))
-
-
-def _c_2m(h, k, l):
-    return (k >= 0) & ((l > 0) | ((l == 0) & (h >= 0)))
-
-
-def _c_mmm(h, k, l):
-    return (h >= 0) & (k >= 0) & (l >= 0)
-
-
-def _c_4m(h, k, l):
-    return (l >= 0) & (((h >= 0) & (k > 0)) | ((h == 0) & (k == 0)))
-
-
-def _c_4mmm(h, k, l):
-    return (h >= k) & (k >= 0) & (l >= 0)
-
-
-def _c_m3(h, k, l):
-    return ((h >= 0) & (k > 0)) | ((h == 0) & (k == 0) & (l >= 0))
-
-
-def _c_m312(h, k, l):
-    return (h >= k) & (k >= 0) & ((k > 0) | (l >= 0))
-
-
-def _c_m321(h, k, l):
-    return (h >= k) & (k >= 0) & ((h > k) | (l >= 0))
-
-
-def _c_cubic_m3(h, k, l):
-    return (h >= 0) & (((l >= h) & (k > h)) | ((l == h) & (k == h)))
-
-
-def _c_m3m(h, k, l):
-    return (k >= l) & (l >= h) & (h >= 0)
-
-
-_ASU_CONDITIONS = {
-    "l>0 or (l=0 and (h>0 or (h=0 and k>=0)))": _c_m1,
-    "k>=0 and (l>0 or (l=0 and h>=0))": _c_2m,
-    "h>=0 and k>=0 and l>=0": _c_mmm,
-    "l>=0 and ((h>=0 and k>0) or (h=0 and k=0))": _c_4m,
-    "h>=k and k>=0 and l>=0": _c_4mmm,
-    "(h>=0 and k>0) or (h=0 and k=0 and l>=0)": _c_m3,
-    "h>=k and k>=0 and (k>0 or l>=0)": _c_m312,
-    "h>=k and k>=0 and (h>k or l>=0)": _c_m321,
-    "h>=0 and ((l>=h and k>h) or (l=h and k=h))": _c_cubic_m3,
-    "k>=l and l>=h and h>=0": _c_m3m,
-}
-
-
-_CONDITION_INDEX = {text: i for i, text in enumerate(_ASU_CONDITIONS)}  # = C++ AsuCondition
+# gemmi's reciprocal-ASU condition text -> the C++ kernel's AsuCondition (bound from C++, so an
+# unknown condition is detected rather than guessed).
+_CONDITION_INDEX = {_core_grouping.asu_condition_text(c): int(c)
+                    for c in _core_grouping.AsuCondition.__members__.values()}
 
 
 def _asu_symmetry(sg: SpaceGroup):

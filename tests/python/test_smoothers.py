@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from xtalscale import dials_refinement_helpers_ext as ext
 from xtalscale.algorithms.refinement.parameterisation.scan_varying_model_parameters import (
     GaussianSmoother as RefinementGaussianSmoother,

@@ -31,6 +31,10 @@ enum class AsuCondition : int {
   cubic_high = 9,  ///< m-3m: k>=l and l>=h and h>=0
 };
 
+/// gemmi's text of a condition (ReciprocalAsu::condition_str() in the reference setting), e.g.
+/// "h>=0 and k>=0 and l>=0"; the Python layer maps gemmi's conditions to the enum with it.
+XTALSCALE_EXPORT const char* asu_condition_text(AsuCondition condition) noexcept;
+
 /// True if the index (already in the reference setting) lies in the ASU.
 XTALSCALE_EXPORT bool in_asu(AsuCondition condition, std::int64_t h, std::int64_t k, std::int64_t l);
 

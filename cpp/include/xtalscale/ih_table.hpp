@@ -15,7 +15,7 @@
 #include "xtalscale/derivatives_view.hpp"
 #include "xtalscale/export.hpp"
 
-namespace xtalscale {
+namespace xtalscale::fit {
 
 /// Observations in table order (sorted by group). Non-owning.
 struct GroupedObservations {
@@ -26,8 +26,9 @@ struct GroupedObservations {
   const double* weights = nullptr;          ///< w >= 0, n_obs values (0 excludes a row)
 };
 
-/// One model block: its scales/derivatives and where its rows sit in the table.
-struct ModelBlock {
+/// One model block as the fit kernels see it: its DerivativesView and where its rows sit in the
+/// table (the C++ model block of model_block.hpp supplies the view).
+struct FitBlock {
   DerivativesView view;                    ///< g and dg/dp of the block (CSR)
   const std::int64_t* table_rows = nullptr;  ///< view row r -> table row; nullptr = identity
 };
@@ -39,13 +40,15 @@ XTALSCALE_EXPORT void check_grouped_observations(const GroupedObservations& tabl
 /// Check model blocks against a table and a parameter count: row maps in range, every table row
 /// covered by exactly one block row, CSR structure valid (columns in [0, n_cols), column_offset +
 /// n_cols <= n_params), scales and derivatives finite and scales > 0. Throws
-/// std::invalid_argument naming the block and the row.
+/// std::invalid_argument naming the block and the row. With @p structure false only the values
+/// are checked (scales finite and > 0, derivatives finite, column ranges): for callers that
+/// already checked these same index arrays (row maps, indptr, indices) on an earlier call.
 XTALSCALE_EXPORT void check_model_blocks(const GroupedObservations& table,
-                                         const std::vector<ModelBlock>& blocks,
-                                         std::size_t n_params);
+                                         const std::vector<FitBlock>& blocks,
+                                         std::size_t n_params, bool structure = true);
 
 /// Gather the blocks' scales into table order: @p g_table[table_rows[r]] = scales[r].
-XTALSCALE_EXPORT void gather_scales(const std::vector<ModelBlock>& blocks, double* g_table);
+XTALSCALE_EXPORT void gather_scales(const std::vector<FitBlock>& blocks, double* g_table);
 
 /// Ĩ_h = Σ w g I / Σ w g² per group (0 for a group with Σ w g² = 0); optionally S_h = Σ w g².
 /// @p Ih_group has n_groups values; @p S_group may be nullptr.
@@ -59,4 +62,4 @@ XTALSCALE_EXPORT void sum_in_groups(const GroupedObservations& table, const doub
 /// Number of threads the kernels may use (1 when built without OpenMP).
 XTALSCALE_EXPORT int max_threads();
 
-}  // namespace xtalscale
+}  // namespace xtalscale::fit

@@ -16,7 +16,7 @@
 #include "xtalscale/export.hpp"
 #include "xtalscale/ih_table.hpp"
 
-namespace xtalscale {
+namespace xtalscale::fit {
 
 /// Which normal matrix to build.
 enum class NormalMatrixKind : int {
@@ -35,9 +35,16 @@ struct NormalEquationsSummary {
 /// the fixed-Ĩ target. Threads own disjoint row ranges of the matrix, so every element is summed
 /// in the same order for any @p n_threads: results are bit-identical.
 XTALSCALE_EXPORT NormalEquationsSummary normal_equations(
-    const GroupedObservations& table, const std::vector<ModelBlock>& blocks,
+    const GroupedObservations& table, const std::vector<FitBlock>& blocks,
     std::size_t n_params, double* matrix, double* rhs,
     NormalMatrixKind kind = NormalMatrixKind::schur, const double* fixed_Ih = nullptr,
     int n_threads = 1);
 
-}  // namespace xtalscale
+/// Diagonal of the Ĩ-eliminated normal matrix (kind schur; obs term only with @p fixed_Ih) into
+/// @p diagonal (n_params): O(N k) + O(G u), no P x P storage. Used to precondition L-BFGS.
+XTALSCALE_EXPORT void normal_matrix_diagonal(const GroupedObservations& table,
+                                             const std::vector<FitBlock>& blocks,
+                                             std::size_t n_params, double* diagonal,
+                                             const double* fixed_Ih = nullptr);
+
+}  // namespace xtalscale::fit

@@ -15,7 +15,7 @@
 #include "xtalscale/export.hpp"
 #include "xtalscale/ih_table.hpp"
 
-namespace xtalscale {
+namespace xtalscale::fit {
 
 /// Optional per-call inputs and outputs of the target kernels. Output pointers may be nullptr.
 struct TargetOptions {
@@ -30,8 +30,8 @@ struct TargetOptions {
 /// not accumulated). Blocks must have passed check_model_blocks. Deterministic: partial sums
 /// are formed over fixed row chunks (independent of n_threads) and reduced in chunk order.
 XTALSCALE_EXPORT double functional_and_gradient(const GroupedObservations& table,
-                                                const std::vector<ModelBlock>& blocks,
+                                                const std::vector<FitBlock>& blocks,
                                                 std::size_t n_params, double* gradient,
                                                 const TargetOptions& options = {});
 
-}  // namespace xtalscale
+}  // namespace xtalscale::fit

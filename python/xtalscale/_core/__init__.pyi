@@ -5,6 +5,7 @@ from . import refl as refl
 from . import grouping as grouping
 from . import fit as fit
 from . import job as job
+from . import model_block as model_block
 from . import merge as merge
 from . import stats as stats
 

@@ -14,6 +14,7 @@ def functional_and_gradient(
     fixed_Ih: npt.ArrayLike | None = None,
     rows: bool = False,
     n_threads: int = 1,
+    check_structure: bool = True,
 ) -> tuple[float, npt.NDArray[np.float64] | None, tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]] | None]: ...
 
 def normal_equations(
@@ -25,7 +26,18 @@ def normal_equations(
     kind: str = "schur",
     fixed_Ih: npt.ArrayLike | None = None,
     n_threads: int = 1,
+    check_structure: bool = True,
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], float, int]: ...
+
+def normal_matrix_diagonal(
+    group_offsets: npt.ArrayLike,
+    intensities: npt.ArrayLike,
+    weights: npt.ArrayLike,
+    blocks: list[Any],
+    n_params: int,
+    fixed_Ih: npt.ArrayLike | None = None,
+    check_structure: bool = True,
+) -> npt.NDArray[np.float64]: ...
 
 def calc_Ih(
     group_offsets: npt.ArrayLike,

@@ -1,6 +1,37 @@
 """Reciprocal ASU mapping kernel (see xtalscale.symmetry.map_to_asu)."""
+from typing import ClassVar
+
 import numpy as np
 import numpy.typing as npt
+
+class AsuCondition:
+    """Reciprocal-ASU condition of a Laue class (reference setting)."""
+
+    __members__: ClassVar[dict[str, AsuCondition]]
+    triclinic: ClassVar[AsuCondition]
+    monoclinic: ClassVar[AsuCondition]
+    orthorhombic: ClassVar[AsuCondition]
+    tetragonal_low: ClassVar[AsuCondition]
+    tetragonal_high: ClassVar[AsuCondition]
+    trigonal_low: ClassVar[AsuCondition]
+    trigonal_312: ClassVar[AsuCondition]
+    trigonal_321: ClassVar[AsuCondition]
+    cubic_low: ClassVar[AsuCondition]
+    cubic_high: ClassVar[AsuCondition]
+    def __init__(self, value: int) -> None: ...
+    def __eq__(self, other: object) -> bool: ...
+    def __ne__(self, other: object) -> bool: ...
+    def __hash__(self) -> int: ...
+    def __index__(self) -> int: ...
+    def __int__(self) -> int: ...
+    def __getstate__(self) -> int: ...
+    def __setstate__(self, state: int) -> None: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def value(self) -> int: ...
+
+def asu_condition_text(condition: AsuCondition) -> str: ...
 
 def map_to_asu(
     hkl: npt.ArrayLike,

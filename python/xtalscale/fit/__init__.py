@@ -1,5 +1,8 @@
 """xtalscale.fit: the refinement engine (Ih table, target, normal equations, minimisers).
 
+Consumes model blocks through ``xtalscale._core`` (DerivativesView); imports data and model
+modules only.
+
 API summary (stable names)
 --------------------------
 Ih table (:mod:`xtalscale.fit.ih_table`)

@@ -102,7 +102,7 @@ class IhTableBlock:
         for k, v in cols.items():
             self._cols.setdefault(k, []).append(v)
         self._group_parts.append(groups)
-        self._hkl_parts.append(np.asarray(hkl).reshape(n, -1) if hkl is not None else np.zeros((n, 3), np.int32))
+        self._hkl_parts.append(np.asarray(hkl).reshape(n, 3) if hkl is not None else np.zeros((n, 3), np.int32))
         self.block_selections[dataset_id] = np.asarray(cols["loc_indices"], dtype=np.int64)
         self.dataset_info[dataset_id] = {"start_index": self._n_filled, "end_index": self._n_filled + n}
         self._n_filled += n
@@ -314,12 +314,13 @@ class IhTableBlock:
 
     def as_reflection_table(self) -> Any:
         """The block's columns as a reflection table (asu index, Ĩ, weights, ...)."""
-        from ..array_family import flex
+        from .. import flex_arrays as fa
+        from ..reflection_table import reflection_table
 
-        t = flex.reflection_table()
+        t = reflection_table()
         for k, v in self._arrays.items():
-            t[k] = flex.double(np.asarray(v, np.float64)) if np.asarray(v).dtype.kind == "f" else flex.int(np.asarray(v, np.int32))
-        t["asu_miller_index"] = flex.miller_index([tuple(int(x) for x in h) for h in self._hkl.tolist()])
+            t[k] = fa.double(np.asarray(v, np.float64)) if np.asarray(v).dtype.kind == "f" else fa.int(np.asarray(v, np.int32))
+        t["asu_miller_index"] = fa.miller_index([tuple(int(x) for x in h) for h in self._hkl.tolist()])
         return t
 
 
@@ -397,7 +398,7 @@ class IhTable:
                                        if _has(table, "inverse_scale_factor") else np.ones(rows.size))
         for name in extra:
             out[name] = np.asarray(_column(table, name))[rows]
-        out["loc_indices"] = np.arange(rows.size, dtype=np.int64) if sel is None else np.arange(rows.size, dtype=np.int64)
+        out["loc_indices"] = rows  # rows of the input table (DIALS block_selections)
         return out
 
     def _asu(self, table: Any, sel: np.ndarray | None, i: int) -> np.ndarray:
@@ -409,8 +410,8 @@ class IhTable:
         asu = map_to_asu(hkl_all, self.space_group, anomalous=self.anomalous).asu_hkl
         try:
             if not _has(table, "asu_miller_index"):
-                from ..array_family import flex
-                table["asu_miller_index"] = flex.miller_index([tuple(int(x) for x in h) for h in asu.tolist()])
+                from .. import flex_arrays as fa
+                table["asu_miller_index"] = fa.miller_index([tuple(int(x) for x in h) for h in asu.tolist()])
         except (TypeError, AttributeError, ValueError):
             pass  # a plain read-only mapping: nothing to store
         return asu if sel is None else asu[sel]

@@ -108,6 +108,16 @@ class Journal:
         return "\n".join(lines)
 
 
+def _dot(a: np.ndarray, b: np.ndarray) -> float:
+    """Vector dot product without BLAS: BLAS threads woken for every O(P) product cost far more
+    than the product on a loaded machine (measured 20 ms per call at P = 10⁴)."""
+    return float(np.einsum("i,i->", a, b))
+
+
+def _norm(a: np.ndarray) -> float:
+    return float(np.sqrt(_dot(a, a)))
+
+
 def _rmsd_converged(journal: Journal, tolerance: float) -> bool:
     if len(journal.rows) < 2:
         return False
@@ -139,18 +149,22 @@ def _try_f_and_grad(objective: Objective, x: np.ndarray) -> tuple[float, np.ndar
 
 
 # --------------------------------------------------------------------------- L-BFGS
-def _two_loop(grad: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarray, float]]) -> np.ndarray:
+def _two_loop(grad: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarray, float]],
+              h0: np.ndarray | None = None) -> np.ndarray:
+    """L-BFGS direction; ``h0`` is a diagonal initial inverse Hessian (else the usual sᵀy/yᵀy)."""
     q = grad.copy()
     alphas = []
     for s, y, rho in reversed(pairs):
-        a = rho * float(s @ q)
+        a = rho * _dot(s, q)
         alphas.append(a)
         q -= a * y
-    if pairs:
+    if h0 is not None:
+        q *= h0
+    elif pairs:
         s, y, _ = pairs[-1]
-        q *= float(s @ y) / float(y @ y)
+        q *= _dot(s, y) / _dot(y, y)
     for (s, y, rho), a in zip(pairs, reversed(alphas)):
-        b = rho * float(y @ q)
+        b = rho * _dot(y, q)
         q += (a - b) * s
     return -q
 
@@ -159,7 +173,7 @@ def _line_search(objective: Objective, x: np.ndarray, f0: float, g0: np.ndarray,
                  alpha0: float, journal: Journal, max_evaluations: int = 20,
                  c1: float = 1e-4, c2: float = 0.9) -> tuple[float, np.ndarray, np.ndarray, float] | None:
     """Weak-Wolfe bracketing search; non-finite trial points are rejected and shortened."""
-    slope0 = float(g0 @ d)
+    slope0 = _dot(g0, d)
     lo, hi, alpha = 0.0, np.inf, alpha0
     best = None
     for _ in range(max_evaluations):
@@ -172,7 +186,7 @@ def _line_search(objective: Objective, x: np.ndarray, f0: float, g0: np.ndarray,
         f, g = trial
         if f > f0 + c1 * alpha * slope0:
             hi = alpha
-        elif float(g @ d) < c2 * slope0:
+        elif _dot(g, d) < c2 * slope0:
             best = (alpha, x + alpha * d, g, f)
             lo = alpha
         else:
@@ -187,9 +201,31 @@ def _line_search(objective: Objective, x: np.ndarray, f0: float, g0: np.ndarray,
     return None
 
 
+def _preconditioner(objective: Objective, journal: Journal) -> np.ndarray | None:
+    """``1/(2 diag JᵀWJ)`` (the Gauss–Newton diagonal of ``Σ w r²``), or None if unavailable."""
+    getter = getattr(objective, "diagonal", None)
+    diag = getter() if getter is not None else None
+    if diag is None:
+        return None
+    diag = np.asarray(diag, dtype=np.float64)
+    good = np.isfinite(diag) & (diag > 0)
+    if not np.any(good):
+        return None
+    floor = 1e-12 * float(np.max(diag[good]))
+    h0 = 1.0 / (2.0 * np.where(good & (diag > floor), diag, np.max(diag[good])))
+    journal.messages.append("L-BFGS preconditioned by the diagonal of the Ĩ-eliminated normal matrix")
+    return h0
+
+
 def lbfgs(objective: Objective, max_iterations: int | None = None, rmsd_tolerance: float = 1e-4,
-          history: int = 5, journal: Journal | None = None) -> Journal:
-    """Minimise ``Σ w r²`` with L-BFGS; stops on DIALS's rules (spec 7.2)."""
+          history: int = 5, journal: Journal | None = None, precondition: bool = True) -> Journal:
+    """Minimise ``Σ w r²`` with L-BFGS; stops on DIALS's rules (spec 7.2).
+
+    With ``precondition`` (default) the initial inverse Hessian is the diagonal of the
+    Gauss–Newton matrix (one O(N k) C++ pass at the start): the scale, decay and absorption
+    parameters differ in curvature by orders of magnitude, and unpreconditioned L-BFGS (DIALS's)
+    under-converges on them. ``precondition=False`` is the plain scitbx-like algorithm.
+    """
     journal = journal or Journal(engine="SimpleLBFGS")
     t0 = time.perf_counter()
     x = objective.get_x().astype(np.float64).copy()
@@ -197,21 +233,22 @@ def lbfgs(objective: Objective, max_iterations: int | None = None, rmsd_toleranc
     if first is None:
         raise RefinementFailed("the starting parameters give non-finite scales or target", journal)
     f, g = first
+    h0 = _preconditioner(objective, journal) if precondition else None
     pairs: list[tuple[np.ndarray, np.ndarray, float]] = []
     iteration = 0
     while True:
-        gnorm = float(np.linalg.norm(g))
-        if gnorm <= 1e-5 * max(1.0, float(np.linalg.norm(x))):
+        gnorm = _norm(g)
+        if gnorm <= 1e-5 * max(1.0, _norm(x)):
             journal.reason_for_termination = GRADIENT_CONVERGED
             break
         if max_iterations is not None and iteration >= max_iterations:
             journal.reason_for_termination = MAX_ITERATIONS
             break
-        d = _two_loop(g, pairs)
-        if float(g @ d) >= 0:  # not a descent direction: restart from steepest descent
+        d = _two_loop(g, pairs, h0)
+        if _dot(g, d) >= 0:  # not a descent direction: restart from steepest descent
             pairs.clear()
-            d = -g
-        alpha0 = 1.0 if pairs else min(1.0, 1.0 / gnorm)
+            d = -g if h0 is None else -h0 * g
+        alpha0 = 1.0 if (pairs or h0 is not None) else min(1.0, 1.0 / gnorm)
         found = _line_search(objective, x, f, g, d, alpha0, journal)
         if found is None:
             _try_set(objective, x)
@@ -220,15 +257,15 @@ def lbfgs(objective: Objective, max_iterations: int | None = None, rmsd_toleranc
             break
         f_new, x_new, g_new, alpha = found
         s, y = x_new - x, g_new - g
-        sy = float(s @ y)
+        sy = _dot(s, y)
         if sy > 1e-300:
             pairs.append((s, y, 1.0 / sy))
             if len(pairs) > history:
                 pairs.pop(0)
         x, f, g = x_new, f_new, g_new
         iteration += 1
-        journal.add(objective=f, rmsd=objective.rmsd(), gradient_norm=float(np.linalg.norm(g)),
-                    step_length=float(np.linalg.norm(s)), time=time.perf_counter() - t0,
+        journal.add(objective=f, rmsd=objective.rmsd(), gradient_norm=_norm(g),
+                    step_length=_norm(s), time=time.perf_counter() - t0,
                     num_reflections=objective.n_reflections())
         if _rmsd_converged(journal, rmsd_tolerance):
             journal.reason_for_termination = RMSD_CONVERGED

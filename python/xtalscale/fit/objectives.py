@@ -106,6 +106,27 @@ class ScalerObjective:
             n_eq += len(r)
         return matrix, rhs, r_sq, n_eq
 
+    def diagonal(self) -> np.ndarray | None:
+        """Diagonal of JᵀWJ (Ĩ eliminated, restraints included): the L-BFGS preconditioner."""
+        inner = getattr(self.apm, "target", None) or self.target
+        if not hasattr(inner, "compute_normal_diagonal"):
+            return None
+        blocks = self._refresh()
+        diag = None
+        for block in blocks:
+            part = inner.compute_normal_diagonal(block)
+            diag = part if diag is None else diag + part
+        if diag is None:
+            return None
+        reduce = getattr(self.apm, "reducing_matrix", None)
+        if reduce is not None:
+            diag = np.asarray(reduce.multiply(reduce).T @ diag).ravel()
+        restraints = self.apm.compute_restraints_residuals_and_gradients(self.apm)
+        if restraints:
+            jac = sp.csr_matrix(restraints[1])
+            diag = diag + np.asarray(jac.multiply(jac).T @ np.asarray(restraints[2])).ravel()
+        return diag
+
     def objective_only(self) -> float:
         blocks = self._refresh()
         total = 0.0
@@ -136,21 +157,60 @@ class ScalerObjective:
 
 
 class ModelBlockData:
-    """One model block for :class:`ModelObjective`: ``g``, canonical CSR ``∂g/∂p`` (columns are
-    the block's own), its first global column and its table rows (None = identity)."""
+    """One model block for :class:`ModelObjective` (the DerivativesView of the C++ contract).
 
-    __slots__ = ("scales", "derivatives", "column_offset", "table_rows")
+    Parameters
+    ----------
+    scales : g, one per block row
+    derivatives : scipy sparse ``n_rows x n_cols`` (made canonical), or a raw CSR tuple
+        ``(indptr int64, indices int32, values float64, n_cols)`` used as is. Passing the same
+        ``indptr``/``indices``/``table_rows`` arrays on every evaluation lets the objective skip
+        re-validating their structure (values are always checked).
+    column_offset : first global parameter of column 0
+    table_rows : table row of each block row (None = identity)
+    """
+
+    __slots__ = ("scales", "indptr", "indices", "values", "n_cols", "column_offset", "table_rows")
 
     def __init__(self, scales: Any, derivatives: Any, column_offset: int = 0, table_rows: Any = None) -> None:
         self.scales = np.ascontiguousarray(scales, dtype=np.float64)
-        self.derivatives = canonical_csr(derivatives, self.scales.size)
+        if isinstance(derivatives, tuple):
+            indptr, indices, values, n_cols = derivatives
+            self.indptr = np.ascontiguousarray(indptr, dtype=np.int64)
+            self.indices = np.ascontiguousarray(indices, dtype=np.int32)
+            self.values = np.ascontiguousarray(values, dtype=np.float64)
+            self.n_cols = int(n_cols)
+        else:
+            d = canonical_csr(derivatives, self.scales.size)
+            self.indptr = d.indptr.astype(np.int64, copy=False)
+            self.indices = d.indices.astype(np.int32, copy=False)
+            self.values, self.n_cols = d.data, d.shape[1]
         self.column_offset = int(column_offset)
         self.table_rows = None if table_rows is None else np.ascontiguousarray(table_rows, dtype=np.int64)
 
+    #: per model-block object: (block, pattern version, indptr, indices) of the last wrap
+    _patterns: dict[int, tuple[Any, int, np.ndarray, np.ndarray]] = {}
+
+    @classmethod
+    def from_model_block(cls, block: Any, table_rows: Any = None) -> "ModelBlockData":
+        """Wrap an evaluated C++ ``xtalscale._core.model_block.ModelBlock`` (its DerivativesView)
+        without copies. While the block's pattern ``version`` is unchanged the same
+        ``indptr``/``indices`` objects are reused, so their structure is checked only once."""
+        cached = cls._patterns.get(id(block))
+        if cached is not None and cached[0] is block and cached[1] == block.version:
+            indptr, indices = cached[2], cached[3]
+        else:
+            indptr, indices = block.indptr, block.indices
+            cls._patterns[id(block)] = (block, block.version, indptr, indices)
+        return cls(block.scales, (indptr, indices, block.values, block.n_cols), block.column_offset, table_rows)
+
+    @property
+    def derivatives(self) -> sp.csr_matrix:
+        return sp.csr_matrix((self.values, self.indices, self.indptr), shape=(self.scales.size, self.n_cols))
+
     def as_kernel_tuple(self) -> tuple[Any, ...]:
-        d = self.derivatives
-        return (self.scales, d.indptr.astype(np.int64, copy=False), d.indices.astype(np.int32, copy=False),
-                d.data, d.shape[1], self.column_offset, self.table_rows)
+        return (self.scales, self.indptr, self.indices, self.values, self.n_cols, self.column_offset,
+                self.table_rows)
 
 
 class ModelObjective:
@@ -185,6 +245,8 @@ class ModelObjective:
         self.kind = kind
         self.var_cov: np.ndarray | None = None
         self._blocks: list[tuple[Any, ...]] = []
+        self._checked: list[tuple[Any, ...]] = []
+        self._check = True
         self.set_x(self.x)
 
     def get_x(self) -> np.ndarray:
@@ -196,10 +258,23 @@ class ModelObjective:
             blocks = list(self.model(x))
         for b in blocks:
             _check_scales(b.scales)
-            if not np.all(np.isfinite(b.derivatives.data)):
+            if not np.all(np.isfinite(b.values)):
                 raise NonFiniteScales("derivatives are not finite")
         self.x = x.copy()
+        self._f_here: float | None = None  # functional at x, once computed
         self._blocks = [b.as_kernel_tuple() for b in blocks]
+        structure = [(b[1], b[2], b[6]) for b in self._blocks]
+        same = len(structure) == len(self._checked) and all(
+            a is c and bb is d and e is f for (a, bb, e), (c, d, f) in zip(structure, self._checked))
+        self._check = not same
+        self._pending = structure
+
+    def _checked_call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a kernel, validating index structure only when the arrays are new."""
+        out = fn(*args, check_structure=self._check, **kwargs)
+        if self._check:  # keep references: the ids cannot be reused while we hold them
+            self._checked, self._check = self._pending, False
+        return out
 
     def _restraint_f_g(self) -> tuple[float, np.ndarray]:
         if self.restraint_weights is None:
@@ -208,27 +283,29 @@ class ModelObjective:
         return float(np.sum(w * self.x * self.x)), 2.0 * w * self.x
 
     def f_and_grad(self) -> tuple[float, np.ndarray]:
-        f, grad, _ = _fit.functional_and_gradient(self.offsets, self.intensities, self.weights, self._blocks,
+        f, grad, _ = self._checked_call(_fit.functional_and_gradient, self.offsets, self.intensities, self.weights, self._blocks,
                                                   self.n_params, gradient=True, fixed_Ih=self.fixed_Ih,
                                                   n_threads=self.n_threads)
         fr, gr = self._restraint_f_g()
+        self._f_here = f + fr
         return f + fr, grad + gr
 
     def table_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(Ĩ, residuals, g)`` per table row at the current parameters."""
-        _, _, rows = _fit.functional_and_gradient(self.offsets, self.intensities, self.weights, self._blocks,
+        _, _, rows = self._checked_call(_fit.functional_and_gradient, self.offsets, self.intensities, self.weights, self._blocks,
                                                   self.n_params, gradient=False, fixed_Ih=self.fixed_Ih,
                                                   rows=True, n_threads=self.n_threads)
         return rows
 
     def objective_only(self) -> float:
-        f, _, _ = _fit.functional_and_gradient(self.offsets, self.intensities, self.weights, self._blocks,
+        f, _, _ = self._checked_call(_fit.functional_and_gradient, self.offsets, self.intensities, self.weights, self._blocks,
                                                self.n_params, gradient=False, fixed_Ih=self.fixed_Ih,
                                                n_threads=self.n_threads)
-        return f + self._restraint_f_g()[0]
+        self._f_here = f + self._restraint_f_g()[0]
+        return self._f_here
 
     def normal_equations(self) -> tuple[np.ndarray, np.ndarray, float, int]:
-        matrix, rhs, r_sq, n_eq = _fit.normal_equations(self.offsets, self.intensities, self.weights, self._blocks,
+        matrix, rhs, r_sq, n_eq = self._checked_call(_fit.normal_equations, self.offsets, self.intensities, self.weights, self._blocks,
                                                         self.n_params, kind=self.kind, fixed_Ih=self.fixed_Ih,
                                                         n_threads=self.n_threads)
         if self.restraint_weights is not None:
@@ -239,9 +316,19 @@ class ModelObjective:
             n_eq += int(np.count_nonzero(w))
         return matrix, rhs, r_sq, n_eq
 
+    def diagonal(self) -> np.ndarray:
+        """Diagonal of the Ĩ-eliminated normal matrix (+ restraint weights): L-BFGS preconditioner."""
+        diag = self._checked_call(_fit.normal_matrix_diagonal, self.offsets, self.intensities, self.weights,
+                                  self._blocks, self.n_params, fixed_Ih=self.fixed_Ih)
+        if self.restraint_weights is not None:
+            diag = diag + self.restraint_weights
+        return diag
+
     def rmsd(self) -> float:
+        """``sqrt((Σ w r² + Σ w p²) / n)`` (spec 6.7), reusing the functional of this point."""
         n = self.intensities.size
-        return float(np.sqrt(self.objective_only() / n)) if n else 0.0
+        f = self._f_here if self._f_here is not None else self.objective_only()
+        return float(np.sqrt(f / n)) if n else 0.0
 
     def n_reflections(self) -> int:
         return int(self.intensities.size)

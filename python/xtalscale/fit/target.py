@@ -80,11 +80,11 @@ class ScalingTarget:
             r_sq += float(np.sum(block.weights * r * r))
             n += block.size
         if self.param_restraints:
-            restraints = apm.compute_restraints_residuals_and_gradients(apm)
+            restraints = apm.compute_restraints_functional_gradients(apm)  # residuals w p²
             if restraints is None:
                 self.param_restraints = False
             else:
-                r_sq += float(np.sum(np.asarray(restraints[2]) * np.asarray(restraints[0]) ** 2))
+                r_sq += float(np.sum(restraints[0]))
         return [float(np.sqrt(r_sq / n))] if n else [0.0]
 
     # ---------------------------------------------------------------- DIALS static pieces
@@ -157,6 +157,12 @@ class ScalingTarget:
             n_threads=getattr(self, "n_threads", 1))
         block.derivatives = None
         return matrix, rhs, r_sq, n_eq
+
+    def compute_normal_diagonal(self, block: Any) -> np.ndarray:
+        """Diagonal of the Ĩ-eliminated normal matrix of one block (L-BFGS preconditioner)."""
+        offsets, inten, w, models, n_params = block_kernel_arguments(block)
+        fixed = np.ascontiguousarray(block.Ih_values[block._order]) if self.fixed_Ih else None
+        return _fit.normal_matrix_diagonal(offsets, inten, w, models, n_params, fixed_Ih=fixed)
 
     # ---------------------------------------------------------------- restraints
     def compute_restraints_functional_gradients(self, apm: Any) -> list[Any] | None:

@@ -254,9 +254,9 @@ def _symmetry(mtz: gemmi.Mtz, path: str) -> tuple[SpaceGroup, UnitCell]:
 
 def _to_table(columns: dict, identifiers: dict):
     """Wrap numpy columns into the project's reflection_table."""
-    from ..array_family import flex
+    from ..reflection_table import reflection_table
 
-    table = flex.reflection_table()
+    table = reflection_table()
     flags = columns.pop("flags", None)
     for name, values in columns.items():
         table[name] = values

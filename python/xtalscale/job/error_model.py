@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ..error_model import BasicErrorModel as StoredBasicErrorModel
 from .grouped import GroupedObservations
 
 __all__ = [
@@ -46,29 +47,29 @@ class ErrorModelRefinementError(ValueError):
     """Too few suitable reflections (or a failed fit) for the error model."""
 
 
-class BasicErrorModel:
-    """σ'² = a²(σ² + (bI)²) (DIALS ``BasicErrorModel``); ``parameters`` is ``[a, |b|]``."""
+class BasicErrorModel(StoredBasicErrorModel):
+    """σ'² = a²(σ² + (bI)²) (DIALS ``BasicErrorModel``): the stored form of
+    :class:`xtalscale.error_model.BasicErrorModel` plus what its refinement needs (which
+    parameters ``basic.a``/``basic.b`` fix, the filtered data and the binner).
+    ``parameters`` is ``[a, |b|]``."""
 
-    id_ = "basic"
     min_reflections_required = 250
-    default_a = 1.0
-    default_b = 0.02
 
     def __init__(self, a: float | None = None, b: float | None = None, basic_params: Any = None) -> None:
+        self._a, self._b = self.default_a, self.default_b
+        super().__init__(a, b)
         self.params = basic_params
-        self._a = float(self.default_a if a is None else a)
-        self._b = float(self.default_b if b is None else b)
         self.fixed_a = basic_params is not None and getattr(basic_params, "a", None) is not None
         self.fixed_b = basic_params is not None and getattr(basic_params, "b", None) is not None
         if self.fixed_a:
             self._a = float(basic_params.a)
         if self.fixed_b:
             self._b = float(basic_params.b)
-        self.filtered_Ih_table: ErrorModelData | None = None
+        self.filtered_Ih_table: ErrorModelData | None = None  # noqa: N815 (DIALS name)
         self.binner: ErrorModelBinner | None = None
         self.n_refl = 0
 
-    @property
+    @property  # type: ignore[override]
     def parameters(self) -> list[float]:
         return [self._a, abs(self._b)]
 
@@ -78,30 +79,6 @@ class BasicErrorModel:
         if not (math.isfinite(a) and math.isfinite(b)):
             raise ValueError(f"error model parameters must be finite (got {a}, {b})")
         self._a, self._b = a, b
-
-    @property
-    def a(self) -> float:
-        return self._a
-
-    @property
-    def b(self) -> float:
-        return abs(self._b)
-
-    def update_variances(self, variances: Any, intensities: Any) -> np.ndarray:
-        """σ'² = a²(σ² + (bI)²) elementwise."""
-        v = np.asarray(variances, dtype=np.float64)
-        i = np.asarray(intensities, dtype=np.float64)
-        if v.shape != i.shape:
-            raise ValueError(f"variances and intensities must have the same shape ({v.shape} vs {i.shape})")
-        return self._a ** 2 * (v + (self._b * i) ** 2)
-
-    def to_dict(self) -> dict:
-        return {"__id__": self.id_, "parameters": self.parameters}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> BasicErrorModel:
-        a, b = d["parameters"] if "parameters" in d else d["error_model_parameters"]
-        return cls(a, b)
 
     def __repr__(self) -> str:
         return f"BasicErrorModel(a={self.a:.5f}, b={self.b:.5f})"

@@ -2,22 +2,21 @@
 
 The Gaussian smoothers come from :mod:`xtalscale.smoothing` (C++ core). Their ``value_weight`` /
 ``multi_value_weight`` results unpack as DIALS's wrappers' ``(value, weight, sumweight)`` tuples.
+The smooth scale components come from :mod:`xtalscale.components`.
 """
 from __future__ import annotations
 
-from xtalscale.smoothing import (  # noqa: F401  (re-exported DIALS names)
-    GaussianSmoother1D,
-    GaussianSmoother2D,
-    GaussianSmoother3D,
-    nparam_to_val,
-)
-
-# ---- smoother re-exports end here; the smooth scale components follow below. ----
-from xtalscale.components import (  # noqa: E402,F401  (re-exported DIALS names)
+from xtalscale.components import (  # noqa: F401  (re-exported DIALS names)
     SmoothBScaleComponent1D,
     SmoothMixin,
     SmoothScaleComponent1D,
     SmoothScaleComponent2D,
     SmoothScaleComponent3D,
 )
-from xtalscale.dials_scaling_ext import row_multiply  # noqa: E402,F401
+from xtalscale.scaling_utilities import row_multiply  # noqa: F401
+from xtalscale.smoothing import (  # noqa: F401  (re-exported DIALS names)
+    GaussianSmoother1D,
+    GaussianSmoother2D,
+    GaussianSmoother3D,
+    nparam_to_val,
+)

@@ -1,0 +1,56 @@
+// Internal helpers shared by the kernels in cpp/src (not installed): the multiversion
+// attribute, the guarded vectorised exponential and the window-width dispatch.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <type_traits>
+
+#include "xtalscale/smoother.hpp"  // exp_bounded
+
+/// Compile a function for AVX2+FMA (x86-64-v3) as well as the baseline, picked at run time
+/// (GCC >= 11 on x86-64 Linux; a no-op elsewhere). FMA may change the last bit of a result.
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && \
+    defined(__linux__)
+#define XS_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define XS_MULTIVERSION
+#endif
+
+namespace xtalscale::detail {
+
+/// The arguments exp_bounded accepts (its result is then a normal number within ~2 ulp).
+constexpr double kExpArgLimit = 700.0;
+
+/// True when every v[i] lies in [−700, 700] (NaN counts as outside). Branch-free, vectorises.
+inline bool exp_args_in_range(const double* v, std::size_t n) noexcept {
+  bool outside = false;
+  for (std::size_t i = 0; i < n; ++i) outside |= !(v[i] >= -kExpArgLimit && v[i] <= kExpArgLimit);
+  return !outside;
+}
+
+/// v[i] = exp(v[i]) in place: exp_bounded (vectorised, no libm call) when every argument is in
+/// range, else std::exp for all of them, so overflow, underflow and NaN follow IEEE.
+inline void exp_guarded(std::size_t n, double* v) noexcept {
+  if (exp_args_in_range(v, n)) {
+    for (std::size_t i = 0; i < n; ++i) v[i] = exp_bounded(v[i]);
+  } else {
+    for (std::size_t i = 0; i < n; ++i) v[i] = std::exp(v[i]);
+  }
+}
+
+/// Call f(std::integral_constant<int, W>{}) with W = @p width clamped to [Min, 5], so a kernel
+/// gets the window width (at most kMaxAxisWindow) as a compile-time constant.
+template <int Min, typename F>
+inline decltype(auto) with_window_width(int width, F&& f) {
+  static_assert(Min >= 1 && Min <= 5, "window widths are 1..5");
+  if (width <= Min) return f(std::integral_constant<int, Min>{});
+  switch (width) {
+    case 2: return f(std::integral_constant<int, (Min > 2 ? Min : 2)>{});
+    case 3: return f(std::integral_constant<int, (Min > 3 ? Min : 3)>{});
+    case 4: return f(std::integral_constant<int, (Min > 4 ? Min : 4)>{});
+    default: return f(std::integral_constant<int, 5>{});
+  }
+}
+
+}  // namespace xtalscale::detail
