@@ -168,10 +168,10 @@ class ScalerBase:
                     if em is not None:
                         block.update_weights(em, dataset_id=k)
         for k, ds in enumerate(self.datasets):
+            # block selections are rows of the table given to the Ih table (here: suitable rows)
             sels = self.Ih_table.get_block_selections_for_dataset(k)
-            mapped = [indices[k][s] for s in sels]
             for comp in ds.model.components.values():
-                comp.update_reflection_data(block_selections=mapped)
+                comp.update_reflection_data(block_selections=sels)
         self._tick("prepare minimisation", t0)
 
     def get_blocks_for_minimisation(self) -> list[Any]:
