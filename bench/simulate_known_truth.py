@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from xtalscale.job.simulate import simulate, write_simulation
 
 

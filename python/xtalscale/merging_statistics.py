@@ -23,8 +23,8 @@ from .stats.merging import (
 )
 
 # iotbx's names for the per-shell object and its error
-merging_stats = MergingShell
-StatisticsError = MergingStatisticsError
+from .stats.merging import MergingShell as merging_stats  # noqa: E402
+from .stats.merging import MergingStatisticsError as StatisticsError  # noqa: E402
 
 __all__ = [
     "BatchStatistics",

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from xtalscale import flex_arrays as fa
 from xtalscale.job.combine_intensities import (
     calculate_combined_raw_intensities,

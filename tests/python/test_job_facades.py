@@ -6,6 +6,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+
 from xtalscale import flex_arrays as fa
 from xtalscale.reflection_table import Flags, reflection_table
 from xtalscale.symmetry import SpaceGroup

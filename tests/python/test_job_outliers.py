@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+
 from xtalscale import flex_arrays as fa
 from xtalscale._core import job as kern
 from xtalscale.job.grouped import GroupedObservations

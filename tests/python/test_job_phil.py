@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from xtalscale.job.inputs import InputError, file_kind, load_inputs, split_arguments
 from xtalscale.job.phil import (
     DIFFERING_DEFAULTS,

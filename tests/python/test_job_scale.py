@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from xtalscale.cli import main
 from xtalscale.experiments import ExperimentList
 from xtalscale.job.algorithm import ScalingAlgorithm

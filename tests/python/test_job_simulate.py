@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+
 from xtalscale.experiments import ExperimentList
 from xtalscale.job.simulate import SimulationOptions, simulate, write_simulation
 from xtalscale.models import inverse_scale_factors

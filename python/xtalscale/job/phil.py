@@ -27,17 +27,17 @@ __all__ = [
     "DIFFERING_DEFAULTS",
     "PhilError",
     "default_scale_params",
-    "error_model_phil_scope",
+    "error_model_phil_scope",  # noqa: F822 (module __getattr__, parsed on first use)
     "error_model_phil_str",
-    "model_phil_scope",
+    "model_phil_scope",  # noqa: F822 (module __getattr__, parsed on first use)
     "model_phil_str",
     "parse_phil_arguments",
     "phil_definition_paths",
-    "refinement_phil_scope",
+    "refinement_phil_scope",  # noqa: F822 (module __getattr__, parsed on first use)
     "refinement_phil_str",
-    "scale_phil_scope",
+    "scale_phil_scope",  # noqa: F822 (module __getattr__, parsed on first use)
     "scale_phil_str",
-    "scaling_phil_scope",
+    "scaling_phil_scope",  # noqa: F822 (module __getattr__, parsed on first use)
     "scaling_phil_str",
 ]
 

@@ -67,8 +67,8 @@ def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True
     more than ``max_batch_points`` batches are computed over groups of consecutive batches
     (each point at the group's first batch).
     """
-    from .. import merging_statistics as ms
     from ..stats import estimate_resolution
+    from ..stats import merging as ms  # the core module (merging_statistics is its facade)
 
     obs = observations
     out = ReportInputs()
