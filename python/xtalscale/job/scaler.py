@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -86,6 +86,7 @@ class ScalerBase:
         self.error_model: Any = None
         self.free_asu_hkl: np.ndarray | None = None
         self._update_keys: dict[int, tuple] = {}
+        self._grouped_cache: GroupedObservations | None = None
         self._observers: dict[str, list] = {}
 
     # ------------------------------------------------------------------ properties
@@ -118,7 +119,16 @@ class ScalerBase:
         return var
 
     def _grouped_suitable(self, keep: Sequence[np.ndarray] | None = None) -> GroupedObservations:
-        """The suitable rows of every dataset (or ``keep`` of them), current g and weights."""
+        """The suitable rows of every dataset (or ``keep`` of them), current g and weights.
+
+        The suitable rows never change, so their grouping (ASU mapping and sort) is made once
+        and later calls only refresh I, σ², the weights and g."""
+        if keep is None and self._grouped_cache is not None:
+            I = np.concatenate([ds.column("intensity") for ds in self.datasets])
+            V = np.concatenate([self._variances(ds) for ds in self.datasets])
+            g = np.concatenate([ds.column("inverse_scale_factor") for ds in self.datasets])
+            if np.all(V > 0) and np.all(np.isfinite(I)) and np.all(np.isfinite(g)):
+                return replace(self._grouped_cache, intensity=I, variance=V, weight=1.0 / V, scale=g)
         tables = []
         for k, ds in enumerate(self.datasets):
             rows = np.ones(ds.suitable.sum(), bool) if keep is None else keep[k]
@@ -127,9 +137,12 @@ class ScalerBase:
                     "miller_index": np.asarray(ds.table["miller_index"]).reshape(-1, 3)[ds.suitable][rows],
                     "d": ds.column("d")[rows]}
             tables.append(cols)
-        return GroupedObservations.from_tables(tables, self.space_group, anomalous=bool(self._params.anomalous),
-                                               selections=[np.ones(t["intensity"].size, bool) for t in tables],
-                                               extra_columns=("d",))
+        grouped = GroupedObservations.from_tables(
+            tables, self.space_group, anomalous=bool(self._params.anomalous),
+            selections=[np.ones(t["intensity"].size, bool) for t in tables], extra_columns=("d",))
+        if keep is None:
+            self._grouped_cache = grouped
+        return grouped
 
     # ------------------------------------------------------------------ minimisation table
     def make_ready_for_scaling(self, outlier: bool = True) -> None:
