@@ -28,6 +28,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import gemmi
 import numpy as np
 from timing import best_time
+
 from xtalscale._core import stats as core_stats
 from xtalscale.stats import MergingStatistics, shell_limits
 from xtalscale.symmetry import SpaceGroup, UnitCell, group_reflections, map_to_asu

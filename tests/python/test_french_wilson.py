@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 from scipy import integrate, special
+
 from xtalscale._core import merge as kernel
 from xtalscale.merge import expected_intensities, french_wilson
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import gemmi
 import numpy as np
 import pytest
+
 from xtalscale._core import merge as kernel
 from xtalscale.cli import main
 from xtalscale.io.detect import detect_file_type

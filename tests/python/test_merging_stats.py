@@ -16,6 +16,7 @@ from pathlib import Path
 import gemmi
 import numpy as np
 import pytest
+
 from xtalscale import merging_statistics
 from xtalscale._core import stats as core_stats
 from xtalscale.array_family import flex

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from xtalscale.experiments import ExperimentList
 from xtalscale.merge import merge_observations, observations_from_mtz
 from xtalscale.report import (

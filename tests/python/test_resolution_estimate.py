@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from xtalscale.stats import MergingStatistics, estimate_resolution
 from xtalscale.stats.resolution import (
     _tanh_fit,
