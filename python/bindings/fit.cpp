@@ -6,6 +6,7 @@
 // check_structure=False skips the O(nnz) index checks (row-map coverage, column ranges and
 // order) for callers passing the very index arrays an earlier call checked; values are always
 // checked.
+#include <cmath>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -98,6 +99,14 @@ void load_blocks(CallData& d, const py::list& blocks, std::size_t n_params, bool
   check_model_blocks(d.table, d.blocks, n_params, structure);
 }
 
+/// A kernel result was not finite: name the non-finite derivative (full check), or report the
+/// overflow of finite inputs.
+[[noreturn]] void explain_non_finite(const CallData& d, std::size_t n_params) {
+  check_model_blocks(d.table, d.blocks, n_params, true);
+  throw std::invalid_argument(
+      "the target or its derivatives overflowed (non-finite result from finite inputs)");
+}
+
 const double* optional_rows(const std::optional<DoubleArray>& a, std::size_t n, const char* name) {
   if (!a) return nullptr;
   require_1d(*a, n, name);
@@ -131,6 +140,9 @@ py::tuple functional_and_gradient_py(const Int64Array& offsets, const DoubleArra
     py::gil_scoped_release release;  // only raw buffers held by `d` and the outputs are used
     f = functional_and_gradient(d.table, d.blocks, static_cast<std::size_t>(n_params), gp, o);
   }
+  bool finite = std::isfinite(f);
+  for (std::int64_t j = 0; gp && j < n_params; ++j) finite = finite && std::isfinite(gp[j]);
+  if (!finite) explain_non_finite(d, static_cast<std::size_t>(n_params));
   return py::make_tuple(f, gradient ? py::object(grad) : py::object(py::none()),
                         rows ? py::object(py::make_tuple(ih, res, g)) : py::object(py::none()));
 }
@@ -158,6 +170,10 @@ py::tuple normal_equations_py(const Int64Array& offsets, const DoubleArray& inte
                          kind == "dials" ? NormalMatrixKind::dials : NormalMatrixKind::schur, fixed,
                          n_threads);
   }
+  bool finite = std::isfinite(s.r_sq);
+  for (py::ssize_t j = 0; j < p; ++j) finite = finite && std::isfinite(rhs.data()[j]);
+  for (py::ssize_t j = 0; j < p * p; ++j) finite = finite && std::isfinite(matrix.data()[j]);
+  if (!finite) explain_non_finite(d, static_cast<std::size_t>(n_params));
   return py::make_tuple(matrix, rhs, s.r_sq, s.n_equations);
 }
 

@@ -467,6 +467,13 @@ def test_bad_input_is_reported_or_flagged():
     with pytest.raises(ValueError, match="mapped twice"):
         core_fit.functional_and_gradient(np.array([0, 3]), inten, w,
                                          [_one_block(np.ones(3), np.eye(3), np.array([0, 0, 1]))], 3)
+    bad = _one_block(np.ones(3), np.eye(3))
+    bad[3][1] = np.inf  # a non-finite derivative is named even when the structure check is skipped
+    for check in (True, False):
+        with pytest.raises(ValueError, match="derivative not finite at row 1"):
+            core_fit.functional_and_gradient(np.array([0, 3]), inten, w, [bad], 3, check_structure=check)
+        with pytest.raises(ValueError, match="derivative not finite"):
+            core_fit.normal_equations(np.array([0, 3]), inten, w, [bad], 3, check_structure=check)
     with pytest.raises(ValueError, match="exceeds"):
         core_fit.functional_and_gradient(np.array([0, 3]), inten, w, [blk], 2)
     # σ <= 0 and NaN intensities: kept and flagged, weight 0

@@ -40,9 +40,11 @@ XTALSCALE_EXPORT void check_grouped_observations(const GroupedObservations& tabl
 /// Check model blocks against a table and a parameter count: row maps in range, every table row
 /// covered by exactly one block row, CSR structure valid (columns in [0, n_cols), column_offset +
 /// n_cols <= n_params), scales and derivatives finite and scales > 0. Throws
-/// std::invalid_argument naming the block and the row. With @p structure false only the values
-/// are checked (scales finite and > 0, derivatives finite, column ranges): for callers that
-/// already checked these same index arrays (row maps, indptr, indices) on an earlier call.
+/// std::invalid_argument naming the block and the row. With @p structure false only the scales
+/// (finite and > 0) and column ranges are checked: for callers that already checked these same
+/// index arrays (row maps, indptr, indices) on an earlier call and that check the kernel's
+/// result for finiteness (a non-finite derivative makes it non-finite), re-running the full
+/// check then to name the culprit.
 XTALSCALE_EXPORT void check_model_blocks(const GroupedObservations& table,
                                          const std::vector<FitBlock>& blocks,
                                          std::size_t n_params, bool structure = true);
