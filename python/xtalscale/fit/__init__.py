@@ -1,0 +1,1 @@
+"""The fit layer: least-squares machinery, robust weights and the refinement engine."""
