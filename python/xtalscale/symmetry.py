@@ -308,8 +308,9 @@ class UnitCell:
 
     Parameters
     ----------
-    parameters : sequence of 6 floats, or gemmi.UnitCell
-        ``(a, b, c, alpha, beta, gamma)`` in Å and degrees.
+    parameters : sequence of 6 floats, str, or gemmi.UnitCell
+        ``(a, b, c, alpha, beta, gamma)`` in Å and degrees; a string holds the six numbers
+        separated by spaces or commas (cctbx's ``unit_cell("a b c al be ga")``).
 
     Raises
     ------
@@ -322,6 +323,11 @@ class UnitCell:
             p = parameters.parameters
         elif isinstance(parameters, UnitCell):
             p = parameters.parameters()
+        elif isinstance(parameters, str):
+            try:
+                p = tuple(float(x) for x in parameters.replace(",", " ").split())
+            except ValueError:
+                raise ValueError(f"unit cell string must hold 6 numbers, got {parameters!r}") from None
         else:
             p = tuple(float(x) for x in parameters)
         if len(p) != 6 or not all(np.isfinite(p)) or min(p) <= 0:
@@ -348,6 +354,17 @@ class UnitCell:
     def volume(self) -> float:
         """Cell volume in Å^3."""
         return float(self._cell.volume)
+
+    def reciprocal(self) -> "UnitCell":
+        """The reciprocal cell (a*, b*, c*, alpha*, beta*, gamma*) as a UnitCell."""
+        return UnitCell(self.reciprocal_parameters())
+
+    def metrical_matrix(self) -> tuple:
+        """cctbx's metrical matrix ``(a·a, b·b, c·c, a·b, a·c, b·c)``."""
+        a, b, c, al, be, ga = self.parameters()
+        cos = np.cos(np.radians([al, be, ga]))
+        return (a * a, b * b, c * c, float(a * b * cos[2]), float(a * c * cos[1]),
+                float(b * c * cos[0]))
 
     def fractionalization_matrix(self) -> np.ndarray:
         """3x3 matrix mapping Cartesian to fractional coordinates."""
