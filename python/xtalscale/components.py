@@ -38,6 +38,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ._core import components as _kern
+from .sparse import SparseMatrix
 
 __all__ = [
     "ComponentError",
@@ -134,12 +135,13 @@ def _nbytes_held(arrays: Sequence[Any], given: Sequence[Any]) -> int:
 
 def _csr(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: tuple) -> sp.csr_matrix:
     """Wrap CSR arrays without copying (scipy keeps int32 indices when they fit)."""
-    m = sp.csr_matrix((data, indices, indptr), shape=shape, copy=False)
+    # SparseMatrix: a csr_matrix that also answers scitbx's sparse-matrix calls (n_rows, col(j)...)
+    m = SparseMatrix((data, indices, indptr), shape=shape, copy=False)
     return m
 
 
 def _empty_derivatives(n_rows: int = 0, n_cols: int = 0) -> sp.csr_matrix:
-    return sp.csr_matrix((n_rows, n_cols), dtype=np.float64)
+    return SparseMatrix((n_rows, n_cols), dtype=np.float64)
 
 
 def _is_parameter_manager(obj: Any) -> bool:
@@ -400,11 +402,16 @@ class ScaleComponentBase:
 
     @parameters.setter
     def parameters(self, new_parameters: Any) -> None:
-        p = _vector(new_parameters, "parameters")
+        self._store_parameters(new_parameters, "parameters")
+
+    def _store_parameters(self, new_parameters: Any, name: str) -> None:
+        """Store all parameter values: in ``_parameters`` (DIALS form) or the manager slice
+        (seed form), never through the public ``parameters`` property."""
+        p = _vector(new_parameters, name)
         if self._seed_form:
             start, n = _seed_span(self)
             if p.size != n:
-                raise ComponentError(f"parameters needs {n} values (got {p.size})")
+                raise ComponentError(f"{name} needs {n} values (got {p.size})")
             full = np.array(self.active_parameter_manager.get_parameters(), dtype=np.float64)
             full[start:start + n] = p
             self.active_parameter_manager.set_parameters(full)
@@ -422,7 +429,9 @@ class ScaleComponentBase:
 
     @free_parameters.setter
     def free_parameters(self, parameters: Any) -> None:
-        self.parameters = parameters
+        # As DIALS: store the values directly (``_parameters``), not through the public
+        # ``parameters`` property, which a subclass may make read-only.
+        self._store_parameters(parameters, "free_parameters")
 
     @staticmethod
     def _checked_esds(esds: Any, n: int) -> np.ndarray:
@@ -1302,7 +1311,7 @@ class SmoothScaleComponent1D(_SmoothComponentND):
     @free_parameters.setter
     def free_parameters(self, parameters: Any) -> None:
         if not self._fixed_initial:
-            self.parameters = parameters
+            self._store_parameters(parameters, "free_parameters")
             return
         p = _vector(parameters, "free_parameters")
         if p.size != self._n_params - 1:
@@ -1614,7 +1623,7 @@ def product_rule(results: Sequence[tuple], widths: Optional[Sequence[int]] = Non
         g, _, _, values, _ = _kern.product_rule(scales, indptrs, indices, data, widths, out.data)
         return g, out
     g, indptr, idx, values, n_cols = _kern.product_rule(scales, indptrs, indices, data, widths)
-    jac = sp.csr_matrix((values, idx, indptr), shape=(g.size, int(n_cols)), copy=False)
+    jac = SparseMatrix((values, idx, indptr), shape=(g.size, int(n_cols)), copy=False)
     # Keep the component arrays alive so their buffer addresses identify the pattern.
     jac._xtalscale_pattern = (pattern, indptrs, indices)
     return g, jac

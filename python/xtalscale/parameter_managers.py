@@ -32,6 +32,7 @@ import scipy.sparse as sp
 
 from .components import product_rule
 from .dials_scaling_ext import row_multiply
+from .sparse import SparseMatrix, as_sparse_matrix
 
 __all__ = [
     "ParameterManagerError",
@@ -717,7 +718,7 @@ class RefinerCalculator:
     """Inverse scales and their derivatives for one dataset block (DIALS ``basis_functions``)."""
 
     @staticmethod
-    def calculate_scales_and_derivatives(apm: Any, block_id: int) -> tuple[np.ndarray, sp.csr_matrix]:
+    def calculate_scales_and_derivatives(apm: Any, block_id: int) -> tuple[np.ndarray, SparseMatrix]:
         """``g`` and ``dg/dp`` (``n_b x n_active``) of the active components of ``apm``.
 
         ``g`` is the product of the active components' scales and, when the
@@ -734,19 +735,31 @@ class RefinerCalculator:
         """
         constant = getattr(apm, "constant_g_values", None)
         const = None if constant is None else np.asarray(constant[block_id], dtype=np.float64)
-        objects = [info["object"] for info in apm.components.values()]
-        if not objects:
+        if not apm.components:
             if const is None:
                 raise ValueError("the parameter manager has neither active components nor constant scales")
-            return const.copy(), sp.csr_matrix((0, 0))
-        results = [obj.calculate_scales_and_derivatives(block_id) for obj in objects]
+            return const.copy(), SparseMatrix((0, 0))
+        scales_list, derivatives_list = RefinerCalculator._calc_component_scales_derivatives(
+            apm, block_id)
+        results = list(zip(scales_list, derivatives_list))
         if len(results) == 1:
             scales = np.asarray(results[0][0], dtype=np.float64)
             g = scales * const if const is not None else scales.copy()
-            return g, sp.csr_matrix(results[0][1])
+            return g, as_sparse_matrix(sp.csr_matrix(results[0][1]))
         if const is not None:  # the fixed factors join the product with no columns of their own
             results.append((const, sp.csr_matrix((const.size, 0))))
-        return product_rule(results)
+        g, jacobian = product_rule(results)
+        return g, as_sparse_matrix(jacobian)
+
+    @staticmethod
+    def _calc_component_scales_derivatives(apm: Any, block_id: int) -> tuple[list, list]:
+        """Each active component's scales and derivatives for one block (DIALS's helper)."""
+        scales, derivatives = [], []
+        for info in apm.components.values():
+            s, d = info["object"].calculate_scales_and_derivatives(block_id)
+            scales.append(s)
+            derivatives.append(d)
+        return scales, derivatives
 
 
 # --------------------------------------------------------------------------
