@@ -28,6 +28,7 @@ from typing import NamedTuple
 import gemmi
 import numpy as np
 
+from . import flex_arrays as _flex
 from ._core import grouping as _core_grouping
 
 __all__ = [
@@ -45,6 +46,8 @@ __all__ = [
     "reindex_unit_cell",
     "miller_array",
     "add_asu_miller_index",
+    "map_indices_to_asu",
+    "get_sorted_asu_indices",
 ]
 
 
@@ -612,6 +615,31 @@ def group_reflections(asu_hkl) -> Grouping:
     order, group_index, offsets = _core_grouping.group_miller_indices(hkl)
     unique = np.ascontiguousarray(hkl[order[offsets[:-1]]])
     return Grouping(order, group_index, offsets, unique)
+
+
+def map_indices_to_asu(miller_indices, space_group, anomalous: bool = False):
+    """DIALS's ``map_indices_to_asu``: the ASU Miller indices as a ``flex.miller_index``.
+
+    Same mapping as :func:`map_to_asu` (``anomalous=True`` keeps Bijvoet mates apart by
+    negating the acentric minus mates, as cctbx does).
+    """
+    return _flex.miller_index(map_to_asu(miller_indices, space_group, anomalous).asu_hkl)
+
+
+def get_sorted_asu_indices(asu_indices, space_group, anomalous: bool = False):
+    """DIALS's ``get_sorted_asu_indices``: the ASU indices sorted in cctbx's
+    ``packed_indices`` order (lexicographic signed h, k, l; stable) and the permutation.
+
+    Returns
+    -------
+    (flex.miller_index, flex.size_t)
+        ``sorted = asu_indices.select(permutation)``. ``space_group`` and ``anomalous`` are
+        accepted for DIALS's signature; the order depends on the indices only.
+    """
+    _as_space_group(space_group)  # validated, as DIALS builds its miller set from it
+    hkl = miller_array(asu_indices, "asu_indices")
+    order = group_reflections(hkl).order
+    return _flex.miller_index(np.ascontiguousarray(hkl[order])), _flex.size_t(order)
 
 
 # --------------------------------------------------------------------------- misc
