@@ -10,7 +10,7 @@ gemmi is imported on first use of ``unit_cell``, not when this module is importe
 """
 from __future__ import annotations
 
-__all__ = ["unit_cell"]
+__all__ = ["unit_cell"]  # noqa: F822  (provided lazily by __getattr__)
 
 
 def __getattr__(name: str):

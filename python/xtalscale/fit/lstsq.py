@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import numbers
 import time
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -51,14 +51,14 @@ from ..flex_arrays import double, symmetric_from_packed_u
 
 __all__ = [
     "NormalEquationsError",
-    "linear_ls",
-    "non_linear_ls",
-    "non_linear_ls_mixin",
-    "journaled_non_linear_ls",
     "iterations",
+    "journaled_non_linear_ls",
+    "levenberg_marquardt_iterations",
+    "linear_ls",
     "naive_iterations",
     "naive_iterations_with_damping",
-    "levenberg_marquardt_iterations",
+    "non_linear_ls",
+    "non_linear_ls_mixin",
 ]
 
 
@@ -67,7 +67,7 @@ class NormalEquationsError(ValueError, RuntimeError):
 
 
 # ----------------------------------------------------------------------------- argument checks
-def _vector(values: Any, name: str, n: Optional[int] = None) -> np.ndarray:
+def _vector(values: Any, name: str, n: int | None = None) -> np.ndarray:
     """A finite 1-D float64 array (of length n when given)."""
     if hasattr(values, "as_dense_vector"):  # a scitbx-like sparse vector
         values = values.as_dense_vector()
@@ -129,7 +129,7 @@ def _packed(full: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- linear_ls
-class linear_ls:  # noqa: N801  (scitbx name)
+class linear_ls:
     """Normal equations of the linear least-squares problem ``min_x Σ wᵢ (Aᵢ·x - bᵢ)²``.
 
     Parameters
@@ -284,7 +284,7 @@ class linear_ls:  # noqa: N801  (scitbx name)
 
 
 # ----------------------------------------------------------------------------- non_linear_ls
-class non_linear_ls:  # noqa: N801  (scitbx name)
+class non_linear_ls:
     """The Gauss-Newton linearisation of ``L(x) = ½ Σ wᵢ rᵢ(x)²``.
 
     Parameters
@@ -348,10 +348,11 @@ class non_linear_ls:  # noqa: N801  (scitbx name)
             raise ValueError("non_linear_ls.add_equations: negate_right_hand_side is not "
                              "meaningful here (the equations are J δ = -r)")
         r = _vector(residuals, "residuals")
+        j = _matrix(jacobian, r.size, self.n_parameters(), "jacobian")
         w = _weights(weights, r.size)
+        self._linearised.add_equations(r, j, w, negate_right_hand_side=True)
         self._r_sq += float(np.dot(w, r * r))
         self._n_equations += r.size
-        self._linearised.add_equations(r, jacobian, w, negate_right_hand_side=True)
 
     def objective(self) -> float:
         """``L(x) = ½ Σ wᵢ rᵢ²`` of the residuals added so far."""
@@ -368,7 +369,7 @@ class non_linear_ls:  # noqa: N801  (scitbx name)
         self._n_equations = 0
 
 
-class non_linear_ls_mixin:  # noqa: N801  (scitbx name)
+class non_linear_ls_mixin:
     """The protocol the iteration drivers use; subclasses define the abstract methods.
 
     Combine as ``class problem(non_linear_ls, non_linear_ls_mixin)`` and define
@@ -414,7 +415,7 @@ class non_linear_ls_mixin:  # noqa: N801  (scitbx name)
 
 
 # ----------------------------------------------------------------------------- iterations
-class journaled_non_linear_ls:  # noqa: N801  (scitbx name)
+class journaled_non_linear_ls:
     """Wraps a ``non_linear_ls`` and records, on ``journal``, what each build and solve gave.
 
     Histories (flex arrays on the journal): ``objective_history``, ``gradient_norm_history``
@@ -471,7 +472,7 @@ class journaled_non_linear_ls:  # noqa: N801  (scitbx name)
         self.step_forward()
 
 
-class iterations:  # noqa: N801  (scitbx name)
+class iterations:
     """Base of the iteration drivers: runs :meth:`do` on construction, as scitbx does.
 
     Parameters
@@ -488,8 +489,8 @@ class iterations:  # noqa: N801  (scitbx name)
     track_gradient = False
     track_all = False
     n_max_iterations = 100
-    gradient_threshold: Optional[float] = None
-    step_threshold: Optional[float] = None
+    gradient_threshold: float | None = None
+    step_threshold: float | None = None
     damping_value = 0.0007
 
     def __init__(self, non_linear_ls: Any, **kwds: Any) -> None:
@@ -533,7 +534,7 @@ class iterations:  # noqa: N801  (scitbx name)
         raise NotImplementedError()
 
 
-class naive_iterations(iterations):  # noqa: N801  (scitbx name)
+class naive_iterations(iterations):
     """Plain Gauss-Newton: build, stop on a small gradient, solve, stop on a small step."""
 
     def do(self) -> None:
@@ -552,7 +553,7 @@ class naive_iterations(iterations):  # noqa: N801  (scitbx name)
         return "pure Gauss-Newton"
 
 
-class naive_iterations_with_damping(iterations):  # noqa: N801  (scitbx name)
+class naive_iterations_with_damping(iterations):
     """Gauss-Newton with the diagonal scaled by (1 + ``damping_value``) before each solve."""
 
     def do(self) -> None:
@@ -605,7 +606,7 @@ class _FixedLinearisation(non_linear_ls, non_linear_ls_mixin):
                                    "jacobian=...) has no parameters to step: apply solution()")
 
 
-class levenberg_marquardt_iterations(iterations):  # noqa: N801  (scitbx name)
+class levenberg_marquardt_iterations(iterations):
     """Levenberg-Marquardt iterations (scitbx) or one damped step (the commissioning API).
 
     Forms
@@ -641,7 +642,7 @@ class levenberg_marquardt_iterations(iterations):  # noqa: N801  (scitbx name)
         self._adopt(kwds)
         self.n_iterations = 0
         self.step_too_small = False
-        self._solution: Optional[np.ndarray] = None
+        self._solution: np.ndarray | None = None
         self.non_linear_ls = self._journaled(
             _FixedLinearisation(residuals, jacobian, weights, parameters))
 

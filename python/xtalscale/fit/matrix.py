@@ -23,14 +23,15 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
-__all__ = ["rec", "col", "row", "sqr", "diag", "identity", "zeros"]
+__all__ = ["col", "diag", "identity", "rec", "row", "sqr", "zeros"]
 
 
-class rec:  # noqa: N801  (scitbx name)
+class rec:
     """A dense ``n_rows × n_columns`` matrix with row-major ``elems``."""
 
     __slots__ = ("elems", "n")
@@ -76,7 +77,7 @@ class rec:  # noqa: N801  (scitbx name)
     def as_list_of_lists(self) -> list:
         return self.as_numpy_array().tolist()
 
-    def _new(self, a: np.ndarray) -> "rec":
+    def _new(self, a: np.ndarray) -> rec:
         a = np.asarray(a, dtype=np.float64)
         if a.ndim == 2 and a.shape[1] == 1:
             return col(a.ravel())
@@ -93,22 +94,22 @@ class rec:  # noqa: N801  (scitbx name)
         return o.reshape(self.n)
 
     # ------------------------------------------------------------------ arithmetic
-    def __add__(self, other: Any) -> "rec":
+    def __add__(self, other: Any) -> rec:
         return self._new(self.as_numpy_array() + self._same_shape(other, "+"))
 
-    def __sub__(self, other: Any) -> "rec":
+    def __sub__(self, other: Any) -> rec:
         return self._new(self.as_numpy_array() - self._same_shape(other, "-"))
 
-    def __radd__(self, other: Any) -> "rec":
+    def __radd__(self, other: Any) -> rec:
         return self.__add__(other)
 
-    def __rsub__(self, other: Any) -> "rec":
+    def __rsub__(self, other: Any) -> rec:
         return self._new(self._same_shape(other, "-") - self.as_numpy_array())
 
-    def __neg__(self) -> "rec":
+    def __neg__(self) -> rec:
         return self._new(-self.as_numpy_array())
 
-    def __pos__(self) -> "rec":
+    def __pos__(self) -> rec:
         return self
 
     def __mul__(self, other: Any) -> Any:
@@ -129,17 +130,17 @@ class rec:  # noqa: N801  (scitbx name)
         a = np.asarray(other, dtype=np.float64).reshape(1, -1)  # a plain sequence: a row
         return self._new(a @ self.as_numpy_array())
 
-    def __truediv__(self, other: Any) -> "rec":
+    def __truediv__(self, other: Any) -> rec:
         if not isinstance(other, numbers.Real):
             raise TypeError("a matrix can only be divided by a number")
         return self._new(self.as_numpy_array() / float(other))
 
-    def __eq__(self, other: Any) -> bool:
+    def __eq__(self, other: object) -> bool:
         if not isinstance(other, rec):
             return NotImplemented
         return self.n == other.n and self.elems == other.elems
 
-    def __ne__(self, other: Any) -> bool:
+    def __ne__(self, other: object) -> bool:
         eq = self.__eq__(other)
         return eq if eq is NotImplemented else not eq
 
@@ -149,7 +150,7 @@ class rec:  # noqa: N801  (scitbx name)
         return f"matrix.rec(elems={self.elems}, n={self.n})"
 
     # ------------------------------------------------------------------ matrix functions
-    def transpose(self) -> "rec":
+    def transpose(self) -> rec:
         return self._new(self.as_numpy_array().T)
 
     def _square(self, what: str) -> np.ndarray:
@@ -163,13 +164,13 @@ class rec:  # noqa: N801  (scitbx name)
     def determinant(self) -> float:
         return float(np.linalg.det(self._square("determinant")))
 
-    def inverse(self) -> "sqr":
+    def inverse(self) -> sqr:
         a = self._square("inverse")
         if a.size and np.linalg.det(a) == 0:
             raise ValueError("matrix inverse: the matrix is singular")
         return sqr(np.linalg.inv(a).ravel())
 
-    def each_abs(self) -> "rec":
+    def each_abs(self) -> rec:
         return self._new(np.abs(self.as_numpy_array()))
 
     def min(self) -> float:
@@ -178,7 +179,7 @@ class rec:  # noqa: N801  (scitbx name)
     def max(self) -> float:
         return max(self.elems)
 
-    def round(self, digits: int) -> "rec":
+    def round(self, digits: int) -> rec:
         return self._new(np.round(self.as_numpy_array(), digits))
 
     # ------------------------------------------------------------------ vectors
@@ -194,7 +195,7 @@ class rec:  # noqa: N801  (scitbx name)
             raise ValueError(f"dot: {a.size} and {b.size} elements")
         return float(np.dot(a, b))
 
-    def cross(self, other: Any) -> "rec":
+    def cross(self, other: Any) -> rec:
         a, b = self._vector("cross"), np.asarray(list(other), dtype=np.float64)
         if a.size != 3 or b.size != 3:
             raise ValueError("cross needs two 3-vectors")
@@ -208,7 +209,7 @@ class rec:  # noqa: N801  (scitbx name)
     def length(self) -> float:
         return math.sqrt(self.length_sq())
 
-    def normalize(self) -> "rec":
+    def normalize(self) -> rec:
         length = self.length()
         if length == 0:
             raise ValueError("normalize: zero-length vector")
@@ -224,12 +225,12 @@ class rec:  # noqa: N801  (scitbx name)
         value = math.acos(cos)
         return math.degrees(value) if deg else value
 
-    def outer_product(self, other: Any = None) -> "rec":
+    def outer_product(self, other: Any = None) -> rec:
         a = self._vector("outer_product")
         b = a if other is None else np.asarray(list(other), dtype=np.float64)
         return self._new(np.outer(a, b))
 
-    def axis_and_angle_as_r3_rotation_matrix(self, angle: float, deg: bool = False) -> "sqr":
+    def axis_and_angle_as_r3_rotation_matrix(self, angle: float, deg: bool = False) -> sqr:
         """Right-handed rotation by ``angle`` about this (3-vector) axis."""
         k = self.normalize()._vector("axis_and_angle_as_r3_rotation_matrix")
         if k.size != 3:
@@ -239,14 +240,14 @@ class rec:  # noqa: N801  (scitbx name)
         r = np.eye(3) + math.sin(t) * kx + (1 - math.cos(t)) * (kx @ kx)
         return sqr(r.ravel())
 
-    def rotate_around_origin(self, axis: Any, angle: float, deg: bool = False) -> "rec":
+    def rotate_around_origin(self, axis: Any, angle: float, deg: bool = False) -> rec:
         """This 3-vector rotated right-handedly by ``angle`` about ``axis``."""
         a = axis if isinstance(axis, rec) else col(axis)
         r = a.axis_and_angle_as_r3_rotation_matrix(angle, deg=deg).as_numpy_array()
         return self._new((r @ self._vector("rotate_around_origin")).reshape(self.n))
 
 
-class col(rec):  # noqa: N801  (scitbx name)
+class col(rec):
     """A column vector."""
 
     __slots__ = ()
@@ -256,7 +257,7 @@ class col(rec):  # noqa: N801  (scitbx name)
         super().__init__(values, (len(values), 1))
 
 
-class row(rec):  # noqa: N801  (scitbx name)
+class row(rec):
     """A row vector."""
 
     __slots__ = ()
@@ -266,7 +267,7 @@ class row(rec):  # noqa: N801  (scitbx name)
         super().__init__(values, (1, len(values)))
 
 
-class sqr(rec):  # noqa: N801  (scitbx name)
+class sqr(rec):
     """A square matrix from n² row-major values."""
 
     __slots__ = ()

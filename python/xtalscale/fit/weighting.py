@@ -29,11 +29,11 @@ import numpy as np
 from ..flex_arrays import double
 
 __all__ = [
-    "WeightingBase",
-    "UnityWeights",
-    "GemanMcClureWeights",
     "CauchyWeights",
+    "GemanMcClureWeights",
     "HuberWeights",
+    "UnityWeights",
+    "WeightingBase",
     "get_weighting_scheme",
 ]
 
@@ -62,7 +62,7 @@ class WeightingBase:
 
     weighting_scheme = "invvar"
 
-    def __init__(self, Ih_table: Any) -> None:  # noqa: N803  (DIALS argument name)
+    def __init__(self, Ih_table: Any) -> None:
         self.Ih_table = Ih_table
 
     def calculate_initial_weights(self) -> None:
@@ -130,7 +130,7 @@ _SCHEMES = {
 }
 
 
-def get_weighting_scheme(Ih_table: Any, weighting_scheme: Any) -> WeightingBase:  # noqa: N803
+def get_weighting_scheme(Ih_table: Any, weighting_scheme: Any) -> WeightingBase:
     """The scheme object for ``weighting_scheme`` (``invvar`` / None, ``unity``, ``GM``,
     ``cauchy``, ``huber``).
 

@@ -1,5 +1,5 @@
 """scitbx import path ``scitbx.lstbx.normal_eqns`` (facade over :mod:`xtalscale.fit.lstsq`)."""
-from xtalscale.fit.lstsq import (  # noqa: F401  (re-exported scitbx names)
+from xtalscale.fit.lstsq import (
     NormalEquationsError,
     linear_ls,
     non_linear_ls,

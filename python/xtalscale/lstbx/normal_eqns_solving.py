@@ -1,6 +1,6 @@
 """scitbx import path ``scitbx.lstbx.normal_eqns_solving`` (facade over
 :mod:`xtalscale.fit.lstsq`)."""
-from xtalscale.fit.lstsq import (  # noqa: F401  (re-exported scitbx names)
+from xtalscale.fit.lstsq import (
     iterations,
     journaled_non_linear_ls,
     levenberg_marquardt_iterations,

@@ -6,6 +6,6 @@ derivative matrices are :class:`xtalscale.sparse.SparseMatrix` (scipy CSR with s
 """
 from __future__ import annotations
 
-from xtalscale.parameter_managers import RefinerCalculator  # noqa: F401  (re-exported DIALS name)
+from xtalscale.parameter_managers import RefinerCalculator
 
 __all__ = ["RefinerCalculator"]

@@ -2,7 +2,7 @@
 :mod:`xtalscale.fit.weighting`)."""
 from __future__ import annotations
 
-from xtalscale.fit.weighting import (  # noqa: F401  (re-exported DIALS names)
+from xtalscale.fit.weighting import (
     CauchyWeights,
     GemanMcClureWeights,
     HuberWeights,
