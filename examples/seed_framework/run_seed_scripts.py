@@ -46,20 +46,19 @@ from custom_model import (  # noqa: E402
     ScaleComponentBase,
     SimpleMultiplicativeComponent,
 )
-from refinement import (  # noqa: E402
-    CustomScalingTargetFunction,
-    create_and_refine_scaling_model,
-    run_scaling_refinement,
-)
 from smooth_component import SmoothScaleComponent  # noqa: E402
+
+# refinement.py (§6) is imported inside the functions that run it, so that the data helpers
+# here can be used on their own.
 
 DATA = HERE.parents[1] / "tests" / "data" / "dials_l_cysteine_integrated"
 
 
 def load_subset(reflections: Path, experiments: Path, n_reflections: int, seed: int):
     """The experiments and a seeded random subset of the integrated reflections with a
-    positive summation variance and a d-spacing; the ``d`` column is dropped so that the
-    custom model computes it from the unit cell (the script's ``cctbx.uctbx`` path)."""
+    positive summation variance and a d-spacing; the ``d`` column is renamed ``d_dials`` so
+    that the custom model computes ``d`` from the unit cell (the script's ``cctbx.uctbx``
+    path)."""
     table = flex.reflection_table.from_file(str(reflections))
     expts = ExperimentListFactory.from_json_file(str(experiments))
     usable = ((np.asarray(table["intensity.sum.variance"]) > 0)
@@ -72,12 +71,15 @@ def load_subset(reflections: Path, experiments: Path, n_reflections: int, seed: 
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(candidates, size=n_reflections, replace=False))
     subset = table.select(flex.size_t(chosen))
+    subset["d_dials"] = subset["d"]  # DIALS's value (scan-varying cell), kept for comparison
     del subset["d"]
     return expts, subset
 
 
 def rms_residual(models, tables) -> float:
     """RMS of the scripts' residual (I - g Ī) / σ for the models' current parameters."""
+    from refinement import CustomScalingTargetFunction
+
     residuals, _ = CustomScalingTargetFunction(models, tables).compute_residuals_and_gradients()
     return math.sqrt(flex.mean(residuals * residuals))
 
@@ -92,6 +94,8 @@ def unscaled_rms(table) -> float:
 
 def refine_resolution_model(experiments, table) -> tuple:
     """§6's ``create_and_refine_scaling_model``: (rms before, rms after, refined models)."""
+    from refinement import create_and_refine_scaling_model
+
     before = unscaled_rms(table)
     models, tables = create_and_refine_scaling_model(experiments, [table])
     return before, rms_residual(models, tables), models
@@ -110,6 +114,8 @@ class ResolutionBinsOwnSlice(ResolutionDependentComponent):
 def refine_resolution_model_own_slices(experiments, table) -> tuple:
     """The §5 model with :class:`ResolutionBinsOwnSlice`, refined by §6's
     ``run_scaling_refinement``: (rms before, rms after, model)."""
+    from refinement import run_scaling_refinement
+
     model = CustomRelativeScalingModel({"model_type": "custom_relative"}, is_scaled=False)
     apm = model.active_parameter_manager = active_parameter_manager()
     model._components["multiplicative"] = SimpleMultiplicativeComponent(apm)
@@ -125,6 +131,8 @@ def refine_resolution_model_own_slices(experiments, table) -> tuple:
 def refine_smooth_model(table, n_control_points: int = 5) -> tuple:
     """A multiplicative + §7 smooth-in-image-number model refined by ``run_scaling_refinement``:
     (rms before, rms after, model)."""
+    from refinement import run_scaling_refinement
+
     model = CustomRelativeScalingModel({"model_type": "custom_relative"}, is_scaled=False)
     model.active_parameter_manager = active_parameter_manager()
     model._components["multiplicative"] = SimpleMultiplicativeComponent(
