@@ -28,69 +28,29 @@ void exp_inplace(std::size_t n, double* x) noexcept {
 }
 
 }  // namespace
-template <int D>
-std::size_t dials_weight_matrix(const GaussianSmoother<D>& smoother, std::size_t n,
-                                const std::array<const double*, D>& coords, std::int32_t* indptr,
-                                std::int32_t* indices, double* data) {
-  static const char* const kNames[3] = {"x", "y", "z"};
-  for (int a = 0; a < D; ++a) require_finite(coords[a], n, kNames[a]);
+std::size_t dials_weight_matrix_1d(const GaussianSmoother<1>& smoother, std::size_t n,
+                                   const double* x, std::int32_t* indptr, std::int32_t* indices,
+                                   double* data) {
+  require_finite(x, n, "x");
+  const SmootherAxis& ax = smoother.axis(0);
   const double sigma = smoother.sigma();
-  std::array<int, 3> first{0, 0, 0}, count{1, 1, 1};
-  std::array<std::array<double, kMaxAxisWindow>, 3> dz{};  // z_a − pos_a over each window
-  const std::int64_t nx = static_cast<std::int64_t>(smoother.axis(0).num_values());
-  const std::int64_t nxy = D > 1 ? nx * static_cast<std::int64_t>(smoother.axis(1).num_values()) : nx;
+  AxisWindow win;
   std::size_t nnz = 0;
   indptr[0] = 0;
   for (std::size_t i = 0; i < n; ++i) {
-    for (int a = 0; a < D; ++a) {
-      const SmootherAxis& ax = smoother.axis(a);
-      const double z = ax.normalise(coords[a][i]);
-      ax.window(z, first[a], count[a]);
-      for (int q = 0; q < count[a]; ++q) dz[a][q] = z - ax.positions()[first[a] + q];
-    }
-    const std::size_t row_start = nnz;
+    ax.eval(ax.normalise(x[i]), sigma, win);  // DIALS's single-point formula
     double sumw = 0.0;
-    for (int kz = 0; kz < count[2]; ++kz) {
-      for (int ky = 0; ky < count[1]; ++ky) {
-        for (int kx = 0; kx < count[0]; ++kx) {
-          double w;
-          if constexpr (D == 1) {
-            const double ds = dz[0][kx] / sigma;
-            w = std::exp(-ds * ds);
-          } else if constexpr (D == 2) {
-            w = std::exp(-(dz[0][kx] * dz[0][kx] + dz[1][ky] * dz[1][ky]) / (sigma * sigma));
-          } else {
-            w = std::exp(-(dz[0][kx] * dz[0][kx] + dz[1][ky] * dz[1][ky] +
-                           dz[2][kz] * dz[2][kz]) / (sigma * sigma));
-          }
-          sumw += w;
-          indices[nnz] = static_cast<std::int32_t>((first[0] + kx) + (first[1] + ky) * nx +
-                                                   (first[2] + kz) * nxy);
-          data[nnz] = w;
-          ++nnz;
-        }
-      }
-    }
+    for (int k = 0; k < win.count; ++k) sumw += win.w[k];
     // As DIALS's row_multiply(weight, 1/sumweight); a zero sum leaves a zero row.
     const double inv = sumw > 0.0 ? 1.0 / sumw : 0.0;
-    for (std::size_t q = row_start; q < nnz; ++q) data[q] *= inv;
+    for (int k = 0; k < win.count; ++k, ++nnz) {
+      indices[nnz] = static_cast<std::int32_t>(win.first + k);
+      data[nnz] = win.w[k] * inv;
+    }
     indptr[i + 1] = static_cast<std::int32_t>(nnz);
   }
   return nnz;
 }
-
-template XTALSCALE_EXPORT std::size_t dials_weight_matrix<1>(const GaussianSmoother<1>&,
-                                                             std::size_t,
-                                                             const std::array<const double*, 1>&,
-                                                             std::int32_t*, std::int32_t*, double*);
-template XTALSCALE_EXPORT std::size_t dials_weight_matrix<2>(const GaussianSmoother<2>&,
-                                                             std::size_t,
-                                                             const std::array<const double*, 2>&,
-                                                             std::int32_t*, std::int32_t*, double*);
-template XTALSCALE_EXPORT std::size_t dials_weight_matrix<3>(const GaussianSmoother<3>&,
-                                                             std::size_t,
-                                                             const std::array<const double*, 3>&,
-                                                             std::int32_t*, std::int32_t*, double*);
 
 std::size_t split_first_column(std::size_t n_rows, std::int32_t* indptr, std::int32_t* indices,
                                double* data, double* first_col) {
@@ -532,58 +492,6 @@ void validate_csr(std::size_t n_rows, std::size_t n_cols, const std::int64_t* in
   for (std::size_t k = 0; k < nnz; ++k)
     require_index(static_cast<std::ptrdiff_t>(indices[k]), n_cols, what);
 }
-
-std::size_t product_rule_indptr(std::size_t n, const ComponentBlock* blocks, std::size_t k,
-                                std::int64_t* out_indptr) {
-  std::int64_t nnz = 0;
-  out_indptr[0] = 0;
-  for (std::size_t i = 0; i < n; ++i) {
-    for (std::size_t c = 0; c < k; ++c) nnz += blocks[c].row_start(i + 1) - blocks[c].row_start(i);
-    out_indptr[i + 1] = nnz;
-  }
-  return static_cast<std::size_t>(nnz);
-}
-
-template <typename I>
-void product_rule_fill(std::size_t n, const ComponentBlock* blocks, std::size_t k,
-                       const std::int64_t* out_indptr, I* out_indices, double* out_data,
-                       double* g) {
-  constexpr std::size_t kStack = 16;
-  std::vector<double> heap;
-  double prefix_stack[kStack + 1];
-  double* prefix = prefix_stack;
-  if (k > kStack) {
-    heap.resize(k + 1);
-    prefix = heap.data();
-  }
-  for (std::size_t i = 0; i < n; ++i) {
-    prefix[0] = 1.0;
-    for (std::size_t c = 0; c < k; ++c) prefix[c + 1] = prefix[c] * blocks[c].scales[i];
-    g[i] = prefix[k];
-    // Walk the components backwards with a running suffix product: others = prefix·suffix.
-    double suffix = 1.0;
-    std::int64_t end = out_indptr[i + 1];
-    for (std::size_t c = k; c-- > 0;) {
-      const ComponentBlock& b = blocks[c];
-      const double others = prefix[c] * suffix;
-      const std::int64_t first = b.row_start(i), last = b.row_start(i + 1);
-      const std::int64_t start = end - (last - first);
-      for (std::int64_t q = first; q < last; ++q) out_data[start + (q - first)] = b.data[q] * others;
-      if (out_indices != nullptr)
-        for (std::int64_t q = first; q < last; ++q)
-          out_indices[start + (q - first)] = static_cast<I>(b.indices[q] + b.col_offset);
-      end = start;
-      suffix *= b.scales[i];
-    }
-  }
-}
-
-template XTALSCALE_EXPORT void product_rule_fill<std::int32_t>(std::size_t, const ComponentBlock*,
-                                                               std::size_t, const std::int64_t*,
-                                                               std::int32_t*, double*, double*);
-template XTALSCALE_EXPORT void product_rule_fill<std::int64_t>(std::size_t, const ComponentBlock*,
-                                                               std::size_t, const std::int64_t*,
-                                                               std::int64_t*, double*, double*);
 
 WeightMatrix::WeightMatrix(std::size_t n_rows, std::size_t n_cols,
                            std::vector<std::int32_t> indptr, std::vector<std::int32_t> indices,

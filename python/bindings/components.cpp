@@ -94,8 +94,19 @@ components::WeightMatrix weight_matrix_d(const std::vector<DoubleArray>& coords,
   std::vector<double> data(capacity), first_col(first_fixed ? n : 0);
   {
     py::gil_scoped_release release;  // pure C++ over converted buffers
-    std::size_t nnz = components::dials_weight_matrix<D>(smoother, n, cptr, indptr.data(),
-                                                         indices.data(), data.data());
+    // Exactness policy (components.hpp, dials_weight_matrix_1d): 1-D blocks keep DIALS's
+    // operations; 2-D/3-D go through the smoother's bulk kernel. first_fixed is applied below,
+    // so that p₀'s weights are kept in first_col.
+    std::size_t nnz = 0;
+    if constexpr (D == 1) {
+      nnz = components::dials_weight_matrix_1d(smoother, n, cptr[0], indptr.data(),
+                                               indices.data(), data.data());
+    } else {
+      const std::vector<double> zeros(n_values, 0.0);  // values are not computed here
+      nnz = smoother.template multi_value_weight<std::int32_t>(
+          n, cptr, zeros.data(), n_values, nullptr, nullptr, indptr.data(), indices.data(),
+          data.data(), WeightMode::normalised);
+    }
     if (first_fixed)
       nnz = components::split_first_column(n, indptr.data(), indices.data(), data.data(),
                                            first_col.data());
@@ -283,109 +294,6 @@ DoubleArray sh_scales(const DoubleArray& harmonics, const DoubleArray& coef) {
     components::sh_scales(n, np, harmonics.data(), c.data(), o);
   }
   return out;
-}
-
-/// One component's derivative block, validated (skipped when a known pattern is reused).
-components::ComponentBlock component_block(const DoubleArray& scales, const py::array& indptr,
-                                           const Int32Array& indices, const DoubleArray& data,
-                                           std::int64_t width, std::size_t n, std::size_t c,
-                                           bool validate) {
-  const std::string name = "component " + std::to_string(c);
-  auto s = vector_view(scales, (name + " scales").c_str());
-  require(static_cast<std::size_t>(s.size()) == n, name + ": scales must have one value per row");
-  require(indptr.ndim() == 1 && size_of(indptr) == n + 1,
-          name + ": derivative matrix must have one row per reflection");
-  require(size_of(indices) == size_of(data), name + ": indices and data lengths differ");
-  require(width >= 0, name + ": width must be >= 0");
-  components::ComponentBlock b;
-  b.scales = s.data();
-  b.indices = indices.data();
-  b.data = data.data();
-  if (py::isinstance<py::array_t<std::int32_t>>(indptr) && (indptr.flags() & py::array::c_style))
-    b.indptr32 = static_cast<const std::int32_t*>(indptr.data());
-  else if (py::isinstance<py::array_t<std::int64_t>>(indptr) && (indptr.flags() & py::array::c_style))
-    b.indptr64 = static_cast<const std::int64_t*>(indptr.data());
-  else
-    throw std::invalid_argument(name + ": indptr must be a contiguous int32 or int64 array");
-  if (!validate) return b;
-  require_finite(b.data, size_of(data), (name + " derivatives").c_str());
-  require(b.row_start(0) == 0 && static_cast<std::size_t>(b.row_start(n)) == size_of(data),
-          name + ": indptr must run from 0 to the number of stored entries");
-  for (std::size_t i = 0; i < n; ++i)
-    require(b.row_start(i + 1) >= b.row_start(i), name + ": indptr must be non-decreasing");
-  const std::string what = name + " indices";  // built once: the loop runs over every entry
-  const auto n_cols = static_cast<std::size_t>(width);
-  for (std::size_t q = 0; q < size_of(indices); ++q)
-    if (b.indices[q] < 0 || static_cast<std::size_t>(b.indices[q]) >= n_cols)
-      require_index(b.indices[q], n_cols, what.c_str());
-  return b;
-}
-
-/// g and ∂g/∂p of a product of components; the output CSR uses 32-bit indices when they fit.
-/// With @p out_data (the values array of a previous result with the same sparsity pattern),
-/// only g and the values are written, in place.
-py::tuple product_rule(const std::vector<DoubleArray>& scales, const std::vector<py::array>& indptrs,
-                       const std::vector<Int32Array>& indices, const std::vector<DoubleArray>& data,
-                       const std::vector<std::int64_t>& widths,
-                       std::optional<py::array_t<double>> out_data) {
-  const std::size_t k = scales.size();
-  require(k >= 1, "product_rule needs at least one component");
-  require(indptrs.size() == k && indices.size() == k && data.size() == k && widths.size() == k,
-          "product_rule needs scales, indptr, indices, data and a width for every component");
-  const std::size_t n = size_of(scales[0]);
-  std::vector<components::ComponentBlock> blocks(k);
-  std::int64_t offset = 0;
-  const bool reuse = out_data.has_value();
-  for (std::size_t c = 0; c < k; ++c) {
-    blocks[c] = component_block(scales[c], indptrs[c], indices[c], data[c], widths[c], n, c,
-                                !reuse);
-    blocks[c].col_offset = offset;
-    offset += widths[c];
-  }
-  std::vector<std::int64_t> indptr64(n + 1);
-  std::size_t nnz = 0;
-  {
-    py::gil_scoped_release release;
-    nnz = components::product_rule_indptr(n, blocks.data(), k, indptr64.data());
-  }
-  DoubleArray g(static_cast<py::ssize_t>(n));
-  if (reuse) {
-    auto& out = *out_data;
-    require(out.ndim() == 1 && size_of(out) == nnz && (out.flags() & py::array::c_style) &&
-                out.writeable(),
-            "out: the previous result's values must be a writable array of the same size");
-    double* o = out.mutable_data();
-    {
-      py::gil_scoped_release release;
-      components::product_rule_fill<std::int32_t>(n, blocks.data(), k, indptr64.data(), nullptr,
-                                                  o, g.mutable_data());
-    }
-    return py::make_tuple(g, py::none(), py::none(), out, offset);
-  }
-  DoubleArray values(static_cast<py::ssize_t>(nnz));
-  const bool small = nnz < static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max()) &&
-                     offset < std::numeric_limits<std::int32_t>::max();
-  if (small) {
-    Int32Array ix(static_cast<py::ssize_t>(nnz)), ip(static_cast<py::ssize_t>(n + 1));
-    {
-      py::gil_scoped_release release;
-      components::product_rule_fill<std::int32_t>(n, blocks.data(), k, indptr64.data(),
-                                                  ix.mutable_data(), values.mutable_data(),
-                                                  g.mutable_data());
-      for (std::size_t i = 0; i <= n; ++i)
-        ip.mutable_data()[i] = static_cast<std::int32_t>(indptr64[i]);
-    }
-    return py::make_tuple(g, ip, ix, values, offset);
-  }
-  Int64Array ix(static_cast<py::ssize_t>(nnz)), ip(static_cast<py::ssize_t>(n + 1));
-  {
-    py::gil_scoped_release release;
-    components::product_rule_fill<std::int64_t>(n, blocks.data(), k, indptr64.data(),
-                                                ix.mutable_data(), values.mutable_data(),
-                                                g.mutable_data());
-    std::copy(indptr64.begin(), indptr64.end(), ip.mutable_data());
-  }
-  return py::make_tuple(g, ip, ix, values, offset);
 }
 
 // ------------------------------------------------------------------ harmonics
@@ -716,7 +624,7 @@ DoubleArray real_harmonics(int lmax, double theta, double phi) {
 
 void bind_components(py::module_& m) {
   using components::WeightMatrix;
-  py::class_<WeightMatrix>(m, "WeightMatrix",
+  py::class_<WeightMatrix, std::shared_ptr<WeightMatrix>>(m, "WeightMatrix",
                            "Normalised smoother weights of one block (CSR, built once).")
       .def_property_readonly("shape",
                              [](const WeightMatrix& w) {
@@ -765,9 +673,6 @@ void bind_components(py::module_& m) {
         "CSR data with each row multiplied by v[row].");
   m.def("sh_scales", &sh_scales, py::arg("harmonic_values"), py::arg("parameters"),
         "1 + H·C for a row-major (n, n_params) harmonic matrix H.");
-  m.def("product_rule", &product_rule, py::arg("scales"), py::arg("indptrs"), py::arg("indices"),
-        py::arg("data"), py::arg("widths"), py::arg("out_data") = py::none(),
-        "(g, indptr, indices, data, n_cols) of g = Π s_c and ∂g/∂p by the product rule.");
   m.def("calc_theta_phi", &calc_theta_phi, py::arg("xyz"));
   m.def("calc_lookup_index", &calc_lookup_index, py::arg("theta_phi"),
         py::arg("points_per_degree"));

@@ -13,4 +13,7 @@ PYBIND11_MODULE(_core, m) {
   xtalscale::py_bind::bind_refl(refl);
   auto grouping = m.def_submodule("grouping", "Reciprocal ASU mapping kernel");
   xtalscale::py_bind::bind_grouping(grouping);
+  auto model_block = m.def_submodule(
+      "model_block", "Model blocks: g and dg/dp of a model's components (the fit contract)");
+  xtalscale::py_bind::bind_model_block(model_block);
 }

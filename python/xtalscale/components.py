@@ -30,7 +30,6 @@ With ``SHScaleComponent.cache_harmonics`` False, lookup mode holds only the grid
 """
 from __future__ import annotations
 
-import weakref
 from math import ceil, floor
 from typing import Any, ClassVar, Optional, Sequence
 
@@ -38,6 +37,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from ._core import components as _kern
+from ._core import model_block as _mb
 from .sparse import SparseMatrix
 
 __all__ = [
@@ -57,6 +57,7 @@ __all__ = [
     "create_sph_harm_lookup_table",
     "sh_lookup_data",
     "product_rule",
+    "ComponentModelBlock",
     "SH_POINTS_PER_DEGREE",
 ]
 
@@ -267,6 +268,7 @@ class ScaleComponentBase:
         self._n_refl: list = []
         self._parameter_restraints = None
         self._data: dict = {}
+        self._terms: dict = {}  # block id -> C++ model term (see model_term)
 
     # ---------------------------------------------------------------- pickling
     #: Attributes rebuilt on demand (C++ caches, smoother objects), left out of pickles.
@@ -277,10 +279,12 @@ class ScaleComponentBase:
         for key in self._transient:
             state.pop(key, None)
         state.pop("_given", None)  # the caller's arrays: referenced only for held_bytes
+        state.pop("_terms", None)  # C++ terms: rebuilt on demand
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
+        self._terms = {}
         self._reset_transient()
 
     def _reset_transient(self) -> None:
@@ -339,6 +343,7 @@ class ScaleComponentBase:
                     f"{sorted(self._data_keys)} (missing {missing}, unexpected {extra})")
         self._given = [v for v in data.values() if isinstance(v, np.ndarray)]
         self._data = self._convert_data(dict(data))
+        self._terms = {}
 
     @data.deleter
     def data(self) -> None:
@@ -472,6 +477,31 @@ class ScaleComponentBase:
         """Number of reflections in each block."""
         return self._n_refl
 
+    # ---------------------------------------------------------------- model blocks
+    def model_term(self, block_id: int = 0) -> Any:
+        """The C++ term of block ``block_id`` for a :class:`ComponentModelBlock`, or None.
+
+        The term evaluates this component's scales and derivatives in C++ from the state
+        built by ``update_reflection_data`` (shared, not copied), reading the full parameter
+        vector (``parameters``) at each evaluation. It is made once per block and dropped when
+        the data, the blocks or the parameter layout change. None means the component has no
+        C++ term (a user-written component): a model block then fills an external term from
+        :meth:`calculate_scales_and_derivatives` before each evaluation.
+        """
+        if self._seed_form or not self._n_refl:
+            return None
+        b = self._check_block(block_id)
+        term = self._terms.get(b)
+        if term is None:
+            term = self._make_term(b)
+            if term is not None:
+                self._terms[b] = term
+        return term
+
+    def _make_term(self, b: int) -> Any:
+        """Build the C++ term of block ``b`` (subclasses; None: no C++ term)."""
+        return None
+
     # ---------------------------------------------------------------- restraints
     def calculate_restraints(self) -> Optional[tuple]:
         """``(residuals, gradient)`` of the restraint term, or None if unrestrained."""
@@ -532,7 +562,6 @@ class _OneColumnDerivatives:
     def __init__(self) -> None:
         self._cols = np.zeros(0, dtype=np.int32)
         self._rows = np.zeros(1, dtype=np.int32)
-        self._views: dict = {}
 
     def matrix(self, data: np.ndarray) -> sp.csr_matrix:
         n = data.size
@@ -540,11 +569,7 @@ class _OneColumnDerivatives:
             self._cols = np.zeros(n, dtype=np.int32)
             self._rows = np.arange(n + 1, dtype=np.int32)
             _readonly(self._cols, self._rows)
-            self._views = {}
-        views = self._views.get(n)
-        if views is None:  # the same view objects each call, so patterns can be recognised
-            views = self._views[n] = (self._cols[:n], self._rows[: n + 1])
-        return _csr(data, views[0], views[1], (n, 1))
+        return _csr(data, self._cols[:n], self._rows[: n + 1], (n, 1))
 
 
 class SingleScaleFactor(ScaleComponentBase):
@@ -564,6 +589,10 @@ class SingleScaleFactor(ScaleComponentBase):
         n = self._data_length()
         blocks = _block_indices(selection, block_selections, n, type(self).__name__)
         self._n_refl = [n if idx is None else int(idx.size) for idx in blocks]
+        self._terms = {}
+
+    def _make_term(self, b: int) -> Any:
+        return _mb.ScaleFactorTerm(self._n_refl[b])
 
     def calculate_scales_and_derivatives(self, block_id: int = 0) -> tuple:
         b = self._check_block(block_id)
@@ -602,8 +631,13 @@ class _ExpFactorComponent(ScaleComponentBase):
         n = self._data_length()
         blocks = _block_indices(selection, block_selections, n, type(self).__name__)
         self._d_values = [_take(self._data["d"], idx) for idx in blocks]
-        self._factors = [self._factor(idx) for idx in blocks]
+        self._factors = [np.ascontiguousarray(self._factor(idx)) for idx in blocks]
+        _readonly(*self._factors)
         self._n_refl = [int(f.size) for f in self._factors]
+        self._terms = {}
+
+    def _make_term(self, b: int) -> Any:
+        return _mb.ExpFactorTerm(self._factors[b])
 
     def calculate_scales_and_derivatives(self, block_id: int = 0) -> tuple:
         b = self._check_block(block_id)
@@ -689,8 +723,13 @@ class AnalyticalComponent(ScaleComponentBase):
     def update_reflection_data(self, selection: Any = None, block_selections: Any = None) -> None:
         n = self._data_length()
         blocks = _block_indices(selection, block_selections, n, type(self).__name__)
-        self._corrections = [_take(self._data["correction"], idx) for idx in blocks]
+        self._corrections = [np.ascontiguousarray(_take(self._data["correction"], idx))
+                             for idx in blocks]
         self._n_refl = [int(c.size) for c in self._corrections]
+        self._terms = {}
+
+    def _make_term(self, b: int) -> Any:
+        return _mb.FixedScalesTerm(self._corrections[b])
 
     def calculate_scales_and_derivatives(self, block_id: int = 0) -> tuple:
         b = self._check_block(block_id)
@@ -756,6 +795,7 @@ class SHScaleComponent(ScaleComponentBase):
         keys = set(data.keys())
         name = type(self).__name__
         self._given = [v for v in data.values() if isinstance(v, np.ndarray)]
+        self._terms = {}
         if keys == {"s0_lookup", "s1_lookup"}:
             self._mode = "memory"
             self._data = {k: self._lookup_column(data[k], k) for k in ("s0_lookup", "s1_lookup")}
@@ -859,6 +899,7 @@ class SHScaleComponent(ScaleComponentBase):
         name = type(self).__name__
         if self._mode is None:
             raise ComponentError(f"{name}: set .data before update_reflection_data")
+        self._terms = {}
         if self._mode == "speed":
             n = self._dense_table.shape[0]
             blocks = _block_indices(selection, block_selections, n, name)
@@ -892,6 +933,11 @@ class SHScaleComponent(ScaleComponentBase):
             # The blocks replace the indices; the grid indices stay in self._data.
             self._lookup_blocks = [None] * len(blocks)
 
+    def _make_term(self, b: int) -> Any:
+        if self._blocks[b] is None and not self.cache_harmonics:
+            return None  # only the grid indices are held: evaluated through Python
+        return _mb.HarmonicsTerm(self._block_matrix(b))
+
     def _block_matrix(self, b: int) -> np.ndarray:
         h = self._blocks[b]
         if h is None:  # memory mode: build this block's harmonics on first use
@@ -910,9 +956,7 @@ class SHScaleComponent(ScaleComponentBase):
         indices = np.tile(np.arange(p, dtype=np.int32), n)
         indptr = np.arange(0, n * p + 1, max(p, 1), dtype=np.int32)[: n + 1]
         data = h.reshape(-1) if h.dtype == np.float64 else h.reshape(-1).astype(np.float64)
-        m = _csr(data, indices, indptr, (n, p))
-        m._xtalscale_dense = True  # a full n × p pattern: product_rule identifies it by shape
-        return m
+        return _csr(data, indices, indptr, (n, p))
 
     def calculate_scales_and_derivatives(self, block_id: int = 0) -> tuple:
         b = self._check_block(block_id)
@@ -1030,36 +1074,21 @@ class SmoothMixin:
         return n_params - 2
 
 
-class _PatternToken:
-    """Identity of one held window record (a pattern written into caller buffers refers to it)."""
-
-    __slots__ = ("__weakref__",)
-
-
-#: Caller buffers holding a lean smoother's CSR pattern: (indptr, indices) buffer keys →
-#: (weakref to the window record's token, fixed_first, nnz). Small: one entry per buffer pair.
-_LEAN_PATTERNS: dict = {}
-
-
 class _WeightCache:
-    """Per-block normalised weight matrix (a C++ ``WeightMatrix``), rebuilt only when its
-    inputs change.
+    """Per-block normalised weight matrix (a C++ ``WeightMatrix``) and the smoother settings
+    it was built with. The CSR arrays are read-only views of the C++ buffers.
 
-    Keyed on the identity of the coordinate arrays (DIALS code and tests replace the lists
-    of normalised values wholesale) and on the smoother settings and fixed-first flag. The
-    CSR arrays are read-only views of the C++ buffers.
+    The component drops its caches whenever the coordinates change (``update_reflection_data``,
+    the normalised-value setters, ``set_new_parameters``); the settings are compared by value,
+    since ``smoother.set_smoothing`` may change them in between.
     """
 
-    __slots__ = ("sources", "key", "matrix", "indptr", "indices", "data")
+    __slots__ = ("key", "matrix", "indptr", "indices", "data")
 
-    def __init__(self, sources: tuple, key: tuple, matrix: Any) -> None:
-        self.sources = sources
+    def __init__(self, key: tuple, matrix: Any) -> None:
         self.key = key
         self.matrix = matrix
         self.indptr, self.indices, self.data = matrix.indptr, matrix.indices, matrix.data
-
-    def matches(self, sources: tuple, key: tuple) -> bool:
-        return self.key == key and all(a is b for a, b in zip(self.sources, sources))
 
 
 class _SmoothComponentND(ScaleComponentBase, SmoothMixin):
@@ -1067,7 +1096,7 @@ class _SmoothComponentND(ScaleComponentBase, SmoothMixin):
 
     null_parameter_value = 1.0
     _axes: ClassVar[tuple] = ("x",)
-    _transient = ("_caches", "_smoother", "_factor_cache", "_lean_windows")
+    _transient = ("_caches", "_smoother", "_lean_windows")
     #: 1-D blocks with more reflections than this hold no weights ("lean" mode): the component
     #: holds the normalised coordinate (8 B/reflection) and a window record (uint16 first/count
     #: and q = exp(2ad), 10 B), and each call recomputes the normalised weights in C++ from
@@ -1077,9 +1106,7 @@ class _SmoothComponentND(ScaleComponentBase, SmoothMixin):
     lean_min_reflections: ClassVar[int] = 100_000
 
     def _reset_transient(self) -> None:
-        self._caches = {}
-        self._lean_windows = {}
-        self._factor_cache = {}
+        self._invalidate()
         self._smoother = self._make_smoother() if self._ranges else None
 
     def __init__(self, initial_values: Any, parameter_esds: Any = None) -> None:
@@ -1088,8 +1115,13 @@ class _SmoothComponentND(ScaleComponentBase, SmoothMixin):
         self._fixed_initial = False
         self._normalised: list = []  # per axis: list of per-block arrays
         self._ranges: list = []
+        self._invalidate()
+
+    def _invalidate(self) -> None:
+        """Drop everything built from the coordinates (weights, window records, C++ terms)."""
         self._caches: dict = {}
-        self._lean_windows: dict = {}  # lean blocks: (key, x, window uint16, q float64)
+        self._lean_windows: dict = {}  # lean blocks: (settings key, window uint16, q float64)
+        self._terms = {}
 
     # -- subclass hooks
     def _shape(self) -> tuple:
@@ -1121,11 +1153,10 @@ class _SmoothComponentND(ScaleComponentBase, SmoothMixin):
                 raise ComponentError(f"{name}: no reflections selected for data['{axis}']")
             values = values - values.min()
             self._ranges.append(_smooth_range(values))
-            normalised.append([_take(values, idx) for idx in blocks])
+            normalised.append([np.ascontiguousarray(_take(values, idx)) for idx in blocks])
         self._normalised = normalised
         self._smoother = self._make_smoother()
-        self._caches = {}
-        self._lean_windows = {}
+        self._invalidate()
         self._n_refl = [int(v.size) for v in normalised[0]]
 
     def _make_smoother(self) -> Any:
@@ -1140,18 +1171,21 @@ class _SmoothComponentND(ScaleComponentBase, SmoothMixin):
     def _block_coords(self, b: int) -> tuple:
         return tuple(axis_blocks[b] for axis_blocks in self._normalised)
 
+    def _settings_key(self) -> tuple:
+        """What the weights depend on besides the coordinates: smoothing settings, fixed p₀."""
+        return (_smoothing_settings(self._smoother, len(self._axes)), self._fixed_initial)
+
     def _weights(self, b: int) -> _WeightCache:
-        coords = self._block_coords(b)
-        settings = _smoothing_settings(self._smoother, len(self._axes))
-        key = (settings, self._fixed_initial)
+        key = self._settings_key()
         cache = self._caches.get(b)
-        if cache is None or not cache.matches(coords, key):
+        if cache is None or cache.key != key:
+            coords = self._block_coords(b)
             intervals = [self.nparam_to_val(n) for n in self._shape()]
             matrix = _kern.weight_matrix(
                 [np.ascontiguousarray(c, dtype=np.float64) for c in coords],
-                [tuple(r) for r in self._ranges], intervals, settings[0], settings[1],
+                [tuple(r) for r in self._ranges], intervals, key[0][0], key[0][1],
                 self._fixed_initial)
-            cache = _WeightCache(coords, key, matrix)
+            cache = _WeightCache(key, matrix)
             self._caches[b] = cache
         return cache
 
@@ -1167,6 +1201,24 @@ class _SmoothComponentND(ScaleComponentBase, SmoothMixin):
     def _lean_factor(self, b: int) -> Optional[np.ndarray]:
         return None  # the B-factor subclass passes 1/(2d²)
 
+    def _lean_setup(self, b: int) -> tuple:
+        """(smoother set-up arguments, window records, q) of lean block ``b``.
+
+        Windows and q = exp(2ad) per point (10 B) do not depend on the parameters, so they are
+        computed once (again after the coordinates or smoother settings change).
+        """
+        num_average, sigma = _smoothing_settings(self._smoother, 1)
+        x = np.ascontiguousarray(self._normalised[0][b], dtype=np.float64)
+        setup = (x, 0.0, tuple(self._ranges[0]), self.nparam_to_val(self._n_params), num_average,
+                 sigma)
+        key = setup[2:]
+        held = self._lean_windows.get(b)
+        if held is None or held[0] != key:
+            held = (key, *_kern.smooth_1d_prepare(*setup))
+            _readonly(held[1], held[2])
+            self._lean_windows[b] = held
+        return setup, held[1], held[2]
+
     def _lean_eval(self, b: int, derivatives: bool, out: Optional[Sequence[np.ndarray]]) -> tuple:
         """Lean 1-D evaluation (see ``lean_min_reflections``) into ``out`` or fresh arrays."""
         if out is None:
@@ -1174,44 +1226,26 @@ class _SmoothComponentND(ScaleComponentBase, SmoothMixin):
         elif len(out) != 4:
             raise ValueError("out must be (scales, indptr, indices, data) buffers, e.g. from "
                              "derivative_buffers()")
-        num_average, sigma = _smoothing_settings(self._smoother, 1)
-        x = self._normalised[0][b]
-        setup = (x, 0.0, tuple(self._ranges[0]), self.nparam_to_val(self._n_params), num_average,
-                 sigma)
-        key = setup[2:]
-        held = getattr(self, "_lean_windows", {}).get(b)
-        if held is None or held[0] != key or held[1] is not x:
-            # Windows and q = exp(2ad) per point (10 B): parameter-independent, so computed once
-            # (again if the coordinates or smoother settings change).
-            held = (key, x, *_kern.smooth_1d_prepare(*setup), _PatternToken())
-            if not hasattr(self, "_lean_windows"):
-                self._lean_windows = {}
-            self._lean_windows[b] = held
+        setup, window, q = self._lean_setup(b)
+        return _kern.smooth_1d_apply(*setup, window, q, self._parameters, self._fixed_initial,
+                                     self._lean_factor(b), derivatives, *out)
+
+    def _make_term(self, b: int) -> Any:
         factor = self._lean_factor(b)
-        bufs = tuple(out)
-        pattern_key = None
-        if derivatives and all(isinstance(a, np.ndarray) for a in bufs[1:3]):
-            pattern_key = (_buffer_key(bufs[1]), _buffer_key(bufs[2]))
-            memo = _LEAN_PATTERNS.get(pattern_key)
-            if (memo is not None and memo[0]() is held[4] and memo[1] == self._fixed_initial
-                    and not bufs[1].flags.writeable and not bufs[2].flags.writeable):
-                # The buffers still hold this block's pattern (read-only since we wrote it).
-                return _kern.smooth_1d_apply(*setup, held[2], held[3], self._parameters,
-                                             self._fixed_initial, factor, True, *bufs,
-                                             write_pattern=False)[:4] + (memo[2],)
-            for a in bufs[1:3]:
-                a.flags.writeable = True  # ours to write (raises if the caller's base is read-only)
-        res = _kern.smooth_1d_apply(*setup, held[2], held[3], self._parameters,
-                                    self._fixed_initial, factor, derivatives, *bufs)
-        if pattern_key is not None:
-            # Mark the pattern read-only: while it stays so and comes back for this block, the
-            # next call writes only scales and data (like product_rule's out=).
-            bufs[1].flags.writeable = False
-            bufs[2].flags.writeable = False
-            if len(_LEAN_PATTERNS) > 64:  # stale entries (freed buffers) only cost a rewrite
-                _LEAN_PATTERNS.clear()
-            _LEAN_PATTERNS[pattern_key] = (weakref.ref(held[4]), self._fixed_initial, res[4])
-        return res
+        if self._is_lean(b):
+            setup, window, q = self._lean_setup(b)
+            return _mb.LeanSmoothTerm(*setup, window, q, self._fixed_initial, factor)
+        return _mb.SmoothTerm(self._weights(b).matrix, factor)
+
+    def model_term(self, block_id: int = 0) -> Any:
+        """The block's C++ term (see :meth:`ScaleComponentBase.model_term`); rebuilt when the
+        smoothing settings or the fixed first parameter change."""
+        b = self._check_block(block_id)
+        key = self._settings_key()
+        held = self._terms.get(b)
+        if held is None or held[0] != key:
+            held = self._terms[b] = (key, self._make_term(b))
+        return held[1]
 
     def derivative_buffers(self, block_id: int = 0) -> tuple:
         """Caller-owned output buffers ``(scales, indptr, indices, data)`` sized for block
@@ -1233,9 +1267,8 @@ class _SmoothComponentND(ScaleComponentBase, SmoothMixin):
 
         ``out`` (lean 1-D blocks only, else ignored): caller-owned ``(scales, indptr, indices,
         data)`` buffers (see :meth:`derivative_buffers`) written in place; the returned arrays
-        are views of them, valid until the next call with the same buffers. The pattern
-        buffers (indptr, indices) are left read-only; passed back unchanged for the same block,
-        only scales and data are rewritten (the pattern depends on the coordinates only).
+        are views of them, valid until the next call with the same buffers. (A model block,
+        :class:`ComponentModelBlock`, holds the pattern in C++ and rewrites only the values.)
         """
         b = self._check_block(block_id)
         n = self._n_refl[b]
@@ -1270,12 +1303,10 @@ class _SmoothComponentND(ScaleComponentBase, SmoothMixin):
             first = getattr(cache.matrix, "first_col", None)
             if first is not None:
                 arrays.append(np.asarray(first))
-        for held in getattr(self, "_lean_windows", {}).values():
-            arrays += [held[2], held[3]]
-        for _, factor in getattr(self, "_factor_cache", {}).values():
-            arrays.append(factor)
-        for d in getattr(self, "_d_values", []):
-            arrays.append(d)
+        for held in self._lean_windows.values():
+            arrays += [held[1], held[2]]
+        arrays += list(getattr(self, "_b_factors", []))
+        arrays += list(getattr(self, "_d_blocks", []))
         return arrays
 
 
@@ -1344,8 +1375,7 @@ class SmoothScaleComponent1D(_SmoothComponentND):
         self._parameters = p
         self._parameter_esds = None
         self._n_params = int(p.size)
-        self._caches = {}
-        self._lean_windows = {}
+        self._invalidate()
 
     @property
     def normalised_values(self) -> list:
@@ -1358,7 +1388,8 @@ class SmoothScaleComponent1D(_SmoothComponentND):
 
     @_normalised_values.setter
     def _normalised_values(self, values: list) -> None:
-        self._normalised = [[np.asarray(v, dtype=np.float64) for v in values]]
+        self._normalised = [[np.ascontiguousarray(v, dtype=np.float64) for v in values]]
+        self._invalidate()
 
 
 class SmoothBScaleComponent1D(SmoothScaleComponent1D):
@@ -1369,8 +1400,8 @@ class SmoothBScaleComponent1D(SmoothScaleComponent1D):
 
     def __init__(self, initial_values: Any, parameter_esds: Any = None) -> None:
         super().__init__(initial_values, parameter_esds)
-        self._d_values: list = []
-        self._factor_cache: dict = {}
+        self._d_blocks: list = []
+        self._b_factors: list = []  # per block: 1/(2d²), read-only
 
     def _convert_data(self, data: dict) -> dict:
         out = super()._convert_data(data)
@@ -1383,7 +1414,18 @@ class SmoothBScaleComponent1D(SmoothScaleComponent1D):
     @property
     def d_values(self) -> list:
         """d-spacings of each block."""
-        return self._d_values
+        return self._d_blocks
+
+    @property
+    def _d_values(self) -> list:  # DIALS attribute name, used by DIALS tests to inject blocks
+        return self._d_blocks
+
+    @_d_values.setter
+    def _d_values(self, values: list) -> None:
+        self._d_blocks = [np.asarray(d, dtype=np.float64) for d in values]
+        self._b_factors = [np.ascontiguousarray(1.0 / (2.0 * d * d)) for d in self._d_blocks]
+        _readonly(*self._b_factors)
+        self._invalidate()
 
     def update_reflection_data(self, selection: Any = None, block_selections: Any = None) -> None:
         super().update_reflection_data(selection, block_selections)
@@ -1393,16 +1435,9 @@ class SmoothBScaleComponent1D(SmoothScaleComponent1D):
             d = d[_block_indices(selection, None, n, type(self).__name__)[0]]
         blocks = _block_indices(None, block_selections, d.size, type(self).__name__)
         self._d_values = [_take(d, idx) for idx in blocks]
-        self._factor_cache = {}
 
     def _factor(self, b: int) -> np.ndarray:
-        d = self._d_values[b]
-        cached = self._factor_cache.get(b)
-        if cached is None or cached[0] is not d:
-            d64 = np.asarray(d, dtype=np.float64)
-            cached = (d, np.ascontiguousarray(1.0 / (2.0 * d64 * d64)))
-            self._factor_cache[b] = cached
-        return cached[1]
+        return self._b_factors[b]
 
     def _b_scales(self, b: int, derivatives: bool) -> tuple:
         w = self._weights(b)
@@ -1457,8 +1492,7 @@ class _SmoothGridComponent(_SmoothComponentND):
         self._parameters = p
         self._parameter_esds = None
         self._n_params = int(p.size)
-        self._caches = {}
-        self._lean_windows = {}
+        self._invalidate()
 
     @property
     def n_x_params(self) -> int:
@@ -1476,7 +1510,8 @@ class _SmoothGridComponent(_SmoothComponentND):
     def _set_axis_values(self, a: int, values: list) -> None:
         if not self._normalised:
             self._normalised = [[] for _ in self._axes]
-        self._normalised[a] = [np.asarray(v, dtype=np.float64) for v in values]
+        self._normalised[a] = [np.ascontiguousarray(v, dtype=np.float64) for v in values]
+        self._invalidate()
 
     @property
     def normalised_x_values(self) -> Optional[list]:
@@ -1571,8 +1606,144 @@ def sh_lookup_data(s0c: Any, s1c: Any, lmax: int,
 
 
 # ----------------------------------------------------------------------------- model assembly
-def _buffer_key(a: np.ndarray) -> tuple:
-    return (a.__array_interface__["data"][0], a.shape, a.dtype.str)
+def _external_term(n: int, width: int, scales: Any, derivatives: Any, name: str) -> Any:
+    """An ExternalTerm holding one component's (scales, derivatives) for one block."""
+    term = _mb.ExternalTerm(n, width)
+    _set_external(term, scales, derivatives, name)
+    return term
+
+
+def _set_external(term: Any, scales: Any, derivatives: Any, name: str) -> None:
+    """Copy a component's scales and derivatives (sparse or dense) into its external term."""
+    s = np.ascontiguousarray(scales, dtype=np.float64).reshape(-1)
+    if s.size != term.n_rows:
+        raise ComponentError(f"{name}: {s.size} scales for {term.n_rows} reflections")
+    if isinstance(derivatives, np.ndarray) and derivatives.ndim == 2 \
+            and derivatives.shape == (term.n_rows, term.n_cols):
+        term.set_dense(s, derivatives)
+        return
+    m = derivatives if sp.issparse(derivatives) and derivatives.format == "csr" \
+        else ScaleComponentBase.as_sparse_derivatives(derivatives)
+    if m.shape[0] != term.n_rows:
+        raise ComponentError(f"{name}: derivatives have {m.shape[0]} rows but there are "
+                             f"{term.n_rows} reflections (one row per reflection)")
+    if m.shape[1] > term.n_cols:
+        raise ComponentError(f"{name}: derivatives have {m.shape[1]} columns, more than the "
+                             f"{term.n_cols} reserved")
+    if not m.has_canonical_format:
+        m = m.copy()
+        m.sum_duplicates()
+    term.set(s, m.indptr, m.indices, m.data)
+
+
+def _csr_view(block: Any) -> SparseMatrix:
+    """∂g/∂p of an evaluated C++ model block as scipy CSR (a :class:`SparseMatrix`, which also
+    answers scitbx's sparse calls) over the block's own buffers (read-only;
+    rewritten by the block's next evaluation). 32-bit row starts when they fit, so scipy keeps
+    the 32-bit column indices without a copy."""
+    indptr = block.indptr
+    if indptr[-1] < np.iinfo(np.int32).max:
+        indptr = indptr.astype(np.int32)
+    return SparseMatrix((block.values, block.indices, indptr), shape=(block.n_rows, block.n_cols),
+                        copy=False)
+
+
+class ComponentModelBlock:
+    """``g = Π s_c`` and ``∂g/∂p`` of several components over one data block, in C++.
+
+    The Python face of the fit contract: ``core`` is the C++ ``ModelBlock`` (what the target
+    and normal equations read, as a ``DerivativesView``; pass it to C++ as is). It holds each
+    component's :meth:`~ScaleComponentBase.model_term` (sharing the component's weights,
+    harmonics and factors), builds the derivative sparsity pattern on the first evaluation and
+    afterwards rewrites only ``g`` and the values. Build one per data selection; rebuild it
+    after ``update_reflection_data`` or a change in parameter layout (``set_new_parameters``,
+    ``fix_initial_parameter``).
+
+    Components without a C++ term (user-written ones) join through an external term, filled
+    from their ``calculate_scales_and_derivatives`` (dense or scipy) before each evaluation,
+    and take part in the product rule in C++ like the others.
+
+    Parameters
+    ----------
+    components : sequence of components
+        All holding data split into the same blocks.
+    block_id : int
+        The data block.
+    active : sequence of bool, optional
+        Which components get derivative columns (default all); the others multiply ``g`` only.
+    fixed_scales : array_like, optional
+        Extra fixed factors of ``g`` (no columns), e.g. the product of the components not
+        refined in this cycle.
+    """
+
+    def __init__(self, components: Sequence[Any], block_id: int = 0,
+                 active: Optional[Sequence[bool]] = None, fixed_scales: Any = None) -> None:
+        self.components = list(components)
+        if not self.components and fixed_scales is None:
+            raise ComponentError("a model block needs at least one component or fixed scales")
+        self.block_id = int(block_id)
+        active = [True] * len(self.components) if active is None else [bool(a) for a in active]
+        if len(active) != len(self.components):
+            raise ComponentError(f"{len(active)} active flags for {len(self.components)} components")
+        n = self._rows(fixed_scales)
+        self.core = _mb.ModelBlock(n)
+        self._native: list = []  # components whose C++ term reads parameters
+        self._external: list = []  # (component, external term)
+        for comp, act in zip(self.components, active):
+            term = comp.model_term(self.block_id) if hasattr(comp, "model_term") else None
+            if term is None:
+                s, d = comp.calculate_scales_and_derivatives(self.block_id)
+                width = np.shape(d)[1] if np.ndim(d) == 2 else 1
+                term = _external_term(n, int(width), s, d, type(comp).__name__)
+                self._external.append((comp, term))
+            elif term.n_params:
+                if term.n_params != np.size(comp.parameters):
+                    raise ComponentError(f"{type(comp).__name__}: its term reads {term.n_params} "
+                                         f"parameters but it has {np.size(comp.parameters)}")
+                self._native.append(comp)
+            self.core.add_term(term, act)
+        if fixed_scales is not None:
+            self._fixed = np.ascontiguousarray(fixed_scales, dtype=np.float64)
+            self.core.add_term(_mb.FixedScalesTerm(self._fixed), False)
+        self._fresh_externals = True
+
+    def _rows(self, fixed_scales: Any) -> int:
+        if fixed_scales is not None:
+            return int(np.size(fixed_scales))
+        counts = {int(c.n_refl[self.block_id]) for c in self.components}
+        if len(counts) != 1:
+            raise ComponentError(f"the components hold different reflection counts in block "
+                                 f"{self.block_id}: {sorted(counts)}")
+        return counts.pop()
+
+    def parameters(self) -> np.ndarray:
+        """The vector ``evaluate`` passes to C++: each native term's full parameters, in order."""
+        if not self._native:
+            return np.zeros(0)
+        return np.concatenate([np.asarray(c.parameters, dtype=np.float64) for c in self._native])
+
+    def evaluate(self) -> tuple:
+        """Evaluate at the components' current parameters; returns ``(g, ∂g/∂p)``.
+
+        ``g`` and the CSR matrix are read-only views of the block's buffers, rewritten in place
+        by the next evaluation (copy them to keep them).
+        """
+        if not self._fresh_externals:
+            for comp, term in self._external:
+                s, d = comp.calculate_scales_and_derivatives(self.block_id)
+                _set_external(term, s, d, type(comp).__name__)
+        self._fresh_externals = False
+        self.core.evaluate(self.parameters())
+        return self.core.scales, _csr_view(self.core)
+
+    @property
+    def scales(self) -> np.ndarray:
+        """``g`` of the last evaluation (read-only view)."""
+        return self.core.scales
+
+    def jacobian(self) -> sp.csr_matrix:
+        """``∂g/∂p`` of the last evaluation as scipy CSR (read-only views, no copy)."""
+        return _csr_view(self.core)
 
 
 def product_rule(results: Sequence[tuple], widths: Optional[Sequence[int]] = None,
@@ -1588,42 +1759,30 @@ def product_rule(results: Sequence[tuple], widths: Optional[Sequence[int]] = Non
         Number of columns reserved for each component (default: its derivative's width);
         component c's columns start at the sum of the earlier widths.
     out : scipy.sparse.csr_matrix, optional
-        A Jacobian returned by an earlier call. If the components' derivative patterns are
-        the same buffers as then (the cached patterns of this module's components between
-        parameter updates), its values are overwritten in place and it is returned again:
-        no allocation, no index writes. Otherwise a new matrix is built.
+        A Jacobian returned by an earlier call: if the new one has its shape it is returned
+        again, holding the new arrays (no new matrix object). Otherwise a new matrix is built.
 
     Returns
     -------
     (numpy.ndarray, scipy.sparse.csr_matrix)
         ``g`` (n,) and the Jacobian ``n × Σ widths`` whose row i holds
-        ``∂s_c/∂p_c[i, :] · Π_{c'≠c} s_c'[i]`` for every component c.
+        ``∂s_c/∂p_c[i, :] · Π_{c'≠c} s_c'[i]`` for every component c. To evaluate a model
+        repeatedly, build a :class:`ComponentModelBlock` once instead.
     """
     if len(results) == 0:
         raise ComponentError("product_rule needs at least one component")
-    scales, indptrs, indices, data, cols, keys = [], [], [], [], [], []
     n = np.asarray(results[0][0]).size
-    for c, (s, d) in enumerate(results):
-        m = d if sp.issparse(d) and d.format == "csr" else ScaleComponentBase.as_sparse_derivatives(d)
-        if m.shape[0] == 0 and n > 0:  # DIALS returns 0×0 for empty blocks only
-            raise ComponentError(f"product_rule: component {c} has no derivative rows")
-        scales.append(np.ascontiguousarray(s, dtype=np.float64))
-        indptrs.append(m.indptr)
-        indices.append(np.ascontiguousarray(m.indices, dtype=np.int32))
-        data.append(m.data)
-        cols.append(m.shape[1])
-        keys.append(("dense", m.shape) if getattr(m, "_xtalscale_dense", False)
-                    else (_buffer_key(indptrs[-1]), _buffer_key(indices[-1])))
-    widths = cols if widths is None else [int(w) for w in widths]
+    if widths is None:
+        widths = [np.shape(d)[1] if np.ndim(d) == 2 else 1 for _, d in results]
+    widths = [int(w) for w in widths]
     if len(widths) != len(results):
         raise ComponentError(f"product_rule: {len(widths)} widths for {len(results)} components")
-    pattern = (tuple(widths), tuple(keys))
-    previous = getattr(out, "_xtalscale_pattern", None) if out is not None else None
-    if previous is not None and previous[0] == pattern:
-        g, _, _, values, _ = _kern.product_rule(scales, indptrs, indices, data, widths, out.data)
+    block = _mb.ModelBlock(n)
+    for c, ((s, d), w) in enumerate(zip(results, widths)):
+        block.add_term(_external_term(n, w, s, d, f"product_rule: component {c}"))
+    block.evaluate(np.zeros(0))
+    g, jac = np.array(block.scales), _csr_view(block)
+    if out is not None and sp.isspmatrix_csr(out) and out.shape == jac.shape:
+        out.data, out.indices, out.indptr = jac.data, jac.indices, jac.indptr
         return g, out
-    g, indptr, idx, values, n_cols = _kern.product_rule(scales, indptrs, indices, data, widths)
-    jac = SparseMatrix((values, idx, indptr), shape=(g.size, int(n_cols)), copy=False)
-    # Keep the component arrays alive so their buffer addresses identify the pattern.
-    jac._xtalscale_pattern = (pattern, indptrs, indices)
     return g, jac

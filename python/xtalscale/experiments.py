@@ -1400,6 +1400,12 @@ class ExperimentListFactory:
         return out
 
 
+def experiment_list(filename, check_format: bool = True) -> ExperimentList:
+    """Load an ``.expt`` / ``*_experiments.json`` file (dxtbx's ``serialize.load.experiment_list``;
+    ``check_format`` is accepted for compatibility: image files are never opened)."""
+    return ExperimentListFactory.from_json_file(filename, check_format=check_format)
+
+
 # --------------------------------------------------------------------------- dxtbx factories
 
 

@@ -464,7 +464,7 @@ class ScalingModelBase:
 
         ``error_params`` has DIALS's ``reset_error_model`` and ``basic.a``/``basic.b``.
         """
-        from .algorithms.scaling.error_model.error_model import BasicErrorModel  # noqa: PLC0415
+        from .error_model import BasicErrorModel  # noqa: PLC0415
 
         basic = getattr(error_params, "basic", None)
         model = None

@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from .components import product_rule
-from .dials_scaling_ext import row_multiply
+from .components import ComponentModelBlock
+from .scaling_utilities import row_multiply
 from .sparse import SparseMatrix, as_sparse_matrix
 
 __all__ = [
@@ -739,17 +739,15 @@ class RefinerCalculator:
             if const is None:
                 raise ValueError("the parameter manager has neither active components nor constant scales")
             return const.copy(), SparseMatrix((0, 0))
-        scales_list, derivatives_list = RefinerCalculator._calc_component_scales_derivatives(
-            apm, block_id)
-        results = list(zip(scales_list, derivatives_list))
-        if len(results) == 1:
-            scales = np.asarray(results[0][0], dtype=np.float64)
+        objects = [info["object"] for info in apm.components.values()]
+        if len(objects) == 1:
+            scales, derivs = objects[0].calculate_scales_and_derivatives(block_id)
+            scales = np.asarray(scales, dtype=np.float64)
             g = scales * const if const is not None else scales.copy()
-            return g, as_sparse_matrix(sp.csr_matrix(results[0][1]))
-        if const is not None:  # the fixed factors join the product with no columns of their own
-            results.append((const, sp.csr_matrix((const.size, 0))))
-        g, jacobian = product_rule(results)
-        return g, as_sparse_matrix(jacobian)
+            return g, as_sparse_matrix(sp.csr_matrix(derivs))
+        # The fixed factors join the product with no columns of their own.
+        g, jac = ComponentModelBlock(objects, block_id, fixed_scales=const).evaluate()
+        return g.copy(), as_sparse_matrix(jac)
 
     @staticmethod
     def _calc_component_scales_derivatives(apm: Any, block_id: int) -> tuple[list, list]:
@@ -836,29 +834,22 @@ def calc_sf_variances(components: Mapping[str, Any], var_cov: Any, block_id: int
     names = list(components)
     n_param = int(sum(components[n].n_params for n in names))
     V = _square(var_cov, n_param, "var_cov")
-    scales, derivs = [], []
-    for name in names:
-        s, d = components[name].calculate_scales_and_derivatives(block_id)
-        scales.append(np.asarray(s, dtype=np.float64))
-        derivs.append(sp.csr_matrix(d))
-    n_refl = scales[0].size if scales else 0
-    blocks = []
-    for i, name in enumerate(names):
-        other = np.ones(n_refl)
-        for j, s in enumerate(scales):
-            if j != i:
-                other = other * s
-        block = sp.diags(other) @ derivs[i]
-        pad = components[name].n_params - block.shape[1]
-        if pad < 0:
-            raise ValueError(f"component {name!r} returned {block.shape[1]} derivative columns for "
-                             f"{components[name].n_params} parameters")
-        if pad:
-            block = sp.hstack([block, sp.csr_matrix((n_refl, pad))])
-        blocks.append(block)
-    if not blocks:
+    if not names:
         return np.zeros(0)
-    jac = sp.hstack(blocks).tocsr()
+    block = ComponentModelBlock([components[n] for n in names], block_id)
+    _, model_jac = block.evaluate()
+    # Component c's columns move to its full-model offset (trailing unused columns stay zero).
+    column_map, start = [], 0
+    for i, name in enumerate(names):
+        width = int(block.core.term(i).n_cols)
+        if width > components[name].n_params:
+            raise ValueError(f"component {name!r} returned {width} derivative columns for "
+                             f"{components[name].n_params} parameters")
+        column_map.append(np.arange(start, start + width, dtype=np.int32))
+        start += int(components[name].n_params)
+    columns = np.concatenate(column_map)[model_jac.indices]
+    n_refl = model_jac.shape[0]
+    jac = sp.csr_matrix((model_jac.data, columns, model_jac.indptr), shape=(n_refl, n_param))
     out = np.empty(n_refl)
     chunk = 65536  # bounds the dense (chunk x n_param) temporary to a few MB
     for start in range(0, n_refl, chunk):

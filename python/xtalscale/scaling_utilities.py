@@ -6,6 +6,10 @@
   factory) becomes z (step 4);
 * :func:`sph_harm_table` evaluates the averaged real harmonics (step 5 and the "speed" table).
 
+Also the sparse and harmonic helpers of DIALS's compiled ``dials_scaling_ext`` (spec §1.16;
+re-exported there): :func:`row_multiply`, :func:`elementwise_square`, the lookup-grid helpers
+and :func:`rotate_vectors_about_axis`.
+
 :func:`absorption_frame_vectors` chains the first two with DIALS's alignment axis (1, 0, 0).
 Per-reflection work runs in C++ (``xtalscale._core.components``).
 """
@@ -26,6 +30,13 @@ __all__ = [
     "sph_harm_table",
     "sph_harm_values",
     "DIALS_ALIGNMENT_AXIS",
+    "row_multiply",
+    "elementwise_square",
+    "calc_lookup_index",
+    "create_sph_harm_table",
+    "create_sph_harm_lookup_table",
+    "calculate_harmonic_tables_from_selections",
+    "rotate_vectors_about_axis",
 ]
 
 #: The axis DIALS's scaler factory aligns along z before evaluating the harmonics.
@@ -205,8 +216,115 @@ def sph_harm_table(reflection_table: Any, lmax: int) -> sp.csc_matrix:
     s1c = _column(reflection_table, "s1c", 3)
     if s0c.shape != s1c.shape:
         raise ValueError("columns 's0c' and 's1c' must have the same length")
-    values = sph_harm_values(s0c, s1c, lmax)
+    return _harmonics_as_csc(sph_harm_values(s0c, s1c, lmax))
+
+
+def _harmonics_as_csc(values: np.ndarray) -> sp.csc_matrix:
+    """A dense row-major (n_refl × n_params) harmonic block as DIALS's (n_params × n_refl) CSC
+    table, sharing the block's memory."""
     n, p = values.shape
     indices = np.tile(np.arange(p, dtype=np.int32), n)
     indptr = np.arange(0, n * p + 1, p, dtype=np.int64 if n * p >= 2**31 else np.int32)
     return sp.csc_matrix((values.reshape(-1), indices, indptr), shape=(p, n), copy=False)
+
+
+def _compact_csr(m: Any, name: str) -> sp.csr_matrix:
+    """A canonical float64 CSR copy of a sparse or dense matrix (duplicates summed, as compact())."""
+    if sp.issparse(m):
+        out = sp.csr_matrix(m, dtype=np.float64, copy=True)
+    elif hasattr(m, "as_dense_matrix"):
+        out = sp.csr_matrix(np.asarray(m.as_dense_matrix(), dtype=np.float64))
+    else:
+        arr = np.asarray(m, dtype=np.float64)
+        if arr.ndim != 2:
+            raise ValueError(f"{name} must be a 2-D matrix (got shape {arr.shape})")
+        out = sp.csr_matrix(arr)
+    out.sum_duplicates()
+    return out
+
+
+def row_multiply(m: Any, v: Any) -> sp.csr_matrix:
+    """``result[i, j] = m[i, j] · v[i]``.
+
+    Parameters
+    ----------
+    m : sparse matrix (n × k)
+    v : (n,) array_like
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+    """
+    csr = _compact_csr(m, "m")
+    vec = np.ascontiguousarray(np.asarray(v, dtype=np.float64))
+    if vec.shape != (csr.shape[0],):
+        raise ValueError(f"v must have one value per matrix row ({csr.shape[0]}), got shape {vec.shape}")
+    data = _kern.row_multiply(csr.indptr, csr.data, vec)
+    return sp.csr_matrix((data, csr.indices, csr.indptr), shape=csr.shape)
+
+
+def elementwise_square(m: Any) -> sp.csr_matrix:
+    """``result[i, j] = m[i, j]²`` as a CSR matrix."""
+    csr = _compact_csr(m, "m")
+    csr.data = csr.data * csr.data
+    return csr
+
+
+def calc_lookup_index(theta_phi: Any, points_per_degree: float) -> np.ndarray:
+    """Grid index ``int(360·ppd·floor(θ·ppd·180/π) + floor(φ·ppd·180/π))`` of each (θ, φ).
+
+    As in DIALS, θ = π gives an index one row past the end of the lookup table.
+    """
+    tp = np.asarray(theta_phi, dtype=np.float64)
+    if tp.ndim != 2 or tp.shape[1] != 2:
+        raise ValueError(f"theta_phi must have shape (n, 2) (got {tp.shape})")
+    return _kern.calc_lookup_index(tp, float(points_per_degree))
+
+
+def create_sph_harm_table(s0_theta_phi: Any, s1_theta_phi: Any, lmax: int) -> sp.csc_matrix:
+    """Sparse (lmax²+2·lmax) × n table of averaged real harmonics of the two directions."""
+    tp0 = np.asarray(s0_theta_phi, dtype=np.float64)
+    tp1 = np.asarray(s1_theta_phi, dtype=np.float64)
+    for name, tp in (("s0_theta_phi", tp0), ("s1_theta_phi", tp1)):
+        if tp.ndim != 2 or tp.shape[1] != 2:
+            raise ValueError(f"{name} must have shape (n, 2) (got {tp.shape})")
+    return _harmonics_as_csc(_kern.sph_harm_table(tp0, tp1, int(lmax)))
+
+
+def create_sph_harm_lookup_table(lmax: int, points_per_degree: int) -> list:
+    """One array per harmonic of the values on the (θ, φ) grid with ``points_per_degree``."""
+    from .components import create_sph_harm_lookup_table as _create  # noqa: PLC0415
+
+    return _create(lmax, points_per_degree)
+
+
+def calculate_harmonic_tables_from_selections(s0_selection: Any, s1_selection: Any,
+                                              coefficients_list: Sequence[Any]) -> tuple:
+    """Average two lookups per reflection: ``(table[s0] + table[s1]) / 2`` for each harmonic.
+
+    Returns
+    -------
+    (list of numpy arrays, scipy.sparse.csr_matrix)
+        One array of n values per harmonic, and the same values as an n × n_param matrix.
+    """
+    columns = [np.asarray(c, dtype=np.float64) for c in coefficients_list]
+    if not columns:
+        raise ValueError("coefficients_list must hold at least one table")
+    if len({c.shape for c in columns}) != 1 or columns[0].ndim != 1:
+        raise ValueError("coefficients_list must hold 1-D tables of equal length")
+    table = np.ascontiguousarray(np.stack(columns, axis=1))
+    i0 = np.asarray(s0_selection, dtype=np.int64)
+    i1 = np.asarray(s1_selection, dtype=np.int64)
+    values = _kern.harmonics_from_lookup(i0, i1, table, table.shape[1])
+    return [values[:, k].copy() for k in range(values.shape[1])], sp.csr_matrix(values)
+
+
+def rotate_vectors_about_axis(rot_axis: Any, vectors: Any, angles: Any) -> np.ndarray:
+    """Rotate each vector about ``rot_axis`` (normalised here) by its angle in radians."""
+    axis = np.asarray(rot_axis, dtype=np.float64).reshape(-1)
+    if axis.size != 3:
+        raise ValueError(f"rot_axis must hold exactly one 3-vector (got {np.shape(rot_axis)})")
+    v = np.asarray(vectors, dtype=np.float64)
+    if v.ndim != 2 or v.shape[1] != 3:
+        raise ValueError(f"vectors must have shape (n, 3) (got {v.shape})")
+    return _kern.rotate_vectors_about_axis(axis, v, np.asarray(angles, dtype=np.float64))

@@ -1,6 +1,7 @@
 // Component kernels and spherical harmonics, checked against closed forms.
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <stdexcept>
 #include <vector>
 
@@ -8,6 +9,7 @@
 #include "xtalscale/components.hpp"
 #include "xtalscale/core.hpp"
 #include "xtalscale/harmonics.hpp"
+#include "xtalscale/model_block.hpp"
 
 namespace h = xtalscale::harmonics;
 namespace c = xtalscale::components;
@@ -138,56 +140,78 @@ TEST_CASE("WeightMatrix: fixed first parameter and the Eigen view") {
                   std::invalid_argument);
 }
 
-TEST_CASE("product rule of two components, including a zero scale") {
-  // Component A: 2 rows, 1 column (dA/dp = 1); component B: 2 rows, 2 columns.
-  const double sa[2] = {2.0, 0.0}, sb[2] = {3.0, 5.0};
-  const std::int32_t ipa[3] = {0, 1, 2}, ixa[2] = {0, 0};
-  const double da[2] = {1.0, 1.0};
-  const std::int64_t ipb[3] = {0, 2, 3};
-  const std::int32_t ixb[3] = {0, 1, 1};
-  const double db[3] = {0.5, 0.25, 2.0};
-  c::ComponentBlock blocks[2];
-  blocks[0].scales = sa;
-  blocks[0].indptr32 = ipa;
-  blocks[0].indices = ixa;
-  blocks[0].data = da;
-  blocks[1].scales = sb;
-  blocks[1].indptr64 = ipb;
-  blocks[1].indices = ixb;
-  blocks[1].data = db;
-  blocks[1].col_offset = 1;
-  std::int64_t indptr[3];
-  CHECK(c::product_rule_indptr(2, blocks, 2, indptr) == 5);
-  std::int32_t indices[5];
-  double data[5], g[2];
-  c::product_rule_fill<std::int32_t>(2, blocks, 2, indptr, indices, data, g);
-  CHECK_CLOSE(g[0], 6.0, 0.0);
-  CHECK_CLOSE(g[1], 0.0, 0.0);
-  // Row 0: [dA·sB, dB0·sA, dB1·sA] = [3, 1, 0.5] at columns 0, 1, 2.
-  CHECK(indices[0] == 0 && indices[1] == 1 && indices[2] == 2);
-  CHECK_CLOSE(data[0], 3.0, 0.0);
-  CHECK_CLOSE(data[1], 1.0, 0.0);
-  CHECK_CLOSE(data[2], 0.5, 0.0);
-  // Row 1: sA = 0, so B's derivative vanishes but A's is sB = 5.
-  CHECK(indices[3] == 0 && indices[4] == 2);
-  CHECK_CLOSE(data[3], 5.0, 0.0);
-  CHECK_CLOSE(data[4], 0.0, 0.0);
-}
-
 TEST_CASE("DIALS weight matrix: spec 9.1 weights at x = 0.5 on (0, 10) with 10 intervals") {
   xtalscale::GaussianSmoother<1> smoother({{{0.0, 10.0}}}, {10});
   const double x[2] = {0.5, 10.0};
   std::int32_t indptr[3], indices[6];
   double data[6];
-  const std::size_t nnz = c::dials_weight_matrix<1>(smoother, 2, {x}, indptr, indices, data);
+  const std::size_t nnz = c::dials_weight_matrix_1d(smoother, 2, x, indptr, indices, data);
   CHECK(nnz == 5 && indptr[1] == 3);  // x = 10 is the clipped 2-point window {10, 11}
   const double sumw = 1.259845216610119;
   CHECK_CLOSE(data[0], 0.12992260830505953 / sumw, 1e-16);
   CHECK_CLOSE(data[1], 1.0 / sumw, 1e-16);
   CHECK(indices[3] == 10 && indices[4] == 11);
   const double bad[1] = {NAN};
-  CHECK_THROWS_AS(c::dials_weight_matrix<1>(smoother, 1, {bad}, indptr, indices, data),
+  CHECK_THROWS_AS(c::dials_weight_matrix_1d(smoother, 1, bad, indptr, indices, data),
                   std::invalid_argument);
+}
+
+
+TEST_CASE("model block: product rule of two terms, including a zero scale and a fixed factor") {
+  // Term A: 2 rows, 1 column (dA/dp = 1); term B: 2 rows, 2 columns; F: fixed factor 2.
+  auto a = std::make_shared<xtalscale::ExternalTerm>(2, 1);
+  auto b = std::make_shared<xtalscale::ExternalTerm>(2, 2);
+  const double sa[2] = {2.0, 0.0}, da[2] = {1.0, 1.0};
+  const std::int64_t ipa[3] = {0, 1, 2}, ipb[3] = {0, 2, 3};
+  const std::int32_t ixa[2] = {0, 0}, ixb[3] = {0, 1, 1};
+  const double sb[2] = {3.0, 5.0}, db[3] = {0.5, 0.25, 2.0};
+  a->set(sa, ipa, ixa, da);
+  b->set(sb, ipb, ixb, db);
+  xtalscale::ModelBlock block(2);
+  block.add_term(a);
+  block.add_term(b);
+  block.add_term(std::make_shared<xtalscale::FixedScalesTerm>(
+                     xtalscale::HeldArray<double>::from_vector({2.0, 2.0})),
+                 false);
+  block.evaluate(nullptr, 0);
+  const xtalscale::DerivativesView v = block.view();
+  CHECK(v.n_rows == 2 && v.n_cols == 3 && v.nnz() == 5 && v.version == 1);
+  CHECK_CLOSE(v.scales[0], 12.0, 0.0);
+  CHECK_CLOSE(v.scales[1], 0.0, 0.0);
+  // Row 0: [dA·sB·2, dB0·sA·2, dB1·sA·2] = [6, 2, 1] at columns 0, 1, 2.
+  CHECK(v.indices[0] == 0 && v.indices[1] == 1 && v.indices[2] == 2);
+  CHECK_CLOSE(v.values[0], 6.0, 0.0);
+  CHECK_CLOSE(v.values[1], 2.0, 0.0);
+  CHECK_CLOSE(v.values[2], 1.0, 0.0);
+  // Row 1: sA = 0, so B's derivative vanishes but A's is sB·2 = 10.
+  CHECK(v.indices[3] == 0 && v.indices[4] == 2);
+  CHECK_CLOSE(v.values[3], 10.0, 0.0);
+  CHECK_CLOSE(v.values[4], 0.0, 0.0);
+  // A second evaluation keeps the pattern (same version).
+  block.evaluate(nullptr, 0);
+  CHECK(block.view().version == 1);
+  CHECK_THROWS_AS(block.evaluate(nullptr, 1), std::invalid_argument);
+}
+
+TEST_CASE("model block: exp-factor and scale terms share nothing mutable") {
+  auto factor = xtalscale::HeldArray<double>::from_vector({0.5, 1.0, 2.0});
+  auto exp_term = std::make_shared<xtalscale::ExpFactorTerm>(factor);
+  xtalscale::ModelBlock one(3), two(3);
+  for (auto* block : {&one, &two}) {
+    block->add_term(std::make_shared<xtalscale::ScaleFactorTerm>(3));
+    block->add_term(exp_term);
+  }
+  const double p1[2] = {2.0, 0.1}, p2[2] = {1.0, -0.2};
+  one.evaluate(p1, 2);
+  two.evaluate(p2, 2);
+  for (std::size_t i = 0; i < 3; ++i) {
+    const double f = factor.data[i];
+    CHECK_CLOSE(one.view().scales[i], 2.0 * std::exp(0.1 * f), 1e-15);
+    CHECK_CLOSE(two.view().scales[i], std::exp(-0.2 * f), 1e-15);
+    // d/dp0 = exp term; d/dp1 = p0·s·f.
+    CHECK_CLOSE(one.view().values[2 * i], std::exp(0.1 * f), 1e-15);
+    CHECK_CLOSE(one.view().values[2 * i + 1], 2.0 * std::exp(0.1 * f) * f, 1e-14);
+  }
 }
 
 XS_TEST_MAIN()

@@ -785,23 +785,8 @@ def test_base_get_scales_with_seed_components():
     assert list(model.components) == ["a", "b"] and model.n_params == 2
 
 
-def test_load_error_model_uses_stored_parameters_unless_overridden(monkeypatch):
-    """DIALS 4.7 rules, with a stand-in BasicErrorModel (the real one lives in the error-model layer)."""
-    import sys
-    import types
-
-    class BasicErrorModel:
-        def __init__(self, a=None, b=None, basic_params=None):
-            self.parameters = [1.0 if a is None else a, 0.02 if b is None else b]
-            if basic_params is not None and basic_params.a:
-                self.parameters[0] = basic_params.a
-            if basic_params is not None and basic_params.b:
-                self.parameters[1] = basic_params.b
-
-    fake = types.ModuleType("xtalscale.algorithms.scaling.error_model.error_model")
-    fake.BasicErrorModel = BasicErrorModel
-    monkeypatch.setitem(sys.modules, "xtalscale.algorithms.scaling.error_model", types.ModuleType("em"))
-    monkeypatch.setitem(sys.modules, "xtalscale.algorithms.scaling.error_model.error_model", fake)
+def test_load_error_model_uses_stored_parameters_unless_overridden():
+    """DIALS 4.7 rules: stored parameters, unless basic.a/basic.b override or reset_error_model."""
     stored = copy.deepcopy(KB_DICT_2)
     stored["configuration_parameters"].update(error_model_type="BasicErrorModel",
                                               error_model_parameters=[2.5, 0.05])

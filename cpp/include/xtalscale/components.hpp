@@ -1,7 +1,8 @@
 /// @file components.hpp
 /// @brief Kernels behind the scale components (spec §2): CSR weight-matrix helpers, fused exp
 /// scales and derivatives, CSR products and the SH surface. The smoother weights themselves come
-/// from xtalscale/smoother.hpp (GaussianSmoother<D>::multi_value_weight, normalised mode).
+/// from xtalscale/smoother.hpp (GaussianSmoother<D>::multi_value_weight, normalised mode; the
+/// 1-D DIALS-exact rows from SmootherAxis::eval).
 ///
 /// Every kernel works on caller-owned, row-major buffers so the Python layer can hand numpy
 /// arrays in and out without copies. A CSR matrix here is (indptr[n_rows+1], indices[nnz],
@@ -21,25 +22,18 @@
 
 namespace xtalscale::components {
 
-/// Normalised weights w_j/Σw of @p smoother at n points (coords[a][i]) as CSR, computed
-/// exactly as DIALS does: w = exp(−ds·ds) with ds = (z − pos)/σ in 1D, and
-/// w = exp(−Σ_a (z_a − pos_a)²/σ²) in 2D/3D, each row scaled by 1/Σw. Windows come from the
-/// smoother's axes. This runs once per block, so it favours DIALS's bits over speed.
+/// Normalised weights w_j/Σw of a 1-D @p smoother at n points x[i] as CSR, with DIALS's own
+/// operations (SmootherAxis::eval: w = exp(−ds·ds), ds = (z − pos)/σ, each row scaled by 1/Σw),
+/// so the weights are DIALS's bit for bit. The exactness policy: 1-D blocks up to
+/// lean_min_reflections use this (DIALS's tests compare these weights exactly); 2-D/3-D blocks
+/// and large 1-D blocks use the smoother's bulk kernel (GaussianSmoother::multi_value_weight,
+/// within ~1e-15 relative of DIALS; golden DIALS scales still agree to 1e-12).
 /// @p indices / @p data need capacity n·smoother.max_row_nnz(); returns nnz. Throws
-/// std::invalid_argument naming "x", "y" or "z" for a non-finite coordinate.
-template <int D>
-std::size_t dials_weight_matrix(const GaussianSmoother<D>& smoother, std::size_t n,
-                                const std::array<const double*, D>& coords, std::int32_t* indptr,
-                                std::int32_t* indices, double* data);
-extern template XTALSCALE_EXPORT std::size_t dials_weight_matrix<1>(
-    const GaussianSmoother<1>&, std::size_t, const std::array<const double*, 1>&, std::int32_t*,
-    std::int32_t*, double*);
-extern template XTALSCALE_EXPORT std::size_t dials_weight_matrix<2>(
-    const GaussianSmoother<2>&, std::size_t, const std::array<const double*, 2>&, std::int32_t*,
-    std::int32_t*, double*);
-extern template XTALSCALE_EXPORT std::size_t dials_weight_matrix<3>(
-    const GaussianSmoother<3>&, std::size_t, const std::array<const double*, 3>&, std::int32_t*,
-    std::int32_t*, double*);
+/// std::invalid_argument naming "x" for a non-finite coordinate.
+XTALSCALE_EXPORT std::size_t dials_weight_matrix_1d(const GaussianSmoother<1>& smoother,
+                                                   std::size_t n, const double* x,
+                                                   std::int32_t* indptr, std::int32_t* indices,
+                                                   double* data);
 
 /// Move column 0 of a CSR matrix out into a dense vector, in place: for each row whose first
 /// stored column is 0, first_col[row] receives that entry and it is removed; every other column
@@ -138,41 +132,6 @@ XTALSCALE_EXPORT std::size_t smooth_1d_apply(const GaussianSmoother<1>& smoother
 XTALSCALE_EXPORT void validate_csr(std::size_t n_rows, std::size_t n_cols,
                                    const std::int64_t* indptr, const std::int64_t* indices,
                                    std::size_t nnz, const char* what);
-
-/// One component's contribution to a model: its scales and its CSR derivative block.
-/// The row starts are either 32- or 64-bit (exactly one of indptr32/indptr64 is set).
-struct ComponentBlock {
-  const double* scales = nullptr;            ///< n scale factors s_c
-  const std::int32_t* indptr32 = nullptr;    ///< n+1 row starts of ∂s_c/∂p_c (32-bit), or
-  const std::int64_t* indptr64 = nullptr;    ///< the same as 64-bit integers
-  const std::int32_t* indices = nullptr;     ///< column within the component
-  const double* data = nullptr;              ///< derivative values
-  std::int64_t col_offset = 0;               ///< first column of this component in the model
-  /// Start of row i (i = n gives nnz).
-  std::int64_t row_start(std::size_t i) const noexcept {
-    return indptr32 != nullptr ? indptr32[i] : indptr64[i];
-  }
-};
-
-/// Product rule for a model g = Π_c s_c (spec §2, §5.4): pass 1 writes the row starts of
-/// ∂g/∂p (out_indptr[0..n]) and returns its nnz.
-XTALSCALE_EXPORT std::size_t product_rule_indptr(std::size_t n, const ComponentBlock* blocks,
-                                                 std::size_t k, std::int64_t* out_indptr);
-
-/// Pass 2: g[i] = Π_c s_c[i] and row i of ∂g/∂p = [∂s_c/∂p_c[i, :] · Π_{c'≠c} s_c'[i]] for each
-/// c, columns shifted by col_offset (prefix/suffix products, so a zero scale is handled). Index
-/// type @p I of the output is int32_t or int64_t. With @p out_indices null only g and the
-/// values are written (the sparsity pattern of a previous call is being reused).
-template <typename I>
-void product_rule_fill(std::size_t n, const ComponentBlock* blocks, std::size_t k,
-                       const std::int64_t* out_indptr, I* out_indices, double* out_data,
-                       double* g);
-extern template XTALSCALE_EXPORT void product_rule_fill<std::int32_t>(
-    std::size_t, const ComponentBlock*, std::size_t, const std::int64_t*, std::int32_t*, double*,
-    double*);
-extern template XTALSCALE_EXPORT void product_rule_fill<std::int64_t>(
-    std::size_t, const ComponentBlock*, std::size_t, const std::int64_t*, std::int64_t*, double*,
-    double*);
 
 /// The normalised weight matrix of a smooth component for one block of reflections: built
 /// once (it depends only on the coordinates and the smoother settings), validated once, then

@@ -3,5 +3,6 @@ from . import components as components
 from . import smoothers as smoothers
 from . import refl as refl
 from . import grouping as grouping
+from . import model_block as model_block
 
 __version__: str

@@ -1,1 +1,3 @@
-"""The fit layer: least-squares machinery, robust weights and the refinement engine."""
+"""The fit layer (Ih table, targets, normal equations, minimisers, the scitbx-style dense
+least squares of :mod:`.lstsq`, robust weights): consumes model blocks through
+``xtalscale._core`` (DerivativesView); imports data and model modules only."""

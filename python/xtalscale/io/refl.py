@@ -766,7 +766,7 @@ def _encode_std_string(values: list) -> bytes:
 
 
 def _decode_flex(stub: _Stub, name: str, path: str) -> fa.FlexArray:
-    from .. import _core
+    from .._core import refl as _refl_core
 
     if stub.key == _PICKLE_STRING:
         st = stub.state
@@ -781,7 +781,7 @@ def _decode_flex(stub: _Stub, name: str, path: str) -> fa.FlexArray:
         raise ReflFileError(f"{path}: column {name!r}: flex state is not (grid, bytes)")
     grid = st[0]
     try:
-        arr = _core.refl.decode_base256_column(st[1], kind, ncomp, f"{path}: column {name!r}")
+        arr = _refl_core.decode_base256_column(st[1], kind, ncomp, f"{path}: column {name!r}")
     except ValueError as exc:
         raise ReflFileError(str(exc)) from None
     # scitbx stores the accessor as flex.grid((0,), (n,), True): a 1-D grid of n elements.
@@ -801,7 +801,7 @@ def write_legacy_pickle(table: reflection_table, filename: Any) -> None:
 
     Intended for tests/benchmarks and for old cctbx/DIALS tools; modern DIALS reads msgpack.
     """
-    from .. import _core
+    from .._core import refl as _refl_core
 
     path = os.fspath(filename)
     if not table.is_consistent():
@@ -841,7 +841,7 @@ def write_legacy_pickle(table: reflection_table, filename: Any) -> None:
         if kind == "std_string":
             payload = _encode_std_string(list(col))
         else:
-            payload = _core.refl.encode_base256_column(
+            payload = _refl_core.encode_base256_column(
                 np.ascontiguousarray(col.as_numpy_array()), kind
             )
         w.string(payload)

@@ -265,13 +265,12 @@ def _detector(header: dict, path: str) -> Detector | None:
 
 
 def _table(cols: dict, kind: str, experiments: ExperimentList):
-    from ..array_family import flex
-    from ..reflection_table import Flags
+    from ..reflection_table import Flags, reflection_table
 
     n = len(cols["H"])
     hkl = np.column_stack([cols["H"], cols["K"], cols["L"]]).astype(np.int32)
     expt = experiments[0]
-    table = flex.reflection_table()
+    table = reflection_table()
     table["miller_index"] = hkl
     table["id"] = np.zeros(n, dtype=np.int32)
     sigma = cols["SIGMA"]

@@ -12,7 +12,7 @@ from xtalscale.components import (  # noqa: F401  (re-exported DIALS names)
     SingleBScaleFactor,
     SingleScaleFactor,
 )
-from xtalscale.dials_scaling_ext import calculate_harmonic_tables_from_selections  # noqa: F401
+from xtalscale.scaling_utilities import calculate_harmonic_tables_from_selections  # noqa: F401
 
 __all__ = [
     "ScaleComponentBase",

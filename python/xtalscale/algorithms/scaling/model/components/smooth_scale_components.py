@@ -20,4 +20,4 @@ from xtalscale.components import (  # noqa: E402,F401  (re-exported DIALS names)
     SmoothScaleComponent2D,
     SmoothScaleComponent3D,
 )
-from xtalscale.dials_scaling_ext import row_multiply  # noqa: E402,F401
+from xtalscale.scaling_utilities import row_multiply  # noqa: E402,F401

@@ -1,0 +1,299 @@
+/// @file model_block.hpp
+/// @brief The model side of the fit contract: a model block owns g and ∂g/∂p of one scaling
+/// model over one selection of observations, and hands them out as a DerivativesView.
+///
+/// A model is a product of scale components, g = Π_c s_c. A ModelBlock holds one ModelTerm per
+/// component (its scales s_c and derivatives ∂s_c/∂p_c over the block's rows) and evaluates
+/// all of them, then the product rule, in one call that touches no Python object:
+///
+/// @code
+///   xtalscale::ModelBlock block(n_rows);
+///   block.add_term(std::make_shared<xtalscale::SmoothTerm>(weights));        // active
+///   block.add_term(std::make_shared<xtalscale::ExpFactorTerm>(factor));      // active
+///   block.add_term(std::make_shared<xtalscale::FixedScalesTerm>(g_fixed), false);  // no columns
+///   block.evaluate(params.data(), params.size());  // every term's parameters, concatenated
+///   const xtalscale::DerivativesView v = block.view();  // what the target / normal equations read
+/// @endcode
+///
+/// Ownership and lifetime:
+///  * The sparsity pattern of ∂g/∂p (row starts, column indices) is built by the first
+///    evaluate() and rebuilt only when a term's pattern changes (ModelTerm::pattern_version(),
+///    e.g. an ExternalTerm given a new pattern) or a term is added; each build bumps
+///    version(). Between builds only g and the derivative values are rewritten, in place.
+///  * Terms are immutable after construction (except ExternalTerm::set) and hold their
+///    parameter-independent data (weight matrices, harmonic blocks, factors) through shared
+///    pointers (HeldArray); the block owns the per-evaluation scratch. So several blocks (one per
+///    thread or MPI rank) may hold the same terms and evaluate concurrently; one block is not to
+///    be evaluated from two threads at once.
+///  * The output arrays live in shared buffers (buffers()): a holder of a buffer keeps it alive
+///    across a pattern rebuild, which allocates new ones.
+///
+/// Columns: active terms (add_term(t, true)) get n_cols() columns each, in the order added;
+/// inactive terms contribute their scales to g only. Parameters: evaluate() reads each term's
+/// n_params() values from one vector, in the order added (active or not).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "xtalscale/components.hpp"
+#include "xtalscale/derivatives_view.hpp"
+#include "xtalscale/export.hpp"
+#include "xtalscale/smoother.hpp"
+
+namespace xtalscale {
+
+/// A read-only array whose memory is kept alive by @p owner (a std::vector, a numpy array...).
+template <typename T>
+struct HeldArray {
+  const T* data = nullptr;            ///< first element
+  std::size_t size = 0;               ///< number of elements
+  std::shared_ptr<const void> owner;  ///< keeps the memory alive
+
+  /// Take ownership of a vector.
+  static HeldArray from_vector(std::vector<T> values) {
+    auto v = std::make_shared<const std::vector<T>>(std::move(values));
+    return HeldArray{v->data(), v->size(), v};
+  }
+};
+
+/// Per-evaluation buffers of one term, owned by the caller (a ModelBlock holds one per term),
+/// so that a term itself is immutable and can be shared by blocks on several threads.
+struct TermScratch {
+  std::vector<double> scales;  ///< the term's scales
+  std::vector<double> values;  ///< the term's derivative values (when they are computed)
+};
+
+/// One component's scales and derivatives after an evaluation; the pointers stay valid until
+/// the next evaluate() with the same scratch.
+struct TermValues {
+  const double* scales = nullptr;      ///< s_c, n_rows values
+  const double* values = nullptr;      ///< ∂s_c/∂p_c: nnz values in pattern order (sparse
+                                       ///< terms), or n_rows × n_cols row-major (dense terms)
+  const float* values_f32 = nullptr;   ///< dense float32 derivatives (set instead of values)
+};
+
+/// One scale component of a model block: its scales s_c and derivatives ∂s_c/∂p_c.
+///
+/// A dense term has every column in every row (values row-major); a sparse term describes its
+/// pattern with pattern(). Subclasses implement evaluate() (and pattern() when sparse).
+class XTALSCALE_EXPORT ModelTerm {
+ public:
+  virtual ~ModelTerm();
+  ModelTerm(const ModelTerm&) = delete;
+  ModelTerm& operator=(const ModelTerm&) = delete;
+
+  std::size_t n_rows() const noexcept { return n_rows_; }      ///< observations
+  std::size_t n_cols() const noexcept { return n_cols_; }      ///< derivative columns (free parameters)
+  std::size_t n_params() const noexcept { return n_params_; }  ///< parameters evaluate() reads
+  bool dense() const noexcept { return dense_; }               ///< all columns in every row
+  /// Stored derivatives (n_rows·n_cols for a dense term).
+  std::size_t nnz() const noexcept { return dense_ ? n_rows_ * n_cols_ : nnz_; }
+  /// Changes whenever the term's sparsity pattern changes.
+  std::uint64_t pattern_version() const noexcept { return pattern_version_; }
+  /// Sparse terms: write the row starts (n_rows + 1) and column indices (nnz(), ascending in
+  /// each row). Dense terms write the full pattern.
+  virtual void pattern(std::int64_t* indptr, std::int32_t* indices) const;
+  /// Scales and derivatives at the parameters @p p (n_params() values), written into
+  /// @p scratch (resized on first use) or pointing at data the term holds. Const: a term may be
+  /// evaluated from several threads at once with distinct scratch.
+  virtual TermValues evaluate(const double* p, TermScratch& scratch) const = 0;
+  /// Bytes this term holds (shared data counted in full).
+  virtual std::size_t nbytes() const = 0;
+
+ protected:
+  ModelTerm(std::size_t n_rows, std::size_t n_cols, std::size_t n_params, bool dense)
+      : n_rows_(n_rows), n_cols_(n_cols), n_params_(n_params), dense_(dense) {}
+  std::size_t nnz_ = 0;                 ///< sparse terms set this
+  std::uint64_t pattern_version_ = 1;   ///< bump when the pattern changes
+
+ private:
+  std::size_t n_rows_, n_cols_, n_params_;
+  bool dense_;
+};
+
+/// A single overall scale: s = p₀, ∂s/∂p₀ = 1 (DIALS SingleScaleFactor).
+class XTALSCALE_EXPORT ScaleFactorTerm final : public ModelTerm {
+ public:
+  explicit ScaleFactorTerm(std::size_t n_rows);
+  TermValues evaluate(const double* p, TermScratch& scratch) const override;
+  std::size_t nbytes() const override;
+
+ private:
+  std::vector<double> ones_;
+};
+
+/// s = exp(p₀·f), ∂s/∂p₀ = s·f for a fixed per-row factor f (B factor: 1/(2d²); dose decay).
+class XTALSCALE_EXPORT ExpFactorTerm final : public ModelTerm {
+ public:
+  explicit ExpFactorTerm(HeldArray<double> factor);
+  TermValues evaluate(const double* p, TermScratch& scratch) const override;
+  std::size_t nbytes() const override;
+
+ private:
+  HeldArray<double> factor_;
+};
+
+/// A smooth component from its held normalised weight matrix W: s = W·p (linear form) or, with
+/// a per-row @p b_factor f, s = exp((W·p)·f) and ∂s/∂p = W·s·f (smoothed B factor).
+class XTALSCALE_EXPORT SmoothTerm final : public ModelTerm {
+ public:
+  explicit SmoothTerm(std::shared_ptr<const components::WeightMatrix> weights,
+                      HeldArray<double> b_factor = {});
+  void pattern(std::int64_t* indptr, std::int32_t* indices) const override;
+  TermValues evaluate(const double* p, TermScratch& scratch) const override;
+  std::size_t nbytes() const override;
+
+ private:
+  std::shared_ptr<const components::WeightMatrix> w_;
+  HeldArray<double> factor_;
+};
+
+/// A 1-D smooth component that holds no weights (components::smooth_1d_prepare/apply): the
+/// window records and q are held, the weights recomputed per evaluation. Optional @p b_factor
+/// as in SmoothTerm.
+class XTALSCALE_EXPORT LeanSmoothTerm final : public ModelTerm {
+ public:
+  LeanSmoothTerm(const GaussianSmoother<1>& smoother, HeldArray<double> x, double x_shift,
+                 HeldArray<std::uint16_t> window, HeldArray<double> q, bool first_fixed,
+                 HeldArray<double> b_factor = {});
+  void pattern(std::int64_t* indptr, std::int32_t* indices) const override;
+  TermValues evaluate(const double* p, TermScratch& scratch) const override;
+  std::size_t nbytes() const override;
+
+ private:
+  GaussianSmoother<1> smoother_;
+  HeldArray<double> x_;
+  double x_shift_;
+  HeldArray<std::uint16_t> window_;
+  HeldArray<double> q_;
+  bool first_fixed_;
+  HeldArray<double> factor_;
+};
+
+/// Spherical-harmonic surface from a held row-major n_rows × n_params harmonic block H
+/// (float64, or float32 in the lookup regime): s = 1 + H·c, ∂s/∂c = H (dense, no copy).
+class XTALSCALE_EXPORT HarmonicsTerm final : public ModelTerm {
+ public:
+  HarmonicsTerm(HeldArray<double> harmonics, std::size_t n_params);
+  HarmonicsTerm(HeldArray<float> harmonics, std::size_t n_params);
+  TermValues evaluate(const double* p, TermScratch& scratch) const override;
+  std::size_t nbytes() const override;
+
+ private:
+  HeldArray<double> h64_;
+  HeldArray<float> h32_;
+};
+
+/// Fixed scales with no parameters (an analytical correction, or the product of the fixed
+/// components of a refinement cycle).
+class XTALSCALE_EXPORT FixedScalesTerm final : public ModelTerm {
+ public:
+  explicit FixedScalesTerm(HeldArray<double> scales);
+  TermValues evaluate(const double* p, TermScratch& scratch) const override;
+  std::size_t nbytes() const override;
+
+ private:
+  HeldArray<double> scales_;
+};
+
+/// A component evaluated elsewhere (e.g. a Python-defined component): its scales and CSR
+/// derivatives are copied in with set() before each ModelBlock::evaluate(). It reads no
+/// parameters. A set() with a different pattern bumps pattern_version(). Unlike the other
+/// terms it is mutable: do not set() it while a block that holds it evaluates.
+class XTALSCALE_EXPORT ExternalTerm final : public ModelTerm {
+ public:
+  ExternalTerm(std::size_t n_rows, std::size_t n_cols);
+  /// Copy scales (n_rows, finite) and ∂s/∂p as CSR (indptr n_rows + 1 from 0, indices in
+  /// [0, n_cols) ascending within a row, values finite). Throws std::invalid_argument naming
+  /// the offending array.
+  void set(const double* scales, const std::int64_t* indptr, const std::int32_t* indices,
+           const double* values);
+  /// Copy scales and a dense row-major n_rows × n_cols derivative matrix.
+  void set_dense(const double* scales, const double* derivatives);
+  /// True once set() or set_dense() was called.
+  bool is_set() const noexcept { return is_set_; }
+  void pattern(std::int64_t* indptr, std::int32_t* indices) const override;
+  TermValues evaluate(const double* p, TermScratch& scratch) const override;
+  std::size_t nbytes() const override;
+
+ private:
+  void take_pattern(std::vector<std::int64_t> indptr, std::vector<std::int32_t> indices);
+  bool is_set_ = false;
+  std::vector<double> scales_, values_;
+  std::vector<std::int64_t> indptr_;
+  std::vector<std::int32_t> indices_;
+};
+
+/// g = Π_c s_c and ∂g/∂p of one model over one block of observations (see the file notes).
+class XTALSCALE_EXPORT ModelBlock {
+ public:
+  /// The owned outputs; shared so that a holder (e.g. a numpy view) outlives a rebuild.
+  struct Buffers {
+    std::shared_ptr<std::vector<double>> scales;         ///< g (n_rows)
+    std::shared_ptr<std::vector<std::int64_t>> indptr;   ///< row starts (n_rows + 1)
+    std::shared_ptr<std::vector<std::int32_t>> indices;  ///< columns (nnz)
+    std::shared_ptr<std::vector<double>> values;         ///< ∂g/∂p (nnz)
+  };
+
+  /// An empty block of @p n_rows observations (g = 1 until terms are added).
+  explicit ModelBlock(std::size_t n_rows);
+
+  /// Append a term. Active terms get columns; inactive ones only multiply g.
+  /// @throws std::invalid_argument for a null term or one with a different n_rows.
+  void add_term(std::shared_ptr<ModelTerm> term, bool active = true);
+
+  std::size_t n_rows() const noexcept { return n_rows_; }
+  std::size_t n_cols() const noexcept { return n_cols_; }      ///< Σ n_cols of active terms
+  std::size_t n_params() const noexcept { return n_params_; }  ///< Σ n_params of all terms
+  std::size_t n_terms() const noexcept { return terms_.size(); }
+  const ModelTerm& term(std::size_t i) const { return *terms_.at(i); }
+  std::shared_ptr<ModelTerm> term_ptr(std::size_t i) const { return terms_.at(i); }
+  bool active(std::size_t i) const { return active_.at(i); }
+  /// First column of active term i (its column offset within the block).
+  std::size_t column_start(std::size_t i) const { return col_start_.at(i); }
+  /// First parameter of term i in the vector evaluate() reads.
+  std::size_t parameter_start(std::size_t i) const { return param_start_.at(i); }
+
+  /// Where column 0 lies in the global parameter vector (DerivativesView::column_offset).
+  std::size_t column_offset() const noexcept { return column_offset_; }
+  void set_column_offset(std::size_t offset) noexcept { column_offset_ = offset; }
+
+  /// Evaluate every term at its slice of @p params (length n_params()), rebuild the pattern if
+  /// needed, then write g and ∂g/∂p. Holds no Python object: safe without the GIL.
+  /// @throws std::invalid_argument for a wrong parameter count or an unset ExternalTerm.
+  void evaluate(const double* params, std::size_t n_params);
+
+  /// True once evaluate() has run (view() is empty before).
+  bool evaluated() const noexcept { return evaluated_; }
+  /// Bumped by every pattern build (0 before the first).
+  std::uint64_t version() const noexcept { return version_; }
+  /// The fit layer's view of the last evaluation.
+  DerivativesView view() const;
+  /// The output buffers (scales is allocated at construction, the rest by the first evaluate).
+  const Buffers& buffers() const noexcept { return out_; }
+  /// Bytes held by the block: outputs, per-term row starts and scratch (not the terms' data).
+  std::size_t nbytes() const noexcept;
+
+ private:
+  bool pattern_stale() const;
+  void build_pattern();
+  void fill(const std::vector<TermValues>& tv);
+
+  std::size_t n_rows_;
+  std::size_t n_cols_ = 0, n_params_ = 0, column_offset_ = 0;
+  std::vector<std::shared_ptr<ModelTerm>> terms_;
+  std::vector<bool> active_;
+  std::vector<std::size_t> col_start_, param_start_;
+  std::vector<std::uint64_t> built_versions_;     ///< term pattern versions of the last build
+  std::vector<std::vector<std::int64_t>> row_starts_;  ///< sparse active terms' indptr
+  std::vector<TermScratch> scratch_;                  ///< one per term
+  std::vector<TermValues> term_values_;
+  Buffers out_;
+  std::uint64_t version_ = 0;
+  bool built_ = false, evaluated_ = false;
+};
+
+}  // namespace xtalscale

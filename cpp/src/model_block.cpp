@@ -1,0 +1,423 @@
+// Model blocks: the scale components' terms and the product rule g = Π s_c, ∂g/∂p (the only
+// implementation of the product rule; the Python product_rule and calc_sf_variances use it).
+#include "xtalscale/model_block.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <string>
+
+#include "xtalscale/check.hpp"
+
+namespace xtalscale {
+
+namespace {
+
+/// @p v resized to @p n on first use (the same size on every later call).
+double* sized(std::vector<double>& v, std::size_t n) {
+  if (v.size() != n) v.resize(n);
+  return v.data();
+}
+
+void check_held(const void* data, std::size_t size, std::size_t n, const char* name) {
+  require(size == n, std::string(name) + " must have one value per row (" + std::to_string(n) +
+                         "), got " + std::to_string(size));
+  require(n == 0 || data != nullptr, std::string(name) + " is null");
+}
+
+/// Checks a CSR pattern (n_rows × n_cols, ascending columns within a row); returns its nnz.
+std::size_t check_pattern(std::size_t n_rows, std::size_t n_cols, const std::int64_t* indptr,
+                          const std::int32_t* indices) {
+  require(indptr[0] == 0, "derivatives indptr must start at 0");
+  for (std::size_t i = 0; i < n_rows; ++i) {
+    require(indptr[i + 1] >= indptr[i], "derivatives indptr must be non-decreasing");
+    for (std::int64_t q = indptr[i]; q < indptr[i + 1]; ++q) {
+      require(indices[q] >= 0 && static_cast<std::size_t>(indices[q]) < n_cols,
+              "derivatives indices must lie in [0, n_cols) (got " + std::to_string(indices[q]) +
+                  " in row " + std::to_string(i) + ")");
+      require(q == indptr[i] || indices[q] > indices[q - 1],
+              "derivatives indices must be ascending within a row (row " + std::to_string(i) +
+                  ")");
+    }
+  }
+  return static_cast<std::size_t>(indptr[n_rows]);
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------------------- terms
+
+ModelTerm::~ModelTerm() = default;
+
+void ModelTerm::pattern(std::int64_t* indptr, std::int32_t* indices) const {
+  // Dense: every column of every row.
+  const std::size_t c = n_cols_;
+  for (std::size_t i = 0; i <= n_rows_; ++i) indptr[i] = static_cast<std::int64_t>(i * c);
+  for (std::size_t i = 0; i < n_rows_; ++i)
+    for (std::size_t k = 0; k < c; ++k) indices[i * c + k] = static_cast<std::int32_t>(k);
+}
+
+ScaleFactorTerm::ScaleFactorTerm(std::size_t n_rows)
+    : ModelTerm(n_rows, 1, 1, true), ones_(n_rows, 1.0) {}
+
+TermValues ScaleFactorTerm::evaluate(const double* p, TermScratch& scratch) const {
+  require_finite(p, 1, "parameters");
+  double* s = sized(scratch.scales, n_rows());
+  std::fill(s, s + n_rows(), p[0]);
+  return {s, ones_.data(), nullptr};
+}
+
+std::size_t ScaleFactorTerm::nbytes() const { return ones_.size() * 8; }
+
+ExpFactorTerm::ExpFactorTerm(HeldArray<double> factor)
+    : ModelTerm(factor.size, 1, 1, true),
+      factor_(std::move(factor)) {
+  require_finite(factor_.data, factor_.size, "factor");
+}
+
+TermValues ExpFactorTerm::evaluate(const double* p, TermScratch& scratch) const {
+  require_finite(p, 1, "parameters");
+  double* s = sized(scratch.scales, n_rows());
+  double* d = sized(scratch.values, n_rows());
+  components::exp_scales(n_rows(), factor_.data, p[0], s, d);
+  return {s, d, nullptr};
+}
+
+std::size_t ExpFactorTerm::nbytes() const { return factor_.size * 8; }
+
+SmoothTerm::SmoothTerm(std::shared_ptr<const components::WeightMatrix> weights,
+                       HeldArray<double> b_factor)
+    : ModelTerm(weights ? weights->n_rows() : 0, weights ? weights->n_cols() : 0,
+                weights ? weights->n_params() : 0, false),
+      w_(std::move(weights)),
+      factor_(std::move(b_factor)) {
+  require(w_ != nullptr, "weights must not be null");
+  nnz_ = w_->nnz();
+  if (factor_.data != nullptr || factor_.size != 0) {
+    check_held(factor_.data, factor_.size, n_rows(), "b_factor");
+    require_finite(factor_.data, factor_.size, "b_factor");
+  }
+}
+
+void SmoothTerm::pattern(std::int64_t* indptr, std::int32_t* indices) const {
+  std::copy(w_->indptr().begin(), w_->indptr().end(), indptr);
+  std::copy(w_->indices().begin(), w_->indices().end(), indices);
+}
+
+TermValues SmoothTerm::evaluate(const double* p, TermScratch& scratch) const {
+  require_finite(p, n_params(), "parameters");
+  double* s = sized(scratch.scales, n_rows());
+  if (factor_.data == nullptr) {  // linear: ∂s/∂p is W itself
+    w_->values(p, s);
+    return {s, w_->data().data(), nullptr};
+  }
+  double* d = sized(scratch.values, nnz_);
+  w_->b_scales(p, factor_.data, s, d);
+  return {s, d, nullptr};
+}
+
+std::size_t SmoothTerm::nbytes() const { return w_->nbytes() + factor_.size * 8; }
+
+LeanSmoothTerm::LeanSmoothTerm(const GaussianSmoother<1>& smoother, HeldArray<double> x,
+                               double x_shift, HeldArray<std::uint16_t> window,
+                               HeldArray<double> q, bool first_fixed, HeldArray<double> b_factor)
+    : ModelTerm(x.size, smoother.num_values() - (first_fixed ? 1 : 0), smoother.num_values(),
+                false),
+      smoother_(smoother),
+      x_(std::move(x)),
+      x_shift_(x_shift),
+      window_(std::move(window)),
+      q_(std::move(q)),
+      first_fixed_(first_fixed),
+      factor_(std::move(b_factor)) {
+  check_held(window_.data, window_.size, n_rows(), "window");
+  check_held(q_.data, q_.size, n_rows(), "q");
+  if (factor_.data != nullptr || factor_.size != 0)
+    check_held(factor_.data, factor_.size, n_rows(), "b_factor");
+  // The window records fix the pattern: count it once (one pass writing a throw-away pattern).
+  const std::size_t cap = n_rows() * smoother_.max_row_nnz();
+  std::vector<std::int64_t> ip(n_rows() + 1);
+  std::vector<std::int32_t> ix(cap);
+  pattern(ip.data(), ix.data());
+  nnz_ = static_cast<std::size_t>(ip[n_rows()]);
+}
+
+void LeanSmoothTerm::pattern(std::int64_t* indptr, std::int32_t* indices) const {
+  require(n_rows() < static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max()) /
+                         std::max<std::size_t>(smoother_.max_row_nnz(), 1),
+          "too many rows for a lean smoother term; split the block");
+  std::vector<double> p(n_params(), 0.0), s(n_rows()), d(n_rows() * smoother_.max_row_nnz());
+  std::vector<std::int32_t> ip32(n_rows() + 1);
+  components::smooth_1d_apply(smoother_, n_rows(), x_.data, x_shift_, window_.data, q_.data,
+                              p.data(), p.size(), first_fixed_, nullptr, s.data(), ip32.data(),
+                              indices, d.data(), true);
+  std::copy(ip32.begin(), ip32.end(), indptr);
+}
+
+TermValues LeanSmoothTerm::evaluate(const double* p, TermScratch& scratch) const {
+  double* s = sized(scratch.scales, n_rows());
+  double* d = sized(scratch.values, nnz_);
+  components::smooth_1d_apply(smoother_, n_rows(), x_.data, x_shift_, window_.data, q_.data, p,
+                              n_params(), first_fixed_, factor_.data, s, nullptr, nullptr, d,
+                              false);
+  return {s, d, nullptr};
+}
+
+std::size_t LeanSmoothTerm::nbytes() const {
+  return x_.size * 8 + window_.size * 2 + q_.size * 8 + factor_.size * 8;
+}
+
+HarmonicsTerm::HarmonicsTerm(HeldArray<double> harmonics, std::size_t n_params)
+    : ModelTerm(n_params ? harmonics.size / n_params : 0, n_params, n_params, true),
+      h64_(std::move(harmonics)) {
+  require(n_params > 0 && h64_.size % n_params == 0,
+          "harmonics must hold n_rows × n_params values");
+}
+
+HarmonicsTerm::HarmonicsTerm(HeldArray<float> harmonics, std::size_t n_params)
+    : ModelTerm(n_params ? harmonics.size / n_params : 0, n_params, n_params, true),
+      h32_(std::move(harmonics)) {
+  require(n_params > 0 && h32_.size % n_params == 0,
+          "harmonics must hold n_rows × n_params values");
+}
+
+TermValues HarmonicsTerm::evaluate(const double* p, TermScratch& scratch) const {
+  require_finite(p, n_params(), "parameters");
+  double* s = sized(scratch.scales, n_rows());
+  if (h32_.data != nullptr) {
+    components::sh_scales_f32(n_rows(), n_params(), h32_.data, p, s);
+    return {s, nullptr, h32_.data};
+  }
+  components::sh_scales(n_rows(), n_params(), h64_.data, p, s);
+  return {s, h64_.data, nullptr};
+}
+
+std::size_t HarmonicsTerm::nbytes() const { return h64_.size * 8 + h32_.size * 4; }
+
+FixedScalesTerm::FixedScalesTerm(HeldArray<double> scales)
+    : ModelTerm(scales.size, 0, 0, true), scales_(std::move(scales)) {
+  require_finite(scales_.data, scales_.size, "scales");
+}
+
+TermValues FixedScalesTerm::evaluate(const double*, TermScratch&) const {
+  return {scales_.data, nullptr, nullptr};
+}
+
+std::size_t FixedScalesTerm::nbytes() const { return scales_.size * 8; }
+
+ExternalTerm::ExternalTerm(std::size_t n_rows, std::size_t n_cols)
+    : ModelTerm(n_rows, n_cols, 0, false), scales_(n_rows), indptr_(n_rows + 1, 0) {}
+
+void ExternalTerm::take_pattern(std::vector<std::int64_t> indptr,
+                                std::vector<std::int32_t> indices) {
+  if (indptr != indptr_ || indices != indices_) {
+    indptr_ = std::move(indptr);
+    indices_ = std::move(indices);
+    nnz_ = indices_.size();
+    ++pattern_version_;
+  }
+}
+
+void ExternalTerm::set(const double* scales, const std::int64_t* indptr,
+                       const std::int32_t* indices, const double* values) {
+  const std::size_t n = n_rows();
+  require_finite(scales, n, "scales");
+  const std::size_t nnz = check_pattern(n, n_cols(), indptr, indices);
+  require_finite(values, nnz, "derivatives");
+  take_pattern(std::vector<std::int64_t>(indptr, indptr + n + 1),
+               std::vector<std::int32_t>(indices, indices + nnz));
+  std::copy(scales, scales + n, scales_.begin());
+  values_.assign(values, values + nnz);
+  is_set_ = true;
+}
+
+void ExternalTerm::set_dense(const double* scales, const double* derivatives) {
+  const std::size_t n = n_rows(), c = n_cols();
+  require_finite(scales, n, "scales");
+  require_finite(derivatives, n * c, "derivatives");
+  if (nnz_ != n * c || indptr_[n] != static_cast<std::int64_t>(n * c)) {
+    std::vector<std::int64_t> ip(n + 1);
+    std::vector<std::int32_t> ix(n * c);
+    ModelTerm::pattern(ip.data(), ix.data());  // the full pattern
+    take_pattern(std::move(ip), std::move(ix));
+  }
+  std::copy(scales, scales + n, scales_.begin());
+  values_.assign(derivatives, derivatives + n * c);
+  is_set_ = true;
+}
+
+void ExternalTerm::pattern(std::int64_t* indptr, std::int32_t* indices) const {
+  std::copy(indptr_.begin(), indptr_.end(), indptr);
+  std::copy(indices_.begin(), indices_.end(), indices);
+}
+
+TermValues ExternalTerm::evaluate(const double*, TermScratch&) const {
+  require(is_set_, "an external term must be set before the block is evaluated");
+  return {scales_.data(), values_.data(), nullptr};
+}
+
+std::size_t ExternalTerm::nbytes() const {
+  return (scales_.size() + values_.size() + indptr_.size()) * 8 + indices_.size() * 4;
+}
+
+// ------------------------------------------------------------------------------- block
+
+ModelBlock::ModelBlock(std::size_t n_rows) : n_rows_(n_rows) {
+  out_.scales = std::make_shared<std::vector<double>>(n_rows, 1.0);
+  out_.indptr = std::make_shared<std::vector<std::int64_t>>(n_rows + 1, 0);
+  out_.indices = std::make_shared<std::vector<std::int32_t>>();
+  out_.values = std::make_shared<std::vector<double>>();
+}
+
+void ModelBlock::add_term(std::shared_ptr<ModelTerm> term, bool active) {
+  require(term != nullptr, "term must not be null");
+  require(term->n_rows() == n_rows_, "term has " + std::to_string(term->n_rows()) +
+                                         " rows but the block has " + std::to_string(n_rows_));
+  col_start_.push_back(n_cols_);
+  param_start_.push_back(n_params_);
+  if (active) n_cols_ += term->n_cols();
+  n_params_ += term->n_params();
+  require(n_cols_ < static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max()),
+          "too many columns for 32-bit column indices");
+  terms_.push_back(std::move(term));
+  active_.push_back(active);
+  built_ = false;
+}
+
+bool ModelBlock::pattern_stale() const {
+  if (!built_) return true;
+  for (std::size_t t = 0; t < terms_.size(); ++t)
+    if (active_[t] && terms_[t]->pattern_version() != built_versions_[t]) return true;
+  return false;
+}
+
+void ModelBlock::build_pattern() {
+  const std::size_t n = n_rows_, k = terms_.size();
+  row_starts_.assign(k, {});
+  built_versions_.assign(k, 0);
+  std::vector<std::vector<std::int32_t>> term_indices(k);
+  for (std::size_t t = 0; t < k; ++t) {
+    built_versions_[t] = terms_[t]->pattern_version();
+    if (!active_[t] || terms_[t]->dense()) continue;
+    row_starts_[t].resize(n + 1);
+    term_indices[t].resize(terms_[t]->nnz());
+    terms_[t]->pattern(row_starts_[t].data(), term_indices[t].data());
+  }
+  auto indptr = std::make_shared<std::vector<std::int64_t>>(n + 1);
+  std::int64_t* ip = indptr->data();
+  ip[0] = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    std::int64_t row = 0;
+    for (std::size_t t = 0; t < k; ++t) {
+      if (!active_[t]) continue;
+      row += terms_[t]->dense() ? static_cast<std::int64_t>(terms_[t]->n_cols())
+                                : row_starts_[t][i + 1] - row_starts_[t][i];
+    }
+    ip[i + 1] = ip[i] + row;
+  }
+  const auto nnz = static_cast<std::size_t>(ip[n]);
+  auto indices = std::make_shared<std::vector<std::int32_t>>(nnz);
+  std::int32_t* ix = indices->data();
+  for (std::size_t i = 0; i < n; ++i) {
+    std::int64_t at = ip[i];
+    for (std::size_t t = 0; t < k; ++t) {
+      if (!active_[t]) continue;
+      const auto offset = static_cast<std::int32_t>(col_start_[t]);
+      if (terms_[t]->dense()) {
+        for (std::size_t c = 0; c < terms_[t]->n_cols(); ++c)
+          ix[at++] = offset + static_cast<std::int32_t>(c);
+      } else {
+        for (std::int64_t q = row_starts_[t][i]; q < row_starts_[t][i + 1]; ++q)
+          ix[at++] = offset + term_indices[t][static_cast<std::size_t>(q)];
+      }
+    }
+  }
+  out_.indptr = std::move(indptr);
+  out_.indices = std::move(indices);
+  out_.values = std::make_shared<std::vector<double>>(nnz);
+  built_ = true;
+  ++version_;
+}
+
+void ModelBlock::fill(const std::vector<TermValues>& tv) {
+  const std::size_t n = n_rows_, k = terms_.size();
+  double* g = out_.scales->data();
+  double* out = out_.values->data();
+  const std::int64_t* ip = out_.indptr->data();
+  constexpr std::size_t kStack = 16;
+  std::vector<double> heap(k > kStack ? k + 1 : 0);
+  double prefix_stack[kStack + 1];
+  double* prefix = k > kStack ? heap.data() : prefix_stack;
+  for (std::size_t i = 0; i < n; ++i) {
+    prefix[0] = 1.0;
+    for (std::size_t t = 0; t < k; ++t) prefix[t + 1] = prefix[t] * tv[t].scales[i];
+    g[i] = prefix[k];
+    // Walk the terms backwards with a running suffix product: others = prefix·suffix, so a
+    // zero scale is handled without dividing.
+    double suffix = 1.0;
+    std::int64_t end = ip[i + 1];
+    for (std::size_t t = k; t-- > 0;) {
+      const double others = prefix[t] * suffix;
+      suffix *= tv[t].scales[i];
+      if (!active_[t]) continue;
+      const ModelTerm& term = *terms_[t];
+      if (term.dense()) {
+        const std::size_t c = term.n_cols();
+        const std::int64_t start = end - static_cast<std::int64_t>(c);
+        if (tv[t].values_f32 != nullptr) {
+          const float* row = tv[t].values_f32 + i * c;
+          for (std::size_t q = 0; q < c; ++q) out[start + q] = static_cast<double>(row[q]) * others;
+        } else {
+          const double* row = tv[t].values + i * c;
+          for (std::size_t q = 0; q < c; ++q) out[start + q] = row[q] * others;
+        }
+        end = start;
+      } else {
+        const std::int64_t first = row_starts_[t][i], last = row_starts_[t][i + 1];
+        const std::int64_t start = end - (last - first);
+        const double* v = tv[t].values;
+        for (std::int64_t q = first; q < last; ++q) out[start + (q - first)] = v[q] * others;
+        end = start;
+      }
+    }
+  }
+}
+
+void ModelBlock::evaluate(const double* params, std::size_t n_params) {
+  require(n_params == n_params_, "params must hold " + std::to_string(n_params_) +
+                                     " values (every term's parameters), got " +
+                                     std::to_string(n_params));
+  require_finite(params, n_params, "params");
+  scratch_.resize(terms_.size());
+  term_values_.resize(terms_.size());
+  for (std::size_t t = 0; t < terms_.size(); ++t)
+    term_values_[t] = terms_[t]->evaluate(params + param_start_[t], scratch_[t]);
+  if (pattern_stale()) build_pattern();
+  fill(term_values_);
+  evaluated_ = true;
+}
+
+DerivativesView ModelBlock::view() const {
+  DerivativesView v;
+  v.n_rows = n_rows_;
+  v.n_cols = n_cols_;
+  v.column_offset = column_offset_;
+  v.version = version_;
+  if (!evaluated_) return v;
+  v.scales = out_.scales->data();
+  v.indptr = out_.indptr->data();
+  v.indices = out_.indices->data();
+  v.values = out_.values->data();
+  return v;
+}
+
+std::size_t ModelBlock::nbytes() const noexcept {
+  std::size_t b = out_.scales->size() * 8 + out_.indptr->size() * 8 + out_.indices->size() * 4 +
+                  out_.values->size() * 8;
+  for (const auto& r : row_starts_) b += r.size() * 8;
+  for (const auto& s : scratch_) b += (s.scales.size() + s.values.size()) * 8;
+  return b;
+}
+
+}  // namespace xtalscale

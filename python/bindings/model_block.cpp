@@ -1,0 +1,227 @@
+// Bindings for model blocks and their terms (_core.model_block). Arrays handed to a term are
+// held, not copied: the term keeps the numpy array alive (HeldArray's owner), so a component's
+// read-only buffers are shared. The block's outputs are read-only numpy views of its shared
+// buffers (a view keeps its buffer alive across a pattern rebuild).
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <Python.h>
+
+#include "common.hpp"
+#include "xtalscale/model_block.hpp"
+
+namespace xtalscale::py_bind {
+namespace {
+
+using Int32Array = py::array_t<std::int32_t, py::array::c_style | py::array::forcecast>;
+using Int64Array = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
+using UInt16Array = py::array_t<std::uint16_t, py::array::c_style | py::array::forcecast>;
+using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+
+/// A numpy array as a HeldArray: the term keeps a reference to the (converted) array.
+template <typename T>
+HeldArray<T> held(const py::array_t<T, py::array::c_style | py::array::forcecast>& a) {
+  auto* ref = new py::object(a);
+  std::shared_ptr<const void> owner(ref, [](const void* p) {
+    if (!Py_IsInitialized()) return;  // interpreter gone: nothing left to release
+    py::gil_scoped_acquire gil;
+    delete static_cast<const py::object*>(p);
+  });
+  return HeldArray<T>{a.data(), static_cast<std::size_t>(a.size()), std::move(owner)};
+}
+
+template <typename T>
+HeldArray<T> held_optional(const std::optional<py::array_t<T, py::array::c_style | py::array::forcecast>>& a) {
+  return a ? held<T>(*a) : HeldArray<T>{};
+}
+
+/// A read-only numpy view of a shared buffer, keeping the buffer alive.
+template <typename T>
+py::array shared_view(const std::shared_ptr<std::vector<T>>& buffer) {
+  auto* keep = new std::shared_ptr<std::vector<T>>(buffer);
+  py::capsule owner(keep, [](void* p) { delete static_cast<std::shared_ptr<std::vector<T>>*>(p); });
+  py::array_t<T> a(static_cast<py::ssize_t>(buffer->size()), buffer->data(), owner);
+  a.attr("setflags")(py::arg("write") = false);
+  return std::move(a);
+}
+
+void require_1d(const py::array& a, const char* name) {
+  if (a.ndim() != 1)
+    throw std::invalid_argument(std::string(name) + " must be 1-dimensional (got ndim=" +
+                                std::to_string(a.ndim()) + ")");
+}
+
+std::shared_ptr<HarmonicsTerm> harmonics_term(const py::array& harmonics) {
+  if (harmonics.ndim() != 2)
+    throw std::invalid_argument("harmonics must be a 2-D (n_rows, n_params) array");
+  const auto n_params = static_cast<std::size_t>(harmonics.shape(1));
+  if (py::isinstance<py::array_t<float>>(harmonics))
+    return std::make_shared<HarmonicsTerm>(held<float>(FloatArray::ensure(harmonics)), n_params);
+  const DoubleArray h = DoubleArray::ensure(harmonics);
+  require(static_cast<bool>(h), "harmonics must be a float32 or float64 array");
+  require_finite(h.data(), static_cast<std::size_t>(h.size()), "harmonics");
+  return std::make_shared<HarmonicsTerm>(held<double>(h), n_params);
+}
+
+std::shared_ptr<LeanSmoothTerm> lean_smooth_term(const DoubleArray& x, double x_shift,
+                                                 std::array<double, 2> x_range,
+                                                 std::size_t n_intervals, std::size_t num_average,
+                                                 double sigma, const UInt16Array& window,
+                                                 const DoubleArray& q, bool first_fixed,
+                                                 const std::optional<DoubleArray>& b_factor) {
+  require_1d(x, "x");
+  require_finite(x.data(), static_cast<std::size_t>(x.size()), "x");
+  GaussianSmoother<1> smoother({{x_range}}, {n_intervals});
+  smoother.set_smoothing(num_average, sigma);
+  return std::make_shared<LeanSmoothTerm>(smoother, held<double>(x), x_shift,
+                                          held<std::uint16_t>(window), held<double>(q),
+                                          first_fixed, held_optional<double>(b_factor));
+}
+
+void external_set(ExternalTerm& t, const DoubleArray& scales, const Int64Array& indptr,
+                  const Int32Array& indices, const DoubleArray& values) {
+  require_1d(scales, "scales");
+  require(static_cast<std::size_t>(scales.size()) == t.n_rows(),
+          "scales must have one value per row (" + std::to_string(t.n_rows()) + ")");
+  require(indptr.ndim() == 1 && static_cast<std::size_t>(indptr.size()) == t.n_rows() + 1,
+          "derivatives must have one row per reflection (indptr of n_rows + 1)");
+  require(indices.size() == values.size(), "derivatives indices and values differ in length");
+  require(indptr.data()[t.n_rows()] == static_cast<std::int64_t>(values.size()),
+          "derivatives indptr must end at the number of stored values");
+  t.set(scales.data(), indptr.data(), indices.data(), values.data());
+}
+
+void external_set_dense(ExternalTerm& t, const DoubleArray& scales, const DoubleArray& dense) {
+  require_1d(scales, "scales");
+  require(static_cast<std::size_t>(scales.size()) == t.n_rows(),
+          "scales must have one value per row (" + std::to_string(t.n_rows()) + ")");
+  require(dense.ndim() == 2 && static_cast<std::size_t>(dense.shape(0)) == t.n_rows() &&
+              static_cast<std::size_t>(dense.shape(1)) == t.n_cols(),
+          "derivatives must have shape (n_rows, n_cols) = (" + std::to_string(t.n_rows()) +
+              ", " + std::to_string(t.n_cols()) + ")");
+  t.set_dense(scales.data(), dense.data());
+}
+
+py::tuple term_pattern(const ModelTerm& t) {
+  Int64Array indptr(static_cast<py::ssize_t>(t.n_rows() + 1));
+  Int32Array indices(static_cast<py::ssize_t>(t.nnz()));
+  t.pattern(indptr.mutable_data(), indices.mutable_data());
+  return py::make_tuple(indptr, indices);
+}
+
+py::tuple term_evaluate(const ModelTerm& t, const DoubleArray& p) {
+  require_1d(p, "parameters");
+  require(static_cast<std::size_t>(p.size()) == t.n_params(),
+          "parameters must hold " + std::to_string(t.n_params()) + " values");
+  TermScratch scratch;
+  const TermValues v = t.evaluate(p.data(), scratch);
+  DoubleArray scales(static_cast<py::ssize_t>(t.n_rows()));
+  std::copy(v.scales, v.scales + t.n_rows(), scales.mutable_data());
+  DoubleArray values(static_cast<py::ssize_t>(t.nnz()));
+  double* o = values.mutable_data();
+  for (std::size_t k = 0; k < t.nnz(); ++k)
+    o[k] = v.values_f32 != nullptr ? static_cast<double>(v.values_f32[k]) : v.values[k];
+  return py::make_tuple(scales, values);
+}
+
+void block_evaluate(ModelBlock& b, const DoubleArray& params) {
+  require_1d(params, "params");
+  const double* p = params.data();
+  const auto n = static_cast<std::size_t>(params.size());
+  py::gil_scoped_release release;  // the terms hold converted buffers only
+  b.evaluate(p, n);
+}
+
+}  // namespace
+
+void bind_model_block(py::module_& m) {
+  py::class_<ModelTerm, std::shared_ptr<ModelTerm>>(
+      m, "ModelTerm", "One scale component of a model block: scales s_c and ∂s_c/∂p_c.")
+      .def_property_readonly("n_rows", &ModelTerm::n_rows)
+      .def_property_readonly("n_cols", &ModelTerm::n_cols)
+      .def_property_readonly("n_params", &ModelTerm::n_params)
+      .def_property_readonly("dense", &ModelTerm::dense)
+      .def_property_readonly("nnz", &ModelTerm::nnz)
+      .def_property_readonly("pattern_version", &ModelTerm::pattern_version)
+      .def_property_readonly("nbytes", &ModelTerm::nbytes)
+      .def("pattern", &term_pattern, "(indptr int64, indices int32) of ∂s/∂p.")
+      .def("evaluate", &term_evaluate, py::arg("parameters"),
+           "(scales, derivative values in pattern order), copied (for tests and debugging).");
+  py::class_<ScaleFactorTerm, ModelTerm, std::shared_ptr<ScaleFactorTerm>>(
+      m, "ScaleFactorTerm", "s = p0, ds/dp0 = 1.")
+      .def(py::init<std::size_t>(), py::arg("n_rows"));
+  py::class_<ExpFactorTerm, ModelTerm, std::shared_ptr<ExpFactorTerm>>(
+      m, "ExpFactorTerm", "s = exp(p0·factor), ds/dp0 = s·factor (factor held, not copied).")
+      .def(py::init([](const DoubleArray& factor) {
+             require_1d(factor, "factor");
+             return std::make_shared<ExpFactorTerm>(held<double>(factor));
+           }),
+           py::arg("factor"));
+  py::class_<SmoothTerm, ModelTerm, std::shared_ptr<SmoothTerm>>(
+      m, "SmoothTerm", "s = W·p, or exp((W·p)·b_factor) with a b_factor, from a WeightMatrix.")
+      .def(py::init([](std::shared_ptr<components::WeightMatrix> w,
+                       const std::optional<DoubleArray>& b_factor) {
+             if (b_factor) require_1d(*b_factor, "b_factor");
+             return std::make_shared<SmoothTerm>(std::move(w), held_optional<double>(b_factor));
+           }),
+           py::arg("weights"), py::arg("b_factor") = py::none());
+  py::class_<LeanSmoothTerm, ModelTerm, std::shared_ptr<LeanSmoothTerm>>(
+      m, "LeanSmoothTerm",
+      "A 1-D smooth component from held window records (smooth_1d_prepare's window, q).")
+      .def(py::init(&lean_smooth_term), py::arg("x"), py::arg("x_shift"), py::arg("x_range"),
+           py::arg("n_intervals"), py::arg("num_average"), py::arg("sigma"), py::arg("window"),
+           py::arg("q"), py::arg("first_fixed") = false, py::arg("b_factor") = py::none());
+  py::class_<HarmonicsTerm, ModelTerm, std::shared_ptr<HarmonicsTerm>>(
+      m, "HarmonicsTerm", "s = 1 + H·c, ds/dc = H for a held (n_rows, n_params) block.")
+      .def(py::init(&harmonics_term), py::arg("harmonics"));
+  py::class_<FixedScalesTerm, ModelTerm, std::shared_ptr<FixedScalesTerm>>(
+      m, "FixedScalesTerm", "Fixed scales without parameters (held, not copied).")
+      .def(py::init([](const DoubleArray& scales) {
+             require_1d(scales, "scales");
+             return std::make_shared<FixedScalesTerm>(held<double>(scales));
+           }),
+           py::arg("scales"));
+  py::class_<ExternalTerm, ModelTerm, std::shared_ptr<ExternalTerm>>(
+      m, "ExternalTerm",
+      "A component evaluated in Python: set(scales, indptr, indices, values) or\n"
+      "set_dense(scales, derivatives) before each ModelBlock.evaluate (values are copied).")
+      .def(py::init<std::size_t, std::size_t>(), py::arg("n_rows"), py::arg("n_cols"))
+      .def("set", &external_set, py::arg("scales"), py::arg("indptr"), py::arg("indices"),
+           py::arg("values"))
+      .def("set_dense", &external_set_dense, py::arg("scales"), py::arg("derivatives"))
+      .def_property_readonly("is_set", &ExternalTerm::is_set);
+  py::class_<ModelBlock, std::shared_ptr<ModelBlock>>(
+      m, "ModelBlock",
+      "g = Π s_c and ∂g/∂p (CSR) of one model over one block of observations; the C++ object\n"
+      "behind the fit layer's DerivativesView. evaluate(params) runs every term and the product\n"
+      "rule without the GIL; scales/indptr/indices/values are read-only views of its buffers\n"
+      "(values and scales are rewritten in place by each evaluate).")
+      .def(py::init<std::size_t>(), py::arg("n_rows"))
+      .def("add_term", &ModelBlock::add_term, py::arg("term"), py::arg("active") = true)
+      .def("evaluate", &block_evaluate, py::arg("params"))
+      .def_property_readonly("n_rows", &ModelBlock::n_rows)
+      .def_property_readonly("n_cols", &ModelBlock::n_cols)
+      .def_property_readonly("n_params", &ModelBlock::n_params)
+      .def_property_readonly("n_terms", &ModelBlock::n_terms)
+      .def_property_readonly("version", &ModelBlock::version)
+      .def_property_readonly("evaluated", &ModelBlock::evaluated)
+      .def_property_readonly("nbytes", &ModelBlock::nbytes)
+      .def_property("column_offset", &ModelBlock::column_offset, &ModelBlock::set_column_offset)
+      .def("term", &ModelBlock::term_ptr, py::arg("index"))
+      .def("active", &ModelBlock::active, py::arg("index"))
+      .def("column_start", &ModelBlock::column_start, py::arg("index"))
+      .def("parameter_start", &ModelBlock::parameter_start, py::arg("index"))
+      .def_property_readonly("scales",
+                             [](const ModelBlock& b) { return shared_view(b.buffers().scales); })
+      .def_property_readonly("indptr",
+                             [](const ModelBlock& b) { return shared_view(b.buffers().indptr); })
+      .def_property_readonly("indices",
+                             [](const ModelBlock& b) { return shared_view(b.buffers().indices); })
+      .def_property_readonly("values",
+                             [](const ModelBlock& b) { return shared_view(b.buffers().values); });
+}
+
+}  // namespace xtalscale::py_bind

@@ -1,0 +1,1 @@
+"""DIALS import path ``dials.algorithms.scaling.error_model``."""

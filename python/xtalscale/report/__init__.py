@@ -1,0 +1,1 @@
+"""Reports (tables, plots, HTML) built from fit results and statistics."""

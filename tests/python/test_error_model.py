@@ -1,0 +1,45 @@
+"""The basic error model's stored form: DIALS's dicts in, the same numbers out."""
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from xtalscale.error_model import BasicErrorModel, ErrorModelError
+from xtalscale.experiments import ExperimentList
+from xtalscale.models import model_from_dict
+
+QUARTZ = Path(__file__).resolve().parents[1] / "data" / "dials_quartz_3ded" / "scaled.expt"
+
+
+def test_load_error_model_from_the_shipped_quartz_experiment():
+    """DIALS stored a refined basic error model in the quartz .expt; load_error_model reads it."""
+    (expt,) = ExperimentList.from_file(QUARTZ)
+    stored = expt.scaling_model["configuration_parameters"]["error_model_parameters"]
+    model = model_from_dict(expt.scaling_model)
+    model.load_error_model(SimpleNamespace(reset_error_model=False,
+                                           basic=SimpleNamespace(a=None, b=None)))
+    assert isinstance(model.error_model, BasicErrorModel)
+    assert model.error_model.parameters == stored
+    assert model.error_model.a == pytest.approx(2.6806589628976236, rel=1e-15)
+    again = BasicErrorModel.from_dict(model.configdict)
+    assert again.parameters == stored
+    assert BasicErrorModel.from_dict(again.to_dict()).parameters == stored
+
+
+def test_error_model_rules_and_bad_input():
+    em = BasicErrorModel(2.0, 0.1)
+    assert em.update_variances([1.0, 4.0], [10.0, 0.0]).tolist() == [4.0 * (1.0 + 1.0), 16.0]
+    assert BasicErrorModel().parameters == [1.0, 0.02]
+    assert BasicErrorModel(basic_params=SimpleNamespace(a=3.0, b=None)).parameters == [3.0, 0.02]
+    with pytest.raises(ErrorModelError, match="a must be finite"):
+        BasicErrorModel(float("nan"))
+    with pytest.raises(ErrorModelError, match="error_model_type"):
+        BasicErrorModel.from_dict({"error_model_type": "Other", "error_model_parameters": [1, 2]})
+    with pytest.raises(ErrorModelError, match="2 parameters"):
+        BasicErrorModel.from_dict({"__id__": "basic", "parameters": [1.0]})
+    with pytest.raises(ErrorModelError, match="needs"):
+        BasicErrorModel.from_dict({})
+    with pytest.raises(ErrorModelError, match="same shape"):
+        em.update_variances([1.0], [1.0, 2.0])

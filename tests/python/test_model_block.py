@@ -1,0 +1,252 @@
+"""The C++ model block (the fit contract's model side): g and ∂g/∂p of a whole model in one
+GIL-free call, a pattern built once per data selection, and Python-defined components joining
+the product rule through external terms."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from xtalscale._core import model_block as mb
+from xtalscale.components import (
+    AnalyticalComponent,
+    ComponentModelBlock,
+    ScaleComponentBase,
+    SHScaleComponent,
+    SingleBScaleFactor,
+    SingleScaleFactor,
+    SmoothBScaleComponent1D,
+    SmoothScaleComponent1D,
+    SmoothScaleComponent2D,
+    SmoothScaleComponent3D,
+    product_rule,
+    sh_lookup_data,
+)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(7)
+
+
+def _physical(rng, n, lean):
+    scale = SmoothScaleComponent1D(rng.uniform(0.8, 1.2, 10))
+    scale.fix_initial_parameter()
+    decay = SmoothBScaleComponent1D(rng.uniform(-0.5, 0.5, 8))
+    sh = SHScaleComponent(rng.uniform(-0.05, 0.05, 24))
+    for comp in (scale, decay):
+        comp.lean_min_reflections = 0 if lean else 10**12
+    sh.float32_min_reflections = 0 if lean else 10**12
+    scale.data = {"x": rng.uniform(0, 20, n)}
+    decay.data = {"x": rng.uniform(0, 20, n), "d": rng.uniform(0.8, 4.0, n)}
+    sh.data = sh_lookup_data(rng.normal(size=(n, 3)), rng.normal(size=(n, 3)), 4)
+    for comp in (scale, decay, sh):
+        comp.update_reflection_data()
+    return [scale, decay, sh]
+
+
+def _dense_product_rule(results):
+    """numpy reference: g = Π s_c and [∂s_c/∂p_c · Π_{c'≠c} s_c']."""
+    scales = [np.asarray(s, dtype=np.float64) for s, _ in results]
+    g = np.prod(scales, axis=0)
+    blocks = []
+    for c, (_, d) in enumerate(results):
+        others = np.prod([s for k, s in enumerate(scales) if k != c], axis=0)
+        dense = d.toarray() if sp.issparse(d) else np.asarray(d, dtype=np.float64)
+        blocks.append(dense * others[:, None])
+    return g, np.hstack(blocks)
+
+
+@pytest.mark.parametrize("lean", [False, True])
+def test_physical_model_block_matches_the_components(rng, lean):
+    comps = _physical(rng, 3000, lean)
+    block = ComponentModelBlock(comps)
+    g, jac = block.evaluate()
+    g_ref, j_ref = _dense_product_rule([c.calculate_scales_and_derivatives() for c in comps])
+    np.testing.assert_allclose(g, g_ref, rtol=1e-15)
+    np.testing.assert_allclose(jac.toarray(), j_ref, rtol=1e-14, atol=1e-300)
+    assert jac.shape == (3000, 9 + 8 + 24) and jac.has_sorted_indices
+    view = block.core
+    assert view.indptr.dtype == np.int64 and view.indices.dtype == np.int32
+    assert view.version == 1 and view.n_cols == 41 and view.n_params == 10 + 8 + 24
+
+
+def test_pattern_is_built_once_and_values_are_rewritten_in_place(rng):
+    comps = _physical(rng, 2000, lean=True)
+    block = ComponentModelBlock(comps)
+    g1, jac1 = block.evaluate()
+    g1, values1, indices = g1.copy(), jac1.data.copy(), block.core.indices
+    for comp in comps:
+        comp.parameters = comp.parameters * 1.01
+    g2, jac2 = block.evaluate()
+    assert block.core.version == 1  # no rebuild for a parameter change
+    assert np.shares_memory(block.core.indices, indices)
+    assert not np.array_equal(g2, g1) and not np.array_equal(jac2.data, values1)
+    g_ref, j_ref = _dense_product_rule([c.calculate_scales_and_derivatives() for c in comps])
+    np.testing.assert_allclose(g2, g_ref, rtol=1e-15)
+    np.testing.assert_allclose(jac2.toarray(), j_ref, rtol=1e-14, atol=1e-300)
+    with pytest.raises(ValueError):
+        block.core.values[0] = 1.0  # the block's buffers are read-only from Python
+
+
+def test_array_and_kb_components_and_fixed_factors(rng):
+    n = 1500
+    decay = SmoothScaleComponent2D(rng.uniform(0.9, 1.1, 15), shape=(5, 3))
+    decay.data = {"x": rng.uniform(0, 5, n), "y": rng.uniform(0, 3, n)}
+    absorption = SmoothScaleComponent3D(rng.uniform(0.9, 1.1, 27), shape=(3, 3, 3))
+    absorption.data = {"x": rng.uniform(0, 2, n), "y": rng.uniform(0, 2, n), "z": rng.uniform(0, 2, n)}
+    scale = SingleScaleFactor([1.3])
+    scale.data = {"id": np.zeros(n)}
+    bfac = SingleBScaleFactor([0.4])
+    bfac.data = {"d": rng.uniform(1, 3, n)}
+    corr = AnalyticalComponent()
+    corr.data = {"correction": rng.uniform(0.5, 1.5, n)}
+    comps = [decay, absorption, scale, bfac, corr]
+    for comp in comps:
+        comp.update_reflection_data()
+    fixed = rng.uniform(0.5, 2.0, n)
+    block = ComponentModelBlock(comps, active=[True, True, False, True, True], fixed_scales=fixed)
+    g, jac = block.evaluate()
+    results = [c.calculate_scales_and_derivatives() for c in comps]
+    g_ref = np.prod([r[0] for r in results], axis=0) * fixed
+    np.testing.assert_allclose(g, g_ref, rtol=1e-14)
+    active = [results[i] for i in (0, 1, 3, 4)]
+    others = [np.prod([r[0] for k, r in enumerate(results) if k != i], axis=0) * fixed
+              for i in (0, 1, 3, 4)]
+    expected = np.hstack([(r[1].toarray() if sp.issparse(r[1]) else r[1]) * o[:, None]
+                          for r, o in zip(active, others)])
+    np.testing.assert_allclose(jac.toarray(), expected, rtol=1e-13, atol=1e-300)
+    assert jac.shape == (n, 15 + 27 + 1 + 0)
+
+
+class UserComponent(ScaleComponentBase):
+    """A Python-defined component: s = p0 + p1·t, dense derivatives [1, t]."""
+
+    def __init__(self, values, t):
+        super().__init__(values)
+        self.t = np.asarray(t, dtype=np.float64)
+        self._n_refl = [self.t.size]
+
+    def calculate_scales_and_derivatives(self, block_id=0):
+        p = self.parameters
+        return p[0] + p[1] * self.t, np.column_stack([np.ones_like(self.t), self.t])
+
+
+def test_python_component_joins_the_product_rule_in_cpp(rng):
+    n = 800
+    comps = _physical(rng, n, lean=False)
+    user = UserComponent([1.0, 0.1], rng.uniform(0, 1, n))
+    assert user.model_term() is None  # no C++ term: an external one is filled from Python
+    block = ComponentModelBlock(comps + [user])
+    g, jac = block.evaluate()
+    g_ref, j_ref = _dense_product_rule([c.calculate_scales_and_derivatives() for c in comps + [user]])
+    np.testing.assert_allclose(g, g_ref, rtol=1e-15)
+    np.testing.assert_allclose(jac.toarray(), j_ref, rtol=1e-14, atol=1e-300)
+    user.parameters = [0.5, 2.0]  # the external term is refilled by each evaluation
+    g2, _ = block.evaluate()
+    np.testing.assert_allclose(g2, np.prod([c.calculate_scales() for c in comps], axis=0)
+                               * (0.5 + 2.0 * user.t), rtol=1e-15)
+
+
+def test_external_pattern_change_rebuilds_the_pattern():
+    n = 4
+    block = mb.ModelBlock(n)
+    ext = mb.ExternalTerm(n, 2)
+    ext.set(np.full(n, 2.0), np.array([0, 1, 2, 3, 4]), np.array([0, 1, 0, 1], np.int32), np.ones(4))
+    block.add_term(mb.ScaleFactorTerm(n))
+    block.add_term(ext)
+    block.evaluate(np.array([3.0]))
+    assert block.version == 1
+    np.testing.assert_array_equal(block.indices, [0, 1, 0, 2, 0, 1, 0, 2])
+    np.testing.assert_array_equal(block.values, [2, 3, 2, 3, 2, 3, 2, 3])
+    ext.set(np.full(n, 2.0), np.array([0, 2, 4, 6, 8]), np.array([0, 1] * 4, np.int32), np.ones(8))
+    block.evaluate(np.array([3.0]))
+    assert block.version == 2 and block.indptr[-1] == 12
+
+
+def test_zero_scale_keeps_the_other_terms_derivatives():
+    block = mb.ModelBlock(2)
+    a, b = mb.ExternalTerm(2, 1), mb.ExternalTerm(2, 2)
+    a.set_dense(np.array([2.0, 0.0]), np.ones((2, 1)))
+    b.set(np.array([3.0, 5.0]), np.array([0, 2, 3]), np.array([0, 1, 1], np.int32),
+          np.array([0.5, 0.25, 2.0]))
+    block.add_term(a)
+    block.add_term(b)
+    block.evaluate(np.zeros(0))
+    np.testing.assert_array_equal(block.scales, [6.0, 0.0])
+    np.testing.assert_array_equal(block.indices, [0, 1, 2, 0, 2])
+    np.testing.assert_array_equal(block.values, [3.0, 1.0, 0.5, 5.0, 0.0])
+
+
+def test_bad_input_raises_value_errors():
+    block = mb.ModelBlock(3)
+    with pytest.raises(ValueError, match="rows"):
+        block.add_term(mb.ScaleFactorTerm(4))
+    ext = mb.ExternalTerm(3, 1)
+    block.add_term(mb.ScaleFactorTerm(3))
+    block.add_term(ext)
+    with pytest.raises(ValueError, match="params must hold 1"):
+        block.evaluate(np.zeros(2))
+    with pytest.raises(ValueError, match="external term must be set"):
+        block.evaluate(np.ones(1))
+    with pytest.raises(ValueError, match="params must be finite"):
+        block.evaluate(np.array([np.nan]))
+    with pytest.raises(ValueError, match="scales must be finite"):
+        ext.set_dense(np.array([1.0, np.inf, 1.0]), np.ones((3, 1)))
+    with pytest.raises(ValueError, match="indices must lie in"):
+        ext.set(np.ones(3), np.array([0, 1, 2, 3]), np.array([0, 1, 0], np.int32), np.ones(3))
+    with pytest.raises(ValueError, match="ascending"):
+        ext.set(np.ones(3), np.array([0, 2, 2, 2]), np.array([0, 0], np.int32), np.ones(2))
+    with pytest.raises(ValueError, match="one row per reflection"):
+        ext.set(np.ones(3), np.array([0, 1, 2]), np.array([0, 0], np.int32), np.ones(2))
+    with pytest.raises(ValueError, match="shape"):
+        ext.set_dense(np.ones(3), np.ones((3, 2)))
+    with pytest.raises(ValueError, match="factor must be finite"):
+        mb.ExpFactorTerm(np.array([1.0, np.nan]))
+    with pytest.raises(ValueError, match="different reflection counts"):
+        a, b = SingleScaleFactor([1.0]), SingleScaleFactor([1.0])
+        a.data, b.data = {"id": np.zeros(2)}, {"id": np.zeros(3)}
+        a.update_reflection_data()
+        b.update_reflection_data()
+        ComponentModelBlock([a, b])
+
+
+def test_blocks_on_threads_share_terms_and_agree(rng):
+    """Terms are immutable: blocks on several threads hold the same terms and give the
+    same numbers as one block evaluated alone."""
+    comps = _physical(rng, 20000, lean=True)
+    terms = [c.model_term() for c in comps]
+    params = np.concatenate([c.parameters for c in comps])
+    reference = mb.ModelBlock(20000)
+    for t in terms:
+        reference.add_term(t)
+    reference.evaluate(params)
+    results = {}
+
+    def run(k):
+        block = mb.ModelBlock(20000)
+        for t in terms:
+            block.add_term(t)
+        for _ in range(3):
+            block.evaluate(params)
+        results[k] = (block.scales.copy(), block.values.copy())
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for g, v in results.values():
+        np.testing.assert_array_equal(g, reference.scales)
+        np.testing.assert_array_equal(v, reference.values)
+
+
+def test_product_rule_is_the_model_block(rng):
+    comps = _physical(rng, 500, lean=False)
+    results = [c.calculate_scales_and_derivatives() for c in comps]
+    g, jac = product_rule(results)
+    g_b, jac_b = ComponentModelBlock(comps).evaluate()
+    np.testing.assert_array_equal(g, g_b)
+    np.testing.assert_array_equal(jac.toarray(), jac_b.toarray())
