@@ -19,10 +19,7 @@ from xtalscale.algorithms.scaling.model.components.scale_components import (
     SingleScaleFactor,
 )
 from xtalscale.algorithms.scaling.parameter_handler import scaling_active_parameter_manager
-from xtalscale.algorithms.scaling.scaling_utilities import (
-    get_sorted_asu_indices,
-    map_indices_to_asu,
-)
+from xtalscale.algorithms.scaling.Ih_table import get_sorted_asu_indices, map_indices_to_asu
 from xtalscale.algorithms.scaling.weighting import (
     CauchyWeights,
     GemanMcClureWeights,

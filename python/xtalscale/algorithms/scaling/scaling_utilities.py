@@ -11,7 +11,3 @@ from xtalscale.scaling_utilities import (  # noqa: F401  (re-exported DIALS name
     calc_theta_phi,
     sph_harm_table,
 )
-from xtalscale.symmetry import (  # noqa: F401  (DIALS has these in Ih_table too)
-    get_sorted_asu_indices,
-    map_indices_to_asu,
-)
