@@ -17,6 +17,7 @@ import copy
 import json
 import math
 import os
+import stat
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -1334,6 +1335,9 @@ class ExperimentListFactory:
         path = os.fspath(filename)
         try:
             with open(path, "rb") as fh:
+                # a device or pipe (/dev/zero) would be read until memory runs out
+                if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                    raise ExperimentFormatError(f"{path}: not a regular file")
                 raw = fh.read()
         except FileNotFoundError:
             raise FileNotFoundError(f"experiment file not found: {path}") from None
@@ -1342,15 +1346,22 @@ class ExperimentListFactory:
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ExperimentFormatError(
                 f"{path}: not a valid JSON experiment list ({exc})") from None
-        return ExperimentListFactory.from_dict(data, filename=path)
+        except RecursionError:
+            raise ExperimentFormatError(f"{path}: JSON nested too deeply") from None
+        try:
+            return ExperimentListFactory.from_dict(data, filename=path)
+        except RecursionError:
+            raise ExperimentFormatError(f"{path}: JSON nested too deeply") from None
 
     @staticmethod
     def from_json(text: str) -> ExperimentList:
         try:
             data = json.loads(text)
+            return ExperimentListFactory.from_dict(data)
         except json.JSONDecodeError as exc:
             raise ExperimentFormatError(f"not a valid JSON experiment list ({exc})") from None
-        return ExperimentListFactory.from_dict(data)
+        except RecursionError:
+            raise ExperimentFormatError("JSON experiment list nested too deeply") from None
 
     from_serialized_format = from_json_file
 
@@ -1373,6 +1384,10 @@ class ExperimentListFactory:
                     models.append(cls(entry) if cls is not None else entry)
                 except ValueError as exc:
                     raise ExperimentFormatError(f"{filename}: {key}[{i}]: {exc}") from None
+                except (TypeError, KeyError) as exc:
+                    # a wrong type or a missing field in the file is a format error too
+                    raise ExperimentFormatError(
+                        f"{filename}: {key}[{i}]: wrong type or missing field ({exc})") from None
             pools[key] = models
         out = ExperimentList()
         out._extra_top = {k: v for k, v in data.items()

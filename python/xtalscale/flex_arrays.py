@@ -1019,6 +1019,12 @@ def _check_size(n: Any, what: str) -> _builtin_int:
 
 def _as_selection(selection: Any, n: _builtin_int, what: str) -> np.ndarray:
     """Validate a bool mask (length n) or an index array (all in [0, n)) for selection."""
+    if isinstance(selection, (list, tuple)) and selection:
+        # numpy would read [True, 3] as the indices [1, 3]: a mask and indices do not mix
+        flags = [isinstance(x, (_builtin_bool, np.bool_)) for x in selection]
+        if any(flags) and not all(flags):
+            raise TypeError(f"{what} mixes bools and indices (element "
+                            f"{flags.index(not flags[0])} differs from element 0)")
     sel = np.asarray(selection)
     if sel.ndim != 1:
         if sel.size == 0:

@@ -295,6 +295,26 @@ def _is_seed_component(comp: Any) -> bool:
 # ==========================================================================
 # the base class
 # ==========================================================================
+_NORMALISATION_KEYS = ("s_norm_fac", "d_norm_fac")
+
+
+def _check_normalisation(configdict: Mapping[str, Any]) -> None:
+    """Smoother normalisation factors (x = z * norm_fac) must be finite and > 0: a stored 0
+    would put every row at the first smoother point and give silently wrong scales. The
+    absorption settings must be numbers too (lmax an integer 0..50: DIALS uses 4-6)."""
+    checks = [(key, lambda v: v > 0, "> 0") for key in _NORMALISATION_KEYS]
+    checks += [("abs_surface_weight", lambda v: v >= 0, ">= 0"),
+               ("lmax", lambda v: v == int(v) and 0 <= v <= 50, "an integer in 0..50")]
+    for key, valid, what in checks:
+        if key in configdict:
+            value = configdict[key]
+            number = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+            if not (number and np.isfinite(value) and valid(value)):
+                shown = value if number else type(value).__name__
+                raise ScalingModelError(f"configuration_parameters[{key!r}] must be a finite "
+                                        f"number {what} (got {shown})")
+
+
 class ScalingModelBase:
     """Base class of scaling models: named components whose values multiply to ``g``.
 
@@ -329,6 +349,7 @@ class ScalingModelBase:
             if not corrections:
                 raise ValueError("No model components created: configdict['corrections'] is missing or empty")
             self._check_corrections(corrections)
+        _check_normalisation(configdict)
         self._components: dict[str, Any] = {}
         self._configdict = configdict
         self._is_scaled = bool(is_scaled)
@@ -585,20 +606,37 @@ class ScalingModelBase:
         if "configuration_parameters" not in obj:
             raise KeyError("scaling model dict has no 'configuration_parameters'")
         configdict = obj["configuration_parameters"]
+        if not isinstance(configdict, Mapping):
+            raise ScalingModelError(f"{cls.id_} model: configuration_parameters must be a dict "
+                                    f"(got {type(configdict).__name__})")
         out: dict[str, dict[str, Any]] = {}
-        for name in configdict.get("corrections", []):
+        corrections = configdict.get("corrections", [])
+        if not isinstance(corrections, (list, tuple)) or not all(isinstance(c, str)
+                                                                  for c in corrections):
+            raise ScalingModelError(f"{cls.id_} model: configuration_parameters['corrections'] "
+                                    "must be a list of names")
+        for name in corrections:
             if name == "analytical":
                 continue
             if name not in obj:
                 raise KeyError(f"scaling model dict lists correction {name!r} but has no {name!r} entry")
             entry = obj[name]
-            values = np.asarray(entry["parameters"], dtype=np.float64)
-            if "n_parameters" in entry and int(entry["n_parameters"]) != values.size:
+            if not isinstance(entry, Mapping) or "parameters" not in entry:
+                raise ScalingModelError(f"{cls.id_} model: entry {name!r} must be a dict with "
+                                        "'parameters'")
+            try:
+                values = np.asarray(entry["parameters"], dtype=np.float64)
+                esds = entry.get("est_standard_devs")
+                esds = None if esds is None else np.asarray(esds, dtype=np.float64)
+                n_stored = entry.get("n_parameters", values.size)
+                n_stored = int(n_stored) if not isinstance(n_stored, bool) else None
+            except (TypeError, ValueError):
+                raise ScalingModelError(f"{cls.id_} model: {name} parameters, est_standard_devs "
+                                        "and n_parameters must be numbers") from None
+            if n_stored != values.size:
                 raise ScalingModelError(f"{name}: n_parameters is {entry['n_parameters']} but "
                                         f"{values.size} parameters are stored")
-            esds = entry.get("est_standard_devs")
-            out[name] = {"parameters": values,
-                         "parameter_esds": None if esds is None else np.asarray(esds, dtype=np.float64)}
+            out[name] = {"parameters": values, "parameter_esds": esds}
         return out
 
     @classmethod
@@ -1538,9 +1576,15 @@ _EVAL_COLUMNS = ("xyzobs.px.value", "d", "s1", "phi", "id", "s0c", "s1c", "analy
 def _evaluate_table(experiments: list, table: Any, crystal_frame: str, selection: Any, fill_value: float,
                     params: Any, ids: list[int] | None) -> np.ndarray:
     n = _nrows(table)
-    base = suitable_for_scaling(table) if selection is None else np.asarray(selection, dtype=bool)
+    if selection is None:
+        base = suitable_for_scaling(table)
+    else:
+        base = np.asarray(selection)
+        if base.dtype != np.bool_:  # a float or index array cast to bool would be wrong
+            raise TypeError(f"selection must be a bool array (got dtype {base.dtype})")
     if base.shape != (n,):
         raise ValueError(f"selection must be a bool array of length {n} (got shape {base.shape})")
+    _check_rows_to_evaluate(table, base, ids)
     g = np.full(n, float(fill_value))
     for k, expt in enumerate(experiments):
         raw = getattr(expt, "scaling_model", None)
@@ -1557,4 +1601,54 @@ def _evaluate_table(experiments: list, table: Any, crystal_frame: str, selection
             continue
         sub = _subtable(table, idx, _EVAL_COLUMNS)
         g[idx] = model.get_scales(sub, expt, params)
+        _check_scales(g, idx, table, k)
     return g
+
+
+def _first_row(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+def _check_rows_to_evaluate(table: Any, rows: np.ndarray, ids: list[int] | None) -> None:
+    """Refuse rows that cannot get a meaningful g: an id matching no experiment, d not
+    finite and > 0, a non-finite xyzobs.px.value, a zero or non-finite s1 (the message
+    names the table row, not a position inside one experiment's subset)."""
+    if ids is not None and "id" in table:
+        row_ids = np.asarray(table["id"])
+        orphan = rows & ~np.isin(row_ids, np.asarray(ids))
+        if np.any(orphan):
+            r = _first_row(orphan)
+            raise ValueError(f"table row {r} has id {int(row_ids[r])}, which matches no experiment "
+                             f"(experiment ids {sorted(set(ids))}); {int(orphan.sum())} such rows: "
+                             "exclude them with the selection or fix the identifiers")
+    if "d" in table:
+        d = np.asarray(table["d"], dtype=np.float64)
+        bad = rows & ~(np.isfinite(d) & (d > 0))
+        if np.any(bad):
+            r = _first_row(bad)
+            raise ValueError(f"table row {r} has d = {d[r]}; d must be finite and > 0")
+    if "xyzobs.px.value" in table:  # z places the row on the scale/decay smoothers
+        xyz = np.asarray(table["xyzobs.px.value"], dtype=np.float64).reshape(-1, 3)
+        bad = rows & ~np.isfinite(xyz).all(axis=1)
+        if np.any(bad):
+            r = _first_row(bad)
+            raise ValueError(f"table row {r} has xyzobs.px.value = {xyz[r].tolist()}; it must "
+                             "be finite")
+    if "s1" in table:
+        s1 = np.asarray(table["s1"], dtype=np.float64).reshape(-1, 3)
+        length = np.sqrt(np.einsum("ij,ij->i", s1, s1))
+        bad = rows & ~(np.isfinite(length) & (length > 0))
+        if np.any(bad):
+            r = _first_row(bad)
+            raise ValueError(f"table row {r} has s1 = {s1[r].tolist()}; s1 must be a finite "
+                             "non-zero vector")
+
+
+def _check_scales(g: np.ndarray, idx: np.ndarray, table: Any, k: int) -> None:
+    """g must be finite and > 0 (e.g. d = 1e-10 overflows the decay term)."""
+    bad = ~(np.isfinite(g[idx]) & (g[idx] > 0))
+    if np.any(bad):
+        r = int(idx[_first_row(bad)])
+        d = f", d = {float(np.asarray(table['d'])[r])}" if "d" in table else ""
+        raise ValueError(f"experiment {k}'s scaling model gives g = {g[r]} on table row {r}{d}; "
+                         f"{int(bad.sum())} rows have a non-finite or non-positive g")

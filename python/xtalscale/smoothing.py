@@ -106,13 +106,32 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
+# DIALS smoothers have tens of intervals per axis; a million per axis (or ten million
+# values in all) is far beyond any model and still allocates only ~100 MB, whereas an
+# unchecked 10**9 allocated 7.7 GB and 2**31 failed with a bare bad_alloc.
+MAX_INTERVALS = 10**6
+MAX_VALUES = 10**7
+
+
 def _count(v: Any, name: str) -> int:
-    """An interval count: a positive integer."""
+    """An interval count: a positive integer no larger than MAX_INTERVALS."""
     if not _is_int(v):
         raise ValueError(f"{name} must be an integer (got {v!r})")
     if int(v) <= 0:
         raise ValueError(f"{name} must be > 0 (got {int(v)})")
+    if int(v) > MAX_INTERVALS:
+        raise ValueError(f"{name} must be <= {MAX_INTERVALS} (got {int(v)})")
     return int(v)
+
+
+def _check_total(intervals: list) -> list:
+    total = 1
+    for n in intervals:
+        total *= n + 3  # values per axis never exceed intervals + 3
+    if total > MAX_VALUES:
+        raise ValueError(f"a smoother with {intervals} intervals would hold over {MAX_VALUES} "
+                         "values")
+    return intervals
 
 
 def nparam_to_val(n_params: int) -> int:
@@ -137,6 +156,8 @@ def _values_to_intervals(n: Any, name: str) -> int:
     """Seed form: a count of smoother values -> DIALS intervals (see module docstring)."""
     if not _is_int(n) or int(n) < 2:
         raise ValueError(f"{name} must be an integer >= 2 (got {n!r})")
+    if int(n) > MAX_INTERVALS:
+        raise ValueError(f"{name} must be <= {MAX_INTERVALS} (got {int(n)})")
     if int(n) == 4:
         raise ValueError(
             f"{name}=4 cannot be realised: a DIALS smoother has 2, 3, 5, 6, ... values "
@@ -216,12 +237,13 @@ def _parse_form(dim: int, args: tuple, kwargs: dict) -> tuple[list, list]:
         counts = keys[:dim]
         ranges = keys[dim:]
         return ([_as_range(bound[r], r) for r in ranges],
-                [_values_to_intervals(bound[c], c) for c in counts])
+                _check_total([_values_to_intervals(bound[c], c) for c in counts]))
     ranges = keys[0::2]
     counts = keys[1::2]
     if dim == 1:
         counts = ["num_intervals"]
-    return ([_as_range(bound[r], r) for r in ranges], [_count(bound[c], c) for c in counts])
+    return ([_as_range(bound[r], r) for r in ranges],
+            _check_total([_count(bound[c], c) for c in counts]))
 
 
 # ------------------------------------------------------------------------------ the smoothers

@@ -79,7 +79,7 @@ def test_the_api_descriptions_primary_imports_resolve():
     assert component.params.n == 2 and component.n_params == 2
     multi = multi_active_parameter_manager()
     multi.add_parameter_manager(apm)
-    assert not CustomScalingModel({"corrections": []}).is_scaled
+    assert not CustomScalingModel({"model_type": "custom"}).is_scaled
     assert GaussianSmoother1D(5, (0.0, 10.0)).n_parameters == 5
 
 

@@ -15,9 +15,10 @@ Column mapping (MTZ → DIALS-style table column):
 ``I``, ``SIGI``          ``intensity.sum.value`` / ``.variance`` (σ²); for scaled files
                          see below
 ``IPR``, ``SIGIPR``      ``intensity.prf.value`` / ``.variance``
-``SCALEUSED``            ``inverse_scale_factor`` (g); ``I``/``SIGI`` become
-                         ``intensity.scale.*`` and the raw intensity is ``I·g`` (DIALS
-                         convention: scaled = raw / g)
+``SCALEUSED``            ``inverse_scale_factor`` (g); ``I``/``SIGI`` are the scaled
+                         intensity, so ``intensity.scale.*`` (and ``intensity.sum.*``)
+                         hold the raw intensity ``I·g``, ``σ·g`` (DIALS convention:
+                         scaled = ``intensity.scale.value / inverse_scale_factor``)
 ``SIGSCALEUSED``         ``inverse_scale_factor_variance`` (σ²)
 ``BATCH``                ``batch``; experiment index → ``id``
 ``XDET YDET`` + frame    ``xyzobs.px.value`` (z = fractional array index from ``ROT``)
@@ -28,6 +29,12 @@ Column mapping (MTZ → DIALS-style table column):
 ``NPART`` / ``MPART``    ``n_parts`` (pieces summed), ``partial_complete``, ``partial_accepted``,
                          ``batch_first`` / ``batch_last`` (batches of the pieces)
 =======================  ==============================================================
+
+Without batch headers the sweep's φ is fitted robustly from ROT against BATCH; rows
+more than 5 images off that line stay in the table with ``batch_rot_consistent`` False
+and the ``excluded_for_scaling`` flag, and do not enter the fit or the image range.
+Miller indices, BATCH and MPART must be integers in range (else MtzFormatError naming
+the column and row).
 
 ``d`` is computed from the cell. ``flags`` get ``integrated_sum`` where I and SIGI are
 finite with SIGI > 0, and ``integrated_prf`` likewise for IPR/SIGIPR: rows with MTZ
@@ -58,6 +65,8 @@ from __future__ import annotations
 
 import gzip
 import os
+import struct
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,23 +111,32 @@ _F_DX, _F_DETLM = 111, 113
 # --------------------------------------------------------------------------- helpers
 
 
+# The header records of an MTZ file (80-byte lines) read for the layout check: NCOL is
+# among the first few; the limit only bounds the work on a file without an END record.
+_HEADER_BYTES_CHECKED = 80 * 400
+_GZIP_CHUNK = 1 << 20
+
+
 def _read(path) -> gemmi.Mtz:
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"MTZ file not found: {path}")
+    if not os.path.isfile(path):
+        raise MtzFormatError(f"{path}: not a regular file")
     size = os.path.getsize(path)
     if size < 80:
         raise MtzFormatError(f"{path}: not an MTZ file (only {size} bytes)")
     with open(path, "rb") as fh:
         magic = fh.read(4)
     if magic[:2] == b"\x1f\x8b":  # gzip-compressed MTZ (gemmi reads it directly)
-        try:
-            with gzip.open(path, "rb") as fh:
-                magic = fh.read(4)
-        except (OSError, EOFError) as exc:
-            raise MtzFormatError(f"{path}: corrupt gzip-compressed MTZ ({exc})") from None
-    if magic != b"MTZ ":
-        raise MtzFormatError(f"{path}: not an MTZ file (bad magic {magic!r})")
+        head, header, size = _gzip_layout(path)
+    else:
+        head, header = _plain_layout(path, size)
+    if head[:4] != b"MTZ ":
+        raise MtzFormatError(f"{path}: not an MTZ file (bad magic {head[:4]!r})")
+    # gemmi allocates what the header promises before it notices a short file: check
+    # the header pointer and the record counts against the real size first.
+    _check_layout(path, head, header, size)
     try:
         mtz = gemmi.read_mtz_file(path)
     except Exception as exc:  # noqa: BLE001 - gemmi raises RuntimeError/IOError variants
@@ -130,6 +148,85 @@ def _read(path) -> gemmi.Mtz:
         raise MtzFormatError(f"{path}: truncated MTZ: header promises {mtz.nreflections} rows"
                              f" x {ncol} columns but {data.size} values were read")
     return mtz
+
+
+def _header_offset(head: bytes) -> int:
+    """Byte offset of the header records from the 20 leading bytes (-1 if unreadable).
+
+    Word 2 holds the 1-based word position of the header (in the file's byte order, given
+    by the machine stamp at byte 8); -1 there means a 64-bit position in words 4-5.
+    """
+    if len(head) < 20:
+        return -1
+    order = ">" if head[8] >> 4 == 1 else "<"  # 0x1_ = big-endian IEEE, 0x4_ = little
+    word = struct.unpack(order + "i", head[4:8])[0]
+    if word == -1:
+        word = struct.unpack(order + "q", head[12:20])[0]
+    return (word - 1) * 4 if word > 0 else -1
+
+
+def _plain_layout(path: str, size: int) -> tuple[bytes, bytes]:
+    with open(path, "rb") as fh:
+        head = fh.read(20)
+        offset = _header_offset(head)
+        header = b""
+        if 80 <= offset < size:
+            fh.seek(offset)
+            header = fh.read(_HEADER_BYTES_CHECKED)
+    return head, header
+
+
+def _gzip_layout(path: str) -> tuple[bytes, bytes, int]:
+    """(leading bytes, header records, uncompressed size) of a gzipped MTZ, streamed in
+    chunks (memory stays bounded however large the file claims or turns out to be)."""
+    head, header, offset, pos = b"", b"", -1, 0
+    try:
+        with gzip.open(path, "rb") as fh:
+            while chunk := fh.read(_GZIP_CHUNK):
+                if len(head) < 20:
+                    head += chunk[: 20 - len(head)]
+                    offset = _header_offset(head)
+                end = pos + len(chunk)
+                if offset >= 80 and end > offset and len(header) < _HEADER_BYTES_CHECKED:
+                    lo = max(offset - pos, 0)
+                    header += chunk[lo: lo + _HEADER_BYTES_CHECKED - len(header)]
+                pos = end
+    except (OSError, EOFError, zlib.error) as exc:
+        raise MtzFormatError(f"{path}: corrupt gzip-compressed MTZ ({exc})") from None
+    return head, header, pos
+
+
+def _check_layout(path: str, head: bytes, header: bytes, size: int) -> None:
+    offset = _header_offset(head)
+    if not 80 <= offset <= size - 80:
+        raise MtzFormatError(f"{path}: corrupt MTZ: header position {offset} is outside the "
+                             f"{size}-byte file")
+    ncol = nref = nbatch = None
+    for i in range(0, len(header) - 79, 80):
+        record = header[i:i + 80]
+        if record.startswith(b"END"):
+            break
+        if record.startswith(b"NCOL"):
+            fields = record[4:].split()
+            try:
+                ncol, nref, nbatch = (int(x) for x in fields[:3])
+            except ValueError:
+                raise MtzFormatError(f"{path}: corrupt MTZ header record NCOL") from None
+            break
+    if ncol is None:
+        raise MtzFormatError(f"{path}: corrupt MTZ: no NCOL record in the header")
+    if min(ncol, nref, nbatch) < 0 or ncol > 10_000:
+        raise MtzFormatError(f"{path}: corrupt MTZ header: NCOL {ncol}, {nref} reflections, "
+                             f"{nbatch} batches")
+    data_bytes = 4 * ncol * nref
+    if data_bytes > offset - 80:
+        raise MtzFormatError(f"{path}: truncated or corrupt MTZ: the header promises {nref} "
+                             f"rows x {ncol} columns ({data_bytes} bytes) but the data "
+                             f"section holds {offset - 80} bytes")
+    # each batch header takes at least 3 records plus 185 words of orientation data
+    if nbatch * (3 * 80 + 185 * 4) > size - offset:
+        raise MtzFormatError(f"{path}: truncated or corrupt MTZ: the header promises "
+                             f"{nbatch} batch headers that the file cannot hold")
 
 
 def _require(mtz: gemmi.Mtz, labels, path: str) -> None:
@@ -264,6 +361,35 @@ def _crystal(cell: UnitCell, sg: SpaceGroup, umat) -> Crystal:
                     "space_group_hall_symbol": sg.hall_symbol()})
 
 
+# A row whose ROT is more than this many image widths from the φ(BATCH) line is
+# inconsistent (centroids of a DIALS export lie within about one image of their batch).
+_ROT_TOLERANCE_IMAGES = 5.0
+
+
+def _consistent_batch_rot(row_batch: np.ndarray, rot) -> np.ndarray:
+    """Rows whose (BATCH, ROT) agree with a robust φ = start + width·BATCH line.
+
+    The width is the median slope between the median ROT of consecutive batches and the
+    start the median intercept, so one absurd BATCH or ROT cannot move the others.
+    """
+    n = len(row_batch)
+    if rot is None or n == 0 or not np.all(np.isfinite(rot)):
+        return np.ones(n, dtype=bool)
+    numbers, index = np.unique(row_batch, return_inverse=True)
+    if len(numbers) < 3:
+        return np.ones(n, dtype=bool)
+    order = np.argsort(index, kind="stable")
+    bounds = np.searchsorted(index[order], np.arange(len(numbers) + 1))
+    per_batch = np.array([np.median(rot[order[a:b]]) for a, b in zip(bounds[:-1],
+                                                                       bounds[1:])])
+    width = float(np.median(np.diff(per_batch) / np.diff(numbers)))
+    if width == 0 or not np.isfinite(width):
+        return np.ones(n, dtype=bool)
+    start = float(np.median(rot - width * row_batch))
+    residual_images = np.abs(rot - start - width * row_batch) / abs(width)
+    return residual_images <= _ROT_TOLERANCE_IMAGES
+
+
 def _make_experiments(mtz, batches, row_batch, rot, cell, sg, path):
     """ExperimentList (one per run) and the per-row experiment index and frame z."""
     n = len(row_batch)
@@ -272,11 +398,15 @@ def _make_experiments(mtz, batches, row_batch, rot, cell, sg, path):
     el = ExperimentList()
     default_wl = next((d.wavelength for d in mtz.datasets if d.wavelength > 0), 1.0)
     if len(batches["number"]) == 0:
-        # No batch headers (e.g. reciprocalspaceship output): one sweep, φ fitted from ROT.
-        first, last = int(row_batch.min()), int(row_batch.max())
+        # No batch headers (e.g. reciprocalspaceship output): one sweep, φ fitted from ROT
+        # robustly; rows whose (BATCH, ROT) disagree with the fit are flagged (see below).
+        consistent = _consistent_batch_rot(row_batch, rot)
+        batches["row_consistent"] = consistent
+        good_batch = row_batch[consistent]
+        first, last = int(good_batch.min()), int(good_batch.max())
         width, start = 1.0, float(first - 1)
-        if rot is not None and np.isfinite(rot).all() and last > first:
-            width, start = np.polyfit(row_batch - first + 0.5, rot, 1)
+        if rot is not None and np.isfinite(rot[consistent]).all() and last > first:
+            width, start = np.polyfit(good_batch - first + 0.5, rot[consistent], 1)
         scan = Scan({"image_range": [1, last - first + 1], "oscillation": [float(start),
                                                                           float(width)],
                      "batch_offset": first - 1})
@@ -432,18 +562,30 @@ def read_unmerged_mtz(filename, sum_partials: bool = True,
         raise MtzFormatError(f"{path}: missing required intensity column I (or IPR)")
     sg, cell = _symmetry(mtz, path)
     n_in = mtz.nreflections
+    stored = mtz.array
+    for j, lab in enumerate(("H", "K", "L", "M/ISYM")):  # before gemmi casts them to int
+        _integral(stored[:, j].astype(np.float64), lab, path, _MAX_INDEX)
+    _check_isym(stored[:, 3], len(mtz.spacegroup.operations().sym_ops), path)
     # gemmi restores the original (measured) indices from M/ISYM in C++.
-    if n_in and not mtz.switch_to_original_hkl():
+    try:
+        restored = not n_in or mtz.switch_to_original_hkl()
+    except (IndexError, RuntimeError) as exc:
+        raise MtzFormatError(f"{path}: cannot restore original indices from M/ISYM "
+                             f"({exc})") from None
+    if not restored:
         raise MtzFormatError(f"{path}: cannot restore original indices from M/ISYM")
     data = mtz.array
     if n_in and not np.all(np.isfinite(data[:, :5])):
         raise MtzFormatError(f"{path}: H, K, L, M/ISYM or BATCH has missing values")
     # One transposing float32 -> float64 pass gives every column as a contiguous row
     # (converting strided column views one by one costs several times more).
-    by_col = np.ascontiguousarray(data.T, dtype=np.float64)
+    with np.errstate(invalid="ignore"):  # signalling NaNs in a corrupt file become quiet NaN
+        by_col = np.ascontiguousarray(data.T, dtype=np.float64)
     col = {lab: by_col[i] for i, lab in enumerate(labels)}
-    cols: dict[str, np.ndarray] = {"H": data[:, 0:3].astype(np.int32),
-                                   "BATCH": col["BATCH"].astype(np.int64)}
+    hkl = np.column_stack([_integral(col[lab], lab, path, _MAX_INDEX) for lab in "HKL"])
+    cols: dict[str, np.ndarray] = {
+        "H": hkl.astype(np.int32) if n_in else np.zeros((0, 3), np.int32),
+        "BATCH": _integral(col["BATCH"], "BATCH", path, _MAX_FLOAT32_INTEGER)}
     for lab in ("I", "SIGI", "IPR", "SIGIPR", "SCALEUSED", "SIGSCALEUSED", "FRACTIONCALC",
                 "XDET", "YDET", "ROT", "LP", "QE", "BG", "SIGBG", "NPART"):
         if lab in col:
@@ -452,14 +594,48 @@ def read_unmerged_mtz(filename, sum_partials: bool = True,
     order = None
     if sum_partials and "MPART" in col:
         kind = "mosflm_partials"
-        mpart = col["MPART"].astype(np.int64)
+        mpart = _integral(col["MPART"], "MPART", path, _MAX_FLOAT32_INTEGER)
         cols, order = _sum_partials(cols, mpart, (lo, hi))
     batches = _batch_arrays(mtz)
     rot = cols.get("ROT")
     el, exp_id, z = _make_experiments(mtz, batches, cols["BATCH"], rot, cell, sg, path)
     out = _columns_from_mtz(cols, kind, z, exp_id, cell)
+    consistent = batches.pop("row_consistent", None)
+    if consistent is not None:
+        # kept, but flagged with the reason: BATCH and ROT disagree with the other rows
+        out["batch_rot_consistent"] = consistent
+        from ..reflection_table import Flags
+
+        out["flags"][~consistent] |= np.uint64(int(Flags.excluded_for_scaling))
     table = _to_table(out, {i: e.identifier for i, e in enumerate(el)})
     return UnmergedMtz(table, el, sg, cell, batches, kind, n_in, list(labels))
+
+
+# Miller indices beyond this are not crystallographic data (symmetry.miller_array's
+# bound); batch numbers and MPART are exact in float32 up to 2**24.
+_MAX_INDEX = (1 << 20) - 1
+_MAX_FLOAT32_INTEGER = 1 << 24
+
+
+def _check_isym(m_isym: np.ndarray, n_ops: int, path: str) -> None:
+    """ISYM (M/ISYM mod 256) numbers a symmetry operator and its Friedel mate: 1..2·n_ops."""
+    isym = m_isym.astype(np.int64) % 256
+    bad = (isym < 1) | (isym > 2 * n_ops)
+    if np.any(bad):
+        row = int(np.flatnonzero(bad)[0])
+        raise MtzFormatError(f"{path}: column M/ISYM row {row} holds {int(m_isym[row])}: ISYM "
+                             f"{int(isym[row])} is not in 1..{2 * n_ops} for this space group")
+
+
+def _integral(values: np.ndarray, label: str, path: str, bound: int) -> np.ndarray:
+    """``values`` as int64, refusing non-integral or out-of-range ones (names column, row)."""
+    bad = (np.abs(values) > bound) | (values != np.round(values))
+    if np.any(bad):
+        row = int(np.flatnonzero(bad)[0])
+        raise MtzFormatError(f"{path}: column {label} row {row} holds {float(values[row])}, "
+                             f"not an "
+                             f"integer within +-{bound} ({int(bad.sum())} such rows)")
+    return values.astype(np.int64)
 
 
 def _columns_from_mtz(cols: dict, kind: str, z, exp_id, cell: UnitCell) -> dict:
@@ -472,9 +648,11 @@ def _columns_from_mtz(cols: dict, kind: str, z, exp_id, cell: UnitCell) -> dict:
     if "I" in cols:
         value, sig = cols["I"], cols["SIGI"] if "SIGI" in cols else np.full(n, np.nan)
         if kind == "scaled":
+            # I is the scaled intensity raw / g; a DIALS table holds the raw (corrected)
+            # intensity in intensity.scale.* beside g, and the scaled one is value / g.
             g = cols["SCALEUSED"]
-            out["intensity.scale.value"] = value
-            out["intensity.scale.variance"] = sig ** 2
+            out["intensity.scale.value"] = value * g
+            out["intensity.scale.variance"] = (sig * g) ** 2
             out["inverse_scale_factor"] = g
             if "SIGSCALEUSED" in cols:
                 out["inverse_scale_factor_variance"] = cols["SIGSCALEUSED"] ** 2
@@ -554,15 +732,18 @@ def read_merged_mtz(filename) -> MergedMtz:
         raise MtzFormatError(f"{path}: no intensity or amplitude column found")
     sg, cell = _symmetry(mtz, path)
     data = mtz.array
+    hkl = np.column_stack([_integral(data[:, j].astype(np.float64), lab, path, _MAX_INDEX)
+                           for j, lab in enumerate("HKL")]) if len(data) else np.zeros((0, 3))
     cols = {}
     for i, c in enumerate(mtz.columns):
         if i < 3:
             continue
-        v = data[:, i]
-        cols[c.label] = (v.astype(np.int64) if c.type in ("I", "B", "Y") and
-                         np.all(np.isfinite(v)) else v.astype(np.float64))
+        v = data[:, i].astype(np.float64)
+        # integer-typed columns become int64 only when every value is an exact integer
+        exact = np.all(np.isfinite(v) & (v == np.round(v)) & (np.abs(v) <= _MAX_FLOAT32_INTEGER))
+        cols[c.label] = v.astype(np.int64) if c.type in ("I", "B", "Y") and exact else v
     wl = next((d.wavelength for d in mtz.datasets if d.wavelength > 0), 0.0)
-    return MergedMtz(data[:, :3].astype(np.int32), cols, sg, cell, float(wl))
+    return MergedMtz(hkl.astype(np.int32), cols, sg, cell, float(wl))
 
 
 # --------------------------------------------------------------------------- writing
@@ -602,7 +783,9 @@ def write_unmerged_mtz(filename, table, experiments: ExperimentList,
     intensity : {'scale', 'prf', 'sum'} or None
         Which ``intensity.<kind>`` to write as I/SIGI. Default: ``scale`` if present,
         else ``prf``, else ``sum``. With ``inverse_scale_factor`` present, SCALEUSED and
-        SIGSCALEUSED are written (I is then the scaled intensity: I = raw / SCALEUSED).
+        SIGSCALEUSED are written and I/SIGI hold the scaled intensity
+        ``intensity.scale.value / inverse_scale_factor`` (σ likewise), as ``dials.export``
+        and AIMLESS write it; g must then be finite and > 0 on every row.
     sort : bool
         Sort rows by ASU index, M/ISYM, BATCH (recorded in the header sort order).
 
@@ -622,6 +805,7 @@ def write_unmerged_mtz(filename, table, experiments: ExperimentList,
     crystal0 = experiments[0].crystal
     sg, cell = crystal0.get_space_group(), crystal0.get_unit_cell()
     batch, offsets = _row_batches(path, table, experiments, ids)
+    _check_batch_numbers(batch, path)
     mapping = map_to_asu(hkl, sg)
     isym = mapping.isym.astype(np.int64)
     cols = [("H", "H", mapping.asu_hkl[:, 0]), ("K", "H", mapping.asu_hkl[:, 1]),
@@ -669,6 +853,16 @@ def _check_unmerged_input(path: str, table, experiments, intensity):
     return hkl, ids, kind
 
 
+def _check_batch_numbers(batch: np.ndarray, path: str) -> None:
+    """MTZ stores BATCH as float32: integers beyond 2**24 would not read back."""
+    bad = (batch < 0) | (batch >= _MAX_FLOAT32_INTEGER)
+    if np.any(bad):
+        row = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{path}: batch number {int(batch[row])} of table row {row} (after "
+                         f"sweep offsets) is outside 0..{_MAX_FLOAT32_INTEGER - 1}, the range "
+                         "an MTZ BATCH column holds exactly")
+
+
 def _row_batches(path: str, table, experiments, ids):
     """Batch number of every row, with per-experiment offsets making ranges disjoint."""
     scans = [e.scan for e in experiments]
@@ -689,14 +883,20 @@ def _unmerged_data_columns(path: str, table, experiments, ids, kind: str) -> lis
     var = np.asarray(table[f"intensity.{kind}.variance"], dtype=np.float64)
     # DIALS marks failed measurements with negative variances: they become missing
     # (NaN) sigmas in the MTZ, which CCP4 programs skip.
-    cols = [("I", "J", np.asarray(table[f"intensity.{kind}.value"])),
-            ("SIGI", "Q", np.sqrt(np.where(var >= 0, var, np.nan)))]
+    value = np.asarray(table[f"intensity.{kind}.value"], dtype=np.float64)
+    sigma = np.sqrt(np.where(var >= 0, var, np.nan))
+    g = _col(table, "inverse_scale_factor")
+    if g is not None and kind == "scale":
+        # DIALS/AIMLESS convention: I and SIGI of a scaled unmerged file are the scaled
+        # intensity raw / g and its sigma sigma_raw / g; SCALEUSED records the g applied.
+        g = _checked_scales(g, path)
+        value, sigma = value / g, sigma / g
+    cols = [("I", "J", value), ("SIGI", "Q", sigma)]
     if kind != "prf" and "intensity.prf.value" in table:
         # DIALS/MOSFLM convention: I = summation (or scaled), IPR = profile-fitted.
         pv = _required(table, "intensity.prf.variance", path).astype(np.float64)
         cols.append(("IPR", "J", _required(table, "intensity.prf.value", path)))
         cols.append(("SIGIPR", "Q", np.sqrt(np.where(pv >= 0, pv, np.nan))))
-    g = _col(table, "inverse_scale_factor")
     if g is not None and kind == "scale":
         gv = _col(table, "inverse_scale_factor_variance")
         cols.append(("SCALEUSED", "R", g))
@@ -716,6 +916,17 @@ def _unmerged_data_columns(path: str, table, experiments, ids, kind: str) -> lis
     if "lp" in table:
         cols.append(("LP", "R", _col(table, "lp")))
     return cols
+
+
+def _checked_scales(g, path: str) -> np.ndarray:
+    """Inverse scale factors as float64, refusing non-finite or non-positive ones (by row)."""
+    g = np.asarray(g, dtype=np.float64)
+    bad = ~(np.isfinite(g) & (g > 0))
+    if np.any(bad):
+        row = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{path}: inverse_scale_factor must be finite and > 0; row {row} has "
+                         f"{g[row]} ({int(bad.sum())} such rows); select the scaled rows first")
+    return g
 
 
 def _new_mtz(sg: SpaceGroup, cell: UnitCell, wavelength: float, data_columns,

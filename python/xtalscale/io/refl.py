@@ -23,6 +23,8 @@ import io
 import mmap
 import os
 import pickle
+import pickletools
+import stat
 import struct
 import sys
 from typing import Any, BinaryIO, Callable
@@ -233,17 +235,25 @@ class _Reader:
             raise self.fail(f"{what}: expected msgpack {kind}, found {k}")
         return n
 
-    def skip(self) -> None:
+    def skip(self, depth: int = 0) -> None:
+        if depth > _MAX_SKIP_DEPTH:  # a skipped (shoebox) column is still bounded in depth
+            raise self.fail("msgpack nesting too deep in a skipped column")
         kind, n = self.header()
         if kind in ("str", "bin"):
             self.check_len(n, kind)
             self.f.seek(n, io.SEEK_CUR)
         elif kind == "array":
+            self.check_len(n, "array")
             for _ in range(n):
-                self.skip()
+                self.skip(depth + 1)
         elif kind == "map":
+            self.check_len(2 * n, "map")
             for _ in range(2 * n):
-                self.skip()
+                self.skip(depth + 1)
+
+
+# DIALS shoebox columns nest 3 levels; anything far deeper is corrupt.
+_MAX_SKIP_DEPTH = 32
 
 
 def read_msgpack(filename: Any) -> reflection_table:
@@ -278,10 +288,10 @@ def _read_msgpack_body(r: _Reader) -> reflection_table:
         raise r.fail("top level must be a 3-element array")
     magic = r.obj()
     if magic != _MAGIC:
-        raise r.fail(f"not a reflection table (type tag {magic!r})")
+        raise r.fail(f"not a reflection table (type tag: {_describe(magic)})")
     version = r.obj()
     if version not in (1, 2):
-        raise r.fail(f"unsupported reflection table version {version!r}")
+        raise r.fail(f"unsupported reflection table version ({_describe(version)})")
     nkeys = r.expect("map", "table header")
     nrows = None
     ids: dict = {}
@@ -292,7 +302,7 @@ def _read_msgpack_body(r: _Reader) -> reflection_table:
         if key == "nrows":
             nrows = r.obj()
             if not isinstance(nrows, int) or isinstance(nrows, bool) or nrows < 0:
-                raise r.fail(f"nrows must be a non-negative integer (got {nrows!r})")
+                raise r.fail(f"nrows must be a non-negative integer (got {_describe(nrows)})")
         elif key == "identifiers":
             ids = r.obj()
             if not isinstance(ids, dict):
@@ -303,14 +313,14 @@ def _read_msgpack_body(r: _Reader) -> reflection_table:
             for _ in range(ncols):
                 name = r.obj()
                 if not isinstance(name, str):
-                    raise r.fail(f"column name must be a string (got {name!r})")
+                    raise r.fail(f"column name must be a string (got {_describe(name)})")
                 if name in cols:
                     raise r.fail(f"duplicate column {name!r}")
                 col = _read_column(r, name)
                 if col is not None:
                     cols[name] = col
         else:
-            raise r.fail(f"unknown key {key!r} in the table header")
+            raise r.fail(f"unknown key ({_describe(key)}) in the table header")
     if nrows is None:
         raise r.fail("missing required key 'nrows'")
     if not seen_data:
@@ -320,6 +330,7 @@ def _read_msgpack_body(r: _Reader) -> reflection_table:
     _fill_blobs(r, blobs)
     r.f.seek(end)
     cols = {k: (c.finish(r) if isinstance(c, _Blob) else c) for k, c in cols.items()}
+    _check_row_count(nrows, len(cols), r.size, r.path)
     table = reflection_table(nrows)
     for name, col in cols.items():
         if len(col) != nrows:
@@ -330,6 +341,13 @@ def _read_msgpack_body(r: _Reader) -> reflection_table:
     except (TypeError, ValueError) as exc:
         raise r.fail(f"bad identifiers map: {exc}") from None
     return table
+
+
+def _check_row_count(nrows: int, ncols: int, size: int, path: str) -> None:
+    """Without columns nothing bounds nrows: refuse more rows than the file has bytes (a
+    column-less table of 10**15 rows would make the first per-row mask exhaust memory)."""
+    if ncols == 0 and nrows > size:
+        raise ReflFileError(f"{path}: a table without columns claims {nrows} rows")
 
 
 def _read_column(r: _Reader, name: str) -> Any:
@@ -351,13 +369,13 @@ def _read_column(r: _Reader, name: str) -> Any:
             raise r.fail(f"column {name!r}: malformed std::string column")
         return fa.std_string(body[1])
     if type_name not in COLUMN_TYPES:
-        raise r.fail(f"column {name!r} has unknown type {type_name!r}")
+        raise r.fail(f"column {name!r} has unknown type {_describe(type_name)}")
     ftype, dtype, ncomp = COLUMN_TYPES[type_name]
     if r.expect("array", f"column {name!r} data") != 2:
         raise r.fail(f"column {name!r}: data must be a [size, blob] pair")
     n = r.obj()
     if not isinstance(n, int) or n < 0:
-        raise r.fail(f"column {name!r}: bad element count {n!r}")
+        raise r.fail(f"column {name!r}: bad element count ({_describe(n)})")
     nbytes = r.expect("bin", f"column {name!r} blob")
     if nbytes != n * ncomp * dtype.itemsize:
         raise r.fail(
@@ -615,18 +633,158 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
 
 def read_legacy_pickle(filename: Any) -> reflection_table:
-    """Read a legacy DIALS reflection-table pickle without executing any pickle code."""
+    """Read a legacy DIALS reflection-table pickle without executing any pickle code.
+
+    Before unpickling, one pass over the opcodes (payload strings are skipped, not read)
+    bounds the work the unpickler can be made to do: nesting depth, the number of items a
+    container reaches through shared (memoised) references, the memo and opcode counts.
+    """
     path = os.fspath(filename)
     with open(path, "rb") as f:  # OSError (missing file, ...) propagates unchanged
-        if os.fstat(f.fileno()).st_size == 0:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise ReflFileError(f"{path}: not a regular file")
+        if st.st_size == 0:
             raise ReflFileError(f"{path}: empty file")
         # Unpickle straight from a read-only map: payload strings are copied once, from the
         # page cache, instead of reading the whole file into memory first.
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            _check_pickle_bounds(m, path)
+            m.seek(0)
             root = _load_restricted(m, path)
     if not isinstance(root, _Stub) or root.key != _TABLE_KEY:
         raise ReflFileError(f"{path}: pickle does not hold a DIALS reflection_table")
-    return _finish(_table_from_state(root.state, path), path)
+    table = _table_from_state(root.state, path)
+    _check_row_count(len(table), table.ncols(), st.st_size, path)
+    return _finish(table, path)
+
+
+# Bounds of the opcode pre-pass. A real table pickle has ~10 opcodes, ~3 memo entries and
+# containers of <= 5 items per column, nested 4 deep; these limits are generous for any
+# real file and keep a hostile one to milliseconds (hashing or walking nested tuples
+# shared through the memo costs 2**depth otherwise).
+_PICKLE_MAX_OPS = 1 << 20
+_PICKLE_MAX_MEMO = 1 << 16
+_PICKLE_MAX_DEPTH = 32
+_PICKLE_MAX_ITEMS = 1 << 16  # items reachable from one container, shared ones counted again
+_ARG_LENGTH = {  # pickletools' variable-length argument codes -> (length bytes, format)
+    pickletools.TAKEN_FROM_ARGUMENT1: (1, "<B"),
+    pickletools.TAKEN_FROM_ARGUMENT4: (4, "<i"),
+    pickletools.TAKEN_FROM_ARGUMENT4U: (4, "<I"),
+    pickletools.TAKEN_FROM_ARGUMENT8U: (8, "<Q"),
+}
+_MUTATING_OPS = {"APPEND", "APPENDS", "SETITEM", "SETITEMS", "BUILD", "ADDITEMS"}
+_PUT_OPS = {"PUT", "BINPUT", "LONG_BINPUT"}
+_GET_OPS = {"GET", "BINGET", "LONG_BINGET"}
+
+
+def _pickle_opcodes(m: Any, path: str):
+    """(opcode name, argument) of each opcode; string payloads are skipped, not read."""
+    size = len(m)
+    while True:
+        pos = m.tell()
+        code = m.read(1)
+        if not code:
+            raise ReflFileError(f"{path}: truncated pickle (no STOP opcode)")
+        op = pickletools.code2op.get(code.decode("latin-1"))
+        if op is None:
+            raise ReflFileError(f"{path}: corrupt pickle (unknown opcode 0x{code[0]:02x} "
+                                f"at byte {pos})")
+        arg = None
+        if op.arg is not None:
+            if op.arg.n in _ARG_LENGTH:
+                width, fmt = _ARG_LENGTH[op.arg.n]
+                raw = m.read(width)
+                if len(raw) != width:
+                    raise ReflFileError(f"{path}: truncated pickle at byte {pos}")
+                n = struct.unpack(fmt, raw)[0]
+                if n < 0 or n > size - m.tell():
+                    raise ReflFileError(f"{path}: truncated or corrupt pickle ({op.name} of "
+                                        f"{n} bytes at byte {pos})")
+                m.seek(n, io.SEEK_CUR)
+            else:
+                try:
+                    arg = op.arg.reader(m)
+                except (ValueError, struct.error) as exc:
+                    raise ReflFileError(f"{path}: corrupt pickle ({op.name} at byte {pos}: "
+                                        f"{type(exc).__name__})") from None
+        yield op, arg
+        if op.name == "STOP":
+            return
+
+
+def _check_pickle_bounds(m: Any, path: str) -> None:
+    """Simulate the unpickler's stack on item counts only and refuse hostile structure."""
+
+    def refuse(what: str) -> ReflFileError:
+        return ReflFileError(f"{path}: refusing pickle: {what} (not a reflection table)")
+
+    mark = object()
+    stack: list = []  # cells [items reachable, depth] shared with the memo, or ``mark``
+    memo: dict = {}
+    for count, (op, arg) in enumerate(_pickle_opcodes(m, path)):
+        if count > _PICKLE_MAX_OPS:
+            raise refuse(f"more than {_PICKLE_MAX_OPS} opcodes")
+        name = op.name
+        if name in ("PROTO", "FRAME", "STOP"):
+            continue
+        if name == "MARK":
+            stack.append(mark)
+        elif name in _PUT_OPS or name == "MEMOIZE":
+            if not stack or stack[-1] is mark:
+                raise refuse(f"{name} on an empty stack")
+            memo[len(memo) if name == "MEMOIZE" else arg] = stack[-1]
+            if len(memo) > _PICKLE_MAX_MEMO:
+                raise refuse(f"more than {_PICKLE_MAX_MEMO} memo entries")
+        elif name in _GET_OPS:
+            if arg not in memo:
+                raise refuse(f"{name} of a missing memo entry")
+            stack.append(memo[arg])
+        elif name == "DUP":
+            stack.append(stack[-1] if stack else mark)
+        else:
+            popped = _pop_operands(stack, op, mark, refuse)
+            items = sum(c[0] for c in popped)
+            depth = max((c[1] for c in popped), default=0)
+            if name in _MUTATING_OPS and popped:
+                # the container stays the same object (shared with the memo): grow it
+                target, added = popped[0], popped[1:]
+                target[0] += sum(c[0] for c in added)
+                target[1] = max([target[1]] + [1 + c[1] for c in added])
+                new = [target]
+            else:
+                new = [[1 + items, 1 + depth] for _ in op.stack_after]
+            for cell in new:
+                if cell[0] > _PICKLE_MAX_ITEMS:
+                    raise refuse(f"a container reaches more than {_PICKLE_MAX_ITEMS} items")
+                if cell[1] > _PICKLE_MAX_DEPTH:
+                    raise refuse(f"nesting deeper than {_PICKLE_MAX_DEPTH}")
+            stack.extend(new)
+        if len(stack) > _PICKLE_MAX_OPS:
+            raise refuse("stack too large")
+
+
+def _pop_operands(stack: list, op: Any, mark: object, refuse: Callable) -> list:
+    """Pop what ``op`` consumes (everything down to the last MARK for mark-taking ops)."""
+    before = op.stack_before
+    popped: list = []
+    if pickletools.markobject in before:
+        while True:
+            if not stack:
+                raise refuse(f"{op.name} without a MARK")
+            item = stack.pop()
+            if item is mark:
+                break
+            popped.append(item)
+        fixed = len(before) - 2  # markobject + stackslice
+    else:
+        fixed = len(before)
+    for _ in range(fixed):
+        if not stack:
+            raise refuse(f"{op.name} on an empty stack")
+        popped.append(stack.pop())
+    popped.reverse()  # bottom first: the container of a mutating op is popped[0]
+    return popped
 
 
 def _load_restricted(stream: Any, path: str) -> Any:
@@ -653,7 +811,8 @@ def _table_from_state(state: Any, path: str) -> reflection_table:
     elif state[0] == 2 and len(state) == 5:
         ids, nrows, ncols, columns = state[1:]
     else:
-        raise bad(f"unsupported reflection_table pickle version/layout {state[0]!r}")
+        raise bad("unsupported reflection_table pickle version/layout "
+                  f"({_describe(state[0])} of a {len(state)}-tuple)")
     if not isinstance(nrows, int) or not isinstance(ncols, int) or nrows < 0:
         raise bad("bad nrows/ncols in pickle state")
     if not isinstance(columns, dict) or len(columns) != ncols:
@@ -711,6 +870,17 @@ def _payload_ok(stub: _Stub) -> bool:
 
 def _payload_len(stub: _Stub) -> int:
     return len(stub.state[1]) if _payload_ok(stub) else 0
+
+
+def _describe(x: Any) -> str:
+    """Type and size of an untrusted object, never its repr (which may walk 2**n items)."""
+    if isinstance(x, bool) or x is None or (isinstance(x, (str, bytes)) and len(x) <= 64):
+        return repr(x)
+    if isinstance(x, int):
+        return repr(x) if abs(x) < 1 << 64 else f"int of {x.bit_length()} bits"
+    if isinstance(x, (tuple, list, dict, bytes, str)):
+        return f"{type(x).__name__} of length {len(x)}"
+    return type(x).__name__
 
 
 def _text(x: Any, path: str, what: str) -> str:
@@ -790,8 +960,8 @@ def _decode_flex(stub: _Stub, name: str, path: str) -> fa.FlexArray:
     dims = grid.args[1] if len(grid.args) >= 2 else None
     if not (isinstance(dims, tuple) and len(dims) == 1 and dims[0] == arr.shape[0]):
         raise ReflFileError(
-            f"{path}: column {name!r}: grid {grid.args!r} does not match "
-            f"{arr.shape[0]} decoded elements"
+            f"{path}: column {name!r}: flex.grid arguments ({_describe(grid.args)}) do not "
+            f"describe {arr.shape[0]} decoded elements"
         )
     return ftype._wrap(arr)
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import io
 import os
 import re
+import stat
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +83,35 @@ def _floats(header: dict, key: str, n: int, path: str, required: bool = True):
     return vals
 
 
+# Frame numbers and detector sizes beyond these are not real data (and would make
+# scans or panels of absurd size).
+_MAX_FRAME = 10**8
+_MAX_PIXELS = 10**6
+_MAX_INDEX = (1 << 20) - 1  # symmetry.miller_array's bound
+
+
+def _integer(header: dict, key: str, path: str, lo: int, hi: int, default=None) -> int:
+    """An integral header value within [lo, hi] (XdsFormatError naming the key if not)."""
+    if key not in header and default is not None:
+        return default
+    (value,) = _floats(header, key, 1, path)
+    if value != int(value) or not lo <= value <= hi:
+        raise XdsFormatError(f"{path}: header {key}={header[key]!r} must be an integer in "
+                             f"{lo}..{hi}")
+    return int(value)
+
+
+def _check_indices(cols: dict, path: str) -> None:
+    """H K L must be integers within the Miller-index bound (names the record)."""
+    for name in ("H", "K", "L"):
+        v = cols[name]
+        bad = (np.abs(v) > _MAX_INDEX) | (v != np.round(v))
+        if np.any(bad):
+            i = int(np.flatnonzero(bad)[0])
+            raise XdsFormatError(f"{path}: record {i + 1}: {name}={v[i]:g} is not an integer "
+                                 f"within +-{_MAX_INDEX}")
+
+
 def read_xds_hkl(filename) -> XdsData:
     """Read ``INTEGRATE.HKL`` or ``XDS_ASCII.HKL`` (detected from the header).
 
@@ -98,6 +128,9 @@ def read_xds_hkl(filename) -> XdsData:
     if not os.path.exists(path):
         raise FileNotFoundError(f"XDS file not found: {path}")
     with open(path, "rb") as fh:
+        # a device or pipe (/dev/zero) would be read until memory runs out
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise XdsFormatError(f"{path}: not a regular file")
         raw = fh.read()
     try:
         text = raw.decode("ascii")
@@ -126,7 +159,8 @@ def read_xds_hkl(filename) -> XdsData:
     elif "INTEGRATE" in " ".join(header_lines[:3]):
         kind = "integrate"
         items = _INTEGRATE_ITEMS
-        n_items = int(header.get("NUMBER_OF_ITEMS_IN_EACH_DATA_RECORD", len(items)))
+        n_items = _integer(header, "NUMBER_OF_ITEMS_IN_EACH_DATA_RECORD", path, 1, 1000,
+                           default=len(items))
         if n_items != len(items):
             raise XdsFormatError(f"{path}: expected {len(items)} items per INTEGRATE record, "
                                  f"header says {n_items}")
@@ -135,6 +169,7 @@ def read_xds_hkl(filename) -> XdsData:
     body = [x for x in lines[end_header + 1:end_data] if x.strip() and not x.startswith("!")]
     data = _parse_records(body, len(items), end_header + 2, path)
     cols = {name: data[:, i] for i, name in enumerate(items)}
+    _check_indices(cols, path)
     experiments = _experiments(header, cols, kind, path)
     table = _table(cols, kind, experiments)
     return XdsData(table, experiments, header, kind)
@@ -145,7 +180,7 @@ read_xds_ascii = read_xds_hkl
 
 
 def _ascii_items(header: dict, path: str) -> list[str]:
-    n = int(header.get("NUMBER_OF_ITEMS_IN_EACH_DATA_RECORD", "0") or 0)
+    n = _integer(header, "NUMBER_OF_ITEMS_IN_EACH_DATA_RECORD", path, 1, 1000)
     pos = {}
     for key, value in header.items():
         if key.startswith("ITEM_"):
@@ -202,12 +237,24 @@ def _experiments(header: dict, cols: dict, kind: str, path: str) -> ExperimentLi
     incident = np.array(_floats(header, "INCIDENT_BEAM_DIRECTION", 3, path))
     axis = _floats(header, "ROTATION_AXIS", 3, path)
     osc = _floats(header, "OSCILLATION_RANGE", 1, path)[0]
+    if not 0 < osc <= 360:
+        raise XdsFormatError(f"{path}: header OSCILLATION_RANGE={header['OSCILLATION_RANGE']!r}"
+                             " must be in (0, 360] degrees")
     start_angle = _floats(header, "STARTING_ANGLE", 1, path)[0]
-    start_frame = int(_floats(header, "STARTING_FRAME", 1, path)[0])
+    start_frame = _integer(header, "STARTING_FRAME", path, -_MAX_FRAME, _MAX_FRAME)
     if "DATA_RANGE" in header:
-        first, last = (int(x) for x in _floats(header, "DATA_RANGE", 2, path))
+        first, last = _floats(header, "DATA_RANGE", 2, path)
+        if not (first == int(first) and last == int(last)
+                and -_MAX_FRAME <= first <= last <= _MAX_FRAME):
+            raise XdsFormatError(f"{path}: header DATA_RANGE={header['DATA_RANGE']!r} must be "
+                                 f"two integer frames first <= last within +-{_MAX_FRAME}")
+        first, last = int(first), int(last)
     else:
         z = cols["ZCAL"] if "ZCAL" in cols else cols["ZD"]
+        if len(z) and not np.all(np.abs(z) <= _MAX_FRAME):
+            i = int(np.flatnonzero(~(np.abs(z) <= _MAX_FRAME))[0])
+            raise XdsFormatError(f"{path}: record {i + 1}: frame coordinate {z[i]:g} is "
+                                 f"beyond +-{_MAX_FRAME}")
         first = int(np.floor(z.min())) + 1 if len(z) else start_frame
         last = max(int(np.ceil(z.max())), first) if len(z) else start_frame
     real = [_floats(header, f"UNIT_CELL_{x}-AXIS", 3, path, required=False) for x in "ABC"]
@@ -244,24 +291,31 @@ def _cell_of(real: np.ndarray) -> tuple:
 
 
 def _detector(header: dict, path: str) -> Detector | None:
-    try:
-        nx, ny = int(float(header["NX"])), int(float(header["NY"]))
-        qx, qy = float(header["QX"]), float(header["QY"])
-        orgx, orgy = float(header["ORGX"]), float(header["ORGY"])
-        dist = float(header["DETECTOR_DISTANCE"])
-    except KeyError:
+    keys = ("NX", "NY", "QX", "QY", "ORGX", "ORGY", "DETECTOR_DISTANCE")
+    if any(k not in header for k in keys):
         return None  # geometry not recorded: leave the detector out rather than invent it
-    except ValueError:
-        raise XdsFormatError(f"{path}: detector header values are not numeric") from None
+    nx = _integer(header, "NX", path, 1, _MAX_PIXELS)
+    ny = _integer(header, "NY", path, 1, _MAX_PIXELS)
+    (qx,), (qy,) = _floats(header, "QX", 1, path), _floats(header, "QY", 1, path)
+    (orgx,), (orgy,) = _floats(header, "ORGX", 1, path), _floats(header, "ORGY", 1, path)
+    (dist,) = _floats(header, "DETECTOR_DISTANCE", 1, path)
+    if not (qx > 0 and qy > 0):
+        raise XdsFormatError(f"{path}: header pixel sizes QX={header['QX']!r}, "
+                             f"QY={header['QY']!r} must be > 0")
     X = np.array(_floats(header, "DIRECTION_OF_DETECTOR_X-AXIS", 3, path))
     Y = np.array(_floats(header, "DIRECTION_OF_DETECTOR_Y-AXIS", 3, path))
     N = np.cross(X, Y)
     origin = dist * N - orgx * qx * X - orgy * qy * Y
     panel = {"name": "Panel", "type": "SENSOR_PAD", "fast_axis": X.tolist(),
              "slow_axis": Y.tolist(), "origin": origin.tolist(), "image_size": [nx, ny],
-             "pixel_size": [qx, qy], "trusted_range": [0.0, float(header.get("OVERLOAD", 0))],
-             "thickness": float(header.get("SENSOR_THICKNESS", 0.0))}
+             "pixel_size": [qx, qy], "trusted_range": [0.0, _optional(header, "OVERLOAD", path)],
+             "thickness": _optional(header, "SENSOR_THICKNESS", path)}
     return Detector({"panels": [panel]})
+
+
+def _optional(header: dict, key: str, path: str) -> float:
+    """A finite optional header number, 0 when absent."""
+    return _floats(header, key, 1, path)[0] if key in header else 0.0
 
 
 def _table(cols: dict, kind: str, experiments: ExperimentList):

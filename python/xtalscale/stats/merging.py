@@ -11,7 +11,7 @@ import os
 import numpy as np
 
 from ..experiments import ExperimentList
-from ..io.mtz import _check_unmerged_input, write_merged_mtz
+from ..io.mtz import _check_unmerged_input, _checked_scales, write_merged_mtz
 from ..symmetry import centric_flags, group_reflections, map_to_asu, miller_array
 
 __all__ = ["merge_intensities", "write_merged_mtz_from_table"]
@@ -65,7 +65,9 @@ def write_merged_mtz_from_table(filename, table, experiments: ExperimentList,
     filename : str or path
     table : reflection_table
         ``miller_index``, ``id`` and ``intensity.<kind>.value/.variance``; select the rows
-        to merge beforehand (e.g. integrated and not ``bad_for_scaling``).
+        to merge beforehand (e.g. integrated and not ``bad_for_scaling``). For
+        ``intensity.scale`` with ``inverse_scale_factor`` present the scaled intensity
+        ``value / g`` (variance ``/ g²``) is merged.
     experiments : ExperimentList
         Space group and cell from experiment 0, wavelength from its beam.
     intensity : {'scale', 'prf', 'sum'} or None
@@ -86,6 +88,10 @@ def write_merged_mtz_from_table(filename, table, experiments: ExperimentList,
     sg, cell = crystal.get_space_group(), crystal.get_unit_cell()
     I = np.asarray(table[f"intensity.{kind}.value"], dtype=np.float64)
     V = np.asarray(table[f"intensity.{kind}.variance"], dtype=np.float64)
+    if kind == "scale" and "inverse_scale_factor" in table:
+        # merge the scaled intensities raw / g (as dials.merge does)
+        g = _checked_scales(table["inverse_scale_factor"], path)
+        I, V = I / g, V / g**2
     uh, mean, sig, _ = merge_intensities(hkl, I, V, sg)
     if len(uh) == 0:
         raise ValueError(f"{path}: no observation has a positive variance; nothing to merge")

@@ -1,10 +1,10 @@
-"""The ``xtalscale`` command-line program.
+"""``xtalscale apply-model``: re-apply a stored scaling model.
 
-For now it does the model half of a ``dials.scale`` job on real files: it re-applies the
+It does the model half of a ``dials.scale`` job on real files: it re-applies the
 scaling model stored in an ``.expt`` file to the reflections of a ``.refl`` file (exactly as
 ``dials.scale`` re-applies a model), reports how closely the result matches the inverse scale
 factors DIALS stored, and writes the scaled reflection table, an unmerged MTZ (with SCALEUSED)
-and a merged MTZ. Model refinement (the full scaling job) replaces this in a later release.
+and a merged MTZ.
 
 Usage::
 
@@ -20,26 +20,23 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["main"]
+__all__ = ["run", "SUMMARY"]
+
+SUMMARY = "re-apply the scaling model stored in an .expt file; write scaled .refl and MTZ"
 
 
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="xtalscale",
-        description="DIALS-compatible crystallographic scaling on a fast C++ core.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    apply = sub.add_parser(
-        "apply-model",
-        help="re-apply the scaling model stored in an .expt file; write scaled .refl and MTZ",
+        prog="xtalscale apply-model",
         description=("Evaluate each experiment's stored scaling model on its reflections, "
                      "compare with DIALS's stored inverse_scale_factor when present, and write "
                      "scaled.refl, scaled_unmerged.mtz and scaled_merged.mtz."))
-    apply.add_argument("experiments", type=Path, help=".expt (or *_experiments.json) file")
-    apply.add_argument("reflections", type=Path, help=".refl file (msgpack or legacy pickle)")
-    apply.add_argument("--output-dir", "-o", type=Path, default=Path("."),
-                       help="directory for the output files (default: current directory)")
-    apply.add_argument("--anomalous", action="store_true",
-                       help="keep Friedel mates apart in the merged MTZ (adds I(+)/I(-))")
+    parser.add_argument("experiments", type=Path, help=".expt (or *_experiments.json) file")
+    parser.add_argument("reflections", type=Path, help=".refl file (msgpack or legacy pickle)")
+    parser.add_argument("--output-dir", "-o", type=Path, default=Path("."),
+                        help="directory for the output files (default: current directory)")
+    parser.add_argument("--anomalous", action="store_true",
+                        help="keep Friedel mates apart in the merged MTZ (adds I(+)/I(-))")
     return parser
 
 
@@ -52,11 +49,11 @@ def _agreement_summary(g_new: np.ndarray, g_dials: np.ndarray) -> str:
 
 
 def _apply_model(args: argparse.Namespace) -> int:
-    from .experiments import ExperimentList
-    from .io.mtz import write_merged_mtz, write_unmerged_mtz
-    from .models import inverse_scale_factors, suitable_for_scaling
-    from .reflection_table import reflection_table
-    from .stats.merging import merge_intensities
+    from ..experiments import ExperimentList
+    from ..io.mtz import write_merged_mtz, write_unmerged_mtz
+    from ..models import inverse_scale_factors, suitable_for_scaling
+    from ..reflection_table import reflection_table
+    from ..stats.merging import merge_intensities
 
     t0 = time.perf_counter()
     experiments = ExperimentList.from_file(str(args.experiments))
@@ -64,7 +61,13 @@ def _apply_model(args: argparse.Namespace) -> int:
     t_read = time.perf_counter() - t0
     print(f"read {len(experiments)} experiment(s) and {len(table)} reflections in {t_read:.2f} s")
 
+    if len(table) == 0:
+        raise ValueError(f"{args.reflections}: the reflection table is empty; nothing to scale")
     evaluated = suitable_for_scaling(table)
+    if not evaluated.any():
+        raise ValueError(f"{args.reflections}: none of the {len(table)} reflections is suitable "
+                         "for scaling (all are excluded_for_scaling/user_excluded_in_scaling or "
+                         "have d <= 0); nothing to scale")
     stored = np.asarray(table["inverse_scale_factor"]) if "inverse_scale_factor" in table else None
     t0 = time.perf_counter()
     g = inverse_scale_factors(experiments, table, selection=evaluated)
@@ -99,17 +102,6 @@ def _apply_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the process exit status."""
-    args = _build_parser().parse_args(argv)
-    try:
-        if args.command == "apply-model":
-            return _apply_model(args)
-    except (ValueError, KeyError, IndexError, OSError) as error:
-        print(f"xtalscale: error: {error}", file=sys.stderr)
-        return 2
-    return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def run(argv: Sequence[str]) -> int:
+    """Run ``xtalscale apply-model`` with the arguments after the command name."""
+    return _apply_model(_build_parser().parse_args(list(argv)))

@@ -1,0 +1,57 @@
+"""The ``xtalscale`` command-line program: ``xtalscale COMMAND ARGS...``.
+
+Each command lives in its own module of this package with ``SUMMARY`` (one line for the
+overview) and ``run(argv) -> int`` (its own argument parsing: argparse or PHIL ``key=value``).
+To add a command, add its module to ``_COMMANDS``.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Sequence
+
+__all__ = ["main"]
+
+# command name -> module in this package (imported only when the command runs)
+_COMMANDS = {
+    "apply-model": "apply_model",
+}
+
+# Errors a user can cause with bad input; they print one clear line instead of a traceback.
+_USER_ERRORS = (ValueError, KeyError, IndexError, OSError)
+
+
+def _usage() -> str:
+    lines = ["usage: xtalscale COMMAND [ARGS...]", "", "commands:"]
+    for name, module_name in _COMMANDS.items():
+        module = importlib.import_module(f"{__name__}.{module_name}")
+        lines.append(f"  {name:<14}{module.SUMMARY}")
+    lines.append("")
+    lines.append("xtalscale COMMAND -h shows a command's own help.")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the process exit status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if args else 2
+    command, rest = args[0], args[1:]
+    if command not in _COMMANDS:
+        import difflib
+
+        near = difflib.get_close_matches(command, list(_COMMANDS), n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        print(f"xtalscale: error: unknown command {command!r}{hint}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"{__name__}.{_COMMANDS[command]}")
+    try:
+        return int(module.run(rest))
+    except _USER_ERRORS as error:
+        print(f"xtalscale: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
