@@ -720,7 +720,8 @@ class double(_NumericMixin, FlexArray):
 
     def matrix_packed_u_diagonal_add_in_place(self, value: Any) -> None:
         """Add ``value`` (a scalar or one value per row) to the packed-upper diagonal, in place."""
-        self._a[packed_u_diagonal_positions(packed_u_size(self._a))] += np.asarray(value, dtype=np.float64)
+        positions = packed_u_diagonal_positions(packed_u_size(self._a))
+        self._a[positions] += np.asarray(value, dtype=np.float64)
 
     def matrix_packed_u_as_symmetric(self) -> "double":
         """The full symmetric ``n × n`` grid of a packed-upper matrix."""

@@ -718,7 +718,8 @@ class RefinerCalculator:
     """Inverse scales and their derivatives for one dataset block (DIALS ``basis_functions``)."""
 
     @staticmethod
-    def calculate_scales_and_derivatives(apm: Any, block_id: int) -> tuple[np.ndarray, SparseMatrix]:
+    def calculate_scales_and_derivatives(apm: Any,
+                                         block_id: int) -> tuple[np.ndarray, SparseMatrix]:
         """``g`` and ``dg/dp`` (``n_b x n_active``) of the active components of ``apm``.
 
         ``g`` is the product of the active components' scales and, when the

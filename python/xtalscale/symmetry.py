@@ -330,7 +330,8 @@ class UnitCell:
             try:
                 p = tuple(float(x) for x in parameters.replace(",", " ").split())
             except ValueError:
-                raise ValueError(f"unit cell string must hold 6 numbers, got {parameters!r}") from None
+                raise ValueError(
+                    f"unit cell string must hold 6 numbers, got {parameters!r}") from None
         else:
             p = tuple(float(x) for x in parameters)
         if len(p) != 6 or not all(np.isfinite(p)) or min(p) <= 0:

@@ -517,7 +517,8 @@ class iterations:
         return eps is not None and self.gradient_norm_history[-1] <= eps
 
     def had_too_small_a_step(self) -> bool:
-        """Whether the last step's norm is ≤ ``step_threshold`` · (‖x‖ + ``step_threshold``)."""
+        """Whether the last step's norm is ≤ ``step_threshold`` · (‖x‖ +
+        ``step_threshold``)."""
         eps = self.step_threshold
         if eps is None:
             return False
@@ -657,7 +658,8 @@ class levenberg_marquardt_iterations(iterations):
         self._mu = float(value)
 
     def _initial_mu(self) -> float:
-        diagonal = np.asarray(self.non_linear_ls.normal_matrix_packed_u().matrix_packed_u_diagonal())
+        normal = self.non_linear_ls.normal_matrix_packed_u()
+        diagonal = np.asarray(normal.matrix_packed_u_diagonal())
         return self.tau * float(diagonal.max()) if diagonal.size else 0.0
 
     def do(self) -> None:
