@@ -12,13 +12,14 @@ refinement code all return them.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
-from scipy.sparse import csr_matrix, issparse
+from scipy.sparse import SparseEfficiencyWarning, csr_matrix, issparse
 
-__all__ = ["SparseMatrix", "SparseVector", "as_sparse_matrix"]
+__all__ = ["SparseMatrix", "SparseVector", "as_sparse_matrix", "matrix"]
 
 
 class SparseVector:
@@ -122,6 +123,21 @@ class SparseMatrix(csr_matrix):
     def as_dense_matrix(self) -> np.ndarray:
         """Return the dense matrix as a 2-D float64 array."""
         return self.toarray()
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        # scitbx scripts fill small matrices entry by entry (m[i, j] = x); scipy would warn
+        # that this changes the CSR structure, which is exactly what is meant here.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", SparseEfficiencyWarning)
+            super().__setitem__(key, value)
+
+
+def matrix(n_rows: int, n_cols: int) -> SparseMatrix:
+    """scitbx's ``sparse.matrix(n_rows, n_cols)``: an all-zero matrix to fill with
+    ``m[i, j] = value``."""
+    if int(n_rows) < 0 or int(n_cols) < 0:
+        raise ValueError(f"matrix shape must be >= 0, got ({n_rows}, {n_cols})")
+    return SparseMatrix((int(n_rows), int(n_cols)), dtype=np.float64)
 
 
 def as_sparse_matrix(matrix: Any) -> SparseMatrix:

@@ -169,6 +169,24 @@ def test_component_derivatives_answer_scitbx_sparse_calls():
         d.col(1)
 
 
+def test_scitbx_sparse_matrix_filled_entry_by_entry_as_dials_tests_do():
+    """DIALS's test_scaler builds ``sparse.matrix(2, 2)`` and sets entries."""
+    import warnings
+
+    from xtalscale.scitbx import sparse
+
+    m = sparse.matrix(2, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no SparseEfficiencyWarning for scitbx-style filling
+        m[0, 0] = 0.5
+        m[1, 0] = 0.4
+    assert (m.n_rows, m.n_cols, m.non_zeroes) == (2, 2, 2)
+    np.testing.assert_array_equal(m.col(0).as_dense_vector(), [0.5, 0.4])
+    assert m.col(1).non_zeroes == 0
+    with pytest.raises(ValueError):
+        sparse.matrix(-1, 2)
+
+
 # ----------------------------------------------------------------------------- free_parameters
 class ReadOnlyParametersComponent(ScaleComponentBase):
     """A component whose public ``parameters`` is read-only, as a stills pipeline's are."""
