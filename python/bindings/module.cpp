@@ -18,4 +18,6 @@ PYBIND11_MODULE(_core, m) {
   xtalscale::py_bind::bind_model_block(model_block);
   auto fit = m.def_submodule("fit", "Fit kernels: Ih table, target, normal equations");
   xtalscale::py_bind::bind_fit(fit);
+  auto stats = m.def_submodule("stats", "Merging-statistics kernels");
+  xtalscale::py_bind::bind_stats(stats);
 }

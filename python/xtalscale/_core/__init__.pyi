@@ -5,5 +5,6 @@ from . import refl as refl
 from . import grouping as grouping
 from . import model_block as model_block
 from . import fit as fit
+from . import stats as stats
 
 __version__: str
