@@ -18,6 +18,8 @@ PYBIND11_MODULE(_core, m) {
   xtalscale::py_bind::bind_model_block(model_block);
   auto fit = m.def_submodule("fit", "Fit kernels: Ih table, target, normal equations");
   xtalscale::py_bind::bind_fit(fit);
+  auto merge = m.def_submodule("merge", "Merging kernels (French–Wilson truncation)");
+  xtalscale::py_bind::bind_merge(merge);
   auto stats = m.def_submodule("stats", "Merging-statistics kernels");
   xtalscale::py_bind::bind_stats(stats);
 }

@@ -5,6 +5,7 @@ from . import refl as refl
 from . import grouping as grouping
 from . import model_block as model_block
 from . import fit as fit
+from . import merge as merge
 from . import stats as stats
 
 __version__: str

@@ -58,8 +58,8 @@ with one CCP4 orientation block (batch header) per image of every scan, as
 1000. Negative (failed) variances are written as missing sigmas. The file is sorted by
 ASU index, M/ISYM and BATCH unless ``sort=False``. gemmi reads it back as unmerged data.
 :func:`write_merged_mtz` writes ``IMEAN SIGIMEAN`` and, when anomalous,
-``I(+) SIGI(+) I(-) SIGI(-) N(+) N(-)`` like ``dials.merge``
-(:func:`xtalscale.stats.merging.write_merged_mtz_from_table` merges a table first).
+``I(+) SIGI(+) I(-) SIGI(-) N(+) N(-)`` like ``dials.merge``;
+:func:`write_merged_mtz_from_table` merges a table (inverse-variance weights) first.
 """
 from __future__ import annotations
 
@@ -77,6 +77,8 @@ from ..experiments import Beam, Crystal, Experiment, ExperimentList, Goniometer,
 from ..symmetry import (
     SpaceGroup,
     UnitCell,
+    centric_flags,
+    group_reflections,
     map_to_asu,
     miller_array,
 )
@@ -89,6 +91,9 @@ __all__ = [
     "read_merged_mtz",
     "write_unmerged_mtz",
     "write_merged_mtz",
+    "merge_intensities",
+    "write_merged_mtz_from_table",
+    "anomalous_halves",
 ]
 
 
@@ -1041,12 +1046,42 @@ def _add_batch_headers(mtz, experiments, ids, batch, offsets, cell: UnitCell) ->
         mtz.batches.append(hdr)
 
 
+def merge_intensities(hkl, intensities, variances, space_group, anomalous: bool = False):
+    """Inverse-variance weighted merge per unique (ASU) reflection (vectorised).
+
+    Returns
+    -------
+    tuple
+        ``(unique_hkl, mean, sigma, multiplicity)``; rows with variance <= 0 or
+        non-finite values are ignored.
+    """
+    I = np.asarray(intensities, dtype=np.float64)
+    V = np.asarray(variances, dtype=np.float64)
+    hkl = miller_array(hkl, "hkl")
+    if not (len(I) == len(V) == len(hkl)):
+        raise ValueError(f"hkl, intensities and variances must have equal lengths "
+                         f"(got {len(hkl)}, {len(I)}, {len(V)})")
+    ok = np.isfinite(I) & np.isfinite(V) & (V > 0)
+    m = map_to_asu(hkl[ok], space_group, anomalous=anomalous)
+    g = group_reflections(m.asu_hkl)
+    w = 1.0 / V[ok]
+    sw = np.bincount(g.group_index, weights=w, minlength=g.n_groups)
+    swi = np.bincount(g.group_index, weights=w * I[ok], minlength=g.n_groups)
+    return g.unique_hkl, swi / sw, np.sqrt(1.0 / sw), g.group_sizes()
+
+
 def write_merged_mtz(filename, hkl, imean, sigimean, space_group, unit_cell,
                      wavelength: float, i_plus=None, sigi_plus=None, i_minus=None,
                      sigi_minus=None, n_plus=None, n_minus=None,
                      project_name: str = "xtalscale", crystal_name: str = "XTAL",
-                     dataset_name: str = "NATIVE") -> None:
+                     dataset_name: str = "NATIVE", *, n=None, f=None, sigf=None,
+                     f_plus=None, sigf_plus=None, f_minus=None, sigf_minus=None,
+                     dano=None, sigdano=None) -> None:
     """Write a merged MTZ (``IMEAN SIGIMEAN`` [+ ``I(+) SIGI(+) I(-) SIGI(-) N(+) N(-)``]).
+
+    With the optional amplitude arrays the columns and types are those of ``dials.merge``:
+    ``IMEAN J SIGIMEAN Q N I F F SIGF Q I(+) K SIGI(+) M I(-) K SIGI(-) M N(+) I N(-) I
+    F(+) G SIGF(+) L F(-) G SIGF(-) L DANO D SIGDANO Q`` (in that order; absent ones left out).
 
     Parameters
     ----------
@@ -1058,6 +1093,10 @@ def write_merged_mtz(filename, hkl, imean, sigimean, space_group, unit_cell,
     wavelength : float
     i_plus, sigi_plus, i_minus, sigi_minus, n_plus, n_minus : array_like (n,), optional
         Anomalous columns (NaN = not measured); all four intensity arrays are needed.
+    n : array_like (n,), optional
+        Multiplicity of IMEAN (``N``).
+    f, sigf, f_plus, sigf_plus, f_minus, sigf_minus, dano, sigdano : array_like, optional
+        Amplitudes (e.g. French–Wilson); each value/σ pair must be given together.
 
     Raises
     ------
@@ -1068,8 +1107,11 @@ def write_merged_mtz(filename, hkl, imean, sigimean, space_group, unit_cell,
     hkl = miller_array(hkl, "hkl")
     sg = space_group if isinstance(space_group, SpaceGroup) else SpaceGroup(space_group)
     cell = unit_cell if isinstance(unit_cell, UnitCell) else UnitCell(unit_cell)
-    n = len(hkl)
+    n_rows = len(hkl)
     cols = [("IMEAN", "J", imean), ("SIGIMEAN", "Q", sigimean)]
+    if n is not None:
+        cols.append(("N", "I", n))
+    cols += _optional_columns(path, [("F", "F", f), ("SIGF", "Q", sigf)])
     anom = [i_plus, sigi_plus, i_minus, sigi_minus]
     if any(a is not None for a in anom):
         if any(a is None for a in anom):
@@ -1079,18 +1121,127 @@ def write_merged_mtz(filename, hkl, imean, sigimean, space_group, unit_cell,
                  ("SIGI(-)", "M", sigi_minus)]
         if n_plus is not None and n_minus is not None:
             cols += [("N(+)", "I", n_plus), ("N(-)", "I", n_minus)]
+    cols += _optional_columns(path, [("F(+)", "G", f_plus), ("SIGF(+)", "L", sigf_plus),
+                                     ("F(-)", "G", f_minus), ("SIGF(-)", "L", sigf_minus)])
+    cols += _optional_columns(path, [("DANO", "D", dano), ("SIGDANO", "Q", sigdano)])
     for label, _, v in cols:
-        if len(np.asarray(v)) != n:
-            raise ValueError(f"{path}: {label} has length {len(np.asarray(v))}, hkl has {n}")
-    if n:
+        if len(np.asarray(v)) != n_rows:
+            raise ValueError(f"{path}: {label} has length {len(np.asarray(v))}, hkl has {n_rows}")
+    if n_rows:
         m = map_to_asu(hkl, sg)
         if not np.array_equal(m.asu_hkl, hkl):
             bad = int(np.flatnonzero((m.asu_hkl != hkl).any(axis=1))[0])
             raise ValueError(f"{path}: hkl row {bad} {tuple(hkl[bad])} is not in the ASU")
     mtz = _new_mtz(sg, cell, wavelength, cols, project_name, crystal_name, dataset_name)
-    data = np.empty((n, 3 + len(cols)), dtype=np.float32)
+    data = np.empty((n_rows, 3 + len(cols)), dtype=np.float32)
     data[:, :3] = hkl
     for j, (_, _, v) in enumerate(cols):
         data[:, 3 + j] = np.asarray(v, dtype=np.float64)
     mtz.set_data(data)
     mtz.write_to_file(path)
+
+
+def _optional_columns(path: str, group: list) -> list:
+    """The (label, type, values) of a group of columns given all together, or none."""
+    given = [v is not None for _, _, v in group]
+    if any(given) and not all(given):
+        raise ValueError(f"{path}: {', '.join(label for label, _, _ in group)} must be "
+                         "given together")
+    return group if all(given) else []
+
+
+def anomalous_halves(unique_hkl, anomalous_hkl, *values) -> list:
+    """Split arrays merged per anomalous ASU index into (+) and (-) halves of ``unique_hkl``.
+
+    Parameters
+    ----------
+    unique_hkl : (n, 3)
+        Non-anomalous ASU indices (the rows of the merged file).
+    anomalous_hkl : (m, 3)
+        Anomalous ASU indices, sorted as :func:`merge_intensities` returns them.
+    *values : array_like (m,)
+        Arrays per anomalous index.
+
+    Returns
+    -------
+    list of tuples
+        ``[(plus values...), (minus values...)]``, each array of length n with NaN where the
+        half was not observed (for centric reflections only the (+) half exists).
+    """
+    keys = _hkl_key(miller_array(anomalous_hkl, "anomalous_hkl"))
+    hkl = miller_array(unique_hkl, "unique_hkl")
+    halves = []
+    for sign in (1, -1):
+        want = _hkl_key(sign * hkl)
+        pos = np.clip(np.searchsorted(keys, want), 0, max(len(keys) - 1, 0))
+        hit = keys[pos] == want if len(keys) else np.zeros(len(hkl), dtype=bool)
+        halves.append(tuple(np.where(hit, np.asarray(v, dtype=np.float64)[pos], np.nan)
+                            if len(keys) else np.full(len(hkl), np.nan) for v in values))
+    return halves
+
+
+def _hkl_key(hkl: np.ndarray) -> np.ndarray:
+    """Order-preserving int64 key of signed (h, k, l) (|index| < 2**20, see miller_array)."""
+    a = hkl.astype(np.int64) + (1 << 20)
+    return (a[:, 0] << 42) + (a[:, 1] << 21) + a[:, 2]
+
+
+def write_merged_mtz_from_table(filename, table, experiments: ExperimentList,
+                                intensity: str | None = None, anomalous: bool = True,
+                                duplicate_centrics: bool = False, **names) -> int:
+    """Merge a reflection table and write a merged MTZ (like ``dials.merge``).
+
+    Means are inverse-variance weighted over symmetry equivalents (rows with a
+    non-positive or non-finite variance are skipped). With ``anomalous=True`` the file also
+    holds ``I(+) SIGI(+) I(-) SIGI(-) N(+) N(-)``; a Bijvoet half with no observation is
+    missing (NaN in all three columns). Centric reflections have only a (+) half, as in
+    ``dials.merge`` output; ``duplicate_centrics=True`` copies it to (-) as AIMLESS does.
+
+    Parameters
+    ----------
+    filename : str or path
+    table : reflection_table
+        ``miller_index``, ``id`` and ``intensity.<kind>.value/.variance``; select the rows
+        to merge beforehand (e.g. integrated and not ``bad_for_scaling``). For
+        ``intensity.scale`` with ``inverse_scale_factor`` present the scaled intensity
+        ``value / g`` (variance ``/ g²``) is merged.
+    experiments : ExperimentList
+        Space group and cell from experiment 0, wavelength from its beam.
+    intensity : {'scale', 'prf', 'sum'} or None
+        As in :func:`write_unmerged_mtz`.
+    anomalous : bool
+    duplicate_centrics : bool
+    **names
+        ``project_name``, ``crystal_name``, ``dataset_name``.
+
+    Returns
+    -------
+    int
+        Number of unique reflections written.
+    """
+    path = os.fspath(filename)
+    hkl, _, kind = _check_unmerged_input(path, table, experiments, intensity)
+    crystal = experiments[0].crystal
+    sg, cell = crystal.get_space_group(), crystal.get_unit_cell()
+    I = np.asarray(table[f"intensity.{kind}.value"], dtype=np.float64)
+    V = np.asarray(table[f"intensity.{kind}.variance"], dtype=np.float64)
+    if kind == "scale" and "inverse_scale_factor" in table:
+        # merge the scaled intensities raw / g (as dials.merge does)
+        g = _checked_scales(table["inverse_scale_factor"], path)
+        I, V = I / g, V / g**2
+    uh, mean, sig, _ = merge_intensities(hkl, I, V, sg)
+    if len(uh) == 0:
+        raise ValueError(f"{path}: no observation has a positive variance; nothing to merge")
+    wavelength = experiments[0].beam.get_wavelength() if experiments[0].beam else 0.0
+    extra = {}
+    if anomalous:
+        ah, am, asig, an = merge_intensities(hkl, I, V, sg, anomalous=True)
+        (ip, sp, nplus), (im, sm, nminus) = anomalous_halves(uh, ah, am, asig, an)
+        if duplicate_centrics:
+            centric = centric_flags(uh, sg)
+            im, sm, nminus = (np.where(centric, a, b) for a, b in ((ip, im), (sp, sm),
+                                                                   (nplus, nminus)))
+        extra = dict(i_plus=ip, sigi_plus=sp, i_minus=im, sigi_minus=sm, n_plus=nplus,
+                     n_minus=nminus)
+    write_merged_mtz(path, uh, mean, sig, sg, cell, wavelength, **extra, **names)
+    return len(uh)
