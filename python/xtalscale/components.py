@@ -38,6 +38,7 @@ import scipy.sparse as sp
 
 from ._core import components as _kern
 from ._core import model_block as _mb
+from .sparse import SparseMatrix
 
 __all__ = [
     "ComponentError",
@@ -135,12 +136,13 @@ def _nbytes_held(arrays: Sequence[Any], given: Sequence[Any]) -> int:
 
 def _csr(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: tuple) -> sp.csr_matrix:
     """Wrap CSR arrays without copying (scipy keeps int32 indices when they fit)."""
-    m = sp.csr_matrix((data, indices, indptr), shape=shape, copy=False)
+    # SparseMatrix: a csr_matrix that also answers scitbx's sparse-matrix calls (n_rows, col(j)...)
+    m = SparseMatrix((data, indices, indptr), shape=shape, copy=False)
     return m
 
 
 def _empty_derivatives(n_rows: int = 0, n_cols: int = 0) -> sp.csr_matrix:
-    return sp.csr_matrix((n_rows, n_cols), dtype=np.float64)
+    return SparseMatrix((n_rows, n_cols), dtype=np.float64)
 
 
 def _is_parameter_manager(obj: Any) -> bool:
@@ -405,11 +407,16 @@ class ScaleComponentBase:
 
     @parameters.setter
     def parameters(self, new_parameters: Any) -> None:
-        p = _vector(new_parameters, "parameters")
+        self._store_parameters(new_parameters, "parameters")
+
+    def _store_parameters(self, new_parameters: Any, name: str) -> None:
+        """Store all parameter values: in ``_parameters`` (DIALS form) or the manager slice
+        (seed form), never through the public ``parameters`` property."""
+        p = _vector(new_parameters, name)
         if self._seed_form:
             start, n = _seed_span(self)
             if p.size != n:
-                raise ComponentError(f"parameters needs {n} values (got {p.size})")
+                raise ComponentError(f"{name} needs {n} values (got {p.size})")
             full = np.array(self.active_parameter_manager.get_parameters(), dtype=np.float64)
             full[start:start + n] = p
             self.active_parameter_manager.set_parameters(full)
@@ -427,7 +434,9 @@ class ScaleComponentBase:
 
     @free_parameters.setter
     def free_parameters(self, parameters: Any) -> None:
-        self.parameters = parameters
+        # As DIALS: store the values directly (``_parameters``), not through the public
+        # ``parameters`` property, which a subclass may make read-only.
+        self._store_parameters(parameters, "free_parameters")
 
     @staticmethod
     def _checked_esds(esds: Any, n: int) -> np.ndarray:
@@ -1333,7 +1342,7 @@ class SmoothScaleComponent1D(_SmoothComponentND):
     @free_parameters.setter
     def free_parameters(self, parameters: Any) -> None:
         if not self._fixed_initial:
-            self.parameters = parameters
+            self._store_parameters(parameters, "free_parameters")
             return
         p = _vector(parameters, "free_parameters")
         if p.size != self._n_params - 1:
@@ -1627,15 +1636,16 @@ def _set_external(term: Any, scales: Any, derivatives: Any, name: str) -> None:
     term.set(s, m.indptr, m.indices, m.data)
 
 
-def _csr_view(block: Any) -> sp.csr_matrix:
-    """∂g/∂p of an evaluated C++ model block as scipy CSR over the block's own buffers (read-only;
+def _csr_view(block: Any) -> SparseMatrix:
+    """∂g/∂p of an evaluated C++ model block as scipy CSR (a :class:`SparseMatrix`, which also
+    answers scitbx's sparse calls) over the block's own buffers (read-only;
     rewritten by the block's next evaluation). 32-bit row starts when they fit, so scipy keeps
     the 32-bit column indices without a copy."""
     indptr = block.indptr
     if indptr[-1] < np.iinfo(np.int32).max:
         indptr = indptr.astype(np.int32)
-    return sp.csr_matrix((block.values, block.indices, indptr), shape=(block.n_rows, block.n_cols),
-                         copy=False)
+    return SparseMatrix((block.values, block.indices, indptr), shape=(block.n_rows, block.n_cols),
+                        copy=False)
 
 
 class ComponentModelBlock:

@@ -34,6 +34,11 @@ __all__ = [
     "Experiment",
     "ExperimentList",
     "ExperimentListFactory",
+    "BeamFactory",
+    "GoniometerFactory",
+    "ScanFactory",
+    "DetectorFactory",
+    "CrystalFactory",
 ]
 
 _MODEL_KEYS = ("beam", "detector", "goniometer", "scan", "crystal", "profile",
@@ -58,6 +63,9 @@ def _vec(value, name: str, n: int = 3) -> np.ndarray:
 
 
 def _mat3(value, name: str) -> np.ndarray:
+    """A finite 3×3 matrix from 9 row-major values or a 3×3 array."""
+    if isinstance(value, np.ndarray) and value.shape == (3, 3):
+        value = value.reshape(-1)
     return _vec(value, name, 9).reshape(3, 3)
 
 
@@ -78,6 +86,22 @@ def _rotation_matrix(axis, angle_deg: float) -> np.ndarray:
     t = math.radians(angle_deg)
     K = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
     return np.eye(3) + math.sin(t) * K + (1 - math.cos(t)) * (K @ K)
+
+
+def _is_json_form(args: tuple, kwargs: dict) -> bool:
+    """Whether a model constructor was called the JSON way: ``Model()``, ``Model(dict)`` or
+    ``Model(data=dict)`` (anything else is a dxtbx-style constructor call)."""
+    if kwargs:
+        return set(kwargs) == {"data"} and not args
+    return len(args) == 0 or (len(args) == 1 and (args[0] is None or isinstance(args[0], dict)))
+
+
+def _json_data(args: tuple, kwargs: dict):
+    return kwargs["data"] if kwargs else (args[0] if args else None)
+
+
+def _is_rotation(m: np.ndarray, tol: float = 1e-6) -> bool:
+    return bool(np.allclose(m @ m.T, np.eye(3), atol=tol) and abs(np.linalg.det(m) - 1.0) < tol)
 
 
 class _JsonModel:
@@ -123,9 +147,60 @@ class _JsonModel:
 
 
 class Beam(_JsonModel):
-    """Monochromatic beam: direction (towards the source, as in dxtbx) and wavelength."""
+    """Monochromatic beam: direction (towards the source, as in dxtbx) and wavelength.
+
+    Constructors: ``Beam(json_dict)``; or as dxtbx, ``Beam(s0)``,
+    ``Beam(s0, divergence, sigma_divergence)``, ``Beam(direction, wavelength[, divergence,
+    sigma_divergence[, polarization_normal, polarization_fraction[, flux, transmission]]])``
+    and the keyword forms ``Beam(s0=...)``, ``Beam(direction=..., wavelength=...)``.
+    """
 
     _kind = "beam"
+    _OPTIONAL = ("divergence", "sigma_divergence", "polarization_normal",
+                 "polarization_fraction", "flux", "transmission")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if _is_json_form(args, kwargs):
+            super().__init__(_json_data(args, kwargs))
+        else:
+            super().__init__(self._dxtbx_dict(args, kwargs))
+
+    @classmethod
+    def _dxtbx_dict(cls, args: tuple, kwargs: dict) -> dict:
+        if len(args) in (1, 3):  # (s0) or (s0, divergence, sigma_divergence)
+            names = ("s0", "divergence", "sigma_divergence")
+        else:
+            names = ("direction", "wavelength") + cls._OPTIONAL
+        if len(args) > len(names):
+            raise TypeError(f"Beam takes at most {len(names)} positional arguments here")
+        given = dict(zip(names, args))
+        for key, value in kwargs.items():
+            if key in given:
+                raise TypeError(f"Beam got {key!r} twice")
+            given[key] = value
+        unknown = set(given) - {"s0", "direction", "wavelength"} - set(cls._OPTIONAL)
+        if unknown:
+            raise TypeError(f"Beam got unexpected arguments {sorted(unknown)}")
+        d: dict = {}
+        if "s0" in given:
+            if "direction" in given or "wavelength" in given:
+                raise TypeError("give Beam either s0 or direction and wavelength, not both")
+            s0 = _vec(given.pop("s0"), "s0")
+            d["direction"] = list(_tuple(-_unit(s0, "s0")))
+            d["wavelength"] = 1.0 / float(np.linalg.norm(s0))
+        elif "direction" in given and "wavelength" in given:
+            d["direction"] = list(_tuple(_unit(_vec(given.pop("direction"), "direction"),
+                                               "direction")))
+            d["wavelength"] = float(given.pop("wavelength"))
+        else:
+            raise TypeError("Beam needs s0, or direction and wavelength")
+        d.update({"divergence": 0.0, "sigma_divergence": 0.0,
+                  "polarization_normal": [0.0, 1.0, 0.0], "polarization_fraction": 0.999,
+                  "flux": 0.0, "transmission": 1.0})
+        for key, value in given.items():
+            d[key] = (list(_tuple(_vec(value, key))) if key == "polarization_normal"
+                      else float(value))
+        return d
 
     def _validate(self) -> None:
         d = self._data
@@ -169,6 +244,38 @@ class Beam(_JsonModel):
         v = _vec(s0, "s0")
         self._data["wavelength"] = 1.0 / float(np.linalg.norm(_unit(v, "s0") * np.linalg.norm(v)))
         self._data["direction"] = list(_tuple(-_unit(v, "s0")))
+
+    def set_direction(self, direction) -> None:
+        """Set the unit direction towards the source (normalised here)."""
+        self._data["direction"] = list(_tuple(_unit(_vec(direction, "direction"), "direction")))
+
+    def set_unit_s0(self, unit_s0) -> None:
+        """Set the direction from a vector along s0."""
+        self.set_direction(-_vec(unit_s0, "unit_s0"))
+
+    def _set_number(self, key: str, value, low: float = -math.inf, high: float = math.inf) -> None:
+        v = float(value)
+        if not (math.isfinite(v) and low <= v <= high):
+            raise ValueError(f"beam {key} must be finite and within [{low}, {high}], got {value}")
+        self._data[key] = v
+
+    def set_divergence(self, divergence) -> None:
+        self._set_number("divergence", divergence)
+
+    def set_sigma_divergence(self, sigma_divergence) -> None:
+        self._set_number("sigma_divergence", sigma_divergence)
+
+    def set_polarization_normal(self, normal) -> None:
+        self._data["polarization_normal"] = list(_tuple(_vec(normal, "polarization_normal")))
+
+    def set_polarization_fraction(self, fraction) -> None:
+        self._set_number("polarization_fraction", fraction, 0.0, 1.0)
+
+    def set_flux(self, flux) -> None:
+        self._set_number("flux", flux)
+
+    def set_transmission(self, transmission) -> None:
+        self._set_number("transmission", transmission)
 
     def get_polarization_normal(self) -> tuple:
         """Polarisation plane normal."""
@@ -375,6 +482,59 @@ class Goniometer(_JsonModel):
 
     _kind = "goniometer"
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """``Goniometer(json_dict)``; or as dxtbx, ``Goniometer()`` (axis (1, 0, 0)),
+        ``Goniometer(rotation_axis[, fixed_rotation[, setting_rotation]])`` (positional or
+        keyword; the axis is normalised, the rotations are row-major 3×3)."""
+        if not args and not kwargs:
+            super().__init__({"rotation_axis": [1.0, 0.0, 0.0],
+                              "fixed_rotation": [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0],
+                              "setting_rotation": [1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0]})
+        elif _is_json_form(args, kwargs):
+            super().__init__(_json_data(args, kwargs))
+        else:
+            names = ("rotation_axis", "fixed_rotation", "setting_rotation")
+            if len(args) > 3:
+                raise TypeError("Goniometer takes at most 3 positional arguments")
+            given = dict(zip(names, args))
+            for key, value in kwargs.items():
+                if key not in names or key in given:
+                    raise TypeError(f"Goniometer got an unexpected or repeated argument {key!r}")
+                given[key] = value
+            if "rotation_axis" not in given:
+                raise TypeError("Goniometer needs a rotation_axis")
+            eye = list(np.eye(3).ravel())
+            d = {"rotation_axis": list(_tuple(_unit(_vec(given["rotation_axis"],
+                                                         "rotation_axis"), "rotation_axis"))),
+                 "fixed_rotation": list(_tuple(_mat3(given.get("fixed_rotation", eye),
+                                                     "fixed_rotation"))),
+                 "setting_rotation": list(_tuple(_mat3(given.get("setting_rotation", eye),
+                                                       "setting_rotation")))}
+            super().__init__(d)
+
+    def _require_single_axis(self, what: str) -> None:
+        if self.is_multi_axis():
+            raise ValueError(f"Goniometer.{what} is for single-axis goniometers")
+
+    def set_rotation_axis_datum(self, axis) -> None:
+        """Set the rotation axis before the setting rotation (normalised)."""
+        self._require_single_axis("set_rotation_axis_datum")
+        self._data["rotation_axis"] = list(_tuple(_unit(_vec(axis, "axis"), "axis")))
+
+    def set_rotation_axis(self, axis) -> None:
+        """Set the effective (lab-frame) rotation axis: the datum becomes S⁻¹ · axis."""
+        self._require_single_axis("set_rotation_axis")
+        S = np.asarray(self.get_setting_rotation()).reshape(3, 3)
+        self.set_rotation_axis_datum(np.linalg.solve(S, _unit(_vec(axis, "axis"), "axis")))
+
+    def set_fixed_rotation(self, rotation) -> None:
+        self._require_single_axis("set_fixed_rotation")
+        self._data["fixed_rotation"] = list(_tuple(_mat3(rotation, "fixed_rotation")))
+
+    def set_setting_rotation(self, rotation) -> None:
+        self._require_single_axis("set_setting_rotation")
+        self._data["setting_rotation"] = list(_tuple(_mat3(rotation, "setting_rotation")))
+
     def _validate(self) -> None:
         d = self._data
         if "axes" in d:
@@ -467,6 +627,104 @@ class Scan(_JsonModel):
     """
 
     _kind = "scan"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """``Scan(json_dict)``; or as dxtbx, ``Scan(image_range, oscillation[, batch_offset])``
+        and ``Scan(image_range, oscillation, exposure_times, epochs[, batch_offset[, deg]])``
+        (positional or keyword; ``deg=False`` means the oscillation is in radians)."""
+        if _is_json_form(args, kwargs):
+            super().__init__(_json_data(args, kwargs))
+            return
+        if len(args) == 3:  # (image_range, oscillation, batch_offset)
+            names: tuple = ("image_range", "oscillation", "batch_offset")
+        else:
+            names = ("image_range", "oscillation", "exposure_times", "epochs", "batch_offset",
+                     "deg")
+        if len(args) > len(names):
+            raise TypeError(f"Scan takes at most {len(names)} positional arguments")
+        given = dict(zip(names, args))
+        allowed = {"image_range", "oscillation", "exposure_times", "epochs", "batch_offset",
+                   "deg"}
+        for key, value in kwargs.items():
+            if key not in allowed or key in given:
+                raise TypeError(f"Scan got an unexpected or repeated argument {key!r}")
+            given[key] = value
+        if "image_range" not in given or "oscillation" not in given:
+            raise TypeError("Scan needs image_range and oscillation")
+        super().__init__(self._dxtbx_dict(**given))
+
+    @staticmethod
+    def _dxtbx_dict(image_range, oscillation, exposure_times=None, epochs=None,
+                    batch_offset: int = 0, deg: bool = True) -> dict:
+        first, last = (int(x) for x in image_range)
+        if last < first:
+            raise ValueError(f"scan image_range must be [first, last] with last >= first, got "
+                             f"{tuple(image_range)}")
+        n = last - first + 1
+        osc = _vec(oscillation, "oscillation", 2)
+        if not deg:
+            osc = np.degrees(osc)
+
+        def per_image(values, name: str) -> list:
+            if values is None:
+                return [0.0] * n
+            if isinstance(values, dict):  # {image: value}, as ScanFactory takes epochs
+                values = [values[k] for k in sorted(values)]
+            a = np.atleast_1d(np.asarray(values, dtype=float))
+            if a.size == 1:
+                a = np.full(n, float(a[0]))
+            if a.size != n or not np.all(np.isfinite(a)):
+                raise ValueError(f"scan {name} needs {n} finite values (one per image), got "
+                                 f"{a.size}")
+            return a.tolist()
+
+        return {"image_range": [first, last], "oscillation": list(_tuple(osc)),
+                "exposure_time": per_image(exposure_times, "exposure_times"),
+                "epochs": per_image(epochs, "epochs"),
+                "batch_offset": int(batch_offset), "valid_image_ranges": {}}
+
+    def _replace(self, **changes) -> None:
+        """Apply changes to the JSON dict and re-validate (restored if invalid)."""
+        old = copy.deepcopy(self._data)
+        self._data.update(changes)
+        try:
+            self._validate()
+        except ValueError:
+            self._data.clear()
+            self._data.update(old)
+            self._validate()
+            raise
+
+    def set_image_range(self, image_range) -> None:
+        """Set (first, last); per-image exposure times and epochs are cut or padded (with
+        the last value, or 0)."""
+        first, last = (int(x) for x in image_range)
+        n = last - first + 1
+        changes: dict = {"image_range": [first, last]}
+        for key in ("exposure_time", "epochs"):
+            values = list(self._data.get(key, []))
+            if values:
+                changes[key] = (values + [values[-1]] * n)[:n] if n > 0 else []
+        self._replace(**changes)
+
+    def set_oscillation(self, oscillation, deg: bool = True) -> None:
+        osc = _vec(oscillation, "oscillation", 2)
+        self._replace(oscillation=list(_tuple(osc if deg else np.degrees(osc))))
+
+    def set_batch_offset(self, batch_offset: int) -> None:
+        self._replace(batch_offset=int(batch_offset))
+
+    def set_exposure_times(self, exposure_times) -> None:
+        values = np.asarray(exposure_times, dtype=float).ravel()
+        if values.size != self.get_num_images() or not np.all(np.isfinite(values)):
+            raise ValueError(f"exposure_times needs {self.get_num_images()} finite values")
+        self._replace(exposure_time=values.tolist())
+
+    def set_epochs(self, epochs) -> None:
+        values = np.asarray(epochs, dtype=float).ravel()
+        if values.size != self.get_num_images() or not np.all(np.isfinite(values)):
+            raise ValueError(f"epochs needs {self.get_num_images()} finite values")
+        self._replace(epochs=values.tolist())
 
     def _validate(self) -> None:
         d = self._data
@@ -591,6 +849,160 @@ class Crystal(_JsonModel):
     """
 
     _kind = "crystal"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """``Crystal(json_dict)``; or as dxtbx:
+
+        * ``Crystal(real_space_a, real_space_b, real_space_c, space_group=...)`` or with
+          ``space_group_symbol=...`` (the space group may also be the 4th positional
+          argument: a :class:`SpaceGroup` or a symbol);
+        * ``Crystal(A, space_group[, reciprocal=True])`` with A = UB (9 values, row-major);
+          ``reciprocal=False`` means A is the real-space matrix whose rows are a, b, c.
+        """
+        if _is_json_form(args, kwargs):
+            super().__init__(_json_data(args, kwargs))
+            return
+        super().__init__(self._dxtbx_dict(args, kwargs))
+
+    @staticmethod
+    def _dxtbx_dict(args: tuple, kwargs: dict) -> dict:
+        kwargs = dict(kwargs)
+        args = list(args)
+        first = kwargs.pop("A", args.pop(0) if args and "real_space_a" not in kwargs else None)
+        if first is not None and np.asarray(first, dtype=float).size == 9:
+            reciprocal = bool(kwargs.pop("reciprocal", args.pop(1) if len(args) > 1 else True))
+            A = _mat3(first, "A")
+            real = np.linalg.inv(A) if reciprocal else A
+        else:
+            vectors = [first] if first is not None else []
+            for name in ("real_space_a", "real_space_b", "real_space_c")[len(vectors):]:
+                vectors.append(kwargs.pop(name) if name in kwargs else
+                               (args.pop(0) if args else None))
+            if any(v is None for v in vectors):
+                raise TypeError("Crystal needs real_space_a, real_space_b and real_space_c")
+            real = np.vstack([_vec(v, f"real_space_{k}") for v, k in zip(vectors, "abc")])
+        group = kwargs.pop("space_group", None)
+        symbol = kwargs.pop("space_group_symbol", None)
+        if args:
+            if group is not None or symbol is not None or len(args) > 1:
+                raise TypeError("Crystal got too many positional arguments")
+            group = args.pop(0)
+        if kwargs:
+            raise TypeError(f"Crystal got unexpected arguments {sorted(kwargs)}")
+        if (group is None) == (symbol is None):
+            raise TypeError("Crystal needs exactly one of space_group and space_group_symbol")
+        sg = group if isinstance(group, SpaceGroup) else SpaceGroup(
+            group if group is not None else symbol)
+        return {"__id__": "crystal", "real_space_a": list(_tuple(real[0])),
+                "real_space_b": list(_tuple(real[1])), "real_space_c": list(_tuple(real[2])),
+                "space_group_hall_symbol": sg.hall_symbol()}
+
+    # ---------------------------------------------------------------- setters (dxtbx)
+    def _set_real_space(self, R: np.ndarray) -> None:
+        R = np.asarray(R, dtype=float).reshape(3, 3)
+        if not np.all(np.isfinite(R)) or abs(np.linalg.det(R)) < 1e-12:
+            raise ValueError("crystal real-space vectors must be finite and linearly independent")
+        for row_, key in zip(R, ("real_space_a", "real_space_b", "real_space_c")):
+            self._data[key] = list(_tuple(row_))
+
+    def set_A(self, A) -> None:
+        """Set A = UB (row-major 9 values); U and B follow from it."""
+        A = _mat3(A, "A")
+        if abs(np.linalg.det(A)) < 1e-300:
+            raise ValueError("A must be invertible")
+        self._set_real_space(np.linalg.inv(A))
+
+    def set_U(self, U) -> None:
+        """Set the orientation U (a rotation matrix), keeping B: A = U B."""
+        U = _mat3(U, "U")
+        if not _is_rotation(U):
+            raise ValueError("U must be a proper rotation matrix (orthonormal, det +1)")
+        self.set_A(U @ np.asarray(self.get_B()).reshape(3, 3))
+
+    def set_B(self, B) -> None:
+        """Set B (the cell's reciprocal basis, row-major 9 values), keeping U: A = U B."""
+        self.set_A(np.asarray(self.get_U()).reshape(3, 3) @ _mat3(B, "B"))
+
+    def set_unit_cell(self, *args) -> None:
+        """``set_unit_cell(unit_cell)`` keeps U and sets B from the cell;
+        ``set_unit_cell(real_space_a, real_space_b, real_space_c)`` sets the vectors."""
+        if len(args) == 3:
+            self._set_real_space(np.vstack([_vec(v, f"real_space_{k}")
+                                            for v, k in zip(args, "abc")]))
+        elif len(args) == 1:
+            cell = args[0] if isinstance(args[0], UnitCell) else UnitCell(args[0])
+            self.set_B(cell.B_matrix())
+        else:
+            raise TypeError("set_unit_cell takes a unit cell or three real-space vectors")
+
+    def rotate_around_origin(self, axis, angle: float, deg: bool = True) -> None:
+        """Rotate the crystal (U) right-handedly by ``angle`` about ``axis``."""
+        R = _rotation_matrix(axis, float(angle) if deg else math.degrees(float(angle)))
+        self._set_real_space(self._real_space() @ R.T)
+
+    def set_A_at_scan_points(self, A_list) -> None:
+        """Set the scan-varying A matrices (each 9 values, row-major)."""
+        mats = [list(_tuple(_mat3(a, f"A_at_scan_points[{i}]"))) for i, a in enumerate(A_list)]
+        self._data["A_at_scan_points"] = mats
+        self._A_scan = None
+
+    def reset_scan_points(self) -> None:
+        """Remove the scan-varying model."""
+        self._data.pop("A_at_scan_points", None)
+        self._data.pop("B_covariance_at_scan_points", None)
+        self._A_scan = None
+
+    @property
+    def num_scan_points(self) -> int:
+        return self.get_num_scan_points()
+
+    def set_mosaicity(self, mosaicity: float, deg: bool = True) -> None:
+        m = float(mosaicity) if deg else math.degrees(float(mosaicity))
+        if not (math.isfinite(m) and m >= 0):
+            raise ValueError(f"mosaicity must be finite and >= 0, got {mosaicity}")
+        self._data["mosaicity"] = m
+
+    def set_B_covariance(self, cov) -> None:
+        c = np.asarray(cov, dtype=float).reshape(-1)
+        if c.size != 81 or not np.all(np.isfinite(c)):
+            raise ValueError("B_covariance must be 81 finite values (9 × 9)")
+        self._data["B_covariance"] = c.tolist()
+
+    def set_recalculated_unit_cell(self, unit_cell) -> None:
+        cell = unit_cell if isinstance(unit_cell, UnitCell) else UnitCell(unit_cell)
+        self._data["recalculated_unit_cell"] = list(cell.parameters())
+
+    def get_recalculated_unit_cell(self):
+        """The recalculated cell (a UnitCell), or None."""
+        p = self._data.get("recalculated_unit_cell")
+        return None if p is None else UnitCell(p)
+
+    def set_recalculated_cell_parameter_sd(self, sds) -> None:
+        self._data["recalculated_cell_parameter_sd"] = list(_tuple(_vec(sds, "sds", 6)))
+
+    def get_recalculated_cell_parameter_sd(self) -> tuple:
+        return tuple(float(x) for x in self._data.get("recalculated_cell_parameter_sd", ()))
+
+    def set_recalculated_cell_volume_sd(self, sd: float) -> None:
+        self._data["recalculated_cell_volume_sd"] = float(sd)
+
+    def get_recalculated_cell_volume_sd(self) -> float:
+        return float(self._data.get("recalculated_cell_volume_sd", 0.0))
+
+    def is_similar_to(self, other: "Crystal", angle_tolerance: float = 0.01,
+                      uc_rel_length_tolerance: float = 0.01,
+                      uc_abs_angle_tolerance: float = 1.0) -> bool:
+        """dxtbx's test: same space group, similar cells and U within ``angle_tolerance``°."""
+        if self._sg != other.get_space_group():
+            return False
+        if not self.get_unit_cell().is_similar_to(other.get_unit_cell(),
+                                                  uc_rel_length_tolerance,
+                                                  uc_abs_angle_tolerance):
+            return False
+        U1 = np.asarray(self.get_U()).reshape(3, 3)
+        U2 = np.asarray(other.get_U()).reshape(3, 3)
+        cos = (np.trace(U1.T @ U2) - 1.0) / 2.0
+        return math.degrees(math.acos(max(-1.0, min(1.0, cos)))) <= angle_tolerance
 
     def _validate(self) -> None:
         d = self._data
@@ -1007,3 +1419,201 @@ def experiment_list(filename, check_format: bool = True) -> ExperimentList:
     """Load an ``.expt`` / ``*_experiments.json`` file (dxtbx's ``serialize.load.experiment_list``;
     ``check_format`` is accepted for compatibility: image files are never opened)."""
     return ExperimentListFactory.from_json_file(filename, check_format=check_format)
+
+
+# --------------------------------------------------------------------------- dxtbx factories
+
+
+class BeamFactory:
+    """dxtbx's ``BeamFactory`` (the constructors that need no image headers)."""
+
+    @staticmethod
+    def from_dict(d: dict, t: dict | None = None) -> Beam:
+        """Beam from its JSON dict, with missing keys taken from the template ``t``."""
+        joint = dict(t or {})
+        joint.update(d)
+        return Beam(copy.deepcopy(joint))
+
+    @staticmethod
+    def make_beam(sample_to_source=None, wavelength=None, s0=None, unit_s0=None,
+                  divergence=None, sigma_divergence=None) -> Beam:
+        """From a direction towards the source (or ``unit_s0``) and a wavelength, or from s0."""
+        if divergence is None or sigma_divergence is None:
+            divergence = sigma_divergence = 0.0
+        if sample_to_source is not None or unit_s0 is not None:
+            if wavelength is None:
+                raise ValueError("make_beam needs a wavelength with a direction")
+            direction = (sample_to_source if sample_to_source is not None
+                         else -_vec(unit_s0, "unit_s0"))
+            return Beam(direction, float(wavelength), float(divergence), float(sigma_divergence))
+        if s0 is None:
+            raise ValueError("make_beam needs sample_to_source, unit_s0 or s0")
+        return Beam(s0, float(divergence), float(sigma_divergence))
+
+    @staticmethod
+    def make_polarized_beam(sample_to_source=None, wavelength=None, s0=None, unit_s0=None,
+                            polarization=None, polarization_fraction=None, divergence=None,
+                            sigma_divergence=None, flux=None, transmission=None) -> Beam:
+        if polarization is None or polarization_fraction is None:
+            raise ValueError("make_polarized_beam needs polarization and polarization_fraction")
+        beam = BeamFactory.make_beam(sample_to_source, wavelength, s0, unit_s0, divergence,
+                                     sigma_divergence)
+        beam.set_polarization_normal(polarization)
+        beam.set_polarization_fraction(polarization_fraction)
+        beam.set_flux(0.0 if flux is None else flux)
+        beam.set_transmission(1.0 if transmission is None else transmission)
+        return beam
+
+    @staticmethod
+    def simple(wavelength: float) -> Beam:
+        """Beam along -z (direction towards the source +z), as dxtbx (electron wavelengths
+        below 0.05 Å get an unpolarised beam)."""
+        return BeamFactory.simple_directional((0.0, 0.0, 1.0), wavelength)
+
+    @staticmethod
+    def simple_directional(sample_to_source, wavelength: float) -> Beam:
+        if wavelength > 0.05:
+            return BeamFactory.make_beam(sample_to_source=sample_to_source, wavelength=wavelength)
+        return BeamFactory.make_polarized_beam(sample_to_source=sample_to_source,
+                                               wavelength=wavelength, polarization=(0, 1, 0),
+                                               polarization_fraction=0.5)
+
+    @staticmethod
+    def complex(sample_to_source, polarization_fraction, polarization_plane_normal,
+                wavelength) -> Beam:
+        return BeamFactory.make_polarized_beam(sample_to_source=sample_to_source,
+                                               wavelength=wavelength,
+                                               polarization=polarization_plane_normal,
+                                               polarization_fraction=polarization_fraction)
+
+
+class GoniometerFactory:
+    """dxtbx's ``GoniometerFactory`` (single- and multi-axis constructors)."""
+
+    @staticmethod
+    def from_dict(d: dict, t: dict | None = None) -> Goniometer:
+        joint = dict(t or {})
+        joint.update(d)
+        return Goniometer(copy.deepcopy(joint))
+
+    @staticmethod
+    def make_goniometer(rotation_axis, fixed_rotation_matrix) -> Goniometer:
+        return Goniometer(rotation_axis, fixed_rotation_matrix)
+
+    @staticmethod
+    def single_axis() -> Goniometer:
+        """Rotation about +x (the dxtbx default)."""
+        return Goniometer((1.0, 0.0, 0.0))
+
+    @staticmethod
+    def single_axis_reverse() -> Goniometer:
+        """Rotation about -x."""
+        return Goniometer((-1.0, 0.0, 0.0))
+
+    @staticmethod
+    def known_axis(axis) -> Goniometer:
+        return Goniometer(axis)
+
+    @staticmethod
+    def make_multi_axis_goniometer(axes, angles, names, scan_axis: int) -> Goniometer:
+        axes_list = [list(_tuple(_vec(a, f"axes[{i}]"))) for i, a in enumerate(axes)]
+        return Goniometer({"axes": axes_list, "angles": [float(a) for a in angles],
+                           "names": [str(n) for n in names], "scan_axis": int(scan_axis)})
+
+    multi_axis = make_multi_axis_goniometer
+
+
+class ScanFactory:
+    """dxtbx's ``ScanFactory`` (``make_scan``, ``single_file``-free subset)."""
+
+    @staticmethod
+    def from_dict(d: dict, t: dict | None = None) -> Scan:
+        joint = dict(t or {})
+        joint.update(d)
+        if "exposure_time" in joint and not isinstance(joint["exposure_time"], list):
+            joint["exposure_time"] = [joint["exposure_time"]]
+        joint.setdefault("batch_offset", 0)
+        joint.setdefault("valid_image_ranges", {})
+        return Scan(copy.deepcopy(joint))
+
+    @staticmethod
+    def make_scan(image_range, exposure_times, oscillation, epochs, batch_offset: int = 0,
+                  deg: bool = True) -> Scan:
+        """A scan from image range, exposure time(s), (start, width) and epochs (a list, or a
+        dict keyed by image number)."""
+        n = int(image_range[1]) - int(image_range[0]) + 1
+        if isinstance(exposure_times, (list, tuple, np.ndarray)):
+            times = [float(t) for t in exposure_times]
+            if len(times) != n:  # dxtbx pads with the last value (or 0)
+                times = (times + [times[-1] if times else 0.0] * n)[:n]
+        else:
+            times = [float(exposure_times)] * n
+        return Scan(image_range, oscillation, times, epochs, batch_offset, deg)
+
+
+class DetectorFactory:
+    """dxtbx's ``DetectorFactory``: ``simple``, ``make_detector`` and ``from_dict``."""
+
+    _DIRECTIONS = {"+x": (1.0, 0.0, 0.0), "-x": (-1.0, 0.0, 0.0),
+                   "+y": (0.0, 1.0, 0.0), "-y": (0.0, -1.0, 0.0)}
+    _SENSORS = {"PAD": "SENSOR_PAD", "CCD": "SENSOR_CCD", "IMAGE_PLATE": "SENSOR_IMAGE_PLATE",
+                "UNKNOWN": "SENSOR_UNKNOWN"}
+
+    @staticmethod
+    def from_dict(d: dict, t: dict | None = None) -> Detector:
+        joint = dict(t or {})
+        joint.update(d)
+        return Detector(copy.deepcopy(joint))
+
+    @staticmethod
+    def sensor(name: str) -> str:
+        """dxtbx sensor type name for ``"PAD"``, ``"CCD"``, ... (or the name itself)."""
+        key = str(name).upper().replace("SENSOR_", "")
+        return DetectorFactory._SENSORS.get(key, str(name))
+
+    @staticmethod
+    def make_detector(stype, fast_axis, slow_axis, origin, pixel_size, image_size,
+                      trusted_range=(0.0, 0.0), px_mm=None, name: str = "Panel",
+                      thickness: float = 0.0, material: str = "", mu: float = 0.0,
+                      gain=None, pedestal=None, identifier: str = "") -> Detector:
+        """A one-panel detector (``px_mm`` and ``pedestal`` are accepted and not modelled)."""
+        panel = {"name": name, "type": DetectorFactory.sensor(stype),
+                 "fast_axis": list(_tuple(_unit(_vec(fast_axis, "fast_axis"), "fast_axis"))),
+                 "slow_axis": list(_tuple(_unit(_vec(slow_axis, "slow_axis"), "slow_axis"))),
+                 "origin": list(_tuple(_vec(origin, "origin"))),
+                 "pixel_size": list(_tuple(_vec(pixel_size, "pixel_size", 2))),
+                 "image_size": [int(x) for x in image_size],
+                 "trusted_range": list(_tuple(_vec(trusted_range, "trusted_range", 2))),
+                 "thickness": float(thickness), "material": str(material), "mu": float(mu),
+                 "gain": 1.0 if gain is None else float(gain), "identifier": str(identifier),
+                 "mask": []}
+        return Detector({"panels": [panel]})
+
+    @staticmethod
+    def simple(sensor, distance: float, beam_centre, fast_direction: str, slow_direction: str,
+               pixel_size, image_size, trusted_range=(0.0, 0.0), mask=(), px_mm=None,
+               mu: float = 0.0, gain=None, pedestal=None, identifier: str = "") -> Detector:
+        """A flat detector normal to the beam at ``distance`` mm, beam centre (mm) given
+        along the fast and slow directions (``"+x"``, ``"-x"``, ``"+y"``, ``"-y"``)."""
+        dirs = DetectorFactory._DIRECTIONS
+        if fast_direction not in dirs or slow_direction not in dirs or (
+                fast_direction[1] == slow_direction[1]):
+            raise ValueError("fast_direction and slow_direction must be two of +x, -x, +y, -y "
+                             "along different axes")
+        fast, slow = np.array(dirs[fast_direction]), np.array(dirs[slow_direction])
+        origin = -beam_centre[0] * fast - beam_centre[1] * slow + np.array([0, 0, -distance])
+        detector = DetectorFactory.make_detector(sensor, fast, slow, origin, pixel_size,
+                                                 image_size, trusted_range, px_mm, mu=mu,
+                                                 gain=gain, identifier=identifier)
+        detector[0]._data["mask"] = [list(m) for m in mask]
+        return detector
+
+
+class CrystalFactory:
+    """dxtbx's ``CrystalFactory.from_dict``."""
+
+    @staticmethod
+    def from_dict(d: dict, t: dict | None = None) -> Crystal:
+        joint = dict(t or {})
+        joint.update(d)
+        return Crystal(copy.deepcopy(joint))

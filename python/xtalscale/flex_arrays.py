@@ -71,6 +71,9 @@ __all__ = [
     "first_index",
     "last_index",
     "linear_correlation",
+    "packed_u_size",
+    "packed_u_diagonal_positions",
+    "symmetric_from_packed_u",
 ]
 
 _builtin_int = int
@@ -686,6 +689,54 @@ class double(_NumericMixin, FlexArray):
             raise ValueError(f"matrix_multiply: shapes {a.shape} and {b.shape} do not match")
         return double._wrap(np.ascontiguousarray(a @ b))
 
+    # scitbx vector norms and matrix helpers used by least-squares code
+    def norm(self) -> float:
+        """Euclidean norm of all elements."""
+        return float(np.linalg.norm(self._a.ravel()))
+
+    def norm_inf(self) -> float:
+        """Largest absolute element (0 for an empty array)."""
+        a = self._a
+        return float(np.abs(a).max()) if a.size else 0.0
+
+    def matrix_diagonal(self) -> "double":
+        """Diagonal of a square 2-D grid (a copy)."""
+        a = self._a
+        if a.ndim != 2 or a.shape[0] != a.shape[1]:
+            raise ValueError(f"matrix_diagonal needs a square 2-D grid (got shape {a.shape})")
+        return double._wrap(np.diagonal(a).copy())
+
+    def matrix_paste_column_in_place(self, column: Any, j: Any) -> None:
+        """Write ``column`` into column ``j`` of this 2-D grid."""
+        a, c = self._a, np.asarray(column, dtype=np.float64)
+        if a.ndim != 2 or c.shape != (a.shape[0],):
+            raise ValueError(f"matrix_paste_column_in_place: column of shape {c.shape} does not "
+                             f"fit a grid of shape {a.shape}")
+        a[:, operator_index(j)] = c
+
+    def matrix_packed_u_diagonal(self) -> "double":
+        """Diagonal of a symmetric matrix stored packed-upper (row by row, i <= j)."""
+        return double._wrap(self._a[packed_u_diagonal_positions(packed_u_size(self._a))].copy())
+
+    def matrix_packed_u_diagonal_add_in_place(self, value: Any) -> None:
+        """Add ``value`` (a scalar or one value per row) to the packed-upper diagonal, in place."""
+        positions = packed_u_diagonal_positions(packed_u_size(self._a))
+        self._a[positions] += np.asarray(value, dtype=np.float64)
+
+    def matrix_packed_u_as_symmetric(self) -> "double":
+        """The full symmetric ``n × n`` grid of a packed-upper matrix."""
+        return double._wrap(symmetric_from_packed_u(self._a))
+
+    def matrix_symmetric_as_packed_u(self, relative_epsilon: float = 1e-12) -> "double":
+        """Packed-upper form of a symmetric 2-D grid (ValueError if it is not symmetric)."""
+        a = self._a
+        if a.ndim != 2 or a.shape[0] != a.shape[1]:
+            raise ValueError(f"matrix_symmetric_as_packed_u needs a square grid (got {a.shape})")
+        scale = float(np.abs(a).max()) if a.size else 0.0
+        if not np.allclose(a, a.T, rtol=0.0, atol=relative_epsilon * _builtin_max(scale, 1.0)):
+            raise ValueError("matrix_symmetric_as_packed_u: the matrix is not symmetric")
+        return double._wrap(a[np.triu_indices(a.shape[0])].copy())
+
     def __rmul__(self, other: Any) -> Any:
         if _is_sparse(other):  # M * v: column-vector product
             if self._buf.ndim != 1 or other.shape[1] != self._n:
@@ -1059,6 +1110,32 @@ def _nonempty(a: Any, name: str) -> np.ndarray:
     return arr
 
 
+# ---------------------------------------------------------------------------- packed-upper matrices
+def packed_u_size(packed: Any) -> _builtin_int:
+    """Order n of a symmetric matrix stored packed-upper in n (n + 1) / 2 values."""
+    m = np.asarray(packed).size
+    n = _builtin_int((np.sqrt(8 * m + 1) - 1) // 2)
+    if n * (n + 1) // 2 != m or np.asarray(packed).ndim != 1:
+        raise ValueError(f"{m} values are not a packed-upper symmetric matrix (n (n + 1) / 2)")
+    return n
+
+
+def packed_u_diagonal_positions(n: _builtin_int) -> np.ndarray:
+    """Positions of the diagonal in packed-upper storage of order n (row i starts at
+    i n - i (i - 1) / 2)."""
+    i = np.arange(n)
+    return i * n - (i * (i - 1)) // 2
+
+
+def symmetric_from_packed_u(packed: Any) -> np.ndarray:
+    """The full symmetric ``n × n`` float64 matrix of a packed-upper vector."""
+    p = np.asarray(packed, dtype=np.float64)
+    n = packed_u_size(p)
+    full = np.zeros((n, n))
+    full[np.triu_indices(n)] = p
+    return full + np.triu(full, 1).T
+
+
 # ---------------------------------------------------------------------------- module functions
 def mean(a: Any) -> float:
     """Arithmetic mean (ValueError on an empty array, as scitbx)."""
@@ -1122,8 +1199,25 @@ def pow(a: Any, e: Any) -> FlexArray:  # noqa: A001
     return as_flex(np.power(_plain(a, "pow"), e))
 
 
-def mean_and_variance(a: Any) -> "_MeanAndVariance":
-    return _MeanAndVariance(_nonempty(a, "mean_and_variance"))
+def mean_and_variance(values: Any, weights: Any = None) -> "_MeanAndVariance":
+    """scitbx ``flex.mean_and_variance(values[, weights])``: weighted sums and derived statistics.
+
+    Raises
+    ------
+    ValueError
+        If ``values`` is empty or not 1-D, or ``weights`` differs in length or is not finite.
+    """
+    x = _nonempty(values, "mean_and_variance").astype(np.float64, copy=False)
+    if x.ndim != 1:
+        raise ValueError(f"flex.mean_and_variance: values must be 1-D (got shape {x.shape})")
+    if weights is None:
+        return _MeanAndVariance(x, None)
+    w = _plain(weights, "weights").astype(np.float64, copy=False)
+    if w.shape != x.shape:
+        raise ValueError(f"flex.mean_and_variance: {w.size} weights for {x.size} values")
+    if not np.all(np.isfinite(w)):
+        raise ValueError("flex.mean_and_variance: weights must be finite")
+    return _MeanAndVariance(x, w)
 
 
 def min_max_mean_double(a: Any) -> "_MinMaxMean":
@@ -1304,16 +1398,90 @@ class _MinMaxMean:
 
 
 class _MeanAndVariance:
-    def __init__(self, a: np.ndarray) -> None:
-        self._a = a.astype(np.float64)
+    """Weighted sums of one sample and the statistics scitbx's ``mean_and_variance`` derives.
+
+    Unweighted, every weight is 1. With W = Σw, W2 = Σw², m = Σw·x / W and D = Σw·(x - m)²:
+    ``gsl_stats_wvariance = W / (W² - W2) · D`` (GSL's weighted variance, = D / (n - 1)
+    unweighted), ``standard_error_of_mean_calculated_from_sample_weights = 1 / sqrt(W)`` and
+    the conservative variance is the larger of the two squared. The ``unweighted_*`` accessors
+    refuse a weighted sample, as scitbx's do.
+    """
+
+    def __init__(self, x: np.ndarray, w: Any) -> None:
+        self._have_weights = w is not None
+        if w is None:
+            self._sw = float(x.size)
+            self._sw2 = float(x.size)
+            self._swx = float(x.sum())
+        else:
+            self._sw = float(w.sum())
+            self._sw2 = float(np.dot(w, w))
+            self._swx = float(np.dot(w, x))
+        if not self._sw > 0:
+            raise ValueError("flex.mean_and_variance: the weights must sum to a positive value")
+        m = self._swx / self._sw
+        d = x - m
+        self._swd2 = float(np.dot(d, d)) if w is None else float(np.dot(w, d * d))
+
+    def have_weights(self) -> _builtin_bool:
+        return self._have_weights
 
     def mean(self) -> float:
-        return float(self._a.mean())
+        return self._swx / self._sw
+
+    def sum_weights(self) -> float:
+        return self._sw
+
+    def sum_weights_sq(self) -> float:
+        return self._sw2
+
+    def sum_weights_values(self) -> float:
+        return self._swx
+
+    def sum_weights_delta_sq(self) -> float:
+        return self._swd2
+
+    def gsl_stats_wvariance(self) -> float:
+        denominator = self._sw * self._sw - self._sw2
+        if not denominator > 0:
+            raise ValueError("flex.mean_and_variance: the weighted variance needs at least two "
+                             "values with non-zero weight")
+        return self._sw / denominator * self._swd2
+
+    def gsl_stats_wsd(self) -> float:
+        return float(np.sqrt(self.gsl_stats_wvariance()))
+
+    def standard_error_of_mean_calculated_from_sample_weights(self) -> float:
+        return float(1.0 / np.sqrt(self._sw))
+
+    def conservative_variance(self) -> float:
+        return _builtin_max(self.gsl_stats_wvariance(), 1.0 / self._sw)
+
+    def conservative_standard_deviation(self) -> float:
+        return float(np.sqrt(self.conservative_variance()))
+
+    # the older scitbx names of the same quantities
+    gsl_variance = gsl_stats_wvariance
+    gsl_standard_deviation = gsl_stats_wsd
+
+    def cumulative_variance(self) -> float:
+        return 1.0 / self._sw
+
+    def cumulative_standard_deviation(self) -> float:
+        return self.standard_error_of_mean_calculated_from_sample_weights()
+
+    def _require_unweighted(self, what: str) -> None:
+        if self._have_weights:
+            raise ValueError(f"flex.mean_and_variance.{what}() is for unweighted samples only")
 
     def unweighted_sample_variance(self) -> float:
-        if self._a.size < 2:
+        self._require_unweighted("unweighted_sample_variance")
+        if self._sw < 2:
             raise ValueError("sample variance needs at least two values")
-        return float(self._a.var(ddof=1))
+        return self._swd2 / (self._sw - 1.0)
 
     def unweighted_sample_standard_deviation(self) -> float:
         return float(np.sqrt(self.unweighted_sample_variance()))
+
+    def unweighted_standard_error_of_mean(self) -> float:
+        return float(np.sqrt(self.unweighted_sample_variance() / self._sw))

@@ -32,6 +32,7 @@ import scipy.sparse as sp
 
 from .components import ComponentModelBlock
 from .scaling_utilities import row_multiply
+from .sparse import SparseMatrix, as_sparse_matrix
 
 __all__ = [
     "ParameterManagerError",
@@ -717,7 +718,8 @@ class RefinerCalculator:
     """Inverse scales and their derivatives for one dataset block (DIALS ``basis_functions``)."""
 
     @staticmethod
-    def calculate_scales_and_derivatives(apm: Any, block_id: int) -> tuple[np.ndarray, sp.csr_matrix]:
+    def calculate_scales_and_derivatives(apm: Any,
+                                         block_id: int) -> tuple[np.ndarray, SparseMatrix]:
         """``g`` and ``dg/dp`` (``n_b x n_active``) of the active components of ``apm``.
 
         ``g`` is the product of the active components' scales and, when the
@@ -734,19 +736,29 @@ class RefinerCalculator:
         """
         constant = getattr(apm, "constant_g_values", None)
         const = None if constant is None else np.asarray(constant[block_id], dtype=np.float64)
-        objects = [info["object"] for info in apm.components.values()]
-        if not objects:
+        if not apm.components:
             if const is None:
                 raise ValueError("the parameter manager has neither active components nor constant scales")
-            return const.copy(), sp.csr_matrix((0, 0))
+            return const.copy(), SparseMatrix((0, 0))
+        objects = [info["object"] for info in apm.components.values()]
         if len(objects) == 1:
             scales, derivs = objects[0].calculate_scales_and_derivatives(block_id)
             scales = np.asarray(scales, dtype=np.float64)
             g = scales * const if const is not None else scales.copy()
-            return g, sp.csr_matrix(derivs)
+            return g, as_sparse_matrix(sp.csr_matrix(derivs))
         # The fixed factors join the product with no columns of their own.
         g, jac = ComponentModelBlock(objects, block_id, fixed_scales=const).evaluate()
-        return g.copy(), jac
+        return g.copy(), as_sparse_matrix(jac)
+
+    @staticmethod
+    def _calc_component_scales_derivatives(apm: Any, block_id: int) -> tuple[list, list]:
+        """Each active component's scales and derivatives for one block (DIALS's helper)."""
+        scales, derivatives = [], []
+        for info in apm.components.values():
+            s, d = info["object"].calculate_scales_and_derivatives(block_id)
+            scales.append(s)
+            derivatives.append(d)
+        return scales, derivatives
 
 
 # --------------------------------------------------------------------------

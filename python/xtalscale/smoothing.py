@@ -38,9 +38,12 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-from scipy.sparse import csr_matrix
 
 from ._core import smoothers as _ext
+from .sparse import SparseMatrix, SparseVector
+
+#: The smoother's weight matrices are the package's scitbx-like CSR matrices.
+WeightMatrix = SparseMatrix
 
 __all__ = [
     "GaussianSmoother",
@@ -58,92 +61,6 @@ _AXES = ("x", "y", "z")
 
 
 # ------------------------------------------------------------------------------ result types
-class SparseVector:
-    """A sparse vector of weights, shaped like ``scitbx.sparse.vector``.
-
-    Parameters
-    ----------
-    size : int
-        Length of the (dense) vector.
-    indices : numpy.ndarray
-        Ascending positions of the stored entries.
-    data : numpy.ndarray
-        Values of the stored entries.
-    """
-
-    __slots__ = ("_size", "data", "indices")
-
-    def __init__(self, size: int, indices: np.ndarray, data: np.ndarray) -> None:
-        self._size = int(size)
-        self.indices = indices
-        self.data = data
-
-    @property
-    def size(self) -> int:
-        """Length of the dense vector (an attribute, as in scitbx)."""
-        return self._size
-
-    @property
-    def non_zeroes(self) -> int:
-        """Number of stored entries."""
-        return int(self.indices.size)
-
-    def __len__(self) -> int:
-        return self._size
-
-    def __getitem__(self, i: int) -> float:
-        i = int(i)
-        if i < 0:
-            i += self._size
-        if not 0 <= i < self._size:
-            raise IndexError(f"index {i} is out of range for a vector of size {self._size}")
-        k = int(np.searchsorted(self.indices, i))
-        if k < self.indices.size and self.indices[k] == i:
-            return float(self.data[k])
-        return 0.0
-
-    def __iter__(self) -> Iterator[float]:
-        return iter(self.as_dense_vector().tolist())
-
-    def as_dense_vector(self) -> np.ndarray:
-        """Return the dense vector as a float64 array."""
-        dense = np.zeros(self._size)
-        dense[self.indices] = self.data
-        return dense
-
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        dense = self.as_dense_vector()
-        return dense if dtype is None else dense.astype(dtype)
-
-    def __repr__(self) -> str:
-        items = zip(self.indices.tolist(), self.data.tolist())
-        pairs = ", ".join(f"{i}: {w:.6g}" for i, w in items)
-        return f"SparseVector(size={self._size}, {{{pairs}}})"
-
-
-class WeightMatrix(csr_matrix):
-    """A CSR matrix of smoother weights (rows = points) with DIALS's sparse-matrix accessors."""
-
-    @property
-    def non_zeroes(self) -> int:
-        """Number of stored entries (``scitbx.sparse.matrix.non_zeroes``)."""
-        return int(self.nnz)
-
-    @property
-    def n_rows(self) -> int:
-        """Number of rows (points)."""
-        return int(self.shape[0])
-
-    @property
-    def n_cols(self) -> int:
-        """Number of columns (smoother values)."""
-        return int(self.shape[1])
-
-    def as_dense_matrix(self) -> np.ndarray:
-        """Return the dense matrix as a 2-D float64 array."""
-        return self.toarray()
-
-
 class ValueWeight(tuple):
     """``(value, weight, sumweight)``, also offering DIALS's ``get_value()`` style accessors.
 

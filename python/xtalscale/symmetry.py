@@ -28,6 +28,7 @@ from typing import NamedTuple
 import gemmi
 import numpy as np
 
+from . import flex_arrays as _flex
 from ._core import grouping as _core_grouping
 
 __all__ = [
@@ -46,6 +47,8 @@ __all__ = [
     "reindex_unit_cell",
     "miller_array",
     "add_asu_miller_index",
+    "map_indices_to_asu",
+    "get_sorted_asu_indices",
 ]
 
 
@@ -309,8 +312,9 @@ class UnitCell:
 
     Parameters
     ----------
-    parameters : sequence of 6 floats, or gemmi.UnitCell
-        ``(a, b, c, alpha, beta, gamma)`` in Å and degrees.
+    parameters : sequence of 6 floats, str, or gemmi.UnitCell
+        ``(a, b, c, alpha, beta, gamma)`` in Å and degrees; a string holds the six numbers
+        separated by spaces or commas (cctbx's ``unit_cell("a b c al be ga")``).
 
     Raises
     ------
@@ -323,6 +327,12 @@ class UnitCell:
             p = parameters.parameters
         elif isinstance(parameters, UnitCell):
             p = parameters.parameters()
+        elif isinstance(parameters, str):
+            try:
+                p = tuple(float(x) for x in parameters.replace(",", " ").split())
+            except ValueError:
+                raise ValueError(
+                    f"unit cell string must hold 6 numbers, got {parameters!r}") from None
         else:
             p = tuple(float(x) for x in parameters)
         if len(p) != 6 or not all(np.isfinite(p)) or min(p) <= 0:
@@ -349,6 +359,17 @@ class UnitCell:
     def volume(self) -> float:
         """Cell volume in Å^3."""
         return float(self._cell.volume)
+
+    def reciprocal(self) -> "UnitCell":
+        """The reciprocal cell (a*, b*, c*, alpha*, beta*, gamma*) as a UnitCell."""
+        return UnitCell(self.reciprocal_parameters())
+
+    def metrical_matrix(self) -> tuple:
+        """cctbx's metrical matrix ``(a·a, b·b, c·c, a·b, a·c, b·c)``."""
+        a, b, c, al, be, ga = self.parameters()
+        cos = np.cos(np.radians([al, be, ga]))
+        return (a * a, b * b, c * c, float(a * b * cos[2]), float(a * c * cos[1]),
+                float(b * c * cos[0]))
 
     def fractionalization_matrix(self) -> np.ndarray:
         """3x3 matrix mapping Cartesian to fractional coordinates."""
@@ -560,6 +581,31 @@ def group_reflections(asu_hkl) -> Grouping:
     order, group_index, offsets = _core_grouping.group_miller_indices(hkl)
     unique = np.ascontiguousarray(hkl[order[offsets[:-1]]])
     return Grouping(order, group_index, offsets, unique)
+
+
+def map_indices_to_asu(miller_indices, space_group, anomalous: bool = False):
+    """DIALS's ``map_indices_to_asu``: the ASU Miller indices as a ``flex.miller_index``.
+
+    Same mapping as :func:`map_to_asu` (``anomalous=True`` keeps Bijvoet mates apart by
+    negating the acentric minus mates, as cctbx does).
+    """
+    return _flex.miller_index(map_to_asu(miller_indices, space_group, anomalous).asu_hkl)
+
+
+def get_sorted_asu_indices(asu_indices, space_group, anomalous: bool = False):
+    """DIALS's ``get_sorted_asu_indices``: the ASU indices sorted in cctbx's
+    ``packed_indices`` order (lexicographic signed h, k, l; stable) and the permutation.
+
+    Returns
+    -------
+    (flex.miller_index, flex.size_t)
+        ``sorted = asu_indices.select(permutation)``. ``space_group`` and ``anomalous`` are
+        accepted for DIALS's signature; the order depends on the indices only.
+    """
+    _as_space_group(space_group)  # validated, as DIALS builds its miller set from it
+    hkl = miller_array(asu_indices, "asu_indices")
+    order = group_reflections(hkl).order
+    return _flex.miller_index(np.ascontiguousarray(hkl[order])), _flex.size_t(order)
 
 
 # --------------------------------------------------------------------------- misc

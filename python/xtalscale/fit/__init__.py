@@ -35,6 +35,13 @@ Refineries (:mod:`xtalscale.fit.refiner`)
 Scaler (:mod:`xtalscale.fit.scaler`)
     ``BasicScaler(models, tables, space_group)``: a minimal protocol implementation.
 
+Dense least squares with scitbx lstbx semantics (:mod:`xtalscale.fit.lstsq`)
+    ``linear_ls``, ``non_linear_ls``, ``non_linear_ls_mixin`` and the iterations
+    (``levenberg_marquardt_iterations`` incl. the commissioning API's one-shot
+    ``residuals=, jacobian=`` form), reached through ``xtalscale.lstbx``; robust weighting
+    schemes in :mod:`xtalscale.fit.weighting`; a ``scitbx.matrix`` subset in
+    :mod:`xtalscale.fit.matrix`.
+
 Kernels (``xtalscale._core.fit``): ``functional_and_gradient``, ``normal_equations``,
 ``calc_Ih``, ``sum_in_groups``, ``max_threads``; all take ``n_threads`` (OpenMP, results
 bit-identical for any thread count) and release the GIL.

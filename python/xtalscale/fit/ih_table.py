@@ -314,13 +314,13 @@ class IhTableBlock:
 
     def as_reflection_table(self) -> Any:
         """The block's columns as a reflection table (asu index, Ĩ, weights, ...)."""
-        from .. import flex_arrays as fa
+        from .. import flex_arrays as flex
         from ..reflection_table import reflection_table
 
         t = reflection_table()
         for k, v in self._arrays.items():
-            t[k] = fa.double(np.asarray(v, np.float64)) if np.asarray(v).dtype.kind == "f" else fa.int(np.asarray(v, np.int32))
-        t["asu_miller_index"] = fa.miller_index([tuple(int(x) for x in h) for h in self._hkl.tolist()])
+            t[k] = flex.double(np.asarray(v, np.float64)) if np.asarray(v).dtype.kind == "f" else flex.int(np.asarray(v, np.int32))
+        t["asu_miller_index"] = flex.miller_index(np.asarray(self._hkl, dtype=np.int32).reshape(-1, 3))
         return t
 
 
@@ -410,8 +410,8 @@ class IhTable:
         asu = map_to_asu(hkl_all, self.space_group, anomalous=self.anomalous).asu_hkl
         try:
             if not _has(table, "asu_miller_index"):
-                from .. import flex_arrays as fa
-                table["asu_miller_index"] = fa.miller_index([tuple(int(x) for x in h) for h in asu.tolist()])
+                from .. import flex_arrays as flex
+                table["asu_miller_index"] = flex.miller_index(np.asarray(asu, dtype=np.int32))
         except (TypeError, AttributeError, ValueError):
             pass  # a plain read-only mapping: nothing to store
         return asu if sel is None else asu[sel]

@@ -1,0 +1,1 @@
+"""cctbx-shaped import path (facade): ``from xtalscale.cctbx import uctbx``."""

@@ -1,0 +1,4 @@
+"""dxtbx ``model.crystal`` facade over :mod:`xtalscale.experiments`."""
+from ...experiments import Crystal, CrystalFactory
+
+__all__ = ["Crystal", "CrystalFactory"]
