@@ -282,7 +282,8 @@ class IhTableBlock:
         new.exclusion = self.exclusion[idx].copy()
         new._arrays["Ih_values"] = self.Ih_values[idx].copy()
         if self.derivatives is not None:
-            new.derivatives = sp.csr_matrix(self.derivatives)[idx]
+            d = self.derivatives
+            new.derivatives = sp.csr_matrix(d.as_scipy() if hasattr(d, "as_scipy") else d)[idx]
         return new
 
     def select_on_groups(self, sel: Any) -> "IhTableBlock":

@@ -24,7 +24,37 @@ import scipy.sparse as sp
 from .._core import fit as _fit
 from .restraints import ScalingRestraintsCalculator
 
-__all__ = ["ScalingTarget", "ScalingTargetFixedIH", "block_kernel_arguments", "canonical_csr"]
+__all__ = ["ScalingTarget", "ScalingTargetFixedIH", "StackedDerivatives", "block_kernel_arguments",
+           "canonical_csr"]
+
+
+class StackedDerivatives:
+    """∂g/∂p of a block made of several datasets' rows, kept as one CSR piece per dataset.
+
+    Piece ``k`` covers block rows ``row_starts[k]:row_starts[k] + n_rows_k`` and parameter
+    columns ``column_offsets[k]:column_offsets[k] + n_cols_k`` (block-diagonal). The C++ kernels
+    take the pieces directly as model blocks, so the N × P matrix (about 360 B/obs at k = 30)
+    is never concatenated; :meth:`as_scipy` assembles it only for the explicit-Jacobian paths.
+    """
+
+    def __init__(self, pieces: list[sp.csr_matrix], row_starts: list[int], column_offsets: list[int],
+                 n_cols: int) -> None:
+        self.pieces = pieces
+        self.row_starts = row_starts
+        self.column_offsets = column_offsets
+        self.shape = (int(sum(p.shape[0] for p in pieces)), int(n_cols))
+
+    def as_scipy(self) -> sp.csr_matrix:
+        """The whole block-diagonal matrix (one copy of every piece)."""
+        data, indices, indptrs, nnz = [], [], [], 0
+        for piece, col in zip(self.pieces, self.column_offsets):
+            data.append(piece.data)
+            indices.append(piece.indices.astype(np.int64) + col)
+            indptrs.append(piece.indptr[:-1].astype(np.int64) + nnz)
+            nnz += int(piece.indptr[-1])
+        indptrs.append(np.array([nnz], dtype=np.int64))
+        return sp.csr_matrix((np.concatenate(data), np.concatenate(indices), np.concatenate(indptrs)),
+                             shape=self.shape)
 
 
 def canonical_csr(matrix: Any, n_rows: int) -> sp.csr_matrix:
@@ -46,8 +76,19 @@ def canonical_csr(matrix: Any, n_rows: int) -> sp.csr_matrix:
 def block_kernel_arguments(block: Any, derivatives: Any = None) -> tuple[Any, ...]:
     """``(group_offsets, I, w, [model block], n_params)`` for the C++ kernels of one Ih block."""
     offsets, inten, w, rows = block.table_arrays()
-    d = canonical_csr(block.derivatives if derivatives is None else derivatives, block.size)
+    source = block.derivatives if derivatives is None else derivatives
     g = np.ascontiguousarray(block.inverse_scale_factors, dtype=np.float64)
+    if isinstance(source, StackedDerivatives):
+        if source.shape[0] != block.size:
+            raise ValueError(f"derivatives have {source.shape[0]} rows but the block has {block.size}")
+        models = []
+        for piece, start, col in zip(source.pieces, source.row_starts, source.column_offsets):
+            d = canonical_csr(piece, piece.shape[0])
+            stop = start + d.shape[0]
+            models.append((g[start:stop], d.indptr.astype(np.int64, copy=False),
+                           d.indices.astype(np.int32, copy=False), d.data, d.shape[1], col, rows[start:stop]))
+        return offsets, inten, w, models, source.shape[1]
+    d = canonical_csr(source, block.size)
     model = (g, d.indptr.astype(np.int64, copy=False), d.indices.astype(np.int32, copy=False),
              d.data, d.shape[1], 0, rows)
     return offsets, inten, w, [model], d.shape[1]

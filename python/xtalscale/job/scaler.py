@@ -192,34 +192,38 @@ class ScalerBase:
 
     def update_for_minimisation(self, apm: Any, block_id: int) -> None:
         """g and ∂g/∂p of every dataset on a block (dataset rows in order), then Ĩ."""
+        from ..fit.target import StackedDerivatives
         from ..parameter_managers import RefinerCalculator
 
         block = self.Ih_table.blocked_data_list[block_id]
         # The engine asks again for the same parameters (set_x, then each evaluation): the
-        # block still holds g and dg/dp for them unless the target consumed the derivatives.
+        # block's g and dg/dp are still right for them, even if the target consumed (freed) the
+        # derivatives, which are then handed back from this cache instead of recomputed.
         key = (id(apm), np.asarray(apm.get_param_vals(), dtype=np.float64).tobytes())
-        if self._update_keys.get(block_id) == key and block.derivatives is not None:
+        cached = self._update_keys.get(block_id)
+        if cached is not None and cached[0] == key:
+            if block.derivatives is None:
+                block.derivatives = cached[1]
             return
         apms = list(apm.apm_list) if hasattr(apm, "apm_list") else [apm]
         n_total = int(sum(a.n_active_params for a in apms))
-        scales, data, indices, indptrs, start, row_offset = [], [], [], [], 0, 0
+        scales, pieces, row_starts, col_offsets, start, row_offset = [], [], [], [], 0, 0
         for a in apms:
             g, d = RefinerCalculator.calculate_scales_and_derivatives(a, block_id)
             d = sp.csr_matrix(d) if d.shape[1] else sp.csr_matrix((len(g), 0))
-            # each dataset's columns start after the previous datasets' (block-diagonal CSR,
-            # assembled from the pieces instead of scipy's slower general stacking)
             scales.append(np.asarray(g, dtype=np.float64))
-            data.append(d.data)
-            indices.append(d.indices + np.int32(start) if start else d.indices)
-            indptrs.append(d.indptr[:-1] + row_offset if row_offset else d.indptr[:-1])
-            row_offset += int(d.indptr[-1])
+            pieces.append(d)
+            row_starts.append(row_offset)
+            col_offsets.append(start)
+            row_offset += len(g)
             start += a.n_active_params
-        indptrs.append(np.array([row_offset], dtype=indptrs[0].dtype if indptrs else np.int64))
-        g_all = np.concatenate(scales)
+        g_all = scales[0] if len(scales) == 1 else np.concatenate(scales)
         block.inverse_scale_factors = g_all
-        block.derivatives = sp.csr_matrix((np.concatenate(data), np.concatenate(indices), np.concatenate(indptrs)),
-                                          shape=(g_all.size, n_total))
-        self._update_keys[block_id] = key
+        # each dataset's columns start after the previous datasets' (block-diagonal): the
+        # pieces go to the kernels as they are, never concatenated
+        block.derivatives = pieces[0] if len(pieces) == 1 else StackedDerivatives(
+            pieces, row_starts, col_offsets, n_total)
+        self._update_keys[block_id] = (key, block.derivatives)
         block.calc_Ih()
 
     # ------------------------------------------------------------------ scaling
@@ -267,7 +271,14 @@ class ScalerBase:
             var_cov = refinery.get_var_cov()
             if var_cov is not None:
                 self._store_var_cov(apm, np.asarray(var_cov))
+            self._release_derivatives()
         self._tick("minimisation", t0)
+
+    def _release_derivatives(self) -> None:
+        """Free the cached ∂g/∂p after a round (the largest per-observation array)."""
+        self._update_keys = {}
+        for block in self.Ih_table.blocked_data_list:
+            block.derivatives = None
 
     def _store_var_cov(self, apm: Any, var_cov: np.ndarray) -> None:
         """Keep each dataset's diagonal block (cross-dataset terms are dropped, as DIALS)."""
