@@ -25,7 +25,7 @@ from .prepare import (
     filter_bad_reflections,
     parse_exclude_images,
 )
-from .reflection_selection import select_for_minimisation
+from .reflection_selection import select_for_minimisation, use_all_for_last_round
 from .scaler import MultiScaler, ScalerBase, SingleScaler
 
 __all__ = [
@@ -182,6 +182,10 @@ def scaling_algorithm(scaler: ScalerBase) -> ScalerBase:
         expand_and_do_outlier_rejection(scaler)
         if use_error_model:
             do_error_analysis(scaler, reselect=False)
+        use_all_for_last_round(scaler)
+        scaler.make_ready_for_scaling()
+    elif getattr(scaler, "subset_for_main_rounds", False):
+        use_all_for_last_round(scaler)
         scaler.make_ready_for_scaling()
     if so.full_matrix:
         engine = params.refinement.full_matrix_engine

@@ -227,6 +227,12 @@ reflection_selection {{
              data (every suitable observation, fitted by Gauss-Newton/Levenberg-Marquardt),
              intensity_ranges for stills. dials.scale's auto is quasi_random (a ~50k subset);
              set method=quasi_random for DIALS's behaviour."
+  main_rounds_subset = 200000
+    .type = int(value_min=0)
+    .help = "[xtalscale] auto/use_all with more suitable observations than twice this: the
+             first rounds (before the last, full-matrix round) are minimised on random whole
+             groups of about this many observations (seeded); the last round uses every
+             suitable observation, so the final model is the all-data fit. 0: never."
   random {{
     multi_dataset {{
       Isigma_cutoff = 1.0

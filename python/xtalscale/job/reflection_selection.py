@@ -16,7 +16,8 @@ import numpy as np
 
 from .grouped import GroupedObservations
 
-__all__ = ["calculate_scaling_subset_ranges", "choose_method", "select_for_minimisation", "select_random_groups"]
+__all__ = ["calculate_scaling_subset_ranges", "choose_method", "select_for_minimisation", "select_random_groups",
+           "use_all_for_last_round"]
 
 
 def calculate_scaling_subset_ranges(intensity: np.ndarray, variance: np.ndarray, d: np.ndarray,
@@ -64,6 +65,15 @@ def select_for_minimisation(scaler: Any) -> None:
     if method == "use_all":
         for ds in scaler.datasets:
             ds.minimisation = None
+        n_subset = int(getattr(params.reflection_selection, "main_rounds_subset", 0) or 0)
+        n_suitable = sum(int(ds.suitable.sum()) for ds in scaler.datasets)
+        if n_subset and n_suitable > 2 * n_subset:
+            # the first rounds only need to bring the model near its optimum: a random subset
+            # of whole groups does that at a fraction of the cost of a normal matrix over all
+            # observations; the last round (see use_all_for_last_round) fits all of them
+            _select_groups(scaler, [np.ones(int(ds.suitable.sum()), bool) for ds in scaler.datasets],
+                           n_subset, 1, int(params.reflection_selection.seed))
+            scaler.subset_for_main_rounds = True
         return
     pre = []
     for ds in scaler.datasets:
@@ -75,6 +85,23 @@ def select_for_minimisation(scaler: Any) -> None:
             ds.minimisation = sel
         return
     # random / quasi_random: groups with multiplicity > 1 among the preselected rows
+    rnd = params.reflection_selection.random
+    _select_groups(scaler, pre, int(rnd.min_reflections), int(rnd.min_groups),
+                   int(params.reflection_selection.seed))
+
+
+def use_all_for_last_round(scaler: Any) -> None:
+    """Drop the automatic main-rounds subset (``main_rounds_subset``): every suitable row."""
+    if getattr(scaler, "subset_for_main_rounds", False):
+        for ds in scaler.datasets:
+            ds.minimisation = None
+        scaler.subset_for_main_rounds = False
+
+
+def _select_groups(scaler: Any, pre: list[np.ndarray], min_reflections: int, min_groups: int,
+                   seed: int) -> None:
+    """Each dataset's ``minimisation`` mask: random groups of multiplicity > 1 among the ``pre``
+    rows, at least ``min_reflections`` rows and ``min_groups`` groups (seeded)."""
     grouped = scaler._grouped_suitable(keep=pre)
     multi = grouped.group_sizes()[grouped.group_of_row()] > 1
     if not multi.any():
@@ -82,10 +109,9 @@ def select_for_minimisation(scaler: Any) -> None:
             ds.minimisation = None        # DIALS falls back to use_all
         return
     grouped = grouped.subset(multi)
-    rnd = params.reflection_selection.random
     mean_m = grouped.size / max(grouped.n_groups, 1)
-    n_groups = max(int(math.ceil(rnd.min_reflections / mean_m)), int(rnd.min_groups))
-    rows = select_random_groups(grouped, n_groups, int(params.reflection_selection.seed))
+    n_groups = max(int(math.ceil(min_reflections / mean_m)), min_groups)
+    rows = select_random_groups(grouped, n_groups, seed)
     per_ds = grouped.rows_per_dataset(np.flatnonzero(rows))
     for k, ds in enumerate(scaler.datasets):
         # rows_per_dataset gives rows of the preselected arrays: map back to suitable rows
