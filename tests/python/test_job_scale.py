@@ -155,16 +155,37 @@ def test_dataset_emptied_by_filtering_is_removed():
     assert algorithm.scaled and len(expts) == 1
 
 
-def test_known_truth_small():
+@pytest.mark.parametrize("main_rounds_subset", [None, 2000])
+def test_known_truth_small(main_rounds_subset):
     """Simulated sweeps with a known scale: recovered to < 1 % rms after the overall scale/B
     gauge on this small set (the 10⁶-observation bench reaches the 0.5 % target), every injected
-    outlier flagged and almost no clean observation."""
+    outlier flagged and almost no clean observation; also with the first rounds on a random
+    subset of groups (main_rounds_subset, the large-data default) and the last on all rows."""
     from xtalscale.job.simulate import simulate
 
     sim = simulate(n_sweeps=2, seed=2)
-    params, _ = parse_phil_arguments([])
+    extra = [] if main_rounds_subset is None else [f"reflection_selection.main_rounds_subset={main_rounds_subset}"]
+    params, _ = parse_phil_arguments(extra)
     algorithm = ScalingAlgorithm(params, sim.experiments, [sim.reflections])
-    algorithm.run()
+    if main_rounds_subset is not None:
+        from xtalscale.job import reflection_selection
+
+        calls = []
+        original = reflection_selection.select_random_groups
+
+        def spy(grouped, n_groups, seed):
+            calls.append(n_groups)
+            return original(grouped, n_groups, seed)
+
+        reflection_selection.select_random_groups = spy
+        try:
+            algorithm.run()
+        finally:
+            reflection_selection.select_random_groups = original
+        assert calls and not algorithm.scaler.subset_for_main_rounds  # subset used, then dropped
+        assert all(ds.minimisation is None for ds in algorithm.scaler.datasets)
+    else:
+        algorithm.run()
     _, table = algorithm.finish()
     row = np.asarray(table["partial_id"]).astype(np.int64)
     g = np.asarray(table["inverse_scale_factor"])
