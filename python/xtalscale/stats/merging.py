@@ -394,9 +394,11 @@ def _significance(r: float, n: int, p: float) -> tuple[bool, float]:
     """iotbx's one-sided Student-t test of a correlation coefficient."""
     if r == -1 or n <= 2:
         return False, 0.0
-    from scipy.stats import t as student_t
+    # Student t quantile as a ufunc: the same value as scipy.stats.t.ppf, without importing
+    # scipy.stats (about a second) or its per-call distribution machinery
+    from scipy.special import stdtrit
 
-    t = float(student_t.ppf(1 - p, n - 2))
+    t = float(stdtrit(n - 2, 1 - p))
     critical = t / math.sqrt(n - 2 + t ** 2)
     return bool(r > critical), critical
 
