@@ -16,4 +16,6 @@ PYBIND11_MODULE(_core, m) {
   auto model_block = m.def_submodule(
       "model_block", "Model blocks: g and dg/dp of a model's components (the fit contract)");
   xtalscale::py_bind::bind_model_block(model_block);
+  auto stats = m.def_submodule("stats", "Merging-statistics kernels");
+  xtalscale::py_bind::bind_stats(stats);
 }

@@ -35,6 +35,7 @@ __all__ = [
     "UnitCell",
     "space_group_from_hall",
     "map_to_asu",
+    "map_to_asu_isym",
     "AsuMapping",
     "Grouping",
     "group_reflections",
@@ -492,6 +493,23 @@ def map_to_asu(hkl, space_group, anomalous: bool = False) -> AsuMapping:
     if anomalous:
         asu[minus] *= -1
     return AsuMapping(asu, isym, minus, centric)
+
+
+def map_to_asu_isym(hkl, space_group) -> tuple[np.ndarray, np.ndarray]:
+    """ASU indices and ISYM only: :func:`map_to_asu` without the per-row centric test.
+
+    For callers that need the centric flag per unique reflection rather than per row (it is
+    the slow part for 10^6 rows): the Bijvoet-minus rows are those with even ISYM among
+    acentric reflections.
+
+    Returns
+    -------
+    (asu_hkl (n, 3) int32, isym (n,) int32)
+    """
+    sg = _as_space_group(space_group)
+    hkl = miller_array(hkl, "hkl")
+    rotations, basis, condition = _asu_symmetry(sg)
+    return _core_grouping.map_to_asu(hkl, rotations, basis, condition)
 
 
 # --------------------------------------------------------------------------- grouping

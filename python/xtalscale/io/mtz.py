@@ -59,7 +59,7 @@ with one CCP4 orientation block (batch header) per image of every scan, as
 ASU index, M/ISYM and BATCH unless ``sort=False``. gemmi reads it back as unmerged data.
 :func:`write_merged_mtz` writes ``IMEAN SIGIMEAN`` and, when anomalous,
 ``I(+) SIGI(+) I(-) SIGI(-) N(+) N(-)`` like ``dials.merge``
-(:func:`xtalscale.stats.merging.write_merged_mtz_from_table` merges a table first).
+(:func:`xtalscale.stats.merged_intensities.write_merged_mtz_from_table` merges a table first).
 """
 from __future__ import annotations
 

@@ -1,2 +1,30 @@
-"""Statistics over scaled data (merging, merging statistics): above the model layer, beside
-``xtalscale.fit``; imports data and model modules only."""
+"""Statistics layer: merging statistics and resolution estimates (C++ kernels underneath)."""
+from .merging import (
+    BatchStatistics,
+    MergedArray,
+    MergingShell,
+    MergingStatistics,
+    MergingStatisticsError,
+    batch_statistics,
+    batch_statistics_from_reflections,
+    dataset_statistics,
+    normalised_deviations,
+    shell_limits,
+)
+from .resolution import ResolutionEstimate, ResolutionResult, estimate_resolution
+
+__all__ = [
+    "BatchStatistics",
+    "MergedArray",
+    "MergingShell",
+    "MergingStatistics",
+    "MergingStatisticsError",
+    "ResolutionEstimate",
+    "ResolutionResult",
+    "batch_statistics",
+    "batch_statistics_from_reflections",
+    "dataset_statistics",
+    "estimate_resolution",
+    "normalised_deviations",
+    "shell_limits",
+]

@@ -1,118 +1,935 @@
-"""Merging: inverse-variance weighted means per unique reflection, and merged-MTZ output.
+"""Merging statistics with the conventions of cctbx's ``iotbx.merging_statistics``.
 
-The per-group sums here are the Ih table's weighted means in their simplest form (one pass,
-weights 1/σ², no scales); :func:`write_merged_mtz_from_table` merges a reflection table and
-writes the result with :func:`xtalscale.io.mtz.write_merged_mtz` (like ``dials.merge``).
+The statistics a crystallographer reads after scaling (DIALS's merging-statistics table,
+AIMLESS's "Table 1") computed by one C++ pass over the grouped observations
+(:func:`xtalscale._core.stats.merging_statistics`); Python only prepares arrays (ASU
+mapping and grouping come from :mod:`xtalscale.symmetry`) and reduces per-shell sums.
+
+Conventions (iotbx ``dataset_statistics`` / ``merging_stats``, as DIALS calls it:
+``sigma_filtering=None``; the defaults here are DIALS's ``use_internal_variance=False``,
+``eliminate_sys_absent=False``, 20 bins):
+
+* Rows with a non-finite intensity or sigma, or sigma <= 0, are left out of every statistic
+  and counted (``n_rejected``; iotbx drops sigma <= 0 the same way). A ``d_min``/``d_max``
+  limit is applied first with iotbx's relative tolerance of 1e-6.
+* Shells: equal volume in reciprocal space between the observed d*² limits widened by 1e-6
+  of their span (cctbx ``binning``), or ``binning_method="counting_sorted"`` for shells of
+  about equal numbers of observations. Shell limits use every row inside the d range
+  (including sigma <= 0 rows, as iotbx's binner does); an observation with
+  ``limits[i-1] <= d*² < limits[i]`` is in shell ``i``.
+* ``n_obs``: observations; ``n_uniq``: unique reflections (ASU groups; with ``anomalous``
+  I(+) and I(-) of acentric reflections are separate); ``mean_redundancy`` = n_obs/n_uniq.
+* ``completeness`` = n_uniq / n_expected (at most 1), n_expected counting the reflections
+  of the complete set (ASU, systematic absences excluded, Friedel mates of acentric
+  reflections separate when anomalous) inside the shell's d range *and* not beyond the
+  highest-resolution reflection observed in that shell: iotbx builds the complete set of
+  the shell's merged array down to that array's own d_min. Systematically absent
+  observations count in n_uniq unless ``eliminate_sys_absent``.
+* merged ⟨I⟩ is the 1/σ²-weighted mean, σ(⟨I⟩) = sqrt(1/Σw) (or with
+  ``use_internal_variance`` sqrt(max(wvar/n, 1/Σw))); ``i_over_sigma_mean`` is the mean of
+  ⟨I⟩/σ over merged reflections with σ > 0.
+* R factors sum over unique reflections with multiplicity > 1:
+  Rmerge = Σ|I−⟨I⟩|/ΣI, Rmeas with sqrt(n/(n−1)), Rpim with sqrt(1/(n−1)) (0 if ΣI = 0).
+* ``cc_one_half``: Pearson correlation between the 1/σ²-weighted means of two random halves
+  (floor(n/2) and the rest) of every reflection with n >= 2. iotbx uses its own generator;
+  ours is seeded (``seed``), deterministic and independent of thread count, so values agree
+  with iotbx within the split's sampling noise.
+* ``cc_one_half_sigma_tau`` = (var_y − ⟨σ²⟩)/(var_y + ⟨σ²⟩) over reflections with n > 1,
+  var_y the sample variance of ⟨I⟩ and σ the internal-variance merged sigma.
+* ``cc_anom``: correlation of the half-dataset anomalous differences over acentric
+  reflections whose I(+) and I(−) both have >= 2 observations (computed in both modes).
+* ``cc_star`` = sqrt(2 CC½/(1 + CC½)) (sign kept; -inf below -0.999).
+* Anomalous mode: ``anom_completeness`` = Bijvoet pairs measured / acentric reflections of
+  the complete set in the shell; ``n_bijvoet_pairs`` is reported too.
 """
 from __future__ import annotations
 
+import json
+import math
 import os
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
-from ..experiments import ExperimentList
-from ..io.mtz import _check_unmerged_input, _checked_scales, write_merged_mtz
-from ..symmetry import centric_flags, group_reflections, map_to_asu, miller_array
+from .._core import stats as _core_stats
+from ..symmetry import (
+    SpaceGroup,
+    UnitCell,
+    centric_flags,
+    group_reflections,
+    map_to_asu,
+    map_to_asu_isym,
+    miller_array,
+    systematic_absences,
+)
 
-__all__ = ["merge_intensities", "write_merged_mtz_from_table"]
+__all__ = [
+    "BatchStatistics",
+    "MergedArray",
+    "MergingShell",
+    "MergingStatistics",
+    "MergingStatisticsError",
+    "batch_statistics",
+    "dataset_statistics",
+    "normalised_deviations",
+    "shell_limits",
+]
 
-
-def merge_intensities(hkl, intensities, variances, space_group, anomalous: bool = False):
-    """Inverse-variance weighted merge per unique (ASU) reflection (vectorised).
-
-    Returns
-    -------
-    tuple
-        ``(unique_hkl, mean, sigma, multiplicity)``; rows with variance <= 0 or
-        non-finite values are ignored.
-    """
-    I = np.asarray(intensities, dtype=np.float64)
-    V = np.asarray(variances, dtype=np.float64)
-    hkl = miller_array(hkl, "hkl")
-    if not (len(I) == len(V) == len(hkl)):
-        raise ValueError(f"hkl, intensities and variances must have equal lengths "
-                         f"(got {len(hkl)}, {len(I)}, {len(V)})")
-    ok = np.isfinite(I) & np.isfinite(V) & (V > 0)
-    m = map_to_asu(hkl[ok], space_group, anomalous=anomalous)
-    g = group_reflections(m.asu_hkl)
-    w = 1.0 / V[ok]
-    sw = np.bincount(g.group_index, weights=w, minlength=g.n_groups)
-    swi = np.bincount(g.group_index, weights=w * I[ok], minlength=g.n_groups)
-    return g.unique_hkl, swi / sw, np.sqrt(1.0 / sw), g.group_sizes()
+_D_TOLERANCE = 1e-6  # iotbx d_min_tolerance and cctbx binning relative_tolerance
+_FP_EPS = np.finfo(float).eps
 
 
+class MergingStatisticsError(ValueError):
+    """Input that merging statistics cannot be computed from (message says why)."""
 
 
-def _hkl_key(hkl: np.ndarray) -> np.ndarray:
-    """Order-preserving int64 key of signed (h, k, l) (|index| < 2**20, see miller_array)."""
-    a = hkl.astype(np.int64) + (1 << 20)
-    return (a[:, 0] << 42) + (a[:, 1] << 21) + a[:, 2]
+# --------------------------------------------------------------------------- shells
 
 
-def write_merged_mtz_from_table(filename, table, experiments: ExperimentList,
-                                intensity: str | None = None, anomalous: bool = True,
-                                duplicate_centrics: bool = False, **names) -> int:
-    """Merge a reflection table and write a merged MTZ (like ``dials.merge``).
+def _volume_limits(dss_min: float, dss_max: float, n_bins: int) -> np.ndarray:
+    """cctbx ``binning`` limits in d*²: equal volumes of reciprocal space."""
+    span = dss_max - dss_min
+    lo = max(dss_min - span * _D_TOLERANCE, 0.0)
+    hi = dss_max + span * _D_TOLERANCE
+    r_lo, r_hi = math.sqrt(lo), math.sqrt(hi)
+    v_lo = 4.0 * math.pi * r_lo ** 3 / 3.0
+    per_bin = (4.0 * math.pi * r_hi ** 3 / 3.0 - v_lo) / n_bins
+    inner = [((v_lo + i * per_bin) * 3.0 / (4.0 * math.pi)) ** (2.0 / 3.0)
+             for i in range(1, n_bins)]
+    return np.array([lo, *inner, hi])
 
-    Means are inverse-variance weighted over symmetry equivalents (rows with a
-    non-positive or non-finite variance are skipped). With ``anomalous=True`` the file also
-    holds ``I(+) SIGI(+) I(-) SIGI(-) N(+) N(-)``; a Bijvoet half with no observation is
-    missing (NaN in all three columns). Centric reflections have only a (+) half, as in
-    ``dials.merge`` output; ``duplicate_centrics=True`` copies it to (-) as AIMLESS does.
+
+def _counting_limits(dss: np.ndarray, n_bins: int, reflections_per_bin: int | None
+                     ) -> np.ndarray:
+    """Limits of shells with about equal numbers of observations (cctbx
+    ``setup_binner_counting_sorted``: ``max(ceil(n/n_bins), reflections_per_bin)`` sorted
+    d*² values per shell; equal d*² values never straddle a limit)."""
+    s = np.sort(dss)
+    n = len(s)
+    per_bin = max(1, math.ceil(n / max(1, n_bins)))
+    if reflections_per_bin:
+        per_bin = max(per_bin, int(reflections_per_bin))
+    cuts = s[per_bin:n:per_bin]
+    cuts = cuts[cuts > s[0]]
+    span = s[-1] - s[0]
+    lo = max(s[0] - span * _D_TOLERANCE, 0.0)
+    hi = s[-1] + span * _D_TOLERANCE
+    if hi <= lo:
+        hi = lo * (1 + 1e-6) + 1e-12
+    return np.unique(np.concatenate([[lo], cuts[cuts < hi], [hi]]))
+
+
+def shell_limits(d_star_sq, n_bins: int = 20, binning_method: str = "volume",
+                 reflections_per_bin: int | None = None) -> np.ndarray:
+    """Shell limits in d*² (ascending, ``n_shells + 1`` values) for the given d*² values.
 
     Parameters
     ----------
-    filename : str or path
-    table : reflection_table
-        ``miller_index``, ``id`` and ``intensity.<kind>.value/.variance``; select the rows
-        to merge beforehand (e.g. integrated and not ``bad_for_scaling``). For
-        ``intensity.scale`` with ``inverse_scale_factor`` present the scaled intensity
-        ``value / g`` (variance ``/ g²``) is merged.
-    experiments : ExperimentList
-        Space group and cell from experiment 0, wavelength from its beam.
-    intensity : {'scale', 'prf', 'sum'} or None
-        As in :func:`write_unmerged_mtz`.
-    anomalous : bool
-    duplicate_centrics : bool
-    **names
-        ``project_name``, ``crystal_name``, ``dataset_name``.
-
-    Returns
-    -------
-    int
-        Number of unique reflections written.
+    d_star_sq : array_like
+        1/d² of every observation.
+    n_bins : int
+        Number of shells (``volume``) or the most shells (``counting_sorted``).
+    binning_method : {"volume", "counting_sorted"}
+    reflections_per_bin : int, optional
+        ``counting_sorted`` only: at least this many observations per shell.
     """
-    path = os.fspath(filename)
-    hkl, _, kind = _check_unmerged_input(path, table, experiments, intensity)
-    crystal = experiments[0].crystal
-    sg, cell = crystal.get_space_group(), crystal.get_unit_cell()
-    I = np.asarray(table[f"intensity.{kind}.value"], dtype=np.float64)
-    V = np.asarray(table[f"intensity.{kind}.variance"], dtype=np.float64)
-    if kind == "scale" and "inverse_scale_factor" in table:
-        # merge the scaled intensities raw / g (as dials.merge does)
-        g = _checked_scales(table["inverse_scale_factor"], path)
-        I, V = I / g, V / g**2
-    uh, mean, sig, _ = merge_intensities(hkl, I, V, sg)
-    if len(uh) == 0:
-        raise ValueError(f"{path}: no observation has a positive variance; nothing to merge")
-    wavelength = experiments[0].beam.get_wavelength() if experiments[0].beam else 0.0
-    extra = {}
-    if anomalous:
-        ah, am, asig, an = merge_intensities(hkl, I, V, sg, anomalous=True)
-        keys = _hkl_key(ah)  # sorted: group_reflections orders groups lexicographically
-        halves = []
-        for sign in (1, -1):
-            want = _hkl_key(sign * uh)
-            pos = np.clip(np.searchsorted(keys, want), 0, len(keys) - 1)
-            hit = keys[pos] == want
-            halves.append((np.where(hit, am[pos], np.nan), np.where(hit, asig[pos], np.nan),
-                           np.where(hit, an[pos], np.nan)))
-        (ip, sp, nplus), (im, sm, nminus) = halves
-        if duplicate_centrics:
-            centric = centric_flags(uh, sg)
-            im, sm, nminus = (np.where(centric, a, b) for a, b in ((ip, im), (sp, sm),
-                                                                   (nplus, nminus)))
-        extra = dict(i_plus=ip, sigi_plus=sp, i_minus=im, sigi_minus=sm, n_plus=nplus,
-                     n_minus=nminus)
-    write_merged_mtz(path, uh, mean, sig, sg, cell, wavelength, **extra, **names)
-    return len(uh)
+    dss = np.asarray(d_star_sq, dtype=np.float64)
+    if int(n_bins) < 1:
+        raise MergingStatisticsError(f"n_bins must be >= 1, got {n_bins}")
+    if len(dss) == 0:
+        raise MergingStatisticsError("no observations to bin")
+    if binning_method == "volume":
+        lo, hi = float(dss.min()), float(dss.max())
+        if hi <= lo:  # one resolution: widen so the single shell has a non-empty range
+            hi = lo * (1 + 1e-6) + 1e-12
+        return _volume_limits(lo, hi, int(n_bins))
+    if binning_method == "counting_sorted":
+        return _counting_limits(dss, int(n_bins), reflections_per_bin)
+    raise MergingStatisticsError(f"binning_method must be 'volume' or 'counting_sorted', got "
+                                 f"{binning_method!r}")
+
+
+def _d_from_dss(x: float) -> float:
+    return 1.0 / math.sqrt(x) if x > 0 else -1.0
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class MergingShell:
+    """Statistics of one resolution shell (or overall), with iotbx ``merging_stats`` names.
+
+    ``completeness`` and ``anom_completeness`` are fractions (0-1) as iotbx stores them;
+    :meth:`as_dict` gives percentages as iotbx's ``as_dict`` does.
+    """
+
+    d_max: float
+    d_min: float
+    n_obs: int = 0
+    n_uniq: int = 0
+    n_expected: int = 0
+    mean_redundancy: float = 0.0
+    completeness: float = 0.0
+    i_mean: float = 0.0
+    sigi_mean: float = 0.0
+    i_over_sigma_mean: float = 0.0
+    i_mean_over_sigi_mean: float = 0.0
+    unmerged_i_over_sigma_mean: float = 0.0
+    r_merge: float | None = None
+    r_meas: float | None = None
+    r_pim: float | None = None
+    cc_one_half: float = 0.0
+    cc_one_half_n_refl: int = 0
+    cc_one_half_significance: bool | None = None
+    cc_one_half_critical_value: float | None = None
+    cc_one_half_sigma_tau: float = 0.0
+    cc_one_half_sigma_tau_n_refl: int = 0
+    cc_star: float = 0.0
+    cc_anom: float = 0.0
+    cc_anom_n_pairs: int = 0
+    cc_anom_significance: bool | None = None
+    cc_anom_critical_value: float | None = None
+    anomalous: bool = False
+    anom_completeness: float | None = None
+    n_bijvoet_pairs: int | None = None
+    redundancies: dict = field(default_factory=dict)
+
+    @property
+    def multiplicity(self) -> float:
+        """Alias of ``mean_redundancy``."""
+        return self.mean_redundancy
+
+    @property
+    def anom_half_corr(self) -> float:
+        """iotbx alias of ``cc_anom``."""
+        return self.cc_anom
+
+    @property
+    def d_star_sq_min(self) -> float:
+        return 1.0 / self.d_min ** 2
+
+    @property
+    def d_star_sq_max(self) -> float:
+        return 1.0 / self.d_max ** 2 if self.d_max > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        """iotbx ``merging_stats.as_dict`` keys (completeness in percent) plus extras."""
+        d = {
+            "d_star_sq_min": self.d_star_sq_min,
+            "d_star_sq_max": self.d_star_sq_max,
+            "d_min": self.d_min,
+            "d_max": self.d_max,
+            "n_obs": self.n_obs,
+            "n_uniq": self.n_uniq,
+            "multiplicity": self.mean_redundancy,
+            "completeness": self.completeness * 100,
+            "i_mean": self.i_mean,
+            "i_over_sigma_mean": self.i_over_sigma_mean,
+            "unmerged_i_over_sigma_mean": self.unmerged_i_over_sigma_mean,
+            "r_merge": self.r_merge,
+            "r_meas": self.r_meas,
+            "r_pim": self.r_pim,
+            "cc_one_half": self.cc_one_half,
+            "cc_one_half_n_refl": self.cc_one_half_n_refl,
+            "cc_one_half_significance": self.cc_one_half_significance,
+            "cc_one_half_critical_value": self.cc_one_half_critical_value,
+            "cc_one_half_sigma_tau": self.cc_one_half_sigma_tau,
+            "cc_star": self.cc_star,
+            "cc_anom": self.cc_anom,
+            "cc_anom_significance": self.cc_anom_significance,
+            "cc_anom_critical_value": self.cc_anom_critical_value,
+            "anom_completeness": (None if self.anom_completeness is None
+                                  else self.anom_completeness * 100),
+            "n_bijvoet_pairs": self.n_bijvoet_pairs,
+        }
+        return d
+
+
+@dataclass
+class MergedArray:
+    """The merged (unique) reflections behind the statistics.
+
+    Attributes
+    ----------
+    miller_index : ndarray (m, 3) int32
+        ASU index; with ``anomalous`` the I(−) entries carry the negated index (cctbx).
+    intensity, sigma : ndarray (m,)
+        Weighted mean and its sigma (per ``use_internal_variance``).
+    multiplicity : ndarray (m,) int32
+    bijvoet : ndarray (m,) int8
+        +1 I(+), −1 I(−), 0 not separated.
+    d : ndarray (m,)
+    shell : ndarray (m,) int32
+        Shell index (−1 outside every shell).
+    centric : ndarray (m,) bool
+    half1, half2 : ndarray (m,)
+        Means of the two random halves behind CC½ (NaN when multiplicity < 2).
+    """
+
+    miller_index: np.ndarray
+    intensity: np.ndarray
+    sigma: np.ndarray
+    multiplicity: np.ndarray
+    bijvoet: np.ndarray
+    d: np.ndarray
+    shell: np.ndarray
+    centric: np.ndarray
+    half1: np.ndarray
+    half2: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.intensity)
+
+
+@dataclass
+class _Prepared:
+    """Validated, d-filtered observations ready for grouping (kept for re-binning)."""
+
+    hkl: np.ndarray           # (n, 3) int32, rows used (sigma > 0, finite)
+    intensity: np.ndarray
+    sigma: np.ndarray
+    d_star_sq: np.ndarray     # of the used rows
+    binning_dss: np.ndarray   # d*² of every row in range (incl. sigma <= 0), for the binner
+    used_rows: np.ndarray     # row numbers in the caller's input
+    space_group: SpaceGroup
+    unit_cell: UnitCell
+    n_input: int
+    n_rejected: dict
+
+
+def _prepare(hkl, intensity, sigma, space_group, unit_cell, d_min=None, d_max=None,
+             eliminate_sys_absent=False) -> _Prepared:
+    sg = space_group if isinstance(space_group, SpaceGroup) else SpaceGroup(space_group)
+    cell = unit_cell if isinstance(unit_cell, UnitCell) else UnitCell(unit_cell)
+    try:
+        sg.gemmi  # noqa: B018 - the ASU needs a tabulated group
+    except ValueError as exc:
+        raise MergingStatisticsError(str(exc)) from None
+    hkl = miller_array(hkl, "miller_index")
+    I = np.asarray(intensity, dtype=np.float64).ravel()
+    s = np.asarray(sigma, dtype=np.float64).ravel()
+    if not (len(hkl) == len(I) == len(s)):
+        raise MergingStatisticsError(
+            f"miller_index, intensity and sigma must have equal lengths (got {len(hkl)}, "
+            f"{len(I)}, {len(s)})")
+    n = len(I)
+    if n == 0:
+        raise MergingStatisticsError("no observations (empty input)")
+    dss = cell.d_star_sq(hkl)
+    if not np.all(dss > 0):
+        bad = int(np.flatnonzero(~(dss > 0))[0])
+        raise MergingStatisticsError(f"miller_index row {bad} is (0, 0, 0)")
+    in_range = None  # all rows (the common case avoids full-size masks and copies)
+    if d_min is not None or d_max is not None:
+        in_range = np.ones(n, dtype=bool)
+        if d_min is not None:
+            if d_max is not None and not d_max > d_min:
+                raise MergingStatisticsError(f"d_max ({d_max}) must exceed d_min ({d_min})")
+            in_range &= dss <= 1.0 / (float(d_min) * (1 - _D_TOLERANCE)) ** 2
+        if d_max is not None:
+            in_range &= dss >= 1.0 / (float(d_max) * (1 + _D_TOLERANCE)) ** 2
+        if not in_range.any():
+            raise MergingStatisticsError("no reflections left after applying resolution cutoffs")
+    rejected = {"outside_d_range": 0 if in_range is None else int((~in_range).sum())}
+    if eliminate_sys_absent:
+        absent = systematic_absences(hkl, sg)
+        if in_range is not None:
+            absent &= in_range
+        rejected["systematically_absent"] = int(absent.sum())
+        in_range = ~absent if in_range is None else in_range & ~absent
+    used = np.isfinite(I) & np.isfinite(s) & (s > 0)
+    if in_range is not None:
+        used &= in_range
+    n_used = int(used.sum())
+    considered = n if in_range is None else int(in_range.sum())
+    if n_used < considered:
+        inr = np.ones(n, dtype=bool) if in_range is None else in_range
+        finite = np.isfinite(I) & np.isfinite(s)
+        rejected["non_finite"] = int((inr & ~finite).sum())
+        rejected["sigma_negative"] = int((inr & finite & (s < 0)).sum())
+        rejected["sigma_zero"] = int((inr & finite & (s == 0)).sum())
+    else:
+        rejected.update(non_finite=0, sigma_negative=0, sigma_zero=0)
+    if n_used == 0:
+        raise MergingStatisticsError(
+            "no observations with finite intensity and sigma > 0 "
+            f"({rejected['sigma_negative']} with sigma < 0, {rejected['sigma_zero']} with "
+            f"sigma = 0, {rejected['non_finite']} non-finite)")
+    binning_dss = dss if in_range is None else dss[in_range]
+    if n_used == n:
+        return _Prepared(hkl, I, s, dss, binning_dss, np.arange(n), sg, cell, n, rejected)
+    rows = np.flatnonzero(used)
+    return _Prepared(np.ascontiguousarray(hkl[rows]), I[rows], s[rows], dss[rows], binning_dss,
+                     rows, sg, cell, n, rejected)
+
+
+def _complete_set_dss(sg: SpaceGroup, cell: UnitCell, d_min: float, anomalous: bool):
+    """d*² (sorted) of the complete ASU set to d_min, sys. absences excluded; also acentric."""
+    import gemmi
+
+    hkl = gemmi.make_miller_array(cell.gemmi, sg.gemmi, d_min * (1 - 1e-3), 0, True)
+    hkl = np.asarray(hkl, dtype=np.int32).reshape(-1, 3)
+    hkl = hkl[np.any(hkl != 0, axis=1)]
+    dss = cell.d_star_sq(hkl) if len(hkl) else np.zeros(0)
+    acentric = ~centric_flags(hkl, sg) if len(hkl) else np.zeros(0, dtype=bool)
+    all_dss = np.concatenate([dss, dss[acentric]]) if anomalous else dss
+    return np.sort(all_dss), np.sort(dss[acentric])
+
+
+def _count_between(sorted_dss: np.ndarray, lo: float, hi: float) -> int:
+    """Number of values with lo <= x <= hi."""
+    return int(np.searchsorted(sorted_dss, hi, side="right")
+               - np.searchsorted(sorted_dss, lo, side="left"))
+
+
+def _significance(r: float, n: int, p: float) -> tuple[bool, float]:
+    """iotbx's one-sided Student-t test of a correlation coefficient."""
+    if r == -1 or n <= 2:
+        return False, 0.0
+    from scipy.stats import t as student_t
+
+    t = float(student_t.ppf(1 - p, n - 2))
+    critical = t / math.sqrt(n - 2 + t ** 2)
+    return bool(r > critical), critical
+
+
+def _cc_star(cc: float) -> float:
+    if cc == 0:
+        return 0.0
+    if cc < -0.999:
+        return float("-inf")
+    return math.copysign(math.sqrt(2 * abs(cc) / (1 + cc)), cc)
+
+
+class MergingStatistics:
+    """Overall and per-shell merging statistics (iotbx ``dataset_statistics``-shaped).
+
+    Build it with :meth:`from_arrays`, :meth:`from_mtz` or :meth:`from_reflections`.
+
+    Attributes
+    ----------
+    overall : MergingShell
+    bins : list of MergingShell
+        One per resolution shell, low to high resolution.
+    merged : MergedArray
+        The unique reflections (intensity, sigma, multiplicity, shell).
+    cc_one_half_overall, cc_one_half_sigma_tau_overall : float
+        iotbx's n_refl-weighted mean of the shells' CC½.
+    n_rejected : dict
+        Rows left out, by reason (``outside_d_range``, ``non_finite``, ``sigma_negative``,
+        ``sigma_zero``, ``systematically_absent``).
+    space_group, unit_cell, anomalous, n_bins, binning_method, use_internal_variance, seed
+        The settings used.
+    """
+
+    def __init__(self, prepared: _Prepared, n_bins: int = 20, anomalous: bool = False,
+                 use_internal_variance: bool = False, binning_method: str = "volume",
+                 reflections_per_bin: int | None = None, seed: int = 0,
+                 cc_one_half_significance_level: float | None = None):
+        self._prepared = prepared
+        self.space_group = prepared.space_group
+        self.unit_cell = prepared.unit_cell
+        self.anomalous = bool(anomalous)
+        self.use_internal_variance = bool(use_internal_variance)
+        self.n_bins = int(n_bins)
+        self.binning_method = binning_method
+        self.reflections_per_bin = reflections_per_bin
+        self.seed = int(seed)
+        if self.seed < 0:
+            raise MergingStatisticsError(f"seed must be >= 0, got {seed}")
+        self.cc_one_half_significance_level = cc_one_half_significance_level
+        self.n_rejected = dict(prepared.n_rejected)
+        self.limits = shell_limits(prepared.binning_dss, n_bins, binning_method,
+                                   reflections_per_bin)
+        self._compute()
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_arrays(cls, miller_index, intensity, sigma, space_group, unit_cell,
+                    n_bins: int = 20, anomalous: bool = False,
+                    use_internal_variance: bool = False, eliminate_sys_absent: bool = False,
+                    d_min: float | None = None, d_max: float | None = None,
+                    binning_method: str = "volume", reflections_per_bin: int | None = None,
+                    seed: int = 0, cc_one_half_significance_level: float | None = None
+                    ) -> MergingStatistics:
+        """Statistics of unmerged observations given as arrays.
+
+        Parameters
+        ----------
+        miller_index : array_like (n, 3)
+            Observed indices (any symmetry-equivalent form; the original index matters only
+            for ``anomalous`` and CC_ano, where it decides I(+) or I(−)).
+        intensity, sigma : array_like (n,)
+            Scaled intensities and their standard deviations.
+        space_group : SpaceGroup or str
+        unit_cell : UnitCell or 6 parameters
+        n_bins : int
+            Resolution shells (iotbx's volume binning; DIALS uses 20).
+        anomalous : bool
+            Keep I(+) and I(−) of acentric reflections apart.
+        use_internal_variance : bool
+            Merged sigma from the spread of the observations as well.
+        eliminate_sys_absent : bool
+            Leave systematically absent observations out.
+        d_min, d_max : float, optional
+            Resolution limits (Å).
+        binning_method : {"volume", "counting_sorted"}
+        reflections_per_bin : int, optional
+            ``counting_sorted``: minimum observations per shell.
+        seed : int
+            Seed of the CC½ / CC_ano half split.
+        cc_one_half_significance_level : float, optional
+            If given, the significance of CC½ and CC_ano (iotbx's t-test) is computed.
+
+        Raises
+        ------
+        MergingStatisticsError (ValueError)
+            For empty input, unequal lengths, no usable observation, an unknown space
+            group, no equivalents at all (already merged data), or a bad d range.
+        """
+        prepared = _prepare(miller_index, intensity, sigma, space_group, unit_cell, d_min, d_max,
+                            eliminate_sys_absent)
+        return cls(prepared, n_bins, anomalous, use_internal_variance, binning_method,
+                   reflections_per_bin, seed, cc_one_half_significance_level)
+
+    @classmethod
+    def from_mtz(cls, path, n_bins: int = 20, anomalous: bool = False, **kwargs
+                 ) -> MergingStatistics:
+        """Statistics of a scaled unmerged MTZ (``I``/``SIGI``, or ``IPR``/``SIGIPR``).
+
+        The intensities are the file's (already scaled) ``I`` and ``SIGI`` (recovered from
+        the reader's ``intensity.scale.*`` / ``inverse_scale_factor``); indices are the
+        original (measured) ones restored from ``M/ISYM``. Other keyword arguments as for
+        :meth:`from_arrays`.
+
+        Raises
+        ------
+        FileNotFoundError, xtalscale.io.mtz.MtzFormatError
+            For missing, unreadable, merged or intensity-less files.
+        """
+        from ..io.mtz import read_unmerged_mtz
+
+        m = read_unmerged_mtz(path, sum_partials=True)
+        t = m.table
+        if "intensity.scale.value" in t and "inverse_scale_factor" in t:
+            # the reader keeps DIALS's convention (raw I·g beside g): the file's scaled
+            # I and SIGI are value/g and sqrt(variance)/g
+            g = np.asarray(t["inverse_scale_factor"], dtype=np.float64)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                I = np.asarray(t["intensity.scale.value"], dtype=np.float64) / g
+                var = np.asarray(t["intensity.scale.variance"], dtype=np.float64) / g ** 2
+        elif "intensity.sum.value" in t:
+            I, var = t["intensity.sum.value"], t["intensity.sum.variance"]
+        else:
+            I, var = t["intensity.prf.value"], t["intensity.prf.variance"]
+        var = np.asarray(var, dtype=np.float64)
+        with np.errstate(invalid="ignore"):
+            sig = np.where(var >= 0, np.sqrt(np.abs(var)), -np.sqrt(np.abs(var)))
+        stats = cls.from_arrays(np.asarray(t["miller_index"]), np.asarray(I), sig,
+                                m.space_group, m.unit_cell, n_bins=n_bins,
+                                anomalous=anomalous, **kwargs)
+        stats.source = os.fspath(path)
+        return stats
+
+    @classmethod
+    def from_reflections(cls, experiments, reflections, n_bins: int = 20,
+                         anomalous: bool = False, partiality_threshold: float | None = None,
+                         combine_partials: bool = True, min_isigi: float | None = None,
+                         apply_inverse_scale: bool = True, unit_cell=None, **kwargs
+                         ) -> MergingStatistics:
+        """Statistics of DIALS-scaled reflection tables (scaled ``.refl`` + ``.expt``).
+
+        Rows are DIALS's scaled selection (not ``bad_for_scaling``, g > 0, variance > 0,
+        partiality > 0) with partials combined as ``dials.export`` does
+        (:func:`xtalscale.io.scaled_intensities.scaled_intensities`); I is
+        ``intensity.scale.value / inverse_scale_factor`` (``apply_inverse_scale=False``: g = 1).
+        By default no partiality cut is made (the rows dials.scale reports statistics on);
+        ``partiality_threshold=0.99`` gives the rows ``dials.export`` writes. The space group is the first
+        experiment's; the unit cell is the median of the experiments' cells (DIALS's
+        ``determine_best_unit_cell``) unless ``unit_cell`` is given.
+
+        Parameters
+        ----------
+        experiments : ExperimentList or list of ExperimentList
+        reflections : reflection_table or list of reflection_table
+            One table, or one per experiment list (in the same order).
+        partiality_threshold : float, optional
+            Drop rows whose (combined) partiality is below this.
+        combine_partials, min_isigi, apply_inverse_scale :
+            As for :func:`~xtalscale.io.scaled_intensities.scaled_intensities`.
+        unit_cell : UnitCell or 6 parameters, optional
+            Overrides the median cell.
+        """
+        from ..io.scaled_intensities import scaled_intensities
+
+        tables = reflections if isinstance(reflections, (list, tuple)) else [reflections]
+        expt_lists = experiments if isinstance(experiments, (list, tuple)) else [experiments]
+        crystals = [e.crystal for el in expt_lists for e in el]
+        if not crystals:
+            raise MergingStatisticsError("no experiments given")
+        sg = crystals[0].get_space_group()
+        if unit_cell is None:
+            params = np.array([c.get_unit_cell().parameters() for c in crystals])
+            unit_cell = UnitCell(np.median(params, axis=0))
+        hkl, I, sig = [], [], []
+        for t in tables:
+            sel = scaled_intensities(t, 0.0 if partiality_threshold is None
+                                     else partiality_threshold, combine_partials, min_isigi,
+                                     apply_inverse_scale)
+            hkl.append(np.asarray(sel["miller_index"]))
+            I.append(np.asarray(sel["intensity"]))
+            sig.append(np.sqrt(np.asarray(sel["variance"])))
+        return cls.from_arrays(np.concatenate(hkl), np.concatenate(I), np.concatenate(sig), sg,
+                               unit_cell, n_bins=n_bins, anomalous=anomalous, **kwargs)
+
+    def rebinned(self, n_bins: int = 20, binning_method: str = "volume",
+                 reflections_per_bin: int | None = None, **kwargs) -> MergingStatistics:
+        """The same observations with other shells (or other settings in ``kwargs``)."""
+        settings = {"anomalous": self.anomalous, "use_internal_variance": self.use_internal_variance,
+                        "seed": self.seed,
+                        "cc_one_half_significance_level": self.cc_one_half_significance_level}
+        settings.update(kwargs)
+        return MergingStatistics(self._prepared, n_bins, binning_method=binning_method,
+                                 reflections_per_bin=reflections_per_bin, **settings)
+
+    def anomalous_pass(self) -> MergingStatistics:
+        """The same data and shells with I(+) and I(−) kept apart (DIALS's second pass:
+        anomalous completeness, multiplicity and R factors)."""
+        return self.rebinned(self.n_bins, self.binning_method, self.reflections_per_bin,
+                             anomalous=True)
+
+    # ------------------------------------------------------------------ computation
+    def _compute(self) -> None:
+        p = self._prepared
+        asu_hkl, isym = map_to_asu_isym(p.hkl, p.space_group)
+        grouping = group_reflections(asu_hkl)
+        first_row = grouping.order[grouping.offsets[:-1]]
+        group_dss = p.d_star_sq[first_row]
+        # centric per unique reflection; a row is a Bijvoet-minus mate if its ISYM is even
+        # (the kernel ignores the flag for centric groups)
+        group_centric = centric_flags(grouping.unique_hkl, p.space_group)
+        friedel_minus = (isym % 2 == 0).view(np.uint8)
+        n_shells = len(self.limits) - 1
+        shell = np.searchsorted(self.limits, group_dss, side="right") - 1
+        shell[(shell < 0) | (shell >= n_shells)] = -1
+        if int(grouping.group_sizes().max()) < 2:
+            raise MergingStatisticsError(
+                "the data contain no symmetry-equivalent observations (already merged?): "
+                "merging statistics need unmerged data")
+        merged, sums = _core_stats.merging_statistics(
+            p.intensity, p.sigma, friedel_minus, grouping.order,
+            grouping.offsets, shell.astype(np.int32), group_centric.astype(np.uint8), n_shells,
+            use_internal_variance=self.use_internal_variance, anomalous=self.anomalous,
+            seed=self.seed)
+        g = merged["group"]
+        bij = merged["bijvoet"]
+        hkl_u = grouping.unique_hkl[g].copy()
+        hkl_u[bij < 0] *= -1
+        self.merged = MergedArray(hkl_u, merged["intensity"], merged["sigma"],
+                                  merged["multiplicity"], bij,
+                                  1.0 / np.sqrt(group_dss[g]), shell[g].astype(np.int32),
+                                  group_centric[g], merged["half1"], merged["half2"])
+        self._sums = sums
+        self._shell_obs_dss_max = self._shell_extreme(shell, group_dss, n_shells)
+        self._build_shells(n_shells)
+
+    @staticmethod
+    def _shell_extreme(shell, group_dss, n_shells) -> np.ndarray:
+        """Highest d*² observed per shell (and overall last); 0 for empty shells."""
+        out = np.zeros(n_shells + 1)
+        ok = shell >= 0
+        np.maximum.at(out, shell[ok], group_dss[ok])
+        out[n_shells] = group_dss[ok].max() if ok.any() else 0.0
+        return out
+
+    def _build_shells(self, n_shells: int) -> None:
+        p = self._prepared
+        lims = self.limits
+        used_dss = p.d_star_sq
+        # complete set once, down to the highest resolution observed
+        dss_max_obs = float(self._shell_obs_dss_max[n_shells])
+        complete, complete_acentric = _complete_set_dss(
+            p.space_group, p.unit_cell, 1.0 / math.sqrt(dss_max_obs), self.anomalous)
+        mult = self.merged.multiplicity
+        shells = []
+        for k in range(n_shells + 1):
+            if k < n_shells:
+                d_max, d_min = _d_from_dss(lims[k]), _d_from_dss(lims[k + 1])
+                lo, hi = lims[k], lims[k + 1]
+            else:  # overall: the observed range (iotbx array.d_max_min())
+                lo, hi = float(used_dss.min()), float(used_dss.max())
+                d_max, d_min = _d_from_dss(lo), _d_from_dss(hi)
+            sel = (self.merged.shell == k) if k < n_shells else (self.merged.shell >= 0)
+            shells.append(self._shell(k, d_max, d_min, lo, hi, complete, complete_acentric,
+                                      mult[sel]))
+        self.bins = shells[:n_shells]
+        self.overall = shells[n_shells]
+        w = np.array([b.cc_one_half_n_refl for b in self.bins], dtype=float)
+        cc = np.array([b.cc_one_half for b in self.bins])
+        self.cc_one_half_overall = float((w * cc).sum() / w.sum()) if w.sum() > 0 else 0.0
+        w2 = np.array([b.cc_one_half_sigma_tau_n_refl for b in self.bins], dtype=float)
+        cc2 = np.array([b.cc_one_half_sigma_tau for b in self.bins])
+        self.cc_one_half_sigma_tau_overall = (float((w2 * cc2).sum() / w2.sum())
+                                              if w2.sum() > 0 else 0.0)
+
+    def _shell(self, k, d_max, d_min, lo, hi, complete, complete_acentric, mult) -> MergingShell:
+        s = {name: values[k] for name, values in self._sums.items()}
+        st = MergingShell(d_max=float(d_max), d_min=float(d_min), anomalous=self.anomalous)
+        st.n_obs = int(s["n_obs"])
+        st.n_uniq = int(s["n_uniq"])
+        # iotbx: complete set of the shell's merged array (to its own d_min), then the
+        # shell's d range (d_min <= d <= d_max)
+        # (compared in d*², with a relative slack of 1e-12 so that a reflection exactly at a
+        # limit taken from the data is counted, as iotbx's d comparisons do)
+        obs_hi = float(self._shell_obs_dss_max[k])
+        upper = (min(hi, obs_hi) if st.n_uniq else hi) * (1 + 1e-12)
+        lower = lo * (1 - 1e-12)
+        st.n_expected = _count_between(complete, lower, upper)
+        st.completeness = min(st.n_uniq / st.n_expected, 1.0) if st.n_expected else 0.0
+        if self.anomalous:
+            n_acentric = _count_between(complete_acentric, lower, hi * (1 + 1e-12))
+            st.n_bijvoet_pairs = int(s["n_bijvoet_pairs"])
+            st.anom_completeness = st.n_bijvoet_pairs / n_acentric if n_acentric else 0.0
+        if len(mult):
+            values, counts = np.unique(mult, return_counts=True)
+            st.redundancies = {int(v): int(c) for v, c in zip(values, counts)}
+        if st.n_uniq > 0:
+            st.mean_redundancy = st.n_obs / st.n_uniq
+            st.i_mean = float(s["sum_i"]) / st.n_uniq
+            st.sigi_mean = float(s["sum_sigma"]) / st.n_uniq
+            st.i_over_sigma_mean = (float(s["sum_i_over_sigma"]) / int(s["n_i_over_sigma"])
+                                    if s["n_i_over_sigma"] else 0.0)
+            st.i_mean_over_sigi_mean = st.i_mean / st.sigi_mean if st.sigi_mean else 0.0
+            st.unmerged_i_over_sigma_mean = (float(s["sum_unmerged_i_over_sigma"])
+                                             / int(s["n_unmerged_positive_sigma"]))
+            st.r_merge = float(s["r_merge"])
+            st.r_meas = float(s["r_meas"])
+            st.r_pim = float(s["r_pim"])
+            st.cc_one_half = float(s["cc_half"])
+            st.cc_one_half_n_refl = int(s["cc_half_n"])
+            st.cc_one_half_sigma_tau = float(s["cc_half_sigma_tau"])
+            st.cc_one_half_sigma_tau_n_refl = int(s["cc_half_sigma_tau_n"])
+            st.cc_star = _cc_star(st.cc_one_half)
+        st.cc_anom = float(s["cc_anom"])
+        st.cc_anom_n_pairs = int(s["cc_anom_n"])
+        level = self.cc_one_half_significance_level
+        if level is not None:
+            st.cc_one_half_significance, st.cc_one_half_critical_value = _significance(
+                st.cc_one_half, st.cc_one_half_n_refl, level)
+            st.cc_anom_significance, st.cc_anom_critical_value = _significance(
+                st.cc_anom, st.cc_anom_n_pairs, level)
+        return st
+
+    # ------------------------------------------------------------------ output
+    def as_dict(self) -> dict:
+        """iotbx ``dataset_statistics.as_dict``: per-shell lists by key plus ``overall``."""
+        d: dict[str, Any] = {}
+        for b in self.bins:
+            for k, v in b.as_dict().items():
+                d.setdefault(k, []).append(v)
+        d["overall"] = self.overall.as_dict()
+        d["settings"] = {"n_bins": self.n_bins, "anomalous": self.anomalous,
+                         "use_internal_variance": self.use_internal_variance,
+                         "binning_method": self.binning_method, "seed": self.seed,
+                         "space_group": self.space_group.symbol(),
+                         "unit_cell": list(self.unit_cell.parameters())}
+        d["n_rejected"] = dict(self.n_rejected)
+        return d
+
+    def as_json(self, file_name=None, indent: int | None = None) -> str:
+        """JSON of :meth:`as_dict` (written to ``file_name`` when given)."""
+        text = json.dumps(_jsonable(self.as_dict()), indent=indent)
+        if file_name is not None:
+            with open(file_name, "w") as fh:
+                fh.write(text + "\n")
+        return text
+
+    def as_table(self, title: bool = True) -> str:
+        """The statistics as an aligned text table (DIALS/AIMLESS style)."""
+        cols = [("d_max", "{:7.2f}"), ("d_min", "{:7.2f}"), ("#obs", "{:8d}"),
+                ("#uniq", "{:7d}"), ("mult.", "{:6.2f}"), ("%comp", "{:6.1f}"),
+                ("<I>", "{:9.1f}"), ("<I/sI>", "{:7.1f}"), ("r_mrg", "{:7.3f}"),
+                ("r_meas", "{:7.3f}"), ("r_pim", "{:7.3f}"), ("cc1/2", "{:7.3f}"),
+                ("cc_ano", "{:7.3f}")]
+        if self.anomalous:
+            cols.insert(6, ("%anom", "{:6.1f}"))
+
+        def row(s: MergingShell) -> list[str]:
+            vals = {"d_max": s.d_max, "d_min": s.d_min, "#obs": s.n_obs, "#uniq": s.n_uniq,
+                    "mult.": s.mean_redundancy, "%comp": 100 * s.completeness,
+                    "%anom": 100 * (s.anom_completeness or 0.0), "<I>": s.i_mean,
+                    "<I/sI>": s.i_over_sigma_mean, "r_mrg": s.r_merge, "r_meas": s.r_meas,
+                    "r_pim": s.r_pim, "cc1/2": s.cc_one_half, "cc_ano": s.cc_anom}
+            out = []
+            for name, fmt in cols:
+                v = vals[name]
+                out.append("-" if v is None else fmt.format(v))
+            return out
+
+        rows = [row(b) for b in self.bins] + [row(self.overall)]
+        widths = [max(len(name), *(len(r[i]) for r in rows)) for i, (name, _) in enumerate(cols)]
+        lines = []
+        if title:
+            mode = "anomalous" if self.anomalous else "non-anomalous"
+            lines.append(f"Merging statistics ({mode}; {self.space_group.symbol()}; "
+                         f"{len(self.bins)} shells)")
+        lines.append("  ".join(n.rjust(w) for (n, _), w in zip(cols, widths)))
+        for i, r in enumerate(rows):
+            if i == len(rows) - 1:
+                lines.append("-" * (sum(widths) + 2 * (len(widths) - 1)))
+            lines.append("  ".join(v.rjust(w) for v, w in zip(r, widths)))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.as_table()
+
+    def show(self, out=None) -> None:
+        """Print :meth:`as_table` (iotbx ``show``)."""
+        import sys
+
+        print(self.as_table(), file=out or sys.stdout)
+
+
+# iotbx's class name
+dataset_statistics = MergingStatistics
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    if isinstance(x, (np.floating, float)):
+        v = float(x)
+        return v if math.isfinite(v) else None
+    if isinstance(x, np.bool_):
+        return bool(x)
+    return x
+
+
+# --------------------------------------------------------------------------- per observation
+
+
+def _grouped(miller_index, intensity, sigma, space_group, anomalous=False):
+    hkl = miller_array(miller_index, "miller_index")
+    I = np.asarray(intensity, dtype=np.float64).ravel()
+    s = np.asarray(sigma, dtype=np.float64).ravel()
+    if not (len(hkl) == len(I) == len(s)):
+        raise MergingStatisticsError(
+            f"miller_index, intensity and sigma must have equal lengths (got {len(hkl)}, "
+            f"{len(I)}, {len(s)})")
+    ok = np.isfinite(I) & np.isfinite(s) & (s > 0)
+    rows = np.flatnonzero(ok)
+    m = map_to_asu(hkl[rows], space_group, anomalous=anomalous)
+    g = group_reflections(m.asu_hkl)
+    return rows, I[rows], s[rows], g
+
+
+def normalised_deviations(miller_index, intensity, sigma, space_group,
+                          anomalous: bool = False) -> np.ndarray:
+    """Normalised deviation of each observation from its group's weighted mean.
+
+    ``δ = sqrt((n−1)/n) (I − ⟨I⟩)/σ`` (DIALS's error-model definition with g = 1, i.e. for
+    scaled intensities); NaN for single observations and for rows with a non-finite value or
+    σ <= 0 (which are left out of the means). Input order. For a normal probability plot.
+    """
+    rows, I, s, g = _grouped(miller_index, intensity, sigma, space_group, anomalous)
+    out = np.full(len(np.asarray(intensity).ravel()), np.nan)
+    if len(rows):
+        out[rows] = _core_stats.normalised_deviations(I, s, g.order, g.offsets)
+    return out
+
+
+@dataclass
+class BatchStatistics:
+    """Per-batch statistics (one entry per batch number present).
+
+    ``r_merge[b] = Σ|I − ⟨I⟩_h| / Σ I`` over the batch's observations (⟨I⟩_h the weighted
+    mean of all observations of the reflection; reflections seen once add 0 to the
+    numerator), ``i_over_sigma_mean`` the mean unmerged I/σ (xia2/DIALS "vs batch" plots).
+    """
+
+    batch: np.ndarray
+    dataset: np.ndarray
+    n_obs: np.ndarray
+    r_merge: np.ndarray
+    i_over_sigma_mean: np.ndarray
+
+    def as_dict(self) -> dict:
+        return {k: v.tolist() for k, v in asdict(self).items()}
+
+
+def batch_statistics(miller_index, intensity, sigma, batch, space_group, dataset=None,
+                     anomalous: bool = False) -> BatchStatistics:
+    """n_obs, Rmerge and ⟨I/σ⟩ against batch (image), per dataset.
+
+    Parameters
+    ----------
+    miller_index, intensity, sigma : array_like
+    batch : array_like (n,) int
+        Batch (image) number of every observation.
+    space_group : SpaceGroup or str
+    dataset : array_like (n,) int, optional
+        Dataset (experiment) id; batches are kept apart per dataset.
+
+    Rows with a non-finite value or σ <= 0 are left out.
+    """
+    b_all = np.asarray(batch).ravel().astype(np.int64)
+    n = len(b_all)
+    ds_all = (np.zeros(n, dtype=np.int64) if dataset is None
+              else np.asarray(dataset).ravel().astype(np.int64))
+    if len(ds_all) != n or len(np.asarray(intensity).ravel()) != n:
+        raise MergingStatisticsError("batch, dataset and intensity must have equal lengths")
+    rows, I, s, g = _grouped(miller_index, intensity, sigma, space_group, anomalous)
+    keys = np.stack([ds_all[rows], b_all[rows]], axis=1)
+    uniq, index = np.unique(keys, axis=0, return_inverse=True)
+    index = np.asarray(index).ravel().astype(np.int64)
+    n_obs, dev, si, sios = _core_stats.batch_sums(I, s, g.order, g.offsets, index, len(uniq))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.where(si != 0, dev / si, 0.0)
+        ios = np.where(n_obs > 0, sios / np.maximum(n_obs, 1), 0.0)
+    return BatchStatistics(uniq[:, 1].copy(), uniq[:, 0].copy(), n_obs, r, ios)
+
+
+def batch_statistics_from_reflections(experiments, reflections, anomalous: bool = False,
+                                      apply_inverse_scale: bool = True) -> BatchStatistics:
+    """:func:`batch_statistics` of DIALS-scaled tables, one dataset per experiment.
+
+    Rows are DIALS's scaled selection with partials combined
+    (:func:`~xtalscale.io.scaled_intensities.scaled_intensities`, no partiality cut). The
+    batch of a row is ``floor(z) + 1 + batch_offset`` with z the observed frame coordinate
+    (``xyzobs.px.value``) and the scan's batch offset, as DIALS assigns batches; the dataset
+    number runs over the experiments of all lists in order. The space group is the first
+    experiment's.
+    """
+    from ..io.scaled_intensities import scaled_intensities
+
+    tables = reflections if isinstance(reflections, (list, tuple)) else [reflections]
+    expt_lists = experiments if isinstance(experiments, (list, tuple)) else [experiments]
+    if len(tables) != len(expt_lists):
+        raise MergingStatisticsError(f"{len(tables)} reflection tables but {len(expt_lists)} "
+                                     "experiment lists")
+    hkl, inten, sig, batch, dataset = [], [], [], [], []
+    first_dataset = 0
+    for el, t in zip(expt_lists, tables):
+        sel = scaled_intensities(t, 0.0, True, None, apply_inverse_scale)
+        ids = np.asarray(sel["id"]).astype(np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= len(el)):
+            raise MergingStatisticsError(f"reflection ids {ids.min()}..{ids.max()} do not match "
+                                         f"{len(el)} experiments")
+        offsets = np.array([(e.scan.get_batch_offset() if e.scan is not None else 0)
+                            for e in el], dtype=np.int64)
+        z = np.asarray(sel["xyzobs.px.value"])[:, 2]
+        hkl.append(np.asarray(sel["miller_index"]))
+        inten.append(np.asarray(sel["intensity"]))
+        sig.append(np.sqrt(np.asarray(sel["variance"])))
+        batch.append(np.floor(z).astype(np.int64) + 1 + offsets[ids])
+        dataset.append(ids + first_dataset)
+        first_dataset += len(el)
+    sg = expt_lists[0][0].crystal.get_space_group()
+    return batch_statistics(np.concatenate(hkl), np.concatenate(inten), np.concatenate(sig),
+                            np.concatenate(batch), sg, np.concatenate(dataset), anomalous)

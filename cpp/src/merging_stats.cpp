@@ -1,0 +1,424 @@
+// Merging statistics over grouped observations (see merging_stats.hpp).
+#include "xtalscale/merging_stats.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+
+#include "xtalscale/check.hpp"
+
+namespace xtalscale {
+namespace {
+
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+// splitmix64: a counter-based generator, so every group gets its own reproducible stream
+// (seeded by the user seed, the group index and a sub-stream), whatever order groups are
+// processed in.
+struct SplitMix64 {
+  std::uint64_t state;
+  std::uint64_t next() {
+    std::uint64_t z = (state += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+  }
+  // Uniform integer in [0, bound) for bound < 2^32 by 32-bit multiply-shift (bias below
+  // bound/2^32, far below anything a statistic could see for group sizes).
+  std::size_t below(std::size_t bound) {
+    return static_cast<std::size_t>(((next() >> 32) * static_cast<std::uint64_t>(bound)) >> 32);
+  }
+};
+
+SplitMix64 stream(std::uint64_t seed, std::size_t group, std::uint64_t sub) {
+  SplitMix64 g{seed * 0xD1B54A32D192ED03ULL + 0x8CB92BA72F3D8DD7ULL * (group + 1) + sub};
+  g.next();
+  return g;
+}
+
+// A set of observations laid out contiguously: values, sigmas and weights 1/sigma^2.
+struct Obs {
+  const double* I;
+  const double* s;
+  const double* w;
+  std::size_t m;
+};
+
+// Weighted merge of one set of observations (cctbx merge_equivalents_obs).
+struct Merged {
+  double mean = 0, sigma = 0, sigma_internal = 0;
+};
+
+Merged merge(const Obs& o, const MergingOptions& opt) {
+  Merged r;
+  double max_sigma = 0;
+  for (std::size_t i = 0; i < o.m; ++i) max_sigma = std::max(max_sigma, o.s[i]);
+  const double threshold = opt.sigma_dynamic_range > 0 ? max_sigma * opt.sigma_dynamic_range : 0;
+  double sw = 0, swx = 0, sww = 0, last_sigma = 0, last_value = 0;
+  std::size_t used = 0;
+  for (std::size_t i = 0; i < o.m; ++i) {
+    if (!(o.s[i] > threshold)) continue;
+    const double w = o.w[i];
+    sw += w;
+    swx += w * o.I[i];
+    sww += w * w;
+    last_sigma = o.s[i];
+    last_value = o.I[i];
+    ++used;
+  }
+  if (used == 0) return r;  // cctbx: mean 0, sigma 0
+  if (used == 1) {
+    r.mean = last_value;
+    r.sigma = r.sigma_internal = last_sigma;
+    return r;
+  }
+  r.mean = swx / sw;
+  double sdev = 0;
+  for (std::size_t i = 0; i < o.m; ++i) {
+    if (!(o.s[i] > threshold)) continue;
+    const double d = o.I[i] - r.mean;
+    sdev += d * d * o.w[i];
+  }
+  // GSL's weighted variance (scitbx mean_and_variance::gsl_stats_wvariance).
+  const double denom = sw * sw - sww;
+  const double wvar = denom > 0 ? sw / denom * sdev : 0.0;
+  const double external = 1.0 / sw;
+  r.sigma_internal = std::sqrt(std::max(wvar / static_cast<double>(used), external));
+  r.sigma = opt.use_internal_variance ? r.sigma_internal : std::sqrt(external);
+  return r;
+}
+
+// Random half split of o (m >= 2): a partial Fisher-Yates shuffle of positions picks
+// floor(m/2) observations for the first half; returns the means (1/sigma^2-weighted if asked)
+// of that half and of the rest. perm is scratch of at least m entries.
+void half_means(const Obs& o, SplitMix64 gen, bool weighted, std::uint32_t* perm, double& h1,
+                double& h2) {
+  const std::size_t m = o.m, split = m / 2;
+  for (std::size_t i = 0; i < m; ++i) perm[i] = static_cast<std::uint32_t>(i);
+  double sw1 = 0, swx1 = 0;
+  for (std::size_t i = 0; i < split; ++i) {
+    std::swap(perm[i], perm[i + gen.below(m - i)]);
+    const std::uint32_t k = perm[i];
+    const double w = weighted ? o.w[k] : 1.0;
+    sw1 += w;
+    swx1 += w * o.I[k];
+  }
+  h1 = swx1 / sw1;
+  double sw2 = 0, swx2 = 0;
+  for (std::size_t i = split; i < m; ++i) {
+    const std::uint32_t k = perm[i];
+    const double w = weighted ? o.w[k] : 1.0;
+    sw2 += w;
+    swx2 += w * o.I[k];
+  }
+  h2 = swx2 / sw2;
+}
+
+// Pearson correlation accumulated in two passes (means first) for accuracy.
+struct Correlation {
+  double sx = 0, sy = 0, sxx = 0, syy = 0, sxy = 0;
+  std::int64_t n = 0;
+  void add_mean(double x, double y) {
+    sx += x;
+    sy += y;
+    ++n;
+  }
+  void add_centered(double x, double y) {
+    const double dx = x - sx / static_cast<double>(n), dy = y - sy / static_cast<double>(n);
+    sxx += dx * dx;
+    syy += dy * dy;
+    sxy += dx * dy;
+  }
+  // cctbx linear_correlation: 0 when not well defined.
+  double coefficient() const {
+    if (n < 2 || !(sxx > 0) || !(syy > 0)) return 0.0;
+    return sxy / std::sqrt(sxx * syy);
+  }
+};
+
+struct ShellWork {
+  Correlation cc_half, cc_anom;
+  double sum_y = 0, sum_yy_c = 0, sum_s2 = 0;  // sigma-tau
+};
+
+struct AnomPair {
+  std::int32_t shell;
+  double d1, d2;
+};
+
+// Observations in group order (contiguous per group), validated on the way.
+struct Sorted {
+  std::vector<double> I, s, w;
+  std::vector<std::uint8_t> minus;
+};
+
+void check_offsets(std::size_t n, const std::int64_t* offsets, std::size_t n_groups) {
+  require(offsets != nullptr, "offsets are required");
+  require(offsets[0] == 0, "offsets[0] must be 0");
+  require(offsets[n_groups] == static_cast<std::int64_t>(n),
+          "offsets[-1] must equal the number of observations (" + std::to_string(n) + ")");
+  // (messages are built only on failure: these loops run once per group)
+  for (std::size_t g = 0; g < n_groups; ++g) {
+    if (offsets[g + 1] < offsets[g])
+      throw std::invalid_argument("offsets must be non-decreasing (group " + std::to_string(g) +
+                                  ")");
+    if (offsets[g + 1] - offsets[g] >= (std::int64_t{1} << 31))
+      throw std::invalid_argument("group " + std::to_string(g) +
+                                  " has 2^31 or more observations");
+  }
+}
+
+Sorted gather(const double* I, const double* s, const std::uint8_t* minus, std::size_t n,
+              const std::int64_t* order, const std::int64_t* offsets, std::size_t n_groups) {
+  require(n == 0 || (I != nullptr && s != nullptr && order != nullptr),
+          "intensity, sigma and order are required");
+  check_offsets(n, offsets, n_groups);
+  Sorted out;
+  out.I.resize(n);
+  out.s.resize(n);
+  out.w.resize(n);
+  if (minus != nullptr) out.minus.resize(n);
+  for (std::size_t j = 0; j < n; ++j) {
+    const std::int64_t i = order[j];
+    require_index(i, n, "order");
+    const double v = I[i], si = s[i];
+    if (!std::isfinite(v))
+      throw std::invalid_argument("intensity must be finite (element " + std::to_string(i) +
+                                  ")");
+    if (!(std::isfinite(si) && si > 0))
+      throw std::invalid_argument("sigma must be finite and > 0 (element " + std::to_string(i) +
+                                  " is " + std::to_string(si) + ")");
+    out.I[j] = v;
+    out.s[j] = si;
+    out.w[j] = 1.0 / (si * si);
+    if (minus != nullptr) out.minus[j] = minus[i] != 0;
+  }
+  return out;
+}
+
+// Copy the observations of one group with the given Friedel flag into buffers.
+void select_mate(const Sorted& d, std::size_t b, std::size_t e, std::uint8_t flag,
+                 std::vector<double>& I, std::vector<double>& s, std::vector<double>& w) {
+  I.clear();
+  s.clear();
+  w.clear();
+  for (std::size_t j = b; j < e; ++j) {
+    if (d.minus[j] != flag) continue;
+    I.push_back(d.I[j]);
+    s.push_back(d.s[j]);
+    w.push_back(d.w[j]);
+  }
+}
+
+}  // namespace
+
+MergingStatistics compute_merging_statistics(
+    const double* I, const double* s, const std::uint8_t* minus, std::size_t n,
+    const std::int64_t* order, const std::int64_t* offsets, std::size_t n_groups,
+    const std::int32_t* group_shell, const std::uint8_t* group_centric, std::size_t n_shells,
+    const MergingOptions& opt) {
+  require(n_groups == 0 || group_shell != nullptr, "group_shell is required");
+  for (std::size_t g = 0; g < n_groups; ++g)
+    if (group_shell[g] < -1 || group_shell[g] >= static_cast<std::int64_t>(n_shells))
+      throw std::invalid_argument("group_shell: group " + std::to_string(g) + " has shell " +
+                                  std::to_string(group_shell[g]) + ", outside [-1, " +
+                                  std::to_string(n_shells) + ")");
+  const Sorted d = gather(I, s, minus, n, order, offsets, n_groups);
+  MergingStatistics out;
+  out.shells.assign(n_shells + 1, ShellStatistics{});
+  std::vector<ShellWork> work(n_shells + 1);
+  std::vector<std::int32_t> uniq_shell;
+  std::vector<AnomPair> pairs;
+  MergedReflections& mr = out.merged;
+  const std::size_t reserve = n_groups + (opt.anomalous ? n_groups / 2 : 0);
+  for (auto* v : {&mr.intensity, &mr.sigma, &mr.sigma_internal, &mr.half1, &mr.half2})
+    v->reserve(reserve);
+  mr.group.reserve(reserve);
+  mr.bijvoet.reserve(reserve);
+  mr.multiplicity.reserve(reserve);
+  uniq_shell.reserve(reserve);
+
+  std::vector<double> pI, ps, pw, mI, ms, mw;  // I(+) and I(-) of the current group
+  std::vector<std::uint32_t> perm;
+  const std::size_t overall = n_shells;
+
+  // Merge one set of observations into a unique reflection and accumulate its shell sums.
+  auto add_unique = [&](std::size_t g, std::int8_t bijvoet, const Obs& o, std::int32_t shell,
+                        std::uint64_t sub) {
+    const std::size_t m = o.m;
+    const Merged r = merge(o, opt);
+    double h1 = kNaN, h2 = kNaN;
+    double abs_dev = 0, sum_i = 0, unmerged_ios = 0;
+    for (std::size_t i = 0; i < m; ++i) {
+      abs_dev += std::fabs(o.I[i] - r.mean);
+      sum_i += o.I[i];
+      unmerged_ios += o.I[i] / o.s[i];
+    }
+    if (m >= 2) {
+      if (perm.size() < m) perm.resize(m);
+      half_means(o, stream(opt.seed, g, sub), opt.weighted_halves, perm.data(), h1, h2);
+    }
+    mr.group.push_back(static_cast<std::int64_t>(g));
+    mr.bijvoet.push_back(bijvoet);
+    mr.intensity.push_back(r.mean);
+    mr.sigma.push_back(r.sigma);
+    mr.sigma_internal.push_back(r.sigma_internal);
+    mr.multiplicity.push_back(static_cast<std::int32_t>(m));
+    mr.half1.push_back(h1);
+    mr.half2.push_back(h2);
+    uniq_shell.push_back(shell);
+    if (shell < 0) return;
+    for (std::size_t k : {static_cast<std::size_t>(shell), overall}) {
+      ShellStatistics& st = out.shells[k];
+      st.n_obs += static_cast<std::int64_t>(m);
+      st.n_uniq += 1;
+      st.sum_i += r.mean;
+      st.sum_sigma += r.sigma;
+      if (r.sigma > 0) {
+        st.sum_i_over_sigma += r.mean / r.sigma;
+        st.n_i_over_sigma += 1;
+      }
+      st.sum_unmerged_i_over_sigma += unmerged_ios;
+      st.n_unmerged_positive_sigma += static_cast<std::int64_t>(m);
+      if (m > 1) {
+        const double dm = static_cast<double>(m);
+        st.n_multi += 1;
+        st.r_num += abs_dev;
+        st.r_meas_num += std::sqrt(dm / (dm - 1.0)) * abs_dev;
+        st.r_pim_num += std::sqrt(1.0 / (dm - 1.0)) * abs_dev;
+        st.r_den += sum_i;
+        work[k].cc_half.add_mean(h1, h2);
+        work[k].sum_y += r.mean;
+        work[k].sum_s2 += r.sigma_internal * r.sigma_internal;
+      }
+    }
+  };
+
+  for (std::size_t g = 0; g < n_groups; ++g) {
+    const auto b = static_cast<std::size_t>(offsets[g]), e = static_cast<std::size_t>(offsets[g + 1]);
+    if (e == b) continue;
+    const std::int32_t shell = group_shell[g];
+    const bool centric = group_centric != nullptr && group_centric[g] != 0;
+    const Obs all{d.I.data() + b, d.s.data() + b, d.w.data() + b, e - b};
+    if (centric || d.minus.empty()) {
+      add_unique(g, 0, all, shell, 0);
+      continue;
+    }
+    select_mate(d, b, e, 0, pI, ps, pw);
+    select_mate(d, b, e, 1, mI, ms, mw);
+    const Obs plus{pI.data(), ps.data(), pw.data(), pI.size()};
+    const Obs minus_o{mI.data(), ms.data(), mw.data(), mI.size()};
+    if (shell >= 0) {
+      for (std::size_t k : {static_cast<std::size_t>(shell), overall}) {
+        out.shells[k].n_acentric += 1;
+        if (plus.m > 0 && minus_o.m > 0) out.shells[k].n_bijvoet_pairs += 1;
+      }
+    }
+    if (plus.m >= 2 && minus_o.m >= 2) {
+      double p1, p2, m1, m2;
+      if (perm.size() < e - b) perm.resize(e - b);
+      half_means(plus, stream(opt.seed, g, 3), opt.weighted_halves, perm.data(), p1, p2);
+      half_means(minus_o, stream(opt.seed, g, 4), opt.weighted_halves, perm.data(), m1, m2);
+      pairs.push_back({shell, p1 - m1, p2 - m2});
+    }
+    if (!opt.anomalous) {
+      add_unique(g, 0, all, shell, 0);
+    } else {
+      if (plus.m > 0) add_unique(g, 1, plus, shell, 1);
+      if (minus_o.m > 0) add_unique(g, -1, minus_o, shell, 2);
+    }
+  }
+
+  // Second pass: centred sums for the correlations and the sigma-tau variance.
+  for (const AnomPair& p : pairs) {
+    if (p.shell < 0) continue;
+    for (std::size_t k : {static_cast<std::size_t>(p.shell), overall})
+      work[k].cc_anom.add_mean(p.d1, p.d2);
+  }
+  for (const AnomPair& p : pairs) {
+    if (p.shell < 0) continue;
+    for (std::size_t k : {static_cast<std::size_t>(p.shell), overall})
+      work[k].cc_anom.add_centered(p.d1, p.d2);
+  }
+  for (std::size_t u = 0; u < uniq_shell.size(); ++u) {
+    if (uniq_shell[u] < 0 || mr.multiplicity[u] < 2) continue;
+    for (std::size_t k : {static_cast<std::size_t>(uniq_shell[u]), overall}) {
+      work[k].cc_half.add_centered(mr.half1[u], mr.half2[u]);
+      const double dy =
+          mr.intensity[u] - work[k].sum_y / static_cast<double>(out.shells[k].n_multi);
+      work[k].sum_yy_c += dy * dy;
+    }
+  }
+  for (std::size_t k = 0; k <= n_shells; ++k) {
+    ShellStatistics& st = out.shells[k];
+    const ShellWork& w = work[k];
+    if (st.r_den != 0) {
+      st.r_merge = st.r_num / st.r_den;
+      st.r_meas = st.r_meas_num / st.r_den;
+      st.r_pim = st.r_pim_num / st.r_den;
+    }
+    st.cc_half = w.cc_half.coefficient();
+    st.cc_half_n = w.cc_half.n;
+    st.cc_anom = w.cc_anom.coefficient();
+    st.cc_anom_n = w.cc_anom.n;
+    st.cc_half_sigma_tau_n = st.n_multi;
+    if (st.n_multi >= 2) {
+      const double var_y = w.sum_yy_c / static_cast<double>(st.n_multi - 1);
+      const double var_e = w.sum_s2 / static_cast<double>(st.n_multi);
+      if (var_y + var_e > 0) st.cc_half_sigma_tau = (var_y - var_e) / (var_y + var_e);
+    }
+  }
+  return out;
+}
+
+void normalised_deviations(const double* I, const double* s, std::size_t n,
+                           const std::int64_t* order, const std::int64_t* offsets,
+                           std::size_t n_groups, double* out) {
+  const Sorted d = gather(I, s, nullptr, n, order, offsets, n_groups);
+  const MergingOptions opt;
+  for (std::size_t g = 0; g < n_groups; ++g) {
+    const auto b = static_cast<std::size_t>(offsets[g]), e = static_cast<std::size_t>(offsets[g + 1]);
+    const std::size_t m = e - b;
+    if (m == 0) continue;
+    if (m == 1) {
+      out[order[b]] = kNaN;
+      continue;
+    }
+    const double mean = merge(Obs{d.I.data() + b, d.s.data() + b, d.w.data() + b, m}, opt).mean;
+    const double f = std::sqrt((static_cast<double>(m) - 1.0) / static_cast<double>(m));
+    for (std::size_t j = b; j < e; ++j) out[order[j]] = f * (d.I[j] - mean) / d.s[j];
+  }
+}
+
+void batch_sums(const double* I, const double* s, std::size_t n, const std::int64_t* order,
+                const std::int64_t* offsets, std::size_t n_groups,
+                const std::int64_t* batch_index, std::size_t n_batches, std::int64_t* n_obs,
+                double* sum_abs_dev, double* sum_i, double* sum_ios) {
+  const Sorted d = gather(I, s, nullptr, n, order, offsets, n_groups);
+  for (std::size_t i = 0; i < n; ++i)
+    if (batch_index[i] < -1 || batch_index[i] >= static_cast<std::int64_t>(n_batches))
+      throw std::invalid_argument("batch_index: element " + std::to_string(i) +
+                                  " is outside [-1, n_batches)");
+  std::fill(n_obs, n_obs + n_batches, 0);
+  std::fill(sum_abs_dev, sum_abs_dev + n_batches, 0.0);
+  std::fill(sum_i, sum_i + n_batches, 0.0);
+  std::fill(sum_ios, sum_ios + n_batches, 0.0);
+  const MergingOptions opt;
+  for (std::size_t g = 0; g < n_groups; ++g) {
+    const auto b = static_cast<std::size_t>(offsets[g]), e = static_cast<std::size_t>(offsets[g + 1]);
+    if (e == b) continue;
+    const double mean =
+        merge(Obs{d.I.data() + b, d.s.data() + b, d.w.data() + b, e - b}, opt).mean;
+    for (std::size_t j = b; j < e; ++j) {
+      const std::int64_t k = batch_index[order[j]];
+      if (k < 0) continue;
+      n_obs[k] += 1;
+      sum_abs_dev[k] += std::fabs(d.I[j] - mean);
+      sum_i[k] += d.I[j];
+      sum_ios[k] += d.I[j] / d.s[j];
+    }
+  }
+}
+
+}  // namespace xtalscale

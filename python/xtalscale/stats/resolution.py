@@ -1,0 +1,329 @@
+"""Resolution estimates as ``dials.estimate_resolution`` makes them by default.
+
+:func:`estimate_resolution` recomputes merging statistics in shells of about equal numbers of
+observations (``counting_sorted``, at most ``n_bins=50`` shells of at least
+``reflections_per_bin=10`` observations; CC½ significance at ``0.1``), after removing Wilson
+outliers with E² >= ``emax``² (E² from a quasi-normalisation: intensities divided by the mean
+I/ε of their shell, in 10-20 shells of equal width in d*²), then fits each requested metric
+against d*² = 1/d_min² of the shells and reports where the fit crosses the limit:
+
+* ``cc_half`` (default 0.3): the tanh model ``½(1 − tanh((d*² − s0)/r))`` fitted by weighted
+  least squares (σ = 1/sqrt(n − 3) for shells with n > 4 reflections in CC½, else 100;
+  start r = 0.2, s0 = 0.4), as DIALS;
+* ``cc_half_significance_level`` (0.1): a logistic fit of where CC½ stops being significant;
+* ``isigma`` (unmerged ⟨I/σ⟩), ``misigma`` (merged ⟨I/σ⟩) and ``i_mean_over_sigma_mean``:
+  exp of a degree-6 polynomial fitted to log(y) over the shells with y > 0;
+* ``rmerge``: the inverse of exp of a polynomial fitted to log(1/Rmerge);
+* ``completeness``: a degree-6 polynomial.
+
+As in DIALS the crossing is searched from the high-resolution end (the first crossing of the
+fitted curve there); if every shell is better than the limit the result is the highest
+resolution observed, and if the fitted curve never reaches the limit it is ``None``.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .merging import MergingStatistics, MergingStatisticsError
+
+__all__ = [
+    "ResolutionEstimate",
+    "ResolutionResult",
+    "estimate_resolution",
+    "interpolate_crossing",
+    "quasi_normalised_e_squared",
+    "tanh_cc_half",
+]
+
+_METRIC_ATTRIBUTES = {
+    "cc_half": "cc_one_half",
+    "isigma": "unmerged_i_over_sigma_mean",
+    "misigma": "i_over_sigma_mean",
+    "i_mean_over_sigma_mean": "i_mean_over_sigi_mean",
+    "rmerge": "r_merge",
+    "completeness": "completeness",
+}
+
+
+@dataclass
+class ResolutionResult:
+    """One metric's fit: shells from high to low resolution (DIALS order)."""
+
+    metric: str
+    limit: float | None
+    d_star_sq: np.ndarray
+    y_obs: np.ndarray
+    y_fit: np.ndarray | None
+    d_min: float | None
+    critical_values: np.ndarray | None = None
+    error: str | None = None
+
+    def as_dict(self) -> dict:
+        return {"metric": self.metric, "limit": self.limit, "d_min": self.d_min,
+                "error": self.error,
+                "d_star_sq": self.d_star_sq.tolist(), "y_obs": self.y_obs.tolist(),
+                "y_fit": None if self.y_fit is None else self.y_fit.tolist(),
+                "critical_values": (None if self.critical_values is None
+                                    else self.critical_values.tolist())}
+
+
+@dataclass
+class ResolutionEstimate:
+    """Results of :func:`estimate_resolution` by metric name, plus the statistics used."""
+
+    results: dict = field(default_factory=dict)
+    statistics: MergingStatistics | None = None
+    n_wilson_outliers: int = 0
+
+    @property
+    def d_min(self) -> float | None:
+        """The CC½ estimate (DIALS's headline number), or None."""
+        r = self.results.get("cc_half")
+        return None if r is None else r.d_min
+
+    def as_dict(self) -> dict:
+        return {name: r.as_dict() for name, r in self.results.items()}
+
+    def summary(self) -> str:
+        """Lines like DIALS's ``Resolution cc_half:       1.61``."""
+        names = {"isigma": "I/sig", "misigma": "Mn(I/sig)",
+                 "i_mean_over_sigma_mean": "Mn(I)/Mn(sig)"}
+        lines = []
+        for name, r in self.results.items():
+            label = names.get(name, name)
+            if r.error:
+                lines.append(f"Resolution fit against {name} failed: {r.error}")
+                continue
+            width = max(6, 18 - len(label))
+            value = f"{'none':>{width}}" if r.d_min is None else f"{r.d_min:{width}.2f}"
+            lines.append(f"Resolution {label}:{value}")
+        return "\n".join(lines)
+
+
+def tanh_cc_half(x, r, s0):
+    """DIALS's CC½ model ``½(1 − tanh((x − s0)/r))``."""
+    return 0.5 * (1.0 - np.tanh((np.asarray(x) - s0) / r))
+
+
+def interpolate_crossing(x, y, t) -> float:
+    """First x (scanning from the start) where the piecewise-linear y(x) crosses t.
+
+    Raises
+    ------
+    RuntimeError
+        If t lies outside [min y, max y] or y never strictly crosses it.
+    """
+    x = np.asarray(x, dtype=float)
+    y = np.asarray(y, dtype=float)
+    if t > y.max() or t < y.min():
+        raise RuntimeError(f"t outside of [{y.min():f}, {y.max():f}]")
+    for j in range(1, len(x)):  # short (<= a few hundred shells): not a reflection loop
+        if (y[j - 1] - t) * (y[j] - t) < 0:
+            return float(x[j - 1] + (t - y[j - 1]) * (x[j] - x[j - 1]) / (y[j] - y[j - 1]))
+    raise RuntimeError("no crossing")
+
+
+def _tanh_fit(x, y, n_obs):
+    from scipy.optimize import OptimizeWarning, curve_fit
+
+    if int((n_obs > 3).sum()) < 3:
+        raise RuntimeError("Not enough reflections for fitting")
+    sigma = np.where(n_obs > 4, 1.0 / np.sqrt(np.maximum(n_obs - 3.0, 1.0)), 100.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OptimizeWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        (r, s0), _ = curve_fit(tanh_cc_half, x, y, p0=np.array([0.2, 0.4]), sigma=sigma,
+                               maxfev=10000)
+    return tanh_cc_half(x, r, s0)
+
+
+def _poly_fit(x, y, degree=6):
+    deg = min(degree, len(x) - 1)
+    if deg < 0:
+        raise RuntimeError("no shells to fit")
+    coef = np.polynomial.polynomial.polyfit(x, y, deg)
+    return coef
+
+
+def _log_fit(x, y, n_obs=None):
+    sel = y > 0
+    if sel.sum() < 2:
+        raise RuntimeError("not enough positive values for a log fit")
+    coef = _poly_fit(x[sel], np.log(y[sel]))
+    return np.exp(np.polynomial.polynomial.polyval(x, coef))
+
+
+def _log_inv_fit(x, y, n_obs=None):
+    sel = y > 0
+    if sel.sum() < 2:
+        raise RuntimeError("not enough positive values for a log fit")
+    coef = _poly_fit(x[sel], np.log(1.0 / y[sel]))
+    return 1.0 / np.exp(np.polynomial.polynomial.polyval(x, coef))
+
+
+def _polynomial_fit(x, y, n_obs=None):
+    return np.polynomial.polynomial.polyval(x, _poly_fit(x, y))
+
+
+def _fit_metric(stats: MergingStatistics, metric: str, limit: float) -> ResolutionResult:
+    attr = _METRIC_ATTRIBUTES[metric]
+    bins = stats.bins[::-1]  # high resolution first, as DIALS
+    y = np.array([getattr(b, attr) if getattr(b, attr) is not None else 0.0 for b in bins],
+                 dtype=float)
+    n = np.array([b.cc_one_half_n_refl for b in bins], dtype=float)
+    x = np.array([1.0 / b.d_min ** 2 for b in bins])
+    model = {"cc_half": lambda: _tanh_fit(x, y, n), "isigma": lambda: _log_fit(x, y),
+             "misigma": lambda: _log_fit(x, y), "i_mean_over_sigma_mean": lambda: _log_fit(x, y),
+             "rmerge": lambda: _log_inv_fit(x, y), "completeness": lambda: _polynomial_fit(x, y)}
+    y_fit = model[metric]()
+    critical = None
+    if metric == "cc_half" and bins and bins[0].cc_one_half_critical_value is not None:
+        critical = np.array([b.cc_one_half_critical_value or 0.0 for b in bins])
+    if y.min() > limit:
+        d_min: float | None = 1.0 / math.sqrt(x.max())
+    else:
+        try:
+            d_min = 1.0 / math.sqrt(interpolate_crossing(x, y_fit, limit))
+        except (RuntimeError, ValueError):
+            d_min = None
+    return ResolutionResult(metric, limit, x, y, np.asarray(y_fit), d_min, critical)
+
+
+def _significance_fit(stats: MergingStatistics) -> ResolutionResult:
+    from scipy.optimize import curve_fit
+    from scipy.special import expit
+
+    bins = stats.bins[::-1]
+    x = np.array([1.0 / b.d_min ** 2 for b in bins])
+    y_obs = np.array([b.cc_one_half for b in bins])
+    critical = np.array([b.cc_one_half_critical_value or 0.0 for b in bins])
+    data = np.where(critical > y_obs, 0.0, 1.0)
+    y_fit = None
+    d_min: float | None
+    if data.all():
+        d_min = 1.0 / math.sqrt(x.max())
+    elif not data.any():
+        d_min = None
+    else:
+        start = x[data == 0][-1]  # the lowest-resolution shell that is not significant
+
+        def f(v, r, res):
+            return 1.0 - expit(r * (v - res))
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                (r, res), _ = curve_fit(f, x, data, p0=[100.0, start], maxfev=10000)
+        except (RuntimeError, ValueError):
+            d_min = None
+        else:
+            d_min = 1.0 / math.sqrt(res) if (r >= 0 and res > 0) else None
+            if d_min is not None:
+                y_fit = f(x, r, res)
+    return ResolutionResult("cc_half_significance_level", None, x, data, y_fit, d_min, critical)
+
+
+def quasi_normalised_e_squared(miller_index, intensity, space_group, unit_cell) -> np.ndarray:
+    """E² of every observation by quasi-normalisation (as DIALS's ``quasi_normalisation``).
+
+    Negative intensities count as 0 in the shell means; shells are of equal width in d*²
+    (10, 15 or 20 for <= 15000, <= 20000 or more observations); E² = I/(ε ⟨I/ε⟩_shell).
+    """
+    from ..symmetry import SpaceGroup, UnitCell, miller_array
+
+    sg = space_group if isinstance(space_group, SpaceGroup) else SpaceGroup(space_group)
+    cell = unit_cell if isinstance(unit_cell, UnitCell) else UnitCell(unit_cell)
+    hkl = miller_array(miller_index)
+    I = np.asarray(intensity, dtype=float)
+    n = len(I)
+    n_shells = 20 if n > 20000 else (15 if n > 15000 else 10)
+    dss = cell.d_star_sq(hkl)
+    lo, hi = dss.min(), dss.max()
+    span = hi - lo
+    lo, hi = lo - span * 1e-6, hi + span * 1e-6
+    step = (hi - lo) / n_shells if hi > lo else 1.0
+    shell = np.clip(((dss - lo) / step).astype(np.int64), 0, n_shells - 1)
+    eps = np.asarray(sg.epsilon(hkl), dtype=float)
+    work = np.maximum(I, 0.0) / eps
+    sums = np.bincount(shell, weights=work, minlength=n_shells)
+    counts = np.bincount(shell, minlength=n_shells)
+    mean = np.where(counts > 0, sums / np.maximum(counts, 1), 1.0)
+    norm = mean[shell] * eps
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(norm > 0, I / norm, 0.0)
+
+
+def estimate_resolution(statistics: MergingStatistics, cc_half: float | None = 0.3,
+                        isigma: float | None = None, misigma: float | None = None,
+                        i_mean_over_sigma_mean: float | None = None,
+                        rmerge: float | None = None, completeness: float | None = None,
+                        cc_half_significance_level: float | None = 0.1,
+                        n_bins: int = 50, reflections_per_bin: int = 10,
+                        binning_method: str = "counting_sorted", emax: float | None = 4.0
+                        ) -> ResolutionEstimate:
+    """Resolution limits from merging statistics, as ``dials.estimate_resolution`` by default.
+
+    Parameters
+    ----------
+    statistics : MergingStatistics
+        Statistics of the data (any shells; they are recomputed with the binning below
+        from the same observations, with the same anomalous and seed settings).
+    cc_half, isigma, misigma, i_mean_over_sigma_mean, rmerge, completeness : float or None
+        Limits of the metrics to fit (None skips a metric). DIALS's defaults: CC½ 0.3 only.
+        ``completeness`` is a fraction (0-1).
+    cc_half_significance_level : float or None
+        Significance level of CC½ (also gives the ``cc_half_significance_level`` estimate).
+    n_bins, reflections_per_bin, binning_method :
+        Shells of the fit (DIALS: at most 50 shells of >= 10 observations, counting_sorted).
+    emax : float or None
+        Observations with quasi-normalised E² >= emax² are left out first (DIALS: 4).
+
+    Returns
+    -------
+    ResolutionEstimate
+        ``results[metric]`` (a :class:`ResolutionResult`), ``d_min`` the CC½ estimate.
+
+    Raises
+    ------
+    MergingStatisticsError
+        If no observations remain or the statistics cannot be computed.
+    """
+    prepared = statistics._prepared
+    n_outliers = 0
+    if emax:
+        e2 = quasi_normalised_e_squared(prepared.hkl, prepared.intensity, prepared.space_group,
+                                        prepared.unit_cell)
+        keep = e2 < emax ** 2
+        n_outliers = int((~keep).sum())
+        if not keep.any():
+            raise MergingStatisticsError("every observation is a Wilson outlier (E² >= emax²)")
+        stats = MergingStatistics.from_arrays(
+            prepared.hkl[keep], prepared.intensity[keep], prepared.sigma[keep],
+            prepared.space_group, prepared.unit_cell, n_bins=n_bins,
+            anomalous=statistics.anomalous, use_internal_variance=False,
+            binning_method=binning_method, reflections_per_bin=reflections_per_bin,
+            seed=statistics.seed, cc_one_half_significance_level=cc_half_significance_level)
+    else:
+        stats = statistics.rebinned(n_bins, binning_method, reflections_per_bin,
+                                    use_internal_variance=False,
+                                    cc_one_half_significance_level=cc_half_significance_level)
+    out = ResolutionEstimate(statistics=stats, n_wilson_outliers=n_outliers)
+    limits = {"cc_half": cc_half, "isigma": isigma, "misigma": misigma,
+              "i_mean_over_sigma_mean": i_mean_over_sigma_mean, "rmerge": rmerge,
+              "completeness": completeness}
+    for metric, limit in limits.items():
+        if limit is None:
+            continue
+        try:
+            out.results[metric] = _fit_metric(stats, metric, float(limit))
+        except RuntimeError as exc:  # DIALS logs "Resolution fit ... failed" and goes on
+            empty = np.zeros(0)
+            out.results[metric] = ResolutionResult(metric, float(limit), empty, empty, None,
+                                                   None, error=str(exc))
+    if cc_half_significance_level is not None:
+        out.results["cc_half_significance_level"] = _significance_fit(stats)
+    return out
