@@ -60,6 +60,7 @@ void bind_components(py::module_& m);
 void bind_refl(py::module_& m);
 void bind_grouping(py::module_& m);
 void bind_model_block(py::module_& m);
+void bind_merge(py::module_& m);
 void bind_stats(py::module_& m);
 
 }  // namespace xtalscale::py_bind

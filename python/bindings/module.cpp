@@ -16,6 +16,8 @@ PYBIND11_MODULE(_core, m) {
   auto model_block = m.def_submodule(
       "model_block", "Model blocks: g and dg/dp of a model's components (the fit contract)");
   xtalscale::py_bind::bind_model_block(model_block);
+  auto merge = m.def_submodule("merge", "Merging kernels (French–Wilson truncation)");
+  xtalscale::py_bind::bind_merge(merge);
   auto stats = m.def_submodule("stats", "Merging-statistics kernels");
   xtalscale::py_bind::bind_stats(stats);
 }

@@ -4,6 +4,7 @@ from . import smoothers as smoothers
 from . import refl as refl
 from . import grouping as grouping
 from . import model_block as model_block
+from . import merge as merge
 from . import stats as stats
 
 __version__: str

@@ -15,6 +15,8 @@ __all__ = ["main"]
 # command name -> module in this package (imported only when the command runs)
 _COMMANDS = {
     "apply-model": "apply_model",
+    "merge": "merge",
+    "show": "show",
 }
 
 # Errors a user can cause with bad input; they print one clear line instead of a traceback.

@@ -58,7 +58,7 @@ with one CCP4 orientation block (batch header) per image of every scan, as
 1000. Negative (failed) variances are written as missing sigmas. The file is sorted by
 ASU index, M/ISYM and BATCH unless ``sort=False``. gemmi reads it back as unmerged data.
 :func:`write_merged_mtz` writes ``IMEAN SIGIMEAN`` and, when anomalous,
-``I(+) SIGI(+) I(-) SIGI(-) N(+) N(-)`` like ``dials.merge``
+``I(+) SIGI(+) I(-) SIGI(-) N(+) N(-)`` like ``dials.merge``;
 (:func:`xtalscale.stats.merged_intensities.write_merged_mtz_from_table` merges a table first).
 """
 from __future__ import annotations
@@ -1045,8 +1045,14 @@ def write_merged_mtz(filename, hkl, imean, sigimean, space_group, unit_cell,
                      wavelength: float, i_plus=None, sigi_plus=None, i_minus=None,
                      sigi_minus=None, n_plus=None, n_minus=None,
                      project_name: str = "xtalscale", crystal_name: str = "XTAL",
-                     dataset_name: str = "NATIVE") -> None:
+                     dataset_name: str = "NATIVE", *, n=None, f=None, sigf=None,
+                     f_plus=None, sigf_plus=None, f_minus=None, sigf_minus=None,
+                     dano=None, sigdano=None) -> None:
     """Write a merged MTZ (``IMEAN SIGIMEAN`` [+ ``I(+) SIGI(+) I(-) SIGI(-) N(+) N(-)``]).
+
+    With the optional amplitude arrays the columns and types are those of ``dials.merge``:
+    ``IMEAN J SIGIMEAN Q N I F F SIGF Q I(+) K SIGI(+) M I(-) K SIGI(-) M N(+) I N(-) I
+    F(+) G SIGF(+) L F(-) G SIGF(-) L DANO D SIGDANO Q`` (in that order; absent ones left out).
 
     Parameters
     ----------
@@ -1058,6 +1064,10 @@ def write_merged_mtz(filename, hkl, imean, sigimean, space_group, unit_cell,
     wavelength : float
     i_plus, sigi_plus, i_minus, sigi_minus, n_plus, n_minus : array_like (n,), optional
         Anomalous columns (NaN = not measured); all four intensity arrays are needed.
+    n : array_like (n,), optional
+        Multiplicity of IMEAN (``N``).
+    f, sigf, f_plus, sigf_plus, f_minus, sigf_minus, dano, sigdano : array_like, optional
+        Amplitudes (e.g. French–Wilson); each value/σ pair must be given together.
 
     Raises
     ------
@@ -1068,8 +1078,11 @@ def write_merged_mtz(filename, hkl, imean, sigimean, space_group, unit_cell,
     hkl = miller_array(hkl, "hkl")
     sg = space_group if isinstance(space_group, SpaceGroup) else SpaceGroup(space_group)
     cell = unit_cell if isinstance(unit_cell, UnitCell) else UnitCell(unit_cell)
-    n = len(hkl)
+    n_rows = len(hkl)
     cols = [("IMEAN", "J", imean), ("SIGIMEAN", "Q", sigimean)]
+    if n is not None:
+        cols.append(("N", "I", n))
+    cols += _optional_columns(path, [("F", "F", f), ("SIGF", "Q", sigf)])
     anom = [i_plus, sigi_plus, i_minus, sigi_minus]
     if any(a is not None for a in anom):
         if any(a is None for a in anom):
@@ -1079,18 +1092,30 @@ def write_merged_mtz(filename, hkl, imean, sigimean, space_group, unit_cell,
                  ("SIGI(-)", "M", sigi_minus)]
         if n_plus is not None and n_minus is not None:
             cols += [("N(+)", "I", n_plus), ("N(-)", "I", n_minus)]
+    cols += _optional_columns(path, [("F(+)", "G", f_plus), ("SIGF(+)", "L", sigf_plus),
+                                     ("F(-)", "G", f_minus), ("SIGF(-)", "L", sigf_minus)])
+    cols += _optional_columns(path, [("DANO", "D", dano), ("SIGDANO", "Q", sigdano)])
     for label, _, v in cols:
-        if len(np.asarray(v)) != n:
-            raise ValueError(f"{path}: {label} has length {len(np.asarray(v))}, hkl has {n}")
-    if n:
+        if len(np.asarray(v)) != n_rows:
+            raise ValueError(f"{path}: {label} has length {len(np.asarray(v))}, hkl has {n_rows}")
+    if n_rows:
         m = map_to_asu(hkl, sg)
         if not np.array_equal(m.asu_hkl, hkl):
             bad = int(np.flatnonzero((m.asu_hkl != hkl).any(axis=1))[0])
             raise ValueError(f"{path}: hkl row {bad} {tuple(hkl[bad])} is not in the ASU")
     mtz = _new_mtz(sg, cell, wavelength, cols, project_name, crystal_name, dataset_name)
-    data = np.empty((n, 3 + len(cols)), dtype=np.float32)
+    data = np.empty((n_rows, 3 + len(cols)), dtype=np.float32)
     data[:, :3] = hkl
     for j, (_, _, v) in enumerate(cols):
         data[:, 3 + j] = np.asarray(v, dtype=np.float64)
     mtz.set_data(data)
     mtz.write_to_file(path)
+
+
+def _optional_columns(path: str, group: list) -> list:
+    """The (label, type, values) of a group of columns given all together, or none."""
+    given = [v is not None for _, _, v in group]
+    if any(given) and not all(given):
+        raise ValueError(f"{path}: {', '.join(label for label, _, _ in group)} must be "
+                         "given together")
+    return group if all(given) else []

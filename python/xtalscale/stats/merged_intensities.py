@@ -14,7 +14,7 @@ from ..experiments import ExperimentList
 from ..io.mtz import _check_unmerged_input, _checked_scales, write_merged_mtz
 from ..symmetry import centric_flags, group_reflections, map_to_asu, miller_array
 
-__all__ = ["merge_intensities", "write_merged_mtz_from_table"]
+__all__ = ["merge_intensities", "anomalous_halves", "write_merged_mtz_from_table"]
 
 
 def merge_intensities(hkl, intensities, variances, space_group, anomalous: bool = False):
@@ -41,6 +41,34 @@ def merge_intensities(hkl, intensities, variances, space_group, anomalous: bool 
     return g.unique_hkl, swi / sw, np.sqrt(1.0 / sw), g.group_sizes()
 
 
+def anomalous_halves(unique_hkl, anomalous_hkl, *values) -> list:
+    """Split arrays merged per anomalous ASU index into (+) and (-) halves of ``unique_hkl``.
+
+    Parameters
+    ----------
+    unique_hkl : (n, 3)
+        Non-anomalous ASU indices (the rows of the merged file).
+    anomalous_hkl : (m, 3)
+        Anomalous ASU indices, sorted as :func:`merge_intensities` returns them.
+    *values : array_like (m,)
+        Arrays per anomalous index.
+
+    Returns
+    -------
+    list of tuples
+        ``[(plus values...), (minus values...)]``, each array of length n with NaN where the
+        half was not observed (for centric reflections only the (+) half exists).
+    """
+    keys = _hkl_key(miller_array(anomalous_hkl, "anomalous_hkl"))
+    hkl = miller_array(unique_hkl, "unique_hkl")
+    halves = []
+    for sign in (1, -1):
+        want = _hkl_key(sign * hkl)
+        pos = np.clip(np.searchsorted(keys, want), 0, max(len(keys) - 1, 0))
+        hit = keys[pos] == want if len(keys) else np.zeros(len(hkl), dtype=bool)
+        halves.append(tuple(np.where(hit, np.asarray(v, dtype=np.float64)[pos], np.nan)
+                            if len(keys) else np.full(len(hkl), np.nan) for v in values))
+    return halves
 
 
 def _hkl_key(hkl: np.ndarray) -> np.ndarray:
@@ -99,15 +127,7 @@ def write_merged_mtz_from_table(filename, table, experiments: ExperimentList,
     extra = {}
     if anomalous:
         ah, am, asig, an = merge_intensities(hkl, I, V, sg, anomalous=True)
-        keys = _hkl_key(ah)  # sorted: group_reflections orders groups lexicographically
-        halves = []
-        for sign in (1, -1):
-            want = _hkl_key(sign * uh)
-            pos = np.clip(np.searchsorted(keys, want), 0, len(keys) - 1)
-            hit = keys[pos] == want
-            halves.append((np.where(hit, am[pos], np.nan), np.where(hit, asig[pos], np.nan),
-                           np.where(hit, an[pos], np.nan)))
-        (ip, sp, nplus), (im, sm, nminus) = halves
+        (ip, sp, nplus), (im, sm, nminus) = anomalous_halves(uh, ah, am, asig, an)
         if duplicate_centrics:
             centric = centric_flags(uh, sg)
             im, sm, nminus = (np.where(centric, a, b) for a, b in ((ip, im), (sp, sm),

@@ -1,0 +1,100 @@
+"""Everything the report shows about scaled observations, computed in one call.
+
+For a pipeline (``xtalscale merge`` now, the scaling job later)::
+
+    from xtalscale.merge import observations_from_reflections, merge_observations
+    from xtalscale.report import statistics_for_report, write_html_report
+
+    obs = observations_from_reflections(experiments, reflections)
+    merged = merge_observations(obs)
+    inputs = statistics_for_report(obs)
+    write_html_report("report.html", merged=merged, experiments=experiments,
+                      **inputs.report_arguments())
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["ReportInputs", "statistics_for_report"]
+
+
+@dataclass
+class ReportInputs:
+    """Merging statistics, per-batch statistics, deviations and resolution estimate."""
+
+    statistics: Any = None  #: dataset_statistics (non-anomalous), or None if it failed
+    anomalous_statistics: Any = None  #: dataset_statistics (anomalous) or None
+    batch_statistics: dict = field(default_factory=dict)  #: for plots.batch_plots
+    normalised_deviations: np.ndarray | None = None
+    resolution: Any = None  #: ResolutionEstimate or None
+    notes: list = field(default_factory=list)  #: why something is missing
+
+    def report_arguments(self) -> dict:
+        """Keyword arguments for :func:`~xtalscale.report.write_html_report`."""
+        summary = []
+        if self.resolution is not None and self.resolution.d_min is not None:
+            summary.append(("Resolution estimate (CC½ fit, 0.3)",
+                            f"{self.resolution.d_min:.2f} Å"))
+        return {"statistics": self.statistics, "batch_statistics": self.batch_statistics,
+                "normalised_deviations": self.normalised_deviations, "notes": self.notes,
+                "summary": summary}
+
+
+def _batch_groups(batch: np.ndarray, dataset: np.ndarray, max_points: int) -> np.ndarray:
+    """Each observation's batch, or the first batch of its group of consecutive batches when
+    a dataset has more than ``max_points`` batches (so that each point has observations)."""
+    grouped = np.asarray(batch, dtype=np.int64).copy()
+    for d in np.unique(dataset):
+        mine = dataset == d
+        first, last = int(grouped[mine].min()), int(grouped[mine].max())
+        width = -(-(last - first + 1) // max_points)  # ceil
+        if width > 1:
+            grouped[mine] = first + (grouped[mine] - first) // width * width
+    return grouped
+
+
+def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True,
+                          use_internal_variance: bool = False,
+                          max_batch_points: int = 100) -> ReportInputs:
+    """Statistics of scaled observations (a :class:`~xtalscale.merge.ScaledObservations`).
+
+    Computed on exactly these observations, as dials.merge does. A statistic that cannot be
+    computed (e.g. no reflection measured twice) is left out with a note saying why, so the
+    report and the table say so instead of failing. Per-batch statistics of a dataset with
+    more than ``max_batch_points`` batches are computed over groups of consecutive batches
+    (each point at the group's first batch).
+    """
+    from ..stats import estimate_resolution
+    from ..stats import merging as ms
+
+    obs = observations
+    out = ReportInputs()
+    sigma = np.sqrt(obs.variance)
+    arrays = (obs.miller_index, obs.intensity, sigma, obs.space_group, obs.unit_cell)
+    settings = {"n_bins": n_bins, "use_internal_variance": use_internal_variance}
+    try:
+        out.statistics = ms.dataset_statistics.from_arrays(*arrays, anomalous=False, **settings)
+        if anomalous and not obs.space_group.is_centric():
+            out.anomalous_statistics = ms.dataset_statistics.from_arrays(
+                *arrays, anomalous=True, **settings)
+    except ValueError as error:
+        out.notes.append(f"Merging statistics could not be computed: {error}")
+    if out.statistics is not None:
+        try:
+            out.resolution = estimate_resolution(out.statistics)
+        except ValueError as error:
+            out.notes.append(f"Resolution estimate failed: {error}")
+    per_batch = ms.batch_statistics(obs.miller_index, obs.intensity, sigma,
+                                    _batch_groups(obs.batch, obs.dataset, max_batch_points),
+                                    obs.space_group, dataset=obs.dataset)
+    for d in np.unique(per_batch.dataset):
+        mine = per_batch.dataset == d
+        out.batch_statistics[f"dataset {int(d)}"] = {
+            "batch": per_batch.batch[mine], "r_merge": per_batch.r_merge[mine],
+            "i_over_sigma": per_batch.i_over_sigma_mean[mine]}
+    out.normalised_deviations = ms.normalised_deviations(obs.miller_index, obs.intensity,
+                                                         sigma, obs.space_group)
+    return out

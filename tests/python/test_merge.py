@@ -1,0 +1,290 @@
+"""Merging, the merged MTZ (read back by gemmi), bad input, and the merge/show commands."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import gemmi
+import numpy as np
+import pytest
+
+from xtalscale._core import merge as kernel
+from xtalscale.cli import main
+from xtalscale.io.detect import detect_file_type
+from xtalscale.io.mtz import MtzFormatError
+from xtalscale.merge import (
+    NoScaledDataError,
+    ScaledObservations,
+    merge_observations,
+    observations_from_mtz,
+    observations_from_reflections,
+    write_merged_mtz,
+)
+from xtalscale.symmetry import SpaceGroup, UnitCell, map_to_asu
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+INSULIN = DATA / "mtz_insulin_dials_aimless" / "insulin_dials_scaled_unmerged.mtz.gz"
+CYS = DATA / "dials_l_cysteine_4_sweeps_scaled"
+
+DIALS_MERGE_COLUMNS = [
+    ("H", "H"), ("K", "H"), ("L", "H"), ("IMEAN", "J"), ("SIGIMEAN", "Q"), ("N", "I"),
+    ("F", "F"), ("SIGF", "Q"), ("I(+)", "K"), ("SIGI(+)", "M"), ("I(-)", "K"),
+    ("SIGI(-)", "M"), ("N(+)", "I"), ("N(-)", "I"), ("F(+)", "G"), ("SIGF(+)", "L"),
+    ("F(-)", "G"), ("SIGF(-)", "L"), ("DANO", "D"), ("SIGDANO", "Q")]
+
+
+def _observations(hkl, intensity, variance, symbol="P 1") -> ScaledObservations:
+    n = len(intensity)
+    return ScaledObservations(np.asarray(hkl, dtype=np.int32).reshape(-1, 3),
+                              np.asarray(intensity, float), np.asarray(variance, float),
+                              np.arange(n), np.zeros(n, int), SpaceGroup(symbol),
+                              UnitCell((30, 40, 50, 90, 90, 90)), 1.0, "constructed", n)
+
+
+def _row(merged, hkl):
+    asu = map_to_asu(np.array([hkl]), merged.space_group).asu_hkl[0]
+    return int(np.flatnonzero((merged.miller_index == asu).all(axis=1))[0])
+
+
+def test_hand_computed_means_halves_and_amplitudes():
+    # (1,2,3) twice and its Friedel mate once; (0,0,1) once (P 1: all acentric)
+    obs = _observations([(1, 2, 3), (1, 2, 3), (-1, -2, -3), (0, 0, 1)],
+                        [10.0, 14.0, 20.0, 5.0], [4.0, 4.0, 1.0, 1.0])
+    merged = merge_observations(obs)
+    c = merged.columns
+    r = _row(merged, (1, 2, 3))
+    # IMEAN: weights 1/4, 1/4, 1 -> (2.5 + 3.5 + 20) / 1.5
+    assert c["IMEAN"][r] == pytest.approx(26.0 / 1.5)
+    assert c["SIGIMEAN"][r] == pytest.approx(math.sqrt(1 / 1.5))
+    assert c["N"][r] == 3
+    plus_is_123 = tuple(merged.miller_index[r]) == (1, 2, 3)
+    ip, sp, n_p = (12.0, math.sqrt(2.0), 2) if plus_is_123 else (20.0, 1.0, 1)
+    im, sm, n_m = (20.0, 1.0, 1) if plus_is_123 else (12.0, math.sqrt(2.0), 2)
+    assert (c["I(+)"][r], c["SIGI(+)"][r], c["N(+)"][r]) == pytest.approx((ip, sp, n_p))
+    assert (c["I(-)"][r], c["SIGI(-)"][r], c["N(-)"][r]) == pytest.approx((im, sm, n_m))
+    # fewer than 200 reflections: the flat positive prior (acentric form, Σ = ∞)
+    assert merged.truncation["prior"] == "flat positive"
+    fp = kernel.french_wilson_moments(ip / sp, False)[2] * math.sqrt(sp)
+    fm = kernel.french_wilson_moments(im / sm, False)[2] * math.sqrt(sm)
+    assert c["F(+)"][r] == pytest.approx(fp) and c["F(-)"][r] == pytest.approx(fm)
+    assert c["DANO"][r] == pytest.approx(fp - fm)
+    assert c["SIGDANO"][r] == pytest.approx(math.hypot(c["SIGF(+)"][r], c["SIGF(-)"][r]))
+    wp, wm = c["SIGF(+)"][r] ** -2, c["SIGF(-)"][r] ** -2
+    assert c["F"][r] == pytest.approx((wp * fp + wm * fm) / (wp + wm))
+    assert c["SIGF"][r] == pytest.approx((wp + wm) ** -0.5)
+    # (0,0,1): one half only, no DANO
+    s = _row(merged, (0, 0, 1))
+    assert np.isnan(c["DANO"][s]) and c["N"][s] == 1
+    assert np.isfinite(c["F"][s]) and c["F"][s] == pytest.approx(
+        np.nanmax([c["F(+)"][s], c["F(-)"][s]]))
+
+
+def test_centric_reflections_have_one_half_and_no_dano():
+    # P 2: (h 0 l) is centric; its Friedel mate is a symmetry equivalent
+    obs = _observations([(1, 0, 2), (-1, 0, -2), (1, 1, 1), (-1, -1, -1)],
+                        [9.0, 11.0, 4.0, 6.0], [1.0, 1.0, 1.0, 1.0], "P 1 2 1")
+    merged = merge_observations(obs)
+    r = _row(merged, (1, 0, 2))
+    c = merged.columns
+    assert c["N(+)"][r] == 2 and np.isnan(c["I(-)"][r]) and np.isnan(c["DANO"][r])
+    assert c["I(+)"][r] == pytest.approx(10.0)
+
+
+def test_non_anomalous_merge_truncates_the_mean():
+    obs = _observations([(1, 2, 3), (-1, -2, -3)], [10.0, 14.0], [4.0, 4.0])
+    merged = merge_observations(obs, anomalous=False)
+    assert set(merged.columns) == {"IMEAN", "SIGIMEAN", "N", "F", "SIGF"}
+    f = kernel.french_wilson_moments(12.0 / math.sqrt(2.0), False)[2] * math.sqrt(math.sqrt(2.0))
+    assert merged.columns["F"][0] == pytest.approx(f)
+    with pytest.raises(NoScaledDataError, match="min_reflections"):
+        merge_observations(obs, anomalous=False, fallback_to_flat_prior=False)
+    assert set(merge_observations(obs, anomalous=False, truncate=False).columns) == {
+        "IMEAN", "SIGIMEAN", "N"}
+
+
+@pytest.fixture(scope="module")
+def insulin_merged():
+    return merge_observations(observations_from_mtz(INSULIN))
+
+
+def test_merged_mtz_read_back_by_gemmi(tmp_path, insulin_merged):
+    merged = insulin_merged
+    assert len(merged) == 9831  # iotbx n_uniq (issue 12 parity)
+    halves = np.isfinite(merged.columns["I(+)"]).sum() + np.isfinite(merged.columns["I(-)"]).sum()
+    assert halves == 18151  # anomalous n_uniq
+    assert merged.truncation["prior"].startswith("Wilson")
+    path = tmp_path / "merged.mtz"
+    write_merged_mtz(path, merged, dataset_name="INSULIN")
+    mtz = gemmi.read_mtz_file(str(path))
+    assert [(c.label, c.type) for c in mtz.columns] == DIALS_MERGE_COLUMNS
+    assert mtz.spacegroup.hm == "I 2 3" and not mtz.batches
+    assert mtz.datasets[1].dataset_name == "INSULIN"
+    assert mtz.datasets[1].wavelength == pytest.approx(0.979, abs=1e-3)
+    data = np.asarray(mtz.array)
+    np.testing.assert_array_equal(data[:, :3].astype(int), merged.miller_index)
+    for j, (label, _) in enumerate(DIALS_MERGE_COLUMNS[3:], start=3):
+        expected = merged.columns[label]
+        np.testing.assert_array_equal(np.isnan(data[:, j]), np.isnan(expected), err_msg=label)
+        ok = np.isfinite(expected)
+        np.testing.assert_allclose(data[ok, j], expected[ok], rtol=1e-6, err_msg=label)
+    # amplitudes are positive; F ≈ √IMEAN for strong reflections (F is the mean of the
+    # Bijvoet halves' amplitudes, so a few with a large anomalous difference differ more)
+    f, imean, sig = (merged.columns[k] for k in ("F", "IMEAN", "SIGIMEAN"))
+    strong = imean > 20 * sig
+    np.testing.assert_allclose(f[strong], np.sqrt(imean[strong]), rtol=0.05)
+    assert (f[np.isfinite(f)] > 0).all()
+
+
+def test_mtz_observations_are_the_files_scaled_intensities():
+    obs = observations_from_mtz(INSULIN)
+    mtz = gemmi.read_mtz_file(str(INSULIN))
+    np.testing.assert_allclose(np.sort(obs.intensity),
+                               np.sort(mtz.column_with_label("I").array), rtol=1e-6)
+    np.testing.assert_allclose(np.sort(np.sqrt(obs.variance)),
+                               np.sort(mtz.column_with_label("SIGI").array), rtol=1e-6)
+
+
+def test_merge_of_dials_reflections_selects_as_dials():
+    from xtalscale.experiments import ExperimentList
+    from xtalscale.reflection_table import reflection_table
+
+    experiments = ExperimentList.from_file(str(CYS / "scaled_30.expt"))
+    table = reflection_table.from_file(str(CYS / "scaled_30.refl"))
+    obs = observations_from_reflections(experiments, table)
+    assert obs.excluded["bad_for_scaling"] == 2145
+    assert len(obs) == 3163
+    g = np.asarray(table["inverse_scale_factor"])
+    keep = (np.asarray(table["flags"]).astype(np.uint64) & np.uint64((1 << 22) | (1 << 23) | (1 << 24))) == 0
+    np.testing.assert_allclose(np.sort(obs.intensity),
+                               np.sort(np.asarray(table["intensity.scale.value"])[keep] / g[keep]))
+    merged = merge_observations(obs)
+    assert len(merged) == len(np.unique(map_to_asu(obs.miller_index, obs.space_group).asu_hkl,
+                                        axis=0))
+
+
+# ------------------------------------------------------------------------------- bad input
+
+
+def test_empty_and_sigma_free_inputs_raise_clear_errors():
+    with pytest.raises(NoScaledDataError, match="no observations"):
+        merge_observations(_observations(np.zeros((0, 3)), [], []))
+    from xtalscale.experiments import ExperimentList
+    from xtalscale.reflection_table import reflection_table
+
+    experiments = ExperimentList.from_file(str(CYS / "scaled_30.expt"))
+    table = reflection_table.from_file(str(CYS / "scaled_30.refl"))
+    table["intensity.scale.variance"] = np.zeros(len(table))
+    with pytest.raises(NoScaledDataError, match=r"variances <= 0"):
+        observations_from_reflections(experiments, table)
+    empty = table.select(np.zeros(len(table), dtype=bool))
+    with pytest.raises(NoScaledDataError, match="no scaled observation"):
+        observations_from_reflections(experiments, empty)
+    del table["inverse_scale_factor"]
+    with pytest.raises(KeyError, match="inverse_scale_factor"):
+        observations_from_reflections(experiments, table)
+
+
+def test_no_multiplicity_still_merges_and_the_report_says_why_statistics_are_missing(tmp_path):
+    from xtalscale.report import render_html_report, statistics_for_report
+
+    obs = _observations([(1, 2, 3), (2, 3, 4)], [10.0, 14.0], [4.0, 4.0])
+    merged = merge_observations(obs)
+    assert (merged.columns["N"] == 1).all()
+    inputs = statistics_for_report(obs)
+    assert inputs.statistics is None and inputs.resolution is None
+    assert any("could not be computed" in note for note in inputs.notes)
+    page = render_html_report(merged=merged, **inputs.report_arguments())
+    assert "could not be computed" in page and "No merging statistics were given." in page
+
+
+def _write_unmerged_like(path, labels, spacegroup="P 21 21 21"):
+    mtz = gemmi.Mtz(with_base=True)
+    if spacegroup is not None:
+        mtz.spacegroup = gemmi.SpaceGroup(spacegroup)
+    mtz.set_cell_for_all(gemmi.UnitCell(30, 40, 50, 90, 90, 90))
+    mtz.add_dataset("x")
+    for label, kind in labels:
+        mtz.add_column(label, kind)
+    data = np.zeros((3, 3 + len(labels)), dtype=np.float32)
+    data[:, :3] = [(1, 2, 3), (2, 3, 4), (3, 4, 5)]
+    data[:, 3:] = 1.0
+    mtz.set_data(data)
+    mtz.write_to_file(str(path))
+
+
+def test_mtz_without_intensities_is_a_clear_error(tmp_path):
+    path = tmp_path / "no_i.mtz"
+    _write_unmerged_like(path, [("M/ISYM", "Y"), ("BATCH", "B"), ("FP", "F"), ("SIGFP", "Q")])
+    with pytest.raises(MtzFormatError, match="no_i.mtz"):
+        observations_from_mtz(path)
+    assert main(["merge", str(path), f"output.mtz={tmp_path / 'm.mtz'}"]) == 2
+
+
+def test_unknown_space_group_is_a_clear_error(tmp_path, capsys):
+    text = (CYS / "scaled_30.expt").read_text()
+    bad = tmp_path / "bad_sg.expt"
+    bad.write_text(text.replace('"space_group_hall_symbol": " P 2 2"',
+                                '"space_group_hall_symbol": " Q 9 9"'))
+    assert main(["merge", str(bad), str(CYS / "scaled_30.refl"),
+                 f"output.mtz={tmp_path / 'm.mtz'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("xtalscale: error:") and "Q 9 9" in err
+
+
+def test_detect_file_type_by_content(tmp_path):
+    assert detect_file_type(INSULIN) == "mtz"
+    assert detect_file_type(CYS / "scaled_30.expt") == "experiments"
+    assert detect_file_type(CYS / "scaled_30.refl") == "reflections"
+    assert detect_file_type(DATA / "xds_hewl_ssad_snippets" / "XDS_ASCII.HKL") == "xds"
+    other = tmp_path / "notes.txt"
+    other.write_text("hello")
+    with pytest.raises(ValueError, match="unrecognised"):
+        detect_file_type(other)
+    with pytest.raises(FileNotFoundError):
+        detect_file_type(tmp_path / "missing.mtz")
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def test_merge_command_writes_mtz_json_report_and_log(tmp_path, capsys):
+    out = tmp_path / "m.mtz"
+    status = main(["merge", str(CYS / "scaled_30.expt"), str(CYS / "scaled_30.refl"),
+                   f"output.mtz={out}", f"output.json={tmp_path / 's.json'}",
+                   f"output.html={tmp_path / 'r.html'}", f"output.log={tmp_path / 'm.log'}",
+                   "d_min=0.8", "-v"])
+    assert status == 0
+    text = capsys.readouterr().out
+    assert "bad_for_scaling" in text and "unique reflections" in text
+    mtz = gemmi.read_mtz_file(str(out))
+    assert mtz.resolution_high() >= 0.8 - 1e-6
+    assert [c.label for c in mtz.columns][3:6] == ["IMEAN", "SIGIMEAN", "N"]
+    document = json.loads((tmp_path / "s.json").read_text())
+    assert document["summary"]["Space group"] == "P 2 2 2 (No. 16)"
+    assert "unique reflections" in (tmp_path / "m.log").read_text()
+    html = (tmp_path / "r.html").read_text()
+    assert html.count("Plotly") > 10 and "plot-model-scale" in html
+
+
+def test_merge_command_rejects_bad_arguments(tmp_path, capsys):
+    assert main(["merge", str(INSULIN), "no_such_option=1"]) == 2
+    assert "no_such_option" in capsys.readouterr().err
+    assert main(["merge", str(INSULIN), "d_min=-1"]) == 2
+    assert main(["merge", str(CYS / "scaled_30.expt")]) == 2
+    assert "one .expt and one .refl" in capsys.readouterr().err
+    assert main(["merge", "-h"]) == 0
+    assert "french_wilson" in capsys.readouterr().out
+
+
+def test_show_command_summarises_every_format(capsys):
+    assert main(["show", str(INSULIN), str(CYS / "scaled_30.expt"), str(CYS / "scaled_30.refl"),
+                 str(DATA / "xds_hewl_ssad_snippets" / "XDS_ASCII.HKL")]) == 0
+    text = capsys.readouterr().out
+    assert "rows: 45595" in text and "I 2 3 (197)" in text and "batches: 45 (1-45)" in text
+    assert "SCALEUSED     R" in text
+    assert "P 2 2 2 (No. 16)" in text and "physical" in text
+    assert "rows: 5308" in text and "bad_for_scaling" not in text  # composite names skipped
+    assert "excluded_for_scaling" in text and "intensity.scale.value" in text
+    assert "XDS xds_ascii file" in text and "integrated_sum  412" in text
+    assert main(["show"]) == 2
