@@ -20,6 +20,8 @@ from pathlib import Path
 import gemmi
 import numpy as np
 
+import xtalscale
+
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent / "data"
 SEED = 20261206
@@ -66,7 +68,9 @@ def test_mutated_files_give_a_clean_error_or_a_complete_table(tmp_path):
             "sources": [[k, r, str(p)] for k, r, p in _sources(tmp_path)]}
     spec_path = tmp_path / "spec.json"
     spec_path.write_text(json.dumps(spec))
-    env = dict(os.environ, PYTHONPATH=str(HERE.parents[1] / "python"), OMP_NUM_THREADS="1",
+    # The child imports the same xtalscale as this process (source tree or installed wheel).
+    package_root = Path(xtalscale.__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(package_root), OMP_NUM_THREADS="1",
                MALLOC_ARENA_MAX="2")
     try:
         proc = subprocess.run([sys.executable, str(HERE / "fuzz_readers_child.py"),

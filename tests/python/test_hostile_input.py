@@ -15,9 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import xtalscale
 from xtalscale.io.refl import ReflFileError, read_refl
 
-PYTHON_DIR = Path(__file__).resolve().parents[2] / "python"
+# The children import the same xtalscale as this process: the source tree with an in-place build,
+# or site-packages for an installed wheel (the source tree there has no compiled _core).
+PYTHON_DIR = Path(xtalscale.__file__).resolve().parents[1]
 
 
 def run_bounded(code: str, timeout: float = 20.0, memory_mb: int = 1500) -> str:
