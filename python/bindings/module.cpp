@@ -13,6 +13,10 @@ PYBIND11_MODULE(_core, m) {
   xtalscale::py_bind::bind_refl(refl);
   auto grouping = m.def_submodule("grouping", "Reciprocal ASU mapping kernel");
   xtalscale::py_bind::bind_grouping(grouping);
+  auto fit = m.def_submodule("fit", "Fit kernels: Ih table, target, normal equations");
+  xtalscale::py_bind::bind_fit(fit);
+  auto job = m.def_submodule("job", "Per-group kernels of the scaling job (outliers, sums)");
+  xtalscale::py_bind::bind_job(job);
   auto model_block = m.def_submodule(
       "model_block", "Model blocks: g and dg/dp of a model's components (the fit contract)");
   xtalscale::py_bind::bind_model_block(model_block);

@@ -11,6 +11,8 @@
 namespace xtalscale::py_bind {
 namespace {
 
+using LongArray = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
+using IntArray = py::array_t<std::int32_t, py::array::c_style | py::array::forcecast>;
 using ByteArray = py::array_t<std::uint8_t, py::array::c_style | py::array::forcecast>;
 
 template <typename T>
@@ -27,7 +29,7 @@ void require_1d(const py::array& a, const char* name) {
 }
 
 void check_grouping(const DoubleArray& intensity, const DoubleArray& sigma,
-                    const Int64Array& order, const Int64Array& offsets) {
+                    const LongArray& order, const LongArray& offsets) {
   require_1d(intensity, "intensity");
   require_1d(sigma, "sigma");
   require_1d(order, "order");
@@ -80,8 +82,8 @@ py::dict shell_dict(const std::vector<ShellStatistics>& shells) {
 }
 
 py::tuple merging_statistics_py(const DoubleArray& intensity, const DoubleArray& sigma,
-                                const py::object& friedel_minus, const Int64Array& order,
-                                const Int64Array& offsets, const Int32Array& group_shell,
+                                const py::object& friedel_minus, const LongArray& order,
+                                const LongArray& offsets, const IntArray& group_shell,
                                 const py::object& group_centric, std::size_t n_shells,
                                 bool use_internal_variance, bool anomalous, std::uint64_t seed,
                                 double sigma_dynamic_range, bool weighted_halves) {
@@ -137,8 +139,8 @@ py::tuple merging_statistics_py(const DoubleArray& intensity, const DoubleArray&
 }
 
 py::array_t<double> normalised_deviations_py(const DoubleArray& intensity,
-                                             const DoubleArray& sigma, const Int64Array& order,
-                                             const Int64Array& offsets) {
+                                             const DoubleArray& sigma, const LongArray& order,
+                                             const LongArray& offsets) {
   check_grouping(intensity, sigma, order, offsets);
   const auto n = static_cast<std::size_t>(intensity.size());
   py::array_t<double> out(static_cast<py::ssize_t>(n));
@@ -152,8 +154,8 @@ py::array_t<double> normalised_deviations_py(const DoubleArray& intensity,
 }
 
 py::tuple batch_sums_py(const DoubleArray& intensity, const DoubleArray& sigma,
-                        const Int64Array& order, const Int64Array& offsets,
-                        const Int64Array& batch_index, std::size_t n_batches) {
+                        const LongArray& order, const LongArray& offsets,
+                        const LongArray& batch_index, std::size_t n_batches) {
   check_grouping(intensity, sigma, order, offsets);
   require_1d(batch_index, "batch_index");
   const auto n = static_cast<std::size_t>(intensity.size());

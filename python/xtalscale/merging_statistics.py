@@ -21,8 +21,10 @@ from .stats.merging import (
     normalised_deviations,
     shell_limits,
 )
-from .stats.merging import MergingShell as merging_stats  # iotbx's name for the per-shell object
-from .stats.merging import MergingStatisticsError as StatisticsError  # and for its error
+
+# iotbx's names for the per-shell object and its error
+from .stats.merging import MergingShell as merging_stats  # noqa: E402
+from .stats.merging import MergingStatisticsError as StatisticsError  # noqa: E402
 
 __all__ = [
     "BatchStatistics",

@@ -82,8 +82,9 @@ class ScalingModelError(ValueError):
 
 
 def _is_auto(value: Any) -> bool:
-    """True for DIALS's ``Auto`` or the string "auto" (None is *not* auto)."""
-    return (isinstance(value, str) and value.lower() == "auto") or type(value).__name__ == "Auto"
+    """True for DIALS's ``Auto`` (libtbx or freephil) or the string "auto" (None is *not* auto)."""
+    return ((isinstance(value, str) and value.lower() == "auto")
+            or type(value).__name__ in ("Auto", "AutoType"))
 
 
 # ==========================================================================

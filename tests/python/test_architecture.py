@@ -20,9 +20,8 @@ except ModuleNotFoundError:  # Python < 3.11
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_DIR = Path(xtalscale.__file__).resolve().parent
-#: Top-level names of the DIALS/cctbx-path facades (thin re-exports of core objects).
-FACADES = ("algorithms", "array_family", "dxtbx", "util", "lstbx", "scitbx", "cctbx",
-           "merging_statistics")
+#: Top-level names of the DIALS-path facades (thin re-exports of core objects).
+FACADES = ("algorithms", "array_family", "dxtbx", "util", "lstbx", "scitbx", "cctbx", "merging_statistics")
 #: Package entry points that belong to no layer.
 UNLAYERED = ("_core", "__main__")
 

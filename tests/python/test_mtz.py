@@ -18,7 +18,7 @@ from xtalscale.io.mtz import (
     write_merged_mtz,
     write_unmerged_mtz,
 )
-from xtalscale.stats.merged_intensities import merge_intensities
+from xtalscale.stats.merging import merge_intensities
 from xtalscale.symmetry import SpaceGroup, group_reflections, map_to_asu
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -517,7 +517,7 @@ def test_dials_scaled_table_exports_like_dials_export(tmp_path):
 def test_merge_table_to_mtz_matches_gemmi_merging(gamma, tmp_path):
     """write_merged_mtz_from_table: IMEAN = gemmi's Mean merge and I(+)/I(-) = gemmi's
     Anomalous merge of the same intensities (inverse-variance weighted)."""
-    from xtalscale.stats.merged_intensities import write_merged_mtz_from_table
+    from xtalscale.stats.merging import write_merged_mtz_from_table
 
     out = tmp_path / "gamma_merged.mtz"
     n = write_merged_mtz_from_table(out, gamma.table, gamma.experiments)

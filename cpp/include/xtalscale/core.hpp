@@ -4,7 +4,8 @@
 ///
 /// Namespaces: types shared across areas live in `xtalscale` (smoothers, the ASU/grouping
 /// kernels, DerivativesView, ModelBlock and its terms, the checks); kernels that belong to one
-/// area live in `xtalscale::<area>` (`components`, `harmonics`, `base256`); implementation
+/// area live in `xtalscale::<area>` (`components`, `harmonics`, `base256`, `fit`: Ih table,
+/// target, normal equations); implementation
 /// details in `xtalscale::detail`.
 #pragma once
 
@@ -15,8 +16,11 @@
 #include "xtalscale/export.hpp"
 #include "xtalscale/grouping.hpp"
 #include "xtalscale/harmonics.hpp"
+#include "xtalscale/ih_table.hpp"
 #include "xtalscale/model_block.hpp"
+#include "xtalscale/normal_equations.hpp"
 #include "xtalscale/smoother.hpp"
+#include "xtalscale/target.hpp"
 #include "xtalscale/version.hpp"
 
 namespace xtalscale {

@@ -3,6 +3,8 @@ from . import components as components
 from . import smoothers as smoothers
 from . import refl as refl
 from . import grouping as grouping
+from . import fit as fit
+from . import job as job
 from . import model_block as model_block
 from . import merge as merge
 from . import stats as stats

@@ -14,6 +14,7 @@ __all__ = ["main"]
 
 # command name -> module in this package (imported only when the command runs)
 _COMMANDS = {
+    "scale": "scale",
     "apply-model": "apply_model",
     "merge": "merge",
     "show": "show",

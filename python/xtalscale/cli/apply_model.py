@@ -52,7 +52,7 @@ def _apply_model(args: argparse.Namespace) -> int:
     from ..io.mtz import write_merged_mtz, write_unmerged_mtz
     from ..models import inverse_scale_factors, suitable_for_scaling
     from ..reflection_table import reflection_table
-    from ..stats.merged_intensities import merge_intensities
+    from ..stats.merging import merge_intensities
 
     t0 = time.perf_counter()
     experiments = ExperimentList.from_file(str(args.experiments))

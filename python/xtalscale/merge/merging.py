@@ -79,7 +79,7 @@ def merge_observations(observations: ScaledObservations, anomalous: bool = True,
     -------
     MergedData
     """
-    from ..stats.merged_intensities import anomalous_halves, merge_intensities
+    from ..io.mtz import anomalous_halves, merge_intensities
 
     obs = observations
     if len(obs) == 0:

@@ -68,7 +68,7 @@ def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True
     (each point at the group's first batch).
     """
     from ..stats import estimate_resolution
-    from ..stats import merging as ms
+    from ..stats import merging as ms  # the core module (merging_statistics is its facade)
 
     obs = observations
     out = ReportInputs()

@@ -1,8 +1,10 @@
 """DIALS-shaped import path: ``dials.algorithms.scaling.model.model``.
 
-The implementation lives in :mod:`xtalscale.models`. ``model_phil_scope`` is
-replaced by :func:`default_model_params`, a namespace with DIALS's defaults.
+The implementation lives in :mod:`xtalscale.models`; ``model_phil_scope`` (freephil) in
+:mod:`xtalscale.job.phil`. :func:`default_model_params` gives the same defaults as a plain
+namespace.
 """
+from xtalscale.job.phil import model_phil_scope  # noqa: F401
 from xtalscale.models import (  # noqa: F401
     AUTO,
     ArrayScalingModel,
@@ -23,6 +25,7 @@ from xtalscale.models import (  # noqa: F401
 )
 
 __all__ = [
+    "model_phil_scope",
     "AUTO",
     "ArrayScalingModel",
     "DoseDecay",

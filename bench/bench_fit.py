@@ -1,0 +1,213 @@
+"""Benchmark of the fit kernels (issue 11): f+g, normal matrix, a Gauss–Newton fit, a stills fit.
+
+Synthetic data shaped like a physical model with lmax 4 (k = 30 derivatives per observation:
+3+3 smoother weights and 24 harmonics), multiplicity ~8, several datasets. Prints ns/observation
+for 1 and 2 threads, the same-run ratio against the explicit-Jacobian path (scipy JᵀWJ) and a
+numpy reference f+g, the bytes per observation the kernels' inputs hold, and a stills-like fit
+(one multiplier per image + a shared 5-point resolution smoother, voxel groups).
+
+    PYTHONPATH=python python bench/bench_fit.py [--n-obs 1000000] [--stills-obs 1000000]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import best_time  # noqa: E402
+
+from xtalscale._core import fit as core_fit  # noqa: E402
+from xtalscale.fit import ModelBlockData, ModelObjective, refine  # noqa: E402
+
+
+def physical_like(n_obs, n_datasets, multiplicity, rng, shuffle=False):
+    """Per-dataset CSR blocks with 30 non-zeros per row (6 smoother + 24 harmonic columns)."""
+    n_groups = n_obs // multiplicity
+    group = np.sort(rng.integers(0, n_groups, n_obs))
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(group, minlength=n_groups))]).astype(np.int64)
+    dataset = rng.integers(0, n_datasets, n_obs)
+    n_scale, n_decay, n_abs = 20, 15, 24
+    p_per = n_scale + n_decay + n_abs
+    blocks, rows_of = [], []
+    for d in range(n_datasets):
+        rows = np.flatnonzero(dataset == d)  # table rows of this dataset (Ih-block order: sorted)
+        if shuffle:
+            rng.shuffle(rows)  # a model block in its own (image) order
+        n = rows.size
+        z = rng.uniform(0, n_scale - 3, n)
+        start = np.floor(z).astype(np.int32)
+        cols = np.concatenate([start[:, None] + np.arange(3), n_scale + np.minimum(start[:, None] * n_decay // n_scale
+                               + np.arange(3), n_decay - 1 - 2 + np.arange(3)),
+                               np.tile(n_scale + n_decay + np.arange(n_abs), (n, 1))], axis=1)
+        cols = np.sort(cols, axis=1)
+        # make the decay columns strictly increasing and distinct
+        cols[:, 3:6] = n_scale + np.minimum(start[:, None] * (n_decay - 3) // (n_scale - 3), n_decay - 3) + np.arange(3)
+        vals = rng.uniform(0.05, 0.5, (n, 30))
+        indptr = np.arange(0, 30 * n + 1, 30, dtype=np.int64)
+        g = rng.uniform(0.5, 1.5, n)
+        blocks.append((g, indptr, cols.astype(np.int32).ravel(), vals.ravel(), p_per, d * p_per, rows.astype(np.int64)))
+        rows_of.append(rows)
+    inten = rng.uniform(10, 1000, n_obs)
+    w = 1.0 / rng.uniform(10, 100, n_obs)
+    return offsets, inten, w, blocks, n_datasets * p_per
+
+
+def numpy_f_g(offsets, inten, w, blocks, n_params):
+    """Reference: the same f+g with numpy/scipy (bincount group sums, sparse products)."""
+    n = inten.size
+    g = np.empty(n)
+    for b in blocks:
+        g[b[6]] = b[0]
+    group = np.repeat(np.arange(offsets.size - 1), np.diff(offsets))
+    s = np.bincount(group, w * g * g, minlength=offsets.size - 1)
+    t = np.bincount(group, w * g * inten, minlength=offsets.size - 1)
+    ih = np.divide(t, s, out=np.zeros_like(t), where=s > 0)[group]
+    r = inten - g * ih
+    coef = -2 * w * r * ih
+    grad = np.zeros(n_params)
+    for b in blocks:
+        m = sp.csr_matrix((b[3], b[2], b[1]), shape=(b[0].size, b[4]))
+        grad[b[5]:b[5] + b[4]] += m.T @ coef[b[6]]
+    return float(np.sum(w * r * r)), grad
+
+
+def explicit_normal_matrix(offsets, inten, w, blocks, n_params):
+    """DIALS's route: explicit sparse J (with ∂Ĩ/∂p), then JᵀWJ (scipy)."""
+    n = inten.size
+    group = np.repeat(np.arange(offsets.size - 1), np.diff(offsets))
+    g = np.empty(n)
+    parts = []
+    for b in blocks:
+        g[b[6]] = b[0]
+        m = sp.csr_matrix((b[3], b[2], b[1]), shape=(b[0].size, b[4])).tocoo()
+        parts.append(sp.csr_matrix((m.data, (b[6][m.row], m.col + b[5])), shape=(n, n_params)))
+    d = sum(parts[1:], parts[0])
+    h = sp.csr_matrix((np.ones(n), (np.arange(n), group)), shape=(n, offsets.size - 1))
+    s = h.T @ (w * g * g)
+    ih = (h.T @ (w * g * inten)) / s
+    ih_rows = ih[group]
+    dih = sp.diags(1 / s) @ h.T @ sp.diags(w * (inten - 2 * g * ih_rows)) @ d
+    jac = -(sp.diags(ih_rows) @ d) - sp.diags(g) @ (h @ dih)
+    return (jac.T @ sp.diags(w) @ jac).toarray()
+
+
+def exp_model(offsets, blocks, n_params, rng):
+    """g = exp(a·p) on the same sparsity: a GN fit to convergence from a perturbed start."""
+    mats = [sp.csr_matrix((b[3], b[2], b[1]), shape=(b[0].size, b[4])) for b in blocks]
+    truth = 0.1 * rng.standard_normal(n_params)
+
+    def model(x):
+        out = []
+        for b, m in zip(blocks, mats):
+            g = np.exp(m @ x[b[5]:b[5] + b[4]])
+            out.append(ModelBlockData(g, (b[1], b[2], b[3] * np.repeat(g, 30), b[4]), b[5], b[6]))
+        return out
+    return model, truth
+
+
+def stills(n_obs, n_images, n_voxels, rng):
+    image = np.sort(rng.integers(0, n_images, n_obs))
+    voxel = rng.integers(0, n_voxels, n_obs)
+    dstar = np.sqrt(rng.uniform(0.01, 1.0, n_voxels))[voxel]
+    m_true = np.exp(0.3 * rng.standard_normal(n_images))
+    nodes = np.linspace(0.1, 1.0, 5)
+    s_true = np.array([1.0, 0.9, 0.75, 0.6, 0.5])
+    basis = np.exp(-((dstar[:, None] - nodes) / 0.25) ** 2)
+    basis /= basis.sum(axis=1, keepdims=True)
+    ih = rng.uniform(50, 500, n_voxels)
+    g_true = m_true[image] * (basis @ s_true)
+    sigma = 0.03 * g_true * ih[voxel]
+    inten = g_true * ih[voxel] + sigma * rng.standard_normal(n_obs)
+    # The model's rows are put in table (voxel) order, so the kernels stream without a row map.
+    order = np.argsort(voxel, kind="stable")
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(voxel, minlength=n_voxels))])
+    image, basis = image[order], np.ascontiguousarray(basis[order])
+    indptr = np.arange(0, 6 * n_obs + 1, 6, dtype=np.int64)
+    indices = np.concatenate([image[:, None], n_images + np.tile(np.arange(5), (n_obs, 1))], axis=1).astype(np.int32).ravel()
+    vals = np.empty((n_obs, 6))
+
+    def model(x):
+        m, s = x[:n_images], x[n_images:]
+        smooth = np.einsum("ij,j->i", basis, s)  # no BLAS threads
+        mi = m[image]
+        vals[:, 0] = smooth
+        np.multiply(mi[:, None], basis, out=vals[:, 1:])
+        return [ModelBlockData(mi * smooth, (indptr, indices, vals.ravel(), n_images + 5), 0, None)]
+    return offsets, inten[order], 1 / sigma[order] ** 2, model, m_true, n_images
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n-obs", type=int, default=1_000_000)
+    ap.add_argument("--datasets", type=int, default=5)
+    ap.add_argument("--stills-obs", type=int, default=1_000_000)
+    ap.add_argument("--stills-images", type=int, default=10_000)
+    ap.add_argument("--stills-voxels", type=int, default=100_000)
+    a = ap.parse_args()
+    rng = np.random.default_rng(7)
+    offsets, inten, w, blocks, P = physical_like(a.n_obs, a.datasets, 8, rng)
+    n = a.n_obs
+    held = offsets.nbytes + inten.nbytes + w.nbytes + sum(sum(x.nbytes for x in b[:4]) + b[6].nbytes for b in blocks)
+    print(f"problem: {n} obs, {offsets.size - 1} groups, {a.datasets} datasets, P = {P}, k = 30, "
+          f"threads available {core_fit.max_threads()}")
+    print(f"bytes held by the kernel inputs: {held / n:.0f} B/obs (CSR doubles: 30 x 12 B = 360 B/obs of it)")
+    args = (offsets, inten, w, blocks, P)
+    res = {}
+    for nt in (1, 2):
+        t = best_time(lambda nt=nt: core_fit.functional_and_gradient(*args, n_threads=nt, check_structure=False), 5)
+        res[("fg", nt)] = t
+        print(f"f+g            {nt} thread(s): {t / n * 1e9:7.1f} ns/obs")
+    t_np = best_time(lambda: numpy_f_g(*args), 2)
+    t_chk = best_time(lambda: core_fit.functional_and_gradient(*args, check_structure=True), 3)
+    print(f"f+g with the full structure check (first call): {t_chk / n * 1e9:7.1f} ns/obs")
+    print(f"f+g numpy reference:       {t_np / n * 1e9:7.1f} ns/obs  (C++ 1 thread is {t_np / res[('fg', 1)]:.1f}x faster)")
+    for nt in (1, 2):
+        t = best_time(lambda nt=nt: core_fit.normal_equations(*args, kind="dials", n_threads=nt, check_structure=False), 2)
+        res[("ne", nt)] = t
+        print(f"normal matrix  {nt} thread(s): {t / n * 1e9:7.1f} ns/obs")
+    sub = min(n, 200_000)
+    so, si, sw, sb, sP = physical_like(sub, a.datasets, 8, np.random.default_rng(8))
+    t_exp = best_time(lambda: explicit_normal_matrix(so, si, sw, sb, sP), 1)
+    t_ours = best_time(lambda: core_fit.normal_equations(so, si, sw, sb, sP, kind="dials"), 2)
+    print(f"explicit-J JᵀWJ (scipy, {sub} obs): {t_exp / sub * 1e9:7.0f} ns/obs  (no-Jacobian kernel {t_exp / t_ours:.0f}x faster)")
+    ro, ri, rw, rb, rP = physical_like(n, a.datasets, 8, np.random.default_rng(7), shuffle=True)
+    t = best_time(lambda: core_fit.functional_and_gradient(ro, ri, rw, rb, rP, check_structure=False), 3)
+    print(f"f+g, model rows in random order vs the table (1 thread): {t / n * 1e9:7.1f} ns/obs")
+    print(f"thread scaling: f+g {res[('fg', 1)] / res[('fg', 2)]:.2f}x, normal matrix {res[('ne', 1)] / res[('ne', 2)]:.2f}x")
+
+    model, truth = exp_model(offsets, blocks, P, rng)
+    obj = ModelObjective(offsets, inten, w, model, np.zeros(P))
+    inten_sim = np.empty(n)
+    obj_truth = ModelObjective(offsets, inten, w, model, truth)
+    ih_true = rng.uniform(10, 1000, offsets.size - 1)
+    ih_rows = np.repeat(ih_true, np.diff(offsets))
+    _, _, g_truth = obj_truth.table_rows()
+    inten_sim[:] = g_truth * ih_rows * (1 + 0.01 * rng.standard_normal(n))
+    obj = ModelObjective(offsets, inten_sim, w, model, np.zeros(P))
+    t0 = time.perf_counter()
+    journal = refine(obj, "GaussNewton")
+    t_fit = time.perf_counter() - t0
+    print(f"Gauss-Newton fit to convergence: {journal.get_nrows()} steps, {t_fit:.2f} s = {t_fit / n * 1e9:.0f} ns/obs "
+          f"({journal.reason_for_termination})")
+
+    so, si, sw, smodel, m_true, n_img = stills(a.stills_obs, a.stills_images, a.stills_voxels, np.random.default_rng(9))
+    obj = ModelObjective(so, si, sw, smodel, np.ones(n_img + 5))
+    t0 = time.perf_counter()
+    journal = refine(obj, "auto")
+    t_st = time.perf_counter() - t0
+    m = obj.get_x()[:n_img]
+    lr = np.log(m / m_true)
+    lr -= lr.mean()
+    per_image = a.stills_obs / a.stills_images
+    print(f"stills: {a.stills_images} images, {a.stills_obs} obs, {a.stills_voxels} voxels: {t_st:.1f} s, "
+          f"{journal.get_nrows()} steps [{journal.solver}]; multipliers rms {np.sqrt(np.mean(lr ** 2)):.4f} "
+          f"(noise-limited ~{0.03 / np.sqrt(per_image):.4f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+/// @file group_kernels.hpp
+/// @brief Per-group kernels of the scaling job: sums, leave-one-out and simple normalised
+/// deviations, the outlier pick, DIALS's outlier-weight cap and group-subset compaction.
+///
+/// Observations are grouped as the data layer groups them (xtalscale::group_miller_indices):
+/// @p order lists the rows group by group and group @c k holds
+/// order[offsets[k]] .. order[offsets[k+1]-1]; per-observation arrays are indexed by row.
+/// Every function validates its arguments (std::invalid_argument / std::out_of_range naming
+/// the argument), loops once over the groups and is deterministic. Callers release the GIL.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "xtalscale/export.hpp"
+
+namespace xtalscale {
+
+/// A grouping as plain pointers: @p n_rows observations in @p n_groups groups.
+struct GroupLayout {
+  const std::int64_t* order = nullptr;    ///< rows, group by group (n_sorted entries)
+  const std::int64_t* offsets = nullptr;  ///< n_groups + 1 offsets into @c order
+  std::size_t n_groups = 0;
+  std::size_t n_rows = 0;  ///< length of every per-row array (rows index these)
+};
+
+/// Check offsets (start 0, non-decreasing) and that every order entry is a valid row.
+XTALSCALE_EXPORT void check_layout(const GroupLayout& layout);
+
+/// out[k] = Σ values[row] over the rows of group k.
+XTALSCALE_EXPORT void sum_in_groups(const GroupLayout& layout, const double* values, double* out);
+
+/// Per group: Σ w g I and Σ w g² (the weighted least-squares mean is their ratio).
+XTALSCALE_EXPORT void weighted_group_sums(const GroupLayout& layout, const double* intensity,
+                                          const double* weight, const double* scale,
+                                          double* sum_wgI, double* sum_wgg);
+
+/// DIALS's standard (leave-one-out) normalised deviation of every row in a group with more
+/// than two members:  z = (I − g·Σ'wgI/Σ'wgg) / sqrt(1/w + g²/Σ'wgg), Σ' over the others;
+/// z = 1000 where Σ'wgg is zero; z = 0 for rows of groups with ≤ 2 members.
+/// Throws std::invalid_argument if a weight in such a group is not positive.
+XTALSCALE_EXPORT void normdev_leave_one_out(const GroupLayout& layout, const double* intensity,
+                                            const double* weight, const double* scale,
+                                            double* z);
+
+/// DIALS's simple normalised deviation, the reflection included in the mean:
+/// z = (I − g·ΣwgI/Σwgg) / sqrt(1/w + (g/Σwgg)²) (DIALS's denominator, spec §11.17).
+XTALSCALE_EXPORT void normdev_simple(const GroupLayout& layout, const double* intensity,
+                                     const double* weight, const double* scale, double* z);
+
+/// In every group with more than two members, the row of largest |z| is an outlier if that
+/// exceeds @p zmax, and the group's other rows become potential outliers (the next round's
+/// candidates). Outliers are appended in group order.
+XTALSCALE_EXPORT void pick_group_outliers(const GroupLayout& layout, const double* abs_z,
+                                          double zmax, std::vector<std::int64_t>& outliers,
+                                          std::vector<std::int64_t>& potential);
+
+/// DIALS's limit_outlier_weights: each weight capped at 10 × its group's median weight (the
+/// median of an even count is the mean of the two central values).
+XTALSCALE_EXPORT void limit_outlier_weights(const GroupLayout& layout, const double* weight,
+                                            double* out);
+
+/// Keep the rows with keep[row] != 0: writes the compacted order to @p new_order and returns
+/// the new offsets (empty groups dropped) and, in @p kept_groups, each new group's old index.
+XTALSCALE_EXPORT std::vector<std::int64_t> select_rows_in_groups(
+    const GroupLayout& layout, const std::uint8_t* keep, std::vector<std::int64_t>& new_order,
+    std::vector<std::int64_t>& kept_groups);
+
+}  // namespace xtalscale

@@ -1,0 +1,50 @@
+/// @file normal_equations.hpp
+/// @brief Gauss–Newton normal equations of the scaling target with Ĩ eliminated, no Jacobian.
+///
+/// With a_l = ∂g_l/∂p, S_h = Σ_{l∈h} w g², b_h = Σ_{l∈h} w g Ĩ a_l and e_h = Σ_{l∈h} w r a_l:
+///   - joint (p, Ĩ) Gauss–Newton with Ĩ eliminated (Schur complement; equal to Kaufman's variable
+///     projection):          N = Σ_l w Ĩ² a_l a_lᵀ − Σ_h b_h b_hᵀ / S_h
+///   - DIALS's Jacobian (Golub–Pereyra, J_l = −Ĩ a_l − g_l ∂Ĩ_h/∂p) gives   N + Σ_h e_h e_hᵀ / S_h
+///   - right-hand side (both):  rhs = −Jᵀ W r = Σ_l w r Ĩ a_l   (Σ_{l∈h} w g r = 0 at the LS Ĩ)
+///   - fixed Ĩ:                 N = Σ_l w Ĩ² a_l a_lᵀ
+/// Cost O(N k²) + O(G u²) (u = parameters touched by a group), against O(N u²) for JᵀWJ.
+#pragma once
+
+#include <cstddef>
+#include <vector>
+
+#include "xtalscale/export.hpp"
+#include "xtalscale/ih_table.hpp"
+
+namespace xtalscale::fit {
+
+/// Which normal matrix to build.
+enum class NormalMatrixKind : int {
+  schur = 0,  ///< Ĩ eliminated (Kaufman); the matrix of a joint (p, Ĩ) Gauss–Newton step
+  dials = 1,  ///< JᵀWJ of DIALS's full Jacobian (adds Σ e eᵀ/S), for parity
+};
+
+/// Result scalars of a normal-equations build.
+struct NormalEquationsSummary {
+  double r_sq = 0.0;          ///< Σ w r²
+  std::size_t n_equations = 0;  ///< table rows (every row counts, as DIALS's add_equations)
+};
+
+/// Build the dense normal matrix (n_params x n_params, row-major, both triangles written) into
+/// @p matrix and the right-hand side −JᵀWr into @p rhs. @p fixed_Ih (table order) switches to
+/// the fixed-Ĩ target. Threads own disjoint row ranges of the matrix, so every element is summed
+/// in the same order for any @p n_threads: results are bit-identical.
+XTALSCALE_EXPORT NormalEquationsSummary normal_equations(
+    const GroupedObservations& table, const std::vector<FitBlock>& blocks,
+    std::size_t n_params, double* matrix, double* rhs,
+    NormalMatrixKind kind = NormalMatrixKind::schur, const double* fixed_Ih = nullptr,
+    int n_threads = 1);
+
+/// Diagonal of the Ĩ-eliminated normal matrix (kind schur; obs term only with @p fixed_Ih) into
+/// @p diagonal (n_params): O(N k) + O(G u), no P x P storage. Used to precondition L-BFGS.
+XTALSCALE_EXPORT void normal_matrix_diagonal(const GroupedObservations& table,
+                                             const std::vector<FitBlock>& blocks,
+                                             std::size_t n_params, double* diagonal,
+                                             const double* fixed_Ih = nullptr);
+
+}  // namespace xtalscale::fit

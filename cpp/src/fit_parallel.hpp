@@ -1,0 +1,70 @@
+// Private helpers shared by the fit kernels (ih_table.cpp, target.cpp, normal_equations.cpp):
+// fixed work chunks (independent of the thread count, so reductions are bit-identical) and a
+// thin OpenMP wrapper that degrades to a serial loop when OpenMP is absent.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "xtalscale/ih_table.hpp"
+
+namespace xtalscale::fit::detail {
+
+/// Rows per work chunk. Fixed, so chunk partial sums never depend on the thread count.
+constexpr std::size_t kChunkRows = std::size_t{1} << 14;
+
+/// A contiguous row range of one model block.
+struct BlockChunk {
+  std::size_t block;
+  std::size_t first;
+  std::size_t last;
+};
+
+/// Split every block into chunks of at most kChunkRows rows, in block then row order.
+inline std::vector<BlockChunk> block_chunks(const std::vector<FitBlock>& blocks) {
+  std::vector<BlockChunk> chunks;
+  for (std::size_t b = 0; b < blocks.size(); ++b) {
+    const std::size_t n = blocks[b].view.n_rows;
+    for (std::size_t first = 0; first < n; first += kChunkRows)
+      chunks.push_back({b, first, std::min(n, first + kChunkRows)});
+  }
+  return chunks;
+}
+
+/// Table row of view row @p r of @p block.
+inline std::size_t table_row(const FitBlock& block, std::size_t r) {
+  return block.table_rows ? static_cast<std::size_t>(block.table_rows[r]) : r;
+}
+
+/// Run body(i) for i in [0, n) over up to @p n_threads threads (static schedule).
+template <class Body>
+void parallel_for(std::size_t n, int n_threads, Body body) {
+#ifdef _OPENMP
+  const auto count = static_cast<std::int64_t>(n);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(std::max(1, n_threads)) if (n_threads > 1)
+  for (std::int64_t i = 0; i < count; ++i) body(static_cast<std::size_t>(i));
+#else
+  (void)n_threads;
+  for (std::size_t i = 0; i < n; ++i) body(i);
+#endif
+}
+
+/// Run body(t) once per thread t in [0, n_threads) (threads own disjoint output ranges).
+template <class Body>
+void per_thread(int n_threads, Body body) {
+  const int nt = std::max(1, n_threads);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static, 1) num_threads(nt) if (nt > 1)
+  for (int t = 0; t < nt; ++t) body(t, nt);
+#else
+  for (int t = 0; t < nt; ++t) body(t, nt);
+#endif
+}
+
+}  // namespace xtalscale::fit::detail

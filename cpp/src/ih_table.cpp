@@ -1,0 +1,167 @@
+// Ih table kernels: validation, scale gathering, Ĩ and group sums (see ih_table.hpp).
+#include "xtalscale/ih_table.hpp"
+
+#include <cmath>
+#include <string>
+
+#include "fit_parallel.hpp"
+#include "xtalscale/check.hpp"
+
+namespace xtalscale::fit {
+
+namespace {
+
+std::string block_name(std::size_t b) { return "block " + std::to_string(b); }
+
+// Build the message only on failure: these checks run once per element on every call.
+#define XS_REQUIRE(cond, msg)                         \
+  do {                                                \
+    if (!(cond)) throw std::invalid_argument(msg);    \
+  } while (0)
+
+void check_csr(const FitBlock& block, std::size_t b, std::size_t n_params) {
+  const DerivativesView& v = block.view;
+  XS_REQUIRE(v.column_offset + v.n_cols <= n_params,
+          block_name(b) + ": column_offset + n_cols = " + std::to_string(v.column_offset + v.n_cols) +
+              " exceeds the parameter count " + std::to_string(n_params));
+  XS_REQUIRE(v.n_rows == 0 || v.scales != nullptr, block_name(b) + ": scales missing");
+  if (v.n_cols == 0 && v.indptr == nullptr) return;  // a block with no active parameters
+  XS_REQUIRE(v.indptr != nullptr, block_name(b) + ": indptr missing");
+  XS_REQUIRE(v.indptr[0] == 0, block_name(b) + ": indptr[0] must be 0");
+  for (std::size_t r = 0; r < v.n_rows; ++r) {
+    const std::int64_t lo = v.indptr[r];
+    const std::int64_t hi = v.indptr[r + 1];
+    XS_REQUIRE(hi >= lo, block_name(b) + ": indptr decreases at row " + std::to_string(r));
+    for (std::int64_t e = lo; e < hi; ++e) {
+      const std::int32_t c = v.indices[e];
+      XS_REQUIRE(c >= 0 && static_cast<std::size_t>(c) < v.n_cols,
+              block_name(b) + ": column index " + std::to_string(c) + " out of range at row " +
+                  std::to_string(r));
+      XS_REQUIRE(e == lo || c > v.indices[e - 1],
+              block_name(b) + ": column indices must be strictly increasing within a row (row " +
+                  std::to_string(r) + "); pass a canonical CSR matrix");
+      XS_REQUIRE(std::isfinite(v.values[e]),
+              block_name(b) + ": derivative not finite at row " + std::to_string(r));
+    }
+  }
+}
+
+}  // namespace
+
+void check_grouped_observations(const GroupedObservations& t) {
+  XS_REQUIRE(t.group_offsets != nullptr, "group_offsets missing");
+  XS_REQUIRE(t.group_offsets[0] == 0, "group_offsets[0] must be 0");
+  for (std::size_t h = 0; h < t.n_groups; ++h)
+    XS_REQUIRE(t.group_offsets[h + 1] >= t.group_offsets[h],
+            "group_offsets must be non-decreasing (group " + std::to_string(h) + ")");
+  XS_REQUIRE(static_cast<std::size_t>(t.group_offsets[t.n_groups]) == t.n_obs,
+          "group_offsets must end at the observation count " + std::to_string(t.n_obs));
+  require_finite(t.intensities, t.n_obs, "intensities");
+  require_finite(t.weights, t.n_obs, "weights");
+  for (std::size_t i = 0; i < t.n_obs; ++i)
+    XS_REQUIRE(t.weights[i] >= 0.0, "weights must be >= 0 (row " + std::to_string(i) + ")");
+}
+
+namespace {
+
+void check_values(const FitBlock& block, std::size_t b, std::size_t n_params) {
+  const DerivativesView& v = block.view;
+  XS_REQUIRE(v.column_offset + v.n_cols <= n_params,
+             block_name(b) + ": column_offset + n_cols exceeds the parameter count " +
+                 std::to_string(n_params));
+  bool ok = true;
+  for (std::size_t r = 0; r < v.n_rows; ++r) ok &= std::isfinite(v.scales[r]) && v.scales[r] > 0.0;
+  const std::size_t nnz = v.indptr ? static_cast<std::size_t>(v.indptr[v.n_rows]) : 0;
+  for (std::size_t e = 0; e < nnz; ++e) ok &= std::isfinite(v.values[e]);
+  if (ok) return;
+  for (std::size_t r = 0; r < v.n_rows; ++r)
+    XS_REQUIRE(std::isfinite(v.scales[r]) && v.scales[r] > 0.0,
+               block_name(b) + ": scale at row " + std::to_string(r) + " is " +
+                   std::to_string(v.scales[r]) + " (scales must be finite and > 0)");
+  throw std::invalid_argument(block_name(b) + ": derivatives must be finite");
+}
+
+}  // namespace
+
+void check_model_blocks(const GroupedObservations& t, const std::vector<FitBlock>& blocks,
+                        std::size_t n_params, bool structure) {
+  if (!structure) {
+    std::size_t total = 0;
+    for (std::size_t b = 0; b < blocks.size(); ++b) {
+      check_values(blocks[b], b, n_params);
+      total += blocks[b].view.n_rows;
+    }
+    XS_REQUIRE(total == t.n_obs, "the model blocks cover " + std::to_string(total) +
+                                     " rows but the table has " + std::to_string(t.n_obs));
+    return;
+  }
+  std::vector<unsigned char> covered(t.n_obs, 0);
+  std::size_t total = 0;
+  for (std::size_t b = 0; b < blocks.size(); ++b) {
+    const FitBlock& block = blocks[b];
+    const DerivativesView& v = block.view;
+    check_csr(block, b, n_params);
+    for (std::size_t r = 0; r < v.n_rows; ++r) {
+      const std::int64_t row = block.table_rows ? block.table_rows[r] : static_cast<std::int64_t>(r);
+      XS_REQUIRE(row >= 0 && static_cast<std::size_t>(row) < t.n_obs,
+              block_name(b) + ": table row " + std::to_string(row) + " out of range at row " +
+                  std::to_string(r));
+      XS_REQUIRE(!covered[static_cast<std::size_t>(row)],
+              block_name(b) + ": table row " + std::to_string(row) + " is mapped twice");
+      covered[static_cast<std::size_t>(row)] = 1;
+      const double g = v.scales[r];
+      XS_REQUIRE(std::isfinite(g) && g > 0.0,
+              block_name(b) + ": scale at row " + std::to_string(r) + " is " + std::to_string(g) +
+                  " (scales must be finite and > 0)");
+    }
+    total += v.n_rows;
+  }
+  XS_REQUIRE(total == t.n_obs, "the model blocks cover " + std::to_string(total) +
+                                " rows but the table has " + std::to_string(t.n_obs));
+}
+
+void gather_scales(const std::vector<FitBlock>& blocks, double* g_table) {
+  const auto chunks = detail::block_chunks(blocks);
+  detail::parallel_for(chunks.size(), 1, [&](std::size_t c) {
+    const auto& ch = chunks[c];
+    const FitBlock& block = blocks[ch.block];
+    for (std::size_t r = ch.first; r < ch.last; ++r)
+      g_table[detail::table_row(block, r)] = block.view.scales[r];
+  });
+}
+
+void calc_Ih(const GroupedObservations& t, const double* g, double* Ih, double* S, int n_threads) {
+  const std::size_t n_chunks = (t.n_groups + detail::kChunkRows - 1) / detail::kChunkRows;
+  detail::parallel_for(n_chunks, n_threads, [&](std::size_t c) {
+    const std::size_t h_end = std::min(t.n_groups, (c + 1) * detail::kChunkRows);
+    for (std::size_t h = c * detail::kChunkRows; h < h_end; ++h) {
+      double sum_wgg = 0.0;
+      double sum_wgi = 0.0;
+      for (auto l = t.group_offsets[h]; l < t.group_offsets[h + 1]; ++l) {
+        const double wg = t.weights[l] * g[l];
+        sum_wgg += wg * g[l];
+        sum_wgi += wg * t.intensities[l];
+      }
+      Ih[h] = sum_wgg > 0.0 ? sum_wgi / sum_wgg : 0.0;
+      if (S) S[h] = sum_wgg;
+    }
+  });
+}
+
+void sum_in_groups(const GroupedObservations& t, const double* values, double* sums) {
+  for (std::size_t h = 0; h < t.n_groups; ++h) {
+    double s = 0.0;
+    for (auto l = t.group_offsets[h]; l < t.group_offsets[h + 1]; ++l) s += values[l];
+    sums[h] = s;
+  }
+}
+
+int max_threads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+}  // namespace xtalscale::fit

@@ -1,0 +1,244 @@
+// Bindings for the fit kernels: xtalscale._core.fit (Ih table, target, normal equations).
+//
+// A model block arrives as a tuple (scales, indptr, indices, values, n_cols, column_offset,
+// table_rows | None): numpy arrays of the right dtype are used in place (no copy). Everything
+// is validated before the GIL is released; the kernels only touch raw buffers.
+// check_structure=False skips the O(nnz) index checks (row-map coverage, column ranges and
+// order) for callers passing the very index arrays an earlier call checked; values are always
+// checked.
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "common.hpp"
+#include "xtalscale/ih_table.hpp"
+#include "xtalscale/normal_equations.hpp"
+#include "xtalscale/target.hpp"
+
+namespace xtalscale::py_bind {
+namespace {
+
+using namespace xtalscale::fit;  // NOLINT: the fit kernels' types and functions
+
+using Int32Array = py::array_t<std::int32_t, py::array::c_style | py::array::forcecast>;
+using Int64Array = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
+
+/// Arrays of one call, kept alive while the kernels run.
+struct CallData {
+  Int64Array offsets;
+  DoubleArray intensities, weights;
+  std::vector<DoubleArray> scales, values;
+  std::vector<Int64Array> indptr, rows;
+  std::vector<Int32Array> indices;
+  GroupedObservations table;
+  std::vector<FitBlock> blocks;
+};
+
+void require_1d(const py::array& a, std::size_t n, const std::string& name) {
+  if (a.ndim() != 1 || static_cast<std::size_t>(a.size()) != n)
+    throw std::invalid_argument(name + " must be 1-dimensional with " + std::to_string(n) +
+                                " values (got shape with " + std::to_string(a.size()) + " values)");
+}
+
+void load_table(CallData& d, const Int64Array& offsets, const DoubleArray& intensities,
+                const DoubleArray& weights) {
+  if (offsets.ndim() != 1 || offsets.size() < 1)
+    throw std::invalid_argument("group_offsets must be 1-dimensional with n_groups + 1 values");
+  d.offsets = offsets;
+  d.intensities = intensities;
+  d.weights = weights;
+  const auto n = static_cast<std::size_t>(intensities.size());
+  require_1d(intensities, n, "intensities");
+  require_1d(weights, n, "weights");
+  d.table.n_obs = n;
+  d.table.n_groups = static_cast<std::size_t>(offsets.size()) - 1;
+  d.table.group_offsets = d.offsets.data();
+  d.table.intensities = d.intensities.data();
+  d.table.weights = d.weights.data();
+  check_grouped_observations(d.table);
+}
+
+void load_blocks(CallData& d, const py::list& blocks, std::size_t n_params, bool structure) {
+  for (std::size_t b = 0; b < blocks.size(); ++b) {
+    const std::string name = "block " + std::to_string(b);
+    auto item = blocks[b].cast<py::tuple>();
+    if (item.size() != 7)
+      throw std::invalid_argument(name + ": expected (scales, indptr, indices, values, n_cols, "
+                                         "column_offset, table_rows)");
+    d.scales.push_back(item[0].cast<DoubleArray>());
+    d.indptr.push_back(item[1].cast<Int64Array>());
+    d.indices.push_back(item[2].cast<Int32Array>());
+    d.values.push_back(item[3].cast<DoubleArray>());
+    const auto n_rows = static_cast<std::size_t>(d.scales.back().size());
+    require_1d(d.scales.back(), n_rows, name + " scales");
+    require_1d(d.indptr.back(), n_rows + 1, name + " indptr");
+    const auto nnz = static_cast<std::size_t>(d.indptr.back().data()[n_rows]);
+    require_1d(d.indices.back(), nnz, name + " indices");
+    require_1d(d.values.back(), nnz, name + " values");
+    const auto n_cols = item[4].cast<std::int64_t>();
+    const auto offset = item[5].cast<std::int64_t>();
+    if (n_cols < 0 || offset < 0)
+      throw std::invalid_argument(name + ": n_cols and column_offset must be >= 0");
+    FitBlock mb;
+    mb.view.n_rows = n_rows;
+    mb.view.n_cols = static_cast<std::size_t>(n_cols);
+    mb.view.column_offset = static_cast<std::size_t>(offset);
+    mb.view.scales = d.scales.back().data();
+    mb.view.indptr = d.indptr.back().data();
+    mb.view.indices = d.indices.back().data();
+    mb.view.values = d.values.back().data();
+    if (!item[6].is_none()) {
+      d.rows.push_back(item[6].cast<Int64Array>());
+      require_1d(d.rows.back(), n_rows, name + " table_rows");
+      mb.table_rows = d.rows.back().data();
+    }
+    d.blocks.push_back(mb);
+  }
+  check_model_blocks(d.table, d.blocks, n_params, structure);
+}
+
+const double* optional_rows(const std::optional<DoubleArray>& a, std::size_t n, const char* name) {
+  if (!a) return nullptr;
+  require_1d(*a, n, name);
+  require_finite(a->data(), n, name);
+  return a->data();
+}
+
+py::tuple functional_and_gradient_py(const Int64Array& offsets, const DoubleArray& intensities,
+                                     const DoubleArray& weights, const py::list& blocks,
+                                     std::int64_t n_params, bool gradient,
+                                     const std::optional<DoubleArray>& fixed_Ih, bool rows,
+                                     int n_threads, bool check_structure) {
+  if (n_params < 0) throw std::invalid_argument("n_params must be >= 0");
+  CallData d;
+  load_table(d, offsets, intensities, weights);
+  load_blocks(d, blocks, static_cast<std::size_t>(n_params), check_structure);
+  const auto n = static_cast<py::ssize_t>(d.table.n_obs);
+  TargetOptions o;
+  o.fixed_Ih = optional_rows(fixed_Ih, d.table.n_obs, "fixed_Ih");
+  o.n_threads = n_threads;
+  DoubleArray grad(gradient ? n_params : 0);
+  DoubleArray ih(rows ? n : 0), res(rows ? n : 0), g(rows ? n : 0);
+  if (rows) {
+    o.Ih_out = ih.mutable_data();
+    o.residuals_out = res.mutable_data();
+    o.g_out = g.mutable_data();
+  }
+  double* gp = gradient ? grad.mutable_data() : nullptr;
+  double f = 0.0;
+  {
+    py::gil_scoped_release release;  // only raw buffers held by `d` and the outputs are used
+    f = functional_and_gradient(d.table, d.blocks, static_cast<std::size_t>(n_params), gp, o);
+  }
+  return py::make_tuple(f, gradient ? py::object(grad) : py::object(py::none()),
+                        rows ? py::object(py::make_tuple(ih, res, g)) : py::object(py::none()));
+}
+
+py::tuple normal_equations_py(const Int64Array& offsets, const DoubleArray& intensities,
+                              const DoubleArray& weights, const py::list& blocks,
+                              std::int64_t n_params, const std::string& kind,
+                              const std::optional<DoubleArray>& fixed_Ih, int n_threads,
+                              bool check_structure) {
+  if (n_params < 0) throw std::invalid_argument("n_params must be >= 0");
+  if (kind != "schur" && kind != "dials")
+    throw std::invalid_argument("kind must be 'schur' or 'dials' (got '" + kind + "')");
+  CallData d;
+  load_table(d, offsets, intensities, weights);
+  load_blocks(d, blocks, static_cast<std::size_t>(n_params), check_structure);
+  const double* fixed = optional_rows(fixed_Ih, d.table.n_obs, "fixed_Ih");
+  const auto p = static_cast<py::ssize_t>(n_params);
+  DoubleArray matrix({p, p});
+  DoubleArray rhs(p);
+  NormalEquationsSummary s;
+  {
+    py::gil_scoped_release release;
+    s = normal_equations(d.table, d.blocks, static_cast<std::size_t>(n_params),
+                         matrix.mutable_data(), rhs.mutable_data(),
+                         kind == "dials" ? NormalMatrixKind::dials : NormalMatrixKind::schur, fixed,
+                         n_threads);
+  }
+  return py::make_tuple(matrix, rhs, s.r_sq, s.n_equations);
+}
+
+DoubleArray normal_matrix_diagonal_py(const Int64Array& offsets, const DoubleArray& intensities,
+                                      const DoubleArray& weights, const py::list& blocks,
+                                      std::int64_t n_params, const std::optional<DoubleArray>& fixed_Ih,
+                                      bool check_structure) {
+  if (n_params < 0) throw std::invalid_argument("n_params must be >= 0");
+  CallData d;
+  load_table(d, offsets, intensities, weights);
+  load_blocks(d, blocks, static_cast<std::size_t>(n_params), check_structure);
+  const double* fixed = optional_rows(fixed_Ih, d.table.n_obs, "fixed_Ih");
+  DoubleArray diag(n_params);
+  {
+    py::gil_scoped_release release;
+    normal_matrix_diagonal(d.table, d.blocks, static_cast<std::size_t>(n_params),
+                           diag.mutable_data(), fixed);
+  }
+  return diag;
+}
+
+py::tuple calc_Ih_py(const Int64Array& offsets, const DoubleArray& intensities,
+                     const DoubleArray& weights, const DoubleArray& g, int n_threads) {
+  CallData d;
+  load_table(d, offsets, intensities, weights);
+  require_1d(g, d.table.n_obs, "g");
+  require_finite(g.data(), d.table.n_obs, "g");
+  const auto G = static_cast<py::ssize_t>(d.table.n_groups);
+  DoubleArray ih(G), s(G);
+  {
+    py::gil_scoped_release release;
+    calc_Ih(d.table, g.data(), ih.mutable_data(), s.mutable_data(), n_threads);
+  }
+  return py::make_tuple(ih, s);
+}
+
+DoubleArray sum_in_groups_py(const Int64Array& offsets, const DoubleArray& values) {
+  if (offsets.ndim() != 1 || offsets.size() < 1)
+    throw std::invalid_argument("group_offsets must be 1-dimensional with n_groups + 1 values");
+  const auto n = static_cast<std::size_t>(values.size());
+  require_1d(values, n, "values");
+  GroupedObservations t;
+  t.n_obs = n;
+  t.n_groups = static_cast<std::size_t>(offsets.size()) - 1;
+  t.group_offsets = offsets.data();
+  std::vector<double> ones(0);
+  t.intensities = values.data();
+  t.weights = values.data();
+  require(offsets.data()[0] == 0, "group_offsets[0] must be 0");
+  for (std::size_t h = 0; h < t.n_groups; ++h)
+    require(offsets.data()[h + 1] >= offsets.data()[h], "group_offsets must be non-decreasing");
+  require(static_cast<std::size_t>(offsets.data()[t.n_groups]) == n,
+          "group_offsets must end at len(values)");
+  DoubleArray out(static_cast<py::ssize_t>(t.n_groups));
+  sum_in_groups(t, values.data(), out.mutable_data());
+  return out;
+}
+
+}  // namespace
+
+void bind_fit(py::module_& m) {
+  m.def("functional_and_gradient", &functional_and_gradient_py, py::arg("group_offsets"),
+        py::arg("intensities"), py::arg("weights"), py::arg("blocks"), py::arg("n_params"),
+        py::arg("gradient") = true, py::arg("fixed_Ih") = py::none(), py::arg("rows") = false,
+        py::arg("n_threads") = 1, py::arg("check_structure") = true,
+        "f = sum w (I - g Ih)^2 and its envelope-theorem gradient; returns (f, gradient|None, "
+        "(Ih, residuals, g)|None) in table order.");
+  m.def("normal_equations", &normal_equations_py, py::arg("group_offsets"), py::arg("intensities"),
+        py::arg("weights"), py::arg("blocks"), py::arg("n_params"), py::arg("kind") = "schur",
+        py::arg("fixed_Ih") = py::none(), py::arg("n_threads") = 1, py::arg("check_structure") = true,
+        "Normal matrix (Ih eliminated) and rhs -J^T W r: returns (matrix, rhs, r_sq, n_equations).");
+  m.def("normal_matrix_diagonal", &normal_matrix_diagonal_py, py::arg("group_offsets"),
+        py::arg("intensities"), py::arg("weights"), py::arg("blocks"), py::arg("n_params"),
+        py::arg("fixed_Ih") = py::none(), py::arg("check_structure") = true,
+        "Diagonal of the Ih-eliminated normal matrix (no P x P storage): an L-BFGS preconditioner.");
+  m.def("calc_Ih", &calc_Ih_py, py::arg("group_offsets"), py::arg("intensities"),
+        py::arg("weights"), py::arg("g"), py::arg("n_threads") = 1,
+        "Per group Ih = sum wgI / sum wg^2 (0 if the sum is 0) and S = sum wg^2.");
+  m.def("sum_in_groups", &sum_in_groups_py, py::arg("group_offsets"), py::arg("values"),
+        "Sum values (table order) within each group.");
+  m.def("max_threads", &max_threads, "Threads available to the fit kernels (1 without OpenMP).");
+}
+
+}  // namespace xtalscale::py_bind

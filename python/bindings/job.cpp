@@ -1,0 +1,165 @@
+// Bindings for the scaling job's per-group kernels: xtalscale._core.job.
+//
+// Every function takes the grouping as (order, offsets) int64 arrays (xtalscale.symmetry's
+// Grouping) plus per-row float64 arrays, validates them, and runs with the GIL released.
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "common.hpp"
+#include "xtalscale/group_kernels.hpp"
+
+namespace xtalscale::py_bind {
+namespace {
+
+using LongArray = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
+using BoolArray = py::array_t<bool, py::array::c_style | py::array::forcecast>;
+
+GroupLayout layout_of(const LongArray& order, const LongArray& offsets, std::size_t n_rows) {
+  if (order.ndim() != 1) throw std::invalid_argument("order must be 1-dimensional");
+  if (offsets.ndim() != 1 || offsets.size() < 1)
+    throw std::invalid_argument("offsets must be 1-dimensional with at least one entry");
+  GroupLayout layout;
+  layout.order = order.data();
+  layout.offsets = offsets.data();
+  layout.n_groups = static_cast<std::size_t>(offsets.size() - 1);
+  layout.n_rows = n_rows;
+  if (offsets.data()[layout.n_groups] != order.size())
+    throw std::invalid_argument("the last offset (" + std::to_string(offsets.data()[layout.n_groups]) +
+                                ") must equal the length of order (" + std::to_string(order.size()) + ")");
+  check_layout(layout);
+  return layout;
+}
+
+const double* row_array(const DoubleArray& a, std::size_t n_rows, const char* name, bool finite = true) {
+  vector_view(a, name, finite);
+  if (static_cast<std::size_t>(a.size()) != n_rows)
+    throw std::invalid_argument(std::string(name) + " must have " + std::to_string(n_rows) +
+                                " entries (got " + std::to_string(a.size()) + ")");
+  return a.data();
+}
+
+DoubleArray new_doubles(std::size_t n) { return DoubleArray({static_cast<py::ssize_t>(n)}); }
+
+LongArray to_array(const std::vector<std::int64_t>& v) {
+  LongArray out({static_cast<py::ssize_t>(v.size())});
+  std::copy(v.begin(), v.end(), out.mutable_data());
+  return out;
+}
+
+DoubleArray sum_in_groups_py(const LongArray& order, const LongArray& offsets, const DoubleArray& values) {
+  const auto n = static_cast<std::size_t>(values.size());
+  const auto layout = layout_of(order, offsets, n);
+  const double* v = row_array(values, n, "values");
+  auto out = new_doubles(layout.n_groups);
+  double* o = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    sum_in_groups(layout, v, o);
+  }
+  return out;
+}
+
+py::tuple weighted_group_sums_py(const LongArray& order, const LongArray& offsets, const DoubleArray& intensity,
+                                 const DoubleArray& weight, const DoubleArray& scale) {
+  const auto n = static_cast<std::size_t>(intensity.size());
+  const auto layout = layout_of(order, offsets, n);
+  const double* I = row_array(intensity, n, "intensity");
+  const double* w = row_array(weight, n, "weight");
+  const double* g = row_array(scale, n, "scale");
+  auto a = new_doubles(layout.n_groups), b = new_doubles(layout.n_groups);
+  double* pa = a.mutable_data();
+  double* pb = b.mutable_data();
+  {
+    py::gil_scoped_release release;
+    weighted_group_sums(layout, I, w, g, pa, pb);
+  }
+  return py::make_tuple(a, b);
+}
+
+template <void (*Kernel)(const GroupLayout&, const double*, const double*, const double*, double*)>
+DoubleArray normdev_py(const LongArray& order, const LongArray& offsets, const DoubleArray& intensity,
+                       const DoubleArray& weight, const DoubleArray& scale) {
+  const auto n = static_cast<std::size_t>(intensity.size());
+  const auto layout = layout_of(order, offsets, n);
+  const double* I = row_array(intensity, n, "intensity");
+  const double* w = row_array(weight, n, "weight");
+  const double* g = row_array(scale, n, "scale");
+  auto z = new_doubles(n);
+  double* pz = z.mutable_data();
+  std::fill(pz, pz + n, 0.0);  // rows outside the grouping keep z = 0
+  {
+    py::gil_scoped_release release;
+    Kernel(layout, I, w, g, pz);
+  }
+  return z;
+}
+
+py::tuple pick_group_outliers_py(const LongArray& order, const LongArray& offsets, const DoubleArray& abs_z,
+                                 double zmax) {
+  const auto n = static_cast<std::size_t>(abs_z.size());
+  const auto layout = layout_of(order, offsets, n);
+  const double* z = row_array(abs_z, n, "abs_z", false);
+  std::vector<std::int64_t> outliers, potential;
+  {
+    py::gil_scoped_release release;
+    pick_group_outliers(layout, z, zmax, outliers, potential);
+  }
+  return py::make_tuple(to_array(outliers), to_array(potential));
+}
+
+DoubleArray limit_outlier_weights_py(const LongArray& order, const LongArray& offsets, const DoubleArray& weight) {
+  const auto n = static_cast<std::size_t>(weight.size());
+  const auto layout = layout_of(order, offsets, n);
+  const double* w = row_array(weight, n, "weight");
+  auto out = new_doubles(n);
+  double* o = out.mutable_data();
+  std::copy(w, w + n, o);
+  {
+    py::gil_scoped_release release;
+    limit_outlier_weights(layout, w, o);
+  }
+  return out;
+}
+
+py::tuple select_rows_in_groups_py(const LongArray& order, const LongArray& offsets, const BoolArray& keep) {
+  if (keep.ndim() != 1) throw std::invalid_argument("keep must be 1-dimensional");
+  const auto n = static_cast<std::size_t>(keep.size());
+  const auto layout = layout_of(order, offsets, n);
+  const auto* k = reinterpret_cast<const std::uint8_t*>(keep.data());
+  std::vector<std::int64_t> new_order, kept, new_offsets;
+  {
+    py::gil_scoped_release release;
+    new_offsets = select_rows_in_groups(layout, k, new_order, kept);
+  }
+  return py::make_tuple(to_array(new_order), to_array(new_offsets), to_array(kept));
+}
+
+}  // namespace
+
+void bind_job(py::module_& m) {
+  m.def("sum_in_groups", &sum_in_groups_py, py::arg("order"), py::arg("offsets"), py::arg("values"),
+        "Per-group sums of a per-row array: out[k] = sum(values[order[offsets[k]:offsets[k+1]]]).");
+  m.def("weighted_group_sums", &weighted_group_sums_py, py::arg("order"), py::arg("offsets"),
+        py::arg("intensity"), py::arg("weight"), py::arg("scale"),
+        "Per group (sum w*g*I, sum w*g*g); their ratio is the group's weighted mean.");
+  m.def("normdev_leave_one_out", &normdev_py<normdev_leave_one_out>, py::arg("order"), py::arg("offsets"),
+        py::arg("intensity"), py::arg("weight"), py::arg("scale"),
+        "DIALS's standard leave-one-out normalised deviations (0 for groups of <= 2 rows, 1000 where\n"
+        "the other rows have no weight). Weights in groups of > 2 rows must be positive.");
+  m.def("normdev_simple", &normdev_py<normdev_simple>, py::arg("order"), py::arg("offsets"),
+        py::arg("intensity"), py::arg("weight"), py::arg("scale"),
+        "DIALS's simple normalised deviations (the row included in its group mean).");
+  m.def("pick_group_outliers", &pick_group_outliers_py, py::arg("order"), py::arg("offsets"), py::arg("abs_z"),
+        py::arg("zmax"),
+        "In each group of > 2 rows: the row of largest |z| if above zmax. Returns (outlier rows in\n"
+        "group order, the other rows of those groups).");
+  m.def("limit_outlier_weights", &limit_outlier_weights_py, py::arg("order"), py::arg("offsets"),
+        py::arg("weight"), "Weights capped at 10 x their group's median (DIALS).");
+  m.def("select_rows_in_groups", &select_rows_in_groups_py, py::arg("order"), py::arg("offsets"),
+        py::arg("keep"),
+        "Compact a grouping to the rows with keep[row]: returns (order, offsets, old group index of\n"
+        "each kept group); empty groups are dropped.");
+}
+
+}  // namespace xtalscale::py_bind

@@ -1,0 +1,52 @@
+"""Fit kernels: Ih table, target, normal equations (see xtalscale.fit)."""
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+def functional_and_gradient(
+    group_offsets: npt.ArrayLike,
+    intensities: npt.ArrayLike,
+    weights: npt.ArrayLike,
+    blocks: list[Any],
+    n_params: int,
+    gradient: bool = True,
+    fixed_Ih: npt.ArrayLike | None = None,
+    rows: bool = False,
+    n_threads: int = 1,
+    check_structure: bool = True,
+) -> tuple[float, npt.NDArray[np.float64] | None, tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]] | None]: ...
+
+def normal_equations(
+    group_offsets: npt.ArrayLike,
+    intensities: npt.ArrayLike,
+    weights: npt.ArrayLike,
+    blocks: list[Any],
+    n_params: int,
+    kind: str = "schur",
+    fixed_Ih: npt.ArrayLike | None = None,
+    n_threads: int = 1,
+    check_structure: bool = True,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], float, int]: ...
+
+def normal_matrix_diagonal(
+    group_offsets: npt.ArrayLike,
+    intensities: npt.ArrayLike,
+    weights: npt.ArrayLike,
+    blocks: list[Any],
+    n_params: int,
+    fixed_Ih: npt.ArrayLike | None = None,
+    check_structure: bool = True,
+) -> npt.NDArray[np.float64]: ...
+
+def calc_Ih(
+    group_offsets: npt.ArrayLike,
+    intensities: npt.ArrayLike,
+    weights: npt.ArrayLike,
+    g: npt.ArrayLike,
+    n_threads: int = 1,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
+
+def sum_in_groups(group_offsets: npt.ArrayLike, values: npt.ArrayLike) -> npt.NDArray[np.float64]: ...
+
+def max_threads() -> int: ...

@@ -1,0 +1,37 @@
+"""Per-group kernels of the scaling job (see xtalscale.job.outlier_rejection)."""
+import numpy as np
+import numpy.typing as npt
+
+def sum_in_groups(
+    order: npt.ArrayLike, offsets: npt.ArrayLike, values: npt.ArrayLike
+) -> npt.NDArray[np.float64]: ...
+def weighted_group_sums(
+    order: npt.ArrayLike,
+    offsets: npt.ArrayLike,
+    intensity: npt.ArrayLike,
+    weight: npt.ArrayLike,
+    scale: npt.ArrayLike,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
+def normdev_leave_one_out(
+    order: npt.ArrayLike,
+    offsets: npt.ArrayLike,
+    intensity: npt.ArrayLike,
+    weight: npt.ArrayLike,
+    scale: npt.ArrayLike,
+) -> npt.NDArray[np.float64]: ...
+def normdev_simple(
+    order: npt.ArrayLike,
+    offsets: npt.ArrayLike,
+    intensity: npt.ArrayLike,
+    weight: npt.ArrayLike,
+    scale: npt.ArrayLike,
+) -> npt.NDArray[np.float64]: ...
+def pick_group_outliers(
+    order: npt.ArrayLike, offsets: npt.ArrayLike, abs_z: npt.ArrayLike, zmax: float
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
+def limit_outlier_weights(
+    order: npt.ArrayLike, offsets: npt.ArrayLike, weight: npt.ArrayLike
+) -> npt.NDArray[np.float64]: ...
+def select_rows_in_groups(
+    order: npt.ArrayLike, offsets: npt.ArrayLike, keep: npt.ArrayLike
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...

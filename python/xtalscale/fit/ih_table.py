@@ -1,0 +1,509 @@
+"""The Ih table: observations grouped by unique reflection (or any integer key).
+
+A block (:class:`IhTableBlock`) holds per-observation numpy arrays in DIALS's row order
+(dataset by dataset, each sorted by group) plus the permutation to *table order* (rows sorted
+by group, the order the C++ kernels stream). :class:`IhTable` splits datasets into blocks as
+DIALS does (spec 6.1-6.3): joint unique groups, block boundaries over all groups, a seeded free
+set. Grouping reuses :func:`xtalscale.symmetry.map_to_asu` / ``group_reflections`` (the data
+layer's C++ radix sort): one home for grouping.
+
+Bad rows are never dropped: a row whose intensity is not finite or whose variance is not
+finite and > 0 gets weight 0 and an ``exclusion`` code (``EXCLUDED_*``), and its intensity is
+read as 0 by the kernels.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+from .._core import fit as _fit
+from ..symmetry import group_reflections, map_to_asu
+
+__all__ = ["IhTable", "IhTableBlock", "IhTableError", "group_offsets_from_keys",
+           "EXCLUDED_NONE", "EXCLUDED_BAD_VARIANCE", "EXCLUDED_BAD_INTENSITY"]
+
+EXCLUDED_NONE = 0
+EXCLUDED_BAD_VARIANCE = 1  #: variance not finite or <= 0 (weight set to 0)
+EXCLUDED_BAD_INTENSITY = 2  #: intensity not finite (weight 0, read as 0)
+
+
+class IhTableError(ValueError):
+    """Invalid Ih-table input (names the argument, column or row)."""
+
+
+def _column(table: Any, name: str) -> np.ndarray:
+    col = table[name]
+    if hasattr(col, "as_numpy_array"):
+        col = col.as_numpy_array()
+    return np.asarray(col)
+
+
+def _has(table: Any, name: str) -> bool:
+    try:
+        return name in table
+    except TypeError:
+        return name in list(table.keys())
+
+
+def group_offsets_from_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stable grouping of integer keys: ``(order, group_index, offsets)`` (C++ radix sort)."""
+    from .._core import grouping
+
+    k = np.ascontiguousarray(keys, dtype=np.int64)
+    if k.ndim != 1:
+        raise IhTableError("group keys must be 1-dimensional")
+    return grouping.group_keys(k)
+
+
+class IhTableBlock:
+    """One block of the Ih table (DIALS ``IhTableBlock(n_groups, n_refl, n_datasets=1)``).
+
+    Fill it with :meth:`add_data` once per dataset, in dataset order. Row order is DIALS's:
+    dataset 0's rows first, each dataset's rows in group order.
+    """
+
+    def __init__(self, n_groups: int, n_refl: int, n_datasets: int = 1) -> None:
+        if n_groups < 0 or n_refl < 0 or n_datasets < 1:
+            raise IhTableError("n_groups and n_refl must be >= 0 and n_datasets >= 1")
+        self._n_groups = int(n_groups)
+        self._n_refl_expected = int(n_refl)
+        self.n_datasets = int(n_datasets)
+        self._cols: dict[str, list[np.ndarray]] = {}
+        self._arrays: dict[str, np.ndarray] = {}
+        self._group_parts: list[np.ndarray] = []
+        self._hkl_parts: list[np.ndarray] = []
+        self.block_selections: list[np.ndarray] = [np.zeros(0, np.int64)] * self.n_datasets
+        self.dataset_info: dict[int, dict[str, int]] = {}
+        self._next_dataset = 0
+        self._n_filled = 0
+        self.derivatives: Any = None
+        self.binner: Any = None
+        self._finalised = False
+
+    # ------------------------------------------------------------------ filling
+    def add_data(self, dataset_id: int, group_ids: Any, df: Mapping[str, Any], hkl: Any) -> None:
+        """Add one dataset's rows (already in group order): columns ``intensity``,
+        ``variance``, optional ``inverse_scale_factor`` (default 1), ``loc_indices`` and extras."""
+        if dataset_id != self._next_dataset:
+            raise IhTableError(f"datasets must be added in order: expected {self._next_dataset}, got {dataset_id}")
+        groups = np.asarray(group_ids, dtype=np.int64)
+        n = groups.size
+        if n and (groups.min() < 0 or groups.max() >= self._n_groups):
+            raise IhTableError(f"group_ids must lie in [0, {self._n_groups})")
+        cols = {k: np.asarray(v) for k, v in df.items()}
+        for k, v in cols.items():
+            if v.shape[0] != n:
+                raise IhTableError(f"column {k!r} has {v.shape[0]} rows, expected {n}")
+        cols.setdefault("inverse_scale_factor", np.ones(n))
+        cols.setdefault("loc_indices", np.arange(n, dtype=np.int64))
+        cols["dataset_id"] = np.full(n, dataset_id, dtype=np.int64)
+        for k, v in cols.items():
+            self._cols.setdefault(k, []).append(v)
+        self._group_parts.append(groups)
+        self._hkl_parts.append(np.asarray(hkl).reshape(n, 3) if hkl is not None else np.zeros((n, 3), np.int32))
+        self.block_selections[dataset_id] = np.asarray(cols["loc_indices"], dtype=np.int64)
+        self.dataset_info[dataset_id] = {"start_index": self._n_filled, "end_index": self._n_filled + n}
+        self._n_filled += n
+        self._next_dataset += 1
+        self._finalise()
+
+    def _finalise(self) -> None:
+        for k, parts in self._cols.items():
+            self._arrays[k] = np.concatenate(parts) if parts else np.zeros(0)
+        self._group_ids = np.concatenate(self._group_parts) if self._group_parts else np.zeros(0, np.int64)
+        self._hkl = np.concatenate(self._hkl_parts) if self._hkl_parts else np.zeros((0, 3), np.int32)
+        self._init_weights()
+        self._reindex()
+        self.calc_Ih()
+
+    def _init_weights(self) -> None:
+        inten = np.asarray(self._arrays["intensity"], dtype=np.float64)
+        var = np.asarray(self._arrays["variance"], dtype=np.float64)
+        code = np.zeros(inten.size, dtype=np.uint8)
+        bad_var = ~(np.isfinite(var) & (var > 0))
+        bad_i = ~np.isfinite(inten)
+        code[bad_var] = EXCLUDED_BAD_VARIANCE
+        code[bad_i] = EXCLUDED_BAD_INTENSITY
+        w = np.zeros(inten.size)
+        np.divide(1.0, var, out=w, where=~bad_var)
+        w[bad_i] = 0.0
+        self._arrays["weights"] = w
+        self.exclusion = code
+
+    def _reindex(self) -> None:
+        """Table order (rows sorted by group, stable) and group offsets."""
+        self._order = np.argsort(self._group_ids, kind="stable")
+        self._table_rows = np.empty_like(self._order)
+        self._table_rows[self._order] = np.arange(self._order.size)
+        counts = np.bincount(self._group_ids, minlength=self._n_groups)
+        self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._arrays.setdefault("Ih_values", np.zeros(self._order.size))
+
+    # ------------------------------------------------------------------ accessors
+    @property
+    def size(self) -> int:
+        return int(self._group_ids.size)
+
+    @property
+    def n_groups(self) -> int:
+        return self._n_groups
+
+    @property
+    def Ih_table(self) -> dict[str, np.ndarray]:  # noqa: N802 (DIALS name)
+        """dict: the block's columns (DIALS keeps a pandas table here)."""
+        return self._arrays
+
+    @property
+    def intensities(self) -> np.ndarray:
+        return self._arrays["intensity"]
+
+    @property
+    def variances(self) -> np.ndarray:
+        return self._arrays["variance"]
+
+    @property
+    def inverse_scale_factors(self) -> np.ndarray:
+        return self._arrays["inverse_scale_factor"]
+
+    @inverse_scale_factors.setter
+    def inverse_scale_factors(self, values: Any) -> None:
+        v = np.asarray(values, dtype=np.float64).ravel()
+        if v.size != self.size:
+            raise IhTableError(f"inverse_scale_factors needs {self.size} values, got {v.size}")
+        self._arrays["inverse_scale_factor"] = v
+
+    @property
+    def weights(self) -> np.ndarray:
+        return self._arrays["weights"]
+
+    @weights.setter
+    def weights(self, values: Any) -> None:
+        v = np.asarray(values, dtype=np.float64).ravel()
+        if v.size != self.size or not np.all(np.isfinite(v)) or np.any(v < 0):
+            raise IhTableError(f"weights must be {self.size} finite values >= 0")
+        self._arrays["weights"] = v
+
+    @property
+    def Ih_values(self) -> np.ndarray:  # noqa: N802
+        return self._arrays["Ih_values"]
+
+    @property
+    def asu_miller_index(self) -> np.ndarray:
+        return self._hkl
+
+    @property
+    def group_ids(self) -> np.ndarray:
+        """numpy.ndarray: block-local group of every row."""
+        return self._group_ids
+
+    @property
+    def h_index_matrix(self) -> sp.csr_matrix:
+        """scipy CSR ``n_refl x n_groups`` with a 1 at (row, group)."""
+        n = self.size
+        return sp.csr_matrix((np.ones(n), (np.arange(n), self._group_ids)), shape=(n, self._n_groups))
+
+    @property
+    def h_expand_matrix(self) -> sp.csr_matrix:
+        return self.h_index_matrix.T.tocsr()
+
+    # ------------------------------------------------------------------ table view for kernels
+    def table_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """``(group_offsets, intensities, weights, table_rows)`` in table order; ``table_rows``
+        maps block rows to table rows (the row map of a model block in block order)."""
+        inten = np.nan_to_num(np.asarray(self.intensities, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        return (self._offsets, np.ascontiguousarray(inten[self._order]),
+                np.ascontiguousarray(self.weights[self._order]), self._table_rows)
+
+    # ------------------------------------------------------------------ group maths
+    def calc_Ih(self) -> None:  # noqa: N802
+        """Ĩ_h = Σ w g I / Σ w g² (0 for a group with no weight), broadcast to rows."""
+        offsets, inten, w, rows = self.table_arrays()
+        g = np.asarray(self.inverse_scale_factors, dtype=np.float64)[self._order]
+        ih_group, _ = _fit.calc_Ih(offsets, inten, w, np.ascontiguousarray(g))
+        self._arrays["Ih_values"] = ih_group[self._group_ids]
+
+    def calc_nh(self) -> np.ndarray:
+        """Group size of every row."""
+        return np.diff(self._offsets)[self._group_ids].astype(np.float64)
+
+    def group_multiplicities(self, output: str = "per_group") -> np.ndarray:
+        counts = np.diff(self._offsets).astype(np.float64)
+        return self._expand(counts, output)
+
+    def _expand(self, per_group: np.ndarray, output: str) -> np.ndarray:
+        if output == "per_group":
+            return per_group
+        if output == "per_refl":
+            return per_group[self._group_ids]
+        raise IhTableError(f"output must be 'per_group' or 'per_refl', got {output!r}")
+
+    def sum_in_groups(self, array: Any, output: str = "per_group") -> np.ndarray:
+        a = np.asarray(array, dtype=np.float64).ravel()
+        if a.size != self.size:
+            raise IhTableError(f"array needs {self.size} values, got {a.size}")
+        sums = _fit.sum_in_groups(self._offsets, np.ascontiguousarray(a[self._order]))
+        return self._expand(sums, output)
+
+    def update_weights(self, error_model: Any = None, dataset_id: int | None = None) -> None:
+        """1/σ², or the error model's weights ``1/(a²(σ² + (b I)²))`` on the unscaled I."""
+        if error_model is None:
+            self._init_weights()
+            return
+        rows = slice(None)
+        if dataset_id is not None:
+            info = self.dataset_info.get(dataset_id)
+            if info is None:
+                return
+            rows = slice(info["start_index"], info["end_index"])
+        sigmaprime = error_model.update_variances(self.variances[rows], self.intensities[rows])
+        sp_ = np.asarray(sigmaprime, dtype=np.float64)
+        w = self._arrays["weights"].copy()
+        ok = np.isfinite(sp_) & (sp_ > 0) & (self.exclusion[rows] == 0)
+        part = np.zeros(sp_.size)
+        np.divide(1.0, sp_, out=part, where=ok)
+        w[rows] = part
+        self._arrays["weights"] = w
+
+    # ------------------------------------------------------------------ selection
+    def select(self, sel: Any) -> "IhTableBlock":
+        """A new block holding the selected rows (bool mask or row indices), groups renumbered."""
+        idx = np.arange(self.size)[np.asarray(sel)] if np.asarray(sel).dtype == bool else np.asarray(sel, np.int64)
+        groups_kept, new_groups = np.unique(self._group_ids[idx], return_inverse=True)
+        new = IhTableBlock(len(groups_kept), idx.size, self.n_datasets)
+        ds = self._arrays["dataset_id"][idx]
+        for d in range(self.n_datasets):
+            m = ds == d
+            cols = {k: v[idx][m] for k, v in self._arrays.items()
+                    if k not in ("weights", "Ih_values", "dataset_id")}
+            new.add_data(d, new_groups[m], cols, self._hkl[idx][m])
+        new._arrays["weights"] = self.weights[idx].copy()
+        new.exclusion = self.exclusion[idx].copy()
+        new._arrays["Ih_values"] = self.Ih_values[idx].copy()
+        if self.derivatives is not None:
+            new.derivatives = sp.csr_matrix(self.derivatives)[idx]
+        return new
+
+    def select_on_groups(self, sel: Any) -> "IhTableBlock":
+        """Select whole groups (bool mask over groups or group indices)."""
+        s = np.asarray(sel)
+        groups = np.flatnonzero(s) if s.dtype == bool else s.astype(np.int64)
+        keep = np.isin(self._group_ids, groups)
+        return self.select(keep)
+
+    def match_Ih_values_to_target(self, target_Ih_table: Any) -> None:  # noqa: N802,N803
+        """Set Ĩ to the reference table's value for the same ASU index; drop unmatched groups
+        from the fit by giving them weight 0 (rows stay, flagged by ``Ih_values == 0``)."""
+        target = target_Ih_table.blocked_data_list[0] if hasattr(target_Ih_table, "blocked_data_list") else target_Ih_table
+        t_hkl = np.asarray(target.asu_miller_index, dtype=np.int64)
+        t_ih = np.asarray(target.Ih_values, dtype=np.float64)
+        table = {tuple(h): v for h, v in zip(t_hkl.tolist(), t_ih.tolist())}
+        uniq_rows = self._order[self._offsets[:-1][np.diff(self._offsets) > 0]]
+        group_value = np.zeros(self._n_groups)
+        for row in uniq_rows.tolist():  # one lookup per group, not per observation
+            group_value[self._group_ids[row]] = table.get(tuple(self._hkl[row].tolist()), 0.0)
+        self._arrays["Ih_values"] = group_value[self._group_ids]
+        matched = self._arrays["Ih_values"] != 0.0
+        if not np.all(matched):
+            sel = self.select(matched)
+            self.__dict__.update(sel.__dict__)
+
+    def set_Ih_values_to_target(self, target_Ih_table: Any) -> None:  # noqa: N802,N803
+        self.match_Ih_values_to_target(target_Ih_table)
+
+    def as_reflection_table(self) -> Any:
+        """The block's columns as a reflection table (asu index, Ĩ, weights, ...)."""
+        from .. import flex_arrays as fa
+        from ..reflection_table import reflection_table
+
+        t = reflection_table()
+        for k, v in self._arrays.items():
+            t[k] = fa.double(np.asarray(v, np.float64)) if np.asarray(v).dtype.kind == "f" else fa.int(np.asarray(v, np.int32))
+        t["asu_miller_index"] = fa.miller_index([tuple(int(x) for x in h) for h in self._hkl.tolist()])
+        return t
+
+
+class IhTable:
+    """DIALS ``IhTable``: the reflections of one or more datasets grouped by unique index.
+
+    Parameters
+    ----------
+    reflection_tables : list of reflection tables (or mappings of columns)
+        Each with ``intensity``, ``variance``, ``miller_index`` and optionally
+        ``inverse_scale_factor``. ``asu_miller_index`` is computed and stored if missing.
+    space_group : SpaceGroup or str
+    indices_lists : list of int arrays, optional
+        Rows of each table to use (``loc_indices`` then index into these lists).
+    nblocks : int
+        Work blocks; groups are split at ``int(i * n_unique / n_work_blocks)``.
+    free_set_percentage, free_set_offset : float, int
+        Every ``int(100/pct)``-th unique group from ``offset`` goes to a final free block.
+    additional_cols : list of str, optional
+        Extra columns carried into the blocks.
+    anomalous : bool
+        Keep Bijvoet mates apart.
+    group_keys : list of int64 arrays, optional
+        Explicit group key per (selected) row instead of Miller indices (voxels, ...); then
+        ``miller_index`` and ``space_group`` are not used.
+    """
+
+    def __init__(self, reflection_tables: Sequence[Any], space_group: Any = None,
+                 indices_lists: Sequence[Any] | None = None, nblocks: int = 1,
+                 free_set_percentage: float = 0, free_set_offset: int = 0,
+                 additional_cols: Sequence[str] | None = None, anomalous: bool = False,
+                 group_keys: Sequence[Any] | None = None) -> None:
+        if not reflection_tables:
+            raise IhTableError("reflection_tables must hold at least one table")
+        if nblocks < 1:
+            raise IhTableError("nblocks must be >= 1")
+        self.space_group = space_group
+        self.anomalous = anomalous
+        self.n_datasets = len(reflection_tables)
+        self.properties_dict = {"n_unique_in_each_block": [], "n_reflections_in_each_block": {},
+                                "miller_index_boundaries": []}
+        self.free_Ih_table: bool | None = None
+        extra = list(additional_cols or [])
+        keys, hkls, cols = [], [], []
+        for i, table in enumerate(reflection_tables):
+            sel = None if indices_lists is None else np.asarray(indices_lists[i], dtype=np.int64)
+            c = self._dataset_columns(table, sel, extra, i)
+            if group_keys is not None:
+                k = np.asarray(group_keys[i], dtype=np.int64)
+                if k.size != c["intensity"].size:
+                    raise IhTableError(f"group_keys[{i}] has {k.size} values for {c['intensity'].size} rows")
+                hkls.append(np.stack([k, np.zeros_like(k), np.zeros_like(k)], axis=1).astype(np.int64))
+                keys.append(k)
+            else:
+                hkl = self._asu(table, sel, i)
+                hkls.append(hkl)
+            cols.append(c)
+        self._build(hkls, cols, keys if group_keys is not None else None, nblocks,
+                    free_set_percentage, free_set_offset)
+
+    # ------------------------------------------------------------------ construction
+    @staticmethod
+    def _dataset_columns(table: Any, sel: np.ndarray | None, extra: list[str], i: int) -> dict[str, np.ndarray]:
+        for name in ("intensity", "variance"):
+            if not _has(table, name):
+                raise IhTableError(f"reflection table {i} has no {name!r} column")
+        out: dict[str, np.ndarray] = {}
+        n = len(_column(table, "intensity"))
+        rows = np.arange(n, dtype=np.int64) if sel is None else sel
+        if rows.size and (rows.min() < 0 or rows.max() >= n):
+            raise IhTableError(f"indices_lists[{i}] holds rows outside [0, {n})")
+        out["intensity"] = np.asarray(_column(table, "intensity"), np.float64)[rows]
+        out["variance"] = np.asarray(_column(table, "variance"), np.float64)[rows]
+        out["inverse_scale_factor"] = (np.asarray(_column(table, "inverse_scale_factor"), np.float64)[rows]
+                                       if _has(table, "inverse_scale_factor") else np.ones(rows.size))
+        for name in extra:
+            out[name] = np.asarray(_column(table, name))[rows]
+        out["loc_indices"] = rows  # rows of the input table (DIALS block_selections)
+        return out
+
+    def _asu(self, table: Any, sel: np.ndarray | None, i: int) -> np.ndarray:
+        if not _has(table, "miller_index"):
+            raise IhTableError(f"reflection table {i} has no 'miller_index' column")
+        if self.space_group is None:
+            raise IhTableError("space_group is required to group by Miller index")
+        hkl_all = np.asarray(_column(table, "miller_index")).reshape(-1, 3)
+        asu = map_to_asu(hkl_all, self.space_group, anomalous=self.anomalous).asu_hkl
+        try:
+            if not _has(table, "asu_miller_index"):
+                from .. import flex_arrays as fa
+                table["asu_miller_index"] = fa.miller_index([tuple(int(x) for x in h) for h in asu.tolist()])
+        except (TypeError, AttributeError, ValueError):
+            pass  # a plain read-only mapping: nothing to store
+        return asu if sel is None else asu[sel]
+
+    def _build(self, hkls: list[np.ndarray], cols: list[dict[str, np.ndarray]], keys: list[np.ndarray] | None,
+               nblocks: int, pct: float, offset: int) -> None:
+        all_hkl = np.concatenate(hkls) if hkls else np.zeros((0, 3), np.int64)
+        if keys is not None:
+            _, gidx, offs = group_offsets_from_keys(np.concatenate(keys))
+        else:
+            grouping = group_reflections(all_hkl)
+            gidx, offs = grouping.group_index, grouping.offsets
+        n_unique = offs.size - 1
+        is_free = np.zeros(n_unique, bool)
+        if pct > 0:
+            n_free = int(pct * n_unique / 100)
+            interval = int(100 / pct)
+            pos = offset + interval * np.arange(n_free)
+            is_free[pos[pos < n_unique]] = True
+        n_work_groups = int(n_unique - is_free.sum())
+        n_work_blocks = max(1, min(nblocks, n_work_groups)) if n_work_groups else 1
+        bounds = [int(i * n_unique / n_work_blocks) for i in range(n_work_blocks)] + [n_unique]
+        block_of_group = np.searchsorted(np.asarray(bounds[1:]), np.arange(n_unique), side="right")
+        block_of_group[is_free] = n_work_blocks  # the free block comes last
+        starts = np.cumsum([0] + [c["intensity"].size for c in cols])
+        n_blocks_total = n_work_blocks + (1 if pct > 0 else 0)
+        self.blocked_data_list: list[IhTableBlock] = []
+        self.blocked_selection_list: list[list[np.ndarray]] = []
+        for b in range(n_blocks_total):
+            groups_in_block = np.flatnonzero(block_of_group == b)
+            local = np.full(n_unique, -1, np.int64)
+            local[groups_in_block] = np.arange(groups_in_block.size)
+            rows_per_ds = []
+            for d in range(self.n_datasets):
+                g = gidx[starts[d]:starts[d + 1]]
+                rows = np.flatnonzero(local[g] >= 0)
+                rows = rows[np.argsort(g[rows], kind="stable")]
+                rows_per_ds.append(rows)
+            block = IhTableBlock(groups_in_block.size, sum(r.size for r in rows_per_ds), self.n_datasets)
+            for d, rows in enumerate(rows_per_ds):
+                g = gidx[starts[d]:starts[d + 1]]
+                block.add_data(d, local[g[rows]], {k: v[rows] for k, v in cols[d].items()},
+                               hkls[d][rows])
+            self.blocked_data_list.append(block)
+            self.blocked_selection_list.append([blk for blk in block.block_selections])
+            self.properties_dict["n_unique_in_each_block"].append(groups_in_block.size)
+        if pct > 0:
+            self.free_Ih_table = True
+        self.n_work_blocks = n_work_blocks
+
+    # ------------------------------------------------------------------ DIALS API
+    @property
+    def Ih_table_blocks(self) -> list[IhTableBlock]:  # noqa: N802
+        return self.blocked_data_list
+
+    @property
+    def size(self) -> int:
+        """int: rows in the work blocks."""
+        return sum(b.size for b in self.blocked_data_list[: self.n_work_blocks])
+
+    def get_block_selections_for_dataset(self, dataset: int) -> list[np.ndarray]:
+        return [b.block_selections[dataset] for b in self.blocked_data_list[: self.n_work_blocks]]
+
+    def update_data_in_blocks(self, data: Any, dataset_id: int, column: str = "intensity") -> None:
+        """Write a dataset's column (indexed as the input rows) into every block."""
+        if column not in ("intensity", "variance", "inverse_scale_factor"):
+            raise IhTableError(f"column must be intensity, variance or inverse_scale_factor, got {column!r}")
+        values = np.asarray(data.as_numpy_array() if hasattr(data, "as_numpy_array") else data, np.float64)
+        for block in self.blocked_data_list:
+            info = block.dataset_info.get(dataset_id)
+            if info is None:
+                continue
+            arr = block._arrays[column].astype(np.float64, copy=True)
+            arr[info["start_index"]:info["end_index"]] = values[block.block_selections[dataset_id]]
+            block._arrays[column] = arr
+            if column == "variance":
+                block._init_weights()
+
+    def update_weights(self, error_model: Any = None, dataset_id: int | None = None) -> None:
+        for block in self.blocked_data_list[: self.n_work_blocks]:
+            block.update_weights(error_model, dataset_id)
+
+    def set_derivatives(self, derivatives: Any, block_id: int) -> None:
+        self.blocked_data_list[block_id].derivatives = derivatives
+
+    def set_inverse_scale_factors(self, new_scales: Any, block_id: int) -> None:
+        self.blocked_data_list[block_id].inverse_scale_factors = new_scales
+
+    def calc_Ih(self, block_id: int | None = None) -> None:  # noqa: N802
+        blocks = self.blocked_data_list if block_id is None else [self.blocked_data_list[block_id]]
+        for block in blocks:
+            block.calc_Ih()
+
+    def extract_free_set(self) -> IhTableBlock | None:
+        return self.blocked_data_list[-1] if self.free_Ih_table else None

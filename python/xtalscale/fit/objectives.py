@@ -1,0 +1,341 @@
+"""Objectives the minimisers drive.
+
+* :class:`ScalerObjective`: the DIALS refinery protocol. A *scaler* offers
+  ``get_blocks_for_minimisation()`` (or ``Ih_table.blocked_data_list``),
+  ``update_for_minimisation(apm, block_id)`` (sets ``g``, ``∂g/∂p`` and Ĩ on the block) and
+  ``Ih_table``; the parameter manager (``apm``) offers ``set_param_vals``/``get_param_vals``,
+  ``compute_functional_gradients(block)``, the restraint calls and (for shared components)
+  ``reducing_matrix``. This is what DIALS's ``ScalingSimpleLBFGS``/lstbx refineries use.
+* :class:`ModelObjective`: the direct path. Observations in table order (group offsets, I, w)
+  and a *model* callable ``model(x) -> list of blocks`` returning each block's scales and
+  canonical scipy CSR ``∂g/∂p`` with its column offset and row map — C++ components, Python
+  components, many datasets, explicit voxel groups all arrive this way.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+
+from .._core import fit as _fit
+from .minimisers import NonFiniteScales
+from .target import canonical_csr
+
+__all__ = ["ScalerObjective", "ModelObjective", "ModelBlockData"]
+
+
+def _check_scales(g: np.ndarray) -> None:
+    if not np.all(np.isfinite(g)) or np.any(g <= 0):
+        raise NonFiniteScales("scales are not finite and > 0")
+
+
+class ScalerObjective:
+    """The target over a scaler's minimisation blocks, for a parameter manager ``apm``."""
+
+    def __init__(self, scaler: Any, target: Any, apm: Any, n_threads: int = 1) -> None:
+        self.scaler = scaler
+        self.target = target
+        self.apm = apm
+        self.n_params = int(np.asarray(apm.get_param_vals()).size)
+        self.n_threads = n_threads
+        if hasattr(target, "n_threads"):
+            target.n_threads = n_threads
+
+    def _blocks(self) -> list[Any]:
+        getter = getattr(self.scaler, "get_blocks_for_minimisation", None)
+        return list(getter()) if getter else list(self.scaler.Ih_table.blocked_data_list)
+
+    def get_x(self) -> np.ndarray:
+        return np.asarray(self.apm.get_param_vals(), dtype=np.float64)
+
+    def set_x(self, x: np.ndarray) -> None:
+        self.apm.set_param_vals(np.asarray(x, dtype=np.float64))
+        for block_id, block in enumerate(self._blocks()):
+            with np.errstate(over="ignore", invalid="ignore"):
+                self.scaler.update_for_minimisation(self.apm, block_id)
+            _check_scales(np.asarray(block.inverse_scale_factors))
+
+    def _refresh(self) -> list[Any]:
+        blocks = self._blocks()
+        for block_id in range(len(blocks)):
+            self.scaler.update_for_minimisation(self.apm, block_id)
+        return blocks
+
+    def f_and_grad(self) -> tuple[float, np.ndarray]:
+        blocks = self._refresh()
+        f, grad = 0.0, np.zeros(self.n_params)
+        for block in blocks:
+            fb, gb = self.apm.compute_functional_gradients(block)
+            f += fb
+            grad += gb
+        restraints = self.apm.compute_restraints_functional_gradients(self.apm)
+        if restraints:
+            f += restraints[0]
+            grad += restraints[1]
+        return f, grad
+
+    def normal_equations(self) -> tuple[np.ndarray, np.ndarray, float, int]:
+        blocks = self._refresh()
+        reduce = getattr(self.apm, "reducing_matrix", None)
+        n_full = reduce.shape[0] if reduce is not None else self.n_params
+        matrix, rhs, r_sq, n_eq = np.zeros((n_full, n_full)), np.zeros(n_full), 0.0, 0
+        inner = getattr(self.apm, "target", None) or self.target
+        for block in blocks:
+            if hasattr(inner, "compute_normal_equations"):
+                nb, rb, sb, eb = inner.compute_normal_equations(block)
+            else:  # a target without the C++ path: explicit Jacobian
+                r, jac, w = inner.compute_residuals_and_gradients(block)
+                jac = sp.csr_matrix(jac)
+                nb = (jac.T @ sp.diags(w) @ jac).toarray()
+                rb, sb, eb = -(jac.T @ (w * r)), float(np.sum(w * r * r)), len(r)
+            matrix += nb
+            rhs += rb
+            r_sq += sb
+            n_eq += eb
+        if reduce is not None:
+            matrix = np.asarray(reduce.T @ (reduce.T @ matrix).T)
+            rhs = np.asarray(reduce.T @ rhs).ravel()
+        restraints = self.apm.compute_restraints_residuals_and_gradients(self.apm)
+        if restraints:
+            r, jac, w = restraints
+            jac = sp.csr_matrix(jac)
+            matrix += (jac.T @ sp.diags(w) @ jac).toarray()
+            rhs -= np.asarray(jac.T @ (w * r)).ravel()
+            r_sq += float(np.sum(w * r * r))
+            n_eq += len(r)
+        return matrix, rhs, r_sq, n_eq
+
+    def diagonal(self) -> np.ndarray | None:
+        """Diagonal of JᵀWJ (Ĩ eliminated, restraints included): the L-BFGS preconditioner."""
+        inner = getattr(self.apm, "target", None) or self.target
+        if not hasattr(inner, "compute_normal_diagonal"):
+            return None
+        blocks = self._refresh()
+        diag = None
+        for block in blocks:
+            part = inner.compute_normal_diagonal(block)
+            diag = part if diag is None else diag + part
+        if diag is None:
+            return None
+        reduce = getattr(self.apm, "reducing_matrix", None)
+        if reduce is not None:
+            diag = np.asarray(reduce.multiply(reduce).T @ diag).ravel()
+        restraints = self.apm.compute_restraints_residuals_and_gradients(self.apm)
+        if restraints:
+            jac = sp.csr_matrix(restraints[1])
+            diag = diag + np.asarray(jac.multiply(jac).T @ np.asarray(restraints[2])).ravel()
+        return diag
+
+    def objective_only(self) -> float:
+        blocks = self._refresh()
+        total = 0.0
+        for block in blocks:
+            r, w = self.target.compute_residuals(block)
+            total += float(np.sum(w * r * r))
+        restraints = self.apm.compute_restraints_residuals_and_gradients(self.apm)
+        if restraints:
+            total += float(np.sum(restraints[2] * restraints[0] ** 2))
+        return total
+
+    def rmsd(self) -> float:
+        return float(self.target.rmsds(self.scaler.Ih_table, self.apm)[0])
+
+    def n_reflections(self) -> int:
+        return int(self.scaler.Ih_table.size)
+
+    def param_names(self) -> list[str]:
+        try:
+            names = list(self.apm.get_param_names())
+        except (AttributeError, TypeError):
+            names = []
+        return names if len(names) == self.n_params else [f"p{j}" for j in range(self.n_params)]
+
+    def set_var_cov(self, var_cov: np.ndarray) -> None:
+        self.apm.calculate_model_state_uncertainties(var_cov)
+        self.apm.set_param_esds(np.sqrt(np.clip(np.diag(var_cov), 0.0, None)))
+
+
+class ModelBlockData:
+    """One model block for :class:`ModelObjective` (the DerivativesView of the C++ contract).
+
+    Parameters
+    ----------
+    scales : g, one per block row
+    derivatives : scipy sparse ``n_rows x n_cols`` (made canonical), or a raw CSR tuple
+        ``(indptr int64, indices int32, values float64, n_cols)`` used as is. Passing the same
+        ``indptr``/``indices``/``table_rows`` arrays on every evaluation lets the objective skip
+        re-validating their structure (values are always checked).
+    column_offset : first global parameter of column 0
+    table_rows : table row of each block row (None = identity)
+    """
+
+    __slots__ = ("scales", "indptr", "indices", "values", "n_cols", "column_offset", "table_rows")
+
+    def __init__(self, scales: Any, derivatives: Any, column_offset: int = 0, table_rows: Any = None) -> None:
+        self.scales = np.ascontiguousarray(scales, dtype=np.float64)
+        if isinstance(derivatives, tuple):
+            indptr, indices, values, n_cols = derivatives
+            self.indptr = np.ascontiguousarray(indptr, dtype=np.int64)
+            self.indices = np.ascontiguousarray(indices, dtype=np.int32)
+            self.values = np.ascontiguousarray(values, dtype=np.float64)
+            self.n_cols = int(n_cols)
+        else:
+            d = canonical_csr(derivatives, self.scales.size)
+            self.indptr = d.indptr.astype(np.int64, copy=False)
+            self.indices = d.indices.astype(np.int32, copy=False)
+            self.values, self.n_cols = d.data, d.shape[1]
+        self.column_offset = int(column_offset)
+        self.table_rows = None if table_rows is None else np.ascontiguousarray(table_rows, dtype=np.int64)
+
+    #: per model-block object: (block, pattern version, indptr, indices) of the last wrap
+    _patterns: dict[int, tuple[Any, int, np.ndarray, np.ndarray]] = {}
+
+    @classmethod
+    def from_model_block(cls, block: Any, table_rows: Any = None) -> "ModelBlockData":
+        """Wrap an evaluated C++ ``xtalscale._core.model_block.ModelBlock`` (its DerivativesView)
+        without copies. While the block's pattern ``version`` is unchanged the same
+        ``indptr``/``indices`` objects are reused, so their structure is checked only once."""
+        cached = cls._patterns.get(id(block))
+        if cached is not None and cached[0] is block and cached[1] == block.version:
+            indptr, indices = cached[2], cached[3]
+        else:
+            indptr, indices = block.indptr, block.indices
+            cls._patterns[id(block)] = (block, block.version, indptr, indices)
+        return cls(block.scales, (indptr, indices, block.values, block.n_cols), block.column_offset, table_rows)
+
+    @property
+    def derivatives(self) -> sp.csr_matrix:
+        return sp.csr_matrix((self.values, self.indices, self.indptr), shape=(self.scales.size, self.n_cols))
+
+    def as_kernel_tuple(self) -> tuple[Any, ...]:
+        return (self.scales, self.indptr, self.indices, self.values, self.n_cols, self.column_offset,
+                self.table_rows)
+
+
+class ModelObjective:
+    """Direct objective: table-ordered observations and a model callable.
+
+    Parameters
+    ----------
+    group_offsets, intensities, weights : arrays in table order (rows sorted by group)
+    model : callable ``x -> sequence of ModelBlockData``
+    x0 : initial parameters
+    fixed_Ih : optional table-order Ĩ (targeted scaling)
+    restraint_weights : optional ``w`` per parameter adding ``Σ w p²``
+    names : optional parameter names
+    n_threads : threads for the kernels (results identical for any value)
+    kind : "dials" or "schur" normal matrix
+    """
+
+    def __init__(self, group_offsets: Any, intensities: Any, weights: Any,
+                 model: Callable[[np.ndarray], Sequence[ModelBlockData]], x0: Any,
+                 fixed_Ih: Any = None, restraint_weights: Any = None, names: list[str] | None = None,
+                 n_threads: int = 1, kind: str = "schur") -> None:
+        self.offsets = np.ascontiguousarray(group_offsets, dtype=np.int64)
+        self.intensities = np.ascontiguousarray(intensities, dtype=np.float64)
+        self.weights = np.ascontiguousarray(weights, dtype=np.float64)
+        self.model = model
+        self.x = np.asarray(x0, dtype=np.float64).copy()
+        self.n_params = self.x.size
+        self.fixed_Ih = None if fixed_Ih is None else np.ascontiguousarray(fixed_Ih, dtype=np.float64)
+        self.restraint_weights = None if restraint_weights is None else np.asarray(restraint_weights, np.float64)
+        self.names = names or [f"p{j}" for j in range(self.n_params)]
+        self.n_threads = n_threads
+        self.kind = kind
+        self.var_cov: np.ndarray | None = None
+        self._blocks: list[tuple[Any, ...]] = []
+        self._checked: list[tuple[Any, ...]] = []
+        self._check = True
+        self.set_x(self.x)
+
+    def get_x(self) -> np.ndarray:
+        return self.x.copy()
+
+    def set_x(self, x: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            blocks = list(self.model(x))
+        for b in blocks:
+            _check_scales(b.scales)
+            if not np.all(np.isfinite(b.values)):
+                raise NonFiniteScales("derivatives are not finite")
+        self.x = x.copy()
+        self._f_here: float | None = None  # functional at x, once computed
+        self._blocks = [b.as_kernel_tuple() for b in blocks]
+        structure = [(b[1], b[2], b[6]) for b in self._blocks]
+        same = len(structure) == len(self._checked) and all(
+            a is c and bb is d and e is f for (a, bb, e), (c, d, f) in zip(structure, self._checked))
+        self._check = not same
+        self._pending = structure
+
+    def _checked_call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run a kernel, validating index structure only when the arrays are new."""
+        out = fn(*args, check_structure=self._check, **kwargs)
+        if self._check:  # keep references: the ids cannot be reused while we hold them
+            self._checked, self._check = self._pending, False
+        return out
+
+    def _restraint_f_g(self) -> tuple[float, np.ndarray]:
+        if self.restraint_weights is None:
+            return 0.0, np.zeros(self.n_params)
+        w = self.restraint_weights
+        return float(np.sum(w * self.x * self.x)), 2.0 * w * self.x
+
+    def f_and_grad(self) -> tuple[float, np.ndarray]:
+        f, grad, _ = self._checked_call(_fit.functional_and_gradient, self.offsets, self.intensities, self.weights, self._blocks,
+                                                  self.n_params, gradient=True, fixed_Ih=self.fixed_Ih,
+                                                  n_threads=self.n_threads)
+        fr, gr = self._restraint_f_g()
+        self._f_here = f + fr
+        return f + fr, grad + gr
+
+    def table_rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(Ĩ, residuals, g)`` per table row at the current parameters."""
+        _, _, rows = self._checked_call(_fit.functional_and_gradient, self.offsets, self.intensities, self.weights, self._blocks,
+                                                  self.n_params, gradient=False, fixed_Ih=self.fixed_Ih,
+                                                  rows=True, n_threads=self.n_threads)
+        return rows
+
+    def objective_only(self) -> float:
+        f, _, _ = self._checked_call(_fit.functional_and_gradient, self.offsets, self.intensities, self.weights, self._blocks,
+                                               self.n_params, gradient=False, fixed_Ih=self.fixed_Ih,
+                                               n_threads=self.n_threads)
+        self._f_here = f + self._restraint_f_g()[0]
+        return self._f_here
+
+    def normal_equations(self) -> tuple[np.ndarray, np.ndarray, float, int]:
+        matrix, rhs, r_sq, n_eq = self._checked_call(_fit.normal_equations, self.offsets, self.intensities, self.weights, self._blocks,
+                                                        self.n_params, kind=self.kind, fixed_Ih=self.fixed_Ih,
+                                                        n_threads=self.n_threads)
+        if self.restraint_weights is not None:
+            w = self.restraint_weights
+            matrix[np.diag_indices_from(matrix)] += w
+            rhs -= w * self.x
+            r_sq += float(np.sum(w * self.x * self.x))
+            n_eq += int(np.count_nonzero(w))
+        return matrix, rhs, r_sq, n_eq
+
+    def diagonal(self) -> np.ndarray:
+        """Diagonal of the Ĩ-eliminated normal matrix (+ restraint weights): L-BFGS preconditioner."""
+        diag = self._checked_call(_fit.normal_matrix_diagonal, self.offsets, self.intensities, self.weights,
+                                  self._blocks, self.n_params, fixed_Ih=self.fixed_Ih)
+        if self.restraint_weights is not None:
+            diag = diag + self.restraint_weights
+        return diag
+
+    def rmsd(self) -> float:
+        """``sqrt((Σ w r² + Σ w p²) / n)`` (spec 6.7), reusing the functional of this point."""
+        n = self.intensities.size
+        f = self._f_here if self._f_here is not None else self.objective_only()
+        return float(np.sqrt(f / n)) if n else 0.0
+
+    def n_reflections(self) -> int:
+        return int(self.intensities.size)
+
+    def param_names(self) -> list[str]:
+        return list(self.names)
+
+    def set_var_cov(self, var_cov: np.ndarray) -> None:
+        self.var_cov = var_cov
+

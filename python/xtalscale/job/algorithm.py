@@ -1,0 +1,278 @@
+"""The dials.scale algorithm (spec §8.1, §8.7): prepare, scale in rounds, finish.
+
+``ScalingAlgorithm(params, experiments, reflections).run()`` then ``.finish()`` gives the
+scaled experiments and one joined reflection table with every input row (excluded rows
+flagged with why). :func:`scaling_algorithm` is DIALS's sequence of rounds over a scaler.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .. import flex_arrays as fa
+from ..reflection_table import Flags, reflection_table
+from .prepare import (
+    BadDatasetForScalingException,
+    Reasons,
+    apply_exclude_images,
+    apply_resolution_and_partiality_cuts,
+    calculate_prescaling_correction,
+    choose_initial_scaling_intensities,
+    filter_bad_reflections,
+    parse_exclude_images,
+)
+from .reflection_selection import select_for_minimisation
+from .scaler import MultiScaler, ScalerBase, SingleScaler
+
+__all__ = [
+    "NoEquivalentsError",
+    "ScalingAlgorithm",
+    "create_scaler",
+    "do_error_analysis",
+    "do_intensity_combination",
+    "expand_and_do_outlier_rejection",
+    "prepare_input",
+    "scaling_algorithm",
+]
+
+logger = logging.getLogger("xtalscale.scale")
+
+
+class NoEquivalentsError(ValueError):
+    """No unique reflection is measured more than once: there is nothing to scale against."""
+
+
+def _split_tables(experiments: Any, tables: Sequence[Any]) -> tuple[list[Any], list[Any]]:
+    """One table per experiment, in experiment order, and the rows of no experiment (id < 0),
+    which are kept (flagged excluded_for_scaling) so that no input row is lost."""
+    out: list[Any] = [None] * len(experiments)
+    unassigned = []
+    ids = experiments.identifiers()
+    for table in tables:
+        if "id" in table and len(table):
+            neg = np.asarray(table["id"]) < 0
+            if neg.any():
+                orphans = table.select(neg)
+                orphans.set_flags(np.ones(len(orphans), bool), Flags.excluded_for_scaling)
+                unassigned.append(orphans)
+                table = table.select(~neg)
+        for sub in table.split_by_experiment_id() if len(table) else []:
+            (k, ident), = sub.experiment_identifiers().items()
+            try:
+                pos = ids.index(ident)
+            except ValueError:
+                raise ValueError(f"reflections carry experiment identifier {ident!r}, which no "
+                                 f"experiment has") from None
+            out[pos] = sub
+    for k, t in enumerate(out):
+        if t is None:
+            raise ValueError(f"experiment {k} ({ids[k]!r}) has no reflections")
+    return out, unassigned
+
+
+def prepare_input(params: Any, experiments: Any, reflections: Sequence[Any]
+                  ) -> tuple[Any, list[Any], Reasons, list[Any]]:
+    """Select datasets, split tables per experiment, reset flags, apply the user's cuts.
+
+    Returns (experiments, one table per experiment, reasons, tables of rows left out: rows of
+    no experiment and of deselected experiments, kept for the output)."""
+    from ..experiments import ExperimentList
+
+    use = params.dataset_selection.use_datasets
+    exclude = params.dataset_selection.exclude_datasets
+    tables, left_out = _split_tables(experiments, reflections)
+    keep = list(range(len(experiments)))
+    if use:
+        keep = [k for k in keep if k in set(use)]
+    if exclude:
+        keep = [k for k in keep if k not in set(exclude)]
+    if not keep:
+        raise ValueError("dataset_selection leaves no experiment to scale")
+    reasons = Reasons()
+    experiments = ExperimentList([experiments[k] for k in keep])
+    tables = [tables[k] for k in keep]
+    if left_out:
+        reasons.add_reason("no experiment (id < 0)", sum(len(t) for t in left_out))
+    ranges = parse_exclude_images(params.exclude_images, len(experiments))
+    for k, t in enumerate(tables):
+        n = len(t)
+        t.unset_flags(np.ones(n, bool), Flags.bad_for_scaling)
+        t.unset_flags(np.ones(n, bool), Flags.scaled)
+        if "d" not in t:
+            t.compute_d(ExperimentList([experiments[k]]))
+        apply_exclude_images(t, experiments[k], [(s, e) for (x, s, e) in ranges if x == k], reasons)
+        apply_resolution_and_partiality_cuts(t, params.cut_data.d_min, params.cut_data.d_max, reasons)
+    return experiments, tables, reasons, left_out
+
+
+def _prepare_dataset(params: Any, table: Any, reasons: Reasons) -> Any:
+    choice = params.reflection_selection.intensity_choice
+    filter_bad_reflections(table, params.cut_data.partiality_cutoff, params.cut_data.min_isigi, choice, reasons)
+    calculate_prescaling_correction(table)
+    choose_initial_scaling_intensities(table, choice)
+    table["inverse_scale_factor"] = fa.double(np.ones(len(table)))
+    return table
+
+
+def create_scaler(params: Any, experiments: Any, reflections: Sequence[Any],
+                  reasons: Reasons | None = None) -> ScalerBase:
+    """A SingleScaler (one dataset) or MultiScaler; datasets that empty are removed with a
+    message (dials#2045)."""
+    reasons = reasons if reasons is not None else Reasons()
+    singles, removed = [], []
+    for expt, table in zip(experiments, reflections):
+        _prepare_dataset(params, table, reasons)
+        try:
+            singles.append(SingleScaler(params, expt, table, for_multi=len(experiments) > 1))
+        except BadDatasetForScalingException as exc:
+            logger.warning("removing dataset %s: %s", expt.identifier, exc)
+            removed.append(expt.identifier)
+    if not singles:
+        raise BadDatasetForScalingException("no dataset has reflections left to scale")
+    scaler: ScalerBase = singles[0] if len(singles) == 1 else MultiScaler(singles)
+    scaler.removed_datasets = removed
+    scaler.reasons = reasons
+    return scaler
+
+
+def _check_equivalents(scaler: ScalerBase) -> None:
+    grouped = scaler.global_Ih_table
+    if grouped.n_groups == 0 or grouped.group_sizes().max() < 2:
+        raise NoEquivalentsError("no unique reflection has more than one observation: "
+                                 "the data cannot be scaled (the unscaled data are written)")
+
+
+def expand_and_do_outlier_rejection(scaler: ScalerBase, calc_cov: bool = False) -> None:
+    scaler.expand_scales_to_all_reflections(calc_cov=calc_cov)
+    scaler.round_of_outlier_rejection()
+
+
+def do_intensity_combination(scaler: ScalerBase, reselect: bool = True) -> None:
+    scaler.combine_intensities()
+    if scaler.params.scaling_options.outlier_rejection:
+        scaler.round_of_outlier_rejection()
+    if reselect:
+        scaler.make_ready_for_scaling()
+
+
+def do_error_analysis(scaler: ScalerBase, reselect: bool = True) -> None:
+    scaler.perform_error_optimisation()
+    if reselect:
+        scaler.make_ready_for_scaling()
+
+
+def scaling_algorithm(scaler: ScalerBase) -> ScalerBase:
+    """DIALS's rounds (§8.7) with this job's engine choice."""
+    params = scaler.params
+    so = params.scaling_options
+    use_error_model = params.weighting.error_model.error_model is not None
+    select_for_minimisation(scaler)
+    scaler.round_of_outlier_rejection() if so.outlier_rejection else None
+    scaler.make_ready_for_scaling()
+    scaler.perform_scaling()
+    if params.reflection_selection.intensity_choice == "combine" or so.outlier_rejection:
+        expand_and_do_outlier_rejection(scaler)
+        do_intensity_combination(scaler, reselect=True)
+    if use_error_model or so.outlier_rejection:
+        scaler.perform_scaling()
+        expand_and_do_outlier_rejection(scaler)
+        if use_error_model:
+            do_error_analysis(scaler, reselect=False)
+        scaler.make_ready_for_scaling()
+    if so.full_matrix:
+        engine = params.refinement.full_matrix_engine
+        scaler.perform_scaling(engine=engine, max_iterations=params.refinement.full_matrix_max_iterations or 100)
+    else:
+        scaler.perform_scaling()
+    expand_and_do_outlier_rejection(scaler, calc_cov=True)
+    if use_error_model:
+        do_error_analysis(scaler, reselect=False)
+    scaler.prepare_reflection_tables_for_output()
+    return scaler
+
+
+class ScalingAlgorithm:
+    """dials.scale's ``ScalingAlgorithm``: ``run()`` scales, ``finish()`` joins the output."""
+
+    def __init__(self, params: Any, experiments: Any, reflections: Sequence[Any], n_reference: int = 0) -> None:
+        t0 = time.perf_counter()
+        self.params = params
+        self.experiments, self.reflections, self.reasons, self.left_out = prepare_input(
+            params, experiments, list(reflections))
+        self.scaler = create_scaler(params, self.experiments, self.reflections, self.reasons)
+        # the first n_reference datasets are a reference: models fixed, rows not written
+        self.n_reference = n_reference
+        for ds in self.scaler.datasets[:n_reference]:
+            ds.model.fixed_components = list(ds.model.components)
+        self.scaled = False
+        self.timings = {"prepare": time.perf_counter() - t0}
+
+    def run(self) -> None:
+        """Scale; if there are no equivalents the data stay unscaled (with a message)."""
+        try:
+            _check_equivalents(self.scaler)
+        except NoEquivalentsError as exc:
+            logger.warning("%s", exc)
+            self.no_equivalents = str(exc)
+            self.scaler.prepare_reflection_tables_for_output()
+            return
+        self.no_equivalents = None
+        scaling_algorithm(self.scaler)
+        self.remove_bad_data()
+        self.scaled = True
+
+    def remove_bad_data(self) -> None:
+        """Flag ``excluded_for_scaling`` where g < small_scale_cutoff."""
+        cutoff = float(self.params.cut_data.small_scale_cutoff)
+        for ds in self.scaler.datasets:
+            g = np.asarray(ds.table["inverse_scale_factor"], dtype=np.float64)
+            small = g < cutoff
+            if small.any():
+                ds.table.set_flags(small, Flags.excluded_for_scaling)
+                ds.table.unset_flags(small, Flags.scaled)
+                self.reasons.add_reason(f"inverse scale < {cutoff}", int(small.sum()))
+
+    def finish(self) -> tuple[Any, Any]:
+        """(experiments, one joined reflection table); working columns removed."""
+        from ..experiments import ExperimentList
+
+        kept = [ds for ds in self.scaler.datasets[self.n_reference:]]
+        experiments = ExperimentList([ds.experiment for ds in kept])
+        tables = []
+        for k, ds in enumerate(kept):
+            t = ds.table
+            for name in ("variance", "intensity", "s0c", "s1c", "prescaling_correction", "batch",
+                         "asu_miller_index"):
+                if name in t:
+                    del t[name]
+            ident = ds.experiment.identifier
+            t["id"] = fa.int(np.full(len(t), k, dtype=np.int32))
+            ids = t.experiment_identifiers()
+            for key in list(ids.keys()):
+                del ids[key]
+            ids[k] = ident
+            tables.append(t)
+        for orphans in self.left_out:
+            orphans["id"] = fa.int(np.full(len(orphans), -1, dtype=np.int32))
+            ids = orphans.experiment_identifiers()
+            for key in list(ids.keys()):
+                del ids[key]
+            tables.append(_with_columns_of(orphans, tables[0]))
+        joined = reflection_table.concat(tables) if len(tables) > 1 else tables[0]
+        return experiments, joined
+
+
+def _with_columns_of(table: Any, template: Any) -> Any:
+    """``table`` with the columns of ``template`` (missing ones zero-filled, extra ones dropped)."""
+    for name in template.keys():  # noqa: SIM118 (a reflection table, not a dict)
+        if name not in table:
+            col = template[name]
+            table[name] = type(col)(len(table))
+    for name in list(table.keys()):
+        if name not in template:
+            del table[name]
+    return table

@@ -1,0 +1,179 @@
+"""Profile/summation intensity combination with the Imid search (dials.scale, spec §8.5).
+
+For each candidate midpoint Imid the combined intensity is
+``w·I_prf + (1 − w)·I_sum`` with ``w = 1/(1 + (I_sum/Imid)³)`` (w = 1 where I_sum ≤ 0), 0 meaning
+profile only and 1 summation only; the candidate whose scaled, merged data have the lowest
+Rmeas (internal-variance merging, rows with σ > 0 and I/σ > 1) is applied to every suitable row.
+Per-group sums run in C++ (:mod:`xtalscale._core.job`).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .. import flex_arrays as fa
+from ..reflection_table import Flags
+from .grouped import GroupedObservations
+from .prepare import flags_of
+
+__all__ = [
+    "calculate_combined_raw_intensities",
+    "candidate_Imids",
+    "combine_intensities",
+    "combine_scaler_intensities",
+    "rmeas_of",
+]
+
+logger = logging.getLogger("xtalscale.scale")
+
+
+def calculate_combined_raw_intensities(Iprf: np.ndarray, Isum: np.ndarray, Vprf: np.ndarray,
+                                       Vsum: np.ndarray, Imid: float) -> tuple[np.ndarray, np.ndarray]:
+    """Combined I and V for one midpoint (0: profile, 1: summation)."""
+    if Imid == 0:
+        return Iprf.copy(), Vprf.copy()
+    if Imid == 1:
+        return Isum.copy(), Vsum.copy()
+    with np.errstate(over="ignore"):
+        w = np.where(Isum > 0, 1.0 / (1.0 + (np.maximum(Isum, 0) / Imid) ** 3), 1.0)
+    return w * Iprf + (1 - w) * Isum, w * Vprf + (1 - w) * Vsum
+
+
+def candidate_Imids(Isum_over_p: np.ndarray) -> list[float]:
+    """[0, 1, avg, Imid, Imid/10, ...] while above avg = max(10, mean(I_sum/p))."""
+    avg = max(10.0, float(np.mean(Isum_over_p)))
+    Imid = float(np.max(Isum_over_p)) / 10.0
+    out = [0.0, 1.0, avg, Imid]
+    while Imid > avg:
+        Imid /= 10.0
+        out.append(Imid)
+    return out
+
+
+def rmeas_of(grouped: GroupedObservations, intensity: np.ndarray, variance: np.ndarray) -> float:
+    """Rmeas of scaled intensities I/g (weights 1/σ²), rows with σ > 0 and I/σ > 1; −1 on failure."""
+    g = grouped.scale
+    sigma = np.sqrt(np.maximum(variance, 0)) / g
+    scaled = intensity / g
+    keep = (sigma > 0) & (scaled / np.where(sigma > 0, sigma, 1) > 1)
+    if keep.sum() < 2:
+        return -1.0
+    sub = grouped.subset(keep)
+    s_I, s_sig = scaled[keep], sigma[keep]
+    w = 1.0 / s_sig ** 2
+    group = sub.group_of_row()
+    mean = sub.sum_in_groups(w * s_I) / sub.sum_in_groups(w)
+    n = sub.group_sizes().astype(np.float64)
+    multi = n > 1
+    if not multi.any():
+        return -1.0
+    absdev = sub.sum_in_groups(np.abs(s_I - mean[group]))
+    total = sub.sum_in_groups(s_I)
+    num = np.sum(np.sqrt(n[multi] / (n[multi] - 1.0)) * absdev[multi])
+    den = np.sum(total[multi])
+    return float(num / den) if den > 0 else -1.0
+
+
+def combine_intensities(tables: Sequence[Any], space_group: Any, selections: Sequence[np.ndarray],
+                        Imids: Sequence[float] | None = None) -> tuple[float, dict[float, float]]:
+    """The best Imid for ``tables`` (rows ``selections``), and the Rmeas of every candidate."""
+    parts: dict[str, list] = {k: [] for k in ("Iprf", "Isum", "Vprf", "Vsum", "g", "hkl")}
+    for t, sel in zip(tables, selections):
+        conv = np.asarray(t["prescaling_correction"], dtype=np.float64)[sel] if "prescaling_correction" in t \
+            else np.ones(int(sel.sum()))
+        p = np.asarray(t["partiality"], dtype=np.float64)[sel] if "partiality" in t else np.ones(int(sel.sum()))
+        parts["Iprf"].append(np.asarray(t["intensity.prf.value"], float)[sel] * conv)
+        parts["Vprf"].append(np.asarray(t["intensity.prf.variance"], float)[sel] * conv ** 2)
+        parts["Isum"].append(np.asarray(t["intensity.sum.value"], float)[sel] * conv / p)
+        parts["Vsum"].append(np.asarray(t["intensity.sum.variance"], float)[sel] * (conv / p) ** 2)
+        parts["g"].append(np.asarray(t["inverse_scale_factor"], float)[sel])
+        parts["hkl"].append(np.asarray(t["miller_index"]).reshape(-1, 3)[sel])
+    arr = {k: np.concatenate(v) for k, v in parts.items()}
+    if arr["Isum"].size == 0:
+        return 0.0, {}
+    grouped = GroupedObservations.from_tables(
+        [{"intensity": arr["Isum"], "variance": np.ones(arr["Isum"].size), "inverse_scale_factor": arr["g"],
+          "miller_index": arr["hkl"]}], space_group, selections=[np.ones(arr["Isum"].size, bool)])
+    order_back = np.empty(arr["Isum"].size, dtype=np.int64)
+    order_back[:] = grouped.row
+    candidates = list(Imids) if Imids else candidate_Imids(arr["Isum"])
+    results = {}
+    for Imid in candidates:
+        I, V = calculate_combined_raw_intensities(arr["Iprf"], arr["Isum"], arr["Vprf"], arr["Vsum"], Imid)
+        results[float(Imid)] = rmeas_of(grouped, I[order_back], V[order_back])
+    valid = {k: v for k, v in results.items() if v >= 0}
+    best = min(valid, key=valid.get) if valid else 0.0
+    return best, results
+
+
+def _apply(table: Any, suitable: np.ndarray, Imid: float) -> None:
+    """Set intensity/variance of the suitable rows from the chosen combination (§8.5 step 6)."""
+    flags = flags_of(table)
+    prf_ok = (flags & np.uint64(int(Flags.integrated_prf))) != 0
+    sum_ok = (flags & np.uint64(int(Flags.integrated_sum))) != 0
+    conv = np.asarray(table["prescaling_correction"], dtype=np.float64)
+    n = len(table)
+    p = np.asarray(table["partiality"], dtype=np.float64) if "partiality" in table else np.ones(n)
+    inv_p = np.divide(1.0, p, out=np.ones(n), where=p > 0)
+    Iprf = np.asarray(table["intensity.prf.value"], float) * conv
+    Vprf = np.asarray(table["intensity.prf.variance"], float) * conv ** 2
+    Isum = np.asarray(table["intensity.sum.value"], float) * conv * inv_p
+    Vsum = np.asarray(table["intensity.sum.variance"], float) * (conv * inv_p) ** 2
+    I = np.asarray(table["intensity"], dtype=np.float64).copy()
+    V = np.asarray(table["variance"], dtype=np.float64).copy()
+    if Imid == 1:
+        newI, newV = np.where(sum_ok, Isum, Iprf), np.where(sum_ok, Vsum, Vprf)
+    else:
+        newI, newV = np.where(prf_ok, Iprf, Isum), np.where(prf_ok, Vprf, Vsum)
+        if Imid != 0:
+            cI, cV = calculate_combined_raw_intensities(Iprf, Isum, Vprf, Vsum, Imid)
+            both = prf_ok & sum_ok
+            newI, newV = np.where(both, cI, newI), np.where(both, cV, newV)
+    I[suitable] = newI[suitable]
+    V[suitable] = newV[suitable]
+    table["intensity"] = fa.double(I)
+    table["variance"] = fa.double(V)
+
+
+def combine_scaler_intensities(scaler: Any) -> None:
+    """The Imid search over a scaler's datasets (jointly by default) and its application."""
+    params = scaler.params
+    if params.reflection_selection.intensity_choice != "combine":
+        return
+    datasets = [ds for ds in scaler.datasets
+                if "intensity.prf.value" in ds.table and "intensity.sum.value" in ds.table]
+    if not datasets:
+        return
+    sels = []
+    for ds in datasets:
+        t = ds.table
+        flags = flags_of(t)
+        both = ((flags & np.uint64(int(Flags.integrated_prf))) != 0) & \
+               ((flags & np.uint64(int(Flags.integrated_sum))) != 0)
+        sel = ds.suitable & both
+        sel &= np.asarray(t["intensity.prf.variance"], float) > 0
+        sel &= np.asarray(t["intensity.sum.variance"], float) > 0
+        sel &= np.asarray(t["inverse_scale_factor"], float) > 0
+        if "partiality" in t:
+            sel &= np.asarray(t["partiality"], float) > 0
+        if ds.outliers.size:
+            out = np.zeros(len(t), bool)
+            out[ds.suitable] = ds.outliers
+            sel &= ~out
+        sels.append(sel)
+    given = params.reflection_selection.combine.Imid
+    if params.reflection_selection.combine.joint_analysis:
+        best, results = combine_intensities([ds.table for ds in datasets], scaler.space_group, sels, given)
+        choices = [best] * len(datasets)
+        logger.info("intensity combination: Rmeas by Imid %s; chose Imid = %s",
+                    {round(k, 2): round(v, 5) for k, v in results.items()}, best)
+    else:
+        choices = [combine_intensities([ds.table], scaler.space_group, [s], given)[0]
+                   for ds, s in zip(datasets, sels)]
+    for ds, Imid in zip(datasets, choices):
+        _apply(ds.table, ds.suitable, Imid)
+        ds.model.record_intensity_combination_Imid(Imid)
+    scaler.Imid = choices[0]

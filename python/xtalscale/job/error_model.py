@@ -1,0 +1,378 @@
+"""The basic error model σ'² = a²(σ² + (bI)²) and its refinement as dials.scale does it (§8.6).
+
+:class:`BasicErrorModel` holds (a, b) and applies them; :func:`run_error_model_refinement`
+fits them to the normalised deviations of the scaled data:
+
+* data: the valid, non-outlier rows, grouped with Bijvoet mates apart; Ĩ with 1/σ² weights,
+  fixed for the whole fit (DIALS quirk §11.8); filtered as DIALS filters (group mean I/σ² >
+  0.85, Ĩg > min_Ih, I > 0.001, multiplicity > 1, groups with an internal variance ratio below
+  max(50, max Ĩ/40)); at least 250 rows or the model is left unchanged;
+* δ = sqrt((n−1)/n)(I/g − Ĩ)/σ', σ' = a·sqrt(σ² + (bI)²)/g;
+* ``individual`` minimisation: alternately a from the central part (±1.5) of the normal
+  probability plot of δ (least-squares slope, solved exactly rather than by L-BFGS) and b
+  from the binned variances of δ (Σ w [(0.5 − v)² + 1/v − 1.25], minimised by a bounded 1-D
+  search), until a changes by < 1 %; ``regression``: a linear fit of the group variances
+  against σ²/I².
+
+Per-group sums run in C++ (:mod:`xtalscale._core.job`).
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from ..error_model import BasicErrorModel as StoredBasicErrorModel
+from .grouped import GroupedObservations
+
+__all__ = [
+    "BasicErrorModel",
+    "ErrorModelBinner",
+    "ErrorModelData",
+    "ErrorModelRefinementError",
+    "calc_deltahl",
+    "calc_sigmaprime",
+    "extract_error_model_groups",
+    "refine_error_models",
+    "run_error_model_refinement",
+]
+
+logger = logging.getLogger("xtalscale.scale")
+
+
+class ErrorModelRefinementError(ValueError):
+    """Too few suitable reflections (or a failed fit) for the error model."""
+
+
+class BasicErrorModel(StoredBasicErrorModel):
+    """σ'² = a²(σ² + (bI)²) (DIALS ``BasicErrorModel``): the stored form of
+    :class:`xtalscale.error_model.BasicErrorModel` plus what its refinement needs (which
+    parameters ``basic.a``/``basic.b`` fix, the filtered data and the binner).
+    ``parameters`` is ``[a, |b|]``."""
+
+    min_reflections_required = 250
+
+    def __init__(self, a: float | None = None, b: float | None = None, basic_params: Any = None) -> None:
+        self._a, self._b = self.default_a, self.default_b
+        super().__init__(a, b)
+        self.params = basic_params
+        self.fixed_a = basic_params is not None and getattr(basic_params, "a", None) is not None
+        self.fixed_b = basic_params is not None and getattr(basic_params, "b", None) is not None
+        if self.fixed_a:
+            self._a = float(basic_params.a)
+        if self.fixed_b:
+            self._b = float(basic_params.b)
+        self.filtered_Ih_table: ErrorModelData | None = None  # noqa: N815 (DIALS name)
+        self.binner: ErrorModelBinner | None = None
+        self.n_refl = 0
+
+    @property  # type: ignore[override]
+    def parameters(self) -> list[float]:
+        return [self._a, abs(self._b)]
+
+    @parameters.setter
+    def parameters(self, values: Sequence[float]) -> None:
+        a, b = (float(v) for v in values)
+        if not (math.isfinite(a) and math.isfinite(b)):
+            raise ValueError(f"error model parameters must be finite (got {a}, {b})")
+        self._a, self._b = a, b
+
+    def __repr__(self) -> str:
+        return f"BasicErrorModel(a={self.a:.5f}, b={self.b:.5f})"
+
+
+def calc_sigmaprime(x: Sequence[float], data: ErrorModelData) -> np.ndarray:
+    """σ' in scaled units: a·sqrt(σ² + (bI)²)/g for parameters x = (a, b)."""
+    a, b = float(x[0]), float(x[1])
+    return a * np.sqrt(data.variance + (b * data.intensity) ** 2) / data.scale
+
+
+def calc_deltahl(data: ErrorModelData, n_h: np.ndarray, sigmaprime: np.ndarray) -> np.ndarray:
+    """δ = sqrt((n−1)/n)(I/g − Ĩ)/σ'."""
+    return np.sqrt((n_h - 1.0) / n_h) * (data.intensity / data.scale - data.Ih) / sigmaprime
+
+
+class ErrorModelData:
+    """The filtered rows the error model is fitted to (Ĩ fixed, per-row n_h)."""
+
+    def __init__(self, grouped: GroupedObservations, min_Ih: float = 25.0,
+                 min_partiality: float = 0.25) -> None:
+        g = grouped
+        if "partiality" in g.extra:
+            g = g.subset(g.extra["partiality"] > min_partiality)
+        g = self._filter(g, min_Ih)
+        self.grouped = g
+        if g.size < BasicErrorModel.min_reflections_required:
+            raise ErrorModelRefinementError(
+                f"only {g.size} reflections are suitable for the error model "
+                f"(at least {BasicErrorModel.min_reflections_required} are needed)")
+        Ih = g.group_means(1.0 / g.variance)
+        group = g.group_of_row()
+        self.intensity = g.intensity
+        self.variance = g.variance
+        self.scale = g.scale
+        self.Ih = Ih[group]
+        self.n_h = g.group_sizes()[group].astype(np.float64)
+        self.expected = self.Ih * self.scale * (g.extra["partiality"] if "partiality" in g.extra else 1.0)
+
+    @staticmethod
+    def _filter(g: GroupedObservations, min_Ih: float) -> GroupedObservations:
+        if g.size == 0:
+            return g
+        group = g.group_of_row()
+        sizes = g.group_sizes().astype(np.float64)
+        mean_isigsq = g.sum_in_groups(g.intensity / g.variance) / np.maximum(sizes, 1)
+        g = g.subset(mean_isigsq[group] > 0.85)
+        if g.size == 0:
+            return g
+        Ih = g.group_means(1.0 / g.variance)[g.group_of_row()]
+        keep = (Ih * g.scale > min_Ih) & (g.intensity > 0.001) & (g.group_sizes()[g.group_of_row()] > 1)
+        g = g.subset(keep)
+        if g.size == 0:
+            return g
+        g = g.subset(g.group_sizes()[g.group_of_row()] > 1)
+        if g.size == 0:
+            return g
+        group = g.group_of_row()
+        Ih_group = g.group_means(1.0 / g.variance)
+        n = g.group_sizes().astype(np.float64)
+        dev2 = g.sum_in_groups((g.intensity / g.scale - Ih_group[group]) ** 2) / (n - 1.0)
+        mean_var = g.sum_in_groups(g.variance / g.scale ** 2) / n
+        ratio = np.divide(dev2, mean_var, out=np.full_like(dev2, np.inf), where=mean_var > 0)
+        cutoff = max(50.0, float(Ih_group.max()) / 40.0)
+        return g.subset((ratio < cutoff)[group])
+
+
+class ErrorModelBinner:
+    """Bins of the expected intensity E = Ĩg(p), equal in log E, at least ``min_per_bin`` each."""
+
+    def __init__(self, data: ErrorModelData, min_reflections_required: int = 250, n_bins: int = 10) -> None:
+        E = data.expected
+        n = E.size
+        min_refl = int(n / 100) if n > 25000 else min_reflections_required
+        self.min_per_bin = max(1, min(min_refl, int(n / (3 * n_bins))))
+        order = np.argsort(-E, kind="stable")
+        E_sorted = E[order]
+        top = math.log(max(E_sorted[0], 1.0 + 1e-12))
+        bottom = math.log(max(1.0, E_sorted[-1]))
+        bounds = np.exp(np.linspace(top, bottom, n_bins + 1))
+        bounds[0] = E_sorted[0] + 0.01
+        bounds[-1] = E_sorted[-1] - 0.01
+        # walk down from the top: a bin short of min_per_bin takes rows from the next one
+        members, start = [], 0
+        for k in range(n_bins):
+            lower = bounds[k + 1]
+            end = int(np.searchsorted(-E_sorted, -lower, side="left"))
+            if end - start < self.min_per_bin:
+                end = min(n, start + self.min_per_bin)
+            if k == n_bins - 1:
+                end = n
+            if end > start:
+                members.append(order[start:end])
+            start = end
+            if start >= n:
+                break
+        members = [m for m in members if m.size >= self.min_per_bin - 5]
+        self.bins = members
+        # per-row bin (−1: in no bin) for one-pass bincount sums in calculate_bin_variances
+        self.bin_index = np.full(n, -1, dtype=np.int64)
+        for k, m in enumerate(members):
+            self.bin_index[m] = k
+        self._in_bin = self.bin_index >= 0
+        self._counts = np.bincount(self.bin_index[self._in_bin], minlength=len(members)).astype(np.float64)
+        self.weights = np.array([E[m].mean() for m in members])
+        self.bin_variances = np.zeros(len(members))
+        self.summation_matrix = members
+
+    def calculate_bin_variances(self, delta: np.ndarray) -> np.ndarray:
+        """mean(δ²) − mean(δ)² per bin."""
+        idx, d = self.bin_index[self._in_bin], delta[self._in_bin]
+        n_bins = len(self.bins)
+        mean = np.bincount(idx, weights=d, minlength=n_bins) / self._counts
+        mean_sq = np.bincount(idx, weights=d * d, minlength=n_bins) / self._counts
+        self.bin_variances = mean_sq - mean ** 2
+        return self.bin_variances
+
+
+def _normal_cdf(x: float) -> float:
+    return 0.5 * math.erfc(-x / math.sqrt(2.0))
+
+
+def _refine_a(model: BasicErrorModel, data: ErrorModelData) -> None:
+    """a ← a·slope of the central normal probability plot of δ."""
+    from scipy.special import (
+        ndtri,  # the normal quantile (scipy.stats costs seconds to import)
+    )
+
+    delta = np.sort(calc_deltahl(data, data.n_h, calc_sigmaprime(model.parameters, data)))
+    n = delta.size
+    lo = int(math.ceil(_normal_cdf(-1.5) * n - 0.5))
+    hi = int(math.ceil(_normal_cdf(1.5) * n - 0.5))
+    i = np.arange(lo, hi)
+    x = ndtri((i + 0.5) / n)
+    y = delta[lo:hi]
+    slope = np.polyfit(x, y, 1)[0]
+    model.parameters = [model.a * float(slope), model.b]
+
+
+def _b_objective(b: float, model: BasicErrorModel, data: ErrorModelData, binner: ErrorModelBinner) -> float:
+    delta = calc_deltahl(data, data.n_h, calc_sigmaprime([model.a, b], data))
+    v = binner.calculate_bin_variances(delta)
+    v = np.maximum(v, 1e-12)
+    w = binner.weights / binner.weights.sum()
+    return float(np.sum(w * ((0.5 - v) ** 2 + 1.0 / v - 1.25)))
+
+
+def _golden_section(f: Any, lo: float, hi: float, tol: float = 1e-7) -> float:
+    """Minimiser of a unimodal f on [lo, hi] (golden-section search)."""
+    ratio = (math.sqrt(5.0) - 1.0) / 2.0
+    c, d = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fc, fd = f(c), f(d)
+    while hi - lo > tol:
+        if fc < fd:
+            hi, d, fd = d, c, fc
+            c = hi - ratio * (hi - lo)
+            fc = f(c)
+        else:
+            lo, c, fc = c, d, fd
+            d = lo + ratio * (hi - lo)
+            fd = f(d)
+    return 0.5 * (lo + hi)
+
+
+def _refine_b(model: BasicErrorModel, data: ErrorModelData, binner: ErrorModelBinner) -> None:
+    """b minimising the binned-variance objective, searched on [0, 0.5]."""
+    b = _golden_section(lambda x: _b_objective(x, model, data, binner), 0.0, 0.5)
+    model.parameters = [model.a, b]
+
+
+def _regression(model: BasicErrorModel, data: ErrorModelData) -> None:
+    """Fit y = P0 x + P1 with x = σ²/I², y = group sample variance / I²; a = √P0, b = √P1/a."""
+    g = data.grouped
+    group = g.group_of_row()
+    n = g.group_sizes().astype(np.float64)
+    scaled = g.intensity / g.scale
+    svar = g.sum_in_groups((scaled - data.Ih) ** 2)[group] / (n[group] - 1.0)
+    I2 = scaled ** 2
+    x = (g.variance / g.scale ** 2) / I2
+    y = svar / I2
+    if model.fixed_a:
+        P0 = model.a ** 2
+        P1 = float(np.mean(y - P0 * x))
+    elif model.fixed_b:
+        P1 = (model.b * model.a) ** 2
+        P0 = float(np.dot(x, y - P1) / np.dot(x, x))
+    else:
+        P0, P1 = np.polyfit(x, y, 1)
+    if P0 <= 0 or P1 < 0:
+        raise ErrorModelRefinementError(f"the regression gave a non-positive term (P0={P0:.4g}, P1={P1:.4g})")
+    a = math.sqrt(P0)
+    model.parameters = [a, math.sqrt(P1) / a]
+
+
+def run_error_model_refinement(model: BasicErrorModel, grouped: GroupedObservations,
+                               minimisation: str = "individual", min_Ih: float = 25.0,
+                               n_bins: int = 10, min_partiality: float = 0.25,
+                               max_cycles: int = 50) -> BasicErrorModel:
+    """Refine ``model`` on grouped scaled observations (rows as for outlier rejection, but with
+    Bijvoet mates apart). Raises :class:`ErrorModelRefinementError` when too few rows suit."""
+    data = ErrorModelData(grouped, min_Ih=min_Ih, min_partiality=min_partiality)
+    model.filtered_Ih_table = data
+    model.n_refl = data.intensity.size
+    if minimisation == "regression":
+        _regression(model, data)
+        return model
+    if minimisation in (None, "None"):
+        return model
+    binner = ErrorModelBinner(data, n_bins=n_bins)
+    model.binner = binner
+    if model.fixed_a and model.fixed_b:
+        return model
+    if model.fixed_a:
+        _refine_b(model, data, binner)
+        return model
+    if model.fixed_b:
+        _refine_a(model, data)
+        return model
+    converged = False
+    for _ in range(max_cycles):
+        a_before = model.a
+        _refine_a(model, data)
+        _refine_b(model, data, binner)
+        if abs(model.a - a_before) / abs(a_before) < 0.01:
+            converged = True
+            break
+    if converged and model.a > 0.4:
+        _refine_a(model, data)
+    else:
+        logger.info("error model: a did not converge to a sensible value; refining b only")
+        model.parameters = [BasicErrorModel.default_a, BasicErrorModel.default_b]
+        _refine_b(model, data, binner)
+    return model
+
+
+def extract_error_model_groups(params: Any, n_tables: int) -> list[list[int]]:
+    """Datasets (0-based) of each error model for ``grouping`` combined/individual/grouped."""
+    em = params.weighting.error_model
+    if em.grouping == "combined":
+        return [list(range(n_tables))]
+    if em.grouping == "individual":
+        return [[k] for k in range(n_tables)]
+    groups, used = [], set()
+    for entry in em.error_model_group or []:
+        members = [int(k) - 1 for k in entry]
+        bad = [k + 1 for k in members if not 0 <= k < n_tables]
+        if bad:
+            raise ValueError(f"error_model_group names sweeps {bad}; there are {n_tables}")
+        groups.append(members)
+        used.update(members)
+    rest = [k for k in range(n_tables) if k not in used]
+    if rest:
+        groups.append(rest)
+    return groups
+
+
+def refine_error_models(scaler: Any) -> None:
+    """Refine the scaler's error model(s) on its current scales and set them (§8.6)."""
+    params = scaler.params
+    em_params = params.weighting.error_model
+    if em_params.error_model is None:
+        return
+    groups = extract_error_model_groups(params, len(scaler.datasets))
+    for members in groups:
+        keep = []
+        for k, ds in enumerate(scaler.datasets):
+            rows = np.zeros(int(ds.suitable.sum()), bool)
+            if k in members:
+                rows[:] = True
+                if ds.outliers.size:
+                    rows &= ~ds.outliers
+            keep.append(rows)
+        tables = []
+        for k, ds in enumerate(scaler.datasets):
+            cols = {"intensity": ds.column("intensity")[keep[k]], "variance": ds.column("variance")[keep[k]],
+                    "inverse_scale_factor": ds.column("inverse_scale_factor")[keep[k]],
+                    "miller_index": np.asarray(ds.table["miller_index"]).reshape(-1, 3)[ds.suitable][keep[k]]}
+            if "partiality" in ds.table:
+                cols["partiality"] = ds.column("partiality")[keep[k]]
+            else:
+                cols["partiality"] = np.ones(cols["intensity"].size)
+            tables.append(cols)
+        grouped = GroupedObservations.from_tables(
+            tables, scaler.space_group, anomalous=True,
+            selections=[np.ones(t["intensity"].size, bool) for t in tables], extra_columns=("partiality",))
+        model = BasicErrorModel(basic_params=em_params.basic)
+        try:
+            run_error_model_refinement(model, grouped, em_params.basic.minimisation or "None",
+                                       em_params.basic.min_Ih, em_params.basic.n_bins,
+                                       float(params.reflection_selection.min_partiality))
+        except ErrorModelRefinementError as exc:
+            logger.info("error model not refined for sweeps %s: %s", [m + 1 for m in members], exc)
+            continue
+        logger.info("error model for sweeps %s: a = %.5f, b = %.5f", [m + 1 for m in members], model.a, model.b)
+        for k in members:
+            scaler.datasets[k].error_model = model
+            scaler.datasets[k].model.set_error_model(model)

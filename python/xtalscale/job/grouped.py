@@ -1,0 +1,186 @@
+"""Suitable observations of one or more datasets, grouped by unique reflection.
+
+:class:`GroupedObservations` is the job's view of "an Ih table with one block": per-row numpy
+arrays (intensity, variance, weight, inverse scale g, ASU index, dataset and the row of that
+dataset's table) plus the grouping of the data layer (:func:`xtalscale.symmetry.group_reflections`:
+``order``/``offsets``, groups in signed (h, k, l) order, rows of dataset 0 first within a
+group, as DIALS's Ih table orders them). The per-group work runs in C++
+(``xtalscale._core.job``).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from .._core import job as _kern
+
+__all__ = ["GroupedObservations", "suitable_rows"]
+
+
+def suitable_rows(table: Any) -> np.ndarray:
+    """Rows not flagged ``excluded_for_scaling`` or ``user_excluded_in_scaling`` (DIALS)."""
+    from ..reflection_table import Flags
+
+    n = _nrows(table)
+    if "flags" not in table:
+        return np.ones(n, dtype=bool)
+    flags = np.asarray(table["flags"]).astype(np.uint64)
+    bad = np.uint64(int(Flags.excluded_for_scaling) | int(Flags.user_excluded_in_scaling))
+    return (flags & bad) == 0
+
+
+def _nrows(table: Any) -> int:
+    """Rows of a reflection table or of a dict of columns."""
+    if isinstance(table, dict):
+        return len(np.asarray(table["intensity"])) if "intensity" in table else 0
+    return len(table)
+
+
+def _column(table: Any, name: str, default: float | None = None) -> np.ndarray:
+    if name in table:
+        return np.asarray(table[name], dtype=np.float64)
+    if default is None:
+        raise KeyError(f"the reflection table has no column '{name}'")
+    return np.full(_nrows(table), float(default))
+
+
+@dataclass
+class GroupedObservations:
+    """Observations grouped by unique reflection (one Ih-table block, DIALS order).
+
+    Attributes
+    ----------
+    intensity, variance, weight, scale : ndarray, float64, (n,)
+        ``I``, ``σ²``, the weight (1/σ² unless an error model says otherwise) and ``g``.
+    asu_hkl : ndarray, int32, (n, 3)
+    dataset : ndarray, int64, (n,)
+        Index of the table each row came from.
+    row : ndarray, int64, (n,)
+        Row of that table.
+    order, offsets : ndarray, int64
+        The grouping: group k holds rows ``order[offsets[k]:offsets[k+1]]``.
+    n_datasets : int
+    space_group : SpaceGroup
+    extra : dict of ndarray
+        Optional per-row columns carried along (``d``, ``partiality``...).
+    """
+
+    intensity: np.ndarray
+    variance: np.ndarray
+    weight: np.ndarray
+    scale: np.ndarray
+    asu_hkl: np.ndarray
+    dataset: np.ndarray
+    row: np.ndarray
+    order: np.ndarray
+    offsets: np.ndarray
+    n_datasets: int
+    space_group: Any
+    extra: dict
+
+    @classmethod
+    def from_tables(cls, tables: Sequence[Any], space_group: Any, anomalous: bool = False,
+                    selections: Sequence[np.ndarray] | None = None,
+                    extra_columns: Sequence[str] = ()) -> GroupedObservations:
+        """Group the suitable rows of ``tables`` (columns ``intensity``, ``variance``,
+        ``miller_index``, optionally ``inverse_scale_factor`` (default 1) and ``flags``).
+
+        ``selections`` (one bool array per table) replaces the default suitability rule.
+
+        Raises
+        ------
+        KeyError
+            A required column is missing (named).
+        ValueError
+            A selected row has a non-positive or non-finite variance, or a non-finite value.
+        """
+        from ..symmetry import group_reflections, map_to_asu
+
+        parts: dict[str, list] = {k: [] for k in ("I", "V", "g", "hkl", "ds", "row")}
+        extras: dict[str, list] = {k: [] for k in extra_columns}
+        for k, table in enumerate(tables):
+            n_rows = _nrows(table)
+            sel = suitable_rows(table) if selections is None else np.asarray(selections[k], dtype=bool)
+            if sel.shape != (n_rows,):
+                raise ValueError(f"selection {k} must be a bool array of length {n_rows}")
+            idx = np.flatnonzero(sel)
+            parts["I"].append(_column(table, "intensity")[idx])
+            parts["V"].append(_column(table, "variance")[idx])
+            parts["g"].append(_column(table, "inverse_scale_factor", 1.0)[idx])
+            if "miller_index" not in table:
+                raise KeyError(f"table {k} has no column 'miller_index'")
+            parts["hkl"].append(np.asarray(table["miller_index"], dtype=np.int32).reshape(-1, 3)[idx])
+            parts["ds"].append(np.full(idx.size, k, dtype=np.int64))
+            parts["row"].append(idx.astype(np.int64))
+            for name in extra_columns:
+                extras[name].append(_column(table, name)[idx])
+        I, V, g = (np.concatenate(parts[k]) for k in ("I", "V", "g"))
+        for name, arr in (("intensity", I), ("variance", V), ("inverse_scale_factor", g)):
+            if not np.all(np.isfinite(arr)):
+                bad = int(np.flatnonzero(~np.isfinite(arr))[0])
+                raise ValueError(f"column '{name}' is not finite at selected row {bad}")
+        if np.any(V <= 0):
+            bad = int(np.flatnonzero(V <= 0)[0])
+            raise ValueError(f"column 'variance' must be positive for the selected rows "
+                             f"(row {bad} has {V[bad]})")
+        hkl = np.concatenate(parts["hkl"]) if parts["hkl"] else np.zeros((0, 3), np.int32)
+        asu = map_to_asu(hkl, space_group, anomalous=anomalous).asu_hkl if len(hkl) else hkl
+        grouping = group_reflections(asu)
+        return cls(I, V, 1.0 / V, g, asu, np.concatenate(parts["ds"]), np.concatenate(parts["row"]),
+                   grouping.order, grouping.offsets, len(tables), space_group,
+                   {k: np.concatenate(v) for k, v in extras.items()})
+
+    # ------------------------------------------------------------------ basics
+    @property
+    def size(self) -> int:
+        return int(self.intensity.size)
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.offsets.size - 1)
+
+    def group_sizes(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def group_of_row(self) -> np.ndarray:
+        """The group index of every row."""
+        out = np.empty(self.size, dtype=np.int64)
+        out[self.order] = np.repeat(np.arange(self.n_groups), self.group_sizes())
+        return out
+
+    def sum_in_groups(self, values: np.ndarray) -> np.ndarray:
+        """Per-group sums of a per-row array (C++)."""
+        return _kern.sum_in_groups(self.order, self.offsets, values)
+
+    def group_means(self, weight: np.ndarray | None = None) -> np.ndarray:
+        """Ĩ per group: Σ w g I / Σ w g² (zero where Σ w g² is zero)."""
+        w = self.weight if weight is None else weight
+        a, b = _kern.weighted_group_sums(self.order, self.offsets, self.intensity, w, self.scale)
+        return np.divide(a, b, out=np.zeros_like(a), where=b > 0)
+
+    def Ih_values(self) -> np.ndarray:
+        """Ĩ broadcast to every row."""
+        return self.group_means()[self.group_of_row()]
+
+    def subset(self, keep: np.ndarray) -> GroupedObservations:
+        """The rows with ``keep`` (a per-row bool array), regrouped without empty groups."""
+        keep = np.asarray(keep, dtype=bool)
+        if keep.shape != (self.size,):
+            raise ValueError(f"keep must be a bool array of length {self.size}")
+        order, offsets, _ = _kern.select_rows_in_groups(self.order, self.offsets, keep)
+        idx = np.flatnonzero(keep)
+        new_index = np.full(self.size, -1, dtype=np.int64)
+        new_index[idx] = np.arange(idx.size)
+        return replace(self, intensity=self.intensity[idx], variance=self.variance[idx],
+                       weight=self.weight[idx], scale=self.scale[idx], asu_hkl=self.asu_hkl[idx],
+                       dataset=self.dataset[idx], row=self.row[idx], order=new_index[order],
+                       offsets=offsets, extra={k: v[idx] for k, v in self.extra.items()})
+
+    def rows_per_dataset(self, rows: np.ndarray) -> list[np.ndarray]:
+        """Split positions ``rows`` of this object into each dataset's table rows (order kept)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        ds = self.dataset[rows]
+        return [self.row[rows[ds == k]] for k in range(self.n_datasets)]

@@ -1,0 +1,278 @@
+"""The whole ``xtalscale scale`` job: read, scale, write, report, with time per stage.
+
+:func:`run_scale_job` is what the command line runs; scripts can call it with a ``params``
+object from :func:`xtalscale.job.phil.parse_phil_arguments`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..reflection_table import Flags
+
+__all__ = ["ScaleJobResult", "check_outputs_writable", "exclusion_summary", "run_scale_job"]
+
+logger = logging.getLogger("xtalscale.scale")
+
+
+@dataclass
+class ScaleJobResult:
+    """What the job produced: experiments, the joined table, statistics, files and timings."""
+
+    experiments: Any
+    reflections: Any
+    statistics: Any = None
+    algorithm: Any = None
+    files: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    n_rows_in: int = 0
+    work_free: dict | None = None
+
+
+def _output_paths(params: Any) -> list[str]:
+    out = params.output
+    return [p for p in (out.reflections, out.experiments, out.html, out.log, out.json, out.merged_mtz,
+                        out.unmerged_mtz) if p and str(p).lower() != "none"]
+
+
+def check_outputs_writable(params: Any) -> None:
+    """Fail before any work if an output file's folder is missing or not writable (OSError)."""
+    for path in _output_paths(params):
+        folder = Path(path).resolve().parent
+        if not folder.is_dir():
+            raise OSError(f"cannot write {path}: the folder {folder} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise OSError(f"cannot write {path}: the folder {folder} is not writable")
+        if Path(path).is_dir():
+            raise OSError(f"cannot write {path}: it is a folder")
+
+
+def exclusion_summary(table: Any) -> list[tuple[str, int]]:
+    """Rows by final status, for the end-of-job summary."""
+    flags = np.asarray(table["flags"]).astype(np.uint64)
+
+    def has(f: Flags) -> np.ndarray:
+        return (flags & np.uint64(int(f))) != 0
+
+    user = has(Flags.user_excluded_in_scaling)
+    excluded = has(Flags.excluded_for_scaling) & ~user
+    outlier = has(Flags.outlier_in_scaling) & ~user & ~excluded
+    scaled = has(Flags.scaled)
+    return [("rows read", int(flags.size)), ("scaled", int(scaled.sum())),
+            ("excluded by the user's options (d range, exclude_images, ...)", int(user.sum())),
+            ("excluded as unfit (filters, no experiment, tiny scale)", int(excluded.sum())),
+            ("outliers", int(outlier.sum()))]
+
+
+def _statistics(experiments: Any, table: Any, params: Any) -> tuple[Any, Any]:
+    """The report inputs (statistics, per-batch, deviations, resolution) of the scaled rows,
+    and the scaled observations they were computed on."""
+    from ..merge.observations import observations_from_reflections
+    from ..report import statistics_for_report
+
+    obs = observations_from_reflections(experiments, table)
+    inputs = statistics_for_report(obs, n_bins=int(params.output.merging.nbins),
+                                   anomalous=bool(params.anomalous),
+                                   use_internal_variance=bool(params.output.use_internal_variance))
+    return inputs, obs
+
+
+def work_free_statistics(algorithm: Any, obs: Any, params: Any) -> dict[str, dict[str, float]] | None:
+    """Rmeas and CC½ of the work and free groups (``use_free_set``), as DIALS reports them."""
+    from ..stats.merging import MergingStatistics
+    from ..symmetry import map_to_asu
+
+    free_hkl = getattr(algorithm.scaler, "free_asu_hkl", None)
+    if free_hkl is None or obs is None or len(free_hkl) == 0:
+        return None
+    asu = map_to_asu(obs.miller_index, obs.space_group, anomalous=bool(params.anomalous)).asu_hkl
+
+    def keys(h: np.ndarray) -> np.ndarray:
+        h = h.astype(np.int64) + (1 << 20)
+        return (h[:, 0] << 42) | (h[:, 1] << 21) | h[:, 2]
+
+    is_free = np.isin(keys(asu), keys(np.asarray(free_hkl)))
+    sigma = np.sqrt(obs.variance)
+    out = {}
+    for name, rows in (("work", ~is_free), ("free", is_free)):
+        s = MergingStatistics.from_arrays(obs.miller_index[rows], obs.intensity[rows], sigma[rows],
+                                          obs.space_group, obs.unit_cell, n_bins=1).overall
+        out[name] = {"r_meas": float(s.r_meas), "cc_one_half": float(s.cc_one_half), "n_obs": int(s.n_obs)}
+    return out
+
+
+def _add_reference(inputs: Any, path: str) -> int:
+    """Put a scaled reference (.refl with its .expt beside it) first in ``inputs``.
+
+    Returns the number of reference experiments. Its models stay fixed during scaling and its
+    rows are not written. A merged-MTZ or model reference is not supported yet (clear error).
+    """
+    from .inputs import InputError, file_kind, load_inputs
+
+    kind = file_kind(path)
+    if kind != "reflections":
+        raise InputError(f"reference={path}: only a scaled .refl (with its .expt beside it) is "
+                         f"supported as a reference so far (got {kind})")
+    expt = Path(path).with_suffix(".expt")
+    if not expt.is_file():
+        raise InputError(f"reference={path}: no experiment file {expt} beside it")
+    ref = load_inputs([path, str(expt)])
+    n_ref = len(ref.experiments)
+    ref.tables = [t.select(np.asarray(t["id"]) >= 0) for t in ref.tables]  # rows of no experiment
+    # renumber the inputs after the reference experiments
+    from .. import flex_arrays as fa
+
+    for table in inputs.tables:
+        ids = table.experiment_identifiers()
+        mapping = dict(ids.items())
+        for key in list(ids.keys()):
+            del ids[key]
+        for key, value in mapping.items():
+            ids[key + n_ref] = value
+        id_col = np.asarray(table["id"]).astype(np.int64)
+        table["id"] = fa.int(np.where(id_col >= 0, id_col + n_ref, id_col).astype(np.int32))
+    for expt_ in inputs.experiments:
+        ref.experiments.append(expt_)
+    inputs.experiments = ref.experiments
+    inputs.tables = ref.tables + inputs.tables
+    return n_ref
+
+
+def run_scale_job(params: Any, files: Sequence[str]) -> ScaleJobResult:
+    """Read ``files``, scale with ``params`` and write every requested output."""
+    from .algorithm import ScalingAlgorithm
+    from .inputs import load_inputs
+
+    timings: dict[str, float] = {}
+    check_outputs_writable(params)
+    t0 = time.perf_counter()
+    inputs = load_inputs(files)
+    timings["read"] = time.perf_counter() - t0
+    n_in = inputs.n_reflections
+    logger.info("read %d experiment(s), %d reflections from %s (%.2f s)", len(inputs.experiments), n_in,
+                ", ".join(inputs.sources), timings["read"])
+
+    n_reference = 0
+    reference = params.scaling_options.reference
+    if reference:
+        n_reference = _add_reference(inputs, str(reference))
+    t0 = time.perf_counter()
+    algorithm = ScalingAlgorithm(params, inputs.experiments, inputs.tables, n_reference=n_reference)
+    timings["prepare"] = time.perf_counter() - t0
+    for name in algorithm.scaler.removed_datasets:
+        logger.warning("dataset %s was removed: nothing left to scale after filtering", name)
+    from ..report.terminal import progress
+
+    t0 = time.perf_counter()
+    with progress("scaling"):
+        algorithm.run()
+    timings["scale"] = time.perf_counter() - t0
+    for stage, seconds in algorithm.scaler.timings.items():
+        timings[f"  {stage}"] = seconds
+    for journal in algorithm.scaler.journals:
+        logger.debug("%s: %d steps, %s", getattr(journal, "round_engine", "?"), len(journal.rows),
+                     journal.reason_for_termination)
+    experiments, table = algorithm.finish()
+    for ds in algorithm.scaler.datasets:
+        if algorithm.scaled:
+            ds.model.set_scaling_model_as_scaled()
+        em = ds.error_model
+        if em is not None:
+            logger.info("error model %s: a = %.4f, b = %.4f", ds.experiment.identifier, em.a, em.b)
+    result = ScaleJobResult(experiments, table, algorithm=algorithm, timings=timings, n_rows_in=n_in)
+    if n_reference:
+        logger.info("scaled against the reference %s (its model kept fixed; its rows not written)",
+                    params.scaling_options.reference)
+    if len(table) != n_in:
+        raise RuntimeError(f"internal error: {n_in} rows read but {len(table)} to write")
+
+    stats = obs = report_inputs = result_free = None
+    if algorithm.scaled:
+        t0 = time.perf_counter()
+        try:
+            report_inputs, obs = _statistics(experiments, table, params)
+        except ValueError as exc:
+            logger.warning("merging statistics not computed: %s", exc)
+        if report_inputs is not None:
+            stats = report_inputs.statistics
+            for note in report_inputs.notes:
+                logger.info("%s", note)
+            if stats is not None:
+                logger.info("\n%s", stats.as_table())
+            if report_inputs.anomalous_statistics is not None:
+                logger.info("\n%s", report_inputs.anomalous_statistics.as_table())
+            work_free = work_free_statistics(algorithm, obs, params) if params.scaling_options.use_free_set \
+                else None
+            if work_free:
+                result_free = work_free
+                logger.info("work/free: Rmeas %.4f / %.4f, CC½ %.4f / %.4f (%d / %d observations)",
+                            work_free["work"]["r_meas"], work_free["free"]["r_meas"],
+                            work_free["work"]["cc_one_half"], work_free["free"]["cc_one_half"],
+                            work_free["work"]["n_obs"], work_free["free"]["n_obs"])
+                report_inputs.notes.append(
+                    "Work/free Rmeas {:.4f}/{:.4f}, CC½ {:.4f}/{:.4f}".format(
+                        work_free["work"]["r_meas"], work_free["free"]["r_meas"],
+                        work_free["work"]["cc_one_half"], work_free["free"]["cc_one_half"]))
+            if report_inputs.resolution is not None and report_inputs.resolution.d_min is not None:
+                logger.info("resolution estimate (CC½ fit, 0.3): %.2f Å", report_inputs.resolution.d_min)
+        timings["statistics"] = time.perf_counter() - t0
+    result.statistics = stats
+    result.work_free = result_free
+
+    t0 = time.perf_counter()
+    out = params.output
+    table.as_file(str(out.reflections))
+    experiments.as_file(str(out.experiments))
+    result.files.update(reflections=out.reflections, experiments=out.experiments)
+    if out.unmerged_mtz:
+        from ..io.mtz import write_unmerged_mtz
+
+        scaled = table.select(table.get_flags(Flags.scaled))
+        write_unmerged_mtz(str(out.unmerged_mtz), scaled, experiments, project_name=out.project_name,
+                           crystal_name=out.crystal_name)
+        result.files["unmerged_mtz"] = out.unmerged_mtz
+    merged = None
+    if out.merged_mtz or (out.html and str(out.html).lower() != "none" and obs is not None):
+        if obs is not None:
+            from ..merge import merge_observations, write_merged_mtz
+
+            merged = merge_observations(obs, anomalous=bool(params.anomalous))
+            if out.merged_mtz:
+                write_merged_mtz(str(out.merged_mtz), merged, out.project_name, out.crystal_name)
+                result.files["merged_mtz"] = out.merged_mtz
+    if out.json and stats is not None:
+        Path(out.json).write_text(stats.as_json())
+        result.files["json"] = out.json
+    timings["write"] = time.perf_counter() - t0
+    if out.html and str(out.html).lower() != "none":
+        t0 = time.perf_counter()
+        from ..report import write_html_report
+
+        arguments = report_inputs.report_arguments() if report_inputs is not None else {"notes": []}
+        arguments["summary"] = [(k, str(v)) for k, v in exclusion_summary(table)] + list(
+            arguments.get("summary", []))
+        if not algorithm.scaled:
+            arguments["notes"] = [getattr(algorithm, "no_equivalents", None) or "not scaled"]
+        write_html_report(out.html, merged=merged, experiments=experiments,
+                          title="xtalscale scale report", **arguments)
+        result.files["html"] = out.html
+        timings["report"] = time.perf_counter() - t0
+    logger.info("\nrows: %s", "; ".join(f"{k}: {v}" for k, v in exclusion_summary(table)))
+    for text, number in algorithm.reasons.reasons.items():
+        if number:
+            logger.info("  %-45s %d", text, number)
+    for path in result.files.values():
+        logger.info("wrote %s", path)
+    return result
+
+
+def timings_as_json(result: ScaleJobResult) -> str:
+    return json.dumps(result.timings, indent=1)

@@ -1,0 +1,511 @@
+"""Scalers (DIALS ``scaler.py``): datasets, their models and the rounds of the scaling job.
+
+A scaler holds, per dataset, the *full* input table (no row is ever dropped), the rows that
+are suitable for scaling, the scaling model (configured on the suitable rows) and the current
+outliers. It offers DIALS's scaler protocol to the refinement engine (``Ih_table``,
+``get_blocks_for_minimisation``, ``update_for_minimisation``) and DIALS's round methods:
+``perform_scaling``, ``expand_scales_to_all_reflections``, ``round_of_outlier_rejection``,
+``combine_intensities``, ``perform_error_optimisation``, ``make_ready_for_scaling``,
+``prepare_reflection_tables_for_output``.
+
+:class:`SingleScaler` is one dataset; :class:`MultiScaler` scales several on one Ĩ;
+:class:`TargetScaler` scales unscaled datasets against scaled ones (fixed Ĩ).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+
+from .. import flex_arrays as fa
+from ..reflection_table import Flags
+from .grouped import GroupedObservations
+from .outlier_rejection import (
+    determine_Esq_outlier_index_arrays,
+    determine_outlier_rows,
+)
+from .prepare import BadDatasetForScalingException, flags_of
+
+__all__ = [
+    "Dataset",
+    "MultiScaler",
+    "NullScaler",
+    "ScalerBase",
+    "SingleScaler",
+    "TargetScaler",
+    "calc_sf_variances",
+]
+
+logger = logging.getLogger("xtalscale.scale")
+
+
+def calc_sf_variances(components: Any, var_cov: Any) -> np.ndarray:
+    """Variance of each row's inverse scale factor from the var-cov matrix (DIALS's name)."""
+    from ..parameter_managers import calc_sf_variances as _calc
+
+    return _calc(components, var_cov)
+
+
+@dataclass
+class Dataset:
+    """One experiment and its table inside a scaler."""
+
+    experiment: Any
+    table: Any
+    model: Any
+    suitable: np.ndarray                       # bool over table rows
+    outliers: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # over suitable rows
+    minimisation: np.ndarray | None = None     # bool over suitable rows (selection method)
+    var_cov: Any = None
+    error_model: Any = None
+
+    @property
+    def suitable_idx(self) -> np.ndarray:
+        return np.flatnonzero(self.suitable)
+
+    def column(self, name: str) -> np.ndarray:
+        return np.asarray(self.table[name], dtype=np.float64)[self.suitable]
+
+
+class ScalerBase:
+    """What every scaler does (DIALS ``ScalerBase``)."""
+
+    def __init__(self, params: Any) -> None:
+        self._params = params
+        self.datasets: list[Dataset] = []
+        self.Ih_table: Any = None
+        self.removed_datasets: list[str] = []
+        self.journals: list[Any] = []
+        self.timings: dict[str, float] = {}
+        self.n_threads = max(1, int(getattr(params.scaling_options, "nproc", 1)))
+        self.error_model: Any = None
+        self.free_asu_hkl: np.ndarray | None = None
+        self._update_keys: dict[int, tuple] = {}
+        self._grouped_cache: GroupedObservations | None = None
+        self._observers: dict[str, list] = {}
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def params(self) -> Any:
+        return self._params
+
+    @property
+    def active_scalers(self) -> list[Dataset]:
+        return self.datasets
+
+    @property
+    def space_group(self) -> Any:
+        return self.datasets[0].experiment.crystal.get_space_group()
+
+    @property
+    def global_Ih_table(self) -> GroupedObservations:
+        return self._grouped_suitable()
+
+    def _tick(self, stage: str, t0: float) -> None:
+        self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ weights
+    def _variances(self, ds: Dataset) -> np.ndarray:
+        """σ² of the suitable rows, through the error model if there is one."""
+        var = ds.column("variance")
+        em = ds.error_model if ds.error_model is not None else self.error_model
+        if em is not None:
+            var = np.asarray(em.update_variances(var, ds.column("intensity")), dtype=np.float64)
+        return var
+
+    def _grouped_suitable(self, keep: Sequence[np.ndarray] | None = None) -> GroupedObservations:
+        """The suitable rows of every dataset (or ``keep`` of them), current g and weights.
+
+        The suitable rows never change, so their grouping (ASU mapping and sort) is made once
+        and later calls only refresh I, σ², the weights and g."""
+        if keep is None and self._grouped_cache is not None:
+            I = np.concatenate([ds.column("intensity") for ds in self.datasets])
+            V = np.concatenate([self._variances(ds) for ds in self.datasets])
+            g = np.concatenate([ds.column("inverse_scale_factor") for ds in self.datasets])
+            if np.all(V > 0) and np.all(np.isfinite(I)) and np.all(np.isfinite(g)):
+                return replace(self._grouped_cache, intensity=I, variance=V, weight=1.0 / V, scale=g)
+        tables = []
+        for k, ds in enumerate(self.datasets):
+            rows = np.ones(ds.suitable.sum(), bool) if keep is None else keep[k]
+            cols = {"intensity": ds.column("intensity")[rows], "variance": self._variances(ds)[rows],
+                    "inverse_scale_factor": ds.column("inverse_scale_factor")[rows],
+                    "miller_index": np.asarray(ds.table["miller_index"]).reshape(-1, 3)[ds.suitable][rows],
+                    "d": ds.column("d")[rows]}
+            tables.append(cols)
+        grouped = GroupedObservations.from_tables(
+            tables, self.space_group, anomalous=bool(self._params.anomalous),
+            selections=[np.ones(t["intensity"].size, bool) for t in tables], extra_columns=("d",))
+        if keep is None:
+            self._grouped_cache = grouped
+        return grouped
+
+    # ------------------------------------------------------------------ minimisation table
+    def make_ready_for_scaling(self, outlier: bool = True) -> None:
+        """Build the minimisation Ih table from the selected, non-outlier suitable rows."""
+        from ..fit import IhTable
+
+        t0 = time.perf_counter()
+        tables, indices = [], []
+        for ds in self.datasets:
+            sel = np.ones(ds.suitable.sum(), bool) if ds.minimisation is None else ds.minimisation.copy()
+            if outlier and ds.outliers.size:
+                sel &= ~ds.outliers
+            idx = np.flatnonzero(sel)
+            cols = {"intensity": ds.column("intensity"), "variance": ds.column("variance"),
+                    "inverse_scale_factor": ds.column("inverse_scale_factor"),
+                    "miller_index": np.asarray(ds.table["miller_index"]).reshape(-1, 3)[ds.suitable]}
+            from ..symmetry import map_to_asu
+
+            cols["asu_miller_index"] = map_to_asu(cols["miller_index"], self.space_group,
+                                                  anomalous=bool(self._params.anomalous)).asu_hkl
+            tables.append(cols)
+            indices.append(idx)
+        so = self._params.scaling_options
+        pct = float(so.free_set_percentage) if so.use_free_set else 0.0
+        self._update_keys = {}
+        self.Ih_table = IhTable(tables, self.space_group, indices_lists=indices, nblocks=1,
+                                free_set_percentage=pct, free_set_offset=int(so.free_set_offset),
+                                anomalous=bool(self._params.anomalous))
+        free = self.Ih_table.extract_free_set() if pct > 0 else None
+        # the free groups' ASU indices, for work/free statistics after scaling
+        self.free_asu_hkl = None if free is None else np.unique(np.asarray(free.asu_miller_index), axis=0)
+        if self.error_model is not None or any(ds.error_model is not None for ds in self.datasets):
+            for block in self.Ih_table.blocked_data_list:
+                for k, ds in enumerate(self.datasets):
+                    em = ds.error_model if ds.error_model is not None else self.error_model
+                    if em is not None:
+                        block.update_weights(em, dataset_id=k)
+        for k, ds in enumerate(self.datasets):
+            # block selections are rows of the table given to the Ih table (here: suitable rows)
+            sels = self.Ih_table.get_block_selections_for_dataset(k)
+            for comp in ds.model.components.values():
+                comp.update_reflection_data(block_selections=sels)
+        self._tick("prepare minimisation", t0)
+
+    def get_blocks_for_minimisation(self) -> list[Any]:
+        return self.Ih_table.blocked_data_list[: self.Ih_table.n_work_blocks]
+
+    def update_for_minimisation(self, apm: Any, block_id: int) -> None:
+        """g and ∂g/∂p of every dataset on a block (dataset rows in order), then Ĩ."""
+        from ..parameter_managers import RefinerCalculator
+
+        block = self.Ih_table.blocked_data_list[block_id]
+        # The engine asks again for the same parameters (set_x, then each evaluation): the
+        # block still holds g and dg/dp for them unless the target consumed the derivatives.
+        key = (id(apm), np.asarray(apm.get_param_vals(), dtype=np.float64).tobytes())
+        if self._update_keys.get(block_id) == key and block.derivatives is not None:
+            return
+        apms = list(apm.apm_list) if hasattr(apm, "apm_list") else [apm]
+        n_total = int(sum(a.n_active_params for a in apms))
+        scales, data, indices, indptrs, start, row_offset = [], [], [], [], 0, 0
+        for a in apms:
+            g, d = RefinerCalculator.calculate_scales_and_derivatives(a, block_id)
+            d = sp.csr_matrix(d) if d.shape[1] else sp.csr_matrix((len(g), 0))
+            # each dataset's columns start after the previous datasets' (block-diagonal CSR,
+            # assembled from the pieces instead of scipy's slower general stacking)
+            scales.append(np.asarray(g, dtype=np.float64))
+            data.append(d.data)
+            indices.append(d.indices + np.int32(start) if start else d.indices)
+            indptrs.append(d.indptr[:-1] + row_offset if row_offset else d.indptr[:-1])
+            row_offset += int(d.indptr[-1])
+            start += a.n_active_params
+        indptrs.append(np.array([row_offset], dtype=indptrs[0].dtype if indptrs else np.int64))
+        g_all = np.concatenate(scales)
+        block.inverse_scale_factors = g_all
+        block.derivatives = sp.csr_matrix((np.concatenate(data), np.concatenate(indices), np.concatenate(indptrs)),
+                                          shape=(g_all.size, n_total))
+        self._update_keys[block_id] = key
+        block.calc_Ih()
+
+    # ------------------------------------------------------------------ scaling
+    def _refinement_steps(self) -> list[list[list[str]]]:
+        """Per step, the component names refined for each dataset."""
+        order = self._params.refinement.refinement_order
+        if order == "concurrent":
+            return [[[n for n in ds.model.components if n not in ds.model.fixed_components]
+                     for ds in self.datasets]]
+        orders = [ds.model.consecutive_refinement_order for ds in self.datasets]
+        n_steps = max(len(o) for o in orders)
+        return [[[n for n in (o[i] if i < len(o) else []) if n in ds.model.components
+                  and n not in ds.model.fixed_components] for o, ds in zip(orders, self.datasets)]
+                for i in range(n_steps)]
+
+    def perform_scaling(self, engine: str | None = None, max_iterations: int | None = None,
+                        tolerance: float | None = None) -> None:
+        """One round of minimisation over the minimisation table."""
+        from ..fit import ScalingTarget, scaling_refinery
+        from ..parameter_managers import (
+            multi_active_parameter_manager,
+            scaling_active_parameter_manager,
+        )
+
+        t0 = time.perf_counter()
+        ref_params = self._params.refinement
+        engine = engine or ref_params.engine
+        if max_iterations is None:
+            max_iterations = ref_params.max_iterations
+        for selection in self._refinement_steps():
+            if not any(selection):
+                continue
+            target = ScalingTarget()
+            # the fixed (or not-this-step) components enter g as constant factors
+            apm = multi_active_parameter_manager(target, [ds.model.components for ds in self.datasets],
+                                                 selection, apm_class=scaling_active_parameter_manager)
+            if apm.n_active_params == 0:
+                continue
+            refinery = scaling_refinery(engine, self, target, apm, max_iterations)
+            refinery.n_threads = self.n_threads
+            refinery.set_tolerance(float(tolerance if tolerance is not None else ref_params.rmsd_tolerance))
+            journal = refinery.run()
+            journal.round_engine = engine
+            self.journals.append(journal)
+            var_cov = refinery.get_var_cov()
+            if var_cov is not None:
+                self._store_var_cov(apm, np.asarray(var_cov))
+        self._tick("minimisation", t0)
+
+    def _store_var_cov(self, apm: Any, var_cov: np.ndarray) -> None:
+        """Keep each dataset's diagonal block (cross-dataset terms are dropped, as DIALS)."""
+        apms = list(apm.apm_list) if hasattr(apm, "apm_list") else [apm]
+        start = 0
+        for ds, a in zip(self.datasets, apms):
+            n = a.n_active_params
+            ds.var_cov = (var_cov[start:start + n, start:start + n], a)
+            start += n
+
+    def fix_initial_parameter(self) -> bool:
+        fixed = False
+        for ds in self.datasets:
+            fixed |= bool(ds.model.fix_initial_parameter(self._params))
+        return fixed
+
+    # ------------------------------------------------------------------ expansion
+    def expand_scales_to_all_reflections(self, caller: Any = None, calc_cov: bool = False) -> None:
+        """g (and, with ``calc_cov``, its variance) for every suitable row of every dataset."""
+        t0 = time.perf_counter()
+        for ds in self.datasets:
+            comps = ds.model.components
+            for comp in comps.values():
+                comp.update_reflection_data()
+            g = np.ones(int(ds.suitable.sum()))
+            for comp in comps.values():
+                g = g * np.asarray(comp.calculate_scales(0), dtype=np.float64)
+            full = np.asarray(ds.table["inverse_scale_factor"], dtype=np.float64).copy()
+            full[ds.suitable] = g
+            ds.table["inverse_scale_factor"] = fa.double(full)
+            if calc_cov and ds.var_cov is not None:
+                var = self._scale_variances(ds)
+                if var is not None:
+                    out = np.zeros(len(ds.table))
+                    out[ds.suitable] = var
+                    ds.table["inverse_scale_factor_variance"] = fa.double(out)
+        self._tick("expansion", t0)
+
+    @staticmethod
+    def _scale_variances(ds: Dataset) -> np.ndarray | None:
+        """diag(J V Jᵀ) with V embedded in the full parameter layout of the model."""
+        from ..parameter_managers import calc_sf_variances as _calc
+
+        V_active, apm = ds.var_cov
+        comps = ds.model.components
+        active = getattr(apm, "components", {})
+        n_full = int(sum(int(c.n_params) for c in comps.values()))
+        V = np.zeros((n_full, n_full))
+        # An active component's free parameters (a fixed-first smoother has n - 1) fill the
+        # first columns of its block of the full layout, as calc_sf_variances expects.
+        full_idx, active_idx, start = [], [], 0
+        for name, comp in comps.items():
+            if name in active:
+                info = active[name]
+                n_free = int(info["end_idx"] - info["start_idx"])
+                full_idx.extend(range(start, start + n_free))
+                active_idx.extend(range(int(info["start_idx"]), int(info["end_idx"])))
+            start += int(comp.n_params)
+        if not active_idx or max(active_idx) >= V_active.shape[0]:
+            return None
+        V[np.ix_(full_idx, full_idx)] = V_active[np.ix_(active_idx, active_idx)]
+        return np.asarray(_calc(comps, V), dtype=np.float64)
+
+    # ------------------------------------------------------------------ outliers
+    def round_of_outlier_rejection(self) -> None:
+        """Replace each dataset's outliers by a fresh rejection on all suitable rows."""
+        t0 = time.perf_counter()
+        so = self._params.scaling_options
+        method = so.outlier_rejection
+        if method is None:
+            return
+        grouped = self._grouped_suitable()
+        rows = determine_outlier_rows(grouped, method, float(so.outlier_zmax))
+        per_dataset = grouped.rows_per_dataset(rows)
+        if so.emax:
+            esq = determine_Esq_outlier_index_arrays(grouped, self.datasets[0].experiment, float(so.emax))
+        else:
+            esq = [np.zeros(0, np.int64)] * len(self.datasets)
+        for ds, out, e in zip(self.datasets, per_dataset, esq):
+            mask = np.zeros(int(ds.suitable.sum()), dtype=bool)
+            mask[out] = True
+            mask[e] = True
+            ds.outliers = mask
+        self._tick("outlier rejection", t0)
+
+    # ------------------------------------------------------------------ error model
+    def perform_error_optimisation(self, update_Ih: bool = True) -> None:
+        """Refine the basic error model(s) on the current scales (spec §8.6)."""
+        from .error_model import refine_error_models
+
+        t0 = time.perf_counter()
+        refine_error_models(self)
+        self._tick("error model", t0)
+
+    # ------------------------------------------------------------------ intensity combination
+    def combine_intensities(self) -> None:
+        """Choose the profile/summation combination with the lowest Rmeas (spec §8.5)."""
+        from .combine_intensities import combine_scaler_intensities
+
+        t0 = time.perf_counter()
+        combine_scaler_intensities(self)
+        self._tick("intensity combination", t0)
+
+    # ------------------------------------------------------------------ output
+    def prepare_reflection_tables_for_output(self) -> None:
+        """Final variances, flags and the ``intensity.scale.*`` columns (spec §8.8)."""
+        for ds in self.datasets:
+            t = ds.table
+            n = len(t)
+            var = np.asarray(t["variance"], dtype=np.float64).copy()
+            inten = np.asarray(t["intensity"], dtype=np.float64)
+            em = ds.error_model if ds.error_model is not None else self.error_model
+            if em is not None:
+                var = np.asarray(em.update_variances(var, inten), dtype=np.float64)
+            g = np.asarray(t["inverse_scale_factor"], dtype=np.float64)
+            if "inverse_scale_factor_variance" in t:
+                gv = np.asarray(t["inverse_scale_factor_variance"], dtype=np.float64)
+                if np.any(gv != 0):
+                    with np.errstate(divide="ignore", invalid="ignore"):
+                        frac = np.where(g > 0, np.sqrt(np.maximum(gv, 0)) / g, 0.0)
+                    var = var * (1.0 + frac)
+            else:
+                t["inverse_scale_factor_variance"] = fa.double(np.zeros(n))
+            outl = np.zeros(n, dtype=bool)
+            if ds.outliers.size:
+                outl[ds.suitable] = ds.outliers
+            t.unset_flags(np.ones(n, bool), Flags.outlier_in_scaling)
+            t.set_flags(outl, Flags.outlier_in_scaling)
+            t["intensity.scale.value"] = fa.double(inten)
+            t["intensity.scale.variance"] = fa.double(var)
+            flags = flags_of(t)
+            bad = (flags & np.uint64(int(Flags.bad_for_scaling))) != 0
+            t.unset_flags(np.ones(n, bool), Flags.scaled)
+            t.set_flags(~bad, Flags.scaled)
+
+    def clear_Ih_table(self) -> None:
+        self.Ih_table = None
+
+
+class SingleScaler(ScalerBase):
+    """One dataset (DIALS ``SingleScaler(params, experiment, reflection_table, for_multi)``)."""
+
+    def __init__(self, params: Any, experiment: Any, reflection_table: Any, for_multi: bool = False) -> None:
+        super().__init__(params)
+        self.datasets.append(_make_dataset(params, experiment, reflection_table))
+        self.for_multi = for_multi
+
+    @property
+    def experiment(self) -> Any:
+        return self.datasets[0].experiment
+
+    @property
+    def reflection_table(self) -> Any:
+        return self.datasets[0].table
+
+    @property
+    def outliers(self) -> np.ndarray:
+        return self.datasets[0].outliers
+
+    @property
+    def suitable_refl_for_scaling_sel(self) -> np.ndarray:
+        return self.datasets[0].suitable
+
+    @property
+    def n_suitable_refl(self) -> int:
+        return int(self.datasets[0].suitable.sum())
+
+
+class MultiScaler(ScalerBase):
+    """Several datasets scaled together on one Ĩ (DIALS ``MultiScaler(single_scalers)``)."""
+
+    def __init__(self, single_scalers: Sequence[SingleScaler]) -> None:
+        if not single_scalers:
+            raise ValueError("MultiScaler needs at least one SingleScaler")
+        super().__init__(single_scalers[0].params)
+        self.single_scalers = list(single_scalers)
+        for s in single_scalers:
+            self.datasets.extend(s.datasets)
+
+
+class TargetScaler(MultiScaler):
+    """Unscaled datasets scaled against already scaled ones (DIALS ``TargetScaler``).
+
+    The scaled datasets' models stay fixed: only the unscaled ones are refined, on one Ĩ
+    (a simplification of DIALS's per-dataset fixed-Ĩ rounds, giving the same fixed point).
+    """
+
+    def __init__(self, scaled_scalers: Sequence[SingleScaler], unscaled_scalers: Sequence[SingleScaler]) -> None:
+        super().__init__(list(scaled_scalers) + list(unscaled_scalers))
+        self.n_fixed = len(scaled_scalers)
+        for ds in self.datasets[: self.n_fixed]:
+            ds.model.fixed_components = list(ds.model.components)
+
+
+class NullScaler(SingleScaler):
+    """A dataset with a fixed unit scale (a reference)."""
+
+
+def _make_dataset(params: Any, experiment: Any, table: Any) -> Dataset:
+    """Model and suitable rows for one prepared table."""
+    from ..models import create_scaling_model, model_from_dict
+
+    flags = flags_of(table)
+    excl = np.uint64(int(Flags.user_excluded_in_scaling) | int(Flags.excluded_for_scaling))
+    suitable = (flags & excl) == 0
+    if "d" in table:
+        suitable &= np.asarray(table["d"], dtype=np.float64) > 0
+    if not suitable.any():
+        raise BadDatasetForScalingException(
+            f"experiment {experiment.identifier!r}: no reflections left after filtering")
+    if "inverse_scale_factor" not in table:
+        table["inverse_scale_factor"] = fa.double(np.ones(len(table)))
+    sub = table.select(suitable)
+    existing = getattr(experiment, "scaling_model", None)
+    if existing is not None and not params.overwrite_existing_models:
+        model = existing if hasattr(existing, "components") else model_from_dict(existing)
+    else:
+        name = params.model or _auto_model(experiment)
+        if name == "physical" and "s1" not in table and params.physical.absorption_correction is not False:
+            # MTZ and XDS inputs carry no scattering vectors: no absorption surface for them
+            logger.info("experiment %s: no s1 column, so no absorption correction", experiment.identifier)
+            saved = params.physical.absorption_correction, params.physical.absorption_level
+            params.physical.absorption_correction, params.physical.absorption_level = False, None
+            try:
+                model = create_scaling_model(name, params, experiment, sub)
+            finally:
+                params.physical.absorption_correction, params.physical.absorption_level = saved
+        else:
+            model = create_scaling_model(name, params, experiment, sub)
+    model.configure_components(sub, experiment, params)
+    experiment.scaling_model = model
+    return Dataset(experiment, table, model, suitable, np.zeros(int(suitable.sum()), bool))
+
+
+def _auto_model(experiment: Any) -> str:
+    """physical for rotation sweeps of at least 1°, KB otherwise (DIALS's auto)."""
+    scan = getattr(experiment, "scan", None)
+    if experiment.is_still() or scan is None:
+        return "KB"
+    lo, hi = scan.get_oscillation_range(deg=True)
+    return "physical" if abs(hi - lo) >= 1.0 else "KB"

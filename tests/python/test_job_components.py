@@ -1,0 +1,152 @@
+"""Input preparation, the basic error model and intensity combination (spec §8.2, §8.5, §8.6, §9.7, §9.9)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from xtalscale import flex_arrays as fa
+from xtalscale.job.combine_intensities import (
+    calculate_combined_raw_intensities,
+    candidate_Imids,
+    combine_intensities,
+)
+from xtalscale.job.error_model import (
+    BasicErrorModel,
+    ErrorModelRefinementError,
+    run_error_model_refinement,
+)
+from xtalscale.job.grouped import GroupedObservations
+from xtalscale.job.prepare import (
+    Reasons,
+    calculate_prescaling_correction,
+    choose_initial_scaling_intensities,
+    filter_bad_reflections,
+    parse_exclude_images,
+)
+from xtalscale.reflection_table import Flags, reflection_table
+from xtalscale.symmetry import SpaceGroup
+
+
+def test_prescaling_correction_spec_numbers():
+    for qe_name in ("qe", "dqe"):
+        t = reflection_table(3)
+        t["lp"] = fa.double(np.array([1.0, 0.9, 0.8]))
+        t[qe_name] = fa.double(np.array([0.6, 0.5, 0.4]))
+        calculate_prescaling_correction(t)
+        np.testing.assert_allclose(np.asarray(t["prescaling_correction"]), [1 / 0.6, 0.9 / 0.5, 0.8 / 0.4])
+
+
+def _integrated(n=6):
+    t = reflection_table(n)
+    t["intensity.prf.value"] = fa.double(np.array([100.0, 50, -30, 10, 20, 40])[:n])
+    t["intensity.prf.variance"] = fa.double(np.array([100.0, 50, 4, 10, 0, 40])[:n])
+    t["intensity.sum.value"] = fa.double(np.array([110.0, 55, 10, 12, 21, 44])[:n])
+    t["intensity.sum.variance"] = fa.double(np.array([110.0, 55, 10, 12, 21, 44])[:n])
+    t["partiality"] = fa.double(np.array([1.0, 0.3, 1, 1, 1, 0.5])[:n])
+    t["lp"] = fa.double(np.full(n, 0.5))
+    t["qe"] = fa.double(np.full(n, 1.0))
+    t["id"] = fa.int(np.zeros(n, np.int32))
+    t["miller_index"] = fa.miller_index(np.array([[1, 0, 0]] * n, np.int32))
+    t["flags"] = fa.size_t(np.full(n, int(Flags.integrated), np.uint64))
+    return t
+
+
+def test_filter_and_intensity_choice():
+    t = filter_bad_reflections(_integrated(), 0.4, -5.0, "profile", Reasons())
+    bad = np.asarray(t.get_flags(Flags.excluded_for_scaling))
+    # row 1: partiality 0.3; row 2: I/sigma = -15; row 4: profile variance 0
+    assert list(bad) == [False, True, True, False, True, False]
+    t = choose_initial_scaling_intensities(_integrated(), "sum")
+    np.testing.assert_allclose(np.asarray(t["intensity"]), np.array([110, 55, 10, 12, 21, 44]) * 0.5
+                               / np.array([1, 0.3, 1, 1, 1, 0.5]))
+    t = choose_initial_scaling_intensities(_integrated(), "profile")
+    assert np.asarray(t.get_flags(Flags.excluded_for_scaling))[4]   # variance 0
+    t = _integrated()
+    del t["intensity.sum.value"]
+    with pytest.raises(KeyError, match="intensity.sum.value"):
+        filter_bad_reflections(t, intensity_choice="sum")
+
+
+def test_exclude_images_parsing():
+    assert parse_exclude_images([["0:1:100"], ["1:5:10"]], 2) == [(0, 1, 100), (1, 5, 10)]
+    assert parse_exclude_images(["1:100"], 1) == [(0, 1, 100)]
+    with pytest.raises(ValueError, match="experiment index"):
+        parse_exclude_images(["1:100"], 2)
+    with pytest.raises(ValueError, match="does not exist"):
+        parse_exclude_images(["3:1:100"], 2)
+    with pytest.raises(ValueError, match="start:end"):
+        parse_exclude_images(["a:b"], 1)
+
+
+def _simulated_groups(a_true, b_true, seed=0, n_groups=800, mult=100):
+    """Groups of equivalent observations with a known error model (g = 1).
+
+    Multiplicity 100 as in DIALS's test: δ carries sqrt((n-1)/n) on top of the (1 - 1/n)
+    variance of I - Ĩ (DIALS's definition), which biases a low by ~1/n.
+    """
+    rng = np.random.default_rng(seed)
+    I_true = 10.0 ** rng.uniform(1.5, 4.5, n_groups)  # weak to strong, as DIALS's I = 5d⁴ spread
+    I = np.repeat(I_true, mult)
+    var = I + 10.0                       # the integration program's variance
+    sigma_true = a_true * np.sqrt(var + (b_true * I) ** 2)
+    obs = I + rng.normal(size=I.size) * sigma_true
+    hkl = np.column_stack([np.repeat(np.arange(1, n_groups + 1), mult), np.zeros(I.size), np.zeros(I.size)])
+    cols = {"intensity": obs, "variance": var, "inverse_scale_factor": np.ones(I.size),
+            "miller_index": hkl.astype(np.int32), "partiality": np.ones(I.size)}
+    return GroupedObservations.from_tables([cols], SpaceGroup("P 1"), anomalous=True,
+                                           selections=[np.ones(I.size, bool)], extra_columns=("partiality",))
+
+
+@pytest.mark.parametrize("a_true, b_true", [(1.0, 0.0), (1.0, 0.02), (1.0, 0.04), (1.4, 0.0)])
+def test_error_model_recovers_known_parameters(a_true, b_true):
+    """DIALS's test: (a, b) within (±0.05, ±0.005) of the truth."""
+    model = run_error_model_refinement(BasicErrorModel(), _simulated_groups(a_true, b_true))
+    assert abs(model.a - a_true) < 0.05
+    assert abs(model.b - b_true) < 0.005
+
+
+def test_error_model_regression_fixed_values_and_too_few_rows():
+    model = run_error_model_refinement(BasicErrorModel(), _simulated_groups(1.2, 0.03, seed=1),
+                                       minimisation="regression")
+    assert abs(model.a - 1.2) < 0.1 and abs(model.b - 0.03) < 0.01
+    from types import SimpleNamespace
+
+    fixed = BasicErrorModel(basic_params=SimpleNamespace(a=1.1, b=None))
+    run_error_model_refinement(fixed, _simulated_groups(1.1, 0.02, seed=2))
+    assert fixed.a == 1.1 and abs(fixed.b - 0.02) < 0.005
+    with pytest.raises(ErrorModelRefinementError, match="at least 250"):
+        run_error_model_refinement(BasicErrorModel(), _simulated_groups(1.0, 0.0, n_groups=20, mult=5))
+    em = BasicErrorModel(1.5, -0.1)
+    assert em.parameters == [1.5, 0.1]
+    np.testing.assert_allclose(em.update_variances(np.array([4.0]), np.array([10.0])), [1.5 ** 2 * (4 + 1)])
+
+
+def test_combination_formula_and_candidates():
+    Iprf, Isum = np.array([100.0, 1000.0, -5.0]), np.array([110.0, 900.0, -2.0])
+    V = np.ones(3)
+    I, _ = calculate_combined_raw_intensities(Iprf, Isum, V, V, 0)
+    np.testing.assert_array_equal(I, Iprf)
+    I, _ = calculate_combined_raw_intensities(Iprf, Isum, V, V, 1)
+    np.testing.assert_array_equal(I, Isum)
+    I, _ = calculate_combined_raw_intensities(Iprf, Isum, V, V, 500.0)
+    w = 1 / (1 + (np.array([110.0, 900.0]) / 500.0) ** 3)
+    np.testing.assert_allclose(I[:2], w * Iprf[:2] + (1 - w) * Isum[:2])
+    assert I[2] == Iprf[2]                                   # I_sum <= 0: profile
+    c = candidate_Imids(np.array([5.0, 20.0, 100000.0]))
+    assert c[:2] == [0.0, 1.0] and c[3] == 10000.0 and c[-1] <= c[2]
+
+
+def test_combination_prefers_the_less_noisy_estimate():
+    rng = np.random.default_rng(4)
+    n_groups, mult = 400, 6
+    truth = np.repeat(rng.exponential(500.0, n_groups) + 20, mult)
+    t = reflection_table(truth.size)
+    t["intensity.prf.value"] = fa.double(truth + rng.normal(size=truth.size) * np.sqrt(truth))
+    t["intensity.prf.variance"] = fa.double(truth)
+    t["intensity.sum.value"] = fa.double(truth + rng.normal(size=truth.size) * 3 * np.sqrt(truth))
+    t["intensity.sum.variance"] = fa.double(9 * truth)
+    t["inverse_scale_factor"] = fa.double(np.ones(truth.size))
+    t["miller_index"] = fa.miller_index(np.column_stack([np.repeat(np.arange(1, n_groups + 1), mult),
+                                                         np.zeros((truth.size, 2))]).astype(np.int32))
+    best, results = combine_intensities([t], SpaceGroup("P 1"), [np.ones(truth.size, bool)])
+    assert best == 0.0 and results[0.0] < results[1.0]
