@@ -1679,8 +1679,11 @@ class ComponentModelBlock:
         self.core = _mb.ModelBlock(n)
         self._native: list = []  # components whose C++ term reads parameters
         self._external: list = []  # (component, external term)
+        self._terms: list = []  # each component's term as added (see is_current)
+        self._fixed_source = fixed_scales
         for comp, act in zip(self.components, active):
             term = comp.model_term(self.block_id) if hasattr(comp, "model_term") else None
+            self._terms.append(term)
             if term is None:
                 s, d = comp.calculate_scales_and_derivatives(self.block_id)
                 width = np.shape(d)[1] if np.ndim(d) == 2 else 1
@@ -1705,6 +1708,20 @@ class ComponentModelBlock:
             raise ComponentError(f"the components hold different reflection counts in block "
                                  f"{self.block_id}: {sorted(counts)}")
         return counts.pop()
+
+    def is_current(self, components: Sequence[Any], fixed_scales: Any = None) -> bool:
+        """True while this block still describes ``components`` (the same objects, in order)
+        with ``fixed_scales``: each component still has the term the block holds (a component
+        drops its term on ``update_reflection_data``, new data or a new parameter layout)."""
+        if len(components) != len(self.components) or fixed_scales is not self._fixed_source:
+            return False
+        for comp, mine, term in zip(components, self.components, self._terms):
+            if comp is not mine:
+                return False
+            now = comp.model_term(self.block_id) if hasattr(comp, "model_term") else None
+            if now is not term:
+                return False
+        return True
 
     def parameters(self) -> np.ndarray:
         """The vector ``evaluate`` passes to C++: each native term's full parameters, in order."""
