@@ -47,6 +47,17 @@ def _column(table: Any, name: str, default: float | None = None) -> np.ndarray:
     return np.full(_nrows(table), float(default))
 
 
+
+def regroup(order: np.ndarray, offsets: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The grouping (``order``, ``offsets``) of the rows with ``keep`` (a per-row bool array),
+    without empty groups, and the kept rows' old positions ``idx`` (row ``i`` of the subset is
+    row ``idx[i]``): per-row arrays of the subset are ``array[idx]``."""
+    new_order, new_offsets, _ = _kern.select_rows_in_groups(order, offsets, keep)
+    idx = np.flatnonzero(keep)
+    new_index = np.full(keep.size, -1, dtype=np.int64)
+    new_index[idx] = np.arange(idx.size)
+    return new_index[new_order], new_offsets, idx
+
 @dataclass
 class GroupedObservations:
     """Observations grouped by unique reflection (one Ih-table block, DIALS order).
@@ -170,13 +181,10 @@ class GroupedObservations:
         keep = np.asarray(keep, dtype=bool)
         if keep.shape != (self.size,):
             raise ValueError(f"keep must be a bool array of length {self.size}")
-        order, offsets, _ = _kern.select_rows_in_groups(self.order, self.offsets, keep)
-        idx = np.flatnonzero(keep)
-        new_index = np.full(self.size, -1, dtype=np.int64)
-        new_index[idx] = np.arange(idx.size)
+        order, offsets, idx = regroup(self.order, self.offsets, keep)
         return replace(self, intensity=self.intensity[idx], variance=self.variance[idx],
                        weight=self.weight[idx], scale=self.scale[idx], asu_hkl=self.asu_hkl[idx],
-                       dataset=self.dataset[idx], row=self.row[idx], order=new_index[order],
+                       dataset=self.dataset[idx], row=self.row[idx], order=order,
                        offsets=offsets, extra={k: v[idx] for k, v in self.extra.items()})
 
     def rows_per_dataset(self, rows: np.ndarray) -> list[np.ndarray]:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .._core import job as _kern
-from .grouped import GroupedObservations
+from .grouped import GroupedObservations, regroup
 
 __all__ = [
     "OUTLIER_METHODS",
@@ -70,23 +70,25 @@ def _check_zmax(zmax: float) -> float:
 
 
 def _standard(grouped: GroupedObservations, zmax: float) -> np.ndarray:
-    """Positions (into ``grouped``) of the standard method's outliers, in detection order."""
+    """Positions (into ``grouped``) of the standard method's outliers, in detection order.
+
+    Each pass regroups only the arrays the kernels read (I, w, g and the grouping), not every
+    column of ``grouped``."""
     found: list[np.ndarray] = []
-    current = grouped
-    position = np.arange(grouped.size)          # position in ``grouped`` of current's rows
-    while current.size:
-        w = limit_outlier_weights(current.weight, current)
-        z = _kern.normdev_leave_one_out(current.order, current.offsets, current.intensity, w,
-                                        current.scale)
-        outliers, potential = _kern.pick_group_outliers(current.order, current.offsets,
-                                                        np.abs(z), zmax)
+    order, offsets = grouped.order, grouped.offsets
+    inten, weight, scale = grouped.intensity, grouped.weight, grouped.scale
+    position = np.arange(grouped.size)          # position in ``grouped`` of the current rows
+    while position.size:
+        w = _kern.limit_outlier_weights(order, offsets, np.asarray(weight, dtype=np.float64))
+        z = _kern.normdev_leave_one_out(order, offsets, inten, w, scale)
+        outliers, potential = _kern.pick_group_outliers(order, offsets, np.abs(z), zmax)
         if outliers.size == 0:
             break
         found.append(position[outliers])
-        keep = np.zeros(current.size, dtype=bool)
+        keep = np.zeros(position.size, dtype=bool)
         keep[potential] = True
-        position = position[keep]
-        current = current.subset(keep)
+        order, offsets, idx = regroup(order, offsets, keep)
+        position, inten, weight, scale = position[idx], inten[idx], weight[idx], scale[idx]
     return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
 
 
