@@ -261,4 +261,24 @@ void normal_matrix_diagonal(const GroupedObservations& t, const std::vector<FitB
   }
 }
 
+void row_quadratic_forms(std::size_t n_rows, const std::int64_t* indptr,
+                         const std::int32_t* indices, const double* values, std::size_t n,
+                         const double* V, double* out, int n_threads) {
+  const int nt = std::max(1, std::min<int>(n_threads, static_cast<int>(std::max<std::size_t>(n_rows, 1))));
+  detail::per_thread(nt, [&](int th, int) {
+    const std::size_t lo = n_rows * static_cast<std::size_t>(th) / static_cast<std::size_t>(nt);
+    const std::size_t hi = n_rows * static_cast<std::size_t>(th + 1) / static_cast<std::size_t>(nt);
+    for (std::size_t r = lo; r < hi; ++r) {
+      double acc = 0.0;
+      for (auto a = indptr[r]; a < indptr[r + 1]; ++a) {
+        const double* Va = V + static_cast<std::size_t>(indices[a]) * n;
+        double inner = 0.0;
+        for (auto b = indptr[r]; b < indptr[r + 1]; ++b) inner += Va[indices[b]] * values[b];
+        acc += values[a] * inner;
+      }
+      out[r] = acc;
+    }
+  });
+}
+
 }  // namespace xtalscale::fit

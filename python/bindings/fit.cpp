@@ -195,6 +195,34 @@ DoubleArray normal_matrix_diagonal_py(const Int64Array& offsets, const DoubleArr
   return diag;
 }
 
+DoubleArray row_quadratic_forms_py(const Int64Array& indptr, const Int32Array& indices,
+                                   const DoubleArray& values, const DoubleArray& V, int n_threads) {
+  if (indptr.ndim() != 1 || indptr.size() < 1)
+    throw std::invalid_argument("indptr must be 1-dimensional with n_rows + 1 values");
+  const auto n_rows = static_cast<std::size_t>(indptr.size() - 1);
+  const std::int64_t* ip = indptr.data();
+  if (ip[0] != 0) throw std::invalid_argument("indptr must start at 0");
+  for (std::size_t r = 0; r < n_rows; ++r)
+    if (ip[r + 1] < ip[r]) throw std::invalid_argument("indptr must be non-decreasing");
+  const auto nnz = static_cast<std::size_t>(ip[n_rows]);
+  require_1d(indices, nnz, "indices");
+  require_1d(values, nnz, "values");
+  if (V.ndim() != 2 || V.shape(0) != V.shape(1))
+    throw std::invalid_argument("V must be a square 2-dimensional array");
+  const auto n = static_cast<std::size_t>(V.shape(0));
+  for (std::size_t e = 0; e < nnz; ++e)
+    if (indices.data()[e] < 0 || static_cast<std::size_t>(indices.data()[e]) >= n)
+      throw std::invalid_argument("indices: column " + std::to_string(indices.data()[e]) +
+                                  " outside V's " + std::to_string(n) + " columns");
+  DoubleArray out(static_cast<py::ssize_t>(n_rows));
+  {
+    py::gil_scoped_release release;
+    row_quadratic_forms(n_rows, ip, indices.data(), values.data(), n, V.data(),
+                        out.mutable_data(), n_threads);
+  }
+  return out;
+}
+
 py::tuple calc_Ih_py(const Int64Array& offsets, const DoubleArray& intensities,
                      const DoubleArray& weights, const DoubleArray& g, int n_threads) {
   CallData d;
@@ -249,6 +277,9 @@ void bind_fit(py::module_& m) {
         py::arg("intensities"), py::arg("weights"), py::arg("blocks"), py::arg("n_params"),
         py::arg("fixed_Ih") = py::none(), py::arg("check_structure") = true,
         "Diagonal of the Ih-eliminated normal matrix (no P x P storage): an L-BFGS preconditioner.");
+  m.def("row_quadratic_forms", &row_quadratic_forms_py, py::arg("indptr"), py::arg("indices"),
+        py::arg("values"), py::arg("V"), py::arg("n_threads") = 1,
+        "diag(J V J^T) of a CSR matrix J (indptr int64, indices int32, values) and a dense V.");
   m.def("calc_Ih", &calc_Ih_py, py::arg("group_offsets"), py::arg("intensities"),
         py::arg("weights"), py::arg("g"), py::arg("n_threads") = 1,
         "Per group Ih = sum wgI / sum wg^2 (0 if the sum is 0) and S = sum wg^2.");

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
+from ._core import fit as _fit_kernels
 from .components import ComponentModelBlock
 from .scaling_utilities import row_multiply
 from .sparse import SparseMatrix, as_sparse_matrix
@@ -869,11 +870,9 @@ def calc_sf_variances(components: Mapping[str, Any], var_cov: Any, block_id: int
         column_map.append(np.arange(start, start + width, dtype=np.int32))
         start += int(components[name].n_params)
     columns = np.concatenate(column_map)[model_jac.indices]
-    n_refl = model_jac.shape[0]
-    jac = sp.csr_matrix((model_jac.data, columns, model_jac.indptr), shape=(n_refl, n_param))
-    out = np.empty(n_refl)
-    chunk = 65536  # bounds the dense (chunk x n_param) temporary to a few MB
-    for start in range(0, n_refl, chunk):
-        rows = jac[start:start + chunk]
-        out[start:start + chunk] = np.asarray(rows.multiply(rows @ V).sum(axis=1)).ravel()
-    return out
+    dense_v = np.asarray(V, dtype=np.float64)  # _square gave a dense n_param x n_param
+    # Σ_ab J_ia V_ab J_ib per row in C++ (k² per row, no N x n_param temporary)
+    return _fit_kernels.row_quadratic_forms(np.asarray(model_jac.indptr, dtype=np.int64),
+                                            np.asarray(columns, dtype=np.int32),
+                                            np.asarray(model_jac.data, dtype=np.float64),
+                                            np.ascontiguousarray(dense_v))

@@ -586,3 +586,23 @@ def test_consecutive_order_and_shared_component_refine():
     np.testing.assert_array_equal(mdls[0].components["absorption"].parameters,
                                   mdls[1].components["absorption"].parameters)
     assert np.all(np.isfinite(mdls[0].components["absorption"].free_parameter_esds))
+
+
+def test_row_quadratic_forms_is_diag_of_j_v_jt():
+    """diag(J V Jᵀ) (scale-factor variances) against scipy/numpy, identical for 1 and 2 threads,
+    and a column outside V is a ValueError naming it."""
+    import scipy.sparse as sp
+
+    from xtalscale._core import fit as core_fit
+
+    rng = np.random.default_rng(4)
+    J = sp.random(2000, 50, density=0.15, format="csr", random_state=5)
+    A = rng.standard_normal((50, 50))
+    V = A @ A.T
+    args = (J.indptr.astype(np.int64), J.indices.astype(np.int32), J.data)
+    expected = np.asarray(J.multiply(J @ V).sum(axis=1)).ravel()
+    one = core_fit.row_quadratic_forms(*args, V)
+    np.testing.assert_allclose(one, expected, rtol=1e-12, atol=1e-12 * np.abs(expected).max())
+    assert np.array_equal(one, core_fit.row_quadratic_forms(*args, V, n_threads=2))
+    with pytest.raises(ValueError, match="outside V"):
+        core_fit.row_quadratic_forms(*args, V[:10, :10])

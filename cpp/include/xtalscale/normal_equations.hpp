@@ -11,6 +11,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 #include <vector>
 
 #include "xtalscale/export.hpp"
@@ -46,5 +47,14 @@ XTALSCALE_EXPORT void normal_matrix_diagonal(const GroupedObservations& table,
                                              const std::vector<FitBlock>& blocks,
                                              std::size_t n_params, double* diagonal,
                                              const double* fixed_Ih = nullptr);
+
+/// diag(J V Jᵀ) of a CSR matrix J (@p n_rows rows, columns < @p n) and a dense symmetric V
+/// (n x n, row-major) into @p out (n_rows): var(g_i) = Σ_ab J_ia V_ab J_ib, O(k²) per row, no
+/// N x n temporary. Rows are independent, so the result is identical for any @p n_threads.
+/// Column indices must be < n (checked by the caller).
+XTALSCALE_EXPORT void row_quadratic_forms(std::size_t n_rows, const std::int64_t* indptr,
+                                          const std::int32_t* indices, const double* values,
+                                          std::size_t n, const double* V, double* out,
+                                          int n_threads = 1);
 
 }  // namespace xtalscale::fit

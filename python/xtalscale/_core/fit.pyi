@@ -50,3 +50,10 @@ def calc_Ih(
 def sum_in_groups(group_offsets: npt.ArrayLike, values: npt.ArrayLike) -> npt.NDArray[np.float64]: ...
 
 def max_threads() -> int: ...
+def row_quadratic_forms(
+    indptr: npt.ArrayLike,
+    indices: npt.ArrayLike,
+    values: npt.ArrayLike,
+    V: npt.ArrayLike,
+    n_threads: int = 1,
+) -> npt.NDArray[np.float64]: ...
