@@ -1,12 +1,18 @@
 // Normal equations with Ĩ eliminated, assembled per group without a Jacobian (see
-// normal_equations.hpp). Threads own disjoint row ranges [lo, hi) of the upper triangle: each
-// thread walks every observation and group but only writes its own rows, so the summation order
+// normal_equations.hpp). The groups are cut into fixed contiguous parts (a function of the data
+// only); each part is read once, in table order, into a thread-private upper-triangle matrix
+// (per observation the k x k rank-1 term, per group the rank-1/2 Schur correction over the union
+// of its columns), and the parts are added to the result in part order, so the summation order
 // of every matrix element is the same for any thread count.
 #include "xtalscale/normal_equations.hpp"
 
 #include <algorithm>
 #include <cstdint>
 #include <vector>
+
+#if defined(_MSC_VER) && !defined(__clang__)
+#include <intrin.h>
+#endif
 
 #include "fit_parallel.hpp"
 
@@ -52,74 +58,6 @@ RowTerms row_terms(const GroupedObservations& t, const double* g, const double* 
   return rt;
 }
 
-/// Row ranges with roughly equal upper-triangle area.
-std::vector<std::size_t> row_split(std::size_t n, int n_threads) {
-  std::vector<std::size_t> bounds{0};
-  const double total = 0.5 * static_cast<double>(n) * static_cast<double>(n + 1);
-  double acc = 0.0;
-  for (std::size_t i = 0; i < n; ++i) {
-    acc += static_cast<double>(n - i);
-    if (bounds.size() < static_cast<std::size_t>(n_threads) &&
-        acc >= total * static_cast<double>(bounds.size()) / n_threads)
-      bounds.push_back(i + 1);
-  }
-  while (bounds.size() <= static_cast<std::size_t>(n_threads)) bounds.push_back(n);
-  bounds.back() = n;
-  return bounds;
-}
-
-/// Σ_l c_l a_l a_lᵀ (rows lo..hi) and the rhs, in block/row order. Each row's entries are
-/// copied to contiguous local arrays and split into runs of consecutive columns (a smoother
-/// window, the harmonics block): within a run the update is a contiguous, vectorisable loop.
-/// The order of additions into each matrix element is unchanged (row by row).
-void observation_terms(const std::vector<FitBlock>& blocks, const RowTerms& rt, std::size_t n,
-                       std::size_t lo, std::size_t hi, double* __restrict matrix,
-                       double* __restrict rhs) {
-  std::vector<double> a;
-  std::vector<std::size_t> col, run_end;
-  for (const FitBlock& block : blocks) {
-    const DerivativesView& v = block.view;
-    const std::size_t off = v.column_offset;
-    if (v.n_cols == 0 || off >= hi || off + v.n_cols <= lo) continue;
-    for (std::size_t r = 0; r < v.n_rows; ++r) {
-      const std::size_t row = detail::table_row(block, r);
-      const double c = rt.obs[row];
-      const double cr = rt.rhs[row];
-      if (c == 0.0 && cr == 0.0) continue;
-      const auto first = v.indptr[r];
-      const auto k = static_cast<std::size_t>(v.indptr[r + 1] - first);
-      a.resize(k);
-      col.resize(k);
-      run_end.resize(k);
-      double* __restrict av = a.data();
-      std::size_t* __restrict cv = col.data();
-      for (std::size_t e = 0; e < k; ++e) {
-        av[e] = v.values[first + static_cast<std::int64_t>(e)];
-        cv[e] = off + static_cast<std::size_t>(v.indices[first + static_cast<std::int64_t>(e)]);
-      }
-      // run_end[e]: one past the last entry of the consecutive-column run containing e
-      for (std::size_t e = k; e-- > 0;)
-        run_end[e] = (e + 1 < k && cv[e + 1] == cv[e] + 1) ? run_end[e + 1] : e + 1;
-      std::size_t e1 = 0;
-      while (e1 < k && cv[e1] < lo) ++e1;
-      for (; e1 < k && cv[e1] < hi; ++e1) {
-        const std::size_t c1 = cv[e1];
-        rhs[c1] += cr * av[e1];
-        const double ca1 = c * av[e1];
-        double* __restrict out = matrix + c1 * n;
-        for (std::size_t e2 = e1; e2 < k;) {
-          const std::size_t end = run_end[e2];
-          double* __restrict o = out + cv[e2];
-          const double* __restrict src = av + e2;
-          const std::size_t len = end - e2;
-          for (std::size_t t = 0; t < len; ++t) o[t] += ca1 * src[t];
-          e2 = end;
-        }
-      }
-    }
-  }
-}
-
 /// Call body(l, c, d) for every derivative entry of the observations of group @p h: the
 /// observation's table row l, the global parameter column c and the derivative d.
 template <class Body>
@@ -136,57 +74,175 @@ inline void for_each_group_derivative(const GroupedObservations& t, const std::v
   }
 }
 
-/// − Σ_h (b bᵀ − [dials] e eᵀ)/S for rows lo..hi, in group order.
-void group_terms(const GroupedObservations& t, const std::vector<FitBlock>& blocks,
-                 const std::vector<std::int32_t>& src_block, const std::vector<std::int64_t>& src_row,
-                 const RowTerms& rt, bool dials, std::size_t n, std::size_t lo, std::size_t hi,
-                 double* matrix) {
-  std::vector<double> b(n, 0.0), e(n, 0.0);
-  std::vector<unsigned char> seen(n, 0);
-  std::vector<std::size_t> touched, run_end;
-  for (std::size_t h = 0; h < t.n_groups; ++h) {
+/// Index of the lowest set bit of a non-zero word.
+inline std::size_t lowest_bit(std::uint64_t x) {
+#if defined(_MSC_VER) && !defined(__clang__)
+  unsigned long index = 0;
+  _BitScanForward64(&index, x);
+  return static_cast<std::size_t>(index);
+#else
+  return static_cast<std::size_t>(__builtin_ctzll(x));
+#endif
+}
+
+/// Contiguous group ranges ("parts") with roughly equal observation counts. The number of parts
+/// depends only on the data (never on the thread count), so the fixed-order reduction of the
+/// part sums gives bit-identical results for any thread count. Parts are large enough that the
+/// O(n²) zeroing and reduction of a part's private matrix stays small against its O(N k²) work.
+std::vector<std::size_t> group_parts(const GroupedObservations& t, std::size_t n) {
+  constexpr std::size_t kMaxParts = 64;
+  constexpr std::size_t kMinObsPerPart = 4096;
+  const double n_sq = static_cast<double>(n) * static_cast<double>(n);
+  const double by_reduction = static_cast<double>(t.n_obs) * 16.0 / std::max(1.0, n_sq);
+  std::size_t parts = std::min(kMaxParts, std::max<std::size_t>(1, t.n_obs / kMinObsPerPart));
+  parts = std::min(parts, std::max<std::size_t>(1, static_cast<std::size_t>(by_reduction)));
+  parts = std::min(parts, std::max<std::size_t>(1, t.n_groups));
+  std::vector<std::size_t> bounds{0};
+  for (std::size_t p = 1; p < parts; ++p) {
+    const auto target = static_cast<std::int64_t>(t.n_obs * p / parts);
+    const auto it = std::lower_bound(t.group_offsets, t.group_offsets + t.n_groups + 1, target);
+    bounds.push_back(std::max(bounds.back(), static_cast<std::size_t>(it - t.group_offsets)));
+  }
+  bounds.push_back(t.n_groups);
+  return bounds;
+}
+
+/// run_end[i]: one past the last index of the run of consecutive columns containing i.
+inline void column_runs(const std::size_t* cols, std::size_t m, std::size_t* run_end) {
+  for (std::size_t i = m; i-- > 0;)
+    run_end[i] = (i + 1 < m && cols[i + 1] == cols[i] + 1) ? run_end[i + 1] : i + 1;
+}
+
+/// Private per-thread state: a part's upper-triangle matrix and rhs, the dense scatter arrays
+/// of the group sums b and e (size n, zero outside the touched columns), a column bitmap that
+/// yields the touched columns in ascending order without sorting, and row scratch.
+struct PartWorkspace {
+  std::size_t n;
+  std::vector<double> matrix, rhs, b, e, a;
+  std::vector<std::uint64_t> bits;
+  std::vector<std::size_t> col, run_end, touched, touched_end;
+  explicit PartWorkspace(std::size_t n_params)
+      : n(n_params), matrix(n_params * n_params, 0.0), rhs(n_params, 0.0), b(n_params, 0.0),
+        e(n_params, 0.0), bits((n_params + 63) / 64, 0) {}
+};
+
+/// One observation: rhs += cr a, upper(matrix) += c a aᵀ (contiguous within column runs), and,
+/// when the group is eliminated, the scatter b += cb a, e += ce a with the columns marked.
+inline void observation_update(PartWorkspace& ws, const DerivativesView& v, std::size_t r,
+                               double c, double cr, double cb, double ce, bool eliminate,
+                               std::size_t& col_min, std::size_t& col_max) {
+  const auto first = v.indptr[r];
+  const auto k = static_cast<std::size_t>(v.indptr[r + 1] - first);
+  if (k == 0) return;
+  const std::size_t off = v.column_offset;
+  ws.a.resize(k);
+  ws.col.resize(k);
+  ws.run_end.resize(k);
+  double* __restrict av = ws.a.data();
+  std::size_t* __restrict cv = ws.col.data();
+  for (std::size_t q = 0; q < k; ++q) {
+    av[q] = v.values[first + static_cast<std::int64_t>(q)];
+    cv[q] = off + static_cast<std::size_t>(v.indices[first + static_cast<std::int64_t>(q)]);
+  }
+  const std::size_t n = ws.n;
+  if (c != 0.0 || cr != 0.0) {
+    column_runs(cv, k, ws.run_end.data());
+    double* __restrict matrix = ws.matrix.data();
+    double* __restrict rhs = ws.rhs.data();
+    for (std::size_t e1 = 0; e1 < k; ++e1) {
+      const std::size_t c1 = cv[e1];
+      rhs[c1] += cr * av[e1];
+      const double ca1 = c * av[e1];
+      double* __restrict out = matrix + c1 * n;
+      for (std::size_t e2 = e1; e2 < k;) {
+        const std::size_t end = ws.run_end[e2];
+        double* __restrict o = out + cv[e2];
+        const double* __restrict src = av + e2;
+        const std::size_t len = end - e2;
+        for (std::size_t q = 0; q < len; ++q) o[q] += ca1 * src[q];
+        e2 = end;
+      }
+    }
+  }
+  if (!eliminate) return;
+  double* __restrict b = ws.b.data();
+  double* __restrict e = ws.e.data();
+  std::uint64_t* __restrict bits = ws.bits.data();
+  for (std::size_t q = 0; q < k; ++q) {
+    const std::size_t cq = cv[q];
+    b[cq] += cb * av[q];
+    e[cq] += ce * av[q];
+    bits[cq >> 6] |= std::uint64_t{1} << (cq & 63);
+    col_min = std::min(col_min, cq);  // no assumption that a row's columns are sorted
+    col_max = std::max(col_max, cq);
+  }
+}
+
+/// The group's rank-1 (schur) or rank-2 (dials) correction −(b bᵀ − [dials] e eᵀ)/S over the
+/// touched columns (ascending, from the bitmap), upper triangle only; clears b, e and the bits.
+inline void group_update(PartWorkspace& ws, double inv_s, bool dials, std::size_t col_min,
+                         std::size_t col_max) {
+  ws.touched.clear();
+  std::uint64_t* bits = ws.bits.data();
+  for (std::size_t word = col_min >> 6; word <= (col_max >> 6); ++word) {
+    std::uint64_t x = bits[word];
+    bits[word] = 0;
+    while (x) {
+      ws.touched.push_back((word << 6) + lowest_bit(x));
+      x &= x - 1;
+    }
+  }
+  const std::size_t m = ws.touched.size();
+  ws.touched_end.resize(m);
+  const std::size_t* tc = ws.touched.data();
+  column_runs(tc, m, ws.touched_end.data());
+  const std::size_t n = ws.n;
+  double* __restrict matrix = ws.matrix.data();
+  double* __restrict b = ws.b.data();
+  double* __restrict e = ws.e.data();
+  for (std::size_t i = 0; i < m; ++i) {
+    const std::size_t ci = tc[i];
+    const double bi = b[ci] * inv_s;
+    const double ei = e[ci] * inv_s;
+    double* __restrict out = matrix + ci * n;
+    for (std::size_t j = i; j < m;) {
+      const std::size_t first_col = tc[j];
+      const std::size_t len = ws.touched_end[j] - j;
+      double* __restrict o = out + first_col;
+      const double* __restrict bj = b + first_col;
+      const double* __restrict ej = e + first_col;
+      if (dials) {
+        for (std::size_t q = 0; q < len; ++q) o[q] += ei * ej[q] - bi * bj[q];
+      } else {
+        for (std::size_t q = 0; q < len; ++q) o[q] -= bi * bj[q];
+      }
+      j = ws.touched_end[j];
+    }
+  }
+  for (std::size_t i = 0; i < m; ++i) {
+    b[tc[i]] = 0.0;
+    e[tc[i]] = 0.0;
+  }
+}
+
+/// All terms of the groups [g_first, g_last) into the workspace (zeroed by the caller): every
+/// observation is read once, in table order, and each group's sums are formed once.
+void part_terms(const GroupedObservations& t, const std::vector<FitBlock>& blocks,
+                const std::vector<std::int32_t>& src_block, const std::vector<std::int64_t>& src_row,
+                const RowTerms& rt, bool dials, bool fixed, std::size_t g_first, std::size_t g_last,
+                PartWorkspace& ws) {
+  for (std::size_t h = g_first; h < g_last; ++h) {
     const double inv_s = rt.inv_s[h];
-    if (inv_s == 0.0) continue;
-    touched.clear();
-    for_each_group_derivative(t, blocks, src_block, src_row, h, [&](auto l, std::size_t c, double d) {
-      if (!seen[c]) {
-        seen[c] = 1;
-        touched.push_back(c);
-      }
-      b[c] += rt.b[l] * d;
-      e[c] += rt.e[l] * d;
-    });
-    std::sort(touched.begin(), touched.end());
-    // runs of consecutive columns: the rank-1 update is contiguous (vectorisable) within a run
-    const std::size_t m = touched.size();
-    run_end.resize(m);
-    for (std::size_t i = m; i-- > 0;)
-      run_end[i] = (i + 1 < m && touched[i + 1] == touched[i] + 1) ? run_end[i + 1] : i + 1;
-    for (std::size_t i = 0; i < m; ++i) {
-      const std::size_t ci = touched[i];
-      if (ci < lo || ci >= hi) continue;
-      const double bi = b[ci] * inv_s;
-      const double ei = e[ci] * inv_s;
-      double* __restrict out = matrix + ci * n;
-      for (std::size_t j = i; j < m;) {
-        const std::size_t first_col = touched[j];
-        const std::size_t len = run_end[j] - j;
-        double* __restrict o = out + first_col;
-        const double* __restrict bj = b.data() + first_col;
-        const double* __restrict ej = e.data() + first_col;
-        if (dials) {
-          for (std::size_t q = 0; q < len; ++q) o[q] += ei * ej[q] - bi * bj[q];
-        } else {
-          for (std::size_t q = 0; q < len; ++q) o[q] -= bi * bj[q];
-        }
-        j = run_end[j];
-      }
+    const bool eliminate = !fixed && inv_s != 0.0;
+    if (!fixed && !eliminate) continue;  // singleton or empty group: no terms (see row_terms)
+    std::size_t col_min = ws.n, col_max = 0;
+    for (auto l = t.group_offsets[h]; l < t.group_offsets[h + 1]; ++l) {
+      const DerivativesView& v = blocks[static_cast<std::size_t>(src_block[l])].view;
+      if (v.n_cols == 0) continue;
+      observation_update(ws, v, static_cast<std::size_t>(src_row[l]), rt.obs[l], rt.rhs[l],
+                         rt.b[l], rt.e[l], eliminate, col_min, col_max);
     }
-    for (std::size_t c : touched) {
-      b[c] = 0.0;
-      e[c] = 0.0;
-      seen[c] = 0;
-    }
+    if (eliminate && col_min <= col_max) group_update(ws, inv_s, dials, col_min, col_max);
   }
 }
 
@@ -209,16 +265,48 @@ NormalEquationsSummary normal_equations(const GroupedObservations& t,
     }
   std::fill(matrix, matrix + n * n, 0.0);
   std::fill(rhs, rhs + n, 0.0);
-  const int nt = std::max(1, std::min<int>(n_threads, static_cast<int>(std::max<std::size_t>(n, 1))));
-  const auto bounds = row_split(n, nt);
+  if (n == 0) return {rt.r_sq, t.n_obs};
+  const auto parts = group_parts(t, n);
+  const std::size_t n_parts = parts.size() - 1;
+  const int nt = std::max(1, std::min<int>(n_threads, static_cast<int>(n_parts)));
   const bool dials = kind == NormalMatrixKind::dials;
-  detail::per_thread(nt, [&](int th, int) {
-    const std::size_t lo = bounds[static_cast<std::size_t>(th)];
-    const std::size_t hi = bounds[static_cast<std::size_t>(th) + 1];
-    if (lo >= hi) return;
-    observation_terms(blocks, rt, n, lo, hi, matrix, rhs);
-    if (!fixed_Ih) group_terms(t, blocks, src_block, src_row, rt, dials, n, lo, hi, matrix);
-  });
+  const bool fixed = fixed_Ih != nullptr;
+  // Each part is summed into a thread's private workspace, then added to the result in part
+  // order (ordered region): the summation order of every element is independent of nt.
+  auto add_part = [&](PartWorkspace& ws) {
+    for (std::size_t i = 0; i < n; ++i) {
+      const double* __restrict src = ws.matrix.data() + i * n;
+      double* __restrict dst = matrix + i * n;
+      for (std::size_t j = i; j < n; ++j) dst[j] += src[j];
+      rhs[i] += ws.rhs[i];
+    }
+  };
+  auto run_part = [&](PartWorkspace& ws, std::size_t p) {
+    std::fill(ws.matrix.begin(), ws.matrix.end(), 0.0);
+    std::fill(ws.rhs.begin(), ws.rhs.end(), 0.0);
+    part_terms(t, blocks, src_block, src_row, rt, dials, fixed, parts[p], parts[p + 1], ws);
+  };
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    PartWorkspace ws(n);
+    const auto count = static_cast<std::int64_t>(n_parts);
+#pragma omp for ordered schedule(static, 1)
+    for (std::int64_t p = 0; p < count; ++p) {
+      run_part(ws, static_cast<std::size_t>(p));
+#pragma omp ordered
+      add_part(ws);
+    }
+  }
+#else
+  {
+    PartWorkspace ws(n);
+    for (std::size_t p = 0; p < n_parts; ++p) {
+      run_part(ws, p);
+      add_part(ws);
+    }
+  }
+#endif
   for (std::size_t i = 0; i < n; ++i)  // mirror the upper triangle
     for (std::size_t j = i + 1; j < n; ++j) matrix[j * n + i] = matrix[i * n + j];
   return {rt.r_sq, t.n_obs};
