@@ -120,7 +120,7 @@ struct PartWorkspace {
   std::size_t n;
   std::vector<double> matrix, rhs, b, e, a;
   std::vector<std::uint64_t> bits;
-  std::vector<std::size_t> col, run_end, touched, touched_end;
+  std::vector<std::size_t> col, run_end, touched, touched_end, seg_first, seg_last;
   explicit PartWorkspace(std::size_t n_params)
       : n(n_params), matrix(n_params * n_params, 0.0), rhs(n_params, 0.0), b(n_params, 0.0),
         e(n_params, 0.0), bits((n_params + 63) / 64, 0) {}
@@ -192,10 +192,23 @@ inline void group_update(PartWorkspace& ws, double inv_s, bool dials, std::size_
       x &= x - 1;
     }
   }
+  // Segments: touched columns with gaps of at most kGap merged. b and e are zero in the gaps,
+  // so updating them adds exact zeros; long contiguous loops beat many short runs.
+  constexpr std::size_t kGap = 8;
   const std::size_t m = ws.touched.size();
-  ws.touched_end.resize(m);
   const std::size_t* tc = ws.touched.data();
-  column_runs(tc, m, ws.touched_end.data());
+  ws.touched_end.resize(m);  // here: the segment index of each touched column
+  ws.seg_first.clear();
+  ws.seg_last.clear();
+  for (std::size_t i = 0; i < m; ++i) {
+    if (i == 0 || tc[i] - tc[i - 1] > kGap) {
+      ws.seg_first.push_back(tc[i]);
+      ws.seg_last.push_back(tc[i] + 1);
+    }
+    ws.seg_last.back() = tc[i] + 1;
+    ws.touched_end[i] = ws.seg_first.size() - 1;
+  }
+  const std::size_t n_seg = ws.seg_first.size();
   const std::size_t n = ws.n;
   double* __restrict matrix = ws.matrix.data();
   double* __restrict b = ws.b.data();
@@ -205,18 +218,14 @@ inline void group_update(PartWorkspace& ws, double inv_s, bool dials, std::size_
     const double bi = b[ci] * inv_s;
     const double ei = e[ci] * inv_s;
     double* __restrict out = matrix + ci * n;
-    for (std::size_t j = i; j < m;) {
-      const std::size_t first_col = tc[j];
-      const std::size_t len = ws.touched_end[j] - j;
-      double* __restrict o = out + first_col;
-      const double* __restrict bj = b + first_col;
-      const double* __restrict ej = e + first_col;
+    for (std::size_t sg = ws.touched_end[i]; sg < n_seg; ++sg) {
+      const std::size_t from = sg == ws.touched_end[i] ? ci : ws.seg_first[sg];
+      const std::size_t to = ws.seg_last[sg];
       if (dials) {
-        for (std::size_t q = 0; q < len; ++q) o[q] += ei * ej[q] - bi * bj[q];
+        for (std::size_t q = from; q < to; ++q) out[q] += ei * e[q] - bi * b[q];
       } else {
-        for (std::size_t q = 0; q < len; ++q) o[q] -= bi * bj[q];
+        for (std::size_t q = from; q < to; ++q) out[q] -= bi * b[q];
       }
-      j = ws.touched_end[j];
     }
   }
   for (std::size_t i = 0; i < m; ++i) {
