@@ -107,23 +107,18 @@ std::vector<std::size_t> group_parts(const GroupedObservations& t, std::size_t n
   return bounds;
 }
 
-/// run_end[i]: one past the last index of the run of consecutive columns containing i.
-inline void column_runs(const std::size_t* cols, std::size_t m, std::size_t* run_end) {
-  for (std::size_t i = m; i-- > 0;)
-    run_end[i] = (i + 1 < m && cols[i + 1] == cols[i] + 1) ? run_end[i + 1] : i + 1;
-}
-
 /// Private per-thread state: a part's upper-triangle matrix and rhs, the dense scatter arrays
 /// of the group sums b and e (size n, zero outside the touched columns), a column bitmap that
 /// yields the touched columns in ascending order without sorting, and row scratch.
 struct PartWorkspace {
   std::size_t n;
-  std::vector<double> matrix, rhs, b, e, a;
+  std::vector<double> matrix, rhs, b, e, a, row;
   std::vector<std::uint64_t> bits;
-  std::vector<std::size_t> col, run_end, touched, touched_end, seg_first, seg_last;
+  std::vector<std::size_t> col, run_end, touched, touched_end, seg_first, seg_last, obs_first,
+      obs_last;
   explicit PartWorkspace(std::size_t n_params)
       : n(n_params), matrix(n_params * n_params, 0.0), rhs(n_params, 0.0), b(n_params, 0.0),
-        e(n_params, 0.0), bits((n_params + 63) / 64, 0) {}
+        e(n_params, 0.0), row(n_params, 0.0), bits((n_params + 63) / 64, 0) {}
 };
 
 /// One observation: rhs += cr a, upper(matrix) += c a aᵀ (contiguous within column runs), and,
@@ -146,7 +141,25 @@ inline void observation_update(PartWorkspace& ws, const DerivativesView& v, std:
   }
   const std::size_t n = ws.n;
   if (c != 0.0 || cr != 0.0) {
-    column_runs(cv, k, ws.run_end.data());
+    // The row scattered densely (zero elsewhere) and cut into segments of ascending columns
+    // with gaps of at most kObsGap merged: few long contiguous loops, the gaps add exact zeros.
+    constexpr std::size_t kObsGap = 4;
+    double* __restrict row = ws.row.data();
+    std::size_t* __restrict seg_of = ws.run_end.data();
+    ws.obs_first.clear();
+    ws.obs_last.clear();
+    for (std::size_t q = 0; q < k; ++q) {
+      row[cv[q]] = av[q];
+      if (q == 0 || cv[q] - cv[q - 1] > kObsGap) {
+        ws.obs_first.push_back(cv[q]);
+        ws.obs_last.push_back(cv[q] + 1);
+      }
+      ws.obs_last.back() = cv[q] + 1;
+      seg_of[q] = ws.obs_first.size() - 1;
+    }
+    const std::size_t n_seg = ws.obs_first.size();
+    const std::size_t* seg_first = ws.obs_first.data();
+    const std::size_t* seg_last = ws.obs_last.data();
     double* __restrict matrix = ws.matrix.data();
     double* __restrict rhs = ws.rhs.data();
     for (std::size_t e1 = 0; e1 < k; ++e1) {
@@ -154,15 +167,13 @@ inline void observation_update(PartWorkspace& ws, const DerivativesView& v, std:
       rhs[c1] += cr * av[e1];
       const double ca1 = c * av[e1];
       double* __restrict out = matrix + c1 * n;
-      for (std::size_t e2 = e1; e2 < k;) {
-        const std::size_t end = ws.run_end[e2];
-        double* __restrict o = out + cv[e2];
-        const double* __restrict src = av + e2;
-        const std::size_t len = end - e2;
-        for (std::size_t q = 0; q < len; ++q) o[q] += ca1 * src[q];
-        e2 = end;
+      for (std::size_t sg = seg_of[e1]; sg < n_seg; ++sg) {
+        const std::size_t to = seg_last[sg];
+        for (std::size_t q = sg == seg_of[e1] ? c1 : seg_first[sg]; q < to; ++q)
+          out[q] += ca1 * row[q];
       }
     }
+    for (std::size_t q = 0; q < k; ++q) row[cv[q]] = 0.0;
   }
   if (!eliminate) return;
   double* __restrict b = ws.b.data();
