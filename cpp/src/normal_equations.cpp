@@ -7,8 +7,11 @@
 #include "xtalscale/normal_equations.hpp"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
+
+#include <Eigen/Core>
 
 #if defined(_MSC_VER) && !defined(__clang__)
 #include <intrin.h>
@@ -111,13 +114,22 @@ std::vector<std::size_t> group_parts(const GroupedObservations& t, std::size_t n
 /// of the group sums b and e (size n, zero outside the touched columns), a column bitmap that
 /// yields the touched columns in ascending order without sorting, and row scratch.
 struct PartWorkspace {
+  static constexpr Eigen::Index kBatch = 32;  ///< groups per batched rank-k update
   std::size_t n;
+  /// Scaled group vectors b/√S (schur: batch_b column per group) or, for dials, the pairs
+  /// (e, b)/√S in batch_b and (e, −b)/√S in batch_e; zero outside rows [batch_min, batch_max].
+  /// Their −B Bᵀ (+ E Eᵀ) is applied as one blocked rank-k update per kBatch groups.
+  Eigen::MatrixXd batch_b, batch_e;
+  Eigen::Index batch_used = 0;
+  std::size_t batch_min = 0, batch_max = 0, batch_widest = 0;
   std::vector<double> matrix, rhs, b, e, a, row;
   std::vector<std::uint64_t> bits;
   std::vector<std::size_t> col, run_end, touched, touched_end, seg_first, seg_last, obs_first,
       obs_last;
   explicit PartWorkspace(std::size_t n_params)
-      : n(n_params), matrix(n_params * n_params, 0.0), rhs(n_params, 0.0), b(n_params, 0.0),
+      : n(n_params), batch_b(Eigen::MatrixXd::Zero(static_cast<Eigen::Index>(n_params), 2 * kBatch)),
+        batch_e(Eigen::MatrixXd::Zero(static_cast<Eigen::Index>(n_params), 2 * kBatch)),
+        matrix(n_params * n_params, 0.0), rhs(n_params, 0.0), b(n_params, 0.0),
         e(n_params, 0.0), row(n_params, 0.0), bits((n_params + 63) / 64, 0) {}
 };
 
@@ -189,6 +201,32 @@ inline void observation_update(PartWorkspace& ws, const DerivativesView& v, std:
   }
 }
 
+/// Apply the batched group corrections: upper(matrix) += −B Bᵀ (+ E Eᵀ for dials) over the
+/// rows/columns the batch touches, as a blocked rank-k update; then clear the batch.
+void flush_batch(PartWorkspace& ws, bool dials) {
+  if (ws.batch_used == 0) return;
+  const auto lo = static_cast<Eigen::Index>(ws.batch_min);
+  const auto len = static_cast<Eigen::Index>(ws.batch_max - ws.batch_min + 1);
+  const auto n = static_cast<Eigen::Index>(ws.n);
+  using RowMajor = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+  Eigen::Map<RowMajor, 0, Eigen::OuterStride<>> sub(ws.matrix.data() + lo * n + lo, len, len,
+                                                    Eigen::OuterStride<>(n));
+  const Eigen::Index used = ws.batch_used;
+  if (dials) {  // E Eᵀ − B Bᵀ as one product [E B] [E −B]ᵀ
+    auto left = ws.batch_b.block(lo, 0, len, 2 * used);
+    auto right = ws.batch_e.block(lo, 0, len, 2 * used);
+    sub.triangularView<Eigen::Upper>() += left * right.transpose();
+    left.setZero();
+    right.setZero();
+  } else {
+    auto bb = ws.batch_b.block(lo, 0, len, used);
+    sub.selfadjointView<Eigen::Upper>().rankUpdate(bb, -1.0);
+    bb.setZero();
+  }
+  ws.batch_used = 0;
+  ws.batch_widest = 0;
+}
+
 /// The group's rank-1 (schur) or rank-2 (dials) correction −(b bᵀ − [dials] e eᵀ)/S over the
 /// touched columns (ascending, from the bitmap), upper triangle only; clears b, e and the bits.
 inline void group_update(PartWorkspace& ws, double inv_s, bool dials, std::size_t col_min,
@@ -203,39 +241,75 @@ inline void group_update(PartWorkspace& ws, double inv_s, bool dials, std::size_
       x &= x - 1;
     }
   }
-  // Segments: touched columns with gaps of at most kGap merged. b and e are zero in the gaps,
-  // so updating them adds exact zeros; long contiguous loops beat many short runs.
-  constexpr std::size_t kGap = 8;
   const std::size_t m = ws.touched.size();
   const std::size_t* tc = ws.touched.data();
-  ws.touched_end.resize(m);  // here: the segment index of each touched column
-  ws.seg_first.clear();
-  ws.seg_last.clear();
-  for (std::size_t i = 0; i < m; ++i) {
-    if (i == 0 || tc[i] - tc[i - 1] > kGap) {
-      ws.seg_first.push_back(tc[i]);
-      ws.seg_last.push_back(tc[i] + 1);
-    }
-    ws.seg_last.back() = tc[i] + 1;
-    ws.touched_end[i] = ws.seg_first.size() - 1;
-  }
-  const std::size_t n_seg = ws.seg_first.size();
-  const std::size_t n = ws.n;
-  double* __restrict matrix = ws.matrix.data();
   double* __restrict b = ws.b.data();
   double* __restrict e = ws.e.data();
-  for (std::size_t i = 0; i < m; ++i) {
-    const std::size_t ci = tc[i];
-    const double bi = b[ci] * inv_s;
-    const double ei = e[ci] * inv_s;
-    double* __restrict out = matrix + ci * n;
-    for (std::size_t sg = ws.touched_end[i]; sg < n_seg; ++sg) {
-      const std::size_t from = sg == ws.touched_end[i] ? ci : ws.seg_first[sg];
-      const std::size_t to = ws.seg_last[sg];
-      if (dials) {
-        for (std::size_t q = from; q < to; ++q) out[q] += ei * e[q] - bi * b[q];
-      } else {
-        for (std::size_t q = from; q < to; ++q) out[q] -= bi * b[q];
+  // Dense enough (touched columns fill at least half their span, as one or a few datasets'
+  // blocks do): queue it for the blocked rank-k update, flushing first if it would widen the
+  // batch's span beyond twice its widest group. Sparse spread (many datasets): rank-1 now.
+  const std::size_t span = col_max - col_min + 1;
+  if (2 * m >= span) {
+    if (ws.batch_used > 0) {
+      const std::size_t merged = std::max(ws.batch_max, col_max) - std::min(ws.batch_min, col_min) + 1;
+      if (merged > 2 * std::max(ws.batch_widest, span)) flush_batch(ws, dials);
+    }
+    const double root = std::sqrt(inv_s);
+    const Eigen::Index col = ws.batch_used++;
+    if (dials) {  // columns 2 col, 2 col + 1: left (e, b), right (e, −b)
+      for (std::size_t i = 0; i < m; ++i) {
+        const auto ci = static_cast<Eigen::Index>(tc[i]);
+        const double bs = b[tc[i]] * root;
+        const double es = e[tc[i]] * root;
+        ws.batch_b(ci, 2 * col) = es;
+        ws.batch_b(ci, 2 * col + 1) = bs;
+        ws.batch_e(ci, 2 * col) = es;
+        ws.batch_e(ci, 2 * col + 1) = -bs;
+      }
+    } else {
+      for (std::size_t i = 0; i < m; ++i)
+        ws.batch_b(static_cast<Eigen::Index>(tc[i]), col) = b[tc[i]] * root;
+    }
+    if (col == 0) {
+      ws.batch_min = col_min;
+      ws.batch_max = col_max;
+    } else {
+      ws.batch_min = std::min(ws.batch_min, col_min);
+      ws.batch_max = std::max(ws.batch_max, col_max);
+    }
+    ws.batch_widest = std::max(ws.batch_widest, span);
+    if (ws.batch_used == PartWorkspace::kBatch) flush_batch(ws, dials);
+  } else {
+    // Segments: touched columns with gaps of at most kGap merged. b and e are zero in the gaps,
+    // so updating them adds exact zeros; long contiguous loops beat many short runs.
+    constexpr std::size_t kGap = 8;
+    ws.touched_end.resize(m);  // here: the segment index of each touched column
+    ws.seg_first.clear();
+    ws.seg_last.clear();
+    for (std::size_t i = 0; i < m; ++i) {
+      if (i == 0 || tc[i] - tc[i - 1] > kGap) {
+        ws.seg_first.push_back(tc[i]);
+        ws.seg_last.push_back(tc[i] + 1);
+      }
+      ws.seg_last.back() = tc[i] + 1;
+      ws.touched_end[i] = ws.seg_first.size() - 1;
+    }
+    const std::size_t n_seg = ws.seg_first.size();
+    const std::size_t n = ws.n;
+    double* __restrict matrix = ws.matrix.data();
+    for (std::size_t i = 0; i < m; ++i) {
+      const std::size_t ci = tc[i];
+      const double bi = b[ci] * inv_s;
+      const double ei = e[ci] * inv_s;
+      double* __restrict out = matrix + ci * n;
+      for (std::size_t sg = ws.touched_end[i]; sg < n_seg; ++sg) {
+        const std::size_t from = sg == ws.touched_end[i] ? ci : ws.seg_first[sg];
+        const std::size_t to = ws.seg_last[sg];
+        if (dials) {
+          for (std::size_t q = from; q < to; ++q) out[q] += ei * e[q] - bi * b[q];
+        } else {
+          for (std::size_t q = from; q < to; ++q) out[q] -= bi * b[q];
+        }
       }
     }
   }
@@ -264,6 +338,7 @@ void part_terms(const GroupedObservations& t, const std::vector<FitBlock>& block
     }
     if (eliminate && col_min <= col_max) group_update(ws, inv_s, dials, col_min, col_max);
   }
+  flush_batch(ws, dials);
 }
 
 }  // namespace
