@@ -216,3 +216,76 @@ def test_xds_and_unmerged_mtz_inputs(tmp_path, source):
     assert len(expts) >= 1 and np.count_nonzero(table.get_flags(Flags.scaled)) > 100
     g = np.asarray(table["inverse_scale_factor"])[np.asarray(table.get_flags(Flags.scaled))]
     assert np.all(np.isfinite(g)) and np.all(g > 0)
+
+
+def test_two_sweeps_continued_with_the_error_model(tmp_path):
+    """DIALS's test_multi_scale: 20+25 scaled (profile, no error model, simple outliers), then
+    the scaled output scaled again with error_model=basic: Rpim < 0.016, CC½ > 0.997 and
+    n_obs 5560 ± 100 (DIALS 22/06/20: 0.015 / 0.999), with a and b both refined."""
+    _scale(tmp_path, SWEEP20 + SWEEP25, "intensity_choice=profile", "error_model=None",
+           "outlier_rejection=simple", "output.html=None")
+    algorithm, expts, table = _run([str(tmp_path / "scaled.refl"), str(tmp_path / "scaled.expt")],
+                                   "error_model=basic", "output.html=None")
+    o = _stats(expts, table)
+    assert o.r_pim < 0.016 and o.cc_one_half > 0.997 and abs(o.n_obs - 5560) < 100
+    em = algorithm.scaler.datasets[0].error_model
+    assert em is not None and em.a > 0.4 and em.a != 1.0  # a refined: not the b-only fallback
+
+
+def test_reference_unmerged_mtz(tmp_path):
+    """reference= an unmerged MTZ: sweep 25 scaled against sweep 20's scaled intensities."""
+    _scale(tmp_path, SWEEP20, "output.html=None", "unmerged_mtz=ref20.mtz")
+    expts, table = _scale(tmp_path, SWEEP25, f"reference={tmp_path / 'ref20.mtz'}", "output.html=None")
+    assert len(expts) == 1 and len(table) == len(reflection_table.from_file(SWEEP25[0]))
+    o = _stats(expts, table)
+    assert o.r_pim < 0.04 and o.cc_one_half > 0.99 and o.n_obs > 2000
+
+
+SSX = DATA.parent / "dials_ssx_cunir_stills"
+
+
+def test_ssx_stills_scale_with_kb(tmp_path, monkeypatch):
+    """The five CuNiR stills: KB per still (no scan), every row written with its flags; with
+    more parameters than the dense limit the rounds use L-BFGS (the engine's automatic choice)."""
+    from xtalscale.fit import refiner
+
+    monkeypatch.setattr(refiner, "FULL_MATRIX_MAX_PARAMS", 4)  # 5 stills x 2 parameters > 4
+    algorithm, expts, table = _run([str(SSX / "integrated.refl"), str(SSX / "integrated.expt")],
+                                   "output.html=None")
+    assert len(expts) == 5
+    for e in expts:
+        model = e.scaling_model if isinstance(e.scaling_model, dict) else e.scaling_model.to_dict()
+        assert model["__id__"] == "KB"
+    assert len(table) == len(reflection_table.from_file(str(SSX / "integrated.refl")))
+    scaled = np.asarray(table.get_flags(Flags.scaled))
+    excluded = np.asarray(table.get_flags(Flags.bad_for_scaling, all=False))
+    assert scaled.sum() > 1500 and np.all(scaled ^ excluded)
+    g = np.asarray(table["inverse_scale_factor"])[scaled]
+    assert np.all(np.isfinite(g)) and np.all(g > 0)
+    assert algorithm.scaler.journals and all(j.round_engine in ("SimpleLBFGS", "LevMar", "GaussNewton")
+                                             for j in algorithm.scaler.journals)
+
+
+def test_singular_normal_equations_are_caught(tmp_path):
+    """dials#1653 (DIALS's test_scale_normal_equations_failure): a central gap of images leaves
+    parameters undetermined; the full-matrix round must not stop the job."""
+    expts, table = _scale(tmp_path, SWEEP20, "exclude_images=800:1400", "output.html=None")
+    g = np.asarray(table["inverse_scale_factor"])[np.asarray(table.get_flags(Flags.scaled))]
+    assert g.size > 1000 and np.all(np.isfinite(g)) and np.all(g > 0)
+
+
+def test_mismatched_identifiers_are_a_clear_error(tmp_path, capsys):
+    table = reflection_table.from_file(SWEEP20[0])
+    ids = table.experiment_identifiers()
+    for key in list(ids.keys()):
+        del ids[key]
+    ids[0] = "not-the-experiment"
+    path = tmp_path / "renamed.refl"
+    table.as_file(str(path))
+    expts = ExperimentList.from_file(SWEEP20[1])
+    expts[0].identifier = "the-experiment"
+    expts.as_file(str(tmp_path / "e.expt"))
+    assert main(["scale", str(path), str(tmp_path / "e.expt"), f"output.log={tmp_path}/o.log",
+                 f"output.reflections={tmp_path}/o.refl", f"output.experiments={tmp_path}/o.expt",
+                 "output.html=None"]) == 2
+    assert "identifier" in capsys.readouterr().err

@@ -99,11 +99,14 @@ class ErrorModelData:
     """The filtered rows the error model is fitted to (Ĩ fixed, per-row n_h)."""
 
     def __init__(self, grouped: GroupedObservations, min_Ih: float = 25.0,
-                 min_partiality: float = 0.25) -> None:
+                 min_partiality: float = 0.25, stills: Any = None) -> None:
         g = grouped
         if "partiality" in g.extra:
             g = g.subset(g.extra["partiality"] > min_partiality)
-        g = self._filter(g, min_Ih)
+        if stills is None:
+            g = self._filter(g, min_Ih)
+        else:
+            g = self._filter_stills(g, min_Ih, float(stills.min_Isigma), int(stills.min_multiplicity))
         self.grouped = g
         if g.size < BasicErrorModel.min_reflections_required:
             raise ErrorModelRefinementError(
@@ -117,6 +120,28 @@ class ErrorModelData:
         self.Ih = Ih[group]
         self.n_h = g.group_sizes()[group].astype(np.float64)
         self.expected = self.Ih * self.scale * (g.extra["partiality"] if "partiality" in g.extra else 1.0)
+
+    @staticmethod
+    def _filter_stills(g: GroupedObservations, min_Ih: float, min_Isigma: float,
+                       min_multiplicity: int) -> GroupedObservations:
+        """Stills (DIALS's stills filtering): I/σ ≥ min_Isigma, Ĩ·g·p > min_Ih, |δ| < 6 with
+        a = 1, b = 0, and at least ``min_multiplicity`` observations per group."""
+        if g.size == 0:
+            return g
+        g = g.subset(g.intensity >= min_Isigma * np.sqrt(g.variance))
+        if g.size == 0:
+            return g
+        p = g.extra["partiality"] if "partiality" in g.extra else 1.0
+        Ih = g.group_means(1.0 / g.variance)[g.group_of_row()]
+        g = g.subset(Ih * g.scale * p > min_Ih)
+        if g.size == 0:
+            return g
+        Ih = g.group_means(1.0 / g.variance)[g.group_of_row()]
+        z = (g.intensity / g.scale - Ih) / (np.sqrt(g.variance) / g.scale)
+        g = g.subset(np.abs(z) < 6.0)
+        if g.size == 0:
+            return g
+        return g.subset(g.group_sizes()[g.group_of_row()] >= min_multiplicity)
 
     @staticmethod
     def _filter(g: GroupedObservations, min_Ih: float) -> GroupedObservations:
@@ -276,10 +301,11 @@ def _regression(model: BasicErrorModel, data: ErrorModelData) -> None:
 def run_error_model_refinement(model: BasicErrorModel, grouped: GroupedObservations,
                                minimisation: str = "individual", min_Ih: float = 25.0,
                                n_bins: int = 10, min_partiality: float = 0.25,
-                               max_cycles: int = 50) -> BasicErrorModel:
+                               max_cycles: int = 50, stills: Any = None) -> BasicErrorModel:
     """Refine ``model`` on grouped scaled observations (rows as for outlier rejection, but with
-    Bijvoet mates apart). Raises :class:`ErrorModelRefinementError` when too few rows suit."""
-    data = ErrorModelData(grouped, min_Ih=min_Ih, min_partiality=min_partiality)
+    Bijvoet mates apart). ``stills`` (the ``basic.stills`` scope) selects the stills filtering.
+    Raises :class:`ErrorModelRefinementError` when too few rows suit."""
+    data = ErrorModelData(grouped, min_Ih=min_Ih, min_partiality=min_partiality, stills=stills)
     model.filtered_Ih_table = data
     model.n_refl = data.intensity.size
     if minimisation == "regression":
@@ -342,6 +368,7 @@ def refine_error_models(scaler: Any) -> None:
     if em_params.error_model is None:
         return
     groups = extract_error_model_groups(params, len(scaler.datasets))
+    all_stills = all(ds.experiment.is_still() for ds in scaler.datasets)
     for members in groups:
         keep = []
         for k, ds in enumerate(scaler.datasets):
@@ -368,7 +395,8 @@ def refine_error_models(scaler: Any) -> None:
         try:
             run_error_model_refinement(model, grouped, em_params.basic.minimisation or "None",
                                        em_params.basic.min_Ih, em_params.basic.n_bins,
-                                       float(params.reflection_selection.min_partiality))
+                                       float(params.reflection_selection.min_partiality),
+                                       stills=em_params.basic.stills if all_stills else None)
         except ErrorModelRefinementError as exc:
             logger.info("error model not refined for sweeps %s: %s", [m + 1 for m in members], exc)
             continue

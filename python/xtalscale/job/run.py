@@ -110,21 +110,24 @@ def work_free_statistics(algorithm: Any, obs: Any, params: Any) -> dict[str, dic
 
 
 def _add_reference(inputs: Any, path: str) -> int:
-    """Put a scaled reference (.refl with its .expt beside it) first in ``inputs``.
+    """Put a reference (scaled .refl with its .expt beside it, or an MTZ) first in ``inputs``.
 
-    Returns the number of reference experiments. Its models stay fixed during scaling and its
-    rows are not written. A merged-MTZ or model reference is not supported yet (clear error).
+    An MTZ (merged or unmerged intensities) is read as a dataset too. Returns the number of
+    reference experiments. Its models stay fixed during scaling and its rows are not written.
     """
     from .inputs import InputError, file_kind, load_inputs
 
     kind = file_kind(path)
-    if kind != "reflections":
-        raise InputError(f"reference={path}: only a scaled .refl (with its .expt beside it) is "
-                         f"supported as a reference so far (got {kind})")
-    expt = Path(path).with_suffix(".expt")
-    if not expt.is_file():
-        raise InputError(f"reference={path}: no experiment file {expt} beside it")
-    ref = load_inputs([path, str(expt)])
+    if kind == "mtz":  # merged or unmerged intensities: read as a dataset of unit scale
+        ref = load_inputs([path])
+    elif kind == "reflections":
+        expt = Path(path).with_suffix(".expt")
+        if not expt.is_file():
+            raise InputError(f"reference={path}: no experiment file {expt} beside it")
+        ref = load_inputs([path, str(expt)])
+    else:
+        raise InputError(f"reference={path}: a scaled .refl (with its .expt beside it) or an MTZ "
+                         f"file of intensities is needed (got {kind})")
     n_ref = len(ref.experiments)
     ref.tables = [t.select(np.asarray(t["id"]) >= 0) for t in ref.tables]  # rows of no experiment
     # renumber the inputs after the reference experiments
