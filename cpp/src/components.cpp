@@ -165,15 +165,10 @@ namespace {
 
 constexpr double kMaxDouble = std::numeric_limits<double>::max();
 
-/// One chunk of the lean 1-D kernel with a compile-time window bound W.
-///
-/// Positions are unit-spaced, so with d = z − pos[first] and a = 1/σ² the Gaussian weights are
-/// w_k = exp(−a(d − k)²) = exp(−a d²) · q^k · c_k, q = exp(2 a d), c_k = exp(−a k²). The
-/// normalised weights w_k/Σw do not depend on the common factor exp(−a d²), so a point needs
-/// one exponential (the vectorisable exp_bounded, within ~2 ulp of std::exp): results are within
-/// a few ulp of DIALS's direct formula. A chunk with a point far outside the smoother's range
-/// (|2ad| > 150, where q^k could overflow) uses the direct formula with std::exp instead, so
-/// rows whose weights all underflow stay zero as in DIALS.
+/// The lean 1-D kernel's weights. Positions are unit-spaced, so with d = z − pos[first] and
+/// a = 1/σ² the Gaussian weights are w_k = exp(−a(d − k)²) = exp(−a d²) · q^k · c_k,
+/// q = exp(2 a d), c_k = exp(−a k²); the normalised weights w_k/Σw do not depend on the common
+/// factor exp(−a d²), so a point needs one exponential, held from smooth_1d_prepare.
 /// Raw window weights of one point for the lean 1-D kernels: the recurrence w_k = c_k·q^k
 /// (c_k = exp(−a k²), q = exp(2a d₀)), or, for a point far outside the smoother's range
 /// (@p direct), DIALS's formula exp(−((z − pos_k)/σ)²). Weights past the window are 0.
@@ -221,84 +216,7 @@ __attribute__((always_inline)) inline double write_normalised_row(
   return value;
 }
 
-template <int W>
-std::size_t smooth_1d_chunk(const SmootherAxis& ax, double sigma, std::size_t m, const double* x,
-                            double x_shift, const double* p, bool first_fixed, double* scales,
-                            std::int32_t* indptr, std::int32_t* indices, double* data) {
-  constexpr std::size_t kChunk = 256;
-  alignas(64) double q[kChunk];
-  alignas(64) double zs[kChunk];
-  int first[kChunk], count[kChunk];
-  const double* pos = ax.positions().data();
-  const double a = 1.0 / (sigma * sigma);
-  double c[W];
-  for (int k = 0; k < W; ++k) c[k] = std::exp(-a * k * k);
-  bool far = false;
-  for (std::size_t i = 0; i < m; ++i) {
-    const double z = ax.normalise(x[i] - x_shift);
-    ax.window(z, first[i], count[i]);
-    zs[i] = z;
-    const double d0 = z - pos[first[i]];
-    q[i] = 2.0 * a * d0;
-    far |= !(q[i] >= -150.0 && q[i] <= 150.0 && a * d0 * d0 <= 600.0);
-  }
-  for (std::size_t i = 0; i < m; ++i) q[i] = exp_bounded(far ? 0.0 : q[i]);
-  std::size_t nnz = 0;
-  const int skip = first_fixed ? 1 : 0;
-  std::int32_t* row_indices = indptr != nullptr ? indices : nullptr;
-  double* row_data = indptr != nullptr ? data : nullptr;
-  double w[W];
-  for (std::size_t i = 0; i < m; ++i) {
-    lean_row_weights<W>(far, q[i], count[i], c, zs[i], pos + first[i], sigma, w);
-    scales[i] = write_normalised_row<W>(w, first[i], count[i], p, skip, row_indices, row_data, nnz);
-    if (indptr != nullptr) indptr[i + 1] = indptr[0] + static_cast<std::int32_t>(nnz);
-  }
-  return nnz;
-}
-
 }  // namespace
-
-std::size_t smooth_1d_eval(const GaussianSmoother<1>& smoother, std::size_t n, const double* x,
-                           double x_shift, const double* p, std::size_t n_params,
-                           bool first_fixed, const double* d, double* scales,
-                           std::int32_t* indptr, std::int32_t* indices, double* data) {
-  require_finite(x, n, "x");
-  require_finite(p, n_params, "parameters");
-  require(n_params == smoother.num_values(), "parameters must have one value per smoother value");
-  if (d != nullptr) {
-    bool bad = false;
-    for (std::size_t i = 0; i < n; ++i) bad |= !(d[i] > 0.0 && d[i] <= kMaxDouble);
-    require(!bad, "d must be finite and positive");
-  }
-  const SmootherAxis& ax = smoother.axis(0);
-  const double sigma = smoother.sigma();
-  const int width = ax.max_window();
-  constexpr std::size_t kChunk = 256;
-  std::size_t nnz = 0;
-  if (indptr != nullptr) indptr[0] = 0;
-  for (std::size_t start = 0; start < n; start += kChunk) {
-    const std::size_t m = std::min(kChunk, n - start);
-    std::int32_t* ip = indptr != nullptr ? indptr + start : nullptr;
-    std::int32_t* ix = indptr != nullptr ? indices + nnz : nullptr;
-    double* dd = indptr != nullptr ? data + nnz : nullptr;
-    const double* xs = x + start;
-    double* s = scales + start;
-    nnz += with_window_width<1>(width, [&](auto w) {
-      return smooth_1d_chunk<decltype(w)::value>(ax, sigma, m, xs, x_shift, p, first_fixed, s, ip,
-                                                 ix, dd);
-    });
-  }
-  if (d != nullptr) {
-    for (std::size_t i = 0; i < n; ++i) scales[i] *= 1.0 / (2.0 * d[i] * d[i]);
-    exp_guarded(n, scales);
-    if (indptr != nullptr)
-      for (std::size_t i = 0; i < n; ++i) {
-        const double r = scales[i] * (1.0 / (2.0 * d[i] * d[i]));
-        for (std::int32_t k = indptr[i]; k < indptr[i + 1]; ++k) data[k] *= r;
-      }
-  }
-  return nnz;
-}
 
 std::size_t smooth_1d_prepare(const GaussianSmoother<1>& smoother, std::size_t n,
                               const double* x, double x_shift, std::uint16_t* window,

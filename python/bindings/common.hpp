@@ -1,4 +1,5 @@
-// Shared helpers for the binding translation units: numpy views and per-area registration.
+// The one boundary header of the binding translation units: numpy array types and checks,
+// read-only views of C++ buffers, and the per-area registration functions.
 #pragma once
 
 #include <pybind11/eigen.h>
@@ -8,6 +9,8 @@
 
 #include <Eigen/Core>
 
+#include <cstddef>
+#include <cstdint>
 #include <string>
 
 #include "xtalscale/check.hpp"
@@ -15,8 +18,31 @@
 namespace xtalscale::py_bind {
 namespace py = pybind11;
 
-/// A C-contiguous float64 numpy array; other dtypes/layouts are converted once at the boundary.
+/// C-contiguous numpy arrays of one dtype; other dtypes/layouts are converted once at the boundary.
 using DoubleArray = py::array_t<double, py::array::c_style | py::array::forcecast>;
+using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
+using Int32Array = py::array_t<std::int32_t, py::array::c_style | py::array::forcecast>;
+using Int64Array = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
+using UInt16Array = py::array_t<std::uint16_t, py::array::c_style | py::array::forcecast>;
+
+/// Number of elements of an array.
+inline std::size_t size_of(const py::array& a) { return static_cast<std::size_t>(a.size()); }
+
+/// Throws std::invalid_argument naming @p name unless @p a has @p ndim dimensions.
+inline void require_ndim(const py::array& a, py::ssize_t ndim, const char* name) {
+  if (a.ndim() != ndim)
+    throw std::invalid_argument(std::string(name) + " must be " + std::to_string(ndim) +
+                                "-dimensional (got ndim=" + std::to_string(a.ndim()) + ")");
+}
+
+/// A read-only numpy view of a container owned by @p owner (kept alive as the array's base).
+template <typename Container>
+py::array readonly_view(const Container& v, const py::object& owner) {
+  using T = typename Container::value_type;
+  py::array_t<T> a(static_cast<py::ssize_t>(v.size()), v.data(), owner);
+  a.attr("setflags")(py::arg("write") = false);
+  return std::move(a);
+}
 
 /// A read-only Eigen view of a 1-D float64 array; checks ndim and (optionally) finiteness.
 inline Eigen::Map<const Eigen::VectorXd> vector_view(const DoubleArray& a, const char* name,

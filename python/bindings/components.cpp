@@ -19,16 +19,6 @@
 namespace xtalscale::py_bind {
 namespace {
 
-using Int32Array = py::array_t<std::int32_t, py::array::c_style | py::array::forcecast>;
-using Int64Array = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
-
-std::size_t size_of(const py::array& a) { return static_cast<std::size_t>(a.size()); }
-
-void require_ndim(const py::array& a, py::ssize_t ndim, const char* name) {
-  if (a.ndim() != ndim)
-    throw std::invalid_argument(std::string(name) + " must be " + std::to_string(ndim) +
-                                "-dimensional (got ndim=" + std::to_string(a.ndim()) + ")");
-}
 
 /// An (n, k) float64 array (or a flat one of length n*k, as flex vec3 columns may arrive).
 std::size_t rows_of(const DoubleArray& a, py::ssize_t k, const char* name) {
@@ -136,13 +126,6 @@ components::WeightMatrix weight_matrix(const std::vector<DoubleArray>& coords,
   return weight_matrix_d<3>(coords, ranges, intervals, num_average, sigma, false);
 }
 
-/// A read-only numpy view of a vector owned by @p owner (kept alive as the array's base).
-template <typename T>
-py::array readonly_view(const std::vector<T>& v, const py::object& owner) {
-  py::array_t<T> a(static_cast<py::ssize_t>(v.size()), v.data(), owner);
-  a.attr("setflags")(py::arg("write") = false);
-  return std::move(a);
-}
 
 DoubleArray wm_values(const components::WeightMatrix& w, const DoubleArray& p) {
   auto pv = vector_view(p, "parameters");
@@ -393,7 +376,6 @@ DoubleArray lookup_sh_scales(const Int32Array& i0, const Int32Array& i1, const D
   return out;
 }
 
-using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
 
 /// A caller-provided output array: exactly @p dtype, C-contiguous, writeable, 1-D, >= n long.
 template <typename T>
@@ -470,34 +452,6 @@ const double* optional_column(const std::optional<DoubleArray>& column, std::siz
   require_ndim(*column, 1, name);
   require_same_length(size_of(*column), n, name, "x");
   return column->data();
-}
-
-py::tuple smooth_1d_eval(const DoubleArray& x, double x_shift, std::array<double, 2> range,
-                         std::size_t n_intervals, std::size_t num_average, double sigma,
-                         const DoubleArray& p, bool first_fixed,
-                         const std::optional<DoubleArray>& d, bool derivatives,
-                         const py::object& scales_out, const py::object& indptr_out,
-                         const py::object& indices_out, const py::object& data_out) {
-  require_ndim(x, 1, "x");
-  require(std::isfinite(x_shift), "x_shift must be finite");
-  auto pv = vector_view(p, "parameters");
-  const std::size_t n = size_of(x);
-  const double* dptr = optional_column(d, n, "d");
-  const GaussianSmoother<1> smoother = lean_smoother(range, n_intervals, num_average, sigma);
-  const std::size_t capacity =
-      lean_csr_capacity(smoother, static_cast<std::size_t>(pv.size()), n);
-  py::object scales = output_or_new<double>(scales_out, n, "scales_out");
-  double* s = output_buffer<double>(scales, n, "scales_out");
-  CsrOutput csr;
-  if (derivatives) csr = csr_output(indptr_out, indices_out, data_out, n, capacity);
-  std::size_t nnz = 0;
-  {
-    py::gil_scoped_release release;
-    nnz = components::smooth_1d_eval(smoother, n, x.data(), x_shift, pv.data(),
-                                     static_cast<std::size_t>(pv.size()), first_fixed, dptr, s,
-                                     csr.ip, csr.ix, csr.dd);
-  }
-  return py::make_tuple(scales, csr.indptr, csr.indices, csr.data, nnz);
 }
 
 py::tuple smooth_1d_prepare(const DoubleArray& x, double x_shift, std::array<double, 2> range,
@@ -685,16 +639,6 @@ void bind_components(py::module_& m) {
   m.def("lookup_sh_scales", &lookup_sh_scales, py::arg("s0_lookup"), py::arg("s1_lookup"),
         py::arg("table"), py::arg("parameters"),
         "SH scales 1 + C·(T[i0] + T[i1])/2 straight from the lookup table.");
-  m.def("smooth_1d_eval", &smooth_1d_eval, py::arg("x"), py::arg("x_shift"), py::arg("range"),
-        py::arg("n_intervals"), py::arg("num_average"), py::arg("sigma"), py::arg("parameters"),
-        py::arg("first_fixed") = false, py::arg("d") = py::none(),
-        py::arg("derivatives") = true, py::arg("scales_out") = py::none(),
-        py::arg("indptr_out") = py::none(), py::arg("indices_out") = py::none(),
-        py::arg("data_out") = py::none(),
-        "Lean 1-D smooth component: recompute the weights (none held) and write scales and, "
-        "with derivatives, the CSR derivative matrix into the *_out buffers (allocated if "
-        "None). With d, the smoothed-B form exp(B/(2d^2)). Returns (scales, indptr, indices, "
-        "data, nnz); indices/data are valid up to nnz.");
   m.def("smooth_1d_prepare", &smooth_1d_prepare, py::arg("x"), py::arg("x_shift"),
         py::arg("range"), py::arg("n_intervals"), py::arg("num_average"), py::arg("sigma"),
         "Held-window data (window uint16, q float64; 10 B/point) for smooth_1d_apply.");
@@ -705,7 +649,7 @@ void bind_components(py::module_& m) {
         py::arg("scales_out") = py::none(), py::arg("indptr_out") = py::none(),
         py::arg("indices_out") = py::none(), py::arg("data_out") = py::none(),
         py::arg("write_pattern") = true,
-        "As smooth_1d_eval with windows and q from smooth_1d_prepare (no exponential per row); "
+        "Lean 1-D smooth component with windows and q from smooth_1d_prepare (no exponential per row); "
         "the smoothed-B form takes factor = 1/(2d^2) instead of d. write_pattern=False leaves "
         "indptr_out/indices_out untouched (they hold an earlier call's pattern for the same "
         "windows) and writes only scales and data.");

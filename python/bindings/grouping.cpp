@@ -13,10 +13,8 @@
 namespace xtalscale::py_bind {
 namespace {
 
-using IntArray = py::array_t<std::int32_t, py::array::c_style | py::array::forcecast>;
-using LongArray = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
 
-py::tuple map_to_asu_py(const IntArray& hkl, const LongArray& rotations, const LongArray& basis,
+py::tuple map_to_asu_py(const Int32Array& hkl, const Int64Array& rotations, const Int64Array& basis,
                         int condition) {
   if (hkl.ndim() != 2 || hkl.shape(1) != 3)
     throw std::invalid_argument("hkl must have shape (n, 3)");
@@ -37,8 +35,8 @@ py::tuple map_to_asu_py(const IntArray& hkl, const LongArray& rotations, const L
   }
   for (int e = 0; e < 9; ++e) sym.basis[static_cast<std::size_t>(e)] = basis.data()[e];
   const auto n = static_cast<std::size_t>(hkl.shape(0));
-  IntArray asu({static_cast<py::ssize_t>(n), py::ssize_t{3}});
-  IntArray isym({static_cast<py::ssize_t>(n)});
+  Int32Array asu({static_cast<py::ssize_t>(n), py::ssize_t{3}});
+  Int32Array isym({static_cast<py::ssize_t>(n)});
   const std::int32_t* in = hkl.data();
   std::int32_t* out = asu.mutable_data();
   std::int32_t* iso = isym.mutable_data();
@@ -50,11 +48,11 @@ py::tuple map_to_asu_py(const IntArray& hkl, const LongArray& rotations, const L
   return py::make_tuple(asu, isym);
 }
 
-py::tuple group_keys_py(const LongArray& keys) {
+py::tuple group_keys_py(const Int64Array& keys) {
   if (keys.ndim() != 1) throw std::invalid_argument("keys must be 1-dimensional");
   const auto n = static_cast<std::size_t>(keys.shape(0));
-  LongArray order({static_cast<py::ssize_t>(n)});
-  LongArray group_index({static_cast<py::ssize_t>(n)});
+  Int64Array order({static_cast<py::ssize_t>(n)});
+  Int64Array group_index({static_cast<py::ssize_t>(n)});
   const std::int64_t* in = keys.data();
   std::int64_t* o = order.mutable_data();
   std::int64_t* g = group_index.mutable_data();
@@ -64,17 +62,17 @@ py::tuple group_keys_py(const LongArray& keys) {
     py::gil_scoped_release release;
     offsets = group_keys(in, n, o, g);
   }
-  LongArray off({static_cast<py::ssize_t>(offsets.size())});
+  Int64Array off({static_cast<py::ssize_t>(offsets.size())});
   std::copy(offsets.begin(), offsets.end(), off.mutable_data());
   return py::make_tuple(order, group_index, off);
 }
 
-py::tuple group_miller_py(const IntArray& hkl) {
+py::tuple group_miller_py(const Int32Array& hkl) {
   if (hkl.ndim() != 2 || hkl.shape(1) != 3)
     throw std::invalid_argument("hkl must have shape (n, 3)");
   const auto n = static_cast<std::size_t>(hkl.shape(0));
-  LongArray order({static_cast<py::ssize_t>(n)});
-  LongArray group_index({static_cast<py::ssize_t>(n)});
+  Int64Array order({static_cast<py::ssize_t>(n)});
+  Int64Array group_index({static_cast<py::ssize_t>(n)});
   const std::int32_t* in = hkl.data();
   std::int64_t* o = order.mutable_data();
   std::int64_t* g = group_index.mutable_data();
@@ -84,7 +82,7 @@ py::tuple group_miller_py(const IntArray& hkl) {
     py::gil_scoped_release release;
     offsets = group_miller_indices(in, n, o, g);
   }
-  LongArray off({static_cast<py::ssize_t>(offsets.size())});
+  Int64Array off({static_cast<py::ssize_t>(offsets.size())});
   std::copy(offsets.begin(), offsets.end(), off.mutable_data());
   return py::make_tuple(order, group_index, off);
 }

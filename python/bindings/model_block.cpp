@@ -16,10 +16,6 @@
 namespace xtalscale::py_bind {
 namespace {
 
-using Int32Array = py::array_t<std::int32_t, py::array::c_style | py::array::forcecast>;
-using Int64Array = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
-using UInt16Array = py::array_t<std::uint16_t, py::array::c_style | py::array::forcecast>;
-using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>;
 
 /// A numpy array as a HeldArray: the term keeps a reference to the (converted) array.
 template <typename T>
@@ -48,11 +44,7 @@ py::array shared_view(const std::shared_ptr<std::vector<T>>& buffer) {
   return std::move(a);
 }
 
-void require_1d(const py::array& a, const char* name) {
-  if (a.ndim() != 1)
-    throw std::invalid_argument(std::string(name) + " must be 1-dimensional (got ndim=" +
-                                std::to_string(a.ndim()) + ")");
-}
+void require_1d(const py::array& a, const char* name) { require_ndim(a, 1, name); }
 
 std::shared_ptr<HarmonicsTerm> harmonics_term(const py::array& harmonics) {
   if (harmonics.ndim() != 2)

@@ -77,9 +77,7 @@ std::array<const double*, D> coord_pointers(const std::array<DoubleArray, D>& co
   std::array<const double*, D> ptrs{};
   for (int a = 0; a < D; ++a) {
     const auto& c = coords[static_cast<std::size_t>(a)];
-    if (c.ndim() != 1)
-      throw std::invalid_argument(std::string(kAxis[a]) + " must be 1-dimensional (got ndim=" +
-                                  std::to_string(c.ndim()) + ")");
+    require_ndim(c, 1, kAxis[a]);
     const auto len = static_cast<std::size_t>(c.size());
     if (a == 0) n = len;
     else require_same_length(n, len, kAxis[0], kAxis[a]);
@@ -90,9 +88,7 @@ std::array<const double*, D> coord_pointers(const std::array<DoubleArray, D>& co
 
 /// Check a 1-D parameter vector (length and finiteness are checked by the C++ core).
 inline const DoubleArray& params_1d(const DoubleArray& a, const char* name) {
-  if (a.ndim() != 1)
-    throw std::invalid_argument(std::string(name) + " must be 1-dimensional (got ndim=" +
-                                std::to_string(a.ndim()) + ")");
+  require_ndim(a, 1, name);
   return a;
 }
 

@@ -12,15 +12,27 @@ Derivative matrices share their index arrays (and, for the smooth and SH compone
 with the component's caches; those arrays are marked read-only, so modify a copy
 (``d.copy()``) rather than the returned matrix in place.
 
+For a whole model, :class:`ComponentModelBlock` evaluates every component's scales and
+derivatives and the product rule in one C++ call (``xtalscale._core.model_block.ModelBlock``,
+the fit layer's ``DerivativesView``): each component hands it a C++ term
+(:meth:`ScaleComponentBase.model_term`) built from its per-block state, and user-written
+components join through external terms filled from their ``calculate_scales_and_derivatives``.
+
 Two constructor forms of :class:`ScaleComponentBase` are accepted: DIALS's
 ``(initial_values, parameter_esds=None)`` and the commissioning API's
 ``(active_parameter_manager, params=None)`` for user-written components (see
 :meth:`ScaleComponentBase.as_sparse_derivatives`).
 
-For model assembly, :func:`product_rule` forms ``g = Π s_c`` and ``∂g/∂p`` in one C++ pass
-and can refill a previous Jacobian in place (``out=``) while the sparsity pattern is unchanged.
+:func:`product_rule` forms ``g = Π s_c`` and ``∂g/∂p`` of already computed component results
+with the same C++ product rule.
+Weights (exactness policy): 1-D smooth components below ``lean_min_reflections`` hold weights
+computed with DIALS's own operations (bit-identical to DIALS's); 2-D/3-D components hold
+weights from the smoother's bulk kernel (``GaussianSmoother.multi_value_weight``, within ~1e-15
+relative of DIALS's formula); large 1-D blocks recompute theirs (product form, a few ulp).
+DIALS's stored scales are reproduced to 1e-12 (tests/python/test_golden_dials_scales.py).
+
 Memory (``held_bytes()`` reports each component's own state): below 100k reflections the
-smooth components hold their DIALS-exact weight matrices (≈ 40 B/reflection for a 1-D smoother)
+smooth components hold their weight matrices (≈ 40 B/reflection for a 1-D smoother)
 and the SH component its float64 harmonic matrix (8·n_params B/reflection). Above it
 (``lean_min_reflections``, ``float32_min_reflections``) a 1-D smoother holds the normalised
 coordinate and a 10-byte window record (+ 1/(2d²) for the B form) and recomputes its weights
@@ -1102,7 +1114,7 @@ class _SmoothComponentND(ScaleComponentBase, SmoothMixin):
     #: and q = exp(2ad), 10 B), and each call recomputes the normalised weights in C++ from
     #: them without an exponential (product form, within a few ulp of DIALS's direct formula),
     #: straight into the outputs (caller buffers with ``out=``). The B-factor form also holds
-    #: 1/(2d²) (8 B). Smaller blocks cache DIALS-exact weight matrices (~40 B/reflection).
+    #: 1/(2d²) (8 B). Smaller blocks hold DIALS-exact weight matrices (~40 B/reflection).
     lean_min_reflections: ClassVar[int] = 100_000
 
     def _reset_transient(self) -> None:
@@ -1689,8 +1701,11 @@ class ComponentModelBlock:
         self.core = _mb.ModelBlock(n)
         self._native: list = []  # components whose C++ term reads parameters
         self._external: list = []  # (component, external term)
+        self._terms: list = []  # each component's term as added (see is_current)
+        self._fixed_source = fixed_scales
         for comp, act in zip(self.components, active):
             term = comp.model_term(self.block_id) if hasattr(comp, "model_term") else None
+            self._terms.append(term)
             if term is None:
                 s, d = comp.calculate_scales_and_derivatives(self.block_id)
                 width = np.shape(d)[1] if np.ndim(d) == 2 else 1
@@ -1715,6 +1730,20 @@ class ComponentModelBlock:
             raise ComponentError(f"the components hold different reflection counts in block "
                                  f"{self.block_id}: {sorted(counts)}")
         return counts.pop()
+
+    def is_current(self, components: Sequence[Any], fixed_scales: Any = None) -> bool:
+        """True while this block still describes ``components`` (the same objects, in order)
+        with ``fixed_scales``: each component still has the term the block holds (a component
+        drops its term on ``update_reflection_data``, new data or a new parameter layout)."""
+        if len(components) != len(self.components) or fixed_scales is not self._fixed_source:
+            return False
+        for comp, mine, term in zip(components, self.components, self._terms):
+            if comp is not mine:
+                return False
+            now = comp.model_term(self.block_id) if hasattr(comp, "model_term") else None
+            if now is not term:
+                return False
+        return True
 
     def parameters(self) -> np.ndarray:
         """The vector ``evaluate`` passes to C++: each native term's full parameters, in order."""

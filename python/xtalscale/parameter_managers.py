@@ -24,6 +24,7 @@ anything with ``.toarray()``/``as_dense_matrix()``; they are stored dense
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -714,6 +715,23 @@ class ScalingParameterManagerGenerator(ParameterManagerGenerator):
 # --------------------------------------------------------------------------
 # scales and derivatives for minimisation (spec section 5.4)
 # --------------------------------------------------------------------------
+#: Model blocks of the parameter managers RefinerCalculator has evaluated, per data block: the
+#: derivative pattern is built once per manager and block (dropped with the manager).
+_REFINER_BLOCKS: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+
+
+def _refiner_block(apm: Any, objects: list, block_id: int, const: Any) -> ComponentModelBlock:
+    """The manager's model block for ``block_id``, rebuilt when its components' terms changed."""
+    try:
+        blocks = _REFINER_BLOCKS.setdefault(apm, {})
+    except TypeError:  # a manager that cannot be weakly referenced: no reuse
+        blocks = {}
+    block = blocks.get(block_id)
+    if block is None or not block.is_current(objects, const):
+        block = blocks[block_id] = ComponentModelBlock(objects, block_id, fixed_scales=const)
+    return block
+
+
 class RefinerCalculator:
     """Inverse scales and their derivatives for one dataset block (DIALS ``basis_functions``)."""
 
@@ -746,9 +764,11 @@ class RefinerCalculator:
             scales = np.asarray(scales, dtype=np.float64)
             g = scales * const if const is not None else scales.copy()
             return g, as_sparse_matrix(sp.csr_matrix(derivs))
-        # The fixed factors join the product with no columns of their own.
-        g, jac = ComponentModelBlock(objects, block_id, fixed_scales=const).evaluate()
-        return g.copy(), as_sparse_matrix(jac)
+        # The fixed factors join the product with no columns of their own. The block (its
+        # pattern) is kept per manager; the returned values are a copy, the pattern is shared.
+        g, jac = _refiner_block(apm, objects, block_id, const).evaluate()
+        return g.copy(), as_sparse_matrix(sp.csr_matrix(
+            (jac.data.copy(), jac.indices, jac.indptr), shape=jac.shape, copy=False))
 
     @staticmethod
     def _calc_component_scales_derivatives(apm: Any, block_id: int) -> tuple[list, list]:

@@ -250,3 +250,25 @@ def test_product_rule_is_the_model_block(rng):
     g_b, jac_b = ComponentModelBlock(comps).evaluate()
     np.testing.assert_array_equal(g, g_b)
     np.testing.assert_array_equal(jac.toarray(), jac_b.toarray())
+
+
+def test_refiner_calculator_keeps_its_block_until_the_data_change(rng):
+    from xtalscale.parameter_managers import RefinerCalculator, active_parameter_manager
+
+    comps = _physical(rng, 1000, lean=True)
+    apm = active_parameter_manager({"scale": comps[0], "decay": comps[1], "absorption": comps[2]},
+                                   ["scale", "decay", "absorption"])
+    g1, j1 = RefinerCalculator.calculate_scales_and_derivatives(apm, 0)
+    for comp in comps:
+        comp.parameters = comp.parameters * 1.02
+    g2, j2 = RefinerCalculator.calculate_scales_and_derivatives(apm, 0)
+    assert np.shares_memory(j1.indices, j2.indices)  # the pattern was kept
+    assert not np.shares_memory(j1.data, j2.data)  # each call's values are its own
+    g_ref, j_ref = _dense_product_rule([c.calculate_scales_and_derivatives() for c in comps])
+    np.testing.assert_allclose(g2, g_ref, rtol=1e-15)
+    np.testing.assert_allclose(j2.toarray(), j_ref, rtol=1e-14, atol=1e-300)
+    assert not np.allclose(g1, g2)
+    comps[0].update_reflection_data()  # new terms: the block is rebuilt
+    g3, j3 = RefinerCalculator.calculate_scales_and_derivatives(apm, 0)
+    assert not np.shares_memory(j3.indices, j2.indices)
+    np.testing.assert_allclose(g3, g_ref, rtol=1e-15)

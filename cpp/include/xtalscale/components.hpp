@@ -85,26 +85,8 @@ XTALSCALE_EXPORT void harmonics_from_lookup_f32(const std::int32_t* i0, const st
                                                 std::size_t n_rows, std::size_t row_stride,
                                                 std::size_t n_cols, float* out);
 
-/// Lean 1-D smooth component: recompute the normalised weights of @p smoother at the n points
-/// x[i] − x_shift (no weights are held between calls) and write, into caller buffers,
-///  * scales[i] = Σ_j w_ij p_j (or, when @p d is non-null, exp(that · 1/(2 d[i]²)), the
-///    smoothed-B "decay" scale);
-///  * if @p indptr is non-null, the derivative matrix ∂s/∂p (CSR, 32-bit indices; without
-///    column 0 when @p first_fixed): for the B form each row is also multiplied by
-///    scales[i]/(2 d[i]²).
-/// @p indices / @p data need capacity n·smoother.max_row_nnz(). Weights are the smoother's
-/// bulk (product-form) weights, within ~1e-15 relative of DIALS's direct formula.
-/// Returns the nnz written. Throws std::invalid_argument naming "x" or "d" for non-finite
-/// input (or a non-positive d).
-XTALSCALE_EXPORT std::size_t smooth_1d_eval(const GaussianSmoother<1>& smoother, std::size_t n,
-                                            const double* x, double x_shift, const double* p,
-                                            std::size_t n_params, bool first_fixed,
-                                            const double* d, double* scales,
-                                            std::int32_t* indptr, std::int32_t* indices,
-                                            double* data);
-
-/// Held-window form of smooth_1d_eval, for repeated calls on the same coordinates. Prepare
-/// once: window[i] = first << 3 | count of point i's smoother window, and q[i] = exp(2a·d_i),
+/// Lean 1-D smooth component (holds no weights), for repeated calls on the same coordinates.
+/// Prepare once: window[i] = first << 3 | count of point i's smoother window, and q[i] = exp(2a·d_i),
 /// a = 1/σ², d_i = z_i − pos[first] (NaN for a point so far outside the range that q^k could
 /// overflow; those rows use DIALS's direct formula from x at apply time). 10 bytes per point.
 /// Returns the number of such far points. Needs num_values() <= 8191.
@@ -112,8 +94,12 @@ XTALSCALE_EXPORT std::size_t smooth_1d_prepare(const GaussianSmoother<1>& smooth
                                                std::size_t n, const double* x, double x_shift,
                                                std::uint16_t* window, double* q);
 
-/// Apply: as smooth_1d_eval, but the windows and q come from smooth_1d_prepare, so a row costs
-/// no exponential: the normalised weights are q^k·c_k / Σ_j q^j·c_j with c_k = exp(−a k²)
+/// Apply: write, into caller buffers, scales[i] = Σ_j w_ij p_j (or, with @p factor, the
+/// smoothed-B scale exp(that · factor[i])) and, if @p data is non-null, the derivative matrix
+/// ∂s/∂p (CSR, 32-bit indices; without column 0 when @p first_fixed; for the B form each row is
+/// also multiplied by scales[i]·factor[i]); @p indices / @p data need capacity
+/// n·smoother.max_row_nnz(). The windows and q come from smooth_1d_prepare, so a row costs no
+/// exponential: the normalised weights are q^k·c_k / Σ_j q^j·c_j with c_k = exp(−a k²)
 /// (the common factor exp(−a d²) cancels), within a few ulp of DIALS's direct formula.
 /// The smoothed-B form takes @p factor = 1/(2d²) per point (finite, > 0) instead of d.
 /// With @p write_pattern false, indptr/indices are neither written nor read (they hold the

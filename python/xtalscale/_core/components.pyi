@@ -85,13 +85,6 @@ def lookup_sh_scales(
     s0_lookup: npt.NDArray[np.int32], s1_lookup: npt.NDArray[np.int32], table: npt.ArrayLike,
     parameters: npt.ArrayLike
 ) -> _F64: ...
-def smooth_1d_eval(
-    x: npt.ArrayLike, x_shift: float, range: Tuple[float, float], n_intervals: int,
-    num_average: int, sigma: float, parameters: npt.ArrayLike, first_fixed: bool = False,
-    d: Optional[npt.ArrayLike] = None, derivatives: bool = True,
-    scales_out: Optional[_F64] = None, indptr_out: Optional[_I32] = None,
-    indices_out: Optional[_I32] = None, data_out: Optional[_F64] = None
-) -> Tuple[_F64, Optional[_I32], Optional[_I32], Optional[_F64], int]: ...
 def smooth_1d_prepare(
     x: npt.ArrayLike, x_shift: float, range: Tuple[float, float], n_intervals: int,
     num_average: int, sigma: float
