@@ -208,6 +208,7 @@ class ScalingAlgorithm:
         self.n_reference = n_reference
         for ds in self.scaler.datasets[:n_reference]:
             ds.model.fixed_components = list(ds.model.components)
+            ds.is_reference = True  # type: ignore[attr-defined]  # not in the error-model fit
         self.scaled = False
         self.timings = {"prepare": time.perf_counter() - t0}
 

@@ -367,7 +367,12 @@ def refine_error_models(scaler: Any) -> None:
     em_params = params.weighting.error_model
     if em_params.error_model is None:
         return
-    groups = extract_error_model_groups(params, len(scaler.datasets))
+    # a reference's intensities are not fitted (DIALS: the targeted scaler's error model is
+    # refined on the datasets being scaled); its variances are used as given
+    reference = {k for k, ds in enumerate(scaler.datasets) if getattr(ds, "is_reference", False)}
+    groups = [[k for k in members if k not in reference]
+              for members in extract_error_model_groups(params, len(scaler.datasets))]
+    groups = [members for members in groups if members]
     all_stills = all(ds.experiment.is_still() for ds in scaler.datasets)
     for members in groups:
         keep = []

@@ -109,6 +109,12 @@ def work_free_statistics(algorithm: Any, obs: Any, params: Any) -> dict[str, dic
     return out
 
 
+def _is_merged_mtz(path: str) -> bool:
+    import gemmi
+
+    return "M/ISYM" not in gemmi.read_mtz_file(path, with_data=False).column_labels()
+
+
 def _add_reference(inputs: Any, path: str) -> int:
     """Put a reference (scaled .refl with its .expt beside it, or an MTZ) first in ``inputs``.
 
@@ -118,8 +124,19 @@ def _add_reference(inputs: Any, path: str) -> int:
     from .inputs import InputError, file_kind, load_inputs
 
     kind = file_kind(path)
-    if kind == "mtz":  # merged or unmerged intensities: read as a dataset of unit scale
-        ref = load_inputs([path])
+    if kind == "mtz" and _is_merged_mtz(path):
+        from .inputs import ScalingInputs
+        from .reference import merged_mtz_reference
+
+        try:
+            ref_expts, ref_table = merged_mtz_reference(path)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        ref = ScalingInputs(ref_expts, [ref_table], [path])
+    elif kind == "mtz":
+        from .reference import unmerged_mtz_reference
+
+        ref = unmerged_mtz_reference(path)
     elif kind == "reflections":
         expt = Path(path).with_suffix(".expt")
         if not expt.is_file():
