@@ -42,6 +42,24 @@ inline std::size_t table_row(const FitBlock& block, std::size_t r) {
   return block.table_rows ? static_cast<std::size_t>(block.table_rows[r]) : r;
 }
 
+/// Σ w·g² and Σ w·g·I over the observations of group @p h (the least-squares I_h is wgi / wgg).
+struct GroupSums {
+  double wgg = 0.0;
+  double wgi = 0.0;
+};
+
+/// The weighted sums of group @p h under scales @p g (same summation order everywhere, so the
+/// I_h of calc_Ih, the target and the normal equations agree to the last bit).
+inline GroupSums group_sums(const GroupedObservations& t, const double* g, std::size_t h) {
+  GroupSums sums;
+  for (auto l = t.group_offsets[h]; l < t.group_offsets[h + 1]; ++l) {
+    const double wg = t.weights[l] * g[l];
+    sums.wgg += wg * g[l];
+    sums.wgi += wg * t.intensities[l];
+  }
+  return sums;
+}
+
 /// Run body(i) for i in [0, n) over up to @p n_threads threads (static schedule).
 template <class Body>
 void parallel_for(std::size_t n, int n_threads, Body body) {

@@ -135,15 +135,9 @@ void calc_Ih(const GroupedObservations& t, const double* g, double* Ih, double* 
   detail::parallel_for(n_chunks, n_threads, [&](std::size_t c) {
     const std::size_t h_end = std::min(t.n_groups, (c + 1) * detail::kChunkRows);
     for (std::size_t h = c * detail::kChunkRows; h < h_end; ++h) {
-      double sum_wgg = 0.0;
-      double sum_wgi = 0.0;
-      for (auto l = t.group_offsets[h]; l < t.group_offsets[h + 1]; ++l) {
-        const double wg = t.weights[l] * g[l];
-        sum_wgg += wg * g[l];
-        sum_wgi += wg * t.intensities[l];
-      }
-      Ih[h] = sum_wgg > 0.0 ? sum_wgi / sum_wgg : 0.0;
-      if (S) S[h] = sum_wgg;
+      const detail::GroupSums sums = detail::group_sums(t, g, h);
+      Ih[h] = sums.wgg > 0.0 ? sums.wgi / sums.wgg : 0.0;
+      if (S) S[h] = sums.wgg;
     }
   });
 }

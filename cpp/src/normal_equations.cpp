@@ -32,14 +32,9 @@ RowTerms row_terms(const GroupedObservations& t, const double* g, const double* 
   for (std::size_t h = 0; h < t.n_groups; ++h) {
     const auto first = t.group_offsets[h];
     const auto last = t.group_offsets[h + 1];
-    double s = 0.0;
-    double sum_wgi = 0.0;
-    for (auto l = first; l < last; ++l) {
-      const double wg = t.weights[l] * g[l];
-      s += wg * g[l];
-      sum_wgi += wg * t.intensities[l];
-    }
-    const double ls_ih = s > 0.0 ? sum_wgi / s : 0.0;
+    const detail::GroupSums sums = detail::group_sums(t, g, h);
+    const double s = sums.wgg;
+    const double ls_ih = s > 0.0 ? sums.wgi / s : 0.0;
     const bool eliminate = !fixed_Ih && s > 0.0 && last - first > 1;
     if (eliminate) rt.inv_s[h] = 1.0 / s;
     for (auto l = first; l < last; ++l) {
@@ -125,6 +120,22 @@ void observation_terms(const std::vector<FitBlock>& blocks, const RowTerms& rt, 
   }
 }
 
+/// Call body(l, c, d) for every derivative entry of the observations of group @p h: the
+/// observation's table row l, the global parameter column c and the derivative d.
+template <class Body>
+inline void for_each_group_derivative(const GroupedObservations& t, const std::vector<FitBlock>& blocks,
+                                      const std::vector<std::int32_t>& src_block,
+                                      const std::vector<std::int64_t>& src_row, std::size_t h,
+                                      Body body) {
+  for (auto l = t.group_offsets[h]; l < t.group_offsets[h + 1]; ++l) {
+    const DerivativesView& v = blocks[static_cast<std::size_t>(src_block[l])].view;
+    const auto r = static_cast<std::size_t>(src_row[l]);
+    if (v.n_cols == 0) continue;
+    for (auto k = v.indptr[r]; k < v.indptr[r + 1]; ++k)
+      body(l, v.column_offset + static_cast<std::size_t>(v.indices[k]), v.values[k]);
+  }
+}
+
 /// − Σ_h (b bᵀ − [dials] e eᵀ)/S for rows lo..hi, in group order.
 void group_terms(const GroupedObservations& t, const std::vector<FitBlock>& blocks,
                  const std::vector<std::int32_t>& src_block, const std::vector<std::int64_t>& src_row,
@@ -137,20 +148,14 @@ void group_terms(const GroupedObservations& t, const std::vector<FitBlock>& bloc
     const double inv_s = rt.inv_s[h];
     if (inv_s == 0.0) continue;
     touched.clear();
-    for (auto l = t.group_offsets[h]; l < t.group_offsets[h + 1]; ++l) {
-      const DerivativesView& v = blocks[static_cast<std::size_t>(src_block[l])].view;
-      const auto r = static_cast<std::size_t>(src_row[l]);
-      if (v.n_cols == 0) continue;
-      for (auto k = v.indptr[r]; k < v.indptr[r + 1]; ++k) {
-        const std::size_t c = v.column_offset + static_cast<std::size_t>(v.indices[k]);
-        if (!seen[c]) {
-          seen[c] = 1;
-          touched.push_back(c);
-        }
-        b[c] += rt.b[l] * v.values[k];
-        e[c] += rt.e[l] * v.values[k];
+    for_each_group_derivative(t, blocks, src_block, src_row, h, [&](auto l, std::size_t c, double d) {
+      if (!seen[c]) {
+        seen[c] = 1;
+        touched.push_back(c);
       }
-    }
+      b[c] += rt.b[l] * d;
+      e[c] += rt.e[l] * d;
+    });
     std::sort(touched.begin(), touched.end());
     // runs of consecutive columns: the rank-1 update is contiguous (vectorisable) within a run
     const std::size_t m = touched.size();
@@ -244,17 +249,11 @@ void normal_matrix_diagonal(const GroupedObservations& t, const std::vector<FitB
   for (std::size_t h = 0; h < t.n_groups; ++h) {
     if (rt.inv_s[h] == 0.0) continue;
     touched.clear();
-    for (auto l = t.group_offsets[h]; l < t.group_offsets[h + 1]; ++l) {
-      const DerivativesView& v = blocks[static_cast<std::size_t>(src_block[l])].view;
-      const auto r = static_cast<std::size_t>(src_row[l]);
-      if (v.n_cols == 0) continue;
-      for (auto k = v.indptr[r]; k < v.indptr[r + 1]; ++k) {
-        const std::size_t c = v.column_offset + static_cast<std::size_t>(v.indices[k]);
-        if (bsum[c] == 0.0) touched.push_back(c);
-        bsum[c] += rt.b[l] * v.values[k];
-        if (bsum[c] == 0.0) bsum[c] = 1e-300;  // keep it marked as touched
-      }
-    }
+    for_each_group_derivative(t, blocks, src_block, src_row, h, [&](auto l, std::size_t c, double d) {
+      if (bsum[c] == 0.0) touched.push_back(c);
+      bsum[c] += rt.b[l] * d;
+      if (bsum[c] == 0.0) bsum[c] = 1e-300;  // keep it marked as touched
+    });
     for (std::size_t c : touched) {
       diagonal[c] -= bsum[c] * bsum[c] * rt.inv_s[h];
       bsum[c] = 0.0;

@@ -23,14 +23,8 @@ double residual_pass(const GroupedObservations& t, const double* g, const double
       const auto last = t.group_offsets[h + 1];
       double ih = 0.0;
       if (!fixed_Ih) {
-        double sum_wgg = 0.0;
-        double sum_wgi = 0.0;
-        for (auto l = first; l < last; ++l) {
-          const double wg = t.weights[l] * g[l];
-          sum_wgg += wg * g[l];
-          sum_wgi += wg * t.intensities[l];
-        }
-        ih = sum_wgg > 0.0 ? sum_wgi / sum_wgg : 0.0;
+        const detail::GroupSums sums = detail::group_sums(t, g, h);
+        ih = sums.wgg > 0.0 ? sums.wgi / sums.wgg : 0.0;
       }
       for (auto l = first; l < last; ++l) {
         if (fixed_Ih) ih = fixed_Ih[l];

@@ -34,12 +34,6 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # the scripts import each other by module name
     sys.path.insert(0, str(HERE))
 
-from xtalscale.algorithms.scaling.active_parameter_managers import (  # noqa: E402
-    active_parameter_manager,
-)
-from xtalscale.array_family import flex  # noqa: E402
-from xtalscale.dxtbx.model.experiment_list import ExperimentListFactory  # noqa: E402
-
 from custom_model import (  # noqa: E402
     CustomRelativeScalingModel,
     ResolutionDependentComponent,
@@ -47,6 +41,12 @@ from custom_model import (  # noqa: E402
     SimpleMultiplicativeComponent,
 )
 from smooth_component import SmoothScaleComponent  # noqa: E402
+
+from xtalscale.algorithms.scaling.active_parameter_managers import (  # noqa: E402
+    active_parameter_manager,
+)
+from xtalscale.array_family import flex  # noqa: E402
+from xtalscale.dxtbx.model.experiment_list import ExperimentListFactory  # noqa: E402
 
 # refinement.py (§6) is imported inside the functions that run it, so that the data helpers
 # here can be used on their own.

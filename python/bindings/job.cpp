@@ -42,6 +42,22 @@ const double* row_array(const DoubleArray& a, std::size_t n_rows, const char* na
 
 DoubleArray new_doubles(std::size_t n) { return DoubleArray({static_cast<py::ssize_t>(n)}); }
 
+/// The (grouping, intensity, weight, scale) arguments of the intensity kernels, checked.
+struct IntensityRows {
+  GroupLayout layout;
+  std::size_t n;
+  const double* I;
+  const double* w;
+  const double* g;
+};
+
+IntensityRows intensity_rows(const LongArray& order, const LongArray& offsets, const DoubleArray& intensity,
+                             const DoubleArray& weight, const DoubleArray& scale) {
+  const auto n = static_cast<std::size_t>(intensity.size());
+  return {layout_of(order, offsets, n), n, row_array(intensity, n, "intensity"),
+          row_array(weight, n, "weight"), row_array(scale, n, "scale")};
+}
+
 LongArray to_array(const std::vector<std::int64_t>& v) {
   LongArray out({static_cast<py::ssize_t>(v.size())});
   std::copy(v.begin(), v.end(), out.mutable_data());
@@ -63,17 +79,13 @@ DoubleArray sum_in_groups_py(const LongArray& order, const LongArray& offsets, c
 
 py::tuple weighted_group_sums_py(const LongArray& order, const LongArray& offsets, const DoubleArray& intensity,
                                  const DoubleArray& weight, const DoubleArray& scale) {
-  const auto n = static_cast<std::size_t>(intensity.size());
-  const auto layout = layout_of(order, offsets, n);
-  const double* I = row_array(intensity, n, "intensity");
-  const double* w = row_array(weight, n, "weight");
-  const double* g = row_array(scale, n, "scale");
-  auto a = new_doubles(layout.n_groups), b = new_doubles(layout.n_groups);
+  const IntensityRows in = intensity_rows(order, offsets, intensity, weight, scale);
+  auto a = new_doubles(in.layout.n_groups), b = new_doubles(in.layout.n_groups);
   double* pa = a.mutable_data();
   double* pb = b.mutable_data();
   {
     py::gil_scoped_release release;
-    weighted_group_sums(layout, I, w, g, pa, pb);
+    weighted_group_sums(in.layout, in.I, in.w, in.g, pa, pb);
   }
   return py::make_tuple(a, b);
 }
@@ -81,17 +93,13 @@ py::tuple weighted_group_sums_py(const LongArray& order, const LongArray& offset
 template <void (*Kernel)(const GroupLayout&, const double*, const double*, const double*, double*)>
 DoubleArray normdev_py(const LongArray& order, const LongArray& offsets, const DoubleArray& intensity,
                        const DoubleArray& weight, const DoubleArray& scale) {
-  const auto n = static_cast<std::size_t>(intensity.size());
-  const auto layout = layout_of(order, offsets, n);
-  const double* I = row_array(intensity, n, "intensity");
-  const double* w = row_array(weight, n, "weight");
-  const double* g = row_array(scale, n, "scale");
-  auto z = new_doubles(n);
+  const IntensityRows in = intensity_rows(order, offsets, intensity, weight, scale);
+  auto z = new_doubles(in.n);
   double* pz = z.mutable_data();
-  std::fill(pz, pz + n, 0.0);  // rows outside the grouping keep z = 0
+  std::fill(pz, pz + in.n, 0.0);  // rows outside the grouping keep z = 0
   {
     py::gil_scoped_release release;
-    Kernel(layout, I, w, g, pz);
+    Kernel(in.layout, in.I, in.w, in.g, pz);
   }
   return z;
 }

@@ -21,6 +21,7 @@ from .stats.merging import (
     normalised_deviations,
     shell_limits,
 )
+
 # iotbx's names for the per-shell object and its error
 from .stats.merging import MergingShell as merging_stats  # noqa: E402
 from .stats.merging import MergingStatisticsError as StatisticsError  # noqa: E402

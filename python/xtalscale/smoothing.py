@@ -34,7 +34,7 @@ Differences from DIALS (deliberate)
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np

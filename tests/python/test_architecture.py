@@ -21,7 +21,7 @@ except ModuleNotFoundError:  # Python < 3.11
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE_DIR = Path(xtalscale.__file__).resolve().parent
 #: Top-level names of the DIALS-path facades (thin re-exports of core objects).
-FACADES = ("algorithms", "array_family", "dxtbx", "util", "lstbx", "scitbx", "cctbx",
+FACADES = ("algorithms", "array_family", "dxtbx", "util", "lstbx", "scitbx", "cctbx", "command_line",
            "merging_statistics")
 #: Package entry points that belong to no layer.
 UNLAYERED = ("_core", "__main__")

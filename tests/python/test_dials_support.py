@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 
 from xtalscale.algorithms.scaling.basis_functions import RefinerCalculator
+from xtalscale.algorithms.scaling.Ih_table import get_sorted_asu_indices, map_indices_to_asu
 from xtalscale.algorithms.scaling.model.components.scale_components import (
     ScaleComponentBase,
     SingleBScaleFactor,
     SingleScaleFactor,
 )
 from xtalscale.algorithms.scaling.parameter_handler import scaling_active_parameter_manager
-from xtalscale.algorithms.scaling.Ih_table import get_sorted_asu_indices, map_indices_to_asu
 from xtalscale.algorithms.scaling.weighting import (
     CauchyWeights,
     GemanMcClureWeights,

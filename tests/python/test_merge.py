@@ -21,6 +21,7 @@ from xtalscale.merge import (
     observations_from_reflections,
     write_merged_mtz,
 )
+from xtalscale.merge.params import merge_phil_scope, parse_phil_arguments
 from xtalscale.symmetry import SpaceGroup, UnitCell, map_to_asu
 
 DATA = Path(__file__).resolve().parents[1] / "data"
@@ -230,6 +231,14 @@ def test_unknown_space_group_is_a_clear_error(tmp_path, capsys):
                  f"output.mtz={tmp_path / 'm.mtz'}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("xtalscale: error:") and "Q 9 9" in err
+
+
+def test_merge_parameters_misspelt_names_suggest_the_nearest(tmp_path):
+    with pytest.raises(ValueError, match="did you mean d_min"):
+        parse_phil_arguments(merge_phil_scope(), ["dmin=2"])
+    phil_file = tmp_path / "merge.phil"
+    phil_file.write_text("french_wilson.max_bins = 7\n")
+    assert parse_phil_arguments(merge_phil_scope(), [str(phil_file)]).french_wilson.max_bins == 7
 
 
 def test_detect_file_type_by_content(tmp_path):

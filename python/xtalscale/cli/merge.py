@@ -29,16 +29,19 @@ def _help() -> str:
 
 
 def _split_arguments(argv: Sequence[str]) -> tuple[list[str], list[str], int]:
-    files, phil, verbosity = [], [], 0
+    """(files, PHIL words, verbosity): ``-v``/``-vv``/``--verbose`` counted, the rest split by
+    :func:`xtalscale.io.detect.split_arguments`."""
+    from ..io.detect import split_arguments
+
+    verbosity, words = 0, []
     for arg in argv:
-        if arg in ("-v", "--verbose"):
+        if arg == "--verbose":
             verbosity += 1
         elif arg.startswith("-v") and set(arg[1:]) == {"v"}:
             verbosity += len(arg) - 1
-        elif "=" in arg:
-            phil.append(arg)
         else:
-            files.append(arg)
+            words.append(arg)
+    files, phil = split_arguments(words)
     return files, phil, verbosity
 
 

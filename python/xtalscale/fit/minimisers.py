@@ -347,19 +347,29 @@ def _finish_esds(objective: Objective, solution: Solution | None, r_sq: float, n
 
 
 # --------------------------------------------------------------------------- Gauss–Newton
+def _start(objective: Objective, journal: Journal) -> tuple[list[str], np.ndarray, tuple] | None:
+    """(names, x, normal equations) at the starting parameters; None (journal says why) when
+    there are fewer equations than parameters. Non-finite starting scales raise."""
+    names = objective.param_names()
+    x = objective.get_x().astype(np.float64).copy()
+    if not _try_set(objective, x):
+        raise RefinementFailed("the starting parameters give non-finite scales", journal)
+    equations = objective.normal_equations()
+    if equations[3] - objective.n_params < 1:
+        journal.reason_for_termination = DOF_TOO_LOW
+        return None
+    return names, x, equations
+
+
 def gauss_newton(objective: Objective, max_iterations: int | None = None, rmsd_tolerance: float = 1e-4,
                  journal: Journal | None = None) -> Journal:
     """DIALS's ``GaussNewtonIterations`` with the C++ normal equations (spec 7.3)."""
     journal = journal or Journal(engine="GaussNewton")
     t0 = time.perf_counter()
-    names = objective.param_names()
-    x = objective.get_x().astype(np.float64).copy()
-    if not _try_set(objective, x):
-        raise RefinementFailed("the starting parameters give non-finite scales", journal)
-    matrix, rhs, r_sq, n_eq = objective.normal_equations()
-    if n_eq - objective.n_params < 1:
-        journal.reason_for_termination = DOF_TOO_LOW
+    start = _start(objective, journal)
+    if start is None:
         return journal
+    names, x, (matrix, rhs, r_sq, n_eq) = start
     solution = None
     iteration = 0
     while True:
@@ -402,14 +412,10 @@ def levenberg_marquardt(objective: Objective, max_iterations: int | None = 100, 
     journal = journal or Journal(engine="LevMar")
     max_iterations = 100 if max_iterations is None else max_iterations
     t0 = time.perf_counter()
-    names = objective.param_names()
-    x = objective.get_x().astype(np.float64).copy()
-    if not _try_set(objective, x):
-        raise RefinementFailed("the starting parameters give non-finite scales", journal)
-    matrix, rhs, r_sq, n_eq = objective.normal_equations()
-    if n_eq - objective.n_params < 1:
-        journal.reason_for_termination = DOF_TOO_LOW
+    start = _start(objective, journal)
+    if start is None:
         return journal
+    names, x, (matrix, rhs, r_sq, n_eq) = start
     zero_rhs = [names[j] for j in np.flatnonzero(rhs == 0.0)]
     if zero_rhs:  # DIALS raises here; the solver fixes untouched parameters instead
         journal.messages.append("normal equations have an indeterminate solution for: " + ", ".join(zero_rhs[:20]))

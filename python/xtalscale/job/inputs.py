@@ -2,7 +2,8 @@
 
 DIALS's own test inputs are named ``20_integrated.pickle`` and
 ``20_integrated_experiments.json``, so the extension says little: :func:`file_kind` reads the
-first bytes. Kinds: ``"reflections"`` (DIALS msgpack ``.refl`` or legacy pickle),
+first bytes (home: :mod:`xtalscale.io.detect`, re-exported here with :func:`split_arguments`
+and :class:`InputError`). Kinds: ``"reflections"`` (DIALS msgpack ``.refl`` or legacy pickle),
 ``"experiments"`` (``.expt``/JSON experiment list), ``"mtz"`` (unmerged MTZ), ``"xds"``
 (``INTEGRATE.HKL`` / ``XDS_ASCII.HKL``) and ``"phil"`` (a parameter file).
 
@@ -15,79 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..io.detect import InputError, file_kind, split_arguments
+
 __all__ = ["InputError", "ScalingInputs", "file_kind", "load_inputs", "split_arguments"]
-
-
-class InputError(ValueError):
-    """An input file that cannot be used: unreadable, unrecognised or inconsistent."""
-
-
-_MSGPACK_REFL = b"dials::af::reflection_table"
-
-
-def file_kind(path: str | Path) -> str:
-    """What ``path`` holds, from its content (not its name).
-
-    Raises
-    ------
-    InputError
-        If the file cannot be read or its content is none of the known kinds.
-    """
-    p = Path(path)
-    try:
-        with p.open("rb") as f:
-            head = f.read(4096)
-    except OSError as exc:
-        raise InputError(f"cannot read {p}: {exc.strerror}") from None
-    if head[:2] == b"\x1f\x8b":  # gzip: gemmi reads gzipped MTZ directly
-        import gzip
-
-        try:
-            with gzip.open(p, "rb") as g:
-                inner = g.read(4)
-        except (OSError, EOFError):
-            inner = b""
-        if inner == b"MTZ ":
-            return "mtz"
-    if head[:4] == b"MTZ ":
-        return "mtz"
-    if _MSGPACK_REFL in head[:64]:
-        return "reflections"
-    if head[:1] == b"\x80" and (b"dials_array_family" in head[:200] or b"reflection_table" in head[:400]):
-        return "reflections"
-    text = head.decode("utf-8", errors="replace").lstrip()
-    if text.startswith("{") or text.startswith("["):
-        if "ExperimentList" in text or '"experiment"' in text or '"crystal"' in text:
-            return "experiments"
-    if text.startswith("!"):
-        if "XDS_ASCII" in text or "INTEGRATE.HKL" in text or "!ITEM_H=" in text:
-            return "xds"
-    if p.suffix == ".phil" or _looks_like_phil(text):
-        return "phil"
-    raise InputError(f"{p}: not a recognised input (expected DIALS .refl/.expt, an unmerged "
-                     f"MTZ, an XDS INTEGRATE.HKL/XDS_ASCII.HKL or a .phil file)")
-
-
-def _looks_like_phil(text: str) -> bool:
-    first = next((ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")), "")
-    return "=" in first or first.rstrip().endswith("{")
-
-
-def split_arguments(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Split command-line words into input files and PHIL words (``key=value`` or ``.phil``).
-
-    A word that names an existing file is a file; any other word with ``=`` is a parameter.
-    """
-    files, phil = [], []
-    for word in argv:
-        path = Path(word)
-        if path.is_file():
-            (phil if file_kind(path) == "phil" else files).append(word)
-        elif "=" in word:
-            phil.append(word)
-        else:
-            raise InputError(f"{word}: no such file, and not a name=value parameter")
-    return files, phil
 
 
 @dataclass

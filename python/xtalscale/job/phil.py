@@ -18,9 +18,7 @@ object; an unknown or misspelt name is a :class:`PhilError` naming the closest d
 """
 from __future__ import annotations
 
-import difflib
-from collections.abc import Iterable, Sequence
-from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 __all__ = [
@@ -460,51 +458,17 @@ DIFFERING_DEFAULTS: tuple[tuple[str, str, str], ...] = (
 
 def phil_definition_paths(scope: Any = None) -> list[str]:
     """Full dotted names of every definition in ``scope`` (default: the dials.scale master)."""
-    scope = __getattr__("scale_phil_scope") if scope is None else scope
-    return [d.path for d in scope.all_definitions()]
+    from ..io.phil_args import definition_paths
 
-
-def _suggest(name: str, paths: Sequence[str]) -> str:
-    """The nearest definition names for a misspelt ``name`` (matching full paths and leaves)."""
-    leaves = {p.rsplit(".", 1)[-1]: p for p in paths}
-    near = difflib.get_close_matches(name, list(paths), n=3, cutoff=0.6)
-    leaf = name.rsplit(".", 1)[-1]
-    near += [leaves[m] for m in difflib.get_close_matches(leaf, list(leaves), n=3, cutoff=0.6)]
-    unique = list(dict.fromkeys(near))[:3]
-    return f" (did you mean {' or '.join(unique)}?)" if unique else ""
-
-
-def _interpret(interpreter: Any, word: str, paths: Sequence[str]) -> Any:
-    """One ``key=value`` word as a PHIL object, or a PhilError naming the nearest names."""
-    key, sep, _ = word.partition("=")
-    if not sep or not key.strip():
-        raise PhilError(f"malformed parameter {word!r}: expected name=value")
-    try:
-        return interpreter.process(arg=word)
-    except (SystemExit, RuntimeError, ValueError) as exc:  # freephil's Sorry is a SystemExit
-        message = str(exc).strip() or type(exc).__name__
-        if "Unknown" in message or "unknown" in message:
-            raise PhilError(f"unknown parameter {key.strip()!r}{_suggest(key.strip(), paths)}") from None
-        if "ambiguous" in message.lower():
-            raise PhilError(f"ambiguous parameter {key.strip()!r}: {message}") from None
-        raise PhilError(f"bad parameter {word!r}: {message}") from None
+    return definition_paths(__getattr__("scale_phil_scope") if scope is None else scope)
 
 
 def parse_phil_arguments(words: Iterable[str], scope: Any = None) -> tuple[Any, Any]:
-    """Apply ``key=value`` words and ``.phil`` files to ``scope``.
+    """Apply ``key=value`` words and ``.phil`` files to ``scope`` (default
+    :data:`scale_phil_scope`); returns ``(params, working_scope)``.
 
-    Parameters
-    ----------
-    words : iterable of str
-        ``name=value`` (a unique suffix of a dotted name is enough, as in DIALS) or the path
-        of a ``.phil`` file.
-    scope : freephil scope, optional
-        The master scope (default :data:`scale_phil_scope`).
-
-    Returns
-    -------
-    (params, working_scope)
-        The extracted parameter object and the working PHIL scope (for ``show``/diff).
+    :func:`xtalscale.io.phil_args.parse_phil_words` does the parsing; this adds the
+    cross-parameter checks of the scaling job.
 
     Raises
     ------
@@ -512,43 +476,12 @@ def parse_phil_arguments(words: Iterable[str], scope: Any = None) -> tuple[Any, 
         Unknown, ambiguous or malformed names, and values of the wrong type or outside their
         limits; the message names the parameter and suggests the nearest valid names.
     """
-    import freephil
+    from ..io.phil_args import parse_phil_words
 
     scope = __getattr__("scale_phil_scope") if scope is None else scope
-    paths = phil_definition_paths(scope)
-    interpreter = scope.command_line_argument_interpreter()
-    sources = []
-    for word in words:
-        if "=" not in word and word.endswith(".phil"):
-            path = Path(word)
-            try:
-                text = path.read_text()
-            except OSError as exc:
-                raise PhilError(f"cannot read PHIL file {word}: {exc.strerror}") from None
-            try:
-                source = freephil.parse(text, process_includes=False)
-            except (SystemExit, RuntimeError, ValueError) as exc:
-                raise PhilError(f"PHIL file {word}: {exc}") from None
-            _check_file_names(source, paths, word)
-            sources.append(source)
-        else:
-            sources.append(_interpret(interpreter, word, paths))
-    try:
-        working = scope.fetch(sources=sources)
-        params = working.extract()
-    except (SystemExit, RuntimeError, ValueError) as exc:
-        raise PhilError(str(exc).strip()) from None
+    params, working = parse_phil_words(words, scope, error=PhilError)
     _check_values(params)
     return params, working
-
-
-def _check_file_names(source: Any, paths: Sequence[str], filename: str) -> None:
-    """Every definition of a .phil file must be a known (full or suffix) name."""
-    for definition in source.all_definitions():
-        name = definition.path
-        if name in paths or any(p.endswith("." + name) for p in paths):
-            continue
-        raise PhilError(f"{filename}: unknown parameter {name!r}{_suggest(name, paths)}")
 
 
 def _check_values(params: Any) -> None:

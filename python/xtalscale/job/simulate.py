@@ -33,9 +33,9 @@ import numpy as np
 
 __all__ = ["DEFAULT_GEOMETRY", "Simulation", "SimulationOptions", "simulate", "write_simulation"]
 
-#: Real geometry the simulator starts from (l-cysteine, DIALS test data, sweep 20).
-DEFAULT_GEOMETRY = (Path(__file__).resolve().parents[3] / "tests" / "data"
-                    / "dials_l_cysteine_4_sweeps_scaled" / "scaled_30.expt")
+#: Real geometry the simulator starts from (l-cysteine, DIALS test data, sweep 30), shipped in
+#: the package (job/data/README.txt says where it comes from).
+DEFAULT_GEOMETRY = Path(__file__).resolve().parent / "data" / "l_cysteine_geometry.expt"
 
 
 @dataclass

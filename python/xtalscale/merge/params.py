@@ -72,18 +72,13 @@ def merge_phil_scope() -> Any:
 
 
 def parse_phil_arguments(master: Any, arguments: Sequence[str]) -> Any:
-    """Extract ``key=value`` arguments against ``master``.
+    """Extract ``key=value`` arguments (and ``.phil`` files) against ``master``.
 
     Raises
     ------
     ValueError
-        For an unknown key or a value of the wrong type (freephil's message).
+        For an unknown key (naming the nearest valid names) or a value of the wrong type.
     """
-    import freephil
+    from ..io.phil_args import parse_phil_words
 
-    interpreter = master.command_line_argument_interpreter()
-    try:
-        sources = interpreter.process(args=list(arguments))
-        return master.fetch(sources=sources).extract()
-    except (freephil.Sorry, RuntimeError) as error:  # Sorry derives from SystemExit
-        raise ValueError(str(error)) from None
+    return parse_phil_words(arguments, master, error=ValueError)[0]
