@@ -305,3 +305,31 @@ def test_mismatched_identifiers_are_a_clear_error(tmp_path, capsys):
                  f"output.reflections={tmp_path}/o.refl", f"output.experiments={tmp_path}/o.expt",
                  "output.html=None"]) == 2
     assert "identifier" in capsys.readouterr().err
+
+
+def test_overflowing_and_vanishing_values_do_not_stop_the_job():
+    """dials#2974-like inputs: rows with I = 1e150, σ² = 1e-150 (weights and residuals that
+    overflow) and I = 1e-300, σ² = 1e300; the job completes with finite scales, keeps every
+    row, and the statistics of the rest stay sound."""
+    from xtalscale import flex_arrays as fa
+
+    inputs = load_inputs(SWEEP20)
+    table = inputs.tables[0]
+    rows = np.random.default_rng(0).choice(np.flatnonzero(np.asarray(table["id"]) >= 0), 20, replace=False)
+    for kind in ("prf", "sum"):
+        value = np.asarray(table[f"intensity.{kind}.value"]).copy()
+        variance = np.asarray(table[f"intensity.{kind}.variance"]).copy()
+        value[rows[:10]], variance[rows[:10]] = 1e150, 1e-150
+        value[rows[10:]], variance[rows[10:]] = 1e-300, 1e300
+        table[f"intensity.{kind}.value"] = fa.double(value)
+        table[f"intensity.{kind}.variance"] = fa.double(variance)
+    params, _ = parse_phil_arguments(["output.html=None"])
+    algorithm = ScalingAlgorithm(params, inputs.experiments, inputs.tables)
+    algorithm.run()
+    expts, out = algorithm.finish()
+    assert len(out) == len(table)
+    scaled = np.asarray(out.get_flags(Flags.scaled))
+    g = np.asarray(out["inverse_scale_factor"])[scaled]
+    assert np.all(np.isfinite(g)) and np.all(g > 0)
+    o = _stats(expts, out)
+    assert o.r_pim < 0.03 and o.cc_one_half > 0.995 and o.n_obs > 2200
