@@ -333,3 +333,44 @@ def test_overflowing_and_vanishing_values_do_not_stop_the_job():
     assert np.all(np.isfinite(g)) and np.all(g > 0)
     o = _stats(expts, out)
     assert o.r_pim < 0.03 and o.cc_one_half > 0.995 and o.n_obs > 2200
+
+
+def test_dataset_emptied_by_outlier_rejection(caplog):
+    """dials#2045, the outlier case: a second sweep of six reflections, each 1000 times too
+    strong and in a well-measured group of sweep 20, is rejected whole; the job goes on, says
+    so, and still writes those rows, flagged as outliers."""
+    from xtalscale import flex_arrays as fa
+    from xtalscale.symmetry import map_to_asu
+
+    inputs = load_inputs(SWEEP20 + SWEEP25)
+    first, second = inputs.tables
+    sg = inputs.experiments[0].crystal.get_space_group()
+
+    def strong_rows(table):
+        return np.flatnonzero((np.asarray(table["id"]) >= 0) & (np.asarray(table["partiality"]) > 0.9)
+                              & (np.asarray(table["intensity.prf.value"]) > 100))
+
+    def asu_keys(table, rows):
+        asu = map_to_asu(np.asarray(table["miller_index"])[rows], sg).asu_hkl.astype(np.int64) + 512
+        return (asu[:, 0] << 20) | (asu[:, 1] << 10) | asu[:, 2]
+
+    keys, counts = np.unique(asu_keys(first, strong_rows(first)), return_counts=True)
+    candidates = strong_rows(second)
+    in_big_group = np.isin(asu_keys(second, candidates), keys[counts >= 4])
+    picked = candidates[in_big_group]
+    _, one_per_group = np.unique(asu_keys(second, picked), return_index=True)
+    second = second.select(np.sort(picked[one_per_group])[:6])
+    for name in ("intensity.prf.value", "intensity.sum.value"):
+        second[name] = fa.double(np.asarray(second[name]) * 1000)
+    inputs.tables[1] = second
+    params, _ = parse_phil_arguments(["output.html=None"])
+    algorithm = ScalingAlgorithm(params, inputs.experiments, inputs.tables)
+    with caplog.at_level("WARNING", logger="xtalscale.scale"):
+        algorithm.run()
+    expts, table = algorithm.finish()
+    assert algorithm.emptied_datasets == [inputs.experiments[1].identifier]
+    assert "every reflection was rejected as an outlier" in caplog.text
+    rows = np.asarray(table["id"]) == 1
+    assert rows.sum() == 6 and np.all(np.asarray(table.get_flags(Flags.outlier_in_scaling))[rows])
+    o = _stats(expts, table)
+    assert o.r_pim < 0.03 and o.n_obs > 2200
