@@ -160,4 +160,21 @@ std::vector<std::int64_t> select_rows_in_groups(const GroupLayout& layout, const
   return offsets;
 }
 
+void error_model_bin_moments(std::size_t n_rows, const double* numerator, const double* variance,
+                             const double* intensity_sq, const std::int64_t* bin, std::size_t n_bins,
+                             double b_squared, double* sum_delta, double* sum_delta_sq) {
+  std::fill(sum_delta, sum_delta + n_bins, 0.0);
+  std::fill(sum_delta_sq, sum_delta_sq + n_bins, 0.0);
+  for (std::size_t i = 0; i < n_rows; ++i) {
+    const auto k = bin[i];
+    if (k < 0) continue;
+    if (static_cast<std::size_t>(k) >= n_bins)
+      throw std::invalid_argument("bin index " + std::to_string(k) + " at row " + std::to_string(i) +
+                                  " is not below n_bins (" + std::to_string(n_bins) + ")");
+    const double delta = numerator[i] / std::sqrt(variance[i] + b_squared * intensity_sq[i]);
+    sum_delta[k] += delta;
+    sum_delta_sq[k] += delta * delta;
+  }
+}
+
 }  // namespace xtalscale

@@ -2,6 +2,7 @@
 //
 // Every function takes the grouping as (order, offsets) int64 arrays (xtalscale.symmetry's
 // Grouping) plus per-row float64 arrays, validates them, and runs with the GIL released.
+#include <cmath>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -143,9 +144,35 @@ py::tuple select_rows_in_groups_py(const LongArray& order, const LongArray& offs
   return py::make_tuple(to_array(new_order), to_array(new_offsets), to_array(kept));
 }
 
+py::tuple error_model_bin_moments_py(const DoubleArray& numerator, const DoubleArray& variance,
+                                     const DoubleArray& intensity_sq, const LongArray& bin,
+                                     std::size_t n_bins, double b_squared) {
+  const auto n = static_cast<std::size_t>(numerator.size());
+  const double* k = row_array(numerator, n, "numerator");
+  const double* v = row_array(variance, n, "variance");
+  const double* i2 = row_array(intensity_sq, n, "intensity_sq");
+  if (bin.ndim() != 1 || static_cast<std::size_t>(bin.size()) != n)
+    throw std::invalid_argument("bin must be 1-dimensional with " + std::to_string(n) + " entries");
+  if (!std::isfinite(b_squared) || b_squared < 0)
+    throw std::invalid_argument("b_squared must be finite and >= 0");
+  auto sum = new_doubles(n_bins), sum_sq = new_doubles(n_bins);
+  double* s = sum.mutable_data();
+  double* s2 = sum_sq.mutable_data();
+  const std::int64_t* b = bin.data();
+  {
+    py::gil_scoped_release release;
+    error_model_bin_moments(n, k, v, i2, b, n_bins, b_squared, s, s2);
+  }
+  return py::make_tuple(sum, sum_sq);
+}
+
 }  // namespace
 
 void bind_job(py::module_& m) {
+  m.def("error_model_bin_moments", &error_model_bin_moments_py, py::arg("numerator"), py::arg("variance"),
+        py::arg("intensity_sq"), py::arg("bin"), py::arg("n_bins"), py::arg("b_squared"),
+        "Per-bin sums of delta = numerator / sqrt(variance + b_squared * intensity_sq) and of delta**2\n"
+        "(rows with bin < 0 are in no bin). Returns (sum_delta, sum_delta_sq).");
   m.def("sum_in_groups", &sum_in_groups_py, py::arg("order"), py::arg("offsets"), py::arg("values"),
         "Per-group sums of a per-row array: out[k] = sum(values[order[offsets[k]:offsets[k+1]]]).");
   m.def("weighted_group_sums", &weighted_group_sums_py, py::arg("order"), py::arg("offsets"),

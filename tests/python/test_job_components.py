@@ -150,3 +150,46 @@ def test_combination_prefers_the_less_noisy_estimate():
                                                          np.zeros((truth.size, 2))]).astype(np.int32))
     best, results = combine_intensities([t], SpaceGroup("P 1"), [np.ones(truth.size, bool)])
     assert best == 0.0 and results[0.0] < results[1.0]
+
+
+def test_error_model_b_objective_kernel_matches_the_definition():
+    """The C++ per-bin pass gives the objective's definition (δ from calc_deltahl, numpy bins)."""
+    from xtalscale.job.error_model import (
+        ErrorModelBinner,
+        ErrorModelData,
+        _b_objective,
+        _b_objective_at_fixed_a,
+    )
+
+    data = ErrorModelData(_simulated_groups(1.2, 0.03, seed=3, n_groups=200, mult=20))
+    binner = ErrorModelBinner(data)
+    model = BasicErrorModel(1.3, 0.02)
+    fast = _b_objective_at_fixed_a(model, data, binner)
+    for b in (0.0, 0.01, 0.03, 0.2):
+        assert fast(b) == pytest.approx(_b_objective(b, model, data, binner), rel=1e-10)
+
+
+def test_error_model_kernel_rejects_bad_input():
+    from xtalscale._core import job as kernels
+
+    one = np.ones(3)
+    with pytest.raises(ValueError, match="bin index"):
+        kernels.error_model_bin_moments(one, one, one, np.array([0, 1, 5]), 2, 0.0)
+    with pytest.raises(ValueError, match="variance"):
+        kernels.error_model_bin_moments(one, np.ones(2), one, np.array([0, 1, 1]), 2, 0.0)
+    with pytest.raises(ValueError, match="b_squared"):
+        kernels.error_model_bin_moments(one, one, one, np.array([0, 1, 1]), 2, float("nan"))
+
+
+def test_error_model_stills_filtering():
+    """Stills (DIALS): I/σ ≥ min_Isigma and n_h ≥ min_multiplicity; groups of 3 are dropped."""
+    from types import SimpleNamespace
+
+    from xtalscale.job.error_model import ErrorModelData
+
+    stills = SimpleNamespace(min_Isigma=2.0, min_multiplicity=4)
+    grouped = _simulated_groups(1.0, 0.02, seed=4, n_groups=300, mult=5)
+    data = ErrorModelData(grouped, stills=stills)
+    assert np.all(data.intensity >= 2.0 * np.sqrt(data.variance)) and np.all(data.n_h >= 4)
+    with pytest.raises(ErrorModelRefinementError):
+        ErrorModelData(_simulated_groups(1.0, 0.02, seed=4, n_groups=300, mult=3), stills=stills)

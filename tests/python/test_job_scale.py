@@ -237,3 +237,161 @@ def test_xds_and_unmerged_mtz_inputs(tmp_path, source):
     assert len(expts) >= 1 and np.count_nonzero(table.get_flags(Flags.scaled)) > 100
     g = np.asarray(table["inverse_scale_factor"])[np.asarray(table.get_flags(Flags.scaled))]
     assert np.all(np.isfinite(g)) and np.all(g > 0)
+
+
+def test_two_sweeps_continued_with_the_error_model(tmp_path):
+    """DIALS's test_multi_scale: 20+25 scaled (profile, no error model, simple outliers), then
+    the scaled output scaled again with error_model=basic: Rpim < 0.016, CC½ > 0.997 and
+    n_obs 5560 ± 100 (DIALS 22/06/20: 0.015 / 0.999), with a and b both refined."""
+    _scale(tmp_path, SWEEP20 + SWEEP25, "intensity_choice=profile", "error_model=None",
+           "outlier_rejection=simple", "output.html=None")
+    algorithm, expts, table = _run([str(tmp_path / "scaled.refl"), str(tmp_path / "scaled.expt")],
+                                   "error_model=basic", "output.html=None")
+    o = _stats(expts, table)
+    assert o.r_pim < 0.016 and o.cc_one_half > 0.997 and abs(o.n_obs - 5560) < 100
+    em = algorithm.scaler.datasets[0].error_model
+    assert em is not None and em.a > 0.4 and em.a != 1.0  # a refined: not the b-only fallback
+
+
+@pytest.mark.parametrize("kind", ["merged", "unmerged"])
+def test_reference_mtz(tmp_path, kind):
+    """reference= a merged or unmerged MTZ: sweep 25 scaled against sweep 20's scaled
+    intensities (targeted scaling; DIALS's bound for 30 against 35 is Rpim < 0.024, CC½ > 0.995)."""
+    _scale(tmp_path, SWEEP20, "output.html=None", f"{kind}_mtz=ref20.mtz")
+    expts, table = _scale(tmp_path, SWEEP25, f"reference={tmp_path / 'ref20.mtz'}", "output.html=None")
+    assert len(expts) == 1 and len(table) == len(reflection_table.from_file(SWEEP25[0]))
+    o = _stats(expts, table)
+    assert o.r_pim < 0.024 and o.cc_one_half > 0.995 and o.n_obs > 3000
+
+
+def test_merged_mtz_reference_without_intensities(tmp_path, capsys):
+    import gemmi
+
+    _scale(tmp_path, SWEEP20, "output.html=None", "merged_mtz=ref20.mtz")
+    mtz = gemmi.read_mtz_file(str(tmp_path / "ref20.mtz"))
+    for label in ("SIGIMEAN", "IMEAN"):
+        mtz.remove_column(mtz.column_labels().index(label))
+    mtz.write_to_file(str(tmp_path / "amplitudes.mtz"))
+    assert main(["scale", *SWEEP25, f"reference={tmp_path / 'amplitudes.mtz'}", "output.html=None",
+                 f"output.log={tmp_path}/o.log", f"output.reflections={tmp_path}/o.refl",
+                 f"output.experiments={tmp_path}/o.expt"]) == 2
+    assert "IMEAN/SIGIMEAN" in capsys.readouterr().err
+
+
+SSX = DATA.parent / "dials_ssx_cunir_stills"
+
+
+def test_ssx_stills_scale_with_kb(tmp_path, monkeypatch):
+    """The five CuNiR stills: KB per still (no scan), every row written with its flags; with
+    more parameters than the dense limit the rounds use L-BFGS (the engine's automatic choice)."""
+    from xtalscale.fit import refiner
+
+    monkeypatch.setattr(refiner, "FULL_MATRIX_MAX_PARAMS", 4)  # 5 stills x 2 parameters > 4
+    algorithm, expts, table = _run([str(SSX / "integrated.refl"), str(SSX / "integrated.expt")],
+                                   "output.html=None")
+    assert len(expts) == 5
+    for e in expts:
+        model = e.scaling_model if isinstance(e.scaling_model, dict) else e.scaling_model.to_dict()
+        assert model["__id__"] == "KB"
+    assert len(table) == len(reflection_table.from_file(str(SSX / "integrated.refl")))
+    scaled = np.asarray(table.get_flags(Flags.scaled))
+    excluded = np.asarray(table.get_flags(Flags.bad_for_scaling, all=False))
+    assert scaled.sum() > 1500 and np.all(scaled ^ excluded)
+    g = np.asarray(table["inverse_scale_factor"])[scaled]
+    assert np.all(np.isfinite(g)) and np.all(g > 0)
+    # LevMar asked for (the default engine), L-BFGS run: 10 parameters > the dense limit of 4
+    assert algorithm.scaler.journals and all(j.engine == "SimpleLBFGS" for j in algorithm.scaler.journals)
+
+
+def test_singular_normal_equations_are_caught(tmp_path):
+    """dials#1653 (DIALS's test_scale_normal_equations_failure): a central gap of images leaves
+    parameters undetermined; the full-matrix round must not stop the job."""
+    expts, table = _scale(tmp_path, SWEEP20, "exclude_images=800:1400", "output.html=None")
+    g = np.asarray(table["inverse_scale_factor"])[np.asarray(table.get_flags(Flags.scaled))]
+    assert g.size > 1000 and np.all(np.isfinite(g)) and np.all(g > 0)
+
+
+def test_mismatched_identifiers_are_a_clear_error(tmp_path, capsys):
+    table = reflection_table.from_file(SWEEP20[0])
+    ids = table.experiment_identifiers()
+    for key in list(ids.keys()):
+        del ids[key]
+    ids[0] = "not-the-experiment"
+    path = tmp_path / "renamed.refl"
+    table.as_file(str(path))
+    expts = ExperimentList.from_file(SWEEP20[1])
+    expts[0].identifier = "the-experiment"
+    expts.as_file(str(tmp_path / "e.expt"))
+    assert main(["scale", str(path), str(tmp_path / "e.expt"), f"output.log={tmp_path}/o.log",
+                 f"output.reflections={tmp_path}/o.refl", f"output.experiments={tmp_path}/o.expt",
+                 "output.html=None"]) == 2
+    assert "identifier" in capsys.readouterr().err
+
+
+def test_overflowing_and_vanishing_values_do_not_stop_the_job():
+    """dials#2974-like inputs: rows with I = 1e150, σ² = 1e-150 (weights and residuals that
+    overflow) and I = 1e-300, σ² = 1e300; the job completes with finite scales, keeps every
+    row, and the statistics of the rest stay sound."""
+    from xtalscale import flex_arrays as fa
+
+    inputs = load_inputs(SWEEP20)
+    table = inputs.tables[0]
+    rows = np.random.default_rng(0).choice(np.flatnonzero(np.asarray(table["id"]) >= 0), 20, replace=False)
+    for kind in ("prf", "sum"):
+        value = np.asarray(table[f"intensity.{kind}.value"]).copy()
+        variance = np.asarray(table[f"intensity.{kind}.variance"]).copy()
+        value[rows[:10]], variance[rows[:10]] = 1e150, 1e-150
+        value[rows[10:]], variance[rows[10:]] = 1e-300, 1e300
+        table[f"intensity.{kind}.value"] = fa.double(value)
+        table[f"intensity.{kind}.variance"] = fa.double(variance)
+    params, _ = parse_phil_arguments(["output.html=None"])
+    algorithm = ScalingAlgorithm(params, inputs.experiments, inputs.tables)
+    algorithm.run()
+    expts, out = algorithm.finish()
+    assert len(out) == len(table)
+    scaled = np.asarray(out.get_flags(Flags.scaled))
+    g = np.asarray(out["inverse_scale_factor"])[scaled]
+    assert np.all(np.isfinite(g)) and np.all(g > 0)
+    o = _stats(expts, out)
+    assert o.r_pim < 0.03 and o.cc_one_half > 0.995 and o.n_obs > 2200
+
+
+def test_dataset_emptied_by_outlier_rejection(caplog):
+    """dials#2045, the outlier case: a second sweep of six reflections, each 1000 times too
+    strong and in a well-measured group of sweep 20, is rejected whole; the job goes on, says
+    so, and still writes those rows, flagged as outliers."""
+    from xtalscale import flex_arrays as fa
+    from xtalscale.symmetry import map_to_asu
+
+    inputs = load_inputs(SWEEP20 + SWEEP25)
+    first, second = inputs.tables
+    sg = inputs.experiments[0].crystal.get_space_group()
+
+    def strong_rows(table):
+        return np.flatnonzero((np.asarray(table["id"]) >= 0) & (np.asarray(table["partiality"]) > 0.9)
+                              & (np.asarray(table["intensity.prf.value"]) > 100))
+
+    def asu_keys(table, rows):
+        asu = map_to_asu(np.asarray(table["miller_index"])[rows], sg).asu_hkl.astype(np.int64) + 512
+        return (asu[:, 0] << 20) | (asu[:, 1] << 10) | asu[:, 2]
+
+    keys, counts = np.unique(asu_keys(first, strong_rows(first)), return_counts=True)
+    candidates = strong_rows(second)
+    in_big_group = np.isin(asu_keys(second, candidates), keys[counts >= 4])
+    picked = candidates[in_big_group]
+    _, one_per_group = np.unique(asu_keys(second, picked), return_index=True)
+    second = second.select(np.sort(picked[one_per_group])[:6])
+    for name in ("intensity.prf.value", "intensity.sum.value"):
+        second[name] = fa.double(np.asarray(second[name]) * 1000)
+    inputs.tables[1] = second
+    params, _ = parse_phil_arguments(["output.html=None"])
+    algorithm = ScalingAlgorithm(params, inputs.experiments, inputs.tables)
+    with caplog.at_level("WARNING", logger="xtalscale.scale"):
+        algorithm.run()
+    expts, table = algorithm.finish()
+    assert algorithm.emptied_datasets == [inputs.experiments[1].identifier]
+    assert "every reflection was rejected as an outlier" in caplog.text
+    rows = np.asarray(table["id"]) == 1
+    assert rows.sum() == 6 and np.all(np.asarray(table.get_flags(Flags.outlier_in_scaling))[rows])
+    o = _stats(expts, table)
+    assert o.r_pim < 0.03 and o.n_obs > 2200

@@ -67,4 +67,13 @@ XTALSCALE_EXPORT std::vector<std::int64_t> select_rows_in_groups(
     const GroupLayout& layout, const std::uint8_t* keep, std::vector<std::int64_t>& new_order,
     std::vector<std::int64_t>& kept_groups);
 
+/// Per-bin sums of the error model's normalised deviations δ = K / sqrt(σ² + b²·I²) and of δ²
+/// (the b refinement's one pass per trial b). Rows with bin[row] < 0 are in no bin; bin
+/// indices must be below @p n_bins. Writes n_bins values to @p sum_delta and @p sum_delta_sq.
+XTALSCALE_EXPORT void error_model_bin_moments(std::size_t n_rows, const double* numerator,
+                                              const double* variance, const double* intensity_sq,
+                                              const std::int64_t* bin, std::size_t n_bins,
+                                              double b_squared, double* sum_delta,
+                                              double* sum_delta_sq);
+
 }  // namespace xtalscale

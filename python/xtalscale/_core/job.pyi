@@ -35,3 +35,11 @@ def limit_outlier_weights(
 def select_rows_in_groups(
     order: npt.ArrayLike, offsets: npt.ArrayLike, keep: npt.ArrayLike
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
+def error_model_bin_moments(
+    numerator: npt.ArrayLike,
+    variance: npt.ArrayLike,
+    intensity_sq: npt.ArrayLike,
+    bin: npt.ArrayLike,
+    n_bins: int,
+    b_squared: float,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...

@@ -212,7 +212,9 @@ class ScalingAlgorithm:
         self.n_reference = n_reference
         for ds in self.scaler.datasets[:n_reference]:
             ds.model.fixed_components = list(ds.model.components)
+            ds.is_reference = True  # type: ignore[attr-defined]  # not in the error-model fit
         self.scaled = False
+        self.emptied_datasets: list[str] = []  # every row rejected as an outlier
         self.timings = {"prepare": time.perf_counter() - t0}
 
     def run(self) -> None:
@@ -227,7 +229,17 @@ class ScalingAlgorithm:
         self.no_equivalents = None
         scaling_algorithm(self.scaler)
         self.remove_bad_data()
+        self.report_emptied_datasets()
         self.scaled = True
+
+    def report_emptied_datasets(self) -> None:
+        """A dataset whose every suitable row was rejected as an outlier (dials#2045) stays in
+        the output with its rows flagged, but its model was not determined: say so."""
+        self.emptied_datasets = [ds.experiment.identifier for ds in self.scaler.datasets
+                                 if ds.outliers.size and ds.outliers.all()]
+        for name in self.emptied_datasets:
+            logger.warning("dataset %s: every reflection was rejected as an outlier; its scales were "
+                           "not determined (its rows are written, flagged as outliers)", name)
 
     def remove_bad_data(self) -> None:
         """Flag ``excluded_for_scaling`` where g < small_scale_cutoff."""

@@ -99,11 +99,14 @@ class ErrorModelData:
     """The filtered rows the error model is fitted to (Ĩ fixed, per-row n_h)."""
 
     def __init__(self, grouped: GroupedObservations, min_Ih: float = 25.0,
-                 min_partiality: float = 0.25) -> None:
+                 min_partiality: float = 0.25, stills: Any = None) -> None:
         g = grouped
         if "partiality" in g.extra:
             g = g.subset(g.extra["partiality"] > min_partiality)
-        g = self._filter(g, min_Ih)
+        if stills is None:
+            g = self._filter(g, min_Ih)
+        else:
+            g = self._filter_stills(g, min_Ih, float(stills.min_Isigma), int(stills.min_multiplicity))
         self.grouped = g
         if g.size < BasicErrorModel.min_reflections_required:
             raise ErrorModelRefinementError(
@@ -117,6 +120,29 @@ class ErrorModelData:
         self.Ih = Ih[group]
         self.n_h = g.group_sizes()[group].astype(np.float64)
         self.expected = self.Ih * self.scale * (g.extra["partiality"] if "partiality" in g.extra else 1.0)
+        self.central_quantiles: np.ndarray | None = None  # cached by the a refinement
+
+    @staticmethod
+    def _filter_stills(g: GroupedObservations, min_Ih: float, min_Isigma: float,
+                       min_multiplicity: int) -> GroupedObservations:
+        """Stills (DIALS's stills filtering): I/σ ≥ min_Isigma, Ĩ·g·p > min_Ih, |δ| < 6 with
+        a = 1, b = 0, and at least ``min_multiplicity`` observations per group."""
+        if g.size == 0:
+            return g
+        g = g.subset(g.intensity >= min_Isigma * np.sqrt(g.variance))
+        if g.size == 0:
+            return g
+        p = g.extra["partiality"] if "partiality" in g.extra else 1.0
+        Ih = g.group_means(1.0 / g.variance)[g.group_of_row()]
+        g = g.subset(Ih * g.scale * p > min_Ih)
+        if g.size == 0:
+            return g
+        Ih = g.group_means(1.0 / g.variance)[g.group_of_row()]
+        z = (g.intensity / g.scale - Ih) / (np.sqrt(g.variance) / g.scale)
+        g = g.subset(np.abs(z) < 6.0)
+        if g.size == 0:
+            return g
+        return g.subset(g.group_sizes()[g.group_of_row()] >= min_multiplicity)
 
     @staticmethod
     def _filter(g: GroupedObservations, min_Ih: float) -> GroupedObservations:
@@ -211,11 +237,13 @@ def _refine_a(model: BasicErrorModel, data: ErrorModelData) -> None:
     n = delta.size
     lo = int(math.ceil(_normal_cdf(-1.5) * n - 0.5))
     hi = int(math.ceil(_normal_cdf(1.5) * n - 0.5))
-    i = np.arange(lo, hi)
-    x = ndtri((i + 0.5) / n)
-    y = delta[lo:hi]
-    slope = np.polyfit(x, y, 1)[0]
-    model.parameters = [model.a * float(slope), model.b]
+    if data.central_quantiles is None:  # depends on n only: once per fit
+        x = ndtri((np.arange(lo, hi) + 0.5) / n)
+        data.central_quantiles = x - x.mean()
+    x_centred = data.central_quantiles
+    # least-squares slope of y = c0 + c1 x (closed form; what DIALS's LBFGS converges to)
+    slope = float(np.dot(x_centred, delta[lo:hi]) / np.dot(x_centred, x_centred))
+    model.parameters = [model.a * slope, model.b]
 
 
 def _b_objective(b: float, model: BasicErrorModel, data: ErrorModelData, binner: ErrorModelBinner) -> float:
@@ -243,9 +271,36 @@ def _golden_section(f: Any, lo: float, hi: float, tol: float = 1e-7) -> float:
     return 0.5 * (lo + hi)
 
 
+def _b_objective_at_fixed_a(model: BasicErrorModel, data: ErrorModelData, binner: ErrorModelBinner) -> Any:
+    """The b objective as a function of b alone (the same value as :func:`_b_objective`).
+
+    With a fixed, δ = K/sqrt(σ² + b²I²) with K = sqrt((n−1)/n)(I/g − Ĩ)·g/a, so K, σ² and I²
+    of the binned rows are computed once and each evaluation is one C++ pass
+    (:func:`xtalscale._core.job.error_model_bin_moments`) over them."""
+    from .._core import job as kernels
+
+    rows = binner._in_bin
+    bin_of_row = np.ascontiguousarray(binner.bin_index[rows])
+    n_h, scale = data.n_h[rows], data.scale[rows]
+    K = np.sqrt((n_h - 1.0) / n_h) * (data.intensity[rows] - data.Ih[rows] * scale) / model.a
+    variance = np.ascontiguousarray(data.variance[rows])
+    I_sq = data.intensity[rows] ** 2
+    counts, n_bins = binner._counts, len(binner.bins)
+    weights = binner.weights / binner.weights.sum()
+
+    def objective(b: float) -> float:
+        sum_delta, sum_delta_sq = kernels.error_model_bin_moments(K, variance, I_sq, bin_of_row, n_bins, b * b)
+        mean = sum_delta / counts
+        v = np.maximum(sum_delta_sq / counts - mean ** 2, 1e-12)
+        return float(np.sum(weights * ((0.5 - v) ** 2 + 1.0 / v - 1.25)))
+
+    return objective
+
+
 def _refine_b(model: BasicErrorModel, data: ErrorModelData, binner: ErrorModelBinner) -> None:
-    """b minimising the binned-variance objective, searched on [0, 0.5]."""
-    b = _golden_section(lambda x: _b_objective(x, model, data, binner), 0.0, 0.5)
+    """b minimising the binned-variance objective, searched on [0, 0.5] (golden section to
+    1e-6 in b: far below b's uncertainty, 28 evaluations)."""
+    b = _golden_section(_b_objective_at_fixed_a(model, data, binner), 0.0, 0.5, tol=1e-6)
     model.parameters = [model.a, b]
 
 
@@ -276,10 +331,11 @@ def _regression(model: BasicErrorModel, data: ErrorModelData) -> None:
 def run_error_model_refinement(model: BasicErrorModel, grouped: GroupedObservations,
                                minimisation: str = "individual", min_Ih: float = 25.0,
                                n_bins: int = 10, min_partiality: float = 0.25,
-                               max_cycles: int = 50) -> BasicErrorModel:
+                               max_cycles: int = 50, stills: Any = None) -> BasicErrorModel:
     """Refine ``model`` on grouped scaled observations (rows as for outlier rejection, but with
-    Bijvoet mates apart). Raises :class:`ErrorModelRefinementError` when too few rows suit."""
-    data = ErrorModelData(grouped, min_Ih=min_Ih, min_partiality=min_partiality)
+    Bijvoet mates apart). ``stills`` (the ``basic.stills`` scope) selects the stills filtering.
+    Raises :class:`ErrorModelRefinementError` when too few rows suit."""
+    data = ErrorModelData(grouped, min_Ih=min_Ih, min_partiality=min_partiality, stills=stills)
     model.filtered_Ih_table = data
     model.n_refl = data.intensity.size
     if minimisation == "regression":
@@ -341,7 +397,13 @@ def refine_error_models(scaler: Any) -> None:
     em_params = params.weighting.error_model
     if em_params.error_model is None:
         return
-    groups = extract_error_model_groups(params, len(scaler.datasets))
+    # a reference's intensities are not fitted (DIALS: the targeted scaler's error model is
+    # refined on the datasets being scaled); its variances are used as given
+    reference = {k for k, ds in enumerate(scaler.datasets) if getattr(ds, "is_reference", False)}
+    groups = [[k for k in members if k not in reference]
+              for members in extract_error_model_groups(params, len(scaler.datasets))]
+    groups = [members for members in groups if members]
+    all_stills = all(ds.experiment.is_still() for ds in scaler.datasets)
     for members in groups:
         keep = []
         for k, ds in enumerate(scaler.datasets):
@@ -368,7 +430,8 @@ def refine_error_models(scaler: Any) -> None:
         try:
             run_error_model_refinement(model, grouped, em_params.basic.minimisation or "None",
                                        em_params.basic.min_Ih, em_params.basic.n_bins,
-                                       float(params.reflection_selection.min_partiality))
+                                       float(params.reflection_selection.min_partiality),
+                                       stills=em_params.basic.stills if all_stills else None)
         except ErrorModelRefinementError as exc:
             logger.info("error model not refined for sweeps %s: %s", [m + 1 for m in members], exc)
             continue

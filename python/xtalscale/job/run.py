@@ -109,22 +109,42 @@ def work_free_statistics(algorithm: Any, obs: Any, params: Any) -> dict[str, dic
     return out
 
 
-def _add_reference(inputs: Any, path: str) -> int:
-    """Put a scaled reference (.refl with its .expt beside it) first in ``inputs``.
+def _is_merged_mtz(path: str) -> bool:
+    import gemmi
 
-    Returns the number of reference experiments. Its models stay fixed during scaling and its
-    rows are not written. A merged-MTZ or model reference is not supported yet (clear error).
+    return "M/ISYM" not in gemmi.read_mtz_file(path, with_data=False).column_labels()
+
+
+def _add_reference(inputs: Any, path: str) -> int:
+    """Put a reference (scaled .refl with its .expt beside it, or an MTZ) first in ``inputs``.
+
+    An MTZ (merged or unmerged intensities) is read as a dataset too. Returns the number of
+    reference experiments. Its models stay fixed during scaling and its rows are not written.
     """
     from .inputs import InputError, file_kind, load_inputs
 
     kind = file_kind(path)
-    if kind != "reflections":
-        raise InputError(f"reference={path}: only a scaled .refl (with its .expt beside it) is "
-                         f"supported as a reference so far (got {kind})")
-    expt = Path(path).with_suffix(".expt")
-    if not expt.is_file():
-        raise InputError(f"reference={path}: no experiment file {expt} beside it")
-    ref = load_inputs([path, str(expt)])
+    if kind == "mtz" and _is_merged_mtz(path):
+        from .inputs import ScalingInputs
+        from .reference import merged_mtz_reference
+
+        try:
+            ref_expts, ref_table = merged_mtz_reference(path)
+        except ValueError as exc:
+            raise InputError(str(exc)) from None
+        ref = ScalingInputs(ref_expts, [ref_table], [path])
+    elif kind == "mtz":
+        from .reference import unmerged_mtz_reference
+
+        ref = unmerged_mtz_reference(path)
+    elif kind == "reflections":
+        expt = Path(path).with_suffix(".expt")
+        if not expt.is_file():
+            raise InputError(f"reference={path}: no experiment file {expt} beside it")
+        ref = load_inputs([path, str(expt)])
+    else:
+        raise InputError(f"reference={path}: a scaled .refl (with its .expt beside it) or an MTZ "
+                         f"file of intensities is needed (got {kind})")
     n_ref = len(ref.experiments)
     ref.tables = [t.select(np.asarray(t["id"]) >= 0) for t in ref.tables]  # rows of no experiment
     # renumber the inputs after the reference experiments

@@ -262,7 +262,8 @@ class ScalerBase:
                                                  selection, apm_class=scaling_active_parameter_manager)
             if apm.n_active_params == 0:
                 continue
-            refinery = scaling_refinery(engine, self, target, apm, max_iterations)
+            refinery = scaling_refinery(_engine_for(engine, apm.n_active_params), self, target, apm,
+                                        max_iterations)
             refinery.n_threads = self.n_threads
             refinery.set_tolerance(float(tolerance if tolerance is not None else ref_params.rmsd_tolerance))
             journal = refinery.run()
@@ -471,6 +472,18 @@ class TargetScaler(MultiScaler):
         self.n_fixed = len(scaled_scalers)
         for ds in self.datasets[: self.n_fixed]:
             ds.model.fixed_components = list(ds.model.components)
+
+
+def _engine_for(engine: str, n_params: int) -> str:
+    """``engine``, or SimpleLBFGS when a dense normal matrix would be too large (many stills:
+    2 parameters per image; the engine's automatic choice, fit.FULL_MATRIX_MAX_PARAMS)."""
+    from ..fit import refiner
+
+    if engine in ("GaussNewton", "LevMar") and n_params > refiner.FULL_MATRIX_MAX_PARAMS:
+        logger.info("%d parameters: SimpleLBFGS instead of %s (no dense %d x %d normal matrix)",
+                    n_params, engine, n_params, n_params)
+        return "SimpleLBFGS"
+    return engine
 
 
 class NullScaler(SingleScaler):
