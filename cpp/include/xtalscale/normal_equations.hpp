@@ -33,8 +33,9 @@ struct NormalEquationsSummary {
 
 /// Build the dense normal matrix (n_params x n_params, row-major, both triangles written) into
 /// @p matrix and the right-hand side −JᵀWr into @p rhs. @p fixed_Ih (table order) switches to
-/// the fixed-Ĩ target. Threads own disjoint row ranges of the matrix, so every element is summed
-/// in the same order for any @p n_threads: results are bit-identical.
+/// the fixed-Ĩ target. The groups are cut into contiguous parts fixed by the data alone; each
+/// part is summed into a thread-private matrix and the parts are added in part order, so every
+/// element is summed in the same order for any @p n_threads: results are bit-identical.
 XTALSCALE_EXPORT NormalEquationsSummary normal_equations(
     const GroupedObservations& table, const std::vector<FitBlock>& blocks,
     std::size_t n_params, double* matrix, double* rhs,
