@@ -60,7 +60,8 @@ inline GroupSums group_sums(const GroupedObservations& t, const double* g, std::
   return sums;
 }
 
-/// Run body(i) for i in [0, n) over up to @p n_threads threads (static schedule).
+/// Run body(i) for i in [0, n) over up to @p n_threads threads (dynamic schedule, one i at a
+/// time: each body(i) must own its outputs, so results do not depend on the thread count).
 template <class Body>
 void parallel_for(std::size_t n, int n_threads, Body body) {
 #ifdef _OPENMP

@@ -128,6 +128,12 @@ def _packed(full: np.ndarray) -> np.ndarray:
     return full[np.triu_indices(full.shape[0])]
 
 
+def nielsen_damping(mu: float, rho: float) -> float:
+    """Nielsen's damping after an accepted Levenberg-Marquardt step of gain ratio ``rho > 0``:
+    ``mu · max(1/3, 1 - (2 rho - 1)³)`` (the rule of scitbx and of DIALS's LevMar)."""
+    return mu * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
+
+
 # ----------------------------------------------------------------------------- linear_ls
 class linear_ls:
     """Normal equations of the linear least-squares problem ``min_x Σ wᵢ (Aᵢ·x - bᵢ)²``.
@@ -687,7 +693,7 @@ class levenberg_marquardt_iterations(iterations):
             if rho > 0:
                 if self.has_gradient_converged_to_zero():
                     break
-                self.mu = self.mu * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
+                self.mu = nielsen_damping(self.mu, rho)
                 nu = 2.0
             else:
                 nls.step_backward()

@@ -28,6 +28,8 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import scipy.linalg as la
 
+from .lstsq import nielsen_damping
+
 __all__ = ["Objective", "Journal", "RefinementFailed", "NonFiniteScales", "lbfgs",
            "gauss_newton", "levenberg_marquardt", "solve_normal_equations",
            "TARGET_ACHIEVED", "RMSD_CONVERGED", "OBJECTIVE_INCREASE", "MAX_ITERATIONS",
@@ -454,7 +456,7 @@ def levenberg_marquardt(objective: Objective, max_iterations: int | None = 100, 
         if rho > 0:
             x = x + h
             f_old = f_new
-            mu *= max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
+            mu = nielsen_damping(mu, rho)
             nu = 2.0
             matrix, rhs, r_sq, n_eq = objective.normal_equations()
         else:
