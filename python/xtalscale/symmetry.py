@@ -505,11 +505,8 @@ def map_to_asu(hkl, space_group, anomalous: bool = False) -> AsuMapping:
         If ``hkl`` is not an ``(n, 3)`` integer array or contains (0, 0, 0).
     """
     sg = _as_space_group(space_group)
-    hkl = miller_array(hkl, "hkl")
-    n = len(hkl)
-    rotations, basis, condition = _asu_symmetry(sg)
-    asu, isym = _core_grouping.map_to_asu(hkl, rotations, basis, condition)
-    centric = sg.gemmi_ops.centric_flag_array(asu) if n else np.zeros(0, dtype=bool)
+    asu, isym = map_to_asu_isym(hkl, sg)
+    centric = sg.gemmi_ops.centric_flag_array(asu) if len(asu) else np.zeros(0, dtype=bool)
     minus = (isym % 2 == 0) & ~centric
     if anomalous:
         asu[minus] *= -1

@@ -78,8 +78,7 @@ def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True
     try:
         out.statistics = ms.dataset_statistics.from_arrays(*arrays, anomalous=False, **settings)
         if anomalous and not obs.space_group.is_centric():
-            out.anomalous_statistics = ms.dataset_statistics.from_arrays(
-                *arrays, anomalous=True, **settings)
+            out.anomalous_statistics = out.statistics.anomalous_pass()  # same data and shells
     except ValueError as error:
         out.notes.append(f"Merging statistics could not be computed: {error}")
     if out.statistics is not None:

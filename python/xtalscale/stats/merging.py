@@ -48,6 +48,7 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -303,6 +304,17 @@ class _Prepared:
     unit_cell: UnitCell
     n_input: int
     n_rejected: dict
+
+    @cached_property
+    def grouped(self) -> tuple:
+        """(grouping, friedel_minus per row, centric per group): independent of the shells and
+        of ``anomalous``, so computed once for every pass over these rows."""
+        asu_hkl, isym = map_to_asu_isym(self.hkl, self.space_group)
+        grouping = group_reflections(asu_hkl)
+        # a row is a Bijvoet-minus mate if its ISYM is even (the kernel ignores the flag for
+        # centric groups)
+        return (grouping, (isym % 2 == 0).view(np.uint8),
+                centric_flags(grouping.unique_hkl, self.space_group))
 
 
 def _prepare(hkl, intensity, sigma, space_group, unit_cell, d_min=None, d_max=None,
@@ -611,14 +623,9 @@ class MergingStatistics:
     # ------------------------------------------------------------------ computation
     def _compute(self) -> None:
         p = self._prepared
-        asu_hkl, isym = map_to_asu_isym(p.hkl, p.space_group)
-        grouping = group_reflections(asu_hkl)
+        grouping, friedel_minus, group_centric = p.grouped
         first_row = grouping.order[grouping.offsets[:-1]]
         group_dss = p.d_star_sq[first_row]
-        # centric per unique reflection; a row is a Bijvoet-minus mate if its ISYM is even
-        # (the kernel ignores the flag for centric groups)
-        group_centric = centric_flags(grouping.unique_hkl, p.space_group)
-        friedel_minus = (isym % 2 == 0).view(np.uint8)
         n_shells = len(self.limits) - 1
         shell = np.searchsorted(self.limits, group_dss, side="right") - 1
         shell[(shell < 0) | (shell >= n_shells)] = -1
