@@ -49,10 +49,9 @@ def _agreement_summary(g_new: np.ndarray, g_dials: np.ndarray) -> str:
 
 def _apply_model(args: argparse.Namespace) -> int:
     from ..experiments import ExperimentList
-    from ..io.mtz import write_merged_mtz, write_unmerged_mtz
+    from ..io.mtz import merge_intensities, write_merged_mtz, write_unmerged_mtz
     from ..models import inverse_scale_factors, suitable_for_scaling
     from ..reflection_table import reflection_table
-    from ..stats.merging import merge_intensities
 
     t0 = time.perf_counter()
     experiments = ExperimentList.from_file(str(args.experiments))

@@ -54,10 +54,6 @@ from typing import Any
 import numpy as np
 
 from .._core import stats as _core_stats
-
-# merge_intensities / write_merged_mtz_from_table live in io.mtz on main; the model-block branch
-# (i10) moved their callers here. Re-exported until the two branches settle one home.
-from ..io.mtz import merge_intensities, write_merged_mtz_from_table  # noqa: E402,F401
 from ..symmetry import (
     SpaceGroup,
     UnitCell,
@@ -70,8 +66,6 @@ from ..symmetry import (
 )
 
 __all__ = [
-    "merge_intensities",
-    "write_merged_mtz_from_table",
     "BatchStatistics",
     "MergedArray",
     "MergingShell",
