@@ -159,10 +159,6 @@ class ScalerBase:
             cols = {"intensity": ds.column("intensity"), "variance": ds.column("variance"),
                     "inverse_scale_factor": ds.column("inverse_scale_factor"),
                     "miller_index": np.asarray(ds.table["miller_index"]).reshape(-1, 3)[ds.suitable]}
-            from ..symmetry import map_to_asu
-
-            cols["asu_miller_index"] = map_to_asu(cols["miller_index"], self.space_group,
-                                                  anomalous=bool(self._params.anomalous)).asu_hkl
             tables.append(cols)
             indices.append(idx)
         so = self._params.scaling_options
