@@ -24,7 +24,7 @@ import scipy.sparse as sp
 
 from .. import flex_arrays as fa
 from ..reflection_table import Flags
-from .grouped import GroupedObservations
+from .grouped import GroupedObservations, suitable_rows
 from .outlier_rejection import (
     determine_Esq_outlier_index_arrays,
     determine_outlier_rows,
@@ -490,9 +490,7 @@ def _make_dataset(params: Any, experiment: Any, table: Any) -> Dataset:
     """Model and suitable rows for one prepared table."""
     from ..models import create_scaling_model, model_from_dict
 
-    flags = flags_of(table)
-    excl = np.uint64(int(Flags.user_excluded_in_scaling) | int(Flags.excluded_for_scaling))
-    suitable = (flags & excl) == 0
+    suitable = suitable_rows(table)
     if "d" in table:
         suitable &= np.asarray(table["d"], dtype=np.float64) > 0
     if not suitable.any():
