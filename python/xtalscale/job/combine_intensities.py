@@ -97,13 +97,11 @@ def combine_intensities(tables: Sequence[Any], space_group: Any, selections: Seq
     grouped = GroupedObservations.from_tables(
         [{"intensity": arr["Isum"], "variance": np.ones(arr["Isum"].size), "inverse_scale_factor": arr["g"],
           "miller_index": arr["hkl"]}], space_group, selections=[np.ones(arr["Isum"].size, bool)])
-    order_back = np.empty(arr["Isum"].size, dtype=np.int64)
-    order_back[:] = grouped.row
     candidates = list(Imids) if Imids else candidate_Imids(arr["Isum"])
     results = {}
     for Imid in candidates:
         I, V = calculate_combined_raw_intensities(arr["Iprf"], arr["Isum"], arr["Vprf"], arr["Vsum"], Imid)
-        results[float(Imid)] = rmeas_of(grouped, I[order_back], V[order_back])
+        results[float(Imid)] = rmeas_of(grouped, I, V)  # grouped rows are arr's rows, in order
     valid = {k: v for k, v in results.items() if v >= 0}
     best = min(valid, key=valid.get) if valid else 0.0
     return best, results

@@ -89,17 +89,13 @@ def work_free_statistics(algorithm: Any, obs: Any, params: Any) -> dict[str, dic
     """Rmeas and CC½ of the work and free groups (``use_free_set``), as DIALS reports them."""
     from ..stats.merging import MergingStatistics
     from ..symmetry import map_to_asu
+    from .outlier_rejection import _hkl_keys
 
     free_hkl = getattr(algorithm.scaler, "free_asu_hkl", None)
     if free_hkl is None or obs is None or len(free_hkl) == 0:
         return None
     asu = map_to_asu(obs.miller_index, obs.space_group, anomalous=bool(params.anomalous)).asu_hkl
-
-    def keys(h: np.ndarray) -> np.ndarray:
-        h = h.astype(np.int64) + (1 << 20)
-        return (h[:, 0] << 42) | (h[:, 1] << 21) | h[:, 2]
-
-    is_free = np.isin(keys(asu), keys(np.asarray(free_hkl)))
+    is_free = np.isin(_hkl_keys(asu), _hkl_keys(np.asarray(free_hkl)))
     sigma = np.sqrt(obs.variance)
     out = {}
     for name, rows in (("work", ~is_free), ("free", is_free)):

@@ -24,7 +24,7 @@ import scipy.sparse as sp
 
 from .. import flex_arrays as fa
 from ..reflection_table import Flags
-from .grouped import GroupedObservations
+from .grouped import GroupedObservations, suitable_rows
 from .outlier_rejection import (
     determine_Esq_outlier_index_arrays,
     determine_outlier_rows,
@@ -159,10 +159,6 @@ class ScalerBase:
             cols = {"intensity": ds.column("intensity"), "variance": ds.column("variance"),
                     "inverse_scale_factor": ds.column("inverse_scale_factor"),
                     "miller_index": np.asarray(ds.table["miller_index"]).reshape(-1, 3)[ds.suitable]}
-            from ..symmetry import map_to_asu
-
-            cols["asu_miller_index"] = map_to_asu(cols["miller_index"], self.space_group,
-                                                  anomalous=bool(self._params.anomalous)).asu_hkl
             tables.append(cols)
             indices.append(idx)
         so = self._params.scaling_options
@@ -494,9 +490,7 @@ def _make_dataset(params: Any, experiment: Any, table: Any) -> Dataset:
     """Model and suitable rows for one prepared table."""
     from ..models import create_scaling_model, model_from_dict
 
-    flags = flags_of(table)
-    excl = np.uint64(int(Flags.user_excluded_in_scaling) | int(Flags.excluded_for_scaling))
-    suitable = (flags & excl) == 0
+    suitable = suitable_rows(table)
     if "d" in table:
         suitable &= np.asarray(table["d"], dtype=np.float64) > 0
     if not suitable.any():
