@@ -29,20 +29,12 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_physical_model import build_model, lean_call, make_data  # noqa: E402
+from timing import best_time  # noqa: E402
 
 import xtalscale  # noqa: E402
 from xtalscale import components as xs_components  # noqa: E402
 from xtalscale.models import ArrayScalingModel, default_model_params  # noqa: E402
 from xtalscale.parameter_managers import RefinerCalculator, active_parameter_manager  # noqa: E402
-
-
-def best(fn, repeats: int) -> float:
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return min(out)
 
 
 def setup(model, table, expt, params) -> None:
@@ -68,10 +60,10 @@ def evaluation_figures(label, model, n, repeats) -> None:
     buffers = {name: c.derivative_buffers(0) for name, c in comps.items()
                if hasattr(c, "derivative_buffers") and c._is_lean(0)}
     lean_call(comps, buffers)
-    t_lean = best(lambda: lean_call(comps, buffers), repeats)
+    t_lean = best_time(lambda: lean_call(comps, buffers), repeats)
     apm = active_parameter_manager(comps, list(comps))
     RefinerCalculator.calculate_scales_and_derivatives(apm, 0)
-    t_ref = best(lambda: RefinerCalculator.calculate_scales_and_derivatives(apm, 0), repeats)
+    t_ref = best_time(lambda: RefinerCalculator.calculate_scales_and_derivatives(apm, 0), repeats)
     print(f"  {label}: components (lean path)  {1e9 * t_lean / n:8.1f} ns/refl")
     print(f"  {label}: RefinerCalculator       {1e9 * t_ref / n:8.1f} ns/refl  (g + dg/dp as scipy CSR)")
     if hasattr(xs_components, "ComponentModelBlock"):
@@ -79,7 +71,7 @@ def evaluation_figures(label, model, n, repeats) -> None:
         t0 = time.perf_counter()
         block.evaluate()  # builds the pattern
         t_first = time.perf_counter() - t0
-        t_block = best(block.evaluate, repeats)
+        t_block = best_time(block.evaluate, repeats)
         g_ref, j_ref = RefinerCalculator.calculate_scales_and_derivatives(apm, 0)
         g, j = block.evaluate()
         agree = float(np.max(np.abs(g / g_ref - 1.0)))
@@ -100,19 +92,19 @@ def main() -> None:
 
     model, params = array_model(table, expt)
     shapes = {name: c.n_params for name, c in model.components.items()}
-    t_array = best(lambda: setup(model, table, expt, params), args.repeats)
+    t_array = best_time(lambda: setup(model, table, expt, params), args.repeats)
     print(f"  array model set-up (configure + update + first call), parameters {shapes}: "
           f"{1e9 * t_array / n:8.1f} ns/refl")
     for name, comp in model.components.items():
         def one(c=comp):
             c.update_reflection_data()
             c.calculate_scales_and_derivatives(0)
-        print(f"    {name:10s} update + first call {1e9 * best(one, args.repeats) / n:8.1f} ns/refl")
+        print(f"    {name:10s} update + first call {1e9 * best_time(one, args.repeats) / n:8.1f} ns/refl")
     evaluation_figures("array   ", model, n, args.repeats)
 
     physical = build_model(table, expt)
     pparams = default_model_params()
-    t_phys = best(lambda: setup(physical, table, expt, pparams), args.repeats)
+    t_phys = best_time(lambda: setup(physical, table, expt, pparams), args.repeats)
     print(f"  physical model (lmax 4) set-up (configure + update + first call): "
           f"{1e9 * t_phys / n:8.1f} ns/refl")
     evaluation_figures("physical", physical, n, args.repeats)

@@ -9,6 +9,28 @@
 #include "xtalscale/check.hpp"
 
 namespace xtalscale {
+namespace {
+
+/// Σ w·g·I and Σ w·g² over group @p k (one summation order for every kernel below).
+struct GroupWeightedSums {
+  double wgI = 0.0;
+  double wgg = 0.0;
+};
+
+GroupWeightedSums group_weighted_sums(const GroupLayout& layout, std::size_t k,
+                                      const double* intensity, const double* weight,
+                                      const double* scale) {
+  GroupWeightedSums sums;
+  for (auto i = layout.offsets[k]; i < layout.offsets[k + 1]; ++i) {
+    const auto r = layout.order[i];
+    const double wg = weight[r] * scale[r];
+    sums.wgI += wg * intensity[r];
+    sums.wgg += wg * scale[r];
+  }
+  return sums;
+}
+
+}  // namespace
 
 void check_layout(const GroupLayout& layout) {
   require(layout.offsets != nullptr, "offsets must not be empty");
@@ -35,15 +57,9 @@ void sum_in_groups(const GroupLayout& layout, const double* values, double* out)
 void weighted_group_sums(const GroupLayout& layout, const double* intensity, const double* weight,
                          const double* scale, double* sum_wgI, double* sum_wgg) {
   for (std::size_t k = 0; k < layout.n_groups; ++k) {
-    double a = 0.0, b = 0.0;
-    for (auto i = layout.offsets[k]; i < layout.offsets[k + 1]; ++i) {
-      const auto r = layout.order[i];
-      const double wg = weight[r] * scale[r];
-      a += wg * intensity[r];
-      b += wg * scale[r];
-    }
-    sum_wgI[k] = a;
-    sum_wgg[k] = b;
+    const GroupWeightedSums sums = group_weighted_sums(layout, k, intensity, weight, scale);
+    sum_wgI[k] = sums.wgI;
+    sum_wgg[k] = sums.wgg;
   }
 }
 
@@ -55,15 +71,11 @@ void normdev_leave_one_out(const GroupLayout& layout, const double* intensity, c
       for (auto i = begin; i < end; ++i) z[layout.order[i]] = 0.0;
       continue;
     }
-    double a = 0.0, b = 0.0;
-    for (auto i = begin; i < end; ++i) {
-      const auto r = layout.order[i];
-      if (!(weight[r] > 0.0))
-        throw std::invalid_argument("weights must be positive (row " + std::to_string(r) + ")");
-      const double wg = weight[r] * scale[r];
-      a += wg * intensity[r];
-      b += wg * scale[r];
-    }
+    for (auto i = begin; i < end; ++i)
+      if (!(weight[layout.order[i]] > 0.0))
+        throw std::invalid_argument("weights must be positive (row " +
+                                    std::to_string(layout.order[i]) + ")");
+    const auto [a, b] = group_weighted_sums(layout, k, intensity, weight, scale);
     for (auto i = begin; i < end; ++i) {
       const auto r = layout.order[i];
       const double wg = weight[r] * scale[r];
@@ -85,13 +97,7 @@ void normdev_simple(const GroupLayout& layout, const double* intensity, const do
                     const double* scale, double* z) {
   for (std::size_t k = 0; k < layout.n_groups; ++k) {
     const auto begin = layout.offsets[k], end = layout.offsets[k + 1];
-    double a = 0.0, b = 0.0;
-    for (auto i = begin; i < end; ++i) {
-      const auto r = layout.order[i];
-      const double wg = weight[r] * scale[r];
-      a += wg * intensity[r];
-      b += wg * scale[r];
-    }
+    const auto [a, b] = group_weighted_sums(layout, k, intensity, weight, scale);
     for (auto i = begin; i < end; ++i) {
       const auto r = layout.order[i];
       if (!(weight[r] > 0.0) || !(b > 0.0)) {

@@ -13,10 +13,9 @@
 namespace xtalscale::py_bind {
 namespace {
 
-using LongArray = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
 using BoolArray = py::array_t<bool, py::array::c_style | py::array::forcecast>;
 
-GroupLayout layout_of(const LongArray& order, const LongArray& offsets, std::size_t n_rows) {
+GroupLayout layout_of(const Int64Array& order, const Int64Array& offsets, std::size_t n_rows) {
   if (order.ndim() != 1) throw std::invalid_argument("order must be 1-dimensional");
   if (offsets.ndim() != 1 || offsets.size() < 1)
     throw std::invalid_argument("offsets must be 1-dimensional with at least one entry");
@@ -51,20 +50,20 @@ struct IntensityRows {
   const double* g;
 };
 
-IntensityRows intensity_rows(const LongArray& order, const LongArray& offsets, const DoubleArray& intensity,
+IntensityRows intensity_rows(const Int64Array& order, const Int64Array& offsets, const DoubleArray& intensity,
                              const DoubleArray& weight, const DoubleArray& scale) {
   const auto n = static_cast<std::size_t>(intensity.size());
   return {layout_of(order, offsets, n), n, row_array(intensity, n, "intensity"),
           row_array(weight, n, "weight"), row_array(scale, n, "scale")};
 }
 
-LongArray to_array(const std::vector<std::int64_t>& v) {
-  LongArray out({static_cast<py::ssize_t>(v.size())});
+Int64Array to_array(const std::vector<std::int64_t>& v) {
+  Int64Array out({static_cast<py::ssize_t>(v.size())});
   std::copy(v.begin(), v.end(), out.mutable_data());
   return out;
 }
 
-DoubleArray sum_in_groups_py(const LongArray& order, const LongArray& offsets, const DoubleArray& values) {
+DoubleArray sum_in_groups_py(const Int64Array& order, const Int64Array& offsets, const DoubleArray& values) {
   const auto n = static_cast<std::size_t>(values.size());
   const auto layout = layout_of(order, offsets, n);
   const double* v = row_array(values, n, "values");
@@ -77,7 +76,7 @@ DoubleArray sum_in_groups_py(const LongArray& order, const LongArray& offsets, c
   return out;
 }
 
-py::tuple weighted_group_sums_py(const LongArray& order, const LongArray& offsets, const DoubleArray& intensity,
+py::tuple weighted_group_sums_py(const Int64Array& order, const Int64Array& offsets, const DoubleArray& intensity,
                                  const DoubleArray& weight, const DoubleArray& scale) {
   const IntensityRows in = intensity_rows(order, offsets, intensity, weight, scale);
   auto a = new_doubles(in.layout.n_groups), b = new_doubles(in.layout.n_groups);
@@ -91,7 +90,7 @@ py::tuple weighted_group_sums_py(const LongArray& order, const LongArray& offset
 }
 
 template <void (*Kernel)(const GroupLayout&, const double*, const double*, const double*, double*)>
-DoubleArray normdev_py(const LongArray& order, const LongArray& offsets, const DoubleArray& intensity,
+DoubleArray normdev_py(const Int64Array& order, const Int64Array& offsets, const DoubleArray& intensity,
                        const DoubleArray& weight, const DoubleArray& scale) {
   const IntensityRows in = intensity_rows(order, offsets, intensity, weight, scale);
   auto z = new_doubles(in.n);
@@ -104,7 +103,7 @@ DoubleArray normdev_py(const LongArray& order, const LongArray& offsets, const D
   return z;
 }
 
-py::tuple pick_group_outliers_py(const LongArray& order, const LongArray& offsets, const DoubleArray& abs_z,
+py::tuple pick_group_outliers_py(const Int64Array& order, const Int64Array& offsets, const DoubleArray& abs_z,
                                  double zmax) {
   const auto n = static_cast<std::size_t>(abs_z.size());
   const auto layout = layout_of(order, offsets, n);
@@ -117,7 +116,7 @@ py::tuple pick_group_outliers_py(const LongArray& order, const LongArray& offset
   return py::make_tuple(to_array(outliers), to_array(potential));
 }
 
-DoubleArray limit_outlier_weights_py(const LongArray& order, const LongArray& offsets, const DoubleArray& weight) {
+DoubleArray limit_outlier_weights_py(const Int64Array& order, const Int64Array& offsets, const DoubleArray& weight) {
   const auto n = static_cast<std::size_t>(weight.size());
   const auto layout = layout_of(order, offsets, n);
   const double* w = row_array(weight, n, "weight");
@@ -131,7 +130,7 @@ DoubleArray limit_outlier_weights_py(const LongArray& order, const LongArray& of
   return out;
 }
 
-py::tuple select_rows_in_groups_py(const LongArray& order, const LongArray& offsets, const BoolArray& keep) {
+py::tuple select_rows_in_groups_py(const Int64Array& order, const Int64Array& offsets, const BoolArray& keep) {
   if (keep.ndim() != 1) throw std::invalid_argument("keep must be 1-dimensional");
   const auto n = static_cast<std::size_t>(keep.size());
   const auto layout = layout_of(order, offsets, n);
@@ -145,7 +144,7 @@ py::tuple select_rows_in_groups_py(const LongArray& order, const LongArray& offs
 }
 
 py::tuple error_model_bin_moments_py(const DoubleArray& numerator, const DoubleArray& variance,
-                                     const DoubleArray& intensity_sq, const LongArray& bin,
+                                     const DoubleArray& intensity_sq, const Int64Array& bin,
                                      std::size_t n_bins, double b_squared) {
   const auto n = static_cast<std::size_t>(numerator.size());
   const double* k = row_array(numerator, n, "numerator");

@@ -11,8 +11,6 @@
 namespace xtalscale::py_bind {
 namespace {
 
-using LongArray = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
-using IntArray = py::array_t<std::int32_t, py::array::c_style | py::array::forcecast>;
 using ByteArray = py::array_t<std::uint8_t, py::array::c_style | py::array::forcecast>;
 
 template <typename T>
@@ -22,18 +20,12 @@ py::array_t<T> to_numpy(const std::vector<T>& v) {
   return a;
 }
 
-void require_1d(const py::array& a, const char* name) {
-  if (a.ndim() != 1)
-    throw std::invalid_argument(std::string(name) + " must be 1-dimensional (got ndim=" +
-                                std::to_string(a.ndim()) + ")");
-}
-
 void check_grouping(const DoubleArray& intensity, const DoubleArray& sigma,
-                    const LongArray& order, const LongArray& offsets) {
-  require_1d(intensity, "intensity");
-  require_1d(sigma, "sigma");
-  require_1d(order, "order");
-  require_1d(offsets, "offsets");
+                    const Int64Array& order, const Int64Array& offsets) {
+  require_ndim(intensity, 1, "intensity");
+  require_ndim(sigma, 1, "sigma");
+  require_ndim(order, 1, "order");
+  require_ndim(offsets, 1, "offsets");
   require_same_length(static_cast<std::size_t>(intensity.size()),
                       static_cast<std::size_t>(sigma.size()), "intensity", "sigma");
   require_same_length(static_cast<std::size_t>(intensity.size()),
@@ -82,13 +74,13 @@ py::dict shell_dict(const std::vector<ShellStatistics>& shells) {
 }
 
 py::tuple merging_statistics_py(const DoubleArray& intensity, const DoubleArray& sigma,
-                                const py::object& friedel_minus, const LongArray& order,
-                                const LongArray& offsets, const IntArray& group_shell,
+                                const py::object& friedel_minus, const Int64Array& order,
+                                const Int64Array& offsets, const Int32Array& group_shell,
                                 const py::object& group_centric, std::size_t n_shells,
                                 bool use_internal_variance, bool anomalous, std::uint64_t seed,
                                 double sigma_dynamic_range, bool weighted_halves) {
   check_grouping(intensity, sigma, order, offsets);
-  require_1d(group_shell, "group_shell");
+  require_ndim(group_shell, 1, "group_shell");
   const auto n = static_cast<std::size_t>(intensity.size());
   const auto n_groups = static_cast<std::size_t>(offsets.size() - 1);
   require_same_length(static_cast<std::size_t>(group_shell.size()), n_groups, "group_shell",
@@ -100,13 +92,13 @@ py::tuple merging_statistics_py(const DoubleArray& intensity, const DoubleArray&
   const std::uint8_t* centric_ptr = nullptr;
   if (!friedel_minus.is_none()) {
     minus = friedel_minus.cast<ByteArray>();
-    require_1d(minus, "friedel_minus");
+    require_ndim(minus, 1, "friedel_minus");
     require_same_length(static_cast<std::size_t>(minus.size()), n, "friedel_minus", "intensity");
     minus_ptr = minus.data();
   }
   if (!group_centric.is_none()) {
     centric = group_centric.cast<ByteArray>();
-    require_1d(centric, "group_centric");
+    require_ndim(centric, 1, "group_centric");
     require_same_length(static_cast<std::size_t>(centric.size()), n_groups, "group_centric",
                         "offsets[:-1]");
     centric_ptr = centric.data();
@@ -139,8 +131,8 @@ py::tuple merging_statistics_py(const DoubleArray& intensity, const DoubleArray&
 }
 
 py::array_t<double> normalised_deviations_py(const DoubleArray& intensity,
-                                             const DoubleArray& sigma, const LongArray& order,
-                                             const LongArray& offsets) {
+                                             const DoubleArray& sigma, const Int64Array& order,
+                                             const Int64Array& offsets) {
   check_grouping(intensity, sigma, order, offsets);
   const auto n = static_cast<std::size_t>(intensity.size());
   py::array_t<double> out(static_cast<py::ssize_t>(n));
@@ -154,10 +146,10 @@ py::array_t<double> normalised_deviations_py(const DoubleArray& intensity,
 }
 
 py::tuple batch_sums_py(const DoubleArray& intensity, const DoubleArray& sigma,
-                        const LongArray& order, const LongArray& offsets,
-                        const LongArray& batch_index, std::size_t n_batches) {
+                        const Int64Array& order, const Int64Array& offsets,
+                        const Int64Array& batch_index, std::size_t n_batches) {
   check_grouping(intensity, sigma, order, offsets);
-  require_1d(batch_index, "batch_index");
+  require_ndim(batch_index, 1, "batch_index");
   const auto n = static_cast<std::size_t>(intensity.size());
   require_same_length(static_cast<std::size_t>(batch_index.size()), n, "batch_index",
                       "intensity");
