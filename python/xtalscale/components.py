@@ -1656,8 +1656,12 @@ def _csr_view(block: Any) -> SparseMatrix:
     indptr = block.indptr
     if indptr[-1] < np.iinfo(np.int32).max:
         indptr = indptr.astype(np.int32)
-    return SparseMatrix((block.values, block.indices, indptr), shape=(block.n_rows, block.n_cols),
+    view = SparseMatrix((block.values, block.indices, indptr), shape=(block.n_rows, block.n_cols),
                         copy=False)
+    # the C++ block checked its pattern (strictly ascending columns in each row): canonical, so
+    # consumers need not scan the O(nnz) entries again to find out
+    view.has_canonical_format = True
+    return view
 
 
 class ComponentModelBlock:

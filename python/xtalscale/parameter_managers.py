@@ -737,14 +737,19 @@ class RefinerCalculator:
     """Inverse scales and their derivatives for one dataset block (DIALS ``basis_functions``)."""
 
     @staticmethod
-    def calculate_scales_and_derivatives(apm: Any,
-                                         block_id: int) -> tuple[np.ndarray, SparseMatrix]:
+    def calculate_scales_and_derivatives(apm: Any, block_id: int,
+                                         copy: bool = True) -> tuple[np.ndarray, SparseMatrix]:
         """``g`` and ``dg/dp`` (``n_b x n_active``) of the active components of ``apm``.
 
         ``g`` is the product of the active components' scales and, when the
         manager has them (:class:`scaling_active_parameter_manager`), the
         fixed components' ``constant_g_values``. Component c's derivative
         columns are its block times the other factors.
+
+        With ``copy=False`` the derivative values of a several-component model are views of
+        the manager's model-block buffers, rewritten by its next evaluation: for a caller that
+        consumes them before evaluating again (the scalers; at 1.1 M observations the copy
+        costs about 0.3 GB and 0.1 s per evaluation). ``g`` is always a fresh array.
 
         Notes
         -----
@@ -768,6 +773,8 @@ class RefinerCalculator:
         # The fixed factors join the product with no columns of their own. The block (its
         # pattern) is kept per manager; the returned values are a copy, the pattern is shared.
         g, jac = _refiner_block(apm, objects, block_id, const).evaluate()
+        if not copy:
+            return g.copy(), jac
         return g.copy(), as_sparse_matrix(sp.csr_matrix(
             (jac.data.copy(), jac.indices, jac.indptr), shape=jac.shape, copy=False))
 

@@ -63,7 +63,10 @@ def canonical_csr(matrix: Any, n_rows: int) -> sp.csr_matrix:
         return sp.csr_matrix((n_rows, 0))
     if hasattr(matrix, "as_scipy"):
         matrix = matrix.as_scipy()
-    m = sp.csr_matrix(matrix, dtype=np.float64)
+    # an float64 CSR matrix is used as it is: a new matrix object would forget its cached
+    # canonical-format flag and scan all entries again
+    m = matrix if sp.isspmatrix_csr(matrix) and matrix.dtype == np.float64 else sp.csr_matrix(
+        matrix, dtype=np.float64)
     if m.shape[0] != n_rows:
         raise ValueError(f"derivatives have {m.shape[0]} rows but the block has {n_rows}")
     if not m.has_canonical_format:

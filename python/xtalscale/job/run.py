@@ -182,6 +182,7 @@ def run_scale_job(params: Any, files: Sequence[str]) -> ScaleJobResult:
         n_reference = _add_reference(inputs, str(reference))
     t0 = time.perf_counter()
     algorithm = ScalingAlgorithm(params, inputs.experiments, inputs.tables, n_reference=n_reference)
+    inputs.tables = []  # the algorithm holds every row (split per experiment): free the input copy
     timings["prepare"] = time.perf_counter() - t0
     for name in algorithm.scaler.removed_datasets:
         logger.warning("dataset %s was removed: nothing left to scale after filtering", name)
@@ -197,6 +198,7 @@ def run_scale_job(params: Any, files: Sequence[str]) -> ScaleJobResult:
         logger.debug("%s: %d steps, %s", getattr(journal, "round_engine", "?"), len(journal.rows),
                      journal.reason_for_termination)
     experiments, table = algorithm.finish()
+    algorithm.release_working_memory()
     for ds in algorithm.scaler.datasets:
         if algorithm.scaled:
             ds.model.set_scaling_model_as_scaled()
