@@ -408,6 +408,10 @@ class IhTable:
         if self.space_group is None:
             raise IhTableError("space_group is required to group by Miller index")
         hkl_all = np.asarray(_column(table, "miller_index")).reshape(-1, 3)
+        if _has(table, "asu_miller_index"):  # stored by an earlier table (or the caller): reuse
+            stored = np.asarray(_column(table, "asu_miller_index"), dtype=np.int32).reshape(-1, 3)
+            if stored.shape == hkl_all.shape:
+                return stored if sel is None else stored[sel]
         asu = map_to_asu(hkl_all, self.space_group, anomalous=self.anomalous).asu_hkl
         try:
             if not _has(table, "asu_miller_index"):

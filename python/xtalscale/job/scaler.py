@@ -63,6 +63,7 @@ class Dataset:
     minimisation: np.ndarray | None = None     # bool over suitable rows (selection method)
     var_cov: Any = None
     error_model: Any = None
+    asu_hkl: np.ndarray | None = None          # ASU indices of the suitable rows (set once)
 
     @property
     def suitable_idx(self) -> np.ndarray:
@@ -159,6 +160,8 @@ class ScalerBase:
             cols = {"intensity": ds.column("intensity"), "variance": ds.column("variance"),
                     "inverse_scale_factor": ds.column("inverse_scale_factor"),
                     "miller_index": np.asarray(ds.table["miller_index"]).reshape(-1, 3)[ds.suitable]}
+            if ds.asu_hkl is not None:  # the suitable rows never change: map them once
+                cols["asu_miller_index"] = ds.asu_hkl
             tables.append(cols)
             indices.append(idx)
         so = self._params.scaling_options
@@ -167,6 +170,8 @@ class ScalerBase:
         self.Ih_table = IhTable(tables, self.space_group, indices_lists=indices, nblocks=1,
                                 free_set_percentage=pct, free_set_offset=int(so.free_set_offset),
                                 anomalous=bool(self._params.anomalous))
+        for ds, cols in zip(self.datasets, tables):
+            ds.asu_hkl = np.asarray(cols["asu_miller_index"]).reshape(-1, 3)
         free = self.Ih_table.extract_free_set() if pct > 0 else None
         # the free groups' ASU indices, for work/free statistics after scaling
         self.free_asu_hkl = None if free is None else np.unique(np.asarray(free.asu_miller_index), axis=0)
@@ -308,7 +313,7 @@ class ScalerBase:
         for ds in self.datasets:
             comps = ds.model.components
             for comp in comps.values():
-                comp.update_reflection_data()
+                _update_all_rows(comp, scales_only=not (calc_cov and ds.var_cov is not None))
             g = np.ones(int(ds.suitable.sum()))
             for comp in comps.values():
                 g = g * np.asarray(comp.calculate_scales(0), dtype=np.float64)
@@ -421,6 +426,26 @@ class ScalerBase:
 
     def clear_Ih_table(self) -> None:
         self.Ih_table = None
+
+
+def _update_all_rows(comp: Any, scales_only: bool) -> None:
+    """``comp.update_reflection_data()`` on every row. For scales only, a harmonic (SH)
+    component keeps just its two grid indices per row and reads its scales from the shared
+    surface (float64), instead of building the n × 24 harmonic block it would need only for
+    derivatives (about a quarter of an expansion's time at 10⁶ observations)."""
+    if not scales_only or not hasattr(comp, "cache_harmonics"):
+        comp.update_reflection_data()
+        return
+    had_own = "cache_harmonics" in vars(comp)
+    saved = comp.cache_harmonics
+    comp.cache_harmonics = False
+    try:
+        comp.update_reflection_data()
+    finally:
+        if had_own:
+            comp.cache_harmonics = saved
+        else:
+            del comp.cache_harmonics
 
 
 class SingleScaler(ScalerBase):
