@@ -9,6 +9,7 @@
 #include <string>
 
 #include "xtalscale/check.hpp"
+#include "internal/large_buffers.hpp"
 
 namespace xtalscale {
 
@@ -16,7 +17,7 @@ namespace {
 
 /// @p v resized to @p n on first use (the same size on every later call).
 double* sized(std::vector<double>& v, std::size_t n) {
-  if (v.size() != n) v.resize(n);
+  if (v.size() != n) detail::resize_large(v, n);
   return v.data();
 }
 
@@ -141,8 +142,8 @@ LeanSmoothTerm::LeanSmoothTerm(const GaussianSmoother<1>& smoother, HeldArray<do
     check_held(factor_.data, factor_.size, n_rows(), "b_factor");
   // The window records fix the pattern: count it once (one pass writing a throw-away pattern).
   const std::size_t cap = n_rows() * smoother_.max_row_nnz();
-  std::vector<std::int64_t> ip(n_rows() + 1);
-  std::vector<std::int32_t> ix(cap);
+  auto ip = detail::large_vector<std::int64_t>(n_rows() + 1);
+  auto ix = detail::large_vector<std::int32_t>(cap);
   pattern(ip.data(), ix.data());
   nnz_ = static_cast<std::size_t>(ip[n_rows()]);
 }
@@ -151,8 +152,10 @@ void LeanSmoothTerm::pattern(std::int64_t* indptr, std::int32_t* indices) const 
   require(n_rows() < static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max()) /
                          std::max<std::size_t>(smoother_.max_row_nnz(), 1),
           "too many rows for a lean smoother term; split the block");
-  std::vector<double> p(n_params(), 0.0), s(n_rows()), d(n_rows() * smoother_.max_row_nnz());
-  std::vector<std::int32_t> ip32(n_rows() + 1);
+  std::vector<double> p(n_params(), 0.0);
+  auto s = detail::large_vector<double>(n_rows());
+  auto d = detail::large_vector<double>(n_rows() * smoother_.max_row_nnz());
+  auto ip32 = detail::large_vector<std::int32_t>(n_rows() + 1);
   components::smooth_1d_apply(smoother_, n_rows(), x_.data, x_shift_, window_.data, q_.data,
                               p.data(), p.size(), first_fixed_, nullptr, s.data(), ip32.data(),
                               indices, d.data(), true);
@@ -304,11 +307,11 @@ void ModelBlock::build_pattern() {
   for (std::size_t t = 0; t < k; ++t) {
     built_versions_[t] = terms_[t]->pattern_version();
     if (!active_[t] || terms_[t]->dense()) continue;
-    row_starts_[t].resize(n + 1);
-    term_indices[t].resize(terms_[t]->nnz());
+    detail::resize_large(row_starts_[t], n + 1);
+    detail::resize_large(term_indices[t], terms_[t]->nnz());
     terms_[t]->pattern(row_starts_[t].data(), term_indices[t].data());
   }
-  auto indptr = std::make_shared<std::vector<std::int64_t>>(n + 1);
+  auto indptr = std::make_shared<std::vector<std::int64_t>>(detail::large_vector<std::int64_t>(n + 1));
   std::int64_t* ip = indptr->data();
   ip[0] = 0;
   for (std::size_t i = 0; i < n; ++i) {
@@ -321,7 +324,7 @@ void ModelBlock::build_pattern() {
     ip[i + 1] = ip[i] + row;
   }
   const auto nnz = static_cast<std::size_t>(ip[n]);
-  auto indices = std::make_shared<std::vector<std::int32_t>>(nnz);
+  auto indices = std::make_shared<std::vector<std::int32_t>>(detail::large_vector<std::int32_t>(nnz));
   std::int32_t* ix = indices->data();
   for (std::size_t i = 0; i < n; ++i) {
     std::int64_t at = ip[i];
@@ -339,7 +342,7 @@ void ModelBlock::build_pattern() {
   }
   out_.indptr = std::move(indptr);
   out_.indices = std::move(indices);
-  out_.values = std::make_shared<std::vector<double>>(nnz);
+  out_.values = std::make_shared<std::vector<double>>(detail::large_vector<double>(nnz));
   built_ = true;
   ++version_;
 }

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "common.hpp"
+#include "internal/large_buffers.hpp"
 #include "xtalscale/components.hpp"
 #include "xtalscale/harmonics.hpp"
 #include "xtalscale/smoother.hpp"
@@ -80,8 +81,10 @@ components::WeightMatrix weight_matrix_d(const std::vector<DoubleArray>& coords,
   require(capacity < static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max()),
           "too many weight entries for 32-bit CSR indices; split the reflections into blocks");
   const std::size_t n_values = smoother.num_values();
-  std::vector<std::int32_t> indptr(n + 1), indices(capacity);
-  std::vector<double> data(capacity), first_col(first_fixed ? n : 0);
+  auto indptr = xtalscale::detail::large_vector<std::int32_t>(n + 1);
+  auto indices = xtalscale::detail::large_vector<std::int32_t>(capacity);
+  auto data = xtalscale::detail::large_vector<double>(capacity);
+  std::vector<double> first_col(first_fixed ? n : 0);
   {
     py::gil_scoped_release release;  // pure C++ over converted buffers
     // Exactness policy (components.hpp, dials_weight_matrix_1d): 1-D blocks keep DIALS's
