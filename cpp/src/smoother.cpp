@@ -7,7 +7,6 @@
 #endif
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -125,9 +124,9 @@ void GaussianSmoother<D>::check_values(const double* values, std::size_t n_value
 // = exp(-((z - pos)/σ)^2) with exp2_bounded (symmetric windows give identical weights and the
 // centre weight is exactly 1); both loops are branch-free so the compiler vectorises them. On
 // x86-64 Linux with GCC these passes are also compiled for AVX2+FMA and picked at run time.
-// Then, on AVX2 machines and for windows of at most 4 values along x, one AVX2 pass per chunk
-// forms the sums, values and CSR rows (chunk_1d_avx2, chunk_nd_avx2); otherwise the sums are
-// vectorised (1D) or done per point, and rows are written per point (write_row).
+// The sums are vectorised (1D) or done per point, and rows are written per point (write_row).
+// (Hand-written AVX2 passes for the sums and rows were retired: on the array model's set-up
+// and evaluation they gained 2-3 %, within the bench's noise.)
 // smoother.cpp is compiled with -fno-trapping-math (see CMakeLists.txt): GCC does not
 // if-convert floating-point comparisons otherwise.
 
@@ -329,290 +328,6 @@ void finish_values(const double* __restrict sumw, const double* __restrict sumwv
   for (int i = 0; i < m; ++i) value_out[i] = sumw[i] > 0.0 ? sumwv[i] / sumw[i] : 0.0;
 }
 
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-#define XS_HAVE_AVX2 1
-#define XS_TARGET_AVX2 __attribute__((target("avx2,fma")))
-
-/// True when the CPU runs AVX2 and FMA (checked once), unless the environment variable
-/// XTALSCALE_DISABLE_AVX2 is set to a value other than 0 (tests use it to run the portable path).
-bool cpu_has_avx2_fma() {
-  static const bool ok = [] {
-    const char* off = std::getenv("XTALSCALE_DISABLE_AVX2");
-    if (off != nullptr && off[0] != '\0' && std::strcmp(off, "0") != 0) return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return ok;
-}
-
-/// Store the column indices first, first+1, first+2, first+3 of one row (the caller
-/// guarantees room; entries past the row's window are overwritten by the next row).
-XS_TARGET_AVX2 inline void put_columns4(std::int32_t* dst, std::int32_t first) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst),
-                   _mm_add_epi32(_mm_set1_epi32(first), _mm_setr_epi32(0, 1, 2, 3)));
-}
-XS_TARGET_AVX2 inline void put_columns4(std::int64_t* dst, std::int32_t first) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
-                      _mm256_add_epi64(_mm256_set1_epi64x(first), _mm256_setr_epi64x(0, 1, 2, 3)));
-}
-
-/// The 12 column indices of four rows of 3: f0, f0+1, f0+2, f1, ..., f3+2.
-XS_TARGET_AVX2 inline void put_columns12(std::int32_t* dst, __m128i first) {
-  const __m256i f = _mm256_castsi128_si256(first);
-  const __m256i lo = _mm256_add_epi32(
-      _mm256_permutevar8x32_epi32(f, _mm256_setr_epi32(0, 0, 0, 1, 1, 1, 2, 2)),
-      _mm256_setr_epi32(0, 1, 2, 0, 1, 2, 0, 1));
-  const __m128i hi = _mm_add_epi32(_mm256_castsi256_si128(_mm256_permutevar8x32_epi32(
-                                       f, _mm256_setr_epi32(2, 3, 3, 3, 0, 0, 0, 0))),
-                                   _mm_setr_epi32(2, 0, 1, 2));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), lo);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 8), hi);
-}
-XS_TARGET_AVX2 inline void put_columns12(std::int64_t* dst, __m128i first) {
-  alignas(16) std::int32_t f[4];
-  _mm_store_si128(reinterpret_cast<__m128i*>(f), first);
-  for (int j = 0; j < 4; ++j) put_columns4(dst + 3 * j, f[j]);  // each overwrites the last's spare
-}
-/// indptr entries after four rows of 3 starting at @p nnz: nnz + 3, + 6, + 9, + 12.
-XS_TARGET_AVX2 inline void put_offsets4(std::int32_t* dst, std::size_t nnz) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst),
-                   _mm_add_epi32(_mm_set1_epi32(static_cast<std::int32_t>(nnz)),
-                                 _mm_setr_epi32(3, 6, 9, 12)));
-}
-XS_TARGET_AVX2 inline void put_offsets4(std::int64_t* dst, std::size_t nnz) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst),
-                      _mm256_add_epi64(_mm256_set1_epi64x(static_cast<std::int64_t>(nnz)),
-                                       _mm256_setr_epi64x(3, 6, 9, 12)));
-}
-
-/// 1D chunks with windows of at most 4 values (naverage <= 4), AVX2: Σw, the value Σw·p/Σw
-/// (when @p value is not null) and, with kRows, the CSR rows (raw weights, or w/Σw with
-/// kNorm). Four points at a time, the weight
-/// rows w[k][i..i+4] are transposed into one 4-vector per point, which is both the point's
-/// CSR row (stored 4 wide; the next row overwrites the entries past this row's window) and,
-/// times the 4 consecutive values at the window start, the terms of Σw·p. Every 1D chunk of
-/// such a smoother goes through here on an AVX2 machine, single points included, so single-
-/// and multi-point results stay identical. Only the last row of a call (@p last_chunk) is
-/// stored exactly, so nothing is written past n·max_row_nnz. Returns the new nnz.
-template <bool kRows, bool kNorm, typename Index>
-XS_TARGET_AVX2 std::size_t chunk_1d_avx2(const AxisChunk& c, int m, bool last_chunk,
-                                         const double* values, double* value, double* sumw,
-                                         Index* indices, double* data, Index* indptr_next,
-                                         std::size_t nnz) {
-  for (int i = 0; i < m; i += 4) {
-    const int lanes = std::min(4, m - i);
-    const __m256d w0 = _mm256_load_pd(c.w[0] + i);
-    const __m256d w1 = _mm256_load_pd(c.w[1] + i);
-    const __m256d w2 = _mm256_load_pd(c.w[2] + i);
-    const __m256d w3 = _mm256_load_pd(c.w[3] + i);  // zero when the window is at most 3
-    const __m256d sw = _mm256_add_pd(_mm256_add_pd(_mm256_add_pd(w0, w1), w2), w3);
-    // Transpose: row[j] = (w0, w1, w2, w3) of point i + j.
-    const __m256d t0 = _mm256_unpacklo_pd(w0, w1);
-    const __m256d t1 = _mm256_unpackhi_pd(w0, w1);
-    const __m256d t2 = _mm256_unpacklo_pd(w2, w3);
-    const __m256d t3 = _mm256_unpackhi_pd(w2, w3);
-    __m256d row[4] = {_mm256_permute2f128_pd(t0, t2, 0x20), _mm256_permute2f128_pd(t1, t3, 0x20),
-                      _mm256_permute2f128_pd(t0, t2, 0x31), _mm256_permute2f128_pd(t1, t3, 0x31)};
-    alignas(16) std::int32_t first[4];
-    alignas(16) std::int32_t count[4];
-    _mm_store_si128(reinterpret_cast<__m128i*>(first), _mm256_cvttpd_epi32(_mm256_load_pd(c.first + i)));
-    _mm_store_si128(reinterpret_cast<__m128i*>(count), _mm256_cvttpd_epi32(_mm256_load_pd(c.count + i)));
-    // Σw·p: lanes past the window have w = 0 (values is zero-padded, and finite).
-    __m256d prod[4];
-    for (int j = 0; j < 4; ++j) prod[j] = _mm256_mul_pd(row[j], _mm256_loadu_pd(values + first[j]));
-    const __m256d h01 = _mm256_hadd_pd(prod[0], prod[1]);
-    const __m256d h23 = _mm256_hadd_pd(prod[2], prod[3]);
-    const __m256d swv = _mm256_add_pd(_mm256_permute2f128_pd(h01, h23, 0x20),
-                                      _mm256_permute2f128_pd(h01, h23, 0x31));
-    // value = Σw·p/Σw, 0 where Σw = 0 (as finish_values)
-    const __m256d positive = _mm256_cmp_pd(sw, _mm256_setzero_pd(), _CMP_GT_OQ);
-    const __m256d val = _mm256_and_pd(positive, _mm256_div_pd(swv, sw));
-    alignas(32) double sw_lane[4];
-    _mm256_store_pd(sw_lane, sw);
-    if (lanes == 4) {
-      _mm256_storeu_pd(sumw + i, sw);
-      if (value) _mm256_storeu_pd(value + i, val);
-    } else {
-      alignas(32) double val_lane[4];
-      _mm256_store_pd(val_lane, val);
-      for (int j = 0; j < lanes; ++j) {
-        sumw[i + j] = sw_lane[j];
-        if (value) value[i + j] = val_lane[j];
-      }
-    }
-    if constexpr (kRows) {
-      const __m128i count4 = _mm_load_si128(reinterpret_cast<const __m128i*>(count));
-      const bool full3 = lanes == 4 && !(last_chunk && i + 4 == m) &&
-                         _mm_movemask_epi8(_mm_cmpeq_epi32(count4, _mm_set1_epi32(3))) == 0xFFFF;
-      if (full3) {  // four windows of 3 (the default naverage): fixed offsets, vector indices
-        if constexpr (kNorm) {
-          const __m256d inv = _mm256_and_pd(positive, _mm256_div_pd(_mm256_set1_pd(1.0), sw));
-          alignas(32) double inv_lane[4];
-          _mm256_store_pd(inv_lane, inv);
-          for (int j = 0; j < 4; ++j) row[j] = _mm256_mul_pd(row[j], _mm256_set1_pd(inv_lane[j]));
-        }
-        for (int j = 0; j < 4; ++j) _mm256_storeu_pd(data + nnz + 3 * j, row[j]);
-        put_columns12(indices + nnz, _mm_load_si128(reinterpret_cast<const __m128i*>(first)));
-        put_offsets4(indptr_next + i, nnz);
-        nnz += 12;
-        continue;
-      }
-      for (int j = 0; j < lanes; ++j) {
-        __m256d r = row[j];
-        if constexpr (kNorm)  // as DIALS's row_multiply(weight, 1/Σw); 0 when Σw = 0
-          r = _mm256_mul_pd(r, _mm256_set1_pd(sw_lane[j] > 0.0 ? 1.0 / sw_lane[j] : 0.0));
-        if (!last_chunk || i + j != m - 1) {
-          _mm256_storeu_pd(data + nnz, r);
-          put_columns4(indices + nnz, first[j]);
-        } else {  // the call's last row: exactly count entries
-          alignas(32) double r_lane[4];
-          _mm256_store_pd(r_lane, r);
-          for (int k = 0; k < count[j]; ++k) {
-            data[nnz + k] = r_lane[k];
-            indices[nnz + k] = static_cast<Index>(first[j] + k);
-          }
-        }
-        nnz += static_cast<std::size_t>(count[j]);
-        indptr_next[i + j] = static_cast<Index>(nnz);
-      }
-    }
-  }
-  return nnz;
-}
-
-/// Where the 2D/3D AVX2 path writes CSR entries: in place, except for the call's last row
-/// (see stage_last_row), whose 4-wide stores could pass the end of the buffer; that row is
-/// staged and copied exactly by finish(). (Streaming stores through a staging buffer were
-/// measured slower here than plain in-place stores, unlike in the per-point path.)
-template <typename T>
-class RowOutput {
- public:
-  /// @p out receives entries from index 0 on; @p stage holds one row plus 4 entries.
-  RowOutput(T* out, T* stage) : out_(out), stage_(stage) {}
-
-  /// Where the next entry goes.
-  T* cursor() { return last_row_ ? stage_ + fill_ : out_ + pos_; }
-  /// @p n entries were written at cursor().
-  void advance(std::size_t n) {
-    if (last_row_)
-      fill_ += n;
-    else
-      pos_ += n;
-  }
-  /// The next row is the call's last: stage it.
-  void stage_last_row() { last_row_ = true; }
-  /// Copy the staged row out.
-  void finish() {
-    if (fill_ > 0) std::memcpy(out_ + pos_, stage_, fill_ * sizeof(T));
-    pos_ += fill_;
-    fill_ = 0;
-  }
-
- private:
-  T* out_;
-  T* stage_;
-  std::size_t pos_ = 0;
-  std::size_t fill_ = 0;
-  bool last_row_ = false;
-};
-
-/// 2D/3D chunks whose x windows hold at most 4 values, AVX2: Σw (the product of the per-axis
-/// sums), Σw·p and, with kRows, the CSR rows. A point's x weights are one 4-vector
-/// (transposed four points at a time, as in 1D); each (y, z) pair of its window gives one x
-/// run: that vector times w_y·w_z, stored 4 wide (the next run overwrites the entries past the
-/// x window; see RowOutput), and fused-multiply-added with the 4 consecutive values it covers
-/// into Σw·p.
-/// Every chunk of such a smoother goes through here on an AVX2 machine, single points
-/// included, so single- and multi-point results stay identical. Returns the new nnz.
-template <int D, bool kRows, bool kNorm, typename Index>
-XS_TARGET_AVX2 std::size_t chunk_nd_avx2(const std::array<AxisChunk, D>& c, int m,
-                                         const double* values, std::int64_t nx, std::int64_t nxy,
-                                         bool last_chunk, double* sumw, double* sumwv,
-                                         Index* indptr_next, std::size_t nnz,
-                                         RowOutput<Index>& out_idx,
-                                         RowOutput<double>& out_data) {
-  const AxisChunk& cx = c[0];
-  const AxisChunk& cy = c[1];
-  for (int i0 = 0; i0 < m; i0 += 4) {
-    const int lanes = std::min(4, m - i0);
-    const __m256d w0 = _mm256_load_pd(cx.w[0] + i0);
-    const __m256d w1 = _mm256_load_pd(cx.w[1] + i0);
-    const __m256d w2 = _mm256_load_pd(cx.w[2] + i0);
-    const __m256d w3 = _mm256_load_pd(cx.w[3] + i0);
-    const __m256d sx4 = _mm256_add_pd(_mm256_add_pd(_mm256_add_pd(w0, w1), w2), w3);
-    const __m256d t0 = _mm256_unpacklo_pd(w0, w1);
-    const __m256d t1 = _mm256_unpackhi_pd(w0, w1);
-    const __m256d t2 = _mm256_unpacklo_pd(w2, w3);
-    const __m256d t3 = _mm256_unpackhi_pd(w2, w3);
-    const __m256d wx4[4] = {
-        _mm256_permute2f128_pd(t0, t2, 0x20), _mm256_permute2f128_pd(t1, t3, 0x20),
-        _mm256_permute2f128_pd(t0, t2, 0x31), _mm256_permute2f128_pd(t1, t3, 0x31)};
-    alignas(32) double sx[4];
-    _mm256_store_pd(sx, sx4);
-    for (int j4 = 0; j4 < lanes; ++j4) {
-      const int i = i0 + j4;
-      const auto fx = static_cast<std::int64_t>(cx.first[i]);
-      const int nxw = static_cast<int>(cx.count[i]);
-      const auto fy = static_cast<std::int64_t>(cy.first[i]);
-      const int ny = static_cast<int>(cy.count[i]);
-      std::int64_t fz = 0;
-      int nz = 1;
-      if constexpr (D == 3) {
-        fz = static_cast<std::int64_t>(c[2].first[i]);
-        nz = static_cast<int>(c[2].count[i]);
-      }
-      double sy = 0.0;
-      for (int j = 0; j < ny; ++j) sy += cy.w[j][i];
-      double sz = 1.0;
-      if constexpr (D == 3) {
-        sz = 0.0;
-        for (int k = 0; k < nz; ++k) sz += c[2].w[k][i];
-      }
-      const double sw = D == 3 ? sx[j4] * sy * sz : sx[j4] * sy;
-      const double f = kNorm ? (sw > 0.0 ? 1.0 / sw : 0.0) : 1.0;  // as row_multiply(w, 1/Σw)
-      if (kRows && last_chunk && i == m - 1) {
-        out_data.stage_last_row();
-        out_idx.stage_last_row();
-      }
-      // Σw·p per z plane (independent chains), then over the planes.
-      __m256d acc = _mm256_setzero_pd();
-      std::size_t row_nnz = 0;
-      double* row_data = kRows ? out_data.cursor() : nullptr;
-      Index* row_idx = kRows ? out_idx.cursor() : nullptr;
-      for (int k = 0; k < nz; ++k) {
-        const double wz = D == 3 ? c[2].w[k][i] : 1.0;
-        const std::int64_t plane = fx + (fz + k) * nxy;
-        __m256d acc_plane = _mm256_setzero_pd();
-        for (int j = 0; j < ny; ++j) {
-          const double wyz = cy.w[j][i] * wz;
-          const std::int64_t col = plane + (fy + j) * nx;
-          const __m256d run = _mm256_mul_pd(wx4[j4], _mm256_set1_pd(wyz));
-          acc_plane = _mm256_fmadd_pd(run, _mm256_loadu_pd(values + col), acc_plane);
-          if constexpr (kRows) {
-            _mm256_storeu_pd(row_data + row_nnz,
-                             kNorm ? _mm256_mul_pd(run, _mm256_set1_pd(f)) : run);
-            put_columns4(row_idx + row_nnz, static_cast<std::int32_t>(col));
-            row_nnz += static_cast<std::size_t>(nxw);
-          }
-        }
-        acc = _mm256_add_pd(acc, acc_plane);
-      }
-      const __m128d acc2 = _mm_add_pd(_mm256_castpd256_pd128(acc), _mm256_extractf128_pd(acc, 1));
-      sumw[i] = sw;
-      // The value Σw·p/Σw is formed for the whole chunk afterwards (finish_values): a division
-      // here would sit at the end of this point's dependency chain.
-      sumwv[i] = _mm_cvtsd_f64(_mm_add_sd(acc2, _mm_unpackhi_pd(acc2, acc2)));
-      if constexpr (kRows) {
-        out_data.advance(row_nnz);
-        out_idx.advance(row_nnz);
-        nnz += row_nnz;
-        indptr_next[i] = static_cast<Index>(nnz);
-      }
-    }
-  }
-  return nnz;
-}
-#endif
 
 /// Evaluates chunks of points and hands each point's per-axis windows to a callback.
 template <int D>
@@ -846,7 +561,7 @@ inline std::vector<double> padded_values(const double* values, std::size_t n) {
 template <int D, int W, typename Index, bool kMatrix, bool kNormalised, bool kFirstFixed,
           bool kStream>
 std::size_t bulk(ChunkEvaluator<D>& ev, std::size_t n, const std::array<const double*, D>& coords,
-                 const double* values, std::int64_t nx, std::int64_t nxy, std::size_t max_row_nnz,
+                 const double* values, std::int64_t nx, std::int64_t nxy,
                  double* value_out, double* sumweight_out, Index* indptr, Index* indices,
                  double* data) {
   std::size_t nnz = 0;
@@ -856,50 +571,13 @@ std::size_t bulk(ChunkEvaluator<D>& ev, std::size_t n, const std::array<const do
   // Σw goes straight to the caller's array when there is one (no per-chunk copy).
   const auto sumw_of_chunk = [&](std::size_t base) { return sumweight_out ? sumweight_out + base : sw; };
   alignas(64) double inv_sw[kChunk];
-#ifdef XS_HAVE_AVX2
-  const bool avx2 = cpu_has_avx2_fma();
-  // The 1D AVX2 path writes the values itself; every other path leaves them to done().
-  const bool values_in_chunk_pass = D == 1 && W <= 4 && !kFirstFixed && avx2;
-#else
-  const bool values_in_chunk_pass = false;
-#endif
-  // Staging for the last row of the 2D/3D AVX2 path (4-wide stores overhang by up to 3).
-  const std::size_t stage_size = kMatrix && D >= 2 ? max_row_nnz + 4 : 0;
-  std::unique_ptr<Index[]> stage_idx(new Index[stage_size]);
-  std::unique_ptr<double[]> stage_data(new double[stage_size]);
-  RowOutput<Index> out_idx(indices, stage_idx.get());
-  RowOutput<double> out_data(data, stage_data.get());
   ev.run(
       n, coords,
       [&](std::size_t base, int m) {
         bool rows_written = false;  // by the vectorised 1D path: no per-point work left
-#ifdef XS_HAVE_AVX2
-        if constexpr (D >= 2 && W <= 4) {
-          if (avx2) {
-            nnz = chunk_nd_avx2<D, kMatrix, kNormalised, Index>(
-                ev.chunks(), m, values, nx, nxy, base + m == n, sumw_of_chunk(base), swv,
-                indptr + base + 1, nnz, out_idx, out_data);
-            if (kMatrix && base + m == n) {  // the call's last chunk: copy its staged last row
-              out_idx.finish();
-              out_data.finish();
-            }
-            return true;  // values: finish_values in done()
-          }
-        }
-#endif
         if constexpr (D == 1) {  // 1D sums, and rows of full windows, vectorised per chunk
           const AxisChunk& c = ev.chunk(0);
           double* sumw = sumw_of_chunk(base);
-#ifdef XS_HAVE_AVX2
-          if constexpr (W <= 4 && !kFirstFixed) {
-            if (avx2) {
-              nnz = chunk_1d_avx2<kMatrix, kNormalised, Index>(
-                  c, m, base + m == n, values, value_out ? value_out + base : nullptr, sumw,
-                  indices, data, indptr + base + 1, nnz);
-              return true;
-            }
-          }
-#endif
           sums_pass_1d(c, m, W, values, sumw, swv);
           if constexpr (kMatrix && !kFirstFixed) {
             if (min_count(c, m) == W) {
@@ -926,7 +604,7 @@ std::size_t bulk(ChunkEvaluator<D>& ev, std::size_t n, const std::array<const do
         }
       },
       [&](std::size_t base, int m) {
-        if (value_out && !values_in_chunk_pass)
+        if (value_out)
           finish_values(sumw_of_chunk(base), swv, m, value_out + base);
       });
 #if defined(__x86_64__) || defined(_M_X64)
@@ -974,10 +652,10 @@ std::size_t GaussianSmoother<D>::multi_value_weight(
                    kF = decltype(fixed)::value;
     if (kM && stream)
       return bulk<D, kW, Index, kM, kN, kF, true>(*ev, n, coords, padded.data(), nx, nxy,
-                                                  max_row_nnz(), value_out, sumweight_out,
+                                                  value_out, sumweight_out,
                                                   indptr, indices, data);
     return bulk<D, kW, Index, kM, kN, kF, false>(*ev, n, coords, padded.data(), nx, nxy,
-                                                 max_row_nnz(), value_out, sumweight_out,
+                                                 value_out, sumweight_out,
                                                  indptr, indices, data);
   };
   const auto modes = [&](auto width) -> std::size_t {

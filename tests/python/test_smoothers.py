@@ -440,51 +440,6 @@ def test_concurrent_calls_on_one_smoother_give_serial_results():
         np.testing.assert_array_equal(w1.data, w2.data)
 
 
-_PORTABLE_SCRIPT = """
-import sys, numpy as np
-from xtalscale.smoothing import GaussianSmoother1D, GaussianSmoother2D, GaussianSmoother3D
-rng = np.random.default_rng(11)
-out = {}
-for name, gs, dims in [("1d", GaussianSmoother1D([0, 20], 20), 1),
-                       ("1d5", GaussianSmoother1D([0, 20], 20), 1),
-                       ("2d", GaussianSmoother2D([0, 6], 6, [0, 3], 3), 2),
-                       ("3d", GaussianSmoother3D([0, 4], 4, [0, 5], 5, [0, 2], 2), 3)]:
-    if name == "1d5":
-        gs.set_smoothing(5, -1.0)
-    coords = [rng.uniform(-1.5, 22, 3001) if dims == 1 else rng.uniform(-1, 7, 3001)
-              for _ in range(dims)]
-    p = rng.uniform(0.5, 1.5, gs.num_values())
-    v, w, sw = gs.multi_value_weight(*coords, p)
-    _, _, norm, _, _ = gs._core.multi_value_weight(coords, p, normalised=True)
-    np.testing.assert_allclose(norm, w.data / np.repeat(sw, np.diff(w.indptr)), rtol=1e-15)
-    out.update({name + "_v": v, name + "_sw": sw, name + "_data": w.data, name + "_norm": norm,
-                name + "_indices": w.indices, name + "_indptr": w.indptr})
-np.savez(sys.argv[1], **out)
-"""
-
-
-def test_portable_path_agrees_with_the_avx2_path(tmp_path):
-    # XTALSCALE_DISABLE_AVX2=1 runs the portable kernels (what a CPU without AVX2 runs). They
-    # sum in another order, so values agree to rounding; the CSR structure is identical.
-    import os
-    import subprocess
-    import sys
-    script = tmp_path / "run.py"
-    script.write_text(_PORTABLE_SCRIPT)
-    results = {}
-    for flag in ("0", "1"):
-        env = dict(os.environ, XTALSCALE_DISABLE_AVX2=flag)
-        subprocess.run([sys.executable, str(script), str(tmp_path / f"r{flag}.npz")], env=env,
-                       check=True)
-        results[flag] = np.load(tmp_path / f"r{flag}.npz")
-    fast, portable = results["0"], results["1"]
-    for key in fast.files:
-        if key.endswith(("_indices", "_indptr")):
-            np.testing.assert_array_equal(fast[key], portable[key], err_msg=key)
-        else:
-            np.testing.assert_allclose(fast[key], portable[key], rtol=1e-14, atol=0, err_msg=key)
-
-
 @pytest.mark.parametrize("dims", [1, 2, 3])
 def test_bulk_weights_follow_the_dials_formula_to_rounding(dims):
     # DIALS: w = exp(-(sum over axes of ((z_a - pos_a)/sigma)^2)). The kernel evaluates the

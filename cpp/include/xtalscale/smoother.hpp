@@ -293,11 +293,10 @@ class XTALSCALE_EXPORT GaussianSmoother {
   /// ~1e-15·(1 + E) relative of DIALS's exp(−E), the size of the rounding DIALS's own formula
   /// carries; Σw (a product of per-axis sums in 2D/3D) and values agree to ~1e-15.
   /// value_weight() runs this same code, so single- and multi-point evaluations agree bit for
-  /// bit. Performance: chunks of 128 points, vectorised window and weight passes; on x86-64
-  /// with AVX2+FMA (checked at run time; XTALSCALE_DISABLE_AVX2=1 turns it off) the sums and
-  /// rows are assembled with AVX2 (naverage <= 4), and outputs beyond 32 MB are written with
-  /// streaming stores. The AVX2 and portable paths sum in different orders (values differ in
-  /// the last bit between machines). No allocation per point; a few kB of scratch per call.
+  /// bit. Performance: chunks of 128 points, vectorised window and weight passes (also
+  /// compiled for AVX2+FMA and picked at run time on x86-64 Linux, so the last bit of a value
+  /// may differ between machines); outputs beyond 32 MB are written with streaming stores. No
+  /// allocation per point; a few kB of scratch per call.
   /// @return the number of non-zeros written (= indptr[n]).
   /// @throws std::invalid_argument for wrong n_values, non-finite values or coordinates
   ///         (the message names coordinate "x", "y" or "z" and the element); outputs may then
