@@ -49,8 +49,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"xtalscale: error: unknown command {command!r}{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
     module = importlib.import_module(f"{__name__}.{_COMMANDS[command]}")
+    from ..fit.blas import single_threaded_blas
+
     try:
-        return int(module.run(rest))
+        # the commands' own kernels are the parallel part (nproc); BLAS calls are small
+        with single_threaded_blas():
+            return int(module.run(rest))
     except _USER_ERRORS as error:
         print(f"xtalscale: error: {error}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from .blas import single_threaded_blas
 from .minimisers import Journal, gauss_newton, lbfgs, levenberg_marquardt
 from .objectives import ScalerObjective
 
@@ -77,7 +78,8 @@ class ScalingRefinery:
 
     def run(self) -> Journal:
         objective = ScalerObjective(self._scaler, self._target, self._parameters, n_threads=self.n_threads)
-        ENGINES[self.engine](objective, self._max_iterations, self._rmsd_tolerance, journal=self.history)
+        with single_threaded_blas():
+            ENGINES[self.engine](objective, self._max_iterations, self._rmsd_tolerance, journal=self.history)
         return self.history
 
     def print_step_table(self) -> str:
@@ -129,7 +131,8 @@ def refine(objective: Any, engine: str = "auto", max_iterations: int | None = No
     if engine != "auto":
         if engine not in ENGINES:
             raise ValueError(f"engine must be 'auto' or one of {sorted(ENGINES)}, got {engine!r}")
-        journal = ENGINES[engine](objective, max_iterations, rmsd_tolerance, journal=Journal(engine=engine))
+        with single_threaded_blas():
+            journal = ENGINES[engine](objective, max_iterations, rmsd_tolerance, journal=Journal(engine=engine))
         journal.solver = f"{engine} (forced)"
         return journal
     journal = lbfgs(objective, max_iterations, rmsd_tolerance, journal=Journal(engine="auto"))
