@@ -46,6 +46,7 @@ __all__ = [
     "reindex",
     "reindex_unit_cell",
     "miller_array",
+    "hkl_keys",
     "add_asu_miller_index",
     "map_indices_to_asu",
     "get_sorted_asu_indices",
@@ -83,6 +84,17 @@ def miller_array(hkl, name: str = "miller_index") -> np.ndarray:
     if a.size and (np.abs(a).max() >= 2**20):
         raise ValueError(f"{name} holds implausibly large indices (|h| >= 2**20)")
     return np.ascontiguousarray(a, dtype=np.int32)
+
+
+def hkl_keys(hkl) -> np.ndarray:
+    """One int64 key per (h, k, l) row: injective and ordered as (h, k, l) lexicographically.
+
+    For matching Miller indices between tables with ``np.searchsorted``/``np.isin`` instead of
+    tuples in dicts. Indices must satisfy ``|h|, |k|, |l| < 2**20`` (as :func:`miller_array`
+    checks): each is offset by 2**20 into 21 bits.
+    """
+    a = np.asarray(hkl).reshape(-1, 3).astype(np.int64) + (1 << 20)
+    return (a[:, 0] << 42) | (a[:, 1] << 21) | a[:, 2]
 
 
 # --------------------------------------------------------------------------- space groups

@@ -19,6 +19,7 @@ from xtalscale.algorithms.scaling.target_function import ScalingTarget, ScalingT
 from xtalscale.array_family import flex
 from xtalscale.experiments import ExperimentList
 from xtalscale.fit import ModelBlockData, ModelObjective, refine
+from xtalscale.fit.ih_table import IhTableError
 from xtalscale.fit.minimisers import solve_normal_equations
 from xtalscale.fit.scaler import BasicScaler
 from xtalscale.fit.target import block_kernel_arguments
@@ -606,3 +607,74 @@ def test_row_quadratic_forms_is_diag_of_j_v_jt():
     assert np.array_equal(one, core_fit.row_quadratic_forms(*args, V, n_threads=2))
     with pytest.raises(ValueError, match="outside V"):
         core_fit.row_quadratic_forms(*args, V[:10, :10])
+
+
+# ----------------------------------------------------------------------------- spec 9.6: target, miller array
+def _splitting_tables(moved=()):
+    """DIALS's two small tables for block splitting; ``moved`` = (table, row) pairs whose index
+    becomes (4, 0, 0)."""
+    t1 = {"intensity": np.arange(1.0, 7.0), "variance": np.ones(6), "inverse_scale_factor": np.ones(6),
+          "miller_index": np.array([(1, 0, 0), (2, 0, 0), (0, 0, 1), (2, 2, 2), (1, 0, 0), (2, 0, 0)])}
+    t2 = {"intensity": np.arange(7.0, 12.0), "variance": np.ones(5), "inverse_scale_factor": np.ones(5),
+          "miller_index": np.array([(2, 2, 2), (2, 0, 0), (0, 0, 1), (2, 2, 2), (1, 0, 0)])}
+    tables = [t1, t2]
+    for t, row in moved:
+        tables[t]["miller_index"][row] = (4, 0, 0)
+    return tables
+
+
+def test_match_Ih_values_to_target_spec_9_6():  # noqa: N802
+    from xtalscale.symmetry import space_group_from_hall
+
+    sg = space_group_from_hall("C 2y")
+    table = IhTable(_splitting_tables(), sg, nblocks=2)
+    b0, b1 = table.blocked_data_list
+    np.testing.assert_allclose(b0.Ih_values, [6, 17 / 3, 17 / 3, 6, 17 / 3], rtol=1e-15)
+    np.testing.assert_allclose(b1.Ih_values, [16 / 3, 16 / 3, 7, 16 / 3, 7, 7], rtol=1e-15)
+    # the target's (2, 0, 0) rows moved to (4, 0, 0): those groups find no target and leave
+    target = IhTable(_splitting_tables(moved=((0, 1), (0, 5), (1, 1))), sg, nblocks=1)
+    target.blocked_data_list[0].Ih_table["Ih_values"] = np.array(
+        [0.1, 0.2, 0.2, 0.3, 0.3, 0.4, 0.1, 0.2, 0.3, 0.4, 0.4])
+    for block in (b0, b1):
+        block.match_Ih_values_to_target(target)
+    assert b0.Ih_values.tolist() == [0.1, 0.2, 0.2, 0.1, 0.2]
+    assert b1.Ih_values.tolist() == [0.4, 0.4, 0.4]
+    # DIALS's per-target dict agrees with the vectorised matching
+    from xtalscale.algorithms.scaling.Ih_table import TargetAsuDictCache
+
+    lookup = TargetAsuDictCache(target)
+    assert TargetAsuDictCache(target) is lookup
+    assert [lookup[tuple(h)] for h in b1.asu_miller_index.tolist()] == [0.4, 0.4, 0.4]
+
+
+def test_as_miller_array_work_and_free_spec_9_6():
+    table = IhTable([_table(np.arange(6)), _small_with_rows()], "P 2 2 2", nblocks=2,
+                    free_set_percentage=50.0, free_set_offset=1,
+                    indices_lists=[np.arange(6), np.array([0, 2, 3])])
+    cell = (1.0, 1.0, 1.0, 90.0, 90.0, 90.0)
+    work = table.as_miller_array(cell)
+    assert work.size() == 5
+    assert np.asarray(work.indices()).tolist() == [[0, 0, 1], [0, 2, 0], [1, 0, 0], [1, 0, 0], [1, 0, 0]]
+    free = table.as_miller_array(cell, return_free_set_data=True)
+    assert free.size() == 4
+    assert np.asarray(free.indices()).tolist() == [[0, 0, 2], [0, 4, 0], [0, 4, 0], [10, 0, 0]]
+    # data are I/g with sigmas sqrt(var)/g (g = 2 in the first table, 1 in the second)
+    block = table.blocked_data_list[0]
+    np.testing.assert_allclose(np.asarray(block.as_miller_array(cell).data()),
+                               block.intensities / block.inverse_scale_factors)
+    assert work.is_xray_intensity_array()
+
+
+def test_setup_binner_equal_d_star_sq_steps():
+    table = IhTable([_table()], "P 2 2 2", nblocks=1)
+    block = table.blocked_data_list[0]
+    binner = block.setup_binner((1.0, 1.0, 1.0, 90.0, 90.0, 90.0), None, 3)
+    assert block.binner is binner and binner.n_bins_used() == 3
+    dss = (np.asarray(block.asu_miller_index) ** 2).sum(axis=1)  # cubic cell, a = 1
+    bins = np.asarray(binner.bin_indices())
+    # every observation falls in a used bin, ordered by d*²
+    assert set(bins.tolist()) <= set(binner.range_used())
+    assert np.all(np.diff(bins[np.argsort(dss, kind="stable")]) >= 0)
+    assert sum(binner.counts()) == block.size
+    with pytest.raises(IhTableError):
+        block.setup_binner((1.0, 1.0, 1.0, 90.0, 90.0, 90.0), None, 0)

@@ -19,9 +19,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from .._core import fit as _fit
-from ..symmetry import group_reflections, map_to_asu
+from ..symmetry import group_reflections, hkl_keys, map_to_asu
 
-__all__ = ["IhTable", "IhTableBlock", "IhTableError", "group_offsets_from_keys",
+__all__ = ["IhTable", "IhTableBlock", "IhTableError", "TargetAsuDictCache", "group_offsets_from_keys",
            "EXCLUDED_NONE", "EXCLUDED_BAD_VARIANCE", "EXCLUDED_BAD_INTENSITY"]
 
 EXCLUDED_NONE = 0
@@ -297,14 +297,19 @@ class IhTableBlock:
         """Set Ĩ to the reference table's value for the same ASU index; drop unmatched groups
         from the fit by giving them weight 0 (rows stay, flagged by ``Ih_values == 0``)."""
         target = target_Ih_table.blocked_data_list[0] if hasattr(target_Ih_table, "blocked_data_list") else target_Ih_table
-        t_hkl = np.asarray(target.asu_miller_index, dtype=np.int64)
+        t_keys = hkl_keys(target.asu_miller_index)
         t_ih = np.asarray(target.Ih_values, dtype=np.float64)
-        table = {tuple(h): v for h, v in zip(t_hkl.tolist(), t_ih.tolist())}
-        uniq_rows = self._order[self._offsets[:-1][np.diff(self._offsets) > 0]]
-        group_value = np.zeros(self._n_groups)
-        for row in uniq_rows.tolist():  # one lookup per group, not per observation
-            group_value[self._group_ids[row]] = table.get(tuple(self._hkl[row].tolist()), 0.0)
-        self._arrays["Ih_values"] = group_value[self._group_ids]
+        # the target's value per ASU index: its last row's, as DIALS's {index: Ĩ} dict keeps
+        # (rows of one group normally share Ĩ)
+        t_keys, last = np.unique(t_keys[::-1], return_index=True)
+        t_ih = t_ih[::-1][last]
+        keys = hkl_keys(self._hkl)
+        matched = np.zeros(keys.size)
+        if t_keys.size:
+            pos = np.minimum(np.searchsorted(t_keys, keys), t_keys.size - 1)
+            hit = t_keys[pos] == keys
+            matched[hit] = t_ih[pos[hit]]
+        self._arrays["Ih_values"] = matched
         matched = self._arrays["Ih_values"] != 0.0
         if not np.all(matched):
             sel = self.select(matched)
@@ -312,6 +317,33 @@ class IhTableBlock:
 
     def set_Ih_values_to_target(self, target_Ih_table: Any) -> None:  # noqa: N802,N803
         self.match_Ih_values_to_target(target_Ih_table)
+
+    def as_miller_array(self, unit_cell: Any, space_group: Any = None) -> Any:
+        """The block's observations as an intensity :class:`~xtalscale.miller.MillerArray`:
+        ASU indices, data I/g and sigmas σ/g (DIALS's ``_reflection_table_to_iobs``)."""
+        from ..miller import MillerArray
+
+        g = np.asarray(self.inverse_scale_factors, dtype=np.float64)
+        data = np.asarray(self.intensities, dtype=np.float64) / g
+        sigmas = np.sqrt(np.asarray(self.variances, dtype=np.float64)) / g
+        return MillerArray(unit_cell, space_group, self._hkl, data, sigmas).set_observation_type_xray_intensity()
+
+    def setup_binner(self, unit_cell: Any, space_group: Any, n_resolution_bins: int) -> Any:
+        """Equal-d*² resolution bins over the block's observations, as DIALS: the range widened
+        by 1e-6 of its span at both ends, the step ``max(span / n_resolution_bins, 0.004)``.
+        Stored as ``binner`` and returned."""
+        if int(n_resolution_bins) < 1:
+            raise IhTableError("n_resolution_bins must be >= 1")
+        array = self.as_miller_array(unit_cell, space_group)
+        dss = np.asarray(array.d_star_sq().data())
+        if not dss.size:
+            raise IhTableError("the block holds no observations to bin")
+        lo, hi = float(dss.min()), float(dss.max())
+        span = hi - lo
+        lo, hi = lo - span * 1e-6, hi + span * 1e-6
+        step = max((hi - lo) / int(n_resolution_bins), 0.004)
+        self.binner = array.setup_binner_d_star_sq_step(d_max=lo ** -0.5, d_min=hi ** -0.5, d_star_sq_step=step)
+        return self.binner
 
     def as_reflection_table(self) -> Any:
         """The block's columns as a reflection table (asu index, Ĩ, weights, ...)."""
@@ -512,3 +544,37 @@ class IhTable:
 
     def extract_free_set(self) -> IhTableBlock | None:
         return self.blocked_data_list[-1] if self.free_Ih_table else None
+
+    def as_miller_array(self, unit_cell: Any, return_free_set_data: bool = False) -> Any:
+        """The work blocks' (or, with ``return_free_set_data``, the free block's) observations
+        as one intensity :class:`~xtalscale.miller.MillerArray` (I/g, σ/g at the ASU indices), in
+        block order (DIALS ``IhTable.as_miller_array``)."""
+        from ..miller import MillerArray
+
+        blocks = self.blocked_data_list
+        if self.free_Ih_table:
+            blocks = blocks[-1:] if return_free_set_data else blocks[: self.n_work_blocks]
+        elif return_free_set_data:
+            raise IhTableError("this Ih table has no free set")
+        parts = [b.as_miller_array(unit_cell, self.space_group) for b in blocks]
+        hkl = np.concatenate([np.asarray(p.indices()).reshape(-1, 3) for p in parts])
+        data = np.concatenate([np.asarray(p.data()) for p in parts])
+        sigmas = np.concatenate([np.asarray(p.sigmas()) for p in parts])
+        return MillerArray(unit_cell, self.space_group, hkl, data, sigmas).set_observation_type_xray_intensity()
+
+
+class TargetAsuDictCache:
+    """DIALS's ``TargetAsuDictCache``: ``TargetAsuDictCache(target)`` is the dict
+    ``{ASU index tuple: Ĩ}`` of the target table's first block, built once per target object
+    (later rows of an index win, as in a dict built row by row). Kept for scripts; the Ih table's
+    own matching (:meth:`IhTableBlock.match_Ih_values_to_target`) is vectorised and needs none."""
+
+    instances: dict[int, dict] = {}
+
+    def __new__(cls, target_Ih_table: Any) -> dict:  # noqa: N803 (DIALS name)
+        key = id(target_Ih_table)
+        if key not in cls.instances:
+            block = target_Ih_table.blocked_data_list[0]
+            hkl = np.asarray(block.asu_miller_index).reshape(-1, 3).tolist()
+            cls.instances[key] = dict(zip(map(tuple, hkl), np.asarray(block.Ih_values).tolist()))
+        return cls.instances[key]

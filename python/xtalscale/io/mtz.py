@@ -79,6 +79,7 @@ from ..symmetry import (
     UnitCell,
     centric_flags,
     group_reflections,
+    hkl_keys,
     map_to_asu,
     miller_array,
 )
@@ -1168,22 +1169,16 @@ def anomalous_halves(unique_hkl, anomalous_hkl, *values) -> list:
         ``[(plus values...), (minus values...)]``, each array of length n with NaN where the
         half was not observed (for centric reflections only the (+) half exists).
     """
-    keys = _hkl_key(miller_array(anomalous_hkl, "anomalous_hkl"))
+    keys = hkl_keys(miller_array(anomalous_hkl, "anomalous_hkl"))
     hkl = miller_array(unique_hkl, "unique_hkl")
     halves = []
     for sign in (1, -1):
-        want = _hkl_key(sign * hkl)
+        want = hkl_keys(sign * hkl)
         pos = np.clip(np.searchsorted(keys, want), 0, max(len(keys) - 1, 0))
         hit = keys[pos] == want if len(keys) else np.zeros(len(hkl), dtype=bool)
         halves.append(tuple(np.where(hit, np.asarray(v, dtype=np.float64)[pos], np.nan)
                             if len(keys) else np.full(len(hkl), np.nan) for v in values))
     return halves
-
-
-def _hkl_key(hkl: np.ndarray) -> np.ndarray:
-    """Order-preserving int64 key of signed (h, k, l) (|index| < 2**20, see miller_array)."""
-    a = hkl.astype(np.int64) + (1 << 20)
-    return (a[:, 0] << 42) + (a[:, 1] << 21) + a[:, 2]
 
 
 def write_merged_mtz_from_table(filename, table, experiments: ExperimentList,
