@@ -28,6 +28,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import scipy.linalg as la
 
+from .line_search import more_thuente
 from .lstsq import nielsen_damping
 
 __all__ = ["Objective", "Journal", "RefinementFailed", "NonFiniteScales", "lbfgs",
@@ -172,35 +173,32 @@ def _two_loop(grad: np.ndarray, pairs: list[tuple[np.ndarray, np.ndarray, float]
 
 
 def _line_search(objective: Objective, x: np.ndarray, f0: float, g0: np.ndarray, d: np.ndarray,
-                 alpha0: float, journal: Journal, max_evaluations: int = 20,
-                 c1: float = 1e-4, c2: float = 0.9) -> tuple[float, np.ndarray, np.ndarray, float] | None:
-    """Weak-Wolfe bracketing search; non-finite trial points are rejected and shortened."""
-    slope0 = _dot(g0, d)
-    lo, hi, alpha = 0.0, np.inf, alpha0
-    best = None
-    for _ in range(max_evaluations):
+                 alpha0: float, journal: Journal) -> tuple[float, np.ndarray, np.ndarray, float] | None:
+    """Moré–Thuente search along ``d`` (scitbx's settings, :mod:`.line_search`); non-finite
+    trial points are rejected and the step shortened. Returns (f, x, g, α) of the accepted
+    point (the objective is left set there), or None when no point lowered f."""
+    evaluated: dict[float, tuple[float, np.ndarray]] = {}
+    last = [0.0]
+
+    def phi(alpha: float) -> tuple[float, float] | None:
+        last[0] = alpha
         trial = _try_f_and_grad(objective, x + alpha * d)
         if trial is None:
             journal.messages.append(f"step {alpha:.3g} gave non-finite scales: rejected and shortened")
-            hi = alpha
-            alpha = 0.5 * (lo + hi) if lo > 0 else 0.1 * alpha
-            continue
-        f, g = trial
-        if f > f0 + c1 * alpha * slope0:
-            hi = alpha
-        elif _dot(g, d) < c2 * slope0:
-            best = (alpha, x + alpha * d, g, f)
-            lo = alpha
-        else:
-            return f, x + alpha * d, g, alpha
-        if best is not None and best[3] < f0 and hi - lo < 1e-12 * max(1.0, lo):
-            break
-        alpha = 0.5 * (lo + hi) if np.isfinite(hi) else 2.0 * lo
-    if best is not None:
-        alpha, xb, gb, fb = best
-        _try_set(objective, xb)
-        return fb, xb, gb, alpha
-    return None
+            return None
+        evaluated[alpha] = trial
+        return trial[0], _dot(trial[1], d)
+
+    result = more_thuente(phi, f0, _dot(g0, d), alpha0)
+    if not result.converged:
+        journal.messages.append(f"line search: {result.message} (after {result.evaluations} evaluations)")
+    if result.alpha <= 0.0 or result.f >= f0 or result.alpha not in evaluated:
+        return None
+    f, g = evaluated[result.alpha]
+    x_new = x + result.alpha * d
+    if last[0] != result.alpha:  # the search ended elsewhere: back to the accepted point
+        _try_set(objective, x_new)
+    return f, x_new, g, result.alpha
 
 
 def _preconditioner(objective: Objective, journal: Journal) -> np.ndarray | None:
