@@ -75,3 +75,23 @@ def test_apply_model_unmerged_mtz_holds_scaled_intensities(tmp_path, capsys):
     assert stats.all_refl == 1512
     # gemmi 0.1674 vs textbook numpy 0.1681 (gemmi's bookkeeping detail, see test_mtz.py)
     assert stats.r_merge() == pytest.approx(0.168, abs=2e-3)
+
+
+def test_help_into_a_closed_pipe_ends_quietly():
+    # `xtalscale merge -h | head -1`: the reader closes the pipe after one line
+    import os
+    import subprocess
+    import sys
+
+    import xtalscale
+
+    env = dict(os.environ, PYTHONPATH=str(Path(xtalscale.__file__).parents[1]))
+    proc = subprocess.Popen([sys.executable, "-m", "xtalscale", "merge", "-h"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, bufsize=0)
+    first = proc.stdout.read(10)
+    proc.stdout.close()  # the reader goes away
+    stderr = proc.stderr.read().decode()
+    proc.stderr.close()
+    proc.wait(timeout=60)
+    assert first
+    assert "Broken pipe" not in stderr and "Traceback" not in stderr

@@ -55,6 +55,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         # the commands' own kernels are the parallel part (nproc); BLAS calls are small
         with single_threaded_blas():
             return int(module.run(rest))
+    except BrokenPipeError:
+        # the reader went away (``xtalscale merge -h | head``): stop quietly, as Python's docs
+        # advise, pointing stdout at devnull so the interpreter's final flush cannot fail again
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except _USER_ERRORS as error:
         print(f"xtalscale: error: {error}", file=sys.stderr)
         return 2

@@ -61,10 +61,9 @@ def run(argv: Sequence[str]) -> int:
         raise ValueError("no input files: give integrated .refl and .expt files (or an unmerged "
                          "MTZ / XDS file); -h for help")
     log_file = params.output.log if params.output.log and str(params.output.log).lower() != "none" else None
-    log = configure_logging(verbosity, None)
     from ..job.run import check_outputs_writable
 
-    check_outputs_writable(params)
+    check_outputs_writable(params)  # before the log file is created and before any work
     log = configure_logging(verbosity, log_file)
     t0 = time.perf_counter()
     result = run_scale_job(params, files)
