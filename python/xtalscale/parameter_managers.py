@@ -876,10 +876,11 @@ def calc_sf_variances(components: Mapping[str, Any], var_cov: Any, block_id: int
                              f"{components[name].n_params} parameters")
         column_map.append(np.arange(start, start + width, dtype=np.int32))
         start += int(components[name].n_params)
-    columns = np.concatenate(column_map)[model_jac.indices]
-    dense_v = np.asarray(V, dtype=np.float64)  # _square gave a dense n_param x n_param
+    # V re-indexed into the block's column layout (a small matrix), so the Jacobian's own
+    # column indices are used as they are (no per-entry gather)
+    model_columns = np.concatenate(column_map)
+    v_block = np.ascontiguousarray(np.asarray(V, dtype=np.float64)[np.ix_(model_columns, model_columns)])
     # Σ_ab J_ia V_ab J_ib per row in C++ (k² per row, no N x n_param temporary)
     return _fit_kernels.row_quadratic_forms(np.asarray(model_jac.indptr, dtype=np.int64),
-                                            np.asarray(columns, dtype=np.int32),
-                                            np.asarray(model_jac.data, dtype=np.float64),
-                                            np.ascontiguousarray(dense_v))
+                                            np.asarray(model_jac.indices, dtype=np.int32),
+                                            np.asarray(model_jac.data, dtype=np.float64), v_block)
