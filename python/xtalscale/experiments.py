@@ -120,9 +120,10 @@ class _JsonModel:
     def _validate(self) -> None:  # overridden
         pass
 
-    def to_dict(self) -> dict:
-        """The JSON dict (a deep copy), with every key that was read."""
-        return copy.deepcopy(self._data)
+    def to_dict(self, deep: bool = True) -> dict:
+        """The JSON dict (a deep copy), with every key that was read. ``deep=False`` returns
+        the model's own dict, for serialising without a copy (do not modify it)."""
+        return copy.deepcopy(self._data) if deep else self._data
 
     @classmethod
     def from_dict(cls, data: dict):
@@ -422,9 +423,9 @@ class Detector:
     def from_dict(cls, data: dict) -> "Detector":
         return cls(copy.deepcopy(data))
 
-    def to_dict(self) -> dict:
-        d = copy.deepcopy(self._extra)
-        d["panels"] = [p.to_dict() for p in self._panels]
+    def to_dict(self, deep: bool = True) -> dict:
+        d = copy.deepcopy(self._extra) if deep else dict(self._extra)
+        d["panels"] = [p.to_dict(deep) for p in self._panels]
         # keep the key order of the file: panels first unless the file had hierarchy first
         return d
 
@@ -1248,14 +1249,15 @@ class ExperimentList:
         return [e.scaling_model for e in self._experiments]
 
     # serialisation
-    def to_dict(self) -> dict:
-        """The JSON dict written to ``.expt``."""
+    def to_dict(self, deep: bool = True) -> dict:
+        """The JSON dict written to ``.expt`` (independent of the models unless ``deep`` is
+        False, which shares their dicts: for serialising without copies)."""
         pools: dict[str, list] = {k: [] for k in _MODEL_KEYS}
         index: dict[str, dict[int, int]] = {k: {} for k in _MODEL_KEYS}
         exps = []
         for e in self._experiments:
             ed = {"__id__": "Experiment"}
-            ed.update(copy.deepcopy(e._extra))
+            ed.update(copy.deepcopy(e._extra) if deep else e._extra)
             if e.identifier:
                 ed["identifier"] = e.identifier
             for key in _MODEL_KEYS:
@@ -1272,14 +1274,14 @@ class ExperimentList:
         for key in _MODEL_KEYS:
             # A key absent from the file it was read from stays absent if still empty.
             if pools[key] or self._present_keys is None or key in self._present_keys:
-                out[key] = [_model_to_dict(m) for m in pools[key]]
+                out[key] = [_model_to_dict(m, deep) for m in pools[key]]
         for k, v in self._extra_top.items():
-            out.setdefault(k, copy.deepcopy(v))
+            out.setdefault(k, copy.deepcopy(v) if deep else v)
         return out
 
     def as_json(self, filename=None, compact: bool = False, split: bool = False) -> str:
         """Serialise to JSON text; write it to ``filename`` if given."""
-        text = json.dumps(self.to_dict(), indent=None if compact else 2)
+        text = json.dumps(self.to_dict(deep=False), indent=None if compact else 2)
         if filename is not None:
             with open(os.fspath(filename), "w") as fh:
                 fh.write(text)
@@ -1300,9 +1302,11 @@ class ExperimentList:
         return ExperimentListFactory.from_dict(data, filename=filename)
 
 
-def _model_to_dict(m) -> Any:
+def _model_to_dict(m, deep: bool = True) -> Any:
     if isinstance(m, dict):
-        return copy.deepcopy(m)
+        return copy.deepcopy(m) if deep else m
+    if isinstance(m, (_JsonModel, Detector)):
+        return m.to_dict(deep)
     if hasattr(m, "to_dict"):
         return m.to_dict()
     raise TypeError(f"cannot serialise model of type {type(m).__name__}")
