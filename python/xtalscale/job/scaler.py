@@ -124,6 +124,8 @@ class ScalerBase:
 
         The suitable rows never change, so their grouping (ASU mapping and sort) is made once
         and later calls only refresh I, σ², the weights and g."""
+        if keep is not None and all(np.all(k) for k in keep):
+            keep = None  # every suitable row: the cached grouping serves
         if keep is None and self._grouped_cache is not None:
             I = np.concatenate([ds.column("intensity") for ds in self.datasets])
             V = np.concatenate([self._variances(ds) for ds in self.datasets])
