@@ -207,8 +207,15 @@ void rotate_vectors_about_axis(const double axis[3], const double* vectors,
   require_finite(vectors, 3 * n, "vectors");
   require_finite(angles, n, "angles");
   const double ux = axis[0] / norm, uy = axis[1] / norm, uz = axis[2] / norm;
+  double c = 1.0, s = 0.0, t = 0.0;
   for (std::size_t i = 0; i < n; ++i) {
-    const double c = std::cos(angles[i]), s = std::sin(angles[i]), t = 1.0 - c;
+    // sin and cos only when the angle changes: a constant angle (align_axis_along_z) or runs
+    // of equal scan angles cost one pair, with bit-identical results
+    if (i == 0 || !(angles[i] == angles[i - 1])) {
+      c = std::cos(angles[i]);
+      s = std::sin(angles[i]);
+      t = 1.0 - c;
+    }
     const double x = vectors[3 * i], y = vectors[3 * i + 1], z = vectors[3 * i + 2];
     out[3 * i] = (c + ux * ux * t) * x + (ux * uy * t - uz * s) * y + (ux * uz * t + uy * s) * z;
     out[3 * i + 1] =
