@@ -791,29 +791,35 @@ void normal_matrix_diagonal(const GroupedObservations& t, const std::vector<FitB
 
 namespace {
 
-/// The quadratic forms x_r V_DD x_rᵀ + 2 z_r x_rᵀ of four rows' dense-run parts x_r (rows of
-/// @p x, @p len columns, zero-padded to padded_columns(len)) with their cross vectors z_r (rows
-/// of @p z, same shape) added to @p out4. @p vdd is V on the run, len x padded_columns(len),
-/// zero-padded. Per 4 x 8 tile the products x V_DD + 2 z are summed in registers, then dotted
-/// with x; each row's arithmetic is the same whichever rows share the call.
+/// The quadratic forms x_r V_DD x_rᵀ + 2 z_r x_rᵀ of four rows' dense-run parts x_r with their
+/// cross vectors z_r, added to @p out4. @p x and @p z hold the rows (4 x padded_columns(len),
+/// zero-padded), @p xt the same x transposed (len x 4); @p vdd is V on the run,
+/// len x padded_columns(len), zero-padded. Per 4 x 8 tile the products x V_DD + 2 z are summed
+/// in registers and multiplied by x into per-lane totals, summed last in a fixed order: each
+/// row's arithmetic is the same whichever rows share the call.
 XS_MULTIVERSION
-void add_run_quadratic_forms(std::size_t len, const double* __restrict x, const double* __restrict z,
-                             const double* __restrict vdd, double* __restrict out4) {
+void add_run_quadratic_forms(std::size_t len, const double* __restrict x, const double* __restrict xt,
+                             const double* __restrict z, const double* __restrict vdd,
+                             double* __restrict out4) {
   const std::size_t len_pad = padded_columns(len);
-  double total[kTileRows] = {};
+  double lanes[kTileRows][kStrip] = {};
   for (std::size_t j0 = 0; j0 < len_pad; j0 += kStrip) {
     double acc[kTileRows][kStrip];
     for (std::size_t rr = 0; rr < kTileRows; ++rr)
       for (std::size_t jj = 0; jj < kStrip; ++jj) acc[rr][jj] = 2.0 * z[rr * len_pad + j0 + jj];
     for (std::size_t i = 0; i < len; ++i) {
+      const double* xi = xt + i * kTileRows;
       const double* vr = vdd + i * len_pad + j0;
       for (std::size_t rr = 0; rr < kTileRows; ++rr)
-        for (std::size_t jj = 0; jj < kStrip; ++jj) acc[rr][jj] += x[rr * len_pad + i] * vr[jj];
+        for (std::size_t jj = 0; jj < kStrip; ++jj) acc[rr][jj] += xi[rr] * vr[jj];
     }
     for (std::size_t rr = 0; rr < kTileRows; ++rr)
-      for (std::size_t jj = 0; jj < kStrip; ++jj) total[rr] += acc[rr][jj] * x[rr * len_pad + j0 + jj];
+      for (std::size_t jj = 0; jj < kStrip; ++jj) lanes[rr][jj] += acc[rr][jj] * x[rr * len_pad + j0 + jj];
   }
-  for (std::size_t rr = 0; rr < kTileRows; ++rr) out4[rr] += total[rr];
+  for (std::size_t rr = 0; rr < kTileRows; ++rr) {
+    const double* l = lanes[rr];
+    out4[rr] += ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+  }
 }
 
 /// Σ_ab J_a V_ab J_b of one CSR row, entry by entry (rows without the dense run).
@@ -838,19 +844,16 @@ void quadratic_forms_rows(std::size_t lo, std::size_t hi, const std::int64_t* in
                           const double* vs, const DenseRun& run, const double* vdd, double* out) {
   const std::size_t len = run.size();
   const std::size_t len_pad = padded_columns(len);
-  std::vector<double> x(kTileRows * len_pad, 0.0), z(kTileRows * len_pad, 0.0);
+  std::vector<double> x(kTileRows * len_pad, 0.0), z(kTileRows * len_pad, 0.0),
+      xt(len * kTileRows, 0.0);
   std::size_t pending[kTileRows] = {};
   std::size_t used = 0;
   double forms[kTileRows] = {};
   auto flush = [&]() {
-    for (std::size_t rr = used; rr < kTileRows; ++rr) {  // unused slots: zero rows
-      std::fill(x.begin() + static_cast<std::ptrdiff_t>(rr * len_pad),
-                x.begin() + static_cast<std::ptrdiff_t>((rr + 1) * len_pad), 0.0);
-      std::fill(z.begin() + static_cast<std::ptrdiff_t>(rr * len_pad),
-                z.begin() + static_cast<std::ptrdiff_t>((rr + 1) * len_pad), 0.0);
-    }
+    for (std::size_t rr = used; rr < kTileRows; ++rr)  // unused slots: zero rows
+      for (std::size_t j = 0; j < len; ++j) x[rr * len_pad + j] = xt[j * kTileRows + rr] = z[rr * len_pad + j] = 0.0;
     for (std::size_t rr = 0; rr < kTileRows; ++rr) forms[rr] = 0.0;
-    add_run_quadratic_forms(len, x.data(), z.data(), vdd, forms);
+    add_run_quadratic_forms(len, x.data(), xt.data(), z.data(), vdd, forms);
     for (std::size_t rr = 0; rr < used; ++rr) out[pending[rr]] += forms[rr];
     used = 0;
   };
@@ -866,21 +869,22 @@ void quadratic_forms_rows(std::size_t lo, std::size_t hi, const std::int64_t* in
     double* __restrict xr = x.data() + used * len_pad;
     double* __restrict zr = z.data() + used * len_pad;
     for (std::size_t j = 0; j < len; ++j) {
-      xr[j] = values[p + static_cast<std::int64_t>(j)];
+      xr[j] = xt[j * kTileRows + used] = values[p + static_cast<std::int64_t>(j)];
       zr[j] = 0.0;
     }
     const std::int64_t side_first[2] = {first, run_end};
     const std::int64_t side_last[2] = {p, last};
-    double sparse = 0.0;
+    double sparse = 0.0;  // Σ_s v_s (v_s V_ss + 2 Σ_{t after s} V_st v_t) over the other entries
     for (int side = 0; side < 2; ++side)
       for (auto s = side_first[side]; s < side_last[side]; ++s) {
         const double* vrow = vs + static_cast<std::size_t>(indices[s]) * n;
         const double* __restrict vsd = vrow + run.first;
         for (std::size_t j = 0; j < len; ++j) zr[j] += values[s] * vsd[j];
-        double inner = 0.0;
-        for (int other = 0; other < 2; ++other)
-          for (auto t = side_first[other]; t < side_last[other]; ++t) inner += vrow[indices[t]] * values[t];
-        sparse += values[s] * inner;
+        double after = 0.0;
+        for (int other = side; other < 2; ++other)
+          for (auto t = other == side ? s + 1 : side_first[other]; t < side_last[other]; ++t)
+            after += vrow[indices[t]] * values[t];
+        sparse += values[s] * (values[s] * vrow[indices[s]] + 2.0 * after);
       }
     out[r] = sparse;
     pending[used] = r;
