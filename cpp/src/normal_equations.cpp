@@ -28,7 +28,7 @@
 #endif
 
 #include "fit_parallel.hpp"
-#include "internal/kernel_support.hpp"  // XS_MULTIVERSION
+#include "internal/kernel_support.hpp"  // XS_MULTIVERSION, XS_ALWAYS_INLINE
 
 namespace xtalscale::fit {
 
@@ -44,7 +44,7 @@ struct GroupElimination {
   bool has_terms = false;  ///< fixed Ĩ, or the group is eliminated
 };
 
-inline GroupElimination group_elimination(const GroupedObservations& t, const double* g,
+XS_ALWAYS_INLINE GroupElimination group_elimination(const GroupedObservations& t, const double* g,
                                           std::size_t h, bool fixed) {
   const detail::GroupSums sums = detail::group_sums(t, g, h);
   const double s = sums.wgg;
@@ -63,7 +63,7 @@ struct RowCoefficients {
   double obs = 0.0, rhs = 0.0, b = 0.0, e = 0.0, r_sq = 0.0;
 };
 
-inline RowCoefficients row_coefficients(const GroupedObservations& t, const double* g,
+XS_ALWAYS_INLINE RowCoefficients row_coefficients(const GroupedObservations& t, const double* g,
                                         std::size_t l, const GroupElimination& ge,
                                         const double* fixed_Ih) {
   const double ih = fixed_Ih ? fixed_Ih[l] : ge.ls_ih;
@@ -159,6 +159,7 @@ inline std::size_t bit_count(std::uint64_t x) {
 /// A range [first, last) of consecutive block columns.
 struct DenseRun {
   std::size_t first = 0, last = 0;
+  std::int64_t usual_entry = 0;  ///< where the run starts in a row's entries, in the sampled rows
   std::size_t size() const { return last - first; }
 };
 
@@ -184,17 +185,32 @@ DenseRun find_dense_run(const DerivativesView& v) {
     if (c - start > best.size()) best = {start, c};
     start = c + 1;
   }
-  return best.size() >= kMinRunColumns ? best : DenseRun{};
+  if (best.size() < kMinRunColumns) return DenseRun{};
+  for (std::size_t s = 0; s < samples; ++s) {  // the first sampled row holding it gives the entry
+    const std::size_t r = s * v.n_rows / samples;
+    const std::int32_t* row_first = v.indices + v.indptr[r];
+    const std::int32_t* row_last = v.indices + v.indptr[r + 1];
+    const std::int32_t* at = std::find(row_first, row_last, static_cast<std::int32_t>(best.first));
+    if (at != row_last) {
+      best.usual_entry = at - row_first;
+      break;
+    }
+  }
+  return best;
 }
 
 /// Position of @p run within the CSR entries [first, last) of a row (columns strictly
 /// increasing, as the model blocks are checked to have), or last when the row lacks part of it.
-inline std::int64_t run_position(const std::int32_t* indices, std::int64_t first, std::int64_t last,
+XS_ALWAYS_INLINE std::int64_t run_position(const std::int32_t* indices, std::int64_t first, std::int64_t last,
                                  const DenseRun& run) {
   const auto len = static_cast<std::int64_t>(run.size());
   if (len == 0 || last - first < len) return last;
   const auto lo = static_cast<std::int32_t>(run.first);
-  const std::int64_t p = std::lower_bound(indices + first, indices + last, lo) - indices;
+  // The run usually starts at the same entry of every row (its offset in the row's columns).
+  const std::int64_t guess = first + std::min<std::int64_t>(run.usual_entry, last - first - 1);
+  const std::int64_t p = indices[guess] == lo
+                             ? guess
+                             : std::lower_bound(indices + first, indices + last, lo) - indices;
   if (p + len > last || indices[p] != lo || indices[p + len - 1] != lo + len - 1) return last;
   return p;
 }
@@ -300,19 +316,22 @@ struct GroupQueue {
 /// Private per-thread state: a part's matrix (either triangle, see the file comment), rhs and
 /// w r²; the dense scatter arrays of the group sums b and e (size n, zero outside the touched
 /// columns); a column bitmap that yields the touched columns in ascending order without
-/// sorting; the per-block run panels, the group queue and row scratch.
+/// sorting; the per-block run panels, the group queue and row scratch (a dense row, a row's
+/// entries outside its run, segment lists).
 struct PartWorkspace {
   std::size_t n;
   double r_sq = 0.0;
   std::vector<double> matrix, rhs, b, e, row;
   std::vector<std::uint64_t> bits;
-  std::vector<std::size_t> touched, seg_of, seg_first, seg_last;
+  std::vector<std::size_t> touched, seg_of, seg_first, seg_last, other_col;
+  std::vector<double> other_val;
   std::vector<RunPanel> panels;
   GroupQueue queue;
   PartWorkspace(std::size_t n_params, const std::vector<FitBlock>& blocks,
                 const std::vector<DenseRun>& runs)
       : n(n_params), matrix(n_params * n_params, 0.0), rhs(n_params, 0.0), b(n_params, 0.0),
         e(n_params, 0.0), row(n_params, 0.0), bits((n_params + 63) / 64, 0),
+        other_col(n_params, 0), other_val(n_params, 0.0),
         panels(blocks.size()), queue(n_params) {
     for (std::size_t k = 0; k < blocks.size(); ++k) panels[k].reset(runs[k], blocks[k].view.column_offset);
   }
@@ -378,7 +397,7 @@ void flush_groups(PartWorkspace& ws, bool dials) {
 /// rhs += cr a and upper(matrix) += c a aᵀ of a row without its block's dense run: the row is
 /// scattered densely (zero elsewhere) and cut into segments of ascending columns with gaps of
 /// at most kObsGap merged, so a few long contiguous loops add it (the gaps add exact zeros).
-inline void sparse_observation(PartWorkspace& ws, const DerivativesView& v, std::int64_t first,
+XS_ALWAYS_INLINE void sparse_observation(PartWorkspace& ws, const DerivativesView& v, std::int64_t first,
                                std::int64_t last, double c, double cr) {
   constexpr std::size_t kObsGap = 4;
   const auto k = static_cast<std::size_t>(last - first);
@@ -419,27 +438,71 @@ inline void sparse_observation(PartWorkspace& ws, const DerivativesView& v, std:
   for (std::size_t q = 0; q < k; ++q) row[off + static_cast<std::size_t>(iv[q])] = 0.0;
 }
 
-/// rhs += cr a and matrix += c a aᵀ of a row holding its block's dense run at entries
-/// [p, p + L): the run's part √c·a_D is queued in the block's panel; each other entry adds its
+/// Set the bits of columns [lo, hi) in a column bitmap.
+XS_ALWAYS_INLINE void mark_columns(std::uint64_t* bits, std::size_t lo, std::size_t hi) {
+  for (std::size_t word = lo >> 6; word <= ((hi - 1) >> 6); ++word) {
+    const std::size_t from = std::max(lo, word << 6) - (word << 6);
+    const std::size_t to = std::min(hi, (word + 1) << 6) - (word << 6);
+    const std::uint64_t upto = to == 64 ? ~std::uint64_t{0} : (std::uint64_t{1} << to) - 1;
+    bits[word] |= upto & ~((std::uint64_t{1} << from) - 1);
+  }
+}
+
+/// Everything of a row holding its block's dense run at entries [p, p + L): rhs += cr a;
+/// matrix += c a aᵀ, the run's part √c·a_D queued in the block's panel, each other entry's
 /// products with the run as one contiguous loop in its own matrix row (the lower triangle when
-/// its column lies after the run) and its products with the other entries as scalars.
-inline void run_observation(PartWorkspace& ws, RunPanel& panel, const DerivativesView& v,
-                            std::int64_t first, std::int64_t last, std::int64_t p, double c,
-                            double cr) {
+/// its column lies after the run) and with the other entries as scalars; when the group is
+/// eliminated, the group sums b += cb a, e += ce a (dials), the columns marked in the bitmap and
+/// the touched column range widened.
+XS_ALWAYS_INLINE void run_observation(PartWorkspace& ws, RunPanel& panel, const DerivativesView& v,
+                                      std::int64_t first, std::int64_t last, std::int64_t p,
+                                      const RowCoefficients& rc, bool eliminate, bool dials,
+                                      std::size_t& col_min, std::size_t& col_max) {
   const std::size_t off = v.column_offset;
-  const double* a = v.values;
-  const std::int32_t* idx = v.indices;
   const std::size_t len = panel.run.size();
   const std::size_t run_column = off + panel.run.first;
-  const auto run_end = p + static_cast<std::int64_t>(len);
-  const std::int64_t side_first[2] = {first, run_end};  // the entries outside the run
-  const std::int64_t side_last[2] = {p, last};
-  const double* __restrict ad = a + p;
+  const double* __restrict ad = v.values + p;
+  // the other entries, gathered once (a checked row has at most n entries; stay safe anyway)
+  const auto k = static_cast<std::size_t>(last - first);
+  if (k > ws.other_col.size()) {
+    ws.other_col.resize(k);
+    ws.other_val.resize(k);
+  }
+  std::size_t* __restrict oc = ws.other_col.data();
+  double* __restrict ov = ws.other_val.data();
+  std::size_t m = 0;
+  for (auto q = first; q < last; ++q) {
+    if (q == p) q += static_cast<std::int64_t>(len);
+    if (q == last) break;
+    oc[m] = off + static_cast<std::size_t>(v.indices[q]);
+    ov[m++] = v.values[q];
+  }
   double* __restrict rhs = ws.rhs.data();
-  for (std::size_t j = 0; j < len; ++j) rhs[run_column + j] += cr * ad[j];
-  for (int side = 0; side < 2; ++side)
-    for (auto q = side_first[side]; q < side_last[side]; ++q)
-      rhs[off + static_cast<std::size_t>(idx[q])] += cr * a[q];
+  if (eliminate) {
+    double* __restrict b = ws.b.data();
+    double* __restrict e = ws.e.data();
+    for (std::size_t j = 0; j < len; ++j) {
+      rhs[run_column + j] += rc.rhs * ad[j];
+      b[run_column + j] += rc.b * ad[j];
+    }
+    for (std::size_t i = 0; i < m; ++i) {
+      rhs[oc[i]] += rc.rhs * ov[i];
+      b[oc[i]] += rc.b * ov[i];
+    }
+    if (dials) {
+      for (std::size_t j = 0; j < len; ++j) e[run_column + j] += rc.e * ad[j];
+      for (std::size_t i = 0; i < m; ++i) e[oc[i]] += rc.e * ov[i];
+    }
+    std::uint64_t* bits = ws.bits.data();
+    mark_columns(bits, run_column, run_column + len);
+    for (std::size_t i = 0; i < m; ++i) bits[oc[i] >> 6] |= std::uint64_t{1} << (oc[i] & 63);
+    col_min = std::min(col_min, off + static_cast<std::size_t>(v.indices[first]));  // columns ascend
+    col_max = std::max(col_max, off + static_cast<std::size_t>(v.indices[last - 1]));
+  } else {
+    for (std::size_t j = 0; j < len; ++j) rhs[run_column + j] += rc.rhs * ad[j];
+    for (std::size_t i = 0; i < m; ++i) rhs[oc[i]] += rc.rhs * ov[i];
+  }
+  const double c = rc.obs;
   if (c == 0.0) return;
   if (panel.used == RunPanel::kRows) flush_run_panel(ws, panel);
   const double root = std::sqrt(c);
@@ -450,70 +513,42 @@ inline void run_observation(PartWorkspace& ws, RunPanel& panel, const Derivative
   }
   ++panel.used;
   const std::size_t n = ws.n;
-  for (int side = 0; side < 2; ++side) {
-    for (auto q = side_first[side]; q < side_last[side]; ++q) {
-      const double ca = c * a[q];
-      double* out = ws.matrix.data() + (off + static_cast<std::size_t>(idx[q])) * n;
-      double* __restrict cross = out + run_column;
-      for (std::size_t j = 0; j < len; ++j) cross[j] += ca * ad[j];
-      for (int other = side; other < 2; ++other)
-        for (auto t = other == side ? q : side_first[other]; t < side_last[other]; ++t)
-          out[off + static_cast<std::size_t>(idx[t])] += ca * a[t];
-    }
-  }
-}
-
-/// Set the bits of columns [lo, hi) in a column bitmap.
-inline void mark_columns(std::uint64_t* bits, std::size_t lo, std::size_t hi) {
-  for (std::size_t word = lo >> 6; word <= ((hi - 1) >> 6); ++word) {
-    const std::size_t from = std::max(lo, word << 6) - (word << 6);
-    const std::size_t to = std::min(hi, (word + 1) << 6) - (word << 6);
-    const std::uint64_t upto = to == 64 ? ~std::uint64_t{0} : (std::uint64_t{1} << to) - 1;
-    bits[word] |= upto & ~((std::uint64_t{1} << from) - 1);
+  for (std::size_t i = 0; i < m; ++i) {
+    const double ca = c * ov[i];
+    double* out = ws.matrix.data() + oc[i] * n;
+    double* __restrict cross = out + run_column;
+    for (std::size_t j = 0; j < len; ++j) cross[j] += ca * ad[j];
+    for (std::size_t t = i; t < m; ++t) out[oc[t]] += ca * ov[t];
   }
 }
 
 /// The group sums b += cb a and (dials) e += ce a over a row's entries, the columns marked in
-/// the bitmap and the touched column range widened. Entries [p, p + len) are the row's dense
-/// run (len 0 and p = last: none), added as one contiguous loop.
-inline void accumulate_group_sums(PartWorkspace& ws, const DerivativesView& v, std::int64_t first,
-                                  std::int64_t last, std::int64_t p, std::size_t len, double cb,
-                                  double ce, bool dials, std::size_t& col_min, std::size_t& col_max) {
+/// the bitmap (bits gathered per word in a register: columns ascend) and the touched column
+/// range widened (rows not handled by run_observation).
+XS_ALWAYS_INLINE void accumulate_group_sums(PartWorkspace& ws, const DerivativesView& v,
+                                            std::int64_t first, std::int64_t last, double cb,
+                                            double ce, bool dials, std::size_t& col_min,
+                                            std::size_t& col_max) {
   const std::size_t off = v.column_offset;
-  const double* a = v.values;
-  const std::int32_t* idx = v.indices;
   double* __restrict b = ws.b.data();
   double* __restrict e = ws.e.data();
   std::uint64_t* bits = ws.bits.data();
-  if (len > 0) {
-    const std::size_t run_column = off + static_cast<std::size_t>(idx[p]);
-    const double* __restrict ad = a + p;
-    for (std::size_t j = 0; j < len; ++j) b[run_column + j] += cb * ad[j];
-    if (dials)
-      for (std::size_t j = 0; j < len; ++j) e[run_column + j] += ce * ad[j];
-    mark_columns(bits, run_column, run_column + len);
-  }
-  // The other entries, their bits gathered per word in a register (columns ascend).
-  const auto run_end = p + static_cast<std::int64_t>(len);
-  const std::int64_t side_first[2] = {first, run_end};
-  const std::int64_t side_last[2] = {p, last};  // len 0: p = last, one side
   std::size_t word = ~std::size_t{0};
   std::uint64_t word_bits = 0;
-  for (int side = 0; side < 2; ++side)
-    for (auto q = side_first[side]; q < side_last[side]; ++q) {
-      const std::size_t cq = off + static_cast<std::size_t>(idx[q]);
-      b[cq] += cb * a[q];
-      if (dials) e[cq] += ce * a[q];
-      if ((cq >> 6) != word) {
-        if (word_bits) bits[word] |= word_bits;
-        word = cq >> 6;
-        word_bits = 0;
-      }
-      word_bits |= std::uint64_t{1} << (cq & 63);
+  for (auto q = first; q < last; ++q) {
+    const std::size_t cq = off + static_cast<std::size_t>(v.indices[q]);
+    b[cq] += cb * v.values[q];
+    if (dials) e[cq] += ce * v.values[q];
+    if ((cq >> 6) != word) {
+      if (word_bits) bits[word] |= word_bits;
+      word = cq >> 6;
+      word_bits = 0;
     }
+    word_bits |= std::uint64_t{1} << (cq & 63);
+  }
   if (word_bits) bits[word] |= word_bits;
-  col_min = std::min(col_min, off + static_cast<std::size_t>(idx[first]));
-  col_max = std::max(col_max, off + static_cast<std::size_t>(idx[last - 1]));
+  col_min = std::min(col_min, off + static_cast<std::size_t>(v.indices[first]));
+  col_max = std::max(col_max, off + static_cast<std::size_t>(v.indices[last - 1]));
 }
 
 // ------------------------------------------------------------------ group corrections
@@ -676,15 +711,13 @@ void part_terms(const PartInputs& in, std::size_t g_first, std::size_t g_last, P
       if (first == last) continue;
       RunPanel& panel = ws.panels[blk];
       const std::int64_t p = run_position(v.indices, first, last, panel.run);
-      if (rc.obs != 0.0 || rc.rhs != 0.0) {
-        if (p < last)
-          run_observation(ws, panel, v, first, last, p, rc.obs, rc.rhs);
-        else
-          sparse_observation(ws, v, first, last, rc.obs, rc.rhs);
+      const bool terms = rc.obs != 0.0 || rc.rhs != 0.0;
+      if (terms && p < last) {
+        run_observation(ws, panel, v, first, last, p, rc, eliminate, in.dials, col_min, col_max);
+        continue;
       }
-      if (eliminate)
-        accumulate_group_sums(ws, v, first, last, p, p < last ? panel.run.size() : 0, rc.b, rc.e,
-                              in.dials, col_min, col_max);
+      if (terms) sparse_observation(ws, v, first, last, rc.obs, rc.rhs);
+      if (eliminate) accumulate_group_sums(ws, v, first, last, rc.b, rc.e, in.dials, col_min, col_max);
     }
     if (eliminate && col_min <= col_max) group_update(ws, ge.inv_s, in.dials, col_min, col_max);
   }
