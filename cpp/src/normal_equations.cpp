@@ -9,11 +9,12 @@
 // compiled for AVX2+FMA too):
 //   - a model block's "dense run" (the columns nearly every row holds, such as the absorption
 //     harmonics of the physical model) gives each observation a dense part √c·a_D; these parts
-//     are queued per block and added as one rank-k update per kRunRows observations. The rest
+//     are queued per block (RunPanel) and added as one rank-k update per RunPanel::kRows
+//     observations. The rest
 //     of a row (smoother columns) is added per observation: its products with the run as
 //     contiguous loops, its products with itself as scalars;
-//   - the groups' scaled vectors b/√S (and e/√S for dials) are queued and added as one rank-k
-//     update over the union of their columns per kQueuedGroups groups.
+//   - the groups' scaled vectors b/√S (and e/√S for dials) are queued (GroupQueue) and added as
+//     one rank-k update over the union of their columns per GroupQueue::kGroups groups.
 // A cross term of a column after the run lands in the lower triangle; the lower triangle is
 // added into the upper one at the end, so terms may sit in either triangle.
 #include "xtalscale/normal_equations.hpp"
@@ -44,8 +45,8 @@ struct GroupElimination {
   bool has_terms = false;  ///< fixed Ĩ, or the group is eliminated
 };
 
-XS_ALWAYS_INLINE GroupElimination group_elimination(const GroupedObservations& t, const double* g,
-                                          std::size_t h, bool fixed) {
+XS_ALWAYS_INLINE GroupElimination group_elimination(const GroupedObservations& t,
+                                                    const double* g, std::size_t h, bool fixed) {
   const detail::GroupSums sums = detail::group_sums(t, g, h);
   const double s = sums.wgg;
   GroupElimination ge;
@@ -64,8 +65,8 @@ struct RowCoefficients {
 };
 
 XS_ALWAYS_INLINE RowCoefficients row_coefficients(const GroupedObservations& t, const double* g,
-                                        std::size_t l, const GroupElimination& ge,
-                                        const double* fixed_Ih) {
+                                                  std::size_t l, const GroupElimination& ge,
+                                                  const double* fixed_Ih) {
   const double ih = fixed_Ih ? fixed_Ih[l] : ge.ls_ih;
   const double r = t.intensities[l] - g[l] * ih;
   const double w = t.weights[l];
@@ -79,7 +80,8 @@ XS_ALWAYS_INLINE RowCoefficients row_coefficients(const GroupedObservations& t, 
   return rc;
 }
 
-/// Per table row the coefficients of row_coefficients; per group 1/S (normal_matrix_diagonal).
+/// Per table row the observation-term and b coefficients of row_coefficients, per group 1/S:
+/// what normal_matrix_diagonal reads.
 struct RowTerms {
   std::vector<double> obs, b, inv_s;
 };
@@ -123,8 +125,9 @@ RowSources row_sources(const GroupedObservations& t, const std::vector<FitBlock>
 /// Call body(l, c, d) for every derivative entry of the observations of group @p h: the
 /// observation's table row l, the global parameter column c and the derivative d.
 template <class Body>
-inline void for_each_group_derivative(const GroupedObservations& t, const std::vector<FitBlock>& blocks,
-                                      const RowSources& src, std::size_t h, Body body) {
+inline void for_each_group_derivative(const GroupedObservations& t,
+                                      const std::vector<FitBlock>& blocks, const RowSources& src,
+                                      std::size_t h, Body body) {
   for (auto l = t.group_offsets[h]; l < t.group_offsets[h + 1]; ++l) {
     const DerivativesView& v = blocks[static_cast<std::size_t>(src.block[l])].view;
     const auto r = static_cast<std::size_t>(src.row[l]);
@@ -176,7 +179,8 @@ DenseRun find_dense_run(const DerivativesView& v) {
   std::vector<std::size_t> held(v.n_cols, 0);
   for (std::size_t s = 0; s < samples; ++s) {
     const std::size_t r = s * v.n_rows / samples;
-    for (auto q = v.indptr[r]; q < v.indptr[r + 1]; ++q) ++held[static_cast<std::size_t>(v.indices[q])];
+    for (auto q = v.indptr[r]; q < v.indptr[r + 1]; ++q)
+      ++held[static_cast<std::size_t>(v.indices[q])];
   }
   const std::size_t needed = samples - samples / 8;
   std::size_t start = 0;
@@ -199,10 +203,12 @@ DenseRun find_dense_run(const DerivativesView& v) {
   return best;
 }
 
-/// Position of @p run within the CSR entries [first, last) of a row (columns strictly
-/// increasing, as the model blocks are checked to have), or last when the row lacks part of it.
-XS_ALWAYS_INLINE std::int64_t run_position(const std::int32_t* indices, std::int64_t first, std::int64_t last,
-                                 const DenseRun& run) {
+/// Position of @p run within the CSR entries [first, last) of a row: the entry where its
+/// columns follow one another in full, or last when the row lacks part of it. The search
+/// assumes ascending columns (the model blocks are checked to have them); the run itself is
+/// verified entry by entry, so an unsorted row is never misread, at worst not matched.
+XS_ALWAYS_INLINE std::int64_t run_position(const std::int32_t* indices, std::int64_t first,
+                                           std::int64_t last, const DenseRun& run) {
   const auto len = static_cast<std::int64_t>(run.size());
   if (len == 0 || last - first < len) return last;
   const auto lo = static_cast<std::int32_t>(run.first);
@@ -211,8 +217,11 @@ XS_ALWAYS_INLINE std::int64_t run_position(const std::int32_t* indices, std::int
   const std::int64_t p = indices[guess] == lo
                              ? guess
                              : std::lower_bound(indices + first, indices + last, lo) - indices;
-  if (p + len > last || indices[p] != lo || indices[p + len - 1] != lo + len - 1) return last;
-  return p;
+  if (p + len > last) return last;
+  bool whole = true;
+  for (std::int64_t j = 0; j < len; ++j)
+    whole &= indices[p + j] == lo + static_cast<std::int32_t>(j);
+  return whole ? p : last;
 }
 
 // ------------------------------------------------------------------ packed rank-k updates
@@ -333,7 +342,8 @@ struct PartWorkspace {
         e(n_params, 0.0), row(n_params, 0.0), bits((n_params + 63) / 64, 0),
         other_col(n_params, 0), other_val(n_params, 0.0),
         panels(blocks.size()), queue(n_params) {
-    for (std::size_t k = 0; k < blocks.size(); ++k) panels[k].reset(runs[k], blocks[k].view.column_offset);
+    for (std::size_t k = 0; k < blocks.size(); ++k)
+      panels[k].reset(runs[k], blocks[k].view.column_offset);
   }
 };
 
@@ -397,8 +407,9 @@ void flush_groups(PartWorkspace& ws, bool dials) {
 /// rhs += cr a and upper(matrix) += c a aᵀ of a row without its block's dense run: the row is
 /// scattered densely (zero elsewhere) and cut into segments of ascending columns with gaps of
 /// at most kObsGap merged, so a few long contiguous loops add it (the gaps add exact zeros).
-XS_ALWAYS_INLINE void sparse_observation(PartWorkspace& ws, const DerivativesView& v, std::int64_t first,
-                               std::int64_t last, double c, double cr) {
+XS_ALWAYS_INLINE void sparse_observation(PartWorkspace& ws, const DerivativesView& v,
+                                         std::int64_t first, std::int64_t last, double c,
+                                         double cr) {
   constexpr std::size_t kObsGap = 4;
   const auto k = static_cast<std::size_t>(last - first);
   const std::size_t off = v.column_offset;
@@ -432,7 +443,8 @@ XS_ALWAYS_INLINE void sparse_observation(PartWorkspace& ws, const DerivativesVie
     double* __restrict out = matrix + c1 * n;
     for (std::size_t sg = seg_of[e1]; sg < n_seg; ++sg) {
       const std::size_t to = seg_last[sg];
-      for (std::size_t q = sg == seg_of[e1] ? c1 : seg_first[sg]; q < to; ++q) out[q] += ca1 * row[q];
+      for (std::size_t q = sg == seg_of[e1] ? c1 : seg_first[sg]; q < to; ++q)
+        out[q] += ca1 * row[q];
     }
   }
   for (std::size_t q = 0; q < k; ++q) row[off + static_cast<std::size_t>(iv[q])] = 0.0;
@@ -496,7 +508,8 @@ XS_ALWAYS_INLINE void run_observation(PartWorkspace& ws, RunPanel& panel, const 
     std::uint64_t* bits = ws.bits.data();
     mark_columns(bits, run_column, run_column + len);
     for (std::size_t i = 0; i < m; ++i) bits[oc[i] >> 6] |= std::uint64_t{1} << (oc[i] & 63);
-    col_min = std::min(col_min, off + static_cast<std::size_t>(v.indices[first]));  // columns ascend
+    // columns ascend within a row
+    col_min = std::min(col_min, off + static_cast<std::size_t>(v.indices[first]));
     col_max = std::max(col_max, off + static_cast<std::size_t>(v.indices[last - 1]));
   } else {
     for (std::size_t j = 0; j < len; ++j) rhs[run_column + j] += rc.rhs * ad[j];
@@ -617,7 +630,8 @@ inline void group_update(PartWorkspace& ws, double inv_s, bool dials, std::size_
   if (m < kMinQueuedColumns) {
     ws.touched.clear();
     for (std::size_t word = word_lo; word <= word_hi; ++word) {
-      for (std::uint64_t x = bits[word]; x; x &= x - 1) ws.touched.push_back((word << 6) + lowest_bit(x));
+      for (std::uint64_t x = bits[word]; x; x &= x - 1)
+        ws.touched.push_back((word << 6) + lowest_bit(x));
       bits[word] = 0;
     }
     correct_group_now(ws, inv_s, dials);
@@ -699,7 +713,8 @@ void part_terms(const PartInputs& in, std::size_t g_first, std::size_t g_last, P
     const bool eliminate = ge.inv_s != 0.0;
     std::size_t col_min = ws.n, col_max = 0;
     for (auto l = t.group_offsets[h]; l < t.group_offsets[h + 1]; ++l) {
-      const RowCoefficients rc = row_coefficients(t, in.g, static_cast<std::size_t>(l), ge, in.fixed_Ih);
+      const RowCoefficients rc =
+          row_coefficients(t, in.g, static_cast<std::size_t>(l), ge, in.fixed_Ih);
       ws.r_sq += rc.r_sq;
       if (!ge.has_terms) continue;  // singleton or empty group: no information on p
       const auto blk = static_cast<std::size_t>(in.src.block[l]);
@@ -717,7 +732,8 @@ void part_terms(const PartInputs& in, std::size_t g_first, std::size_t g_last, P
         continue;
       }
       if (terms) sparse_observation(ws, v, first, last, rc.obs, rc.rhs);
-      if (eliminate) accumulate_group_sums(ws, v, first, last, rc.b, rc.e, in.dials, col_min, col_max);
+      if (eliminate)
+        accumulate_group_sums(ws, v, first, last, rc.b, rc.e, in.dials, col_min, col_max);
     }
     if (eliminate && col_min <= col_max) group_update(ws, ge.inv_s, in.dials, col_min, col_max);
   }
@@ -831,9 +847,9 @@ namespace {
 /// in registers and multiplied by x into per-lane totals, summed last in a fixed order: each
 /// row's arithmetic is the same whichever rows share the call.
 XS_MULTIVERSION
-void add_run_quadratic_forms(std::size_t len, const double* __restrict x, const double* __restrict xt,
-                             const double* __restrict z, const double* __restrict vdd,
-                             double* __restrict out4) {
+void add_run_quadratic_forms(std::size_t len, const double* __restrict x,
+                             const double* __restrict xt, const double* __restrict z,
+                             const double* __restrict vdd, double* __restrict out4) {
   const std::size_t len_pad = padded_columns(len);
   double lanes[kTileRows][kStrip] = {};
   for (std::size_t j0 = 0; j0 < len_pad; j0 += kStrip) {
@@ -847,7 +863,8 @@ void add_run_quadratic_forms(std::size_t len, const double* __restrict x, const 
         for (std::size_t jj = 0; jj < kStrip; ++jj) acc[rr][jj] += xi[rr] * vr[jj];
     }
     for (std::size_t rr = 0; rr < kTileRows; ++rr)
-      for (std::size_t jj = 0; jj < kStrip; ++jj) lanes[rr][jj] += acc[rr][jj] * x[rr * len_pad + j0 + jj];
+      for (std::size_t jj = 0; jj < kStrip; ++jj)
+        lanes[rr][jj] += acc[rr][jj] * x[rr * len_pad + j0 + jj];
   }
   for (std::size_t rr = 0; rr < kTileRows; ++rr) {
     const double* l = lanes[rr];
@@ -884,7 +901,8 @@ void quadratic_forms_rows(std::size_t lo, std::size_t hi, const std::int64_t* in
   double forms[kTileRows] = {};
   auto flush = [&]() {
     for (std::size_t rr = used; rr < kTileRows; ++rr)  // unused slots: zero rows
-      for (std::size_t j = 0; j < len; ++j) x[rr * len_pad + j] = xt[j * kTileRows + rr] = z[rr * len_pad + j] = 0.0;
+      for (std::size_t j = 0; j < len; ++j)
+        x[rr * len_pad + j] = xt[j * kTileRows + rr] = z[rr * len_pad + j] = 0.0;
     for (std::size_t rr = 0; rr < kTileRows; ++rr) forms[rr] = 0.0;
     add_run_quadratic_forms(len, x.data(), xt.data(), z.data(), vdd, forms);
     for (std::size_t rr = 0; rr < used; ++rr) out[pending[rr]] += forms[rr];
@@ -944,7 +962,8 @@ void row_quadratic_forms(std::size_t n_rows, const std::int64_t* indptr,
   if (!symmetric) {
     symmetrised.resize(n * n);
     for (std::size_t a = 0; a < n; ++a)
-      for (std::size_t b = 0; b < n; ++b) symmetrised[a * n + b] = 0.5 * (V[a * n + b] + V[b * n + a]);
+      for (std::size_t b = 0; b < n; ++b)
+        symmetrised[a * n + b] = 0.5 * (V[a * n + b] + V[b * n + a]);
   }
   const double* vs = symmetric ? V : symmetrised.data();
   DerivativesView view;
@@ -958,8 +977,10 @@ void row_quadratic_forms(std::size_t n_rows, const std::int64_t* indptr,
   const std::size_t len_pad = padded_columns(len);
   std::vector<double> vdd(len * len_pad, 0.0);  // V on the run, zero-padded
   for (std::size_t i = 0; i < len; ++i)
-    for (std::size_t j = 0; j < len; ++j) vdd[i * len_pad + j] = vs[(run.first + i) * n + run.first + j];
-  const int nt = std::max(1, std::min<int>(n_threads, static_cast<int>(std::max<std::size_t>(n_rows, 1))));
+    for (std::size_t j = 0; j < len; ++j)
+      vdd[i * len_pad + j] = vs[(run.first + i) * n + run.first + j];
+  const int nt =
+      std::max(1, std::min<int>(n_threads, static_cast<int>(std::max<std::size_t>(n_rows, 1))));
   detail::per_thread(nt, [&](int th, int) {
     const std::size_t lo = n_rows * static_cast<std::size_t>(th) / static_cast<std::size_t>(nt);
     const std::size_t hi = n_rows * static_cast<std::size_t>(th + 1) / static_cast<std::size_t>(nt);
