@@ -2,8 +2,9 @@
 
 Synthetic data shaped like a physical model with lmax 4 (k = 30 derivatives per observation:
 3+3 smoother weights and 24 harmonics), multiplicity ~8, several datasets. Prints ns/observation
-for 1 and 2 threads, the same-run ratio against the explicit-Jacobian path (scipy JᵀWJ) and a
-numpy reference f+g, the bytes per observation the kernels' inputs hold, and a stills-like fit
+for 1 and 2 threads (the normal matrix also for one dataset, issue 11's target, and the row
+quadratic forms diag(J V Jᵀ) of the scale variances), the same-run ratio against the
+explicit-Jacobian path (scipy JᵀWJ) and a numpy reference f+g, the bytes per observation the kernels' inputs hold, and a stills-like fit
 (one multiplier per image + a shared 5-point resolution smoother, voxel groups).
 
     PYTHONPATH=python python bench/bench_fit.py [--n-obs 1000000] [--stills-obs 1000000]
@@ -170,6 +171,20 @@ def main():
         t = best_time(lambda nt=nt: core_fit.normal_equations(*args, kind="dials", n_threads=nt, check_structure=False), 2)
         res[("ne", nt)] = t
         print(f"normal matrix  {nt} thread(s): {t / n * 1e9:7.1f} ns/obs")
+    # issue 11's target (≤ 150 ns/obs at k = 30) is for one dataset (P = 59)
+    o1, i1, w1, b1, p1 = physical_like(n, 1, 8, np.random.default_rng(7))
+    for nt in (1, 2):
+        t = best_time(lambda nt=nt: core_fit.normal_equations(o1, i1, w1, b1, p1, kind="dials", n_threads=nt,
+                                                              check_structure=False), 2)
+        res[("ne1", nt)] = t
+        print(f"normal matrix, 1 dataset (P = {p1}), {nt} thread(s): {t / n * 1e9:7.1f} ns/obs")
+    # diag(J V Jᵀ) of the scale variances: one dataset's rows against a dense 59 x 59 V
+    jb = b1[0]
+    a_v = np.random.default_rng(3).standard_normal((p1, p1))
+    v_dense = a_v @ a_v.T
+    for nt in (1, 2):
+        t = best_time(lambda nt=nt: core_fit.row_quadratic_forms(jb[1], jb[2], jb[3], v_dense, n_threads=nt), 3)
+        print(f"row quadratic forms diag(J V Jᵀ), {nt} thread(s): {t / jb[0].size * 1e9:7.1f} ns/row")
     sub = min(n, 200_000)
     so, si, sw, sb, sP = physical_like(sub, a.datasets, 8, np.random.default_rng(8))
     t_exp = best_time(lambda: explicit_normal_matrix(so, si, sw, sb, sP), 1)
@@ -178,7 +193,8 @@ def main():
     ro, ri, rw, rb, rP = physical_like(n, a.datasets, 8, np.random.default_rng(7), shuffle=True)
     t = best_time(lambda: core_fit.functional_and_gradient(ro, ri, rw, rb, rP, check_structure=False), 3)
     print(f"f+g, model rows in random order vs the table (1 thread): {t / n * 1e9:7.1f} ns/obs")
-    print(f"thread scaling: f+g {res[('fg', 1)] / res[('fg', 2)]:.2f}x, normal matrix {res[('ne', 1)] / res[('ne', 2)]:.2f}x")
+    print(f"thread scaling: f+g {res[('fg', 1)] / res[('fg', 2)]:.2f}x, normal matrix {res[('ne', 1)] / res[('ne', 2)]:.2f}x "
+          f"(1 dataset {res[('ne1', 1)] / res[('ne1', 2)]:.2f}x)")
 
     model, truth = exp_model(offsets, blocks, P, rng)
     obj = ModelObjective(offsets, inten, w, model, np.zeros(P))

@@ -1,9 +1,22 @@
 // Normal equations with Ĩ eliminated, assembled per group without a Jacobian (see
 // normal_equations.hpp). The groups are cut into fixed contiguous parts (a function of the data
-// only); each part is read once, in table order, into a thread-private upper-triangle matrix
-// (per observation the k x k rank-1 term, per group the rank-1/2 Schur correction over the union
-// of its columns), and the parts are added to the result in part order, so the summation order
-// of every matrix element is the same for any thread count.
+// only); each part is read once, in table order, into a thread-private matrix (per observation
+// the k x k rank-1 term, per group the rank-1/2 Schur correction over the union of its columns),
+// and the parts are added to the result in part order, so the summation order of every matrix
+// element is the same for any thread count.
+//
+// Most of the work is done as packed rank-k updates (add_upper_product: 4 x 8 register tiles,
+// compiled for AVX2+FMA too):
+//   - a model block's "dense run" (the columns nearly every row holds, such as the absorption
+//     harmonics of the physical model) gives each observation a dense part √c·a_D; these parts
+//     are queued per block (RunPanel) and added as one rank-k update per RunPanel::kRows
+//     observations. The rest
+//     of a row (smoother columns) is added per observation: its products with the run as
+//     contiguous loops, its products with itself as scalars;
+//   - the groups' scaled vectors b/√S (and e/√S for dials) are queued (GroupQueue) and added as
+//     one rank-k update over the union of their columns per GroupQueue::kGroups groups.
+// A cross term of a column after the run lands in the lower triangle; the lower triangle is
+// added into the upper one at the end, so terms may sit in either triangle.
 #include "xtalscale/normal_equations.hpp"
 
 #include <algorithm>
@@ -11,66 +24,113 @@
 #include <cstdint>
 #include <vector>
 
-#include <Eigen/Core>
-
 #if defined(_MSC_VER) && !defined(__clang__)
 #include <intrin.h>
 #endif
 
 #include "fit_parallel.hpp"
+#include "internal/kernel_support.hpp"  // XS_MULTIVERSION, XS_ALWAYS_INLINE
 
 namespace xtalscale::fit {
 
 namespace {
 
-/// Per table row: the weight of the observation term (w Ĩ²), the rhs coefficient (w r Ĩ), the
-/// b coefficient (w g Ĩ) and the e coefficient (w r); per group 1/S (0 when S = 0 or the group
-/// has one observation, whose terms cancel exactly).
+// ------------------------------------------------------------------ per-row coefficients
+
+/// A group's least-squares Ĩ, 1/S when it is eliminated (0 otherwise: S = 0 or a single
+/// observation, whose terms cancel exactly) and whether its rows add terms at all.
+struct GroupElimination {
+  double ls_ih = 0.0;
+  double inv_s = 0.0;
+  bool has_terms = false;  ///< fixed Ĩ, or the group is eliminated
+};
+
+XS_ALWAYS_INLINE GroupElimination group_elimination(const GroupedObservations& t,
+                                                    const double* g, std::size_t h, bool fixed) {
+  const detail::GroupSums sums = detail::group_sums(t, g, h);
+  const double s = sums.wgg;
+  GroupElimination ge;
+  ge.ls_ih = s > 0.0 ? sums.wgi / s : 0.0;
+  const bool eliminate = !fixed && s > 0.0 && t.group_offsets[h + 1] - t.group_offsets[h] > 1;
+  if (eliminate) ge.inv_s = 1.0 / s;
+  ge.has_terms = fixed || eliminate;
+  return ge;
+}
+
+/// One table row's coefficients: the observation term's weight w Ĩ², the rhs coefficient
+/// w r Ĩ, the b coefficient w g Ĩ, the e coefficient w r (all 0 when the group adds no terms)
+/// and its w r².
+struct RowCoefficients {
+  double obs = 0.0, rhs = 0.0, b = 0.0, e = 0.0, r_sq = 0.0;
+};
+
+XS_ALWAYS_INLINE RowCoefficients row_coefficients(const GroupedObservations& t, const double* g,
+                                                  std::size_t l, const GroupElimination& ge,
+                                                  const double* fixed_Ih) {
+  const double ih = fixed_Ih ? fixed_Ih[l] : ge.ls_ih;
+  const double r = t.intensities[l] - g[l] * ih;
+  const double w = t.weights[l];
+  RowCoefficients rc;
+  rc.r_sq = w * r * r;
+  if (!ge.has_terms) return rc;
+  rc.obs = w * ih * ih;
+  rc.rhs = w * r * ih;
+  rc.b = w * g[l] * ih;
+  rc.e = w * r;
+  return rc;
+}
+
+/// Per table row the observation-term and b coefficients of row_coefficients, per group 1/S:
+/// what normal_matrix_diagonal reads.
 struct RowTerms {
-  std::vector<double> obs, rhs, b, e, inv_s;
-  double r_sq = 0.0;
+  std::vector<double> obs, b, inv_s;
 };
 
 RowTerms row_terms(const GroupedObservations& t, const double* g, const double* fixed_Ih) {
   RowTerms rt;
   rt.obs.assign(t.n_obs, 0.0);
-  rt.rhs.assign(t.n_obs, 0.0);
   rt.b.assign(t.n_obs, 0.0);
-  rt.e.assign(t.n_obs, 0.0);
   rt.inv_s.assign(t.n_groups, 0.0);
   for (std::size_t h = 0; h < t.n_groups; ++h) {
-    const auto first = t.group_offsets[h];
-    const auto last = t.group_offsets[h + 1];
-    const detail::GroupSums sums = detail::group_sums(t, g, h);
-    const double s = sums.wgg;
-    const double ls_ih = s > 0.0 ? sums.wgi / s : 0.0;
-    const bool eliminate = !fixed_Ih && s > 0.0 && last - first > 1;
-    if (eliminate) rt.inv_s[h] = 1.0 / s;
-    for (auto l = first; l < last; ++l) {
-      const double ih = fixed_Ih ? fixed_Ih[l] : ls_ih;
-      const double r = t.intensities[l] - g[l] * ih;
-      const double w = t.weights[l];
-      rt.r_sq += w * r * r;
-      if (!fixed_Ih && !eliminate) continue;  // singleton or empty group: no information on p
-      rt.obs[l] = w * ih * ih;
-      rt.rhs[l] = w * r * ih;
-      rt.b[l] = w * g[l] * ih;
-      rt.e[l] = w * r;
+    const GroupElimination ge = group_elimination(t, g, h, fixed_Ih != nullptr);
+    rt.inv_s[h] = ge.inv_s;
+    for (auto l = t.group_offsets[h]; l < t.group_offsets[h + 1]; ++l) {
+      const RowCoefficients rc = row_coefficients(t, g, static_cast<std::size_t>(l), ge, fixed_Ih);
+      rt.obs[l] = rc.obs;
+      rt.b[l] = rc.b;
     }
   }
   return rt;
 }
 
+/// Where each table row comes from: its block and the row within the block's view.
+struct RowSources {
+  std::vector<std::int32_t> block;
+  std::vector<std::int64_t> row;
+};
+
+RowSources row_sources(const GroupedObservations& t, const std::vector<FitBlock>& blocks) {
+  RowSources src;
+  src.block.assign(t.n_obs, 0);
+  src.row.assign(t.n_obs, 0);
+  for (std::size_t b = 0; b < blocks.size(); ++b)
+    for (std::size_t r = 0; r < blocks[b].view.n_rows; ++r) {
+      const std::size_t row = detail::table_row(blocks[b], r);
+      src.block[row] = static_cast<std::int32_t>(b);
+      src.row[row] = static_cast<std::int64_t>(r);
+    }
+  return src;
+}
+
 /// Call body(l, c, d) for every derivative entry of the observations of group @p h: the
 /// observation's table row l, the global parameter column c and the derivative d.
 template <class Body>
-inline void for_each_group_derivative(const GroupedObservations& t, const std::vector<FitBlock>& blocks,
-                                      const std::vector<std::int32_t>& src_block,
-                                      const std::vector<std::int64_t>& src_row, std::size_t h,
-                                      Body body) {
+inline void for_each_group_derivative(const GroupedObservations& t,
+                                      const std::vector<FitBlock>& blocks, const RowSources& src,
+                                      std::size_t h, Body body) {
   for (auto l = t.group_offsets[h]; l < t.group_offsets[h + 1]; ++l) {
-    const DerivativesView& v = blocks[static_cast<std::size_t>(src_block[l])].view;
-    const auto r = static_cast<std::size_t>(src_row[l]);
+    const DerivativesView& v = blocks[static_cast<std::size_t>(src.block[l])].view;
+    const auto r = static_cast<std::size_t>(src.row[l]);
     if (v.n_cols == 0) continue;
     for (auto k = v.indptr[r]; k < v.indptr[r + 1]; ++k)
       body(l, v.column_offset + static_cast<std::size_t>(v.indices[k]), v.values[k]);
@@ -87,6 +147,529 @@ inline std::size_t lowest_bit(std::uint64_t x) {
   return static_cast<std::size_t>(__builtin_ctzll(x));
 #endif
 }
+
+/// Number of set bits of a word.
+inline std::size_t bit_count(std::uint64_t x) {
+#if defined(_MSC_VER) && !defined(__clang__)
+  return static_cast<std::size_t>(__popcnt64(x));
+#else
+  return static_cast<std::size_t>(__builtin_popcountll(x));
+#endif
+}
+
+// ------------------------------------------------------------------ dense runs
+
+/// A range [first, last) of consecutive block columns.
+struct DenseRun {
+  std::size_t first = 0, last = 0;
+  std::int64_t usual_entry = 0;  ///< where the run starts in a row's entries, in the sampled rows
+  std::size_t size() const { return last - first; }
+};
+
+/// The block's dense run: the longest range of consecutive columns held by at least 7/8 of a
+/// fixed sample of its rows, if it has at least kMinRunColumns columns (else empty). It only
+/// picks the candidate: each row is checked when it is used (run_position), so a row without
+/// the run is still handled exactly. The sample depends on the data alone.
+DenseRun find_dense_run(const DerivativesView& v) {
+  constexpr std::size_t kSampleRows = 256;
+  constexpr std::size_t kMinRunColumns = 8;
+  DenseRun best;
+  if (v.n_rows == 0 || v.n_cols < kMinRunColumns || !v.indptr) return best;
+  const std::size_t samples = std::min(v.n_rows, kSampleRows);
+  std::vector<std::size_t> held(v.n_cols, 0);
+  for (std::size_t s = 0; s < samples; ++s) {
+    const std::size_t r = s * v.n_rows / samples;
+    for (auto q = v.indptr[r]; q < v.indptr[r + 1]; ++q)
+      ++held[static_cast<std::size_t>(v.indices[q])];
+  }
+  const std::size_t needed = samples - samples / 8;
+  std::size_t start = 0;
+  for (std::size_t c = 0; c <= v.n_cols; ++c) {
+    if (c < v.n_cols && held[c] >= needed) continue;
+    if (c - start > best.size()) best = {start, c};
+    start = c + 1;
+  }
+  if (best.size() < kMinRunColumns) return DenseRun{};
+  for (std::size_t s = 0; s < samples; ++s) {  // the first sampled row holding it gives the entry
+    const std::size_t r = s * v.n_rows / samples;
+    const std::int32_t* row_first = v.indices + v.indptr[r];
+    const std::int32_t* row_last = v.indices + v.indptr[r + 1];
+    const std::int32_t* at = std::find(row_first, row_last, static_cast<std::int32_t>(best.first));
+    if (at != row_last) {
+      best.usual_entry = at - row_first;
+      break;
+    }
+  }
+  return best;
+}
+
+/// Position of @p run within the CSR entries [first, last) of a row: the entry where its
+/// columns follow one another in full, or last when the row lacks part of it. The search
+/// assumes ascending columns (the model blocks are checked to have them); the run itself is
+/// verified entry by entry, so an unsorted row is never misread, at worst not matched.
+XS_ALWAYS_INLINE std::int64_t run_position(const std::int32_t* indices, std::int64_t first,
+                                           std::int64_t last, const DenseRun& run) {
+  const auto len = static_cast<std::int64_t>(run.size());
+  if (len == 0 || last - first < len) return last;
+  const auto lo = static_cast<std::int32_t>(run.first);
+  // The run usually starts at the same entry of every row (its offset in the row's columns).
+  const std::int64_t guess = first + std::min<std::int64_t>(run.usual_entry, last - first - 1);
+  const std::int64_t p = indices[guess] == lo
+                             ? guess
+                             : std::lower_bound(indices + first, indices + last, lo) - indices;
+  if (p + len > last) return last;
+  bool whole = true;
+  for (std::int64_t j = 0; j < len; ++j)
+    whole &= indices[p + j] == lo + static_cast<std::int32_t>(j);
+  return whole ? p : last;
+}
+
+// ------------------------------------------------------------------ packed rank-k updates
+
+constexpr std::size_t kStrip = 8;     ///< panel columns per strip: the micro-tile width
+constexpr std::size_t kTileRows = 4;  ///< micro-tile height
+
+inline std::size_t padded_columns(std::size_t m) { return (m + kStrip - 1) / kStrip * kStrip; }
+
+/// Offset of (row r, column c) in a packed panel of @p ld rows: column strips of kStrip, each
+/// strip row-major, so the product kernel streams both operands contiguously.
+inline std::size_t packed_index(std::size_t r, std::size_t c, std::size_t ld) {
+  return (c / kStrip * ld + r) * kStrip + c % kStrip;
+}
+
+/// The matrix columns of a panel's columns (strictly ascending) and, per full strip, whether
+/// its kStrip columns are consecutive matrix columns (a tile row then adds as one loop).
+struct PanelColumns {
+  std::vector<std::size_t> global;
+  std::vector<unsigned char> consecutive;
+
+  void set_consecutive() {
+    const std::size_t m = global.size();
+    consecutive.assign(padded_columns(m) / kStrip, 0);
+    for (std::size_t s = 0; (s + 1) * kStrip <= m; ++s)
+      consecutive[s] = global[(s + 1) * kStrip - 1] == global[s * kStrip] + kStrip - 1;
+  }
+};
+
+/// matrix[col_i][col_j] += sign · Σ_{r<k} L(r, i) R(r, j) for panel columns i <= j (the upper
+/// triangle, as the columns ascend). L and R are packed panels of @p ld rows, zero in their
+/// padding columns; R may be L. Each 4 x 8 tile of the product is summed in registers over r.
+XS_MULTIVERSION
+void add_upper_product(std::size_t k, std::size_t ld, const double* __restrict left,
+                       const double* __restrict right, const PanelColumns& cols, double sign,
+                       double* __restrict matrix, std::size_t n) {
+  const std::size_t m = cols.global.size();
+  const std::size_t m_pad = padded_columns(m);
+  const std::size_t* gc = cols.global.data();
+  for (std::size_t i0 = 0; i0 < m; i0 += kTileRows) {
+    const double* lstrip = left + (i0 / kStrip) * ld * kStrip + i0 % kStrip;
+    for (std::size_t j0 = i0 / kStrip * kStrip; j0 < m_pad; j0 += kStrip) {
+      const double* rstrip = right + (j0 / kStrip) * ld * kStrip;
+      double acc[kTileRows][kStrip] = {};
+      for (std::size_t r = 0; r < k; ++r) {
+        const double* lr = lstrip + r * kStrip;
+        const double* rr = rstrip + r * kStrip;
+        for (std::size_t ii = 0; ii < kTileRows; ++ii)
+          for (std::size_t jj = 0; jj < kStrip; ++jj) acc[ii][jj] += lr[ii] * rr[jj];
+      }
+      if (j0 >= i0 + kTileRows && i0 + kTileRows <= m && cols.consecutive[j0 / kStrip]) {
+        for (std::size_t ii = 0; ii < kTileRows; ++ii) {  // strictly upper, full, contiguous
+          double* __restrict out = matrix + gc[i0 + ii] * n + gc[j0];
+          for (std::size_t jj = 0; jj < kStrip; ++jj) out[jj] += sign * acc[ii][jj];
+        }
+      } else {  // on the diagonal, at the edge or scattered: element by element
+        for (std::size_t ii = 0; ii < kTileRows && i0 + ii < m; ++ii)
+          for (std::size_t jj = 0; jj < kStrip && j0 + jj < m; ++jj)
+            if (j0 + jj >= i0 + ii) matrix[gc[i0 + ii] * n + gc[j0 + jj]] += sign * acc[ii][jj];
+      }
+    }
+  }
+}
+
+/// The dense-run parts √c·a_D of up to kRows observations of one block, waiting for one
+/// rank-k update (left = right = this panel).
+struct RunPanel {
+  static constexpr std::size_t kRows = 64;
+  DenseRun run;             ///< block columns of the run (empty: the block has none)
+  PanelColumns cols;        ///< its global columns
+  std::vector<double> data;  ///< packed, kRows rows; padding columns stay zero
+  std::size_t used = 0;
+
+  void reset(const DenseRun& r, std::size_t column_offset) {
+    run = r;
+    cols.global.resize(r.size());
+    for (std::size_t j = 0; j < r.size(); ++j) cols.global[j] = column_offset + r.first + j;
+    cols.set_consecutive();
+    data.assign(kRows * padded_columns(r.size()), 0.0);
+    used = 0;
+  }
+};
+
+/// The scaled vectors of up to kGroups eliminated groups (b/√S, and e/√S for dials) at their
+/// touched columns, waiting for one rank-k update over the union of their columns.
+struct GroupQueue {
+  static constexpr std::size_t kGroups = 32;
+  std::vector<std::size_t> cols;    ///< touched columns, group after group
+  std::vector<double> b, e;         ///< b/√S, e/√S at those columns
+  std::vector<std::size_t> starts;  ///< first entry of each queued group, then the end
+  std::vector<std::uint64_t> bits;  ///< union of the queued columns
+  std::size_t union_size = 0, widest = 0;
+  std::vector<std::size_t> panel_column;  ///< matrix column -> panel column, during a flush
+  PanelColumns panel_cols;
+  std::vector<double> left, right;
+
+  explicit GroupQueue(std::size_t n) : starts{0}, bits((n + 63) / 64, 0), panel_column(n, 0) {}
+  std::size_t size() const { return starts.size() - 1; }
+};
+
+/// Private per-thread state: a part's matrix (either triangle, see the file comment), rhs and
+/// w r²; the dense scatter arrays of the group sums b and e (size n, zero outside the touched
+/// columns); a column bitmap that yields the touched columns in ascending order without
+/// sorting; the per-block run panels, the group queue and row scratch (a dense row, a row's
+/// entries outside its run, segment lists).
+struct PartWorkspace {
+  std::size_t n;
+  double r_sq = 0.0;
+  std::vector<double> matrix, rhs, b, e, row;
+  std::vector<std::uint64_t> bits;
+  std::vector<std::size_t> touched, seg_of, seg_first, seg_last, other_col;
+  std::vector<double> other_val;
+  std::vector<RunPanel> panels;
+  GroupQueue queue;
+  PartWorkspace(std::size_t n_params, const std::vector<FitBlock>& blocks,
+                const std::vector<DenseRun>& runs)
+      : n(n_params), matrix(n_params * n_params, 0.0), rhs(n_params, 0.0), b(n_params, 0.0),
+        e(n_params, 0.0), row(n_params, 0.0), bits((n_params + 63) / 64, 0),
+        other_col(n_params, 0), other_val(n_params, 0.0),
+        panels(blocks.size()), queue(n_params) {
+    for (std::size_t k = 0; k < blocks.size(); ++k)
+      panels[k].reset(runs[k], blocks[k].view.column_offset);
+  }
+};
+
+/// The rank-k update of a run panel's queued rows; empties it.
+void flush_run_panel(PartWorkspace& ws, RunPanel& panel) {
+  if (panel.used == 0) return;
+  add_upper_product(panel.used, RunPanel::kRows, panel.data.data(), panel.data.data(), panel.cols,
+                    1.0, ws.matrix.data(), ws.n);
+  panel.used = 0;
+}
+
+/// −Σ b bᵀ (schur) or Σ (e eᵀ − b bᵀ) (dials) of the queued groups as one rank-k update over
+/// the union of their columns; empties the queue.
+void flush_groups(PartWorkspace& ws, bool dials) {
+  GroupQueue& q = ws.queue;
+  const std::size_t groups = q.size();
+  if (groups == 0) return;
+  std::vector<std::size_t>& global = q.panel_cols.global;
+  global.clear();
+  for (std::size_t word = 0; word < q.bits.size(); ++word) {
+    std::uint64_t x = q.bits[word];
+    q.bits[word] = 0;
+    while (x) {
+      const std::size_t col = (word << 6) + lowest_bit(x);
+      q.panel_column[col] = global.size();
+      global.push_back(col);
+      x &= x - 1;
+    }
+  }
+  q.panel_cols.set_consecutive();
+  const std::size_t rows = dials ? 2 * groups : groups;
+  const std::size_t size = rows * padded_columns(global.size());
+  q.left.assign(size, 0.0);
+  if (dials) q.right.assign(size, 0.0);
+  for (std::size_t grp = 0; grp < groups; ++grp) {
+    for (std::size_t i = q.starts[grp]; i < q.starts[grp + 1]; ++i) {
+      const std::size_t c = q.panel_column[q.cols[i]];
+      if (dials) {  // rows 2 grp, 2 grp + 1: left (e, b), right (e, −b)
+        q.left[packed_index(2 * grp, c, rows)] = q.e[i];
+        q.left[packed_index(2 * grp + 1, c, rows)] = q.b[i];
+        q.right[packed_index(2 * grp, c, rows)] = q.e[i];
+        q.right[packed_index(2 * grp + 1, c, rows)] = -q.b[i];
+      } else {
+        q.left[packed_index(grp, c, rows)] = q.b[i];
+      }
+    }
+  }
+  const double* right = dials ? q.right.data() : q.left.data();
+  add_upper_product(rows, rows, q.left.data(), right, q.panel_cols, dials ? 1.0 : -1.0,
+                    ws.matrix.data(), ws.n);
+  q.cols.clear();
+  q.b.clear();
+  q.e.clear();
+  q.starts.assign(1, 0);
+  q.union_size = 0;
+  q.widest = 0;
+}
+
+// ------------------------------------------------------------------ observation terms
+
+/// rhs += cr a and upper(matrix) += c a aᵀ of a row without its block's dense run: the row is
+/// scattered densely (zero elsewhere) and cut into segments of ascending columns with gaps of
+/// at most kObsGap merged, so a few long contiguous loops add it (the gaps add exact zeros).
+XS_ALWAYS_INLINE void sparse_observation(PartWorkspace& ws, const DerivativesView& v,
+                                         std::int64_t first, std::int64_t last, double c,
+                                         double cr) {
+  constexpr std::size_t kObsGap = 4;
+  const auto k = static_cast<std::size_t>(last - first);
+  const std::size_t off = v.column_offset;
+  const double* av = v.values + first;
+  const std::int32_t* iv = v.indices + first;
+  const std::size_t n = ws.n;
+  double* __restrict row = ws.row.data();
+  ws.seg_of.resize(k);
+  std::size_t* __restrict seg_of = ws.seg_of.data();
+  ws.seg_first.clear();
+  ws.seg_last.clear();
+  for (std::size_t q = 0; q < k; ++q) {
+    const std::size_t cq = off + static_cast<std::size_t>(iv[q]);
+    row[cq] = av[q];
+    if (q == 0 || cq - (off + static_cast<std::size_t>(iv[q - 1])) > kObsGap) {
+      ws.seg_first.push_back(cq);
+      ws.seg_last.push_back(cq + 1);
+    }
+    ws.seg_last.back() = cq + 1;
+    seg_of[q] = ws.seg_first.size() - 1;
+  }
+  const std::size_t n_seg = ws.seg_first.size();
+  const std::size_t* seg_first = ws.seg_first.data();
+  const std::size_t* seg_last = ws.seg_last.data();
+  double* __restrict matrix = ws.matrix.data();
+  double* __restrict rhs = ws.rhs.data();
+  for (std::size_t e1 = 0; e1 < k; ++e1) {
+    const std::size_t c1 = off + static_cast<std::size_t>(iv[e1]);
+    rhs[c1] += cr * av[e1];
+    const double ca1 = c * av[e1];
+    double* __restrict out = matrix + c1 * n;
+    for (std::size_t sg = seg_of[e1]; sg < n_seg; ++sg) {
+      const std::size_t to = seg_last[sg];
+      for (std::size_t q = sg == seg_of[e1] ? c1 : seg_first[sg]; q < to; ++q)
+        out[q] += ca1 * row[q];
+    }
+  }
+  for (std::size_t q = 0; q < k; ++q) row[off + static_cast<std::size_t>(iv[q])] = 0.0;
+}
+
+/// Set the bits of columns [lo, hi) in a column bitmap.
+XS_ALWAYS_INLINE void mark_columns(std::uint64_t* bits, std::size_t lo, std::size_t hi) {
+  for (std::size_t word = lo >> 6; word <= ((hi - 1) >> 6); ++word) {
+    const std::size_t from = std::max(lo, word << 6) - (word << 6);
+    const std::size_t to = std::min(hi, (word + 1) << 6) - (word << 6);
+    const std::uint64_t upto = to == 64 ? ~std::uint64_t{0} : (std::uint64_t{1} << to) - 1;
+    bits[word] |= upto & ~((std::uint64_t{1} << from) - 1);
+  }
+}
+
+/// Everything of a row holding its block's dense run at entries [p, p + L): rhs += cr a;
+/// matrix += c a aᵀ, the run's part √c·a_D queued in the block's panel, each other entry's
+/// products with the run as one contiguous loop in its own matrix row (the lower triangle when
+/// its column lies after the run) and with the other entries as scalars; when the group is
+/// eliminated, the group sums b += cb a, e += ce a (dials), the columns marked in the bitmap and
+/// the touched column range widened.
+XS_ALWAYS_INLINE void run_observation(PartWorkspace& ws, RunPanel& panel, const DerivativesView& v,
+                                      std::int64_t first, std::int64_t last, std::int64_t p,
+                                      const RowCoefficients& rc, bool eliminate, bool dials,
+                                      std::size_t& col_min, std::size_t& col_max) {
+  const std::size_t off = v.column_offset;
+  const std::size_t len = panel.run.size();
+  const std::size_t run_column = off + panel.run.first;
+  const double* __restrict ad = v.values + p;
+  // the other entries, gathered once (a checked row has at most n entries; stay safe anyway)
+  const auto k = static_cast<std::size_t>(last - first);
+  if (k > ws.other_col.size()) {
+    ws.other_col.resize(k);
+    ws.other_val.resize(k);
+  }
+  std::size_t* __restrict oc = ws.other_col.data();
+  double* __restrict ov = ws.other_val.data();
+  std::size_t m = 0;
+  for (auto q = first; q < last; ++q) {
+    if (q == p) q += static_cast<std::int64_t>(len);
+    if (q == last) break;
+    oc[m] = off + static_cast<std::size_t>(v.indices[q]);
+    ov[m++] = v.values[q];
+  }
+  double* __restrict rhs = ws.rhs.data();
+  if (eliminate) {
+    double* __restrict b = ws.b.data();
+    double* __restrict e = ws.e.data();
+    for (std::size_t j = 0; j < len; ++j) {
+      rhs[run_column + j] += rc.rhs * ad[j];
+      b[run_column + j] += rc.b * ad[j];
+    }
+    for (std::size_t i = 0; i < m; ++i) {
+      rhs[oc[i]] += rc.rhs * ov[i];
+      b[oc[i]] += rc.b * ov[i];
+    }
+    if (dials) {
+      for (std::size_t j = 0; j < len; ++j) e[run_column + j] += rc.e * ad[j];
+      for (std::size_t i = 0; i < m; ++i) e[oc[i]] += rc.e * ov[i];
+    }
+    std::uint64_t* bits = ws.bits.data();
+    mark_columns(bits, run_column, run_column + len);
+    for (std::size_t i = 0; i < m; ++i) bits[oc[i] >> 6] |= std::uint64_t{1} << (oc[i] & 63);
+    // columns ascend within a row
+    col_min = std::min(col_min, off + static_cast<std::size_t>(v.indices[first]));
+    col_max = std::max(col_max, off + static_cast<std::size_t>(v.indices[last - 1]));
+  } else {
+    for (std::size_t j = 0; j < len; ++j) rhs[run_column + j] += rc.rhs * ad[j];
+    for (std::size_t i = 0; i < m; ++i) rhs[oc[i]] += rc.rhs * ov[i];
+  }
+  const double c = rc.obs;
+  if (c == 0.0) return;
+  if (panel.used == RunPanel::kRows) flush_run_panel(ws, panel);
+  const double root = std::sqrt(c);
+  for (std::size_t s = 0; s * kStrip < len; ++s) {
+    double* __restrict dst = panel.data.data() + (s * RunPanel::kRows + panel.used) * kStrip;
+    const std::size_t width = std::min(kStrip, len - s * kStrip);
+    for (std::size_t jj = 0; jj < width; ++jj) dst[jj] = root * ad[s * kStrip + jj];
+  }
+  ++panel.used;
+  const std::size_t n = ws.n;
+  for (std::size_t i = 0; i < m; ++i) {
+    const double ca = c * ov[i];
+    double* out = ws.matrix.data() + oc[i] * n;
+    double* __restrict cross = out + run_column;
+    for (std::size_t j = 0; j < len; ++j) cross[j] += ca * ad[j];
+    for (std::size_t t = i; t < m; ++t) out[oc[t]] += ca * ov[t];
+  }
+}
+
+/// The group sums b += cb a and (dials) e += ce a over a row's entries, the columns marked in
+/// the bitmap (bits gathered per word in a register: columns ascend) and the touched column
+/// range widened (rows not handled by run_observation).
+XS_ALWAYS_INLINE void accumulate_group_sums(PartWorkspace& ws, const DerivativesView& v,
+                                            std::int64_t first, std::int64_t last, double cb,
+                                            double ce, bool dials, std::size_t& col_min,
+                                            std::size_t& col_max) {
+  const std::size_t off = v.column_offset;
+  double* __restrict b = ws.b.data();
+  double* __restrict e = ws.e.data();
+  std::uint64_t* bits = ws.bits.data();
+  std::size_t word = ~std::size_t{0};
+  std::uint64_t word_bits = 0;
+  for (auto q = first; q < last; ++q) {
+    const std::size_t cq = off + static_cast<std::size_t>(v.indices[q]);
+    b[cq] += cb * v.values[q];
+    if (dials) e[cq] += ce * v.values[q];
+    if ((cq >> 6) != word) {
+      if (word_bits) bits[word] |= word_bits;
+      word = cq >> 6;
+      word_bits = 0;
+    }
+    word_bits |= std::uint64_t{1} << (cq & 63);
+  }
+  if (word_bits) bits[word] |= word_bits;
+  col_min = std::min(col_min, off + static_cast<std::size_t>(v.indices[first]));
+  col_max = std::max(col_max, off + static_cast<std::size_t>(v.indices[last - 1]));
+}
+
+// ------------------------------------------------------------------ group corrections
+
+/// Groups touching fewer columns are corrected at once (rank-1/2 over their columns) rather
+/// than queued: the bookkeeping of a queued update would outweigh its work.
+constexpr std::size_t kMinQueuedColumns = 16;
+
+/// A narrow group's correction −(b bᵀ − [dials] e eᵀ)/S now, upper triangle only, over its
+/// touched columns cut into segments (gaps of at most kGap merged: b and e are zero in the
+/// gaps, so they add exact zeros; long contiguous loops beat many short runs).
+inline void correct_group_now(PartWorkspace& ws, double inv_s, bool dials) {
+  constexpr std::size_t kGap = 8;
+  const std::size_t m = ws.touched.size();
+  const std::size_t* tc = ws.touched.data();
+  ws.seg_of.resize(m);
+  ws.seg_first.clear();
+  ws.seg_last.clear();
+  for (std::size_t i = 0; i < m; ++i) {
+    if (i == 0 || tc[i] - tc[i - 1] > kGap) {
+      ws.seg_first.push_back(tc[i]);
+      ws.seg_last.push_back(tc[i] + 1);
+    }
+    ws.seg_last.back() = tc[i] + 1;
+    ws.seg_of[i] = ws.seg_first.size() - 1;
+  }
+  const std::size_t n_seg = ws.seg_first.size();
+  const std::size_t n = ws.n;
+  double* __restrict matrix = ws.matrix.data();
+  const double* __restrict b = ws.b.data();
+  const double* __restrict e = ws.e.data();
+  for (std::size_t i = 0; i < m; ++i) {
+    const std::size_t ci = tc[i];
+    const double bi = b[ci] * inv_s;
+    const double ei = e[ci] * inv_s;
+    double* __restrict out = matrix + ci * n;
+    for (std::size_t sg = ws.seg_of[i]; sg < n_seg; ++sg) {
+      const std::size_t from = sg == ws.seg_of[i] ? ci : ws.seg_first[sg];
+      const std::size_t to = ws.seg_last[sg];
+      if (dials) {
+        for (std::size_t q = from; q < to; ++q) out[q] += ei * e[q] - bi * b[q];
+      } else {
+        for (std::size_t q = from; q < to; ++q) out[q] -= bi * b[q];
+      }
+    }
+  }
+}
+
+/// The group's rank-1 (schur) or rank-2 (dials) correction over its touched columns (the bits
+/// of words [col_min/64, col_max/64], ascending): applied now for a narrow group, else its
+/// scaled vectors b/√S (and e/√S) are queued, the queue flushed first when its column union
+/// would grow beyond twice its widest group (a sparse spread, such as many datasets, would make
+/// the union update mostly zeros). Clears b, e and the bits.
+inline void group_update(PartWorkspace& ws, double inv_s, bool dials, std::size_t col_min,
+                         std::size_t col_max) {
+  GroupQueue& q = ws.queue;
+  std::uint64_t* bits = ws.bits.data();
+  const std::size_t word_lo = col_min >> 6, word_hi = col_max >> 6;
+  std::size_t m = 0, added = 0;
+  for (std::size_t word = word_lo; word <= word_hi; ++word) {
+    m += bit_count(bits[word]);
+    added += bit_count(bits[word] & ~q.bits[word]);
+  }
+  double* __restrict b = ws.b.data();
+  double* __restrict e = ws.e.data();
+  if (m < kMinQueuedColumns) {
+    ws.touched.clear();
+    for (std::size_t word = word_lo; word <= word_hi; ++word) {
+      for (std::uint64_t x = bits[word]; x; x &= x - 1)
+        ws.touched.push_back((word << 6) + lowest_bit(x));
+      bits[word] = 0;
+    }
+    correct_group_now(ws, inv_s, dials);
+    for (const std::size_t c : ws.touched) b[c] = e[c] = 0.0;
+    return;
+  }
+  if (q.size() > 0 && q.union_size + added > 2 * std::max(q.widest, m)) {
+    flush_groups(ws, dials);
+    added = m;
+  }
+  const double root = std::sqrt(inv_s);
+  const std::size_t start = q.cols.size();
+  q.cols.resize(start + m);
+  q.b.resize(start + m);
+  if (dials) q.e.resize(start + m);
+  std::size_t i = start;
+  for (std::size_t word = word_lo; word <= word_hi; ++word) {
+    std::uint64_t x = bits[word];
+    bits[word] = 0;
+    q.bits[word] |= x;
+    for (; x; x &= x - 1, ++i) {
+      const std::size_t c = (word << 6) + lowest_bit(x);
+      q.cols[i] = c;
+      q.b[i] = b[c] * root;
+      b[c] = 0.0;
+      if (dials) {
+        q.e[i] = e[c] * root;
+        e[c] = 0.0;
+      }
+    }
+  }
+  q.starts.push_back(start + m);
+  q.union_size += added;
+  q.widest = std::max(q.widest, m);
+  if (q.size() == GroupQueue::kGroups) flush_groups(ws, dials);
+}
+
+// ------------------------------------------------------------------ parts
 
 /// Contiguous group ranges ("parts") with roughly equal observation counts. The number of parts
 /// depends only on the data (never on the thread count), so the fixed-order reduction of the
@@ -110,235 +693,52 @@ std::vector<std::size_t> group_parts(const GroupedObservations& t, std::size_t n
   return bounds;
 }
 
-/// Private per-thread state: a part's upper-triangle matrix and rhs, the dense scatter arrays
-/// of the group sums b and e (size n, zero outside the touched columns), a column bitmap that
-/// yields the touched columns in ascending order without sorting, and row scratch.
-struct PartWorkspace {
-  static constexpr Eigen::Index kBatch = 32;  ///< groups per batched rank-k update
-  std::size_t n;
-  /// Scaled group vectors b/√S (schur: batch_b column per group) or, for dials, the pairs
-  /// (e, b)/√S in batch_b and (e, −b)/√S in batch_e; zero outside rows [batch_min, batch_max].
-  /// Their −B Bᵀ (+ E Eᵀ) is applied as one blocked rank-k update per kBatch groups.
-  Eigen::MatrixXd batch_b, batch_e;
-  Eigen::Index batch_used = 0;
-  std::size_t batch_min = 0, batch_max = 0, batch_widest = 0;
-  std::vector<double> matrix, rhs, b, e, a, row;
-  std::vector<std::uint64_t> bits;
-  std::vector<std::size_t> col, run_end, touched, touched_end, seg_first, seg_last, obs_first,
-      obs_last;
-  explicit PartWorkspace(std::size_t n_params)
-      : n(n_params), batch_b(Eigen::MatrixXd::Zero(static_cast<Eigen::Index>(n_params), 2 * kBatch)),
-        batch_e(Eigen::MatrixXd::Zero(static_cast<Eigen::Index>(n_params), 2 * kBatch)),
-        matrix(n_params * n_params, 0.0), rhs(n_params, 0.0), b(n_params, 0.0),
-        e(n_params, 0.0), row(n_params, 0.0), bits((n_params + 63) / 64, 0) {}
+/// What every part reads.
+struct PartInputs {
+  const GroupedObservations& t;
+  const std::vector<FitBlock>& blocks;
+  const RowSources& src;
+  const double* g;         ///< scales in table order
+  const double* fixed_Ih;  ///< nullptr: Ĩ eliminated
+  bool dials;
 };
-
-/// One observation: rhs += cr a, upper(matrix) += c a aᵀ (contiguous within column runs), and,
-/// when the group is eliminated, the scatter b += cb a, e += ce a with the columns marked.
-inline void observation_update(PartWorkspace& ws, const DerivativesView& v, std::size_t r,
-                               double c, double cr, double cb, double ce, bool eliminate,
-                               std::size_t& col_min, std::size_t& col_max) {
-  const auto first = v.indptr[r];
-  const auto k = static_cast<std::size_t>(v.indptr[r + 1] - first);
-  if (k == 0) return;
-  const std::size_t off = v.column_offset;
-  ws.a.resize(k);
-  ws.col.resize(k);
-  ws.run_end.resize(k);
-  double* __restrict av = ws.a.data();
-  std::size_t* __restrict cv = ws.col.data();
-  for (std::size_t q = 0; q < k; ++q) {
-    av[q] = v.values[first + static_cast<std::int64_t>(q)];
-    cv[q] = off + static_cast<std::size_t>(v.indices[first + static_cast<std::int64_t>(q)]);
-  }
-  const std::size_t n = ws.n;
-  if (c != 0.0 || cr != 0.0) {
-    // The row scattered densely (zero elsewhere) and cut into segments of ascending columns
-    // with gaps of at most kObsGap merged: few long contiguous loops, the gaps add exact zeros.
-    constexpr std::size_t kObsGap = 4;
-    double* __restrict row = ws.row.data();
-    std::size_t* __restrict seg_of = ws.run_end.data();
-    ws.obs_first.clear();
-    ws.obs_last.clear();
-    for (std::size_t q = 0; q < k; ++q) {
-      row[cv[q]] = av[q];
-      if (q == 0 || cv[q] - cv[q - 1] > kObsGap) {
-        ws.obs_first.push_back(cv[q]);
-        ws.obs_last.push_back(cv[q] + 1);
-      }
-      ws.obs_last.back() = cv[q] + 1;
-      seg_of[q] = ws.obs_first.size() - 1;
-    }
-    const std::size_t n_seg = ws.obs_first.size();
-    const std::size_t* seg_first = ws.obs_first.data();
-    const std::size_t* seg_last = ws.obs_last.data();
-    double* __restrict matrix = ws.matrix.data();
-    double* __restrict rhs = ws.rhs.data();
-    for (std::size_t e1 = 0; e1 < k; ++e1) {
-      const std::size_t c1 = cv[e1];
-      rhs[c1] += cr * av[e1];
-      const double ca1 = c * av[e1];
-      double* __restrict out = matrix + c1 * n;
-      for (std::size_t sg = seg_of[e1]; sg < n_seg; ++sg) {
-        const std::size_t to = seg_last[sg];
-        for (std::size_t q = sg == seg_of[e1] ? c1 : seg_first[sg]; q < to; ++q)
-          out[q] += ca1 * row[q];
-      }
-    }
-    for (std::size_t q = 0; q < k; ++q) row[cv[q]] = 0.0;
-  }
-  if (!eliminate) return;
-  double* __restrict b = ws.b.data();
-  double* __restrict e = ws.e.data();
-  std::uint64_t* __restrict bits = ws.bits.data();
-  for (std::size_t q = 0; q < k; ++q) {
-    const std::size_t cq = cv[q];
-    b[cq] += cb * av[q];
-    e[cq] += ce * av[q];
-    bits[cq >> 6] |= std::uint64_t{1} << (cq & 63);
-    col_min = std::min(col_min, cq);  // no assumption that a row's columns are sorted
-    col_max = std::max(col_max, cq);
-  }
-}
-
-/// Apply the batched group corrections: upper(matrix) += −B Bᵀ (+ E Eᵀ for dials) over the
-/// rows/columns the batch touches, as a blocked rank-k update; then clear the batch.
-void flush_batch(PartWorkspace& ws, bool dials) {
-  if (ws.batch_used == 0) return;
-  const auto lo = static_cast<Eigen::Index>(ws.batch_min);
-  const auto len = static_cast<Eigen::Index>(ws.batch_max - ws.batch_min + 1);
-  const auto n = static_cast<Eigen::Index>(ws.n);
-  using RowMajor = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-  Eigen::Map<RowMajor, 0, Eigen::OuterStride<>> sub(ws.matrix.data() + lo * n + lo, len, len,
-                                                    Eigen::OuterStride<>(n));
-  const Eigen::Index used = ws.batch_used;
-  if (dials) {  // E Eᵀ − B Bᵀ as one product [E B] [E −B]ᵀ
-    auto left = ws.batch_b.block(lo, 0, len, 2 * used);
-    auto right = ws.batch_e.block(lo, 0, len, 2 * used);
-    sub.triangularView<Eigen::Upper>() += left * right.transpose();
-    left.setZero();
-    right.setZero();
-  } else {
-    auto bb = ws.batch_b.block(lo, 0, len, used);
-    sub.selfadjointView<Eigen::Upper>().rankUpdate(bb, -1.0);
-    bb.setZero();
-  }
-  ws.batch_used = 0;
-  ws.batch_widest = 0;
-}
-
-/// The group's rank-1 (schur) or rank-2 (dials) correction −(b bᵀ − [dials] e eᵀ)/S over the
-/// touched columns (ascending, from the bitmap), upper triangle only; clears b, e and the bits.
-inline void group_update(PartWorkspace& ws, double inv_s, bool dials, std::size_t col_min,
-                         std::size_t col_max) {
-  ws.touched.clear();
-  std::uint64_t* bits = ws.bits.data();
-  for (std::size_t word = col_min >> 6; word <= (col_max >> 6); ++word) {
-    std::uint64_t x = bits[word];
-    bits[word] = 0;
-    while (x) {
-      ws.touched.push_back((word << 6) + lowest_bit(x));
-      x &= x - 1;
-    }
-  }
-  const std::size_t m = ws.touched.size();
-  const std::size_t* tc = ws.touched.data();
-  double* __restrict b = ws.b.data();
-  double* __restrict e = ws.e.data();
-  // Dense enough (touched columns fill at least half their span, as one or a few datasets'
-  // blocks do): queue it for the blocked rank-k update, flushing first if it would widen the
-  // batch's span beyond twice its widest group. Sparse spread (many datasets): rank-1 now.
-  const std::size_t span = col_max - col_min + 1;
-  if (2 * m >= span) {
-    if (ws.batch_used > 0) {
-      const std::size_t merged = std::max(ws.batch_max, col_max) - std::min(ws.batch_min, col_min) + 1;
-      if (merged > 2 * std::max(ws.batch_widest, span)) flush_batch(ws, dials);
-    }
-    const double root = std::sqrt(inv_s);
-    const Eigen::Index col = ws.batch_used++;
-    if (dials) {  // columns 2 col, 2 col + 1: left (e, b), right (e, −b)
-      for (std::size_t i = 0; i < m; ++i) {
-        const auto ci = static_cast<Eigen::Index>(tc[i]);
-        const double bs = b[tc[i]] * root;
-        const double es = e[tc[i]] * root;
-        ws.batch_b(ci, 2 * col) = es;
-        ws.batch_b(ci, 2 * col + 1) = bs;
-        ws.batch_e(ci, 2 * col) = es;
-        ws.batch_e(ci, 2 * col + 1) = -bs;
-      }
-    } else {
-      for (std::size_t i = 0; i < m; ++i)
-        ws.batch_b(static_cast<Eigen::Index>(tc[i]), col) = b[tc[i]] * root;
-    }
-    if (col == 0) {
-      ws.batch_min = col_min;
-      ws.batch_max = col_max;
-    } else {
-      ws.batch_min = std::min(ws.batch_min, col_min);
-      ws.batch_max = std::max(ws.batch_max, col_max);
-    }
-    ws.batch_widest = std::max(ws.batch_widest, span);
-    if (ws.batch_used == PartWorkspace::kBatch) flush_batch(ws, dials);
-  } else {
-    // Segments: touched columns with gaps of at most kGap merged. b and e are zero in the gaps,
-    // so updating them adds exact zeros; long contiguous loops beat many short runs.
-    constexpr std::size_t kGap = 8;
-    ws.touched_end.resize(m);  // here: the segment index of each touched column
-    ws.seg_first.clear();
-    ws.seg_last.clear();
-    for (std::size_t i = 0; i < m; ++i) {
-      if (i == 0 || tc[i] - tc[i - 1] > kGap) {
-        ws.seg_first.push_back(tc[i]);
-        ws.seg_last.push_back(tc[i] + 1);
-      }
-      ws.seg_last.back() = tc[i] + 1;
-      ws.touched_end[i] = ws.seg_first.size() - 1;
-    }
-    const std::size_t n_seg = ws.seg_first.size();
-    const std::size_t n = ws.n;
-    double* __restrict matrix = ws.matrix.data();
-    for (std::size_t i = 0; i < m; ++i) {
-      const std::size_t ci = tc[i];
-      const double bi = b[ci] * inv_s;
-      const double ei = e[ci] * inv_s;
-      double* __restrict out = matrix + ci * n;
-      for (std::size_t sg = ws.touched_end[i]; sg < n_seg; ++sg) {
-        const std::size_t from = sg == ws.touched_end[i] ? ci : ws.seg_first[sg];
-        const std::size_t to = ws.seg_last[sg];
-        if (dials) {
-          for (std::size_t q = from; q < to; ++q) out[q] += ei * e[q] - bi * b[q];
-        } else {
-          for (std::size_t q = from; q < to; ++q) out[q] -= bi * b[q];
-        }
-      }
-    }
-  }
-  for (std::size_t i = 0; i < m; ++i) {
-    b[tc[i]] = 0.0;
-    e[tc[i]] = 0.0;
-  }
-}
 
 /// All terms of the groups [g_first, g_last) into the workspace (zeroed by the caller): every
 /// observation is read once, in table order, and each group's sums are formed once.
-void part_terms(const GroupedObservations& t, const std::vector<FitBlock>& blocks,
-                const std::vector<std::int32_t>& src_block, const std::vector<std::int64_t>& src_row,
-                const RowTerms& rt, bool dials, bool fixed, std::size_t g_first, std::size_t g_last,
-                PartWorkspace& ws) {
+XS_MULTIVERSION
+void part_terms(const PartInputs& in, std::size_t g_first, std::size_t g_last, PartWorkspace& ws) {
+  const GroupedObservations& t = in.t;
   for (std::size_t h = g_first; h < g_last; ++h) {
-    const double inv_s = rt.inv_s[h];
-    const bool eliminate = !fixed && inv_s != 0.0;
-    if (!fixed && !eliminate) continue;  // singleton or empty group: no terms (see row_terms)
+    const GroupElimination ge = group_elimination(t, in.g, h, in.fixed_Ih != nullptr);
+    const bool eliminate = ge.inv_s != 0.0;
     std::size_t col_min = ws.n, col_max = 0;
     for (auto l = t.group_offsets[h]; l < t.group_offsets[h + 1]; ++l) {
-      const DerivativesView& v = blocks[static_cast<std::size_t>(src_block[l])].view;
+      const RowCoefficients rc =
+          row_coefficients(t, in.g, static_cast<std::size_t>(l), ge, in.fixed_Ih);
+      ws.r_sq += rc.r_sq;
+      if (!ge.has_terms) continue;  // singleton or empty group: no information on p
+      const auto blk = static_cast<std::size_t>(in.src.block[l]);
+      const DerivativesView& v = in.blocks[blk].view;
       if (v.n_cols == 0) continue;
-      observation_update(ws, v, static_cast<std::size_t>(src_row[l]), rt.obs[l], rt.rhs[l],
-                         rt.b[l], rt.e[l], eliminate, col_min, col_max);
+      const auto r = static_cast<std::size_t>(in.src.row[l]);
+      const std::int64_t first = v.indptr[r];
+      const std::int64_t last = v.indptr[r + 1];
+      if (first == last) continue;
+      RunPanel& panel = ws.panels[blk];
+      const std::int64_t p = run_position(v.indices, first, last, panel.run);
+      const bool terms = rc.obs != 0.0 || rc.rhs != 0.0;
+      if (terms && p < last) {
+        run_observation(ws, panel, v, first, last, p, rc, eliminate, in.dials, col_min, col_max);
+        continue;
+      }
+      if (terms) sparse_observation(ws, v, first, last, rc.obs, rc.rhs);
+      if (eliminate)
+        accumulate_group_sums(ws, v, first, last, rc.b, rc.e, in.dials, col_min, col_max);
     }
-    if (eliminate && col_min <= col_max) group_update(ws, inv_s, dials, col_min, col_max);
+    if (eliminate && col_min <= col_max) group_update(ws, ge.inv_s, in.dials, col_min, col_max);
   }
-  flush_batch(ws, dials);
+  flush_groups(ws, in.dials);
+  for (RunPanel& panel : ws.panels) flush_run_panel(ws, panel);
 }
 
 }  // namespace
@@ -349,42 +749,34 @@ NormalEquationsSummary normal_equations(const GroupedObservations& t,
                                         const double* fixed_Ih, int n_threads) {
   std::vector<double> g(t.n_obs);
   gather_scales(blocks, g.data());
-  const RowTerms rt = row_terms(t, g.data(), fixed_Ih);
-  std::vector<std::int32_t> src_block(t.n_obs, 0);
-  std::vector<std::int64_t> src_row(t.n_obs, 0);
-  for (std::size_t b = 0; b < blocks.size(); ++b)
-    for (std::size_t r = 0; r < blocks[b].view.n_rows; ++r) {
-      const std::size_t row = detail::table_row(blocks[b], r);
-      src_block[row] = static_cast<std::int32_t>(b);
-      src_row[row] = static_cast<std::int64_t>(r);
-    }
+  const RowSources src = row_sources(t, blocks);
+  std::vector<DenseRun> runs;
+  for (const FitBlock& b : blocks) runs.push_back(find_dense_run(b.view));
   std::fill(matrix, matrix + n * n, 0.0);
   std::fill(rhs, rhs + n, 0.0);
-  if (n == 0) return {rt.r_sq, t.n_obs};
   const auto parts = group_parts(t, n);
   const std::size_t n_parts = parts.size() - 1;
   const int nt = std::max(1, std::min<int>(n_threads, static_cast<int>(n_parts)));
-  const bool dials = kind == NormalMatrixKind::dials;
-  const bool fixed = fixed_Ih != nullptr;
+  const PartInputs in{t, blocks, src, g.data(), fixed_Ih, kind == NormalMatrixKind::dials};
+  double r_sq = 0.0;
   // Each part is summed into a thread's private workspace, then added to the result in part
   // order (ordered region): the summation order of every element is independent of nt.
-  auto add_part = [&](PartWorkspace& ws) {
-    for (std::size_t i = 0; i < n; ++i) {
-      const double* __restrict src = ws.matrix.data() + i * n;
-      double* __restrict dst = matrix + i * n;
-      for (std::size_t j = i; j < n; ++j) dst[j] += src[j];
-      rhs[i] += ws.rhs[i];
-    }
+  auto add_part = [&](const PartWorkspace& ws) {
+    const double* __restrict src_matrix = ws.matrix.data();
+    for (std::size_t i = 0; i < n * n; ++i) matrix[i] += src_matrix[i];
+    for (std::size_t i = 0; i < n; ++i) rhs[i] += ws.rhs[i];
+    r_sq += ws.r_sq;
   };
   auto run_part = [&](PartWorkspace& ws, std::size_t p) {
     std::fill(ws.matrix.begin(), ws.matrix.end(), 0.0);
     std::fill(ws.rhs.begin(), ws.rhs.end(), 0.0);
-    part_terms(t, blocks, src_block, src_row, rt, dials, fixed, parts[p], parts[p + 1], ws);
+    ws.r_sq = 0.0;
+    part_terms(in, parts[p], parts[p + 1], ws);
   };
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
-    PartWorkspace ws(n);
+    PartWorkspace ws(n, blocks, runs);
     const auto count = static_cast<std::int64_t>(n_parts);
 #pragma omp for ordered schedule(static, 1)
     for (std::int64_t p = 0; p < count; ++p) {
@@ -395,16 +787,21 @@ NormalEquationsSummary normal_equations(const GroupedObservations& t,
   }
 #else
   {
-    PartWorkspace ws(n);
+    PartWorkspace ws(n, blocks, runs);
     for (std::size_t p = 0; p < n_parts; ++p) {
       run_part(ws, p);
       add_part(ws);
     }
   }
 #endif
-  for (std::size_t i = 0; i < n; ++i)  // mirror the upper triangle
-    for (std::size_t j = i + 1; j < n; ++j) matrix[j * n + i] = matrix[i * n + j];
-  return {rt.r_sq, t.n_obs};
+  // Terms sit in either triangle: add the lower triangle into the upper one and mirror it.
+  for (std::size_t i = 0; i < n; ++i)
+    for (std::size_t j = i + 1; j < n; ++j) {
+      const double sum = matrix[i * n + j] + matrix[j * n + i];
+      matrix[i * n + j] = sum;
+      matrix[j * n + i] = sum;
+    }
+  return {r_sq, t.n_obs};
 }
 
 void normal_matrix_diagonal(const GroupedObservations& t, const std::vector<FitBlock>& blocks,
@@ -412,15 +809,12 @@ void normal_matrix_diagonal(const GroupedObservations& t, const std::vector<FitB
   std::vector<double> g(t.n_obs);
   gather_scales(blocks, g.data());
   const RowTerms rt = row_terms(t, g.data(), fixed_Ih);
+  const RowSources src = row_sources(t, blocks);
   std::fill(diagonal, diagonal + n, 0.0);
-  std::vector<std::int32_t> src_block(t.n_obs, 0);
-  std::vector<std::int64_t> src_row(t.n_obs, 0);
   for (std::size_t b = 0; b < blocks.size(); ++b) {
     const DerivativesView& v = blocks[b].view;
     for (std::size_t r = 0; r < v.n_rows; ++r) {
       const std::size_t row = detail::table_row(blocks[b], r);
-      src_block[row] = static_cast<std::int32_t>(b);
-      src_row[row] = static_cast<std::int64_t>(r);
       for (auto e = v.indptr[r]; e < v.indptr[r + 1]; ++e)
         diagonal[v.column_offset + static_cast<std::size_t>(v.indices[e])] +=
             rt.obs[row] * v.values[e] * v.values[e];
@@ -432,7 +826,7 @@ void normal_matrix_diagonal(const GroupedObservations& t, const std::vector<FitB
   for (std::size_t h = 0; h < t.n_groups; ++h) {
     if (rt.inv_s[h] == 0.0) continue;
     touched.clear();
-    for_each_group_derivative(t, blocks, src_block, src_row, h, [&](auto l, std::size_t c, double d) {
+    for_each_group_derivative(t, blocks, src, h, [&](auto l, std::size_t c, double d) {
       if (bsum[c] == 0.0) touched.push_back(c);
       bsum[c] += rt.b[l] * d;
       if (bsum[c] == 0.0) bsum[c] = 1e-300;  // keep it marked as touched
@@ -444,23 +838,153 @@ void normal_matrix_diagonal(const GroupedObservations& t, const std::vector<FitB
   }
 }
 
+namespace {
+
+/// The quadratic forms x_r V_DD x_rᵀ + 2 z_r x_rᵀ of four rows' dense-run parts x_r with their
+/// cross vectors z_r, added to @p out4. @p x and @p z hold the rows (4 x padded_columns(len),
+/// zero-padded), @p xt the same x transposed (len x 4); @p vdd is V on the run,
+/// len x padded_columns(len), zero-padded. Per 4 x 8 tile the products x V_DD + 2 z are summed
+/// in registers and multiplied by x into per-lane totals, summed last in a fixed order: each
+/// row's arithmetic is the same whichever rows share the call.
+XS_MULTIVERSION
+void add_run_quadratic_forms(std::size_t len, const double* __restrict x,
+                             const double* __restrict xt, const double* __restrict z,
+                             const double* __restrict vdd, double* __restrict out4) {
+  const std::size_t len_pad = padded_columns(len);
+  double lanes[kTileRows][kStrip] = {};
+  for (std::size_t j0 = 0; j0 < len_pad; j0 += kStrip) {
+    double acc[kTileRows][kStrip];
+    for (std::size_t rr = 0; rr < kTileRows; ++rr)
+      for (std::size_t jj = 0; jj < kStrip; ++jj) acc[rr][jj] = 2.0 * z[rr * len_pad + j0 + jj];
+    for (std::size_t i = 0; i < len; ++i) {
+      const double* xi = xt + i * kTileRows;
+      const double* vr = vdd + i * len_pad + j0;
+      for (std::size_t rr = 0; rr < kTileRows; ++rr)
+        for (std::size_t jj = 0; jj < kStrip; ++jj) acc[rr][jj] += xi[rr] * vr[jj];
+    }
+    for (std::size_t rr = 0; rr < kTileRows; ++rr)
+      for (std::size_t jj = 0; jj < kStrip; ++jj)
+        lanes[rr][jj] += acc[rr][jj] * x[rr * len_pad + j0 + jj];
+  }
+  for (std::size_t rr = 0; rr < kTileRows; ++rr) {
+    const double* l = lanes[rr];
+    out4[rr] += ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]));
+  }
+}
+
+/// Σ_ab J_a V_ab J_b of one CSR row, entry by entry (rows without the dense run).
+inline double row_quadratic_form(std::int64_t first, std::int64_t last, const std::int32_t* indices,
+                                 const double* values, std::size_t n, const double* V) {
+  double acc = 0.0;
+  for (auto a = first; a < last; ++a) {
+    const double* Va = V + static_cast<std::size_t>(indices[a]) * n;
+    double inner = 0.0;
+    for (auto b = first; b < last; ++b) inner += Va[indices[b]] * values[b];
+    acc += values[a] * inner;
+  }
+  return acc;
+}
+
+/// Rows [lo, hi) of row_quadratic_forms with V symmetric (@p vs). A row holding the dense run
+/// D of J: Σ_st v_s V_st v_t over its other entries now; x_D V_DD x_Dᵀ + 2 z x_Dᵀ, with
+/// z = Σ_s v_s V_sD, four rows at a time (add_run_quadratic_forms).
+XS_MULTIVERSION
+void quadratic_forms_rows(std::size_t lo, std::size_t hi, const std::int64_t* indptr,
+                          const std::int32_t* indices, const double* values, std::size_t n,
+                          const double* vs, const DenseRun& run, const double* vdd, double* out) {
+  const std::size_t len = run.size();
+  const std::size_t len_pad = padded_columns(len);
+  std::vector<double> x(kTileRows * len_pad, 0.0), z(kTileRows * len_pad, 0.0),
+      xt(len * kTileRows, 0.0);
+  std::size_t pending[kTileRows] = {};
+  std::size_t used = 0;
+  double forms[kTileRows] = {};
+  auto flush = [&]() {
+    for (std::size_t rr = used; rr < kTileRows; ++rr)  // unused slots: zero rows
+      for (std::size_t j = 0; j < len; ++j)
+        x[rr * len_pad + j] = xt[j * kTileRows + rr] = z[rr * len_pad + j] = 0.0;
+    for (std::size_t rr = 0; rr < kTileRows; ++rr) forms[rr] = 0.0;
+    add_run_quadratic_forms(len, x.data(), xt.data(), z.data(), vdd, forms);
+    for (std::size_t rr = 0; rr < used; ++rr) out[pending[rr]] += forms[rr];
+    used = 0;
+  };
+  for (std::size_t r = lo; r < hi; ++r) {
+    const std::int64_t first = indptr[r];
+    const std::int64_t last = indptr[r + 1];
+    const std::int64_t p = run_position(indices, first, last, run);
+    if (p == last) {
+      out[r] = row_quadratic_form(first, last, indices, values, n, vs);
+      continue;
+    }
+    const auto run_end = p + static_cast<std::int64_t>(len);
+    double* __restrict xr = x.data() + used * len_pad;
+    double* __restrict zr = z.data() + used * len_pad;
+    for (std::size_t j = 0; j < len; ++j) {
+      xr[j] = xt[j * kTileRows + used] = values[p + static_cast<std::int64_t>(j)];
+      zr[j] = 0.0;
+    }
+    const std::int64_t side_first[2] = {first, run_end};
+    const std::int64_t side_last[2] = {p, last};
+    double sparse = 0.0;  // Σ_s v_s (v_s V_ss + 2 Σ_{t after s} V_st v_t) over the other entries
+    for (int side = 0; side < 2; ++side)
+      for (auto s = side_first[side]; s < side_last[side]; ++s) {
+        const double* vrow = vs + static_cast<std::size_t>(indices[s]) * n;
+        const double* __restrict vsd = vrow + run.first;
+        for (std::size_t j = 0; j < len; ++j) zr[j] += values[s] * vsd[j];
+        double after = 0.0;
+        for (int other = side; other < 2; ++other)
+          for (auto t = other == side ? s + 1 : side_first[other]; t < side_last[other]; ++t)
+            after += vrow[indices[t]] * values[t];
+        sparse += values[s] * (values[s] * vrow[indices[s]] + 2.0 * after);
+      }
+    out[r] = sparse;
+    pending[used] = r;
+    if (++used == kTileRows) flush();
+  }
+  if (used > 0) flush();
+}
+
+}  // namespace
+
 void row_quadratic_forms(std::size_t n_rows, const std::int64_t* indptr,
                          const std::int32_t* indices, const double* values, std::size_t n,
                          const double* V, double* out, int n_threads) {
-  const int nt = std::max(1, std::min<int>(n_threads, static_cast<int>(std::max<std::size_t>(n_rows, 1))));
+  // Σ_ab J_a V_ab J_b only sees the symmetric part of V: symmetrise a copy if V is not exactly
+  // symmetric (for a symmetric V the copy would be V itself).
+  bool symmetric = true;
+  for (std::size_t a = 0; a < n && symmetric; ++a)
+    for (std::size_t b = a + 1; b < n; ++b)
+      if (V[a * n + b] != V[b * n + a]) {
+        symmetric = false;
+        break;
+      }
+  std::vector<double> symmetrised;
+  if (!symmetric) {
+    symmetrised.resize(n * n);
+    for (std::size_t a = 0; a < n; ++a)
+      for (std::size_t b = 0; b < n; ++b)
+        symmetrised[a * n + b] = 0.5 * (V[a * n + b] + V[b * n + a]);
+  }
+  const double* vs = symmetric ? V : symmetrised.data();
+  DerivativesView view;
+  view.n_rows = n_rows;
+  view.n_cols = n;
+  view.indptr = indptr;
+  view.indices = indices;
+  view.values = values;
+  const DenseRun run = find_dense_run(view);
+  const std::size_t len = run.size();
+  const std::size_t len_pad = padded_columns(len);
+  std::vector<double> vdd(len * len_pad, 0.0);  // V on the run, zero-padded
+  for (std::size_t i = 0; i < len; ++i)
+    for (std::size_t j = 0; j < len; ++j)
+      vdd[i * len_pad + j] = vs[(run.first + i) * n + run.first + j];
+  const int nt =
+      std::max(1, std::min<int>(n_threads, static_cast<int>(std::max<std::size_t>(n_rows, 1))));
   detail::per_thread(nt, [&](int th, int) {
     const std::size_t lo = n_rows * static_cast<std::size_t>(th) / static_cast<std::size_t>(nt);
     const std::size_t hi = n_rows * static_cast<std::size_t>(th + 1) / static_cast<std::size_t>(nt);
-    for (std::size_t r = lo; r < hi; ++r) {
-      double acc = 0.0;
-      for (auto a = indptr[r]; a < indptr[r + 1]; ++a) {
-        const double* Va = V + static_cast<std::size_t>(indices[a]) * n;
-        double inner = 0.0;
-        for (auto b = indptr[r]; b < indptr[r + 1]; ++b) inner += Va[indices[b]] * values[b];
-        acc += values[a] * inner;
-      }
-      out[r] = acc;
-    }
+    quadratic_forms_rows(lo, hi, indptr, indices, values, n, vs, run, vdd.data(), out);
   });
 }
 

@@ -50,9 +50,11 @@ XTALSCALE_EXPORT void normal_matrix_diagonal(const GroupedObservations& table,
                                              const double* fixed_Ih = nullptr);
 
 /// diag(J V Jᵀ) of a CSR matrix J (@p n_rows rows, columns < @p n) and a dense symmetric V
-/// (n x n, row-major) into @p out (n_rows): var(g_i) = Σ_ab J_ia V_ab J_ib, O(k²) per row, no
-/// N x n temporary. Rows are independent, so the result is identical for any @p n_threads.
-/// Column indices must be < n (checked by the caller).
+/// (n x n, row-major; a non-symmetric V acts through its symmetric part) into @p out (n_rows):
+/// var(g_i) = Σ_ab J_ia V_ab J_ib, O(k²) per row, no N x n temporary. The columns nearly every
+/// row holds (such as a model's absorption harmonics) are done four rows at a time in register
+/// tiles. Rows are independent, so the result is identical for any @p n_threads. Column
+/// indices must be < n (checked by the caller).
 XTALSCALE_EXPORT void row_quadratic_forms(std::size_t n_rows, const std::int64_t* indptr,
                                           const std::int32_t* indices, const double* values,
                                           std::size_t n, const double* V, double* out,

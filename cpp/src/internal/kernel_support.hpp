@@ -1,5 +1,5 @@
-// Internal helpers shared by the kernels in cpp/src (not installed): the multiversion
-// attribute, the guarded vectorised exponential and the window-width dispatch.
+// Internal helpers shared by the kernels in cpp/src (not installed): the multiversion and
+// forced-inline attributes, the guarded vectorised exponential and the window-width dispatch.
 #pragma once
 
 #include <cmath>
@@ -15,6 +15,16 @@
 #define XS_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define XS_MULTIVERSION
+#endif
+
+/// Force inlining of a small helper into its (multiversioned) caller, so it is compiled for
+/// the caller's target clone rather than called as a baseline function.
+#if defined(__GNUC__) || defined(__clang__)
+#define XS_ALWAYS_INLINE inline __attribute__((always_inline))
+#elif defined(_MSC_VER)
+#define XS_ALWAYS_INLINE __forceinline
+#else
+#define XS_ALWAYS_INLINE inline
 #endif
 
 namespace xtalscale::detail {

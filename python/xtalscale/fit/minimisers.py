@@ -286,7 +286,10 @@ def solve_normal_equations(matrix: np.ndarray, rhs: np.ndarray, names: list[str]
 
     Parameters on which no observation depends (zero row) are fixed (step 0) and named in the
     messages; if Cholesky still fails, the diagonal is damped by ``λ·max(diag)`` with λ from
-    1e-12 upward until it succeeds. Never returns NaN.
+    1e-12 upward until it succeeds. An undamped factor with a pivot² at rounding level (of
+    the unit-diagonal scaled matrix) counts as failed: a singular system (the scale/Ĩ gauge)
+    would otherwise factorise or not by the luck of rounding, and its step along the null
+    direction would be rounding noise divided by rounding noise. Never returns NaN.
     """
     n = rhs.size
     names = names or [f"p{j}" for j in range(n)]
@@ -306,9 +309,12 @@ def solve_normal_equations(matrix: np.ndarray, rhs: np.ndarray, names: list[str]
     scale = np.sqrt(np.diag(sub))
     scaled = sub / np.outer(scale, scale)  # symmetric diagonal scaling (as newer scitbx)
     damping = 0.0
+    rounding_pivot = 1000.0 * idx.size * np.finfo(np.float64).eps
     for attempt in range(40):
         try:
             factor = la.cho_factor(scaled + damping * np.eye(idx.size), lower=False, check_finite=True)
+            if damping == 0.0 and np.min(np.diag(factor[0])) ** 2 <= rounding_pivot:
+                raise la.LinAlgError("numerically singular")
             h = la.cho_solve(factor, b / scale) / scale
             if np.all(np.isfinite(h)):
                 break
