@@ -86,6 +86,8 @@ class IhTableBlock:
     def add_data(self, dataset_id: int, group_ids: Any, df: Mapping[str, Any], hkl: Any) -> None:
         """Add one dataset's rows (already in group order): columns ``intensity``,
         ``variance``, optional ``inverse_scale_factor`` (default 1), ``loc_indices`` and extras."""
+        if self._next_dataset >= self.n_datasets:
+            raise IhTableError(f"all {self.n_datasets} dataset(s) were added: the block is complete")
         if dataset_id != self._next_dataset:
             raise IhTableError(f"datasets must be added in order: expected {self._next_dataset}, got {dataset_id}")
         groups = np.asarray(group_ids, dtype=np.int64)
@@ -107,13 +109,18 @@ class IhTableBlock:
         self.dataset_info[dataset_id] = {"start_index": self._n_filled, "end_index": self._n_filled + n}
         self._n_filled += n
         self._next_dataset += 1
-        self._finalise()
+        if self._next_dataset == self.n_datasets:  # complete (as DIALS's _complete_setup)
+            self._finalise()
 
     def _finalise(self) -> None:
+        """Join the datasets' parts (then dropped: they would double the block's memory),
+        weights, group order and Ĩ."""
         for k, parts in self._cols.items():
-            self._arrays[k] = np.concatenate(parts) if parts else np.zeros(0)
-        self._group_ids = np.concatenate(self._group_parts) if self._group_parts else np.zeros(0, np.int64)
-        self._hkl = np.concatenate(self._hkl_parts) if self._hkl_parts else np.zeros((0, 3), np.int32)
+            self._arrays[k] = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        self._group_ids = (self._group_parts[0] if len(self._group_parts) == 1
+                           else np.concatenate(self._group_parts))
+        self._hkl = self._hkl_parts[0] if len(self._hkl_parts) == 1 else np.concatenate(self._hkl_parts)
+        self._cols, self._group_parts, self._hkl_parts = {}, [], []
         self._init_weights()
         self._reindex()
         self.calc_Ih()
