@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
@@ -17,17 +18,78 @@ struct GroupWeightedSums {
   double wgg = 0.0;
 };
 
-GroupWeightedSums group_weighted_sums(const GroupLayout& layout, std::size_t k,
-                                      const double* intensity, const double* weight,
-                                      const double* scale) {
+GroupWeightedSums weighted_sums_of_rows(const std::int64_t* rows, std::size_t n_members,
+                                        const double* intensity, const double* weight,
+                                        const double* scale) {
   GroupWeightedSums sums;
-  for (auto i = layout.offsets[k]; i < layout.offsets[k + 1]; ++i) {
-    const auto r = layout.order[i];
+  for (std::size_t i = 0; i < n_members; ++i) {
+    const auto r = rows[i];
     const double wg = weight[r] * scale[r];
     sums.wgI += wg * intensity[r];
     sums.wgg += wg * scale[r];
   }
   return sums;
+}
+
+GroupWeightedSums group_weighted_sums(const GroupLayout& layout, std::size_t k,
+                                      const double* intensity, const double* weight,
+                                      const double* scale) {
+  const auto begin = layout.offsets[k];
+  return weighted_sums_of_rows(layout.order + begin, static_cast<std::size_t>(layout.offsets[k + 1] - begin),
+                               intensity, weight, scale);
+}
+
+/// The leave-one-out normalised deviation of each of one group's rows (see
+/// normdev_leave_one_out), written to z[row].
+void leave_one_out_of_rows(const std::int64_t* rows, std::size_t n_members, const double* intensity,
+                           const double* weight, const double* scale, double* z) {
+  if (n_members <= 2) {
+    for (std::size_t i = 0; i < n_members; ++i) z[rows[i]] = 0.0;
+    return;
+  }
+  for (std::size_t i = 0; i < n_members; ++i)
+    if (!(weight[rows[i]] > 0.0))
+      throw std::invalid_argument("weights must be positive (row " + std::to_string(rows[i]) + ")");
+  const auto [a, b] = weighted_sums_of_rows(rows, n_members, intensity, weight, scale);
+  for (std::size_t i = 0; i < n_members; ++i) {
+    const auto r = rows[i];
+    const double wg = weight[r] * scale[r];
+    const double others_wgg = b - wg * scale[r];
+    // Subtracting the row from the totals is exact enough: others_wgg only vanishes when
+    // every other row has zero scale, which DIALS maps to z = 1000 as well.
+    if (!(others_wgg > 0.0)) {
+      z[r] = 1000.0;
+      continue;
+    }
+    const double others_mean = (a - wg * intensity[r]) / others_wgg;
+    const double g = scale[r];
+    z[r] = (intensity[r] - g * others_mean) / std::sqrt(1.0 / weight[r] + g * g / others_wgg);
+  }
+}
+
+/// One group's weights capped at 10 x the group's median weight, written to out[row].
+void cap_weights_of_rows(const std::int64_t* rows, std::size_t n_members, const double* weight,
+                         double* out, std::vector<double>& buffer) {
+  if (n_members == 0) return;
+  buffer.clear();
+  for (std::size_t i = 0; i < n_members; ++i) buffer.push_back(weight[rows[i]]);
+  const std::size_t mid = n_members / 2;
+  std::nth_element(buffer.begin(), buffer.begin() + static_cast<std::ptrdiff_t>(mid), buffer.end());
+  double median = buffer[mid];
+  if (n_members % 2 == 0) {
+    const double below = *std::max_element(buffer.begin(), buffer.begin() + static_cast<std::ptrdiff_t>(mid));
+    median = 0.5 * (median + below);
+  }
+  const double cap = 10.0 * median;
+  for (std::size_t i = 0; i < n_members; ++i) out[rows[i]] = std::min(weight[rows[i]], cap);
+}
+
+/// Position (in @p rows) of the largest values[row]; the first maximum wins.
+std::size_t position_of_largest(const std::int64_t* rows, std::size_t n_members, const double* values) {
+  std::size_t best = 0;
+  for (std::size_t i = 1; i < n_members; ++i)
+    if (values[rows[i]] > values[rows[best]]) best = i;
+  return best;
 }
 
 }  // namespace
@@ -66,30 +128,9 @@ void weighted_group_sums(const GroupLayout& layout, const double* intensity, con
 void normdev_leave_one_out(const GroupLayout& layout, const double* intensity, const double* weight,
                            const double* scale, double* z) {
   for (std::size_t k = 0; k < layout.n_groups; ++k) {
-    const auto begin = layout.offsets[k], end = layout.offsets[k + 1];
-    if (end - begin <= 2) {
-      for (auto i = begin; i < end; ++i) z[layout.order[i]] = 0.0;
-      continue;
-    }
-    for (auto i = begin; i < end; ++i)
-      if (!(weight[layout.order[i]] > 0.0))
-        throw std::invalid_argument("weights must be positive (row " +
-                                    std::to_string(layout.order[i]) + ")");
-    const auto [a, b] = group_weighted_sums(layout, k, intensity, weight, scale);
-    for (auto i = begin; i < end; ++i) {
-      const auto r = layout.order[i];
-      const double wg = weight[r] * scale[r];
-      const double others_wgg = b - wg * scale[r];
-      // Subtracting the row from the totals is exact enough: others_wgg only vanishes when
-      // every other row has zero scale, which DIALS maps to z = 1000 as well.
-      if (!(others_wgg > 0.0)) {
-        z[r] = 1000.0;
-        continue;
-      }
-      const double others_mean = (a - wg * intensity[r]) / others_wgg;
-      const double g = scale[r];
-      z[r] = (intensity[r] - g * others_mean) / std::sqrt(1.0 / weight[r] + g * g / others_wgg);
-    }
+    const auto begin = layout.offsets[k];
+    leave_one_out_of_rows(layout.order + begin, static_cast<std::size_t>(layout.offsets[k + 1] - begin),
+                          intensity, weight, scale, z);
   }
 }
 
@@ -116,9 +157,8 @@ void pick_group_outliers(const GroupLayout& layout, const double* abs_z, double 
   for (std::size_t k = 0; k < layout.n_groups; ++k) {
     const auto begin = layout.offsets[k], end = layout.offsets[k + 1];
     if (end - begin <= 2) continue;
-    auto best = begin;
-    for (auto i = begin + 1; i < end; ++i)
-      if (abs_z[layout.order[i]] > abs_z[layout.order[best]]) best = i;  // first maximum wins
+    const auto best = begin + static_cast<std::int64_t>(position_of_largest(
+                                  layout.order + begin, static_cast<std::size_t>(end - begin), abs_z));
     if (!(abs_z[layout.order[best]] > zmax)) continue;
     outliers.push_back(layout.order[best]);
     for (auto i = begin; i < end; ++i)
@@ -129,23 +169,39 @@ void pick_group_outliers(const GroupLayout& layout, const double* abs_z, double 
 void limit_outlier_weights(const GroupLayout& layout, const double* weight, double* out) {
   std::vector<double> buffer;
   for (std::size_t k = 0; k < layout.n_groups; ++k) {
-    const auto begin = layout.offsets[k], end = layout.offsets[k + 1];
-    if (begin == end) continue;
-    buffer.clear();
-    for (auto i = begin; i < end; ++i) buffer.push_back(weight[layout.order[i]]);
-    const std::size_t n = buffer.size(), mid = n / 2;
-    std::nth_element(buffer.begin(), buffer.begin() + static_cast<std::ptrdiff_t>(mid), buffer.end());
-    double median = buffer[mid];
-    if (n % 2 == 0) {
-      const double below = *std::max_element(buffer.begin(), buffer.begin() + static_cast<std::ptrdiff_t>(mid));
-      median = 0.5 * (median + below);
-    }
-    const double cap = 10.0 * median;
-    for (auto i = begin; i < end; ++i) {
-      const auto r = layout.order[i];
-      out[r] = std::min(weight[r], cap);
+    const auto begin = layout.offsets[k];
+    cap_weights_of_rows(layout.order + begin, static_cast<std::size_t>(layout.offsets[k + 1] - begin),
+                        weight, out, buffer);
+  }
+}
+
+std::vector<std::int64_t> standard_outlier_rows(const GroupLayout& layout, const double* intensity,
+                                                const double* weight, const double* scale, double zmax) {
+  // Each group is worked on alone until it yields no outlier: a round of DIALS's loop only
+  // touches the groups that had an outlier in the round before, and every quantity (weight
+  // cap, leave-one-out means, the pick) is per group. Outliers are kept per round so that
+  // the result is in DIALS's detection order (round by round, groups in order).
+  std::vector<double> capped(layout.n_rows), abs_z(layout.n_rows);
+  std::vector<double> buffer;
+  std::vector<std::int64_t> members;
+  std::vector<std::vector<std::int64_t>> by_round;
+  for (std::size_t k = 0; k < layout.n_groups; ++k) {
+    members.assign(layout.order + layout.offsets[k], layout.order + layout.offsets[k + 1]);
+    for (std::size_t round = 0; members.size() > 2; ++round) {
+      const std::size_t m = members.size();
+      cap_weights_of_rows(members.data(), m, weight, capped.data(), buffer);
+      leave_one_out_of_rows(members.data(), m, intensity, capped.data(), scale, abs_z.data());
+      for (const auto r : members) abs_z[r] = std::abs(abs_z[r]);
+      const std::size_t best = position_of_largest(members.data(), m, abs_z.data());
+      if (!(abs_z[members[best]] > zmax)) break;
+      if (by_round.size() <= round) by_round.resize(round + 1);
+      by_round[round].push_back(members[best]);
+      members.erase(members.begin() + static_cast<std::ptrdiff_t>(best));
     }
   }
+  std::vector<std::int64_t> outliers;
+  for (const auto& found : by_round) outliers.insert(outliers.end(), found.begin(), found.end());
+  return outliers;
 }
 
 std::vector<std::int64_t> select_rows_in_groups(const GroupLayout& layout, const std::uint8_t* keep,
@@ -164,6 +220,125 @@ std::vector<std::int64_t> select_rows_in_groups(const GroupLayout& layout, const
     }
   }
   return offsets;
+}
+
+std::vector<std::int64_t> subset_grouping(const GroupLayout& layout, const std::uint8_t* keep,
+                                          std::vector<std::int64_t>& new_order) {
+  std::vector<std::int64_t> kept_groups;
+  auto offsets = select_rows_in_groups(layout, keep, new_order, kept_groups);
+  // row r of the layout is row rank[r] of the subset (kept rows keep their relative order)
+  std::vector<std::int64_t> rank(layout.n_rows);
+  std::int64_t n_kept = 0;
+  for (std::size_t r = 0; r < layout.n_rows; ++r) {
+    rank[r] = n_kept;
+    n_kept += keep[r] != 0 ? 1 : 0;
+  }
+  for (auto& r : new_order) r = rank[static_cast<std::size_t>(r)];
+  return offsets;
+}
+
+namespace {
+
+/// Rows of one group that pass a filter step, in group order (the buffer is reused).
+void rows_where(const std::int64_t* rows, std::size_t n_members, const std::uint8_t* keep,
+                std::vector<std::int64_t>& out) {
+  out.clear();
+  for (std::size_t i = 0; i < n_members; ++i)
+    if (keep[rows[i]]) out.push_back(rows[i]);
+}
+
+/// Ĩ of some rows with weights 1/σ²: Σ w g I / Σ w g² (0 where Σ w g² is 0).
+double inverse_variance_mean(const std::vector<std::int64_t>& rows, const double* intensity,
+                             const double* variance, const double* scale) {
+  double wgI = 0.0, wgg = 0.0;
+  for (const auto r : rows) {
+    const double wg = (1.0 / variance[r]) * scale[r];
+    wgI += wg * intensity[r];
+    wgg += wg * scale[r];
+  }
+  return wgg > 0.0 ? wgI / wgg : 0.0;
+}
+
+}  // namespace
+
+void error_model_filter(const GroupLayout& layout, const double* intensity, const double* variance,
+                        const double* scale, const std::uint8_t* considered, double min_Ih,
+                        std::uint8_t* keep) {
+  std::fill(keep, keep + layout.n_rows, std::uint8_t{0});
+  std::vector<double> ratio(layout.n_groups, 0.0);
+  std::vector<std::uint8_t> reached_ratio(layout.n_groups, 0);  // groups that got to step 4
+  std::vector<std::int64_t> rows, passed;
+  double max_Ih = -std::numeric_limits<double>::infinity();
+  bool any = false;
+  for (std::size_t k = 0; k < layout.n_groups; ++k) {
+    const auto begin = layout.offsets[k];
+    rows_where(layout.order + begin, static_cast<std::size_t>(layout.offsets[k + 1] - begin), considered, rows);
+    if (rows.empty()) continue;
+    // 1. the group's mean I/σ² above 0.85
+    double isigsq = 0.0;
+    for (const auto r : rows) isigsq += intensity[r] / variance[r];
+    if (!(isigsq / static_cast<double>(rows.size()) > 0.85)) continue;
+    // 2. rows with Ĩg > min_Ih and I > 0.001, in groups of more than one row
+    if (rows.size() < 2) continue;
+    const double Ih = inverse_variance_mean(rows, intensity, variance, scale);
+    passed.clear();
+    for (const auto r : rows)
+      if (Ih * scale[r] > min_Ih && intensity[r] > 0.001) passed.push_back(r);
+    // 3. groups still of more than one row
+    if (passed.size() < 2) continue;
+    // 4. the internal variance ratio (its cutoff depends on the largest Ĩ of all groups)
+    const double Ih_passed = inverse_variance_mean(passed, intensity, variance, scale);
+    const double n = static_cast<double>(passed.size());
+    double dev2 = 0.0, mean_var = 0.0;
+    for (const auto r : passed) {
+      const double d = intensity[r] / scale[r] - Ih_passed;
+      dev2 += d * d;
+      mean_var += variance[r] / (scale[r] * scale[r]);
+    }
+    dev2 /= n - 1.0;
+    mean_var /= n;
+    reached_ratio[k] = 1;
+    ratio[k] = mean_var > 0.0 ? dev2 / mean_var : std::numeric_limits<double>::infinity();
+    max_Ih = any ? std::max(max_Ih, Ih_passed) : Ih_passed;
+    any = true;
+    for (const auto r : passed) keep[r] = 1;  // provisional: step 4 below
+  }
+  if (!any) return;
+  const double cutoff = std::max(50.0, max_Ih / 40.0);
+  for (std::size_t k = 0; k < layout.n_groups; ++k) {
+    if (!reached_ratio[k] || ratio[k] < cutoff) continue;
+    for (auto i = layout.offsets[k]; i < layout.offsets[k + 1]; ++i) keep[layout.order[i]] = 0;
+  }
+}
+
+void rmeas_group_sums(const GroupLayout& layout, const double* intensity, const double* variance,
+                      const double* scale, std::int64_t* n_used, double* abs_deviation, double* total) {
+  std::vector<double> scaled;
+  for (std::size_t k = 0; k < layout.n_groups; ++k) {
+    scaled.clear();
+    double w_sum = 0.0, wI_sum = 0.0;
+    for (auto i = layout.offsets[k]; i < layout.offsets[k + 1]; ++i) {
+      const auto r = layout.order[i];
+      const double s = std::sqrt(std::max(variance[r], 0.0)) / scale[r];
+      const double I = intensity[r] / scale[r];
+      if (!(s > 0.0) || !(I / s > 1.0)) continue;
+      const double w = 1.0 / (s * s);
+      w_sum += w;
+      wI_sum += w * I;
+      scaled.push_back(I);
+    }
+    n_used[k] = static_cast<std::int64_t>(scaled.size());
+    double dev = 0.0, sum = 0.0;
+    if (!scaled.empty()) {
+      const double mean = wI_sum / w_sum;
+      for (const double I : scaled) {
+        dev += std::abs(I - mean);
+        sum += I;
+      }
+    }
+    abs_deviation[k] = dev;
+    total[k] = sum;
+  }
 }
 
 void error_model_bin_moments(std::size_t n_rows, const double* numerator, const double* variance,

@@ -143,6 +143,79 @@ py::tuple select_rows_in_groups_py(const Int64Array& order, const Int64Array& of
   return py::make_tuple(to_array(new_order), to_array(new_offsets), to_array(kept));
 }
 
+Int64Array standard_outlier_rows_py(const Int64Array& order, const Int64Array& offsets, const DoubleArray& intensity,
+                                    const DoubleArray& weight, const DoubleArray& scale, double zmax) {
+  const IntensityRows in = intensity_rows(order, offsets, intensity, weight, scale);
+  if (!std::isfinite(zmax) || zmax <= 0) throw std::invalid_argument("zmax must be positive and finite");
+  std::vector<std::int64_t> outliers;
+  {
+    py::gil_scoped_release release;
+    outliers = standard_outlier_rows(in.layout, in.I, in.w, in.g, zmax);
+  }
+  return to_array(outliers);
+}
+
+const std::uint8_t* row_mask(const BoolArray& mask, std::size_t n_rows, const char* name) {
+  if (mask.ndim() != 1 || static_cast<std::size_t>(mask.size()) != n_rows)
+    throw std::invalid_argument(std::string(name) + " must be a 1-dimensional bool array of " +
+                                std::to_string(n_rows) + " entries");
+  return reinterpret_cast<const std::uint8_t*>(mask.data());
+}
+
+py::tuple subset_grouping_py(const Int64Array& order, const Int64Array& offsets, const BoolArray& keep) {
+  const auto n = static_cast<std::size_t>(keep.size());
+  const auto* k = row_mask(keep, n, "keep");
+  const auto layout = layout_of(order, offsets, n);
+  std::vector<std::int64_t> new_order, new_offsets;
+  {
+    py::gil_scoped_release release;
+    new_offsets = subset_grouping(layout, k, new_order);
+  }
+  return py::make_tuple(to_array(new_order), to_array(new_offsets));
+}
+
+BoolArray error_model_filter_py(const Int64Array& order, const Int64Array& offsets, const DoubleArray& intensity,
+                                const DoubleArray& variance, const DoubleArray& scale, const BoolArray& considered,
+                                double min_Ih) {
+  const auto n = static_cast<std::size_t>(intensity.size());
+  const auto layout = layout_of(order, offsets, n);
+  const double* I = row_array(intensity, n, "intensity");
+  const double* V = row_array(variance, n, "variance");
+  const double* g = row_array(scale, n, "scale");
+  const auto* c = row_mask(considered, n, "considered");
+  for (std::size_t r = 0; r < n; ++r)
+    if (!(V[r] > 0.0))
+      throw std::invalid_argument("variance must be positive (row " + std::to_string(r) + ")");
+  if (!std::isfinite(min_Ih)) throw std::invalid_argument("min_Ih must be finite");
+  BoolArray keep({static_cast<py::ssize_t>(n)});
+  auto* out = reinterpret_cast<std::uint8_t*>(keep.mutable_data());
+  {
+    py::gil_scoped_release release;
+    error_model_filter(layout, I, V, g, c, min_Ih, out);
+  }
+  return keep;
+}
+
+py::tuple rmeas_group_sums_py(const Int64Array& order, const Int64Array& offsets, const DoubleArray& intensity,
+                              const DoubleArray& variance, const DoubleArray& scale) {
+  const auto n = static_cast<std::size_t>(intensity.size());
+  const auto layout = layout_of(order, offsets, n);
+  // non-finite I or σ² only make a row unusable (as in the numpy definition); g must be finite
+  const double* I = row_array(intensity, n, "intensity", false);
+  const double* V = row_array(variance, n, "variance", false);
+  const double* g = row_array(scale, n, "scale");
+  Int64Array n_used({static_cast<py::ssize_t>(layout.n_groups)});
+  auto dev = new_doubles(layout.n_groups), total = new_doubles(layout.n_groups);
+  std::int64_t* pn = n_used.mutable_data();
+  double* pd = dev.mutable_data();
+  double* pt = total.mutable_data();
+  {
+    py::gil_scoped_release release;
+    rmeas_group_sums(layout, I, V, g, pn, pd, pt);
+  }
+  return py::make_tuple(n_used, dev, total);
+}
+
 py::tuple error_model_bin_moments_py(const DoubleArray& numerator, const DoubleArray& variance,
                                      const DoubleArray& intensity_sq, const Int64Array& bin,
                                      std::size_t n_bins, double b_squared) {
@@ -172,6 +245,22 @@ void bind_job(py::module_& m) {
         py::arg("intensity_sq"), py::arg("bin"), py::arg("n_bins"), py::arg("b_squared"),
         "Per-bin sums of delta = numerator / sqrt(variance + b_squared * intensity_sq) and of delta**2\n"
         "(rows with bin < 0 are in no bin). Returns (sum_delta, sum_delta_sq).");
+  m.def("standard_outlier_rows", &standard_outlier_rows_py, py::arg("order"), py::arg("offsets"),
+        py::arg("intensity"), py::arg("weight"), py::arg("scale"), py::arg("zmax"),
+        "DIALS's standard (iterative leave-one-out) outlier rejection in one call: the outlier rows in\n"
+        "detection order (round by round, groups in order). Weights are capped at 10 x the group median\n"
+        "each round; weights in tested groups must be positive.");
+  m.def("subset_grouping", &subset_grouping_py, py::arg("order"), py::arg("offsets"), py::arg("keep"),
+        "The grouping of the rows with keep[row], renumbered to the subset (row i of the subset is the\n"
+        "i-th kept row): returns (order, offsets); empty groups are dropped, group order is kept.");
+  m.def("error_model_filter", &error_model_filter_py, py::arg("order"), py::arg("offsets"), py::arg("intensity"),
+        py::arg("variance"), py::arg("scale"), py::arg("considered"), py::arg("min_Ih"),
+        "DIALS's filter of the error model's data on the considered rows: a bool array of the rows kept\n"
+        "(group mean I/sigma^2 > 0.85, Ih*g > min_Ih, I > 0.001, multiplicity > 1, variance ratio cut).");
+  m.def("rmeas_group_sums", &rmeas_group_sums_py, py::arg("order"), py::arg("offsets"), py::arg("intensity"),
+        py::arg("variance"), py::arg("scale"),
+        "Per group, over the rows with sigma > 0 and I/sigma > 1 of the scaled data I/g, sigma/g: (count,\n"
+        "sum |I/g - weighted mean|, sum I/g): the pieces of Rmeas.");
   m.def("sum_in_groups", &sum_in_groups_py, py::arg("order"), py::arg("offsets"), py::arg("values"),
         "Per-group sums of a per-row array: out[k] = sum(values[order[offsets[k]:offsets[k+1]]]).");
   m.def("weighted_group_sums", &weighted_group_sums_py, py::arg("order"), py::arg("offsets"),

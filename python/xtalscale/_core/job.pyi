@@ -43,3 +43,30 @@ def error_model_bin_moments(
     n_bins: int,
     b_squared: float,
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
+def standard_outlier_rows(
+    order: npt.ArrayLike,
+    offsets: npt.ArrayLike,
+    intensity: npt.ArrayLike,
+    weight: npt.ArrayLike,
+    scale: npt.ArrayLike,
+    zmax: float,
+) -> npt.NDArray[np.int64]: ...
+def subset_grouping(
+    order: npt.ArrayLike, offsets: npt.ArrayLike, keep: npt.ArrayLike
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
+def error_model_filter(
+    order: npt.ArrayLike,
+    offsets: npt.ArrayLike,
+    intensity: npt.ArrayLike,
+    variance: npt.ArrayLike,
+    scale: npt.ArrayLike,
+    considered: npt.ArrayLike,
+    min_Ih: float,
+) -> npt.NDArray[np.bool_]: ...
+def rmeas_group_sums(
+    order: npt.ArrayLike,
+    offsets: npt.ArrayLike,
+    intensity: npt.ArrayLike,
+    variance: npt.ArrayLike,
+    scale: npt.ArrayLike,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...

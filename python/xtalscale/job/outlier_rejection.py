@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .._core import job as _kern
-from .grouped import GroupedObservations, regroup
+from .grouped import GroupedObservations
 
 __all__ = [
     "OUTLIER_METHODS",
@@ -72,24 +72,11 @@ def _check_zmax(zmax: float) -> float:
 def _standard(grouped: GroupedObservations, zmax: float) -> np.ndarray:
     """Positions (into ``grouped``) of the standard method's outliers, in detection order.
 
-    Each pass regroups only the arrays the kernels read (I, w, g and the grouping), not every
-    column of ``grouped``."""
-    found: list[np.ndarray] = []
-    order, offsets = grouped.order, grouped.offsets
-    inten, weight, scale = grouped.intensity, grouped.weight, grouped.scale
-    position = np.arange(grouped.size)          # position in ``grouped`` of the current rows
-    while position.size:
-        w = _kern.limit_outlier_weights(order, offsets, np.asarray(weight, dtype=np.float64))
-        z = _kern.normdev_leave_one_out(order, offsets, inten, w, scale)
-        outliers, potential = _kern.pick_group_outliers(order, offsets, np.abs(z), zmax)
-        if outliers.size == 0:
-            break
-        found.append(position[outliers])
-        keep = np.zeros(position.size, dtype=bool)
-        keep[potential] = True
-        order, offsets, idx = regroup(order, offsets, keep)
-        position, inten, weight, scale = position[idx], inten[idx], weight[idx], scale[idx]
-    return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+    One C++ call runs DIALS's rounds: each group is re-examined without its outlier until it
+    gives none (the weights re-capped every round), which is what regrouping the potential
+    outliers and testing again does."""
+    return _kern.standard_outlier_rows(grouped.order, grouped.offsets, grouped.intensity,
+                                       np.asarray(grouped.weight, dtype=np.float64), grouped.scale, zmax)
 
 
 def _simple(grouped: GroupedObservations, zmax: float) -> np.ndarray:
@@ -235,8 +222,12 @@ def determine_Esq_outlier_index_arrays(Ih_table: Any, experiment: Any, emax: flo
 
     cell = cell if isinstance(cell, UnitCell) else UnitCell(cell.parameters())
     sg = sg if isinstance(sg, SpaceGroup) else SpaceGroup(str(sg.info()) if hasattr(sg, "info") else str(sg))
-    d = np.asarray(cell.d(grouped.asu_hkl), dtype=np.float64)
-    eps = np.asarray(sg.epsilon(grouped.asu_hkl), dtype=np.float64)
+    # d and ε depend on the ASU index only: once per group, then per row
+    first_rows = grouped.order[grouped.offsets[:-1]]
+    unique_hkl = grouped.asu_hkl[first_rows]
+    group = grouped.group_of_row()
+    d = np.asarray(cell.d(unique_hkl), dtype=np.float64)[group]
+    eps = np.asarray(sg.epsilon(unique_hkl), dtype=np.float64)[group]
     esq = quasi_normalised_intensities(grouped.intensity / grouped.scale, d, eps)
     return grouped.rows_per_dataset(np.flatnonzero(esq > float(emax) ** 2))
 
