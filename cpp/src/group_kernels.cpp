@@ -175,28 +175,72 @@ void limit_outlier_weights(const GroupLayout& layout, const double* weight, doub
   }
 }
 
+namespace {
+
+/// One group's rows with their I, w and g copied next to each other. A group's rows are
+/// scattered over the per-row arrays; the repeated passes of the outlier rounds then run on
+/// these short contiguous copies (indexed by position, through @c positions = 0, 1, ...).
+struct GatheredGroup {
+  std::vector<std::int64_t> rows;
+  std::vector<double> intensity, weight, scale;
+  std::vector<std::int64_t> positions;
+
+  void gather(const std::int64_t* group_rows, std::size_t n_members, const double* I, const double* w,
+              const double* g) {
+    rows.assign(group_rows, group_rows + n_members);
+    intensity.resize(n_members);
+    weight.resize(n_members);
+    scale.resize(n_members);
+    for (std::size_t i = 0; i < n_members; ++i) {
+      const auto r = group_rows[i];
+      intensity[i] = I[r];
+      weight[i] = w[r];
+      scale[i] = g[r];
+    }
+    while (positions.size() < n_members) positions.push_back(static_cast<std::int64_t>(positions.size()));
+  }
+
+  void erase(std::size_t i) {
+    const auto at = static_cast<std::ptrdiff_t>(i);
+    rows.erase(rows.begin() + at);
+    intensity.erase(intensity.begin() + at);
+    weight.erase(weight.begin() + at);
+    scale.erase(scale.begin() + at);
+  }
+};
+
+}  // namespace
+
 std::vector<std::int64_t> standard_outlier_rows(const GroupLayout& layout, const double* intensity,
                                                 const double* weight, const double* scale, double zmax) {
   // Each group is worked on alone until it yields no outlier: a round of DIALS's loop only
   // touches the groups that had an outlier in the round before, and every quantity (weight
   // cap, leave-one-out means, the pick) is per group. Outliers are kept per round so that
   // the result is in DIALS's detection order (round by round, groups in order).
-  std::vector<double> capped(layout.n_rows), abs_z(layout.n_rows);
-  std::vector<double> buffer;
-  std::vector<std::int64_t> members;
+  GatheredGroup group;
+  std::vector<double> capped, abs_z, buffer;
   std::vector<std::vector<std::int64_t>> by_round;
   for (std::size_t k = 0; k < layout.n_groups; ++k) {
-    members.assign(layout.order + layout.offsets[k], layout.order + layout.offsets[k + 1]);
-    for (std::size_t round = 0; members.size() > 2; ++round) {
-      const std::size_t m = members.size();
-      cap_weights_of_rows(members.data(), m, weight, capped.data(), buffer);
-      leave_one_out_of_rows(members.data(), m, intensity, capped.data(), scale, abs_z.data());
-      for (const auto r : members) abs_z[r] = std::abs(abs_z[r]);
-      const std::size_t best = position_of_largest(members.data(), m, abs_z.data());
-      if (!(abs_z[members[best]] > zmax)) break;
+    const auto begin = layout.offsets[k];
+    const auto n_members = static_cast<std::size_t>(layout.offsets[k + 1] - begin);
+    if (n_members <= 2) continue;
+    group.gather(layout.order + begin, n_members, intensity, weight, scale);
+    for (std::size_t round = 0; group.rows.size() > 2; ++round) {
+      const std::size_t m = group.rows.size();
+      const std::int64_t* at = group.positions.data();
+      capped.resize(m);
+      abs_z.resize(m);
+      cap_weights_of_rows(at, m, group.weight.data(), capped.data(), buffer);
+      for (std::size_t i = 0; i < m; ++i)
+        if (!(capped[i] > 0.0))
+          throw std::invalid_argument("weights must be positive (row " + std::to_string(group.rows[i]) + ")");
+      leave_one_out_of_rows(at, m, group.intensity.data(), capped.data(), group.scale.data(), abs_z.data());
+      for (auto& z : abs_z) z = std::abs(z);
+      const std::size_t best = position_of_largest(at, m, abs_z.data());
+      if (!(abs_z[best] > zmax)) break;
       if (by_round.size() <= round) by_round.resize(round + 1);
-      by_round[round].push_back(members[best]);
-      members.erase(members.begin() + static_cast<std::ptrdiff_t>(best));
+      by_round[round].push_back(group.rows[best]);
+      group.erase(best);
     }
   }
   std::vector<std::int64_t> outliers;

@@ -10,7 +10,7 @@ group, as DIALS's Ih table orders them). The per-group work runs in C++
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -123,6 +123,10 @@ class GroupedObservations:
     space_group : SpaceGroup
     extra : dict of ndarray
         Optional per-row columns carried along (``d``, ``partiality``...).
+    derived : dict
+        Arrays that depend on the grouping only (the group of every row...), made on first use
+        (:meth:`derived_of_grouping`). Copies made with ``dataclasses.replace`` that keep
+        ``order`` and ``offsets`` share them (the scaler refreshes I, σ², g that way).
     """
 
     intensity: np.ndarray
@@ -137,6 +141,7 @@ class GroupedObservations:
     n_datasets: int
     space_group: Any
     extra: dict
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_tables(cls, tables: Sequence[Any], space_group: Any, anomalous: bool = False,
@@ -199,11 +204,32 @@ class GroupedObservations:
     def group_sizes(self) -> np.ndarray:
         return np.diff(self.offsets)
 
+    def derived_of_grouping(self, key: Any, compute: Any) -> Any:
+        """``compute()``, made once per grouping and kept in :attr:`derived` under ``key``.
+
+        The cache holds the ``order``/``offsets`` arrays it was made for and starts afresh when
+        they are not this object's, so a copy with another grouping never sees stale values.
+        Cached arrays are read-only."""
+        cache = self.derived
+        if cache.get("order") is not self.order or cache.get("offsets") is not self.offsets:
+            cache.clear()
+            cache["order"], cache["offsets"] = self.order, self.offsets
+        if key not in cache:
+            value = compute()
+            for a in value if isinstance(value, tuple) else (value,):
+                if isinstance(a, np.ndarray):
+                    a.setflags(write=False)
+            cache[key] = value
+        return cache[key]
+
     def group_of_row(self) -> np.ndarray:
-        """The group index of every row."""
-        out = np.empty(self.size, dtype=np.int64)
-        out[self.order] = np.repeat(np.arange(self.n_groups), self.group_sizes())
-        return out
+        """The group index of every row (read-only; made once per grouping)."""
+        def compute() -> np.ndarray:
+            out = np.empty(self.size, dtype=np.int64)
+            out[self.order] = np.repeat(np.arange(self.n_groups), self.group_sizes())
+            return out
+
+        return self.derived_of_grouping("group_of_row", compute)
 
     def sum_in_groups(self, values: np.ndarray) -> np.ndarray:
         """Per-group sums of a per-row array (C++)."""
@@ -231,7 +257,7 @@ class GroupedObservations:
         return replace(self, intensity=self.intensity[keep], variance=self.variance[keep],
                        weight=self.weight[keep], scale=self.scale[keep], asu_hkl=self.asu_hkl[keep],
                        dataset=self.dataset[keep], row=self.row[keep], order=order,
-                       offsets=offsets, extra={k: v[keep] for k, v in self.extra.items()})
+                       offsets=offsets, extra={k: v[keep] for k, v in self.extra.items()}, derived={})
 
     def rows_per_dataset(self, rows: np.ndarray) -> list[np.ndarray]:
         """Split positions ``rows`` of this object into each dataset's table rows (order kept)."""
