@@ -179,13 +179,18 @@ BoolArray error_model_filter_py(const Int64Array& order, const Int64Array& offse
                                 double min_Ih) {
   const auto n = static_cast<std::size_t>(intensity.size());
   const auto layout = layout_of(order, offsets, n);
-  const double* I = row_array(intensity, n, "intensity");
-  const double* V = row_array(variance, n, "variance");
-  const double* g = row_array(scale, n, "scale");
+  // only the considered rows are checked: the others are never read
+  const double* I = row_array(intensity, n, "intensity", false);
+  const double* V = row_array(variance, n, "variance", false);
+  const double* g = row_array(scale, n, "scale", false);
   const auto* c = row_mask(considered, n, "considered");
-  for (std::size_t r = 0; r < n; ++r)
-    if (!(V[r] > 0.0))
-      throw std::invalid_argument("variance must be positive (row " + std::to_string(r) + ")");
+  for (std::size_t r = 0; r < n; ++r) {
+    if (!c[r]) continue;
+    if (!std::isfinite(I[r]) || !std::isfinite(g[r]))
+      throw std::invalid_argument("intensity and scale must be finite (row " + std::to_string(r) + ")");
+    if (!(V[r] > 0.0) || !std::isfinite(V[r]))
+      throw std::invalid_argument("variance must be positive and finite (row " + std::to_string(r) + ")");
+  }
   if (!std::isfinite(min_Ih)) throw std::invalid_argument("min_Ih must be finite");
   BoolArray keep({static_cast<py::ssize_t>(n)});
   auto* out = reinterpret_cast<std::uint8_t*>(keep.mutable_data());
@@ -238,9 +243,42 @@ py::tuple error_model_bin_moments_py(const DoubleArray& numerator, const DoubleA
   return py::make_tuple(sum, sum_sq);
 }
 
+double error_model_search_b_py(const DoubleArray& numerator, const DoubleArray& variance,
+                               const DoubleArray& intensity_sq, const Int64Array& bin, const DoubleArray& counts,
+                               const DoubleArray& weights, double lo, double hi, double tol) {
+  const auto n = static_cast<std::size_t>(numerator.size());
+  const double* k = row_array(numerator, n, "numerator");
+  const double* v = row_array(variance, n, "variance");
+  const double* i2 = row_array(intensity_sq, n, "intensity_sq");
+  if (bin.ndim() != 1 || static_cast<std::size_t>(bin.size()) != n)
+    throw std::invalid_argument("bin must be 1-dimensional with " + std::to_string(n) + " entries");
+  const auto n_bins = static_cast<std::size_t>(counts.size());
+  const double* c = row_array(counts, n_bins, "counts");
+  const double* w = row_array(weights, n_bins, "weights");
+  for (std::size_t b = 0; b < n_bins; ++b)
+    if (!(c[b] > 0)) throw std::invalid_argument("counts must be positive");
+  if (!std::isfinite(lo) || !std::isfinite(hi) || !(lo <= hi))
+    throw std::invalid_argument("lo and hi must be finite with lo <= hi");
+  if (!std::isfinite(tol) || !(tol > 0)) throw std::invalid_argument("tol must be positive and finite");
+  const std::int64_t* b = bin.data();
+  double best = 0.0;
+  {
+    py::gil_scoped_release release;
+    best = error_model_search_b(n, k, v, i2, b, n_bins, c, w, lo, hi, tol);
+  }
+  return best;
+}
+
 }  // namespace
 
 void bind_job(py::module_& m) {
+  m.def("error_model_search_b", &error_model_search_b_py, py::arg("numerator"), py::arg("variance"),
+        py::arg("intensity_sq"), py::arg("bin"), py::arg("counts"), py::arg("weights"), py::arg("lo"),
+        py::arg("hi"), py::arg("tol"),
+        "The error model's b: a golden-section search on [lo, hi] (to width tol) of the binned-variance\n"
+        "objective sum_k weights[k] * ((0.5 - v_k)**2 + 1/v_k - 1.25), v_k the variance of\n"
+        "delta = numerator / sqrt(variance + b**2 * intensity_sq) in bin k (counts[k] rows), exactly\n"
+        "as the Python search with the numpy objective.");
   m.def("error_model_bin_moments", &error_model_bin_moments_py, py::arg("numerator"), py::arg("variance"),
         py::arg("intensity_sq"), py::arg("bin"), py::arg("n_bins"), py::arg("b_squared"),
         "Per-bin sums of delta = numerator / sqrt(variance + b_squared * intensity_sq) and of delta**2\n"

@@ -193,3 +193,27 @@ def test_error_model_stills_filtering():
     assert np.all(data.intensity >= 2.0 * np.sqrt(data.variance)) and np.all(data.n_h >= 4)
     with pytest.raises(ErrorModelRefinementError):
         ErrorModelData(_simulated_groups(1.0, 0.02, seed=4, n_groups=300, mult=3), stills=stills)
+
+
+def test_error_model_b_search_kernel_is_the_python_search():
+    """The one-call C++ search gives the bits of _golden_section on the numpy-form objective."""
+    from xtalscale._core import job as kernels
+    from xtalscale.job.error_model import (
+        ErrorModelBinner,
+        ErrorModelData,
+        _b_objective_at_fixed_a,
+        _fixed_a_arrays,
+        _golden_section,
+    )
+
+    for seed, (a, n_bins) in enumerate([(1.3, 10), (0.9, 20), (1.1, 7)]):
+        data = ErrorModelData(_simulated_groups(a, 0.03, seed=seed))
+        binner = ErrorModelBinner(data, n_bins=n_bins)
+        model = BasicErrorModel(a, 0.02)
+        expected = _golden_section(_b_objective_at_fixed_a(model, data, binner), 0.0, 0.5, tol=1e-6)
+        K, variance, I_sq, bins, counts, weights = _fixed_a_arrays(model, data, binner)
+        assert kernels.error_model_search_b(K, variance, I_sq, bins, counts, weights, 0.0, 0.5, 1e-6) == expected
+    with pytest.raises(ValueError, match="counts"):
+        kernels.error_model_search_b(K, variance, I_sq, bins, np.zeros(counts.size), weights, 0.0, 0.5, 1e-6)
+    with pytest.raises(ValueError, match="n_bins"):
+        kernels.error_model_search_b(K, variance, I_sq, bins, counts[:1], weights[:1], 0.0, 0.5, 1e-6)

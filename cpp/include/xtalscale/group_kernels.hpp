@@ -111,4 +111,17 @@ XTALSCALE_EXPORT void error_model_bin_moments(std::size_t n_rows, const double* 
                                               double b_squared, double* sum_delta,
                                               double* sum_delta_sq);
 
+/// The b of the error model minimising the binned-variance objective
+/// Σ_k w_k [(0.5 − v_k)² + 1/v_k − 1.25] (v_k the variance of δ in bin k, at least 1e-12) by a
+/// golden-section search on [@p lo, @p hi] to width @p tol: every step as
+/// xtalscale.job.error_model._golden_section does it with the objective as its numpy form
+/// computes it (per-bin sums from error_model_bin_moments, numpy's summation of the terms),
+/// so the result is the same to the bit. @p counts and @p weights have n_bins entries (the
+/// rows per bin and the normalised bin weights). Returns the midpoint of the last bracket.
+XTALSCALE_EXPORT double error_model_search_b(std::size_t n_rows, const double* numerator,
+                                             const double* variance, const double* intensity_sq,
+                                             const std::int64_t* bin, std::size_t n_bins,
+                                             const double* counts, const double* weights, double lo,
+                                             double hi, double tol);
+
 }  // namespace xtalscale

@@ -70,3 +70,14 @@ def rmeas_group_sums(
     variance: npt.ArrayLike,
     scale: npt.ArrayLike,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
+def error_model_search_b(
+    numerator: npt.ArrayLike,
+    variance: npt.ArrayLike,
+    intensity_sq: npt.ArrayLike,
+    bin: npt.ArrayLike,
+    counts: npt.ArrayLike,
+    weights: npt.ArrayLike,
+    lo: float,
+    hi: float,
+    tol: float,
+) -> float: ...
