@@ -217,3 +217,49 @@ def test_error_model_b_search_kernel_is_the_python_search():
         kernels.error_model_search_b(K, variance, I_sq, bins, np.zeros(counts.size), weights, 0.0, 0.5, 1e-6)
     with pytest.raises(ValueError, match="n_bins"):
         kernels.error_model_search_b(K, variance, I_sq, bins, counts[:1], weights[:1], 0.0, 0.5, 1e-6)
+
+
+def _reference_bins(E, n_bins, min_per_bin):
+    """The binner's definition: runs of a stable descending argsort of E."""
+    import math
+
+    n = E.size
+    order = np.argsort(-E, kind="stable")
+    E_sorted = E[order]
+    bounds = np.exp(np.linspace(math.log(max(E_sorted[0], 1.0 + 1e-12)), math.log(max(1.0, E_sorted[-1])),
+                                n_bins + 1))
+    bounds[0], bounds[-1] = E_sorted[0] + 0.01, E_sorted[-1] - 0.01
+    members, start = [], 0
+    for k in range(n_bins):
+        end = int(np.searchsorted(-E_sorted, -bounds[k + 1], side="left"))
+        if end - start < min_per_bin:
+            end = min(n, start + min_per_bin)
+        if k == n_bins - 1:
+            end = n
+        if end > start:
+            members.append(order[start:end])
+        start = end
+        if start >= n:
+            break
+    members = [m for m in members if m.size >= min_per_bin - 5]
+    index = np.full(n, -1)
+    for k, m in enumerate(members):
+        index[m] = k
+    return index, np.array([E[m].mean() for m in members])
+
+
+@pytest.mark.parametrize("n_distinct", [3, 40, 5000])
+def test_error_model_binner_matches_a_stable_sort_with_ties(n_distinct):
+    """Bins from sorted values alone equal the stable-argsort definition, ties across bin edges
+    included (few distinct E values force runs of equal values over the count-based edges)."""
+    from types import SimpleNamespace
+
+    from xtalscale.job.error_model import ErrorModelBinner
+
+    rng = np.random.default_rng(n_distinct)
+    E = rng.choice(10.0 ** rng.uniform(1.5, 5, n_distinct), size=3000)
+    binner = ErrorModelBinner(SimpleNamespace(expected=E), n_bins=10)
+    index, weights = _reference_bins(E, 10, binner.min_per_bin)
+    np.testing.assert_array_equal(binner.bin_index, index)
+    np.testing.assert_array_equal(binner.weights, weights)
+    assert [b.size for b in binner.bins] == list(np.bincount(index[index >= 0]))

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from .. import flex_arrays as fa
-from ..reflection_table import Flags
 from .._core import job as _kern
+from ..reflection_table import Flags
 from .grouped import GroupedObservations, asu_grouping
 from .prepare import flags_of
 
