@@ -471,90 +471,15 @@ void error_model_bin_moments(std::size_t n_rows, const double* numerator, const 
   bin_moments(n_rows, numerator, variance, intensity_sq, bin, n_bins, b_squared, sum_delta, sum_delta_sq);
 }
 
-namespace {
-
-/// The binned rows of the b search, each bin's rows together (in row order), so that the
-/// sums of different bins can advance side by side: a bin's sum is one chain of dependent
-/// additions (its order is fixed), and running the bins' chains in step keeps the adder busy.
-class BinnedRows {
- public:
-  BinnedRows(std::size_t n_rows, const double* numerator, const double* variance, const double* intensity_sq,
-             const std::int64_t* bin, std::size_t n_bins)
-      : offsets_(n_bins + 1, 0) {
-    for (std::size_t i = 0; i < n_rows; ++i)
-      if (bin[i] >= 0) ++offsets_[static_cast<std::size_t>(bin[i]) + 1];
-    for (std::size_t k = 0; k < n_bins; ++k) offsets_[k + 1] += offsets_[k];
-    const std::size_t n = offsets_[n_bins];
-    numerator_.resize(n);
-    variance_.resize(n);
-    intensity_sq_.resize(n);
-    std::vector<std::size_t> next(offsets_.begin(), offsets_.end() - 1);
-    for (std::size_t i = 0; i < n_rows; ++i) {
-      if (bin[i] < 0) continue;
-      const std::size_t at = next[static_cast<std::size_t>(bin[i])]++;
-      numerator_[at] = numerator[i];
-      variance_[at] = variance[i];
-      intensity_sq_[at] = intensity_sq[i];
-    }
-  }
-
-  /// Per-bin Σδ and Σδ² at b² (each bin's rows added in row order, as bin_moments does).
-  void moments(double b_squared, double* sum_delta, double* sum_delta_sq) {
-    const std::size_t n_bins = offsets_.size() - 1;
-    std::fill(sum_delta, sum_delta + n_bins, 0.0);
-    std::fill(sum_delta_sq, sum_delta_sq + n_bins, 0.0);
-    std::size_t longest = 0;
-    for (std::size_t k = 0; k < n_bins; ++k) longest = std::max(longest, offsets_[k + 1] - offsets_[k]);
-    buffer_.resize(n_bins * chunk);
-    for (std::size_t j0 = 0; j0 < longest; j0 += chunk) {
-      // δ of the next `chunk` rows of every bin (vectorised), then the sums of all bins in step
-      std::size_t common = chunk;
-      active_.clear();
-      for (std::size_t k = 0; k < n_bins; ++k) {
-        const std::size_t size = offsets_[k + 1] - offsets_[k];
-        if (size <= j0) continue;
-        const std::size_t m = std::min(chunk, size - j0), at = offsets_[k] + j0;
-        error_model_deltas(m, numerator_.data() + at, variance_.data() + at, intensity_sq_.data() + at, b_squared,
-                           buffer_.data() + k * chunk);
-        active_.push_back(k);
-        common = std::min(common, m);
-      }
-      for (std::size_t j = 0; j < common; ++j)
-        for (const std::size_t k : active_) {
-          const double d = buffer_[k * chunk + j];
-          sum_delta[k] += d;
-          sum_delta_sq[k] += d * d;
-        }
-      for (const std::size_t k : active_) {  // the bins' last, shorter chunks
-        const std::size_t m = std::min(chunk, offsets_[k + 1] - offsets_[k] - j0);
-        for (std::size_t j = common; j < m; ++j) {
-          const double d = buffer_[k * chunk + j];
-          sum_delta[k] += d;
-          sum_delta_sq[k] += d * d;
-        }
-      }
-    }
-  }
-
- private:
-  static constexpr std::size_t chunk = 256;
-  std::vector<std::size_t> offsets_;
-  std::vector<double> numerator_, variance_, intensity_sq_, buffer_;
-  std::vector<std::size_t> active_;
-};
-
-}  // namespace
-
 double error_model_search_b(std::size_t n_rows, const double* numerator, const double* variance,
                             const double* intensity_sq, const std::int64_t* bin, std::size_t n_bins,
                             const double* counts, const double* weights, double lo, double hi, double tol) {
   check_bins(n_rows, bin, n_bins);
-  BinnedRows rows(n_rows, numerator, variance, intensity_sq, bin, n_bins);
   std::vector<double> sum(n_bins), sum_sq(n_bins), terms(n_bins);
   // Σ_k w_k [(0.5 − v_k)² + 1/v_k − 1.25], v_k = max(mean(δ²) − mean(δ)², 1e-12), in the
   // operation order of the numpy definition
   const auto objective = [&](double b) {
-    rows.moments(b * b, sum.data(), sum_sq.data());
+    bin_moments(n_rows, numerator, variance, intensity_sq, bin, n_bins, b * b, sum.data(), sum_sq.data());
     for (std::size_t k = 0; k < n_bins; ++k) {
       const double mean = sum[k] / counts[k];
       const double spread = sum_sq[k] / counts[k] - mean * mean;
