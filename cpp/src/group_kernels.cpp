@@ -307,7 +307,7 @@ double inverse_variance_mean(const std::vector<std::int64_t>& rows, const double
 
 void error_model_filter(const GroupLayout& layout, const double* intensity, const double* variance,
                         const double* scale, const std::uint8_t* considered, double min_Ih,
-                        std::uint8_t* keep) {
+                        std::uint8_t* keep, double* group_mean, double* group_size) {
   std::fill(keep, keep + layout.n_rows, std::uint8_t{0});
   std::vector<double> ratio(layout.n_groups, 0.0);
   std::vector<std::uint8_t> reached_ratio(layout.n_groups, 0);  // groups that got to step 4
@@ -345,7 +345,11 @@ void error_model_filter(const GroupLayout& layout, const double* intensity, cons
     ratio[k] = mean_var > 0.0 ? dev2 / mean_var : std::numeric_limits<double>::infinity();
     max_Ih = any ? std::max(max_Ih, Ih_passed) : Ih_passed;
     any = true;
-    for (const auto r : passed) keep[r] = 1;  // provisional: step 4 below
+    for (const auto r : passed) {  // provisional: step 4 below
+      keep[r] = 1;
+      group_mean[r] = Ih_passed;
+      group_size[r] = n;
+    }
   }
   if (!any) return;
   const double cutoff = std::max(50.0, max_Ih / 40.0);
@@ -462,7 +466,25 @@ double numpy_sum(const double* a, std::size_t n) {
   return numpy_sum(a, n2) + numpy_sum(a + n2, n - n2);
 }
 
+/// delta[i] = deviation[i] / (a · sqrt(variance[i] + (b · intensity[i])²) / scale[i]).
+XTALSCALE_VECTOR_CLONES void error_model_scaled_deltas(std::size_t n, const double* __restrict deviation,
+                                                       const double* __restrict variance,
+                                                       const double* __restrict intensity,
+                                                       const double* __restrict scale, double a, double b,
+                                                       double* __restrict delta) {
+  for (std::size_t i = 0; i < n; ++i) {
+    const double bI = b * intensity[i];
+    delta[i] = deviation[i] / (a * std::sqrt(variance[i] + bI * bI) / scale[i]);
+  }
+}
+
 }  // namespace
+
+void error_model_normalised_deviations(std::size_t n_rows, const double* deviation, const double* variance,
+                                       const double* intensity, const double* scale, double a, double b,
+                                       double* delta) {
+  error_model_scaled_deltas(n_rows, deviation, variance, intensity, scale, a, b, delta);
+}
 
 void error_model_bin_moments(std::size_t n_rows, const double* numerator, const double* variance,
                              const double* intensity_sq, const std::int64_t* bin, std::size_t n_bins,

@@ -174,7 +174,7 @@ py::tuple subset_grouping_py(const Int64Array& order, const Int64Array& offsets,
   return py::make_tuple(to_array(new_order), to_array(new_offsets));
 }
 
-BoolArray error_model_filter_py(const Int64Array& order, const Int64Array& offsets, const DoubleArray& intensity,
+py::tuple error_model_filter_py(const Int64Array& order, const Int64Array& offsets, const DoubleArray& intensity,
                                 const DoubleArray& variance, const DoubleArray& scale, const BoolArray& considered,
                                 double min_Ih) {
   const auto n = static_cast<std::size_t>(intensity.size());
@@ -193,12 +193,35 @@ BoolArray error_model_filter_py(const Int64Array& order, const Int64Array& offse
   }
   if (!std::isfinite(min_Ih)) throw std::invalid_argument("min_Ih must be finite");
   BoolArray keep({static_cast<py::ssize_t>(n)});
+  auto mean = new_doubles(n), size = new_doubles(n);
   auto* out = reinterpret_cast<std::uint8_t*>(keep.mutable_data());
+  double* pm = mean.mutable_data();
+  double* ps = size.mutable_data();
   {
     py::gil_scoped_release release;
-    error_model_filter(layout, I, V, g, c, min_Ih, out);
+    std::fill(pm, pm + n, 0.0);
+    std::fill(ps, ps + n, 0.0);
+    error_model_filter(layout, I, V, g, c, min_Ih, out, pm, ps);
   }
-  return keep;
+  return py::make_tuple(keep, mean, size);
+}
+
+DoubleArray error_model_normalised_deviations_py(const DoubleArray& deviation, const DoubleArray& variance,
+                                                 const DoubleArray& intensity, const DoubleArray& scale, double a,
+                                                 double b) {
+  const auto n = static_cast<std::size_t>(deviation.size());
+  const double* dev = row_array(deviation, n, "deviation");
+  const double* v = row_array(variance, n, "variance");
+  const double* I = row_array(intensity, n, "intensity");
+  const double* g = row_array(scale, n, "scale");
+  if (!std::isfinite(a) || !std::isfinite(b)) throw std::invalid_argument("a and b must be finite");
+  auto delta = new_doubles(n);
+  double* out = delta.mutable_data();
+  {
+    py::gil_scoped_release release;
+    error_model_normalised_deviations(n, dev, v, I, g, a, b, out);
+  }
+  return delta;
 }
 
 py::tuple rmeas_group_sums_py(const Int64Array& order, const Int64Array& offsets, const DoubleArray& intensity,
@@ -293,8 +316,14 @@ void bind_job(py::module_& m) {
         "i-th kept row): returns (order, offsets); empty groups are dropped, group order is kept.");
   m.def("error_model_filter", &error_model_filter_py, py::arg("order"), py::arg("offsets"), py::arg("intensity"),
         py::arg("variance"), py::arg("scale"), py::arg("considered"), py::arg("min_Ih"),
-        "DIALS's filter of the error model's data on the considered rows: a bool array of the rows kept\n"
-        "(group mean I/sigma^2 > 0.85, Ih*g > min_Ih, I > 0.001, multiplicity > 1, variance ratio cut).");
+        "DIALS's filter of the error model's data on the considered rows (group mean I/sigma^2 > 0.85,\n"
+        "Ih*g > min_Ih, I > 0.001, multiplicity > 1, variance ratio cut). Returns (keep, Ih, n): the rows\n"
+        "kept and, for them, their group's Ih (weights 1/sigma^2) and row count after the filter (0\n"
+        "elsewhere).");
+  m.def("error_model_normalised_deviations", &error_model_normalised_deviations_py, py::arg("deviation"),
+        py::arg("variance"), py::arg("intensity"), py::arg("scale"), py::arg("a"), py::arg("b"),
+        "delta = deviation / (a * sqrt(variance + (b * intensity)**2) / scale), row by row (the\n"
+        "error model's normalised deviations with the sigma-free part given).");
   m.def("rmeas_group_sums", &rmeas_group_sums_py, py::arg("order"), py::arg("offsets"), py::arg("intensity"),
         py::arg("variance"), py::arg("scale"),
         "Per group, over the rows with sigma > 0 and I/sigma > 1 of the scaled data I/g, sigma/g: (count,\n"

@@ -90,11 +90,20 @@ XTALSCALE_EXPORT std::vector<std::int64_t> subset_grouping(const GroupLayout& la
 /// considered[row] != 0, group by group (Ĩ with weights 1/σ²): the group's mean I/σ² > 0.85;
 /// rows with Ĩ·g > @p min_Ih and I > 0.001 in groups of more than one row; groups still of more
 /// than one row; groups whose internal variance ratio Σ(I/g − Ĩ)²/(n−1) / mean(σ²/g²) is below
-/// max(50, largest Ĩ of those groups / 40). Writes keep[row] = 1 for the rows that pass.
+/// max(50, largest Ĩ of those groups / 40). Writes keep[row] = 1 for the rows that pass and,
+/// for those rows, their group's Ĩ and row count after the filter to @p group_mean and
+/// @p group_size (other entries are left as they were).
 XTALSCALE_EXPORT void error_model_filter(const GroupLayout& layout, const double* intensity,
                                          const double* variance, const double* scale,
                                          const std::uint8_t* considered, double min_Ih,
-                                         std::uint8_t* keep);
+                                         std::uint8_t* keep, double* group_mean, double* group_size);
+
+/// The error model's δ = deviation / σ' with σ' = a·sqrt(σ² + (b·I)²)/g, row by row (in the
+/// operation order of xtalscale.job.error_model.calc_sigmaprime / calc_deltahl).
+XTALSCALE_EXPORT void error_model_normalised_deviations(std::size_t n_rows, const double* deviation,
+                                                        const double* variance, const double* intensity,
+                                                        const double* scale, double a, double b,
+                                                        double* delta);
 
 /// Per-group sums of Rmeas on scaled intensities I/g with σ = sqrt(max(σ², 0))/g, over the
 /// rows with σ > 0 and I/σ > 1: their count, Σ|I/g − Ĩ| (Ĩ weighted by 1/σ²) and Σ I/g.

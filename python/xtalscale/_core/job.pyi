@@ -62,7 +62,15 @@ def error_model_filter(
     scale: npt.ArrayLike,
     considered: npt.ArrayLike,
     min_Ih: float,
-) -> npt.NDArray[np.bool_]: ...
+) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
+def error_model_normalised_deviations(
+    deviation: npt.ArrayLike,
+    variance: npt.ArrayLike,
+    intensity: npt.ArrayLike,
+    scale: npt.ArrayLike,
+    a: float,
+    b: float,
+) -> npt.NDArray[np.float64]: ...
 def rmeas_group_sums(
     order: npt.ArrayLike,
     offsets: npt.ArrayLike,

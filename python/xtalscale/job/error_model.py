@@ -99,36 +99,47 @@ class ErrorModelData:
     """The filtered rows the error model is fitted to (Ĩ fixed, per-row n_h).
 
     ``rows`` (a per-row bool array, default all) restricts ``grouped`` without a subset being
-    made first: the filter runs on the whole grouping, so only the rows it keeps are copied."""
+    made first: the filter runs on the whole grouping (one C++ pass that also gives each kept
+    row's Ĩ and n_h), and only the columns the fit reads are copied; :attr:`grouped`, the
+    filtered rows as a :class:`GroupedObservations`, is made when first asked for."""
 
     def __init__(self, grouped: GroupedObservations, min_Ih: float = 25.0,
                  min_partiality: float = 0.25, stills: Any = None, rows: np.ndarray | None = None) -> None:
-        g = grouped
-        considered = np.ones(g.size, dtype=bool) if rows is None else np.asarray(rows, dtype=bool)
-        if considered.shape != (g.size,):
-            raise ValueError(f"rows must be a bool array of length {g.size}")
-        if "partiality" in g.extra:
-            considered = considered & (g.extra["partiality"] > min_partiality)
+        considered = np.ones(grouped.size, dtype=bool) if rows is None else np.asarray(rows, dtype=bool)
+        if considered.shape != (grouped.size,):
+            raise ValueError(f"rows must be a bool array of length {grouped.size}")
+        if "partiality" in grouped.extra:
+            considered = considered & (grouped.extra["partiality"] > min_partiality)
+        self._grouped: GroupedObservations | None = None
         if stills is None:
-            g = self._filter(g, min_Ih, considered)
+            keep, Ih, n_h = self._filter_rows(grouped, min_Ih, considered)
+            self._source, self._keep = grouped, keep
+            self.intensity, self.variance, self.scale = grouped.intensity[keep], grouped.variance[keep], grouped.scale[keep]
+            self.Ih, self.n_h = Ih[keep], n_h[keep]
+            partiality = grouped.extra["partiality"][keep] if "partiality" in grouped.extra else None
         else:
-            g = self._filter_stills(g.subset(considered), min_Ih, float(stills.min_Isigma),
+            g = self._filter_stills(grouped.subset(considered), min_Ih, float(stills.min_Isigma),
                                     int(stills.min_multiplicity))
-        self.grouped = g
-        if g.size < BasicErrorModel.min_reflections_required:
+            self._grouped = g
+            group = g.group_of_row()
+            self.intensity, self.variance, self.scale = g.intensity, g.variance, g.scale
+            self.Ih = g.group_means(1.0 / g.variance)[group]
+            self.n_h = g.group_sizes()[group].astype(np.float64)
+            partiality = g.extra.get("partiality")
+        if self.intensity.size < BasicErrorModel.min_reflections_required:
             raise ErrorModelRefinementError(
-                f"only {g.size} reflections are suitable for the error model "
+                f"only {self.intensity.size} reflections are suitable for the error model "
                 f"(at least {BasicErrorModel.min_reflections_required} are needed)")
-        Ih = g.group_means(1.0 / g.variance)
-        group = g.group_of_row()
-        self.intensity = g.intensity
-        self.variance = g.variance
-        self.scale = g.scale
-        self.Ih = Ih[group]
-        self.n_h = g.group_sizes()[group].astype(np.float64)
-        self.expected = self.Ih * self.scale * (g.extra["partiality"] if "partiality" in g.extra else 1.0)
+        self.expected = self.Ih * self.scale * (partiality if partiality is not None else 1.0)
         self.central_quantiles: np.ndarray | None = None  # cached by the a refinement
         self._scaled_deviation: np.ndarray | None = None
+
+    @property
+    def grouped(self) -> GroupedObservations:
+        """The filtered rows as grouped observations."""
+        if self._grouped is None:
+            self._grouped = self._source.subset(self._keep)
+        return self._grouped
 
     @property
     def scaled_deviation(self) -> np.ndarray:
@@ -160,15 +171,21 @@ class ErrorModelData:
         return g.subset(g.group_sizes()[g.group_of_row()] >= min_multiplicity)
 
     @staticmethod
-    def _filter(g: GroupedObservations, min_Ih: float, rows: np.ndarray | None = None) -> GroupedObservations:
-        """DIALS's filter (module docstring) of the ``rows`` of ``g`` (default all): one C++ pass
-        over the groups (:func:`xtalscale._core.job.error_model_filter`), then one subset."""
+    def _filter_rows(g: GroupedObservations, min_Ih: float,
+                     rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """DIALS's filter (module docstring) of the ``rows`` of ``g`` (default all) in one C++
+        pass over the groups (:func:`xtalscale._core.job.error_model_filter`): the rows kept and,
+        for them, Ĩ (weights 1/σ²) and n_h of their group after the filter."""
         from .._core import job as kernels
 
         considered = np.ones(g.size, dtype=bool) if rows is None else rows
-        keep = kernels.error_model_filter(g.order, g.offsets, g.intensity, g.variance, g.scale,
+        return kernels.error_model_filter(g.order, g.offsets, g.intensity, g.variance, g.scale,
                                           considered, float(min_Ih))
-        return g.subset(keep)
+
+    @staticmethod
+    def _filter(g: GroupedObservations, min_Ih: float, rows: np.ndarray | None = None) -> GroupedObservations:
+        """The rows of ``g`` that :meth:`_filter_rows` keeps."""
+        return g.subset(ErrorModelData._filter_rows(g, min_Ih, rows)[0])
 
 
 class ErrorModelBinner:
@@ -258,8 +275,12 @@ def _refine_a(model: BasicErrorModel, data: ErrorModelData) -> None:
         ndtri,  # the normal quantile (scipy.stats costs seconds to import)
     )
 
-    # calc_deltahl with its σ-independent factor made once per fit
-    delta = np.sort(data.scaled_deviation / calc_sigmaprime(model.parameters, data))
+    from .._core import job as kernels
+
+    # calc_deltahl (σ' as calc_sigmaprime) in one C++ pass, its σ-independent factor made once
+    a, b = model.parameters
+    delta = np.sort(kernels.error_model_normalised_deviations(data.scaled_deviation, data.variance,
+                                                              data.intensity, data.scale, a, b))
     n = delta.size
     lo = int(math.ceil(_normal_cdf(-1.5) * n - 0.5))
     hi = int(math.ceil(_normal_cdf(1.5) * n - 0.5))
