@@ -12,6 +12,17 @@
 namespace xtalscale {
 namespace {
 
+// The per-row loops of the b search and of the leave-one-out deviations are dominated by
+// sqrt and division: with GCC on x86-64 Linux they are also built for AVX2 and AVX-512 and
+// the best the CPU has is picked at load time. Vector sqrt/div round exactly as the scalar
+// ones, and this file is built with -ffp-contract=off (no fused multiply-add), so every clone
+// gives the same bits.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define XTALSCALE_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define XTALSCALE_VECTOR_CLONES
+#endif
+
 /// Σ w·g·I and Σ w·g² over group @p k (one summation order for every kernel below).
 struct GroupWeightedSums {
   double wgI = 0.0;
@@ -39,32 +50,70 @@ GroupWeightedSums group_weighted_sums(const GroupLayout& layout, std::size_t k,
                                intensity, weight, scale);
 }
 
-/// The leave-one-out normalised deviation of each of one group's rows (see
-/// normdev_leave_one_out), written to z[row].
-void leave_one_out_of_rows(const std::int64_t* rows, std::size_t n_members, const double* intensity,
-                           const double* weight, const double* scale, double* z) {
-  if (n_members <= 2) {
-    for (std::size_t i = 0; i < n_members; ++i) z[rows[i]] = 0.0;
-    return;
+/// One group's rows with their I, w and g copied next to each other. A group's rows are
+/// scattered over the per-row arrays; the repeated passes of the outlier rounds then run on
+/// these short contiguous copies (indexed by position, through @c positions = 0, 1, ...).
+struct GatheredGroup {
+  std::vector<std::int64_t> rows;
+  std::vector<double> intensity, weight, scale;
+  std::vector<std::int64_t> positions;
+
+  void gather(const std::int64_t* group_rows, std::size_t n_members, const double* I, const double* w,
+              const double* g) {
+    rows.assign(group_rows, group_rows + n_members);
+    intensity.resize(n_members);
+    weight.resize(n_members);
+    scale.resize(n_members);
+    for (std::size_t i = 0; i < n_members; ++i) {
+      const auto r = group_rows[i];
+      intensity[i] = I[r];
+      weight[i] = w[r];
+      scale[i] = g[r];
+    }
+    while (positions.size() < n_members) positions.push_back(static_cast<std::int64_t>(positions.size()));
   }
-  for (std::size_t i = 0; i < n_members; ++i)
-    if (!(weight[rows[i]] > 0.0))
-      throw std::invalid_argument("weights must be positive (row " + std::to_string(rows[i]) + ")");
-  const auto [a, b] = weighted_sums_of_rows(rows, n_members, intensity, weight, scale);
-  for (std::size_t i = 0; i < n_members; ++i) {
-    const auto r = rows[i];
-    const double wg = weight[r] * scale[r];
-    const double others_wgg = b - wg * scale[r];
+
+  void erase(std::size_t i) {
+    const auto at = static_cast<std::ptrdiff_t>(i);
+    rows.erase(rows.begin() + at);
+    intensity.erase(intensity.begin() + at);
+    weight.erase(weight.begin() + at);
+    scale.erase(scale.begin() + at);
+  }
+};
+
+/// z of DIALS's leave-one-out deviation for contiguous rows, given the group's Σwgi = @p a
+/// and Σwgg = @p b (1000 where the other rows have no weight). Branch-free, so it vectorises.
+XTALSCALE_VECTOR_CLONES void leave_one_out_contiguous(std::size_t n, const double* __restrict intensity,
+                                                      const double* __restrict weight,
+                                                      const double* __restrict scale, double a, double b,
+                                                      double* __restrict z) {
+  for (std::size_t i = 0; i < n; ++i) {
+    const double g = scale[i];
+    const double wg = weight[i] * g;
+    const double others_wgg = b - wg * g;
     // Subtracting the row from the totals is exact enough: others_wgg only vanishes when
     // every other row has zero scale, which DIALS maps to z = 1000 as well.
-    if (!(others_wgg > 0.0)) {
-      z[r] = 1000.0;
-      continue;
-    }
-    const double others_mean = (a - wg * intensity[r]) / others_wgg;
-    const double g = scale[r];
-    z[r] = (intensity[r] - g * others_mean) / std::sqrt(1.0 / weight[r] + g * g / others_wgg);
+    const double others_mean = (a - wg * intensity[i]) / others_wgg;
+    const double value = (intensity[i] - g * others_mean) / std::sqrt(1.0 / weight[i] + g * g / others_wgg);
+    z[i] = others_wgg > 0.0 ? value : 1000.0;
   }
+}
+
+/// The leave-one-out normalised deviations of a gathered group with weights @p weight (per
+/// position) written to z[position]; 0 for groups of two rows or fewer.
+void leave_one_out_of_group(const GatheredGroup& group, const double* weight, double* z) {
+  const std::size_t m = group.rows.size();
+  if (m <= 2) {
+    std::fill(z, z + m, 0.0);
+    return;
+  }
+  for (std::size_t i = 0; i < m; ++i)
+    if (!(weight[i] > 0.0))
+      throw std::invalid_argument("weights must be positive (row " + std::to_string(group.rows[i]) + ")");
+  const auto [a, b] = weighted_sums_of_rows(group.positions.data(), m, group.intensity.data(), weight,
+                                            group.scale.data());
+  leave_one_out_contiguous(m, group.intensity.data(), weight, group.scale.data(), a, b, z);
 }
 
 /// One group's weights capped at 10 x the group's median weight, written to out[row].
@@ -127,10 +176,15 @@ void weighted_group_sums(const GroupLayout& layout, const double* intensity, con
 
 void normdev_leave_one_out(const GroupLayout& layout, const double* intensity, const double* weight,
                            const double* scale, double* z) {
+  GatheredGroup group;
+  std::vector<double> z_group;
   for (std::size_t k = 0; k < layout.n_groups; ++k) {
     const auto begin = layout.offsets[k];
-    leave_one_out_of_rows(layout.order + begin, static_cast<std::size_t>(layout.offsets[k + 1] - begin),
-                          intensity, weight, scale, z);
+    group.gather(layout.order + begin, static_cast<std::size_t>(layout.offsets[k + 1] - begin), intensity, weight,
+                 scale);
+    z_group.resize(group.rows.size());
+    leave_one_out_of_group(group, group.weight.data(), z_group.data());
+    for (std::size_t i = 0; i < group.rows.size(); ++i) z[group.rows[i]] = z_group[i];
   }
 }
 
@@ -175,42 +229,6 @@ void limit_outlier_weights(const GroupLayout& layout, const double* weight, doub
   }
 }
 
-namespace {
-
-/// One group's rows with their I, w and g copied next to each other. A group's rows are
-/// scattered over the per-row arrays; the repeated passes of the outlier rounds then run on
-/// these short contiguous copies (indexed by position, through @c positions = 0, 1, ...).
-struct GatheredGroup {
-  std::vector<std::int64_t> rows;
-  std::vector<double> intensity, weight, scale;
-  std::vector<std::int64_t> positions;
-
-  void gather(const std::int64_t* group_rows, std::size_t n_members, const double* I, const double* w,
-              const double* g) {
-    rows.assign(group_rows, group_rows + n_members);
-    intensity.resize(n_members);
-    weight.resize(n_members);
-    scale.resize(n_members);
-    for (std::size_t i = 0; i < n_members; ++i) {
-      const auto r = group_rows[i];
-      intensity[i] = I[r];
-      weight[i] = w[r];
-      scale[i] = g[r];
-    }
-    while (positions.size() < n_members) positions.push_back(static_cast<std::int64_t>(positions.size()));
-  }
-
-  void erase(std::size_t i) {
-    const auto at = static_cast<std::ptrdiff_t>(i);
-    rows.erase(rows.begin() + at);
-    intensity.erase(intensity.begin() + at);
-    weight.erase(weight.begin() + at);
-    scale.erase(scale.begin() + at);
-  }
-};
-
-}  // namespace
-
 std::vector<std::int64_t> standard_outlier_rows(const GroupLayout& layout, const double* intensity,
                                                 const double* weight, const double* scale, double zmax) {
   // Each group is worked on alone until it yields no outlier: a round of DIALS's loop only
@@ -231,10 +249,7 @@ std::vector<std::int64_t> standard_outlier_rows(const GroupLayout& layout, const
       capped.resize(m);
       abs_z.resize(m);
       cap_weights_of_rows(at, m, group.weight.data(), capped.data(), buffer);
-      for (std::size_t i = 0; i < m; ++i)
-        if (!(capped[i] > 0.0))
-          throw std::invalid_argument("weights must be positive (row " + std::to_string(group.rows[i]) + ")");
-      leave_one_out_of_rows(at, m, group.intensity.data(), capped.data(), group.scale.data(), abs_z.data());
+      leave_one_out_of_group(group, capped.data(), abs_z.data());
       for (auto& z : abs_z) z = std::abs(z);
       const std::size_t best = position_of_largest(at, m, abs_z.data());
       if (!(abs_z[best] > zmax)) break;
@@ -390,17 +405,6 @@ void rmeas_group_sums(const GroupLayout& layout, const double* intensity, const 
 }
 
 namespace {
-
-// The b search evaluates δ for every row some 30 times per refinement, and sqrt and division
-// dominate: with GCC on x86-64 Linux the loop below is also built for AVX2 and AVX-512 and the
-// best the CPU has is picked at load time. Vector sqrt/div round exactly as the scalar ones,
-// and this file is built with -ffp-contract=off (no fused multiply-add), so every clone gives
-// the same bits.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define XTALSCALE_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define XTALSCALE_VECTOR_CLONES
-#endif
 
 /// delta[i] = numerator[i] / sqrt(variance[i] + b² · intensity_sq[i]).
 XTALSCALE_VECTOR_CLONES void error_model_deltas(std::size_t n, const double* __restrict numerator,
