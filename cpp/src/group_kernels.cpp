@@ -120,6 +120,17 @@ void leave_one_out_of_group(const GatheredGroup& group, const double* weight, do
 void cap_weights_of_rows(const std::int64_t* rows, std::size_t n_members, const double* weight,
                          double* out, std::vector<double>& buffer) {
   if (n_members == 0) return;
+  // When the largest weight is at most 10 x the smallest, no weight reaches 10 x the median
+  // (median >= smallest): the weights stay as they are and the median is not needed.
+  double smallest = weight[rows[0]], largest = smallest;
+  for (std::size_t i = 1; i < n_members; ++i) {
+    smallest = std::min(smallest, weight[rows[i]]);
+    largest = std::max(largest, weight[rows[i]]);
+  }
+  if (smallest >= 0.0 && largest <= 10.0 * smallest) {
+    for (std::size_t i = 0; i < n_members; ++i) out[rows[i]] = weight[rows[i]];
+    return;
+  }
   buffer.clear();
   for (std::size_t i = 0; i < n_members; ++i) buffer.push_back(weight[rows[i]]);
   const std::size_t mid = n_members / 2;
