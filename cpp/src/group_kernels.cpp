@@ -385,6 +385,20 @@ void error_model_filter(const GroupLayout& layout, const double* intensity, cons
   }
 }
 
+void esq_bin_sums(std::size_t n_rows, const double* scaled_intensity, const double* epsilon,
+                  const std::int64_t* bin, std::size_t n_bins, double* sums) {
+  std::fill(sums, sums + n_bins, 0.0);
+  for (std::size_t r = 0; r < n_rows; ++r) sums[bin[r]] += std::max(scaled_intensity[r], 0.0) / epsilon[r];
+}
+
+void esq_values(std::size_t n_rows, const double* scaled_intensity, const double* epsilon, const std::int64_t* group,
+                const double* group_norm, double* esq) {
+  for (std::size_t r = 0; r < n_rows; ++r) {
+    const double norm = group_norm[group[r]];
+    esq[r] = norm > 0.0 ? scaled_intensity[r] / (epsilon[r] * norm) : 0.0;
+  }
+}
+
 void rmeas_group_sums(const GroupLayout& layout, const double* intensity, const double* variance,
                       const double* scale, std::int64_t* n_used, double* abs_deviation, double* total) {
   std::vector<double> scaled;

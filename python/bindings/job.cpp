@@ -224,6 +224,47 @@ DoubleArray error_model_normalised_deviations_py(const DoubleArray& deviation, c
   return delta;
 }
 
+const std::int64_t* index_array(const Int64Array& index, std::size_t n_rows, std::size_t bound, const char* name) {
+  if (index.ndim() != 1 || static_cast<std::size_t>(index.size()) != n_rows)
+    throw std::invalid_argument(std::string(name) + " must be 1-dimensional with " + std::to_string(n_rows) +
+                                " entries");
+  const std::int64_t* p = index.data();
+  for (std::size_t r = 0; r < n_rows; ++r) require_index(static_cast<std::ptrdiff_t>(p[r]), bound, name);
+  return p;
+}
+
+DoubleArray esq_bin_sums_py(const DoubleArray& scaled_intensity, const DoubleArray& epsilon, const Int64Array& bin,
+                            std::size_t n_bins) {
+  const auto n = static_cast<std::size_t>(scaled_intensity.size());
+  const double* x = row_array(scaled_intensity, n, "scaled_intensity", false);
+  const double* eps = row_array(epsilon, n, "epsilon");
+  const std::int64_t* b = index_array(bin, n, n_bins, "bin");
+  auto sums = new_doubles(n_bins);
+  double* out = sums.mutable_data();
+  {
+    py::gil_scoped_release release;
+    esq_bin_sums(n, x, eps, b, n_bins, out);
+  }
+  return sums;
+}
+
+DoubleArray esq_values_py(const DoubleArray& scaled_intensity, const DoubleArray& epsilon, const Int64Array& group,
+                          const DoubleArray& group_norm) {
+  const auto n = static_cast<std::size_t>(scaled_intensity.size());
+  const double* x = row_array(scaled_intensity, n, "scaled_intensity", false);
+  const double* eps = row_array(epsilon, n, "epsilon");
+  const auto n_groups = static_cast<std::size_t>(group_norm.size());
+  const double* norm = row_array(group_norm, n_groups, "group_norm", false);
+  const std::int64_t* g = index_array(group, n, n_groups, "group");
+  auto esq = new_doubles(n);
+  double* out = esq.mutable_data();
+  {
+    py::gil_scoped_release release;
+    esq_values(n, x, eps, g, norm, out);
+  }
+  return esq;
+}
+
 py::tuple rmeas_group_sums_py(const Int64Array& order, const Int64Array& offsets, const DoubleArray& intensity,
                               const DoubleArray& variance, const DoubleArray& scale) {
   const auto n = static_cast<std::size_t>(intensity.size());
@@ -324,6 +365,12 @@ void bind_job(py::module_& m) {
         py::arg("variance"), py::arg("intensity"), py::arg("scale"), py::arg("a"), py::arg("b"),
         "delta = deviation / (a * sqrt(variance + (b * intensity)**2) / scale), row by row (the\n"
         "error model's normalised deviations with the sigma-free part given).");
+  m.def("esq_bin_sums", &esq_bin_sums_py, py::arg("scaled_intensity"), py::arg("epsilon"), py::arg("bin"),
+        py::arg("n_bins"),
+        "Per bin, sum of max(I, 0) / epsilon over its rows in row order (numpy's bincount of those terms).");
+  m.def("esq_values", &esq_values_py, py::arg("scaled_intensity"), py::arg("epsilon"), py::arg("group"),
+        py::arg("group_norm"),
+        "E^2 = I / (epsilon * group_norm[group]) per row (0 where the norm is not positive).");
   m.def("rmeas_group_sums", &rmeas_group_sums_py, py::arg("order"), py::arg("offsets"), py::arg("intensity"),
         py::arg("variance"), py::arg("scale"),
         "Per group, over the rows with sigma > 0 and I/sigma > 1 of the scaled data I/g, sigma/g: (count,\n"

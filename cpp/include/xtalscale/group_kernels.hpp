@@ -105,6 +105,15 @@ XTALSCALE_EXPORT void error_model_normalised_deviations(std::size_t n_rows, cons
                                                         const double* scale, double a, double b,
                                                         double* delta);
 
+/// The normalisation sums of E²: sums[k] = Σ max(I, 0)/ε over the rows with bin[row] = k, in
+/// row order (numpy's bincount of those terms). Bins must be in [0, n_bins).
+XTALSCALE_EXPORT void esq_bin_sums(std::size_t n_rows, const double* scaled_intensity, const double* epsilon,
+                                   const std::int64_t* bin, std::size_t n_bins, double* sums);
+
+/// E² = I / (ε · N) with N = group_norm[group[row]] (0 where N is not positive).
+XTALSCALE_EXPORT void esq_values(std::size_t n_rows, const double* scaled_intensity, const double* epsilon,
+                                 const std::int64_t* group, const double* group_norm, double* esq);
+
 /// Per-group sums of Rmeas on scaled intensities I/g with σ = sqrt(max(σ², 0))/g, over the
 /// rows with σ > 0 and I/σ > 1: their count, Σ|I/g − Ĩ| (Ĩ weighted by 1/σ²) and Σ I/g.
 XTALSCALE_EXPORT void rmeas_group_sums(const GroupLayout& layout, const double* intensity,

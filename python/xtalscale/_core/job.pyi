@@ -89,3 +89,12 @@ def error_model_search_b(
     hi: float,
     tol: float,
 ) -> float: ...
+def esq_bin_sums(
+    scaled_intensity: npt.ArrayLike, epsilon: npt.ArrayLike, bin: npt.ArrayLike, n_bins: int
+) -> npt.NDArray[np.float64]: ...
+def esq_values(
+    scaled_intensity: npt.ArrayLike,
+    epsilon: npt.ArrayLike,
+    group: npt.ArrayLike,
+    group_norm: npt.ArrayLike,
+) -> npt.NDArray[np.float64]: ...

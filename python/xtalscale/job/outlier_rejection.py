@@ -226,14 +226,15 @@ def _resolution_bins(group: np.ndarray, d: np.ndarray, epsilon: np.ndarray) -> _
 
 
 def _quasi_normalised(intensity: np.ndarray, bins: _ResolutionBins) -> np.ndarray:
-    """E² of per-row intensities in :func:`_resolution_bins`'s bins."""
-    work = np.maximum(intensity, 0.0) / bins.epsilon
-    sums = np.bincount(bins.which, weights=work, minlength=bins.counts.size)
+    """E² of per-row intensities in :func:`_resolution_bins`'s bins (the two per-row passes in
+    C++, the interpolation per group here)."""
+    intensity = np.asarray(intensity, dtype=np.float64)
+    sums = _kern.esq_bin_sums(intensity, bins.epsilon, bins.which, bins.counts.size)
     filled = bins.counts > 0
     means = sums[filled] / bins.counts[filled]
     centres = np.sqrt(bins.lo + (np.flatnonzero(filled) + 0.5) * bins.step)
-    norm = np.interp(np.sqrt(bins.d_star_sq), centres, means)[bins.group]
-    return np.divide(intensity, bins.epsilon * norm, out=np.zeros(intensity.size), where=norm > 0)
+    norm = np.interp(np.sqrt(bins.d_star_sq), centres, means)
+    return _kern.esq_values(intensity, bins.epsilon, bins.group, norm)
 
 
 def determine_Esq_outlier_index_arrays(Ih_table: Any, experiment: Any, emax: float = 10.0
