@@ -324,11 +324,11 @@ def _fixed_a_arrays(model: BasicErrorModel, data: ErrorModelData, binner: ErrorM
     With a fixed, δ = K/sqrt(σ² + b²I²) with K = sqrt((n−1)/n)(I/g − Ĩ)·g/a; everything but
     the final division by a is made once per binner."""
     if binner._fixed_a_rows is None:
-        rows = binner._in_bin
-        n_h, scale = data.n_h[rows], data.scale[rows]
+        rows = slice(None) if binner._in_bin.all() else binner._in_bin  # usually every row is binned
+        n_h, scale, intensity = data.n_h[rows], data.scale[rows], data.intensity[rows]
         binner._fixed_a_rows = (
-            np.sqrt((n_h - 1.0) / n_h) * (data.intensity[rows] - data.Ih[rows] * scale),
-            np.ascontiguousarray(data.variance[rows]), data.intensity[rows] ** 2,
+            np.sqrt((n_h - 1.0) / n_h) * (intensity - data.Ih[rows] * scale),
+            np.ascontiguousarray(data.variance[rows]), intensity ** 2,
             np.ascontiguousarray(binner.bin_index[rows]))
     K_times_a, variance, I_sq, bin_of_row = binner._fixed_a_rows
     return K_times_a / model.a, variance, I_sq, bin_of_row, binner._counts, binner.weights / binner.weights.sum()
