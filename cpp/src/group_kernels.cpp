@@ -13,15 +13,11 @@ namespace xtalscale {
 namespace {
 
 // The per-row loops of the b search and of the leave-one-out deviations are dominated by
-// sqrt and division: with GCC on x86-64 Linux they are also built for AVX2 and AVX-512 and
-// the best the CPU has is picked at load time. Vector sqrt/div round exactly as the scalar
-// ones, and this file is built with -ffp-contract=off (no fused multiply-add), so every clone
-// gives the same bits.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define XTALSCALE_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define XTALSCALE_VECTOR_CLONES
-#endif
+// sqrt and division; they are written branch-free so that they vectorise (this file is built
+// with -fno-math-errno and -fno-trapping-math, so sqrt needs no error path and a lane's result
+// may be computed and then not chosen, and with -ffp-contract=off, so that no build fuses a
+// multiply-add and changes a bit). Wider vectors gain nothing here: the divider
+// handles the same number of values per cycle.
 
 /// Σ w·g·I and Σ w·g² over group @p k (one summation order for every kernel below).
 struct GroupWeightedSums {
@@ -84,7 +80,7 @@ struct GatheredGroup {
 
 /// z of DIALS's leave-one-out deviation for contiguous rows, given the group's Σwgi = @p a
 /// and Σwgg = @p b (1000 where the other rows have no weight). Branch-free, so it vectorises.
-XTALSCALE_VECTOR_CLONES void leave_one_out_contiguous(std::size_t n, const double* __restrict intensity,
+void leave_one_out_contiguous(std::size_t n, const double* __restrict intensity,
                                                       const double* __restrict weight,
                                                       const double* __restrict scale, double a, double b,
                                                       double* __restrict z) {
@@ -432,7 +428,7 @@ void rmeas_group_sums(const GroupLayout& layout, const double* intensity, const 
 namespace {
 
 /// delta[i] = numerator[i] / sqrt(variance[i] + b² · intensity_sq[i]).
-XTALSCALE_VECTOR_CLONES void error_model_deltas(std::size_t n, const double* __restrict numerator,
+void error_model_deltas(std::size_t n, const double* __restrict numerator,
                                                 const double* __restrict variance,
                                                 const double* __restrict intensity_sq, double b_squared,
                                                 double* __restrict delta) {
@@ -496,7 +492,7 @@ double numpy_sum(const double* a, std::size_t n) {
 }
 
 /// delta[i] = deviation[i] / (a · sqrt(variance[i] + (b · intensity[i])²) / scale[i]).
-XTALSCALE_VECTOR_CLONES void error_model_scaled_deltas(std::size_t n, const double* __restrict deviation,
+void error_model_scaled_deltas(std::size_t n, const double* __restrict deviation,
                                                        const double* __restrict variance,
                                                        const double* __restrict intensity,
                                                        const double* __restrict scale, double a, double b,
