@@ -263,3 +263,37 @@ def test_error_model_binner_matches_a_stable_sort_with_ties(n_distinct):
     np.testing.assert_array_equal(binner.bin_index, index)
     np.testing.assert_array_equal(binner.weights, weights)
     assert [b.size for b in binner.bins] == list(np.bincount(index[index >= 0]))
+
+
+def _reference_error_model_filter(g, min_Ih):
+    """The filter as successive subsets (its numpy definition, DIALS's order of steps)."""
+    group = g.group_of_row()
+    sizes = g.group_sizes().astype(np.float64)
+    mean_isigsq = g.sum_in_groups(g.intensity / g.variance) / np.maximum(sizes, 1)
+    g = g.subset(mean_isigsq[group] > 0.85)
+    Ih = g.group_means(1.0 / g.variance)[g.group_of_row()]
+    g = g.subset((Ih * g.scale > min_Ih) & (g.intensity > 0.001) & (g.group_sizes()[g.group_of_row()] > 1))
+    g = g.subset(g.group_sizes()[g.group_of_row()] > 1)
+    group = g.group_of_row()
+    Ih_group = g.group_means(1.0 / g.variance)
+    n = g.group_sizes().astype(np.float64)
+    dev2 = g.sum_in_groups((g.intensity / g.scale - Ih_group[group]) ** 2) / (n - 1.0)
+    mean_var = g.sum_in_groups(g.variance / g.scale ** 2) / n
+    ratio = np.divide(dev2, mean_var, out=np.full_like(dev2, np.inf), where=mean_var > 0)
+    return g.subset((ratio < max(50.0, float(Ih_group.max()) / 40.0))[group])
+
+
+def test_error_model_filter_kernel_is_the_subset_chain():
+    """One C++ pass keeps the rows of the step-by-step filter, with their Ĩ and n_h."""
+    from xtalscale.job.error_model import ErrorModelData
+
+    g = _simulated_groups(1.2, 0.05, seed=3, n_groups=600, mult=6)
+    rng = np.random.default_rng(3)
+    g.intensity[rng.integers(0, g.size, 400)] *= rng.uniform(-1, 30, 400)  # fail each step somewhere
+    g.scale[:] = rng.uniform(0.5, 2.0, g.size)
+    expected = _reference_error_model_filter(g, 25.0)
+    keep, Ih, n_h = ErrorModelData._filter_rows(g, 25.0)
+    assert 0 < expected.size < g.size
+    np.testing.assert_array_equal(g.row[keep], expected.row)
+    np.testing.assert_array_equal(Ih[keep], expected.group_means(1.0 / expected.variance)[expected.group_of_row()])
+    np.testing.assert_array_equal(n_h[keep], expected.group_sizes()[expected.group_of_row()])

@@ -117,7 +117,7 @@ def combine_intensities(tables: Sequence[Any], space_group: Any, selections: Seq
     arr = _combination_inputs(tables, selections)
     if arr["Isum"].size == 0:
         return 0.0, {}
-    _, grouping = asu_grouping(arr["hkl"], space_group, anomalous=False)
+    grouping = asu_grouping(arr["hkl"], space_group, anomalous=False)
     return _best_Imid(grouping.order, grouping.offsets, arr, Imids)
 
 
@@ -131,7 +131,7 @@ def _combine_scaler_datasets(scaler: Any, datasets: Sequence[Any], selections: S
         return 0.0, {}
     hkl = np.concatenate([np.asarray(ds.table["miller_index"]).reshape(-1, 3)[ds.suitable]
                           for ds in scaler.datasets])
-    _, grouping = asu_grouping(hkl, scaler.space_group, anomalous=False)
+    grouping = asu_grouping(hkl, scaler.space_group, anomalous=False)
     chosen = {id(ds): sel for ds, sel in zip(datasets, selections)}
     keep = np.concatenate([chosen[id(ds)][ds.suitable] if id(ds) in chosen else np.zeros(int(ds.suitable.sum()), bool)
                            for ds in scaler.datasets])

@@ -459,7 +459,7 @@ def _suitable_rows_grouped(scaler: Any) -> GroupedObservations:
     each model's rows are then a mask over it: no grouping per refinement."""
     datasets = scaler.datasets
     hkl = np.concatenate([np.asarray(ds.table["miller_index"]).reshape(-1, 3)[ds.suitable] for ds in datasets])
-    asu, grouping = asu_grouping(hkl, scaler.space_group, anomalous=True)
+    grouping = asu_grouping(hkl, scaler.space_group, anomalous=True)
     n_rows = [int(ds.suitable.sum()) for ds in datasets]
     I = np.concatenate([ds.column("intensity") for ds in datasets])
     V = np.concatenate([ds.column("variance") for ds in datasets])
@@ -468,7 +468,7 @@ def _suitable_rows_grouped(scaler: Any) -> GroupedObservations:
     with np.errstate(divide="ignore", invalid="ignore"):
         weight = 1.0 / V
     return GroupedObservations(
-        I, V, weight, np.concatenate([ds.column("inverse_scale_factor") for ds in datasets]), asu,
+        I, V, weight, np.concatenate([ds.column("inverse_scale_factor") for ds in datasets]), grouping.asu_hkl,
         np.repeat(np.arange(len(datasets), dtype=np.int64), n_rows),
         np.concatenate([np.arange(n, dtype=np.int64) for n in n_rows]), grouping.order, grouping.offsets,
         len(datasets), scaler.space_group, {"partiality": partiality})

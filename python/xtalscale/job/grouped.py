@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .._core import job as _kern
 
-__all__ = ["GroupedObservations", "suitable_rows"]
+__all__ = ["AsuGrouping", "GroupedObservations", "asu_grouping", "regroup", "suitable_rows"]
 
 
 def suitable_rows(table: Any) -> np.ndarray:
@@ -60,11 +60,21 @@ def regroup(order: np.ndarray, offsets: np.ndarray, keep: np.ndarray) -> tuple[n
     return new_order, new_offsets, np.flatnonzero(keep)
 
 
+class AsuGrouping(NamedTuple):
+    """ASU indices and their grouping (``order``/``offsets`` of
+    :func:`~xtalscale.symmetry.group_reflections`)."""
+
+    asu_hkl: np.ndarray
+    order: np.ndarray
+    offsets: np.ndarray
+
+
 # The ASU mapping and grouping of the last few sets of Miller indices, keyed by their content:
 # the job groups the same rows again and again (the scaler's suitable rows, with and without
 # Bijvoet mates apart), and a mapping plus a sort of 10^6 rows costs far more than comparing
-# the indices. Entries are (space group, hkl copy, AsuMapping, {anomalous: Grouping}).
-_ASU_CACHE: list[tuple[Any, np.ndarray, Any, dict]] = []
+# the indices. Entries: (space group, hkl copy, ASU indices, Bijvoet-minus flags,
+# {anomalous: AsuGrouping}); only what from_tables needs is kept (some 60 MB per 10^6 rows).
+_ASU_CACHE: list[tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict]] = []
 _ASU_CACHE_SIZE = 2
 
 
@@ -73,34 +83,34 @@ def _read_only(*arrays: np.ndarray) -> None:
         a.setflags(write=False)
 
 
-def asu_grouping(hkl: np.ndarray, space_group: Any, anomalous: bool) -> tuple[np.ndarray, Any]:
-    """ASU indices of ``hkl`` (Bijvoet minus mates negated if ``anomalous``) and their
-    :class:`~xtalscale.symmetry.Grouping`, as :func:`~xtalscale.symmetry.map_to_asu` and
-    :func:`~xtalscale.symmetry.group_reflections` give them, reused from a cache when the same
-    indices were grouped before. The returned arrays are shared and read-only."""
+def asu_grouping(hkl: np.ndarray, space_group: Any, anomalous: bool) -> AsuGrouping:
+    """ASU indices of ``hkl`` (Bijvoet minus mates negated if ``anomalous``) and their grouping,
+    as :func:`~xtalscale.symmetry.map_to_asu` and :func:`~xtalscale.symmetry.group_reflections`
+    give them, reused from a cache when the same indices were grouped before. The returned
+    arrays are shared and read-only."""
     from ..symmetry import SpaceGroup, group_reflections, map_to_asu
 
     sg = space_group if isinstance(space_group, SpaceGroup) else SpaceGroup(space_group)
     hkl = np.asarray(hkl, dtype=np.int32).reshape(-1, 3)
     if hkl.size == 0:
-        return hkl, group_reflections(hkl)
+        grouping = group_reflections(hkl)
+        return AsuGrouping(hkl, grouping.order, grouping.offsets)
     entry = next((e for e in _ASU_CACHE if e[0] == sg and e[1].shape == hkl.shape and np.array_equal(e[1], hkl)),
                  None)
     if entry is None:
         mapping = map_to_asu(hkl, sg, anomalous=False)
-        entry = (sg, hkl.copy(), mapping, {})
-        _read_only(entry[1], mapping.asu_hkl, mapping.friedel_minus)
+        entry = (sg, hkl.copy(), mapping.asu_hkl, mapping.friedel_minus, {})
+        _read_only(*entry[1:4])
         _ASU_CACHE.insert(0, entry)
         del _ASU_CACHE[_ASU_CACHE_SIZE:]
-    mapping, groupings = entry[2], entry[3]
+    _, _, asu, minus, groupings = entry
     if anomalous not in groupings:
-        asu = mapping.asu_hkl
         if anomalous:  # as map_to_asu(anomalous=True): the acentric minus mates negated
             asu = asu.copy()
-            asu[mapping.friedel_minus] *= -1
+            asu[minus] *= -1
         grouping = group_reflections(asu)
-        _read_only(asu, grouping.order, grouping.offsets)
-        groupings[anomalous] = (asu, grouping)
+        groupings[anomalous] = AsuGrouping(asu, grouping.order, grouping.offsets)
+        _read_only(*groupings[anomalous])
     return groupings[anomalous]
 
 
@@ -187,8 +197,8 @@ class GroupedObservations:
             raise ValueError(f"column 'variance' must be positive for the selected rows "
                              f"(row {bad} has {V[bad]})")
         hkl = np.concatenate(parts["hkl"]) if parts["hkl"] else np.zeros((0, 3), np.int32)
-        asu, grouping = asu_grouping(hkl, space_group, anomalous)
-        return cls(I, V, 1.0 / V, g, asu, np.concatenate(parts["ds"]), np.concatenate(parts["row"]),
+        grouping = asu_grouping(hkl, space_group, anomalous)
+        return cls(I, V, 1.0 / V, g, grouping.asu_hkl, np.concatenate(parts["ds"]), np.concatenate(parts["row"]),
                    grouping.order, grouping.offsets, len(tables), space_group,
                    {k: np.concatenate(v) for k, v in extras.items()})
 
