@@ -3,7 +3,9 @@
 Prints: the wall time of the whole refinement (filtering, binning, the a/b cycles), the time
 per observation of one evaluation of the b objective with the C++ per-bin pass
 (``_b_objective_at_fixed_a``) and with the plain numpy definition (``_b_objective``: σ', δ and
-the per-bin moments as numpy array passes) in the same run, and their ratio. Asserts nothing.
+the per-bin moments as numpy array passes) in the same run, and their ratio; then one whole
+b search as the Python golden section over the C++ per-bin pass and as the one C++ call
+``_refine_b`` makes (``error_model_search_b``), which must give the same b. Asserts nothing.
 
 Run: ``PYTHONPATH=python python bench/bench_error_model.py [n_obs]``
 """
@@ -14,12 +16,15 @@ import time
 
 import numpy as np
 
+from xtalscale._core import job as kernels
 from xtalscale.job.error_model import (
     BasicErrorModel,
     ErrorModelBinner,
     ErrorModelData,
     _b_objective,
     _b_objective_at_fixed_a,
+    _fixed_a_arrays,
+    _golden_section,
     run_error_model_refinement,
 )
 from xtalscale.job.grouped import GroupedObservations
@@ -69,6 +74,13 @@ def main() -> None:
     n = data.intensity.size
     print(f"b objective, one evaluation on {n} filtered rows: C++ pass {t_fast / n * 1e9:.1f} ns/obs, "
           f"numpy {t_numpy / n * 1e9:.1f} ns/obs, ratio {t_numpy / t_fast:.1f}x")
+    arrays = _fixed_a_arrays(model, data, binner)
+    b_python = _golden_section(fast, 0.0, 0.5, tol=1e-6)
+    b_cpp = kernels.error_model_search_b(*arrays, 0.0, 0.5, 1e-6)
+    t_python = median_time(lambda: _golden_section(fast, 0.0, 0.5, tol=1e-6), repeats=5)
+    t_cpp = median_time(lambda: kernels.error_model_search_b(*arrays, 0.0, 0.5, 1e-6), repeats=5)
+    print(f"b search (golden section to 1e-6): Python loop {t_python * 1e3:.1f} ms, one C++ call "
+          f"{t_cpp * 1e3:.1f} ms, same b: {b_python == b_cpp}")
 
 
 if __name__ == "__main__":

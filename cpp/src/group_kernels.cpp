@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <stdexcept>
 #include <string>
 
@@ -11,23 +12,140 @@
 namespace xtalscale {
 namespace {
 
+// The per-row loops of the b search and of the leave-one-out deviations are dominated by
+// sqrt and division; they are written branch-free so that they vectorise (this file is built
+// with -fno-math-errno and -fno-trapping-math, so sqrt needs no error path and a lane's result
+// may be computed and then not chosen, and with -ffp-contract=off, so that no build fuses a
+// multiply-add and changes a bit). Wider vectors gain nothing here: the divider
+// handles the same number of values per cycle.
+
 /// Σ w·g·I and Σ w·g² over group @p k (one summation order for every kernel below).
 struct GroupWeightedSums {
   double wgI = 0.0;
   double wgg = 0.0;
 };
 
-GroupWeightedSums group_weighted_sums(const GroupLayout& layout, std::size_t k,
-                                      const double* intensity, const double* weight,
-                                      const double* scale) {
+GroupWeightedSums weighted_sums_of_rows(const std::int64_t* rows, std::size_t n_members,
+                                        const double* intensity, const double* weight,
+                                        const double* scale) {
   GroupWeightedSums sums;
-  for (auto i = layout.offsets[k]; i < layout.offsets[k + 1]; ++i) {
-    const auto r = layout.order[i];
+  for (std::size_t i = 0; i < n_members; ++i) {
+    const auto r = rows[i];
     const double wg = weight[r] * scale[r];
     sums.wgI += wg * intensity[r];
     sums.wgg += wg * scale[r];
   }
   return sums;
+}
+
+GroupWeightedSums group_weighted_sums(const GroupLayout& layout, std::size_t k,
+                                      const double* intensity, const double* weight,
+                                      const double* scale) {
+  const auto begin = layout.offsets[k];
+  return weighted_sums_of_rows(layout.order + begin, static_cast<std::size_t>(layout.offsets[k + 1] - begin),
+                               intensity, weight, scale);
+}
+
+/// One group's rows with their I, w and g copied next to each other. A group's rows are
+/// scattered over the per-row arrays; the repeated passes of the outlier rounds then run on
+/// these short contiguous copies (indexed by position, through @c positions = 0, 1, ...).
+struct GatheredGroup {
+  std::vector<std::int64_t> rows;
+  std::vector<double> intensity, weight, scale;
+  std::vector<std::int64_t> positions;
+
+  void gather(const std::int64_t* group_rows, std::size_t n_members, const double* I, const double* w,
+              const double* g) {
+    rows.assign(group_rows, group_rows + n_members);
+    intensity.resize(n_members);
+    weight.resize(n_members);
+    scale.resize(n_members);
+    for (std::size_t i = 0; i < n_members; ++i) {
+      const auto r = group_rows[i];
+      intensity[i] = I[r];
+      weight[i] = w[r];
+      scale[i] = g[r];
+    }
+    while (positions.size() < n_members) positions.push_back(static_cast<std::int64_t>(positions.size()));
+  }
+
+  void erase(std::size_t i) {
+    const auto at = static_cast<std::ptrdiff_t>(i);
+    rows.erase(rows.begin() + at);
+    intensity.erase(intensity.begin() + at);
+    weight.erase(weight.begin() + at);
+    scale.erase(scale.begin() + at);
+  }
+};
+
+/// z of DIALS's leave-one-out deviation for contiguous rows, given the group's Σwgi = @p a
+/// and Σwgg = @p b (1000 where the other rows have no weight). Branch-free, so it vectorises.
+void leave_one_out_contiguous(std::size_t n, const double* __restrict intensity,
+                                                      const double* __restrict weight,
+                                                      const double* __restrict scale, double a, double b,
+                                                      double* __restrict z) {
+  for (std::size_t i = 0; i < n; ++i) {
+    const double g = scale[i];
+    const double wg = weight[i] * g;
+    const double others_wgg = b - wg * g;
+    // Subtracting the row from the totals is exact enough: others_wgg only vanishes when
+    // every other row has zero scale, which DIALS maps to z = 1000 as well.
+    const double others_mean = (a - wg * intensity[i]) / others_wgg;
+    const double value = (intensity[i] - g * others_mean) / std::sqrt(1.0 / weight[i] + g * g / others_wgg);
+    z[i] = others_wgg > 0.0 ? value : 1000.0;
+  }
+}
+
+/// The leave-one-out normalised deviations of a gathered group with weights @p weight (per
+/// position) written to z[position]; 0 for groups of two rows or fewer.
+void leave_one_out_of_group(const GatheredGroup& group, const double* weight, double* z) {
+  const std::size_t m = group.rows.size();
+  if (m <= 2) {
+    std::fill(z, z + m, 0.0);
+    return;
+  }
+  for (std::size_t i = 0; i < m; ++i)
+    if (!(weight[i] > 0.0))
+      throw std::invalid_argument("weights must be positive (row " + std::to_string(group.rows[i]) + ")");
+  const auto [a, b] = weighted_sums_of_rows(group.positions.data(), m, group.intensity.data(), weight,
+                                            group.scale.data());
+  leave_one_out_contiguous(m, group.intensity.data(), weight, group.scale.data(), a, b, z);
+}
+
+/// One group's weights capped at 10 x the group's median weight, written to out[row].
+void cap_weights_of_rows(const std::int64_t* rows, std::size_t n_members, const double* weight,
+                         double* out, std::vector<double>& buffer) {
+  if (n_members == 0) return;
+  // When the largest weight is at most 10 x the smallest, no weight reaches 10 x the median
+  // (median >= smallest): the weights stay as they are and the median is not needed.
+  double smallest = weight[rows[0]], largest = smallest;
+  for (std::size_t i = 1; i < n_members; ++i) {
+    smallest = std::min(smallest, weight[rows[i]]);
+    largest = std::max(largest, weight[rows[i]]);
+  }
+  if (smallest >= 0.0 && largest <= 10.0 * smallest) {
+    for (std::size_t i = 0; i < n_members; ++i) out[rows[i]] = weight[rows[i]];
+    return;
+  }
+  buffer.clear();
+  for (std::size_t i = 0; i < n_members; ++i) buffer.push_back(weight[rows[i]]);
+  const std::size_t mid = n_members / 2;
+  std::nth_element(buffer.begin(), buffer.begin() + static_cast<std::ptrdiff_t>(mid), buffer.end());
+  double median = buffer[mid];
+  if (n_members % 2 == 0) {
+    const double below = *std::max_element(buffer.begin(), buffer.begin() + static_cast<std::ptrdiff_t>(mid));
+    median = 0.5 * (median + below);
+  }
+  const double cap = 10.0 * median;
+  for (std::size_t i = 0; i < n_members; ++i) out[rows[i]] = std::min(weight[rows[i]], cap);
+}
+
+/// Position (in @p rows) of the largest values[row]; the first maximum wins.
+std::size_t position_of_largest(const std::int64_t* rows, std::size_t n_members, const double* values) {
+  std::size_t best = 0;
+  for (std::size_t i = 1; i < n_members; ++i)
+    if (values[rows[i]] > values[rows[best]]) best = i;
+  return best;
 }
 
 }  // namespace
@@ -65,31 +183,15 @@ void weighted_group_sums(const GroupLayout& layout, const double* intensity, con
 
 void normdev_leave_one_out(const GroupLayout& layout, const double* intensity, const double* weight,
                            const double* scale, double* z) {
+  GatheredGroup group;
+  std::vector<double> z_group;
   for (std::size_t k = 0; k < layout.n_groups; ++k) {
-    const auto begin = layout.offsets[k], end = layout.offsets[k + 1];
-    if (end - begin <= 2) {
-      for (auto i = begin; i < end; ++i) z[layout.order[i]] = 0.0;
-      continue;
-    }
-    for (auto i = begin; i < end; ++i)
-      if (!(weight[layout.order[i]] > 0.0))
-        throw std::invalid_argument("weights must be positive (row " +
-                                    std::to_string(layout.order[i]) + ")");
-    const auto [a, b] = group_weighted_sums(layout, k, intensity, weight, scale);
-    for (auto i = begin; i < end; ++i) {
-      const auto r = layout.order[i];
-      const double wg = weight[r] * scale[r];
-      const double others_wgg = b - wg * scale[r];
-      // Subtracting the row from the totals is exact enough: others_wgg only vanishes when
-      // every other row has zero scale, which DIALS maps to z = 1000 as well.
-      if (!(others_wgg > 0.0)) {
-        z[r] = 1000.0;
-        continue;
-      }
-      const double others_mean = (a - wg * intensity[r]) / others_wgg;
-      const double g = scale[r];
-      z[r] = (intensity[r] - g * others_mean) / std::sqrt(1.0 / weight[r] + g * g / others_wgg);
-    }
+    const auto begin = layout.offsets[k];
+    group.gather(layout.order + begin, static_cast<std::size_t>(layout.offsets[k + 1] - begin), intensity, weight,
+                 scale);
+    z_group.resize(group.rows.size());
+    leave_one_out_of_group(group, group.weight.data(), z_group.data());
+    for (std::size_t i = 0; i < group.rows.size(); ++i) z[group.rows[i]] = z_group[i];
   }
 }
 
@@ -116,9 +218,8 @@ void pick_group_outliers(const GroupLayout& layout, const double* abs_z, double 
   for (std::size_t k = 0; k < layout.n_groups; ++k) {
     const auto begin = layout.offsets[k], end = layout.offsets[k + 1];
     if (end - begin <= 2) continue;
-    auto best = begin;
-    for (auto i = begin + 1; i < end; ++i)
-      if (abs_z[layout.order[i]] > abs_z[layout.order[best]]) best = i;  // first maximum wins
+    const auto best = begin + static_cast<std::int64_t>(position_of_largest(
+                                  layout.order + begin, static_cast<std::size_t>(end - begin), abs_z));
     if (!(abs_z[layout.order[best]] > zmax)) continue;
     outliers.push_back(layout.order[best]);
     for (auto i = begin; i < end; ++i)
@@ -129,23 +230,44 @@ void pick_group_outliers(const GroupLayout& layout, const double* abs_z, double 
 void limit_outlier_weights(const GroupLayout& layout, const double* weight, double* out) {
   std::vector<double> buffer;
   for (std::size_t k = 0; k < layout.n_groups; ++k) {
-    const auto begin = layout.offsets[k], end = layout.offsets[k + 1];
-    if (begin == end) continue;
-    buffer.clear();
-    for (auto i = begin; i < end; ++i) buffer.push_back(weight[layout.order[i]]);
-    const std::size_t n = buffer.size(), mid = n / 2;
-    std::nth_element(buffer.begin(), buffer.begin() + static_cast<std::ptrdiff_t>(mid), buffer.end());
-    double median = buffer[mid];
-    if (n % 2 == 0) {
-      const double below = *std::max_element(buffer.begin(), buffer.begin() + static_cast<std::ptrdiff_t>(mid));
-      median = 0.5 * (median + below);
-    }
-    const double cap = 10.0 * median;
-    for (auto i = begin; i < end; ++i) {
-      const auto r = layout.order[i];
-      out[r] = std::min(weight[r], cap);
+    const auto begin = layout.offsets[k];
+    cap_weights_of_rows(layout.order + begin, static_cast<std::size_t>(layout.offsets[k + 1] - begin),
+                        weight, out, buffer);
+  }
+}
+
+std::vector<std::int64_t> standard_outlier_rows(const GroupLayout& layout, const double* intensity,
+                                                const double* weight, const double* scale, double zmax) {
+  // Each group is worked on alone until it yields no outlier: a round of DIALS's loop only
+  // touches the groups that had an outlier in the round before, and every quantity (weight
+  // cap, leave-one-out means, the pick) is per group. Outliers are kept per round so that
+  // the result is in DIALS's detection order (round by round, groups in order).
+  GatheredGroup group;
+  std::vector<double> capped, abs_z, buffer;
+  std::vector<std::vector<std::int64_t>> by_round;
+  for (std::size_t k = 0; k < layout.n_groups; ++k) {
+    const auto begin = layout.offsets[k];
+    const auto n_members = static_cast<std::size_t>(layout.offsets[k + 1] - begin);
+    if (n_members <= 2) continue;
+    group.gather(layout.order + begin, n_members, intensity, weight, scale);
+    for (std::size_t round = 0; group.rows.size() > 2; ++round) {
+      const std::size_t m = group.rows.size();
+      const std::int64_t* at = group.positions.data();
+      capped.resize(m);
+      abs_z.resize(m);
+      cap_weights_of_rows(at, m, group.weight.data(), capped.data(), buffer);
+      leave_one_out_of_group(group, capped.data(), abs_z.data());
+      for (auto& z : abs_z) z = std::abs(z);
+      const std::size_t best = position_of_largest(at, m, abs_z.data());
+      if (!(abs_z[best] > zmax)) break;
+      if (by_round.size() <= round) by_round.resize(round + 1);
+      by_round[round].push_back(group.rows[best]);
+      group.erase(best);
     }
   }
+  std::vector<std::int64_t> outliers;
+  for (const auto& found : by_round) outliers.insert(outliers.end(), found.begin(), found.end());
+  return outliers;
 }
 
 std::vector<std::int64_t> select_rows_in_groups(const GroupLayout& layout, const std::uint8_t* keep,
@@ -166,21 +288,274 @@ std::vector<std::int64_t> select_rows_in_groups(const GroupLayout& layout, const
   return offsets;
 }
 
+std::vector<std::int64_t> subset_grouping(const GroupLayout& layout, const std::uint8_t* keep,
+                                          std::vector<std::int64_t>& new_order) {
+  std::vector<std::int64_t> kept_groups;
+  auto offsets = select_rows_in_groups(layout, keep, new_order, kept_groups);
+  // row r of the layout is row rank[r] of the subset (kept rows keep their relative order)
+  std::vector<std::int64_t> rank(layout.n_rows);
+  std::int64_t n_kept = 0;
+  for (std::size_t r = 0; r < layout.n_rows; ++r) {
+    rank[r] = n_kept;
+    n_kept += keep[r] != 0 ? 1 : 0;
+  }
+  for (auto& r : new_order) r = rank[static_cast<std::size_t>(r)];
+  return offsets;
+}
+
+namespace {
+
+/// Rows of one group that pass a filter step, in group order (the buffer is reused).
+void rows_where(const std::int64_t* rows, std::size_t n_members, const std::uint8_t* keep,
+                std::vector<std::int64_t>& out) {
+  out.clear();
+  for (std::size_t i = 0; i < n_members; ++i)
+    if (keep[rows[i]]) out.push_back(rows[i]);
+}
+
+/// Ĩ of some rows with weights 1/σ²: Σ w g I / Σ w g² (0 where Σ w g² is 0).
+double inverse_variance_mean(const std::vector<std::int64_t>& rows, const double* intensity,
+                             const double* variance, const double* scale) {
+  double wgI = 0.0, wgg = 0.0;
+  for (const auto r : rows) {
+    const double wg = (1.0 / variance[r]) * scale[r];
+    wgI += wg * intensity[r];
+    wgg += wg * scale[r];
+  }
+  return wgg > 0.0 ? wgI / wgg : 0.0;
+}
+
+}  // namespace
+
+void error_model_filter(const GroupLayout& layout, const double* intensity, const double* variance,
+                        const double* scale, const std::uint8_t* considered, double min_Ih,
+                        std::uint8_t* keep, double* group_mean, double* group_size) {
+  std::fill(keep, keep + layout.n_rows, std::uint8_t{0});
+  std::vector<double> ratio(layout.n_groups, 0.0);
+  std::vector<std::uint8_t> reached_ratio(layout.n_groups, 0);  // groups that got to step 4
+  std::vector<std::int64_t> rows, passed;
+  double max_Ih = -std::numeric_limits<double>::infinity();
+  bool any = false;
+  for (std::size_t k = 0; k < layout.n_groups; ++k) {
+    const auto begin = layout.offsets[k];
+    rows_where(layout.order + begin, static_cast<std::size_t>(layout.offsets[k + 1] - begin), considered, rows);
+    if (rows.empty()) continue;
+    // 1. the group's mean I/σ² above 0.85
+    double isigsq = 0.0;
+    for (const auto r : rows) isigsq += intensity[r] / variance[r];
+    if (!(isigsq / static_cast<double>(rows.size()) > 0.85)) continue;
+    // 2. rows with Ĩg > min_Ih and I > 0.001, in groups of more than one row
+    if (rows.size() < 2) continue;
+    const double Ih = inverse_variance_mean(rows, intensity, variance, scale);
+    passed.clear();
+    for (const auto r : rows)
+      if (Ih * scale[r] > min_Ih && intensity[r] > 0.001) passed.push_back(r);
+    // 3. groups still of more than one row
+    if (passed.size() < 2) continue;
+    // 4. the internal variance ratio (its cutoff depends on the largest Ĩ of all groups)
+    const double Ih_passed = inverse_variance_mean(passed, intensity, variance, scale);
+    const double n = static_cast<double>(passed.size());
+    double dev2 = 0.0, mean_var = 0.0;
+    for (const auto r : passed) {
+      const double d = intensity[r] / scale[r] - Ih_passed;
+      dev2 += d * d;
+      mean_var += variance[r] / (scale[r] * scale[r]);
+    }
+    dev2 /= n - 1.0;
+    mean_var /= n;
+    reached_ratio[k] = 1;
+    ratio[k] = mean_var > 0.0 ? dev2 / mean_var : std::numeric_limits<double>::infinity();
+    max_Ih = any ? std::max(max_Ih, Ih_passed) : Ih_passed;
+    any = true;
+    for (const auto r : passed) {  // provisional: step 4 below
+      keep[r] = 1;
+      group_mean[r] = Ih_passed;
+      group_size[r] = n;
+    }
+  }
+  if (!any) return;
+  const double cutoff = std::max(50.0, max_Ih / 40.0);
+  for (std::size_t k = 0; k < layout.n_groups; ++k) {
+    if (!reached_ratio[k] || ratio[k] < cutoff) continue;
+    for (auto i = layout.offsets[k]; i < layout.offsets[k + 1]; ++i) keep[layout.order[i]] = 0;
+  }
+}
+
+void esq_bin_sums(std::size_t n_rows, const double* scaled_intensity, const double* epsilon,
+                  const std::int64_t* bin, std::size_t n_bins, double* sums) {
+  std::fill(sums, sums + n_bins, 0.0);
+  for (std::size_t r = 0; r < n_rows; ++r) sums[bin[r]] += std::max(scaled_intensity[r], 0.0) / epsilon[r];
+}
+
+void esq_values(std::size_t n_rows, const double* scaled_intensity, const double* epsilon, const std::int64_t* group,
+                const double* group_norm, double* esq) {
+  for (std::size_t r = 0; r < n_rows; ++r) {
+    const double norm = group_norm[group[r]];
+    esq[r] = norm > 0.0 ? scaled_intensity[r] / (epsilon[r] * norm) : 0.0;
+  }
+}
+
+void rmeas_group_sums(const GroupLayout& layout, const double* intensity, const double* variance,
+                      const double* scale, std::int64_t* n_used, double* abs_deviation, double* total) {
+  std::vector<double> scaled;
+  for (std::size_t k = 0; k < layout.n_groups; ++k) {
+    scaled.clear();
+    double w_sum = 0.0, wI_sum = 0.0;
+    for (auto i = layout.offsets[k]; i < layout.offsets[k + 1]; ++i) {
+      const auto r = layout.order[i];
+      const double s = std::sqrt(std::max(variance[r], 0.0)) / scale[r];
+      const double I = intensity[r] / scale[r];
+      if (!(s > 0.0) || !(I / s > 1.0)) continue;
+      const double w = 1.0 / (s * s);
+      w_sum += w;
+      wI_sum += w * I;
+      scaled.push_back(I);
+    }
+    n_used[k] = static_cast<std::int64_t>(scaled.size());
+    double dev = 0.0, sum = 0.0;
+    if (!scaled.empty()) {
+      const double mean = wI_sum / w_sum;
+      for (const double I : scaled) {
+        dev += std::abs(I - mean);
+        sum += I;
+      }
+    }
+    abs_deviation[k] = dev;
+    total[k] = sum;
+  }
+}
+
+namespace {
+
+/// delta[i] = numerator[i] / sqrt(variance[i] + b² · intensity_sq[i]).
+void error_model_deltas(std::size_t n, const double* __restrict numerator,
+                                                const double* __restrict variance,
+                                                const double* __restrict intensity_sq, double b_squared,
+                                                double* __restrict delta) {
+  for (std::size_t i = 0; i < n; ++i) delta[i] = numerator[i] / std::sqrt(variance[i] + b_squared * intensity_sq[i]);
+}
+
+}  // namespace
+
+namespace {
+
+/// The per-bin sums of δ and δ² (bins already checked); δ of a chunk is computed vectorised,
+/// then added in row order.
+void bin_moments(std::size_t n_rows, const double* numerator, const double* variance, const double* intensity_sq,
+                 const std::int64_t* bin, std::size_t n_bins, double b_squared, double* sum_delta,
+                 double* sum_delta_sq) {
+  std::fill(sum_delta, sum_delta + n_bins, 0.0);
+  std::fill(sum_delta_sq, sum_delta_sq + n_bins, 0.0);
+  constexpr std::size_t chunk = 2048;
+  double delta[chunk];
+  for (std::size_t start = 0; start < n_rows; start += chunk) {
+    const std::size_t m = std::min(chunk, n_rows - start);
+    error_model_deltas(m, numerator + start, variance + start, intensity_sq + start, b_squared, delta);
+    const std::int64_t* bins = bin + start;
+    for (std::size_t j = 0; j < m; ++j) {
+      if (bins[j] < 0) continue;
+      sum_delta[bins[j]] += delta[j];
+      sum_delta_sq[bins[j]] += delta[j] * delta[j];
+    }
+  }
+}
+
+void check_bins(std::size_t n_rows, const std::int64_t* bin, std::size_t n_bins) {
+  for (std::size_t i = 0; i < n_rows; ++i)
+    if (bin[i] >= 0 && static_cast<std::size_t>(bin[i]) >= n_bins)
+      throw std::invalid_argument("bin index " + std::to_string(bin[i]) + " at row " + std::to_string(i) +
+                                  " is not below n_bins (" + std::to_string(n_bins) + ")");
+}
+
+/// numpy's float64 sum of a contiguous array (numpy/_core/src/umath/loops_utils.h.src,
+/// pairwise_sum: 8 running sums below 128 values, halves above), so that the objective below
+/// has exactly the value of its numpy form.
+double numpy_sum(const double* a, std::size_t n) {
+  if (n < 8) {
+    double res = 0.0;
+    for (std::size_t i = 0; i < n; ++i) res += a[i];
+    return res;
+  }
+  if (n <= 128) {
+    double r[8];
+    for (std::size_t j = 0; j < 8; ++j) r[j] = a[j];
+    std::size_t i = 8;
+    for (; i < n - (n % 8); i += 8)
+      for (std::size_t j = 0; j < 8; ++j) r[j] += a[i + j];
+    double res = ((r[0] + r[1]) + (r[2] + r[3])) + ((r[4] + r[5]) + (r[6] + r[7]));
+    for (; i < n; ++i) res += a[i];
+    return res;
+  }
+  std::size_t n2 = n / 2;
+  n2 -= n2 % 8;
+  return numpy_sum(a, n2) + numpy_sum(a + n2, n - n2);
+}
+
+/// delta[i] = deviation[i] / (a · sqrt(variance[i] + (b · intensity[i])²) / scale[i]).
+void error_model_scaled_deltas(std::size_t n, const double* __restrict deviation,
+                                                       const double* __restrict variance,
+                                                       const double* __restrict intensity,
+                                                       const double* __restrict scale, double a, double b,
+                                                       double* __restrict delta) {
+  for (std::size_t i = 0; i < n; ++i) {
+    const double bI = b * intensity[i];
+    delta[i] = deviation[i] / (a * std::sqrt(variance[i] + bI * bI) / scale[i]);
+  }
+}
+
+}  // namespace
+
+void error_model_normalised_deviations(std::size_t n_rows, const double* deviation, const double* variance,
+                                       const double* intensity, const double* scale, double a, double b,
+                                       double* delta) {
+  error_model_scaled_deltas(n_rows, deviation, variance, intensity, scale, a, b, delta);
+}
+
 void error_model_bin_moments(std::size_t n_rows, const double* numerator, const double* variance,
                              const double* intensity_sq, const std::int64_t* bin, std::size_t n_bins,
                              double b_squared, double* sum_delta, double* sum_delta_sq) {
-  std::fill(sum_delta, sum_delta + n_bins, 0.0);
-  std::fill(sum_delta_sq, sum_delta_sq + n_bins, 0.0);
-  for (std::size_t i = 0; i < n_rows; ++i) {
-    const auto k = bin[i];
-    if (k < 0) continue;
-    if (static_cast<std::size_t>(k) >= n_bins)
-      throw std::invalid_argument("bin index " + std::to_string(k) + " at row " + std::to_string(i) +
-                                  " is not below n_bins (" + std::to_string(n_bins) + ")");
-    const double delta = numerator[i] / std::sqrt(variance[i] + b_squared * intensity_sq[i]);
-    sum_delta[k] += delta;
-    sum_delta_sq[k] += delta * delta;
+  check_bins(n_rows, bin, n_bins);
+  bin_moments(n_rows, numerator, variance, intensity_sq, bin, n_bins, b_squared, sum_delta, sum_delta_sq);
+}
+
+double error_model_search_b(std::size_t n_rows, const double* numerator, const double* variance,
+                            const double* intensity_sq, const std::int64_t* bin, std::size_t n_bins,
+                            const double* counts, const double* weights, double lo, double hi, double tol) {
+  check_bins(n_rows, bin, n_bins);
+  std::vector<double> sum(n_bins), sum_sq(n_bins), terms(n_bins);
+  // Σ_k w_k [(0.5 − v_k)² + 1/v_k − 1.25], v_k = max(mean(δ²) − mean(δ)², 1e-12), in the
+  // operation order of the numpy definition
+  const auto objective = [&](double b) {
+    bin_moments(n_rows, numerator, variance, intensity_sq, bin, n_bins, b * b, sum.data(), sum_sq.data());
+    for (std::size_t k = 0; k < n_bins; ++k) {
+      const double mean = sum[k] / counts[k];
+      const double spread = sum_sq[k] / counts[k] - mean * mean;
+      const double v = std::isnan(spread) ? spread : std::max(spread, 1e-12);  // np.maximum keeps NaN
+      const double dv = 0.5 - v;
+      terms[k] = weights[k] * ((dv * dv + 1.0 / v) - 1.25);
+    }
+    return numpy_sum(terms.data(), n_bins);
+  };
+  // golden-section search, step for step as xtalscale.job.error_model._golden_section
+  const double ratio = (std::sqrt(5.0) - 1.0) / 2.0;
+  double c = hi - ratio * (hi - lo), d = lo + ratio * (hi - lo);
+  double fc = objective(c), fd = objective(d);
+  while (hi - lo > tol) {
+    if (fc < fd) {
+      hi = d;
+      d = c;
+      fd = fc;
+      c = hi - ratio * (hi - lo);
+      fc = objective(c);
+    } else {
+      lo = c;
+      c = d;
+      fc = fd;
+      d = lo + ratio * (hi - lo);
+      fd = objective(d);
+    }
   }
+  return 0.5 * (lo + hi);
 }
 
 }  // namespace xtalscale

@@ -143,6 +143,148 @@ py::tuple select_rows_in_groups_py(const Int64Array& order, const Int64Array& of
   return py::make_tuple(to_array(new_order), to_array(new_offsets), to_array(kept));
 }
 
+Int64Array standard_outlier_rows_py(const Int64Array& order, const Int64Array& offsets, const DoubleArray& intensity,
+                                    const DoubleArray& weight, const DoubleArray& scale, double zmax) {
+  const IntensityRows in = intensity_rows(order, offsets, intensity, weight, scale);
+  if (!std::isfinite(zmax) || zmax <= 0) throw std::invalid_argument("zmax must be positive and finite");
+  std::vector<std::int64_t> outliers;
+  {
+    py::gil_scoped_release release;
+    outliers = standard_outlier_rows(in.layout, in.I, in.w, in.g, zmax);
+  }
+  return to_array(outliers);
+}
+
+const std::uint8_t* row_mask(const BoolArray& mask, std::size_t n_rows, const char* name) {
+  if (mask.ndim() != 1 || static_cast<std::size_t>(mask.size()) != n_rows)
+    throw std::invalid_argument(std::string(name) + " must be a 1-dimensional bool array of " +
+                                std::to_string(n_rows) + " entries");
+  return reinterpret_cast<const std::uint8_t*>(mask.data());
+}
+
+py::tuple subset_grouping_py(const Int64Array& order, const Int64Array& offsets, const BoolArray& keep) {
+  const auto n = static_cast<std::size_t>(keep.size());
+  const auto* k = row_mask(keep, n, "keep");
+  const auto layout = layout_of(order, offsets, n);
+  std::vector<std::int64_t> new_order, new_offsets;
+  {
+    py::gil_scoped_release release;
+    new_offsets = subset_grouping(layout, k, new_order);
+  }
+  return py::make_tuple(to_array(new_order), to_array(new_offsets));
+}
+
+py::tuple error_model_filter_py(const Int64Array& order, const Int64Array& offsets, const DoubleArray& intensity,
+                                const DoubleArray& variance, const DoubleArray& scale, const BoolArray& considered,
+                                double min_Ih) {
+  const auto n = static_cast<std::size_t>(intensity.size());
+  const auto layout = layout_of(order, offsets, n);
+  // only the considered rows are checked: the others are never read
+  const double* I = row_array(intensity, n, "intensity", false);
+  const double* V = row_array(variance, n, "variance", false);
+  const double* g = row_array(scale, n, "scale", false);
+  const auto* c = row_mask(considered, n, "considered");
+  for (std::size_t r = 0; r < n; ++r) {
+    if (!c[r]) continue;
+    if (!std::isfinite(I[r]) || !std::isfinite(g[r]))
+      throw std::invalid_argument("intensity and scale must be finite (row " + std::to_string(r) + ")");
+    if (!(V[r] > 0.0) || !std::isfinite(V[r]))
+      throw std::invalid_argument("variance must be positive and finite (row " + std::to_string(r) + ")");
+  }
+  if (!std::isfinite(min_Ih)) throw std::invalid_argument("min_Ih must be finite");
+  BoolArray keep({static_cast<py::ssize_t>(n)});
+  auto mean = new_doubles(n), size = new_doubles(n);
+  auto* out = reinterpret_cast<std::uint8_t*>(keep.mutable_data());
+  double* pm = mean.mutable_data();
+  double* ps = size.mutable_data();
+  {
+    py::gil_scoped_release release;
+    std::fill(pm, pm + n, 0.0);
+    std::fill(ps, ps + n, 0.0);
+    error_model_filter(layout, I, V, g, c, min_Ih, out, pm, ps);
+  }
+  return py::make_tuple(keep, mean, size);
+}
+
+DoubleArray error_model_normalised_deviations_py(const DoubleArray& deviation, const DoubleArray& variance,
+                                                 const DoubleArray& intensity, const DoubleArray& scale, double a,
+                                                 double b) {
+  const auto n = static_cast<std::size_t>(deviation.size());
+  const double* dev = row_array(deviation, n, "deviation");
+  const double* v = row_array(variance, n, "variance");
+  const double* I = row_array(intensity, n, "intensity");
+  const double* g = row_array(scale, n, "scale");
+  if (!std::isfinite(a) || !std::isfinite(b)) throw std::invalid_argument("a and b must be finite");
+  auto delta = new_doubles(n);
+  double* out = delta.mutable_data();
+  {
+    py::gil_scoped_release release;
+    error_model_normalised_deviations(n, dev, v, I, g, a, b, out);
+  }
+  return delta;
+}
+
+const std::int64_t* index_array(const Int64Array& index, std::size_t n_rows, std::size_t bound, const char* name) {
+  if (index.ndim() != 1 || static_cast<std::size_t>(index.size()) != n_rows)
+    throw std::invalid_argument(std::string(name) + " must be 1-dimensional with " + std::to_string(n_rows) +
+                                " entries");
+  const std::int64_t* p = index.data();
+  for (std::size_t r = 0; r < n_rows; ++r) require_index(static_cast<std::ptrdiff_t>(p[r]), bound, name);
+  return p;
+}
+
+DoubleArray esq_bin_sums_py(const DoubleArray& scaled_intensity, const DoubleArray& epsilon, const Int64Array& bin,
+                            std::size_t n_bins) {
+  const auto n = static_cast<std::size_t>(scaled_intensity.size());
+  const double* x = row_array(scaled_intensity, n, "scaled_intensity", false);
+  const double* eps = row_array(epsilon, n, "epsilon");
+  const std::int64_t* b = index_array(bin, n, n_bins, "bin");
+  auto sums = new_doubles(n_bins);
+  double* out = sums.mutable_data();
+  {
+    py::gil_scoped_release release;
+    esq_bin_sums(n, x, eps, b, n_bins, out);
+  }
+  return sums;
+}
+
+DoubleArray esq_values_py(const DoubleArray& scaled_intensity, const DoubleArray& epsilon, const Int64Array& group,
+                          const DoubleArray& group_norm) {
+  const auto n = static_cast<std::size_t>(scaled_intensity.size());
+  const double* x = row_array(scaled_intensity, n, "scaled_intensity", false);
+  const double* eps = row_array(epsilon, n, "epsilon");
+  const auto n_groups = static_cast<std::size_t>(group_norm.size());
+  const double* norm = row_array(group_norm, n_groups, "group_norm", false);
+  const std::int64_t* g = index_array(group, n, n_groups, "group");
+  auto esq = new_doubles(n);
+  double* out = esq.mutable_data();
+  {
+    py::gil_scoped_release release;
+    esq_values(n, x, eps, g, norm, out);
+  }
+  return esq;
+}
+
+py::tuple rmeas_group_sums_py(const Int64Array& order, const Int64Array& offsets, const DoubleArray& intensity,
+                              const DoubleArray& variance, const DoubleArray& scale) {
+  const auto n = static_cast<std::size_t>(intensity.size());
+  const auto layout = layout_of(order, offsets, n);
+  // non-finite I or σ² only make a row unusable (as in the numpy definition); g must be finite
+  const double* I = row_array(intensity, n, "intensity", false);
+  const double* V = row_array(variance, n, "variance", false);
+  const double* g = row_array(scale, n, "scale");
+  Int64Array n_used({static_cast<py::ssize_t>(layout.n_groups)});
+  auto dev = new_doubles(layout.n_groups), total = new_doubles(layout.n_groups);
+  std::int64_t* pn = n_used.mutable_data();
+  double* pd = dev.mutable_data();
+  double* pt = total.mutable_data();
+  {
+    py::gil_scoped_release release;
+    rmeas_group_sums(layout, I, V, g, pn, pd, pt);
+  }
+  return py::make_tuple(n_used, dev, total);
+}
+
 py::tuple error_model_bin_moments_py(const DoubleArray& numerator, const DoubleArray& variance,
                                      const DoubleArray& intensity_sq, const Int64Array& bin,
                                      std::size_t n_bins, double b_squared) {
@@ -165,13 +307,74 @@ py::tuple error_model_bin_moments_py(const DoubleArray& numerator, const DoubleA
   return py::make_tuple(sum, sum_sq);
 }
 
+double error_model_search_b_py(const DoubleArray& numerator, const DoubleArray& variance,
+                               const DoubleArray& intensity_sq, const Int64Array& bin, const DoubleArray& counts,
+                               const DoubleArray& weights, double lo, double hi, double tol) {
+  const auto n = static_cast<std::size_t>(numerator.size());
+  const double* k = row_array(numerator, n, "numerator");
+  const double* v = row_array(variance, n, "variance");
+  const double* i2 = row_array(intensity_sq, n, "intensity_sq");
+  if (bin.ndim() != 1 || static_cast<std::size_t>(bin.size()) != n)
+    throw std::invalid_argument("bin must be 1-dimensional with " + std::to_string(n) + " entries");
+  const auto n_bins = static_cast<std::size_t>(counts.size());
+  const double* c = row_array(counts, n_bins, "counts");
+  const double* w = row_array(weights, n_bins, "weights");
+  for (std::size_t b = 0; b < n_bins; ++b)
+    if (!(c[b] > 0)) throw std::invalid_argument("counts must be positive");
+  if (!std::isfinite(lo) || !std::isfinite(hi) || !(lo <= hi))
+    throw std::invalid_argument("lo and hi must be finite with lo <= hi");
+  if (!std::isfinite(tol) || !(tol > 0)) throw std::invalid_argument("tol must be positive and finite");
+  const std::int64_t* b = bin.data();
+  double best = 0.0;
+  {
+    py::gil_scoped_release release;
+    best = error_model_search_b(n, k, v, i2, b, n_bins, c, w, lo, hi, tol);
+  }
+  return best;
+}
+
 }  // namespace
 
 void bind_job(py::module_& m) {
+  m.def("error_model_search_b", &error_model_search_b_py, py::arg("numerator"), py::arg("variance"),
+        py::arg("intensity_sq"), py::arg("bin"), py::arg("counts"), py::arg("weights"), py::arg("lo"),
+        py::arg("hi"), py::arg("tol"),
+        "The error model's b: a golden-section search on [lo, hi] (to width tol) of the binned-variance\n"
+        "objective sum_k weights[k] * ((0.5 - v_k)**2 + 1/v_k - 1.25), v_k the variance of\n"
+        "delta = numerator / sqrt(variance + b**2 * intensity_sq) in bin k (counts[k] rows), exactly\n"
+        "as the Python search with the numpy objective.");
   m.def("error_model_bin_moments", &error_model_bin_moments_py, py::arg("numerator"), py::arg("variance"),
         py::arg("intensity_sq"), py::arg("bin"), py::arg("n_bins"), py::arg("b_squared"),
         "Per-bin sums of delta = numerator / sqrt(variance + b_squared * intensity_sq) and of delta**2\n"
         "(rows with bin < 0 are in no bin). Returns (sum_delta, sum_delta_sq).");
+  m.def("standard_outlier_rows", &standard_outlier_rows_py, py::arg("order"), py::arg("offsets"),
+        py::arg("intensity"), py::arg("weight"), py::arg("scale"), py::arg("zmax"),
+        "DIALS's standard (iterative leave-one-out) outlier rejection in one call: the outlier rows in\n"
+        "detection order (round by round, groups in order). Weights are capped at 10 x the group median\n"
+        "each round; weights in tested groups must be positive.");
+  m.def("subset_grouping", &subset_grouping_py, py::arg("order"), py::arg("offsets"), py::arg("keep"),
+        "The grouping of the rows with keep[row], renumbered to the subset (row i of the subset is the\n"
+        "i-th kept row): returns (order, offsets); empty groups are dropped, group order is kept.");
+  m.def("error_model_filter", &error_model_filter_py, py::arg("order"), py::arg("offsets"), py::arg("intensity"),
+        py::arg("variance"), py::arg("scale"), py::arg("considered"), py::arg("min_Ih"),
+        "DIALS's filter of the error model's data on the considered rows (group mean I/sigma^2 > 0.85,\n"
+        "Ih*g > min_Ih, I > 0.001, multiplicity > 1, variance ratio cut). Returns (keep, Ih, n): the rows\n"
+        "kept and, for them, their group's Ih (weights 1/sigma^2) and row count after the filter (0\n"
+        "elsewhere).");
+  m.def("error_model_normalised_deviations", &error_model_normalised_deviations_py, py::arg("deviation"),
+        py::arg("variance"), py::arg("intensity"), py::arg("scale"), py::arg("a"), py::arg("b"),
+        "delta = deviation / (a * sqrt(variance + (b * intensity)**2) / scale), row by row (the\n"
+        "error model's normalised deviations with the sigma-free part given).");
+  m.def("esq_bin_sums", &esq_bin_sums_py, py::arg("scaled_intensity"), py::arg("epsilon"), py::arg("bin"),
+        py::arg("n_bins"),
+        "Per bin, sum of max(I, 0) / epsilon over its rows in row order (numpy's bincount of those terms).");
+  m.def("esq_values", &esq_values_py, py::arg("scaled_intensity"), py::arg("epsilon"), py::arg("group"),
+        py::arg("group_norm"),
+        "E^2 = I / (epsilon * group_norm[group]) per row (0 where the norm is not positive).");
+  m.def("rmeas_group_sums", &rmeas_group_sums_py, py::arg("order"), py::arg("offsets"), py::arg("intensity"),
+        py::arg("variance"), py::arg("scale"),
+        "Per group, over the rows with sigma > 0 and I/sigma > 1 of the scaled data I/g, sigma/g: (count,\n"
+        "sum |I/g - weighted mean|, sum I/g): the pieces of Rmeas.");
   m.def("sum_in_groups", &sum_in_groups_py, py::arg("order"), py::arg("offsets"), py::arg("values"),
         "Per-group sums of a per-row array: out[k] = sum(values[order[offsets[k]:offsets[k+1]]]).");
   m.def("weighted_group_sums", &weighted_group_sums_py, py::arg("order"), py::arg("offsets"),

@@ -193,3 +193,107 @@ def test_error_model_stills_filtering():
     assert np.all(data.intensity >= 2.0 * np.sqrt(data.variance)) and np.all(data.n_h >= 4)
     with pytest.raises(ErrorModelRefinementError):
         ErrorModelData(_simulated_groups(1.0, 0.02, seed=4, n_groups=300, mult=3), stills=stills)
+
+
+def test_error_model_b_search_kernel_is_the_python_search():
+    """The one-call C++ search gives the bits of _golden_section on the numpy-form objective."""
+    from xtalscale._core import job as kernels
+    from xtalscale.job.error_model import (
+        ErrorModelBinner,
+        ErrorModelData,
+        _b_objective_at_fixed_a,
+        _fixed_a_arrays,
+        _golden_section,
+    )
+
+    for seed, (a, n_bins) in enumerate([(1.3, 10), (0.9, 20), (1.1, 7)]):
+        data = ErrorModelData(_simulated_groups(a, 0.03, seed=seed))
+        binner = ErrorModelBinner(data, n_bins=n_bins)
+        model = BasicErrorModel(a, 0.02)
+        expected = _golden_section(_b_objective_at_fixed_a(model, data, binner), 0.0, 0.5, tol=1e-6)
+        K, variance, I_sq, bins, counts, weights = _fixed_a_arrays(model, data, binner)
+        assert kernels.error_model_search_b(K, variance, I_sq, bins, counts, weights, 0.0, 0.5, 1e-6) == expected
+    with pytest.raises(ValueError, match="counts"):
+        kernels.error_model_search_b(K, variance, I_sq, bins, np.zeros(counts.size), weights, 0.0, 0.5, 1e-6)
+    with pytest.raises(ValueError, match="n_bins"):
+        kernels.error_model_search_b(K, variance, I_sq, bins, counts[:1], weights[:1], 0.0, 0.5, 1e-6)
+
+
+def _reference_bins(E, n_bins, min_per_bin):
+    """The binner's definition: runs of a stable descending argsort of E."""
+    import math
+
+    n = E.size
+    order = np.argsort(-E, kind="stable")
+    E_sorted = E[order]
+    bounds = np.exp(np.linspace(math.log(max(E_sorted[0], 1.0 + 1e-12)), math.log(max(1.0, E_sorted[-1])),
+                                n_bins + 1))
+    bounds[0], bounds[-1] = E_sorted[0] + 0.01, E_sorted[-1] - 0.01
+    members, start = [], 0
+    for k in range(n_bins):
+        end = int(np.searchsorted(-E_sorted, -bounds[k + 1], side="left"))
+        if end - start < min_per_bin:
+            end = min(n, start + min_per_bin)
+        if k == n_bins - 1:
+            end = n
+        if end > start:
+            members.append(order[start:end])
+        start = end
+        if start >= n:
+            break
+    members = [m for m in members if m.size >= min_per_bin - 5]
+    index = np.full(n, -1)
+    for k, m in enumerate(members):
+        index[m] = k
+    return index, np.array([E[m].mean() for m in members])
+
+
+@pytest.mark.parametrize("n_distinct", [3, 40, 5000])
+def test_error_model_binner_matches_a_stable_sort_with_ties(n_distinct):
+    """Bins from sorted values alone equal the stable-argsort definition, ties across bin edges
+    included (few distinct E values force runs of equal values over the count-based edges)."""
+    from types import SimpleNamespace
+
+    from xtalscale.job.error_model import ErrorModelBinner
+
+    rng = np.random.default_rng(n_distinct)
+    E = rng.choice(10.0 ** rng.uniform(1.5, 5, n_distinct), size=3000)
+    binner = ErrorModelBinner(SimpleNamespace(expected=E), n_bins=10)
+    index, weights = _reference_bins(E, 10, binner.min_per_bin)
+    np.testing.assert_array_equal(binner.bin_index, index)
+    np.testing.assert_array_equal(binner.weights, weights)
+    assert [b.size for b in binner.bins] == list(np.bincount(index[index >= 0]))
+
+
+def _reference_error_model_filter(g, min_Ih):
+    """The filter as successive subsets (its numpy definition, DIALS's order of steps)."""
+    group = g.group_of_row()
+    sizes = g.group_sizes().astype(np.float64)
+    mean_isigsq = g.sum_in_groups(g.intensity / g.variance) / np.maximum(sizes, 1)
+    g = g.subset(mean_isigsq[group] > 0.85)
+    Ih = g.group_means(1.0 / g.variance)[g.group_of_row()]
+    g = g.subset((Ih * g.scale > min_Ih) & (g.intensity > 0.001) & (g.group_sizes()[g.group_of_row()] > 1))
+    g = g.subset(g.group_sizes()[g.group_of_row()] > 1)
+    group = g.group_of_row()
+    Ih_group = g.group_means(1.0 / g.variance)
+    n = g.group_sizes().astype(np.float64)
+    dev2 = g.sum_in_groups((g.intensity / g.scale - Ih_group[group]) ** 2) / (n - 1.0)
+    mean_var = g.sum_in_groups(g.variance / g.scale ** 2) / n
+    ratio = np.divide(dev2, mean_var, out=np.full_like(dev2, np.inf), where=mean_var > 0)
+    return g.subset((ratio < max(50.0, float(Ih_group.max()) / 40.0))[group])
+
+
+def test_error_model_filter_kernel_is_the_subset_chain():
+    """One C++ pass keeps the rows of the step-by-step filter, with their Ĩ and n_h."""
+    from xtalscale.job.error_model import ErrorModelData
+
+    g = _simulated_groups(1.2, 0.05, seed=3, n_groups=600, mult=6)
+    rng = np.random.default_rng(3)
+    g.intensity[rng.integers(0, g.size, 400)] *= rng.uniform(-1, 30, 400)  # fail each step somewhere
+    g.scale[:] = rng.uniform(0.5, 2.0, g.size)
+    expected = _reference_error_model_filter(g, 25.0)
+    keep, Ih, n_h = ErrorModelData._filter_rows(g, 25.0)
+    assert 0 < expected.size < g.size
+    np.testing.assert_array_equal(g.row[keep], expected.row)
+    np.testing.assert_array_equal(Ih[keep], expected.group_means(1.0 / expected.variance)[expected.group_of_row()])
+    np.testing.assert_array_equal(n_h[keep], expected.group_sizes()[expected.group_of_row()])

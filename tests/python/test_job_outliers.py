@@ -181,3 +181,69 @@ def test_grouped_validation():
     del t["miller_index"]
     with pytest.raises(KeyError, match="miller_index"):
         GroupedObservations.from_tables([t], SG)
+
+
+def _random_tables(rng, n_tables=2, n=3000):
+    tables = []
+    for _ in range(n_tables):
+        hkl = rng.integers(-6, 7, size=(n, 3)).astype(np.int32)
+        hkl[np.all(hkl == 0, axis=1)] = (0, 0, 1)
+        tables.append({"intensity": rng.normal(100, 20, n), "variance": rng.uniform(50, 150, n),
+                       "inverse_scale_factor": rng.uniform(0.5, 2, n), "miller_index": hkl})
+    return tables
+
+
+@pytest.mark.parametrize("anomalous", [False, True])
+def test_subset_is_the_grouping_of_the_kept_rows(anomalous):
+    """A subset keeps the grouping's order (no new sort): it equals grouping the kept rows afresh,
+    through the ASU cache or not, and the standard rejection gives the rounds' order."""
+    from xtalscale.job import grouped as grouped_module
+    from xtalscale.symmetry import group_reflections, map_to_asu
+
+    rng = np.random.default_rng(4)
+    tables = _random_tables(rng)
+    ones = [np.ones(3000, bool)] * 2
+    full = GroupedObservations.from_tables(tables, SG, anomalous=anomalous, selections=ones)
+    again = GroupedObservations.from_tables(tables, SG, anomalous=anomalous, selections=ones)  # cached
+    hkl = np.concatenate([t["miller_index"] for t in tables])
+    fresh = group_reflections(map_to_asu(hkl, SG, anomalous=anomalous).asu_hkl)
+    for g in (full, again):
+        np.testing.assert_array_equal(g.order, fresh.order)
+        np.testing.assert_array_equal(g.offsets, fresh.offsets)
+    assert not again.asu_hkl.flags.writeable
+    keep = [rng.random(3000) < 0.6 for _ in tables]
+    grouped_module._ASU_CACHE.clear()
+    direct = GroupedObservations.from_tables(tables, SG, anomalous=anomalous, selections=keep)
+    sub = full.subset(np.concatenate(keep))
+    for name in ("order", "offsets", "intensity", "scale", "asu_hkl", "dataset", "row"):
+        np.testing.assert_array_equal(getattr(sub, name), getattr(direct, name))
+    np.testing.assert_array_equal(sub.group_of_row(), direct.group_of_row())
+    rows = determine_outlier_index_arrays(sub, "standard", zmax=1.5)
+    assert [list(r) for r in rows] == [list(r) for r in determine_outlier_index_arrays(direct, "standard", zmax=1.5)]
+
+
+def test_fused_standard_rejection_equals_the_round_by_round_kernels():
+    """standard_outlier_rows = the loop of weight cap, leave-one-out z, pick and regrouping."""
+    rng = np.random.default_rng(7)
+    g = GroupedObservations.from_tables(_random_tables(rng, 1, 5000), SG, selections=[np.ones(5000, bool)])
+    I = g.intensity.copy()
+    I[rng.integers(0, I.size, 300)] *= rng.uniform(2, 6, 300)  # outliers, some groups several
+    w = g.weight * rng.choice([1.0, 30.0], size=I.size, p=[0.9, 0.1])  # some weights capped
+    order, offsets, position, inten, weight, scale = g.order, g.offsets, np.arange(I.size), I, w, g.scale
+    found = []
+    while position.size:
+        capped = kern.limit_outlier_weights(order, offsets, weight)
+        z = kern.normdev_leave_one_out(order, offsets, inten, capped, scale)
+        outliers, potential = kern.pick_group_outliers(order, offsets, np.abs(z), 3.0)
+        if outliers.size == 0:
+            break
+        found.append(position[outliers])
+        keep = np.zeros(position.size, bool)
+        keep[potential] = True
+        order, offsets = kern.subset_grouping(order, offsets, keep)
+        position, inten, weight, scale = position[keep], inten[keep], weight[keep], scale[keep]
+    expected = np.concatenate(found)
+    assert expected.size > 300 and len(found) > 2
+    np.testing.assert_array_equal(kern.standard_outlier_rows(g.order, g.offsets, I, w, g.scale, 3.0), expected)
+    with pytest.raises(ValueError, match="positive"):
+        kern.standard_outlier_rows(g.order, g.offsets, I, np.zeros(I.size), g.scale, 3.0)

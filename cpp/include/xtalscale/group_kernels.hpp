@@ -67,6 +67,59 @@ XTALSCALE_EXPORT std::vector<std::int64_t> select_rows_in_groups(
     const GroupLayout& layout, const std::uint8_t* keep, std::vector<std::int64_t>& new_order,
     std::vector<std::int64_t>& kept_groups);
 
+/// DIALS's standard outlier rejection in one call: in every group of more than two rows the
+/// row of largest |z| (leave-one-out normalised deviation, weights capped as in
+/// limit_outlier_weights) is an outlier if |z| > @p zmax; the group is then looked at again
+/// without it, until it yields none. Returns the outlier rows in DIALS's detection order
+/// (round by round, groups in order within a round) -- the same rows as iterating
+/// limit_outlier_weights, normdev_leave_one_out, pick_group_outliers and a regrouping to the
+/// potential outliers. Throws std::invalid_argument if a weight in a tested group is not positive.
+XTALSCALE_EXPORT std::vector<std::int64_t> standard_outlier_rows(const GroupLayout& layout,
+                                                                 const double* intensity,
+                                                                 const double* weight,
+                                                                 const double* scale, double zmax);
+
+/// select_rows_in_groups with the rows renumbered to the subset: @p new_order holds positions
+/// among the kept rows (row r becomes the number of kept rows before it), so the subset's
+/// per-row arrays are the kept rows in their original order. Returns the new offsets.
+XTALSCALE_EXPORT std::vector<std::int64_t> subset_grouping(const GroupLayout& layout,
+                                                           const std::uint8_t* keep,
+                                                           std::vector<std::int64_t>& new_order);
+
+/// DIALS's filter of the data the basic error model is fitted to, on the rows with
+/// considered[row] != 0, group by group (Ĩ with weights 1/σ²): the group's mean I/σ² > 0.85;
+/// rows with Ĩ·g > @p min_Ih and I > 0.001 in groups of more than one row; groups still of more
+/// than one row; groups whose internal variance ratio Σ(I/g − Ĩ)²/(n−1) / mean(σ²/g²) is below
+/// max(50, largest Ĩ of those groups / 40). Writes keep[row] = 1 for the rows that pass and,
+/// for those rows, their group's Ĩ and row count after the filter to @p group_mean and
+/// @p group_size (other entries are left as they were).
+XTALSCALE_EXPORT void error_model_filter(const GroupLayout& layout, const double* intensity,
+                                         const double* variance, const double* scale,
+                                         const std::uint8_t* considered, double min_Ih,
+                                         std::uint8_t* keep, double* group_mean, double* group_size);
+
+/// The error model's δ = deviation / σ' with σ' = a·sqrt(σ² + (b·I)²)/g, row by row (in the
+/// operation order of xtalscale.job.error_model.calc_sigmaprime / calc_deltahl).
+XTALSCALE_EXPORT void error_model_normalised_deviations(std::size_t n_rows, const double* deviation,
+                                                        const double* variance, const double* intensity,
+                                                        const double* scale, double a, double b,
+                                                        double* delta);
+
+/// The normalisation sums of E²: sums[k] = Σ max(I, 0)/ε over the rows with bin[row] = k, in
+/// row order (numpy's bincount of those terms). Bins must be in [0, n_bins).
+XTALSCALE_EXPORT void esq_bin_sums(std::size_t n_rows, const double* scaled_intensity, const double* epsilon,
+                                   const std::int64_t* bin, std::size_t n_bins, double* sums);
+
+/// E² = I / (ε · N) with N = group_norm[group[row]] (0 where N is not positive).
+XTALSCALE_EXPORT void esq_values(std::size_t n_rows, const double* scaled_intensity, const double* epsilon,
+                                 const std::int64_t* group, const double* group_norm, double* esq);
+
+/// Per-group sums of Rmeas on scaled intensities I/g with σ = sqrt(max(σ², 0))/g, over the
+/// rows with σ > 0 and I/σ > 1: their count, Σ|I/g − Ĩ| (Ĩ weighted by 1/σ²) and Σ I/g.
+XTALSCALE_EXPORT void rmeas_group_sums(const GroupLayout& layout, const double* intensity,
+                                       const double* variance, const double* scale,
+                                       std::int64_t* n_used, double* abs_deviation, double* total);
+
 /// Per-bin sums of the error model's normalised deviations δ = K / sqrt(σ² + b²·I²) and of δ²
 /// (the b refinement's one pass per trial b). Rows with bin[row] < 0 are in no bin; bin
 /// indices must be below @p n_bins. Writes n_bins values to @p sum_delta and @p sum_delta_sq.
@@ -75,5 +128,18 @@ XTALSCALE_EXPORT void error_model_bin_moments(std::size_t n_rows, const double* 
                                               const std::int64_t* bin, std::size_t n_bins,
                                               double b_squared, double* sum_delta,
                                               double* sum_delta_sq);
+
+/// The b of the error model minimising the binned-variance objective
+/// Σ_k w_k [(0.5 − v_k)² + 1/v_k − 1.25] (v_k the variance of δ in bin k, at least 1e-12) by a
+/// golden-section search on [@p lo, @p hi] to width @p tol: every step as
+/// xtalscale.job.error_model._golden_section does it with the objective as its numpy form
+/// computes it (per-bin sums from error_model_bin_moments, numpy's summation of the terms),
+/// so the result is the same to the bit. @p counts and @p weights have n_bins entries (the
+/// rows per bin and the normalised bin weights). Returns the midpoint of the last bracket.
+XTALSCALE_EXPORT double error_model_search_b(std::size_t n_rows, const double* numerator,
+                                             const double* variance, const double* intensity_sq,
+                                             const std::int64_t* bin, std::size_t n_bins,
+                                             const double* counts, const double* weights, double lo,
+                                             double hi, double tol);
 
 }  // namespace xtalscale

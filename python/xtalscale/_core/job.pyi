@@ -43,3 +43,58 @@ def error_model_bin_moments(
     n_bins: int,
     b_squared: float,
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
+def standard_outlier_rows(
+    order: npt.ArrayLike,
+    offsets: npt.ArrayLike,
+    intensity: npt.ArrayLike,
+    weight: npt.ArrayLike,
+    scale: npt.ArrayLike,
+    zmax: float,
+) -> npt.NDArray[np.int64]: ...
+def subset_grouping(
+    order: npt.ArrayLike, offsets: npt.ArrayLike, keep: npt.ArrayLike
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
+def error_model_filter(
+    order: npt.ArrayLike,
+    offsets: npt.ArrayLike,
+    intensity: npt.ArrayLike,
+    variance: npt.ArrayLike,
+    scale: npt.ArrayLike,
+    considered: npt.ArrayLike,
+    min_Ih: float,
+) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
+def error_model_normalised_deviations(
+    deviation: npt.ArrayLike,
+    variance: npt.ArrayLike,
+    intensity: npt.ArrayLike,
+    scale: npt.ArrayLike,
+    a: float,
+    b: float,
+) -> npt.NDArray[np.float64]: ...
+def rmeas_group_sums(
+    order: npt.ArrayLike,
+    offsets: npt.ArrayLike,
+    intensity: npt.ArrayLike,
+    variance: npt.ArrayLike,
+    scale: npt.ArrayLike,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
+def error_model_search_b(
+    numerator: npt.ArrayLike,
+    variance: npt.ArrayLike,
+    intensity_sq: npt.ArrayLike,
+    bin: npt.ArrayLike,
+    counts: npt.ArrayLike,
+    weights: npt.ArrayLike,
+    lo: float,
+    hi: float,
+    tol: float,
+) -> float: ...
+def esq_bin_sums(
+    scaled_intensity: npt.ArrayLike, epsilon: npt.ArrayLike, bin: npt.ArrayLike, n_bins: int
+) -> npt.NDArray[np.float64]: ...
+def esq_values(
+    scaled_intensity: npt.ArrayLike,
+    epsilon: npt.ArrayLike,
+    group: npt.ArrayLike,
+    group_norm: npt.ArrayLike,
+) -> npt.NDArray[np.float64]: ...

@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 
 from .. import flex_arrays as fa
+from .._core import job as _kern
 from ..reflection_table import Flags
-from .grouped import GroupedObservations
+from .grouped import GroupedObservations, asu_grouping
 from .prepare import flags_of
 
 __all__ = [
@@ -55,31 +56,29 @@ def candidate_Imids(Isum_over_p: np.ndarray) -> list[float]:
 
 def rmeas_of(grouped: GroupedObservations, intensity: np.ndarray, variance: np.ndarray) -> float:
     """Rmeas of scaled intensities I/g (weights 1/σ²), rows with σ > 0 and I/σ > 1; −1 on failure."""
-    g = grouped.scale
-    sigma = np.sqrt(np.maximum(variance, 0)) / g
-    scaled = intensity / g
-    keep = (sigma > 0) & (scaled / np.where(sigma > 0, sigma, 1) > 1)
-    if keep.sum() < 2:
+    return _rmeas(grouped.order, grouped.offsets, intensity, variance, grouped.scale)
+
+
+def _rmeas(order: np.ndarray, offsets: np.ndarray, intensity: np.ndarray, variance: np.ndarray,
+           scale: np.ndarray) -> float:
+    """:func:`rmeas_of` on a grouping: the per-group sums over the usable rows in one C++ pass
+    (no subset is made), the sum over groups of more than one usable row here."""
+    n_used, absdev, total = _kern.rmeas_group_sums(order, offsets, np.asarray(intensity, dtype=np.float64),
+                                                   np.asarray(variance, dtype=np.float64), scale)
+    if n_used.sum() < 2:
         return -1.0
-    sub = grouped.subset(keep)
-    s_I, s_sig = scaled[keep], sigma[keep]
-    w = 1.0 / s_sig ** 2
-    group = sub.group_of_row()
-    mean = sub.sum_in_groups(w * s_I) / sub.sum_in_groups(w)
-    n = sub.group_sizes().astype(np.float64)
-    multi = n > 1
+    multi = n_used > 1
     if not multi.any():
         return -1.0
-    absdev = sub.sum_in_groups(np.abs(s_I - mean[group]))
-    total = sub.sum_in_groups(s_I)
-    num = np.sum(np.sqrt(n[multi] / (n[multi] - 1.0)) * absdev[multi])
+    n = n_used[multi].astype(np.float64)
+    num = np.sum(np.sqrt(n / (n - 1.0)) * absdev[multi])
     den = np.sum(total[multi])
     return float(num / den) if den > 0 else -1.0
 
 
-def combine_intensities(tables: Sequence[Any], space_group: Any, selections: Sequence[np.ndarray],
-                        Imids: Sequence[float] | None = None) -> tuple[float, dict[float, float]]:
-    """The best Imid for ``tables`` (rows ``selections``), and the Rmeas of every candidate."""
+def _combination_inputs(tables: Sequence[Any], selections: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """Profile and summation I and V (prescaling correction and partiality applied), g and the
+    Miller index of the selected rows, tables one after the other."""
     parts: dict[str, list] = {k: [] for k in ("Iprf", "Isum", "Vprf", "Vsum", "g", "hkl")}
     for t, sel in zip(tables, selections):
         conv = np.asarray(t["prescaling_correction"], dtype=np.float64)[sel] if "prescaling_correction" in t \
@@ -92,19 +91,52 @@ def combine_intensities(tables: Sequence[Any], space_group: Any, selections: Seq
         parts["g"].append(np.asarray(t["inverse_scale_factor"], float)[sel])
         parts["hkl"].append(np.asarray(t["miller_index"]).reshape(-1, 3)[sel])
     arr = {k: np.concatenate(v) for k, v in parts.items()}
-    if arr["Isum"].size == 0:
-        return 0.0, {}
-    grouped = GroupedObservations.from_tables(
-        [{"intensity": arr["Isum"], "variance": np.ones(arr["Isum"].size), "inverse_scale_factor": arr["g"],
-          "miller_index": arr["hkl"]}], space_group, selections=[np.ones(arr["Isum"].size, bool)])
+    for name, key in (("intensity.sum.value", "Isum"), ("inverse_scale_factor", "g")):
+        if not np.all(np.isfinite(arr[key])):
+            bad = int(np.flatnonzero(~np.isfinite(arr[key]))[0])
+            raise ValueError(f"column '{name}' is not finite at selected row {bad}")
+    return arr
+
+
+def _best_Imid(order: np.ndarray, offsets: np.ndarray, arr: dict[str, np.ndarray],
+               Imids: Sequence[float] | None) -> tuple[float, dict[float, float]]:
+    """The candidate with the lowest Rmeas (``arr``'s rows grouped by ``order``/``offsets``)."""
     candidates = list(Imids) if Imids else candidate_Imids(arr["Isum"])
     results = {}
     for Imid in candidates:
         I, V = calculate_combined_raw_intensities(arr["Iprf"], arr["Isum"], arr["Vprf"], arr["Vsum"], Imid)
-        results[float(Imid)] = rmeas_of(grouped, I, V)  # grouped rows are arr's rows, in order
+        results[float(Imid)] = _rmeas(order, offsets, I, V, arr["g"])
     valid = {k: v for k, v in results.items() if v >= 0}
     best = min(valid, key=valid.get) if valid else 0.0
     return best, results
+
+
+def combine_intensities(tables: Sequence[Any], space_group: Any, selections: Sequence[np.ndarray],
+                        Imids: Sequence[float] | None = None) -> tuple[float, dict[float, float]]:
+    """The best Imid for ``tables`` (rows ``selections``), and the Rmeas of every candidate."""
+    arr = _combination_inputs(tables, selections)
+    if arr["Isum"].size == 0:
+        return 0.0, {}
+    grouping = asu_grouping(arr["hkl"], space_group, anomalous=False)
+    return _best_Imid(grouping.order, grouping.offsets, arr, Imids)
+
+
+def _combine_scaler_datasets(scaler: Any, datasets: Sequence[Any], selections: Sequence[np.ndarray],
+                             Imids: Sequence[float] | None) -> tuple[float, dict[float, float]]:
+    """:func:`combine_intensities` over ``datasets`` jointly, grouped without a new sort: the
+    rows are a subset of the scaler's suitable rows, whose grouping is cached (the scaler made
+    it), and the subset of a grouping keeps its order."""
+    arr = _combination_inputs([ds.table for ds in datasets], selections)
+    if arr["Isum"].size == 0:
+        return 0.0, {}
+    hkl = np.concatenate([np.asarray(ds.table["miller_index"]).reshape(-1, 3)[ds.suitable]
+                          for ds in scaler.datasets])
+    grouping = asu_grouping(hkl, scaler.space_group, anomalous=False)
+    chosen = {id(ds): sel for ds, sel in zip(datasets, selections)}
+    keep = np.concatenate([chosen[id(ds)][ds.suitable] if id(ds) in chosen else np.zeros(int(ds.suitable.sum()), bool)
+                           for ds in scaler.datasets])
+    order, offsets = _kern.subset_grouping(grouping.order, grouping.offsets, keep)
+    return _best_Imid(order, offsets, arr, Imids)
 
 
 def _apply(table: Any, suitable: np.ndarray, Imid: float) -> None:
@@ -164,7 +196,7 @@ def combine_scaler_intensities(scaler: Any) -> None:
         sels.append(sel)
     given = params.reflection_selection.combine.Imid
     if params.reflection_selection.combine.joint_analysis:
-        best, results = combine_intensities([ds.table for ds in datasets], scaler.space_group, sels, given)
+        best, results = _combine_scaler_datasets(scaler, datasets, sels, given)
         choices = [best] * len(datasets)
         logger.info("intensity combination: Rmeas by Imid %s; chose Imid = %s",
                     {round(k, 2): round(v, 5) for k, v in results.items()}, best)

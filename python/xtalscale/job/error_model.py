@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..error_model import BasicErrorModel as StoredBasicErrorModel
-from .grouped import GroupedObservations
+from .grouped import GroupedObservations, asu_grouping
 
 __all__ = [
     "BasicErrorModel",
@@ -96,31 +96,57 @@ def calc_deltahl(data: ErrorModelData, n_h: np.ndarray, sigmaprime: np.ndarray) 
 
 
 class ErrorModelData:
-    """The filtered rows the error model is fitted to (Ĩ fixed, per-row n_h)."""
+    """The filtered rows the error model is fitted to (Ĩ fixed, per-row n_h).
+
+    ``rows`` (a per-row bool array, default all) restricts ``grouped`` without a subset being
+    made first: the filter runs on the whole grouping (one C++ pass that also gives each kept
+    row's Ĩ and n_h), and only the columns the fit reads are copied; :attr:`grouped`, the
+    filtered rows as a :class:`GroupedObservations`, is made when first asked for."""
 
     def __init__(self, grouped: GroupedObservations, min_Ih: float = 25.0,
-                 min_partiality: float = 0.25, stills: Any = None) -> None:
-        g = grouped
-        if "partiality" in g.extra:
-            g = g.subset(g.extra["partiality"] > min_partiality)
+                 min_partiality: float = 0.25, stills: Any = None, rows: np.ndarray | None = None) -> None:
+        considered = np.ones(grouped.size, dtype=bool) if rows is None else np.asarray(rows, dtype=bool)
+        if considered.shape != (grouped.size,):
+            raise ValueError(f"rows must be a bool array of length {grouped.size}")
+        if "partiality" in grouped.extra:
+            considered = considered & (grouped.extra["partiality"] > min_partiality)
+        self._grouped: GroupedObservations | None = None
         if stills is None:
-            g = self._filter(g, min_Ih)
+            keep, Ih, n_h = self._filter_rows(grouped, min_Ih, considered)
+            self._source, self._keep = grouped, keep
+            self.intensity, self.variance, self.scale = grouped.intensity[keep], grouped.variance[keep], grouped.scale[keep]
+            self.Ih, self.n_h = Ih[keep], n_h[keep]
+            partiality = grouped.extra["partiality"][keep] if "partiality" in grouped.extra else None
         else:
-            g = self._filter_stills(g, min_Ih, float(stills.min_Isigma), int(stills.min_multiplicity))
-        self.grouped = g
-        if g.size < BasicErrorModel.min_reflections_required:
+            g = self._filter_stills(grouped.subset(considered), min_Ih, float(stills.min_Isigma),
+                                    int(stills.min_multiplicity))
+            self._grouped = g
+            group = g.group_of_row()
+            self.intensity, self.variance, self.scale = g.intensity, g.variance, g.scale
+            self.Ih = g.group_means(1.0 / g.variance)[group]
+            self.n_h = g.group_sizes()[group].astype(np.float64)
+            partiality = g.extra.get("partiality")
+        if self.intensity.size < BasicErrorModel.min_reflections_required:
             raise ErrorModelRefinementError(
-                f"only {g.size} reflections are suitable for the error model "
+                f"only {self.intensity.size} reflections are suitable for the error model "
                 f"(at least {BasicErrorModel.min_reflections_required} are needed)")
-        Ih = g.group_means(1.0 / g.variance)
-        group = g.group_of_row()
-        self.intensity = g.intensity
-        self.variance = g.variance
-        self.scale = g.scale
-        self.Ih = Ih[group]
-        self.n_h = g.group_sizes()[group].astype(np.float64)
-        self.expected = self.Ih * self.scale * (g.extra["partiality"] if "partiality" in g.extra else 1.0)
+        self.expected = self.Ih * self.scale * (partiality if partiality is not None else 1.0)
         self.central_quantiles: np.ndarray | None = None  # cached by the a refinement
+        self._scaled_deviation: np.ndarray | None = None
+
+    @property
+    def grouped(self) -> GroupedObservations:
+        """The filtered rows as grouped observations."""
+        if self._grouped is None:
+            self._grouped = self._source.subset(self._keep)
+        return self._grouped
+
+    @property
+    def scaled_deviation(self) -> np.ndarray:
+        """sqrt((n−1)/n)(I/g − Ĩ): δ without the σ' it is divided by (made once, a and b vary)."""
+        if self._scaled_deviation is None:
+            self._scaled_deviation = np.sqrt((self.n_h - 1.0) / self.n_h) * (self.intensity / self.scale - self.Ih)
+        return self._scaled_deviation
 
     @staticmethod
     def _filter_stills(g: GroupedObservations, min_Ih: float, min_Isigma: float,
@@ -145,31 +171,21 @@ class ErrorModelData:
         return g.subset(g.group_sizes()[g.group_of_row()] >= min_multiplicity)
 
     @staticmethod
-    def _filter(g: GroupedObservations, min_Ih: float) -> GroupedObservations:
-        if g.size == 0:
-            return g
-        group = g.group_of_row()
-        sizes = g.group_sizes().astype(np.float64)
-        mean_isigsq = g.sum_in_groups(g.intensity / g.variance) / np.maximum(sizes, 1)
-        g = g.subset(mean_isigsq[group] > 0.85)
-        if g.size == 0:
-            return g
-        Ih = g.group_means(1.0 / g.variance)[g.group_of_row()]
-        keep = (Ih * g.scale > min_Ih) & (g.intensity > 0.001) & (g.group_sizes()[g.group_of_row()] > 1)
-        g = g.subset(keep)
-        if g.size == 0:
-            return g
-        g = g.subset(g.group_sizes()[g.group_of_row()] > 1)
-        if g.size == 0:
-            return g
-        group = g.group_of_row()
-        Ih_group = g.group_means(1.0 / g.variance)
-        n = g.group_sizes().astype(np.float64)
-        dev2 = g.sum_in_groups((g.intensity / g.scale - Ih_group[group]) ** 2) / (n - 1.0)
-        mean_var = g.sum_in_groups(g.variance / g.scale ** 2) / n
-        ratio = np.divide(dev2, mean_var, out=np.full_like(dev2, np.inf), where=mean_var > 0)
-        cutoff = max(50.0, float(Ih_group.max()) / 40.0)
-        return g.subset((ratio < cutoff)[group])
+    def _filter_rows(g: GroupedObservations, min_Ih: float,
+                     rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """DIALS's filter (module docstring) of the ``rows`` of ``g`` (default all) in one C++
+        pass over the groups (:func:`xtalscale._core.job.error_model_filter`): the rows kept and,
+        for them, Ĩ (weights 1/σ²) and n_h of their group after the filter."""
+        from .._core import job as kernels
+
+        considered = np.ones(g.size, dtype=bool) if rows is None else rows
+        return kernels.error_model_filter(g.order, g.offsets, g.intensity, g.variance, g.scale,
+                                          considered, float(min_Ih))
+
+    @staticmethod
+    def _filter(g: GroupedObservations, min_Ih: float, rows: np.ndarray | None = None) -> GroupedObservations:
+        """The rows of ``g`` that :meth:`_filter_rows` keeps."""
+        return g.subset(ErrorModelData._filter_rows(g, min_Ih, rows)[0])
 
 
 class ErrorModelBinner:
@@ -180,43 +196,69 @@ class ErrorModelBinner:
         n = E.size
         min_refl = int(n / 100) if n > 25000 else min_reflections_required
         self.min_per_bin = max(1, min(min_refl, int(n / (3 * n_bins))))
-        order = np.argsort(-E, kind="stable")
-        E_sorted = E[order]
+        # Bins are runs of E in descending order (ties in row order); their bounds need only the
+        # sorted values, and the rows of each bin follow from the values (no argsort).
+        neg_sorted = np.sort(-E)
+        E_sorted = -neg_sorted
         top = math.log(max(E_sorted[0], 1.0 + 1e-12))
         bottom = math.log(max(1.0, E_sorted[-1]))
         bounds = np.exp(np.linspace(top, bottom, n_bins + 1))
         bounds[0] = E_sorted[0] + 0.01
         bounds[-1] = E_sorted[-1] - 0.01
         # walk down from the top: a bin short of min_per_bin takes rows from the next one
-        members, start = [], 0
+        runs, start = [], 0
         for k in range(n_bins):
             lower = bounds[k + 1]
-            end = int(np.searchsorted(-E_sorted, -lower, side="left"))
+            end = int(np.searchsorted(neg_sorted, -lower, side="left"))
             if end - start < self.min_per_bin:
                 end = min(n, start + self.min_per_bin)
             if k == n_bins - 1:
                 end = n
             if end > start:
-                members.append(order[start:end])
+                runs.append((start, end))
             start = end
             if start >= n:
                 break
-        members = [m for m in members if m.size >= self.min_per_bin - 5]
-        self.bins = members
-        # per-row bin (−1: in no bin) for one-pass bincount sums in calculate_bin_variances
-        self.bin_index = np.full(n, -1, dtype=np.int64)
-        for k, m in enumerate(members):
-            self.bin_index[m] = k
+        kept = [(a, b) for a, b in runs if b - a >= self.min_per_bin - 5]
+        self.bin_index = self._bin_of_rows(E, neg_sorted, runs, kept)
         self._in_bin = self.bin_index >= 0
-        self._counts = np.bincount(self.bin_index[self._in_bin], minlength=len(members)).astype(np.float64)
-        self.weights = np.array([E[m].mean() for m in members])
-        self.bin_variances = np.zeros(len(members))
-        self.summation_matrix = members
+        self._counts = np.array([b - a for a, b in kept], dtype=np.float64)
+        self.weights = np.array([E_sorted[a:b].mean() for a, b in kept])
+        self.bin_variances = np.zeros(len(kept))
+        self._fixed_a_rows: tuple | None = None
+
+    @staticmethod
+    def _bin_of_rows(E: np.ndarray, neg_sorted: np.ndarray, runs: list, kept: list) -> np.ndarray:
+        """Per row, the index among ``kept`` of the run of ranks holding the row (−1: none).
+
+        A row's rank in the stable descending order is the number of larger values plus the
+        number of equal values in earlier rows; only values repeated across a run boundary need
+        the second part."""
+        starts = np.array([a for a, _ in runs[1:]], dtype=np.int64)
+        run_of_kept = {run: k for k, run in enumerate(kept)}
+        remap = np.array([run_of_kept.get(run, -1) for run in runs], dtype=np.int64)
+        # runs whose first value is also the value of the rank before (a tie across a boundary)
+        straddling = [b for b in starts if neg_sorted[b - 1] == neg_sorted[b]]
+        run = np.searchsorted(neg_sorted[starts], -E, side="right")
+        for value in {float(neg_sorted[b]) for b in straddling}:
+            rows = np.flatnonzero(-E == value)
+            ranks = int(np.searchsorted(neg_sorted, value, side="left")) + np.arange(rows.size)
+            run[rows] = np.searchsorted(starts, ranks, side="right")
+        return remap[run]
+
+    @property
+    def bins(self) -> list[np.ndarray]:
+        """Rows of each bin (in row order)."""
+        return [np.flatnonzero(self.bin_index == k) for k in range(self._counts.size)]
+
+    @property
+    def summation_matrix(self) -> list[np.ndarray]:
+        return self.bins
 
     def calculate_bin_variances(self, delta: np.ndarray) -> np.ndarray:
         """mean(δ²) − mean(δ)² per bin."""
         idx, d = self.bin_index[self._in_bin], delta[self._in_bin]
-        n_bins = len(self.bins)
+        n_bins = self._counts.size
         mean = np.bincount(idx, weights=d, minlength=n_bins) / self._counts
         mean_sq = np.bincount(idx, weights=d * d, minlength=n_bins) / self._counts
         self.bin_variances = mean_sq - mean ** 2
@@ -233,7 +275,12 @@ def _refine_a(model: BasicErrorModel, data: ErrorModelData) -> None:
         ndtri,  # the normal quantile (scipy.stats costs seconds to import)
     )
 
-    delta = np.sort(calc_deltahl(data, data.n_h, calc_sigmaprime(model.parameters, data)))
+    from .._core import job as kernels
+
+    # calc_deltahl (σ' as calc_sigmaprime) in one C++ pass, its σ-independent factor made once
+    a, b = model.parameters
+    delta = np.sort(kernels.error_model_normalised_deviations(data.scaled_deviation, data.variance,
+                                                              data.intensity, data.scale, a, b))
     n = delta.size
     lo = int(math.ceil(_normal_cdf(-1.5) * n - 0.5))
     hi = int(math.ceil(_normal_cdf(1.5) * n - 0.5))
@@ -271,25 +318,32 @@ def _golden_section(f: Any, lo: float, hi: float, tol: float = 1e-7) -> float:
     return 0.5 * (lo + hi)
 
 
-def _b_objective_at_fixed_a(model: BasicErrorModel, data: ErrorModelData, binner: ErrorModelBinner) -> Any:
-    """The b objective as a function of b alone (the same value as :func:`_b_objective`).
+def _fixed_a_arrays(model: BasicErrorModel, data: ErrorModelData, binner: ErrorModelBinner) -> tuple:
+    """(K, σ², I², bin, counts, normalised weights) of the binned rows at the current a.
 
-    With a fixed, δ = K/sqrt(σ² + b²I²) with K = sqrt((n−1)/n)(I/g − Ĩ)·g/a, so K, σ² and I²
-    of the binned rows are computed once and each evaluation is one C++ pass
-    (:func:`xtalscale._core.job.error_model_bin_moments`) over them."""
+    With a fixed, δ = K/sqrt(σ² + b²I²) with K = sqrt((n−1)/n)(I/g − Ĩ)·g/a; everything but
+    the final division by a is made once per binner."""
+    if binner._fixed_a_rows is None:
+        rows = slice(None) if binner._in_bin.all() else binner._in_bin  # usually every row is binned
+        n_h, scale, intensity = data.n_h[rows], data.scale[rows], data.intensity[rows]
+        binner._fixed_a_rows = (
+            np.sqrt((n_h - 1.0) / n_h) * (intensity - data.Ih[rows] * scale),
+            np.ascontiguousarray(data.variance[rows]), intensity ** 2,
+            np.ascontiguousarray(binner.bin_index[rows]))
+    K_times_a, variance, I_sq, bin_of_row = binner._fixed_a_rows
+    return K_times_a / model.a, variance, I_sq, bin_of_row, binner._counts, binner.weights / binner.weights.sum()
+
+
+def _b_objective_at_fixed_a(model: BasicErrorModel, data: ErrorModelData, binner: ErrorModelBinner) -> Any:
+    """The b objective as a function of b alone (the same value as :func:`_b_objective`):
+    each evaluation is one C++ pass (:func:`xtalscale._core.job.error_model_bin_moments`)
+    over the arrays of :func:`_fixed_a_arrays`."""
     from .._core import job as kernels
 
-    rows = binner._in_bin
-    bin_of_row = np.ascontiguousarray(binner.bin_index[rows])
-    n_h, scale = data.n_h[rows], data.scale[rows]
-    K = np.sqrt((n_h - 1.0) / n_h) * (data.intensity[rows] - data.Ih[rows] * scale) / model.a
-    variance = np.ascontiguousarray(data.variance[rows])
-    I_sq = data.intensity[rows] ** 2
-    counts, n_bins = binner._counts, len(binner.bins)
-    weights = binner.weights / binner.weights.sum()
+    K, variance, I_sq, bin_of_row, counts, weights = _fixed_a_arrays(model, data, binner)
 
     def objective(b: float) -> float:
-        sum_delta, sum_delta_sq = kernels.error_model_bin_moments(K, variance, I_sq, bin_of_row, n_bins, b * b)
+        sum_delta, sum_delta_sq = kernels.error_model_bin_moments(K, variance, I_sq, bin_of_row, counts.size, b * b)
         mean = sum_delta / counts
         v = np.maximum(sum_delta_sq / counts - mean ** 2, 1e-12)
         return float(np.sum(weights * ((0.5 - v) ** 2 + 1.0 / v - 1.25)))
@@ -299,8 +353,13 @@ def _b_objective_at_fixed_a(model: BasicErrorModel, data: ErrorModelData, binner
 
 def _refine_b(model: BasicErrorModel, data: ErrorModelData, binner: ErrorModelBinner) -> None:
     """b minimising the binned-variance objective, searched on [0, 0.5] (golden section to
-    1e-6 in b: far below b's uncertainty, 28 evaluations)."""
-    b = _golden_section(_b_objective_at_fixed_a(model, data, binner), 0.0, 0.5, tol=1e-6)
+    1e-6 in b: far below b's uncertainty, 28 evaluations). The whole search is one C++ call
+    (:func:`xtalscale._core.job.error_model_search_b`), step for step :func:`_golden_section`
+    on :func:`_b_objective_at_fixed_a`."""
+    from .._core import job as kernels
+
+    K, variance, I_sq, bin_of_row, counts, weights = _fixed_a_arrays(model, data, binner)
+    b = kernels.error_model_search_b(K, variance, I_sq, bin_of_row, counts, weights, 0.0, 0.5, 1e-6)
     model.parameters = [model.a, b]
 
 
@@ -331,11 +390,13 @@ def _regression(model: BasicErrorModel, data: ErrorModelData) -> None:
 def run_error_model_refinement(model: BasicErrorModel, grouped: GroupedObservations,
                                minimisation: str = "individual", min_Ih: float = 25.0,
                                n_bins: int = 10, min_partiality: float = 0.25,
-                               max_cycles: int = 50, stills: Any = None) -> BasicErrorModel:
+                               max_cycles: int = 50, stills: Any = None,
+                               rows: np.ndarray | None = None) -> BasicErrorModel:
     """Refine ``model`` on grouped scaled observations (rows as for outlier rejection, but with
-    Bijvoet mates apart). ``stills`` (the ``basic.stills`` scope) selects the stills filtering.
+    Bijvoet mates apart), or on the ``rows`` of them (a per-row bool array). ``stills`` (the
+    ``basic.stills`` scope) selects the stills filtering.
     Raises :class:`ErrorModelRefinementError` when too few rows suit."""
-    data = ErrorModelData(grouped, min_Ih=min_Ih, min_partiality=min_partiality, stills=stills)
+    data = ErrorModelData(grouped, min_Ih=min_Ih, min_partiality=min_partiality, stills=stills, rows=rows)
     model.filtered_Ih_table = data
     model.n_refl = data.intensity.size
     if minimisation == "regression":
@@ -391,6 +452,42 @@ def extract_error_model_groups(params: Any, n_tables: int) -> list[list[int]]:
     return groups
 
 
+def _suitable_rows_grouped(scaler: Any) -> GroupedObservations:
+    """The suitable rows of every dataset of ``scaler`` with their current I, σ² (no error
+    model), g and partiality, Bijvoet mates apart. The grouping comes from the cache of
+    :func:`~xtalscale.job.grouped.asu_grouping` (the scaler grouped the same indices), and
+    each model's rows are then a mask over it: no grouping per refinement."""
+    datasets = scaler.datasets
+    hkl = np.concatenate([np.asarray(ds.table["miller_index"]).reshape(-1, 3)[ds.suitable] for ds in datasets])
+    grouping = asu_grouping(hkl, scaler.space_group, anomalous=True)
+    n_rows = [int(ds.suitable.sum()) for ds in datasets]
+    I = np.concatenate([ds.column("intensity") for ds in datasets])
+    V = np.concatenate([ds.column("variance") for ds in datasets])
+    partiality = np.concatenate([ds.column("partiality") if "partiality" in ds.table else np.ones(n)
+                                 for ds, n in zip(datasets, n_rows)])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        weight = 1.0 / V
+    return GroupedObservations(
+        I, V, weight, np.concatenate([ds.column("inverse_scale_factor") for ds in datasets]), grouping.asu_hkl,
+        np.repeat(np.arange(len(datasets), dtype=np.int64), n_rows),
+        np.concatenate([np.arange(n, dtype=np.int64) for n in n_rows]), grouping.order, grouping.offsets,
+        len(datasets), scaler.space_group, {"partiality": partiality})
+
+
+def _check_rows(grouped: GroupedObservations, rows: np.ndarray) -> None:
+    """The checks :meth:`GroupedObservations.from_tables` makes, on the ``rows`` used."""
+    for name, values in (("intensity", grouped.intensity), ("variance", grouped.variance),
+                         ("inverse_scale_factor", grouped.scale)):
+        bad = rows & ~np.isfinite(values)
+        if bad.any():
+            raise ValueError(f"column '{name}' is not finite at selected row {int(np.flatnonzero(bad)[0])}")
+    bad = rows & ~(grouped.variance > 0)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"column 'variance' must be positive for the selected rows "
+                         f"(row {row} has {grouped.variance[row]})")
+
+
 def refine_error_models(scaler: Any) -> None:
     """Refine the scaler's error model(s) on its current scales and set them (§8.6)."""
     params = scaler.params
@@ -404,7 +501,9 @@ def refine_error_models(scaler: Any) -> None:
               for members in extract_error_model_groups(params, len(scaler.datasets))]
     groups = [members for members in groups if members]
     all_stills = all(ds.experiment.is_still() for ds in scaler.datasets)
+    suitable = _suitable_rows_grouped(scaler)
     for members in groups:
+        # the members' non-outlier rows, as a mask over the suitable rows of every dataset
         keep = []
         for k, ds in enumerate(scaler.datasets):
             rows = np.zeros(int(ds.suitable.sum()), bool)
@@ -413,25 +512,14 @@ def refine_error_models(scaler: Any) -> None:
                 if ds.outliers.size:
                     rows &= ~ds.outliers
             keep.append(rows)
-        tables = []
-        for k, ds in enumerate(scaler.datasets):
-            cols = {"intensity": ds.column("intensity")[keep[k]], "variance": ds.column("variance")[keep[k]],
-                    "inverse_scale_factor": ds.column("inverse_scale_factor")[keep[k]],
-                    "miller_index": np.asarray(ds.table["miller_index"]).reshape(-1, 3)[ds.suitable][keep[k]]}
-            if "partiality" in ds.table:
-                cols["partiality"] = ds.column("partiality")[keep[k]]
-            else:
-                cols["partiality"] = np.ones(cols["intensity"].size)
-            tables.append(cols)
-        grouped = GroupedObservations.from_tables(
-            tables, scaler.space_group, anomalous=True,
-            selections=[np.ones(t["intensity"].size, bool) for t in tables], extra_columns=("partiality",))
+        rows = np.concatenate(keep)
+        _check_rows(suitable, rows)
         model = BasicErrorModel(basic_params=em_params.basic)
         try:
-            run_error_model_refinement(model, grouped, em_params.basic.minimisation or "None",
+            run_error_model_refinement(model, suitable, em_params.basic.minimisation or "None",
                                        em_params.basic.min_Ih, em_params.basic.n_bins,
                                        float(params.reflection_selection.min_partiality),
-                                       stills=em_params.basic.stills if all_stills else None)
+                                       stills=em_params.basic.stills if all_stills else None, rows=rows)
         except ErrorModelRefinementError as exc:
             logger.info("error model not refined for sweeps %s: %s", [m + 1 for m in members], exc)
             continue

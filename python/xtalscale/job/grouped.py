@@ -10,14 +10,14 @@ group, as DIALS's Ih table orders them). The per-group work runs in C++
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .._core import job as _kern
 
-__all__ = ["GroupedObservations", "suitable_rows"]
+__all__ = ["AsuGrouping", "GroupedObservations", "asu_grouping", "regroup", "suitable_rows"]
 
 
 def suitable_rows(table: Any) -> np.ndarray:
@@ -51,12 +51,68 @@ def _column(table: Any, name: str, default: float | None = None) -> np.ndarray:
 def regroup(order: np.ndarray, offsets: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The grouping (``order``, ``offsets``) of the rows with ``keep`` (a per-row bool array),
     without empty groups, and the kept rows' old positions ``idx`` (row ``i`` of the subset is
-    row ``idx[i]``): per-row arrays of the subset are ``array[idx]``."""
-    new_order, new_offsets, _ = _kern.select_rows_in_groups(order, offsets, keep)
-    idx = np.flatnonzero(keep)
-    new_index = np.full(keep.size, -1, dtype=np.int64)
-    new_index[idx] = np.arange(idx.size)
-    return new_index[new_order], new_offsets, idx
+    row ``idx[i]``): per-row arrays of the subset are ``array[idx]`` (or ``array[keep]``).
+
+    The kept rows stay in their order, so the subset needs no new sort: its grouping is the
+    old one with the dropped rows taken out (one C++ pass)."""
+    keep = np.asarray(keep, dtype=bool)
+    new_order, new_offsets = _kern.subset_grouping(order, offsets, keep)
+    return new_order, new_offsets, np.flatnonzero(keep)
+
+
+class AsuGrouping(NamedTuple):
+    """ASU indices and their grouping (``order``/``offsets`` of
+    :func:`~xtalscale.symmetry.group_reflections`)."""
+
+    asu_hkl: np.ndarray
+    order: np.ndarray
+    offsets: np.ndarray
+
+
+# The ASU mapping and grouping of the last few sets of Miller indices, keyed by their content:
+# the job groups the same rows again and again (the scaler's suitable rows, with and without
+# Bijvoet mates apart), and a mapping plus a sort of 10^6 rows costs far more than comparing
+# the indices. Entries: (space group, hkl copy, ASU indices, Bijvoet-minus flags,
+# {anomalous: AsuGrouping}); only what from_tables needs is kept (some 60 MB per 10^6 rows).
+_ASU_CACHE: list[tuple[Any, np.ndarray, np.ndarray, np.ndarray, dict]] = []
+_ASU_CACHE_SIZE = 2
+
+
+def _read_only(*arrays: np.ndarray) -> None:
+    for a in arrays:
+        a.setflags(write=False)
+
+
+def asu_grouping(hkl: np.ndarray, space_group: Any, anomalous: bool) -> AsuGrouping:
+    """ASU indices of ``hkl`` (Bijvoet minus mates negated if ``anomalous``) and their grouping,
+    as :func:`~xtalscale.symmetry.map_to_asu` and :func:`~xtalscale.symmetry.group_reflections`
+    give them, reused from a cache when the same indices were grouped before. The returned
+    arrays are shared and read-only."""
+    from ..symmetry import SpaceGroup, group_reflections, map_to_asu
+
+    sg = space_group if isinstance(space_group, SpaceGroup) else SpaceGroup(space_group)
+    hkl = np.asarray(hkl, dtype=np.int32).reshape(-1, 3)
+    if hkl.size == 0:
+        grouping = group_reflections(hkl)
+        return AsuGrouping(hkl, grouping.order, grouping.offsets)
+    entry = next((e for e in _ASU_CACHE if e[0] == sg and e[1].shape == hkl.shape and np.array_equal(e[1], hkl)),
+                 None)
+    if entry is None:
+        mapping = map_to_asu(hkl, sg, anomalous=False)
+        entry = (sg, hkl.copy(), mapping.asu_hkl, mapping.friedel_minus, {})
+        _read_only(*entry[1:4])
+        _ASU_CACHE.insert(0, entry)
+        del _ASU_CACHE[_ASU_CACHE_SIZE:]
+    _, _, asu, minus, groupings = entry
+    if anomalous not in groupings:
+        if anomalous:  # as map_to_asu(anomalous=True): the acentric minus mates negated
+            asu = asu.copy()
+            asu[minus] *= -1
+        grouping = group_reflections(asu)
+        groupings[anomalous] = AsuGrouping(asu, grouping.order, grouping.offsets)
+        _read_only(*groupings[anomalous])
+    return groupings[anomalous]
+
 
 @dataclass
 class GroupedObservations:
@@ -77,6 +133,10 @@ class GroupedObservations:
     space_group : SpaceGroup
     extra : dict of ndarray
         Optional per-row columns carried along (``d``, ``partiality``...).
+    derived : dict
+        Arrays that depend on the grouping only (the group of every row...), made on first use
+        (:meth:`derived_of_grouping`). Copies made with ``dataclasses.replace`` that keep
+        ``order`` and ``offsets`` share them (the scaler refreshes I, σ², g that way).
     """
 
     intensity: np.ndarray
@@ -91,6 +151,7 @@ class GroupedObservations:
     n_datasets: int
     space_group: Any
     extra: dict
+    derived: dict = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_tables(cls, tables: Sequence[Any], space_group: Any, anomalous: bool = False,
@@ -108,8 +169,6 @@ class GroupedObservations:
         ValueError
             A selected row has a non-positive or non-finite variance, or a non-finite value.
         """
-        from ..symmetry import group_reflections, map_to_asu
-
         parts: dict[str, list] = {k: [] for k in ("I", "V", "g", "hkl", "ds", "row")}
         extras: dict[str, list] = {k: [] for k in extra_columns}
         for k, table in enumerate(tables):
@@ -138,9 +197,8 @@ class GroupedObservations:
             raise ValueError(f"column 'variance' must be positive for the selected rows "
                              f"(row {bad} has {V[bad]})")
         hkl = np.concatenate(parts["hkl"]) if parts["hkl"] else np.zeros((0, 3), np.int32)
-        asu = map_to_asu(hkl, space_group, anomalous=anomalous).asu_hkl if len(hkl) else hkl
-        grouping = group_reflections(asu)
-        return cls(I, V, 1.0 / V, g, asu, np.concatenate(parts["ds"]), np.concatenate(parts["row"]),
+        grouping = asu_grouping(hkl, space_group, anomalous)
+        return cls(I, V, 1.0 / V, g, grouping.asu_hkl, np.concatenate(parts["ds"]), np.concatenate(parts["row"]),
                    grouping.order, grouping.offsets, len(tables), space_group,
                    {k: np.concatenate(v) for k, v in extras.items()})
 
@@ -156,11 +214,32 @@ class GroupedObservations:
     def group_sizes(self) -> np.ndarray:
         return np.diff(self.offsets)
 
+    def derived_of_grouping(self, key: Any, compute: Any) -> Any:
+        """``compute()``, made once per grouping and kept in :attr:`derived` under ``key``.
+
+        The cache holds the ``order``/``offsets`` arrays it was made for and starts afresh when
+        they are not this object's, so a copy with another grouping never sees stale values.
+        Cached arrays are read-only."""
+        cache = self.derived
+        if cache.get("order") is not self.order or cache.get("offsets") is not self.offsets:
+            cache.clear()
+            cache["order"], cache["offsets"] = self.order, self.offsets
+        if key not in cache:
+            value = compute()
+            for a in value if isinstance(value, tuple) else (value,):
+                if isinstance(a, np.ndarray):
+                    a.setflags(write=False)
+            cache[key] = value
+        return cache[key]
+
     def group_of_row(self) -> np.ndarray:
-        """The group index of every row."""
-        out = np.empty(self.size, dtype=np.int64)
-        out[self.order] = np.repeat(np.arange(self.n_groups), self.group_sizes())
-        return out
+        """The group index of every row (read-only; made once per grouping)."""
+        def compute() -> np.ndarray:
+            out = np.empty(self.size, dtype=np.int64)
+            out[self.order] = np.repeat(np.arange(self.n_groups), self.group_sizes())
+            return out
+
+        return self.derived_of_grouping("group_of_row", compute)
 
     def sum_in_groups(self, values: np.ndarray) -> np.ndarray:
         """Per-group sums of a per-row array (C++)."""
@@ -177,15 +256,18 @@ class GroupedObservations:
         return self.group_means()[self.group_of_row()]
 
     def subset(self, keep: np.ndarray) -> GroupedObservations:
-        """The rows with ``keep`` (a per-row bool array), regrouped without empty groups."""
+        """The rows with ``keep`` (a per-row bool array), regrouped without empty groups.
+
+        No new sort: the kept rows keep their order, so their grouping is this one without the
+        dropped rows (as grouping them afresh would give)."""
         keep = np.asarray(keep, dtype=bool)
         if keep.shape != (self.size,):
             raise ValueError(f"keep must be a bool array of length {self.size}")
-        order, offsets, idx = regroup(self.order, self.offsets, keep)
-        return replace(self, intensity=self.intensity[idx], variance=self.variance[idx],
-                       weight=self.weight[idx], scale=self.scale[idx], asu_hkl=self.asu_hkl[idx],
-                       dataset=self.dataset[idx], row=self.row[idx], order=order,
-                       offsets=offsets, extra={k: v[idx] for k, v in self.extra.items()})
+        order, offsets = _kern.subset_grouping(self.order, self.offsets, keep)
+        return replace(self, intensity=self.intensity[keep], variance=self.variance[keep],
+                       weight=self.weight[keep], scale=self.scale[keep], asu_hkl=self.asu_hkl[keep],
+                       dataset=self.dataset[keep], row=self.row[keep], order=order,
+                       offsets=offsets, extra={k: v[keep] for k, v in self.extra.items()}, derived={})
 
     def rows_per_dataset(self, rows: np.ndarray) -> list[np.ndarray]:
         """Split positions ``rows`` of this object into each dataset's table rows (order kept)."""

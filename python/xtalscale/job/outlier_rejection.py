@@ -20,12 +20,12 @@ The DIALS-shaped names (``NormDevOutlierRejection`` ...) take a :class:`GroupedO
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from .._core import job as _kern
-from .grouped import GroupedObservations, regroup
+from .grouped import GroupedObservations
 
 __all__ = [
     "OUTLIER_METHODS",
@@ -72,24 +72,11 @@ def _check_zmax(zmax: float) -> float:
 def _standard(grouped: GroupedObservations, zmax: float) -> np.ndarray:
     """Positions (into ``grouped``) of the standard method's outliers, in detection order.
 
-    Each pass regroups only the arrays the kernels read (I, w, g and the grouping), not every
-    column of ``grouped``."""
-    found: list[np.ndarray] = []
-    order, offsets = grouped.order, grouped.offsets
-    inten, weight, scale = grouped.intensity, grouped.weight, grouped.scale
-    position = np.arange(grouped.size)          # position in ``grouped`` of the current rows
-    while position.size:
-        w = _kern.limit_outlier_weights(order, offsets, np.asarray(weight, dtype=np.float64))
-        z = _kern.normdev_leave_one_out(order, offsets, inten, w, scale)
-        outliers, potential = _kern.pick_group_outliers(order, offsets, np.abs(z), zmax)
-        if outliers.size == 0:
-            break
-        found.append(position[outliers])
-        keep = np.zeros(position.size, dtype=bool)
-        keep[potential] = True
-        order, offsets, idx = regroup(order, offsets, keep)
-        position, inten, weight, scale = position[idx], inten[idx], weight[idx], scale[idx]
-    return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+    One C++ call runs DIALS's rounds: each group is re-examined without its outlier until it
+    gives none (the weights re-capped every round), which is what regrouping the potential
+    outliers and testing again does."""
+    return _kern.standard_outlier_rows(grouped.order, grouped.offsets, grouped.intensity,
+                                       np.asarray(grouped.weight, dtype=np.float64), grouped.scale, zmax)
 
 
 def _simple(grouped: GroupedObservations, zmax: float) -> np.ndarray:
@@ -208,21 +195,46 @@ def quasi_normalised_intensities(intensity: np.ndarray, d: np.ndarray, epsilon: 
     n = intensity.size
     if n == 0:
         return np.zeros(0)
+    bins = _resolution_bins(np.arange(n), np.asarray(d, dtype=np.float64), np.asarray(epsilon, dtype=np.float64))
+    return _quasi_normalised(intensity, bins)
+
+
+class _ResolutionBins(NamedTuple):
+    """What E² needs of the indices: per row the d*² bin and ε, per group d*² (for N)."""
+
+    group: np.ndarray
+    which: np.ndarray
+    epsilon: np.ndarray
+    counts: np.ndarray
+    d_star_sq: np.ndarray
+    lo: float
+    step: float
+
+
+def _resolution_bins(group: np.ndarray, d: np.ndarray, epsilon: np.ndarray) -> _ResolutionBins:
+    """The bins of :func:`quasi_normalised_intensities` for rows in groups (row i in group
+    ``group[i]``, every group has a row) of resolution ``d`` and ε ``epsilon`` (per group)."""
+    n = group.size
     n_bins = 20 if n > 20000 else 15 if n > 15000 else 10
-    dss = 1.0 / np.asarray(d, dtype=np.float64) ** 2
+    dss = 1.0 / d ** 2
     lo, hi = dss.min(), dss.max()
     span = hi - lo
     lo, hi = lo - 1e-6 * span, hi + 1e-6 * span
     step = (hi - lo) / n_bins if hi > lo else 1.0
-    which = np.clip(((dss - lo) / step).astype(np.int64), 0, n_bins - 1)
-    work = np.maximum(intensity, 0.0) / epsilon
-    sums = np.bincount(which, weights=work, minlength=n_bins)
-    counts = np.bincount(which, minlength=n_bins)
-    filled = counts > 0
-    means = sums[filled] / counts[filled]
-    centres = np.sqrt(lo + (np.flatnonzero(filled) + 0.5) * step)
-    norm = np.interp(np.sqrt(dss), centres, means)
-    return np.divide(intensity, epsilon * norm, out=np.zeros(n), where=norm > 0)
+    which = np.clip(((dss - lo) / step).astype(np.int64), 0, n_bins - 1)[group]
+    return _ResolutionBins(group, which, epsilon[group], np.bincount(which, minlength=n_bins), dss, lo, step)
+
+
+def _quasi_normalised(intensity: np.ndarray, bins: _ResolutionBins) -> np.ndarray:
+    """E² of per-row intensities in :func:`_resolution_bins`'s bins (the two per-row passes in
+    C++, the interpolation per group here)."""
+    intensity = np.asarray(intensity, dtype=np.float64)
+    sums = _kern.esq_bin_sums(intensity, bins.epsilon, bins.which, bins.counts.size)
+    filled = bins.counts > 0
+    means = sums[filled] / bins.counts[filled]
+    centres = np.sqrt(bins.lo + (np.flatnonzero(filled) + 0.5) * bins.step)
+    norm = np.interp(np.sqrt(bins.d_star_sq), centres, means)
+    return _kern.esq_values(intensity, bins.epsilon, bins.group, norm)
 
 
 def determine_Esq_outlier_index_arrays(Ih_table: Any, experiment: Any, emax: float = 10.0
@@ -235,9 +247,18 @@ def determine_Esq_outlier_index_arrays(Ih_table: Any, experiment: Any, emax: flo
 
     cell = cell if isinstance(cell, UnitCell) else UnitCell(cell.parameters())
     sg = sg if isinstance(sg, SpaceGroup) else SpaceGroup(str(sg.info()) if hasattr(sg, "info") else str(sg))
-    d = np.asarray(cell.d(grouped.asu_hkl), dtype=np.float64)
-    eps = np.asarray(sg.epsilon(grouped.asu_hkl), dtype=np.float64)
-    esq = quasi_normalised_intensities(grouped.intensity / grouped.scale, d, eps)
+    if grouped.size == 0:
+        return grouped.rows_per_dataset(np.zeros(0, dtype=np.int64))
+
+    def bins() -> _ResolutionBins:
+        # d and ε depend on the ASU index only: once per group
+        unique_hkl = grouped.asu_hkl[grouped.order[grouped.offsets[:-1]]]
+        return _resolution_bins(grouped.group_of_row(), np.asarray(cell.d(unique_hkl), dtype=np.float64),
+                                np.asarray(sg.epsilon(unique_hkl), dtype=np.float64))
+
+    # the scaler's successive rounds share the grouping: the bins are made once
+    key = ("Esq bins", tuple(cell.parameters()), sg.hall_symbol())
+    esq = _quasi_normalised(grouped.intensity / grouped.scale, grouped.derived_of_grouping(key, bins))
     return grouped.rows_per_dataset(np.flatnonzero(esq > float(emax) ** 2))
 
 
