@@ -25,6 +25,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .._core import job as _kern
+from ..symmetry import hkl_keys
 from .grouped import GroupedObservations
 
 __all__ = [
@@ -85,19 +86,13 @@ def _simple(grouped: GroupedObservations, zmax: float) -> np.ndarray:
     return np.flatnonzero(np.abs(z) > zmax)
 
 
-def _hkl_keys(hkl: np.ndarray) -> np.ndarray:
-    """Injective int64 keys of (h, k, l) with |h|, |k|, |l| < 2^20."""
-    h = hkl.astype(np.int64) + (1 << 20)
-    return (h[:, 0] << 42) | (h[:, 1] << 21) | h[:, 2]
-
-
 def _targeted(grouped: GroupedObservations, zmax: float, target: GroupedObservations) -> np.ndarray:
     target_means = target.group_means()
     first = target.order[target.offsets[:-1]]
-    target_keys = _hkl_keys(target.asu_hkl[first])
+    target_keys = hkl_keys(target.asu_hkl[first])
     sum_wgg = target.sum_in_groups(target.weight * target.scale ** 2)
     target_var = np.divide(1.0, sum_wgg, out=np.zeros_like(sum_wgg), where=sum_wgg > 0)
-    keys = _hkl_keys(grouped.asu_hkl)
+    keys = hkl_keys(grouped.asu_hkl)
     sorter = np.argsort(target_keys)
     pos = np.searchsorted(target_keys, keys, sorter=sorter)
     pos = np.minimum(pos, max(target_keys.size - 1, 0))
