@@ -88,14 +88,13 @@ def _statistics(experiments: Any, table: Any, params: Any) -> tuple[Any, Any]:
 def work_free_statistics(algorithm: Any, obs: Any, params: Any) -> dict[str, dict[str, float]] | None:
     """Rmeas and CC½ of the work and free groups (``use_free_set``), as DIALS reports them."""
     from ..stats.merging import MergingStatistics
-    from ..symmetry import map_to_asu
-    from .outlier_rejection import _hkl_keys
+    from ..symmetry import hkl_keys, map_to_asu
 
     free_hkl = getattr(algorithm.scaler, "free_asu_hkl", None)
     if free_hkl is None or obs is None or len(free_hkl) == 0:
         return None
     asu = map_to_asu(obs.miller_index, obs.space_group, anomalous=bool(params.anomalous)).asu_hkl
-    is_free = np.isin(_hkl_keys(asu), _hkl_keys(np.asarray(free_hkl)))
+    is_free = np.isin(hkl_keys(asu), hkl_keys(np.asarray(free_hkl)))
     sigma = np.sqrt(obs.variance)
     out = {}
     for name, rows in (("work", ~is_free), ("free", is_free)):
