@@ -55,6 +55,7 @@ import numpy as np
 
 from .._core import stats as _core_stats
 from ..symmetry import (
+    Grouping,
     SpaceGroup,
     UnitCell,
     centric_flags,
@@ -71,8 +72,10 @@ __all__ = [
     "MergingShell",
     "MergingStatistics",
     "MergingStatisticsError",
+    "ObservationGroups",
     "batch_statistics",
     "dataset_statistics",
+    "group_observations",
     "normalised_deviations",
     "shell_limits",
 ]
@@ -309,6 +312,64 @@ class _Prepared:
         # centric groups)
         return (grouping, (isym % 2 == 0).view(np.uint8),
                 centric_flags(grouping.unique_hkl, self.space_group))
+
+    @cached_property
+    def in_group_order(self) -> tuple:
+        """(intensity, sigma, friedel_minus) of the rows in group order (``grouping.order``).
+
+        The kernels read them sequentially with an identity order: the same values in the
+        same sequence as through ``order`` (so the same sums), without a random read per
+        observation in every kernel (which costs them about as much as their arithmetic)."""
+        grouping, friedel_minus, _ = self.grouped
+        order = grouping.order
+        return (np.take(self.intensity, order), np.take(self.sigma, order),
+                np.take(friedel_minus, order))
+
+    def subset(self, keep: np.ndarray) -> _Prepared:
+        """The used rows with ``keep`` (bool per used row), as :func:`_prepare` would make them
+        from those rows alone (all used, no d limits), grouped by selecting rows of this
+        grouping: the same groups and order as a fresh ASU mapping and sort, for a fraction
+        of the cost."""
+        grouping, friedel_minus, group_centric = self.grouped
+        kept_in_order = keep[grouping.order]  # per position in group order
+        n_kept = np.add.reduceat(kept_in_order, grouping.offsets[:-1], dtype=np.int64)
+        old_group = np.flatnonzero(n_kept)  # groups left with a row
+        offsets = np.concatenate([[0], np.cumsum(n_kept[old_group])])
+        rows = np.flatnonzero(keep)
+        new_row = np.cumsum(keep, dtype=np.int64) - 1  # old row -> row of the subset
+        order = new_row[grouping.order[kept_in_order]]
+        group_index = np.empty(len(rows), dtype=np.int64)
+        group_index[order] = np.repeat(np.arange(len(old_group), dtype=np.int64),
+                                       n_kept[old_group])
+        d_star_sq = self.d_star_sq[rows]
+        sub = _Prepared(np.take(self.hkl, rows, axis=0), self.intensity[rows],
+                        self.sigma[rows], d_star_sq, d_star_sq, np.arange(len(rows)),
+                        self.space_group, self.unit_cell, len(rows), _no_rejections())
+        # fill both cached properties: a group's kept rows keep their relative order
+        sub.__dict__["grouped"] = (
+            Grouping(order, group_index, offsets, grouping.unique_hkl[old_group]),
+            friedel_minus[rows], group_centric[old_group])
+        sub.__dict__["in_group_order"] = tuple(a[kept_in_order] for a in self.in_group_order)
+        return sub
+
+    def observation_groups(self) -> ObservationGroups | None:
+        """The grouping as :func:`group_observations` makes it from the caller's arrays, or
+        None if rows other than the unusable ones were left out (d range, absences)."""
+        if any(self.n_rejected.get(k, 0) for k in ("outside_d_range", "systematically_absent")):
+            return None
+        grouping = self.grouped[0]
+        intensity, sigma, _ = self.in_group_order
+        return ObservationGroups(np.take(self.used_rows, grouping.order), intensity, sigma,
+                                 grouping.offsets, self.n_input)
+
+
+def _identity_order(n: int) -> np.ndarray:
+    """The ``order`` argument of a kernel whose inputs are already in group order."""
+    return np.arange(n, dtype=np.int64)
+
+
+def _no_rejections() -> dict:
+    return {"outside_d_range": 0, "non_finite": 0, "sigma_negative": 0, "sigma_zero": 0}
 
 
 def _prepare(hkl, intensity, sigma, space_group, unit_cell, d_min=None, d_max=None,
@@ -614,10 +675,18 @@ class MergingStatistics:
         return self.rebinned(self.n_bins, self.binning_method, self.reflections_per_bin,
                              anomalous=True)
 
+    def observation_groups(self) -> ObservationGroups | None:
+        """The grouping behind these statistics as :func:`group_observations` of the input
+        arrays makes it (for :func:`batch_statistics` and :func:`normalised_deviations` of the
+        same observations), or None if a d range or ``eliminate_sys_absent`` left usable rows
+        out."""
+        return self._prepared.observation_groups()
+
     # ------------------------------------------------------------------ computation
     def _compute(self) -> None:
         p = self._prepared
-        grouping, friedel_minus, group_centric = p.grouped
+        grouping, _, group_centric = p.grouped
+        intensity, sigma, friedel_minus = p.in_group_order
         first_row = grouping.order[grouping.offsets[:-1]]
         group_dss = p.d_star_sq[first_row]
         n_shells = len(self.limits) - 1
@@ -628,7 +697,7 @@ class MergingStatistics:
                 "the data contain no symmetry-equivalent observations (already merged?): "
                 "merging statistics need unmerged data")
         merged, sums = _core_stats.merging_statistics(
-            p.intensity, p.sigma, friedel_minus, grouping.order,
+            intensity, sigma, friedel_minus, _identity_order(len(intensity)),
             grouping.offsets, shell.astype(np.int32), group_centric.astype(np.uint8), n_shells,
             use_internal_variance=self.use_internal_variance, anomalous=self.anomalous,
             seed=self.seed)
@@ -823,7 +892,45 @@ def _jsonable(x):
 # --------------------------------------------------------------------------- per observation
 
 
-def _grouped(miller_index, intensity, sigma, space_group, anomalous=False):
+@dataclass
+class ObservationGroups:
+    """Usable observations sorted by unique reflection, for the per-observation statistics.
+
+    Made by :func:`group_observations` (or taken from a :class:`MergingStatistics` by
+    :meth:`MergingStatistics.observation_groups`) once and passed to
+    :func:`normalised_deviations` and :func:`batch_statistics`, which would otherwise each map
+    and sort the same indices again.
+
+    Attributes
+    ----------
+    rows : ndarray, int64, (m,)
+        Row numbers (in the caller's arrays) of the usable observations (finite intensity
+        and sigma, sigma > 0) in group order: group k is ``rows[offsets[k]:offsets[k+1]]``,
+        groups in :func:`~xtalscale.symmetry.group_reflections` order (ASU index, Bijvoet
+        mates together), rows of a group in input order.
+    intensity, sigma : ndarray, float64, (m,)
+        Their values, in the same order.
+    offsets : ndarray, int64, (n_groups + 1,)
+    n_input : int
+        Length of the caller's arrays.
+    """
+
+    rows: np.ndarray
+    intensity: np.ndarray
+    sigma: np.ndarray
+    offsets: np.ndarray
+    n_input: int
+
+    def check_length(self, n: int) -> None:
+        if n != self.n_input:
+            raise MergingStatisticsError(f"groups made from {self.n_input} observations given "
+                                         f"with arrays of {n}")
+
+
+def group_observations(miller_index, intensity, sigma, space_group,
+                       anomalous: bool = False) -> ObservationGroups:
+    """Group the usable observations (finite I and σ, σ > 0) by ASU index (with
+    ``anomalous`` Bijvoet mates apart) with :func:`xtalscale.symmetry.group_reflections`."""
     hkl = miller_array(miller_index, "miller_index")
     I = np.asarray(intensity, dtype=np.float64).ravel()
     s = np.asarray(sigma, dtype=np.float64).ravel()
@@ -833,23 +940,38 @@ def _grouped(miller_index, intensity, sigma, space_group, anomalous=False):
             f"{len(I)}, {len(s)})")
     ok = np.isfinite(I) & np.isfinite(s) & (s > 0)
     rows = np.flatnonzero(ok)
-    m = map_to_asu(hkl[rows], space_group, anomalous=anomalous)
-    g = group_reflections(m.asu_hkl)
-    return rows, I[rows], s[rows], g
+    grouping = group_reflections(map_to_asu(hkl[rows], space_group, anomalous=anomalous).asu_hkl)
+    rows = np.take(rows, grouping.order)
+    return ObservationGroups(rows, np.take(I, rows), np.take(s, rows), grouping.offsets, len(I))
+
+
+def _groups_for(miller_index, intensity, sigma, space_group, anomalous: bool,
+                groups: ObservationGroups | None) -> ObservationGroups:
+    """``groups`` when given (checked against the arrays), else a fresh grouping."""
+    if groups is None:
+        return group_observations(miller_index, intensity, sigma, space_group, anomalous)
+    if anomalous:
+        raise MergingStatisticsError("shared groups keep Bijvoet mates together: they do not "
+                                     "serve anomalous=True")
+    groups.check_length(len(np.asarray(intensity).ravel()))
+    return groups
 
 
 def normalised_deviations(miller_index, intensity, sigma, space_group,
-                          anomalous: bool = False) -> np.ndarray:
+                          anomalous: bool = False,
+                          groups: ObservationGroups | None = None) -> np.ndarray:
     """Normalised deviation of each observation from its group's weighted mean.
 
     ``δ = sqrt((n−1)/n) (I − ⟨I⟩)/σ`` (DIALS's error-model definition with g = 1, i.e. for
     scaled intensities); NaN for single observations and for rows with a non-finite value or
     σ <= 0 (which are left out of the means). Input order. For a normal probability plot.
+    ``groups`` (from :func:`group_observations` of the same arrays) saves the grouping.
     """
-    rows, I, s, g = _grouped(miller_index, intensity, sigma, space_group, anomalous)
+    g = _groups_for(miller_index, intensity, sigma, space_group, anomalous, groups)
     out = np.full(len(np.asarray(intensity).ravel()), np.nan)
-    if len(rows):
-        out[rows] = _core_stats.normalised_deviations(I, s, g.order, g.offsets)
+    if len(g.rows):
+        out[g.rows] = _core_stats.normalised_deviations(
+            g.intensity, g.sigma, _identity_order(len(g.rows)), g.offsets)
     return out
 
 
@@ -873,7 +995,8 @@ class BatchStatistics:
 
 
 def batch_statistics(miller_index, intensity, sigma, batch, space_group, dataset=None,
-                     anomalous: bool = False) -> BatchStatistics:
+                     anomalous: bool = False,
+                     groups: ObservationGroups | None = None) -> BatchStatistics:
     """n_obs, Rmerge and ⟨I/σ⟩ against batch (image), per dataset.
 
     Parameters
@@ -884,6 +1007,8 @@ def batch_statistics(miller_index, intensity, sigma, batch, space_group, dataset
     space_group : SpaceGroup or str
     dataset : array_like (n,) int, optional
         Dataset (experiment) id; batches are kept apart per dataset.
+    groups : ObservationGroups, optional
+        :func:`group_observations` of the same arrays (saves the grouping).
 
     Rows with a non-finite value or σ <= 0 are left out.
     """
@@ -893,15 +1018,41 @@ def batch_statistics(miller_index, intensity, sigma, batch, space_group, dataset
               else np.asarray(dataset).ravel().astype(np.int64))
     if len(ds_all) != n or len(np.asarray(intensity).ravel()) != n:
         raise MergingStatisticsError("batch, dataset and intensity must have equal lengths")
-    rows, I, s, g = _grouped(miller_index, intensity, sigma, space_group, anomalous)
-    keys = np.stack([ds_all[rows], b_all[rows]], axis=1)
-    uniq, index = np.unique(keys, axis=0, return_inverse=True)
-    index = np.asarray(index).ravel().astype(np.int64)
-    n_obs, dev, si, sios = _core_stats.batch_sums(I, s, g.order, g.offsets, index, len(uniq))
+    g = _groups_for(miller_index, intensity, sigma, space_group, anomalous, groups)
+    ds, batches, index = _dataset_batch_groups(ds_all[g.rows], b_all[g.rows])
+    n_obs, dev, si, sios = _core_stats.batch_sums(g.intensity, g.sigma,
+                                                  _identity_order(len(g.rows)), g.offsets,
+                                                  index, len(ds))
     with np.errstate(invalid="ignore", divide="ignore"):
         r = np.where(si != 0, dev / si, 0.0)
         ios = np.where(n_obs > 0, sios / np.maximum(n_obs, 1), 0.0)
-    return BatchStatistics(uniq[:, 1].copy(), uniq[:, 0].copy(), n_obs, r, ios)
+    return BatchStatistics(batches, ds, n_obs, r, ios)
+
+
+def _dataset_batch_groups(dataset: np.ndarray, batch: np.ndarray
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct (dataset, batch) pairs in lexicographic order and each row's pair
+    number, as ``np.unique(pairs, axis=0, return_inverse=True)`` gives them.
+
+    Batch numbers are image numbers: a packed key ``(dataset, batch)`` spans a small range,
+    so a table over that range (mark the keys present, number them in key order) does it in
+    two O(n) passes instead of a sort.
+    """
+    if len(batch) == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    d_lo, b_lo = int(dataset.min()), int(batch.min())
+    d_span, b_span = int(dataset.max()) - d_lo + 1, int(batch.max()) - b_lo + 1
+    if d_span * b_span > max(4 * len(batch), 1 << 20):  # sparse numbers: sort the pairs
+        pairs, index = np.unique(np.stack([dataset, batch], axis=1), axis=0,
+                                 return_inverse=True)
+        return pairs[:, 0].copy(), pairs[:, 1].copy(), np.asarray(index).ravel().astype(np.int64)
+    key = (dataset - d_lo) * b_span + (batch - b_lo)
+    present = np.zeros(d_span * b_span, dtype=bool)
+    present[key] = True
+    keys = np.flatnonzero(present)
+    number = np.cumsum(present, dtype=np.int64) - 1
+    return keys // b_span + d_lo, keys % b_span + b_lo, number[key]
 
 
 def batch_statistics_from_reflections(experiments, reflections, anomalous: bool = False,

@@ -227,11 +227,13 @@ def _significance_fit(stats: MergingStatistics) -> ResolutionResult:
     return ResolutionResult("cc_half_significance_level", None, x, data, y_fit, d_min, critical)
 
 
-def quasi_normalised_e_squared(miller_index, intensity, space_group, unit_cell) -> np.ndarray:
+def quasi_normalised_e_squared(miller_index, intensity, space_group, unit_cell,
+                               d_star_sq=None, epsilon=None) -> np.ndarray:
     """E² of every observation by quasi-normalisation (as DIALS's ``quasi_normalisation``).
 
     Negative intensities count as 0 in the shell means; shells are of equal width in d*²
     (10, 15 or 20 for <= 15000, <= 20000 or more observations); E² = I/(ε ⟨I/ε⟩_shell).
+    ``d_star_sq`` and ``epsilon`` (per observation) may be given when already known.
     """
     from ..symmetry import SpaceGroup, UnitCell, miller_array
 
@@ -240,14 +242,18 @@ def quasi_normalised_e_squared(miller_index, intensity, space_group, unit_cell) 
     hkl = miller_array(miller_index)
     I = np.asarray(intensity, dtype=float)
     n = len(I)
+    for name, given in (("d_star_sq", d_star_sq), ("epsilon", epsilon)):
+        if given is not None and np.shape(given) != (n,):
+            raise ValueError(f"{name} must have one value per observation ({n}), "
+                             f"got shape {np.shape(given)}")
     n_shells = 20 if n > 20000 else (15 if n > 15000 else 10)
-    dss = cell.d_star_sq(hkl)
+    dss = cell.d_star_sq(hkl) if d_star_sq is None else np.asarray(d_star_sq, dtype=float)
     lo, hi = dss.min(), dss.max()
     span = hi - lo
     lo, hi = lo - span * 1e-6, hi + span * 1e-6
     step = (hi - lo) / n_shells if hi > lo else 1.0
     shell = np.clip(((dss - lo) / step).astype(np.int64), 0, n_shells - 1)
-    eps = np.asarray(sg.epsilon(hkl), dtype=float)
+    eps = np.asarray(sg.epsilon(hkl) if epsilon is None else epsilon, dtype=float)
     work = np.maximum(I, 0.0) / eps
     sums = np.bincount(shell, weights=work, minlength=n_shells)
     counts = np.bincount(shell, minlength=n_shells)
@@ -295,18 +301,22 @@ def estimate_resolution(statistics: MergingStatistics, cc_half: float | None = 0
     prepared = statistics._prepared
     n_outliers = 0
     if emax:
+        # ε is the same for symmetry mates: once per unique reflection of the grouping
+        grouping = prepared.grouped[0]
+        epsilon = prepared.space_group.epsilon(grouping.unique_hkl)[grouping.group_index]
         e2 = quasi_normalised_e_squared(prepared.hkl, prepared.intensity, prepared.space_group,
-                                        prepared.unit_cell)
+                                        prepared.unit_cell, prepared.d_star_sq, epsilon)
         keep = e2 < emax ** 2
         n_outliers = int((~keep).sum())
         if not keep.any():
             raise MergingStatisticsError("every observation is a Wilson outlier (E² >= emax²)")
-        stats = MergingStatistics.from_arrays(
-            prepared.hkl[keep], prepared.intensity[keep], prepared.sigma[keep],
-            prepared.space_group, prepared.unit_cell, n_bins=n_bins,
-            anomalous=statistics.anomalous, use_internal_variance=False,
-            binning_method=binning_method, reflections_per_bin=reflections_per_bin,
-            seed=statistics.seed, cc_one_half_significance_level=cc_half_significance_level)
+        # the statistics of the kept rows alone (as from_arrays of them), regrouped by
+        # selection from the grouping already made
+        stats = MergingStatistics(
+            prepared.subset(keep), n_bins=n_bins, anomalous=statistics.anomalous,
+            use_internal_variance=False, binning_method=binning_method,
+            reflections_per_bin=reflections_per_bin, seed=statistics.seed,
+            cc_one_half_significance_level=cc_half_significance_level)
     else:
         stats = statistics.rebinned(n_bins, binning_method, reflections_per_bin,
                                     use_internal_variance=False,
