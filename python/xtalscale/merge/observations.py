@@ -129,15 +129,15 @@ def observations_from_reflections(experiments, table, partiality_threshold: floa
     intensity = np.asarray(selected["intensity"], dtype=np.float64)
     variance = np.asarray(selected["variance"], dtype=np.float64)
     rows = np.asarray(selected["original_index"]).astype(np.int64)
-    zero = ~hkl.any(axis=1)
+    zero = (hkl[:, 0] | hkl[:, 1] | hkl[:, 2]) == 0  # (0, 0, 0); faster than ~any(axis=1)
     n_zero = int(np.count_nonzero(zero))
     if n_zero:  # (otherwise every selected row is kept: no copies)
         keep = ~zero
         hkl, intensity, variance, rows = hkl[keep], intensity[keep], variance[keep], rows[keep]
-    batch = (np.asarray(table["batch"])[rows].astype(np.int64) if "batch" in table
-             else _batches_from_z(experiments, table, rows))
     dataset = (np.asarray(table["id"])[rows].astype(np.int64) if "id" in table
                else np.zeros(len(rows), dtype=np.int64))
+    batch = (np.asarray(table["batch"])[rows].astype(np.int64) if "batch" in table
+             else _batches_from_z(experiments, table, rows, dataset))
     excluded = {"bad_for_scaling": n_bad,
                 "g <= 0, variance <= 0, partiality or combined partial pieces":
                     n - n_bad - len(zero),
@@ -150,14 +150,12 @@ def observations_from_reflections(experiments, table, partiality_threshold: floa
     return _check_usable(obs)
 
 
-def _batches_from_z(experiments, table, rows: np.ndarray) -> np.ndarray:
-    """Image numbers of ``rows`` from the observed z (frame) when the table has no batch
-    column."""
+def _batches_from_z(experiments, table, rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Image numbers of ``rows`` (experiment ``ids``) from the observed z (frame) when the
+    table has no batch column."""
     if "xyzobs.px.value" not in table:
         return np.ones(len(rows), dtype=np.int64)
     z = np.asarray(table["xyzobs.px.value"], dtype=np.float64).reshape(-1, 3)[rows, 2]
-    ids = (np.asarray(table["id"])[rows].astype(np.int64) if "id" in table
-           else np.zeros(len(rows), dtype=np.int64))
     first = np.array([e.scan.get_image_range()[0] if e.scan is not None else 1
                       for e in experiments], dtype=np.int64)
     safe = np.clip(ids, 0, len(first) - 1)

@@ -31,6 +31,9 @@ class ReportInputs:
     normalised_deviations: np.ndarray | None = None
     resolution: Any = None  #: ResolutionEstimate or None
     notes: list = field(default_factory=list)  #: why something is missing
+    #: the observations grouped by unique reflection (xtalscale.stats.ObservationGroups), for
+    #: merge_observations(..., groups=) of the same observations
+    observation_groups: Any = None
 
     def report_arguments(self) -> dict:
         """Keyword arguments for :func:`~xtalscale.report.write_html_report`."""
@@ -98,6 +101,7 @@ def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True
     groups = out.statistics.observation_groups() if out.statistics is not None else None
     if groups is None:
         groups = ms.group_observations(obs.miller_index, obs.intensity, sigma, obs.space_group)
+    out.observation_groups = groups
     per_batch = ms.batch_statistics(obs.miller_index, obs.intensity, sigma,
                                     _batch_groups(obs.batch, obs.dataset, max_batch_points),
                                     obs.space_group, dataset=obs.dataset, groups=groups)

@@ -315,7 +315,8 @@ class _Prepared:
 
     @cached_property
     def in_group_order(self) -> tuple:
-        """(intensity, sigma, friedel_minus) of the rows in group order (``grouping.order``).
+        """(intensity, sigma, friedel_minus, d_star_sq) of the rows in group order
+        (``grouping.order``).
 
         The kernels read them sequentially with an identity order: the same values in the
         same sequence as through ``order`` (so the same sums), without a random read per
@@ -323,33 +324,35 @@ class _Prepared:
         grouping, friedel_minus, _ = self.grouped
         order = grouping.order
         return (np.take(self.intensity, order), np.take(self.sigma, order),
-                np.take(friedel_minus, order))
+                np.take(friedel_minus, order), np.take(self.d_star_sq, order))
 
     def subset(self, keep: np.ndarray) -> _Prepared:
         """The used rows with ``keep`` (bool per used row), as :func:`_prepare` would make them
-        from those rows alone (all used, no d limits), grouped by selecting rows of this
-        grouping: the same groups and order as a fresh ASU mapping and sort, for a fraction
-        of the cost."""
-        grouping, friedel_minus, group_centric = self.grouped
-        kept_in_order = keep[grouping.order]  # per position in group order
-        n_kept = np.add.reduceat(kept_in_order, grouping.offsets[:-1], dtype=np.int64)
-        old_group = np.flatnonzero(n_kept)  # groups left with a row
-        offsets = np.concatenate([[0], np.cumsum(n_kept[old_group])])
-        rows = np.flatnonzero(keep)
-        new_row = np.cumsum(keep, dtype=np.int64) - 1  # old row -> row of the subset
-        order = new_row[grouping.order[kept_in_order]]
-        group_index = np.empty(len(rows), dtype=np.int64)
-        group_index[order] = np.repeat(np.arange(len(old_group), dtype=np.int64),
-                                       n_kept[old_group])
-        d_star_sq = self.d_star_sq[rows]
-        sub = _Prepared(np.take(self.hkl, rows, axis=0), self.intensity[rows],
-                        self.sigma[rows], d_star_sq, d_star_sq, np.arange(len(rows)),
-                        self.space_group, self.unit_cell, len(rows), _no_rejections())
-        # fill both cached properties: a group's kept rows keep their relative order
+        from those rows alone (all used, no d limits), but with the rows in group order.
+
+        Statistics depend on the groups (in ASU-index order) and on each group's rows in
+        input order, which selecting rows from this grouping keeps: they are those of a fresh
+        ASU mapping and sort of the kept rows, for a fraction of the cost. Numbering the rows
+        of the subset in group order makes its grouping the identity order.
+        """
+        grouping, _, group_centric = self.grouped
+        kept = keep[grouping.order]  # per position in group order
+        n_kept = np.add.reduceat(kept, grouping.offsets[:-1], dtype=np.int64)
+        old_group = np.flatnonzero(n_kept)  # the groups left with a row
+        sizes = n_kept[old_group]
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        intensity, sigma, friedel_minus, d_star_sq = (a[kept] for a in self.in_group_order)
+        n = len(intensity)
+        sub = _Prepared(np.take(self.hkl, grouping.order[kept], axis=0), intensity, sigma,
+                        d_star_sq, d_star_sq, np.arange(n), self.space_group, self.unit_cell,
+                        n, _no_rejections())
+        identity = np.arange(n, dtype=np.int64)
+        group_index = np.repeat(np.arange(len(old_group), dtype=np.int64), sizes)
+        # fill both cached properties
         sub.__dict__["grouped"] = (
-            Grouping(order, group_index, offsets, grouping.unique_hkl[old_group]),
-            friedel_minus[rows], group_centric[old_group])
-        sub.__dict__["in_group_order"] = tuple(a[kept_in_order] for a in self.in_group_order)
+            Grouping(identity, group_index, offsets, grouping.unique_hkl[old_group]),
+            friedel_minus, group_centric[old_group])
+        sub.__dict__["in_group_order"] = (intensity, sigma, friedel_minus, d_star_sq)
         return sub
 
     def observation_groups(self) -> ObservationGroups | None:
@@ -358,14 +361,23 @@ class _Prepared:
         if any(self.n_rejected.get(k, 0) for k in ("outside_d_range", "systematically_absent")):
             return None
         grouping = self.grouped[0]
-        intensity, sigma, _ = self.in_group_order
-        return ObservationGroups(np.take(self.used_rows, grouping.order), intensity, sigma,
-                                 grouping.offsets, self.n_input)
+        intensity, sigma, _, _ = self.in_group_order
+        rows = (grouping.order if len(self.used_rows) == self.n_input  # used_rows = 0..n-1
+                else np.take(self.used_rows, grouping.order))
+        return ObservationGroups(self.used_rows, grouping, rows, intensity, sigma, self.n_input)
+
+
+_IDENTITY = np.zeros(0, dtype=np.int64)
 
 
 def _identity_order(n: int) -> np.ndarray:
-    """The ``order`` argument of a kernel whose inputs are already in group order."""
-    return np.arange(n, dtype=np.int64)
+    """The ``order`` argument (0..n-1, read-only) of a kernel whose inputs are already in
+    group order; one shared array serves every kernel call for the same n."""
+    global _IDENTITY
+    if len(_IDENTITY) != n:
+        _IDENTITY = np.arange(n, dtype=np.int64)
+        _IDENTITY.flags.writeable = False
+    return _IDENTITY
 
 
 def _no_rejections() -> dict:
@@ -686,9 +698,8 @@ class MergingStatistics:
     def _compute(self) -> None:
         p = self._prepared
         grouping, _, group_centric = p.grouped
-        intensity, sigma, friedel_minus = p.in_group_order
-        first_row = grouping.order[grouping.offsets[:-1]]
-        group_dss = p.d_star_sq[first_row]
+        intensity, sigma, friedel_minus, d_star_sq = p.in_group_order
+        group_dss = d_star_sq[grouping.offsets[:-1]]  # of each group's first row
         n_shells = len(self.limits) - 1
         shell = np.searchsorted(self.limits, group_dss, side="right") - 1
         shell[(shell < 0) | (shell >= n_shells)] = -1
@@ -894,32 +905,41 @@ def _jsonable(x):
 
 @dataclass
 class ObservationGroups:
-    """Usable observations sorted by unique reflection, for the per-observation statistics.
+    """Usable observations grouped by unique reflection, for the per-observation statistics
+    and the merge.
 
     Made by :func:`group_observations` (or taken from a :class:`MergingStatistics` by
     :meth:`MergingStatistics.observation_groups`) once and passed to
-    :func:`normalised_deviations` and :func:`batch_statistics`, which would otherwise each map
-    and sort the same indices again.
+    :func:`normalised_deviations`, :func:`batch_statistics` and
+    :func:`~xtalscale.merge.merge_observations`, which would otherwise each map and sort the
+    same indices again.
 
     Attributes
     ----------
+    usable_rows : ndarray, int64, (m,)
+        Row numbers (in the caller's arrays) of the usable observations: finite intensity
+        and sigma, sigma > 0; ascending.
+    grouping : Grouping
+        Those rows grouped by ASU index (Bijvoet mates together),
+        :func:`~xtalscale.symmetry.group_reflections` of their ASU indices.
     rows : ndarray, int64, (m,)
-        Row numbers (in the caller's arrays) of the usable observations (finite intensity
-        and sigma, sigma > 0) in group order: group k is ``rows[offsets[k]:offsets[k+1]]``,
-        groups in :func:`~xtalscale.symmetry.group_reflections` order (ASU index, Bijvoet
-        mates together), rows of a group in input order.
+        ``usable_rows`` in group order: group k is ``rows[offsets[k]:offsets[k+1]]``.
     intensity, sigma : ndarray, float64, (m,)
-        Their values, in the same order.
-    offsets : ndarray, int64, (n_groups + 1,)
+        The values of ``rows``, in that order.
     n_input : int
         Length of the caller's arrays.
     """
 
+    usable_rows: np.ndarray
+    grouping: Grouping
     rows: np.ndarray
     intensity: np.ndarray
     sigma: np.ndarray
-    offsets: np.ndarray
     n_input: int
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return self.grouping.offsets
 
     def check_length(self, n: int) -> None:
         if n != self.n_input:
@@ -938,11 +958,11 @@ def group_observations(miller_index, intensity, sigma, space_group,
         raise MergingStatisticsError(
             f"miller_index, intensity and sigma must have equal lengths (got {len(hkl)}, "
             f"{len(I)}, {len(s)})")
-    ok = np.isfinite(I) & np.isfinite(s) & (s > 0)
-    rows = np.flatnonzero(ok)
-    grouping = group_reflections(map_to_asu(hkl[rows], space_group, anomalous=anomalous).asu_hkl)
-    rows = np.take(rows, grouping.order)
-    return ObservationGroups(rows, np.take(I, rows), np.take(s, rows), grouping.offsets, len(I))
+    usable = np.flatnonzero(np.isfinite(I) & np.isfinite(s) & (s > 0))
+    grouping = group_reflections(map_to_asu(hkl[usable], space_group,
+                                            anomalous=anomalous).asu_hkl)
+    rows = np.take(usable, grouping.order)
+    return ObservationGroups(usable, grouping, rows, np.take(I, rows), np.take(s, rows), len(I))
 
 
 def _groups_for(miller_index, intensity, sigma, space_group, anomalous: bool,
@@ -1019,7 +1039,15 @@ def batch_statistics(miller_index, intensity, sigma, batch, space_group, dataset
     if len(ds_all) != n or len(np.asarray(intensity).ravel()) != n:
         raise MergingStatisticsError("batch, dataset and intensity must have equal lengths")
     g = _groups_for(miller_index, intensity, sigma, space_group, anomalous, groups)
-    ds, batches, index = _dataset_batch_groups(ds_all[g.rows], b_all[g.rows])
+    # pairs of every row (sequential reads), then each grouped row's pair (one gather); the
+    # pairs of rows left out (σ <= 0, ...) are dropped after
+    ds, batches, index = _dataset_batch_groups(ds_all, b_all)
+    index = np.take(index, g.rows)
+    if len(g.rows) < n:
+        present = np.zeros(len(ds), dtype=bool)
+        present[index] = True
+        renumber = np.cumsum(present, dtype=np.int64) - 1
+        ds, batches, index = ds[present], batches[present], renumber[index]
     n_obs, dev, si, sios = _core_stats.batch_sums(g.intensity, g.sigma,
                                                   _identity_order(len(g.rows)), g.offsets,
                                                   index, len(ds))

@@ -22,7 +22,10 @@ resolution observed, and if the fitted curve never reaches the limit it is ``Non
 """
 from __future__ import annotations
 
+import importlib
 import math
+import sys
+import threading
 import warnings
 from dataclasses import dataclass, field
 
@@ -125,6 +128,36 @@ def interpolate_crossing(x, y, t) -> float:
         if (y[j - 1] - t) * (y[j] - t) < 0:
             return float(x[j - 1] + (t - y[j - 1]) * (x[j] - x[j - 1]) / (y[j] - y[j - 1]))
     raise RuntimeError("no crossing")
+
+
+_prefetch_started = False
+
+
+def prefetch_fit_module() -> None:
+    """Start importing :mod:`scipy.optimize` (for the CC½ fit) on a background thread.
+
+    Setting up scipy.optimize's modules takes about 0.15 s of Python. Started before the
+    merging statistics, the import runs while the grouping and merging kernels (C++ and
+    numpy, which release the GIL) work; the fit's own import then finds the module loaded,
+    or waits for it (Python's import lock). Results do not depend on it. Started only once,
+    and only where the scipy modules it shares with others (sparse, linalg, special) are
+    already loaded, so that the two threads never import the same modules at once.
+    """
+    global _prefetch_started
+    shared = ("scipy.sparse", "scipy.linalg", "scipy.special")
+    if (_prefetch_started or "scipy.optimize" in sys.modules
+            or not all(name in sys.modules for name in shared)):
+        return
+    _prefetch_started = True
+    threading.Thread(target=_import_quietly, args=("scipy.optimize",), daemon=True,
+                     name="xtalscale-prefetch-scipy.optimize").start()
+
+
+def _import_quietly(name: str) -> None:
+    try:
+        importlib.import_module(name)
+    except Exception:  # noqa: BLE001 - the fit imports it again and reports the error
+        pass
 
 
 def _tanh_fit(x, y, n_obs):
@@ -237,23 +270,32 @@ def quasi_normalised_e_squared(miller_index, intensity, space_group, unit_cell,
     """
     from ..symmetry import SpaceGroup, UnitCell, miller_array
 
-    sg = space_group if isinstance(space_group, SpaceGroup) else SpaceGroup(space_group)
-    cell = unit_cell if isinstance(unit_cell, UnitCell) else UnitCell(unit_cell)
-    hkl = miller_array(miller_index)
     I = np.asarray(intensity, dtype=float)
     n = len(I)
     for name, given in (("d_star_sq", d_star_sq), ("epsilon", epsilon)):
         if given is not None and np.shape(given) != (n,):
             raise ValueError(f"{name} must have one value per observation ({n}), "
                              f"got shape {np.shape(given)}")
+    hkl = None
+    if d_star_sq is None or epsilon is None:  # (the indices are needed for these only)
+        hkl = miller_array(miller_index)
+        if len(hkl) != n:
+            raise ValueError(f"{len(hkl)} indices for {n} intensities")
     n_shells = 20 if n > 20000 else (15 if n > 15000 else 10)
-    dss = cell.d_star_sq(hkl) if d_star_sq is None else np.asarray(d_star_sq, dtype=float)
+    if d_star_sq is None:
+        cell = unit_cell if isinstance(unit_cell, UnitCell) else UnitCell(unit_cell)
+        dss = cell.d_star_sq(hkl)
+    else:
+        dss = np.asarray(d_star_sq, dtype=float)
     lo, hi = dss.min(), dss.max()
     span = hi - lo
     lo, hi = lo - span * 1e-6, hi + span * 1e-6
     step = (hi - lo) / n_shells if hi > lo else 1.0
     shell = np.clip(((dss - lo) / step).astype(np.int64), 0, n_shells - 1)
-    eps = np.asarray(sg.epsilon(hkl) if epsilon is None else epsilon, dtype=float)
+    if epsilon is None:
+        sg = space_group if isinstance(space_group, SpaceGroup) else SpaceGroup(space_group)
+        epsilon = sg.epsilon(hkl)
+    eps = np.asarray(epsilon, dtype=float)
     work = np.maximum(I, 0.0) / eps
     sums = np.bincount(shell, weights=work, minlength=n_shells)
     counts = np.bincount(shell, minlength=n_shells)
