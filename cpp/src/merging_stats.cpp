@@ -410,41 +410,53 @@ MergingStatistics compute_merging_statistics(
 void normalised_deviations(const double* I, const double* s, std::size_t n,
                            const std::int64_t* order, const std::int64_t* offsets,
                            std::size_t n_groups, double* out) {
-  const Sorted d = gather(I, s, nullptr, n, order, offsets, n_groups);
-  const MergingOptions opt;
-  for (std::size_t g = 0; g < n_groups; ++g) {
-    const auto b = static_cast<std::size_t>(offsets[g]), e = static_cast<std::size_t>(offsets[g + 1]);
-    const std::size_t m = e - b;
-    if (m == 0) continue;
-    if (m == 1) {
-      out[order[b]] = kNaN;
-      continue;
-    }
-    const double mean = merge(Obs{d.I + b, d.s + b, d.w + b, m}, opt).mean;
-    const double f = std::sqrt((static_cast<double>(m) - 1.0) / static_cast<double>(m));
-    for (std::size_t j = b; j < e; ++j) out[order[j]] = f * (d.I[j] - mean) / d.s[j];
-  }
+  deviations_and_batch_sums(I, s, n, order, offsets, n_groups, out, nullptr, 0, nullptr,
+                            nullptr, nullptr, nullptr);
 }
 
 void batch_sums(const double* I, const double* s, std::size_t n, const std::int64_t* order,
                 const std::int64_t* offsets, std::size_t n_groups,
                 const std::int64_t* batch_index, std::size_t n_batches, std::int64_t* n_obs,
                 double* sum_abs_dev, double* sum_i, double* sum_ios) {
+  require(batch_index != nullptr || n == 0, "batch_index is required");
+  deviations_and_batch_sums(I, s, n, order, offsets, n_groups, nullptr, batch_index, n_batches,
+                            n_obs, sum_abs_dev, sum_i, sum_ios);
+}
+
+void deviations_and_batch_sums(const double* I, const double* s, std::size_t n,
+                               const std::int64_t* order, const std::int64_t* offsets,
+                               std::size_t n_groups, double* deviations,
+                               const std::int64_t* batch_index, std::size_t n_batches,
+                               std::int64_t* n_obs, double* sum_abs_dev, double* sum_i,
+                               double* sum_ios) {
   const Sorted d = gather(I, s, nullptr, n, order, offsets, n_groups);
-  for (std::size_t i = 0; i < n; ++i)
-    if (batch_index[i] < -1 || batch_index[i] >= static_cast<std::int64_t>(n_batches))
-      throw std::invalid_argument("batch_index: element " + std::to_string(i) +
-                                  " is outside [-1, n_batches)");
-  std::fill(n_obs, n_obs + n_batches, 0);
-  std::fill(sum_abs_dev, sum_abs_dev + n_batches, 0.0);
-  std::fill(sum_i, sum_i + n_batches, 0.0);
-  std::fill(sum_ios, sum_ios + n_batches, 0.0);
+  require(batch_index != nullptr || n_batches == 0,
+          "n_batches must be 0 without batch_index");
+  if (batch_index != nullptr) {
+    for (std::size_t i = 0; i < n; ++i)
+      if (batch_index[i] < -1 || batch_index[i] >= static_cast<std::int64_t>(n_batches))
+        throw std::invalid_argument("batch_index: element " + std::to_string(i) +
+                                    " is outside [-1, n_batches)");
+    std::fill(n_obs, n_obs + n_batches, 0);
+    std::fill(sum_abs_dev, sum_abs_dev + n_batches, 0.0);
+    std::fill(sum_i, sum_i + n_batches, 0.0);
+    std::fill(sum_ios, sum_ios + n_batches, 0.0);
+  }
   const MergingOptions opt;
   for (std::size_t g = 0; g < n_groups; ++g) {
     const auto b = static_cast<std::size_t>(offsets[g]), e = static_cast<std::size_t>(offsets[g + 1]);
-    if (e == b) continue;
-    const double mean =
-        merge(Obs{d.I + b, d.s + b, d.w + b, e - b}, opt).mean;
+    const std::size_t m = e - b;
+    if (m == 0) continue;
+    const double mean = merge(Obs{d.I + b, d.s + b, d.w + b, m}, opt).mean;
+    if (deviations != nullptr) {
+      if (m == 1) {
+        deviations[order[b]] = kNaN;
+      } else {
+        const double f = std::sqrt((static_cast<double>(m) - 1.0) / static_cast<double>(m));
+        for (std::size_t j = b; j < e; ++j) deviations[order[j]] = f * (d.I[j] - mean) / d.s[j];
+      }
+    }
+    if (batch_index == nullptr) continue;
     for (std::size_t j = b; j < e; ++j) {
       const std::int64_t k = batch_index[order[j]];
       if (k < 0) continue;

@@ -17,6 +17,7 @@ from xtalscale.stats import (
     MergingStatistics,
     MergingStatisticsError,
     batch_statistics,
+    batch_statistics_and_deviations,
     estimate_resolution,
     group_observations,
     normalised_deviations,
@@ -78,6 +79,20 @@ def test_statistics_hand_their_grouping_to_the_per_observation_statistics(insuli
     alone = batch_statistics(hkl, intensity, sigma, batch, sg, dataset)
     for f in dataclasses.fields(alone):
         same(getattr(with_groups, f.name), getattr(alone, f.name))
+
+
+def test_batch_statistics_and_deviations_in_one_pass(insulin):
+    hkl, intensity, sigma, batch, dataset, sg, cell = insulin
+    per_batch, deviations = batch_statistics_and_deviations(hkl, intensity, sigma, batch, sg,
+                                                            dataset)
+    alone = batch_statistics(hkl, intensity, sigma, batch, sg, dataset)
+    for f in dataclasses.fields(alone):
+        same(getattr(per_batch, f.name), getattr(alone, f.name))
+    same(deviations, normalised_deviations(hkl, intensity, sigma, sg))
+    nothing = np.zeros(len(sigma))  # no usable row: empty batches, NaN deviations
+    per_batch, deviations = batch_statistics_and_deviations(hkl, intensity, nothing, batch, sg)
+    assert len(per_batch.batch) == 0 and np.isnan(deviations).all()
+    assert np.isnan(normalised_deviations(hkl, intensity, nothing, sg)).all()
 
 
 def test_groups_are_refused_for_other_arrays_or_anomalous(insulin):

@@ -102,14 +102,13 @@ def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True
     if groups is None:
         groups = ms.group_observations(obs.miller_index, obs.intensity, sigma, obs.space_group)
     out.observation_groups = groups
-    per_batch = ms.batch_statistics(obs.miller_index, obs.intensity, sigma,
-                                    _batch_groups(obs.batch, obs.dataset, max_batch_points),
-                                    obs.space_group, dataset=obs.dataset, groups=groups)
+    per_batch, out.normalised_deviations = ms.batch_statistics_and_deviations(
+        obs.miller_index, obs.intensity, sigma,
+        _batch_groups(obs.batch, obs.dataset, max_batch_points), obs.space_group,
+        dataset=obs.dataset, groups=groups)
     for d in np.unique(per_batch.dataset):
         mine = per_batch.dataset == d
         out.batch_statistics[f"dataset {int(d)}"] = {
             "batch": per_batch.batch[mine], "r_merge": per_batch.r_merge[mine],
             "i_over_sigma": per_batch.i_over_sigma_mean[mine]}
-    out.normalised_deviations = ms.normalised_deviations(obs.miller_index, obs.intensity,
-                                                         sigma, obs.space_group, groups=groups)
     return out

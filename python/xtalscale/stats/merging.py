@@ -74,6 +74,7 @@ __all__ = [
     "MergingStatisticsError",
     "ObservationGroups",
     "batch_statistics",
+    "batch_statistics_and_deviations",
     "dataset_statistics",
     "group_observations",
     "normalised_deviations",
@@ -988,11 +989,9 @@ def normalised_deviations(miller_index, intensity, sigma, space_group,
     ``groups`` (from :func:`group_observations` of the same arrays) saves the grouping.
     """
     g = _groups_for(miller_index, intensity, sigma, space_group, anomalous, groups)
-    out = np.full(len(np.asarray(intensity).ravel()), np.nan)
-    if len(g.rows):
-        out[g.rows] = _core_stats.normalised_deviations(
-            g.intensity, g.sigma, _identity_order(len(g.rows)), g.offsets)
-    return out
+    deviations = _core_stats.normalised_deviations(g.intensity, g.sigma,
+                                                   _identity_order(len(g.rows)), g.offsets)
+    return _deviations_in_input_order(g, deviations, len(np.asarray(intensity).ravel()))
 
 
 @dataclass
@@ -1032,13 +1031,37 @@ def batch_statistics(miller_index, intensity, sigma, batch, space_group, dataset
 
     Rows with a non-finite value or σ <= 0 are left out.
     """
-    b_all = np.asarray(batch).ravel().astype(np.int64)
-    n = len(b_all)
-    ds_all = (np.zeros(n, dtype=np.int64) if dataset is None
-              else np.asarray(dataset).ravel().astype(np.int64))
-    if len(ds_all) != n or len(np.asarray(intensity).ravel()) != n:
-        raise MergingStatisticsError("batch, dataset and intensity must have equal lengths")
     g = _groups_for(miller_index, intensity, sigma, space_group, anomalous, groups)
+    ds, batches, index = _batch_pairs(g, batch, dataset, len(np.asarray(intensity).ravel()))
+    n_obs, dev, si, sios = _core_stats.batch_sums(g.intensity, g.sigma,
+                                                  _identity_order(len(g.rows)), g.offsets,
+                                                  index, len(ds))
+    return _batch_result(ds, batches, n_obs, dev, si, sios)
+
+
+def batch_statistics_and_deviations(miller_index, intensity, sigma, batch, space_group,
+                                    dataset=None, groups: ObservationGroups | None = None
+                                    ) -> tuple[BatchStatistics, np.ndarray]:
+    """:func:`batch_statistics` and :func:`normalised_deviations` (non-anomalous) of the same
+    observations, the same values, from one pass over the groups (one weighted mean each)."""
+    n = len(np.asarray(intensity).ravel())
+    g = _groups_for(miller_index, intensity, sigma, space_group, False, groups)
+    ds, batches, index = _batch_pairs(g, batch, dataset, n)
+    deviations, n_obs, dev, si, sios = _core_stats.deviations_and_batch_sums(
+        g.intensity, g.sigma, _identity_order(len(g.rows)), g.offsets, index, len(ds))
+    return (_batch_result(ds, batches, n_obs, dev, si, sios),
+            _deviations_in_input_order(g, deviations, n))
+
+
+def _batch_pairs(g: ObservationGroups, batch, dataset, n: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The (dataset, batch) pairs of the grouped rows (sorted) and each grouped row's pair
+    number, in the groups' row order."""
+    b_all = np.asarray(batch).ravel().astype(np.int64)
+    ds_all = (np.zeros(len(b_all), dtype=np.int64) if dataset is None
+              else np.asarray(dataset).ravel().astype(np.int64))
+    if not len(b_all) == len(ds_all) == n:
+        raise MergingStatisticsError("batch, dataset and intensity must have equal lengths")
     # pairs of every row (sequential reads), then each grouped row's pair (one gather); the
     # pairs of rows left out (σ <= 0, ...) are dropped after
     ds, batches, index = _dataset_batch_groups(ds_all, b_all)
@@ -1048,13 +1071,23 @@ def batch_statistics(miller_index, intensity, sigma, batch, space_group, dataset
         present[index] = True
         renumber = np.cumsum(present, dtype=np.int64) - 1
         ds, batches, index = ds[present], batches[present], renumber[index]
-    n_obs, dev, si, sios = _core_stats.batch_sums(g.intensity, g.sigma,
-                                                  _identity_order(len(g.rows)), g.offsets,
-                                                  index, len(ds))
+    return ds, batches, index
+
+
+def _batch_result(ds, batches, n_obs, dev, si, sios) -> BatchStatistics:
     with np.errstate(invalid="ignore", divide="ignore"):
         r = np.where(si != 0, dev / si, 0.0)
         ios = np.where(n_obs > 0, sios / np.maximum(n_obs, 1), 0.0)
     return BatchStatistics(batches, ds, n_obs, r, ios)
+
+
+def _deviations_in_input_order(g: ObservationGroups, deviations: np.ndarray,
+                               n: int) -> np.ndarray:
+    """Deviations of the grouped rows (group order) spread to the caller's n rows (NaN for
+    the rows left out)."""
+    out = np.full(n, np.nan)
+    out[g.rows] = deviations
+    return out
 
 
 def _dataset_batch_groups(dataset: np.ndarray, batch: np.ndarray
