@@ -22,6 +22,7 @@ resolution observed, and if the fitted curve never reaches the limit it is ``Non
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import sys
@@ -130,27 +131,29 @@ def interpolate_crossing(x, y, t) -> float:
     raise RuntimeError("no crossing")
 
 
-_prefetch_started = False
-
-
-def prefetch_fit_module() -> None:
-    """Start importing :mod:`scipy.optimize` (for the CC½ fit) on a background thread.
+@contextlib.contextmanager
+def fit_module_prefetched():
+    """Import :mod:`scipy.optimize` (for the CC½ fit) on a background thread while the block
+    runs; the block's end waits for the import to finish.
 
     Setting up scipy.optimize's modules takes about 0.15 s of Python. Started before the
     merging statistics, the import runs while the grouping and merging kernels (C++ and
     numpy, which release the GIL) work; the fit's own import then finds the module loaded,
-    or waits for it (Python's import lock). Results do not depend on it. Started only once,
-    and only where the scipy modules it shares with others (sparse, linalg, special) are
-    already loaded, so that the two threads never import the same modules at once.
+    or waits for it (Python's import lock). Results do not depend on it. Nothing is started
+    if scipy.optimize is loaded already, or if the scipy modules it shares with others
+    (sparse, linalg, special) are not: the block's own imports then never meet the thread's.
     """
-    global _prefetch_started
     shared = ("scipy.sparse", "scipy.linalg", "scipy.special")
-    if (_prefetch_started or "scipy.optimize" in sys.modules
-            or not all(name in sys.modules for name in shared)):
-        return
-    _prefetch_started = True
-    threading.Thread(target=_import_quietly, args=("scipy.optimize",), daemon=True,
-                     name="xtalscale-prefetch-scipy.optimize").start()
+    thread = None
+    if "scipy.optimize" not in sys.modules and all(name in sys.modules for name in shared):
+        thread = threading.Thread(target=_import_quietly, args=("scipy.optimize",),
+                                  name="xtalscale-import-scipy.optimize", daemon=True)
+        thread.start()
+    try:
+        yield
+    finally:
+        if thread is not None:
+            thread.join()
 
 
 def _import_quietly(name: str) -> None:
