@@ -138,21 +138,24 @@ def scaled_intensities(table, partiality_threshold: float = 0.99, combine_partia
     if part is not None:
         sel = _check(sel & (part > 0), "removing partiality <= 0")
     rows = np.flatnonzero(sel)
-    gi = g[rows] if apply_inverse_scale else np.ones(len(rows))
-    I = value[rows] / gi
-    V = var[rows] / gi ** 2
-    P = part[rows] if part is not None else np.ones(len(rows))
+    # (np.take: the gathers of the selected rows are the bulk of the work)
+    gi = np.take(g, rows) if apply_inverse_scale else np.ones(len(rows))
+    I = np.take(value, rows)
+    I /= gi
+    V = np.take(var, rows)
+    V /= gi ** 2
+    P = np.take(part, rows) if part is not None else np.ones(len(rows))
     keep = np.ones(len(rows), dtype=bool)
     if part is not None and combine_partials and "partial_id" in table:
-        pid = np.asarray(table["partial_id"])[rows]
-        keep, I, V, P = _combine_partials(ids[rows], pid, P, I, V)
+        pid = np.take(np.asarray(table["partial_id"]), rows)
+        keep, I, V, P = _combine_partials(np.take(ids, rows), pid, P, I, V)
     if part is not None:
         keep &= P >= thr
     _check(keep, f"removing partiality < {thr}")
     if min_isigi is not None:
         keep &= ~(I / np.sqrt(V) < float(min_isigi))
         _check(keep, f"removing I/sigma < {min_isigi}")
-    kept = rows[keep]
+    kept = rows if len(rows) == np.count_nonzero(keep) else rows[keep]
     try:
         out = table.select(kept, columns=columns)
     except KeyError as error:
