@@ -375,10 +375,12 @@ def _identity_order(n: int) -> np.ndarray:
     """The ``order`` argument (0..n-1, read-only) of a kernel whose inputs are already in
     group order; one shared array serves every kernel call for the same n."""
     global _IDENTITY
-    if len(_IDENTITY) != n:
-        _IDENTITY = np.arange(n, dtype=np.int64)
-        _IDENTITY.flags.writeable = False
-    return _IDENTITY
+    identity = _IDENTITY  # (one read: another thread may replace it meanwhile)
+    if len(identity) != n:
+        identity = np.arange(n, dtype=np.int64)
+        identity.flags.writeable = False
+        _IDENTITY = identity
+    return identity
 
 
 def _no_rejections() -> dict:
