@@ -44,6 +44,7 @@ Conventions (iotbx ``dataset_statistics`` / ``merging_stats``, as DIALS calls it
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -334,8 +335,17 @@ class _Prepared:
         Statistics depend on the groups (in ASU-index order) and on each group's rows in
         input order, which selecting rows from this grouping keeps: they are those of a fresh
         ASU mapping and sort of the kept rows, for a fraction of the cost. Numbering the rows
-        of the subset in group order makes its grouping the identity order.
+        of the subset in group order makes its grouping the identity order. When every row
+        is kept (the usual case of the Wilson-outlier cut), the subset shares this one's rows,
+        grouping and group-ordered values.
         """
+        if keep.all():
+            n = len(self.intensity)
+            sub = dataclasses.replace(self, binning_dss=self.d_star_sq, used_rows=np.arange(n),
+                                      n_input=n, n_rejected=_no_rejections())
+            sub.__dict__["grouped"] = self.grouped  # (fills the cached properties)
+            sub.__dict__["in_group_order"] = self.in_group_order
+            return sub
         grouping, _, group_centric = self.grouped
         kept = keep[grouping.order]  # per position in group order
         n_kept = np.add.reduceat(kept, grouping.offsets[:-1], dtype=np.int64)
