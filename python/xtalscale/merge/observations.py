@@ -158,8 +158,11 @@ def _batches_from_z(experiments, table, rows: np.ndarray, ids: np.ndarray) -> np
     z = np.asarray(table["xyzobs.px.value"], dtype=np.float64).reshape(-1, 3)[rows, 2]
     first = np.array([e.scan.get_image_range()[0] if e.scan is not None else 1
                       for e in experiments], dtype=np.int64)
-    safe = np.clip(ids, 0, len(first) - 1)
-    return np.floor(np.nan_to_num(z)).astype(np.int64) + first[safe]
+    np.nan_to_num(z, copy=False)  # (z is a fresh copy: worked on in place)
+    batch = np.floor(z, out=z).astype(np.int64)
+    in_range = len(ids) == 0 or (ids.min() >= 0 and ids.max() < len(first))
+    batch += first[ids if in_range else np.clip(ids, 0, len(first) - 1)]
+    return batch
 
 
 def observations_from_mtz(path: Any) -> ScaledObservations:

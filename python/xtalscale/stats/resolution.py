@@ -294,18 +294,23 @@ def quasi_normalised_e_squared(miller_index, intensity, space_group, unit_cell,
     span = hi - lo
     lo, hi = lo - span * 1e-6, hi + span * 1e-6
     step = (hi - lo) / n_shells if hi > lo else 1.0
-    shell = np.clip(((dss - lo) / step).astype(np.int64), 0, n_shells - 1)
+    # (one scratch array worked on in place: fewer fresh arrays of n values)
+    scratch = np.subtract(dss, lo)
+    shell = np.divide(scratch, step, out=scratch).astype(np.int64)
+    np.clip(shell, 0, n_shells - 1, out=shell)
     if epsilon is None:
         sg = space_group if isinstance(space_group, SpaceGroup) else SpaceGroup(space_group)
         epsilon = sg.epsilon(hkl)
     eps = np.asarray(epsilon, dtype=float)
-    work = np.maximum(I, 0.0) / eps
+    work = np.divide(np.maximum(I, 0.0, out=scratch), eps, out=scratch)
     sums = np.bincount(shell, weights=work, minlength=n_shells)
     counts = np.bincount(shell, minlength=n_shells)
     mean = np.where(counts > 0, sums / np.maximum(counts, 1), 1.0)
-    norm = mean[shell] * eps
+    norm = np.multiply(np.take(mean, shell, out=scratch), eps, out=scratch)
+    e_squared = np.zeros(n)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(norm > 0, I / norm, 0.0)
+        np.divide(I, norm, out=e_squared, where=norm > 0)
+    return e_squared
 
 
 def estimate_resolution(statistics: MergingStatistics, cc_half: float | None = 0.3,
