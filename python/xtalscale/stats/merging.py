@@ -317,8 +317,7 @@ class _Prepared:
 
     @cached_property
     def in_group_order(self) -> tuple:
-        """(intensity, sigma, friedel_minus, d_star_sq) of the rows in group order
-        (``grouping.order``).
+        """(intensity, sigma, friedel_minus) of the rows in group order (``grouping.order``).
 
         The kernels read them sequentially with an identity order: the same values in the
         same sequence as through ``order`` (so the same sums), without a random read per
@@ -326,7 +325,11 @@ class _Prepared:
         grouping, friedel_minus, _ = self.grouped
         order = grouping.order
         return (np.take(self.intensity, order), np.take(self.sigma, order),
-                np.take(friedel_minus, order), np.take(self.d_star_sq, order))
+                np.take(friedel_minus, order))
+
+    @cached_property
+    def d_star_sq_in_group_order(self) -> np.ndarray:
+        return np.take(self.d_star_sq, self.grouped[0].order)
 
     def subset(self, keep: np.ndarray) -> _Prepared:
         """The used rows with ``keep`` (bool per used row), as :func:`_prepare` would make them
@@ -343,8 +346,8 @@ class _Prepared:
             n = len(self.intensity)
             sub = dataclasses.replace(self, binning_dss=self.d_star_sq, used_rows=np.arange(n),
                                       n_input=n, n_rejected=_no_rejections())
-            sub.__dict__["grouped"] = self.grouped  # (fills the cached properties)
-            sub.__dict__["in_group_order"] = self.in_group_order
+            for name in ("grouped", "in_group_order"):  # (fills the cached properties)
+                sub.__dict__[name] = getattr(self, name)
             return sub
         grouping, _, group_centric = self.grouped
         kept = keep[grouping.order]  # per position in group order
@@ -352,7 +355,8 @@ class _Prepared:
         old_group = np.flatnonzero(n_kept)  # the groups left with a row
         sizes = n_kept[old_group]
         offsets = np.concatenate([[0], np.cumsum(sizes)])
-        intensity, sigma, friedel_minus, d_star_sq = (a[kept] for a in self.in_group_order)
+        intensity, sigma, friedel_minus = (a[kept] for a in self.in_group_order)
+        d_star_sq = self.d_star_sq_in_group_order[kept]
         n = len(intensity)
         sub = _Prepared(np.take(self.hkl, grouping.order[kept], axis=0), intensity, sigma,
                         d_star_sq, d_star_sq, np.arange(n), self.space_group, self.unit_cell,
@@ -363,7 +367,8 @@ class _Prepared:
         sub.__dict__["grouped"] = (
             Grouping(identity, group_index, offsets, grouping.unique_hkl[old_group]),
             friedel_minus, group_centric[old_group])
-        sub.__dict__["in_group_order"] = (intensity, sigma, friedel_minus, d_star_sq)
+        sub.__dict__["in_group_order"] = (intensity, sigma, friedel_minus)
+        sub.__dict__["d_star_sq_in_group_order"] = d_star_sq
         return sub
 
     def observation_groups(self) -> ObservationGroups | None:
@@ -372,7 +377,7 @@ class _Prepared:
         if any(self.n_rejected.get(k, 0) for k in ("outside_d_range", "systematically_absent")):
             return None
         grouping = self.grouped[0]
-        intensity, sigma, _, _ = self.in_group_order
+        intensity, sigma, _ = self.in_group_order
         rows = (grouping.order if len(self.used_rows) == self.n_input  # used_rows = 0..n-1
                 else np.take(self.used_rows, grouping.order))
         return ObservationGroups(self.used_rows, grouping, rows, intensity, sigma, self.n_input)
@@ -711,8 +716,8 @@ class MergingStatistics:
     def _compute(self) -> None:
         p = self._prepared
         grouping, _, group_centric = p.grouped
-        intensity, sigma, friedel_minus, d_star_sq = p.in_group_order
-        group_dss = d_star_sq[grouping.offsets[:-1]]  # of each group's first row
+        intensity, sigma, friedel_minus = p.in_group_order
+        group_dss = p.d_star_sq[grouping.order[grouping.offsets[:-1]]]  # each group's first row
         n_shells = len(self.limits) - 1
         shell = np.searchsorted(self.limits, group_dss, side="right") - 1
         shell[(shell < 0) | (shell >= n_shells)] = -1
