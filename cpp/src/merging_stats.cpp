@@ -147,10 +147,16 @@ struct AnomPair {
   double d1, d2;
 };
 
-// Observations in group order (contiguous per group), validated on the way.
+// Observations in group order (contiguous per group), validated on the way. When the
+// caller's arrays are in group order already (order is the identity), the values are read
+// in place and only the weights are stored.
 struct Sorted {
-  std::vector<double> I, s, w;
-  std::vector<std::uint8_t> minus;
+  const double* I = nullptr;
+  const double* s = nullptr;
+  const double* w = nullptr;
+  const std::uint8_t* minus = nullptr;  // nullptr: no Friedel flags
+  std::vector<double> I_store, s_store, w_store;
+  std::vector<std::uint8_t> minus_store;
 };
 
 void check_offsets(std::size_t n, const std::int64_t* offsets, std::size_t n_groups) {
@@ -169,31 +175,60 @@ void check_offsets(std::size_t n, const std::int64_t* offsets, std::size_t n_gro
   }
 }
 
+void check_observation(const double* I, const double* s, std::int64_t i) {
+  const double v = I[i], si = s[i];
+  if (!std::isfinite(v))
+    throw std::invalid_argument("intensity must be finite (element " + std::to_string(i) + ")");
+  if (!(std::isfinite(si) && si > 0))
+    throw std::invalid_argument("sigma must be finite and > 0 (element " + std::to_string(i) +
+                                " is " + std::to_string(si) + ")");
+}
+
 Sorted gather(const double* I, const double* s, const std::uint8_t* minus, std::size_t n,
               const std::int64_t* order, const std::int64_t* offsets, std::size_t n_groups) {
   require(n == 0 || (I != nullptr && s != nullptr && order != nullptr),
           "intensity, sigma and order are required");
   check_offsets(n, offsets, n_groups);
   Sorted out;
-  out.I.resize(n);
-  out.s.resize(n);
-  out.w.resize(n);
-  if (minus != nullptr) out.minus.resize(n);
+  out.w_store.resize(n);
+  bool identity = true;
+  for (std::size_t j = 0; j < n && identity; ++j) identity = order[j] == static_cast<std::int64_t>(j);
+  if (identity) {
+    for (std::size_t j = 0; j < n; ++j) {
+      check_observation(I, s, static_cast<std::int64_t>(j));
+      out.w_store[j] = 1.0 / (s[j] * s[j]);
+    }
+    out.I = I;
+    out.s = s;
+    out.minus = minus;  // (any nonzero flag counts as minus, as below)
+    out.w = out.w_store.data();
+    if (minus != nullptr) {
+      bool only_01 = true;
+      for (std::size_t j = 0; j < n && only_01; ++j) only_01 = minus[j] <= 1;
+      if (!only_01) {
+        out.minus_store.assign(minus, minus + n);
+        for (auto& f : out.minus_store) f = f != 0;
+        out.minus = out.minus_store.data();
+      }
+    }
+    return out;
+  }
+  out.I_store.resize(n);
+  out.s_store.resize(n);
+  if (minus != nullptr) out.minus_store.resize(n);
   for (std::size_t j = 0; j < n; ++j) {
     const std::int64_t i = order[j];
     require_index(i, n, "order");
-    const double v = I[i], si = s[i];
-    if (!std::isfinite(v))
-      throw std::invalid_argument("intensity must be finite (element " + std::to_string(i) +
-                                  ")");
-    if (!(std::isfinite(si) && si > 0))
-      throw std::invalid_argument("sigma must be finite and > 0 (element " + std::to_string(i) +
-                                  " is " + std::to_string(si) + ")");
-    out.I[j] = v;
-    out.s[j] = si;
-    out.w[j] = 1.0 / (si * si);
-    if (minus != nullptr) out.minus[j] = minus[i] != 0;
+    check_observation(I, s, i);
+    out.I_store[j] = I[i];
+    out.s_store[j] = s[i];
+    out.w_store[j] = 1.0 / (s[i] * s[i]);
+    if (minus != nullptr) out.minus_store[j] = minus[i] != 0;
   }
+  out.I = out.I_store.data();
+  out.s = out.s_store.data();
+  out.w = out.w_store.data();
+  out.minus = minus != nullptr ? out.minus_store.data() : nullptr;
   return out;
 }
 
@@ -300,8 +335,8 @@ MergingStatistics compute_merging_statistics(
     if (e == b) continue;
     const std::int32_t shell = group_shell[g];
     const bool centric = group_centric != nullptr && group_centric[g] != 0;
-    const Obs all{d.I.data() + b, d.s.data() + b, d.w.data() + b, e - b};
-    if (centric || d.minus.empty()) {
+    const Obs all{d.I + b, d.s + b, d.w + b, e - b};
+    if (centric || d.minus == nullptr) {
       add_unique(g, 0, all, shell, 0);
       continue;
     }
@@ -375,41 +410,53 @@ MergingStatistics compute_merging_statistics(
 void normalised_deviations(const double* I, const double* s, std::size_t n,
                            const std::int64_t* order, const std::int64_t* offsets,
                            std::size_t n_groups, double* out) {
-  const Sorted d = gather(I, s, nullptr, n, order, offsets, n_groups);
-  const MergingOptions opt;
-  for (std::size_t g = 0; g < n_groups; ++g) {
-    const auto b = static_cast<std::size_t>(offsets[g]), e = static_cast<std::size_t>(offsets[g + 1]);
-    const std::size_t m = e - b;
-    if (m == 0) continue;
-    if (m == 1) {
-      out[order[b]] = kNaN;
-      continue;
-    }
-    const double mean = merge(Obs{d.I.data() + b, d.s.data() + b, d.w.data() + b, m}, opt).mean;
-    const double f = std::sqrt((static_cast<double>(m) - 1.0) / static_cast<double>(m));
-    for (std::size_t j = b; j < e; ++j) out[order[j]] = f * (d.I[j] - mean) / d.s[j];
-  }
+  deviations_and_batch_sums(I, s, n, order, offsets, n_groups, out, nullptr, 0, nullptr,
+                            nullptr, nullptr, nullptr);
 }
 
 void batch_sums(const double* I, const double* s, std::size_t n, const std::int64_t* order,
                 const std::int64_t* offsets, std::size_t n_groups,
                 const std::int64_t* batch_index, std::size_t n_batches, std::int64_t* n_obs,
                 double* sum_abs_dev, double* sum_i, double* sum_ios) {
+  require(batch_index != nullptr || n == 0, "batch_index is required");
+  deviations_and_batch_sums(I, s, n, order, offsets, n_groups, nullptr, batch_index, n_batches,
+                            n_obs, sum_abs_dev, sum_i, sum_ios);
+}
+
+void deviations_and_batch_sums(const double* I, const double* s, std::size_t n,
+                               const std::int64_t* order, const std::int64_t* offsets,
+                               std::size_t n_groups, double* deviations,
+                               const std::int64_t* batch_index, std::size_t n_batches,
+                               std::int64_t* n_obs, double* sum_abs_dev, double* sum_i,
+                               double* sum_ios) {
   const Sorted d = gather(I, s, nullptr, n, order, offsets, n_groups);
-  for (std::size_t i = 0; i < n; ++i)
-    if (batch_index[i] < -1 || batch_index[i] >= static_cast<std::int64_t>(n_batches))
-      throw std::invalid_argument("batch_index: element " + std::to_string(i) +
-                                  " is outside [-1, n_batches)");
-  std::fill(n_obs, n_obs + n_batches, 0);
-  std::fill(sum_abs_dev, sum_abs_dev + n_batches, 0.0);
-  std::fill(sum_i, sum_i + n_batches, 0.0);
-  std::fill(sum_ios, sum_ios + n_batches, 0.0);
+  require(batch_index != nullptr || n_batches == 0,
+          "n_batches must be 0 without batch_index");
+  if (batch_index != nullptr) {
+    for (std::size_t i = 0; i < n; ++i)
+      if (batch_index[i] < -1 || batch_index[i] >= static_cast<std::int64_t>(n_batches))
+        throw std::invalid_argument("batch_index: element " + std::to_string(i) +
+                                    " is outside [-1, n_batches)");
+    std::fill(n_obs, n_obs + n_batches, 0);
+    std::fill(sum_abs_dev, sum_abs_dev + n_batches, 0.0);
+    std::fill(sum_i, sum_i + n_batches, 0.0);
+    std::fill(sum_ios, sum_ios + n_batches, 0.0);
+  }
   const MergingOptions opt;
   for (std::size_t g = 0; g < n_groups; ++g) {
     const auto b = static_cast<std::size_t>(offsets[g]), e = static_cast<std::size_t>(offsets[g + 1]);
-    if (e == b) continue;
-    const double mean =
-        merge(Obs{d.I.data() + b, d.s.data() + b, d.w.data() + b, e - b}, opt).mean;
+    const std::size_t m = e - b;
+    if (m == 0) continue;
+    const double mean = merge(Obs{d.I + b, d.s + b, d.w + b, m}, opt).mean;
+    if (deviations != nullptr) {
+      if (m == 1) {
+        deviations[order[b]] = kNaN;
+      } else {
+        const double f = std::sqrt((static_cast<double>(m) - 1.0) / static_cast<double>(m));
+        for (std::size_t j = b; j < e; ++j) deviations[order[j]] = f * (d.I[j] - mean) / d.s[j];
+      }
+    }
+    if (batch_index == nullptr) continue;
     for (std::size_t j = b; j < e; ++j) {
       const std::int64_t k = batch_index[order[j]];
       if (k < 0) continue;

@@ -169,6 +169,32 @@ py::tuple batch_sums_py(const DoubleArray& intensity, const DoubleArray& sigma,
   return py::make_tuple(n_obs, abs_dev, sum_i, sum_ios);
 }
 
+py::tuple deviations_and_batch_sums_py(const DoubleArray& intensity, const DoubleArray& sigma,
+                                       const Int64Array& order, const Int64Array& offsets,
+                                       const Int64Array& batch_index, std::size_t n_batches) {
+  check_grouping(intensity, sigma, order, offsets);
+  require_ndim(batch_index, 1, "batch_index");
+  const auto n = static_cast<std::size_t>(intensity.size());
+  require_same_length(static_cast<std::size_t>(batch_index.size()), n, "batch_index",
+                      "intensity");
+  const auto nb = static_cast<py::ssize_t>(n_batches);
+  py::array_t<double> deviations(static_cast<py::ssize_t>(n));
+  py::array_t<std::int64_t> n_obs(nb);
+  py::array_t<double> abs_dev(nb), sum_i(nb), sum_ios(nb);
+  double* dev = deviations.mutable_data();
+  std::int64_t* p0 = n_obs.mutable_data();
+  double* p1 = abs_dev.mutable_data();
+  double* p2 = sum_i.mutable_data();
+  double* p3 = sum_ios.mutable_data();
+  {
+    py::gil_scoped_release release;  // raw buffers only
+    deviations_and_batch_sums(intensity.data(), sigma.data(), n, order.data(), offsets.data(),
+                              static_cast<std::size_t>(offsets.size() - 1), dev,
+                              batch_index.data(), n_batches, p0, p1, p2, p3);
+  }
+  return py::make_tuple(deviations, n_obs, abs_dev, sum_i, sum_ios);
+}
+
 }  // namespace
 
 void bind_stats(py::module_& m) {
@@ -187,6 +213,11 @@ void bind_stats(py::module_& m) {
   m.def("batch_sums", &batch_sums_py, py::arg("intensity"), py::arg("sigma"), py::arg("order"),
         py::arg("offsets"), py::arg("batch_index"), py::arg("n_batches"),
         "Per-batch (n_obs, sum |I - <I>|, sum I, sum I/sigma).");
+  m.def("deviations_and_batch_sums", &deviations_and_batch_sums_py, py::arg("intensity"),
+        py::arg("sigma"), py::arg("order"), py::arg("offsets"), py::arg("batch_index"),
+        py::arg("n_batches"),
+        "normalised_deviations and batch_sums in one pass (one weighted mean per group):\n"
+        "(deviations, n_obs, sum |I - <I>|, sum I, sum I/sigma).");
 }
 
 }  // namespace xtalscale::py_bind

@@ -148,6 +148,13 @@ def _as_column(value: Any, name: str) -> fa.FlexArray:
     return col
 
 
+def _selected_rows(selection: np.ndarray) -> np.ndarray:
+    """Row numbers of a validated selection (``fa._as_selection``): a bool mask becomes its
+    indices once, so that every column is gathered with one shared index array
+    (``np.take`` along rows is about twice as fast as boolean or fancy indexing per column)."""
+    return np.flatnonzero(selection) if selection.dtype == np.bool_ else selection
+
+
 class reflection_table:
     """A table of reflections: named flex columns of equal length plus experiment identifiers.
 
@@ -271,32 +278,39 @@ class reflection_table:
         return t
 
     # ------------------------------------------------------------------ selection
-    def select(self, selection: Any) -> "reflection_table":
+    def select(self, selection: Any, *, columns: Iterable[str] | None = None) -> "reflection_table":
         """Rows by bool mask or indices; columns by a list/tuple of names; or by experiment(s).
 
         The identifiers map is copied whole for row selections (as DIALS does); for an
-        experiment selection it keeps only the selected experiments.
+        experiment selection it keeps only the selected experiments. ``columns`` (row
+        selections only) copies just the named columns' rows, for a caller that reads a few
+        columns of a wide table (default: every column).
         """
+        experiments = None
         if hasattr(selection, "identifier"):
-            return self.select_on_experiment_identifiers([selection.identifier])
-        if (
-            isinstance(selection, (list, tuple))
-            and selection
-            and all(isinstance(s, str) for s in selection)
-        ):
-            missing = [s for s in selection if s not in self._cols]
-            if missing:
-                raise KeyError(f"reflection_table has no columns {missing}")
-            return self._adopt({s: self._cols[s].deep_copy() for s in selection}, self._nrows)
-        if (
-            isinstance(selection, (list, tuple))
-            and selection
-            and all(hasattr(s, "identifier") for s in selection)
-        ):
-            return self.select_on_experiment_identifiers([s.identifier for s in selection])
-        sel = fa._as_selection(selection, self._nrows, "selection")
-        n = int(np.count_nonzero(sel)) if sel.dtype == np.bool_ else len(sel)
-        return self._adopt({k: type(c)._wrap(c._a[sel]) for k, c in self._cols.items()}, n)
+            experiments = [selection]
+        elif isinstance(selection, (list, tuple)) and selection:
+            if all(isinstance(s, str) for s in selection):
+                if columns is not None:
+                    raise TypeError("select: columns= goes with a row selection, not with names")
+                missing = [s for s in selection if s not in self._cols]
+                if missing:
+                    raise KeyError(f"reflection_table has no columns {missing}")
+                return self._adopt({s: self._cols[s].deep_copy() for s in selection},
+                                   self._nrows)
+            if all(hasattr(s, "identifier") for s in selection):
+                experiments = selection
+        if experiments is not None:
+            if columns is not None:
+                raise TypeError("select: columns= goes with a row selection, not experiments")
+            return self.select_on_experiment_identifiers([e.identifier for e in experiments])
+        rows = _selected_rows(fa._as_selection(selection, self._nrows, "selection"))
+        names = list(self._cols) if columns is None else list(columns)
+        missing = [k for k in names if k not in self._cols]
+        if missing:
+            raise KeyError(f"reflection_table has no columns {missing}")
+        return self._adopt({k: type(self._cols[k])._wrap(np.take(self._cols[k]._a, rows, axis=0))
+                            for k in names}, len(rows))
 
     def select_on_experiment_identifiers(self, identifiers: Iterable[str]) -> "reflection_table":
         """Rows whose experiment identifier is in ``identifiers``; the map keeps only those."""
@@ -436,7 +450,7 @@ class reflection_table:
         if not seen.all():
             raise ValueError("reorder: indices are not a permutation")
         for k, c in list(self._cols.items()):
-            self._cols[k] = type(c)._wrap(c._a[idx])
+            self._cols[k] = type(c)._wrap(np.take(c._a, idx, axis=0))
 
     def sort(self, name: str, reverse: bool = False, order: Any = None) -> None:
         """Stable sort of the rows by column ``name``.

@@ -17,6 +17,8 @@ const std::vector<std::int64_t> kOrder{0, 1, 2, 3, 4, 5};
 const std::vector<std::int64_t> kOffsets{0, 3, 5, 6};
 const std::vector<std::int32_t> kShell{0, 0, 0};
 
+bool same(double a, double b) { return a == b || (std::isnan(a) && std::isnan(b)); }
+
 xtalscale::MergingStatistics run(const xtalscale::MergingOptions& opt) {
   return xtalscale::compute_merging_statistics(kI.data(), kSigma.data(), kMinus.data(), 6,
                                                kOrder.data(), kOffsets.data(), 3,
@@ -69,6 +71,43 @@ TEST_CASE("bad arguments throw") {
                       kI.data(), kSigma.data(), nullptr, 6, kOrder.data(), kOffsets.data(), 3,
                       bad_shell.data(), nullptr, 1, {}),
                   std::invalid_argument);
+}
+
+TEST_CASE("observations in group order read in place give the same sums as through order") {
+  // The same observations stored shuffled (read through a permutation) and in group order
+  // (identity order, read in place): every merged value and shell sum is equal.
+  const std::vector<std::int64_t> shuffled_order{4, 0, 5, 2, 1, 3};  // position j <- row
+  std::vector<double> I(6), s(6);
+  std::vector<std::uint8_t> minus(6);
+  std::vector<std::int64_t> order(6);
+  for (std::size_t j = 0; j < 6; ++j) {
+    const auto row = static_cast<std::size_t>(shuffled_order[j]);
+    I[row] = kI[j];
+    s[row] = kSigma[j];
+    minus[row] = kMinus[j];
+    order[j] = shuffled_order[j];
+  }
+  for (const bool anomalous : {false, true}) {
+    xtalscale::MergingOptions opt;
+    opt.anomalous = anomalous;
+    const auto in_place = run(opt);
+    const auto gathered = xtalscale::compute_merging_statistics(
+        I.data(), s.data(), minus.data(), 6, order.data(), kOffsets.data(), 3, kShell.data(),
+        nullptr, 1, opt);
+    CHECK(in_place.merged.intensity == gathered.merged.intensity);
+    CHECK(in_place.merged.sigma == gathered.merged.sigma);
+    for (std::size_t u = 0; u < in_place.merged.half1.size(); ++u)
+      CHECK(same(in_place.merged.half1[u], gathered.merged.half1[u]));
+    CHECK(in_place.shells[1].r_merge == gathered.shells[1].r_merge);
+    CHECK(in_place.shells[1].cc_half == gathered.shells[1].cc_half);
+  }
+  std::vector<double> in_place(6), through_order(6);
+  xtalscale::normalised_deviations(kI.data(), kSigma.data(), 6, kOrder.data(), kOffsets.data(),
+                                   3, in_place.data());
+  xtalscale::normalised_deviations(I.data(), s.data(), 6, order.data(), kOffsets.data(), 3,
+                                   through_order.data());
+  for (std::size_t j = 0; j < 5; ++j)
+    CHECK(in_place[j] == through_order[static_cast<std::size_t>(shuffled_order[j])]);
 }
 
 XS_TEST_MAIN()

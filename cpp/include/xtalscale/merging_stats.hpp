@@ -132,4 +132,14 @@ XTALSCALE_EXPORT void batch_sums(const double* intensity, const double* sigma, s
                                  double* sum_abs_dev_out, double* sum_i_out,
                                  double* sum_i_over_sigma_out);
 
+/// normalised_deviations and batch_sums in one pass over the groups (one weighted mean per
+/// group, the same values as the two calls). @p deviations (length n, input order) may be
+/// nullptr; so may @p batch_index, and then n_batches must be 0 and the batch outputs are
+/// not touched.
+XTALSCALE_EXPORT void deviations_and_batch_sums(
+    const double* intensity, const double* sigma, std::size_t n, const std::int64_t* order,
+    const std::int64_t* offsets, std::size_t n_groups, double* deviations,
+    const std::int64_t* batch_index, std::size_t n_batches, std::int64_t* n_obs_out,
+    double* sum_abs_dev_out, double* sum_i_out, double* sum_i_over_sigma_out);
+
 }  // namespace xtalscale

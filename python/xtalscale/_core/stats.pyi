@@ -38,3 +38,18 @@ def batch_sums(
     npt.NDArray[np.float64],
     npt.NDArray[np.float64],
 ]: ...
+
+def deviations_and_batch_sums(
+    intensity: npt.ArrayLike,
+    sigma: npt.ArrayLike,
+    order: npt.ArrayLike,
+    offsets: npt.ArrayLike,
+    batch_index: npt.ArrayLike,
+    n_batches: int,
+) -> tuple[
+    npt.NDArray[np.float64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.float64],
+    npt.NDArray[np.float64],
+    npt.NDArray[np.float64],
+]: ...

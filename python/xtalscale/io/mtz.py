@@ -1047,8 +1047,13 @@ def _add_batch_headers(mtz, experiments, ids, batch, offsets, cell: UnitCell) ->
         mtz.batches.append(hdr)
 
 
-def merge_intensities(hkl, intensities, variances, space_group, anomalous: bool = False):
+def merge_intensities(hkl, intensities, variances, space_group, anomalous: bool = False,
+                      grouping=None):
     """Inverse-variance weighted merge per unique (ASU) reflection (vectorised).
+
+    ``grouping`` (optional) is the grouping of the usable rows (in input order) by ASU
+    index, as :func:`~xtalscale.symmetry.group_reflections` makes it (Bijvoet mates apart
+    only with ``anomalous``), when the caller has it already.
 
     Returns
     -------
@@ -1063,8 +1068,13 @@ def merge_intensities(hkl, intensities, variances, space_group, anomalous: bool 
         raise ValueError(f"hkl, intensities and variances must have equal lengths "
                          f"(got {len(hkl)}, {len(I)}, {len(V)})")
     ok = np.isfinite(I) & np.isfinite(V) & (V > 0)
-    m = map_to_asu(hkl[ok], space_group, anomalous=anomalous)
-    g = group_reflections(m.asu_hkl)
+    if grouping is None:
+        grouping = group_reflections(map_to_asu(hkl[ok], space_group,
+                                                anomalous=anomalous).asu_hkl)
+    elif len(grouping.group_index) != np.count_nonzero(ok):
+        raise ValueError(f"the grouping has {len(grouping.group_index)} rows, not the "
+                         f"{np.count_nonzero(ok)} usable ones")
+    g = grouping
     w = 1.0 / V[ok]
     sw = np.bincount(g.group_index, weights=w, minlength=g.n_groups)
     swi = np.bincount(g.group_index, weights=w * I[ok], minlength=g.n_groups)

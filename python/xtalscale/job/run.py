@@ -77,12 +77,46 @@ def _statistics(experiments: Any, table: Any, params: Any) -> tuple[Any, Any]:
     and the scaled observations they were computed on."""
     from ..merge.observations import observations_from_reflections
     from ..report import statistics_for_report
+    from ..stats.resolution import fit_module_prefetched
 
-    obs = observations_from_reflections(experiments, table)
-    inputs = statistics_for_report(obs, n_bins=int(params.output.merging.nbins),
-                                   anomalous=bool(params.anomalous),
-                                   use_internal_variance=bool(params.output.use_internal_variance))
+    with fit_module_prefetched():  # the resolution fit's import overlaps the grouping
+        obs = observations_from_reflections(experiments, table)
+        inputs = statistics_for_report(
+            obs, n_bins=int(params.output.merging.nbins), anomalous=bool(params.anomalous),
+            use_internal_variance=bool(params.output.use_internal_variance))
     return inputs, obs
+
+
+def _write(params: Any, experiments: Any, table: Any, obs: Any, report_inputs: Any,
+           result: ScaleJobResult) -> Any:
+    """Write the output files (recorded in ``result.files``); returns the merged data of
+    the scaled observations when a merged MTZ or the report needs them (else None)."""
+    out = params.output
+    table.as_file(str(out.reflections))
+    experiments.as_file(str(out.experiments))
+    result.files.update(reflections=out.reflections, experiments=out.experiments)
+    if out.unmerged_mtz:
+        from ..io.mtz import write_unmerged_mtz
+
+        scaled = table.select(table.get_flags(Flags.scaled))
+        write_unmerged_mtz(str(out.unmerged_mtz), scaled, experiments, project_name=out.project_name,
+                           crystal_name=out.crystal_name)
+        result.files["unmerged_mtz"] = out.unmerged_mtz
+    merged = None
+    if obs is not None and (out.merged_mtz or (out.html and str(out.html).lower() != "none")):
+        from ..merge import merge_observations, write_merged_mtz
+
+        # merged on the grouping the statistics made of the same observations
+        groups = report_inputs.observation_groups if report_inputs is not None else None
+        merged = merge_observations(obs, anomalous=bool(params.anomalous), groups=groups)
+        if out.merged_mtz:
+            write_merged_mtz(str(out.merged_mtz), merged, out.project_name, out.crystal_name)
+            result.files["merged_mtz"] = out.merged_mtz
+    stats = result.statistics
+    if out.json and stats is not None:
+        Path(out.json).write_text(stats.as_json())
+        result.files["json"] = out.json
+    return merged
 
 
 def work_free_statistics(algorithm: Any, obs: Any, params: Any) -> dict[str, dict[str, float]] | None:
@@ -246,28 +280,7 @@ def run_scale_job(params: Any, files: Sequence[str]) -> ScaleJobResult:
 
     t0 = time.perf_counter()
     out = params.output
-    table.as_file(str(out.reflections))
-    experiments.as_file(str(out.experiments))
-    result.files.update(reflections=out.reflections, experiments=out.experiments)
-    if out.unmerged_mtz:
-        from ..io.mtz import write_unmerged_mtz
-
-        scaled = table.select(table.get_flags(Flags.scaled))
-        write_unmerged_mtz(str(out.unmerged_mtz), scaled, experiments, project_name=out.project_name,
-                           crystal_name=out.crystal_name)
-        result.files["unmerged_mtz"] = out.unmerged_mtz
-    merged = None
-    if out.merged_mtz or (out.html and str(out.html).lower() != "none" and obs is not None):
-        if obs is not None:
-            from ..merge import merge_observations, write_merged_mtz
-
-            merged = merge_observations(obs, anomalous=bool(params.anomalous))
-            if out.merged_mtz:
-                write_merged_mtz(str(out.merged_mtz), merged, out.project_name, out.crystal_name)
-                result.files["merged_mtz"] = out.merged_mtz
-    if out.json and stats is not None:
-        Path(out.json).write_text(stats.as_json())
-        result.files["json"] = out.json
+    merged = _write(params, experiments, table, obs, report_inputs, result)
     timings["write"] = time.perf_counter() - t0
     if out.html and str(out.html).lower() != "none":
         t0 = time.perf_counter()

@@ -62,7 +62,7 @@ def _amplitudes_from_intensities(hkl, intensity, sigma, space_group, unit_cell,
 def merge_observations(observations: ScaledObservations, anomalous: bool = True,
                        truncate: bool = True, min_reflections: int = 200,
                        fallback_to_flat_prior: bool = True,
-                       max_bins: int = 60) -> MergedData:
+                       max_bins: int = 60, groups=None) -> MergedData:
     """Merge scaled observations (see the module docstring).
 
     Parameters
@@ -74,6 +74,10 @@ def merge_observations(observations: ScaledObservations, anomalous: bool = True,
         Add French–Wilson amplitudes (F, SIGF; F(±), SIGF(±), DANO, SIGDANO if anomalous).
     min_reflections, fallback_to_flat_prior, max_bins
         French–Wilson options (as dials.merge's ``french_wilson`` scope).
+    groups : xtalscale.stats.ObservationGroups, optional
+        The grouping of these observations (with σ = sqrt(variance)) made for their
+        statistics (:attr:`xtalscale.report.ReportInputs.observation_groups`): the mean
+        intensities are merged on it instead of mapping and sorting the indices again.
 
     Returns
     -------
@@ -85,7 +89,8 @@ def merge_observations(observations: ScaledObservations, anomalous: bool = True,
     if len(obs) == 0:
         raise NoScaledDataError(f"{obs.source}: no observations to merge")
     sg, cell = obs.space_group, obs.unit_cell
-    hkl, imean, sigimean, n = merge_intensities(obs.miller_index, obs.intensity, obs.variance, sg)
+    hkl, imean, sigimean, n = merge_intensities(obs.miller_index, obs.intensity, obs.variance, sg,
+                                                grouping=_grouping_of(groups, obs))
     columns = {"IMEAN": imean, "SIGIMEAN": sigimean, "N": n.astype(np.float64)}
     truncation = {}
     if truncate and not anomalous:
@@ -112,6 +117,19 @@ def merge_observations(observations: ScaledObservations, anomalous: bool = True,
         columns.update(anomalous_columns)
     logger.debug("merged %d observations into %d unique reflections", len(obs), len(hkl))
     return MergedData(hkl, columns, sg, cell, obs.wavelength, len(obs), truncation)
+
+
+def _grouping_of(groups, obs: ScaledObservations):
+    """The grouping of ``groups`` if they were made from these observations' usable rows
+    (finite I, variance > 0: those with a finite σ > 0), else None (the merge groups)."""
+    if groups is None:
+        return None
+    usable = np.isfinite(obs.intensity) & np.isfinite(obs.variance) & (obs.variance > 0)
+    if groups.n_input != len(obs) or not np.array_equal(np.flatnonzero(usable),
+                                                        groups.usable_rows):
+        raise ValueError("merge_observations: the groups were not made from these "
+                         "observations")
+    return groups.grouping
 
 
 def _mean_amplitude(fp, sfp, fm, sfm) -> dict:

@@ -115,46 +115,54 @@ def observations_from_reflections(experiments, table, partiality_threshold: floa
     if len(experiments) == 0 or experiments[0].crystal is None:
         raise ValueError(f"{source}: the experiment list has no crystal (space group, cell)")
     n = len(table)
-    flags = (np.asarray(table["flags"]).astype(np.uint64) if "flags" in table
-             else np.zeros(n, dtype=np.uint64))
-    n_bad = int(np.count_nonzero(flags & np.uint64(int(Flags.bad_for_scaling))))
+    n_bad = (int(np.count_nonzero(np.asarray(table["flags"], dtype=np.uint64)
+                                  & np.uint64(int(Flags.bad_for_scaling))))
+             if "flags" in table else 0)
     if n == 0:
         raise NoScaledDataError(f"{source}: no scaled observation to merge (empty table)")
     try:
-        selected = scaled_intensities(table, partiality_threshold=partiality_threshold)
+        selected = scaled_intensities(table, partiality_threshold=partiality_threshold,
+                                      columns=("miller_index",))  # the only one read
     except ScaledIntensityError as error:
         raise NoScaledDataError(f"{source}: no scaled observation to merge ({error})") from None
     hkl = np.asarray(selected["miller_index"], dtype=np.int32).reshape(-1, 3)
-    keep = hkl.any(axis=1)
-    rows = np.asarray(selected["original_index"], dtype=np.int64)[keep]
-    batch = (np.asarray(table["batch"], dtype=np.int64) if "batch" in table
-             else _batches_from_z(experiments, table))[rows]
-    dataset = (np.asarray(table["id"], dtype=np.int64) if "id" in table
-               else np.zeros(n, dtype=np.int64))[rows]
+    intensity = np.asarray(selected["intensity"], dtype=np.float64)
+    variance = np.asarray(selected["variance"], dtype=np.float64)
+    rows = np.asarray(selected["original_index"]).astype(np.int64)
+    zero = (hkl[:, 0] | hkl[:, 1] | hkl[:, 2]) == 0  # (0, 0, 0); faster than ~any(axis=1)
+    n_zero = int(np.count_nonzero(zero))
+    if n_zero:  # (otherwise every selected row is kept: no copies)
+        keep = ~zero
+        hkl, intensity, variance, rows = hkl[keep], intensity[keep], variance[keep], rows[keep]
+    dataset = (np.asarray(table["id"])[rows].astype(np.int64) if "id" in table
+               else np.zeros(len(rows), dtype=np.int64))
+    batch = (np.asarray(table["batch"])[rows].astype(np.int64) if "batch" in table
+             else _batches_from_z(experiments, table, rows, dataset))
     excluded = {"bad_for_scaling": n_bad,
                 "g <= 0, variance <= 0, partiality or combined partial pieces":
-                    n - n_bad - len(hkl),
-                "index (0, 0, 0)": int((~keep).sum())}
+                    n - n_bad - len(zero),
+                "index (0, 0, 0)": n_zero}
     crystal, beam = experiments[0].crystal, experiments[0].beam
     obs = ScaledObservations(
-        hkl[keep], np.asarray(selected["intensity"], dtype=np.float64)[keep],
-        np.asarray(selected["variance"], dtype=np.float64)[keep], batch, dataset,
+        hkl, intensity, variance, batch, dataset,
         crystal.get_space_group(), crystal.get_unit_cell(),
         float(beam.get_wavelength()) if beam is not None else 0.0, source, n, excluded)
     return _check_usable(obs)
 
 
-def _batches_from_z(experiments, table) -> np.ndarray:
-    """Image numbers from the observed z (frame) when the table has no batch column."""
-    n = len(table)
+def _batches_from_z(experiments, table, rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Image numbers of ``rows`` (experiment ``ids``) from the observed z (frame) when the
+    table has no batch column."""
     if "xyzobs.px.value" not in table:
-        return np.ones(n, dtype=np.int64)
-    z = np.asarray(table["xyzobs.px.value"], dtype=np.float64).reshape(-1, 3)[:, 2]
-    ids = np.asarray(table["id"], dtype=np.int64) if "id" in table else np.zeros(n, int)
+        return np.ones(len(rows), dtype=np.int64)
+    z = np.asarray(table["xyzobs.px.value"], dtype=np.float64).reshape(-1, 3)[rows, 2]
     first = np.array([e.scan.get_image_range()[0] if e.scan is not None else 1
                       for e in experiments], dtype=np.int64)
-    safe = np.clip(ids, 0, len(first) - 1)
-    return np.floor(np.nan_to_num(z)).astype(np.int64) + first[safe]
+    np.nan_to_num(z, copy=False)  # (z is a fresh copy: worked on in place)
+    batch = np.floor(z, out=z).astype(np.int64)
+    in_range = len(ids) == 0 or (ids.min() >= 0 and ids.max() < len(first))
+    batch += first[ids if in_range else np.clip(ids, 0, len(first) - 1)]
+    return batch
 
 
 def observations_from_mtz(path: Any) -> ScaledObservations:

@@ -31,6 +31,9 @@ class ReportInputs:
     normalised_deviations: np.ndarray | None = None
     resolution: Any = None  #: ResolutionEstimate or None
     notes: list = field(default_factory=list)  #: why something is missing
+    #: the observations grouped by unique reflection (xtalscale.stats.ObservationGroups), for
+    #: merge_observations(..., groups=) of the same observations
+    observation_groups: Any = None
 
     def report_arguments(self) -> dict:
         """Keyword arguments for :func:`~xtalscale.report.write_html_report`."""
@@ -46,14 +49,21 @@ class ReportInputs:
 def _batch_groups(batch: np.ndarray, dataset: np.ndarray, max_points: int) -> np.ndarray:
     """Each observation's batch, or the first batch of its group of consecutive batches when
     a dataset has more than ``max_points`` batches (so that each point has observations)."""
-    grouped = np.asarray(batch, dtype=np.int64).copy()
-    for d in np.unique(dataset):
-        mine = dataset == d
-        first, last = int(grouped[mine].min()), int(grouped[mine].max())
-        width = -(-(last - first + 1) // max_points)  # ceil
-        if width > 1:
-            grouped[mine] = first + (grouped[mine] - first) // width * width
-    return grouped
+    from ..stats.merging import _dataset_batch_groups
+
+    # the distinct (dataset, batch) pairs, sorted: a dataset's first and last batch are the
+    # ends of its run of pairs; the grouping is worked out per pair, then spread to the rows
+    ds, b, index = _dataset_batch_groups(np.asarray(dataset, dtype=np.int64).ravel(),
+                                         np.asarray(batch, dtype=np.int64).ravel())
+    new_run = np.ones(len(ds), dtype=bool)
+    new_run[1:] = ds[1:] != ds[:-1]
+    run = np.cumsum(new_run) - 1
+    starts = np.flatnonzero(new_run)
+    ends = np.append(starts[1:], len(ds)) - 1
+    first, last = b[starts][run], b[ends][run]
+    width = -(-(last - first + 1) // max_points)  # ceil
+    grouped = np.where(width > 1, first + (b - first) // width * width, b)  # width >= 1
+    return grouped[index]
 
 
 def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True,
@@ -86,14 +96,19 @@ def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True
             out.resolution = estimate_resolution(out.statistics)
         except ValueError as error:
             out.notes.append(f"Resolution estimate failed: {error}")
-    per_batch = ms.batch_statistics(obs.miller_index, obs.intensity, sigma,
-                                    _batch_groups(obs.batch, obs.dataset, max_batch_points),
-                                    obs.space_group, dataset=obs.dataset)
+    # one grouping of the observations for the per-observation statistics: the merging
+    # statistics' own when they were computed on every usable row
+    groups = out.statistics.observation_groups() if out.statistics is not None else None
+    if groups is None:
+        groups = ms.group_observations(obs.miller_index, obs.intensity, sigma, obs.space_group)
+    out.observation_groups = groups
+    per_batch, out.normalised_deviations = ms.batch_statistics_and_deviations(
+        obs.miller_index, obs.intensity, sigma,
+        _batch_groups(obs.batch, obs.dataset, max_batch_points), obs.space_group,
+        dataset=obs.dataset, groups=groups)
     for d in np.unique(per_batch.dataset):
         mine = per_batch.dataset == d
         out.batch_statistics[f"dataset {int(d)}"] = {
             "batch": per_batch.batch[mine], "r_merge": per_batch.r_merge[mine],
             "i_over_sigma": per_batch.i_over_sigma_mean[mine]}
-    out.normalised_deviations = ms.normalised_deviations(obs.miller_index, obs.intensity,
-                                                         sigma, obs.space_group)
     return out

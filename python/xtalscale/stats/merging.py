@@ -44,6 +44,7 @@ Conventions (iotbx ``dataset_statistics`` / ``merging_stats``, as DIALS calls it
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -55,6 +56,7 @@ import numpy as np
 
 from .._core import stats as _core_stats
 from ..symmetry import (
+    Grouping,
     SpaceGroup,
     UnitCell,
     centric_flags,
@@ -71,8 +73,11 @@ __all__ = [
     "MergingShell",
     "MergingStatistics",
     "MergingStatisticsError",
+    "ObservationGroups",
     "batch_statistics",
+    "batch_statistics_and_deviations",
     "dataset_statistics",
+    "group_observations",
     "normalised_deviations",
     "shell_limits",
 ]
@@ -309,6 +314,92 @@ class _Prepared:
         # centric groups)
         return (grouping, (isym % 2 == 0).view(np.uint8),
                 centric_flags(grouping.unique_hkl, self.space_group))
+
+    @cached_property
+    def in_group_order(self) -> tuple:
+        """(intensity, sigma, friedel_minus) of the rows in group order (``grouping.order``).
+
+        The kernels read them sequentially with an identity order: the same values in the
+        same sequence as through ``order`` (so the same sums), without a random read per
+        observation in every kernel (which costs them about as much as their arithmetic)."""
+        grouping, friedel_minus, _ = self.grouped
+        order = grouping.order
+        return (np.take(self.intensity, order), np.take(self.sigma, order),
+                np.take(friedel_minus, order))
+
+    @cached_property
+    def d_star_sq_in_group_order(self) -> np.ndarray:
+        return np.take(self.d_star_sq, self.grouped[0].order)
+
+    def subset(self, keep: np.ndarray) -> _Prepared:
+        """The used rows with ``keep`` (bool per used row), as :func:`_prepare` would make them
+        from those rows alone (all used, no d limits), but with the rows in group order.
+
+        Statistics depend on the groups (in ASU-index order) and on each group's rows in
+        input order, which selecting rows from this grouping keeps: they are those of a fresh
+        ASU mapping and sort of the kept rows, for a fraction of the cost. Numbering the rows
+        of the subset in group order makes its grouping the identity order. When every row
+        is kept (the usual case of the Wilson-outlier cut), the subset shares this one's rows,
+        grouping and group-ordered values.
+        """
+        if keep.all():
+            n = len(self.intensity)
+            sub = dataclasses.replace(self, binning_dss=self.d_star_sq, used_rows=np.arange(n),
+                                      n_input=n, n_rejected=_no_rejections())
+            for name in ("grouped", "in_group_order"):  # (fills the cached properties)
+                sub.__dict__[name] = getattr(self, name)
+            return sub
+        grouping, _, group_centric = self.grouped
+        kept = keep[grouping.order]  # per position in group order
+        n_kept = np.add.reduceat(kept, grouping.offsets[:-1], dtype=np.int64)
+        old_group = np.flatnonzero(n_kept)  # the groups left with a row
+        sizes = n_kept[old_group]
+        offsets = np.concatenate([[0], np.cumsum(sizes)])
+        intensity, sigma, friedel_minus = (a[kept] for a in self.in_group_order)
+        d_star_sq = self.d_star_sq_in_group_order[kept]
+        n = len(intensity)
+        sub = _Prepared(np.take(self.hkl, grouping.order[kept], axis=0), intensity, sigma,
+                        d_star_sq, d_star_sq, np.arange(n), self.space_group, self.unit_cell,
+                        n, _no_rejections())
+        identity = np.arange(n, dtype=np.int64)
+        group_index = np.repeat(np.arange(len(old_group), dtype=np.int64), sizes)
+        # fill both cached properties
+        sub.__dict__["grouped"] = (
+            Grouping(identity, group_index, offsets, grouping.unique_hkl[old_group]),
+            friedel_minus, group_centric[old_group])
+        sub.__dict__["in_group_order"] = (intensity, sigma, friedel_minus)
+        sub.__dict__["d_star_sq_in_group_order"] = d_star_sq
+        return sub
+
+    def observation_groups(self) -> ObservationGroups | None:
+        """The grouping as :func:`group_observations` makes it from the caller's arrays, or
+        None if rows other than the unusable ones were left out (d range, absences)."""
+        if any(self.n_rejected.get(k, 0) for k in ("outside_d_range", "systematically_absent")):
+            return None
+        grouping = self.grouped[0]
+        intensity, sigma, _ = self.in_group_order
+        rows = (grouping.order if len(self.used_rows) == self.n_input  # used_rows = 0..n-1
+                else np.take(self.used_rows, grouping.order))
+        return ObservationGroups(self.used_rows, grouping, rows, intensity, sigma, self.n_input)
+
+
+_IDENTITY = np.zeros(0, dtype=np.int64)
+
+
+def _identity_order(n: int) -> np.ndarray:
+    """The ``order`` argument (0..n-1, read-only) of a kernel whose inputs are already in
+    group order; one shared array serves every kernel call for the same n."""
+    global _IDENTITY
+    identity = _IDENTITY  # (one read: another thread may replace it meanwhile)
+    if len(identity) != n:
+        identity = np.arange(n, dtype=np.int64)
+        identity.flags.writeable = False
+        _IDENTITY = identity
+    return identity
+
+
+def _no_rejections() -> dict:
+    return {"outside_d_range": 0, "non_finite": 0, "sigma_negative": 0, "sigma_zero": 0}
 
 
 def _prepare(hkl, intensity, sigma, space_group, unit_cell, d_min=None, d_max=None,
@@ -614,12 +705,19 @@ class MergingStatistics:
         return self.rebinned(self.n_bins, self.binning_method, self.reflections_per_bin,
                              anomalous=True)
 
+    def observation_groups(self) -> ObservationGroups | None:
+        """The grouping behind these statistics as :func:`group_observations` of the input
+        arrays makes it (for :func:`batch_statistics` and :func:`normalised_deviations` of the
+        same observations), or None if a d range or ``eliminate_sys_absent`` left usable rows
+        out."""
+        return self._prepared.observation_groups()
+
     # ------------------------------------------------------------------ computation
     def _compute(self) -> None:
         p = self._prepared
-        grouping, friedel_minus, group_centric = p.grouped
-        first_row = grouping.order[grouping.offsets[:-1]]
-        group_dss = p.d_star_sq[first_row]
+        grouping, _, group_centric = p.grouped
+        intensity, sigma, friedel_minus = p.in_group_order
+        group_dss = p.d_star_sq[grouping.order[grouping.offsets[:-1]]]  # each group's first row
         n_shells = len(self.limits) - 1
         shell = np.searchsorted(self.limits, group_dss, side="right") - 1
         shell[(shell < 0) | (shell >= n_shells)] = -1
@@ -628,7 +726,7 @@ class MergingStatistics:
                 "the data contain no symmetry-equivalent observations (already merged?): "
                 "merging statistics need unmerged data")
         merged, sums = _core_stats.merging_statistics(
-            p.intensity, p.sigma, friedel_minus, grouping.order,
+            intensity, sigma, friedel_minus, _identity_order(len(intensity)),
             grouping.offsets, shell.astype(np.int32), group_centric.astype(np.uint8), n_shells,
             use_internal_variance=self.use_internal_variance, anomalous=self.anomalous,
             seed=self.seed)
@@ -823,7 +921,54 @@ def _jsonable(x):
 # --------------------------------------------------------------------------- per observation
 
 
-def _grouped(miller_index, intensity, sigma, space_group, anomalous=False):
+@dataclass
+class ObservationGroups:
+    """Usable observations grouped by unique reflection, for the per-observation statistics
+    and the merge.
+
+    Made by :func:`group_observations` (or taken from a :class:`MergingStatistics` by
+    :meth:`MergingStatistics.observation_groups`) once and passed to
+    :func:`normalised_deviations`, :func:`batch_statistics` and
+    :func:`~xtalscale.merge.merge_observations`, which would otherwise each map and sort the
+    same indices again.
+
+    Attributes
+    ----------
+    usable_rows : ndarray, int64, (m,)
+        Row numbers (in the caller's arrays) of the usable observations: finite intensity
+        and sigma, sigma > 0; ascending.
+    grouping : Grouping
+        Those rows grouped by ASU index (Bijvoet mates together),
+        :func:`~xtalscale.symmetry.group_reflections` of their ASU indices.
+    rows : ndarray, int64, (m,)
+        ``usable_rows`` in group order: group k is ``rows[offsets[k]:offsets[k+1]]``.
+    intensity, sigma : ndarray, float64, (m,)
+        The values of ``rows``, in that order.
+    n_input : int
+        Length of the caller's arrays.
+    """
+
+    usable_rows: np.ndarray
+    grouping: Grouping
+    rows: np.ndarray
+    intensity: np.ndarray
+    sigma: np.ndarray
+    n_input: int
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return self.grouping.offsets
+
+    def check_length(self, n: int) -> None:
+        if n != self.n_input:
+            raise MergingStatisticsError(f"groups made from {self.n_input} observations given "
+                                         f"with arrays of {n}")
+
+
+def group_observations(miller_index, intensity, sigma, space_group,
+                       anomalous: bool = False) -> ObservationGroups:
+    """Group the usable observations (finite I and σ, σ > 0) by ASU index (with
+    ``anomalous`` Bijvoet mates apart) with :func:`xtalscale.symmetry.group_reflections`."""
     hkl = miller_array(miller_index, "miller_index")
     I = np.asarray(intensity, dtype=np.float64).ravel()
     s = np.asarray(sigma, dtype=np.float64).ravel()
@@ -831,26 +976,39 @@ def _grouped(miller_index, intensity, sigma, space_group, anomalous=False):
         raise MergingStatisticsError(
             f"miller_index, intensity and sigma must have equal lengths (got {len(hkl)}, "
             f"{len(I)}, {len(s)})")
-    ok = np.isfinite(I) & np.isfinite(s) & (s > 0)
-    rows = np.flatnonzero(ok)
-    m = map_to_asu(hkl[rows], space_group, anomalous=anomalous)
-    g = group_reflections(m.asu_hkl)
-    return rows, I[rows], s[rows], g
+    usable = np.flatnonzero(np.isfinite(I) & np.isfinite(s) & (s > 0))
+    grouping = group_reflections(map_to_asu(hkl[usable], space_group,
+                                            anomalous=anomalous).asu_hkl)
+    rows = np.take(usable, grouping.order)
+    return ObservationGroups(usable, grouping, rows, np.take(I, rows), np.take(s, rows), len(I))
+
+
+def _groups_for(miller_index, intensity, sigma, space_group, anomalous: bool,
+                groups: ObservationGroups | None) -> ObservationGroups:
+    """``groups`` when given (checked against the arrays), else a fresh grouping."""
+    if groups is None:
+        return group_observations(miller_index, intensity, sigma, space_group, anomalous)
+    if anomalous:
+        raise MergingStatisticsError("shared groups keep Bijvoet mates together: they do not "
+                                     "serve anomalous=True")
+    groups.check_length(len(np.asarray(intensity).ravel()))
+    return groups
 
 
 def normalised_deviations(miller_index, intensity, sigma, space_group,
-                          anomalous: bool = False) -> np.ndarray:
+                          anomalous: bool = False,
+                          groups: ObservationGroups | None = None) -> np.ndarray:
     """Normalised deviation of each observation from its group's weighted mean.
 
     ``δ = sqrt((n−1)/n) (I − ⟨I⟩)/σ`` (DIALS's error-model definition with g = 1, i.e. for
     scaled intensities); NaN for single observations and for rows with a non-finite value or
     σ <= 0 (which are left out of the means). Input order. For a normal probability plot.
+    ``groups`` (from :func:`group_observations` of the same arrays) saves the grouping.
     """
-    rows, I, s, g = _grouped(miller_index, intensity, sigma, space_group, anomalous)
-    out = np.full(len(np.asarray(intensity).ravel()), np.nan)
-    if len(rows):
-        out[rows] = _core_stats.normalised_deviations(I, s, g.order, g.offsets)
-    return out
+    g = _groups_for(miller_index, intensity, sigma, space_group, anomalous, groups)
+    deviations = _core_stats.normalised_deviations(g.intensity, g.sigma,
+                                                   _identity_order(len(g.rows)), g.offsets)
+    return _deviations_in_input_order(g, deviations, len(np.asarray(intensity).ravel()))
 
 
 @dataclass
@@ -873,7 +1031,8 @@ class BatchStatistics:
 
 
 def batch_statistics(miller_index, intensity, sigma, batch, space_group, dataset=None,
-                     anomalous: bool = False) -> BatchStatistics:
+                     anomalous: bool = False,
+                     groups: ObservationGroups | None = None) -> BatchStatistics:
     """n_obs, Rmerge and ⟨I/σ⟩ against batch (image), per dataset.
 
     Parameters
@@ -884,24 +1043,94 @@ def batch_statistics(miller_index, intensity, sigma, batch, space_group, dataset
     space_group : SpaceGroup or str
     dataset : array_like (n,) int, optional
         Dataset (experiment) id; batches are kept apart per dataset.
+    groups : ObservationGroups, optional
+        :func:`group_observations` of the same arrays (saves the grouping).
 
     Rows with a non-finite value or σ <= 0 are left out.
     """
+    g = _groups_for(miller_index, intensity, sigma, space_group, anomalous, groups)
+    ds, batches, index = _batch_pairs(g, batch, dataset, len(np.asarray(intensity).ravel()))
+    n_obs, dev, si, sios = _core_stats.batch_sums(g.intensity, g.sigma,
+                                                  _identity_order(len(g.rows)), g.offsets,
+                                                  index, len(ds))
+    return _batch_result(ds, batches, n_obs, dev, si, sios)
+
+
+def batch_statistics_and_deviations(miller_index, intensity, sigma, batch, space_group,
+                                    dataset=None, groups: ObservationGroups | None = None
+                                    ) -> tuple[BatchStatistics, np.ndarray]:
+    """:func:`batch_statistics` and :func:`normalised_deviations` (non-anomalous) of the same
+    observations, the same values, from one pass over the groups (one weighted mean each)."""
+    n = len(np.asarray(intensity).ravel())
+    g = _groups_for(miller_index, intensity, sigma, space_group, False, groups)
+    ds, batches, index = _batch_pairs(g, batch, dataset, n)
+    deviations, n_obs, dev, si, sios = _core_stats.deviations_and_batch_sums(
+        g.intensity, g.sigma, _identity_order(len(g.rows)), g.offsets, index, len(ds))
+    return (_batch_result(ds, batches, n_obs, dev, si, sios),
+            _deviations_in_input_order(g, deviations, n))
+
+
+def _batch_pairs(g: ObservationGroups, batch, dataset, n: int
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The (dataset, batch) pairs of the grouped rows (sorted) and each grouped row's pair
+    number, in the groups' row order."""
     b_all = np.asarray(batch).ravel().astype(np.int64)
-    n = len(b_all)
-    ds_all = (np.zeros(n, dtype=np.int64) if dataset is None
+    ds_all = (np.zeros(len(b_all), dtype=np.int64) if dataset is None
               else np.asarray(dataset).ravel().astype(np.int64))
-    if len(ds_all) != n or len(np.asarray(intensity).ravel()) != n:
+    if not len(b_all) == len(ds_all) == n:
         raise MergingStatisticsError("batch, dataset and intensity must have equal lengths")
-    rows, I, s, g = _grouped(miller_index, intensity, sigma, space_group, anomalous)
-    keys = np.stack([ds_all[rows], b_all[rows]], axis=1)
-    uniq, index = np.unique(keys, axis=0, return_inverse=True)
-    index = np.asarray(index).ravel().astype(np.int64)
-    n_obs, dev, si, sios = _core_stats.batch_sums(I, s, g.order, g.offsets, index, len(uniq))
+    # pairs of every row (sequential reads), then each grouped row's pair (one gather); the
+    # pairs of rows left out (σ <= 0, ...) are dropped after
+    ds, batches, index = _dataset_batch_groups(ds_all, b_all)
+    index = np.take(index, g.rows)
+    if len(g.rows) < n:
+        present = np.zeros(len(ds), dtype=bool)
+        present[index] = True
+        renumber = np.cumsum(present, dtype=np.int64) - 1
+        ds, batches, index = ds[present], batches[present], renumber[index]
+    return ds, batches, index
+
+
+def _batch_result(ds, batches, n_obs, dev, si, sios) -> BatchStatistics:
     with np.errstate(invalid="ignore", divide="ignore"):
         r = np.where(si != 0, dev / si, 0.0)
         ios = np.where(n_obs > 0, sios / np.maximum(n_obs, 1), 0.0)
-    return BatchStatistics(uniq[:, 1].copy(), uniq[:, 0].copy(), n_obs, r, ios)
+    return BatchStatistics(batches, ds, n_obs, r, ios)
+
+
+def _deviations_in_input_order(g: ObservationGroups, deviations: np.ndarray,
+                               n: int) -> np.ndarray:
+    """Deviations of the grouped rows (group order) spread to the caller's n rows (NaN for
+    the rows left out)."""
+    out = np.full(n, np.nan)
+    out[g.rows] = deviations
+    return out
+
+
+def _dataset_batch_groups(dataset: np.ndarray, batch: np.ndarray
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct (dataset, batch) pairs in lexicographic order and each row's pair
+    number, as ``np.unique(pairs, axis=0, return_inverse=True)`` gives them.
+
+    Batch numbers are image numbers: a packed key ``(dataset, batch)`` spans a small range,
+    so a table over that range (mark the keys present, number them in key order) does it in
+    two O(n) passes instead of a sort.
+    """
+    if len(batch) == 0:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty, empty
+    d_lo, b_lo = int(dataset.min()), int(batch.min())
+    d_span, b_span = int(dataset.max()) - d_lo + 1, int(batch.max()) - b_lo + 1
+    if d_span * b_span > max(4 * len(batch), 1 << 20):  # sparse numbers: sort the pairs
+        pairs, index = np.unique(np.stack([dataset, batch], axis=1), axis=0,
+                                 return_inverse=True)
+        return pairs[:, 0].copy(), pairs[:, 1].copy(), np.asarray(index).ravel().astype(np.int64)
+    key = (dataset - d_lo) * b_span + (batch - b_lo)
+    present = np.zeros(d_span * b_span, dtype=bool)
+    present[key] = True
+    keys = np.flatnonzero(present)
+    number = np.cumsum(present, dtype=np.int64) - 1
+    return keys // b_span + d_lo, keys % b_span + b_lo, number[key]
 
 
 def batch_statistics_from_reflections(experiments, reflections, anomalous: bool = False,

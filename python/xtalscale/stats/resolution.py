@@ -22,7 +22,11 @@ resolution observed, and if the fitted curve never reaches the limit it is ``Non
 """
 from __future__ import annotations
 
+import contextlib
+import importlib
 import math
+import sys
+import threading
 import warnings
 from dataclasses import dataclass, field
 
@@ -127,6 +131,38 @@ def interpolate_crossing(x, y, t) -> float:
     raise RuntimeError("no crossing")
 
 
+@contextlib.contextmanager
+def fit_module_prefetched():
+    """Import :mod:`scipy.optimize` (for the CC½ fit) on a background thread while the block
+    runs; the block's end waits for the import to finish.
+
+    Setting up scipy.optimize's modules takes about 0.15 s of Python. Started before the
+    merging statistics, the import runs while the grouping and merging kernels (C++ and
+    numpy, which release the GIL) work; the fit's own import then finds the module loaded,
+    or waits for it (Python's import lock). Results do not depend on it. Nothing is started
+    if scipy.optimize is loaded already, or if the scipy modules it shares with others
+    (sparse, linalg, special) are not: the block's own imports then never meet the thread's.
+    """
+    shared = ("scipy.sparse", "scipy.linalg", "scipy.special")
+    thread = None
+    if "scipy.optimize" not in sys.modules and all(name in sys.modules for name in shared):
+        thread = threading.Thread(target=_import_quietly, args=("scipy.optimize",),
+                                  name="xtalscale-import-scipy.optimize", daemon=True)
+        thread.start()
+    try:
+        yield
+    finally:
+        if thread is not None:
+            thread.join()
+
+
+def _import_quietly(name: str) -> None:
+    try:
+        importlib.import_module(name)
+    except Exception:  # noqa: BLE001 - the fit imports it again and reports the error
+        pass
+
+
 def _tanh_fit(x, y, n_obs):
     from scipy.optimize import OptimizeWarning, curve_fit
 
@@ -227,34 +263,54 @@ def _significance_fit(stats: MergingStatistics) -> ResolutionResult:
     return ResolutionResult("cc_half_significance_level", None, x, data, y_fit, d_min, critical)
 
 
-def quasi_normalised_e_squared(miller_index, intensity, space_group, unit_cell) -> np.ndarray:
+def quasi_normalised_e_squared(miller_index, intensity, space_group, unit_cell,
+                               d_star_sq=None, epsilon=None) -> np.ndarray:
     """E² of every observation by quasi-normalisation (as DIALS's ``quasi_normalisation``).
 
     Negative intensities count as 0 in the shell means; shells are of equal width in d*²
     (10, 15 or 20 for <= 15000, <= 20000 or more observations); E² = I/(ε ⟨I/ε⟩_shell).
+    ``d_star_sq`` and ``epsilon`` (per observation) may be given when already known.
     """
     from ..symmetry import SpaceGroup, UnitCell, miller_array
 
-    sg = space_group if isinstance(space_group, SpaceGroup) else SpaceGroup(space_group)
-    cell = unit_cell if isinstance(unit_cell, UnitCell) else UnitCell(unit_cell)
-    hkl = miller_array(miller_index)
     I = np.asarray(intensity, dtype=float)
     n = len(I)
+    for name, given in (("d_star_sq", d_star_sq), ("epsilon", epsilon)):
+        if given is not None and np.shape(given) != (n,):
+            raise ValueError(f"{name} must have one value per observation ({n}), "
+                             f"got shape {np.shape(given)}")
+    hkl = None
+    if d_star_sq is None or epsilon is None:  # (the indices are needed for these only)
+        hkl = miller_array(miller_index)
+        if len(hkl) != n:
+            raise ValueError(f"{len(hkl)} indices for {n} intensities")
     n_shells = 20 if n > 20000 else (15 if n > 15000 else 10)
-    dss = cell.d_star_sq(hkl)
+    if d_star_sq is None:
+        cell = unit_cell if isinstance(unit_cell, UnitCell) else UnitCell(unit_cell)
+        dss = cell.d_star_sq(hkl)
+    else:
+        dss = np.asarray(d_star_sq, dtype=float)
     lo, hi = dss.min(), dss.max()
     span = hi - lo
     lo, hi = lo - span * 1e-6, hi + span * 1e-6
     step = (hi - lo) / n_shells if hi > lo else 1.0
-    shell = np.clip(((dss - lo) / step).astype(np.int64), 0, n_shells - 1)
-    eps = np.asarray(sg.epsilon(hkl), dtype=float)
-    work = np.maximum(I, 0.0) / eps
+    # (one scratch array worked on in place: fewer fresh arrays of n values)
+    scratch = np.subtract(dss, lo)
+    shell = np.divide(scratch, step, out=scratch).astype(np.int64)
+    np.clip(shell, 0, n_shells - 1, out=shell)
+    if epsilon is None:
+        sg = space_group if isinstance(space_group, SpaceGroup) else SpaceGroup(space_group)
+        epsilon = sg.epsilon(hkl)
+    eps = np.asarray(epsilon, dtype=float)
+    work = np.divide(np.maximum(I, 0.0, out=scratch), eps, out=scratch)
     sums = np.bincount(shell, weights=work, minlength=n_shells)
     counts = np.bincount(shell, minlength=n_shells)
     mean = np.where(counts > 0, sums / np.maximum(counts, 1), 1.0)
-    norm = mean[shell] * eps
+    norm = np.multiply(np.take(mean, shell, out=scratch), eps, out=scratch)
+    e_squared = np.zeros(n)
     with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(norm > 0, I / norm, 0.0)
+        np.divide(I, norm, out=e_squared, where=norm > 0)
+    return e_squared
 
 
 def estimate_resolution(statistics: MergingStatistics, cc_half: float | None = 0.3,
@@ -295,18 +351,22 @@ def estimate_resolution(statistics: MergingStatistics, cc_half: float | None = 0
     prepared = statistics._prepared
     n_outliers = 0
     if emax:
+        # ε is the same for symmetry mates: once per unique reflection of the grouping
+        grouping = prepared.grouped[0]
+        epsilon = prepared.space_group.epsilon(grouping.unique_hkl)[grouping.group_index]
         e2 = quasi_normalised_e_squared(prepared.hkl, prepared.intensity, prepared.space_group,
-                                        prepared.unit_cell)
+                                        prepared.unit_cell, prepared.d_star_sq, epsilon)
         keep = e2 < emax ** 2
         n_outliers = int((~keep).sum())
         if not keep.any():
             raise MergingStatisticsError("every observation is a Wilson outlier (E² >= emax²)")
-        stats = MergingStatistics.from_arrays(
-            prepared.hkl[keep], prepared.intensity[keep], prepared.sigma[keep],
-            prepared.space_group, prepared.unit_cell, n_bins=n_bins,
-            anomalous=statistics.anomalous, use_internal_variance=False,
-            binning_method=binning_method, reflections_per_bin=reflections_per_bin,
-            seed=statistics.seed, cc_one_half_significance_level=cc_half_significance_level)
+        # the statistics of the kept rows alone (as from_arrays of them), regrouped by
+        # selection from the grouping already made
+        stats = MergingStatistics(
+            prepared.subset(keep), n_bins=n_bins, anomalous=statistics.anomalous,
+            use_internal_variance=False, binning_method=binning_method,
+            reflections_per_bin=reflections_per_bin, seed=statistics.seed,
+            cc_one_half_significance_level=cc_half_significance_level)
     else:
         stats = statistics.rebinned(n_bins, binning_method, reflections_per_bin,
                                     use_internal_variance=False,

@@ -1,0 +1,260 @@
+"""One grouping of the scaled observations, shared by the end-of-job statistics and the merge.
+
+Every shortcut is checked against the computation it replaces, value for value (exact
+equality, NaN = NaN): sharing a grouping, selecting rows from a grouping, taking (dataset,
+batch) pairs from a dense table and copying only the columns read change no number.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from xtalscale.io.mtz import merge_intensities, read_unmerged_mtz
+from xtalscale.stats import (
+    MergingStatistics,
+    MergingStatisticsError,
+    batch_statistics,
+    batch_statistics_and_deviations,
+    estimate_resolution,
+    group_observations,
+    normalised_deviations,
+)
+from xtalscale.stats.merging import _dataset_batch_groups, _prepare
+from xtalscale.stats.resolution import quasi_normalised_e_squared
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+INSULIN = DATA / "mtz_insulin_dials_aimless" / "insulin_dials_scaled_unmerged.mtz.gz"
+QUARTZ = DATA / "dials_quartz_3ded" / "scaled.refl"
+
+
+@pytest.fixture(scope="module")
+def insulin():
+    """Scaled insulin observations, a few made unusable (σ <= 0, NaN) on purpose."""
+    t = read_unmerged_mtz(INSULIN).table
+    g = np.asarray(t["inverse_scale_factor"])
+    intensity = np.asarray(t["intensity.scale.value"]) / g
+    sigma = np.sqrt(np.asarray(t["intensity.scale.variance"])) / g
+    sigma[::97] = 0.0
+    intensity[5::131] = np.nan
+    return (np.asarray(t["miller_index"]), intensity, sigma, np.asarray(t["batch"]),
+            np.asarray(t["id"]), "I 2 3", (78.0, 78.0, 78.0, 90.0, 90.0, 90.0))
+
+
+def same(a, b) -> None:
+    a, b = np.asarray(a), np.asarray(b)
+    assert a.dtype == b.dtype and a.shape == b.shape
+    assert np.array_equal(a, b, equal_nan=a.dtype.kind == "f")
+
+
+def same_statistics(a: MergingStatistics, b: MergingStatistics) -> None:
+    assert a.as_dict() == b.as_dict() or _nan_equal(a.as_dict(), b.as_dict())
+    for f in dataclasses.fields(a.merged):
+        same(getattr(a.merged, f.name), getattr(b.merged, f.name))
+
+
+def _nan_equal(x, y) -> bool:
+    if isinstance(x, dict):
+        return x.keys() == y.keys() and all(_nan_equal(x[k], y[k]) for k in x)
+    if isinstance(x, list):
+        return len(x) == len(y) and all(_nan_equal(p, q) for p, q in zip(x, y))
+    if isinstance(x, float) and isinstance(y, float) and x != x and y != y:
+        return True
+    return x == y
+
+
+def test_statistics_hand_their_grouping_to_the_per_observation_statistics(insulin):
+    hkl, intensity, sigma, batch, dataset, sg, cell = insulin
+    stats = MergingStatistics.from_arrays(hkl, intensity, sigma, sg, cell)
+    shared = stats.observation_groups()
+    fresh = group_observations(hkl, intensity, sigma, sg)
+    for name in ("usable_rows", "rows", "intensity", "sigma", "offsets"):
+        same(getattr(shared, name), getattr(fresh, name))
+    same(shared.grouping.group_index, fresh.grouping.group_index)
+    same(normalised_deviations(hkl, intensity, sigma, sg, groups=shared),
+         normalised_deviations(hkl, intensity, sigma, sg))
+    with_groups = batch_statistics(hkl, intensity, sigma, batch, sg, dataset, groups=shared)
+    alone = batch_statistics(hkl, intensity, sigma, batch, sg, dataset)
+    for f in dataclasses.fields(alone):
+        same(getattr(with_groups, f.name), getattr(alone, f.name))
+
+
+def test_batch_statistics_and_deviations_in_one_pass(insulin):
+    hkl, intensity, sigma, batch, dataset, sg, cell = insulin
+    per_batch, deviations = batch_statistics_and_deviations(hkl, intensity, sigma, batch, sg,
+                                                            dataset)
+    alone = batch_statistics(hkl, intensity, sigma, batch, sg, dataset)
+    for f in dataclasses.fields(alone):
+        same(getattr(per_batch, f.name), getattr(alone, f.name))
+    same(deviations, normalised_deviations(hkl, intensity, sigma, sg))
+    nothing = np.zeros(len(sigma))  # no usable row: empty batches, NaN deviations
+    per_batch, deviations = batch_statistics_and_deviations(hkl, intensity, nothing, batch, sg)
+    assert len(per_batch.batch) == 0 and np.isnan(deviations).all()
+    assert np.isnan(normalised_deviations(hkl, intensity, nothing, sg)).all()
+
+
+def test_groups_are_refused_for_other_arrays_or_anomalous(insulin):
+    hkl, intensity, sigma, batch, dataset, sg, cell = insulin
+    groups = group_observations(hkl, intensity, sigma, sg)
+    with pytest.raises(MergingStatisticsError, match="groups made from"):
+        normalised_deviations(hkl[:-1], intensity[:-1], sigma[:-1], sg, groups=groups)
+    with pytest.raises(MergingStatisticsError, match="anomalous"):
+        batch_statistics(hkl, intensity, sigma, batch, sg, dataset, anomalous=True,
+                         groups=groups)
+
+
+def test_no_shared_groups_when_rows_were_cut_by_resolution(insulin):
+    hkl, intensity, sigma, _, _, sg, cell = insulin
+    assert MergingStatistics.from_arrays(hkl, intensity, sigma, sg, cell,
+                                         d_min=2.0).observation_groups() is None
+
+
+def test_a_subset_gives_the_statistics_of_its_rows_alone(insulin):
+    hkl, intensity, sigma, _, _, sg, cell = insulin
+    prepared = _prepare(hkl, intensity, sigma, sg, cell)
+    rng = np.random.default_rng(7)
+    for fraction in (1.0, 0.999, 0.6, 0.05):  # (1.0: every row kept)
+        keep = rng.random(len(prepared.intensity)) < fraction
+        settings = {"n_bins": 30, "binning_method": "counting_sorted", "reflections_per_bin": 10,
+                    "cc_one_half_significance_level": 0.1}
+        for anomalous in (False, True):
+            sub = MergingStatistics(prepared.subset(keep), anomalous=anomalous, **settings)
+            ref = MergingStatistics.from_arrays(prepared.hkl[keep], prepared.intensity[keep],
+                                                prepared.sigma[keep], sg, cell,
+                                                anomalous=anomalous, **settings)
+            same_statistics(sub, ref)
+            assert sub.n_rejected == ref.n_rejected
+
+
+def test_resolution_estimate_on_the_subset_matches_the_rows_alone(insulin):
+    hkl, intensity, sigma, _, _, sg, cell = insulin
+    stats = MergingStatistics.from_arrays(hkl, intensity, sigma, sg, cell)
+    estimate = estimate_resolution(stats, emax=1.5)  # a low emax: many rows left out
+    p = stats._prepared
+    e2 = quasi_normalised_e_squared(p.hkl, p.intensity, sg, cell)
+    keep = e2 < 1.5 ** 2
+    assert 0 < estimate.n_wilson_outliers == int((~keep).sum())
+    ref = MergingStatistics.from_arrays(
+        p.hkl[keep], p.intensity[keep], p.sigma[keep], sg, cell, n_bins=50,
+        binning_method="counting_sorted", reflections_per_bin=10,
+        cc_one_half_significance_level=0.1)
+    same_statistics(estimate.statistics, ref)
+
+
+def test_e_squared_with_known_d_star_sq_and_epsilon(insulin):
+    hkl, intensity, sigma, _, _, sg, cell = insulin
+    p = _prepare(hkl, intensity, sigma, sg, cell)
+    grouping = p.grouped[0]
+    epsilon = p.space_group.epsilon(grouping.unique_hkl)[grouping.group_index]
+    same(epsilon, p.space_group.epsilon(p.hkl))  # ε is the same for symmetry mates
+    same(quasi_normalised_e_squared(None, p.intensity, sg, cell, p.d_star_sq, epsilon),
+         quasi_normalised_e_squared(p.hkl, p.intensity, sg, cell))
+    with pytest.raises(ValueError, match="one value per observation"):
+        quasi_normalised_e_squared(None, p.intensity, sg, cell, p.d_star_sq[:-1], epsilon)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_dataset_batch_pairs_match_a_sort(sparse):
+    rng = np.random.default_rng(3)
+    dataset = rng.integers(0, 4, 5000)
+    batch = rng.integers(1, 400, 5000) + 1000 * dataset
+    if sparse:  # far-apart numbers: the sorting path
+        batch[::50] += 10 ** 12
+    ds, b, index = _dataset_batch_groups(dataset, batch)
+    pairs, inverse = np.unique(np.stack([dataset, batch], axis=1), axis=0, return_inverse=True)
+    same(ds, pairs[:, 0].copy())
+    same(b, pairs[:, 1].copy())
+    same(index, np.asarray(inverse).ravel().astype(np.int64))
+
+
+def test_report_batch_groups_match_the_loop_over_datasets():
+    from xtalscale.report.inputs import _batch_groups
+
+    rng = np.random.default_rng(5)
+    dataset = np.repeat([0, 2, 3], [3000, 50, 2000])
+    batch = np.concatenate([rng.integers(1, 900, 3000), rng.integers(5, 30, 50),
+                            rng.integers(1001, 1250, 2000)])
+    order = rng.permutation(len(batch))
+    dataset, batch = dataset[order], batch[order]
+    expected = batch.astype(np.int64).copy()
+    for d in np.unique(dataset):  # the rule: consecutive batches in groups of equal width
+        mine = dataset == d
+        first, last = expected[mine].min(), expected[mine].max()
+        width = -(-(last - first + 1) // 100)
+        if width > 1:
+            expected[mine] = first + (expected[mine] - first) // width * width
+    same(_batch_groups(batch, dataset, 100), expected)
+
+
+def test_merge_on_the_shared_grouping(insulin):
+    from xtalscale.merge import merge_observations
+    from xtalscale.merge.observations import ScaledObservations
+    from xtalscale.symmetry import SpaceGroup, UnitCell
+
+    hkl, intensity, sigma, batch, dataset, sg, cell = insulin
+    variance = np.where(sigma > 0, sigma ** 2, -1.0)
+    obs = ScaledObservations(hkl.astype(np.int32), intensity, variance, batch, dataset,
+                             SpaceGroup(sg), UnitCell(cell), 1.0)
+    groups = group_observations(hkl, intensity, np.sqrt(np.maximum(variance, 0)), sg)
+    shared = merge_observations(obs, anomalous=False, groups=groups)
+    alone = merge_observations(obs, anomalous=False)
+    same(shared.miller_index, alone.miller_index)
+    assert shared.columns.keys() == alone.columns.keys()
+    for name in alone.columns:
+        same(shared.columns[name], alone.columns[name])
+    other = group_observations(hkl[:1000], intensity[:1000], sigma[:1000], sg)
+    with pytest.raises(ValueError, match="not made from these observations"):
+        merge_observations(obs, anomalous=False, groups=other)
+    with pytest.raises(ValueError, match="usable ones"):
+        merge_intensities(hkl, intensity, variance, sg, grouping=other.grouping)
+
+
+def test_select_copies_only_the_columns_asked_for():
+    from xtalscale.reflection_table import reflection_table
+
+    t = reflection_table.from_file(QUARTZ)
+    rows = np.flatnonzero(np.arange(len(t)) % 3 == 0)
+    part = t.select(rows, columns=["miller_index", "d"])
+    assert part.keys() == ["d", "miller_index"] and len(part) == len(rows)
+    whole = t.select(rows)
+    for name in part.keys():
+        same(np.asarray(part[name]), np.asarray(whole[name]))
+    mask = np.zeros(len(t), dtype=bool)
+    mask[rows] = True
+    for name in t.keys():
+        same(np.asarray(t.select(mask)[name]), np.asarray(whole[name]))
+    assert t.select(rows, columns=()).ncols() == 0
+    assert len(t.select(rows, columns=())) == len(rows)
+    assert part.experiment_identifiers() == t.experiment_identifiers()
+    with pytest.raises(KeyError, match="no columns"):
+        t.select(rows, columns=["nope"])
+    with pytest.raises(TypeError, match="row selection"):
+        t.select(["d"], columns=["d"])
+
+
+def test_scaled_intensities_with_a_few_columns():
+    from xtalscale.io.scaled_intensities import ScaledIntensityError, scaled_intensities
+    from xtalscale.reflection_table import reflection_table
+
+    t = reflection_table.from_file(QUARTZ)
+    full = scaled_intensities(t, 0.4)
+    few = scaled_intensities(t, 0.4, columns=("miller_index",))
+    assert few.keys() == ["intensity", "miller_index", "original_index", "partiality",
+                          "variance"]
+    for name in few.keys():
+        same(np.asarray(few[name]), np.asarray(full[name]))
+    with pytest.raises(ScaledIntensityError, match="no columns"):
+        scaled_intensities(t, 0.4, columns=("nope",))
+
+
+def test_refl_written_over_an_older_file(tmp_path):
+    from xtalscale.reflection_table import reflection_table
+
+    t = reflection_table.from_file(QUARTZ)
+    out = tmp_path / "scaled.refl"
+    out.write_bytes(b"an older file")
+    t.as_file(out)
+    assert out.read_bytes() == QUARTZ.read_bytes()
+    assert [p.name for p in tmp_path.iterdir()] == ["scaled.refl"]  # no temporary left
