@@ -17,3 +17,24 @@ def test_one_blas_thread_inside_and_the_previous_limits_after():
     with single_threaded_blas():
         assert _blas_threads() == [1] * len(before)
     assert _blas_threads() == before
+
+
+def test_command_line_starts_openblas_with_one_thread_only_in_a_fresh_process(monkeypatch):
+    """``main`` sets OPENBLAS_NUM_THREADS only before numpy loads (and keeps a user's value)."""
+    import os
+    import subprocess
+    import sys
+
+    from xtalscale.cli import _one_blas_thread_from_load
+
+    monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+    _one_blas_thread_from_load()  # numpy is loaded in this test process: nothing changes
+    assert "OPENBLAS_NUM_THREADS" not in os.environ
+    code = ("import os, sys; from xtalscale.cli import _one_blas_thread_from_load; "
+            "_one_blas_thread_from_load(); print(os.environ.get('OPENBLAS_NUM_THREADS'))")
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
+    fresh = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert fresh.stdout.strip() == "1"
+    kept = subprocess.run([sys.executable, "-c", code], env={**env, "OPENBLAS_NUM_THREADS": "3"},
+                          capture_output=True, text=True, check=True)
+    assert kept.stdout.strip() == "3"

@@ -159,3 +159,20 @@ def test_dials_argument_parser_facade():
     assert len(tables[0]) == 4417
     with pytest.raises(PhilError, match="unrecognised"):
         parser.parse_args(["--foo"])
+
+
+def test_freephil_loads_without_pkg_resources_and_with_the_same_converters():
+    """A fresh interpreter: freephil's converter registry is the one the real pkg_resources
+    gives, and no pkg_resources module is left behind."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from xtalscale.job.phil import import_freephil; import_freephil(); "
+            "import freephil.common as c; print('pkg_resources' in sys.modules, sorted(c.default_converter_registry))")
+    ours = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    real = subprocess.run([sys.executable, "-W", "ignore", "-c",
+                           "import pkg_resources, sys; import freephil.common as c; "
+                           "print('pkg_resources' in sys.modules, sorted(c.default_converter_registry))"],
+                          capture_output=True, text=True, check=True).stdout
+    assert ours.startswith("False ")
+    assert ours.split(" ", 1)[1] == real.split(" ", 1)[1]

@@ -183,3 +183,14 @@ def test_batch_groups_cap_the_points_per_dataset():
     assert len(np.unique(grouped[dataset == 0])) == 100  # groups of 17 images
     assert grouped[16] == 1 and grouped[17] == 18
     np.testing.assert_array_equal(grouped[dataset == 1], np.arange(1, 51))  # kept as they are
+
+
+def test_plotly_js_read_without_importing_plotly_is_plotlys_own_text():
+    import subprocess
+    import sys
+
+    code = ("import sys; from xtalscale.report.html import _plotly_js; text = _plotly_js(); "
+            "print('plotly' in sys.modules); import plotly.offline; "
+            "print(text == plotly.offline.get_plotlyjs())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "True"]

@@ -48,6 +48,7 @@ import scipy.sparse as sp
 from scipy.linalg import lapack
 
 from ..flex_arrays import double, symmetric_from_packed_u
+from .minimisers import nielsen_damping  # one rule for both LevMar engines
 
 __all__ = [
     "NormalEquationsError",
@@ -126,12 +127,6 @@ def _weighted_normal_matrix(a: Any, w: np.ndarray) -> np.ndarray:
 
 def _packed(full: np.ndarray) -> np.ndarray:
     return full[np.triu_indices(full.shape[0])]
-
-
-def nielsen_damping(mu: float, rho: float) -> float:
-    """Nielsen's damping after an accepted Levenberg-Marquardt step of gain ratio ``rho > 0``:
-    ``mu · max(1/3, 1 - (2 rho - 1)³)`` (the rule of scitbx and of DIALS's LevMar)."""
-    return mu * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
 
 
 # ----------------------------------------------------------------------------- linear_ls

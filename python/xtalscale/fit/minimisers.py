@@ -29,7 +29,6 @@ import numpy as np
 import scipy.linalg as la
 
 from .line_search import more_thuente
-from .lstsq import nielsen_damping
 
 __all__ = ["Objective", "Journal", "RefinementFailed", "NonFiniteScales", "lbfgs",
            "gauss_newton", "levenberg_marquardt", "solve_normal_equations",
@@ -412,6 +411,15 @@ def gauss_newton(objective: Objective, max_iterations: int | None = None, rmsd_t
 
 
 # --------------------------------------------------------------------------- Levenberg–Marquardt
+def nielsen_damping(mu: float, rho: float) -> float:
+    """Nielsen's damping after an accepted Levenberg-Marquardt step of gain ratio ``rho > 0``:
+    ``mu · max(1/3, 1 - (2 rho - 1)³)`` (the rule of scitbx and of DIALS's LevMar).
+
+    It lives here, not in :mod:`xtalscale.fit.lstsq` (which uses it too), so that the
+    scaling engine does not load the lstbx layer it never uses."""
+    return mu * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
+
+
 def levenberg_marquardt(objective: Objective, max_iterations: int | None = 100, rmsd_tolerance: float = 1e-4,
                         journal: Journal | None = None) -> Journal:
     """DIALS's ``LevenbergMarquardtIterations`` with the C++ normal equations (spec 7.3)."""

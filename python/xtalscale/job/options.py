@@ -67,8 +67,9 @@ class ArgumentParser:
     def __init__(self, usage: str | None = None, phil: Any = None, read_reflections: bool = False,
                  read_experiments: bool = False, check_format: bool = True,
                  epilog: str | None = None, **_: Any) -> None:
-        import freephil
+        from .phil import import_freephil
 
+        freephil = import_freephil()
         self.usage = usage or ""
         self.epilog = epilog or ""
         self.phil = phil if phil is not None else freephil.parse("")
