@@ -24,6 +24,8 @@ using FloatArray = py::array_t<float, py::array::c_style | py::array::forcecast>
 using Int32Array = py::array_t<std::int32_t, py::array::c_style | py::array::forcecast>;
 using Int64Array = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
 using UInt16Array = py::array_t<std::uint16_t, py::array::c_style | py::array::forcecast>;
+using ByteArray = py::array_t<std::uint8_t, py::array::c_style | py::array::forcecast>;
+using BoolArray = py::array_t<bool, py::array::c_style | py::array::forcecast>;
 
 /// Number of elements of an array.
 inline std::size_t size_of(const py::array& a) { return static_cast<std::size_t>(a.size()); }

@@ -22,8 +22,6 @@ namespace {
 
 using namespace xtalscale::fit;  // NOLINT: the fit kernels' types and functions
 
-using Int32Array = py::array_t<std::int32_t, py::array::c_style | py::array::forcecast>;
-using Int64Array = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
 
 /// Arrays of one call, kept alive while the kernels run.
 struct CallData {

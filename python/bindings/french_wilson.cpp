@@ -9,7 +9,6 @@
 namespace xtalscale::py_bind {
 namespace {
 
-using ByteArray = py::array_t<std::uint8_t, py::array::c_style | py::array::forcecast>;
 
 py::tuple french_wilson_py(const DoubleArray& intensity, const DoubleArray& sigma,
                            const DoubleArray& expected, const ByteArray& centric,

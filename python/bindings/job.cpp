@@ -13,7 +13,6 @@
 namespace xtalscale::py_bind {
 namespace {
 
-using BoolArray = py::array_t<bool, py::array::c_style | py::array::forcecast>;
 
 GroupLayout layout_of(const Int64Array& order, const Int64Array& offsets, std::size_t n_rows) {
   if (order.ndim() != 1) throw std::invalid_argument("order must be 1-dimensional");

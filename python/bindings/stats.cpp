@@ -11,7 +11,6 @@
 namespace xtalscale::py_bind {
 namespace {
 
-using ByteArray = py::array_t<std::uint8_t, py::array::c_style | py::array::forcecast>;
 
 template <typename T>
 py::array_t<T> to_numpy(const std::vector<T>& v) {
