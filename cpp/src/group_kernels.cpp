@@ -151,14 +151,7 @@ std::size_t position_of_largest(const std::int64_t* rows, std::size_t n_members,
 }  // namespace
 
 void check_layout(const GroupLayout& layout) {
-  require(layout.offsets != nullptr, "offsets must not be empty");
-  require(layout.offsets[0] == 0, "offsets must start at 0");
-  for (std::size_t k = 0; k < layout.n_groups; ++k) {
-    if (layout.offsets[k + 1] < layout.offsets[k])
-      throw std::invalid_argument("offsets must be non-decreasing (offset " +
-                                  std::to_string(k + 1) + " is below offset " +
-                                  std::to_string(k) + ")");
-  }
+  require_group_offsets(layout.offsets, layout.n_groups);
   const auto n_sorted = static_cast<std::size_t>(layout.offsets[layout.n_groups]);
   for (std::size_t i = 0; i < n_sorted; ++i)
     require_index(static_cast<std::ptrdiff_t>(layout.order[i]), layout.n_rows, "order");

@@ -160,15 +160,11 @@ struct Sorted {
 };
 
 void check_offsets(std::size_t n, const std::int64_t* offsets, std::size_t n_groups) {
-  require(offsets != nullptr, "offsets are required");
-  require(offsets[0] == 0, "offsets[0] must be 0");
+  require_group_offsets(offsets, n_groups);
   require(offsets[n_groups] == static_cast<std::int64_t>(n),
           "offsets[-1] must equal the number of observations (" + std::to_string(n) + ")");
-  // (messages are built only on failure: these loops run once per group)
+  // (messages are built only on failure: this loop runs once per group)
   for (std::size_t g = 0; g < n_groups; ++g) {
-    if (offsets[g + 1] < offsets[g])
-      throw std::invalid_argument("offsets must be non-decreasing (group " + std::to_string(g) +
-                                  ")");
     if (offsets[g + 1] - offsets[g] >= (std::int64_t{1} << 31))
       throw std::invalid_argument("group " + std::to_string(g) +
                                   " has 2^31 or more observations");

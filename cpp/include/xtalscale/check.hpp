@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
@@ -40,6 +41,19 @@ inline void require_finite(const double* values, std::size_t n, const char* name
     if (!std::isfinite(values[i]))
       throw std::invalid_argument(std::string(name) + " must be finite (element " +
                                   std::to_string(i) + " is " + std::to_string(values[i]) + ")");
+  }
+}
+
+/// Throw std::invalid_argument unless @p offsets (n_groups + 1 entries) start at 0 and never
+/// decrease: the group boundaries of a grouping (messages are built only on failure).
+inline void require_group_offsets(const std::int64_t* offsets, std::size_t n_groups) {
+  require(offsets != nullptr, "offsets are required");
+  require(offsets[0] == 0, "offsets must start at 0");
+  for (std::size_t k = 0; k < n_groups; ++k) {
+    if (offsets[k + 1] < offsets[k])
+      throw std::invalid_argument("offsets must be non-decreasing (offset " +
+                                  std::to_string(k + 1) + " is below offset " +
+                                  std::to_string(k) + ")");
   }
 }
 
