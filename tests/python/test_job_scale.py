@@ -395,3 +395,16 @@ def test_dataset_emptied_by_outlier_rejection(caplog):
     assert rows.sum() == 6 and np.all(np.asarray(table.get_flags(Flags.outlier_in_scaling))[rows])
     o = _stats(expts, table)
     assert o.r_pim < 0.03 and o.n_obs > 2200
+
+
+def test_two_threads_give_bit_identical_scales():
+    """nproc=2 evaluates the datasets' models concurrently and runs the fit kernels on two
+    threads; every output number is the same as with one thread."""
+    outputs = []
+    for nproc in ("1", "2"):
+        _, _, table = _run(SWEEP20 + SWEEP25, f"nproc={nproc}", "output.html=None")
+        outputs.append({k: np.asarray(table[k]).copy() for k in
+                        ("inverse_scale_factor", "inverse_scale_factor_variance",
+                         "intensity.scale.variance", "flags")})
+    for key, value in outputs[0].items():
+        np.testing.assert_array_equal(value, outputs[1][key], err_msg=key)

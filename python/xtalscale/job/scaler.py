@@ -211,10 +211,13 @@ class ScalerBase:
         apms = list(apm.apm_list) if hasattr(apm, "apm_list") else [apm]
         n_total = int(sum(a.n_active_params for a in apms))
         scales, pieces, row_starts, col_offsets, start, row_offset = [], [], [], [], 0, 0
-        for a in apms:
-            # views of the model block's buffers (no copy): the target consumes them before
-            # the next evaluation, and the cache below is replaced by that evaluation
-            g, d = RefinerCalculator.calculate_scales_and_derivatives(a, block_id, copy=False)
+        # views of the model blocks' buffers (no copy): the target consumes them before the
+        # next evaluation, and the cache below is replaced by that evaluation. The datasets'
+        # models are independent, so with n_threads > 1 they are evaluated concurrently (the
+        # C++ evaluation releases the GIL); the results do not depend on the thread count.
+        evaluated = self._map_datasets(
+            lambda a: RefinerCalculator.calculate_scales_and_derivatives(a, block_id, copy=False), apms)
+        for a, (g, d) in zip(apms, evaluated):
             if not d.shape[1]:
                 d = sp.csr_matrix((len(g), 0))
             elif not isinstance(d, sp.csr_matrix):
@@ -233,6 +236,16 @@ class ScalerBase:
             pieces, row_starts, col_offsets, n_total)
         self._update_keys[block_id] = (key, block.derivatives)
         block.calc_Ih()
+
+    def _map_datasets(self, function: Any, items: Sequence[Any]) -> list[Any]:
+        """``[function(item) for item in items]``, on up to ``n_threads`` threads when there
+        are several items (for per-dataset work whose heavy part is C++ that releases the GIL)."""
+        if self.n_threads <= 1 or len(items) <= 1:
+            return [function(item) for item in items]
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(self.n_threads, len(items))) as pool:
+            return list(pool.map(function, items))
 
     # ------------------------------------------------------------------ scaling
     def _refinement_steps(self) -> list[list[list[str]]]:
@@ -312,22 +325,27 @@ class ScalerBase:
     def expand_scales_to_all_reflections(self, caller: Any = None, calc_cov: bool = False) -> None:
         """g (and, with ``calc_cov``, its variance) for every suitable row of every dataset."""
         t0 = time.perf_counter()
-        for ds in self.datasets:
+
+        def scales_and_variances(ds: Dataset) -> tuple[np.ndarray, np.ndarray | None]:
+            """One dataset's g (and var g) on its suitable rows: its own model only."""
+            with_var = calc_cov and ds.var_cov is not None
             comps = ds.model.components
             for comp in comps.values():
-                _update_all_rows(comp, scales_only=not (calc_cov and ds.var_cov is not None))
+                _update_all_rows(comp, scales_only=not with_var)
             g = np.ones(int(ds.suitable.sum()))
             for comp in comps.values():
                 g = g * np.asarray(comp.calculate_scales(0), dtype=np.float64)
+            return g, self._scale_variances(ds) if with_var else None
+
+        # the datasets are independent: concurrently with n_threads > 1, tables written here
+        for ds, (g, var) in zip(self.datasets, self._map_datasets(scales_and_variances, self.datasets)):
             full = np.asarray(ds.table["inverse_scale_factor"], dtype=np.float64).copy()
             full[ds.suitable] = g
             ds.table["inverse_scale_factor"] = fa.double(full)
-            if calc_cov and ds.var_cov is not None:
-                var = self._scale_variances(ds)
-                if var is not None:
-                    out = np.zeros(len(ds.table))
-                    out[ds.suitable] = var
-                    ds.table["inverse_scale_factor_variance"] = fa.double(out)
+            if var is not None:
+                out = np.zeros(len(ds.table))
+                out[ds.suitable] = var
+                ds.table["inverse_scale_factor_variance"] = fa.double(out)
         self._tick("expansion", t0)
 
     @staticmethod
