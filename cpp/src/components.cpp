@@ -231,7 +231,7 @@ std::size_t smooth_1d_prepare(const GaussianSmoother<1>& smoother, std::size_t n
     const double z = ax.normalise(x[i] - x_shift);
     int f = 0, c = 0;
     ax.window(z, f, c);
-    window[i] = static_cast<std::uint16_t>((f << 3) | c);  // first < 8192, count <= 5
+    window[i] = window_record(static_cast<int>(f), static_cast<int>(c));  // first < 8192, count <= 5
     const double d0 = z - pos[f];
     const double arg = 2.0 * a * d0;
     // Far outside the range: q^k could overflow, or every weight underflows (a zero row in
@@ -278,7 +278,7 @@ __attribute__((always_inline)) inline std::size_t smooth_1d_apply_w(const Smooth
   std::size_t row_start[kChunk + 1];  // nnz at the start of each row of the current chunk
   double w[W];
   for (std::size_t i = 0; i < n; ++i) {
-    const int f = window[i] >> 3, cnt = window[i] & 7;
+    const int f = window_first(window[i]), cnt = window_count(window[i]);
     row_start[i % kChunk] = nnz;
     // A NaN q marks a point far outside the range (see smooth_1d_prepare): direct formula.
     const bool direct = std::isnan(q[i]);

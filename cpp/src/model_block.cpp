@@ -140,26 +140,39 @@ LeanSmoothTerm::LeanSmoothTerm(const GaussianSmoother<1>& smoother, HeldArray<do
   check_held(q_.data, q_.size, n_rows(), "q");
   if (factor_.data != nullptr || factor_.size != 0)
     check_held(factor_.data, factor_.size, n_rows(), "b_factor");
-  // The window records fix the pattern: count it once (one pass writing a throw-away pattern).
-  const std::size_t cap = n_rows() * smoother_.max_row_nnz();
-  auto ip = detail::large_vector<std::int64_t>(n_rows() + 1);
-  auto ix = detail::large_vector<std::int32_t>(cap);
-  pattern(ip.data(), ix.data());
-  nnz_ = static_cast<std::size_t>(ip[n_rows()]);
-}
-
-void LeanSmoothTerm::pattern(std::int64_t* indptr, std::int32_t* indices) const {
   require(n_rows() < static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max()) /
                          std::max<std::size_t>(smoother_.max_row_nnz(), 1),
           "too many rows for a lean smoother term; split the block");
-  std::vector<double> p(n_params(), 0.0);
-  auto s = detail::large_vector<double>(n_rows());
-  auto d = detail::large_vector<double>(n_rows() * smoother_.max_row_nnz());
-  auto ip32 = detail::large_vector<std::int32_t>(n_rows() + 1);
-  components::smooth_1d_apply(smoother_, n_rows(), x_.data, x_shift_, window_.data, q_.data,
-                              p.data(), p.size(), first_fixed_, nullptr, s.data(), ip32.data(),
-                              indices, d.data(), true);
-  std::copy(ip32.begin(), ip32.end(), indptr);
+  // The window records fix the pattern: a row holds its window's columns (column 0 dropped
+  // with a fixed first parameter), as smooth_1d_apply writes them.
+  std::size_t nnz = 0;
+  for (std::size_t i = 0; i < n_rows(); ++i) nnz += row_columns(i).second;
+  nnz_ = nnz;
+}
+
+std::pair<int, std::size_t> LeanSmoothTerm::row_columns(std::size_t i) const {
+  int first = components::window_first(window_.data[i]);
+  int count = components::window_count(window_.data[i]);
+  if (first_fixed_) {  // column j of the full parameters is column j − 1; p₀ has none
+    if (first == 0 && count > 0) {
+      first = 1;
+      --count;
+    }
+    --first;
+  }
+  return {first, static_cast<std::size_t>(count)};
+}
+
+void LeanSmoothTerm::pattern(std::int64_t* indptr, std::int32_t* indices) const {
+  // Read from the window records alone (no weights computed): the same rows smooth_1d_apply
+  // writes, column by column in ascending order.
+  std::int64_t nnz = 0;
+  indptr[0] = 0;
+  for (std::size_t i = 0; i < n_rows(); ++i) {
+    const auto [first, count] = row_columns(i);
+    for (std::size_t k = 0; k < count; ++k) indices[nnz++] = first + static_cast<std::int32_t>(k);
+    indptr[i + 1] = nnz;
+  }
 }
 
 TermValues LeanSmoothTerm::evaluate(const double* p, TermScratch& scratch) const {

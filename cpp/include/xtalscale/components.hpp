@@ -85,6 +85,14 @@ XTALSCALE_EXPORT void harmonics_from_lookup_f32(const std::int32_t* i0, const st
                                                 std::size_t n_rows, std::size_t row_stride,
                                                 std::size_t n_cols, float* out);
 
+/// A lean window record (see smooth_1d_prepare): the first smoother value of the window ...
+constexpr std::uint16_t window_record(int first, int count) noexcept {
+  return static_cast<std::uint16_t>((first << 3) | count);
+}
+/// ... read back: its first smoother value and its number of values (at most 5).
+constexpr int window_first(std::uint16_t record) noexcept { return record >> 3; }
+constexpr int window_count(std::uint16_t record) noexcept { return record & 7; }
+
 /// Lean 1-D smooth component (holds no weights), for repeated calls on the same coordinates.
 /// Prepare once: window[i] = first << 3 | count of point i's smoother window, and q[i] = exp(2a·d_i),
 /// a = 1/σ², d_i = z_i − pos[first] (NaN for a point so far outside the range that q^k could

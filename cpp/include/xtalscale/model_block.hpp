@@ -36,6 +36,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "xtalscale/components.hpp"
@@ -164,6 +165,9 @@ class XTALSCALE_EXPORT LeanSmoothTerm final : public ModelTerm {
   std::size_t nbytes() const override;
 
  private:
+  /// Row @p i's first derivative column and number of columns (from its window record).
+  std::pair<int, std::size_t> row_columns(std::size_t i) const;
+
   GaussianSmoother<1> smoother_;
   HeldArray<double> x_;
   double x_shift_;
