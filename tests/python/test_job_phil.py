@@ -167,7 +167,7 @@ def test_freephil_loads_without_pkg_resources_and_with_the_same_converters():
     import subprocess
     import sys
 
-    code = ("import sys; from xtalscale.job.phil import import_freephil; import_freephil(); "
+    code = ("import sys; from xtalscale.io.phil_args import import_freephil; import_freephil(); "
             "import freephil.common as c; print('pkg_resources' in sys.modules, sorted(c.default_converter_registry))")
     ours = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     real = subprocess.run([sys.executable, "-W", "ignore", "-c",

@@ -12,7 +12,40 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["definition_paths", "parse_phil_words", "suggest_names"]
+__all__ = ["definition_paths", "import_freephil", "parse_phil_words", "suggest_names"]
+
+
+def import_freephil() -> Any:
+    """The ``freephil`` module, imported without ``pkg_resources`` (0.1 s saved per run).
+
+    freephil imports ``pkg_resources`` only to look up ``freephil.converter`` entry points
+    while it loads; importing setuptools' ``pkg_resources`` costs about a tenth of a second
+    of CPU, a tenth of a small scaling job. While freephil loads, a stand-in module answers
+    that one look-up from :mod:`importlib.metadata` (same entry points, same ``load()``);
+    it is removed again at once, so a later ``import pkg_resources`` gets the real one.
+    """
+    import sys
+
+    if "freephil" in sys.modules or "pkg_resources" in sys.modules:
+        import freephil
+
+        return freephil
+    import importlib.metadata
+    import types
+
+    def iter_entry_points(group: str, name: str | None = None) -> list[Any]:
+        return [entry for entry in importlib.metadata.entry_points(group=group)
+                if name is None or entry.name == name]
+
+    stand_in = types.ModuleType("pkg_resources")
+    stand_in.iter_entry_points = iter_entry_points  # type: ignore[attr-defined]
+    sys.modules["pkg_resources"] = stand_in
+    try:
+        import freephil
+    finally:
+        if sys.modules.get("pkg_resources") is stand_in:
+            del sys.modules["pkg_resources"]
+    return freephil
 
 
 def definition_paths(scope: Any) -> list[str]:
@@ -48,7 +81,7 @@ def _interpret(interpreter: Any, word: str, paths: Sequence[str], error: type[Ex
 
 def _read_phil_file(word: str, paths: Sequence[str], error: type[Exception]) -> Any:
     """A ``.phil`` file as a PHIL object; every definition must be a known (full or suffix) name."""
-    import freephil
+    freephil = import_freephil()
 
     try:
         text = Path(word).read_text()

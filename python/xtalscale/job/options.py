@@ -67,7 +67,7 @@ class ArgumentParser:
     def __init__(self, usage: str | None = None, phil: Any = None, read_reflections: bool = False,
                  read_experiments: bool = False, check_format: bool = True,
                  epilog: str | None = None, **_: Any) -> None:
-        from .phil import import_freephil
+        from ..io.phil_args import import_freephil
 
         freephil = import_freephil()
         self.usage = usage or ""

@@ -24,7 +24,6 @@ from typing import Any
 __all__ = [
     "DIFFERING_DEFAULTS",
     "PhilError",
-    "import_freephil",
     "default_scale_params",
     "error_model_phil_scope",  # noqa: F822 (module __getattr__, parsed on first use)
     "error_model_phil_str",
@@ -423,41 +422,10 @@ dataset_selection {
 scale_phil_str = model_phil_str + _output_phil_str + scaling_phil_str + refinement_phil_str
 
 
-def import_freephil() -> Any:
-    """The ``freephil`` module, imported without ``pkg_resources`` (0.1 s saved per run).
-
-    freephil imports ``pkg_resources`` only to look up ``freephil.converter`` entry points
-    while it loads; importing setuptools' ``pkg_resources`` costs about a tenth of a second
-    of CPU, a tenth of a small scaling job. While freephil loads, a stand-in module answers
-    that one look-up from :mod:`importlib.metadata` (same entry points, same ``load()``);
-    it is removed again at once, so a later ``import pkg_resources`` gets the real one.
-    """
-    import sys
-
-    if "freephil" in sys.modules or "pkg_resources" in sys.modules:
-        import freephil
-
-        return freephil
-    import importlib.metadata
-    import types
-
-    def iter_entry_points(group: str, name: str | None = None) -> list[Any]:
-        return [entry for entry in importlib.metadata.entry_points(group=group)
-                if name is None or entry.name == name]
-
-    stand_in = types.ModuleType("pkg_resources")
-    stand_in.iter_entry_points = iter_entry_points  # type: ignore[attr-defined]
-    sys.modules["pkg_resources"] = stand_in
-    try:
-        import freephil
-    finally:
-        if sys.modules.get("pkg_resources") is stand_in:
-            del sys.modules["pkg_resources"]
-    return freephil
-
-
 def _parse(text: str) -> Any:
     import re
+
+    from ..io.phil_args import import_freephil
 
     freephil = import_freephil()
     # Help strings above are wrapped for reading; join their continuation lines (indented

@@ -66,9 +66,9 @@ output {
 
 def merge_phil_scope() -> Any:
     """The parsed master scope (freephil)."""
-    import freephil
+    from ..io.phil_args import import_freephil
 
-    return freephil.parse(MERGE_PHIL)
+    return import_freephil().parse(MERGE_PHIL)
 
 
 def parse_phil_arguments(master: Any, arguments: Sequence[str]) -> Any:
