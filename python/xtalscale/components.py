@@ -900,13 +900,16 @@ class SHScaleComponent(ScaleComponentBase):
                                  f"component has {n_params} parameters")
         return table
 
-    def update_reflection_data(self, selection: Any = None, block_selections: Any = None) -> None:
+    def update_reflection_data(self, selection: Any = None, block_selections: Any = None, *,
+                               scales_only: bool = False) -> None:
         """Select each block's harmonics ("speed") or grid indices ("memory").
 
         In "memory" mode the block's harmonics are built here as float32 (see the class
-        notes; float64 with ``exact_harmonics``). With ``cache_harmonics`` False only the two
-        grid indices per reflection are kept (8 bytes); scales are then read from the shared
-        table and the harmonic matrix is rebuilt on each derivative call.
+        notes; float64 with ``exact_harmonics``). With ``cache_harmonics`` False, or for this
+        call with ``scales_only`` (a caller that wants only scales, e.g. an expansion to
+        every reflection), only the two grid indices per reflection are kept (8 bytes);
+        scales are then read from the shared table and the harmonic matrix is built on the
+        first derivative call.
         """
         name = type(self).__name__
         if self._mode is None:
@@ -937,7 +940,8 @@ class SHScaleComponent(ScaleComponentBase):
             self._lookup_blocks.append(tuple(pair))
         self._blocks = [None] * len(blocks)
         self._n_refl = [int(p[0].size) for p in self._lookup_blocks]
-        if self.cache_harmonics and not self.exact_harmonics and n > self.float32_min_reflections:
+        if (self.cache_harmonics and not scales_only and not self.exact_harmonics
+                and n > self.float32_min_reflections):
             for b, (i0, i1) in enumerate(self._lookup_blocks):
                 h = _kern.harmonics_from_lookup_f32(i0, i1, self._table, self._n_params)
                 _readonly(h)

@@ -142,16 +142,20 @@ class MillerArray:
     def info(self) -> Any:
         return self._info
 
+    def _d_values(self) -> np.ndarray:
+        """d (Å) of every index."""
+        return np.atleast_1d(self._unit_cell.d(self._indices))
+
     def d_spacings(self) -> "MillerArray":
         """The same indices with data d (Å)."""
-        return self._like(np.atleast_1d(self._unit_cell.d(self._indices)))
+        return self._like(self._d_values())
 
     def d_star_sq(self) -> "MillerArray":
         """The same indices with data 1/d² (Å⁻²)."""
-        return self._like(1.0 / np.atleast_1d(self._unit_cell.d(self._indices)) ** 2)
+        return self._like(1.0 / self._d_values() ** 2)
 
     def d_min(self) -> float:
-        return float(np.min(self._unit_cell.d(self._indices)))
+        return float(np.min(self._d_values()))
 
     def select(self, selection: Any) -> "MillerArray":
         """Rows by a bool mask (of size()) or by integer positions."""
@@ -167,7 +171,7 @@ class MillerArray:
                                     ) -> StepBinner:
         """Bins of equal d*² width ``d_star_sq_step`` from d_max to d_min (defaults: the data's
         range); stored as ``binner`` and returned."""
-        dss = 1.0 / np.atleast_1d(self._unit_cell.d(self._indices)) ** 2
+        dss = 1.0 / self._d_values() ** 2
         if not dss.size:
             raise ValueError("cannot bin an empty array")
         d_max = float(d_max) if d_max else float(dss.min() ** -0.5)

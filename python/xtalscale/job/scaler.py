@@ -23,6 +23,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from .. import flex_arrays as fa
+from ..components import SHScaleComponent
 from ..reflection_table import Flags
 from .grouped import GroupedObservations, suitable_rows
 from .outlier_rejection import (
@@ -453,19 +454,10 @@ def _update_all_rows(comp: Any, scales_only: bool) -> None:
     component keeps just its two grid indices per row and reads its scales from the shared
     surface (float64), instead of building the n × 24 harmonic block it would need only for
     derivatives (about a quarter of an expansion's time at 10⁶ observations)."""
-    if not scales_only or not hasattr(comp, "cache_harmonics"):
+    if scales_only and isinstance(comp, SHScaleComponent):
+        comp.update_reflection_data(scales_only=True)
+    else:
         comp.update_reflection_data()
-        return
-    had_own = "cache_harmonics" in vars(comp)
-    saved = comp.cache_harmonics
-    comp.cache_harmonics = False
-    try:
-        comp.update_reflection_data()
-    finally:
-        if had_own:
-            comp.cache_harmonics = saved
-        else:
-            del comp.cache_harmonics
 
 
 class SingleScaler(ScalerBase):
