@@ -64,7 +64,6 @@ class Dataset:
     minimisation: np.ndarray | None = None     # bool over suitable rows (selection method)
     var_cov: Any = None
     error_model: Any = None
-    asu_hkl: np.ndarray | None = None          # ASU indices of the suitable rows (set once)
 
     @property
     def suitable_idx(self) -> np.ndarray:
@@ -155,7 +154,7 @@ class ScalerBase:
 
         t0 = time.perf_counter()
         tables, indices = [], []
-        for ds in self.datasets:
+        for k, ds in enumerate(self.datasets):
             sel = np.ones(ds.suitable.sum(), bool) if ds.minimisation is None else ds.minimisation.copy()
             if outlier and ds.outliers.size:
                 sel &= ~ds.outliers
@@ -163,8 +162,9 @@ class ScalerBase:
             cols = {"intensity": ds.column("intensity"), "variance": ds.column("variance"),
                     "inverse_scale_factor": ds.column("inverse_scale_factor"),
                     "miller_index": np.asarray(ds.table["miller_index"]).reshape(-1, 3)[ds.suitable]}
-            if ds.asu_hkl is not None:  # the suitable rows never change: map them once
-                cols["asu_miller_index"] = ds.asu_hkl
+            if self._grouped_cache is not None:  # every suitable row, already mapped to the ASU
+                cached = self._grouped_cache
+                cols["asu_miller_index"] = cached.asu_hkl[cached.dataset == k]
             tables.append(cols)
             indices.append(idx)
         so = self._params.scaling_options
@@ -173,8 +173,6 @@ class ScalerBase:
         self.Ih_table = IhTable(tables, self.space_group, indices_lists=indices, nblocks=1,
                                 free_set_percentage=pct, free_set_offset=int(so.free_set_offset),
                                 anomalous=bool(self._params.anomalous))
-        for ds, cols in zip(self.datasets, tables):
-            ds.asu_hkl = np.asarray(cols["asu_miller_index"]).reshape(-1, 3)
         free = self.Ih_table.extract_free_set() if pct > 0 else None
         # the free groups' ASU indices, for work/free statistics after scaling
         self.free_asu_hkl = None if free is None else np.unique(np.asarray(free.asu_miller_index), axis=0)
