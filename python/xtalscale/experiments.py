@@ -1282,7 +1282,7 @@ class ExperimentList:
     def as_json(self, filename=None, compact: bool = False, split: bool = False) -> str:
         """Serialise to JSON text; write it to ``filename`` if given."""
         data = self.to_dict(deep=False)
-        text = json.dumps(data) if compact else _json_dumps_indented(data)
+        text = json.dumps(data, indent=None if compact else 2)
         if filename is not None:
             with open(os.fspath(filename), "w") as fh:
                 fh.write(text)
@@ -1301,68 +1301,6 @@ class ExperimentList:
     @staticmethod
     def from_dict(data: dict, filename: str = "<dict>") -> "ExperimentList":
         return ExperimentListFactory.from_dict(data, filename=filename)
-
-
-def _json_dumps_indented(data: Any) -> str:
-    """``json.dumps(data, indent=2)``, byte for byte, in a fraction of the time.
-
-    With an indent, :mod:`json` encodes in pure Python (Python < 3.13), ~70 ms for the scan
-    points of four sweeps. A container holding only scalars is the bulk of an ``.expt``; its
-    indented text is the C encoder's output with the item separator ``",\n" + indent``, with
-    the opening and closing lines added. Containers of containers recurse here; anything
-    unusual (a non-string key) is left to ``json.dumps`` itself.
-    """
-    try:
-        return _indented(data, 0)
-    except (TypeError, ValueError):
-        return json.dumps(data, indent=2)  # raises as json.dumps does, or handles the rare case
-
-
-_JSON_SCALARS = frozenset((float, int, str, bool, type(None)))
-_JSON_NUMBERS = frozenset((float, int, bool, type(None)))
-_FLAT_ENCODERS: dict[int, Any] = {}
-_COMPACT_ENCODER = json.JSONEncoder(separators=(",", ":")).encode
-
-
-def _indented_rows(rows: Any, level: int) -> str:
-    """A list of non-empty lists of numbers (scan-point matrices) at depth ``level``: one C
-    encoding of the whole, then the separators widened (a number's text holds no ``,``)."""
-    outer, inner = "\n" + "  " * (level + 1), "\n" + "  " * (level + 2)
-    body = _COMPACT_ENCODER(rows)[2:-2]  # "a,b],[c,d" from "[[a,b],[c,d]]"
-    body = body.replace("],[", "\0").replace(",", "," + inner).replace("\0", outer + "]," + outer + "[" + inner)
-    return "[" + outer + "[" + inner + body + outer + "]" + "\n" + "  " * level + "]"
-
-
-def _indented(value: Any, level: int) -> str:
-    """``value`` encoded as ``json.dumps(indent=2)`` would at nesting depth ``level``."""
-    if isinstance(value, dict):
-        children = value.values()
-        if any(not isinstance(key, str) for key in value):
-            raise TypeError("non-string key")  # json's key coercion: left to json.dumps
-    elif isinstance(value, (list, tuple)):
-        children = value
-    else:
-        return json.dumps(value)
-    if not children:
-        return "{}" if isinstance(value, dict) else "[]"
-    inner = "\n" + "  " * (level + 1)
-    if _JSON_SCALARS.issuperset(map(type, children)):
-        encode = _FLAT_ENCODERS.get(level)
-        if encode is None:
-            encode = _FLAT_ENCODERS[level] = json.JSONEncoder(separators=("," + inner, ": ")).encode
-        flat = encode(value)
-        return flat[0] + inner + flat[1:-1] + "\n" + "  " * level + flat[-1]
-    if not isinstance(value, dict) and all(
-            type(row) in (list, tuple) and row and _JSON_NUMBERS.issuperset(map(type, row))
-            for row in children):
-        return _indented_rows(value, level)
-    if isinstance(value, dict):
-        items = [json.dumps(key) + ": " + _indented(child, level + 1) for key, child in value.items()]
-        opening, closing = "{", "}"
-    else:
-        items = [_indented(child, level + 1) for child in value]
-        opening, closing = "[", "]"
-    return opening + inner + ("," + inner).join(items) + "\n" + "  " * level + closing
 
 
 def _model_to_dict(m, deep: bool = True) -> Any:
