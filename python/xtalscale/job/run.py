@@ -77,13 +77,11 @@ def _statistics(experiments: Any, table: Any, params: Any) -> tuple[Any, Any]:
     and the scaled observations they were computed on."""
     from ..merge.observations import observations_from_reflections
     from ..report import statistics_for_report
-    from ..stats.resolution import fit_module_prefetched
 
-    with fit_module_prefetched():  # the resolution fit's import overlaps the grouping
-        obs = observations_from_reflections(experiments, table)
-        inputs = statistics_for_report(
-            obs, n_bins=int(params.output.merging.nbins), anomalous=bool(params.anomalous),
-            use_internal_variance=bool(params.output.use_internal_variance))
+    obs = observations_from_reflections(experiments, table)
+    inputs = statistics_for_report(
+        obs, n_bins=int(params.output.merging.nbins), anomalous=bool(params.anomalous),
+        use_internal_variance=bool(params.output.use_internal_variance))
     return inputs, obs
 
 

@@ -22,11 +22,7 @@ resolution observed, and if the fitted curve never reaches the limit it is ``Non
 """
 from __future__ import annotations
 
-import contextlib
-import importlib
 import math
-import sys
-import threading
 import warnings
 from dataclasses import dataclass, field
 
@@ -129,38 +125,6 @@ def interpolate_crossing(x, y, t) -> float:
         if (y[j - 1] - t) * (y[j] - t) < 0:
             return float(x[j - 1] + (t - y[j - 1]) * (x[j] - x[j - 1]) / (y[j] - y[j - 1]))
     raise RuntimeError("no crossing")
-
-
-@contextlib.contextmanager
-def fit_module_prefetched():
-    """Import :mod:`scipy.optimize` (for the CC½ fit) on a background thread while the block
-    runs; the block's end waits for the import to finish.
-
-    Setting up scipy.optimize's modules takes about 0.15 s of Python. Started before the
-    merging statistics, the import runs while the grouping and merging kernels (C++ and
-    numpy, which release the GIL) work; the fit's own import then finds the module loaded,
-    or waits for it (Python's import lock). Results do not depend on it. Nothing is started
-    if scipy.optimize is loaded already, or if the scipy modules it shares with others
-    (sparse, linalg, special) are not: the block's own imports then never meet the thread's.
-    """
-    shared = ("scipy.sparse", "scipy.linalg", "scipy.special")
-    thread = None
-    if "scipy.optimize" not in sys.modules and all(name in sys.modules for name in shared):
-        thread = threading.Thread(target=_import_quietly, args=("scipy.optimize",),
-                                  name="xtalscale-import-scipy.optimize", daemon=True)
-        thread.start()
-    try:
-        yield
-    finally:
-        if thread is not None:
-            thread.join()
-
-
-def _import_quietly(name: str) -> None:
-    try:
-        importlib.import_module(name)
-    except Exception:  # noqa: BLE001 - the fit imports it again and reports the error
-        pass
 
 
 def _tanh_fit(x, y, n_obs):
