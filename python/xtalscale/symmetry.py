@@ -90,10 +90,10 @@ def hkl_keys(hkl) -> np.ndarray:
     """One int64 key per (h, k, l) row: injective and ordered as (h, k, l) lexicographically.
 
     For matching Miller indices between tables with ``np.searchsorted``/``np.isin`` instead of
-    tuples in dicts. Indices must satisfy ``|h|, |k|, |l| < 2**20`` (as :func:`miller_array`
-    checks): each is offset by 2**20 into 21 bits.
+    tuples in dicts. Each index is offset by 2**20 into 21 bits, so :func:`miller_array`
+    checks the input first (shape, integral values, ``|h|, |k|, |l| < 2**20``; ValueError).
     """
-    a = np.asarray(hkl).reshape(-1, 3).astype(np.int64) + (1 << 20)
+    a = miller_array(hkl, "hkl").astype(np.int64) + (1 << 20)
     return (a[:, 0] << 42) | (a[:, 1] << 21) | a[:, 2]
 
 

@@ -678,3 +678,15 @@ def test_setup_binner_equal_d_star_sq_steps():
     assert sum(binner.counts()) == block.size
     with pytest.raises(IhTableError):
         block.setup_binner((1.0, 1.0, 1.0, 90.0, 90.0, 90.0), None, 0)
+
+
+def test_hkl_keys_order_and_bad_indices():
+    from xtalscale.symmetry import hkl_keys
+
+    hkl = np.array([[-3, 0, 1], [0, 0, 0], [0, 0, 1], [0, 1, -5], [2, -1, 0]])
+    keys = hkl_keys(hkl)
+    assert np.all(np.diff(keys) > 0)  # lexicographic (h, k, l) order, injective
+    with pytest.raises(ValueError, match="implausibly large"):
+        hkl_keys(np.array([[2**20, 0, 0]]))
+    with pytest.raises(ValueError, match="shape"):
+        hkl_keys(np.zeros((2, 2)))
