@@ -14,8 +14,10 @@ Prints, in ns/reflection (best of --repeats; one process, one core):
     the product rule in one C++ call into buffers held by the block;
 * the same for the array model.
 
-Same run, before/after: run this script twice, with PYTHONPATH pointing at each build, e.g.
-``PYTHONPATH=/tmp/before/python python bench/bench_model_setup.py`` then with this tree's python/.
+Same run, before/after: ``--before /tmp/before/python`` (the python/ folder of another built
+tree, e.g. a ``git worktree`` of an older commit) times the array model's set-up there too, in
+a child process of this run, alternating with this tree's, and prints the ratio. The figure of
+issue 10's baseline is the tree at commit ccba9df.
 Data are bench_physical_model.make_data's (synthetic 360-degree sweep). Asserts nothing.
 """
 from __future__ import annotations
@@ -80,12 +82,42 @@ def evaluation_figures(label, model, n, repeats) -> None:
               f"held by the block {block.core.nbytes / n:.0f} B/refl; |g/g_ref - 1| <= {agree:.0e})")
 
 
+def compare_setup(args) -> None:
+    """Array-model set-up of this tree and of ``args.before``, alternating, best of each."""
+    import subprocess
+
+    def child(path: str) -> float:
+        env = dict(os.environ, PYTHONPATH=path)
+        out = subprocess.run([sys.executable, __file__, "--setup-only", "--n", str(args.n),
+                              "--repeats", str(args.repeats)], env=env, check=True,
+                             capture_output=True, text=True).stdout
+        return float(out.split()[-1])
+
+    here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python")
+    before, after = [], []
+    for _ in range(2):
+        before.append(child(args.before))
+        after.append(child(here))
+    print(f"array model set-up, same run: before ({args.before}) {min(before):.1f} ns/refl, "
+          f"this tree {min(after):.1f} ns/refl: {min(before) / min(after):.1f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--before", help="python/ folder of another built tree to compare the "
+                                     "array model's set-up with, in this run")
+    ap.add_argument("--setup-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     n = args.n
+    if args.setup_only:  # the child of --before: one figure, in ns/refl
+        table, expt = make_data(n)
+        model, params = array_model(table, expt)
+        print(1e9 * best_time(lambda: setup(model, table, expt, params), args.repeats) / n)
+        return
+    if args.before:
+        compare_setup(args)
     table, expt = make_data(n)
     print(f"xtalscale {xtalscale.__file__}")
     print(f"n = {n:,} reflections")

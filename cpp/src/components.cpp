@@ -372,6 +372,19 @@ void validate_csr(std::size_t n_rows, std::size_t n_cols, const std::int64_t* in
   validate_csr_any(n_rows, n_cols, indptr, indices, nnz, what);
 }
 
+void bin_coordinates(std::size_t n, const double* values, std::ptrdiff_t stride, double start,
+                     double width, bool inverse_square, double* out) {
+  if (inverse_square) {
+    for (std::size_t i = 0; i < n; ++i) {
+      const double x = values[static_cast<std::ptrdiff_t>(i) * stride];
+      out[i] = (1.0 / (x * x) - start) / width;
+    }
+    return;
+  }
+  for (std::size_t i = 0; i < n; ++i)
+    out[i] = (values[static_cast<std::ptrdiff_t>(i) * stride] - start) / width;
+}
+
 WeightMatrix::WeightMatrix(std::size_t n_rows, std::size_t n_cols,
                            std::vector<std::int32_t> indptr, std::vector<std::int32_t> indices,
                            std::vector<double> data, std::vector<double> first_col,

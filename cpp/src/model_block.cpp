@@ -188,6 +188,49 @@ std::size_t LeanSmoothTerm::nbytes() const {
   return x_.size * 8 + window_.size * 2 + q_.size * 8 + factor_.size * 8;
 }
 
+template <int D>
+GridSmoothTerm<D>::GridSmoothTerm(const GaussianSmoother<D>& smoother,
+                                  std::array<HeldArray<double>, D> coords)
+    : ModelTerm(coords[0].size, smoother.num_values(), smoother.num_values(), false),
+      smoother_(smoother),
+      coords_(std::move(coords)) {
+  static const char* const kNames[3] = {"x", "y", "z"};
+  for (int a = 0; a < D; ++a) check_held(coords_[a].data, coords_[a].size, n_rows(), kNames[a]);
+  require(n_rows() < static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max()) /
+                         std::max<std::size_t>(smoother_.max_row_nnz(), 1),
+          "too many rows for a smoother term; split the block");
+  nnz_ = smoother_.weight_pattern(n_rows(), coordinate_pointers(), nullptr, nullptr);
+}
+
+template <int D>
+std::array<const double*, D> GridSmoothTerm<D>::coordinate_pointers() const {
+  std::array<const double*, D> ptrs{};
+  for (int a = 0; a < D; ++a) ptrs[a] = coords_[a].data;
+  return ptrs;
+}
+
+template <int D>
+void GridSmoothTerm<D>::pattern(std::int64_t* indptr, std::int32_t* indices) const {
+  smoother_.weight_pattern(n_rows(), coordinate_pointers(), indptr, indices);
+}
+
+template <int D>
+TermValues GridSmoothTerm<D>::evaluate(const double* p, TermScratch& scratch) const {
+  double* s = sized(scratch.scales, n_rows());
+  // Rows are written at a fixed width and trimmed: room for the last row's overhang.
+  double* d = sized(scratch.values, nnz_ + kMaxAxisWindow);
+  smoother_.multi_value_derivatives(n_rows(), coordinate_pointers(), p, n_params(), s, d);
+  return {s, d, nullptr};
+}
+
+template <int D>
+std::size_t GridSmoothTerm<D>::nbytes() const {
+  return D * n_rows() * 8;
+}
+
+template class GridSmoothTerm<2>;
+template class GridSmoothTerm<3>;
+
 HarmonicsTerm::HarmonicsTerm(HeldArray<double> harmonics, std::size_t n_params)
     : ModelTerm(n_params ? harmonics.size / n_params : 0, n_params, n_params, true),
       h64_(std::move(harmonics)) {

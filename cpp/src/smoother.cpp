@@ -502,7 +502,8 @@ inline void put(T* p, T v) {
 /// count, so entries past the window are overwritten by the next run (the buffers hold
 /// n·max_row_nnz entries, enough for the last row's overhang). With kFirstFixed (1D) column 0
 /// is dropped and the others move down by one.
-template <int D, int W, typename Index, bool kNormalised, bool kFirstFixed, bool kStream>
+template <int D, int W, typename Index, bool kNormalised, bool kFirstFixed, bool kStream,
+          bool kPattern = true>
 inline std::size_t write_row(const std::array<WinRef, D>& win, std::int64_t nx, std::int64_t nxy,
                              double scale, Index* __restrict indices, double* __restrict data,
                              std::size_t nnz) {
@@ -513,14 +514,14 @@ inline std::size_t write_row(const std::array<WinRef, D>& win, std::int64_t nx, 
     // first and then overwritten by entry 1, so it is dropped.
     const int drop = kFirstFixed && wx.first == 0 ? 1 : 0;
     const std::int64_t col0 = wx.first - (kFirstFixed ? 1 : 0);
-    Index* ix = indices + nnz;
+    Index* ix = kPattern ? indices + nnz : nullptr;
     double* d = data + nnz;
-    put<kStream>(ix, static_cast<Index>(col0));
+    if constexpr (kPattern) put<kStream>(ix, static_cast<Index>(col0));
     put<kStream>(d, kNormalised ? wx.wt(0) * f : wx.wt(0));
-    ix -= drop;
+    if constexpr (kPattern) ix -= drop;
     d -= drop;
     for (int i = 1; i < W; ++i) {
-      put<kStream>(ix + i, static_cast<Index>(col0 + i));
+      if constexpr (kPattern) put<kStream>(ix + i, static_cast<Index>(col0 + i));
       put<kStream>(d + i, kNormalised ? wx.wt(i) * f : wx.wt(i));
     }
     return nnz + static_cast<std::size_t>(wx.count - drop);
@@ -540,7 +541,7 @@ inline std::size_t write_row(const std::array<WinRef, D>& win, std::int64_t nx, 
         const double wyz = wy.wt(j) * wz;
         const std::int64_t row = plane + (wy.first + j) * nx;
         for (int i = 0; i < W; ++i) {
-          put<kStream>(indices + nnz + i, static_cast<Index>(row + i));
+          if constexpr (kPattern) put<kStream>(indices + nnz + i, static_cast<Index>(row + i));
           put<kStream>(data + nnz + i, wxs[i] * wyz);
         }
         nnz += static_cast<std::size_t>(wx.count);
@@ -559,13 +560,13 @@ inline std::vector<double> padded_values(const double* values, std::size_t n) {
 
 /// The bulk loop, specialised on what is written so the per-point code has no mode branches.
 template <int D, int W, typename Index, bool kMatrix, bool kNormalised, bool kFirstFixed,
-          bool kStream>
+          bool kStream, bool kPattern = true>
 std::size_t bulk(ChunkEvaluator<D>& ev, std::size_t n, const std::array<const double*, D>& coords,
                  const double* values, std::int64_t nx, std::int64_t nxy,
                  double* value_out, double* sumweight_out, Index* indptr, Index* indices,
                  double* data) {
   std::size_t nnz = 0;
-  if constexpr (kMatrix) indptr[0] = 0;
+  if constexpr (kMatrix && kPattern) indptr[0] = 0;
   alignas(64) double sw[kChunk];
   alignas(64) double swv[kChunk];
   // Σw goes straight to the caller's array when there is one (no per-chunk copy).
@@ -579,7 +580,7 @@ std::size_t bulk(ChunkEvaluator<D>& ev, std::size_t n, const std::array<const do
           const AxisChunk& c = ev.chunk(0);
           double* sumw = sumw_of_chunk(base);
           sums_pass_1d(c, m, W, values, sumw, swv);
-          if constexpr (kMatrix && !kFirstFixed) {
+          if constexpr (kMatrix && kPattern && !kFirstFixed) {
             if (min_count(c, m) == W) {
               if constexpr (kNormalised) reciprocals(sumw, m, inv_sw);
               full_rows_1d<Index, kNormalised>(c, m, W, inv_sw, indices + nnz, data + nnz,
@@ -598,9 +599,9 @@ std::size_t bulk(ChunkEvaluator<D>& ev, std::size_t n, const std::array<const do
           // As DIALS's row_multiply(weight, 1/sumweight); a row with Σw = 0 (far outside the
           // range, every weight underflowed) gets derivative 0 rather than NaN.
           const double scale = kNormalised ? (sw_p > 0.0 ? 1.0 / sw_p : 0.0) : 1.0;
-          nnz = write_row<D, W, Index, kNormalised, kFirstFixed, kStream>(
+          nnz = write_row<D, W, Index, kNormalised, kFirstFixed, kStream, kPattern>(
               win, nx, nxy, scale, indices, data, nnz);
-          indptr[p + 1] = static_cast<Index>(nnz);
+          if constexpr (kPattern) indptr[p + 1] = static_cast<Index>(nnz);
         }
       },
       [&](std::size_t base, int m) {
@@ -669,6 +670,63 @@ std::size_t GaussianSmoother<D>::multi_value_weight(
   };
   // The x window width as a compile-time constant, so the innermost loops are fully unrolled.
   return detail::with_window_width<2>(axes_[0].max_window(), modes);
+}
+
+template <int D>
+std::size_t GaussianSmoother<D>::weight_pattern(std::size_t n,
+                                                const std::array<const double*, D>& coords,
+                                                std::int64_t* indptr,
+                                                std::int32_t* indices) const {
+  const auto nx = static_cast<std::int64_t>(axes_[0].num_values());
+  const std::int64_t nxy = plane_size<D>(axes_);
+  auto ev = std::make_unique<ChunkEvaluator<D>>(axes_, kernel_);
+  std::int64_t nnz = 0;
+  if (indptr) indptr[0] = 0;
+  // The rows write_row() writes: z outer, then y, then the x run (ascending columns).
+  ev->run(
+      n, coords,
+      [&](std::size_t p, int, const std::array<WinRef, D>& win) {
+        const int nk = D == 3 ? win[D - 1].count : 1;
+        const int nj = D >= 2 ? win[1].count : 1;
+        for (int k = 0; k < nk; ++k) {
+          const std::int64_t plane = D == 3 ? (win[D - 1].first + k) * nxy : 0;
+          for (int j = 0; j < nj; ++j) {
+            const std::int64_t row = plane + (D >= 2 ? (win[D >= 2 ? 1 : 0].first + j) * nx : 0) +
+                                     win[0].first;
+            if (indices)
+              for (int i = 0; i < win[0].count; ++i)
+                indices[nnz + i] = static_cast<std::int32_t>(row + i);
+            nnz += win[0].count;
+          }
+        }
+        if (indptr) indptr[p + 1] = nnz;
+      },
+      [](std::size_t, int) {});
+  return static_cast<std::size_t>(nnz);
+}
+
+template <int D>
+void GaussianSmoother<D>::multi_value_derivatives(std::size_t n,
+                                                  const std::array<const double*, D>& coords,
+                                                  const double* values, std::size_t n_values,
+                                                  double* value_out, double* data) const {
+  check_values(values, n_values, "values");
+  require(data != nullptr, "data must be given");
+  const auto nx = static_cast<std::int64_t>(axes_[0].num_values());
+  const std::int64_t nxy = plane_size<D>(axes_);
+  auto ev = std::make_unique<ChunkEvaluator<D>>(axes_, kernel_);
+  const std::vector<double> padded = padded_values(values, n_values);
+  // Streaming stores for wide rows and large outputs, as in multi_value_weight().
+  const bool stream = max_row_nnz() >= 16 && n * max_row_nnz() * 8 > (std::size_t(32) << 20);
+  const auto go = [&](auto width) -> std::size_t {
+    constexpr int kW = decltype(width)::value;
+    if (stream)
+      return bulk<D, kW, std::int32_t, true, true, false, true, false>(
+          *ev, n, coords, padded.data(), nx, nxy, value_out, nullptr, nullptr, nullptr, data);
+    return bulk<D, kW, std::int32_t, true, true, false, false, false>(
+        *ev, n, coords, padded.data(), nx, nxy, value_out, nullptr, nullptr, nullptr, data);
+  };
+  detail::with_window_width<2>(axes_[0].max_window(), go);
 }
 
 template <int D>

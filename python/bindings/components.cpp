@@ -198,6 +198,25 @@ DoubleArray csr_matvec(const Int32Array& indptr, const Int32Array& indices,
   return out;
 }
 
+DoubleArray bin_coordinates(const py::array_t<double>& values, double start, double width,
+                            bool inverse_square) {
+  require_ndim(values, 1, "values");
+  require(std::isfinite(start) && std::isfinite(width) && width != 0.0,
+          "start must be finite and width finite and non-zero");
+  require(values.strides(0) % static_cast<py::ssize_t>(sizeof(double)) == 0,
+          "values must be an array of float64 with a whole-element stride");
+  const std::size_t n = static_cast<std::size_t>(values.shape(0));
+  const std::ptrdiff_t stride = values.strides(0) / static_cast<py::ssize_t>(sizeof(double));
+  DoubleArray out(static_cast<py::ssize_t>(n));
+  const double* v = values.data();
+  double* o = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    components::bin_coordinates(n, v, stride, start, width, inverse_square, o);
+  }
+  return out;
+}
+
 py::tuple exp_scales(const DoubleArray& factor, double coef, bool derivatives) {
   auto f = vector_view(factor, "factor");
   require(std::isfinite(coef), "parameter must be finite");
@@ -620,6 +639,10 @@ void bind_components(py::module_& m) {
   m.def("csr_matvec", &csr_matvec, py::arg("indptr"), py::arg("indices"), py::arg("data"),
         py::arg("parameters"), py::arg("first_col") = py::none(), py::arg("p0") = 0.0,
         "Row-wise weighted sums W·p (+ first_col·p0).");
+  m.def("bin_coordinates", &bin_coordinates, py::arg("values"), py::arg("start"),
+        py::arg("width"), py::arg("inverse_square") = false,
+        "(v - start)/width per element (v = 1/x² with inverse_square), in one pass over a\n"
+        "possibly strided float64 column (e.g. xyz[:, 0]).");
   m.def("exp_scales", &exp_scales, py::arg("factor"), py::arg("coef"),
         py::arg("derivatives") = true, "(exp(coef·factor), exp(coef·factor)·factor or None).");
   m.def("smooth_b_scales", &smooth_b_scales, py::arg("indptr"), py::arg("indices"),

@@ -73,6 +73,20 @@ std::shared_ptr<LeanSmoothTerm> lean_smooth_term(const DoubleArray& x, double x_
                                           first_fixed, held_optional<double>(b_factor));
 }
 
+template <int D>
+std::shared_ptr<GridSmoothTerm<D>> grid_smooth_term(const GaussianSmoother<D>& smoother,
+                                                    const std::vector<DoubleArray>& coords) {
+  require(coords.size() == static_cast<std::size_t>(D),
+          "coords must hold one array per smoother axis (" + std::to_string(D) + ")");
+  std::array<HeldArray<double>, D> held_coords;
+  for (int a = 0; a < D; ++a) {
+    require_1d(coords[a], "coords");
+    held_coords[a] = held<double>(coords[a]);
+  }
+  py::gil_scoped_release release;  // the pattern count reads every row
+  return std::make_shared<GridSmoothTerm<D>>(smoother, std::move(held_coords));
+}
+
 void external_set(ExternalTerm& t, const DoubleArray& scales, const Int64Array& indptr,
                   const Int32Array& indices, const DoubleArray& values) {
   require_1d(scales, "scales");
@@ -166,6 +180,14 @@ void bind_model_block(py::module_& m) {
       .def(py::init(&lean_smooth_term), py::arg("x"), py::arg("x_shift"), py::arg("x_range"),
            py::arg("n_intervals"), py::arg("num_average"), py::arg("sigma"), py::arg("window"),
            py::arg("q"), py::arg("first_fixed") = false, py::arg("b_factor") = py::none());
+  py::class_<GridSmoothTerm<2>, ModelTerm, std::shared_ptr<GridSmoothTerm<2>>>(
+      m, "GridSmoothTerm2D",
+      "A 2-D smooth component from its normalised coordinates (weights recomputed per call).")
+      .def(py::init(&grid_smooth_term<2>), py::arg("smoother"), py::arg("coords"));
+  py::class_<GridSmoothTerm<3>, ModelTerm, std::shared_ptr<GridSmoothTerm<3>>>(
+      m, "GridSmoothTerm3D",
+      "A 3-D smooth component from its normalised coordinates (weights recomputed per call).")
+      .def(py::init(&grid_smooth_term<3>), py::arg("smoother"), py::arg("coords"));
   py::class_<HarmonicsTerm, ModelTerm, std::shared_ptr<HarmonicsTerm>>(
       m, "HarmonicsTerm", "s = 1 + H·c, ds/dc = H for a held (n_rows, n_params) block.")
       .def(py::init(&harmonics_term), py::arg("harmonics"));

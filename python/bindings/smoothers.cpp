@@ -220,6 +220,23 @@ void bind_smoother(py::module_& m, const char* name, const char* doc) {
           py::arg("first_fixed") = false, py::arg("want_matrix") = true,
           "Bulk: (value, sumweight, data, indices, indptr) with a row-major CSR weight matrix.")
       .def(
+          "values",
+          [](const S& s, const std::array<DoubleArray, D>& coords, const DoubleArray& values) {
+            std::size_t n = 0;
+            const auto ptrs = coord_pointers<D>(coords, n);
+            const auto& v = params_1d(values, "values");
+            auto value = buffer<double>(n);
+            {
+              py::gil_scoped_release release;  // pure C++ on buffers owned above
+              s.template multi_value_weight<std::int32_t>(
+                  n, ptrs, v.data(), static_cast<std::size_t>(v.size()), value.get(), nullptr,
+                  nullptr, nullptr, nullptr);
+            }
+            return to_numpy(std::move(value), n);
+          },
+          py::arg("coords"), py::arg("values"),
+          "Bulk values Σwp/Σw only (no weights kept): the value column of multi_value_weight.")
+      .def(
           "multi_value_weight_into",
           [](const S& s, const std::array<DoubleArray, D>& coords, const DoubleArray& values,
              py::array value, py::array sumweight, py::array indptr, py::array indices,

@@ -50,7 +50,7 @@ import scipy.sparse as sp
 
 from ._core import components as _kern
 from ._core import model_block as _mb
-from .sparse import SparseMatrix
+from .sparse import DeferredSparseMatrix, SparseMatrix
 
 __all__ = [
     "ComponentError",
@@ -109,6 +109,10 @@ def _column(values: Any, name: str, owner: str, positive: bool = False) -> np.nd
         arr = arr.astype(np.float64)
     if arr.ndim != 1:
         raise ComponentError(f"{owner}: data['{name}'] must be 1-dimensional (got shape {arr.shape})")
+    # A finite sum means every element is finite (a NaN or ±inf makes the sum NaN or ±inf):
+    # one vectorised pass without a temporary; the element-wise scan runs only when it is not.
+    if np.isfinite(arr.sum()) and (not positive or arr.size == 0 or arr.min() > 0.0):
+        return arr
     bad = ~np.isfinite(arr)
     if positive:
         bad |= arr <= 0.0
@@ -1195,15 +1199,16 @@ class _SmoothComponentND(ScaleComponentBase, SmoothMixin):
         key = self._settings_key()
         cache = self._caches.get(b)
         if cache is None or cache.key != key:
-            coords = self._block_coords(b)
-            intervals = [self.nparam_to_val(n) for n in self._shape()]
-            matrix = _kern.weight_matrix(
-                [np.ascontiguousarray(c, dtype=np.float64) for c in coords],
-                [tuple(r) for r in self._ranges], intervals, key[0][0], key[0][1],
-                self._fixed_initial)
-            cache = _WeightCache(key, matrix)
+            cache = _WeightCache(key, _kern.weight_matrix(*self._weight_matrix_args(b, key)))
             self._caches[b] = cache
         return cache
+
+    def _weight_matrix_args(self, b: int, key: tuple) -> tuple:
+        """Arguments of ``_kern.weight_matrix`` for block ``b`` under settings ``key``."""
+        coords = [np.ascontiguousarray(c, dtype=np.float64) for c in self._block_coords(b)]
+        intervals = [self.nparam_to_val(n) for n in self._shape()]
+        return (coords, [tuple(r) for r in self._ranges], intervals, key[0][0], key[0][1],
+                self._fixed_initial)
 
     def _n_free(self) -> int:
         return self._n_params - 1 if self._fixed_initial else self._n_params
@@ -1479,7 +1484,14 @@ class SmoothBScaleComponent1D(SmoothScaleComponent1D):
 
 
 class _SmoothGridComponent(_SmoothComponentND):
-    """2-D/3-D smooth components: a flat parameter grid with x fastest."""
+    """2-D/3-D smooth components: a flat parameter grid with x fastest.
+
+    They hold no weights: scales are the smoother's values Σwp/Σw (as DIALS's 2-D/3-D
+    components take them), computed from the normalised coordinates on each call; the
+    derivative matrix (normalised weights, 9 or 27 per row) is built on first read and then
+    held; a model block's term (``GridSmoothTerm2D/3D``) recomputes the weights per
+    evaluation in C++ instead of streaming a held matrix.
+    """
 
     def __init__(self, initial_values: Any, shape: Sequence[int], parameter_esds: Any = None) -> None:
         super().__init__(initial_values, parameter_esds)
@@ -1500,6 +1512,38 @@ class _SmoothGridComponent(_SmoothComponentND):
 
     def _shape(self) -> tuple:
         return self._grid_shape
+
+    # -- 2-D/3-D evaluation: no weights held (see _SmoothGridComponent's class notes)
+    def _coords(self, b: int) -> list:
+        return [np.ascontiguousarray(c, dtype=np.float64) for c in self._block_coords(b)]
+
+    def _exact_scales(self, b: int) -> np.ndarray:
+        return self._smoother._core.values(self._coords(b), self._parameters)
+
+    def _exact_scales_and_derivatives(self, b: int, n: int) -> tuple:
+        return self._exact_scales(b), self._derivatives(b, n)
+
+    def _derivatives(self, b: int, n: int) -> SparseMatrix:
+        """∂s/∂p of block ``b``: the held weight matrix once built, else one built on first
+        read (and then held, unless the coordinates or settings changed in between)."""
+        key = self._settings_key()
+        shape = (n, self._n_free())
+        cache = self._caches.get(b)
+        if cache is not None and cache.key == key:
+            return _csr(cache.data, cache.indices, cache.indptr, shape)
+        args, caches = self._weight_matrix_args(b, key), self._caches
+
+        def build() -> tuple:
+            built = caches.get(b)
+            if built is None or built.key != key:
+                built = caches[b] = _WeightCache(key, _kern.weight_matrix(*args))
+            return built.data, built.indices, built.indptr
+
+        return DeferredSparseMatrix(shape=shape, build=build)
+
+    def _make_term(self, b: int) -> Any:
+        term = _mb.GridSmoothTerm2D if len(self._axes) == 2 else _mb.GridSmoothTerm3D
+        return term(self._smoother._core, self._coords(b))
 
     def set_new_parameters(self, new_parameters: Any, shape: Sequence[int]) -> None:
         """Replace the parameters and grid shape (esds are reset)."""

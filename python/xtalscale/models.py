@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from ._core import components as _kern
+
 from .reflection_table import Flags
 
 __all__ = [
@@ -245,6 +247,12 @@ def _column(table: Any, name: str) -> np.ndarray:
     if name not in table:
         raise KeyError(f"reflection table has no column {name!r}")
     return np.asarray(table[name])
+
+
+def _bins(values: np.ndarray, start: float, width: float, inverse_square: bool = False) -> np.ndarray:
+    """(v − start)/width with DIALS's operations (v = 1/values² with ``inverse_square``), in
+    one pass over a possibly strided column."""
+    return _kern.bin_coordinates(values, float(start), float(width), inverse_square)
 
 
 def _z_px(table: Any) -> np.ndarray:
@@ -1136,17 +1144,19 @@ class ArrayScalingModel(ScalingModelBase):
         self._experiment = experiment
         conf = self.configdict
         xyz = np.asarray(_column(reflection_table, "xyzobs.px.value"), dtype=np.float64).reshape(-1, 3)
-        time = xyz[:, 2] * conf["time_norm_fac"]
+        time = np.multiply(xyz[:, 2], conf["time_norm_fac"])
         if "decay" in self.components:
             d = np.asarray(_column(reflection_table, "d"), dtype=np.float64)
-            self.components["decay"].data = {"x": (1.0 / d**2 - conf["resmin"]) / conf["res_bin_width"], "y": time}
+            self.components["decay"].data = {
+                "x": _bins(d, conf["resmin"], conf["res_bin_width"], inverse_square=True), "y": time}
         if "absorption" in self.components:
-            self.components["absorption"].data = {"x": (xyz[:, 0] - conf["xmin"]) / conf["x_bin_width"],
-                                                   "y": (xyz[:, 1] - conf["ymin"]) / conf["y_bin_width"],
+            self.components["absorption"].data = {"x": _bins(xyz[:, 0], conf["xmin"], conf["x_bin_width"]),
+                                                   "y": _bins(xyz[:, 1], conf["ymin"], conf["y_bin_width"]),
                                                    "z": time}
         if "modulation" in self.components:
-            self.components["modulation"].data = {"x": (xyz[:, 0] - conf["xmin"]) / conf["x_det_bin_width"],
-                                                   "y": (xyz[:, 1] - conf["ymin"]) / conf["y_det_bin_width"]}
+            self.components["modulation"].data = {
+                "x": _bins(xyz[:, 0], conf["xmin"], conf["x_det_bin_width"]),
+                "y": _bins(xyz[:, 1], conf["ymin"], conf["y_det_bin_width"])}
         _add_analytical(self, reflection_table)
 
     def limit_image_range(self, new_image_range: Sequence[int]) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from scipy.sparse import SparseEfficiencyWarning, csr_matrix, issparse
 
-__all__ = ["SparseMatrix", "SparseVector", "as_sparse_matrix", "matrix"]
+__all__ = ["DeferredSparseMatrix", "SparseMatrix", "SparseVector", "as_sparse_matrix", "matrix"]
 
 
 class SparseVector:
@@ -130,6 +130,62 @@ class SparseMatrix(csr_matrix):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", SparseEfficiencyWarning)
             super().__setitem__(key, value)
+
+
+class DeferredSparseMatrix(SparseMatrix):
+    """A :class:`SparseMatrix` whose arrays are built when first read.
+
+    A 2-D/3-D smooth component returns its derivatives (normalised weights, 9-27 per row) this
+    way: a refinement through a model block never reads them (the block recomputes its own
+    values in C++), so building them up front would cost ~100-300 B and 30-60 ns per reflection
+    for nothing. Any use (``.data``, ``.indices``, ``.indptr``, ``nnz``, products, slicing,
+    pickling...) builds them once; after that it is an ordinary :class:`SparseMatrix`.
+    Matrices scipy derives from it (sums, slices, copies) are built ones.
+
+    Parameters
+    ----------
+    shape : tuple
+        ``(n_rows, n_cols)``.
+    build : callable
+        Returns ``(data, indices, indptr)``; called at most once.
+    """
+
+    def __init__(self, arg1: Any = None, shape: Any = None, dtype: Any = None,
+                 copy: bool = False, *, build: Any = None, **kwargs: Any) -> None:
+        if build is None:  # scipy building a result of this class: an ordinary matrix
+            super().__init__(arg1, shape=shape, dtype=dtype, copy=copy, **kwargs)
+            return
+        # Only what scipy's constructor would set, without reading the arrays.
+        self._build = build
+        self._shape = (int(shape[0]), int(shape[1]))
+        self.maxprint = 50
+
+    def _arrays(self) -> None:
+        build = self.__dict__.pop("_build", None)
+        if build is not None:
+            data, indices, indptr = build()
+            self.__dict__.update(_data=data, _indices=indices, _indptr=indptr)
+
+    @property
+    def built(self) -> bool:
+        """True once the arrays exist."""
+        return "_build" not in self.__dict__
+
+    def _get(self, name: str) -> Any:
+        if "_build" in self.__dict__:
+            self._arrays()
+        return self.__dict__[name]
+
+    data = property(lambda self: self._get("_data"),
+                    lambda self, v: self.__dict__.__setitem__("_data", v))
+    indices = property(lambda self: self._get("_indices"),
+                       lambda self, v: self.__dict__.__setitem__("_indices", v))
+    indptr = property(lambda self: self._get("_indptr"),
+                      lambda self, v: self.__dict__.__setitem__("_indptr", v))
+
+    def __getstate__(self) -> dict:
+        self._arrays()
+        return dict(self.__dict__)
 
 
 def matrix(n_rows: int, n_cols: int) -> SparseMatrix:

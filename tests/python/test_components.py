@@ -899,3 +899,18 @@ def test_row_multiply_and_elementwise_square():
                                   [[1.0, 0.0, 4.0], [0.0, 9.0, 0.0]])
     rotated = ext.rotate_vectors_about_axis([[0.0, 0.0, 2.0]], [[1.0, 0.0, 0.0]], [pi / 2])
     np.testing.assert_allclose(rotated, [[0.0, 1.0, 0.0]], atol=1e-16)
+
+
+def test_bin_coordinates_is_dials_formula_bit_for_bit():
+    from xtalscale._core import components as kern
+
+    rng = np.random.default_rng(5)
+    xyz = rng.uniform(-10, 2000, (1000, 3))
+    d = rng.uniform(0.7, 30.0, 1000)
+    np.testing.assert_array_equal(kern.bin_coordinates(xyz[:, 1], 3.25, 17.5), (xyz[:, 1] - 3.25) / 17.5)
+    np.testing.assert_array_equal(kern.bin_coordinates(d, 0.001, 0.37, inverse_square=True),
+                                  (1.0 / d**2 - 0.001) / 0.37)
+    with pytest.raises(ValueError, match="width"):
+        kern.bin_coordinates(d, 0.0, 0.0)
+    with pytest.raises(ValueError):
+        kern.bin_coordinates(xyz, 0.0, 1.0)

@@ -272,3 +272,103 @@ def test_refiner_calculator_keeps_its_block_until_the_data_change(rng):
     g3, j3 = RefinerCalculator.calculate_scales_and_derivatives(apm, 0)
     assert not np.shares_memory(j3.indices, j2.indices)
     np.testing.assert_allclose(g3, g_ref, rtol=1e-15)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_grid_smooth_term_matches_the_bulk_kernel_and_counts_its_pattern(rng, dims):
+    """GridSmoothTerm2D/3D hold only coordinates: their pattern (read from the windows) and
+    per-evaluation values equal the bulk kernel's normalised weight matrix bit for bit,
+    including points outside the range (clipped windows) and far outside (direct exp)."""
+    from xtalscale._core import smoothers
+
+    n = 3000
+    smoother = (smoothers.Smoother2D if dims == 2 else smoothers.Smoother3D)(
+        [(0.0, 6.0)] * dims, [6, 4, 3][:dims])
+    smoother.set_smoothing(3, -1.0)
+    coords = [rng.uniform(-1.0, 7.0, n) for _ in range(dims)]
+    coords[0][:3] = [-40.0, 55.0, 3.0]  # far outside: the direct-exponential path
+    p = rng.uniform(0.5, 1.5, smoother.num_values)
+    assert smoother.num_values == int(np.prod([smoother.axis_num_values(a) for a in range(dims)]))
+    term = (mb.GridSmoothTerm2D if dims == 2 else mb.GridSmoothTerm3D)(smoother, coords)
+    value, _, data, indices, indptr = smoother.multi_value_weight(coords, p, normalised=True)
+    ip, ix = term.pattern()
+    assert term.nnz == data.size and term.n_cols == smoother.num_values
+    np.testing.assert_array_equal(ip, indptr)
+    np.testing.assert_array_equal(ix, indices)
+    scales, values = term.evaluate(p)
+    np.testing.assert_array_equal(scales, value)
+    np.testing.assert_array_equal(values, data)
+    np.testing.assert_array_equal(smoother.values(coords, p), value)
+    assert term.nbytes == dims * n * 8  # nothing per row but the coordinates
+
+
+def test_grid_smooth_term_rejects_bad_coordinates():
+    from xtalscale._core import smoothers
+
+    s = smoothers.Smoother2D([(0.0, 4.0)] * 2, [3, 3])
+    with pytest.raises(ValueError, match="y"):
+        mb.GridSmoothTerm2D(s, [np.zeros(5), np.zeros(4)])
+    with pytest.raises(ValueError, match="one array per smoother axis"):
+        mb.GridSmoothTerm2D(s, [np.zeros(5)])
+    with pytest.raises(ValueError, match="finite"):
+        mb.GridSmoothTerm2D(s, [np.zeros(5), np.array([0, 1, np.nan, 2, 3.0])])
+
+
+def test_grid_components_defer_their_derivative_matrix(rng):
+    """A 2-D/3-D component's first scales-and-derivatives call computes the scales only; the
+    derivative matrix is built on first read, equals the weight matrix and is then held."""
+    from xtalscale.sparse import DeferredSparseMatrix
+
+    n = 2000
+    comp = SmoothScaleComponent3D(rng.uniform(0.9, 1.1, 5 * 5 * 3), shape=(5, 5, 3))
+    comp.data = {"x": rng.uniform(0, 4, n), "y": rng.uniform(0, 3, n), "z": rng.uniform(0, 2, n)}
+    comp.update_reflection_data()
+    scales, deriv = comp.calculate_scales_and_derivatives()
+    assert isinstance(deriv, DeferredSparseMatrix) and not deriv.built
+    assert deriv.shape == (n, 75)
+    np.testing.assert_allclose(deriv @ comp.parameters, scales, rtol=1e-14)  # builds it
+    assert deriv.built
+    # Held now: the next call wraps the same arrays (no second build).
+    _, again = comp.calculate_scales_and_derivatives()
+    assert not isinstance(again, DeferredSparseMatrix)
+    assert np.shares_memory(again.data, deriv.data)
+    # A deferred matrix keeps the state it was made from: new coordinates afterwards do not
+    # change it.
+    full = deriv.toarray()
+    comp.update_reflection_data()  # drops the held matrix
+    _, old = comp.calculate_scales_and_derivatives()
+    assert isinstance(old, DeferredSparseMatrix) and not old.built
+    comp.update_reflection_data(selection=np.arange(n) < n // 2)
+    _, new = comp.calculate_scales_and_derivatives()
+    assert new.shape == (n // 2, 75) and old.shape == (n, 75)
+    np.testing.assert_array_equal(old.toarray(), full)
+    np.testing.assert_allclose(new @ comp.parameters, comp.calculate_scales(), rtol=1e-14)
+
+
+def test_deferred_sparse_matrix_behaves_as_a_csr_matrix():
+    import copy
+    import pickle
+
+    from xtalscale.sparse import DeferredSparseMatrix, SparseMatrix
+
+    ref = sp.random(40, 12, density=0.3, format="csr", random_state=3)
+    calls = []
+
+    def build():
+        calls.append(1)
+        return ref.data.copy(), ref.indices.copy(), ref.indptr.copy()
+
+    operations = [
+        lambda a: a.toarray(), lambda a: (a.T @ a).toarray(), lambda a: a[3:7].toarray(),
+        lambda a: a.multiply(2.0).toarray(), lambda a: a.nnz, lambda a: a.getcol(3).toarray(),
+        lambda a: pickle.loads(pickle.dumps(a)).toarray(), lambda a: copy.deepcopy(a).toarray(),
+        lambda a: sp.vstack([a, a]).toarray(), lambda a: np.asarray(a.sum(axis=0)),
+        lambda a: a.col(3).as_dense_vector(), lambda a: a.non_zeroes, lambda a: (a + a).toarray(),
+        lambda a: a @ np.arange(12.0),
+    ]
+    for op in operations:
+        deferred = DeferredSparseMatrix(shape=ref.shape, build=build)
+        assert deferred.shape == (40, 12) and not deferred.built
+        np.testing.assert_array_equal(op(deferred), op(SparseMatrix(ref)))
+        assert deferred.built
+    assert len(calls) == len(operations)  # once per matrix

@@ -50,6 +50,14 @@ XTALSCALE_EXPORT void csr_matvec(std::size_t n_rows, const std::int32_t* indptr,
                                  const double* p, const double* first_col, double p0,
                                  double* out);
 
+/// out[i] = (v − start)/width with v = values[i·stride], or v = 1/(x·x) for x = values[i·stride]
+/// with @p inverse_square (DIALS's smoother coordinates from a detector position, a time or
+/// a resolution 1/d², with DIALS's operations so the numbers are the same); @p stride is in
+/// elements (a column of an n × 3 array has stride 3).
+XTALSCALE_EXPORT void bin_coordinates(std::size_t n, const double* values, std::ptrdiff_t stride,
+                                      double start, double width, bool inverse_square,
+                                      double* out);
+
 /// scales[i] = exp(coef·factor[i]); if @p derivs is non-null, derivs[i] = scales[i]·factor[i].
 /// One kernel for B factors (factor 1/(2d²)) and dose decay (x/d or x/d²).
 XTALSCALE_EXPORT void exp_scales(std::size_t n, const double* factor, double coef, double* scales,

@@ -177,6 +177,32 @@ class XTALSCALE_EXPORT LeanSmoothTerm final : public ModelTerm {
   HeldArray<double> factor_;
 };
 
+/// A 2-D or 3-D smooth component that holds no weights, only its normalised coordinates: the
+/// pattern is read from the windows once per block build and the normalised weights are
+/// recomputed by every evaluate() (GaussianSmoother::multi_value_derivatives), s = Σwp/Σw.
+/// Recomputing ~10–30 weights per row costs less than streaming a held 9–27-entry weight row
+/// (108–324 B) from memory, and nothing per row is held but the coordinates.
+template <int D>
+class XTALSCALE_EXPORT GridSmoothTerm final : public ModelTerm {
+  static_assert(D == 2 || D == 3, "GridSmoothTerm is for 2-D and 3-D smoothers");
+
+ public:
+  /// @p coords: one array per axis, the normalised coordinates (as the smoother reads them).
+  /// @throws std::invalid_argument for arrays of different lengths or non-finite coordinates.
+  GridSmoothTerm(const GaussianSmoother<D>& smoother, std::array<HeldArray<double>, D> coords);
+  void pattern(std::int64_t* indptr, std::int32_t* indices) const override;
+  TermValues evaluate(const double* p, TermScratch& scratch) const override;
+  std::size_t nbytes() const override;
+
+ private:
+  std::array<const double*, D> coordinate_pointers() const;
+  GaussianSmoother<D> smoother_;
+  std::array<HeldArray<double>, D> coords_;
+};
+
+extern template class GridSmoothTerm<2>;
+extern template class GridSmoothTerm<3>;
+
 /// Spherical-harmonic surface from a held row-major n_rows × n_params harmonic block H
 /// (float64, or float32 in the lookup regime): s = 1 + H·c, ∂s/∂c = H (dense, no copy).
 class XTALSCALE_EXPORT HarmonicsTerm final : public ModelTerm {

@@ -308,6 +308,24 @@ class XTALSCALE_EXPORT GaussianSmoother {
                                  double* data, WeightMode mode = WeightMode::raw,
                                  bool first_fixed = false) const;
 
+  /// The CSR pattern multi_value_weight() writes for these points (no weights written): row
+  /// starts @p indptr (n + 1) and column indices @p indices (ascending within a row). Either may
+  /// be null, e.g. both to count the non-zeros first.
+  /// @return the number of non-zeros.
+  /// @throws std::invalid_argument for a non-finite coordinate.
+  std::size_t weight_pattern(std::size_t n, const std::array<const double*, D>& coords,
+                             std::int64_t* indptr, std::int32_t* indices) const;
+
+  /// Values (@p value_out, may be null) and the normalised weights ∂value/∂p in the order of
+  /// weight_pattern(), without writing the pattern itself: for a holder that keeps the
+  /// pattern once and rewrites only the numbers. @p data needs capacity nnz + kMaxAxisWindow
+  /// (rows are written at a fixed width, then trimmed). Same numbers as multi_value_weight()
+  /// with WeightMode::normalised.
+  /// @throws std::invalid_argument for wrong n_values, non-finite values or coordinates.
+  void multi_value_derivatives(std::size_t n, const std::array<const double*, D>& coords,
+                               const double* values, std::size_t n_values, double* value_out,
+                               double* data) const;
+
   /// Values and propagated errors at @p n points: σ_v² = Σ_i (w_i/Σw)² σ_i² (esds may be null → 0).
   void value_error(std::size_t n, const std::array<const double*, D>& coords,
                    const double* values, const double* esds, std::size_t n_values,

@@ -61,6 +61,9 @@ def csr_matvec(
     first_col: Optional[_F64] = None,
     p0: float = 0.0,
 ) -> _F64: ...
+def bin_coordinates(
+    values: npt.NDArray[np.float64], start: float, width: float, inverse_square: bool = False
+) -> _F64: ...
 def exp_scales(factor: npt.ArrayLike, coef: float, derivatives: bool = True) -> Tuple[_F64, Optional[_F64]]: ...
 def smooth_b_scales(
     indptr: _I32,

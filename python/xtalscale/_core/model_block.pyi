@@ -1,10 +1,11 @@
 # Stubs for xtalscale._core.model_block: model blocks (g and dg/dp of a model) and their terms.
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import numpy.typing as npt
 
 from .components import WeightMatrix
+from .smoothers import Smoother2D, Smoother3D
 
 _F64 = npt.NDArray[np.float64]
 _I32 = npt.NDArray[np.int32]
@@ -53,6 +54,12 @@ class LeanSmoothTerm(ModelTerm):
         first_fixed: bool = False,
         b_factor: Optional[npt.ArrayLike] = None,
     ) -> None: ...
+
+class GridSmoothTerm2D(ModelTerm):
+    def __init__(self, smoother: Smoother2D, coords: Sequence[npt.ArrayLike]) -> None: ...
+
+class GridSmoothTerm3D(ModelTerm):
+    def __init__(self, smoother: Smoother3D, coords: Sequence[npt.ArrayLike]) -> None: ...
 
 class HarmonicsTerm(ModelTerm):
     def __init__(self, harmonics: npt.NDArray[np.floating]) -> None: ...

@@ -37,6 +37,7 @@ class _Smoother:
         first_fixed: bool = False,
         want_matrix: bool = True,
     ) -> _Multi: ...
+    def values(self, coords: _Coords, values: npt.ArrayLike) -> npt.NDArray[np.float64]: ...
     def multi_value_weight_into(
         self,
         coords: _Coords,
