@@ -86,20 +86,24 @@ def compare_setup(args) -> None:
     """Array-model set-up of this tree and of ``args.before``, alternating, best of each."""
     import subprocess
 
-    def child(path: str) -> float:
+    def child(path: str) -> np.ndarray:
         env = dict(os.environ, PYTHONPATH=path)
         out = subprocess.run([sys.executable, __file__, "--setup-only", "--n", str(args.n),
                               "--repeats", str(args.repeats)], env=env, check=True,
                              capture_output=True, text=True).stdout
-        return float(out.split()[-1])
+        return np.array([float(v) for v in out.split()[-3:]])
 
     here = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "python")
     before, after = [], []
     for _ in range(2):
         before.append(child(args.before))
         after.append(child(here))
-    print(f"array model set-up, same run: before ({args.before}) {min(before):.1f} ns/refl, "
-          f"this tree {min(after):.1f} ns/refl: {min(before) / min(after):.1f}x")
+    b, a = np.min(before, axis=0), np.min(after, axis=0)
+    print(f"same run, before = {args.before}, after = this tree (ns/refl, best of runs):")
+    for k, label in enumerate(("array model set-up (configure + update + first call)",
+                               "physical model (lmax 4) set-up",
+                               "physical model g + dg/dp (RefinerCalculator, scipy CSR)")):
+        print(f"  {label:58s} before {b[k]:7.1f}  after {a[k]:7.1f}  {b[k] / a[k]:5.1f}x")
 
 
 def main() -> None:
@@ -111,10 +115,17 @@ def main() -> None:
     ap.add_argument("--setup-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     n = args.n
-    if args.setup_only:  # the child of --before: one figure, in ns/refl
+    if args.setup_only:  # the child of --before: three figures, in ns/refl
         table, expt = make_data(n)
         model, params = array_model(table, expt)
-        print(1e9 * best_time(lambda: setup(model, table, expt, params), args.repeats) / n)
+        t_array = best_time(lambda: setup(model, table, expt, params), args.repeats)
+        physical, pparams = build_model(table, expt), default_model_params()
+        t_phys = best_time(lambda: setup(physical, table, expt, pparams), args.repeats)
+        apm = active_parameter_manager(physical.components, list(physical.components))
+        RefinerCalculator.calculate_scales_and_derivatives(apm, 0)
+        t_eval = best_time(lambda: RefinerCalculator.calculate_scales_and_derivatives(apm, 0),
+                           args.repeats)
+        print(*(1e9 * t / n for t in (t_array, t_phys, t_eval)))
         return
     if args.before:
         compare_setup(args)

@@ -100,6 +100,14 @@ void GaussianSmoother<D>::set_smoothing(std::size_t num_average, double sigma) {
 }
 
 template <int D>
+void GaussianSmoother<D>::set_coordinate_shift(const std::array<double, D>& shift) {
+  for (int a = 0; a < D; ++a)
+    require(std::isfinite(shift[a]), std::string("coordinate shift of axis ") + kAxisNames[a] +
+                                         " must be finite");
+  shift_ = shift;
+}
+
+template <int D>
 std::size_t GaussianSmoother<D>::max_row_nnz() const noexcept {
   std::size_t n = 1;
   for (const auto& ax : axes_) n *= static_cast<std::size_t>(ax.max_window());
@@ -333,8 +341,9 @@ void finish_values(const double* __restrict sumw, const double* __restrict sumwv
 template <int D>
 class ChunkEvaluator {
  public:
-  ChunkEvaluator(const std::array<SmootherAxis, D>& axes, const GaussianKernel& g)
-      : axes_(axes), g_(g) {
+  ChunkEvaluator(const std::array<SmootherAxis, D>& axes, const GaussianKernel& g,
+                 const std::array<double, D>& shift)
+      : axes_(axes), g_(g), shift_(shift) {
     for (int a = 0; a < D; ++a) {
       const auto& ax = axes[a];
       params_[a] = {ax.x0(), ax.spacing(), static_cast<double>(ax.num_average()) / 2.0,
@@ -375,6 +384,10 @@ class ChunkEvaluator {
       const int m = static_cast<int>(std::min<std::size_t>(kChunk, n - base));
       for (int a = 0; a < D; ++a) {
         const double* x = coords[a] + base;
+        if (shift_[a] != 0.0) {  // read x − shift, the same double as a stored shifted copy
+          for (int i = 0; i < m; ++i) shifted_[i] = x[i] - shift_[a];
+          x = shifted_;
+        }
         AxisChunk& c = chunk_[a];
         window_pass(x, m, params_[a], c);
         weights_pass(c, m, params_[a]);
@@ -416,6 +429,8 @@ class ChunkEvaluator {
 
   const std::array<SmootherAxis, D>& axes_;
   const GaussianKernel& g_;
+  std::array<double, D> shift_;
+  alignas(64) double shifted_[kChunk];
   std::array<AxisParams, D> params_;
   std::array<AxisChunk, D> chunk_;
 };
@@ -639,7 +654,7 @@ std::size_t GaussianSmoother<D>::multi_value_weight(
           "indptr and indices must be given with data");
   const auto nx = static_cast<std::int64_t>(axes_[0].num_values());
   const std::int64_t nxy = plane_size<D>(axes_);
-  auto ev = std::make_unique<ChunkEvaluator<D>>(axes_, kernel_);  // ~10 kB/axis: off the stack
+  auto ev = std::make_unique<ChunkEvaluator<D>>(axes_, kernel_, shift_);  // ~10 kB/axis: off the stack
   const std::vector<double> padded = padded_values(values, n_values);
   const bool norm = mode == WeightMode::normalised;
   // Non-temporal stores (per-point path only: the AVX2 paths write in place) for wide rows
@@ -679,7 +694,7 @@ std::size_t GaussianSmoother<D>::weight_pattern(std::size_t n,
                                                 std::int32_t* indices) const {
   const auto nx = static_cast<std::int64_t>(axes_[0].num_values());
   const std::int64_t nxy = plane_size<D>(axes_);
-  auto ev = std::make_unique<ChunkEvaluator<D>>(axes_, kernel_);
+  auto ev = std::make_unique<ChunkEvaluator<D>>(axes_, kernel_, shift_);
   std::int64_t nnz = 0;
   if (indptr) indptr[0] = 0;
   // The rows write_row() writes: z outer, then y, then the x run (ascending columns).
@@ -714,7 +729,7 @@ void GaussianSmoother<D>::multi_value_derivatives(std::size_t n,
   require(data != nullptr, "data must be given");
   const auto nx = static_cast<std::int64_t>(axes_[0].num_values());
   const std::int64_t nxy = plane_size<D>(axes_);
-  auto ev = std::make_unique<ChunkEvaluator<D>>(axes_, kernel_);
+  auto ev = std::make_unique<ChunkEvaluator<D>>(axes_, kernel_, shift_);
   const std::vector<double> padded = padded_values(values, n_values);
   // Streaming stores for wide rows and large outputs, as in multi_value_weight().
   const bool stream = max_row_nnz() >= 16 && n * max_row_nnz() * 8 > (std::size_t(32) << 20);
@@ -767,7 +782,7 @@ void GaussianSmoother<D>::value_error(std::size_t n, const std::array<const doub
   std::vector<double> var(n_values + kMaxAxisWindow, 0.0);
   if (esds)
     for (std::size_t i = 0; i < n_values; ++i) var[i] = esds[i] * esds[i];
-  auto ev = std::make_unique<ChunkEvaluator<D>>(axes_, kernel_);
+  auto ev = std::make_unique<ChunkEvaluator<D>>(axes_, kernel_, shift_);
   ev->run(
       n, coords,
       [&](std::size_t p, int, const std::array<WinRef, D>& win) {

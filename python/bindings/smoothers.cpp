@@ -176,6 +176,10 @@ void bind_smoother(py::module_& m, const char* name, const char* doc) {
             s.set_smoothing(static_cast<std::size_t>(num_average), sigma);
           },
           py::arg("num_average"), py::arg("sigma"))
+      .def_property(
+          "coordinate_shift", [](const S& s) { return s.coordinate_shift(); },
+          [](S& s, const std::array<double, D>& shift) { s.set_coordinate_shift(shift); },
+          "Per-axis shift: bulk methods read coordinate x as x - shift (default zeros).")
       .def_property_readonly("num_values", &S::num_values)
       .def_property_readonly("sigma", &S::sigma)
       .def_property_readonly("max_row_nnz", &S::max_row_nnz)

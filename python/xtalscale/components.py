@@ -1134,6 +1134,9 @@ class _SmoothComponentND(ScaleComponentBase, SmoothMixin):
         SmoothMixin.__init__(self)
         self._fixed_initial = False
         self._normalised: list = []  # per axis: list of per-block arrays
+        #: 2-D/3-D single-block case: _normalised holds the data itself, read as data − shift
+        #: by the kernels (see _SmoothGridComponent.update_reflection_data); else None.
+        self._shifts: Optional[list] = None
         self._ranges: list = []
         self._invalidate()
 
@@ -1175,6 +1178,7 @@ class _SmoothComponentND(ScaleComponentBase, SmoothMixin):
             self._ranges.append(_smooth_range(values))
             normalised.append([np.ascontiguousarray(_take(values, idx)) for idx in blocks])
         self._normalised = normalised
+        self._shifts = None
         self._smoother = self._make_smoother()
         self._invalidate()
         self._n_refl = [int(v.size) for v in normalised[0]]
@@ -1513,12 +1517,49 @@ class _SmoothGridComponent(_SmoothComponentND):
     def _shape(self) -> tuple:
         return self._grid_shape
 
+    def update_reflection_data(self, selection: Any = None, block_selections: Any = None) -> None:
+        """As the base class; without selections the data are not copied: the kernels read
+        each coordinate as data − min(data) (the same doubles as DIALS's shifted copy)."""
+        if selection is not None or block_selections is not None:
+            super().update_reflection_data(selection, block_selections)
+            return
+        data = [np.ascontiguousarray(self._data[axis], dtype=np.float64) for axis in self._axes]
+        if data[0].size == 0:
+            raise ComponentError(f"{type(self).__name__}: no reflections selected for "
+                                 f"data['{self._axes[0]}']")
+        lows = [float(v.min()) for v in data]
+        # max(v − low) is fl(max(v) − low): subtracting one number keeps the order.
+        self._ranges = [_smooth_range(np.array([0.0, float(v.max()) - low]))
+                        for v, low in zip(data, lows)]
+        self._normalised = [[v] for v in data]
+        self._shifts = lows
+        self._smoother = self._make_smoother()
+        self._invalidate()
+        self._n_refl = [int(data[0].size)]
+
     # -- 2-D/3-D evaluation: no weights held (see _SmoothGridComponent's class notes)
     def _coords(self, b: int) -> list:
         return [np.ascontiguousarray(c, dtype=np.float64) for c in self._block_coords(b)]
 
+    def _shift(self) -> list:
+        return list(self._shifts) if self._shifts is not None else []
+
+    def _kernel_smoother(self) -> Any:
+        """The C++ smoother the kernels use: the component's settings and coordinate shift."""
+        num_average, sigma = _smoothing_settings(self._smoother, len(self._axes))
+        core = self._smoother._core
+        kernel = type(core)([tuple(r) for r in self._ranges],
+                            [self.nparam_to_val(n) for n in self._shape()])
+        kernel.set_smoothing(num_average, sigma)
+        if self._shifts is not None:
+            kernel.coordinate_shift = tuple(self._shifts)
+        return kernel
+
+    def _weight_matrix_args(self, b: int, key: tuple) -> tuple:
+        return (*super()._weight_matrix_args(b, key), self._shift())
+
     def _exact_scales(self, b: int) -> np.ndarray:
-        return self._smoother._core.values(self._coords(b), self._parameters)
+        return self._kernel_smoother().values(self._coords(b), self._parameters)
 
     def _exact_scales_and_derivatives(self, b: int, n: int) -> tuple:
         return self._exact_scales(b), self._derivatives(b, n)
@@ -1543,7 +1584,7 @@ class _SmoothGridComponent(_SmoothComponentND):
 
     def _make_term(self, b: int) -> Any:
         term = _mb.GridSmoothTerm2D if len(self._axes) == 2 else _mb.GridSmoothTerm3D
-        return term(self._smoother._core, self._coords(b))
+        return term(self._kernel_smoother(), self._coords(b))
 
     def set_new_parameters(self, new_parameters: Any, shape: Sequence[int]) -> None:
         """Replace the parameters and grid shape (esds are reset)."""
@@ -1565,9 +1606,16 @@ class _SmoothGridComponent(_SmoothComponentND):
         return self._grid_shape[1]
 
     def _axis_values(self, a: int) -> Optional[list]:
-        return self._normalised[a] if self._normalised else None
+        if not self._normalised:
+            return None
+        if self._shifts is not None:  # the data, read shifted by the kernels
+            return [v - self._shifts[a] for v in self._normalised[a]]
+        return self._normalised[a]
 
     def _set_axis_values(self, a: int, values: list) -> None:
+        if self._shifts is not None:
+            self._normalised = [self._axis_values(k) for k in range(len(self._axes))]
+            self._shifts = None
         if not self._normalised:
             self._normalised = [[] for _ in self._axes]
         self._normalised[a] = [np.ascontiguousarray(v, dtype=np.float64) for v in values]

@@ -256,6 +256,14 @@ class XTALSCALE_EXPORT GaussianSmoother {
   /// @throws std::invalid_argument if a naverage is outside 1..5, or sigma is 0 or not finite.
   void set_smoothing(std::size_t num_average, double sigma);
 
+  /// Bulk methods read coordinate a of point p as `coords[a][p] − shift[a]` (computed as
+  /// written, so the same double as a stored shifted copy): a component whose coordinates are
+  /// its data minus their minimum (DIALS's normalisation) need not store the shifted copy.
+  /// Default 0 (coordinates used as given).
+  /// @throws std::invalid_argument for a non-finite shift.
+  void set_coordinate_shift(const std::array<double, D>& shift);
+  const std::array<double, D>& coordinate_shift() const noexcept { return shift_; }
+
   const SmootherAxis& axis(int a) const { return axes_.at(static_cast<std::size_t>(a)); }
   double sigma() const noexcept { return kernel_.sigma; }
   /// σ and 1/σ².
@@ -336,6 +344,7 @@ class XTALSCALE_EXPORT GaussianSmoother {
   std::array<SmootherAxis, D> axes_;
   std::size_t ntotal_ = 0;
   GaussianKernel kernel_;
+  std::array<double, D> shift_{};
 };
 
 extern template class GaussianSmoother<1>;
