@@ -26,9 +26,12 @@ Two constructor forms of :class:`ScaleComponentBase` are accepted: DIALS's
 :func:`product_rule` forms ``g = Π s_c`` and ``∂g/∂p`` of already computed component results
 with the same C++ product rule.
 Weights (exactness policy): 1-D smooth components below ``lean_min_reflections`` hold weights
-computed with DIALS's own operations (bit-identical to DIALS's); 2-D/3-D components hold
-weights from the smoother's bulk kernel (``GaussianSmoother.multi_value_weight``, within ~1e-15
-relative of DIALS's formula); large 1-D blocks recompute theirs (product form, a few ulp).
+computed with DIALS's own operations (bit-identical to DIALS's); 2-D/3-D components hold no
+weights: their scales are the smoother bulk kernel's values Σwp/Σw (as DIALS's 2-D/3-D
+components take them; weights within ~1e-15 relative of DIALS's formula), their derivative
+matrix is built by the same kernel on first read (a ``DeferredSparseMatrix``) and their model
+block terms recompute the weights per evaluation; large 1-D blocks recompute theirs (product
+form, a few ulp).
 DIALS's stored scales are reproduced to 1e-12 (tests/python/test_golden_dials_scales.py).
 
 Memory (``held_bytes()`` reports each component's own state): below 100k reflections the

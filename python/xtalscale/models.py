@@ -42,7 +42,6 @@ from typing import Any
 import numpy as np
 
 from ._core import components as _kern
-
 from .reflection_table import Flags
 
 __all__ = [
