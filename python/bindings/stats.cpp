@@ -7,6 +7,7 @@
 
 #include "common.hpp"
 #include "xtalscale/merging_stats.hpp"
+#include "xtalscale/normal_distribution.hpp"
 
 namespace xtalscale::py_bind {
 namespace {
@@ -194,9 +195,29 @@ py::tuple deviations_and_batch_sums_py(const DoubleArray& intensity, const Doubl
   return py::make_tuple(deviations, n_obs, abs_dev, sum_i, sum_ios);
 }
 
+/// out = f(values) element-wise for any-shaped float64 input, the GIL released.
+template <void (*F)(std::size_t, const double*, double*) noexcept>
+DoubleArray elementwise(const DoubleArray& values) {
+  DoubleArray out(std::vector<py::ssize_t>(values.shape(), values.shape() + values.ndim()));
+  const std::size_t n = static_cast<std::size_t>(values.size());
+  const double* in = values.data();
+  double* o = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    F(n, in, o);
+  }
+  return out;
+}
+
 }  // namespace
 
 void bind_stats(py::module_& m) {
+  m.def("normal_quantile", &elementwise<&special::normal_quantile>, py::arg("p"),
+        "Standard normal quantile (scipy's ndtri), element-wise: -inf at 0, inf at 1, NaN\n"
+        "outside [0, 1].");
+  m.def("normal_cdf", &elementwise<&special::normal_cdf>, py::arg("x"),
+        "Standard normal cumulative distribution, element-wise.");
+  m.def("erf", &elementwise<&special::erf>, py::arg("x"), "erf(x), element-wise.");
   m.def("merging_statistics", &merging_statistics_py, py::arg("intensity"), py::arg("sigma"),
         py::arg("friedel_minus"), py::arg("order"), py::arg("offsets"), py::arg("group_shell"),
         py::arg("group_centric"), py::arg("n_shells"), py::arg("use_internal_variance") = false,

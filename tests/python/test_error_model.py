@@ -43,3 +43,24 @@ def test_error_model_rules_and_bad_input():
         BasicErrorModel.from_dict({})
     with pytest.raises(ErrorModelError, match="same shape"):
         em.update_variances([1.0], [1.0, 2.0])
+
+
+def test_normal_quantile_and_erf_kernels_match_scipy():
+    """The error model's and report's normal quantile (C++, no scipy import) is scipy's ndtri
+    to a few ulp across (0, 1), including far tails and the centre; erf is the C library's."""
+    import math
+
+    from scipy.special import ndtri
+
+    from xtalscale._core.stats import erf, normal_cdf, normal_quantile
+
+    p = np.concatenate([np.logspace(-300, -1, 600), np.linspace(0.01, 0.99, 2001),
+                        1.0 - np.logspace(-16, -1, 200), [0.5, 0.5 + 1e-12, 0.5 - 1e-14]])
+    expected = ndtri(p)
+    got = normal_quantile(p)
+    assert np.all(np.abs(got - expected) <= 8 * np.spacing(np.abs(expected)))
+    assert list(normal_quantile(np.array([0.0, 1.0]))) == [-np.inf, np.inf]
+    assert np.isnan(normal_quantile(np.array([-0.1, 1.1, np.nan]))).all()
+    x = np.linspace(-8, 8, 1001)
+    assert list(erf(x)) == [math.erf(v) for v in x]
+    np.testing.assert_allclose(normal_cdf(normal_quantile(p[600:2600])), p[600:2600], rtol=1e-14)

@@ -343,12 +343,18 @@ def test_ragged_scan_points_are_reported(tmp_path):
 
 
 # ----------------------------------------------------------------------------- .expt writer
-def test_expt_written_as_json_dumps_indent_2_and_read_back_without_sharing(tmp_path):
-    """The file is json.dumps(indent=2) of the models' own dicts (written without a deep copy);
+def test_expt_written_one_model_per_line_and_read_back_without_sharing(tmp_path):
+    """The file is the models' own dicts (written without a deep copy), one model per line;
     reading it back copies, so the result shares nothing with the decoded dict."""
     experiments = ExperimentList.from_file(str(FILES["cys20_old"]))
     text = experiments.as_json()
-    assert text == json.dumps(experiments.to_dict(), indent=2)
+    assert json.loads(text) == experiments.to_dict()
+    lines = text.splitlines()
+    assert lines[0] == "{" and lines[-1] == "}"
+    assert '  "crystal": [' in lines
+    crystal_line = lines[lines.index('  "crystal": [') + 1]
+    assert json.loads(crystal_line) == experiments.to_dict()["crystal"][0]  # one line, whole
+    assert json.loads(experiments.as_json(compact=True)) == experiments.to_dict()
     data = json.loads(text)
     copy = ExperimentListFactory.from_dict(data)  # the public from_dict still copies
     data["crystal"][0]["A_at_scan_points"][0][0] = 123.0

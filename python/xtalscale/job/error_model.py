@@ -271,11 +271,8 @@ def _normal_cdf(x: float) -> float:
 
 def _refine_a(model: BasicErrorModel, data: ErrorModelData) -> None:
     """a ← a·slope of the central normal probability plot of δ."""
-    from scipy.special import (
-        ndtri,  # the normal quantile (scipy.stats costs seconds to import)
-    )
-
     from .._core import job as kernels
+    from .._core.stats import normal_quantile  # scipy's ndtri to a few ulp, no scipy import
 
     # calc_deltahl (σ' as calc_sigmaprime) in one C++ pass, its σ-independent factor made once
     a, b = model.parameters
@@ -285,7 +282,7 @@ def _refine_a(model: BasicErrorModel, data: ErrorModelData) -> None:
     lo = int(math.ceil(_normal_cdf(-1.5) * n - 0.5))
     hi = int(math.ceil(_normal_cdf(1.5) * n - 0.5))
     if data.central_quantiles is None:  # depends on n only: once per fit
-        x = ndtri((np.arange(lo, hi) + 0.5) / n)
+        x = normal_quantile((np.arange(lo, hi) + 0.5) / n)
         data.central_quantiles = x - x.mean()
     x_centred = data.central_quantiles
     # least-squares slope of y = c0 + c1 x (closed form; what DIALS's LBFGS converges to)

@@ -136,7 +136,7 @@ def normal_probability_plot(deviations, max_points: int = 5000, seed: int = 0) -
     A random subset of ``max_points`` (seeded, so the report is reproducible) keeps the file
     small; the quantiles use Blom's plotting positions (i - 3/8)/(n + 1/4).
     """
-    from scipy.special import ndtri
+    from .._core.stats import normal_quantile
 
     delta = np.asarray(deviations, dtype=np.float64)
     delta = delta[np.isfinite(delta)]
@@ -146,7 +146,7 @@ def normal_probability_plot(deviations, max_points: int = 5000, seed: int = 0) -
         delta = np.random.default_rng(seed).choice(delta, max_points, replace=False)
     y = np.sort(delta)
     n = y.size
-    x = ndtri((np.arange(1, n + 1) - 0.375) / (n + 0.25))
+    x = normal_quantile((np.arange(1, n + 1) - 0.375) / (n + 0.25))
     lim = float(max(abs(x[0]), abs(x[-1])))
     return _figure(
         [{"x": _finite_list(x), "y": _finite_list(y), "type": "scatter", "mode": "markers",
@@ -197,7 +197,7 @@ def cumulative_intensity_distribution(d_star_sq, intensities, centric,
                                       n_bins: int = 20) -> dict | None:
     """N(z), the fraction of normalised intensities z = I/⟨I⟩(shell) below z, for acentric
     and centric reflections, with Wilson's 1 - e^(-z) and erf(√(z/2))."""
-    from scipy.special import erf
+    from .._core.stats import erf
 
     s = np.asarray(d_star_sq, dtype=np.float64)
     intensity = np.asarray(intensities, dtype=np.float64)
