@@ -50,6 +50,7 @@ def test_normal_quantile_and_erf_kernels_match_scipy():
     to a few ulp across (0, 1), including far tails and the centre; erf is the C library's."""
     import math
 
+    import numpy as np
     from scipy.special import ndtri
 
     from xtalscale._core.stats import erf, normal_cdf, normal_quantile
