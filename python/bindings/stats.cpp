@@ -7,7 +7,7 @@
 
 #include "common.hpp"
 #include "xtalscale/merging_stats.hpp"
-#include "xtalscale/normal_distribution.hpp"
+#include "xtalscale/distributions.hpp"
 
 namespace xtalscale::py_bind {
 namespace {
@@ -218,6 +218,8 @@ void bind_stats(py::module_& m) {
   m.def("normal_cdf", &elementwise<&special::normal_cdf>, py::arg("x"),
         "Standard normal cumulative distribution, element-wise.");
   m.def("erf", &elementwise<&special::erf>, py::arg("x"), "erf(x), element-wise.");
+  m.def("student_t_quantile", &special::student_t_quantile, py::arg("df"), py::arg("p"),
+        "Student's t quantile (scipy's stdtrit(df, p)): t with P(T <= t) = p.");
   m.def("merging_statistics", &merging_statistics_py, py::arg("intensity"), py::arg("sigma"),
         py::arg("friedel_minus"), py::arg("order"), py::arg("offsets"), py::arg("group_shell"),
         py::arg("group_centric"), py::arg("n_shells"), py::arg("use_internal_variance") = false,

@@ -65,3 +65,23 @@ def test_normal_quantile_and_erf_kernels_match_scipy():
     x = np.linspace(-8, 8, 1001)
     assert list(erf(x)) == [math.erf(v) for v in x]
     np.testing.assert_allclose(normal_cdf(normal_quantile(p[600:2600])), p[600:2600], rtol=1e-14)
+
+
+def test_student_t_quantile_matches_scipy():
+    """CC½ significance's t quantile (C++, no scipy import) against scipy's stdtrit, and the
+    exact near-centre value where stdtrit itself loses digits."""
+    import math
+
+    from scipy.special import stdtrit
+
+    from xtalscale._core.stats import student_t_quantile
+
+    for df in [*range(1, 120), 150, 300, 1000, 5000, 100000, 2.5]:
+        for p in (0.55, 0.75, 0.9, 0.95, 0.99, 0.999, 0.9999, 1 - 1e-8, 0.3, 0.01):
+            assert student_t_quantile(float(df), p) == pytest.approx(stdtrit(df, p), rel=1e-11)
+    # near p = ½: t ≈ (p − ½)/f(0), f(0) = Γ(5/2)/(√(4π)Γ(2)) = 0.375 for 4 degrees of freedom
+    p = 0.5 + 1e-6
+    assert student_t_quantile(4.0, p) == pytest.approx((p - 0.5) / 0.375, rel=1e-9)
+    assert student_t_quantile(5.0, 0.5) == 0.0
+    assert student_t_quantile(5.0, 1.0) == math.inf and student_t_quantile(5.0, 0.0) == -math.inf
+    assert math.isnan(student_t_quantile(0.0, 0.9)) and math.isnan(student_t_quantile(3.0, 1.2))
