@@ -12,8 +12,8 @@
 namespace xtalscale::special {
 
 /// Φ⁻¹(p), the standard normal quantile (scipy's `ndtri`): −∞ at p = 0, +∞ at p = 1, NaN
-/// outside [0, 1] or for NaN. Start from Abramowitz & Stegun 26.2.23 (|error| < 4.5e-4), then
-/// three Halley steps on Φ(x) − p, with the residual formed where it keeps its relative
+/// outside [0, 1] or for NaN. Start from Acklam's rational approximation (relative error
+/// < 1.2e-9), then one Halley step on Φ(x) − p, with the residual formed where it keeps its relative
 /// precision (0.5·erf(x/√2) − (p − ½) in the centre, 0.5·erfc(∓x/√2) − min(p, 1 − p) in the
 /// tails): within a few ulp of the exact quantile across (0, 1).
 XTALSCALE_EXPORT double normal_quantile(double p) noexcept;
