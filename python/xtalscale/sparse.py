@@ -12,6 +12,7 @@ refinement code all return them.
 """
 from __future__ import annotations
 
+import threading
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -157,14 +158,20 @@ class DeferredSparseMatrix(SparseMatrix):
             return
         # Only what scipy's constructor would set, without reading the arrays.
         self._build = build
+        self._build_lock = threading.Lock()  # two threads reading at once build it once
         self._shape = (int(shape[0]), int(shape[1]))
         self.maxprint = 50
 
     def _arrays(self) -> None:
-        build = self.__dict__.pop("_build", None)
-        if build is not None:
-            data, indices, indptr = build()
-            self.__dict__.update(_data=data, _indices=indices, _indptr=indptr)
+        lock = self.__dict__.get("_build_lock")
+        if lock is None:
+            return
+        with lock:
+            build = self.__dict__.get("_build")
+            if build is not None:
+                data, indices, indptr = build()
+                self.__dict__.update(_data=data, _indices=indices, _indptr=indptr)
+                del self.__dict__["_build"]
 
     @property
     def built(self) -> bool:
@@ -185,7 +192,9 @@ class DeferredSparseMatrix(SparseMatrix):
 
     def __getstate__(self) -> dict:
         self._arrays()
-        return dict(self.__dict__)
+        state = dict(self.__dict__)
+        state.pop("_build_lock", None)  # not picklable; a built matrix needs none
+        return state
 
 
 def matrix(n_rows: int, n_cols: int) -> SparseMatrix:

@@ -401,3 +401,29 @@ def test_grid_components_read_their_data_shifted_bit_for_bit(rng, cls, shape):
     np.testing.assert_array_equal(j1.data, j2.data)
     np.testing.assert_array_equal(shifted.normalised_x_values[0], data["x"] - data["x"].min())
     np.testing.assert_array_equal(shifted.normalised_y_values[0], copied.normalised_y_values[0])
+
+
+def test_deferred_sparse_matrix_is_built_once_when_read_from_two_threads():
+    import threading
+    import time
+
+    from xtalscale.sparse import DeferredSparseMatrix
+
+    ref = sp.random(30, 8, density=0.3, format="csr", random_state=5)
+    calls = []
+
+    def slow_build():
+        calls.append(1)
+        time.sleep(0.05)  # a second reader arrives while the first builds
+        return ref.data.copy(), ref.indices.copy(), ref.indptr.copy()
+
+    m = DeferredSparseMatrix(shape=ref.shape, build=slow_build)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(m @ np.ones(8))) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(calls) == 1 and len(results) == 4
+    for r in results:
+        np.testing.assert_array_equal(r, ref @ np.ones(8))
