@@ -1,14 +1,19 @@
 """Which suitable reflections the model is minimised on (spec §8.3).
 
 ``use_all`` (xtalscale's automatic choice for rotation data: every suitable observation),
-``random``/``quasi_random`` (DIALS's ~max(50000 reflections, 2000 groups) random groups of
-multiplicity > 1 with I/σ above the cut, seeded; the multi-dataset connectivity step of
-DIALS's quasi_random is not reproduced: groups are drawn across all datasets) and
-``intensity_ranges`` (I/σ, d and partiality ranges). Only the minimisation uses the selection;
-outlier rejection, the error model and the final scales use every suitable reflection.
+``random`` (DIALS's ~max(50000 reflections, 2000 groups) random groups of multiplicity > 1
+with I/σ above the cut, seeded), ``quasi_random`` (for several datasets DIALS's three steps:
+the groups best connected across datasets, chosen per resolution bin by the class-matrix
+algorithm of :func:`class_matrix_selection`, then random groups within each dataset, then
+random groups across all; for one dataset as ``random``) and ``intensity_ranges`` (I/σ, d and
+partiality ranges). Random draws use numpy's seeded generator (``reflection_selection.seed``),
+not scitbx's, so the random parts draw different groups than DIALS. Only the minimisation uses
+the selection; outlier rejection, the error model and the final scales use every suitable
+reflection.
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -16,7 +21,10 @@ import numpy as np
 
 from .grouped import GroupedObservations
 
-__all__ = ["calculate_scaling_subset_ranges", "choose_method", "select_for_minimisation", "select_random_groups",
+logger = logging.getLogger("xtalscale.scale")
+
+__all__ = ["calculate_scaling_subset_ranges", "choose_method", "class_matrix_selection",
+           "select_connected_across_datasets", "select_for_minimisation", "select_random_groups",
            "use_all_for_last_round"]
 
 
@@ -84,8 +92,12 @@ def select_for_minimisation(scaler: Any) -> None:
         for ds, sel in zip(scaler.datasets, pre):
             ds.minimisation = sel
         return
-    # random / quasi_random: groups with multiplicity > 1 among the preselected rows
     rnd = params.reflection_selection.random
+    if method == "quasi_random" and len(scaler.datasets) > 1:
+        _quasi_random_multi_dataset(scaler, pre, rnd, int(params.reflection_selection.seed))
+        return
+    # random (and quasi_random for one dataset): groups with multiplicity > 1 among the
+    # preselected rows
     _select_groups(scaler, pre, int(rnd.min_reflections), int(rnd.min_groups),
                    int(params.reflection_selection.seed))
 
@@ -119,3 +131,197 @@ def _select_groups(scaler: Any, pre: list[np.ndarray], min_reflections: int, min
         mask = np.zeros(int(ds.suitable.sum()), bool)
         mask[suitable_rows] = True
         ds.minimisation = mask
+
+
+# ----------------------------------------------------------------------------- quasi_random
+def class_matrix_selection(counts: np.ndarray, min_per_class: float, min_total: float,
+                           max_total: float) -> tuple[np.ndarray, np.ndarray]:
+    """DIALS's class-matrix selection (``_loop_over_class_matrix``).
+
+    ``counts`` is an (n_classes, n_groups) matrix of reflections per class (e.g. dataset) and
+    symmetry group, its columns already in preference order (most classes covered first).
+    Starting from the first column, repeatedly add the first unused column that has a
+    reflection in the least-filled class, until every class holds ``min_per_class`` or the
+    total exceeds ``max_total`` (a class with nothing left counts as filled; its shortfall is
+    its deficit). If the total is then below ``min_total``, the per-class target is raised and
+    the filling continues.
+
+    Returns
+    -------
+    (total per class, bool mask of the columns used)
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    n_classes, n_cols = counts.shape
+    used = np.zeros(n_cols, dtype=bool)
+    if n_cols == 0 or n_classes == 0:
+        return np.zeros(n_classes), used
+    # per class: its columns in order, and a cursor past the ones already used
+    columns_of_class = [np.flatnonzero(counts[r]) for r in range(n_classes)]
+    cursor = [0] * n_classes
+    used[0] = True
+    total = counts[:, 0].copy()
+
+    def add_next(r: int) -> bool:
+        cols, c = columns_of_class[r], cursor[r]
+        while c < cols.size and used[cols[c]]:
+            c += 1
+        cursor[r] = c
+        if c == cols.size:
+            return False
+        used[cols[c]] = True
+        total[:] += counts[:, cols[c]]
+        return True
+
+    deficit = np.zeros(n_classes)
+    total_deficit = 0.0
+    while total.min() < min_per_class and total.sum() - total_deficit < max_total:
+        r = int(np.argmin(total))
+        if not add_next(r):  # nothing left in this class: count it as filled
+            deficit[r] = min_per_class - total[r]
+            total_deficit += min_per_class - total[r]
+            total[r] = min_per_class
+        if total.sum() > max_total:
+            return total - deficit, used
+    total -= deficit
+    n = float(total.sum())
+    if n < min_total and not used.all() and n > 0:
+        exhausted = deficit != 0.0
+        multiplier = int(math.floor(min_total * (n_classes - int(exhausted.sum())) / (n * n_classes)) + 1)
+        new_limit = min_per_class * multiplier
+        deficit[exhausted] += new_limit - min_per_class
+        total[exhausted] = new_limit
+        while not used.all() and total.min() < new_limit:
+            r = int(np.argmin(total))
+            if not add_next(r):
+                deficit[r] = new_limit - total[r]
+                total[r] = new_limit
+        return total - deficit, used
+    return total, used
+
+
+def _groups_above_isigma(grouped: GroupedObservations, cutoff: float) -> np.ndarray:
+    """Groups (bool) of multiplicity > 1 whose mean I/σ exceeds ``cutoff`` (0 if none do)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        isig = grouped.intensity / np.sqrt(grouped.variance)
+    n = grouped.group_sizes()
+    mean_isig = grouped.sum_in_groups(isig) / np.maximum(n, 1)
+    multi = n > 1
+    if not multi.any():
+        raise ValueError("no symmetry group has more than one observation: scaling is not possible")
+    keep = multi & (mean_isig > cutoff)
+    if not keep.any():
+        logger.warning("no group has <I/sigma> > %s; using a cut-off of 0", cutoff)
+        keep = multi & (mean_isig > 0.0)
+        if not keep.any():
+            raise ValueError("no group with more than one observation has <I/sigma> > 0")
+    return keep
+
+
+def _resolution_bins(d_star_sq: np.ndarray, n_bins: int) -> np.ndarray:
+    """Bin of each value: DIALS's Ih-table binner (equal d*² steps over the range widened by
+    1e-6 of its span, step at least 0.004)."""
+    lo, hi = float(d_star_sq.min()), float(d_star_sq.max())
+    span = hi - lo
+    lo, hi = lo - span * 1e-6, hi + span * 1e-6
+    step = max((hi - lo) / n_bins, 0.004)
+    return np.minimum(((d_star_sq - lo) / step).astype(np.int64), int(math.ceil((hi - lo) / step)) - 1)
+
+
+def select_connected_across_datasets(grouped: GroupedObservations, min_total: float,
+                                     isigma_cutoff: float = 1.0, n_bins: int = 20) -> np.ndarray:
+    """Rows (bool over ``grouped``) of the groups best connected across datasets (DIALS's
+    ``select_connected_reflections_across_datasets``): among groups of multiplicity > 1 with
+    mean I/σ above the cut, per resolution bin, :func:`class_matrix_selection` with datasets
+    as classes, groups ordered by the number of datasets they reach (stable), a target of
+    ``min_total/(4·n_datasets)`` per dataset and ``min_total`` to 1.2·``min_total`` in all
+    (each split evenly over the bins)."""
+    keep_group = _groups_above_isigma(grouped, isigma_cutoff)
+    group = grouped.group_of_row()
+    rows_ok = keep_group[group]
+    datasets_present = np.unique(grouped.dataset[rows_ok])
+    n_classes = datasets_present.size
+    class_of_row = np.searchsorted(datasets_present, grouped.dataset)
+    min_per_class = min_total / (n_classes * 4.0)
+    max_total = min_total * 1.2
+    per_bin = (int(min_per_class / n_bins), int(min_total / n_bins), int(max_total / n_bins))
+    d = np.asarray(grouped.extra["d"], dtype=np.float64)
+    bins = _resolution_bins(1.0 / (d * d), n_bins)  # a group's rows share d, so one bin each
+    chosen_group = np.zeros(grouped.n_groups, dtype=bool)
+    for b in np.unique(bins[rows_ok]):
+        in_bin = rows_ok & (bins == b)
+        groups = np.unique(group[in_bin])  # ascending: the Ih table's group order
+        local = np.searchsorted(groups, group[in_bin])
+        counts = np.zeros((n_classes, groups.size))
+        np.add.at(counts, (class_of_row[in_bin], local), 1.0)
+        order = np.argsort(-(counts > 0).sum(axis=0), kind="stable")
+        _, used = class_matrix_selection(counts[:, order], *per_bin)
+        chosen_group[groups[order[used]]] = True
+    return chosen_group[group]
+
+
+def _quasi_random_multi_dataset(scaler: Any, pre: list[np.ndarray], rnd: Any, seed: int) -> None:
+    """DIALS's multi-dataset quasi_random: connected groups, then random groups within each
+    dataset, then random groups across all datasets up to the target (see the module notes)."""
+    rng = np.random.default_rng(seed)
+    grouped = scaler._grouped_suitable()
+    sizes = grouped.group_sizes()
+    multi = sizes[sizes > 1]
+    if multi.size == 0:
+        for ds in scaler.datasets:
+            ds.minimisation = None  # DIALS cannot select either; scale on everything
+        return
+    avg_multiplicity = float(multi.mean())
+    total_available = float(multi.sum())
+    n_datasets = len(scaler.datasets)
+    total_target = max(avg_multiplicity * int(rnd.min_groups), float(rnd.min_reflections))
+    cutoff = float(rnd.multi_dataset.Isigma_cutoff)
+    chosen = select_connected_across_datasets(grouped, min(1000, int(rnd.min_groups)) * avg_multiplicity,
+                                              cutoff)
+    n_connected = int(chosen.sum())
+    eligible_group = _groups_above_isigma(grouped, cutoff)
+    group = grouped.group_of_row()
+    # within each dataset: random groups (multiplicity > 1 within the dataset) of its
+    # preselected rows
+    per_dataset_target = (total_target - n_connected) / (2.0 * n_datasets)
+    preselected = _preselected_rows(grouped, pre)
+    if per_dataset_target > 0:
+        for k in range(n_datasets):
+            rows = eligible_group[group] & (grouped.dataset == k) & preselected
+            groups_k, mult_k = np.unique(group[rows], return_counts=True)
+            groups_k = groups_k[mult_k > 1]
+            if groups_k.size == 0:
+                continue
+            n_groups = int(math.ceil(per_dataset_target / mult_k[mult_k > 1].mean()))
+            if n_groups < groups_k.size:
+                groups_k = rng.choice(groups_k, size=n_groups, replace=False)
+            take = np.zeros(grouped.n_groups, dtype=bool)
+            take[groups_k] = True
+            chosen |= rows & take[group]
+    # across datasets: random eligible groups up to the total target
+    n_used = int(chosen.sum())
+    left = total_target - n_used
+    fraction_used = n_used / total_available
+    if left > 0 and fraction_used < 1:
+        n_groups = int(left * 1.05 / (1.0 - fraction_used) / avg_multiplicity)
+        eligible = np.flatnonzero(eligible_group)
+        if n_groups < eligible.size:
+            eligible = rng.choice(eligible, size=n_groups, replace=False)
+        take = np.zeros(grouped.n_groups, dtype=bool)
+        take[eligible] = True
+        chosen |= take[group]
+    per_dataset = grouped.rows_per_dataset(np.flatnonzero(chosen))
+    for k, ds in enumerate(scaler.datasets):
+        mask = np.zeros(int(ds.suitable.sum()), dtype=bool)
+        mask[per_dataset[k]] = True
+        ds.minimisation = mask
+    logger.info("quasi_random selection: %d reflections connected across datasets, %d chosen in all",
+                n_connected, int(chosen.sum()))
+
+
+def _preselected_rows(grouped: GroupedObservations, pre: list[np.ndarray]) -> np.ndarray:
+    """``pre`` (per dataset, over its suitable rows) as a mask over ``grouped``'s rows."""
+    out = np.zeros(grouped.size, dtype=bool)
+    for k, p in enumerate(pre):
+        rows = grouped.dataset == k
+        out[rows] = p[grouped.row[rows]]
+    return out
