@@ -139,6 +139,23 @@ std::vector<std::int64_t> radix_group(std::vector<std::uint64_t>& k, std::uint64
 
 }  // namespace
 
+void counting_order(const std::int64_t* keys, std::size_t n, std::size_t n_keys,
+                    std::int64_t* order, std::int64_t* offsets) {
+  const auto limit = static_cast<std::int64_t>(n_keys);
+  std::fill(offsets, offsets + n_keys + 1, std::int64_t{0});
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::int64_t k = keys[i];
+    if (k < 0 || k >= limit)
+      throw std::invalid_argument("key " + std::to_string(k) + " at position " +
+                                  std::to_string(i) + " is outside [0, " +
+                                  std::to_string(n_keys) + ")");
+    ++offsets[k + 1];
+  }
+  for (std::size_t k = 0; k < n_keys; ++k) offsets[k + 1] += offsets[k];
+  std::vector<std::int64_t> next(offsets, offsets + n_keys);
+  for (std::size_t i = 0; i < n; ++i) order[next[keys[i]]++] = static_cast<std::int64_t>(i);
+}
+
 std::vector<std::int64_t> group_keys(const std::int64_t* keys, std::size_t n,
                                      std::int64_t* order, std::int64_t* group_index) {
   if (n == 0) return {0};

@@ -67,6 +67,22 @@ py::tuple group_keys_py(const Int64Array& keys) {
   return py::make_tuple(order, group_index, off);
 }
 
+py::tuple counting_order_py(const Int64Array& keys, std::int64_t n_keys) {
+  if (keys.ndim() != 1) throw std::invalid_argument("keys must be 1-dimensional");
+  if (n_keys < 0) throw std::invalid_argument("n_keys must be >= 0");
+  const auto n = static_cast<std::size_t>(keys.shape(0));
+  Int64Array order({static_cast<py::ssize_t>(n)});
+  Int64Array offsets({static_cast<py::ssize_t>(n_keys + 1)});
+  const std::int64_t* in = keys.data();
+  std::int64_t* o = order.mutable_data();
+  std::int64_t* off = offsets.mutable_data();
+  {
+    py::gil_scoped_release release;  // raw buffers owned by the arrays above
+    counting_order(in, n, static_cast<std::size_t>(n_keys), o, off);
+  }
+  return py::make_tuple(order, offsets);
+}
+
 py::tuple group_miller_py(const Int32Array& hkl) {
   if (hkl.ndim() != 2 || hkl.shape(1) != 3)
     throw std::invalid_argument("hkl must have shape (n, 3)");
@@ -113,6 +129,10 @@ void bind_grouping(py::module_& m) {
         "Stable O(n) grouping of equal int64 keys (LSD radix sort).\n\n"
         "Returns (order, group_index, offsets): the sort permutation, each row's group\n"
         "(groups in increasing key order) and the group start offsets plus n.");
+  m.def("counting_order", &counting_order_py, py::arg("keys"), py::arg("n_keys"),
+        "Stable order of int64 keys in [0, n_keys) by counting sort, O(n + n_keys).\n\n"
+        "Returns (order, offsets): the permutation (a stable argsort) and each key's start\n"
+        "in it, n_keys + 1 values ending at n.");
   m.def("group_miller_indices", &group_miller_py, py::arg("hkl"),
         "Stable O(n) grouping of (n, 3) int32 Miller indices in signed lexicographic\n"
         "(h, k, l) order (DIALS order). Returns (order, group_index, offsets).");

@@ -258,3 +258,18 @@ def test_refl_written_over_an_older_file(tmp_path):
     t.as_file(out)
     assert out.read_bytes() == QUARTZ.read_bytes()
     assert [p.name for p in tmp_path.iterdir()] == ["scaled.refl"]  # no temporary left
+
+
+def test_counting_order_is_a_stable_argsort():
+    from xtalscale._core.grouping import counting_order
+
+    rng = np.random.default_rng(8)
+    keys = rng.integers(0, 500, 20000)
+    keys[keys == 7] = 8  # an empty key
+    order, offsets = counting_order(keys, 600)
+    np.testing.assert_array_equal(order, np.argsort(keys, kind="stable"))
+    np.testing.assert_array_equal(offsets, np.concatenate([[0], np.cumsum(np.bincount(keys, minlength=600))]))
+    with pytest.raises(ValueError, match="outside"):
+        counting_order(np.array([0, 600]), 600)
+    with pytest.raises(ValueError, match="outside"):
+        counting_order(np.array([-1]), 600)

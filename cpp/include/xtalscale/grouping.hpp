@@ -64,6 +64,13 @@ XTALSCALE_EXPORT std::vector<std::int64_t> group_keys(const std::int64_t* keys, 
                                                       std::int64_t* order,
                                                       std::int64_t* group_index);
 
+/// Stable order of @p n keys that are all in [0, n_keys) (e.g. group numbers): a counting
+/// sort, O(n + n_keys), writing the permutation to @p order (n) and the start of each key's
+/// run to @p offsets (n_keys + 1, the last = n). Equal to a stable argsort of the keys.
+/// @throws std::invalid_argument naming the first key outside [0, n_keys).
+XTALSCALE_EXPORT void counting_order(const std::int64_t* keys, std::size_t n, std::size_t n_keys,
+                                     std::int64_t* order, std::int64_t* offsets);
+
 /// Group equal Miller indices (n x 3, row-major), groups in lexicographic order of signed
 /// (h, k, l) and rows within a group in input order (DIALS order). Same outputs as
 /// group_keys. Throws std::invalid_argument if a component spans more than 2^21 values.

@@ -44,6 +44,10 @@ def group_keys(
     keys: npt.ArrayLike,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
 
+def counting_order(
+    keys: npt.ArrayLike, n_keys: int
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
+
 def group_miller_indices(
     hkl: npt.ArrayLike,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...

@@ -57,6 +57,14 @@ def group_offsets_from_keys(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray, n
     return grouping.group_keys(k)
 
 
+def _stable_group_order(groups: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """(stable argsort of group numbers in [0, n_groups), start of each group in it): a C++
+    counting sort, O(n + n_groups) (4× numpy's stable argsort at 10⁶ rows)."""
+    from .._core import grouping
+
+    return grouping.counting_order(np.ascontiguousarray(groups, dtype=np.int64), int(n_groups))
+
+
 class IhTableBlock:
     """One block of the Ih table (DIALS ``IhTableBlock(n_groups, n_refl, n_datasets=1)``).
 
@@ -141,11 +149,9 @@ class IhTableBlock:
 
     def _reindex(self) -> None:
         """Table order (rows sorted by group, stable) and group offsets."""
-        self._order = np.argsort(self._group_ids, kind="stable")
+        self._order, self._offsets = _stable_group_order(self._group_ids, self._n_groups)
         self._table_rows = np.empty_like(self._order)
         self._table_rows[self._order] = np.arange(self._order.size)
-        counts = np.bincount(self._group_ids, minlength=self._n_groups)
-        self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self._arrays.setdefault("Ih_values", np.zeros(self._order.size))
 
     # ------------------------------------------------------------------ accessors
@@ -492,7 +498,7 @@ class IhTable:
             for d in range(self.n_datasets):
                 g = gidx[starts[d]:starts[d + 1]]
                 rows = np.flatnonzero(local[g] >= 0)
-                rows = rows[np.argsort(g[rows], kind="stable")]
+                rows = rows[_stable_group_order(g[rows], n_unique)[0]]
                 rows_per_ds.append(rows)
             block = IhTableBlock(groups_in_block.size, sum(r.size for r in rows_per_ds), self.n_datasets)
             for d, rows in enumerate(rows_per_ds):
