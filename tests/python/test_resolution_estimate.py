@@ -188,3 +188,16 @@ def test_significance_fit_follows_curve_fit_on_clean_steps():
             lambda v, r, res: 1.0 - 1.0 / (1.0 + np.exp(-(r * (v - res)))), xs, data, (100.0, start))
         assert (r0 >= 0 and res0 > 0) == (r1 >= 0 and res1 > 0)
         assert 1.0 / math.sqrt(res1) == pytest.approx(1.0 / math.sqrt(res0), rel=1e-2)
+
+
+def test_two_parameter_fit_rejects_non_finite_data():
+    from xtalscale.stats.resolution import curve_fit_two_parameters
+
+    x = np.linspace(0.1, 1.0, 10)
+    y = tanh_cc_half(x, 0.1, 0.5)
+    y[3] = np.nan
+    with pytest.raises(ValueError, match="finite"):
+        curve_fit_two_parameters(tanh_cc_half, x, y, (0.2, 0.4))
+    with pytest.raises(ValueError, match="sigma"):
+        curve_fit_two_parameters(tanh_cc_half, x, tanh_cc_half(x, 0.1, 0.5), (0.2, 0.4),
+                                 sigma=np.full(10, np.inf))

@@ -162,8 +162,13 @@ def curve_fit_two_parameters(model, x, y, start, sigma=None, max_evaluations: in
     ------
     RuntimeError
         Where curve_fit would (no convergence within ``max_evaluations``).
+    ValueError
+        For non-finite data, as curve_fit (``check_finite``).
     """
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    for name, values in (("x", x), ("y", y), ("sigma", sigma)):
+        if values is not None and not np.all(np.isfinite(values)):
+            raise ValueError(f"{name} must be finite (as curve_fit's check_finite)")
     if sigma is None:
         def residuals(p):
             return model(x, p[0], p[1]) - y
