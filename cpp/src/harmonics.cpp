@@ -35,10 +35,9 @@ std::vector<double> prefactors(int lmax) {
   return pref;
 }
 
-/// All harmonics at one direction, given the prefactor table; legendre is scratch of
-/// (lmax+1)² doubles holding P̄_l^m(cos θ) without the Condon–Shortley phase.
-void evaluate(int lmax, const double* pref, double theta, double phi, double* legendre,
-              double* out) {
+/// P̄_l^m(cos θ) without the Condon–Shortley phase into @p legendre ((lmax+1)² doubles,
+/// index l*(lmax+1)+m).
+void associated_legendre(int lmax, double theta, double* legendre) {
   const int stride = lmax + 1;
   const double x = std::cos(theta);
   const double s = std::sin(theta);
@@ -54,6 +53,14 @@ void evaluate(int lmax, const double* pref, double theta, double phi, double* le
                                  static_cast<double>(l - m);
     }
   }
+}
+
+/// All harmonics at one direction, given the prefactor table; legendre is scratch of
+/// (lmax+1)² doubles.
+void evaluate(int lmax, const double* pref, double theta, double phi, double* legendre,
+              double* out) {
+  const int stride = lmax + 1;
+  associated_legendre(lmax, theta, legendre);
   std::size_t k = 0;
   for (int l = 1; l <= lmax; ++l) {
     for (int m = -l; m <= l; ++m, ++k) {
@@ -144,11 +151,47 @@ void sph_harm_lookup_table(int lmax, int points_per_degree, double* out) {
   const auto n_phi = static_cast<std::size_t>(360 * points_per_degree);
   const double step = kPi / (180.0 * points_per_degree);
   const auto pref = prefactors(lmax);
+  const int stride = lmax + 1;
   std::vector<double> legendre(pref.size());
-  for (std::size_t i = 0; i < n_items; ++i) {
-    const double theta = static_cast<double>(i / n_phi) * step;
-    const double phi = static_cast<double>(i % n_phi) * step;
-    evaluate(lmax, pref.data(), theta, phi, legendre.data(), out + i * np);
+  // The grid is separable: the Legendre part depends on θ only, cos(mφ)/sin(mφ) on φ only.
+  // Each is computed once per grid line, and every entry is the same product evaluate()
+  // forms (the same operations on the same operands, so the same bits).
+  std::vector<double> trig(n_phi * 2 * static_cast<std::size_t>(lmax + 1));
+  const auto trig_at = [&](std::size_t j, int m, bool sine) -> double& {
+    return trig[(j * static_cast<std::size_t>(lmax + 1) + static_cast<std::size_t>(m)) * 2 +
+                (sine ? 1 : 0)];
+  };
+  for (std::size_t j = 0; j < n_phi; ++j) {
+    const double phi = static_cast<double>(j) * step;
+    for (int m = 1; m <= lmax; ++m) {
+      trig_at(j, m, false) = std::cos(m * phi);
+      trig_at(j, m, true) = std::sin(m * phi);
+    }
+  }
+  std::vector<double> base(np);
+  const std::size_t n_theta = n_items / n_phi;
+  for (std::size_t t = 0; t < n_theta; ++t) {
+    associated_legendre(lmax, static_cast<double>(t) * step, legendre.data());
+    std::size_t k = 0;
+    for (int l = 1; l <= lmax; ++l)
+      for (int m = -l; m <= l; ++m, ++k) {
+        const int am = m < 0 ? -m : m;
+        base[k] = pref[static_cast<std::size_t>(l * stride + am)] *
+                  legendre[static_cast<std::size_t>(l * stride + am)];
+      }
+    for (std::size_t j = 0; j < n_phi; ++j) {
+      double* row = out + (t * n_phi + j) * np;
+      k = 0;
+      for (int l = 1; l <= lmax; ++l)
+        for (int m = -l; m <= l; ++m, ++k) {
+          if (m > 0)
+            row[k] = base[k] * trig_at(j, m, false);
+          else if (m == 0)
+            row[k] = base[k];
+          else
+            row[k] = base[k] * trig_at(j, -m, true);
+        }
+    }
   }
 }
 
