@@ -145,43 +145,22 @@ py::array_t<double> normalised_deviations_py(const DoubleArray& intensity,
   return out;
 }
 
-py::tuple batch_sums_py(const DoubleArray& intensity, const DoubleArray& sigma,
-                        const Int64Array& order, const Int64Array& offsets,
-                        const Int64Array& batch_index, std::size_t n_batches) {
+/// Per-batch sums (and, with @p with_deviations, the per-observation normalised deviations)
+/// in one kernel pass: the checks, outputs and call behind both bindings below.
+py::tuple batch_sums_impl(const DoubleArray& intensity, const DoubleArray& sigma,
+                          const Int64Array& order, const Int64Array& offsets,
+                          const Int64Array& batch_index, std::size_t n_batches,
+                          bool with_deviations) {
   check_grouping(intensity, sigma, order, offsets);
   require_ndim(batch_index, 1, "batch_index");
   const auto n = static_cast<std::size_t>(intensity.size());
   require_same_length(static_cast<std::size_t>(batch_index.size()), n, "batch_index",
                       "intensity");
   const auto nb = static_cast<py::ssize_t>(n_batches);
+  py::array_t<double> deviations(with_deviations ? static_cast<py::ssize_t>(n) : 0);
   py::array_t<std::int64_t> n_obs(nb);
   py::array_t<double> abs_dev(nb), sum_i(nb), sum_ios(nb);
-  std::int64_t* p0 = n_obs.mutable_data();
-  double* p1 = abs_dev.mutable_data();
-  double* p2 = sum_i.mutable_data();
-  double* p3 = sum_ios.mutable_data();
-  {
-    py::gil_scoped_release release;  // raw buffers only
-    batch_sums(intensity.data(), sigma.data(), n, order.data(), offsets.data(),
-               static_cast<std::size_t>(offsets.size() - 1), batch_index.data(), n_batches, p0,
-               p1, p2, p3);
-  }
-  return py::make_tuple(n_obs, abs_dev, sum_i, sum_ios);
-}
-
-py::tuple deviations_and_batch_sums_py(const DoubleArray& intensity, const DoubleArray& sigma,
-                                       const Int64Array& order, const Int64Array& offsets,
-                                       const Int64Array& batch_index, std::size_t n_batches) {
-  check_grouping(intensity, sigma, order, offsets);
-  require_ndim(batch_index, 1, "batch_index");
-  const auto n = static_cast<std::size_t>(intensity.size());
-  require_same_length(static_cast<std::size_t>(batch_index.size()), n, "batch_index",
-                      "intensity");
-  const auto nb = static_cast<py::ssize_t>(n_batches);
-  py::array_t<double> deviations(static_cast<py::ssize_t>(n));
-  py::array_t<std::int64_t> n_obs(nb);
-  py::array_t<double> abs_dev(nb), sum_i(nb), sum_ios(nb);
-  double* dev = deviations.mutable_data();
+  double* dev = with_deviations ? deviations.mutable_data() : nullptr;
   std::int64_t* p0 = n_obs.mutable_data();
   double* p1 = abs_dev.mutable_data();
   double* p2 = sum_i.mutable_data();
@@ -192,7 +171,20 @@ py::tuple deviations_and_batch_sums_py(const DoubleArray& intensity, const Doubl
                               static_cast<std::size_t>(offsets.size() - 1), dev,
                               batch_index.data(), n_batches, p0, p1, p2, p3);
   }
-  return py::make_tuple(deviations, n_obs, abs_dev, sum_i, sum_ios);
+  if (with_deviations) return py::make_tuple(deviations, n_obs, abs_dev, sum_i, sum_ios);
+  return py::make_tuple(n_obs, abs_dev, sum_i, sum_ios);
+}
+
+py::tuple batch_sums_py(const DoubleArray& intensity, const DoubleArray& sigma,
+                        const Int64Array& order, const Int64Array& offsets,
+                        const Int64Array& batch_index, std::size_t n_batches) {
+  return batch_sums_impl(intensity, sigma, order, offsets, batch_index, n_batches, false);
+}
+
+py::tuple deviations_and_batch_sums_py(const DoubleArray& intensity, const DoubleArray& sigma,
+                                       const Int64Array& order, const Int64Array& offsets,
+                                       const Int64Array& batch_index, std::size_t n_batches) {
+  return batch_sums_impl(intensity, sigma, order, offsets, batch_index, n_batches, true);
 }
 
 /// out = f(values) element-wise for any-shaped float64 input, the GIL released.
