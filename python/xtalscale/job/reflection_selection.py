@@ -52,8 +52,13 @@ def select_random_groups(grouped: GroupedObservations, n_groups: int, seed: int)
     rng = np.random.default_rng(seed)
     n_available = grouped.n_groups
     chosen = np.sort(rng.choice(n_available, size=min(n_groups, n_available), replace=False))
-    take = np.zeros(n_available, bool)
-    take[chosen] = True
+    return _rows_of_groups(grouped, chosen)
+
+
+def _rows_of_groups(grouped: GroupedObservations, groups: np.ndarray) -> np.ndarray:
+    """Rows (bool over ``grouped``) of the given group numbers."""
+    take = np.zeros(grouped.n_groups, dtype=bool)
+    take[groups] = True
     return take[grouped.group_of_row()]
 
 
@@ -228,14 +233,16 @@ def _resolution_bins(d_star_sq: np.ndarray, n_bins: int) -> np.ndarray:
 
 
 def select_connected_across_datasets(grouped: GroupedObservations, min_total: float,
-                                     isigma_cutoff: float = 1.0, n_bins: int = 20) -> np.ndarray:
+                                     isigma_cutoff: float = 1.0, n_bins: int = 20,
+                                     eligible: np.ndarray | None = None) -> np.ndarray:
     """Rows (bool over ``grouped``) of the groups best connected across datasets (DIALS's
     ``select_connected_reflections_across_datasets``): among groups of multiplicity > 1 with
     mean I/σ above the cut, per resolution bin, :func:`class_matrix_selection` with datasets
     as classes, groups ordered by the number of datasets they reach (stable), a target of
     ``min_total/(4·n_datasets)`` per dataset and ``min_total`` to 1.2·``min_total`` in all
-    (each split evenly over the bins)."""
-    keep_group = _groups_above_isigma(grouped, isigma_cutoff)
+    (each split evenly over the bins). ``eligible``: those groups (bool per group) when the
+    caller has already found them."""
+    keep_group = _groups_above_isigma(grouped, isigma_cutoff) if eligible is None else eligible
     group = grouped.group_of_row()
     rows_ok = keep_group[group]
     datasets_present = np.unique(grouped.dataset[rows_ok])
@@ -275,10 +282,10 @@ def _quasi_random_multi_dataset(scaler: Any, pre: list[np.ndarray], rnd: Any, se
     n_datasets = len(scaler.datasets)
     total_target = max(avg_multiplicity * int(rnd.min_groups), float(rnd.min_reflections))
     cutoff = float(rnd.multi_dataset.Isigma_cutoff)
-    chosen = select_connected_across_datasets(grouped, min(1000, int(rnd.min_groups)) * avg_multiplicity,
-                                              cutoff)
-    n_connected = int(chosen.sum())
     eligible_group = _groups_above_isigma(grouped, cutoff)
+    chosen = select_connected_across_datasets(grouped, min(1000, int(rnd.min_groups)) * avg_multiplicity,
+                                              eligible=eligible_group)
+    n_connected = int(chosen.sum())
     group = grouped.group_of_row()
     # within each dataset: random groups (multiplicity > 1 within the dataset) of its
     # preselected rows
@@ -294,9 +301,7 @@ def _quasi_random_multi_dataset(scaler: Any, pre: list[np.ndarray], rnd: Any, se
             n_groups = int(math.ceil(per_dataset_target / mult_k[mult_k > 1].mean()))
             if n_groups < groups_k.size:
                 groups_k = rng.choice(groups_k, size=n_groups, replace=False)
-            take = np.zeros(grouped.n_groups, dtype=bool)
-            take[groups_k] = True
-            chosen |= rows & take[group]
+            chosen |= rows & _rows_of_groups(grouped, groups_k)
     # across datasets: random eligible groups up to the total target
     n_used = int(chosen.sum())
     left = total_target - n_used
@@ -306,9 +311,7 @@ def _quasi_random_multi_dataset(scaler: Any, pre: list[np.ndarray], rnd: Any, se
         eligible = np.flatnonzero(eligible_group)
         if n_groups < eligible.size:
             eligible = rng.choice(eligible, size=n_groups, replace=False)
-        take = np.zeros(grouped.n_groups, dtype=bool)
-        take[eligible] = True
-        chosen |= take[group]
+        chosen |= _rows_of_groups(grouped, eligible)
     per_dataset = grouped.rows_per_dataset(np.flatnonzero(chosen))
     for k, ds in enumerate(scaler.datasets):
         mask = np.zeros(int(ds.suitable.sum()), dtype=bool)
