@@ -62,8 +62,7 @@ template <int D>
 components::WeightMatrix weight_matrix_d(const std::vector<DoubleArray>& coords,
                                          const std::vector<std::array<double, 2>>& ranges,
                                          const std::vector<std::size_t>& intervals,
-                                         std::size_t num_average, double sigma, bool first_fixed,
-                                         const std::vector<double>& shift) {
+                                         std::size_t num_average, double sigma, bool first_fixed) {
   static const char* const kNames[3] = {"x", "y", "z"};
   std::array<std::array<double, 2>, D> r{};
   std::array<std::size_t, D> iv{};
@@ -78,13 +77,6 @@ components::WeightMatrix weight_matrix_d(const std::vector<DoubleArray>& coords,
   }
   GaussianSmoother<D> smoother(r, iv);
   smoother.set_smoothing(num_average, sigma);
-  if (!shift.empty()) {
-    require(shift.size() == static_cast<std::size_t>(D) && D > 1,
-            "shift needs one value per axis, for a 2-D or 3-D smoother");
-    std::array<double, D> sh{};
-    for (int a = 0; a < D; ++a) sh[a] = shift[static_cast<std::size_t>(a)];
-    smoother.set_coordinate_shift(sh);
-  }
   const std::size_t capacity = n * smoother.max_row_nnz();
   require(capacity < static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max()),
           "too many weight entries for 32-bit CSR indices; split the reflections into blocks");
@@ -126,17 +118,15 @@ components::WeightMatrix weight_matrix_d(const std::vector<DoubleArray>& coords,
 components::WeightMatrix weight_matrix(const std::vector<DoubleArray>& coords,
                                        const std::vector<std::array<double, 2>>& ranges,
                                        const std::vector<std::size_t>& intervals,
-                                       std::size_t num_average, double sigma, bool first_fixed,
-                                       const std::vector<double>& shift) {
+                                       std::size_t num_average, double sigma, bool first_fixed) {
   const std::size_t d = coords.size();
   require(d >= 1 && d <= 3, "coords must hold 1, 2 or 3 coordinate arrays");
   require(ranges.size() == d && intervals.size() == d,
           "one range and one interval count per coordinate array are required");
   require(!first_fixed || d == 1, "first_fixed is only defined for a 1-D smoother");
-  if (d == 1)
-    return weight_matrix_d<1>(coords, ranges, intervals, num_average, sigma, first_fixed, shift);
-  if (d == 2) return weight_matrix_d<2>(coords, ranges, intervals, num_average, sigma, false, shift);
-  return weight_matrix_d<3>(coords, ranges, intervals, num_average, sigma, false, shift);
+  if (d == 1) return weight_matrix_d<1>(coords, ranges, intervals, num_average, sigma, first_fixed);
+  if (d == 2) return weight_matrix_d<2>(coords, ranges, intervals, num_average, sigma, false);
+  return weight_matrix_d<3>(coords, ranges, intervals, num_average, sigma, false);
 }
 
 
@@ -183,7 +173,7 @@ py::tuple smoother_weights(const std::vector<DoubleArray>& coords,
                            const std::vector<std::size_t>& intervals, std::size_t num_average,
                            double sigma, bool first_fixed) {
   py::object owner = py::cast(weight_matrix(coords, ranges, intervals, num_average, sigma,
-                                            first_fixed, {}));
+                                            first_fixed));
   const auto& w = owner.cast<const components::WeightMatrix&>();
   py::object first = first_fixed ? py::object(readonly_view(w.first_col(), owner)) : py::none();
   return py::make_tuple(readonly_view(w.indptr(), owner), readonly_view(w.indices(), owner),
@@ -639,9 +629,8 @@ void bind_components(py::module_& m) {
            "(exp(value·factor), derivative values data·scale·factor or None).");
   m.def("weight_matrix", &weight_matrix, py::arg("coords"), py::arg("ranges"),
         py::arg("intervals"), py::arg("num_average") = 3, py::arg("sigma") = -1.0,
-        py::arg("first_fixed") = false, py::arg("shift") = std::vector<double>{},
-        "The block's normalised smoother weights as a WeightMatrix (spec §2.6–2.9, §3);\n"
-        "shift (2-D/3-D): coordinates are read as coords[a] - shift[a].");
+        py::arg("first_fixed") = false,
+        "The block's normalised smoother weights as a WeightMatrix (spec §2.6–2.9, §3).");
   m.def("smoother_weights", &smoother_weights, py::arg("coords"), py::arg("ranges"),
         py::arg("intervals"), py::arg("num_average") = 3, py::arg("sigma") = -1.0,
         py::arg("first_fixed") = false,

@@ -1113,6 +1113,16 @@ class _WeightCache:
         self.matrix = matrix
         self.indptr, self.indices, self.data = matrix.indptr, matrix.indices, matrix.data
 
+    @classmethod
+    def of_arrays(cls, key: tuple, indptr: np.ndarray, indices: np.ndarray,
+                  data: np.ndarray) -> "_WeightCache":
+        """A cache of bare CSR arrays (no ``WeightMatrix``), made read-only like its views."""
+        _readonly(indptr, indices, data)
+        cache = cls.__new__(cls)
+        cache.key, cache.matrix = key, None
+        cache.indptr, cache.indices, cache.data = indptr, indices, data
+        return cache
+
 
 class _SmoothComponentND(ScaleComponentBase, SmoothMixin):
     """Common machinery of the 1-, 2- and 3-D smooth components."""
@@ -1206,16 +1216,15 @@ class _SmoothComponentND(ScaleComponentBase, SmoothMixin):
         key = self._settings_key()
         cache = self._caches.get(b)
         if cache is None or cache.key != key:
-            cache = _WeightCache(key, _kern.weight_matrix(*self._weight_matrix_args(b, key)))
+            coords = self._block_coords(b)
+            intervals = [self.nparam_to_val(n) for n in self._shape()]
+            matrix = _kern.weight_matrix(
+                [np.ascontiguousarray(c, dtype=np.float64) for c in coords],
+                [tuple(r) for r in self._ranges], intervals, key[0][0], key[0][1],
+                self._fixed_initial)
+            cache = _WeightCache(key, matrix)
             self._caches[b] = cache
         return cache
-
-    def _weight_matrix_args(self, b: int, key: tuple) -> tuple:
-        """Arguments of ``_kern.weight_matrix`` for block ``b`` under settings ``key``."""
-        coords = [np.ascontiguousarray(c, dtype=np.float64) for c in self._block_coords(b)]
-        intervals = [self.nparam_to_val(n) for n in self._shape()]
-        return (coords, [tuple(r) for r in self._ranges], intervals, key[0][0], key[0][1],
-                self._fixed_initial)
 
     def _n_free(self) -> int:
         return self._n_params - 1 if self._fixed_initial else self._n_params
@@ -1544,9 +1553,6 @@ class _SmoothGridComponent(_SmoothComponentND):
     def _coords(self, b: int) -> list:
         return [np.ascontiguousarray(c, dtype=np.float64) for c in self._block_coords(b)]
 
-    def _shift(self) -> list:
-        return list(self._shifts) if self._shifts is not None else []
-
     def _kernel_smoother(self) -> Any:
         """The C++ smoother the kernels use: the component's settings and coordinate shift."""
         num_average, sigma = _smoothing_settings(self._smoother, len(self._axes))
@@ -1557,9 +1563,6 @@ class _SmoothGridComponent(_SmoothComponentND):
         if self._shifts is not None:
             kernel.coordinate_shift = tuple(self._shifts)
         return kernel
-
-    def _weight_matrix_args(self, b: int, key: tuple) -> tuple:
-        return (*super()._weight_matrix_args(b, key), self._shift())
 
     def _exact_scales(self, b: int) -> np.ndarray:
         return self._kernel_smoother().values(self._coords(b), self._parameters)
@@ -1575,12 +1578,16 @@ class _SmoothGridComponent(_SmoothComponentND):
         cache = self._caches.get(b)
         if cache is not None and cache.key == key:
             return _csr(cache.data, cache.indices, cache.indptr, shape)
-        args, caches = self._weight_matrix_args(b, key), self._caches
+        # What the weights depend on, captured now: the deferred matrix keeps this state.
+        kernel, coords, parameters, caches = (self._kernel_smoother(), self._coords(b),
+                                              self._parameters, self._caches)
 
         def build() -> tuple:
             built = caches.get(b)
             if built is None or built.key != key:
-                built = caches[b] = _WeightCache(key, _kern.weight_matrix(*args))
+                _, _, data, indices, indptr = kernel.multi_value_weight(coords, parameters,
+                                                                        normalised=True)
+                built = caches[b] = _WeightCache.of_arrays(key, indptr, indices, data)
             return built.data, built.indices, built.indptr
 
         return DeferredSparseMatrix(shape=shape, build=build)

@@ -41,7 +41,6 @@ def weight_matrix(
     num_average: int = 3,
     sigma: float = -1.0,
     first_fixed: bool = False,
-    shift: Sequence[float] = ...,
 ) -> WeightMatrix: ...
 def smoother_weights(
     coords: Sequence[npt.ArrayLike],
