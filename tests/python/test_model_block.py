@@ -427,3 +427,18 @@ def test_deferred_sparse_matrix_is_built_once_when_read_from_two_threads():
     assert len(calls) == 1 and len(results) == 4
     for r in results:
         np.testing.assert_array_equal(r, ref @ np.ones(8))
+
+
+def test_coordinate_shift_must_be_finite_and_is_applied():
+    from xtalscale._core import smoothers
+
+    s = smoothers.Smoother2D([(0.0, 4.0)] * 2, [3, 3])
+    s.set_smoothing(3, -1.0)
+    with pytest.raises(ValueError, match="finite"):
+        s.coordinate_shift = (0.0, float("nan"))
+    x, y = np.linspace(1.0, 5.0, 50), np.linspace(2.0, 6.0, 50)
+    p = np.linspace(0.5, 1.5, s.num_values)
+    s.coordinate_shift = (1.0, 2.0)
+    shifted = s.values([x, y], p)
+    s.coordinate_shift = (0.0, 0.0)
+    np.testing.assert_array_equal(shifted, s.values([x - 1.0, y - 2.0], p))
