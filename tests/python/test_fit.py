@@ -690,3 +690,24 @@ def test_hkl_keys_order_and_bad_indices():
         hkl_keys(np.array([[2**20, 0, 0]]))
     with pytest.raises(ValueError, match="shape"):
         hkl_keys(np.zeros((2, 2)))
+
+
+def test_levenberg_marquardt_step_lowers_the_objective_or_keeps_the_parameters():
+    """LevMarStep (the Imid candidates' refit): one damped step that lowers the objective from
+    a perturbed start, and that keeps the parameters where no step can lower it (at the
+    optimum LevMar reached)."""
+    tables, mdls, g_true, ds, sg = _truth_case(["scaled_30"], noise=False)
+    for m in mdls:
+        _reset(m)
+    scaler = BasicScaler(mdls, tables, sg)
+    target = ScalingTarget()
+    apm = next(iter(ScalingParameterManagerGenerator(mdls, target, "concurrent").parameter_managers()))
+    start = _gauge_free_rms(_refined_g(scaler, apm, 0), g_true[0], ds[0])
+    journal = scaling_refinery("LevMarStep", scaler, target, apm, None).run()
+    assert journal.get_nrows() == 1 and journal.reason_for_termination == "Reached maximum number of iterations"
+    after = _gauge_free_rms(_refined_g(scaler, apm, 0), g_true[0], ds[0])
+    assert after < 0.5 * start, (start, after)
+    scaling_refinery("LevMar", scaler, target, apm, None).run()
+    objectives = [scaling_refinery("LevMarStep", scaler, target, apm, None).run().rows[0]["objective"]
+                  for _ in range(3)]
+    assert objectives[0] >= objectives[1] >= objectives[2]

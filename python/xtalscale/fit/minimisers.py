@@ -410,6 +410,34 @@ def gauss_newton(objective: Objective, max_iterations: int | None = None, rmsd_t
     return journal
 
 
+def levenberg_marquardt_step(objective: Objective, max_iterations: int | None = 1, rmsd_tolerance: float = 1e-4,
+                             journal: Journal | None = None) -> Journal:
+    """One Levenberg–Marquardt step from the current parameters, with LevMar's first damping
+    (μ = 1e-3·max diag): one normal-matrix build, one solve, one objective evaluation; the step
+    is kept only if it lowers the objective. No esds. For comparing alternatives cheaply (the
+    Imid candidates of the intensity combination), not for a converged fit; ``max_iterations``
+    and ``rmsd_tolerance`` are accepted for the engine signature and ignored."""
+    journal = journal or Journal(engine="LevMarStep")
+    t0 = time.perf_counter()
+    start = _start(objective, journal)
+    if start is None:
+        return journal
+    names, x, (matrix, rhs, r_sq, n_eq) = start
+    mu = 1e-3 * float(np.max(np.diag(matrix))) if matrix.size else 0.0
+    solution = solve_normal_equations(matrix + mu * np.eye(matrix.shape[0]), rhs, names)
+    journal.messages.extend(solution.messages)
+    journal.add(objective=0.5 * r_sq, rmsd=objective.rmsd(), gradient_norm=float(np.linalg.norm(rhs)),
+                step_length=float(np.linalg.norm(solution.step)), time=time.perf_counter() - t0,
+                num_reflections=objective.n_reflections(), mu=mu)
+    step = solution.step
+    if _try_set(objective, x + step) and 0.5 * objective.objective_only() < 0.5 * r_sq:
+        journal.reason_for_termination = MAX_ITERATIONS
+    else:
+        _try_set(objective, x)
+        journal.reason_for_termination = "the step did not lower the objective: parameters kept"
+    return journal
+
+
 # --------------------------------------------------------------------------- Levenberg–Marquardt
 def nielsen_damping(mu: float, rho: float) -> float:
     """Nielsen's damping after an accepted Levenberg-Marquardt step of gain ratio ``rho > 0``:

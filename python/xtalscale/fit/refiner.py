@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from .blas import single_threaded_blas
-from .minimisers import Journal, gauss_newton, lbfgs, levenberg_marquardt
+from .minimisers import Journal, gauss_newton, lbfgs, levenberg_marquardt, levenberg_marquardt_step
 from .objectives import ScalerObjective
 
 __all__ = ["scaling_refinery", "ScalingRefinery", "ScalingSimpleLBFGS", "ScalingGaussNewtonIterations",
@@ -43,7 +43,8 @@ scaling_refinery
 }
 """
 
-ENGINES = {"SimpleLBFGS": lbfgs, "GaussNewton": gauss_newton, "LevMar": levenberg_marquardt}
+ENGINES = {"SimpleLBFGS": lbfgs, "GaussNewton": gauss_newton, "LevMar": levenberg_marquardt,
+           "LevMarStep": levenberg_marquardt_step}
 
 
 def _rmsd_tolerance(scaler: Any) -> float:
@@ -107,8 +108,16 @@ class ScalingLevenbergMarquardtIterations(ScalingRefinery):
     default_max_iterations = 100
 
 
+class ScalingLevenbergMarquardtStep(ScalingRefinery):
+    """One damped Gauss–Newton step (minimisers.levenberg_marquardt_step): a cheap refit for
+    comparing alternatives, not a converged fit."""
+
+    engine = "LevMarStep"
+    default_max_iterations = 1
+
+
 _CLASSES = {"SimpleLBFGS": ScalingSimpleLBFGS, "GaussNewton": ScalingGaussNewtonIterations,
-            "LevMar": ScalingLevenbergMarquardtIterations}
+            "LevMar": ScalingLevenbergMarquardtIterations, "LevMarStep": ScalingLevenbergMarquardtStep}
 
 
 def scaling_refinery(engine: str, scaler: Any, target: Any, prediction_parameterisation: Any,

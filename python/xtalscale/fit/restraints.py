@@ -38,26 +38,37 @@ class SingleScalingRestraintsCalculator:
     @classmethod
     def calculate_jacobian_restraints(cls, apm: Any) -> list[Any] | None:
         """``[r, J (scipy CSR n_restraints x n_active), w]`` or None."""
-        rs, ws, rows, cols, vals = [], [], [], [], []
-        n = 0
-        for info in apm.components.values():
-            res = info["object"].calculate_jacobian_restraints()
-            if res is None:
-                continue
-            r, jac, w = res
-            r = np.asarray(r, dtype=np.float64)
-            jac = sp.coo_matrix(jac)
-            rs.append(r)
-            ws.append(np.asarray(w, dtype=np.float64))
-            rows.append(jac.row + n)
-            cols.append(jac.col + info["start_idx"])
-            vals.append(jac.data)
-            n += r.size
-        if not rs:
-            return None
-        jac = sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
-                            shape=(n, apm.n_active_params))
-        return [np.concatenate(rs), jac, np.concatenate(ws)]
+        parts = _jacobian_restraint_parts(apm, 0, 0)
+        return None if parts is None else _assemble(parts, apm.n_active_params)
+
+
+def _jacobian_restraint_parts(apm: Any, row_offset: int, column_offset: int) -> tuple | None:
+    """The restraints of one single-dataset manager as (r, w, rows, columns, values) arrays,
+    the Jacobian's entries shifted by the offsets; None when no component is restrained."""
+    rs, ws, rows, cols, vals = [], [], [], [], []
+    n = row_offset
+    for info in apm.components.values():
+        res = info["object"].calculate_jacobian_restraints()
+        if res is None:
+            continue
+        r, jac, w = res
+        r = np.asarray(r, dtype=np.float64)
+        jac = jac.tocoo() if sp.issparse(jac) else sp.coo_matrix(jac)
+        rs.append(r)
+        ws.append(np.asarray(w, dtype=np.float64))
+        rows.append(jac.row + n)
+        cols.append(jac.col + info["start_idx"] + column_offset)
+        vals.append(jac.data)
+        n += r.size
+    if not rs:
+        return None
+    return tuple(np.concatenate(a) for a in (rs, ws, rows, cols, vals))
+
+
+def _assemble(parts: tuple, n_columns: int) -> list[Any]:
+    """``[r, J, w]`` from :func:`_jacobian_restraint_parts` arrays (one CSR built once)."""
+    r, w, rows, cols, vals = parts
+    return [r, sp.csr_matrix((vals, (rows, cols)), shape=(r.size, n_columns)), w]
 
 
 class ScalingRestraintsCalculator:
@@ -81,16 +92,13 @@ class ScalingRestraintsCalculator:
     def calculate_jacobian_restraints(cls, multi_apm: Any) -> list[Any] | None:
         apms = _apm_list(multi_apm)
         n_total = sum(a.n_active_params for a in apms)
-        parts, start = [], 0
+        found, start, n_rows = [], 0, 0
         for apm in apms:
-            res = SingleScalingRestraintsCalculator.calculate_jacobian_restraints(apm)
-            if res is not None:
-                jac = sp.csr_matrix(res[1])
-                pad = sp.hstack([sp.csr_matrix((jac.shape[0], start)), jac,
-                                 sp.csr_matrix((jac.shape[0], n_total - start - jac.shape[1]))]).tocsr()
-                parts.append((res[0], pad, res[2]))
+            parts = _jacobian_restraint_parts(apm, n_rows, start)
+            if parts is not None:
+                found.append(parts)
+                n_rows += parts[0].size
             start += apm.n_active_params
-        if not parts:
+        if not found:
             return None
-        return [np.concatenate([p[0] for p in parts]), sp.vstack([p[1] for p in parts]).tocsr(),
-                np.concatenate([p[2] for p in parts])]
+        return _assemble(tuple(np.concatenate(a) for a in zip(*found)), n_total)

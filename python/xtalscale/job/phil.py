@@ -266,6 +266,11 @@ reflection_selection {{
   combine.joint_analysis = True
     .type = bool
     .help = "One Imid for all datasets (True) or one per dataset."
+  combine.refit_candidates = True
+    .type = bool
+    .help = "[xtalscale] Compare the Imid candidates after a short refit of the models to each
+             candidate's intensities (True), or on the first round's scales, which were fitted to
+             the profile intensities (False: dials.scale's comparison)."
   seed = 42
     .type = int
     .help = "[xtalscale] Seed of the random selections (DIALS seeds scitbx's generator with 42
@@ -455,6 +460,8 @@ def __getattr__(name: str) -> Any:
 DIFFERING_DEFAULTS: tuple[tuple[str, str, str], ...] = (
     ("reflection_selection.method", "auto -> use_all (rotation data)", "auto -> quasi_random"),
     ("refinement.engine", "LevMar", "SimpleLBFGS"),
+    ("reflection_selection.combine.refit_candidates", "True (each Imid candidate judged after a refit to it)",
+     "no such option: candidates judged on the first round's profile-fitted scales"),
     ("output.log", "xtalscale.scale.log", "dials.scale.log"),
     ("output.html", "xtalscale.scale.html", "dials.scale.html"),
     ("reflection_selection.Isigma_range", "2.0, 0.0 (spec §8.3)", "-5.0, 0.0 in the current source"),
