@@ -221,6 +221,23 @@ class IhTableBlock:
     def h_expand_matrix(self) -> sp.csr_matrix:
         return self.h_index_matrix.T.tocsr()
 
+    def set_dataset_data(self, dataset_id: int, intensity: Any, variance: Any) -> None:
+        """Replace one dataset's intensities and variances (``dataset_info[dataset_id]``'s rows,
+        in this block's row order). Every row's weight is reset to 1/σ² (an error model's weights
+        are re-applied with :meth:`update_weights`); Ĩ is not recomputed (:meth:`calc_Ih`)."""
+        info = self.dataset_info.get(dataset_id)
+        if info is None:
+            raise IhTableError(f"dataset {dataset_id} has no rows in this block")
+        lo, hi = info["start_index"], info["end_index"]
+        for name, values in (("intensity", intensity), ("variance", variance)):
+            v = np.asarray(values, dtype=np.float64).ravel()
+            if v.size != hi - lo:
+                raise IhTableError(f"{name} needs {hi - lo} values for dataset {dataset_id}, got {v.size}")
+            arr = self._arrays[name].astype(np.float64, copy=True)
+            arr[lo:hi] = v
+            self._arrays[name] = arr
+        self._init_weights()
+
     # ------------------------------------------------------------------ table view for kernels
     def table_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``(group_offsets, intensities, weights, table_rows)`` in table order; ``table_rows``

@@ -148,29 +148,45 @@ def _combine_scaler_datasets(scaler: Any, datasets: Sequence[Any], selections: S
     return _best_Imid(order, offsets, arr, Imids)
 
 
+def _profile_and_sum(table: Any, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Profile and summation I and V of ``rows`` (all rows if None) with the prescaling
+    correction and 1/partiality applied, and which of them each method integrated."""
+    def col(name: str) -> np.ndarray:
+        values = np.asarray(table[name], dtype=np.float64)
+        return values if rows is None else values[rows]
+
+    flags = flags_of(table)
+    flags = flags if rows is None else flags[rows]
+    conv = col("prescaling_correction")
+    p = col("partiality") if "partiality" in table else np.ones(conv.size)
+    inv_p = np.divide(1.0, p, out=np.ones(p.size), where=p > 0)
+    return {"prf_ok": (flags & np.uint64(int(Flags.integrated_prf))) != 0,
+            "sum_ok": (flags & np.uint64(int(Flags.integrated_sum))) != 0,
+            "Iprf": col("intensity.prf.value") * conv, "Vprf": col("intensity.prf.variance") * conv ** 2,
+            "Isum": col("intensity.sum.value") * conv * inv_p,
+            "Vsum": col("intensity.sum.variance") * (conv * inv_p) ** 2}
+
+
+def _candidate_columns(arr: dict[str, np.ndarray], Imid: float) -> tuple[np.ndarray, np.ndarray]:
+    """The intensity and variance of the rows of ``arr`` (:func:`_profile_and_sum`) under the
+    combination ``Imid`` (§8.5 step 6)."""
+    prf_ok, sum_ok = arr["prf_ok"], arr["sum_ok"]
+    if Imid == 1:
+        return np.where(sum_ok, arr["Isum"], arr["Iprf"]), np.where(sum_ok, arr["Vsum"], arr["Vprf"])
+    newI = np.where(prf_ok, arr["Iprf"], arr["Isum"])
+    newV = np.where(prf_ok, arr["Vprf"], arr["Vsum"])
+    if Imid != 0:
+        cI, cV = calculate_combined_raw_intensities(arr["Iprf"], arr["Isum"], arr["Vprf"], arr["Vsum"], Imid)
+        both = prf_ok & sum_ok
+        newI, newV = np.where(both, cI, newI), np.where(both, cV, newV)
+    return newI, newV
+
+
 def _apply(table: Any, suitable: np.ndarray, Imid: float) -> None:
     """Set intensity/variance of the suitable rows from the chosen combination (§8.5 step 6)."""
-    flags = flags_of(table)
-    prf_ok = (flags & np.uint64(int(Flags.integrated_prf))) != 0
-    sum_ok = (flags & np.uint64(int(Flags.integrated_sum))) != 0
-    conv = np.asarray(table["prescaling_correction"], dtype=np.float64)
-    n = len(table)
-    p = np.asarray(table["partiality"], dtype=np.float64) if "partiality" in table else np.ones(n)
-    inv_p = np.divide(1.0, p, out=np.ones(n), where=p > 0)
-    Iprf = np.asarray(table["intensity.prf.value"], float) * conv
-    Vprf = np.asarray(table["intensity.prf.variance"], float) * conv ** 2
-    Isum = np.asarray(table["intensity.sum.value"], float) * conv * inv_p
-    Vsum = np.asarray(table["intensity.sum.variance"], float) * (conv * inv_p) ** 2
+    newI, newV = _candidate_columns(_profile_and_sum(table), Imid)
     I = np.asarray(table["intensity"], dtype=np.float64).copy()
     V = np.asarray(table["variance"], dtype=np.float64).copy()
-    if Imid == 1:
-        newI, newV = np.where(sum_ok, Isum, Iprf), np.where(sum_ok, Vsum, Vprf)
-    else:
-        newI, newV = np.where(prf_ok, Iprf, Isum), np.where(prf_ok, Vprf, Vsum)
-        if Imid != 0:
-            cI, cV = calculate_combined_raw_intensities(Iprf, Isum, Vprf, Vsum, Imid)
-            both = prf_ok & sum_ok
-            newI, newV = np.where(both, cI, newI), np.where(both, cV, newV)
     I[suitable] = newI[suitable]
     V[suitable] = newV[suitable]
     table["intensity"] = fa.double(I)
@@ -182,26 +198,43 @@ def _apply(table: Any, suitable: np.ndarray, Imid: float) -> None:
 #: (Rmeas within 1e-4 of them) at a third of the cost.
 REFIT_ENGINE = "LevMarStep"
 
+#: Largest number of observations a candidate's refit uses: above it, a seeded random subset of
+#: whole groups of the round's rows (the comparison needs the candidates ranked, not the final
+#: fit, and every candidate is refitted on the same rows).
+REFIT_MAX_OBSERVATIONS = 30_000
+
 
 def _refitted_rmeas(scaler: Any, datasets: Sequence[Any], selections: Sequence[np.ndarray],
                     candidates: Sequence[float]) -> dict[float, float]:
     """Each candidate's Rmeas after refitting the models to its intensities (see the module
-    notes). The scaler's models, tables, var-cov and journals are restored afterwards."""
-    saved = [(ds, {c: np.array(ds.table[c], dtype=np.float64, copy=True)
-                   for c in ("intensity", "variance", "inverse_scale_factor")},
-              {name: np.array(comp.parameters, dtype=np.float64, copy=True)
-               for name, comp in ds.model.components.items()}, ds.var_cov)
+    notes).
+
+    One minimisation table is built on the round's rows (at most REFIT_MAX_OBSERVATIONS, whole
+    groups); per candidate only its intensities and variances are written into the table, the
+    models take one damped Gauss–Newton step from the saved parameters, and Rmeas is computed on
+    the table's rows among ``selections`` with the table's g (no expansion, no table column is
+    written). The models, selections, var-cov and journals are restored afterwards."""
+    from .reflection_selection import _select_groups
+
+    saved = [(ds, {name: np.array(comp.parameters, dtype=np.float64, copy=True)
+                   for name, comp in ds.model.components.items()}, ds.var_cov, ds.minimisation)
              for ds in scaler.datasets]
     n_journals = len(scaler.journals)
     results: dict[float, float] = {}
     try:
+        rows = [(np.ones(int(ds.suitable.sum()), bool) if ds.minimisation is None else ds.minimisation.copy())
+                & ~(ds.outliers if ds.outliers.size else False) for ds in scaler.datasets]
+        if sum(int(r.sum()) for r in rows) > REFIT_MAX_OBSERVATIONS:
+            _select_groups(scaler, rows, REFIT_MAX_OBSERVATIONS, 1, int(scaler.params.reflection_selection.seed))
+        scaler.make_ready_for_scaling()
+        inputs = _refit_inputs(scaler, datasets, selections)
         for Imid in candidates:
-            for ds in datasets:
-                _apply(ds.table, ds.suitable, Imid)
-            scaler.make_ready_for_scaling()
+            for block, k, arr in inputs.blocks:
+                I, V = _candidate_columns(arr, Imid)
+                block.set_dataset_data(k, I, V)
+            scaler.apply_error_model_weights()
             scaler.perform_scaling(engine=REFIT_ENGINE)
-            scaler.expand_scales_to_all_reflections()
-            results[float(Imid)] = _combine_scaler_datasets(scaler, datasets, selections, [Imid])[1][float(Imid)]
+            results[float(Imid)] = inputs.rmeas()
             _restore(saved)
     finally:
         _restore(saved)
@@ -209,10 +242,53 @@ def _refitted_rmeas(scaler: Any, datasets: Sequence[Any], selections: Sequence[n
     return results
 
 
+class _RefitInputs:
+    """Per (work block, dataset): the profile/summation inputs of the block's rows (block order);
+    and the block rows that count in the Rmeas (the combination's ``selections``)."""
+
+    def __init__(self) -> None:
+        self.blocks: list[tuple[Any, int, dict[str, np.ndarray]]] = []
+        self.counted: list[tuple[Any, np.ndarray]] = []
+
+    def rmeas(self) -> float:
+        """Rmeas over the counted rows of every work block, with the blocks' current g."""
+        num = den = 0.0
+        for block, counted in self.counted:
+            offsets, _, _, table_rows = block.table_arrays()
+            n = table_rows.size
+            in_table_order = np.empty(n, np.int64)
+            in_table_order[table_rows] = np.arange(n)
+            order, offs = _kern.subset_grouping(in_table_order, np.asarray(offsets, np.int64), counted)
+            # the subset's rows are renumbered: row i is the i-th counted row
+            n_used, absdev, total = _kern.rmeas_group_sums(
+                order, offs, *(np.asarray(a, dtype=np.float64)[counted] for a in
+                               (block.intensities, block.variances, block.inverse_scale_factors)))
+            multi = n_used > 1
+            m = n_used[multi].astype(np.float64)
+            num += float(np.sum(np.sqrt(m / (m - 1.0)) * absdev[multi]))
+            den += float(np.sum(total[multi]))
+        return num / den if den > 0 else -1.0
+
+
+def _refit_inputs(scaler: Any, datasets: Sequence[Any], selections: Sequence[np.ndarray]) -> _RefitInputs:
+    inputs = _RefitInputs()
+    chosen = {id(ds): sel for ds, sel in zip(datasets, selections)}
+    for block in scaler.get_blocks_for_minimisation():
+        counted = np.zeros(block.size, bool)
+        for k, ds in enumerate(scaler.datasets):
+            info = block.dataset_info.get(k)
+            if info is None or id(ds) not in chosen:
+                continue
+            rows = ds.suitable_idx[np.asarray(block.block_selections[k])]  # table rows, block order
+            inputs.blocks.append((block, k, _profile_and_sum(ds.table, rows)))
+            counted[info["start_index"]:info["end_index"]] = chosen[id(ds)][rows]
+        inputs.counted.append((block, counted))
+    return inputs
+
+
 def _restore(saved: Sequence[Any]) -> None:
-    for ds, columns, parameters, var_cov in saved:
-        for name, values in columns.items():
-            ds.table[name] = fa.double(values)
+    for ds, parameters, var_cov, minimisation in saved:
+        ds.minimisation = minimisation
         for name, comp in ds.model.components.items():
             comp.parameters = parameters[name]
         ds.var_cov = var_cov

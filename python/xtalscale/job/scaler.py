@@ -176,18 +176,22 @@ class ScalerBase:
         free = self.Ih_table.extract_free_set() if pct > 0 else None
         # the free groups' ASU indices, for work/free statistics after scaling
         self.free_asu_hkl = None if free is None else np.unique(np.asarray(free.asu_miller_index), axis=0)
-        if self.error_model is not None or any(ds.error_model is not None for ds in self.datasets):
-            for block in self.Ih_table.blocked_data_list:
-                for k, ds in enumerate(self.datasets):
-                    em = ds.error_model if ds.error_model is not None else self.error_model
-                    if em is not None:
-                        block.update_weights(em, dataset_id=k)
+        self.apply_error_model_weights()
         for k, ds in enumerate(self.datasets):
             # block selections are rows of the table given to the Ih table (here: suitable rows)
             sels = self.Ih_table.get_block_selections_for_dataset(k)
             for comp in ds.model.components.values():
                 comp.update_reflection_data(block_selections=sels)
         self._tick("prepare minimisation", t0)
+
+    def apply_error_model_weights(self) -> None:
+        """The minimisation table's weights from each dataset's error model (if any)."""
+        if self.error_model is not None or any(ds.error_model is not None for ds in self.datasets):
+            for block in self.Ih_table.blocked_data_list:
+                for k, ds in enumerate(self.datasets):
+                    em = ds.error_model if ds.error_model is not None else self.error_model
+                    if em is not None:
+                        block.update_weights(em, dataset_id=k)
 
     def get_blocks_for_minimisation(self) -> list[Any]:
         return self.Ih_table.blocked_data_list[: self.Ih_table.n_work_blocks]
