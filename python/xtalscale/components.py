@@ -46,14 +46,23 @@ With ``SHScaleComponent.cache_harmonics`` False, lookup mode holds only the grid
 from __future__ import annotations
 
 from math import ceil, floor
-from typing import Any, ClassVar, Optional, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
 
 import numpy as np
-import scipy.sparse as sp
 
 from ._core import components as _kern
 from ._core import model_block as _mb
-from .sparse import DeferredSparseMatrix, SparseMatrix
+from ._lazy import LazyModule, is_scipy_sparse
+from .csr_view import CsrView
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
+
+    from . import sparse as _sparse
+    from .sparse import SparseMatrix
+else:
+    sp = LazyModule("scipy.sparse")  # imported on first use: see _lazy
+    _sparse = LazyModule("xtalscale.sparse")  # scipy-backed matrices, built only when asked for
 
 __all__ = [
     "ComponentError",
@@ -156,12 +165,12 @@ def _nbytes_held(arrays: Sequence[Any], given: Sequence[Any]) -> int:
 def _csr(data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: tuple) -> sp.csr_matrix:
     """Wrap CSR arrays without copying (scipy keeps int32 indices when they fit)."""
     # SparseMatrix: a csr_matrix that also answers scitbx's sparse-matrix calls (n_rows, col(j)...)
-    m = SparseMatrix((data, indices, indptr), shape=shape, copy=False)
+    m = _sparse.SparseMatrix((data, indices, indptr), shape=shape, copy=False)
     return m
 
 
 def _empty_derivatives(n_rows: int = 0, n_cols: int = 0) -> sp.csr_matrix:
-    return SparseMatrix((n_rows, n_cols), dtype=np.float64)
+    return _sparse.SparseMatrix((n_rows, n_cols), dtype=np.float64)
 
 
 def _is_parameter_manager(obj: Any) -> bool:
@@ -326,7 +335,7 @@ class ScaleComponentBase:
         scipy.sparse.csr_matrix
             float64, shape ``(n_rows, n_params)``.
         """
-        if sp.issparse(derivatives):
+        if is_scipy_sparse(derivatives):
             m = sp.csr_matrix(derivatives, dtype=np.float64)
         else:
             if hasattr(derivatives, "as_dense_matrix"):  # scitbx-like sparse
@@ -538,7 +547,9 @@ class ScaleComponentBase:
     def _quadratic_jacobian_restraints(self) -> tuple:
         w = self._require_restraints()
         n = self._n_params
-        return self._parameters.copy(), sp.identity(n, dtype=np.float64, format="csr"), w
+        # the identity as a CsrView: scipy is imported only if a caller uses it as a scipy matrix
+        identity = CsrView(np.ones(n), np.arange(n, dtype=np.int32), np.arange(n + 1, dtype=np.int32), (n, n))
+        return self._parameters.copy(), identity, w
 
     def _require_restraints(self) -> np.ndarray:
         if self._parameter_restraints is None:
@@ -840,7 +851,7 @@ class SHScaleComponent(ScaleComponentBase):
 
     def _harmonics_by_row(self, table: Any) -> np.ndarray:
         """(n_params × n_refl) table (sparse or dense) → C-contiguous (n_refl × n_params)."""
-        if sp.issparse(table) and table.format == "csc" and table.shape[0] == self._n_params:
+        if is_scipy_sparse(table) and table.format == "csc" and table.shape[0] == self._n_params:
             n = table.shape[1]
             p = self._n_params
             # sph_harm_table's full-pattern CSC already holds the row-major (n × p) values.
@@ -850,7 +861,7 @@ class SHScaleComponent(ScaleComponentBase):
                 if not np.all(np.isfinite(dense)):
                     raise ComponentError("SHScaleComponent: sph_harm_table must be finite")
                 return dense
-        dense = table.toarray() if sp.issparse(table) else np.asarray(
+        dense = table.toarray() if is_scipy_sparse(table) else np.asarray(
             table.as_dense_matrix() if hasattr(table, "as_dense_matrix") else table,
             dtype=np.float64)
         if dense.ndim != 2 or dense.shape[0] != self._n_params:
@@ -1590,7 +1601,7 @@ class _SmoothGridComponent(_SmoothComponentND):
                 built = caches[b] = _WeightCache.of_arrays(key, indptr, indices, data)
             return built.data, built.indices, built.indptr
 
-        return DeferredSparseMatrix(shape=shape, build=build)
+        return _sparse.DeferredSparseMatrix(shape=shape, build=build)
 
     def _make_term(self, b: int) -> Any:
         term = _mb.GridSmoothTerm2D if len(self._axes) == 2 else _mb.GridSmoothTerm3D
@@ -1740,7 +1751,7 @@ def _set_external(term: Any, scales: Any, derivatives: Any, name: str) -> None:
             and derivatives.shape == (term.n_rows, term.n_cols):
         term.set_dense(s, derivatives)
         return
-    m = derivatives if sp.issparse(derivatives) and derivatives.format == "csr" \
+    m = derivatives if is_scipy_sparse(derivatives) and derivatives.format == "csr" \
         else ScaleComponentBase.as_sparse_derivatives(derivatives)
     if m.shape[0] != term.n_rows:
         raise ComponentError(f"{name}: derivatives have {m.shape[0]} rows but there are "
@@ -1754,20 +1765,17 @@ def _set_external(term: Any, scales: Any, derivatives: Any, name: str) -> None:
     term.set(s, m.indptr, m.indices, m.data)
 
 
-def _csr_view(block: Any) -> SparseMatrix:
-    """∂g/∂p of an evaluated C++ model block as scipy CSR (a :class:`SparseMatrix`, which also
-    answers scitbx's sparse calls) over the block's own buffers (read-only;
-    rewritten by the block's next evaluation). 32-bit row starts when they fit, so scipy keeps
-    the 32-bit column indices without a copy."""
+def _csr_view(block: Any) -> CsrView:
+    """∂g/∂p of an evaluated C++ model block as a :class:`~xtalscale.csr_view.CsrView` over the
+    block's own buffers (read-only; rewritten by the block's next evaluation): the arrays for
+    the kernels without importing scipy; used as a scipy matrix it becomes a
+    :class:`SparseMatrix`. 32-bit row starts when they fit, so scipy keeps the 32-bit column
+    indices without a copy. The C++ block checked its pattern (strictly ascending columns in
+    each row): canonical, so consumers need not scan the entries again."""
     indptr = block.indptr
     if indptr[-1] < np.iinfo(np.int32).max:
         indptr = indptr.astype(np.int32)
-    view = SparseMatrix((block.values, block.indices, indptr), shape=(block.n_rows, block.n_cols),
-                        copy=False)
-    # the C++ block checked its pattern (strictly ascending columns in each row): canonical, so
-    # consumers need not scan the O(nnz) entries again to find out
-    view.has_canonical_format = True
-    return view
+    return CsrView(block.values, block.indices, indptr, (block.n_rows, block.n_cols))
 
 
 class ComponentModelBlock:
@@ -1882,7 +1890,7 @@ class ComponentModelBlock:
 
     def jacobian(self) -> sp.csr_matrix:
         """``∂g/∂p`` of the last evaluation as scipy CSR (read-only views, no copy)."""
-        return _csr_view(self.core)
+        return _csr_view(self.core).as_scipy()
 
 
 def product_rule(results: Sequence[tuple], widths: Optional[Sequence[int]] = None,
@@ -1920,7 +1928,7 @@ def product_rule(results: Sequence[tuple], widths: Optional[Sequence[int]] = Non
     for c, ((s, d), w) in enumerate(zip(results, widths)):
         block.add_term(_external_term(n, w, s, d, f"product_rule: component {c}"))
     block.evaluate(np.zeros(0))
-    g, jac = np.array(block.scales), _csr_view(block)
+    g, jac = np.array(block.scales), _csr_view(block).as_scipy()
     if out is not None and sp.isspmatrix_csr(out) and out.shape == jac.shape:
         out.data, out.indices, out.indptr = jac.data, jac.indices, jac.indptr
         return g, out

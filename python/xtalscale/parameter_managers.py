@@ -26,15 +26,23 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import scipy.sparse as sp
 
 from ._core import fit as _fit_kernels
+from ._lazy import LazyModule, is_scipy_sparse
 from .components import ComponentModelBlock
 from .scaling_utilities import row_multiply
-from .sparse import SparseMatrix, as_sparse_matrix
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
+
+    from . import sparse as _sparse
+    from .sparse import SparseMatrix
+else:
+    sp = LazyModule("scipy.sparse")  # imported on first use: see _lazy
+    _sparse = LazyModule("xtalscale.sparse")  # scipy-backed matrices, built only when asked for
 
 __all__ = [
     "ParameterManagerError",
@@ -82,7 +90,7 @@ def _as_vector(values: Any, name: str) -> np.ndarray:
 
 def _as_dense_matrix(matrix: Any, name: str) -> np.ndarray:
     """Return a square-or-not 2-D float64 dense copy of ``matrix``."""
-    if sp.issparse(matrix):
+    if is_scipy_sparse(matrix):
         dense = matrix.toarray()
     elif hasattr(matrix, "as_dense_matrix") and not isinstance(matrix, np.ndarray):
         dense = np.asarray(matrix.as_dense_matrix())
@@ -763,19 +771,19 @@ class RefinerCalculator:
         if not apm.components:
             if const is None:
                 raise ValueError("the parameter manager has neither active components nor constant scales")
-            return const.copy(), SparseMatrix((0, 0))
+            return const.copy(), _sparse.SparseMatrix((0, 0))
         objects = [info["object"] for info in apm.components.values()]
         if len(objects) == 1:
             scales, derivs = objects[0].calculate_scales_and_derivatives(block_id)
             scales = np.asarray(scales, dtype=np.float64)
             g = scales * const if const is not None else scales.copy()
-            return g, as_sparse_matrix(sp.csr_matrix(derivs))
+            return g, _sparse.as_sparse_matrix(sp.csr_matrix(derivs))
         # The fixed factors join the product with no columns of their own. The block (its
         # pattern) is kept per manager; the returned values are a copy, the pattern is shared.
         g, jac = _refiner_block(apm, objects, block_id, const).evaluate()
         if not copy:
             return g.copy(), jac
-        return g.copy(), as_sparse_matrix(sp.csr_matrix(
+        return g.copy(), _sparse.as_sparse_matrix(sp.csr_matrix(
             (jac.data.copy(), jac.indices, jac.indptr), shape=jac.shape, copy=False))
 
     @staticmethod

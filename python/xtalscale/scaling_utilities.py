@@ -15,12 +15,17 @@ Per-reflection work runs in C++ (``xtalscale._core.components``).
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import scipy.sparse as sp
 
 from ._core import components as _kern
+from ._lazy import LazyModule, is_scipy_sparse
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
+else:
+    sp = LazyModule("scipy.sparse")  # imported on first use: see _lazy
 
 __all__ = [
     "calc_crystal_frame_vectors",
@@ -230,7 +235,7 @@ def _harmonics_as_csc(values: np.ndarray) -> sp.csc_matrix:
 
 def _compact_csr(m: Any, name: str) -> sp.csr_matrix:
     """A canonical float64 CSR copy of a sparse or dense matrix (duplicates summed, as compact())."""
-    if sp.issparse(m):
+    if is_scipy_sparse(m):
         out = sp.csr_matrix(m, dtype=np.float64, copy=True)
     elif hasattr(m, "as_dense_matrix"):
         out = sp.csr_matrix(np.asarray(m.as_dense_matrix(), dtype=np.float64))

@@ -35,15 +35,31 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ._core import smoothers as _ext
-from .sparse import SparseMatrix, SparseVector
+from ._lazy import LazyModule
 
 #: The smoother's weight matrices are the package's scitbx-like CSR matrices.
-WeightMatrix = SparseMatrix
+if TYPE_CHECKING:
+    from . import sparse as _sparse
+    from .sparse import SparseMatrix, SparseVector
+
+    WeightMatrix = SparseMatrix
+else:
+    # scipy-backed types, imported when a weight matrix is first built (see _lazy)
+    _sparse = LazyModule("xtalscale.sparse")
+
+
+def __getattr__(name: str) -> Any:
+    """``WeightMatrix`` (= SparseMatrix), ``SparseMatrix`` and ``SparseVector``, on first use."""
+    if name in ("SparseMatrix", "SparseVector"):
+        return getattr(_sparse, name)
+    if name == "WeightMatrix":
+        return _sparse.SparseMatrix
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "GaussianSmoother",
@@ -346,14 +362,14 @@ class _SmootherBase:
     def _single(self, coord: Sequence[float], values: Any, first_fixed: bool) -> ValueWeight:
         value, idx, w, sw = self._core.value_weight(list(coord), self._values(values), first_fixed)
         size = self.num_values() - (1 if first_fixed else 0)
-        return ValueWeight(float(value), SparseVector(size, idx, w), float(sw))
+        return ValueWeight(float(value), _sparse.SparseVector(size, idx, w), float(sw))
 
     def _multi(self, coords: Sequence[Any], values: Any, first_fixed: bool) -> ValueWeight:
         arrays = [_vector(c, a) for c, a in zip(coords, _AXES)]
         value, sw, data, indices, indptr = self._core.multi_value_weight(
             arrays, self._values(values), False, first_fixed)
         n_cols = self.num_values() - (1 if first_fixed else 0)
-        weight = WeightMatrix((data, indices, indptr), shape=(value.size, n_cols), copy=False)
+        weight = _sparse.SparseMatrix((data, indices, indptr), shape=(value.size, n_cols), copy=False)
         weight.has_sorted_indices = True  # the kernel writes ascending columns
         return ValueWeight(value, weight, sw)
 

@@ -107,3 +107,25 @@ def test_definition_check_finds_a_function():
     """The facade check is not vacuous: a function or a class is reported."""
     tree = ast.parse('"""doc"""\nimport os\n__all__ = ["f"]\ndef f():\n    pass\nclass A: ...\n')
     assert _definitions(tree) == [(4, "FunctionDef"), (6, "ClassDef")]
+
+
+def test_the_scaling_job_never_imports_scipy(tmp_path):
+    """scipy costs ~0.15-0.2 s at start-up and the job calls none of it: the four-sweep job from
+    the command line runs with scipy unimportable (a finder that refuses it), so any scipy call
+    on the job's path fails here instead of silently costing the import."""
+    data = ROOT / "tests" / "data" / "dials_l_cysteine_integrated"
+    files = [str(p) for p in sorted(data.glob("*_integrated.pickle"))[:2]] + \
+        [str(p) for p in sorted(data.glob("*_integrated_experiments.json"))[:2]]
+    code = (
+        "import sys\n"
+        "class Refuse:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'scipy' or name.startswith('scipy.'):\n"
+        "            raise ImportError('scipy is not to be imported by the scaling job: ' + name)\n"
+        "sys.meta_path.insert(0, Refuse())\n"
+        "from xtalscale.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    result = subprocess.run([sys.executable, "-c", code, "scale", *files, "unmerged_mtz=u.mtz", "merged_mtz=m.mtz"],
+                            cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "scaled.refl").exists() and (tmp_path / "xtalscale.scale.html").exists()

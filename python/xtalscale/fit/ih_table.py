@@ -13,13 +13,18 @@ read as 0 by the kernels.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
-import scipy.sparse as sp
 
 from .._core import fit as _fit
+from .._lazy import LazyModule
 from ..symmetry import group_reflections, hkl_keys, map_to_asu
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
+else:
+    sp = LazyModule("scipy.sparse")  # imported on first use: see _lazy
 
 __all__ = ["IhTable", "IhTableBlock", "IhTableError", "TargetAsuDictCache", "group_offsets_from_keys",
            "EXCLUDED_NONE", "EXCLUDED_BAD_VARIANCE", "EXCLUDED_BAD_INTENSITY"]

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 import numpy as np
-import scipy.linalg as la
 
 from .line_search import more_thuente
 
@@ -311,13 +310,14 @@ def solve_normal_equations(matrix: np.ndarray, rhs: np.ndarray, names: list[str]
     rounding_pivot = 1000.0 * idx.size * np.finfo(np.float64).eps
     for attempt in range(40):
         try:
-            factor = la.cho_factor(scaled + damping * np.eye(idx.size), lower=False, check_finite=True)
-            if damping == 0.0 and np.min(np.diag(factor[0])) ** 2 <= rounding_pivot:
-                raise la.LinAlgError("numerically singular")
-            h = la.cho_solve(factor, b / scale) / scale
+            # numpy's Cholesky (LAPACK potrf) and two triangular solves: no scipy on this path
+            lower = np.linalg.cholesky(scaled + damping * np.eye(idx.size))
+            if damping == 0.0 and np.min(np.diag(lower)) ** 2 <= rounding_pivot:
+                raise np.linalg.LinAlgError("numerically singular")
+            h = np.linalg.solve(lower.T, np.linalg.solve(lower, b / scale)) / scale
             if np.all(np.isfinite(h)):
                 break
-        except la.LinAlgError:
+        except np.linalg.LinAlgError:
             pass
         damping = 1e-12 if damping == 0.0 else damping * 10.0
     else:
@@ -328,7 +328,8 @@ def solve_normal_equations(matrix: np.ndarray, rhs: np.ndarray, names: list[str]
     step[idx] = h
 
     def inverse() -> np.ndarray:
-        inv = la.cho_solve(factor, np.eye(idx.size)) / np.outer(scale, scale)
+        lower_inv = np.linalg.solve(lower, np.eye(idx.size))
+        inv = (lower_inv.T @ lower_inv) / np.outer(scale, scale)
         full = np.zeros((n, n))
         full[np.ix_(idx, idx)] = inv
         return full

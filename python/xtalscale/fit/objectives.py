@@ -13,16 +13,34 @@
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
-import scipy.sparse as sp
 
 from .._core import fit as _fit
+from .._lazy import LazyModule
+from ..csr_view import CsrView
 from .minimisers import NonFiniteScales
 from .target import canonical_csr
 
+if TYPE_CHECKING:
+    import scipy.sparse as sp
+else:
+    sp = LazyModule("scipy.sparse")  # imported on first use: see _lazy
+
 __all__ = ["ScalerObjective", "ModelObjective", "ModelBlockData"]
+
+
+def _dense_restraint_jacobian(jac: Any, n_columns: int) -> np.ndarray:
+    """The restraints' Jacobian (a few hundred rows at most) as a dense array, from a CsrView or
+    scipy matrix; its products then need no scipy."""
+    if isinstance(jac, CsrView):
+        dense = np.zeros((jac.shape[0], n_columns))
+        counts = np.diff(np.asarray(jac.indptr, dtype=np.int64))
+        rows = np.repeat(np.arange(counts.size), counts)
+        np.add.at(dense, (rows, np.asarray(jac.indices, dtype=np.int64)), np.asarray(jac.data, dtype=np.float64))
+        return dense
+    return np.asarray(jac.toarray() if hasattr(jac, "toarray") else jac, dtype=np.float64).reshape(-1, n_columns)
 
 
 def _check_scales(g: np.ndarray) -> None:
@@ -111,9 +129,9 @@ class ScalerObjective:
         restraints = self._restraint_residuals_and_jacobian()
         if restraints:
             r, jac, w = restraints
-            jac = sp.csr_matrix(jac)
-            matrix += (jac.T @ sp.diags(w) @ jac).toarray()
-            rhs -= np.asarray(jac.T @ (w * r)).ravel()
+            dense = _dense_restraint_jacobian(jac, matrix.shape[0])
+            matrix += (dense.T * w) @ dense
+            rhs -= dense.T @ (w * r)
             r_sq += float(np.sum(w * r * r))
             n_eq += len(r)
         return matrix, rhs, r_sq, n_eq
@@ -135,8 +153,8 @@ class ScalerObjective:
             diag = np.asarray(reduce.multiply(reduce).T @ diag).ravel()
         restraints = self._restraint_residuals_and_jacobian()
         if restraints:
-            jac = sp.csr_matrix(restraints[1])
-            diag = diag + np.asarray(jac.multiply(jac).T @ np.asarray(restraints[2])).ravel()
+            dense = _dense_restraint_jacobian(restraints[1], diag.size)
+            diag = diag + (dense * dense).T @ np.asarray(restraints[2], dtype=np.float64)
         return diag
 
     def objective_only(self) -> float:

@@ -6,10 +6,17 @@ The LBFGS form returns ``(residuals w p², gradient 2 w p)``; the least-squares 
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import scipy.sparse as sp
+
+from .._lazy import LazyModule, is_scipy_sparse
+from ..csr_view import CsrView
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
+else:
+    sp = LazyModule("scipy.sparse")  # imported on first use: see _lazy
 
 __all__ = ["SingleScalingRestraintsCalculator", "ScalingRestraintsCalculator"]
 
@@ -53,22 +60,37 @@ def _jacobian_restraint_parts(apm: Any, row_offset: int, column_offset: int) -> 
             continue
         r, jac, w = res
         r = np.asarray(r, dtype=np.float64)
-        jac = jac.tocoo() if sp.issparse(jac) else sp.coo_matrix(jac)
+        row, col, val = _coo_arrays(jac)
         rs.append(r)
         ws.append(np.asarray(w, dtype=np.float64))
-        rows.append(jac.row + n)
-        cols.append(jac.col + info["start_idx"] + column_offset)
-        vals.append(jac.data)
+        rows.append(row + n)
+        cols.append(col + info["start_idx"] + column_offset)
+        vals.append(val)
         n += r.size
     if not rs:
         return None
     return tuple(np.concatenate(a) for a in (rs, ws, rows, cols, vals))
 
 
+def _coo_arrays(jac: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, column, value) of every stored entry of a CsrView, scipy or dense Jacobian, rows
+    in ascending order."""
+    if isinstance(jac, CsrView):
+        counts = np.diff(np.asarray(jac.indptr, dtype=np.int64))
+        return (np.repeat(np.arange(counts.size, dtype=np.int64), counts),
+                np.asarray(jac.indices, dtype=np.int64), np.asarray(jac.data, dtype=np.float64))
+    coo = jac.tocoo() if is_scipy_sparse(jac) else sp.coo_matrix(jac)
+    order = np.argsort(coo.row, kind="stable")
+    return (coo.row[order].astype(np.int64), coo.col[order].astype(np.int64),
+            np.asarray(coo.data, dtype=np.float64)[order])
+
+
 def _assemble(parts: tuple, n_columns: int) -> list[Any]:
-    """``[r, J, w]`` from :func:`_jacobian_restraint_parts` arrays (one CSR built once)."""
+    """``[r, J, w]`` from :func:`_jacobian_restraint_parts` arrays, J as a CSR
+    :class:`~xtalscale.csr_view.CsrView` (the rows arrive in ascending order)."""
     r, w, rows, cols, vals = parts
-    return [r, sp.csr_matrix((vals, (rows, cols)), shape=(r.size, n_columns)), w]
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=r.size))]).astype(np.int64)
+    return [r, CsrView(vals, cols.astype(np.int32), indptr, (r.size, n_columns)), w]
 
 
 class ScalingRestraintsCalculator:

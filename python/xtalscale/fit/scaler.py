@@ -8,13 +8,18 @@ and an :class:`~xtalscale.fit.ih_table.IhTable` together: ``Ih_table``,
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
-import scipy.sparse as sp
 
+from .._lazy import LazyModule
 from ..parameter_managers import RefinerCalculator
 from .ih_table import IhTable
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
+else:
+    sp = LazyModule("scipy.sparse")  # imported on first use: see _lazy
 
 __all__ = ["BasicScaler"]
 

@@ -16,13 +16,19 @@ by scripts that ask for ``(r, J, w)`` and by the parity tests.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import scipy.sparse as sp
 
 from .._core import fit as _fit
+from .._lazy import LazyModule
+from ..csr_view import CsrView
 from .restraints import ScalingRestraintsCalculator
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
+else:
+    sp = LazyModule("scipy.sparse")  # imported on first use: see _lazy
 
 __all__ = ["ScalingTarget", "ScalingTargetFixedIH", "StackedDerivatives", "block_kernel_arguments",
            "canonical_csr"]
@@ -62,7 +68,7 @@ def canonical_csr(matrix: Any, n_rows: int) -> sp.csr_matrix:
     if matrix is None:
         return sp.csr_matrix((n_rows, 0))
     if hasattr(matrix, "as_scipy"):
-        matrix = matrix.as_scipy()
+        matrix = matrix.as_scipy()  # StackedDerivatives, CsrView
     # an float64 CSR matrix is used as it is: a new matrix object would forget its cached
     # canonical-format flag and scan all entries again
     m = matrix if sp.isspmatrix_csr(matrix) and matrix.dtype == np.float64 else sp.csr_matrix(
@@ -76,6 +82,16 @@ def canonical_csr(matrix: Any, n_rows: int) -> sp.csr_matrix:
     return m
 
 
+def _kernel_csr(matrix: Any, n_rows: int) -> Any:
+    """The CSR arrays the C++ kernels read: a :class:`~xtalscale.csr_view.CsrView` (a model
+    block's buffers, canonical by construction) as it is, anything else via :func:`canonical_csr`."""
+    if isinstance(matrix, CsrView):
+        if matrix.shape[0] != n_rows:
+            raise ValueError(f"derivatives have {matrix.shape[0]} rows but the block has {n_rows}")
+        return matrix
+    return canonical_csr(matrix, n_rows)
+
+
 def block_kernel_arguments(block: Any, derivatives: Any = None) -> tuple[Any, ...]:
     """``(group_offsets, I, w, [model block], n_params)`` for the C++ kernels of one Ih block."""
     offsets, inten, w, rows = block.table_arrays()
@@ -86,12 +102,12 @@ def block_kernel_arguments(block: Any, derivatives: Any = None) -> tuple[Any, ..
             raise ValueError(f"derivatives have {source.shape[0]} rows but the block has {block.size}")
         models = []
         for piece, start, col in zip(source.pieces, source.row_starts, source.column_offsets):
-            d = canonical_csr(piece, piece.shape[0])
+            d = _kernel_csr(piece, piece.shape[0])
             stop = start + d.shape[0]
             models.append((g[start:stop], d.indptr.astype(np.int64, copy=False),
                            d.indices.astype(np.int32, copy=False), d.data, d.shape[1], col, rows[start:stop]))
         return offsets, inten, w, models, source.shape[1]
-    d = canonical_csr(source, block.size)
+    d = _kernel_csr(source, block.size)
     model = (g, d.indptr.astype(np.int64, copy=False), d.indices.astype(np.int32, copy=False),
              d.data, d.shape[1], 0, rows)
     return offsets, inten, w, [model], d.shape[1]

@@ -17,13 +17,14 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import scipy.sparse as sp
 
 from .. import flex_arrays as fa
+from .._lazy import LazyModule, is_scipy_sparse
 from ..components import SHScaleComponent
+from ..csr_view import CsrView
 from ..reflection_table import Flags
 from .grouped import GroupedObservations, suitable_rows
 from .outlier_rejection import (
@@ -31,6 +32,11 @@ from .outlier_rejection import (
     determine_outlier_rows,
 )
 from .prepare import BadDatasetForScalingException, flags_of
+
+if TYPE_CHECKING:
+    import scipy.sparse as sp
+else:
+    sp = LazyModule("scipy.sparse")  # imported on first use: see _lazy
 
 __all__ = [
     "Dataset",
@@ -222,8 +228,8 @@ class ScalerBase:
             lambda a: RefinerCalculator.calculate_scales_and_derivatives(a, block_id, copy=False), apms)
         for a, (g, d) in zip(apms, evaluated):
             if not d.shape[1]:
-                d = sp.csr_matrix((len(g), 0))
-            elif not isinstance(d, sp.csr_matrix):
+                d = CsrView(np.zeros(0), np.zeros(0, np.int32), np.zeros(len(g) + 1, np.int64), (len(g), 0))
+            elif not isinstance(d, CsrView) and not (is_scipy_sparse(d) and d.format == "csr"):
                 d = sp.csr_matrix(d)
             scales.append(np.asarray(g, dtype=np.float64))
             pieces.append(d)
