@@ -518,19 +518,29 @@ class reflection_table:
         f[sel] &= ~np.uint64(int(value))
 
     # ------------------------------------------------------------------ experiments
-    def split_by_experiment_id(self) -> list["reflection_table"]:
-        """One table per ``id`` value 0..max (empty ids skipped), each with its own identifier."""
+    def split_by_experiment_id(self, copy: bool = True) -> list["reflection_table"]:
+        """One table per ``id`` value 0..max (empty ids skipped), each with its own identifier.
+
+        With ``copy=False`` and the rows already ordered by ``id`` (as DIALS writes them), each
+        part's columns are views of this table's rows (no copy: at 10⁶ rows a copy costs
+        ~0.3 s and 200 MB of fresh memory); a change to a part's values then shows in this
+        table. Unordered ids are always copied."""
         ids = self["id"].as_numpy_array()
         if len(ids) and ids.min() < 0:
             raise ValueError("split_by_experiment_id: negative experiment id in 'id' column")
-        order = np.argsort(ids, kind="stable")
+        contiguous = not copy and bool(np.all(ids[1:] >= ids[:-1]))
+        order = None if contiguous else np.argsort(ids, kind="stable")
         counts = np.bincount(ids, minlength=0) if len(ids) else np.zeros(0, dtype=np.int64)
         bounds = np.concatenate([[0], np.cumsum(counts)])
         out = []
         for i, n in enumerate(counts):
             if n == 0:
                 continue
-            t = self.select(order[bounds[i] : bounds[i + 1]])
+            lo, hi = int(bounds[i]), int(bounds[i + 1])
+            if order is None:
+                t = self._adopt({k: type(c)._wrap(c._a[lo:hi]) for k, c in self._cols.items()}, hi - lo)
+            else:
+                t = self.select(order[lo:hi])
             t._ids = experiment_id_map({i: self._ids[i]} if i in self._ids else {})
             out.append(t)
         return out

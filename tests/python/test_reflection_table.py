@@ -182,6 +182,27 @@ def test_split_by_experiment_id_and_identifier_checks():
     assert len(sel) == 2 and sel.experiment_identifiers().as_dict() == {1: "e1"}
 
 
+def test_split_by_experiment_id_without_copies():
+    """copy=False: rows ordered by id give views (a change shows in the whole table); unordered
+    ids are copied as with copy=True, and both give the same parts."""
+    t = _table()
+    ordered = t.select(flex.size_t(list(np.argsort(np.asarray(t["id"]), kind="stable"))))
+    views = ordered.split_by_experiment_id(copy=False)
+    copies = ordered.split_by_experiment_id()
+    for v, c in zip(views, copies):
+        assert v.experiment_identifiers().as_dict() == c.experiment_identifiers().as_dict()
+        for k in c.keys():
+            np.testing.assert_array_equal(np.asarray(v[k]), np.asarray(c[k]))
+    views[1].set_flags(flex.bool([True, True]), F.scaled)
+    assert list(ordered.get_flags(F.scaled)) == [False, False, True, True]
+    copies[0].set_flags(flex.bool([True, True]), F.outlier_in_scaling)
+    assert not any(ordered.get_flags(F.outlier_in_scaling))
+    assert list(t["id"]) == [0, 1, 0, 1]  # unordered: copied even with copy=False
+    parts = t.split_by_experiment_id(copy=False)
+    parts[0].set_flags(flex.bool([True, True]), F.outlier_in_scaling)
+    assert not any(t.get_flags(F.outlier_in_scaling))
+
+
 @pytest.mark.parametrize(
     "path",
     [

@@ -46,9 +46,10 @@ class NoEquivalentsError(ValueError):
     """No unique reflection is measured more than once: there is nothing to scale against."""
 
 
-def _split_tables(experiments: Any, tables: Sequence[Any]) -> tuple[list[Any], list[Any]]:
+def _split_tables(experiments: Any, tables: Sequence[Any], copy: bool = True) -> tuple[list[Any], list[Any]]:
     """One table per experiment, in experiment order, and the rows of no experiment (id < 0),
-    which are kept (flagged excluded_for_scaling) so that no input row is lost."""
+    which are kept (flagged excluded_for_scaling) so that no input row is lost. With
+    ``copy=False`` (tables the job loaded itself) a part may be a view of its input's rows."""
     out: list[Any] = [None] * len(experiments)
     unassigned = []
     ids = experiments.identifiers()
@@ -60,7 +61,7 @@ def _split_tables(experiments: Any, tables: Sequence[Any]) -> tuple[list[Any], l
                 orphans.set_flags(np.ones(len(orphans), bool), Flags.excluded_for_scaling)
                 unassigned.append(orphans)
                 table = table.select(~neg)
-        for sub in table.split_by_experiment_id() if len(table) else []:
+        for sub in table.split_by_experiment_id(copy=copy) if len(table) else []:
             (k, ident), = sub.experiment_identifiers().items()
             try:
                 pos = ids.index(ident)
@@ -74,17 +75,18 @@ def _split_tables(experiments: Any, tables: Sequence[Any]) -> tuple[list[Any], l
     return out, unassigned
 
 
-def prepare_input(params: Any, experiments: Any, reflections: Sequence[Any]
+def prepare_input(params: Any, experiments: Any, reflections: Sequence[Any], copy: bool = True
                   ) -> tuple[Any, list[Any], Reasons, list[Any]]:
     """Select datasets, split tables per experiment, reset flags, apply the user's cuts.
 
     Returns (experiments, one table per experiment, reasons, tables of rows left out: rows of
-    no experiment and of deselected experiments, kept for the output)."""
+    no experiment and of deselected experiments, kept for the output). ``copy=False``: the
+    caller hands its tables over (they may be changed in place; no per-experiment copy)."""
     from ..experiments import ExperimentList
 
     use = params.dataset_selection.use_datasets
     exclude = params.dataset_selection.exclude_datasets
-    tables, left_out = _split_tables(experiments, reflections)
+    tables, left_out = _split_tables(experiments, reflections, copy=copy)
     keep = list(range(len(experiments)))
     if use:
         keep = [k for k in keep if k in set(use)]
@@ -202,11 +204,14 @@ def scaling_algorithm(scaler: ScalerBase) -> ScalerBase:
 class ScalingAlgorithm:
     """dials.scale's ``ScalingAlgorithm``: ``run()`` scales, ``finish()`` joins the output."""
 
-    def __init__(self, params: Any, experiments: Any, reflections: Sequence[Any], n_reference: int = 0) -> None:
+    def __init__(self, params: Any, experiments: Any, reflections: Sequence[Any], n_reference: int = 0,
+                 copy_input: bool = True) -> None:
+        """``copy_input=False``: the caller hands ``reflections`` over (the job may change them in
+        place and split them without copying; the command line does, with the tables it read)."""
         t0 = time.perf_counter()
         self.params = params
         self.experiments, self.reflections, self.reasons, self.left_out = prepare_input(
-            params, experiments, list(reflections))
+            params, experiments, list(reflections), copy=copy_input)
         self.scaler = create_scaler(params, self.experiments, self.reflections, self.reasons)
         # the first n_reference datasets are a reference: models fixed, rows not written
         self.n_reference = n_reference

@@ -226,7 +226,9 @@ def _run_scale_job(params: Any, files: Sequence[str]) -> ScaleJobResult:
     if reference:
         n_reference = _add_reference(inputs, str(reference))
     t0 = time.perf_counter()
-    algorithm = ScalingAlgorithm(params, inputs.experiments, inputs.tables, n_reference=n_reference)
+    # the tables were read here: the job takes them over (split without copies)
+    algorithm = ScalingAlgorithm(params, inputs.experiments, inputs.tables, n_reference=n_reference,
+                                 copy_input=False)
     inputs.tables = []  # the algorithm holds every row (split per experiment): free the input copy
     timings["prepare"] = time.perf_counter() - t0
     for name in algorithm.scaler.removed_datasets:
