@@ -502,9 +502,18 @@ def test_imid_refit_restores_the_models_and_matches_dials_without_it():
                {c: np.array(ds.table[c]) for c in ("intensity", "variance", "inverse_scale_factor")})
               for ds in scaler.datasets]
     n_journals = len(scaler.journals)
-    sels = [ds.suitable & ~np.isin(np.arange(len(ds.table)), ds.suitable_idx[ds.outliers]) for ds in scaler.datasets]
-    results = _refitted_rmeas(scaler, scaler.datasets, sels, [0.0, 1.0])
-    assert results[1.0] < results[0.0]
+    both = int(Flags.integrated_prf) | int(Flags.integrated_sum)
+    sels = [ds.suitable & ~np.isin(np.arange(len(ds.table)), ds.suitable_idx[ds.outliers])
+            & ((np.asarray(ds.table["flags"]).astype(np.int64) & both) == both) for ds in scaler.datasets]
+    current, results = _refitted_rmeas(scaler, scaler.datasets, sels, [0.0, 1.0])
+    assert current[0.0] < current[1.0]  # on the first round's scales: profile (DIALS's choice)
+    assert results[1.0] < results[0.0]  # refitted to each: summation
+    # below REFIT_MAX_OBSERVATIONS the table holds every counted row: the first-round values
+    # are DIALS's comparison's, computed from the tables
+    from xtalscale.job.combine_intensities import _combine_scaler_datasets
+
+    dials_values = _combine_scaler_datasets(scaler, scaler.datasets, sels, [0.0, 1.0])[1]
+    assert current == pytest.approx(dials_values, rel=1e-12)
     assert len(scaler.journals) == n_journals
     for ds, (params_before, columns_before) in zip(scaler.datasets, before):
         for n, c in ds.model.components.items():

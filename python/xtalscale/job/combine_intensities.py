@@ -204,10 +204,22 @@ REFIT_ENGINE = "LevMarStep"
 REFIT_MAX_OBSERVATIONS = 30_000
 
 
+def _summation_over_partiality(datasets: Sequence[Any], selections: Sequence[np.ndarray]) -> np.ndarray:
+    """I_sum/p (prescaling correction applied) of the selected rows: what the candidate Imids
+    are derived from (:func:`candidate_Imids`)."""
+    parts = []
+    for ds, sel in zip(datasets, selections):
+        t = ds.table
+        conv = np.asarray(t["prescaling_correction"], dtype=np.float64)[sel] if "prescaling_correction" in t else 1.0
+        p = np.asarray(t["partiality"], dtype=np.float64)[sel] if "partiality" in t else 1.0
+        parts.append(np.asarray(t["intensity.sum.value"], dtype=np.float64)[sel] * conv / p)
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
 def _refitted_rmeas(scaler: Any, datasets: Sequence[Any], selections: Sequence[np.ndarray],
-                    candidates: Sequence[float]) -> dict[float, float]:
-    """Each candidate's Rmeas after refitting the models to its intensities (see the module
-    notes).
+                    candidates: Sequence[float]) -> tuple[dict[float, float], dict[float, float]]:
+    """Each candidate's Rmeas on the current scales and after refitting the models to its
+    intensities (see the module notes), on the same rows.
 
     One minimisation table is built on the round's rows (at most REFIT_MAX_OBSERVATIONS, whole
     groups); per candidate only its intensities and variances are written into the table, the
@@ -220,6 +232,7 @@ def _refitted_rmeas(scaler: Any, datasets: Sequence[Any], selections: Sequence[n
                    for name, comp in ds.model.components.items()}, ds.var_cov, ds.minimisation)
              for ds in scaler.datasets]
     n_journals = len(scaler.journals)
+    current: dict[float, float] = {}
     results: dict[float, float] = {}
     try:
         rows = [(np.ones(int(ds.suitable.sum()), bool) if ds.minimisation is None else ds.minimisation.copy())
@@ -228,10 +241,14 @@ def _refitted_rmeas(scaler: Any, datasets: Sequence[Any], selections: Sequence[n
             _select_groups(scaler, rows, REFIT_MAX_OBSERVATIONS, 1, int(scaler.params.reflection_selection.seed))
         scaler.make_ready_for_scaling()
         inputs = _refit_inputs(scaler, datasets, selections)
+        g_now = [np.array(block.inverse_scale_factors, dtype=np.float64) for block, _ in inputs.counted]
         for Imid in candidates:
+            for (block, _), g in zip(inputs.counted, g_now):
+                block.inverse_scale_factors = g  # the first round's scales
             for block, k, arr in inputs.blocks:
                 I, V = _candidate_columns(arr, Imid)
                 block.set_dataset_data(k, I, V)
+            current[float(Imid)] = inputs.rmeas()
             scaler.apply_error_model_weights()
             scaler.perform_scaling(engine=REFIT_ENGINE)
             results[float(Imid)] = inputs.rmeas()
@@ -239,7 +256,7 @@ def _refitted_rmeas(scaler: Any, datasets: Sequence[Any], selections: Sequence[n
     finally:
         _restore(saved)
         del scaler.journals[n_journals:]
-    return results
+    return current, results
 
 
 class _RefitInputs:
@@ -321,18 +338,25 @@ def combine_scaler_intensities(scaler: Any) -> None:
             sel &= ~out
         sels.append(sel)
     given = params.reflection_selection.combine.Imid
-    if params.reflection_selection.combine.joint_analysis:
-        best, results = _combine_scaler_datasets(scaler, datasets, sels, given)
-        if getattr(params.reflection_selection.combine, "refit_candidates", False) and len(results) > 1:
-            logger.info("intensity combination: Rmeas by Imid on the current scales %s",
-                        {round(k, 2): round(v, 5) for k, v in results.items()})
-            results = _refitted_rmeas(scaler, datasets, sels, list(results))
-            valid = {k: v for k, v in results.items() if v >= 0}
-            best = min(valid, key=valid.get) if valid else best
+    refit = bool(getattr(params.reflection_selection.combine, "refit_candidates", False))
+    if given:
+        candidates = list(given)
+    else:
+        isum = _summation_over_partiality(datasets, sels)
+        candidates = candidate_Imids(isum) if isum.size else []
+    if params.reflection_selection.combine.joint_analysis and refit and len(candidates) > 1:
+        current, results = _refitted_rmeas(scaler, datasets, sels, candidates)
+        valid = {k: v for k, v in results.items() if v >= 0}
+        best = min(valid, key=valid.get) if valid else 0.0
         choices = [best] * len(datasets)
-        logger.info("intensity combination: Rmeas by Imid%s %s; chose Imid = %s",
-                    " after refitting the scales to each" if len(results) > 1 and
-                    getattr(params.reflection_selection.combine, "refit_candidates", False) else "",
+        logger.info("intensity combination: Rmeas by Imid on the first round's scales %s, after "
+                    "refitting the scales to each %s; chose Imid = %s",
+                    {round(k, 2): round(v, 5) for k, v in current.items()},
+                    {round(k, 2): round(v, 5) for k, v in results.items()}, best)
+    elif params.reflection_selection.combine.joint_analysis:
+        best, results = _combine_scaler_datasets(scaler, datasets, sels, candidates)
+        choices = [best] * len(datasets)
+        logger.info("intensity combination: Rmeas by Imid %s; chose Imid = %s",
                     {round(k, 2): round(v, 5) for k, v in results.items()}, best)
     else:
         choices = [combine_intensities([ds.table], scaler.space_group, [s], given)[0]
