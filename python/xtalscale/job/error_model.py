@@ -521,6 +521,10 @@ def refine_error_models(scaler: Any) -> None:
             logger.info("error model not refined for sweeps %s: %s", [m + 1 for m in members], exc)
             continue
         logger.info("error model for sweeps %s: a = %.5f, b = %.5f", [m + 1 for m in members], model.a, model.b)
+        # the job reads only (a, b) from here on: the filtered data (~80 B per suitable row,
+        # with the grouping they came from) would stay alive into the next, all-data round
+        model.filtered_Ih_table = None
+        model.binner = None
         for k in members:
             scaler.datasets[k].error_model = model
             scaler.datasets[k].model.set_error_model(model)
