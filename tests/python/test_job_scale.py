@@ -177,13 +177,27 @@ def test_known_truth_small(main_rounds_subset):
             calls.append(n_groups)
             return original(grouped, n_groups, seed)
 
+        from xtalscale.job import error_model
+
+        em_rows = []
+        original_em = error_model.run_error_model_refinement
+
+        def em_spy(model, grouped, *args, rows=None, **kwargs):
+            em_rows.append(int(rows.sum()))
+            return original_em(model, grouped, *args, rows=rows, **kwargs)
+
         reflection_selection.select_random_groups = spy
+        error_model.run_error_model_refinement = em_spy
         try:
             algorithm.run()
         finally:
             reflection_selection.select_random_groups = original
+            error_model.run_error_model_refinement = original_em
         assert calls and not algorithm.scaler.subset_for_main_rounds  # subset used, then dropped
         assert all(ds.minimisation is None for ds in algorithm.scaler.datasets)
+        # the error model before the last round is refined on the rounds' subset, the final one
+        # on every non-outlier row
+        assert len(em_rows) == 2 and em_rows[0] < 0.5 * em_rows[1]
     else:
         algorithm.run()
     _assert_truth_recovered(sim, algorithm)

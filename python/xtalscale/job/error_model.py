@@ -501,6 +501,10 @@ def refine_error_models(scaler: Any) -> None:
     suitable = _suitable_rows_grouped(scaler)
     for members in groups:
         # the members' non-outlier rows, as a mask over the suitable rows of every dataset
+        # Before the last round of a large job (main_rounds_subset), the error model only sets
+        # the last round's weights: it is refined on the rounds' subset of whole groups (two
+        # parameters from >= 10^5 observations), the final one after the last round on all rows.
+        subset = bool(getattr(scaler, "subset_for_main_rounds", False))
         keep = []
         for k, ds in enumerate(scaler.datasets):
             rows = np.zeros(int(ds.suitable.sum()), bool)
@@ -508,6 +512,8 @@ def refine_error_models(scaler: Any) -> None:
                 rows[:] = True
                 if ds.outliers.size:
                     rows &= ~ds.outliers
+                if subset and ds.minimisation is not None:
+                    rows &= ds.minimisation
             keep.append(rows)
         rows = np.concatenate(keep)
         _check_rows(suitable, rows)

@@ -229,7 +229,8 @@ reflection_selection {{
     .type = int(value_min=0)
     .help = "[xtalscale] auto/use_all with more suitable observations than twice this: the
              first rounds (before the last, full-matrix round) are minimised on random whole
-             groups of about this many observations (seeded); the last round uses every
+             groups of about this many observations (seeded), and so is the error model that
+             weights the last round; the last round and the final error model use every
              suitable observation, so the final model is the all-data fit. 0: never."
   random {{
     multi_dataset {{
