@@ -456,9 +456,20 @@ void ModelBlock::evaluate(const double* params, std::size_t n_params) {
   term_values_.resize(terms_.size());
   for (std::size_t t = 0; t < terms_.size(); ++t)
     term_values_[t] = terms_[t]->evaluate(params + param_start_[t], scratch_[t]);
-  if (pattern_stale()) build_pattern();
+  if (pattern_stale()) {
+    build_pattern();
+  } else if (out_.values->size() != out_.indices->size()) {  // released: allocate again
+    out_.values = std::make_shared<std::vector<double>>(detail::large_vector<double>(out_.indices->size()));
+  }
   fill(term_values_);
   evaluated_ = true;
+}
+
+void ModelBlock::release_values() {
+  out_.values = std::make_shared<std::vector<double>>();
+  std::vector<TermScratch>().swap(scratch_);
+  term_values_.clear();
+  evaluated_ = false;
 }
 
 DerivativesView ModelBlock::view() const {

@@ -91,6 +91,25 @@ def test_pattern_is_built_once_and_values_are_rewritten_in_place(rng):
         block.core.values[0] = 1.0  # the block's buffers are read-only from Python
 
 
+def test_release_values_frees_the_values_and_the_next_evaluation_rebuilds_them(rng):
+    """release_values (streamed blocks): the values and term scratch go (nbytes drops, the view
+    is empty), g and the pattern stay; the next evaluation allocates the values again and gives
+    the same numbers, without a pattern rebuild."""
+    comps = _physical(rng, 2000, lean=True)
+    block = ComponentModelBlock(comps)
+    g1, jac1 = block.evaluate()
+    g1, values1 = g1.copy(), np.array(jac1.data)
+    held = block.core.nbytes
+    block.core.release_values()
+    assert not block.core.evaluated and block.core.values.size == 0
+    assert block.core.nbytes < held - 2000 * 8 * 30  # at least the 30 values per row are gone
+    np.testing.assert_array_equal(block.core.scales, g1)  # g stays
+    g2, jac2 = block.evaluate()
+    assert block.core.version == 1  # same pattern, no rebuild
+    np.testing.assert_array_equal(g2, g1)
+    np.testing.assert_array_equal(np.asarray(jac2.data), values1)
+
+
 def test_array_and_kb_components_and_fixed_factors(rng):
     n = 1500
     decay = SmoothScaleComponent2D(rng.uniform(0.9, 1.1, 15), shape=(5, 3))

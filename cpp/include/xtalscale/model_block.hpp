@@ -307,6 +307,14 @@ class XTALSCALE_EXPORT ModelBlock {
   /// Bytes held by the block: outputs, per-term row starts and scratch (not the terms' data).
   std::size_t nbytes() const noexcept;
 
+  /// Free the derivative values and the terms' scratch (most of nbytes()), keeping g and the
+  /// pattern: for a caller that consumed this evaluation and evaluates blocks one after the
+  /// other, so that one block's worth of values is alive at a time and the allocator hands
+  /// the same memory to the next block. evaluated() is false afterwards (view() is empty
+  /// until the next evaluate(), which allocates the values again). A holder of the old values
+  /// buffer keeps it alive.
+  void release_values();
+
  private:
   bool pattern_stale() const;
   void build_pattern();

@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
@@ -68,12 +69,35 @@ class ScalerObjective:
     def get_x(self) -> np.ndarray:
         return np.asarray(self.apm.get_param_vals(), dtype=np.float64)
 
+    def _streaming(self) -> bool:
+        """True when the scaler streams its blocks (``stream_derivatives``): each block's
+        ∂g/∂p is released right after use, so one block's derivatives are alive at a time."""
+        return bool(getattr(self.scaler, "stream_derivatives", False)) and \
+            hasattr(self.scaler, "release_block_derivatives")
+
     def set_x(self, x: np.ndarray) -> None:
         self.apm.set_param_vals(np.asarray(x, dtype=np.float64))
+        stream = self._streaming()
         for block_id, block in enumerate(self._blocks()):
             with np.errstate(over="ignore", invalid="ignore"):
                 self.scaler.update_for_minimisation(self.apm, block_id)
             _check_scales(np.asarray(block.inverse_scale_factors))
+            if stream:
+                self.scaler.release_block_derivatives(self.apm, block_id)
+
+    def _each_block(self, derivatives: bool = True) -> Iterator[Any]:
+        """The minimisation blocks with g and Ĩ (and ∂g/∂p, if asked) current for the manager's
+        parameters, one at a time; when streaming, a block's derivatives are released once the
+        caller has moved on to the next block."""
+        stream = self._streaming()
+        for block_id, block in enumerate(self._blocks()):
+            if stream:
+                self.scaler.update_for_minimisation(self.apm, block_id, derivatives=derivatives)
+            else:
+                self.scaler.update_for_minimisation(self.apm, block_id)
+            yield block
+            if stream and derivatives:
+                self.scaler.release_block_derivatives(self.apm, block_id)
 
     def _restraint_residuals_and_jacobian(self) -> list[Any] | None:
         """The manager's restraint ``[r, J, w]`` (or None) at the current parameters.
@@ -86,16 +110,9 @@ class ScalerObjective:
             self._restraints_at = (key, self.apm.compute_restraints_residuals_and_gradients(self.apm))
         return self._restraints_at[1]
 
-    def _refresh(self) -> list[Any]:
-        blocks = self._blocks()
-        for block_id in range(len(blocks)):
-            self.scaler.update_for_minimisation(self.apm, block_id)
-        return blocks
-
     def f_and_grad(self) -> tuple[float, np.ndarray]:
-        blocks = self._refresh()
         f, grad = 0.0, np.zeros(self.n_params)
-        for block in blocks:
+        for block in self._each_block():
             fb, gb = self.apm.compute_functional_gradients(block)
             f += fb
             grad += gb
@@ -106,12 +123,11 @@ class ScalerObjective:
         return f, grad
 
     def normal_equations(self) -> tuple[np.ndarray, np.ndarray, float, int]:
-        blocks = self._refresh()
         reduce = getattr(self.apm, "reducing_matrix", None)
         n_full = reduce.shape[0] if reduce is not None else self.n_params
         matrix, rhs, r_sq, n_eq = np.zeros((n_full, n_full)), np.zeros(n_full), 0.0, 0
         inner = getattr(self.apm, "target", None) or self.target
-        for block in blocks:
+        for block in self._each_block():
             if hasattr(inner, "compute_normal_equations"):
                 nb, rb, sb, eb = inner.compute_normal_equations(block)
             else:  # a target without the C++ path: explicit Jacobian
@@ -141,9 +157,8 @@ class ScalerObjective:
         inner = getattr(self.apm, "target", None) or self.target
         if not hasattr(inner, "compute_normal_diagonal"):
             return None
-        blocks = self._refresh()
         diag = None
-        for block in blocks:
+        for block in self._each_block():
             part = inner.compute_normal_diagonal(block)
             diag = part if diag is None else diag + part
         if diag is None:
@@ -158,9 +173,8 @@ class ScalerObjective:
         return diag
 
     def objective_only(self) -> float:
-        blocks = self._refresh()
         total = 0.0
-        for block in blocks:
+        for block in self._each_block(derivatives=False):
             r, w = self.target.compute_residuals(block)
             total += float(np.sum(w * r * r))
         restraints = self._restraint_residuals_and_jacobian()

@@ -286,18 +286,24 @@ class ScalingAlgorithm:
         joined = reflection_table.concat(tables) if len(tables) > 1 else tables[0]
         return experiments, joined
 
-    def release_working_memory(self) -> None:
+    def release_working_memory(self, tables: bool = True) -> None:
         """Drop what only scaling needed (minimisation table, grouped caches, derivative
-        buffers) and, once ``finish`` has joined them, the per-dataset tables: for the job, whose
-        later stages read only the joined table, the models' parameters and the free-set
-        indices. (The components keep their per-reflection data, ~150 B/observation.)"""
+        buffers) and, with ``tables`` (once ``finish`` has joined them), the per-dataset tables:
+        for the job, whose later stages read only the joined table, the models' parameters and
+        the free-set indices. The job calls it without ``tables`` before ``finish``, so that the
+        join's copy does not add to the scaling structures at the peak. (The components keep
+        their per-reflection data, ~150 B/observation.)"""
         scaler = self.scaler
         scaler.Ih_table = None
         scaler._grouped_cache = None
         scaler._update_keys = {}
         for ds in scaler.datasets:
-            ds.table = None
             ds.var_cov = None
+            if tables:
+                ds.table = None
+        if tables:
+            self.reflections = []  # the same per-experiment tables
+            self.left_out = []
 
 
 def _with_columns_of(table: Any, template: Any) -> Any:

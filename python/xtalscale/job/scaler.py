@@ -79,6 +79,13 @@ class Dataset:
         return np.asarray(self.table[name], dtype=np.float64)[self.suitable]
 
 
+#: Minimisation tables with more rows are streamed (see make_ready_for_scaling) in blocks of
+#: about STREAM_BLOCK_ROWS rows: a block's model buffers (~0.5 kB/row) then stay below glibc's
+#: largest mmap threshold (32 MB), so each block reuses the memory the previous one freed.
+STREAM_MIN_ROWS = 300_000
+STREAM_BLOCK_ROWS = 60_000
+
+
 class ScalerBase:
     """What every scaler does (DIALS ``ScalerBase``)."""
 
@@ -95,6 +102,7 @@ class ScalerBase:
         self._update_keys: dict[int, tuple] = {}
         self._grouped_cache: GroupedObservations | None = None
         self._observers: dict[str, list] = {}
+        self.stream_derivatives = False
 
     # ------------------------------------------------------------------ properties
     @property
@@ -176,7 +184,12 @@ class ScalerBase:
         so = self._params.scaling_options
         pct = float(so.free_set_percentage) if so.use_free_set else 0.0
         self._update_keys = {}
-        self.Ih_table = IhTable(tables, self.space_group, indices_lists=indices, nblocks=1,
+        # A large table is cut into blocks of whole groups that the engine evaluates and
+        # consumes one after another (stream_derivatives): one block's ∂g/∂p in memory at a time.
+        n_rows = sum(idx.size for idx in indices)
+        self.stream_derivatives = n_rows > STREAM_MIN_ROWS
+        nblocks = -(-n_rows // STREAM_BLOCK_ROWS) if self.stream_derivatives else 1
+        self.Ih_table = IhTable(tables, self.space_group, indices_lists=indices, nblocks=nblocks,
                                 free_set_percentage=pct, free_set_offset=int(so.free_set_offset),
                                 anomalous=bool(self._params.anomalous))
         free = self.Ih_table.extract_free_set() if pct > 0 else None
@@ -202,8 +215,10 @@ class ScalerBase:
     def get_blocks_for_minimisation(self) -> list[Any]:
         return self.Ih_table.blocked_data_list[: self.Ih_table.n_work_blocks]
 
-    def update_for_minimisation(self, apm: Any, block_id: int) -> None:
-        """g and ∂g/∂p of every dataset on a block (dataset rows in order), then Ĩ."""
+    def update_for_minimisation(self, apm: Any, block_id: int, derivatives: bool = True) -> None:
+        """g and ∂g/∂p of every dataset on a block (dataset rows in order), then Ĩ.
+        ``derivatives=False``: a caller that needs only g and Ĩ (residuals) is served without
+        an evaluation when they are current (after :meth:`release_block_derivatives`)."""
         from ..fit.target import StackedDerivatives
         from ..parameter_managers import RefinerCalculator
 
@@ -213,7 +228,7 @@ class ScalerBase:
         # derivatives, which are then handed back from this cache instead of recomputed.
         key = (id(apm), np.asarray(apm.get_param_vals(), dtype=np.float64).tobytes())
         cached = self._update_keys.get(block_id)
-        if cached is not None and cached[0] == key:
+        if cached is not None and cached[0] == key and (cached[1] is not None or not derivatives):
             if block.derivatives is None:
                 block.derivatives = cached[1]
             return
@@ -245,6 +260,19 @@ class ScalerBase:
             pieces, row_starts, col_offsets, n_total)
         self._update_keys[block_id] = (key, block.derivatives)
         block.calc_Ih()
+
+    def release_block_derivatives(self, apm: Any, block_id: int) -> None:
+        """Drop a block's ∂g/∂p after use and free the model blocks' value buffers (its g and Ĩ
+        stay current): with :attr:`stream_derivatives` the engine consumes one block at a time,
+        so one block's derivatives are alive at once and the allocator reuses their memory."""
+        from ..parameter_managers import release_refiner_values
+
+        self.Ih_table.blocked_data_list[block_id].derivatives = None
+        cached = self._update_keys.get(block_id)
+        if cached is not None:
+            self._update_keys[block_id] = (cached[0], None)
+        for a in (list(apm.apm_list) if hasattr(apm, "apm_list") else [apm]):
+            release_refiner_values(a, block_id)
 
     def _map_datasets(self, function: Any, items: Sequence[Any]) -> list[Any]:
         """``[function(item) for item in items]``, on up to ``n_threads`` threads when there
@@ -336,15 +364,33 @@ class ScalerBase:
         t0 = time.perf_counter()
 
         def scales_and_variances(ds: Dataset) -> tuple[np.ndarray, np.ndarray | None]:
-            """One dataset's g (and var g) on its suitable rows: its own model only."""
+            """One dataset's g (and var g) on its suitable rows: its own model only. With
+            variances the rows go in chunks of STREAM_BLOCK_ROWS: each chunk's ∂g/∂p (a model
+            block, ~0.5 kB/row) is built, reduced to diag(J V Jᵀ) and freed, so the memory is
+            reused instead of touching ~0.5 GB of fresh pages at 10⁶ rows."""
             with_var = calc_cov and ds.var_cov is not None
             comps = ds.model.components
+            n = int(ds.suitable.sum())
+            if not with_var or n <= STREAM_MIN_ROWS:
+                for comp in comps.values():
+                    _update_all_rows(comp, scales_only=not with_var)
+                g = np.ones(n)
+                for comp in comps.values():
+                    g = g * np.asarray(comp.calculate_scales(0), dtype=np.float64)
+                return g, self._scale_variances(ds) if with_var else None
+            chunks = [np.arange(a, min(a + STREAM_BLOCK_ROWS, n), dtype=np.int64)
+                      for a in range(0, n, STREAM_BLOCK_ROWS)]
             for comp in comps.values():
-                _update_all_rows(comp, scales_only=not with_var)
-            g = np.ones(int(ds.suitable.sum()))
-            for comp in comps.values():
-                g = g * np.asarray(comp.calculate_scales(0), dtype=np.float64)
-            return g, self._scale_variances(ds) if with_var else None
+                comp.update_reflection_data(block_selections=chunks)
+            g_parts, var_parts = [], []
+            for b in range(len(chunks)):
+                g_b = np.ones(chunks[b].size)
+                for comp in comps.values():
+                    g_b = g_b * np.asarray(comp.calculate_scales(b), dtype=np.float64)
+                g_parts.append(g_b)
+                var_parts.append(self._scale_variances(ds, block_id=b))
+            var = None if any(v is None for v in var_parts) else np.concatenate(var_parts)
+            return np.concatenate(g_parts), var
 
         # the datasets are independent: concurrently with n_threads > 1, tables written here
         for ds, (g, var) in zip(self.datasets, self._map_datasets(scales_and_variances, self.datasets)):
@@ -358,8 +404,9 @@ class ScalerBase:
         self._tick("expansion", t0)
 
     @staticmethod
-    def _scale_variances(ds: Dataset) -> np.ndarray | None:
-        """diag(J V Jᵀ) with V embedded in the full parameter layout of the model."""
+    def _scale_variances(ds: Dataset, block_id: int = 0) -> np.ndarray | None:
+        """diag(J V Jᵀ) on the components' data block ``block_id``, with V embedded in the full
+        parameter layout of the model."""
         from ..parameter_managers import calc_sf_variances as _calc
 
         V_active, active = ds.var_cov
@@ -379,7 +426,7 @@ class ScalerBase:
         if not active_idx or max(active_idx) >= V_active.shape[0]:
             return None
         V[np.ix_(full_idx, full_idx)] = V_active[np.ix_(active_idx, active_idx)]
-        return np.asarray(_calc(comps, V), dtype=np.float64)
+        return np.asarray(_calc(comps, V, block_id=block_id), dtype=np.float64)
 
     # ------------------------------------------------------------------ outliers
     def round_of_outlier_rejection(self) -> None:
