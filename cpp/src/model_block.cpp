@@ -465,11 +465,17 @@ void ModelBlock::evaluate(const double* params, std::size_t n_params) {
   evaluated_ = true;
 }
 
-void ModelBlock::release_values() {
+void ModelBlock::release_values(bool pattern) {
   out_.values = std::make_shared<std::vector<double>>();
   std::vector<TermScratch>().swap(scratch_);
   term_values_.clear();
   evaluated_ = false;
+  if (pattern) {
+    out_.indptr = std::make_shared<std::vector<std::int64_t>>(n_rows_ + 1, 0);
+    out_.indices = std::make_shared<std::vector<std::int32_t>>();
+    std::vector<std::vector<std::int64_t>>().swap(row_starts_);
+    built_ = false;
+  }
 }
 
 DerivativesView ModelBlock::view() const {

@@ -223,9 +223,10 @@ void bind_model_block(py::module_& m) {
       .def_property_readonly("version", &ModelBlock::version)
       .def_property_readonly("evaluated", &ModelBlock::evaluated)
       .def_property_readonly("nbytes", &ModelBlock::nbytes)
-      .def("release_values", &ModelBlock::release_values,
-           "Free the derivative values and the terms' scratch, keeping g and the pattern (the next\n"
-           "evaluate allocates them again): for blocks evaluated and consumed one after another.")
+      .def("release_values", &ModelBlock::release_values, py::arg("pattern") = false,
+           "Free the derivative values and the terms' scratch, keeping g (and the pattern unless\n"
+           "pattern=True); the next evaluate allocates (and builds) them again: for blocks\n"
+           "evaluated and consumed one after another.")
       .def_property("column_offset", &ModelBlock::column_offset, &ModelBlock::set_column_offset)
       .def("term", &ModelBlock::term_ptr, py::arg("index"))
       .def("active", &ModelBlock::active, py::arg("index"))

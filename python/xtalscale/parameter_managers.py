@@ -741,15 +741,16 @@ def _refiner_block(apm: Any, objects: list, block_id: int, const: Any) -> Compon
     return block
 
 
-def release_refiner_values(apm: Any, block_id: int) -> None:
-    """Free the derivative values of the manager's model block for ``block_id`` (kept: g and
-    the pattern; the next evaluation allocates them again). No-op if there is none."""
+def release_refiner_values(apm: Any, block_id: int, pattern: bool = False) -> None:
+    """Free the derivative values (and with ``pattern`` the derivative pattern) of the
+    manager's model block for ``block_id``; g is kept and the next evaluation allocates (and
+    builds) them again. No-op if there is none."""
     try:
         block = _REFINER_BLOCKS.get(apm, {}).get(block_id)
     except TypeError:
         return
     if block is not None:
-        block.core.release_values()
+        block.core.release_values(pattern)
 
 
 class RefinerCalculator:

@@ -108,6 +108,14 @@ def test_release_values_frees_the_values_and_the_next_evaluation_rebuilds_them(r
     assert block.core.version == 1  # same pattern, no rebuild
     np.testing.assert_array_equal(g2, g1)
     np.testing.assert_array_equal(np.asarray(jac2.data), values1)
+    indices1 = np.array(block.core.indices)
+    block.core.release_values(pattern=True)  # the pattern goes too: rebuilt, same numbers
+    assert block.core.indices.size == 0
+    g3, jac3 = block.evaluate()
+    assert block.core.version == 2
+    np.testing.assert_array_equal(g3, g1)
+    np.testing.assert_array_equal(np.asarray(jac3.indices), indices1)
+    np.testing.assert_array_equal(np.asarray(jac3.data), values1)
 
 
 def test_array_and_kb_components_and_fixed_factors(rng):

