@@ -605,12 +605,41 @@ class reflection_table:
         return read_msgpack_bytes(data)
 
     @staticmethod
-    def concat(tables: Iterable["reflection_table"]) -> "reflection_table":
-        """One table holding the rows of all ``tables`` in order (identifiers merged)."""
+    def concat(tables: Iterable["reflection_table"], consume: bool = False) -> "reflection_table":
+        """One table holding the rows of all ``tables`` in order (identifiers merged; a column
+        missing from some tables is zero-filled there, as :meth:`extend` does).
+
+        Each column is joined in one copy. With ``consume`` each column is removed from the
+        input tables once it has been joined, so the inputs and the result are not both held
+        in full (the tables are left without columns)."""
         tables = list(tables)
-        out = tables[0].copy() if tables else reflection_table()
+        if not tables:
+            return reflection_table()
+        out = reflection_table.__new__(reflection_table)
+        out._nrows = 0
+        out._cols = {}
+        out._ids = experiment_id_map(tables[0]._ids.as_dict())
         for t in tables[1:]:
-            out.extend(t)
+            out._merge_identifiers(t, "concat")
+        names: dict[str, type] = {}
+        for t in tables:
+            for name, col in t._cols.items():
+                if name in names and names[name] is not type(col):
+                    raise TypeError(f"concat: column {name!r} types differ "
+                                    f"({names[name].__name__} vs {type(col).__name__})")
+                names.setdefault(name, type(col))
+        for name, typ in names.items():
+            parts = [t._cols[name]._a if name in t._cols else typ._empty(len(t)) for t in tables]
+            joined = np.concatenate(parts)
+            del parts
+            if consume:
+                for t in tables:
+                    t._cols.pop(name, None)
+            out._cols[name] = typ._wrap(joined)
+        out._nrows = sum(t._nrows for t in tables)
+        if consume:
+            for t in tables:
+                t._nrows = 0
         return out
 
     def compute_d(self, experiments: Any) -> None:

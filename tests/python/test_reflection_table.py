@@ -182,6 +182,29 @@ def test_split_by_experiment_id_and_identifier_checks():
     assert len(sel) == 2 and sel.experiment_identifiers().as_dict() == {1: "e1"}
 
 
+def test_concat_joins_each_column_once_and_can_consume_its_inputs():
+    """concat equals repeated extend (missing columns zero-filled, identifiers merged); with
+    consume the inputs are emptied as their columns are joined."""
+    a, b, c = _table(), _table(), _table()
+    del b["intensity.sum.value"]
+    c["extra"] = flex.double([1.0, 2.0, 3.0, 4.0])
+    expected = a.copy()
+    expected.extend(b)
+    expected.extend(c)
+    for consume in (False, True):
+        parts = [a.copy(), b.copy(), c.copy()]
+        joined = flex.reflection_table.concat(parts, consume=consume)
+        assert len(joined) == 12 and sorted(joined.keys()) == sorted(expected.keys())
+        for k in expected.keys():
+            np.testing.assert_array_equal(np.asarray(joined[k]), np.asarray(expected[k]))
+        assert joined.experiment_identifiers().as_dict() == expected.experiment_identifiers().as_dict()
+        assert all(len(p) == (0 if consume else 4) for p in parts)
+    bad = _table()
+    bad["extra"] = flex.int([1, 2, 3, 4])
+    with pytest.raises(TypeError, match="types differ"):
+        flex.reflection_table.concat([c, bad])
+
+
 def test_split_by_experiment_id_without_copies():
     """copy=False: rows ordered by id give views (a change shows in the whole table); unordered
     ids are copied as with copy=True, and both give the same parts."""

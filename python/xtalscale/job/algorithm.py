@@ -194,7 +194,10 @@ def scaling_algorithm(scaler: ScalerBase) -> ScalerBase:
         scaler.perform_scaling(engine=engine, max_iterations=params.refinement.full_matrix_max_iterations or 100)
     else:
         scaler.perform_scaling()
+    # as DIALS: the minimisation table is not needed after the last round (~0.1 kB/row)
+    scaler.clear_Ih_table()
     expand_and_do_outlier_rejection(scaler, calc_cov=True)
+    scaler.release_grouping()  # the last use of the suitable rows' grouping (~80 B/row)
     if use_error_model:
         do_error_analysis(scaler, reselect=False)
     scaler.prepare_reflection_tables_for_output()
@@ -257,8 +260,10 @@ class ScalingAlgorithm:
                 ds.table.unset_flags(small, Flags.scaled)
                 self.reasons.add_reason(f"inverse scale < {cutoff}", int(small.sum()))
 
-    def finish(self) -> tuple[Any, Any]:
-        """(experiments, one joined reflection table); working columns removed."""
+    def finish(self, consume: bool = False) -> tuple[Any, Any]:
+        """(experiments, one joined reflection table); working columns removed. ``consume``:
+        the per-experiment tables are emptied column by column as they are joined (the
+        command line, which reads only the joined table afterwards)."""
         from ..experiments import ExperimentList
 
         kept = [ds for ds in self.scaler.datasets[self.n_reference:]]
@@ -283,7 +288,7 @@ class ScalingAlgorithm:
             for key in list(ids.keys()):
                 del ids[key]
             tables.append(_with_columns_of(orphans, tables[0]))
-        joined = reflection_table.concat(tables) if len(tables) > 1 else tables[0]
+        joined = reflection_table.concat(tables, consume=consume) if len(tables) > 1 else tables[0]
         return experiments, joined
 
     def release_working_memory(self, tables: bool = True) -> None:
@@ -293,6 +298,8 @@ class ScalingAlgorithm:
         the free-set indices. The job calls it without ``tables`` before ``finish``, so that the
         join's copy does not add to the scaling structures at the peak. (The components keep
         their per-reflection data, ~150 B/observation.)"""
+        from ..components import SHScaleComponent
+
         scaler = self.scaler
         scaler.Ih_table = None
         scaler._grouped_cache = None
@@ -301,6 +308,11 @@ class ScalingAlgorithm:
             ds.var_cov = None
             if tables:
                 ds.table = None
+            for comp in ds.model.components.values():
+                # the last expansion left the harmonic matrix of every row (~0.1 kB/row):
+                # keep only the grid indices, as an expansion for scales does
+                if isinstance(comp, SHScaleComponent) and comp.data:
+                    comp.update_reflection_data(scales_only=True)
         if tables:
             self.reflections = []  # the same per-experiment tables
             self.left_out = []

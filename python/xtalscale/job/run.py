@@ -245,7 +245,7 @@ def _run_scale_job(params: Any, files: Sequence[str]) -> ScaleJobResult:
         logger.debug("%s: %d steps, %s", getattr(journal, "round_engine", "?"), len(journal.rows),
                      journal.reason_for_termination)
     algorithm.release_working_memory(tables=False)  # before the join's copy (the peak)
-    experiments, table = algorithm.finish()
+    experiments, table = algorithm.finish(consume=True)
     algorithm.release_working_memory()
     for ds in algorithm.scaler.datasets:
         if algorithm.scaled:

@@ -506,6 +506,10 @@ class ScalerBase:
     def clear_Ih_table(self) -> None:
         self.Ih_table = None
 
+    def release_grouping(self) -> None:
+        """Drop the cached grouping of the suitable rows (rebuilt if asked for again)."""
+        self._grouped_cache = None
+
 
 def _update_all_rows(comp: Any, scales_only: bool) -> None:
     """``comp.update_reflection_data()`` on every row. For scales only, a harmonic (SH)
