@@ -95,3 +95,14 @@ def test_help_into_a_closed_pipe_ends_quietly():
     proc.wait(timeout=60)
     assert first
     assert "Broken pipe" not in stderr and "Traceback" not in stderr
+
+
+def test_one_malloc_arena_is_glibc_advice():
+    """The command line limits glibc to one malloc arena (threads then reuse each other's
+    freed memory); in a child process so this test process keeps its allocator settings."""
+    import subprocess
+    import sys
+
+    code = "from xtalscale.cli import one_malloc_arena; import sys; sys.exit(0 if one_malloc_arena() else 3)"
+    rc = subprocess.run([sys.executable, "-c", code]).returncode
+    assert rc == (0 if sys.platform.startswith("linux") else 3)

@@ -10,7 +10,7 @@ import importlib
 import sys
 from typing import Sequence
 
-__all__ = ["main"]
+__all__ = ["main", "one_malloc_arena"]
 
 # command name -> module in this package (imported only when the command runs)
 _COMMANDS = {
@@ -50,6 +50,28 @@ def _one_blas_thread_from_load() -> None:
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
+def one_malloc_arena() -> bool:
+    """Give this process's threads glibc's main malloc arena only (``M_ARENA_MAX`` = 1).
+
+    With ``nproc`` > 1 each worker thread otherwise gets its own arena, and memory one thread
+    freed is not reused by another: at 10⁶ observations the job's peak was ~0.1 GB higher
+    with two threads (1.08 vs 0.97 GiB; same time). The commands' threads allocate a few large
+    buffers each, so sharing one arena costs no measurable time. Advice for the allocator
+    only: returns False (and changes nothing) off glibc. Called by :func:`main`; a program
+    embedding the job may call it itself.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        M_ARENA_MAX = -8  # noqa: N806 (glibc's malloc.h name)
+        return bool(libc.mallopt(M_ARENA_MAX, 1))
+    except (OSError, AttributeError):
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit status."""
     args = list(sys.argv[1:] if argv is None else argv)
@@ -65,6 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"xtalscale: error: unknown command {command!r}{hint}\n\n{_usage()}", file=sys.stderr)
         return 2
     _one_blas_thread_from_load()
+    one_malloc_arena()
     module = importlib.import_module(f"{__name__}.{_COMMANDS[command]}")
     from ..fit.blas import single_threaded_blas
 
