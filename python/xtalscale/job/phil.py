@@ -269,9 +269,9 @@ reflection_selection {{
     .help = "One Imid for all datasets (True) or one per dataset."
   combine.refit_candidates = True
     .type = bool
-    .help = "[xtalscale] Compare the Imid candidates after a short refit of the models to each
-             candidate's intensities (True), or on the first round's scales, which were fitted to
-             the profile intensities (False: dials.scale's comparison)."
+    .help = "[xtalscale] Compare the Imid candidates (joint_analysis) after a short refit of the
+             models to each candidate's intensities (True), or on the first round's scales, which
+             were fitted to the profile intensities (False: dials.scale's comparison)."
   seed = 42
     .type = int
     .help = "[xtalscale] Seed of the random selections (DIALS seeds scitbx's generator with 42
