@@ -1146,7 +1146,8 @@ class _SmoothComponentND(ScaleComponentBase, SmoothMixin):
     #: and q = exp(2ad), 10 B), and each call recomputes the normalised weights in C++ from
     #: them without an exponential (product form, within a few ulp of DIALS's direct formula),
     #: straight into the outputs (caller buffers with ``out=``). The B-factor form also holds
-    #: 1/(2d²) (8 B). Smaller blocks hold DIALS-exact weight matrices (~40 B/reflection).
+    #: 1/(2d²) (8 B). Smaller data (all blocks together) hold DIALS-exact weight matrices
+    #: (~40 B/reflection).
     lean_min_reflections: ClassVar[int] = 100_000
 
     def _reset_transient(self) -> None:
@@ -1244,7 +1245,9 @@ class _SmoothComponentND(ScaleComponentBase, SmoothMixin):
         return w.matrix.values(self._parameters)
 
     def _is_lean(self, b: int) -> bool:
-        return len(self._axes) == 1 and self._n_refl[b] > self.lean_min_reflections
+        # decided on all the component's rows, not per block: the blocks of a streamed
+        # minimisation table (~60k rows each) must not each hold a weight matrix
+        return len(self._axes) == 1 and sum(self._n_refl) > self.lean_min_reflections
 
     def _lean_factor(self, b: int) -> Optional[np.ndarray]:
         return None  # the B-factor subclass passes 1/(2d²)

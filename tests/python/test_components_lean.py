@@ -295,3 +295,29 @@ def test_lean_components_pickle_without_their_caches(rng):
         np.testing.assert_array_equal(s, s2)
         np.testing.assert_array_equal(d.toarray(), d2.toarray())
     assert "_lean_windows" not in lean.__getstate__()
+
+
+def test_lean_mode_is_decided_on_all_blocks_together(rng):
+    """A streamed minimisation table gives a component many blocks below the lean threshold:
+    lean mode is chosen on the component's rows in all blocks, so no block holds a weight
+    matrix (and the blocks' scales equal the one-block scales)."""
+    comp = SmoothBScaleComponent1D(rng.uniform(-0.5, 0.5, 12))
+    comp.lean_min_reflections = 5000
+    n = 9000
+    comp.data = {"x": rng.uniform(0, 10, n), "d": rng.uniform(0.8, 4.0, n)}
+    comp.update_reflection_data()
+    whole = np.asarray(comp.calculate_scales(0))
+    comp.update_reflection_data(block_selections=[np.arange(0, 3000), np.arange(3000, 6000), np.arange(6000, n)])
+    for b in range(3):
+        comp.derivative_buffers(b)  # raises for a block that would hold weights
+        comp.calculate_scales_and_derivatives(b)
+    # coordinates, window records, q and 1/(2d²) (26 B) plus the per-block coordinate copies
+    # (8 B); a weight matrix alone would add >= 3 x 12 B per row
+    assert comp.held_bytes() == n * (8 + 2 + 8 + 8 + 8)
+    np.testing.assert_array_equal(np.concatenate([comp.calculate_scales(b) for b in range(3)]), whole)
+    small = SmoothBScaleComponent1D(rng.uniform(-0.5, 0.5, 12))
+    small.lean_min_reflections = 5000
+    small.data = {"x": rng.uniform(0, 10, 4000), "d": rng.uniform(0.8, 4.0, 4000)}
+    small.update_reflection_data(block_selections=[np.arange(0, 2000), np.arange(2000, 4000)])
+    with pytest.raises(ValueError, match="lean"):
+        small.derivative_buffers(0)
