@@ -465,6 +465,28 @@ void ModelBlock::evaluate(const double* params, std::size_t n_params) {
   evaluated_ = true;
 }
 
+void ModelBlock::evaluate_scales(const double* params, std::size_t n_params) {
+  require(n_params == n_params_, "params must hold " + std::to_string(n_params_) +
+                                     " values (every term's parameters), got " +
+                                     std::to_string(n_params));
+  require_finite(params, n_params, "params");
+  scratch_.resize(terms_.size());
+  term_values_.resize(terms_.size());
+  for (std::size_t t = 0; t < terms_.size(); ++t)
+    term_values_[t] = terms_[t]->evaluate(params + param_start_[t], scratch_[t]);
+  double* g = out_.scales->data();
+  std::fill(g, g + n_rows_, 1.0);
+  for (std::size_t t = 0; t < terms_.size(); ++t) {  // the same product order as fill()
+    const double* s = term_values_[t].scales;
+    for (std::size_t i = 0; i < n_rows_; ++i) g[i] *= s[i];
+  }
+  evaluated_ = false;
+  // the terms' scratch is not needed until the next evaluation: a caller evaluating many
+  // blocks for g alone (a streamed trial step) holds none of it
+  std::vector<TermScratch>().swap(scratch_);
+  term_values_.clear();
+}
+
 void ModelBlock::release_values(bool pattern) {
   out_.values = std::make_shared<std::vector<double>>();
   std::vector<TermScratch>().swap(scratch_);

@@ -141,6 +141,14 @@ void block_evaluate(ModelBlock& b, const DoubleArray& params) {
   b.evaluate(p, n);
 }
 
+void block_evaluate_scales(ModelBlock& b, const DoubleArray& params) {
+  require_1d(params, "params");
+  const double* p = params.data();
+  const auto n = static_cast<std::size_t>(params.size());
+  py::gil_scoped_release release;
+  b.evaluate_scales(p, n);
+}
+
 }  // namespace
 
 void bind_model_block(py::module_& m) {
@@ -223,6 +231,8 @@ void bind_model_block(py::module_& m) {
       .def_property_readonly("version", &ModelBlock::version)
       .def_property_readonly("evaluated", &ModelBlock::evaluated)
       .def_property_readonly("nbytes", &ModelBlock::nbytes)
+      .def("evaluate_scales", &block_evaluate_scales, py::arg("params"),
+           "g only at params (no derivatives, no pattern): for residuals at a trial point.")
       .def("release_values", &ModelBlock::release_values, py::arg("pattern") = false,
            "Free the derivative values and the terms' scratch, keeping g (and the pattern unless\n"
            "pattern=True); the next evaluate allocates (and builds) them again: for blocks\n"

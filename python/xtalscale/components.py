@@ -1886,6 +1886,17 @@ class ComponentModelBlock:
         self.core.evaluate(self.parameters())
         return self.core.scales, _csr_view(self.core)
 
+    def evaluate_scales(self) -> np.ndarray:
+        """``g`` only at the components' current parameters (no derivatives, no pattern): a
+        read-only view of the block's buffer, rewritten by the next evaluation."""
+        if not self._fresh_externals:
+            for comp, term in self._external:
+                s, d = comp.calculate_scales_and_derivatives(self.block_id)
+                _set_external(term, s, d, type(comp).__name__)
+        self._fresh_externals = False
+        self.core.evaluate_scales(self.parameters())
+        return self.core.scales
+
     @property
     def scales(self) -> np.ndarray:
         """``g`` of the last evaluation (read-only view)."""

@@ -799,6 +799,22 @@ class RefinerCalculator:
             (jac.data.copy(), jac.indices, jac.indptr), shape=jac.shape, copy=False))
 
     @staticmethod
+    def calculate_scales(apm: Any, block_id: int) -> np.ndarray:
+        """``g`` alone, as :meth:`calculate_scales_and_derivatives` gives it (the same
+        product, bit for bit), without derivatives: for residuals at a trial point."""
+        constant = getattr(apm, "constant_g_values", None)
+        const = None if constant is None else np.asarray(constant[block_id], dtype=np.float64)
+        if not apm.components:
+            if const is None:
+                raise ValueError("the parameter manager has neither active components nor constant scales")
+            return const.copy()
+        objects = [info["object"] for info in apm.components.values()]
+        if len(objects) == 1:
+            scales = np.asarray(objects[0].calculate_scales(block_id), dtype=np.float64)
+            return scales * const if const is not None else scales.copy()
+        return _refiner_block(apm, objects, block_id, const).evaluate_scales().copy()
+
+    @staticmethod
     def _calc_component_scales_derivatives(apm: Any, block_id: int) -> tuple[list, list]:
         """Each active component's scales and derivatives for one block (DIALS's helper)."""
         scales, derivatives = [], []

@@ -118,6 +118,23 @@ def test_release_values_frees_the_values_and_the_next_evaluation_rebuilds_them(r
     np.testing.assert_array_equal(np.asarray(jac3.data), values1)
 
 
+def test_evaluate_scales_gives_evaluates_g_bit_for_bit_and_holds_nothing(rng):
+    """evaluate_scales (a streamed trial step): g equal to evaluate's bit for bit, no pattern
+    built, no derivative values, the terms' scratch freed."""
+    comps = _physical(rng, 2000, lean=True)
+    block = ComponentModelBlock(comps)
+    g_only = np.array(block.evaluate_scales())
+    assert block.core.version == 0 and not block.core.evaluated  # no pattern, no view
+    assert block.core.nbytes <= 2000 * 8 + 2001 * 8  # g and the empty row starts
+    g, _ = block.evaluate()
+    np.testing.assert_array_equal(g_only, g)
+    for comp in comps:
+        comp.parameters = comp.parameters * 1.01
+    g2_only = np.array(block.evaluate_scales())
+    g2, _ = block.evaluate()
+    np.testing.assert_array_equal(g2_only, g2)
+
+
 def test_array_and_kb_components_and_fixed_factors(rng):
     n = 1500
     decay = SmoothScaleComponent2D(rng.uniform(0.9, 1.1, 15), shape=(5, 3))

@@ -433,6 +433,10 @@ def test_refiner_calculator_product_rule_and_dials_quirk():
     g, J = RefinerCalculator.calculate_scales_and_derivatives(none, 0)
     np.testing.assert_allclose(g, 2.0 * sB, rtol=1e-15)
     assert J.shape == (0, 0)
+    # calculate_scales (g alone, for trial steps) is the same product, bit for bit
+    for apm in (only_b, both, none):
+        np.testing.assert_array_equal(RefinerCalculator.calculate_scales(apm, 0),
+                                      RefinerCalculator.calculate_scales_and_derivatives(apm, 0)[0])
     m = row_multiply(sp.csr_matrix(np.array([[1.0, 0.0], [2.0, 3.0]])), [10.0, -1.0])
     np.testing.assert_array_equal(m.toarray(), [[10.0, 0.0], [-2.0, -3.0]])
     with pytest.raises(ValueError, match="one value per matrix row"):

@@ -296,6 +296,13 @@ class XTALSCALE_EXPORT ModelBlock {
   /// @throws std::invalid_argument for a wrong parameter count or an unset ExternalTerm.
   void evaluate(const double* params, std::size_t n_params);
 
+  /// g only, at @p params: every term's scales multiplied, no derivative values written and no
+  /// pattern built (for a caller that needs the residuals, e.g. a trial step); the terms'
+  /// scratch is freed afterwards. evaluated() is false afterwards (the derivatives, if any,
+  /// are for other parameters). g equals evaluate()'s bit for bit.
+  /// @throws std::invalid_argument as evaluate().
+  void evaluate_scales(const double* params, std::size_t n_params);
+
   /// True once evaluate() has run (view() is empty before).
   bool evaluated() const noexcept { return evaluated_; }
   /// Bumped by every pattern build (0 before the first).

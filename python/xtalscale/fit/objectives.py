@@ -80,10 +80,11 @@ class ScalerObjective:
         stream = self._streaming()
         for block_id, block in enumerate(self._blocks()):
             with np.errstate(over="ignore", invalid="ignore"):
-                self.scaler.update_for_minimisation(self.apm, block_id)
+                if stream:  # g and Ĩ only: the derivatives are built when a block is consumed
+                    self.scaler.update_for_minimisation(self.apm, block_id, derivatives=False)
+                else:
+                    self.scaler.update_for_minimisation(self.apm, block_id)
             _check_scales(np.asarray(block.inverse_scale_factors))
-            if stream:
-                self.scaler.release_block_derivatives(self.apm, block_id)
 
     def _each_block(self, derivatives: bool = True) -> Iterator[Any]:
         """The minimisation blocks with g and Ĩ (and ∂g/∂p, if asked) current for the manager's

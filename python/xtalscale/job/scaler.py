@@ -236,6 +236,13 @@ class ScalerBase:
                 block.derivatives = cached[1]
             return
         apms = list(apm.apm_list) if hasattr(apm, "apm_list") else [apm]
+        if not derivatives:  # g only (the same product as with derivatives, bit for bit)
+            scales = self._map_datasets(lambda a: RefinerCalculator.calculate_scales(a, block_id), apms)
+            block.inverse_scale_factors = scales[0] if len(scales) == 1 else np.concatenate(scales)
+            block.derivatives = None
+            self._update_keys[block_id] = (key, None)
+            block.calc_Ih()
+            return
         n_total = int(sum(a.n_active_params for a in apms))
         scales, pieces, row_starts, col_offsets, start, row_offset = [], [], [], [], 0, 0
         # views of the model blocks' buffers (no copy): the target consumes them before the
