@@ -512,24 +512,29 @@ class IhTable:
         n_blocks_total = n_work_blocks + (1 if pct > 0 else 0)
         self.blocked_data_list: list[IhTableBlock] = []
         self.blocked_selection_list: list[list[np.ndarray]] = []
+        # Each group's number within its block, and per dataset its rows ordered by block, then
+        # group, then row (two stable counting sorts): O(rows + groups) whatever the number of
+        # blocks (a streamed table has many).
+        group_order, block_starts = _stable_group_order(block_of_group, n_blocks_total)
+        local = np.empty(n_unique, np.int64)
+        local[group_order] = np.arange(n_unique) - np.repeat(block_starts[:-1], np.diff(block_starts))
+        by_block = []
+        for d in range(self.n_datasets):
+            g = gidx[starts[d]:starts[d + 1]]
+            by_group = _stable_group_order(g, n_unique)[0]
+            within, row_starts = _stable_group_order(block_of_group[g[by_group]], n_blocks_total)
+            by_block.append((g, by_group[within], row_starts))
         for b in range(n_blocks_total):
-            groups_in_block = np.flatnonzero(block_of_group == b)
-            local = np.full(n_unique, -1, np.int64)
-            local[groups_in_block] = np.arange(groups_in_block.size)
-            rows_per_ds = []
-            for d in range(self.n_datasets):
-                g = gidx[starts[d]:starts[d + 1]]
-                rows = np.flatnonzero(local[g] >= 0)
-                rows = rows[_stable_group_order(g[rows], n_unique)[0]]
-                rows_per_ds.append(rows)
-            block = IhTableBlock(groups_in_block.size, sum(r.size for r in rows_per_ds), self.n_datasets)
+            n_groups_b = int(block_starts[b + 1] - block_starts[b])
+            rows_per_ds = [order[row_starts[b]:row_starts[b + 1]] for _, order, row_starts in by_block]
+            block = IhTableBlock(n_groups_b, sum(r.size for r in rows_per_ds), self.n_datasets)
             for d, rows in enumerate(rows_per_ds):
-                g = gidx[starts[d]:starts[d + 1]]
+                g = by_block[d][0]
                 block.add_data(d, local[g[rows]], {k: v[rows] for k, v in cols[d].items()},
                                hkls[d][rows])
             self.blocked_data_list.append(block)
             self.blocked_selection_list.append([blk for blk in block.block_selections])
-            self.properties_dict["n_unique_in_each_block"].append(groups_in_block.size)
+            self.properties_dict["n_unique_in_each_block"].append(n_groups_b)
         if pct > 0:
             self.free_Ih_table = True
         self.n_work_blocks = n_work_blocks
