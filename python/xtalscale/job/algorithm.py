@@ -235,7 +235,10 @@ class ScalingAlgorithm:
             self.scaler.prepare_reflection_tables_for_output()
             return
         self.no_equivalents = None
-        scaling_algorithm(self.scaler)
+        try:
+            scaling_algorithm(self.scaler)
+        finally:
+            self.scaler.shutdown_threads()
         self.remove_bad_data()
         self.report_emptied_datasets()
         self.scaled = True
