@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "fit_parallel.hpp"
 #include "xtalscale/check.hpp"
 
 namespace xtalscale {
@@ -229,16 +230,16 @@ void limit_outlier_weights(const GroupLayout& layout, const double* weight, doub
   }
 }
 
-std::vector<std::int64_t> standard_outlier_rows(const GroupLayout& layout, const double* intensity,
-                                                const double* weight, const double* scale, double zmax) {
-  // Each group is worked on alone until it yields no outlier: a round of DIALS's loop only
-  // touches the groups that had an outlier in the round before, and every quantity (weight
-  // cap, leave-one-out means, the pick) is per group. Outliers are kept per round so that
-  // the result is in DIALS's detection order (round by round, groups in order).
+namespace {
+
+/// DIALS's standard rejection on groups [first, last): each group alone until it yields no
+/// outlier; the outliers appended to by_round[round] in group order.
+void standard_outliers_of_groups(const GroupLayout& layout, std::size_t first, std::size_t last,
+                                 const double* intensity, const double* weight, const double* scale,
+                                 double zmax, std::vector<std::vector<std::int64_t>>& by_round) {
   GatheredGroup group;
   std::vector<double> capped, abs_z, buffer;
-  std::vector<std::vector<std::int64_t>> by_round;
-  for (std::size_t k = 0; k < layout.n_groups; ++k) {
+  for (std::size_t k = first; k < last; ++k) {
     const auto begin = layout.offsets[k];
     const auto n_members = static_cast<std::size_t>(layout.offsets[k + 1] - begin);
     if (n_members <= 2) continue;
@@ -258,8 +259,49 @@ std::vector<std::int64_t> standard_outlier_rows(const GroupLayout& layout, const
       group.erase(best);
     }
   }
+}
+
+/// Groups per work chunk of the threaded standard rejection (fixed: the merged result does
+/// not depend on the thread count).
+constexpr std::size_t kOutlierChunkGroups = 4096;
+
+}  // namespace
+
+std::vector<std::int64_t> standard_outlier_rows(const GroupLayout& layout, const double* intensity,
+                                                const double* weight, const double* scale, double zmax,
+                                                int n_threads) {
+  // Each group is worked on alone until it yields no outlier: a round of DIALS's loop only
+  // touches the groups that had an outlier in the round before, and every quantity (weight
+  // cap, leave-one-out means, the pick) is per group. Outliers are kept per round so that
+  // the result is in DIALS's detection order (round by round, groups in order). Groups go in
+  // fixed chunks (over threads); the chunks' rounds are joined in chunk order, so the result
+  // is the serial one for any thread count.
+  // A weight that is not positive in a tested group throws, as the serial loop would at the
+  // first such group and row; checked here, before any thread starts.
+  for (std::size_t k = 0; k < layout.n_groups; ++k) {
+    const auto begin = layout.offsets[k], end = layout.offsets[k + 1];
+    if (end - begin <= 2) continue;
+    for (auto i = begin; i < end; ++i)
+      if (!(weight[layout.order[i]] > 0.0))
+        throw std::invalid_argument("weights must be positive (row " + std::to_string(layout.order[i]) + ")");
+  }
+  const std::size_t n_chunks = (layout.n_groups + kOutlierChunkGroups - 1) / kOutlierChunkGroups;
+  std::vector<std::vector<std::vector<std::int64_t>>> found(n_chunks);
+  fit::detail::parallel_for(n_chunks, n_threads, [&](std::size_t c) {
+    standard_outliers_of_groups(layout, c * kOutlierChunkGroups,
+                                std::min(layout.n_groups, (c + 1) * kOutlierChunkGroups), intensity, weight,
+                                scale, zmax, found[c]);
+  });
   std::vector<std::int64_t> outliers;
-  for (const auto& found : by_round) outliers.insert(outliers.end(), found.begin(), found.end());
+  for (std::size_t round = 0;; ++round) {
+    bool any = false;
+    for (const auto& chunk : found) {
+      if (round >= chunk.size()) continue;
+      any = true;
+      outliers.insert(outliers.end(), chunk[round].begin(), chunk[round].end());
+    }
+    if (!any) break;
+  }
   return outliers;
 }
 

@@ -143,13 +143,14 @@ py::tuple select_rows_in_groups_py(const Int64Array& order, const Int64Array& of
 }
 
 Int64Array standard_outlier_rows_py(const Int64Array& order, const Int64Array& offsets, const DoubleArray& intensity,
-                                    const DoubleArray& weight, const DoubleArray& scale, double zmax) {
+                                    const DoubleArray& weight, const DoubleArray& scale, double zmax, int n_threads) {
   const IntensityRows in = intensity_rows(order, offsets, intensity, weight, scale);
   if (!std::isfinite(zmax) || zmax <= 0) throw std::invalid_argument("zmax must be positive and finite");
+  if (n_threads < 1) throw std::invalid_argument("n_threads must be >= 1");
   std::vector<std::int64_t> outliers;
   {
     py::gil_scoped_release release;
-    outliers = standard_outlier_rows(in.layout, in.I, in.w, in.g, zmax);
+    outliers = standard_outlier_rows(in.layout, in.I, in.w, in.g, zmax, n_threads);
   }
   return to_array(outliers);
 }
@@ -347,7 +348,7 @@ void bind_job(py::module_& m) {
         "Per-bin sums of delta = numerator / sqrt(variance + b_squared * intensity_sq) and of delta**2\n"
         "(rows with bin < 0 are in no bin). Returns (sum_delta, sum_delta_sq).");
   m.def("standard_outlier_rows", &standard_outlier_rows_py, py::arg("order"), py::arg("offsets"),
-        py::arg("intensity"), py::arg("weight"), py::arg("scale"), py::arg("zmax"),
+        py::arg("intensity"), py::arg("weight"), py::arg("scale"), py::arg("zmax"), py::arg("n_threads") = 1,
         "DIALS's standard (iterative leave-one-out) outlier rejection in one call: the outlier rows in\n"
         "detection order (round by round, groups in order). Weights are capped at 10 x the group median\n"
         "each round; weights in tested groups must be positive.");

@@ -222,12 +222,20 @@ def test_subset_is_the_grouping_of_the_kept_rows(anomalous):
     assert [list(r) for r in rows] == [list(r) for r in determine_outlier_index_arrays(direct, "standard", zmax=1.5)]
 
 
-def test_fused_standard_rejection_equals_the_round_by_round_kernels():
-    """standard_outlier_rows = the loop of weight cap, leave-one-out z, pick and regrouping."""
+@pytest.mark.parametrize("n_rows,n_threads", [(5000, 1), (120000, 1), (120000, 2)])
+def test_fused_standard_rejection_equals_the_round_by_round_kernels(n_rows, n_threads):
+    """standard_outlier_rows = the loop of weight cap, leave-one-out z, pick and regrouping;
+    with many groups (several fixed chunks of 4096 groups) and on two threads too."""
     rng = np.random.default_rng(7)
-    g = GroupedObservations.from_tables(_random_tables(rng, 1, 5000), SG, selections=[np.ones(5000, bool)])
+    tables = _random_tables(rng, 1, n_rows)
+    if n_rows > 5000:  # ~15,000 groups of ~8: four chunks
+        tables[0]["miller_index"] = rng.integers(-24, 25, size=(n_rows, 3)).astype(np.int32)
+    g = GroupedObservations.from_tables(tables, SG, selections=[np.ones(n_rows, bool)])
+    if n_rows > 5000:
+        assert g.n_groups > 3 * 4096
+    n_out = n_rows // 16
     I = g.intensity.copy()
-    I[rng.integers(0, I.size, 300)] *= rng.uniform(2, 6, 300)  # outliers, some groups several
+    I[rng.integers(0, I.size, n_out)] *= rng.uniform(2, 6, n_out)  # outliers, some groups several
     w = g.weight * rng.choice([1.0, 30.0], size=I.size, p=[0.9, 0.1])  # some weights capped
     order, offsets, position, inten, weight, scale = g.order, g.offsets, np.arange(I.size), I, w, g.scale
     found = []
@@ -243,7 +251,8 @@ def test_fused_standard_rejection_equals_the_round_by_round_kernels():
         order, offsets = kern.subset_grouping(order, offsets, keep)
         position, inten, weight, scale = position[keep], inten[keep], weight[keep], scale[keep]
     expected = np.concatenate(found)
-    assert expected.size > 300 and len(found) > 2
-    np.testing.assert_array_equal(kern.standard_outlier_rows(g.order, g.offsets, I, w, g.scale, 3.0), expected)
+    assert expected.size > n_out and len(found) > 2
+    np.testing.assert_array_equal(
+        kern.standard_outlier_rows(g.order, g.offsets, I, w, g.scale, 3.0, n_threads=n_threads), expected)
     with pytest.raises(ValueError, match="positive"):
-        kern.standard_outlier_rows(g.order, g.offsets, I, np.zeros(I.size), g.scale, 3.0)
+        kern.standard_outlier_rows(g.order, g.offsets, I, np.zeros(I.size), g.scale, 3.0, n_threads=n_threads)

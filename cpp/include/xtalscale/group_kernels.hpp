@@ -74,10 +74,13 @@ XTALSCALE_EXPORT std::vector<std::int64_t> select_rows_in_groups(
 /// (round by round, groups in order within a round) -- the same rows as iterating
 /// limit_outlier_weights, normdev_leave_one_out, pick_group_outliers and a regrouping to the
 /// potential outliers. Throws std::invalid_argument if a weight in a tested group is not positive.
+/// Groups are worked on in fixed chunks over @p n_threads threads; the result is the same for
+/// any thread count.
 XTALSCALE_EXPORT std::vector<std::int64_t> standard_outlier_rows(const GroupLayout& layout,
                                                                  const double* intensity,
                                                                  const double* weight,
-                                                                 const double* scale, double zmax);
+                                                                 const double* scale, double zmax,
+                                                                 int n_threads = 1);
 
 /// select_rows_in_groups with the rows renumbered to the subset: @p new_order holds positions
 /// among the kept rows (row r becomes the number of kept rows before it), so the subset's

@@ -50,6 +50,7 @@ def standard_outlier_rows(
     weight: npt.ArrayLike,
     scale: npt.ArrayLike,
     zmax: float,
+    n_threads: int = 1,
 ) -> npt.NDArray[np.int64]: ...
 def subset_grouping(
     order: npt.ArrayLike, offsets: npt.ArrayLike, keep: npt.ArrayLike

@@ -70,14 +70,16 @@ def _check_zmax(zmax: float) -> float:
     return zmax
 
 
-def _standard(grouped: GroupedObservations, zmax: float) -> np.ndarray:
+def _standard(grouped: GroupedObservations, zmax: float, n_threads: int = 1) -> np.ndarray:
     """Positions (into ``grouped``) of the standard method's outliers, in detection order.
 
     One C++ call runs DIALS's rounds: each group is re-examined without its outlier until it
     gives none (the weights re-capped every round), which is what regrouping the potential
-    outliers and testing again does."""
+    outliers and testing again does. The groups go over ``n_threads`` threads in fixed chunks
+    (the same rows in the same order for any thread count)."""
     return _kern.standard_outlier_rows(grouped.order, grouped.offsets, grouped.intensity,
-                                       np.asarray(grouped.weight, dtype=np.float64), grouped.scale, zmax)
+                                       np.asarray(grouped.weight, dtype=np.float64), grouped.scale, zmax,
+                                       n_threads=max(1, int(n_threads)))
 
 
 def _simple(grouped: GroupedObservations, zmax: float) -> np.ndarray:
@@ -109,8 +111,10 @@ def _targeted(grouped: GroupedObservations, zmax: float, target: GroupedObservat
 
 
 def determine_outlier_rows(grouped: GroupedObservations, method: str = "standard",
-                           zmax: float = 6.0, target: GroupedObservations | None = None) -> np.ndarray:
-    """Positions (into ``grouped``) of the outliers, in detection order.
+                           zmax: float = 6.0, target: GroupedObservations | None = None,
+                           n_threads: int = 1) -> np.ndarray:
+    """Positions (into ``grouped``) of the outliers, in detection order (the standard method
+    on ``n_threads`` threads; the same result for any thread count).
 
     Raises
     ------
@@ -119,7 +123,7 @@ def determine_outlier_rows(grouped: GroupedObservations, method: str = "standard
     """
     zmax = _check_zmax(zmax)
     if method == "standard":
-        return _standard(grouped, zmax)
+        return _standard(grouped, zmax, n_threads)
     if method == "simple":
         return _simple(grouped, zmax)
     if method == "target":

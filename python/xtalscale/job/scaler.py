@@ -464,7 +464,7 @@ class ScalerBase:
         if method is None:
             return
         grouped = self._grouped_suitable()
-        rows = determine_outlier_rows(grouped, method, float(so.outlier_zmax))
+        rows = determine_outlier_rows(grouped, method, float(so.outlier_zmax), n_threads=self.n_threads)
         per_dataset = grouped.rows_per_dataset(rows)
         if so.emax:
             esq = determine_Esq_outlier_index_arrays(grouped, self.datasets[0].experiment, float(so.emax))
