@@ -573,3 +573,24 @@ def test_streamed_blocks_give_the_unstreamed_fit(monkeypatch):
     np.testing.assert_allclose(g_s, g_p, rtol=1e-9, atol=0)
     np.testing.assert_allclose(v_s, v_p, rtol=1e-6, atol=1e-18)
     assert [j.get_nrows() for j in streamed.scaler.journals] == [j.get_nrows() for j in plain.scaler.journals]
+
+
+def test_a_failed_imid_refit_falls_back_to_dials_comparison(monkeypatch, caplog):
+    """If the candidates' refit fails (non-finite scales, a failed start), the models are
+    restored, a warning says so and DIALS's comparison decides: the job completes."""
+    from xtalscale.fit.minimisers import Journal, RefinementFailed
+    from xtalscale.job import scaler as scaler_module
+
+    original = scaler_module.ScalerBase.perform_scaling
+
+    def failing(self, engine=None, *args, **kwargs):
+        if engine == "LevMarStep":
+            raise RefinementFailed("the starting parameters give non-finite scales", Journal())
+        return original(self, engine, *args, **kwargs)
+
+    monkeypatch.setattr(scaler_module.ScalerBase, "perform_scaling", failing)
+    with caplog.at_level("WARNING", logger="xtalscale.scale"):
+        algorithm, expts, table = _run(FOUR_SWEEPS, "output.html=None")
+    assert "refit failed" in caplog.text
+    assert algorithm.scaler.Imid == 0.0  # DIALS's choice on these data
+    assert _stats(expts, table).n_obs > 11000

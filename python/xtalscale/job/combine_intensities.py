@@ -344,8 +344,18 @@ def combine_scaler_intensities(scaler: Any) -> None:
     else:
         isum = _summation_over_partiality(datasets, sels)
         candidates = candidate_Imids(isum) if isum.size else []
+    refitted = None
     if params.reflection_selection.combine.joint_analysis and refit and len(candidates) > 1:
-        current, results = _refitted_rmeas(scaler, datasets, sels, candidates)
+        from ..fit.minimisers import NonFiniteScales, RefinementFailed
+
+        try:
+            refitted = _refitted_rmeas(scaler, datasets, sels, candidates)
+        except (RefinementFailed, NonFiniteScales, np.linalg.LinAlgError) as exc:
+            # the models are restored; DIALS's comparison still decides
+            logger.warning("intensity combination: the candidates' refit failed (%s); comparing "
+                           "them on the first round's scales", exc)
+    if refitted is not None:
+        current, results = refitted
         valid = {k: v for k, v in results.items() if v >= 0}
         best = min(valid, key=valid.get) if valid else 0.0
         choices = [best] * len(datasets)
