@@ -447,7 +447,7 @@ void ModelBlock::fill(const std::vector<TermValues>& tv) {
   }
 }
 
-void ModelBlock::evaluate(const double* params, std::size_t n_params) {
+void ModelBlock::evaluate_terms(const double* params, std::size_t n_params) {
   require(n_params == n_params_, "params must hold " + std::to_string(n_params_) +
                                      " values (every term's parameters), got " +
                                      std::to_string(n_params));
@@ -456,6 +456,15 @@ void ModelBlock::evaluate(const double* params, std::size_t n_params) {
   term_values_.resize(terms_.size());
   for (std::size_t t = 0; t < terms_.size(); ++t)
     term_values_[t] = terms_[t]->evaluate(params + param_start_[t], scratch_[t]);
+}
+
+void ModelBlock::free_scratch() {
+  std::vector<TermScratch>().swap(scratch_);
+  term_values_.clear();
+}
+
+void ModelBlock::evaluate(const double* params, std::size_t n_params) {
+  evaluate_terms(params, n_params);
   if (pattern_stale()) {
     build_pattern();
   } else if (out_.values->size() != out_.indices->size()) {  // released: allocate again
@@ -466,14 +475,7 @@ void ModelBlock::evaluate(const double* params, std::size_t n_params) {
 }
 
 void ModelBlock::evaluate_scales(const double* params, std::size_t n_params) {
-  require(n_params == n_params_, "params must hold " + std::to_string(n_params_) +
-                                     " values (every term's parameters), got " +
-                                     std::to_string(n_params));
-  require_finite(params, n_params, "params");
-  scratch_.resize(terms_.size());
-  term_values_.resize(terms_.size());
-  for (std::size_t t = 0; t < terms_.size(); ++t)
-    term_values_[t] = terms_[t]->evaluate(params + param_start_[t], scratch_[t]);
+  evaluate_terms(params, n_params);
   double* g = out_.scales->data();
   std::fill(g, g + n_rows_, 1.0);
   for (std::size_t t = 0; t < terms_.size(); ++t) {  // the same product order as fill()
@@ -483,14 +485,12 @@ void ModelBlock::evaluate_scales(const double* params, std::size_t n_params) {
   evaluated_ = false;
   // the terms' scratch is not needed until the next evaluation: a caller evaluating many
   // blocks for g alone (a streamed trial step) holds none of it
-  std::vector<TermScratch>().swap(scratch_);
-  term_values_.clear();
+  free_scratch();
 }
 
 void ModelBlock::release_values(bool pattern) {
   out_.values = std::make_shared<std::vector<double>>();
-  std::vector<TermScratch>().swap(scratch_);
-  term_values_.clear();
+  free_scratch();
   evaluated_ = false;
   if (pattern) {
     out_.indptr = std::make_shared<std::vector<std::int64_t>>(n_rows_ + 1, 0);

@@ -1872,28 +1872,29 @@ class ComponentModelBlock:
             return np.zeros(0)
         return np.concatenate([np.asarray(c.parameters, dtype=np.float64) for c in self._native])
 
+    def _refresh_externals(self) -> None:
+        """Copy the Python-defined components' scales and derivatives into their terms (unless
+        they were just set) before the C++ evaluation."""
+        if not self._fresh_externals:
+            for comp, term in self._external:
+                s, d = comp.calculate_scales_and_derivatives(self.block_id)
+                _set_external(term, s, d, type(comp).__name__)
+        self._fresh_externals = False
+
     def evaluate(self) -> tuple:
         """Evaluate at the components' current parameters; returns ``(g, ∂g/∂p)``.
 
         ``g`` and the CSR matrix are read-only views of the block's buffers, rewritten in place
         by the next evaluation (copy them to keep them).
         """
-        if not self._fresh_externals:
-            for comp, term in self._external:
-                s, d = comp.calculate_scales_and_derivatives(self.block_id)
-                _set_external(term, s, d, type(comp).__name__)
-        self._fresh_externals = False
+        self._refresh_externals()
         self.core.evaluate(self.parameters())
         return self.core.scales, _csr_view(self.core)
 
     def evaluate_scales(self) -> np.ndarray:
         """``g`` only at the components' current parameters (no derivatives, no pattern): a
         read-only view of the block's buffer, rewritten by the next evaluation."""
-        if not self._fresh_externals:
-            for comp, term in self._external:
-                s, d = comp.calculate_scales_and_derivatives(self.block_id)
-                _set_external(term, s, d, type(comp).__name__)
-        self._fresh_externals = False
+        self._refresh_externals()
         self.core.evaluate_scales(self.parameters())
         return self.core.scales
 

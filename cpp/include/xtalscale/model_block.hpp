@@ -325,6 +325,10 @@ class XTALSCALE_EXPORT ModelBlock {
 
  private:
   bool pattern_stale() const;
+  /// Check @p params and evaluate every term into its scratch (term_values_).
+  void evaluate_terms(const double* params, std::size_t n_params);
+  /// Drop the terms' scratch (allocated again by the next evaluation).
+  void free_scratch();
   void build_pattern();
   void fill(const std::vector<TermValues>& tv);
 

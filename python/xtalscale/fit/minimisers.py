@@ -432,6 +432,11 @@ def gauss_newton(objective: Objective, max_iterations: int | None = None, rmsd_t
     return journal
 
 
+def _initial_damping(matrix: np.ndarray) -> float:
+    """LevMar's first damping μ = 1e-3·max diag(N) (scitbx's and DIALS's rule)."""
+    return 1e-3 * float(np.max(np.diag(matrix))) if matrix.size else 0.0
+
+
 def levenberg_marquardt_step(objective: Objective, max_iterations: int | None = 1, rmsd_tolerance: float = 1e-4,
                              journal: Journal | None = None) -> Journal:
     """One Levenberg–Marquardt step from the current parameters, with LevMar's first damping
@@ -445,7 +450,7 @@ def levenberg_marquardt_step(objective: Objective, max_iterations: int | None = 
     if start is None:
         return journal
     names, x, (matrix, rhs, r_sq, n_eq) = start
-    mu = 1e-3 * float(np.max(np.diag(matrix))) if matrix.size else 0.0
+    mu = _initial_damping(matrix)
     solution = solve_normal_equations(matrix + mu * np.eye(matrix.shape[0]), rhs, names)
     journal.messages.extend(solution.messages)
     journal.add(objective=0.5 * r_sq, rmsd=objective.rmsd(), gradient_norm=float(np.linalg.norm(rhs)),
@@ -483,7 +488,7 @@ def levenberg_marquardt(objective: Objective, max_iterations: int | None = 100, 
     zero_rhs = [names[j] for j in np.flatnonzero(rhs == 0.0)]
     if zero_rhs:  # DIALS raises here; the solver fixes untouched parameters instead
         journal.messages.append("normal equations have an indeterminate solution for: " + ", ".join(zero_rhs[:20]))
-    mu = 1e-3 * float(np.max(np.diag(matrix))) if matrix.size else 0.0
+    mu = _initial_damping(matrix)
     nu = 2.0
     solution = None
     iteration = 0
