@@ -594,3 +594,23 @@ def test_a_failed_imid_refit_falls_back_to_dials_comparison(monkeypatch, caplog)
     assert "refit failed" in caplog.text
     assert algorithm.scaler.Imid == 0.0  # DIALS's choice on these data
     assert _stats(expts, table).n_obs > 11000
+
+
+@pytest.mark.parametrize("refit", [True, False])
+def test_non_finite_summation_intensity_is_a_clear_error_in_the_imid_search(refit):
+    """A NaN I_sum on a row the combination reads is named (column and row) by either
+    comparison, refitted or DIALS's, instead of a NaN candidate or choice."""
+    inputs = load_inputs(SWEEP20)
+    params, _ = parse_phil_arguments([f"reflection_selection.combine.refit_candidates={refit}", "output.html=None"])
+    algorithm = ScalingAlgorithm(params, inputs.experiments, inputs.tables)
+    ds = algorithm.scaler.datasets[0]
+    flags = np.asarray(ds.table["flags"]).astype(np.int64)
+    both = int(Flags.integrated_prf) | int(Flags.integrated_sum)
+    row = int(next(r for r in ds.suitable_idx if (flags[r] & both) == both))
+    isum = np.asarray(ds.table["intensity.sum.value"], dtype=np.float64).copy()
+    isum[row] = np.nan
+    from xtalscale.flex_arrays import double
+
+    ds.table["intensity.sum.value"] = double(isum)
+    with pytest.raises(ValueError, match="intensity.sum.value' is not finite at selected row"):
+        algorithm.scaler.combine_intensities()

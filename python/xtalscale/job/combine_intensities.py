@@ -72,39 +72,46 @@ def _rmeas(order: np.ndarray, offsets: np.ndarray, intensity: np.ndarray, varian
            scale: np.ndarray) -> float:
     """:func:`rmeas_of` on a grouping: the per-group sums over the usable rows in one C++ pass
     (no subset is made), the sum over groups of more than one usable row here."""
+    num, den = _rmeas_sums(order, offsets, intensity, variance, scale)
+    return num / den if den > 0 else -1.0
+
+
+def _rmeas_sums(order: np.ndarray, offsets: np.ndarray, intensity: np.ndarray, variance: np.ndarray,
+                scale: np.ndarray) -> tuple[float, float]:
+    """Rmeas's numerator Σ √(n/(n−1)) Σ|I/g − Ĩ| and denominator Σ I/g over the groups of more
+    than one usable row (0, 0 when there is none), so that several groupings can be summed."""
     n_used, absdev, total = _kern.rmeas_group_sums(order, offsets, np.asarray(intensity, dtype=np.float64),
                                                    np.asarray(variance, dtype=np.float64), scale)
-    if n_used.sum() < 2:
-        return -1.0
     multi = n_used > 1
     if not multi.any():
-        return -1.0
+        return 0.0, 0.0
     n = n_used[multi].astype(np.float64)
-    num = np.sum(np.sqrt(n / (n - 1.0)) * absdev[multi])
-    den = np.sum(total[multi])
-    return float(num / den) if den > 0 else -1.0
+    return float(np.sum(np.sqrt(n / (n - 1.0)) * absdev[multi])), float(np.sum(total[multi]))
 
 
 def _combination_inputs(tables: Sequence[Any], selections: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
     """Profile and summation I and V (prescaling correction and partiality applied), g and the
     Miller index of the selected rows, tables one after the other."""
-    parts: dict[str, list] = {k: [] for k in ("Iprf", "Isum", "Vprf", "Vsum", "g", "hkl")}
+    parts: dict[str, list] = {k: [] for k in ("Iprf", "Vprf", "Vsum", "g", "hkl")}
     for t, sel in zip(tables, selections):
         conv = np.asarray(t["prescaling_correction"], dtype=np.float64)[sel] if "prescaling_correction" in t \
             else np.ones(int(sel.sum()))
         p = np.asarray(t["partiality"], dtype=np.float64)[sel] if "partiality" in t else np.ones(int(sel.sum()))
         parts["Iprf"].append(np.asarray(t["intensity.prf.value"], float)[sel] * conv)
         parts["Vprf"].append(np.asarray(t["intensity.prf.variance"], float)[sel] * conv ** 2)
-        parts["Isum"].append(np.asarray(t["intensity.sum.value"], float)[sel] * conv / p)
         parts["Vsum"].append(np.asarray(t["intensity.sum.variance"], float)[sel] * (conv / p) ** 2)
         parts["g"].append(np.asarray(t["inverse_scale_factor"], float)[sel])
         parts["hkl"].append(np.asarray(t["miller_index"]).reshape(-1, 3)[sel])
     arr = {k: np.concatenate(v) for k, v in parts.items()}
-    for name, key in (("intensity.sum.value", "Isum"), ("inverse_scale_factor", "g")):
-        if not np.all(np.isfinite(arr[key])):
-            bad = int(np.flatnonzero(~np.isfinite(arr[key]))[0])
-            raise ValueError(f"column '{name}' is not finite at selected row {bad}")
+    arr["Isum"] = _summation_over_partiality(tables, selections)
+    _require_finite(arr["g"], "inverse_scale_factor")
     return arr
+
+
+def _require_finite(values: np.ndarray, name: str) -> None:
+    if not np.all(np.isfinite(values)):
+        bad = int(np.flatnonzero(~np.isfinite(values))[0])
+        raise ValueError(f"column '{name}' is not finite at selected row {bad}")
 
 
 def _best_Imid(order: np.ndarray, offsets: np.ndarray, arr: dict[str, np.ndarray],
@@ -204,16 +211,18 @@ REFIT_ENGINE = "LevMarStep"
 REFIT_MAX_OBSERVATIONS = 30_000
 
 
-def _summation_over_partiality(datasets: Sequence[Any], selections: Sequence[np.ndarray]) -> np.ndarray:
-    """I_sum/p (prescaling correction applied) of the selected rows: what the candidate Imids
-    are derived from (:func:`candidate_Imids`)."""
+def _summation_over_partiality(tables: Sequence[Any], selections: Sequence[np.ndarray]) -> np.ndarray:
+    """I_sum/p (prescaling correction applied) of the selected rows, tables one after the other:
+    what the candidate Imids are derived from (:func:`candidate_Imids`). Raises ValueError
+    naming the first row that is not finite."""
     parts = []
-    for ds, sel in zip(datasets, selections):
-        t = ds.table
+    for t, sel in zip(tables, selections):
         conv = np.asarray(t["prescaling_correction"], dtype=np.float64)[sel] if "prescaling_correction" in t else 1.0
         p = np.asarray(t["partiality"], dtype=np.float64)[sel] if "partiality" in t else 1.0
         parts.append(np.asarray(t["intensity.sum.value"], dtype=np.float64)[sel] * conv / p)
-    return np.concatenate(parts) if parts else np.zeros(0)
+    isum = np.concatenate(parts) if parts else np.zeros(0)
+    _require_finite(isum, "intensity.sum.value")
+    return isum
 
 
 def _refitted_rmeas(scaler: Any, datasets: Sequence[Any], selections: Sequence[np.ndarray],
@@ -277,13 +286,11 @@ class _RefitInputs:
             in_table_order[table_rows] = np.arange(n)
             order, offs = _kern.subset_grouping(in_table_order, np.asarray(offsets, np.int64), counted)
             # the subset's rows are renumbered: row i is the i-th counted row
-            n_used, absdev, total = _kern.rmeas_group_sums(
+            block_num, block_den = _rmeas_sums(
                 order, offs, *(np.asarray(a, dtype=np.float64)[counted] for a in
                                (block.intensities, block.variances, block.inverse_scale_factors)))
-            multi = n_used > 1
-            m = n_used[multi].astype(np.float64)
-            num += float(np.sum(np.sqrt(m / (m - 1.0)) * absdev[multi]))
-            den += float(np.sum(total[multi]))
+            num += block_num
+            den += block_den
         return num / den if den > 0 else -1.0
 
 
@@ -342,7 +349,7 @@ def combine_scaler_intensities(scaler: Any) -> None:
     if given:
         candidates = list(given)
     else:
-        isum = _summation_over_partiality(datasets, sels)
+        isum = _summation_over_partiality([ds.table for ds in datasets], sels)
         candidates = candidate_Imids(isum) if isum.size else []
     refitted = None
     if params.reflection_selection.combine.joint_analysis and refit and len(candidates) > 1:
