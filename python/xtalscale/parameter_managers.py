@@ -72,6 +72,12 @@ class ParameterManagerError(ValueError, AssertionError):
 # --------------------------------------------------------------------------
 # small validation helpers
 # --------------------------------------------------------------------------
+def single_managers(apm: Any) -> list[Any]:
+    """The single-dataset parameter managers of ``apm``: its ``apm_list`` (a multi-dataset
+    manager) or ``[apm]``."""
+    return list(apm.apm_list) if hasattr(apm, "apm_list") else [apm]
+
+
 def _as_vector(values: Any, name: str) -> np.ndarray:
     """Return ``values`` as a finite 1-D float64 array (a copy)."""
     try:

@@ -12,6 +12,7 @@ import numpy as np
 
 from .._lazy import LazyModule, is_scipy_sparse
 from ..csr_view import CsrView
+from ..parameter_managers import single_managers
 
 if TYPE_CHECKING:
     import scipy.sparse as sp
@@ -19,10 +20,6 @@ else:
     sp = LazyModule("scipy.sparse")  # imported on first use: see _lazy
 
 __all__ = ["SingleScalingRestraintsCalculator", "ScalingRestraintsCalculator"]
-
-
-def _apm_list(apm: Any) -> list[Any]:
-    return list(apm.apm_list) if hasattr(apm, "apm_list") else [apm]
 
 
 class SingleScalingRestraintsCalculator:
@@ -98,7 +95,7 @@ class ScalingRestraintsCalculator:
 
     @staticmethod
     def calculate_restraints(multi_apm: Any) -> list[np.ndarray] | None:
-        apms = _apm_list(multi_apm)
+        apms = single_managers(multi_apm)
         n_total = sum(a.n_active_params for a in apms)
         residuals, gradient, found, start = [], np.zeros(n_total), False, 0
         for apm in apms:
@@ -112,7 +109,7 @@ class ScalingRestraintsCalculator:
 
     @classmethod
     def calculate_jacobian_restraints(cls, multi_apm: Any) -> list[Any] | None:
-        apms = _apm_list(multi_apm)
+        apms = single_managers(multi_apm)
         n_total = sum(a.n_active_params for a in apms)
         found, start, n_rows = [], 0, 0
         for apm in apms:

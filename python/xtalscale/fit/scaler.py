@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 
 from .._lazy import LazyModule
-from ..parameter_managers import RefinerCalculator
+from ..parameter_managers import RefinerCalculator, single_managers
 from .ih_table import IhTable
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ class BasicScaler:
 
     def update_for_minimisation(self, apm: Any, block_id: int) -> None:
         """Set g and ∂g/∂p of every dataset on the block (dataset rows in order) and Ĩ."""
-        apms = list(apm.apm_list) if hasattr(apm, "apm_list") else [apm]
+        apms = single_managers(apm)
         scales, mats = [], []
         n_total = sum(a.n_active_params for a in apms)
         start = 0

@@ -25,6 +25,7 @@ from .. import flex_arrays as fa
 from .._lazy import LazyModule, is_scipy_sparse
 from ..components import SHScaleComponent
 from ..csr_view import CsrView
+from ..parameter_managers import single_managers
 from ..reflection_table import Flags
 from .grouped import GroupedObservations, suitable_rows
 from .outlier_rejection import (
@@ -235,7 +236,7 @@ class ScalerBase:
             if block.derivatives is None:
                 block.derivatives = cached[1]
             return
-        apms = list(apm.apm_list) if hasattr(apm, "apm_list") else [apm]
+        apms = single_managers(apm)
         if not derivatives:  # g only (the same product as with derivatives, bit for bit)
             scales = self._map_datasets(lambda a: RefinerCalculator.calculate_scales(a, block_id), apms)
             block.inverse_scale_factors = scales[0] if len(scales) == 1 else np.concatenate(scales)
@@ -281,7 +282,7 @@ class ScalerBase:
         cached = self._update_keys.get(block_id)
         if cached is not None:
             self._update_keys[block_id] = (cached[0], None)
-        for a in (list(apm.apm_list) if hasattr(apm, "apm_list") else [apm]):
+        for a in single_managers(apm):
             release_refiner_values(a, block_id, pattern=STREAM_RELEASE_PATTERN)
 
     def _map_datasets(self, function: Any, items: Sequence[Any]) -> list[Any]:
@@ -368,7 +369,7 @@ class ScalerBase:
 
     def _store_var_cov(self, apm: Any, var_cov: np.ndarray) -> None:
         """Keep each dataset's diagonal block (cross-dataset terms are dropped, as DIALS)."""
-        apms = list(apm.apm_list) if hasattr(apm, "apm_list") else [apm]
+        apms = single_managers(apm)
         start = 0
         for ds, a in zip(self.datasets, apms):
             n = a.n_active_params
