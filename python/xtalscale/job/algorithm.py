@@ -294,31 +294,37 @@ class ScalingAlgorithm:
         joined = reflection_table.concat(tables, consume=consume) if len(tables) > 1 else tables[0]
         return experiments, joined
 
-    def release_working_memory(self, tables: bool = True) -> None:
+    def release_scaling_memory(self) -> None:
         """Drop what only scaling needed (minimisation table, grouped caches, derivative
-        buffers) and, with ``tables`` (once ``finish`` has joined them), the per-dataset tables:
-        for the job, whose later stages read only the joined table, the models' parameters and
-        the free-set indices. The job calls it without ``tables`` before ``finish``, so that the
-        join's copy does not add to the scaling structures at the peak. (The components keep
-        their per-reflection data, ~150 B/observation.)"""
+        buffers, var-cov, the SH components' harmonic matrices): for the job, whose later
+        stages read the tables, the models' parameters and the free-set indices. The job calls
+        it before ``finish``, so that the join's copy does not add to them at the peak. (The
+        components keep their other per-reflection data: coordinates, windows, grid indices.)"""
         from ..components import SHScaleComponent
 
         scaler = self.scaler
-        scaler.Ih_table = None
-        scaler._grouped_cache = None
+        scaler.clear_Ih_table()
+        scaler.release_grouping()
         scaler._update_keys = {}
         for ds in scaler.datasets:
             ds.var_cov = None
-            if tables:
-                ds.table = None
             for comp in ds.model.components.values():
                 # the last expansion left the harmonic matrix of every row (~0.1 kB/row):
                 # keep only the grid indices, as an expansion for scales does
                 if isinstance(comp, SHScaleComponent) and comp.data:
                     comp.update_reflection_data(scales_only=True)
-        if tables:
-            self.reflections = []  # the same per-experiment tables
-            self.left_out = []
+
+    def release_tables(self) -> None:
+        """Drop the per-experiment tables once ``finish`` has joined them."""
+        for ds in self.scaler.datasets:
+            ds.table = None
+        self.reflections = []  # the same per-experiment tables
+        self.left_out = []
+
+    def release_working_memory(self) -> None:
+        """:meth:`release_scaling_memory` and :meth:`release_tables`."""
+        self.release_scaling_memory()
+        self.release_tables()
 
 
 def _with_columns_of(table: Any, template: Any) -> Any:

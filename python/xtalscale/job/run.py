@@ -244,9 +244,9 @@ def _run_scale_job(params: Any, files: Sequence[str]) -> ScaleJobResult:
     for journal in algorithm.scaler.journals:
         logger.debug("%s: %d steps, %s", getattr(journal, "round_engine", "?"), len(journal.rows),
                      journal.reason_for_termination)
-    algorithm.release_working_memory(tables=False)  # before the join's copy (the peak)
+    algorithm.release_scaling_memory()  # before the join's copy (the peak)
     experiments, table = algorithm.finish(consume=True)
-    algorithm.release_working_memory()
+    algorithm.release_tables()
     for ds in algorithm.scaler.datasets:
         if algorithm.scaled:
             ds.model.set_scaling_model_as_scaled()
