@@ -20,8 +20,8 @@ import numpy as np
 
 from .._core import fit as _fit
 from .._lazy import LazyModule
-from ..csr_view import CsrView
 from .minimisers import NonFiniteScales
+from .restraints import coo_arrays
 from .target import canonical_csr
 
 if TYPE_CHECKING:
@@ -33,15 +33,14 @@ __all__ = ["ScalerObjective", "ModelObjective", "ModelBlockData"]
 
 
 def _dense_restraint_jacobian(jac: Any, n_columns: int) -> np.ndarray:
-    """The restraints' Jacobian (a few hundred rows at most) as a dense array, from a CsrView or
-    scipy matrix; its products then need no scipy."""
-    if isinstance(jac, CsrView):
-        dense = np.zeros((jac.shape[0], n_columns))
-        counts = np.diff(np.asarray(jac.indptr, dtype=np.int64))
-        rows = np.repeat(np.arange(counts.size), counts)
-        np.add.at(dense, (rows, np.asarray(jac.indices, dtype=np.int64)), np.asarray(jac.data, dtype=np.float64))
-        return dense
-    return np.asarray(jac.toarray() if hasattr(jac, "toarray") else jac, dtype=np.float64).reshape(-1, n_columns)
+    """The restraints' Jacobian (a few hundred rows at most) as a dense array, from a CsrView,
+    a scipy matrix or an array; its products then need no scipy."""
+    if isinstance(jac, np.ndarray):
+        return np.asarray(jac, dtype=np.float64).reshape(-1, n_columns)
+    rows, cols, vals = coo_arrays(jac)
+    dense = np.zeros((jac.shape[0], n_columns))
+    np.add.at(dense, (rows, cols), vals)  # duplicates summed, as toarray() does
+    return dense
 
 
 def _check_scales(g: np.ndarray) -> None:
@@ -77,14 +76,19 @@ class ScalerObjective:
 
     def set_x(self, x: np.ndarray) -> None:
         self.apm.set_param_vals(np.asarray(x, dtype=np.float64))
-        stream = self._streaming()
         for block_id, block in enumerate(self._blocks()):
             with np.errstate(over="ignore", invalid="ignore"):
-                if stream:  # g and Ĩ only: the derivatives are built when a block is consumed
-                    self.scaler.update_for_minimisation(self.apm, block_id, derivatives=False)
-                else:
-                    self.scaler.update_for_minimisation(self.apm, block_id)
+                # streamed: g and Ĩ only; the derivatives are built when a block is consumed
+                self._update(block_id, derivatives=False)
             _check_scales(np.asarray(block.inverse_scale_factors))
+
+    def _update(self, block_id: int, derivatives: bool) -> None:
+        """The scaler's update of a block; ``derivatives=False`` is passed on only to a
+        streaming scaler (the DIALS protocol's update_for_minimisation has no such argument)."""
+        if self._streaming():
+            self.scaler.update_for_minimisation(self.apm, block_id, derivatives=derivatives)
+        else:
+            self.scaler.update_for_minimisation(self.apm, block_id)
 
     def _each_block(self, derivatives: bool = True) -> Iterator[Any]:
         """The minimisation blocks with g and Ĩ (and ∂g/∂p, if asked) current for the manager's
@@ -92,10 +96,7 @@ class ScalerObjective:
         caller has moved on to the next block."""
         stream = self._streaming()
         for block_id, block in enumerate(self._blocks()):
-            if stream:
-                self.scaler.update_for_minimisation(self.apm, block_id, derivatives=derivatives)
-            else:
-                self.scaler.update_for_minimisation(self.apm, block_id)
+            self._update(block_id, derivatives)
             yield block
             if stream and derivatives:
                 self.scaler.release_block_derivatives(self.apm, block_id)

@@ -57,7 +57,7 @@ def _jacobian_restraint_parts(apm: Any, row_offset: int, column_offset: int) -> 
             continue
         r, jac, w = res
         r = np.asarray(r, dtype=np.float64)
-        row, col, val = _coo_arrays(jac)
+        row, col, val = coo_arrays(jac)
         rs.append(r)
         ws.append(np.asarray(w, dtype=np.float64))
         rows.append(row + n)
@@ -69,7 +69,7 @@ def _jacobian_restraint_parts(apm: Any, row_offset: int, column_offset: int) -> 
     return tuple(np.concatenate(a) for a in (rs, ws, rows, cols, vals))
 
 
-def _coo_arrays(jac: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def coo_arrays(jac: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(row, column, value) of every stored entry of a CsrView, scipy or dense Jacobian, rows
     in ascending order."""
     if isinstance(jac, CsrView):
