@@ -1,12 +1,15 @@
 // Real spherical harmonics for the SH absorption component (conventions in harmonics.hpp).
 #include "xtalscale/harmonics.hpp"
 
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
 #include "xtalscale/check.hpp"
+#include "fit_parallel.hpp"
 
 namespace xtalscale::harmonics {
 namespace {
@@ -75,6 +78,35 @@ void evaluate(int lmax, const double* pref, double theta, double phi, double* le
     }
   }
 }
+
+/// A Rodrigues rotation about a fixed axis (normalised here), angle set per use; the
+/// arithmetic of rotate_vectors_about_axis, which every rotation here shares.
+struct Rodrigues {
+  double ux, uy, uz;
+  double c = 1.0, s = 0.0, t = 0.0;
+
+  Rodrigues(const double axis[3], const char* name) {
+    require_finite(axis, 3, name);
+    const double norm = std::sqrt(axis[0] * axis[0] + axis[1] * axis[1] + axis[2] * axis[2]);
+    require(norm > 0.0, std::string(name) + " must be non-zero");
+    ux = axis[0] / norm;
+    uy = axis[1] / norm;
+    uz = axis[2] / norm;
+  }
+
+  void set_angle(double angle) {
+    c = std::cos(angle);
+    s = std::sin(angle);
+    t = 1.0 - c;
+  }
+
+  void apply(const double* v, double* out) const {
+    const double x = v[0], y = v[1], z = v[2];
+    out[0] = (c + ux * ux * t) * x + (ux * uy * t - uz * s) * y + (ux * uz * t + uy * s) * z;
+    out[1] = (ux * uy * t + uz * s) * x + (c + uy * uy * t) * y + (uy * uz * t - ux * s) * z;
+    out[2] = (ux * uz * t - uy * s) * x + (uy * uz * t + ux * s) * y + (c + uz * uz * t) * z;
+  }
+};
 
 void require_finite_angles(const double* tp, std::size_t n, const char* name) {
   require_finite(tp, 2 * n, name);
@@ -244,28 +276,131 @@ void lookup_sh_scales(const std::int32_t* i0, const std::int32_t* i1, std::size_
 
 void rotate_vectors_about_axis(const double axis[3], const double* vectors,
                                const double* angles, std::size_t n, double* out) {
-  require_finite(axis, 3, "rot_axis");
-  const double norm = std::sqrt(axis[0] * axis[0] + axis[1] * axis[1] + axis[2] * axis[2]);
-  require(norm > 0.0, "rot_axis must be non-zero");
   require_finite(vectors, 3 * n, "vectors");
   require_finite(angles, n, "angles");
-  const double ux = axis[0] / norm, uy = axis[1] / norm, uz = axis[2] / norm;
-  double c = 1.0, s = 0.0, t = 0.0;
+  Rodrigues rotation(axis, "rot_axis");
   for (std::size_t i = 0; i < n; ++i) {
     // sin and cos only when the angle changes: a constant angle (align_axis_along_z) or runs
     // of equal scan angles cost one pair, with bit-identical results
-    if (i == 0 || !(angles[i] == angles[i - 1])) {
-      c = std::cos(angles[i]);
-      s = std::sin(angles[i]);
-      t = 1.0 - c;
-    }
-    const double x = vectors[3 * i], y = vectors[3 * i + 1], z = vectors[3 * i + 2];
-    out[3 * i] = (c + ux * ux * t) * x + (ux * uy * t - uz * s) * y + (ux * uz * t + uy * s) * z;
-    out[3 * i + 1] =
-        (ux * uy * t + uz * s) * x + (c + uy * uy * t) * y + (uy * uz * t - ux * s) * z;
-    out[3 * i + 2] =
-        (ux * uz * t - uy * s) * x + (uy * uz * t + ux * s) * y + (c + uz * uz * t) * z;
+    if (i == 0 || !(angles[i] == angles[i - 1])) rotation.set_angle(angles[i]);
+    rotation.apply(vectors + 3 * i, out + 3 * i);
   }
+}
+
+namespace {
+
+/// v·M for a row-major 3 × 3 M (numpy's ``v @ M``), summed left to right.
+inline void row_times(const double v[3], const double* m, double out[3]) {
+  for (int j = 0; j < 3; ++j) out[j] = v[0] * m[j] + v[1] * m[3 + j] + v[2] * m[6 + j];
+}
+
+/// The per-sweep constants of an AbsorptionFrame, validated once.
+struct FrameMap {
+  Rodrigues scan;       // about the rotation axis; angle −φ per reflection
+  Rodrigues alignment;  // the fixed alignment rotation (angle set once)
+  bool align = false;
+  double u0[3];         // Sᵀ·u0
+  const double* fixed;
+  const double* setting;
+
+  explicit FrameMap(const AbsorptionFrame& f)
+      : scan(f.rotation_axis, "rotation axis"),
+        alignment(alignment_rotation_axis(f).data(), "alignment rotation axis"),
+        fixed(f.fixed_rotation), setting(f.setting_rotation) {
+    require_finite(f.fixed_rotation, 9, "fixed rotation");
+    require_finite(f.setting_rotation, 9, "setting rotation");
+    require_finite(f.sample_to_source, 3, "sample-to-source direction");
+    const double* a = f.align_axis;
+    const double norm = std::sqrt(a[0] * a[0] + a[1] * a[1] + a[2] * a[2]);
+    require(norm > 0.0, "the alignment axis must be non-zero");
+    align = !(a[0] == 0.0 && a[1] == 0.0 && a[2] > 0.0);
+    if (align) alignment.set_angle(std::acos(a[2] / norm));
+    // Sᵀ·u0 (numpy's S.T @ u0): component j is Σ_k S[k][j]·u0[k]
+    row_times(f.sample_to_source, setting, u0);
+  }
+
+  /// The rotation axis of the alignment: (a_y, −a_x, 0), or x when a is along ±z.
+  static std::array<double, 3> alignment_rotation_axis(const AbsorptionFrame& f) {
+    require_finite(f.align_axis, 3, "alignment axis");
+    std::array<double, 3> axis{f.align_axis[1], -f.align_axis[0], 0.0};
+    if (axis[0] == 0.0 && axis[1] == 0.0) axis[0] = 1.0;
+    return axis;
+  }
+
+  /// s0c and s1c of one reflection; the scan rotation's angle must already be −φ.
+  void map(const double* s1, double s0c[3], double s1c[3]) const {
+    const double norm = std::sqrt(s1[0] * s1[0] + s1[1] * s1[1] + s1[2] * s1[2]);
+    double unit[3] = {0.0, 0.0, 0.0};
+    if (norm > 0.0)
+      for (int k = 0; k < 3; ++k) unit[k] = s1[k] / norm;
+    double in_setting[3], rotated[3];
+    row_times(unit, setting, in_setting);
+    scan.apply(in_setting, rotated);
+    finish(rotated, s1c);
+    scan.apply(u0, rotated);
+    finish(rotated, s0c);
+  }
+
+  void finish(const double rotated[3], double out[3]) const {
+    if (!align) {
+      row_times(rotated, fixed, out);
+      return;
+    }
+    double in_crystal[3];
+    row_times(rotated, fixed, in_crystal);
+    alignment.apply(in_crystal, out);
+  }
+};
+
+/// calc_theta_phi then calc_lookup_index of one vector, θ = π mapped to the last θ row.
+inline std::int64_t lookup_index(const double v[3], double ppd, double to_grid,
+                                 std::int64_t n_grid) {
+  const double x = v[0], y = v[1], z = v[2];
+  const double theta = std::atan2(std::sqrt(x * x + y * y), z);
+  const double phi = std::fmod(std::atan2(y, x) + 2.0 * kPi, 2.0 * kPi);
+  auto index = static_cast<std::int64_t>(360.0 * ppd * std::floor(theta * to_grid) +
+                                         std::floor(phi * to_grid));
+  if (index >= n_grid) index -= static_cast<std::int64_t>(360.0 * ppd);
+  return index;
+}
+
+constexpr std::size_t kFrameChunk = std::size_t{1} << 14;
+
+}  // namespace
+
+void absorption_frame_vectors(const AbsorptionFrame& frame, const double* s1, const double* phi,
+                              std::size_t n, double* s0c, double* s1c) {
+  require_finite(s1, 3 * n, "s1");
+  require_finite(phi, n, "scan angles");
+  FrameMap map(frame);
+  for (std::size_t i = 0; i < n; ++i) {
+    if (i == 0 || !(phi[i] == phi[i - 1])) map.scan.set_angle(-phi[i]);
+    map.map(s1 + 3 * i, s0c + 3 * i, s1c + 3 * i);
+  }
+}
+
+void absorption_lookup_indices(const AbsorptionFrame& frame, const double* s1, const double* phi,
+                               std::size_t n, int points_per_degree, std::int64_t* s0_index,
+                               std::int64_t* s1_index, int n_threads) {
+  require(points_per_degree > 0, "points_per_degree must be positive");
+  require_finite(s1, 3 * n, "s1");
+  require_finite(phi, n, "scan angles");
+  const FrameMap shared(frame);
+  const double ppd = static_cast<double>(points_per_degree);
+  const double to_grid = ppd * 180.0 / kPi;
+  const auto n_grid = static_cast<std::int64_t>(lookup_table_size(points_per_degree));
+  const std::size_t n_chunks = (n + kFrameChunk - 1) / kFrameChunk;
+  fit::detail::parallel_for(n_chunks, n_threads, [&](std::size_t c) {
+    FrameMap map = shared;  // each chunk rotates with its own angle state
+    const std::size_t first = c * kFrameChunk, last = std::min(n, first + kFrameChunk);
+    double v0[3], v1[3];
+    for (std::size_t i = first; i < last; ++i) {
+      if (i == first || !(phi[i] == phi[i - 1])) map.scan.set_angle(-phi[i]);
+      map.map(s1 + 3 * i, v0, v1);
+      s0_index[i] = lookup_index(v0, ppd, to_grid, n_grid);
+      s1_index[i] = lookup_index(v1, ppd, to_grid, n_grid);
+    }
+  });
 }
 
 }  // namespace xtalscale::harmonics

@@ -590,6 +590,66 @@ DoubleArray rotate_vectors_about_axis(const DoubleArray& axis, const DoubleArray
   return out;
 }
 
+/// The AbsorptionFrame of the Python arguments (3-vectors and row-major 3 × 3 matrices).
+harmonics::AbsorptionFrame absorption_frame(const DoubleArray& rotation_axis,
+                                            const DoubleArray& fixed_rotation,
+                                            const DoubleArray& setting_rotation,
+                                            const DoubleArray& sample_to_source,
+                                            const DoubleArray& align_axis) {
+  harmonics::AbsorptionFrame f{};
+  const auto copy = [](const DoubleArray& a, std::size_t size, double* out, const char* name) {
+    require(static_cast<std::size_t>(a.size()) == size,
+            std::string(name) + (size == 3 ? " must hold one 3-vector" : " must be a 3 x 3 matrix"));
+    const DoubleArray c = a.attr("reshape")(-1).cast<DoubleArray>();
+    std::copy(c.data(), c.data() + size, out);
+  };
+  copy(rotation_axis, 3, f.rotation_axis, "rotation_axis");
+  copy(fixed_rotation, 9, f.fixed_rotation, "fixed_rotation");
+  copy(setting_rotation, 9, f.setting_rotation, "setting_rotation");
+  copy(sample_to_source, 3, f.sample_to_source, "sample_to_source");
+  copy(align_axis, 3, f.align_axis, "align_axis");
+  return f;
+}
+
+py::tuple absorption_frame_vectors(const DoubleArray& rotation_axis, const DoubleArray& fixed,
+                                   const DoubleArray& setting, const DoubleArray& source,
+                                   const DoubleArray& align_axis, const DoubleArray& s1,
+                                   const DoubleArray& phi) {
+  const auto frame = absorption_frame(rotation_axis, fixed, setting, source, align_axis);
+  const std::size_t n = rows_of(s1, 3, "s1");
+  require_ndim(phi, 1, "phi");
+  require_same_length(n, size_of(phi), "s1", "phi");
+  DoubleArray s0c({static_cast<py::ssize_t>(n), py::ssize_t{3}});
+  DoubleArray s1c({static_cast<py::ssize_t>(n), py::ssize_t{3}});
+  double* o0 = s0c.mutable_data();
+  double* o1 = s1c.mutable_data();
+  {
+    py::gil_scoped_release release;
+    harmonics::absorption_frame_vectors(frame, s1.data(), phi.data(), n, o0, o1);
+  }
+  return py::make_tuple(s0c, s1c);
+}
+
+py::tuple absorption_lookup_indices(const DoubleArray& rotation_axis, const DoubleArray& fixed,
+                                    const DoubleArray& setting, const DoubleArray& source,
+                                    const DoubleArray& align_axis, const DoubleArray& s1,
+                                    const DoubleArray& phi, int points_per_degree,
+                                    int n_threads) {
+  const auto frame = absorption_frame(rotation_axis, fixed, setting, source, align_axis);
+  const std::size_t n = rows_of(s1, 3, "s1");
+  require_ndim(phi, 1, "phi");
+  require_same_length(n, size_of(phi), "s1", "phi");
+  Int64Array i0(static_cast<py::ssize_t>(n)), i1(static_cast<py::ssize_t>(n));
+  std::int64_t* o0 = i0.mutable_data();
+  std::int64_t* o1 = i1.mutable_data();
+  {
+    py::gil_scoped_release release;
+    harmonics::absorption_lookup_indices(frame, s1.data(), phi.data(), n, points_per_degree, o0,
+                                         o1, n_threads);
+  }
+  return py::make_tuple(i0, i1);
+}
+
 DoubleArray real_harmonics(int lmax, double theta, double phi) {
   DoubleArray out(static_cast<py::ssize_t>(harmonics::n_params(lmax)));
   harmonics::real_harmonics(lmax, theta, phi, out.mutable_data());
@@ -686,6 +746,18 @@ void bind_components(py::module_& m) {
         "Float32 (n, n_params) block of lookup-table harmonics (mean of the two rows).");
   m.def("rotate_vectors_about_axis", &rotate_vectors_about_axis, py::arg("rot_axis"),
         py::arg("vectors"), py::arg("angles"));
+  m.def("absorption_frame_vectors", &absorption_frame_vectors, py::arg("rotation_axis"),
+        py::arg("fixed_rotation"), py::arg("setting_rotation"), py::arg("sample_to_source"),
+        py::arg("align_axis"), py::arg("s1"), py::arg("phi"),
+        "(s0c, s1c), each (n, 3): the crystal-frame directions the absorption surface reads\n"
+        "(R = S·Rot(axis, phi)·F; s0c = Rᵀ·u0, s1c = Rᵀ·s1/|s1|), aligned so that align_axis\n"
+        "points along +z ((0, 0, 1): no alignment).");
+  m.def("absorption_lookup_indices", &absorption_lookup_indices, py::arg("rotation_axis"),
+        py::arg("fixed_rotation"), py::arg("setting_rotation"), py::arg("sample_to_source"),
+        py::arg("align_axis"), py::arg("s1"), py::arg("phi"), py::arg("points_per_degree"),
+        py::arg("n_threads") = 1,
+        "(s0_lookup, s1_lookup) int64 grid indices of absorption_frame_vectors' directions,\n"
+        "in one pass without storing the vectors.");
   m.def("real_harmonics", &real_harmonics, py::arg("lmax"), py::arg("theta"), py::arg("phi"),
         "Real harmonics (l=1..lmax, m=-l..l) at one direction, DIALS conventions.");
   m.def("n_sph_harm_params", &harmonics::n_params, py::arg("lmax"));

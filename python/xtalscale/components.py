@@ -1710,6 +1710,16 @@ def create_sph_harm_lookup_table(lmax: int, points_per_degree: int = SH_POINTS_P
     return columns
 
 
+def ensure_sh_lookup_table(lmax: int, points_per_degree: int = SH_POINTS_PER_DEGREE) -> None:
+    """Make sure the class-wide ``SHScaleComponent.coefficients_list`` covers ``lmax`` (built
+    once per process, or rebuilt for a larger lmax); callers that may race hold the models'
+    lookup-table lock."""
+    n_params = int(_kern.n_sph_harm_params(int(lmax)))
+    coeffs = SHScaleComponent.coefficients_list
+    if coeffs is None or len(coeffs) < n_params:
+        SHScaleComponent.coefficients_list = create_sph_harm_lookup_table(lmax, points_per_degree)
+
+
 def sh_lookup_data(s0c: Any, s1c: Any, lmax: int,
                    points_per_degree: int = SH_POINTS_PER_DEGREE) -> dict:
     """"Memory"-mode data for :class:`SHScaleComponent` from aligned crystal-frame vectors.
@@ -1717,10 +1727,7 @@ def sh_lookup_data(s0c: Any, s1c: Any, lmax: int,
     Makes sure ``SHScaleComponent.coefficients_list`` covers ``lmax`` (building it if needed)
     and returns ``{"s0_lookup": ..., "s1_lookup": ...}`` grid indices.
     """
-    n_params = int(_kern.n_sph_harm_params(int(lmax)))
-    coeffs = SHScaleComponent.coefficients_list
-    if coeffs is None or len(coeffs) < n_params:
-        SHScaleComponent.coefficients_list = create_sph_harm_lookup_table(lmax, points_per_degree)
+    ensure_sh_lookup_table(lmax, points_per_degree)
     out = {}
     for name, vectors in (("s0_lookup", s0c), ("s1_lookup", s1c)):
         v = np.asarray(vectors, dtype=np.float64)

@@ -743,6 +743,19 @@ def _add_analytical(model: ScalingModelBase, reflection_table: Any) -> None:
         model.components["analytical"].data = {"correction": _column(reflection_table, "analytical_correction")}
 
 
+def _frame_is_computed(model: ScalingModelBase, table: Any, experiment: Any) -> bool:
+    """True when the absorption frame is computed here from s1 and the scan (DIALS's frame):
+    the table has no s0c/s1c columns, an experiment is given and the frame is not legacy."""
+    return not ("s0c" in table and "s1c" in table) and experiment is not None \
+        and model.crystal_frame != "legacy"
+
+
+def _frame_view(table: Any) -> Any:
+    """A private view of the columns the crystal frame reads, so that the caller's table does
+    not gain s0c/s1c columns."""
+    return _Columns({"s1": _column(table, "s1"), "xyzobs.px.value": _column(table, "xyzobs.px.value")})
+
+
 def _crystal_frame_columns(model: ScalingModelBase, table: Any, experiment: Any) -> tuple[np.ndarray, np.ndarray]:
     """``(s0c, s1c)`` for the absorption surface: the table's columns, or computed."""
     if "s0c" in table and "s1c" in table:
@@ -754,12 +767,10 @@ def _crystal_frame_columns(model: ScalingModelBase, table: Any, experiment: Any)
         return legacy_crystal_frame_vectors(table, experiment)
     from .scaling_utilities import absorption_frame_vectors  # noqa: PLC0415
 
-    # A private column view, so that the caller's table does not gain s0c/s1c columns.
-    view = _Columns({"s1": _column(table, "s1"), "xyzobs.px.value": _column(table, "xyzobs.px.value")})
-    return absorption_frame_vectors(view, experiment)
+    return absorption_frame_vectors(_frame_view(table), experiment)
 
 
-def _add_absorption(model: ScalingModelBase, reflection_table: Any, experiment: Any) -> None:
+def _add_absorption(model: ScalingModelBase, reflection_table: Any, experiment: Any, params: Any = None) -> None:
     """Give the SH absorption component its harmonics and restraint weights (DIALS rules).
 
     Up to :data:`SH_LOOKUP_THRESHOLD` reflections the harmonics are exact; above
@@ -769,18 +780,30 @@ def _add_absorption(model: ScalingModelBase, reflection_table: Any, experiment: 
     from ._core import components as kern  # noqa: PLC0415
 
     lmax = int(model.configdict["lmax"])
+    absorption = model.components["absorption"]
+    absorption.parameter_restraints = np.full(_sh_count(lmax), float(model.configdict["abs_surface_weight"]))
+    large = _nrows(reflection_table) > SH_LOOKUP_THRESHOLD
+    if large and _frame_is_computed(model, reflection_table, experiment):
+        # straight to the grid indices, one C++ pass, no (n, 3) vectors stored
+        from .scaling_utilities import absorption_lookup_indices  # noqa: PLC0415
+
+        comps = _components_module()
+        with _SH_TABLE_LOCK:
+            comps.ensure_sh_lookup_table(lmax)
+        i0, i1 = absorption_lookup_indices(_frame_view(reflection_table), experiment, comps.SH_POINTS_PER_DEGREE,
+                                           n_threads=int(_opt(params, "scaling_options", "nproc", 1) or 1))
+        absorption.data = {"s0_lookup": i0, "s1_lookup": i1}
+        return
     s0c, s1c = _crystal_frame_columns(model, reflection_table, experiment)
     s0c = np.ascontiguousarray(s0c, dtype=np.float64).reshape(-1, 3)
     s1c = np.ascontiguousarray(s1c, dtype=np.float64).reshape(-1, 3)
-    absorption = model.components["absorption"]
-    if _nrows(reflection_table) > SH_LOOKUP_THRESHOLD:
+    if large:
         # Grid indices into the class-wide table (built or grown for lmax under the lock).
         with _SH_TABLE_LOCK:
             absorption.data = _components_module().sh_lookup_data(s0c, s1c, lmax)
     else:
         table = kern.sph_harm_table(kern.calc_theta_phi(s0c), kern.calc_theta_phi(s1c), lmax)
         absorption.data = {"sph_harm_table": table.T}  # DIALS's (n_params x n_refl) orientation, a view
-    absorption.parameter_restraints = np.full(_sh_count(lmax), float(model.configdict["abs_surface_weight"]))
 
 
 def _limit_smoother(model: ScalingModelBase, name: str, conf: Mapping[str, Any], new_osc_range: tuple,
@@ -905,7 +928,7 @@ class PhysicalScalingModel(ScalingModelBase):
                 _opt(params, "physical", "decay_restraint", 0.1)))
             decay.data = {"x": z * self._configdict["d_norm_fac"], "d": _column(reflection_table, "d")}
         if "absorption" in self.components:
-            _add_absorption(self, reflection_table, experiment)
+            _add_absorption(self, reflection_table, experiment, params)
         _add_analytical(self, reflection_table)
 
     def limit_image_range(self, new_image_range: Sequence[int]) -> None:
@@ -1289,7 +1312,7 @@ class DoseDecay(ScalingModelBase):
         if "relative_B" in self.components:
             self.components["relative_B"].data = {"d": _column(reflection_table, "d")}
         if "absorption" in self.components:
-            _add_absorption(self, reflection_table, experiment)
+            _add_absorption(self, reflection_table, experiment, params)
         _add_analytical(self, reflection_table)
 
     def limit_image_range(self, new_image_range: Sequence[int]) -> None:

@@ -31,6 +31,7 @@ __all__ = [
     "calc_crystal_frame_vectors",
     "align_axis_along_z",
     "absorption_frame_vectors",
+    "absorption_lookup_indices",
     "calc_theta_phi",
     "sph_harm_table",
     "sph_harm_values",
@@ -117,27 +118,29 @@ def calc_crystal_frame_vectors(reflection_table: Any, experiment: Any) -> Any:
     ValueError
         If a column is not finite or the experiment lacks a goniometer/scan.
     """
+    s0c, s1c = _kern.absorption_frame_vectors(**_frame_geometry(reflection_table, experiment),
+                                              align_axis=np.array([0.0, 0.0, 1.0]))
+    reflection_table["s0c"] = s0c
+    reflection_table["s1c"] = s1c
+    return reflection_table
+
+
+def _frame_geometry(reflection_table: Any, experiment: Any) -> dict:
+    """The keyword arguments of the C++ crystal-frame kernels (``absorption_frame_vectors``,
+    ``absorption_lookup_indices``) but the alignment axis: the goniometer's axis, F and S, the
+    sample-to-source direction, each reflection's s1 and its scan angle φ (radians)."""
     s1 = _column(reflection_table, "s1", 3)
     xyz = _column(reflection_table, "xyzobs.px.value", 3)
     gonio = getattr(experiment, "goniometer", None)
     scan = getattr(experiment, "scan", None)
     if gonio is None or scan is None:
         raise ValueError("calc_crystal_frame_vectors needs an experiment with a goniometer and a scan")
-    axis = _vec3(gonio.get_rotation_axis_datum(), "goniometer rotation axis")
-    F = _mat3(gonio.get_fixed_rotation(), "fixed rotation")
-    S = _mat3(gonio.get_setting_rotation(), "setting rotation")
     phi = np.asarray(scan.get_angle_from_array_index(xyz[:, 2], deg=False), dtype=np.float64)
-    phi = np.ascontiguousarray(np.broadcast_to(phi, (xyz.shape[0],)))
-    u0 = S.T @ _sample_to_source(experiment.beam)
-    n = s1.shape[0]
-    norms = np.linalg.norm(s1, axis=1)
-    s1_unit = np.divide(s1, norms[:, None], out=np.zeros_like(s1), where=norms[:, None] > 0)
-    # Rᵀ v = Fᵀ · Rot(axis, −φ) · Sᵀ v: one C++ Rodrigues pass per vector set.
-    s0_rot = _kern.rotate_vectors_about_axis(axis, np.tile(u0, (n, 1)), -phi)
-    s1_rot = _kern.rotate_vectors_about_axis(axis, np.ascontiguousarray(s1_unit @ S), -phi)
-    reflection_table["s0c"] = s0_rot @ F
-    reflection_table["s1c"] = s1_rot @ F
-    return reflection_table
+    return {"rotation_axis": _vec3(gonio.get_rotation_axis_datum(), "goniometer rotation axis"),
+            "fixed_rotation": _mat3(gonio.get_fixed_rotation(), "fixed rotation"),
+            "setting_rotation": _mat3(gonio.get_setting_rotation(), "setting rotation"),
+            "sample_to_source": _sample_to_source(experiment.beam),
+            "s1": s1, "phi": np.ascontiguousarray(np.broadcast_to(phi, (xyz.shape[0],)))}
 
 
 def align_axis_along_z(alignment_axis: Sequence[float], vectors: Any) -> np.ndarray:
@@ -180,12 +183,24 @@ def absorption_frame_vectors(reflection_table: Any, experiment: Any,
     :func:`align_axis_along_z` with DIALS's axis (1, 0, 0), as DIALS's scaler factory does;
     the table's ``s0c``/``s1c`` columns are replaced by the aligned vectors.
     """
-    calc_crystal_frame_vectors(reflection_table, experiment)
-    s0c = align_axis_along_z(alignment_axis, reflection_table["s0c"])
-    s1c = align_axis_along_z(alignment_axis, reflection_table["s1c"])
+    s0c, s1c = _kern.absorption_frame_vectors(**_frame_geometry(reflection_table, experiment),
+                                              align_axis=_vec3(alignment_axis, "alignment_axis"))
     reflection_table["s0c"] = s0c
     reflection_table["s1c"] = s1c
     return s0c, s1c
+
+
+def absorption_lookup_indices(reflection_table: Any, experiment: Any, points_per_degree: int,
+                              n_threads: int = 1,
+                              alignment_axis: Sequence[float] = DIALS_ALIGNMENT_AXIS) -> tuple:
+    """``(s0_lookup, s1_lookup)``: the lookup-grid indices of :func:`absorption_frame_vectors`'
+    directions, computed in one C++ pass per reflection without storing the vectors (nor
+    adding columns to the table). Equal to ``calc_lookup_index(calc_theta_phi(v), ppd)`` of
+    those vectors, with θ = π mapped to the grid's last θ row."""
+    return _kern.absorption_lookup_indices(**_frame_geometry(reflection_table, experiment),
+                                           align_axis=_vec3(alignment_axis, "alignment_axis"),
+                                           points_per_degree=int(points_per_degree),
+                                           n_threads=max(1, int(n_threads)))
 
 
 def calc_theta_phi(vectors: Any) -> np.ndarray:

@@ -30,6 +30,8 @@ from xtalscale.algorithms.scaling.model.components.smooth_scale_components impor
 )
 from xtalscale.components import ComponentError, create_sph_harm_lookup_table, sh_lookup_data
 from xtalscale.scaling_utilities import (
+    absorption_frame_vectors,
+    absorption_lookup_indices,
     align_axis_along_z,
     calc_crystal_frame_vectors,
     sph_harm_table,
@@ -931,3 +933,66 @@ def test_sh_lookup_table_rows_are_the_direct_harmonics_bit_for_bit():
     for i in [0, 1, n_phi - 1, n_phi, table.shape[0] - 1, *rng.integers(0, table.shape[0], 200)]:
         theta, phi = (i // n_phi) * step, (i % n_phi) * step
         np.testing.assert_array_equal(table[i], kern.real_harmonics(lmax, theta, phi))
+
+
+def _tilted_experiment():
+    """A goniometer with non-trivial fixed and setting rotations and a tilted beam."""
+    def rot(axis, angle):
+        a = np.asarray(axis, float) / np.linalg.norm(axis)
+        k = np.array([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]])
+        return np.eye(3) + np.sin(angle) * k + (1 - np.cos(angle)) * k @ k
+    F, S = rot((0.3, 1, 0.2), 0.7), rot((1, -0.4, 0.5), -0.3)
+    beam = SimpleNamespace(get_sample_to_source_direction=lambda: (0.05, -0.02, 0.998))
+    gonio = SimpleNamespace(get_rotation_axis_datum=lambda: (0.99, 0.01, -0.02),
+                            get_fixed_rotation=lambda: tuple(F.ravel()),
+                            get_setting_rotation=lambda: tuple(S.ravel()))
+    scan = SimpleNamespace(get_angle_from_array_index=lambda z, deg=True: np.radians(0.1 * z))
+    return SimpleNamespace(beam=beam, goniometer=gonio, scan=scan)
+
+
+@pytest.mark.parametrize("tilted", [False, True])
+def test_fused_absorption_lookup_indices_equal_the_vector_path(tilted):
+    # The one-pass kernel equals frame vectors → θ, φ → grid index (θ = π moved to the last
+    # row), for DIALS's frame and for a geometry whose matrix products round; any thread count.
+    rng = np.random.default_rng(7)
+    n = 50_000
+    s1 = rng.normal(size=(n, 3))
+    s1[:5] = 0.0  # |s1| = 0 gives zero vectors, as the numpy path does
+    s1[5:9] = [[0, 0, 1], [0, 0, -1], [1, 0, 0], [-1, 0, 0]]  # grid edges and poles
+    z = np.repeat(rng.uniform(0, 3600, size=n // 50), 50)  # runs of equal scan angles
+    table = {"s1": s1, "xyzobs.px.value": np.column_stack([np.zeros(n), np.zeros(n), z])}
+    if tilted:
+        expt = _tilted_experiment()
+    else:
+        expt = _tilted_experiment()
+        expt.goniometer.get_fixed_rotation = lambda: (1, 0, 0, 0, 1, 0, 0, 0, 1)
+        expt.goniometer.get_setting_rotation = lambda: (1, 0, 0, 0, 1, 0, 0, 0, 1)
+    s0c, s1c = absorption_frame_vectors(dict(table), expt)
+    expected = []
+    for v in (s0c, s1c):
+        idx = ext.calc_lookup_index(ext.calc_theta_phi(v), 2)
+        idx[idx >= 360 * 180 * 4] -= 720
+        expected.append(idx)
+    for n_threads in (1, 2, 3):
+        i0, i1 = absorption_lookup_indices(table, expt, 2, n_threads=n_threads)
+        np.testing.assert_array_equal(i0, expected[0])
+        np.testing.assert_array_equal(i1, expected[1])
+    assert "s0c" not in table  # the table gains no columns
+    # the vectors are unit vectors in DIALS's frame (zero where |s1| = 0)
+    np.testing.assert_allclose(np.linalg.norm(s1c[9:], axis=1), 1.0, rtol=1e-14)
+    np.testing.assert_array_equal(s1c[:5], 0.0)
+
+
+def test_absorption_frame_kernels_reject_bad_input():
+    expt = _tilted_experiment()
+    table = {"s1": np.ones((3, 3)), "xyzobs.px.value": np.zeros((3, 3))}
+    bad = dict(table, s1=np.array([[1.0, np.nan, 0.0]] * 3))
+    with pytest.raises(ValueError, match="finite"):
+        absorption_lookup_indices(bad, expt, 2)
+    with pytest.raises(ValueError, match="non-zero"):
+        absorption_lookup_indices(table, expt, 2, alignment_axis=(0.0, 0.0, 0.0))
+    expt.goniometer.get_rotation_axis_datum = lambda: (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="non-zero"):
+        absorption_frame_vectors(dict(table), expt)
+    with pytest.raises(ValueError, match="positive"):
+        absorption_lookup_indices(table, _tilted_experiment(), 0)

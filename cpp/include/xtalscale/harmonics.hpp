@@ -78,4 +78,34 @@ XTALSCALE_EXPORT void rotate_vectors_about_axis(const double axis[3], const doub
                                                 const double* angles, std::size_t n,
                                                 double* out);
 
+/// The geometry that takes a rotation sweep's beam directions into the frame DIALS evaluates
+/// the absorption harmonics in (its scaler factory): with R = S·Rot(axis, φ)·F,
+/// s0c = Rᵀ·u0 and s1c = Rᵀ·s1/|s1| (zero where |s1| = 0), then the fixed rotation about
+/// (a_y, −a_x, 0) by acos(a_z/|a|) that takes @p align_axis onto +z (none when it is +z).
+struct AbsorptionFrame {
+  double rotation_axis[3];     ///< goniometer rotation axis (datum); any non-zero length
+  double fixed_rotation[9];    ///< F, row-major
+  double setting_rotation[9];  ///< S, row-major
+  double sample_to_source[3];  ///< unit vector u0 from the sample to the source (lab frame)
+  double align_axis[3];        ///< rotated onto +z at the end; DIALS uses (1, 0, 0)
+};
+
+/// (s0c, s1c) of n reflections (each n × 3, row-major) from their scattered-beam vectors
+/// @p s1 (n × 3) and scan angles @p phi (radians). The same arithmetic, in the same order, as
+/// the numpy composition it replaces (normalise, ·S, Rodrigues by −φ, ·F, align), so the
+/// results are those bits whenever the matrix products are exact (S = F = 1, the usual case).
+/// Throws std::invalid_argument for non-finite input or a zero rotation or alignment axis.
+XTALSCALE_EXPORT void absorption_frame_vectors(const AbsorptionFrame& frame, const double* s1,
+                                               const double* phi, std::size_t n, double* s0c,
+                                               double* s1c);
+
+/// Lookup-grid indices of (s0c, s1c) of n reflections in one pass, without storing the
+/// vectors: absorption_frame_vectors, calc_theta_phi and calc_lookup_index per reflection,
+/// with θ = π (one row past the grid) mapped to the last θ row. Rows are split over up to
+/// @p n_threads threads; each row's result does not depend on the split.
+XTALSCALE_EXPORT void absorption_lookup_indices(const AbsorptionFrame& frame, const double* s1,
+                                                const double* phi, std::size_t n,
+                                                int points_per_degree, std::int64_t* s0_index,
+                                                std::int64_t* s1_index, int n_threads = 1);
+
 }  // namespace xtalscale::harmonics
