@@ -102,7 +102,8 @@ class Journal:
                  f"{'step':>4} {'objective':>14} {'rmsd':>12} {'|grad|':>11} {'step':>10} {'time/s':>8}"]
         for i, r in enumerate(self.rows):
             lines.append(f"{i:4d} {r['objective']:14.6g} {r['rmsd']:12.6g} {r.get('gradient_norm', float('nan')):11.3g}"
-                         f" {r.get('step_length', 0.0):10.3g} {r.get('time', 0.0):8.3f}")
+                         f" {r.get('step_length', 0.0):10.3g} {r.get('time', 0.0):8.3f}"
+                         + ("  (previous normal matrix)" if r.get("chord") else ""))
         lines.extend(self.messages)
         if self.reason_for_termination:
             lines.append(self.reason_for_termination)
@@ -475,9 +476,47 @@ def nielsen_damping(mu: float, rho: float) -> float:
     return mu * max(1.0 / 3.0, 1.0 - (2.0 * rho - 1.0) ** 3)
 
 
+#: A chord step follows only an accepted step whose gain ratio was at least this: the
+#: quadratic model was accurate, so the normal matrix it was built from still describes the
+#: objective around the new point.
+CHORD_MIN_GAIN = 0.5
+
+
+def _chord_step(objective: Objective, journal: Journal, matrix: np.ndarray, mu: float, names: list[str],
+                x: np.ndarray, f_at_x: float, t0: float) -> tuple[np.ndarray, float, Any] | None:
+    """A Levenberg–Marquardt step at ``x`` with the *previous* point's damped normal matrix and
+    the gradient at ``x`` (one f+g pass, no new matrix): a simplified-Newton ("chord") step.
+    Returns ``(new x, new f, solution)`` when it lowers the objective, else None with the
+    objective back at ``x``. ``f_and_grad`` gives ∇Σwr², so the right-hand side −JᵀWr is
+    −½ of it."""
+    _, grad = objective.f_and_grad()
+    rhs = -0.5 * np.asarray(grad, dtype=np.float64)
+    solution = solve_normal_equations(matrix + mu * np.eye(matrix.shape[0]), rhs, names)
+    journal.add(objective=f_at_x, rmsd=objective.rmsd(), gradient_norm=float(np.linalg.norm(rhs)),
+                step_length=float(np.linalg.norm(solution.step)), time=time.perf_counter() - t0,
+                num_reflections=objective.n_reflections(), mu=mu, chord=True)
+    x_new = x + solution.step
+    if _try_set(objective, x_new):
+        f_new = 0.5 * objective.objective_only()
+        if f_new < f_at_x:
+            return x_new, f_new, solution
+    _try_set(objective, x)
+    journal.rows.pop()
+    journal.messages.append("a step with the previous normal matrix did not lower the objective: "
+                            "the normal equations are rebuilt")
+    return None
+
+
 def levenberg_marquardt(objective: Objective, max_iterations: int | None = 100, rmsd_tolerance: float = 1e-4,
-                        journal: Journal | None = None) -> Journal:
-    """DIALS's ``LevenbergMarquardtIterations`` with the C++ normal equations (spec 7.3)."""
+                        journal: Journal | None = None, reuse_matrix: bool = False) -> Journal:
+    """DIALS's ``LevenbergMarquardtIterations`` with the C++ normal equations (spec 7.3).
+
+    ``reuse_matrix``: after an accepted step with a good gain ratio (≥ :data:`CHORD_MIN_GAIN`),
+    first try a *chord* step — the gradient at the new point (one f+g pass) with the previous
+    damped normal matrix — and build the normal equations only if the RMSD has not then
+    converged by DIALS's rule. Near the optimum the matrix barely changes between steps, and
+    an f+g pass costs about a third of a normal-matrix build (measured at 10⁶ observations);
+    journal rows of chord steps carry ``chord=True``. The esds then come from that matrix."""
     journal = journal or Journal(engine="LevMar")
     max_iterations = 100 if max_iterations is None else max_iterations
     t0 = time.perf_counter()
@@ -528,6 +567,14 @@ def levenberg_marquardt(objective: Objective, max_iterations: int | None = 100, 
             if _converged_without_equations(objective, journal, rmsd_tolerance, 2.0 * f_new, t0, mu=mu):
                 last = (2.0 * f_new, n_eq)
                 break
+            if reuse_matrix and rho >= CHORD_MIN_GAIN and iteration < max_iterations:
+                chord = _chord_step(objective, journal, matrix, mu, names, x, f_old, t0)
+                if chord is not None:
+                    x, f_old, solution = chord
+                    iteration += 1
+                    if _converged_without_equations(objective, journal, rmsd_tolerance, 2.0 * f_old, t0, mu=mu):
+                        last = (2.0 * f_old, n_eq)
+                        break
             matrix, rhs, r_sq, n_eq = objective.normal_equations()
         else:
             _try_set(objective, x)

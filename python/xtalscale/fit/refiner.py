@@ -69,6 +69,9 @@ class ScalingRefinery:
         self._max_iterations = max_iterations if max_iterations is not None else self.default_max_iterations
         self.n_threads = n_threads
         self.history = Journal(engine=self.engine)
+        #: LevMar only: try chord steps (the previous normal matrix with a new gradient)
+        #: before rebuilding the normal equations (minimisers.levenberg_marquardt)
+        self.reuse_matrix = False
 
     @property
     def rmsd_tolerance(self) -> float:
@@ -79,8 +82,10 @@ class ScalingRefinery:
 
     def run(self) -> Journal:
         objective = ScalerObjective(self._scaler, self._target, self._parameters, n_threads=self.n_threads)
+        extra = {"reuse_matrix": True} if self.reuse_matrix and self.engine == "LevMar" else {}
         with single_threaded_blas():
-            ENGINES[self.engine](objective, self._max_iterations, self._rmsd_tolerance, journal=self.history)
+            ENGINES[self.engine](objective, self._max_iterations, self._rmsd_tolerance, journal=self.history,
+                                 **extra)
         return self.history
 
     def print_step_table(self) -> str:
