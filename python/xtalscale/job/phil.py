@@ -225,7 +225,7 @@ reflection_selection {{
              data (every suitable observation, fitted by Gauss-Newton/Levenberg-Marquardt),
              intensity_ranges for stills. dials.scale's auto is quasi_random (a ~50k subset);
              set method=quasi_random for DIALS's behaviour."
-  main_rounds_subset = 200000
+  main_rounds_subset = 60000
     .type = int(value_min=0)
     .help = "[xtalscale] auto/use_all with more suitable observations than twice this: the
              first rounds (before the last, full-matrix round) are minimised on random whole
