@@ -768,3 +768,37 @@ def test_levenberg_marquardt_chord_steps_reach_the_same_optimum():
     assert not any(r.get("chord") for r in journal.rows)
     assert any("did not lower the objective" in m for m in journal.messages)
     assert abs(journal.rows[-1]["objective"] - f_plain) <= 2e-4 * f_plain
+
+
+def test_ih_table_from_a_given_grouping_equals_its_own():
+    """IhTable(group_index=...) (the job passes its grouping of the suitable rows) builds the
+    same blocks as grouping the Miller indices itself: subsets, two datasets, several blocks,
+    a free set; bad group numbers are clear errors."""
+    from xtalscale.job.grouped import asu_grouping
+
+    table, expt = _load_cys()
+    sg = expt.crystal.get_space_group()
+    n = len(table)
+    cols = {"intensity": np.asarray(table["intensity"]), "variance": np.asarray(table["variance"]),
+            "miller_index": np.asarray(table["miller_index"])}
+    halves = [{k: v[: n // 2] for k, v in cols.items()}, {k: v[n // 2:] for k, v in cols.items()}]
+    rng = np.random.default_rng(1)
+    indices = [np.flatnonzero(rng.random(n // 2) < 0.7), np.flatnonzero(rng.random(n - n // 2) < 0.7)]
+    grouping = asu_grouping(cols["miller_index"], sg, anomalous=False)
+    group_of_row = np.empty(n, np.int64)
+    group_of_row[grouping.order] = np.repeat(np.arange(grouping.offsets.size - 1), np.diff(grouping.offsets))
+    given = [group_of_row[: n // 2][indices[0]], group_of_row[n // 2:][indices[1]]]
+    settings = {"indices_lists": indices, "nblocks": 3, "free_set_percentage": 10.0}
+    own = IhTable([dict(h) for h in halves], sg, **settings)
+    reused = IhTable([dict(h) for h in halves], sg, group_index=given, **settings)
+    assert len(own.blocked_data_list) == len(reused.blocked_data_list) == 4
+    for a, b in zip(own.blocked_data_list, reused.blocked_data_list):
+        np.testing.assert_array_equal(np.asarray(a.asu_miller_index), np.asarray(b.asu_miller_index))
+        np.testing.assert_array_equal(a.intensities, b.intensities)
+        np.testing.assert_array_equal(a.Ih_values, b.Ih_values)
+        for d in range(2):
+            np.testing.assert_array_equal(a.block_selections[d], b.block_selections[d])
+    with pytest.raises(IhTableError, match="one integer per selected row"):
+        IhTable([dict(h) for h in halves], sg, indices_lists=indices, group_index=[given[0][:-1], given[1]])
+    with pytest.raises(IhTableError, match=">= 0"):
+        IhTable([dict(h) for h in halves], sg, indices_lists=indices, group_index=[-given[0] - 1, given[1]])

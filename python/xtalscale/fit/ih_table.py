@@ -70,6 +70,27 @@ def _stable_group_order(groups: np.ndarray, n_groups: int) -> tuple[np.ndarray, 
     return grouping.counting_order(np.ascontiguousarray(groups, dtype=np.int64), int(n_groups))
 
 
+def _given_group_index(group_index: Sequence[Any], n_rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """``(group_index, offsets)`` of the concatenated rows from a caller's group numbers:
+    checked, and renumbered 0, 1, ... in the same order without the numbers no row uses."""
+    if len(group_index) != len(n_rows):
+        raise IhTableError(f"group_index has {len(group_index)} arrays for {len(n_rows)} tables")
+    parts = []
+    for i, (g, n) in enumerate(zip(group_index, n_rows)):
+        g = np.asarray(g)
+        if g.ndim != 1 or g.size != n or (g.size and not np.issubdtype(g.dtype, np.integer)):
+            raise IhTableError(f"group_index[{i}] must hold one integer per selected row ({n})")
+        parts.append(g.astype(np.int64, copy=False))
+    numbers = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    if numbers.size and numbers.min() < 0:
+        raise IhTableError("group_index must be >= 0")
+    counts = np.bincount(numbers) if numbers.size else np.zeros(0, np.int64)
+    used = counts > 0
+    renumber = np.cumsum(used) - 1
+    offsets = np.concatenate([[0], np.cumsum(counts[used])]).astype(np.int64)
+    return renumber[numbers], offsets
+
+
 class IhTableBlock:
     """One block of the Ih table (DIALS ``IhTableBlock(n_groups, n_refl, n_datasets=1)``).
 
@@ -414,13 +435,19 @@ class IhTable:
     group_keys : list of int64 arrays, optional
         Explicit group key per (selected) row instead of Miller indices (voxels, ...); then
         ``miller_index`` and ``space_group`` are not used.
+    group_index : list of int64 arrays, optional
+        The group of each (selected) row in a grouping of these Miller indices the caller has
+        already made (numbers ascending in the order :func:`~xtalscale.symmetry.group_reflections`
+        gives the groups, i.e. by signed ASU (h, k, l), with this ``anomalous``; unused numbers
+        are allowed): the rows are not sorted again. The job passes its grouping of the
+        suitable rows.
     """
 
     def __init__(self, reflection_tables: Sequence[Any], space_group: Any = None,
                  indices_lists: Sequence[Any] | None = None, nblocks: int = 1,
                  free_set_percentage: float = 0, free_set_offset: int = 0,
                  additional_cols: Sequence[str] | None = None, anomalous: bool = False,
-                 group_keys: Sequence[Any] | None = None) -> None:
+                 group_keys: Sequence[Any] | None = None, group_index: Sequence[Any] | None = None) -> None:
         if not reflection_tables:
             raise IhTableError("reflection_tables must hold at least one table")
         if nblocks < 1:
@@ -446,8 +473,10 @@ class IhTable:
                 hkl = self._asu(table, sel, i)
                 hkls.append(hkl)
             cols.append(c)
+        given = None if group_index is None or group_keys is not None else \
+            _given_group_index(group_index, [c["intensity"].size for c in cols])
         self._build(hkls, cols, keys if group_keys is not None else None, nblocks,
-                    free_set_percentage, free_set_offset)
+                    free_set_percentage, free_set_offset, given)
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -489,10 +518,12 @@ class IhTable:
         return asu if sel is None else asu[sel]
 
     def _build(self, hkls: list[np.ndarray], cols: list[dict[str, np.ndarray]], keys: list[np.ndarray] | None,
-               nblocks: int, pct: float, offset: int) -> None:
+               nblocks: int, pct: float, offset: int, given: tuple[np.ndarray, np.ndarray] | None = None) -> None:
         all_hkl = np.concatenate(hkls) if hkls else np.zeros((0, 3), np.int64)
         if keys is not None:
             _, gidx, offs = group_offsets_from_keys(np.concatenate(keys))
+        elif given is not None:
+            gidx, offs = given
         else:
             grouping = group_reflections(all_hkl)
             gidx, offs = grouping.group_index, grouping.offsets

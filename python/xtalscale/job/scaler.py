@@ -175,7 +175,9 @@ class ScalerBase:
         from ..fit import IhTable
 
         t0 = time.perf_counter()
-        tables, indices = [], []
+        tables, indices, group_index = [], [], []
+        cached = self._grouped_cache  # every suitable row, mapped to the ASU and grouped
+        group_of_row = cached.group_of_row() if cached is not None else None
         for k, ds in enumerate(self.datasets):
             sel = np.ones(ds.suitable.sum(), bool) if ds.minimisation is None else ds.minimisation.copy()
             if outlier and ds.outliers.size:
@@ -184,9 +186,10 @@ class ScalerBase:
             cols = {"intensity": ds.column("intensity"), "variance": ds.column("variance"),
                     "inverse_scale_factor": ds.column("inverse_scale_factor"),
                     "miller_index": np.asarray(ds.table["miller_index"]).reshape(-1, 3)[ds.suitable]}
-            if self._grouped_cache is not None:  # every suitable row, already mapped to the ASU
-                cached = self._grouped_cache
-                cols["asu_miller_index"] = cached.asu_hkl[cached.dataset == k]
+            if cached is not None:
+                mine = cached.dataset == k  # the dataset's suitable rows, in row order
+                cols["asu_miller_index"] = cached.asu_hkl[mine]
+                group_index.append(group_of_row[mine][idx])
             tables.append(cols)
             indices.append(idx)
         so = self._params.scaling_options
@@ -199,7 +202,8 @@ class ScalerBase:
         nblocks = -(-n_rows // STREAM_BLOCK_ROWS) if self.stream_derivatives else 1
         self.Ih_table = IhTable(tables, self.space_group, indices_lists=indices, nblocks=nblocks,
                                 free_set_percentage=pct, free_set_offset=int(so.free_set_offset),
-                                anomalous=bool(self._params.anomalous))
+                                anomalous=bool(self._params.anomalous),
+                                group_index=group_index if cached is not None else None)
         free = self.Ih_table.extract_free_set() if pct > 0 else None
         # the free groups' ASU indices, for work/free statistics after scaling
         self.free_asu_hkl = None if free is None else np.unique(np.asarray(free.asu_miller_index), axis=0)
