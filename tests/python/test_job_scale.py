@@ -614,3 +614,26 @@ def test_non_finite_summation_intensity_is_a_clear_error_in_the_imid_search(refi
     ds.table["intensity.sum.value"] = double(isum)
     with pytest.raises(ValueError, match="intensity.sum.value' is not finite at selected row"):
         algorithm.scaler.combine_intensities()
+
+
+def test_command_line_job_writes_the_same_files_with_two_threads(tmp_path):
+    """With nproc=2 the command line writes scaled.refl/.expt while it computes the statistics
+    (both read the joined table only): the files, the merged MTZ and the statistics are those
+    of nproc=1, byte for byte."""
+    from xtalscale.job.run import run_scale_job
+
+    results = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"nproc{nproc}"
+        out.mkdir()
+        params, _ = parse_phil_arguments([f"nproc={nproc}", f"output.reflections={out}/scaled.refl",
+                                          f"output.experiments={out}/scaled.expt",
+                                          f"merged_mtz={out}/merged.mtz", "output.html=None",
+                                          f"output.log={out}/scale.log"])
+        result = run_scale_job(params, SWEEP20 + SWEEP25)
+        results[nproc] = (out, result)
+    (one, r1), (two, r2) = results[1], results[2]
+    for name in ("scaled.refl", "scaled.expt", "merged.mtz"):
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+    assert r1.statistics.as_table() == r2.statistics.as_table()
+    assert len(reflection_table.from_file(str(two / "scaled.refl"))) == r2.n_rows_in

@@ -10,6 +10,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,14 +86,25 @@ def _statistics(experiments: Any, table: Any, params: Any) -> tuple[Any, Any]:
     return inputs, obs
 
 
-def _write(params: Any, experiments: Any, table: Any, obs: Any, report_inputs: Any,
-           result: ScaleJobResult) -> Any:
-    """Write the output files (recorded in ``result.files``); returns the merged data of
-    the scaled observations when a merged MTZ or the report needs them (else None)."""
+def _write_scaled_files(params: Any, experiments: Any, table: Any, result: ScaleJobResult) -> None:
+    """Write scaled.refl and scaled.expt (recorded in ``result.files``); reads the table only."""
     out = params.output
     table.as_file(str(out.reflections))
     experiments.as_file(str(out.experiments))
     result.files.update(reflections=out.reflections, experiments=out.experiments)
+
+
+def _write(params: Any, experiments: Any, table: Any, obs: Any, report_inputs: Any,
+           result: ScaleJobResult, scaled_files: Future | None = None) -> Any:
+    """Write the output files (recorded in ``result.files``); returns the merged data of
+    the scaled observations when a merged MTZ or the report needs them (else None).
+    ``scaled_files``: scaled.refl/.expt are already being written (a future of
+    :func:`_write_scaled_files`), so only wait for them."""
+    out = params.output
+    if scaled_files is None:
+        _write_scaled_files(params, experiments, table, result)
+    else:
+        scaled_files.result()  # re-raises a failed write
     if out.unmerged_mtz:
         from ..io.mtz import write_unmerged_mtz
 
@@ -193,6 +205,51 @@ def _add_reference(inputs: Any, path: str) -> int:
     return n_ref
 
 
+def _statistics_stage(algorithm: Any, experiments: Any, table: Any, params: Any,
+                      timings: dict[str, float]) -> tuple[Any, Any, Any, Any]:
+    """``(statistics, observations, report inputs, work/free)`` of a scaled job (all None if
+    it was not scaled), logged as the job logs them."""
+    stats = obs = report_inputs = result_free = None
+    if not algorithm.scaled:
+        return stats, obs, report_inputs, result_free
+    t0 = time.perf_counter()
+    try:
+        report_inputs, obs = _statistics(experiments, table, params)
+    except ValueError as exc:
+        logger.warning("merging statistics not computed: %s", exc)
+    if report_inputs is not None:
+        stats = report_inputs.statistics
+        for note in report_inputs.notes:
+            logger.info("%s", note)
+        if stats is not None:
+            logger.info("\n%s", stats.as_table())
+        if report_inputs.anomalous_statistics is not None:
+            logger.info("\n%s", report_inputs.anomalous_statistics.as_table())
+        work_free = work_free_statistics(algorithm, obs, params) if params.scaling_options.use_free_set \
+            else None
+        if work_free:
+            result_free = work_free
+            logger.info("work/free: Rmeas %.4f / %.4f, CC½ %.4f / %.4f (%d / %d observations)",
+                        work_free["work"]["r_meas"], work_free["free"]["r_meas"],
+                        work_free["work"]["cc_one_half"], work_free["free"]["cc_one_half"],
+                        work_free["work"]["n_obs"], work_free["free"]["n_obs"])
+            report_inputs.notes.append(
+                "Work/free Rmeas {:.4f}/{:.4f}, CC½ {:.4f}/{:.4f}".format(
+                    work_free["work"]["r_meas"], work_free["free"]["r_meas"],
+                    work_free["work"]["cc_one_half"], work_free["free"]["cc_one_half"]))
+        if report_inputs.resolution is not None and report_inputs.resolution.d_min is not None:
+            logger.info("resolution estimate (CC½ fit, 0.3): %.2f Å", report_inputs.resolution.d_min)
+    timings["statistics"] = time.perf_counter() - t0
+    return stats, obs, report_inputs, result_free
+
+
+def _n_threads(params: Any) -> int:
+    try:
+        return max(1, int(params.scaling_options.nproc or 1))
+    except (AttributeError, TypeError, ValueError):
+        return 1
+
+
 def run_scale_job(params: Any, files: Sequence[str]) -> ScaleJobResult:
     """Read ``files``, scale with ``params`` and write every requested output.
 
@@ -260,43 +317,22 @@ def _run_scale_job(params: Any, files: Sequence[str]) -> ScaleJobResult:
     if len(table) != n_in:
         raise RuntimeError(f"internal error: {n_in} rows read but {len(table)} to write")
 
-    stats = obs = report_inputs = result_free = None
-    if algorithm.scaled:
+    # With more than one thread, scaled.refl/.expt (~0.2 kB per row) are written while the
+    # statistics are computed: both only read the joined table.
+    writer = ThreadPoolExecutor(max_workers=1) if _n_threads(params) > 1 else None
+    scaled_files = writer.submit(_write_scaled_files, params, experiments, table, result) if writer else None
+    try:
+        stats, obs, report_inputs, result_free = _statistics_stage(algorithm, experiments, table, params, timings)
+        result.statistics = stats
+        result.work_free = result_free
         t0 = time.perf_counter()
-        try:
-            report_inputs, obs = _statistics(experiments, table, params)
-        except ValueError as exc:
-            logger.warning("merging statistics not computed: %s", exc)
-        if report_inputs is not None:
-            stats = report_inputs.statistics
-            for note in report_inputs.notes:
-                logger.info("%s", note)
-            if stats is not None:
-                logger.info("\n%s", stats.as_table())
-            if report_inputs.anomalous_statistics is not None:
-                logger.info("\n%s", report_inputs.anomalous_statistics.as_table())
-            work_free = work_free_statistics(algorithm, obs, params) if params.scaling_options.use_free_set \
-                else None
-            if work_free:
-                result_free = work_free
-                logger.info("work/free: Rmeas %.4f / %.4f, CC½ %.4f / %.4f (%d / %d observations)",
-                            work_free["work"]["r_meas"], work_free["free"]["r_meas"],
-                            work_free["work"]["cc_one_half"], work_free["free"]["cc_one_half"],
-                            work_free["work"]["n_obs"], work_free["free"]["n_obs"])
-                report_inputs.notes.append(
-                    "Work/free Rmeas {:.4f}/{:.4f}, CC½ {:.4f}/{:.4f}".format(
-                        work_free["work"]["r_meas"], work_free["free"]["r_meas"],
-                        work_free["work"]["cc_one_half"], work_free["free"]["cc_one_half"]))
-            if report_inputs.resolution is not None and report_inputs.resolution.d_min is not None:
-                logger.info("resolution estimate (CC½ fit, 0.3): %.2f Å", report_inputs.resolution.d_min)
-        timings["statistics"] = time.perf_counter() - t0
-    result.statistics = stats
-    result.work_free = result_free
-
-    t0 = time.perf_counter()
-    out = params.output
-    merged = _write(params, experiments, table, obs, report_inputs, result)
+        merged = _write(params, experiments, table, obs, report_inputs, result, scaled_files)
+    finally:
+        if writer is not None:
+            writer.shutdown(wait=True)
     timings["write"] = time.perf_counter() - t0
+    out = params.output
+
     if out.html and str(out.html).lower() != "none":
         t0 = time.perf_counter()
         from ..report import write_html_report
