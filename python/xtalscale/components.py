@@ -1785,7 +1785,9 @@ def _csr_view(block: Any) -> CsrView:
     indptr = block.indptr
     if indptr[-1] < np.iinfo(np.int32).max:
         indptr = indptr.astype(np.int32)
-    return CsrView(block.values, block.indices, indptr, (block.n_rows, block.n_cols))
+    view = CsrView(block.values, block.indices, indptr, (block.n_rows, block.n_cols))
+    view.verified_pattern = True
+    return view
 
 
 class ComponentModelBlock:

@@ -32,6 +32,11 @@ class CsrView:
     __array_ufunc__ = None
     has_canonical_format = True
     has_sorted_indices = True
+    #: True only where the pattern is known valid without a scan: the views
+    #: :mod:`xtalscale.components` makes of a C++ model block's own buffers (the block built the
+    #: pattern from its terms: indices in range and ascending) and empty ones. The fit kernels
+    #: then skip their index scan; a view over other arrays keeps False and is scanned.
+    verified_pattern = False
 
     def __init__(self, data: np.ndarray, indices: np.ndarray, indptr: np.ndarray, shape: tuple[int, int]) -> None:
         self.data = data

@@ -802,3 +802,35 @@ def test_ih_table_from_a_given_grouping_equals_its_own():
         IhTable([dict(h) for h in halves], sg, indices_lists=indices, group_index=[given[0][:-1], given[1]])
     with pytest.raises(IhTableError, match=">= 0"):
         IhTable([dict(h) for h in halves], sg, indices_lists=indices, group_index=[-given[0] - 1, given[1]])
+
+
+def test_model_block_derivatives_skip_the_index_scan_with_the_same_results(cys30):
+    """Derivatives that are a C++ model block's own pattern (CsrView.verified_pattern) let the
+    kernels skip their O(nnz) index scan: the same normal equations and f+g to the bit. A
+    CsrView over other arrays is scanned (and a bad one is refused)."""
+    from xtalscale import _core
+    from xtalscale.csr_view import CsrView
+    from xtalscale.fit.target import built_by_model_blocks
+    from xtalscale.parameter_managers import RefinerCalculator, single_managers
+
+    scaler, target, apm = cys30
+    scaler.update_for_minimisation(apm, 0)
+    block = scaler.Ih_table.blocked_data_list[0]
+    g, view = RefinerCalculator.calculate_scales_and_derivatives(single_managers(apm)[0], 0, copy=False)
+    assert isinstance(view, CsrView) and view.verified_pattern
+    assert built_by_model_blocks(block, view) and not built_by_model_blocks(block)  # scipy: scanned
+    args = block_kernel_arguments(block, view)
+    fast = _core.fit.normal_equations(*args, kind="dials", check_structure=False)
+    full = _core.fit.normal_equations(*args, kind="dials", check_structure=True)
+    for a, b in zip(fast, full):
+        np.testing.assert_array_equal(a, b)
+    fg = [_core.fit.functional_and_gradient(*args, gradient=True, check_structure=c) for c in (False, True)]
+    assert fg[0][0] == fg[1][0]
+    np.testing.assert_array_equal(fg[0][1], fg[1][1])
+
+    copy = CsrView(view.data.copy(), view.indices.copy(), view.indptr.copy(), view.shape)
+    assert not copy.verified_pattern and not built_by_model_blocks(block, copy)
+    copy.indices[0] = 10**6  # out of range: scanned and refused, never read
+    with pytest.raises(ValueError, match="out of range"):
+        _core.fit.normal_equations(*block_kernel_arguments(block, copy), kind="dials",
+                                   check_structure=not built_by_model_blocks(block, copy))

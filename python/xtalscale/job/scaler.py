@@ -263,6 +263,7 @@ class ScalerBase:
         for a, (g, d) in zip(apms, evaluated):
             if not d.shape[1]:
                 d = CsrView(np.zeros(0), np.zeros(0, np.int32), np.zeros(len(g) + 1, np.int64), (len(g), 0))
+                d.verified_pattern = True  # empty: nothing to scan
             elif not isinstance(d, CsrView) and not (is_scipy_sparse(d) and d.format == "csr"):
                 d = sp.csr_matrix(d)
             scales.append(np.asarray(g, dtype=np.float64))
