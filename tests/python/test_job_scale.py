@@ -637,3 +637,44 @@ def test_command_line_job_writes_the_same_files_with_two_threads(tmp_path):
         assert (one / name).read_bytes() == (two / name).read_bytes(), name
     assert r1.statistics.as_table() == r2.statistics.as_table()
     assert len(reflection_table.from_file(str(two / "scaled.refl"))) == r2.n_rows_in
+
+
+def test_streamed_round_start_checks_the_scales_in_its_one_evaluation(monkeypatch):
+    """A streamed round's start evaluates each block once (g with ∂g/∂p, normal_equations_at)
+    instead of set_x then the normal equations: the same equations, and starting parameters
+    that give non-finite or non-positive scales are refused as set_x refuses them."""
+    from xtalscale.fit import ScalingTarget
+    from xtalscale.fit.minimisers import RefinementFailed, levenberg_marquardt
+    from xtalscale.fit.objectives import ScalerObjective
+    from xtalscale.job import scaler as scaler_module
+    from xtalscale.job.reflection_selection import select_for_minimisation
+    from xtalscale.parameter_managers import multi_active_parameter_manager, scaling_active_parameter_manager
+
+    monkeypatch.setattr(scaler_module, "STREAM_MIN_ROWS", 1000)
+    monkeypatch.setattr(scaler_module, "STREAM_BLOCK_ROWS", 1000)
+    inputs = load_inputs(SWEEP20 + SWEEP25)
+    params, _ = parse_phil_arguments(["output.html=None"])
+    scaler = ScalingAlgorithm(params, inputs.experiments, inputs.tables).scaler
+    select_for_minimisation(scaler)
+    scaler.make_ready_for_scaling()
+    assert scaler.stream_derivatives and len(scaler.get_blocks_for_minimisation()) >= 4
+
+    def objective():
+        target = ScalingTarget()
+        apm = multi_active_parameter_manager(target, [ds.model.components for ds in scaler.datasets],
+                                             [["scale", "decay", "absorption"]] * 2,
+                                             apm_class=scaling_active_parameter_manager)
+        return ScalerObjective(scaler, target, apm), apm
+
+    obj, apm = objective()
+    x = np.asarray(apm.get_param_vals(), dtype=np.float64)
+    once = obj.normal_equations_at(x)
+    obj.set_x(x)
+    twice = obj.normal_equations()
+    for a, b in zip(once, twice):
+        np.testing.assert_array_equal(a, b)
+    bad = x.copy()
+    bad[:] = -50.0  # negative scale parameters: g <= 0
+    obj.apm.set_param_vals(bad)
+    with pytest.raises(RefinementFailed, match="non-finite scales"):
+        levenberg_marquardt(obj)

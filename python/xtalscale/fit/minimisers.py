@@ -376,9 +376,16 @@ def _start(objective: Objective, journal: Journal) -> tuple[list[str], np.ndarra
     there are fewer equations than parameters. Non-finite starting scales raise."""
     names = objective.param_names()
     x = objective.get_x().astype(np.float64).copy()
-    if not _try_set(objective, x):
-        raise RefinementFailed("the starting parameters give non-finite scales", journal)
-    equations = objective.normal_equations()
+    build_at = getattr(objective, "normal_equations_at", None)
+    if build_at is None:
+        if not _try_set(objective, x):
+            raise RefinementFailed("the starting parameters give non-finite scales", journal)
+        equations = objective.normal_equations()
+    else:  # one evaluation of the model for both (a streaming scaler evaluates blocks anew)
+        try:
+            equations = build_at(x)
+        except NonFiniteScales:
+            raise RefinementFailed("the starting parameters give non-finite scales", journal) from None
     if equations[3] - objective.n_params < 1:
         journal.reason_for_termination = DOF_TOO_LOW
         return None
