@@ -804,3 +804,26 @@ def test_load_error_model_uses_stored_parameters_unless_overridden():
     model.load_error_model(params(reset=True))
     assert model.error_model.parameters == [1.0, 0.02]
     assert model.configdict["error_model_parameters"] == [1.0, 0.02]
+
+
+def test_low_angle_only_decides_on_every_row():
+    """No absorption surface when every s1 is within acos(0.999) of s0 (electron data). A wide
+    reflection anywhere (in the first rows or far beyond them) says otherwise; rows with
+    |s1| = 0 are ignored."""
+    from types import SimpleNamespace
+
+    from xtalscale.models import _low_angle_only
+
+    expt = SimpleNamespace(beam=SimpleNamespace(get_s0=lambda: (0.0, 0.0, -40.0)))
+    rng = np.random.default_rng(4)
+    n = 5000
+    tilt = rng.uniform(0.0, 0.04, n)  # radians, below acos(0.999) = 0.0447
+    phi = rng.uniform(0.0, 2 * np.pi, n)
+    s1 = 40.0 * np.column_stack([np.sin(tilt) * np.cos(phi), np.sin(tilt) * np.sin(phi), -np.cos(tilt)])
+    s1[:3] = 0.0
+    assert _low_angle_only(expt, {"s1": s1})
+    for row in (10, n - 1):  # inside and beyond the first rows checked
+        wide = s1.copy()
+        wide[row] = 40.0 * np.array([np.sin(0.05), 0.0, -np.cos(0.05)])
+        assert not _low_angle_only(expt, {"s1": wide})
+    assert not _low_angle_only(expt, {"s1": np.zeros((4, 3))})
