@@ -791,6 +791,11 @@ def test_ih_table_from_a_given_grouping_equals_its_own():
     settings = {"indices_lists": indices, "nblocks": 3, "free_set_percentage": 10.0}
     own = IhTable([dict(h) for h in halves], sg, **settings)
     reused = IhTable([dict(h) for h in halves], sg, group_index=given, **settings)
+    # a table that has its ASU indices needs no Miller indices (the job's tables)
+    asu_only = [{"intensity": h["intensity"], "variance": h["variance"],
+                 "asu_miller_index": np.asarray(grouping.asu_hkl)[sl]}
+                for h, sl in zip(halves, (slice(0, n // 2), slice(n // 2, n)))]
+    reused = IhTable(asu_only, None, group_index=given, **settings)
     assert len(own.blocked_data_list) == len(reused.blocked_data_list) == 4
     for a, b in zip(own.blocked_data_list, reused.blocked_data_list):
         np.testing.assert_array_equal(np.asarray(a.asu_miller_index), np.asarray(b.asu_miller_index))

@@ -420,7 +420,8 @@ class IhTable:
     ----------
     reflection_tables : list of reflection tables (or mappings of columns)
         Each with ``intensity``, ``variance``, ``miller_index`` and optionally
-        ``inverse_scale_factor``. ``asu_miller_index`` is computed and stored if missing.
+        ``inverse_scale_factor``. ``asu_miller_index`` is computed and stored if missing; a
+        table that has it (one row per intensity) needs no ``miller_index``.
     space_group : SpaceGroup or str
     indices_lists : list of int arrays, optional
         Rows of each table to use (``loc_indices`` then index into these lists).
@@ -499,15 +500,16 @@ class IhTable:
         return out
 
     def _asu(self, table: Any, sel: np.ndarray | None, i: int) -> np.ndarray:
+        n_rows = len(_column(table, "intensity"))
+        if _has(table, "asu_miller_index"):  # stored by an earlier table (or the caller): reuse
+            stored = np.asarray(_column(table, "asu_miller_index"), dtype=np.int32).reshape(-1, 3)
+            if stored.shape[0] == n_rows:
+                return stored if sel is None else stored[sel]
         if not _has(table, "miller_index"):
             raise IhTableError(f"reflection table {i} has no 'miller_index' column")
         if self.space_group is None:
             raise IhTableError("space_group is required to group by Miller index")
         hkl_all = np.asarray(_column(table, "miller_index")).reshape(-1, 3)
-        if _has(table, "asu_miller_index"):  # stored by an earlier table (or the caller): reuse
-            stored = np.asarray(_column(table, "asu_miller_index"), dtype=np.int32).reshape(-1, 3)
-            if stored.shape == hkl_all.shape:
-                return stored if sel is None else stored[sel]
         asu = map_to_asu(hkl_all, self.space_group, anomalous=self.anomalous).asu_hkl
         try:
             if not _has(table, "asu_miller_index"):

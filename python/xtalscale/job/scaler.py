@@ -184,12 +184,13 @@ class ScalerBase:
                 sel &= ~ds.outliers
             idx = np.flatnonzero(sel)
             cols = {"intensity": ds.column("intensity"), "variance": ds.column("variance"),
-                    "inverse_scale_factor": ds.column("inverse_scale_factor"),
-                    "miller_index": np.asarray(ds.table["miller_index"]).reshape(-1, 3)[ds.suitable]}
-            if cached is not None:
+                    "inverse_scale_factor": ds.column("inverse_scale_factor")}
+            if cached is not None:  # the ASU indices and their grouping are made already
                 mine = cached.dataset == k  # the dataset's suitable rows, in row order
                 cols["asu_miller_index"] = cached.asu_hkl[mine]
                 group_index.append(group_of_row[mine][idx])
+            else:
+                cols["miller_index"] = np.asarray(ds.table["miller_index"]).reshape(-1, 3)[ds.suitable]
             tables.append(cols)
             indices.append(idx)
         so = self._params.scaling_options
