@@ -364,49 +364,63 @@ double inverse_variance_mean(const std::vector<std::int64_t>& rows, const double
 
 void error_model_filter(const GroupLayout& layout, const double* intensity, const double* variance,
                         const double* scale, const std::uint8_t* considered, double min_Ih,
-                        std::uint8_t* keep, double* group_mean, double* group_size) {
+                        std::uint8_t* keep, double* group_mean, double* group_size, int n_threads) {
   std::fill(keep, keep + layout.n_rows, std::uint8_t{0});
   std::vector<double> ratio(layout.n_groups, 0.0);
   std::vector<std::uint8_t> reached_ratio(layout.n_groups, 0);  // groups that got to step 4
-  std::vector<std::int64_t> rows, passed;
+  // Groups are independent up to the largest Ĩ (a maximum: exact in any order), so fixed
+  // ranges of groups go to the threads, each with its own scratch and maximum.
+  constexpr std::size_t kGroupsPerPart = 4096;
+  const std::size_t n_parts = (layout.n_groups + kGroupsPerPart - 1) / kGroupsPerPart;
+  std::vector<double> part_max(n_parts, -std::numeric_limits<double>::infinity());
+  std::vector<std::uint8_t> part_any(n_parts, 0);
+  fit::detail::parallel_for(n_parts, n_threads, [&](std::size_t part) {
+    std::vector<std::int64_t> rows, passed;
+    const std::size_t k_end = std::min(layout.n_groups, (part + 1) * kGroupsPerPart);
+    for (std::size_t k = part * kGroupsPerPart; k < k_end; ++k) {
+      const auto begin = layout.offsets[k];
+      rows_where(layout.order + begin, static_cast<std::size_t>(layout.offsets[k + 1] - begin), considered, rows);
+      if (rows.empty()) continue;
+      // 1. the group's mean I/σ² above 0.85
+      double isigsq = 0.0;
+      for (const auto r : rows) isigsq += intensity[r] / variance[r];
+      if (!(isigsq / static_cast<double>(rows.size()) > 0.85)) continue;
+      // 2. rows with Ĩg > min_Ih and I > 0.001, in groups of more than one row
+      if (rows.size() < 2) continue;
+      const double Ih = inverse_variance_mean(rows, intensity, variance, scale);
+      passed.clear();
+      for (const auto r : rows)
+        if (Ih * scale[r] > min_Ih && intensity[r] > 0.001) passed.push_back(r);
+      // 3. groups still of more than one row
+      if (passed.size() < 2) continue;
+      // 4. the internal variance ratio (its cutoff depends on the largest Ĩ of all groups)
+      const double Ih_passed = inverse_variance_mean(passed, intensity, variance, scale);
+      const double n = static_cast<double>(passed.size());
+      double dev2 = 0.0, mean_var = 0.0;
+      for (const auto r : passed) {
+        const double d = intensity[r] / scale[r] - Ih_passed;
+        dev2 += d * d;
+        mean_var += variance[r] / (scale[r] * scale[r]);
+      }
+      dev2 /= n - 1.0;
+      mean_var /= n;
+      reached_ratio[k] = 1;
+      ratio[k] = mean_var > 0.0 ? dev2 / mean_var : std::numeric_limits<double>::infinity();
+      part_max[part] = part_any[part] ? std::max(part_max[part], Ih_passed) : Ih_passed;
+      part_any[part] = 1;
+      for (const auto r : passed) {  // provisional: step 4 below
+        keep[r] = 1;
+        group_mean[r] = Ih_passed;
+        group_size[r] = n;
+      }
+    }
+  });
   double max_Ih = -std::numeric_limits<double>::infinity();
   bool any = false;
-  for (std::size_t k = 0; k < layout.n_groups; ++k) {
-    const auto begin = layout.offsets[k];
-    rows_where(layout.order + begin, static_cast<std::size_t>(layout.offsets[k + 1] - begin), considered, rows);
-    if (rows.empty()) continue;
-    // 1. the group's mean I/σ² above 0.85
-    double isigsq = 0.0;
-    for (const auto r : rows) isigsq += intensity[r] / variance[r];
-    if (!(isigsq / static_cast<double>(rows.size()) > 0.85)) continue;
-    // 2. rows with Ĩg > min_Ih and I > 0.001, in groups of more than one row
-    if (rows.size() < 2) continue;
-    const double Ih = inverse_variance_mean(rows, intensity, variance, scale);
-    passed.clear();
-    for (const auto r : rows)
-      if (Ih * scale[r] > min_Ih && intensity[r] > 0.001) passed.push_back(r);
-    // 3. groups still of more than one row
-    if (passed.size() < 2) continue;
-    // 4. the internal variance ratio (its cutoff depends on the largest Ĩ of all groups)
-    const double Ih_passed = inverse_variance_mean(passed, intensity, variance, scale);
-    const double n = static_cast<double>(passed.size());
-    double dev2 = 0.0, mean_var = 0.0;
-    for (const auto r : passed) {
-      const double d = intensity[r] / scale[r] - Ih_passed;
-      dev2 += d * d;
-      mean_var += variance[r] / (scale[r] * scale[r]);
-    }
-    dev2 /= n - 1.0;
-    mean_var /= n;
-    reached_ratio[k] = 1;
-    ratio[k] = mean_var > 0.0 ? dev2 / mean_var : std::numeric_limits<double>::infinity();
-    max_Ih = any ? std::max(max_Ih, Ih_passed) : Ih_passed;
+  for (std::size_t part = 0; part < n_parts; ++part) {
+    if (!part_any[part]) continue;
+    max_Ih = any ? std::max(max_Ih, part_max[part]) : part_max[part];
     any = true;
-    for (const auto r : passed) {  // provisional: step 4 below
-      keep[r] = 1;
-      group_mean[r] = Ih_passed;
-      group_size[r] = n;
-    }
   }
   if (!any) return;
   const double cutoff = std::max(50.0, max_Ih / 40.0);
@@ -474,23 +488,53 @@ void error_model_deltas(std::size_t n, const double* __restrict numerator,
 
 namespace {
 
-/// The per-bin sums of δ and δ² (bins already checked); δ of a chunk is computed vectorised,
-/// then added in row order.
-void bin_moments(std::size_t n_rows, const double* numerator, const double* variance, const double* intensity_sq,
-                 const std::int64_t* bin, std::size_t n_bins, double b_squared, double* sum_delta,
-                 double* sum_delta_sq) {
-  std::fill(sum_delta, sum_delta + n_bins, 0.0);
-  std::fill(sum_delta_sq, sum_delta_sq + n_bins, 0.0);
+/// Rows per part of the per-bin sums: fixed, so that the parts' sums (added in part order)
+/// do not depend on the thread count; up to one part the sums are the serial ones.
+constexpr std::size_t kMomentPartRows = std::size_t{1} << 16;
+
+/// The per-bin sums of δ and δ² of rows [first, last) added into @p sum_delta and
+/// @p sum_delta_sq (bins already checked); δ of a chunk is computed vectorised, then added in
+/// row order.
+void part_moments(std::size_t first, std::size_t last, const double* numerator, const double* variance,
+                  const double* intensity_sq, const std::int64_t* bin, double b_squared, double* sum_delta,
+                  double* sum_delta_sq) {
   constexpr std::size_t chunk = 2048;
   double delta[chunk];
-  for (std::size_t start = 0; start < n_rows; start += chunk) {
-    const std::size_t m = std::min(chunk, n_rows - start);
+  for (std::size_t start = first; start < last; start += chunk) {
+    const std::size_t m = std::min(chunk, last - start);
     error_model_deltas(m, numerator + start, variance + start, intensity_sq + start, b_squared, delta);
     const std::int64_t* bins = bin + start;
     for (std::size_t j = 0; j < m; ++j) {
       if (bins[j] < 0) continue;
       sum_delta[bins[j]] += delta[j];
       sum_delta_sq[bins[j]] += delta[j] * delta[j];
+    }
+  }
+}
+
+/// The per-bin sums of δ and δ² (bins already checked): parts of kMomentPartRows rows over
+/// up to @p n_threads threads, their sums added in part order.
+void bin_moments(std::size_t n_rows, const double* numerator, const double* variance, const double* intensity_sq,
+                 const std::int64_t* bin, std::size_t n_bins, double b_squared, double* sum_delta,
+                 double* sum_delta_sq, int n_threads, std::vector<double>& partial) {
+  std::fill(sum_delta, sum_delta + n_bins, 0.0);
+  std::fill(sum_delta_sq, sum_delta_sq + n_bins, 0.0);
+  const std::size_t n_parts = (n_rows + kMomentPartRows - 1) / kMomentPartRows;
+  if (n_parts <= 1) {
+    part_moments(0, n_rows, numerator, variance, intensity_sq, bin, b_squared, sum_delta, sum_delta_sq);
+    return;
+  }
+  partial.assign(2 * n_bins * n_parts, 0.0);
+  fit::detail::parallel_for(n_parts, n_threads, [&](std::size_t p) {
+    double* s = partial.data() + 2 * n_bins * p;
+    part_moments(p * kMomentPartRows, std::min(n_rows, (p + 1) * kMomentPartRows), numerator, variance,
+                 intensity_sq, bin, b_squared, s, s + n_bins);
+  });
+  for (std::size_t p = 0; p < n_parts; ++p) {
+    const double* s = partial.data() + 2 * n_bins * p;
+    for (std::size_t k = 0; k < n_bins; ++k) {
+      sum_delta[k] += s[k];
+      sum_delta_sq[k] += s[n_bins + k];
     }
   }
 }
@@ -548,20 +592,24 @@ void error_model_normalised_deviations(std::size_t n_rows, const double* deviati
 
 void error_model_bin_moments(std::size_t n_rows, const double* numerator, const double* variance,
                              const double* intensity_sq, const std::int64_t* bin, std::size_t n_bins,
-                             double b_squared, double* sum_delta, double* sum_delta_sq) {
+                             double b_squared, double* sum_delta, double* sum_delta_sq, int n_threads) {
   check_bins(n_rows, bin, n_bins);
-  bin_moments(n_rows, numerator, variance, intensity_sq, bin, n_bins, b_squared, sum_delta, sum_delta_sq);
+  std::vector<double> partial;
+  bin_moments(n_rows, numerator, variance, intensity_sq, bin, n_bins, b_squared, sum_delta, sum_delta_sq,
+              n_threads, partial);
 }
 
 double error_model_search_b(std::size_t n_rows, const double* numerator, const double* variance,
                             const double* intensity_sq, const std::int64_t* bin, std::size_t n_bins,
-                            const double* counts, const double* weights, double lo, double hi, double tol) {
+                            const double* counts, const double* weights, double lo, double hi, double tol,
+                            int n_threads) {
   check_bins(n_rows, bin, n_bins);
-  std::vector<double> sum(n_bins), sum_sq(n_bins), terms(n_bins);
+  std::vector<double> sum(n_bins), sum_sq(n_bins), terms(n_bins), partial;
   // Σ_k w_k [(0.5 − v_k)² + 1/v_k − 1.25], v_k = max(mean(δ²) − mean(δ)², 1e-12), in the
   // operation order of the numpy definition
   const auto objective = [&](double b) {
-    bin_moments(n_rows, numerator, variance, intensity_sq, bin, n_bins, b * b, sum.data(), sum_sq.data());
+    bin_moments(n_rows, numerator, variance, intensity_sq, bin, n_bins, b * b, sum.data(), sum_sq.data(),
+                n_threads, partial);
     for (std::size_t k = 0; k < n_bins; ++k) {
       const double mean = sum[k] / counts[k];
       const double spread = sum_sq[k] / counts[k] - mean * mean;

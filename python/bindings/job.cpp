@@ -176,7 +176,7 @@ py::tuple subset_grouping_py(const Int64Array& order, const Int64Array& offsets,
 
 py::tuple error_model_filter_py(const Int64Array& order, const Int64Array& offsets, const DoubleArray& intensity,
                                 const DoubleArray& variance, const DoubleArray& scale, const BoolArray& considered,
-                                double min_Ih) {
+                                double min_Ih, int n_threads) {
   const auto n = static_cast<std::size_t>(intensity.size());
   const auto layout = layout_of(order, offsets, n);
   // only the considered rows are checked: the others are never read
@@ -201,7 +201,7 @@ py::tuple error_model_filter_py(const Int64Array& order, const Int64Array& offse
     py::gil_scoped_release release;
     std::fill(pm, pm + n, 0.0);
     std::fill(ps, ps + n, 0.0);
-    error_model_filter(layout, I, V, g, c, min_Ih, out, pm, ps);
+    error_model_filter(layout, I, V, g, c, min_Ih, out, pm, ps, n_threads);
   }
   return py::make_tuple(keep, mean, size);
 }
@@ -287,7 +287,7 @@ py::tuple rmeas_group_sums_py(const Int64Array& order, const Int64Array& offsets
 
 py::tuple error_model_bin_moments_py(const DoubleArray& numerator, const DoubleArray& variance,
                                      const DoubleArray& intensity_sq, const Int64Array& bin,
-                                     std::size_t n_bins, double b_squared) {
+                                     std::size_t n_bins, double b_squared, int n_threads) {
   const auto n = static_cast<std::size_t>(numerator.size());
   const double* k = row_array(numerator, n, "numerator");
   const double* v = row_array(variance, n, "variance");
@@ -302,14 +302,14 @@ py::tuple error_model_bin_moments_py(const DoubleArray& numerator, const DoubleA
   const std::int64_t* b = bin.data();
   {
     py::gil_scoped_release release;
-    error_model_bin_moments(n, k, v, i2, b, n_bins, b_squared, s, s2);
+    error_model_bin_moments(n, k, v, i2, b, n_bins, b_squared, s, s2, n_threads);
   }
   return py::make_tuple(sum, sum_sq);
 }
 
 double error_model_search_b_py(const DoubleArray& numerator, const DoubleArray& variance,
                                const DoubleArray& intensity_sq, const Int64Array& bin, const DoubleArray& counts,
-                               const DoubleArray& weights, double lo, double hi, double tol) {
+                               const DoubleArray& weights, double lo, double hi, double tol, int n_threads) {
   const auto n = static_cast<std::size_t>(numerator.size());
   const double* k = row_array(numerator, n, "numerator");
   const double* v = row_array(variance, n, "variance");
@@ -328,7 +328,7 @@ double error_model_search_b_py(const DoubleArray& numerator, const DoubleArray& 
   double best = 0.0;
   {
     py::gil_scoped_release release;
-    best = error_model_search_b(n, k, v, i2, b, n_bins, c, w, lo, hi, tol);
+    best = error_model_search_b(n, k, v, i2, b, n_bins, c, w, lo, hi, tol, n_threads);
   }
   return best;
 }
@@ -338,15 +338,17 @@ double error_model_search_b_py(const DoubleArray& numerator, const DoubleArray& 
 void bind_job(py::module_& m) {
   m.def("error_model_search_b", &error_model_search_b_py, py::arg("numerator"), py::arg("variance"),
         py::arg("intensity_sq"), py::arg("bin"), py::arg("counts"), py::arg("weights"), py::arg("lo"),
-        py::arg("hi"), py::arg("tol"),
+        py::arg("hi"), py::arg("tol"), py::arg("n_threads") = 1,
         "The error model's b: a golden-section search on [lo, hi] (to width tol) of the binned-variance\n"
         "objective sum_k weights[k] * ((0.5 - v_k)**2 + 1/v_k - 1.25), v_k the variance of\n"
         "delta = numerator / sqrt(variance + b**2 * intensity_sq) in bin k (counts[k] rows), exactly\n"
         "as the Python search with the numpy objective.");
   m.def("error_model_bin_moments", &error_model_bin_moments_py, py::arg("numerator"), py::arg("variance"),
         py::arg("intensity_sq"), py::arg("bin"), py::arg("n_bins"), py::arg("b_squared"),
+        py::arg("n_threads") = 1,
         "Per-bin sums of delta = numerator / sqrt(variance + b_squared * intensity_sq) and of delta**2\n"
-        "(rows with bin < 0 are in no bin). Returns (sum_delta, sum_delta_sq).");
+        "(rows with bin < 0 are in no bin). Returns (sum_delta, sum_delta_sq). Summed in fixed parts\n"
+        "of 2**16 rows (threads share the parts): the same bits for any n_threads.");
   m.def("standard_outlier_rows", &standard_outlier_rows_py, py::arg("order"), py::arg("offsets"),
         py::arg("intensity"), py::arg("weight"), py::arg("scale"), py::arg("zmax"), py::arg("n_threads") = 1,
         "DIALS's standard (iterative leave-one-out) outlier rejection in one call: the outlier rows in\n"
@@ -357,6 +359,7 @@ void bind_job(py::module_& m) {
         "i-th kept row): returns (order, offsets); empty groups are dropped, group order is kept.");
   m.def("error_model_filter", &error_model_filter_py, py::arg("order"), py::arg("offsets"), py::arg("intensity"),
         py::arg("variance"), py::arg("scale"), py::arg("considered"), py::arg("min_Ih"),
+        py::arg("n_threads") = 1,
         "DIALS's filter of the error model's data on the considered rows (group mean I/sigma^2 > 0.85,\n"
         "Ih*g > min_Ih, I > 0.001, multiplicity > 1, variance ratio cut). Returns (keep, Ih, n): the rows\n"
         "kept and, for them, their group's Ih (weights 1/sigma^2) and row count after the filter (0\n"

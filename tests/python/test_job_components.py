@@ -219,6 +219,36 @@ def test_error_model_b_search_kernel_is_the_python_search():
         kernels.error_model_search_b(K, variance, I_sq, bins, counts[:1], weights[:1], 0.0, 0.5, 1e-6)
 
 
+def test_error_model_kernels_give_the_same_bits_for_any_thread_count():
+    """The filter (ranges of 4096 groups) and the b search (parts of 2^16 rows) on threads:
+    the same rows, Ĩ, n and b for 1, 2 and 3 threads, on data of several parts."""
+    from xtalscale._core import job as kernels
+    from xtalscale.job.error_model import ErrorModelBinner, ErrorModelData, _fixed_a_arrays
+
+    grouped = _simulated_groups(1.2, 0.03, seed=11, n_groups=12000, mult=20)  # 240k rows, 3 group ranges
+    considered = np.ones(grouped.size, bool)
+    considered[::7] = False
+    filtered = [kernels.error_model_filter(grouped.order, grouped.offsets, grouped.intensity, grouped.variance,
+                                           grouped.scale, considered, 25.0, n_threads=t) for t in (1, 2, 3)]
+    for other in filtered[1:]:
+        for x, y in zip(filtered[0], other):
+            np.testing.assert_array_equal(x, y)
+    assert 0 < filtered[0][0].sum() < considered.sum()
+    data = ErrorModelData(grouped, n_threads=2)
+    binner = ErrorModelBinner(data, n_bins=10)
+    K, variance, I_sq, bins, counts, weights = _fixed_a_arrays(BasicErrorModel(1.2, 0.02), data, binner)
+    assert K.size > 3 * 2**16
+    b = [kernels.error_model_search_b(K, variance, I_sq, bins, counts, weights, 0.0, 0.5, 1e-6, n_threads=t)
+         for t in (1, 2, 3)]
+    assert b[0] == b[1] == b[2] and abs(b[0] - 0.03) < 0.005
+    moments = [kernels.error_model_bin_moments(K, variance, I_sq, bins, counts.size, 0.03**2, n_threads=t)
+               for t in (1, 3)]
+    np.testing.assert_array_equal(moments[0][0], moments[1][0])
+    np.testing.assert_array_equal(moments[0][1], moments[1][1])
+    assert run_error_model_refinement(BasicErrorModel(), grouped, n_threads=1).parameters == \
+        run_error_model_refinement(BasicErrorModel(), grouped, n_threads=2).parameters
+
+
 def _reference_bins(E, n_bins, min_per_bin):
     """The binner's definition: runs of a stable descending argsort of E."""
     import math

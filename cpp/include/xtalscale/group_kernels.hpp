@@ -95,11 +95,13 @@ XTALSCALE_EXPORT std::vector<std::int64_t> subset_grouping(const GroupLayout& la
 /// than one row; groups whose internal variance ratio Σ(I/g − Ĩ)²/(n−1) / mean(σ²/g²) is below
 /// max(50, largest Ĩ of those groups / 40). Writes keep[row] = 1 for the rows that pass and,
 /// for those rows, their group's Ĩ and row count after the filter to @p group_mean and
-/// @p group_size (other entries are left as they were).
+/// @p group_size (other entries are left as they were). Ranges of groups go to up to
+/// @p n_threads threads; the result does not depend on the split.
 XTALSCALE_EXPORT void error_model_filter(const GroupLayout& layout, const double* intensity,
                                          const double* variance, const double* scale,
                                          const std::uint8_t* considered, double min_Ih,
-                                         std::uint8_t* keep, double* group_mean, double* group_size);
+                                         std::uint8_t* keep, double* group_mean, double* group_size,
+                                         int n_threads = 1);
 
 /// The error model's δ = deviation / σ' with σ' = a·sqrt(σ² + (b·I)²)/g, row by row (in the
 /// operation order of xtalscale.job.error_model.calc_sigmaprime / calc_deltahl).
@@ -126,11 +128,13 @@ XTALSCALE_EXPORT void rmeas_group_sums(const GroupLayout& layout, const double* 
 /// Per-bin sums of the error model's normalised deviations δ = K / sqrt(σ² + b²·I²) and of δ²
 /// (the b refinement's one pass per trial b). Rows with bin[row] < 0 are in no bin; bin
 /// indices must be below @p n_bins. Writes n_bins values to @p sum_delta and @p sum_delta_sq.
+/// Rows are summed in fixed parts of 2¹⁶ (over up to @p n_threads threads) whose sums are added
+/// in part order: the same bits for any thread count, and row order within one part.
 XTALSCALE_EXPORT void error_model_bin_moments(std::size_t n_rows, const double* numerator,
                                               const double* variance, const double* intensity_sq,
                                               const std::int64_t* bin, std::size_t n_bins,
                                               double b_squared, double* sum_delta,
-                                              double* sum_delta_sq);
+                                              double* sum_delta_sq, int n_threads = 1);
 
 /// The b of the error model minimising the binned-variance objective
 /// Σ_k w_k [(0.5 − v_k)² + 1/v_k − 1.25] (v_k the variance of δ in bin k, at least 1e-12) by a
@@ -143,6 +147,6 @@ XTALSCALE_EXPORT double error_model_search_b(std::size_t n_rows, const double* n
                                              const double* variance, const double* intensity_sq,
                                              const std::int64_t* bin, std::size_t n_bins,
                                              const double* counts, const double* weights, double lo,
-                                             double hi, double tol);
+                                             double hi, double tol, int n_threads = 1);
 
 }  // namespace xtalscale

@@ -42,6 +42,7 @@ def error_model_bin_moments(
     bin: npt.ArrayLike,
     n_bins: int,
     b_squared: float,
+    n_threads: int = 1,
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
 def standard_outlier_rows(
     order: npt.ArrayLike,
@@ -63,6 +64,7 @@ def error_model_filter(
     scale: npt.ArrayLike,
     considered: npt.ArrayLike,
     min_Ih: float,
+    n_threads: int = 1,
 ) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
 def error_model_normalised_deviations(
     deviation: npt.ArrayLike,
@@ -89,6 +91,7 @@ def error_model_search_b(
     lo: float,
     hi: float,
     tol: float,
+    n_threads: int = 1,
 ) -> float: ...
 def esq_bin_sums(
     scaled_intensity: npt.ArrayLike, epsilon: npt.ArrayLike, bin: npt.ArrayLike, n_bins: int

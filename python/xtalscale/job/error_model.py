@@ -104,7 +104,10 @@ class ErrorModelData:
     filtered rows as a :class:`GroupedObservations`, is made when first asked for."""
 
     def __init__(self, grouped: GroupedObservations, min_Ih: float = 25.0,
-                 min_partiality: float = 0.25, stills: Any = None, rows: np.ndarray | None = None) -> None:
+                 min_partiality: float = 0.25, stills: Any = None, rows: np.ndarray | None = None,
+                 n_threads: int = 1) -> None:
+        #: threads of the filter and of the b search's passes (the same results for any count)
+        self.n_threads = max(1, int(n_threads))
         considered = np.ones(grouped.size, dtype=bool) if rows is None else np.asarray(rows, dtype=bool)
         if considered.shape != (grouped.size,):
             raise ValueError(f"rows must be a bool array of length {grouped.size}")
@@ -112,7 +115,7 @@ class ErrorModelData:
             considered = considered & (grouped.extra["partiality"] > min_partiality)
         self._grouped: GroupedObservations | None = None
         if stills is None:
-            keep, Ih, n_h = self._filter_rows(grouped, min_Ih, considered)
+            keep, Ih, n_h = self._filter_rows(grouped, min_Ih, considered, self.n_threads)
             self._source, self._keep = grouped, keep
             self.intensity, self.variance, self.scale = grouped.intensity[keep], grouped.variance[keep], grouped.scale[keep]
             self.Ih, self.n_h = Ih[keep], n_h[keep]
@@ -171,8 +174,8 @@ class ErrorModelData:
         return g.subset(g.group_sizes()[g.group_of_row()] >= min_multiplicity)
 
     @staticmethod
-    def _filter_rows(g: GroupedObservations, min_Ih: float,
-                     rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _filter_rows(g: GroupedObservations, min_Ih: float, rows: np.ndarray | None = None,
+                     n_threads: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """DIALS's filter (module docstring) of the ``rows`` of ``g`` (default all) in one C++
         pass over the groups (:func:`xtalscale._core.job.error_model_filter`): the rows kept and,
         for them, Ĩ (weights 1/σ²) and n_h of their group after the filter."""
@@ -180,7 +183,7 @@ class ErrorModelData:
 
         considered = np.ones(g.size, dtype=bool) if rows is None else rows
         return kernels.error_model_filter(g.order, g.offsets, g.intensity, g.variance, g.scale,
-                                          considered, float(min_Ih))
+                                          considered, float(min_Ih), n_threads=n_threads)
 
     @staticmethod
     def _filter(g: GroupedObservations, min_Ih: float, rows: np.ndarray | None = None) -> GroupedObservations:
@@ -356,7 +359,8 @@ def _refine_b(model: BasicErrorModel, data: ErrorModelData, binner: ErrorModelBi
     from .._core import job as kernels
 
     K, variance, I_sq, bin_of_row, counts, weights = _fixed_a_arrays(model, data, binner)
-    b = kernels.error_model_search_b(K, variance, I_sq, bin_of_row, counts, weights, 0.0, 0.5, 1e-6)
+    b = kernels.error_model_search_b(K, variance, I_sq, bin_of_row, counts, weights, 0.0, 0.5, 1e-6,
+                                     n_threads=getattr(data, "n_threads", 1))
     model.parameters = [model.a, b]
 
 
@@ -388,12 +392,14 @@ def run_error_model_refinement(model: BasicErrorModel, grouped: GroupedObservati
                                minimisation: str = "individual", min_Ih: float = 25.0,
                                n_bins: int = 10, min_partiality: float = 0.25,
                                max_cycles: int = 50, stills: Any = None,
-                               rows: np.ndarray | None = None) -> BasicErrorModel:
+                               rows: np.ndarray | None = None, n_threads: int = 1) -> BasicErrorModel:
     """Refine ``model`` on grouped scaled observations (rows as for outlier rejection, but with
     Bijvoet mates apart), or on the ``rows`` of them (a per-row bool array). ``stills`` (the
-    ``basic.stills`` scope) selects the stills filtering.
+    ``basic.stills`` scope) selects the stills filtering. ``n_threads``: threads of the filter
+    and of the b search (the same (a, b) for any count).
     Raises :class:`ErrorModelRefinementError` when too few rows suit."""
-    data = ErrorModelData(grouped, min_Ih=min_Ih, min_partiality=min_partiality, stills=stills, rows=rows)
+    data = ErrorModelData(grouped, min_Ih=min_Ih, min_partiality=min_partiality, stills=stills, rows=rows,
+                          n_threads=n_threads)
     model.filtered_Ih_table = data
     model.n_refl = data.intensity.size
     if minimisation == "regression":
@@ -522,7 +528,8 @@ def refine_error_models(scaler: Any) -> None:
             run_error_model_refinement(model, suitable, em_params.basic.minimisation or "None",
                                        em_params.basic.min_Ih, em_params.basic.n_bins,
                                        float(params.reflection_selection.min_partiality),
-                                       stills=em_params.basic.stills if all_stills else None, rows=rows)
+                                       stills=em_params.basic.stills if all_stills else None, rows=rows,
+                                       n_threads=int(getattr(scaler, "n_threads", 1) or 1))
         except ErrorModelRefinementError as exc:
             logger.info("error model not refined for sweeps %s: %s", [m + 1 for m in members], exc)
             continue
