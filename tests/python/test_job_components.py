@@ -327,3 +327,24 @@ def test_error_model_filter_kernel_is_the_subset_chain():
     np.testing.assert_array_equal(g.row[keep], expected.row)
     np.testing.assert_array_equal(Ih[keep], expected.group_means(1.0 / expected.variance)[expected.group_of_row()])
     np.testing.assert_array_equal(n_h[keep], expected.group_sizes()[expected.group_of_row()])
+
+
+def test_random_groups_among_eligible_groups_equal_the_draw_from_their_subset():
+    """select_random_groups(eligible=...) draws the same groups as from the subset of the
+    eligible groups' rows (what the job did before: the subset of 10⁶ rows is not made)."""
+    from xtalscale.job.reflection_selection import select_random_groups
+
+    grouped = _simulated_groups(1.0, 0.02, seed=5, n_groups=500, mult=3)
+    rng = np.random.default_rng(2)
+    drop = rng.random(grouped.size) < 0.4  # leaves groups of 0-3 rows
+    grouped = grouped.subset(~drop)
+    sizes = grouped.group_sizes()
+    multi = np.flatnonzero(sizes > 1)
+    assert 0 < multi.size < grouped.n_groups
+    rows_multi = sizes[grouped.group_of_row()] > 1
+    subset = grouped.subset(rows_multi)
+    for seed in (0, 7):
+        old = np.zeros(grouped.size, bool)
+        old[np.flatnonzero(rows_multi)[select_random_groups(subset, 60, seed)]] = True
+        new = select_random_groups(grouped, 60, seed, eligible=multi)
+        np.testing.assert_array_equal(new, old)

@@ -173,9 +173,9 @@ def test_known_truth_small(main_rounds_subset):
         calls = []
         original = reflection_selection.select_random_groups
 
-        def spy(grouped, n_groups, seed):
+        def spy(grouped, n_groups, seed, **kwargs):
             calls.append(n_groups)
-            return original(grouped, n_groups, seed)
+            return original(grouped, n_groups, seed, **kwargs)
 
         from xtalscale.job import error_model
 

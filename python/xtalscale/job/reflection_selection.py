@@ -47,12 +47,15 @@ def calculate_scaling_subset_ranges(intensity: np.ndarray, variance: np.ndarray,
     return sel
 
 
-def select_random_groups(grouped: GroupedObservations, n_groups: int, seed: int) -> np.ndarray:
-    """Rows (bool over ``grouped``) of ``n_groups`` groups drawn at random (seeded)."""
+def select_random_groups(grouped: GroupedObservations, n_groups: int, seed: int,
+                         eligible: np.ndarray | None = None) -> np.ndarray:
+    """Rows (bool over ``grouped``) of ``n_groups`` groups drawn at random (seeded) from the
+    ``eligible`` group numbers (ascending; default every group): the same draw as from the
+    subset of those groups' rows, without making it."""
     rng = np.random.default_rng(seed)
-    n_available = grouped.n_groups
+    n_available = grouped.n_groups if eligible is None else int(eligible.size)
     chosen = np.sort(rng.choice(n_available, size=min(n_groups, n_available), replace=False))
-    return _rows_of_groups(grouped, chosen)
+    return _rows_of_groups(grouped, chosen if eligible is None else eligible[chosen])
 
 
 def _rows_of_groups(grouped: GroupedObservations, groups: np.ndarray) -> np.ndarray:
@@ -120,15 +123,15 @@ def _select_groups(scaler: Any, pre: list[np.ndarray], min_reflections: int, min
     """Each dataset's ``minimisation`` mask: random groups of multiplicity > 1 among the ``pre``
     rows, at least ``min_reflections`` rows and ``min_groups`` groups (seeded)."""
     grouped = scaler._grouped_suitable(keep=pre)
-    multi = grouped.group_sizes()[grouped.group_of_row()] > 1
-    if not multi.any():
+    sizes = grouped.group_sizes()
+    multi = np.flatnonzero(sizes > 1)  # the groups that can be drawn, ascending
+    if not multi.size:
         for ds in scaler.datasets:
             ds.minimisation = None        # DIALS falls back to use_all
         return
-    grouped = grouped.subset(multi)
-    mean_m = grouped.size / max(grouped.n_groups, 1)
+    mean_m = int(sizes[multi].sum()) / multi.size
     n_groups = max(int(math.ceil(min_reflections / mean_m)), min_groups)
-    rows = select_random_groups(grouped, n_groups, seed)
+    rows = select_random_groups(grouped, n_groups, seed, eligible=multi)
     per_ds = grouped.rows_per_dataset(np.flatnonzero(rows))
     for k, ds in enumerate(scaler.datasets):
         # rows_per_dataset gives rows of the preselected arrays: map back to suitable rows
