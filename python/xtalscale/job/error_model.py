@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..error_model import BasicErrorModel as StoredBasicErrorModel
-from .grouped import GroupedObservations, asu_grouping
+from .grouped import GroupedObservations
 
 __all__ = [
     "BasicErrorModel",
@@ -457,12 +457,11 @@ def extract_error_model_groups(params: Any, n_tables: int) -> list[list[int]]:
 
 def _suitable_rows_grouped(scaler: Any) -> GroupedObservations:
     """The suitable rows of every dataset of ``scaler`` with their current I, σ² (no error
-    model), g and partiality, Bijvoet mates apart. The grouping comes from the cache of
-    :func:`~xtalscale.job.grouped.asu_grouping` (the scaler grouped the same indices), and
+    model), g and partiality, Bijvoet mates apart. The grouping is the scaler's
+    (:meth:`~xtalscale.job.scaler.ScalerBase.suitable_asu_grouping`, made once per job), and
     each model's rows are then a mask over it: no grouping per refinement."""
     datasets = scaler.datasets
-    hkl = np.concatenate([np.asarray(ds.table["miller_index"]).reshape(-1, 3)[ds.suitable] for ds in datasets])
-    grouping = asu_grouping(hkl, scaler.space_group, anomalous=True)
+    grouping = scaler.suitable_asu_grouping(anomalous=True)
     n_rows = [int(ds.suitable.sum()) for ds in datasets]
     I = np.concatenate([ds.column("intensity") for ds in datasets])
     V = np.concatenate([ds.column("variance") for ds in datasets])

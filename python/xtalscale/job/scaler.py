@@ -27,7 +27,7 @@ from ..components import SHScaleComponent
 from ..csr_view import CsrView
 from ..parameter_managers import single_managers
 from ..reflection_table import Flags
-from .grouped import GroupedObservations, suitable_rows
+from .grouped import GroupedObservations, asu_grouping, suitable_rows
 from .outlier_rejection import (
     determine_Esq_outlier_index_arrays,
     determine_outlier_rows,
@@ -109,6 +109,7 @@ class ScalerBase:
         self.free_asu_hkl: np.ndarray | None = None
         self._update_keys: dict[int, tuple] = {}
         self._grouped_cache: GroupedObservations | None = None
+        self._asu_groupings: dict[bool, Any] = {}  # see suitable_asu_grouping
         self._observers: dict[str, list] = {}
         self.stream_derivatives = False
 
@@ -547,6 +548,18 @@ class ScalerBase:
     def release_grouping(self) -> None:
         """Drop the cached grouping of the suitable rows (rebuilt if asked for again)."""
         self._grouped_cache = None
+
+    def suitable_asu_grouping(self, anomalous: bool) -> Any:
+        """The ASU indices of every dataset's suitable rows (concatenated in dataset order) and
+        their grouping (:func:`~xtalscale.job.grouped.asu_grouping`), made once per setting:
+        the suitable rows never change, so later calls skip gathering and comparing 10⁶ Miller
+        indices. The arrays are the grouping cache's own (read-only, shared)."""
+        held = self._asu_groupings.get(anomalous)
+        if held is None:
+            hkl = np.concatenate([np.asarray(ds.table["miller_index"]).reshape(-1, 3)[ds.suitable]
+                                  for ds in self.datasets])
+            held = self._asu_groupings[anomalous] = asu_grouping(hkl, self.space_group, anomalous=anomalous)
+        return held
 
 
 def _update_all_rows(comp: Any, scales_only: bool) -> None:
