@@ -210,11 +210,15 @@ class ScalerBase:
         # the free groups' ASU indices, for work/free statistics after scaling
         self.free_asu_hkl = None if free is None else np.unique(np.asarray(free.asu_miller_index), axis=0)
         self.apply_error_model_weights()
-        for k, ds in enumerate(self.datasets):
+
+        def give_blocks(k: int) -> None:
             # block selections are rows of the table given to the Ih table (here: suitable rows)
             sels = self.Ih_table.get_block_selections_for_dataset(k)
-            for comp in ds.model.components.values():
+            for comp in self.datasets[k].model.components.values():
                 comp.update_reflection_data(block_selections=sels)
+
+        # the datasets' components are independent (their set-up kernels release the GIL)
+        self._map_datasets(give_blocks, range(len(self.datasets)))
         self._tick("prepare minimisation", t0)
 
     def apply_error_model_weights(self) -> None:
