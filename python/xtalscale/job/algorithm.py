@@ -120,19 +120,42 @@ def _prepare_dataset(params: Any, table: Any, reasons: Reasons) -> Any:
     return table
 
 
+def _make_single_scalers(params: Any, experiments: Any, reflections: Sequence[Any]) -> list[Any]:
+    """A SingleScaler per dataset, or the BadDatasetForScalingException that removes it. With
+    nproc > 1 the datasets are set up concurrently (their models and components are their own;
+    the heavy parts are C++ and numpy that release the GIL), unless a table lacks s1: setting
+    up such a dataset changes the shared params for a moment (no absorption surface)."""
+    def make(pair: tuple[Any, Any]) -> Any:
+        expt, table = pair
+        try:
+            return SingleScaler(params, expt, table, for_multi=len(experiments) > 1)
+        except BadDatasetForScalingException as exc:
+            return exc
+
+    pairs = list(zip(experiments, reflections))
+    n_threads = max(1, int(getattr(params.scaling_options, "nproc", 1) or 1))
+    if n_threads == 1 or len(pairs) < 2 or any("s1" not in table for _, table in pairs):
+        return [make(pair) for pair in pairs]
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+    with ThreadPoolExecutor(max_workers=min(n_threads, len(pairs))) as pool:
+        return list(pool.map(make, pairs))
+
+
 def create_scaler(params: Any, experiments: Any, reflections: Sequence[Any],
                   reasons: Reasons | None = None) -> ScalerBase:
     """A SingleScaler (one dataset) or MultiScaler; datasets that empty are removed with a
     message (dials#2045)."""
     reasons = reasons if reasons is not None else Reasons()
     singles, removed = [], []
-    for expt, table in zip(experiments, reflections):
-        _prepare_dataset(params, table, reasons)
-        try:
-            singles.append(SingleScaler(params, expt, table, for_multi=len(experiments) > 1))
-        except BadDatasetForScalingException as exc:
-            logger.warning("removing dataset %s: %s", expt.identifier, exc)
+    for table in reflections:
+        _prepare_dataset(params, table, reasons)  # in order: the exclusion counts are shared
+    for expt, made in zip(experiments, _make_single_scalers(params, experiments, reflections)):
+        if isinstance(made, BadDatasetForScalingException):
+            logger.warning("removing dataset %s: %s", expt.identifier, made)
             removed.append(expt.identifier)
+        else:
+            singles.append(made)
     if not singles:
         raise BadDatasetForScalingException("no dataset has reflections left to scale")
     scaler: ScalerBase = singles[0] if len(singles) == 1 else MultiScaler(singles)
