@@ -234,9 +234,11 @@ namespace {
 
 /// DIALS's standard rejection on groups [first, last): each group alone until it yields no
 /// outlier; the outliers appended to by_round[round] in group order.
-void standard_outliers_of_groups(const GroupLayout& layout, std::size_t first, std::size_t last,
-                                 const double* intensity, const double* weight, const double* scale,
-                                 double zmax, std::vector<std::vector<std::int64_t>>& by_round) {
+/// The standard rejection of groups [first, last). Returns the first row (in group order) of
+/// a tested group whose weight is not positive, or -1; the groups before it are done.
+std::int64_t standard_outliers_of_groups(const GroupLayout& layout, std::size_t first, std::size_t last,
+                                         const double* intensity, const double* weight, const double* scale,
+                                         double zmax, std::vector<std::vector<std::int64_t>>& by_round) {
   GatheredGroup group;
   std::vector<double> capped, abs_z, buffer;
   for (std::size_t k = first; k < last; ++k) {
@@ -244,6 +246,8 @@ void standard_outliers_of_groups(const GroupLayout& layout, std::size_t first, s
     const auto n_members = static_cast<std::size_t>(layout.offsets[k + 1] - begin);
     if (n_members <= 2) continue;
     group.gather(layout.order + begin, n_members, intensity, weight, scale);
+    for (std::size_t i = 0; i < n_members; ++i)
+      if (!(group.weight[i] > 0.0)) return group.rows[i];
     for (std::size_t round = 0; group.rows.size() > 2; ++round) {
       const std::size_t m = group.rows.size();
       const std::int64_t* at = group.positions.data();
@@ -259,6 +263,7 @@ void standard_outliers_of_groups(const GroupLayout& layout, std::size_t first, s
       group.erase(best);
     }
   }
+  return -1;
 }
 
 /// Groups per work chunk of the threaded standard rejection (fixed: the merged result does
@@ -276,22 +281,20 @@ std::vector<std::int64_t> standard_outlier_rows(const GroupLayout& layout, const
   // the result is in DIALS's detection order (round by round, groups in order). Groups go in
   // fixed chunks (over threads); the chunks' rounds are joined in chunk order, so the result
   // is the serial one for any thread count.
-  // A weight that is not positive in a tested group throws, as the serial loop would at the
-  // first such group and row; checked here, before any thread starts.
-  for (std::size_t k = 0; k < layout.n_groups; ++k) {
-    const auto begin = layout.offsets[k], end = layout.offsets[k + 1];
-    if (end - begin <= 2) continue;
-    for (auto i = begin; i < end; ++i)
-      if (!(weight[layout.order[i]] > 0.0))
-        throw std::invalid_argument("weights must be positive (row " + std::to_string(layout.order[i]) + ")");
-  }
+  // A weight that is not positive in a tested group throws, naming the first such row in
+  // group order (as a serial check before the work would): each chunk stops at its first,
+  // and the earliest chunk's is reported. The weights are checked as each group is gathered
+  // (a separate pass would read every weight once more, in random order).
   const std::size_t n_chunks = (layout.n_groups + kOutlierChunkGroups - 1) / kOutlierChunkGroups;
   std::vector<std::vector<std::vector<std::int64_t>>> found(n_chunks);
+  std::vector<std::int64_t> bad_row(n_chunks, -1);
   fit::detail::parallel_for(n_chunks, n_threads, [&](std::size_t c) {
-    standard_outliers_of_groups(layout, c * kOutlierChunkGroups,
-                                std::min(layout.n_groups, (c + 1) * kOutlierChunkGroups), intensity, weight,
-                                scale, zmax, found[c]);
+    bad_row[c] = standard_outliers_of_groups(layout, c * kOutlierChunkGroups,
+                                             std::min(layout.n_groups, (c + 1) * kOutlierChunkGroups), intensity,
+                                             weight, scale, zmax, found[c]);
   });
+  for (const std::int64_t row : bad_row)
+    if (row >= 0) throw std::invalid_argument("weights must be positive (row " + std::to_string(row) + ")");
   std::vector<std::int64_t> outliers;
   for (std::size_t round = 0;; ++round) {
     bool any = false;

@@ -256,3 +256,13 @@ def test_fused_standard_rejection_equals_the_round_by_round_kernels(n_rows, n_th
         kern.standard_outlier_rows(g.order, g.offsets, I, w, g.scale, 3.0, n_threads=n_threads), expected)
     with pytest.raises(ValueError, match="positive"):
         kern.standard_outlier_rows(g.order, g.offsets, I, np.zeros(I.size), g.scale, 3.0, n_threads=n_threads)
+    # the error names the first bad row in group order (groups of more than two), whichever
+    # chunk or thread meets a bad weight first
+    sizes = np.diff(g.offsets)
+    tested = np.flatnonzero(sizes > 2)
+    early, late = tested[len(tested) // 3], tested[-1]
+    bad = w.copy()
+    bad[g.order[g.offsets[late]]] = 0.0
+    bad[g.order[g.offsets[early] + 1]] = -1.0
+    with pytest.raises(ValueError, match=rf"\(row {g.order[g.offsets[early] + 1]}\)"):
+        kern.standard_outlier_rows(g.order, g.offsets, I, bad, g.scale, 3.0, n_threads=n_threads)
