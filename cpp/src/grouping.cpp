@@ -137,6 +137,42 @@ std::vector<std::int64_t> radix_group(std::vector<std::uint64_t>& k, std::uint64
   return offsets;
 }
 
+/// Group boundaries of keys in [0, range] by one counting sort, for key ranges not much
+/// larger than the row count: no per-row temporaries (the keys are recomputed by @p key_of),
+/// only two arrays over the range. Stable, so the order is the radix sort's.
+template <class KeyOf>
+std::vector<std::int64_t> counting_group(std::size_t n, std::uint64_t range, KeyOf key_of,
+                                         std::int64_t* order, std::int64_t* group_index) {
+  const std::size_t n_keys = static_cast<std::size_t>(range) + 1;
+  std::vector<std::int64_t> next(n_keys, 0);  // counts, then each key's next position
+  for (std::size_t i = 0; i < n; ++i) ++next[key_of(i)];
+  std::vector<std::int64_t> rank(n_keys, -1);  // group of each present key
+  std::vector<std::int64_t> offsets;
+  std::int64_t position = 0, group = 0;
+  for (std::size_t key = 0; key < n_keys; ++key) {
+    const std::int64_t count = next[key];
+    next[key] = position;
+    if (count == 0) continue;
+    offsets.push_back(position);
+    rank[key] = group++;
+    position += count;
+  }
+  offsets.push_back(static_cast<std::int64_t>(n));
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::uint64_t key = key_of(i);
+    order[next[key]++] = static_cast<std::int64_t>(i);
+    group_index[i] = rank[key];
+  }
+  return offsets;
+}
+
+/// Whether counting_group suits a key range: at most a few entries per row (and 2^26 at
+/// most), so its two range-sized arrays stay smaller than the radix sort's per-row buffers.
+inline bool counting_suits(std::size_t n, std::uint64_t range) {
+  return range < std::max<std::uint64_t>(4 * static_cast<std::uint64_t>(n), 1u << 16) &&
+         range < (std::uint64_t{1} << 26);
+}
+
 }  // namespace
 
 void counting_order(const std::int64_t* keys, std::size_t n, std::size_t n_keys,
@@ -162,6 +198,10 @@ std::vector<std::int64_t> group_keys(const std::int64_t* keys, std::size_t n,
   const auto [lo_it, hi_it] = std::minmax_element(keys, keys + n);
   // Shift to unsigned so that the order of the keys is the order of the digits.
   const std::uint64_t lo = static_cast<std::uint64_t>(*lo_it);
+  const std::uint64_t range = static_cast<std::uint64_t>(*hi_it) - lo;
+  if (counting_suits(n, range))
+    return counting_group(n, range, [&](std::size_t i) { return static_cast<std::uint64_t>(keys[i]) - lo; },
+                          order, group_index);
   std::vector<std::uint64_t> k(n);
   for (std::size_t i = 0; i < n; ++i) k[i] = static_cast<std::uint64_t>(keys[i]) - lo;
   return radix_group(k, static_cast<std::uint64_t>(*hi_it) - lo, order, group_index);
@@ -186,14 +226,17 @@ std::vector<std::int64_t> group_miller_indices(const std::int32_t* hkl, std::siz
   require(s0 <= (std::uint64_t{1} << 21) && s1 <= (std::uint64_t{1} << 21) &&
               s2 <= (std::uint64_t{1} << 21),
           "hkl: index range too large (more than 2^21 distinct values per component)");
-  std::vector<std::uint64_t> k(n);
-  for (std::size_t i = 0; i < n; ++i) {
+  const auto key_of = [&](std::size_t i) {
     const auto h = static_cast<std::uint64_t>(hkl[3 * i] - lo[0]);
     const auto kk = static_cast<std::uint64_t>(hkl[3 * i + 1] - lo[1]);
     const auto l = static_cast<std::uint64_t>(hkl[3 * i + 2] - lo[2]);
-    k[i] = (h * s1 + kk) * s2 + l;
-  }
-  return radix_group(k, s0 * s1 * s2 - 1, order, group_index);
+    return (h * s1 + kk) * s2 + l;
+  };
+  const std::uint64_t range = s0 * s1 * s2 - 1;
+  if (counting_suits(n, range)) return counting_group(n, range, key_of, order, group_index);
+  std::vector<std::uint64_t> k(n);
+  for (std::size_t i = 0; i < n; ++i) k[i] = key_of(i);
+  return radix_group(k, range, order, group_index);
 }
 
 }  // namespace xtalscale

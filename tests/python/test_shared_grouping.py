@@ -273,3 +273,26 @@ def test_counting_order_is_a_stable_argsort():
         counting_order(np.array([0, 600]), 600)
     with pytest.raises(ValueError, match="outside"):
         counting_order(np.array([-1]), 600)
+
+
+@pytest.mark.parametrize("spread", [10, 600_000])
+def test_grouping_kernels_equal_a_stable_lexicographic_sort(spread):
+    """group_miller_indices and group_keys: order = numpy's stable lexicographic sort, groups
+    in key order, for key ranges a counting sort takes (spread 10) and ranges only the radix
+    sort takes (spread 6·10⁵: far more keys than rows)."""
+    from xtalscale._core import grouping as kernels
+
+    rng = np.random.default_rng(3)
+    hkl = rng.integers(-spread, spread + 1, size=(20_000, 3)).astype(np.int32)
+    hkl[::3] = hkl[1::3][: len(hkl[::3])]  # repeated indices: groups of several rows
+    order, group_index, offsets = kernels.group_miller_indices(hkl)
+    expected = np.lexsort((hkl[:, 2], hkl[:, 1], hkl[:, 0]))  # stable
+    np.testing.assert_array_equal(order, expected)
+    sorted_hkl = hkl[expected]
+    starts = np.flatnonzero(np.r_[True, np.any(sorted_hkl[1:] != sorted_hkl[:-1], axis=1)])
+    np.testing.assert_array_equal(offsets, np.r_[starts, len(hkl)])
+    np.testing.assert_array_equal(group_index[expected], np.repeat(np.arange(starts.size), np.diff(np.r_[starts, len(hkl)])))
+    keys = hkl[:, 0].astype(np.int64) * 7 + hkl[:, 1]
+    order, group_index, offsets = kernels.group_keys(keys)
+    np.testing.assert_array_equal(order, np.argsort(keys, kind="stable"))
+    assert offsets.size - 1 == np.unique(keys).size
