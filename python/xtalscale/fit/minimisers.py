@@ -129,6 +129,14 @@ def _rmsd_converged(journal: Journal, tolerance: float) -> bool:
     return True
 
 
+def _record_step(journal: Journal, objective: Objective, f: float, gradient_norm: float, step_length: float,
+                 t0: float, **extra: Any) -> None:
+    """A journal row at the objective's current point: f, its RMSD and reflection count, the
+    gradient norm and step length, the time since ``t0`` and any ``extra`` columns."""
+    journal.add(objective=f, rmsd=objective.rmsd(), gradient_norm=gradient_norm, step_length=step_length,
+                time=time.perf_counter() - t0, num_reflections=objective.n_reflections(), **extra)
+
+
 def _converged_without_equations(objective: Objective, journal: Journal, rmsd_tolerance: float,
                                  r_sq: float, t0: float, **extra: Any) -> bool:
     """At a newly accepted point whose r² is known: if its RMSD ends the refinement (DIALS's
@@ -137,8 +145,7 @@ def _converged_without_equations(objective: Objective, journal: Journal, rmsd_to
     about half a second). The esds then come from the last solve, one step before: the step
     changed the RMSD by less than ``rmsd_tolerance`` (relative), and the inverse normal matrix
     by as little."""
-    journal.add(objective=0.5 * r_sq, rmsd=objective.rmsd(), gradient_norm=float("nan"), step_length=0.0,
-                time=time.perf_counter() - t0, num_reflections=objective.n_reflections(), **extra)
+    _record_step(journal, objective, 0.5 * r_sq, float("nan"), 0.0, t0, **extra)
     if _rmsd_converged(journal, rmsd_tolerance):
         journal.reason_for_termination = RMSD_CONVERGED
         return True
@@ -280,9 +287,7 @@ def lbfgs(objective: Objective, max_iterations: int | None = None, rmsd_toleranc
                 pairs.pop(0)
         x, f, g = x_new, f_new, g_new
         iteration += 1
-        journal.add(objective=f, rmsd=objective.rmsd(), gradient_norm=_norm(g),
-                    step_length=_norm(s), time=time.perf_counter() - t0,
-                    num_reflections=objective.n_reflections())
+        _record_step(journal, objective, f, _norm(g), _norm(s), t0)
         if _rmsd_converged(journal, rmsd_tolerance):
             journal.reason_for_termination = RMSD_CONVERGED
             break
@@ -406,9 +411,8 @@ def gauss_newton(objective: Objective, max_iterations: int | None = None, rmsd_t
     while True:
         solution = solve_normal_equations(matrix, rhs, names)
         journal.messages.extend(solution.messages)
-        journal.add(objective=0.5 * r_sq, rmsd=objective.rmsd(), gradient_norm=float(np.linalg.norm(rhs)),
-                    step_length=float(np.linalg.norm(solution.step)), time=time.perf_counter() - t0,
-                    num_reflections=objective.n_reflections(), reduced_chi_squared=r_sq / max(1, n_eq - objective.n_params))
+        _record_step(journal, objective, 0.5 * r_sq, float(np.linalg.norm(rhs)), float(np.linalg.norm(solution.step)),
+                     t0, reduced_chi_squared=r_sq / max(1, n_eq - objective.n_params))
         last = (r_sq, n_eq)
         if _rmsd_converged(journal, rmsd_tolerance):
             journal.reason_for_termination = RMSD_CONVERGED
@@ -461,9 +465,8 @@ def levenberg_marquardt_step(objective: Objective, max_iterations: int | None = 
     mu = _initial_damping(matrix)
     solution = solve_normal_equations(matrix + mu * np.eye(matrix.shape[0]), rhs, names)
     journal.messages.extend(solution.messages)
-    journal.add(objective=0.5 * r_sq, rmsd=objective.rmsd(), gradient_norm=float(np.linalg.norm(rhs)),
-                step_length=float(np.linalg.norm(solution.step)), time=time.perf_counter() - t0,
-                num_reflections=objective.n_reflections(), mu=mu)
+    _record_step(journal, objective, 0.5 * r_sq, float(np.linalg.norm(rhs)), float(np.linalg.norm(solution.step)),
+                 t0, mu=mu)
     step = solution.step
     if _try_set(objective, x + step) and 0.5 * objective.objective_only() < 0.5 * r_sq:
         journal.reason_for_termination = MAX_ITERATIONS
@@ -499,9 +502,8 @@ def _chord_step(objective: Objective, journal: Journal, matrix: np.ndarray, mu: 
     _, grad = objective.f_and_grad()
     rhs = -0.5 * np.asarray(grad, dtype=np.float64)
     solution = solve_normal_equations(matrix + mu * np.eye(matrix.shape[0]), rhs, names)
-    journal.add(objective=f_at_x, rmsd=objective.rmsd(), gradient_norm=float(np.linalg.norm(rhs)),
-                step_length=float(np.linalg.norm(solution.step)), time=time.perf_counter() - t0,
-                num_reflections=objective.n_reflections(), mu=mu, chord=True)
+    _record_step(journal, objective, f_at_x, float(np.linalg.norm(rhs)), float(np.linalg.norm(solution.step)), t0,
+                 mu=mu, chord=True)
     x_new = x + solution.step
     if _try_set(objective, x_new):
         f_new = 0.5 * objective.objective_only()
@@ -543,10 +545,8 @@ def levenberg_marquardt(objective: Objective, max_iterations: int | None = 100, 
         damped = matrix + mu * np.eye(matrix.shape[0])
         solution = solve_normal_equations(damped, rhs, names)
         journal.messages.extend(m for m in solution.messages if m not in journal.messages)
-        journal.add(objective=f_old, rmsd=objective.rmsd(), gradient_norm=float(np.linalg.norm(rhs)),
-                    step_length=float(np.linalg.norm(solution.step)), time=time.perf_counter() - t0,
-                    num_reflections=objective.n_reflections(), mu=mu,
-                    reduced_chi_squared=r_sq / max(1, n_eq - objective.n_params))
+        _record_step(journal, objective, f_old, float(np.linalg.norm(rhs)), float(np.linalg.norm(solution.step)),
+                     t0, mu=mu, reduced_chi_squared=r_sq / max(1, n_eq - objective.n_params))
         last = (r_sq, n_eq)
         if _rmsd_converged(journal, rmsd_tolerance):
             journal.reason_for_termination = RMSD_CONVERGED
