@@ -76,11 +76,9 @@ class ScalerObjective:
 
     def set_x(self, x: np.ndarray) -> None:
         self.apm.set_param_vals(np.asarray(x, dtype=np.float64))
-        for block_id, block in enumerate(self._blocks()):
-            with np.errstate(over="ignore", invalid="ignore"):
-                # streamed: g and Ĩ only; the derivatives are built when a block is consumed
-                self._update(block_id, derivatives=False)
-            _check_scales(np.asarray(block.inverse_scale_factors))
+        # streamed: g and Ĩ only; the derivatives are built when a block is consumed
+        for _ in self._each_block(derivatives=False, check_scales=True):
+            pass
 
     def _update(self, block_id: int, derivatives: bool) -> None:
         """The scaler's update of a block; ``derivatives=False`` is passed on only to a
@@ -94,7 +92,7 @@ class ScalerObjective:
         """The minimisation blocks with g and Ĩ (and ∂g/∂p, if asked) current for the manager's
         parameters, one at a time; when streaming, a block's derivatives are released once the
         caller has moved on to the next block. ``check_scales``: raise NonFiniteScales for a
-        block whose g is not finite and > 0 (as :meth:`set_x` does)."""
+        block whose g is not finite and > 0 (overflow is then left to that check)."""
         stream = self._streaming()
         for block_id, block in enumerate(self._blocks()):
             if check_scales:

@@ -26,7 +26,7 @@ from .prepare import (
     parse_exclude_images,
 )
 from .reflection_selection import select_for_minimisation, use_all_for_last_round
-from .scaler import MultiScaler, ScalerBase, SingleScaler
+from .scaler import MultiScaler, ScalerBase, SingleScaler, threads_of
 
 __all__ = [
     "NoEquivalentsError",
@@ -133,7 +133,7 @@ def _make_single_scalers(params: Any, experiments: Any, reflections: Sequence[An
             return exc
 
     pairs = list(zip(experiments, reflections))
-    n_threads = max(1, int(getattr(params.scaling_options, "nproc", 1) or 1))
+    n_threads = threads_of(params)
     if n_threads == 1 or len(pairs) < 2 or any("s1" not in table for _, table in pairs):
         return [make(pair) for pair in pairs]
     from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415

@@ -360,7 +360,7 @@ def _refine_b(model: BasicErrorModel, data: ErrorModelData, binner: ErrorModelBi
 
     K, variance, I_sq, bin_of_row, counts, weights = _fixed_a_arrays(model, data, binner)
     b = kernels.error_model_search_b(K, variance, I_sq, bin_of_row, counts, weights, 0.0, 0.5, 1e-6,
-                                     n_threads=getattr(data, "n_threads", 1))
+                                     n_threads=data.n_threads)
     model.parameters = [model.a, b]
 
 
@@ -528,7 +528,7 @@ def refine_error_models(scaler: Any) -> None:
                                        em_params.basic.min_Ih, em_params.basic.n_bins,
                                        float(params.reflection_selection.min_partiality),
                                        stills=em_params.basic.stills if all_stills else None, rows=rows,
-                                       n_threads=int(getattr(scaler, "n_threads", 1) or 1))
+                                       n_threads=scaler.n_threads)
         except ErrorModelRefinementError as exc:
             logger.info("error model not refined for sweeps %s: %s", [m + 1 for m in members], exc)
             continue

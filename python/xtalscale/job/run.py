@@ -243,13 +243,6 @@ def _statistics_stage(algorithm: Any, experiments: Any, table: Any, params: Any,
     return stats, obs, report_inputs, result_free
 
 
-def _n_threads(params: Any) -> int:
-    try:
-        return max(1, int(params.scaling_options.nproc or 1))
-    except (AttributeError, TypeError, ValueError):
-        return 1
-
-
 def run_scale_job(params: Any, files: Sequence[str]) -> ScaleJobResult:
     """Read ``files``, scale with ``params`` and write every requested output.
 
@@ -268,6 +261,7 @@ def run_scale_job(params: Any, files: Sequence[str]) -> ScaleJobResult:
 def _run_scale_job(params: Any, files: Sequence[str]) -> ScaleJobResult:
     from .algorithm import ScalingAlgorithm
     from .inputs import load_inputs
+    from .scaler import threads_of
 
     timings: dict[str, float] = {}
     check_outputs_writable(params)
@@ -319,7 +313,7 @@ def _run_scale_job(params: Any, files: Sequence[str]) -> ScaleJobResult:
 
     # With more than one thread, scaled.refl/.expt (~0.2 kB per row) are written while the
     # statistics are computed: both only read the joined table.
-    writer = ThreadPoolExecutor(max_workers=1) if _n_threads(params) > 1 else None
+    writer = ThreadPoolExecutor(max_workers=1) if threads_of(params) > 1 else None
     scaled_files = writer.submit(_write_scaled_files, params, experiments, table, result) if writer else None
     try:
         stats, obs, report_inputs, result_free = _statistics_stage(algorithm, experiments, table, params, timings)

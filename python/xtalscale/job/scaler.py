@@ -94,6 +94,12 @@ STREAM_BLOCK_ROWS = 60_000
 STREAM_RELEASE_PATTERN = True
 
 
+def threads_of(params: Any) -> int:
+    """The threads the job may use: ``scaling_options.nproc`` (1 when absent or unset)."""
+    nproc = getattr(getattr(params, "scaling_options", None), "nproc", None)
+    return max(1, int(nproc or 1))
+
+
 class ScalerBase:
     """What every scaler does (DIALS ``ScalerBase``)."""
 
@@ -104,7 +110,7 @@ class ScalerBase:
         self.removed_datasets: list[str] = []
         self.journals: list[Any] = []
         self.timings: dict[str, float] = {}
-        self.n_threads = max(1, int(getattr(params.scaling_options, "nproc", 1)))
+        self.n_threads = threads_of(params)
         self.error_model: Any = None
         self.free_asu_hkl: np.ndarray | None = None
         self._update_keys: dict[int, tuple] = {}
