@@ -806,7 +806,7 @@ def test_model_block_derivatives_skip_the_index_scan_with_the_same_results(cys30
     CsrView over other arrays is scanned (and a bad one is refused)."""
     from xtalscale import _core
     from xtalscale.csr_view import CsrView
-    from xtalscale.fit.target import built_by_model_blocks
+    from xtalscale.fit.target import derivative_patterns_verified
     from xtalscale.parameter_managers import RefinerCalculator, single_managers
 
     scaler, target, apm = cys30
@@ -814,7 +814,7 @@ def test_model_block_derivatives_skip_the_index_scan_with_the_same_results(cys30
     block = scaler.Ih_table.blocked_data_list[0]
     g, view = RefinerCalculator.calculate_scales_and_derivatives(single_managers(apm)[0], 0, copy=False)
     assert isinstance(view, CsrView) and view.verified_pattern
-    assert built_by_model_blocks(block, view) and not built_by_model_blocks(block)  # scipy: scanned
+    assert derivative_patterns_verified(block, view) and not derivative_patterns_verified(block)  # scipy: scanned
     args = block_kernel_arguments(block, view)
     fast = _core.fit.normal_equations(*args, kind="dials", check_structure=False)
     full = _core.fit.normal_equations(*args, kind="dials", check_structure=True)
@@ -825,8 +825,8 @@ def test_model_block_derivatives_skip_the_index_scan_with_the_same_results(cys30
     np.testing.assert_array_equal(fg[0][1], fg[1][1])
 
     copy = CsrView(view.data.copy(), view.indices.copy(), view.indptr.copy(), view.shape)
-    assert not copy.verified_pattern and not built_by_model_blocks(block, copy)
+    assert not copy.verified_pattern and not derivative_patterns_verified(block, copy)
     copy.indices[0] = 10**6  # out of range: scanned and refused, never read
     with pytest.raises(ValueError, match="out of range"):
         _core.fit.normal_equations(*block_kernel_arguments(block, copy), kind="dials",
-                                   check_structure=not built_by_model_blocks(block, copy))
+                                   check_structure=not derivative_patterns_verified(block, copy))

@@ -92,7 +92,7 @@ def _kernel_csr(matrix: Any, n_rows: int) -> Any:
     return canonical_csr(matrix, n_rows)
 
 
-def built_by_model_blocks(block: Any, derivatives: Any = None) -> bool:
+def derivative_patterns_verified(block: Any, derivatives: Any = None) -> bool:
     """True when every derivative piece of ``block`` has a pattern known to be valid
     (:attr:`CsrView.verified_pattern`: a C++ model block's own, built from its terms, or an
     empty one), so the kernels may skip their O(nnz) index scan (about half an f+g pass).
@@ -206,7 +206,7 @@ class ScalingTarget:
         f, grad, rows = _fit.functional_and_gradient(offsets, inten, w, models, n_params,
                                                      gradient=True, fixed_Ih=fixed, rows=True,
                                                      n_threads=getattr(self, "n_threads", 1),
-                                                     check_structure=not built_by_model_blocks(block))
+                                                     check_structure=not derivative_patterns_verified(block))
         if not self.fixed_Ih:
             block.Ih_table["Ih_values"] = rows[0][block._table_rows]
         block.derivatives = None
@@ -225,7 +225,7 @@ class ScalingTarget:
         fixed = np.ascontiguousarray(block.Ih_values[block._order]) if self.fixed_Ih else None
         matrix, rhs, r_sq, n_eq = _fit.normal_equations(
             offsets, inten, w, models, n_params, kind=kind or self.normal_matrix, fixed_Ih=fixed,
-            n_threads=getattr(self, "n_threads", 1), check_structure=not built_by_model_blocks(block))
+            n_threads=getattr(self, "n_threads", 1), check_structure=not derivative_patterns_verified(block))
         block.derivatives = None
         return matrix, rhs, r_sq, n_eq
 
