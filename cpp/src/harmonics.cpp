@@ -379,6 +379,15 @@ void absorption_frame_vectors(const AbsorptionFrame& frame, const double* s1, co
   }
 }
 
+void grid_lookup_indices(const double* xyz, std::size_t n, int points_per_degree, std::int64_t* out) {
+  require(points_per_degree > 0, "points_per_degree must be positive");
+  require_finite(xyz, 3 * n, "xyz");
+  const double ppd = static_cast<double>(points_per_degree);
+  const double to_grid = ppd * 180.0 / kPi;
+  const auto n_grid = static_cast<std::int64_t>(lookup_table_size(points_per_degree));
+  for (std::size_t i = 0; i < n; ++i) out[i] = lookup_index(xyz + 3 * i, ppd, to_grid, n_grid);
+}
+
 void absorption_lookup_indices(const AbsorptionFrame& frame, const double* s1, const double* phi,
                                std::size_t n, int points_per_degree, std::int64_t* s0_index,
                                std::int64_t* s1_index, int n_threads) {

@@ -590,6 +590,18 @@ DoubleArray rotate_vectors_about_axis(const DoubleArray& axis, const DoubleArray
   return out;
 }
 
+Int64Array grid_lookup_indices(const DoubleArray& xyz, int points_per_degree) {
+  const std::size_t n = rows_of(xyz, 3, "xyz");
+  Int64Array out(static_cast<py::ssize_t>(n));
+  std::int64_t* o = out.mutable_data();
+  const double* in = xyz.data();
+  {
+    py::gil_scoped_release release;
+    harmonics::grid_lookup_indices(in, n, points_per_degree, o);
+  }
+  return out;
+}
+
 /// The AbsorptionFrame of the Python arguments (3-vectors and row-major 3 × 3 matrices).
 harmonics::AbsorptionFrame absorption_frame(const DoubleArray& rotation_axis,
                                             const DoubleArray& fixed_rotation,
@@ -746,6 +758,9 @@ void bind_components(py::module_& m) {
         "Float32 (n, n_params) block of lookup-table harmonics (mean of the two rows).");
   m.def("rotate_vectors_about_axis", &rotate_vectors_about_axis, py::arg("rot_axis"),
         py::arg("vectors"), py::arg("angles"));
+  m.def("grid_lookup_indices", &grid_lookup_indices, py::arg("xyz"), py::arg("points_per_degree"),
+        "Lookup-grid indices of (n, 3) vectors: calc_lookup_index(calc_theta_phi(xyz)) with the\n"
+        "polar angle pi (one row past the grid) mapped to the last row.");
   m.def("absorption_frame_vectors", &absorption_frame_vectors, py::arg("rotation_axis"),
         py::arg("fixed_rotation"), py::arg("setting_rotation"), py::arg("sample_to_source"),
         py::arg("align_axis"), py::arg("s1"), py::arg("phi"),

@@ -1733,14 +1733,9 @@ def sh_lookup_data(s0c: Any, s1c: Any, lmax: int,
         v = np.asarray(vectors, dtype=np.float64)
         if v.ndim != 2 or v.shape[1] != 3:
             raise ComponentError(f"sh_lookup_data: {name[:2]}c must have shape (n, 3) (got {v.shape})")
-        idx = _kern.calc_lookup_index(_kern.calc_theta_phi(v), float(points_per_degree))
-        # θ = π exactly indexes one row past the table (DIALS reads out of bounds there);
-        # use the last θ row instead.
-        n_grid = 360 * 180 * int(points_per_degree) ** 2
-        past = idx >= n_grid
-        if past.any():
-            idx[past] -= 360 * int(points_per_degree)
-        out[name] = idx
+        # θ = π exactly indexes one row past the table (DIALS reads out of bounds there): the
+        # kernel uses the last θ row instead
+        out[name] = _kern.grid_lookup_indices(v, int(points_per_degree))
     return out
 
 

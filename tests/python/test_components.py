@@ -977,6 +977,14 @@ def test_fused_absorption_lookup_indices_equal_the_vector_path(tilted):
         i0, i1 = absorption_lookup_indices(table, expt, 2, n_threads=n_threads)
         np.testing.assert_array_equal(i0, expected[0])
         np.testing.assert_array_equal(i1, expected[1])
+    # the vector path of the SH component (sh_lookup_data) gives the same indices, and θ = π
+    # (one row past the grid) lands on the last θ row
+    from_vectors = sh_lookup_data(s0c, s1c, 2)
+    np.testing.assert_array_equal(from_vectors["s0_lookup"], expected[0])
+    np.testing.assert_array_equal(from_vectors["s1_lookup"], expected[1])
+    from xtalscale._core import components as kern
+
+    assert list(kern.grid_lookup_indices(np.array([[0.0, 0.0, -1.0], [0.0, 0.0, 1.0]]), 2)) == [720 * 359, 0]
     assert "s0c" not in table  # the table gains no columns
     # the vectors are unit vectors in DIALS's frame (zero where |s1| = 0)
     np.testing.assert_allclose(np.linalg.norm(s1c[9:], axis=1), 1.0, rtol=1e-14)

@@ -99,9 +99,14 @@ XTALSCALE_EXPORT void absorption_frame_vectors(const AbsorptionFrame& frame, con
                                                const double* phi, std::size_t n, double* s0c,
                                                double* s1c);
 
+/// Lookup-grid indices of n vectors (n × 3): calc_theta_phi then calc_lookup_index, with
+/// θ = π (one row past the grid, where DIALS reads out of bounds) mapped to the last θ row.
+/// Throws std::invalid_argument for non-finite vectors or a non-positive @p points_per_degree.
+XTALSCALE_EXPORT void grid_lookup_indices(const double* xyz, std::size_t n, int points_per_degree,
+                                          std::int64_t* out);
+
 /// Lookup-grid indices of (s0c, s1c) of n reflections in one pass, without storing the
-/// vectors: absorption_frame_vectors, calc_theta_phi and calc_lookup_index per reflection,
-/// with θ = π (one row past the grid) mapped to the last θ row. Rows are split over up to
+/// vectors: absorption_frame_vectors then grid_lookup_indices per reflection. Rows are split over up to
 /// @p n_threads threads; each row's result does not depend on the split.
 XTALSCALE_EXPORT void absorption_lookup_indices(const AbsorptionFrame& frame, const double* s1,
                                                 const double* phi, std::size_t n,
