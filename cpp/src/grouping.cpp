@@ -166,10 +166,11 @@ std::vector<std::int64_t> counting_group(std::size_t n, std::uint64_t range, Key
   return offsets;
 }
 
-/// Whether counting_group suits a key range: at most a few entries per row (and 2^26 at
-/// most), so its two range-sized arrays stay smaller than the radix sort's per-row buffers.
+/// Whether counting_group suits a key range: at most two keys per row (or 2^16 keys), and 2^26
+/// at most, so that its two range-sized arrays (16 B per key) take no more than the radix
+/// sort's per-row buffers (32 B per row).
 inline bool counting_suits(std::size_t n, std::uint64_t range) {
-  return range < std::max<std::uint64_t>(4 * static_cast<std::uint64_t>(n), 1u << 16) &&
+  return range < std::max<std::uint64_t>(2 * static_cast<std::uint64_t>(n), 1u << 16) &&
          range < (std::uint64_t{1} << 26);
 }
 

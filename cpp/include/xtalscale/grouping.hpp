@@ -56,7 +56,7 @@ XTALSCALE_EXPORT void map_to_asu(const AsuSymmetry& sym, const std::int32_t* hkl
                 std::int32_t* asu_out, std::int32_t* isym_out);
 
 /// Group equal keys: a stable sort of @p keys (one counting sort when the key range is at most
-/// a few times the row count, else an LSD radix sort: O(n) and deterministic either way).
+/// twice the row count, else an LSD radix sort: O(n) and deterministic either way).
 /// Writes the sort permutation to @p order (n), the 0-based group of every input position to
 /// @p group_index (n) -- groups numbered in increasing key order -- and returns the group
 /// start offsets into @p order, with n appended (size n_groups + 1).
