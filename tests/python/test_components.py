@@ -1004,3 +1004,11 @@ def test_absorption_frame_kernels_reject_bad_input():
         absorption_frame_vectors(dict(table), expt)
     with pytest.raises(ValueError, match="positive"):
         absorption_lookup_indices(table, _tilted_experiment(), 0)
+    from xtalscale._core import components as kern
+
+    with pytest.raises(ValueError, match="finite"):
+        kern.grid_lookup_indices(np.array([[0.0, np.inf, 1.0]]), 2)
+    with pytest.raises(ValueError, match="positive"):
+        kern.grid_lookup_indices(np.ones((2, 3)), 0)
+    with pytest.raises(ValueError):
+        kern.grid_lookup_indices(np.ones((2, 2)), 2)
