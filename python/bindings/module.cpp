@@ -1,10 +1,18 @@
 // The xtalscale._core extension module: registers each area's bindings.
 #include "common.hpp"
 #include "xtalscale/core.hpp"
+#include "internal/large_buffers.hpp"
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "xtalscale compiled core (Eigen/C++17). Use the xtalscale package, not this module.";
   m.attr("__version__") = xtalscale::version();
+  m.def("huge_pages", &xtalscale::detail::huge_pages_enabled,
+        "Whether large per-reflection buffers ask for transparent huge pages (default off; "
+        "the environment variable XTALSCALE_HUGE_PAGES=1 turns it on at import).");
+  m.def("set_huge_pages", &xtalscale::detail::set_huge_pages, pybind11::arg("enabled"),
+        "Turn the huge-page advice for large buffers on or off (buffers allocated from now on). "
+        "It pays where freed buffers are re-allocated in a loop; on a virtual machine whose "
+        "huge pages are fresh host memory, first touch is ~5x slower, hence off by default.");
   auto smoothers = m.def_submodule("smoothers", "Gaussian smoothers (DIALS/Aimless SmoothedValue)");
   xtalscale::py_bind::bind_smoothers(smoothers);
   auto components = m.def_submodule("components", "Scale-component kernels");

@@ -17,6 +17,7 @@
 
 #include "common.hpp"
 #include "xtalscale/smoother.hpp"
+#include "internal/large_buffers.hpp"
 
 namespace xtalscale::py_bind {
 namespace {
@@ -39,9 +40,7 @@ Buffer<T> buffer(std::size_t n) {
   void* p = nullptr;
   if (bytes >= 2 * huge) {
     if (posix_memalign(&p, huge, (bytes + huge - 1) / huge * huge) != 0) p = nullptr;
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    if (p) madvise(p, (bytes + huge - 1) / huge * huge, MADV_HUGEPAGE);  // advice only
-#endif
+    xtalscale::detail::advise_huge_pages(p, (bytes + huge - 1) / huge * huge);  // advice only
   } else {
     p = std::malloc(bytes);
   }

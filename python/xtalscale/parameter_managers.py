@@ -874,7 +874,8 @@ def full_model_var_cov(components: Mapping[str, Any], apm: Any) -> np.ndarray:
     return full
 
 
-def calc_sf_variances(components: Mapping[str, Any], var_cov: Any, block_id: int = 0) -> np.ndarray:
+def calc_sf_variances(components: Mapping[str, Any], var_cov: Any, block_id: int = 0,
+                      with_scales: bool = False) -> Any:
     """Variance of each reflection's inverse scale factor from a parameter var-cov matrix.
 
     Builds the full-model Jacobian ``J_i = dg_i/dp`` by the product rule
@@ -890,11 +891,15 @@ def calc_sf_variances(components: Mapping[str, Any], var_cov: Any, block_id: int
         *all* parameters of every component (including a fixed first one).
     block_id : int, optional
         Component data block to evaluate (default 0).
+    with_scales : bool, optional
+        Also return ``g``: the product of every component's scales from the same evaluation,
+        bit for bit the product ``Π_c s_c`` in component order (a caller that needs both then
+        evaluates the model once instead of twice).
 
     Returns
     -------
-    numpy.ndarray
-        ``var(g_i)`` per reflection.
+    numpy.ndarray or tuple
+        ``var(g_i)`` per reflection; ``(var, g)`` with ``with_scales``.
 
     Notes
     -----
@@ -906,9 +911,9 @@ def calc_sf_variances(components: Mapping[str, Any], var_cov: Any, block_id: int
     n_param = int(sum(components[n].n_params for n in names))
     V = _square(var_cov, n_param, "var_cov")
     if not names:
-        return np.zeros(0)
+        return (np.zeros(0), np.zeros(0)) if with_scales else np.zeros(0)
     block = ComponentModelBlock([components[n] for n in names], block_id)
-    _, model_jac = block.evaluate()
+    g, model_jac = block.evaluate()
     # Component c's columns move to its full-model offset (trailing unused columns stay zero).
     column_map, start = [], 0
     for i, name in enumerate(names):
@@ -923,6 +928,7 @@ def calc_sf_variances(components: Mapping[str, Any], var_cov: Any, block_id: int
     model_columns = np.concatenate(column_map)
     v_block = np.ascontiguousarray(np.asarray(V, dtype=np.float64)[np.ix_(model_columns, model_columns)])
     # Σ_ab J_ia V_ab J_ib per row in C++ (k² per row, no N x n_param temporary)
-    return _fit_kernels.row_quadratic_forms(np.asarray(model_jac.indptr, dtype=np.int64),
-                                            np.asarray(model_jac.indices, dtype=np.int32),
-                                            np.asarray(model_jac.data, dtype=np.float64), v_block)
+    var = _fit_kernels.row_quadratic_forms(np.asarray(model_jac.indptr, dtype=np.int64),
+                                           np.asarray(model_jac.indices, dtype=np.int32),
+                                           np.asarray(model_jac.data, dtype=np.float64), v_block)
+    return (var, np.array(g, dtype=np.float64)) if with_scales else var  # g: a copy (the block goes)

@@ -333,6 +333,11 @@ def test_calc_sf_variances_matches_dense_formula_with_fixed_first_parameter():
     np.testing.assert_allclose(calc_sf_variances(comps, V), np.einsum("ij,jk,ik->i", J, V, J), rtol=1e-12)
     with pytest.raises(ValueError, match="shape \\(6, 6\\)"):
         calc_sf_variances(comps, np.eye(5))
+    # with_scales: the same variances and g = s_scale · s_decay from the same evaluation, bit
+    # for bit the product in component order (the job's expansion relies on it)
+    var, g = calc_sf_variances(comps, V, with_scales=True)
+    np.testing.assert_array_equal(var, calc_sf_variances(comps, V))
+    np.testing.assert_array_equal(g, (np.ones(11) * s1) * s2)
 
 
 def test_full_model_var_cov_places_blocks_at_model_offsets():

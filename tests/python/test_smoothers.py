@@ -471,3 +471,26 @@ def test_bulk_weights_follow_the_dials_formula_to_rounding(dims):
     np.testing.assert_allclose(sumweight, expected_sumw, rtol=1e-14)
     expected_value = np.bincount(rows, weights=expected * p[weight.indices], minlength=n) / expected_sumw
     np.testing.assert_allclose(value, expected_value, rtol=1e-14)
+
+
+def test_huge_page_advice_switch_changes_no_result():
+    """The huge-page advice for large buffers (off by default, see large_buffers.hpp) changes
+    speed only: a smoother's ≥ 4 MB weight matrix is the same with it on and off."""
+    from xtalscale import _core
+    from xtalscale.smoothing import GaussianSmoother1D
+
+    x = np.linspace(0.0, 10.0, 400_000)
+    smoother = GaussianSmoother1D((0.0, 10.0), 12)
+    params = np.linspace(0.8, 1.2, smoother.num_values())
+    before = _core.huge_pages()
+    try:
+        results = []
+        for enabled in (False, True):
+            _core.set_huge_pages(enabled)
+            assert _core.huge_pages() is enabled
+            values, weights, sumw = smoother.multi_value_weight(x, params)
+            results.append([np.array(values), np.array(weights.data), np.array(sumw)])
+        for off, on in zip(*results):
+            np.testing.assert_array_equal(off, on)
+    finally:
+        _core.set_huge_pages(before)

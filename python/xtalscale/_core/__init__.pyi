@@ -10,3 +10,6 @@ from . import merge as merge
 from . import stats as stats
 
 __version__: str
+
+def huge_pages() -> bool: ...
+def set_huge_pages(enabled: bool) -> None: ...

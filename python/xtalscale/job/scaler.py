@@ -436,11 +436,18 @@ class ScalerBase:
                 comp.update_reflection_data(block_selections=chunks)
             g_parts, var_parts = [], []
             for b in range(len(chunks)):
-                g_b = np.ones(chunks[b].size)
-                for comp in comps.values():
-                    g_b = g_b * np.asarray(comp.calculate_scales(b), dtype=np.float64)
-                g_parts.append(g_b)
-                var_parts.append(self._scale_variances(ds, block_id=b))
+                # g and var g from one evaluation of the chunk's model block (its g is the
+                # product of the component scales in the same order, bit for bit)
+                both = self._scale_variances(ds, block_id=b, with_scales=True)
+                if both is None:
+                    g_b = np.ones(chunks[b].size)
+                    for comp in comps.values():
+                        g_b = g_b * np.asarray(comp.calculate_scales(b), dtype=np.float64)
+                    g_parts.append(g_b)
+                    var_parts.append(None)
+                else:
+                    var_parts.append(both[0])
+                    g_parts.append(both[1])
             var = None if any(v is None for v in var_parts) else np.concatenate(var_parts)
             return np.concatenate(g_parts), var
 
@@ -456,9 +463,10 @@ class ScalerBase:
         self._tick("expansion", t0)
 
     @staticmethod
-    def _scale_variances(ds: Dataset, block_id: int = 0) -> np.ndarray | None:
+    def _scale_variances(ds: Dataset, block_id: int = 0, with_scales: bool = False) -> Any:
         """diag(J V Jᵀ) on the components' data block ``block_id``, with V embedded in the full
-        parameter layout of the model."""
+        parameter layout of the model (None when no active parameter has a variance). With
+        ``with_scales``: ``(var, g)`` from the same evaluation."""
         from ..parameter_managers import calc_sf_variances as _calc
 
         V_active, active = ds.var_cov
@@ -478,6 +486,9 @@ class ScalerBase:
         if not active_idx or max(active_idx) >= V_active.shape[0]:
             return None
         V[np.ix_(full_idx, full_idx)] = V_active[np.ix_(active_idx, active_idx)]
+        if with_scales:
+            var, g = _calc(comps, V, block_id=block_id, with_scales=True)
+            return np.asarray(var, dtype=np.float64), g
         return np.asarray(_calc(comps, V, block_id=block_id), dtype=np.float64)
 
     # ------------------------------------------------------------------ outliers
