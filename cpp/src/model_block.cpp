@@ -63,6 +63,29 @@ void ModelTerm::pattern(std::int64_t* indptr, std::int32_t* indices) const {
     for (std::size_t k = 0; k < c; ++k) indices[i * c + k] = static_cast<std::int32_t>(k);
 }
 
+void ModelTerm::add_transpose_product(const TermValues& v, const double* u, double* out) const {
+  const std::size_t n = n_rows_, c = n_cols_;
+  if (c == 0) return;
+  if (dense_) {  // row-major n × c, float64 or float32
+    for (std::size_t i = 0; i < n; ++i) {
+      const double ui = u[i];
+      if (v.values_f32 != nullptr) {
+        const float* row = v.values_f32 + i * c;
+        for (std::size_t k = 0; k < c; ++k) out[k] += ui * static_cast<double>(row[k]);
+      } else {
+        const double* row = v.values + i * c;
+        for (std::size_t k = 0; k < c; ++k) out[k] += ui * row[k];
+      }
+    }
+    return;
+  }
+  std::vector<std::int64_t> indptr(n + 1);
+  std::vector<std::int32_t> indices(nnz());
+  pattern(indptr.data(), indices.data());
+  for (std::size_t i = 0; i < n; ++i)
+    for (std::int64_t q = indptr[i]; q < indptr[i + 1]; ++q) out[indices[q]] += u[i] * v.values[q];
+}
+
 ScaleFactorTerm::ScaleFactorTerm(std::size_t n_rows)
     : ModelTerm(n_rows, 1, 1, true), ones_(n_rows, 1.0) {}
 
@@ -124,6 +147,13 @@ TermValues SmoothTerm::evaluate(const double* p, TermScratch& scratch) const {
 
 std::size_t SmoothTerm::nbytes() const { return w_->nbytes() + factor_.size * 8; }
 
+void SmoothTerm::add_transpose_product(const TermValues& v, const double* u, double* out) const {
+  const auto& ip = w_->indptr();
+  const auto& ix = w_->indices();
+  for (std::size_t i = 0; i < n_rows(); ++i)
+    for (auto q = ip[i]; q < ip[i + 1]; ++q) out[ix[q]] += u[i] * v.values[q];
+}
+
 LeanSmoothTerm::LeanSmoothTerm(const GaussianSmoother<1>& smoother, HeldArray<double> x,
                                double x_shift, HeldArray<std::uint16_t> window,
                                HeldArray<double> q, bool first_fixed, HeldArray<double> b_factor)
@@ -182,6 +212,15 @@ TermValues LeanSmoothTerm::evaluate(const double* p, TermScratch& scratch) const
                               n_params(), first_fixed_, factor_.data, s, nullptr, nullptr, d,
                               false);
   return {s, d, nullptr};
+}
+
+void LeanSmoothTerm::add_transpose_product(const TermValues& v, const double* u, double* out) const {
+  // the row's columns follow from its window record, its values are consecutive (pattern())
+  std::size_t q = 0;
+  for (std::size_t i = 0; i < n_rows(); ++i) {
+    const auto [first, count] = row_columns(i);
+    for (std::size_t k = 0; k < count; ++k, ++q) out[first + static_cast<int>(k)] += u[i] * v.values[q];
+  }
 }
 
 std::size_t LeanSmoothTerm::nbytes() const {
@@ -318,6 +357,11 @@ void ExternalTerm::pattern(std::int64_t* indptr, std::int32_t* indices) const {
 TermValues ExternalTerm::evaluate(const double*, TermScratch&) const {
   require(is_set_, "an external term must be set before the block is evaluated");
   return {scales_.data(), values_.data(), nullptr};
+}
+
+void ExternalTerm::add_transpose_product(const TermValues& v, const double* u, double* out) const {
+  for (std::size_t i = 0; i < n_rows(); ++i)
+    for (std::int64_t q = indptr_[i]; q < indptr_[i + 1]; ++q) out[indices_[q]] += u[i] * v.values[q];
 }
 
 std::size_t ExternalTerm::nbytes() const {
@@ -485,6 +529,34 @@ void ModelBlock::evaluate_scales(const double* params, std::size_t n_params) {
   evaluated_ = false;
   // the terms' scratch is not needed until the next evaluation: a caller evaluating many
   // blocks for g alone (a streamed trial step) holds none of it
+  free_scratch();
+}
+
+void ModelBlock::transpose_product(const double* params, std::size_t n_params,
+                                   const double* coefficients, double* out) {
+  require_finite(coefficients, n_rows_, "coefficients");
+  evaluate_terms(params, n_params);
+  const std::size_t n = n_rows_, k = terms_.size();
+  double* g = out_.scales->data();
+  std::fill(g, g + n, 1.0);
+  for (std::size_t t = 0; t < k; ++t) {  // the same product order as fill()
+    const double* s = term_values_[t].scales;
+    for (std::size_t i = 0; i < n; ++i) g[i] *= s[i];
+  }
+  std::fill(out, out + n_cols_, 0.0);
+  std::vector<double> u(n);
+  for (std::size_t t = 0; t < k; ++t) {
+    if (!active_[t] || terms_[t]->n_cols() == 0) continue;
+    // u = c · Π of the other terms' scales (no division: a zero scale is exact)
+    std::copy(coefficients, coefficients + n, u.begin());
+    for (std::size_t o = 0; o < k; ++o) {
+      if (o == t) continue;
+      const double* s = term_values_[o].scales;
+      for (std::size_t i = 0; i < n; ++i) u[i] *= s[i];
+    }
+    terms_[t]->add_transpose_product(term_values_[t], u.data(), out + col_start_[t]);
+  }
+  evaluated_ = false;
   free_scratch();
 }
 

@@ -149,6 +149,26 @@ void block_evaluate_scales(ModelBlock& b, const DoubleArray& params) {
   b.evaluate_scales(p, n);
 }
 
+DoubleArray block_transpose_product(ModelBlock& b, const DoubleArray& params,
+                                    const DoubleArray& coefficients) {
+  require_1d(params, "params");
+  require_1d(coefficients, "coefficients");
+  if (static_cast<std::size_t>(coefficients.size()) != b.n_rows())
+    throw std::invalid_argument("coefficients must have one value per row (" +
+                                std::to_string(b.n_rows()) + "), got " +
+                                std::to_string(coefficients.size()));
+  DoubleArray out(static_cast<py::ssize_t>(b.n_cols()));
+  const double* p = params.data();
+  const auto n = static_cast<std::size_t>(params.size());
+  const double* c = coefficients.data();
+  double* o = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    b.transpose_product(p, n, c, o);
+  }
+  return out;
+}
+
 }  // namespace
 
 void bind_model_block(py::module_& m) {
@@ -233,6 +253,9 @@ void bind_model_block(py::module_& m) {
       .def_property_readonly("nbytes", &ModelBlock::nbytes)
       .def("evaluate_scales", &block_evaluate_scales, py::arg("params"),
            "g only at params (no derivatives, no pattern): for residuals at a trial point.")
+      .def("transpose_product", &block_transpose_product, py::arg("params"), py::arg("coefficients"),
+           "J(params)^T · coefficients (n_cols values) without forming dg/dp: the gradient of a\n"
+           "target through g (coefficients = df/dg per row). Writes g as evaluate_scales does.")
       .def("release_values", &ModelBlock::release_values, py::arg("pattern") = false,
            "Free the derivative values and the terms' scratch, keeping g (and the pattern unless\n"
            "pattern=True); the next evaluate allocates (and builds) them again: for blocks\n"

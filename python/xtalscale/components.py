@@ -1902,6 +1902,14 @@ class ComponentModelBlock:
         self.core.evaluate_scales(self.parameters())
         return self.core.scales
 
+    def transpose_product(self, coefficients: Any) -> np.ndarray:
+        """``(∂g/∂p)ᵀ·c`` at the components' current parameters without forming ``∂g/∂p``
+        (the gradient of a target through ``g`` when ``c = ∂f/∂g`` per row; one value per
+        column of :meth:`evaluate`'s matrix). ``g`` is written as :meth:`evaluate_scales`
+        does (read it from :attr:`scales`)."""
+        self._refresh_externals()
+        return self.core.transpose_product(self.parameters(), np.ascontiguousarray(coefficients, dtype=np.float64))
+
     @property
     def scales(self) -> np.ndarray:
         """``g`` of the last evaluation (read-only view)."""

@@ -486,3 +486,57 @@ def test_coordinate_shift_must_be_finite_and_is_applied():
     shifted = s.values([x, y], p)
     s.coordinate_shift = (0.0, 0.0)
     np.testing.assert_array_equal(shifted, s.values([x - 1.0, y - 2.0], p))
+
+
+def _check_transpose_product(block, rng):
+    """transpose_product = (∂g/∂p)ᵀ c of evaluate() to rounding, and g bit for bit."""
+    c = rng.normal(size=block.core.n_rows)
+    product = block.transpose_product(c)
+    g_mf = np.array(block.scales)
+    assert not block.core.evaluated  # nothing of ∂g/∂p was kept
+    g, jac = block.evaluate()
+    np.testing.assert_array_equal(g_mf, g)
+    j = jac.as_scipy()
+    expected, scale = j.T @ c, abs(j).T @ np.abs(c)
+    assert product.shape == (block.core.n_cols,)
+    # sums of the same products in another order: rounding relative to Σ|J||c|
+    assert np.all(np.abs(product - expected) <= 1e-13 * scale + 1e-300)
+
+
+@pytest.mark.parametrize("lean", [False, True])
+def test_transpose_product_of_a_physical_model(rng, lean):
+    block = ComponentModelBlock(_physical(rng, 3000, lean))
+    _check_transpose_product(block, rng)
+
+
+def test_transpose_product_of_grid_kb_fixed_and_python_terms(rng):
+    """2-D/3-D smoothers (pattern from the base), an inactive scale, an exponential B, an
+    analytical (fixed-scales) term, fixed factors and a Python component (external term)."""
+    n = 1500
+    decay = SmoothScaleComponent2D(rng.uniform(0.9, 1.1, 15), shape=(5, 3))
+    decay.data = {"x": rng.uniform(0, 5, n), "y": rng.uniform(0, 3, n)}
+    absorption = SmoothScaleComponent3D(rng.uniform(0.9, 1.1, 27), shape=(3, 3, 3))
+    absorption.data = {"x": rng.uniform(0, 2, n), "y": rng.uniform(0, 2, n), "z": rng.uniform(0, 2, n)}
+    scale = SingleScaleFactor([1.3])
+    scale.data = {"id": np.zeros(n)}
+    bfac = SingleBScaleFactor([0.4])
+    bfac.data = {"d": rng.uniform(1, 3, n)}
+    corr = AnalyticalComponent()
+    corr.data = {"correction": rng.uniform(0.5, 1.5, n)}
+    comps = [decay, absorption, scale, bfac, corr]
+    for comp in comps:
+        comp.update_reflection_data()
+    user = UserComponent([1.0, 0.1], rng.uniform(0, 1, n))
+    block = ComponentModelBlock(comps + [user], active=[True, True, False, True, True, True],
+                                fixed_scales=rng.uniform(0.5, 2.0, n))
+    _check_transpose_product(block, rng)
+
+
+def test_transpose_product_refuses_bad_coefficients(rng):
+    block = ComponentModelBlock(_physical(rng, 50, lean=True))
+    with pytest.raises(ValueError, match="one value per row"):
+        block.transpose_product(np.ones(49))
+    bad = np.ones(50)
+    bad[7] = np.nan
+    with pytest.raises(ValueError, match="coefficients"):
+        block.transpose_product(bad)

@@ -103,6 +103,11 @@ class XTALSCALE_EXPORT ModelTerm {
   virtual TermValues evaluate(const double* p, TermScratch& scratch) const = 0;
   /// Bytes this term holds (shared data counted in full).
   virtual std::size_t nbytes() const = 0;
+  /// out[j] += Σ_i u[i]·∂s_i/∂p_j for j < n_cols(): the transposed derivative matrix times a
+  /// row vector @p u (n_rows values), from @p v, this term's evaluate() result. Nothing of
+  /// size n_rows × n_cols is formed. The base reads dense rows directly and a sparse term's
+  /// pattern() (built into temporaries); the sparse terms of this file override it.
+  virtual void add_transpose_product(const TermValues& v, const double* u, double* out) const;
 
  protected:
   ModelTerm(std::size_t n_rows, std::size_t n_cols, std::size_t n_params, bool dense)
@@ -146,6 +151,7 @@ class XTALSCALE_EXPORT SmoothTerm final : public ModelTerm {
   void pattern(std::int64_t* indptr, std::int32_t* indices) const override;
   TermValues evaluate(const double* p, TermScratch& scratch) const override;
   std::size_t nbytes() const override;
+  void add_transpose_product(const TermValues& v, const double* u, double* out) const override;
 
  private:
   std::shared_ptr<const components::WeightMatrix> w_;
@@ -163,6 +169,7 @@ class XTALSCALE_EXPORT LeanSmoothTerm final : public ModelTerm {
   void pattern(std::int64_t* indptr, std::int32_t* indices) const override;
   TermValues evaluate(const double* p, TermScratch& scratch) const override;
   std::size_t nbytes() const override;
+  void add_transpose_product(const TermValues& v, const double* u, double* out) const override;
 
  private:
   /// Row @p i's first derivative column and number of columns (from its window record).
@@ -248,6 +255,7 @@ class XTALSCALE_EXPORT ExternalTerm final : public ModelTerm {
   void pattern(std::int64_t* indptr, std::int32_t* indices) const override;
   TermValues evaluate(const double* p, TermScratch& scratch) const override;
   std::size_t nbytes() const override;
+  void add_transpose_product(const TermValues& v, const double* u, double* out) const override;
 
  private:
   void take_pattern(std::vector<std::int64_t> indptr, std::vector<std::int32_t> indices);
@@ -302,6 +310,17 @@ class XTALSCALE_EXPORT ModelBlock {
   /// are for other parameters). g equals evaluate()'s bit for bit.
   /// @throws std::invalid_argument as evaluate().
   void evaluate_scales(const double* params, std::size_t n_params);
+
+  /// J(params)ᵀ·@p coefficients into @p out (n_cols() values, written): out[j] = Σ_i c_i·∂g_i/∂p_j
+  /// without forming ∂g/∂p. Each active term's own derivatives are multiplied by the other
+  /// terms' scales (the product rule, as evaluate()) and summed in row order, so nothing per
+  /// row is stored beyond the terms' scratch and one row vector: the gradient of a target
+  /// through g (c_i = ∂f/∂g_i) at the cost of the terms' evaluation. Also writes g as
+  /// evaluate_scales() does, bit for bit; evaluated() is false afterwards and the terms'
+  /// scratch is freed. Equal to view()ᵀ·c of evaluate() up to rounding (summation order).
+  /// @throws std::invalid_argument as evaluate(), or for non-finite @p coefficients.
+  void transpose_product(const double* params, std::size_t n_params, const double* coefficients,
+                         double* out);
 
   /// True once evaluate() has run (view() is empty before).
   bool evaluated() const noexcept { return evaluated_; }
