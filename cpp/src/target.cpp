@@ -81,10 +81,14 @@ double functional_and_gradient(const GroupedObservations& t, const std::vector<F
     g = g_local.data();
   }
   gather_scales(blocks, g);
-  std::vector<double> coef(t.n_obs);
-  const double f = residual_pass(t, g, o.fixed_Ih, o.Ih_out, o.residuals_out, coef.data(),
-                                 o.n_threads);
-  if (gradient) gradient_pass(blocks, coef.data(), n_params, gradient, o.n_threads);
+  std::vector<double> coef_local;
+  double* coef = o.dfdg_out;
+  if (!coef) {
+    coef_local.resize(t.n_obs);
+    coef = coef_local.data();
+  }
+  const double f = residual_pass(t, g, o.fixed_Ih, o.Ih_out, o.residuals_out, coef, o.n_threads);
+  if (gradient) gradient_pass(blocks, coef, n_params, gradient, o.n_threads);
   return f;
 }
 

@@ -145,6 +145,29 @@ py::tuple functional_and_gradient_py(const Int64Array& offsets, const DoubleArra
                         rows ? py::object(py::make_tuple(ih, res, g)) : py::object(py::none()));
 }
 
+py::tuple functional_and_scale_gradient_py(const Int64Array& offsets, const DoubleArray& intensities,
+                                           const DoubleArray& weights, const py::list& blocks,
+                                           const std::optional<DoubleArray>& fixed_Ih,
+                                           int n_threads) {
+  CallData d;
+  load_table(d, offsets, intensities, weights);
+  load_blocks(d, blocks, 0, true);
+  const auto n = static_cast<py::ssize_t>(d.table.n_obs);
+  TargetOptions o;
+  o.fixed_Ih = optional_rows(fixed_Ih, d.table.n_obs, "fixed_Ih");
+  o.n_threads = n_threads;
+  DoubleArray dfdg(n), ih(n);
+  o.dfdg_out = dfdg.mutable_data();
+  o.Ih_out = ih.mutable_data();
+  double f = 0.0;
+  {
+    py::gil_scoped_release release;
+    f = functional_and_gradient(d.table, d.blocks, 0, nullptr, o);
+  }
+  if (!std::isfinite(f)) explain_non_finite(d, 0);
+  return py::make_tuple(f, dfdg, ih);
+}
+
 py::tuple normal_equations_py(const Int64Array& offsets, const DoubleArray& intensities,
                               const DoubleArray& weights, const py::list& blocks,
                               std::int64_t n_params, const std::string& kind,
@@ -267,6 +290,13 @@ void bind_fit(py::module_& m) {
         py::arg("n_threads") = 1, py::arg("check_structure") = true,
         "f = sum w (I - g Ih)^2 and its envelope-theorem gradient; returns (f, gradient|None, "
         "(Ih, residuals, g)|None) in table order.");
+  m.def("functional_and_scale_gradient", &functional_and_scale_gradient_py,
+        py::arg("group_offsets"), py::arg("intensities"), py::arg("weights"), py::arg("blocks"),
+        py::arg("fixed_Ih") = py::none(), py::arg("n_threads") = 1,
+        "f = sum w (I - g Ih)^2 and df/dg = -2 w r Ih per table row (envelope theorem: Ih held),\n"
+        "from the blocks' scales alone (their derivatives are not read; give n_cols = 0):\n"
+        "returns (f, df/dg, Ih) in table order. With a model's transposed product\n"
+        "(ModelBlock.transpose_product) this is f+g without dg/dp.");
   m.def("normal_equations", &normal_equations_py, py::arg("group_offsets"), py::arg("intensities"),
         py::arg("weights"), py::arg("blocks"), py::arg("n_params"), py::arg("kind") = "schur",
         py::arg("fixed_Ih") = py::none(), py::arg("n_threads") = 1, py::arg("check_structure") = true,

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
@@ -819,6 +819,21 @@ class RefinerCalculator:
             scales = np.asarray(objects[0].calculate_scales(block_id), dtype=np.float64)
             return scales * const if const is not None else scales.copy()
         return _refiner_block(apm, objects, block_id, const).evaluate_scales().copy()
+
+    @staticmethod
+    def transpose_product(apm: Any, block_id: int, coefficients: Any) -> Optional[tuple]:
+        """``(∂g/∂p)ᵀ·c`` for the matrix :meth:`calculate_scales_and_derivatives` gives, without
+        forming it (the manager's C++ model block, :meth:`ComponentModelBlock.transpose_product`),
+        and ``g`` at the same parameters; ``None`` with fewer than two active components (no
+        model block: DIALS's single-component quirk applies there, so the caller uses the
+        derivative matrix). Returns ``(gradient, g)`` otherwise; ``g`` is a copy."""
+        objects = [info["object"] for info in apm.components.values()]
+        if len(objects) < 2:
+            return None
+        constant = getattr(apm, "constant_g_values", None)
+        const = None if constant is None else np.asarray(constant[block_id], dtype=np.float64)
+        block = _refiner_block(apm, objects, block_id, const)
+        return block.transpose_product(coefficients), block.scales.copy()
 
     @staticmethod
     def _calc_component_scales_derivatives(apm: Any, block_id: int) -> tuple[list, list]:

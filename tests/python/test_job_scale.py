@@ -678,3 +678,49 @@ def test_streamed_round_start_checks_the_scales_in_its_one_evaluation(monkeypatc
     obj.apm.set_param_vals(bad)
     with pytest.raises(RefinementFailed, match="non-finite scales"):
         levenberg_marquardt(obj)
+
+
+def test_streamed_f_and_grad_without_derivatives_equals_the_derivative_path(monkeypatch):
+    """A streaming scaler's f+g goes through the models' transposed products (∂f/∂g from g
+    alone, then (∂g/∂p)ᵀ ∂f/∂g per model block): no ∂g/∂p is formed, and f and the gradient
+    equal the derivative-matrix path's to rounding, at the start and after a parameter change;
+    Ĩ stored on the blocks is the same."""
+    from xtalscale.fit import ScalingTarget
+    from xtalscale.fit.objectives import ScalerObjective
+    from xtalscale.job import scaler as scaler_module
+    from xtalscale.job.reflection_selection import select_for_minimisation
+    from xtalscale.parameter_managers import multi_active_parameter_manager, scaling_active_parameter_manager
+
+    monkeypatch.setattr(scaler_module, "STREAM_MIN_ROWS", 1000)
+    monkeypatch.setattr(scaler_module, "STREAM_BLOCK_ROWS", 1000)
+    inputs = load_inputs(SWEEP20 + SWEEP25)
+    params, _ = parse_phil_arguments(["output.html=None"])
+    scaler = ScalingAlgorithm(params, inputs.experiments, inputs.tables).scaler
+    select_for_minimisation(scaler)
+    scaler.make_ready_for_scaling()
+    assert scaler.stream_derivatives and len(scaler.get_blocks_for_minimisation()) >= 4
+    target = ScalingTarget()
+    apm = multi_active_parameter_manager(target, [ds.model.components for ds in scaler.datasets],
+                                         [["scale", "decay", "absorption"]] * 2,
+                                         apm_class=scaling_active_parameter_manager)
+    obj = ScalerObjective(scaler, target, apm)
+    assert obj._matrix_free() is not None
+    rng = np.random.default_rng(3)
+    x0 = np.asarray(apm.get_param_vals(), dtype=np.float64)
+    for x in (x0, x0 * (1.0 + 0.01 * rng.standard_normal(x0.size))):
+        results = {}
+        for free in (True, False):
+            obj.matrix_free = free
+            obj.set_x(x)
+            f, grad = obj.f_and_grad()
+            ih = np.concatenate([np.array(b.Ih_values) for b in scaler.get_blocks_for_minimisation()])
+            results[free] = (f, grad, ih)
+        (f1, g1, ih1), (f2, g2, ih2) = results[True], results[False]
+        assert f1 == pytest.approx(f2, rel=1e-13)
+        assert np.max(np.abs(g1 - g2)) <= 1e-10 * np.max(np.abs(g2))
+        np.testing.assert_allclose(ih1, ih2, rtol=1e-13)
+    # a scaler whose models lack C++ blocks (a single active component) keeps the matrices
+    single = multi_active_parameter_manager(target, [ds.model.components for ds in scaler.datasets],
+                                            [["scale"]] * 2, apm_class=scaling_active_parameter_manager)
+    assert not scaler.can_transpose_product(single)
+    assert ScalerObjective(scaler, target, single)._matrix_free() is None

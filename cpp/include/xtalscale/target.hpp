@@ -23,6 +23,8 @@ struct TargetOptions {
   double* Ih_out = nullptr;          ///< Ĩ per table row (n_obs)
   double* residuals_out = nullptr;   ///< r = I − g Ĩ per table row (n_obs)
   double* g_out = nullptr;           ///< g per table row (n_obs)
+  double* dfdg_out = nullptr;        ///< ∂f/∂g = −2 w r Ĩ per table row (n_obs): with a model's
+                                     ///< transposed product, the gradient without ∂g/∂p
   int n_threads = 1;                 ///< threads; results are identical for any value
 };
 

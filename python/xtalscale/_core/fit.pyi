@@ -4,6 +4,14 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+def functional_and_scale_gradient(
+    group_offsets: npt.ArrayLike,
+    intensities: npt.ArrayLike,
+    weights: npt.ArrayLike,
+    blocks: list[Any],
+    fixed_Ih: npt.ArrayLike | None = None,
+    n_threads: int = 1,
+) -> tuple[float, npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
 def functional_and_gradient(
     group_offsets: npt.ArrayLike,
     intensities: npt.ArrayLike,

@@ -60,6 +60,9 @@ class ScalerObjective:
         if hasattr(target, "n_threads"):
             target.n_threads = n_threads
         self._restraints_at: tuple[bytes, Any] | None = None  # (parameters, restraint r, J, w)
+        #: f+g through the models' transposed products where the scaler allows it (no ∂g/∂p
+        #: formed); False: always the derivative matrices (the two agree to rounding)
+        self.matrix_free = True
 
     def _blocks(self) -> list[Any]:
         getter = getattr(self.scaler, "get_blocks_for_minimisation", None)
@@ -116,12 +119,35 @@ class ScalerObjective:
             self._restraints_at = (key, self.apm.compute_restraints_residuals_and_gradients(self.apm))
         return self._restraints_at[1]
 
+    def _matrix_free(self) -> Any:
+        """The target when f+g can go without ∂g/∂p (a streaming scaler whose models all have
+        C++ blocks, no shared-component reduction, a target with the scale-gradient kernel),
+        else None."""
+        inner = getattr(self.apm, "target", None) or self.target
+        if not (self.matrix_free and self._streaming()
+                and hasattr(inner, "compute_functional_and_scale_gradient")
+                and getattr(self.apm, "reducing_matrix", None) is None
+                and getattr(self.scaler, "can_transpose_product", lambda apm: False)(self.apm)):
+            return None
+        return inner
+
     def f_and_grad(self) -> tuple[float, np.ndarray]:
         f, grad = 0.0, np.zeros(self.n_params)
+        inner = self._matrix_free()
+        if inner is not None:
+            # ∂f/∂g from g alone, then (∂g/∂p)ᵀ ∂f/∂g from each model block: no ∂g/∂p formed
+            for block_id, block in enumerate(self._each_block(derivatives=False)):
+                fb, dfdg = inner.compute_functional_and_scale_gradient(block)
+                f += fb
+                grad += self.scaler.transpose_product(self.apm, block_id, dfdg)
+            return self._add_restraints(f, grad)
         for block in self._each_block():
             fb, gb = self.apm.compute_functional_gradients(block)
             f += fb
             grad += gb
+        return self._add_restraints(f, grad)
+
+    def _add_restraints(self, f: float, grad: np.ndarray) -> tuple[float, np.ndarray]:
         restraints = self.apm.compute_restraints_functional_gradients(self.apm)
         if restraints:
             f += restraints[0]

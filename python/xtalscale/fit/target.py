@@ -212,6 +212,22 @@ class ScalingTarget:
         block.derivatives = None
         return f, grad
 
+    def compute_functional_and_scale_gradient(self, block: Any) -> tuple[float, np.ndarray]:
+        """``(f, ∂f/∂g)`` of one block from its ``g`` alone, ``∂f/∂g = −2 w r Ĩ`` per block row
+        (the envelope theorem holds Ĩ), in one C++ pass that reads no derivatives. With a
+        model's transposed product (:meth:`ComponentModelBlock.transpose_product`) this gives
+        the gradient of :meth:`compute_functional_gradients` without ``∂g/∂p``. Ĩ is recomputed
+        and stored back on the block, as there."""
+        offsets, inten, w, rows = block.table_arrays()
+        g = np.ascontiguousarray(block.inverse_scale_factors, dtype=np.float64)
+        scales_only = (g, np.zeros(g.size + 1, np.int64), np.zeros(0, np.int32), np.zeros(0), 0, 0, rows)
+        fixed = np.ascontiguousarray(block.Ih_values[block._order]) if self.fixed_Ih else None
+        f, dfdg, ih = _fit.functional_and_scale_gradient(offsets, inten, w, [scales_only], fixed_Ih=fixed,
+                                                         n_threads=getattr(self, "n_threads", 1))
+        if not self.fixed_Ih:
+            block.Ih_table["Ih_values"] = ih[block._table_rows]
+        return f, dfdg[rows]
+
     def compute_residuals_and_gradients(self, block: Any) -> tuple[np.ndarray, sp.csr_matrix, np.ndarray]:
         """``(r, J, w)`` with the explicit Jacobian (DIALS path)."""
         jac = self.calculate_jacobian(block)

@@ -59,6 +59,14 @@ def calc_sf_variances(components: Any, var_cov: Any) -> np.ndarray:
     return _calc(components, var_cov)
 
 
+def _manager_block_rows(apm: Any, block_id: int) -> int:
+    """Rows of a single-dataset manager's data block ``block_id``: its first active component's,
+    or its constant scales' when it has none."""
+    for info in apm.components.values():
+        return int(info["object"].n_refl[block_id])
+    return int(np.asarray(apm.constant_g_values[block_id]).size)
+
+
 @dataclass
 class Dataset:
     """One experiment and its table inside a scaler."""
@@ -292,6 +300,37 @@ class ScalerBase:
             pieces, row_starts, col_offsets, n_total)
         self._update_keys[block_id] = (key, block.derivatives)
         block.calc_Ih()
+
+    @staticmethod
+    def can_transpose_product(apm: Any) -> bool:
+        """True when every dataset's manager has a C++ model block (two or more active
+        components) or no active parameter: :meth:`transpose_product` then serves it."""
+        return all(len(a.components) >= 2 or not a.n_active_params for a in single_managers(apm))
+
+    def transpose_product(self, apm: Any, block_id: int, coefficients: np.ndarray) -> np.ndarray:
+        """``(∂g/∂p)ᵀ·c`` of a block without forming ``∂g/∂p`` (:meth:`update_for_minimisation`'s
+        matrix: the datasets' rows stacked and their columns side by side), each dataset's
+        model block evaluated for it (concurrently with n_threads > 1). Needs
+        :meth:`can_transpose_product`. With ``c = ∂f/∂g`` this is the target's gradient."""
+        from ..parameter_managers import RefinerCalculator
+
+        apms = single_managers(apm)
+        sizes = [_manager_block_rows(a, block_id) for a in apms]
+        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        coefficients = np.asarray(coefficients, dtype=np.float64)
+        if starts[-1] != coefficients.size:
+            raise ValueError(f"coefficients have {coefficients.size} rows but block {block_id} has {starts[-1]}")
+
+        def one(k: int) -> np.ndarray:
+            if not apms[k].n_active_params:
+                return np.zeros(0)
+            result = RefinerCalculator.transpose_product(apms[k], block_id, coefficients[starts[k]:starts[k + 1]])
+            if result is None:
+                raise ValueError("a dataset's model has no C++ model block (check can_transpose_product)")
+            return result[0]
+
+        parts = self._map_datasets(one, range(len(apms)))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def release_block_derivatives(self, apm: Any, block_id: int) -> None:
         """Drop a block's ∂g/∂p after use and free the model blocks' value buffers (its g and Ĩ
