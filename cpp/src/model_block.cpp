@@ -86,6 +86,28 @@ void ModelTerm::add_transpose_product(const TermValues& v, const double* u, doub
     for (std::int64_t q = indptr[i]; q < indptr[i + 1]; ++q) out[indices[q]] += u[i] * v.values[q];
 }
 
+TermValues ModelTerm::evaluate_rows(const double*, std::size_t, std::size_t, TermScratch&) const {
+  throw std::logic_error("this term does not evaluate row ranges");
+}
+
+void ModelTerm::add_transpose_product_rows(const TermValues& v, std::size_t first,
+                                           std::size_t count, const double* u,
+                                           double* out) const {
+  require(dense_, "a sparse term must override add_transpose_product_rows");
+  (void)first;
+  const std::size_t c = n_cols_;
+  for (std::size_t i = 0; i < count; ++i) {
+    const double ui = u[i];
+    if (v.values_f32 != nullptr) {
+      const float* row = v.values_f32 + i * c;
+      for (std::size_t k = 0; k < c; ++k) out[k] += ui * static_cast<double>(row[k]);
+    } else if (v.values != nullptr) {
+      const double* row = v.values + i * c;
+      for (std::size_t k = 0; k < c; ++k) out[k] += ui * row[k];
+    }
+  }
+}
+
 ScaleFactorTerm::ScaleFactorTerm(std::size_t n_rows)
     : ModelTerm(n_rows, 1, 1, true), ones_(n_rows, 1.0) {}
 
@@ -97,6 +119,14 @@ TermValues ScaleFactorTerm::evaluate(const double* p, TermScratch& scratch) cons
 }
 
 std::size_t ScaleFactorTerm::nbytes() const { return ones_.size() * 8; }
+
+TermValues ScaleFactorTerm::evaluate_rows(const double* p, std::size_t first, std::size_t count,
+                                          TermScratch& scratch) const {
+  require_finite(p, 1, "parameters");
+  double* s = sized(scratch.scales, count);
+  std::fill(s, s + count, p[0]);
+  return {s, ones_.data() + first, nullptr};
+}
 
 ExpFactorTerm::ExpFactorTerm(HeldArray<double> factor)
     : ModelTerm(factor.size, 1, 1, true),
@@ -113,6 +143,15 @@ TermValues ExpFactorTerm::evaluate(const double* p, TermScratch& scratch) const 
 }
 
 std::size_t ExpFactorTerm::nbytes() const { return factor_.size * 8; }
+
+TermValues ExpFactorTerm::evaluate_rows(const double* p, std::size_t first, std::size_t count,
+                                        TermScratch& scratch) const {
+  require_finite(p, 1, "parameters");
+  double* s = sized(scratch.scales, count);
+  double* d = sized(scratch.values, count);
+  components::exp_scales(count, factor_.data + first, p[0], s, d);
+  return {s, d, nullptr};
+}
 
 SmoothTerm::SmoothTerm(std::shared_ptr<const components::WeightMatrix> weights,
                        HeldArray<double> b_factor)
@@ -223,6 +262,27 @@ void LeanSmoothTerm::add_transpose_product(const TermValues& v, const double* u,
   }
 }
 
+TermValues LeanSmoothTerm::evaluate_rows(const double* p, std::size_t first, std::size_t count,
+                                         TermScratch& scratch) const {
+  double* s = sized(scratch.scales, count);
+  double* d = sized(scratch.values, count * std::max<std::size_t>(smoother_.max_row_nnz(), 1));
+  components::smooth_1d_apply(smoother_, count, x_.data + first, x_shift_, window_.data + first,
+                              q_.data + first, p, n_params(), first_fixed_,
+                              factor_.data ? factor_.data + first : nullptr, s, nullptr, nullptr,
+                              d, false);
+  return {s, d, nullptr};
+}
+
+void LeanSmoothTerm::add_transpose_product_rows(const TermValues& v, std::size_t first,
+                                                std::size_t count, const double* u,
+                                                double* out) const {
+  std::size_t q = 0;
+  for (std::size_t i = 0; i < count; ++i) {
+    const auto [col, n_cols] = row_columns(first + i);
+    for (std::size_t k = 0; k < n_cols; ++k, ++q) out[col + static_cast<int>(k)] += u[i] * v.values[q];
+  }
+}
+
 std::size_t LeanSmoothTerm::nbytes() const {
   return x_.size * 8 + window_.size * 2 + q_.size * 8 + factor_.size * 8;
 }
@@ -297,6 +357,19 @@ TermValues HarmonicsTerm::evaluate(const double* p, TermScratch& scratch) const 
 
 std::size_t HarmonicsTerm::nbytes() const { return h64_.size * 8 + h32_.size * 4; }
 
+TermValues HarmonicsTerm::evaluate_rows(const double* p, std::size_t first, std::size_t count,
+                                        TermScratch& scratch) const {
+  require_finite(p, n_params(), "parameters");
+  double* s = sized(scratch.scales, count);
+  const std::size_t c = n_params();
+  if (h32_.data != nullptr) {
+    components::sh_scales_f32(count, c, h32_.data + first * c, p, s);
+    return {s, nullptr, h32_.data + first * c};
+  }
+  components::sh_scales(count, c, h64_.data + first * c, p, s);
+  return {s, h64_.data + first * c, nullptr};
+}
+
 FixedScalesTerm::FixedScalesTerm(HeldArray<double> scales)
     : ModelTerm(scales.size, 0, 0, true), scales_(std::move(scales)) {
   require_finite(scales_.data, scales_.size, "scales");
@@ -307,6 +380,11 @@ TermValues FixedScalesTerm::evaluate(const double*, TermScratch&) const {
 }
 
 std::size_t FixedScalesTerm::nbytes() const { return scales_.size * 8; }
+
+TermValues FixedScalesTerm::evaluate_rows(const double*, std::size_t first, std::size_t,
+                                          TermScratch&) const {
+  return {scales_.data + first, nullptr, nullptr};
+}
 
 ExternalTerm::ExternalTerm(std::size_t n_rows, std::size_t n_cols)
     : ModelTerm(n_rows, n_cols, 0, false), scales_(n_rows), indptr_(n_rows + 1, 0) {}
@@ -518,7 +596,70 @@ void ModelBlock::evaluate(const double* params, std::size_t n_params) {
   evaluated_ = true;
 }
 
+namespace {
+/// Rows per chunk of the chunked paths: the terms' chunk scratch (a few values per row per
+/// term) stays in L2 and is reused by every chunk and every call.
+constexpr std::size_t kChunkRows = 4096;
+}  // namespace
+
+bool ModelBlock::chunked() const {
+  for (const auto& t : terms_)
+    if (!t->evaluates_rows()) return false;
+  return true;
+}
+
+void ModelBlock::scales_by_chunks(const double* params) {
+  double* g = out_.scales->data();
+  for (std::size_t first = 0; first < n_rows_; first += kChunkRows) {
+    const std::size_t count = std::min(kChunkRows, n_rows_ - first);
+    double* gc = g + first;
+    std::fill(gc, gc + count, 1.0);
+    for (std::size_t t = 0; t < terms_.size(); ++t) {  // the same product order as fill()
+      const double* s =
+          terms_[t]->evaluate_rows(params + param_start_[t], first, count, scratch_[t]).scales;
+      for (std::size_t i = 0; i < count; ++i) gc[i] *= s[i];
+    }
+  }
+}
+
+void ModelBlock::transpose_product_by_chunks(const double* params, const double* coefficients,
+                                             double* out) {
+  const std::size_t k = terms_.size();
+  double* g = out_.scales->data();
+  std::vector<TermValues> tv(k);
+  std::vector<double> u(std::min(kChunkRows, n_rows_));
+  for (std::size_t first = 0; first < n_rows_; first += kChunkRows) {
+    const std::size_t count = std::min(kChunkRows, n_rows_ - first);
+    double* gc = g + first;
+    std::fill(gc, gc + count, 1.0);
+    for (std::size_t t = 0; t < k; ++t) {
+      tv[t] = terms_[t]->evaluate_rows(params + param_start_[t], first, count, scratch_[t]);
+      for (std::size_t i = 0; i < count; ++i) gc[i] *= tv[t].scales[i];
+    }
+    for (std::size_t t = 0; t < k; ++t) {
+      if (!active_[t] || terms_[t]->n_cols() == 0) continue;
+      for (std::size_t i = 0; i < count; ++i) u[i] = coefficients[first + i];
+      for (std::size_t o = 0; o < k; ++o) {
+        if (o == t) continue;
+        for (std::size_t i = 0; i < count; ++i) u[i] *= tv[o].scales[i];
+      }
+      terms_[t]->add_transpose_product_rows(tv[t], first, count, u.data(), out + col_start_[t]);
+    }
+  }
+}
+
 void ModelBlock::evaluate_scales(const double* params, std::size_t n_params) {
+  if (chunked()) {  // chunk scratch, reused: no per-row array is allocated
+    require(n_params == n_params_, "params must hold " + std::to_string(n_params_) +
+                                       " values (every term's parameters), got " +
+                                       std::to_string(n_params));
+    require_finite(params, n_params, "params");
+    scratch_.resize(terms_.size());
+    term_values_.clear();
+    scales_by_chunks(params);
+    evaluated_ = false;
+    return;
+  }
   evaluate_terms(params, n_params);
   double* g = out_.scales->data();
   std::fill(g, g + n_rows_, 1.0);
@@ -535,6 +676,18 @@ void ModelBlock::evaluate_scales(const double* params, std::size_t n_params) {
 void ModelBlock::transpose_product(const double* params, std::size_t n_params,
                                    const double* coefficients, double* out) {
   require_finite(coefficients, n_rows_, "coefficients");
+  if (chunked()) {
+    require(n_params == n_params_, "params must hold " + std::to_string(n_params_) +
+                                       " values (every term's parameters), got " +
+                                       std::to_string(n_params));
+    require_finite(params, n_params, "params");
+    scratch_.resize(terms_.size());
+    term_values_.clear();
+    std::fill(out, out + n_cols_, 0.0);
+    transpose_product_by_chunks(params, coefficients, out);
+    evaluated_ = false;
+    return;
+  }
   evaluate_terms(params, n_params);
   const std::size_t n = n_rows_, k = terms_.size();
   double* g = out_.scales->data();

@@ -120,12 +120,17 @@ def test_release_values_frees_the_values_and_the_next_evaluation_rebuilds_them(r
 
 def test_evaluate_scales_gives_evaluates_g_bit_for_bit_and_holds_nothing(rng):
     """evaluate_scales (a streamed trial step): g equal to evaluate's bit for bit, no pattern
-    built, no derivative values, the terms' scratch freed."""
-    comps = _physical(rng, 2000, lean=True)
+    built, no derivative values; terms that evaluate row ranges go chunk by chunk, so what
+    the block holds beyond g and its row starts is one chunk's scratch (4096 rows), not a
+    per-row array."""
+    n = 60000
+    comps = _physical(rng, n, lean=True)
     block = ComponentModelBlock(comps)
     g_only = np.array(block.evaluate_scales())
     assert block.core.version == 0 and not block.core.evaluated  # no pattern, no view
-    assert block.core.nbytes <= 2000 * 8 + 2001 * 8  # g and the empty row starts
+    chunk_scratch = 4096 * (3 + 5 + 5) * 8  # three terms' scales, two smoothers' ≤ 5 values
+    beyond = block.core.nbytes - (n * 8 + (n + 1) * 8)  # beyond g and the row starts
+    assert beyond <= chunk_scratch and beyond < n * 8  # less than one double per row
     g, _ = block.evaluate()
     np.testing.assert_array_equal(g_only, g)
     for comp in comps:
@@ -505,7 +510,8 @@ def _check_transpose_product(block, rng):
 
 @pytest.mark.parametrize("lean", [False, True])
 def test_transpose_product_of_a_physical_model(rng, lean):
-    block = ComponentModelBlock(_physical(rng, 3000, lean))
+    """10,000 rows: the lean form goes in chunks of 4096 rows (a partial last chunk)."""
+    block = ComponentModelBlock(_physical(rng, 10000, lean))
     _check_transpose_product(block, rng)
 
 

@@ -109,6 +109,19 @@ class XTALSCALE_EXPORT ModelTerm {
   /// pattern() (built into temporaries); the sparse terms of this file override it.
   virtual void add_transpose_product(const TermValues& v, const double* u, double* out) const;
 
+  /// True when evaluate_rows() and add_transpose_product_rows() serve row ranges, so that a
+  /// block can work through its rows in small chunks with scratch that stays in cache and is
+  /// reused (no fresh memory per evaluation).
+  virtual bool evaluates_rows() const { return false; }
+  /// evaluate() restricted to rows [first, first + count): the values returned are those of
+  /// evaluate() for these rows, relative to row @p first. Only when evaluates_rows().
+  virtual TermValues evaluate_rows(const double* p, std::size_t first, std::size_t count,
+                                   TermScratch& scratch) const;
+  /// add_transpose_product() over rows [first, first + count), @p v from evaluate_rows() and
+  /// @p u relative to row @p first. The base serves dense terms; sparse ones override it.
+  virtual void add_transpose_product_rows(const TermValues& v, std::size_t first,
+                                          std::size_t count, const double* u, double* out) const;
+
  protected:
   ModelTerm(std::size_t n_rows, std::size_t n_cols, std::size_t n_params, bool dense)
       : n_rows_(n_rows), n_cols_(n_cols), n_params_(n_params), dense_(dense) {}
@@ -126,6 +139,9 @@ class XTALSCALE_EXPORT ScaleFactorTerm final : public ModelTerm {
   explicit ScaleFactorTerm(std::size_t n_rows);
   TermValues evaluate(const double* p, TermScratch& scratch) const override;
   std::size_t nbytes() const override;
+  bool evaluates_rows() const override { return true; }
+  TermValues evaluate_rows(const double* p, std::size_t first, std::size_t count,
+                           TermScratch& scratch) const override;
 
  private:
   std::vector<double> ones_;
@@ -137,6 +153,9 @@ class XTALSCALE_EXPORT ExpFactorTerm final : public ModelTerm {
   explicit ExpFactorTerm(HeldArray<double> factor);
   TermValues evaluate(const double* p, TermScratch& scratch) const override;
   std::size_t nbytes() const override;
+  bool evaluates_rows() const override { return true; }
+  TermValues evaluate_rows(const double* p, std::size_t first, std::size_t count,
+                           TermScratch& scratch) const override;
 
  private:
   HeldArray<double> factor_;
@@ -170,6 +189,11 @@ class XTALSCALE_EXPORT LeanSmoothTerm final : public ModelTerm {
   TermValues evaluate(const double* p, TermScratch& scratch) const override;
   std::size_t nbytes() const override;
   void add_transpose_product(const TermValues& v, const double* u, double* out) const override;
+  bool evaluates_rows() const override { return true; }
+  TermValues evaluate_rows(const double* p, std::size_t first, std::size_t count,
+                           TermScratch& scratch) const override;
+  void add_transpose_product_rows(const TermValues& v, std::size_t first, std::size_t count,
+                                  const double* u, double* out) const override;
 
  private:
   /// Row @p i's first derivative column and number of columns (from its window record).
@@ -218,6 +242,9 @@ class XTALSCALE_EXPORT HarmonicsTerm final : public ModelTerm {
   HarmonicsTerm(HeldArray<float> harmonics, std::size_t n_params);
   TermValues evaluate(const double* p, TermScratch& scratch) const override;
   std::size_t nbytes() const override;
+  bool evaluates_rows() const override { return true; }
+  TermValues evaluate_rows(const double* p, std::size_t first, std::size_t count,
+                           TermScratch& scratch) const override;
 
  private:
   HeldArray<double> h64_;
@@ -231,6 +258,9 @@ class XTALSCALE_EXPORT FixedScalesTerm final : public ModelTerm {
   explicit FixedScalesTerm(HeldArray<double> scales);
   TermValues evaluate(const double* p, TermScratch& scratch) const override;
   std::size_t nbytes() const override;
+  bool evaluates_rows() const override { return true; }
+  TermValues evaluate_rows(const double* p, std::size_t first, std::size_t count,
+                           TermScratch& scratch) const override;
 
  private:
   HeldArray<double> scales_;
@@ -344,6 +374,12 @@ class XTALSCALE_EXPORT ModelBlock {
 
  private:
   bool pattern_stale() const;
+  /// True when every term evaluates row ranges (the chunked paths below apply).
+  bool chunked() const;
+  /// g into the scales buffer, chunk by chunk (evaluate_scales with chunked()).
+  void scales_by_chunks(const double* params);
+  /// transpose_product with chunked(): per chunk of rows each term's values, then the products.
+  void transpose_product_by_chunks(const double* params, const double* coefficients, double* out);
   /// Check @p params and evaluate every term into its scratch (term_values_).
   void evaluate_terms(const double* params, std::size_t n_params);
   /// Drop the terms' scratch (allocated again by the next evaluation).
