@@ -106,3 +106,21 @@ def test_one_malloc_arena_is_glibc_advice():
     code = "from xtalscale.cli import one_malloc_arena; import sys; sys.exit(0 if one_malloc_arena() else 3)"
     rc = subprocess.run([sys.executable, "-c", code]).returncode
     assert rc == (0 if sys.platform.startswith("linux") else 3)
+
+
+def test_no_huge_pages_turns_off_numpy_and_core_advice():
+    """The command line stops numpy and the C++ buffers advising huge pages (first touch of a
+    huge page is ~5x slower on a VM); in a child process, so this process keeps numpy's."""
+    import subprocess
+    import sys
+
+    code = ("import numpy as np\n"
+            "from xtalscale import _core\n"
+            "from xtalscale.cli import no_huge_pages\n"
+            "_core.set_huge_pages(True)\n"
+            "assert no_huge_pages()\n"
+            "assert not _core.huge_pages()\n"
+            "assert not np._core.multiarray._get_madvise_hugepage()\n"
+            "a = np.ones(2**20); assert a.sum() == 2**20  # allocations work as before\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
