@@ -103,9 +103,10 @@ def test_one_malloc_arena_is_glibc_advice():
     import subprocess
     import sys
 
-    code = "from xtalscale.cli import one_malloc_arena; import sys; sys.exit(0 if one_malloc_arena() else 3)"
-    rc = subprocess.run([sys.executable, "-c", code]).returncode
-    assert rc == (0 if sys.platform.startswith("linux") else 3)
+    for name in ("one_malloc_arena", "reuse_freed_memory"):
+        code = f"from xtalscale.cli import {name}; import sys; sys.exit(0 if {name}() else 3)"
+        rc = subprocess.run([sys.executable, "-c", code]).returncode
+        assert rc == (0 if sys.platform.startswith("linux") else 3), name
 
 
 def test_no_huge_pages_turns_off_numpy_and_core_advice():

@@ -10,7 +10,7 @@ import importlib
 import sys
 from typing import Sequence
 
-__all__ = ["main", "no_huge_pages", "one_malloc_arena"]
+__all__ = ["main", "no_huge_pages", "one_malloc_arena", "reuse_freed_memory"]
 
 # command name -> module in this package (imported only when the command runs)
 _COMMANDS = {
@@ -72,6 +72,30 @@ def one_malloc_arena() -> bool:
         return False
 
 
+def reuse_freed_memory() -> bool:
+    """Ask glibc to keep freed memory for reuse instead of returning it to the kernel.
+
+    By default glibc maps every allocation above a (dynamic) threshold afresh and unmaps it on
+    free, and trims the heap's free top: the job's per-block buffers (a streamed block's
+    derivatives, 10–20 MB each, freed after use) then come back as fresh pages the kernel must
+    zero on first touch. With the mmap threshold at its 32 MB maximum and a 1 GB trim
+    threshold they are reused from the heap: evaluating a 60k-row model block after freeing
+    its buffers measured 250 → 87 ns/row, the job's page faults 340k → 222k (about its peak
+    resident size, so the peak itself does not grow: 912 against 926–941 MB). Returns False
+    (and changes nothing) off glibc. Called by :func:`main`.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # noqa: N806 (glibc's malloc.h names)
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+    except (OSError, AttributeError):
+        return False
+
+
 def no_huge_pages() -> bool:
     """Stop numpy (and xtalscale's C++ buffers) asking the kernel for transparent huge pages.
 
@@ -112,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     _one_blas_thread_from_load()
     one_malloc_arena()
+    reuse_freed_memory()
     no_huge_pages()
     module = importlib.import_module(f"{__name__}.{_COMMANDS[command]}")
     from ..fit.blas import single_threaded_blas
