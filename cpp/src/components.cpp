@@ -419,4 +419,25 @@ void WeightMatrix::b_scales(const double* p, const double* factor, double* scale
                   fixed ? first_col_.data() : nullptr, fixed ? p[0] : 0.0, factor, scales, d_data);
 }
 
+void WeightMatrix::values_rows(const double* p, std::size_t first, std::size_t count,
+                               double* out) const {
+  const double* fc = fixed_ ? first_col_.data() + first : nullptr;
+  csr_matvec(count, indptr_.data() + first, indices_.data(), data_.data(), fixed_ ? p + 1 : p, fc,
+             fixed_ ? p[0] : 0.0, out);
+}
+
+void WeightMatrix::b_scales_rows(const double* p, const double* factor, std::size_t first,
+                                 std::size_t count, double* scales, double* d_data) const {
+  // smooth_b_scales on a row range; d_data relative to the range's first stored entry
+  values_rows(p, first, count, scales);
+  for (std::size_t i = 0; i < count; ++i) scales[i] *= factor[first + i];
+  exp_guarded(count, scales);
+  const std::int32_t base = indptr_[first];
+  for (std::size_t i = 0; i < count; ++i) {
+    const double r = scales[i] * factor[first + i];
+    for (std::int32_t k = indptr_[first + i]; k < indptr_[first + i + 1]; ++k)
+      d_data[k - base] = data_[static_cast<std::size_t>(k)] * r;
+  }
+}
+
 }  // namespace xtalscale::components

@@ -108,6 +108,16 @@ void ModelTerm::add_transpose_product_rows(const TermValues& v, std::size_t firs
   }
 }
 
+void ModelTerm::pattern_rows(std::size_t first, std::size_t count, std::int64_t* indptr,
+                             std::int32_t* indices) const {
+  require(dense_, "a sparse term must override pattern_rows");
+  (void)first;
+  const std::size_t c = n_cols_;
+  for (std::size_t i = 0; i <= count; ++i) indptr[i] = static_cast<std::int64_t>(i * c);
+  for (std::size_t i = 0; i < count; ++i)
+    for (std::size_t k = 0; k < c; ++k) indices[i * c + k] = static_cast<std::int32_t>(k);
+}
+
 ScaleFactorTerm::ScaleFactorTerm(std::size_t n_rows)
     : ModelTerm(n_rows, 1, 1, true), ones_(n_rows, 1.0) {}
 
@@ -185,6 +195,39 @@ TermValues SmoothTerm::evaluate(const double* p, TermScratch& scratch) const {
 }
 
 std::size_t SmoothTerm::nbytes() const { return w_->nbytes() + factor_.size * 8; }
+
+TermValues SmoothTerm::evaluate_rows(const double* p, std::size_t first, std::size_t count,
+                                     TermScratch& scratch) const {
+  require_finite(p, n_params(), "parameters");
+  double* s = sized(scratch.scales, count);
+  const auto& ip = w_->indptr();
+  if (factor_.data == nullptr) {  // linear: the rows' stored weights are the derivatives
+    w_->values_rows(p, first, count, s);
+    return {s, w_->data().data() + ip[first], nullptr};
+  }
+  double* d = sized(scratch.values, static_cast<std::size_t>(ip[first + count] - ip[first]));
+  w_->b_scales_rows(p, factor_.data, first, count, s, d);
+  return {s, d, nullptr};
+}
+
+void SmoothTerm::add_transpose_product_rows(const TermValues& v, std::size_t first,
+                                            std::size_t count, const double* u,
+                                            double* out) const {
+  const auto& ip = w_->indptr();
+  const auto& ix = w_->indices();
+  const auto base = ip[first];
+  for (std::size_t i = 0; i < count; ++i)
+    for (auto q = ip[first + i]; q < ip[first + i + 1]; ++q) out[ix[q]] += u[i] * v.values[q - base];
+}
+
+void SmoothTerm::pattern_rows(std::size_t first, std::size_t count, std::int64_t* indptr,
+                              std::int32_t* indices) const {
+  const auto& ip = w_->indptr();
+  const auto& ix = w_->indices();
+  const auto base = ip[first];
+  for (std::size_t i = 0; i <= count; ++i) indptr[i] = ip[first + i] - base;
+  std::copy(ix.begin() + base, ix.begin() + ip[first + count], indices);
+}
 
 void SmoothTerm::add_transpose_product(const TermValues& v, const double* u, double* out) const {
   const auto& ip = w_->indptr();
@@ -280,6 +323,17 @@ void LeanSmoothTerm::add_transpose_product_rows(const TermValues& v, std::size_t
   for (std::size_t i = 0; i < count; ++i) {
     const auto [col, n_cols] = row_columns(first + i);
     for (std::size_t k = 0; k < n_cols; ++k, ++q) out[col + static_cast<int>(k)] += u[i] * v.values[q];
+  }
+}
+
+void LeanSmoothTerm::pattern_rows(std::size_t first, std::size_t count, std::int64_t* indptr,
+                                  std::int32_t* indices) const {
+  std::int64_t nnz = 0;
+  indptr[0] = 0;
+  for (std::size_t i = 0; i < count; ++i) {
+    const auto [col, n_cols] = row_columns(first + i);
+    for (std::size_t k = 0; k < n_cols; ++k) indices[nnz++] = col + static_cast<std::int32_t>(k);
+    indptr[i + 1] = nnz;
   }
 }
 
@@ -606,6 +660,86 @@ bool ModelBlock::chunked() const {
   for (const auto& t : terms_)
     if (!t->evaluates_rows()) return false;
   return true;
+}
+
+bool ModelBlock::evaluates_rows() const { return chunked(); }
+
+void ModelBlock::evaluate_rows(const double* params, std::size_t n_params, std::size_t first,
+                               std::size_t count, RowsScratch& s) const {
+  if (!chunked()) throw std::logic_error("a term of this block does not evaluate row ranges");
+  require(n_params == n_params_, "params must hold " + std::to_string(n_params_) +
+                                     " values (every term's parameters), got " +
+                                     std::to_string(n_params));
+  require(first <= n_rows_ && count <= n_rows_ - first, "rows out of range");
+  const std::size_t k = terms_.size();
+  s.terms.resize(k);
+  s.term_values.resize(k);
+  s.term_indptr.resize(k);
+  s.term_indices.resize(k);
+  for (std::size_t t = 0; t < k; ++t) {
+    const ModelTerm& term = *terms_[t];
+    s.term_values[t] = term.evaluate_rows(params + param_start_[t], first, count, s.terms[t]);
+    if (active_[t] && !term.dense()) {
+      s.term_indptr[t].resize(count + 1);
+      s.term_indices[t].resize(count * std::max<std::size_t>(term.n_cols(), 1));
+      term.pattern_rows(first, count, s.term_indptr[t].data(), s.term_indices[t].data());
+    }
+  }
+  // the rows' pattern: each active term's columns in term order (ascending, as build_pattern)
+  s.indptr.resize(count + 1);
+  s.indptr[0] = 0;
+  for (std::size_t i = 0; i < count; ++i) {
+    std::int64_t row = 0;
+    for (std::size_t t = 0; t < k; ++t) {
+      if (!active_[t]) continue;
+      row += terms_[t]->dense() ? static_cast<std::int64_t>(terms_[t]->n_cols())
+                                : s.term_indptr[t][i + 1] - s.term_indptr[t][i];
+    }
+    s.indptr[i + 1] = s.indptr[i] + row;
+  }
+  const auto nnz = static_cast<std::size_t>(s.indptr[count]);
+  s.indices.resize(nnz);
+  s.values.resize(nnz);
+  s.g.resize(count);
+  // the product rule of fill(), row by row: prefix products forwards, suffix backwards
+  constexpr std::size_t kStack = 16;
+  std::vector<double> heap(k > kStack ? k + 1 : 0);
+  double prefix_stack[kStack + 1];
+  double* prefix = k > kStack ? heap.data() : prefix_stack;
+  for (std::size_t i = 0; i < count; ++i) {
+    prefix[0] = 1.0;
+    for (std::size_t t = 0; t < k; ++t) prefix[t + 1] = prefix[t] * s.term_values[t].scales[i];
+    s.g[i] = prefix[k];
+    double suffix = 1.0;
+    std::int64_t end = s.indptr[i + 1];
+    for (std::size_t t = k; t-- > 0;) {
+      const double others = prefix[t] * suffix;
+      const TermValues& v = s.term_values[t];
+      suffix *= v.scales[i];
+      if (!active_[t]) continue;
+      const ModelTerm& term = *terms_[t];
+      const auto offset = static_cast<std::int32_t>(col_start_[t]);
+      if (term.dense()) {
+        const std::size_t c = term.n_cols();
+        const std::int64_t start = end - static_cast<std::int64_t>(c);
+        for (std::size_t q = 0; q < c; ++q) {
+          const double d = v.values_f32 != nullptr ? static_cast<double>(v.values_f32[i * c + q])
+                                                   : v.values[i * c + q];
+          s.values[start + q] = d * others;
+          s.indices[start + q] = offset + static_cast<std::int32_t>(q);
+        }
+        end = start;
+      } else {
+        const std::int64_t a = s.term_indptr[t][i], b = s.term_indptr[t][i + 1];
+        const std::int64_t start = end - (b - a);
+        for (std::int64_t q = a; q < b; ++q) {
+          s.values[start + (q - a)] = v.values[q] * others;
+          s.indices[start + (q - a)] = offset + s.term_indices[t][q];
+        }
+        end = start;
+      }
+    }
+  }
 }
 
 void ModelBlock::scales_by_chunks(const double* params) {

@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #if defined(_MSC_VER) && !defined(__clang__)
@@ -986,6 +987,34 @@ void row_quadratic_forms(std::size_t n_rows, const std::int64_t* indptr,
     const std::size_t hi = n_rows * static_cast<std::size_t>(th + 1) / static_cast<std::size_t>(nt);
     quadratic_forms_rows(lo, hi, indptr, indices, values, n, vs, run, vdd.data(), out);
   });
+}
+
+void model_row_variances(const ModelBlock& block, const double* params, std::size_t n_params,
+                         const double* V, double* variances, double* g, int n_threads) {
+  const std::size_t n_rows = block.n_rows(), n = block.n_cols();
+  constexpr std::size_t kRows = 4096;  // a chunk's ∂g/∂p (~0.5 MB) stays in L2
+  const std::size_t n_chunks = (n_rows + kRows - 1) / kRows;
+  const int nt = std::max(1, std::min<int>(n_threads, static_cast<int>(std::max<std::size_t>(n_chunks, 1))));
+  std::vector<std::string> failure(static_cast<std::size_t>(nt));
+  // threads take contiguous runs of whole chunks; each row's result does not depend on the split
+  detail::per_thread(nt, [&](int th, int) {
+    const std::size_t lo = n_chunks * static_cast<std::size_t>(th) / static_cast<std::size_t>(nt);
+    const std::size_t hi = n_chunks * static_cast<std::size_t>(th + 1) / static_cast<std::size_t>(nt);
+    RowsScratch scratch;
+    try {
+      for (std::size_t c = lo; c < hi; ++c) {
+        const std::size_t first = c * kRows, count = std::min(kRows, n_rows - first);
+        block.evaluate_rows(params, n_params, first, count, scratch);
+        std::copy(scratch.g.begin(), scratch.g.end(), g + first);
+        row_quadratic_forms(count, scratch.indptr.data(), scratch.indices.data(),
+                            scratch.values.data(), n, V, variances + first, 1);
+      }
+    } catch (const std::exception& e) {  // no exception may leave an OpenMP region
+      failure[static_cast<std::size_t>(th)] = e.what();
+    }
+  });
+  for (const auto& f : failure)
+    if (!f.empty()) throw std::invalid_argument(f);
 }
 
 }  // namespace xtalscale::fit

@@ -250,6 +250,9 @@ void bind_model_block(py::module_& m) {
       .def_property_readonly("n_terms", &ModelBlock::n_terms)
       .def_property_readonly("version", &ModelBlock::version)
       .def_property_readonly("evaluated", &ModelBlock::evaluated)
+      .def("evaluates_rows", &ModelBlock::evaluates_rows,
+           "True when every term evaluates row ranges (chunked g, transposed products and\n"
+           "variances without per-row buffers).")
       .def_property_readonly("nbytes", &ModelBlock::nbytes)
       .def("evaluate_scales", &block_evaluate_scales, py::arg("params"),
            "g only at params (no derivatives, no pattern): for residuals at a trial point.")

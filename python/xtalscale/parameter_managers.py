@@ -928,7 +928,9 @@ def calc_sf_variances(components: Mapping[str, Any], var_cov: Any, block_id: int
     if not names:
         return (np.zeros(0), np.zeros(0)) if with_scales else np.zeros(0)
     block = ComponentModelBlock([components[n] for n in names], block_id)
-    g, model_jac = block.evaluate()
+    fused = block.core.evaluates_rows()  # then ∂g/∂p is never formed (model_row_variances)
+    if not fused:
+        g, model_jac = block.evaluate()
     # Component c's columns move to its full-model offset (trailing unused columns stay zero).
     column_map, start = [], 0
     for i, name in enumerate(names):
@@ -942,6 +944,9 @@ def calc_sf_variances(components: Mapping[str, Any], var_cov: Any, block_id: int
     # column indices are used as they are (no per-entry gather)
     model_columns = np.concatenate(column_map)
     v_block = np.ascontiguousarray(np.asarray(V, dtype=np.float64)[np.ix_(model_columns, model_columns)])
+    if fused:  # chunks of rows: their ∂g/∂p evaluated in cache and reduced at once
+        var, g = _fit_kernels.model_row_variances(block.core, block.parameters(), v_block)
+        return (var, g) if with_scales else var
     # Σ_ab J_ia V_ab J_ib per row in C++ (k² per row, no N x n_param temporary)
     var = _fit_kernels.row_quadratic_forms(np.asarray(model_jac.indptr, dtype=np.int64),
                                            np.asarray(model_jac.indices, dtype=np.int32),

@@ -546,3 +546,40 @@ def test_transpose_product_refuses_bad_coefficients(rng):
     bad[7] = np.nan
     with pytest.raises(ValueError, match="coefficients"):
         block.transpose_product(bad)
+
+
+@pytest.mark.parametrize("lean", [False, True])
+def test_model_row_variances_without_the_derivative_matrix(rng, lean):
+    """model_row_variances (chunks of 4096 rows, ∂g/∂p never formed) gives g bit for bit and
+    diag(J V Jᵀ) of evaluate()'s J to rounding, the same for one and two threads; blocks whose
+    terms do not evaluate row ranges, a V of the wrong shape or with a NaN are refused."""
+    from xtalscale._core import fit as core_fit
+
+    block = ComponentModelBlock(_physical(rng, 10000, lean))
+    n = block.core.n_cols
+    a = rng.standard_normal((n, n))
+    V = a @ a.T * 1e-4
+    assert block.core.evaluates_rows()
+    var1, g1 = core_fit.model_row_variances(block.core, block.parameters(), V)
+    var2, g2 = core_fit.model_row_variances(block.core, block.parameters(), V, n_threads=2)
+    np.testing.assert_array_equal(var1, var2)
+    np.testing.assert_array_equal(g1, g2)
+    g, jac = block.evaluate()
+    np.testing.assert_array_equal(g1, g)
+    j = jac.as_scipy()
+    expected = core_fit.row_quadratic_forms(j.indptr.astype(np.int64), j.indices.astype(np.int32), j.data, V)
+    np.testing.assert_allclose(var1, expected, rtol=1e-12)
+    np.testing.assert_allclose(var1, np.einsum("ij,jk,ik->i", j.toarray(), V, j.toarray()), rtol=1e-9)
+    with pytest.raises(ValueError, match="shape"):
+        core_fit.model_row_variances(block.core, block.parameters(), V[:-1, :-1])
+    bad = V.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="V"):
+        core_fit.model_row_variances(block.core, block.parameters(), bad)
+    grid = SmoothScaleComponent2D(rng.uniform(0.9, 1.1, 15), shape=(5, 3))
+    grid.data = {"x": rng.uniform(0, 5, 100), "y": rng.uniform(0, 3, 100)}
+    grid.update_reflection_data()
+    grid_block = ComponentModelBlock([grid])
+    assert not grid_block.core.evaluates_rows()
+    with pytest.raises(ValueError, match="row ranges"):
+        core_fit.model_row_variances(grid_block.core, grid_block.parameters(), np.eye(15))

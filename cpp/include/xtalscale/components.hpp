@@ -179,6 +179,13 @@ class XTALSCALE_EXPORT WeightMatrix {
   /// Smoothed-B scales exp(value·factor) and, if @p d_data is non-null, the derivative values
   /// data[k]·scale[i]·factor[i] (same sparsity as this matrix).
   void b_scales(const double* p, const double* factor, double* scales, double* d_data) const;
+  /// values() of rows [first, first + count) into @p out (count values), bit for bit.
+  void values_rows(const double* p, std::size_t first, std::size_t count, double* out) const;
+  /// b_scales() of rows [first, first + count): @p factor is indexed by absolute row, @p scales
+  /// has count values, @p d_data the rows' stored entries from the first row's (bit for bit
+  /// when @p first is a multiple of 8, as the vectorised exponential then sees the same lanes).
+  void b_scales_rows(const double* p, const double* factor, std::size_t first, std::size_t count,
+                     double* scales, double* d_data) const;
 
  private:
   std::size_t n_rows_ = 0, n_cols_ = 0;

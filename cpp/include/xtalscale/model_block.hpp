@@ -121,6 +121,11 @@ class XTALSCALE_EXPORT ModelTerm {
   /// @p u relative to row @p first. The base serves dense terms; sparse ones override it.
   virtual void add_transpose_product_rows(const TermValues& v, std::size_t first,
                                           std::size_t count, const double* u, double* out) const;
+  /// The pattern of rows [first, first + count) (as pattern() writes it, @p indptr relative
+  /// to row @p first, count + 1 values from 0; @p indices room for count·n_cols()). Only when
+  /// evaluates_rows(); the base serves dense terms, sparse ones override it.
+  virtual void pattern_rows(std::size_t first, std::size_t count, std::int64_t* indptr,
+                            std::int32_t* indices) const;
 
  protected:
   ModelTerm(std::size_t n_rows, std::size_t n_cols, std::size_t n_params, bool dense)
@@ -171,6 +176,13 @@ class XTALSCALE_EXPORT SmoothTerm final : public ModelTerm {
   TermValues evaluate(const double* p, TermScratch& scratch) const override;
   std::size_t nbytes() const override;
   void add_transpose_product(const TermValues& v, const double* u, double* out) const override;
+  bool evaluates_rows() const override { return true; }
+  TermValues evaluate_rows(const double* p, std::size_t first, std::size_t count,
+                           TermScratch& scratch) const override;
+  void add_transpose_product_rows(const TermValues& v, std::size_t first, std::size_t count,
+                                  const double* u, double* out) const override;
+  void pattern_rows(std::size_t first, std::size_t count, std::int64_t* indptr,
+                    std::int32_t* indices) const override;
 
  private:
   std::shared_ptr<const components::WeightMatrix> w_;
@@ -194,6 +206,8 @@ class XTALSCALE_EXPORT LeanSmoothTerm final : public ModelTerm {
                            TermScratch& scratch) const override;
   void add_transpose_product_rows(const TermValues& v, std::size_t first, std::size_t count,
                                   const double* u, double* out) const override;
+  void pattern_rows(std::size_t first, std::size_t count, std::int64_t* indptr,
+                    std::int32_t* indices) const override;
 
  private:
   /// Row @p i's first derivative column and number of columns (from its window record).
@@ -295,6 +309,19 @@ class XTALSCALE_EXPORT ExternalTerm final : public ModelTerm {
   std::vector<std::int32_t> indices_;
 };
 
+/// Caller-owned buffers of ModelBlock::evaluate_rows (one per thread): g and ∂g/∂p of a row
+/// range as CSR, and the terms' scratch. Reused from call to call (sized on first use).
+struct RowsScratch {
+  std::vector<double> g;                  ///< g of the rows
+  std::vector<std::int64_t> indptr;       ///< count + 1 row starts, from 0
+  std::vector<std::int32_t> indices;      ///< block columns, ascending within a row
+  std::vector<double> values;             ///< ∂g/∂p
+  std::vector<TermScratch> terms;         ///< per term
+  std::vector<TermValues> term_values;    ///< per term, the last evaluate_rows()
+  std::vector<std::vector<std::int64_t>> term_indptr;   ///< sparse terms' row patterns
+  std::vector<std::vector<std::int32_t>> term_indices;
+};
+
 /// g = Π_c s_c and ∂g/∂p of one model over one block of observations (see the file notes).
 class XTALSCALE_EXPORT ModelBlock {
  public:
@@ -351,6 +378,17 @@ class XTALSCALE_EXPORT ModelBlock {
   /// @throws std::invalid_argument as evaluate(), or for non-finite @p coefficients.
   void transpose_product(const double* params, std::size_t n_params, const double* coefficients,
                          double* out);
+
+  /// True when every term evaluates row ranges: evaluate_rows() is then available.
+  bool evaluates_rows() const;
+  /// g and ∂g/∂p of rows [first, first + count) into @p scratch (CSR with block columns; the
+  /// values of evaluate() for these rows, bit for bit), without touching the block's own
+  /// buffers: const, so threads with their own scratch may evaluate disjoint or overlapping
+  /// ranges at once. For a caller that consumes the derivatives chunk by chunk (e.g. scale
+  /// variances) and never needs them all at once.
+  /// @throws std::invalid_argument as evaluate(), or std::logic_error unless evaluates_rows().
+  void evaluate_rows(const double* params, std::size_t n_params, std::size_t first,
+                     std::size_t count, RowsScratch& scratch) const;
 
   /// True once evaluate() has run (view() is empty before).
   bool evaluated() const noexcept { return evaluated_; }

@@ -16,6 +16,7 @@
 
 #include "xtalscale/export.hpp"
 #include "xtalscale/ih_table.hpp"
+#include "xtalscale/model_block.hpp"
 
 namespace xtalscale::fit {
 
@@ -59,5 +60,16 @@ XTALSCALE_EXPORT void row_quadratic_forms(std::size_t n_rows, const std::int64_t
                                           const std::int32_t* indices, const double* values,
                                           std::size_t n, const double* V, double* out,
                                           int n_threads = 1);
+
+/// var(g_i) = J_i V J_iᵀ and g_i of every row of a model block whose terms evaluate row ranges
+/// (ModelBlock::evaluates_rows), without forming ∂g/∂p: rows go in chunks of 4096, each
+/// chunk's derivatives evaluated into per-thread scratch (ModelBlock::evaluate_rows) and
+/// reduced by row_quadratic_forms. @p V is n_cols x n_cols in the block's column layout,
+/// @p variances and @p g have n_rows values. Rows are independent: identical for any
+/// @p n_threads; equal to row_quadratic_forms on evaluate()'s matrix, bit for bit.
+/// @throws std::invalid_argument as ModelBlock::evaluate_rows.
+XTALSCALE_EXPORT void model_row_variances(const ModelBlock& block, const double* params,
+                                          std::size_t n_params, const double* V,
+                                          double* variances, double* g, int n_threads = 1);
 
 }  // namespace xtalscale::fit

@@ -4,6 +4,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+def model_row_variances(
+    block: Any,
+    params: npt.ArrayLike,
+    V: npt.ArrayLike,
+    n_threads: int = 1,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
 def functional_and_scale_gradient(
     group_offsets: npt.ArrayLike,
     intensities: npt.ArrayLike,
