@@ -502,6 +502,12 @@ std::size_t ExternalTerm::nbytes() const {
 
 // ------------------------------------------------------------------------------- block
 
+namespace {
+/// Rows per chunk of the chunked paths: the terms' chunk scratch (a few values per row per
+/// term) stays in L2 and is reused by every chunk and every call.
+constexpr std::size_t kChunkRows = 4096;
+}  // namespace
+
 ModelBlock::ModelBlock(std::size_t n_rows) : n_rows_(n_rows) {
   out_.scales = std::make_shared<std::vector<double>>(n_rows, 1.0);
   out_.indptr = std::make_shared<std::vector<std::int64_t>>(n_rows + 1, 0);
@@ -579,8 +585,10 @@ void ModelBlock::build_pattern() {
   ++version_;
 }
 
-void ModelBlock::fill(const std::vector<TermValues>& tv) {
-  const std::size_t n = n_rows_, k = terms_.size();
+void ModelBlock::fill(const std::vector<TermValues>& tv, std::size_t first, std::size_t count) {
+  // tv holds the terms' values for rows [first, first + count): dense rows and sparse entries
+  // relative to the range's first row (a sparse term's entries from row_starts_[t][first]).
+  const std::size_t k = terms_.size();
   double* g = out_.scales->data();
   double* out = out_.values->data();
   const std::int64_t* ip = out_.indptr->data();
@@ -588,9 +596,13 @@ void ModelBlock::fill(const std::vector<TermValues>& tv) {
   std::vector<double> heap(k > kStack ? k + 1 : 0);
   double prefix_stack[kStack + 1];
   double* prefix = k > kStack ? heap.data() : prefix_stack;
-  for (std::size_t i = 0; i < n; ++i) {
+  std::vector<std::int64_t> base(k, 0);
+  for (std::size_t t = 0; t < k; ++t)
+    if (active_[t] && !terms_[t]->dense()) base[t] = row_starts_[t][first];
+  for (std::size_t j = 0; j < count; ++j) {
+    const std::size_t i = first + j;
     prefix[0] = 1.0;
-    for (std::size_t t = 0; t < k; ++t) prefix[t + 1] = prefix[t] * tv[t].scales[i];
+    for (std::size_t t = 0; t < k; ++t) prefix[t + 1] = prefix[t] * tv[t].scales[j];
     g[i] = prefix[k];
     // Walk the terms backwards with a running suffix product: others = prefix·suffix, so a
     // zero scale is handled without dividing.
@@ -598,25 +610,25 @@ void ModelBlock::fill(const std::vector<TermValues>& tv) {
     std::int64_t end = ip[i + 1];
     for (std::size_t t = k; t-- > 0;) {
       const double others = prefix[t] * suffix;
-      suffix *= tv[t].scales[i];
+      suffix *= tv[t].scales[j];
       if (!active_[t]) continue;
       const ModelTerm& term = *terms_[t];
       if (term.dense()) {
         const std::size_t c = term.n_cols();
         const std::int64_t start = end - static_cast<std::int64_t>(c);
         if (tv[t].values_f32 != nullptr) {
-          const float* row = tv[t].values_f32 + i * c;
+          const float* row = tv[t].values_f32 + j * c;
           for (std::size_t q = 0; q < c; ++q) out[start + q] = static_cast<double>(row[q]) * others;
         } else {
-          const double* row = tv[t].values + i * c;
+          const double* row = tv[t].values + j * c;
           for (std::size_t q = 0; q < c; ++q) out[start + q] = row[q] * others;
         }
         end = start;
       } else {
-        const std::int64_t first = row_starts_[t][i], last = row_starts_[t][i + 1];
-        const std::int64_t start = end - (last - first);
-        const double* v = tv[t].values;
-        for (std::int64_t q = first; q < last; ++q) out[start + (q - first)] = v[q] * others;
+        const std::int64_t a = row_starts_[t][i], b = row_starts_[t][i + 1];
+        const std::int64_t start = end - (b - a);
+        const double* v = tv[t].values - base[t];
+        for (std::int64_t q = a; q < b; ++q) out[start + (q - a)] = v[q] * others;
         end = start;
       }
     }
@@ -640,21 +652,35 @@ void ModelBlock::free_scratch() {
 }
 
 void ModelBlock::evaluate(const double* params, std::size_t n_params) {
-  evaluate_terms(params, n_params);
+  const bool by_chunks = chunked();
+  if (by_chunks) {  // the terms' values one chunk at a time, in reused scratch
+    require(n_params == n_params_, "params must hold " + std::to_string(n_params_) +
+                                       " values (every term's parameters), got " +
+                                       std::to_string(n_params));
+    require_finite(params, n_params, "params");
+    scratch_.resize(terms_.size());
+    term_values_.clear();
+  } else {
+    evaluate_terms(params, n_params);
+  }
   if (pattern_stale()) {
     build_pattern();
   } else if (out_.values->size() != out_.indices->size()) {  // released: allocate again
     out_.values = std::make_shared<std::vector<double>>(detail::large_vector<double>(out_.indices->size()));
   }
-  fill(term_values_);
+  if (by_chunks) {
+    std::vector<TermValues> tv(terms_.size());
+    for (std::size_t first = 0; first < n_rows_; first += kChunkRows) {
+      const std::size_t count = std::min(kChunkRows, n_rows_ - first);
+      for (std::size_t t = 0; t < terms_.size(); ++t)
+        tv[t] = terms_[t]->evaluate_rows(params + param_start_[t], first, count, scratch_[t]);
+      fill(tv, first, count);
+    }
+  } else {
+    fill(term_values_, 0, n_rows_);
+  }
   evaluated_ = true;
 }
-
-namespace {
-/// Rows per chunk of the chunked paths: the terms' chunk scratch (a few values per row per
-/// term) stays in L2 and is reused by every chunk and every call.
-constexpr std::size_t kChunkRows = 4096;
-}  // namespace
 
 bool ModelBlock::chunked() const {
   for (const auto& t : terms_)

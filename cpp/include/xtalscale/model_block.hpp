@@ -423,7 +423,8 @@ class XTALSCALE_EXPORT ModelBlock {
   /// Drop the terms' scratch (allocated again by the next evaluation).
   void free_scratch();
   void build_pattern();
-  void fill(const std::vector<TermValues>& tv);
+  /// g and ∂g/∂p of rows [first, first + count) from the terms' values of those rows.
+  void fill(const std::vector<TermValues>& tv, std::size_t first, std::size_t count);
 
   std::size_t n_rows_;
   std::size_t n_cols_ = 0, n_params_ = 0, column_offset_ = 0;
