@@ -120,9 +120,9 @@ void check_model_blocks(const GroupedObservations& t, const std::vector<FitBlock
                                 " rows but the table has " + std::to_string(t.n_obs));
 }
 
-void gather_scales(const std::vector<FitBlock>& blocks, double* g_table) {
+void gather_scales(const std::vector<FitBlock>& blocks, double* g_table, int n_threads) {
   const auto chunks = detail::block_chunks(blocks);
-  detail::parallel_for(chunks.size(), 1, [&](std::size_t c) {
+  detail::parallel_for(chunks.size(), n_threads, [&](std::size_t c) {
     const auto& ch = chunks[c];
     const FitBlock& block = blocks[ch.block];
     for (std::size_t r = ch.first; r < ch.last; ++r)

@@ -110,16 +110,21 @@ struct RowSources {
   std::vector<std::int64_t> row;
 };
 
-RowSources row_sources(const GroupedObservations& t, const std::vector<FitBlock>& blocks) {
+RowSources row_sources(const GroupedObservations& t, const std::vector<FitBlock>& blocks,
+                       int n_threads = 1) {
   RowSources src;
   src.block.assign(t.n_obs, 0);
   src.row.assign(t.n_obs, 0);
-  for (std::size_t b = 0; b < blocks.size(); ++b)
-    for (std::size_t r = 0; r < blocks[b].view.n_rows; ++r) {
-      const std::size_t row = detail::table_row(blocks[b], r);
-      src.block[row] = static_cast<std::int32_t>(b);
+  // each table row is one block row's (checked): chunks of block rows write disjoint entries
+  const auto chunks = detail::block_chunks(blocks);
+  detail::parallel_for(chunks.size(), n_threads, [&](std::size_t c) {
+    const auto& ch = chunks[c];
+    for (std::size_t r = ch.first; r < ch.last; ++r) {
+      const std::size_t row = detail::table_row(blocks[ch.block], r);
+      src.block[row] = static_cast<std::int32_t>(ch.block);
       src.row[row] = static_cast<std::int64_t>(r);
     }
+  });
   return src;
 }
 
@@ -749,8 +754,8 @@ NormalEquationsSummary normal_equations(const GroupedObservations& t,
                                         double* matrix, double* rhs, NormalMatrixKind kind,
                                         const double* fixed_Ih, int n_threads) {
   std::vector<double> g(t.n_obs);
-  gather_scales(blocks, g.data());
-  const RowSources src = row_sources(t, blocks);
+  gather_scales(blocks, g.data(), n_threads);
+  const RowSources src = row_sources(t, blocks, n_threads);
   std::vector<DenseRun> runs;
   for (const FitBlock& b : blocks) runs.push_back(find_dense_run(b.view));
   std::fill(matrix, matrix + n * n, 0.0);

@@ -80,7 +80,7 @@ double functional_and_gradient(const GroupedObservations& t, const std::vector<F
     g_local.resize(t.n_obs);
     g = g_local.data();
   }
-  gather_scales(blocks, g);
+  gather_scales(blocks, g, o.n_threads);
   std::vector<double> coef_local;
   double* coef = o.dfdg_out;
   if (!coef) {

@@ -49,8 +49,11 @@ XTALSCALE_EXPORT void check_model_blocks(const GroupedObservations& table,
                                          const std::vector<FitBlock>& blocks,
                                          std::size_t n_params, bool structure = true);
 
-/// Gather the blocks' scales into table order: @p g_table[table_rows[r]] = scales[r].
-XTALSCALE_EXPORT void gather_scales(const std::vector<FitBlock>& blocks, double* g_table);
+/// Gather the blocks' scales into table order: @p g_table[table_rows[r]] = scales[r]. The
+/// blocks' rows cover each table row once (check_model_blocks), so chunks of rows go to
+/// @p n_threads threads without conflict; the result does not depend on the count.
+XTALSCALE_EXPORT void gather_scales(const std::vector<FitBlock>& blocks, double* g_table,
+                                    int n_threads = 1);
 
 /// Ĩ_h = Σ w g I / Σ w g² per group (0 for a group with Σ w g² = 0); optionally S_h = Σ w g².
 /// @p Ih_group has n_groups values; @p S_group may be nullptr.
