@@ -187,6 +187,13 @@ def physical_model_f_g(offsets, inten, w, rng):
     print(f"physical model (lmax 4, lean smoothers, float32 harmonics), f+g including the model's evaluation, 1 thread: "
           f"through dg/dp {t_d / n * 1e9:6.1f} ns/obs, without it (transposed product) {t_m / n * 1e9:6.1f} ns/obs "
           f"({t_d / t_m:.1f}x; g alone {t_s / n * 1e9:.1f} ns/obs; gradients agree to {agree:.1e}, f to {abs(f1 - f2) / f1:.1e})")
+    # held between evaluations without dg/dp: the table (I, w, offsets), the terms' data, g
+    terms = sum(block.core.term(i).nbytes for i in range(block.core.n_terms))
+    held = offsets.nbytes + inten.nbytes + w.nbytes + terms + 8 * n  # + g
+    block.evaluate()
+    csr = block.core.indices.size * 12 + block.core.indptr.size * 8
+    print(f"  bytes held for it: {held / n:.0f} B/obs (table, g and the model's terms {terms / n:.0f}, of which "
+          f"the float32 harmonics {block.core.term(2).nbytes / n:.0f}); forming dg/dp adds {csr / n:.0f} B/obs of CSR")
 
 
 def main():
