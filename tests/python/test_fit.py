@@ -144,6 +144,28 @@ def test_free_set_spec_9_6(offset, work, free):
     assert [s.tolist() for s in blocks[-1].block_selections] == free
 
 
+def test_blocks_built_through_a_thread_pool_are_the_same():
+    """mapper=: the blocks built concurrently (a thread pool's map) equal those built in turn,
+    in the same order, column by column."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(5)
+    n = 3000
+    table = {"intensity": rng.uniform(1, 100, n), "variance": rng.uniform(1, 10, n),
+             "miller_index": rng.integers(-6, 7, (n, 3)), "inverse_scale_factor": rng.uniform(0.5, 2, n)}
+    table["miller_index"][np.all(table["miller_index"] == 0, axis=1)] = (1, 2, 3)
+    serial = IhTable([table], "P 2 2 2", nblocks=5, free_set_percentage=10.0)
+    with ThreadPoolExecutor(2) as pool:
+        threaded = IhTable([table], "P 2 2 2", nblocks=5, free_set_percentage=10.0, mapper=pool.map)
+    assert len(serial.blocked_data_list) == len(threaded.blocked_data_list) == 6
+    for a, b in zip(serial.blocked_data_list, threaded.blocked_data_list):
+        assert a.Ih_table.keys() == b.Ih_table.keys() and a.n_groups == b.n_groups
+        for key in a.Ih_table:
+            np.testing.assert_array_equal(a.Ih_table[key], b.Ih_table[key])
+        np.testing.assert_array_equal(a.asu_miller_index, b.asu_miller_index)
+    assert serial.properties_dict == threaded.properties_dict
+
+
 # ----------------------------------------------------------------------------- real data
 def _load_cys(name="scaled_30"):
     t = flex.reflection_table.from_file(str(LCYS / f"{name}.refl"))

@@ -13,7 +13,7 @@ read as 0 by the kernels.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -442,13 +442,18 @@ class IhTable:
         gives the groups, i.e. by signed ASU (h, k, l), with this ``anomalous``; unused numbers
         are allowed): the rows are not sorted again. The job passes its grouping of the
         suitable rows.
+    mapper : callable, optional
+        ``mapper(function, items)`` like the built-in ``map`` (e.g. a thread pool's): the blocks
+        are built through it, so a caller with threads builds them concurrently (each block's
+        columns are its own; the blocks come back in order, the same for any mapper).
     """
 
     def __init__(self, reflection_tables: Sequence[Any], space_group: Any = None,
                  indices_lists: Sequence[Any] | None = None, nblocks: int = 1,
                  free_set_percentage: float = 0, free_set_offset: int = 0,
                  additional_cols: Sequence[str] | None = None, anomalous: bool = False,
-                 group_keys: Sequence[Any] | None = None, group_index: Sequence[Any] | None = None) -> None:
+                 group_keys: Sequence[Any] | None = None, group_index: Sequence[Any] | None = None,
+                 mapper: Callable[..., Any] | None = None) -> None:
         if not reflection_tables:
             raise IhTableError("reflection_tables must hold at least one table")
         if nblocks < 1:
@@ -477,7 +482,7 @@ class IhTable:
         given = None if group_index is None or group_keys is not None else \
             _given_group_index(group_index, [c["intensity"].size for c in cols])
         self._build(hkls, cols, keys if group_keys is not None else None, nblocks,
-                    free_set_percentage, free_set_offset, given)
+                    free_set_percentage, free_set_offset, given, mapper)
 
     # ------------------------------------------------------------------ construction
     @staticmethod
@@ -520,7 +525,8 @@ class IhTable:
         return asu if sel is None else asu[sel]
 
     def _build(self, hkls: list[np.ndarray], cols: list[dict[str, np.ndarray]], keys: list[np.ndarray] | None,
-               nblocks: int, pct: float, offset: int, given: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+               nblocks: int, pct: float, offset: int, given: tuple[np.ndarray, np.ndarray] | None = None,
+               mapper: Callable[..., Any] | None = None) -> None:
         all_hkl = np.concatenate(hkls) if hkls else np.zeros((0, 3), np.int64)
         if keys is not None:
             _, gidx, offs = group_offsets_from_keys(np.concatenate(keys))
@@ -557,7 +563,8 @@ class IhTable:
             by_group = _stable_group_order(g, n_unique)[0]
             within, row_starts = _stable_group_order(block_of_group[g[by_group]], n_blocks_total)
             by_block.append((g, by_group[within], row_starts))
-        for b in range(n_blocks_total):
+
+        def make_block(b: int) -> IhTableBlock:
             n_groups_b = int(block_starts[b + 1] - block_starts[b])
             rows_per_ds = [order[row_starts[b]:row_starts[b + 1]] for _, order, row_starts in by_block]
             block = IhTableBlock(n_groups_b, sum(r.size for r in rows_per_ds), self.n_datasets)
@@ -565,9 +572,12 @@ class IhTable:
                 g = by_block[d][0]
                 block.add_data(d, local[g[rows]], {k: v[rows] for k, v in cols[d].items()},
                                hkls[d][rows])
+            return block
+
+        for block in (mapper or map)(make_block, range(n_blocks_total)):
             self.blocked_data_list.append(block)
             self.blocked_selection_list.append([blk for blk in block.block_selections])
-            self.properties_dict["n_unique_in_each_block"].append(n_groups_b)
+            self.properties_dict["n_unique_in_each_block"].append(block.n_groups)
         if pct > 0:
             self.free_Ih_table = True
         self.n_work_blocks = n_work_blocks

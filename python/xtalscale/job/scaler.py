@@ -219,7 +219,8 @@ class ScalerBase:
         self.Ih_table = IhTable(tables, self.space_group, indices_lists=indices, nblocks=nblocks,
                                 free_set_percentage=pct, free_set_offset=int(so.free_set_offset),
                                 anomalous=bool(self._params.anomalous),
-                                group_index=group_index if cached is not None else None)
+                                group_index=group_index if cached is not None else None,
+                                mapper=self._map_datasets)
         free = self.Ih_table.extract_free_set() if pct > 0 else None
         # the free groups' ASU indices, for work/free statistics after scaling
         self.free_asu_hkl = None if free is None else np.unique(np.asarray(free.asu_miller_index), axis=0)
