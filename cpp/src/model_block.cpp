@@ -635,11 +635,21 @@ void ModelBlock::fill(const std::vector<TermValues>& tv, std::size_t first, std:
   }
 }
 
-void ModelBlock::evaluate_terms(const double* params, std::size_t n_params) {
+void ModelBlock::check_params(const double* params, std::size_t n_params) const {
   require(n_params == n_params_, "params must hold " + std::to_string(n_params_) +
                                      " values (every term's parameters), got " +
                                      std::to_string(n_params));
   require_finite(params, n_params, "params");
+}
+
+void ModelBlock::start_chunks(const double* params, std::size_t n_params) {
+  check_params(params, n_params);
+  scratch_.resize(terms_.size());  // one chunk's scratch per term, reused
+  term_values_.clear();
+}
+
+void ModelBlock::evaluate_terms(const double* params, std::size_t n_params) {
+  check_params(params, n_params);
   scratch_.resize(terms_.size());
   term_values_.resize(terms_.size());
   for (std::size_t t = 0; t < terms_.size(); ++t)
@@ -654,12 +664,7 @@ void ModelBlock::free_scratch() {
 void ModelBlock::evaluate(const double* params, std::size_t n_params) {
   const bool by_chunks = chunked();
   if (by_chunks) {  // the terms' values one chunk at a time, in reused scratch
-    require(n_params == n_params_, "params must hold " + std::to_string(n_params_) +
-                                       " values (every term's parameters), got " +
-                                       std::to_string(n_params));
-    require_finite(params, n_params, "params");
-    scratch_.resize(terms_.size());
-    term_values_.clear();
+    start_chunks(params, n_params);
   } else {
     evaluate_terms(params, n_params);
   }
@@ -693,9 +698,7 @@ bool ModelBlock::evaluates_rows() const { return chunked(); }
 void ModelBlock::evaluate_rows(const double* params, std::size_t n_params, std::size_t first,
                                std::size_t count, RowsScratch& s) const {
   if (!chunked()) throw std::logic_error("a term of this block does not evaluate row ranges");
-  require(n_params == n_params_, "params must hold " + std::to_string(n_params_) +
-                                     " values (every term's parameters), got " +
-                                     std::to_string(n_params));
+  check_params(params, n_params);
   require(first <= n_rows_ && count <= n_rows_ - first, "rows out of range");
   const std::size_t k = terms_.size();
   s.terms.resize(k);
@@ -810,12 +813,7 @@ void ModelBlock::transpose_product_by_chunks(const double* params, const double*
 
 void ModelBlock::evaluate_scales(const double* params, std::size_t n_params) {
   if (chunked()) {  // chunk scratch, reused: no per-row array is allocated
-    require(n_params == n_params_, "params must hold " + std::to_string(n_params_) +
-                                       " values (every term's parameters), got " +
-                                       std::to_string(n_params));
-    require_finite(params, n_params, "params");
-    scratch_.resize(terms_.size());
-    term_values_.clear();
+    start_chunks(params, n_params);
     scales_by_chunks(params);
     evaluated_ = false;
     return;
@@ -837,12 +835,7 @@ void ModelBlock::transpose_product(const double* params, std::size_t n_params,
                                    const double* coefficients, double* out) {
   require_finite(coefficients, n_rows_, "coefficients");
   if (chunked()) {
-    require(n_params == n_params_, "params must hold " + std::to_string(n_params_) +
-                                       " values (every term's parameters), got " +
-                                       std::to_string(n_params));
-    require_finite(params, n_params, "params");
-    scratch_.resize(terms_.size());
-    term_values_.clear();
+    start_chunks(params, n_params);
     std::fill(out, out + n_cols_, 0.0);
     transpose_product_by_chunks(params, coefficients, out);
     evaluated_ = false;

@@ -639,16 +639,10 @@ def test_command_line_job_writes_the_same_files_with_two_threads(tmp_path):
     assert len(reflection_table.from_file(str(two / "scaled.refl"))) == r2.n_rows_in
 
 
-def test_streamed_round_start_checks_the_scales_in_its_one_evaluation(monkeypatch):
-    """A streamed round's start evaluates each block once (g with ∂g/∂p, normal_equations_at)
-    instead of set_x then the normal equations: the same equations, and starting parameters
-    that give non-finite or non-positive scales are refused as set_x refuses them."""
-    from xtalscale.fit import ScalingTarget
-    from xtalscale.fit.minimisers import RefinementFailed, levenberg_marquardt
-    from xtalscale.fit.objectives import ScalerObjective
+def _streamed_scaler(monkeypatch):
+    """Sweeps 20+25 ready for minimisation, their table streamed in blocks of 1,000 rows."""
     from xtalscale.job import scaler as scaler_module
     from xtalscale.job.reflection_selection import select_for_minimisation
-    from xtalscale.parameter_managers import multi_active_parameter_manager, scaling_active_parameter_manager
 
     monkeypatch.setattr(scaler_module, "STREAM_MIN_ROWS", 1000)
     monkeypatch.setattr(scaler_module, "STREAM_BLOCK_ROWS", 1000)
@@ -658,6 +652,19 @@ def test_streamed_round_start_checks_the_scales_in_its_one_evaluation(monkeypatc
     select_for_minimisation(scaler)
     scaler.make_ready_for_scaling()
     assert scaler.stream_derivatives and len(scaler.get_blocks_for_minimisation()) >= 4
+    return scaler
+
+
+def test_streamed_round_start_checks_the_scales_in_its_one_evaluation(monkeypatch):
+    """A streamed round's start evaluates each block once (g with ∂g/∂p, normal_equations_at)
+    instead of set_x then the normal equations: the same equations, and starting parameters
+    that give non-finite or non-positive scales are refused as set_x refuses them."""
+    from xtalscale.fit import ScalingTarget
+    from xtalscale.fit.minimisers import RefinementFailed, levenberg_marquardt
+    from xtalscale.fit.objectives import ScalerObjective
+    from xtalscale.parameter_managers import multi_active_parameter_manager, scaling_active_parameter_manager
+
+    scaler = _streamed_scaler(monkeypatch)
 
     def objective():
         target = ScalingTarget()
@@ -687,18 +694,9 @@ def test_streamed_f_and_grad_without_derivatives_equals_the_derivative_path(monk
     Ĩ stored on the blocks is the same."""
     from xtalscale.fit import ScalingTarget
     from xtalscale.fit.objectives import ScalerObjective
-    from xtalscale.job import scaler as scaler_module
-    from xtalscale.job.reflection_selection import select_for_minimisation
     from xtalscale.parameter_managers import multi_active_parameter_manager, scaling_active_parameter_manager
 
-    monkeypatch.setattr(scaler_module, "STREAM_MIN_ROWS", 1000)
-    monkeypatch.setattr(scaler_module, "STREAM_BLOCK_ROWS", 1000)
-    inputs = load_inputs(SWEEP20 + SWEEP25)
-    params, _ = parse_phil_arguments(["output.html=None"])
-    scaler = ScalingAlgorithm(params, inputs.experiments, inputs.tables).scaler
-    select_for_minimisation(scaler)
-    scaler.make_ready_for_scaling()
-    assert scaler.stream_derivatives and len(scaler.get_blocks_for_minimisation()) >= 4
+    scaler = _streamed_scaler(monkeypatch)
     target = ScalingTarget()
     apm = multi_active_parameter_manager(target, [ds.model.components for ds in scaler.datasets],
                                          [["scale", "decay", "absorption"]] * 2,

@@ -140,8 +140,8 @@ def test_evaluate_scales_gives_evaluates_g_bit_for_bit_and_holds_nothing(rng):
     np.testing.assert_array_equal(g2_only, g2)
 
 
-def test_array_and_kb_components_and_fixed_factors(rng):
-    n = 1500
+def _array_kb_and_analytical(rng, n):
+    """A 2-D and a 3-D smoother, a single scale, a single B and an analytical correction."""
     decay = SmoothScaleComponent2D(rng.uniform(0.9, 1.1, 15), shape=(5, 3))
     decay.data = {"x": rng.uniform(0, 5, n), "y": rng.uniform(0, 3, n)}
     absorption = SmoothScaleComponent3D(rng.uniform(0.9, 1.1, 27), shape=(3, 3, 3))
@@ -155,6 +155,12 @@ def test_array_and_kb_components_and_fixed_factors(rng):
     comps = [decay, absorption, scale, bfac, corr]
     for comp in comps:
         comp.update_reflection_data()
+    return comps
+
+
+def test_array_and_kb_components_and_fixed_factors(rng):
+    n = 1500
+    comps = _array_kb_and_analytical(rng, n)
     fixed = rng.uniform(0.5, 2.0, n)
     block = ComponentModelBlock(comps, active=[True, True, False, True, True], fixed_scales=fixed)
     g, jac = block.evaluate()
@@ -519,19 +525,7 @@ def test_transpose_product_of_grid_kb_fixed_and_python_terms(rng):
     """2-D/3-D smoothers (pattern from the base), an inactive scale, an exponential B, an
     analytical (fixed-scales) term, fixed factors and a Python component (external term)."""
     n = 1500
-    decay = SmoothScaleComponent2D(rng.uniform(0.9, 1.1, 15), shape=(5, 3))
-    decay.data = {"x": rng.uniform(0, 5, n), "y": rng.uniform(0, 3, n)}
-    absorption = SmoothScaleComponent3D(rng.uniform(0.9, 1.1, 27), shape=(3, 3, 3))
-    absorption.data = {"x": rng.uniform(0, 2, n), "y": rng.uniform(0, 2, n), "z": rng.uniform(0, 2, n)}
-    scale = SingleScaleFactor([1.3])
-    scale.data = {"id": np.zeros(n)}
-    bfac = SingleBScaleFactor([0.4])
-    bfac.data = {"d": rng.uniform(1, 3, n)}
-    corr = AnalyticalComponent()
-    corr.data = {"correction": rng.uniform(0.5, 1.5, n)}
-    comps = [decay, absorption, scale, bfac, corr]
-    for comp in comps:
-        comp.update_reflection_data()
+    comps = _array_kb_and_analytical(rng, n)
     user = UserComponent([1.0, 0.1], rng.uniform(0, 1, n))
     block = ComponentModelBlock(comps + [user], active=[True, True, False, True, True, True],
                                 fixed_scales=rng.uniform(0.5, 2.0, n))

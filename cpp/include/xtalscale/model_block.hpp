@@ -412,6 +412,10 @@ class XTALSCALE_EXPORT ModelBlock {
 
  private:
   bool pattern_stale() const;
+  /// @throws std::invalid_argument for a wrong parameter count or a non-finite parameter.
+  void check_params(const double* params, std::size_t n_params) const;
+  /// check_params, then the chunked paths' per-term scratch (reused from call to call).
+  void start_chunks(const double* params, std::size_t n_params);
   /// True when every term evaluates row ranges (the chunked paths below apply).
   bool chunked() const;
   /// g into the scales buffer, chunk by chunk (evaluate_scales with chunked()).
