@@ -602,6 +602,74 @@ void error_model_bin_moments(std::size_t n_rows, const double* numerator, const 
               n_threads, partial);
 }
 
+namespace {
+
+/// Brent's bounded minimisation of a unimodal @p f on [lo, hi] (golden-section steps with
+/// parabolic interpolation when it falls inside the bracket), to an absolute x tolerance of
+/// about @p tol; step for step as xtalscale.job.error_model._bounded_brent_minimum. Smooth
+/// objectives take 10-15 evaluations where a golden-section search takes 28 at tol 1e-6.
+template <class F>
+double bounded_brent_minimum(F&& f, double lo, double hi, double tol) {
+  const double golden = 0.5 * (3.0 - std::sqrt(5.0));
+  const double sqrt_eps = std::sqrt(2.220446049250313e-16);
+  double a = lo, b = hi;
+  double x = a + golden * (b - a), w = x, v = x;
+  double fx = f(x), fw = fx, fv = fx;
+  double d = 0.0, e = 0.0;
+  for (;;) {
+    const double xm = 0.5 * (a + b);
+    const double tol1 = sqrt_eps * std::abs(x) + tol / 3.0;
+    const double tol2 = 2.0 * tol1;
+    if (std::abs(x - xm) <= tol2 - 0.5 * (b - a)) break;
+    bool golden_step = true;
+    if (std::abs(e) > tol1) {  // a parabola through x, w, v
+      const double r = (x - w) * (fx - fv);
+      double q = (x - v) * (fx - fw);
+      double p = (x - v) * q - (x - w) * r;
+      q = 2.0 * (q - r);
+      if (q > 0.0) p = -p;
+      q = std::abs(q);
+      const double e_before = e;
+      e = d;
+      if (std::abs(p) < std::abs(0.5 * q * e_before) && p > q * (a - x) && p < q * (b - x)) {
+        d = p / q;
+        const double u = x + d;
+        if (u - a < tol2 || b - u < tol2) d = xm >= x ? tol1 : -tol1;
+        golden_step = false;
+      }
+    }
+    if (golden_step) {
+      e = x >= xm ? a - x : b - x;
+      d = golden * e;
+    }
+    const double u = x + (std::abs(d) >= tol1 ? d : (d >= 0.0 ? tol1 : -tol1));
+    const double fu = f(u);
+    if (fu <= fx) {
+      (u >= x ? a : b) = x;
+      v = w;
+      fv = fw;
+      w = x;
+      fw = fx;
+      x = u;
+      fx = fu;
+    } else {
+      (u < x ? a : b) = u;
+      if (fu <= fw || w == x) {
+        v = w;
+        fv = fw;
+        w = u;
+        fw = fu;
+      } else if (fu <= fv || v == x || v == w) {
+        v = u;
+        fv = fu;
+      }
+    }
+  }
+  return x;
+}
+
+}  // namespace
+
 double error_model_search_b(std::size_t n_rows, const double* numerator, const double* variance,
                             const double* intensity_sq, const std::int64_t* bin, std::size_t n_bins,
                             const double* counts, const double* weights, double lo, double hi, double tol,
@@ -622,26 +690,7 @@ double error_model_search_b(std::size_t n_rows, const double* numerator, const d
     }
     return numpy_sum(terms.data(), n_bins);
   };
-  // golden-section search, step for step as xtalscale.job.error_model._golden_section
-  const double ratio = (std::sqrt(5.0) - 1.0) / 2.0;
-  double c = hi - ratio * (hi - lo), d = lo + ratio * (hi - lo);
-  double fc = objective(c), fd = objective(d);
-  while (hi - lo > tol) {
-    if (fc < fd) {
-      hi = d;
-      d = c;
-      fd = fc;
-      c = hi - ratio * (hi - lo);
-      fc = objective(c);
-    } else {
-      lo = c;
-      c = d;
-      fc = fd;
-      d = lo + ratio * (hi - lo);
-      fd = objective(d);
-    }
-  }
-  return 0.5 * (lo + hi);
+  return bounded_brent_minimum(objective, lo, hi, tol);
 }
 
 }  // namespace xtalscale

@@ -301,21 +301,57 @@ def _b_objective(b: float, model: BasicErrorModel, data: ErrorModelData, binner:
     return float(np.sum(w * ((0.5 - v) ** 2 + 1.0 / v - 1.25)))
 
 
-def _golden_section(f: Any, lo: float, hi: float, tol: float = 1e-7) -> float:
-    """Minimiser of a unimodal f on [lo, hi] (golden-section search)."""
-    ratio = (math.sqrt(5.0) - 1.0) / 2.0
-    c, d = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-    fc, fd = f(c), f(d)
-    while hi - lo > tol:
-        if fc < fd:
-            hi, d, fd = d, c, fc
-            c = hi - ratio * (hi - lo)
-            fc = f(c)
+def _bounded_brent_minimum(f: Any, lo: float, hi: float, tol: float = 1e-7) -> float:
+    """Minimiser of a unimodal f on [lo, hi]: Brent's bounded search (golden-section steps,
+    parabolic interpolation when it falls inside the bracket) to an absolute tolerance of
+    about ``tol``. Smooth objectives take 10-15 evaluations, a golden-section search 28 at 1e-6."""
+    golden = 0.5 * (3.0 - math.sqrt(5.0))
+    sqrt_eps = math.sqrt(2.220446049250313e-16)
+    a, b = lo, hi
+    x = w = v = a + golden * (b - a)
+    fx = fw = fv = f(x)
+    d = e = 0.0
+    while True:
+        xm = 0.5 * (a + b)
+        tol1 = sqrt_eps * abs(x) + tol / 3.0
+        tol2 = 2.0 * tol1
+        if abs(x - xm) <= tol2 - 0.5 * (b - a):
+            return x
+        golden_step = True
+        if abs(e) > tol1:  # a parabola through x, w, v
+            r = (x - w) * (fx - fv)
+            q = (x - v) * (fx - fw)
+            p = (x - v) * q - (x - w) * r
+            q = 2.0 * (q - r)
+            if q > 0.0:
+                p = -p
+            q = abs(q)
+            e_before, e = e, d
+            if abs(p) < abs(0.5 * q * e_before) and q * (a - x) < p < q * (b - x):
+                d = p / q
+                if (x + d) - a < tol2 or b - (x + d) < tol2:
+                    d = tol1 if xm >= x else -tol1
+                golden_step = False
+        if golden_step:
+            e = a - x if x >= xm else b - x
+            d = golden * e
+        u = x + (d if abs(d) >= tol1 else (tol1 if d >= 0.0 else -tol1))
+        fu = f(u)
+        if fu <= fx:
+            if u >= x:
+                a = x
+            else:
+                b = x
+            v, fv, w, fw, x, fx = w, fw, x, fx, u, fu
         else:
-            lo, c, fc = c, d, fd
-            d = lo + ratio * (hi - lo)
-            fd = f(d)
-    return 0.5 * (lo + hi)
+            if u < x:
+                a = u
+            else:
+                b = u
+            if fu <= fw or w == x:
+                v, fv, w, fw = w, fw, u, fu
+            elif fu <= fv or v == x or v == w:
+                v, fv = u, fu
 
 
 def _fixed_a_arrays(model: BasicErrorModel, data: ErrorModelData, binner: ErrorModelBinner) -> tuple:
@@ -352,10 +388,10 @@ def _b_objective_at_fixed_a(model: BasicErrorModel, data: ErrorModelData, binner
 
 
 def _refine_b(model: BasicErrorModel, data: ErrorModelData, binner: ErrorModelBinner) -> None:
-    """b minimising the binned-variance objective, searched on [0, 0.5] (golden section to
-    1e-6 in b: far below b's uncertainty, 28 evaluations). The whole search is one C++ call
-    (:func:`xtalscale._core.job.error_model_search_b`), step for step :func:`_golden_section`
-    on :func:`_b_objective_at_fixed_a`."""
+    """b minimising the binned-variance objective, searched on [0, 0.5] (Brent's bounded
+    search to about 1e-6 in b: far below b's uncertainty, 10-15 evaluations). The whole
+    search is one C++ call (:func:`xtalscale._core.job.error_model_search_b`), step for step
+    :func:`_bounded_brent_minimum` on :func:`_b_objective_at_fixed_a`."""
     from .._core import job as kernels
 
     K, variance, I_sq, bin_of_row, counts, weights = _fixed_a_arrays(model, data, binner)
