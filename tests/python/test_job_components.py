@@ -204,8 +204,8 @@ def test_error_model_b_search_kernel_is_the_python_search():
         ErrorModelBinner,
         ErrorModelData,
         _b_objective_at_fixed_a,
-        _fixed_a_arrays,
         _bounded_brent_minimum,
+        _fixed_a_arrays,
     )
 
     for seed, (a, n_bins) in enumerate([(1.3, 10), (0.9, 20), (1.1, 7)]):
