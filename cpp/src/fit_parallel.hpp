@@ -74,6 +74,15 @@ void parallel_for(std::size_t n, int n_threads, Body body) {
 #endif
 }
 
+/// Number of the calling thread within the current parallel region (0 outside one).
+inline int thread_number() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
 /// Run body(t) once per thread t in [0, n_threads) (threads own disjoint output ranges).
 template <class Body>
 void per_thread(int n_threads, Body body) {

@@ -9,6 +9,7 @@
 #include <string>
 
 #include "xtalscale/check.hpp"
+#include "fit_parallel.hpp"  // parallel_for, thread_number (OpenMP optional)
 #include "internal/large_buffers.hpp"
 
 namespace xtalscale {
@@ -661,7 +662,33 @@ void ModelBlock::free_scratch() {
   term_values_.clear();
 }
 
-void ModelBlock::evaluate(const double* params, std::size_t n_params) {
+template <class Body>
+void ModelBlock::for_each_chunk(int n_threads, Body body) {
+  const std::size_t n_chunks = (n_rows_ + kChunkRows - 1) / kChunkRows;
+  const int nt = std::max(1, std::min<int>(n_threads, static_cast<int>(n_chunks)));
+  const auto chunk = [&](std::size_t c, std::vector<TermScratch>& scratch) {
+    const std::size_t first = c * kChunkRows;
+    body(first, std::min(kChunkRows, n_rows_ - first), scratch);
+  };
+  if (nt == 1) {  // the block's own scratch, kept for the next call
+    for (std::size_t c = 0; c < n_chunks; ++c) chunk(c, scratch_);
+    return;
+  }
+  std::vector<std::vector<TermScratch>> scratch(static_cast<std::size_t>(nt),
+                                                std::vector<TermScratch>(terms_.size()));
+  std::vector<std::string> failure(n_chunks);
+  fit::detail::parallel_for(n_chunks, nt, [&](std::size_t c) {
+    try {  // no exception may leave an OpenMP region
+      chunk(c, scratch[static_cast<std::size_t>(fit::detail::thread_number())]);
+    } catch (const std::exception& e) {
+      failure[c] = e.what();
+    }
+  });
+  for (const auto& f : failure)
+    if (!f.empty()) throw std::invalid_argument(f);
+}
+
+void ModelBlock::evaluate(const double* params, std::size_t n_params, int n_threads) {
   const bool by_chunks = chunked();
   if (by_chunks) {  // the terms' values one chunk at a time, in reused scratch
     start_chunks(params, n_params);
@@ -674,13 +701,12 @@ void ModelBlock::evaluate(const double* params, std::size_t n_params) {
     out_.values = std::make_shared<std::vector<double>>(detail::large_vector<double>(out_.indices->size()));
   }
   if (by_chunks) {
-    std::vector<TermValues> tv(terms_.size());
-    for (std::size_t first = 0; first < n_rows_; first += kChunkRows) {
-      const std::size_t count = std::min(kChunkRows, n_rows_ - first);
+    for_each_chunk(n_threads, [&](std::size_t first, std::size_t count, std::vector<TermScratch>& scratch) {
+      std::vector<TermValues> tv(terms_.size());
       for (std::size_t t = 0; t < terms_.size(); ++t)
-        tv[t] = terms_[t]->evaluate_rows(params + param_start_[t], first, count, scratch_[t]);
-      fill(tv, first, count);
-    }
+        tv[t] = terms_[t]->evaluate_rows(params + param_start_[t], first, count, scratch[t]);
+      fill(tv, first, count);  // rows [first, first + count) only: chunks never share an entry
+    });
   } else {
     fill(term_values_, 0, n_rows_);
   }
@@ -771,32 +797,33 @@ void ModelBlock::evaluate_rows(const double* params, std::size_t n_params, std::
   }
 }
 
-void ModelBlock::scales_by_chunks(const double* params) {
+void ModelBlock::scales_by_chunks(const double* params, int n_threads) {
   double* g = out_.scales->data();
-  for (std::size_t first = 0; first < n_rows_; first += kChunkRows) {
-    const std::size_t count = std::min(kChunkRows, n_rows_ - first);
+  for_each_chunk(n_threads, [&](std::size_t first, std::size_t count, std::vector<TermScratch>& scratch) {
     double* gc = g + first;
     std::fill(gc, gc + count, 1.0);
     for (std::size_t t = 0; t < terms_.size(); ++t) {  // the same product order as fill()
       const double* s =
-          terms_[t]->evaluate_rows(params + param_start_[t], first, count, scratch_[t]).scales;
+          terms_[t]->evaluate_rows(params + param_start_[t], first, count, scratch[t]).scales;
       for (std::size_t i = 0; i < count; ++i) gc[i] *= s[i];
     }
-  }
+  });
 }
 
 void ModelBlock::transpose_product_by_chunks(const double* params, const double* coefficients,
-                                             double* out) {
+                                             double* out, int n_threads) {
   const std::size_t k = terms_.size();
   double* g = out_.scales->data();
-  std::vector<TermValues> tv(k);
-  std::vector<double> u(std::min(kChunkRows, n_rows_));
-  for (std::size_t first = 0; first < n_rows_; first += kChunkRows) {
-    const std::size_t count = std::min(kChunkRows, n_rows_ - first);
+  // each chunk's sums apart, then added in chunk order: the same bits for any thread count
+  std::vector<double> partial(((n_rows_ + kChunkRows - 1) / kChunkRows) * n_cols_, 0.0);
+  for_each_chunk(n_threads, [&](std::size_t first, std::size_t count, std::vector<TermScratch>& scratch) {
+    std::vector<TermValues> tv(k);
+    std::vector<double> u(count);
+    double* acc = partial.data() + (first / kChunkRows) * n_cols_;
     double* gc = g + first;
     std::fill(gc, gc + count, 1.0);
     for (std::size_t t = 0; t < k; ++t) {
-      tv[t] = terms_[t]->evaluate_rows(params + param_start_[t], first, count, scratch_[t]);
+      tv[t] = terms_[t]->evaluate_rows(params + param_start_[t], first, count, scratch[t]);
       for (std::size_t i = 0; i < count; ++i) gc[i] *= tv[t].scales[i];
     }
     for (std::size_t t = 0; t < k; ++t) {
@@ -806,15 +833,17 @@ void ModelBlock::transpose_product_by_chunks(const double* params, const double*
         if (o == t) continue;
         for (std::size_t i = 0; i < count; ++i) u[i] *= tv[o].scales[i];
       }
-      terms_[t]->add_transpose_product_rows(tv[t], first, count, u.data(), out + col_start_[t]);
+      terms_[t]->add_transpose_product_rows(tv[t], first, count, u.data(), acc + col_start_[t]);
     }
-  }
+  });
+  for (std::size_t c = 0; c * n_cols_ < partial.size(); ++c)
+    for (std::size_t j = 0; j < n_cols_; ++j) out[j] += partial[c * n_cols_ + j];
 }
 
-void ModelBlock::evaluate_scales(const double* params, std::size_t n_params) {
+void ModelBlock::evaluate_scales(const double* params, std::size_t n_params, int n_threads) {
   if (chunked()) {  // chunk scratch, reused: no per-row array is allocated
     start_chunks(params, n_params);
-    scales_by_chunks(params);
+    scales_by_chunks(params, n_threads);
     evaluated_ = false;
     return;
   }
@@ -832,12 +861,12 @@ void ModelBlock::evaluate_scales(const double* params, std::size_t n_params) {
 }
 
 void ModelBlock::transpose_product(const double* params, std::size_t n_params,
-                                   const double* coefficients, double* out) {
+                                   const double* coefficients, double* out, int n_threads) {
   require_finite(coefficients, n_rows_, "coefficients");
   if (chunked()) {
     start_chunks(params, n_params);
     std::fill(out, out + n_cols_, 0.0);
-    transpose_product_by_chunks(params, coefficients, out);
+    transpose_product_by_chunks(params, coefficients, out, n_threads);
     evaluated_ = false;
     return;
   }

@@ -133,25 +133,32 @@ py::tuple term_evaluate(const ModelTerm& t, const DoubleArray& p) {
   return py::make_tuple(scales, values);
 }
 
-void block_evaluate(ModelBlock& b, const DoubleArray& params) {
+void require_threads(int n_threads) {
+  if (n_threads < 1) throw std::invalid_argument("n_threads must be >= 1");
+}
+
+void block_evaluate(ModelBlock& b, const DoubleArray& params, int n_threads) {
   require_1d(params, "params");
+  require_threads(n_threads);
   const double* p = params.data();
   const auto n = static_cast<std::size_t>(params.size());
   py::gil_scoped_release release;  // the terms hold converted buffers only
-  b.evaluate(p, n);
+  b.evaluate(p, n, n_threads);
 }
 
-void block_evaluate_scales(ModelBlock& b, const DoubleArray& params) {
+void block_evaluate_scales(ModelBlock& b, const DoubleArray& params, int n_threads) {
   require_1d(params, "params");
+  require_threads(n_threads);
   const double* p = params.data();
   const auto n = static_cast<std::size_t>(params.size());
   py::gil_scoped_release release;
-  b.evaluate_scales(p, n);
+  b.evaluate_scales(p, n, n_threads);
 }
 
 DoubleArray block_transpose_product(ModelBlock& b, const DoubleArray& params,
-                                    const DoubleArray& coefficients) {
+                                    const DoubleArray& coefficients, int n_threads) {
   require_1d(params, "params");
+  require_threads(n_threads);
   require_1d(coefficients, "coefficients");
   if (static_cast<std::size_t>(coefficients.size()) != b.n_rows())
     throw std::invalid_argument("coefficients must have one value per row (" +
@@ -164,7 +171,7 @@ DoubleArray block_transpose_product(ModelBlock& b, const DoubleArray& params,
   double* o = out.mutable_data();
   {
     py::gil_scoped_release release;
-    b.transpose_product(p, n, c, o);
+    b.transpose_product(p, n, c, o, n_threads);
   }
   return out;
 }
@@ -243,7 +250,9 @@ void bind_model_block(py::module_& m) {
       "(values and scales are rewritten in place by each evaluate).")
       .def(py::init<std::size_t>(), py::arg("n_rows"))
       .def("add_term", &ModelBlock::add_term, py::arg("term"), py::arg("active") = true)
-      .def("evaluate", &block_evaluate, py::arg("params"))
+      .def("evaluate", &block_evaluate, py::arg("params"), py::arg("n_threads") = 1,
+           "g and dg/dp at params (row chunks over up to n_threads threads when every term\n"
+           "evaluates row ranges; the same values for any count).")
       .def_property_readonly("n_rows", &ModelBlock::n_rows)
       .def_property_readonly("n_cols", &ModelBlock::n_cols)
       .def_property_readonly("n_params", &ModelBlock::n_params)
@@ -254,9 +263,10 @@ void bind_model_block(py::module_& m) {
            "True when every term evaluates row ranges (chunked g, transposed products and\n"
            "variances without per-row buffers).")
       .def_property_readonly("nbytes", &ModelBlock::nbytes)
-      .def("evaluate_scales", &block_evaluate_scales, py::arg("params"),
+      .def("evaluate_scales", &block_evaluate_scales, py::arg("params"), py::arg("n_threads") = 1,
            "g only at params (no derivatives, no pattern): for residuals at a trial point.")
       .def("transpose_product", &block_transpose_product, py::arg("params"), py::arg("coefficients"),
+           py::arg("n_threads") = 1,
            "J(params)^T · coefficients (n_cols values) without forming dg/dp: the gradient of a\n"
            "target through g (coefficients = df/dg per row). Writes g as evaluate_scales does.")
       .def("release_values", &ModelBlock::release_values, py::arg("pattern") = false,

@@ -1885,30 +1885,32 @@ class ComponentModelBlock:
                 _set_external(term, s, d, type(comp).__name__)
         self._fresh_externals = False
 
-    def evaluate(self) -> tuple:
+    def evaluate(self, n_threads: int = 1) -> tuple:
         """Evaluate at the components' current parameters; returns ``(g, ∂g/∂p)``.
 
         ``g`` and the CSR matrix are read-only views of the block's buffers, rewritten in place
-        by the next evaluation (copy them to keep them).
+        by the next evaluation (copy them to keep them). ``n_threads``: chunks of rows on up to
+        that many threads where every term evaluates row ranges (the same values for any count).
         """
         self._refresh_externals()
-        self.core.evaluate(self.parameters())
+        self.core.evaluate(self.parameters(), n_threads)
         return self.core.scales, _csr_view(self.core)
 
-    def evaluate_scales(self) -> np.ndarray:
+    def evaluate_scales(self, n_threads: int = 1) -> np.ndarray:
         """``g`` only at the components' current parameters (no derivatives, no pattern): a
         read-only view of the block's buffer, rewritten by the next evaluation."""
         self._refresh_externals()
-        self.core.evaluate_scales(self.parameters())
+        self.core.evaluate_scales(self.parameters(), n_threads)
         return self.core.scales
 
-    def transpose_product(self, coefficients: Any) -> np.ndarray:
+    def transpose_product(self, coefficients: Any, n_threads: int = 1) -> np.ndarray:
         """``(∂g/∂p)ᵀ·c`` at the components' current parameters without forming ``∂g/∂p``
         (the gradient of a target through ``g`` when ``c = ∂f/∂g`` per row; one value per
         column of :meth:`evaluate`'s matrix). ``g`` is written as :meth:`evaluate_scales`
         does (read it from :attr:`scales`)."""
         self._refresh_externals()
-        return self.core.transpose_product(self.parameters(), np.ascontiguousarray(coefficients, dtype=np.float64))
+        return self.core.transpose_product(self.parameters(), np.ascontiguousarray(coefficients, dtype=np.float64),
+                                           n_threads)
 
     @property
     def scales(self) -> np.ndarray:

@@ -763,8 +763,8 @@ class RefinerCalculator:
     """Inverse scales and their derivatives for one dataset block (DIALS ``basis_functions``)."""
 
     @staticmethod
-    def calculate_scales_and_derivatives(apm: Any, block_id: int,
-                                         copy: bool = True) -> tuple[np.ndarray, SparseMatrix]:
+    def calculate_scales_and_derivatives(apm: Any, block_id: int, copy: bool = True,
+                                         n_threads: int = 1) -> tuple[np.ndarray, SparseMatrix]:
         """``g`` and ``dg/dp`` (``n_b x n_active``) of the active components of ``apm``.
 
         ``g`` is the product of the active components' scales and, when the
@@ -798,16 +798,17 @@ class RefinerCalculator:
             return g, _sparse.as_sparse_matrix(sp.csr_matrix(derivs))
         # The fixed factors join the product with no columns of their own. The block (its
         # pattern) is kept per manager; the returned values are a copy, the pattern is shared.
-        g, jac = _refiner_block(apm, objects, block_id, const).evaluate()
+        g, jac = _refiner_block(apm, objects, block_id, const).evaluate(n_threads)
         if not copy:
             return g.copy(), jac
         return g.copy(), _sparse.as_sparse_matrix(sp.csr_matrix(
             (jac.data.copy(), jac.indices, jac.indptr), shape=jac.shape, copy=False))
 
     @staticmethod
-    def calculate_scales(apm: Any, block_id: int) -> np.ndarray:
+    def calculate_scales(apm: Any, block_id: int, n_threads: int = 1) -> np.ndarray:
         """``g`` alone, as :meth:`calculate_scales_and_derivatives` gives it (the same
-        product, bit for bit), without derivatives: for residuals at a trial point."""
+        product, bit for bit), without derivatives: for residuals at a trial point.
+        ``n_threads``: as :meth:`ComponentModelBlock.evaluate` (the same values for any count)."""
         constant = getattr(apm, "constant_g_values", None)
         const = None if constant is None else np.asarray(constant[block_id], dtype=np.float64)
         if not apm.components:
@@ -818,10 +819,10 @@ class RefinerCalculator:
         if len(objects) == 1:
             scales = np.asarray(objects[0].calculate_scales(block_id), dtype=np.float64)
             return scales * const if const is not None else scales.copy()
-        return _refiner_block(apm, objects, block_id, const).evaluate_scales().copy()
+        return _refiner_block(apm, objects, block_id, const).evaluate_scales(n_threads).copy()
 
     @staticmethod
-    def transpose_product(apm: Any, block_id: int, coefficients: Any) -> Optional[tuple]:
+    def transpose_product(apm: Any, block_id: int, coefficients: Any, n_threads: int = 1) -> Optional[tuple]:
         """``(∂g/∂p)ᵀ·c`` for the matrix :meth:`calculate_scales_and_derivatives` gives, without
         forming it (the manager's C++ model block, :meth:`ComponentModelBlock.transpose_product`),
         and ``g`` at the same parameters; ``None`` with fewer than two active components (no
@@ -833,7 +834,7 @@ class RefinerCalculator:
         constant = getattr(apm, "constant_g_values", None)
         const = None if constant is None else np.asarray(constant[block_id], dtype=np.float64)
         block = _refiner_block(apm, objects, block_id, const)
-        return block.transpose_product(coefficients), block.scales.copy()
+        return block.transpose_product(coefficients, n_threads), block.scales.copy()
 
     @staticmethod
     def _calc_component_scales_derivatives(apm: Any, block_id: int) -> tuple[list, list]:

@@ -577,3 +577,24 @@ def test_model_row_variances_without_the_derivative_matrix(rng, lean):
     assert not grid_block.core.evaluates_rows()
     with pytest.raises(ValueError, match="row ranges"):
         core_fit.model_row_variances(grid_block.core, grid_block.parameters(), np.eye(15))
+
+
+@pytest.mark.parametrize("lean", [False, True])
+def test_chunks_on_threads_give_the_same_bits(rng, lean):
+    """evaluate, evaluate_scales and transpose_product with the row chunks on 1, 2 or 3 C++
+    threads (each with its own scratch; the transposed product's chunk sums added in chunk
+    order): the same bits for any count; n_threads < 1 is refused."""
+    block = ComponentModelBlock(_physical(rng, 21000, lean))  # 6 chunks, the last partial
+    c = rng.normal(size=block.core.n_rows)
+    results = []
+    for n_threads in (1, 2, 3):
+        g, jac = block.evaluate(n_threads)
+        evaluated = (np.array(g), np.array(jac.as_scipy().data))
+        scales = np.array(block.evaluate_scales(n_threads))
+        product = block.transpose_product(c, n_threads)
+        results.append((*evaluated, scales, product))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="n_threads"):
+        block.core.evaluate(block.parameters(), 0)

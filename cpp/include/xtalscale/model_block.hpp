@@ -357,16 +357,20 @@ class XTALSCALE_EXPORT ModelBlock {
   void set_column_offset(std::size_t offset) noexcept { column_offset_ = offset; }
 
   /// Evaluate every term at its slice of @p params (length n_params()), rebuild the pattern if
-  /// needed, then write g and ∂g/∂p. Holds no Python object: safe without the GIL.
+  /// needed, then write g and ∂g/∂p. Holds no Python object: safe without the GIL. When every
+  /// term evaluates row ranges (evaluates_rows()), the 4096-row chunks go over up to
+  /// @p n_threads threads (each with its own scratch; rows are independent, so the values do
+  /// not depend on the count; likewise evaluate_scales(), and transpose_product(), whose
+  /// per-chunk sums are added in chunk order).
   /// @throws std::invalid_argument for a wrong parameter count or an unset ExternalTerm.
-  void evaluate(const double* params, std::size_t n_params);
+  void evaluate(const double* params, std::size_t n_params, int n_threads = 1);
 
   /// g only, at @p params: every term's scales multiplied, no derivative values written and no
   /// pattern built (for a caller that needs the residuals, e.g. a trial step); the terms'
   /// scratch is freed afterwards. evaluated() is false afterwards (the derivatives, if any,
   /// are for other parameters). g equals evaluate()'s bit for bit.
   /// @throws std::invalid_argument as evaluate().
-  void evaluate_scales(const double* params, std::size_t n_params);
+  void evaluate_scales(const double* params, std::size_t n_params, int n_threads = 1);
 
   /// J(params)ᵀ·@p coefficients into @p out (n_cols() values, written): out[j] = Σ_i c_i·∂g_i/∂p_j
   /// without forming ∂g/∂p. Each active term's own derivatives are multiplied by the other
@@ -377,7 +381,7 @@ class XTALSCALE_EXPORT ModelBlock {
   /// scratch is freed. Equal to view()ᵀ·c of evaluate() up to rounding (summation order).
   /// @throws std::invalid_argument as evaluate(), or for non-finite @p coefficients.
   void transpose_product(const double* params, std::size_t n_params, const double* coefficients,
-                         double* out);
+                         double* out, int n_threads = 1);
 
   /// True when every term evaluates row ranges: evaluate_rows() is then available.
   bool evaluates_rows() const;
@@ -419,9 +423,16 @@ class XTALSCALE_EXPORT ModelBlock {
   /// True when every term evaluates row ranges (the chunked paths below apply).
   bool chunked() const;
   /// g into the scales buffer, chunk by chunk (evaluate_scales with chunked()).
-  void scales_by_chunks(const double* params);
-  /// transpose_product with chunked(): per chunk of rows each term's values, then the products.
-  void transpose_product_by_chunks(const double* params, const double* coefficients, double* out);
+  void scales_by_chunks(const double* params, int n_threads);
+  /// transpose_product with chunked(): per chunk of rows each term's values, then the products
+  /// into that chunk's partial sums, added in chunk order.
+  void transpose_product_by_chunks(const double* params, const double* coefficients, double* out,
+                                   int n_threads);
+  /// body(first, count, scratch) for every 4096-row chunk, over up to @p n_threads threads, each
+  /// thread with its own terms' scratch (the block's own when single-threaded). An exception
+  /// from a chunk is rethrown (as std::invalid_argument) after the loop.
+  template <class Body>
+  void for_each_chunk(int n_threads, Body body);
   /// Check @p params and evaluate every term into its scratch (term_values_).
   void evaluate_terms(const double* params, std::size_t n_params);
   /// Drop the terms' scratch (allocated again by the next evaluation).

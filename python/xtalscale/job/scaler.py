@@ -267,7 +267,7 @@ class ScalerBase:
             return
         apms = single_managers(apm)
         if not derivatives:  # g only (the same product as with derivatives, bit for bit)
-            scales = self._map_datasets(lambda a: RefinerCalculator.calculate_scales(a, block_id), apms)
+            scales = [RefinerCalculator.calculate_scales(a, block_id, n_threads=self.n_threads) for a in apms]
             block.inverse_scale_factors = scales[0] if len(scales) == 1 else np.concatenate(scales)
             block.derivatives = None
             self._update_keys[block_id] = (key, None)
@@ -276,11 +276,12 @@ class ScalerBase:
         n_total = int(sum(a.n_active_params for a in apms))
         scales, pieces, row_starts, col_offsets, start, row_offset = [], [], [], [], 0, 0
         # views of the model blocks' buffers (no copy): the target consumes them before the
-        # next evaluation, and the cache below is replaced by that evaluation. The datasets'
-        # models are independent, so with n_threads > 1 they are evaluated concurrently (the
-        # C++ evaluation releases the GIL); the results do not depend on the thread count.
-        evaluated = self._map_datasets(
-            lambda a: RefinerCalculator.calculate_scales_and_derivatives(a, block_id, copy=False), apms)
+        # next evaluation, and the cache below is replaced by that evaluation. Each model
+        # block spreads its own row chunks over n_threads C++ threads (balanced whatever the
+        # number of datasets; the results do not depend on the thread count).
+        evaluated = [RefinerCalculator.calculate_scales_and_derivatives(a, block_id, copy=False,
+                                                                         n_threads=self.n_threads)
+                     for a in apms]
         for a, (g, d) in zip(apms, evaluated):
             if not d.shape[1]:
                 d = CsrView(np.zeros(0), np.zeros(0, np.int32), np.zeros(len(g) + 1, np.int64), (len(g), 0))
@@ -311,7 +312,7 @@ class ScalerBase:
     def transpose_product(self, apm: Any, block_id: int, coefficients: np.ndarray) -> np.ndarray:
         """``(∂g/∂p)ᵀ·c`` of a block without forming ``∂g/∂p`` (:meth:`update_for_minimisation`'s
         matrix: the datasets' rows stacked and their columns side by side), each dataset's
-        model block evaluated for it (concurrently with n_threads > 1). Needs
+        model block evaluated for it (its row chunks on n_threads threads). Needs
         :meth:`can_transpose_product`. With ``c = ∂f/∂g`` this is the target's gradient."""
         from ..parameter_managers import RefinerCalculator
 
@@ -325,12 +326,13 @@ class ScalerBase:
         def one(k: int) -> np.ndarray:
             if not apms[k].n_active_params:
                 return np.zeros(0)
-            result = RefinerCalculator.transpose_product(apms[k], block_id, coefficients[starts[k]:starts[k + 1]])
+            result = RefinerCalculator.transpose_product(apms[k], block_id, coefficients[starts[k]:starts[k + 1]],
+                                                         n_threads=self.n_threads)
             if result is None:
                 raise ValueError("a dataset's model has no C++ model block (check can_transpose_product)")
             return result[0]
 
-        parts = self._map_datasets(one, range(len(apms)))
+        parts = [one(k) for k in range(len(apms))]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def release_block_derivatives(self, apm: Any, block_id: int) -> None:
