@@ -891,7 +891,7 @@ def full_model_var_cov(components: Mapping[str, Any], apm: Any) -> np.ndarray:
 
 
 def calc_sf_variances(components: Mapping[str, Any], var_cov: Any, block_id: int = 0,
-                      with_scales: bool = False) -> Any:
+                      with_scales: bool = False, n_threads: int = 1) -> Any:
     """Variance of each reflection's inverse scale factor from a parameter var-cov matrix.
 
     Builds the full-model Jacobian ``J_i = dg_i/dp`` by the product rule
@@ -911,6 +911,9 @@ def calc_sf_variances(components: Mapping[str, Any], var_cov: Any, block_id: int
         Also return ``g``: the product of every component's scales from the same evaluation,
         bit for bit the product ``Π_c s_c`` in component order (a caller that needs both then
         evaluates the model once instead of twice).
+    n_threads : int, optional
+        Threads of the chunked C++ reduction (models whose terms all evaluate row ranges);
+        the result does not depend on it.
 
     Returns
     -------
@@ -946,7 +949,7 @@ def calc_sf_variances(components: Mapping[str, Any], var_cov: Any, block_id: int
     model_columns = np.concatenate(column_map)
     v_block = np.ascontiguousarray(np.asarray(V, dtype=np.float64)[np.ix_(model_columns, model_columns)])
     if fused:  # chunks of rows: their ∂g/∂p evaluated in cache and reduced at once
-        var, g = _fit_kernels.model_row_variances(block.core, block.parameters(), v_block)
+        var, g = _fit_kernels.model_row_variances(block.core, block.parameters(), v_block, n_threads=n_threads)
         return (var, g) if with_scales else var
     # Σ_ab J_ia V_ab J_ib per row in C++ (k² per row, no N x n_param temporary)
     var = _fit_kernels.row_quadratic_forms(np.asarray(model_jac.indptr, dtype=np.int64),

@@ -480,7 +480,7 @@ class ScalerBase:
             for b in range(len(chunks)):
                 # g and var g from one evaluation of the chunk's model block (its g is the
                 # product of the component scales in the same order, bit for bit)
-                both = self._scale_variances(ds, block_id=b, with_scales=True)
+                both = self._scale_variances(ds, block_id=b, with_scales=True, n_threads=self.n_threads)
                 if both is None:
                     g_b = np.ones(chunks[b].size)
                     for comp in comps.values():
@@ -493,8 +493,11 @@ class ScalerBase:
             var = None if any(v is None for v in var_parts) else np.concatenate(var_parts)
             return np.concatenate(g_parts), var
 
-        # the datasets are independent: concurrently with n_threads > 1, tables written here
-        for ds, (g, var) in zip(self.datasets, self._map_datasets(scales_and_variances, self.datasets)):
+        # the datasets are independent: concurrently with n_threads > 1 (tables written here),
+        # except with variances, whose chunked C++ reduction takes the threads itself
+        results = ([scales_and_variances(ds) for ds in self.datasets] if calc_cov
+                   else self._map_datasets(scales_and_variances, self.datasets))
+        for ds, (g, var) in zip(self.datasets, results):
             full = np.asarray(ds.table["inverse_scale_factor"], dtype=np.float64).copy()
             full[ds.suitable] = g
             ds.table["inverse_scale_factor"] = fa.double(full)
@@ -505,7 +508,7 @@ class ScalerBase:
         self._tick("expansion", t0)
 
     @staticmethod
-    def _scale_variances(ds: Dataset, block_id: int = 0, with_scales: bool = False) -> Any:
+    def _scale_variances(ds: Dataset, block_id: int = 0, with_scales: bool = False, n_threads: int = 1) -> Any:
         """diag(J V Jᵀ) on the components' data block ``block_id``, with V embedded in the full
         parameter layout of the model (None when no active parameter has a variance). With
         ``with_scales``: ``(var, g)`` from the same evaluation."""
@@ -529,7 +532,7 @@ class ScalerBase:
             return None
         V[np.ix_(full_idx, full_idx)] = V_active[np.ix_(active_idx, active_idx)]
         if with_scales:
-            var, g = _calc(comps, V, block_id=block_id, with_scales=True)
+            var, g = _calc(comps, V, block_id=block_id, with_scales=True, n_threads=n_threads)
             return np.asarray(var, dtype=np.float64), g
         return np.asarray(_calc(comps, V, block_id=block_id), dtype=np.float64)
 
