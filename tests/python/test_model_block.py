@@ -540,6 +540,14 @@ def test_transpose_product_refuses_bad_coefficients(rng):
     bad[7] = np.nan
     with pytest.raises(ValueError, match="coefficients"):
         block.transpose_product(bad)
+    params = block.parameters()
+    with pytest.raises(ValueError, match="params must hold"):
+        block.core.transpose_product(params[:-1], np.ones(50))
+    params[3] = np.inf
+    with pytest.raises(ValueError, match="params"):
+        block.core.transpose_product(params, np.ones(50))
+    with pytest.raises(ValueError, match="n_threads"):
+        block.core.transpose_product(block.parameters(), np.ones(50), 0)
 
 
 @pytest.mark.parametrize("lean", [False, True])
@@ -566,6 +574,8 @@ def test_model_row_variances_without_the_derivative_matrix(rng, lean):
     np.testing.assert_allclose(var1, np.einsum("ij,jk,ik->i", j.toarray(), V, j.toarray()), rtol=1e-9)
     with pytest.raises(ValueError, match="shape"):
         core_fit.model_row_variances(block.core, block.parameters(), V[:-1, :-1])
+    with pytest.raises(ValueError, match="params must hold"):  # raised inside the threads
+        core_fit.model_row_variances(block.core, block.parameters()[:-1], V, n_threads=2)
     bad = V.copy()
     bad[0, 0] = np.nan
     with pytest.raises(ValueError, match="V"):
