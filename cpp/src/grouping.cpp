@@ -92,6 +92,22 @@ void map_to_asu(const AsuSymmetry& sym, const std::int32_t* hkl, std::size_t n,
   }
 }
 
+void centric_flags(const AsuSymmetry& sym, const std::int32_t* hkl, std::size_t n,
+                   std::uint8_t* out) {
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::int64_t h = hkl[3 * i], k = hkl[3 * i + 1], l = hkl[3 * i + 2];
+    std::uint8_t centric = 0;
+    for (const auto& r : sym.rotations) {
+      if (h * r[0] + k * r[3] + l * r[6] == -h && h * r[1] + k * r[4] + l * r[7] == -k &&
+          h * r[2] + k * r[5] + l * r[8] == -l) {
+        centric = 1;
+        break;
+      }
+    }
+    out[i] = centric;
+  }
+}
+
 namespace {
 
 /// Stable LSD radix sort of unsigned keys in [0, range], then group boundaries.

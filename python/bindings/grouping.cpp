@@ -14,25 +14,49 @@ namespace xtalscale::py_bind {
 namespace {
 
 
+/// The rotations of a (m, 3, 3) int64 array, checked.
+std::vector<std::array<int, 9>> rotations_of(const Int64Array& rotations) {
+  if (rotations.ndim() != 3 || rotations.shape(1) != 3 || rotations.shape(2) != 3 ||
+      rotations.shape(0) < 1 || rotations.shape(0) > 48)
+    throw std::invalid_argument("rotations must have shape (m, 3, 3) with 1 <= m <= 48");
+  std::vector<std::array<int, 9>> out;
+  const auto* r = rotations.data();
+  for (py::ssize_t j = 0; j < rotations.shape(0); ++j) {
+    std::array<int, 9> m{};
+    for (int e = 0; e < 9; ++e) m[static_cast<std::size_t>(e)] = static_cast<int>(r[9 * j + e]);
+    out.push_back(m);
+  }
+  return out;
+}
+
+py::array_t<bool> centric_flags_py(const Int32Array& hkl, const Int64Array& rotations) {
+  if (hkl.ndim() != 2 || hkl.shape(1) != 3)
+    throw std::invalid_argument("hkl must have shape (n, 3)");
+  AsuSymmetry sym;
+  sym.rotations = rotations_of(rotations);
+  const auto n = static_cast<std::size_t>(hkl.shape(0));
+  py::array_t<bool> out(static_cast<py::ssize_t>(n));
+  const std::int32_t* in = hkl.data();
+  auto* o = reinterpret_cast<std::uint8_t*>(out.mutable_data());
+  {
+    py::gil_scoped_release release;
+    centric_flags(sym, in, n, o);
+  }
+  return out;
+}
+
 py::tuple map_to_asu_py(const Int32Array& hkl, const Int64Array& rotations, const Int64Array& basis,
                         int condition) {
   if (hkl.ndim() != 2 || hkl.shape(1) != 3)
     throw std::invalid_argument("hkl must have shape (n, 3)");
-  if (rotations.ndim() != 3 || rotations.shape(1) != 3 || rotations.shape(2) != 3 ||
-      rotations.shape(0) < 1 || rotations.shape(0) > 48)
-    throw std::invalid_argument("rotations must have shape (m, 3, 3) with 1 <= m <= 48");
+  const auto checked_rotations = rotations_of(rotations);
   if (basis.ndim() != 2 || basis.shape(0) != 3 || basis.shape(1) != 3)
     throw std::invalid_argument("basis must have shape (3, 3)");
   if (condition < 0 || condition > 9)
     throw std::invalid_argument("condition must be in [0, 9], got " + std::to_string(condition));
   AsuSymmetry sym;
   sym.condition = static_cast<AsuCondition>(condition);
-  const auto* r = rotations.data();
-  for (py::ssize_t j = 0; j < rotations.shape(0); ++j) {
-    std::array<int, 9> m{};
-    for (int e = 0; e < 9; ++e) m[static_cast<std::size_t>(e)] = static_cast<int>(r[9 * j + e]);
-    sym.rotations.push_back(m);
-  }
+  sym.rotations = checked_rotations;
   for (int e = 0; e < 9; ++e) sym.basis[static_cast<std::size_t>(e)] = basis.data()[e];
   const auto n = static_cast<std::size_t>(hkl.shape(0));
   Int32Array asu({static_cast<py::ssize_t>(n), py::ssize_t{3}});
@@ -119,6 +143,8 @@ void bind_grouping(py::module_& m) {
       .value("cubic_high", AsuCondition::cubic_high);
   m.def("asu_condition_text", &asu_condition_text, py::arg("condition"),
         "gemmi's condition text (ReciprocalAsu.condition_str()) of an AsuCondition.");
+  m.def("centric_flags", &centric_flags_py, py::arg("hkl"), py::arg("rotations"),
+        "Centric flag of each (n, 3) index: some rotation R (m, 3, 3) gives h R = -h.");
   m.def("map_to_asu", &map_to_asu_py, py::arg("hkl"), py::arg("rotations"), py::arg("basis"),
         py::arg("condition"),
         "Map (n, 3) int32 Miller indices to gemmi's reciprocal ASU.\n\n"

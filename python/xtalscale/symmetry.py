@@ -518,7 +518,9 @@ def map_to_asu(hkl, space_group, anomalous: bool = False) -> AsuMapping:
     """
     sg = _as_space_group(space_group)
     asu, isym = map_to_asu_isym(hkl, sg)
-    centric = sg.gemmi_ops.centric_flag_array(asu) if len(asu) else np.zeros(0, dtype=bool)
+    # h R = -h for some rotation: gemmi's centric test, in C++ (its per-row call costs as
+    # much as the mapping itself)
+    centric = _core_grouping.centric_flags(asu, _asu_symmetry(sg)[0])
     minus = (isym % 2 == 0) & ~centric
     if anomalous:
         asu[minus] *= -1

@@ -253,3 +253,25 @@ def test_reindex_unit_cell():
     # d-spacings are invariant under reindexing
     hkl = np.array([(1, 0, 0), (2, 1, 3), (-1, 4, 2)])
     np.testing.assert_allclose(ortho.d(reindex(hkl, op)), hexa.d(hkl), rtol=1e-12)
+
+
+def test_centric_flags_kernel_is_gemmis_centric_test():
+    """The C++ centric test (h R = -h for a rotation of the group, the mapping's own
+    convention) gives gemmi's flags for every 12th setting of gemmi's table, on random indices
+    and on their ASU images."""
+    from xtalscale._core import grouping as core_grouping
+    from xtalscale.symmetry import _asu_symmetry
+
+    rng = np.random.default_rng(3)
+    hkl = rng.integers(-9, 10, (4000, 3)).astype(np.int32)
+    hkl[np.all(hkl == 0, axis=1)] = (1, 0, 0)
+    for entry in list(gemmi.spacegroup_table())[::12]:
+        sg = SpaceGroup(entry.hall)
+        rotations = _asu_symmetry(sg)[0]
+        for h in (hkl, map_to_asu(hkl, sg).asu_hkl):
+            np.testing.assert_array_equal(core_grouping.centric_flags(h, rotations),
+                                          sg.gemmi_ops.centric_flag_array(h), err_msg=entry.hm)
+    with pytest.raises(ValueError, match="rotations"):
+        core_grouping.centric_flags(hkl, np.zeros((0, 3, 3), np.int64))
+    with pytest.raises(ValueError, match="hkl"):
+        core_grouping.centric_flags(hkl[:, :2], rotations)

@@ -55,6 +55,12 @@ struct AsuSymmetry {
 XTALSCALE_EXPORT void map_to_asu(const AsuSymmetry& sym, const std::int32_t* hkl, std::size_t n,
                 std::int32_t* asu_out, std::int32_t* isym_out);
 
+/// Centric flags of n Miller indices (n × 3): out[i] = 1 when some rotation R of @p sym takes
+/// h to its Friedel mate (h R = −h, the row-vector convention of map_to_asu, so a reflection is
+/// centric exactly when map_to_asu maps h and −h to the same ASU index), else 0.
+XTALSCALE_EXPORT void centric_flags(const AsuSymmetry& sym, const std::int32_t* hkl, std::size_t n,
+                                    std::uint8_t* out);
+
 /// Group equal keys: a stable sort of @p keys (one counting sort when the key range is at most
 /// twice the row count, else an LSD radix sort: O(n) and deterministic either way).
 /// Writes the sort permutation to @p order (n), the 0-based group of every input position to

@@ -33,6 +33,7 @@ class AsuCondition:
 
 def asu_condition_text(condition: AsuCondition) -> str: ...
 
+def centric_flags(hkl: npt.ArrayLike, rotations: npt.ArrayLike) -> npt.NDArray[np.bool_]: ...
 def map_to_asu(
     hkl: npt.ArrayLike,
     rotations: npt.ArrayLike,
