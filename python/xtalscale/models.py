@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from ._core import components as _kern
+from ._rows import take_rows
 from .reflection_table import Flags
 
 __all__ = [
@@ -1224,7 +1225,7 @@ class ArrayScalingModel(ScalingModelBase):
         good = d_all > 0.0
         if not np.any(good):
             raise ValueError("the array model needs reflections with d > 0")
-        xyz = np.asarray(_column(reflection_table, "xyzobs.px.value"), dtype=np.float64).reshape(-1, 3)[good]
+        xyz = take_rows(np.asarray(_column(reflection_table, "xyzobs.px.value"), dtype=np.float64).reshape(-1, 3), good)
         d = d_all[good]
         osc_range, one_osc = _osc_range(experiment)
         configdict: dict[str, Any] = {"corrections": [], "valid_osc_range": osc_range}

@@ -30,6 +30,7 @@ import numpy as np
 
 from . import flex_arrays as _flex
 from ._core import grouping as _core_grouping
+from ._rows import take_rows
 
 __all__ = [
     "SpaceGroup",
@@ -616,7 +617,7 @@ def get_sorted_asu_indices(asu_indices, space_group, anomalous: bool = False):
     _as_space_group(space_group)  # validated, as DIALS builds its miller set from it
     hkl = miller_array(asu_indices, "asu_indices")
     order = group_reflections(hkl).order
-    return _flex.miller_index(np.ascontiguousarray(hkl[order])), _flex.size_t(order)
+    return _flex.miller_index(np.ascontiguousarray(take_rows(hkl, order))), _flex.size_t(order)
 
 
 # --------------------------------------------------------------------------- misc

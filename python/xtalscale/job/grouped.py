@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .._core import job as _kern
+from .._rows import take_rows
 
 __all__ = ["AsuGrouping", "GroupedObservations", "asu_grouping", "regroup", "suitable_rows"]
 
@@ -182,7 +183,7 @@ class GroupedObservations:
             parts["g"].append(_column(table, "inverse_scale_factor", 1.0)[idx])
             if "miller_index" not in table:
                 raise KeyError(f"table {k} has no column 'miller_index'")
-            parts["hkl"].append(np.asarray(table["miller_index"], dtype=np.int32).reshape(-1, 3)[idx])
+            parts["hkl"].append(take_rows(np.asarray(table["miller_index"], dtype=np.int32).reshape(-1, 3), idx))
             parts["ds"].append(np.full(idx.size, k, dtype=np.int64))
             parts["row"].append(idx.astype(np.int64))
             for name in extra_columns:
@@ -265,7 +266,7 @@ class GroupedObservations:
             raise ValueError(f"keep must be a bool array of length {self.size}")
         order, offsets = _kern.subset_grouping(self.order, self.offsets, keep)
         return replace(self, intensity=self.intensity[keep], variance=self.variance[keep],
-                       weight=self.weight[keep], scale=self.scale[keep], asu_hkl=self.asu_hkl[keep],
+                       weight=self.weight[keep], scale=self.scale[keep], asu_hkl=take_rows(self.asu_hkl, keep),
                        dataset=self.dataset[keep], row=self.row[keep], order=order,
                        offsets=offsets, extra={k: v[keep] for k, v in self.extra.items()}, derived={})
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from .. import flex_arrays as fa
+from .._rows import take_rows
 from ..reflection_table import Flags
 
 __all__ = [
@@ -285,7 +286,7 @@ def quasi_normalisation(reflection_table: Any, experiment: Any) -> Any:
     if good.sum() > 10000:
         sg = experiment.crystal.get_space_group()
         sg = sg if isinstance(sg, SpaceGroup) else SpaceGroup(str(sg))
-        hkl = np.asarray(reflection_table["miller_index"]).reshape(-1, 3)[good]
+        hkl = take_rows(np.asarray(reflection_table["miller_index"]).reshape(-1, 3), good)
         eps = np.asarray(sg.epsilon(hkl), dtype=np.float64)
         esq[good] = quasi_normalised_intensities(_column(reflection_table, "intensity")[good],
                                                  _column(reflection_table, "d")[good], eps)

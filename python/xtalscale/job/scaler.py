@@ -23,6 +23,7 @@ import numpy as np
 
 from .. import flex_arrays as fa
 from .._lazy import LazyModule, is_scipy_sparse
+from .._rows import take_rows
 from ..components import SHScaleComponent
 from ..csr_view import CsrView
 from ..parameter_managers import single_managers
@@ -174,7 +175,8 @@ class ScalerBase:
             rows = np.ones(ds.suitable.sum(), bool) if keep is None else keep[k]
             cols = {"intensity": ds.column("intensity")[rows], "variance": self._variances(ds)[rows],
                     "inverse_scale_factor": ds.column("inverse_scale_factor")[rows],
-                    "miller_index": np.asarray(ds.table["miller_index"]).reshape(-1, 3)[ds.suitable][rows],
+                    "miller_index": take_rows(take_rows(np.asarray(ds.table["miller_index"]).reshape(-1, 3),
+                                                        ds.suitable), rows),
                     "d": ds.column("d")[rows]}
             tables.append(cols)
         grouped = GroupedObservations.from_tables(
@@ -202,10 +204,10 @@ class ScalerBase:
                     "inverse_scale_factor": ds.column("inverse_scale_factor")}
             if cached is not None:  # the ASU indices and their grouping are made already
                 mine = cached.dataset == k  # the dataset's suitable rows, in row order
-                cols["asu_miller_index"] = cached.asu_hkl[mine]
+                cols["asu_miller_index"] = take_rows(cached.asu_hkl, mine)
                 group_index.append(group_of_row[mine][idx])
             else:
-                cols["miller_index"] = np.asarray(ds.table["miller_index"]).reshape(-1, 3)[ds.suitable]
+                cols["miller_index"] = take_rows(np.asarray(ds.table["miller_index"]).reshape(-1, 3), ds.suitable)
             tables.append(cols)
             indices.append(idx)
         so = self._params.scaling_options
@@ -622,7 +624,7 @@ class ScalerBase:
         indices. The arrays are the grouping cache's own (read-only, shared)."""
         held = self._asu_groupings.get(anomalous)
         if held is None:
-            hkl = np.concatenate([np.asarray(ds.table["miller_index"]).reshape(-1, 3)[ds.suitable]
+            hkl = np.concatenate([take_rows(np.asarray(ds.table["miller_index"]).reshape(-1, 3), ds.suitable)
                                   for ds in self.datasets])
             held = self._asu_groupings[anomalous] = asu_grouping(hkl, self.space_group, anomalous=anomalous)
         return held

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from .._rows import take_rows
 from ..symmetry import SpaceGroup, UnitCell
 
 __all__ = [
@@ -133,7 +134,7 @@ def observations_from_reflections(experiments, table, partiality_threshold: floa
     n_zero = int(np.count_nonzero(zero))
     if n_zero:  # (otherwise every selected row is kept: no copies)
         keep = ~zero
-        hkl, intensity, variance, rows = hkl[keep], intensity[keep], variance[keep], rows[keep]
+        hkl, intensity, variance, rows = take_rows(hkl, keep), intensity[keep], variance[keep], rows[keep]
     dataset = (np.asarray(table["id"])[rows].astype(np.int64) if "id" in table
                else np.zeros(len(rows), dtype=np.int64))
     batch = (np.asarray(table["batch"])[rows].astype(np.int64) if "batch" in table
@@ -212,7 +213,7 @@ def observations_from_mtz(path: Any) -> ScaledObservations:
     wavelength = next((e.beam.get_wavelength() for e in unmerged.experiments
                        if e.beam is not None), 0.0)
     obs = ScaledObservations(
-        hkl[keep], intensity[keep], variance[keep],
+        take_rows(hkl, keep), intensity[keep], variance[keep],
         np.asarray(table["batch"], dtype=np.int64)[keep],
         np.asarray(table["id"], dtype=np.int64)[keep],
         unmerged.space_group, unmerged.unit_cell, float(wavelength), source, len(table),

@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from .._core import stats as _core_stats
+from .._rows import take_rows
 from ..symmetry import (
     Grouping,
     SpaceGroup,
@@ -464,7 +465,7 @@ def _prepare(hkl, intensity, sigma, space_group, unit_cell, d_min=None, d_max=No
     if n_used == n:
         return _Prepared(hkl, I, s, dss, binning_dss, np.arange(n), sg, cell, n, rejected)
     rows = np.flatnonzero(used)
-    return _Prepared(np.ascontiguousarray(hkl[rows]), I[rows], s[rows], dss[rows], binning_dss,
+    return _Prepared(np.ascontiguousarray(take_rows(hkl, rows)), I[rows], s[rows], dss[rows], binning_dss,
                      rows, sg, cell, n, rejected)
 
 
@@ -977,7 +978,7 @@ def group_observations(miller_index, intensity, sigma, space_group,
             f"miller_index, intensity and sigma must have equal lengths (got {len(hkl)}, "
             f"{len(I)}, {len(s)})")
     usable = np.flatnonzero(np.isfinite(I) & np.isfinite(s) & (s > 0))
-    grouping = group_reflections(map_to_asu(hkl[usable], space_group,
+    grouping = group_reflections(map_to_asu(take_rows(hkl, usable), space_group,
                                             anomalous=anomalous).asu_hkl)
     rows = np.take(usable, grouping.order)
     return ObservationGroups(usable, grouping, rows, np.take(I, rows), np.take(s, rows), len(I))
