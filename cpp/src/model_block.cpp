@@ -57,29 +57,15 @@ std::size_t check_pattern(std::size_t n_rows, std::size_t n_cols, const std::int
 ModelTerm::~ModelTerm() = default;
 
 void ModelTerm::pattern(std::int64_t* indptr, std::int32_t* indices) const {
-  // Dense: every column of every row.
-  const std::size_t c = n_cols_;
-  for (std::size_t i = 0; i <= n_rows_; ++i) indptr[i] = static_cast<std::int64_t>(i * c);
-  for (std::size_t i = 0; i < n_rows_; ++i)
-    for (std::size_t k = 0; k < c; ++k) indices[i * c + k] = static_cast<std::int32_t>(k);
+  pattern_rows(0, n_rows_, indptr, indices);  // dense: every column of every row
 }
 
 void ModelTerm::add_transpose_product(const TermValues& v, const double* u, double* out) const {
-  const std::size_t n = n_rows_, c = n_cols_;
-  if (c == 0) return;
-  if (dense_) {  // row-major n × c, float64 or float32
-    for (std::size_t i = 0; i < n; ++i) {
-      const double ui = u[i];
-      if (v.values_f32 != nullptr) {
-        const float* row = v.values_f32 + i * c;
-        for (std::size_t k = 0; k < c; ++k) out[k] += ui * static_cast<double>(row[k]);
-      } else {
-        const double* row = v.values + i * c;
-        for (std::size_t k = 0; k < c; ++k) out[k] += ui * row[k];
-      }
-    }
-    return;
-  }
+  const std::size_t n = n_rows_;
+  if (n_cols_ == 0) return;
+  // dense rows and terms that serve row ranges: all rows as one range (evaluate()'s values
+  // are those of evaluate_rows(0, n)); other sparse terms through their pattern()
+  if (dense_ || evaluates_rows()) return add_transpose_product_rows(v, 0, n, u, out);
   std::vector<std::int64_t> indptr(n + 1);
   std::vector<std::int32_t> indices(nnz());
   pattern(indptr.data(), indices.data());
@@ -109,14 +95,18 @@ void ModelTerm::add_transpose_product_rows(const TermValues& v, std::size_t firs
   }
 }
 
+void ModelTerm::full_pattern(std::size_t n_rows, std::size_t n_cols, std::int64_t* indptr,
+                             std::int32_t* indices) {
+  for (std::size_t i = 0; i <= n_rows; ++i) indptr[i] = static_cast<std::int64_t>(i * n_cols);
+  for (std::size_t i = 0; i < n_rows; ++i)
+    for (std::size_t k = 0; k < n_cols; ++k) indices[i * n_cols + k] = static_cast<std::int32_t>(k);
+}
+
 void ModelTerm::pattern_rows(std::size_t first, std::size_t count, std::int64_t* indptr,
                              std::int32_t* indices) const {
   require(dense_, "a sparse term must override pattern_rows");
   (void)first;
-  const std::size_t c = n_cols_;
-  for (std::size_t i = 0; i <= count; ++i) indptr[i] = static_cast<std::int64_t>(i * c);
-  for (std::size_t i = 0; i < count; ++i)
-    for (std::size_t k = 0; k < c; ++k) indices[i * c + k] = static_cast<std::int32_t>(k);
+  full_pattern(count, n_cols_, indptr, indices);
 }
 
 ScaleFactorTerm::ScaleFactorTerm(std::size_t n_rows)
@@ -178,11 +168,6 @@ SmoothTerm::SmoothTerm(std::shared_ptr<const components::WeightMatrix> weights,
   }
 }
 
-void SmoothTerm::pattern(std::int64_t* indptr, std::int32_t* indices) const {
-  std::copy(w_->indptr().begin(), w_->indptr().end(), indptr);
-  std::copy(w_->indices().begin(), w_->indices().end(), indices);
-}
-
 TermValues SmoothTerm::evaluate(const double* p, TermScratch& scratch) const {
   require_finite(p, n_params(), "parameters");
   double* s = sized(scratch.scales, n_rows());
@@ -230,13 +215,6 @@ void SmoothTerm::pattern_rows(std::size_t first, std::size_t count, std::int64_t
   std::copy(ix.begin() + base, ix.begin() + ip[first + count], indices);
 }
 
-void SmoothTerm::add_transpose_product(const TermValues& v, const double* u, double* out) const {
-  const auto& ip = w_->indptr();
-  const auto& ix = w_->indices();
-  for (std::size_t i = 0; i < n_rows(); ++i)
-    for (auto q = ip[i]; q < ip[i + 1]; ++q) out[ix[q]] += u[i] * v.values[q];
-}
-
 LeanSmoothTerm::LeanSmoothTerm(const GaussianSmoother<1>& smoother, HeldArray<double> x,
                                double x_shift, HeldArray<std::uint16_t> window,
                                HeldArray<double> q, bool first_fixed, HeldArray<double> b_factor)
@@ -276,18 +254,6 @@ std::pair<int, std::size_t> LeanSmoothTerm::row_columns(std::size_t i) const {
   return {first, static_cast<std::size_t>(count)};
 }
 
-void LeanSmoothTerm::pattern(std::int64_t* indptr, std::int32_t* indices) const {
-  // Read from the window records alone (no weights computed): the same rows smooth_1d_apply
-  // writes, column by column in ascending order.
-  std::int64_t nnz = 0;
-  indptr[0] = 0;
-  for (std::size_t i = 0; i < n_rows(); ++i) {
-    const auto [first, count] = row_columns(i);
-    for (std::size_t k = 0; k < count; ++k) indices[nnz++] = first + static_cast<std::int32_t>(k);
-    indptr[i + 1] = nnz;
-  }
-}
-
 TermValues LeanSmoothTerm::evaluate(const double* p, TermScratch& scratch) const {
   double* s = sized(scratch.scales, n_rows());
   double* d = sized(scratch.values, nnz_);
@@ -295,15 +261,6 @@ TermValues LeanSmoothTerm::evaluate(const double* p, TermScratch& scratch) const
                               n_params(), first_fixed_, factor_.data, s, nullptr, nullptr, d,
                               false);
   return {s, d, nullptr};
-}
-
-void LeanSmoothTerm::add_transpose_product(const TermValues& v, const double* u, double* out) const {
-  // the row's columns follow from its window record, its values are consecutive (pattern())
-  std::size_t q = 0;
-  for (std::size_t i = 0; i < n_rows(); ++i) {
-    const auto [first, count] = row_columns(i);
-    for (std::size_t k = 0; k < count; ++k, ++q) out[first + static_cast<int>(k)] += u[i] * v.values[q];
-  }
 }
 
 TermValues LeanSmoothTerm::evaluate_rows(const double* p, std::size_t first, std::size_t count,
@@ -329,6 +286,8 @@ void LeanSmoothTerm::add_transpose_product_rows(const TermValues& v, std::size_t
 
 void LeanSmoothTerm::pattern_rows(std::size_t first, std::size_t count, std::int64_t* indptr,
                                   std::int32_t* indices) const {
+  // Read from the window records alone (no weights computed): the same rows smooth_1d_apply
+  // writes, column by column in ascending order.
   std::int64_t nnz = 0;
   indptr[0] = 0;
   for (std::size_t i = 0; i < count; ++i) {
@@ -474,7 +433,7 @@ void ExternalTerm::set_dense(const double* scales, const double* derivatives) {
   if (nnz_ != n * c || indptr_[n] != static_cast<std::int64_t>(n * c)) {
     std::vector<std::int64_t> ip(n + 1);
     std::vector<std::int32_t> ix(n * c);
-    ModelTerm::pattern(ip.data(), ix.data());  // the full pattern
+    full_pattern(n, c, ip.data(), ix.data());
     take_pattern(std::move(ip), std::move(ix));
   }
   std::copy(scales, scales + n, scales_.begin());
@@ -550,35 +509,18 @@ void ModelBlock::build_pattern() {
     detail::resize_large(term_indices[t], terms_[t]->nnz());
     terms_[t]->pattern(row_starts_[t].data(), term_indices[t].data());
   }
+  std::vector<const std::int64_t*> starts(k, nullptr);
+  std::vector<const std::int32_t*> columns(k, nullptr);
+  for (std::size_t t = 0; t < k; ++t) {
+    if (row_starts_[t].empty()) continue;
+    starts[t] = row_starts_[t].data();
+    columns[t] = term_indices[t].data();
+  }
   auto indptr = std::make_shared<std::vector<std::int64_t>>(detail::large_vector<std::int64_t>(n + 1));
-  std::int64_t* ip = indptr->data();
-  ip[0] = 0;
-  for (std::size_t i = 0; i < n; ++i) {
-    std::int64_t row = 0;
-    for (std::size_t t = 0; t < k; ++t) {
-      if (!active_[t]) continue;
-      row += terms_[t]->dense() ? static_cast<std::int64_t>(terms_[t]->n_cols())
-                                : row_starts_[t][i + 1] - row_starts_[t][i];
-    }
-    ip[i + 1] = ip[i] + row;
-  }
-  const auto nnz = static_cast<std::size_t>(ip[n]);
+  pattern_of_rows(n, starts, columns, indptr->data(), nullptr);
+  const auto nnz = static_cast<std::size_t>((*indptr)[n]);
   auto indices = std::make_shared<std::vector<std::int32_t>>(detail::large_vector<std::int32_t>(nnz));
-  std::int32_t* ix = indices->data();
-  for (std::size_t i = 0; i < n; ++i) {
-    std::int64_t at = ip[i];
-    for (std::size_t t = 0; t < k; ++t) {
-      if (!active_[t]) continue;
-      const auto offset = static_cast<std::int32_t>(col_start_[t]);
-      if (terms_[t]->dense()) {
-        for (std::size_t c = 0; c < terms_[t]->n_cols(); ++c)
-          ix[at++] = offset + static_cast<std::int32_t>(c);
-      } else {
-        for (std::int64_t q = row_starts_[t][i]; q < row_starts_[t][i + 1]; ++q)
-          ix[at++] = offset + term_indices[t][static_cast<std::size_t>(q)];
-      }
-    }
-  }
+  pattern_of_rows(n, starts, columns, indptr->data(), indices->data());
   out_.indptr = std::move(indptr);
   out_.indices = std::move(indices);
   out_.values = std::make_shared<std::vector<double>>(detail::large_vector<double>(nnz));
@@ -586,29 +528,48 @@ void ModelBlock::build_pattern() {
   ++version_;
 }
 
-void ModelBlock::fill(const std::vector<TermValues>& tv, std::size_t first, std::size_t count) {
-  // tv holds the terms' values for rows [first, first + count): dense rows and sparse entries
-  // relative to the range's first row (a sparse term's entries from row_starts_[t][first]).
+void ModelBlock::pattern_of_rows(std::size_t count, const std::vector<const std::int64_t*>& starts,
+                                 const std::vector<const std::int32_t*>& columns,
+                                 std::int64_t* indptr, std::int32_t* indices) const {
   const std::size_t k = terms_.size();
-  double* g = out_.scales->data();
-  double* out = out_.values->data();
-  const std::int64_t* ip = out_.indptr->data();
+  indptr[0] = 0;
+  for (std::size_t i = 0; i < count; ++i) {
+    std::int64_t at = indptr[i];
+    for (std::size_t t = 0; t < k; ++t) {
+      if (!active_[t]) continue;
+      const auto offset = static_cast<std::int32_t>(col_start_[t]);
+      if (terms_[t]->dense()) {
+        const std::size_t c = terms_[t]->n_cols();
+        if (indices != nullptr)
+          for (std::size_t q = 0; q < c; ++q) indices[at + static_cast<std::int64_t>(q)] = offset + static_cast<std::int32_t>(q);
+        at += static_cast<std::int64_t>(c);
+      } else {
+        const std::int64_t a = starts[t][i], b = starts[t][i + 1], base = starts[t][0];
+        if (indices != nullptr)
+          for (std::int64_t q = a; q < b; ++q) indices[at + (q - a)] = offset + columns[t][q - base];
+        at += b - a;
+      }
+    }
+    indptr[i + 1] = at;
+  }
+}
+
+void ModelBlock::product_rule(const std::vector<TermValues>& tv, std::size_t count,
+                              const std::vector<const std::int64_t*>& starts,
+                              const std::int64_t* row_ptr, double* g, double* values) const {
+  const std::size_t k = terms_.size();
   constexpr std::size_t kStack = 16;
   std::vector<double> heap(k > kStack ? k + 1 : 0);
   double prefix_stack[kStack + 1];
   double* prefix = k > kStack ? heap.data() : prefix_stack;
-  std::vector<std::int64_t> base(k, 0);
-  for (std::size_t t = 0; t < k; ++t)
-    if (active_[t] && !terms_[t]->dense()) base[t] = row_starts_[t][first];
   for (std::size_t j = 0; j < count; ++j) {
-    const std::size_t i = first + j;
     prefix[0] = 1.0;
     for (std::size_t t = 0; t < k; ++t) prefix[t + 1] = prefix[t] * tv[t].scales[j];
-    g[i] = prefix[k];
+    g[j] = prefix[k];
     // Walk the terms backwards with a running suffix product: others = prefix·suffix, so a
     // zero scale is handled without dividing.
     double suffix = 1.0;
-    std::int64_t end = ip[i + 1];
+    std::int64_t end = row_ptr[j + 1];
     for (std::size_t t = k; t-- > 0;) {
       const double others = prefix[t] * suffix;
       suffix *= tv[t].scales[j];
@@ -619,21 +580,29 @@ void ModelBlock::fill(const std::vector<TermValues>& tv, std::size_t first, std:
         const std::int64_t start = end - static_cast<std::int64_t>(c);
         if (tv[t].values_f32 != nullptr) {
           const float* row = tv[t].values_f32 + j * c;
-          for (std::size_t q = 0; q < c; ++q) out[start + q] = static_cast<double>(row[q]) * others;
+          for (std::size_t q = 0; q < c; ++q) values[start + q] = static_cast<double>(row[q]) * others;
         } else {
           const double* row = tv[t].values + j * c;
-          for (std::size_t q = 0; q < c; ++q) out[start + q] = row[q] * others;
+          for (std::size_t q = 0; q < c; ++q) values[start + q] = row[q] * others;
         }
         end = start;
       } else {
-        const std::int64_t a = row_starts_[t][i], b = row_starts_[t][i + 1];
+        const std::int64_t a = starts[t][j], b = starts[t][j + 1];
         const std::int64_t start = end - (b - a);
-        const double* v = tv[t].values - base[t];
-        for (std::int64_t q = a; q < b; ++q) out[start + (q - a)] = v[q] * others;
+        const double* v = tv[t].values - starts[t][0];
+        for (std::int64_t q = a; q < b; ++q) values[start + (q - a)] = v[q] * others;
         end = start;
       }
     }
   }
+}
+
+void ModelBlock::fill(const std::vector<TermValues>& tv, std::size_t first, std::size_t count) {
+  std::vector<const std::int64_t*> starts(terms_.size(), nullptr);
+  for (std::size_t t = 0; t < terms_.size(); ++t)
+    if (active_[t] && !terms_[t]->dense()) starts[t] = row_starts_[t].data() + first;
+  product_rule(tv, count, starts, out_.indptr->data() + first, out_.scales->data() + first,
+               out_.values->data());
 }
 
 void ModelBlock::check_params(const double* params, std::size_t n_params) const {
@@ -663,12 +632,15 @@ void ModelBlock::free_scratch() {
 }
 
 template <class Body>
-void ModelBlock::for_each_chunk(int n_threads, Body body) {
+void ModelBlock::for_each_chunk(const double* params, int n_threads, Body body) {
   const std::size_t n_chunks = (n_rows_ + kChunkRows - 1) / kChunkRows;
   const int nt = std::max(1, std::min<int>(n_threads, static_cast<int>(n_chunks)));
   const auto chunk = [&](std::size_t c, std::vector<TermScratch>& scratch) {
-    const std::size_t first = c * kChunkRows;
-    body(first, std::min(kChunkRows, n_rows_ - first), scratch);
+    const std::size_t first = c * kChunkRows, count = std::min(kChunkRows, n_rows_ - first);
+    std::vector<TermValues> tv(terms_.size());
+    for (std::size_t t = 0; t < terms_.size(); ++t)
+      tv[t] = terms_[t]->evaluate_rows(params + param_start_[t], first, count, scratch[t]);
+    body(first, count, tv);
   };
   if (nt == 1) {  // the block's own scratch, kept for the next call
     for (std::size_t c = 0; c < n_chunks; ++c) chunk(c, scratch_);
@@ -688,6 +660,13 @@ void ModelBlock::for_each_chunk(int n_threads, Body body) {
     if (!f.empty()) throw std::invalid_argument(f);
 }
 
+void ModelBlock::product_of_scales(const std::vector<TermValues>& tv, std::size_t count,
+                                   double* g) const {
+  std::fill(g, g + count, 1.0);
+  for (std::size_t t = 0; t < terms_.size(); ++t)  // the same product order as fill()
+    for (std::size_t i = 0; i < count; ++i) g[i] *= tv[t].scales[i];
+}
+
 void ModelBlock::evaluate(const double* params, std::size_t n_params, int n_threads) {
   const bool by_chunks = chunked();
   if (by_chunks) {  // the terms' values one chunk at a time, in reused scratch
@@ -701,10 +680,7 @@ void ModelBlock::evaluate(const double* params, std::size_t n_params, int n_thre
     out_.values = std::make_shared<std::vector<double>>(detail::large_vector<double>(out_.indices->size()));
   }
   if (by_chunks) {
-    for_each_chunk(n_threads, [&](std::size_t first, std::size_t count, std::vector<TermScratch>& scratch) {
-      std::vector<TermValues> tv(terms_.size());
-      for (std::size_t t = 0; t < terms_.size(); ++t)
-        tv[t] = terms_[t]->evaluate_rows(params + param_start_[t], first, count, scratch[t]);
+    for_each_chunk(params, n_threads, [&](std::size_t first, std::size_t count, const std::vector<TermValues>& tv) {
       fill(tv, first, count);  // rows [first, first + count) only: chunks never share an entry
     });
   } else {
@@ -731,110 +707,44 @@ void ModelBlock::evaluate_rows(const double* params, std::size_t n_params, std::
   s.term_values.resize(k);
   s.term_indptr.resize(k);
   s.term_indices.resize(k);
+  std::vector<const std::int64_t*> starts(k, nullptr);
+  std::vector<const std::int32_t*> columns(k, nullptr);
   for (std::size_t t = 0; t < k; ++t) {
     const ModelTerm& term = *terms_[t];
     s.term_values[t] = term.evaluate_rows(params + param_start_[t], first, count, s.terms[t]);
-    if (active_[t] && !term.dense()) {
+    if (active_[t] && !term.dense()) {  // the term's own pattern of these rows
       s.term_indptr[t].resize(count + 1);
       s.term_indices[t].resize(count * std::max<std::size_t>(term.n_cols(), 1));
       term.pattern_rows(first, count, s.term_indptr[t].data(), s.term_indices[t].data());
+      starts[t] = s.term_indptr[t].data();
+      columns[t] = s.term_indices[t].data();
     }
   }
-  // the rows' pattern: each active term's columns in term order (ascending, as build_pattern)
   s.indptr.resize(count + 1);
-  s.indptr[0] = 0;
-  for (std::size_t i = 0; i < count; ++i) {
-    std::int64_t row = 0;
-    for (std::size_t t = 0; t < k; ++t) {
-      if (!active_[t]) continue;
-      row += terms_[t]->dense() ? static_cast<std::int64_t>(terms_[t]->n_cols())
-                                : s.term_indptr[t][i + 1] - s.term_indptr[t][i];
-    }
-    s.indptr[i + 1] = s.indptr[i] + row;
-  }
+  pattern_of_rows(count, starts, columns, s.indptr.data(), nullptr);
   const auto nnz = static_cast<std::size_t>(s.indptr[count]);
   s.indices.resize(nnz);
   s.values.resize(nnz);
   s.g.resize(count);
-  // the product rule of fill(), row by row: prefix products forwards, suffix backwards
-  constexpr std::size_t kStack = 16;
-  std::vector<double> heap(k > kStack ? k + 1 : 0);
-  double prefix_stack[kStack + 1];
-  double* prefix = k > kStack ? heap.data() : prefix_stack;
-  for (std::size_t i = 0; i < count; ++i) {
-    prefix[0] = 1.0;
-    for (std::size_t t = 0; t < k; ++t) prefix[t + 1] = prefix[t] * s.term_values[t].scales[i];
-    s.g[i] = prefix[k];
-    double suffix = 1.0;
-    std::int64_t end = s.indptr[i + 1];
-    for (std::size_t t = k; t-- > 0;) {
-      const double others = prefix[t] * suffix;
-      const TermValues& v = s.term_values[t];
-      suffix *= v.scales[i];
-      if (!active_[t]) continue;
-      const ModelTerm& term = *terms_[t];
-      const auto offset = static_cast<std::int32_t>(col_start_[t]);
-      if (term.dense()) {
-        const std::size_t c = term.n_cols();
-        const std::int64_t start = end - static_cast<std::int64_t>(c);
-        for (std::size_t q = 0; q < c; ++q) {
-          const double d = v.values_f32 != nullptr ? static_cast<double>(v.values_f32[i * c + q])
-                                                   : v.values[i * c + q];
-          s.values[start + q] = d * others;
-          s.indices[start + q] = offset + static_cast<std::int32_t>(q);
-        }
-        end = start;
-      } else {
-        const std::int64_t a = s.term_indptr[t][i], b = s.term_indptr[t][i + 1];
-        const std::int64_t start = end - (b - a);
-        for (std::int64_t q = a; q < b; ++q) {
-          s.values[start + (q - a)] = v.values[q] * others;
-          s.indices[start + (q - a)] = offset + s.term_indices[t][q];
-        }
-        end = start;
-      }
-    }
-  }
+  pattern_of_rows(count, starts, columns, s.indptr.data(), s.indices.data());
+  product_rule(s.term_values, count, starts, s.indptr.data(), s.g.data(), s.values.data());
 }
 
 void ModelBlock::scales_by_chunks(const double* params, int n_threads) {
   double* g = out_.scales->data();
-  for_each_chunk(n_threads, [&](std::size_t first, std::size_t count, std::vector<TermScratch>& scratch) {
-    double* gc = g + first;
-    std::fill(gc, gc + count, 1.0);
-    for (std::size_t t = 0; t < terms_.size(); ++t) {  // the same product order as fill()
-      const double* s =
-          terms_[t]->evaluate_rows(params + param_start_[t], first, count, scratch[t]).scales;
-      for (std::size_t i = 0; i < count; ++i) gc[i] *= s[i];
-    }
+  for_each_chunk(params, n_threads, [&](std::size_t first, std::size_t count, const std::vector<TermValues>& tv) {
+    product_of_scales(tv, count, g + first);
   });
 }
 
 void ModelBlock::transpose_product_by_chunks(const double* params, const double* coefficients,
                                              double* out, int n_threads) {
-  const std::size_t k = terms_.size();
   double* g = out_.scales->data();
   // each chunk's sums apart, then added in chunk order: the same bits for any thread count
   std::vector<double> partial(((n_rows_ + kChunkRows - 1) / kChunkRows) * n_cols_, 0.0);
-  for_each_chunk(n_threads, [&](std::size_t first, std::size_t count, std::vector<TermScratch>& scratch) {
-    std::vector<TermValues> tv(k);
-    std::vector<double> u(count);
-    double* acc = partial.data() + (first / kChunkRows) * n_cols_;
-    double* gc = g + first;
-    std::fill(gc, gc + count, 1.0);
-    for (std::size_t t = 0; t < k; ++t) {
-      tv[t] = terms_[t]->evaluate_rows(params + param_start_[t], first, count, scratch[t]);
-      for (std::size_t i = 0; i < count; ++i) gc[i] *= tv[t].scales[i];
-    }
-    for (std::size_t t = 0; t < k; ++t) {
-      if (!active_[t] || terms_[t]->n_cols() == 0) continue;
-      for (std::size_t i = 0; i < count; ++i) u[i] = coefficients[first + i];
-      for (std::size_t o = 0; o < k; ++o) {
-        if (o == t) continue;
-        for (std::size_t i = 0; i < count; ++i) u[i] *= tv[o].scales[i];
-      }
-      terms_[t]->add_transpose_product_rows(tv[t], first, count, u.data(), acc + col_start_[t]);
-    }
+  for_each_chunk(params, n_threads, [&](std::size_t first, std::size_t count, const std::vector<TermValues>& tv) {
+    rows_transpose_product(tv, first, count, false, coefficients, g + first,
+                           partial.data() + (first / kChunkRows) * n_cols_);
   });
   for (std::size_t c = 0; c * n_cols_ < partial.size(); ++c)
     for (std::size_t j = 0; j < n_cols_; ++j) out[j] += partial[c * n_cols_ + j];
@@ -848,12 +758,7 @@ void ModelBlock::evaluate_scales(const double* params, std::size_t n_params, int
     return;
   }
   evaluate_terms(params, n_params);
-  double* g = out_.scales->data();
-  std::fill(g, g + n_rows_, 1.0);
-  for (std::size_t t = 0; t < terms_.size(); ++t) {  // the same product order as fill()
-    const double* s = term_values_[t].scales;
-    for (std::size_t i = 0; i < n_rows_; ++i) g[i] *= s[i];
-  }
+  product_of_scales(term_values_, n_rows_, out_.scales->data());
   evaluated_ = false;
   // the terms' scratch is not needed until the next evaluation: a caller evaluating many
   // blocks for g alone (a streamed trial step) holds none of it
@@ -871,28 +776,31 @@ void ModelBlock::transpose_product(const double* params, std::size_t n_params,
     return;
   }
   evaluate_terms(params, n_params);
-  const std::size_t n = n_rows_, k = terms_.size();
-  double* g = out_.scales->data();
-  std::fill(g, g + n, 1.0);
-  for (std::size_t t = 0; t < k; ++t) {  // the same product order as fill()
-    const double* s = term_values_[t].scales;
-    for (std::size_t i = 0; i < n; ++i) g[i] *= s[i];
-  }
   std::fill(out, out + n_cols_, 0.0);
-  std::vector<double> u(n);
+  rows_transpose_product(term_values_, 0, n_rows_, true, coefficients, out_.scales->data(), out);
+  evaluated_ = false;
+  free_scratch();
+}
+
+void ModelBlock::rows_transpose_product(const std::vector<TermValues>& tv, std::size_t first,
+                                        std::size_t count, bool whole, const double* coefficients,
+                                        double* g, double* acc) const {
+  const std::size_t k = terms_.size();
+  product_of_scales(tv, count, g);
+  std::vector<double> u(count);
   for (std::size_t t = 0; t < k; ++t) {
     if (!active_[t] || terms_[t]->n_cols() == 0) continue;
     // u = c · Π of the other terms' scales (no division: a zero scale is exact)
-    std::copy(coefficients, coefficients + n, u.begin());
+    std::copy(coefficients + first, coefficients + first + count, u.begin());
     for (std::size_t o = 0; o < k; ++o) {
       if (o == t) continue;
-      const double* s = term_values_[o].scales;
-      for (std::size_t i = 0; i < n; ++i) u[i] *= s[i];
+      for (std::size_t i = 0; i < count; ++i) u[i] *= tv[o].scales[i];
     }
-    terms_[t]->add_transpose_product(term_values_[t], u.data(), out + col_start_[t]);
+    if (whole)
+      terms_[t]->add_transpose_product(tv[t], u.data(), acc + col_start_[t]);
+    else
+      terms_[t]->add_transpose_product_rows(tv[t], first, count, u.data(), acc + col_start_[t]);
   }
-  evaluated_ = false;
-  free_scratch();
 }
 
 void ModelBlock::release_values(bool pattern) {

@@ -95,7 +95,8 @@ class XTALSCALE_EXPORT ModelTerm {
   /// Changes whenever the term's sparsity pattern changes.
   std::uint64_t pattern_version() const noexcept { return pattern_version_; }
   /// Sparse terms: write the row starts (n_rows + 1) and column indices (nnz(), ascending in
-  /// each row). Dense terms write the full pattern.
+  /// each row). Dense terms write the full pattern. The base writes pattern_rows(0, n_rows()),
+  /// so a term that serves row ranges defines its pattern there alone.
   virtual void pattern(std::int64_t* indptr, std::int32_t* indices) const;
   /// Scales and derivatives at the parameters @p p (n_params() values), written into
   /// @p scratch (resized on first use) or pointing at data the term holds. Const: a term may be
@@ -105,8 +106,9 @@ class XTALSCALE_EXPORT ModelTerm {
   virtual std::size_t nbytes() const = 0;
   /// out[j] += Σ_i u[i]·∂s_i/∂p_j for j < n_cols(): the transposed derivative matrix times a
   /// row vector @p u (n_rows values), from @p v, this term's evaluate() result. Nothing of
-  /// size n_rows × n_cols is formed. The base reads dense rows directly and a sparse term's
-  /// pattern() (built into temporaries); the sparse terms of this file override it.
+  /// size n_rows × n_cols is formed. The base takes dense terms and terms that serve row
+  /// ranges as the one range of all rows (add_transpose_product_rows), other sparse terms
+  /// through their pattern() (built into temporaries).
   virtual void add_transpose_product(const TermValues& v, const double* u, double* out) const;
 
   /// True when evaluate_rows() and add_transpose_product_rows() serve row ranges, so that a
@@ -130,6 +132,9 @@ class XTALSCALE_EXPORT ModelTerm {
  protected:
   ModelTerm(std::size_t n_rows, std::size_t n_cols, std::size_t n_params, bool dense)
       : n_rows_(n_rows), n_cols_(n_cols), n_params_(n_params), dense_(dense) {}
+  /// Every column of every row: the pattern of a dense @p n_rows × @p n_cols block.
+  static void full_pattern(std::size_t n_rows, std::size_t n_cols, std::int64_t* indptr,
+                           std::int32_t* indices);
   std::size_t nnz_ = 0;                 ///< sparse terms set this
   std::uint64_t pattern_version_ = 1;   ///< bump when the pattern changes
 
@@ -172,10 +177,8 @@ class XTALSCALE_EXPORT SmoothTerm final : public ModelTerm {
  public:
   explicit SmoothTerm(std::shared_ptr<const components::WeightMatrix> weights,
                       HeldArray<double> b_factor = {});
-  void pattern(std::int64_t* indptr, std::int32_t* indices) const override;
   TermValues evaluate(const double* p, TermScratch& scratch) const override;
   std::size_t nbytes() const override;
-  void add_transpose_product(const TermValues& v, const double* u, double* out) const override;
   bool evaluates_rows() const override { return true; }
   TermValues evaluate_rows(const double* p, std::size_t first, std::size_t count,
                            TermScratch& scratch) const override;
@@ -197,10 +200,8 @@ class XTALSCALE_EXPORT LeanSmoothTerm final : public ModelTerm {
   LeanSmoothTerm(const GaussianSmoother<1>& smoother, HeldArray<double> x, double x_shift,
                  HeldArray<std::uint16_t> window, HeldArray<double> q, bool first_fixed,
                  HeldArray<double> b_factor = {});
-  void pattern(std::int64_t* indptr, std::int32_t* indices) const override;
   TermValues evaluate(const double* p, TermScratch& scratch) const override;
   std::size_t nbytes() const override;
-  void add_transpose_product(const TermValues& v, const double* u, double* out) const override;
   bool evaluates_rows() const override { return true; }
   TermValues evaluate_rows(const double* p, std::size_t first, std::size_t count,
                            TermScratch& scratch) const override;
@@ -428,11 +429,20 @@ class XTALSCALE_EXPORT ModelBlock {
   /// into that chunk's partial sums, added in chunk order.
   void transpose_product_by_chunks(const double* params, const double* coefficients, double* out,
                                    int n_threads);
-  /// body(first, count, scratch) for every 4096-row chunk, over up to @p n_threads threads, each
-  /// thread with its own terms' scratch (the block's own when single-threaded). An exception
-  /// from a chunk is rethrown (as std::invalid_argument) after the loop.
+  /// g of rows [first, first + count) into @p g (count values) and, into @p acc (n_cols()),
+  /// those rows' share of (∂g/∂p)ᵀc, from the terms' values @p tv of the rows: evaluate()'s
+  /// of every row when @p whole (then first = 0, count = n_rows()), else evaluate_rows()'s.
+  void rows_transpose_product(const std::vector<TermValues>& tv, std::size_t first,
+                              std::size_t count, bool whole, const double* coefficients,
+                              double* g, double* acc) const;
+  /// For every 4096-row chunk: each term's values of its rows at @p params (evaluate_rows), then
+  /// body(first, count, values); chunks over up to @p n_threads threads, each thread with its
+  /// own terms' scratch (the block's own when single-threaded). An exception from a chunk is
+  /// rethrown (as std::invalid_argument) after the loop.
   template <class Body>
-  void for_each_chunk(int n_threads, Body body);
+  void for_each_chunk(const double* params, int n_threads, Body body);
+  /// g = Π_t s_t of @p count rows from the terms' values @p tv (fill()'s product order).
+  void product_of_scales(const std::vector<TermValues>& tv, std::size_t count, double* g) const;
   /// Check @p params and evaluate every term into its scratch (term_values_).
   void evaluate_terms(const double* params, std::size_t n_params);
   /// Drop the terms' scratch (allocated again by the next evaluation).
@@ -440,6 +450,18 @@ class XTALSCALE_EXPORT ModelBlock {
   void build_pattern();
   /// g and ∂g/∂p of rows [first, first + count) from the terms' values of those rows.
   void fill(const std::vector<TermValues>& tv, std::size_t first, std::size_t count);
+  /// The pattern of @p count rows: @p indptr (count + 1, from 0) and, unless @p indices is null,
+  /// the block columns (each active term's in term order). Sparse term t's row starts are
+  /// @p starts[t] (any origin; its columns @p columns[t] are indexed from starts[t][0]).
+  void pattern_of_rows(std::size_t count, const std::vector<const std::int64_t*>& starts,
+                       const std::vector<const std::int32_t*>& columns, std::int64_t* indptr,
+                       std::int32_t* indices) const;
+  /// The product rule of @p count rows: g into @p g and ∂g/∂p into @p values, row j's entries
+  /// ending at @p row_ptr[j + 1]; @p tv the terms' values of the rows (sparse term t's values
+  /// indexed from @p starts[t][0], as pattern_of_rows).
+  void product_rule(const std::vector<TermValues>& tv, std::size_t count,
+                    const std::vector<const std::int64_t*>& starts, const std::int64_t* row_ptr,
+                    double* g, double* values) const;
 
   std::size_t n_rows_;
   std::size_t n_cols_ = 0, n_params_ = 0, column_offset_ = 0;
