@@ -357,16 +357,24 @@ def _refined_g(scaler, apm, k):
     return g
 
 
-def _fresh_truth_fit(noise=True, kind="physical", restrained=True):
-    """One l-cysteine sweep of the known-truth case with its model reset to the start:
-    ``(scaler, target, apm, g_true, d, models)``."""
-    tables, mdls, g_true, ds, sg = _truth_case(["scaled_30"], kind=kind, noise=noise)
+def _truth_fits(names, noise=True, kind="physical", restrained=True):
+    """The known-truth case on l-cysteine sweeps ``names``, models reset to the start and one
+    concurrent parameter manager over all: ``(scaler, target, apm, g_true, d, models)`` with
+    ``g_true`` and ``d`` one array per sweep."""
+    tables, mdls, g_true, ds, sg = _truth_case(names, kind=kind, noise=noise)
     for m in mdls:
         _reset(m)
     scaler = BasicScaler(mdls, tables, sg)
     target = ScalingTarget()
     target.param_restraints = restrained
     apm = next(iter(ScalingParameterManagerGenerator(mdls, target, "concurrent").parameter_managers()))
+    return scaler, target, apm, g_true, ds, mdls
+
+
+def _fresh_truth_fit(noise=True, kind="physical", restrained=True):
+    """One l-cysteine sweep of the known-truth case with its model reset to the start:
+    ``(scaler, target, apm, g_true, d, models)``."""
+    scaler, target, apm, g_true, ds, mdls = _truth_fits(["scaled_30"], noise, kind, restrained)
     return scaler, target, apm, g_true[0], ds[0], mdls
 
 
@@ -390,13 +398,7 @@ def test_truth_recovery_physical_each_engine(engine):
 
 
 def test_truth_recovery_two_datasets_shared_Ih_and_kb():
-    tables, mdls, g_true, ds, sg = _truth_case(["scaled_30", "scaled_35"])
-    for m in mdls:
-        _reset(m)
-    scaler = BasicScaler(mdls, tables, sg)
-    target = ScalingTarget()
-    target.param_restraints = False
-    apm = next(iter(ScalingParameterManagerGenerator(mdls, target, "concurrent").parameter_managers()))
+    scaler, target, apm, g_true, ds, mdls = _truth_fits(["scaled_30", "scaled_35"], restrained=False)
     journal = scaling_refinery("LevMar", scaler, target, apm, None).run()
     assert journal.reason_for_termination
     g0, g1 = _refined_g(scaler, apm, 0), _refined_g(scaler, apm, 1)
