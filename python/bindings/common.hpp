@@ -11,6 +11,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <stdexcept>
 #include <string>
 
 #include "xtalscale/check.hpp"
@@ -38,6 +39,11 @@ inline void require_ndim(const py::array& a, py::ssize_t ndim, const char* name)
 }
 
 /// A read-only numpy view of a container owned by @p owner (kept alive as the array's base).
+/// A thread-count argument: at least one.
+inline void require_threads(int n_threads) {
+  if (n_threads < 1) throw std::invalid_argument("n_threads must be >= 1");
+}
+
 template <typename Container>
 py::array readonly_view(const Container& v, const py::object& owner) {
   using T = typename Container::value_type;

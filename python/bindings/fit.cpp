@@ -255,7 +255,7 @@ py::tuple model_row_variances_py(const ModelBlock& block, const DoubleArray& par
   require_finite(V.data(), static_cast<std::size_t>(n * n), "V");
   if (!block.evaluates_rows())
     throw std::invalid_argument("a term of this model block does not evaluate row ranges");
-  if (n_threads < 1) throw std::invalid_argument("n_threads must be >= 1");
+  require_threads(n_threads);
   const auto rows = static_cast<py::ssize_t>(block.n_rows());
   DoubleArray var(rows), g(rows);
   const double* p = params.data();

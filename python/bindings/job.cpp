@@ -146,7 +146,7 @@ Int64Array standard_outlier_rows_py(const Int64Array& order, const Int64Array& o
                                     const DoubleArray& weight, const DoubleArray& scale, double zmax, int n_threads) {
   const IntensityRows in = intensity_rows(order, offsets, intensity, weight, scale);
   if (!std::isfinite(zmax) || zmax <= 0) throw std::invalid_argument("zmax must be positive and finite");
-  if (n_threads < 1) throw std::invalid_argument("n_threads must be >= 1");
+  require_threads(n_threads);
   std::vector<std::int64_t> outliers;
   {
     py::gil_scoped_release release;

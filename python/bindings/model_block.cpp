@@ -133,10 +133,6 @@ py::tuple term_evaluate(const ModelTerm& t, const DoubleArray& p) {
   return py::make_tuple(scales, values);
 }
 
-void require_threads(int n_threads) {
-  if (n_threads < 1) throw std::invalid_argument("n_threads must be >= 1");
-}
-
 void block_evaluate(ModelBlock& b, const DoubleArray& params, int n_threads) {
   require_1d(params, "params");
   require_threads(n_threads);
