@@ -759,6 +759,14 @@ def release_refiner_values(apm: Any, block_id: int, pattern: bool = False) -> No
         block.core.release_values(pattern)
 
 
+def _objects_and_constant(apm: Any, block_id: int) -> tuple[list, Optional[np.ndarray]]:
+    """The manager's active component objects and, if it has them, the fixed components'
+    constant scales of block ``block_id``."""
+    constant = getattr(apm, "constant_g_values", None)
+    const = None if constant is None else np.asarray(constant[block_id], dtype=np.float64)
+    return [info["object"] for info in apm.components.values()], const
+
+
 class RefinerCalculator:
     """Inverse scales and their derivatives for one dataset block (DIALS ``basis_functions``)."""
 
@@ -784,13 +792,11 @@ class RefinerCalculator:
         multiplied by the constant (fixed) factors. With no active component
         the derivative matrix is ``0 x 0``.
         """
-        constant = getattr(apm, "constant_g_values", None)
-        const = None if constant is None else np.asarray(constant[block_id], dtype=np.float64)
-        if not apm.components:
+        objects, const = _objects_and_constant(apm, block_id)
+        if not objects:
             if const is None:
                 raise ValueError("the parameter manager has neither active components nor constant scales")
             return const.copy(), _sparse.SparseMatrix((0, 0))
-        objects = [info["object"] for info in apm.components.values()]
         if len(objects) == 1:
             scales, derivs = objects[0].calculate_scales_and_derivatives(block_id)
             scales = np.asarray(scales, dtype=np.float64)
@@ -809,32 +815,26 @@ class RefinerCalculator:
         """``g`` alone, as :meth:`calculate_scales_and_derivatives` gives it (the same
         product, bit for bit), without derivatives: for residuals at a trial point.
         ``n_threads``: as :meth:`ComponentModelBlock.evaluate` (the same values for any count)."""
-        constant = getattr(apm, "constant_g_values", None)
-        const = None if constant is None else np.asarray(constant[block_id], dtype=np.float64)
-        if not apm.components:
+        objects, const = _objects_and_constant(apm, block_id)
+        if not objects:
             if const is None:
                 raise ValueError("the parameter manager has neither active components nor constant scales")
             return const.copy()
-        objects = [info["object"] for info in apm.components.values()]
         if len(objects) == 1:
             scales = np.asarray(objects[0].calculate_scales(block_id), dtype=np.float64)
             return scales * const if const is not None else scales.copy()
         return _refiner_block(apm, objects, block_id, const).evaluate_scales(n_threads).copy()
 
     @staticmethod
-    def transpose_product(apm: Any, block_id: int, coefficients: Any, n_threads: int = 1) -> Optional[tuple]:
+    def transpose_product(apm: Any, block_id: int, coefficients: Any, n_threads: int = 1) -> Optional[np.ndarray]:
         """``(∂g/∂p)ᵀ·c`` for the matrix :meth:`calculate_scales_and_derivatives` gives, without
-        forming it (the manager's C++ model block, :meth:`ComponentModelBlock.transpose_product`),
-        and ``g`` at the same parameters; ``None`` with fewer than two active components (no
-        model block: DIALS's single-component quirk applies there, so the caller uses the
-        derivative matrix). Returns ``(gradient, g)`` otherwise; ``g`` is a copy."""
-        objects = [info["object"] for info in apm.components.values()]
+        forming it (the manager's C++ model block, :meth:`ComponentModelBlock.transpose_product`);
+        ``None`` with fewer than two active components (no model block: DIALS's single-component
+        quirk applies there, so the caller uses the derivative matrix)."""
+        objects, const = _objects_and_constant(apm, block_id)
         if len(objects) < 2:
             return None
-        constant = getattr(apm, "constant_g_values", None)
-        const = None if constant is None else np.asarray(constant[block_id], dtype=np.float64)
-        block = _refiner_block(apm, objects, block_id, const)
-        return block.transpose_product(coefficients, n_threads), block.scales.copy()
+        return _refiner_block(apm, objects, block_id, const).transpose_product(coefficients, n_threads)
 
     @staticmethod
     def _calc_component_scales_derivatives(apm: Any, block_id: int) -> tuple[list, list]:

@@ -328,11 +328,11 @@ class ScalerBase:
         def one(k: int) -> np.ndarray:
             if not apms[k].n_active_params:
                 return np.zeros(0)
-            result = RefinerCalculator.transpose_product(apms[k], block_id, coefficients[starts[k]:starts[k + 1]],
-                                                         n_threads=self.n_threads)
-            if result is None:
+            product = RefinerCalculator.transpose_product(apms[k], block_id, coefficients[starts[k]:starts[k + 1]],
+                                                          n_threads=self.n_threads)
+            if product is None:
                 raise ValueError("a dataset's model has no C++ model block (check can_transpose_product)")
-            return result[0]
+            return product
 
         parts = [one(k) for k in range(len(apms))]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
