@@ -364,6 +364,53 @@ inline std::int64_t lookup_index(const double v[3], double ppd, double to_grid,
   return index;
 }
 
+/// atan(a) for a in [0, 1] by a fitted odd polynomial (least squares in a² on Chebyshev
+/// nodes); |error| < 4.4e-8 rad (a scan of 2·10⁷ points of [0, 1] finds 4.31e-8).
+inline double atan_of_unit(double a) {
+  constexpr double c[8] = {0.99999924908801774,  -0.33329538038522993, 0.19943081188140169,
+                           -0.1389204120085013,  0.096016563952608353, -0.055381697869513968,
+                           0.021509254242404473, -0.0039602572330118858};
+  const double u = a * a;
+  double r = c[7];
+  for (int k = 6; k >= 0; --k) r = c[k] + u * r;
+  return a * r;
+}
+
+/// atan2(y, x) to within kApproxAtanError (range reduction onto [0, 1], then atan_of_unit).
+inline double approx_atan2(double y, double x) {
+  const double ax = std::abs(x), ay = std::abs(y);
+  const double big = std::max(ax, ay), small = std::min(ax, ay);
+  double r = big > 0.0 ? atan_of_unit(small / big) : 0.0;
+  if (ay > ax) r = 0.5 * kPi - r;
+  if (x < 0.0) r = kPi - r;
+  return y < 0.0 ? -r : r;
+}
+
+/// A bound on approx_atan2's error (rad), with a wide margin over the polynomial's 4.4e-8
+/// and the range reduction's few ulps.
+constexpr double kApproxAtanError = 1e-6;
+
+/// lookup_index with polynomial angles: exactly lookup_index's result, because a grid
+/// coordinate that lies within the approximation's error of a grid line (where the two
+/// could round apart) is recomputed with std::atan2 (about 2e-4 of directions at 2 points
+/// per degree). The two atan2 calls are most of this kernel's time.
+inline std::int64_t lookup_index_fast(const double v[3], double ppd, double to_grid, std::int64_t n_grid) {
+  const double x = v[0], y = v[1], z = v[2];
+  const double theta = approx_atan2(std::sqrt(x * x + y * y), z);
+  double phi = approx_atan2(y, x);
+  if (phi < 0.0) phi += 2.0 * kPi;
+  // both coordinates are ≥ 0, so truncation is floor (and needs no libm call)
+  const double t_theta = theta * to_grid, t_phi = phi * to_grid;
+  const auto row = static_cast<std::int64_t>(t_theta), column = static_cast<std::int64_t>(t_phi);
+  const double f_theta = t_theta - static_cast<double>(row), f_phi = t_phi - static_cast<double>(column);
+  const double margin = kApproxAtanError * to_grid + 1e-9;
+  if (f_theta < margin || f_theta > 1.0 - margin || f_phi < margin || f_phi > 1.0 - margin)
+    return lookup_index(v, ppd, to_grid, n_grid);
+  auto index = static_cast<std::int64_t>(360.0 * ppd) * row + column;
+  if (index >= n_grid) index -= static_cast<std::int64_t>(360.0 * ppd);
+  return index;
+}
+
 constexpr std::size_t kFrameChunk = std::size_t{1} << 14;
 
 }  // namespace
@@ -385,7 +432,7 @@ void grid_lookup_indices(const double* xyz, std::size_t n, int points_per_degree
   const double ppd = static_cast<double>(points_per_degree);
   const double to_grid = ppd * 180.0 / kPi;
   const auto n_grid = static_cast<std::int64_t>(lookup_table_size(points_per_degree));
-  for (std::size_t i = 0; i < n; ++i) out[i] = lookup_index(xyz + 3 * i, ppd, to_grid, n_grid);
+  for (std::size_t i = 0; i < n; ++i) out[i] = lookup_index_fast(xyz + 3 * i, ppd, to_grid, n_grid);
 }
 
 void absorption_lookup_indices(const AbsorptionFrame& frame, const double* s1, const double* phi,
@@ -406,8 +453,8 @@ void absorption_lookup_indices(const AbsorptionFrame& frame, const double* s1, c
     for (std::size_t i = first; i < last; ++i) {
       if (i == first || !(phi[i] == phi[i - 1])) map.scan.set_angle(-phi[i]);
       map.map(s1 + 3 * i, v0, v1);
-      s0_index[i] = lookup_index(v0, ppd, to_grid, n_grid);
-      s1_index[i] = lookup_index(v1, ppd, to_grid, n_grid);
+      s0_index[i] = lookup_index_fast(v0, ppd, to_grid, n_grid);
+      s1_index[i] = lookup_index_fast(v1, ppd, to_grid, n_grid);
     }
   });
 }

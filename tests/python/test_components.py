@@ -991,6 +991,27 @@ def test_fused_absorption_lookup_indices_equal_the_vector_path(tilted):
     np.testing.assert_array_equal(s1c[:5], 0.0)
 
 
+@pytest.mark.parametrize("points_per_degree", [1, 2, 10])
+def test_grid_lookup_with_polynomial_angles_equals_the_atan2_path(points_per_degree):
+    # The lookup kernels take θ and φ from a polynomial atan2 and redo a direction with
+    # std::atan2 only when its grid coordinate lies within the polynomial's error of a grid
+    # line. Directions *on* grid lines (where the two could round apart), poles, axes and
+    # signed zeros give the atan2 path's index, as random directions do.
+    from xtalscale._core import components as kern
+
+    rng = np.random.default_rng(11)
+    ppd = points_per_degree
+    theta = np.floor(rng.uniform(0, 180 * ppd, 20_000)) / ppd * np.pi / 180
+    phi = np.floor(rng.uniform(0, 360 * ppd, 20_000)) / ppd * np.pi / 180
+    on_lines = np.column_stack([np.sin(theta) * np.cos(phi), np.sin(theta) * np.sin(phi), np.cos(theta)])
+    special = np.array([[0, 0, 1], [0, 0, -1], [1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [-1, -0.0, 0],
+                        [-1, 1e-300, 0], [-1, -1e-300, 0], [1, -1e-17, 0], [0, 0, 0]], dtype=float)
+    vectors = np.concatenate([rng.normal(size=(50_000, 3)), on_lines, special])
+    expected = ext.calc_lookup_index(ext.calc_theta_phi(vectors), ppd)
+    expected[expected >= 360 * 180 * ppd * ppd] -= 360 * ppd
+    np.testing.assert_array_equal(kern.grid_lookup_indices(vectors, ppd), expected)
+
+
 def test_absorption_frame_kernels_reject_bad_input():
     expt = _tilted_experiment()
     table = {"s1": np.ones((3, 3)), "xyzobs.px.value": np.zeros((3, 3))}
