@@ -612,12 +612,30 @@ def test_identifiers_checked_against_the_experiment_list():
         read_refl(QUARTZ, experiments=other)
 
 
-def test_parallel_chunked_write_is_byte_identical(tmp_path, monkeypatch):
-    import xtalscale.io.refl as refl_mod
+def test_rewriting_an_existing_refl_reuses_it_safely(tmp_path):
+    # Writing over an existing .refl overwrites that file's own blocks (then trims its tail):
+    # the result is byte-identical whether the old file was longer, shorter or absent, and a
+    # hard-linked or symlinked old file is never written through (its other names keep
+    # their content).
+    from xtalscale.io.refl import msgpack_bytes
 
-    t = read_refl(QUARTZ)
-    monkeypatch.setattr(refl_mod, "_PARALLEL_WRITE_BYTES", 0)  # force the thread pool
-    monkeypatch.setattr(refl_mod, "_IO_CHUNK", 1000 + 7)  # chunk size is shared with reads
-    out = tmp_path / "par.refl"
-    t.as_file(out)
-    assert out.read_bytes() == QUARTZ.read_bytes()
+    big = read_refl(QUARTZ)
+    small = big.select(np.arange(len(big)) < 10)
+    out = tmp_path / "scaled.refl"
+    for table in (big, small, big, small):
+        table.as_file(out)
+        assert out.read_bytes() == msgpack_bytes(table)
+        assert not (tmp_path / "scaled.refl.tmp-xtalscale").exists()
+    assert out.read_bytes() != QUARTZ.read_bytes()
+    keep = tmp_path / "kept.refl"
+    os.link(out, keep)
+    before = keep.read_bytes()
+    big.as_file(out)
+    assert keep.read_bytes() == before and out.read_bytes() == msgpack_bytes(big)
+    target = tmp_path / "target.refl"
+    small.as_file(target)
+    link = tmp_path / "link.refl"
+    link.symlink_to(target)
+    big.as_file(link)
+    assert target.read_bytes() == msgpack_bytes(small)
+    assert not link.is_symlink() and link.read_bytes() == msgpack_bytes(big)
