@@ -153,7 +153,19 @@ void harmonics_from_lookup_f32(const std::int32_t* i0, const std::int32_t* i1, s
     require_index(static_cast<std::ptrdiff_t>(i0[j]), n_rows, "s0_lookup");
     require_index(static_cast<std::ptrdiff_t>(i1[j]), n_rows, "s1_lookup");
   }
+  // The s1 rows are scattered over a table of some 50 MB: fetch the rows of the reflection
+  // kAhead places on while this one is averaged, so that their misses overlap.
+  constexpr std::size_t kAhead = 8;
+  const std::size_t row_bytes = n_cols * sizeof(double);
   for (std::size_t j = 0; j < n; ++j) {
+    if (j + kAhead < n) {
+      const char* pa = reinterpret_cast<const char*>(table + static_cast<std::size_t>(i0[j + kAhead]) * row_stride);
+      const char* pb = reinterpret_cast<const char*>(table + static_cast<std::size_t>(i1[j + kAhead]) * row_stride);
+      for (std::size_t off = 0; off < row_bytes; off += 64) {
+        __builtin_prefetch(pa + off);
+        __builtin_prefetch(pb + off);
+      }
+    }
     const double* a = table + static_cast<std::size_t>(i0[j]) * row_stride;
     const double* b = table + static_cast<std::size_t>(i1[j]) * row_stride;
     float* o = out + j * n_cols;
