@@ -716,6 +716,18 @@ def _rebuild(nrows: int, cols: dict, ids: dict) -> reflection_table:
     return t
 
 
+def _used_ids(ids: np.ndarray) -> list[int]:
+    """The distinct values of an experiment-id column, ascending. Ids are small integers, so
+    a count over their range (2 ms at 10⁶ rows) replaces np.unique's sort or hash (30-40 ms)."""
+    if ids.size == 0:
+        return []
+    lo, hi = int(ids.min()), int(ids.max())
+    if hi - lo > 4 * ids.size + 1024:  # sparse, huge ids: counting would waste memory
+        return [int(u) for u in np.unique(ids)]
+    present = np.bincount((ids.astype(np.int64) - lo), minlength=hi - lo + 1) > 0
+    return [int(u) + lo for u in np.flatnonzero(present)]
+
+
 def check_identifiers(
     table: reflection_table, experiments: Any = None, where: str = "table"
 ) -> None:
@@ -725,8 +737,7 @@ def check_identifiers(
     if len(set(values)) != len(values):
         raise ValueError(f"{where}: duplicate experiment identifiers {values}")
     if len(ids) and "id" in table:
-        used = np.unique(table["id"].as_numpy_array())
-        unknown = [int(u) for u in used if u >= 0 and int(u) not in ids]
+        unknown = [u for u in _used_ids(table["id"].as_numpy_array()) if u >= 0 and u not in ids]
         if unknown:
             raise ValueError(
                 f"{where}: experiment ids {unknown} in the 'id' column have no "
