@@ -1,7 +1,9 @@
 // Ih table kernels: validation, scale gathering, Ĩ and group sums (see ih_table.hpp).
 #include "xtalscale/ih_table.hpp"
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <string>
 
 #include "fit_parallel.hpp"
@@ -140,6 +142,35 @@ void calc_Ih(const GroupedObservations& t, const double* g, double* Ih, double* 
       if (S) S[h] = sums.wgg;
     }
   });
+}
+
+void calc_Ih_rows(std::size_t n_rows, std::size_t n_groups, const std::int64_t* order,
+                  const std::int64_t* offsets, const double* intensity, const double* weight,
+                  const double* g, double* Ih_rows) {
+  (void)n_rows;
+  constexpr std::int64_t kAhead = 16;  // table positions fetched ahead of the one summed
+  const std::int64_t n_sorted = offsets[n_groups];
+  std::int64_t fetched = 0;
+  for (std::size_t h = 0; h < n_groups; ++h) {
+    const std::int64_t begin = offsets[h], end = offsets[h + 1];
+    for (const std::int64_t target = std::min(n_sorted, end + kAhead); fetched < target; ++fetched) {
+      const auto r = order[fetched];
+      __builtin_prefetch(intensity + r);
+      __builtin_prefetch(weight + r);
+      __builtin_prefetch(g + r);
+    }
+    // the same operations in the same order as group_sums over the table-order copies
+    double wgg = 0.0, wgi = 0.0;
+    for (auto l = begin; l < end; ++l) {
+      const auto r = order[l];
+      const double I = std::isfinite(intensity[r]) ? intensity[r] : 0.0;
+      const double wg = weight[r] * g[r];
+      wgg += wg * g[r];
+      wgi += wg * I;
+    }
+    const double Ih = wgg > 0.0 ? wgi / wgg : 0.0;
+    for (auto l = begin; l < end; ++l) Ih_rows[order[l]] = Ih;
+  }
 }
 
 void sum_in_groups(const GroupedObservations& t, const double* values, double* sums) {

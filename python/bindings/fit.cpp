@@ -285,6 +285,47 @@ py::tuple calc_Ih_py(const Int64Array& offsets, const DoubleArray& intensities,
   return py::make_tuple(ih, s);
 }
 
+DoubleArray calc_Ih_rows_py(const Int64Array& order, const Int64Array& offsets, const DoubleArray& intensities,
+                            const DoubleArray& weights, const DoubleArray& g) {
+  const auto n = static_cast<std::size_t>(intensities.size());
+  require_1d(intensities, n, "intensities");
+  require_1d(weights, n, "weights");
+  require_1d(g, n, "g");
+  require_1d(order, n, "order");
+  if (offsets.ndim() != 1 || offsets.size() < 1)
+    throw std::invalid_argument("group_offsets must be 1-dimensional with n_groups + 1 values");
+  const std::int64_t* off = offsets.data();
+  const auto n_groups = static_cast<std::size_t>(offsets.size()) - 1;
+  require(off[0] == 0, "group_offsets[0] must be 0");
+  // (messages are built only on failure: these loops run at every evaluation of a fit)
+  for (std::size_t h = 0; h < n_groups; ++h)
+    if (off[h + 1] < off[h])
+      throw std::invalid_argument("group_offsets must be non-decreasing (group " + std::to_string(h) + ")");
+  require(static_cast<std::size_t>(off[n_groups]) == n,
+          "group_offsets must end at the row count " + std::to_string(n));
+  // order must be a permutation of the rows: every Ĩ is then written once
+  std::vector<std::uint8_t> seen(n, 0);
+  const std::int64_t* o = order.data();
+  for (std::size_t i = 0; i < n; ++i) {
+    if (o[i] < 0 || static_cast<std::size_t>(o[i]) >= n)
+      throw std::invalid_argument("order[" + std::to_string(i) + "] is not a row (0.." + std::to_string(n) + ")");
+    if (seen[static_cast<std::size_t>(o[i])])
+      throw std::invalid_argument("order holds row " + std::to_string(o[i]) + " twice");
+    seen[static_cast<std::size_t>(o[i])] = 1;
+  }
+  require_finite(weights.data(), n, "weights");
+  require_finite(g.data(), n, "g");
+  for (std::size_t i = 0; i < n; ++i)
+    if (!(weights.data()[i] >= 0.0))
+      throw std::invalid_argument("weights must be >= 0 (row " + std::to_string(i) + ")");
+  DoubleArray out(static_cast<py::ssize_t>(n));
+  {
+    py::gil_scoped_release release;
+    calc_Ih_rows(n, n_groups, o, off, intensities.data(), weights.data(), g.data(), out.mutable_data());
+  }
+  return out;
+}
+
 DoubleArray sum_in_groups_py(const Int64Array& offsets, const DoubleArray& values) {
   if (offsets.ndim() != 1 || offsets.size() < 1)
     throw std::invalid_argument("group_offsets must be 1-dimensional with n_groups + 1 values");
@@ -341,6 +382,10 @@ void bind_fit(py::module_& m) {
   m.def("calc_Ih", &calc_Ih_py, py::arg("group_offsets"), py::arg("intensities"),
         py::arg("weights"), py::arg("g"), py::arg("n_threads") = 1,
         "Per group Ih = sum wgI / sum wg^2 (0 if the sum is 0) and S = sum wg^2.");
+  m.def("calc_Ih_rows", &calc_Ih_rows_py, py::arg("order"), py::arg("group_offsets"), py::arg("intensities"),
+        py::arg("weights"), py::arg("g"),
+        "Ĩ of every row of a block in its own row order (table position l holds row order[l]):\n"
+        "calc_Ih of the table-order copies (non-finite I as 0), broadcast to the rows, bit for bit.");
   m.def("sum_in_groups", &sum_in_groups_py, py::arg("group_offsets"), py::arg("values"),
         "Sum values (table order) within each group.");
   m.def("max_threads", &max_threads, "Threads available to the fit kernels (1 without OpenMP).");

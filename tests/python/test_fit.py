@@ -13,6 +13,7 @@ import scipy.sparse as sp
 
 from xtalscale import models
 from xtalscale._core import fit as core_fit
+from xtalscale._core import grouping as core_grouping
 from xtalscale.algorithms.scaling.Ih_table import IhTable, IhTableBlock
 from xtalscale.algorithms.scaling.scaling_refiner import scaling_refinery
 from xtalscale.algorithms.scaling.target_function import ScalingTarget, ScalingTargetFixedIH
@@ -164,6 +165,32 @@ def test_blocks_built_through_a_thread_pool_are_the_same():
             np.testing.assert_array_equal(a.Ih_table[key], b.Ih_table[key])
         np.testing.assert_array_equal(a.asu_miller_index, b.asu_miller_index)
     assert serial.properties_dict == threaded.properties_dict
+
+def test_calc_Ih_rows_equals_the_table_order_kernel_bit_for_bit():  # noqa: N802
+    """A block's Ĩ from one pass over its rows in group order (calc_Ih_rows) is calc_Ih of the
+    table-order copies broadcast to the rows, bit for bit: two interleaved datasets, a
+    non-finite I (counted as 0), a group without weight (Ĩ = 0). Bad layouts raise."""
+    rng = np.random.default_rng(9)
+    n, n_groups = 5000, 700
+    groups = rng.integers(0, n_groups, n)
+    order, offsets = core_grouping.counting_order(groups, n_groups)
+    I, w, g = rng.uniform(-5, 100, n), rng.uniform(0.01, 2, n), rng.uniform(0.5, 2, n)
+    I[7], I[11] = np.nan, np.inf
+    w[groups == groups[3]] = 0.0
+    rows = core_fit.calc_Ih_rows(order, offsets, I, w, g)
+    by_group, _ = core_fit.calc_Ih(offsets, np.nan_to_num(I[order], nan=0.0, posinf=0.0, neginf=0.0), w[order],
+                                   g[order])
+    np.testing.assert_array_equal(rows, by_group[groups])
+    assert rows[3] == 0.0
+    with pytest.raises(ValueError, match="twice"):
+        core_fit.calc_Ih_rows(np.zeros(n, np.int64), offsets, I, w, g)
+    with pytest.raises(ValueError, match="end at the row count"):
+        core_fit.calc_Ih_rows(order, offsets[:-1], I, w, g)
+    with pytest.raises(ValueError, match="weights must be >= 0"):
+        core_fit.calc_Ih_rows(order, offsets, I, -w, g)
+    with pytest.raises(ValueError, match="finite"):
+        core_fit.calc_Ih_rows(order, offsets, I, w, np.full(n, np.nan))
+
 
 
 # ----------------------------------------------------------------------------- real data

@@ -60,6 +60,17 @@ XTALSCALE_EXPORT void gather_scales(const std::vector<FitBlock>& blocks, double*
 XTALSCALE_EXPORT void calc_Ih(const GroupedObservations& table, const double* g_table,
                               double* Ih_group, double* S_group, int n_threads = 1);
 
+/// Ĩ of every row of a block stored in its own row order: the group of table position l is
+/// the h with offsets[h] <= l < offsets[h+1], and table position l holds block row order[l].
+/// Ĩ_h = Σ w g I / Σ w g² in table order (0 where Σ w g² = 0); a non-finite I counts as 0.
+/// Bit for bit calc_Ih of the table-order copies, broadcast to the rows; the rows are read
+/// through @p order with the next rows' values fetched ahead (the rows of a block of several
+/// datasets are interleaved in group order). Every block row must appear once in @p order
+/// (checked by the binding).
+XTALSCALE_EXPORT void calc_Ih_rows(std::size_t n_rows, std::size_t n_groups, const std::int64_t* order,
+                                   const std::int64_t* offsets, const double* intensity,
+                                   const double* weight, const double* g, double* Ih_rows);
+
 /// Sum @p values (table order) within each group into @p sums (n_groups).
 XTALSCALE_EXPORT void sum_in_groups(const GroupedObservations& table, const double* values,
                                     double* sums);

@@ -61,6 +61,14 @@ def calc_Ih(
     n_threads: int = 1,
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
 
+def calc_Ih_rows(
+    order: npt.ArrayLike,
+    group_offsets: npt.ArrayLike,
+    intensities: npt.ArrayLike,
+    weights: npt.ArrayLike,
+    g: npt.ArrayLike,
+) -> npt.NDArray[np.float64]: ...
+
 def sum_in_groups(group_offsets: npt.ArrayLike, values: npt.ArrayLike) -> npt.NDArray[np.float64]: ...
 
 def max_threads() -> int: ...

@@ -268,18 +268,29 @@ class IhTableBlock:
     # ------------------------------------------------------------------ table view for kernels
     def table_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """``(group_offsets, intensities, weights, table_rows)`` in table order; ``table_rows``
-        maps block rows to table rows (the row map of a model block in block order)."""
-        inten = np.nan_to_num(np.asarray(self.intensities, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-        return (self._offsets, np.ascontiguousarray(inten[self._order]),
-                np.ascontiguousarray(self.weights[self._order]), self._table_rows)
+        maps block rows to table rows (the row map of a model block in block order).
+
+        The table-order I and w (read-only) are made once and kept until the block's intensity
+        or weight array is replaced (its setters and error-model updates replace the arrays,
+        never write into them): a fit asks for them at every evaluation."""
+        inten_src, w_src = self._arrays["intensity"], self._arrays["weights"]
+        held = getattr(self, "_table_order_held", None)
+        if held is None or held[0] is not inten_src or held[1] is not w_src or held[2] is not self._order:
+            inten = np.nan_to_num(np.asarray(inten_src, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+            inten_t = np.ascontiguousarray(inten[self._order])
+            w_t = np.ascontiguousarray(np.asarray(w_src)[self._order])
+            inten_t.setflags(write=False)
+            w_t.setflags(write=False)
+            held = self._table_order_held = (inten_src, w_src, self._order, inten_t, w_t)
+        return (self._offsets, held[3], held[4], self._table_rows)
 
     # ------------------------------------------------------------------ group maths
     def calc_Ih(self) -> None:  # noqa: N802
         """Ĩ_h = Σ w g I / Σ w g² (0 for a group with no weight), broadcast to rows."""
-        offsets, inten, w, rows = self.table_arrays()
-        g = np.asarray(self.inverse_scale_factors, dtype=np.float64)[self._order]
-        ih_group, _ = _fit.calc_Ih(offsets, inten, w, np.ascontiguousarray(g))
-        self._arrays["Ih_values"] = ih_group[self._group_ids]
+        # one C++ pass over the rows in group order (no table-order copies)
+        self._arrays["Ih_values"] = _fit.calc_Ih_rows(
+            self._order, self._offsets, np.asarray(self.intensities, dtype=np.float64),
+            np.asarray(self.weights, dtype=np.float64), np.asarray(self.inverse_scale_factors, dtype=np.float64))
 
     def calc_nh(self) -> np.ndarray:
         """Group size of every row."""
