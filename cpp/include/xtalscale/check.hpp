@@ -19,6 +19,14 @@ inline void require(bool condition, const std::string& message) {
   if (!condition) throw std::invalid_argument(message);
 }
 
+/// The same for a literal message: no std::string is made unless the check fails (checks run
+/// per element in loops, where building the message every time cost more than the work).
+/// A message built by concatenation is built before the call whatever the outcome: write such
+/// checks inside loops as `if (!condition) throw ...` (or XS_REQUIRE).
+inline void require(bool condition, const char* message) {
+  if (!condition) throw std::invalid_argument(message);
+}
+
 /// Throw std::out_of_range unless 0 <= index < size; @p what names the index argument.
 inline void require_index(std::ptrdiff_t index, std::size_t size, const char* what) {
   if (index < 0 || static_cast<std::size_t>(index) >= size)
