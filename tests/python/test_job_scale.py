@@ -722,3 +722,26 @@ def test_streamed_f_and_grad_without_derivatives_equals_the_derivative_path(monk
                                             [["scale"]] * 2, apm_class=scaling_active_parameter_manager)
     assert not scaler.can_transpose_product(single)
     assert ScalerObjective(scaler, target, single)._matrix_free() is None
+
+
+@pytest.mark.parametrize("selection", [["reflection_selection.method=quasi_random"],
+                                       ["reflection_selection.main_rounds_subset=1500"]])
+def test_first_outlier_round_on_the_minimisation_groups_flags_the_subset_as_a_full_round(selection):
+    """The round before the first minimisation tests only the groups holding a minimisation
+    row: every row of the subset gets the flag a rejection of every group gives it (on the
+    unscaled sweeps 20 + 25, where many rows are outliers), and no other row is flagged."""
+    from xtalscale.job.reflection_selection import select_for_minimisation
+
+    inputs = load_inputs(SWEEP20 + SWEEP25)
+    params, _ = parse_phil_arguments(selection)
+    scaler = ScalingAlgorithm(params, inputs.experiments, inputs.tables).scaler
+    select_for_minimisation(scaler)
+    subset = [ds.minimisation.copy() for ds in scaler.datasets]
+    assert all(0 < s.sum() < s.size for s in subset)
+    scaler.round_of_outlier_rejection()
+    full = [ds.outliers.copy() for ds in scaler.datasets]
+    scaler.round_of_outlier_rejection(minimisation_groups_only=True)
+    assert sum(int((f & s).sum()) for f, s in zip(full, subset)) > 20
+    for ds, f, s in zip(scaler.datasets, full, subset):
+        np.testing.assert_array_equal(ds.outliers[s], f[s])
+        assert not np.any(ds.outliers[~s] & ~f[~s])

@@ -196,7 +196,8 @@ def scaling_algorithm(scaler: ScalerBase) -> ScalerBase:
     so = params.scaling_options
     use_error_model = params.weighting.error_model.error_model is not None
     select_for_minimisation(scaler)
-    scaler.round_of_outlier_rejection() if so.outlier_rejection else None
+    if so.outlier_rejection:  # only the first minimisation reads these flags
+        scaler.round_of_outlier_rejection(minimisation_groups_only=True)
     scaler.make_ready_for_scaling()
     scaler.perform_scaling()
     if params.reflection_selection.intensity_choice == "combine" or so.outlier_rejection:

@@ -539,15 +539,28 @@ class ScalerBase:
         return np.asarray(_calc(comps, V, block_id=block_id), dtype=np.float64)
 
     # ------------------------------------------------------------------ outliers
-    def round_of_outlier_rejection(self) -> None:
-        """Replace each dataset's outliers by a fresh rejection on all suitable rows."""
+    def round_of_outlier_rejection(self, minimisation_groups_only: bool = False) -> None:
+        """Replace each dataset's outliers by a fresh rejection on all suitable rows.
+
+        ``minimisation_groups_only``: the standard method tests only the groups holding a row
+        of the minimisation subset (``Dataset.minimisation``); rows of other groups get no flag.
+        The method works on each group alone, so every subset row gets the flag a rejection of
+        all groups would give it. For the round before the first minimisation, whose flags
+        only that minimisation reads (the next round replaces them all): at 10⁶ unscaled
+        observations, a third of them outliers, the whole rejection took 0.1 s."""
         t0 = time.perf_counter()
         so = self._params.scaling_options
         method = so.outlier_rejection
         if method is None:
             return
         grouped = self._grouped_suitable()
-        rows = determine_outlier_rows(grouped, method, float(so.outlier_zmax), n_threads=self.n_threads)
+        if minimisation_groups_only and method == "standard" and all(ds.minimisation is not None
+                                                                     for ds in self.datasets):
+            in_subset = np.concatenate([ds.minimisation for ds in self.datasets])
+            rows = determine_outlier_rows(_groups_holding(grouped, in_subset), method, float(so.outlier_zmax),
+                                          n_threads=self.n_threads)
+        else:
+            rows = determine_outlier_rows(grouped, method, float(so.outlier_zmax), n_threads=self.n_threads)
         per_dataset = grouped.rows_per_dataset(rows)
         if so.emax:
             esq = determine_Esq_outlier_index_arrays(grouped, self.datasets[0].experiment, float(so.emax))
@@ -628,6 +641,19 @@ class ScalerBase:
                                   for ds in self.datasets])
             held = self._asu_groupings[anomalous] = asu_grouping(hkl, self.space_group, anomalous=anomalous)
         return held
+
+
+def _groups_holding(grouped: GroupedObservations, rows: np.ndarray) -> GroupedObservations:
+    """``grouped`` restricted to the groups holding at least one of ``rows`` (a per-row bool
+    array): the same rows and row numbers, a grouping of fewer groups (in the same order)."""
+    wanted = np.zeros(grouped.n_groups, dtype=bool)
+    wanted[grouped.group_of_row()[rows]] = True
+    groups = np.flatnonzero(wanted)
+    sizes = np.diff(grouped.offsets)[groups]
+    offsets = np.zeros(groups.size + 1, dtype=np.int64)
+    np.cumsum(sizes, out=offsets[1:])
+    positions = np.arange(offsets[-1], dtype=np.int64) + np.repeat(grouped.offsets[groups] - offsets[:-1], sizes)
+    return replace(grouped, order=grouped.order[positions], offsets=offsets, derived={})
 
 
 def _update_all_rows(comp: Any, scales_only: bool) -> None:
