@@ -256,4 +256,70 @@ std::vector<std::int64_t> group_miller_indices(const std::int32_t* hkl, std::siz
   return radix_group(k, range, order, group_index);
 }
 
+namespace {
+
+/// Lexicographic comparison of two (h, k, l), the second negated when @p negate_b.
+int compare_keys(const std::int32_t* a, const std::int32_t* b, bool negate_b) {
+  for (int c = 0; c < 3; ++c) {
+    const std::int64_t x = a[c];
+    const std::int64_t y = negate_b ? -static_cast<std::int64_t>(b[c]) : b[c];
+    if (x != y) return x < y ? -1 : 1;
+  }
+  return 0;
+}
+
+}  // namespace
+
+std::vector<std::int64_t> split_bijvoet_groups(const std::int64_t* order, const std::int64_t* offsets,
+                                               std::size_t n_groups, const std::int32_t* keys,
+                                               const std::uint8_t* minus, std::int64_t* out_order) {
+  // the flags in grouped order (one gather; every later pass is sequential), and per group
+  // whether it has unflagged (plus) and flagged (minus) rows
+  std::vector<std::uint8_t> flag(static_cast<std::size_t>(offsets[n_groups]));
+  for (std::size_t i = 0; i < flag.size(); ++i) flag[i] = minus[order[i]] != 0;
+  std::vector<std::uint8_t> has_plus(n_groups, 0), has_minus(n_groups, 0);
+  for (std::size_t g = 0; g < n_groups; ++g)
+    for (auto i = offsets[g]; i < offsets[g + 1]; ++i) (flag[static_cast<std::size_t>(i)] ? has_minus[g] : has_plus[g]) = 1;
+  std::vector<std::int64_t> out_offsets{0};
+  std::size_t written = 0;
+  auto emit = [&](std::size_t g, std::uint8_t flagged) {
+    for (auto i = offsets[g]; i < offsets[g + 1]; ++i)
+      if (flag[static_cast<std::size_t>(i)] == flagged) out_order[written++] = order[i];
+  };
+  // plus halves ascending (groups 0, 1, ...); minus halves ascending by negated key (groups
+  // n-1, n-2, ...); merge the two runs
+  std::size_t p = 0, m = n_groups;
+  auto next_plus = [&]() { while (p < n_groups && !has_plus[p]) ++p; };
+  auto next_minus = [&]() { while (m > 0 && !has_minus[m - 1]) --m; };
+  next_plus();
+  next_minus();
+  while (p < n_groups || m > 0) {
+    int c;
+    if (p >= n_groups) c = 1;
+    else if (m == 0) c = -1;
+    else c = compare_keys(keys + 3 * p, keys + 3 * (m - 1), true);
+    if (c < 0) {
+      emit(p, 0);
+      ++p;
+    } else if (c > 0) {
+      emit(m - 1, 1);
+      --m;
+    } else {
+      // a key equal to another group's negated key (not for indices in one ASU): one group,
+      // its rows in input order, as a sort of the signed indices would give
+      const std::size_t start = written;
+      emit(p, 0);
+      const std::size_t middle = written;
+      emit(m - 1, 1);
+      std::inplace_merge(out_order + start, out_order + middle, out_order + written);
+      ++p;
+      --m;
+    }
+    out_offsets.push_back(static_cast<std::int64_t>(written));
+    next_plus();
+    next_minus();
+  }
+  return out_offsets;
+}
+
 }  // namespace xtalscale

@@ -107,6 +107,37 @@ py::tuple counting_order_py(const Int64Array& keys, std::int64_t n_keys) {
   return py::make_tuple(order, offsets);
 }
 
+py::tuple split_bijvoet_groups_py(const Int64Array& order, const Int64Array& offsets, const Int32Array& keys,
+                                  const BoolArray& minus) {
+  if (order.ndim() != 1 || offsets.ndim() != 1 || offsets.size() < 1)
+    throw std::invalid_argument("order and offsets must be 1-dimensional (offsets: n_groups + 1 values)");
+  const auto n = static_cast<std::size_t>(order.size());
+  const auto n_groups = static_cast<std::size_t>(offsets.size()) - 1;
+  if (keys.ndim() != 2 || keys.shape(1) != 3 || static_cast<std::size_t>(keys.shape(0)) != n_groups)
+    throw std::invalid_argument("keys must have shape (n_groups, 3)");
+  if (minus.ndim() != 1)
+    throw std::invalid_argument("minus must be a 1-dimensional bool array (one flag per row)");
+  const auto n_rows = static_cast<std::size_t>(minus.size());
+  const std::int64_t* off = offsets.data();
+  require(off[0] == 0 && static_cast<std::size_t>(off[n_groups]) == n, "offsets must run from 0 to len(order)");
+  for (std::size_t g = 0; g < n_groups; ++g)
+    if (off[g + 1] < off[g]) throw std::invalid_argument("offsets must be non-decreasing");
+  const std::int64_t* o = order.data();
+  for (std::size_t i = 0; i < n; ++i)
+    if (o[i] < 0 || static_cast<std::size_t>(o[i]) >= n_rows)
+      throw std::invalid_argument("order[" + std::to_string(i) + "] is not a row of minus");
+  Int64Array out_order({static_cast<py::ssize_t>(n)});
+  std::vector<std::int64_t> out_offsets;
+  {
+    py::gil_scoped_release release;  // raw buffers owned by the arrays above
+    out_offsets = split_bijvoet_groups(o, off, n_groups, keys.data(),
+                                       reinterpret_cast<const std::uint8_t*>(minus.data()), out_order.mutable_data());
+  }
+  Int64Array out_off({static_cast<py::ssize_t>(out_offsets.size())});
+  std::copy(out_offsets.begin(), out_offsets.end(), out_off.mutable_data());
+  return py::make_tuple(out_order, out_off);
+}
+
 py::tuple group_miller_py(const Int32Array& hkl) {
   if (hkl.ndim() != 2 || hkl.shape(1) != 3)
     throw std::invalid_argument("hkl must have shape (n, 3)");
@@ -159,6 +190,11 @@ void bind_grouping(py::module_& m) {
         "Stable order of int64 keys in [0, n_keys) by counting sort, O(n + n_keys).\n\n"
         "Returns (order, offsets): the permutation (a stable argsort) and each key's start\n"
         "in it, n_keys + 1 values ending at n.");
+  m.def("split_bijvoet_groups", &split_bijvoet_groups_py, py::arg("order"), py::arg("offsets"), py::arg("keys"),
+        py::arg("minus"),
+        "group_miller_indices' grouping of the same indices with the rows flagged in minus negated,\n"
+        "from the grouping (order, offsets) of the indices and its group keys, without sorting again.\n"
+        "Returns (order, offsets).");
   m.def("group_miller_indices", &group_miller_py, py::arg("hkl"),
         "Stable O(n) grouping of (n, 3) int32 Miller indices in signed lexicographic\n"
         "(h, k, l) order (DIALS order). Returns (order, group_index, offsets).");

@@ -296,3 +296,33 @@ def test_grouping_kernels_equal_a_stable_lexicographic_sort(spread):
     order, group_index, offsets = kernels.group_keys(keys)
     np.testing.assert_array_equal(order, np.argsort(keys, kind="stable"))
     assert offsets.size - 1 == np.unique(keys).size
+
+
+@pytest.mark.parametrize("space_group", ["P 1", "P 21 21 21", "P 4/m m m", "P 3 2 1", "C 2", "P 61 2 2"])
+def test_bijvoet_split_of_a_grouping_equals_grouping_the_signed_indices(space_group):
+    """The job groups its rows with Bijvoet mates apart by splitting its merged grouping
+    (split_bijvoet_groups, no second sort): the same groups, group order and row order as
+    group_reflections of the signed ASU indices, centric rows included."""
+    from xtalscale._core import grouping as core_grouping
+    from xtalscale.job.grouped import _ASU_CACHE, asu_grouping
+    from xtalscale.symmetry import SpaceGroup, group_reflections, map_to_asu
+
+    rng = np.random.default_rng(4)
+    hkl = rng.integers(-9, 10, (30_000, 3)).astype(np.int32)
+    hkl = hkl[np.any(hkl != 0, axis=1)]
+    mapping = map_to_asu(hkl, SpaceGroup(space_group), anomalous=False)
+    signed = mapping.asu_hkl.copy()
+    signed[mapping.friedel_minus] *= -1
+    expected = group_reflections(signed)
+    _ASU_CACHE.clear()
+    merged = asu_grouping(hkl, space_group, anomalous=False)
+    split = asu_grouping(hkl, space_group, anomalous=True)  # from the merged grouping
+    np.testing.assert_array_equal(split.order, expected.order)
+    np.testing.assert_array_equal(split.offsets, expected.offsets)
+    np.testing.assert_array_equal(split.asu_hkl, signed)
+    assert merged.offsets.size <= split.offsets.size  # (equal for a centrosymmetric group)
+    keys = np.ascontiguousarray(mapping.asu_hkl[merged.order[merged.offsets[:-1]]])
+    with pytest.raises(ValueError, match="shape"):
+        core_grouping.split_bijvoet_groups(merged.order, merged.offsets, keys[:-1], mapping.friedel_minus)
+    with pytest.raises(ValueError, match="not a row"):
+        core_grouping.split_bijvoet_groups(merged.order, merged.offsets, keys, mapping.friedel_minus[:10])

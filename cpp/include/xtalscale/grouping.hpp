@@ -86,4 +86,19 @@ XTALSCALE_EXPORT std::vector<std::int64_t> group_miller_indices(const std::int32
                                                                 std::int64_t* order,
                                                                 std::int64_t* group_index);
 
+/// Split a grouping by Miller index into Bijvoet halves: what group_miller_indices gives
+/// for the same indices with the rows flagged in @p minus negated, without sorting again.
+/// The input is group_miller_indices' (@p order, @p offsets of @p n_groups groups whose
+/// indices are @p keys, n_groups x 3, in its order). A group's unflagged rows keep its key,
+/// its flagged rows form the group of the negated key; the negated keys are in the reverse
+/// of the groups' order (negation reverses lexicographic order), so one merge of the two
+/// runs orders all groups, and rows stay in input order within each group. Returns the new
+/// offsets and writes the new order to @p out_order (as many entries as @p order).
+XTALSCALE_EXPORT std::vector<std::int64_t> split_bijvoet_groups(const std::int64_t* order,
+                                                                const std::int64_t* offsets,
+                                                                std::size_t n_groups,
+                                                                const std::int32_t* keys,
+                                                                const std::uint8_t* minus,
+                                                                std::int64_t* out_order);
+
 }  // namespace xtalscale

@@ -52,3 +52,9 @@ def counting_order(
 def group_miller_indices(
     hkl: npt.ArrayLike,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
+def split_bijvoet_groups(
+    order: npt.ArrayLike,
+    offsets: npt.ArrayLike,
+    keys: npt.ArrayLike,
+    minus: npt.ArrayLike,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...

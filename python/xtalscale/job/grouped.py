@@ -107,10 +107,21 @@ def asu_grouping(hkl: np.ndarray, space_group: Any, anomalous: bool) -> AsuGroup
     _, _, asu, minus, groupings = entry
     if anomalous not in groupings:
         if anomalous:  # as map_to_asu(anomalous=True): the acentric minus mates negated
-            asu = asu.copy()
-            asu[minus] *= -1
-        grouping = group_reflections(asu)
-        groupings[anomalous] = AsuGrouping(asu, grouping.order, grouping.offsets)
+            signed = asu.copy()
+            signed[minus] *= -1
+            merged = groupings.get(False)
+            if merged is not None:  # split the merged grouping: no second sort
+                from .._core import grouping as _grouping
+
+                keys = np.ascontiguousarray(asu[merged.order[merged.offsets[:-1]]])
+                order, offsets = _grouping.split_bijvoet_groups(merged.order, merged.offsets, keys, minus)
+                groupings[True] = AsuGrouping(signed, order, offsets)
+            else:
+                grouping = group_reflections(signed)
+                groupings[True] = AsuGrouping(signed, grouping.order, grouping.offsets)
+        else:
+            grouping = group_reflections(asu)
+            groupings[False] = AsuGrouping(asu, grouping.order, grouping.offsets)
         _read_only(*groupings[anomalous])
     return groupings[anomalous]
 
