@@ -263,17 +263,20 @@ struct PanelColumns {
 
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && defined(__linux__)
 #define XS_TILE_FMA 1
-/// One 4 x 8 tile summed over k panel rows with AVX2+FMA intrinsics: per row two loads of the
-/// right strip, four broadcast loads of the left values, eight FMAs. (Compiled from plain
-/// loops, the tile loaded the left values as one vector and shuffled it four ways, and the
-/// shuffle port bounded the loop.) The same FMA per element and row, in the same order, as
-/// the plain loops compiled for x86-64-v3, so the bits do not change.
-__attribute__((target("avx2,fma"))) void tile_sum_fma(std::size_t k, const double* lstrip, const double* rstrip,
-                                                      double acc[4][8]) {
-  __m256d c00 = _mm256_setzero_pd(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00, c31 = c00;
+/// acc[i][j] += Σ_{r<k} left[r·ls + i] · right[r·rs + j] for a 4 x 8 tile, with AVX2+FMA
+/// intrinsics: per r two loads of the right values, four broadcast loads of the left values,
+/// eight FMAs. (Compiled from plain loops, the tile loaded the left values as one vector and
+/// shuffled it four ways, and the shuffle port bounded the loop.) The same FMA per element
+/// and r, in the same order, as the plain loops compiled for x86-64-v3: the bits do not change.
+__attribute__((target("avx2,fma"))) void tile_sum_fma(std::size_t k, const double* left, std::size_t ls,
+                                                      const double* right, std::size_t rs, double acc[4][8]) {
+  __m256d c00 = _mm256_loadu_pd(acc[0]), c01 = _mm256_loadu_pd(acc[0] + 4);
+  __m256d c10 = _mm256_loadu_pd(acc[1]), c11 = _mm256_loadu_pd(acc[1] + 4);
+  __m256d c20 = _mm256_loadu_pd(acc[2]), c21 = _mm256_loadu_pd(acc[2] + 4);
+  __m256d c30 = _mm256_loadu_pd(acc[3]), c31 = _mm256_loadu_pd(acc[3] + 4);
   for (std::size_t r = 0; r < k; ++r) {
-    const double* lr = lstrip + r * 8;
-    const double* rr = rstrip + r * 8;
+    const double* lr = left + r * ls;
+    const double* rr = right + r * rs;
     const __m256d r0 = _mm256_loadu_pd(rr), r1 = _mm256_loadu_pd(rr + 4);
     __m256d b = _mm256_broadcast_sd(lr);
     c00 = _mm256_fmadd_pd(b, r0, c00);
@@ -323,7 +326,7 @@ void add_upper_product(std::size_t k, std::size_t ld, const double* __restrict l
 #ifdef XS_TILE_FMA
       static_assert(kTileRows == 4 && kStrip == 8, "tile_sum_fma is a 4 x 8 tile");
       if (cpu_has_avx2_fma()) {
-        tile_sum_fma(k, lstrip, rstrip, acc);
+        tile_sum_fma(k, lstrip, kStrip, rstrip, kStrip, acc);
       } else
 #endif
       {
@@ -918,11 +921,18 @@ void add_run_quadratic_forms(std::size_t len, const double* __restrict x,
     double acc[kTileRows][kStrip];
     for (std::size_t rr = 0; rr < kTileRows; ++rr)
       for (std::size_t jj = 0; jj < kStrip; ++jj) acc[rr][jj] = 2.0 * z[rr * len_pad + j0 + jj];
-    for (std::size_t i = 0; i < len; ++i) {
-      const double* xi = xt + i * kTileRows;
-      const double* vr = vdd + i * len_pad + j0;
-      for (std::size_t rr = 0; rr < kTileRows; ++rr)
-        for (std::size_t jj = 0; jj < kStrip; ++jj) acc[rr][jj] += xi[rr] * vr[jj];
+#ifdef XS_TILE_FMA
+    if (cpu_has_avx2_fma()) {
+      tile_sum_fma(len, xt, kTileRows, vdd + j0, len_pad, acc);
+    } else
+#endif
+    {
+      for (std::size_t i = 0; i < len; ++i) {
+        const double* xi = xt + i * kTileRows;
+        const double* vr = vdd + i * len_pad + j0;
+        for (std::size_t rr = 0; rr < kTileRows; ++rr)
+          for (std::size_t jj = 0; jj < kStrip; ++jj) acc[rr][jj] += xi[rr] * vr[jj];
+      }
     }
     for (std::size_t rr = 0; rr < kTileRows; ++rr)
       for (std::size_t jj = 0; jj < kStrip; ++jj)
