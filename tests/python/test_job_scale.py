@@ -745,3 +745,27 @@ def test_first_outlier_round_on_the_minimisation_groups_flags_the_subset_as_a_fu
     for ds, f, s in zip(scaler.datasets, full, subset):
         np.testing.assert_array_equal(ds.outliers[s], f[s])
         assert not np.any(ds.outliers[~s] & ~f[~s])
+
+
+def test_cyclic_gc_is_paused_inside_the_job_and_restored_after():
+    """The job runs with Python's cyclic collector off and gives back the state it found, also
+    when the job fails (here: a missing input file)."""
+    import gc
+
+    from xtalscale.job.run import cyclic_gc_paused, run_scale_job
+
+    seen = []
+    with cyclic_gc_paused():
+        seen.append(gc.isenabled())
+    assert seen == [False] and gc.isenabled()
+    params, _ = parse_phil_arguments([])
+    with pytest.raises(Exception):
+        run_scale_job(params, ["/no/such/file.refl", "/no/such/file.expt"])
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with cyclic_gc_paused():
+            pass
+        assert not gc.isenabled()  # a caller's choice is kept
+    finally:
+        gc.enable()
