@@ -769,3 +769,37 @@ def test_cyclic_gc_is_paused_inside_the_job_and_restored_after():
         assert not gc.isenabled()  # a caller's choice is kept
     finally:
         gc.enable()
+
+
+def test_final_expansion_reuses_the_minimisation_blocks_model_data(monkeypatch):
+    """The expansion with variances evaluates first the blocks of the last minimisation table
+    (the components still hold their data), then chunks of the rows it did not hold (here the
+    outliers): g and var g equal an expansion that sets up every row again, to rounding."""
+    scaler = _streamed_scaler(monkeypatch)
+    scaler.round_of_outlier_rejection()
+    scaler.make_ready_for_scaling()  # without the outliers
+    assert sum(int(ds.outliers.sum()) for ds in scaler.datasets) > 0
+    scaler.perform_scaling()
+    assert all(ds.var_cov is not None for ds in scaler.datasets)
+    set_up = []
+    for ds in scaler.datasets:
+        for comp in ds.model.components.values():
+            original = comp.update_reflection_data
+
+            def spy(*args, _original=original, **kwargs):
+                set_up.append(sum(int(np.size(b)) for b in kwargs.get("block_selections") or []))
+                return _original(*args, **kwargs)
+
+            monkeypatch.setattr(comp, "update_reflection_data", spy)
+    scaler.expand_scales_to_all_reflections(calc_cov=True)
+    reused = [(np.asarray(ds.table["inverse_scale_factor"]).copy(),
+               np.asarray(ds.table["inverse_scale_factor_variance"]).copy()) for ds in scaler.datasets]
+    n_outliers = sum(int(ds.outliers.sum()) for ds in scaler.datasets)
+    assert 0 < sum(set_up) <= 3 * n_outliers  # only the outlier rows were set up again
+    set_up.clear()
+    scaler.expand_scales_to_all_reflections(calc_cov=True)  # the flag is down: every row again
+    assert sum(set_up) == 3 * sum(int(ds.suitable.sum()) for ds in scaler.datasets)
+    for ds, (g, var) in zip(scaler.datasets, reused):
+        np.testing.assert_allclose(np.asarray(ds.table["inverse_scale_factor"]), g, rtol=1e-14, atol=0)
+        np.testing.assert_allclose(np.asarray(ds.table["inverse_scale_factor_variance"]), var, rtol=1e-13, atol=0)
+        assert np.all(var[ds.suitable] > 0)

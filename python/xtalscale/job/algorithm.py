@@ -218,9 +218,11 @@ def scaling_algorithm(scaler: ScalerBase) -> ScalerBase:
         scaler.perform_scaling(engine=engine, max_iterations=params.refinement.full_matrix_max_iterations or 100)
     else:
         scaler.perform_scaling()
-    # as DIALS: the minimisation table is not needed after the last round (~0.1 kB/row)
+    # the final expansion starts from the last minimisation table's model data (see
+    # expand_scales_to_all_reflections); as DIALS, the table is then dropped (~0.1 kB/row)
+    scaler.expand_scales_to_all_reflections(calc_cov=True)
     scaler.clear_Ih_table()
-    expand_and_do_outlier_rejection(scaler, calc_cov=True)
+    scaler.round_of_outlier_rejection()
     scaler.release_grouping()  # the last use of the suitable rows' grouping (~80 B/row)
     if use_error_model:
         do_error_analysis(scaler, reselect=False)

@@ -236,6 +236,7 @@ class ScalerBase:
 
         # the datasets' components are independent (their set-up kernels release the GIL)
         self._map_datasets(give_blocks, range(len(self.datasets)))
+        self._components_hold_minimisation_blocks = True  # (see expand_scales_to_all_reflections)
         self._tick("prepare minimisation", t0)
 
     def apply_error_model_weights(self) -> None:
@@ -459,11 +460,41 @@ class ScalerBase:
         """g (and, with ``calc_cov``, its variance) for every suitable row of every dataset."""
         t0 = time.perf_counter()
 
-        def scales_and_variances(ds: Dataset) -> tuple[np.ndarray, np.ndarray | None]:
+        def blocks_into(ds: Dataset, blocks: list[np.ndarray], g: np.ndarray, var: np.ndarray) -> bool:
+            """g and var g on the components' current data blocks (rows ``blocks``), written to
+            those rows of ``g`` and ``var``: each block's from one evaluation of its model block
+            (g is the product of the component scales in the same order, bit for bit). False
+            (g alone) when no active parameter has a variance."""
+            with_var = True
+            for b, rows in enumerate(blocks):
+                if not rows.size:
+                    continue
+                both = self._scale_variances(ds, block_id=b, with_scales=True, n_threads=self.n_threads)
+                if both is None:
+                    g_b = np.ones(rows.size)
+                    for comp in ds.model.components.values():
+                        g_b = g_b * np.asarray(comp.calculate_scales(b), dtype=np.float64)
+                    g[rows], with_var = g_b, False
+                else:
+                    var[rows], g[rows] = both
+            return with_var
+
+        def holds_minimisation_blocks(ds: Dataset, blocks: list[np.ndarray]) -> bool:
+            """Whether the components still hold the data of the minimisation table's blocks
+            (set by make_ready_for_scaling, not replaced since)."""
+            if self.Ih_table is None or not getattr(self, "_components_hold_minimisation_blocks", False):
+                return False
+            sizes = [int(b.size) for b in blocks]
+            return all(list(getattr(comp, "n_refl", [])) == sizes for comp in ds.model.components.values())
+
+        def scales_and_variances(k: int, ds: Dataset) -> tuple[np.ndarray, np.ndarray | None]:
             """One dataset's g (and var g) on its suitable rows: its own model only. With
-            variances the rows go in chunks of STREAM_BLOCK_ROWS: each chunk's ∂g/∂p (a model
-            block, ~0.5 kB/row) is built, reduced to diag(J V Jᵀ) and freed, so the memory is
-            reused instead of touching ~0.5 GB of fresh pages at 10⁶ rows."""
+            variances the rows go in blocks: each block's ∂g/∂p (a model block, ~0.5 kB/row) is
+            built, reduced to diag(J V Jᵀ) and freed, so the memory is reused instead of
+            touching ~0.5 GB of fresh pages at 10⁶ rows. The blocks are first those of the last
+            minimisation table, whose model data the components still hold (no set-up again:
+            at 10⁶ rows the harmonics and smoother weights cost 60-80 ms), then chunks of the
+            rows it did not hold (outliers, the free set)."""
             with_var = calc_cov and ds.var_cov is not None
             comps = ds.model.components
             n = int(ds.suitable.sum())
@@ -474,31 +505,29 @@ class ScalerBase:
                 for comp in comps.values():
                     g = g * np.asarray(comp.calculate_scales(0), dtype=np.float64)
                 return g, self._scale_variances(ds) if with_var else None
-            chunks = [np.arange(a, min(a + STREAM_BLOCK_ROWS, n), dtype=np.int64)
-                      for a in range(0, n, STREAM_BLOCK_ROWS)]
-            for comp in comps.values():
-                comp.update_reflection_data(block_selections=chunks)
-            g_parts, var_parts = [], []
-            for b in range(len(chunks)):
-                # g and var g from one evaluation of the chunk's model block (its g is the
-                # product of the component scales in the same order, bit for bit)
-                both = self._scale_variances(ds, block_id=b, with_scales=True, n_threads=self.n_threads)
-                if both is None:
-                    g_b = np.ones(chunks[b].size)
-                    for comp in comps.values():
-                        g_b = g_b * np.asarray(comp.calculate_scales(b), dtype=np.float64)
-                    g_parts.append(g_b)
-                    var_parts.append(None)
-                else:
-                    var_parts.append(both[0])
-                    g_parts.append(both[1])
-            var = None if any(v is None for v in var_parts) else np.concatenate(var_parts)
-            return np.concatenate(g_parts), var
+            g, var = np.empty(n), np.empty(n)
+            rest = np.arange(n, dtype=np.int64)
+            has_var = True
+            held = self.Ih_table.get_block_selections_for_dataset(k) if self.Ih_table is not None else []
+            if holds_minimisation_blocks(ds, held):
+                has_var = blocks_into(ds, held, g, var)
+                covered = np.zeros(n, dtype=bool)
+                for rows in held:
+                    covered[rows] = True
+                rest = np.flatnonzero(~covered)
+            chunks = [rest[a:a + STREAM_BLOCK_ROWS] for a in range(0, rest.size, STREAM_BLOCK_ROWS)]
+            if chunks:
+                for comp in comps.values():
+                    comp.update_reflection_data(block_selections=chunks)
+                has_var = blocks_into(ds, chunks, g, var) and has_var
+            return g, var if has_var else None
 
         # the datasets are independent: concurrently with n_threads > 1 (tables written here),
         # except with variances, whose chunked C++ reduction takes the threads itself
-        results = ([scales_and_variances(ds) for ds in self.datasets] if calc_cov
-                   else self._map_datasets(scales_and_variances, self.datasets))
+        results = ([scales_and_variances(k, ds) for k, ds in enumerate(self.datasets)] if calc_cov
+                   else self._map_datasets(lambda k: scales_and_variances(k, self.datasets[k]),
+                                           range(len(self.datasets))))
+        self._components_hold_minimisation_blocks = False  # the expansion gave them other rows
         for ds, (g, var) in zip(self.datasets, results):
             full = np.asarray(ds.table["inverse_scale_factor"], dtype=np.float64).copy()
             full[ds.suitable] = g
