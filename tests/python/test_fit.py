@@ -812,6 +812,28 @@ def test_levenberg_marquardt_chord_steps_reach_the_same_optimum():
     assert abs(journal.rows[-1]["objective"] - f_plain) <= 2e-4 * f_plain
 
 
+def test_journal_rmsd_from_the_engines_r_squared_equals_a_pass_over_the_rows():
+    """The engines hand the journal their Σ w r² (ScalerObjective.rmsd_of) instead of the
+    objective recomputing the residuals: each row's RMSD equals rmsd() at that point."""
+    from xtalscale.fit.minimisers import gauss_newton, levenberg_marquardt
+    from xtalscale.fit.objectives import ScalerObjective
+
+    for engine in (levenberg_marquardt, gauss_newton):
+        scaler, target, apm, _, _, _ = _fresh_truth_fit(noise=True)
+        objective = ScalerObjective(scaler, target, apm)
+        seen = []
+        record = objective.rmsd_of
+
+        def checked(r_sq, record=record, objective=objective, seen=seen):
+            seen.append((record(r_sq), objective.rmsd()))
+            return seen[-1][0]
+        objective.rmsd_of = checked
+        engine(objective)
+        assert len(seen) >= 2
+        for fast, slow in seen:
+            assert fast == pytest.approx(slow, rel=1e-12)
+
+
 def test_ih_table_from_a_given_grouping_equals_its_own():
     """IhTable(group_index=...) (the job passes its grouping of the suitable rows) builds the
     same blocks as grouping the Miller indices itself: subsets, two datasets, several blocks,

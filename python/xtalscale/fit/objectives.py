@@ -227,6 +227,12 @@ class ScalerObjective:
     def rmsd(self) -> float:
         return float(self.target.rmsds(self.scaler.Ih_table, self.apm)[0])
 
+    def rmsd_of(self, r_sq: float) -> float:
+        """:meth:`rmsd` from Σ w r² (restraints included) at the current point, which the
+        engines already hold: sqrt(r²/n) over the work blocks' rows, without another pass."""
+        n = self.n_reflections()
+        return float(np.sqrt(r_sq / n)) if n else 0.0
+
     def n_reflections(self) -> int:
         return int(self.scaler.Ih_table.size)
 
