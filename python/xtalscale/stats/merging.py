@@ -734,7 +734,7 @@ class MergingStatistics:
         g = merged["group"]
         bij = merged["bijvoet"]
         hkl_u = grouping.unique_hkl[g].copy()
-        hkl_u[bij < 0] *= -1
+        hkl_u *= (1 - 2 * (bij < 0).astype(hkl_u.dtype))[:, None]  # ±1 per row
         self.merged = MergedArray(hkl_u, merged["intensity"], merged["sigma"],
                                   merged["multiplicity"], bij,
                                   1.0 / np.sqrt(group_dss[g]), shell[g].astype(np.int32),
