@@ -49,6 +49,13 @@ def _column(table: Any, name: str, default: float | None = None) -> np.ndarray:
 
 
 
+def _rows_of(values: np.ndarray, idx: np.ndarray, every: bool) -> np.ndarray:
+    """Rows ``idx`` of a per-row array (``values`` itself when they are every row)."""
+    if every:
+        return values
+    return take_rows(values, idx) if values.ndim == 2 else values[idx]
+
+
 def regroup(order: np.ndarray, offsets: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The grouping (``order``, ``offsets``) of the rows with ``keep`` (a per-row bool array),
     without empty groups, and the kept rows' old positions ``idx`` (row ``i`` of the subset is
@@ -188,17 +195,19 @@ class GroupedObservations:
             sel = suitable_rows(table) if selections is None else np.asarray(selections[k], dtype=bool)
             if sel.shape != (n_rows,):
                 raise ValueError(f"selection {k} must be a bool array of length {n_rows}")
-            idx = np.flatnonzero(sel)
-            parts["I"].append(_column(table, "intensity")[idx])
-            parts["V"].append(_column(table, "variance")[idx])
-            parts["g"].append(_column(table, "inverse_scale_factor", 1.0)[idx])
+            # every row: the columns as they are (no gather)
+            idx = np.arange(n_rows, dtype=np.int64) if sel.all() else np.flatnonzero(sel)
+            every = idx.size == n_rows
+            parts["I"].append(_rows_of(_column(table, "intensity"), idx, every))
+            parts["V"].append(_rows_of(_column(table, "variance"), idx, every))
+            parts["g"].append(_rows_of(_column(table, "inverse_scale_factor", 1.0), idx, every))
             if "miller_index" not in table:
                 raise KeyError(f"table {k} has no column 'miller_index'")
-            parts["hkl"].append(take_rows(np.asarray(table["miller_index"], dtype=np.int32).reshape(-1, 3), idx))
+            parts["hkl"].append(_rows_of(np.asarray(table["miller_index"], dtype=np.int32).reshape(-1, 3), idx, every))
             parts["ds"].append(np.full(idx.size, k, dtype=np.int64))
-            parts["row"].append(idx.astype(np.int64))
+            parts["row"].append(idx)
             for name in extra_columns:
-                extras[name].append(_column(table, name)[idx])
+                extras[name].append(_rows_of(_column(table, name), idx, every))
         I, V, g = (np.concatenate(parts[k]) for k in ("I", "V", "g"))
         for name, arr in (("intensity", I), ("variance", V), ("inverse_scale_factor", g)):
             if not np.all(np.isfinite(arr)):

@@ -172,12 +172,13 @@ class ScalerBase:
                 return replace(self._grouped_cache, intensity=I, variance=V, weight=1.0 / V, scale=g)
         tables = []
         for k, ds in enumerate(self.datasets):
-            rows = np.ones(ds.suitable.sum(), bool) if keep is None else keep[k]
-            cols = {"intensity": ds.column("intensity")[rows], "variance": self._variances(ds)[rows],
-                    "inverse_scale_factor": ds.column("inverse_scale_factor")[rows],
-                    "miller_index": take_rows(take_rows(np.asarray(ds.table["miller_index"]).reshape(-1, 3),
-                                                        ds.suitable), rows),
-                    "d": ds.column("d")[rows]}
+            suitable_hkl = take_rows(np.asarray(ds.table["miller_index"]).reshape(-1, 3), ds.suitable)
+            cols = {"intensity": ds.column("intensity"), "variance": self._variances(ds),
+                    "inverse_scale_factor": ds.column("inverse_scale_factor"), "miller_index": suitable_hkl,
+                    "d": ds.column("d")}
+            if keep is not None:  # (every suitable row: the columns as they are, no copy)
+                rows = np.asarray(keep[k], dtype=bool)
+                cols = {name: (take_rows(v, rows) if v.ndim == 2 else v[rows]) for name, v in cols.items()}
             tables.append(cols)
         grouped = GroupedObservations.from_tables(
             tables, self.space_group, anomalous=bool(self._params.anomalous),
