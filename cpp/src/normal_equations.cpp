@@ -525,6 +525,25 @@ XS_ALWAYS_INLINE void mark_columns(std::uint64_t* bits, std::size_t lo, std::siz
   }
 }
 
+/// Set the bits of @p m ascending columns in a column bitmap. The bits of one word are
+/// gathered in a register and stored once: or-ing each bit into memory made every column
+/// wait for the previous one's store to the same word (a tenth of the normal matrix's time).
+XS_ALWAYS_INLINE void mark_sorted_columns(std::uint64_t* bits, const std::size_t* columns, std::size_t m) {
+  if (m == 0) return;
+  std::size_t word = columns[0] >> 6;
+  std::uint64_t word_bits = 0;
+  for (std::size_t i = 0; i < m; ++i) {
+    const std::size_t w = columns[i] >> 6;
+    if (w != word) {
+      bits[word] |= word_bits;
+      word = w;
+      word_bits = 0;
+    }
+    word_bits |= std::uint64_t{1} << (columns[i] & 63);
+  }
+  bits[word] |= word_bits;
+}
+
 /// Everything of a row holding its block's dense run at entries [p, p + L): rhs += cr a;
 /// matrix += c a aᵀ, the run's part √c·a_D queued in the block's panel, each other entry's
 /// products with the run as one contiguous loop in its own matrix row (the lower triangle when
@@ -572,7 +591,7 @@ XS_ALWAYS_INLINE void run_observation(PartWorkspace& ws, RunPanel& panel, const 
     }
     std::uint64_t* bits = ws.bits.data();
     mark_columns(bits, run_column, run_column + len);
-    for (std::size_t i = 0; i < m; ++i) bits[oc[i] >> 6] |= std::uint64_t{1} << (oc[i] & 63);
+    mark_sorted_columns(bits, oc, m);
     // columns ascend within a row
     col_min = std::min(col_min, off + static_cast<std::size_t>(v.indices[first]));
     col_max = std::max(col_max, off + static_cast<std::size_t>(v.indices[last - 1]));
