@@ -297,3 +297,24 @@ def test_show_command_summarises_every_format(capsys):
     assert "excluded_for_scaling" in text and "intensity.scale.value" in text
     assert "XDS xds_ascii file" in text and "integrated_sum  412" in text
     assert main(["show"]) == 2
+
+
+def test_report_statistics_on_two_threads_equal_one():
+    """n_threads=2 makes the resolution estimate beside the per-batch statistics: the same
+    estimate, notes, per-batch statistics and deviations as on one thread."""
+    from xtalscale.experiments import ExperimentList
+    from xtalscale.reflection_table import reflection_table
+    from xtalscale.report import statistics_for_report
+
+    experiments = ExperimentList.from_file(str(CYS / "scaled_30.expt"))
+    table = reflection_table.from_file(str(CYS / "scaled_30.refl"))
+    obs = observations_from_reflections(experiments, table)
+    one, two = (statistics_for_report(obs, n_threads=n) for n in (1, 2))
+    assert one.resolution is not None and one.resolution.d_min == two.resolution.d_min
+    assert one.notes == two.notes
+    assert one.statistics.as_table() == two.statistics.as_table()
+    assert one.batch_statistics.keys() == two.batch_statistics.keys()
+    for key, values in one.batch_statistics.items():
+        for name, column in values.items():
+            np.testing.assert_array_equal(column, two.batch_statistics[key][name])
+    np.testing.assert_array_equal(one.normalised_deviations, two.normalised_deviations)

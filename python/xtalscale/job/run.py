@@ -82,9 +82,11 @@ def _statistics(experiments: Any, table: Any, params: Any) -> tuple[Any, Any]:
     from ..report import statistics_for_report
 
     obs = observations_from_reflections(experiments, table)
+    from .scaler import threads_of
+
     inputs = statistics_for_report(
         obs, n_bins=int(params.output.merging.nbins), anomalous=bool(params.anomalous),
-        use_internal_variance=bool(params.output.use_internal_variance))
+        use_internal_variance=bool(params.output.use_internal_variance), n_threads=threads_of(params))
     return inputs, obs
 
 

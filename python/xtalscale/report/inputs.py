@@ -68,14 +68,16 @@ def _batch_groups(batch: np.ndarray, dataset: np.ndarray, max_points: int) -> np
 
 def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True,
                           use_internal_variance: bool = False,
-                          max_batch_points: int = 100) -> ReportInputs:
+                          max_batch_points: int = 100, n_threads: int = 1) -> ReportInputs:
     """Statistics of scaled observations (a :class:`~xtalscale.merge.ScaledObservations`).
 
     Computed on exactly these observations, as dials.merge does. A statistic that cannot be
     computed (e.g. no reflection measured twice) is left out with a note saying why, so the
     report and the table say so instead of failing. Per-batch statistics of a dataset with
     more than ``max_batch_points`` batches are computed over groups of consecutive batches
-    (each point at the group's first batch).
+    (each point at the group's first batch). With ``n_threads`` > 1 the resolution estimate
+    is made on a second thread while the per-batch statistics are computed (the two only
+    read the merging statistics; the results are the same).
     """
     from ..stats import estimate_resolution
     from ..stats import merging as ms  # the core module (merging_statistics is its facade)
@@ -91,11 +93,23 @@ def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True
             out.anomalous_statistics = out.statistics.anomalous_pass()  # same data and shells
     except ValueError as error:
         out.notes.append(f"Merging statistics could not be computed: {error}")
-    if out.statistics is not None:
+
+    def resolution() -> None:
         try:
             out.resolution = estimate_resolution(out.statistics)
         except ValueError as error:
             out.notes.append(f"Resolution estimate failed: {error}")
+
+    pending = None
+    if out.statistics is not None:
+        if n_threads > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = ThreadPoolExecutor(max_workers=1)
+            pending = pool.submit(resolution)
+            pool.shutdown(wait=False)
+        else:
+            resolution()
     # one grouping of the observations for the per-observation statistics: the merging
     # statistics' own when they were computed on every usable row
     groups = out.statistics.observation_groups() if out.statistics is not None else None
@@ -106,6 +120,8 @@ def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True
         obs.miller_index, obs.intensity, sigma,
         _batch_groups(obs.batch, obs.dataset, max_batch_points), obs.space_group,
         dataset=obs.dataset, groups=groups)
+    if pending is not None:
+        pending.result()  # (re-raises anything but the ValueError it notes)
     for d in np.unique(per_batch.dataset):
         mine = per_batch.dataset == d
         out.batch_statistics[f"dataset {int(d)}"] = {
