@@ -485,7 +485,8 @@ def write_msgpack(table: reflection_table, filename: Any) -> None:
     are still in the page cache, and overwriting them is a copy, where a new file of some
     hundred MB must first be given fresh memory (measured on the project VM at 10⁶ rows:
     0.33-0.53 s for a new file against ~0.1 s). Its old content is then gone even if the
-    write fails, as it would be after a successful one.
+    write fails, as it would be after a successful one, and a program still reading the old
+    file sees it change, as with DIALS, which writes in place.
     """
     path = os.fspath(filename)
     segments = _msgpack_segments(table, path)
