@@ -125,6 +125,9 @@ class ScalerBase:
         self._update_keys: dict[int, tuple] = {}
         self._grouped_cache: GroupedObservations | None = None
         self._asu_groupings: dict[bool, Any] = {}  # see suitable_asu_grouping
+        #: the components hold the model data of the minimisation table's blocks (set by
+        #: make_ready_for_scaling, cleared by an expansion, which gives them other rows)
+        self._components_hold_minimisation_blocks = False
         self._observers: dict[str, list] = {}
         self.stream_derivatives = False
 
@@ -237,7 +240,7 @@ class ScalerBase:
 
         # the datasets' components are independent (their set-up kernels release the GIL)
         self._map_datasets(give_blocks, range(len(self.datasets)))
-        self._components_hold_minimisation_blocks = True  # (see expand_scales_to_all_reflections)
+        self._components_hold_minimisation_blocks = True
         self._tick("prepare minimisation", t0)
 
     def apply_error_model_weights(self) -> None:
@@ -483,7 +486,7 @@ class ScalerBase:
         def holds_minimisation_blocks(ds: Dataset, blocks: list[np.ndarray]) -> bool:
             """Whether the components still hold the data of the minimisation table's blocks
             (set by make_ready_for_scaling, not replaced since)."""
-            if self.Ih_table is None or not getattr(self, "_components_hold_minimisation_blocks", False):
+            if self.Ih_table is None or not self._components_hold_minimisation_blocks:
                 return False
             sizes = [int(b.size) for b in blocks]
             return all(list(getattr(comp, "n_refl", [])) == sizes for comp in ds.model.components.values())
@@ -528,7 +531,7 @@ class ScalerBase:
         results = ([scales_and_variances(k, ds) for k, ds in enumerate(self.datasets)] if calc_cov
                    else self._map_datasets(lambda k: scales_and_variances(k, self.datasets[k]),
                                            range(len(self.datasets))))
-        self._components_hold_minimisation_blocks = False  # the expansion gave them other rows
+        self._components_hold_minimisation_blocks = False
         for ds, (g, var) in zip(self.datasets, results):
             full = np.asarray(ds.table["inverse_scale_factor"], dtype=np.float64).copy()
             full[ds.suitable] = g
