@@ -612,7 +612,7 @@ def test_identifiers_checked_against_the_experiment_list():
         read_refl(QUARTZ, experiments=other)
 
 
-def test_rewriting_an_existing_refl_reuses_it_safely(tmp_path):
+def test_rewriting_an_existing_refl_reuses_it_safely(tmp_path, monkeypatch):
     # Writing over an existing .refl overwrites that file's own blocks (then trims its tail):
     # the result is byte-identical whether the old file was longer, shorter or absent, and a
     # hard-linked or symlinked old file is never written through (its other names keep
@@ -639,3 +639,13 @@ def test_rewriting_an_existing_refl_reuses_it_safely(tmp_path):
     big.as_file(link)
     assert target.read_bytes() == msgpack_bytes(small)
     assert not link.is_symlink() and link.read_bytes() == msgpack_bytes(big)
+    # the rewrite keeps the file (its inode); a file this user may not write is replaced by a
+    # new one (as before the in-place rewrite), never written through or lost
+    inode = out.stat().st_ino
+    small.as_file(out)
+    assert out.stat().st_ino == inode
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: mode != os.W_OK and real_access(path, mode, **kw))
+    big.as_file(out)
+    monkeypatch.undo()
+    assert out.stat().st_ino != inode and out.read_bytes() == msgpack_bytes(big)

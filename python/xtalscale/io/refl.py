@@ -509,8 +509,8 @@ def _reuse_as_scratch(path: str, tmp: str) -> bool:
         st = os.lstat(path)
     except OSError:
         return False
-    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-        return False
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or not os.access(path, os.W_OK):
+        return False  # (a read-only file is replaced by a new one, as before)
     try:
         os.replace(path, tmp)
     except OSError:
