@@ -28,10 +28,11 @@ import numpy as np
 CHILD = r"""
 import json, sys, time
 t0 = time.perf_counter()
-from xtalscale.cli import no_huge_pages, one_malloc_arena, reuse_freed_memory
+from xtalscale.cli import no_cyclic_gc, no_huge_pages, one_malloc_arena, reuse_freed_memory
 one_malloc_arena()  # as the command line does
 reuse_freed_memory()
 no_huge_pages()
+no_cyclic_gc()
 from xtalscale.job.phil import parse_phil_arguments
 from xtalscale.job.run import run_scale_job
 params, _ = parse_phil_arguments(sys.argv[3:])

@@ -747,26 +747,26 @@ def test_first_outlier_round_on_the_minimisation_groups_flags_the_subset_as_a_fu
         assert not np.any(ds.outliers[~s] & ~f[~s])
 
 
-def test_cyclic_gc_is_paused_inside_the_job_and_restored_after():
-    """The job runs with Python's cyclic collector off and gives back the state it found, also
-    when the job fails (here: a missing input file)."""
+def test_the_job_leaves_the_cyclic_gc_to_its_caller_and_the_command_line_turns_it_off(tmp_path):
+    """run_scale_job does not touch the process's garbage collector (a program embedding it
+    keeps its own); the command line turns it off for its one job (no_cyclic_gc)."""
     import gc
 
-    from xtalscale.job.run import cyclic_gc_paused, run_scale_job
+    from xtalscale.cli import no_cyclic_gc
+    from xtalscale.job.run import run_scale_job
 
-    seen = []
-    with cyclic_gc_paused():
-        seen.append(gc.isenabled())
-    assert seen == [False] and gc.isenabled()
-    params, _ = parse_phil_arguments([])
-    with pytest.raises(Exception):
-        run_scale_job(params, ["/no/such/file.refl", "/no/such/file.expt"])
-    assert gc.isenabled()
-    gc.disable()
+    gc_disable = gc.disable
     try:
-        with cyclic_gc_paused():
-            pass
-        assert not gc.isenabled()  # a caller's choice is kept
+        gc.disable = lambda: pytest.fail("the job turned the garbage collector off")
+        params, _ = parse_phil_arguments(["output.html=None", f"output.reflections={tmp_path}/s.refl",
+                                          f"output.experiments={tmp_path}/s.expt", f"output.log={tmp_path}/s.log"])
+        run_scale_job(params, SWEEP20)
+    finally:
+        gc.disable = gc_disable
+    assert gc.isenabled()
+    try:
+        no_cyclic_gc()
+        assert not gc.isenabled()
     finally:
         gc.enable()
 

@@ -5,14 +5,12 @@ object from :func:`xtalscale.job.phil.parse_phil_arguments`.
 """
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -258,24 +256,8 @@ def run_scale_job(params: Any, files: Sequence[str]) -> ScaleJobResult:
     """
     from ..fit.blas import single_threaded_blas
 
-    with single_threaded_blas(), cyclic_gc_paused():
+    with single_threaded_blas():
         return _run_scale_job(params, files)
-
-
-@contextmanager
-def cyclic_gc_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector off inside the block (its state restored after).
-
-    The job's memory is numpy arrays freed by reference counting; the collector only walks
-    the many small objects the orchestration makes, dozens of times per job, and frees
-    nothing of size (10⁶-observation bench: 40-60 ms of the job, the same peak memory)."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def _run_scale_job(params: Any, files: Sequence[str]) -> ScaleJobResult:
