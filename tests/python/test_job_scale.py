@@ -747,9 +747,10 @@ def test_first_outlier_round_on_the_minimisation_groups_flags_the_subset_as_a_fu
         assert not np.any(ds.outliers[~s] & ~f[~s])
 
 
-def test_the_job_leaves_the_cyclic_gc_to_its_caller_and_the_command_line_turns_it_off(tmp_path):
+def test_the_job_leaves_the_cyclic_gc_to_its_caller_and_the_command_line_turns_it_off(tmp_path, monkeypatch):
     """run_scale_job does not touch the process's garbage collector (a program embedding it
-    keeps its own); the command line turns it off for its one job (no_cyclic_gc)."""
+    keeps its own); the command line turns it off for its command (no_cyclic_gc) and gives
+    it back when main() returns."""
     import gc
 
     from xtalscale.cli import no_cyclic_gc
@@ -765,10 +766,23 @@ def test_the_job_leaves_the_cyclic_gc_to_its_caller_and_the_command_line_turns_i
         gc.disable = gc_disable
     assert gc.isenabled()
     try:
-        no_cyclic_gc()
-        assert not gc.isenabled()
+        assert no_cyclic_gc() is True and not gc.isenabled()
     finally:
         gc.enable()
+    # main() turns it off for its command and gives it back
+    from xtalscale.job import run as run_module
+
+    seen = []
+    real_run = run_module._run_scale_job
+
+    def spy(*args, **kwargs):
+        seen.append(gc.isenabled())
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "_run_scale_job", spy)
+    assert main(["scale", *SWEEP20, f"output.reflections={tmp_path}/m.refl", f"output.experiments={tmp_path}/m.expt",
+                 f"output.log={tmp_path}/m.log", "output.html=None"]) == 0
+    assert seen == [False] and gc.isenabled()
 
 
 def test_final_expansion_reuses_the_minimisation_blocks_model_data(monkeypatch):

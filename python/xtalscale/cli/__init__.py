@@ -120,18 +120,21 @@ def no_huge_pages() -> bool:
     return False
 
 
-def no_cyclic_gc() -> None:
-    """Turn Python's cyclic garbage collector off for the rest of the process.
+def no_cyclic_gc() -> bool:
+    """Turn Python's cyclic garbage collector off; returns whether it was on.
 
     A scaling job's memory is numpy arrays, freed by reference counting; the collector only
     walks the many small objects the orchestration makes, dozens of times per job, and frees
     nothing of size (the 10⁶-observation bench: 40-60 ms of the job, the same peak memory).
-    Process-wide, like the allocator settings above: called by :func:`main` for its one job;
-    a program embedding the job decides for itself (its own threads' cycles would wait).
+    Process-wide, like the allocator settings above: :func:`main` turns it off for its command
+    and back on after; a program embedding the job decides for itself (its own threads'
+    cycles would wait).
     """
     import gc
 
+    was_enabled = gc.isenabled()
     gc.disable()
+    return was_enabled
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -152,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     one_malloc_arena()
     reuse_freed_memory()
     no_huge_pages()
-    no_cyclic_gc()
+    gc_was_enabled = no_cyclic_gc()
     module = importlib.import_module(f"{__name__}.{_COMMANDS[command]}")
     from ..fit.blas import single_threaded_blas
 
@@ -170,6 +173,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _USER_ERRORS as error:
         print(f"xtalscale: error: {error}", file=sys.stderr)
         return 2
+    finally:
+        if gc_was_enabled:  # (a program calling main keeps its collector)
+            import gc
+
+            gc.enable()
 
 
 if __name__ == "__main__":
