@@ -3,12 +3,12 @@
 
 #include <algorithm>
 #include <cmath>
-#include <initializer_list>
 #include <limits>
 #include <stdexcept>
 #include <string>
 
 #include "fit_parallel.hpp"
+#include "internal/row_prefetch.hpp"
 #include "xtalscale/check.hpp"
 
 namespace xtalscale {
@@ -47,44 +47,6 @@ GroupWeightedSums group_weighted_sums(const GroupLayout& layout, std::size_t k,
   return weighted_sums_of_rows(layout.order + begin, static_cast<std::size_t>(layout.offsets[k + 1] - begin),
                                intensity, weight, scale);
 }
-
-/// Prefetches the per-row values of the rows a few positions ahead in group order. The
-/// kernels below walk the groups in order, and a group's rows are scattered over the per-row
-/// arrays: without this each row's values arrive one cache miss after another. Issuing the
-/// loads ahead keeps several misses in flight (a hint only: it changes no result).
-class RowPrefetcher {
- public:
-  /// Rows this far ahead (in group order) are fetched: enough to cover a miss's latency at
-  /// the kernels' few tens of ns per row.
-  static constexpr std::int64_t kDistance = 24;
-
-  RowPrefetcher(const GroupLayout& layout, std::initializer_list<const double*> arrays,
-                const std::uint8_t* flags = nullptr)
-      : order_(layout.order), end_(layout.offsets[layout.n_groups]), flags_(flags) {
-    for (const double* a : arrays)
-      if (a != nullptr && n_arrays_ < kMaxArrays) arrays_[n_arrays_++] = a;
-  }
-
-  /// Fetch ahead of position @p position (an index into @c order).
-  void ahead_of(std::int64_t position) {
-    const std::int64_t target = std::min(end_, position + kDistance);
-    if (next_ < position) next_ = position;
-    for (; next_ < target; ++next_) {
-      const auto r = order_[next_];
-      for (std::size_t a = 0; a < n_arrays_; ++a) __builtin_prefetch(arrays_[a] + r);
-      if (flags_ != nullptr) __builtin_prefetch(flags_ + r);
-    }
-  }
-
- private:
-  static constexpr std::size_t kMaxArrays = 4;
-  const std::int64_t* order_;
-  std::int64_t end_;
-  const std::uint8_t* flags_;
-  std::int64_t next_ = 0;
-  const double* arrays_[kMaxArrays] = {};
-  std::size_t n_arrays_ = 0;
-};
 
 /// One group's rows with their I, w and g copied next to each other. A group's rows are
 /// scattered over the per-row arrays; the repeated passes of the outlier rounds then run on
@@ -280,7 +242,7 @@ std::int64_t standard_outliers_of_groups(const GroupLayout& layout, std::size_t 
                                          double zmax, std::vector<std::vector<std::int64_t>>& by_round) {
   GatheredGroup group;
   std::vector<double> capped, abs_z, buffer;
-  RowPrefetcher prefetch(layout, {intensity, weight, scale});
+  detail::RowPrefetcher prefetch(layout.order, layout.offsets[layout.n_groups], {intensity, weight, scale});
   for (std::size_t k = first; k < last; ++k) {
     const auto begin = layout.offsets[k];
     const auto n_members = static_cast<std::size_t>(layout.offsets[k + 1] - begin);
@@ -420,7 +382,8 @@ void error_model_filter(const GroupLayout& layout, const double* intensity, cons
   std::vector<std::uint8_t> part_any(n_parts, 0);
   fit::detail::parallel_for(n_parts, n_threads, [&](std::size_t part) {
     std::vector<std::int64_t> rows, passed;
-    RowPrefetcher prefetch(layout, {intensity, variance, scale}, considered);
+    detail::RowPrefetcher prefetch(layout.order, layout.offsets[layout.n_groups], {intensity, variance, scale},
+                                   considered);
     const std::size_t k_end = std::min(layout.n_groups, (part + 1) * kGroupsPerPart);
     for (std::size_t k = part * kGroupsPerPart; k < k_end; ++k) {
       const auto begin = layout.offsets[k];

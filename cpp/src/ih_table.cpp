@@ -7,6 +7,7 @@
 #include <string>
 
 #include "fit_parallel.hpp"
+#include "internal/row_prefetch.hpp"
 #include "xtalscale/check.hpp"
 
 namespace xtalscale::fit {
@@ -144,21 +145,12 @@ void calc_Ih(const GroupedObservations& t, const double* g, double* Ih, double* 
   });
 }
 
-void calc_Ih_rows(std::size_t n_rows, std::size_t n_groups, const std::int64_t* order,
-                  const std::int64_t* offsets, const double* intensity, const double* weight,
-                  const double* g, double* Ih_rows) {
-  (void)n_rows;
-  constexpr std::int64_t kAhead = 16;  // table positions fetched ahead of the one summed
-  const std::int64_t n_sorted = offsets[n_groups];
-  std::int64_t fetched = 0;
+void calc_Ih_rows(std::size_t n_groups, const std::int64_t* order, const std::int64_t* offsets,
+                  const double* intensity, const double* weight, const double* g, double* Ih_rows) {
+  xtalscale::detail::RowPrefetcher prefetch(order, offsets[n_groups], {intensity, weight, g});
   for (std::size_t h = 0; h < n_groups; ++h) {
     const std::int64_t begin = offsets[h], end = offsets[h + 1];
-    for (const std::int64_t target = std::min(n_sorted, end + kAhead); fetched < target; ++fetched) {
-      const auto r = order[fetched];
-      __builtin_prefetch(intensity + r);
-      __builtin_prefetch(weight + r);
-      __builtin_prefetch(g + r);
-    }
+    prefetch.ahead_of(end);
     // the same operations in the same order as group_sums over the table-order copies
     double wgg = 0.0, wgi = 0.0;
     for (auto l = begin; l < end; ++l) {

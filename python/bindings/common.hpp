@@ -38,12 +38,12 @@ inline void require_ndim(const py::array& a, py::ssize_t ndim, const char* name)
                                 "-dimensional (got ndim=" + std::to_string(a.ndim()) + ")");
 }
 
-/// A read-only numpy view of a container owned by @p owner (kept alive as the array's base).
 /// A thread-count argument: at least one.
 inline void require_threads(int n_threads) {
   if (n_threads < 1) throw std::invalid_argument("n_threads must be >= 1");
 }
 
+/// A read-only numpy view of a container owned by @p owner (kept alive as the array's base).
 template <typename Container>
 py::array readonly_view(const Container& v, const py::object& owner) {
   using T = typename Container::value_type;

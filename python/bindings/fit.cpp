@@ -296,11 +296,8 @@ DoubleArray calc_Ih_rows_py(const Int64Array& order, const Int64Array& offsets, 
     throw std::invalid_argument("group_offsets must be 1-dimensional with n_groups + 1 values");
   const std::int64_t* off = offsets.data();
   const auto n_groups = static_cast<std::size_t>(offsets.size()) - 1;
-  require(off[0] == 0, "group_offsets[0] must be 0");
   // (messages are built only on failure: these loops run at every evaluation of a fit)
-  for (std::size_t h = 0; h < n_groups; ++h)
-    if (off[h + 1] < off[h])
-      throw std::invalid_argument("group_offsets must be non-decreasing (group " + std::to_string(h) + ")");
+  require_group_offsets(off, n_groups);
   require(static_cast<std::size_t>(off[n_groups]) == n,
           "group_offsets must end at the row count " + std::to_string(n));
   // order must be a permutation of the rows: every Ĩ is then written once
@@ -321,7 +318,7 @@ DoubleArray calc_Ih_rows_py(const Int64Array& order, const Int64Array& offsets, 
   DoubleArray out(static_cast<py::ssize_t>(n));
   {
     py::gil_scoped_release release;
-    calc_Ih_rows(n, n_groups, o, off, intensities.data(), weights.data(), g.data(), out.mutable_data());
+    calc_Ih_rows(n_groups, o, off, intensities.data(), weights.data(), g.data(), out.mutable_data());
   }
   return out;
 }

@@ -119,9 +119,8 @@ py::tuple split_bijvoet_groups_py(const Int64Array& order, const Int64Array& off
     throw std::invalid_argument("minus must be a 1-dimensional bool array (one flag per row)");
   const auto n_rows = static_cast<std::size_t>(minus.size());
   const std::int64_t* off = offsets.data();
-  require(off[0] == 0 && static_cast<std::size_t>(off[n_groups]) == n, "offsets must run from 0 to len(order)");
-  for (std::size_t g = 0; g < n_groups; ++g)
-    if (off[g + 1] < off[g]) throw std::invalid_argument("offsets must be non-decreasing");
+  require_group_offsets(off, n_groups);
+  require(static_cast<std::size_t>(off[n_groups]) == n, "offsets must end at len(order)");
   const std::int64_t* o = order.data();
   for (std::size_t i = 0; i < n; ++i)
     if (o[i] < 0 || static_cast<std::size_t>(o[i]) >= n_rows)

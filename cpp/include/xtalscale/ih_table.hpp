@@ -67,7 +67,7 @@ XTALSCALE_EXPORT void calc_Ih(const GroupedObservations& table, const double* g_
 /// through @p order with the next rows' values fetched ahead (the rows of a block of several
 /// datasets are interleaved in group order). Every block row must appear once in @p order
 /// (checked by the binding).
-XTALSCALE_EXPORT void calc_Ih_rows(std::size_t n_rows, std::size_t n_groups, const std::int64_t* order,
+XTALSCALE_EXPORT void calc_Ih_rows(std::size_t n_groups, const std::int64_t* order,
                                    const std::int64_t* offsets, const double* intensity,
                                    const double* weight, const double* g, double* Ih_rows);
 
