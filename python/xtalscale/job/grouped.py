@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from .._core import job as _kern
-from .._rows import take_rows
+from .._rows import negate_rows, take_rows
 
 __all__ = ["AsuGrouping", "GroupedObservations", "asu_grouping", "regroup", "suitable_rows"]
 
@@ -51,9 +51,7 @@ def _column(table: Any, name: str, default: float | None = None) -> np.ndarray:
 
 def _rows_of(values: np.ndarray, idx: np.ndarray, every: bool) -> np.ndarray:
     """Rows ``idx`` of a per-row array (``values`` itself when they are every row)."""
-    if every:
-        return values
-    return take_rows(values, idx) if values.ndim == 2 else values[idx]
+    return values if every else take_rows(values, idx)
 
 
 def regroup(order: np.ndarray, offsets: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -114,8 +112,7 @@ def asu_grouping(hkl: np.ndarray, space_group: Any, anomalous: bool) -> AsuGroup
     _, _, asu, minus, groupings = entry
     if anomalous not in groupings:
         if anomalous:  # as map_to_asu(anomalous=True): the acentric minus mates negated
-            signed = asu.copy()
-            signed *= (1 - 2 * minus.astype(np.int32))[:, None]  # ±1 per row: 7x a masked *= -1
+            signed = negate_rows(asu.copy(), minus)
             merged = groupings.get(False)
             if merged is not None:  # split the merged grouping: no second sort
                 from .._core import grouping as _grouping

@@ -55,7 +55,7 @@ from typing import Any
 import numpy as np
 
 from .._core import stats as _core_stats
-from .._rows import take_rows
+from .._rows import negate_rows, take_rows
 from ..symmetry import (
     Grouping,
     SpaceGroup,
@@ -733,8 +733,7 @@ class MergingStatistics:
             seed=self.seed)
         g = merged["group"]
         bij = merged["bijvoet"]
-        hkl_u = grouping.unique_hkl[g].copy()
-        hkl_u *= (1 - 2 * (bij < 0).astype(hkl_u.dtype))[:, None]  # ±1 per row
+        hkl_u = negate_rows(grouping.unique_hkl[g].copy(), bij < 0)
         self.merged = MergedArray(hkl_u, merged["intensity"], merged["sigma"],
                                   merged["multiplicity"], bij,
                                   1.0 / np.sqrt(group_dss[g]), shell[g].astype(np.int32),
