@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -475,10 +475,7 @@ class ScalerBase:
                     continue
                 both = self._scale_variances(ds, block_id=b, with_scales=True, n_threads=self.n_threads)
                 if both is None:
-                    g_b = np.ones(rows.size)
-                    for comp in ds.model.components.values():
-                        g_b = g_b * np.asarray(comp.calculate_scales(b), dtype=np.float64)
-                    g[rows], with_var = g_b, False
+                    g[rows], with_var = _scales_product(ds.model.components, b, rows.size), False
                 else:
                     var[rows], g[rows] = both
             return with_var
@@ -505,10 +502,7 @@ class ScalerBase:
             if not with_var or n <= STREAM_MIN_ROWS:
                 for comp in comps.values():
                     _update_all_rows(comp, scales_only=not with_var)
-                g = np.ones(n)
-                for comp in comps.values():
-                    g = g * np.asarray(comp.calculate_scales(0), dtype=np.float64)
-                return g, self._scale_variances(ds) if with_var else None
+                return _scales_product(comps, 0, n), self._scale_variances(ds) if with_var else None
             g, var = np.empty(n), np.empty(n)
             rest = np.arange(n, dtype=np.int64)
             has_var = True
@@ -687,6 +681,14 @@ def _groups_holding(grouped: GroupedObservations, rows: np.ndarray) -> GroupedOb
     np.cumsum(sizes, out=offsets[1:])
     positions = np.arange(offsets[-1], dtype=np.int64) + np.repeat(grouped.offsets[groups] - offsets[:-1], sizes)
     return replace(grouped, order=grouped.order[positions], offsets=offsets, derived={})
+
+
+def _scales_product(components: Mapping[str, Any], block_id: int, n_rows: int) -> np.ndarray:
+    """g of a data block: the product of every component's scales, in component order."""
+    g = np.ones(n_rows)
+    for comp in components.values():
+        g = g * np.asarray(comp.calculate_scales(block_id), dtype=np.float64)
+    return g
 
 
 def _update_all_rows(comp: Any, scales_only: bool) -> None:
