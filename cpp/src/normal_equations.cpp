@@ -20,6 +20,7 @@
 #include "xtalscale/normal_equations.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -214,9 +215,10 @@ DenseRun find_dense_run(const DerivativesView& v) {
 }
 
 /// Position of @p run within the CSR entries [first, last) of a row: the entry where its
-/// columns follow one another in full, or last when the row lacks part of it. The search
-/// assumes ascending columns (the model blocks are checked to have them); the run itself is
-/// verified entry by entry, so an unsorted row is never misread, at worst not matched.
+/// columns follow one another in full, or last when the row lacks part of it. The columns of a
+/// row strictly ascend (checked with the blocks' structure, or promised by a caller that skips
+/// the check), so len entries from the run's first column to its last are the whole run: the
+/// two ends are all that needs comparing (comparing every entry was a tenth of the matrix's time).
 XS_ALWAYS_INLINE std::int64_t run_position(const std::int32_t* indices, std::int64_t first,
                                            std::int64_t last, const DenseRun& run) {
   const auto len = static_cast<std::int64_t>(run.size());
@@ -228,13 +230,15 @@ XS_ALWAYS_INLINE std::int64_t run_position(const std::int32_t* indices, std::int
                              ? guess
                              : std::lower_bound(indices + first, indices + last, lo) - indices;
   if (p + len > last) return last;
-  bool whole = true;
-  for (std::int64_t j = 0; j < len; ++j)
-    whole &= indices[p + j] == lo + static_cast<std::int32_t>(j);
+  const bool whole = indices[p] == lo && indices[p + len - 1] == lo + static_cast<std::int32_t>(len - 1);
   return whole ? p : last;
 }
 
 // ------------------------------------------------------------------ packed rank-k updates
+
+/// The tile kernel in use (see tile_kernel_level); -1 until first asked.
+std::atomic<int> g_tile_level{-1};
+
 
 constexpr std::size_t kStrip = 8;     ///< panel columns per strip: the micro-tile width
 constexpr std::size_t kTileRows = 4;  ///< micro-tile height
@@ -268,6 +272,8 @@ struct PanelColumns {
 /// eight FMAs. (Compiled from plain loops, the tile loaded the left values as one vector and
 /// shuffled it four ways, and the shuffle port bounded the loop.) The same FMA per element
 /// and r, in the same order, as the plain loops compiled for x86-64-v3: the bits do not change.
+/// kNegateOddRows: the right operand's odd rows are used negated (exactly: a sign flip).
+template <bool kNegateOddRows = false>
 __attribute__((target("avx2,fma"))) void tile_sum_fma(std::size_t k, const double* left, std::size_t ls,
                                                       const double* right, std::size_t rs, double acc[4][8]) {
   __m256d c00 = _mm256_loadu_pd(acc[0]), c01 = _mm256_loadu_pd(acc[0] + 4);
@@ -277,7 +283,12 @@ __attribute__((target("avx2,fma"))) void tile_sum_fma(std::size_t k, const doubl
   for (std::size_t r = 0; r < k; ++r) {
     const double* lr = left + r * ls;
     const double* rr = right + r * rs;
-    const __m256d r0 = _mm256_loadu_pd(rr), r1 = _mm256_loadu_pd(rr + 4);
+    __m256d r0 = _mm256_loadu_pd(rr), r1 = _mm256_loadu_pd(rr + 4);
+    if constexpr (kNegateOddRows) {
+      const __m256d flip = _mm256_set1_pd((r & 1) ? -0.0 : 0.0);
+      r0 = _mm256_xor_pd(r0, flip);
+      r1 = _mm256_xor_pd(r1, flip);
+    }
     __m256d b = _mm256_broadcast_sd(lr);
     c00 = _mm256_fmadd_pd(b, r0, c00);
     c01 = _mm256_fmadd_pd(b, r1, c01);
@@ -301,23 +312,112 @@ __attribute__((target("avx2,fma"))) void tile_sum_fma(std::size_t k, const doubl
   _mm256_storeu_pd(acc[3] + 4, c31);
 }
 
-/// Whether this CPU runs tile_sum_fma (checked once).
-bool cpu_has_avx2_fma() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
+/// acc[i][j] += Σ_{r<k} left[r·ls + i] · right[r·rs + j] for an 8 x 8 tile with AVX-512: per r
+/// one load of the eight right values, eight broadcasts of the left values and eight FMAs on
+/// 512-bit registers, twice the work per instruction of tile_sum_fma. Still one FMA per element
+/// and r, in r order, from zero: the same bits as the 4 x 8 tiles. kNegateOddRows: as tile_sum_fma.
+template <bool kNegateOddRows = false>
+__attribute__((target("avx512f"))) void tile_sum_avx512(std::size_t k, const double* left, std::size_t ls,
+                                                        const double* right, std::size_t rs, double acc[8][8]) {
+  __m512d c0 = _mm512_loadu_pd(acc[0]), c1 = _mm512_loadu_pd(acc[1]);
+  __m512d c2 = _mm512_loadu_pd(acc[2]), c3 = _mm512_loadu_pd(acc[3]);
+  __m512d c4 = _mm512_loadu_pd(acc[4]), c5 = _mm512_loadu_pd(acc[5]);
+  __m512d c6 = _mm512_loadu_pd(acc[6]), c7 = _mm512_loadu_pd(acc[7]);
+  for (std::size_t r = 0; r < k; ++r) {
+    const double* lr = left + r * ls;
+    __m512d rv = _mm512_loadu_pd(right + r * rs);
+    if constexpr (kNegateOddRows) {
+      const __m512i flip = _mm512_set1_epi64((r & 1) ? std::int64_t{1} << 63 : 0);
+      rv = _mm512_castsi512_pd(_mm512_xor_si512(_mm512_castpd_si512(rv), flip));
+    }
+    c0 = _mm512_fmadd_pd(_mm512_set1_pd(lr[0]), rv, c0);
+    c1 = _mm512_fmadd_pd(_mm512_set1_pd(lr[1]), rv, c1);
+    c2 = _mm512_fmadd_pd(_mm512_set1_pd(lr[2]), rv, c2);
+    c3 = _mm512_fmadd_pd(_mm512_set1_pd(lr[3]), rv, c3);
+    c4 = _mm512_fmadd_pd(_mm512_set1_pd(lr[4]), rv, c4);
+    c5 = _mm512_fmadd_pd(_mm512_set1_pd(lr[5]), rv, c5);
+    c6 = _mm512_fmadd_pd(_mm512_set1_pd(lr[6]), rv, c6);
+    c7 = _mm512_fmadd_pd(_mm512_set1_pd(lr[7]), rv, c7);
+  }
+  _mm512_storeu_pd(acc[0], c0);
+  _mm512_storeu_pd(acc[1], c1);
+  _mm512_storeu_pd(acc[2], c2);
+  _mm512_storeu_pd(acc[3], c3);
+  _mm512_storeu_pd(acc[4], c4);
+  _mm512_storeu_pd(acc[5], c5);
+  _mm512_storeu_pd(acc[6], c6);
+  _mm512_storeu_pd(acc[7], c7);
 }
+
+/// The widest tile kernel this CPU runs: 2 AVX-512, 1 AVX2+FMA, 0 the plain loops.
+int cpu_tile_level() {
+  static const int level = __builtin_cpu_supports("avx512f")                                   ? 2
+                           : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1
+                                                                                             : 0;
+  return level;
+}
+#else
+int cpu_tile_level() { return 0; }
 #endif
+
+/// The tile kernel in use: the CPU's widest unless lowered by set_tile_kernel_level.
+int tile_level() {
+  const int level = g_tile_level.load(std::memory_order_relaxed);
+  return level >= 0 ? level : cpu_tile_level();
+}
+bool cpu_has_avx2_fma() { return tile_level() >= 1; }
+bool cpu_has_avx512() { return tile_level() >= 2; }
+
+/// Adds one tile of the product (panel rows i0 .. i0 + kRows, columns j0 .. j0 + kStrip) into
+/// the matrix, its upper triangle only (j >= i): each tile row as a contiguous loop where the
+/// strip's columns are consecutive matrix columns, else element by element.
+template <std::size_t kRows>
+XS_ALWAYS_INLINE void add_tile(const double (&acc)[kRows][kStrip], std::size_t i0, std::size_t j0,
+                               const PanelColumns& cols, double sign, double* __restrict matrix,
+                               std::size_t n) {
+  const std::size_t m = cols.global.size();
+  const std::size_t* gc = cols.global.data();
+  const std::size_t rows = std::min(kRows, m - i0);
+  const std::size_t width = std::min(kStrip, m - j0);
+  const bool contiguous = width == kStrip && cols.consecutive[j0 / kStrip];
+  for (std::size_t ii = 0; ii < rows; ++ii) {
+    const std::size_t from = i0 + ii > j0 ? i0 + ii - j0 : 0;  // the upper triangle: j >= i
+    if (from >= width) break;
+    double* __restrict row = matrix + gc[i0 + ii] * n;
+    if (contiguous) {
+      double* __restrict out = row + gc[j0];
+      for (std::size_t jj = from; jj < width; ++jj) out[jj] += sign * acc[ii][jj];
+    } else {
+      for (std::size_t jj = from; jj < width; ++jj) row[gc[j0 + jj]] += sign * acc[ii][jj];
+    }
+  }
+}
 
 /// matrix[col_i][col_j] += sign · Σ_{r<k} L(r, i) R(r, j) for panel columns i <= j (the upper
 /// triangle, as the columns ascend). L and R are packed panels of @p ld rows, zero in their
-/// padding columns; R may be L. Each 4 x 8 tile of the product is summed in registers over r.
+/// padding columns; R may be L, and with kNegateOddRows R is L with its odd rows negated (the
+/// dials group correction's (e, −b) rows, never stored). Each 4 x 8 tile (8 x 8 with AVX-512: a
+/// whole strip row) of the product is summed in registers over r.
+template <bool kNegateOddRows>
 XS_MULTIVERSION
 void add_upper_product(std::size_t k, std::size_t ld, const double* __restrict left,
                        const double* __restrict right, const PanelColumns& cols, double sign,
                        double* __restrict matrix, std::size_t n) {
   const std::size_t m = cols.global.size();
   const std::size_t m_pad = padded_columns(m);
-  const std::size_t* gc = cols.global.data();
+#ifdef XS_TILE_FMA
+  if (cpu_has_avx512()) {
+    for (std::size_t i0 = 0; i0 < m; i0 += kStrip) {
+      const double* lstrip = left + (i0 / kStrip) * ld * kStrip;
+      for (std::size_t j0 = i0; j0 < m_pad; j0 += kStrip) {
+        double acc[kStrip][kStrip] = {};
+        tile_sum_avx512<kNegateOddRows>(k, lstrip, kStrip, right + (j0 / kStrip) * ld * kStrip, kStrip, acc);
+        add_tile<kStrip>(acc, i0, j0, cols, sign, matrix, n);
+      }
+    }
+    return;
+  }
+#endif
   for (std::size_t i0 = 0; i0 < m; i0 += kTileRows) {
     const double* lstrip = left + (i0 / kStrip) * ld * kStrip + i0 % kStrip;
     for (std::size_t j0 = i0 / kStrip * kStrip; j0 < m_pad; j0 += kStrip) {
@@ -326,27 +426,19 @@ void add_upper_product(std::size_t k, std::size_t ld, const double* __restrict l
 #ifdef XS_TILE_FMA
       static_assert(kTileRows == 4 && kStrip == 8, "tile_sum_fma is a 4 x 8 tile");
       if (cpu_has_avx2_fma()) {
-        tile_sum_fma(k, lstrip, kStrip, rstrip, kStrip, acc);
+        tile_sum_fma<kNegateOddRows>(k, lstrip, kStrip, rstrip, kStrip, acc);
       } else
 #endif
       {
         for (std::size_t r = 0; r < k; ++r) {
           const double* lr = lstrip + r * kStrip;
           const double* rr = rstrip + r * kStrip;
+          const bool negate = kNegateOddRows && (r & 1);
           for (std::size_t ii = 0; ii < kTileRows; ++ii)
-            for (std::size_t jj = 0; jj < kStrip; ++jj) acc[ii][jj] += lr[ii] * rr[jj];
+            for (std::size_t jj = 0; jj < kStrip; ++jj) acc[ii][jj] += lr[ii] * (negate ? -rr[jj] : rr[jj]);
         }
       }
-      if (j0 >= i0 + kTileRows && i0 + kTileRows <= m && cols.consecutive[j0 / kStrip]) {
-        for (std::size_t ii = 0; ii < kTileRows; ++ii) {  // strictly upper, full, contiguous
-          double* __restrict out = matrix + gc[i0 + ii] * n + gc[j0];
-          for (std::size_t jj = 0; jj < kStrip; ++jj) out[jj] += sign * acc[ii][jj];
-        }
-      } else {  // on the diagonal, at the edge or scattered: element by element
-        for (std::size_t ii = 0; ii < kTileRows && i0 + ii < m; ++ii)
-          for (std::size_t jj = 0; jj < kStrip && j0 + jj < m; ++jj)
-            if (j0 + jj >= i0 + ii) matrix[gc[i0 + ii] * n + gc[j0 + jj]] += sign * acc[ii][jj];
-      }
+      add_tile<kTileRows>(acc, i0, j0, cols, sign, matrix, n);
     }
   }
 }
@@ -379,9 +471,9 @@ struct GroupQueue {
   std::vector<std::size_t> starts;  ///< first entry of each queued group, then the end
   std::vector<std::uint64_t> bits;  ///< union of the queued columns
   std::size_t union_size = 0, widest = 0;
-  std::vector<std::size_t> panel_column;  ///< matrix column -> panel column, during a flush
+  std::vector<std::size_t> panel_column;  ///< matrix column -> its packed offset at row 0, during a flush
   PanelColumns panel_cols;
-  std::vector<double> left, right;
+  std::vector<double> left;
 
   explicit GroupQueue(std::size_t n) : starts{0}, bits((n + 63) / 64, 0), panel_column(n, 0) {}
   std::size_t size() const { return starts.size() - 1; }
@@ -415,8 +507,8 @@ struct PartWorkspace {
 /// The rank-k update of a run panel's queued rows; empties it.
 void flush_run_panel(PartWorkspace& ws, RunPanel& panel) {
   if (panel.used == 0) return;
-  add_upper_product(panel.used, RunPanel::kRows, panel.data.data(), panel.data.data(), panel.cols,
-                    1.0, ws.matrix.data(), ws.n);
+  add_upper_product<false>(panel.used, RunPanel::kRows, panel.data.data(), panel.data.data(),
+                           panel.cols, 1.0, ws.matrix.data(), ws.n);
   panel.used = 0;
 }
 
@@ -426,6 +518,9 @@ void flush_groups(PartWorkspace& ws, bool dials) {
   GroupQueue& q = ws.queue;
   const std::size_t groups = q.size();
   if (groups == 0) return;
+  const std::size_t rows = dials ? 2 * groups : groups;
+  // per union column its offset in the packed panel at row 0 (packed_index(0, c, rows)); row r
+  // adds r·kStrip
   std::vector<std::size_t>& global = q.panel_cols.global;
   global.clear();
   for (std::size_t word = 0; word < q.bits.size(); ++word) {
@@ -433,32 +528,32 @@ void flush_groups(PartWorkspace& ws, bool dials) {
     q.bits[word] = 0;
     while (x) {
       const std::size_t col = (word << 6) + lowest_bit(x);
-      q.panel_column[col] = global.size();
+      q.panel_column[col] = packed_index(0, global.size(), rows);
       global.push_back(col);
       x &= x - 1;
     }
   }
   q.panel_cols.set_consecutive();
-  const std::size_t rows = dials ? 2 * groups : groups;
-  const std::size_t size = rows * padded_columns(global.size());
-  q.left.assign(size, 0.0);
-  if (dials) q.right.assign(size, 0.0);
+  q.left.assign(rows * padded_columns(global.size()), 0.0);
+  double* __restrict left = q.left.data();
   for (std::size_t grp = 0; grp < groups; ++grp) {
+    const std::size_t row_offset = (dials ? 2 * grp : grp) * kStrip;
     for (std::size_t i = q.starts[grp]; i < q.starts[grp + 1]; ++i) {
-      const std::size_t c = q.panel_column[q.cols[i]];
-      if (dials) {  // rows 2 grp, 2 grp + 1: left (e, b), right (e, −b)
-        q.left[packed_index(2 * grp, c, rows)] = q.e[i];
-        q.left[packed_index(2 * grp + 1, c, rows)] = q.b[i];
-        q.right[packed_index(2 * grp, c, rows)] = q.e[i];
-        q.right[packed_index(2 * grp + 1, c, rows)] = -q.b[i];
+      double* at = left + q.panel_column[q.cols[i]] + row_offset;
+      if (dials) {  // rows 2 grp, 2 grp + 1: (e, b); the right operand (e, −b) by negation
+        at[0] = q.e[i];
+        at[kStrip] = q.b[i];
       } else {
-        q.left[packed_index(grp, c, rows)] = q.b[i];
+        at[0] = q.b[i];
       }
     }
   }
-  const double* right = dials ? q.right.data() : q.left.data();
-  add_upper_product(rows, rows, q.left.data(), right, q.panel_cols, dials ? 1.0 : -1.0,
-                    ws.matrix.data(), ws.n);
+  if (dials)
+    add_upper_product<true>(rows, rows, q.left.data(), q.left.data(), q.panel_cols, 1.0,
+                            ws.matrix.data(), ws.n);
+  else
+    add_upper_product<false>(rows, rows, q.left.data(), q.left.data(), q.panel_cols, -1.0,
+                             ws.matrix.data(), ws.n);
   q.cols.clear();
   q.b.clear();
   q.e.clear();
@@ -544,18 +639,41 @@ XS_ALWAYS_INLINE void mark_sorted_columns(std::uint64_t* bits, const std::size_t
   bits[word] |= word_bits;
 }
 
+/// The products of a row's m entries outside its block's run (columns oc, values ov) with the
+/// run ad (one contiguous loop in each entry's matrix row) and with each other (scalars), times c.
+/// kLen, kM: the run's length and m when known at compile time (0: use len, m).
+template <std::size_t kLen, std::size_t kM>
+XS_ALWAYS_INLINE void other_products(PartWorkspace& ws, double c, const std::size_t* __restrict oc,
+                                     const double* __restrict ov, std::size_t m_runtime,
+                                     const double* __restrict ad, std::size_t len_runtime,
+                                     std::size_t run_column) {
+  const std::size_t m = kM != 0 ? kM : m_runtime;
+  const std::size_t len = kLen != 0 ? kLen : len_runtime;
+  const std::size_t n = ws.n;
+  for (std::size_t i = 0; i < m; ++i) {
+    const double ca = c * ov[i];
+    double* out = ws.matrix.data() + oc[i] * n;
+    double* __restrict cross = out + run_column;
+    for (std::size_t j = 0; j < len; ++j) cross[j] += ca * ad[j];
+    for (std::size_t t = i; t < m; ++t) out[oc[t]] += ca * ov[t];
+  }
+}
+
 /// Everything of a row holding its block's dense run at entries [p, p + L): rhs += cr a;
 /// matrix += c a aᵀ, the run's part √c·a_D queued in the block's panel, each other entry's
 /// products with the run as one contiguous loop in its own matrix row (the lower triangle when
 /// its column lies after the run) and with the other entries as scalars; when the group is
 /// eliminated, the group sums b += cb a, e += ce a (dials), the columns marked in the bitmap and
-/// the touched column range widened.
+/// the touched column range widened. kLen: the run's length when known at compile time (the
+/// physical model's 8, 24 or 48 harmonics), so its loops unroll and the run stays in registers
+/// across the other entries' products; 0: read from the panel.
+template <std::size_t kLen>
 XS_ALWAYS_INLINE void run_observation(PartWorkspace& ws, RunPanel& panel, const DerivativesView& v,
                                       std::int64_t first, std::int64_t last, std::int64_t p,
                                       const RowCoefficients& rc, bool eliminate, bool dials,
                                       std::size_t& col_min, std::size_t& col_max) {
   const std::size_t off = v.column_offset;
-  const std::size_t len = panel.run.size();
+  const std::size_t len = kLen != 0 ? kLen : panel.run.size();
   const std::size_t run_column = off + panel.run.first;
   const double* __restrict ad = v.values + p;
   // the other entries, gathered once (a checked row has at most n entries; stay safe anyway)
@@ -609,14 +727,10 @@ XS_ALWAYS_INLINE void run_observation(PartWorkspace& ws, RunPanel& panel, const 
     for (std::size_t jj = 0; jj < width; ++jj) dst[jj] = root * ad[s * kStrip + jj];
   }
   ++panel.used;
-  const std::size_t n = ws.n;
-  for (std::size_t i = 0; i < m; ++i) {
-    const double ca = c * ov[i];
-    double* out = ws.matrix.data() + oc[i] * n;
-    double* __restrict cross = out + run_column;
-    for (std::size_t j = 0; j < len; ++j) cross[j] += ca * ad[j];
-    for (std::size_t t = i; t < m; ++t) out[oc[t]] += ca * ov[t];
-  }
+  if (m == 6)  // two 3-point smoothers (scale and decay): the loops unroll
+    other_products<kLen, 6>(ws, c, oc, ov, 6, ad, len, run_column);
+  else
+    other_products<kLen, 0>(ws, c, oc, ov, m, ad, len, run_column);
 }
 
 /// The group sums b += cb a and (dials) e += ce a over a row's entries, the columns marked in
@@ -812,7 +926,19 @@ void part_terms(const PartInputs& in, std::size_t g_first, std::size_t g_last, P
       const std::int64_t p = run_position(v.indices, first, last, panel.run);
       const bool terms = rc.obs != 0.0 || rc.rhs != 0.0;
       if (terms && p < last) {
-        run_observation(ws, panel, v, first, last, p, rc, eliminate, in.dials, col_min, col_max);
+        switch (panel.run.size()) {  // the physical model's absorption lmax 2, 4, 6
+          case 8:
+            run_observation<8>(ws, panel, v, first, last, p, rc, eliminate, in.dials, col_min, col_max);
+            break;
+          case 24:
+            run_observation<24>(ws, panel, v, first, last, p, rc, eliminate, in.dials, col_min, col_max);
+            break;
+          case 48:
+            run_observation<48>(ws, panel, v, first, last, p, rc, eliminate, in.dials, col_min, col_max);
+            break;
+          default:
+            run_observation<0>(ws, panel, v, first, last, p, rc, eliminate, in.dials, col_min, col_max);
+        }
         continue;
       }
       if (terms) sparse_observation(ws, v, first, last, rc.obs, rc.rhs);
@@ -1105,6 +1231,14 @@ void model_row_variances(const ModelBlock& block, const double* params, std::siz
   });
   for (const auto& f : failure)
     if (!f.empty()) throw std::invalid_argument(f);
+}
+
+int tile_kernel_level() { return tile_level(); }
+
+int set_tile_kernel_level(int level) {
+  const int chosen = std::max(0, std::min(level, cpu_tile_level()));
+  g_tile_level.store(chosen, std::memory_order_relaxed);
+  return chosen;
 }
 
 }  // namespace xtalscale::fit

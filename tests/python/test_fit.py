@@ -310,6 +310,33 @@ def test_thread_count_gives_bit_identical_results(cys30):
     assert np.array_equal(n1[0], n2[0]) and np.array_equal(n1[1], n2[1])
 
 
+def test_every_tile_kernel_gives_the_same_bits(cys30):
+    """The normal matrix's rank-k tiles run as AVX-512 8 x 8, AVX2+FMA 4 x 8 or plain loops,
+    whichever the CPU has; each computes every element as the same FMAs in the same order, so the
+    matrices (DIALS's and the Schur kind, the dials rank-2 correction with its negated rows) and
+    the variances' quadratic forms are identical. The levels this CPU lacks clamp to its widest."""
+    scaler, _, apm = cys30
+    scaler.update_for_minimisation(apm, 0)
+    block = scaler.Ih_table.blocked_data_list[0]
+    args = block_kernel_arguments(block)
+    g0, indptr, indices, values, ncol = args[3][0][:5]
+    v_half = np.random.default_rng(2).standard_normal((ncol, ncol))
+    v = v_half @ v_half.T
+    widest = core_fit.tile_kernel_level()
+    results = {}
+    try:
+        for level in range(widest + 1):
+            assert core_fit.set_tile_kernel_level(level) == level
+            results[level] = [core_fit.normal_equations(*args, kind=kind)[:2] for kind in ("dials", "schur")]
+            results[level].append((core_fit.row_quadratic_forms(indptr, indices, values, v),))
+        assert core_fit.set_tile_kernel_level(widest + 5) == widest
+    finally:
+        core_fit.set_tile_kernel_level(widest)
+    for level in range(widest):
+        for got, want in zip(results[level], results[widest]):
+            assert all(np.array_equal(a, b) for a, b in zip(got, want)), (level, widest)
+
+
 # ----------------------------------------------------------------------------- truth recovery
 def _gauge_free_rms(g_ref, g_true, d):
     """rms of ln(g_ref/g_true) after removing the overall scale and B (a + b/d²)."""
