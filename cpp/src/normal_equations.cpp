@@ -685,11 +685,13 @@ XS_ALWAYS_INLINE void run_observation(PartWorkspace& ws, RunPanel& panel, const 
   std::size_t* __restrict oc = ws.other_col.data();
   double* __restrict ov = ws.other_val.data();
   std::size_t m = 0;
-  for (auto q = first; q < last; ++q) {
-    if (q == p) q += static_cast<std::int64_t>(len);
-    if (q == last) break;
+  for (auto q = first; q < p; ++q, ++m) {  // the entries before the run, then after it
     oc[m] = off + static_cast<std::size_t>(v.indices[q]);
-    ov[m++] = v.values[q];
+    ov[m] = v.values[q];
+  }
+  for (auto q = p + static_cast<std::int64_t>(len); q < last; ++q, ++m) {
+    oc[m] = off + static_cast<std::size_t>(v.indices[q]);
+    ov[m] = v.values[q];
   }
   double* __restrict rhs = ws.rhs.data();
   if (eliminate) {
