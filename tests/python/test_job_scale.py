@@ -114,6 +114,20 @@ def test_unwritable_output_fails_before_the_work(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_outputs_set_to_none_are_not_written(tmp_path):
+    """``output.reflections=None`` (and the other outputs) skips that file: nothing named
+    "None" appears, the outputs still asked for are written."""
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        assert main(["scale", *SWEEP20, "output.reflections=None", "output.html=none", "output.log=None",
+                     "merged_mtz=merged.mtz", "error_model=None", "outlier_rejection=simple"]) == 0
+    finally:
+        os.chdir(cwd)
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["merged.mtz", "scaled.expt"], written
+
+
 def test_missing_intensity_columns(tmp_path, capsys):
     table = reflection_table.from_file(SWEEP20[0])
     for name in ("intensity.sum.value", "intensity.sum.variance"):

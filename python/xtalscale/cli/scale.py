@@ -60,8 +60,9 @@ def run(argv: Sequence[str]) -> int:
     if not files:
         raise ValueError("no input files: give integrated .refl and .expt files (or an unmerged "
                          "MTZ / XDS file); -h for help")
-    log_file = params.output.log if params.output.log and str(params.output.log).lower() != "none" else None
-    from ..job.run import check_outputs_writable
+    from ..job.run import check_outputs_writable, output_path
+
+    log_file = output_path(params.output.log)
 
     check_outputs_writable(params)  # before the log file is created and before any work
     log = configure_logging(verbosity, log_file)

@@ -38,10 +38,20 @@ class ScaleJobResult:
     work_free: dict | None = None
 
 
+def output_path(value: Any) -> str | None:
+    """An output parameter's file name, or None when that output is not wanted: unset, empty
+    or ``None`` (PHIL gives ``output.html=None`` as None; a quoted ``"None"`` counts too)."""
+    if value is None:
+        return None
+    text = str(value).strip()
+    return None if not text or text.lower() == "none" else text
+
+
 def _output_paths(params: Any) -> list[str]:
     out = params.output
-    return [p for p in (out.reflections, out.experiments, out.html, out.log, out.json, out.merged_mtz,
-                        out.unmerged_mtz) if p and str(p).lower() != "none"]
+    paths = (output_path(p) for p in (out.reflections, out.experiments, out.html, out.log, out.json,
+                                      out.merged_mtz, out.unmerged_mtz))
+    return [p for p in paths if p is not None]
 
 
 def check_outputs_writable(params: Any) -> None:
@@ -91,9 +101,13 @@ def _statistics(experiments: Any, table: Any, params: Any) -> tuple[Any, Any]:
 def _write_scaled_files(params: Any, experiments: Any, table: Any, result: ScaleJobResult) -> None:
     """Write scaled.refl and scaled.expt (recorded in ``result.files``); reads the table only."""
     out = params.output
-    table.as_file(str(out.reflections))
-    experiments.as_file(str(out.experiments))
-    result.files.update(reflections=out.reflections, experiments=out.experiments)
+    reflections, expts = output_path(out.reflections), output_path(out.experiments)
+    if reflections is not None:
+        table.as_file(reflections)
+        result.files["reflections"] = reflections
+    if expts is not None:
+        experiments.as_file(expts)
+        result.files["experiments"] = expts
 
 
 def _write(params: Any, experiments: Any, table: Any, obs: Any, report_inputs: Any,
@@ -107,27 +121,29 @@ def _write(params: Any, experiments: Any, table: Any, obs: Any, report_inputs: A
         _write_scaled_files(params, experiments, table, result)
     else:
         scaled_files.result()  # re-raises a failed write
-    if out.unmerged_mtz:
+    unmerged_mtz, merged_mtz, json_path = (output_path(out.unmerged_mtz), output_path(out.merged_mtz),
+                                           output_path(out.json))
+    if unmerged_mtz is not None:
         from ..io.mtz import write_unmerged_mtz
 
         scaled = table.select(table.get_flags(Flags.scaled))
-        write_unmerged_mtz(str(out.unmerged_mtz), scaled, experiments, project_name=out.project_name,
+        write_unmerged_mtz(unmerged_mtz, scaled, experiments, project_name=out.project_name,
                            crystal_name=out.crystal_name)
-        result.files["unmerged_mtz"] = out.unmerged_mtz
+        result.files["unmerged_mtz"] = unmerged_mtz
     merged = None
-    if obs is not None and (out.merged_mtz or (out.html and str(out.html).lower() != "none")):
+    if obs is not None and (merged_mtz is not None or output_path(out.html) is not None):
         from ..merge import merge_observations, write_merged_mtz
 
         # merged on the grouping the statistics made of the same observations
         groups = report_inputs.observation_groups if report_inputs is not None else None
         merged = merge_observations(obs, anomalous=bool(params.anomalous), groups=groups)
-        if out.merged_mtz:
-            write_merged_mtz(str(out.merged_mtz), merged, out.project_name, out.crystal_name)
-            result.files["merged_mtz"] = out.merged_mtz
+        if merged_mtz is not None:
+            write_merged_mtz(merged_mtz, merged, out.project_name, out.crystal_name)
+            result.files["merged_mtz"] = merged_mtz
     stats = result.statistics
-    if out.json and stats is not None:
-        Path(out.json).write_text(stats.as_json())
-        result.files["json"] = out.json
+    if json_path is not None and stats is not None:
+        Path(json_path).write_text(stats.as_json())
+        result.files["json"] = json_path
     return merged
 
 
@@ -329,7 +345,8 @@ def _run_scale_job(params: Any, files: Sequence[str]) -> ScaleJobResult:
     timings["write"] = time.perf_counter() - t0
     out = params.output
 
-    if out.html and str(out.html).lower() != "none":
+    html = output_path(out.html)
+    if html is not None:
         t0 = time.perf_counter()
         from ..report import write_html_report
 
@@ -338,9 +355,9 @@ def _run_scale_job(params: Any, files: Sequence[str]) -> ScaleJobResult:
             arguments.get("summary", []))
         if not algorithm.scaled:
             arguments["notes"] = [getattr(algorithm, "no_equivalents", None) or "not scaled"]
-        write_html_report(out.html, merged=merged, experiments=experiments,
+        write_html_report(html, merged=merged, experiments=experiments,
                           title="xtalscale scale report", **arguments)
-        result.files["html"] = out.html
+        result.files["html"] = html
         timings["report"] = time.perf_counter() - t0
     logger.info("\nrows: %s", "; ".join(f"{k}: {v}" for k, v in exclusion_summary(table)))
     for text, number in algorithm.reasons.reasons.items():
