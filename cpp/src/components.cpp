@@ -13,6 +13,10 @@
 #include <Eigen/Core>
 
 #include "internal/kernel_support.hpp"  // XS_MULTIVERSION, exp_guarded, with_window_width
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include "xtalscale/check.hpp"
 #include "xtalscale/smoother.hpp"  // exp_bounded
 
@@ -120,11 +124,66 @@ void sh_scales(std::size_t n, std::size_t n_params, const double* harmonics, con
 }
 
 namespace {
-/// The float32 GEMV, also compiled for AVX2+FMA (picked at run time).
-XS_MULTIVERSION void sh_scales_f32_impl(std::size_t n, std::size_t n_params,
-                                           const float* harmonics, const double* coef,
-                                           double* scales) {
-  const std::size_t p = n_params, p4 = p - p % 4;
+// The float32 GEMV s_i = 1 + Σ_k h_ik c_k. A row with a multiple of 8 harmonics (lmax 2, 4, 6:
+// 8, 24, 48) is summed in eight lanes, lane j taking k ≡ j (mod 8) in ascending k by FMA and
+// the lanes reduced as ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)): one order for the
+// AVX-512 (one 8-lane register), AVX2 (two 4-lane registers) and plain paths, so they give the
+// same bits on any CPU with FMA. Other widths: four scalar accumulators.
+
+/// The eight-lane reduction above.
+inline double reduce_lanes(const double* l) {
+  return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+}
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define XS_SH_SIMD 1
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12: _mm256_undefined_pd in the intrinsics
+__attribute__((target("avx512f"))) void sh_scales_f32_avx512(std::size_t n, std::size_t p, const float* h,
+                                                           const double* coef, double* scales) {
+  for (std::size_t i = 0; i < n; ++i) {
+    const float* r = h + i * p;
+    __m512d acc = _mm512_setzero_pd();
+    for (std::size_t k = 0; k < p; k += 8)
+      acc = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm256_loadu_ps(r + k)), _mm512_loadu_pd(coef + k), acc);
+    const __m256d t = _mm256_add_pd(_mm512_castpd512_pd256(acc), _mm512_extractf64x4_pd(acc, 1));
+    const __m128d u = _mm_add_pd(_mm256_castpd256_pd128(t), _mm256_extractf128_pd(t, 1));
+    scales[i] = 1.0 + (_mm_cvtsd_f64(u) + _mm_cvtsd_f64(_mm_unpackhi_pd(u, u)));
+  }
+}
+#pragma GCC diagnostic pop
+
+__attribute__((target("avx2,fma"))) void sh_scales_f32_avx2(std::size_t n, std::size_t p, const float* h,
+                                                          const double* coef, double* scales) {
+  for (std::size_t i = 0; i < n; ++i) {
+    const float* r = h + i * p;
+    __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
+    for (std::size_t k = 0; k < p; k += 8) {
+      lo = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(r + k)), _mm256_loadu_pd(coef + k), lo);
+      hi = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(r + k + 4)), _mm256_loadu_pd(coef + k + 4), hi);
+    }
+    const __m256d t = _mm256_add_pd(lo, hi);
+    const __m128d u = _mm_add_pd(_mm256_castpd256_pd128(t), _mm256_extractf128_pd(t, 1));
+    scales[i] = 1.0 + (_mm_cvtsd_f64(u) + _mm_cvtsd_f64(_mm_unpackhi_pd(u, u)));
+  }
+}
+#endif
+
+/// The plain paths (also compiled for AVX2+FMA, picked at run time).
+XS_MULTIVERSION void sh_scales_f32_plain(std::size_t n, std::size_t n_params, const float* harmonics,
+                                         const double* coef, double* scales) {
+  const std::size_t p = n_params;
+  if (p % 8 == 0) {
+    for (std::size_t i = 0; i < n; ++i) {
+      const float* r = harmonics + i * p;
+      double lanes[8] = {};
+      for (std::size_t k = 0; k < p; k += 8)
+        for (std::size_t j = 0; j < 8; ++j) lanes[j] += static_cast<double>(r[k + j]) * coef[k + j];
+      scales[i] = 1.0 + reduce_lanes(lanes);
+    }
+    return;
+  }
+  const std::size_t p4 = p - p % 4;
   for (std::size_t i = 0; i < n; ++i) {
     const float* r = harmonics + i * p;
     double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0;
@@ -138,6 +197,18 @@ XS_MULTIVERSION void sh_scales_f32_impl(std::size_t n, std::size_t n_params,
     for (; k < p; ++k) a0 += static_cast<double>(r[k]) * coef[k];
     scales[i] = 1.0 + ((a0 + a1) + (a2 + a3));
   }
+}
+
+void sh_scales_f32_impl(std::size_t n, std::size_t n_params, const float* harmonics,
+                        const double* coef, double* scales) {
+#ifdef XS_SH_SIMD
+  if (n_params % 8 == 0 && n_params > 0) {
+    const int level = detail::simd_level();
+    if (level >= 2) return sh_scales_f32_avx512(n, n_params, harmonics, coef, scales);
+    if (level >= 1) return sh_scales_f32_avx2(n, n_params, harmonics, coef, scales);
+  }
+#endif
+  sh_scales_f32_plain(n, n_params, harmonics, coef, scales);
 }
 }  // namespace
 

@@ -20,7 +20,6 @@
 #include "xtalscale/normal_equations.hpp"
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -236,9 +235,6 @@ XS_ALWAYS_INLINE std::int64_t run_position(const std::int32_t* indices, std::int
 
 // ------------------------------------------------------------------ packed rank-k updates
 
-/// The tile kernel in use (see tile_kernel_level); -1 until first asked.
-std::atomic<int> g_tile_level{-1};
-
 
 constexpr std::size_t kStrip = 8;     ///< panel columns per strip: the micro-tile width
 constexpr std::size_t kTileRows = 4;  ///< micro-tile height
@@ -349,24 +345,12 @@ __attribute__((target("avx512f"))) void tile_sum_avx512(std::size_t k, const dou
   _mm512_storeu_pd(acc[7], c7);
 }
 
-/// The widest tile kernel this CPU runs: 2 AVX-512, 1 AVX2+FMA, 0 the plain loops.
-int cpu_tile_level() {
-  static const int level = __builtin_cpu_supports("avx512f")                                   ? 2
-                           : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1
-                                                                                             : 0;
-  return level;
-}
-#else
-int cpu_tile_level() { return 0; }
 #endif
 
-/// The tile kernel in use: the CPU's widest unless lowered by set_tile_kernel_level.
-int tile_level() {
-  const int level = g_tile_level.load(std::memory_order_relaxed);
-  return level >= 0 ? level : cpu_tile_level();
-}
-bool cpu_has_avx2_fma() { return tile_level() >= 1; }
-bool cpu_has_avx512() { return tile_level() >= 2; }
+/// Whether the tile kernels may use AVX2+FMA / AVX-512 (detail::simd_level: the CPU's widest,
+/// unless capped for a test).
+bool cpu_has_avx2_fma() { return xtalscale::detail::simd_level() >= 1; }
+bool cpu_has_avx512() { return xtalscale::detail::simd_level() >= 2; }
 
 /// Adds one tile of the product (panel rows i0 .. i0 + kRows, columns j0 .. j0 + kStrip) into
 /// the matrix, its upper triangle only (j >= i): each tile row as a contiguous loop where the
@@ -1233,14 +1217,6 @@ void model_row_variances(const ModelBlock& block, const double* params, std::siz
   });
   for (const auto& f : failure)
     if (!f.empty()) throw std::invalid_argument(f);
-}
-
-int tile_kernel_level() { return tile_level(); }
-
-int set_tile_kernel_level(int level) {
-  const int chosen = std::max(0, std::min(level, cpu_tile_level()));
-  g_tile_level.store(chosen, std::memory_order_relaxed);
-  return chosen;
 }
 
 }  // namespace xtalscale::fit

@@ -386,10 +386,6 @@ void bind_fit(py::module_& m) {
   m.def("sum_in_groups", &sum_in_groups_py, py::arg("group_offsets"), py::arg("values"),
         "Sum values (table order) within each group.");
   m.def("max_threads", &max_threads, "Threads available to the fit kernels (1 without OpenMP).");
-  m.def("tile_kernel_level", &tile_kernel_level,
-        "Rank-k tile kernel in use: 2 AVX-512, 1 AVX2+FMA, 0 plain loops (all give the same bits).");
-  m.def("set_tile_kernel_level", &set_tile_kernel_level, py::arg("level"),
-        "Use at most this tile kernel level (clamped to what the CPU runs); returns the level set.");
 }
 
 }  // namespace xtalscale::py_bind

@@ -1,6 +1,7 @@
 // The xtalscale._core extension module: registers each area's bindings.
 #include "common.hpp"
 #include "xtalscale/core.hpp"
+#include "internal/kernel_support.hpp"
 #include "internal/large_buffers.hpp"
 
 PYBIND11_MODULE(_core, m) {
@@ -13,6 +14,12 @@ PYBIND11_MODULE(_core, m) {
         "Turn the huge-page advice for large buffers on or off (buffers allocated from now on). "
         "It pays where freed buffers are re-allocated in a loop; on a virtual machine whose "
         "huge pages are fresh host memory, first touch is ~5x slower, hence off by default.");
+  m.def("simd_level", &xtalscale::detail::simd_level,
+        "The hand-vectorised kernels in use: 2 AVX-512, 1 AVX2+FMA, 0 plain loops (the normal "
+        "matrix, the scale variances, the float32 harmonics). Every level gives the same bits.");
+  m.def("set_simd_level", &xtalscale::detail::set_simd_level, pybind11::arg("level"),
+        "Use at most this level from now on (clamped to what the CPU runs); returns the level in "
+        "use. For testing the narrower kernels on a wide CPU.");
   auto smoothers = m.def_submodule("smoothers", "Gaussian smoothers (DIALS/Aimless SmoothedValue)");
   xtalscale::py_bind::bind_smoothers(smoothers);
   auto components = m.def_submodule("components", "Scale-component kernels");

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
+from xtalscale import _core as core
 from xtalscale._core import components as kern
 from xtalscale.components import (
     SHScaleComponent,
@@ -255,6 +256,30 @@ def test_lean_kernels_validate_inputs(rng):
                                        table, 8)
     with pytest.raises(ValueError, match="s0_lookup"):
         kern.harmonics_from_lookup_f32(np.zeros(3, np.int32), np.zeros(2, np.int32), table, 8)
+
+
+@pytest.mark.parametrize("width", [8, 24, 48, 15])
+def test_float32_absorption_scales_same_bits_at_every_simd_level(width):
+    """s = 1 + Σ h c over float32 harmonics: the AVX-512, AVX2 and plain sums run in one order
+    (eight lanes of k mod 8 for widths that are multiples of 8), so each level gives the same
+    bits, within the summation's error bound of a long-double reference. Levels the CPU lacks clamp to its widest."""
+    rng = np.random.default_rng(width)
+    h = rng.standard_normal((1000, width)).astype(np.float32)
+    c = rng.standard_normal(width) * 0.05
+    reference = 1.0 + (h.astype(np.longdouble) @ c.astype(np.longdouble))
+    widest = core.simd_level()
+    try:
+        results = []
+        for level in range(widest + 1):
+            core.set_simd_level(level)
+            results.append(kern.sh_scales_f32(h, c))
+    finally:
+        core.set_simd_level(widest)
+    for got in results:
+        assert np.array_equal(got, results[-1])
+    # a sum of p products in lanes of p/8 then a 3-level tree: error ≲ (p/8 + 4) ulp of Σ|h c|
+    bound = (width / 8 + 4) * np.finfo(float).eps * (1.0 + np.abs(h.astype(float) * c).sum(axis=1))
+    assert np.all(np.abs(results[-1] - reference) <= bound)
 
 
 def test_lean_caller_buffers_always_hold_the_latest_call(rng):

@@ -12,6 +12,7 @@ import pytest
 import scipy.sparse as sp
 
 from xtalscale import models
+from xtalscale import _core as core
 from xtalscale._core import fit as core_fit
 from xtalscale._core import grouping as core_grouping
 from xtalscale.algorithms.scaling.Ih_table import IhTable, IhTableBlock
@@ -322,16 +323,16 @@ def test_every_tile_kernel_gives_the_same_bits(cys30):
     g0, indptr, indices, values, ncol = args[3][0][:5]
     v_half = np.random.default_rng(2).standard_normal((ncol, ncol))
     v = v_half @ v_half.T
-    widest = core_fit.tile_kernel_level()
+    widest = core.simd_level()
     results = {}
     try:
         for level in range(widest + 1):
-            assert core_fit.set_tile_kernel_level(level) == level
+            assert core.set_simd_level(level) == level
             results[level] = [core_fit.normal_equations(*args, kind=kind)[:2] for kind in ("dials", "schur")]
             results[level].append((core_fit.row_quadratic_forms(indptr, indices, values, v),))
-        assert core_fit.set_tile_kernel_level(widest + 5) == widest
+        assert core.set_simd_level(widest + 5) == widest
     finally:
-        core_fit.set_tile_kernel_level(widest)
+        core.set_simd_level(widest)
     for level in range(widest):
         for got, want in zip(results[level], results[widest]):
             assert all(np.array_equal(a, b) for a, b in zip(got, want)), (level, widest)

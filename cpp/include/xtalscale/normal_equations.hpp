@@ -72,14 +72,4 @@ XTALSCALE_EXPORT void model_row_variances(const ModelBlock& block, const double*
                                           std::size_t n_params, const double* V,
                                           double* variances, double* g, int n_threads = 1);
 
-/// The rank-k tile kernel the normal matrix and the variances use: 2 AVX-512 (8 x 8 tiles),
-/// 1 AVX2+FMA (4 x 8), 0 plain loops. Each computes every element as the same FMAs in the same
-/// order, so all give the same bits; the default is the widest this CPU runs.
-XTALSCALE_EXPORT int tile_kernel_level();
-
-/// Use at most @p level (clamped to [0, the CPU's widest]) from now on, process-wide; returns
-/// the level set. For tests of the narrower kernels on a wide CPU; not thread-safe against a
-/// running kernel's choice (set it between calls).
-XTALSCALE_EXPORT int set_tile_kernel_level(int level);
-
 }  // namespace xtalscale::fit

@@ -2,6 +2,8 @@
 // forced-inline attributes, the guarded vectorised exponential and the window-width dispatch.
 #pragma once
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstddef>
 #include <type_traits>
@@ -28,6 +30,40 @@
 #endif
 
 namespace xtalscale::detail {
+
+/// The widest hand-vectorised kernels this CPU runs: 2 AVX-512F, 1 AVX2+FMA, 0 neither (or a
+/// compiler/platform without them). Each level computes every result with the same FMAs in the
+/// same order (the normal matrix's and the variances' tiles, the float32 harmonics' sums), so
+/// all levels give the same bits; the level only changes the speed.
+inline int cpu_simd_level() noexcept {
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__x86_64__) && \
+    defined(__linux__)
+  static const int level = __builtin_cpu_supports("avx512f")                                   ? 2
+                           : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? 1
+                                                                                             : 0;
+  return level;
+#else
+  return 0;
+#endif
+}
+
+/// The process-wide cap on the level (set_simd_level).
+inline std::atomic<int>& simd_level_cap() noexcept {
+  static std::atomic<int> cap{2};
+  return cap;
+}
+
+/// The level the kernels use: the CPU's, unless capped lower.
+inline int simd_level() noexcept {
+  return std::min(cpu_simd_level(), simd_level_cap().load(std::memory_order_relaxed));
+}
+
+/// Use at most @p level from now on (clamped to [0, 2]); returns the level in use. For tests of
+/// the narrower kernels on a wide CPU; set it between kernel calls, not during one.
+inline int set_simd_level(int level) noexcept {
+  simd_level_cap().store(std::max(0, std::min(level, 2)), std::memory_order_relaxed);
+  return simd_level();
+}
 
 /// The arguments exp_bounded accepts (its result is then a normal number within ~2 ulp).
 constexpr double kExpArgLimit = 700.0;
