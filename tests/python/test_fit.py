@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from xtalscale import models
 from xtalscale import _core as core
+from xtalscale import models
 from xtalscale._core import fit as core_fit
 from xtalscale._core import grouping as core_grouping
 from xtalscale.algorithms.scaling.Ih_table import IhTable, IhTableBlock
