@@ -471,15 +471,19 @@ struct GroupQueue {
 struct PartWorkspace {
   std::size_t n;
   double r_sq = 0.0;
-  std::vector<double> matrix, rhs, b, e, row;
+  std::vector<double> own_matrix;  ///< the part's matrix, unless it adds into the caller's
+  double* matrix;                  ///< own_matrix or the caller's matrix (n x n)
+  std::vector<double> rhs, b, e, row;
   std::vector<std::uint64_t> bits;
   std::vector<std::size_t> touched, seg_of, seg_first, seg_last, other_col;
   std::vector<double> other_val;
   std::vector<RunPanel> panels;
   GroupQueue queue;
+  /// @p into: add the terms straight into this n x n matrix (none is allocated).
   PartWorkspace(std::size_t n_params, const std::vector<FitBlock>& blocks,
-                const std::vector<DenseRun>& runs)
-      : n(n_params), matrix(n_params * n_params, 0.0), rhs(n_params, 0.0), b(n_params, 0.0),
+                const std::vector<DenseRun>& runs, double* into = nullptr)
+      : n(n_params), own_matrix(into != nullptr ? 0 : n_params * n_params, 0.0),
+        matrix(into != nullptr ? into : own_matrix.data()), rhs(n_params, 0.0), b(n_params, 0.0),
         e(n_params, 0.0), row(n_params, 0.0), bits((n_params + 63) / 64, 0),
         other_col(n_params, 0), other_val(n_params, 0.0),
         panels(blocks.size()), queue(n_params) {
@@ -492,7 +496,7 @@ struct PartWorkspace {
 void flush_run_panel(PartWorkspace& ws, RunPanel& panel) {
   if (panel.used == 0) return;
   add_upper_product<false>(panel.used, RunPanel::kRows, panel.data.data(), panel.data.data(),
-                           panel.cols, 1.0, ws.matrix.data(), ws.n);
+                           panel.cols, 1.0, ws.matrix, ws.n);
   panel.used = 0;
 }
 
@@ -534,10 +538,10 @@ void flush_groups(PartWorkspace& ws, bool dials) {
   }
   if (dials)
     add_upper_product<true>(rows, rows, q.left.data(), q.left.data(), q.panel_cols, 1.0,
-                            ws.matrix.data(), ws.n);
+                            ws.matrix, ws.n);
   else
     add_upper_product<false>(rows, rows, q.left.data(), q.left.data(), q.panel_cols, -1.0,
-                             ws.matrix.data(), ws.n);
+                             ws.matrix, ws.n);
   q.cols.clear();
   q.b.clear();
   q.e.clear();
@@ -578,7 +582,7 @@ XS_ALWAYS_INLINE void sparse_observation(PartWorkspace& ws, const DerivativesVie
   const std::size_t n_seg = ws.seg_first.size();
   const std::size_t* seg_first = ws.seg_first.data();
   const std::size_t* seg_last = ws.seg_last.data();
-  double* __restrict matrix = ws.matrix.data();
+  double* __restrict matrix = ws.matrix;
   double* __restrict rhs = ws.rhs.data();
   for (std::size_t e1 = 0; e1 < k; ++e1) {
     const std::size_t c1 = off + static_cast<std::size_t>(iv[e1]);
@@ -636,7 +640,7 @@ XS_ALWAYS_INLINE void other_products(PartWorkspace& ws, double c, const std::siz
   const std::size_t n = ws.n;
   for (std::size_t i = 0; i < m; ++i) {
     const double ca = c * ov[i];
-    double* out = ws.matrix.data() + oc[i] * n;
+    double* out = ws.matrix + oc[i] * n;
     double* __restrict cross = out + run_column;
     for (std::size_t j = 0; j < len; ++j) cross[j] += ca * ad[j];
     for (std::size_t t = i; t < m; ++t) out[oc[t]] += ca * ov[t];
@@ -774,7 +778,7 @@ inline void correct_group_now(PartWorkspace& ws, double inv_s, bool dials) {
   }
   const std::size_t n_seg = ws.seg_first.size();
   const std::size_t n = ws.n;
-  double* __restrict matrix = ws.matrix.data();
+  double* __restrict matrix = ws.matrix;
   const double* __restrict b = ws.b.data();
   const double* __restrict e = ws.e.data();
   for (std::size_t i = 0; i < m; ++i) {
@@ -942,14 +946,16 @@ void part_terms(const PartInputs& in, std::size_t g_first, std::size_t g_last, P
 NormalEquationsSummary normal_equations(const GroupedObservations& t,
                                         const std::vector<FitBlock>& blocks, std::size_t n,
                                         double* matrix, double* rhs, NormalMatrixKind kind,
-                                        const double* fixed_Ih, int n_threads) {
+                                        const double* fixed_Ih, int n_threads, bool accumulate) {
   std::vector<double> g(t.n_obs);
   gather_scales(blocks, g.data(), n_threads);
   const RowSources src = row_sources(t, blocks, n_threads);
   std::vector<DenseRun> runs;
   for (const FitBlock& b : blocks) runs.push_back(find_dense_run(b.view));
-  std::fill(matrix, matrix + n * n, 0.0);
-  std::fill(rhs, rhs + n, 0.0);
+  if (!accumulate) {
+    std::fill(matrix, matrix + n * n, 0.0);
+    std::fill(rhs, rhs + n, 0.0);
+  }
   const auto parts = group_parts(t, n);
   const std::size_t n_parts = parts.size() - 1;
   const int nt = std::max(1, std::min<int>(n_threads, static_cast<int>(n_parts)));
@@ -958,17 +964,27 @@ NormalEquationsSummary normal_equations(const GroupedObservations& t,
   // Each part is summed into a thread's private workspace, then added to the result in part
   // order (ordered region): the summation order of every element is independent of nt.
   auto add_part = [&](const PartWorkspace& ws) {
-    const double* __restrict src_matrix = ws.matrix.data();
+    const double* __restrict src_matrix = ws.matrix;
     for (std::size_t i = 0; i < n * n; ++i) matrix[i] += src_matrix[i];
     for (std::size_t i = 0; i < n; ++i) rhs[i] += ws.rhs[i];
     r_sq += ws.r_sq;
   };
   auto run_part = [&](PartWorkspace& ws, std::size_t p) {
-    std::fill(ws.matrix.begin(), ws.matrix.end(), 0.0);
+    std::fill(ws.matrix, ws.matrix + n * n, 0.0);
     std::fill(ws.rhs.begin(), ws.rhs.end(), 0.0);
     ws.r_sq = 0.0;
     part_terms(in, parts[p], parts[p + 1], ws);
   };
+  if (n_parts == 1) {
+    // one part (any thread count): its terms go straight into the result, with no private
+    // matrix to zero and add (at 1,176 parameters, 11 MB each per block)
+    PartWorkspace ws(n, blocks, runs, matrix);
+    part_terms(in, parts[0], parts[1], ws);
+    for (std::size_t i = 0; i < n; ++i) rhs[i] += ws.rhs[i];
+    r_sq = ws.r_sq;
+    if (!accumulate) fold_normal_matrix(n, matrix);
+    return {r_sq, t.n_obs};
+  }
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
@@ -990,6 +1006,11 @@ NormalEquationsSummary normal_equations(const GroupedObservations& t,
     }
   }
 #endif
+  if (!accumulate) fold_normal_matrix(n, matrix);
+  return {r_sq, t.n_obs};
+}
+
+void fold_normal_matrix(std::size_t n, double* matrix) {
   // Terms sit in either triangle: add the lower triangle into the upper one and mirror it.
   for (std::size_t i = 0; i < n; ++i)
     for (std::size_t j = i + 1; j < n; ++j) {
@@ -997,7 +1018,6 @@ NormalEquationsSummary normal_equations(const GroupedObservations& t,
       matrix[i * n + j] = sum;
       matrix[j * n + i] = sum;
     }
-  return {r_sq, t.n_obs};
 }
 
 void normal_matrix_diagonal(const GroupedObservations& t, const std::vector<FitBlock>& blocks,
@@ -1217,6 +1237,35 @@ void model_row_variances(const ModelBlock& block, const double* params, std::siz
   });
   for (const auto& f : failure)
     if (!f.empty()) throw std::invalid_argument(f);
+}
+
+namespace {
+
+/// Forward substitution L y = b (row i of L is contiguous: a dot product per row), then back
+/// substitution Lᵀ x = y, column by column of Lᵀ (row i of L again: an axpy per row).
+XS_MULTIVERSION
+void cholesky_substitutions(std::size_t n, const double* __restrict lower, double* __restrict x) {
+  for (std::size_t i = 0; i < n; ++i) {
+    const double* row = lower + i * n;
+    double acc = 0.0;
+    for (std::size_t k = 0; k < i; ++k) acc += row[k] * x[k];
+    x[i] = (x[i] - acc) / row[i];
+  }
+  for (std::size_t i = n; i-- > 0;) {
+    const double* row = lower + i * n;
+    x[i] /= row[i];
+    const double xi = x[i];
+    for (std::size_t k = 0; k < i; ++k) x[k] -= row[k] * xi;
+  }
+}
+
+}  // namespace
+
+void cholesky_solve(std::size_t n, const double* lower, double* x) {
+  for (std::size_t i = 0; i < n; ++i)
+    require(lower[i * n + i] != 0.0 && std::isfinite(lower[i * n + i]),
+            "cholesky_solve: the factor's diagonal must be finite and non-zero");
+  cholesky_substitutions(n, lower, x);
 }
 
 }  // namespace xtalscale::fit

@@ -169,11 +169,27 @@ py::tuple functional_and_scale_gradient_py(const Int64Array& offsets, const Doub
   return py::make_tuple(f, dfdg, ih);
 }
 
+/// A caller's float64 array of @p shape that a kernel may write in place (C-contiguous,
+/// writeable, not copied): the accumulators of normal_equations(..., out=...).
+py::array_t<double> writable_doubles(const py::object& obj, const std::vector<py::ssize_t>& shape,
+                                     const char* name) {
+  if (!py::isinstance<py::array_t<double>>(obj))
+    throw std::invalid_argument(std::string(name) + " must be a float64 numpy array");
+  auto a = py::reinterpret_borrow<py::array_t<double>>(obj);
+  const bool c_contiguous = (a.flags() & py::array::c_style) != 0;
+  if (!c_contiguous || !a.writeable())
+    throw std::invalid_argument(std::string(name) + " must be C-contiguous and writeable");
+  bool same = a.ndim() == static_cast<py::ssize_t>(shape.size());
+  for (std::size_t k = 0; same && k < shape.size(); ++k) same = a.shape(static_cast<py::ssize_t>(k)) == shape[k];
+  if (!same) throw std::invalid_argument(std::string(name) + " has the wrong shape for n_params");
+  return a;
+}
+
 py::tuple normal_equations_py(const Int64Array& offsets, const DoubleArray& intensities,
                               const DoubleArray& weights, const py::list& blocks,
                               std::int64_t n_params, const std::string& kind,
                               const std::optional<DoubleArray>& fixed_Ih, int n_threads,
-                              bool check_structure) {
+                              bool check_structure, const py::object& out) {
   if (n_params < 0) throw std::invalid_argument("n_params must be >= 0");
   if (kind != "schur" && kind != "dials")
     throw std::invalid_argument("kind must be 'schur' or 'dials' (got '" + kind + "')");
@@ -182,21 +198,38 @@ py::tuple normal_equations_py(const Int64Array& offsets, const DoubleArray& inte
   load_blocks(d, blocks, static_cast<std::size_t>(n_params), check_structure);
   const double* fixed = optional_rows(fixed_Ih, d.table.n_obs, "fixed_Ih");
   const auto p = static_cast<py::ssize_t>(n_params);
-  DoubleArray matrix({p, p});
-  DoubleArray rhs(p);
+  const bool accumulate = !out.is_none();
+  py::array_t<double> matrix, rhs;
+  if (accumulate) {
+    const auto pair = out.cast<py::tuple>();
+    if (pair.size() != 2) throw std::invalid_argument("out must be a (matrix, rhs) pair");
+    matrix = writable_doubles(pair[0], {p, p}, "out matrix");
+    rhs = writable_doubles(pair[1], {p}, "out rhs");
+  } else {
+    matrix = py::array_t<double>({p, p});
+    rhs = py::array_t<double>(p);
+  }
   NormalEquationsSummary s;
   {
     py::gil_scoped_release release;
     s = normal_equations(d.table, d.blocks, static_cast<std::size_t>(n_params),
                          matrix.mutable_data(), rhs.mutable_data(),
                          kind == "dials" ? NormalMatrixKind::dials : NormalMatrixKind::schur, fixed,
-                         n_threads);
+                         n_threads, accumulate);
   }
   bool finite = std::isfinite(s.r_sq);
   for (py::ssize_t j = 0; j < p; ++j) finite = finite && std::isfinite(rhs.data()[j]);
   for (py::ssize_t j = 0; j < p * p; ++j) finite = finite && std::isfinite(matrix.data()[j]);
   if (!finite) explain_non_finite(d, static_cast<std::size_t>(n_params));
   return py::make_tuple(matrix, rhs, s.r_sq, s.n_equations);
+}
+
+void fold_normal_matrix_py(const py::object& matrix) {
+  if (!py::isinstance<py::array>(matrix)) throw std::invalid_argument("matrix must be a numpy array");
+  const auto n = py::reinterpret_borrow<py::array>(matrix).shape(0);
+  auto m = writable_doubles(matrix, {n, n}, "matrix");
+  py::gil_scoped_release release;
+  fold_normal_matrix(static_cast<std::size_t>(n), m.mutable_data());
 }
 
 DoubleArray normal_matrix_diagonal_py(const Int64Array& offsets, const DoubleArray& intensities,
@@ -215,6 +248,22 @@ DoubleArray normal_matrix_diagonal_py(const Int64Array& offsets, const DoubleArr
                            diag.mutable_data(), fixed);
   }
   return diag;
+}
+
+DoubleArray cholesky_solve_py(const DoubleArray& lower, const DoubleArray& rhs) {
+  if (lower.ndim() != 2 || lower.shape(0) != lower.shape(1))
+    throw std::invalid_argument("lower must be a square 2-dimensional array");
+  const auto n = static_cast<std::size_t>(lower.shape(0));
+  require_1d(rhs, n, "rhs");
+  require_finite(lower.data(), n * n, "lower");
+  require_finite(rhs.data(), n, "rhs");
+  DoubleArray x(static_cast<py::ssize_t>(n));
+  std::copy(rhs.data(), rhs.data() + n, x.mutable_data());
+  {
+    py::gil_scoped_release release;
+    cholesky_solve(n, lower.data(), x.mutable_data());
+  }
+  return x;
 }
 
 DoubleArray row_quadratic_forms_py(const Int64Array& indptr, const Int32Array& indices,
@@ -364,11 +413,19 @@ void bind_fit(py::module_& m) {
   m.def("normal_equations", &normal_equations_py, py::arg("group_offsets"), py::arg("intensities"),
         py::arg("weights"), py::arg("blocks"), py::arg("n_params"), py::arg("kind") = "schur",
         py::arg("fixed_Ih") = py::none(), py::arg("n_threads") = 1, py::arg("check_structure") = true,
-        "Normal matrix (Ih eliminated) and rhs -J^T W r: returns (matrix, rhs, r_sq, n_equations).");
+        py::arg("out") = py::none(),
+        "Normal matrix (Ih eliminated) and rhs -J^T W r: returns (matrix, rhs, r_sq, n_equations).\n"
+        "out=(matrix, rhs): add this table's terms to those float64 arrays instead (the matrix\n"
+        "unfolded: call fold_normal_matrix once after the last block); they are returned.");
+  m.def("fold_normal_matrix", &fold_normal_matrix_py, py::arg("matrix"),
+        "Make a matrix accumulated by normal_equations(out=...) symmetric, in place.");
   m.def("normal_matrix_diagonal", &normal_matrix_diagonal_py, py::arg("group_offsets"),
         py::arg("intensities"), py::arg("weights"), py::arg("blocks"), py::arg("n_params"),
         py::arg("fixed_Ih") = py::none(), py::arg("check_structure") = true,
         "Diagonal of the Ih-eliminated normal matrix (no P x P storage): an L-BFGS preconditioner.");
+  m.def("cholesky_solve", &cholesky_solve_py, py::arg("lower"), py::arg("rhs"),
+        "x with L L^T x = rhs, L the lower Cholesky factor (n x n, lower triangle read): forward\n"
+        "and back substitution, O(n^2).");
   m.def("row_quadratic_forms", &row_quadratic_forms_py, py::arg("indptr"), py::arg("indices"),
         py::arg("values"), py::arg("V"), py::arg("n_threads") = 1,
         "diag(J V J^T) of a CSR matrix J (indptr int64, indices int32, values) and a dense V.");

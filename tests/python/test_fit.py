@@ -311,6 +311,79 @@ def test_thread_count_gives_bit_identical_results(cys30):
     assert np.array_equal(n1[0], n2[0]) and np.array_equal(n1[1], n2[1])
 
 
+def test_normal_equations_summed_in_place_over_blocks(cys30):
+    """normal_equations(out=(matrix, rhs)) adds a table's terms to the caller's arrays,
+    unfolded; after fold_normal_matrix the sum over blocks equals the blocks' separate
+    matrices added (to rounding: the association differs), for both kinds. Bad ``out``
+    arrays are refused, never silently copied."""
+    scaler, _, apm = cys30
+    scaler.update_for_minimisation(apm, 0)
+    block = scaler.Ih_table.blocked_data_list[0]
+    offsets, inten, w, models_, n = block_kernel_arguments(block)
+    # the block's groups cut in two tables (a table per block, as a streamed round has)
+    g0, indptr, indices, values, ncol, col0, rows = models_[0]
+    cut = offsets.size // 2
+    halves = []
+    for lo, hi in ((0, cut), (cut, offsets.size - 1)):
+        r0, r1 = offsets[lo], offsets[hi]
+        order = rows if rows is not None else np.arange(g0.size)
+        sel = np.flatnonzero((order >= r0) & (order < r1)) if rows is not None else np.arange(r0, r1)
+        sub_rows = (order[sel] - r0).astype(np.int64)
+        sub_ptr = np.concatenate([[0], np.cumsum(np.diff(indptr)[sel])]).astype(np.int64)
+        take = np.concatenate([np.arange(indptr[k], indptr[k + 1]) for k in sel])
+        halves.append((offsets[lo:hi + 1] - r0, inten[r0:r1], w[r0:r1],
+                       [(g0[sel], sub_ptr, indices[take], values[take], ncol, col0, sub_rows)]))
+    for kind in ("dials", "schur"):
+        separate = [core_fit.normal_equations(*h, n, kind=kind) for h in halves]
+        matrix, rhs = np.zeros((n, n)), np.zeros(n)
+        r_sq = 0.0
+        for h in halves:
+            got = core_fit.normal_equations(*h, n, kind=kind, out=(matrix, rhs))
+            assert got[0] is matrix and got[1] is rhs
+            r_sq += got[2]
+        core_fit.fold_normal_matrix(matrix)
+        want = separate[0][0] + separate[1][0]
+        assert np.array_equal(matrix, matrix.T)
+        assert np.max(np.abs(matrix - want)) <= 1e-13 * np.max(np.abs(want))
+        assert np.allclose(rhs, separate[0][1] + separate[1][1], rtol=1e-13, atol=1e-13 * np.max(np.abs(rhs)))
+        assert r_sq == pytest.approx(separate[0][2] + separate[1][2], rel=1e-14)
+    h = halves[0]
+    with pytest.raises(ValueError, match="wrong shape"):
+        core_fit.normal_equations(*h, n, out=(np.zeros((n, n + 1)), np.zeros(n)))
+    with pytest.raises(ValueError, match="float64"):
+        core_fit.normal_equations(*h, n, out=(np.zeros((n, n), np.float32), np.zeros(n)))
+    frozen = np.zeros((n, n))
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        core_fit.normal_equations(*h, n, out=(frozen, np.zeros(n)))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        core_fit.normal_equations(*h, n, out=(np.zeros((n, n)).T.copy(order="F"), np.zeros(n)))
+
+
+def test_cholesky_solve_is_the_two_substitutions():
+    """fit.cholesky_solve: x with L Lᵀ x = b from the lower factor, to rounding of numpy's
+    general solve of each triangle; its inputs are checked."""
+    rng = np.random.default_rng(4)
+    for n in (1, 7, 150):
+        a = rng.standard_normal((n, n))
+        m = a @ a.T + n * np.eye(n)
+        b = rng.standard_normal(n)
+        lower = np.linalg.cholesky(m)
+        x = core_fit.cholesky_solve(lower, b)
+        want = np.linalg.solve(lower.T, np.linalg.solve(lower, b))
+        assert np.max(np.abs(x - want)) <= 1e-12 * np.max(np.abs(want))
+        assert np.max(np.abs(m @ x - b)) <= 1e-11 * np.max(np.abs(b))
+    lower = np.linalg.cholesky(np.eye(3) * 4.0)
+    with pytest.raises(ValueError, match="square"):
+        core_fit.cholesky_solve(np.zeros((3, 2)), np.zeros(3))
+    with pytest.raises(ValueError, match="rhs"):
+        core_fit.cholesky_solve(lower, np.zeros(4))
+    with pytest.raises(ValueError, match="non-zero"):
+        core_fit.cholesky_solve(np.zeros((3, 3)), np.ones(3))
+    with pytest.raises(ValueError, match="finite"):
+        core_fit.cholesky_solve(lower, np.array([1.0, np.nan, 0.0]))
+
+
 def test_every_tile_kernel_gives_the_same_bits(cys30):
     """The normal matrix's rank-k tiles run as AVX-512 8 x 8, AVX2+FMA 4 x 8 or plain loops,
     whichever the CPU has; each computes every element as the same FMAs in the same order, so the

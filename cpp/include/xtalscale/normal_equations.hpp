@@ -37,11 +37,18 @@ struct NormalEquationsSummary {
 /// the fixed-Ĩ target. The groups are cut into contiguous parts fixed by the data alone; each
 /// part is summed into a thread-private matrix and the parts are added in part order, so every
 /// element is summed in the same order for any @p n_threads: results are bit-identical.
+/// @p accumulate: add this table's terms to @p matrix and @p rhs instead of overwriting them,
+/// the matrix's terms unfolded (in either triangle): for a table in blocks, call once per block
+/// into one matrix, then fold_normal_matrix once (no per-block matrix is made and added).
 XTALSCALE_EXPORT NormalEquationsSummary normal_equations(
     const GroupedObservations& table, const std::vector<FitBlock>& blocks,
     std::size_t n_params, double* matrix, double* rhs,
     NormalMatrixKind kind = NormalMatrixKind::schur, const double* fixed_Ih = nullptr,
-    int n_threads = 1);
+    int n_threads = 1, bool accumulate = false);
+
+/// Make a matrix accumulated by normal_equations(..., accumulate = true) symmetric: each
+/// element's two triangle terms added and mirrored (n x n, row-major).
+XTALSCALE_EXPORT void fold_normal_matrix(std::size_t n, double* matrix);
 
 /// Diagonal of the Ĩ-eliminated normal matrix (kind schur; obs term only with @p fixed_Ih) into
 /// @p diagonal (n_params): O(N k) + O(G u), no P x P storage. Used to precondition L-BFGS.
@@ -71,5 +78,10 @@ XTALSCALE_EXPORT void row_quadratic_forms(std::size_t n_rows, const std::int64_t
 XTALSCALE_EXPORT void model_row_variances(const ModelBlock& block, const double* params,
                                           std::size_t n_params, const double* V,
                                           double* variances, double* g, int n_threads = 1);
+
+/// x ← (L Lᵀ)⁻¹ x: the solution of L Lᵀ x = b given the Cholesky factor @p lower (n x n,
+/// row-major, lower triangle read, diagonal non-zero) and b in @p x (n values), by forward and
+/// back substitution: O(n²), where a general solver on each triangle costs O(n³).
+XTALSCALE_EXPORT void cholesky_solve(std::size_t n, const double* lower, double* x);
 
 }  // namespace xtalscale::fit

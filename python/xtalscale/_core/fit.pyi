@@ -41,7 +41,10 @@ def normal_equations(
     fixed_Ih: npt.ArrayLike | None = None,
     n_threads: int = 1,
     check_structure: bool = True,
+    out: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None = None,
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], float, int]: ...
+
+def fold_normal_matrix(matrix: npt.NDArray[np.float64]) -> None: ...
 
 def normal_matrix_diagonal(
     group_offsets: npt.ArrayLike,
@@ -79,3 +82,4 @@ def row_quadratic_forms(
     V: npt.ArrayLike,
     n_threads: int = 1,
 ) -> npt.NDArray[np.float64]: ...
+def cholesky_solve(lower: npt.ArrayLike, rhs: npt.ArrayLike) -> npt.NDArray[np.float64]: ...

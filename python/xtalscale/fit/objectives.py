@@ -48,6 +48,19 @@ def _check_scales(g: np.ndarray) -> None:
         raise NonFiniteScales("scales are not finite and > 0")
 
 
+def _sums_in_place(target: Any) -> bool:
+    """Whether ``target.compute_normal_equations`` adds a block into ``out=(matrix, rhs)``
+    (ScalingTarget's; a subclass that overrides it without ``out`` is called the old way)."""
+    if not getattr(target, "accumulates_normal_equations", False):
+        return False
+    import inspect
+
+    try:
+        return "out" in inspect.signature(target.compute_normal_equations).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 class ScalerObjective:
     """The target over a scaler's minimisation blocks, for a parameter manager ``apm``."""
 
@@ -169,7 +182,13 @@ class ScalerObjective:
         n_full = reduce.shape[0] if reduce is not None else self.n_params
         matrix, rhs, r_sq, n_eq = np.zeros((n_full, n_full)), np.zeros(n_full), 0.0, 0
         inner = getattr(self.apm, "target", None) or self.target
+        in_place = _sums_in_place(inner)
         for block in self._each_block(check_scales=check_scales):
+            if in_place:  # the blocks' terms summed into matrix and rhs, folded once below
+                _, _, sb, eb = inner.compute_normal_equations(block, out=(matrix, rhs))
+                r_sq += sb
+                n_eq += eb
+                continue
             if hasattr(inner, "compute_normal_equations"):
                 nb, rb, sb, eb = inner.compute_normal_equations(block)
             else:  # a target without the C++ path: explicit Jacobian
@@ -181,6 +200,8 @@ class ScalerObjective:
             rhs += rb
             r_sq += sb
             n_eq += eb
+        if in_place:
+            _fit.fold_normal_matrix(matrix)
         if reduce is not None:
             matrix = np.asarray(reduce.T @ (reduce.T @ matrix).T)
             rhs = np.asarray(reduce.T @ rhs).ravel()
