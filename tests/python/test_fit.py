@@ -360,6 +360,33 @@ def test_normal_equations_summed_in_place_over_blocks(cys30):
         core_fit.normal_equations(*h, n, out=(np.zeros((n, n)).T.copy(order="F"), np.zeros(n)))
 
 
+@pytest.mark.parametrize("entries_per_row", [1, 3])
+def test_restraint_terms_added_entry_by_entry(entries_per_row):
+    """The restraints' JᵀWJ and −JᵀWr added from J's stored entries equal the dense products,
+    for one entry per row (the diagonal the absorption restraints give) and several, with J
+    as a CsrView, a scipy matrix or a dense array; the L-BFGS diagonal likewise."""
+    from xtalscale.csr_view import CsrView
+    from xtalscale.fit.objectives import _add_restraint_terms, _restraint_entries
+
+    rng = np.random.default_rng(entries_per_row)
+    n_rows, n_cols = 40, 25
+    dense = np.zeros((n_rows, n_cols))
+    for i in range(n_rows):
+        dense[i, rng.choice(n_cols, entries_per_row, replace=False)] = rng.standard_normal(entries_per_row)
+    r, w = rng.standard_normal(n_rows), rng.uniform(0.5, 2.0, n_rows)
+    csr = sp.csr_matrix(dense)
+    view = CsrView(csr.data, csr.indices.astype(np.int32), csr.indptr.astype(np.int64), csr.shape)
+    want_matrix, want_rhs = (dense.T * w) @ dense, -dense.T @ (w * r)
+    for jac in (view, csr, dense):
+        matrix, rhs = np.eye(n_cols), np.ones(n_cols)
+        _add_restraint_terms(matrix, rhs, r, jac, w)
+        assert np.allclose(matrix, np.eye(n_cols) + want_matrix, rtol=1e-14, atol=1e-14)
+        assert np.allclose(rhs, 1.0 + want_rhs, rtol=1e-14, atol=1e-14)
+        rows, cols, vals = _restraint_entries(jac, n_cols)
+        diag = np.bincount(cols, w[rows] * vals * vals, minlength=n_cols)
+        assert np.allclose(diag, np.diag(want_matrix), rtol=1e-14, atol=1e-14)
+
+
 def test_cholesky_solve_is_the_two_substitutions():
     """fit.cholesky_solve: x with L Lᵀ x = b from the lower factor, to rounding of numpy's
     general solve of each triangle; its inputs are checked."""

@@ -32,15 +32,37 @@ else:
 __all__ = ["ScalerObjective", "ModelObjective", "ModelBlockData"]
 
 
-def _dense_restraint_jacobian(jac: Any, n_columns: int) -> np.ndarray:
-    """The restraints' Jacobian (a few hundred rows at most) as a dense array, from a CsrView,
-    a scipy matrix or an array; its products then need no scipy."""
+def _restraint_entries(jac: Any, n_columns: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, column, value) of the restraints' Jacobian entries, rows ascending, from a
+    CsrView, a scipy matrix or a dense array (a dense one without scipy)."""
     if isinstance(jac, np.ndarray):
-        return np.asarray(jac, dtype=np.float64).reshape(-1, n_columns)
-    rows, cols, vals = coo_arrays(jac)
-    dense = np.zeros((jac.shape[0], n_columns))
-    np.add.at(dense, (rows, cols), vals)  # duplicates summed, as toarray() does
-    return dense
+        dense = np.asarray(jac, dtype=np.float64).reshape(-1, n_columns)
+        rows, cols = np.nonzero(dense)
+        return rows.astype(np.int64), cols.astype(np.int64), dense[rows, cols]
+    return coo_arrays(jac)
+
+
+def _add_restraint_terms(matrix: np.ndarray, rhs: np.ndarray, r: np.ndarray, jac: Any,
+                         w: np.ndarray) -> None:
+    """matrix += JᵀWJ and rhs −= JᵀWr of the restraints, entry by entry from J's stored
+    entries: each restraint row adds the products of its own entries (one entry per row, as
+    the absorption restraints have, is a diagonal term). A dense Jᵀ·J product cost O(P²·R):
+    0.1 s per normal-equations build at 1,176 parameters and as many restraints."""
+    rows, cols, vals = _restraint_entries(jac, matrix.shape[0])
+    if rows.size == 0:
+        return
+    weighted = w[rows] * vals
+    np.add.at(rhs, cols, -weighted * r[rows])
+    counts = np.bincount(rows, minlength=r.size)
+    if counts.max() == 1:  # one entry per restraint row: the diagonal
+        np.add.at(matrix, (cols, cols), weighted * vals)
+        return
+    # every (left, right) pair of entries of the same row (rows are in ascending order)
+    starts = np.concatenate([[0], np.cumsum(counts)])[rows]
+    per_entry = counts[rows]
+    left = np.repeat(np.arange(rows.size), per_entry)
+    right = np.repeat(starts, per_entry) + (np.arange(left.size) - np.repeat(np.cumsum(per_entry) - per_entry, per_entry))
+    np.add.at(matrix, (cols[left], cols[right]), weighted[left] * vals[right])
 
 
 def _check_scales(g: np.ndarray) -> None:
@@ -208,9 +230,8 @@ class ScalerObjective:
         restraints = self._restraint_residuals_and_jacobian()
         if restraints:
             r, jac, w = restraints
-            dense = _dense_restraint_jacobian(jac, matrix.shape[0])
-            matrix += (dense.T * w) @ dense
-            rhs -= dense.T @ (w * r)
+            _add_restraint_terms(matrix, rhs, np.asarray(r, dtype=np.float64),
+                                 jac, np.asarray(w, dtype=np.float64))
             r_sq += float(np.sum(w * r * r))
             n_eq += len(r)
         return matrix, rhs, r_sq, n_eq
@@ -231,8 +252,9 @@ class ScalerObjective:
             diag = np.asarray(reduce.multiply(reduce).T @ diag).ravel()
         restraints = self._restraint_residuals_and_jacobian()
         if restraints:
-            dense = _dense_restraint_jacobian(restraints[1], diag.size)
-            diag = diag + (dense * dense).T @ np.asarray(restraints[2], dtype=np.float64)
+            rows, cols, vals = _restraint_entries(restraints[1], diag.size)
+            w = np.asarray(restraints[2], dtype=np.float64)
+            diag = diag + np.bincount(cols, w[rows] * vals * vals, minlength=diag.size)
         return diag
 
     def objective_only(self) -> float:
