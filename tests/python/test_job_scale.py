@@ -96,6 +96,32 @@ def test_two_sweeps_and_individual_error_models():
     assert a0 is not a1 and (a0.a, a0.b) != (a1.a, a1.b)
 
 
+def test_smoothers_take_the_large_data_form_when_the_job_is_large(monkeypatch):
+    """Two sweeps each below the smoothers' lean threshold but above it together: every 1-D
+    smoother recomputes its weights (the large-data form) instead of holding a weight matrix;
+    the scales agree with the exact-weight job to rounding. Below the threshold in total, the
+    DIALS-exact weights stay."""
+    from xtalscale.components import _SmoothComponentND as smooth_base
+
+    def smoothers(algorithm):
+        return [c for ds in algorithm.scaler.datasets for c in ds.model.components.values()
+                if hasattr(c, "lean_min_reflections")]
+
+    exact, _, exact_table = _run(SWEEP20 + SWEEP25, "output.html=None")
+    assert smoothers(exact) and not any(c._is_lean(0) for c in smoothers(exact))
+    per_dataset = [int(ds.suitable.sum()) for ds in exact.scaler.datasets]
+    monkeypatch.setattr(smooth_base, "lean_min_reflections", max(per_dataset) + 1)
+    lean, _, lean_table = _run(SWEEP20 + SWEEP25, "output.html=None")
+    assert all(c.lean_min_reflections == 0 and c._is_lean(0) for c in smoothers(lean))
+    g0, g1 = (np.asarray(t["inverse_scale_factor"]) for t in (exact_table, lean_table))
+    scaled = np.asarray(exact_table.get_flags(Flags.scaled))
+    assert scaled.sum() > 5000 and np.array_equal(scaled, np.asarray(lean_table.get_flags(Flags.scaled)))
+    assert np.max(np.abs(g1[scaled] - g0[scaled]) / g0[scaled]) < 1e-9
+    monkeypatch.setattr(smooth_base, "lean_min_reflections", sum(per_dataset))
+    kept, _, _ = _run(SWEEP20 + SWEEP25, "output.html=None")
+    assert not any(c._is_lean(0) for c in smoothers(kept))
+
+
 def test_cli_help_config_and_bad_parameters(tmp_path, capsys):
     assert main(["scale", "-h"]) == 0
     assert "dials.scale" in capsys.readouterr().out

@@ -142,6 +142,25 @@ def _make_single_scalers(params: Any, experiments: Any, reflections: Sequence[An
         return list(pool.map(make, pairs))
 
 
+def lean_smoothers_for_large_jobs(scalers: Sequence[Any]) -> bool:
+    """Give every 1-D smoother of a job the large-data form when the job's suitable rows
+    together exceed the smoothers' ``lean_min_reflections`` (100k), even if each dataset is
+    below it: the weights are then recomputed from 10-byte window records (a few ulp from
+    DIALS's operations, as for one large dataset) instead of a DIALS-exact weight matrix held
+    per dataset (~40 B per observation per smoother). 24 sweeps of 46k rows: 0.2 s and 40 MB
+    less. Returns whether it did (jobs below the threshold keep DIALS's exact weights)."""
+    comps = [comp for s in scalers for ds in s.datasets for comp in ds.model.components.values()
+             if hasattr(comp, "lean_min_reflections")]
+    if not comps:
+        return False
+    total = sum(int(np.count_nonzero(ds.suitable)) for s in scalers for ds in s.datasets)
+    if total <= min(comp.lean_min_reflections for comp in comps):
+        return False
+    for comp in comps:
+        comp.lean_min_reflections = 0  # an instance setting: the class default stays
+    return True
+
+
 def create_scaler(params: Any, experiments: Any, reflections: Sequence[Any],
                   reasons: Reasons | None = None) -> ScalerBase:
     """A SingleScaler (one dataset) or MultiScaler; datasets that empty are removed with a
@@ -158,6 +177,7 @@ def create_scaler(params: Any, experiments: Any, reflections: Sequence[Any],
             singles.append(made)
     if not singles:
         raise BadDatasetForScalingException("no dataset has reflections left to scale")
+    lean_smoothers_for_large_jobs(singles)
     scaler: ScalerBase = singles[0] if len(singles) == 1 else MultiScaler(singles)
     scaler.removed_datasets = removed
     scaler.reasons = reasons
