@@ -122,6 +122,18 @@ def test_smoothers_take_the_large_data_form_when_the_job_is_large(monkeypatch):
     assert not any(c._is_lean(0) for c in smoothers(kept))
 
 
+def test_only_the_final_full_matrix_round_forms_the_var_cov_matrix():
+    """The rounds before the final full-matrix round skip their var-cov matrices (each an
+    O(P³) inverse that the final round replaces); the final round's gives the scales' variances."""
+    algorithm, _, table = _run(SWEEP20 + SWEEP25, "output.html=None")
+    full = [j for j in algorithm.scaler.journals if j.round_engine in ("LevMar", "GaussNewton")]
+    assert len(full) >= 2
+    assert all(getattr(j, "var_cov", None) is None for j in full[:-1])
+    assert getattr(full[-1], "var_cov", None) is not None
+    scaled = np.asarray(table.get_flags(Flags.scaled))
+    assert np.all(np.asarray(table["inverse_scale_factor_variance"])[scaled] > 0)
+
+
 def test_cli_help_config_and_bad_parameters(tmp_path, capsys):
     assert main(["scale", "-h"]) == 0
     assert "dials.scale" in capsys.readouterr().out

@@ -72,6 +72,9 @@ class ScalingRefinery:
         #: LevMar only: try chord steps (the previous normal matrix with a new gradient)
         #: before rebuilding the normal equations (minimisers.levenberg_marquardt)
         self.reuse_matrix = False
+        #: whether the run ends with the parameters' var-cov matrix and esds (full-matrix
+        #: engines); False for a round whose esds a later round replaces
+        self.want_var_cov = True
 
     @property
     def rmsd_tolerance(self) -> float:
@@ -82,6 +85,7 @@ class ScalingRefinery:
 
     def run(self) -> Journal:
         objective = ScalerObjective(self._scaler, self._target, self._parameters, n_threads=self.n_threads)
+        objective.wants_var_cov = self.want_var_cov
         extra = {"reuse_matrix": True} if self.reuse_matrix and self.engine == "LevMar" else {}
         with single_threaded_blas():
             ENGINES[self.engine](objective, self._max_iterations, self._rmsd_tolerance, journal=self.history,

@@ -215,16 +215,19 @@ def scaling_algorithm(scaler: ScalerBase) -> ScalerBase:
     params = scaler.params
     so = params.scaling_options
     use_error_model = params.weighting.error_model.error_model is not None
+    # the rounds before a full-matrix round skip their var-cov matrices (O(P³) each): the
+    # final round's replace them before the final expansion reads them
+    final_var_cov = bool(so.full_matrix) and params.refinement.full_matrix_engine in ("GaussNewton", "LevMar")
     select_for_minimisation(scaler)
     if so.outlier_rejection:  # only the first minimisation reads these flags
         scaler.round_of_outlier_rejection(minimisation_groups_only=True)
     scaler.make_ready_for_scaling()
-    scaler.perform_scaling()
+    scaler.perform_scaling(var_cov=not final_var_cov)
     if params.reflection_selection.intensity_choice == "combine" or so.outlier_rejection:
         expand_and_do_outlier_rejection(scaler)
         do_intensity_combination(scaler, reselect=True)
     if use_error_model or so.outlier_rejection:
-        scaler.perform_scaling()
+        scaler.perform_scaling(var_cov=not final_var_cov)
         expand_and_do_outlier_rejection(scaler)
         if use_error_model:
             do_error_analysis(scaler, reselect=False)

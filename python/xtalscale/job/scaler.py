@@ -396,8 +396,10 @@ class ScalerBase:
                 for i in range(n_steps)]
 
     def perform_scaling(self, engine: str | None = None, max_iterations: int | None = None,
-                        tolerance: float | None = None) -> None:
-        """One round of minimisation over the minimisation table."""
+                        tolerance: float | None = None, var_cov: bool = True) -> None:
+        """One round of minimisation over the minimisation table. ``var_cov=False``: the round
+        leaves the datasets' var-cov matrices as they are (for a round a later full-matrix
+        round follows, which sets them)."""
         from ..fit import ScalingTarget, scaling_refinery
         from ..parameter_managers import (
             multi_active_parameter_manager,
@@ -405,6 +407,7 @@ class ScalerBase:
         )
 
         t0 = time.perf_counter()
+        want_var_cov = bool(var_cov)
         ref_params = self._params.refinement
         engine = engine or ref_params.engine
         if max_iterations is None:
@@ -421,6 +424,7 @@ class ScalerBase:
             refinery = scaling_refinery(_engine_for(engine, apm.n_active_params), self, target, apm,
                                         max_iterations)
             refinery.n_threads = self.n_threads
+            refinery.want_var_cov = want_var_cov
             # large tables: a normal-matrix build costs ~3 f+g passes, so near the optimum
             # LevMar first tries the previous matrix with a new gradient
             refinery.reuse_matrix = self.Ih_table.size >= REUSE_MATRIX_MIN_ROWS
@@ -428,9 +432,9 @@ class ScalerBase:
             journal = refinery.run()
             journal.round_engine = engine
             self.journals.append(journal)
-            var_cov = refinery.get_var_cov()
-            if var_cov is not None:
-                self._store_var_cov(apm, np.asarray(var_cov))
+            round_var_cov = refinery.get_var_cov()
+            if round_var_cov is not None:
+                self._store_var_cov(apm, np.asarray(round_var_cov))
             self._release_derivatives()
         self._tick("minimisation", t0)
 
