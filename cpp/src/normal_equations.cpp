@@ -235,7 +235,6 @@ XS_ALWAYS_INLINE std::int64_t run_position(const std::int32_t* indices, std::int
 
 // ------------------------------------------------------------------ packed rank-k updates
 
-
 constexpr std::size_t kStrip = 8;     ///< panel columns per strip: the micro-tile width
 constexpr std::size_t kTileRows = 4;  ///< micro-tile height
 
@@ -345,12 +344,11 @@ __attribute__((target("avx512f"))) void tile_sum_avx512(std::size_t k, const dou
   _mm512_storeu_pd(acc[7], c7);
 }
 
-#endif
-
 /// Whether the tile kernels may use AVX2+FMA / AVX-512 (detail::simd_level: the CPU's widest,
 /// unless capped for a test).
 bool cpu_has_avx2_fma() { return xtalscale::detail::simd_level() >= 1; }
 bool cpu_has_avx512() { return xtalscale::detail::simd_level() >= 2; }
+#endif
 
 /// Adds one tile of the product (panel rows i0 .. i0 + kRows, columns j0 .. j0 + kStrip) into
 /// the matrix, its upper triangle only (j >= i): each tile row as a contiguous loop where the

@@ -57,11 +57,13 @@ def _add_restraint_terms(matrix: np.ndarray, rhs: np.ndarray, r: np.ndarray, jac
     if counts.max() == 1:  # one entry per restraint row: the diagonal
         np.add.at(matrix, (cols, cols), weighted * vals)
         return
-    # every (left, right) pair of entries of the same row (rows are in ascending order)
+    # every (left, right) pair of entries of one row: rows ascend, so a row's entries are
+    # consecutive, and entry e pairs with its row's entries starts[e] .. starts[e] + k[e] − 1
     starts = np.concatenate([[0], np.cumsum(counts)])[rows]
-    per_entry = counts[rows]
-    left = np.repeat(np.arange(rows.size), per_entry)
-    right = np.repeat(starts, per_entry) + (np.arange(left.size) - np.repeat(np.cumsum(per_entry) - per_entry, per_entry))
+    k = counts[rows]
+    left = np.repeat(np.arange(rows.size), k)
+    position_in_row = np.arange(left.size) - np.repeat(np.cumsum(k) - k, k)
+    right = np.repeat(starts, k) + position_in_row
     np.add.at(matrix, (cols[left], cols[right]), weighted[left] * vals[right])
 
 
