@@ -938,6 +938,11 @@ class SHScaleComponent(ScaleComponentBase):
             blocks = _block_indices(selection, block_selections, n, name)
             self._blocks = [self._dense_table if idx is None else self._dense_table[idx]
                             for idx in blocks]
+            if (self.cache_harmonics and not scales_only and not self.exact_harmonics
+                    and n > self.float32_min_reflections):
+                # exact harmonics held per block as float32, as the lookup regime's (a job of
+                # many small datasets lowers the threshold: see job.algorithm.large_data_forms)
+                self._blocks = [h.astype(np.float32) for h in self._blocks]
             _readonly(*self._blocks)
             self._n_refl = [int(h.shape[0]) for h in self._blocks]
             return

@@ -96,30 +96,40 @@ def test_two_sweeps_and_individual_error_models():
     assert a0 is not a1 and (a0.a, a0.b) != (a1.a, a1.b)
 
 
-def test_smoothers_take_the_large_data_form_when_the_job_is_large(monkeypatch):
-    """Two sweeps each below the smoothers' lean threshold but above it together: every 1-D
-    smoother recomputes its weights (the large-data form) instead of holding a weight matrix;
-    the scales agree with the exact-weight job to rounding. Below the threshold in total, the
-    DIALS-exact weights stay."""
+def test_components_take_the_large_data_forms_when_the_job_is_large(monkeypatch):
+    """Two sweeps each below the components' large-data thresholds but above them together:
+    every 1-D smoother recomputes its weights (no weight matrix held) and the absorption term
+    holds its exact harmonics as float32; the scales agree with the exact job to the float32
+    rounding. Below the thresholds in total, the DIALS-exact forms stay."""
+    from xtalscale.components import SHScaleComponent
     from xtalscale.components import _SmoothComponentND as smooth_base
 
     def smoothers(algorithm):
         return [c for ds in algorithm.scaler.datasets for c in ds.model.components.values()
                 if hasattr(c, "lean_min_reflections")]
 
+    def absorption(algorithm):
+        return [ds.model.components["absorption"] for ds in algorithm.scaler.datasets]
+
     exact, _, exact_table = _run(SWEEP20 + SWEEP25, "output.html=None")
     assert smoothers(exact) and not any(c._is_lean(0) for c in smoothers(exact))
+    assert all(c.dense_harmonic_values(0).dtype == np.float64 for c in absorption(exact))
     per_dataset = [int(ds.suitable.sum()) for ds in exact.scaler.datasets]
-    monkeypatch.setattr(smooth_base, "lean_min_reflections", max(per_dataset) + 1)
-    lean, _, lean_table = _run(SWEEP20 + SWEEP25, "output.html=None")
-    assert all(c.lean_min_reflections == 0 and c._is_lean(0) for c in smoothers(lean))
-    g0, g1 = (np.asarray(t["inverse_scale_factor"]) for t in (exact_table, lean_table))
+    for cls, setting in ((smooth_base, "lean_min_reflections"), (SHScaleComponent, "float32_min_reflections")):
+        monkeypatch.setattr(cls, setting, max(per_dataset) + 1)
+    large, _, large_table = _run(SWEEP20 + SWEEP25, "output.html=None")
+    assert all(c.lean_min_reflections == 0 and c._is_lean(0) for c in smoothers(large))
+    assert all(c.dense_harmonic_values(0).dtype == np.float32 for c in absorption(large))
+    g0, g1 = (np.asarray(t["inverse_scale_factor"]) for t in (exact_table, large_table))
     scaled = np.asarray(exact_table.get_flags(Flags.scaled))
-    assert scaled.sum() > 5000 and np.array_equal(scaled, np.asarray(lean_table.get_flags(Flags.scaled)))
-    assert np.max(np.abs(g1[scaled] - g0[scaled]) / g0[scaled]) < 1e-9
-    monkeypatch.setattr(smooth_base, "lean_min_reflections", sum(per_dataset))
+    assert scaled.sum() > 5000 and np.array_equal(scaled, np.asarray(large_table.get_flags(Flags.scaled)))
+    # float32 harmonics (6e-8 each) in an absorption term of ~1e-2: ~1e-9 in g (measured 1.4e-10)
+    assert np.max(np.abs(g1[scaled] - g0[scaled]) / g0[scaled]) < 1e-8
+    for cls, setting in ((smooth_base, "lean_min_reflections"), (SHScaleComponent, "float32_min_reflections")):
+        monkeypatch.setattr(cls, setting, sum(per_dataset))
     kept, _, _ = _run(SWEEP20 + SWEEP25, "output.html=None")
     assert not any(c._is_lean(0) for c in smoothers(kept))
+    assert all(c.dense_harmonic_values(0).dtype == np.float64 for c in absorption(kept))
 
 
 def test_only_the_final_full_matrix_round_forms_the_var_cov_matrix():
