@@ -144,6 +144,23 @@ def test_only_the_final_full_matrix_round_forms_the_var_cov_matrix():
     assert np.all(np.asarray(table["inverse_scale_factor_variance"])[scaled] > 0)
 
 
+def test_lbfgs_standing_in_for_the_full_matrix_keeps_more_history(monkeypatch):
+    """With more parameters than the dense matrix is used for, L-BFGS replaces the full-matrix
+    engine with 20 correction pairs (DIALS's 5 under-converged: 60 simulated sweeps, 0.97 %
+    against 0.53 % rms from the truth in the same time); SimpleLBFGS chosen by name keeps 5."""
+    from xtalscale.fit import refiner
+
+    monkeypatch.setattr(refiner, "FULL_MATRIX_MAX_PARAMS", 10)
+    algorithm, _, _ = _run(SWEEP20, "output.html=None")
+    pairs = [getattr(j, "correction_pairs", None) for j in algorithm.scaler.journals
+             if j.round_engine in ("LevMar", "GaussNewton")]
+    assert pairs and all(p == refiner.SUBSTITUTE_LBFGS_HISTORY for p in pairs)
+    algorithm, _, _ = _run(SWEEP20, "output.html=None", "refinement.engine=SimpleLBFGS", "full_matrix=False")
+    pairs = [getattr(j, "correction_pairs", None) for j in algorithm.scaler.journals
+             if j.round_engine == "SimpleLBFGS"]
+    assert pairs and all(p == 5 for p in pairs)
+
+
 def test_cli_help_config_and_bad_parameters(tmp_path, capsys):
     assert main(["scale", "-h"]) == 0
     assert "dials.scale" in capsys.readouterr().out

@@ -257,6 +257,7 @@ def lbfgs(objective: Objective, max_iterations: int | None = None, rmsd_toleranc
     under-converges on them. ``precondition=False`` is the plain scitbx-like algorithm.
     """
     journal = journal or Journal(engine="SimpleLBFGS")
+    journal.correction_pairs = int(history)  # type: ignore[attr-defined]  # which L-BFGS ran
     t0 = time.perf_counter()
     x = objective.get_x().astype(np.float64).copy()
     first = _try_f_and_grad(objective, x)

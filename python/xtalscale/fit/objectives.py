@@ -96,6 +96,8 @@ class ScalerObjective:
         self.n_threads = n_threads
         if hasattr(target, "n_threads"):
             target.n_threads = n_threads
+        #: whether the full-matrix engines end with the var-cov matrix (minimisers._finish_esds)
+        self.wants_var_cov = True
         self._restraints_at: tuple[bytes, Any] | None = None  # (parameters, restraint r, J, w)
         #: f+g through the models' transposed products where the scaler allows it (no ∂g/∂p
         #: formed); False: always the derivative matrices (the two agree to rounding)

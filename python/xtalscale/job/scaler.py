@@ -421,9 +421,13 @@ class ScalerBase:
                                                  selection, apm_class=scaling_active_parameter_manager)
             if apm.n_active_params == 0:
                 continue
-            refinery = scaling_refinery(_engine_for(engine, apm.n_active_params), self, target, apm,
-                                        max_iterations)
+            chosen = _engine_for(engine, apm.n_active_params)
+            refinery = scaling_refinery(chosen, self, target, apm, max_iterations)
             refinery.n_threads = self.n_threads
+            if chosen != engine:  # L-BFGS standing in for the dense matrix: more history
+                from ..fit.refiner import SUBSTITUTE_LBFGS_HISTORY
+
+                refinery.lbfgs_history = SUBSTITUTE_LBFGS_HISTORY
             refinery.want_var_cov = want_var_cov
             # large tables: a normal-matrix build costs ~3 f+g passes, so near the optimum
             # LevMar first tries the previous matrix with a new gradient
