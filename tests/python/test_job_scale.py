@@ -144,14 +144,20 @@ def test_only_the_final_full_matrix_round_forms_the_var_cov_matrix():
     assert np.all(np.asarray(table["inverse_scale_factor_variance"])[scaled] > 0)
 
 
-def test_lbfgs_standing_in_for_the_full_matrix_keeps_more_history(monkeypatch):
+def test_lbfgs_standing_in_for_the_full_matrix_keeps_more_history(monkeypatch, caplog):
     """With more parameters than the dense matrix is used for, L-BFGS replaces the full-matrix
     engine with 20 correction pairs (DIALS's 5 under-converged: 60 simulated sweeps, 0.97 %
-    against 0.53 % rms from the truth in the same time); SimpleLBFGS chosen by name keeps 5."""
+    against 0.53 % rms from the truth in the same time), and the intensity combination compares
+    its candidates without refits (a refit step needs the dense matrix); SimpleLBFGS chosen by
+    name keeps 5."""
+    import logging
+
     from xtalscale.fit import refiner
 
     monkeypatch.setattr(refiner, "FULL_MATRIX_MAX_PARAMS", 10)
-    algorithm, _, _ = _run(SWEEP20, "output.html=None")
+    with caplog.at_level(logging.INFO, logger="xtalscale"):
+        algorithm, _, _ = _run(SWEEP20, "output.html=None")
+    assert "compared on the first round's scales, without refits" in caplog.text
     pairs = [getattr(j, "correction_pairs", None) for j in algorithm.scaler.journals
              if j.round_engine in ("LevMar", "GaussNewton")]
     assert pairs and all(p == refiner.SUBSTITUTE_LBFGS_HISTORY for p in pairs)

@@ -226,6 +226,22 @@ def _summation_over_partiality(tables: Sequence[Any], selections: Sequence[np.nd
     return isum
 
 
+def _too_many_parameters_to_refit(scaler: Any) -> bool:
+    """Whether the models have more parameters than the dense normal matrix is used for
+    (fit.refiner.FULL_MATRIX_MAX_PARAMS): a refit step needs that matrix, and on
+    REFIT_MAX_OBSERVATIONS rows such a model is not determined (60 sweeps, ~2,400 parameters:
+    4 s of refits). The candidates are then compared on the first round's scales, as DIALS does."""
+    from ..fit.refiner import FULL_MATRIX_MAX_PARAMS
+
+    n_params = sum(int(np.asarray(comp.parameters).size) for ds in scaler.datasets
+                   for comp in ds.model.components.values())
+    if n_params <= FULL_MATRIX_MAX_PARAMS:
+        return False
+    logger.info("intensity combination: %d parameters (more than %d): the candidates are compared "
+                "on the first round's scales, without refits", n_params, FULL_MATRIX_MAX_PARAMS)
+    return True
+
+
 def _refitted_rmeas(scaler: Any, datasets: Sequence[Any], selections: Sequence[np.ndarray],
                     candidates: Sequence[float]) -> tuple[dict[float, float], dict[float, float]]:
     """Each candidate's Rmeas on the current scales and after refitting the models to its
@@ -353,6 +369,8 @@ def combine_scaler_intensities(scaler: Any) -> None:
         isum = _summation_over_partiality([ds.table for ds in datasets], sels)
         candidates = candidate_Imids(isum) if isum.size else []
     refitted = None
+    if refit and _too_many_parameters_to_refit(scaler):
+        refit = False
     if params.reflection_selection.combine.joint_analysis and refit and len(candidates) > 1:
         from ..fit.minimisers import NonFiniteScales, RefinementFailed
 
