@@ -12,7 +12,7 @@ returns a refinery whose ``run()`` minimises with ``SimpleLBFGS``, ``GaussNewton
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from .blas import single_threaded_blas
 from .minimisers import Journal, gauss_newton, lbfgs, levenberg_marquardt, levenberg_marquardt_step
@@ -50,8 +50,9 @@ scaling_refinery
 }
 """
 
-ENGINES = {"SimpleLBFGS": lbfgs, "GaussNewton": gauss_newton, "LevMar": levenberg_marquardt,
-           "LevMarStep": levenberg_marquardt_step}
+ENGINES: dict[str, Callable[..., Journal]] = {
+    "SimpleLBFGS": lbfgs, "GaussNewton": gauss_newton, "LevMar": levenberg_marquardt,
+    "LevMarStep": levenberg_marquardt_step}
 
 
 def _rmsd_tolerance(scaler: Any) -> float:
