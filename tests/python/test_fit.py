@@ -387,6 +387,31 @@ def test_restraint_terms_added_entry_by_entry(entries_per_row):
         assert np.allclose(diag, np.diag(want_matrix), rtol=1e-14, atol=1e-14)
 
 
+def test_block_diagonal_inverse_applies_each_block_inverse():
+    """BlockDiagonalInverse: (2 B_k)⁻¹ on each range, 1/(2 d) outside them and for a block that
+    will not factorise."""
+    from xtalscale.fit.minimisers import BlockDiagonalInverse
+
+    rng = np.random.default_rng(6)
+    n = 12
+    matrix = np.zeros((n, n))
+    for a, b in ((0, 4), (4, 9)):
+        x = rng.standard_normal((b - a, b - a))
+        matrix[a:b, a:b] = x @ x.T + (b - a) * np.eye(b - a) * rng.uniform(0.1, 100)
+    matrix[9:, 9:] = np.diag([2.0, 3.0, 5.0])
+    matrix[0, 5] = matrix[5, 0] = 7.0  # outside the blocks: ignored
+    bad = matrix.copy()
+    bad[4:9, 4:9] = -np.eye(5)
+    v = rng.standard_normal(n)
+    h0 = BlockDiagonalInverse(matrix, [(0, 4), (4, 9)])
+    got = h0.apply(v)
+    for a, b in ((0, 4), (4, 9)):
+        assert np.allclose(got[a:b], 0.5 * np.linalg.solve(matrix[a:b, a:b], v[a:b]), rtol=1e-9, atol=1e-12)
+    assert np.allclose(got[9:], v[9:] / (2 * np.array([2.0, 3.0, 5.0])))
+    fallback = BlockDiagonalInverse(bad, [(0, 4), (4, 9)]).apply(v)
+    assert np.all(np.isfinite(fallback)) and np.allclose(fallback[:4], got[:4])
+
+
 def test_cholesky_solve_is_the_two_substitutions():
     """fit.cholesky_solve: x with L Lᵀ x = b from the lower factor, to rounding of numpy's
     general solve of each triangle; its inputs are checked."""

@@ -167,6 +167,29 @@ def test_lbfgs_standing_in_for_the_full_matrix_keeps_more_history(monkeypatch, c
     assert pairs and all(p == 5 for p in pairs)
 
 
+def test_lbfgs_standing_in_for_the_full_matrix_is_preconditioned_by_dataset_blocks(monkeypatch):
+    """Two sweeps with the dense-matrix limit lowered: the stand-in L-BFGS is preconditioned by
+    the per-dataset blocks of the fixed-Ĩ normal matrix, and its scales follow the full-matrix
+    fit's once the overall scale and B are removed (1.3 % rms on these 5.5k observations, where
+    DIALS's RMSD rule stops it after a few steps, as with the diagonal preconditioner: 1.2 %).
+    On 60 simulated sweeps the blocks bring the truth error from 0.53 % to 0.50 % (full matrix
+    0.49 %) in 8.1 s instead of 10.8 (bench/bench_scale_job.py)."""
+    from xtalscale.fit import refiner
+
+    _, _, full_table = _run(SWEEP20 + SWEEP25, "output.html=None")
+    monkeypatch.setattr(refiner, "FULL_MATRIX_MAX_PARAMS", 10)
+    algorithm, _, table = _run(SWEEP20 + SWEEP25, "output.html=None")
+    final = [j for j in algorithm.scaler.journals if j.round_engine in ("LevMar", "GaussNewton")][-1]
+    assert any("2 per-dataset blocks" in m for m in final.messages)
+    scaled = np.asarray(full_table.get_flags(Flags.scaled)) & np.asarray(table.get_flags(Flags.scaled))
+    g0, g1 = (np.asarray(t["inverse_scale_factor"])[scaled] for t in (full_table, table))
+    d = np.asarray(full_table["d"])[scaled]
+    r = np.log(g1 / g0)
+    gauge = np.column_stack([np.ones(r.size), 1.0 / (2.0 * d ** 2)])
+    r -= gauge @ np.linalg.lstsq(gauge, r, rcond=None)[0]
+    assert np.sqrt(np.mean(r ** 2)) < 0.02
+
+
 def test_cli_help_config_and_bad_parameters(tmp_path, capsys):
     assert main(["scale", "-h"]) == 0
     assert "dials.scale" in capsys.readouterr().out

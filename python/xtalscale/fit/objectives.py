@@ -240,6 +240,35 @@ class ScalerObjective:
             n_eq += len(r)
         return matrix, rhs, r_sq, n_eq
 
+    #: dataset_blocks builds the P x P fixed-Ĩ matrix; above this many parameters (128 MB) the
+    #: L-BFGS preconditioner stays the diagonal
+    DATASET_BLOCKS_MAX_PARAMS = 4000
+
+    def dataset_blocks(self) -> tuple[np.ndarray, list[tuple[int, int]]] | None:
+        """``(N, ranges)``: the normal matrix with Ĩ held at its current values (restraints
+        included) and each dataset's parameter range, for a block-diagonal L-BFGS
+        preconditioner. With Ĩ fixed the datasets' parameters do not couple (each observation
+        depends on its own dataset's model only), so N's diagonal blocks are its every term but
+        the restraints'. None for one dataset, shared components (they couple datasets), a
+        target without the C++ normal equations, or more than DATASET_BLOCKS_MAX_PARAMS."""
+        data = getattr(self.apm, "apm_data", None)
+        inner = getattr(self.apm, "target", None) or self.target
+        if (not data or len(data) < 2 or getattr(self.apm, "reducing_matrix", None) is not None
+                or not hasattr(inner, "compute_normal_equations") or not hasattr(inner, "fixed_Ih")
+                or self.n_params > self.DATASET_BLOCKS_MAX_PARAMS):
+            return None
+        ranges = [(int(d["start_idx"]), int(d["end_idx"])) for _, d in sorted(data.items())]
+        held = inner.__dict__.get("fixed_Ih")
+        inner.fixed_Ih = True  # this call only: Ĩ at its current values (the blocks' Ih_values)
+        try:
+            matrix = self.normal_equations()[0]
+        finally:
+            if held is None:
+                del inner.fixed_Ih
+            else:
+                inner.fixed_Ih = held
+        return matrix, ranges
+
     def diagonal(self) -> np.ndarray | None:
         """Diagonal of JᵀWJ (Ĩ eliminated, restraints included): the L-BFGS preconditioner."""
         inner = getattr(self.apm, "target", None) or self.target

@@ -428,6 +428,7 @@ class ScalerBase:
                 from ..fit.refiner import SUBSTITUTE_LBFGS_HISTORY
 
                 refinery.lbfgs_history = SUBSTITUTE_LBFGS_HISTORY
+                refinery.lbfgs_blocks = True
             refinery.want_var_cov = want_var_cov
             # large tables: a normal-matrix build costs ~3 f+g passes, so near the optimum
             # LevMar first tries the previous matrix with a new gradient
