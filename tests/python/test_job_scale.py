@@ -208,6 +208,13 @@ def test_unwritable_output_fails_before_the_work(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_output_path_reads_none_as_not_wanted():
+    from xtalscale.io.outputs import output_path
+
+    assert [output_path(v) for v in (None, "None", "none", " NONE ", "")] == [None] * 5
+    assert output_path("scaled.refl") == "scaled.refl" and output_path(" a.html ") == "a.html"
+
+
 def test_outputs_set_to_none_are_not_written(tmp_path):
     """``output.reflections=None`` (and the other outputs) skips that file: nothing named
     "None" appears, the outputs still asked for are written."""

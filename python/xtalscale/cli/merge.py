@@ -16,6 +16,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from ..io.outputs import output_path
+
 __all__ = ["SUMMARY", "run"]
 
 SUMMARY = "merge scaled data: merged MTZ (IMEAN, I(+/-), F, DANO, N), statistics, report"
@@ -138,25 +140,26 @@ def _merge(files: list[str], params, log) -> int:
         log.info("\n%s", resolution.summary())
     report_arguments = inputs.report_arguments()
     summary = _summary(obs, merged) + report_arguments.pop("summary")
-    if params.output.json:
+    json_path, html = output_path(params.output.json), output_path(params.output.html)
+    if json_path is not None:
         document = {"summary": dict(summary), "notes": inputs.notes,
                     "statistics": json.loads(stats.as_json()) if stats else None,
                     "anomalous_statistics": (json.loads(anomalous_stats.as_json())
                                              if anomalous_stats else None),
                     "resolution_estimate": (_json_safe(resolution.as_dict())
                                             if resolution is not None else None)}
-        with open(params.output.json, "w", encoding="utf-8") as f:
+        with open(json_path, "w", encoding="utf-8") as f:
             json.dump(_json_safe(document), f, indent=1)
-        log.info("wrote %s", params.output.json)
-    if params.output.html and params.output.html.lower() != "none":
+        log.info("wrote %s", json_path)
+    if html is not None:
         from ..report import write_html_report
 
         with progress("HTML report"):
             t1 = time.perf_counter()
-            write_html_report(params.output.html, merged=merged, experiments=experiments,
+            write_html_report(html, merged=merged, experiments=experiments,
                               summary=summary, title="xtalscale merge report",
                               **report_arguments)
-        log.info("wrote %s (%.2f s)", params.output.html, time.perf_counter() - t1)
+        log.info("wrote %s (%.2f s)", html, time.perf_counter() - t1)
     return 0
 
 

@@ -60,7 +60,8 @@ def run(argv: Sequence[str]) -> int:
     if not files:
         raise ValueError("no input files: give integrated .refl and .expt files (or an unmerged "
                          "MTZ / XDS file); -h for help")
-    from ..job.run import check_outputs_writable, output_path
+    from ..io.outputs import output_path
+    from ..job.run import check_outputs_writable
 
     log_file = output_path(params.output.log)
 

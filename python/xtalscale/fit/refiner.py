@@ -31,7 +31,7 @@ FULL_MATRIX_MAX_PARAMS = 2000
 #: converge slowly) and to 0.53 % with 20, in the same time; the full matrix gives 0.49 % in
 #: twice the time. An explicitly chosen SimpleLBFGS keeps DIALS's 5. The stand-in is also
 #: preconditioned by the per-dataset blocks of the fixed-Ĩ normal matrix (minimisers.lbfgs):
-#: 0.53 -> 0.50 % (the full matrix's optimum 0.49 %), 10.8 -> 8.3 s.
+#: 0.53 -> 0.50 % (the full matrix's optimum 0.49 %), 10.8 -> 8.1 s.
 SUBSTITUTE_LBFGS_HISTORY = 20
 
 scaling_refinery_phil_str = """

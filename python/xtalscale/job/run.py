@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ..io.outputs import output_path
 from ..reflection_table import Flags
 
 __all__ = ["ScaleJobResult", "check_outputs_writable", "exclusion_summary", "run_scale_job"]
@@ -36,15 +37,6 @@ class ScaleJobResult:
     timings: dict = field(default_factory=dict)
     n_rows_in: int = 0
     work_free: dict | None = None
-
-
-def output_path(value: Any) -> str | None:
-    """An output parameter's file name, or None when that output is not wanted: unset, empty
-    or ``None`` (PHIL gives ``output.html=None`` as None; a quoted ``"None"`` counts too)."""
-    if value is None:
-        return None
-    text = str(value).strip()
-    return None if not text or text.lower() == "none" else text
 
 
 def _output_paths(params: Any) -> list[str]:
