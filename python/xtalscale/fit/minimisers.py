@@ -189,9 +189,7 @@ class BlockDiagonalInverse:
     solve_normal_equations uses; a block that will not factorise falls back to its diagonal)."""
 
     def __init__(self, matrix: np.ndarray, ranges: list[tuple[int, int]]) -> None:
-        self.n = int(matrix.shape[0])
         self.blocks: list[tuple[int, int, np.ndarray, np.ndarray | None]] = []
-        covered = np.zeros(self.n, dtype=bool)
         for a, b in ranges:
             block = np.array(matrix[a:b, a:b], dtype=np.float64)
             diag = np.diag(block).copy()
@@ -204,13 +202,11 @@ class BlockDiagonalInverse:
                 except np.linalg.LinAlgError:
                     lower = None
             self.blocks.append((a, b, scale, lower))
-            covered[a:b] = True
         diag_all = np.diag(matrix).astype(np.float64)
         ok = np.isfinite(diag_all) & (diag_all > 0)
         fallback = float(np.max(diag_all[ok])) if ok.any() else 1.0
         #: 1/(2 d) for parameters outside every block and for blocks that did not factorise
         self.diagonal = 1.0 / (2.0 * np.where(ok, diag_all, fallback))
-        self.covered = covered
 
     def apply(self, v: np.ndarray) -> np.ndarray:
         """``H0 v``."""

@@ -75,7 +75,7 @@ def _check_scales(g: np.ndarray) -> None:
 def _sums_in_place(target: Any) -> bool:
     """Whether ``target.compute_normal_equations`` adds a block into ``out=(matrix, rhs)``
     (ScalingTarget's; a subclass that overrides it without ``out`` is called the old way)."""
-    if not getattr(target, "accumulates_normal_equations", False):
+    if not hasattr(target, "compute_normal_equations"):
         return False
     import inspect
 
@@ -248,8 +248,8 @@ class ScalerObjective:
         """``(N, ranges)``: the normal matrix with Ĩ held at its current values (restraints
         included) and each dataset's parameter range, for a block-diagonal L-BFGS
         preconditioner. With Ĩ fixed the datasets' parameters do not couple (each observation
-        depends on its own dataset's model only), so N's diagonal blocks are its every term but
-        the restraints'. None for one dataset, shared components (they couple datasets), a
+        depends on its own dataset's model only, each restraint on one dataset's parameters),
+        so N is block-diagonal and its blocks are all of it. None for one dataset, shared components (they couple datasets), a
         target without the C++ normal equations, or more than DATASET_BLOCKS_MAX_PARAMS."""
         data = getattr(self.apm, "apm_data", None)
         inner = getattr(self.apm, "target", None) or self.target

@@ -235,9 +235,6 @@ class ScalingTarget:
         block.derivatives = None
         return r, jac, w
 
-    #: compute_normal_equations takes ``out`` (ScalerObjective then sums the blocks in place)
-    accumulates_normal_equations = True
-
     def compute_normal_equations(self, block: Any, kind: str | None = None,
                                  out: tuple[np.ndarray, np.ndarray] | None = None
                                  ) -> tuple[np.ndarray, np.ndarray, float, int]:

@@ -181,7 +181,7 @@ class ScalerBase:
                     "d": ds.column("d")}
             if keep is not None:  # (every suitable row: the columns as they are, no copy)
                 rows = np.asarray(keep[k], dtype=bool)
-                cols = {name: (take_rows(v, rows) if v.ndim == 2 else v[rows]) for name, v in cols.items()}
+                cols = {name: take_rows(v, rows) for name, v in cols.items()}
             tables.append(cols)
         grouped = GroupedObservations.from_tables(
             tables, self.space_group, anomalous=bool(self._params.anomalous),
@@ -407,7 +407,6 @@ class ScalerBase:
         )
 
         t0 = time.perf_counter()
-        want_var_cov = bool(var_cov)
         ref_params = self._params.refinement
         engine = engine or ref_params.engine
         if max_iterations is None:
@@ -429,7 +428,7 @@ class ScalerBase:
 
                 refinery.lbfgs_history = SUBSTITUTE_LBFGS_HISTORY
                 refinery.lbfgs_blocks = True
-            refinery.want_var_cov = want_var_cov
+            refinery.want_var_cov = bool(var_cov)
             # large tables: a normal-matrix build costs ~3 f+g passes, so near the optimum
             # LevMar first tries the previous matrix with a new gradient
             refinery.reuse_matrix = self.Ih_table.size >= REUSE_MATRIX_MIN_ROWS
