@@ -25,13 +25,13 @@ __all__ = ["scaling_refinery", "ScalingRefinery", "ScalingSimpleLBFGS", "Scaling
 #: above this many parameters the dense normal matrix is not used automatically
 FULL_MATRIX_MAX_PARAMS = 2000
 
-#: L-BFGS correction pairs when L-BFGS stands in for the dense matrix (too many parameters):
-#: 60 simulated sweeps (1.4 M observations, ~2,400 parameters) were fitted to 0.97 % rms of the
-#: truth with DIALS's 5 pairs (4.5 % in one sweep's last images, whose edge smoother parameters
-#: converge slowly) and to 0.53 % with 20, in the same time; the full matrix gives 0.49 % in
-#: twice the time. An explicitly chosen SimpleLBFGS keeps DIALS's 5. The stand-in is also
-#: preconditioned by the per-dataset blocks of the fixed-Ĩ normal matrix (minimisers.lbfgs):
-#: 0.53 -> 0.50 % (the full matrix's optimum 0.49 %), 10.8 -> 8.1 s.
+#: L-BFGS correction pairs when L-BFGS stands in for the dense matrix (too many parameters);
+#: an explicitly chosen SimpleLBFGS keeps DIALS's 5. With 5 pairs and the diagonal
+#: preconditioner, 60 simulated sweeps (1.4 M observations, ~2,400 parameters;
+#: ``bench/bench_scale_job.py --sweeps 60 --cell-scale 1.6``) were fitted to 0.97 % rms of the
+#: truth (4.5 % in one sweep's last images, whose edge smoother parameters converge slowly);
+#: with 20 pairs and the per-dataset blocks of the fixed-Ĩ normal matrix (minimisers.lbfgs) to
+#: 0.50 %, and the full matrix (``--full-matrix-max-params 3000``) to 0.49 % in four times the time.
 SUBSTITUTE_LBFGS_HISTORY = 20
 
 scaling_refinery_phil_str = """

@@ -230,7 +230,7 @@ def _too_many_parameters_to_refit(scaler: Any) -> bool:
     """Whether the models have more parameters than the dense normal matrix is used for
     (fit.refiner.FULL_MATRIX_MAX_PARAMS): a refit step needs that matrix, and on
     REFIT_MAX_OBSERVATIONS rows such a model is not determined (60 sweeps, ~2,400 parameters:
-    4 s of refits). The candidates are then compared on the first round's scales, as DIALS does."""
+    five dense refits). The candidates are then compared on the first round's scales, as DIALS does."""
     from ..fit.refiner import FULL_MATRIX_MAX_PARAMS
 
     n_params = sum(int(np.asarray(comp.parameters).size) for ds in scaler.datasets
