@@ -358,6 +358,10 @@ def test_normal_equations_summed_in_place_over_blocks(cys30):
         core_fit.normal_equations(*h, n, out=(frozen, np.zeros(n)))
     with pytest.raises(ValueError, match="C-contiguous"):
         core_fit.normal_equations(*h, n, out=(np.zeros((n, n)).T.copy(order="F"), np.zeros(n)))
+    with pytest.raises(ValueError, match="wrong shape"):
+        core_fit.fold_normal_matrix(np.zeros((n, n + 1)))
+    with pytest.raises(ValueError, match="writeable"):
+        core_fit.fold_normal_matrix(frozen)
 
 
 @pytest.mark.parametrize("entries_per_row", [1, 3])
