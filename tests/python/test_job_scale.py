@@ -862,6 +862,39 @@ def test_first_outlier_round_on_the_minimisation_groups_flags_the_subset_as_a_fu
         assert not np.any(ds.outliers[~s] & ~f[~s])
 
 
+def test_subset_rounds_expand_and_flag_the_subset_groups_as_full_rounds_would():
+    """With a main-rounds subset, the rounds before the second minimisation make g and the
+    outlier flags of the subset groups only: g on those rows is what the full expansion
+    gives them, the other rows' g is left as it was; the subset's standard-method flags are
+    the full round's (the groups are tested alone), and no other row is flagged."""
+    from xtalscale.job.reflection_selection import select_for_minimisation
+
+    inputs = load_inputs(SWEEP20 + SWEEP25)
+    params, _ = parse_phil_arguments(["reflection_selection.main_rounds_subset=1500", "outlier_zmax=4"])
+    scaler = ScalingAlgorithm(params, inputs.experiments, inputs.tables).scaler
+    select_for_minimisation(scaler)
+    assert scaler.subset_for_main_rounds
+    scaler.make_ready_for_scaling()
+    scaler.perform_scaling(var_cov=False)
+    before = [np.array(ds.table["inverse_scale_factor"], dtype=np.float64) for ds in scaler.datasets]
+    scaler.expand_scales_to_all_reflections(minimisation_rows_only=True)
+    partial = [np.array(ds.table["inverse_scale_factor"], dtype=np.float64) for ds in scaler.datasets]
+    scaler.round_of_outlier_rejection(minimisation_groups_only=True)
+    flags_subset = [ds.outliers.copy() for ds in scaler.datasets]
+    scaler.expand_scales_to_all_reflections()
+    scaler.round_of_outlier_rejection()
+    for ds, b, p, f in zip(scaler.datasets, before, partial, flags_subset):
+        rows = ds.suitable_idx[ds.minimisation]
+        others = np.setdiff1d(np.arange(b.size), rows)
+        full = np.asarray(ds.table["inverse_scale_factor"], dtype=np.float64)
+        np.testing.assert_allclose(p[rows], full[rows], rtol=1e-13)
+        assert np.any(p[rows] != b[rows])
+        np.testing.assert_array_equal(p[others], b[others])
+        np.testing.assert_array_equal(f[ds.minimisation], ds.outliers[ds.minimisation])
+        assert not np.any(f[~ds.minimisation])
+    assert sum(int(f.sum()) for f in flags_subset) > 0
+
+
 def test_the_job_leaves_the_cyclic_gc_to_its_caller_and_the_command_line_turns_it_off(tmp_path, monkeypatch):
     """run_scale_job does not touch the process's garbage collector (a program embedding it
     keeps its own); the command line turns it off for its command (no_cyclic_gc) and gives

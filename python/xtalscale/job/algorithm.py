@@ -15,6 +15,7 @@ import numpy as np
 
 from .. import flex_arrays as fa
 from ..reflection_table import Flags, reflection_table
+from .combine_intensities import judges_on_minimisation_rows
 from .prepare import (
     BadDatasetForScalingException,
     Reasons,
@@ -193,15 +194,19 @@ def _check_equivalents(scaler: ScalerBase) -> None:
                                  "the data cannot be scaled (the unscaled data are written)")
 
 
-def expand_and_do_outlier_rejection(scaler: ScalerBase, calc_cov: bool = False) -> None:
-    scaler.expand_scales_to_all_reflections(calc_cov=calc_cov)
-    scaler.round_of_outlier_rejection()
+def expand_and_do_outlier_rejection(scaler: ScalerBase, calc_cov: bool = False,
+                                    minimisation_rows_only: bool = False) -> None:
+    """DIALS's expansion and outlier round; ``minimisation_rows_only``: g and the outlier flags
+    of the minimisation subset's groups only (see :func:`scaling_algorithm`)."""
+    scaler.expand_scales_to_all_reflections(calc_cov=calc_cov, minimisation_rows_only=minimisation_rows_only)
+    scaler.round_of_outlier_rejection(minimisation_groups_only=minimisation_rows_only)
 
 
-def do_intensity_combination(scaler: ScalerBase, reselect: bool = True) -> None:
+def do_intensity_combination(scaler: ScalerBase, reselect: bool = True,
+                             minimisation_rows_only: bool = False) -> None:
     scaler.combine_intensities()
     if scaler.params.scaling_options.outlier_rejection:
-        scaler.round_of_outlier_rejection()
+        scaler.round_of_outlier_rejection(minimisation_groups_only=minimisation_rows_only)
     if reselect:
         scaler.make_ready_for_scaling()
 
@@ -225,9 +230,14 @@ def scaling_algorithm(scaler: ScalerBase) -> ScalerBase:
         scaler.round_of_outlier_rejection(minimisation_groups_only=True)
     scaler.make_ready_for_scaling()
     scaler.perform_scaling(var_cov=not final_var_cov)
+    # With a main-rounds subset (a large job), what follows up to the second minimisation
+    # reads g and the outlier flags of the subset's groups only (the Imid refits and their
+    # Rmeas, the second minimisation): those alone are made. The round after the second
+    # minimisation makes them for every row again, for the last round's table.
+    subset_only = bool(getattr(scaler, "subset_for_main_rounds", False)) and judges_on_minimisation_rows(scaler)
     if params.reflection_selection.intensity_choice == "combine" or so.outlier_rejection:
-        expand_and_do_outlier_rejection(scaler)
-        do_intensity_combination(scaler, reselect=True)
+        expand_and_do_outlier_rejection(scaler, minimisation_rows_only=subset_only)
+        do_intensity_combination(scaler, reselect=True, minimisation_rows_only=subset_only)
     if use_error_model or so.outlier_rejection:
         scaler.perform_scaling(var_cov=not final_var_cov)
         expand_and_do_outlier_rejection(scaler)

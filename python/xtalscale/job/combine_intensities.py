@@ -335,6 +335,19 @@ def _restore(saved: Sequence[Any]) -> None:
         ds.var_cov = var_cov
 
 
+def judges_on_minimisation_rows(scaler: Any) -> bool:
+    """Whether the Imid search reads g (and outlier flags) only on rows of the minimisation
+    table: true when it is not run (no combination) or when it refits the candidates (their
+    Rmeas is on that table's rows); false when it compares them on the current g of every
+    row (DIALS's comparison: no refit option, or too many parameters to refit)."""
+    params = scaler.params
+    if params.reflection_selection.intensity_choice != "combine":
+        return True
+    combine = params.reflection_selection.combine
+    return (bool(combine.joint_analysis) and bool(getattr(combine, "refit_candidates", False))
+            and not _too_many_parameters_to_refit(scaler))
+
+
 def combine_scaler_intensities(scaler: Any) -> None:
     """The Imid search over a scaler's datasets (jointly by default) and its application."""
     params = scaler.params
@@ -377,9 +390,10 @@ def combine_scaler_intensities(scaler: Any) -> None:
         try:
             refitted = _refitted_rmeas(scaler, datasets, sels, candidates)
         except (RefinementFailed, NonFiniteScales, np.linalg.LinAlgError) as exc:
-            # the models are restored; DIALS's comparison still decides
+            # the models are restored; DIALS's comparison still decides, on every row's g
             logger.warning("intensity combination: the candidates' refit failed (%s); comparing "
                            "them on the first round's scales", exc)
+            scaler.expand_scales_to_all_reflections()
     if refitted is not None:
         current, results = refitted
         valid = {k: v for k, v in results.items() if v >= 0}

@@ -526,6 +526,24 @@ def _check_rows(grouped: GroupedObservations, rows: np.ndarray) -> None:
                          f"(row {row} has {grouped.variance[row]})")
 
 
+def _capped_rows(grouped: GroupedObservations, rows: np.ndarray, cap: int, seed: int) -> np.ndarray:
+    """``rows`` (bool over ``grouped``), or, when they are more than ``cap`` (> 0), those of
+    random whole groups (seeded) holding about ``cap`` of them.
+
+    The error model has two parameters: their statistical error from 2.5·10⁵ observations is
+    already far below the spread of (a, b) between runs on different data, so a larger job fits
+    them on a sample of whole groups (each group's mean and deviations stay whole)."""
+    from .reflection_selection import select_random_groups
+
+    n_rows = int(np.count_nonzero(rows))
+    if cap <= 0 or n_rows <= cap:
+        return rows
+    per_group = grouped.sum_in_groups(rows.astype(np.float64))
+    eligible = np.flatnonzero(per_group > 0)
+    n_groups = int(math.ceil(cap * eligible.size / n_rows))
+    return rows & select_random_groups(grouped, n_groups, seed, eligible=eligible)
+
+
 def refine_error_models(scaler: Any) -> None:
     """Refine the scaler's error model(s) on its current scales and set them (§8.6)."""
     params = scaler.params
@@ -557,6 +575,9 @@ def refine_error_models(scaler: Any) -> None:
                     rows &= ds.minimisation
             keep.append(rows)
         rows = np.concatenate(keep)
+        if not subset:
+            rows = _capped_rows(suitable, rows, int(em_params.basic.max_observations or 0),
+                                int(params.reflection_selection.seed))
         _check_rows(suitable, rows)
         model = BasicErrorModel(basic_params=em_params.basic)
         try:

@@ -188,6 +188,12 @@ basic {
   n_bins = 10
     .type = int(value_min=2)
     .help = "Intensity bins of the b refinement."
+  max_observations = 250000
+    .type = int(value_min=0)
+    .help = "[xtalscale] With more observations than this, the error model is refined on
+             random whole groups (seeded by reflection_selection.seed) holding about this
+             many: two parameters are determined far below their run-to-run spread by
+             2.5e5 observations. 0: always all (as dials.scale)."
   stills {
     min_Isigma = 2.0
       .type = float
@@ -468,6 +474,8 @@ DIFFERING_DEFAULTS: tuple[tuple[str, str, str], ...] = (
     ("reflection_selection.Isigma_range", "2.0, 0.0 (spec §8.3)", "-5.0, 0.0 in the current source"),
     ("reflection_selection.min_partiality", "0.25 (spec §8.3)", "0.95 in the current source"),
     ("reflection_selection.seed", "42 (new: seeded numpy selections)", "scitbx's generator seeded at import"),
+    ("weighting.error_model.basic.max_observations", "250000 (random whole groups beyond that)",
+     "no such option: every filtered observation"),
 )
 
 

@@ -468,9 +468,21 @@ class ScalerBase:
         return fixed
 
     # ------------------------------------------------------------------ expansion
-    def expand_scales_to_all_reflections(self, caller: Any = None, calc_cov: bool = False) -> None:
-        """g (and, with ``calc_cov``, its variance) for every suitable row of every dataset."""
+    def expand_scales_to_all_reflections(self, caller: Any = None, calc_cov: bool = False,
+                                         minimisation_rows_only: bool = False) -> None:
+        """g (and, with ``calc_cov``, its variance) for every suitable row of every dataset.
+
+        ``minimisation_rows_only``: g of each dataset's minimisation subset rows only
+        (``Dataset.minimisation``; every row where there is none), the other rows' g left as
+        they are. For the rounds of a large job that read g only there (see
+        :func:`~xtalscale.job.algorithm.scaling_algorithm`)."""
         t0 = time.perf_counter()
+        if minimisation_rows_only and not calc_cov and all(ds.minimisation is not None for ds in self.datasets):
+            self._map_datasets(lambda k: self._expand_on_minimisation_rows(self.datasets[k]),
+                               range(len(self.datasets)))
+            self._components_hold_minimisation_blocks = False
+            self._tick("expansion", t0)
+            return
 
         def blocks_into(ds: Dataset, blocks: list[np.ndarray], g: np.ndarray, var: np.ndarray) -> bool:
             """g and var g on the components' current data blocks (rows ``blocks``), written to
@@ -545,6 +557,18 @@ class ScalerBase:
         self._tick("expansion", t0)
 
     @staticmethod
+    def _expand_on_minimisation_rows(ds: Dataset) -> None:
+        """g of the dataset's minimisation subset rows written into its table (the model's
+        data set to those rows only)."""
+        rows = np.flatnonzero(ds.minimisation)
+        comps = ds.model.components
+        for comp in comps.values():
+            comp.update_reflection_data(block_selections=[rows])
+        full = np.asarray(ds.table["inverse_scale_factor"], dtype=np.float64).copy()
+        full[ds.suitable_idx[rows]] = _scales_product(comps, 0, rows.size)
+        ds.table["inverse_scale_factor"] = fa.double(full)
+
+    @staticmethod
     def _scale_variances(ds: Dataset, block_id: int = 0, with_scales: bool = False, n_threads: int = 1) -> Any:
         """diag(J V Jᵀ) on the components' data block ``block_id``, with V embedded in the full
         parameter layout of the model (None when no active parameter has a variance). With
@@ -591,11 +615,11 @@ class ScalerBase:
         grouped = self._grouped_suitable()
         if minimisation_groups_only and method == "standard" and all(ds.minimisation is not None
                                                                      for ds in self.datasets):
-            in_subset = np.concatenate([ds.minimisation for ds in self.datasets])
-            rows = determine_outlier_rows(_groups_holding(grouped, in_subset), method, float(so.outlier_zmax),
-                                          n_threads=self.n_threads)
-        else:
-            rows = determine_outlier_rows(grouped, method, float(so.outlier_zmax), n_threads=self.n_threads)
+            # the subset groups' rows alone (their own copy): the rejection and the Wilson
+            # test (its resolution bins' means too) on them
+            grouped = grouped.subset(_rows_of_groups_holding(grouped, np.concatenate(
+                [ds.minimisation for ds in self.datasets])))
+        rows = determine_outlier_rows(grouped, method, float(so.outlier_zmax), n_threads=self.n_threads)
         per_dataset = grouped.rows_per_dataset(rows)
         if so.emax:
             esq = determine_Esq_outlier_index_arrays(grouped, self.datasets[0].experiment, float(so.emax))
@@ -678,17 +702,12 @@ class ScalerBase:
         return held
 
 
-def _groups_holding(grouped: GroupedObservations, rows: np.ndarray) -> GroupedObservations:
-    """``grouped`` restricted to the groups holding at least one of ``rows`` (a per-row bool
-    array): the same rows and row numbers, a grouping of fewer groups (in the same order)."""
+def _rows_of_groups_holding(grouped: GroupedObservations, rows: np.ndarray) -> np.ndarray:
+    """Every row (bool over ``grouped``) of the groups holding at least one of ``rows``."""
+    group_of_row = grouped.group_of_row()
     wanted = np.zeros(grouped.n_groups, dtype=bool)
-    wanted[grouped.group_of_row()[rows]] = True
-    groups = np.flatnonzero(wanted)
-    sizes = np.diff(grouped.offsets)[groups]
-    offsets = np.zeros(groups.size + 1, dtype=np.int64)
-    np.cumsum(sizes, out=offsets[1:])
-    positions = np.arange(offsets[-1], dtype=np.int64) + np.repeat(grouped.offsets[groups] - offsets[:-1], sizes)
-    return replace(grouped, order=grouped.order[positions], offsets=offsets, derived={})
+    wanted[group_of_row[rows]] = True
+    return wanted[group_of_row]
 
 
 def _scales_product(components: Mapping[str, Any], block_id: int, n_rows: int) -> np.ndarray:
