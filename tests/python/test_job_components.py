@@ -114,16 +114,20 @@ def test_error_model_sample_is_whole_groups_of_about_the_cap_and_seeded():
     grouped = _simulated_groups(1.2, 0.03, n_groups=800, mult=100)
     rows = np.ones(grouped.size, bool)
     rows[::7] = False  # outliers or other models' rows: never taken into the sample
-    assert _capped_rows(grouped, rows, 0, 1) is rows
-    assert _capped_rows(grouped, rows, int(rows.sum()), 1) is rows
-    sample = _capped_rows(grouped, rows, 20000, 1)
+    group = grouped.group_of_row()
+
+    def capped(cap, seed):
+        return _capped_rows(group, grouped.n_groups, rows, cap, seed)
+
+    assert capped(0, 1) is rows
+    assert capped(int(rows.sum()), 1) is rows
+    sample = capped(20000, 1)
     assert not np.any(sample & ~rows)
     assert abs(int(sample.sum()) - 20000) < 300  # whole groups of ~86 rows
-    group = grouped.group_of_row()
     taken = np.unique(group[sample])
     np.testing.assert_array_equal(sample, rows & np.isin(group, taken))  # whole groups
-    np.testing.assert_array_equal(sample, _capped_rows(grouped, rows, 20000, 1))
-    assert np.any(sample != _capped_rows(grouped, rows, 20000, 2))
+    np.testing.assert_array_equal(sample, capped(20000, 1))
+    assert np.any(sample != capped(20000, 2))
     model = run_error_model_refinement(BasicErrorModel(), grouped, rows=sample)
     assert abs(model.a - 1.2) < 0.05 and abs(model.b - 0.03) < 0.005
 

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from .._core import job as _kern
+from .._rows import take_rows
 from ..error_model import BasicErrorModel as StoredBasicErrorModel
 from .grouped import GroupedObservations
 
@@ -491,25 +493,30 @@ def extract_error_model_groups(params: Any, n_tables: int) -> list[list[int]]:
     return groups
 
 
-def _suitable_rows_grouped(scaler: Any) -> GroupedObservations:
-    """The suitable rows of every dataset of ``scaler`` with their current I, σ² (no error
-    model), g and partiality, Bijvoet mates apart. The grouping is the scaler's
-    (:meth:`~xtalscale.job.scaler.ScalerBase.suitable_asu_grouping`, made once per job), and
-    each model's rows are then a mask over it: no grouping per refinement."""
+def _grouped_rows(scaler: Any, grouping: Any, rows: np.ndarray) -> GroupedObservations:
+    """The ``rows`` (a bool array over every dataset's suitable rows, in dataset order) with
+    their current I, σ² (no error model), g and partiality, grouped by ``grouping`` (the
+    scaler's :meth:`~xtalscale.job.scaler.ScalerBase.suitable_asu_grouping`, made once per
+    job). Only those rows are gathered (an error model's: one sweep's, or a sample), and
+    their grouping is the cached one without the other rows: no grouping per refinement."""
     datasets = scaler.datasets
-    grouping = scaler.suitable_asu_grouping(anomalous=True)
-    n_rows = [int(ds.suitable.sum()) for ds in datasets]
-    I = np.concatenate([ds.column("intensity") for ds in datasets])
-    V = np.concatenate([ds.column("variance") for ds in datasets])
-    partiality = np.concatenate([ds.column("partiality") if "partiality" in ds.table else np.ones(n)
-                                 for ds, n in zip(datasets, n_rows)])
+    starts = np.concatenate([[0], np.cumsum([int(ds.suitable.sum()) for ds in datasets])])
+    kept = [np.flatnonzero(rows[starts[k]:starts[k + 1]]) for k in range(len(datasets))]
+    table_rows = [ds.suitable_idx.take(r) for ds, r in zip(datasets, kept)]
+
+    def gathered(name: str, default: float | None = None) -> np.ndarray:
+        return np.concatenate([np.asarray(ds.table[name], dtype=np.float64).take(r)
+                               if default is None or name in ds.table else np.full(r.size, default)
+                               for ds, r in zip(datasets, table_rows)])
+
+    V = gathered("variance")
     with np.errstate(divide="ignore", invalid="ignore"):
         weight = 1.0 / V
+    order, offsets = _kern.subset_grouping(grouping.order, grouping.offsets, rows)
     return GroupedObservations(
-        I, V, weight, np.concatenate([ds.column("inverse_scale_factor") for ds in datasets]), grouping.asu_hkl,
-        np.repeat(np.arange(len(datasets), dtype=np.int64), n_rows),
-        np.concatenate([np.arange(n, dtype=np.int64) for n in n_rows]), grouping.order, grouping.offsets,
-        len(datasets), scaler.space_group, {"partiality": partiality})
+        gathered("intensity"), V, weight, gathered("inverse_scale_factor"), take_rows(grouping.asu_hkl, rows),
+        np.repeat(np.arange(len(datasets), dtype=np.int64), [r.size for r in kept]), np.concatenate(kept),
+        order, offsets, len(datasets), scaler.space_group, {"partiality": gathered("partiality", 1.0)})
 
 
 def _check_rows(grouped: GroupedObservations, rows: np.ndarray) -> None:
@@ -526,22 +533,23 @@ def _check_rows(grouped: GroupedObservations, rows: np.ndarray) -> None:
                          f"(row {row} has {grouped.variance[row]})")
 
 
-def _capped_rows(grouped: GroupedObservations, rows: np.ndarray, cap: int, seed: int) -> np.ndarray:
-    """``rows`` (bool over ``grouped``), or, when they are more than ``cap`` (> 0), those of
-    random whole groups (seeded) holding about ``cap`` of them.
+def _capped_rows(group_of_row: np.ndarray, n_groups: int, rows: np.ndarray, cap: int, seed: int) -> np.ndarray:
+    """``rows`` (bool per row of a grouping whose rows' groups are ``group_of_row``), or, when
+    they are more than ``cap`` (> 0), those of random whole groups (seeded) holding about
+    ``cap`` of them.
 
     The error model has two parameters: their statistical error from 2.5·10⁵ observations is
     already far below the spread of (a, b) between runs on different data, so a larger job fits
     them on a sample of whole groups (each group's mean and deviations stay whole)."""
-    from .reflection_selection import select_random_groups
+    from .reflection_selection import draw_groups
 
     n_rows = int(np.count_nonzero(rows))
     if cap <= 0 or n_rows <= cap:
         return rows
-    per_group = grouped.sum_in_groups(rows.astype(np.float64))
-    eligible = np.flatnonzero(per_group > 0)
-    n_groups = int(math.ceil(cap * eligible.size / n_rows))
-    return rows & select_random_groups(grouped, n_groups, seed, eligible=eligible)
+    eligible = np.flatnonzero(np.bincount(group_of_row[rows], minlength=n_groups))
+    take = np.zeros(n_groups, dtype=bool)
+    take[eligible[draw_groups(eligible.size, int(math.ceil(cap * eligible.size / n_rows)), seed)]] = True
+    return rows & take[group_of_row]
 
 
 def refine_error_models(scaler: Any) -> None:
@@ -557,7 +565,8 @@ def refine_error_models(scaler: Any) -> None:
               for members in extract_error_model_groups(params, len(scaler.datasets))]
     groups = [members for members in groups if members]
     all_stills = all(ds.experiment.is_still() for ds in scaler.datasets)
-    suitable = _suitable_rows_grouped(scaler)
+    grouping = scaler.suitable_asu_grouping(anomalous=True)
+    group_of_row: np.ndarray | None = None
     for members in groups:
         # the members' non-outlier rows, as a mask over the suitable rows of every dataset
         # Before the last round of a large job (main_rounds_subset), the error model only sets
@@ -575,16 +584,21 @@ def refine_error_models(scaler: Any) -> None:
                     rows &= ds.minimisation
             keep.append(rows)
         rows = np.concatenate(keep)
-        if not subset:
-            rows = _capped_rows(suitable, rows, int(em_params.basic.max_observations or 0),
+        cap = int(em_params.basic.max_observations or 0)
+        if not subset and 0 < cap < np.count_nonzero(rows):
+            if group_of_row is None:
+                group_of_row = np.repeat(np.arange(grouping.offsets.size - 1), np.diff(grouping.offsets))
+                group_of_row[grouping.order] = group_of_row.copy()
+            rows = _capped_rows(group_of_row, grouping.offsets.size - 1, rows, cap,
                                 int(params.reflection_selection.seed))
-        _check_rows(suitable, rows)
+        data = _grouped_rows(scaler, grouping, rows)
+        _check_rows(data, np.ones(data.size, dtype=bool))
         model = BasicErrorModel(basic_params=em_params.basic)
         try:
-            run_error_model_refinement(model, suitable, em_params.basic.minimisation or "None",
+            run_error_model_refinement(model, data, em_params.basic.minimisation or "None",
                                        em_params.basic.min_Ih, em_params.basic.n_bins,
                                        float(params.reflection_selection.min_partiality),
-                                       stills=em_params.basic.stills if all_stills else None, rows=rows,
+                                       stills=em_params.basic.stills if all_stills else None,
                                        n_threads=scaler.n_threads)
         except ErrorModelRefinementError as exc:
             logger.info("error model not refined for sweeps %s: %s", [m + 1 for m in members], exc)

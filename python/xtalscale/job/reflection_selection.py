@@ -52,10 +52,16 @@ def select_random_groups(grouped: GroupedObservations, n_groups: int, seed: int,
     """Rows (bool over ``grouped``) of ``n_groups`` groups drawn at random (seeded) from the
     ``eligible`` group numbers (ascending; default every group): the same draw as from the
     subset of those groups' rows, without making it."""
-    rng = np.random.default_rng(seed)
     n_available = grouped.n_groups if eligible is None else int(eligible.size)
-    chosen = np.sort(rng.choice(n_available, size=min(n_groups, n_available), replace=False))
+    chosen = draw_groups(n_available, n_groups, seed)
     return _rows_of_groups(grouped, chosen if eligible is None else eligible[chosen])
+
+
+def draw_groups(n_available: int, n_groups: int, seed: int) -> np.ndarray:
+    """``min(n_groups, n_available)`` distinct numbers of ``range(n_available)`` drawn at
+    random (seeded), ascending: every seeded draw of groups in the job."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n_available, size=min(n_groups, n_available), replace=False))
 
 
 def _rows_of_groups(grouped: GroupedObservations, groups: np.ndarray) -> np.ndarray:
