@@ -38,3 +38,19 @@ def test_command_line_starts_openblas_with_one_thread_only_in_a_fresh_process(mo
     kept = subprocess.run([sys.executable, "-c", code], env={**env, "OPENBLAS_NUM_THREADS": "3"},
                           capture_output=True, text=True, check=True)
     assert kept.stdout.strip() == "3"
+
+
+def test_openmp_workers_sleep_between_kernels_unless_the_caller_chose_a_policy():
+    """``import xtalscale`` asks the OpenMP runtime (read when the extension loads it) for
+    passive waiting, and keeps a policy the caller set."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import os, xtalscale; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    fresh = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert fresh.stdout.strip() == "passive"
+    kept = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "active"},
+                          capture_output=True, text=True, check=True)
+    assert kept.stdout.strip() == "active"
