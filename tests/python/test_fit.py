@@ -123,6 +123,24 @@ def test_ih_table_two_tables_two_blocks_spec_9_6():
     np.testing.assert_allclose(b1.sum_in_groups(np.arange(1.0, 7.0), "per_refl"), [5, 10, 10, 5, 10, 6])
 
 
+def test_tables_of_gathered_rows_carry_their_row_numbers():
+    """Without indices_lists, a table's own loc_indices column gives the block selections:
+    the same blocks as the whole tables with indices_lists (spec 9.6's case), with the rows
+    gathered by the caller; a loc_indices of the wrong length is refused."""
+    first, second = _table(np.arange(6)), _small_with_rows()
+    rows = [np.arange(6), np.array([0, 2, 3])]
+    gathered = [{k: np.asarray(v)[r] for k, v in t.items()} | {"loc_indices": r} for t, r in zip((first, second), rows)]
+    expected = IhTable([first, second], "P 2 2 2", nblocks=2, indices_lists=rows)
+    table = IhTable(gathered, "P 2 2 2", nblocks=2)
+    for a, b in zip(expected.blocked_data_list, table.blocked_data_list):
+        assert [s.tolist() for s in a.block_selections] == [s.tolist() for s in b.block_selections]
+        np.testing.assert_array_equal(a.intensities, b.intensities)
+        np.testing.assert_array_equal(a.asu_miller_index, b.asu_miller_index)
+    gathered[1]["loc_indices"] = np.array([0, 2])
+    with pytest.raises(IhTableError, match="loc_indices"):
+        IhTable(gathered, "P 2 2 2")
+
+
 def _small_with_rows():
     """DIALS's small table (rows 0, 2, 3 kept after removing row 1): hkl (1,0,0), (10,0,0), (0,4,0)
     at rows 0, 2, 3 of a 4-row table."""

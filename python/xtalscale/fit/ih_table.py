@@ -436,7 +436,9 @@ class IhTable:
         table that has it (one row per intensity) needs no ``miller_index``.
     space_group : SpaceGroup or str
     indices_lists : list of int arrays, optional
-        Rows of each table to use (``loc_indices`` then index into these lists).
+        Rows of each table to use (``loc_indices`` then index into these lists). Without
+        them every row is used, and a table's own ``loc_indices`` column (if any) gives its
+        rows' numbers in the caller's table (a caller that gathered the rows itself).
     nblocks : int
         Work blocks; groups are split at ``int(i * n_unique / n_work_blocks)``.
     free_set_percentage, free_set_offset : float, int
@@ -504,15 +506,29 @@ class IhTable:
                 raise IhTableError(f"reflection table {i} has no {name!r} column")
         out: dict[str, np.ndarray] = {}
         n = len(_column(table, "intensity"))
-        rows = np.arange(n, dtype=np.int64) if sel is None else sel
-        if rows.size and (rows.min() < 0 or rows.max() >= n):
-            raise IhTableError(f"indices_lists[{i}] holds rows outside [0, {n})")
-        out["intensity"] = np.asarray(_column(table, "intensity"), np.float64)[rows]
-        out["variance"] = np.asarray(_column(table, "variance"), np.float64)[rows]
-        out["inverse_scale_factor"] = (np.asarray(_column(table, "inverse_scale_factor"), np.float64)[rows]
+        if sel is None:
+            # every row: the columns as they are (the blocks gather their own rows), and as
+            # input rows the table's "loc_indices" if it has them (a caller that gathered
+            # the rows itself), else 0..n-1
+            def column(name: str, dtype: Any = None) -> np.ndarray:
+                return np.asarray(_column(table, name), dtype)
+            given = np.asarray(_column(table, "loc_indices"), np.int64) if _has(table, "loc_indices") else None
+            if given is not None and given.shape != (n,):
+                raise IhTableError(f"table {i}: loc_indices must hold one row number per row ({n})")
+            rows = np.arange(n, dtype=np.int64) if given is None else given
+        else:
+            rows = sel
+            if rows.size and (rows.min() < 0 or rows.max() >= n):
+                raise IhTableError(f"indices_lists[{i}] holds rows outside [0, {n})")
+
+            def column(name: str, dtype: Any = None) -> np.ndarray:
+                return np.asarray(_column(table, name), dtype)[rows]
+        out["intensity"] = column("intensity", np.float64)
+        out["variance"] = column("variance", np.float64)
+        out["inverse_scale_factor"] = (column("inverse_scale_factor", np.float64)
                                        if _has(table, "inverse_scale_factor") else np.ones(rows.size))
         for name in extra:
-            out[name] = np.asarray(_column(table, name))[rows]
+            out[name] = column(name)
         out["loc_indices"] = rows  # rows of the input table (DIALS block_selections)
         return out
 

@@ -232,30 +232,39 @@ class ScalerBase:
         tables, indices, group_index = [], [], []
         cached = self._grouped_cache  # every suitable row, mapped to the ASU and grouped
         group_of_row = cached.group_of_row() if cached is not None else None
-        for k, ds in enumerate(self.datasets):
-            sel = np.ones(ds.suitable.sum(), bool) if ds.minimisation is None else ds.minimisation.copy()
+        start = 0  # the cache holds each dataset's suitable rows in order, dataset after dataset
+        for ds in self.datasets:
+            n_suitable = int(ds.suitable.sum())
+            sel = np.ones(n_suitable, bool) if ds.minimisation is None else ds.minimisation.copy()
             if outlier and ds.outliers.size:
                 sel &= ~ds.outliers
             idx = np.flatnonzero(sel)
-            cols = {"intensity": ds.column("intensity"), "variance": ds.column("variance"),
-                    "inverse_scale_factor": ds.column("inverse_scale_factor")}
-            if cached is not None:  # the ASU indices and their grouping are made already
-                mine = cached.dataset == k  # the dataset's suitable rows, in row order
-                cols["asu_miller_index"] = take_rows(cached.asu_hkl, mine)
-                group_index.append(group_of_row[mine][idx])
+            if cached is not None:
+                # the table's rows gathered once, straight from the reflection table; their
+                # ASU indices and groups from the cache (made already)
+                rows = ds.suitable_idx.take(idx)
+                cols = {name: np.asarray(ds.table[name], dtype=np.float64).take(rows)
+                        for name in ("intensity", "variance", "inverse_scale_factor")}
+                cols["asu_miller_index"] = take_rows(cached.asu_hkl, start + idx)
+                cols["loc_indices"] = idx
+                group_index.append(group_of_row.take(start + idx))
             else:
-                cols["miller_index"] = take_rows(np.asarray(ds.table["miller_index"]).reshape(-1, 3), ds.suitable)
+                cols = {"intensity": ds.column("intensity"), "variance": ds.column("variance"),
+                        "inverse_scale_factor": ds.column("inverse_scale_factor"),
+                        "miller_index": take_rows(np.asarray(ds.table["miller_index"]).reshape(-1, 3),
+                                                  ds.suitable)}
+                indices.append(idx)
+            start += n_suitable
             tables.append(cols)
-            indices.append(idx)
         so = self._params.scaling_options
         pct = float(so.free_set_percentage) if so.use_free_set else 0.0
         self._update_keys = {}
         # A large table is cut into blocks of whole groups that the engine evaluates and
         # consumes one after another (stream_derivatives): one block's ∂g/∂p in memory at a time.
-        n_rows = sum(idx.size for idx in indices)
+        n_rows = sum(t["intensity"].size for t in tables)
         self.stream_derivatives = n_rows > STREAM_MIN_ROWS
         nblocks = -(-n_rows // STREAM_BLOCK_ROWS) if self.stream_derivatives else 1
-        self.Ih_table = IhTable(tables, self.space_group, indices_lists=indices, nblocks=nblocks,
+        self.Ih_table = IhTable(tables, self.space_group, indices_lists=indices or None, nblocks=nblocks,
                                 free_set_percentage=pct, free_set_offset=int(so.free_set_offset),
                                 anomalous=bool(self._params.anomalous),
                                 group_index=group_index if cached is not None else None,
