@@ -121,6 +121,17 @@ def _prepare_dataset(params: Any, table: Any, reasons: Reasons) -> Any:
     return table
 
 
+def _map_in_threads(function: Any, items: Sequence[Any], n_threads: int) -> list[Any]:
+    """``[function(item) for item in items]``, on up to ``n_threads`` threads for several items."""
+    items = list(items)
+    if n_threads == 1 or len(items) < 2:
+        return [function(item) for item in items]
+    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
+
+    with ThreadPoolExecutor(max_workers=min(n_threads, len(items))) as pool:
+        return list(pool.map(function, items))
+
+
 def _make_single_scalers(params: Any, experiments: Any, reflections: Sequence[Any]) -> list[Any]:
     """A SingleScaler per dataset, or the BadDatasetForScalingException that removes it. With
     nproc > 1 the datasets are set up concurrently (their models and components are their own;
@@ -134,13 +145,8 @@ def _make_single_scalers(params: Any, experiments: Any, reflections: Sequence[An
             return exc
 
     pairs = list(zip(experiments, reflections))
-    n_threads = threads_of(params)
-    if n_threads == 1 or len(pairs) < 2 or any("s1" not in table for _, table in pairs):
-        return [make(pair) for pair in pairs]
-    from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415
-
-    with ThreadPoolExecutor(max_workers=min(n_threads, len(pairs))) as pool:
-        return list(pool.map(make, pairs))
+    n_threads = 1 if any("s1" not in table for _, table in pairs) else threads_of(params)
+    return _map_in_threads(make, pairs, n_threads)
 
 
 def large_data_forms(scalers: Sequence[Any]) -> bool:
@@ -170,8 +176,14 @@ def create_scaler(params: Any, experiments: Any, reflections: Sequence[Any],
     message (dials#2045)."""
     reasons = reasons if reasons is not None else Reasons()
     singles, removed = [], []
-    for table in reflections:
-        _prepare_dataset(params, table, reasons)  # in order: the exclusion counts are shared
+    # each dataset counts its exclusions apart (concurrently with nproc > 1: numpy's passes
+    # release the GIL), added up in dataset order: the counts and their order as done in turn
+    own = [Reasons() for _ in reflections]
+    _map_in_threads(lambda k: _prepare_dataset(params, reflections[k], own[k]), range(len(own)),
+                    threads_of(params))
+    for counts in own:
+        for text, number in counts.reasons.items():
+            reasons.add_reason(text, number)
     for expt, made in zip(experiments, _make_single_scalers(params, experiments, reflections)):
         if isinstance(made, BadDatasetForScalingException):
             logger.warning("removing dataset %s: %s", expt.identifier, made)
