@@ -282,10 +282,12 @@ class GroupedObservations:
         if keep.shape != (self.size,):
             raise ValueError(f"keep must be a bool array of length {self.size}")
         order, offsets = _kern.subset_grouping(self.order, self.offsets, keep)
-        return replace(self, intensity=self.intensity[keep], variance=self.variance[keep],
-                       weight=self.weight[keep], scale=self.scale[keep], asu_hkl=take_rows(self.asu_hkl, keep),
-                       dataset=self.dataset[keep], row=self.row[keep], order=order,
-                       offsets=offsets, extra={k: v[keep] for k, v in self.extra.items()}, derived={})
+        rows = np.flatnonzero(keep)  # one scan of the mask; each column is then gathered
+        return replace(self, intensity=self.intensity.take(rows), variance=self.variance.take(rows),
+                       weight=self.weight.take(rows), scale=self.scale.take(rows),
+                       asu_hkl=take_rows(self.asu_hkl, rows), dataset=self.dataset.take(rows),
+                       row=self.row.take(rows), order=order, offsets=offsets,
+                       extra={k: np.take(v, rows, axis=0) for k, v in self.extra.items()}, derived={})
 
     def rows_per_dataset(self, rows: np.ndarray) -> list[np.ndarray]:
         """Split positions ``rows`` of this object into each dataset's table rows (order kept)."""
