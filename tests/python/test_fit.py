@@ -123,6 +123,34 @@ def test_ih_table_two_tables_two_blocks_spec_9_6():
     np.testing.assert_allclose(b1.sum_in_groups(np.arange(1.0, 7.0), "per_refl"), [5, 10, 10, 5, 10, 6])
 
 
+def test_a_block_gathered_at_once_is_the_block_filled_dataset_by_dataset():
+    """IhTableBlock._gathered (the Ih table's blocks) gives what add_data once per dataset
+    gives the same rows: columns (an extra one too), groups, Miller indices, selections, Ĩ."""
+    from xtalscale.fit.ih_table import IhTableBlock
+
+    rng = np.random.default_rng(3)
+    parts = []
+    for n in (9, 6):
+        columns = {"intensity": rng.uniform(1, 10, n), "variance": rng.uniform(0.5, 2, n),
+                   "inverse_scale_factor": rng.uniform(0.8, 1.2, n),
+                   "loc_indices": rng.permutation(50)[:n].astype(np.int64), "d": rng.uniform(1, 3, n).astype(np.float32)}
+        rows = rng.permutation(n)[: n - 2]
+        parts.append((rng.integers(0, 4, rows.size), columns, rows, rng.integers(-5, 5, (n, 3)).astype(np.int32)))
+    one_by_one = IhTableBlock(4, sum(p[2].size for p in parts), 2)
+    for k, (groups, columns, rows, hkl) in enumerate(parts):
+        one_by_one.add_data(k, groups, {name: v[rows] for name, v in columns.items()}, hkl[rows])
+    at_once = IhTableBlock._gathered(4, parts)
+    assert sorted(at_once.Ih_table) == sorted(one_by_one.Ih_table)
+    for name, values in one_by_one.Ih_table.items():
+        np.testing.assert_array_equal(at_once.Ih_table[name], values)
+        assert at_once.Ih_table[name].dtype == values.dtype
+    np.testing.assert_array_equal(at_once.asu_miller_index, one_by_one.asu_miller_index)
+    np.testing.assert_array_equal(at_once.Ih_values, one_by_one.Ih_values)
+    assert at_once.dataset_info == one_by_one.dataset_info
+    for a, b in zip(at_once.block_selections, one_by_one.block_selections):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_tables_of_gathered_rows_carry_their_row_numbers():
     """Without indices_lists, a table's own loc_indices column gives the block selections:
     the same blocks as the whole tables with indices_lists (spec 9.6's case), with the rows

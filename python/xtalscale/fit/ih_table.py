@@ -156,9 +156,45 @@ class IhTableBlock:
                            else np.concatenate(self._group_parts))
         self._hkl = self._hkl_parts[0] if len(self._hkl_parts) == 1 else np.concatenate(self._hkl_parts)
         self._cols, self._group_parts, self._hkl_parts = {}, [], []
+        self._complete()
+
+    def _complete(self) -> None:
+        """Weights, group order and Ĩ of the joined rows."""
         self._init_weights()
         self._reindex()
         self.calc_Ih()
+
+    @classmethod
+    def _gathered(cls, n_groups: int, parts: Sequence[tuple[np.ndarray, Mapping[str, np.ndarray], np.ndarray,
+                                                             np.ndarray]]) -> IhTableBlock:
+        """A complete block of several datasets' rows, as :meth:`add_data` once per dataset
+        would make it, with each column gathered once, straight into the block's array (the
+        Ih table's blocks: no per-dataset parts to join). ``parts``: per dataset, its rows'
+        group numbers in the block, its columns (``intensity``, ``variance``,
+        ``inverse_scale_factor``, ``loc_indices`` and extras, whole), the rows of them to take
+        (in group order) and its (n, 3) Miller indices (whole)."""
+        sizes = [int(rows.size) for _, _, rows, _ in parts]
+        block = cls(n_groups, sum(sizes), len(parts))
+        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        n = int(starts[-1])
+        for name in parts[0][1]:
+            dtype = np.result_type(*(np.asarray(columns[name]).dtype for _, columns, _, _ in parts))
+            out = np.empty(n, dtype=dtype)
+            for k, (_, columns, rows, _) in enumerate(parts):
+                np.take(np.asarray(columns[name]), rows, out=out[starts[k]:starts[k + 1]])
+            block._arrays[name] = out
+        block._arrays["dataset_id"] = np.repeat(np.arange(len(parts), dtype=np.int64), sizes)
+        block._group_ids = np.concatenate([np.asarray(groups, np.int64) for groups, _, _, _ in parts])
+        block._hkl = np.empty((n, 3), dtype=np.result_type(*(np.asarray(h).dtype for _, _, _, h in parts)))
+        for k, (_, _, rows, hkl) in enumerate(parts):
+            np.take(np.asarray(hkl).reshape(-1, 3), rows, axis=0, out=block._hkl[starts[k]:starts[k + 1]])
+        loc = block._arrays["loc_indices"]
+        for k in range(len(parts)):
+            block.block_selections[k] = loc[starts[k]:starts[k + 1]].astype(np.int64)  # its own copy
+            block.dataset_info[k] = {"start_index": int(starts[k]), "end_index": int(starts[k + 1])}
+        block._n_filled, block._next_dataset = n, len(parts)
+        block._complete()
+        return block
 
     def _init_weights(self) -> None:
         inten = np.asarray(self._arrays["intensity"], dtype=np.float64)
@@ -595,12 +631,8 @@ class IhTable:
         def make_block(b: int) -> IhTableBlock:
             n_groups_b = int(block_starts[b + 1] - block_starts[b])
             rows_per_ds = [order[row_starts[b]:row_starts[b + 1]] for _, order, row_starts in by_block]
-            block = IhTableBlock(n_groups_b, sum(r.size for r in rows_per_ds), self.n_datasets)
-            for d, rows in enumerate(rows_per_ds):
-                g = by_block[d][0]
-                block.add_data(d, local[g[rows]], {k: v[rows] for k, v in cols[d].items()},
-                               take_rows(hkls[d], rows))
-            return block
+            return IhTableBlock._gathered(n_groups_b, [(local[by_block[d][0][rows]], cols[d], rows, hkls[d])
+                                                       for d, rows in enumerate(rows_per_ds)])
 
         for block in (mapper or map)(make_block, range(n_blocks_total)):
             self.blocked_data_list.append(block)
