@@ -895,6 +895,28 @@ def test_subset_rounds_expand_and_flag_the_subset_groups_as_full_rounds_would():
     assert sum(int(f.sum()) for f in flags_subset) > 0
 
 
+def test_kept_rows_of_the_cached_grouping_are_those_grouped_afresh():
+    """_grouped_suitable(keep) from the cached grouping (no new sort; only the kept rows'
+    columns gathered) equals grouping the kept rows afresh: every column, the grouping, the
+    datasets and the row numbers (within each dataset's kept rows)."""
+    inputs = load_inputs(SWEEP20 + SWEEP25)
+    params, _ = parse_phil_arguments([])
+    scaler = ScalingAlgorithm(params, inputs.experiments, inputs.tables).scaler
+    assert scaler.global_Ih_table.size > 0  # the cached grouping of every suitable row
+    rng = np.random.default_rng(8)
+    keep = [rng.random(int(ds.suitable.sum())) < 0.3 for ds in scaler.datasets]
+    cached = scaler._grouped_suitable(keep=keep)
+    held, scaler._grouped_cache = scaler._grouped_cache, None
+    try:
+        fresh = scaler._grouped_suitable(keep=keep)
+    finally:
+        scaler._grouped_cache = held
+    assert cached.size == fresh.size == sum(int(k.sum()) for k in keep)
+    for name in ("intensity", "variance", "weight", "scale", "asu_hkl", "dataset", "row", "order", "offsets"):
+        np.testing.assert_array_equal(getattr(cached, name), getattr(fresh, name), err_msg=name)
+    np.testing.assert_array_equal(cached.extra["d"], fresh.extra["d"])
+
+
 def test_error_model_on_gathered_rows_is_the_model_on_a_row_mask_of_every_row():
     """The job gathers only an error model's rows (grouped by the cached grouping without the
     others): (a, b) are bit for bit those refined on every suitable row with the same rows

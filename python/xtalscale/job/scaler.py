@@ -177,12 +177,20 @@ class ScalerBase:
     def _grouped_groups_holding(self, rows: np.ndarray) -> GroupedObservations | None:
         """The suitable rows of the groups holding at least one of ``rows`` (a bool array over
         every dataset's suitable rows), with their current I, σ², weights and g, gathered for
-        those rows alone (a large job's subset rounds: some 5 % of the rows). None without
-        the cached grouping (then :meth:`_grouped_suitable` and a subset serve)."""
+        those rows alone (a large job's subset rounds: some 5 % of the rows); their ``row``
+        numbers are suitable rows. None without the cached grouping (then
+        :meth:`_grouped_suitable` and a subset serve) or if a row has unusable values."""
         cache = self._grouped_cache
         if cache is None:
             return None
-        sub = cache.subset(_rows_of_groups_holding(cache, rows))
+        return self._cached_subset(_rows_of_groups_holding(cache, rows))
+
+    def _cached_subset(self, keep: np.ndarray) -> GroupedObservations | None:
+        """The rows ``keep`` (bool over every dataset's suitable rows, in the cached grouping's
+        order) of the cached grouping, without a new sort, and their current I, σ², weights and
+        g gathered for them alone; ``row`` numbers suitable rows. None if a row has unusable
+        values (the caller's fresh grouping then raises as it should)."""
+        sub = self._grouped_cache.subset(keep)
         table_rows = [ds.suitable_idx.take(sub.row[sub.dataset == k]) for k, ds in enumerate(self.datasets)]
         I = np.concatenate([np.asarray(ds.table["intensity"], dtype=np.float64).take(r)
                             for ds, r in zip(self.datasets, table_rows)])
@@ -200,6 +208,18 @@ class ScalerBase:
         and later calls only refresh I, σ², the weights and g."""
         if keep is not None and all(np.all(k) for k in keep):
             keep = None  # every suitable row: the cached grouping serves
+        if keep is not None and self._grouped_cache is not None:
+            # the kept rows of the cached grouping (what grouping them afresh gives), their
+            # rows numbered within each dataset's kept rows as a fresh grouping numbers them
+            masks = [np.asarray(k, dtype=bool) for k in keep]
+            sub = self._cached_subset(np.concatenate(masks))
+            if sub is not None:
+                kept_before = [np.cumsum(m) - 1 for m in masks]  # a suitable row's kept number
+                row = np.empty_like(sub.row)
+                for k, numbers in enumerate(kept_before):
+                    mine = sub.dataset == k
+                    row[mine] = numbers.take(sub.row[mine])
+                return replace(sub, row=row)
         if keep is None and self._grouped_cache is not None:
             I = np.concatenate([ds.column("intensity") for ds in self.datasets])
             V = np.concatenate([self._variances(ds) for ds in self.datasets])
