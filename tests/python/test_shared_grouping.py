@@ -326,3 +326,28 @@ def test_bijvoet_split_of_a_grouping_equals_grouping_the_signed_indices(space_gr
         core_grouping.split_bijvoet_groups(merged.order, merged.offsets, keys[:-1], mapping.friedel_minus)
     with pytest.raises(ValueError, match="not a row"):
         core_grouping.split_bijvoet_groups(merged.order, merged.offsets, keys, mapping.friedel_minus[:10])
+
+
+@pytest.mark.parametrize("max_points", [100, 10_000])
+def test_report_batch_pairs_numbered_once_equal_the_public_path(insulin, max_points):
+    """The report's per-batch statistics and deviations from the (dataset, batch) pairs
+    numbered once (grouped per pair, mapped per grouped row) equal
+    batch_statistics_and_deviations of the grouped batches, rows left out included."""
+    from xtalscale.report.inputs import _batch_groups, _grouped_batch_pairs
+    from xtalscale.stats.merging import _pair_statistics_and_deviations
+
+    hkl, intensity, sigma, batch, dataset, sg, cell = insulin
+    dataset = np.asarray(dataset, dtype=np.int64) + (np.arange(len(batch)) % 3 == 0)
+    batch = np.asarray(batch, dtype=np.int64) * 7  # (more batches than points)
+    groups = group_observations(hkl, intensity, sigma, sg)
+    expected_stats, expected_dev = batch_statistics_and_deviations(
+        hkl, intensity, sigma, _batch_groups(batch, dataset, max_points), sg, dataset=dataset,
+        groups=groups)
+    ds, b, index, pair_map = _grouped_batch_pairs(batch, dataset, max_points)
+    same(b[pair_map][index], _batch_groups(batch, dataset, max_points))
+    got_stats, got_dev = _pair_statistics_and_deviations(groups, ds, b, index, pair_map)
+    same(got_dev, expected_dev)
+    for f in dataclasses.fields(expected_stats):
+        same(getattr(got_stats, f.name), getattr(expected_stats, f.name))
+    with pytest.raises(MergingStatisticsError, match="groups made from"):
+        _pair_statistics_and_deviations(groups, ds, b, index[:-1], pair_map)

@@ -49,10 +49,19 @@ class ReportInputs:
 def _batch_groups(batch: np.ndarray, dataset: np.ndarray, max_points: int) -> np.ndarray:
     """Each observation's batch, or the first batch of its group of consecutive batches when
     a dataset has more than ``max_points`` batches (so that each point has observations)."""
+    _, grouped, index, pair_map = _grouped_batch_pairs(batch, dataset, max_points)
+    return grouped[pair_map][index]
+
+
+def _grouped_batch_pairs(batch: np.ndarray, dataset: np.ndarray, max_points: int
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct (dataset, grouped batch) pairs of :func:`_batch_groups` (sorted), each
+    row's (dataset, batch) pair number ``index`` and the grouped pair ``pair_map[k]`` of
+    pair k: the rows' pairs without a second pass over the rows."""
     from ..stats.merging import _dataset_batch_groups
 
     # the distinct (dataset, batch) pairs, sorted: a dataset's first and last batch are the
-    # ends of its run of pairs; the grouping is worked out per pair, then spread to the rows
+    # ends of its run of pairs; the grouping is worked out per pair
     ds, b, index = _dataset_batch_groups(np.asarray(dataset, dtype=np.int64).ravel(),
                                          np.asarray(batch, dtype=np.int64).ravel())
     new_run = np.ones(len(ds), dtype=bool)
@@ -63,7 +72,12 @@ def _batch_groups(batch: np.ndarray, dataset: np.ndarray, max_points: int) -> np
     first, last = b[starts][run], b[ends][run]
     width = -(-(last - first + 1) // max_points)  # ceil
     grouped = np.where(width > 1, first + (b - first) // width * width, b)  # width >= 1
-    return grouped[index]
+    # a group's batch does not decrease with the batch within a dataset, so the distinct
+    # grouped pairs are the changes along the sorted pairs (in sorted order)
+    new_pair = new_run.copy()
+    new_pair[1:] |= grouped[1:] != grouped[:-1]
+    pair_map = np.cumsum(new_pair, dtype=np.int64) - 1
+    return ds[new_pair], grouped[new_pair], index, pair_map
 
 
 def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True,
@@ -116,10 +130,10 @@ def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True
     if groups is None:
         groups = ms.group_observations(obs.miller_index, obs.intensity, sigma, obs.space_group)
     out.observation_groups = groups
-    per_batch, out.normalised_deviations = ms.batch_statistics_and_deviations(
-        obs.miller_index, obs.intensity, sigma,
-        _batch_groups(obs.batch, obs.dataset, max_batch_points), obs.space_group,
-        dataset=obs.dataset, groups=groups)
+    # batch_statistics_and_deviations of the grouped batches, from the (dataset, batch) pairs
+    # numbered once
+    per_batch, out.normalised_deviations = ms._pair_statistics_and_deviations(
+        groups, *_grouped_batch_pairs(obs.batch, obs.dataset, max_batch_points))
     if pending is not None:
         pending.result()  # (re-raises anything but the ValueError it notes)
     for d in np.unique(per_batch.dataset):

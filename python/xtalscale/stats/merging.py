@@ -1063,27 +1063,52 @@ def batch_statistics_and_deviations(miller_index, intensity, sigma, batch, space
     observations, the same values, from one pass over the groups (one weighted mean each)."""
     n = len(np.asarray(intensity).ravel())
     g = _groups_for(miller_index, intensity, sigma, space_group, False, groups)
-    ds, batches, index = _batch_pairs(g, batch, dataset, n)
+    return _pair_statistics_and_deviations(g, *_row_pairs(batch, dataset, n))
+
+
+def _pair_statistics_and_deviations(g: ObservationGroups, ds: np.ndarray, batches: np.ndarray,
+                                    index: np.ndarray, pair_map: np.ndarray | None = None
+                                    ) -> tuple[BatchStatistics, np.ndarray]:
+    """:func:`batch_statistics_and_deviations` of the grouped observations ``g`` with each
+    input row's (dataset, batch) pair given: pair ``pair_map[index[i]]`` (``index[i]``
+    without a map) of the distinct sorted pairs ``(ds, batches)``; a pair without a usable
+    row is dropped."""
+    g.check_length(len(index))
+    ds, batches, index = _pairs_of_grouped_rows(g, ds, batches, index, pair_map)
     deviations, n_obs, dev, si, sios = _core_stats.deviations_and_batch_sums(
         g.intensity, g.sigma, _identity_order(len(g.rows)), g.offsets, index, len(ds))
     return (_batch_result(ds, batches, n_obs, dev, si, sios),
-            _deviations_in_input_order(g, deviations, n))
+            _deviations_in_input_order(g, deviations, g.n_input))
+
+
+def _row_pairs(batch, dataset, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_dataset_batch_groups` of every row's (dataset, batch), checked against n rows."""
+    b_all = np.asarray(batch).ravel().astype(np.int64, copy=False)
+    ds_all = (np.zeros(len(b_all), dtype=np.int64) if dataset is None
+              else np.asarray(dataset).ravel().astype(np.int64, copy=False))
+    if not len(b_all) == len(ds_all) == n:
+        raise MergingStatisticsError("batch, dataset and intensity must have equal lengths")
+    return _dataset_batch_groups(ds_all, b_all)
 
 
 def _batch_pairs(g: ObservationGroups, batch, dataset, n: int
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The (dataset, batch) pairs of the grouped rows (sorted) and each grouped row's pair
     number, in the groups' row order."""
-    b_all = np.asarray(batch).ravel().astype(np.int64)
-    ds_all = (np.zeros(len(b_all), dtype=np.int64) if dataset is None
-              else np.asarray(dataset).ravel().astype(np.int64))
-    if not len(b_all) == len(ds_all) == n:
-        raise MergingStatisticsError("batch, dataset and intensity must have equal lengths")
-    # pairs of every row (sequential reads), then each grouped row's pair (one gather); the
-    # pairs of rows left out (σ <= 0, ...) are dropped after
-    ds, batches, index = _dataset_batch_groups(ds_all, b_all)
+    return _pairs_of_grouped_rows(g, *_row_pairs(batch, dataset, n))
+
+
+def _pairs_of_grouped_rows(g: ObservationGroups, ds: np.ndarray, batches: np.ndarray,
+                           index: np.ndarray, pair_map: np.ndarray | None = None
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pairs (numbered ``pair_map[index]`` per input row, or ``index``) of the grouped
+    rows (those without one dropped) and each grouped row's pair number in group order."""
+    # pairs of every row (sequential reads), then each grouped row's pair (one gather; the
+    # map from a small table, in place); the pairs of rows left out (σ <= 0, ...) are dropped
     index = np.take(index, g.rows)
-    if len(g.rows) < n:
+    if pair_map is not None:
+        np.take(pair_map, index, out=index, mode="clip")  # (index < len(pair_map))
+    if len(g.rows) < g.n_input:
         present = np.zeros(len(ds), dtype=bool)
         present[index] = True
         renumber = np.cumsum(present, dtype=np.int64) - 1
@@ -1102,7 +1127,8 @@ def _deviations_in_input_order(g: ObservationGroups, deviations: np.ndarray,
                                n: int) -> np.ndarray:
     """Deviations of the grouped rows (group order) spread to the caller's n rows (NaN for
     the rows left out)."""
-    out = np.full(n, np.nan)
+    # (every row is written when all are grouped: no fill first)
+    out = np.empty(n) if len(g.rows) == n else np.full(n, np.nan)
     out[g.rows] = deviations
     return out
 
@@ -1125,12 +1151,17 @@ def _dataset_batch_groups(dataset: np.ndarray, batch: np.ndarray
         pairs, index = np.unique(np.stack([dataset, batch], axis=1), axis=0,
                                  return_inverse=True)
         return pairs[:, 0].copy(), pairs[:, 1].copy(), np.asarray(index).ravel().astype(np.int64)
-    key = (dataset - d_lo) * b_span + (batch - b_lo)
+    # key (dataset - d_lo) * b_span + (batch - b_lo), built in one array
+    key = np.subtract(dataset, d_lo, dtype=np.int64)
+    key *= b_span
+    key += batch
+    key -= b_lo
     present = np.zeros(d_span * b_span, dtype=bool)
     present[key] = True
     keys = np.flatnonzero(present)
     number = np.cumsum(present, dtype=np.int64) - 1
-    return keys // b_span + d_lo, keys % b_span + b_lo, number[key]
+    # each row's number, written over its key (every key is in range: no checks)
+    return keys // b_span + d_lo, keys % b_span + b_lo, np.take(number, key, out=key, mode="clip")
 
 
 def batch_statistics_from_reflections(experiments, reflections, anomalous: bool = False,
