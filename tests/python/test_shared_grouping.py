@@ -351,3 +351,30 @@ def test_report_batch_pairs_numbered_once_equal_the_public_path(insulin, max_poi
         same(getattr(got_stats, f.name), getattr(expected_stats, f.name))
     with pytest.raises(MergingStatisticsError, match="groups made from"):
         _pair_statistics_and_deviations(groups, ds, b, index[:-1], pair_map)
+
+
+def test_redundancies_and_the_shared_complete_set_equal_their_definitions(insulin):
+    """Each shell's {multiplicity: count} equals np.unique of its merged multiplicities (both
+    the counting table and the sparse fallback); the resolution estimate's pass reuses the
+    complete set computed for the same rows and d_min."""
+    from xtalscale.stats.merging import _complete_set_dss, _redundancies
+
+    hkl, intensity, sigma, batch, dataset, sg, cell = insulin
+    stats = MergingStatistics.from_arrays(hkl, intensity, sigma, sg, cell, n_bins=10)
+    merged = stats.merged
+    for b, k in zip([*stats.bins, stats.overall], range(11)):
+        sel = merged.shell == k if k < 10 else merged.shell >= 0
+        values, counts = np.unique(merged.multiplicity[sel], return_counts=True)
+        assert b.redundancies == {int(v): int(c) for v, c in zip(values, counts)}
+    sparse = merged.multiplicity.astype(np.int64) * 10 ** 6  # (the np.unique path)
+    for k, r in enumerate(_redundancies(sparse, merged.shell, 10)):
+        sel = merged.shell == k if k < 10 else merged.shell >= 0
+        values, counts = np.unique(sparse[sel], return_counts=True)
+        assert r == {int(v): int(c) for v, c in zip(values, counts)}
+    assert _redundancies(merged.multiplicity[:0], merged.shell[:0], 3) == [{}] * 4
+    (key, value), = stats._prepared.complete_sets.items()
+    fresh = _complete_set_dss(stats.space_group, stats.unit_cell, *key)
+    same(value[0], fresh[0])
+    same(value[1], fresh[1])
+    estimate = estimate_resolution(stats)
+    assert estimate.statistics._prepared.complete_sets is stats._prepared.complete_sets

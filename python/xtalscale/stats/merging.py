@@ -54,16 +54,17 @@ from typing import Any
 
 import numpy as np
 
+from .._core import grouping as _core_grouping
 from .._core import stats as _core_stats
 from .._rows import negate_rows, take_rows
 from ..symmetry import (
     Grouping,
     SpaceGroup,
     UnitCell,
+    _asu_symmetry,
     centric_flags,
     group_reflections,
     map_to_asu,
-    map_to_asu_isym,
     miller_array,
     systematic_absences,
 )
@@ -304,17 +305,27 @@ class _Prepared:
     unit_cell: UnitCell
     n_input: int
     n_rejected: dict
+    #: (d_min, anomalous) -> :func:`_complete_set_dss` of this space group and cell, kept for
+    #: every pass over these rows (and their subsets): the rebinned passes of the resolution
+    #: estimate reach the same highest resolution
+    complete_sets: dict = field(default_factory=dict, repr=False, compare=False)
 
     @cached_property
     def grouped(self) -> tuple:
         """(grouping, friedel_minus per row, centric per group): independent of the shells and
         of ``anomalous``, so computed once for every pass over these rows."""
-        asu_hkl, isym = map_to_asu_isym(self.hkl, self.space_group)
-        grouping = group_reflections(asu_hkl)
+        # map_to_asu_isym and group_reflections without their input checks (one pass over
+        # 10^6 indices each): self.hkl was checked by _prepare (or selected from checked rows)
+        # and the kernel's ASU indices need none
+        asu_hkl, isym = _core_grouping.map_to_asu(self.hkl, *_asu_symmetry(self.space_group))
+        order, group_index, offsets = _core_grouping.group_miller_indices(asu_hkl)
+        grouping = Grouping(order, group_index, offsets,
+                            np.ascontiguousarray(asu_hkl[order[offsets[:-1]]]))
+        del asu_hkl
         # a row is a Bijvoet-minus mate if its ISYM is even (the kernel ignores the flag for
-        # centric groups)
-        return (grouping, (isym % 2 == 0).view(np.uint8),
-                centric_flags(grouping.unique_hkl, self.space_group))
+        # centric groups); isym is ours, so its parity is taken in place
+        friedel_minus = np.equal(np.bitwise_and(isym, 1, out=isym), 0).view(np.uint8)
+        return grouping, friedel_minus, centric_flags(grouping.unique_hkl, self.space_group)
 
     @cached_property
     def in_group_order(self) -> tuple:
@@ -345,7 +356,7 @@ class _Prepared:
         """
         if keep.all():
             n = len(self.intensity)
-            sub = dataclasses.replace(self, binning_dss=self.d_star_sq, used_rows=np.arange(n),
+            sub = dataclasses.replace(self, binning_dss=self.d_star_sq, used_rows=_identity_order(n),
                                       n_input=n, n_rejected=_no_rejections())
             for name in ("grouped", "in_group_order"):  # (fills the cached properties)
                 sub.__dict__[name] = getattr(self, name)
@@ -361,7 +372,7 @@ class _Prepared:
         n = len(intensity)
         sub = _Prepared(np.take(self.hkl, grouping.order[kept], axis=0), intensity, sigma,
                         d_star_sq, d_star_sq, np.arange(n), self.space_group, self.unit_cell,
-                        n, _no_rejections())
+                        n, _no_rejections(), self.complete_sets)
         identity = np.arange(n, dtype=np.int64)
         group_index = np.repeat(np.arange(len(old_group), dtype=np.int64), sizes)
         # fill both cached properties
@@ -421,7 +432,7 @@ def _prepare(hkl, intensity, sigma, space_group, unit_cell, d_min=None, d_max=No
     n = len(I)
     if n == 0:
         raise MergingStatisticsError("no observations (empty input)")
-    dss = cell.d_star_sq(hkl)
+    dss = cell.gemmi.calculate_1_d2_array(hkl)  # (cell.d_star_sq of the checked indices)
     if not np.all(dss > 0):
         bad = int(np.flatnonzero(~(dss > 0))[0])
         raise MergingStatisticsError(f"miller_index row {bad} is (0, 0, 0)")
@@ -462,8 +473,8 @@ def _prepare(hkl, intensity, sigma, space_group, unit_cell, d_min=None, d_max=No
             f"({rejected['sigma_negative']} with sigma < 0, {rejected['sigma_zero']} with "
             f"sigma = 0, {rejected['non_finite']} non-finite)")
     binning_dss = dss if in_range is None else dss[in_range]
-    if n_used == n:
-        return _Prepared(hkl, I, s, dss, binning_dss, np.arange(n), sg, cell, n, rejected)
+    if n_used == n:  # (used_rows 0..n-1: the shared read-only identity)
+        return _Prepared(hkl, I, s, dss, binning_dss, _identity_order(n), sg, cell, n, rejected)
     rows = np.flatnonzero(used)
     return _Prepared(np.ascontiguousarray(take_rows(hkl, rows)), I[rows], s[rows], dss[rows], binning_dss,
                      rows, sg, cell, n, rejected)
@@ -480,6 +491,23 @@ def _complete_set_dss(sg: SpaceGroup, cell: UnitCell, d_min: float, anomalous: b
     acentric = ~centric_flags(hkl, sg) if len(hkl) else np.zeros(0, dtype=bool)
     all_dss = np.concatenate([dss, dss[acentric]]) if anomalous else dss
     return np.sort(all_dss), np.sort(dss[acentric])
+
+
+def _redundancies(multiplicity: np.ndarray, shell: np.ndarray, n_shells: int) -> list[dict]:
+    """{multiplicity: number of merged reflections} (ascending multiplicities) per shell and
+    overall (last; the reflections in a shell), as ``np.unique(..., return_counts=True)`` of
+    each shell's multiplicities: one count over (shell, multiplicity) for every shell."""
+    inside = shell >= 0
+    mult = np.asarray(multiplicity, dtype=np.int64)[inside]
+    top = int(mult.max()) + 1 if len(mult) else 1
+    if len(mult) and (mult.min() < 0 or n_shells * top > max(4 * len(mult), 1 << 20)):
+        counts = [np.unique(mult[shell[inside] == k], return_counts=True) for k in range(n_shells)]
+        counts.append(np.unique(mult, return_counts=True))
+        return [{int(v): int(c) for v, c in zip(values, n)} for values, n in counts]
+    table = np.bincount(shell[inside].astype(np.int64) * top + mult,
+                        minlength=n_shells * top).reshape(n_shells, top)
+    rows = [*table, table.sum(axis=0)]
+    return [{int(v): int(row[v]) for v in np.flatnonzero(row)} for row in rows]
 
 
 def _count_between(sorted_dss: np.ndarray, lo: float, hi: float) -> int:
@@ -757,9 +785,13 @@ class MergingStatistics:
         used_dss = p.d_star_sq
         # complete set once, down to the highest resolution observed
         dss_max_obs = float(self._shell_obs_dss_max[n_shells])
-        complete, complete_acentric = _complete_set_dss(
-            p.space_group, p.unit_cell, 1.0 / math.sqrt(dss_max_obs), self.anomalous)
-        mult = self.merged.multiplicity
+        d_min_obs = 1.0 / math.sqrt(dss_max_obs)
+        key = (d_min_obs, self.anomalous)
+        if key not in p.complete_sets:
+            p.complete_sets[key] = _complete_set_dss(p.space_group, p.unit_cell, d_min_obs,
+                                                     self.anomalous)
+        complete, complete_acentric = p.complete_sets[key]
+        redundancies = _redundancies(self.merged.multiplicity, self.merged.shell, n_shells)
         shells = []
         for k in range(n_shells + 1):
             if k < n_shells:
@@ -768,9 +800,8 @@ class MergingStatistics:
             else:  # overall: the observed range (iotbx array.d_max_min())
                 lo, hi = float(used_dss.min()), float(used_dss.max())
                 d_max, d_min = _d_from_dss(lo), _d_from_dss(hi)
-            sel = (self.merged.shell == k) if k < n_shells else (self.merged.shell >= 0)
             shells.append(self._shell(k, d_max, d_min, lo, hi, complete, complete_acentric,
-                                      mult[sel]))
+                                      redundancies[k]))
         self.bins = shells[:n_shells]
         self.overall = shells[n_shells]
         w = np.array([b.cc_one_half_n_refl for b in self.bins], dtype=float)
@@ -781,7 +812,8 @@ class MergingStatistics:
         self.cc_one_half_sigma_tau_overall = (float((w2 * cc2).sum() / w2.sum())
                                               if w2.sum() > 0 else 0.0)
 
-    def _shell(self, k, d_max, d_min, lo, hi, complete, complete_acentric, mult) -> MergingShell:
+    def _shell(self, k, d_max, d_min, lo, hi, complete, complete_acentric,
+               redundancies) -> MergingShell:
         s = {name: values[k] for name, values in self._sums.items()}
         st = MergingShell(d_max=float(d_max), d_min=float(d_min), anomalous=self.anomalous)
         st.n_obs = int(s["n_obs"])
@@ -799,9 +831,7 @@ class MergingStatistics:
             n_acentric = _count_between(complete_acentric, lower, hi * (1 + 1e-12))
             st.n_bijvoet_pairs = int(s["n_bijvoet_pairs"])
             st.anom_completeness = st.n_bijvoet_pairs / n_acentric if n_acentric else 0.0
-        if len(mult):
-            values, counts = np.unique(mult, return_counts=True)
-            st.redundancies = {int(v): int(c) for v, c in zip(values, counts)}
+        st.redundancies = redundancies
         if st.n_uniq > 0:
             st.mean_redundancy = st.n_obs / st.n_uniq
             st.i_mean = float(s["sum_i"]) / st.n_uniq
