@@ -378,3 +378,30 @@ def test_redundancies_and_the_shared_complete_set_equal_their_definitions(insuli
     same(value[1], fresh[1])
     estimate = estimate_resolution(stats)
     assert estimate.statistics._prepared.complete_sets is stats._prepared.complete_sets
+
+
+def test_e_squared_equals_its_definition_with_and_without_empty_shells(insulin):
+    """E² = I/(ε ⟨max(I, 0)/ε⟩_shell), 0 where that norm is not > 0 (a shell of negative
+    intensities), whether or not some norm is 0."""
+    hkl, intensity, sigma, _, _, sg, cell = insulin
+    p = _prepare(hkl, intensity, sigma, sg, cell)
+    dss = p.d_star_sq
+    epsilon = p.space_group.epsilon(p.hkl).astype(float)
+    for negative_shell in (False, True):
+        I = p.intensity.copy()
+        lo, hi = dss.min(), dss.max()
+        span = hi - lo
+        lo, hi = lo - span * 1e-6, hi + span * 1e-6
+        shell = np.clip(((dss - lo) / ((hi - lo) / 20)).astype(np.int64), 0, 19)
+        if negative_shell:
+            I[shell == 3] = -np.abs(I[shell == 3]) - 1.0
+        work = np.maximum(I, 0.0) / epsilon
+        mean = np.ones(20)
+        for k in range(20):
+            if (shell == k).any():
+                mean[k] = np.bincount(shell, weights=work, minlength=20)[k] / (shell == k).sum()
+        norm = mean[shell] * epsilon
+        expected = np.zeros(len(I))
+        expected[norm > 0] = I[norm > 0] / norm[norm > 0]
+        assert (norm > 0).all() != negative_shell
+        same(quasi_normalised_e_squared(p.hkl, I, sg, cell), expected)

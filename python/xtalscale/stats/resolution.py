@@ -447,9 +447,12 @@ def quasi_normalised_e_squared(miller_index, intensity, space_group, unit_cell,
     counts = np.bincount(shell, minlength=n_shells)
     mean = np.where(counts > 0, sums / np.maximum(counts, 1), 1.0)
     norm = np.multiply(np.take(mean, shell, out=scratch), eps, out=scratch)
-    e_squared = np.zeros(n)
+    positive = norm > 0
     with np.errstate(divide="ignore", invalid="ignore"):
-        np.divide(I, norm, out=e_squared, where=norm > 0)
+        if positive.all():  # (the usual case: one plain division, no zeros to fill first)
+            return np.divide(I, norm)
+        e_squared = np.zeros(n)
+        np.divide(I, norm, out=e_squared, where=positive)
     return e_squared
 
 
@@ -493,7 +496,9 @@ def estimate_resolution(statistics: MergingStatistics, cc_half: float | None = 0
     if emax:
         # ε is the same for symmetry mates: once per unique reflection of the grouping
         grouping = prepared.grouped[0]
-        epsilon = prepared.space_group.epsilon(grouping.unique_hkl)[grouping.group_index]
+        # (as floats from the start: the per-row values are used as floats)
+        epsilon = np.take(prepared.space_group.epsilon(grouping.unique_hkl).astype(np.float64),
+                          grouping.group_index)
         e2 = quasi_normalised_e_squared(prepared.hkl, prepared.intensity, prepared.space_group,
                                         prepared.unit_cell, prepared.d_star_sq, epsilon)
         keep = e2 < emax ** 2
