@@ -344,9 +344,12 @@ def _reference_scaled_selection(table, threshold, min_isigi=None):
     for members in groups.values():
         if len(members) > 1:
             w = 1.0 / V0[members]
-            I[members[0]] = np.add.reduce(w * I0[members]) / np.add.reduce(w)
-            V[members[0]] = 1.0 / np.add.reduce(w)
-            P[members[0]] = np.add.reduce(P0[members])
+
+            def total(x):  # (summed as add.reduceat sums a group)
+                return np.add.reduceat(x, [0])[0]
+            I[members[0]] = total(w * I0[members]) / total(w)
+            V[members[0]] = 1.0 / total(w)
+            P[members[0]] = total(P0[members])
             keep[members[1:]] = False
     keep &= P >= threshold
     if min_isigi is not None:
@@ -366,6 +369,9 @@ def _edited_cysteine_table():
     pid = np.asarray(table["partial_id"]).copy()
     pid[10:40] = pid[10]  # (one partial group of many pieces)
     table["partial_id"] = pid
+    part = np.asarray(table["partiality"]).copy()
+    part[10:40] = 0.3
+    table["partiality"] = part
     ids = np.asarray(table["id"]).copy()
     ids[3] = -1
     table["id"] = ids
@@ -378,21 +384,40 @@ def _edited_cysteine_table():
 def test_scaled_rows_are_the_plain_selection():
     """The selection (masks in place, the partials' ids gathered for candidates only) gives the
     rows and values of a plain definition, and scaled_intensities' table holds them."""
-    from xtalscale.io.scaled_intensities import _flags_clear, _scaled_rows, scaled_intensities
+    from xtalscale.io.scaled_intensities import (
+        ScaledIntensityError,
+        _flags_clear,
+        _scaled_rows,
+        scaled_intensities,
+    )
 
     table = _edited_cysteine_table()
     flags = np.asarray(table["flags"]).astype(np.uint64)
     for bits in (int((1 << 22) | (1 << 23) | (1 << 24)), 1 << 40 | 1, 0):
         np.testing.assert_array_equal(_flags_clear(flags, bits),
                                       (flags & np.uint64(bits)) == 0)
-    for threshold, min_isigi in ((0.0, None), (0.4, None), (0.99, 1.0)):
-        got = _scaled_rows(table, threshold, min_isigi=min_isigi)
-        for a, b in zip(got, _reference_scaled_selection(table, threshold, min_isigi)):
-            np.testing.assert_array_equal(a, b)
-        out = scaled_intensities(table, threshold, min_isigi=min_isigi, columns=("id",))
-        np.testing.assert_array_equal(np.asarray(out["original_index"]), got[0])
-        np.testing.assert_array_equal(np.asarray(out["intensity"]), got[1])
-        np.testing.assert_array_equal(np.asarray(out["variance"]), got[2])
+    unique = _edited_cysteine_table()
+    unique["partial_id"] = np.arange(len(unique), dtype=np.uint64)  # (nothing to combine)
+    for t, combined in ((table, True), (unique, False)):
+        for threshold, min_isigi in ((0.0, None), (0.4, None), (0.99, 1.0)):
+            got = _scaled_rows(t, threshold, min_isigi=min_isigi)
+            expected = _reference_scaled_selection(t, threshold, min_isigi)
+            for a, b in zip(got, expected):
+                np.testing.assert_array_equal(a, b)
+            rows, I, V, P = _scaled_rows(t, threshold, min_isigi=min_isigi,
+                                         with_partiality=False)
+            assert (P is not None) == combined
+            for a, b in zip((rows, I, V), expected):
+                np.testing.assert_array_equal(a, b)
+            out = scaled_intensities(t, threshold, min_isigi=min_isigi, columns=("id",))
+            np.testing.assert_array_equal(np.asarray(out["original_index"]), got[0])
+            np.testing.assert_array_equal(np.asarray(out["intensity"]), got[1])
+            np.testing.assert_array_equal(np.asarray(out["variance"]), got[2])
+            np.testing.assert_array_equal(np.asarray(out["partiality"]), got[3])
+    with pytest.raises(ScaledIntensityError, match="partiality < 2.0"):
+        _scaled_rows(unique, 2.0)
+    with pytest.raises(ScaledIntensityError, match="partiality < 100.0"):
+        _scaled_rows(table, 100.0)  # (the combined pieces sum to 9)
 
 
 def test_observations_from_reflections_are_the_selected_rows():
@@ -402,13 +427,13 @@ def test_observations_from_reflections_are_the_selected_rows():
 
     experiments = ExperimentList.from_file(str(CYS / "scaled_30.expt"))
     table = _edited_cysteine_table()
+    table_ids = np.asarray(table["id"]).copy()
+    table_ids[table_ids >= 0] = np.arange(np.count_nonzero(table_ids >= 0)) % 2
+    table["id"] = table_ids  # (rows of two experiments)
     rows, I, V, _ = _reference_scaled_selection(table, 0.4)
     hkl = np.asarray(table["miller_index"])[rows]
     keep = hkl.any(axis=1)
     rows, I, V = rows[keep], I[keep], V[keep]
-    table_ids = np.asarray(table["id"]).copy()
-    table_ids[table_ids >= 0] = np.arange(np.count_nonzero(table_ids >= 0)) % 2
-    table["id"] = table_ids  # (rows of two experiments)
     ids = table_ids.astype(np.int64)[rows]
     z = np.nan_to_num(np.asarray(table["xyzobs.px.value"])[rows, 2])
     assert (z < 0).any()  # (the z < 0 / NaN path is taken)

@@ -405,3 +405,22 @@ def test_e_squared_equals_its_definition_with_and_without_empty_shells(insulin):
         expected[norm > 0] = I[norm > 0] / norm[norm > 0]
         assert (norm > 0).all() != negative_shell
         same(quasi_normalised_e_squared(p.hkl, I, sg, cell), expected)
+
+
+def test_checked_miller_array_is_miller_array(insulin):
+    """The statistics' index check returns what miller_array returns and raises as it does."""
+    from xtalscale.stats.merging import _checked_miller_array
+    from xtalscale.symmetry import miller_array
+
+    hkl = np.ascontiguousarray(insulin[0], dtype=np.int32)
+    assert _checked_miller_array(hkl) is hkl  # (checked, not copied)
+    for a in (hkl.astype(np.int64), hkl.astype(float), np.asfortranarray(hkl), hkl.tolist(),
+              np.array([1, 2, 3]), np.full((2, 3), -2**31, dtype=np.int32)):
+        same(_checked_miller_array(a), miller_array(a, "miller_index"))
+    for bad in (np.array([[2**20, 0, 0]], dtype=np.int32), np.array([[0, -2**20, 1]]),
+                np.array([[0.5, 1, 2]]), np.zeros((2, 2), dtype=np.int32)):
+        with pytest.raises(ValueError) as ours:
+            _checked_miller_array(bad)
+        with pytest.raises(ValueError) as theirs:
+            miller_array(bad, "miller_index")
+        assert str(ours.value) == str(theirs.value)

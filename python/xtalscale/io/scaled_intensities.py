@@ -134,11 +134,13 @@ def scaled_intensities(table, partiality_threshold: float = 0.99, combine_partia
 
 
 def _scaled_rows(table, partiality_threshold: float = 0.99, combine_partials: bool = True,
-                 min_isigi: float | None = None, apply_inverse_scale: bool = True
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                 min_isigi: float | None = None, apply_inverse_scale: bool = True,
+                 with_partiality: bool = True
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """The selection of :func:`scaled_intensities` without building a table: ``(rows, I, V,
     P)``, the selected rows of ``table`` (int64, ascending) and their scaled intensity,
-    variance and (combined) partiality. For callers that read a column or two of the rows.
+    variance and (combined) partiality (None unless ``with_partiality`` or partials were
+    combined). For callers that read a column or two of the rows.
 
     Raises
     ------
@@ -177,6 +179,14 @@ def _scaled_rows(table, partiality_threshold: float = 0.99, combine_partials: bo
     if part is not None:
         sel &= np.greater(part, 0, out=scratch)
         _check(sel, "removing partiality <= 0")
+    combine = (part is not None and combine_partials and "partial_id" in table
+               and _partials_combine(ids, np.asarray(table["partial_id"]), part, var, g, sel,
+                                     apply_inverse_scale))
+    if part is not None and not combine:
+        # every row keeps its own partiality: the threshold is a mask on the table's rows,
+        # before any gather (no partiality gathered to be tested, no rows dropped after)
+        sel &= np.greater_equal(part, thr, out=scratch)
+        _check(sel, f"removing partiality < {thr}")
     del scratch
     rows = np.flatnonzero(sel)
     del sel
@@ -189,22 +199,43 @@ def _scaled_rows(table, partiality_threshold: float = 0.99, combine_partials: bo
         I /= gi
         V /= np.square(gi, out=gi)
         del gi
-    P = np.take(part, rows) if part is not None else np.ones(len(rows))
+    P = None
+    if with_partiality or combine:
+        P = np.take(part, rows) if part is not None else np.ones(len(rows))
     keep = None  # every row (no mask made unless a row is dropped)
-    if part is not None and combine_partials and "partial_id" in table:
+    if combine:
         keep, I, V, P = _combine_partials(ids, np.asarray(table["partial_id"]), P, I, V,
                                           rows_of=rows)
-    if part is not None:
-        at_threshold = P >= thr
-        keep = at_threshold if keep is None else keep & at_threshold
+        keep &= P >= thr
         _check(keep, f"removing partiality < {thr}")
     if min_isigi is not None:
         above = ~(I / np.sqrt(V) < float(min_isigi))
         keep = above if keep is None else keep & above
         _check(keep, f"removing I/sigma < {min_isigi}")
     if keep is not None and np.count_nonzero(keep) < len(rows):
-        rows, I, V, P = rows[keep], I[keep], V[keep], P[keep]
+        rows, I, V = rows[keep], I[keep], V[keep]
+        P = P[keep] if P is not None else None
     return rows, I, V, P
+
+
+def _partials_combine(ids, partial_id, part, var, g, sel, apply_inverse_scale: bool) -> bool:
+    """Whether :func:`_combine_partials` of the selected rows (``sel``) combines any: two
+    candidates (partiality < 0.99, scaled variance > 0) share an experiment and partial id.
+    Looks at the candidates alone (none in data without partials)."""
+    candidates = np.flatnonzero(sel & (part < 0.99))
+    if len(candidates) < 2:
+        return False
+    v = np.take(var, candidates)
+    if apply_inverse_scale:
+        v = v / np.square(np.take(g, candidates))  # (the scaled variance as _scaled_rows makes it)
+    candidates = candidates[v > 0]
+    if len(candidates) < 2:
+        return False
+    key_id = np.take(ids, candidates).astype(np.int64)
+    key_part = np.take(partial_id, candidates).astype(np.int64)
+    order = np.lexsort((key_part, key_id))
+    key_id, key_part = key_id[order], key_part[order]
+    return bool(((key_id[1:] == key_id[:-1]) & (key_part[1:] == key_part[:-1])).any())
 
 
 def _flags_clear(flags: np.ndarray, bits: int = int(Flags.bad_for_scaling),

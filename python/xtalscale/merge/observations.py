@@ -121,7 +121,8 @@ def observations_from_reflections(experiments, table, partiality_threshold: floa
         raise NoScaledDataError(f"{source}: no scaled observation to merge (empty table)")
     try:
         # the rows and values alone: the Miller index is the only other column read
-        rows, intensity, variance, _ = _scaled_rows(table, partiality_threshold)
+        rows, intensity, variance, _ = _scaled_rows(table, partiality_threshold,
+                                                    with_partiality=False)
     except ScaledIntensityError as error:
         raise NoScaledDataError(f"{source}: no scaled observation to merge ({error})") from None
     hkl = take_rows(np.asarray(table["miller_index"], dtype=np.int32).reshape(-1, 3), rows)

@@ -414,6 +414,18 @@ def _no_rejections() -> dict:
     return {"outside_d_range": 0, "non_finite": 0, "sigma_negative": 0, "sigma_zero": 0}
 
 
+def _checked_miller_array(hkl) -> np.ndarray:
+    """:func:`~xtalscale.symmetry.miller_array` (``"miller_index"``): the indices as (n, 3)
+    int32, checked. A C-contiguous (n, 3) int32 array within ±2²⁰ is returned as it is after
+    a min and a max (miller_array's ``|h|`` would make a temporary array of them all);
+    anything else goes through miller_array, which raises or converts."""
+    a = hkl if isinstance(hkl, np.ndarray) else None
+    if (a is not None and a.dtype == np.int32 and a.ndim == 2 and a.shape[1] == 3
+            and a.flags.c_contiguous and a.size and a.max() < 2**20 and a.min() > -2**20):
+        return a
+    return miller_array(hkl, "miller_index")
+
+
 def _prepare(hkl, intensity, sigma, space_group, unit_cell, d_min=None, d_max=None,
              eliminate_sys_absent=False) -> _Prepared:
     sg = space_group if isinstance(space_group, SpaceGroup) else SpaceGroup(space_group)
@@ -422,7 +434,7 @@ def _prepare(hkl, intensity, sigma, space_group, unit_cell, d_min=None, d_max=No
         sg.gemmi  # noqa: B018 - the ASU needs a tabulated group
     except ValueError as exc:
         raise MergingStatisticsError(str(exc)) from None
-    hkl = miller_array(hkl, "miller_index")
+    hkl = _checked_miller_array(hkl)
     I = np.asarray(intensity, dtype=np.float64).ravel()
     s = np.asarray(sigma, dtype=np.float64).ravel()
     if not (len(hkl) == len(I) == len(s)):

@@ -449,8 +449,8 @@ def quasi_normalised_e_squared(miller_index, intensity, space_group, unit_cell,
     norm = np.multiply(np.take(mean, shell, out=scratch), eps, out=scratch)
     positive = norm > 0
     with np.errstate(divide="ignore", invalid="ignore"):
-        if positive.all():  # (the usual case: one plain division, no zeros to fill first)
-            return np.divide(I, norm)
+        if positive.all():  # (the usual case: one plain division, into the scratch array)
+            return np.divide(I, norm, out=scratch)
         e_squared = np.zeros(n)
         np.divide(I, norm, out=e_squared, where=positive)
     return e_squared
