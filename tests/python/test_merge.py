@@ -454,3 +454,30 @@ def test_observations_from_reflections_are_the_selected_rows():
         np.testing.assert_array_equal(obs.batch, np.floor(z).astype(np.int64) + first[ids])
         assert obs.excluded["index (0, 0, 0)"] == np.count_nonzero(~keep) > 0
         assert sum(obs.excluded.values()) + len(obs) == len(table)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_report_notes_when_statistics_or_the_estimate_fail(monkeypatch, n_threads):
+    """Without statistics there is no estimate (nor its note); a failed estimate is noted
+    after the statistics, on one thread or two."""
+    from xtalscale.report import statistics_for_report
+    from xtalscale.stats import resolution
+
+    hkl = np.array([[h, k, 1] for h in range(1, 40) for k in range(1, 30)])
+    unique = _observations(hkl, np.full(len(hkl), 10.0), np.ones(len(hkl)), "P 1")
+    out = statistics_for_report(unique, n_threads=n_threads)
+    assert out.statistics is None and out.resolution is None
+    assert len(out.notes) == 1 and out.notes[0].startswith("Merging statistics could not")
+    twice = _observations(np.concatenate([hkl, hkl]), np.arange(2.0 * len(hkl)),
+                          np.ones(2 * len(hkl)), "P 1")
+    assert statistics_for_report(twice, n_threads=n_threads).statistics is not None
+    bad_bins = statistics_for_report(twice, n_bins=0, n_threads=n_threads)
+    assert bad_bins.resolution is None and len(bad_bins.notes) == 1 and "n_bins" in bad_bins.notes[0]
+
+    def failing(*args, **kwargs):
+        raise resolution.MergingStatisticsError("no fit")
+
+    monkeypatch.setattr(resolution, "_estimate_resolution", failing)
+    out = statistics_for_report(twice, n_threads=n_threads)
+    assert out.statistics is not None and out.resolution is None
+    assert out.notes == ["Resolution estimate failed: no fit"]

@@ -90,40 +90,50 @@ def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True
     report and the table say so instead of failing. Per-batch statistics of a dataset with
     more than ``max_batch_points`` batches are computed over groups of consecutive batches
     (each point at the group's first batch). With ``n_threads`` > 1 the resolution estimate
-    is made on a second thread while the per-batch statistics are computed (the two only
-    read the merging statistics; the results are the same).
+    is made on a second thread while the merging and per-batch statistics are computed (it
+    reads only the grouped observations they share; the results are the same).
     """
-    from ..stats import estimate_resolution
     from ..stats import merging as ms  # the core module (merging_statistics is its facade)
+    from ..stats.resolution import _estimate_resolution
 
     obs = observations
     out = ReportInputs()
     sigma = np.sqrt(obs.variance)
     arrays = (obs.miller_index, obs.intensity, sigma, obs.space_group, obs.unit_cell)
     settings = {"n_bins": n_bins, "use_internal_variance": use_internal_variance}
+
+    def resolution(prepared) -> Any:
+        """The estimate of the statistics of ``prepared`` (anomalous=False, seed 0: those of
+        ``out.statistics``) or the ValueError that stopped it."""
+        try:
+            return _estimate_resolution(prepared, anomalous=False, seed=0)
+        except ValueError as error:
+            return error
+
+    pending = None
     try:
-        out.statistics = ms.dataset_statistics.from_arrays(*arrays, anomalous=False, **settings)
+        # MergingStatistics.from_arrays(*arrays, anomalous=False, **settings) in its two steps:
+        # with n_threads > 1 the resolution estimate (which reads the prepared rows alone)
+        # starts on a second thread once they are grouped
+        prepared = ms._prepare(*arrays)
+        if n_threads > 1 and int(n_bins) >= 1:  # (a bad n_bins is reported first, as alone)
+            from concurrent.futures import ThreadPoolExecutor
+
+            prepared.grouped, prepared.in_group_order  # noqa: B018 - (cached before sharing)
+            pool = ThreadPoolExecutor(max_workers=1)
+            pending = pool.submit(resolution, prepared)
+            pool.shutdown(wait=False)
+        out.statistics = ms.dataset_statistics(prepared, anomalous=False, **settings)
         if anomalous and not obs.space_group.is_centric():
             out.anomalous_statistics = out.statistics.anomalous_pass()  # same data and shells
     except ValueError as error:
         out.notes.append(f"Merging statistics could not be computed: {error}")
-
-    def resolution() -> None:
-        try:
-            out.resolution = estimate_resolution(out.statistics)
-        except ValueError as error:
-            out.notes.append(f"Resolution estimate failed: {error}")
-
-    pending = None
-    if out.statistics is not None:
-        if n_threads > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            pool = ThreadPoolExecutor(max_workers=1)
-            pending = pool.submit(resolution)
-            pool.shutdown(wait=False)
-        else:
-            resolution()
+    if out.statistics is None:
+        if pending is not None:
+            pending.exception()  # (no estimate without statistics: waited for, not kept)
+            pending = None
+    elif pending is None:
+        out.resolution = resolution(out.statistics._prepared)
     # one grouping of the observations for the per-observation statistics: the merging
     # statistics' own when they were computed on every usable row
     groups = out.statistics.observation_groups() if out.statistics is not None else None
@@ -135,7 +145,10 @@ def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True
     per_batch, out.normalised_deviations = ms._pair_statistics_and_deviations(
         groups, *_grouped_batch_pairs(obs.batch, obs.dataset, max_batch_points))
     if pending is not None:
-        pending.result()  # (re-raises anything but the ValueError it notes)
+        out.resolution = pending.result()  # (re-raises anything but a ValueError)
+    if isinstance(out.resolution, ValueError):
+        out.notes.append(f"Resolution estimate failed: {out.resolution}")
+        out.resolution = None
     for d in np.unique(per_batch.dataset):
         mine = per_batch.dataset == d
         out.batch_statistics[f"dataset {int(d)}"] = {

@@ -491,7 +491,20 @@ def estimate_resolution(statistics: MergingStatistics, cc_half: float | None = 0
     MergingStatisticsError
         If no observations remain or the statistics cannot be computed.
     """
-    prepared = statistics._prepared
+    return _estimate_resolution(statistics._prepared, statistics.anomalous, statistics.seed,
+                                cc_half, isigma, misigma, i_mean_over_sigma_mean, rmerge,
+                                completeness, cc_half_significance_level, n_bins,
+                                reflections_per_bin, binning_method, emax)
+
+
+def _estimate_resolution(prepared, anomalous: bool, seed: int, cc_half=0.3, isigma=None,
+                         misigma=None, i_mean_over_sigma_mean=None, rmerge=None,
+                         completeness=None, cc_half_significance_level=0.1, n_bins=50,
+                         reflections_per_bin=10, binning_method="counting_sorted",
+                         emax=4.0) -> ResolutionEstimate:
+    """:func:`estimate_resolution` of statistics of the prepared rows ``prepared`` (a
+    ``merging._Prepared``) with ``anomalous`` and ``seed``: all it reads of the statistics,
+    so that it can start before they are computed."""
     n_outliers = 0
     if emax:
         # ε is the same for symmetry mates: once per unique reflection of the grouping
@@ -508,14 +521,15 @@ def estimate_resolution(statistics: MergingStatistics, cc_half: float | None = 0
         # the statistics of the kept rows alone (as from_arrays of them), regrouped by
         # selection from the grouping already made
         stats = MergingStatistics(
-            prepared.subset(keep), n_bins=n_bins, anomalous=statistics.anomalous,
+            prepared.subset(keep), n_bins=n_bins, anomalous=anomalous,
             use_internal_variance=False, binning_method=binning_method,
-            reflections_per_bin=reflections_per_bin, seed=statistics.seed,
+            reflections_per_bin=reflections_per_bin, seed=seed,
             cc_one_half_significance_level=cc_half_significance_level)
-    else:
-        stats = statistics.rebinned(n_bins, binning_method, reflections_per_bin,
-                                    use_internal_variance=False,
-                                    cc_one_half_significance_level=cc_half_significance_level)
+    else:  # (MergingStatistics.rebinned of the statistics)
+        stats = MergingStatistics(
+            prepared, n_bins, anomalous=anomalous, use_internal_variance=False,
+            binning_method=binning_method, reflections_per_bin=reflections_per_bin, seed=seed,
+            cc_one_half_significance_level=cc_half_significance_level)
     out = ResolutionEstimate(statistics=stats, n_wilson_outliers=n_outliers)
     limits = {"cc_half": cc_half, "isigma": isigma, "misigma": misigma,
               "i_mean_over_sigma_mean": i_mean_over_sigma_mean, "rmerge": rmerge,
