@@ -334,7 +334,7 @@ def test_report_batch_pairs_numbered_once_equal_the_public_path(insulin, max_poi
     numbered once (grouped per pair, mapped per grouped row) equal
     batch_statistics_and_deviations of the grouped batches, rows left out included."""
     from xtalscale.report.inputs import _batch_groups, _grouped_batch_pairs
-    from xtalscale.stats.merging import _pair_statistics_and_deviations
+    from xtalscale.stats.merging import _pair_statistics_and_deviations, _pairs_of_grouped_rows
 
     hkl, intensity, sigma, batch, dataset, sg, cell = insulin
     dataset = np.asarray(dataset, dtype=np.int64) + (np.arange(len(batch)) % 3 == 0)
@@ -351,6 +351,11 @@ def test_report_batch_pairs_numbered_once_equal_the_public_path(insulin, max_poi
         same(getattr(got_stats, f.name), getattr(expected_stats, f.name))
     with pytest.raises(MergingStatisticsError, match="groups made from"):
         _pair_statistics_and_deviations(groups, ds, b, index[:-1], pair_map)
+    # many pairs (the int64 path; the map padded with entries no row reaches)
+    padded = np.concatenate([pair_map, np.zeros(40_000, dtype=np.int64)])
+    for a, e in zip(_pairs_of_grouped_rows(groups, ds, b, index, padded),
+                    _pairs_of_grouped_rows(groups, ds, b, index, pair_map)):
+        same(a, e)
 
 
 def test_redundancies_and_the_shared_complete_set_equal_their_definitions(insulin):
@@ -424,3 +429,26 @@ def test_checked_miller_array_is_miller_array(insulin):
         with pytest.raises(ValueError) as theirs:
             miller_array(bad, "miller_index")
         assert str(ours.value) == str(theirs.value)
+
+
+@pytest.mark.parametrize("symbol", ["I 2 3", "P 1 2 1", "P 61 2 2", "P -1"])
+@pytest.mark.parametrize("anomalous", [False, True])
+def test_complete_set_equals_its_definition(symbol, anomalous):
+    """The complete set's d*² (sorted; acentric ones) with the centric test of the ASU mapping
+    equal those with gemmi's centric flags."""
+    import gemmi
+
+    from xtalscale.stats.merging import _complete_set_dss
+    from xtalscale.symmetry import SpaceGroup, UnitCell, centric_flags
+
+    sg = SpaceGroup(symbol)
+    cell = UnitCell({"I 2 3": (78, 78, 78, 90, 90, 90), "P 1 2 1": (30, 40, 50, 90, 100, 90),
+                     "P 61 2 2": (40, 40, 90, 90, 90, 120), "P -1": (20, 25, 30, 80, 95, 100)}[symbol])
+    hkl = np.asarray(gemmi.make_miller_array(cell.gemmi, sg.gemmi, 2.0 * (1 - 1e-3), 0, True),
+                     dtype=np.int32).reshape(-1, 3)
+    hkl = hkl[np.any(hkl != 0, axis=1)]
+    dss = cell.d_star_sq(hkl)
+    acentric = ~centric_flags(hkl, sg)
+    complete, complete_acentric = _complete_set_dss(sg, cell, 2.0, anomalous)
+    same(complete, np.sort(np.concatenate([dss, dss[acentric]]) if anomalous else dss))
+    same(complete_acentric, np.sort(dss[acentric]))

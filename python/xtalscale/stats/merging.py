@@ -62,7 +62,6 @@ from ..symmetry import (
     SpaceGroup,
     UnitCell,
     _asu_symmetry,
-    centric_flags,
     group_reflections,
     map_to_asu,
     miller_array,
@@ -325,7 +324,7 @@ class _Prepared:
         # a row is a Bijvoet-minus mate if its ISYM is even (the kernel ignores the flag for
         # centric groups); isym is ours, so its parity is taken in place
         friedel_minus = np.equal(np.bitwise_and(isym, 1, out=isym), 0).view(np.uint8)
-        return grouping, friedel_minus, centric_flags(grouping.unique_hkl, self.space_group)
+        return grouping, friedel_minus, _centric(grouping.unique_hkl, self.space_group)
 
     @cached_property
     def in_group_order(self) -> tuple:
@@ -492,15 +491,23 @@ def _prepare(hkl, intensity, sigma, space_group, unit_cell, d_min=None, d_max=No
                      rows, sg, cell, n, rejected)
 
 
+def _centric(hkl: np.ndarray, sg: SpaceGroup) -> np.ndarray:
+    """:func:`~xtalscale.symmetry.centric_flags` of checked (n, 3) int32 indices by the C++
+    test the ASU mapping uses (h R = -h for a rotation of the group; the same flags as
+    gemmi's, tests/python/test_symmetry.py), a quarter of gemmi's time per index."""
+    return _core_grouping.centric_flags(np.ascontiguousarray(hkl, dtype=np.int32),
+                                        _asu_symmetry(sg)[0])
+
+
 def _complete_set_dss(sg: SpaceGroup, cell: UnitCell, d_min: float, anomalous: bool):
     """d*² (sorted) of the complete ASU set to d_min, sys. absences excluded; also acentric."""
     import gemmi
 
     hkl = gemmi.make_miller_array(cell.gemmi, sg.gemmi, d_min * (1 - 1e-3), 0, True)
     hkl = np.asarray(hkl, dtype=np.int32).reshape(-1, 3)
-    hkl = hkl[np.any(hkl != 0, axis=1)]
+    hkl = take_rows(hkl, (hkl[:, 0] | hkl[:, 1] | hkl[:, 2]) != 0)  # not (0, 0, 0)
     dss = cell.d_star_sq(hkl) if len(hkl) else np.zeros(0)
-    acentric = ~centric_flags(hkl, sg) if len(hkl) else np.zeros(0, dtype=bool)
+    acentric = ~_centric(hkl, sg) if len(hkl) else np.zeros(0, dtype=bool)
     all_dss = np.concatenate([dss, dss[acentric]]) if anomalous else dss
     return np.sort(all_dss), np.sort(dss[acentric])
 
@@ -1147,9 +1154,14 @@ def _pairs_of_grouped_rows(g: ObservationGroups, ds: np.ndarray, batches: np.nda
     rows (those without one dropped) and each grouped row's pair number in group order."""
     # pairs of every row (sequential reads), then each grouped row's pair (one gather; the
     # map from a small table, in place); the pairs of rows left out (σ <= 0, ...) are dropped
-    index = np.take(index, g.rows)
-    if pair_map is not None:
-        np.take(pair_map, index, out=index, mode="clip")  # (index < len(pair_map))
+    if pair_map is not None and len(pair_map) <= np.iinfo(np.int16).max:
+        # few pairs (the report's grouped batches): each row's pair as int16, so that the
+        # random gather in group order reads 2 bytes a row instead of 8
+        index = np.take(np.take(pair_map.astype(np.int16), index), g.rows).astype(np.int64)
+    else:
+        index = np.take(index, g.rows)
+        if pair_map is not None:
+            np.take(pair_map, index, out=index, mode="clip")  # (index < len(pair_map))
     if len(g.rows) < g.n_input:
         present = np.zeros(len(ds), dtype=bool)
         present[index] = True
