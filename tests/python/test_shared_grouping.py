@@ -410,6 +410,8 @@ def test_e_squared_equals_its_definition_with_and_without_empty_shells(insulin):
         expected[norm > 0] = I[norm > 0] / norm[norm > 0]
         assert (norm > 0).all() != negative_shell
         same(quasi_normalised_e_squared(p.hkl, I, sg, cell), expected)
+        for eps in (epsilon, epsilon.astype(np.int8), epsilon.astype(np.float32)):
+            same(quasi_normalised_e_squared(None, I, sg, cell, dss, eps), expected)
 
 
 def test_checked_miller_array_is_miller_array(insulin):

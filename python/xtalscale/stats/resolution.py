@@ -436,12 +436,16 @@ def quasi_normalised_e_squared(miller_index, intensity, space_group, unit_cell,
     step = (hi - lo) / n_shells if hi > lo else 1.0
     # (one scratch array worked on in place: fewer fresh arrays of n values)
     scratch = np.subtract(dss, lo)
-    shell = np.divide(scratch, step, out=scratch).astype(np.int64)
+    # (the quotient cast to int64 as it is written: astype's truncation, one pass fewer)
+    shell = np.divide(scratch, step, out=np.empty(n, dtype=np.int64), casting="unsafe")
     np.clip(shell, 0, n_shells - 1, out=shell)
     if epsilon is None:
         sg = space_group if isinstance(space_group, SpaceGroup) else SpaceGroup(space_group)
         epsilon = sg.epsilon(hkl)
-    eps = np.asarray(epsilon, dtype=float)
+    eps = np.asarray(epsilon)
+    if eps.dtype.kind not in "iuf":
+        eps = eps.astype(float)
+    # (integer ε stays as it is: the float64 arithmetic below converts each value exactly)
     work = np.divide(np.maximum(I, 0.0, out=scratch), eps, out=scratch)
     sums = np.bincount(shell, weights=work, minlength=n_shells)
     counts = np.bincount(shell, minlength=n_shells)
@@ -509,8 +513,8 @@ def _estimate_resolution(prepared, anomalous: bool, seed: int, cc_half=0.3, isig
     if emax:
         # ε is the same for symmetry mates: once per unique reflection of the grouping
         grouping = prepared.grouped[0]
-        # (as floats from the start: the per-row values are used as floats)
-        epsilon = np.take(prepared.space_group.epsilon(grouping.unique_hkl).astype(np.float64),
+        # (one byte a row: ε <= 48, converted exactly where it is used)
+        epsilon = np.take(prepared.space_group.epsilon(grouping.unique_hkl).astype(np.int8),
                           grouping.group_index)
         e2 = quasi_normalised_e_squared(prepared.hkl, prepared.intensity, prepared.space_group,
                                         prepared.unit_cell, prepared.d_star_sq, epsilon)
