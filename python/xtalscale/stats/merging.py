@@ -780,7 +780,7 @@ class MergingStatistics:
             seed=self.seed)
         g = merged["group"]
         bij = merged["bijvoet"]
-        hkl_u = negate_rows(grouping.unique_hkl[g].copy(), bij < 0)
+        hkl_u = negate_rows(take_rows(grouping.unique_hkl, g), bij < 0)  # (a fresh gather)
         self.merged = MergedArray(hkl_u, merged["intensity"], merged["sigma"],
                                   merged["multiplicity"], bij,
                                   1.0 / np.sqrt(group_dss[g]), shell[g].astype(np.int32),
