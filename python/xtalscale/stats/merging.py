@@ -465,10 +465,15 @@ def _prepare(hkl, intensity, sigma, space_group, unit_cell, d_min=None, d_max=No
             absent &= in_range
         rejected["systematically_absent"] = int(absent.sum())
         in_range = ~absent if in_range is None else in_range & ~absent
-    used = np.isfinite(I) & np.isfinite(s) & (s > 0)
+    # (one mask and one scratch mask, updated in place)
+    used = np.isfinite(I)
+    scratch = np.isfinite(s)
+    used &= scratch
+    used &= np.greater(s, 0, out=scratch)
+    del scratch
     if in_range is not None:
         used &= in_range
-    n_used = int(used.sum())
+    n_used = int(np.count_nonzero(used))
     considered = n if in_range is None else int(in_range.sum())
     if n_used < considered:
         inr = np.ones(n, dtype=bool) if in_range is None else in_range
