@@ -399,7 +399,8 @@ _IDENTITY = np.zeros(0, dtype=np.int64)
 
 def _identity_order(n: int) -> np.ndarray:
     """The ``order`` argument (0..n-1, read-only) of a kernel whose inputs are already in
-    group order; one shared array serves every kernel call for the same n."""
+    group order; one shared array serves every kernel call for the same n (and the row
+    numbers of prepared rows that are all the caller's rows)."""
     global _IDENTITY
     identity = _IDENTITY  # (one read: another thread may replace it meanwhile)
     if len(identity) != n:
@@ -990,7 +991,7 @@ class ObservationGroups:
     ----------
     usable_rows : ndarray, int64, (m,)
         Row numbers (in the caller's arrays) of the usable observations: finite intensity
-        and sigma, sigma > 0; ascending.
+        and sigma, sigma > 0; ascending (a shared read-only 0..n-1 when every row is usable).
     grouping : Grouping
         Those rows grouped by ASU index (Bijvoet mates together),
         :func:`~xtalscale.symmetry.group_reflections` of their ASU indices.
