@@ -110,7 +110,7 @@ def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True
         except ValueError as error:
             return error
 
-    pending = None
+    pending = batch_pairs = None
     try:
         # MergingStatistics.from_arrays(*arrays, anomalous=False, **settings) in its two steps:
         # with n_threads > 1 the resolution estimate (which reads the prepared rows alone)
@@ -121,6 +121,10 @@ def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True
 
             prepared.grouped, prepared.in_group_order  # noqa: B018 - (cached before sharing)
             pool = ThreadPoolExecutor(max_workers=1)
+            # (the batch pairs first: this thread's merging and per-batch statistics take
+            # longer than the estimate)
+            batch_pairs = pool.submit(_grouped_batch_pairs, obs.batch, obs.dataset,
+                                      max_batch_points)
             pending = pool.submit(resolution, prepared)
             pool.shutdown(wait=False)
         out.statistics = ms.dataset_statistics(prepared, anomalous=False, **settings)
@@ -142,8 +146,9 @@ def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True
     out.observation_groups = groups
     # batch_statistics_and_deviations of the grouped batches, from the (dataset, batch) pairs
     # numbered once
-    per_batch, out.normalised_deviations = ms._pair_statistics_and_deviations(
-        groups, *_grouped_batch_pairs(obs.batch, obs.dataset, max_batch_points))
+    pairs = (batch_pairs.result() if batch_pairs is not None
+             else _grouped_batch_pairs(obs.batch, obs.dataset, max_batch_points))
+    per_batch, out.normalised_deviations = ms._pair_statistics_and_deviations(groups, *pairs)
     if pending is not None:
         out.resolution = pending.result()  # (re-raises anything but a ValueError)
     if isinstance(out.resolution, ValueError):
