@@ -454,3 +454,22 @@ def test_complete_set_equals_its_definition(symbol, anomalous):
     complete, complete_acentric = _complete_set_dss(sg, cell, 2.0, anomalous)
     same(complete, np.sort(np.concatenate([dss, dss[acentric]]) if anomalous else dss))
     same(complete_acentric, np.sort(dss[acentric]))
+
+
+def test_volume_shells_from_the_cached_range_equal_shell_limits(insulin):
+    from xtalscale.stats import shell_limits
+
+    hkl, intensity, sigma, _, _, sg, cell = insulin
+    for kwargs in ({}, {"d_min": 2.0}):  # (rows' own range; then the binner's rows)
+        stats = MergingStatistics.from_arrays(hkl, intensity, sigma, sg, cell, n_bins=7, **kwargs)
+        p = stats._prepared
+        assert p.d_star_sq_range == (p.d_star_sq.min(), p.d_star_sq.max())
+        same(stats.limits, shell_limits(p.binning_dss, 7))
+        assert stats.overall.d_min == pytest.approx(1 / np.sqrt(p.d_star_sq.max()), rel=1e-15)
+    one = np.array([[1, 2, 3]] * 4 + [[2, 1, 3]] * 4)  # (one resolution)
+    stats = MergingStatistics.from_arrays(one, np.arange(8.0), np.ones(8), "P 1 2 1",
+                                          (30, 40, 50, 90, 90, 90), n_bins=3)
+    same(stats.limits, shell_limits(stats._prepared.d_star_sq, 3))
+    with pytest.raises(MergingStatisticsError, match="n_bins"):
+        MergingStatistics.from_arrays(one, np.arange(8.0), np.ones(8), "P 1 2 1",
+                                      (30, 40, 50, 90, 90, 90), n_bins=0)

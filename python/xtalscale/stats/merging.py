@@ -147,14 +147,21 @@ def shell_limits(d_star_sq, n_bins: int = 20, binning_method: str = "volume",
     if len(dss) == 0:
         raise MergingStatisticsError("no observations to bin")
     if binning_method == "volume":
-        lo, hi = float(dss.min()), float(dss.max())
-        if hi <= lo:  # one resolution: widen so the single shell has a non-empty range
-            hi = lo * (1 + 1e-6) + 1e-12
-        return _volume_limits(lo, hi, int(n_bins))
+        return _shell_limits_in((float(dss.min()), float(dss.max())), n_bins)
     if binning_method == "counting_sorted":
         return _counting_limits(dss, int(n_bins), reflections_per_bin)
     raise MergingStatisticsError(f"binning_method must be 'volume' or 'counting_sorted', got "
                                  f"{binning_method!r}")
+
+
+def _shell_limits_in(dss_range: tuple[float, float], n_bins: int) -> np.ndarray:
+    """:func:`shell_limits` (volume) of d*² values spanning ``dss_range`` (min, max)."""
+    if int(n_bins) < 1:
+        raise MergingStatisticsError(f"n_bins must be >= 1, got {n_bins}")
+    lo, hi = dss_range
+    if hi <= lo:  # one resolution: widen so the single shell has a non-empty range
+        hi = lo * (1 + 1e-6) + 1e-12
+    return _volume_limits(lo, hi, int(n_bins))
 
 
 def _d_from_dss(x: float) -> float:
@@ -327,6 +334,12 @@ class _Prepared:
         return grouping, friedel_minus, _centric(grouping.unique_hkl, self.space_group)
 
     @cached_property
+    def d_star_sq_range(self) -> tuple[float, float]:
+        """(min, max) of ``d_star_sq``: the volume shells' span and the overall shell's range
+        of every pass over these rows."""
+        return float(self.d_star_sq.min()), float(self.d_star_sq.max())
+
+    @cached_property
     def in_group_order(self) -> tuple:
         """(intensity, sigma, friedel_minus) of the rows in group order (``grouping.order``).
 
@@ -357,7 +370,7 @@ class _Prepared:
             n = len(self.intensity)
             sub = dataclasses.replace(self, binning_dss=self.d_star_sq, used_rows=_identity_order(n),
                                       n_input=n, n_rejected=_no_rejections())
-            for name in ("grouped", "in_group_order"):  # (fills the cached properties)
+            for name in ("grouped", "in_group_order", "d_star_sq_range"):  # (cached properties)
                 sub.__dict__[name] = getattr(self, name)
             return sub
         grouping, _, group_centric = self.grouped
@@ -600,8 +613,12 @@ class MergingStatistics:
             raise MergingStatisticsError(f"seed must be >= 0, got {seed}")
         self.cc_one_half_significance_level = cc_one_half_significance_level
         self.n_rejected = dict(prepared.n_rejected)
-        self.limits = shell_limits(prepared.binning_dss, n_bins, binning_method,
-                                   reflections_per_bin)
+        if binning_method == "volume" and prepared.binning_dss is prepared.d_star_sq:
+            # (shell_limits of the rows' d*² from their range, found once for every pass)
+            self.limits = _shell_limits_in(prepared.d_star_sq_range, n_bins)
+        else:
+            self.limits = shell_limits(prepared.binning_dss, n_bins, binning_method,
+                                       reflections_per_bin)
         self._compute()
 
     # ------------------------------------------------------------------ constructors
@@ -807,7 +824,6 @@ class MergingStatistics:
     def _build_shells(self, n_shells: int) -> None:
         p = self._prepared
         lims = self.limits
-        used_dss = p.d_star_sq
         # complete set once, down to the highest resolution observed
         dss_max_obs = float(self._shell_obs_dss_max[n_shells])
         d_min_obs = 1.0 / math.sqrt(dss_max_obs)
@@ -823,7 +839,7 @@ class MergingStatistics:
                 d_max, d_min = _d_from_dss(lims[k]), _d_from_dss(lims[k + 1])
                 lo, hi = lims[k], lims[k + 1]
             else:  # overall: the observed range (iotbx array.d_max_min())
-                lo, hi = float(used_dss.min()), float(used_dss.max())
+                lo, hi = p.d_star_sq_range
                 d_max, d_min = _d_from_dss(lo), _d_from_dss(hi)
             shells.append(self._shell(k, d_max, d_min, lo, hi, complete, complete_acentric,
                                       redundancies[k]))
