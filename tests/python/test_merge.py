@@ -1,6 +1,7 @@
 """Merging, the merged MTZ (read back by gemmi), bad input, and the merge/show commands."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -318,3 +319,165 @@ def test_report_statistics_on_two_threads_equal_one():
         for name, column in values.items():
             np.testing.assert_array_equal(column, two.batch_statistics[key][name])
     np.testing.assert_array_equal(one.normalised_deviations, two.normalised_deviations)
+
+
+def _reference_scaled_selection(table, threshold, min_isigi=None):
+    """scaled_intensities' selection written plainly (boolean masks, a loop over partial
+    groups): rows, I, V, P."""
+    ids = np.asarray(table["id"]).astype(np.int64)
+    flags = np.asarray(table["flags"]).astype(np.uint64)
+    g = np.asarray(table["inverse_scale_factor"], float)
+    var = np.asarray(table["intensity.scale.variance"], float)
+    part = np.asarray(table["partiality"], float)
+    sel = ((ids >= 0) & ((flags & np.uint64((1 << 22) | (1 << 23) | (1 << 24))) == 0)
+           & (g > 0) & (var > 0) & (part > 0))
+    rows = np.flatnonzero(sel)
+    I = np.asarray(table["intensity.scale.value"], float)[rows] / g[rows]
+    V = var[rows] / g[rows] ** 2
+    P = part[rows].copy()
+    keep = np.ones(len(rows), dtype=bool)
+    pid = np.asarray(table["partial_id"]).astype(np.int64)[rows]
+    groups: dict = {}
+    for i in np.flatnonzero((P < 0.99) & (V > 0)):
+        groups.setdefault((ids[rows[i]], pid[i]), []).append(i)
+    I0, V0, P0 = I.copy(), V.copy(), P.copy()
+    for members in groups.values():
+        if len(members) > 1:
+            w = 1.0 / V0[members]
+
+            def total(x):  # (summed as add.reduceat sums a group)
+                return np.add.reduceat(x, [0])[0]
+            I[members[0]] = total(w * I0[members]) / total(w)
+            V[members[0]] = 1.0 / total(w)
+            P[members[0]] = total(P0[members])
+            keep[members[1:]] = False
+    keep &= P >= threshold
+    if min_isigi is not None:
+        keep &= ~(I / np.sqrt(V) < min_isigi)
+    return rows[keep], I[keep], V[keep], P[keep]
+
+
+def _edited_cysteine_table():
+    """The cysteine table with (0, 0, 0) rows, more partial pieces, a row of no experiment and
+    a negative and a NaN frame coordinate."""
+    from xtalscale.reflection_table import reflection_table
+
+    table = reflection_table.from_file(str(CYS / "scaled_30.refl"))
+    hkl = np.asarray(table["miller_index"]).copy()
+    hkl[[5, 77]] = 0
+    table["miller_index"] = hkl
+    pid = np.asarray(table["partial_id"]).copy()
+    pid[10:40] = pid[10]  # (one partial group of many pieces)
+    table["partial_id"] = pid
+    part = np.asarray(table["partiality"]).copy()
+    part[10:40] = 0.3
+    table["partiality"] = part
+    ids = np.asarray(table["id"]).copy()
+    ids[3] = -1
+    table["id"] = ids
+    xyz = np.asarray(table["xyzobs.px.value"]).copy()
+    xyz[7, 2], xyz[8, 2] = -0.5, np.nan
+    table["xyzobs.px.value"] = xyz
+    return table
+
+
+def test_scaled_rows_are_the_plain_selection():
+    """The selection (masks in place, the partials' ids gathered for candidates only) gives the
+    rows and values of a plain definition, and scaled_intensities' table holds them."""
+    from xtalscale.io.scaled_intensities import (
+        ScaledIntensityError,
+        _flags_clear,
+        _scaled_rows,
+        scaled_intensities,
+    )
+
+    table = _edited_cysteine_table()
+    flags = np.asarray(table["flags"]).astype(np.uint64)
+    for bits in (int((1 << 22) | (1 << 23) | (1 << 24)), 1 << 40 | 1, 0):
+        np.testing.assert_array_equal(_flags_clear(flags, bits),
+                                      (flags & np.uint64(bits)) == 0)
+    unique = _edited_cysteine_table()
+    unique["partial_id"] = np.arange(len(unique), dtype=np.uint64)  # (nothing to combine)
+    for t, combined in ((table, True), (unique, False)):
+        for threshold, min_isigi in ((0.0, None), (0.4, None), (0.99, 1.0)):
+            got = _scaled_rows(t, threshold, min_isigi=min_isigi)
+            expected = _reference_scaled_selection(t, threshold, min_isigi)
+            for a, b in zip(got, expected):
+                np.testing.assert_array_equal(a, b)
+            rows, I, V, P = _scaled_rows(t, threshold, min_isigi=min_isigi,
+                                         with_partiality=False)
+            assert (P is not None) == combined
+            for a, b in zip((rows, I, V), expected):
+                np.testing.assert_array_equal(a, b)
+            out = scaled_intensities(t, threshold, min_isigi=min_isigi, columns=("id",))
+            np.testing.assert_array_equal(np.asarray(out["original_index"]), got[0])
+            np.testing.assert_array_equal(np.asarray(out["intensity"]), got[1])
+            np.testing.assert_array_equal(np.asarray(out["variance"]), got[2])
+            np.testing.assert_array_equal(np.asarray(out["partiality"]), got[3])
+    with pytest.raises(ScaledIntensityError, match="partiality < 2.0"):
+        _scaled_rows(unique, 2.0)
+    with pytest.raises(ScaledIntensityError, match="partiality < 100.0"):
+        _scaled_rows(table, 100.0)  # (the combined pieces sum to 9)
+
+
+def test_observations_from_reflections_are_the_selected_rows():
+    """Observations (rows of the selection without (0, 0, 0); batch floor(z) + the scan's first
+    image, from z >= 0 by truncation, else through nan_to_num and floor) as defined."""
+    from xtalscale.experiments import ExperimentList
+
+    experiments = ExperimentList.from_file(str(CYS / "scaled_30.expt"))
+    table = _edited_cysteine_table()
+    table_ids = np.asarray(table["id"]).copy()
+    table_ids[table_ids >= 0] = np.arange(np.count_nonzero(table_ids >= 0)) % 2
+    table["id"] = table_ids  # (rows of two experiments)
+    rows, I, V, _ = _reference_scaled_selection(table, 0.4)
+    hkl = np.asarray(table["miller_index"])[rows]
+    keep = hkl.any(axis=1)
+    rows, I, V = rows[keep], I[keep], V[keep]
+    ids = table_ids.astype(np.int64)[rows]
+    z = np.nan_to_num(np.asarray(table["xyzobs.px.value"])[rows, 2])
+    assert (z < 0).any()  # (the z < 0 / NaN path is taken)
+    one = experiments[0]
+    assert one.scan.get_image_range()[0] == 1
+    for second_first in (1, 5):  # the same first image for both experiments, then not
+        second = copy.deepcopy(one)
+        second.identifier = "second"
+        second.scan.set_image_range((second_first, second_first + 10))
+        experiments = ExperimentList([one, second])
+        first = np.array([1, second_first])
+        obs = observations_from_reflections(experiments, table)
+        np.testing.assert_array_equal(obs.miller_index, np.asarray(table["miller_index"])[rows])
+        np.testing.assert_array_equal(obs.intensity, I)
+        np.testing.assert_array_equal(obs.variance, V)
+        np.testing.assert_array_equal(obs.dataset, ids)
+        assert obs.batch.dtype == obs.dataset.dtype == np.int64
+        np.testing.assert_array_equal(obs.batch, np.floor(z).astype(np.int64) + first[ids])
+        assert obs.excluded["index (0, 0, 0)"] == np.count_nonzero(~keep) > 0
+        assert sum(obs.excluded.values()) + len(obs) == len(table)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_report_notes_when_statistics_or_the_estimate_fail(monkeypatch, n_threads):
+    """Without statistics there is no estimate (nor its note); a failed estimate is noted
+    after the statistics, on one thread or two."""
+    from xtalscale.report import statistics_for_report
+    from xtalscale.stats import resolution
+
+    hkl = np.array([[h, k, 1] for h in range(1, 40) for k in range(1, 30)])
+    unique = _observations(hkl, np.full(len(hkl), 10.0), np.ones(len(hkl)), "P 1")
+    out = statistics_for_report(unique, n_threads=n_threads)
+    assert out.statistics is None and out.resolution is None
+    assert len(out.notes) == 1 and out.notes[0].startswith("Merging statistics could not")
+    twice = _observations(np.concatenate([hkl, hkl]), np.arange(2.0 * len(hkl)),
+                          np.ones(2 * len(hkl)), "P 1")
+    assert statistics_for_report(twice, n_threads=n_threads).statistics is not None
+    bad_bins = statistics_for_report(twice, n_bins=0, n_threads=n_threads)
+    assert bad_bins.resolution is None and len(bad_bins.notes) == 1 and "n_bins" in bad_bins.notes[0]
+
+    def failing(*args, **kwargs):
+        raise resolution.MergingStatisticsError("no fit")
+
+    monkeypatch.setattr(resolution, "_estimate_resolution", failing)
+    out = statistics_for_report(twice, n_threads=n_threads)
+    assert out.statistics is not None and out.resolution is None
+    assert out.notes == ["Resolution estimate failed: no fit"]

@@ -326,3 +326,150 @@ def test_bijvoet_split_of_a_grouping_equals_grouping_the_signed_indices(space_gr
         core_grouping.split_bijvoet_groups(merged.order, merged.offsets, keys[:-1], mapping.friedel_minus)
     with pytest.raises(ValueError, match="not a row"):
         core_grouping.split_bijvoet_groups(merged.order, merged.offsets, keys, mapping.friedel_minus[:10])
+
+
+@pytest.mark.parametrize("max_points", [100, 10_000])
+def test_report_batch_pairs_numbered_once_equal_the_public_path(insulin, max_points):
+    """The report's per-batch statistics and deviations from the (dataset, batch) pairs
+    numbered once (grouped per pair, mapped per grouped row) equal
+    batch_statistics_and_deviations of the grouped batches, rows left out included."""
+    from xtalscale.report.inputs import _batch_groups, _grouped_batch_pairs
+    from xtalscale.stats.merging import _pair_statistics_and_deviations, _pairs_of_grouped_rows
+
+    hkl, intensity, sigma, batch, dataset, sg, cell = insulin
+    dataset = np.asarray(dataset, dtype=np.int64) + (np.arange(len(batch)) % 3 == 0)
+    batch = np.asarray(batch, dtype=np.int64) * 7  # (more batches than points)
+    groups = group_observations(hkl, intensity, sigma, sg)
+    expected_stats, expected_dev = batch_statistics_and_deviations(
+        hkl, intensity, sigma, _batch_groups(batch, dataset, max_points), sg, dataset=dataset,
+        groups=groups)
+    ds, b, index, pair_map = _grouped_batch_pairs(batch, dataset, max_points)
+    same(b[pair_map][index], _batch_groups(batch, dataset, max_points))
+    got_stats, got_dev = _pair_statistics_and_deviations(groups, ds, b, index, pair_map)
+    same(got_dev, expected_dev)
+    for f in dataclasses.fields(expected_stats):
+        same(getattr(got_stats, f.name), getattr(expected_stats, f.name))
+    with pytest.raises(MergingStatisticsError, match="groups made from"):
+        _pair_statistics_and_deviations(groups, ds, b, index[:-1], pair_map)
+    # many pairs (the int64 path; the map padded with entries no row reaches)
+    padded = np.concatenate([pair_map, np.zeros(40_000, dtype=np.int64)])
+    for a, e in zip(_pairs_of_grouped_rows(groups, ds, b, index, padded),
+                    _pairs_of_grouped_rows(groups, ds, b, index, pair_map)):
+        same(a, e)
+
+
+def test_redundancies_and_the_shared_complete_set_equal_their_definitions(insulin):
+    """Each shell's {multiplicity: count} equals np.unique of its merged multiplicities (both
+    the counting table and the sparse fallback); the resolution estimate's pass reuses the
+    complete set computed for the same rows and d_min."""
+    from xtalscale.stats.merging import _complete_set_dss, _redundancies
+
+    hkl, intensity, sigma, batch, dataset, sg, cell = insulin
+    stats = MergingStatistics.from_arrays(hkl, intensity, sigma, sg, cell, n_bins=10)
+    merged = stats.merged
+    for b, k in zip([*stats.bins, stats.overall], range(11)):
+        sel = merged.shell == k if k < 10 else merged.shell >= 0
+        values, counts = np.unique(merged.multiplicity[sel], return_counts=True)
+        assert b.redundancies == {int(v): int(c) for v, c in zip(values, counts)}
+    sparse = merged.multiplicity.astype(np.int64) * 10 ** 6  # (the np.unique path)
+    for k, r in enumerate(_redundancies(sparse, merged.shell, 10)):
+        sel = merged.shell == k if k < 10 else merged.shell >= 0
+        values, counts = np.unique(sparse[sel], return_counts=True)
+        assert r == {int(v): int(c) for v, c in zip(values, counts)}
+    assert _redundancies(merged.multiplicity[:0], merged.shell[:0], 3) == [{}] * 4
+    (key, value), = stats._prepared.complete_sets.items()
+    fresh = _complete_set_dss(stats.space_group, stats.unit_cell, *key)
+    same(value[0], fresh[0])
+    same(value[1], fresh[1])
+    estimate = estimate_resolution(stats)
+    assert estimate.statistics._prepared.complete_sets is stats._prepared.complete_sets
+
+
+def test_e_squared_equals_its_definition_with_and_without_empty_shells(insulin):
+    """E² = I/(ε ⟨max(I, 0)/ε⟩_shell), 0 where that norm is not > 0 (a shell of negative
+    intensities), whether or not some norm is 0."""
+    hkl, intensity, sigma, _, _, sg, cell = insulin
+    p = _prepare(hkl, intensity, sigma, sg, cell)
+    dss = p.d_star_sq
+    epsilon = p.space_group.epsilon(p.hkl).astype(float)
+    for negative_shell in (False, True):
+        I = p.intensity.copy()
+        lo, hi = dss.min(), dss.max()
+        span = hi - lo
+        lo, hi = lo - span * 1e-6, hi + span * 1e-6
+        shell = np.clip(((dss - lo) / ((hi - lo) / 20)).astype(np.int64), 0, 19)
+        if negative_shell:
+            I[shell == 3] = -np.abs(I[shell == 3]) - 1.0
+        work = np.maximum(I, 0.0) / epsilon
+        mean = np.ones(20)
+        for k in range(20):
+            if (shell == k).any():
+                mean[k] = np.bincount(shell, weights=work, minlength=20)[k] / (shell == k).sum()
+        norm = mean[shell] * epsilon
+        expected = np.zeros(len(I))
+        expected[norm > 0] = I[norm > 0] / norm[norm > 0]
+        assert (norm > 0).all() != negative_shell
+        same(quasi_normalised_e_squared(p.hkl, I, sg, cell), expected)
+        for eps in (epsilon, epsilon.astype(np.int8), epsilon.astype(np.float32)):
+            same(quasi_normalised_e_squared(None, I, sg, cell, dss, eps), expected)
+
+
+def test_checked_miller_array_is_miller_array(insulin):
+    """The statistics' index check returns what miller_array returns and raises as it does."""
+    from xtalscale.stats.merging import _checked_miller_array
+    from xtalscale.symmetry import miller_array
+
+    hkl = np.ascontiguousarray(insulin[0], dtype=np.int32)
+    assert _checked_miller_array(hkl) is hkl  # (checked, not copied)
+    for a in (hkl.astype(np.int64), hkl.astype(float), np.asfortranarray(hkl), hkl.tolist(),
+              np.array([1, 2, 3]), np.full((2, 3), -2**31, dtype=np.int32)):
+        same(_checked_miller_array(a), miller_array(a, "miller_index"))
+    for bad in (np.array([[2**20, 0, 0]], dtype=np.int32), np.array([[0, -2**20, 1]]),
+                np.array([[0.5, 1, 2]]), np.zeros((2, 2), dtype=np.int32)):
+        with pytest.raises(ValueError) as ours:
+            _checked_miller_array(bad)
+        with pytest.raises(ValueError) as theirs:
+            miller_array(bad, "miller_index")
+        assert str(ours.value) == str(theirs.value)
+
+
+@pytest.mark.parametrize("symbol", ["I 2 3", "P 1 2 1", "P 61 2 2", "P -1"])
+@pytest.mark.parametrize("anomalous", [False, True])
+def test_complete_set_equals_its_definition(symbol, anomalous):
+    """The complete set's d*² (sorted; acentric ones) with the centric test of the ASU mapping
+    equal those with gemmi's centric flags."""
+    import gemmi
+
+    from xtalscale.stats.merging import _complete_set_dss
+    from xtalscale.symmetry import SpaceGroup, UnitCell, centric_flags
+
+    sg = SpaceGroup(symbol)
+    cell = UnitCell({"I 2 3": (78, 78, 78, 90, 90, 90), "P 1 2 1": (30, 40, 50, 90, 100, 90),
+                     "P 61 2 2": (40, 40, 90, 90, 90, 120), "P -1": (20, 25, 30, 80, 95, 100)}[symbol])
+    hkl = np.asarray(gemmi.make_miller_array(cell.gemmi, sg.gemmi, 2.0 * (1 - 1e-3), 0, True),
+                     dtype=np.int32).reshape(-1, 3)
+    hkl = hkl[np.any(hkl != 0, axis=1)]
+    dss = cell.d_star_sq(hkl)
+    acentric = ~centric_flags(hkl, sg)
+    complete, complete_acentric = _complete_set_dss(sg, cell, 2.0, anomalous)
+    same(complete, np.sort(np.concatenate([dss, dss[acentric]]) if anomalous else dss))
+    same(complete_acentric, np.sort(dss[acentric]))
+
+
+def test_volume_shells_from_the_cached_range_equal_shell_limits(insulin):
+    from xtalscale.stats import shell_limits
+
+    hkl, intensity, sigma, _, _, sg, cell = insulin
+    for kwargs in ({}, {"d_min": 2.0}):  # (rows' own range; then the binner's rows)
+        stats = MergingStatistics.from_arrays(hkl, intensity, sigma, sg, cell, n_bins=7, **kwargs)
+        p = stats._prepared
+        assert p.d_star_sq_range == (p.d_star_sq.min(), p.d_star_sq.max())
+        same(stats.limits, shell_limits(p.binning_dss, 7))
+        assert stats.overall.d_min == pytest.approx(1 / np.sqrt(p.d_star_sq.max()), rel=1e-15)
+    one = np.array([[1, 2, 3]] * 4 + [[2, 1, 3]] * 4)  # (one resolution)
+    stats = MergingStatistics.from_arrays(one, np.arange(8.0), np.ones(8), "P 1 2 1",
+                                          (30, 40, 50, 90, 90, 90), n_bins=3)
+    same(stats.limits, shell_limits(stats._prepared.d_star_sq, 3))
+    with pytest.raises(MergingStatisticsError, match="n_bins"):
+        MergingStatistics.from_arrays(one, np.arange(8.0), np.ones(8), "P 1 2 1",
+                                      (30, 40, 50, 90, 90, 90), n_bins=0)

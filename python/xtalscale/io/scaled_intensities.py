@@ -23,6 +23,8 @@ dropped row can be traced.
 """
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from ..reflection_table import Flags
@@ -38,8 +40,14 @@ _REQUIRED = ("miller_index", "intensity.scale.value", "intensity.scale.variance"
              "inverse_scale_factor")
 
 
-def _combine_partials(ids, partial_id, partiality, intensity, variance, threshold=0.99):
-    """Indices of the rows to keep and combined (I, var, partiality) for every row."""
+def _combine_partials(ids, partial_id, partiality, intensity, variance, threshold=0.99,
+                      rows_of=None):
+    """Indices of the rows to keep and combined (I, var, partiality) for every row.
+
+    ``ids`` and ``partial_id`` hold one value per row of ``intensity``, or with ``rows_of``
+    (the row of each ``intensity`` entry in them) one per row of a larger table: only the
+    candidate rows' values are then gathered (none when there are no partials).
+    """
     n = len(intensity)
     candidate = (partiality < threshold) & (variance > 0)
     rows = np.flatnonzero(candidate)
@@ -47,8 +55,10 @@ def _combine_partials(ids, partial_id, partiality, intensity, variance, threshol
     I, V, P = intensity, variance, partiality
     if len(rows) == 0:
         return keep, I, V, P
+    at = rows if rows_of is None else np.take(rows_of, rows)
     # Group candidate rows by (experiment id, partial_id), preserving table order in groups.
-    key = np.stack([ids[rows].astype(np.int64), partial_id[rows].astype(np.int64)])
+    key = np.stack([np.take(ids, at).astype(np.int64),
+                    np.take(partial_id, at).astype(np.int64)])
     order = np.lexsort((rows, key[1], key[0]))
     sk = key[:, order]
     new = np.ones(len(rows), dtype=bool)
@@ -110,6 +120,33 @@ def scaled_intensities(table, partiality_threshold: float = 0.99, combine_partia
     ScaledIntensityError
         If a required column is missing or a filtering step leaves no rows.
     """
+    kept, I, V, P = _scaled_rows(table, partiality_threshold, combine_partials, min_isigi,
+                                 apply_inverse_scale)
+    try:
+        out = table.select(kept, columns=columns)
+    except KeyError as error:
+        raise ScaledIntensityError(str(error)) from None
+    out["intensity"] = I
+    out["variance"] = V
+    out["partiality"] = P
+    out["original_index"] = kept.astype(np.uint64)
+    return out
+
+
+def _scaled_rows(table, partiality_threshold: float = 0.99, combine_partials: bool = True,
+                 min_isigi: float | None = None, apply_inverse_scale: bool = True,
+                 with_partiality: bool = True
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """The selection of :func:`scaled_intensities` without building a table: ``(rows, I, V,
+    P)``, the selected rows of ``table`` (int64, ascending) and their scaled intensity,
+    variance and (combined) partiality (None unless ``with_partiality`` or partials were
+    combined). For callers that read a column or two of the rows.
+
+    Raises
+    ------
+    ScaledIntensityError
+        As :func:`scaled_intensities`.
+    """
     missing = [c for c in _REQUIRED if c not in table]
     if missing:
         raise ScaledIntensityError(f"reflection table lacks column(s) {', '.join(missing)} "
@@ -119,8 +156,6 @@ def scaled_intensities(table, partiality_threshold: float = 0.99, combine_partia
         raise ScaledIntensityError("partiality_threshold must be finite")
     n = len(table)
     ids = np.asarray(table["id"]) if "id" in table else np.zeros(n, dtype=np.int64)
-    flags = np.asarray(table["flags"], dtype=np.uint64) if "flags" in table else \
-        np.zeros(n, dtype=np.uint64)
     g = np.asarray(table["inverse_scale_factor"], dtype=np.float64)
     value = np.asarray(table["intensity.scale.value"], dtype=np.float64)
     var = np.asarray(table["intensity.scale.variance"], dtype=np.float64)
@@ -131,39 +166,88 @@ def scaled_intensities(table, partiality_threshold: float = 0.99, combine_partia
             raise ScaledIntensityError(f"no reflections remain after {step}")
         return sel
 
-    bad = np.uint64(int(Flags.bad_for_scaling))
-    sel = _check((ids >= 0) & ((flags & bad) == 0), "selecting scaled (not bad_for_scaling) rows")
-    sel = _check(sel & (g > 0), "removing inverse scale factors <= 0")
-    sel = _check(sel & (var > 0), "removing variances <= 0")
+    # (one mask and one scratch mask, updated in place: no fresh array per condition)
+    sel = np.greater_equal(ids, 0)
+    scratch = np.empty(n, dtype=bool)
+    if "flags" in table:
+        sel &= _flags_clear(np.asarray(table["flags"], dtype=np.uint64), out=scratch)
+    _check(sel, "selecting scaled (not bad_for_scaling) rows")
+    sel &= np.greater(g, 0, out=scratch)
+    _check(sel, "removing inverse scale factors <= 0")
+    sel &= np.greater(var, 0, out=scratch)
+    _check(sel, "removing variances <= 0")
     if part is not None:
-        sel = _check(sel & (part > 0), "removing partiality <= 0")
+        sel &= np.greater(part, 0, out=scratch)
+        _check(sel, "removing partiality <= 0")
+    combine = (part is not None and combine_partials and "partial_id" in table
+               and _partials_combine(ids, np.asarray(table["partial_id"]), part, var, g, sel,
+                                     apply_inverse_scale))
+    if part is not None and not combine:
+        # every row keeps its own partiality: the threshold is a mask on the table's rows,
+        # before any gather (no partiality gathered to be tested, no rows dropped after)
+        sel &= np.greater_equal(part, thr, out=scratch)
+        _check(sel, f"removing partiality < {thr}")
+    del scratch
     rows = np.flatnonzero(sel)
-    # (np.take: the gathers of the selected rows are the bulk of the work)
-    gi = np.take(g, rows) if apply_inverse_scale else np.ones(len(rows))
+    del sel
+    # (np.take: the gathers of the selected rows are the bulk of the work; g and then g² in
+    # one array, divided into I and V in place)
     I = np.take(value, rows)
-    I /= gi
     V = np.take(var, rows)
-    V /= gi ** 2
-    P = np.take(part, rows) if part is not None else np.ones(len(rows))
-    keep = np.ones(len(rows), dtype=bool)
-    if part is not None and combine_partials and "partial_id" in table:
-        pid = np.take(np.asarray(table["partial_id"]), rows)
-        keep, I, V, P = _combine_partials(np.take(ids, rows), pid, P, I, V)
-    if part is not None:
+    if apply_inverse_scale:
+        gi = np.take(g, rows)
+        I /= gi
+        V /= np.square(gi, out=gi)
+        del gi
+    P = None
+    if with_partiality or combine:
+        P = np.take(part, rows) if part is not None else np.ones(len(rows))
+    keep = None  # every row (no mask made unless a row is dropped)
+    if combine:
+        keep, I, V, P = _combine_partials(ids, np.asarray(table["partial_id"]), P, I, V,
+                                          rows_of=rows)
         keep &= P >= thr
-    _check(keep, f"removing partiality < {thr}")
+        _check(keep, f"removing partiality < {thr}")
     if min_isigi is not None:
-        keep &= ~(I / np.sqrt(V) < float(min_isigi))
+        above = ~(I / np.sqrt(V) < float(min_isigi))
+        keep = above if keep is None else keep & above
         _check(keep, f"removing I/sigma < {min_isigi}")
-    kept = rows if len(rows) == np.count_nonzero(keep) else rows[keep]
-    try:
-        out = table.select(kept, columns=columns)
-    except KeyError as error:
-        raise ScaledIntensityError(str(error)) from None
-    if len(kept) < len(rows):
-        I, V, P = I[keep], V[keep], P[keep]
-    out["intensity"] = I
-    out["variance"] = V
-    out["partiality"] = P
-    out["original_index"] = kept.astype(np.uint64)
-    return out
+    if keep is not None and np.count_nonzero(keep) < len(rows):
+        rows, I, V = rows[keep], I[keep], V[keep]
+        P = P[keep] if P is not None else None
+    return rows, I, V, P
+
+
+def _partials_combine(ids, partial_id, part, var, g, sel, apply_inverse_scale: bool) -> bool:
+    """Whether :func:`_combine_partials` of the selected rows (``sel``) combines any: two
+    candidates (partiality < 0.99, scaled variance > 0) share an experiment and partial id.
+    Looks at the candidates alone (none in data without partials)."""
+    candidates = np.flatnonzero(sel & (part < 0.99))
+    if len(candidates) < 2:
+        return False
+    v = np.take(var, candidates)
+    if apply_inverse_scale:
+        v = v / np.square(np.take(g, candidates))  # (the scaled variance as _scaled_rows makes it)
+    candidates = candidates[v > 0]
+    if len(candidates) < 2:
+        return False
+    key_id = np.take(ids, candidates).astype(np.int64)
+    key_part = np.take(partial_id, candidates).astype(np.int64)
+    order = np.lexsort((key_part, key_id))
+    key_id, key_part = key_id[order], key_part[order]
+    return bool(((key_id[1:] == key_id[:-1]) & (key_part[1:] == key_part[:-1])).any())
+
+
+def _flags_clear(flags: np.ndarray, bits: int = int(Flags.bad_for_scaling),
+                 out: np.ndarray | None = None) -> np.ndarray:
+    """``(flags & bits) == 0`` per row of a uint64 flag column (into the bool ``out`` if given).
+
+    Bits below 2³² are tested on the low 32-bit words alone (little-endian machines): half the
+    bytes of a temporary ``flags & bits``.
+    """
+    flags = np.asarray(flags, dtype=np.uint64)
+    if (bits >> 32) == 0 and sys.byteorder == "little" and flags.ndim == 1 \
+            and flags.flags.c_contiguous:
+        low = flags.view(np.uint32)[::2]
+        return np.equal(np.bitwise_and(low, np.uint32(bits)), 0, out=out)
+    return np.equal(np.bitwise_and(flags, np.uint64(bits)), 0, out=out)

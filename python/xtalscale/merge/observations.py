@@ -105,8 +105,7 @@ def observations_from_reflections(experiments, table, partiality_threshold: floa
     NoScaledDataError
         If nothing is left (the message names the step that removed the last rows).
     """
-    from ..io.scaled_intensities import ScaledIntensityError, scaled_intensities
-    from ..reflection_table import Flags
+    from ..io.scaled_intensities import ScaledIntensityError, _flags_clear, _scaled_rows
 
     missing = [c for c in ("miller_index", "intensity.scale.value", "intensity.scale.variance",
                            "inverse_scale_factor") if c not in table]
@@ -116,32 +115,36 @@ def observations_from_reflections(experiments, table, partiality_threshold: floa
     if len(experiments) == 0 or experiments[0].crystal is None:
         raise ValueError(f"{source}: the experiment list has no crystal (space group, cell)")
     n = len(table)
-    n_bad = (int(np.count_nonzero(np.asarray(table["flags"], dtype=np.uint64)
-                                  & np.uint64(int(Flags.bad_for_scaling))))
+    n_bad = (n - int(np.count_nonzero(_flags_clear(np.asarray(table["flags"], dtype=np.uint64))))
              if "flags" in table else 0)
     if n == 0:
         raise NoScaledDataError(f"{source}: no scaled observation to merge (empty table)")
     try:
-        selected = scaled_intensities(table, partiality_threshold=partiality_threshold,
-                                      columns=("miller_index",))  # the only one read
+        # the rows and values alone: the Miller index is the only other column read
+        rows, intensity, variance, _ = _scaled_rows(table, partiality_threshold,
+                                                    with_partiality=False)
     except ScaledIntensityError as error:
         raise NoScaledDataError(f"{source}: no scaled observation to merge ({error})") from None
-    hkl = np.asarray(selected["miller_index"], dtype=np.int32).reshape(-1, 3)
-    intensity = np.asarray(selected["intensity"], dtype=np.float64)
-    variance = np.asarray(selected["variance"], dtype=np.float64)
-    rows = np.asarray(selected["original_index"]).astype(np.int64)
-    zero = (hkl[:, 0] | hkl[:, 1] | hkl[:, 2]) == 0  # (0, 0, 0); faster than ~any(axis=1)
+    hkl = take_rows(np.asarray(table["miller_index"], dtype=np.int32).reshape(-1, 3), rows)
+    n_selected = len(rows)
+    zero = np.bitwise_or(hkl[:, 0], hkl[:, 1])  # (0, 0, 0); faster than ~any(axis=1)
+    zero |= hkl[:, 2]
+    zero = np.equal(zero, 0)
     n_zero = int(np.count_nonzero(zero))
     if n_zero:  # (otherwise every selected row is kept: no copies)
         keep = ~zero
         hkl, intensity, variance, rows = take_rows(hkl, keep), intensity[keep], variance[keep], rows[keep]
-    dataset = (np.asarray(table["id"])[rows].astype(np.int64) if "id" in table
-               else np.zeros(len(rows), dtype=np.int64))
-    batch = (np.asarray(table["batch"])[rows].astype(np.int64) if "batch" in table
-             else _batches_from_z(experiments, table, rows, dataset))
+    del zero
+    if "id" in table:
+        dataset = np.take(np.asarray(table["id"]), rows)
+        dataset = dataset.astype(np.int64, copy=False)
+    else:
+        dataset = np.zeros(len(rows), dtype=np.int64)
+    batch = (np.take(np.asarray(table["batch"]), rows).astype(np.int64, copy=False)
+             if "batch" in table else _batches_from_z(experiments, table, rows, dataset))
     excluded = {"bad_for_scaling": n_bad,
                 "g <= 0, variance <= 0, partiality or combined partial pieces":
-                    n - n_bad - len(zero),
+                    n - n_bad - n_selected,
                 "index (0, 0, 0)": n_zero}
     crystal, beam = experiments[0].crystal, experiments[0].beam
     obs = ScaledObservations(
@@ -156,11 +159,19 @@ def _batches_from_z(experiments, table, rows: np.ndarray, ids: np.ndarray) -> np
     table has no batch column."""
     if "xyzobs.px.value" not in table:
         return np.ones(len(rows), dtype=np.int64)
-    z = np.asarray(table["xyzobs.px.value"], dtype=np.float64).reshape(-1, 3)[rows, 2]
+    z = np.asarray(table["xyzobs.px.value"], dtype=np.float64).reshape(-1, 3)[:, 2][rows]
     first = np.array([e.scan.get_image_range()[0] if e.scan is not None else 1
                       for e in experiments], dtype=np.int64)
-    np.nan_to_num(z, copy=False)  # (z is a fresh copy: worked on in place)
-    batch = np.floor(z, out=z).astype(np.int64)
+    if len(z) and z.min() >= 0 and z.max() < np.inf:
+        # (the usual frame coordinates: finite and >= 0, where truncation is the floor)
+        batch = z.astype(np.int64)
+    else:
+        np.nan_to_num(z, copy=False)  # (z is a fresh copy: worked on in place)
+        batch = np.floor(z, out=z).astype(np.int64)
+    del z
+    if len(first) and (first == first[0]).all():
+        batch += first[0]  # (the same first image for every experiment: no gather per row)
+        return batch
     in_range = len(ids) == 0 or (ids.min() >= 0 and ids.max() < len(first))
     batch += first[ids if in_range else np.clip(ids, 0, len(first) - 1)]
     return batch

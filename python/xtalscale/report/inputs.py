@@ -49,10 +49,19 @@ class ReportInputs:
 def _batch_groups(batch: np.ndarray, dataset: np.ndarray, max_points: int) -> np.ndarray:
     """Each observation's batch, or the first batch of its group of consecutive batches when
     a dataset has more than ``max_points`` batches (so that each point has observations)."""
+    _, grouped, index, pair_map = _grouped_batch_pairs(batch, dataset, max_points)
+    return grouped[pair_map][index]
+
+
+def _grouped_batch_pairs(batch: np.ndarray, dataset: np.ndarray, max_points: int
+                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct (dataset, grouped batch) pairs of :func:`_batch_groups` (sorted), each
+    row's (dataset, batch) pair number ``index`` and the grouped pair ``pair_map[k]`` of
+    pair k: the rows' pairs without a second pass over the rows."""
     from ..stats.merging import _dataset_batch_groups
 
     # the distinct (dataset, batch) pairs, sorted: a dataset's first and last batch are the
-    # ends of its run of pairs; the grouping is worked out per pair, then spread to the rows
+    # ends of its run of pairs; the grouping is worked out per pair
     ds, b, index = _dataset_batch_groups(np.asarray(dataset, dtype=np.int64).ravel(),
                                          np.asarray(batch, dtype=np.int64).ravel())
     new_run = np.ones(len(ds), dtype=bool)
@@ -63,7 +72,12 @@ def _batch_groups(batch: np.ndarray, dataset: np.ndarray, max_points: int) -> np
     first, last = b[starts][run], b[ends][run]
     width = -(-(last - first + 1) // max_points)  # ceil
     grouped = np.where(width > 1, first + (b - first) // width * width, b)  # width >= 1
-    return grouped[index]
+    # a group's batch does not decrease with the batch within a dataset, so the distinct
+    # grouped pairs are the changes along the sorted pairs (in sorted order)
+    new_pair = new_run.copy()
+    new_pair[1:] |= grouped[1:] != grouped[:-1]
+    pair_map = np.cumsum(new_pair, dtype=np.int64) - 1
+    return ds[new_pair], grouped[new_pair], index, pair_map
 
 
 def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True,
@@ -76,52 +90,70 @@ def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True
     report and the table say so instead of failing. Per-batch statistics of a dataset with
     more than ``max_batch_points`` batches are computed over groups of consecutive batches
     (each point at the group's first batch). With ``n_threads`` > 1 the resolution estimate
-    is made on a second thread while the per-batch statistics are computed (the two only
-    read the merging statistics; the results are the same).
+    is made on a second thread while the merging and per-batch statistics are computed (it
+    reads only the grouped observations they share; the results are the same).
     """
-    from ..stats import estimate_resolution
     from ..stats import merging as ms  # the core module (merging_statistics is its facade)
+    from ..stats.resolution import _estimate_resolution
 
     obs = observations
     out = ReportInputs()
     sigma = np.sqrt(obs.variance)
     arrays = (obs.miller_index, obs.intensity, sigma, obs.space_group, obs.unit_cell)
     settings = {"n_bins": n_bins, "use_internal_variance": use_internal_variance}
+
+    def resolution(prepared) -> Any:
+        """The estimate of the statistics of ``prepared`` (anomalous=False, seed 0: those of
+        ``out.statistics``) or the ValueError that stopped it."""
+        try:
+            return _estimate_resolution(prepared, anomalous=False, seed=0)
+        except ValueError as error:
+            return error
+
+    pending = batch_pairs = None
     try:
-        out.statistics = ms.dataset_statistics.from_arrays(*arrays, anomalous=False, **settings)
+        # MergingStatistics.from_arrays(*arrays, anomalous=False, **settings) in its two steps:
+        # with n_threads > 1 the resolution estimate (which reads the prepared rows alone)
+        # starts on a second thread once they are grouped
+        prepared = ms._prepare(*arrays)
+        if n_threads > 1 and int(n_bins) >= 1:  # (a bad n_bins is reported first, as alone)
+            from concurrent.futures import ThreadPoolExecutor
+
+            prepared.grouped, prepared.in_group_order  # noqa: B018 - (cached before sharing)
+            pool = ThreadPoolExecutor(max_workers=1)
+            # (the batch pairs first: this thread's merging and per-batch statistics take
+            # longer than the estimate)
+            batch_pairs = pool.submit(_grouped_batch_pairs, obs.batch, obs.dataset,
+                                      max_batch_points)
+            pending = pool.submit(resolution, prepared)
+            pool.shutdown(wait=False)
+        out.statistics = ms.dataset_statistics(prepared, anomalous=False, **settings)
         if anomalous and not obs.space_group.is_centric():
             out.anomalous_statistics = out.statistics.anomalous_pass()  # same data and shells
     except ValueError as error:
         out.notes.append(f"Merging statistics could not be computed: {error}")
-
-    def resolution() -> None:
-        try:
-            out.resolution = estimate_resolution(out.statistics)
-        except ValueError as error:
-            out.notes.append(f"Resolution estimate failed: {error}")
-
-    pending = None
-    if out.statistics is not None:
-        if n_threads > 1:
-            from concurrent.futures import ThreadPoolExecutor
-
-            pool = ThreadPoolExecutor(max_workers=1)
-            pending = pool.submit(resolution)
-            pool.shutdown(wait=False)
-        else:
-            resolution()
+    if out.statistics is None:
+        if pending is not None:
+            pending.exception()  # (no estimate without statistics: waited for, not kept)
+            pending = None
+    elif pending is None:
+        out.resolution = resolution(out.statistics._prepared)
     # one grouping of the observations for the per-observation statistics: the merging
     # statistics' own when they were computed on every usable row
     groups = out.statistics.observation_groups() if out.statistics is not None else None
     if groups is None:
         groups = ms.group_observations(obs.miller_index, obs.intensity, sigma, obs.space_group)
     out.observation_groups = groups
-    per_batch, out.normalised_deviations = ms.batch_statistics_and_deviations(
-        obs.miller_index, obs.intensity, sigma,
-        _batch_groups(obs.batch, obs.dataset, max_batch_points), obs.space_group,
-        dataset=obs.dataset, groups=groups)
+    # batch_statistics_and_deviations of the grouped batches, from the (dataset, batch) pairs
+    # numbered once
+    pairs = (batch_pairs.result() if batch_pairs is not None
+             else _grouped_batch_pairs(obs.batch, obs.dataset, max_batch_points))
+    per_batch, out.normalised_deviations = ms._pair_statistics_and_deviations(groups, *pairs)
     if pending is not None:
-        pending.result()  # (re-raises anything but the ValueError it notes)
+        out.resolution = pending.result()  # (re-raises anything but a ValueError)
+    if isinstance(out.resolution, ValueError):
+        out.notes.append(f"Resolution estimate failed: {out.resolution}")
+        out.resolution = None
     for d in np.unique(per_batch.dataset):
         mine = per_batch.dataset == d
         out.batch_statistics[f"dataset {int(d)}"] = {

@@ -54,16 +54,16 @@ from typing import Any
 
 import numpy as np
 
+from .._core import grouping as _core_grouping
 from .._core import stats as _core_stats
 from .._rows import negate_rows, take_rows
 from ..symmetry import (
     Grouping,
     SpaceGroup,
     UnitCell,
-    centric_flags,
+    _asu_symmetry,
     group_reflections,
     map_to_asu,
-    map_to_asu_isym,
     miller_array,
     systematic_absences,
 )
@@ -147,14 +147,21 @@ def shell_limits(d_star_sq, n_bins: int = 20, binning_method: str = "volume",
     if len(dss) == 0:
         raise MergingStatisticsError("no observations to bin")
     if binning_method == "volume":
-        lo, hi = float(dss.min()), float(dss.max())
-        if hi <= lo:  # one resolution: widen so the single shell has a non-empty range
-            hi = lo * (1 + 1e-6) + 1e-12
-        return _volume_limits(lo, hi, int(n_bins))
+        return _shell_limits_in((float(dss.min()), float(dss.max())), n_bins)
     if binning_method == "counting_sorted":
         return _counting_limits(dss, int(n_bins), reflections_per_bin)
     raise MergingStatisticsError(f"binning_method must be 'volume' or 'counting_sorted', got "
                                  f"{binning_method!r}")
+
+
+def _shell_limits_in(dss_range: tuple[float, float], n_bins: int) -> np.ndarray:
+    """:func:`shell_limits` (volume) of d*² values spanning ``dss_range`` (min, max)."""
+    if int(n_bins) < 1:
+        raise MergingStatisticsError(f"n_bins must be >= 1, got {n_bins}")
+    lo, hi = dss_range
+    if hi <= lo:  # one resolution: widen so the single shell has a non-empty range
+        hi = lo * (1 + 1e-6) + 1e-12
+    return _volume_limits(lo, hi, int(n_bins))
 
 
 def _d_from_dss(x: float) -> float:
@@ -304,17 +311,33 @@ class _Prepared:
     unit_cell: UnitCell
     n_input: int
     n_rejected: dict
+    #: (d_min, anomalous) -> :func:`_complete_set_dss` of this space group and cell, kept for
+    #: every pass over these rows (and their subsets): the rebinned passes of the resolution
+    #: estimate reach the same highest resolution
+    complete_sets: dict = field(default_factory=dict, repr=False, compare=False)
 
     @cached_property
     def grouped(self) -> tuple:
         """(grouping, friedel_minus per row, centric per group): independent of the shells and
         of ``anomalous``, so computed once for every pass over these rows."""
-        asu_hkl, isym = map_to_asu_isym(self.hkl, self.space_group)
-        grouping = group_reflections(asu_hkl)
+        # map_to_asu_isym and group_reflections without their input checks (one pass over
+        # 10^6 indices each): self.hkl was checked by _prepare (or selected from checked rows)
+        # and the kernel's ASU indices need none
+        asu_hkl, isym = _core_grouping.map_to_asu(self.hkl, *_asu_symmetry(self.space_group))
+        order, group_index, offsets = _core_grouping.group_miller_indices(asu_hkl)
+        grouping = Grouping(order, group_index, offsets,
+                            np.ascontiguousarray(asu_hkl[order[offsets[:-1]]]))
+        del asu_hkl
         # a row is a Bijvoet-minus mate if its ISYM is even (the kernel ignores the flag for
-        # centric groups)
-        return (grouping, (isym % 2 == 0).view(np.uint8),
-                centric_flags(grouping.unique_hkl, self.space_group))
+        # centric groups); isym is ours, so its parity is taken in place
+        friedel_minus = np.equal(np.bitwise_and(isym, 1, out=isym), 0).view(np.uint8)
+        return grouping, friedel_minus, _centric(grouping.unique_hkl, self.space_group)
+
+    @cached_property
+    def d_star_sq_range(self) -> tuple[float, float]:
+        """(min, max) of ``d_star_sq``: the volume shells' span and the overall shell's range
+        of every pass over these rows."""
+        return float(self.d_star_sq.min()), float(self.d_star_sq.max())
 
     @cached_property
     def in_group_order(self) -> tuple:
@@ -345,9 +368,9 @@ class _Prepared:
         """
         if keep.all():
             n = len(self.intensity)
-            sub = dataclasses.replace(self, binning_dss=self.d_star_sq, used_rows=np.arange(n),
+            sub = dataclasses.replace(self, binning_dss=self.d_star_sq, used_rows=_identity_order(n),
                                       n_input=n, n_rejected=_no_rejections())
-            for name in ("grouped", "in_group_order"):  # (fills the cached properties)
+            for name in ("grouped", "in_group_order", "d_star_sq_range"):  # (cached properties)
                 sub.__dict__[name] = getattr(self, name)
             return sub
         grouping, _, group_centric = self.grouped
@@ -361,7 +384,7 @@ class _Prepared:
         n = len(intensity)
         sub = _Prepared(np.take(self.hkl, grouping.order[kept], axis=0), intensity, sigma,
                         d_star_sq, d_star_sq, np.arange(n), self.space_group, self.unit_cell,
-                        n, _no_rejections())
+                        n, _no_rejections(), self.complete_sets)
         identity = np.arange(n, dtype=np.int64)
         group_index = np.repeat(np.arange(len(old_group), dtype=np.int64), sizes)
         # fill both cached properties
@@ -389,7 +412,8 @@ _IDENTITY = np.zeros(0, dtype=np.int64)
 
 def _identity_order(n: int) -> np.ndarray:
     """The ``order`` argument (0..n-1, read-only) of a kernel whose inputs are already in
-    group order; one shared array serves every kernel call for the same n."""
+    group order; one shared array serves every kernel call for the same n (and the row
+    numbers of prepared rows that are all the caller's rows)."""
     global _IDENTITY
     identity = _IDENTITY  # (one read: another thread may replace it meanwhile)
     if len(identity) != n:
@@ -403,6 +427,18 @@ def _no_rejections() -> dict:
     return {"outside_d_range": 0, "non_finite": 0, "sigma_negative": 0, "sigma_zero": 0}
 
 
+def _checked_miller_array(hkl) -> np.ndarray:
+    """:func:`~xtalscale.symmetry.miller_array` (``"miller_index"``): the indices as (n, 3)
+    int32, checked. A C-contiguous (n, 3) int32 array within ±2²⁰ is returned as it is after
+    a min and a max (miller_array's ``|h|`` would make a temporary array of them all);
+    anything else goes through miller_array, which raises or converts."""
+    a = hkl if isinstance(hkl, np.ndarray) else None
+    if (a is not None and a.dtype == np.int32 and a.ndim == 2 and a.shape[1] == 3
+            and a.flags.c_contiguous and a.size and a.max() < 2**20 and a.min() > -2**20):
+        return a
+    return miller_array(hkl, "miller_index")
+
+
 def _prepare(hkl, intensity, sigma, space_group, unit_cell, d_min=None, d_max=None,
              eliminate_sys_absent=False) -> _Prepared:
     sg = space_group if isinstance(space_group, SpaceGroup) else SpaceGroup(space_group)
@@ -411,7 +447,7 @@ def _prepare(hkl, intensity, sigma, space_group, unit_cell, d_min=None, d_max=No
         sg.gemmi  # noqa: B018 - the ASU needs a tabulated group
     except ValueError as exc:
         raise MergingStatisticsError(str(exc)) from None
-    hkl = miller_array(hkl, "miller_index")
+    hkl = _checked_miller_array(hkl)
     I = np.asarray(intensity, dtype=np.float64).ravel()
     s = np.asarray(sigma, dtype=np.float64).ravel()
     if not (len(hkl) == len(I) == len(s)):
@@ -421,7 +457,7 @@ def _prepare(hkl, intensity, sigma, space_group, unit_cell, d_min=None, d_max=No
     n = len(I)
     if n == 0:
         raise MergingStatisticsError("no observations (empty input)")
-    dss = cell.d_star_sq(hkl)
+    dss = cell.gemmi.calculate_1_d2_array(hkl)  # (cell.d_star_sq of the checked indices)
     if not np.all(dss > 0):
         bad = int(np.flatnonzero(~(dss > 0))[0])
         raise MergingStatisticsError(f"miller_index row {bad} is (0, 0, 0)")
@@ -443,10 +479,15 @@ def _prepare(hkl, intensity, sigma, space_group, unit_cell, d_min=None, d_max=No
             absent &= in_range
         rejected["systematically_absent"] = int(absent.sum())
         in_range = ~absent if in_range is None else in_range & ~absent
-    used = np.isfinite(I) & np.isfinite(s) & (s > 0)
+    # (one mask and one scratch mask, updated in place)
+    used = np.isfinite(I)
+    scratch = np.isfinite(s)
+    used &= scratch
+    used &= np.greater(s, 0, out=scratch)
+    del scratch
     if in_range is not None:
         used &= in_range
-    n_used = int(used.sum())
+    n_used = int(np.count_nonzero(used))
     considered = n if in_range is None else int(in_range.sum())
     if n_used < considered:
         inr = np.ones(n, dtype=bool) if in_range is None else in_range
@@ -462,11 +503,19 @@ def _prepare(hkl, intensity, sigma, space_group, unit_cell, d_min=None, d_max=No
             f"({rejected['sigma_negative']} with sigma < 0, {rejected['sigma_zero']} with "
             f"sigma = 0, {rejected['non_finite']} non-finite)")
     binning_dss = dss if in_range is None else dss[in_range]
-    if n_used == n:
-        return _Prepared(hkl, I, s, dss, binning_dss, np.arange(n), sg, cell, n, rejected)
+    if n_used == n:  # (used_rows 0..n-1: the shared read-only identity)
+        return _Prepared(hkl, I, s, dss, binning_dss, _identity_order(n), sg, cell, n, rejected)
     rows = np.flatnonzero(used)
     return _Prepared(np.ascontiguousarray(take_rows(hkl, rows)), I[rows], s[rows], dss[rows], binning_dss,
                      rows, sg, cell, n, rejected)
+
+
+def _centric(hkl: np.ndarray, sg: SpaceGroup) -> np.ndarray:
+    """:func:`~xtalscale.symmetry.centric_flags` of checked (n, 3) int32 indices by the C++
+    test the ASU mapping uses (h R = -h for a rotation of the group; the same flags as
+    gemmi's, tests/python/test_symmetry.py), a quarter of gemmi's time per index."""
+    return _core_grouping.centric_flags(np.ascontiguousarray(hkl, dtype=np.int32),
+                                        _asu_symmetry(sg)[0])
 
 
 def _complete_set_dss(sg: SpaceGroup, cell: UnitCell, d_min: float, anomalous: bool):
@@ -475,11 +524,28 @@ def _complete_set_dss(sg: SpaceGroup, cell: UnitCell, d_min: float, anomalous: b
 
     hkl = gemmi.make_miller_array(cell.gemmi, sg.gemmi, d_min * (1 - 1e-3), 0, True)
     hkl = np.asarray(hkl, dtype=np.int32).reshape(-1, 3)
-    hkl = hkl[np.any(hkl != 0, axis=1)]
+    hkl = take_rows(hkl, (hkl[:, 0] | hkl[:, 1] | hkl[:, 2]) != 0)  # not (0, 0, 0)
     dss = cell.d_star_sq(hkl) if len(hkl) else np.zeros(0)
-    acentric = ~centric_flags(hkl, sg) if len(hkl) else np.zeros(0, dtype=bool)
+    acentric = ~_centric(hkl, sg) if len(hkl) else np.zeros(0, dtype=bool)
     all_dss = np.concatenate([dss, dss[acentric]]) if anomalous else dss
     return np.sort(all_dss), np.sort(dss[acentric])
+
+
+def _redundancies(multiplicity: np.ndarray, shell: np.ndarray, n_shells: int) -> list[dict]:
+    """{multiplicity: number of merged reflections} (ascending multiplicities) per shell and
+    overall (last; the reflections in a shell), as ``np.unique(..., return_counts=True)`` of
+    each shell's multiplicities: one count over (shell, multiplicity) for every shell."""
+    inside = shell >= 0
+    mult = np.asarray(multiplicity, dtype=np.int64)[inside]
+    top = int(mult.max()) + 1 if len(mult) else 1
+    if len(mult) and (mult.min() < 0 or n_shells * top > max(4 * len(mult), 1 << 20)):
+        counts = [np.unique(mult[shell[inside] == k], return_counts=True) for k in range(n_shells)]
+        counts.append(np.unique(mult, return_counts=True))
+        return [{int(v): int(c) for v, c in zip(values, n)} for values, n in counts]
+    table = np.bincount(shell[inside].astype(np.int64) * top + mult,
+                        minlength=n_shells * top).reshape(n_shells, top)
+    rows = [*table, table.sum(axis=0)]
+    return [{int(v): int(row[v]) for v in np.flatnonzero(row)} for row in rows]
 
 
 def _count_between(sorted_dss: np.ndarray, lo: float, hi: float) -> int:
@@ -547,8 +613,12 @@ class MergingStatistics:
             raise MergingStatisticsError(f"seed must be >= 0, got {seed}")
         self.cc_one_half_significance_level = cc_one_half_significance_level
         self.n_rejected = dict(prepared.n_rejected)
-        self.limits = shell_limits(prepared.binning_dss, n_bins, binning_method,
-                                   reflections_per_bin)
+        if binning_method == "volume" and prepared.binning_dss is prepared.d_star_sq:
+            # (shell_limits of the rows' d*² from their range, found once for every pass)
+            self.limits = _shell_limits_in(prepared.d_star_sq_range, n_bins)
+        else:
+            self.limits = shell_limits(prepared.binning_dss, n_bins, binning_method,
+                                       reflections_per_bin)
         self._compute()
 
     # ------------------------------------------------------------------ constructors
@@ -733,7 +803,7 @@ class MergingStatistics:
             seed=self.seed)
         g = merged["group"]
         bij = merged["bijvoet"]
-        hkl_u = negate_rows(grouping.unique_hkl[g].copy(), bij < 0)
+        hkl_u = negate_rows(take_rows(grouping.unique_hkl, g), bij < 0)  # (a fresh gather)
         self.merged = MergedArray(hkl_u, merged["intensity"], merged["sigma"],
                                   merged["multiplicity"], bij,
                                   1.0 / np.sqrt(group_dss[g]), shell[g].astype(np.int32),
@@ -754,23 +824,25 @@ class MergingStatistics:
     def _build_shells(self, n_shells: int) -> None:
         p = self._prepared
         lims = self.limits
-        used_dss = p.d_star_sq
         # complete set once, down to the highest resolution observed
         dss_max_obs = float(self._shell_obs_dss_max[n_shells])
-        complete, complete_acentric = _complete_set_dss(
-            p.space_group, p.unit_cell, 1.0 / math.sqrt(dss_max_obs), self.anomalous)
-        mult = self.merged.multiplicity
+        d_min_obs = 1.0 / math.sqrt(dss_max_obs)
+        key = (d_min_obs, self.anomalous)
+        if key not in p.complete_sets:
+            p.complete_sets[key] = _complete_set_dss(p.space_group, p.unit_cell, d_min_obs,
+                                                     self.anomalous)
+        complete, complete_acentric = p.complete_sets[key]
+        redundancies = _redundancies(self.merged.multiplicity, self.merged.shell, n_shells)
         shells = []
         for k in range(n_shells + 1):
             if k < n_shells:
                 d_max, d_min = _d_from_dss(lims[k]), _d_from_dss(lims[k + 1])
                 lo, hi = lims[k], lims[k + 1]
             else:  # overall: the observed range (iotbx array.d_max_min())
-                lo, hi = float(used_dss.min()), float(used_dss.max())
+                lo, hi = p.d_star_sq_range
                 d_max, d_min = _d_from_dss(lo), _d_from_dss(hi)
-            sel = (self.merged.shell == k) if k < n_shells else (self.merged.shell >= 0)
             shells.append(self._shell(k, d_max, d_min, lo, hi, complete, complete_acentric,
-                                      mult[sel]))
+                                      redundancies[k]))
         self.bins = shells[:n_shells]
         self.overall = shells[n_shells]
         w = np.array([b.cc_one_half_n_refl for b in self.bins], dtype=float)
@@ -781,7 +853,8 @@ class MergingStatistics:
         self.cc_one_half_sigma_tau_overall = (float((w2 * cc2).sum() / w2.sum())
                                               if w2.sum() > 0 else 0.0)
 
-    def _shell(self, k, d_max, d_min, lo, hi, complete, complete_acentric, mult) -> MergingShell:
+    def _shell(self, k, d_max, d_min, lo, hi, complete, complete_acentric,
+               redundancies) -> MergingShell:
         s = {name: values[k] for name, values in self._sums.items()}
         st = MergingShell(d_max=float(d_max), d_min=float(d_min), anomalous=self.anomalous)
         st.n_obs = int(s["n_obs"])
@@ -799,9 +872,7 @@ class MergingStatistics:
             n_acentric = _count_between(complete_acentric, lower, hi * (1 + 1e-12))
             st.n_bijvoet_pairs = int(s["n_bijvoet_pairs"])
             st.anom_completeness = st.n_bijvoet_pairs / n_acentric if n_acentric else 0.0
-        if len(mult):
-            values, counts = np.unique(mult, return_counts=True)
-            st.redundancies = {int(v): int(c) for v, c in zip(values, counts)}
+        st.redundancies = redundancies
         if st.n_uniq > 0:
             st.mean_redundancy = st.n_obs / st.n_uniq
             st.i_mean = float(s["sum_i"]) / st.n_uniq
@@ -936,7 +1007,7 @@ class ObservationGroups:
     ----------
     usable_rows : ndarray, int64, (m,)
         Row numbers (in the caller's arrays) of the usable observations: finite intensity
-        and sigma, sigma > 0; ascending.
+        and sigma, sigma > 0; ascending (a shared read-only 0..n-1 when every row is usable).
     grouping : Grouping
         Those rows grouped by ASU index (Bijvoet mates together),
         :func:`~xtalscale.symmetry.group_reflections` of their ASU indices.
@@ -1063,27 +1134,57 @@ def batch_statistics_and_deviations(miller_index, intensity, sigma, batch, space
     observations, the same values, from one pass over the groups (one weighted mean each)."""
     n = len(np.asarray(intensity).ravel())
     g = _groups_for(miller_index, intensity, sigma, space_group, False, groups)
-    ds, batches, index = _batch_pairs(g, batch, dataset, n)
+    return _pair_statistics_and_deviations(g, *_row_pairs(batch, dataset, n))
+
+
+def _pair_statistics_and_deviations(g: ObservationGroups, ds: np.ndarray, batches: np.ndarray,
+                                    index: np.ndarray, pair_map: np.ndarray | None = None
+                                    ) -> tuple[BatchStatistics, np.ndarray]:
+    """:func:`batch_statistics_and_deviations` of the grouped observations ``g`` with each
+    input row's (dataset, batch) pair given: pair ``pair_map[index[i]]`` (``index[i]``
+    without a map) of the distinct sorted pairs ``(ds, batches)``; a pair without a usable
+    row is dropped."""
+    g.check_length(len(index))
+    ds, batches, index = _pairs_of_grouped_rows(g, ds, batches, index, pair_map)
     deviations, n_obs, dev, si, sios = _core_stats.deviations_and_batch_sums(
         g.intensity, g.sigma, _identity_order(len(g.rows)), g.offsets, index, len(ds))
     return (_batch_result(ds, batches, n_obs, dev, si, sios),
-            _deviations_in_input_order(g, deviations, n))
+            _deviations_in_input_order(g, deviations, g.n_input))
+
+
+def _row_pairs(batch, dataset, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_dataset_batch_groups` of every row's (dataset, batch), checked against n rows."""
+    b_all = np.asarray(batch).ravel().astype(np.int64, copy=False)
+    ds_all = (np.zeros(len(b_all), dtype=np.int64) if dataset is None
+              else np.asarray(dataset).ravel().astype(np.int64, copy=False))
+    if not len(b_all) == len(ds_all) == n:
+        raise MergingStatisticsError("batch, dataset and intensity must have equal lengths")
+    return _dataset_batch_groups(ds_all, b_all)
 
 
 def _batch_pairs(g: ObservationGroups, batch, dataset, n: int
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The (dataset, batch) pairs of the grouped rows (sorted) and each grouped row's pair
     number, in the groups' row order."""
-    b_all = np.asarray(batch).ravel().astype(np.int64)
-    ds_all = (np.zeros(len(b_all), dtype=np.int64) if dataset is None
-              else np.asarray(dataset).ravel().astype(np.int64))
-    if not len(b_all) == len(ds_all) == n:
-        raise MergingStatisticsError("batch, dataset and intensity must have equal lengths")
-    # pairs of every row (sequential reads), then each grouped row's pair (one gather); the
-    # pairs of rows left out (σ <= 0, ...) are dropped after
-    ds, batches, index = _dataset_batch_groups(ds_all, b_all)
-    index = np.take(index, g.rows)
-    if len(g.rows) < n:
+    return _pairs_of_grouped_rows(g, *_row_pairs(batch, dataset, n))
+
+
+def _pairs_of_grouped_rows(g: ObservationGroups, ds: np.ndarray, batches: np.ndarray,
+                           index: np.ndarray, pair_map: np.ndarray | None = None
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The pairs (numbered ``pair_map[index]`` per input row, or ``index``) of the grouped
+    rows (those without one dropped) and each grouped row's pair number in group order."""
+    # pairs of every row (sequential reads), then each grouped row's pair (one gather; the
+    # map from a small table, in place); the pairs of rows left out (σ <= 0, ...) are dropped
+    if pair_map is not None and len(pair_map) <= np.iinfo(np.int16).max:
+        # few pairs (the report's grouped batches): each row's pair as int16, so that the
+        # random gather in group order reads 2 bytes a row instead of 8
+        index = np.take(np.take(pair_map.astype(np.int16), index), g.rows).astype(np.int64)
+    else:
+        index = np.take(index, g.rows)
+        if pair_map is not None:
+            np.take(pair_map, index, out=index, mode="clip")  # (index < len(pair_map))
+    if len(g.rows) < g.n_input:
         present = np.zeros(len(ds), dtype=bool)
         present[index] = True
         renumber = np.cumsum(present, dtype=np.int64) - 1
@@ -1102,7 +1203,8 @@ def _deviations_in_input_order(g: ObservationGroups, deviations: np.ndarray,
                                n: int) -> np.ndarray:
     """Deviations of the grouped rows (group order) spread to the caller's n rows (NaN for
     the rows left out)."""
-    out = np.full(n, np.nan)
+    # (every row is written when all are grouped: no fill first)
+    out = np.empty(n) if len(g.rows) == n else np.full(n, np.nan)
     out[g.rows] = deviations
     return out
 
@@ -1125,12 +1227,17 @@ def _dataset_batch_groups(dataset: np.ndarray, batch: np.ndarray
         pairs, index = np.unique(np.stack([dataset, batch], axis=1), axis=0,
                                  return_inverse=True)
         return pairs[:, 0].copy(), pairs[:, 1].copy(), np.asarray(index).ravel().astype(np.int64)
-    key = (dataset - d_lo) * b_span + (batch - b_lo)
+    # key (dataset - d_lo) * b_span + (batch - b_lo), built in one array
+    key = np.subtract(dataset, d_lo, dtype=np.int64)
+    key *= b_span
+    key += batch
+    key -= b_lo
     present = np.zeros(d_span * b_span, dtype=bool)
     present[key] = True
     keys = np.flatnonzero(present)
     number = np.cumsum(present, dtype=np.int64) - 1
-    return keys // b_span + d_lo, keys % b_span + b_lo, number[key]
+    # each row's number, written over its key (every key is in range: no checks)
+    return keys // b_span + d_lo, keys % b_span + b_lo, np.take(number, key, out=key, mode="clip")
 
 
 def batch_statistics_from_reflections(experiments, reflections, anomalous: bool = False,

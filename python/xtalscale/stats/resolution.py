@@ -436,20 +436,27 @@ def quasi_normalised_e_squared(miller_index, intensity, space_group, unit_cell,
     step = (hi - lo) / n_shells if hi > lo else 1.0
     # (one scratch array worked on in place: fewer fresh arrays of n values)
     scratch = np.subtract(dss, lo)
-    shell = np.divide(scratch, step, out=scratch).astype(np.int64)
+    # (the quotient cast to int64 as it is written: astype's truncation, one pass fewer)
+    shell = np.divide(scratch, step, out=np.empty(n, dtype=np.int64), casting="unsafe")
     np.clip(shell, 0, n_shells - 1, out=shell)
     if epsilon is None:
         sg = space_group if isinstance(space_group, SpaceGroup) else SpaceGroup(space_group)
         epsilon = sg.epsilon(hkl)
-    eps = np.asarray(epsilon, dtype=float)
+    eps = np.asarray(epsilon)
+    if eps.dtype.kind not in "iuf":
+        eps = eps.astype(float)
+    # (integer ε stays as it is: the float64 arithmetic below converts each value exactly)
     work = np.divide(np.maximum(I, 0.0, out=scratch), eps, out=scratch)
     sums = np.bincount(shell, weights=work, minlength=n_shells)
     counts = np.bincount(shell, minlength=n_shells)
     mean = np.where(counts > 0, sums / np.maximum(counts, 1), 1.0)
     norm = np.multiply(np.take(mean, shell, out=scratch), eps, out=scratch)
-    e_squared = np.zeros(n)
+    positive = norm > 0
     with np.errstate(divide="ignore", invalid="ignore"):
-        np.divide(I, norm, out=e_squared, where=norm > 0)
+        if positive.all():  # (the usual case: one plain division, into the scratch array)
+            return np.divide(I, norm, out=scratch)
+        e_squared = np.zeros(n)
+        np.divide(I, norm, out=e_squared, where=positive)
     return e_squared
 
 
@@ -488,12 +495,27 @@ def estimate_resolution(statistics: MergingStatistics, cc_half: float | None = 0
     MergingStatisticsError
         If no observations remain or the statistics cannot be computed.
     """
-    prepared = statistics._prepared
+    return _estimate_resolution(statistics._prepared, statistics.anomalous, statistics.seed,
+                                cc_half, isigma, misigma, i_mean_over_sigma_mean, rmerge,
+                                completeness, cc_half_significance_level, n_bins,
+                                reflections_per_bin, binning_method, emax)
+
+
+def _estimate_resolution(prepared, anomalous: bool, seed: int, cc_half=0.3, isigma=None,
+                         misigma=None, i_mean_over_sigma_mean=None, rmerge=None,
+                         completeness=None, cc_half_significance_level=0.1, n_bins=50,
+                         reflections_per_bin=10, binning_method="counting_sorted",
+                         emax=4.0) -> ResolutionEstimate:
+    """:func:`estimate_resolution` of statistics of the prepared rows ``prepared`` (a
+    ``merging._Prepared``) with ``anomalous`` and ``seed``: all it reads of the statistics,
+    so that it can start before they are computed."""
     n_outliers = 0
     if emax:
         # ε is the same for symmetry mates: once per unique reflection of the grouping
         grouping = prepared.grouped[0]
-        epsilon = prepared.space_group.epsilon(grouping.unique_hkl)[grouping.group_index]
+        # (one byte a row: ε <= 48, converted exactly where it is used)
+        epsilon = np.take(prepared.space_group.epsilon(grouping.unique_hkl).astype(np.int8),
+                          grouping.group_index)
         e2 = quasi_normalised_e_squared(prepared.hkl, prepared.intensity, prepared.space_group,
                                         prepared.unit_cell, prepared.d_star_sq, epsilon)
         keep = e2 < emax ** 2
@@ -503,14 +525,15 @@ def estimate_resolution(statistics: MergingStatistics, cc_half: float | None = 0
         # the statistics of the kept rows alone (as from_arrays of them), regrouped by
         # selection from the grouping already made
         stats = MergingStatistics(
-            prepared.subset(keep), n_bins=n_bins, anomalous=statistics.anomalous,
+            prepared.subset(keep), n_bins=n_bins, anomalous=anomalous,
             use_internal_variance=False, binning_method=binning_method,
-            reflections_per_bin=reflections_per_bin, seed=statistics.seed,
+            reflections_per_bin=reflections_per_bin, seed=seed,
             cc_one_half_significance_level=cc_half_significance_level)
-    else:
-        stats = statistics.rebinned(n_bins, binning_method, reflections_per_bin,
-                                    use_internal_variance=False,
-                                    cc_one_half_significance_level=cc_half_significance_level)
+    else:  # (MergingStatistics.rebinned of the statistics)
+        stats = MergingStatistics(
+            prepared, n_bins, anomalous=anomalous, use_internal_variance=False,
+            binning_method=binning_method, reflections_per_bin=reflections_per_bin, seed=seed,
+            cc_one_half_significance_level=cc_half_significance_level)
     out = ResolutionEstimate(statistics=stats, n_wilson_outliers=n_outliers)
     limits = {"cc_half": cc_half, "isigma": isigma, "misigma": misigma,
               "i_mean_over_sigma_mean": i_mean_over_sigma_mean, "rmerge": rmerge,
