@@ -86,6 +86,10 @@ void check_values(const FitBlock& block, std::size_t b, std::size_t n_params) {
 
 }  // namespace
 
+bool identity_rows(const std::vector<FitBlock>& blocks) noexcept {
+  return blocks.size() == 1 && blocks[0].table_rows == nullptr;
+}
+
 void check_model_blocks(const GroupedObservations& t, const std::vector<FitBlock>& blocks,
                         std::size_t n_params, bool structure) {
   if (!structure) {
@@ -96,6 +100,11 @@ void check_model_blocks(const GroupedObservations& t, const std::vector<FitBlock
     }
     XS_REQUIRE(total == t.n_obs, "the model blocks cover " + std::to_string(total) +
                                      " rows but the table has " + std::to_string(t.n_obs));
+    return;
+  }
+  if (identity_rows(blocks) && blocks[0].view.n_rows == t.n_obs) {  // no row map to check
+    check_csr(blocks[0], 0, n_params);
+    check_values(blocks[0], 0, n_params);
     return;
   }
   std::vector<unsigned char> covered(t.n_obs, 0);
