@@ -217,6 +217,126 @@ void sh_scales_f32(std::size_t n, std::size_t n_params, const float* harmonics,
   sh_scales_f32_impl(n, n_params, harmonics, coef, scales);
 }
 
+namespace {
+// The dense transposed product out[k] += Σ_i u_i·H[i,k] (H row-major n × p, float32 or
+// float64). Every column is summed in row order, one FMA per row starting from out[k], on
+// every path: the AVX-512 (8 columns a register) and AVX2 (4 a register) paths hold up to 32
+// columns in registers over all rows, so each row costs its loads and FMAs only, and all paths
+// give the same bits (as sh_scales_f32's, on any CPU with FMA).
+
+#ifdef XS_SH_SIMD
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12: _mm256_undefined_pd in the intrinsics
+/// Widen 8 float32 or load 8 float64 values into one AVX-512 register.
+__attribute__((target("avx512f"), always_inline)) inline __m512d load8(const float* r) {
+  return _mm512_cvtps_pd(_mm256_loadu_ps(r));
+}
+__attribute__((target("avx512f"), always_inline)) inline __m512d load8(const double* r) {
+  return _mm512_loadu_pd(r);
+}
+__attribute__((target("avx2,fma"), always_inline)) inline __m256d load4(const float* r) {
+  return _mm256_cvtps_pd(_mm_loadu_ps(r));
+}
+__attribute__((target("avx2,fma"), always_inline)) inline __m256d load4(const double* r) {
+  return _mm256_loadu_pd(r);
+}
+
+/// The first NZ·8 columns of @p h (row stride @p p) over every row, in NZ registers.
+template <int NZ, typename T>
+__attribute__((target("avx512f"))) void transpose_cols_avx512(std::size_t n, std::size_t p,
+                                                              const T* h, const double* u,
+                                                              double* out) {
+  __m512d acc[NZ];
+  for (int j = 0; j < NZ; ++j) acc[j] = _mm512_loadu_pd(out + 8 * j);
+  for (std::size_t i = 0; i < n; ++i) {
+    const __m512d ui = _mm512_set1_pd(u[i]);
+    const T* r = h + i * p;
+    for (int j = 0; j < NZ; ++j) acc[j] = _mm512_fmadd_pd(ui, load8(r + 8 * j), acc[j]);
+  }
+  for (int j = 0; j < NZ; ++j) _mm512_storeu_pd(out + 8 * j, acc[j]);
+}
+
+/// The first NY·4 columns of @p h (row stride @p p) over every row, in NY registers.
+template <int NY, typename T>
+__attribute__((target("avx2,fma"))) void transpose_cols_avx2(std::size_t n, std::size_t p,
+                                                             const T* h, const double* u,
+                                                             double* out) {
+  __m256d acc[NY];
+  for (int j = 0; j < NY; ++j) acc[j] = _mm256_loadu_pd(out + 4 * j);
+  for (std::size_t i = 0; i < n; ++i) {
+    const __m256d ui = _mm256_set1_pd(u[i]);
+    const T* r = h + i * p;
+    for (int j = 0; j < NY; ++j) acc[j] = _mm256_fmadd_pd(ui, load4(r + 4 * j), acc[j]);
+  }
+  for (int j = 0; j < NY; ++j) _mm256_storeu_pd(out + 4 * j, acc[j]);
+}
+
+/// Columns in groups of 32 (the last group 8, 16 or 24): p % 8 == 0.
+template <typename T>
+void transpose_product_simd(int level, std::size_t n, std::size_t p, const T* h, const double* u,
+                            double* out) {
+  for (std::size_t c = 0; c < p; c += 32) {
+    const std::size_t m = std::min<std::size_t>(32, p - c);
+    if (level >= 2) {
+      switch (m) {
+        case 8: transpose_cols_avx512<1>(n, p, h + c, u, out + c); break;
+        case 16: transpose_cols_avx512<2>(n, p, h + c, u, out + c); break;
+        case 24: transpose_cols_avx512<3>(n, p, h + c, u, out + c); break;
+        default: transpose_cols_avx512<4>(n, p, h + c, u, out + c); break;
+      }
+    } else {
+      switch (m) {
+        case 8: transpose_cols_avx2<2>(n, p, h + c, u, out + c); break;
+        case 16: transpose_cols_avx2<4>(n, p, h + c, u, out + c); break;
+        case 24: transpose_cols_avx2<6>(n, p, h + c, u, out + c); break;
+        default: transpose_cols_avx2<8>(n, p, h + c, u, out + c); break;
+      }
+    }
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+
+/// The plain path (compiled for AVX2+FMA too, where the product-sum is one FMA as above).
+template <typename T>
+XS_ALWAYS_INLINE void transpose_product_rows(std::size_t n, std::size_t p, const T* h,
+                                             const double* u, double* out) {
+  for (std::size_t i = 0; i < n; ++i) {
+    const double ui = u[i];
+    const T* r = h + i * p;
+    for (std::size_t k = 0; k < p; ++k) out[k] += ui * static_cast<double>(r[k]);
+  }
+}
+XS_MULTIVERSION void transpose_product_plain(std::size_t n, std::size_t p, const float* h,
+                                             const double* u, double* out) {
+  transpose_product_rows(n, p, h, u, out);
+}
+XS_MULTIVERSION void transpose_product_plain(std::size_t n, std::size_t p, const double* h,
+                                             const double* u, double* out) {
+  transpose_product_rows(n, p, h, u, out);
+}
+
+template <typename T>
+void dense_transpose_product_any(std::size_t n, std::size_t p, const T* h, const double* u,
+                                 double* out) {
+#ifdef XS_SH_SIMD
+  const int level = detail::simd_level();
+  if (p % 8 == 0 && p > 0 && level >= 1) return transpose_product_simd(level, n, p, h, u, out);
+#endif
+  transpose_product_plain(n, p, h, u, out);
+}
+}  // namespace
+
+void dense_transpose_product(std::size_t n, std::size_t n_cols, const float* h, const double* u,
+                             double* out) {
+  dense_transpose_product_any(n, n_cols, h, u, out);
+}
+
+void dense_transpose_product(std::size_t n, std::size_t n_cols, const double* h, const double* u,
+                             double* out) {
+  dense_transpose_product_any(n, n_cols, h, u, out);
+}
+
 void harmonics_from_lookup_f32(const std::int32_t* i0, const std::int32_t* i1, std::size_t n,
                                const double* table, std::size_t n_rows, std::size_t row_stride,
                                std::size_t n_cols, float* out) {

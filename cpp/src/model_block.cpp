@@ -82,17 +82,10 @@ void ModelTerm::add_transpose_product_rows(const TermValues& v, std::size_t firs
                                            double* out) const {
   require(dense_, "a sparse term must override add_transpose_product_rows");
   (void)first;
-  const std::size_t c = n_cols_;
-  for (std::size_t i = 0; i < count; ++i) {
-    const double ui = u[i];
-    if (v.values_f32 != nullptr) {
-      const float* row = v.values_f32 + i * c;
-      for (std::size_t k = 0; k < c; ++k) out[k] += ui * static_cast<double>(row[k]);
-    } else if (v.values != nullptr) {
-      const double* row = v.values + i * c;
-      for (std::size_t k = 0; k < c; ++k) out[k] += ui * row[k];
-    }
-  }
+  if (v.values_f32 != nullptr)
+    components::dense_transpose_product(count, n_cols_, v.values_f32, u, out);
+  else if (v.values != nullptr)
+    components::dense_transpose_product(count, n_cols_, v.values, u, out);
 }
 
 void ModelTerm::full_pattern(std::size_t n_rows, std::size_t n_cols, std::int64_t* indptr,
