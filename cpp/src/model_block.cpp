@@ -77,6 +77,11 @@ TermValues ModelTerm::evaluate_rows(const double*, std::size_t, std::size_t, Ter
   throw std::logic_error("this term does not evaluate row ranges");
 }
 
+const double* ModelTerm::scales_rows(const double* p, std::size_t first, std::size_t count,
+                                     TermScratch& scratch) const {
+  return evaluate_rows(p, first, count, scratch).scales;
+}
+
 void ModelTerm::add_transpose_product_rows(const TermValues& v, std::size_t first,
                                            std::size_t count, const double* u,
                                            double* out) const {
@@ -145,6 +150,14 @@ TermValues ExpFactorTerm::evaluate_rows(const double* p, std::size_t first, std:
   double* d = sized(scratch.values, count);
   components::exp_scales(count, factor_.data + first, p[0], s, d);
   return {s, d, nullptr};
+}
+
+const double* ExpFactorTerm::scales_rows(const double* p, std::size_t first, std::size_t count,
+                                         TermScratch& scratch) const {
+  require_finite(p, 1, "parameters");
+  double* s = sized(scratch.scales, count);
+  components::exp_scales(count, factor_.data + first, p[0], s, nullptr);
+  return s;
 }
 
 SmoothTerm::SmoothTerm(std::shared_ptr<const components::WeightMatrix> weights,
@@ -265,6 +278,16 @@ TermValues LeanSmoothTerm::evaluate_rows(const double* p, std::size_t first, std
                               factor_.data ? factor_.data + first : nullptr, s, nullptr, nullptr,
                               d, false);
   return {s, d, nullptr};
+}
+
+const double* LeanSmoothTerm::scales_rows(const double* p, std::size_t first, std::size_t count,
+                                          TermScratch& scratch) const {
+  double* s = sized(scratch.scales, count);
+  components::smooth_1d_apply(smoother_, count, x_.data + first, x_shift_, window_.data + first,
+                              q_.data + first, p, n_params(), first_fixed_,
+                              factor_.data ? factor_.data + first : nullptr, s, nullptr, nullptr,
+                              nullptr, false);
+  return s;
 }
 
 void LeanSmoothTerm::add_transpose_product_rows(const TermValues& v, std::size_t first,
@@ -625,14 +648,19 @@ void ModelBlock::free_scratch() {
 }
 
 template <class Body>
-void ModelBlock::for_each_chunk(const double* params, int n_threads, Body body) {
+void ModelBlock::for_each_chunk(const double* params, int n_threads, Body body, bool scales_only) {
   const std::size_t n_chunks = (n_rows_ + kChunkRows - 1) / kChunkRows;
   const int nt = std::max(1, std::min<int>(n_threads, static_cast<int>(n_chunks)));
   const auto chunk = [&](std::size_t c, std::vector<TermScratch>& scratch) {
     const std::size_t first = c * kChunkRows, count = std::min(kChunkRows, n_rows_ - first);
     std::vector<TermValues> tv(terms_.size());
-    for (std::size_t t = 0; t < terms_.size(); ++t)
-      tv[t] = terms_[t]->evaluate_rows(params + param_start_[t], first, count, scratch[t]);
+    for (std::size_t t = 0; t < terms_.size(); ++t) {
+      const double* p = params + param_start_[t];
+      if (scales_only)
+        tv[t].scales = terms_[t]->scales_rows(p, first, count, scratch[t]);
+      else
+        tv[t] = terms_[t]->evaluate_rows(p, first, count, scratch[t]);
+    }
     body(first, count, tv);
   };
   if (nt == 1) {  // the block's own scratch, kept for the next call
@@ -727,7 +755,7 @@ void ModelBlock::scales_by_chunks(const double* params, int n_threads) {
   double* g = out_.scales->data();
   for_each_chunk(params, n_threads, [&](std::size_t first, std::size_t count, const std::vector<TermValues>& tv) {
     product_of_scales(tv, count, g + first);
-  });
+  }, true);
 }
 
 void ModelBlock::transpose_product_by_chunks(const double* params, const double* coefficients,

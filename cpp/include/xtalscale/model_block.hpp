@@ -119,6 +119,10 @@ class XTALSCALE_EXPORT ModelTerm {
   /// evaluate() for these rows, relative to row @p first. Only when evaluates_rows().
   virtual TermValues evaluate_rows(const double* p, std::size_t first, std::size_t count,
                                    TermScratch& scratch) const;
+  /// The scales of evaluate_rows() (bit for bit) without its derivatives, for a caller that
+  /// needs g alone; valid until the next use of @p scratch. The base calls evaluate_rows().
+  virtual const double* scales_rows(const double* p, std::size_t first, std::size_t count,
+                                    TermScratch& scratch) const;
   /// add_transpose_product() over rows [first, first + count), @p v from evaluate_rows() and
   /// @p u relative to row @p first. The base serves dense terms; sparse ones override it.
   virtual void add_transpose_product_rows(const TermValues& v, std::size_t first,
@@ -166,6 +170,8 @@ class XTALSCALE_EXPORT ExpFactorTerm final : public ModelTerm {
   bool evaluates_rows() const override { return true; }
   TermValues evaluate_rows(const double* p, std::size_t first, std::size_t count,
                            TermScratch& scratch) const override;
+  const double* scales_rows(const double* p, std::size_t first, std::size_t count,
+                            TermScratch& scratch) const override;
 
  private:
   HeldArray<double> factor_;
@@ -205,6 +211,8 @@ class XTALSCALE_EXPORT LeanSmoothTerm final : public ModelTerm {
   bool evaluates_rows() const override { return true; }
   TermValues evaluate_rows(const double* p, std::size_t first, std::size_t count,
                            TermScratch& scratch) const override;
+  const double* scales_rows(const double* p, std::size_t first, std::size_t count,
+                            TermScratch& scratch) const override;
   void add_transpose_product_rows(const TermValues& v, std::size_t first, std::size_t count,
                                   const double* u, double* out) const override;
   void pattern_rows(std::size_t first, std::size_t count, std::int64_t* indptr,
@@ -439,8 +447,9 @@ class XTALSCALE_EXPORT ModelBlock {
   /// body(first, count, values); chunks over up to @p n_threads threads, each thread with its
   /// own terms' scratch (the block's own when single-threaded). An exception from a chunk is
   /// rethrown (as std::invalid_argument) after the loop.
+  /// With @p scales_only, the terms' values hold their scales alone (scales_rows()).
   template <class Body>
-  void for_each_chunk(const double* params, int n_threads, Body body);
+  void for_each_chunk(const double* params, int n_threads, Body body, bool scales_only = false);
   /// g = Π_t s_t of @p count rows from the terms' values @p tv (fill()'s product order).
   void product_of_scales(const std::vector<TermValues>& tv, std::size_t count, double* g) const;
   /// Check @p params and evaluate every term into its scratch (term_values_).
