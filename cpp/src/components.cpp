@@ -366,8 +366,6 @@ void harmonics_from_lookup_f32(const std::int32_t* i0, const std::int32_t* i1, s
 
 namespace {
 
-constexpr double kMaxDouble = std::numeric_limits<double>::max();
-
 /// The lean 1-D kernel's weights. Positions are unit-spaced, so with d = z − pos[first] and
 /// a = 1/σ² the Gaussian weights are w_k = exp(−a(d − k)²) = exp(−a d²) · q^k · c_k,
 /// q = exp(2 a d), c_k = exp(−a k²); the normalised weights w_k/Σw do not depend on the common
@@ -535,11 +533,8 @@ std::size_t smooth_1d_apply(const GaussianSmoother<1>& smoother, std::size_t n, 
                             std::int32_t* indices, double* data, bool write_pattern) {
   require_finite(p, n_params, "parameters");
   require(n_params == smoother.num_values(), "parameters must have one value per smoother value");
-  if (factor != nullptr) {
-    bool bad = false;
-    for (std::size_t i = 0; i < n; ++i) bad |= !(factor[i] > 0.0 && factor[i] <= kMaxDouble);
-    require(!bad, "factor must be finite and positive");
-  }
+  if (factor != nullptr)
+    require(all_positive_finite(factor, n), "factor must be finite and positive");
   const SmootherAxis& ax = smoother.axis(0);
   const double sigma = smoother.sigma();
   const std::size_t nnz = smooth_1d_apply_any(ax.max_window(), ax, sigma, n, x, x_shift, window,

@@ -162,3 +162,60 @@ def test_scale_gradient_still_refuses_bad_scales_and_rows():
     short = (np.ones(n - 1), np.zeros(n, np.int64), np.zeros(0, np.int32), np.zeros(0), 0, 0, None)
     with pytest.raises(ValueError, match="cover"):
         core.fit.functional_and_scale_gradient(offsets, inten, w, [short])
+
+
+SPECIALS = [0.0, -0.0, -1e-300, -1.0, np.inf, -np.inf, np.nan, 5e-324, 1.0, np.finfo(float).max]
+
+
+def refused(call, match):
+    """True when call() raises ValueError naming @p match; False when it runs (or only finds
+    the result overflowing, as a weight or scale of 1.8e308 may)."""
+    try:
+        call()
+    except ValueError as e:
+        if "overflowed" in str(e):
+            return False
+        assert match in str(e)
+        return True
+    return False
+
+
+@pytest.mark.parametrize("value", SPECIALS)
+def test_vectorised_value_checks_accept_and_refuse_as_comparisons_do(value):
+    """The integer-bit checks (weights finite and >= 0, scales finite and > 0) agree with the
+    comparisons they replace, wherever the value is."""
+    rng = np.random.default_rng(6)
+    n = 1000
+    offsets, inten, w = grouped_table(n, rng)
+    empty = (np.zeros(n + 1, np.int64), np.zeros(0, np.int32), np.zeros(0))
+    fit = core.fit
+    for at in (0, 517, n - 1):
+        w_bad = w.copy()
+        w_bad[at] = value
+        assert refused(lambda w_bad=w_bad: fit.functional_and_scale_gradient(
+            offsets, inten, w_bad, [(np.ones(n), *empty, 0, 0, None)]), "weights") == (
+            not (np.isfinite(value) and value >= 0))
+        g = np.ones(n)
+        g[at] = value
+        assert refused(lambda g=g: fit.functional_and_scale_gradient(
+            offsets, inten, w, [(g, *empty, 0, 0, None)]), f"scale at row {at}") == (
+            not (np.isfinite(value) and value > 0))
+
+
+@pytest.mark.parametrize("value", SPECIALS)
+def test_smoothed_b_factor_check_agrees_with_comparisons(value):
+    """smooth_1d_apply's factor (1/(2d²)) must be finite and > 0, wherever the bad value is."""
+    rng = np.random.default_rng(8)
+    x = rng.uniform(0, 10, 50)
+    setup = (x, 0.0, (0.0, 10.0), 10, 3, 0.7)
+    window, q = core.components.smooth_1d_prepare(*setup)
+    p = rng.uniform(-0.5, 0.5, 12)
+    ok = bool(np.isfinite(value) and value > 0)
+    for at in (0, 33, 49):
+        factor = rng.uniform(0.1, 1.0, 50)
+        factor[at] = value
+        if ok:
+            core.components.smooth_1d_apply(*setup, window, q, p, factor=factor)
+        else:
+            with pytest.raises(ValueError, match="factor"):
+                core.components.smooth_1d_apply(*setup, window, q, p, factor=factor)
