@@ -648,11 +648,13 @@ void ModelBlock::free_scratch() {
 }
 
 template <class Body>
-void ModelBlock::for_each_chunk(const double* params, int n_threads, Body body, bool scales_only) {
-  const std::size_t n_chunks = (n_rows_ + kChunkRows - 1) / kChunkRows;
+void ModelBlock::for_each_chunk(const double* params, int n_threads, Body body, bool scales_only,
+                                const std::vector<std::size_t>* bounds) {
+  const std::size_t n_chunks = bounds ? bounds->size() - 1 : (n_rows_ + kChunkRows - 1) / kChunkRows;
   const int nt = std::max(1, std::min<int>(n_threads, static_cast<int>(n_chunks)));
   const auto chunk = [&](std::size_t c, std::vector<TermScratch>& scratch) {
-    const std::size_t first = c * kChunkRows, count = std::min(kChunkRows, n_rows_ - first);
+    const std::size_t first = bounds ? (*bounds)[c] : c * kChunkRows;
+    const std::size_t count = bounds ? (*bounds)[c + 1] - first : std::min(kChunkRows, n_rows_ - first);
     std::vector<TermValues> tv(terms_.size());
     for (std::size_t t = 0; t < terms_.size(); ++t) {
       const double* p = params + param_start_[t];
@@ -661,7 +663,7 @@ void ModelBlock::for_each_chunk(const double* params, int n_threads, Body body, 
       else
         tv[t] = terms_[t]->evaluate_rows(p, first, count, scratch[t]);
     }
-    body(first, count, tv);
+    body(c, first, count, tv);
   };
   if (nt == 1) {  // the block's own scratch, kept for the next call
     for (std::size_t c = 0; c < n_chunks; ++c) chunk(c, scratch_);
@@ -701,7 +703,7 @@ void ModelBlock::evaluate(const double* params, std::size_t n_params, int n_thre
     out_.values = std::make_shared<std::vector<double>>(detail::large_vector<double>(out_.indices->size()));
   }
   if (by_chunks) {
-    for_each_chunk(params, n_threads, [&](std::size_t first, std::size_t count, const std::vector<TermValues>& tv) {
+    for_each_chunk(params, n_threads, [&](std::size_t, std::size_t first, std::size_t count, const std::vector<TermValues>& tv) {
       fill(tv, first, count);  // rows [first, first + count) only: chunks never share an entry
     });
   } else {
@@ -753,7 +755,7 @@ void ModelBlock::evaluate_rows(const double* params, std::size_t n_params, std::
 
 void ModelBlock::scales_by_chunks(const double* params, int n_threads) {
   double* g = out_.scales->data();
-  for_each_chunk(params, n_threads, [&](std::size_t first, std::size_t count, const std::vector<TermValues>& tv) {
+  for_each_chunk(params, n_threads, [&](std::size_t, std::size_t first, std::size_t count, const std::vector<TermValues>& tv) {
     product_of_scales(tv, count, g + first);
   }, true);
 }
@@ -763,9 +765,9 @@ void ModelBlock::transpose_product_by_chunks(const double* params, const double*
   double* g = out_.scales->data();
   // each chunk's sums apart, then added in chunk order: the same bits for any thread count
   std::vector<double> partial(((n_rows_ + kChunkRows - 1) / kChunkRows) * n_cols_, 0.0);
-  for_each_chunk(params, n_threads, [&](std::size_t first, std::size_t count, const std::vector<TermValues>& tv) {
-    rows_transpose_product(tv, first, count, false, coefficients, g + first,
-                           partial.data() + (first / kChunkRows) * n_cols_);
+  for_each_chunk(params, n_threads, [&](std::size_t c, std::size_t first, std::size_t count, const std::vector<TermValues>& tv) {
+    rows_transpose_product(tv, first, count, false, coefficients + first, g + first,
+                           partial.data() + c * n_cols_);
   });
   for (std::size_t c = 0; c * n_cols_ < partial.size(); ++c)
     for (std::size_t j = 0; j < n_cols_; ++j) out[j] += partial[c * n_cols_ + j];
@@ -812,7 +814,7 @@ void ModelBlock::rows_transpose_product(const std::vector<TermValues>& tv, std::
   for (std::size_t t = 0; t < k; ++t) {
     if (!active_[t] || terms_[t]->n_cols() == 0) continue;
     // u = c · Π of the other terms' scales (no division: a zero scale is exact)
-    std::copy(coefficients + first, coefficients + first + count, u.begin());
+    std::copy(coefficients, coefficients + count, u.begin());
     for (std::size_t o = 0; o < k; ++o) {
       if (o == t) continue;
       for (std::size_t i = 0; i < count; ++i) u[i] *= tv[o].scales[i];
@@ -822,6 +824,79 @@ void ModelBlock::rows_transpose_product(const std::vector<TermValues>& tv, std::
     else
       terms_[t]->add_transpose_product_rows(tv[t], first, count, u.data(), acc + col_start_[t]);
   }
+}
+
+namespace {
+
+/// Chunks of whole groups for ModelBlock::functional_and_gradient: row bounds (from 0 to
+/// n_obs) and the matching group bounds. A chunk ends at the first group end at least
+/// kChunkRows rows after its start, so a group longer than that is a chunk of its own.
+std::pair<std::vector<std::size_t>, std::vector<std::size_t>> group_chunks(
+    const fit::GroupedObservations& t) {
+  std::vector<std::size_t> rows{0}, groups{0};
+  for (std::size_t h = 0; h < t.n_groups; ++h) {
+    const auto end = static_cast<std::size_t>(t.group_offsets[h + 1]);
+    if (end - rows.back() >= kChunkRows || h + 1 == t.n_groups) {
+      rows.push_back(end);
+      groups.push_back(h + 1);
+    }
+  }
+  return {rows, groups};
+}
+
+}  // namespace
+
+double ModelBlock::chunk_functional_and_gradient(const std::vector<TermValues>& tv,
+                                                 std::size_t first, std::size_t count,
+                                                 const fit::GroupedObservations& t,
+                                                 std::size_t group_first, std::size_t group_last,
+                                                 double* acc) const {
+  double* g = out_.scales->data();  // this chunk's rows only
+  product_of_scales(tv, count, g + first);
+  if (!all_positive_finite(g + first, count))
+    throw std::invalid_argument("a scale g is not finite and > 0 (rows " + std::to_string(first) +
+                                " to " + std::to_string(first + count - 1) + ")");
+  // the target kernel's operations (residual_pass) on these groups, ∂f/∂g kept for the chunk
+  std::vector<double> dfdg(count);
+  double f = 0.0;
+  for (std::size_t h = group_first; h < group_last; ++h) {
+    const fit::detail::GroupSums sums = fit::detail::group_sums(t, g, h);
+    const double ih = sums.wgg > 0.0 ? sums.wgi / sums.wgg : 0.0;
+    for (auto l = t.group_offsets[h]; l < t.group_offsets[h + 1]; ++l) {
+      const double r = t.intensities[l] - g[l] * ih;
+      const double wr = t.weights[l] * r;
+      f += wr * r;
+      dfdg[static_cast<std::size_t>(l) - first] = -2.0 * wr * ih;
+    }
+  }
+  rows_transpose_product(tv, first, count, false, dfdg.data(), g + first, acc);
+  return f;
+}
+
+double ModelBlock::functional_and_gradient(const double* params, std::size_t n_params,
+                                           const fit::GroupedObservations& table,
+                                           double* gradient, int n_threads) {
+  if (!chunked()) throw std::logic_error("a term of this block does not evaluate row ranges");
+  require(table.n_obs == n_rows_, "the table must have one row per block row (" +
+                                      std::to_string(n_rows_) + "), got " +
+                                      std::to_string(table.n_obs));
+  start_chunks(params, n_params);
+  evaluated_ = false;
+  std::fill(gradient, gradient + n_cols_, 0.0);
+  if (n_rows_ == 0) return 0.0;
+  const auto [rows, groups] = group_chunks(table);
+  const std::size_t n_chunks = rows.size() - 1;
+  std::vector<double> partial(n_chunks * n_cols_, 0.0), f_chunk(n_chunks, 0.0);
+  for_each_chunk(params, n_threads, [&](std::size_t c, std::size_t first, std::size_t count, const std::vector<TermValues>& tv) {
+    f_chunk[c] = chunk_functional_and_gradient(tv, first, count, table, groups[c], groups[c + 1],
+                                               partial.data() + c * n_cols_);
+  }, false, &rows);
+  double f = 0.0;  // in chunk order: the same bits for any thread count
+  for (std::size_t c = 0; c < n_chunks; ++c) {
+    f += f_chunk[c];
+    for (std::size_t j = 0; j < n_cols_; ++j) gradient[j] += partial[c * n_cols_ + j];
+  }
+  return f;
 }
 
 void ModelBlock::release_values(bool pattern) {

@@ -219,3 +219,67 @@ def test_smoothed_b_factor_check_agrees_with_comparisons(value):
         else:
             with pytest.raises(ValueError, match="factor"):
                 core.components.smooth_1d_apply(*setup, window, q, p, factor=factor)
+
+
+def three_call_f_g(block, offsets, inten, w):
+    """The matrix-free f+g of three calls: g, the target's ∂f/∂g, the transposed product."""
+    n = inten.size
+    empty = (np.zeros(n + 1, np.int64), np.zeros(0, np.int32), np.zeros(0))
+    g = block.evaluate_scales()
+    f, dfdg, _ = core.fit.functional_and_scale_gradient(offsets, inten, w, [(g, *empty, 0, 0, None)])
+    return f, block.transpose_product(dfdg)
+
+
+@pytest.mark.parametrize("long_group", [False, True])
+def test_fused_functional_and_gradient_matches_the_three_calls(long_group):
+    """ModelBlock.functional_and_gradient (one pass over chunks of whole groups) gives the
+    three calls' f and gradient to rounding, the same g bit for bit, and the same bits at every
+    SIMD level and thread count; a group longer than a chunk is a chunk of its own."""
+    rng = np.random.default_rng(9)
+    n = 12000
+    offsets, inten, w = grouped_table(n, rng)
+    if long_group:  # rows 3000..8999 one group
+        offsets = np.unique(np.concatenate([offsets[(offsets <= 3000) | (offsets >= 9000)], [3000, 9000]]))
+    w[rng.choice(n, 50, replace=False)] = 0.0
+    block = physical_block(n, rng)
+    f_ref, grad_ref = three_call_f_g(block, offsets, inten, w)
+    g_ref = np.array(block.scales)
+    params = block.parameters()
+    results = at_every_simd_level(
+        lambda: [block.core.functional_and_gradient(params, offsets, inten, w, nt) for nt in (1, 2, 3)])
+    f0, grad0 = results[-1][0]
+    for per_level in results:
+        for f, grad in per_level:
+            assert f == f0 and np.array_equal(grad, grad0)
+    assert not block.core.evaluated
+    np.testing.assert_array_equal(np.array(block.scales), g_ref)
+    assert f0 == pytest.approx(f_ref, rel=1e-13)
+    assert np.max(np.abs(grad0 - grad_ref)) <= 1e-12 * np.max(np.abs(grad_ref))
+
+
+def test_fused_functional_and_gradient_refuses_bad_input():
+    rng = np.random.default_rng(10)
+    n = 500
+    offsets, inten, w = grouped_table(n, rng)
+    block = physical_block(n, rng)
+    params = block.parameters()
+    with pytest.raises(ValueError, match="one row per block row"):
+        block.core.functional_and_gradient(params, *grouped_table(n - 1, rng))
+    with pytest.raises(ValueError, match="weights"):
+        block.core.functional_and_gradient(params, offsets, inten, -w)
+    with pytest.raises(ValueError, match="params"):
+        block.core.functional_and_gradient(params[:-1], offsets, inten, w)
+    empty = mb.ModelBlock(0)
+    f, grad = empty.functional_and_gradient(np.zeros(0), np.zeros(1, np.int64), np.zeros(0), np.zeros(0))
+    assert f == 0.0 and grad.size == 0
+
+
+def test_fused_functional_and_gradient_refuses_a_non_positive_scale():
+    rng = np.random.default_rng(12)
+    n = 300
+    offsets, inten, w = grouped_table(n, rng)
+    block = harmonics_block(np.abs(rng.standard_normal((n, 8))) + 0.1)
+    with pytest.raises(ValueError, match="scale g is not finite and > 0"):
+        block.functional_and_gradient(np.full(8, -5.0), offsets, inten, w)
+    f, grad = block.functional_and_gradient(np.full(8, 0.01), offsets, inten, w)
+    assert np.isfinite(f) and np.all(np.isfinite(grad))
