@@ -262,7 +262,8 @@ std::pair<int, std::size_t> LeanSmoothTerm::row_columns(std::size_t i) const {
 
 TermValues LeanSmoothTerm::evaluate(const double* p, TermScratch& scratch) const {
   double* s = sized(scratch.scales, n_rows());
-  double* d = sized(scratch.values, nnz_);
+  // rows may be written at the full window width and trimmed: room for the last one's overhang
+  double* d = sized(scratch.values, nnz_ + kMaxAxisWindow);
   components::smooth_1d_apply(smoother_, n_rows(), x_.data, x_shift_, window_.data, q_.data, p,
                               n_params(), first_fixed_, factor_.data, s, nullptr, nullptr, d,
                               false);

@@ -68,40 +68,55 @@ def test_dense_transpose_product_same_bits_at_every_level_and_thread_count(dtype
     assert np.all(np.abs(results[-1][0] - expected) <= 1e-13 * scale + 1e-300)
 
 
-def physical_block(n, rng):
+def physical_block(n, rng, far=0):
+    """Lean scale (first parameter fixed) and decay smoothers and float32 harmonics, as the
+    large-data regime builds them; @p far rows at random places lie far outside the smoothers'
+    range (the direct formula, row by row among the SIMD lanes)."""
     scale = SmoothScaleComponent1D(rng.uniform(0.8, 1.2, 20))
     scale.fix_initial_parameter()
     decay = SmoothBScaleComponent1D(rng.uniform(-0.5, 0.5, 15))
     sh = SHScaleComponent(rng.uniform(-0.05, 0.05, 24))
-    scale.data = {"x": rng.uniform(0, 36, n)}
-    decay.data = {"x": rng.uniform(0, 36, n), "d": rng.uniform(0.8, 4.0, n)}
+    for comp in (scale, decay):
+        comp.lean_min_reflections = 0
+    sh.float32_min_reflections = 0
+    x_scale, x_decay = rng.uniform(0, 36, n), rng.uniform(0, 36, n)
+    for x in (x_scale, x_decay):
+        x[rng.choice(n, far, replace=False)] = rng.choice([-1e6, -300.0, 400.0, 1e6], far)
+    scale.data = {"x": x_scale}
+    decay.data = {"x": x_decay, "d": rng.uniform(0.8, 4.0, n)}
     sh.data = sh_lookup_data(rng.normal(size=(n, 3)), rng.normal(size=(n, 3)), 4)
     for comp in (scale, decay, sh):
         comp.update_reflection_data()
-    return ComponentModelBlock([scale, decay, sh])
+    block = ComponentModelBlock([scale, decay, sh])
+    assert [type(block.core.term(i)).__name__ for i in range(3)] == ["LeanSmoothTerm", "LeanSmoothTerm", "HarmonicsTerm"]
+    return block
 
 
-def test_physical_model_f_g_same_bits_at_every_level_and_thread_count():
-    """g and (∂g/∂p)ᵀc of a physical model (lean scale and decay, float32 harmonics): the same
-    bits at every SIMD level and thread count; Jᵀc of evaluate()'s CSR to rounding."""
-    rng = np.random.default_rng(5)
-    n = 10000
-    block = physical_block(n, rng)
+@pytest.mark.parametrize("far", [0, 40])
+def test_physical_model_f_g_same_bits_at_every_level_and_thread_count(far):
+    """g, ∂g/∂p and (∂g/∂p)ᵀc of a physical model (lean scale and decay in SIMD lanes, float32
+    harmonics): the same bits at every SIMD level and thread count; Jᵀc of evaluate()'s CSR to
+    rounding."""
+    rng = np.random.default_rng(5 + far)
+    n = 10003
+    block = physical_block(n, rng, far)
     c = rng.standard_normal(n)
 
     def run():
         out = []
         for nt in (1, 2):
             g = np.array(block.evaluate_scales(nt))
-            out.append((g, block.transpose_product(c, nt)))
+            t = block.transpose_product(c, nt)
+            gj, jac = block.evaluate(nt)
+            out.append((g, t, np.array(gj), np.array(jac.as_scipy().data)))
         return out
 
     results = at_every_simd_level(run)
-    g0, t0 = results[-1][0]
+    g0, t0, _, v0 = results[-1][0]
     for per_level in results:
-        for g, t in per_level:
-            assert np.array_equal(g, g0)
-            assert np.array_equal(t, t0)
+        for g, t, gj, v in per_level:
+            assert np.array_equal(g, g0) and np.array_equal(gj, g0)
+            assert np.array_equal(t, t0) and np.array_equal(v, v0)
     g, jac = block.evaluate()
     np.testing.assert_array_equal(g0, g)
     j = jac.as_scipy()
@@ -283,3 +298,34 @@ def test_fused_functional_and_gradient_refuses_a_non_positive_scale():
         block.functional_and_gradient(np.full(8, -5.0), offsets, inten, w)
     f, grad = block.functional_and_gradient(np.full(8, 0.01), offsets, inten, w)
     assert np.isfinite(f) and np.all(np.isfinite(grad))
+
+
+@pytest.mark.parametrize("first_fixed", [False, True])
+@pytest.mark.parametrize("b_factor", [False, True])
+def test_lean_kernel_lanes_give_the_row_by_row_bits(first_fixed, b_factor):
+    """smooth_1d_apply writing its pattern goes row by row (the plain path); without the
+    pattern, or with derivatives off, rows go in SIMD lanes at levels 1 and 2: the same scales
+    and derivative values bit for bit, far points included, for partial blocks of lanes."""
+    rng = np.random.default_rng(13)
+    n = 1037
+    x = rng.uniform(0, 10, n)
+    x[rng.choice(n, 9, replace=False)] = rng.choice([-1e6, -40.0, 50.0, 1e6], 9)
+    setup = (x, 0.0, (0.0, 10.0), 10, 3, 0.7)
+    kern = core.components
+    window, q = kern.smooth_1d_prepare(*setup)
+    p = rng.uniform(-0.5, 0.5, 12) if b_factor else rng.uniform(0.8, 1.2, 12)
+    factor = rng.uniform(0.03, 0.8, n) if b_factor else None
+    ref_s, ip, ix, ref_d, nnz = kern.smooth_1d_apply(*setup, window, q, p, first_fixed=first_fixed,
+                                                     factor=factor)
+
+    def lanes():
+        s, _, _, d, m = kern.smooth_1d_apply(*setup, window, q, p, first_fixed=first_fixed, factor=factor,
+                                             indptr_out=ip.copy(), indices_out=ix.copy(), write_pattern=False)
+        s_only = kern.smooth_1d_apply(*setup, window, q, p, first_fixed=first_fixed, factor=factor,
+                                      derivatives=False)[0]
+        return s, d[:m], m, s_only
+
+    for s, d, m, s_only in at_every_simd_level(lanes):
+        assert m == nnz
+        assert np.array_equal(s, ref_s) and np.array_equal(s_only, ref_s)
+        assert np.array_equal(d, ref_d[:nnz])

@@ -124,7 +124,8 @@ XTALSCALE_EXPORT std::size_t smooth_1d_prepare(const GaussianSmoother<1>& smooth
 /// smoothed-B scale exp(that · factor[i])) and, if @p data is non-null, the derivative matrix
 /// ∂s/∂p (CSR, 32-bit indices; without column 0 when @p first_fixed; for the B form each row is
 /// also multiplied by scales[i]·factor[i]); @p indices / @p data need capacity
-/// n·smoother.max_row_nnz(). The windows and q come from smooth_1d_prepare, so a row costs no
+/// n·smoother.max_row_nnz() (entries of @p data past the returned nnz may be overwritten: rows
+/// in SIMD lanes are written at the full window width, within that capacity). The windows and q come from smooth_1d_prepare, so a row costs no
 /// exponential: the normalised weights are q^k·c_k / Σ_j q^j·c_j with c_k = exp(−a k²)
 /// (the common factor exp(−a d²) cancels), within a few ulp of DIALS's direct formula.
 /// The smoothed-B form takes @p factor = 1/(2d²) per point (finite, > 0) instead of d.
