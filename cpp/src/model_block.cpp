@@ -10,6 +10,7 @@
 
 #include "xtalscale/check.hpp"
 #include "fit_parallel.hpp"  // parallel_for, thread_number (OpenMP optional)
+#include "internal/kernel_support.hpp"  // with_window_width
 #include "internal/large_buffers.hpp"
 
 namespace xtalscale {
@@ -291,14 +292,46 @@ const double* LeanSmoothTerm::scales_rows(const double* p, std::size_t first, st
   return s;
 }
 
+namespace {
+
+/// LeanSmoothTerm's transposed product for a window bound W: every row adds W products (those
+/// past its window +0.0, chosen without a branch) into a copy of @p out padded by W columns,
+/// so no row waits on a mispredicted window length. Each column still sums its rows' products
+/// in row order, the same bits as adding the window's products alone (out never holds −0.0
+/// after a sum, and x + (+0.0) = x otherwise). Reads up to W − 1 values past a row's own,
+/// within the evaluation's buffer (sized for rows written at the full width).
+template <int W>
+void lean_transpose_rows(std::size_t count, const std::uint16_t* window, bool first_fixed,
+                         const double* values, const double* u, double* out, std::size_t n_cols) {
+  std::vector<double> acc(n_cols + W + 1);  // acc[1 + c] for column c ∈ [−1, n_cols + W)
+  std::copy(out, out + n_cols, acc.begin() + 1);
+  const int skip = first_fixed ? 1 : 0;
+  std::size_t q = 0;
+  for (std::size_t i = 0; i < count; ++i) {
+    const int f = components::window_first(window[i]), cnt = components::window_count(window[i]);
+    const int dropped = f < skip ? 1 : 0;  // column 0 of a fixed first parameter: no column
+    const int n = std::max(cnt - dropped, 0);
+    double* a = acc.data() + 1 + (f - skip + dropped);
+    const double ui = u[i];
+    for (int k = 0; k < W; ++k) {
+      const double product = ui * values[q + static_cast<std::size_t>(k)];
+      a[k] += k < n ? product : 0.0;
+    }
+    q += static_cast<std::size_t>(n);
+  }
+  std::copy(acc.begin() + 1, acc.begin() + 1 + static_cast<std::ptrdiff_t>(n_cols), out);
+}
+
+}  // namespace
+
 void LeanSmoothTerm::add_transpose_product_rows(const TermValues& v, std::size_t first,
                                                 std::size_t count, const double* u,
                                                 double* out) const {
-  std::size_t q = 0;
-  for (std::size_t i = 0; i < count; ++i) {
-    const auto [col, n_cols] = row_columns(first + i);
-    for (std::size_t k = 0; k < n_cols; ++k, ++q) out[col + static_cast<int>(k)] += u[i] * v.values[q];
-  }
+  const int width = smoother_.axis(0).max_window();
+  detail::with_window_width<1>(width, [&](auto w) {
+    lean_transpose_rows<decltype(w)::value>(count, window_.data + first, first_fixed_, v.values,
+                                            u, out, n_cols());
+  });
 }
 
 void LeanSmoothTerm::pattern_rows(std::size_t first, std::size_t count, std::int64_t* indptr,
