@@ -179,14 +179,22 @@ def physical_model_f_g(offsets, inten, w, rng):
         f, dfdg, _ = core_fit.functional_and_scale_gradient(offsets, inten, w, [(g, *empty, 0, 0, None)])
         return f, block.transpose_product(dfdg)
 
-    (f1, g1), (f2, g2) = with_derivatives(), matrix_free()
+    def fused(nt=1):
+        return block.core.functional_and_gradient(block.parameters(), offsets, inten, w, nt)
+
+    (f1, g1), (f2, g2), (f3, g3) = with_derivatives(), matrix_free(), fused()
     agree = np.max(np.abs(g1 - g2)) / np.max(np.abs(g1))
+    agree_fused = np.max(np.abs(g1 - g3)) / np.max(np.abs(g1))
     t_d = best_time(with_derivatives, 3)
     t_m = best_time(matrix_free, 3)
     t_s = best_time(block.evaluate_scales, 3)
     print(f"physical model (lmax 4, lean smoothers, float32 harmonics), f+g including the model's evaluation, 1 thread: "
           f"through dg/dp {t_d / n * 1e9:6.1f} ns/obs, without it (transposed product) {t_m / n * 1e9:6.1f} ns/obs "
           f"({t_d / t_m:.1f}x; g alone {t_s / n * 1e9:.1f} ns/obs; gradients agree to {agree:.1e}, f to {abs(f1 - f2) / f1:.1e})")
+    t_f = [best_time(lambda nt=nt: fused(nt), 3) for nt in (1, 2)]
+    print(f"  the same in one pass (ModelBlock.functional_and_gradient, chunks of whole groups): "
+          f"{t_f[0] / n * 1e9:6.1f} ns/obs, 2 threads {t_f[1] / n * 1e9:6.1f} ns/obs "
+          f"(gradient agrees to {agree_fused:.1e}, f to {abs(f1 - f3) / f1:.1e})")
     # held between evaluations without dg/dp: the table (I, w, offsets), the terms' data, g
     terms = sum(block.core.term(i).nbytes for i in range(block.core.n_terms))
     held = offsets.nbytes + inten.nbytes + w.nbytes + terms + 8 * n  # + g

@@ -217,6 +217,126 @@ void sh_scales_f32(std::size_t n, std::size_t n_params, const float* harmonics,
   sh_scales_f32_impl(n, n_params, harmonics, coef, scales);
 }
 
+namespace {
+// The dense transposed product out[k] += Σ_i u_i·H[i,k] (H row-major n × p, float32 or
+// float64). Every column is summed in row order, one FMA per row starting from out[k], on
+// every path: the AVX-512 (8 columns a register) and AVX2 (4 a register) paths hold up to 32
+// columns in registers over all rows, so each row costs its loads and FMAs only, and all paths
+// give the same bits (as sh_scales_f32's, on any CPU with FMA).
+
+#ifdef XS_SH_SIMD
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12: _mm256_undefined_pd in the intrinsics
+/// Widen 8 float32 or load 8 float64 values into one AVX-512 register.
+__attribute__((target("avx512f"), always_inline)) inline __m512d load8(const float* r) {
+  return _mm512_cvtps_pd(_mm256_loadu_ps(r));
+}
+__attribute__((target("avx512f"), always_inline)) inline __m512d load8(const double* r) {
+  return _mm512_loadu_pd(r);
+}
+__attribute__((target("avx2,fma"), always_inline)) inline __m256d load4(const float* r) {
+  return _mm256_cvtps_pd(_mm_loadu_ps(r));
+}
+__attribute__((target("avx2,fma"), always_inline)) inline __m256d load4(const double* r) {
+  return _mm256_loadu_pd(r);
+}
+
+/// The first NZ·8 columns of @p h (row stride @p p) over every row, in NZ registers.
+template <int NZ, typename T>
+__attribute__((target("avx512f"))) void transpose_cols_avx512(std::size_t n, std::size_t p,
+                                                              const T* h, const double* u,
+                                                              double* out) {
+  __m512d acc[NZ];
+  for (int j = 0; j < NZ; ++j) acc[j] = _mm512_loadu_pd(out + 8 * j);
+  for (std::size_t i = 0; i < n; ++i) {
+    const __m512d ui = _mm512_set1_pd(u[i]);
+    const T* r = h + i * p;
+    for (int j = 0; j < NZ; ++j) acc[j] = _mm512_fmadd_pd(ui, load8(r + 8 * j), acc[j]);
+  }
+  for (int j = 0; j < NZ; ++j) _mm512_storeu_pd(out + 8 * j, acc[j]);
+}
+
+/// The first NY·4 columns of @p h (row stride @p p) over every row, in NY registers.
+template <int NY, typename T>
+__attribute__((target("avx2,fma"))) void transpose_cols_avx2(std::size_t n, std::size_t p,
+                                                             const T* h, const double* u,
+                                                             double* out) {
+  __m256d acc[NY];
+  for (int j = 0; j < NY; ++j) acc[j] = _mm256_loadu_pd(out + 4 * j);
+  for (std::size_t i = 0; i < n; ++i) {
+    const __m256d ui = _mm256_set1_pd(u[i]);
+    const T* r = h + i * p;
+    for (int j = 0; j < NY; ++j) acc[j] = _mm256_fmadd_pd(ui, load4(r + 4 * j), acc[j]);
+  }
+  for (int j = 0; j < NY; ++j) _mm256_storeu_pd(out + 4 * j, acc[j]);
+}
+
+/// Columns in groups of 32 (the last group 8, 16 or 24): p % 8 == 0.
+template <typename T>
+void transpose_product_simd(int level, std::size_t n, std::size_t p, const T* h, const double* u,
+                            double* out) {
+  for (std::size_t c = 0; c < p; c += 32) {
+    const std::size_t m = std::min<std::size_t>(32, p - c);
+    if (level >= 2) {
+      switch (m) {
+        case 8: transpose_cols_avx512<1>(n, p, h + c, u, out + c); break;
+        case 16: transpose_cols_avx512<2>(n, p, h + c, u, out + c); break;
+        case 24: transpose_cols_avx512<3>(n, p, h + c, u, out + c); break;
+        default: transpose_cols_avx512<4>(n, p, h + c, u, out + c); break;
+      }
+    } else {
+      switch (m) {
+        case 8: transpose_cols_avx2<2>(n, p, h + c, u, out + c); break;
+        case 16: transpose_cols_avx2<4>(n, p, h + c, u, out + c); break;
+        case 24: transpose_cols_avx2<6>(n, p, h + c, u, out + c); break;
+        default: transpose_cols_avx2<8>(n, p, h + c, u, out + c); break;
+      }
+    }
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+
+/// The plain path (compiled for AVX2+FMA too, where the product-sum is one FMA as above).
+template <typename T>
+XS_ALWAYS_INLINE void transpose_product_rows(std::size_t n, std::size_t p, const T* h,
+                                             const double* u, double* out) {
+  for (std::size_t i = 0; i < n; ++i) {
+    const double ui = u[i];
+    const T* r = h + i * p;
+    for (std::size_t k = 0; k < p; ++k) out[k] += ui * static_cast<double>(r[k]);
+  }
+}
+XS_MULTIVERSION void transpose_product_plain(std::size_t n, std::size_t p, const float* h,
+                                             const double* u, double* out) {
+  transpose_product_rows(n, p, h, u, out);
+}
+XS_MULTIVERSION void transpose_product_plain(std::size_t n, std::size_t p, const double* h,
+                                             const double* u, double* out) {
+  transpose_product_rows(n, p, h, u, out);
+}
+
+template <typename T>
+void dense_transpose_product_any(std::size_t n, std::size_t p, const T* h, const double* u,
+                                 double* out) {
+#ifdef XS_SH_SIMD
+  const int level = detail::simd_level();
+  if (p % 8 == 0 && p > 0 && level >= 1) return transpose_product_simd(level, n, p, h, u, out);
+#endif
+  transpose_product_plain(n, p, h, u, out);
+}
+}  // namespace
+
+void dense_transpose_product(std::size_t n, std::size_t n_cols, const float* h, const double* u,
+                             double* out) {
+  dense_transpose_product_any(n, n_cols, h, u, out);
+}
+
+void dense_transpose_product(std::size_t n, std::size_t n_cols, const double* h, const double* u,
+                             double* out) {
+  dense_transpose_product_any(n, n_cols, h, u, out);
+}
+
 void harmonics_from_lookup_f32(const std::int32_t* i0, const std::int32_t* i1, std::size_t n,
                                const double* table, std::size_t n_rows, std::size_t row_stride,
                                std::size_t n_cols, float* out) {
@@ -245,8 +365,6 @@ void harmonics_from_lookup_f32(const std::int32_t* i0, const std::int32_t* i1, s
 }
 
 namespace {
-
-constexpr double kMaxDouble = std::numeric_limits<double>::max();
 
 /// The lean 1-D kernel's weights. Positions are unit-spaced, so with d = z − pos[first] and
 /// a = 1/σ² the Gaussian weights are w_k = exp(−a(d − k)²) = exp(−a d²) · q^k · c_k,
@@ -342,48 +460,225 @@ XS_MULTIVERSION void exp_times(std::size_t m, double* s, const double* fac) {
   exp_guarded(m, s);  // inlined, so compiled for each target of this function
 }
 
-/// Rows of the held-window kernel for a compile-time window bound W (see smooth_1d_apply).
+/// Per-call constants of the lean 1-D kernel for a window bound W: c_k = exp(−a k²) and the
+/// axis (for the direct formula).
+template <int W>
+struct LeanRows {
+  const SmootherAxis* ax;
+  double sigma, x_shift;
+  const double* pos;
+  double c[W];
+  const double* p;
+  int skip;
+};
+
+/// One row of the lean kernel: its scale (before any B-factor exponential) and, unless
+/// @p data is null, its derivative entries appended at @p nnz.
+template <int W>
+XS_ALWAYS_INLINE double lean_row(const LeanRows<W>& k, std::uint16_t record, double q,
+                                 const double* x, std::int32_t* indices, double* data,
+                                 std::size_t& nnz) {
+  const int f = window_first(record), cnt = window_count(record);
+  double w[W];
+  // A NaN q marks a point far outside the range (see smooth_1d_prepare): direct formula.
+  const bool direct = std::isnan(q);
+  lean_row_weights<W>(direct, q, cnt, k.c, direct ? k.ax->normalise(*x - k.x_shift) : 0.0,
+                      k.pos + f, k.sigma, w);
+  return write_normalised_row<W>(w, f, cnt, k.p, k.skip, indices, data, nnz);
+}
+
+#ifdef XS_SH_SIMD
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12: _mm512_undefined_* in the intrinsics
+// Eight (AVX-512) or four (AVX2) rows at once, one row a lane: the same operations as
+// lean_row on each lane (the product recurrence, the sum over the W weights, the division, the
+// value by FMA over the window's columns), so the scales are lean_row's bit for bit, as
+// compiled for AVX2+FMA. Only blocks of rows without a far point (NaN q) come here; the
+// derivative entries are written row by row from the lanes' normalised weights.
+
+/// Weights w_k (0 past a row's window) of 8 rows, normalised in place; returns the scales.
+template <int W>
+__attribute__((target("avx512f"))) inline __m512d lean_lanes_avx512(const LeanRows<W>& k,
+                                                                    const std::uint16_t* window,
+                                                                    const double* q, __m512d* wn) {
+  const __m512i rec = _mm512_cvtepu16_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(window)));
+  const __m512i first = _mm512_srli_epi64(rec, 3), cnt = _mm512_and_si512(rec, _mm512_set1_epi64(7));
+  const __m512d qv = _mm512_loadu_pd(q);
+  __m512d t = _mm512_set1_pd(1.0), sumw = _mm512_setzero_pd();
+  __mmask8 in[W];
+  for (int j = 0; j < W; ++j) {
+    in[j] = _mm512_cmpgt_epi64_mask(cnt, _mm512_set1_epi64(j));
+    wn[j] = _mm512_maskz_mul_pd(in[j], t, _mm512_set1_pd(k.c[j]));
+    t = _mm512_mul_pd(t, qv);
+  }
+  for (int j = 0; j < W; ++j) sumw = _mm512_add_pd(sumw, wn[j]);
+  const __mmask8 positive = _mm512_cmp_pd_mask(sumw, _mm512_setzero_pd(), _CMP_GT_OQ);
+  const __m512d inv = _mm512_maskz_div_pd(positive, _mm512_set1_pd(1.0), sumw);
+  __m512d value = _mm512_setzero_pd();
+  for (int j = 0; j < W; ++j) {
+    wn[j] = _mm512_mul_pd(wn[j], inv);
+    const __m512i col = _mm512_add_epi64(first, _mm512_set1_epi64(j));
+    const __m512d pj = _mm512_mask_i64gather_pd(_mm512_setzero_pd(), in[j], col, k.p, 8);
+    value = _mm512_mask3_fmadd_pd(wn[j], pj, value, in[j]);
+  }
+  return value;
+}
+
+template <int W>
+__attribute__((target("avx2,fma"))) inline __m256d lean_lanes_avx2(const LeanRows<W>& k,
+                                                                  const std::uint16_t* window,
+                                                                  const double* q, __m256d* wn) {
+  const __m256i rec = _mm256_cvtepu16_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(window)));
+  const __m256i first = _mm256_srli_epi64(rec, 3), cnt = _mm256_and_si256(rec, _mm256_set1_epi64x(7));
+  const __m256d qv = _mm256_loadu_pd(q);
+  __m256d t = _mm256_set1_pd(1.0), sumw = _mm256_setzero_pd();
+  __m256d in[W];
+  for (int j = 0; j < W; ++j) {
+    in[j] = _mm256_castsi256_pd(_mm256_cmpgt_epi64(cnt, _mm256_set1_epi64x(j)));
+    wn[j] = _mm256_and_pd(in[j], _mm256_mul_pd(t, _mm256_set1_pd(k.c[j])));
+    t = _mm256_mul_pd(t, qv);
+  }
+  for (int j = 0; j < W; ++j) sumw = _mm256_add_pd(sumw, wn[j]);
+  const __m256d positive = _mm256_cmp_pd(sumw, _mm256_setzero_pd(), _CMP_GT_OQ);
+  const __m256d inv = _mm256_and_pd(positive, _mm256_div_pd(_mm256_set1_pd(1.0), sumw));
+  __m256d value = _mm256_setzero_pd();
+  for (int j = 0; j < W; ++j) {
+    wn[j] = _mm256_mul_pd(wn[j], inv);
+    const __m256i col = _mm256_add_epi64(first, _mm256_set1_epi64x(j));
+    const __m256d pj = _mm256_mask_i64gather_pd(_mm256_setzero_pd(), k.p, col, in[j], 8);
+    value = _mm256_blendv_pd(value, _mm256_fmadd_pd(wn[j], pj, value), in[j]);
+  }
+  return value;
+}
+
+/// True when none of the @p m values is NaN (no far point among the rows).
+XS_ALWAYS_INLINE bool no_nan(const double* q, int m) {
+  bool ok = true;
+  for (int j = 0; j < m; ++j) ok &= !std::isnan(q[j]);
+  return ok;
+}
+
+/// Append rows' derivative entries from their lanes' normalised weights (lane r of wn[k] is
+/// row r's weight k), as write_normalised_row writes them; row starts into @p row_start.
+/// Without branches: every row writes W values and keeps its own count (the rest is
+/// overwritten by the next row). A row starts at most W entries per earlier row in, so the
+/// W writes stay within the documented capacity n·W.
+template <int W>
+XS_ALWAYS_INLINE void lean_lanes_data(const double* wn, int lanes, const std::uint16_t* window,
+                                      int skip, double* data, std::size_t& nnz,
+                                      std::size_t* row_start) {
+  for (int r = 0; r < lanes; ++r) {
+    row_start[r] = nnz;
+    const int f = window_first(window[r]), cnt = window_count(window[r]);
+    const int dropped = f < skip ? 1 : 0;  // column 0 of a fixed first parameter
+    for (int j = 0; j < W; ++j) data[nnz + j] = wn[std::min(j + dropped, W - 1) * lanes + r];
+    nnz += static_cast<std::size_t>(std::max(cnt - dropped, 0));
+  }
+}
+
+/// Rows [i0, i0 + m) of the lean kernel at SIMD @p level (1 or 2): blocks of 8 or 4 rows
+/// without a far point in lanes, the rest row by row. Scales into @p scales; unless @p data
+/// is null, derivative entries from @p nnz and each row's start into @p row_start.
+template <int W>
+__attribute__((target("avx512f,avx2,fma"))) void lean_rows_avx512(
+    const LeanRows<W>& k, std::size_t m, const std::uint16_t* window, const double* q,
+    const double* x, double* scales, double* data, std::size_t& nnz, std::size_t* row_start) {
+  std::size_t i = 0;
+  alignas(64) double wbuf[W * 8];
+  for (; i + 8 <= m; i += 8) {
+    if (!no_nan(q + i, 8)) {
+      for (std::size_t r = i; r < i + 8; ++r) {
+        row_start[r] = nnz;
+        scales[r] = lean_row<W>(k, window[r], q[r], x + r, nullptr, data, nnz);
+      }
+      continue;
+    }
+    __m512d wn[W];
+    _mm512_storeu_pd(scales + i, lean_lanes_avx512<W>(k, window + i, q + i, wn));
+    if (data == nullptr) continue;
+    for (int j = 0; j < W; ++j) _mm512_store_pd(wbuf + 8 * j, wn[j]);
+    lean_lanes_data<W>(wbuf, 8, window + i, k.skip, data, nnz, row_start + i);
+  }
+  for (; i < m; ++i) {
+    row_start[i] = nnz;
+    scales[i] = lean_row<W>(k, window[i], q[i], x + i, nullptr, data, nnz);
+  }
+}
+
+template <int W>
+__attribute__((target("avx2,fma"))) void lean_rows_avx2(
+    const LeanRows<W>& k, std::size_t m, const std::uint16_t* window, const double* q,
+    const double* x, double* scales, double* data, std::size_t& nnz, std::size_t* row_start) {
+  std::size_t i = 0;
+  alignas(32) double wbuf[W * 4];
+  for (; i + 4 <= m; i += 4) {
+    if (!no_nan(q + i, 4)) {
+      for (std::size_t r = i; r < i + 4; ++r) {
+        row_start[r] = nnz;
+        scales[r] = lean_row<W>(k, window[r], q[r], x + r, nullptr, data, nnz);
+      }
+      continue;
+    }
+    __m256d wn[W];
+    _mm256_storeu_pd(scales + i, lean_lanes_avx2<W>(k, window + i, q + i, wn));
+    if (data == nullptr) continue;
+    for (int j = 0; j < W; ++j) _mm256_store_pd(wbuf + 4 * j, wn[j]);
+    lean_lanes_data<W>(wbuf, 4, window + i, k.skip, data, nnz, row_start + i);
+  }
+  for (; i < m; ++i) {
+    row_start[i] = nnz;
+    scales[i] = lean_row<W>(k, window[i], q[i], x + i, nullptr, data, nnz);
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+
+/// Rows of the held-window kernel for a compile-time window bound W (see smooth_1d_apply), in
+/// chunks of 256 rows: each chunk's rows (in SIMD lanes at level 1 or 2 when no pattern is
+/// written), then, for the smoothed B, the chunk's exponentials and derivative row scaling
+/// while the rows are in cache.
 template <int W>
 __attribute__((always_inline)) inline std::size_t smooth_1d_apply_w(const SmootherAxis& ax, double sigma, std::size_t n,
                               const double* x, double x_shift, const std::uint16_t* window,
                               const double* q, const double* p, bool first_fixed,
                               const double* factor, double* scales, std::int32_t* indptr,
-                              std::int32_t* indices, double* data, bool write_pattern) {
+                              std::int32_t* indices, double* data, bool write_pattern, int level) {
+  LeanRows<W> k{&ax, sigma, x_shift, ax.positions().data(), {}, p, first_fixed ? 1 : 0};
   const double a = 1.0 / (sigma * sigma);
+  for (int j = 0; j < W; ++j) k.c[j] = std::exp(-a * j * j);
   constexpr std::size_t kChunk = 256;
-  double c[W];
-  for (int k = 0; k < W; ++k) c[k] = std::exp(-a * k * k);
-  const double* pos = ax.positions().data();
-  const int skip = first_fixed ? 1 : 0;
   std::size_t nnz = 0;
   const bool pattern = data != nullptr && write_pattern;
   if (pattern) indptr[0] = 0;
   std::size_t row_start[kChunk + 1];  // nnz at the start of each row of the current chunk
-  double w[W];
-  for (std::size_t i = 0; i < n; ++i) {
-    const int f = window_first(window[i]), cnt = window_count(window[i]);
-    row_start[i % kChunk] = nnz;
-    // A NaN q marks a point far outside the range (see smooth_1d_prepare): direct formula.
-    const bool direct = std::isnan(q[i]);
-    lean_row_weights<W>(direct, q[i], cnt, c, direct ? ax.normalise(x[i] - x_shift) : 0.0,
-                        pos + f, sigma, w);
-    scales[i] = write_normalised_row<W>(w, f, cnt, p, skip, pattern ? indices : nullptr, data, nnz);
-    if (pattern) indptr[i + 1] = static_cast<std::int32_t>(nnz);
+  (void)level;
+  for (std::size_t c0 = 0; c0 < n; c0 += kChunk) {
+    const std::size_t m = std::min(kChunk, n - c0);
+#ifdef XS_SH_SIMD
+    if (!pattern && level >= 2) {
+      lean_rows_avx512<W>(k, m, window + c0, q + c0, x + c0, scales + c0, data, nnz, row_start);
+    } else if (!pattern && level >= 1) {
+      lean_rows_avx2<W>(k, m, window + c0, q + c0, x + c0, scales + c0, data, nnz, row_start);
+    } else
+#endif
+    {
+      for (std::size_t i = c0; i < c0 + m; ++i) {
+        row_start[i - c0] = nnz;
+        scales[i] = lean_row<W>(k, window[i], q[i], x + i, pattern ? indices : nullptr, data, nnz);
+        if (pattern) indptr[i + 1] = static_cast<std::int32_t>(nnz);
+      }
+    }
     // Smoothed B, per chunk of rows while they are in cache: s = exp(B·f), f = 1/(2d²), and
     // the derivative rows scaled by s·f (one vectorised exponential per row).
-    if (factor != nullptr && ((i + 1) % kChunk == 0 || i + 1 == n)) {
-      const std::size_t c0 = i + 1 - ((i + 1) % kChunk == 0 ? kChunk : (i + 1) % kChunk);
-      const std::size_t m = i + 1 - c0;
-      double* sc = scales + c0;
-      const double* fac = factor + c0;
-      exp_times(m, sc, fac);
-      if (data != nullptr) {  // row bounds from this call's own count, not from indptr
-        row_start[m] = nnz;
-        for (std::size_t j = 0; j < m; ++j) {
-          const double r = sc[j] * fac[j];
-          for (std::size_t k = row_start[j]; k < row_start[j + 1]; ++k) data[k] *= r;
-        }
-      }
+    if (factor == nullptr) continue;
+    double* sc = scales + c0;
+    const double* fac = factor + c0;
+    exp_times(m, sc, fac);
+    if (data == nullptr) continue;
+    row_start[m] = nnz;  // row bounds from this call's own count, not from indptr
+    for (std::size_t j = 0; j < m; ++j) {
+      const double r = sc[j] * fac[j];
+      for (std::size_t e = row_start[j]; e < row_start[j + 1]; ++e) data[e] *= r;
     }
   }
   return nnz;
@@ -396,13 +691,13 @@ XS_MULTIVERSION std::size_t smooth_1d_apply_any(
     int width, const SmootherAxis& ax, double sigma, std::size_t n, const double* x,
     double x_shift, const std::uint16_t* window, const double* q, const double* p,
     bool first_fixed, const double* factor, double* scales, std::int32_t* indptr,
-    std::int32_t* indices, double* data, bool write_pattern) {
+    std::int32_t* indices, double* data, bool write_pattern, int level) {
   switch (width) {
-    case 1: return smooth_1d_apply_w<1>(ax, sigma, n, x, x_shift, window, q, p, first_fixed, factor, scales, indptr, indices, data, write_pattern);
-    case 2: return smooth_1d_apply_w<2>(ax, sigma, n, x, x_shift, window, q, p, first_fixed, factor, scales, indptr, indices, data, write_pattern);
-    case 3: return smooth_1d_apply_w<3>(ax, sigma, n, x, x_shift, window, q, p, first_fixed, factor, scales, indptr, indices, data, write_pattern);
-    case 4: return smooth_1d_apply_w<4>(ax, sigma, n, x, x_shift, window, q, p, first_fixed, factor, scales, indptr, indices, data, write_pattern);
-    default: return smooth_1d_apply_w<5>(ax, sigma, n, x, x_shift, window, q, p, first_fixed, factor, scales, indptr, indices, data, write_pattern);
+    case 1: return smooth_1d_apply_w<1>(ax, sigma, n, x, x_shift, window, q, p, first_fixed, factor, scales, indptr, indices, data, write_pattern, level);
+    case 2: return smooth_1d_apply_w<2>(ax, sigma, n, x, x_shift, window, q, p, first_fixed, factor, scales, indptr, indices, data, write_pattern, level);
+    case 3: return smooth_1d_apply_w<3>(ax, sigma, n, x, x_shift, window, q, p, first_fixed, factor, scales, indptr, indices, data, write_pattern, level);
+    case 4: return smooth_1d_apply_w<4>(ax, sigma, n, x, x_shift, window, q, p, first_fixed, factor, scales, indptr, indices, data, write_pattern, level);
+    default: return smooth_1d_apply_w<5>(ax, sigma, n, x, x_shift, window, q, p, first_fixed, factor, scales, indptr, indices, data, write_pattern, level);
   }
 }
 
@@ -415,16 +710,13 @@ std::size_t smooth_1d_apply(const GaussianSmoother<1>& smoother, std::size_t n, 
                             std::int32_t* indices, double* data, bool write_pattern) {
   require_finite(p, n_params, "parameters");
   require(n_params == smoother.num_values(), "parameters must have one value per smoother value");
-  if (factor != nullptr) {
-    bool bad = false;
-    for (std::size_t i = 0; i < n; ++i) bad |= !(factor[i] > 0.0 && factor[i] <= kMaxDouble);
-    require(!bad, "factor must be finite and positive");
-  }
+  if (factor != nullptr)
+    require(all_positive_finite(factor, n), "factor must be finite and positive");
   const SmootherAxis& ax = smoother.axis(0);
   const double sigma = smoother.sigma();
   const std::size_t nnz = smooth_1d_apply_any(ax.max_window(), ax, sigma, n, x, x_shift, window,
                                                q, p, first_fixed, factor, scales, indptr,
-                                               indices, data, write_pattern);
+                                               indices, data, write_pattern, detail::simd_level());
   return nnz;
 }
 

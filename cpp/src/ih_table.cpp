@@ -60,6 +60,7 @@ void check_grouped_observations(const GroupedObservations& t) {
   XS_REQUIRE(static_cast<std::size_t>(t.group_offsets[t.n_groups]) == t.n_obs,
           "group_offsets must end at the observation count " + std::to_string(t.n_obs));
   require_finite(t.intensities, t.n_obs, "intensities");
+  if (all_non_negative_finite(t.weights, t.n_obs)) return;  // else find the element to name
   require_finite(t.weights, t.n_obs, "weights");
   for (std::size_t i = 0; i < t.n_obs; ++i)
     XS_REQUIRE(t.weights[i] >= 0.0, "weights must be >= 0 (row " + std::to_string(i) + ")");
@@ -75,9 +76,7 @@ void check_values(const FitBlock& block, std::size_t b, std::size_t n_params) {
   // Derivative values are not scanned here (an O(nnz) pass as long as the gradient pass itself):
   // a non-finite derivative makes the kernel's result non-finite, and the binding then runs the
   // full check to name it.
-  bool ok = true;
-  for (std::size_t r = 0; r < v.n_rows; ++r) ok &= std::isfinite(v.scales[r]) && v.scales[r] > 0.0;
-  if (ok) return;
+  if (all_positive_finite(v.scales, v.n_rows)) return;  // else find the row to name
   for (std::size_t r = 0; r < v.n_rows; ++r)
     XS_REQUIRE(std::isfinite(v.scales[r]) && v.scales[r] > 0.0,
                block_name(b) + ": scale at row " + std::to_string(r) + " is " +
@@ -85,6 +84,10 @@ void check_values(const FitBlock& block, std::size_t b, std::size_t n_params) {
 }
 
 }  // namespace
+
+bool identity_rows(const std::vector<FitBlock>& blocks) noexcept {
+  return blocks.size() == 1 && blocks[0].table_rows == nullptr;
+}
 
 void check_model_blocks(const GroupedObservations& t, const std::vector<FitBlock>& blocks,
                         std::size_t n_params, bool structure) {
@@ -96,6 +99,11 @@ void check_model_blocks(const GroupedObservations& t, const std::vector<FitBlock
     }
     XS_REQUIRE(total == t.n_obs, "the model blocks cover " + std::to_string(total) +
                                      " rows but the table has " + std::to_string(t.n_obs));
+    return;
+  }
+  if (identity_rows(blocks) && blocks[0].view.n_rows == t.n_obs) {  // no row map to check
+    check_csr(blocks[0], 0, n_params);
+    check_values(blocks[0], 0, n_params);
     return;
   }
   std::vector<unsigned char> covered(t.n_obs, 0);

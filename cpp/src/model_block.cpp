@@ -10,6 +10,7 @@
 
 #include "xtalscale/check.hpp"
 #include "fit_parallel.hpp"  // parallel_for, thread_number (OpenMP optional)
+#include "internal/kernel_support.hpp"  // with_window_width
 #include "internal/large_buffers.hpp"
 
 namespace xtalscale {
@@ -77,22 +78,20 @@ TermValues ModelTerm::evaluate_rows(const double*, std::size_t, std::size_t, Ter
   throw std::logic_error("this term does not evaluate row ranges");
 }
 
+const double* ModelTerm::scales_rows(const double* p, std::size_t first, std::size_t count,
+                                     TermScratch& scratch) const {
+  return evaluate_rows(p, first, count, scratch).scales;
+}
+
 void ModelTerm::add_transpose_product_rows(const TermValues& v, std::size_t first,
                                            std::size_t count, const double* u,
                                            double* out) const {
   require(dense_, "a sparse term must override add_transpose_product_rows");
   (void)first;
-  const std::size_t c = n_cols_;
-  for (std::size_t i = 0; i < count; ++i) {
-    const double ui = u[i];
-    if (v.values_f32 != nullptr) {
-      const float* row = v.values_f32 + i * c;
-      for (std::size_t k = 0; k < c; ++k) out[k] += ui * static_cast<double>(row[k]);
-    } else if (v.values != nullptr) {
-      const double* row = v.values + i * c;
-      for (std::size_t k = 0; k < c; ++k) out[k] += ui * row[k];
-    }
-  }
+  if (v.values_f32 != nullptr)
+    components::dense_transpose_product(count, n_cols_, v.values_f32, u, out);
+  else if (v.values != nullptr)
+    components::dense_transpose_product(count, n_cols_, v.values, u, out);
 }
 
 void ModelTerm::full_pattern(std::size_t n_rows, std::size_t n_cols, std::int64_t* indptr,
@@ -152,6 +151,14 @@ TermValues ExpFactorTerm::evaluate_rows(const double* p, std::size_t first, std:
   double* d = sized(scratch.values, count);
   components::exp_scales(count, factor_.data + first, p[0], s, d);
   return {s, d, nullptr};
+}
+
+const double* ExpFactorTerm::scales_rows(const double* p, std::size_t first, std::size_t count,
+                                         TermScratch& scratch) const {
+  require_finite(p, 1, "parameters");
+  double* s = sized(scratch.scales, count);
+  components::exp_scales(count, factor_.data + first, p[0], s, nullptr);
+  return s;
 }
 
 SmoothTerm::SmoothTerm(std::shared_ptr<const components::WeightMatrix> weights,
@@ -256,7 +263,8 @@ std::pair<int, std::size_t> LeanSmoothTerm::row_columns(std::size_t i) const {
 
 TermValues LeanSmoothTerm::evaluate(const double* p, TermScratch& scratch) const {
   double* s = sized(scratch.scales, n_rows());
-  double* d = sized(scratch.values, nnz_);
+  // rows may be written at the full window width and trimmed: room for the last one's overhang
+  double* d = sized(scratch.values, nnz_ + kMaxAxisWindow);
   components::smooth_1d_apply(smoother_, n_rows(), x_.data, x_shift_, window_.data, q_.data, p,
                               n_params(), first_fixed_, factor_.data, s, nullptr, nullptr, d,
                               false);
@@ -274,14 +282,56 @@ TermValues LeanSmoothTerm::evaluate_rows(const double* p, std::size_t first, std
   return {s, d, nullptr};
 }
 
+const double* LeanSmoothTerm::scales_rows(const double* p, std::size_t first, std::size_t count,
+                                          TermScratch& scratch) const {
+  double* s = sized(scratch.scales, count);
+  components::smooth_1d_apply(smoother_, count, x_.data + first, x_shift_, window_.data + first,
+                              q_.data + first, p, n_params(), first_fixed_,
+                              factor_.data ? factor_.data + first : nullptr, s, nullptr, nullptr,
+                              nullptr, false);
+  return s;
+}
+
+namespace {
+
+/// LeanSmoothTerm's transposed product for a window bound W: every row adds W products (those
+/// past its window +0.0, chosen without a branch) into a copy of @p out padded by W columns,
+/// so no row waits on a mispredicted window length. Each column still sums its rows' products
+/// in row order, the same bits as adding the window's products alone (out never holds −0.0
+/// after a sum, and x + (+0.0) = x otherwise). Reads up to W − 1 values past a row's own,
+/// within the evaluation's buffer (sized for rows written at the full width).
+template <int W>
+void lean_transpose_rows(std::size_t count, const std::uint16_t* window, bool first_fixed,
+                         const double* values, const double* u, double* out, std::size_t n_cols) {
+  std::vector<double> acc(n_cols + W + 1);  // acc[1 + c] for column c ∈ [−1, n_cols + W)
+  std::copy(out, out + n_cols, acc.begin() + 1);
+  const int skip = first_fixed ? 1 : 0;
+  std::size_t q = 0;
+  for (std::size_t i = 0; i < count; ++i) {
+    const int f = components::window_first(window[i]), cnt = components::window_count(window[i]);
+    const int dropped = f < skip ? 1 : 0;  // column 0 of a fixed first parameter: no column
+    const int n = std::max(cnt - dropped, 0);
+    double* a = acc.data() + 1 + (f - skip + dropped);
+    const double ui = u[i];
+    for (int k = 0; k < W; ++k) {
+      const double product = ui * values[q + static_cast<std::size_t>(k)];
+      a[k] += k < n ? product : 0.0;
+    }
+    q += static_cast<std::size_t>(n);
+  }
+  std::copy(acc.begin() + 1, acc.begin() + 1 + static_cast<std::ptrdiff_t>(n_cols), out);
+}
+
+}  // namespace
+
 void LeanSmoothTerm::add_transpose_product_rows(const TermValues& v, std::size_t first,
                                                 std::size_t count, const double* u,
                                                 double* out) const {
-  std::size_t q = 0;
-  for (std::size_t i = 0; i < count; ++i) {
-    const auto [col, n_cols] = row_columns(first + i);
-    for (std::size_t k = 0; k < n_cols; ++k, ++q) out[col + static_cast<int>(k)] += u[i] * v.values[q];
-  }
+  const int width = smoother_.axis(0).max_window();
+  detail::with_window_width<1>(width, [&](auto w) {
+    lean_transpose_rows<decltype(w)::value>(count, window_.data + first, first_fixed_, v.values,
+                                            u, out, n_cols());
+  });
 }
 
 void LeanSmoothTerm::pattern_rows(std::size_t first, std::size_t count, std::int64_t* indptr,
@@ -632,15 +682,22 @@ void ModelBlock::free_scratch() {
 }
 
 template <class Body>
-void ModelBlock::for_each_chunk(const double* params, int n_threads, Body body) {
-  const std::size_t n_chunks = (n_rows_ + kChunkRows - 1) / kChunkRows;
+void ModelBlock::for_each_chunk(const double* params, int n_threads, Body body, bool scales_only,
+                                const std::vector<std::size_t>* bounds) {
+  const std::size_t n_chunks = bounds ? bounds->size() - 1 : (n_rows_ + kChunkRows - 1) / kChunkRows;
   const int nt = std::max(1, std::min<int>(n_threads, static_cast<int>(n_chunks)));
   const auto chunk = [&](std::size_t c, std::vector<TermScratch>& scratch) {
-    const std::size_t first = c * kChunkRows, count = std::min(kChunkRows, n_rows_ - first);
+    const std::size_t first = bounds ? (*bounds)[c] : c * kChunkRows;
+    const std::size_t count = bounds ? (*bounds)[c + 1] - first : std::min(kChunkRows, n_rows_ - first);
     std::vector<TermValues> tv(terms_.size());
-    for (std::size_t t = 0; t < terms_.size(); ++t)
-      tv[t] = terms_[t]->evaluate_rows(params + param_start_[t], first, count, scratch[t]);
-    body(first, count, tv);
+    for (std::size_t t = 0; t < terms_.size(); ++t) {
+      const double* p = params + param_start_[t];
+      if (scales_only)
+        tv[t].scales = terms_[t]->scales_rows(p, first, count, scratch[t]);
+      else
+        tv[t] = terms_[t]->evaluate_rows(p, first, count, scratch[t]);
+    }
+    body(c, first, count, tv);
   };
   if (nt == 1) {  // the block's own scratch, kept for the next call
     for (std::size_t c = 0; c < n_chunks; ++c) chunk(c, scratch_);
@@ -680,7 +737,7 @@ void ModelBlock::evaluate(const double* params, std::size_t n_params, int n_thre
     out_.values = std::make_shared<std::vector<double>>(detail::large_vector<double>(out_.indices->size()));
   }
   if (by_chunks) {
-    for_each_chunk(params, n_threads, [&](std::size_t first, std::size_t count, const std::vector<TermValues>& tv) {
+    for_each_chunk(params, n_threads, [&](std::size_t, std::size_t first, std::size_t count, const std::vector<TermValues>& tv) {
       fill(tv, first, count);  // rows [first, first + count) only: chunks never share an entry
     });
   } else {
@@ -732,9 +789,9 @@ void ModelBlock::evaluate_rows(const double* params, std::size_t n_params, std::
 
 void ModelBlock::scales_by_chunks(const double* params, int n_threads) {
   double* g = out_.scales->data();
-  for_each_chunk(params, n_threads, [&](std::size_t first, std::size_t count, const std::vector<TermValues>& tv) {
+  for_each_chunk(params, n_threads, [&](std::size_t, std::size_t first, std::size_t count, const std::vector<TermValues>& tv) {
     product_of_scales(tv, count, g + first);
-  });
+  }, true);
 }
 
 void ModelBlock::transpose_product_by_chunks(const double* params, const double* coefficients,
@@ -742,9 +799,9 @@ void ModelBlock::transpose_product_by_chunks(const double* params, const double*
   double* g = out_.scales->data();
   // each chunk's sums apart, then added in chunk order: the same bits for any thread count
   std::vector<double> partial(((n_rows_ + kChunkRows - 1) / kChunkRows) * n_cols_, 0.0);
-  for_each_chunk(params, n_threads, [&](std::size_t first, std::size_t count, const std::vector<TermValues>& tv) {
-    rows_transpose_product(tv, first, count, false, coefficients, g + first,
-                           partial.data() + (first / kChunkRows) * n_cols_);
+  for_each_chunk(params, n_threads, [&](std::size_t c, std::size_t first, std::size_t count, const std::vector<TermValues>& tv) {
+    rows_transpose_product(tv, first, count, false, coefficients + first, g + first,
+                           partial.data() + c * n_cols_);
   });
   for (std::size_t c = 0; c * n_cols_ < partial.size(); ++c)
     for (std::size_t j = 0; j < n_cols_; ++j) out[j] += partial[c * n_cols_ + j];
@@ -791,7 +848,7 @@ void ModelBlock::rows_transpose_product(const std::vector<TermValues>& tv, std::
   for (std::size_t t = 0; t < k; ++t) {
     if (!active_[t] || terms_[t]->n_cols() == 0) continue;
     // u = c · Π of the other terms' scales (no division: a zero scale is exact)
-    std::copy(coefficients + first, coefficients + first + count, u.begin());
+    std::copy(coefficients, coefficients + count, u.begin());
     for (std::size_t o = 0; o < k; ++o) {
       if (o == t) continue;
       for (std::size_t i = 0; i < count; ++i) u[i] *= tv[o].scales[i];
@@ -801,6 +858,79 @@ void ModelBlock::rows_transpose_product(const std::vector<TermValues>& tv, std::
     else
       terms_[t]->add_transpose_product_rows(tv[t], first, count, u.data(), acc + col_start_[t]);
   }
+}
+
+namespace {
+
+/// Chunks of whole groups for ModelBlock::functional_and_gradient: row bounds (from 0 to
+/// n_obs) and the matching group bounds. A chunk ends at the first group end at least
+/// kChunkRows rows after its start, so a group longer than that is a chunk of its own.
+std::pair<std::vector<std::size_t>, std::vector<std::size_t>> group_chunks(
+    const fit::GroupedObservations& t) {
+  std::vector<std::size_t> rows{0}, groups{0};
+  for (std::size_t h = 0; h < t.n_groups; ++h) {
+    const auto end = static_cast<std::size_t>(t.group_offsets[h + 1]);
+    if (end - rows.back() >= kChunkRows || h + 1 == t.n_groups) {
+      rows.push_back(end);
+      groups.push_back(h + 1);
+    }
+  }
+  return {rows, groups};
+}
+
+}  // namespace
+
+double ModelBlock::chunk_functional_and_gradient(const std::vector<TermValues>& tv,
+                                                 std::size_t first, std::size_t count,
+                                                 const fit::GroupedObservations& t,
+                                                 std::size_t group_first, std::size_t group_last,
+                                                 double* acc) const {
+  double* g = out_.scales->data();  // this chunk's rows only
+  product_of_scales(tv, count, g + first);
+  if (!all_positive_finite(g + first, count))
+    throw std::invalid_argument("a scale g is not finite and > 0 (rows " + std::to_string(first) +
+                                " to " + std::to_string(first + count - 1) + ")");
+  // the target kernel's operations (residual_pass) on these groups, ∂f/∂g kept for the chunk
+  std::vector<double> dfdg(count);
+  double f = 0.0;
+  for (std::size_t h = group_first; h < group_last; ++h) {
+    const fit::detail::GroupSums sums = fit::detail::group_sums(t, g, h);
+    const double ih = sums.wgg > 0.0 ? sums.wgi / sums.wgg : 0.0;
+    for (auto l = t.group_offsets[h]; l < t.group_offsets[h + 1]; ++l) {
+      const double r = t.intensities[l] - g[l] * ih;
+      const double wr = t.weights[l] * r;
+      f += wr * r;
+      dfdg[static_cast<std::size_t>(l) - first] = -2.0 * wr * ih;
+    }
+  }
+  rows_transpose_product(tv, first, count, false, dfdg.data(), g + first, acc);
+  return f;
+}
+
+double ModelBlock::functional_and_gradient(const double* params, std::size_t n_params,
+                                           const fit::GroupedObservations& table,
+                                           double* gradient, int n_threads) {
+  if (!chunked()) throw std::logic_error("a term of this block does not evaluate row ranges");
+  require(table.n_obs == n_rows_, "the table must have one row per block row (" +
+                                      std::to_string(n_rows_) + "), got " +
+                                      std::to_string(table.n_obs));
+  start_chunks(params, n_params);
+  evaluated_ = false;
+  std::fill(gradient, gradient + n_cols_, 0.0);
+  if (n_rows_ == 0) return 0.0;
+  const auto [rows, groups] = group_chunks(table);
+  const std::size_t n_chunks = rows.size() - 1;
+  std::vector<double> partial(n_chunks * n_cols_, 0.0), f_chunk(n_chunks, 0.0);
+  for_each_chunk(params, n_threads, [&](std::size_t c, std::size_t first, std::size_t count, const std::vector<TermValues>& tv) {
+    f_chunk[c] = chunk_functional_and_gradient(tv, first, count, table, groups[c], groups[c + 1],
+                                               partial.data() + c * n_cols_);
+  }, false, &rows);
+  double f = 0.0;  // in chunk order: the same bits for any thread count
+  for (std::size_t c = 0; c < n_chunks; ++c) {
+    f += f_chunk[c];
+    for (std::size_t j = 0; j < n_cols_; ++j) gradient[j] += partial[c * n_cols_ + j];
+  }
+  return f;
 }
 
 void ModelBlock::release_values(bool pattern) {

@@ -75,12 +75,16 @@ void gradient_pass(const std::vector<FitBlock>& blocks, const double* coef, std:
 double functional_and_gradient(const GroupedObservations& t, const std::vector<FitBlock>& blocks,
                                std::size_t n_params, double* gradient, const TargetOptions& o) {
   std::vector<double> g_local;
-  double* g = o.g_out;
-  if (!g) {
+  const double* g = o.g_out;
+  if (o.g_out) {
+    gather_scales(blocks, o.g_out, o.n_threads);
+  } else if (identity_rows(blocks) && blocks[0].view.n_rows == t.n_obs) {
+    g = blocks[0].view.scales;  // already in table order: no copy
+  } else {
     g_local.resize(t.n_obs);
+    gather_scales(blocks, g_local.data(), o.n_threads);
     g = g_local.data();
   }
-  gather_scales(blocks, g, o.n_threads);
   std::vector<double> coef_local;
   double* coef = o.dfdg_out;
   if (!coef) {

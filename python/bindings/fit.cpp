@@ -59,7 +59,10 @@ void load_table(CallData& d, const Int64Array& offsets, const DoubleArray& inten
   check_grouped_observations(d.table);
 }
 
-void load_blocks(CallData& d, const py::list& blocks, std::size_t n_params, bool structure) {
+/// @p derivatives false: the kernel reads the blocks' scales alone, so a block without
+/// columns gets no derivative arrays in its view (neither checked nor read).
+void load_blocks(CallData& d, const py::list& blocks, std::size_t n_params, bool structure,
+                 bool derivatives = true) {
   for (std::size_t b = 0; b < blocks.size(); ++b) {
     const std::string name = "block " + std::to_string(b);
     auto item = blocks[b].cast<py::tuple>();
@@ -88,6 +91,7 @@ void load_blocks(CallData& d, const py::list& blocks, std::size_t n_params, bool
     mb.view.indptr = d.indptr.back().data();
     mb.view.indices = d.indices.back().data();
     mb.view.values = d.values.back().data();
+    if (!derivatives && n_cols == 0) mb.view.indptr = nullptr;  // so not scanned (check_csr)
     if (!item[6].is_none()) {
       d.rows.push_back(item[6].cast<Int64Array>());
       require_1d(d.rows.back(), n_rows, name + " table_rows");
@@ -152,7 +156,7 @@ py::tuple functional_and_scale_gradient_py(const Int64Array& offsets, const Doub
                                            int n_threads) {
   CallData d;
   load_table(d, offsets, intensities, weights);
-  load_blocks(d, blocks, 0, true);
+  load_blocks(d, blocks, 0, true, false);
   const auto n = static_cast<py::ssize_t>(d.table.n_obs);
   TargetOptions o;
   o.fixed_Ih = optional_rows(fixed_Ih, d.table.n_obs, "fixed_Ih");

@@ -172,6 +172,36 @@ DoubleArray block_transpose_product(ModelBlock& b, const DoubleArray& params,
   return out;
 }
 
+py::tuple block_functional_and_gradient(ModelBlock& b, const DoubleArray& params,
+                                        const Int64Array& offsets, const DoubleArray& intensities,
+                                        const DoubleArray& weights, int n_threads) {
+  require_1d(params, "params");
+  require_threads(n_threads);
+  require_1d(offsets, "group_offsets");
+  require_1d(intensities, "intensities");
+  require_1d(weights, "weights");
+  require(offsets.size() >= 1, "group_offsets must have n_groups + 1 values");
+  fit::GroupedObservations t;
+  t.n_obs = static_cast<std::size_t>(intensities.size());
+  t.n_groups = static_cast<std::size_t>(offsets.size()) - 1;
+  t.group_offsets = offsets.data();
+  t.intensities = intensities.data();
+  t.weights = weights.data();
+  require(static_cast<std::size_t>(weights.size()) == t.n_obs,
+          "weights must have one value per intensity");
+  fit::check_grouped_observations(t);
+  DoubleArray gradient(static_cast<py::ssize_t>(b.n_cols()));
+  const double* p = params.data();
+  const auto n = static_cast<std::size_t>(params.size());
+  double* out = gradient.mutable_data();
+  double f = 0.0;
+  {
+    py::gil_scoped_release release;
+    f = b.functional_and_gradient(p, n, t, out, n_threads);
+  }
+  return py::make_tuple(f, gradient);
+}
+
 }  // namespace
 
 void bind_model_block(py::module_& m) {
@@ -265,6 +295,14 @@ void bind_model_block(py::module_& m) {
            py::arg("n_threads") = 1,
            "J(params)^T · coefficients (n_cols values) without forming dg/dp: the gradient of a\n"
            "target through g (coefficients = df/dg per row). Writes g as evaluate_scales does.")
+      .def("functional_and_gradient", &block_functional_and_gradient, py::arg("params"),
+           py::arg("group_offsets"), py::arg("intensities"), py::arg("weights"),
+           py::arg("n_threads") = 1,
+           "(f, df/dp) of the scaling target f = sum w (I - g Ih)^2 at params, in one pass, for\n"
+           "a table (group offsets, I, w) whose rows are this block's rows in order: each chunk\n"
+           "of whole groups is evaluated once for g, Ih, df/dg and the transposed product. The\n"
+           "same as evaluate_scales, fit.functional_and_scale_gradient and transpose_product,\n"
+           "to rounding; identical for any n_threads. Writes g as evaluate_scales does.")
       .def("release_values", &ModelBlock::release_values, py::arg("pattern") = false,
            "Free the derivative values and the terms' scratch, keeping g (and the pattern unless\n"
            "pattern=True); the next evaluate allocates (and builds) them again: for blocks\n"

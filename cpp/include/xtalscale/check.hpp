@@ -59,14 +59,46 @@ inline void require_finite(const double* values, std::size_t n, const char* name
     for (std::size_t i = start; i < end; ++i) {
       std::uint64_t bits;
       std::memcpy(&bits, values + i, sizeof bits);
-      any_bad |= static_cast<std::uint64_t>((bits & kExponent) == kExponent);
+      // exponent all ones ⇔ adding one unit of the exponent carries into the sign bit (an
+      // add, not a comparison: the loop vectorises)
+      any_bad |= (bits & kExponent) + (std::uint64_t{1} << 52);
     }
-    if (any_bad == 0) continue;
+    if ((any_bad >> 63) == 0) continue;
     for (std::size_t i = start; i < end; ++i)
       if (!std::isfinite(values[i]))
         throw std::invalid_argument(std::string(name) + " must be finite (element " +
                                     std::to_string(i) + " is " + std::to_string(values[i]) + ")");
   }
+}
+
+/// True when every one of the @p n values is finite and > 0 (scales, factors): the positive
+/// finite doubles are the bit patterns 1 … 0x7FEFFFFFFFFFFFFF, tested by integer adds and ORs
+/// that vectorise (a comparison of doubles does not, under GCC's default -ftrapping-math).
+/// Callers search the values again to name a failing element.
+inline bool all_positive_finite(const double* values, std::size_t n) noexcept {
+  std::uint64_t any_bad = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    std::uint64_t b;
+    std::memcpy(&b, values + i, sizeof b);
+    // sign bit of: b (negative or −0), b + 2⁵² (exponent all ones: inf/NaN), b − 1 (+0)
+    any_bad |= b | (b + (std::uint64_t{1} << 52)) | (b - 1);
+  }
+  return (any_bad >> 63) == 0;
+}
+
+/// True when every one of the @p n values is finite and >= 0 (−0 included, as `v >= 0`
+/// holds for it), by integer tests that vectorise as all_positive_finite's.
+inline bool all_non_negative_finite(const double* values, std::size_t n) noexcept {
+  constexpr std::uint64_t kExponent = 0x7FF0000000000000ULL;
+  std::uint64_t any_bad = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    std::uint64_t b;
+    std::memcpy(&b, values + i, sizeof b);
+    const std::uint64_t magnitude = b << 1;  // 0 for ±0 only
+    // sign bit of: b with a nonzero magnitude (negative), the exponent plus one unit (inf/NaN)
+    any_bad |= (b & (magnitude | (0 - magnitude))) | ((b & kExponent) + (std::uint64_t{1} << 52));
+  }
+  return (any_bad >> 63) == 0;
 }
 
 /// Throw std::invalid_argument unless @p offsets (n_groups + 1 entries) start at 0 and never

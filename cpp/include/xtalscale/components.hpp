@@ -85,6 +85,16 @@ XTALSCALE_EXPORT void sh_scales(std::size_t n, std::size_t n_params, const doubl
 XTALSCALE_EXPORT void sh_scales_f32(std::size_t n, std::size_t n_params, const float* harmonics,
                                     const double* coef, double* scales);
 
+/// Dense transposed product out[k] += Σ_i u[i]·H[i,k] for k < @p n_cols, H a row-major
+/// n × n_cols float32 block (the derivatives of a harmonic term). Each column is summed in row
+/// order by FMA from out[k] (a fixed order: identical bits on every SIMD level, any CPU with
+/// FMA); up to 32 columns are held in registers over all rows.
+XTALSCALE_EXPORT void dense_transpose_product(std::size_t n, std::size_t n_cols, const float* h,
+                                              const double* u, double* out);
+/// The same for a float64 block.
+XTALSCALE_EXPORT void dense_transpose_product(std::size_t n, std::size_t n_cols, const double* h,
+                                              const double* u, double* out);
+
 /// Float32 harmonic block from the lookup table: out[j, k] = float((t[i0[j], k] + t[i1[j], k])/2)
 /// for k < n_cols, with t an n_rows × row_stride row-major table. Throws std::out_of_range
 /// naming s0_lookup / s1_lookup for an index outside [0, n_rows).
@@ -114,7 +124,8 @@ XTALSCALE_EXPORT std::size_t smooth_1d_prepare(const GaussianSmoother<1>& smooth
 /// smoothed-B scale exp(that · factor[i])) and, if @p data is non-null, the derivative matrix
 /// ∂s/∂p (CSR, 32-bit indices; without column 0 when @p first_fixed; for the B form each row is
 /// also multiplied by scales[i]·factor[i]); @p indices / @p data need capacity
-/// n·smoother.max_row_nnz(). The windows and q come from smooth_1d_prepare, so a row costs no
+/// n·smoother.max_row_nnz() (entries of @p data past the returned nnz may be overwritten: rows
+/// in SIMD lanes are written at the full window width, within that capacity). The windows and q come from smooth_1d_prepare, so a row costs no
 /// exponential: the normalised weights are q^k·c_k / Σ_j q^j·c_j with c_k = exp(−a k²)
 /// (the common factor exp(−a d²) cancels), within a few ulp of DIALS's direct formula.
 /// The smoothed-B form takes @p factor = 1/(2d²) per point (finite, > 0) instead of d.

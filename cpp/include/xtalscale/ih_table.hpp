@@ -49,6 +49,10 @@ XTALSCALE_EXPORT void check_model_blocks(const GroupedObservations& table,
                                          const std::vector<FitBlock>& blocks,
                                          std::size_t n_params, bool structure = true);
 
+/// True for one block whose rows are the table's rows in order (no table_rows map): its scales
+/// are g in table order as they stand, and its rows need no coverage check.
+XTALSCALE_EXPORT bool identity_rows(const std::vector<FitBlock>& blocks) noexcept;
+
 /// Gather the blocks' scales into table order: @p g_table[table_rows[r]] = scales[r]. The
 /// blocks' rows cover each table row once (check_model_blocks), so chunks of rows go to
 /// @p n_threads threads without conflict; the result does not depend on the count.

@@ -42,6 +42,7 @@
 #include "xtalscale/components.hpp"
 #include "xtalscale/derivatives_view.hpp"
 #include "xtalscale/export.hpp"
+#include "xtalscale/ih_table.hpp"
 #include "xtalscale/smoother.hpp"
 
 namespace xtalscale {
@@ -119,6 +120,10 @@ class XTALSCALE_EXPORT ModelTerm {
   /// evaluate() for these rows, relative to row @p first. Only when evaluates_rows().
   virtual TermValues evaluate_rows(const double* p, std::size_t first, std::size_t count,
                                    TermScratch& scratch) const;
+  /// The scales of evaluate_rows() (bit for bit) without its derivatives, for a caller that
+  /// needs g alone; valid until the next use of @p scratch. The base calls evaluate_rows().
+  virtual const double* scales_rows(const double* p, std::size_t first, std::size_t count,
+                                    TermScratch& scratch) const;
   /// add_transpose_product() over rows [first, first + count), @p v from evaluate_rows() and
   /// @p u relative to row @p first. The base serves dense terms; sparse ones override it.
   virtual void add_transpose_product_rows(const TermValues& v, std::size_t first,
@@ -166,6 +171,8 @@ class XTALSCALE_EXPORT ExpFactorTerm final : public ModelTerm {
   bool evaluates_rows() const override { return true; }
   TermValues evaluate_rows(const double* p, std::size_t first, std::size_t count,
                            TermScratch& scratch) const override;
+  const double* scales_rows(const double* p, std::size_t first, std::size_t count,
+                            TermScratch& scratch) const override;
 
  private:
   HeldArray<double> factor_;
@@ -205,6 +212,8 @@ class XTALSCALE_EXPORT LeanSmoothTerm final : public ModelTerm {
   bool evaluates_rows() const override { return true; }
   TermValues evaluate_rows(const double* p, std::size_t first, std::size_t count,
                            TermScratch& scratch) const override;
+  const double* scales_rows(const double* p, std::size_t first, std::size_t count,
+                            TermScratch& scratch) const override;
   void add_transpose_product_rows(const TermValues& v, std::size_t first, std::size_t count,
                                   const double* u, double* out) const override;
   void pattern_rows(std::size_t first, std::size_t count, std::int64_t* indptr,
@@ -384,6 +393,23 @@ class XTALSCALE_EXPORT ModelBlock {
   void transpose_product(const double* params, std::size_t n_params, const double* coefficients,
                          double* out, int n_threads = 1);
 
+  /// The scaling target f = Σ w (I − g Ĩ)² (Ĩ per group, held: the envelope theorem) and its
+  /// gradient ∂f/∂p into @p gradient (n_cols() values, written) at @p params, in one pass over
+  /// the rows, for a @p table whose rows are this block's rows in order (one block of one
+  /// dataset, not reordered). The rows go in chunks of whole groups (about 4096 rows, a longer
+  /// group alone), over up to @p n_threads threads; each chunk's terms are evaluated once and
+  /// serve g, its groups' Ĩ and ∂f/∂g, and the transposed product while they are in cache
+  /// (evaluate_scales(), the target kernel and transpose_product() in one, without the second
+  /// evaluation and the passes over memory between them). Per-chunk sums are added in chunk
+  /// order, the chunks fixed by the groups: identical results for any thread count; equal to
+  /// the three calls' to rounding. Writes g as evaluate_scales() does; evaluated() is false
+  /// afterwards. Needs evaluates_rows().
+  /// @throws std::invalid_argument as evaluate(), for a table of another length, or for a scale
+  /// g that is not finite and > 0; std::logic_error unless evaluates_rows().
+  double functional_and_gradient(const double* params, std::size_t n_params,
+                                 const fit::GroupedObservations& table, double* gradient,
+                                 int n_threads = 1);
+
   /// True when every term evaluates row ranges: evaluate_rows() is then available.
   bool evaluates_rows() const;
   /// g and ∂g/∂p of rows [first, first + count) into @p scratch (CSR with block columns; the
@@ -430,8 +456,9 @@ class XTALSCALE_EXPORT ModelBlock {
   void transpose_product_by_chunks(const double* params, const double* coefficients, double* out,
                                    int n_threads);
   /// g of rows [first, first + count) into @p g (count values) and, into @p acc (n_cols()),
-  /// those rows' share of (∂g/∂p)ᵀc, from the terms' values @p tv of the rows: evaluate()'s
-  /// of every row when @p whole (then first = 0, count = n_rows()), else evaluate_rows()'s.
+  /// those rows' share of (∂g/∂p)ᵀc (@p coefficients: c of these rows), from the terms' values
+  /// @p tv of the rows: evaluate()'s of every row when @p whole (then first = 0,
+  /// count = n_rows()), else evaluate_rows()'s.
   void rows_transpose_product(const std::vector<TermValues>& tv, std::size_t first,
                               std::size_t count, bool whole, const double* coefficients,
                               double* g, double* acc) const;
@@ -439,8 +466,17 @@ class XTALSCALE_EXPORT ModelBlock {
   /// body(first, count, values); chunks over up to @p n_threads threads, each thread with its
   /// own terms' scratch (the block's own when single-threaded). An exception from a chunk is
   /// rethrown (as std::invalid_argument) after the loop.
+  /// With @p scales_only, the terms' values hold their scales alone (scales_rows()). With
+  /// @p bounds, chunk c is rows [bounds[c], bounds[c + 1]) instead. body(c, first, count, tv).
   template <class Body>
-  void for_each_chunk(const double* params, int n_threads, Body body);
+  void for_each_chunk(const double* params, int n_threads, Body body, bool scales_only = false,
+                      const std::vector<std::size_t>* bounds = nullptr);
+  /// One chunk of functional_and_gradient: rows [first, first + count), groups
+  /// [group_first, group_last); its f returned, its gradient share into @p acc.
+  double chunk_functional_and_gradient(const std::vector<TermValues>& tv, std::size_t first,
+                                       std::size_t count, const fit::GroupedObservations& table,
+                                       std::size_t group_first, std::size_t group_last,
+                                       double* acc) const;
   /// g = Π_t s_t of @p count rows from the terms' values @p tv (fill()'s product order).
   void product_of_scales(const std::vector<TermValues>& tv, std::size_t count, double* g) const;
   /// Check @p params and evaluate every term into its scratch (term_values_).
