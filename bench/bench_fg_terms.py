@@ -11,16 +11,10 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_fit import best_time, physical_like, physical_model_f_g  # noqa: E402
+from bench_fit import best_time, physical_components, physical_like, physical_model_f_g  # noqa: E402
 
 from xtalscale import _core  # noqa: E402
-from xtalscale.components import (  # noqa: E402
-    ComponentModelBlock,
-    SHScaleComponent,
-    SmoothBScaleComponent1D,
-    SmoothScaleComponent1D,
-    sh_lookup_data,
-)
+from xtalscale.components import ComponentModelBlock  # noqa: E402
 
 core_fit = _core.fit
 
@@ -34,15 +28,7 @@ def main():
     rng = np.random.default_rng(11)
     offsets, inten, w, _, _ = physical_like(a.n_obs, 1, 8, np.random.default_rng(7))
     n = inten.size
-    scale = SmoothScaleComponent1D(rng.uniform(0.8, 1.2, 20))
-    scale.fix_initial_parameter()
-    decay = SmoothBScaleComponent1D(rng.uniform(-0.5, 0.5, 15))
-    sh = SHScaleComponent(rng.uniform(-0.05, 0.05, 24))
-    scale.data = {"x": rng.uniform(0, 36, n)}
-    decay.data = {"x": rng.uniform(0, 36, n), "d": rng.uniform(0.8, 4.0, n)}
-    sh.data = sh_lookup_data(rng.normal(size=(n, 3)), rng.normal(size=(n, 3)), 4)
-    for c in (scale, decay, sh):
-        c.update_reflection_data()
+    scale, decay, sh = physical_components(n, rng)
     empty = (np.zeros(n + 1, np.int64), np.zeros(0, np.int32), np.zeros(0))
     nt = a.threads
     for comps, name in (([scale, decay, sh], "all"), ([scale], "scale"), ([decay], "decay"), ([sh], "sh")):

@@ -142,20 +142,17 @@ def stills(n_obs, n_images, n_voxels, rng):
     return offsets, inten[order], 1 / sigma[order] ** 2, model, m_true, n_images
 
 
-def physical_model_f_g(offsets, inten, w, rng):
-    """f+g of a real physical model (lean scale and decay smoothers, lmax-4 harmonics held as
-    float32: the job's large-data regime) over one dataset, *including the model's
-    evaluation*: through ∂g/∂p (evaluate, then the target kernel reads the CSR) and without it
-    (g alone, ∂f/∂g from the target, then the model block's transposed product)."""
+def physical_components(n, rng):
+    """(scale, decay, absorption) components of a physical model over ``n`` random rows: a
+    20-point scale smoother (first parameter fixed), a 15-point B smoother, lmax-4 harmonics
+    from the lookup table; data set, as the job's large-data forms hold them."""
     from xtalscale.components import (
-        ComponentModelBlock,
         SHScaleComponent,
         SmoothBScaleComponent1D,
         SmoothScaleComponent1D,
         sh_lookup_data,
     )
 
-    n = inten.size
     scale = SmoothScaleComponent1D(rng.uniform(0.8, 1.2, 20))
     scale.fix_initial_parameter()
     decay = SmoothBScaleComponent1D(rng.uniform(-0.5, 0.5, 15))
@@ -165,7 +162,18 @@ def physical_model_f_g(offsets, inten, w, rng):
     sh.data = sh_lookup_data(rng.normal(size=(n, 3)), rng.normal(size=(n, 3)), 4)
     for comp in (scale, decay, sh):
         comp.update_reflection_data()
-    block = ComponentModelBlock([scale, decay, sh])
+    return scale, decay, sh
+
+
+def physical_model_f_g(offsets, inten, w, rng):
+    """f+g of a real physical model (lean scale and decay smoothers, lmax-4 harmonics held as
+    float32: the job's large-data regime) over one dataset, *including the model's
+    evaluation*: through ∂g/∂p (evaluate, then the target kernel reads the CSR) and without it
+    (g alone, ∂f/∂g from the target, then the model block's transposed product)."""
+    from xtalscale.components import ComponentModelBlock
+
+    n = inten.size
+    block = ComponentModelBlock(list(physical_components(n, rng)))
     empty = (np.zeros(n + 1, np.int64), np.zeros(0, np.int32), np.zeros(0))
 
     def with_derivatives():

@@ -19,11 +19,22 @@ def test_one_blas_thread_inside_and_the_previous_limits_after():
     assert _blas_threads() == before
 
 
-def test_command_line_starts_openblas_with_one_thread_only_in_a_fresh_process(monkeypatch):
-    """``main`` sets OPENBLAS_NUM_THREADS only before numpy loads (and keeps a user's value)."""
+def _printed_in_fresh_processes(code: str, variable: str, value: str) -> tuple[str, str]:
+    """What ``code`` prints in a fresh interpreter without ``variable`` in its environment,
+    and with ``variable=value``."""
     import os
     import subprocess
     import sys
+
+    env = {k: v for k, v in os.environ.items() if k != variable}
+    outputs = [subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True,
+                              check=True).stdout.strip() for e in (env, {**env, variable: value})]
+    return outputs[0], outputs[1]
+
+
+def test_command_line_starts_openblas_with_one_thread_only_in_a_fresh_process(monkeypatch):
+    """``main`` sets OPENBLAS_NUM_THREADS only before numpy loads (and keeps a user's value)."""
+    import os
 
     from xtalscale.cli import _one_blas_thread_from_load
 
@@ -32,25 +43,11 @@ def test_command_line_starts_openblas_with_one_thread_only_in_a_fresh_process(mo
     assert "OPENBLAS_NUM_THREADS" not in os.environ
     code = ("import os, sys; from xtalscale.cli import _one_blas_thread_from_load; "
             "_one_blas_thread_from_load(); print(os.environ.get('OPENBLAS_NUM_THREADS'))")
-    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"}
-    fresh = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert fresh.stdout.strip() == "1"
-    kept = subprocess.run([sys.executable, "-c", code], env={**env, "OPENBLAS_NUM_THREADS": "3"},
-                          capture_output=True, text=True, check=True)
-    assert kept.stdout.strip() == "3"
+    assert _printed_in_fresh_processes(code, "OPENBLAS_NUM_THREADS", "3") == ("1", "3")
 
 
 def test_openmp_workers_sleep_between_kernels_unless_the_caller_chose_a_policy():
     """``import xtalscale`` asks the OpenMP runtime (read when the extension loads it) for
     passive waiting, and keeps a policy the caller set."""
-    import os
-    import subprocess
-    import sys
-
     code = "import os, xtalscale; print(os.environ['OMP_WAIT_POLICY'])"
-    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-    fresh = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert fresh.stdout.strip() == "passive"
-    kept = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_WAIT_POLICY": "active"},
-                          capture_output=True, text=True, check=True)
-    assert kept.stdout.strip() == "active"
+    assert _printed_in_fresh_processes(code, "OMP_WAIT_POLICY", "active") == ("passive", "active")
