@@ -536,6 +536,18 @@ namespace {
 /// Rows per chunk of the chunked paths: the terms' chunk scratch (a few values per row per
 /// term) stays in L2 and is reused by every chunk and every call.
 constexpr std::size_t kChunkRows = 4096;
+
+/// Rows per chunk for a pass whose outputs are per row (no value depends on the chunking):
+/// kChunkRows on one thread; on more, the smallest whole multiple of @p n_threads chunks of at
+/// most kChunkRows rows, of equal length, so that the threads get equal shares (a 20 000-row
+/// block is 6 chunks of 3334 rows, 3 : 3 on two threads, rather than 5 of 4096, 3 : 2).
+std::size_t balanced_chunk_rows(std::size_t n_rows, int n_threads) {
+  const std::size_t n_chunks = (n_rows + kChunkRows - 1) / kChunkRows;
+  if (n_threads <= 1 || n_chunks == 0) return kChunkRows;
+  const auto nt = static_cast<std::size_t>(n_threads);
+  const std::size_t balanced = (n_chunks + nt - 1) / nt * nt;
+  return std::max<std::size_t>(1, (n_rows + balanced - 1) / balanced);
+}
 }  // namespace
 
 ModelBlock::ModelBlock(std::size_t n_rows) : n_rows_(n_rows) {
@@ -579,7 +591,8 @@ void ModelBlock::build_pattern(int n_threads) {
   // chunks are fixed by the rows alone and every entry is written once, by its own chunk, so
   // the arrays are the serial construction's for any thread count.
   const std::size_t n = n_rows_, k = terms_.size();
-  const std::size_t n_chunks = (n + kChunkRows - 1) / kChunkRows;
+  const std::size_t chunk_rows = balanced_chunk_rows(n, n_threads);  // any chunking: same arrays
+  const std::size_t n_chunks = (n + chunk_rows - 1) / chunk_rows;
   const int nt = std::max(1, std::min<int>(n_threads, static_cast<int>(n_chunks)));
   row_starts_.assign(k, {});
   built_versions_.assign(k, 0);
@@ -597,7 +610,7 @@ void ModelBlock::build_pattern(int n_threads) {
   const auto run = [&](auto&& body) {  // parallel over the chunks, exceptions collected
     fit::detail::parallel_for(n_chunks, nt, [&](std::size_t c) {
       try {  // no exception may leave an OpenMP region
-        body(c, c * kChunkRows, std::min(kChunkRows, n - c * kChunkRows));
+        body(c, c * chunk_rows, std::min(chunk_rows, n - c * chunk_rows));
       } catch (const std::exception& e) {
         failure[c] = e.what();
       }
@@ -797,12 +810,13 @@ void ModelBlock::free_scratch() {
 
 template <class Body>
 void ModelBlock::for_each_chunk(const double* params, int n_threads, Body body, bool scales_only,
-                                const std::vector<std::size_t>* bounds) {
-  const std::size_t n_chunks = bounds ? bounds->size() - 1 : (n_rows_ + kChunkRows - 1) / kChunkRows;
+                                const std::vector<std::size_t>* bounds, std::size_t chunk_rows) {
+  if (chunk_rows == 0) chunk_rows = kChunkRows;
+  const std::size_t n_chunks = bounds ? bounds->size() - 1 : (n_rows_ + chunk_rows - 1) / chunk_rows;
   const int nt = std::max(1, std::min<int>(n_threads, static_cast<int>(n_chunks)));
   const auto chunk = [&](std::size_t c, std::vector<TermScratch>& scratch) {
-    const std::size_t first = bounds ? (*bounds)[c] : c * kChunkRows;
-    const std::size_t count = bounds ? (*bounds)[c + 1] - first : std::min(kChunkRows, n_rows_ - first);
+    const std::size_t first = bounds ? (*bounds)[c] : c * chunk_rows;
+    const std::size_t count = bounds ? (*bounds)[c + 1] - first : std::min(chunk_rows, n_rows_ - first);
     std::vector<TermValues> tv(terms_.size());
     for (std::size_t t = 0; t < terms_.size(); ++t) {
       const double* p = params + param_start_[t];
@@ -853,7 +867,7 @@ void ModelBlock::evaluate(const double* params, std::size_t n_params, int n_thre
   if (by_chunks) {
     for_each_chunk(params, n_threads, [&](std::size_t, std::size_t first, std::size_t count, const std::vector<TermValues>& tv) {
       fill(tv, first, count);  // rows [first, first + count) only: chunks never share an entry
-    });
+    }, false, nullptr, balanced_chunk_rows(n_rows_, n_threads));
   } else {
     fill(term_values_, 0, n_rows_);
   }
@@ -906,7 +920,7 @@ void ModelBlock::scales_by_chunks(const double* params, int n_threads) {
   double* g = out_.scales->data();
   for_each_chunk(params, n_threads, [&](std::size_t, std::size_t first, std::size_t count, const std::vector<TermValues>& tv) {
     product_of_scales(tv, count, g + first);
-  }, true);
+  }, true, nullptr, balanced_chunk_rows(n_rows_, n_threads));  // per-row g: any chunking
 }
 
 void ModelBlock::transpose_product_by_chunks(const double* params, const double* coefficients,

@@ -88,3 +88,22 @@ def test_first_build_on_threads_equals_the_first_build_on_one(n=9000):
     for other in outputs[1:]:
         for a, b in zip(outputs[0], other):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("n", [20000, 8193])
+def test_balanced_chunks_give_the_same_g_and_derivatives_for_any_thread_count(n):
+    """Per-row passes split a block into equal chunks per thread count (20 000 rows: 5 chunks
+    on one thread, 6 on two or three): every row's values are the same bits."""
+    block = ComponentModelBlock(_components(n, True, seed=9))
+    params = block.parameters()
+    outputs, scales = [], []
+    for n_threads in (1, 2, 3):
+        block.evaluate(n_threads)
+        outputs.append(_arrays(block.core))
+        block.core.evaluate_scales(params, n_threads)
+        scales.append(np.array(block.core.scales))
+    for other in outputs[1:]:
+        for a, b in zip(outputs[0], other):
+            np.testing.assert_array_equal(a, b)
+    for g in scales:
+        np.testing.assert_array_equal(g, outputs[0][0])

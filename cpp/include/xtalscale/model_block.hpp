@@ -376,10 +376,11 @@ class XTALSCALE_EXPORT ModelBlock {
 
   /// Evaluate every term at its slice of @p params (length n_params()), rebuild the pattern if
   /// needed, then write g and ∂g/∂p. Holds no Python object: safe without the GIL. When every
-  /// term evaluates row ranges (evaluates_rows()), the 4096-row chunks go over up to
+  /// term evaluates row ranges (evaluates_rows()), chunks of at most 4096 rows go over up to
   /// @p n_threads threads (each with its own scratch; rows are independent, so the values do
-  /// not depend on the count; likewise evaluate_scales(), and transpose_product(), whose
-  /// per-chunk sums are added in chunk order).
+  /// not depend on the count, and the chunks are of equal length, a whole multiple of the
+  /// count, for balance; likewise evaluate_scales(), and transpose_product(), whose fixed
+  /// 4096-row chunks' sums are added in chunk order).
   /// @throws std::invalid_argument for a wrong parameter count or an unset ExternalTerm.
   void evaluate(const double* params, std::size_t n_params, int n_threads = 1);
 
@@ -476,9 +477,13 @@ class XTALSCALE_EXPORT ModelBlock {
   /// rethrown (as std::invalid_argument) after the loop.
   /// With @p scales_only, the terms' values hold their scales alone (scales_rows()). With
   /// @p bounds, chunk c is rows [bounds[c], bounds[c + 1]) instead. body(c, first, count, tv).
+  /// @p chunk_rows (0: 4096) sets the chunk length without @p bounds: a pass whose outputs
+  /// are per row may balance its chunks over the threads; a reduction keeps the fixed length,
+  /// so that its summation order does not depend on the thread count.
   template <class Body>
   void for_each_chunk(const double* params, int n_threads, Body body, bool scales_only = false,
-                      const std::vector<std::size_t>* bounds = nullptr);
+                      const std::vector<std::size_t>* bounds = nullptr,
+                      std::size_t chunk_rows = 0);
   /// One chunk of functional_and_gradient: rows [first, first + count), groups
   /// [group_first, group_last); its f returned, its gradient share into @p acc.
   double chunk_functional_and_gradient(const std::vector<TermValues>& tv, std::size_t first,
