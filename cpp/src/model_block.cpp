@@ -108,6 +108,15 @@ void ModelTerm::pattern_rows(std::size_t first, std::size_t count, std::int64_t*
   full_pattern(count, n_cols_, indptr, indices);
 }
 
+std::size_t ModelTerm::nnz_rows(std::size_t first, std::size_t count) const {
+  if (dense_) return count * n_cols_;
+  // a sparse term without a cheaper count: its pattern of the rows, built into temporaries
+  std::vector<std::int64_t> indptr(count + 1);
+  std::vector<std::int32_t> indices(count * std::max<std::size_t>(n_cols_, 1));
+  pattern_rows(first, count, indptr.data(), indices.data());
+  return static_cast<std::size_t>(indptr[count]);
+}
+
 ScaleFactorTerm::ScaleFactorTerm(std::size_t n_rows)
     : ModelTerm(n_rows, 1, 1, true), ones_(n_rows, 1.0) {}
 
@@ -211,6 +220,11 @@ void SmoothTerm::add_transpose_product_rows(const TermValues& v, std::size_t fir
   const auto base = ip[first];
   for (std::size_t i = 0; i < count; ++i)
     for (auto q = ip[first + i]; q < ip[first + i + 1]; ++q) out[ix[q]] += u[i] * v.values[q - base];
+}
+
+std::size_t SmoothTerm::nnz_rows(std::size_t first, std::size_t count) const {
+  const auto& ip = w_->indptr();  // the held row starts: no row is visited
+  return static_cast<std::size_t>(ip[first + count] - ip[first]);
 }
 
 void SmoothTerm::pattern_rows(std::size_t first, std::size_t count, std::int64_t* indptr,
@@ -332,6 +346,12 @@ void LeanSmoothTerm::add_transpose_product_rows(const TermValues& v, std::size_t
     lean_transpose_rows<decltype(w)::value>(count, window_.data + first, first_fixed_, v.values,
                                             u, out, n_cols());
   });
+}
+
+std::size_t LeanSmoothTerm::nnz_rows(std::size_t first, std::size_t count) const {
+  std::size_t nnz = 0;  // one window record per row, no column written
+  for (std::size_t i = 0; i < count; ++i) nnz += row_columns(first + i).second;
+  return nnz;
 }
 
 void LeanSmoothTerm::pattern_rows(std::size_t first, std::size_t count, std::int64_t* indptr,
@@ -516,6 +536,18 @@ namespace {
 /// Rows per chunk of the chunked paths: the terms' chunk scratch (a few values per row per
 /// term) stays in L2 and is reused by every chunk and every call.
 constexpr std::size_t kChunkRows = 4096;
+
+/// Rows per chunk for a pass whose outputs are per row (no value depends on the chunking):
+/// kChunkRows on one thread; on more, the smallest whole multiple of @p n_threads chunks of at
+/// most kChunkRows rows, of equal length, so that the threads get equal shares (a 20 000-row
+/// block is 6 chunks of 3334 rows, 3 : 3 on two threads, rather than 5 of 4096, 3 : 2).
+std::size_t balanced_chunk_rows(std::size_t n_rows, int n_threads) {
+  const std::size_t n_chunks = (n_rows + kChunkRows - 1) / kChunkRows;
+  if (n_threads <= 1 || n_chunks == 0) return kChunkRows;
+  const auto nt = static_cast<std::size_t>(n_threads);
+  const std::size_t balanced = (n_chunks + nt - 1) / nt * nt;
+  return std::max<std::size_t>(1, (n_rows + balanced - 1) / balanced);
+}
 }  // namespace
 
 ModelBlock::ModelBlock(std::size_t n_rows) : n_rows_(n_rows) {
@@ -547,7 +579,101 @@ bool ModelBlock::pattern_stale() const {
   return false;
 }
 
-void ModelBlock::build_pattern() {
+void ModelBlock::build_pattern(int n_threads) {
+  if (!chunked()) {
+    build_pattern_whole();
+    return;
+  }
+  // Three passes instead of one serial walk (which cost more than the evaluation itself):
+  // (1) each chunk's nnz per term, counted in parallel without writing a column (window
+  // records, held row starts, or a constant per row); (2) a prefix sum over the chunks, serial
+  // but per chunk, not per row; (3) each chunk writes its rows at its offsets, in parallel. The
+  // chunks are fixed by the rows alone and every entry is written once, by its own chunk, so
+  // the arrays are the serial construction's for any thread count.
+  const std::size_t n = n_rows_, k = terms_.size();
+  const std::size_t chunk_rows = balanced_chunk_rows(n, n_threads);  // any chunking: same arrays
+  const std::size_t n_chunks = (n + chunk_rows - 1) / chunk_rows;
+  const int nt = std::max(1, std::min<int>(n_threads, static_cast<int>(n_chunks)));
+  row_starts_.assign(k, {});
+  built_versions_.assign(k, 0);
+  std::vector<bool> sparse(k, false);
+  for (std::size_t t = 0; t < k; ++t) {
+    built_versions_[t] = terms_[t]->pattern_version();
+    sparse[t] = active_[t] && !terms_[t]->dense();
+    if (!sparse[t]) continue;
+    detail::resize_large(row_starts_[t], n + 1);
+  }
+  // offsets[c·(k + 1) + t]: term t's entries before chunk c; column k: the block's
+  const std::size_t w = k + 1;
+  std::vector<std::int64_t> offsets((n_chunks + 1) * w, 0);
+  std::vector<std::string> failure(n_chunks);
+  const auto run = [&](auto&& body) {  // parallel over the chunks, exceptions collected
+    fit::detail::parallel_for(n_chunks, nt, [&](std::size_t c) {
+      try {  // no exception may leave an OpenMP region
+        body(c, c * chunk_rows, std::min(chunk_rows, n - c * chunk_rows));
+      } catch (const std::exception& e) {
+        failure[c] = e.what();
+      }
+    });
+    for (const auto& f : failure)
+      if (!f.empty()) throw std::invalid_argument(f);
+  };
+  run([&](std::size_t c, std::size_t first, std::size_t count) {
+    std::int64_t* row = offsets.data() + (c + 1) * w;
+    for (std::size_t t = 0; t < k; ++t) {
+      if (!active_[t]) continue;
+      row[t] = static_cast<std::int64_t>(terms_[t]->nnz_rows(first, count));
+      row[k] += row[t];
+    }
+  });
+  for (std::size_t c = 0; c < n_chunks; ++c)
+    for (std::size_t j = 0; j < w; ++j) offsets[(c + 1) * w + j] += offsets[c * w + j];
+  const auto nnz = static_cast<std::size_t>(offsets[n_chunks * w + k]);
+  auto indptr = std::make_shared<std::vector<std::int64_t>>(detail::large_vector<std::int64_t>(n + 1));
+  auto indices = std::make_shared<std::vector<std::int32_t>>(detail::large_vector<std::int32_t>(nnz));
+  for (std::size_t t = 0; t < k; ++t)
+    if (sparse[t]) row_starts_[t][0] = 0;
+  (*indptr)[0] = 0;
+  // per thread: the sparse terms' pattern of one chunk (row starts from 0, columns), reused
+  struct ChunkPattern {
+    std::vector<std::vector<std::int64_t>> indptr;
+    std::vector<std::vector<std::int32_t>> indices;
+  };
+  std::vector<ChunkPattern> local(static_cast<std::size_t>(nt));
+  for (auto& l : local) {
+    l.indptr.resize(k);
+    l.indices.resize(k);
+  }
+  run([&](std::size_t c, std::size_t first, std::size_t count) {
+    ChunkPattern& l = local[static_cast<std::size_t>(fit::detail::thread_number())];
+    const std::int64_t* before = offsets.data() + c * w;
+    const std::int64_t* after = before + w;
+    std::vector<const std::int64_t*> starts(k, nullptr);
+    std::vector<const std::int32_t*> columns(k, nullptr);
+    for (std::size_t t = 0; t < k; ++t) {
+      if (!sparse[t]) continue;
+      const std::int64_t chunk_nnz = after[t] - before[t];
+      l.indptr[t].resize(count + 1);
+      // the room pattern_rows() writes: this term's counted entries (its column count per
+      // row at most, which would be far more for wide smoothers)
+      l.indices[t].resize(static_cast<std::size_t>(chunk_nnz));
+      terms_[t]->pattern_rows(first, count, l.indptr[t].data(), l.indices[t].data());
+      require(l.indptr[t][count] == chunk_nnz, "a term's pattern_rows disagrees with nnz_rows");
+      std::int64_t* global = row_starts_[t].data() + first;
+      for (std::size_t i = 1; i <= count; ++i) global[i] = before[t] + l.indptr[t][i];
+      starts[t] = l.indptr[t].data();
+      columns[t] = l.indices[t].data();
+    }
+    pattern_of_rows(count, starts, columns, before[k], indptr->data() + first, indices->data());
+  });
+  out_.indptr = std::move(indptr);
+  out_.indices = std::move(indices);
+  out_.values = std::make_shared<std::vector<double>>(detail::large_vector<double>(nnz));
+  built_ = true;
+  ++version_;
+}
+
+void ModelBlock::build_pattern_whole() {
   const std::size_t n = n_rows_, k = terms_.size();
   row_starts_.assign(k, {});
   built_versions_.assign(k, 0);
@@ -567,10 +693,11 @@ void ModelBlock::build_pattern() {
     columns[t] = term_indices[t].data();
   }
   auto indptr = std::make_shared<std::vector<std::int64_t>>(detail::large_vector<std::int64_t>(n + 1));
-  pattern_of_rows(n, starts, columns, indptr->data(), nullptr);
+  (*indptr)[0] = 0;
+  pattern_of_rows(n, starts, columns, 0, indptr->data(), nullptr);
   const auto nnz = static_cast<std::size_t>((*indptr)[n]);
   auto indices = std::make_shared<std::vector<std::int32_t>>(detail::large_vector<std::int32_t>(nnz));
-  pattern_of_rows(n, starts, columns, indptr->data(), indices->data());
+  pattern_of_rows(n, starts, columns, 0, indptr->data(), indices->data());
   out_.indptr = std::move(indptr);
   out_.indices = std::move(indices);
   out_.values = std::make_shared<std::vector<double>>(detail::large_vector<double>(nnz));
@@ -580,11 +707,11 @@ void ModelBlock::build_pattern() {
 
 void ModelBlock::pattern_of_rows(std::size_t count, const std::vector<const std::int64_t*>& starts,
                                  const std::vector<const std::int32_t*>& columns,
-                                 std::int64_t* indptr, std::int32_t* indices) const {
+                                 std::int64_t origin, std::int64_t* indptr,
+                                 std::int32_t* indices) const {
   const std::size_t k = terms_.size();
-  indptr[0] = 0;
+  std::int64_t at = origin;
   for (std::size_t i = 0; i < count; ++i) {
-    std::int64_t at = indptr[i];
     for (std::size_t t = 0; t < k; ++t) {
       if (!active_[t]) continue;
       const auto offset = static_cast<std::int32_t>(col_start_[t]);
@@ -683,12 +810,13 @@ void ModelBlock::free_scratch() {
 
 template <class Body>
 void ModelBlock::for_each_chunk(const double* params, int n_threads, Body body, bool scales_only,
-                                const std::vector<std::size_t>* bounds) {
-  const std::size_t n_chunks = bounds ? bounds->size() - 1 : (n_rows_ + kChunkRows - 1) / kChunkRows;
+                                const std::vector<std::size_t>* bounds, std::size_t chunk_rows) {
+  if (chunk_rows == 0) chunk_rows = kChunkRows;
+  const std::size_t n_chunks = bounds ? bounds->size() - 1 : (n_rows_ + chunk_rows - 1) / chunk_rows;
   const int nt = std::max(1, std::min<int>(n_threads, static_cast<int>(n_chunks)));
   const auto chunk = [&](std::size_t c, std::vector<TermScratch>& scratch) {
-    const std::size_t first = bounds ? (*bounds)[c] : c * kChunkRows;
-    const std::size_t count = bounds ? (*bounds)[c + 1] - first : std::min(kChunkRows, n_rows_ - first);
+    const std::size_t first = bounds ? (*bounds)[c] : c * chunk_rows;
+    const std::size_t count = bounds ? (*bounds)[c + 1] - first : std::min(chunk_rows, n_rows_ - first);
     std::vector<TermValues> tv(terms_.size());
     for (std::size_t t = 0; t < terms_.size(); ++t) {
       const double* p = params + param_start_[t];
@@ -732,14 +860,14 @@ void ModelBlock::evaluate(const double* params, std::size_t n_params, int n_thre
     evaluate_terms(params, n_params);
   }
   if (pattern_stale()) {
-    build_pattern();
+    build_pattern(n_threads);
   } else if (out_.values->size() != out_.indices->size()) {  // released: allocate again
     out_.values = std::make_shared<std::vector<double>>(detail::large_vector<double>(out_.indices->size()));
   }
   if (by_chunks) {
     for_each_chunk(params, n_threads, [&](std::size_t, std::size_t first, std::size_t count, const std::vector<TermValues>& tv) {
       fill(tv, first, count);  // rows [first, first + count) only: chunks never share an entry
-    });
+    }, false, nullptr, balanced_chunk_rows(n_rows_, n_threads));
   } else {
     fill(term_values_, 0, n_rows_);
   }
@@ -778,12 +906,13 @@ void ModelBlock::evaluate_rows(const double* params, std::size_t n_params, std::
     }
   }
   s.indptr.resize(count + 1);
-  pattern_of_rows(count, starts, columns, s.indptr.data(), nullptr);
+  s.indptr[0] = 0;
+  pattern_of_rows(count, starts, columns, 0, s.indptr.data(), nullptr);
   const auto nnz = static_cast<std::size_t>(s.indptr[count]);
   s.indices.resize(nnz);
   s.values.resize(nnz);
   s.g.resize(count);
-  pattern_of_rows(count, starts, columns, s.indptr.data(), s.indices.data());
+  pattern_of_rows(count, starts, columns, 0, s.indptr.data(), s.indices.data());
   product_rule(s.term_values, count, starts, s.indptr.data(), s.g.data(), s.values.data());
 }
 
@@ -791,7 +920,7 @@ void ModelBlock::scales_by_chunks(const double* params, int n_threads) {
   double* g = out_.scales->data();
   for_each_chunk(params, n_threads, [&](std::size_t, std::size_t first, std::size_t count, const std::vector<TermValues>& tv) {
     product_of_scales(tv, count, g + first);
-  }, true);
+  }, true, nullptr, balanced_chunk_rows(n_rows_, n_threads));  // per-row g: any chunking
 }
 
 void ModelBlock::transpose_product_by_chunks(const double* params, const double* coefficients,

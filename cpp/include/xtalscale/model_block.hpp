@@ -133,6 +133,12 @@ class XTALSCALE_EXPORT ModelTerm {
   /// evaluates_rows(); the base serves dense terms, sparse ones override it.
   virtual void pattern_rows(std::size_t first, std::size_t count, std::int64_t* indptr,
                             std::int32_t* indices) const;
+  /// The number of derivatives stored for rows [first, first + count) (indptr[count] of
+  /// pattern_rows() there), so that a block can size each chunk of its pattern before the
+  /// chunks are written in parallel. Only when evaluates_rows(). The base counts dense terms
+  /// in O(1) and other terms through pattern_rows() into temporaries; sparse terms override it
+  /// with a count that writes no column.
+  virtual std::size_t nnz_rows(std::size_t first, std::size_t count) const;
 
  protected:
   ModelTerm(std::size_t n_rows, std::size_t n_cols, std::size_t n_params, bool dense)
@@ -193,6 +199,7 @@ class XTALSCALE_EXPORT SmoothTerm final : public ModelTerm {
                                   const double* u, double* out) const override;
   void pattern_rows(std::size_t first, std::size_t count, std::int64_t* indptr,
                     std::int32_t* indices) const override;
+  std::size_t nnz_rows(std::size_t first, std::size_t count) const override;
 
  private:
   std::shared_ptr<const components::WeightMatrix> w_;
@@ -218,6 +225,7 @@ class XTALSCALE_EXPORT LeanSmoothTerm final : public ModelTerm {
                                   const double* u, double* out) const override;
   void pattern_rows(std::size_t first, std::size_t count, std::int64_t* indptr,
                     std::int32_t* indices) const override;
+  std::size_t nnz_rows(std::size_t first, std::size_t count) const override;
 
  private:
   /// Row @p i's first derivative column and number of columns (from its window record).
@@ -368,10 +376,11 @@ class XTALSCALE_EXPORT ModelBlock {
 
   /// Evaluate every term at its slice of @p params (length n_params()), rebuild the pattern if
   /// needed, then write g and ∂g/∂p. Holds no Python object: safe without the GIL. When every
-  /// term evaluates row ranges (evaluates_rows()), the 4096-row chunks go over up to
+  /// term evaluates row ranges (evaluates_rows()), chunks of at most 4096 rows go over up to
   /// @p n_threads threads (each with its own scratch; rows are independent, so the values do
-  /// not depend on the count; likewise evaluate_scales(), and transpose_product(), whose
-  /// per-chunk sums are added in chunk order).
+  /// not depend on the count, and the chunks are of equal length, a whole multiple of the
+  /// count, for balance; likewise evaluate_scales(), and transpose_product(), whose fixed
+  /// 4096-row chunks' sums are added in chunk order).
   /// @throws std::invalid_argument for a wrong parameter count or an unset ExternalTerm.
   void evaluate(const double* params, std::size_t n_params, int n_threads = 1);
 
@@ -468,9 +477,13 @@ class XTALSCALE_EXPORT ModelBlock {
   /// rethrown (as std::invalid_argument) after the loop.
   /// With @p scales_only, the terms' values hold their scales alone (scales_rows()). With
   /// @p bounds, chunk c is rows [bounds[c], bounds[c + 1]) instead. body(c, first, count, tv).
+  /// @p chunk_rows (0: 4096) sets the chunk length without @p bounds: a pass whose outputs
+  /// are per row may balance its chunks over the threads; a reduction keeps the fixed length,
+  /// so that its summation order does not depend on the thread count.
   template <class Body>
   void for_each_chunk(const double* params, int n_threads, Body body, bool scales_only = false,
-                      const std::vector<std::size_t>* bounds = nullptr);
+                      const std::vector<std::size_t>* bounds = nullptr,
+                      std::size_t chunk_rows = 0);
   /// One chunk of functional_and_gradient: rows [first, first + count), groups
   /// [group_first, group_last); its f returned, its gradient share into @p acc.
   double chunk_functional_and_gradient(const std::vector<TermValues>& tv, std::size_t first,
@@ -483,15 +496,23 @@ class XTALSCALE_EXPORT ModelBlock {
   void evaluate_terms(const double* params, std::size_t n_params);
   /// Drop the terms' scratch (allocated again by the next evaluation).
   void free_scratch();
-  void build_pattern();
+  /// The pattern of ∂g/∂p (and the sparse terms' row starts) into fresh buffers: chunk by
+  /// chunk over up to @p n_threads threads when chunked() (each chunk's size counted first,
+  /// then its rows written at their offsets; the same arrays for any thread count), else
+  /// from the terms' whole patterns.
+  void build_pattern(int n_threads = 1);
+  /// build_pattern() of a block whose terms do not all serve row ranges (serial).
+  void build_pattern_whole();
   /// g and ∂g/∂p of rows [first, first + count) from the terms' values of those rows.
   void fill(const std::vector<TermValues>& tv, std::size_t first, std::size_t count);
-  /// The pattern of @p count rows: @p indptr (count + 1, from 0) and, unless @p indices is null,
-  /// the block columns (each active term's in term order). Sparse term t's row starts are
-  /// @p starts[t] (any origin; its columns @p columns[t] are indexed from starts[t][0]).
+  /// The pattern of @p count rows: @p indptr[1..count] (row ends, counted from @p origin;
+  /// indptr[0] is the caller's, not written, so adjacent chunks never write the same entry)
+  /// and, unless @p indices is null, the block columns (each active term's in term order)
+  /// at indices[origin...]. Sparse term t's row starts are @p starts[t] (any origin; its
+  /// columns @p columns[t] are indexed from starts[t][0]).
   void pattern_of_rows(std::size_t count, const std::vector<const std::int64_t*>& starts,
-                       const std::vector<const std::int32_t*>& columns, std::int64_t* indptr,
-                       std::int32_t* indices) const;
+                       const std::vector<const std::int32_t*>& columns, std::int64_t origin,
+                       std::int64_t* indptr, std::int32_t* indices) const;
   /// The product rule of @p count rows: g into @p g and ∂g/∂p into @p values, row j's entries
   /// ending at @p row_ptr[j + 1]; @p tv the terms' values of the rows (sparse term t's values
   /// indexed from @p starts[t][0], as pattern_of_rows).
