@@ -181,13 +181,16 @@ class IhTableBlock:
             dtype = np.result_type(*(np.asarray(columns[name]).dtype for _, columns, _, _ in parts))
             out = np.empty(n, dtype=dtype)
             for k, (_, columns, rows, _) in enumerate(parts):
-                np.take(np.asarray(columns[name]), rows, out=out[starts[k]:starts[k + 1]])
+                # the rows are the table's own (in range by construction): "clip" lets numpy
+                # gather straight into the block's array ("raise" buffers a copy first)
+                np.take(np.asarray(columns[name]), rows, out=out[starts[k]:starts[k + 1]], mode="clip")
             block._arrays[name] = out
         block._arrays["dataset_id"] = np.repeat(np.arange(len(parts), dtype=np.int64), sizes)
         block._group_ids = np.concatenate([np.asarray(groups, np.int64) for groups, _, _, _ in parts])
         block._hkl = np.empty((n, 3), dtype=np.result_type(*(np.asarray(h).dtype for _, _, _, h in parts)))
         for k, (_, _, rows, hkl) in enumerate(parts):
-            np.take(np.asarray(hkl).reshape(-1, 3), rows, axis=0, out=block._hkl[starts[k]:starts[k + 1]])
+            np.take(np.asarray(hkl).reshape(-1, 3), rows, axis=0, out=block._hkl[starts[k]:starts[k + 1]],
+                    mode="clip")
         loc = block._arrays["loc_indices"]
         for k in range(len(parts)):
             block.block_selections[k] = loc[starts[k]:starts[k + 1]].astype(np.int64)  # its own copy
