@@ -46,8 +46,11 @@ def test_command_line_starts_openblas_with_one_thread_only_in_a_fresh_process(mo
     assert _printed_in_fresh_processes(code, "OPENBLAS_NUM_THREADS", "3") == ("1", "3")
 
 
-def test_openmp_workers_sleep_between_kernels_unless_the_caller_chose_a_policy():
-    """``import xtalscale`` asks the OpenMP runtime (read when the extension loads it) for
-    passive waiting, and keeps a policy the caller set."""
-    code = "import os, xtalscale; print(os.environ['OMP_WAIT_POLICY'])"
-    assert _printed_in_fresh_processes(code, "OMP_WAIT_POLICY", "active") == ("passive", "active")
+def test_openmp_workers_spin_briefly_unless_the_caller_chose_a_policy():
+    """``import xtalscale`` gives the OpenMP runtime (which reads it when the extension loads
+    it) a short spin count, and leaves a caller's spin count or wait policy alone."""
+    report = "import xtalscale; print(os.environ.get('GOMP_SPINCOUNT'))"
+    code = "import os; os.environ.pop('OMP_WAIT_POLICY', None); " + report
+    assert _printed_in_fresh_processes(code, "GOMP_SPINCOUNT", "5") == ("30000", "5")
+    policy = "import os; os.environ['OMP_WAIT_POLICY'] = 'active'; " + report
+    assert _printed_in_fresh_processes(policy, "GOMP_SPINCOUNT", "5") == ("None", "5")
