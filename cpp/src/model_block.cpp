@@ -541,10 +541,17 @@ constexpr std::size_t kChunkRows = 4096;
 /// kChunkRows on one thread; on more, the smallest whole multiple of @p n_threads chunks of at
 /// most kChunkRows rows, of equal length, so that the threads get equal shares (a 20 000-row
 /// block is 6 chunks of 3334 rows, 3 : 3 on two threads, rather than 5 of 4096, 3 : 2).
+/// A block with fewer than kMinThreadRows rows per thread is one serial pass: waking a worker
+/// costs more than it saves on so few rows (a 60-sweep job's streamed blocks hold ~1000 rows
+/// of each sweep, and their thousands of two-way splits made its minimisation slower on two
+/// threads than on one).
+constexpr std::size_t kMinThreadRows = 2048;
+
 std::size_t balanced_chunk_rows(std::size_t n_rows, int n_threads) {
   const std::size_t n_chunks = (n_rows + kChunkRows - 1) / kChunkRows;
   if (n_threads <= 1 || n_chunks == 0) return kChunkRows;
   const auto nt = static_cast<std::size_t>(n_threads);
+  if (n_rows < nt * kMinThreadRows) return std::max<std::size_t>(n_rows, 1);
   const std::size_t balanced = (n_chunks + nt - 1) / nt * nt;
   return std::max<std::size_t>(1, (n_rows + balanced - 1) / balanced);
 }
