@@ -1778,14 +1778,11 @@ def _set_external(term: Any, scales: Any, derivatives: Any, name: str) -> None:
 def _csr_view(block: Any) -> CsrView:
     """∂g/∂p of an evaluated C++ model block as a :class:`~xtalscale.csr_view.CsrView` over the
     block's own buffers (read-only; rewritten by the block's next evaluation): the arrays for
-    the kernels without importing scipy; used as a scipy matrix it becomes a
-    :class:`SparseMatrix`. 32-bit row starts when they fit, so scipy keeps the 32-bit column
-    indices without a copy. The C++ block checked its pattern (strictly ascending columns in
+    the kernels without importing scipy or copying (the row starts stay 64-bit, as the kernels
+    read them); used as a scipy matrix it becomes a :class:`SparseMatrix` (with 32-bit row
+    starts when they fit). The C++ block checked its pattern (strictly ascending columns in
     each row): canonical, so consumers need not scan the entries again."""
-    indptr = block.indptr
-    if indptr[-1] < np.iinfo(np.int32).max:
-        indptr = indptr.astype(np.int32)
-    view = CsrView(block.values, block.indices, indptr, (block.n_rows, block.n_cols))
+    view = CsrView(block.values, block.indices, block.indptr, (block.n_rows, block.n_cols))
     view.verified_pattern = True
     return view
 

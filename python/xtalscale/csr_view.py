@@ -59,7 +59,13 @@ class CsrView:
         if self._scipy is None:
             from .sparse import SparseMatrix
 
-            m = SparseMatrix((self.data, self.indices, self.indptr), shape=self.shape, copy=False)
+            indptr = self.indptr
+            if (indptr.dtype == np.int64 and self.indices.dtype == np.int32 and len(indptr)
+                    and indptr[-1] < np.iinfo(np.int32).max):
+                # 32-bit row starts, so that scipy keeps the 32-bit column indices as they are
+                # (the kernels read the 64-bit ones: the view keeps those)
+                indptr = indptr.astype(np.int32)
+            m = SparseMatrix((self.data, self.indices, indptr), shape=self.shape, copy=False)
             m.has_canonical_format = True
             self._scipy = m
         return self._scipy
