@@ -1218,8 +1218,15 @@ void row_quadratic_forms(std::size_t n_rows, const std::int64_t* indptr,
 void model_row_variances(const ModelBlock& block, const double* params, std::size_t n_params,
                          const double* V, double* variances, double* g, int n_threads) {
   const std::size_t n_rows = block.n_rows(), n = block.n_cols();
-  constexpr std::size_t kRows = 4096;  // a chunk's ∂g/∂p (~0.5 MB) stays in L2
-  const std::size_t n_chunks = (n_rows + kRows - 1) / kRows;
+  constexpr std::size_t kMaxRows = 4096;  // a chunk's ∂g/∂p (~0.5 MB) stays in L2
+  // Equal chunks, a whole multiple of the threads: each row's variance does not depend on the
+  // chunking, and a streamed block of ~20k rows is then 6 chunks (3 : 3 on two threads)
+  // instead of 5 of 4096 rows (3 : 2).
+  const auto threads = static_cast<std::size_t>(std::max(1, n_threads));
+  std::size_t n_chunks = (n_rows + kMaxRows - 1) / kMaxRows;
+  if (threads > 1 && n_chunks > 0) n_chunks = (n_chunks + threads - 1) / threads * threads;
+  const std::size_t kRows = n_chunks > 0 ? (n_rows + n_chunks - 1) / n_chunks : kMaxRows;
+  n_chunks = kRows > 0 ? (n_rows + kRows - 1) / kRows : 0;
   const int nt = std::max(1, std::min<int>(n_threads, static_cast<int>(std::max<std::size_t>(n_chunks, 1))));
   std::vector<std::string> failure(static_cast<std::size_t>(nt));
   // threads take contiguous runs of whole chunks; each row's result does not depend on the split

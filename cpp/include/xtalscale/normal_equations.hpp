@@ -69,7 +69,8 @@ XTALSCALE_EXPORT void row_quadratic_forms(std::size_t n_rows, const std::int64_t
                                           int n_threads = 1);
 
 /// var(g_i) = J_i V J_iᵀ and g_i of every row of a model block whose terms evaluate row ranges
-/// (ModelBlock::evaluates_rows), without forming ∂g/∂p: rows go in chunks of 4096, each
+/// (ModelBlock::evaluates_rows), without forming ∂g/∂p: rows go in equal chunks of at most
+/// 4096 (a whole multiple of @p n_threads of them), each
 /// chunk's derivatives evaluated into per-thread scratch (ModelBlock::evaluate_rows) and
 /// reduced by row_quadratic_forms. @p V is n_cols x n_cols in the block's column layout,
 /// @p variances and @p g have n_rows values. Rows are independent: identical for any
