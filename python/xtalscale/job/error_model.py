@@ -28,7 +28,7 @@ import numpy as np
 from .._core import job as _kern
 from .._rows import take_rows
 from ..error_model import BasicErrorModel as StoredBasicErrorModel
-from .grouped import GroupedObservations
+from .grouped import GroupedObservations, group_of_rows
 
 __all__ = [
     "BasicErrorModel",
@@ -502,12 +502,10 @@ def _grouped_rows(scaler: Any, grouping: Any, rows: np.ndarray) -> GroupedObserv
     datasets = scaler.datasets
     starts = np.concatenate([[0], np.cumsum([int(ds.suitable.sum()) for ds in datasets])])
     kept = [np.flatnonzero(rows[starts[k]:starts[k + 1]]) for k in range(len(datasets))]
-    table_rows = [ds.suitable_idx.take(r) for ds, r in zip(datasets, kept)]
 
     def gathered(name: str, default: float | None = None) -> np.ndarray:
-        return np.concatenate([np.asarray(ds.table[name], dtype=np.float64).take(r)
-                               if default is None or name in ds.table else np.full(r.size, default)
-                               for ds, r in zip(datasets, table_rows)])
+        return np.concatenate([ds.column(name, r) if default is None or name in ds.table
+                               else np.full(r.size, default) for ds, r in zip(datasets, kept)])
 
     V = gathered("variance")
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -519,14 +517,14 @@ def _grouped_rows(scaler: Any, grouping: Any, rows: np.ndarray) -> GroupedObserv
         order, offsets, len(datasets), scaler.space_group, {"partiality": gathered("partiality", 1.0)})
 
 
-def _check_rows(grouped: GroupedObservations, rows: np.ndarray) -> None:
-    """The checks :meth:`GroupedObservations.from_tables` makes, on the ``rows`` used."""
+def _check_rows(grouped: GroupedObservations) -> None:
+    """The checks :meth:`GroupedObservations.from_tables` makes, on every row of ``grouped``."""
     for name, values in (("intensity", grouped.intensity), ("variance", grouped.variance),
                          ("inverse_scale_factor", grouped.scale)):
-        bad = rows & ~np.isfinite(values)
+        bad = ~np.isfinite(values)
         if bad.any():
             raise ValueError(f"column '{name}' is not finite at selected row {int(np.flatnonzero(bad)[0])}")
-    bad = rows & ~(grouped.variance > 0)
+    bad = ~(grouped.variance > 0)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise ValueError(f"column 'variance' must be positive for the selected rows "
@@ -587,12 +585,11 @@ def refine_error_models(scaler: Any) -> None:
         cap = int(em_params.basic.max_observations or 0)
         if not subset and 0 < cap < np.count_nonzero(rows):
             if group_of_row is None:
-                group_of_row = np.repeat(np.arange(grouping.offsets.size - 1), np.diff(grouping.offsets))
-                group_of_row[grouping.order] = group_of_row.copy()
+                group_of_row = group_of_rows(grouping.order, grouping.offsets)
             rows = _capped_rows(group_of_row, grouping.offsets.size - 1, rows, cap,
                                 int(params.reflection_selection.seed))
         data = _grouped_rows(scaler, grouping, rows)
-        _check_rows(data, np.ones(data.size, dtype=bool))
+        _check_rows(data)
         model = BasicErrorModel(basic_params=em_params.basic)
         try:
             run_error_model_refinement(model, data, em_params.basic.minimisation or "None",

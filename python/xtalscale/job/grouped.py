@@ -18,7 +18,7 @@ import numpy as np
 from .._core import job as _kern
 from .._rows import negate_rows, take_rows
 
-__all__ = ["AsuGrouping", "GroupedObservations", "asu_grouping", "regroup", "suitable_rows"]
+__all__ = ["AsuGrouping", "GroupedObservations", "asu_grouping", "group_of_rows", "regroup", "suitable_rows"]
 
 
 def suitable_rows(table: Any) -> np.ndarray:
@@ -52,6 +52,14 @@ def _column(table: Any, name: str, default: float | None = None) -> np.ndarray:
 def _rows_of(values: np.ndarray, idx: np.ndarray, every: bool) -> np.ndarray:
     """Rows ``idx`` of a per-row array (``values`` itself when they are every row)."""
     return values if every else take_rows(values, idx)
+
+
+def group_of_rows(order: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """The group number of every row of a grouping (``order``: rows in group order, group g
+    at ``order[offsets[g]:offsets[g + 1]]``)."""
+    out = np.empty(order.size, dtype=np.int64)
+    out[order] = np.repeat(np.arange(offsets.size - 1), np.diff(offsets))
+    return out
 
 
 def regroup(order: np.ndarray, offsets: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -252,12 +260,7 @@ class GroupedObservations:
 
     def group_of_row(self) -> np.ndarray:
         """The group index of every row (read-only; made once per grouping)."""
-        def compute() -> np.ndarray:
-            out = np.empty(self.size, dtype=np.int64)
-            out[self.order] = np.repeat(np.arange(self.n_groups), self.group_sizes())
-            return out
-
-        return self.derived_of_grouping("group_of_row", compute)
+        return self.derived_of_grouping("group_of_row", lambda: group_of_rows(self.order, self.offsets))
 
     def sum_in_groups(self, values: np.ndarray) -> np.ndarray:
         """Per-group sums of a per-row array (C++)."""

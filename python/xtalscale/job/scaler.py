@@ -94,9 +94,15 @@ class Dataset:
             held = self._suitable_held = (self.suitable, idx)
         return held[1]
 
-    def column(self, name: str) -> np.ndarray:
-        """The suitable rows' values of a column (float64, a fresh array)."""
-        return np.asarray(self.table[name], dtype=np.float64).take(self.suitable_idx)
+    def column(self, name: str, rows: np.ndarray | None = None) -> np.ndarray:
+        """The suitable rows' values of a column (float64, a fresh array); with ``rows``
+        (positions among the suitable rows) those rows' only."""
+        return self.columns((name,), rows)[0]
+
+    def columns(self, names: Sequence[str], rows: np.ndarray | None = None) -> list[np.ndarray]:
+        """:meth:`column` of each of ``names``, the table rows found once."""
+        table_rows = self.suitable_idx if rows is None else self.suitable_idx.take(rows)
+        return [np.asarray(self.table[name], dtype=np.float64).take(table_rows) for name in names]
 
 
 #: Minimisation tables with more rows are streamed (see make_ready_for_scaling) in blocks of
@@ -163,15 +169,12 @@ class ScalerBase:
 
     # ------------------------------------------------------------------ weights
     def _variances(self, ds: Dataset, rows: np.ndarray | None = None) -> np.ndarray:
-        """σ² of the suitable rows (or of the table rows ``rows``), through the error model if
-        there is one."""
-        def column(name: str) -> np.ndarray:
-            return ds.column(name) if rows is None else np.asarray(ds.table[name], dtype=np.float64).take(rows)
-
-        var = column("variance")
+        """σ² of the suitable rows (or of ``rows`` of them, positions among the suitable rows),
+        through the error model if there is one."""
+        var = ds.column("variance", rows)
         em = ds.error_model if ds.error_model is not None else self.error_model
         if em is not None:
-            var = np.asarray(em.update_variances(var, column("intensity")), dtype=np.float64)
+            var = np.asarray(em.update_variances(var, ds.column("intensity", rows)), dtype=np.float64)
         return var
 
     def _grouped_groups_holding(self, rows: np.ndarray) -> GroupedObservations | None:
@@ -191,12 +194,10 @@ class ScalerBase:
         g gathered for them alone; ``row`` numbers suitable rows. None if a row has unusable
         values (the caller's fresh grouping then raises as it should)."""
         sub = self._grouped_cache.subset(keep)
-        table_rows = [ds.suitable_idx.take(sub.row[sub.dataset == k]) for k, ds in enumerate(self.datasets)]
-        I = np.concatenate([np.asarray(ds.table["intensity"], dtype=np.float64).take(r)
-                            for ds, r in zip(self.datasets, table_rows)])
-        V = np.concatenate([self._variances(ds, r) for ds, r in zip(self.datasets, table_rows)])
-        g = np.concatenate([np.asarray(ds.table["inverse_scale_factor"], dtype=np.float64).take(r)
-                            for ds, r in zip(self.datasets, table_rows)])
+        rows = [sub.row[sub.dataset == k] for k in range(len(self.datasets))]  # suitable rows
+        I = np.concatenate([ds.column("intensity", r) for ds, r in zip(self.datasets, rows)])
+        V = np.concatenate([self._variances(ds, r) for ds, r in zip(self.datasets, rows)])
+        g = np.concatenate([ds.column("inverse_scale_factor", r) for ds, r in zip(self.datasets, rows)])
         if not (np.all(V > 0) and np.all(np.isfinite(I)) and np.all(np.isfinite(g))):
             return None
         return replace(sub, intensity=I, variance=V, weight=1.0 / V, scale=g)
@@ -262,9 +263,8 @@ class ScalerBase:
             if cached is not None:
                 # the table's rows gathered once, straight from the reflection table; their
                 # ASU indices and groups from the cache (made already)
-                rows = ds.suitable_idx.take(idx)
-                cols = {name: np.asarray(ds.table[name], dtype=np.float64).take(rows)
-                        for name in ("intensity", "variance", "inverse_scale_factor")}
+                names = ("intensity", "variance", "inverse_scale_factor")
+                cols = dict(zip(names, ds.columns(names, idx)))
                 cols["asu_miller_index"] = take_rows(cached.asu_hkl, start + idx)
                 cols["loc_indices"] = idx
                 group_index.append(group_of_row.take(start + idx))
