@@ -1614,7 +1614,9 @@ def inverse_scale_factors(experiments: Sequence[Any], reflections: Any, *, cryst
                            ids=_experiment_ids(reflections, experiments))
 
 
-_EVAL_COLUMNS = ("xyzobs.px.value", "d", "s1", "phi", "id", "s0c", "s1c", "analytical_correction")
+#: The reflection-table columns the built-in models (physical, KB, array, dose decay) read when
+#: they are configured on a table or evaluated on it (a table may lack some of them).
+MODEL_COLUMNS = ("xyzobs.px.value", "d", "s1", "phi", "id", "s0c", "s1c", "analytical_correction")
 
 
 def _evaluate_table(experiments: list, table: Any, crystal_frame: str, selection: Any, fill_value: float,
@@ -1643,7 +1645,7 @@ def _evaluate_table(experiments: list, table: Any, crystal_frame: str, selection
         idx = np.flatnonzero(rows)
         if idx.size == 0:
             continue
-        sub = _subtable(table, idx, _EVAL_COLUMNS)
+        sub = _subtable(table, idx, MODEL_COLUMNS)
         g[idx] = model.get_scales(sub, expt, params)
         _check_scales(g, idx, table, k)
     return g

@@ -109,6 +109,10 @@ class IhTableBlock:
         self._arrays: dict[str, np.ndarray] = {}
         self._group_parts: list[np.ndarray] = []
         self._hkl_parts: list[np.ndarray] = []
+        self._hkl_value: np.ndarray | None = None
+        # (whole Miller-index array, rows of it) per dataset: a gathered block's indices, taken
+        # on first use (the job's fit never reads them: at 10⁶ rows the gather cost 30 ms)
+        self._hkl_sources: list[tuple[np.ndarray, np.ndarray]] = []
         self.block_selections: list[np.ndarray] = [np.zeros(0, np.int64)] * self.n_datasets
         self.dataset_info: dict[int, dict[str, int]] = {}
         self._next_dataset = 0
@@ -187,10 +191,7 @@ class IhTableBlock:
             block._arrays[name] = out
         block._arrays["dataset_id"] = np.repeat(np.arange(len(parts), dtype=np.int64), sizes)
         block._group_ids = np.concatenate([np.asarray(groups, np.int64) for groups, _, _, _ in parts])
-        block._hkl = np.empty((n, 3), dtype=np.result_type(*(np.asarray(h).dtype for _, _, _, h in parts)))
-        for k, (_, _, rows, hkl) in enumerate(parts):
-            np.take(np.asarray(hkl).reshape(-1, 3), rows, axis=0, out=block._hkl[starts[k]:starts[k + 1]],
-                    mode="clip")
+        block._hkl_sources = [(np.asarray(hkl).reshape(-1, 3), rows) for _, _, rows, hkl in parts]
         loc = block._arrays["loc_indices"]
         for k in range(len(parts)):
             block.block_selections[k] = loc[starts[k]:starts[k + 1]].astype(np.int64)  # its own copy
@@ -267,6 +268,28 @@ class IhTableBlock:
     @property
     def Ih_values(self) -> np.ndarray:  # noqa: N802
         return self._arrays["Ih_values"]
+
+    @property
+    def _hkl(self) -> np.ndarray:
+        """The rows' ASU Miller indices (gathered from their sources on first use)."""
+        if self._hkl_value is None:
+            sources, self._hkl_sources = self._hkl_sources, []
+            if not sources:
+                self._hkl_value = np.zeros((self.size, 3), np.int32)
+            else:
+                out = np.empty((sum(int(r.size) for _, r in sources), 3),
+                               dtype=np.result_type(*(h.dtype for h, _ in sources)))
+                start = 0
+                for hkl, rows in sources:
+                    # the rows are the table's own (in range by construction): see _gathered
+                    np.take(hkl, rows, axis=0, out=out[start:start + rows.size], mode="clip")
+                    start += rows.size
+                self._hkl_value = out
+        return self._hkl_value
+
+    @_hkl.setter
+    def _hkl(self, value: np.ndarray) -> None:
+        self._hkl_value, self._hkl_sources = value, []
 
     @property
     def asu_miller_index(self) -> np.ndarray:
@@ -594,13 +617,12 @@ class IhTable:
     def _build(self, hkls: list[np.ndarray], cols: list[dict[str, np.ndarray]], keys: list[np.ndarray] | None,
                nblocks: int, pct: float, offset: int, given: tuple[np.ndarray, np.ndarray] | None = None,
                mapper: Callable[..., Any] | None = None) -> None:
-        all_hkl = np.concatenate(hkls) if hkls else np.zeros((0, 3), np.int64)
         if keys is not None:
             _, gidx, offs = group_offsets_from_keys(np.concatenate(keys))
         elif given is not None:
             gidx, offs = given
         else:
-            grouping = group_reflections(all_hkl)
+            grouping = group_reflections(np.concatenate(hkls) if hkls else np.zeros((0, 3), np.int64))
             gidx, offs = grouping.group_index, grouping.offsets
         n_unique = offs.size - 1
         is_free = np.zeros(n_unique, bool)

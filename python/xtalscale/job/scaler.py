@@ -866,16 +866,9 @@ class NullScaler(SingleScaler):
     """A dataset with a fixed unit scale (a reference)."""
 
 
-#: Columns the built-in models (physical, KB, array, dose_decay) read when they are created and
-#: configured (models.py); a table may lack some of them.
-_MODEL_COLUMNS = ("d", "xyzobs.px.value", "s1", "s0c", "s1c", "phi", "id", "flags",
-                  "analytical_correction", "miller_index", "intensity", "variance",
-                  "inverse_scale_factor", "partiality", "batch")
-
-
 def _make_dataset(params: Any, experiment: Any, table: Any) -> Dataset:
     """Model and suitable rows for one prepared table."""
-    from ..models import create_scaling_model, model_from_dict
+    from ..models import MODEL_COLUMNS, create_scaling_model, model_from_dict
 
     suitable = suitable_rows(table)
     if "d" in table:
@@ -889,7 +882,7 @@ def _make_dataset(params: Any, experiment: Any, table: Any) -> Dataset:
     # The built-in models read only these columns of the suitable rows (copying every column
     # of a wide table cost ~0.2 s and ~200 B/row at 10⁶ rows); a stored or user model gets all.
     fresh = existing is None or params.overwrite_existing_models
-    columns = [c for c in _MODEL_COLUMNS if c in table] if fresh else None
+    columns = [c for c in MODEL_COLUMNS if c in table] if fresh else None
     sub = table.select(suitable, columns=columns)
     if existing is not None and not params.overwrite_existing_models:
         model = existing if hasattr(existing, "components") else model_from_dict(existing)
