@@ -5,6 +5,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "fit_parallel.hpp"
 #include "xtalscale/check.hpp"
 
 namespace xtalscale {
@@ -90,6 +91,68 @@ void map_to_asu(const AsuSymmetry& sym, const std::int32_t* hkl, std::size_t n,
       throw std::invalid_argument("hkl: row " + std::to_string(i) +
                                   " has no image in the ASU (inconsistent symmetry)");
   }
+}
+
+namespace {
+
+/// Rows per thread below which the per-row kernels stay on the calling thread (a parallel
+/// region costs more than mapping a few thousand indices).
+constexpr std::size_t kMinRowsPerThread = 1u << 15;
+
+/// Run body(first, count) over @p n_threads equal contiguous row ranges of [0, n).
+template <class Body>
+void over_row_ranges(std::size_t n, int n_threads, Body body) {
+  const auto wanted = static_cast<std::size_t>(std::max(1, n_threads));
+  const std::size_t nt = std::max<std::size_t>(1, std::min(wanted, n / kMinRowsPerThread));
+  if (nt == 1) {
+    body(std::size_t{0}, n);
+    return;
+  }
+  std::vector<std::string> failure(nt);  // no exception may leave an OpenMP region
+  fit::detail::per_thread(static_cast<int>(nt), [&](int t, int) {
+    const std::size_t first = n * static_cast<std::size_t>(t) / nt;
+    const std::size_t last = n * static_cast<std::size_t>(t + 1) / nt;
+    try {
+      body(first, last - first);
+    } catch (const std::exception& e) {
+      failure[static_cast<std::size_t>(t)] = e.what();
+    }
+  });
+  for (const auto& f : failure)
+    if (!f.empty()) throw std::invalid_argument(f);  // the lowest range's: its first bad row
+}
+
+}  // namespace
+
+void map_to_asu(const AsuSymmetry& sym, const std::int32_t* hkl, std::size_t n,
+                std::int32_t* asu_out, std::int32_t* isym_out, int n_threads) {
+  over_row_ranges(n, n_threads, [&](std::size_t first, std::size_t count) {
+    try {
+      map_to_asu(sym, hkl + 3 * first, count, asu_out + 3 * first, isym_out + first);
+    } catch (const std::invalid_argument&) {
+      if (first == 0) throw;
+      // the range's row numbers start at 0: find the bad row again, numbered in the whole input
+      for (std::size_t i = first; i < first + count; ++i) {
+        try {
+          map_to_asu(sym, hkl + 3 * i, 1, asu_out + 3 * i, isym_out + i);
+        } catch (const std::invalid_argument& e) {
+          std::string message = e.what();
+          const std::string row0 = "row 0 ";
+          const auto at = message.find(row0);
+          if (at != std::string::npos) message.replace(at, row0.size(), "row " + std::to_string(i) + " ");
+          throw std::invalid_argument(message);
+        }
+      }
+      throw;
+    }
+  });
+}
+
+void centric_flags(const AsuSymmetry& sym, const std::int32_t* hkl, std::size_t n,
+                   std::uint8_t* out, int n_threads) {
+  over_row_ranges(n, n_threads, [&](std::size_t first, std::size_t count) {
+    centric_flags(sym, hkl + 3 * first, count, out + first);
+  });
 }
 
 void centric_flags(const AsuSymmetry& sym, const std::int32_t* hkl, std::size_t n,

@@ -29,7 +29,7 @@ std::vector<std::array<int, 9>> rotations_of(const Int64Array& rotations) {
   return out;
 }
 
-py::array_t<bool> centric_flags_py(const Int32Array& hkl, const Int64Array& rotations) {
+py::array_t<bool> centric_flags_py(const Int32Array& hkl, const Int64Array& rotations, int n_threads) {
   if (hkl.ndim() != 2 || hkl.shape(1) != 3)
     throw std::invalid_argument("hkl must have shape (n, 3)");
   AsuSymmetry sym;
@@ -40,13 +40,13 @@ py::array_t<bool> centric_flags_py(const Int32Array& hkl, const Int64Array& rota
   auto* o = reinterpret_cast<std::uint8_t*>(out.mutable_data());
   {
     py::gil_scoped_release release;
-    centric_flags(sym, in, n, o);
+    centric_flags(sym, in, n, o, n_threads);
   }
   return out;
 }
 
 py::tuple map_to_asu_py(const Int32Array& hkl, const Int64Array& rotations, const Int64Array& basis,
-                        int condition) {
+                        int condition, int n_threads) {
   if (hkl.ndim() != 2 || hkl.shape(1) != 3)
     throw std::invalid_argument("hkl must have shape (n, 3)");
   const auto checked_rotations = rotations_of(rotations);
@@ -67,7 +67,7 @@ py::tuple map_to_asu_py(const Int32Array& hkl, const Int64Array& rotations, cons
   {
     // Safe: only raw buffers owned by the arrays above are touched; no Python objects.
     py::gil_scoped_release release;
-    map_to_asu(sym, in, n, out, iso);
+    map_to_asu(sym, in, n, out, iso, n_threads);
   }
   return py::make_tuple(asu, isym);
 }
@@ -173,14 +173,16 @@ void bind_grouping(py::module_& m) {
       .value("cubic_high", AsuCondition::cubic_high);
   m.def("asu_condition_text", &asu_condition_text, py::arg("condition"),
         "gemmi's condition text (ReciprocalAsu.condition_str()) of an AsuCondition.");
-  m.def("centric_flags", &centric_flags_py, py::arg("hkl"), py::arg("rotations"),
-        "Centric flag of each (n, 3) index: some rotation R (m, 3, 3) gives h R = -h.");
+  m.def("centric_flags", &centric_flags_py, py::arg("hkl"), py::arg("rotations"), py::arg("n_threads") = 1,
+        "Centric flag of each (n, 3) index: some rotation R (m, 3, 3) gives h R = -h.\n"
+        "n_threads: rows split over up to that many threads (the same flags).");
   m.def("map_to_asu", &map_to_asu_py, py::arg("hkl"), py::arg("rotations"), py::arg("basis"),
-        py::arg("condition"),
+        py::arg("condition"), py::arg("n_threads") = 1,
         "Map (n, 3) int32 Miller indices to gemmi's reciprocal ASU.\n\n"
         "rotations: (m, 3, 3) integer rotation parts (gemmi sym_ops order); basis: (3, 3)\n"
         "reference-setting transform (h_ref = h @ basis, any positive scale); condition: 0-9\n"
-        "(xtalscale.grouping.AsuCondition). Returns (asu_hkl (n, 3) int32, isym (n,) int32).");
+        "(xtalscale.grouping.AsuCondition). Returns (asu_hkl (n, 3) int32, isym (n,) int32).\n"
+        "n_threads: rows split over up to that many threads (the same results).");
   m.def("group_keys", &group_keys_py, py::arg("keys"),
         "Stable O(n) grouping of equal int64 keys (LSD radix sort).\n\n"
         "Returns (order, group_index, offsets): the sort permutation, each row's group\n"

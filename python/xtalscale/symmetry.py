@@ -493,7 +493,7 @@ class AsuMapping(NamedTuple):
     centric: np.ndarray
 
 
-def map_to_asu(hkl, space_group, anomalous: bool = False) -> AsuMapping:
+def map_to_asu(hkl, space_group, anomalous: bool = False, n_threads: int = 1) -> AsuMapping:
     """Map Miller indices into the reciprocal-space asymmetric unit (vectorised).
 
     Parameters
@@ -505,6 +505,8 @@ def map_to_asu(hkl, space_group, anomalous: bool = False) -> AsuMapping:
     anomalous : bool
         If True, Bijvoet mates are kept apart: an acentric Bijvoet-minus observation maps
         to the negated ASU index (cctbx/DIALS convention, spec 6.1).
+    n_threads : int
+        Rows split over up to this many threads (the results do not depend on it).
 
     Returns
     -------
@@ -518,17 +520,17 @@ def map_to_asu(hkl, space_group, anomalous: bool = False) -> AsuMapping:
         If ``hkl`` is not an ``(n, 3)`` integer array or contains (0, 0, 0).
     """
     sg = _as_space_group(space_group)
-    asu, isym = map_to_asu_isym(hkl, sg)
+    asu, isym = map_to_asu_isym(hkl, sg, n_threads=n_threads)
     # h R = -h for some rotation: gemmi's centric test, in C++ (its per-row call costs as
     # much as the mapping itself)
-    centric = _core_grouping.centric_flags(asu, _asu_symmetry(sg)[0])
+    centric = _core_grouping.centric_flags(asu, _asu_symmetry(sg)[0], n_threads=int(n_threads))
     minus = (isym % 2 == 0) & ~centric
     if anomalous:
         negate_rows(asu, minus)
     return AsuMapping(asu, isym, minus, centric)
 
 
-def map_to_asu_isym(hkl, space_group) -> tuple[np.ndarray, np.ndarray]:
+def map_to_asu_isym(hkl, space_group, n_threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """ASU indices and ISYM only: :func:`map_to_asu` without the per-row centric test.
 
     For callers that need the centric flag per unique reflection rather than per row (it is
@@ -542,7 +544,7 @@ def map_to_asu_isym(hkl, space_group) -> tuple[np.ndarray, np.ndarray]:
     sg = _as_space_group(space_group)
     hkl = miller_array(hkl, "hkl")
     rotations, basis, condition = _asu_symmetry(sg)
-    return _core_grouping.map_to_asu(hkl, rotations, basis, condition)
+    return _core_grouping.map_to_asu(hkl, rotations, basis, condition, n_threads=int(n_threads))
 
 
 # --------------------------------------------------------------------------- grouping

@@ -275,3 +275,27 @@ def test_centric_flags_kernel_is_gemmis_centric_test():
         core_grouping.centric_flags(hkl, np.zeros((0, 3, 3), np.int64))
     with pytest.raises(ValueError, match="hkl"):
         core_grouping.centric_flags(hkl[:, :2], rotations)
+
+
+@pytest.mark.parametrize("hall", [" P 4 2", " I 2 2 3", ' P 31 2"', "-P 1"])
+def test_threaded_asu_mapping_equals_the_serial_one(hall):
+    """map_to_asu split over threads gives every row what one thread gives it (ASU index, ISYM,
+    centric and minus flags), for row counts below and above the per-thread minimum, and a bad
+    row is named by its number in the whole input whichever thread meets it."""
+    from xtalscale._core import grouping as core_grouping
+    from xtalscale.symmetry import _asu_symmetry
+
+    rng = np.random.default_rng(5)
+    sg = SpaceGroup(hall)
+    for n in (1000, 200_001):
+        hkl = rng.integers(-30, 31, (n, 3)).astype(np.int32)
+        hkl[np.all(hkl == 0, axis=1)] = (0, 0, 1)
+        one, three = map_to_asu(hkl, sg), map_to_asu(hkl, sg, n_threads=3)
+        for name in ("asu_hkl", "isym", "friedel_minus", "centric"):
+            np.testing.assert_array_equal(getattr(three, name), getattr(one, name), err_msg=name)
+    bad = hkl.copy()
+    bad[150_000] = 0
+    rotations, basis, condition = _asu_symmetry(sg)
+    for threads in (1, 2, 4):
+        with pytest.raises(ValueError, match=r"row 150000 is \(0, 0, 0\)"):
+            core_grouping.map_to_asu(bad, rotations, basis, condition, n_threads=threads)

@@ -55,11 +55,21 @@ struct AsuSymmetry {
 XTALSCALE_EXPORT void map_to_asu(const AsuSymmetry& sym, const std::int32_t* hkl, std::size_t n,
                 std::int32_t* asu_out, std::int32_t* isym_out);
 
+/// map_to_asu over up to @p n_threads threads (fixed row ranges; each row's result does not
+/// depend on the split, so the outputs equal the serial call's). A failure names the first
+/// bad row, as the serial call does.
+XTALSCALE_EXPORT void map_to_asu(const AsuSymmetry& sym, const std::int32_t* hkl, std::size_t n,
+                                 std::int32_t* asu_out, std::int32_t* isym_out, int n_threads);
+
 /// Centric flags of n Miller indices (n × 3): out[i] = 1 when some rotation R of @p sym takes
 /// h to its Friedel mate (h R = −h, the row-vector convention of map_to_asu, so a reflection is
 /// centric exactly when map_to_asu maps h and −h to the same ASU index), else 0.
 XTALSCALE_EXPORT void centric_flags(const AsuSymmetry& sym, const std::int32_t* hkl, std::size_t n,
                                     std::uint8_t* out);
+
+/// centric_flags over up to @p n_threads threads (the same flags as the serial call).
+XTALSCALE_EXPORT void centric_flags(const AsuSymmetry& sym, const std::int32_t* hkl, std::size_t n,
+                                    std::uint8_t* out, int n_threads);
 
 /// Group equal keys: a stable sort of @p keys (one counting sort when the key range is at most
 /// twice the row count, else an LSD radix sort: O(n) and deterministic either way).

@@ -33,12 +33,13 @@ class AsuCondition:
 
 def asu_condition_text(condition: AsuCondition) -> str: ...
 
-def centric_flags(hkl: npt.ArrayLike, rotations: npt.ArrayLike) -> npt.NDArray[np.bool_]: ...
+def centric_flags(hkl: npt.ArrayLike, rotations: npt.ArrayLike, n_threads: int = 1) -> npt.NDArray[np.bool_]: ...
 def map_to_asu(
     hkl: npt.ArrayLike,
     rotations: npt.ArrayLike,
     basis: npt.ArrayLike,
     condition: int,
+    n_threads: int = 1,
 ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32]]: ...
 
 def group_keys(

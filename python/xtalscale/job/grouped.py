@@ -97,11 +97,11 @@ def _read_only(*arrays: np.ndarray) -> None:
         a.setflags(write=False)
 
 
-def asu_grouping(hkl: np.ndarray, space_group: Any, anomalous: bool) -> AsuGrouping:
+def asu_grouping(hkl: np.ndarray, space_group: Any, anomalous: bool, n_threads: int = 1) -> AsuGrouping:
     """ASU indices of ``hkl`` (Bijvoet minus mates negated if ``anomalous``) and their grouping,
     as :func:`~xtalscale.symmetry.map_to_asu` and :func:`~xtalscale.symmetry.group_reflections`
     give them, reused from a cache when the same indices were grouped before. The returned
-    arrays are shared and read-only."""
+    arrays are shared and read-only. ``n_threads``: the ASU mapping's threads (the same result)."""
     from ..symmetry import SpaceGroup, group_reflections, map_to_asu
 
     sg = space_group if isinstance(space_group, SpaceGroup) else SpaceGroup(space_group)
@@ -112,7 +112,7 @@ def asu_grouping(hkl: np.ndarray, space_group: Any, anomalous: bool) -> AsuGroup
     entry = next((e for e in _ASU_CACHE if e[0] == sg and e[1].shape == hkl.shape and np.array_equal(e[1], hkl)),
                  None)
     if entry is None:
-        mapping = map_to_asu(hkl, sg, anomalous=False)
+        mapping = map_to_asu(hkl, sg, anomalous=False, n_threads=n_threads)
         entry = (sg, hkl.copy(), mapping.asu_hkl, mapping.friedel_minus, {})
         _read_only(*entry[1:4])
         _ASU_CACHE.insert(0, entry)
@@ -180,7 +180,7 @@ class GroupedObservations:
     @classmethod
     def from_tables(cls, tables: Sequence[Any], space_group: Any, anomalous: bool = False,
                     selections: Sequence[np.ndarray] | None = None,
-                    extra_columns: Sequence[str] = ()) -> GroupedObservations:
+                    extra_columns: Sequence[str] = (), n_threads: int = 1) -> GroupedObservations:
         """Group the suitable rows of ``tables`` (columns ``intensity``, ``variance``,
         ``miller_index``, optionally ``inverse_scale_factor`` (default 1) and ``flags``).
 
@@ -223,7 +223,7 @@ class GroupedObservations:
             raise ValueError(f"column 'variance' must be positive for the selected rows "
                              f"(row {bad} has {V[bad]})")
         hkl = np.concatenate(parts["hkl"]) if parts["hkl"] else np.zeros((0, 3), np.int32)
-        grouping = asu_grouping(hkl, space_group, anomalous)
+        grouping = asu_grouping(hkl, space_group, anomalous, n_threads=n_threads)
         return cls(I, V, 1.0 / V, g, grouping.asu_hkl, np.concatenate(parts["ds"]), np.concatenate(parts["row"]),
                    grouping.order, grouping.offsets, len(tables), space_group,
                    {k: np.concatenate(v) for k, v in extras.items()})

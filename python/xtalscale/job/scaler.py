@@ -239,7 +239,8 @@ class ScalerBase:
             tables.append(cols)
         grouped = GroupedObservations.from_tables(
             tables, self.space_group, anomalous=bool(self._params.anomalous),
-            selections=[np.ones(t["intensity"].size, bool) for t in tables], extra_columns=("d",))
+            selections=[np.ones(t["intensity"].size, bool) for t in tables], extra_columns=("d",),
+            n_threads=self.n_threads)
         if keep is None:
             self._grouped_cache = grouped
         return grouped
@@ -764,7 +765,8 @@ class ScalerBase:
         if held is None:
             hkl = np.concatenate([take_rows(np.asarray(ds.table["miller_index"]).reshape(-1, 3), ds.suitable)
                                   for ds in self.datasets])
-            held = self._asu_groupings[anomalous] = asu_grouping(hkl, self.space_group, anomalous=anomalous)
+            held = self._asu_groupings[anomalous] = asu_grouping(hkl, self.space_group, anomalous=anomalous,
+                                                                   n_threads=self.n_threads)
         return held
 
 

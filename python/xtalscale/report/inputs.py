@@ -116,6 +116,7 @@ def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True
         # with n_threads > 1 the resolution estimate (which reads the prepared rows alone)
         # starts on a second thread once they are grouped
         prepared = ms._prepare(*arrays)
+        prepared.n_threads = n_threads  # (its ASU mapping's threads; the same result)
         if n_threads > 1 and int(n_bins) >= 1:  # (a bad n_bins is reported first, as alone)
             from concurrent.futures import ThreadPoolExecutor
 

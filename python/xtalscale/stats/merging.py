@@ -315,6 +315,8 @@ class _Prepared:
     #: every pass over these rows (and their subsets): the rebinned passes of the resolution
     #: estimate reach the same highest resolution
     complete_sets: dict = field(default_factory=dict, repr=False, compare=False)
+    #: threads for the ASU mapping of :attr:`grouped` (the same result for any number)
+    n_threads: int = field(default=1, repr=False, compare=False)
 
     @cached_property
     def grouped(self) -> tuple:
@@ -323,7 +325,8 @@ class _Prepared:
         # map_to_asu_isym and group_reflections without their input checks (one pass over
         # 10^6 indices each): self.hkl was checked by _prepare (or selected from checked rows)
         # and the kernel's ASU indices need none
-        asu_hkl, isym = _core_grouping.map_to_asu(self.hkl, *_asu_symmetry(self.space_group))
+        asu_hkl, isym = _core_grouping.map_to_asu(self.hkl, *_asu_symmetry(self.space_group),
+                                                   n_threads=self.n_threads)
         order, group_index, offsets = _core_grouping.group_miller_indices(asu_hkl)
         grouping = Grouping(order, group_index, offsets,
                             np.ascontiguousarray(asu_hkl[order[offsets[:-1]]]))
