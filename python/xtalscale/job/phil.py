@@ -238,6 +238,14 @@ reflection_selection {{
              groups of about this many observations (seeded), and so is the error model that
              weights the last round; the last round and the final error model use every
              suitable observation, so the final model is the all-data fit. 0: never."
+  last_round_subset = 0
+    .type = int(value_min=0)
+    .help = "[xtalscale] auto/use_all with more non-outlier suitable observations than this: the
+             last (full-matrix) round is minimised on seeded random whole groups of about this
+             many of them instead of all; the scales are still expanded to every observation,
+             and the outliers and the final error model judged on every one. The fit's random
+             error grows as 1/sqrt(observations): on the 1.1M-observation simulation 0.21 %
+             rms with every observation, 0.29 % with 400000. 0: the last round fits every one."
   random {{
     multi_dataset {{
       Isigma_cutoff = 1.0

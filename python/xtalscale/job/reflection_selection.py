@@ -117,11 +117,20 @@ def select_for_minimisation(scaler: Any) -> None:
 
 
 def use_all_for_last_round(scaler: Any) -> None:
-    """Drop the automatic main-rounds subset (``main_rounds_subset``): every suitable row."""
+    """Drop the automatic main-rounds subset (``main_rounds_subset``): every suitable row; or,
+    above ``last_round_subset`` non-outlier suitable rows (use_all selections), seeded random
+    whole groups of about that many of them."""
     if getattr(scaler, "subset_for_main_rounds", False):
         for ds in scaler.datasets:
             ds.minimisation = None
         scaler.subset_for_main_rounds = False
+    params = scaler.params
+    cap = int(getattr(params.reflection_selection, "last_round_subset", 0) or 0)
+    if not cap or getattr(scaler, "selection_method", "use_all") != "use_all":
+        return
+    usable = [~ds.outliers if ds.outliers.size else np.ones(int(ds.suitable.sum()), bool) for ds in scaler.datasets]
+    if sum(int(u.sum()) for u in usable) > cap:
+        _select_groups(scaler, usable, cap, 1, int(params.reflection_selection.seed))
 
 
 def _select_groups(scaler: Any, pre: list[np.ndarray], min_reflections: int, min_groups: int,
