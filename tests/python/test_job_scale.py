@@ -334,8 +334,8 @@ def test_last_round_subset_fits_some_groups_and_scales_every_row():
         sizes = []
         original = algorithm.scaler.perform_scaling
 
-        def spy(*args, _original=original, _scaler=algorithm.scaler, **kwargs):
-            sizes.append(_scaler.Ih_table.size)
+        def spy(*args, _original=original, _scaler=algorithm.scaler, _sizes=sizes, **kwargs):
+            _sizes.append(_scaler.Ih_table.size)
             return _original(*args, **kwargs)
 
         algorithm.scaler.perform_scaling = spy
