@@ -9,6 +9,7 @@
 
 #include "common.hpp"
 #include "xtalscale/group_kernels.hpp"
+#include "xtalscale/prepare.hpp"
 
 namespace xtalscale::py_bind {
 namespace {
@@ -333,9 +334,137 @@ double error_model_search_b_py(const DoubleArray& numerator, const DoubleArray& 
   return best;
 }
 
+// ------------------------------------------------------------------ input preparation
+using UInt64Array = py::array_t<std::uint64_t, py::array::c_style | py::array::forcecast>;
+
+/// Keeps a converted optional column alive while its pointer is used.
+struct OptionalColumns {
+  std::vector<py::object> held;
+
+  /// The data of a 1-D float64 column of @p n rows, or nullptr for None (any finiteness).
+  const double* doubles(const py::object& column, std::size_t n, const char* name) {
+    if (column.is_none()) return nullptr;
+    auto a = DoubleArray::ensure(column);
+    if (!a) throw std::invalid_argument(std::string(name) + " must be a float array");
+    held.push_back(a);
+    return row_array(a, n, name, false);
+  }
+  /// The data of a 1-D uint64 column of @p n rows (the flags), or nullptr for None.
+  const std::uint64_t* flags(const py::object& column, std::size_t n) {
+    if (column.is_none()) return nullptr;
+    auto a = UInt64Array::ensure(column);
+    if (!a || a.ndim() != 1 || static_cast<std::size_t>(a.size()) != n)
+      throw std::invalid_argument("flags must be 1-dimensional with " + std::to_string(n) + " entries");
+    held.push_back(a);
+    return a.data();
+  }
+};
+
+std::size_t rows_of(const py::object& column, const char* name) {
+  auto a = DoubleArray::ensure(column);
+  if (!a || a.ndim() != 1) throw std::invalid_argument(std::string(name) + " must be a 1-dimensional float array");
+  return static_cast<std::size_t>(a.size());
+}
+
+py::tuple filter_unfit_rows_py(const py::list& methods, const py::object& flags, const py::object& id,
+                               const py::object& hkl, const py::object& qe, const py::object& partiality,
+                               double partiality_cutoff, double min_isigi) {
+  if (methods.size() < 1 || methods.size() > 2)
+    throw std::invalid_argument("methods must hold one or two (flag, value, variance) tuples");
+  OptionalColumns cols;
+  const std::size_t n = rows_of(methods[0].cast<py::tuple>()[1], "value");
+  std::vector<IntegratedColumns> chosen;
+  for (const auto& item : methods) {
+    const auto t = item.cast<py::tuple>();
+    if (t.size() != 3) throw std::invalid_argument("each method is a (flag, value, variance) tuple");
+    IntegratedColumns c;
+    c.flag = t[0].cast<std::uint64_t>();
+    c.value = cols.doubles(t[1], n, "value");
+    c.variance = cols.doubles(t[2], n, "variance");
+    if (c.value == nullptr || c.variance == nullptr) throw std::invalid_argument("a method's value and variance are required");
+    chosen.push_back(c);
+  }
+  const std::uint64_t* f = cols.flags(flags, n);
+  const std::int32_t* ids = nullptr;
+  if (!id.is_none()) {
+    auto a = Int32Array::ensure(id);
+    if (!a || a.ndim() != 1 || static_cast<std::size_t>(a.size()) != n)
+      throw std::invalid_argument("id must be 1-dimensional with " + std::to_string(n) + " entries");
+    cols.held.push_back(a);
+    ids = a.data();
+  }
+  const std::int32_t* indices = nullptr;
+  if (!hkl.is_none()) {
+    auto a = Int32Array::ensure(hkl);
+    if (!a || a.ndim() != 2 || a.shape(1) != 3 || static_cast<std::size_t>(a.shape(0)) != n)
+      throw std::invalid_argument("hkl must have shape (" + std::to_string(n) + ", 3)");
+    cols.held.push_back(a);
+    indices = a.data();
+  }
+  const double* q = cols.doubles(qe, n, "qe");
+  const double* p = cols.doubles(partiality, n, "partiality");
+  py::array_t<bool> bad(static_cast<py::ssize_t>(n));
+  auto* out = reinterpret_cast<std::uint8_t*>(bad.mutable_data());
+  FilterCounts counts{};
+  {
+    py::gil_scoped_release release;
+    counts = filter_unfit_rows(n, f, ids, indices, chosen.data(), chosen.size(), q, p, partiality_cutoff,
+                               min_isigi, out);
+  }
+  py::list numbers;
+  for (auto c : counts) numbers.append(c);
+  return py::make_tuple(bad, numbers);
+}
+
+py::tuple choose_initial_intensities_py(const std::string& kind, const py::object& correction,
+                                        const py::object& prf_value, const py::object& prf_variance,
+                                        const py::object& sum_value, const py::object& sum_variance,
+                                        const py::object& partiality, const py::object& partiality_inv_variance,
+                                        const py::object& flags, std::uint64_t prf_flag) {
+  InitialIntensities which;
+  if (kind == "profile") which = InitialIntensities::profile;
+  else if (kind == "sum") which = InitialIntensities::sum;
+  else if (kind == "combine") which = InitialIntensities::combine;
+  else throw std::invalid_argument("kind must be profile, sum or combine (got " + kind + ")");
+  OptionalColumns cols;
+  const std::size_t n = rows_of(correction, "correction");
+  const double* c = cols.doubles(correction, n, "correction");
+  const double* pv = cols.doubles(prf_value, n, "prf_value");
+  const double* pvar = cols.doubles(prf_variance, n, "prf_variance");
+  const double* sv = cols.doubles(sum_value, n, "sum_value");
+  const double* svar = cols.doubles(sum_variance, n, "sum_variance");
+  const double* p = cols.doubles(partiality, n, "partiality");
+  const double* piv = cols.doubles(partiality_inv_variance, n, "partiality_inv_variance");
+  const std::uint64_t* f = cols.flags(flags, n);
+  DoubleArray intensity(static_cast<py::ssize_t>(n));
+  DoubleArray variance(static_cast<py::ssize_t>(n));
+  py::array_t<bool> not_positive(static_cast<py::ssize_t>(n));
+  double* i_out = intensity.mutable_data();
+  double* v_out = variance.mutable_data();
+  auto* np_out = reinterpret_cast<std::uint8_t*>(not_positive.mutable_data());
+  {
+    py::gil_scoped_release release;
+    choose_initial_intensities(n, which, c, pv, pvar, sv, svar, p, piv, f, prf_flag, i_out, v_out, np_out);
+  }
+  return py::make_tuple(intensity, variance, not_positive);
+}
+
 }  // namespace
 
 void bind_job(py::module_& m) {
+  m.def("filter_unfit_rows", &filter_unfit_rows_py, py::arg("methods"), py::arg("flags"), py::arg("id"),
+        py::arg("hkl"), py::arg("qe"), py::arg("partiality"), py::arg("partiality_cutoff"), py::arg("min_isigi"),
+        "Rows unfit for scaling (DIALS's filter_bad_reflections) in one pass.\n\n"
+        "methods: one or two (flag bit, I, variance) of the chosen integration methods; flags,\n"
+        "id, hkl (n, 3), qe, partiality: columns or None. Returns (bad bool (n,), counts):\n"
+        "rows per reason [negative id, hkl (0,0,0), not integrated, per method (variance <= 0,\n"
+        "I/sigma < min_isigi), qe <= 0, partiality < cutoff].");
+  m.def("choose_initial_intensities", &choose_initial_intensities_py, py::arg("kind"), py::arg("correction"),
+        py::arg("prf_value"), py::arg("prf_variance"), py::arg("sum_value"), py::arg("sum_variance"),
+        py::arg("partiality"), py::arg("partiality_inv_variance"), py::arg("flags"), py::arg("prf_flag"),
+        "The job's starting I and variance (DIALS's choose_initial_scaling_intensities) in one\n"
+        "pass: kind profile, sum or combine; optional columns may be None. Returns (intensity,\n"
+        "variance, not_positive): non-finite values as 0, and whether the variance was not > 0.");
   m.def("error_model_search_b", &error_model_search_b_py, py::arg("numerator"), py::arg("variance"),
         py::arg("intensity_sq"), py::arg("bin"), py::arg("counts"), py::arg("weights"), py::arg("lo"),
         py::arg("hi"), py::arg("tol"), py::arg("n_threads") = 1,

@@ -388,3 +388,199 @@ def test_random_groups_among_eligible_groups_equal_the_draw_from_their_subset():
         old[np.flatnonzero(rows_multi)[select_random_groups(subset, 60, seed)]] = True
         new = select_random_groups(grouped, 60, seed, eligible=multi)
         np.testing.assert_array_equal(new, old)
+
+
+# ----------------------------------------------------------------------------------------
+# The former numpy formulation of the input filter and the intensity choice: the one-pass
+# C++ kernels must give its flags, reason counts and intensities bit for bit.
+def _numpy_has_flag(flags, flag):
+    return (flags & np.uint64(int(flag))) != 0
+
+
+def _column(table, name):
+    return np.asarray(table[name], dtype=np.float64)
+
+
+from xtalscale.job.prepare import _intensity_kinds, flags_of  # noqa: E402 (the oracle's helpers)
+
+
+def _numpy_filter(reflection_table, partiality_cutoff=0.4, min_isigi=-5.0,
+                  intensity_choice="combine", reasons=None):
+    """Flag rows unfit for scaling ``excluded_for_scaling`` (DIALS's filter, spec §8.2 step 1).
+
+    A row is unfit when: its ``id`` < 0; it was integrated by none of the chosen methods; a
+    chosen method's variance is ≤ 0 where that method's flag is set; ``qe``/``dqe`` ≤ 0;
+    partiality < ``partiality_cutoff`` (rows counted as user-excluded in DIALS's cut, flagged
+    here as excluded_for_scaling too as its filter does); or I/σ < ``min_isigi`` for a chosen
+    method. Existing flags are kept (only added to).
+    """
+    n = len(reflection_table)
+    kinds = _intensity_kinds(reflection_table, intensity_choice)
+    flags = flags_of(reflection_table)
+    bad = np.zeros(n, dtype=bool)
+    reasons = reasons if reasons is not None else Reasons()
+    if "id" in reflection_table:
+        neg = np.asarray(reflection_table["id"]) < 0
+        reasons.add_reason("negative experiment id", int(neg.sum()))
+        bad |= neg
+    if "miller_index" in reflection_table:
+        hkl = np.asarray(reflection_table["miller_index"]).reshape(-1, 3)
+        unindexed = (hkl[:, 0] | hkl[:, 1] | hkl[:, 2]) == 0  # (0, 0, 0); 4x faster than ~any(!= 0)
+        reasons.add_reason("miller index (0, 0, 0)", int(unindexed.sum()))
+        bad |= unindexed
+    integrated = np.zeros(n, dtype=bool)
+    for k in kinds:
+        flag = Flags.integrated_prf if k == "prf" else Flags.integrated_sum
+        integrated |= _numpy_has_flag(flags, flag) if "flags" in reflection_table else True
+    reasons.add_reason("not integrated by the chosen method(s)", int((~integrated).sum()))
+    bad |= ~integrated
+    for k in kinds:
+        flag = Flags.integrated_prf if k == "prf" else Flags.integrated_sum
+        on = _numpy_has_flag(flags, flag) if "flags" in reflection_table else np.ones(n, bool)
+        var = _column(reflection_table, f"intensity.{k}.variance")
+        I = _column(reflection_table, f"intensity.{k}.value")
+        bad_var = on & ~(var > 0)
+        reasons.add_reason(f"{k} variance <= 0", int(bad_var.sum()))
+        bad |= bad_var
+        with np.errstate(divide="ignore", invalid="ignore"):
+            low = on & (var > 0) & (I / np.sqrt(np.where(var > 0, var, 1.0)) < float(min_isigi))
+        reasons.add_reason(f"{k} I/sigma < {min_isigi}", int(low.sum()))
+        bad |= low
+        bad |= on & ~np.isfinite(I)
+    for name in ("qe", "dqe"):
+        if name in reflection_table:
+            bad_qe = ~(_column(reflection_table, name) > 0)
+            reasons.add_reason(f"{name} <= 0", int(bad_qe.sum()))
+            bad |= bad_qe
+            break
+    if "partiality" in reflection_table:
+        low_p = _column(reflection_table, "partiality") < float(partiality_cutoff)
+        reasons.add_reason(f"partiality < {partiality_cutoff}", int(low_p.sum()))
+        bad |= low_p
+    reflection_table.set_flags(bad, Flags.excluded_for_scaling)
+    return reflection_table
+
+
+def _numpy_choose(reflection_table, intensity_choice="profile"):
+    """Set ``intensity``/``variance`` (with the prescaling correction) as DIALS does (§8.2 step 4).
+
+    profile: I_prf·c, V_prf·c²; sum and combine: I_sum·c/p, V_sum·(c/p)² (1/p only where p > 0,
+    plus (I_sum·c)²·``partiality.inv.variance`` if present), and for combine the profile values
+    overwrite where ``integrated_prf`` is set. Rows with variance ≤ 0 are flagged
+    ``excluded_for_scaling``.
+    """
+    kinds = _intensity_kinds(reflection_table, intensity_choice)
+    if "prescaling_correction" not in reflection_table:
+        calculate_prescaling_correction(reflection_table)
+    conv = _column(reflection_table, "prescaling_correction")
+    n = len(reflection_table)
+    if kinds == ["prf"]:
+        I = _column(reflection_table, "intensity.prf.value") * conv
+        V = _column(reflection_table, "intensity.prf.variance") * conv ** 2
+    else:
+        p = _column(reflection_table, "partiality") if "partiality" in reflection_table else np.ones(n)
+        inv_p = np.divide(1.0, p, out=np.ones(n), where=p > 0)
+        I_sum = _column(reflection_table, "intensity.sum.value") * conv
+        I = I_sum * inv_p
+        V = _column(reflection_table, "intensity.sum.variance") * (conv * inv_p) ** 2
+        if "partiality.inv.variance" in reflection_table:
+            V = V + I_sum ** 2 * _column(reflection_table, "partiality.inv.variance")
+        if intensity_choice == "combine" and "intensity.prf.value" in reflection_table:
+            use_prf = _numpy_has_flag(flags_of(reflection_table), Flags.integrated_prf)
+            I = np.where(use_prf, _column(reflection_table, "intensity.prf.value") * conv, I)
+            V = np.where(use_prf, _column(reflection_table, "intensity.prf.variance") * conv ** 2, V)
+    reflection_table["intensity"] = fa.double(np.where(np.isfinite(I), I, 0.0))
+    reflection_table["variance"] = fa.double(np.where(np.isfinite(V), V, 0.0))
+    reflection_table.set_flags(~(V > 0), Flags.excluded_for_scaling)
+    return reflection_table
+
+
+def _random_integrated(n, seed, with_columns):
+    """A table of awkward rows: NaN and infinite intensities, zero/negative/NaN variances,
+    partialities around the cutoff and 0, qe <= 0, negative ids, (0, 0, 0) indices, rows
+    integrated by one method, both or neither."""
+    rng = np.random.default_rng(seed)
+    t = reflection_table(n)
+
+    def awkward(scale, bad_fraction=0.05):
+        v = rng.normal(0.0, scale, n)
+        pick = rng.random(n)
+        v[pick < bad_fraction] = np.nan
+        v[(pick >= bad_fraction) & (pick < 2 * bad_fraction)] = np.inf
+        v[(pick >= 2 * bad_fraction) & (pick < 3 * bad_fraction)] = 0.0
+        return v
+
+    t["intensity.prf.value"] = fa.double(awkward(100.0))
+    t["intensity.prf.variance"] = fa.double(np.abs(awkward(50.0)) * rng.choice([1, -1], n, p=[0.9, 0.1]))
+    t["intensity.sum.value"] = fa.double(awkward(110.0))
+    t["intensity.sum.variance"] = fa.double(np.abs(awkward(60.0)) * rng.choice([1, -1], n, p=[0.9, 0.1]))
+    bits = rng.choice([0, int(Flags.integrated_sum), int(Flags.integrated_prf), int(Flags.integrated)], n,
+                      p=[0.05, 0.15, 0.15, 0.65]).astype(np.uint64)
+    if "flags" in with_columns:
+        t["flags"] = fa.size_t(bits | np.uint64(int(Flags.indexed)))
+    if "partiality" in with_columns:
+        t["partiality"] = fa.double(np.where(rng.random(n) < 0.05, 0.0, rng.uniform(0.2, 1.0, n)))
+    if "partiality.inv.variance" in with_columns:
+        t["partiality.inv.variance"] = fa.double(rng.uniform(0.0, 0.01, n))
+    if "lp" in with_columns:
+        t["lp"] = fa.double(rng.uniform(0.3, 1.0, n))
+    if "qe" in with_columns:
+        t["qe"] = fa.double(np.where(rng.random(n) < 0.03, -1.0, rng.uniform(0.5, 1.0, n)))
+    if "id" in with_columns:
+        t["id"] = fa.int(np.where(rng.random(n) < 0.02, -1, 0).astype(np.int32))
+    if "miller_index" in with_columns:
+        t["miller_index"] = fa.miller_index(rng.integers(-3, 4, (n, 3)).astype(np.int32))
+    return t
+
+
+@pytest.mark.parametrize("choice", ["profile", "sum", "combine"])
+@pytest.mark.parametrize("columns", [
+    ("flags", "partiality", "partiality.inv.variance", "lp", "qe", "id", "miller_index"),
+    ("partiality", "lp", "qe"),
+    ("flags", "id", "miller_index"),
+])
+def test_prepare_kernels_equal_the_numpy_formulation(choice, columns):
+    """The one-pass filter and intensity choice give the numpy formulation's flags, reason
+    counts, intensities and variances bit for bit, on rows built to hit every rule."""
+    from xtalscale.job.prepare import calculate_prescaling_correction
+
+    n = 20_000
+    for cutoff, min_isigi in ((0.4, -5.0), (0.0, 1.0)):
+        ours, ref = _random_integrated(n, 1, columns), _random_integrated(n, 1, columns)
+        r_ours, r_ref = Reasons(), Reasons()
+        filter_bad_reflections(ours, cutoff, min_isigi, choice, r_ours)
+        with np.errstate(all="ignore"):  # (the array formulation warns on inf - inf)
+            _numpy_filter(ref, cutoff, min_isigi, choice, r_ref)
+        assert r_ours.reasons == r_ref.reasons
+        assert sum(r_ours.reasons.values()) > 0
+        np.testing.assert_array_equal(np.asarray(ours.get_flags(Flags.excluded_for_scaling)),
+                                      np.asarray(ref.get_flags(Flags.excluded_for_scaling)))
+        for t in (ours, ref):
+            calculate_prescaling_correction(t)
+        choose_initial_scaling_intensities(ours, choice)
+        with np.errstate(all="ignore"):
+            _numpy_choose(ref, choice)
+        for name in ("intensity", "variance"):
+            np.testing.assert_array_equal(np.asarray(ours[name]), np.asarray(ref[name]), err_msg=name)
+        np.testing.assert_array_equal(np.asarray(ours.get_flags(Flags.excluded_for_scaling)),
+                                      np.asarray(ref.get_flags(Flags.excluded_for_scaling)))
+
+
+def test_prepare_kernels_validate_their_columns():
+    from xtalscale._core import job as kern
+
+    v = np.ones(5)
+    with pytest.raises(ValueError, match="one or two"):
+        kern.filter_unfit_rows([], None, None, None, None, None, 0.4, -5.0)
+    with pytest.raises(ValueError, match="id must"):
+        kern.filter_unfit_rows([(1, v, v)], None, np.zeros(4, np.int32), None, None, None, 0.4, -5.0)
+    with pytest.raises(ValueError, match="hkl must"):
+        kern.filter_unfit_rows([(1, v, v)], None, None, np.zeros((5, 2), np.int32), None, None, 0.4, -5.0)
+    with pytest.raises(ValueError, match="partiality must have 5"):
+        kern.filter_unfit_rows([(1, v, v)], None, None, None, None, np.ones(3), 0.4, -5.0)
+    with pytest.raises(ValueError, match="kind must"):
+        kern.choose_initial_intensities("both", v, v, v, v, v, None, None, None, 0)
+    with pytest.raises(ValueError, match="profile needs"):
+        kern.choose_initial_intensities("profile", v, None, None, v, v, None, None, None, 0)
+    with pytest.raises(ValueError, match="flags must"):
+        kern.choose_initial_intensities("sum", v, None, None, v, v, None, None, np.zeros(4, np.uint64), 0)

@@ -81,6 +81,28 @@ def rmeas_group_sums(
     variance: npt.ArrayLike,
     scale: npt.ArrayLike,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
+def filter_unfit_rows(
+    methods: list[tuple[int, npt.ArrayLike, npt.ArrayLike]],
+    flags: npt.ArrayLike | None,
+    id: npt.ArrayLike | None,
+    hkl: npt.ArrayLike | None,
+    qe: npt.ArrayLike | None,
+    partiality: npt.ArrayLike | None,
+    partiality_cutoff: float,
+    min_isigi: float,
+) -> tuple[npt.NDArray[np.bool_], list[int]]: ...
+def choose_initial_intensities(
+    kind: str,
+    correction: npt.ArrayLike,
+    prf_value: npt.ArrayLike | None,
+    prf_variance: npt.ArrayLike | None,
+    sum_value: npt.ArrayLike | None,
+    sum_variance: npt.ArrayLike | None,
+    partiality: npt.ArrayLike | None,
+    partiality_inv_variance: npt.ArrayLike | None,
+    flags: npt.ArrayLike | None,
+    prf_flag: int,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.bool_]]: ...
 def error_model_search_b(
     numerator: npt.ArrayLike,
     variance: npt.ArrayLike,

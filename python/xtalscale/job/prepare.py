@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from .. import flex_arrays as fa
+from .._core import job as _kern
 from .._rows import take_rows
 from ..reflection_table import Flags
 
@@ -53,10 +54,6 @@ def flags_of(table: Any) -> np.ndarray:
     if "flags" not in table:
         return np.zeros(len(table), dtype=np.uint64)
     return np.asarray(table["flags"]).astype(np.uint64)
-
-
-def _has_flag(flags: np.ndarray, flag: int) -> np.ndarray:
-    return (flags & np.uint64(int(flag))) != 0
 
 
 def _column(table: Any, name: str) -> np.ndarray:
@@ -104,53 +101,39 @@ def filter_bad_reflections(reflection_table: Any, partiality_cutoff: float = 0.4
     chosen method's variance is ≤ 0 where that method's flag is set; ``qe``/``dqe`` ≤ 0;
     partiality < ``partiality_cutoff`` (rows counted as user-excluded in DIALS's cut, flagged
     here as excluded_for_scaling too as its filter does); or I/σ < ``min_isigi`` for a chosen
-    method. Existing flags are kept (only added to).
+    method. Existing flags are kept (only added to). One C++ pass over the rows
+    (``_core.job.filter_unfit_rows``).
     """
-    n = len(reflection_table)
     kinds = _intensity_kinds(reflection_table, intensity_choice)
-    flags = flags_of(reflection_table)
-    bad = np.zeros(n, dtype=bool)
     reasons = reasons if reasons is not None else Reasons()
-    if "id" in reflection_table:
-        neg = np.asarray(reflection_table["id"]) < 0
-        reasons.add_reason("negative experiment id", int(neg.sum()))
-        bad |= neg
-    if "miller_index" in reflection_table:
-        hkl = np.asarray(reflection_table["miller_index"]).reshape(-1, 3)
-        unindexed = (hkl[:, 0] | hkl[:, 1] | hkl[:, 2]) == 0  # (0, 0, 0); 4x faster than ~any(!= 0)
-        reasons.add_reason("miller index (0, 0, 0)", int(unindexed.sum()))
-        bad |= unindexed
-    integrated = np.zeros(n, dtype=bool)
-    for k in kinds:
-        flag = Flags.integrated_prf if k == "prf" else Flags.integrated_sum
-        integrated |= _has_flag(flags, flag) if "flags" in reflection_table else True
-    reasons.add_reason("not integrated by the chosen method(s)", int((~integrated).sum()))
-    bad |= ~integrated
-    for k in kinds:
-        flag = Flags.integrated_prf if k == "prf" else Flags.integrated_sum
-        on = _has_flag(flags, flag) if "flags" in reflection_table else np.ones(n, bool)
-        var = _column(reflection_table, f"intensity.{k}.variance")
-        I = _column(reflection_table, f"intensity.{k}.value")
-        bad_var = on & ~(var > 0)
-        reasons.add_reason(f"{k} variance <= 0", int(bad_var.sum()))
-        bad |= bad_var
-        with np.errstate(divide="ignore", invalid="ignore"):
-            low = on & (var > 0) & (I / np.sqrt(np.where(var > 0, var, 1.0)) < float(min_isigi))
-        reasons.add_reason(f"{k} I/sigma < {min_isigi}", int(low.sum()))
-        bad |= low
-        bad |= on & ~np.isfinite(I)
-    for name in ("qe", "dqe"):
-        if name in reflection_table:
-            bad_qe = ~(_column(reflection_table, name) > 0)
-            reasons.add_reason(f"{name} <= 0", int(bad_qe.sum()))
-            bad |= bad_qe
-            break
-    if "partiality" in reflection_table:
-        low_p = _column(reflection_table, "partiality") < float(partiality_cutoff)
-        reasons.add_reason(f"partiality < {partiality_cutoff}", int(low_p.sum()))
-        bad |= low_p
-    reflection_table.set_flags(bad, Flags.excluded_for_scaling)
-    return reflection_table
+    table = reflection_table
+
+    def optional(name: str, dtype: Any = np.float64) -> np.ndarray | None:
+        return np.asarray(table[name], dtype=dtype) if name in table else None
+
+    methods = [(int(Flags.integrated_prf if k == "prf" else Flags.integrated_sum),
+                _column(table, f"intensity.{k}.value"), _column(table, f"intensity.{k}.variance")) for k in kinds]
+    qe_name = next((name for name in ("qe", "dqe") if name in table), None)
+    hkl = np.asarray(table["miller_index"]).reshape(-1, 3) if "miller_index" in table else None
+    bad, counts = _kern.filter_unfit_rows(
+        methods, optional("flags", np.uint64), optional("id", np.int32), hkl,
+        None if qe_name is None else _column(table, qe_name), optional("partiality"),
+        float(partiality_cutoff), float(min_isigi))
+    # the reasons of the columns the table has, in DIALS's order
+    if "id" in table:
+        reasons.add_reason("negative experiment id", counts[0])
+    if hkl is not None:
+        reasons.add_reason("miller index (0, 0, 0)", counts[1])
+    reasons.add_reason("not integrated by the chosen method(s)", counts[2])
+    for m, k in enumerate(kinds):
+        reasons.add_reason(f"{k} variance <= 0", counts[3 + 2 * m])
+        reasons.add_reason(f"{k} I/sigma < {min_isigi}", counts[4 + 2 * m])
+    if qe_name is not None:
+        reasons.add_reason(f"{qe_name} <= 0", counts[7])
+    if "partiality" in table:
+        reasons.add_reason(f"partiality < {partiality_cutoff}", counts[8])
+    table.set_flags(bad, Flags.excluded_for_scaling)
+    return table
 
 
 def choose_initial_scaling_intensities(reflection_table: Any, intensity_choice: str = "profile") -> Any:
@@ -159,32 +142,31 @@ def choose_initial_scaling_intensities(reflection_table: Any, intensity_choice: 
     profile: I_prf·c, V_prf·c²; sum and combine: I_sum·c/p, V_sum·(c/p)² (1/p only where p > 0,
     plus (I_sum·c)²·``partiality.inv.variance`` if present), and for combine the profile values
     overwrite where ``integrated_prf`` is set. Rows with variance ≤ 0 are flagged
-    ``excluded_for_scaling``.
+    ``excluded_for_scaling``. One C++ pass over the rows (``_core.job.choose_initial_intensities``).
     """
     kinds = _intensity_kinds(reflection_table, intensity_choice)
-    if "prescaling_correction" not in reflection_table:
-        calculate_prescaling_correction(reflection_table)
-    conv = _column(reflection_table, "prescaling_correction")
-    n = len(reflection_table)
-    if kinds == ["prf"]:
-        I = _column(reflection_table, "intensity.prf.value") * conv
-        V = _column(reflection_table, "intensity.prf.variance") * conv ** 2
-    else:
-        p = _column(reflection_table, "partiality") if "partiality" in reflection_table else np.ones(n)
-        inv_p = np.divide(1.0, p, out=np.ones(n), where=p > 0)
-        I_sum = _column(reflection_table, "intensity.sum.value") * conv
-        I = I_sum * inv_p
-        V = _column(reflection_table, "intensity.sum.variance") * (conv * inv_p) ** 2
-        if "partiality.inv.variance" in reflection_table:
-            V = V + I_sum ** 2 * _column(reflection_table, "partiality.inv.variance")
-        if intensity_choice == "combine" and "intensity.prf.value" in reflection_table:
-            use_prf = _has_flag(flags_of(reflection_table), Flags.integrated_prf)
-            I = np.where(use_prf, _column(reflection_table, "intensity.prf.value") * conv, I)
-            V = np.where(use_prf, _column(reflection_table, "intensity.prf.variance") * conv ** 2, V)
-    reflection_table["intensity"] = fa.double(np.where(np.isfinite(I), I, 0.0))
-    reflection_table["variance"] = fa.double(np.where(np.isfinite(V), V, 0.0))
-    reflection_table.set_flags(~(V > 0), Flags.excluded_for_scaling)
-    return reflection_table
+    table = reflection_table
+    if "prescaling_correction" not in table:
+        calculate_prescaling_correction(table)
+
+    def optional(name: str) -> np.ndarray | None:
+        return _column(table, name) if name in table else None
+
+    kind = "profile" if kinds == ["prf"] else ("combine" if intensity_choice == "combine" else "sum")
+    prf_value = optional("intensity.prf.value")
+    prf_variance = optional("intensity.prf.variance")
+    if kind == "combine" and prf_value is not None and prf_variance is None:
+        raise KeyError("intensity_choice=combine: the table has 'intensity.prf.value' but no "
+                       "'intensity.prf.variance' column")
+    flags = np.asarray(table["flags"], dtype=np.uint64) if "flags" in table else None
+    intensity, variance, not_positive = _kern.choose_initial_intensities(
+        kind, _column(table, "prescaling_correction"), prf_value, prf_variance,
+        optional("intensity.sum.value"), optional("intensity.sum.variance"), optional("partiality"),
+        optional("partiality.inv.variance"), flags, int(Flags.integrated_prf))
+    table["intensity"] = fa.double(intensity)
+    table["variance"] = fa.double(variance)
+    table.set_flags(not_positive, Flags.excluded_for_scaling)
+    return table
 
 
 def parse_exclude_images(values: Sequence[Any], n_experiments: int) -> list[tuple[int, int, int]]:
