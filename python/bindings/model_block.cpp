@@ -189,7 +189,7 @@ py::tuple block_functional_and_gradient(ModelBlock& b, const DoubleArray& params
   t.weights = weights.data();
   require(static_cast<std::size_t>(weights.size()) == t.n_obs,
           "weights must have one value per intensity");
-  fit::check_grouped_observations(t);
+  // the rest of the table's check is the block's, on rows it reads anyway (no pass of its own)
   DoubleArray gradient(static_cast<py::ssize_t>(b.n_cols()));
   const double* p = params.data();
   const auto n = static_cast<std::size_t>(params.size());
