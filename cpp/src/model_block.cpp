@@ -253,7 +253,6 @@ LeanSmoothTerm::LeanSmoothTerm(const GaussianSmoother<1>& smoother, HeldArray<do
     : ModelTerm(x.size, smoother.num_values() - (first_fixed ? 1 : 0), smoother.num_values(),
                 false),
       smoother_(smoother),
-      x_(std::move(x)),
       x_shift_(x_shift),
       window_(std::move(window)),
       q_(std::move(q)),
@@ -261,6 +260,11 @@ LeanSmoothTerm::LeanSmoothTerm(const GaussianSmoother<1>& smoother, HeldArray<do
       factor_(std::move(b_factor)) {
   check_held(window_.data, window_.size, n_rows(), "window");
   check_held(q_.data, q_.size, n_rows(), "q");
+  for (std::size_t i = 0; i < n_rows(); ++i) {
+    if (!std::isnan(q_.data[i])) continue;
+    far_rows_.push_back(i);
+    far_x_.push_back(x.data[i]);
+  }
   if (factor_.data != nullptr || factor_.size != 0) {
     check_held(factor_.data, factor_.size, n_rows(), "b_factor");
     // checked once here, as the other terms' held data, not again by every evaluation
@@ -300,11 +304,22 @@ std::pair<int, std::size_t> LeanSmoothTerm::row_columns(std::size_t i) const {
   return {first, static_cast<std::size_t>(count)};
 }
 
+const double* LeanSmoothTerm::x_rows(std::size_t first, std::size_t count,
+                                     TermScratch& scratch) const {
+  const auto lo = std::lower_bound(far_rows_.begin(), far_rows_.end(), first);
+  if (lo == far_rows_.end() || *lo >= first + count) return q_.data + first;  // never read
+  double* x = sized(scratch.aux, count);
+  for (auto it = lo; it != far_rows_.end() && *it < first + count; ++it)
+    x[*it - first] = far_x_[static_cast<std::size_t>(it - far_rows_.begin())];
+  return x;
+}
+
 TermValues LeanSmoothTerm::evaluate(const double* p, TermScratch& scratch) const {
   double* s = sized(scratch.scales, n_rows());
   // rows may be written at the full window width and trimmed: room for the last one's overhang
   double* d = sized(scratch.values, nnz_ + kMaxAxisWindow);
-  components::smooth_1d_apply(smoother_, n_rows(), x_.data, x_shift_, window_.data, q_.data, p,
+  components::smooth_1d_apply(smoother_, n_rows(), x_rows(0, n_rows(), scratch), x_shift_,
+                              window_.data, q_.data, p,
                               n_params(), first_fixed_, factor_.data, s, nullptr, nullptr, d,
                               false);
   return {s, d, nullptr};
@@ -314,7 +329,8 @@ TermValues LeanSmoothTerm::evaluate_rows(const double* p, std::size_t first, std
                                          TermScratch& scratch) const {
   double* s = sized(scratch.scales, count);
   double* d = sized(scratch.values, count * std::max<std::size_t>(smoother_.max_row_nnz(), 1));
-  components::smooth_1d_apply(smoother_, count, x_.data + first, x_shift_, window_.data + first,
+  components::smooth_1d_apply(smoother_, count, x_rows(first, count, scratch), x_shift_,
+                              window_.data + first,
                               q_.data + first, p, n_params(), first_fixed_,
                               factor_.data ? factor_.data + first : nullptr, s, nullptr, nullptr,
                               d, false);
@@ -324,7 +340,8 @@ TermValues LeanSmoothTerm::evaluate_rows(const double* p, std::size_t first, std
 const double* LeanSmoothTerm::scales_rows(const double* p, std::size_t first, std::size_t count,
                                           TermScratch& scratch) const {
   double* s = sized(scratch.scales, count);
-  components::smooth_1d_apply(smoother_, count, x_.data + first, x_shift_, window_.data + first,
+  components::smooth_1d_apply(smoother_, count, x_rows(first, count, scratch), x_shift_,
+                              window_.data + first,
                               q_.data + first, p, n_params(), first_fixed_,
                               factor_.data ? factor_.data + first : nullptr, s, nullptr, nullptr,
                               nullptr, false);
@@ -379,7 +396,8 @@ TermValues LeanSmoothTerm::fused_rows(const double* p, std::size_t first, std::s
   double* s = sized(scratch.scales, count);
   const int stride = components::fused::lean_fused_stride(smoother_.axis(0).max_window());
   double* wn = sized(scratch.values, count * static_cast<std::size_t>(stride));
-  components::fused::lean_fused_rows(smoother_, count, x_.data + first, window_.data + first,
+  components::fused::lean_fused_rows(smoother_, count, x_rows(first, count, scratch),
+                                     window_.data + first,
                                      q_.data + first, p,
                                      factor_.data ? factor_.data + first : nullptr, s, wn);
   return {s, wn, nullptr};
@@ -414,7 +432,7 @@ void LeanSmoothTerm::pattern_rows(std::size_t first, std::size_t count, std::int
 }
 
 std::size_t LeanSmoothTerm::nbytes() const {
-  return x_.size * 8 + window_.size * 2 + q_.size * 8 + factor_.size * 8;
+  return window_.size * 2 + q_.size * 8 + factor_.size * 8 + far_rows_.size() * 16;
 }
 
 template <int D>

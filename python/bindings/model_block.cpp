@@ -237,7 +237,8 @@ void bind_model_block(py::module_& m) {
            py::arg("weights"), py::arg("b_factor") = py::none());
   py::class_<LeanSmoothTerm, ModelTerm, std::shared_ptr<LeanSmoothTerm>>(
       m, "LeanSmoothTerm",
-      "A 1-D smooth component from held window records (smooth_1d_prepare's window, q).")
+      "A 1-D smooth component from held window records (smooth_1d_prepare's window, q); x is "
+      "read here, not held (only the far rows' coordinates are copied).")
       .def(py::init(&lean_smooth_term), py::arg("x"), py::arg("x_shift"), py::arg("x_range"),
            py::arg("n_intervals"), py::arg("num_average"), py::arg("sigma"), py::arg("window"),
            py::arg("q"), py::arg("first_fixed") = false, py::arg("b_factor") = py::none());

@@ -223,9 +223,14 @@ class XTALSCALE_EXPORT SmoothTerm final : public ModelTerm {
 
 /// A 1-D smooth component that holds no weights (components::smooth_1d_prepare/apply): the
 /// window records and q are held, the weights recomputed per evaluation. Optional @p b_factor
-/// as in SmoothTerm.
+/// as in SmoothTerm. The coordinates @p x are read by the constructor and not held: an
+/// evaluation needs them only at the rows far outside the smoother's range (NaN q, DIALS's
+/// direct formula), whose coordinates are copied (none in a usual data set), so a row costs
+/// the 10 bytes of its window record and q (18 with a B factor).
 class XTALSCALE_EXPORT LeanSmoothTerm final : public ModelTerm {
  public:
+  /// @throws std::invalid_argument for arrays of another length than @p x, a window record
+  /// outside the smoother's values, or a @p b_factor that is not finite and > 0.
   LeanSmoothTerm(const GaussianSmoother<1>& smoother, HeldArray<double> x, double x_shift,
                  HeldArray<std::uint16_t> window, HeldArray<double> q, bool first_fixed,
                  HeldArray<double> b_factor = {});
@@ -253,9 +258,14 @@ class XTALSCALE_EXPORT LeanSmoothTerm final : public ModelTerm {
  private:
   /// Row @p i's first derivative column and number of columns (from its window record).
   std::pair<int, std::size_t> row_columns(std::size_t i) const;
+  /// The coordinates of rows [first, first + count) as the kernels read them: a pointer to
+  /// @p count values valid at the far rows (the only ones read), filled in @p scratch.aux when
+  /// the range has far rows, else any array of @p count values.
+  const double* x_rows(std::size_t first, std::size_t count, TermScratch& scratch) const;
 
   GaussianSmoother<1> smoother_;
-  HeldArray<double> x_;
+  std::vector<std::size_t> far_rows_;  ///< rows with a NaN q, ascending
+  std::vector<double> far_x_;          ///< their coordinates
   double x_shift_;
   HeldArray<std::uint16_t> window_;
   HeldArray<double> q_;
