@@ -963,6 +963,16 @@ void lean_fused_transpose(int max_window, std::size_t n, const std::uint16_t* wi
                      first_fixed ? 1 : 0, out, acc, detail::simd_level());
 }
 
+std::size_t smooth_1d_apply_prechecked(const GaussianSmoother<1>& smoother, std::size_t n,
+                                    const double* x, double x_shift, const std::uint16_t* window,
+                                    const double* q, const double* p, bool first_fixed,
+                                    const double* factor, double* scales, double* data) {
+  const SmootherAxis& ax = smoother.axis(0);
+  return smooth_1d_apply_any(ax.max_window(), ax, smoother.sigma(), n, x, x_shift, window, q, p,
+                             first_fixed, factor, scales, nullptr, nullptr, data, false,
+                             detail::simd_level());
+}
+
 }  // namespace fused
 
 namespace {

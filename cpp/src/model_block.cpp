@@ -315,36 +315,37 @@ const double* LeanSmoothTerm::x_rows(std::size_t first, std::size_t count,
 }
 
 TermValues LeanSmoothTerm::evaluate(const double* p, TermScratch& scratch) const {
+  require_finite(p, n_params(), "parameters");
   double* s = sized(scratch.scales, n_rows());
   // rows may be written at the full window width and trimmed: room for the last one's overhang
   double* d = sized(scratch.values, nnz_ + kMaxAxisWindow);
-  components::smooth_1d_apply(smoother_, n_rows(), x_rows(0, n_rows(), scratch), x_shift_,
-                              window_.data, q_.data, p,
-                              n_params(), first_fixed_, factor_.data, s, nullptr, nullptr, d,
-                              false);
+  components::fused::smooth_1d_apply_prechecked(smoother_, n_rows(), x_rows(0, n_rows(), scratch),
+                                             x_shift_, window_.data, q_.data, p, first_fixed_,
+                                             factor_.data, s, d);
   return {s, d, nullptr};
 }
 
 TermValues LeanSmoothTerm::evaluate_rows(const double* p, std::size_t first, std::size_t count,
                                          TermScratch& scratch) const {
+  require_finite(p, n_params(), "parameters");
   double* s = sized(scratch.scales, count);
   double* d = sized(scratch.values, count * std::max<std::size_t>(smoother_.max_row_nnz(), 1));
-  components::smooth_1d_apply(smoother_, count, x_rows(first, count, scratch), x_shift_,
-                              window_.data + first,
-                              q_.data + first, p, n_params(), first_fixed_,
-                              factor_.data ? factor_.data + first : nullptr, s, nullptr, nullptr,
-                              d, false);
+  components::fused::smooth_1d_apply_prechecked(smoother_, count, x_rows(first, count, scratch),
+                                             x_shift_, window_.data + first, q_.data + first, p,
+                                             first_fixed_,
+                                             factor_.data ? factor_.data + first : nullptr, s, d);
   return {s, d, nullptr};
 }
 
 const double* LeanSmoothTerm::scales_rows(const double* p, std::size_t first, std::size_t count,
                                           TermScratch& scratch) const {
+  require_finite(p, n_params(), "parameters");
   double* s = sized(scratch.scales, count);
-  components::smooth_1d_apply(smoother_, count, x_rows(first, count, scratch), x_shift_,
-                              window_.data + first,
-                              q_.data + first, p, n_params(), first_fixed_,
-                              factor_.data ? factor_.data + first : nullptr, s, nullptr, nullptr,
-                              nullptr, false);
+  components::fused::smooth_1d_apply_prechecked(smoother_, count, x_rows(first, count, scratch),
+                                             x_shift_, window_.data + first, q_.data + first, p,
+                                             first_fixed_,
+                                             factor_.data ? factor_.data + first : nullptr, s,
+                                             nullptr);
   return s;
 }
 
