@@ -13,6 +13,7 @@
 #include <Eigen/Core>
 
 #include "internal/kernel_support.hpp"  // XS_MULTIVERSION, exp_guarded, with_window_width
+#include "internal/lean_fused.hpp"
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -719,6 +720,260 @@ std::size_t smooth_1d_apply(const GaussianSmoother<1>& smoother, std::size_t n, 
                                                indices, data, write_pattern, detail::simd_level());
   return nnz;
 }
+
+// ------------------------------------------------------------ lean kernels of the one-pass f+g
+
+namespace {
+
+/// One row of lean_fused_rows, row by row (the plain path, rows of a far point, a block's
+/// tail): lean_row's operations (so its scale's bits), the normalised weights at a fixed stride.
+template <int W, int S>
+XS_ALWAYS_INLINE double lean_fused_row(const LeanRows<W>& k, std::uint16_t record, double q,
+                                       const double* x, double* wn) {
+  const int f = window_first(record), cnt = window_count(record);
+  double w[W];
+  const bool direct = std::isnan(q);
+  lean_row_weights<W>(direct, q, cnt, k.c, direct ? k.ax->normalise(*x - k.x_shift) : 0.0,
+                      k.pos + f, k.sigma, w);
+  double sumw = 0.0;
+  for (int j = 0; j < W; ++j) sumw += w[j];
+  const double inv = sumw > 0.0 ? 1.0 / sumw : 0.0;
+  double value = 0.0;
+  for (int j = 0; j < S; ++j) wn[j] = 0.0;
+  for (int j = 0; j < W && j < cnt; ++j) {
+    const double v = w[j] * inv;
+    wn[j] = v;
+    value += v * k.p[f + j];
+  }
+  return value;
+}
+
+#ifdef XS_SH_SIMD
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12: _mm512_undefined_* in the intrinsics
+/// Rows in blocks of 8 lanes (lean_lanes_avx512: the row-by-row bits), each block's weights
+/// transposed to rows of S doubles in registers (S = 4) or through a small buffer (S = 8).
+template <int W, int S>
+__attribute__((target("avx512f,avx2,fma"))) void lean_fused_avx512(
+    const LeanRows<W>& k, std::size_t m, const std::uint16_t* window, const double* q,
+    const double* x, double* scales, double* wn) {
+  std::size_t i = 0;
+  const __m512d zero = _mm512_setzero_pd();
+  for (; i + 8 <= m; i += 8) {
+    if (!no_nan(q + i, 8)) {
+      for (std::size_t r = i; r < i + 8; ++r)
+        scales[r] = lean_fused_row<W, S>(k, window[r], q[r], x + r, wn + r * S);
+      continue;
+    }
+    __m512d w[W];
+    _mm512_storeu_pd(scales + i, lean_lanes_avx512<W>(k, window + i, q + i, w));
+    double* out = wn + i * S;
+    if constexpr (S == 4) {
+      __m512d l[4];
+      for (int j = 0; j < 4; ++j) l[j] = j < W ? w[j] : zero;
+      // 8 rows × 4 weights: pairs of rows per 128-bit lane, then rows gathered by lane shuffles
+      const __m512d t0 = _mm512_unpacklo_pd(l[0], l[1]);  // even rows, weights 0, 1
+      const __m512d t1 = _mm512_unpackhi_pd(l[0], l[1]);  // odd rows, weights 0, 1
+      const __m512d t2 = _mm512_unpacklo_pd(l[2], l[3]);  // even rows, weights 2, 3
+      const __m512d t3 = _mm512_unpackhi_pd(l[2], l[3]);  // odd rows, weights 2, 3
+      const __m512d ea = _mm512_shuffle_f64x2(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+      const __m512d oa = _mm512_shuffle_f64x2(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+      const __m512d eb = _mm512_shuffle_f64x2(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+      const __m512d ob = _mm512_shuffle_f64x2(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+      _mm512_storeu_pd(out, _mm512_shuffle_f64x2(ea, oa, _MM_SHUFFLE(2, 0, 2, 0)));       // rows 0, 1
+      _mm512_storeu_pd(out + 8, _mm512_shuffle_f64x2(ea, oa, _MM_SHUFFLE(3, 1, 3, 1)));   // rows 2, 3
+      _mm512_storeu_pd(out + 16, _mm512_shuffle_f64x2(eb, ob, _MM_SHUFFLE(2, 0, 2, 0)));  // rows 4, 5
+      _mm512_storeu_pd(out + 24, _mm512_shuffle_f64x2(eb, ob, _MM_SHUFFLE(3, 1, 3, 1)));  // rows 6, 7
+    } else {
+      alignas(64) double buf[8 * W];
+      for (int j = 0; j < W; ++j) _mm512_store_pd(buf + 8 * j, w[j]);
+      for (int r = 0; r < 8; ++r)
+        for (int j = 0; j < S; ++j) out[r * S + j] = j < W ? buf[8 * j + r] : 0.0;
+    }
+  }
+  for (; i < m; ++i) scales[i] = lean_fused_row<W, S>(k, window[i], q[i], x + i, wn + i * S);
+}
+
+/// The same in blocks of 4 lanes (lean_lanes_avx2).
+template <int W, int S>
+__attribute__((target("avx2,fma"))) void lean_fused_avx2(
+    const LeanRows<W>& k, std::size_t m, const std::uint16_t* window, const double* q,
+    const double* x, double* scales, double* wn) {
+  std::size_t i = 0;
+  const __m256d zero = _mm256_setzero_pd();
+  for (; i + 4 <= m; i += 4) {
+    if (!no_nan(q + i, 4)) {
+      for (std::size_t r = i; r < i + 4; ++r)
+        scales[r] = lean_fused_row<W, S>(k, window[r], q[r], x + r, wn + r * S);
+      continue;
+    }
+    __m256d w[W];
+    _mm256_storeu_pd(scales + i, lean_lanes_avx2<W>(k, window + i, q + i, w));
+    double* out = wn + i * S;
+    if constexpr (S == 4) {
+      __m256d l[4];
+      for (int j = 0; j < 4; ++j) l[j] = j < W ? w[j] : zero;
+      const __m256d t0 = _mm256_unpacklo_pd(l[0], l[1]);  // rows 0, 2: weights 0, 1
+      const __m256d t1 = _mm256_unpackhi_pd(l[0], l[1]);  // rows 1, 3
+      const __m256d t2 = _mm256_unpacklo_pd(l[2], l[3]);  // rows 0, 2: weights 2, 3
+      const __m256d t3 = _mm256_unpackhi_pd(l[2], l[3]);
+      _mm256_storeu_pd(out, _mm256_permute2f128_pd(t0, t2, 0x20));
+      _mm256_storeu_pd(out + 4, _mm256_permute2f128_pd(t1, t3, 0x20));
+      _mm256_storeu_pd(out + 8, _mm256_permute2f128_pd(t0, t2, 0x31));
+      _mm256_storeu_pd(out + 12, _mm256_permute2f128_pd(t1, t3, 0x31));
+    } else {
+      alignas(32) double buf[4 * W];
+      for (int j = 0; j < W; ++j) _mm256_store_pd(buf + 4 * j, w[j]);
+      for (int r = 0; r < 4; ++r)
+        for (int j = 0; j < S; ++j) out[r * S + j] = j < W ? buf[4 * j + r] : 0.0;
+    }
+  }
+  for (; i < m; ++i) scales[i] = lean_fused_row<W, S>(k, window[i], q[i], x + i, wn + i * S);
+}
+#pragma GCC diagnostic pop
+#endif
+
+/// lean_fused_rows for a window bound W, in blocks of 256 rows (the smoothed B's exponentials
+/// per block while its scales are in L1).
+template <int W>
+XS_ALWAYS_INLINE void lean_fused_rows_w(const SmootherAxis& ax, double sigma, std::size_t n,
+                                        const double* x, const std::uint16_t* window,
+                                        const double* q, const double* p, const double* factor,
+                                        double* scales, double* wn, int level) {
+  constexpr int S = fused::lean_fused_stride(W);
+  LeanRows<W> k{&ax, sigma, 0.0, ax.positions().data(), {}, p, 0};
+  const double a = 1.0 / (sigma * sigma);
+  for (int j = 0; j < W; ++j) k.c[j] = std::exp(-a * j * j);
+  constexpr std::size_t kBlock = 256;
+  (void)level;
+  for (std::size_t c0 = 0; c0 < n; c0 += kBlock) {
+    const std::size_t m = std::min(kBlock, n - c0);
+#ifdef XS_SH_SIMD
+    if (level >= 2) {
+      lean_fused_avx512<W, S>(k, m, window + c0, q + c0, x + c0, scales + c0, wn + c0 * S);
+    } else if (level >= 1) {
+      lean_fused_avx2<W, S>(k, m, window + c0, q + c0, x + c0, scales + c0, wn + c0 * S);
+    } else
+#endif
+    {
+      for (std::size_t i = c0; i < c0 + m; ++i)
+        scales[i] = lean_fused_row<W, S>(k, window[i], q[i], x + i, wn + i * S);
+    }
+    if (factor != nullptr) exp_times(m, scales + c0, factor + c0);
+  }
+}
+
+/// The width switch, compiled for AVX2+FMA too (as smooth_1d_apply_any).
+XS_MULTIVERSION void lean_fused_rows_any(int width, const SmootherAxis& ax, double sigma,
+                                         std::size_t n, const double* x,
+                                         const std::uint16_t* window, const double* q,
+                                         const double* p, const double* factor, double* scales,
+                                         double* wn, int level) {
+  switch (width) {
+    case 1: return lean_fused_rows_w<1>(ax, sigma, n, x, window, q, p, factor, scales, wn, level);
+    case 2: return lean_fused_rows_w<2>(ax, sigma, n, x, window, q, p, factor, scales, wn, level);
+    case 3: return lean_fused_rows_w<3>(ax, sigma, n, x, window, q, p, factor, scales, wn, level);
+    case 4: return lean_fused_rows_w<4>(ax, sigma, n, x, window, q, p, factor, scales, wn, level);
+    default: return lean_fused_rows_w<5>(ax, sigma, n, x, window, q, p, factor, scales, wn, level);
+  }
+}
+
+/// One row's share of lean_fused_transpose: slot[j] += u·w[j], j < S (one FMA each).
+template <int S>
+XS_ALWAYS_INLINE void add_row_plain(double* slot, double u, const double* w) {
+  for (int j = 0; j < S; ++j) slot[j] += u * w[j];
+}
+
+#ifdef XS_SH_SIMD
+template <int S>
+__attribute__((target("avx2,fma"))) void lean_transpose_avx2(
+    std::size_t n, const std::uint16_t* window, const double* wn, const double* u,
+    const double* scales, const double* factor, std::size_t slots, double* acc) {
+  for (std::size_t i = 0; i < n; ++i) {
+    double ui = u[i];
+    if (factor != nullptr) ui *= scales[i] * factor[i];
+    double* slot = acc + ((i & 3) * slots + static_cast<std::size_t>(window_first(window[i]))) * S;
+    const __m256d uv = _mm256_set1_pd(ui);
+    for (int j = 0; j < S; j += 4)
+      _mm256_storeu_pd(slot + j, _mm256_fmadd_pd(uv, _mm256_loadu_pd(wn + i * S + j),
+                                                 _mm256_loadu_pd(slot + j)));
+  }
+}
+#endif
+
+template <int S>
+XS_ALWAYS_INLINE void lean_transpose_s(std::size_t n, const std::uint16_t* window,
+                                       const double* wn, const double* u, const double* scales,
+                                       const double* factor, std::size_t n_params, int skip,
+                                       double* out, std::vector<double>& acc, int level) {
+  const std::size_t slots = n_params + 1;  // window firsts 0 … n_params − 1
+  acc.assign(4 * slots * S, 0.0);
+  double* a = acc.data();
+  (void)level;
+#ifdef XS_SH_SIMD
+  if (level >= 1) {
+    lean_transpose_avx2<S>(n, window, wn, u, scales, factor, slots, a);
+  } else
+#endif
+  {
+    for (std::size_t i = 0; i < n; ++i) {
+      double ui = u[i];
+      if (factor != nullptr) ui *= scales[i] * factor[i];
+      add_row_plain<S>(a + ((i & 3) * slots + static_cast<std::size_t>(window_first(window[i]))) * S,
+                       ui, wn + i * S);
+    }
+  }
+  // column col of the full parameters: weight j of the rows whose window starts at col − j
+  for (std::size_t col = static_cast<std::size_t>(skip); col < n_params; ++col) {
+    double total = 0.0;
+    for (std::size_t c = 0; c < 4; ++c)
+      for (std::size_t j = 0; j < static_cast<std::size_t>(S) && j <= col; ++j)
+        total += a[(c * slots + col - j) * S + j];
+    out[col - static_cast<std::size_t>(skip)] += total;
+  }
+}
+
+XS_MULTIVERSION void lean_transpose_any(int stride, std::size_t n, const std::uint16_t* window,
+                                        const double* wn, const double* u, const double* scales,
+                                        const double* factor, std::size_t n_params, int skip,
+                                        double* out, std::vector<double>& acc, int level) {
+  if (stride == 4)
+    lean_transpose_s<4>(n, window, wn, u, scales, factor, n_params, skip, out, acc, level);
+  else
+    lean_transpose_s<8>(n, window, wn, u, scales, factor, n_params, skip, out, acc, level);
+}
+
+}  // namespace
+
+namespace fused {
+
+void lean_fused_rows(const GaussianSmoother<1>& smoother, std::size_t n, const double* x,
+                     const std::uint16_t* window, const double* q, const double* p,
+                     const double* factor, double* scales, double* wn) {
+  const SmootherAxis& ax = smoother.axis(0);
+  lean_fused_rows_any(ax.max_window(), ax, smoother.sigma(), n, x, window, q, p, factor, scales,
+                      wn, detail::simd_level());
+}
+
+void lean_fused_transpose(int max_window, std::size_t n, const std::uint16_t* window,
+                          const double* wn, const double* u, const double* scales,
+                          const double* factor, std::size_t n_params, bool first_fixed,
+                          double* out, std::vector<double>& acc) {
+  lean_transpose_any(lean_fused_stride(max_window), n, window, wn, u, scales, factor, n_params,
+                     first_fixed ? 1 : 0, out, acc, detail::simd_level());
+}
+
+std::size_t smooth_1d_apply_prechecked(const GaussianSmoother<1>& smoother, std::size_t n,
+                                    const double* x, double x_shift, const std::uint16_t* window,
+                                    const double* q, const double* p, bool first_fixed,
+                                    const double* factor, double* scales, double* data) {
+  const SmootherAxis& ax = smoother.axis(0);
+  return smooth_1d_apply_any(ax.max_window(), ax, smoother.sigma(), n, x, x_shift, window, q, p,
+                             first_fixed, factor, scales, nullptr, nullptr, data, false,
+                             detail::simd_level());
+}
+
+}  // namespace fused
 
 namespace {
 

@@ -12,6 +12,7 @@
 #include "fit_parallel.hpp"  // parallel_for, thread_number (OpenMP optional)
 #include "internal/kernel_support.hpp"  // with_window_width
 #include "internal/large_buffers.hpp"
+#include "internal/lean_fused.hpp"
 
 namespace xtalscale {
 
@@ -115,6 +116,16 @@ std::size_t ModelTerm::nnz_rows(std::size_t first, std::size_t count) const {
   std::vector<std::int32_t> indices(count * std::max<std::size_t>(n_cols_, 1));
   pattern_rows(first, count, indptr.data(), indices.data());
   return static_cast<std::size_t>(indptr[count]);
+}
+
+TermValues ModelTerm::fused_rows(const double* p, std::size_t first, std::size_t count,
+                                 TermScratch& scratch) const {
+  return evaluate_rows(p, first, count, scratch);
+}
+
+void ModelTerm::fused_transpose_rows(const TermValues& v, std::size_t first, std::size_t count,
+                                     const double* u, double* out, TermScratch&) const {
+  add_transpose_product_rows(v, first, count, u, out);
 }
 
 ScaleFactorTerm::ScaleFactorTerm(std::size_t n_rows)
@@ -242,7 +253,6 @@ LeanSmoothTerm::LeanSmoothTerm(const GaussianSmoother<1>& smoother, HeldArray<do
     : ModelTerm(x.size, smoother.num_values() - (first_fixed ? 1 : 0), smoother.num_values(),
                 false),
       smoother_(smoother),
-      x_(std::move(x)),
       x_shift_(x_shift),
       window_(std::move(window)),
       q_(std::move(q)),
@@ -250,11 +260,30 @@ LeanSmoothTerm::LeanSmoothTerm(const GaussianSmoother<1>& smoother, HeldArray<do
       factor_(std::move(b_factor)) {
   check_held(window_.data, window_.size, n_rows(), "window");
   check_held(q_.data, q_.size, n_rows(), "q");
-  if (factor_.data != nullptr || factor_.size != 0)
+  for (std::size_t i = 0; i < n_rows(); ++i) {
+    if (!std::isnan(q_.data[i])) continue;
+    far_rows_.push_back(i);
+    far_x_.push_back(x.data[i]);
+  }
+  if (factor_.data != nullptr || factor_.size != 0) {
     check_held(factor_.data, factor_.size, n_rows(), "b_factor");
+    // checked once here, as the other terms' held data, not again by every evaluation
+    require(all_positive_finite(factor_.data, factor_.size), "b_factor must be finite and positive");
+  }
   require(n_rows() < static_cast<std::size_t>(std::numeric_limits<std::int32_t>::max()) /
                          std::max<std::size_t>(smoother_.max_row_nnz(), 1),
           "too many rows for a lean smoother term; split the block");
+  // The kernels index the parameters and their accumulators by the window records: each
+  // window must lie within the smoother's values and its bound.
+  const int width = smoother_.axis(0).max_window();
+  const auto n_values = static_cast<int>(smoother_.num_values());
+  for (std::size_t i = 0; i < n_rows(); ++i) {
+    const int f = components::window_first(window_.data[i]);
+    const int c = components::window_count(window_.data[i]);
+    if (c > width || f + c > n_values)
+      throw std::invalid_argument("window record of row " + std::to_string(i) +
+                                  " lies outside the smoother's values");
+  }
   // The window records fix the pattern: a row holds its window's columns (column 0 dropped
   // with a fixed first parameter), as smooth_1d_apply writes them.
   std::size_t nnz = 0;
@@ -275,34 +304,48 @@ std::pair<int, std::size_t> LeanSmoothTerm::row_columns(std::size_t i) const {
   return {first, static_cast<std::size_t>(count)};
 }
 
+const double* LeanSmoothTerm::x_rows(std::size_t first, std::size_t count,
+                                     TermScratch& scratch) const {
+  const auto lo = std::lower_bound(far_rows_.begin(), far_rows_.end(), first);
+  if (lo == far_rows_.end() || *lo >= first + count) return q_.data + first;  // never read
+  double* x = sized(scratch.aux, count);
+  for (auto it = lo; it != far_rows_.end() && *it < first + count; ++it)
+    x[*it - first] = far_x_[static_cast<std::size_t>(it - far_rows_.begin())];
+  return x;
+}
+
 TermValues LeanSmoothTerm::evaluate(const double* p, TermScratch& scratch) const {
+  require_finite(p, n_params(), "parameters");
   double* s = sized(scratch.scales, n_rows());
   // rows may be written at the full window width and trimmed: room for the last one's overhang
   double* d = sized(scratch.values, nnz_ + kMaxAxisWindow);
-  components::smooth_1d_apply(smoother_, n_rows(), x_.data, x_shift_, window_.data, q_.data, p,
-                              n_params(), first_fixed_, factor_.data, s, nullptr, nullptr, d,
-                              false);
+  components::fused::smooth_1d_apply_prechecked(smoother_, n_rows(), x_rows(0, n_rows(), scratch),
+                                             x_shift_, window_.data, q_.data, p, first_fixed_,
+                                             factor_.data, s, d);
   return {s, d, nullptr};
 }
 
 TermValues LeanSmoothTerm::evaluate_rows(const double* p, std::size_t first, std::size_t count,
                                          TermScratch& scratch) const {
+  require_finite(p, n_params(), "parameters");
   double* s = sized(scratch.scales, count);
   double* d = sized(scratch.values, count * std::max<std::size_t>(smoother_.max_row_nnz(), 1));
-  components::smooth_1d_apply(smoother_, count, x_.data + first, x_shift_, window_.data + first,
-                              q_.data + first, p, n_params(), first_fixed_,
-                              factor_.data ? factor_.data + first : nullptr, s, nullptr, nullptr,
-                              d, false);
+  components::fused::smooth_1d_apply_prechecked(smoother_, count, x_rows(first, count, scratch),
+                                             x_shift_, window_.data + first, q_.data + first, p,
+                                             first_fixed_,
+                                             factor_.data ? factor_.data + first : nullptr, s, d);
   return {s, d, nullptr};
 }
 
 const double* LeanSmoothTerm::scales_rows(const double* p, std::size_t first, std::size_t count,
                                           TermScratch& scratch) const {
+  require_finite(p, n_params(), "parameters");
   double* s = sized(scratch.scales, count);
-  components::smooth_1d_apply(smoother_, count, x_.data + first, x_shift_, window_.data + first,
-                              q_.data + first, p, n_params(), first_fixed_,
-                              factor_.data ? factor_.data + first : nullptr, s, nullptr, nullptr,
-                              nullptr, false);
+  components::fused::smooth_1d_apply_prechecked(smoother_, count, x_rows(first, count, scratch),
+                                             x_shift_, window_.data + first, q_.data + first, p,
+                                             first_fixed_,
+                                             factor_.data ? factor_.data + first : nullptr, s,
+                                             nullptr);
   return s;
 }
 
@@ -348,6 +391,28 @@ void LeanSmoothTerm::add_transpose_product_rows(const TermValues& v, std::size_t
   });
 }
 
+TermValues LeanSmoothTerm::fused_rows(const double* p, std::size_t first, std::size_t count,
+                                      TermScratch& scratch) const {
+  require_finite(p, n_params(), "parameters");
+  double* s = sized(scratch.scales, count);
+  const int stride = components::fused::lean_fused_stride(smoother_.axis(0).max_window());
+  double* wn = sized(scratch.values, count * static_cast<std::size_t>(stride));
+  components::fused::lean_fused_rows(smoother_, count, x_rows(first, count, scratch),
+                                     window_.data + first,
+                                     q_.data + first, p,
+                                     factor_.data ? factor_.data + first : nullptr, s, wn);
+  return {s, wn, nullptr};
+}
+
+void LeanSmoothTerm::fused_transpose_rows(const TermValues& v, std::size_t first,
+                                          std::size_t count, const double* u, double* out,
+                                          TermScratch& scratch) const {
+  components::fused::lean_fused_transpose(smoother_.axis(0).max_window(), count,
+                                          window_.data + first, v.values, u, v.scales,
+                                          factor_.data ? factor_.data + first : nullptr,
+                                          n_params(), first_fixed_, out, scratch.aux);
+}
+
 std::size_t LeanSmoothTerm::nnz_rows(std::size_t first, std::size_t count) const {
   std::size_t nnz = 0;  // one window record per row, no column written
   for (std::size_t i = 0; i < count; ++i) nnz += row_columns(first + i).second;
@@ -368,7 +433,7 @@ void LeanSmoothTerm::pattern_rows(std::size_t first, std::size_t count, std::int
 }
 
 std::size_t LeanSmoothTerm::nbytes() const {
-  return x_.size * 8 + window_.size * 2 + q_.size * 8 + factor_.size * 8;
+  return window_.size * 2 + q_.size * 8 + factor_.size * 8 + far_rows_.size() * 16;
 }
 
 template <int D>
@@ -798,7 +863,8 @@ void ModelBlock::check_params(const double* params, std::size_t n_params) const 
 
 void ModelBlock::start_chunks(const double* params, std::size_t n_params) {
   check_params(params, n_params);
-  scratch_.resize(terms_.size());  // one chunk's scratch per term, reused
+  // one chunk's scratch per term and, last, the block's own chunk workspace, reused
+  scratch_.resize(terms_.size() + 1);
   term_values_.clear();
 }
 
@@ -816,7 +882,7 @@ void ModelBlock::free_scratch() {
 }
 
 template <class Body>
-void ModelBlock::for_each_chunk(const double* params, int n_threads, Body body, bool scales_only,
+void ModelBlock::for_each_chunk(const double* params, int n_threads, Body body, ChunkValues what,
                                 const std::vector<std::size_t>* bounds, std::size_t chunk_rows) {
   if (chunk_rows == 0) chunk_rows = kChunkRows;
   const std::size_t n_chunks = bounds ? bounds->size() - 1 : (n_rows_ + chunk_rows - 1) / chunk_rows;
@@ -827,19 +893,21 @@ void ModelBlock::for_each_chunk(const double* params, int n_threads, Body body, 
     std::vector<TermValues> tv(terms_.size());
     for (std::size_t t = 0; t < terms_.size(); ++t) {
       const double* p = params + param_start_[t];
-      if (scales_only)
+      if (what == ChunkValues::scales)
         tv[t].scales = terms_[t]->scales_rows(p, first, count, scratch[t]);
+      else if (what == ChunkValues::fused)
+        tv[t] = terms_[t]->fused_rows(p, first, count, scratch[t]);
       else
         tv[t] = terms_[t]->evaluate_rows(p, first, count, scratch[t]);
     }
-    body(c, first, count, tv);
+    body(c, first, count, tv, scratch);
   };
   if (nt == 1) {  // the block's own scratch, kept for the next call
     for (std::size_t c = 0; c < n_chunks; ++c) chunk(c, scratch_);
     return;
   }
   std::vector<std::vector<TermScratch>> scratch(static_cast<std::size_t>(nt),
-                                                std::vector<TermScratch>(terms_.size()));
+                                                std::vector<TermScratch>(terms_.size() + 1));
   std::vector<std::string> failure(n_chunks);
   fit::detail::parallel_for(n_chunks, nt, [&](std::size_t c) {
     try {  // no exception may leave an OpenMP region
@@ -872,9 +940,9 @@ void ModelBlock::evaluate(const double* params, std::size_t n_params, int n_thre
     out_.values = std::make_shared<std::vector<double>>(detail::large_vector<double>(out_.indices->size()));
   }
   if (by_chunks) {
-    for_each_chunk(params, n_threads, [&](std::size_t, std::size_t first, std::size_t count, const std::vector<TermValues>& tv) {
+    for_each_chunk(params, n_threads, [&](std::size_t, std::size_t first, std::size_t count, const std::vector<TermValues>& tv, std::vector<TermScratch>&) {
       fill(tv, first, count);  // rows [first, first + count) only: chunks never share an entry
-    }, false, nullptr, balanced_chunk_rows(n_rows_, n_threads));
+    }, ChunkValues::all, nullptr, balanced_chunk_rows(n_rows_, n_threads));
   } else {
     fill(term_values_, 0, n_rows_);
   }
@@ -925,9 +993,9 @@ void ModelBlock::evaluate_rows(const double* params, std::size_t n_params, std::
 
 void ModelBlock::scales_by_chunks(const double* params, int n_threads) {
   double* g = out_.scales->data();
-  for_each_chunk(params, n_threads, [&](std::size_t, std::size_t first, std::size_t count, const std::vector<TermValues>& tv) {
+  for_each_chunk(params, n_threads, [&](std::size_t, std::size_t first, std::size_t count, const std::vector<TermValues>& tv, std::vector<TermScratch>&) {
     product_of_scales(tv, count, g + first);
-  }, true, nullptr, balanced_chunk_rows(n_rows_, n_threads));  // per-row g: any chunking
+  }, ChunkValues::scales, nullptr, balanced_chunk_rows(n_rows_, n_threads));  // per-row g: any chunking
 }
 
 void ModelBlock::transpose_product_by_chunks(const double* params, const double* coefficients,
@@ -935,10 +1003,10 @@ void ModelBlock::transpose_product_by_chunks(const double* params, const double*
   double* g = out_.scales->data();
   // each chunk's sums apart, then added in chunk order: the same bits for any thread count
   std::vector<double> partial(((n_rows_ + kChunkRows - 1) / kChunkRows) * n_cols_, 0.0);
-  for_each_chunk(params, n_threads, [&](std::size_t c, std::size_t first, std::size_t count, const std::vector<TermValues>& tv) {
-    rows_transpose_product(tv, first, count, false, coefficients + first, g + first,
-                           partial.data() + c * n_cols_);
-  });
+  for_each_chunk(params, n_threads, [&](std::size_t c, std::size_t first, std::size_t count, const std::vector<TermValues>& tv, std::vector<TermScratch>& scratch) {
+    rows_fused_transpose(tv, first, count, coefficients + first, g + first, false,
+                         partial.data() + c * n_cols_, scratch);
+  }, ChunkValues::fused);
   for (std::size_t c = 0; c * n_cols_ < partial.size(); ++c)
     for (std::size_t j = 0; j < n_cols_; ++j) out[j] += partial[c * n_cols_ + j];
 }
@@ -996,20 +1064,49 @@ void ModelBlock::rows_transpose_product(const std::vector<TermValues>& tv, std::
   }
 }
 
+void ModelBlock::rows_fused_transpose(const std::vector<TermValues>& tv, std::size_t first,
+                                      std::size_t count, const double* coefficients, double* g,
+                                      bool g_known, double* acc,
+                                      std::vector<TermScratch>& scratch) const {
+  const std::size_t k = terms_.size();
+  if (!g_known) product_of_scales(tv, count, g);
+  double* u = sized(scratch[k].aux, count);  // the block's workspace (see start_chunks)
+  for (std::size_t t = 0; t < k; ++t) {
+    if (!active_[t] || terms_[t]->n_cols() == 0) continue;
+    // u = c · Π of the other terms' scales (no division: a zero scale is exact)
+    std::copy(coefficients, coefficients + count, u);
+    for (std::size_t o = 0; o < k; ++o) {
+      if (o == t) continue;
+      const double* so = tv[o].scales;
+      for (std::size_t i = 0; i < count; ++i) u[i] *= so[i];
+    }
+    terms_[t]->fused_transpose_rows(tv[t], first, count, u, acc + col_start_[t], scratch[t]);
+  }
+}
+
 namespace {
 
 /// Chunks of whole groups for ModelBlock::functional_and_gradient: row bounds (from 0 to
 /// n_obs) and the matching group bounds. A chunk ends at the first group end at least
-/// kChunkRows rows after its start, so a group longer than that is a chunk of its own.
+/// kChunkRows rows after its start, so a group longer than that is a chunk of its own. The
+/// walk checks the offsets (from 0, non-decreasing, ending at n_obs) before any row is read
+/// through them; check_grouped_observations names a fault.
 std::pair<std::vector<std::size_t>, std::vector<std::size_t>> group_chunks(
     const fit::GroupedObservations& t) {
   std::vector<std::size_t> rows{0}, groups{0};
-  for (std::size_t h = 0; h < t.n_groups; ++h) {
-    const auto end = static_cast<std::size_t>(t.group_offsets[h + 1]);
+  const std::int64_t* off = t.group_offsets;
+  bool ok = off != nullptr && off[0] == 0;
+  for (std::size_t h = 0; ok && h < t.n_groups; ++h) {
+    ok = off[h + 1] >= off[h];
+    const auto end = static_cast<std::size_t>(off[h + 1]);
     if (end - rows.back() >= kChunkRows || h + 1 == t.n_groups) {
       rows.push_back(end);
       groups.push_back(h + 1);
     }
+  }
+  if (!ok || rows.back() != t.n_obs) {
+    fit::check_grouped_observations(t);  // throws, naming the fault
+    throw std::invalid_argument("group_offsets do not describe the observations");
   }
   return {rows, groups};
 }
@@ -1020,26 +1117,47 @@ double ModelBlock::chunk_functional_and_gradient(const std::vector<TermValues>& 
                                                  std::size_t first, std::size_t count,
                                                  const fit::GroupedObservations& t,
                                                  std::size_t group_first, std::size_t group_last,
-                                                 double* acc) const {
-  double* g = out_.scales->data();  // this chunk's rows only
-  product_of_scales(tv, count, g + first);
-  if (!all_positive_finite(g + first, count))
+                                                 double* acc, std::vector<TermScratch>& scratch,
+                                                 bool& table_ok) const {
+  // g in the workspace, which stays in cache, and copied out at the end by stores that do not
+  // first read the block's buffer from memory (the copy is its only use in this call)
+  TermScratch& ws = scratch[terms_.size()];
+  double* g = sized(ws.scales, count);
+  product_of_scales(tv, count, g);
+  if (!all_positive_finite(g, count))
     throw std::invalid_argument("a scale g is not finite and > 0 (rows " + std::to_string(first) +
                                 " to " + std::to_string(first + count - 1) + ")");
-  // the target kernel's operations (residual_pass) on these groups, ∂f/∂g kept for the chunk
-  std::vector<double> dfdg(count);
+  // The target kernel's operations (residual_pass) on these groups, ∂f/∂g kept for the chunk;
+  // each group's f summed apart, then added (no chain of dependent adds over all rows).
+  double* dfdg = sized(ws.values, count);
+  const std::int64_t* off = t.group_offsets;
+  const double* inten = t.intensities + first;
+  const double* w = t.weights + first;
+  const auto base = static_cast<std::int64_t>(first);
   double f = 0.0;
   for (std::size_t h = group_first; h < group_last; ++h) {
-    const fit::detail::GroupSums sums = fit::detail::group_sums(t, g, h);
-    const double ih = sums.wgg > 0.0 ? sums.wgi / sums.wgg : 0.0;
-    for (auto l = t.group_offsets[h]; l < t.group_offsets[h + 1]; ++l) {
-      const double r = t.intensities[l] - g[l] * ih;
-      const double wr = t.weights[l] * r;
-      f += wr * r;
-      dfdg[static_cast<std::size_t>(l) - first] = -2.0 * wr * ih;
+    const auto a = static_cast<std::size_t>(off[h] - base);
+    const auto b = static_cast<std::size_t>(off[h + 1] - base);
+    double wgg = 0.0, wgi = 0.0;
+    for (std::size_t l = a; l < b; ++l) {  // fit::detail::group_sums's order
+      const double wg = w[l] * g[l];
+      wgg += wg * g[l];
+      wgi += wg * inten[l];
     }
+    const double ih = wgg > 0.0 ? wgi / wgg : 0.0;
+    double fh = 0.0;
+    for (std::size_t l = a; l < b; ++l) {
+      const double r = inten[l] - g[l] * ih;
+      const double wr = w[l] * r;
+      fh += wr * r;
+      dfdg[l] = -2.0 * wr * ih;
+    }
+    f += fh;
   }
-  rows_transpose_product(tv, first, count, false, dfdg.data(), g + first, acc);
+  // the table's check, on rows now in cache (the binding no longer reads them beforehand)
+  if (!all_non_negative_finite(w, count) || !all_finite(inten, count)) table_ok = false;
+  rows_fused_transpose(tv, first, count, dfdg, g, true, acc, scratch);
+  detail::copy_streaming(g, count, out_.scales->data() + first);
   return f;
 }
 
@@ -1053,14 +1171,27 @@ double ModelBlock::functional_and_gradient(const double* params, std::size_t n_p
   start_chunks(params, n_params);
   evaluated_ = false;
   std::fill(gradient, gradient + n_cols_, 0.0);
-  if (n_rows_ == 0) return 0.0;
-  const auto [rows, groups] = group_chunks(table);
+  if (n_rows_ == 0) {
+    fit::check_grouped_observations(table);
+    return 0.0;
+  }
+  const auto [rows, groups] = group_chunks(table);  // checks the offsets
   const std::size_t n_chunks = rows.size() - 1;
   std::vector<double> partial(n_chunks * n_cols_, 0.0), f_chunk(n_chunks, 0.0);
-  for_each_chunk(params, n_threads, [&](std::size_t c, std::size_t first, std::size_t count, const std::vector<TermValues>& tv) {
-    f_chunk[c] = chunk_functional_and_gradient(tv, first, count, table, groups[c], groups[c + 1],
-                                               partial.data() + c * n_cols_);
-  }, false, &rows);
+  std::vector<char> table_ok(n_chunks, 1);
+  try {
+    for_each_chunk(params, n_threads, [&](std::size_t c, std::size_t first, std::size_t count, const std::vector<TermValues>& tv, std::vector<TermScratch>& scratch) {
+      bool ok = true;
+      f_chunk[c] = chunk_functional_and_gradient(tv, first, count, table, groups[c], groups[c + 1],
+                                                 partial.data() + c * n_cols_, scratch, ok);
+      table_ok[c] = ok ? 1 : 0;
+    }, ChunkValues::fused, &rows);
+  } catch (const std::invalid_argument&) {
+    fit::check_grouped_observations(table);  // a fault of the table is named first
+    throw;
+  }
+  for (const char ok : table_ok)
+    if (!ok) fit::check_grouped_observations(table);  // throws, naming the row
   double f = 0.0;  // in chunk order: the same bits for any thread count
   for (std::size_t c = 0; c < n_chunks; ++c) {
     f += f_chunk[c];

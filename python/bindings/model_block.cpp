@@ -189,7 +189,7 @@ py::tuple block_functional_and_gradient(ModelBlock& b, const DoubleArray& params
   t.weights = weights.data();
   require(static_cast<std::size_t>(weights.size()) == t.n_obs,
           "weights must have one value per intensity");
-  fit::check_grouped_observations(t);
+  // the rest of the table's check is the block's, on rows it reads anyway (no pass of its own)
   DoubleArray gradient(static_cast<py::ssize_t>(b.n_cols()));
   const double* p = params.data();
   const auto n = static_cast<std::size_t>(params.size());
@@ -237,7 +237,8 @@ void bind_model_block(py::module_& m) {
            py::arg("weights"), py::arg("b_factor") = py::none());
   py::class_<LeanSmoothTerm, ModelTerm, std::shared_ptr<LeanSmoothTerm>>(
       m, "LeanSmoothTerm",
-      "A 1-D smooth component from held window records (smooth_1d_prepare's window, q).")
+      "A 1-D smooth component from held window records (smooth_1d_prepare's window, q); x is "
+      "read here, not held (only the far rows' coordinates are copied).")
       .def(py::init(&lean_smooth_term), py::arg("x"), py::arg("x_shift"), py::arg("x_range"),
            py::arg("n_intervals"), py::arg("num_average"), py::arg("sigma"), py::arg("window"),
            py::arg("q"), py::arg("first_fixed") = false, py::arg("b_factor") = py::none());

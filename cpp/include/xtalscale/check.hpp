@@ -71,6 +71,19 @@ inline void require_finite(const double* values, std::size_t n, const char* name
   }
 }
 
+/// True when none of the @p n values is NaN or infinite: require_finite's integer test of the
+/// exponent bits, without the search for the element a message names (callers search again).
+inline bool all_finite(const double* values, std::size_t n) noexcept {
+  constexpr std::uint64_t kExponent = 0x7FF0000000000000ULL;
+  std::uint64_t any_bad = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    std::uint64_t bits;
+    std::memcpy(&bits, values + i, sizeof bits);
+    any_bad |= (bits & kExponent) + (std::uint64_t{1} << 52);
+  }
+  return (any_bad >> 63) == 0;
+}
+
 /// True when every one of the @p n values is finite and > 0 (scales, factors): the positive
 /// finite doubles are the bit patterns 1 … 0x7FEFFFFFFFFFFFFF, tested by integer adds and ORs
 /// that vectorise (a comparison of doubles does not, under GCC's default -ftrapping-math).

@@ -66,6 +66,7 @@ struct HeldArray {
 struct TermScratch {
   std::vector<double> scales;  ///< the term's scales
   std::vector<double> values;  ///< the term's derivative values (when they are computed)
+  std::vector<double> aux;     ///< a term's own working space (e.g. fused_transpose_rows())
 };
 
 /// One component's scales and derivatives after an evaluation; the pointers stay valid until
@@ -139,6 +140,20 @@ class XTALSCALE_EXPORT ModelTerm {
   /// in O(1) and other terms through pattern_rows() into temporaries; sparse terms override it
   /// with a count that writes no column.
   virtual std::size_t nnz_rows(std::size_t first, std::size_t count) const;
+  /// The rows' evaluation for a consumer of their transposed product alone (the one-pass f+g
+  /// and the chunked transposed product of a ModelBlock): the scales of rows
+  /// [first, first + count), bit for bit those of scales_rows(), and derivative values in
+  /// whatever form fused_transpose_rows() reads (not necessarily evaluate_rows()'s compact
+  /// rows), in @p scratch. Only when evaluates_rows(). The base returns evaluate_rows().
+  virtual TermValues fused_rows(const double* p, std::size_t first, std::size_t count,
+                                TermScratch& scratch) const;
+  /// @p out[j] += Σ_i u[i]·∂s_i/∂p_j over rows [first, first + count), @p v from fused_rows()
+  /// of the same rows and @p scratch (which it may also use as working space); equal to
+  /// add_transpose_product_rows() up to rounding (the summation order may differ, but it is
+  /// fixed: the same bits for the same rows at every SIMD level). The base calls
+  /// add_transpose_product_rows().
+  virtual void fused_transpose_rows(const TermValues& v, std::size_t first, std::size_t count,
+                                    const double* u, double* out, TermScratch& scratch) const;
 
  protected:
   ModelTerm(std::size_t n_rows, std::size_t n_cols, std::size_t n_params, bool dense)
@@ -208,9 +223,14 @@ class XTALSCALE_EXPORT SmoothTerm final : public ModelTerm {
 
 /// A 1-D smooth component that holds no weights (components::smooth_1d_prepare/apply): the
 /// window records and q are held, the weights recomputed per evaluation. Optional @p b_factor
-/// as in SmoothTerm.
+/// as in SmoothTerm. The coordinates @p x are read by the constructor and not held: an
+/// evaluation needs them only at the rows far outside the smoother's range (NaN q, DIALS's
+/// direct formula), whose coordinates are copied (none in a usual data set), so a row costs
+/// the 10 bytes of its window record and q (18 with a B factor).
 class XTALSCALE_EXPORT LeanSmoothTerm final : public ModelTerm {
  public:
+  /// @throws std::invalid_argument for arrays of another length than @p x, a window record
+  /// outside the smoother's values, or a @p b_factor that is not finite and > 0.
   LeanSmoothTerm(const GaussianSmoother<1>& smoother, HeldArray<double> x, double x_shift,
                  HeldArray<std::uint16_t> window, HeldArray<double> q, bool first_fixed,
                  HeldArray<double> b_factor = {});
@@ -226,13 +246,26 @@ class XTALSCALE_EXPORT LeanSmoothTerm final : public ModelTerm {
   void pattern_rows(std::size_t first, std::size_t count, std::int64_t* indptr,
                     std::int32_t* indices) const override;
   std::size_t nnz_rows(std::size_t first, std::size_t count) const override;
+  /// Scales and every row's normalised weights at a fixed stride (zeros past its window): no
+  /// compaction into rows of the window's columns, and no smoothed-B row scaling (applied to
+  /// the coefficients by fused_transpose_rows() instead).
+  TermValues fused_rows(const double* p, std::size_t first, std::size_t count,
+                        TermScratch& scratch) const override;
+  /// Each row's weights added as one short vector into an accumulator per window start.
+  void fused_transpose_rows(const TermValues& v, std::size_t first, std::size_t count,
+                            const double* u, double* out, TermScratch& scratch) const override;
 
  private:
   /// Row @p i's first derivative column and number of columns (from its window record).
   std::pair<int, std::size_t> row_columns(std::size_t i) const;
+  /// The coordinates of rows [first, first + count) as the kernels read them: a pointer to
+  /// @p count values valid at the far rows (the only ones read), filled in @p scratch.aux when
+  /// the range has far rows, else any array of @p count values.
+  const double* x_rows(std::size_t first, std::size_t count, TermScratch& scratch) const;
 
   GaussianSmoother<1> smoother_;
-  HeldArray<double> x_;
+  std::vector<std::size_t> far_rows_;  ///< rows with a NaN q, ascending
+  std::vector<double> far_x_;          ///< their coordinates
   double x_shift_;
   HeldArray<std::uint16_t> window_;
   HeldArray<double> q_;
@@ -475,21 +508,34 @@ class XTALSCALE_EXPORT ModelBlock {
   /// body(first, count, values); chunks over up to @p n_threads threads, each thread with its
   /// own terms' scratch (the block's own when single-threaded). An exception from a chunk is
   /// rethrown (as std::invalid_argument) after the loop.
-  /// With @p scales_only, the terms' values hold their scales alone (scales_rows()). With
+  /// What for_each_chunk() asks of each term: evaluate_rows(), scales_rows() (the values hold
+  /// the scales alone) or fused_rows() (for fused_transpose_rows()).
+  enum class ChunkValues { all, scales, fused };
+  /// With @p what, the terms' values (evaluate_rows() by default; see ChunkValues). With
   /// @p bounds, chunk c is rows [bounds[c], bounds[c + 1]) instead. body(c, first, count, tv).
   /// @p chunk_rows (0: 4096) sets the chunk length without @p bounds: a pass whose outputs
   /// are per row may balance its chunks over the threads; a reduction keeps the fixed length,
   /// so that its summation order does not depend on the thread count.
   template <class Body>
-  void for_each_chunk(const double* params, int n_threads, Body body, bool scales_only = false,
+  void for_each_chunk(const double* params, int n_threads, Body body,
+                      ChunkValues what = ChunkValues::all,
                       const std::vector<std::size_t>* bounds = nullptr,
                       std::size_t chunk_rows = 0);
   /// One chunk of functional_and_gradient: rows [first, first + count), groups
-  /// [group_first, group_last); its f returned, its gradient share into @p acc.
+  /// [group_first, group_last), the terms' fused_rows() values @p tv (and their @p scratch);
+  /// its f returned, its gradient share into @p acc. @p table_ok is cleared when a weight of
+  /// the chunk is not finite and >= 0 or an intensity is not finite (the caller then names it).
   double chunk_functional_and_gradient(const std::vector<TermValues>& tv, std::size_t first,
                                        std::size_t count, const fit::GroupedObservations& table,
                                        std::size_t group_first, std::size_t group_last,
-                                       double* acc) const;
+                                       double* acc, std::vector<TermScratch>& scratch,
+                                       bool& table_ok) const;
+  /// The transposed product of a chunk's rows from the terms' fused_rows() values: g into
+  /// @p g, (∂g/∂p)ᵀc into @p acc, @p coefficients c of these rows (the chunk's g, when
+  /// @p g_known, already in @p g).
+  void rows_fused_transpose(const std::vector<TermValues>& tv, std::size_t first,
+                            std::size_t count, const double* coefficients, double* g,
+                            bool g_known, double* acc, std::vector<TermScratch>& scratch) const;
   /// g = Π_t s_t of @p count rows from the terms' values @p tv (fill()'s product order).
   void product_of_scales(const std::vector<TermValues>& tv, std::size_t count, double* g) const;
   /// Check @p params and evaluate every term into its scratch (term_values_).

@@ -10,6 +10,7 @@
 // Debian/Ubuntu default) a region must ask for huge pages before it is touched.
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -19,6 +20,9 @@
 
 #if defined(__linux__)
 #include <sys/mman.h>
+#endif
+#if defined(__x86_64__) || defined(_M_X64)
+#include <emmintrin.h>
 #endif
 
 namespace xtalscale::detail {
@@ -77,6 +81,25 @@ std::vector<T> large_vector(std::size_t n) {
   std::vector<T> v;
   resize_large(v, n);
   return v;
+}
+
+/// Copy @p n doubles to @p dst with stores that bypass the cache (x86-64; a plain copy
+/// elsewhere): for an output written once per call and not read again soon, so that writing it
+/// costs no read of the old contents from memory and evicts nothing. Ends with a store fence,
+/// so the values are visible to any thread that synchronises with this one afterwards.
+inline void copy_streaming(const double* src, std::size_t n, double* dst) noexcept {
+#if defined(__x86_64__) || defined(_M_X64)
+  std::size_t i = 0;
+  if ((reinterpret_cast<std::uintptr_t>(dst) & 15) != 0 && n > 0) {  // to a 16-byte boundary
+    dst[0] = src[0];
+    i = 1;
+  }
+  for (; i + 2 <= n; i += 2) _mm_stream_pd(dst + i, _mm_loadu_pd(src + i));
+  if (i < n) dst[i] = src[i];
+  _mm_sfence();
+#else
+  std::copy(src, src + n, dst);
+#endif
 }
 
 }  // namespace xtalscale::detail
