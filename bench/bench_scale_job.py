@@ -40,9 +40,6 @@ if os.environ.get("XTALSCALE_BENCH_FULL_MATRIX_MAX_PARAMS"):  # --full-matrix-ma
 from xtalscale.job.phil import parse_phil_arguments
 from xtalscale.job.run import run_scale_job
 params, _ = parse_phil_arguments(sys.argv[3:])
-from xtalscale.cli import pretouch_for_inputs
-from xtalscale.job.scaler import threads_of
-pretouch_for_inputs(sys.argv[1:3], threads_of(params))  # as the command line does
 cpu0 = time.process_time()
 result = run_scale_job(params, [sys.argv[1], sys.argv[2]])
 wall = time.perf_counter() - t0

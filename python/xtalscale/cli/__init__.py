@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
-__all__ = ["main", "no_huge_pages", "one_malloc_arena", "pretouch_heap", "reuse_freed_memory"]
+__all__ = ["main", "no_huge_pages", "one_malloc_arena", "reuse_freed_memory"]
 
 # command name -> module in this package (imported only when the command runs)
 _COMMANDS = {
@@ -94,76 +94,6 @@ def reuse_freed_memory() -> bool:
         return bool(libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
     except (OSError, AttributeError):
         return False
-
-
-#: pretouch_heap's share of the input files' size: the scale job at 10⁶ observations peaks at
-#: about 4× its .refl file, and a touched heap of 1.8× was fully reused (the peak unchanged)
-#: where 3.1× left part of it unused (peak +0.24 GB)
-PRETOUCH_INPUT_RATIO = 1.5
-#: no pre-touch below this (a small job faults little) and never more than this
-PRETOUCH_MIN_BYTES, PRETOUCH_MAX_BYTES = 32 << 20, 1 << 30
-
-
-def pretouch_heap(n_bytes: int) -> Any:
-    """Fault in about ``n_bytes`` of glibc's heap on a background thread, then free it.
-
-    Each 4 kB page a process first touches costs the kernel a fault and a zeroing; a scaling
-    job at 10⁶ observations touches ~0.9 GB, ~220k faults and ~0.3 s of kernel time, most of
-    it on the thread doing the work. With :func:`reuse_freed_memory` (freed memory stays in
-    the heap) and :func:`one_malloc_arena` (every thread's allocations come from that heap), a
-    heap touched in advance by an otherwise idle core serves the job's later allocations
-    without faults: the same faults, off the job's path. Chunks of 16 MB stay below the
-    mmap threshold, so they come from the heap and go back to it. For jobs with nproc > 1
-    (a second core to do it); returns the thread (None when not on glibc or ``n_bytes`` is
-    below :data:`PRETOUCH_MIN_BYTES`). The job's results do not depend on it.
-    """
-    n_bytes = min(int(n_bytes), PRETOUCH_MAX_BYTES)
-    if not sys.platform.startswith("linux") or n_bytes < PRETOUCH_MIN_BYTES:
-        return None
-    import ctypes
-    import threading
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        malloc, free = libc.malloc, libc.free
-    except (OSError, AttributeError):
-        return None
-    malloc.restype, malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-    free.restype, free.argtypes = None, [ctypes.c_void_p]
-    chunk = 16 << 20
-
-    def touch() -> None:
-        held = []
-        try:
-            for _ in range(n_bytes // chunk):
-                address = malloc(chunk)
-                if not address:
-                    break
-                held.append(address)
-                ctypes.memset(address, 0, chunk)  # ctypes releases the GIL for the call
-        finally:
-            for address in reversed(held):  # freed last-first: they join the heap's top again
-                free(address)
-
-    thread = threading.Thread(target=touch, name="xtalscale-pretouch", daemon=True)
-    thread.start()
-    return thread
-
-
-def pretouch_for_inputs(paths: Sequence[str], n_threads: int) -> Any:
-    """:func:`pretouch_heap` sized from the input files (:data:`PRETOUCH_INPUT_RATIO`), when
-    the job has more than one thread; None otherwise."""
-    import os
-
-    if n_threads < 2:
-        return None
-    size = 0
-    for path in paths:
-        try:
-            size += os.path.getsize(path)
-        except OSError:
-            pass  # the job reports unreadable inputs itself
-    return pretouch_heap(int(PRETOUCH_INPUT_RATIO * size))
 
 
 def no_huge_pages() -> bool:

@@ -67,10 +67,6 @@ def run(argv: Sequence[str]) -> int:
 
     check_outputs_writable(params)  # before the log file is created and before any work
     log = configure_logging(verbosity, log_file)
-    from ..job.scaler import threads_of
-    from . import pretouch_for_inputs
-
-    pretouch_for_inputs(files, threads_of(params))  # a second core faults the heap in ahead
     t0 = time.perf_counter()
     result = run_scale_job(params, files)
     wall = time.perf_counter() - t0
