@@ -88,7 +88,7 @@ def _as_vector(values: Any, name: str) -> np.ndarray:
         arr = arr.reshape(1)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-dimensional (got shape {arr.shape})")
-    if not np.all(np.isfinite(arr)):
+    if not np.isfinite(arr).all():  # the method, not np.all: called per dataset per evaluation
         bad = int(np.flatnonzero(~np.isfinite(arr))[0])
         raise ValueError(f"{name} must be finite (element {bad} is {arr[bad]})")
     return arr
@@ -424,9 +424,15 @@ class multi_active_parameter_manager(_SeedInterface, TargetInterface):  # noqa: 
     def set_param_vals(self, x: Any) -> None:
         """Set all parameters and push each dataset's slice to its manager."""
         values = _as_vector(x, "x")
-        self._check_length(values, "x")
-        for i, (apm, data) in enumerate(zip(self.apm_list, self.apm_data.values())):
-            apm.set_param_vals(values[data["start_idx"]:data["end_idx"]])
+        # each dataset's length read once (``x`` and ``apm_data`` would rebuild the whole
+        # vector and layout: this runs at every evaluation of a many-dataset fit)
+        sizes = [apm.n_active_params for apm in self.apm_list]
+        if values.size != sum(sizes):
+            raise ValueError(f"x must have {sum(sizes)} values, got {values.size}")
+        start = 0
+        for apm, n in zip(self.apm_list, sizes):
+            apm.set_param_vals(values[start:start + n])
+            start += n
 
     def get_param_vals(self) -> np.ndarray:
         """Return the concatenated parameter vector."""

@@ -875,6 +875,138 @@ def test_streamed_f_and_grad_without_derivatives_equals_the_derivative_path(monk
     assert ScalerObjective(scaler, target, single)._matrix_free() is None
 
 
+def _unstreamed_objective(apm_selection=("scale", "decay", "absorption")):
+    """Sweeps 20+25 ready for minimisation (one block, not streamed), a ScalingTarget, a
+    manager refining ``apm_selection`` of both datasets and its ScalerObjective."""
+    from xtalscale.fit import ScalingTarget
+    from xtalscale.fit.objectives import ScalerObjective
+    from xtalscale.job.reflection_selection import select_for_minimisation
+    from xtalscale.parameter_managers import multi_active_parameter_manager, scaling_active_parameter_manager
+
+    inputs = load_inputs(SWEEP20 + SWEEP25)
+    params, _ = parse_phil_arguments(["output.html=None"])
+    scaler = ScalingAlgorithm(params, inputs.experiments, inputs.tables).scaler
+    select_for_minimisation(scaler)
+    scaler.make_ready_for_scaling()
+    assert not scaler.stream_derivatives
+    target = ScalingTarget()
+    apm = multi_active_parameter_manager(target, [ds.model.components for ds in scaler.datasets],
+                                         [list(apm_selection)] * 2, apm_class=scaling_active_parameter_manager)
+    return scaler, target, apm, ScalerObjective(scaler, target, apm)
+
+
+def test_unstreamed_set_x_builds_g_alone_and_f_and_grad_goes_matrix_free():
+    """On a table that is not streamed, set_x updates g and Ĩ only (a line search's rejected
+    trial point costs no ∂g/∂p) and f+g goes through the models' transposed products: f, the
+    gradient and Ĩ equal the derivative-matrix path's to rounding, at the start and after a
+    parameter change. A DIALS-protocol scaler (update_for_minimisation without ``derivatives``)
+    keeps the derivative path and gives the same numbers."""
+    scaler, target, apm, obj = _unstreamed_objective()
+    assert obj._matrix_free() is not None
+    blocks = scaler.get_blocks_for_minimisation()
+
+    class DialsProtocolScaler:
+        """update_for_minimisation(apm, block_id) only, as DIALS's scalers have it."""
+
+        Ih_table = scaler.Ih_table
+
+        def get_blocks_for_minimisation(self):
+            return scaler.get_blocks_for_minimisation()
+
+        def update_for_minimisation(self, apm, block_id):
+            scaler.update_for_minimisation(apm, block_id)
+
+    from xtalscale.fit.objectives import ScalerObjective
+
+    dials = ScalerObjective(DialsProtocolScaler(), target, apm)
+    assert not dials._g_only_updates() and dials._matrix_free() is None
+    rng = np.random.default_rng(5)
+    x0 = np.asarray(apm.get_param_vals(), dtype=np.float64)
+    for x in (x0, x0 * (1.0 + 0.01 * rng.standard_normal(x0.size))):
+        results = []
+        for objective, free in ((obj, True), (obj, False), (dials, True)):
+            objective.matrix_free = free
+            objective.set_x(x)
+            lazy = objective is obj and free
+            assert all((b.derivatives is None) == lazy for b in blocks)
+            f, grad = objective.f_and_grad()
+            ih = np.concatenate([np.array(b.Ih_values) for b in blocks])
+            results.append((f, grad, ih))
+        (f1, g1, ih1) = results[0]
+        for f2, g2, ih2 in results[1:]:
+            assert f1 == pytest.approx(f2, rel=1e-13)
+            assert np.max(np.abs(g1 - g2)) <= 1e-12 * np.max(np.abs(g2))
+            np.testing.assert_allclose(ih1, ih2, rtol=1e-13)
+    # a rejected trial point (g <= 0) is refused as before; the next point evaluates afresh
+    from xtalscale.fit.minimisers import NonFiniteScales
+
+    obj.matrix_free = True
+    with pytest.raises(NonFiniteScales):
+        obj.set_x(np.full_like(x0, -50.0))
+    obj.set_x(x0)
+    f_again, g_again = obj.f_and_grad()
+    obj.matrix_free = False
+    obj.set_x(x0)
+    f_matrix, g_matrix = obj.f_and_grad()
+    assert f_again == pytest.approx(f_matrix, rel=1e-13)
+    assert np.max(np.abs(g_again - g_matrix)) <= 1e-12 * np.max(np.abs(g_matrix))
+
+
+def test_unstreamed_lbfgs_matrix_free_ends_where_the_derivative_path_ends():
+    """L-BFGS from the same start on the matrix-free f+g and on the derivative matrices: the
+    two gradients differ by rounding, and so do the final parameters and functional."""
+    from xtalscale.fit.minimisers import lbfgs
+
+    ends = []
+    for free in (True, False):
+        scaler, target, apm, obj = _unstreamed_objective()
+        obj.matrix_free = free
+        journal = lbfgs(obj, max_iterations=40, rmsd_tolerance=1e-6)
+        ends.append((obj.get_x(), journal.rows[-1]))
+    (x1, row1), (x2, row2) = ends
+    assert len(x1) == len(x2)
+    np.testing.assert_allclose(x1, x2, rtol=1e-9, atol=1e-12 * np.max(np.abs(x2)))
+
+
+def test_round_plans_evaluate_the_same_bits_as_the_checked_path():
+    """While a round's minimiser runs the scaler evaluates through plans found once per
+    (manager, block) (scaler._plans); outside a round each call finds and checks the model
+    blocks. g, ∂g/∂p and the transposed product are the same bits either way, and
+    perform_scaling leaves no plans behind."""
+    scaler, target, apm, obj = _unstreamed_objective()
+    block = scaler.get_blocks_for_minimisation()[0]
+    rng = np.random.default_rng(11)
+    x = np.asarray(apm.get_param_vals(), dtype=np.float64) * (1.0 + 0.001 * rng.standard_normal(apm.n_active_params))
+    c = rng.standard_normal(block.size)
+    out = []
+    for plans in (None, {}):
+        scaler._plans = plans
+        scaler._update_keys = {}
+        apm.set_param_vals(x)
+        scaler.update_for_minimisation(apm, 0, derivatives=False)
+        g_only = np.array(block.inverse_scale_factors)
+        scaler._update_keys = {}
+        scaler.update_for_minimisation(apm, 0)
+        # each dataset's ∂g/∂p (a StackedDerivatives of CSR pieces), copied before the next call
+        pieces = [np.concatenate([np.asarray(p.data, dtype=np.float64), np.asarray(p.indices, dtype=np.float64),
+                                  np.asarray(p.indptr, dtype=np.float64)]) for p in block.derivatives.pieces]
+        out.append((g_only, np.array(block.inverse_scale_factors), pieces, scaler.transpose_product(apm, 0, c)))
+        if plans is not None:
+            assert len(plans) == 1
+    scaler._plans = None
+    (g1, gd1, pieces1, tp1), (g2, gd2, pieces2, tp2) = out
+    np.testing.assert_array_equal(g1, g2)
+    np.testing.assert_array_equal(g1, gd1)  # g alone is g of the derivative evaluation
+    np.testing.assert_array_equal(gd1, gd2)
+    assert len(pieces1) == len(pieces2) == 2
+    for p, q in zip(pieces1, pieces2):
+        np.testing.assert_array_equal(p, q)
+    np.testing.assert_array_equal(tp1, tp2)
+    scaler._update_keys = {}
+    scaler.perform_scaling(engine="SimpleLBFGS", max_iterations=3)
+    assert scaler._plans is None
+
+
 @pytest.mark.parametrize("selection", [["reflection_selection.method=quasi_random"],
                                        ["reflection_selection.main_rounds_subset=1500"]])
 def test_first_outlier_round_on_the_minimisation_groups_flags_the_subset_as_a_full_round(selection):

@@ -102,6 +102,8 @@ class ScalerObjective:
         #: f+g through the models' transposed products where the scaler allows it (no ∂g/∂p
         #: formed); False: always the derivative matrices (the two agree to rounding)
         self.matrix_free = True
+        self._free_target: tuple[Any] | None = None  # (target or None), found once: see _matrix_free
+        self._g_only: bool | None = None  # see _g_only_updates
 
     def _blocks(self) -> list[Any]:
         getter = getattr(self.scaler, "get_blocks_for_minimisation", None)
@@ -116,16 +118,35 @@ class ScalerObjective:
         return bool(getattr(self.scaler, "stream_derivatives", False)) and \
             hasattr(self.scaler, "release_block_derivatives")
 
+    def _g_only_updates(self) -> bool:
+        """True when the scaler's ``update_for_minimisation`` takes ``derivatives=False`` (g and
+        Ĩ without ∂g/∂p): a streaming scaler, or one whose method has that argument (the DIALS
+        protocol's has not). Found once per objective."""
+        if self._g_only is None:
+            import inspect
+
+            update = getattr(self.scaler, "update_for_minimisation", None)
+            try:
+                takes = update is not None and "derivatives" in inspect.signature(update).parameters
+            except (TypeError, ValueError):
+                takes = False
+            self._g_only = self._streaming() or bool(takes)
+        return self._g_only
+
     def set_x(self, x: np.ndarray) -> None:
         self.apm.set_param_vals(np.asarray(x, dtype=np.float64))
-        # streamed: g and Ĩ only; the derivatives are built when a block is consumed
-        for _ in self._each_block(derivatives=False, check_scales=True):
+        # g and Ĩ only when no caller reads ∂g/∂p before the next set_x builds them anyway: a
+        # streamed table builds a block's when it is consumed, and the matrix-free f+g never
+        # does. A line search's rejected trial point (g <= 0 somewhere) then costs g alone: in
+        # a 60-sweep job's first round two trial points in three were rejected.
+        lazy = self._streaming() or self._matrix_free() is not None
+        for _ in self._each_block(derivatives=not lazy, check_scales=True):
             pass
 
     def _update(self, block_id: int, derivatives: bool) -> None:
-        """The scaler's update of a block; ``derivatives=False`` is passed on only to a
-        streaming scaler (the DIALS protocol's update_for_minimisation has no such argument)."""
-        if self._streaming():
+        """The scaler's update of a block; ``derivatives`` is passed on only to a scaler that
+        takes it (:meth:`_g_only_updates`; otherwise the block always gets ∂g/∂p)."""
+        if self._g_only_updates():
             self.scaler.update_for_minimisation(self.apm, block_id, derivatives=derivatives)
         else:
             self.scaler.update_for_minimisation(self.apm, block_id)
@@ -159,16 +180,22 @@ class ScalerObjective:
         return self._restraints_at[1]
 
     def _matrix_free(self) -> Any:
-        """The target when f+g can go without ∂g/∂p (a streaming scaler whose models all have
-        C++ blocks, no shared-component reduction, a target with the scale-gradient kernel),
-        else None."""
-        inner = getattr(self.apm, "target", None) or self.target
-        if not (self.matrix_free and self._streaming()
-                and hasattr(inner, "compute_functional_and_scale_gradient")
-                and getattr(self.apm, "reducing_matrix", None) is None
-                and getattr(self.scaler, "can_transpose_product", lambda apm: False)(self.apm)):
+        """The target when f+g can go without ∂g/∂p (a scaler that updates g alone and whose
+        models all have C++ blocks, no shared-component reduction, a target with the
+        scale-gradient kernel), else None. Streamed or not: at 60 sweeps of ~700 rows each,
+        forming ∂g/∂p of every dataset for the CSR kernel cost more than the transposed
+        products. Found once per objective (the manager and its models do not change under
+        it); :attr:`matrix_free` is read on every call."""
+        if not self.matrix_free:
             return None
-        return inner
+        if self._free_target is None:
+            inner = getattr(self.apm, "target", None) or self.target
+            usable = (self._g_only_updates()
+                      and hasattr(inner, "compute_functional_and_scale_gradient")
+                      and getattr(self.apm, "reducing_matrix", None) is None
+                      and getattr(self.scaler, "can_transpose_product", lambda apm: False)(self.apm))
+            self._free_target = (inner if usable else None,)
+        return self._free_target[0]
 
     def f_and_grad(self) -> tuple[float, np.ndarray]:
         f, grad = 0.0, np.zeros(self.n_params)

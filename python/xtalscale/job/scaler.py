@@ -68,6 +68,69 @@ def _manager_block_rows(apm: Any, block_id: int) -> int:
     return int(np.asarray(apm.constant_g_values[block_id]).size)
 
 
+class _BlockPlan:
+    """One multi-dataset manager's evaluation on one data block, found once: each dataset's
+    single manager, its C++ model block (None for a manager with fewer than two active
+    components, evaluated through RefinerCalculator as before) and its rows in the block.
+
+    The model blocks are those RefinerCalculator keeps (``_refiner_block``), so both paths
+    evaluate, release and reuse the same objects and give the same bits."""
+
+    __slots__ = ("apm", "managers", "models", "starts")
+
+    def __init__(self, apm: Any, block_id: int) -> None:
+        from ..parameter_managers import _objects_and_constant, _refiner_block
+
+        self.apm = apm
+        self.managers = single_managers(apm)
+        self.models: list[Any] = []
+        for a in self.managers:
+            objects, const = _objects_and_constant(a, block_id)
+            self.models.append(_refiner_block(a, objects, block_id, const) if len(objects) >= 2 else None)
+        sizes = [_manager_block_rows(a, block_id) for a in self.managers]
+        self.starts = [0, *np.cumsum(sizes).tolist()]
+
+    def scales(self, block_id: int, n_threads: int) -> np.ndarray:
+        """g of the block's rows, dataset after dataset (a fresh array): what
+        ``RefinerCalculator.calculate_scales`` gives for each manager, bit for bit."""
+        from ..parameter_managers import RefinerCalculator
+
+        parts = [m.evaluate_scales(n_threads) if m is not None
+                 else RefinerCalculator.calculate_scales(a, block_id, n_threads=n_threads)
+                 for a, m in zip(self.managers, self.models)]
+        # a model block's g is a view of its buffer, rewritten by its next evaluation
+        return np.array(parts[0]) if len(parts) == 1 else np.concatenate(parts)
+
+    def scales_and_derivatives(self, block_id: int, n_threads: int) -> list[tuple[np.ndarray, Any]]:
+        """Each manager's ``(g, ∂g/∂p)`` as ``RefinerCalculator.calculate_scales_and_derivatives``
+        gives it with ``copy=False`` (g a fresh array, ∂g/∂p a view of the block's buffers)."""
+        from ..parameter_managers import RefinerCalculator
+
+        out = []
+        for a, m in zip(self.managers, self.models):
+            if m is None:
+                out.append(RefinerCalculator.calculate_scales_and_derivatives(a, block_id, copy=False,
+                                                                              n_threads=n_threads))
+            else:
+                g, jac = m.evaluate(n_threads)
+                out.append((g.copy(), jac))
+        return out
+
+    def transpose_product(self, block_id: int, coefficients: np.ndarray, n_threads: int) -> np.ndarray:
+        """``(∂g/∂p)ᵀ·c`` of the block, each dataset's columns after the previous datasets'."""
+        if self.starts[-1] != coefficients.size:
+            raise ValueError(f"coefficients have {coefficients.size} rows but block {block_id} has {self.starts[-1]}")
+        parts = []
+        for k, (a, m) in enumerate(zip(self.managers, self.models)):
+            if m is not None:
+                parts.append(m.transpose_product(coefficients[self.starts[k]:self.starts[k + 1]], n_threads))
+            elif a.n_active_params:
+                raise ValueError("a dataset's model has no C++ model block (check can_transpose_product)")
+        if not parts:
+            return np.zeros(0)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
 @dataclass
 class Dataset:
     """One experiment and its table inside a scaler."""
@@ -146,6 +209,9 @@ class ScalerBase:
         self._components_hold_minimisation_blocks = False
         self._observers: dict[str, list] = {}
         self.stream_derivatives = False
+        #: per (manager, block) evaluation plans while a round's minimiser runs (None outside:
+        #: see _block_plan)
+        self._plans: dict[tuple[int, int], _BlockPlan] | None = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -335,10 +401,14 @@ class ScalerBase:
             if block.derivatives is None:
                 block.derivatives = cached[1]
             return
-        apms = single_managers(apm)
+        plan = self._block_plan(apm, block_id)
+        apms = plan.managers if plan is not None else single_managers(apm)
         if not derivatives:  # g only (the same product as with derivatives, bit for bit)
-            scales = [RefinerCalculator.calculate_scales(a, block_id, n_threads=self.n_threads) for a in apms]
-            block.inverse_scale_factors = scales[0] if len(scales) == 1 else np.concatenate(scales)
+            if plan is not None:
+                block.inverse_scale_factors = plan.scales(block_id, self.n_threads)
+            else:
+                scales = [RefinerCalculator.calculate_scales(a, block_id, n_threads=self.n_threads) for a in apms]
+                block.inverse_scale_factors = scales[0] if len(scales) == 1 else np.concatenate(scales)
             block.derivatives = None
             self._update_keys[block_id] = (key, None)
             block.calc_Ih()
@@ -349,9 +419,9 @@ class ScalerBase:
         # next evaluation, and the cache below is replaced by that evaluation. Each model
         # block spreads its own row chunks over n_threads C++ threads (balanced whatever the
         # number of datasets; the results do not depend on the thread count).
-        evaluated = [RefinerCalculator.calculate_scales_and_derivatives(a, block_id, copy=False,
-                                                                         n_threads=self.n_threads)
-                     for a in apms]
+        evaluated = plan.scales_and_derivatives(block_id, self.n_threads) if plan is not None else [
+            RefinerCalculator.calculate_scales_and_derivatives(a, block_id, copy=False, n_threads=self.n_threads)
+            for a in apms]
         for a, (g, d) in zip(apms, evaluated):
             if not d.shape[1]:
                 d = CsrView(np.zeros(0), np.zeros(0, np.int32), np.zeros(len(g) + 1, np.int64), (len(g), 0))
@@ -386,10 +456,13 @@ class ScalerBase:
         :meth:`can_transpose_product`. With ``c = ∂f/∂g`` this is the target's gradient."""
         from ..parameter_managers import RefinerCalculator
 
+        coefficients = np.asarray(coefficients, dtype=np.float64)
+        plan = self._block_plan(apm, block_id)
+        if plan is not None:
+            return plan.transpose_product(block_id, coefficients, self.n_threads)
         apms = single_managers(apm)
         sizes = [_manager_block_rows(a, block_id) for a in apms]
         starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        coefficients = np.asarray(coefficients, dtype=np.float64)
         if starts[-1] != coefficients.size:
             raise ValueError(f"coefficients have {coefficients.size} rows but block {block_id} has {starts[-1]}")
 
@@ -404,6 +477,24 @@ class ScalerBase:
 
         parts = [one(k) for k in range(len(apms))]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def _block_plan(self, apm: Any, block_id: int) -> _BlockPlan | None:
+        """The evaluation plan of ``apm`` on block ``block_id`` while a round's minimiser runs
+        (:meth:`perform_scaling`), else None (every call then finds and checks the model blocks
+        afresh, as a DIALS-style script calling :meth:`update_for_minimisation` needs).
+
+        Within a round nothing replaces the components' data, terms or parameter layout, so
+        the per-dataset model blocks found (and checked) at the round's first evaluation serve
+        every later one: at 60 datasets the per-call look-ups and checks (each smoother's
+        settings read back from Python) cost more than the C++ evaluations they guard."""
+        plans = self._plans
+        if plans is None:
+            return None
+        key = (id(apm), block_id)
+        plan = plans.get(key)
+        if plan is None or plan.apm is not apm:
+            plan = plans[key] = _BlockPlan(apm, block_id)
+        return plan
 
     def release_block_derivatives(self, apm: Any, block_id: int) -> None:
         """Drop a block's ∂g/∂p after use and free the model blocks' value buffers (its g and Ĩ
@@ -496,7 +587,11 @@ class ScalerBase:
             # LevMar first tries the previous matrix with a new gradient
             refinery.reuse_matrix = self.Ih_table.size >= REUSE_MATRIX_MIN_ROWS
             refinery.set_tolerance(float(tolerance if tolerance is not None else ref_params.rmsd_tolerance))
-            journal = refinery.run()
+            self._plans = {}  # the round's evaluation plans (see _block_plan)
+            try:
+                journal = refinery.run()
+            finally:
+                self._plans = None
             journal.round_engine = engine
             self.journals.append(journal)
             round_var_cov = refinery.get_var_cov()
