@@ -1007,6 +1007,46 @@ def test_round_plans_evaluate_the_same_bits_as_the_checked_path():
     assert scaler._plans is None
 
 
+@pytest.mark.parametrize("plans", [None, {}])
+def test_g_only_update_refuses_bad_scales_at_the_first_dataset(plans, monkeypatch):
+    """update_for_minimisation(derivatives=False, check_scales=True) raises NonFiniteScales at
+    the first dataset whose g is not finite and > 0, before the other datasets and Ĩ; the
+    block is evaluated afresh by the next call, even at the parameters it held before."""
+    from xtalscale.components import ComponentModelBlock
+    from xtalscale.fit.minimisers import NonFiniteScales
+
+    scaler, target, apm, obj = _unstreamed_objective()
+    scaler._plans = plans
+    block = scaler.get_blocks_for_minimisation()[0]
+    x0 = np.asarray(apm.get_param_vals(), dtype=np.float64)
+    apm.set_param_vals(x0)
+    scaler.update_for_minimisation(apm, 0, derivatives=False, check_scales=True)
+    g0, ih0 = np.array(block.inverse_scale_factors), np.array(block.Ih_values)
+    bad = x0.copy()
+    bad[: apm.apm_list[0].n_active_params] = -50.0  # the first dataset's scales go negative
+    apm.set_param_vals(bad)
+    evaluated = []
+    original = ComponentModelBlock.evaluate_scales
+
+    def record(self, *args, **kwargs):
+        evaluated.append(self.components[0])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ComponentModelBlock, "evaluate_scales", record)
+    with pytest.raises(NonFiniteScales):
+        scaler.update_for_minimisation(apm, 0, derivatives=False, check_scales=True)
+    first = list(scaler.datasets[0].model.components.values())
+    assert len(evaluated) == 1 and evaluated[0] in first  # the second dataset was not evaluated
+    assert 0 not in scaler._update_keys
+    np.testing.assert_array_equal(block.inverse_scale_factors, g0)
+    apm.set_param_vals(x0)
+    block.Ih_table["Ih_values"] = 0.0
+    scaler.update_for_minimisation(apm, 0, derivatives=False, check_scales=True)
+    assert len(evaluated) == 3  # both datasets evaluated afresh
+    np.testing.assert_array_equal(block.inverse_scale_factors, g0)
+    np.testing.assert_array_equal(block.Ih_values, ih0)
+
+
 @pytest.mark.parametrize("selection", [["reflection_selection.method=quasi_random"],
                                        ["reflection_selection.main_rounds_subset=1500"]])
 def test_first_outlier_round_on_the_minimisation_groups_flags_the_subset_as_a_full_round(selection):

@@ -103,7 +103,7 @@ class ScalerObjective:
         #: formed); False: always the derivative matrices (the two agree to rounding)
         self.matrix_free = True
         self._free_target: tuple[Any] | None = None  # (target or None), found once: see _matrix_free
-        self._g_only: bool | None = None  # see _g_only_updates
+        self._update_takes: frozenset[str] | None = None  # see _update_arguments
 
     def _blocks(self) -> list[Any]:
         getter = getattr(self.scaler, "get_blocks_for_minimisation", None)
@@ -118,20 +118,24 @@ class ScalerObjective:
         return bool(getattr(self.scaler, "stream_derivatives", False)) and \
             hasattr(self.scaler, "release_block_derivatives")
 
-    def _g_only_updates(self) -> bool:
-        """True when the scaler's ``update_for_minimisation`` takes ``derivatives=False`` (g and
-        Ĩ without ∂g/∂p): a streaming scaler, or one whose method has that argument (the DIALS
-        protocol's has not). Found once per objective."""
-        if self._g_only is None:
+    def _update_arguments(self) -> frozenset[str]:
+        """The parameter names of the scaler's ``update_for_minimisation`` (found once)."""
+        if self._update_takes is None:
             import inspect
 
             update = getattr(self.scaler, "update_for_minimisation", None)
             try:
-                takes = update is not None and "derivatives" in inspect.signature(update).parameters
+                names = frozenset(inspect.signature(update).parameters) if update is not None else frozenset()
             except (TypeError, ValueError):
-                takes = False
-            self._g_only = self._streaming() or bool(takes)
-        return self._g_only
+                names = frozenset()
+            self._update_takes = names
+        return self._update_takes
+
+    def _g_only_updates(self) -> bool:
+        """True when the scaler's ``update_for_minimisation`` takes ``derivatives=False`` (g and
+        Ĩ without ∂g/∂p): a streaming scaler, or one whose method has that argument (the DIALS
+        protocol's has not)."""
+        return self._streaming() or "derivatives" in self._update_arguments()
 
     def set_x(self, x: np.ndarray) -> None:
         self.apm.set_param_vals(np.asarray(x, dtype=np.float64))
@@ -143,13 +147,18 @@ class ScalerObjective:
         for _ in self._each_block(derivatives=not lazy, check_scales=True):
             pass
 
-    def _update(self, block_id: int, derivatives: bool) -> None:
+    def _update(self, block_id: int, derivatives: bool, check_scales: bool = False) -> None:
         """The scaler's update of a block; ``derivatives`` is passed on only to a scaler that
-        takes it (:meth:`_g_only_updates`; otherwise the block always gets ∂g/∂p)."""
-        if self._g_only_updates():
-            self.scaler.update_for_minimisation(self.apm, block_id, derivatives=derivatives)
-        else:
+        takes it (:meth:`_g_only_updates`; otherwise the block always gets ∂g/∂p), and
+        ``check_scales`` (g only) to one that takes it: that scaler refuses a point at its first
+        dataset with g not finite and > 0, before evaluating the others and Ĩ (the caller
+        checks g after the update in any case)."""
+        if not self._g_only_updates():
             self.scaler.update_for_minimisation(self.apm, block_id)
+        elif check_scales and not derivatives and "check_scales" in self._update_arguments():
+            self.scaler.update_for_minimisation(self.apm, block_id, derivatives=False, check_scales=True)
+        else:
+            self.scaler.update_for_minimisation(self.apm, block_id, derivatives=derivatives)
 
     def _each_block(self, derivatives: bool = True, check_scales: bool = False) -> Iterator[Any]:
         """The minimisation blocks with g and Ĩ (and ∂g/∂p, if asked) current for the manager's
@@ -160,7 +169,7 @@ class ScalerObjective:
         for block_id, block in enumerate(self._blocks()):
             if check_scales:
                 with np.errstate(over="ignore", invalid="ignore"):
-                    self._update(block_id, derivatives)
+                    self._update(block_id, derivatives, check_scales=True)
                 _check_scales(np.asarray(block.inverse_scale_factors))
             else:
                 self._update(block_id, derivatives)

@@ -68,6 +68,15 @@ def _manager_block_rows(apm: Any, block_id: int) -> int:
     return int(np.asarray(apm.constant_g_values[block_id]).size)
 
 
+def _require_usable_scales(g: np.ndarray) -> None:
+    """Raise NonFiniteScales unless every value of ``g`` is finite and > 0 (the objective's
+    test; min and max, as NaN fails ``min > 0``)."""
+    if g.size and not (g.min() > 0.0 and g.max() < np.inf):
+        from ..fit.minimisers import NonFiniteScales
+
+        raise NonFiniteScales("scales are not finite and > 0")
+
+
 class _BlockPlan:
     """One multi-dataset manager's evaluation on one data block, found once: each dataset's
     single manager, its C++ model block (None for a manager with fewer than two active
@@ -90,14 +99,18 @@ class _BlockPlan:
         sizes = [_manager_block_rows(a, block_id) for a in self.managers]
         self.starts = [0, *np.cumsum(sizes).tolist()]
 
-    def scales(self, block_id: int, n_threads: int) -> np.ndarray:
+    def scales(self, block_id: int, n_threads: int, check: bool = False) -> np.ndarray:
         """g of the block's rows, dataset after dataset (a fresh array): what
-        ``RefinerCalculator.calculate_scales`` gives for each manager, bit for bit."""
+        ``RefinerCalculator.calculate_scales`` gives for each manager, bit for bit. ``check``:
+        raise NonFiniteScales at the first dataset whose g is not finite and > 0."""
         from ..parameter_managers import RefinerCalculator
 
-        parts = [m.evaluate_scales(n_threads) if m is not None
-                 else RefinerCalculator.calculate_scales(a, block_id, n_threads=n_threads)
-                 for a, m in zip(self.managers, self.models)]
+        parts = []
+        for a, m in zip(self.managers, self.models):
+            parts.append(m.evaluate_scales(n_threads) if m is not None
+                         else RefinerCalculator.calculate_scales(a, block_id, n_threads=n_threads))
+            if check:
+                _require_usable_scales(parts[-1])
         # a model block's g is a view of its buffer, rewritten by its next evaluation
         return np.array(parts[0]) if len(parts) == 1 else np.concatenate(parts)
 
@@ -384,10 +397,15 @@ class ScalerBase:
     def get_blocks_for_minimisation(self) -> list[Any]:
         return self.Ih_table.blocked_data_list[: self.Ih_table.n_work_blocks]
 
-    def update_for_minimisation(self, apm: Any, block_id: int, derivatives: bool = True) -> None:
+    def update_for_minimisation(self, apm: Any, block_id: int, derivatives: bool = True,
+                                check_scales: bool = False) -> None:
         """g and ∂g/∂p of every dataset on a block (dataset rows in order), then Ĩ.
         ``derivatives=False``: a caller that needs only g and Ĩ (residuals) is served without
-        an evaluation when they are current (after :meth:`release_block_derivatives`)."""
+        an evaluation when they are current (after :meth:`release_block_derivatives`).
+        ``check_scales`` (with ``derivatives=False``): raise
+        :class:`~xtalscale.fit.NonFiniteScales` at the first dataset whose g is not finite and
+        > 0, before the later datasets and Ĩ are evaluated (a line search's rejected trial
+        point); the block is then left to be evaluated afresh by the next call."""
         from ..fit.target import StackedDerivatives
         from ..parameter_managers import RefinerCalculator
 
@@ -404,11 +422,20 @@ class ScalerBase:
         plan = self._block_plan(apm, block_id)
         apms = plan.managers if plan is not None else single_managers(apm)
         if not derivatives:  # g only (the same product as with derivatives, bit for bit)
-            if plan is not None:
-                block.inverse_scale_factors = plan.scales(block_id, self.n_threads)
-            else:
-                scales = [RefinerCalculator.calculate_scales(a, block_id, n_threads=self.n_threads) for a in apms]
-                block.inverse_scale_factors = scales[0] if len(scales) == 1 else np.concatenate(scales)
+            try:
+                if plan is not None:
+                    g_all = plan.scales(block_id, self.n_threads, check_scales)
+                else:
+                    scales = []
+                    for a in apms:
+                        scales.append(RefinerCalculator.calculate_scales(a, block_id, n_threads=self.n_threads))
+                        if check_scales:
+                            _require_usable_scales(scales[-1])
+                    g_all = scales[0] if len(scales) == 1 else np.concatenate(scales)
+            except ArithmeticError:
+                self._update_keys.pop(block_id, None)  # g and Ĩ on the block are not this point's
+                raise
+            block.inverse_scale_factors = g_all
             block.derivatives = None
             self._update_keys[block_id] = (key, None)
             block.calc_Ih()
