@@ -231,9 +231,10 @@ class ScalerObjective:
 
     def normal_equations_at(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, int]:
         """:meth:`set_x` then :meth:`normal_equations`, raising NonFiniteScales as set_x does.
-        A streaming scaler evaluates each block once (g with ∂g/∂p) instead of twice (g for
-        set_x, then again with the derivatives): ~0.1 s per start of a 10⁶-row round."""
-        if not self._streaming():
+        A scaler that updates g alone (:meth:`_g_only_updates`, whose set_x may leave ∂g/∂p
+        unbuilt) evaluates each block once (g with ∂g/∂p) instead of twice (g for set_x, then
+        again with the derivatives): ~0.1 s per start of a streamed 10⁶-row round."""
+        if not self._g_only_updates():
             self.set_x(x)
             return self.normal_equations()
         self.apm.set_param_vals(np.asarray(x, dtype=np.float64))
