@@ -3,7 +3,9 @@
 #include "xtalscale/model_block.hpp"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <exception>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -1232,6 +1234,90 @@ std::size_t ModelBlock::nbytes() const noexcept {
   for (const auto& r : row_starts_) b += r.size() * 8;
   for (const auto& s : scratch_) b += (s.scales.size() + s.values.size()) * 8;
   return b;
+}
+
+namespace {
+
+/// Throws unless @p blocks are distinct and non-null and the lists have one entry per block
+/// (two threads must never evaluate one block at once).
+void check_block_list(const std::vector<ModelBlock*>& blocks, std::size_t n_params_lists,
+                      std::size_t n_counts) {
+  if (n_params_lists != blocks.size() || n_counts != blocks.size())
+    throw std::invalid_argument("one parameter vector per block is needed");
+  std::vector<const ModelBlock*> sorted(blocks.begin(), blocks.end());
+  std::sort(sorted.begin(), sorted.end());
+  if (!sorted.empty() && sorted.front() == nullptr)
+    throw std::invalid_argument("a block is null");
+  if (std::adjacent_find(sorted.begin(), sorted.end()) != sorted.end())
+    throw std::invalid_argument("a block appears twice (blocks are evaluated concurrently)");
+}
+
+/// The first error of @p errors (the lowest block number) rethrown, if any.
+void rethrow_first(const std::vector<std::exception_ptr>& errors) {
+  for (const auto& e : errors)
+    if (e) std::rethrow_exception(e);
+}
+
+}  // namespace
+
+bool evaluate_scales_of_blocks(const std::vector<ModelBlock*>& blocks,
+                               const std::vector<const double*>& params,
+                               const std::vector<std::size_t>& n_params, double* out,
+                               bool stop_at_bad, int n_threads) {
+  check_block_list(blocks, params.size(), n_params.size());
+  const std::size_t n = blocks.size();
+  std::vector<std::size_t> first(n + 1, 0);
+  for (std::size_t k = 0; k < n; ++k) first[k + 1] = first[k] + blocks[k]->n_rows();
+  std::vector<std::exception_ptr> errors(n);
+  std::vector<char> bad(n, 0);
+  std::atomic<bool> stop{false};
+  fit::detail::parallel_for(n, n_threads, [&](std::size_t k) {
+    if (stop.load(std::memory_order_relaxed)) return;
+    try {
+      blocks[k]->evaluate_scales(params[k], n_params[k], 1);
+      const double* g = blocks[k]->buffers().scales->data();
+      const std::size_t rows = blocks[k]->n_rows();
+      double* o = out + first[k];
+      bool usable = true;
+      for (std::size_t i = 0; i < rows; ++i) {
+        o[i] = g[i];
+        // NaN fails both comparisons
+        usable = usable && g[i] > 0.0 && g[i] < std::numeric_limits<double>::infinity();
+      }
+      if (!usable) {
+        bad[k] = 1;
+        if (stop_at_bad) stop.store(true, std::memory_order_relaxed);
+      }
+    } catch (...) {
+      errors[k] = std::current_exception();
+    }
+  });
+  rethrow_first(errors);
+  // a skipped block is only ever skipped after some block was found bad: the answer does not
+  // depend on which blocks ran
+  return std::find(bad.begin(), bad.end(), 1) == bad.end();
+}
+
+void transpose_product_of_blocks(const std::vector<ModelBlock*>& blocks,
+                                 const std::vector<const double*>& params,
+                                 const std::vector<std::size_t>& n_params,
+                                 const double* coefficients, double* out, int n_threads) {
+  check_block_list(blocks, params.size(), n_params.size());
+  const std::size_t n = blocks.size();
+  std::vector<std::size_t> row(n + 1, 0), col(n + 1, 0);
+  for (std::size_t k = 0; k < n; ++k) {
+    row[k + 1] = row[k] + blocks[k]->n_rows();
+    col[k + 1] = col[k] + blocks[k]->n_cols();
+  }
+  std::vector<std::exception_ptr> errors(n);
+  fit::detail::parallel_for(n, n_threads, [&](std::size_t k) {
+    try {
+      blocks[k]->transpose_product(params[k], n_params[k], coefficients + row[k], out + col[k], 1);
+    } catch (...) {
+      errors[k] = std::current_exception();
+    }
+  });
+  rethrow_first(errors);
 }
 
 }  // namespace xtalscale

@@ -202,6 +202,71 @@ py::tuple block_functional_and_gradient(ModelBlock& b, const DoubleArray& params
   return py::make_tuple(f, gradient);
 }
 
+/// The blocks and their parameter vectors as the core's lists (the arrays stay owned by
+/// @p params, the blocks by @p blocks, for the call).
+void block_lists(const std::vector<std::shared_ptr<ModelBlock>>& blocks,
+                 const std::vector<DoubleArray>& params, std::vector<ModelBlock*>& raw,
+                 std::vector<const double*>& p, std::vector<std::size_t>& n) {
+  if (params.size() != blocks.size())
+    throw std::invalid_argument("params must hold one array per block (" +
+                                std::to_string(blocks.size()) + "), got " +
+                                std::to_string(params.size()));
+  for (std::size_t k = 0; k < blocks.size(); ++k) {
+    require_1d(params[k], "params");
+    raw.push_back(blocks[k].get());
+    p.push_back(params[k].data());
+    n.push_back(static_cast<std::size_t>(params[k].size()));
+  }
+}
+
+py::tuple blocks_evaluate_scales(const std::vector<std::shared_ptr<ModelBlock>>& blocks,
+                                 const std::vector<DoubleArray>& params, bool stop_at_bad,
+                                 int n_threads) {
+  require_threads(n_threads);
+  std::vector<ModelBlock*> raw;
+  std::vector<const double*> p;
+  std::vector<std::size_t> n;
+  block_lists(blocks, params, raw, p, n);
+  std::size_t rows = 0;
+  for (const auto* b : raw) rows += b != nullptr ? b->n_rows() : 0;
+  DoubleArray g(static_cast<py::ssize_t>(rows));
+  double* out = g.mutable_data();
+  bool usable = true;
+  {
+    py::gil_scoped_release release;  // the blocks' terms hold converted buffers only
+    usable = evaluate_scales_of_blocks(raw, p, n, out, stop_at_bad, n_threads);
+  }
+  return py::make_tuple(g, usable);
+}
+
+DoubleArray blocks_transpose_product(const std::vector<std::shared_ptr<ModelBlock>>& blocks,
+                                     const std::vector<DoubleArray>& params,
+                                     const DoubleArray& coefficients, int n_threads) {
+  require_threads(n_threads);
+  require_1d(coefficients, "coefficients");
+  std::vector<ModelBlock*> raw;
+  std::vector<const double*> p;
+  std::vector<std::size_t> n;
+  block_lists(blocks, params, raw, p, n);
+  std::size_t rows = 0, cols = 0;
+  for (const auto* b : raw) {
+    rows += b != nullptr ? b->n_rows() : 0;
+    cols += b != nullptr ? b->n_cols() : 0;
+  }
+  if (static_cast<std::size_t>(coefficients.size()) != rows)
+    throw std::invalid_argument("coefficients must have one value per row of the blocks (" +
+                                std::to_string(rows) + "), got " +
+                                std::to_string(coefficients.size()));
+  DoubleArray out(static_cast<py::ssize_t>(cols));
+  const double* c = coefficients.data();
+  double* o = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    transpose_product_of_blocks(raw, p, n, c, o, n_threads);
+  }
+  return out;
+}
+
 }  // namespace
 
 void bind_model_block(py::module_& m) {
@@ -321,6 +386,19 @@ void bind_model_block(py::module_& m) {
                              [](const ModelBlock& b) { return shared_view(b.buffers().indices); })
       .def_property_readonly("values",
                              [](const ModelBlock& b) { return shared_view(b.buffers().values); });
+  m.def("evaluate_scales_of_blocks", &blocks_evaluate_scales, py::arg("blocks"), py::arg("params"),
+        py::arg("stop_at_bad") = false, py::arg("n_threads") = 1,
+        "(g, usable): g of several distinct blocks (block k at params[k]) concatenated in block\n"
+        "order, in one call without the GIL; the blocks over up to n_threads threads, each on\n"
+        "one thread (the same values for any count, and as each block's evaluate_scales).\n"
+        "usable: every g finite and > 0. stop_at_bad: blocks not started once a g is found\n"
+        "unusable are skipped (their rows of g unwritten; discard the point).");
+  m.def("transpose_product_of_blocks", &blocks_transpose_product, py::arg("blocks"),
+        py::arg("params"), py::arg("coefficients"), py::arg("n_threads") = 1,
+        "J^T c of several distinct blocks in one call: block k's transpose_product at params[k]\n"
+        "with the coefficients of its rows (the blocks' rows one after another), its n_cols\n"
+        "values after the previous blocks'. Threads as evaluate_scales_of_blocks; writes each\n"
+        "block's g as transpose_product does.");
 }
 
 }  // namespace xtalscale::py_bind

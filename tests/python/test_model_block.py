@@ -610,3 +610,79 @@ def test_chunks_on_threads_give_the_same_bits(rng, lean):
             np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="n_threads"):
         block.core.evaluate(block.parameters(), 0)
+
+
+def _several_blocks(rng):
+    """Model blocks of several 'datasets': lean and weight-matrix physical models of different
+    lengths (one over 4096 rows: chunked) and a grid/KB/fixed-factor model."""
+    blocks = [ComponentModelBlock(_physical(rng, n, lean)) for n, lean in
+              ((700, True), (5000, True), (300, False), (1, True))]
+    n = 900
+    blocks.append(ComponentModelBlock(_array_kb_and_analytical(rng, n), fixed_scales=rng.uniform(0.5, 2.0, n)))
+    return blocks
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_several_blocks_in_one_call_give_each_blocks_bits(rng, n_threads):
+    """evaluate_scales_of_blocks and transpose_product_of_blocks give each block's own
+    evaluate_scales and transpose_product (one thread), bit for bit, concatenated in block
+    order, for any thread count; each block's g buffer is written as by its own call."""
+    blocks = _several_blocks(rng)
+    cores = [b.core for b in blocks]
+    params = [b.parameters() for b in blocks]
+    g_each = [np.array(b.evaluate_scales(1)) for b in blocks]
+    rows = sum(b.core.n_rows for b in blocks)
+    c = rng.standard_normal(rows)
+    starts = np.concatenate([[0], np.cumsum([b.core.n_rows for b in blocks])])
+    tp_each = [b.transpose_product(c[starts[k]:starts[k + 1]], 1) for k, b in enumerate(blocks)]
+    for b in blocks:  # the buffers are rewritten by the calls below
+        b.core.evaluate_scales(np.zeros(0) if not b.parameters().size else b.parameters() * 0.5, 1)
+    g, usable = mb.evaluate_scales_of_blocks(cores, params, n_threads=n_threads)
+    assert usable and g.shape == (rows,)
+    np.testing.assert_array_equal(g, np.concatenate(g_each))
+    for b, ge in zip(blocks, g_each):
+        np.testing.assert_array_equal(b.scales, ge)
+    tp = mb.transpose_product_of_blocks(cores, params, c, n_threads=n_threads)
+    np.testing.assert_array_equal(tp, np.concatenate(tp_each))
+    assert tp.size == sum(b.core.n_cols for b in blocks)
+
+
+def test_several_blocks_report_and_may_skip_unusable_scales(rng):
+    """A block whose g is not finite and > 0 makes ``usable`` False; with stop_at_bad (one
+    thread: in order) the blocks after it are not evaluated (their buffers keep their g)."""
+    blocks = _several_blocks(rng)[:3]
+    cores = [b.core for b in blocks]
+    params = [b.parameters() for b in blocks]
+    mb.evaluate_scales_of_blocks(cores, params)
+    before = np.array(blocks[2].scales)
+    bad = [p.copy() for p in params]
+    bad[0][:9] = -5.0  # the fixed-first scale's free parameters: g < 0 on some rows
+    bad[2] = params[2] * 1.1
+    g, usable = mb.evaluate_scales_of_blocks(cores, bad, stop_at_bad=True, n_threads=1)
+    assert not usable
+    np.testing.assert_array_equal(blocks[2].scales, before)  # skipped
+    g, usable = mb.evaluate_scales_of_blocks(cores, bad, stop_at_bad=False, n_threads=1)
+    assert not usable and not np.array_equal(blocks[2].scales, before)
+    for n_threads in (1, 2):
+        assert not mb.evaluate_scales_of_blocks(cores, bad, stop_at_bad=True, n_threads=n_threads)[1]
+
+
+def test_several_blocks_refuse_bad_lists(rng):
+    blocks = _several_blocks(rng)[:2]
+    cores = [b.core for b in blocks]
+    params = [b.parameters() for b in blocks]
+    with pytest.raises(ValueError, match="one array per block"):
+        mb.evaluate_scales_of_blocks(cores, params[:1])
+    with pytest.raises(ValueError, match="appears twice"):
+        mb.evaluate_scales_of_blocks([cores[0], cores[0]], [params[0], params[0]])
+    with pytest.raises(ValueError, match="appears twice"):
+        mb.transpose_product_of_blocks([cores[0], cores[0]], [params[0], params[0]],
+                                       np.ones(2 * cores[0].n_rows))
+    with pytest.raises(ValueError, match="one value per row"):
+        mb.transpose_product_of_blocks(cores, params, np.ones(3))
+    short = [params[0], params[1][:-1]]
+    with pytest.raises(ValueError, match="params"):
+        mb.evaluate_scales_of_blocks(cores, short)
+    with pytest.raises(ValueError, match="n_threads"):
+        mb.transpose_product_of_blocks(cores, params, np.ones(sum(c.n_rows for c in cores)), n_threads=0)
+    assert mb.evaluate_scales_of_blocks([], [])[0].size == 0

@@ -580,4 +580,32 @@ class XTALSCALE_EXPORT ModelBlock {
   bool built_ = false, evaluated_ = false;
 };
 
+/// g of several distinct blocks (e.g. one data block of many datasets' models) in one call:
+/// block k's ModelBlock::evaluate_scales() at @p params[k] (@p n_params[k] values), its g
+/// copied to @p out from row Σ_{j<k} n_rows(j) (out holds Σ n_rows values). The blocks go over
+/// up to @p n_threads threads, each block on one thread: a block's g is the same for any
+/// thread count, so @p out is too. With @p stop_at_bad, once a block's g is found not finite
+/// and > 0 the blocks not yet started are skipped (their rows of @p out are left unwritten):
+/// for a caller that discards the point (a line search's rejected trial step).
+/// @returns true when every evaluated g is finite and > 0 (with @p stop_at_bad: every block's).
+/// @throws std::invalid_argument for a repeated or null block, unequal list lengths, or as
+/// evaluate_scales() (the lowest-numbered failing block's error).
+XTALSCALE_EXPORT bool evaluate_scales_of_blocks(const std::vector<ModelBlock*>& blocks,
+                                                const std::vector<const double*>& params,
+                                                const std::vector<std::size_t>& n_params,
+                                                double* out, bool stop_at_bad, int n_threads = 1);
+
+/// (∂g/∂p)ᵀ·c of several distinct blocks in one call: block k's ModelBlock::transpose_product()
+/// at @p params[k] with the coefficients of its rows (@p coefficients from row
+/// Σ_{j<k} n_rows(j)), written to @p out from column Σ_{j<k} n_cols(j) (the blocks' columns
+/// side by side, as for one dataset after another). Blocks over up to @p n_threads threads,
+/// each on one thread; the same values for any count. Writes each block's g as
+/// transpose_product() does.
+/// @throws std::invalid_argument as evaluate_scales_of_blocks() or transpose_product().
+XTALSCALE_EXPORT void transpose_product_of_blocks(const std::vector<ModelBlock*>& blocks,
+                                                  const std::vector<const double*>& params,
+                                                  const std::vector<std::size_t>& n_params,
+                                                  const double* coefficients, double* out,
+                                                  int n_threads = 1);
+
 }  // namespace xtalscale

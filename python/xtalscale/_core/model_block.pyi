@@ -119,3 +119,20 @@ class ModelBlock:
     def indices(self) -> _I32: ...
     @property
     def values(self) -> _F64: ...
+
+def evaluate_scales_of_blocks(blocks: Sequence[ModelBlock], params: Sequence[npt.ArrayLike], stop_at_bad: bool = False,
+                              n_threads: int = 1) -> tuple[npt.NDArray[np.float64], bool]:
+    """(g, usable): g of several distinct blocks (block k at params[k]) concatenated in block
+    order, in one call without the GIL; blocks over up to n_threads threads, each on one
+    thread (the same values for any count, and as each block's evaluate_scales). usable: every
+    g finite and > 0. stop_at_bad: blocks not started once a g is found unusable are skipped
+    (their rows of g unwritten; discard the point)."""
+    ...
+
+def transpose_product_of_blocks(blocks: Sequence[ModelBlock], params: Sequence[npt.ArrayLike],
+                                coefficients: npt.ArrayLike, n_threads: int = 1) -> npt.NDArray[np.float64]:
+    """J^T c of several distinct blocks in one call: block k's transpose_product at params[k]
+    with the coefficients of its rows (the blocks' rows one after another), its n_cols values
+    after the previous blocks'. Threads as evaluate_scales_of_blocks; writes each block's g as
+    transpose_product does."""
+    ...

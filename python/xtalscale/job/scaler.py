@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import flex_arrays as fa
+from .._core import model_block as _mb
 from .._lazy import LazyModule, is_scipy_sparse
 from .._rows import take_rows
 from ..components import SHScaleComponent
@@ -72,9 +73,13 @@ def _require_usable_scales(g: np.ndarray) -> None:
     """Raise NonFiniteScales unless every value of ``g`` is finite and > 0 (the objective's
     test; min and max, as NaN fails ``min > 0``)."""
     if g.size and not (g.min() > 0.0 and g.max() < np.inf):
-        from ..fit.minimisers import NonFiniteScales
+        _refuse_scales()
 
-        raise NonFiniteScales("scales are not finite and > 0")
+
+def _refuse_scales() -> None:
+    from ..fit.minimisers import NonFiniteScales
+
+    raise NonFiniteScales("scales are not finite and > 0")
 
 
 class _BlockPlan:
@@ -83,9 +88,12 @@ class _BlockPlan:
     components, evaluated through RefinerCalculator as before) and its rows in the block.
 
     The model blocks are those RefinerCalculator keeps (``_refiner_block``), so both paths
-    evaluate, release and reuse the same objects and give the same bits."""
+    evaluate, release and reuse the same objects and give the same bits. When every dataset
+    has one whose terms are all C++ (no Python-defined component), g and the transposed
+    product of all the datasets go in one C++ call (``_core.model_block.*_of_blocks``: the
+    datasets over the threads, each on one; the same bits as one call per dataset)."""
 
-    __slots__ = ("apm", "managers", "models", "starts")
+    __slots__ = ("apm", "managers", "models", "starts", "cores")
 
     def __init__(self, apm: Any, block_id: int) -> None:
         from ..parameter_managers import _objects_and_constant, _refiner_block
@@ -98,6 +106,12 @@ class _BlockPlan:
             self.models.append(_refiner_block(a, objects, block_id, const) if len(objects) >= 2 else None)
         sizes = [_manager_block_rows(a, block_id) for a in self.managers]
         self.starts = [0, *np.cumsum(sizes).tolist()]
+        batched = len(self.models) > 1 and all(m is not None and not m._external for m in self.models)
+        self.cores = [m.core for m in self.models] if batched else None
+
+    def _parameters(self) -> list[np.ndarray]:
+        """Each model block's parameter vector at its components' current parameters."""
+        return [m.parameters() for m in self.models]
 
     def scales(self, block_id: int, n_threads: int, check: bool = False) -> np.ndarray:
         """g of the block's rows, dataset after dataset (a fresh array): what
@@ -105,6 +119,11 @@ class _BlockPlan:
         raise NonFiniteScales at the first dataset whose g is not finite and > 0."""
         from ..parameter_managers import RefinerCalculator
 
+        if self.cores is not None:
+            g, usable = _mb.evaluate_scales_of_blocks(self.cores, self._parameters(), check, n_threads)
+            if check and not usable:
+                _refuse_scales()
+            return g
         parts = []
         for a, m in zip(self.managers, self.models):
             parts.append(m.evaluate_scales(n_threads) if m is not None
@@ -133,6 +152,8 @@ class _BlockPlan:
         """``(∂g/∂p)ᵀ·c`` of the block, each dataset's columns after the previous datasets'."""
         if self.starts[-1] != coefficients.size:
             raise ValueError(f"coefficients have {coefficients.size} rows but block {block_id} has {self.starts[-1]}")
+        if self.cores is not None:
+            return _mb.transpose_product_of_blocks(self.cores, self._parameters(), coefficients, n_threads)
         parts = []
         for k, (a, m) in enumerate(zip(self.managers, self.models)):
             if m is not None:
