@@ -89,13 +89,18 @@ class _BlockPlan:
 
     The model blocks are those RefinerCalculator keeps (``_refiner_block``), so both paths
     evaluate, release and reuse the same objects and give the same bits. When every dataset
-    has one whose terms are all C++ (no Python-defined component), g and the transposed
-    product of all the datasets go in one C++ call (``_core.model_block.*_of_blocks``: the
+    has one whose terms are all C++ (no Python-defined component) and there are enough
+    datasets for the threads, g and the transposed product of all the datasets go in one C++ call (``_core.model_block.*_of_blocks``: the
     datasets over the threads, each on one; the same bits as one call per dataset)."""
 
     __slots__ = ("apm", "managers", "models", "starts", "cores")
 
-    def __init__(self, apm: Any, block_id: int) -> None:
+    #: datasets per thread from which the one-call path applies with several threads: it puts
+    #: each dataset on one thread, so a few large datasets (3 sweeps of a streamed block) would
+    #: leave threads idle that the per-dataset calls' row chunks keep busy
+    BATCH_MIN_DATASETS_PER_THREAD = 4
+
+    def __init__(self, apm: Any, block_id: int, n_threads: int = 1) -> None:
         from ..parameter_managers import _objects_and_constant, _refiner_block
 
         self.apm = apm
@@ -106,7 +111,8 @@ class _BlockPlan:
             self.models.append(_refiner_block(a, objects, block_id, const) if len(objects) >= 2 else None)
         sizes = [_manager_block_rows(a, block_id) for a in self.managers]
         self.starts = [0, *np.cumsum(sizes).tolist()]
-        batched = len(self.models) > 1 and all(m is not None and not m._external for m in self.models)
+        enough = n_threads <= 1 or len(self.models) >= self.BATCH_MIN_DATASETS_PER_THREAD * n_threads
+        batched = len(self.models) > 1 and enough and all(m is not None and not m._external for m in self.models)
         self.cores = [m.core for m in self.models] if batched else None
 
     def _parameters(self) -> list[np.ndarray]:
@@ -541,7 +547,7 @@ class ScalerBase:
         key = (id(apm), block_id)
         plan = plans.get(key)
         if plan is None or plan.apm is not apm:
-            plan = plans[key] = _BlockPlan(apm, block_id)
+            plan = plans[key] = _BlockPlan(apm, block_id, self.n_threads)
         return plan
 
     def release_block_derivatives(self, apm: Any, block_id: int) -> None:
