@@ -46,7 +46,7 @@ With ``SHScaleComponent.cache_harmonics`` False, lookup mode holds only the grid
 from __future__ import annotations
 
 from math import ceil, floor
-from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Sequence
 
 import numpy as np
 
@@ -1742,6 +1742,50 @@ def sh_lookup_data(s0c: Any, s1c: Any, lmax: int,
         # kernel uses the last θ row instead
         out[name] = _kern.grid_lookup_indices(v, int(points_per_degree))
     return out
+
+
+# ----------------------------------------------------------------------------- checked parameters
+def _store_checked(comp: Any, p: np.ndarray) -> bool:
+    """ScaleComponentBase's free_parameters setter for a checked ``p`` (see
+    :func:`set_checked_free_parameters`); False where the setter itself must run (the seed
+    form, or a length it refuses with its own message)."""
+    if comp._seed_form or p.size != comp._parameters.size:
+        return False
+    comp._parameters = p
+    return True
+
+
+def _store_checked_smooth_1d(comp: Any, p: np.ndarray) -> bool:
+    """SmoothScaleComponent1D's free_parameters setter (a fixed first parameter kept) for a
+    checked ``p``; False where the setter itself must run."""
+    if not comp._fixed_initial:
+        return _store_checked(comp, p)
+    if p.size != comp._n_params - 1:
+        return False
+    new = comp._parameters.copy()
+    new[1:] = p
+    comp._parameters = new
+    return True
+
+
+#: this module's free_parameters properties whose setter's work on a checked vector is done by
+#: the function (found by the property object, so a subclass with its own setter is not)
+_CHECKED_SETTERS: dict[Any, Callable[[Any, np.ndarray], bool]] = {
+    ScaleComponentBase.__dict__["free_parameters"]: _store_checked,
+    SmoothScaleComponent1D.__dict__["free_parameters"]: _store_checked_smooth_1d,
+}
+
+
+def set_checked_free_parameters(component: Any, values: np.ndarray) -> None:
+    """``component.free_parameters = values`` for ``values`` that a parameter manager has
+    checked: a fresh (not shared) finite 1-D float64 array. Where the component's class uses
+    one of this module's setters, the values are stored without the setter's copy and checks
+    (a many-dataset fit sets every component of every dataset at each evaluation: 180
+    setters at 60 sweeps cost more than the model's evaluation); any other component (a
+    subclass with its own setter, a user component) gets its setter, as always."""
+    store = _CHECKED_SETTERS.get(getattr(type(component), "free_parameters", None))
+    if store is None or not store(component, values):
+        component.free_parameters = values
 
 
 # ----------------------------------------------------------------------------- model assembly

@@ -32,7 +32,7 @@ import numpy as np
 
 from ._core import fit as _fit_kernels
 from ._lazy import LazyModule, is_scipy_sparse
-from .components import ComponentModelBlock
+from .components import ComponentModelBlock, set_checked_free_parameters
 from .scaling_utilities import row_multiply
 
 if TYPE_CHECKING:
@@ -230,9 +230,15 @@ class active_parameter_manager(_SeedInterface):  # noqa: N801  (DIALS class name
         values = _as_vector(x, "x")
         if values.size != self.x.size:
             raise ValueError(f"x must have {self.x.size} values (the active parameters), got {values.size}")
+        self._set_checked(values)
+
+    def _set_checked(self, values: np.ndarray) -> None:
+        """:meth:`set_param_vals` for ``values`` already checked (finite 1-D float64 of the
+        right length, not shared with the caller): each component gets its slice (a fresh copy)
+        through :func:`~xtalscale.components.set_checked_free_parameters`."""
         self.x = values
-        for name, info in self.components.items():
-            info["object"].free_parameters = self.x[info["start_idx"]:info["end_idx"]].copy()
+        for info in self.components.values():
+            set_checked_free_parameters(info["object"], values[info["start_idx"]:info["end_idx"]].copy())
 
     def get_param_vals(self) -> np.ndarray:
         """Return a copy of the active parameter vector."""
@@ -431,7 +437,13 @@ class multi_active_parameter_manager(_SeedInterface, TargetInterface):  # noqa: 
             raise ValueError(f"x must have {sum(sizes)} values, got {values.size}")
         start = 0
         for apm, n in zip(self.apm_list, sizes):
-            apm.set_param_vals(values[start:start + n])
+            part = values[start:start + n]
+            # a manager whose set_param_vals is active_parameter_manager's takes the slice of
+            # the vector checked above as it is (a copy: the managers must not share memory)
+            if type(apm).set_param_vals is active_parameter_manager.set_param_vals:
+                apm._set_checked(part.copy())
+            else:
+                apm.set_param_vals(part)
             start += n
 
     def get_param_vals(self) -> np.ndarray:

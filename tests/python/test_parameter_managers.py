@@ -446,3 +446,71 @@ def test_refiner_calculator_product_rule_and_dials_quirk():
     np.testing.assert_array_equal(m.toarray(), [[10.0, 0.0], [-2.0, -3.0]])
     with pytest.raises(ValueError, match="one value per matrix row"):
         row_multiply(sp.csr_matrix(np.eye(2)), [1.0])
+
+
+def test_checked_parameters_are_stored_as_the_setters_store_them():
+    """set_checked_free_parameters (a manager's checked vector) stores what each of the
+    module's free_parameters setters stores (a fixed first parameter kept), refuses a wrong
+    length with the setter's error, and calls the setter of a subclass that has its own."""
+    from xtalscale.components import SHScaleComponent, set_checked_free_parameters
+
+    fixed = SmoothScaleComponent1D(np.array([1.0, 1.1, 1.2, 1.3]))
+    fixed.fix_initial_parameter()
+    for comp, values in ((SingleScaleFactor([2.0]), np.array([3.0])),
+                         (SmoothScaleComponent1D(np.array([1.0, 1.1, 1.2])), np.array([0.9, 1.0, 1.1])),
+                         (fixed, np.array([2.1, 2.2, 2.3])),
+                         (SHScaleComponent(np.zeros(3)), np.array([0.1, -0.1, 0.2]))):
+        twin = type(comp).__new__(type(comp))
+        twin.__dict__.update({k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in comp.__dict__.items()})
+        twin.free_parameters = values.copy()
+        set_checked_free_parameters(comp, values.copy())
+        np.testing.assert_array_equal(comp.parameters, twin.parameters)
+        np.testing.assert_array_equal(comp.free_parameters, values)
+        with pytest.raises(ValueError):
+            set_checked_free_parameters(comp, np.ones(values.size + 1))
+
+    class OwnSetter(SingleScaleFactor):
+        seen: list = []
+
+        @property
+        def free_parameters(self):
+            return self.parameters
+
+        @free_parameters.setter
+        def free_parameters(self, values):
+            OwnSetter.seen.append(np.array(values))
+            self.parameters = values
+
+    own = OwnSetter([1.0])
+    set_checked_free_parameters(own, np.array([4.0]))
+    assert len(OwnSetter.seen) == 1 and own.parameters[0] == 4.0
+
+
+def test_multi_manager_sets_checked_slices_and_calls_overridden_managers():
+    """multi_active_parameter_manager.set_param_vals checks the whole vector once and gives each
+    plain manager a copy of its slice; a manager with its own set_param_vals gets it called;
+    a non-finite value or a wrong length is refused as before."""
+    from xtalscale.parameter_managers import active_parameter_manager, multi_active_parameter_manager
+
+    calls = []
+
+    class Own(active_parameter_manager):
+        def set_param_vals(self, x):
+            calls.append(np.array(x))
+            super().set_param_vals(x)
+
+    comps = [{"scale": SingleScaleFactor([1.0]), "decay": SingleBScaleFactor([0.0])},
+             {"scale": SingleScaleFactor([2.0])}]
+    multi = multi_active_parameter_manager(None, comps, [["scale", "decay"], ["scale"]])
+    multi.apm_list[1] = Own(comps[1], ["scale"])
+    x = np.array([1.5, 0.25, 2.5])
+    multi.set_param_vals(x)
+    x[:] = 0.0  # the caller's array is not held
+    np.testing.assert_array_equal(multi.get_param_vals(), [1.5, 0.25, 2.5])
+    assert comps[0]["scale"].parameters[0] == 1.5 and comps[0]["decay"].parameters[0] == 0.25
+    assert len(calls) == 1 and calls[0][0] == 2.5 and comps[1]["scale"].parameters[0] == 2.5
+    assert not np.shares_memory(multi.apm_list[0].x, comps[0]["scale"].parameters)
+    with pytest.raises(ValueError, match="finite"):
+        multi.set_param_vals([1.0, np.nan, 2.0])
+    with pytest.raises(ValueError, match="3 values"):
+        multi.set_param_vals([1.0, 2.0])
