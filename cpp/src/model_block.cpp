@@ -1298,6 +1298,21 @@ bool evaluate_scales_of_blocks(const std::vector<ModelBlock*>& blocks,
   return std::find(bad.begin(), bad.end(), 1) == bad.end();
 }
 
+void evaluate_blocks(const std::vector<ModelBlock*>& blocks,
+                     const std::vector<const double*>& params,
+                     const std::vector<std::size_t>& n_params, int n_threads) {
+  check_block_list(blocks, params.size(), n_params.size());
+  std::vector<std::exception_ptr> errors(blocks.size());
+  fit::detail::parallel_for(blocks.size(), n_threads, [&](std::size_t k) {
+    try {
+      blocks[k]->evaluate(params[k], n_params[k], 1);
+    } catch (...) {
+      errors[k] = std::current_exception();
+    }
+  });
+  rethrow_first(errors);
+}
+
 void transpose_product_of_blocks(const std::vector<ModelBlock*>& blocks,
                                  const std::vector<const double*>& params,
                                  const std::vector<std::size_t>& n_params,

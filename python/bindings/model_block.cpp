@@ -239,6 +239,17 @@ py::tuple blocks_evaluate_scales(const std::vector<std::shared_ptr<ModelBlock>>&
   return py::make_tuple(g, usable);
 }
 
+void blocks_evaluate(const std::vector<std::shared_ptr<ModelBlock>>& blocks,
+                     const std::vector<DoubleArray>& params, int n_threads) {
+  require_threads(n_threads);
+  std::vector<ModelBlock*> raw;
+  std::vector<const double*> p;
+  std::vector<std::size_t> n;
+  block_lists(blocks, params, raw, p, n);
+  py::gil_scoped_release release;
+  evaluate_blocks(raw, p, n, n_threads);
+}
+
 DoubleArray blocks_transpose_product(const std::vector<std::shared_ptr<ModelBlock>>& blocks,
                                      const std::vector<DoubleArray>& params,
                                      const DoubleArray& coefficients, int n_threads) {
@@ -393,6 +404,11 @@ void bind_model_block(py::module_& m) {
         "one thread (the same values for any count, and as each block's evaluate_scales).\n"
         "usable: every g finite and > 0. stop_at_bad: blocks not started once a g is found\n"
         "unusable are skipped (their rows of g unwritten; discard the point).");
+  m.def("evaluate_blocks", &blocks_evaluate, py::arg("blocks"), py::arg("params"),
+        py::arg("n_threads") = 1,
+        "evaluate() of several distinct blocks (block k at params[k]: g and dg/dp in its own\n"
+        "buffers) in one call without the GIL; blocks over up to n_threads threads, each on one\n"
+        "thread (the same values for any count).");
   m.def("transpose_product_of_blocks", &blocks_transpose_product, py::arg("blocks"),
         py::arg("params"), py::arg("coefficients"), py::arg("n_threads") = 1,
         "J^T c of several distinct blocks in one call: block k's transpose_product at params[k]\n"

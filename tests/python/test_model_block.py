@@ -645,6 +645,19 @@ def test_several_blocks_in_one_call_give_each_blocks_bits(rng, n_threads):
     tp = mb.transpose_product_of_blocks(cores, params, c, n_threads=n_threads)
     np.testing.assert_array_equal(tp, np.concatenate(tp_each))
     assert tp.size == sum(b.core.n_cols for b in blocks)
+    # evaluate_blocks: each block's evaluate (g and the CSR arrays), bit for bit
+    each = []
+    for b in blocks:
+        g1, jac = b.evaluate(1)
+        each.append((np.array(g1), np.array(jac.data), np.array(jac.indices), np.array(jac.indptr)))
+        b.core.release_values(True)  # the next evaluation builds the pattern again
+    mb.evaluate_blocks(cores, params, n_threads=n_threads)
+    for b, (g1, values, indices, indptr) in zip(blocks, each):
+        assert b.core.evaluated
+        np.testing.assert_array_equal(b.core.scales, g1)
+        np.testing.assert_array_equal(b.core.values, values)
+        np.testing.assert_array_equal(b.core.indices, indices)
+        np.testing.assert_array_equal(b.core.indptr, indptr)
 
 
 def test_several_blocks_report_and_may_skip_unusable_scales(rng):
@@ -675,6 +688,10 @@ def test_several_blocks_refuse_bad_lists(rng):
         mb.evaluate_scales_of_blocks(cores, params[:1])
     with pytest.raises(ValueError, match="appears twice"):
         mb.evaluate_scales_of_blocks([cores[0], cores[0]], [params[0], params[0]])
+    with pytest.raises(ValueError, match="appears twice"):
+        mb.evaluate_blocks([cores[0], cores[0]], [params[0], params[0]])
+    with pytest.raises(ValueError, match="params"):
+        mb.evaluate_blocks(cores, [params[0], params[1][:-1]])
     with pytest.raises(ValueError, match="appears twice"):
         mb.transpose_product_of_blocks([cores[0], cores[0]], [params[0], params[0]],
                                        np.ones(2 * cores[0].n_rows))

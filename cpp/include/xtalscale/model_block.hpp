@@ -595,6 +595,15 @@ XTALSCALE_EXPORT bool evaluate_scales_of_blocks(const std::vector<ModelBlock*>& 
                                                 const std::vector<std::size_t>& n_params,
                                                 double* out, bool stop_at_bad, int n_threads = 1);
 
+/// ModelBlock::evaluate() (g and ∂g/∂p, each block's own buffers) of several distinct blocks in
+/// one call, block k at @p params[k] (@p n_params[k] values): blocks over up to @p n_threads
+/// threads, each block on one thread (a block's values are the same for any thread count). For
+/// many small blocks, whose rows are too few for evaluate()'s own row chunks to spread.
+/// @throws std::invalid_argument as evaluate_scales_of_blocks() or evaluate().
+XTALSCALE_EXPORT void evaluate_blocks(const std::vector<ModelBlock*>& blocks,
+                                      const std::vector<const double*>& params,
+                                      const std::vector<std::size_t>& n_params, int n_threads = 1);
+
 /// (∂g/∂p)ᵀ·c of several distinct blocks in one call: block k's ModelBlock::transpose_product()
 /// at @p params[k] with the coefficients of its rows (@p coefficients from row
 /// Σ_{j<k} n_rows(j)), written to @p out from column Σ_{j<k} n_cols(j) (the blocks' columns

@@ -129,6 +129,12 @@ def evaluate_scales_of_blocks(blocks: Sequence[ModelBlock], params: Sequence[npt
     (their rows of g unwritten; discard the point)."""
     ...
 
+def evaluate_blocks(blocks: Sequence[ModelBlock], params: Sequence[npt.ArrayLike], n_threads: int = 1) -> None:
+    """evaluate() of several distinct blocks (block k at params[k]: g and dg/dp in its own
+    buffers) in one call without the GIL; blocks over up to n_threads threads, each on one
+    thread (the same values for any count)."""
+    ...
+
 def transpose_product_of_blocks(blocks: Sequence[ModelBlock], params: Sequence[npt.ArrayLike],
                                 coefficients: npt.ArrayLike, n_threads: int = 1) -> npt.NDArray[np.float64]:
     """J^T c of several distinct blocks in one call: block k's transpose_product at params[k]

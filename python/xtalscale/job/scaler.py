@@ -142,8 +142,13 @@ class _BlockPlan:
     def scales_and_derivatives(self, block_id: int, n_threads: int) -> list[tuple[np.ndarray, Any]]:
         """Each manager's ``(g, ∂g/∂p)`` as ``RefinerCalculator.calculate_scales_and_derivatives``
         gives it with ``copy=False`` (g a fresh array, ∂g/∂p a view of the block's buffers)."""
+        from ..components import _csr_view
         from ..parameter_managers import RefinerCalculator
 
+        if self.cores is not None:
+            _mb.evaluate_blocks(self.cores, self._parameters(), n_threads)
+            # as ComponentModelBlock.evaluate returns them: g and ∂g/∂p over the block's buffers
+            return [(np.array(m.core.scales), _csr_view(m.core)) for m in self.models]
         out = []
         for a, m in zip(self.managers, self.models):
             if m is None:
