@@ -44,26 +44,40 @@ inline void require_same_length(std::size_t a, std::size_t b, const char* name_a
                                 " and " + std::to_string(b) + ")");
 }
 
+/// Whether no value's 64-bit pattern gives a word with the sign bit set under @p test: the
+/// integer form of the finiteness and sign tests below, ORed over the values in a loop that
+/// the compiler vectorises (a comparison of doubles does not, under GCC's default
+/// -ftrapping-math).
+template <class BitTest>
+inline bool no_flagged_bits(const double* values, std::size_t n, BitTest test) noexcept {
+  std::uint64_t any_bad = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    std::uint64_t bits;
+    std::memcpy(&bits, values + i, sizeof bits);
+    any_bad |= test(bits);
+  }
+  return (any_bad >> 63) == 0;
+}
+
+/// True when none of the @p n values is NaN or infinite (exponent all ones ⇔ adding one unit
+/// of the exponent carries into the sign bit); no element is named (callers that need one
+/// search again, as require_finite does).
+inline bool all_finite(const double* values, std::size_t n) noexcept {
+  return no_flagged_bits(values, n, [](std::uint64_t b) {
+    return (b & 0x7FF0000000000000ULL) + (std::uint64_t{1} << 52);
+  });
+}
+
 /// Throw std::invalid_argument if any of the @p n values is NaN or infinite.
 ///
 /// Every array crossing the boundary is checked, some 10⁸ values per scaling job: blocks of
-/// values are tested with an integer test of the exponent bits (all ones for NaN and ±inf)
-/// that the compiler vectorises, and only a block that fails is searched for the element the
-/// message names.
+/// values are tested with all_finite, and only a block that fails is searched for the element
+/// the message names.
 inline void require_finite(const double* values, std::size_t n, const char* name) {
-  constexpr std::uint64_t kExponent = 0x7FF0000000000000ULL;
   constexpr std::size_t kBlock = 256;
   for (std::size_t start = 0; start < n; start += kBlock) {
     const std::size_t end = n - start < kBlock ? n : start + kBlock;
-    std::uint64_t any_bad = 0;
-    for (std::size_t i = start; i < end; ++i) {
-      std::uint64_t bits;
-      std::memcpy(&bits, values + i, sizeof bits);
-      // exponent all ones ⇔ adding one unit of the exponent carries into the sign bit (an
-      // add, not a comparison: the loop vectorises)
-      any_bad |= (bits & kExponent) + (std::uint64_t{1} << 52);
-    }
-    if ((any_bad >> 63) == 0) continue;
+    if (all_finite(values + start, end - start)) continue;
     for (std::size_t i = start; i < end; ++i)
       if (!std::isfinite(values[i]))
         throw std::invalid_argument(std::string(name) + " must be finite (element " +
@@ -71,47 +85,22 @@ inline void require_finite(const double* values, std::size_t n, const char* name
   }
 }
 
-/// True when none of the @p n values is NaN or infinite: require_finite's integer test of the
-/// exponent bits, without the search for the element a message names (callers search again).
-inline bool all_finite(const double* values, std::size_t n) noexcept {
-  constexpr std::uint64_t kExponent = 0x7FF0000000000000ULL;
-  std::uint64_t any_bad = 0;
-  for (std::size_t i = 0; i < n; ++i) {
-    std::uint64_t bits;
-    std::memcpy(&bits, values + i, sizeof bits);
-    any_bad |= (bits & kExponent) + (std::uint64_t{1} << 52);
-  }
-  return (any_bad >> 63) == 0;
-}
-
 /// True when every one of the @p n values is finite and > 0 (scales, factors): the positive
-/// finite doubles are the bit patterns 1 … 0x7FEFFFFFFFFFFFFF, tested by integer adds and ORs
-/// that vectorise (a comparison of doubles does not, under GCC's default -ftrapping-math).
-/// Callers search the values again to name a failing element.
+/// finite doubles are the bit patterns 1 … 0x7FEFFFFFFFFFFFFF. Callers search the values again
+/// to name a failing element.
 inline bool all_positive_finite(const double* values, std::size_t n) noexcept {
-  std::uint64_t any_bad = 0;
-  for (std::size_t i = 0; i < n; ++i) {
-    std::uint64_t b;
-    std::memcpy(&b, values + i, sizeof b);
-    // sign bit of: b (negative or −0), b + 2⁵² (exponent all ones: inf/NaN), b − 1 (+0)
-    any_bad |= b | (b + (std::uint64_t{1} << 52)) | (b - 1);
-  }
-  return (any_bad >> 63) == 0;
+  // sign bit of: b (negative or −0), b + 2⁵² (exponent all ones: inf/NaN), b − 1 (+0)
+  return no_flagged_bits(values, n, [](std::uint64_t b) { return b | (b + (std::uint64_t{1} << 52)) | (b - 1); });
 }
 
 /// True when every one of the @p n values is finite and >= 0 (−0 included, as `v >= 0`
-/// holds for it), by integer tests that vectorise as all_positive_finite's.
+/// holds for it).
 inline bool all_non_negative_finite(const double* values, std::size_t n) noexcept {
-  constexpr std::uint64_t kExponent = 0x7FF0000000000000ULL;
-  std::uint64_t any_bad = 0;
-  for (std::size_t i = 0; i < n; ++i) {
-    std::uint64_t b;
-    std::memcpy(&b, values + i, sizeof b);
+  return no_flagged_bits(values, n, [](std::uint64_t b) {
     const std::uint64_t magnitude = b << 1;  // 0 for ±0 only
     // sign bit of: b with a nonzero magnitude (negative), the exponent plus one unit (inf/NaN)
-    any_bad |= (b & (magnitude | (0 - magnitude))) | ((b & kExponent) + (std::uint64_t{1} << 52));
-  }
-  return (any_bad >> 63) == 0;
+    return (b & (magnitude | (0 - magnitude))) | ((b & 0x7FF0000000000000ULL) + (std::uint64_t{1} << 52));
+  });
 }
 
 /// Throw std::invalid_argument unless @p offsets (n_groups + 1 entries) start at 0 and never
