@@ -236,8 +236,8 @@ reflection_selection {{
     .help = "[xtalscale] auto/use_all with more suitable observations than twice this: the
              first rounds (before the last, full-matrix round) are minimised on random whole
              groups of about this many observations (seeded), and so is the error model that
-             weights the last round; the last round and the final error model use every
-             suitable observation, so the final model is the all-data fit. 0: never."
+             weights the last round; the last round (see last_round_subset) and the final error
+             model use every suitable observation, so the final model is the all-data fit. 0: never."
   last_round_subset = 0
     .type = int(value_min=0)
     .help = "[xtalscale] auto/use_all with more non-outlier suitable observations than this: the
