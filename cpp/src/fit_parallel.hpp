@@ -62,11 +62,14 @@ inline GroupSums group_sums(const GroupedObservations& t, const double* g, std::
 
 /// Run body(i) for i in [0, n) over up to @p n_threads threads (dynamic schedule, one i at a
 /// time: each body(i) must own its outputs, so results do not depend on the thread count).
+/// No more threads than items: a single item (a small table's one chunk) runs on the calling
+/// thread instead of waking a sleeping worker for nothing (~0.1 ms per call).
 template <class Body>
 void parallel_for(std::size_t n, int n_threads, Body body) {
 #ifdef _OPENMP
   const auto count = static_cast<std::int64_t>(n);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(std::max(1, n_threads)) if (n_threads > 1)
+  const int team = static_cast<int>(std::min<std::int64_t>(std::max(1, n_threads), std::max<std::int64_t>(count, 1)));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(team) if (team > 1)
   for (std::int64_t i = 0; i < count; ++i) body(static_cast<std::size_t>(i));
 #else
   (void)n_threads;
