@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <exception>
 #include <vector>
 
 #ifdef _OPENMP
@@ -75,6 +76,23 @@ void parallel_for(std::size_t n, int n_threads, Body body) {
   (void)n_threads;
   for (std::size_t i = 0; i < n; ++i) body(i);
 #endif
+}
+
+/// parallel_for for bodies that may throw: no exception may leave an OpenMP region, so each
+/// item's is caught where it happens, and after the loop the lowest item's is rethrown as it
+/// was thrown (the same error whatever the thread count).
+template <class Body>
+void parallel_for_rethrowing(std::size_t n, int n_threads, Body body) {
+  std::vector<std::exception_ptr> errors(n);
+  parallel_for(n, n_threads, [&](std::size_t i) {
+    try {
+      body(i);
+    } catch (...) {
+      errors[i] = std::current_exception();
+    }
+  });
+  for (const auto& e : errors)
+    if (e) std::rethrow_exception(e);
 }
 
 /// Number of the calling thread within the current parallel region (0 outside one).

@@ -2,6 +2,7 @@
 #include "xtalscale/grouping.hpp"
 
 #include <algorithm>
+#include <array>
 #include <stdexcept>
 #include <string>
 
@@ -55,16 +56,11 @@ struct Tester {
   }
 };
 
-}  // namespace
-
-void map_to_asu(const AsuSymmetry& sym, const std::int32_t* hkl, std::size_t n,
-                std::int32_t* asu_out, std::int32_t* isym_out) {
-  require(!sym.rotations.empty(), "symmetry: at least one rotation is required");
-  require(static_cast<int>(sym.condition) >= 0 && static_cast<int>(sym.condition) <= 9,
-          "symmetry: unknown ASU condition");
-  const std::array<std::int64_t, 9> id{1, 0, 0, 0, 1, 0, 0, 0, 1};
-  const Tester in{sym, sym.basis == id};
-  for (std::size_t i = 0; i < n; ++i) {
+/// Rows [first, last) of map_to_asu, indexed (and named in messages) as rows of the whole
+/// input.
+void map_rows_to_asu(const AsuSymmetry& sym, const Tester& in, const std::int32_t* hkl, std::size_t first,
+                     std::size_t last, std::int32_t* asu_out, std::int32_t* isym_out) {
+  for (std::size_t i = first; i < last; ++i) {
     const std::int64_t h = hkl[3 * i], k = hkl[3 * i + 1], l = hkl[3 * i + 2];
     if (h == 0 && k == 0 && l == 0)
       throw std::invalid_argument("hkl: row " + std::to_string(i) +
@@ -93,71 +89,34 @@ void map_to_asu(const AsuSymmetry& sym, const std::int32_t* hkl, std::size_t n,
   }
 }
 
-namespace {
-
 /// Rows per thread below which the per-row kernels stay on the calling thread (a parallel
 /// region costs more than mapping a few thousand indices).
 constexpr std::size_t kMinRowsPerThread = 1u << 15;
 
-/// Run body(first, count) over @p n_threads equal contiguous row ranges of [0, n).
+/// Run body(first, last) over up to @p n_threads equal contiguous row ranges of [0, n); an
+/// exception is rethrown after the loop, the lowest range's (so its first bad row).
 template <class Body>
 void over_row_ranges(std::size_t n, int n_threads, Body body) {
   const auto wanted = static_cast<std::size_t>(std::max(1, n_threads));
   const std::size_t nt = std::max<std::size_t>(1, std::min(wanted, n / kMinRowsPerThread));
-  if (nt == 1) {
-    body(std::size_t{0}, n);
-    return;
-  }
-  std::vector<std::string> failure(nt);  // no exception may leave an OpenMP region
-  fit::detail::per_thread(static_cast<int>(nt), [&](int t, int) {
-    const std::size_t first = n * static_cast<std::size_t>(t) / nt;
-    const std::size_t last = n * static_cast<std::size_t>(t + 1) / nt;
-    try {
-      body(first, last - first);
-    } catch (const std::exception& e) {
-      failure[static_cast<std::size_t>(t)] = e.what();
-    }
-  });
-  for (const auto& f : failure)
-    if (!f.empty()) throw std::invalid_argument(f);  // the lowest range's: its first bad row
-}
-
-}  // namespace
-
-void map_to_asu(const AsuSymmetry& sym, const std::int32_t* hkl, std::size_t n,
-                std::int32_t* asu_out, std::int32_t* isym_out, int n_threads) {
-  over_row_ranges(n, n_threads, [&](std::size_t first, std::size_t count) {
-    try {
-      map_to_asu(sym, hkl + 3 * first, count, asu_out + 3 * first, isym_out + first);
-    } catch (const std::invalid_argument&) {
-      if (first == 0) throw;
-      // the range's row numbers start at 0: find the bad row again, numbered in the whole input
-      for (std::size_t i = first; i < first + count; ++i) {
-        try {
-          map_to_asu(sym, hkl + 3 * i, 1, asu_out + 3 * i, isym_out + i);
-        } catch (const std::invalid_argument& e) {
-          std::string message = e.what();
-          const std::string row0 = "row 0 ";
-          const auto at = message.find(row0);
-          if (at != std::string::npos) message.replace(at, row0.size(), "row " + std::to_string(i) + " ");
-          throw std::invalid_argument(message);
-        }
-      }
-      throw;
-    }
+  fit::detail::parallel_for_rethrowing(nt, static_cast<int>(nt), [&](std::size_t t) {
+    body(n * t / nt, n * (t + 1) / nt);
   });
 }
 
-void centric_flags(const AsuSymmetry& sym, const std::int32_t* hkl, std::size_t n,
-                   std::uint8_t* out, int n_threads) {
-  over_row_ranges(n, n_threads, [&](std::size_t first, std::size_t count) {
-    centric_flags(sym, hkl + 3 * first, count, out + first);
-  });
+/// map_to_asu's checks of the symmetry, and its ASU tester.
+Tester checked_tester(const AsuSymmetry& sym) {
+  require(!sym.rotations.empty(), "symmetry: at least one rotation is required");
+  require(static_cast<int>(sym.condition) >= 0 && static_cast<int>(sym.condition) <= 9,
+          "symmetry: unknown ASU condition");
+  const std::array<std::int64_t, 9> id{1, 0, 0, 0, 1, 0, 0, 0, 1};
+  return Tester{sym, sym.basis == id};
 }
 
-void centric_flags(const AsuSymmetry& sym, const std::int32_t* hkl, std::size_t n,
-                   std::uint8_t* out) {
-  for (std::size_t i = 0; i < n; ++i) {
+/// centric_flags of rows [first, last).
+void centric_rows(const AsuSymmetry& sym, const std::int32_t* hkl, std::size_t first, std::size_t last,
+                  std::uint8_t* out) {
+  for (std::size_t i = first; i < last; ++i) {
     const std::int64_t h = hkl[3 * i], k = hkl[3 * i + 1], l = hkl[3 * i + 2];
     std::uint8_t centric = 0;
     for (const auto& r : sym.rotations) {
@@ -169,6 +128,33 @@ void centric_flags(const AsuSymmetry& sym, const std::int32_t* hkl, std::size_t 
     }
     out[i] = centric;
   }
+}
+
+}  // namespace
+
+void map_to_asu(const AsuSymmetry& sym, const std::int32_t* hkl, std::size_t n,
+                std::int32_t* asu_out, std::int32_t* isym_out) {
+  map_rows_to_asu(sym, checked_tester(sym), hkl, 0, n, asu_out, isym_out);
+}
+
+void map_to_asu(const AsuSymmetry& sym, const std::int32_t* hkl, std::size_t n,
+                std::int32_t* asu_out, std::int32_t* isym_out, int n_threads) {
+  const Tester in = checked_tester(sym);
+  over_row_ranges(n, n_threads, [&](std::size_t first, std::size_t last) {
+    map_rows_to_asu(sym, in, hkl, first, last, asu_out, isym_out);
+  });
+}
+
+void centric_flags(const AsuSymmetry& sym, const std::int32_t* hkl, std::size_t n,
+                   std::uint8_t* out, int n_threads) {
+  over_row_ranges(n, n_threads, [&](std::size_t first, std::size_t last) {
+    centric_rows(sym, hkl, first, last, out);
+  });
+}
+
+void centric_flags(const AsuSymmetry& sym, const std::int32_t* hkl, std::size_t n,
+                   std::uint8_t* out) {
+  centric_rows(sym, hkl, 0, n, out);
 }
 
 namespace {

@@ -1252,12 +1252,6 @@ void check_block_list(const std::vector<ModelBlock*>& blocks, std::size_t n_para
     throw std::invalid_argument("a block appears twice (blocks are evaluated concurrently)");
 }
 
-/// The first error of @p errors (the lowest block number) rethrown, if any.
-void rethrow_first(const std::vector<std::exception_ptr>& errors) {
-  for (const auto& e : errors)
-    if (e) std::rethrow_exception(e);
-}
-
 }  // namespace
 
 bool evaluate_scales_of_blocks(const std::vector<ModelBlock*>& blocks,
@@ -1268,31 +1262,25 @@ bool evaluate_scales_of_blocks(const std::vector<ModelBlock*>& blocks,
   const std::size_t n = blocks.size();
   std::vector<std::size_t> first(n + 1, 0);
   for (std::size_t k = 0; k < n; ++k) first[k + 1] = first[k] + blocks[k]->n_rows();
-  std::vector<std::exception_ptr> errors(n);
   std::vector<char> bad(n, 0);
   std::atomic<bool> stop{false};
-  fit::detail::parallel_for(n, n_threads, [&](std::size_t k) {
+  fit::detail::parallel_for_rethrowing(n, n_threads, [&](std::size_t k) {
     if (stop.load(std::memory_order_relaxed)) return;
-    try {
-      blocks[k]->evaluate_scales(params[k], n_params[k], 1);
-      const double* g = blocks[k]->buffers().scales->data();
-      const std::size_t rows = blocks[k]->n_rows();
-      double* o = out + first[k];
-      bool usable = true;
-      for (std::size_t i = 0; i < rows; ++i) {
-        o[i] = g[i];
-        // NaN fails both comparisons
-        usable = usable && g[i] > 0.0 && g[i] < std::numeric_limits<double>::infinity();
-      }
-      if (!usable) {
-        bad[k] = 1;
-        if (stop_at_bad) stop.store(true, std::memory_order_relaxed);
-      }
-    } catch (...) {
-      errors[k] = std::current_exception();
+    blocks[k]->evaluate_scales(params[k], n_params[k], 1);
+    const double* g = blocks[k]->buffers().scales->data();
+    const std::size_t rows = blocks[k]->n_rows();
+    double* o = out + first[k];
+    bool usable = true;
+    for (std::size_t i = 0; i < rows; ++i) {
+      o[i] = g[i];
+      // NaN fails both comparisons
+      usable = usable && g[i] > 0.0 && g[i] < std::numeric_limits<double>::infinity();
+    }
+    if (!usable) {
+      bad[k] = 1;
+      if (stop_at_bad) stop.store(true, std::memory_order_relaxed);
     }
   });
-  rethrow_first(errors);
   // a skipped block is only ever skipped after some block was found bad: the answer does not
   // depend on which blocks ran
   return std::find(bad.begin(), bad.end(), 1) == bad.end();
@@ -1302,15 +1290,9 @@ void evaluate_blocks(const std::vector<ModelBlock*>& blocks,
                      const std::vector<const double*>& params,
                      const std::vector<std::size_t>& n_params, int n_threads) {
   check_block_list(blocks, params.size(), n_params.size());
-  std::vector<std::exception_ptr> errors(blocks.size());
-  fit::detail::parallel_for(blocks.size(), n_threads, [&](std::size_t k) {
-    try {
-      blocks[k]->evaluate(params[k], n_params[k], 1);
-    } catch (...) {
-      errors[k] = std::current_exception();
-    }
+  fit::detail::parallel_for_rethrowing(blocks.size(), n_threads, [&](std::size_t k) {
+    blocks[k]->evaluate(params[k], n_params[k], 1);
   });
-  rethrow_first(errors);
 }
 
 void transpose_product_of_blocks(const std::vector<ModelBlock*>& blocks,
@@ -1324,15 +1306,9 @@ void transpose_product_of_blocks(const std::vector<ModelBlock*>& blocks,
     row[k + 1] = row[k] + blocks[k]->n_rows();
     col[k + 1] = col[k] + blocks[k]->n_cols();
   }
-  std::vector<std::exception_ptr> errors(n);
-  fit::detail::parallel_for(n, n_threads, [&](std::size_t k) {
-    try {
-      blocks[k]->transpose_product(params[k], n_params[k], coefficients + row[k], out + col[k], 1);
-    } catch (...) {
-      errors[k] = std::current_exception();
-    }
+  fit::detail::parallel_for_rethrowing(n, n_threads, [&](std::size_t k) {
+    blocks[k]->transpose_product(params[k], n_params[k], coefficients + row[k], out + col[k], 1);
   });
-  rethrow_first(errors);
 }
 
 }  // namespace xtalscale
