@@ -67,7 +67,9 @@ def _add_restraint_terms(matrix: np.ndarray, rhs: np.ndarray, r: np.ndarray, jac
     np.add.at(matrix, (cols[left], cols[right]), weighted[left] * vals[right])
 
 
-def _check_scales(g: np.ndarray) -> None:
+def require_usable_scales(g: np.ndarray) -> None:
+    """Raise :class:`NonFiniteScales` unless every value of ``g`` is finite and > 0 (the test
+    a trial point's scales must pass; also the scaler's, dataset by dataset)."""
     if not np.all(np.isfinite(g)) or np.any(g <= 0):
         raise NonFiniteScales("scales are not finite and > 0")
 
@@ -170,7 +172,7 @@ class ScalerObjective:
             if check_scales:
                 with np.errstate(over="ignore", invalid="ignore"):
                     self._update(block_id, derivatives, check_scales=True)
-                _check_scales(np.asarray(block.inverse_scale_factors))
+                require_usable_scales(np.asarray(block.inverse_scale_factors))
             else:
                 self._update(block_id, derivatives)
             yield block
@@ -462,7 +464,7 @@ class ModelObjective:
         with np.errstate(over="ignore", invalid="ignore"):
             blocks = list(self.model(x))
         for b in blocks:
-            _check_scales(b.scales)
+            require_usable_scales(b.scales)
             if not np.all(np.isfinite(b.values)):
                 raise NonFiniteScales("derivatives are not finite")
         self.x = x.copy()

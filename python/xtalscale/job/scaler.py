@@ -69,26 +69,15 @@ def _manager_block_rows(apm: Any, block_id: int) -> int:
     return int(np.asarray(apm.constant_g_values[block_id]).size)
 
 
-def _require_usable_scales(g: np.ndarray) -> None:
-    """Raise NonFiniteScales unless every value of ``g`` is finite and > 0 (the objective's
-    test; min and max, as NaN fails ``min > 0``)."""
-    if g.size and not (g.min() > 0.0 and g.max() < np.inf):
-        _refuse_scales()
-
-
-def _refuse_scales() -> None:
-    from ..fit.minimisers import NonFiniteScales
-
-    raise NonFiniteScales("scales are not finite and > 0")
-
-
 class _BlockPlan:
     """One multi-dataset manager's evaluation on one data block, found once: each dataset's
     single manager, its C++ model block (None for a manager with fewer than two active
-    components, evaluated through RefinerCalculator as before) and its rows in the block.
+    components, evaluated through RefinerCalculator) and its rows in the block. The scaler
+    evaluates every block through one (:meth:`ScalerBase._block_plan`).
 
-    The model blocks are those RefinerCalculator keeps (``_refiner_block``), so both paths
-    evaluate, release and reuse the same objects and give the same bits. When every dataset
+    The model blocks are those RefinerCalculator keeps (``_refiner_block``), so a DIALS-style
+    script calling RefinerCalculator and the scaler evaluate, release and reuse the same
+    objects and get the same bits. When every dataset
     has one whose terms are all C++ (no Python-defined component) and there are enough
     datasets for the threads, g and the transposed product of all the datasets go in one C++ call (``_core.model_block.*_of_blocks``: the
     datasets over the threads, each on one; the same bits as one call per dataset)."""
@@ -123,19 +112,21 @@ class _BlockPlan:
         """g of the block's rows, dataset after dataset (a fresh array): what
         ``RefinerCalculator.calculate_scales`` gives for each manager, bit for bit. ``check``:
         raise NonFiniteScales at the first dataset whose g is not finite and > 0."""
+        from ..fit.minimisers import NonFiniteScales
+        from ..fit.objectives import require_usable_scales
         from ..parameter_managers import RefinerCalculator
 
         if self.cores is not None:
             g, usable = _mb.evaluate_scales_of_blocks(self.cores, self._parameters(), check, n_threads)
             if check and not usable:
-                _refuse_scales()
+                raise NonFiniteScales("scales are not finite and > 0")
             return g
         parts = []
         for a, m in zip(self.managers, self.models):
             parts.append(m.evaluate_scales(n_threads) if m is not None
                          else RefinerCalculator.calculate_scales(a, block_id, n_threads=n_threads))
             if check:
-                _require_usable_scales(parts[-1])
+                require_usable_scales(parts[-1])
         # a model block's g is a view of its buffer, rewritten by its next evaluation
         return np.array(parts[0]) if len(parts) == 1 else np.concatenate(parts)
 
@@ -439,7 +430,6 @@ class ScalerBase:
         > 0, before the later datasets and Ĩ are evaluated (a line search's rejected trial
         point); the block is then left to be evaluated afresh by the next call."""
         from ..fit.target import StackedDerivatives
-        from ..parameter_managers import RefinerCalculator
 
         block = self.Ih_table.blocked_data_list[block_id]
         # The engine asks again for the same parameters (set_x, then each evaluation): the
@@ -452,18 +442,10 @@ class ScalerBase:
                 block.derivatives = cached[1]
             return
         plan = self._block_plan(apm, block_id)
-        apms = plan.managers if plan is not None else single_managers(apm)
+        apms = plan.managers
         if not derivatives:  # g only (the same product as with derivatives, bit for bit)
             try:
-                if plan is not None:
-                    g_all = plan.scales(block_id, self.n_threads, check_scales)
-                else:
-                    scales = []
-                    for a in apms:
-                        scales.append(RefinerCalculator.calculate_scales(a, block_id, n_threads=self.n_threads))
-                        if check_scales:
-                            _require_usable_scales(scales[-1])
-                    g_all = scales[0] if len(scales) == 1 else np.concatenate(scales)
+                g_all = plan.scales(block_id, self.n_threads, check_scales)
             except ArithmeticError:
                 self._update_keys.pop(block_id, None)  # g and Ĩ on the block are not this point's
                 raise
@@ -478,9 +460,7 @@ class ScalerBase:
         # next evaluation, and the cache below is replaced by that evaluation. Each model
         # block spreads its own row chunks over n_threads C++ threads (balanced whatever the
         # number of datasets; the results do not depend on the thread count).
-        evaluated = plan.scales_and_derivatives(block_id, self.n_threads) if plan is not None else [
-            RefinerCalculator.calculate_scales_and_derivatives(a, block_id, copy=False, n_threads=self.n_threads)
-            for a in apms]
+        evaluated = plan.scales_and_derivatives(block_id, self.n_threads)
         for a, (g, d) in zip(apms, evaluated):
             if not d.shape[1]:
                 d = CsrView(np.zeros(0), np.zeros(0, np.int32), np.zeros(len(g) + 1, np.int64), (len(g), 0))
@@ -513,34 +493,14 @@ class ScalerBase:
         matrix: the datasets' rows stacked and their columns side by side), each dataset's
         model block evaluated for it (its row chunks on n_threads threads). Needs
         :meth:`can_transpose_product`. With ``c = ∂f/∂g`` this is the target's gradient."""
-        from ..parameter_managers import RefinerCalculator
-
         coefficients = np.asarray(coefficients, dtype=np.float64)
-        plan = self._block_plan(apm, block_id)
-        if plan is not None:
-            return plan.transpose_product(block_id, coefficients, self.n_threads)
-        apms = single_managers(apm)
-        sizes = [_manager_block_rows(a, block_id) for a in apms]
-        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        if starts[-1] != coefficients.size:
-            raise ValueError(f"coefficients have {coefficients.size} rows but block {block_id} has {starts[-1]}")
+        return self._block_plan(apm, block_id).transpose_product(block_id, coefficients, self.n_threads)
 
-        def one(k: int) -> np.ndarray:
-            if not apms[k].n_active_params:
-                return np.zeros(0)
-            product = RefinerCalculator.transpose_product(apms[k], block_id, coefficients[starts[k]:starts[k + 1]],
-                                                          n_threads=self.n_threads)
-            if product is None:
-                raise ValueError("a dataset's model has no C++ model block (check can_transpose_product)")
-            return product
-
-        parts = [one(k) for k in range(len(apms))]
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-    def _block_plan(self, apm: Any, block_id: int) -> _BlockPlan | None:
-        """The evaluation plan of ``apm`` on block ``block_id`` while a round's minimiser runs
-        (:meth:`perform_scaling`), else None (every call then finds and checks the model blocks
-        afresh, as a DIALS-style script calling :meth:`update_for_minimisation` needs).
+    def _block_plan(self, apm: Any, block_id: int) -> _BlockPlan:
+        """The evaluation plan of ``apm`` on block ``block_id``: while a round's minimiser runs
+        (:meth:`perform_scaling`) the round's, kept for its later calls; otherwise one made for
+        this call (the model blocks found and checked afresh, as a DIALS-style script calling
+        :meth:`update_for_minimisation` needs).
 
         Within a round nothing replaces the components' data, terms or parameter layout, so
         the per-dataset model blocks found (and checked) at the round's first evaluation serve
@@ -548,7 +508,7 @@ class ScalerBase:
         settings read back from Python) cost more than the C++ evaluations they guard."""
         plans = self._plans
         if plans is None:
-            return None
+            return _BlockPlan(apm, block_id, self.n_threads)
         key = (id(apm), block_id)
         plan = plans.get(key)
         if plan is None or plan.apm is not apm:
