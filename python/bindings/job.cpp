@@ -4,6 +4,7 @@
 // Grouping) plus per-row float64 arrays, validates them, and runs with the GIL released.
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -337,72 +338,52 @@ double error_model_search_b_py(const DoubleArray& numerator, const DoubleArray& 
 // ------------------------------------------------------------------ input preparation
 using UInt64Array = py::array_t<std::uint64_t, py::array::c_style | py::array::forcecast>;
 
-/// Keeps a converted optional column alive while its pointer is used.
-struct OptionalColumns {
-  std::vector<py::object> held;
-
-  /// The data of a 1-D float64 column of @p n rows, or nullptr for None (any finiteness).
-  const double* doubles(const py::object& column, std::size_t n, const char* name) {
-    if (column.is_none()) return nullptr;
-    auto a = DoubleArray::ensure(column);
-    if (!a) throw std::invalid_argument(std::string(name) + " must be a float array");
-    held.push_back(a);
-    return row_array(a, n, name, false);
-  }
-  /// The data of a 1-D uint64 column of @p n rows (the flags), or nullptr for None.
-  const std::uint64_t* flags(const py::object& column, std::size_t n) {
-    if (column.is_none()) return nullptr;
-    auto a = UInt64Array::ensure(column);
-    if (!a || a.ndim() != 1 || static_cast<std::size_t>(a.size()) != n)
-      throw std::invalid_argument("flags must be 1-dimensional with " + std::to_string(n) + " entries");
-    held.push_back(a);
-    return a.data();
-  }
-};
-
-std::size_t rows_of(const py::object& column, const char* name) {
-  auto a = DoubleArray::ensure(column);
-  if (!a || a.ndim() != 1) throw std::invalid_argument(std::string(name) + " must be a 1-dimensional float array");
-  return static_cast<std::size_t>(a.size());
+/// The data of an optional float64 column of @p n rows, or nullptr for None (any finiteness).
+const double* optional_row_array(const std::optional<DoubleArray>& a, std::size_t n, const char* name) {
+  return a ? row_array(*a, n, name, false) : nullptr;
 }
 
-py::tuple filter_unfit_rows_py(const py::list& methods, const py::object& flags, const py::object& id,
-                               const py::object& hkl, const py::object& qe, const py::object& partiality,
+/// The data of an optional integer column of @p n rows, or nullptr for None.
+template <class Array>
+auto optional_int_rows(const std::optional<Array>& a, std::size_t n, const char* name) -> decltype(a->data()) {
+  if (!a) return nullptr;
+  if (a->ndim() != 1 || static_cast<std::size_t>(a->size()) != n)
+    throw std::invalid_argument(std::string(name) + " must be 1-dimensional with " + std::to_string(n) + " entries");
+  return a->data();
+}
+
+py::tuple filter_unfit_rows_py(const py::list& methods, const std::optional<UInt64Array>& flags,
+                               const std::optional<Int32Array>& id, const std::optional<Int32Array>& hkl,
+                               const std::optional<DoubleArray>& qe, const std::optional<DoubleArray>& partiality,
                                double partiality_cutoff, double min_isigi) {
   if (methods.size() < 1 || methods.size() > 2)
     throw std::invalid_argument("methods must hold one or two (flag, value, variance) tuples");
-  OptionalColumns cols;
-  const std::size_t n = rows_of(methods[0].cast<py::tuple>()[1], "value");
+  std::vector<DoubleArray> held;  // the methods' columns, alive while their pointers are used
   std::vector<IntegratedColumns> chosen;
+  std::size_t n = 0;
   for (const auto& item : methods) {
     const auto t = item.cast<py::tuple>();
     if (t.size() != 3) throw std::invalid_argument("each method is a (flag, value, variance) tuple");
+    if (t[1].is_none() || t[2].is_none()) throw std::invalid_argument("a method's value and variance are required");
+    held.push_back(t[1].cast<DoubleArray>());
+    held.push_back(t[2].cast<DoubleArray>());
+    if (chosen.empty()) n = static_cast<std::size_t>(held.front().size());
     IntegratedColumns c;
     c.flag = t[0].cast<std::uint64_t>();
-    c.value = cols.doubles(t[1], n, "value");
-    c.variance = cols.doubles(t[2], n, "variance");
-    if (c.value == nullptr || c.variance == nullptr) throw std::invalid_argument("a method's value and variance are required");
+    c.value = row_array(held[held.size() - 2], n, "value", false);
+    c.variance = row_array(held.back(), n, "variance", false);
     chosen.push_back(c);
   }
-  const std::uint64_t* f = cols.flags(flags, n);
-  const std::int32_t* ids = nullptr;
-  if (!id.is_none()) {
-    auto a = Int32Array::ensure(id);
-    if (!a || a.ndim() != 1 || static_cast<std::size_t>(a.size()) != n)
-      throw std::invalid_argument("id must be 1-dimensional with " + std::to_string(n) + " entries");
-    cols.held.push_back(a);
-    ids = a.data();
-  }
+  const std::uint64_t* f = optional_int_rows(flags, n, "flags");
+  const std::int32_t* ids = optional_int_rows(id, n, "id");
   const std::int32_t* indices = nullptr;
-  if (!hkl.is_none()) {
-    auto a = Int32Array::ensure(hkl);
-    if (!a || a.ndim() != 2 || a.shape(1) != 3 || static_cast<std::size_t>(a.shape(0)) != n)
+  if (hkl) {
+    if (hkl->ndim() != 2 || hkl->shape(1) != 3 || static_cast<std::size_t>(hkl->shape(0)) != n)
       throw std::invalid_argument("hkl must have shape (" + std::to_string(n) + ", 3)");
-    cols.held.push_back(a);
-    indices = a.data();
+    indices = hkl->data();
   }
-  const double* q = cols.doubles(qe, n, "qe");
-  const double* p = cols.doubles(partiality, n, "partiality");
+  const double* q = optional_row_array(qe, n, "qe");
+  const double* p = optional_row_array(partiality, n, "partiality");
   py::array_t<bool> bad(static_cast<py::ssize_t>(n));
   auto* out = reinterpret_cast<std::uint8_t*>(bad.mutable_data());
   FilterCounts counts{};
@@ -416,26 +397,28 @@ py::tuple filter_unfit_rows_py(const py::list& methods, const py::object& flags,
   return py::make_tuple(bad, numbers);
 }
 
-py::tuple choose_initial_intensities_py(const std::string& kind, const py::object& correction,
-                                        const py::object& prf_value, const py::object& prf_variance,
-                                        const py::object& sum_value, const py::object& sum_variance,
-                                        const py::object& partiality, const py::object& partiality_inv_variance,
-                                        const py::object& flags, std::uint64_t prf_flag) {
+py::tuple choose_initial_intensities_py(const std::string& kind, const DoubleArray& correction,
+                                        const std::optional<DoubleArray>& prf_value,
+                                        const std::optional<DoubleArray>& prf_variance,
+                                        const std::optional<DoubleArray>& sum_value,
+                                        const std::optional<DoubleArray>& sum_variance,
+                                        const std::optional<DoubleArray>& partiality,
+                                        const std::optional<DoubleArray>& partiality_inv_variance,
+                                        const std::optional<UInt64Array>& flags, std::uint64_t prf_flag) {
   InitialIntensities which;
   if (kind == "profile") which = InitialIntensities::profile;
   else if (kind == "sum") which = InitialIntensities::sum;
   else if (kind == "combine") which = InitialIntensities::combine;
   else throw std::invalid_argument("kind must be profile, sum or combine (got " + kind + ")");
-  OptionalColumns cols;
-  const std::size_t n = rows_of(correction, "correction");
-  const double* c = cols.doubles(correction, n, "correction");
-  const double* pv = cols.doubles(prf_value, n, "prf_value");
-  const double* pvar = cols.doubles(prf_variance, n, "prf_variance");
-  const double* sv = cols.doubles(sum_value, n, "sum_value");
-  const double* svar = cols.doubles(sum_variance, n, "sum_variance");
-  const double* p = cols.doubles(partiality, n, "partiality");
-  const double* piv = cols.doubles(partiality_inv_variance, n, "partiality_inv_variance");
-  const std::uint64_t* f = cols.flags(flags, n);
+  const auto n = static_cast<std::size_t>(correction.size());
+  const double* c = row_array(correction, n, "correction", false);
+  const double* pv = optional_row_array(prf_value, n, "prf_value");
+  const double* pvar = optional_row_array(prf_variance, n, "prf_variance");
+  const double* sv = optional_row_array(sum_value, n, "sum_value");
+  const double* svar = optional_row_array(sum_variance, n, "sum_variance");
+  const double* p = optional_row_array(partiality, n, "partiality");
+  const double* piv = optional_row_array(partiality_inv_variance, n, "partiality_inv_variance");
+  const std::uint64_t* f = optional_int_rows(flags, n, "flags");
   DoubleArray intensity(static_cast<py::ssize_t>(n));
   DoubleArray variance(static_cast<py::ssize_t>(n));
   py::array_t<bool> not_positive(static_cast<py::ssize_t>(n));
