@@ -202,39 +202,43 @@ py::tuple block_functional_and_gradient(ModelBlock& b, const DoubleArray& params
   return py::make_tuple(f, gradient);
 }
 
-/// The blocks and their parameter vectors as the core's lists (the arrays stay owned by
-/// @p params, the blocks by @p blocks, for the call).
-void block_lists(const std::vector<std::shared_ptr<ModelBlock>>& blocks,
-                 const std::vector<DoubleArray>& params, std::vector<ModelBlock*>& raw,
-                 std::vector<const double*>& p, std::vector<std::size_t>& n) {
+/// The blocks and their parameter vectors as the core's lists (the arrays stay owned by the
+/// caller's @p params, the blocks by its @p blocks, for the call).
+struct BlockLists {
+  std::vector<ModelBlock*> blocks;
+  std::vector<const double*> params;
+  std::vector<std::size_t> n_params;
+};
+
+BlockLists block_lists(const std::vector<std::shared_ptr<ModelBlock>>& blocks,
+                       const std::vector<DoubleArray>& params) {
   if (params.size() != blocks.size())
     throw std::invalid_argument("params must hold one array per block (" +
                                 std::to_string(blocks.size()) + "), got " +
                                 std::to_string(params.size()));
+  BlockLists out;
   for (std::size_t k = 0; k < blocks.size(); ++k) {
     require_1d(params[k], "params");
-    raw.push_back(blocks[k].get());
-    p.push_back(params[k].data());
-    n.push_back(static_cast<std::size_t>(params[k].size()));
+    out.blocks.push_back(blocks[k].get());
+    out.params.push_back(params[k].data());
+    out.n_params.push_back(static_cast<std::size_t>(params[k].size()));
   }
+  return out;
 }
 
 py::tuple blocks_evaluate_scales(const std::vector<std::shared_ptr<ModelBlock>>& blocks,
                                  const std::vector<DoubleArray>& params, bool stop_at_bad,
                                  int n_threads) {
   require_threads(n_threads);
-  std::vector<ModelBlock*> raw;
-  std::vector<const double*> p;
-  std::vector<std::size_t> n;
-  block_lists(blocks, params, raw, p, n);
+  const BlockLists l = block_lists(blocks, params);
   std::size_t rows = 0;
-  for (const auto* b : raw) rows += b != nullptr ? b->n_rows() : 0;
+  for (const auto* b : l.blocks) rows += b != nullptr ? b->n_rows() : 0;
   DoubleArray g(static_cast<py::ssize_t>(rows));
   double* out = g.mutable_data();
   bool usable = true;
   {
     py::gil_scoped_release release;  // the blocks' terms hold converted buffers only
-    usable = evaluate_scales_of_blocks(raw, p, n, out, stop_at_bad, n_threads);
+    usable = evaluate_scales_of_blocks(l.blocks, l.params, l.n_params, out, stop_at_bad, n_threads);
   }
   return py::make_tuple(g, usable);
 }
@@ -242,12 +246,9 @@ py::tuple blocks_evaluate_scales(const std::vector<std::shared_ptr<ModelBlock>>&
 void blocks_evaluate(const std::vector<std::shared_ptr<ModelBlock>>& blocks,
                      const std::vector<DoubleArray>& params, int n_threads) {
   require_threads(n_threads);
-  std::vector<ModelBlock*> raw;
-  std::vector<const double*> p;
-  std::vector<std::size_t> n;
-  block_lists(blocks, params, raw, p, n);
+  const BlockLists l = block_lists(blocks, params);
   py::gil_scoped_release release;
-  evaluate_blocks(raw, p, n, n_threads);
+  evaluate_blocks(l.blocks, l.params, l.n_params, n_threads);
 }
 
 DoubleArray blocks_transpose_product(const std::vector<std::shared_ptr<ModelBlock>>& blocks,
@@ -255,12 +256,9 @@ DoubleArray blocks_transpose_product(const std::vector<std::shared_ptr<ModelBloc
                                      const DoubleArray& coefficients, int n_threads) {
   require_threads(n_threads);
   require_1d(coefficients, "coefficients");
-  std::vector<ModelBlock*> raw;
-  std::vector<const double*> p;
-  std::vector<std::size_t> n;
-  block_lists(blocks, params, raw, p, n);
+  const BlockLists l = block_lists(blocks, params);
   std::size_t rows = 0, cols = 0;
-  for (const auto* b : raw) {
+  for (const auto* b : l.blocks) {
     rows += b != nullptr ? b->n_rows() : 0;
     cols += b != nullptr ? b->n_cols() : 0;
   }
@@ -273,7 +271,7 @@ DoubleArray blocks_transpose_product(const std::vector<std::shared_ptr<ModelBloc
   double* o = out.mutable_data();
   {
     py::gil_scoped_release release;
-    transpose_product_of_blocks(raw, p, n, c, o, n_threads);
+    transpose_product_of_blocks(l.blocks, l.params, l.n_params, c, o, n_threads);
   }
   return out;
 }
