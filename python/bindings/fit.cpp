@@ -247,9 +247,10 @@ TableModels load_table_models(const py::list& items, std::size_t n_obs, std::siz
     auto item = items[k].cast<py::tuple>();
     if (item.size() != 5)
       throw std::invalid_argument(name + ": expected (block, params, first_row, column_offset, table_rows)");
+    if (!py::isinstance<ModelBlock>(item[0]))
+      throw py::type_error(name + ": block must be a ModelBlock (xtalscale._core.model_block)");
     TableModel m;
     m.block = item[0].cast<const ModelBlock*>();
-    if (m.block == nullptr) throw std::invalid_argument(name + ": block is None");
     if (!m.block->evaluates_rows())
       throw std::invalid_argument(name + ": a term of its model block does not evaluate row ranges");
     d.params.push_back(item[1].cast<DoubleArray>());
