@@ -65,7 +65,7 @@ struct TableModel {
 
 /// normal_equations of a table whose rows come from C++ model blocks, without forming any
 /// block's ∂g/∂p: the groups are cut into the parts normal_equations uses, each part into
-/// chunks of whole groups of about 2048 rows; per chunk each model's rows are evaluated into
+/// chunks of whole groups of about 1024 rows; per chunk each model's rows are evaluated into
 /// per-thread scratch (ModelBlock::evaluate_rows) and the chunk's terms added at once, while
 /// the derivatives are in cache. A part's terms are summed exactly as normal_equations sums
 /// them (the chunks only split its group loop), so the result is the same bits for any
