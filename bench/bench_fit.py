@@ -206,6 +206,7 @@ def physical_model_f_g(offsets, inten, w, rng):
     print(f"  the same in one pass (ModelBlock.functional_and_gradient, chunks of whole groups): "
           f"{t_f[0] / n * 1e9:6.1f} ns/obs, 2 threads {t_f[1] / n * 1e9:6.1f} ns/obs "
           f"(gradient agrees to {agree_fused:.1e}, f to {abs(f1 - f3) / f1:.1e})")
+    physical_model_normal_matrix(block, offsets, inten, w)
     # held between evaluations without dg/dp: the table (I, w, offsets), the terms' data, g
     terms = sum(block.core.term(i).nbytes for i in range(block.core.n_terms))
     held = offsets.nbytes + inten.nbytes + w.nbytes + terms + 8 * n  # + g
@@ -213,6 +214,37 @@ def physical_model_f_g(offsets, inten, w, rng):
     csr = block.core.indices.size * 12 + block.core.indptr.size * 8
     print(f"  bytes held for it: {held / n:.0f} B/obs (table, g and the model's terms {terms / n:.0f}, of which "
           f"the float32 harmonics {block.core.term(2).nbytes / n:.0f}); forming dg/dp adds {csr / n:.0f} B/obs of CSR")
+
+
+def physical_model_normal_matrix(block, offsets, inten, w):
+    """The normal matrix (kind dials) of the physical model's block *including the model's
+    evaluation*: through dg/dp (evaluate, then normal_equations reads the CSR) and fused
+    (model_normal_equations: rows evaluated chunk by chunk into per-thread scratch, no dg/dp
+    formed; the same bits). The two are timed in alternation, best of each."""
+    n = inten.size
+    rows = np.arange(n, dtype=np.int64)  # the block's rows are the table's, in order
+
+    def through_derivatives(nt):
+        g, jac = block.evaluate(nt)
+        one = (g, np.asarray(jac.indptr, np.int64), np.asarray(jac.indices, np.int32), np.asarray(jac.data),
+               jac.shape[1], 0, None)
+        return core_fit.normal_equations(offsets, inten, w, [one], jac.shape[1], kind="dials", n_threads=nt,
+                                         check_structure=False)
+
+    def fused(nt):
+        return core_fit.model_normal_equations(offsets, inten, w, [(block.core, block.parameters(), 0, 0, rows)],
+                                               block.core.n_cols, kind="dials", n_threads=nt)
+
+    same = all(np.array_equal(a, b) for a, b in zip(through_derivatives(1)[:2], fused(1)[:2]))
+    line = []
+    for nt in (1, 2):
+        t_d = t_f = float("inf")
+        for _ in range(5):
+            t_d = min(t_d, best_time(lambda nt=nt: through_derivatives(nt), 1))
+            t_f = min(t_f, best_time(lambda nt=nt: fused(nt), 1))
+        line.append(f"{nt} thread(s): through dg/dp {t_d / n * 1e9:6.1f} ns/obs, fused {t_f / n * 1e9:6.1f} ns/obs")
+    print("  normal matrix including the model's evaluation (kind dials), " + "; ".join(line)
+          + f" ({'the same bits' if same else 'NOT the same bits'})")
 
 
 def main():

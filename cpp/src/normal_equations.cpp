@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <exception>
 #include <string>
 #include <vector>
 
@@ -108,8 +109,11 @@ RowTerms row_terms(const GroupedObservations& t, const double* g, const double* 
   return rt;
 }
 
-/// Where each table row comes from: its block and the row within the block's view.
+/// Where each table row from @p first on comes from: its block and the row within the block's
+/// view (entry i: table row first + i). The whole table (first = 0) or, in the fused build, the
+/// table rows of one chunk of groups, whose views are that chunk's evaluated rows.
 struct RowSources {
+  std::size_t first = 0;
   std::vector<std::int32_t> block;
   std::vector<std::int64_t> row;
 };
@@ -180,12 +184,14 @@ struct DenseRun {
 /// fixed sample of its rows, if it has at least kMinRunColumns columns (else empty). It only
 /// picks the candidate: each row is checked when it is used (run_position), so a row without
 /// the run is still handled exactly. The sample depends on the data alone.
+/// Rows find_dense_run samples: row s · n_rows / samples for s < samples = min(n_rows, this).
+constexpr std::size_t kRunSampleRows = 256;
+
 DenseRun find_dense_run(const DerivativesView& v) {
-  constexpr std::size_t kSampleRows = 256;
   constexpr std::size_t kMinRunColumns = 8;
   DenseRun best;
   if (v.n_rows == 0 || v.n_cols < kMinRunColumns || !v.indptr) return best;
-  const std::size_t samples = std::min(v.n_rows, kSampleRows);
+  const std::size_t samples = std::min(v.n_rows, kRunSampleRows);
   std::vector<std::size_t> held(v.n_cols, 0);
   for (std::size_t s = 0; s < samples; ++s) {
     const std::size_t r = s * v.n_rows / samples;
@@ -477,14 +483,14 @@ struct PartWorkspace {
   std::vector<double> other_val;
   std::vector<RunPanel> panels;
   GroupQueue queue;
-  PartWorkspace(std::size_t n_params, const std::vector<FitBlock>& blocks,
+  /// @p column_offsets and @p runs: each block's first global column and dense run.
+  PartWorkspace(std::size_t n_params, const std::vector<std::size_t>& column_offsets,
                 const std::vector<DenseRun>& runs)
       : n(n_params), rhs(n_params, 0.0), b(n_params, 0.0),
         e(n_params, 0.0), row(n_params, 0.0), bits((n_params + 63) / 64, 0),
         other_col(n_params, 0), other_val(n_params, 0.0),
-        panels(blocks.size()), queue(n_params) {
-    for (std::size_t k = 0; k < blocks.size(); ++k)
-      panels[k].reset(runs[k], blocks[k].view.column_offset);
+        panels(runs.size()), queue(n_params) {
+    for (std::size_t k = 0; k < runs.size(); ++k) panels[k].reset(runs[k], column_offsets[k]);
   }
 
   /// The next part's terms go into @p into (the result), or, with nullptr, into the
@@ -891,20 +897,24 @@ std::vector<std::size_t> group_parts(const GroupedObservations& t, std::size_t n
   return bounds;
 }
 
-/// What every part reads.
+/// What the groups' terms read: the table, each block's view (indexed by RowSources::block),
+/// where each table row's derivatives are, and g in table order (all rows of the groups read).
 struct PartInputs {
   const GroupedObservations& t;
-  const std::vector<FitBlock>& blocks;
+  const DerivativesView* views;  ///< per block
   const RowSources& src;
   const double* g;         ///< scales in table order
   const double* fixed_Ih;  ///< nullptr: Ĩ eliminated
   bool dials;
 };
 
-/// All terms of the groups [g_first, g_last) into the workspace (zeroed by the caller): every
-/// observation is read once, in table order, and each group's sums are formed once.
+/// All terms of the groups [g_first, g_last) into the workspace: every observation is read
+/// once, in table order, and each group's sums are formed once. Terms may stay queued in the
+/// workspace (run panels, group queue) until finish_part: consecutive group ranges of one part
+/// may be added by consecutive calls (the fused build's chunks), with the same arithmetic as
+/// one call over their union.
 XS_MULTIVERSION
-void part_terms(const PartInputs& in, std::size_t g_first, std::size_t g_last, PartWorkspace& ws) {
+void group_terms(const PartInputs& in, std::size_t g_first, std::size_t g_last, PartWorkspace& ws) {
   const GroupedObservations& t = in.t;
   for (std::size_t h = g_first; h < g_last; ++h) {
     const GroupElimination ge = group_elimination(t, in.g, h, in.fixed_Ih != nullptr);
@@ -915,10 +925,11 @@ void part_terms(const PartInputs& in, std::size_t g_first, std::size_t g_last, P
           row_coefficients(t, in.g, static_cast<std::size_t>(l), ge, in.fixed_Ih);
       ws.r_sq += rc.r_sq;
       if (!ge.has_terms) continue;  // singleton or empty group: no information on p
-      const auto blk = static_cast<std::size_t>(in.src.block[l]);
-      const DerivativesView& v = in.blocks[blk].view;
+      const auto source = static_cast<std::size_t>(l) - in.src.first;
+      const auto blk = static_cast<std::size_t>(in.src.block[source]);
+      const DerivativesView& v = in.views[blk];
       if (v.n_cols == 0) continue;
-      const auto r = static_cast<std::size_t>(in.src.row[l]);
+      const auto r = static_cast<std::size_t>(in.src.row[source]);
       const std::int64_t first = v.indptr[r];
       const std::int64_t last = v.indptr[r + 1];
       if (first == last) continue;
@@ -947,39 +958,32 @@ void part_terms(const PartInputs& in, std::size_t g_first, std::size_t g_last, P
     }
     if (eliminate && col_min <= col_max) group_update(ws, ge.inv_s, in.dials, col_min, col_max);
   }
-  flush_groups(ws, in.dials);
+}
+
+/// The part's queued terms (group queue, run panels) into its matrix.
+void finish_part(PartWorkspace& ws, bool dials) {
+  flush_groups(ws, dials);
   for (RunPanel& panel : ws.panels) flush_run_panel(ws, panel);
 }
 
-}  // namespace
-
-NormalEquationsSummary normal_equations(const GroupedObservations& t,
-                                        const std::vector<FitBlock>& blocks, std::size_t n,
-                                        double* matrix, double* rhs, NormalMatrixKind kind,
-                                        const double* fixed_Ih, int n_threads, bool accumulate) {
-  std::vector<double> g(t.n_obs);
-  gather_scales(blocks, g.data(), n_threads);
-  const RowSources src = row_sources(t, blocks, n_threads);
-  std::vector<DenseRun> runs;
-  for (const FitBlock& b : blocks) runs.push_back(find_dense_run(b.view));
-  if (!accumulate) {
-    std::fill(matrix, matrix + n * n, 0.0);
-    std::fill(rhs, rhs + n, 0.0);
-  }
-  const auto parts = group_parts(t, n);
-  const std::size_t n_parts = parts.size() - 1;
+/// The parts' sum into @p matrix (unfolded) and @p rhs, returning Σ w r². Each thread makes its
+/// state with make_state() (a struct whose member ws is its PartWorkspace); part_terms(state, p)
+/// adds part p's terms to state.ws, which is zeroed for it. Part 0's terms go straight into
+/// the result (no private matrix to zero and add: 11 MB per block at 1,176 parameters); each
+/// later part is summed into a thread's private matrix and added to the result in part order
+/// (ordered region). The summation order of every element is fixed by the data, the same for
+/// any thread count. part_terms must not throw (no exception may leave an OpenMP region).
+template <class MakeState, class PartTerms>
+double sum_parts(std::size_t n_parts, std::size_t n, int n_threads, double* matrix, double* rhs,
+                 MakeState make_state, PartTerms part_terms) {
   const int nt = std::max(1, std::min<int>(n_threads, static_cast<int>(n_parts)));
-  const PartInputs in{t, blocks, src, g.data(), fixed_Ih, kind == NormalMatrixKind::dials};
   double r_sq = 0.0;
-  // Part 0's terms go straight into the result (no private matrix to zero and add: 11 MB per
-  // block at 1,176 parameters); each later part is summed into a thread's private matrix and
-  // added to the result in part order (ordered region). The summation order of every element
-  // is fixed by the data, the same for any nt.
-  auto run_part = [&](PartWorkspace& ws, std::size_t p) {
+  auto run_part = [&](auto& state, std::size_t p) {
+    PartWorkspace& ws = state.ws;
     ws.use_matrix(p == 0 ? matrix : nullptr);
     std::fill(ws.rhs.begin(), ws.rhs.end(), 0.0);
     ws.r_sq = 0.0;
-    part_terms(in, parts[p], parts[p + 1], ws);
+    part_terms(state, p);
   };
   auto add_part = [&](const PartWorkspace& ws, std::size_t p) {
     if (p != 0) {
@@ -992,26 +996,230 @@ NormalEquationsSummary normal_equations(const GroupedObservations& t,
 #ifdef _OPENMP
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
-    PartWorkspace ws(n, blocks, runs);
+    auto state = make_state();
     const auto count = static_cast<std::int64_t>(n_parts);
 #pragma omp for ordered schedule(static, 1)
     for (std::int64_t p = 0; p < count; ++p) {
-      run_part(ws, static_cast<std::size_t>(p));
+      run_part(state, static_cast<std::size_t>(p));
 #pragma omp ordered
-      add_part(ws, static_cast<std::size_t>(p));
+      add_part(state.ws, static_cast<std::size_t>(p));
     }
   }
 #else
   {
-    PartWorkspace ws(n, blocks, runs);
+    (void)nt;
+    auto state = make_state();
     for (std::size_t p = 0; p < n_parts; ++p) {
-      run_part(ws, p);
-      add_part(ws, p);
+      run_part(state, p);
+      add_part(state.ws, p);
     }
   }
 #endif
+  return r_sq;
+}
+
+/// A thread's state in the whole-table build: its workspace alone.
+struct TableState {
+  PartWorkspace ws;
+};
+
+}  // namespace
+
+NormalEquationsSummary normal_equations(const GroupedObservations& t,
+                                        const std::vector<FitBlock>& blocks, std::size_t n,
+                                        double* matrix, double* rhs, NormalMatrixKind kind,
+                                        const double* fixed_Ih, int n_threads, bool accumulate) {
+  std::vector<double> g(t.n_obs);
+  gather_scales(blocks, g.data(), n_threads);
+  const RowSources src = row_sources(t, blocks, n_threads);
+  std::vector<DerivativesView> views;
+  std::vector<std::size_t> column_offsets;
+  std::vector<DenseRun> runs;
+  for (const FitBlock& b : blocks) {
+    views.push_back(b.view);
+    column_offsets.push_back(b.view.column_offset);
+    runs.push_back(find_dense_run(b.view));
+  }
+  if (!accumulate) {
+    std::fill(matrix, matrix + n * n, 0.0);
+    std::fill(rhs, rhs + n, 0.0);
+  }
+  const auto parts = group_parts(t, n);
+  const bool dials = kind == NormalMatrixKind::dials;
+  const PartInputs in{t, views.data(), src, g.data(), fixed_Ih, dials};
+  const double r_sq = sum_parts(
+      parts.size() - 1, n, n_threads, matrix, rhs,
+      [&] { return TableState{PartWorkspace(n, column_offsets, runs)}; },
+      [&](TableState& state, std::size_t p) {
+        group_terms(in, parts[p], parts[p + 1], state.ws);
+        finish_part(state.ws, dials);
+      });
   if (!accumulate) fold_normal_matrix(n, matrix);
   return {r_sq, t.n_obs};
+}
+
+namespace {
+
+/// The dense run find_dense_run finds on a model's evaluated rows [first_row, first_row + n_rows),
+/// from the pattern of its sampled rows alone (each active term's pattern_rows, columns shifted
+/// to the block's): the rows are sampled as there, so the run is the one the whole-table build
+/// finds on the model block's matrix, and no value is evaluated.
+DenseRun model_dense_run(const TableModel& m) {
+  const ModelBlock& block = *m.block;
+  const std::size_t samples = std::min(m.n_rows, kRunSampleRows);
+  std::vector<std::int64_t> indptr{0};
+  std::vector<std::int32_t> indices;
+  std::int64_t term_indptr[2] = {0, 0};
+  std::vector<std::int32_t> term_indices;
+  for (std::size_t s = 0; s < samples; ++s) {
+    const std::size_t r = m.first_row + s * m.n_rows / samples;
+    for (std::size_t k = 0; k < block.n_terms(); ++k) {
+      const ModelTerm& term = block.term(k);
+      if (!block.active(k) || term.n_cols() == 0) continue;
+      term_indices.resize(term.n_cols());
+      term.pattern_rows(r, 1, term_indptr, term_indices.data());
+      for (auto q = term_indptr[0]; q < term_indptr[1]; ++q)
+        indices.push_back(static_cast<std::int32_t>(block.column_start(k)) + term_indices[q]);
+    }
+    indptr.push_back(static_cast<std::int64_t>(indices.size()));
+  }
+  DerivativesView sampled;  // the sampled rows only: find_dense_run then samples each of them
+  sampled.n_rows = samples;
+  sampled.n_cols = block.n_cols();
+  sampled.indptr = indptr.data();
+  sampled.indices = indices.data();
+  return find_dense_run(sampled);
+}
+
+/// Table rows per chunk of the fused build: the chunk's ∂g/∂p (~460 B a row at the physical
+/// model's ~38 derivatives, ~0.5 MB) stays in L2 while its groups' terms are added. Measured
+/// on a 60k-row physical-model block (1 thread): 1024 rows beat 2048 and 4096.
+constexpr std::int64_t kFusedChunkRows = 1024;
+
+/// A thread's state in the fused build: its workspace, and per model its evaluated rows of
+/// the current chunk (scratch and view); where each of the chunk's table rows comes from.
+struct FusedState {
+  PartWorkspace ws;
+  std::vector<RowsScratch> scratch;
+  std::vector<DerivativesView> views;
+  RowSources src;
+  bool scales_usable = true;
+};
+
+/// Evaluate every model's rows of the groups [h_first, h_last) into the state (views and row
+/// sources of these table rows) and their g into @p g_table. A model's rows of a run of groups
+/// are consecutive (its table rows ascend), found by bisection.
+void evaluate_chunk(const GroupedObservations& t, const std::vector<TableModel>& models,
+                    std::size_t h_first, std::size_t h_last, FusedState& state, double* g_table) {
+  const std::int64_t row_lo = t.group_offsets[h_first], row_hi = t.group_offsets[h_last];
+  RowSources& src = state.src;
+  src.first = static_cast<std::size_t>(row_lo);
+  src.block.resize(static_cast<std::size_t>(row_hi - row_lo));
+  src.row.resize(static_cast<std::size_t>(row_hi - row_lo));
+  for (std::size_t k = 0; k < models.size(); ++k) {
+    const TableModel& m = models[k];
+    const std::int64_t* lo = std::lower_bound(m.table_rows, m.table_rows + m.n_rows, row_lo);
+    const std::int64_t* hi = std::lower_bound(lo, m.table_rows + m.n_rows, row_hi);
+    const auto count = static_cast<std::size_t>(hi - lo);
+    DerivativesView& v = state.views[k];
+    v = DerivativesView{};
+    v.n_cols = m.block->n_cols();
+    v.column_offset = m.column_offset;
+    if (count == 0) continue;  // no row of this chunk refers to the model
+    RowsScratch& rows = state.scratch[k];
+    m.block->evaluate_rows(m.params, m.n_params, m.first_row + static_cast<std::size_t>(lo - m.table_rows),
+                           count, rows);
+    v.n_rows = count;
+    v.scales = rows.g.data();
+    v.indptr = rows.indptr.data();
+    v.indices = rows.indices.data();
+    v.values = rows.values.data();
+    for (std::size_t i = 0; i < count; ++i) {
+      const auto l = static_cast<std::size_t>(lo[i]);
+      src.block[l - src.first] = static_cast<std::int32_t>(k);
+      src.row[l - src.first] = static_cast<std::int64_t>(i);
+      const double g = rows.g[i];
+      g_table[l] = g;
+      state.scales_usable = state.scales_usable && std::isfinite(g) && g > 0.0;
+    }
+  }
+}
+
+/// Each table row's least-squares Ĩ from g in table order. Here, outside the kernels compiled
+/// for several instruction sets, the group sums are formed as calc_Ih and calc_Ih_rows form
+/// them (a kernel's copy may fuse their multiply-adds): the Ĩ a caller stores is theirs, bit
+/// for bit.
+void least_squares_Ih_rows(const GroupedObservations& t, const double* g_table, double* Ih_table) {
+  for (std::size_t h = 0; h < t.n_groups; ++h) {
+    const detail::GroupSums sums = detail::group_sums(t, g_table, h);
+    const double ih = sums.wgg > 0.0 ? sums.wgi / sums.wgg : 0.0;
+    std::fill(Ih_table + t.group_offsets[h], Ih_table + t.group_offsets[h + 1], ih);
+  }
+}
+
+/// The end of the chunk of groups starting at @p h_first within [h_first, h_last): whole groups
+/// up to kFusedChunkRows rows (at least one group, however long).
+std::size_t chunk_end(const GroupedObservations& t, std::size_t h_first, std::size_t h_last) {
+  const std::int64_t* offsets = t.group_offsets;
+  const std::int64_t* past = std::upper_bound(offsets + h_first + 1, offsets + h_last + 1,
+                                              offsets[h_first] + kFusedChunkRows);
+  return std::max(h_first + 1, static_cast<std::size_t>(past - offsets) - 1);
+}
+
+}  // namespace
+
+NormalEquationsSummary model_normal_equations(const GroupedObservations& t,
+                                              const std::vector<TableModel>& models, std::size_t n,
+                                              double* matrix, double* rhs, double* g_table,
+                                              double* Ih_table, NormalMatrixKind kind,
+                                              const double* fixed_Ih, int n_threads,
+                                              bool accumulate) {
+  std::vector<std::size_t> column_offsets;
+  std::vector<DenseRun> runs;
+  for (const TableModel& m : models) {
+    column_offsets.push_back(m.column_offset);
+    runs.push_back(model_dense_run(m));
+  }
+  if (!accumulate) {
+    std::fill(matrix, matrix + n * n, 0.0);
+    std::fill(rhs, rhs + n, 0.0);
+  }
+  // the parts of the whole-table build: with the same g and ∂g/∂p, the same bits
+  const auto parts = group_parts(t, n);
+  const std::size_t n_parts = parts.size() - 1;
+  const bool dials = kind == NormalMatrixKind::dials;
+  std::vector<std::exception_ptr> errors(n_parts);
+  std::vector<char> usable(n_parts, 1);
+  const double r_sq = sum_parts(
+      n_parts, n, n_threads, matrix, rhs,
+      [&] {
+        return FusedState{PartWorkspace(n, column_offsets, runs),
+                          std::vector<RowsScratch>(models.size()),
+                          std::vector<DerivativesView>(models.size()), RowSources{}, true};
+      },
+      [&](FusedState& state, std::size_t p) {
+        try {
+          state.scales_usable = true;
+          for (std::size_t h = parts[p]; h < parts[p + 1];) {
+            const std::size_t h_end = chunk_end(t, h, parts[p + 1]);
+            evaluate_chunk(t, models, h, h_end, state, g_table);
+            const PartInputs in{t, state.views.data(), state.src, g_table, fixed_Ih, dials};
+            group_terms(in, h, h_end, state.ws);
+            h = h_end;
+          }
+          finish_part(state.ws, dials);
+          usable[p] = state.scales_usable ? 1 : 0;
+        } catch (...) {  // no exception may leave the OpenMP region: rethrown below
+          errors[p] = std::current_exception();
+        }
+      });
+  for (const auto& e : errors)
+    if (e) std::rethrow_exception(e);
+  if (!accumulate) fold_normal_matrix(n, matrix);
+  if (Ih_table && !fixed_Ih) least_squares_Ih_rows(t, g_table, Ih_table);
+  NormalEquationsSummary summary{r_sq, t.n_obs};
+  summary.scales_usable = std::all_of(usable.begin(), usable.end(), [](char u) { return u != 0; });
+  return summary;
 }
 
 void fold_normal_matrix(std::size_t n, double* matrix) {

@@ -228,6 +228,126 @@ py::tuple normal_equations_py(const Int64Array& offsets, const DoubleArray& inte
   return py::make_tuple(matrix, rhs, s.r_sq, s.n_equations);
 }
 
+/// The models of model_normal_equations_py, checked, with the arrays they point into.
+struct TableModels {
+  std::vector<DoubleArray> params;
+  std::vector<Int64Array> rows;
+  std::vector<TableModel> models;
+};
+
+/// Load (block, params, first_row, column_offset, table_rows) tuples: each block evaluates row
+/// ranges, its parameters are finite and of its count, its rows [first_row, first_row +
+/// len(table_rows)) lie within it, its columns within n_params, and the table rows of each
+/// model ascend strictly while all the models' rows cover each table row once.
+TableModels load_table_models(const py::list& items, std::size_t n_obs, std::size_t n_params) {
+  TableModels d;
+  std::vector<char> covered(n_obs, 0);
+  for (std::size_t k = 0; k < items.size(); ++k) {
+    const std::string name = "model " + std::to_string(k);
+    auto item = items[k].cast<py::tuple>();
+    if (item.size() != 5)
+      throw std::invalid_argument(name + ": expected (block, params, first_row, column_offset, table_rows)");
+    if (!py::isinstance<ModelBlock>(item[0]))
+      throw py::type_error(name + ": block must be a ModelBlock (xtalscale._core.model_block)");
+    TableModel m;
+    m.block = item[0].cast<const ModelBlock*>();
+    if (!m.block->evaluates_rows())
+      throw std::invalid_argument(name + ": a term of its model block does not evaluate row ranges");
+    d.params.push_back(item[1].cast<DoubleArray>());
+    require_1d(d.params.back(), m.block->n_params(), name + " params");
+    require_finite(d.params.back().data(), m.block->n_params(), (name + " params").c_str());
+    m.params = d.params.back().data();
+    m.n_params = m.block->n_params();
+    const auto first_row = item[2].cast<std::int64_t>();
+    const auto offset = item[3].cast<std::int64_t>();
+    if (first_row < 0 || offset < 0)
+      throw std::invalid_argument(name + ": first_row and column_offset must be >= 0");
+    d.rows.push_back(item[4].cast<Int64Array>());
+    const Int64Array& rows = d.rows.back();
+    if (rows.ndim() != 1) throw std::invalid_argument(name + " table_rows must be 1-dimensional");
+    m.first_row = static_cast<std::size_t>(first_row);
+    m.n_rows = static_cast<std::size_t>(rows.size());
+    if (m.first_row > m.block->n_rows() || m.n_rows > m.block->n_rows() - m.first_row)
+      throw std::invalid_argument(name + ": rows [" + std::to_string(m.first_row) + ", " +
+                                  std::to_string(m.first_row + m.n_rows) + ") outside its block's " +
+                                  std::to_string(m.block->n_rows()) + " rows");
+    m.column_offset = static_cast<std::size_t>(offset);
+    if (m.column_offset + m.block->n_cols() > n_params)
+      throw std::invalid_argument(name + ": columns [" + std::to_string(m.column_offset) + ", " +
+                                  std::to_string(m.column_offset + m.block->n_cols()) +
+                                  ") outside n_params = " + std::to_string(n_params));
+    m.table_rows = rows.data();
+    for (std::size_t r = 0; r < m.n_rows; ++r) {
+      const std::int64_t l = m.table_rows[r];
+      if (l < 0 || static_cast<std::size_t>(l) >= n_obs)
+        throw std::invalid_argument(name + " table_rows[" + std::to_string(r) + "] = " +
+                                    std::to_string(l) + " outside the table's " +
+                                    std::to_string(n_obs) + " rows");
+      if (r > 0 && l <= m.table_rows[r - 1])
+        throw std::invalid_argument(name + " table_rows must ascend strictly (the model's rows in "
+                                           "group order); row " + std::to_string(r) + " does not");
+      if (covered[static_cast<std::size_t>(l)]++)
+        throw std::invalid_argument(name + ": table row " + std::to_string(l) +
+                                    " is also another model's row");
+    }
+    d.models.push_back(m);
+  }
+  for (std::size_t l = 0; l < n_obs; ++l)
+    if (!covered[l])
+      throw std::invalid_argument("table row " + std::to_string(l) + " is no model's row");
+  return d;
+}
+
+py::tuple model_normal_equations_py(const Int64Array& offsets, const DoubleArray& intensities,
+                                    const DoubleArray& weights, const py::list& models,
+                                    std::int64_t n_params, const std::string& kind,
+                                    const std::optional<DoubleArray>& fixed_Ih, int n_threads,
+                                    const py::object& out) {
+  if (n_params < 0) throw std::invalid_argument("n_params must be >= 0");
+  if (kind != "schur" && kind != "dials")
+    throw std::invalid_argument("kind must be 'schur' or 'dials' (got '" + kind + "')");
+  require_threads(n_threads);
+  CallData d;
+  load_table(d, offsets, intensities, weights);
+  const TableModels tm = load_table_models(models, d.table.n_obs, static_cast<std::size_t>(n_params));
+  const double* fixed = optional_rows(fixed_Ih, d.table.n_obs, "fixed_Ih");
+  const auto p = static_cast<py::ssize_t>(n_params);
+  const bool accumulate = !out.is_none();
+  py::array_t<double> matrix, rhs;
+  if (accumulate) {
+    const auto pair = out.cast<py::tuple>();
+    if (pair.size() != 2) throw std::invalid_argument("out must be a (matrix, rhs) pair");
+    matrix = writable_doubles(pair[0], {p, p}, "out matrix");
+    rhs = writable_doubles(pair[1], {p}, "out rhs");
+  } else {
+    matrix = py::array_t<double>({p, p});
+    rhs = py::array_t<double>(p);
+  }
+  const auto n_obs = static_cast<py::ssize_t>(d.table.n_obs);
+  DoubleArray g(n_obs);
+  std::optional<DoubleArray> ih;
+  if (!fixed) ih.emplace(n_obs);
+  NormalEquationsSummary s;
+  {
+    py::gil_scoped_release release;
+    s = model_normal_equations(d.table, tm.models, static_cast<std::size_t>(n_params),
+                               matrix.mutable_data(), rhs.mutable_data(), g.mutable_data(),
+                               ih ? ih->mutable_data() : nullptr,
+                               kind == "dials" ? NormalMatrixKind::dials : NormalMatrixKind::schur,
+                               fixed, n_threads, accumulate);
+  }
+  if (s.scales_usable) {  // finite scales: a non-finite result is a derivative's or an overflow
+    bool finite = std::isfinite(s.r_sq);
+    for (py::ssize_t j = 0; j < p; ++j) finite = finite && std::isfinite(rhs.data()[j]);
+    for (py::ssize_t j = 0; j < p * p && finite; ++j) finite = std::isfinite(matrix.data()[j]);
+    if (!finite)
+      throw std::invalid_argument("the normal equations are not finite: a model's derivatives are "
+                                  "not finite, or the terms overflowed");
+  }
+  return py::make_tuple(matrix, rhs, s.r_sq, s.n_equations, g,
+                        ih ? py::object(*ih) : py::object(py::none()), s.scales_usable);
+}
+
 void fold_normal_matrix_py(const py::object& matrix) {
   if (!py::isinstance<py::array>(matrix)) throw std::invalid_argument("matrix must be a numpy array");
   const auto n = py::reinterpret_borrow<py::array>(matrix).shape(0);
@@ -421,6 +541,15 @@ void bind_fit(py::module_& m) {
         "Normal matrix (Ih eliminated) and rhs -J^T W r: returns (matrix, rhs, r_sq, n_equations).\n"
         "out=(matrix, rhs): add this table's terms to those float64 arrays instead (the matrix\n"
         "unfolded: call fold_normal_matrix once after the last block); they are returned.");
+  m.def("model_normal_equations", &model_normal_equations_py, py::arg("group_offsets"),
+        py::arg("intensities"), py::arg("weights"), py::arg("models"), py::arg("n_params"),
+        py::arg("kind") = "schur", py::arg("fixed_Ih") = py::none(), py::arg("n_threads") = 1,
+        py::arg("out") = py::none(),
+        "normal_equations with the blocks' rows evaluated chunk by chunk from C++ model blocks,\n"
+        "no dg/dp formed. models: (ModelBlock, params, first_row, column_offset, table_rows)\n"
+        "tuples, table_rows strictly ascending. Returns (matrix, rhs, r_sq, n_equations, g, Ih |\n"
+        "None, scales_usable), g and Ih per table row (Ih None with fixed_Ih); scales_usable\n"
+        "False when some g is not finite and > 0 (the matrix is then meaningless).");
   m.def("fold_normal_matrix", &fold_normal_matrix_py, py::arg("matrix"),
         "Make a matrix accumulated by normal_equations(out=...) symmetric, in place.");
   m.def("normal_matrix_diagonal", &normal_matrix_diagonal_py, py::arg("group_offsets"),

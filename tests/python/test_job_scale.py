@@ -693,19 +693,26 @@ def test_imid_refit_restores_the_models_and_matches_dials_without_it():
 
 def test_streamed_blocks_give_the_unstreamed_fit(monkeypatch):
     """Large minimisation tables are cut into blocks of whole groups whose derivatives are
-    evaluated, consumed and freed one at a time (stream_derivatives), and the final expansion
-    with variances goes in chunks: forced here on sweeps 20+25 (~5,500 rows, blocks of 1,000),
-    the scales and their variances equal the unstreamed job's to rounding."""
+    evaluated, consumed and freed one at a time (stream_derivatives; the fused normal
+    equations evaluate a block's rows in chunks instead and hand back its g and Ĩ), and the
+    final expansion with variances goes in chunks: forced here on sweeps 20+25 (~5,500 rows,
+    blocks of 1,000), the scales and their variances equal the unstreamed job's to rounding."""
     from xtalscale.job import scaler as scaler_module
 
-    released = []
-    original = scaler_module.ScalerBase.release_block_derivatives
+    released = []  # blocks whose derivatives were released, or whose fused g were taken
+    release, take = scaler_module.ScalerBase.release_block_derivatives, scaler_module.ScalerBase.take_block_scales
 
-    def spy(self, apm, block_id):
+    def release_spy(self, apm, block_id):
         released.append(block_id)
-        return original(self, apm, block_id)
+        return release(self, apm, block_id)
 
-    monkeypatch.setattr(scaler_module.ScalerBase, "release_block_derivatives", spy)
+    def take_spy(self, apm, block_id, *args):
+        if self.stream_derivatives:
+            released.append(block_id)
+        return take(self, apm, block_id, *args)
+
+    monkeypatch.setattr(scaler_module.ScalerBase, "release_block_derivatives", release_spy)
+    monkeypatch.setattr(scaler_module.ScalerBase, "take_block_scales", take_spy)
 
     def run(stream):
         if stream:

@@ -30,6 +30,9 @@ enum class NormalMatrixKind : int {
 struct NormalEquationsSummary {
   double r_sq = 0.0;          ///< Σ w r²
   std::size_t n_equations = 0;  ///< table rows (every row counts, as DIALS's add_equations)
+  /// model_normal_equations only: false when some evaluated g was not finite and > 0 (the
+  /// matrix and rhs are then meaningless; the caller rejects the point)
+  bool scales_usable = true;
 };
 
 /// Build the dense normal matrix (n_params x n_params, row-major, both triangles written) into
@@ -43,6 +46,38 @@ struct NormalEquationsSummary {
 XTALSCALE_EXPORT NormalEquationsSummary normal_equations(
     const GroupedObservations& table, const std::vector<FitBlock>& blocks,
     std::size_t n_params, double* matrix, double* rhs,
+    NormalMatrixKind kind = NormalMatrixKind::schur, const double* fixed_Ih = nullptr,
+    int n_threads = 1, bool accumulate = false);
+
+/// One model block's rows in a table, for model_normal_equations: the block's rows
+/// [first_row, first_row + n_rows), evaluated at @p params, are the table rows @p table_rows.
+struct TableModel {
+  const ModelBlock* block = nullptr;  ///< needs evaluates_rows()
+  const double* params = nullptr;     ///< block->n_params() values
+  std::size_t n_params = 0;           ///< length of params
+  std::size_t first_row = 0;          ///< first block row used
+  std::size_t n_rows = 0;             ///< block rows used
+  std::size_t column_offset = 0;      ///< global parameter of the block's column 0
+  /// table row of each used row (n_rows values), strictly ascending: the model's rows are in
+  /// group order, so that the rows of a run of groups are consecutive rows of the model
+  const std::int64_t* table_rows = nullptr;
+};
+
+/// normal_equations of a table whose rows come from C++ model blocks, without forming any
+/// block's ∂g/∂p: the groups are cut into the parts normal_equations uses, each part into
+/// chunks of whole groups of about 1024 rows; per chunk each model's rows are evaluated into
+/// per-thread scratch (ModelBlock::evaluate_rows) and the chunk's terms added at once, while
+/// the derivatives are in cache. A part's terms are summed exactly as normal_equations sums
+/// them (the chunks only split its group loop), so the result is the same bits for any
+/// @p n_threads and the same bits as normal_equations on the blocks' evaluate() output.
+/// Writes g of every table row into @p g_table (n_obs values) and, with Ĩ eliminated, each
+/// row's least-squares Ĩ into @p Ih_table (optional, n_obs values). The models' rows must
+/// cover each table row once (checked by the caller, as are the parameter counts, row ranges
+/// and columns). summary.scales_usable is false when some g is not finite and > 0.
+/// @throws std::invalid_argument as ModelBlock::evaluate_rows.
+XTALSCALE_EXPORT NormalEquationsSummary model_normal_equations(
+    const GroupedObservations& table, const std::vector<TableModel>& models,
+    std::size_t n_params, double* matrix, double* rhs, double* g_table, double* Ih_table = nullptr,
     NormalMatrixKind kind = NormalMatrixKind::schur, const double* fixed_Ih = nullptr,
     int n_threads = 1, bool accumulate = false);
 

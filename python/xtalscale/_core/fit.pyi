@@ -44,6 +44,19 @@ def normal_equations(
     out: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None = None,
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], float, int]: ...
 
+def model_normal_equations(
+    group_offsets: npt.ArrayLike,
+    intensities: npt.ArrayLike,
+    weights: npt.ArrayLike,
+    models: list[tuple[Any, npt.ArrayLike, int, int, npt.ArrayLike]],
+    n_params: int,
+    kind: str = "schur",
+    fixed_Ih: npt.ArrayLike | None = None,
+    n_threads: int = 1,
+    out: tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]] | None = None,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], float, int, npt.NDArray[np.float64],
+           npt.NDArray[np.float64] | None, bool]: ...
+
 def fold_normal_matrix(matrix: npt.NDArray[np.float64]) -> None: ...
 
 def normal_matrix_diagonal(

@@ -106,6 +106,9 @@ class ScalerObjective:
         self.matrix_free = True
         self._free_target: tuple[Any] | None = None  # (target or None), found once: see _matrix_free
         self._update_takes: frozenset[str] | None = None  # see _update_arguments
+        #: normal equations straight from the scaler's C++ model blocks where it offers them
+        #: (:meth:`_fused_target`: no ∂g/∂p formed, the same bits); False: the derivative way
+        self.fused_normal_equations = True
 
     def _blocks(self) -> list[Any]:
         getter = getattr(self.scaler, "get_blocks_for_minimisation", None)
@@ -208,6 +211,57 @@ class ScalerObjective:
             self._free_target = (inner if usable else None,)
         return self._free_target[0]
 
+    def _fused_target(self) -> Any:
+        """The target when the normal equations may be built straight from the scaler's model
+        blocks (``scaler.table_models``, evaluated chunk by chunk in C++ with no ∂g/∂p formed):
+        :meth:`_matrix_free`'s conditions, a target with ``compute_model_normal_equations``
+        and Ĩ eliminated (a fixed Ĩ keeps the derivative way, where the scaler's update sets
+        the Ĩ it holds), else None."""
+        if not self.fused_normal_equations:
+            return None
+        inner = self._matrix_free()
+        usable = (inner is not None and hasattr(inner, "compute_model_normal_equations")
+                  and not getattr(inner, "fixed_Ih", False) and hasattr(self.scaler, "table_models")
+                  and hasattr(self.scaler, "take_block_scales"))
+        return inner if usable else None
+
+    def _fused_terms(self, inner: Any, matrix: np.ndarray, rhs: np.ndarray,
+                     check_scales: bool) -> tuple[float, int]:
+        """Every block's terms added to ``matrix`` (unfolded) and ``rhs``: from its model blocks
+        (the g and Ĩ evaluated on the way stored back on the block) where the scaler gives
+        them, else from its derivatives as :meth:`normal_equations` adds them. Raises
+        NonFiniteScales for a block whose g is not finite and > 0."""
+        r_sq, n_eq = 0.0, 0
+        for block_id, block in enumerate(self._blocks()):
+            models = self.scaler.table_models(self.apm, block_id)
+            if models is None:
+                _, _, sb, eb = self._derivative_terms(inner, block_id, block, matrix, rhs, check_scales)
+            else:
+                with np.errstate(over="ignore", invalid="ignore"):
+                    _, _, sb, eb, g, ih, usable = inner.compute_model_normal_equations(
+                        block, models, matrix.shape[0], out=(matrix, rhs))
+                self.scaler.take_block_scales(self.apm, block_id, g, ih)
+                if not usable:
+                    raise NonFiniteScales("scales are not finite and > 0")
+            r_sq += sb
+            n_eq += eb
+        return r_sq, n_eq
+
+    def _derivative_terms(self, inner: Any, block_id: int, block: Any, matrix: np.ndarray, rhs: np.ndarray,
+                          check_scales: bool) -> tuple[Any, ...]:
+        """One block's terms added to ``matrix`` and ``rhs`` from its ∂g/∂p (evaluated for it,
+        released afterwards when streaming), as :meth:`_each_block` serves it."""
+        if check_scales:
+            with np.errstate(over="ignore", invalid="ignore"):
+                self._update(block_id, True, check_scales=True)
+            require_usable_scales(np.asarray(block.inverse_scale_factors))
+        else:
+            self._update(block_id, True)
+        terms = inner.compute_normal_equations(block, out=(matrix, rhs))
+        if self._streaming():
+            self.scaler.release_block_derivatives(self.apm, block_id)
+        return terms
+
     def f_and_grad(self) -> tuple[float, np.ndarray]:
         f, grad = 0.0, np.zeros(self.n_params)
         inner = self._matrix_free()
@@ -242,14 +296,13 @@ class ScalerObjective:
         self.apm.set_param_vals(np.asarray(x, dtype=np.float64))
         return self.normal_equations(check_scales=True)
 
-    def normal_equations(self, check_scales: bool = False) -> tuple[np.ndarray, np.ndarray, float, int]:
-        reduce = getattr(self.apm, "reducing_matrix", None)
-        n_full = reduce.shape[0] if reduce is not None else self.n_params
-        matrix, rhs, r_sq, n_eq = np.zeros((n_full, n_full)), np.zeros(n_full), 0.0, 0
-        inner = getattr(self.apm, "target", None) or self.target
-        in_place = _sums_in_place(inner)
+    def _block_terms(self, inner: Any, in_place: bool, matrix: np.ndarray, rhs: np.ndarray,
+                     check_scales: bool) -> tuple[float, int]:
+        """Every block's terms added to ``matrix`` and ``rhs`` (unfolded when ``in_place``) from
+        its ∂g/∂p; returns ``(Σ w r², n_equations)``."""
+        r_sq, n_eq = 0.0, 0
         for block in self._each_block(check_scales=check_scales):
-            if in_place:  # the blocks' terms summed into matrix and rhs, folded once below
+            if in_place:  # the blocks' terms summed into matrix and rhs, folded by the caller
                 _, _, sb, eb = inner.compute_normal_equations(block, out=(matrix, rhs))
                 r_sq += sb
                 n_eq += eb
@@ -265,6 +318,19 @@ class ScalerObjective:
             rhs += rb
             r_sq += sb
             n_eq += eb
+        return r_sq, n_eq
+
+    def normal_equations(self, check_scales: bool = False) -> tuple[np.ndarray, np.ndarray, float, int]:
+        reduce = getattr(self.apm, "reducing_matrix", None)
+        n_full = reduce.shape[0] if reduce is not None else self.n_params
+        matrix, rhs = np.zeros((n_full, n_full)), np.zeros(n_full)
+        inner = getattr(self.apm, "target", None) or self.target
+        in_place = _sums_in_place(inner)
+        fused = self._fused_target() if in_place else None
+        if fused is not None:  # no reducing matrix (_matrix_free); folded below
+            r_sq, n_eq = self._fused_terms(fused, matrix, rhs, check_scales)
+        else:
+            r_sq, n_eq = self._block_terms(inner, in_place, matrix, rhs, check_scales)
         if in_place:
             _fit.fold_normal_matrix(matrix)
         if reduce is not None:

@@ -253,6 +253,33 @@ class ScalingTarget:
         block.derivatives = None
         return matrix, rhs, r_sq, n_eq
 
+    def compute_model_normal_equations(self, block: Any, models: list[tuple[Any, ...]], n_params: int,
+                                       kind: str | None = None, out: tuple[np.ndarray, np.ndarray] | None = None
+                                       ) -> tuple[np.ndarray, np.ndarray, float, int, np.ndarray, np.ndarray | None, bool]:
+        """:meth:`compute_normal_equations` with the block's rows evaluated from C++ model blocks
+        chunk by chunk (``_core.fit.model_normal_equations``): no ∂g/∂p is formed, and the
+        result is the same bits as evaluating the models and calling that method.
+
+        Parameters
+        ----------
+        block : the Ih table block
+        models : per dataset ``(ModelBlock, parameters, first_row, column_offset, table_rows)``
+            covering the block's rows (``scaler.table_models``)
+        n_params : columns of the normal matrix
+        kind, out : as :meth:`compute_normal_equations`
+
+        Returns
+        -------
+        ``(N, rhs, Σ w r², n_equations, g, Ĩ, scales_usable)``: g and Ĩ (None with a fixed Ĩ)
+        per block row, ``scales_usable`` False when some g is not finite and > 0.
+        """
+        offsets, inten, w, rows = block.table_arrays()
+        fixed = np.ascontiguousarray(block.Ih_values[block._order]) if self.fixed_Ih else None
+        matrix, rhs, r_sq, n_eq, g, ih, usable = _fit.model_normal_equations(
+            offsets, inten, w, models, n_params, kind=kind or self.normal_matrix, fixed_Ih=fixed,
+            n_threads=getattr(self, "n_threads", 1), out=out)
+        return matrix, rhs, r_sq, n_eq, g[rows], None if ih is None else ih[rows], usable
+
     def compute_normal_diagonal(self, block: Any) -> np.ndarray:
         """Diagonal of the Ĩ-eliminated normal matrix of one block (L-BFGS preconditioner)."""
         offsets, inten, w, models, n_params = block_kernel_arguments(block)

@@ -82,7 +82,7 @@ class _BlockPlan:
     datasets for the threads, g and the transposed product of all the datasets go in one C++ call (``_core.model_block.*_of_blocks``: the
     datasets over the threads, each on one; the same bits as one call per dataset)."""
 
-    __slots__ = ("apm", "managers", "models", "starts", "cores")
+    __slots__ = ("apm", "managers", "models", "starts", "cores", "_ascending")
 
     #: datasets per thread from which the one-call path applies with several threads: it puts
     #: each dataset on one thread, so a few large datasets (3 sweeps of a streamed block) would
@@ -103,6 +103,7 @@ class _BlockPlan:
         enough = n_threads <= 1 or len(self.models) >= self.BATCH_MIN_DATASETS_PER_THREAD * n_threads
         batched = len(self.models) > 1 and enough and all(m is not None and not m._external for m in self.models)
         self.cores = [m.core for m in self.models] if batched else None
+        self._ascending: tuple[Any, bool] | None = None  # (row map, its datasets' rows ascend)
 
     def _parameters(self) -> list[np.ndarray]:
         """Each model block's parameter vector at its components' current parameters."""
@@ -149,6 +150,23 @@ class _BlockPlan:
                 g, jac = m.evaluate(n_threads)
                 out.append((g.copy(), jac))
         return out
+
+    def table_models(self, table_rows: np.ndarray) -> list[tuple[Any, ...]] | None:
+        """The block's datasets as ``_core.fit.model_normal_equations`` takes them: per dataset
+        ``(model block, parameters, 0, first column, its rows' table rows)`` at the components'
+        current parameters, ``table_rows`` the block's row map. None unless every dataset has a
+        C++ model block whose terms all evaluate row ranges and whose rows are in group order
+        (their table rows ascend; the Ih table gathers them so)."""
+        if any(m is None or m._external or not m.core.evaluates_rows() for m in self.models):
+            return None
+        if self._ascending is None or self._ascending[0] is not table_rows:
+            ascending = all(np.all(np.diff(table_rows[lo:hi]) > 0) for lo, hi in zip(self.starts, self.starts[1:]))
+            self._ascending = (table_rows, ascending)
+        if not self._ascending[1]:
+            return None
+        columns = np.cumsum([0] + [a.n_active_params for a in self.managers]).tolist()
+        return [(m.core, m.parameters(), 0, columns[k], table_rows[self.starts[k]:self.starts[k + 1]])
+                for k, m in enumerate(self.models)]
 
     def transpose_product(self, block_id: int, coefficients: np.ndarray, n_threads: int) -> np.ndarray:
         """``(∂g/∂p)ᵀ·c`` of the block, each dataset's columns after the previous datasets'."""
@@ -495,6 +513,28 @@ class ScalerBase:
         :meth:`can_transpose_product`. With ``c = ∂f/∂g`` this is the target's gradient."""
         coefficients = np.asarray(coefficients, dtype=np.float64)
         return self._block_plan(apm, block_id).transpose_product(block_id, coefficients, self.n_threads)
+
+    def table_models(self, apm: Any, block_id: int) -> list[tuple[Any, ...]] | None:
+        """Block ``block_id``'s datasets as C++ model blocks over its table rows, for a normal-
+        equations build that evaluates them itself (``_core.fit.model_normal_equations``, no
+        ∂g/∂p formed); None when a dataset has no such block (:meth:`_BlockPlan.table_models`).
+        The caller hands the g and Ĩ it evaluated back through :meth:`take_block_scales`."""
+        block = self.Ih_table.blocked_data_list[block_id]
+        return self._block_plan(apm, block_id).table_models(block.table_arrays()[3])
+
+    def take_block_scales(self, apm: Any, block_id: int, g: np.ndarray, Ih: np.ndarray | None) -> None:  # noqa: N803
+        """Store g and Ĩ (block row order; Ĩ None: recomputed from g) that a caller evaluated
+        at ``apm``'s current parameters: the block is then as :meth:`update_for_minimisation`
+        with ``derivatives=False`` leaves it (g and Ĩ current, no ∂g/∂p)."""
+        block = self.Ih_table.blocked_data_list[block_id]
+        block.inverse_scale_factors = g
+        block.derivatives = None
+        if Ih is None:
+            block.calc_Ih()
+        else:
+            block.Ih_table["Ih_values"] = Ih
+        key = (id(apm), np.asarray(apm.get_param_vals(), dtype=np.float64).tobytes())
+        self._update_keys[block_id] = (key, None)
 
     def _block_plan(self, apm: Any, block_id: int) -> _BlockPlan:
         """The evaluation plan of ``apm`` on block ``block_id``: while a round's minimiser runs
