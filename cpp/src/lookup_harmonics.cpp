@@ -4,8 +4,9 @@
 // Compiled with -ffp-contract=off (CMakeLists.txt): a harmonic is 0.5·(a0·b0 + a1·b1) with
 // each product rounded, which is (T[i0] + T[i1]) / 2 of the table harmonics_from_lookup reads
 // (T = a·b; halving is exact either way), so the compiler must not fuse a product into the
-// sum. The fused multiply-adds of the scale's and the transposed product's sums are written
-// out (intrinsics or std::fma), so every SIMD level gives the same bits.
+// sum. The fused multiply-adds of the scale's sum are written out (intrinsics or std::fma), so
+// every SIMD level gives the same bits. The transposed product reads the rows formed here
+// (components::dense_transpose_product, the same bits at every level with FMA).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -32,36 +33,43 @@ double* sized(std::vector<double>& v, std::size_t n) {
   return v.data();
 }
 
-/// Grid index → its θ and φ factor rows. The division by n_phi is a multiplication by a
-/// rounded-up reciprocal and a shift (Granlund & Montgomery): for indices below 2³¹ and
-/// s = 31 + ⌈log₂ n_phi⌉, m = ⌊2^s / n_phi⌋ + 1 gives ⌊i·m / 2^s⌋ = ⌊i / n_phi⌋ exactly, and
-/// i·m < 2⁶⁴. Two of these per row cost less than two integer divisions.
+/// Grid index → its θ and φ factor rows, for factor rows of @p P doubles (0: a stride known
+/// at run time only; the vectorised kernels fix it, so that it costs no multiplication). The
+/// division by n_phi is a multiplication by a rounded-up reciprocal and a shift (Granlund &
+/// Montgomery): for indices below 2³¹ and s = 31 + ⌈log₂ n_phi⌉, m = ⌊2^s / n_phi⌋ + 1 gives
+/// ⌊i·m / 2^s⌋ = ⌊i / n_phi⌋ exactly, and i·m < 2⁶⁴. Row j = i − t·n_phi of the φ factors
+/// starts i·stride − t·n_phi·stride values in. Two multiplications an index in all.
+template <std::size_t P = 0>
 struct GridRows {
   const double* theta;
   const double* phi;
-  std::size_t stride;  // factor columns (the factors' n_params)
-  std::uint64_t n_phi, magic;
+  std::size_t runtime_stride;  // factor columns (the factors' n_params) when P is 0
+  std::uint64_t magic, phi_step;  // phi_step = n_phi·stride
   unsigned shift;
 
   explicit GridRows(const harmonics::LookupFactors& f)
-      : theta(f.theta.data()), phi(f.phi.data()), stride(f.n_params), n_phi(f.n_phi) {
+      : theta(f.theta.data()), phi(f.phi.data()), runtime_stride(f.n_params),
+        phi_step(f.n_phi * f.n_params) {
     unsigned log2_ceil = 0;
-    while ((std::uint64_t{1} << log2_ceil) < n_phi) ++log2_ceil;
+    while ((std::uint64_t{1} << log2_ceil) < f.n_phi) ++log2_ceil;
     shift = 31 + log2_ceil;
-    magic = (std::uint64_t{1} << shift) / n_phi + 1;
+    magic = (std::uint64_t{1} << shift) / f.n_phi + 1;
   }
+
+  XS_ALWAYS_INLINE std::size_t stride() const { return P != 0 ? P : runtime_stride; }
 
   XS_ALWAYS_INLINE void rows(std::int32_t index, const double*& a, const double*& b) const {
     const auto i = static_cast<std::uint64_t>(index);
     const std::uint64_t t = (i * magic) >> shift;
-    a = theta + t * stride;
-    b = phi + (i - t * n_phi) * stride;
+    a = theta + t * stride();
+    b = phi + (i * stride() - t * phi_step);
   }
 };
 
-/// What one kernel call reads: @p count rows' grid indices and the harmonics used.
+/// What one kernel call reads: @p count rows' grid indices and the harmonics used (each
+/// factor row holds exactly these: see the term's constructor).
 struct LookupRows {
-  const GridRows& grid;
+  const harmonics::LookupFactors& factors;
   const std::int32_t* s0;
   const std::int32_t* s1;
   std::size_t count;
@@ -76,10 +84,11 @@ XS_ALWAYS_INLINE double reduce_lanes(const double* l) {
 // ------------------------------------------------------------------ plain paths (any n_params)
 
 /// Row i's harmonics into @p h: the mean of the two grid points' factor products.
-XS_ALWAYS_INLINE void form_row(const LookupRows& r, std::size_t i, double* h) {
+XS_ALWAYS_INLINE void form_row(const GridRows<>& grid, const LookupRows& r, std::size_t i,
+                               double* h) {
   const double *a0, *b0, *a1, *b1;
-  r.grid.rows(r.s0[i], a0, b0);
-  r.grid.rows(r.s1[i], a1, b1);
+  grid.rows(r.s0[i], a0, b0);
+  grid.rows(r.s1[i], a1, b1);
   for (std::size_t k = 0; k < r.n_params; ++k) h[k] = 0.5 * (a0[k] * b0[k] + a1[k] * b1[k]);
 }
 
@@ -93,19 +102,11 @@ XS_ALWAYS_INLINE double scale_of_row(const double* h, std::size_t n_params, cons
 /// holds one row when @p rows is null.
 XS_MULTIVERSION void scales_plain(const LookupRows& r, const double* coef, double* scales,
                                   double* rows, double* work) {
+  const GridRows<> grid(r.factors);
   for (std::size_t i = 0; i < r.count; ++i) {
     double* h = rows ? rows + i * r.n_params : work;
-    form_row(r, i, h);
+    form_row(grid, r, i, h);
     scales[i] = scale_of_row(h, r.n_params, coef);
-  }
-}
-
-/// out[k] += Σ_i u[i]·h_ik, column by column in row order; @p work holds one row.
-XS_MULTIVERSION void transpose_plain(const LookupRows& r, const double* u, double* out,
-                                     double* work) {
-  for (std::size_t i = 0; i < r.count; ++i) {
-    form_row(r, i, work);
-    for (std::size_t k = 0; k < r.n_params; ++k) out[k] = std::fma(u[i], work[k], out[k]);
   }
 }
 
@@ -115,13 +116,13 @@ XS_MULTIVERSION void transpose_plain(const LookupRows& r, const double* u, doubl
 
 // ------------------------------------------------------------------ AVX-512: 8 harmonics a register
 
-/// Row i's harmonics in NZ registers.
+/// The harmonics of the row with grid indices @p i0, @p i1 in NZ registers.
 template <int NZ>
 __attribute__((target("avx512f"), always_inline)) inline void form_row_avx512(
-    const LookupRows& r, std::size_t i, __m512d* h) {
+    const GridRows<8 * NZ>& grid, std::int32_t i0, std::int32_t i1, __m512d* h) {
   const double *a0, *b0, *a1, *b1;
-  r.grid.rows(r.s0[i], a0, b0);
-  r.grid.rows(r.s1[i], a1, b1);
+  grid.rows(i0, a0, b0);
+  grid.rows(i1, a1, b1);
   const __m512d half = _mm512_set1_pd(0.5);
   for (int z = 0; z < NZ; ++z) {
     const __m512d p0 = _mm512_mul_pd(_mm512_loadu_pd(a0 + 8 * z), _mm512_loadu_pd(b0 + 8 * z));
@@ -130,14 +131,20 @@ __attribute__((target("avx512f"), always_inline)) inline void form_row_avx512(
   }
 }
 
+// (The kernels copy what they read per row into locals: their stores are through may-alias
+// vector types, after which the compiler would otherwise reload every field for every row.)
+
 template <int NZ>
 __attribute__((target("avx512f"))) void scales_avx512(const LookupRows& r, const double* coef,
                                                       double* scales, double* rows) {
+  const GridRows<8 * NZ> grid(r.factors);
+  const std::int32_t *s0 = r.s0, *s1 = r.s1;
+  const std::size_t count = r.count;
   __m512d c[NZ];
   for (int z = 0; z < NZ; ++z) c[z] = _mm512_loadu_pd(coef + 8 * z);
-  for (std::size_t i = 0; i < r.count; ++i) {
+  for (std::size_t i = 0; i < count; ++i) {
     __m512d h[NZ];
-    form_row_avx512<NZ>(r, i, h);
+    form_row_avx512<NZ>(grid, s0[i], s1[i], h);
     if (rows != nullptr)
       for (int z = 0; z < NZ; ++z) _mm512_storeu_pd(rows + i * 8 * NZ + 8 * z, h[z]);
     __m512d acc = _mm512_setzero_pd();
@@ -148,30 +155,15 @@ __attribute__((target("avx512f"))) void scales_avx512(const LookupRows& r, const
   }
 }
 
-template <int NZ>
-__attribute__((target("avx512f"))) void transpose_avx512(const LookupRows& r, const double* u,
-                                                         double* out) {
-  __m512d acc[NZ];
-  for (int z = 0; z < NZ; ++z) acc[z] = _mm512_loadu_pd(out + 8 * z);
-  for (std::size_t i = 0; i < r.count; ++i) {
-    __m512d h[NZ];
-    form_row_avx512<NZ>(r, i, h);
-    const __m512d ui = _mm512_set1_pd(u[i]);
-    for (int z = 0; z < NZ; ++z) acc[z] = _mm512_fmadd_pd(ui, h[z], acc[z]);
-  }
-  for (int z = 0; z < NZ; ++z) _mm512_storeu_pd(out + 8 * z, acc[z]);
-}
-
 // ------------------------------------------------------------------ AVX2: 4 harmonics a register
 
 /// Row i's harmonics in 2·NZ registers (register 2z: k = 8z..8z+3, 2z+1: k = 8z+4..8z+7).
 template <int NZ>
-__attribute__((target("avx2,fma"), always_inline)) inline void form_row_avx2(const LookupRows& r,
-                                                                             std::size_t i,
-                                                                             __m256d* h) {
+__attribute__((target("avx2,fma"), always_inline)) inline void form_row_avx2(
+    const GridRows<8 * NZ>& grid, std::int32_t i0, std::int32_t i1, __m256d* h) {
   const double *a0, *b0, *a1, *b1;
-  r.grid.rows(r.s0[i], a0, b0);
-  r.grid.rows(r.s1[i], a1, b1);
+  grid.rows(i0, a0, b0);
+  grid.rows(i1, a1, b1);
   const __m256d half = _mm256_set1_pd(0.5);
   for (int y = 0; y < 2 * NZ; ++y) {
     const __m256d p0 = _mm256_mul_pd(_mm256_loadu_pd(a0 + 4 * y), _mm256_loadu_pd(b0 + 4 * y));
@@ -183,11 +175,14 @@ __attribute__((target("avx2,fma"), always_inline)) inline void form_row_avx2(con
 template <int NZ>
 __attribute__((target("avx2,fma"))) void scales_avx2(const LookupRows& r, const double* coef,
                                                      double* scales, double* rows) {
+  const GridRows<8 * NZ> grid(r.factors);
+  const std::int32_t *s0 = r.s0, *s1 = r.s1;
+  const std::size_t count = r.count;
   __m256d c[2 * NZ];
   for (int y = 0; y < 2 * NZ; ++y) c[y] = _mm256_loadu_pd(coef + 4 * y);
-  for (std::size_t i = 0; i < r.count; ++i) {
+  for (std::size_t i = 0; i < count; ++i) {
     __m256d h[2 * NZ];
-    form_row_avx2<NZ>(r, i, h);
+    form_row_avx2<NZ>(grid, s0[i], s1[i], h);
     if (rows != nullptr)
       for (int y = 0; y < 2 * NZ; ++y) _mm256_storeu_pd(rows + i * 8 * NZ + 4 * y, h[y]);
     __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
@@ -199,20 +194,6 @@ __attribute__((target("avx2,fma"))) void scales_avx2(const LookupRows& r, const 
     const __m128d s = _mm_add_pd(_mm256_castpd256_pd128(t), _mm256_extractf128_pd(t, 1));
     scales[i] = 1.0 + (_mm_cvtsd_f64(s) + _mm_cvtsd_f64(_mm_unpackhi_pd(s, s)));
   }
-}
-
-template <int NZ>
-__attribute__((target("avx2,fma"))) void transpose_avx2(const LookupRows& r, const double* u,
-                                                        double* out) {
-  __m256d acc[2 * NZ];
-  for (int y = 0; y < 2 * NZ; ++y) acc[y] = _mm256_loadu_pd(out + 4 * y);
-  for (std::size_t i = 0; i < r.count; ++i) {
-    __m256d h[2 * NZ];
-    form_row_avx2<NZ>(r, i, h);
-    const __m256d ui = _mm256_set1_pd(u[i]);
-    for (int y = 0; y < 2 * NZ; ++y) acc[y] = _mm256_fmadd_pd(ui, h[y], acc[y]);
-  }
-  for (int y = 0; y < 2 * NZ; ++y) _mm256_storeu_pd(out + 4 * y, acc[y]);
 }
 
 #pragma GCC diagnostic pop
@@ -255,23 +236,6 @@ void lookup_scales(const LookupRows& r, const double* coef, double* scales, doub
   scales_plain(r, coef, scales, rows, sized(work, r.n_params));
 }
 
-/// out[k] += Σ_i u[i]·h_ik at the widest level this CPU runs.
-void lookup_transpose(const LookupRows& r, const double* u, double* out,
-                      std::vector<double>& work) {
-#ifdef XS_LOOKUP_SIMD
-  const int level = detail::simd_level();
-  if (with_register_count(level, r.n_params, [&](auto nz) {
-        constexpr int NZ = decltype(nz)::value;
-        if (level >= 2)
-          transpose_avx512<NZ>(r, u, out);
-        else if constexpr (NZ <= 3)
-          transpose_avx2<NZ>(r, u, out);
-      }))
-    return;
-#endif
-  transpose_plain(r, u, out, sized(work, r.n_params));
-}
-
 /// Throws std::out_of_range naming @p name and the row unless every index lies in the grid.
 void check_grid_indices(const HeldArray<std::int32_t>& indices, std::size_t grid_size,
                         const char* name) {
@@ -285,6 +249,28 @@ void check_grid_indices(const HeldArray<std::int32_t>& indices, std::size_t grid
       throw std::out_of_range(std::string(name) + ": grid index " + std::to_string(v[i]) +
                               " of row " + std::to_string(i) + " is outside the " +
                               std::to_string(grid_size) + "-point lookup grid");
+}
+
+/// A copy of @p f with its first @p n_params harmonics (l = 1..lmax' of a larger table), so
+/// that a factor row holds exactly the harmonics a term reads: the kernels then index rows at
+/// a stride fixed at compile time. (Only for a term of a smaller lmax than its table's.)
+std::shared_ptr<const harmonics::LookupFactors> leading_columns(
+    const harmonics::LookupFactors& f, std::size_t n_params) {
+  auto out = std::make_shared<harmonics::LookupFactors>();
+  out->lmax = static_cast<int>(std::lround(std::sqrt(static_cast<double>(n_params) + 1.0))) - 1;
+  out->points_per_degree = f.points_per_degree;
+  out->n_params = n_params;
+  out->n_theta = f.n_theta;
+  out->n_phi = f.n_phi;
+  const auto take = [&](const std::vector<double>& table, std::size_t rows) {
+    std::vector<double> kept(rows * n_params);
+    for (std::size_t r = 0; r < rows; ++r)
+      std::copy_n(table.data() + r * f.n_params, n_params, kept.data() + r * n_params);
+    return kept;
+  };
+  out->theta = take(f.theta, f.n_theta);
+  out->phi = take(f.phi, f.n_phi);
+  return out;
 }
 
 }  // namespace
@@ -308,6 +294,7 @@ LookupHarmonicsTerm::LookupHarmonicsTerm(std::shared_ptr<const harmonics::Lookup
               factors_->phi.size() == factors_->n_phi * factors_->n_params &&
               factors_->n_phi > 0 && factors_->grid_size() < (std::size_t{1} << 31),
           "the lookup factors are inconsistent (build them with sph_harm_lookup_factors)");
+  if (n_params < factors_->n_params) factors_ = leading_columns(*factors_, n_params);
   check_grid_indices(s0_, factors_->grid_size(), "s0_lookup");
   check_grid_indices(s1_, factors_->grid_size(), "s1_lookup");
 }
@@ -324,10 +311,9 @@ std::size_t LookupHarmonicsTerm::nbytes() const {
 TermValues LookupHarmonicsTerm::evaluate_rows(const double* p, std::size_t first,
                                               std::size_t count, TermScratch& scratch) const {
   require_finite(p, n_params(), "parameters");
-  const GridRows grid(*factors_);
   double* s = sized(scratch.scales, count);
   double* rows = sized(scratch.values, count * n_params());
-  lookup_scales({grid, s0_.data + first, s1_.data + first, count, n_params()}, p, s, rows,
+  lookup_scales({*factors_, s0_.data + first, s1_.data + first, count, n_params()}, p, s, rows,
                 scratch.aux);
   return {s, rows, nullptr};
 }
@@ -339,20 +325,16 @@ const double* LookupHarmonicsTerm::scales_rows(const double* p, std::size_t firs
 
 TermValues LookupHarmonicsTerm::fused_rows(const double* p, std::size_t first, std::size_t count,
                                            TermScratch& scratch) const {
-  require_finite(p, n_params(), "parameters");
-  const GridRows grid(*factors_);
-  double* s = sized(scratch.scales, count);
-  lookup_scales({grid, s0_.data + first, s1_.data + first, count, n_params()}, p, s, nullptr,
-                scratch.aux);
-  return {s, nullptr, nullptr};
+  // The rows are kept for fused_transpose_rows() (a chunk's 4096 rows, 786 KB at lmax 4, stay
+  // in L2): storing and reading them back costs less than forming them a second time
+  // (measured: the one-pass f+g 3.5 ns/obs faster at lmax 4).
+  return evaluate_rows(p, first, count, scratch);
 }
 
-void LookupHarmonicsTerm::fused_transpose_rows(const TermValues&, std::size_t first,
+void LookupHarmonicsTerm::fused_transpose_rows(const TermValues& v, std::size_t first,
                                                std::size_t count, const double* u, double* out,
-                                               TermScratch& scratch) const {
-  const GridRows grid(*factors_);
-  lookup_transpose({grid, s0_.data + first, s1_.data + first, count, n_params()}, u, out,
-                   scratch.aux);
+                                               TermScratch&) const {
+  add_transpose_product_rows(v, first, count, u, out);
 }
 
 }  // namespace xtalscale

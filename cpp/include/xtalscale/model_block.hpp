@@ -325,13 +325,14 @@ class XTALSCALE_EXPORT HarmonicsTerm final : public ModelTerm {
 /// held float64 block (4·n_params for float32): the factor tables (~200 KB for lmax 4) stay in
 /// cache, so forming a row costs less than streaming it from memory.
 ///
-/// Dense, n_cols = n_params. Rows are materialised only by evaluate() and evaluate_rows()
-/// (for a caller that wants the matrix); scales_rows() and the one-pass pair fused_rows() /
-/// fused_transpose_rows() form each row in registers and store none. Sums have one fixed
-/// order at every SIMD level: the scale 1 + Σ_k c_k·h_k in eight lanes (lane j takes
-/// k ≡ j mod 8 in ascending k by fused multiply-add), reduced as
-/// ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)); the transposed product per column in row
-/// order by fused multiply-add (as components::dense_transpose_product on the rows).
+/// Dense, n_cols = n_params. scales_rows() forms each row in registers and stores none;
+/// evaluate() materialises every row (for a caller that wants the whole matrix), and the row
+/// ranges of evaluate_rows() and fused_rows() (a ModelBlock's chunks of 4096 rows, which stay
+/// in cache) keep their rows for the transposed product. Sums have one fixed order at every
+/// SIMD level: the scale 1 + Σ_k c_k·h_k in eight lanes (lane j takes k ≡ j mod 8 in
+/// ascending k by fused multiply-add), reduced as ((l0 + l4) + (l2 + l6)) + ((l1 + l5) +
+/// (l3 + l7)); the transposed product per column in row order by fused multiply-add
+/// (components::dense_transpose_product on the rows).
 class XTALSCALE_EXPORT LookupHarmonicsTerm final : public ModelTerm {
  public:
   /// @p factors: the grid's factor tables (shared by every term of that grid); @p s0_lookup,
@@ -354,12 +355,15 @@ class XTALSCALE_EXPORT LookupHarmonicsTerm final : public ModelTerm {
                            TermScratch& scratch) const override;
   const double* scales_rows(const double* p, std::size_t first, std::size_t count,
                             TermScratch& scratch) const override;
-  /// The scales alone (values null): fused_transpose_rows() forms the rows again.
+  /// evaluate_rows(): the rows are kept for fused_transpose_rows() (storing and reading back
+  /// a chunk's rows, in cache, costs less than forming them again).
   TermValues fused_rows(const double* p, std::size_t first, std::size_t count,
                         TermScratch& scratch) const override;
+  /// The dense transposed product of fused_rows()'s rows.
   void fused_transpose_rows(const TermValues& v, std::size_t first, std::size_t count,
                             const double* u, double* out, TermScratch& scratch) const override;
-  /// The shared factor tables.
+  /// The factor tables: those given, or a copy of their first n_params harmonics when a
+  /// smaller lmax than theirs is used (so that the kernels read rows of a fixed length).
   const std::shared_ptr<const harmonics::LookupFactors>& factors() const noexcept {
     return factors_;
   }
