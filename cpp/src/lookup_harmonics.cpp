@@ -320,7 +320,11 @@ TermValues LookupHarmonicsTerm::evaluate_rows(const double* p, std::size_t first
 
 const double* LookupHarmonicsTerm::scales_rows(const double* p, std::size_t first,
                                                std::size_t count, TermScratch& scratch) const {
-  return fused_rows(p, first, count, scratch).scales;
+  require_finite(p, n_params(), "parameters");
+  double* s = sized(scratch.scales, count);
+  lookup_scales({*factors_, s0_.data + first, s1_.data + first, count, n_params()}, p, s,
+                nullptr, scratch.aux);  // no row stored
+  return s;
 }
 
 TermValues LookupHarmonicsTerm::fused_rows(const double* p, std::size_t first, std::size_t count,
