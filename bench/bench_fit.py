@@ -166,8 +166,9 @@ def physical_components(n, rng):
 
 
 def physical_model_f_g(offsets, inten, w, rng):
-    """f+g of a real physical model (lean scale and decay smoothers, lmax-4 harmonics held as
-    float32: the job's large-data regime) over one dataset, *including the model's
+    """f+g of a real physical model (lean scale and decay smoothers, lmax-4 harmonics formed
+    per row from the lookup grid's factors, 8 B/obs of grid indices held: the job's large-data
+    regime) over one dataset, *including the model's
     evaluation*: through ∂g/∂p (evaluate, then the target kernel reads the CSR) and without it
     (g alone, ∂f/∂g from the target, then the model block's transposed product)."""
     from xtalscale.components import ComponentModelBlock
@@ -198,7 +199,7 @@ def physical_model_f_g(offsets, inten, w, rng):
     t_m = best_time(matrix_free, 3)
     t_m2 = best_time(lambda: matrix_free(2), 3)
     t_s = best_time(block.evaluate_scales, 3)
-    print(f"physical model (lmax 4, lean smoothers, float32 harmonics), f+g including the model's evaluation, 1 thread: "
+    print(f"physical model (lmax 4, lean smoothers, lookup harmonics from the grid's factors), f+g including the model's evaluation, 1 thread: "
           f"through dg/dp {t_d / n * 1e9:6.1f} ns/obs, without it (transposed product) {t_m / n * 1e9:6.1f} ns/obs "
           f"({t_d / t_m:.1f}x; 2 threads {t_m2 / n * 1e9:.1f} ns/obs; g alone {t_s / n * 1e9:.1f} ns/obs; "
           f"gradients agree to {agree:.1e}, f to {abs(f1 - f2) / f1:.1e})")
@@ -213,7 +214,8 @@ def physical_model_f_g(offsets, inten, w, rng):
     block.evaluate()
     csr = block.core.indices.size * 12 + block.core.indptr.size * 8
     print(f"  bytes held for it: {held / n:.0f} B/obs (table, g and the model's terms {terms / n:.0f}, of which "
-          f"the float32 harmonics {block.core.term(2).nbytes / n:.0f}); forming dg/dp adds {csr / n:.0f} B/obs of CSR")
+          f"the absorption term's grid indices and factor tables {block.core.term(2).nbytes / n:.1f}); "
+          f"forming dg/dp adds {csr / n:.0f} B/obs of CSR")
 
 
 def physical_model_normal_matrix(block, offsets, inten, w):

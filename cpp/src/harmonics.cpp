@@ -177,52 +177,53 @@ std::size_t lookup_table_size(int points_per_degree) {
   return 360 * 180 * ppd * ppd;
 }
 
-void sph_harm_lookup_table(int lmax, int points_per_degree, double* out) {
-  const std::size_t np = n_params(lmax);
+LookupFactors sph_harm_lookup_factors(int lmax, int points_per_degree) {
+  LookupFactors f;
+  f.lmax = lmax;
+  f.points_per_degree = points_per_degree;
+  f.n_params = n_params(lmax);
   const std::size_t n_items = lookup_table_size(points_per_degree);
-  const auto n_phi = static_cast<std::size_t>(360 * points_per_degree);
+  f.n_phi = static_cast<std::size_t>(360 * points_per_degree);
+  f.n_theta = n_items / f.n_phi;
+  const std::size_t np = f.n_params;
   const double step = kPi / (180.0 * points_per_degree);
   const auto pref = prefactors(lmax);
   const int stride = lmax + 1;
+  // θ factors: the prefactor times the Legendre function, as evaluate() forms its base
+  f.theta.resize(f.n_theta * np);
   std::vector<double> legendre(pref.size());
-  // The grid is separable: the Legendre part depends on θ only, cos(mφ)/sin(mφ) on φ only.
-  // Each is computed once per grid line, and every entry is the same product evaluate()
-  // forms (the same operations on the same operands, so the same bits).
-  std::vector<double> trig(n_phi * 2 * static_cast<std::size_t>(lmax + 1));
-  const auto trig_at = [&](std::size_t j, int m, bool sine) -> double& {
-    return trig[(j * static_cast<std::size_t>(lmax + 1) + static_cast<std::size_t>(m)) * 2 +
-                (sine ? 1 : 0)];
-  };
-  for (std::size_t j = 0; j < n_phi; ++j) {
-    const double phi = static_cast<double>(j) * step;
-    for (int m = 1; m <= lmax; ++m) {
-      trig_at(j, m, false) = std::cos(m * phi);
-      trig_at(j, m, true) = std::sin(m * phi);
-    }
-  }
-  std::vector<double> base(np);
-  const std::size_t n_theta = n_items / n_phi;
-  for (std::size_t t = 0; t < n_theta; ++t) {
+  for (std::size_t t = 0; t < f.n_theta; ++t) {
     associated_legendre(lmax, static_cast<double>(t) * step, legendre.data());
+    double* row = f.theta.data() + t * np;
     std::size_t k = 0;
     for (int l = 1; l <= lmax; ++l)
       for (int m = -l; m <= l; ++m, ++k) {
-        const int am = m < 0 ? -m : m;
-        base[k] = pref[static_cast<std::size_t>(l * stride + am)] *
-                  legendre[static_cast<std::size_t>(l * stride + am)];
+        const auto at = static_cast<std::size_t>(l * stride + (m < 0 ? -m : m));
+        row[k] = pref[at] * legendre[at];
       }
-    for (std::size_t j = 0; j < n_phi; ++j) {
-      double* row = out + (t * n_phi + j) * np;
-      k = 0;
-      for (int l = 1; l <= lmax; ++l)
-        for (int m = -l; m <= l; ++m, ++k) {
-          if (m > 0)
-            row[k] = base[k] * trig_at(j, m, false);
-          else if (m == 0)
-            row[k] = base[k];
-          else
-            row[k] = base[k] * trig_at(j, -m, true);
-        }
+  }
+  // φ factors: evaluate()'s cos(mφ) / sin(|m|φ), and 1 where it takes the base alone
+  f.phi.resize(f.n_phi * np);
+  for (std::size_t j = 0; j < f.n_phi; ++j) {
+    const double phi = static_cast<double>(j) * step;
+    double* row = f.phi.data() + j * np;
+    std::size_t k = 0;
+    for (int l = 1; l <= lmax; ++l)
+      for (int m = -l; m <= l; ++m, ++k)
+        row[k] = m > 0 ? std::cos(m * phi) : m == 0 ? 1.0 : std::sin(-m * phi);
+  }
+  return f;
+}
+
+void sph_harm_lookup_table(int lmax, int points_per_degree, double* out) {
+  const LookupFactors f = sph_harm_lookup_factors(lmax, points_per_degree);
+  const std::size_t np = f.n_params;
+  for (std::size_t t = 0; t < f.n_theta; ++t) {
+    const double* a = f.theta.data() + t * np;
+    for (std::size_t j = 0; j < f.n_phi; ++j) {
+      const double* b = f.phi.data() + j * np;
+      double* row = out + (t * f.n_phi + j) * np;
+      for (std::size_t k = 0; k < np; ++k) row[k] = a[k] * b[k];
     }
   }
 }

@@ -352,6 +352,45 @@ DoubleArray sph_harm_lookup_table(int lmax, int points_per_degree) {
   return out;
 }
 
+/// A read-only (rows, cols) numpy view of a factors table, keeping the factors alive.
+py::array factor_view(const std::shared_ptr<harmonics::LookupFactors>& f,
+                      const std::vector<double>& table, std::size_t rows) {
+  py::array_t<double> a({static_cast<py::ssize_t>(rows), static_cast<py::ssize_t>(f->n_params)},
+                        table.data(), py::cast(f));
+  a.attr("setflags")(py::arg("write") = false);
+  return std::move(a);
+}
+
+void bind_lookup_factors(py::module_& m) {
+  using harmonics::LookupFactors;
+  py::class_<LookupFactors, std::shared_ptr<LookupFactors>>(
+      m, "LookupFactors",
+      "The lookup grid's separable factors: table[t*n_phi + j, k] = theta_factors[t, k] *\n"
+      "phi_factors[j, k] exactly (see sph_harm_lookup_factors).")
+      .def_readonly("lmax", &LookupFactors::lmax)
+      .def_readonly("points_per_degree", &LookupFactors::points_per_degree)
+      .def_readonly("n_params", &LookupFactors::n_params)
+      .def_readonly("n_theta", &LookupFactors::n_theta)
+      .def_readonly("n_phi", &LookupFactors::n_phi)
+      .def_property_readonly("grid_size", &LookupFactors::grid_size)
+      .def_property_readonly("nbytes", [](const LookupFactors& f) {
+        return (f.theta.size() + f.phi.size()) * sizeof(double);
+      })
+      .def_property_readonly("theta_factors", [](const std::shared_ptr<LookupFactors>& f) {
+        return factor_view(f, f->theta, f->n_theta);
+      })
+      .def_property_readonly("phi_factors", [](const std::shared_ptr<LookupFactors>& f) {
+        return factor_view(f, f->phi, f->n_phi);
+      });
+  m.def("sph_harm_lookup_factors", [](int lmax, int points_per_degree) {
+          return std::make_shared<LookupFactors>(
+              harmonics::sph_harm_lookup_factors(lmax, points_per_degree));
+        },
+        py::arg("lmax"), py::arg("points_per_degree"),
+        "The (n_theta, n_params) and (n_phi, n_params) factor tables of the lookup grid,\n"
+        "whose products are sph_harm_lookup_table's entries bit for bit.");
+}
+
 /// Checks a lookup-table call (two row-index arrays, a 2-D coefficients table, the number of
 /// columns wanted) and returns {n, table rows, table row stride}.
 template <typename IndexArray>
@@ -732,6 +771,7 @@ void bind_components(py::module_& m) {
         py::arg("lmax"), "Exact (n, lmax²+2·lmax) table of averaged real harmonics.");
   m.def("sph_harm_lookup_table", &sph_harm_lookup_table, py::arg("lmax"),
         py::arg("points_per_degree"), "(360·180·ppd², n_params) grid of real harmonics.");
+  bind_lookup_factors(m);
   m.def("harmonics_from_lookup", &harmonics_from_lookup, py::arg("s0_selection"),
         py::arg("s1_selection"), py::arg("table"), py::arg("n_params"));
   m.def("lookup_sh_scales", &lookup_sh_scales, py::arg("s0_lookup"), py::arg("s1_lookup"),

@@ -58,6 +58,40 @@ std::shared_ptr<HarmonicsTerm> harmonics_term(const py::array& harmonics) {
   return std::make_shared<HarmonicsTerm>(held<double>(h), n_params);
 }
 
+/// A grid-index array held by a LookupHarmonicsTerm: int32 as given (held, not converted, so
+/// that no wider index is cut to 32 bits unseen), one dimension.
+HeldArray<std::int32_t> held_grid_indices(const py::array& a, const char* name) {
+  if (!py::isinstance<py::array_t<std::int32_t>>(a))
+    throw py::type_error(std::string(name) + " must be an int32 array");
+  require_1d(a, name);
+  return held<std::int32_t>(Int32Array::ensure(a));
+}
+
+std::shared_ptr<LookupHarmonicsTerm> lookup_harmonics_term(
+    std::shared_ptr<harmonics::LookupFactors> factors, const py::array& s0_lookup,
+    const py::array& s1_lookup, std::size_t n_params) {
+  HeldArray<std::int32_t> s0 = held_grid_indices(s0_lookup, "s0_lookup");
+  HeldArray<std::int32_t> s1 = held_grid_indices(s1_lookup, "s1_lookup");
+  py::gil_scoped_release release;  // the indices are checked row by row
+  return std::make_shared<LookupHarmonicsTerm>(std::move(factors), std::move(s0), std::move(s1),
+                                               n_params);
+}
+
+/// The term's scales alone (scales_rows over every row), copied: no harmonic row is stored.
+DoubleArray lookup_harmonics_scales(const LookupHarmonicsTerm& t, const DoubleArray& p) {
+  require_1d(p, "parameters");
+  require(static_cast<std::size_t>(p.size()) == t.n_params(),
+          "parameters must hold " + std::to_string(t.n_params()) + " values");
+  DoubleArray out(static_cast<py::ssize_t>(t.n_rows()));
+  double* o = out.mutable_data();
+  const double* params = p.data();
+  py::gil_scoped_release release;
+  TermScratch scratch;
+  const double* s = t.scales_rows(params, 0, t.n_rows(), scratch);
+  std::copy(s, s + t.n_rows(), o);
+  return out;
+}
+
 std::shared_ptr<LeanSmoothTerm> lean_smooth_term(const DoubleArray& x, double x_shift,
                                                  std::array<double, 2> x_range,
                                                  std::size_t n_intervals, std::size_t num_average,
@@ -327,6 +361,18 @@ void bind_model_block(py::module_& m) {
   py::class_<HarmonicsTerm, ModelTerm, std::shared_ptr<HarmonicsTerm>>(
       m, "HarmonicsTerm", "s = 1 + H·c, ds/dc = H for a held (n_rows, n_params) block.")
       .def(py::init(&harmonics_term), py::arg("harmonics"));
+  py::class_<LookupHarmonicsTerm, ModelTerm, std::shared_ptr<LookupHarmonicsTerm>>(
+      m, "LookupHarmonicsTerm",
+      "s = 1 + h·c, ds/dc = h with h = (T[s0] + T[s1]) / 2 of the lookup table T, formed per\n"
+      "row from the grid's separable factors (LookupFactors): only the int32 grid indices are\n"
+      "held (not copied). Rows equal harmonics_from_lookup's bit for bit.")
+      .def(py::init(&lookup_harmonics_term), py::arg("factors"), py::arg("s0_lookup"),
+           py::arg("s1_lookup"), py::arg("n_params"))
+      .def("scales", &lookup_harmonics_scales, py::arg("parameters"),
+           "The scales 1 + h·c of every row (the model block's bits), without storing h.")
+      .def_property_readonly("factors", [](const LookupHarmonicsTerm& t) {
+        return std::const_pointer_cast<harmonics::LookupFactors>(t.factors());
+      });
   py::class_<FixedScalesTerm, ModelTerm, std::shared_ptr<FixedScalesTerm>>(
       m, "FixedScalesTerm", "Fixed scales without parameters (held, not copied).")
       .def(py::init([](const DoubleArray& scales) {

@@ -39,9 +39,11 @@ smooth components hold their weight matrices (≈ 40 B/reflection for a 1-D smoo
 and the SH component its float64 harmonic matrix (8·n_params B/reflection). Above it
 (``lean_min_reflections``, ``float32_min_reflections``) a 1-D smoother holds the normalised
 coordinate and a 10-byte window record (+ 1/(2d²) for the B form) and recomputes its weights
-per call, and the SH component in lookup mode holds a float32 block (4·n_params B/reflection;
-see :class:`SHScaleComponent` for why float32 is enough there) plus its int32 grid indices.
-With ``SHScaleComponent.cache_harmonics`` False, lookup mode holds only the grid indices.
+per call, and the SH component in lookup mode holds only its two int32 grid indices (its
+harmonics are formed per call from the lookup grid's separable factors; a user-assigned
+lookup table, whose factors are unknown, gets a float32 block of 4·n_params B/reflection: see
+:class:`SHScaleComponent`). With ``SHScaleComponent.cache_harmonics`` False, lookup mode holds
+only the grid indices.
 """
 from __future__ import annotations
 
@@ -79,6 +81,7 @@ __all__ = [
     "SmoothScaleComponent2D",
     "SmoothScaleComponent3D",
     "create_sph_harm_lookup_table",
+    "SHLookupColumns",
     "sh_lookup_data",
     "product_rule",
     "ComponentModelBlock",
@@ -780,16 +783,27 @@ class SHScaleComponent(ScaleComponentBase):
     ``n_refl × n_params`` harmonic matrix is built once in ``update_reflection_data`` and kept
     dense; a call is one matrix-vector product, and the derivative matrix shares its memory.
 
-    Large-data ("memory"/lookup) regime: the block is held as **float32** (4·n_params
-    B/reflection, computed once in ``update_reflection_data``) unless ``exact_harmonics`` is
-    True. Reasoning: in this regime the harmonics already come from DIALS's 0.5° lookup table,
-    whose values differ from the exact harmonics by up to ~1e-2; float32 rounding (2⁻²⁴ ≈ 6e-8
-    relative per value, so |Δs| ≤ 6e-8·Σ|C_lm·Ȳ_lm|) is five orders of magnitude smaller.
-    Scales are accumulated in double from the float32 block and float64 coefficients; the
-    dense derivative block is the held block itself (:meth:`calculate_scales_and_dense_derivatives`,
-    no per-call copy). The exact float64 path is kept for "speed" data (exact harmonics, used
-    by models up to 100k reflections) and whenever ``exact_harmonics`` is True. No column-index
-    pattern is held: ``calculate_scales_and_derivatives`` builds the CSR pattern per call.
+    Large-data ("memory"/lookup) regime, above ``float32_min_reflections``: no harmonic block
+    is held. The lookup grid is separable (every harmonic is a θ factor times a φ factor), so
+    when the class table is one xtalscale built (:func:`create_sph_harm_lookup_table`, which
+    keeps the factor tables beside it) a block holds only its two int32 grid indices (8
+    B/reflection) and its model-block term (``LookupHarmonicsTerm``) forms each row from the
+    factor tables (~200 KB for lmax 4, in cache) as it goes: the float64 lookup harmonics bit
+    for bit, faster than streaming a held block from memory. Callers that want the matrix
+    (:meth:`calculate_scales_and_derivatives`, :meth:`calculate_scales_and_dense_derivatives`,
+    :attr:`harmonic_values`) get float64 rows built per call and not kept; scales come from the
+    term, the model block's own bits.
+
+    A user-assigned ``coefficients_list`` (any table, whose factors are unknown) keeps the
+    **float32** block instead (4·n_params B/reflection, built once in
+    ``update_reflection_data``): in this regime the harmonics come from DIALS's 0.5° lookup
+    table, whose values differ from the exact harmonics by up to ~1e-2, and float32 rounding
+    (2⁻²⁴ ≈ 6e-8 relative per value, so |Δs| ≤ 6e-8·Σ|C_lm·Ȳ_lm|) is five orders of magnitude
+    smaller. Its scales are accumulated in double, and the dense derivative block is the held
+    block itself (no per-call copy). ``exact_harmonics`` True holds a float64 block instead.
+    The exact float64 path is kept for "speed" data (exact harmonics, used by models up to
+    100k reflections). No column-index pattern is held: ``calculate_scales_and_derivatives``
+    builds the CSR pattern per call.
     """
 
     null_parameter_value = 0.0
@@ -799,19 +813,26 @@ class SHScaleComponent(ScaleComponentBase):
     #: (faster repeated calls, 8·n_params bytes per reflection). Set False on the class or an
     #: instance to rebuild it on each derivative call instead and hold only 8 bytes/reflection.
     cache_harmonics: ClassVar[bool] = True
-    #: "Memory" mode: hold the float64 lookup harmonics instead of the float32 block (exact
-    #: averages of the table rows; 8·n_params instead of 4·n_params bytes per reflection).
+    #: "Memory" mode: hold the float64 lookup harmonics instead of the large-data forms
+    #: (exact averages of the table rows; 8·n_params bytes per reflection).
     exact_harmonics: ClassVar[bool] = False
-    #: The float32 block is used only above this many reflections (DIALS's own switch to the
-    #: lookup table); smaller lookup data keep the float64 path.
+    #: The large-data forms (harmonics formed from the grid's factors, or a float32 block for a
+    #: user-assigned table) are used only above this many reflections (DIALS's own switch to
+    #: the lookup table); smaller lookup data keep the float64 path.
     float32_min_reflections: ClassVar[int] = 100_000
 
-    _transient = ("_table",)
+    _transient = ("_table", "_factors")
 
     def _reset_transient(self) -> None:
-        # The lookup table is class-wide; re-read it (it must be set in this process too).
+        # The lookup table and its factors are class-wide; re-read them (they must be set in
+        # this process too).
         needed = any(pair is not None for pair in self._lookup_blocks)
         self._table = self._lookup_table(self._n_params) if needed else None
+        self._factors = None
+        if getattr(self, "_factored", False):
+            self._factors = self._lookup_factors(self._n_params)
+            if self._factors is None:  # this process's table is not xtalscale's own
+                self._hold_float32_blocks()
 
     def __init__(self, initial_values: Any, parameter_esds: Any = None) -> None:
         super().__init__(initial_values, parameter_esds)
@@ -819,6 +840,9 @@ class SHScaleComponent(ScaleComponentBase):
         self._blocks: list = []  # dense (n_b, n_params) harmonic matrices (or None), read-only
         self._lookup_blocks: list = []  # memory mode: per block (s0, s1) int32 grid indices
         self._table: Optional[np.ndarray] = None
+        #: large lookup data: rows formed from the grid's factors (``_factors``), none held
+        self._factored = False
+        self._factors: Any = None
 
     @ScaleComponentBase.data.setter  # type: ignore[attr-defined]
     def data(self, data: dict) -> None:
@@ -918,16 +942,26 @@ class SHScaleComponent(ScaleComponentBase):
                                  f"component has {n_params} parameters")
         return table
 
+    @classmethod
+    def _lookup_factors(cls, n_params: int) -> Any:
+        """The separable factors of the class lookup table when xtalscale built that table
+        (an unchanged :class:`SHLookupColumns`) and they cover ``n_params``; else None (a
+        user-assigned table, whose factors are unknown)."""
+        coeffs = cls.coefficients_list
+        factors = coeffs.unchanged_factors() if isinstance(coeffs, SHLookupColumns) else None
+        return factors if factors is not None and factors.n_params >= n_params else None
+
     def update_reflection_data(self, selection: Any = None, block_selections: Any = None, *,
                                scales_only: bool = False) -> None:
         """Select each block's harmonics ("speed") or grid indices ("memory").
 
-        In "memory" mode the block's harmonics are built here as float32 (see the class
+        In "memory" mode above ``float32_min_reflections`` only the two grid indices per
+        reflection are kept (8 bytes) and the harmonics are formed per call from the grid's
+        factors, or, with a user-assigned table, a float32 block is built here (see the class
         notes; float64 with ``exact_harmonics``). With ``cache_harmonics`` False, or for this
         call with ``scales_only`` (a caller that wants only scales, e.g. an expansion to
-        every reflection), only the two grid indices per reflection are kept (8 bytes);
-        scales are then read from the shared table and the harmonic matrix is built on the
-        first derivative call.
+        every reflection), only the grid indices are kept; scales are then read from the
+        shared table and the harmonic matrix is built on the first derivative call.
         """
         name = type(self).__name__
         if self._mode is None:
@@ -963,27 +997,47 @@ class SHScaleComponent(ScaleComponentBase):
             self._lookup_blocks.append(tuple(pair))
         self._blocks = [None] * len(blocks)
         self._n_refl = [int(p[0].size) for p in self._lookup_blocks]
+        self._factored, self._factors = False, None
         if (self.cache_harmonics and not scales_only and not self.exact_harmonics
                 and n > self.float32_min_reflections):
-            for b, (i0, i1) in enumerate(self._lookup_blocks):
-                h = _kern.harmonics_from_lookup_f32(i0, i1, self._table, self._n_params)
-                _readonly(h)
-                self._blocks[b] = h
-            # The blocks replace the indices; the grid indices stay in self._data.
-            self._lookup_blocks = [None] * len(blocks)
+            self._factors = self._lookup_factors(self._n_params)
+            self._factored = self._factors is not None  # then the grid indices are all it holds
+            if not self._factored:
+                self._hold_float32_blocks()
+
+    def _hold_float32_blocks(self) -> None:
+        """Replace the blocks' grid indices by float32 harmonic blocks (a user-assigned lookup
+        table: see the class notes). The grid indices stay in ``_data``."""
+        for b, (i0, i1) in enumerate(self._lookup_blocks):
+            h = _kern.harmonics_from_lookup_f32(i0, i1, self._table, self._n_params)
+            _readonly(h)
+            self._blocks[b] = h
+        self._lookup_blocks = [None] * len(self._blocks)
+        self._factored, self._factors = False, None
 
     def _make_term(self, b: int) -> Any:
+        if self._factored:
+            i0, i1 = self._lookup_blocks[b]
+            return _mb.LookupHarmonicsTerm(self._factors, i0, i1, self._n_params)
         if self._blocks[b] is None and not self.cache_harmonics:
             return None  # only the grid indices are held: evaluated through Python
         return _mb.HarmonicsTerm(self._block_matrix(b))
 
+    def _lookup_term(self, b: int) -> Any:
+        """Block ``b``'s ``LookupHarmonicsTerm`` (factored mode), made once and shared with
+        :meth:`model_term`."""
+        term = self._terms.get(b)
+        if term is None:
+            term = self._terms[b] = self._make_term(b)
+        return term
+
     def _block_matrix(self, b: int) -> np.ndarray:
         h = self._blocks[b]
-        if h is None:  # memory mode: build this block's harmonics on first use
+        if h is None:  # memory mode: build this block's harmonics (float64) on use
             i0, i1 = self._lookup_blocks[b]
             h = _kern.harmonics_from_lookup(i0, i1, self._table, self._n_params)
             _readonly(h)
-            if self.cache_harmonics:
+            if self.cache_harmonics and not self._factored:  # factored: formed per call, not kept
                 self._blocks[b] = h
         return h
 
@@ -1020,6 +1074,8 @@ class SHScaleComponent(ScaleComponentBase):
 
     def calculate_scales(self, block_id: int = 0) -> np.ndarray:
         b = self._check_block(block_id)
+        if self._factored:  # the model block's scales, bit for bit, and no row stored
+            return self._lookup_term(b).scales(self._parameters)
         if self._blocks[b] is None:
             i0, i1 = self._lookup_blocks[b]
             return _kern.lookup_sh_scales(i0, i1, self._table, self._parameters)
@@ -1701,16 +1757,43 @@ class SmoothScaleComponent3D(_SmoothGridComponent):
 
 
 # ----------------------------------------------------------------------------- SH lookup helpers
+class SHLookupColumns(list):
+    """The per-harmonic columns of a lookup table xtalscale built
+    (:func:`create_sph_harm_lookup_table`): a list of arrays like any ``coefficients_list``,
+    which also carries the grid's separable factors (``factors``, a ``LookupFactors``), so
+    that :class:`SHScaleComponent` can form the table's harmonics from them. Pickles as a plain
+    list (the factors are rebuilt with the table in another process)."""
+
+    def __init__(self, columns: Sequence[np.ndarray], factors: Any) -> None:
+        super().__init__(columns)
+        self.factors = factors
+        self._built = tuple(columns)
+
+    def unchanged_factors(self) -> Any:
+        """``factors`` while the list still holds the columns it was built with, else None (an
+        edited list is a user table)."""
+        if len(self) != len(self._built) or any(a is not b for a, b in zip(self, self._built)):
+            return None
+        return self.factors
+
+    def __reduce__(self) -> tuple:
+        return (list, (list(self),))
+
+
 def create_sph_harm_lookup_table(lmax: int, points_per_degree: int = SH_POINTS_PER_DEGREE) -> list:
     """DIALS's lookup table: one array per harmonic (l = 1..lmax, m = -l..l).
 
     Entry i of each array is the full real harmonic at θ = floor(i/(360·ppd))·π/(180·ppd),
     φ = (i mod 360·ppd)·π/(180·ppd). The arrays are column views of one row-major
-    (grid × n_params) table (kept alive by the views), which SHScaleComponent reads directly.
+    (grid × n_params) table (kept alive by the views), which SHScaleComponent reads directly;
+    the list is an :class:`SHLookupColumns`, which carries the table's separable factors, so
+    that large lookup data form their harmonics from them (see :class:`SHScaleComponent`).
     """
     table = _kern.sph_harm_lookup_table(int(lmax), int(points_per_degree))
     _readonly(table)
-    columns = [table[:, k] for k in range(table.shape[1])]
+    # the table's separable factors (its entries are their products, bit for bit) go with it
+    factors = _kern.sph_harm_lookup_factors(int(lmax), int(points_per_degree))
+    columns = SHLookupColumns([table[:, k] for k in range(table.shape[1])], factors)
     SHScaleComponent._table_cache["table"] = (columns, table, id(columns))
     return columns
 

@@ -31,7 +31,18 @@ def rng():
     return np.random.default_rng(7)
 
 
+@pytest.fixture
+def user_table(monkeypatch):
+    """The class lookup table as a user-assigned plain list (the same columns): its factors are
+    unknown to the component, which then holds the float32 block in the large-data regime."""
+    sh_lookup_data(np.zeros((1, 3)) + 1.0, np.zeros((1, 3)) + 1.0, 4)  # the table exists
+    monkeypatch.setattr(SHScaleComponent, "coefficients_list", list(SHScaleComponent.coefficients_list))
+
+
 def _sh(rng, n, lmax=4, float32=True):
+    """A lookup-mode component in the large-data regime (``float32``; with xtalscale's own
+    table it forms its harmonics from the grid's factors, with ``user_table`` it holds a
+    float32 block), or below it."""
     p = lmax * lmax + 2 * lmax
     comp = SHScaleComponent(rng.uniform(-0.05, 0.05, p))
     comp.float32_min_reflections = 0 if float32 else 10**12
@@ -40,7 +51,7 @@ def _sh(rng, n, lmax=4, float32=True):
     return comp
 
 
-def test_sh_float32_block_within_float32_rounding_of_exact(rng):
+def test_sh_float32_block_within_float32_rounding_of_exact(rng, user_table):
     n = 3000
     fast = _sh(rng, n)
     exact = SHScaleComponent(fast.parameters.copy())
@@ -78,9 +89,10 @@ def test_sh_float32_derivatives_match_finite_differences(rng):
         np.testing.assert_allclose((s1 - s0) / step, h[:, k], rtol=0, atol=1e-9)
 
 
-def test_sh_held_bytes_float32_block_and_no_pattern(rng):
+def test_sh_held_bytes_float32_block_and_no_pattern(rng, user_table):
     n, p = 2000, 24
     comp = _sh(rng, n)
+    assert comp.dense_harmonic_values().dtype == np.float32
     block = 4 * p * n
     lookups = 2 * 4 * n  # int32 grid indices kept in .data
     assert comp.held_bytes() == block + lookups
@@ -94,6 +106,20 @@ def test_sh_held_bytes_float32_block_and_no_pattern(rng):
     exact = _sh(rng, n, float32=False)
     exact.calculate_scales_and_derivatives()
     assert exact.held_bytes() == 8 * p * n + lookups  # float64 block below the threshold
+
+
+def test_sh_held_bytes_factored_grid_indices_only(rng):
+    """With xtalscale's own table the large-data regime holds the grid indices alone; matrices
+    asked for are float64 rows built per call and not kept."""
+    n = 2000
+    comp = _sh(rng, n)
+    lookups = 2 * 4 * n  # int32 grid indices kept in .data (one block: the same arrays)
+    assert comp.held_bytes() == lookups
+    s, h = comp.calculate_scales_and_dense_derivatives()
+    assert h.dtype == np.float64 and not h.flags.writeable
+    assert comp.held_bytes() == lookups
+    assert not np.shares_memory(h, comp.calculate_scales_and_dense_derivatives()[1])
+    np.testing.assert_array_equal(comp.calculate_scales(), s)
 
 
 def test_sh_shared_table_is_reported_separately(rng):

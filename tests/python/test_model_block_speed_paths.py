@@ -69,8 +69,8 @@ def test_dense_transpose_product_same_bits_at_every_level_and_thread_count(dtype
 
 
 def physical_block(n, rng, far=0):
-    """Lean scale (first parameter fixed) and decay smoothers and float32 harmonics, as the
-    large-data regime builds them; @p far rows at random places lie far outside the smoothers'
+    """Lean scale (first parameter fixed) and decay smoothers and harmonics formed from the
+    lookup grid's factors, as the large-data regime builds them; @p far rows at random places lie far outside the smoothers'
     range (the direct formula, row by row among the SIMD lanes)."""
     scale = SmoothScaleComponent1D(rng.uniform(0.8, 1.2, 20))
     scale.fix_initial_parameter()
@@ -88,14 +88,14 @@ def physical_block(n, rng, far=0):
     for comp in (scale, decay, sh):
         comp.update_reflection_data()
     block = ComponentModelBlock([scale, decay, sh])
-    assert [type(block.core.term(i)).__name__ for i in range(3)] == ["LeanSmoothTerm", "LeanSmoothTerm", "HarmonicsTerm"]
+    assert [type(block.core.term(i)).__name__ for i in range(3)] == ["LeanSmoothTerm", "LeanSmoothTerm", "LookupHarmonicsTerm"]
     return block
 
 
 @pytest.mark.parametrize("far", [0, 40])
 def test_physical_model_f_g_same_bits_at_every_level_and_thread_count(far):
-    """g, ∂g/∂p and (∂g/∂p)ᵀc of a physical model (lean scale and decay in SIMD lanes, float32
-    harmonics): the same bits at every SIMD level and thread count; Jᵀc of evaluate()'s CSR to
+    """g, ∂g/∂p and (∂g/∂p)ᵀc of a physical model (lean scale and decay in SIMD lanes, lookup
+    harmonics from the grid's factors): the same bits at every SIMD level and thread count; Jᵀc of evaluate()'s CSR to
     rounding."""
     rng = np.random.default_rng(5 + far)
     n = 10003

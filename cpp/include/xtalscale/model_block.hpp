@@ -42,6 +42,7 @@
 #include "xtalscale/components.hpp"
 #include "xtalscale/derivatives_view.hpp"
 #include "xtalscale/export.hpp"
+#include "xtalscale/harmonics.hpp"
 #include "xtalscale/ih_table.hpp"
 #include "xtalscale/smoother.hpp"
 
@@ -314,6 +315,62 @@ class XTALSCALE_EXPORT HarmonicsTerm final : public ModelTerm {
  private:
   HeldArray<double> h64_;
   HeldArray<float> h32_;
+};
+
+/// Spherical-harmonic surface read from the lookup grid's separable factors: s = 1 + h·c,
+/// ∂s/∂c = h, where row i's harmonics are h_k = (T[s0_i, k] + T[s1_i, k]) / 2 for the lookup
+/// table T, each entry formed on the fly as the product of its θ and φ factors
+/// (harmonics::LookupFactors). Bit for bit harmonics::harmonics_from_lookup()'s rows, and
+/// nothing per row is held but the two int32 grid indices (8 B), against 8·n_params B for a
+/// held float64 block (4·n_params for float32): the factor tables (~200 KB for lmax 4) stay in
+/// cache, so forming a row costs less than streaming it from memory.
+///
+/// Dense, n_cols = n_params. scales_rows() forms each row in registers and stores none;
+/// evaluate() materialises every row (for a caller that wants the whole matrix), and the row
+/// ranges of evaluate_rows() and fused_rows() (a ModelBlock's chunks of 4096 rows, which stay
+/// in cache) keep their rows for the transposed product. Sums have one fixed order at every
+/// SIMD level: the scale 1 + Σ_k c_k·h_k in eight lanes (lane j takes k ≡ j mod 8 in
+/// ascending k by fused multiply-add), reduced as ((l0 + l4) + (l2 + l6)) + ((l1 + l5) +
+/// (l3 + l7)); the transposed product per column in row order by fused multiply-add
+/// (components::dense_transpose_product on the rows).
+class XTALSCALE_EXPORT LookupHarmonicsTerm final : public ModelTerm {
+ public:
+  /// @p factors: the grid's factor tables (shared by every term of that grid); @p s0_lookup,
+  /// @p s1_lookup: grid indices per row (held, not copied); @p n_params: harmonics used, the
+  /// first n_params of the factors' (a table built for a larger lmax serves a smaller one).
+  /// @throws std::invalid_argument for null factors, index arrays of different lengths or
+  /// @p n_params outside [1, factors->n_params]; std::out_of_range (naming s0_lookup or
+  /// s1_lookup) for an index outside the grid.
+  LookupHarmonicsTerm(std::shared_ptr<const harmonics::LookupFactors> factors,
+                      HeldArray<std::int32_t> s0_lookup, HeldArray<std::int32_t> s1_lookup,
+                      std::size_t n_params);
+  /// Materialises every row (n_rows × n_params doubles in @p scratch): for callers that want
+  /// the whole derivative matrix.
+  TermValues evaluate(const double* p, TermScratch& scratch) const override;
+  /// The held indices and the factor tables (counted in full, though shared).
+  std::size_t nbytes() const override;
+  bool evaluates_rows() const override { return true; }
+  /// The rows' scales and their harmonics, materialised in @p scratch.
+  TermValues evaluate_rows(const double* p, std::size_t first, std::size_t count,
+                           TermScratch& scratch) const override;
+  const double* scales_rows(const double* p, std::size_t first, std::size_t count,
+                            TermScratch& scratch) const override;
+  /// evaluate_rows(): the rows are kept for fused_transpose_rows() (storing and reading back
+  /// a chunk's rows, in cache, costs less than forming them again).
+  TermValues fused_rows(const double* p, std::size_t first, std::size_t count,
+                        TermScratch& scratch) const override;
+  /// The dense transposed product of fused_rows()'s rows.
+  void fused_transpose_rows(const TermValues& v, std::size_t first, std::size_t count,
+                            const double* u, double* out, TermScratch& scratch) const override;
+  /// The factor tables: those given, or a copy of their first n_params harmonics when a
+  /// smaller lmax than theirs is used (so that the kernels read rows of a fixed length).
+  const std::shared_ptr<const harmonics::LookupFactors>& factors() const noexcept {
+    return factors_;
+  }
+
+ private:
+  std::shared_ptr<const harmonics::LookupFactors> factors_;
+  HeldArray<std::int32_t> s0_, s1_;
 };
 
 /// Fixed scales with no parameters (an analytical correction, or the product of the fixed

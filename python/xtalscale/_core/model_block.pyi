@@ -4,7 +4,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import numpy.typing as npt
 
-from .components import WeightMatrix
+from .components import LookupFactors, WeightMatrix
 from .smoothers import Smoother2D, Smoother3D
 
 _F64 = npt.NDArray[np.float64]
@@ -63,6 +63,17 @@ class GridSmoothTerm3D(ModelTerm):
 
 class HarmonicsTerm(ModelTerm):
     def __init__(self, harmonics: npt.NDArray[np.floating]) -> None: ...
+
+class LookupHarmonicsTerm(ModelTerm):
+    """s = 1 + h·c with h = (T[s0] + T[s1]) / 2 formed per row from the lookup grid's factors."""
+
+    def __init__(
+        self, factors: LookupFactors, s0_lookup: npt.NDArray[np.int32],
+        s1_lookup: npt.NDArray[np.int32], n_params: int
+    ) -> None: ...
+    def scales(self, parameters: npt.ArrayLike) -> _F64: ...
+    @property
+    def factors(self) -> LookupFactors: ...
 
 class FixedScalesTerm(ModelTerm):
     def __init__(self, scales: npt.ArrayLike) -> None: ...
