@@ -189,42 +189,57 @@ py::array_t<double> writable_doubles(const py::object& obj, const std::vector<py
   return a;
 }
 
+/// The matrix kind named @p kind ("schur" or "dials"), after checking @p n_params >= 0.
+NormalMatrixKind checked_matrix_kind(const std::string& kind, std::int64_t n_params) {
+  if (n_params < 0) throw std::invalid_argument("n_params must be >= 0");
+  if (kind != "schur" && kind != "dials")
+    throw std::invalid_argument("kind must be 'schur' or 'dials' (got '" + kind + "')");
+  return kind == "dials" ? NormalMatrixKind::dials : NormalMatrixKind::schur;
+}
+
+/// The (matrix, rhs) a normal-equations build writes: the caller's @p out pair (added to in
+/// place) or, for None, new arrays.
+std::pair<py::array_t<double>, py::array_t<double>> normal_equations_outputs(const py::object& out,
+                                                                             py::ssize_t p) {
+  if (out.is_none()) return {py::array_t<double>({p, p}), py::array_t<double>(p)};
+  const auto pair = out.cast<py::tuple>();
+  if (pair.size() != 2) throw std::invalid_argument("out must be a (matrix, rhs) pair");
+  return {writable_doubles(pair[0], {p, p}, "out matrix"), writable_doubles(pair[1], {p}, "out rhs")};
+}
+
+/// Whether Σ w r², the right-hand side and the matrix of a build are all finite.
+bool normal_equations_finite(const py::array_t<double>& matrix, const py::array_t<double>& rhs,
+                             const NormalEquationsSummary& s) {
+  const auto p = rhs.size();
+  if (!std::isfinite(s.r_sq)) return false;
+  for (py::ssize_t j = 0; j < p; ++j)
+    if (!std::isfinite(rhs.data()[j])) return false;
+  for (py::ssize_t j = 0; j < p * p; ++j)
+    if (!std::isfinite(matrix.data()[j])) return false;
+  return true;
+}
+
 py::tuple normal_equations_py(const Int64Array& offsets, const DoubleArray& intensities,
                               const DoubleArray& weights, const py::list& blocks,
                               std::int64_t n_params, const std::string& kind,
                               const std::optional<DoubleArray>& fixed_Ih, int n_threads,
                               bool check_structure, const py::object& out) {
-  if (n_params < 0) throw std::invalid_argument("n_params must be >= 0");
-  if (kind != "schur" && kind != "dials")
-    throw std::invalid_argument("kind must be 'schur' or 'dials' (got '" + kind + "')");
+  const NormalMatrixKind matrix_kind = checked_matrix_kind(kind, n_params);
   CallData d;
   load_table(d, offsets, intensities, weights);
   load_blocks(d, blocks, static_cast<std::size_t>(n_params), check_structure);
   const double* fixed = optional_rows(fixed_Ih, d.table.n_obs, "fixed_Ih");
   const auto p = static_cast<py::ssize_t>(n_params);
   const bool accumulate = !out.is_none();
-  py::array_t<double> matrix, rhs;
-  if (accumulate) {
-    const auto pair = out.cast<py::tuple>();
-    if (pair.size() != 2) throw std::invalid_argument("out must be a (matrix, rhs) pair");
-    matrix = writable_doubles(pair[0], {p, p}, "out matrix");
-    rhs = writable_doubles(pair[1], {p}, "out rhs");
-  } else {
-    matrix = py::array_t<double>({p, p});
-    rhs = py::array_t<double>(p);
-  }
+  auto [matrix, rhs] = normal_equations_outputs(out, p);
   NormalEquationsSummary s;
   {
     py::gil_scoped_release release;
     s = normal_equations(d.table, d.blocks, static_cast<std::size_t>(n_params),
                          matrix.mutable_data(), rhs.mutable_data(),
-                         kind == "dials" ? NormalMatrixKind::dials : NormalMatrixKind::schur, fixed,
-                         n_threads, accumulate);
+                         matrix_kind, fixed, n_threads, accumulate);
   }
-  bool finite = std::isfinite(s.r_sq);
-  for (py::ssize_t j = 0; j < p; ++j) finite = finite && std::isfinite(rhs.data()[j]);
-  for (py::ssize_t j = 0; j < p * p; ++j) finite = finite && std::isfinite(matrix.data()[j]);
-  if (!finite) explain_non_finite(d, static_cast<std::size_t>(n_params));
+  if (!normal_equations_finite(matrix, rhs, s)) explain_non_finite(d, static_cast<std::size_t>(n_params));
   return py::make_tuple(matrix, rhs, s.r_sq, s.n_equations);
 }
 
@@ -303,9 +318,7 @@ py::tuple model_normal_equations_py(const Int64Array& offsets, const DoubleArray
                                     std::int64_t n_params, const std::string& kind,
                                     const std::optional<DoubleArray>& fixed_Ih, int n_threads,
                                     const py::object& out) {
-  if (n_params < 0) throw std::invalid_argument("n_params must be >= 0");
-  if (kind != "schur" && kind != "dials")
-    throw std::invalid_argument("kind must be 'schur' or 'dials' (got '" + kind + "')");
+  const NormalMatrixKind matrix_kind = checked_matrix_kind(kind, n_params);
   require_threads(n_threads);
   CallData d;
   load_table(d, offsets, intensities, weights);
@@ -313,16 +326,7 @@ py::tuple model_normal_equations_py(const Int64Array& offsets, const DoubleArray
   const double* fixed = optional_rows(fixed_Ih, d.table.n_obs, "fixed_Ih");
   const auto p = static_cast<py::ssize_t>(n_params);
   const bool accumulate = !out.is_none();
-  py::array_t<double> matrix, rhs;
-  if (accumulate) {
-    const auto pair = out.cast<py::tuple>();
-    if (pair.size() != 2) throw std::invalid_argument("out must be a (matrix, rhs) pair");
-    matrix = writable_doubles(pair[0], {p, p}, "out matrix");
-    rhs = writable_doubles(pair[1], {p}, "out rhs");
-  } else {
-    matrix = py::array_t<double>({p, p});
-    rhs = py::array_t<double>(p);
-  }
+  auto [matrix, rhs] = normal_equations_outputs(out, p);
   const auto n_obs = static_cast<py::ssize_t>(d.table.n_obs);
   DoubleArray g(n_obs);
   std::optional<DoubleArray> ih;
@@ -333,17 +337,12 @@ py::tuple model_normal_equations_py(const Int64Array& offsets, const DoubleArray
     s = model_normal_equations(d.table, tm.models, static_cast<std::size_t>(n_params),
                                matrix.mutable_data(), rhs.mutable_data(), g.mutable_data(),
                                ih ? ih->mutable_data() : nullptr,
-                               kind == "dials" ? NormalMatrixKind::dials : NormalMatrixKind::schur,
-                               fixed, n_threads, accumulate);
+                               matrix_kind, fixed, n_threads, accumulate);
   }
-  if (s.scales_usable) {  // finite scales: a non-finite result is a derivative's or an overflow
-    bool finite = std::isfinite(s.r_sq);
-    for (py::ssize_t j = 0; j < p; ++j) finite = finite && std::isfinite(rhs.data()[j]);
-    for (py::ssize_t j = 0; j < p * p && finite; ++j) finite = std::isfinite(matrix.data()[j]);
-    if (!finite)
-      throw std::invalid_argument("the normal equations are not finite: a model's derivatives are "
-                                  "not finite, or the terms overflowed");
-  }
+  // with finite scales, a non-finite result is a derivative's or an overflow
+  if (s.scales_usable && !normal_equations_finite(matrix, rhs, s))
+    throw std::invalid_argument("the normal equations are not finite: a model's derivatives are "
+                                "not finite, or the terms overflowed");
   return py::make_tuple(matrix, rhs, s.r_sq, s.n_equations, g,
                         ih ? py::object(*ih) : py::object(py::none()), s.scales_usable);
 }

@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_job_scale import _streamed_scaler, _unstreamed_objective
+from test_job_scale import _streamed_objective, _unstreamed_objective
 
 from xtalscale._core import fit as _fit
-from xtalscale.fit import ScalingTarget
 from xtalscale.fit.minimisers import NonFiniteScales, levenberg_marquardt
-from xtalscale.fit.objectives import ScalerObjective
-from xtalscale.parameter_managers import multi_active_parameter_manager, scaling_active_parameter_manager
 
 
 def _perturbed(apm, seed=1, size=0.01):
@@ -72,12 +69,7 @@ def test_fused_equations_of_a_two_dataset_block_are_the_derivative_paths_bits(ki
 def test_fused_equations_of_streamed_blocks_are_the_derivative_paths_bits(kind, monkeypatch):
     """A streamed table (blocks of 1,000 rows, two sweeps each): the same bits block after
     block, accumulated into one matrix."""
-    scaler = _streamed_scaler(monkeypatch)
-    target = ScalingTarget()
-    apm = multi_active_parameter_manager(target, [ds.model.components for ds in scaler.datasets],
-                                         [["scale", "decay", "absorption"]] * 2,
-                                         apm_class=scaling_active_parameter_manager)
-    obj = ScalerObjective(scaler, target, apm)
+    scaler, target, apm, obj = _streamed_objective(monkeypatch)
     calls = _counting_fused_calls(monkeypatch)
     x = _perturbed(apm, seed=2)
     fused_eq, fused_state, used = _build(obj, scaler, x, True, kind)
@@ -163,12 +155,7 @@ def test_levenberg_marquardt_ends_at_the_same_bits_fused_or_not(monkeypatch):
     var-cov matrix whether the normal equations are fused or not."""
     ends = []
     for fused in (True, False):
-        scaler = _streamed_scaler(monkeypatch)
-        target = ScalingTarget()
-        apm = multi_active_parameter_manager(target, [ds.model.components for ds in scaler.datasets],
-                                             [["scale", "decay", "absorption"]] * 2,
-                                             apm_class=scaling_active_parameter_manager)
-        obj = ScalerObjective(scaler, target, apm)
+        scaler, target, apm, obj = _streamed_objective(monkeypatch)
         obj.fused_normal_equations = fused
         journal = levenberg_marquardt(obj, max_iterations=4)
         ends.append((obj.get_x(), [r["objective"] for r in journal.rows], journal.var_cov))

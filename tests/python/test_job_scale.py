@@ -813,6 +813,21 @@ def _streamed_scaler(monkeypatch):
     return scaler
 
 
+
+def _streamed_objective(monkeypatch):
+    """``(scaler, target, apm, objective)``: :func:`_streamed_scaler` with a ScalingTarget, a
+    parameter manager of both sweeps' scale, decay and absorption, and their objective."""
+    from xtalscale.fit import ScalingTarget
+    from xtalscale.fit.objectives import ScalerObjective
+    from xtalscale.parameter_managers import multi_active_parameter_manager, scaling_active_parameter_manager
+
+    scaler = _streamed_scaler(monkeypatch)
+    target = ScalingTarget()
+    apm = multi_active_parameter_manager(target, [ds.model.components for ds in scaler.datasets],
+                                         [["scale", "decay", "absorption"]] * 2,
+                                         apm_class=scaling_active_parameter_manager)
+    return scaler, target, apm, ScalerObjective(scaler, target, apm)
+
 def test_streamed_round_start_checks_the_scales_in_its_one_evaluation(monkeypatch):
     """A streamed round's start evaluates each block once (g with ∂g/∂p, normal_equations_at)
     instead of set_x then the normal equations: the same equations, and starting parameters
@@ -850,16 +865,10 @@ def test_streamed_f_and_grad_without_derivatives_equals_the_derivative_path(monk
     alone, then (∂g/∂p)ᵀ ∂f/∂g per model block): no ∂g/∂p is formed, and f and the gradient
     equal the derivative-matrix path's to rounding, at the start and after a parameter change;
     Ĩ stored on the blocks is the same."""
-    from xtalscale.fit import ScalingTarget
     from xtalscale.fit.objectives import ScalerObjective
     from xtalscale.parameter_managers import multi_active_parameter_manager, scaling_active_parameter_manager
 
-    scaler = _streamed_scaler(monkeypatch)
-    target = ScalingTarget()
-    apm = multi_active_parameter_manager(target, [ds.model.components for ds in scaler.datasets],
-                                         [["scale", "decay", "absorption"]] * 2,
-                                         apm_class=scaling_active_parameter_manager)
-    obj = ScalerObjective(scaler, target, apm)
+    scaler, target, apm, obj = _streamed_objective(monkeypatch)
     assert obj._matrix_free() is not None
     rng = np.random.default_rng(3)
     x0 = np.asarray(apm.get_param_vals(), dtype=np.float64)

@@ -172,15 +172,20 @@ class ScalerObjective:
         block whose g is not finite and > 0 (overflow is then left to that check)."""
         stream = self._streaming()
         for block_id, block in enumerate(self._blocks()):
-            if check_scales:
-                with np.errstate(over="ignore", invalid="ignore"):
-                    self._update(block_id, derivatives, check_scales=True)
-                require_usable_scales(np.asarray(block.inverse_scale_factors))
-            else:
-                self._update(block_id, derivatives)
+            self._update_block(block_id, block, derivatives, check_scales)
             yield block
             if stream and derivatives:
                 self.scaler.release_block_derivatives(self.apm, block_id)
+
+    def _update_block(self, block_id: int, block: Any, derivatives: bool, check_scales: bool) -> None:
+        """:meth:`_update` of one block; ``check_scales``: then raise NonFiniteScales if its g
+        is not finite and > 0 (overflow is left to that check)."""
+        if check_scales:
+            with np.errstate(over="ignore", invalid="ignore"):
+                self._update(block_id, derivatives, check_scales=True)
+            require_usable_scales(np.asarray(block.inverse_scale_factors))
+        else:
+            self._update(block_id, derivatives)
 
     def _restraint_residuals_and_jacobian(self) -> list[Any] | None:
         """The manager's restraint ``[r, J, w]`` (or None) at the current parameters.
@@ -251,12 +256,7 @@ class ScalerObjective:
                           check_scales: bool) -> tuple[Any, ...]:
         """One block's terms added to ``matrix`` and ``rhs`` from its ∂g/∂p (evaluated for it,
         released afterwards when streaming), as :meth:`_each_block` serves it."""
-        if check_scales:
-            with np.errstate(over="ignore", invalid="ignore"):
-                self._update(block_id, True, check_scales=True)
-            require_usable_scales(np.asarray(block.inverse_scale_factors))
-        else:
-            self._update(block_id, True)
+        self._update_block(block_id, block, True, check_scales)
         terms = inner.compute_normal_equations(block, out=(matrix, rhs))
         if self._streaming():
             self.scaler.release_block_derivatives(self.apm, block_id)
