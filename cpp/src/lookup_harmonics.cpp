@@ -27,9 +27,9 @@
 namespace xtalscale {
 namespace {
 
-/// @p v resized to @p n (kept for the next call of the same size).
+/// Room for @p n values in @p v, grown when needed and never shrunk (as model_block.cpp's).
 double* sized(std::vector<double>& v, std::size_t n) {
-  if (v.size() != n) detail::resize_large(v, n);
+  if (v.size() < n) detail::resize_large(v, n);
   return v.data();
 }
 
