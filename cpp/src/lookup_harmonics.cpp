@@ -27,9 +27,9 @@
 namespace xtalscale {
 namespace {
 
-/// @p v resized to @p n (kept for the next call of the same size).
+/// Room for @p n values in @p v, grown when needed and never shrunk (as model_block.cpp's).
 double* sized(std::vector<double>& v, std::size_t n) {
-  if (v.size() != n) detail::resize_large(v, n);
+  if (v.size() < n) detail::resize_large(v, n);
   return v.data();
 }
 
@@ -134,6 +134,25 @@ __attribute__((target("avx512f"), always_inline)) inline void form_row_avx512(
 // (The kernels copy what they read per row into locals: their stores are through may-alias
 // vector types, after which the compiler would otherwise reload every field for every row.)
 
+/// 1 + the eight-lane reduction of each of eight rows' accumulators @p a (lanes l0…l7 of a
+/// row), in row order: the single row's additions, ((l0 + l4) + (l2 + l6)) + ((l1 + l5) +
+/// (l3 + l7)) as the 512 → 256 → 128 → 64-bit halvings form them, with the halves of two,
+/// four and then eight rows gathered into one register before each addition.
+__attribute__((target("avx512f"), always_inline)) inline __m512d reduce_eight(const __m512d* a) {
+  __m512d t[4];  // rows 2p, 2p + 1: (l_j + l_{j+4}) for j < 4, each row a 256-bit half
+  for (int p = 0; p < 4; ++p)
+    t[p] = _mm512_add_pd(_mm512_shuffle_f64x2(a[2 * p], a[2 * p + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_f64x2(a[2 * p], a[2 * p + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  __m512d u[2];  // rows 4p … 4p + 3: (that + the other pair), each row a 128-bit lane
+  for (int p = 0; p < 2; ++p)
+    u[p] = _mm512_add_pd(_mm512_shuffle_f64x2(t[2 * p], t[2 * p + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f64x2(t[2 * p], t[2 * p + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  // lane q of u[0] is row q, of u[1] row 4 + q: the last addition gives rows 0 4 1 5 2 6 3 7
+  const __m512d sum = _mm512_add_pd(_mm512_unpacklo_pd(u[0], u[1]), _mm512_unpackhi_pd(u[0], u[1]));
+  const __m512d scale = _mm512_add_pd(_mm512_set1_pd(1.0), sum);
+  return _mm512_permutexvar_pd(_mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7), scale);
+}
+
 template <int NZ>
 __attribute__((target("avx512f"))) void scales_avx512(const LookupRows& r, const double* coef,
                                                       double* scales, double* rows) {
@@ -142,7 +161,22 @@ __attribute__((target("avx512f"))) void scales_avx512(const LookupRows& r, const
   const std::size_t count = r.count;
   __m512d c[NZ];
   for (int z = 0; z < NZ; ++z) c[z] = _mm512_loadu_pd(coef + 8 * z);
-  for (std::size_t i = 0; i < count; ++i) {
+  std::size_t i = 0;
+  // Eight rows at a time: their eight accumulators reduced together (reduce_eight), which
+  // costs about a third of the shuffles of eight single-row reductions, with the same sums.
+  for (; i + 8 <= count; i += 8) {
+    __m512d acc[8];
+    for (int row = 0; row < 8; ++row) {
+      __m512d h[NZ];
+      form_row_avx512<NZ>(grid, s0[i + row], s1[i + row], h);
+      if (rows != nullptr)
+        for (int z = 0; z < NZ; ++z) _mm512_storeu_pd(rows + (i + row) * 8 * NZ + 8 * z, h[z]);
+      acc[row] = _mm512_setzero_pd();
+      for (int z = 0; z < NZ; ++z) acc[row] = _mm512_fmadd_pd(h[z], c[z], acc[row]);
+    }
+    _mm512_storeu_pd(scales + i, reduce_eight(acc));
+  }
+  for (; i < count; ++i) {
     __m512d h[NZ];
     form_row_avx512<NZ>(grid, s0[i], s1[i], h);
     if (rows != nullptr)

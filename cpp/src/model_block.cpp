@@ -20,9 +20,11 @@ namespace xtalscale {
 
 namespace {
 
-/// @p v resized to @p n on first use (the same size on every later call).
+/// Room for @p n values in @p v, grown when needed and never shrunk: a run of row chunks of
+/// varying length (the fused normal equations' chunks of whole groups) then allocates and
+/// zero-fills nothing after the longest.
 double* sized(std::vector<double>& v, std::size_t n) {
-  if (v.size() != n) detail::resize_large(v, n);
+  if (v.size() < n) detail::resize_large(v, n);
   return v.data();
 }
 
@@ -118,6 +120,11 @@ std::size_t ModelTerm::nnz_rows(std::size_t first, std::size_t count) const {
   std::vector<std::int32_t> indices(count * std::max<std::size_t>(n_cols_, 1));
   pattern_rows(first, count, indptr.data(), indices.data());
   return static_cast<std::size_t>(indptr[count]);
+}
+
+std::int64_t ModelTerm::column_runs(std::size_t, std::size_t, std::int32_t*,
+                                    std::int32_t*) const {
+  return -1;
 }
 
 TermValues ModelTerm::fused_rows(const double* p, std::size_t first, std::size_t count,
@@ -432,6 +439,18 @@ void LeanSmoothTerm::pattern_rows(std::size_t first, std::size_t count, std::int
     for (std::size_t k = 0; k < n_cols; ++k) indices[nnz++] = col + static_cast<std::int32_t>(k);
     indptr[i + 1] = nnz;
   }
+}
+
+std::int64_t LeanSmoothTerm::column_runs(std::size_t first, std::size_t count,
+                                         std::int32_t* run_first, std::int32_t* run_length) const {
+  std::int64_t nnz = 0;  // row_columns() of every row, as pattern_rows() writes them
+  for (std::size_t i = 0; i < count; ++i) {
+    const auto [col, n_cols] = row_columns(first + i);
+    run_first[i] = col;
+    run_length[i] = static_cast<std::int32_t>(n_cols);
+    nnz += static_cast<std::int64_t>(n_cols);
+  }
+  return nnz;
 }
 
 std::size_t LeanSmoothTerm::nbytes() const {
@@ -959,6 +978,128 @@ bool ModelBlock::chunked() const {
 
 bool ModelBlock::evaluates_rows() const { return chunked(); }
 
+namespace {
+
+/// One term of a row range as ModelBlock::evaluate_rows's assembly reads it, copied out of
+/// the terms and the scratch once per call (no per-row look-up through the term objects).
+struct RowTerm {
+  enum Kind : int { inactive, dense, dense_f32, runs, pattern };
+  Kind kind = inactive;
+  std::int32_t offset = 0;  ///< the block column of the term's column 0
+  std::int32_t n_cols = 0;  ///< dense: columns of every row
+  const double* scales = nullptr;
+  const double* values = nullptr;  ///< dense: row-major; sparse: the rows' entries in order
+  const float* values_f32 = nullptr;
+  const std::int32_t* run_first = nullptr;   ///< runs: each row's first (term) column
+  const std::int32_t* run_length = nullptr;  ///< runs: each row's number of columns
+  const std::int64_t* starts = nullptr;      ///< pattern: row starts (from 0)
+  const std::int32_t* columns = nullptr;     ///< pattern: the term's columns
+};
+
+/// Grown when needed, never shrunk (see RowsScratch).
+template <class T>
+T* room(std::vector<T>& v, std::size_t n) {
+  if (v.size() < n) detail::resize_large(v, n);
+  return v.data();
+}
+
+/// The multipliers of the product rule for @p count rows: g into @p g and, for each term t,
+/// others_t = prefix_t·suffix_t (prefix_t = ((1·s₀)·s₁)·…·s_{t−1}, suffix_t the product of
+/// the later terms' scales taken from the last term backwards from 1) into
+/// @p others[t·count + j]; @p suffix room for count values. The operations of
+/// product_rule() on each row, in its order (so the same bits), but term by term over all the
+/// rows, which vectorises.
+XS_MULTIVERSION void product_multipliers(const RowTerm* terms, std::size_t k, std::size_t count,
+                                         double* __restrict g, double* __restrict others,
+                                         double* __restrict suffix) {
+  std::fill(g, g + count, 1.0);
+  for (std::size_t t = 0; t < k; ++t) {
+    const double* __restrict s = terms[t].scales;
+    double* __restrict o = others + t * count;
+    for (std::size_t j = 0; j < count; ++j) {
+      o[j] = g[j];
+      g[j] *= s[j];
+    }
+  }
+  std::fill(suffix, suffix + count, 1.0);
+  for (std::size_t t = k; t-- > 0;) {
+    const double* __restrict s = terms[t].scales;
+    double* __restrict o = others + t * count;
+    for (std::size_t j = 0; j < count; ++j) {
+      o[j] *= suffix[j];
+      suffix[j] *= s[j];
+    }
+  }
+}
+
+/// @p n derivatives @p v times @p o into @p out, their columns @p c0, c0 + 1, … into @p col.
+XS_ALWAYS_INLINE void scaled_entries(const double* __restrict v, double o, std::int32_t c0,
+                                     std::int64_t n, std::int32_t* __restrict col,
+                                     double* __restrict out) {
+  for (std::int64_t q = 0; q < n; ++q) {
+    col[q] = c0 + static_cast<std::int32_t>(q);
+    out[q] = v[q] * o;
+  }
+}
+
+/// The pattern and ∂g/∂p of @p count rows in one pass over the rows (row j's entries written
+/// with their columns, term after term, as pattern_of_rows() and product_rule() write them),
+/// each term's derivatives times its multiplier @p others[t·count + j] (product_multipliers()).
+XS_MULTIVERSION void assemble_rows(const RowTerm* terms, std::size_t k, std::size_t count,
+                                   const double* __restrict others, std::int64_t* positions,
+                                   std::int64_t* __restrict indptr,
+                                   std::int32_t* __restrict indices,
+                                   double* __restrict values) {
+  for (std::size_t t = 0; t < k; ++t) positions[t] = 0;
+  std::int64_t at = 0;
+  indptr[0] = 0;
+  for (std::size_t j = 0; j < count; ++j) {
+    for (std::size_t t = 0; t < k; ++t) {
+      const RowTerm& r = terms[t];
+      const double o = others[t * count + j];
+      std::int32_t* col = indices + at;
+      double* out = values + at;
+      switch (r.kind) {
+        case RowTerm::inactive:
+          break;
+        case RowTerm::dense:
+          scaled_entries(r.values + j * static_cast<std::size_t>(r.n_cols), o, r.offset,
+                         r.n_cols, col, out);
+          at += r.n_cols;
+          break;
+        case RowTerm::dense_f32: {
+          const float* row = r.values_f32 + j * static_cast<std::size_t>(r.n_cols);
+          for (std::int32_t q = 0; q < r.n_cols; ++q) {
+            col[q] = r.offset + q;
+            out[q] = static_cast<double>(row[q]) * o;
+          }
+          at += r.n_cols;
+          break;
+        }
+        case RowTerm::runs: {
+          const std::int32_t n = r.run_length[j];
+          scaled_entries(r.values + positions[t], o, r.offset + r.run_first[j], n, col, out);
+          positions[t] += n;
+          at += n;
+          break;
+        }
+        case RowTerm::pattern: {
+          const std::int64_t a = r.starts[j], n = r.starts[j + 1] - a;
+          for (std::int64_t q = 0; q < n; ++q) {
+            col[q] = r.offset + r.columns[a + q];
+            out[q] = r.values[a + q] * o;
+          }
+          at += n;
+          break;
+        }
+      }
+    }
+    indptr[j + 1] = at;
+  }
+}
+
+}  // namespace
+
 void ModelBlock::evaluate_rows(const double* params, std::size_t n_params, std::size_t first,
                                std::size_t count, RowsScratch& s) const {
   if (!chunked()) throw std::logic_error("a term of this block does not evaluate row ranges");
@@ -969,28 +1110,60 @@ void ModelBlock::evaluate_rows(const double* params, std::size_t n_params, std::
   s.term_values.resize(k);
   s.term_indptr.resize(k);
   s.term_indices.resize(k);
-  std::vector<const std::int64_t*> starts(k, nullptr);
-  std::vector<const std::int32_t*> columns(k, nullptr);
+  s.term_lengths.resize(k);
+  // The rows' pattern is known before any value is formed: dense terms' from their column
+  // count, a run term's from its rows' runs (window records: two values a row), other sparse
+  // terms' from pattern_rows(). So nnz is counted without a pass over the block's rows, and
+  // one pass writes the columns and the values together.
+  constexpr std::size_t kStack = 16;
+  RowTerm stack_terms[kStack];
+  std::vector<RowTerm> heap_terms(k > kStack ? k : 0);
+  RowTerm* rt = k > kStack ? heap_terms.data() : stack_terms;
+  std::size_t nnz = 0;
   for (std::size_t t = 0; t < k; ++t) {
     const ModelTerm& term = *terms_[t];
-    s.term_values[t] = term.evaluate_rows(params + param_start_[t], first, count, s.terms[t]);
-    if (active_[t] && !term.dense()) {  // the term's own pattern of these rows
-      s.term_indptr[t].resize(count + 1);
-      s.term_indices[t].resize(count * std::max<std::size_t>(term.n_cols(), 1));
-      term.pattern_rows(first, count, s.term_indptr[t].data(), s.term_indices[t].data());
-      starts[t] = s.term_indptr[t].data();
-      columns[t] = s.term_indices[t].data();
+    const TermValues v = term.evaluate_rows(params + param_start_[t], first, count, s.terms[t]);
+    s.term_values[t] = v;
+    RowTerm& r = rt[t];
+    r = RowTerm{};
+    r.scales = v.scales;
+    if (!active_[t]) continue;
+    r.offset = static_cast<std::int32_t>(col_start_[t]);
+    r.values = v.values;
+    if (term.dense()) {
+      r.kind = v.values_f32 != nullptr ? RowTerm::dense_f32 : RowTerm::dense;
+      r.n_cols = static_cast<std::int32_t>(term.n_cols());
+      r.values_f32 = v.values_f32;
+      nnz += count * term.n_cols();
+      continue;
     }
+    std::int32_t* run_first = room(s.term_indices[t], count);
+    std::int32_t* run_length = room(s.term_lengths[t], count);
+    const std::int64_t run_nnz = term.column_runs(first, count, run_first, run_length);
+    if (run_nnz >= 0) {
+      r.kind = RowTerm::runs;
+      r.run_first = run_first;
+      r.run_length = run_length;
+      nnz += static_cast<std::size_t>(run_nnz);
+      continue;
+    }
+    r.kind = RowTerm::pattern;
+    std::int64_t* starts = room(s.term_indptr[t], count + 1);
+    std::int32_t* columns = room(s.term_indices[t], count * std::max<std::size_t>(term.n_cols(), 1));
+    term.pattern_rows(first, count, starts, columns);
+    r.starts = starts;
+    r.columns = columns;
+    nnz += static_cast<std::size_t>(starts[count]);
   }
   s.indptr.resize(count + 1);
-  s.indptr[0] = 0;
-  pattern_of_rows(count, starts, columns, 0, s.indptr.data(), nullptr);
-  const auto nnz = static_cast<std::size_t>(s.indptr[count]);
-  s.indices.resize(nnz);
-  s.values.resize(nnz);
   s.g.resize(count);
-  pattern_of_rows(count, starts, columns, 0, s.indptr.data(), s.indices.data());
-  product_rule(s.term_values, count, starts, s.indptr.data(), s.g.data(), s.values.data());
+  double* others = room(s.work, (k + 1) * count);  // k rows of multipliers, then the suffixes
+  product_multipliers(rt, k, count, s.g.data(), others, others + k * count);
+  std::int64_t positions_stack[kStack];
+  std::vector<std::int64_t> heap_positions(k > kStack ? k : 0);
+  std::int64_t* positions = k > kStack ? heap_positions.data() : positions_stack;
+  assemble_rows(rt, k, count, others, positions, s.indptr.data(), room(s.indices, nnz),
+                room(s.values, nnz));
 }
 
 void ModelBlock::scales_by_chunks(const double* params, int n_threads) {

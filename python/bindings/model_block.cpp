@@ -206,6 +206,24 @@ DoubleArray block_transpose_product(ModelBlock& b, const DoubleArray& params,
   return out;
 }
 
+/// A read-only view of @p v (count values) kept valid by the Python scratch object @p owner
+/// until that scratch's next evaluate_rows.
+template <class T>
+py::array scratch_view(const std::vector<T>& v, std::size_t count, const py::object& owner) {
+  py::array_t<T> a(static_cast<py::ssize_t>(count), v.data(), owner);
+  py::detail::array_proxy(a.ptr())->flags &= ~py::detail::npy_api::NPY_ARRAY_WRITEABLE_;
+  return a;
+}
+
+void block_evaluate_rows(const ModelBlock& b, const DoubleArray& params, std::size_t first,
+                         std::size_t count, RowsScratch& scratch) {
+  require_1d(params, "params");
+  const double* p = params.data();
+  const auto n = static_cast<std::size_t>(params.size());
+  py::gil_scoped_release release;
+  b.evaluate_rows(p, n, first, count, scratch);
+}
+
 py::tuple block_functional_and_gradient(ModelBlock& b, const DoubleArray& params,
                                         const Int64Array& offsets, const DoubleArray& intensities,
                                         const DoubleArray& weights, int n_threads) {
@@ -389,6 +407,30 @@ void bind_model_block(py::module_& m) {
            py::arg("values"))
       .def("set_dense", &external_set_dense, py::arg("scales"), py::arg("derivatives"))
       .def_property_readonly("is_set", &ExternalTerm::is_set);
+  py::class_<RowsScratch>(
+      m, "RowsScratch",
+      "Reusable buffers of ModelBlock.evaluate_rows: g and dg/dp (CSR, block columns) of the\n"
+      "last row range evaluated into it. g/indptr/indices/values are read-only views that the\n"
+      "next evaluate_rows with this scratch overwrites (copy them to keep them).")
+      .def(py::init<>())
+      .def_property_readonly("g", [](py::object self) {
+        const auto& s = self.cast<const RowsScratch&>();
+        return scratch_view(s.g, s.g.size(), self);
+      })
+      .def_property_readonly("indptr", [](py::object self) {
+        const auto& s = self.cast<const RowsScratch&>();
+        return scratch_view(s.indptr, s.g.size() + (s.indptr.empty() ? 0 : 1), self);
+      })
+      .def_property_readonly("indices", [](py::object self) {
+        const auto& s = self.cast<const RowsScratch&>();
+        const auto nnz = s.indptr.empty() ? 0 : static_cast<std::size_t>(s.indptr[s.g.size()]);
+        return scratch_view(s.indices, nnz, self);
+      })
+      .def_property_readonly("values", [](py::object self) {
+        const auto& s = self.cast<const RowsScratch&>();
+        const auto nnz = s.indptr.empty() ? 0 : static_cast<std::size_t>(s.indptr[s.g.size()]);
+        return scratch_view(s.values, nnz, self);
+      });
   py::class_<ModelBlock, std::shared_ptr<ModelBlock>>(
       m, "ModelBlock",
       "g = Π s_c and ∂g/∂p (CSR) of one model over one block of observations; the C++ object\n"
@@ -424,6 +466,12 @@ void bind_model_block(py::module_& m) {
            "of whole groups is evaluated once for g, Ih, df/dg and the transposed product. The\n"
            "same as evaluate_scales, fit.functional_and_scale_gradient and transpose_product,\n"
            "to rounding; identical for any n_threads. Writes g as evaluate_scales does.")
+      .def("evaluate_rows", &block_evaluate_rows, py::arg("params"), py::arg("first"),
+           py::arg("count"), py::arg("scratch"),
+           "g and dg/dp of rows [first, first + count) into scratch (a RowsScratch, reused from\n"
+           "call to call), without touching the block's own buffers: evaluate()'s values of\n"
+           "these rows, bit for bit (the chunk the fused normal equations and the row\n"
+           "variances evaluate).")
       .def("release_values", &ModelBlock::release_values, py::arg("pattern") = false,
            "Free the derivative values and the terms' scratch, keeping g (and the pattern unless\n"
            "pattern=True); the next evaluate allocates (and builds) them again: for blocks\n"

@@ -703,3 +703,48 @@ def test_several_blocks_refuse_bad_lists(rng):
     with pytest.raises(ValueError, match="n_threads"):
         mb.transpose_product_of_blocks(cores, params, np.ones(sum(c.n_rows for c in cores)), n_threads=0)
     assert mb.evaluate_scales_of_blocks([], [])[0].size == 0
+
+
+def _rows_blocks(rng, n):
+    """Blocks whose terms cover every kind of evaluate_rows's row assembly: lean smoothers (a
+    run of columns a row), held-weight smoothers (a pattern), lookup harmonics (dense),
+    float32 harmonics, an inactive term and a scale factor, a fixed-scales term, a zero scale."""
+    lean = ComponentModelBlock(_physical(rng, n, True))
+    held = ComponentModelBlock(_physical(rng, n, False), active=[True, False, True])
+    mixed = mb.ModelBlock(n)
+    comps = _physical(rng, n, True)
+    for comp in comps:
+        mixed.add_term(comp.model_term(0))
+    mixed.add_term(mb.HarmonicsTerm(rng.normal(size=(n, 8)).astype(np.float32)))
+    mixed.add_term(mb.ScaleFactorTerm(n), False)
+    fixed = rng.uniform(0.5, 2.0, n)
+    fixed[3] = 0.0  # others = 0 for every term of that row, without a division
+    mixed.add_term(mb.FixedScalesTerm(fixed))
+    mixed.add_term(mb.ScaleFactorTerm(n))
+    params = np.concatenate([lean.parameters(), rng.normal(size=8), [1.3, 0.7]])
+    return [(lean.core, lean.parameters()), (held.core, held.parameters()), (mixed, params)]
+
+
+def test_evaluate_rows_gives_evaluates_rows_bit_for_bit(rng):
+    """ModelBlock.evaluate_rows (the chunk the fused normal equations and the row variances
+    evaluate): g, the CSR pattern and ∂g/∂p of any row range are evaluate()'s rows bit for
+    bit, for every kind of term, with one scratch reused over ranges that shrink and grow
+    (its buffers are kept, not shrunk: views stop at indptr[count]); an empty range is valid."""
+    n = 3000
+    for core, params in _rows_blocks(rng, n):
+        assert core.evaluates_rows()
+        core.evaluate(params)
+        g, indptr, indices, values = (np.array(a) for a in (core.scales, core.indptr, core.indices, core.values))
+        scratch = mb.RowsScratch()
+        for first, count in [(0, n), (5, 1), (17, 1024), (2000, 1000), (0, 0), (1, 999), (100, 2900), (n, 0)]:
+            core.evaluate_rows(params, first, count, scratch)
+            lo, hi = indptr[first], indptr[first + count]
+            np.testing.assert_array_equal(scratch.g, g[first:first + count])
+            np.testing.assert_array_equal(scratch.indptr, indptr[first:first + count + 1] - lo)
+            np.testing.assert_array_equal(scratch.indices, indices[lo:hi])
+            np.testing.assert_array_equal(scratch.values, values[lo:hi])
+            assert not scratch.values.flags.writeable
+        with pytest.raises(ValueError, match="out of range"):
+            core.evaluate_rows(params, n - 1, 2, scratch)
+        with pytest.raises(ValueError, match="params must hold"):
+            core.evaluate_rows(params[:-1], 0, 10, scratch)

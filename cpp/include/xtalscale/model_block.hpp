@@ -141,6 +141,14 @@ class XTALSCALE_EXPORT ModelTerm {
   /// in O(1) and other terms through pattern_rows() into temporaries; sparse terms override it
   /// with a count that writes no column.
   virtual std::size_t nnz_rows(std::size_t first, std::size_t count) const;
+  /// For a sparse term whose every row holds one run of consecutive columns (e.g. a 1-D
+  /// smoother's window): row i of rows [first, first + count) holds columns
+  /// [@p run_first[i], @p run_first[i] + @p run_length[i]), the pattern of pattern_rows() in a
+  /// form that costs two values a row and no column list. Returns the rows' number of
+  /// derivatives (Σ run_length), or -1 (writing nothing) when the term's rows are not runs
+  /// (the base: callers then use pattern_rows()). Only when evaluates_rows().
+  virtual std::int64_t column_runs(std::size_t first, std::size_t count, std::int32_t* run_first,
+                                   std::int32_t* run_length) const;
   /// The rows' evaluation for a consumer of their transposed product alone (the one-pass f+g
   /// and the chunked transposed product of a ModelBlock): the scales of rows
   /// [first, first + count), bit for bit those of scales_rows(), and derivative values in
@@ -247,6 +255,9 @@ class XTALSCALE_EXPORT LeanSmoothTerm final : public ModelTerm {
   void pattern_rows(std::size_t first, std::size_t count, std::int64_t* indptr,
                     std::int32_t* indices) const override;
   std::size_t nnz_rows(std::size_t first, std::size_t count) const override;
+  /// A row's columns are its window's (from its window record alone).
+  std::int64_t column_runs(std::size_t first, std::size_t count, std::int32_t* run_first,
+                           std::int32_t* run_length) const override;
   /// Scales and every row's normalised weights at a fixed stride (zeros past its window): no
   /// compaction into rows of the window's columns, and no smoothed-B row scaling (applied to
   /// the coefficients by fused_transpose_rows() instead).
@@ -418,7 +429,10 @@ class XTALSCALE_EXPORT ExternalTerm final : public ModelTerm {
 };
 
 /// Caller-owned buffers of ModelBlock::evaluate_rows (one per thread): g and ∂g/∂p of a row
-/// range as CSR, and the terms' scratch. Reused from call to call (sized on first use).
+/// range as CSR, and the terms' scratch. Reused from call to call: sized on first use and
+/// never shrunk, so that a run of chunks of varying length allocates (and zero-fills) nothing
+/// after the longest. g and indptr hold exactly count and count + 1 values; indices and
+/// values hold at least indptr[count] (entries past it are room for a later call).
 struct RowsScratch {
   std::vector<double> g;                  ///< g of the rows
   std::vector<std::int64_t> indptr;       ///< count + 1 row starts, from 0
@@ -427,7 +441,9 @@ struct RowsScratch {
   std::vector<TermScratch> terms;         ///< per term
   std::vector<TermValues> term_values;    ///< per term, the last evaluate_rows()
   std::vector<std::vector<std::int64_t>> term_indptr;   ///< sparse terms' row patterns
-  std::vector<std::vector<std::int32_t>> term_indices;
+  std::vector<std::vector<std::int32_t>> term_indices;  ///< (or, for column_runs(), run starts)
+  std::vector<std::vector<std::int32_t>> term_lengths;  ///< column_runs() terms' run lengths
+  std::vector<double> work;               ///< the product rule's multipliers of the rows
 };
 
 /// g = Π_c s_c and ∂g/∂p of one model over one block of observations (see the file notes).
