@@ -47,6 +47,7 @@ only the grid indices.
 """
 from __future__ import annotations
 
+import threading
 from math import ceil, floor
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional, Sequence
 
@@ -82,6 +83,8 @@ __all__ = [
     "SmoothScaleComponent3D",
     "create_sph_harm_lookup_table",
     "SHLookupColumns",
+    "sh_lookup_factors",
+    "ensure_sh_lookup_table",
     "sh_lookup_data",
     "product_rule",
     "ComponentModelBlock",
@@ -824,10 +827,8 @@ class SHScaleComponent(ScaleComponentBase):
     _transient = ("_table", "_factors")
 
     def _reset_transient(self) -> None:
-        # The lookup table and its factors are class-wide; re-read them (they must be set in
-        # this process too).
-        needed = any(pair is not None for pair in self._lookup_blocks)
-        self._table = self._lookup_table(self._n_params) if needed else None
+        # The lookup table and its factors are class-wide; re-read them in this process.
+        self._table = None  # (the class table, fetched again on first need)
         self._factors = None
         if getattr(self, "_factored", False):
             self._factors = self._lookup_factors(self._n_params)
@@ -918,9 +919,20 @@ class SHScaleComponent(ScaleComponentBase):
         """The block's harmonic matrix as a read-only dense (n_refl × n_params) array."""
         return self._block_matrix(self._check_block(block_id))
 
+    def _grid_table(self) -> np.ndarray:
+        """The class lookup table (:meth:`_lookup_table`), fetched on first need: blocks formed
+        from the grid's factors never read it."""
+        if self._table is None:
+            self._table = self._lookup_table(self._n_params)
+        return self._table
+
     @classmethod
     def _lookup_table(cls, n_params: int) -> np.ndarray:
-        """The class lookup table stacked row-major (n_grid × n_params_max), cached by identity."""
+        """The class lookup table stacked row-major (n_grid × n_params_max), cached by identity.
+        Unset, it is xtalscale's own table, built here (:func:`ensure_sh_lookup_table`) for the
+        largest lmax whose factors the process made (a job's models make only the factors)."""
+        if cls.coefficients_list is None and _OWN_FACTORS:
+            ensure_sh_lookup_table(max(lmax for lmax, _ in _OWN_FACTORS))
         coeffs = cls.coefficients_list
         if coeffs is None:
             raise ComponentError(
@@ -945,10 +957,15 @@ class SHScaleComponent(ScaleComponentBase):
     @classmethod
     def _lookup_factors(cls, n_params: int) -> Any:
         """The separable factors of the class lookup table when xtalscale built that table
-        (an unchanged :class:`SHLookupColumns`) and they cover ``n_params``; else None (a
+        (an unchanged :class:`SHLookupColumns`) or will build it (no table yet, the factors
+        made by :func:`sh_lookup_factors`), if they cover ``n_params``; else None (a
         user-assigned table, whose factors are unknown)."""
         coeffs = cls.coefficients_list
-        factors = coeffs.unchanged_factors() if isinstance(coeffs, SHLookupColumns) else None
+        if coeffs is None:  # no table yet: it will be xtalscale's own, from these factors
+            factors = next((f for (_, ppd), f in sorted(_OWN_FACTORS.items(), reverse=True)
+                            if ppd == SH_POINTS_PER_DEGREE), None)
+        else:
+            factors = coeffs.unchanged_factors() if isinstance(coeffs, SHLookupColumns) else None
         return factors if factors is not None and factors.n_params >= n_params else None
 
     def update_reflection_data(self, selection: Any = None, block_selections: Any = None, *,
@@ -967,6 +984,8 @@ class SHScaleComponent(ScaleComponentBase):
         if self._mode is None:
             raise ComponentError(f"{name}: set .data before update_reflection_data")
         self._terms = {}
+        # (a component given new data holds nothing of its previous blocks' form)
+        self._factored, self._factors, self._lookup_blocks = False, None, []
         if self._mode == "speed":
             n = self._dense_table.shape[0]
             blocks = _block_indices(selection, block_selections, n, name)
@@ -982,8 +1001,10 @@ class SHScaleComponent(ScaleComponentBase):
             return
         n = self._data["s0_lookup"].size
         blocks = _block_indices(selection, block_selections, n, name)
-        self._table = self._lookup_table(self._n_params)
-        n_grid = self._table.shape[0]
+        large = not self.exact_harmonics and n > self.float32_min_reflections
+        factors = self._lookup_factors(self._n_params) if large else None
+        # (xtalscale's own table need not exist: its factors are all a large block reads)
+        n_grid = factors.grid_size if factors is not None else self._grid_table().shape[0]
         self._lookup_blocks = []
         for idx in blocks:
             pair = []
@@ -997,19 +1018,18 @@ class SHScaleComponent(ScaleComponentBase):
             self._lookup_blocks.append(tuple(pair))
         self._blocks = [None] * len(blocks)
         self._n_refl = [int(p[0].size) for p in self._lookup_blocks]
-        self._factored, self._factors = False, None
-        if (self.cache_harmonics and not scales_only and not self.exact_harmonics
-                and n > self.float32_min_reflections):
-            self._factors = self._lookup_factors(self._n_params)
-            self._factored = self._factors is not None  # then the grid indices are all it holds
-            if not self._factored:
-                self._hold_float32_blocks()
+        # Large data: rows formed from the grid's factors (the grid indices are all it holds,
+        # and every path, scales alone included, takes the model block's scales); a
+        # user-assigned table: a float32 block, unless only scales are wanted
+        self._factored, self._factors = factors is not None, factors
+        if large and factors is None and self.cache_harmonics and not scales_only:
+            self._hold_float32_blocks()
 
     def _hold_float32_blocks(self) -> None:
         """Replace the blocks' grid indices by float32 harmonic blocks (a user-assigned lookup
         table: see the class notes). The grid indices stay in ``_data``."""
         for b, (i0, i1) in enumerate(self._lookup_blocks):
-            h = _kern.harmonics_from_lookup_f32(i0, i1, self._table, self._n_params)
+            h = _kern.harmonics_from_lookup_f32(i0, i1, self._grid_table(), self._n_params)
             _readonly(h)
             self._blocks[b] = h
         self._lookup_blocks = [None] * len(self._blocks)
@@ -1035,7 +1055,7 @@ class SHScaleComponent(ScaleComponentBase):
         h = self._blocks[b]
         if h is None:  # memory mode: build this block's harmonics (float64) on use
             i0, i1 = self._lookup_blocks[b]
-            h = _kern.harmonics_from_lookup(i0, i1, self._table, self._n_params)
+            h = _kern.harmonics_from_lookup(i0, i1, self._grid_table(), self._n_params)
             _readonly(h)
             if self.cache_harmonics and not self._factored:  # factored: formed per call, not kept
                 self._blocks[b] = h
@@ -1078,7 +1098,7 @@ class SHScaleComponent(ScaleComponentBase):
             return self._lookup_term(b).scales(self._parameters)
         if self._blocks[b] is None:
             i0, i1 = self._lookup_blocks[b]
-            return _kern.lookup_sh_scales(i0, i1, self._table, self._parameters)
+            return _kern.lookup_sh_scales(i0, i1, self._grid_table(), self._parameters)
         return self._scales(self._blocks[b])
 
     def _held_arrays(self) -> list:
@@ -1792,7 +1812,7 @@ def create_sph_harm_lookup_table(lmax: int, points_per_degree: int = SH_POINTS_P
     table = _kern.sph_harm_lookup_table(int(lmax), int(points_per_degree))
     _readonly(table)
     # the table's separable factors (its entries are their products, bit for bit) go with it
-    factors = _kern.sph_harm_lookup_factors(int(lmax), int(points_per_degree))
+    factors = sh_lookup_factors(lmax, points_per_degree)
     columns = SHLookupColumns([table[:, k] for k in range(table.shape[1])], factors)
     SHScaleComponent._table_cache["table"] = (columns, table, id(columns))
     return columns
@@ -1800,22 +1820,42 @@ def create_sph_harm_lookup_table(lmax: int, points_per_degree: int = SH_POINTS_P
 
 def ensure_sh_lookup_table(lmax: int, points_per_degree: int = SH_POINTS_PER_DEGREE) -> None:
     """Make sure the class-wide ``SHScaleComponent.coefficients_list`` covers ``lmax`` (built
-    once per process, or rebuilt for a larger lmax); callers that may race hold the models'
-    lookup-table lock."""
+    once per process, or rebuilt for a larger lmax; thread-safe)."""
     n_params = int(_kern.n_sph_harm_params(int(lmax)))
-    coeffs = SHScaleComponent.coefficients_list
-    if coeffs is None or len(coeffs) < n_params:
-        SHScaleComponent.coefficients_list = create_sph_harm_lookup_table(lmax, points_per_degree)
+    with _OWN_TABLE_LOCK:
+        coeffs = SHScaleComponent.coefficients_list
+        if coeffs is None or len(coeffs) < n_params:
+            SHScaleComponent.coefficients_list = create_sph_harm_lookup_table(lmax, points_per_degree)
+
+
+#: xtalscale's lookup-grid factors by (lmax, points per degree): ~200 KB each, made once
+_OWN_FACTORS: dict[tuple[int, int], Any] = {}
+_OWN_TABLE_LOCK = threading.RLock()  # (re-entrant: a table build makes its factors under it)
+
+
+def sh_lookup_factors(lmax: int, points_per_degree: int = SH_POINTS_PER_DEGREE) -> Any:
+    """The separable θ and φ factors of xtalscale's lookup table for ``lmax`` (a
+    ``LookupFactors``; made once per process, thread-safe). Large lookup data form their
+    harmonics from these alone: a job that makes only them never builds the 50 MB table
+    (:func:`create_sph_harm_lookup_table`), which is built on first need instead."""
+    key = (int(lmax), int(points_per_degree))
+    with _OWN_TABLE_LOCK:
+        factors = _OWN_FACTORS.get(key)
+        if factors is None:
+            factors = _OWN_FACTORS[key] = _kern.sph_harm_lookup_factors(*key)
+    return factors
 
 
 def sh_lookup_data(s0c: Any, s1c: Any, lmax: int,
                    points_per_degree: int = SH_POINTS_PER_DEGREE) -> dict:
-    """"Memory"-mode data for :class:`SHScaleComponent` from aligned crystal-frame vectors.
+    """"Memory"-mode data for :class:`SHScaleComponent` from aligned crystal-frame vectors:
+    ``{"s0_lookup": ..., "s1_lookup": ...}`` grid indices.
 
-    Makes sure ``SHScaleComponent.coefficients_list`` covers ``lmax`` (building it if needed)
-    and returns ``{"s0_lookup": ..., "s1_lookup": ...}`` grid indices.
+    Makes the grid's factors for ``lmax`` (:func:`sh_lookup_factors`); the class table
+    ``SHScaleComponent.coefficients_list``, if unset, is built on its first need (large
+    data never need it; :func:`ensure_sh_lookup_table` builds it now).
     """
-    ensure_sh_lookup_table(lmax, points_per_degree)
+    sh_lookup_factors(lmax, points_per_degree)
     out = {}
     for name, vectors in (("s0_lookup", s0c), ("s1_lookup", s1c)):
         v = np.asarray(vectors, dtype=np.float64)

@@ -789,8 +789,9 @@ def _add_absorption(model: ScalingModelBase, reflection_table: Any, experiment: 
         from .scaling_utilities import absorption_lookup_indices  # noqa: PLC0415
 
         comps = _components_module()
-        with _SH_TABLE_LOCK:
-            comps.ensure_sh_lookup_table(lmax)
+        # the grid's factors alone: the component forms its rows from them, and the class
+        # table (50 MB) is built only if something reads it (see SHScaleComponent)
+        comps.sh_lookup_factors(lmax)
         i0, i1 = absorption_lookup_indices(_frame_view(reflection_table), experiment, comps.SH_POINTS_PER_DEGREE,
                                            n_threads=int(_opt(params, "scaling_options", "nproc", 1) or 1))
         absorption.data = {"s0_lookup": i0, "s1_lookup": i1}

@@ -19,6 +19,7 @@ from xtalscale.components import (
     SHScaleComponent,
     SmoothBScaleComponent1D,
     SmoothScaleComponent1D,
+    ensure_sh_lookup_table,
     product_rule,
     sh_lookup_data,
 )
@@ -35,7 +36,7 @@ def rng():
 def user_table(monkeypatch):
     """The class lookup table as a user-assigned plain list (the same columns): its factors are
     unknown to the component, which then holds the float32 block in the large-data regime."""
-    sh_lookup_data(np.zeros((1, 3)) + 1.0, np.zeros((1, 3)) + 1.0, 4)  # the table exists
+    ensure_sh_lookup_table(4)  # the class table exists
     monkeypatch.setattr(SHScaleComponent, "coefficients_list", list(SHScaleComponent.coefficients_list))
 
 

@@ -122,6 +122,25 @@ def test_absorption_term_is_needed_for_lcysteine():
     assert np.max(np.abs(_rel(g[rows], ref[rows]))) > 1e-3
 
 
+def test_lookup_mode_builds_no_class_table(case, monkeypatch):
+    """Large data form their absorption rows from the lookup grid's factors: configuring and
+    evaluating the model leaves the class table (50 MB) unbuilt, and gives the table path's
+    scales (the float64 harmonic block: the same harmonics bit for bit, the scale sums in
+    another order, so within a few ulp)."""
+    from xtalscale.components import SHScaleComponent
+
+    table, experiments, _, _ = case
+    monkeypatch.setattr(models, "SH_LOOKUP_THRESHOLD", 0)
+    monkeypatch.setattr(SHScaleComponent, "coefficients_list", None)
+    monkeypatch.setattr(SHScaleComponent, "float32_min_reflections", 0)  # the large-data forms
+    factored = inverse_scale_factors(experiments, table)
+    assert SHScaleComponent.coefficients_list is None
+    monkeypatch.setattr(SHScaleComponent, "float32_min_reflections", 10**9)  # the float64 table path
+    from_table = inverse_scale_factors(experiments, table)
+    assert SHScaleComponent.coefficients_list is not None  # built on its first need
+    np.testing.assert_allclose(factored, from_table, rtol=1e-14, atol=0)
+
+
 def test_lookup_table_mode_is_close(case, monkeypatch):
     """Above 100k reflections DIALS reads harmonics from a 0.5° grid; force that path here."""
     from xtalscale.components import SHScaleComponent

@@ -14,7 +14,13 @@ import pytest
 from xtalscale import _core
 from xtalscale._core import components as kern
 from xtalscale._core import model_block as mb
-from xtalscale.components import ComponentModelBlock, SHLookupColumns, SHScaleComponent, sh_lookup_data
+from xtalscale.components import (
+    ComponentModelBlock,
+    SHLookupColumns,
+    SHScaleComponent,
+    ensure_sh_lookup_table,
+    sh_lookup_data,
+)
 
 
 @pytest.fixture
@@ -202,6 +208,7 @@ def _large_component(rng, n=3000):
 
 
 def test_component_uses_the_factors_of_its_own_table(rng):
+    ensure_sh_lookup_table(4)  # xtalscale's own table, built (unbuilt: see test_golden_dials_scales)
     comp = _large_component(rng)
     assert isinstance(SHScaleComponent.coefficients_list, SHLookupColumns)
     assert type(comp.model_term(0)).__name__ == "LookupHarmonicsTerm"
@@ -221,7 +228,7 @@ def test_component_uses_the_factors_of_its_own_table(rng):
 
 
 def test_a_user_assigned_table_keeps_the_float32_block(rng, monkeypatch):
-    sh_lookup_data(np.ones((1, 3)), np.ones((1, 3)), 4)  # the class table exists
+    ensure_sh_lookup_table(4)  # the class table exists
     own = SHScaleComponent.coefficients_list
     monkeypatch.setattr(SHScaleComponent, "coefficients_list", list(own))  # factors unknown
     comp = _large_component(rng)
@@ -231,3 +238,17 @@ def test_a_user_assigned_table_keeps_the_float32_block(rng, monkeypatch):
     edited[0] = np.array(own[0])  # an edited list is a user table too
     monkeypatch.setattr(SHScaleComponent, "coefficients_list", edited)
     assert type(_large_component(rng).model_term(0)).__name__ == "HarmonicsTerm"
+
+
+def test_new_data_drops_the_factored_form(rng):
+    """A component that formed its rows from the grid's factors and is then given exact
+    harmonics (as the report's absorption map does to a copy of a job's component) evaluates
+    those, not its old blocks."""
+    comp = _large_component(rng)
+    assert type(comp.model_term(0)).__name__ == "LookupHarmonicsTerm"
+    angles = kern.calc_theta_phi(rng.normal(size=(50, 3)))
+    exact = kern.sph_harm_table(angles, angles, 4)
+    del comp.float32_min_reflections  # (the class default: 50 rows keep float64 harmonics)
+    comp.data = {"sph_harm_table": exact.T}
+    comp.update_reflection_data()
+    np.testing.assert_array_equal(comp.calculate_scales(), kern.sh_scales(exact, comp.parameters))
