@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "fit_parallel.hpp"
 #include "internal/row_prefetch.hpp"
@@ -171,6 +172,111 @@ void calc_Ih_rows(std::size_t n_groups, const std::int64_t* order, const std::in
     const double Ih = wgg > 0.0 ? wgi / wgg : 0.0;
     for (auto l = begin; l < end; ++l) Ih_rows[order[l]] = Ih;
   }
+}
+
+namespace {
+
+[[noreturn]] void bad_block_row(std::size_t s, std::size_t i, const std::string& what) {
+  throw std::invalid_argument("source " + std::to_string(s) + ", block row " + std::to_string(i) + ": " + what);
+}
+
+// Rows this far ahead have their per-row values fetched, and twice as far their row maps: the
+// block's rows are scattered over the datasets' columns (a few misses in flight, not one).
+constexpr std::size_t kGatherAhead = 16;
+
+}  // namespace
+
+void build_block(const std::vector<BlockSource>& sources, const std::int64_t* group_map, std::size_t n_map,
+                 std::size_t n_groups, const BlockArrays& out) {
+  const std::size_t n_cols = out.columns.size();
+  XS_REQUIRE(n_cols >= 3, "build_block needs the intensity, variance and inverse scale factor columns");
+  for (std::size_t s = 0; s < sources.size(); ++s)
+    XS_REQUIRE(sources[s].columns.size() == n_cols,
+               "source " + std::to_string(s) + " has " + std::to_string(sources[s].columns.size()) +
+                   " columns, expected " + std::to_string(n_cols));
+  std::int64_t* const counts = out.offsets;  // counts of group h at [h + 1], then the offsets
+  std::fill(counts, counts + n_groups + 1, std::int64_t{0});
+  const auto limit = static_cast<std::int64_t>(n_groups);
+  std::vector<const double*> cin(n_cols);
+  double* const* cdst = out.columns.data();
+  std::size_t o = 0;  // block row
+  // pass 1: gather every row (source after source) and count its group
+  for (std::size_t s = 0; s < sources.size(); ++s) {
+    const BlockSource& src = sources[s];
+    for (std::size_t c = 0; c < n_cols; ++c) cin[c] = src.columns[c];
+    const std::int64_t* rows = src.rows;
+    const std::int64_t* cmap = src.column_rows;
+    const std::int64_t* loc = src.loc_indices;
+    const std::int64_t* groups = src.groups;
+    const auto n_sel = static_cast<std::int64_t>(src.n_selected);
+    const auto n_colrows = static_cast<std::int64_t>(src.n_column_rows);
+    std::int64_t* sel_out = s < out.selections.size() ? out.selections[s] : nullptr;
+    const auto id = static_cast<std::int64_t>(s);
+    for (std::size_t i = 0; i < src.n_rows; ++i, ++o) {
+      if (i + 2 * kGatherAhead < src.n_rows) {
+        const std::int64_t ahead = rows[i + 2 * kGatherAhead];
+        if (ahead >= 0 && ahead < n_sel) {
+          if (cmap) __builtin_prefetch(cmap + ahead);
+          if (loc) __builtin_prefetch(loc + ahead);
+          if (!src.groups_per_row) __builtin_prefetch(groups + ahead);
+        }
+      }
+      if (i + kGatherAhead < src.n_rows) {
+        const std::int64_t ahead = rows[i + kGatherAhead];
+        if (ahead >= 0 && ahead < n_sel) {
+          const std::int64_t cr = cmap ? cmap[ahead] : ahead;
+          if (cr >= 0 && cr < n_colrows)
+            for (std::size_t c = 0; c < n_cols; ++c) __builtin_prefetch(cin[c] + cr);
+          if (group_map && !src.groups_per_row) {
+            const std::int64_t g = groups[ahead];
+            if (g >= 0 && static_cast<std::size_t>(g) < n_map) __builtin_prefetch(group_map + g);
+          }
+        }
+      }
+      const std::int64_t r = rows[i];
+      if (r < 0 || r >= n_sel)
+        bad_block_row(s, i, "row " + std::to_string(r) + " is outside [0, " + std::to_string(n_sel) + ")");
+      const std::int64_t cr = cmap ? cmap[r] : r;
+      if (cr < 0 || cr >= n_colrows)
+        bad_block_row(s, i, "column row " + std::to_string(cr) + " is outside [0, " + std::to_string(n_colrows) + ")");
+      std::int64_t h = src.groups_per_row ? groups[i] : groups[r];
+      if (group_map && !src.groups_per_row) {
+        if (h < 0 || static_cast<std::size_t>(h) >= n_map)
+          bad_block_row(s, i, "group number " + std::to_string(h) + " is outside [0, " + std::to_string(n_map) + ")");
+        h = group_map[h];
+      }
+      if (h < 0 || h >= limit)
+        bad_block_row(s, i, "block group " + std::to_string(h) + " is outside [0, " + std::to_string(n_groups) + ")");
+      for (std::size_t c = 0; c < n_cols; ++c) cdst[c][o] = cin[c][cr];
+      const std::int64_t l = loc ? loc[r] : cr;
+      out.loc_indices[o] = l;
+      if (sel_out) sel_out[i] = l;
+      out.dataset_id[o] = id;
+      out.group_ids[o] = h;
+      ++counts[h + 1];
+      // weights and exclusion codes: σ² not finite and > 0 → 1, I not finite → 2 (wins)
+      const double I = cdst[0][o], V = cdst[1][o];
+      const bool bad_i = !std::isfinite(I);
+      const bool bad_v = !(std::isfinite(V) && V > 0.0);
+      const double w = (bad_i || bad_v) ? 0.0 : 1.0 / V;
+      if (!std::isfinite(w)) bad_block_row(s, i, "weight 1/variance is not finite (variance " + std::to_string(V) + ")");
+      if (!std::isfinite(cdst[2][o]))
+        bad_block_row(s, i, "inverse scale factor " + std::to_string(cdst[2][o]) + " is not finite");
+      out.weights[o] = w;
+      out.exclusion[o] = static_cast<std::uint8_t>(bad_i ? 2 : (bad_v ? 1 : 0));
+    }
+  }
+  // pass 2: the stable group order (a counting sort) and its inverse
+  for (std::size_t h = 0; h < n_groups; ++h) counts[h + 1] += counts[h];
+  const std::int64_t* offsets = counts;
+  std::vector<std::int64_t> next(offsets, offsets + n_groups);
+  for (std::size_t k = 0; k < o; ++k) {
+    const std::int64_t pos = next[static_cast<std::size_t>(out.group_ids[k])]++;
+    out.order[pos] = static_cast<std::int64_t>(k);
+    out.table_rows[k] = pos;
+  }
+  // Ĩ: the one kernel every block's Ĩ goes through
+  calc_Ih_rows(n_groups, out.order, offsets, out.columns[0], out.weights, out.columns[2], out.Ih);
 }
 
 void sum_in_groups(const GroupedObservations& t, const double* values, double* sums) {
