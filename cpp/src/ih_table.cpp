@@ -180,9 +180,9 @@ namespace {
   throw std::invalid_argument("source " + std::to_string(s) + ", block row " + std::to_string(i) + ": " + what);
 }
 
-// Rows this far ahead have their per-row values fetched, and twice as far their row maps: the
-// block's rows are scattered over the datasets' columns (a few misses in flight, not one).
-constexpr std::size_t kGatherAhead = 16;
+// Rows gathered per chunk (each field of a chunk in its own loop): small enough for the
+// chunk's row maps to stay in L1.
+constexpr std::size_t kGatherChunk = 256;
 
 }  // namespace
 
@@ -197,73 +197,90 @@ void build_block(const std::vector<BlockSource>& sources, const std::int64_t* gr
   std::int64_t* const counts = out.offsets;  // counts of group h at [h + 1], then the offsets
   std::fill(counts, counts + n_groups + 1, std::int64_t{0});
   const auto limit = static_cast<std::int64_t>(n_groups);
-  std::vector<const double*> cin(n_cols);
-  double* const* cdst = out.columns.data();
+  // The rows are read in chunks, each field in its own tight loop: the reads of a loop are
+  // independent (scattered over the columns), so many cache misses are in flight at once.
+  std::int64_t col_row[kGatherChunk];
+  std::int64_t sel_group[kGatherChunk];
   std::size_t o = 0;  // block row
-  // pass 1: gather every row (source after source) and count its group
+  // pass 1: gather every row (source after source), its weight and code; count its group
   for (std::size_t s = 0; s < sources.size(); ++s) {
     const BlockSource& src = sources[s];
-    for (std::size_t c = 0; c < n_cols; ++c) cin[c] = src.columns[c];
-    const std::int64_t* rows = src.rows;
     const std::int64_t* cmap = src.column_rows;
     const std::int64_t* loc = src.loc_indices;
-    const std::int64_t* groups = src.groups;
     const auto n_sel = static_cast<std::int64_t>(src.n_selected);
     const auto n_colrows = static_cast<std::int64_t>(src.n_column_rows);
     std::int64_t* sel_out = s < out.selections.size() ? out.selections[s] : nullptr;
     const auto id = static_cast<std::int64_t>(s);
-    for (std::size_t i = 0; i < src.n_rows; ++i, ++o) {
-      if (i + 2 * kGatherAhead < src.n_rows) {
-        const std::int64_t ahead = rows[i + 2 * kGatherAhead];
-        if (ahead >= 0 && ahead < n_sel) {
-          if (cmap) __builtin_prefetch(cmap + ahead);
-          if (loc) __builtin_prefetch(loc + ahead);
-          if (!src.groups_per_row) __builtin_prefetch(groups + ahead);
-        }
+    for (std::size_t i0 = 0; i0 < src.n_rows; i0 += kGatherChunk) {
+      const std::size_t m = std::min(kGatherChunk, src.n_rows - i0);
+      const std::int64_t* rows = src.rows + i0;
+      for (std::size_t j = 0; j < m; ++j)
+        if (rows[j] < 0 || rows[j] >= n_sel)
+          bad_block_row(s, i0 + j, "row " + std::to_string(rows[j]) + " is outside [0, " + std::to_string(n_sel) + ")");
+      if (cmap) {
+        for (std::size_t j = 0; j < m; ++j) col_row[j] = cmap[rows[j]];
+        for (std::size_t j = 0; j < m; ++j)
+          if (col_row[j] < 0 || col_row[j] >= n_colrows)
+            bad_block_row(s, i0 + j, "column row " + std::to_string(col_row[j]) + " is outside [0, " +
+                                         std::to_string(n_colrows) + ")");
+      } else {
+        for (std::size_t j = 0; j < m; ++j) col_row[j] = rows[j];  // n_selected <= n_column_rows
       }
-      if (i + kGatherAhead < src.n_rows) {
-        const std::int64_t ahead = rows[i + kGatherAhead];
-        if (ahead >= 0 && ahead < n_sel) {
-          const std::int64_t cr = cmap ? cmap[ahead] : ahead;
-          if (cr >= 0 && cr < n_colrows)
-            for (std::size_t c = 0; c < n_cols; ++c) __builtin_prefetch(cin[c] + cr);
-          if (group_map && !src.groups_per_row) {
-            const std::int64_t g = groups[ahead];
-            if (g >= 0 && static_cast<std::size_t>(g) < n_map) __builtin_prefetch(group_map + g);
+      std::int64_t* lo = out.loc_indices + o;
+      if (loc) {
+        for (std::size_t j = 0; j < m; ++j) lo[j] = loc[rows[j]];
+      } else {
+        for (std::size_t j = 0; j < m; ++j) lo[j] = col_row[j];
+      }
+      if (sel_out) std::copy(lo, lo + m, sel_out + i0);
+      std::int64_t* gid = out.group_ids + o;
+      if (src.groups_per_row) {
+        std::copy(src.groups + i0, src.groups + i0 + m, gid);
+      } else {
+        for (std::size_t j = 0; j < m; ++j) sel_group[j] = src.groups[rows[j]];
+        if (group_map) {
+          for (std::size_t j = 0; j < m; ++j) {
+            const std::int64_t g = sel_group[j];
+            if (g < 0 || static_cast<std::size_t>(g) >= n_map)
+              bad_block_row(s, i0 + j, "group number " + std::to_string(g) + " is outside [0, " + std::to_string(n_map) + ")");
+            gid[j] = group_map[g];
           }
+        } else {
+          std::copy(sel_group, sel_group + m, gid);
         }
       }
-      const std::int64_t r = rows[i];
-      if (r < 0 || r >= n_sel)
-        bad_block_row(s, i, "row " + std::to_string(r) + " is outside [0, " + std::to_string(n_sel) + ")");
-      const std::int64_t cr = cmap ? cmap[r] : r;
-      if (cr < 0 || cr >= n_colrows)
-        bad_block_row(s, i, "column row " + std::to_string(cr) + " is outside [0, " + std::to_string(n_colrows) + ")");
-      std::int64_t h = src.groups_per_row ? groups[i] : groups[r];
-      if (group_map && !src.groups_per_row) {
-        if (h < 0 || static_cast<std::size_t>(h) >= n_map)
-          bad_block_row(s, i, "group number " + std::to_string(h) + " is outside [0, " + std::to_string(n_map) + ")");
-        h = group_map[h];
+      for (std::size_t j = 0; j < m; ++j) {
+        const std::int64_t h = gid[j];
+        if (h < 0 || h >= limit)
+          bad_block_row(s, i0 + j, "block group " + std::to_string(h) + " is outside [0, " + std::to_string(n_groups) + ")");
+        ++counts[h + 1];
       }
-      if (h < 0 || h >= limit)
-        bad_block_row(s, i, "block group " + std::to_string(h) + " is outside [0, " + std::to_string(n_groups) + ")");
-      for (std::size_t c = 0; c < n_cols; ++c) cdst[c][o] = cin[c][cr];
-      const std::int64_t l = loc ? loc[r] : cr;
-      out.loc_indices[o] = l;
-      if (sel_out) sel_out[i] = l;
-      out.dataset_id[o] = id;
-      out.group_ids[o] = h;
-      ++counts[h + 1];
+      std::fill(out.dataset_id + o, out.dataset_id + o + m, id);
+      for (std::size_t c = 0; c < n_cols; ++c) {
+        const double* in = src.columns[c];
+        double* dst = out.columns[c] + o;
+        for (std::size_t j = 0; j < m; ++j) dst[j] = in[col_row[j]];
+      }
       // weights and exclusion codes: σ² not finite and > 0 → 1, I not finite → 2 (wins)
-      const double I = cdst[0][o], V = cdst[1][o];
-      const bool bad_i = !std::isfinite(I);
-      const bool bad_v = !(std::isfinite(V) && V > 0.0);
-      const double w = (bad_i || bad_v) ? 0.0 : 1.0 / V;
-      if (!std::isfinite(w)) bad_block_row(s, i, "weight 1/variance is not finite (variance " + std::to_string(V) + ")");
-      if (!std::isfinite(cdst[2][o]))
-        bad_block_row(s, i, "inverse scale factor " + std::to_string(cdst[2][o]) + " is not finite");
-      out.weights[o] = w;
-      out.exclusion[o] = static_cast<std::uint8_t>(bad_i ? 2 : (bad_v ? 1 : 0));
+      const double* I = out.columns[0] + o;
+      const double* V = out.columns[1] + o;
+      const double* g = out.columns[2] + o;
+      for (std::size_t j = 0; j < m; ++j) {
+        const bool bad_i = !std::isfinite(I[j]);
+        const bool bad_v = !(std::isfinite(V[j]) && V[j] > 0.0);
+        const double w = (bad_i || bad_v) ? 0.0 : 1.0 / V[j];
+        out.weights[o + j] = w;
+        out.exclusion[o + j] = static_cast<std::uint8_t>(bad_i ? 2 : (bad_v ? 1 : 0));
+      }
+      if (!all_finite(out.weights + o, m) || !all_finite(g, m)) {
+        for (std::size_t j = 0; j < m; ++j) {
+          if (!std::isfinite(out.weights[o + j]))
+            bad_block_row(s, i0 + j, "weight 1/variance is not finite (variance " + std::to_string(V[j]) + ")");
+          if (!std::isfinite(g[j]))
+            bad_block_row(s, i0 + j, "inverse scale factor " + std::to_string(g[j]) + " is not finite");
+        }
+      }
+      o += m;
     }
   }
   // pass 2: the stable group order (a counting sort) and its inverse
