@@ -234,20 +234,21 @@ void build_block(const std::vector<BlockSource>& sources, const std::int64_t* gr
       }
       if (sel_out) std::copy(lo, lo + m, sel_out + i0);
       std::int64_t* gid = out.group_ids + o;
+      const std::int64_t* grp = sel_group;
       if (src.groups_per_row) {
-        std::copy(src.groups + i0, src.groups + i0 + m, gid);
+        grp = src.groups + i0;  // read in order
       } else {
         for (std::size_t j = 0; j < m; ++j) sel_group[j] = src.groups[rows[j]];
-        if (group_map) {
-          for (std::size_t j = 0; j < m; ++j) {
-            const std::int64_t g = sel_group[j];
-            if (g < 0 || static_cast<std::size_t>(g) >= n_map)
-              bad_block_row(s, i0 + j, "group number " + std::to_string(g) + " is outside [0, " + std::to_string(n_map) + ")");
-            gid[j] = group_map[g];
-          }
-        } else {
-          std::copy(sel_group, sel_group + m, gid);
+      }
+      if (group_map) {
+        for (std::size_t j = 0; j < m; ++j) {
+          const std::int64_t g = grp[j];
+          if (g < 0 || static_cast<std::size_t>(g) >= n_map)
+            bad_block_row(s, i0 + j, "group number " + std::to_string(g) + " is outside [0, " + std::to_string(n_map) + ")");
+          gid[j] = group_map[g];
         }
+      } else {
+        std::copy(grp, grp + m, gid);
       }
       for (std::size_t j = 0; j < m; ++j) {
         const std::int64_t h = gid[j];

@@ -698,8 +698,8 @@ void bind_fit(py::module_& m) {
   m.def("build_ih_block", &build_ih_block_py, py::arg("sources"), py::arg("group_map"), py::arg("n_groups"),
         "One Ih-table block in one pass. sources: per dataset (rows, n_selected, groups, groups_per_row,\n"
         "column_rows | None, loc_indices | None, columns): its block rows (selected rows, group order), the\n"
-        "group of each selected row (mapped by group_map, None = identity) or of each block row\n"
-        "(groups_per_row), the columns' row and the loc index of each selected row (None: the column\n"
+        "group of each selected row or of each block row (groups_per_row), mapped by group_map\n"
+        "(None = identity), the columns' row and the loc index of each selected row (None: the column\n"
         "row), and whole float columns [intensity, variance, inverse scale factor, extras...].\n"
         "Returns (columns, loc_indices, selections, dataset_id, group_ids, weights, exclusion, order,\n"
         "offsets, table_rows, Ih): IhTableBlock's arrays (Ih as calc_Ih_rows, bit for bit).");

@@ -244,6 +244,7 @@ def _kernel_source(n=6, **over):
     ({"groups": np.full(6, 3)}, None, 3, ValueError, "block group"),
     ({"groups": np.full(6, 1), "per_row": False}, np.array([0]), 1, ValueError, "group number"),
     ({"groups": np.full(6, 0), "per_row": False}, np.array([4]), 1, ValueError, "block group"),
+    ({"groups": np.full(6, 2)}, np.array([0, 0]), 1, ValueError, "group number"),
     ({"column_rows": np.arange(5)}, None, 1, ValueError, "column_rows must hold"),
     ({"column_rows": np.array([0, 1, 2, 3, 4, 9])}, None, 1, ValueError, "column row"),
     ({"loc": np.arange(7)}, None, 1, ValueError, "loc_indices must hold"),
@@ -296,3 +297,8 @@ def test_kernel_reads_through_row_maps():
     np.testing.assert_array_equal(offsets, off)
     np.testing.assert_array_equal(table_rows[order], np.arange(rows.size))
     assert ih.tobytes() == _fit.calc_Ih_rows(order, offsets, c_out[0], w, c_out[2]).tobytes()
+    # the same rows with their group numbers given per block row (read in order, mapped alike)
+    per_row = _fit.build_ih_block([(rows, n_sel, groups[rows], True, column_rows, loc, cols)], group_map, 4)
+    for a, b in zip(per_row, (c_out, loc_out, sels, ds_id, gids, w, excl, order, offsets, table_rows, ih)):
+        for x, y in (zip(a, b) if isinstance(a, list) else [(a, b)]):
+            assert x.dtype == y.dtype and x.tobytes() == y.tobytes()

@@ -81,8 +81,8 @@ struct BlockSource {
   std::size_t n_rows = 0;                     ///< the dataset's rows in the block
   const std::int64_t* rows = nullptr;         ///< n_rows selected rows, in group order
   std::size_t n_selected = 0;                 ///< selected rows (rows lie in [0, n_selected))
-  /// groups_per_row: the block group of each block row (n_rows values); else each selected
-  /// row's group number (n_selected values), mapped to the block's by build_block's group_map
+  /// groups_per_row: the group number of each block row (n_rows values, read in order); else
+  /// of each selected row (n_selected values). build_block's group_map maps them to the block's.
   const std::int64_t* groups = nullptr;
   bool groups_per_row = false;
   const std::int64_t* column_rows = nullptr;  ///< n_selected rows of the columns; nullptr = identity
@@ -111,8 +111,8 @@ struct BlockArrays {
 /// Fill one Ih-table block from its datasets' rows, source after source: gather the columns
 /// (column[column_rows[r]]) and the loc indices, the dataset and group of every row, the weights
 /// and exclusion codes, the stable group order, and Ĩ (calc_Ih_rows, g = the inverse scale
-/// factors). Two passes over the rows plus Ĩ's. @p group_map (n_map values) maps the group
-/// numbers of sources without groups_per_row to the block's [0, n_groups); nullptr = identity.
+/// factors). Two passes over the rows plus Ĩ's. @p group_map (n_map values) maps the sources'
+/// group numbers to the block's [0, n_groups); nullptr = identity.
 /// @throws std::invalid_argument naming the source and row of the first row, column row, group
 /// out of range, or a non-finite weight or inverse scale factor (outputs are then partial).
 XTALSCALE_EXPORT void build_block(const std::vector<BlockSource>& sources, const std::int64_t* group_map,

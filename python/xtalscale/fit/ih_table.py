@@ -124,12 +124,13 @@ class _RowSource:
 
 
 class _BlockRows:
-    """A dataset's rows in one block: ``rows`` (selected rows, in group order) of ``src``."""
+    """A dataset's rows in one block: ``rows`` (selected rows, in group order) of ``src``, and
+    optionally their group numbers (``groups``, one per row: else read from ``src.groups``)."""
 
-    __slots__ = ("rows", "src")
+    __slots__ = ("rows", "src", "groups")
 
-    def __init__(self, rows: np.ndarray, src: _RowSource) -> None:
-        self.rows, self.src = rows, src
+    def __init__(self, rows: np.ndarray, src: _RowSource, groups: np.ndarray | None = None) -> None:
+        self.rows, self.src, self.groups = rows, src, groups
 
 
 class IhTableBlock:
@@ -224,20 +225,20 @@ class IhTableBlock:
             loc = columns["loc_indices"]
             sources.append(_BlockRows(np.asarray(rows), _RowSource(
                 {k: v for k, v in columns.items() if k != "loc_indices"}, len(np.asarray(loc)), None,
-                np.asarray(loc), np.asarray(hkl).reshape(-1, 3), None, np.asarray(groups))))
-        return cls._from_rows(n_groups, sources, names, None, groups_per_row=True)
+                np.asarray(loc), np.asarray(hkl).reshape(-1, 3), None, None), np.asarray(groups)))
+        return cls._from_rows(n_groups, sources, names, None)
 
     @classmethod
     def _from_rows(cls, n_groups: int, parts: Sequence[_BlockRows], names: Sequence[str],
-                   group_map: np.ndarray | None, groups_per_row: bool = False) -> IhTableBlock:
+                   group_map: np.ndarray | None) -> IhTableBlock:
         """A complete block of several datasets' rows built in one C++ pass
         (``_core.fit.build_ih_block``): the columns ``names`` (in this order, ``loc_indices``
         among them) gathered through each dataset's row maps, dataset and group of every row,
         weights and exclusion codes (:meth:`_init_weights`' rules), table order
         (:meth:`_reindex`'s) and Ĩ (:meth:`calc_Ih`'s kernel): what :meth:`add_data` once per
         dataset gives the same rows, array for array and dtype for dtype. ``group_map`` maps the
-        sources' group numbers to the block's (``groups_per_row``: the groups are the block's,
-        one per block row)."""
+        rows' group numbers (each part's ``groups``, else its source's) to the block's (None:
+        they are the block's)."""
         sizes = [int(p.rows.size) for p in parts]
         block = cls(n_groups, sum(sizes), len(parts))
         starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
@@ -251,7 +252,8 @@ class IhTableBlock:
         # weights and Ĩ are those of the float64 values, as _init_weights and calc_Ih read them)
         in_kernel = list(_CORE) + [k for k in names if k not in _CORE and k != "loc_indices"
                                    and dtypes[k] == np.float64]
-        sources = [(p.rows, p.src.n_selected, p.src.groups, groups_per_row, p.src.column_rows,
+        sources = [(p.rows, p.src.n_selected, p.src.groups if p.groups is None else p.groups, p.groups is not None,
+                    p.src.column_rows,
                     p.src.loc_indices, [_as_float(p.src.columns[k]) for k in in_kernel]) for p in parts]
         try:
             (columns, loc, selections, dataset_id, group_ids, weights, exclusion, order, offsets, table_rows,
@@ -753,19 +755,22 @@ class IhTable:
         local = np.empty(n_unique, np.int64)
         local[group_order] = np.arange(n_unique) - np.repeat(block_starts[:-1], np.diff(block_starts))
         by_block = []
-        for d, src in enumerate(sources):
+        for d in range(len(sources)):
             g = np.ascontiguousarray(gidx[starts[d]:starts[d + 1]], dtype=np.int64)
-            src.groups = g  # each selected row's group (numbered over the table: local maps them)
-            by_group = _stable_group_order(g, n_unique)[0]
-            within, row_starts = _stable_group_order(block_of_group[g[by_group]], n_blocks_total)
-            by_block.append((by_group[within], row_starts))
+            by_group, group_starts = _stable_group_order(g, n_unique)
+            # the groups in by_group's order, made in order (not read through it): ascending
+            g_sorted = np.repeat(np.arange(n_unique, dtype=np.int64), np.diff(group_starts))
+            within, row_starts = _stable_group_order(block_of_group[g_sorted], n_blocks_total)
+            # the rows by block, then group; and their groups (numbered over the table: local
+            # maps them to the block's), so no block reads a row's group out of order
+            by_block.append((by_group[within], g_sorted[within], row_starts))
         names = [*sources[0].columns, "loc_indices"]
 
         def make_block(b: int) -> IhTableBlock:
             n_groups_b = int(block_starts[b + 1] - block_starts[b])
-            return IhTableBlock._from_rows(n_groups_b, [_BlockRows(order[row_starts[b]:row_starts[b + 1]], src)
-                                                        for (order, row_starts), src in zip(by_block, sources)],
-                                           names, local)
+            parts = [_BlockRows(order[row_starts[b]:row_starts[b + 1]], src, groups[row_starts[b]:row_starts[b + 1]])
+                     for (order, groups, row_starts), src in zip(by_block, sources)]
+            return IhTableBlock._from_rows(n_groups_b, parts, names, local)
 
         for block in (mapper or map)(make_block, range(n_blocks_total)):
             self.blocked_data_list.append(block)
