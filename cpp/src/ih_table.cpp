@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "fit_parallel.hpp"
 #include "internal/row_prefetch.hpp"
@@ -171,6 +172,129 @@ void calc_Ih_rows(std::size_t n_groups, const std::int64_t* order, const std::in
     const double Ih = wgg > 0.0 ? wgi / wgg : 0.0;
     for (auto l = begin; l < end; ++l) Ih_rows[order[l]] = Ih;
   }
+}
+
+namespace {
+
+[[noreturn]] void bad_block_row(std::size_t s, std::size_t i, const std::string& what) {
+  throw std::invalid_argument("source " + std::to_string(s) + ", block row " + std::to_string(i) + ": " + what);
+}
+
+// Rows gathered per chunk (each field of a chunk in its own loop): small enough for the
+// chunk's row maps to stay in L1.
+constexpr std::size_t kGatherChunk = 256;
+
+}  // namespace
+
+void build_block(const std::vector<BlockSource>& sources, const std::int64_t* group_map, std::size_t n_map,
+                 std::size_t n_groups, const BlockArrays& out) {
+  const std::size_t n_cols = out.columns.size();
+  XS_REQUIRE(n_cols >= 3, "build_block needs the intensity, variance and inverse scale factor columns");
+  for (std::size_t s = 0; s < sources.size(); ++s)
+    XS_REQUIRE(sources[s].columns.size() == n_cols,
+               "source " + std::to_string(s) + " has " + std::to_string(sources[s].columns.size()) +
+                   " columns, expected " + std::to_string(n_cols));
+  std::int64_t* const counts = out.offsets;  // counts of group h at [h + 1], then the offsets
+  std::fill(counts, counts + n_groups + 1, std::int64_t{0});
+  const auto limit = static_cast<std::int64_t>(n_groups);
+  // The rows are read in chunks, each field in its own tight loop: the reads of a loop are
+  // independent (scattered over the columns), so many cache misses are in flight at once.
+  std::int64_t col_row[kGatherChunk];
+  std::int64_t sel_group[kGatherChunk];
+  std::size_t o = 0;  // block row
+  // pass 1: gather every row (source after source), its weight and code; count its group
+  for (std::size_t s = 0; s < sources.size(); ++s) {
+    const BlockSource& src = sources[s];
+    const std::int64_t* cmap = src.column_rows;
+    const std::int64_t* loc = src.loc_indices;
+    const auto n_sel = static_cast<std::int64_t>(src.n_selected);
+    const auto n_colrows = static_cast<std::int64_t>(src.n_column_rows);
+    std::int64_t* sel_out = s < out.selections.size() ? out.selections[s] : nullptr;
+    const auto id = static_cast<std::int64_t>(s);
+    for (std::size_t i0 = 0; i0 < src.n_rows; i0 += kGatherChunk) {
+      const std::size_t m = std::min(kGatherChunk, src.n_rows - i0);
+      const std::int64_t* rows = src.rows + i0;
+      for (std::size_t j = 0; j < m; ++j)
+        if (rows[j] < 0 || rows[j] >= n_sel)
+          bad_block_row(s, i0 + j, "row " + std::to_string(rows[j]) + " is outside [0, " + std::to_string(n_sel) + ")");
+      if (cmap) {
+        for (std::size_t j = 0; j < m; ++j) col_row[j] = cmap[rows[j]];
+        for (std::size_t j = 0; j < m; ++j)
+          if (col_row[j] < 0 || col_row[j] >= n_colrows)
+            bad_block_row(s, i0 + j, "column row " + std::to_string(col_row[j]) + " is outside [0, " +
+                                         std::to_string(n_colrows) + ")");
+      } else {
+        for (std::size_t j = 0; j < m; ++j) col_row[j] = rows[j];  // n_selected <= n_column_rows
+      }
+      std::int64_t* lo = out.loc_indices + o;
+      if (loc) {
+        for (std::size_t j = 0; j < m; ++j) lo[j] = loc[rows[j]];
+      } else {
+        for (std::size_t j = 0; j < m; ++j) lo[j] = col_row[j];
+      }
+      if (sel_out) std::copy(lo, lo + m, sel_out + i0);
+      std::int64_t* gid = out.group_ids + o;
+      const std::int64_t* grp = sel_group;
+      if (src.groups_per_row) {
+        grp = src.groups + i0;  // read in order
+      } else {
+        for (std::size_t j = 0; j < m; ++j) sel_group[j] = src.groups[rows[j]];
+      }
+      if (group_map) {
+        for (std::size_t j = 0; j < m; ++j) {
+          const std::int64_t g = grp[j];
+          if (g < 0 || static_cast<std::size_t>(g) >= n_map)
+            bad_block_row(s, i0 + j, "group number " + std::to_string(g) + " is outside [0, " + std::to_string(n_map) + ")");
+          gid[j] = group_map[g];
+        }
+      } else {
+        std::copy(grp, grp + m, gid);
+      }
+      for (std::size_t j = 0; j < m; ++j) {
+        const std::int64_t h = gid[j];
+        if (h < 0 || h >= limit)
+          bad_block_row(s, i0 + j, "block group " + std::to_string(h) + " is outside [0, " + std::to_string(n_groups) + ")");
+        ++counts[h + 1];
+      }
+      std::fill(out.dataset_id + o, out.dataset_id + o + m, id);
+      for (std::size_t c = 0; c < n_cols; ++c) {
+        const double* in = src.columns[c];
+        double* dst = out.columns[c] + o;
+        for (std::size_t j = 0; j < m; ++j) dst[j] = in[col_row[j]];
+      }
+      // weights and exclusion codes: σ² not finite and > 0 → 1, I not finite → 2 (wins)
+      const double* I = out.columns[0] + o;
+      const double* V = out.columns[1] + o;
+      const double* g = out.columns[2] + o;
+      for (std::size_t j = 0; j < m; ++j) {
+        const bool bad_i = !std::isfinite(I[j]);
+        const bool bad_v = !(std::isfinite(V[j]) && V[j] > 0.0);
+        const double w = (bad_i || bad_v) ? 0.0 : 1.0 / V[j];
+        out.weights[o + j] = w;
+        out.exclusion[o + j] = static_cast<std::uint8_t>(bad_i ? 2 : (bad_v ? 1 : 0));
+      }
+      if (!all_finite(out.weights + o, m) || !all_finite(g, m)) {
+        for (std::size_t j = 0; j < m; ++j) {
+          if (!std::isfinite(out.weights[o + j]))
+            bad_block_row(s, i0 + j, "weight 1/variance is not finite (variance " + std::to_string(V[j]) + ")");
+          if (!std::isfinite(g[j]))
+            bad_block_row(s, i0 + j, "inverse scale factor " + std::to_string(g[j]) + " is not finite");
+        }
+      }
+      o += m;
+    }
+  }
+  // pass 2: the stable group order (a counting sort) and its inverse
+  for (std::size_t h = 0; h < n_groups; ++h) counts[h + 1] += counts[h];
+  const std::int64_t* offsets = counts;
+  std::vector<std::int64_t> next(offsets, offsets + n_groups);
+  for (std::size_t k = 0; k < o; ++k) {
+    const std::int64_t pos = next[static_cast<std::size_t>(out.group_ids[k])]++;
+    out.order[pos] = static_cast<std::int64_t>(k);
+    out.table_rows[k] = pos;
+  }
+  // Ĩ: the one kernel every block's Ĩ goes through
+  calc_Ih_rows(n_groups, out.order, offsets, out.columns[0], out.weights, out.columns[2], out.Ih);
 }
 
 void sum_in_groups(const GroupedObservations& t, const double* values, double* sums) {

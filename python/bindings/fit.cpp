@@ -517,6 +517,129 @@ DoubleArray sum_in_groups_py(const Int64Array& offsets, const DoubleArray& value
   return out;
 }
 
+/// A 1-D index array: any integer dtype (converted to int64 once), else TypeError.
+Int64Array index_array(const py::handle& h, const std::string& name) {
+  if (!py::isinstance<py::array>(h)) throw py::type_error(name + " must be a numpy integer array");
+  const auto a = py::reinterpret_borrow<py::array>(h);
+  if (a.dtype().kind() != 'i' && a.dtype().kind() != 'u')
+    throw py::type_error(name + " must have an integer dtype (got " + std::string(py::str(a.dtype())) + ")");
+  if (a.ndim() != 1) throw std::invalid_argument(name + " must be 1-dimensional");
+  return Int64Array::ensure(a);
+}
+
+/// A 1-D float column: any floating dtype (converted to float64 once), else TypeError.
+DoubleArray float_column(const py::handle& h, const std::string& name) {
+  if (!py::isinstance<py::array>(h)) throw py::type_error(name + " must be a numpy float array");
+  const auto a = py::reinterpret_borrow<py::array>(h);
+  if (a.dtype().kind() != 'f')
+    throw py::type_error(name + " must have a floating dtype (got " + std::string(py::str(a.dtype())) + ")");
+  if (a.ndim() != 1) throw std::invalid_argument(name + " must be 1-dimensional");
+  return DoubleArray::ensure(a);
+}
+
+py::tuple build_ih_block_py(const py::list& sources, const std::optional<py::object>& group_map_in,
+                            std::int64_t n_groups) {
+  if (n_groups < 0) throw std::invalid_argument("n_groups must be >= 0");
+  if (sources.empty()) throw std::invalid_argument("sources must hold at least one dataset");
+  std::vector<Int64Array> keep_int;  // the converted arrays, alive until the kernel is done
+  std::vector<DoubleArray> keep_float;
+  keep_int.reserve(4 * sources.size() + 1);
+  const std::int64_t* group_map = nullptr;
+  std::size_t n_map = 0;
+  if (group_map_in && !group_map_in->is_none()) {
+    keep_int.push_back(index_array(*group_map_in, "group_map"));
+    group_map = keep_int.back().data();
+    n_map = size_of(keep_int.back());
+  }
+  std::vector<BlockSource> srcs(sources.size());
+  std::size_t n = 0, n_cols = 0;
+  for (std::size_t s = 0; s < srcs.size(); ++s) {
+    const std::string where = "sources[" + std::to_string(s) + "]";
+    if (!py::isinstance<py::tuple>(sources[s]) || py::len(sources[s]) != 7)
+      throw py::type_error(where + " must be a tuple (rows, n_selected, groups, groups_per_row, column_rows | None, "
+                           "loc_indices | None, columns)");
+    const auto t = py::reinterpret_borrow<py::tuple>(sources[s]);
+    BlockSource& src = srcs[s];
+    keep_int.push_back(index_array(t[0], where + " rows"));
+    src.rows = keep_int.back().data();
+    src.n_rows = size_of(keep_int.back());
+    const auto n_selected = t[1].cast<std::int64_t>();
+    if (n_selected < 0) throw std::invalid_argument(where + ": n_selected must be >= 0");
+    src.n_selected = static_cast<std::size_t>(n_selected);
+    src.groups_per_row = t[3].cast<bool>();
+    keep_int.push_back(index_array(t[2], where + " groups"));
+    src.groups = keep_int.back().data();
+    const std::size_t want_groups = src.groups_per_row ? src.n_rows : src.n_selected;
+    if (size_of(keep_int.back()) != want_groups)
+      throw std::invalid_argument(where + ": groups must hold " + std::to_string(want_groups) + " values (got " +
+                                  std::to_string(size_of(keep_int.back())) + ")");
+    if (!t[4].is_none()) {
+      keep_int.push_back(index_array(t[4], where + " column_rows"));
+      src.column_rows = keep_int.back().data();
+      if (size_of(keep_int.back()) != src.n_selected)
+        throw std::invalid_argument(where + ": column_rows must hold n_selected = " + std::to_string(src.n_selected) +
+                                    " values");
+    }
+    if (!t[5].is_none()) {
+      keep_int.push_back(index_array(t[5], where + " loc_indices"));
+      src.loc_indices = keep_int.back().data();
+      if (size_of(keep_int.back()) != src.n_selected)
+        throw std::invalid_argument(where + ": loc_indices must hold n_selected = " + std::to_string(src.n_selected) +
+                                    " values");
+    }
+    const auto cols = t[6].cast<py::sequence>();
+    if (s == 0) n_cols = py::len(cols);
+    if (py::len(cols) != n_cols || n_cols < 3)
+      throw std::invalid_argument(where + ": columns must hold the same number (>= 3: intensity, variance, "
+                                  "inverse scale factor, extras) for every source");
+    for (std::size_t c = 0; c < n_cols; ++c) {
+      keep_float.push_back(float_column(cols[c], where + " column " + std::to_string(c)));
+      const std::size_t len = size_of(keep_float.back());
+      if (c == 0) src.n_column_rows = len;
+      if (len != src.n_column_rows)
+        throw std::invalid_argument(where + ": its columns must have one length (column " + std::to_string(c) +
+                                    " has " + std::to_string(len) + ", column 0 " +
+                                    std::to_string(src.n_column_rows) + ")");
+      src.columns.push_back(keep_float.back().data());
+    }
+    if (!src.column_rows && src.n_selected > src.n_column_rows)
+      throw std::invalid_argument(where + ": without column_rows the columns need n_selected rows");
+    n += src.n_rows;
+  }
+  const auto N = static_cast<py::ssize_t>(n);
+  py::list columns_out, selections_out;
+  BlockArrays out;
+  for (std::size_t c = 0; c < n_cols; ++c) {
+    DoubleArray a(N);
+    out.columns.push_back(a.mutable_data());
+    columns_out.append(a);
+  }
+  for (const BlockSource& src : srcs) {
+    Int64Array a(static_cast<py::ssize_t>(src.n_rows));
+    out.selections.push_back(a.mutable_data());
+    selections_out.append(a);
+  }
+  Int64Array loc(N), dataset_id(N), group_ids(N), order(N), table_rows(N);
+  Int64Array offsets(static_cast<py::ssize_t>(n_groups + 1));
+  DoubleArray weights(N), Ih(N);
+  ByteArray exclusion(N);
+  out.loc_indices = loc.mutable_data();
+  out.dataset_id = dataset_id.mutable_data();
+  out.group_ids = group_ids.mutable_data();
+  out.weights = weights.mutable_data();
+  out.exclusion = exclusion.mutable_data();
+  out.order = order.mutable_data();
+  out.offsets = offsets.mutable_data();
+  out.table_rows = table_rows.mutable_data();
+  out.Ih = Ih.mutable_data();
+  {
+    py::gil_scoped_release release;  // raw buffers of the arrays held above
+    build_block(srcs, group_map, n_map, static_cast<std::size_t>(n_groups), out);
+  }
+  return py::make_tuple(columns_out, loc, selections_out, dataset_id, group_ids, weights, exclusion, order, offsets,
+                        table_rows, Ih);
+}
+
 }  // namespace
 
 void bind_fit(py::module_& m) {
@@ -572,6 +695,14 @@ void bind_fit(py::module_& m) {
         py::arg("weights"), py::arg("g"),
         "Ĩ of every row of a block in its own row order (table position l holds row order[l]):\n"
         "calc_Ih of the table-order copies (non-finite I as 0), broadcast to the rows, bit for bit.");
+  m.def("build_ih_block", &build_ih_block_py, py::arg("sources"), py::arg("group_map"), py::arg("n_groups"),
+        "One Ih-table block in one pass. sources: per dataset (rows, n_selected, groups, groups_per_row,\n"
+        "column_rows | None, loc_indices | None, columns): its block rows (selected rows, group order), the\n"
+        "group of each selected row or of each block row (groups_per_row), mapped by group_map\n"
+        "(None = identity), the columns' row and the loc index of each selected row (None: the column\n"
+        "row), and whole float columns [intensity, variance, inverse scale factor, extras...].\n"
+        "Returns (columns, loc_indices, selections, dataset_id, group_ids, weights, exclusion, order,\n"
+        "offsets, table_rows, Ih): IhTableBlock's arrays (Ih as calc_Ih_rows, bit for bit).");
   m.def("sum_in_groups", &sum_in_groups_py, py::arg("group_offsets"), py::arg("values"),
         "Sum values (table order) within each group.");
   m.def("max_threads", &max_threads, "Threads available to the fit kernels (1 without OpenMP).");

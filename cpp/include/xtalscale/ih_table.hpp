@@ -75,6 +75,49 @@ XTALSCALE_EXPORT void calc_Ih_rows(std::size_t n_groups, const std::int64_t* ord
                                    const std::int64_t* offsets, const double* intensity,
                                    const double* weight, const double* g, double* Ih_rows);
 
+/// One dataset's rows of an Ih-table block, as build_block reads them (non-owning). The
+/// dataset has n_selected "selected" rows; the block holds n_rows of them, @p rows.
+struct BlockSource {
+  std::size_t n_rows = 0;                     ///< the dataset's rows in the block
+  const std::int64_t* rows = nullptr;         ///< n_rows selected rows, in group order
+  std::size_t n_selected = 0;                 ///< selected rows (rows lie in [0, n_selected))
+  /// groups_per_row: the group number of each block row (n_rows values, read in order); else
+  /// of each selected row (n_selected values). build_block's group_map maps them to the block's.
+  const std::int64_t* groups = nullptr;
+  bool groups_per_row = false;
+  const std::int64_t* column_rows = nullptr;  ///< n_selected rows of the columns; nullptr = identity
+  std::size_t n_column_rows = 0;              ///< rows of each column
+  const std::int64_t* loc_indices = nullptr;  ///< n_selected values; nullptr = the column row
+  /// float64 columns of n_column_rows values: [0] intensity, [1] variance,
+  /// [2] inverse scale factor, then any extras
+  std::vector<const double*> columns;
+};
+
+/// The arrays of one block (caller-allocated; n = the sources' rows, G = n_groups).
+struct BlockArrays {
+  std::vector<double*> columns;              ///< n values each, as BlockSource::columns
+  std::int64_t* loc_indices = nullptr;       ///< n
+  std::vector<std::int64_t*> selections;     ///< per source its n_rows loc indices (or nullptr)
+  std::int64_t* dataset_id = nullptr;        ///< n: the source of every row
+  std::int64_t* group_ids = nullptr;         ///< n: block group of every row
+  double* weights = nullptr;                 ///< n: 1/σ² (0 for an excluded row)
+  std::uint8_t* exclusion = nullptr;         ///< n: 0, 1 (σ² not finite and > 0), 2 (I not finite)
+  std::int64_t* order = nullptr;             ///< n: rows stably sorted by group (table order)
+  std::int64_t* offsets = nullptr;           ///< G + 1: start of each group in order
+  std::int64_t* table_rows = nullptr;        ///< n: inverse of order
+  double* Ih = nullptr;                      ///< n: Ĩ of every row (calc_Ih_rows)
+};
+
+/// Fill one Ih-table block from its datasets' rows, source after source: gather the columns
+/// (column[column_rows[r]]) and the loc indices, the dataset and group of every row, the weights
+/// and exclusion codes, the stable group order, and Ĩ (calc_Ih_rows, g = the inverse scale
+/// factors). Two passes over the rows plus Ĩ's. @p group_map (n_map values) maps the sources'
+/// group numbers to the block's [0, n_groups); nullptr = identity.
+/// @throws std::invalid_argument naming the source and row of the first row, column row, group
+/// out of range, or a non-finite weight or inverse scale factor (outputs are then partial).
+XTALSCALE_EXPORT void build_block(const std::vector<BlockSource>& sources, const std::int64_t* group_map,
+                                  std::size_t n_map, std::size_t n_groups, const BlockArrays& out);
+
 /// Sum @p values (table order) within each group into @p sums (n_groups).
 XTALSCALE_EXPORT void sum_in_groups(const GroupedObservations& table, const double* values,
                                     double* sums);

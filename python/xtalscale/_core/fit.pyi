@@ -1,5 +1,5 @@
 """Fit kernels: Ih table, target, normal equations (see xtalscale.fit)."""
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -84,6 +84,34 @@ def calc_Ih_rows(
     weights: npt.ArrayLike,
     g: npt.ArrayLike,
 ) -> npt.NDArray[np.float64]: ...
+
+def build_ih_block(
+    sources: list[
+        tuple[
+            npt.NDArray[np.integer],
+            int,
+            npt.NDArray[np.integer],
+            bool,
+            npt.NDArray[np.integer] | None,
+            npt.NDArray[np.integer] | None,
+            Sequence[npt.NDArray[np.floating]],
+        ]
+    ],
+    group_map: npt.NDArray[np.integer] | None,
+    n_groups: int,
+) -> tuple[
+    list[npt.NDArray[np.float64]],
+    npt.NDArray[np.int64],
+    list[npt.NDArray[np.int64]],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.float64],
+    npt.NDArray[np.uint8],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.float64],
+]: ...
 
 def sum_in_groups(group_offsets: npt.ArrayLike, values: npt.ArrayLike) -> npt.NDArray[np.float64]: ...
 

@@ -92,6 +92,47 @@ def _given_group_index(group_index: Sequence[Any], n_rows: list[int]) -> tuple[n
     return renumber[numbers], offsets
 
 
+_CORE = ("intensity", "variance", "inverse_scale_factor")  # the columns every block holds
+
+
+def _as_float(values: Any) -> np.ndarray:
+    """A column as the block kernel reads it: floats as they are (the binding converts them to
+    float64 once, exactly), anything else as float64."""
+    a = np.asarray(values)
+    return a if a.dtype.kind == "f" else a.astype(np.float64)
+
+
+class _RowSource:
+    """One dataset's selected rows as the Ih table's blocks read them, nothing gathered: whole
+    columns read at ``column_rows`` (None: the selected rows are the columns' rows), the
+    ``loc_indices`` of the selected rows (None: their column rows), whole (n, 3) Miller indices
+    read at ``hkl_rows`` (None: likewise) and each selected row's group number."""
+
+    __slots__ = ("columns", "n_selected", "column_rows", "loc_indices", "hkl", "hkl_rows", "groups")
+
+    def __init__(self, columns: Mapping[str, np.ndarray], n_selected: int, column_rows: np.ndarray | None,
+                 loc_indices: np.ndarray | None, hkl: np.ndarray, hkl_rows: np.ndarray | None,
+                 groups: np.ndarray | None) -> None:
+        self.columns = dict(columns)
+        self.n_selected = int(n_selected)
+        self.column_rows = column_rows
+        self.loc_indices = loc_indices if loc_indices is not None else (
+            column_rows if column_rows is not None else np.arange(self.n_selected, dtype=np.int64))
+        self.hkl = hkl
+        self.hkl_rows = hkl_rows
+        self.groups = groups
+
+
+class _BlockRows:
+    """A dataset's rows in one block: ``rows`` (selected rows, in group order) of ``src``, and
+    optionally their group numbers (``groups``, one per row: else read from ``src.groups``)."""
+
+    __slots__ = ("rows", "src", "groups")
+
+    def __init__(self, rows: np.ndarray, src: _RowSource, groups: np.ndarray | None = None) -> None:
+        self.rows, self.src, self.groups = rows, src, groups
+
+
 class IhTableBlock:
     """One block of the Ih table (DIALS ``IhTableBlock(n_groups, n_refl, n_datasets=1)``).
 
@@ -110,9 +151,10 @@ class IhTableBlock:
         self._group_parts: list[np.ndarray] = []
         self._hkl_parts: list[np.ndarray] = []
         self._hkl_value: np.ndarray | None = None
-        # (whole Miller-index array, rows of it) per dataset: a gathered block's indices, taken
+        # (whole Miller-index array, block rows, row map | None) per dataset: a gathered block's
+        # indices (hkl[row_map[rows]]), taken
         # on first use (the job's fit never reads them: at 10⁶ rows the gather cost 30 ms)
-        self._hkl_sources: list[tuple[np.ndarray, np.ndarray]] = []
+        self._hkl_sources: list[tuple[np.ndarray, np.ndarray, np.ndarray | None]] = []
         self.block_selections: list[np.ndarray] = [np.zeros(0, np.int64)] * self.n_datasets
         self.dataset_info: dict[int, dict[str, int]] = {}
         self._next_dataset = 0
@@ -172,32 +214,75 @@ class IhTableBlock:
     def _gathered(cls, n_groups: int, parts: Sequence[tuple[np.ndarray, Mapping[str, np.ndarray], np.ndarray,
                                                              np.ndarray]]) -> IhTableBlock:
         """A complete block of several datasets' rows, as :meth:`add_data` once per dataset
-        would make it, with each column gathered once, straight into the block's array (the
-        Ih table's blocks: no per-dataset parts to join). ``parts``: per dataset, its rows'
-        group numbers in the block, its columns (``intensity``, ``variance``,
-        ``inverse_scale_factor``, ``loc_indices`` and extras, whole), the rows of them to take
-        (in group order) and its (n, 3) Miller indices (whole)."""
-        sizes = [int(rows.size) for _, _, rows, _ in parts]
+        would make it, with each column gathered once, straight into the block's array (no
+        per-dataset parts to join). ``parts``: per dataset, its rows' group numbers in the
+        block, its columns (``intensity``, ``variance``, ``inverse_scale_factor``,
+        ``loc_indices`` and extras, whole), the rows of them to take (in group order) and its
+        (n, 3) Miller indices (whole)."""
+        names = list(parts[0][1])
+        sources = []
+        for groups, columns, rows, hkl in parts:
+            loc = columns["loc_indices"]
+            sources.append(_BlockRows(np.asarray(rows), _RowSource(
+                {k: v for k, v in columns.items() if k != "loc_indices"}, len(np.asarray(loc)), None,
+                np.asarray(loc), np.asarray(hkl).reshape(-1, 3), None, None), np.asarray(groups)))
+        return cls._from_rows(n_groups, sources, names, None)
+
+    @classmethod
+    def _from_rows(cls, n_groups: int, parts: Sequence[_BlockRows], names: Sequence[str],
+                   group_map: np.ndarray | None) -> IhTableBlock:
+        """A complete block of several datasets' rows built in one C++ pass
+        (``_core.fit.build_ih_block``): the columns ``names`` (in this order, ``loc_indices``
+        among them) gathered through each dataset's row maps, dataset and group of every row,
+        weights and exclusion codes (:meth:`_init_weights`' rules), table order
+        (:meth:`_reindex`'s) and Ĩ (:meth:`calc_Ih`'s kernel): what :meth:`add_data` once per
+        dataset gives the same rows, array for array and dtype for dtype. ``group_map`` maps the
+        rows' group numbers (each part's ``groups``, else its source's) to the block's (None:
+        they are the block's)."""
+        sizes = [int(p.rows.size) for p in parts]
         block = cls(n_groups, sum(sizes), len(parts))
         starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        n = int(starts[-1])
-        for name in parts[0][1]:
-            dtype = np.result_type(*(np.asarray(columns[name]).dtype for _, columns, _, _ in parts))
-            out = np.empty(n, dtype=dtype)
-            for k, (_, columns, rows, _) in enumerate(parts):
-                # the rows are the table's own (in range by construction): "clip" lets numpy
-                # gather straight into the block's array ("raise" buffers a copy first)
-                np.take(np.asarray(columns[name]), rows, out=out[starts[k]:starts[k + 1]], mode="clip")
-            block._arrays[name] = out
-        block._arrays["dataset_id"] = np.repeat(np.arange(len(parts), dtype=np.int64), sizes)
-        block._group_ids = np.concatenate([np.asarray(groups, np.int64) for groups, _, _, _ in parts])
-        block._hkl_sources = [(np.asarray(hkl).reshape(-1, 3), rows) for _, _, rows, hkl in parts]
-        loc = block._arrays["loc_indices"]
+        for core in _CORE:
+            if core not in names:
+                raise IhTableError(f"the block's columns must include {core!r}")
+        dtypes = {name: np.result_type(*(np.asarray(p.src.loc_indices if name == "loc_indices"
+                                                     else p.src.columns[name]).dtype for p in parts))
+                  for name in names}
+        # float64 columns go through the kernel; the core columns always do (as float64: their
+        # weights and Ĩ are those of the float64 values, as _init_weights and calc_Ih read them)
+        in_kernel = list(_CORE) + [k for k in names if k not in _CORE and k != "loc_indices"
+                                   and dtypes[k] == np.float64]
+        sources = [(p.rows, p.src.n_selected, p.src.groups if p.groups is None else p.groups, p.groups is not None,
+                    p.src.column_rows,
+                    p.src.loc_indices, [_as_float(p.src.columns[k]) for k in in_kernel]) for p in parts]
+        try:
+            (columns, loc, selections, dataset_id, group_ids, weights, exclusion, order, offsets, table_rows,
+             Ih) = _fit.build_ih_block(sources, group_map, int(n_groups))
+        except ValueError as exc:
+            raise IhTableError(str(exc)) from exc
+        built = dict(zip(in_kernel, columns))
+        for name in names:
+            if name == "loc_indices":
+                block._arrays[name] = loc if dtypes[name] == np.int64 else loc.astype(dtypes[name])
+            elif name in built and dtypes[name] == np.float64:
+                block._arrays[name] = built[name]
+            else:  # another dtype: numpy's gather, as the block would hold it
+                out = np.empty(starts[-1], dtype=dtypes[name])
+                for k, p in enumerate(parts):
+                    rows = p.rows if p.src.column_rows is None else p.src.column_rows[p.rows]
+                    np.take(np.asarray(p.src.columns[name]), rows, out=out[starts[k]:starts[k + 1]], mode="raise")
+                block._arrays[name] = out
+        block._arrays["dataset_id"] = dataset_id
+        block._arrays["weights"] = weights
+        block._arrays["Ih_values"] = Ih
+        block.exclusion = exclusion
+        block._group_ids = group_ids
+        block._order, block._offsets, block._table_rows = order, offsets, table_rows
+        block._hkl_sources = [(p.src.hkl, p.rows, p.src.hkl_rows) for p in parts]
+        block.block_selections = list(selections)  # each its own array
         for k in range(len(parts)):
-            block.block_selections[k] = loc[starts[k]:starts[k + 1]].astype(np.int64)  # its own copy
             block.dataset_info[k] = {"start_index": int(starts[k]), "end_index": int(starts[k + 1])}
-        block._n_filled, block._next_dataset = n, len(parts)
-        block._complete()
+        block._n_filled, block._next_dataset = int(starts[-1]), len(parts)
         return block
 
     def _init_weights(self) -> None:
@@ -277,12 +362,13 @@ class IhTableBlock:
             if not sources:
                 self._hkl_value = np.zeros((self.size, 3), np.int32)
             else:
-                out = np.empty((sum(int(r.size) for _, r in sources), 3),
-                               dtype=np.result_type(*(h.dtype for h, _ in sources)))
+                out = np.empty((sum(int(r.size) for _, r, _ in sources), 3),
+                               dtype=np.result_type(*(h.dtype for h, _, _ in sources)))
                 start = 0
-                for hkl, rows in sources:
-                    # the rows are the table's own (in range by construction): see _gathered
-                    np.take(hkl, rows, axis=0, out=out[start:start + rows.size], mode="clip")
+                for hkl, rows, row_map in sources:
+                    take = rows if row_map is None else row_map[rows]
+                    # the block's rows were checked by its build: in range
+                    np.take(hkl, take, axis=0, out=out[start:start + rows.size], mode="clip")
                     start += rows.size
                 self._hkl_value = out
         return self._hkl_value
@@ -541,65 +627,86 @@ class IhTable:
                                 "miller_index_boundaries": []}
         self.free_Ih_table: bool | None = None
         extra = list(additional_cols or [])
-        keys, hkls, cols = [], [], []
+        keys, sources = [], []
         for i, table in enumerate(reflection_tables):
             sel = None if indices_lists is None else np.asarray(indices_lists[i], dtype=np.int64)
-            c = self._dataset_columns(table, sel, extra, i)
+            src = self._dataset_source(table, sel, extra, i)
             if group_keys is not None:
                 k = np.asarray(group_keys[i], dtype=np.int64)
-                if k.size != c["intensity"].size:
-                    raise IhTableError(f"group_keys[{i}] has {k.size} values for {c['intensity'].size} rows")
-                hkls.append(np.stack([k, np.zeros_like(k), np.zeros_like(k)], axis=1).astype(np.int64))
+                if k.size != src.n_selected:
+                    raise IhTableError(f"group_keys[{i}] has {k.size} values for {src.n_selected} rows")
+                src.hkl = np.stack([k, np.zeros_like(k), np.zeros_like(k)], axis=1).astype(np.int64)
                 keys.append(k)
             else:
-                hkl = self._asu(table, sel, i)
-                hkls.append(hkl)
-            cols.append(c)
+                src.hkl = self._asu(table, i)
+                src.hkl_rows = sel
+            sources.append(src)
         given = None if group_index is None or group_keys is not None else \
-            _given_group_index(group_index, [c["intensity"].size for c in cols])
-        self._build(hkls, cols, keys if group_keys is not None else None, nblocks,
+            _given_group_index(group_index, [src.n_selected for src in sources])
+        self._build(sources, keys if group_keys is not None else None, nblocks,
                     free_set_percentage, free_set_offset, given, mapper)
+
+    @classmethod
+    def _from_sources(cls, sources: Sequence[_RowSource], space_group: Any, group_index: Sequence[Any],
+                      nblocks: int = 1, free_set_percentage: float = 0, free_set_offset: int = 0,
+                      anomalous: bool = False, mapper: Callable[..., Any] | None = None) -> IhTable:
+        """The table of datasets given as :class:`_RowSource` (whole columns read through row
+        maps, nothing gathered first) and their rows' groups (as ``group_index``): the table
+        ``IhTable(tables, ..., group_index=group_index)`` gives for the gathered rows."""
+        if not sources:
+            raise IhTableError("sources must hold at least one dataset")
+        if nblocks < 1:
+            raise IhTableError("nblocks must be >= 1")
+        table = cls.__new__(cls)
+        table.space_group = space_group
+        table.anomalous = anomalous
+        table.n_datasets = len(sources)
+        table.properties_dict = {"n_unique_in_each_block": [], "n_reflections_in_each_block": {},
+                                 "miller_index_boundaries": []}
+        table.free_Ih_table = None
+        given = _given_group_index(group_index, [src.n_selected for src in sources])
+        table._build(list(sources), None, nblocks, free_set_percentage, free_set_offset, given, mapper)
+        return table
 
     # ------------------------------------------------------------------ construction
     @staticmethod
-    def _dataset_columns(table: Any, sel: np.ndarray | None, extra: list[str], i: int) -> dict[str, np.ndarray]:
+    def _dataset_source(table: Any, sel: np.ndarray | None, extra: list[str], i: int) -> _RowSource:
+        """A table's selected rows as the blocks read them (nothing gathered: see _RowSource)."""
         for name in ("intensity", "variance"):
             if not _has(table, name):
                 raise IhTableError(f"reflection table {i} has no {name!r} column")
-        out: dict[str, np.ndarray] = {}
         n = len(_column(table, "intensity"))
+        columns: dict[str, np.ndarray] = {}
+        for name in ("intensity", "variance"):
+            columns[name] = np.asarray(_column(table, name), np.float64)
+        columns["inverse_scale_factor"] = (np.asarray(_column(table, "inverse_scale_factor"), np.float64)
+                                           if _has(table, "inverse_scale_factor") else np.ones(n))
+        for name in extra:
+            columns[name] = np.asarray(_column(table, name))
+        for name, values in columns.items():
+            if values.ndim != 1 or values.shape[0] != n:
+                raise IhTableError(f"table {i}: column {name!r} must hold one value per row ({n})")
         if sel is None:
-            # every row: the columns as they are (the blocks gather their own rows), and as
-            # input rows the table's "loc_indices" if it has them (a caller that gathered
-            # the rows itself), else 0..n-1
-            def column(name: str, dtype: Any = None) -> np.ndarray:
-                return np.asarray(_column(table, name), dtype)
+            # every row: as input rows the table's "loc_indices" if it has them (a caller that
+            # gathered the rows itself), else 0..n-1
             given = np.asarray(_column(table, "loc_indices"), np.int64) if _has(table, "loc_indices") else None
             if given is not None and given.shape != (n,):
                 raise IhTableError(f"table {i}: loc_indices must hold one row number per row ({n})")
-            rows = np.arange(n, dtype=np.int64) if given is None else given
-        else:
-            rows = sel
-            if rows.size and (rows.min() < 0 or rows.max() >= n):
-                raise IhTableError(f"indices_lists[{i}] holds rows outside [0, {n})")
+            return _RowSource(columns, n, None, given, None, None, None)
+        if sel.ndim != 1:
+            raise IhTableError(f"indices_lists[{i}] must be 1-dimensional")
+        if sel.size and (sel.min() < 0 or sel.max() >= n):
+            raise IhTableError(f"indices_lists[{i}] holds rows outside [0, {n})")
+        # loc_indices: rows of the input table (DIALS block_selections)
+        return _RowSource(columns, sel.size, sel, sel, None, None, None)
 
-            def column(name: str, dtype: Any = None) -> np.ndarray:
-                return np.asarray(_column(table, name), dtype)[rows]
-        out["intensity"] = column("intensity", np.float64)
-        out["variance"] = column("variance", np.float64)
-        out["inverse_scale_factor"] = (column("inverse_scale_factor", np.float64)
-                                       if _has(table, "inverse_scale_factor") else np.ones(rows.size))
-        for name in extra:
-            out[name] = column(name)
-        out["loc_indices"] = rows  # rows of the input table (DIALS block_selections)
-        return out
-
-    def _asu(self, table: Any, sel: np.ndarray | None, i: int) -> np.ndarray:
+    def _asu(self, table: Any, i: int) -> np.ndarray:
+        """The ASU Miller indices of every row of a table (stored in it when missing)."""
         n_rows = len(_column(table, "intensity"))
         if _has(table, "asu_miller_index"):  # stored by an earlier table (or the caller): reuse
             stored = np.asarray(_column(table, "asu_miller_index"), dtype=np.int32).reshape(-1, 3)
             if stored.shape[0] == n_rows:
-                return stored if sel is None else take_rows(stored, sel)
+                return stored
         if not _has(table, "miller_index"):
             raise IhTableError(f"reflection table {i} has no 'miller_index' column")
         if self.space_group is None:
@@ -612,9 +719,9 @@ class IhTable:
                 table["asu_miller_index"] = flex.miller_index(np.asarray(asu, dtype=np.int32))
         except (TypeError, AttributeError, ValueError):
             pass  # a plain read-only mapping: nothing to store
-        return asu if sel is None else take_rows(asu, sel)
+        return asu
 
-    def _build(self, hkls: list[np.ndarray], cols: list[dict[str, np.ndarray]], keys: list[np.ndarray] | None,
+    def _build(self, sources: list[_RowSource], keys: list[np.ndarray] | None,
                nblocks: int, pct: float, offset: int, given: tuple[np.ndarray, np.ndarray] | None = None,
                mapper: Callable[..., Any] | None = None) -> None:
         if keys is not None:
@@ -622,6 +729,7 @@ class IhTable:
         elif given is not None:
             gidx, offs = given
         else:
+            hkls = [src.hkl if src.hkl_rows is None else take_rows(src.hkl, src.hkl_rows) for src in sources]
             grouping = group_reflections(np.concatenate(hkls) if hkls else np.zeros((0, 3), np.int64))
             gidx, offs = grouping.group_index, grouping.offsets
         n_unique = offs.size - 1
@@ -636,7 +744,7 @@ class IhTable:
         bounds = [int(i * n_unique / n_work_blocks) for i in range(n_work_blocks)] + [n_unique]
         block_of_group = np.searchsorted(np.asarray(bounds[1:]), np.arange(n_unique), side="right")
         block_of_group[is_free] = n_work_blocks  # the free block comes last
-        starts = np.cumsum([0] + [c["intensity"].size for c in cols])
+        starts = np.cumsum([0] + [src.n_selected for src in sources])
         n_blocks_total = n_work_blocks + (1 if pct > 0 else 0)
         self.blocked_data_list: list[IhTableBlock] = []
         self.blocked_selection_list: list[list[np.ndarray]] = []
@@ -647,17 +755,22 @@ class IhTable:
         local = np.empty(n_unique, np.int64)
         local[group_order] = np.arange(n_unique) - np.repeat(block_starts[:-1], np.diff(block_starts))
         by_block = []
-        for d in range(self.n_datasets):
-            g = gidx[starts[d]:starts[d + 1]]
-            by_group = _stable_group_order(g, n_unique)[0]
-            within, row_starts = _stable_group_order(block_of_group[g[by_group]], n_blocks_total)
-            by_block.append((g, by_group[within], row_starts))
+        for d in range(len(sources)):
+            g = np.ascontiguousarray(gidx[starts[d]:starts[d + 1]], dtype=np.int64)
+            by_group, group_starts = _stable_group_order(g, n_unique)
+            # the groups in by_group's order, made in order (not read through it): ascending
+            g_sorted = np.repeat(np.arange(n_unique, dtype=np.int64), np.diff(group_starts))
+            within, row_starts = _stable_group_order(block_of_group[g_sorted], n_blocks_total)
+            # the rows by block, then group; and their groups (numbered over the table: local
+            # maps them to the block's), so no block reads a row's group out of order
+            by_block.append((by_group[within], g_sorted[within], row_starts))
+        names = [*sources[0].columns, "loc_indices"]
 
         def make_block(b: int) -> IhTableBlock:
             n_groups_b = int(block_starts[b + 1] - block_starts[b])
-            rows_per_ds = [order[row_starts[b]:row_starts[b + 1]] for _, order, row_starts in by_block]
-            return IhTableBlock._gathered(n_groups_b, [(local[by_block[d][0][rows]], cols[d], rows, hkls[d])
-                                                       for d, rows in enumerate(rows_per_ds)])
+            parts = [_BlockRows(order[row_starts[b]:row_starts[b + 1]], src, groups[row_starts[b]:row_starts[b + 1]])
+                     for (order, groups, row_starts), src in zip(by_block, sources)]
+            return IhTableBlock._from_rows(n_groups_b, parts, names, local)
 
         for block in (mapper or map)(make_block, range(n_blocks_total)):
             self.blocked_data_list.append(block)

@@ -369,9 +369,10 @@ class ScalerBase:
     def make_ready_for_scaling(self, outlier: bool = True) -> None:
         """Build the minimisation Ih table from the selected, non-outlier suitable rows."""
         from ..fit import IhTable
+        from ..fit.ih_table import _RowSource
 
         t0 = time.perf_counter()
-        tables, indices, group_index = [], [], []
+        tables, indices, group_index, sources = [], [], [], []
         cached = self._grouped_cache  # every suitable row, mapped to the ASU and grouped
         group_of_row = cached.group_of_row() if cached is not None else None
         start = 0  # the cache holds each dataset's suitable rows in order, dataset after dataset
@@ -382,34 +383,37 @@ class ScalerBase:
                 sel &= ~ds.outliers
             idx = np.flatnonzero(sel)
             if cached is not None:
-                # the table's rows gathered once, straight from the reflection table; their
-                # ASU indices and groups from the cache (made already)
+                # nothing gathered here: each block reads its rows' columns straight from the
+                # reflection table (through suitable_idx[idx]) and their ASU indices (on first
+                # use) from the cache; the rows' groups from the cache's grouping
                 names = ("intensity", "variance", "inverse_scale_factor")
-                cols = dict(zip(names, ds.columns(names, idx)))
-                cols["asu_miller_index"] = take_rows(cached.asu_hkl, start + idx)
-                cols["loc_indices"] = idx
+                columns = {name: np.asarray(ds.table[name], dtype=np.float64) for name in names}
+                sources.append(_RowSource(columns, idx.size, ds.suitable_idx.take(idx), idx,
+                                          cached.asu_hkl, start + idx, None))
                 group_index.append(group_of_row.take(start + idx))
             else:
-                cols = {"intensity": ds.column("intensity"), "variance": ds.column("variance"),
-                        "inverse_scale_factor": ds.column("inverse_scale_factor"),
-                        "miller_index": take_rows(np.asarray(ds.table["miller_index"]).reshape(-1, 3),
-                                                  ds.suitable)}
+                tables.append({"intensity": ds.column("intensity"), "variance": ds.column("variance"),
+                               "inverse_scale_factor": ds.column("inverse_scale_factor"),
+                               "miller_index": take_rows(np.asarray(ds.table["miller_index"]).reshape(-1, 3),
+                                                         ds.suitable)})
                 indices.append(idx)
             start += n_suitable
-            tables.append(cols)
         so = self._params.scaling_options
         pct = float(so.free_set_percentage) if so.use_free_set else 0.0
         self._update_keys = {}
         # A large table is cut into blocks of whole groups that the engine evaluates and
         # consumes one after another (stream_derivatives): one block's ∂g/∂p in memory at a time.
-        n_rows = sum(t["intensity"].size for t in tables)
+        n_rows = sum(src.n_selected for src in sources) + sum(i.size for i in indices)
         self.stream_derivatives = n_rows > STREAM_MIN_ROWS
         nblocks = -(-n_rows // STREAM_BLOCK_ROWS) if self.stream_derivatives else 1
-        self.Ih_table = IhTable(tables, self.space_group, indices_lists=indices or None, nblocks=nblocks,
-                                free_set_percentage=pct, free_set_offset=int(so.free_set_offset),
-                                anomalous=bool(self._params.anomalous),
-                                group_index=group_index if cached is not None else None,
-                                mapper=self._map_datasets)
+        if cached is not None:
+            self.Ih_table = IhTable._from_sources(sources, self.space_group, group_index, nblocks=nblocks,
+                                                  free_set_percentage=pct, free_set_offset=int(so.free_set_offset),
+                                                  anomalous=bool(self._params.anomalous), mapper=self._map_datasets)
+        else:
+            self.Ih_table = IhTable(tables, self.space_group, indices_lists=indices or None, nblocks=nblocks,
+                                    free_set_percentage=pct, free_set_offset=int(so.free_set_offset),
+                                    anomalous=bool(self._params.anomalous), mapper=self._map_datasets)
         free = self.Ih_table.extract_free_set() if pct > 0 else None
         # the free groups' ASU indices, for work/free statistics after scaling
         self.free_asu_hkl = None if free is None else np.unique(np.asarray(free.asu_miller_index), axis=0)
