@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import flex_arrays as fa
+from .._core import job as _kern
 from .._core import model_block as _mb
 from .._lazy import LazyModule, is_scipy_sparse
 from .._rows import take_rows
@@ -257,7 +258,11 @@ class ScalerBase:
         self.free_asu_hkl: np.ndarray | None = None
         self._update_keys: dict[int, tuple] = {}
         self._grouped_cache: GroupedObservations | None = None
-        self._asu_groupings: dict[bool, Any] = {}  # see suitable_asu_grouping
+        self._asu_groupings: dict[Any, Any] = {}  # see suitable_asu_grouping
+        #: per column name: (the columns and suitable arrays they were gathered from, the
+        #: values, whether every value is finite (None: not yet known)); see suitable_values
+        self._suitable_values_held: dict[str, list] = {}
+        self._suitable_layout_held: tuple | None = None  # see _suitable_layout
         #: the components hold the model data of the minimisation table's blocks (set by
         #: make_ready_for_scaling, cleared by an expansion, which gives them other rows)
         self._components_hold_minimisation_blocks = False
@@ -297,6 +302,95 @@ class ScalerBase:
             var = np.asarray(em.update_variances(var, ds.column("intensity", rows)), dtype=np.float64)
         return var
 
+    # ------------------------------------------------------------------ suitable-row columns
+    def _suitable_layout(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(starts, dataset, row)`` of the concatenated suitable rows (dataset order): the
+        first position of each dataset (and the total), and per position its dataset and its
+        row among that dataset's suitable rows. Made once per set of ``suitable`` arrays."""
+        key = [ds.suitable for ds in self.datasets]
+        held = self._suitable_layout_held
+        if held is None or len(held[0]) != len(key) or any(a is not b for a, b in zip(held[0], key)):
+            sizes = [int(ds.suitable_idx.size) for ds in self.datasets]
+            starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
+            dataset = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)
+            row = np.concatenate([np.arange(n, dtype=np.int64) for n in sizes]) if sizes else np.zeros(0, np.int64)
+            for a in (starts, dataset, row):
+                a.setflags(write=False)
+            held = self._suitable_layout_held = (key, (starts, dataset, row))
+        return held[1]
+
+    def suitable_values(self, name: str, default: float | None = None) -> np.ndarray:
+        """Every dataset's suitable rows' values of column ``name`` (float64, concatenated in
+        dataset order; ``default`` for a dataset without the column, else KeyError), gathered
+        straight into one array and kept (read-only) until a table's column or a dataset's
+        ``suitable`` array is replaced: the job replaces a column when it changes it (the
+        intensity combination its intensities and variances, an expansion g), so the outlier
+        rounds and error-model refinements in between read the same values without a gather."""
+        key = [(ds.table[name] if name in ds.table else None, ds.suitable) for ds in self.datasets]
+        held = self._suitable_values_held.get(name)
+        if held is not None and len(held[0]) == len(key) and all(
+                a[0] is b[0] and a[1] is b[1] for a, b in zip(held[0], key)):
+            return held[1]
+        starts = self._suitable_layout()[0]
+        out = np.empty(int(starts[-1]))
+        for k, ds in enumerate(self.datasets):
+            part = out[starts[k]:starts[k + 1]]
+            if key[k][0] is not None:
+                np.take(np.asarray(key[k][0], dtype=np.float64), ds.suitable_idx, out=part)
+            elif default is None:
+                raise KeyError(f"the reflection table of dataset {k} has no column '{name}'")
+            else:
+                part.fill(float(default))
+        out.setflags(write=False)
+        self._suitable_values_held[name] = [key, out, None]
+        return out
+
+    def _hand_suitable_values(self, name: str, values: np.ndarray) -> None:
+        """Keep ``values`` as :meth:`suitable_values` of ``name`` for the tables' current columns
+        (the caller has just written them to those columns' suitable rows)."""
+        values.setflags(write=False)
+        key = [(ds.table[name], ds.suitable) for ds in self.datasets]
+        self._suitable_values_held[name] = [key, values, None]
+
+    def _all_finite(self, name: str, values: np.ndarray) -> bool:
+        """Whether every value of :meth:`suitable_values` ``name`` (``values``) is finite
+        (checked once per gathered array)."""
+        held = self._suitable_values_held.get(name)
+        if held is None or held[1] is not values:
+            return bool(np.all(np.isfinite(values)))
+        if held[2] is None:
+            held[2] = bool(np.all(np.isfinite(values)))
+        return held[2]
+
+    def suitable_weights(self) -> np.ndarray:
+        """1/σ² of :meth:`suitable_values` ``"variance"`` (no error model), kept with them."""
+        V = self.suitable_values("variance")
+        held = self._suitable_values_held.get("1/variance")
+        if held is None or held[0] is not V:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                w = 1.0 / V
+            w.setflags(write=False)
+            held = self._suitable_values_held["1/variance"] = [V, w]
+        return held[1]
+
+    def _suitable_variances_and_weights(self, I: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # noqa: N803
+        """σ² of every suitable row through each dataset's error model (:meth:`_variances`,
+        element for element) and the weights 1/σ²; ``I``: :meth:`suitable_values` of the
+        intensities."""
+        V = self.suitable_values("variance")
+        models = [ds.error_model if ds.error_model is not None else self.error_model for ds in self.datasets]
+        if all(em is None for em in models):
+            return V, self.suitable_weights()
+        starts = self._suitable_layout()[0]
+        if all(em is models[0] for em in models):  # one model: one pass over every row
+            var = np.asarray(models[0].update_variances(V, I), dtype=np.float64)
+        else:
+            var = np.empty(V.size)
+            for k, em in enumerate(models):
+                a, b = starts[k], starts[k + 1]
+                var[a:b] = V[a:b] if em is None else em.update_variances(V[a:b], I[a:b])
+        return var, 1.0 / var
+
     def _grouped_groups_holding(self, rows: np.ndarray) -> GroupedObservations | None:
         """The suitable rows of the groups holding at least one of ``rows`` (a bool array over
         every dataset's suitable rows), with their current I, σ², weights and g, gathered for
@@ -313,14 +407,32 @@ class ScalerBase:
         order) of the cached grouping, without a new sort, and their current I, σ², weights and
         g gathered for them alone; ``row`` numbers suitable rows. None if a row has unusable
         values (the caller's fresh grouping then raises as it should)."""
-        sub = self._grouped_cache.subset(keep)
-        rows = [sub.row[sub.dataset == k] for k in range(len(self.datasets))]  # suitable rows
-        I = np.concatenate([ds.column("intensity", r) for ds, r in zip(self.datasets, rows)])
-        V = np.concatenate([self._variances(ds, r) for ds, r in zip(self.datasets, rows)])
-        g = np.concatenate([ds.column("inverse_scale_factor", r) for ds, r in zip(self.datasets, rows)])
+        cache = self._grouped_cache
+        keep = np.asarray(keep, dtype=bool)
+        if keep.shape != (cache.size,):
+            raise ValueError(f"keep must be a bool array of length {cache.size}")
+        order, offsets = _kern.subset_grouping(cache.order, cache.offsets, keep)
+        idx = np.flatnonzero(keep)  # positions among every dataset's suitable rows (the cache's)
+        starts = self._suitable_layout()[0]
+        cuts = np.searchsorted(idx, starts)  # each dataset's part of idx
+        # I and σ² from the arrays suitable_values keeps (they change with the intensity
+        # choice only), g (new after every expansion) gathered from the tables for these rows
+        I = self.suitable_values("intensity").take(idx)
+        V = self.suitable_values("variance").take(idx)
+        g = np.empty(idx.size)
+        for k, ds in enumerate(self.datasets):
+            a, b = cuts[k], cuts[k + 1]
+            mine = idx[a:b] - starts[k]  # suitable rows of dataset k
+            em = ds.error_model if ds.error_model is not None else self.error_model
+            if em is not None:
+                V[a:b] = em.update_variances(V[a:b], I[a:b])
+            np.take(np.asarray(ds.table["inverse_scale_factor"], dtype=np.float64), ds.suitable_idx.take(mine),
+                    out=g[a:b])
         if not (np.all(V > 0) and np.all(np.isfinite(I)) and np.all(np.isfinite(g))):
             return None
-        return replace(sub, intensity=I, variance=V, weight=1.0 / V, scale=g)
+        return replace(cache, intensity=I, variance=V, weight=1.0 / V, scale=g, asu_hkl=take_rows(cache.asu_hkl, idx),
+                       dataset=cache.dataset.take(idx), row=cache.row.take(idx), order=order, offsets=offsets,
+                       extra={k: np.take(v, idx, axis=0) for k, v in cache.extra.items()}, derived={})
 
     def _grouped_suitable(self, keep: Sequence[np.ndarray] | None = None) -> GroupedObservations:
         """The suitable rows of every dataset (or ``keep`` of them), current g and weights.
@@ -342,11 +454,14 @@ class ScalerBase:
                     row[mine] = numbers.take(sub.row[mine])
                 return replace(sub, row=row)
         if keep is None and self._grouped_cache is not None:
-            I = np.concatenate([ds.column("intensity") for ds in self.datasets])
-            V = np.concatenate([self._variances(ds) for ds in self.datasets])
-            g = np.concatenate([ds.column("inverse_scale_factor") for ds in self.datasets])
-            if np.all(V > 0) and np.all(np.isfinite(I)) and np.all(np.isfinite(g)):
-                return replace(self._grouped_cache, intensity=I, variance=V, weight=1.0 / V, scale=g)
+            # the columns as suitable_values keeps them (gathered once per column), σ² through
+            # the error models
+            I = self.suitable_values("intensity")
+            g = self.suitable_values("inverse_scale_factor")
+            if self._all_finite("intensity", I) and self._all_finite("inverse_scale_factor", g):
+                V, w = self._suitable_variances_and_weights(I)
+                if np.all(V > 0):
+                    return replace(self._grouped_cache, intensity=I, variance=V, weight=w, scale=g)
         tables = []
         for k, ds in enumerate(self.datasets):
             suitable_hkl = take_rows(np.asarray(ds.table["miller_index"]).reshape(-1, 3), ds.suitable)
@@ -765,12 +880,16 @@ class ScalerBase:
         self._components_hold_minimisation_blocks = False
         for ds, (g, var) in zip(self.datasets, results):
             full = np.asarray(ds.table["inverse_scale_factor"], dtype=np.float64).copy()
-            full[ds.suitable] = g
+            full[ds.suitable_idx] = g
             ds.table["inverse_scale_factor"] = fa.double(full)
             if var is not None:
                 out = np.zeros(len(ds.table))
                 out[ds.suitable] = var
                 ds.table["inverse_scale_factor_variance"] = fa.double(out)
+        # the suitable rows' g as suitable_values gives them (the next rounds read them)
+        self._hand_suitable_values("inverse_scale_factor",
+                                   np.concatenate([np.asarray(g, dtype=np.float64) for g, _ in results])
+                                   if results else np.zeros(0))
         self._tick("expansion", t0)
 
     @staticmethod
@@ -847,7 +966,7 @@ class ScalerBase:
         else:
             esq = [np.zeros(0, np.int64)] * len(self.datasets)
         for ds, out, e in zip(self.datasets, per_dataset, esq):
-            mask = np.zeros(int(ds.suitable.sum()), dtype=bool)
+            mask = np.zeros(ds.suitable_idx.size, dtype=bool)
             mask[out] = True
             mask[e] = True
             ds.outliers = mask
@@ -922,6 +1041,18 @@ class ScalerBase:
             held = self._asu_groupings[anomalous] = asu_grouping(hkl, self.space_group, anomalous=anomalous,
                                                                    n_threads=self.n_threads)
         return held
+
+    def suitable_group_of_row(self, anomalous: bool) -> np.ndarray:
+        """The group of every row of :meth:`suitable_asu_grouping` (read-only, made once)."""
+        grouping = self.suitable_asu_grouping(anomalous)
+        held = self._asu_groupings.get(("group_of_row", anomalous))
+        if held is None or held[0] is not grouping:
+            from .grouped import group_of_rows
+
+            group = group_of_rows(grouping.order, grouping.offsets)
+            group.setflags(write=False)
+            held = self._asu_groupings[("group_of_row", anomalous)] = (grouping, group)
+        return held[1]
 
 
 def _rows_of_groups_holding(grouped: GroupedObservations, rows: np.ndarray) -> np.ndarray:
