@@ -57,9 +57,7 @@ def _rows_of(values: np.ndarray, idx: np.ndarray, every: bool) -> np.ndarray:
 def group_of_rows(order: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """The group number of every row of a grouping (``order``: rows in group order, group g
     at ``order[offsets[g]:offsets[g + 1]]``)."""
-    out = np.empty(order.size, dtype=np.int64)
-    out[order] = np.repeat(np.arange(offsets.size - 1), np.diff(offsets))
-    return out
+    return _kern.group_of_rows(np.asarray(order, dtype=np.int64), np.asarray(offsets, dtype=np.int64))
 
 
 def regroup(order: np.ndarray, offsets: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -962,7 +962,8 @@ class ScalerBase:
         rows = determine_outlier_rows(grouped, method, float(so.outlier_zmax), n_threads=self.n_threads)
         per_dataset = grouped.rows_per_dataset(rows)
         if so.emax:
-            esq = determine_Esq_outlier_index_arrays(grouped, self.datasets[0].experiment, float(so.emax))
+            esq = determine_Esq_outlier_index_arrays(grouped, self.datasets[0].experiment, float(so.emax),
+                                                     n_threads=self.n_threads)
         else:
             esq = [np.zeros(0, np.int64)] * len(self.datasets)
         for ds, out, e in zip(self.datasets, per_dataset, esq):
