@@ -205,3 +205,22 @@ def test_group_of_rows_kernel_is_the_numpy_scatter():
         kernels.group_of_rows(order, offsets[:-1])
     with pytest.raises((ValueError, IndexError)):
         kernels.group_of_rows(np.array([0, 5, 1]), np.array([0, 3]))  # a row out of range
+
+
+@pytest.mark.parametrize("anomalous", [False, True])
+def test_suitable_asu_grouping_from_the_cached_grouping_is_the_gathered_one(anomalous):
+    """The scaler's ASU grouping taken from the cache entry of its grouping of every suitable
+    row (no indices gathered) is the grouping of the gathered indices."""
+    from xtalscale._rows import take_rows
+    from xtalscale.job import grouped as grouped_module
+
+    scaler = _scaler()
+    assert scaler.global_Ih_table.size > 0  # the cached grouping of every suitable row
+    shortcut = scaler.suitable_asu_grouping(anomalous)
+    hkl = np.concatenate([take_rows(np.asarray(ds.table["miller_index"]).reshape(-1, 3), ds.suitable)
+                          for ds in scaler.datasets])
+    grouped_module._ASU_CACHE.clear()  # afresh: map, sort (and split)
+    fresh = grouped_module.asu_grouping(hkl, scaler.space_group, anomalous)
+    for a, b in zip(shortcut, fresh):
+        np.testing.assert_array_equal(a, b)
+    assert grouped_module.cached_asu_grouping_of(np.arange(3), anomalous) is None

@@ -499,7 +499,7 @@ def extract_error_model_groups(params: Any, n_tables: int) -> list[list[int]]:
 #: arrays with its rows as a mask (:func:`_every_suitable_row`); fewer rows (the rounds'
 #: subset, a capped sample) are gathered (:func:`_grouped_rows`): the filter then runs on a
 #: compact copy instead of visiting every group. Either way gives the same (a, b).
-EVERY_ROW_FRACTION = 0.6
+EVERY_ROW_FRACTION = 0.8
 
 
 def _grouped_rows(scaler: Any, grouping: Any, rows: np.ndarray) -> GroupedObservations:

@@ -1036,6 +1036,15 @@ class ScalerBase:
         the suitable rows never change, so later calls skip gathering and comparing 10⁶ Miller
         indices. The arrays are the grouping cache's own (read-only, shared)."""
         held = self._asu_groupings.get(anomalous)
+        cache = self._grouped_cache
+        if held is None and cache is not None and cache.order.size == int(self._suitable_layout()[0][-1]):
+            # the cached grouping of every suitable row came from asu_grouping of these same
+            # indices: that cache entry's, without gathering and comparing 10⁶ indices again
+            from .grouped import cached_asu_grouping_of
+
+            held = cached_asu_grouping_of(cache.order, anomalous)
+            if held is not None:
+                self._asu_groupings[anomalous] = held
         if held is None:
             hkl = np.concatenate([take_rows(np.asarray(ds.table["miller_index"]).reshape(-1, 3), ds.suitable)
                                   for ds in self.datasets])
