@@ -124,18 +124,6 @@ def test_grouped_suitable_variances_follow_the_error_models():
     assert sub.variance.tobytes() == expected.tobytes()
 
 
-def test_expansion_hands_over_g_as_gathered_from_the_tables():
-    scaler = _scaler()
-    scaler.make_ready_for_scaling()
-    scaler.perform_scaling()
-    scaler.expand_scales_to_all_reflections()
-    kept = scaler.suitable_values("inverse_scale_factor")
-    held = scaler._suitable_values_held.pop("inverse_scale_factor")
-    np.testing.assert_array_equal(kept, _concatenated(scaler, "inverse_scale_factor"))
-    assert kept.tobytes() == scaler.suitable_values("inverse_scale_factor").tobytes()
-    assert held[1] is kept
-
-
 # ---------------------------------------------------------------- error model
 def test_error_model_by_mask_or_by_gathered_rows_gives_the_same_parameters(monkeypatch):
     """refine_error_models on every row with a mask (EVERY_ROW_FRACTION 0) or on gathered rows
@@ -224,3 +212,24 @@ def test_suitable_asu_grouping_from_the_cached_grouping_is_the_gathered_one(anom
     for a, b in zip(shortcut, fresh):
         np.testing.assert_array_equal(a, b)
     assert grouped_module.cached_asu_grouping_of(np.arange(3), anomalous) is None
+
+
+def test_kept_columns_last_from_an_all_row_round_to_the_error_model_only():
+    """What suitable_values keeps (~40 B per suitable row) is not held into a minimisation: the
+    error-model refinement drops it, and so does a round when no error model follows."""
+    scaler = _scaler()
+    scaler.make_ready_for_scaling()
+    scaler.perform_scaling()
+    scaler.expand_scales_to_all_reflections()
+    assert scaler.global_Ih_table.size > 0  # the cached grouping (then the rounds keep the columns)
+    scaler.round_of_outlier_rejection()
+    assert "intensity" in scaler._suitable_values_held  # for the error model next
+    scaler.perform_error_optimisation()
+    assert not scaler._suitable_values_held and scaler._suitable_layout_held is None
+    no_model = _scaler("error_model=None")
+    no_model.make_ready_for_scaling()
+    no_model.perform_scaling()
+    no_model.expand_scales_to_all_reflections()
+    assert no_model.global_Ih_table.size > 0
+    no_model.round_of_outlier_rejection()
+    assert not no_model._suitable_values_held

@@ -632,8 +632,7 @@ def refine_error_models(scaler: Any) -> None:
         cap = int(em_params.basic.max_observations or 0)
         if not subset and 0 < cap < np.count_nonzero(rows):
             if group_of_row is None:
-                group_of_row = (scaler.suitable_group_of_row(True) if hasattr(scaler, "suitable_group_of_row")
-                                else group_of_rows(grouping.order, grouping.offsets))
+                group_of_row = group_of_rows(grouping.order, grouping.offsets)
             rows = _capped_rows(group_of_row, grouping.offsets.size - 1, rows, cap,
                                 int(params.reflection_selection.seed))
         if hasattr(scaler, "suitable_values") and np.count_nonzero(rows) >= EVERY_ROW_FRACTION * rows.size:

@@ -345,12 +345,12 @@ class ScalerBase:
         self._suitable_values_held[name] = [key, out, None]
         return out
 
-    def _hand_suitable_values(self, name: str, values: np.ndarray) -> None:
-        """Keep ``values`` as :meth:`suitable_values` of ``name`` for the tables' current columns
-        (the caller has just written them to those columns' suitable rows)."""
-        values.setflags(write=False)
-        key = [(ds.table[name], ds.suitable) for ds in self.datasets]
-        self._suitable_values_held[name] = [key, values, None]
+    def _drop_suitable_values(self) -> None:
+        """Forget what :meth:`suitable_values` keeps (some 40 B per suitable row): the job keeps
+        them from an all-row outlier round to the error-model refinement after it, not into the
+        minimisation that follows."""
+        self._suitable_values_held.clear()
+        self._suitable_layout_held = None
 
     def _all_finite(self, name: str, values: np.ndarray) -> bool:
         """Whether every value of :meth:`suitable_values` ``name`` (``values``) is finite
@@ -415,19 +415,16 @@ class ScalerBase:
         idx = np.flatnonzero(keep)  # positions among every dataset's suitable rows (the cache's)
         starts = self._suitable_layout()[0]
         cuts = np.searchsorted(idx, starts)  # each dataset's part of idx
-        # I and σ² from the arrays suitable_values keeps (they change with the intensity
-        # choice only), g (new after every expansion) gathered from the tables for these rows
-        I = self.suitable_values("intensity").take(idx)
-        V = self.suitable_values("variance").take(idx)
-        g = np.empty(idx.size)
+        # I, σ² and g gathered from the tables for these rows alone, straight into one array each
+        I, V, g = np.empty(idx.size), np.empty(idx.size), np.empty(idx.size)
         for k, ds in enumerate(self.datasets):
             a, b = cuts[k], cuts[k + 1]
-            mine = idx[a:b] - starts[k]  # suitable rows of dataset k
+            table_rows = ds.suitable_idx.take(idx[a:b] - starts[k])
+            for name, out in (("intensity", I), ("variance", V), ("inverse_scale_factor", g)):
+                np.take(np.asarray(ds.table[name], dtype=np.float64), table_rows, out=out[a:b])
             em = ds.error_model if ds.error_model is not None else self.error_model
             if em is not None:
                 V[a:b] = em.update_variances(V[a:b], I[a:b])
-            np.take(np.asarray(ds.table["inverse_scale_factor"], dtype=np.float64), ds.suitable_idx.take(mine),
-                    out=g[a:b])
         if not (np.all(V > 0) and np.all(np.isfinite(I)) and np.all(np.isfinite(g))):
             return None
         return replace(cache, intensity=I, variance=V, weight=1.0 / V, scale=g, asu_hkl=take_rows(cache.asu_hkl, idx),
@@ -880,16 +877,12 @@ class ScalerBase:
         self._components_hold_minimisation_blocks = False
         for ds, (g, var) in zip(self.datasets, results):
             full = np.asarray(ds.table["inverse_scale_factor"], dtype=np.float64).copy()
-            full[ds.suitable_idx] = g
+            full[ds.suitable] = g
             ds.table["inverse_scale_factor"] = fa.double(full)
             if var is not None:
                 out = np.zeros(len(ds.table))
                 out[ds.suitable] = var
                 ds.table["inverse_scale_factor_variance"] = fa.double(out)
-        # the suitable rows' g as suitable_values gives them (the next rounds read them)
-        self._hand_suitable_values("inverse_scale_factor",
-                                   np.concatenate([np.asarray(g, dtype=np.float64) for g, _ in results])
-                                   if results else np.zeros(0))
         self._tick("expansion", t0)
 
     @staticmethod
@@ -947,6 +940,8 @@ class ScalerBase:
         so = self._params.scaling_options
         method = so.outlier_rejection
         if method is None:
+            if not self._error_model_configured():
+                self._drop_suitable_values()  # (g handed over by an expansion)
             return
         if minimisation_groups_only and method == "standard" and all(ds.minimisation is not None
                                                                      for ds in self.datasets):
@@ -971,7 +966,13 @@ class ScalerBase:
             mask[out] = True
             mask[e] = True
             ds.outliers = mask
+        if not self._error_model_configured():
+            self._drop_suitable_values()  # no error model reads them next
         self._tick("outlier rejection", t0)
+
+    def _error_model_configured(self) -> bool:
+        weighting = getattr(self._params, "weighting", None)
+        return getattr(getattr(weighting, "error_model", None), "error_model", None) is not None
 
     # ------------------------------------------------------------------ error model
     def perform_error_optimisation(self, update_Ih: bool = True) -> None:
@@ -979,7 +980,10 @@ class ScalerBase:
         from .error_model import refine_error_models
 
         t0 = time.perf_counter()
-        refine_error_models(self)
+        try:
+            refine_error_models(self)
+        finally:
+            self._drop_suitable_values()  # (a minimisation or the output follows)
         self._tick("error model", t0)
 
     # ------------------------------------------------------------------ intensity combination
@@ -1051,18 +1055,6 @@ class ScalerBase:
             held = self._asu_groupings[anomalous] = asu_grouping(hkl, self.space_group, anomalous=anomalous,
                                                                    n_threads=self.n_threads)
         return held
-
-    def suitable_group_of_row(self, anomalous: bool) -> np.ndarray:
-        """The group of every row of :meth:`suitable_asu_grouping` (read-only, made once)."""
-        grouping = self.suitable_asu_grouping(anomalous)
-        held = self._asu_groupings.get(("group_of_row", anomalous))
-        if held is None or held[0] is not grouping:
-            from .grouped import group_of_rows
-
-            group = group_of_rows(grouping.order, grouping.offsets)
-            group.setflags(write=False)
-            held = self._asu_groupings[("group_of_row", anomalous)] = (grouping, group)
-        return held[1]
 
 
 def _rows_of_groups_holding(grouped: GroupedObservations, rows: np.ndarray) -> np.ndarray:
