@@ -345,11 +345,17 @@ class ScalerBase:
         self._suitable_values_held[name] = [key, out, None]
         return out
 
+    #: what :meth:`suitable_values` keeps for the whole job (I, σ² and 1/σ²: 24 B per suitable
+    #: row, read by every outlier round until the intensity choice changes them); the rest is
+    #: kept from an all-row outlier round to the error-model refinement after it only
+    KEPT_FOR_THE_JOB = ("intensity", "variance", "1/variance")
+
     def _drop_suitable_values(self) -> None:
-        """Forget what :meth:`suitable_values` keeps (some 40 B per suitable row): the job keeps
-        them from an all-row outlier round to the error-model refinement after it, not into the
+        """Forget what :meth:`suitable_values` keeps beyond :attr:`KEPT_FOR_THE_JOB` (g,
+        partiality, the rows' datasets: some 30 B per suitable row), not held into the
         minimisation that follows."""
-        self._suitable_values_held.clear()
+        for name in [k for k in self._suitable_values_held if k not in self.KEPT_FOR_THE_JOB]:
+            del self._suitable_values_held[name]
         self._suitable_layout_held = None
 
     def _all_finite(self, name: str, values: np.ndarray) -> bool:
@@ -415,13 +421,15 @@ class ScalerBase:
         idx = np.flatnonzero(keep)  # positions among every dataset's suitable rows (the cache's)
         starts = self._suitable_layout()[0]
         cuts = np.searchsorted(idx, starts)  # each dataset's part of idx
-        # I, σ² and g gathered from the tables for these rows alone, straight into one array each
-        I, V, g = np.empty(idx.size), np.empty(idx.size), np.empty(idx.size)
+        # I and σ² from the arrays suitable_values keeps (they change with the intensity
+        # choice only), g (new after every expansion) gathered from the tables for these rows
+        I = self.suitable_values("intensity").take(idx)
+        V = self.suitable_values("variance").take(idx)
+        g = np.empty(idx.size)
         for k, ds in enumerate(self.datasets):
             a, b = cuts[k], cuts[k + 1]
-            table_rows = ds.suitable_idx.take(idx[a:b] - starts[k])
-            for name, out in (("intensity", I), ("variance", V), ("inverse_scale_factor", g)):
-                np.take(np.asarray(ds.table[name], dtype=np.float64), table_rows, out=out[a:b])
+            np.take(np.asarray(ds.table["inverse_scale_factor"], dtype=np.float64),
+                    ds.suitable_idx.take(idx[a:b] - starts[k]), out=g[a:b])
             em = ds.error_model if ds.error_model is not None else self.error_model
             if em is not None:
                 V[a:b] = em.update_variances(V[a:b], I[a:b])
