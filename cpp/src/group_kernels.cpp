@@ -159,6 +159,18 @@ void check_layout(const GroupLayout& layout) {
     require_index(static_cast<std::ptrdiff_t>(layout.order[i]), layout.n_rows, "order");
 }
 
+void group_of_rows(const GroupLayout& layout, std::int64_t* out) {
+  std::fill(out, out + layout.n_rows, std::int64_t{-1});
+  constexpr std::int64_t kAhead = 32;  // rows ahead whose slot is fetched for writing
+  const std::int64_t end = layout.offsets[layout.n_groups];
+  for (std::size_t k = 0; k < layout.n_groups; ++k) {
+    for (auto i = layout.offsets[k]; i < layout.offsets[k + 1]; ++i) {
+      if (i + kAhead < end) __builtin_prefetch(out + layout.order[i + kAhead], 1);
+      out[layout.order[i]] = static_cast<std::int64_t>(k);
+    }
+  }
+}
+
 void sum_in_groups(const GroupLayout& layout, const double* values, double* out) {
   for (std::size_t k = 0; k < layout.n_groups; ++k) {
     double s = 0.0;
@@ -451,6 +463,35 @@ void esq_values(std::size_t n_rows, const double* scaled_intensity, const double
     const double norm = group_norm[group[r]];
     esq[r] = norm > 0.0 ? scaled_intensity[r] / (epsilon[r] * norm) : 0.0;
   }
+}
+
+void esq_scaled_bin_sums(std::size_t n_rows, const double* intensity, const double* scale, const double* epsilon,
+                         const std::int64_t* bin, std::size_t n_bins, double* sums) {
+  std::fill(sums, sums + n_bins, 0.0);
+  for (std::size_t r = 0; r < n_rows; ++r) {
+    const double scaled = intensity[r] / scale[r];
+    sums[bin[r]] += std::max(scaled, 0.0) / epsilon[r];
+  }
+}
+
+std::vector<std::int64_t> esq_rows_above(std::size_t n_rows, const double* intensity, const double* scale,
+                                         const double* epsilon, const std::int64_t* group,
+                                         const double* group_norm, double threshold, int n_threads) {
+  constexpr std::size_t kRowsPerChunk = 65536;  // fixed: the result does not depend on the threads
+  const std::size_t n_chunks = (n_rows + kRowsPerChunk - 1) / kRowsPerChunk;
+  std::vector<std::vector<std::int64_t>> found(n_chunks);
+  fit::detail::parallel_for(n_chunks, n_threads, [&](std::size_t c) {
+    const std::size_t end = std::min(n_rows, (c + 1) * kRowsPerChunk);
+    for (std::size_t r = c * kRowsPerChunk; r < end; ++r) {
+      const double norm = group_norm[group[r]];
+      const double scaled = intensity[r] / scale[r];
+      const double esq = norm > 0.0 ? scaled / (epsilon[r] * norm) : 0.0;  // as esq_values
+      if (esq > threshold) found[c].push_back(static_cast<std::int64_t>(r));
+    }
+  });
+  std::vector<std::int64_t> rows;
+  for (const auto& part : found) rows.insert(rows.end(), part.begin(), part.end());
+  return rows;
 }
 
 void rmeas_group_sums(const GroupLayout& layout, const double* intensity, const double* variance,

@@ -64,6 +64,18 @@ Int64Array to_array(const std::vector<std::int64_t>& v) {
   return out;
 }
 
+Int64Array group_of_rows_py(const Int64Array& order, const Int64Array& offsets) {
+  const auto n = static_cast<std::size_t>(order.size());
+  const auto layout = layout_of(order, offsets, n);
+  Int64Array out({static_cast<py::ssize_t>(n)});
+  std::int64_t* o = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    group_of_rows(layout, o);
+  }
+  return out;
+}
+
 DoubleArray sum_in_groups_py(const Int64Array& order, const Int64Array& offsets, const DoubleArray& values) {
   const auto n = static_cast<std::size_t>(values.size());
   const auto layout = layout_of(order, offsets, n);
@@ -265,6 +277,40 @@ DoubleArray esq_values_py(const DoubleArray& scaled_intensity, const DoubleArray
     esq_values(n, x, eps, g, norm, out);
   }
   return esq;
+}
+
+DoubleArray esq_scaled_bin_sums_py(const DoubleArray& intensity, const DoubleArray& scale, const DoubleArray& epsilon,
+                                   const Int64Array& bin, std::size_t n_bins) {
+  const auto n = static_cast<std::size_t>(intensity.size());
+  const double* I = row_array(intensity, n, "intensity", false);
+  const double* g = row_array(scale, n, "scale", false);
+  const double* eps = row_array(epsilon, n, "epsilon");
+  const std::int64_t* b = index_array(bin, n, n_bins, "bin");
+  auto sums = new_doubles(n_bins);
+  double* out = sums.mutable_data();
+  {
+    py::gil_scoped_release release;
+    esq_scaled_bin_sums(n, I, g, eps, b, n_bins, out);
+  }
+  return sums;
+}
+
+Int64Array esq_rows_above_py(const DoubleArray& intensity, const DoubleArray& scale, const DoubleArray& epsilon,
+                             const Int64Array& group, const DoubleArray& group_norm, double threshold, int n_threads) {
+  const auto n = static_cast<std::size_t>(intensity.size());
+  const double* I = row_array(intensity, n, "intensity", false);
+  const double* g = row_array(scale, n, "scale", false);
+  const double* eps = row_array(epsilon, n, "epsilon");
+  const auto n_groups = static_cast<std::size_t>(group_norm.size());
+  const double* norm = row_array(group_norm, n_groups, "group_norm", false);
+  const std::int64_t* grp = index_array(group, n, n_groups, "group");
+  require_threads(n_threads);
+  std::vector<std::int64_t> rows;
+  {
+    py::gil_scoped_release release;
+    rows = esq_rows_above(n, I, g, eps, grp, norm, threshold, n_threads);
+  }
+  return to_array(rows);
 }
 
 py::tuple rmeas_group_sums_py(const Int64Array& order, const Int64Array& offsets, const DoubleArray& intensity,
@@ -486,10 +532,21 @@ void bind_job(py::module_& m) {
   m.def("esq_values", &esq_values_py, py::arg("scaled_intensity"), py::arg("epsilon"), py::arg("group"),
         py::arg("group_norm"),
         "E^2 = I / (epsilon * group_norm[group]) per row (0 where the norm is not positive).");
+  m.def("esq_scaled_bin_sums", &esq_scaled_bin_sums_py, py::arg("intensity"), py::arg("scale"), py::arg("epsilon"),
+        py::arg("bin"), py::arg("n_bins"),
+        "esq_bin_sums of the scaled intensities intensity / scale (the same sums), without forming them.");
+  m.def("esq_rows_above", &esq_rows_above_py, py::arg("intensity"), py::arg("scale"), py::arg("epsilon"),
+        py::arg("group"), py::arg("group_norm"), py::arg("threshold"), py::arg("n_threads") = 1,
+        "The rows (ascending) whose E^2 = (intensity / scale) / (epsilon * group_norm[group]) (0 where the\n"
+        "norm is not positive) exceeds threshold: esq_values of intensity / scale compared, in one pass\n"
+        "(over n_threads threads; the same rows for any count).");
   m.def("rmeas_group_sums", &rmeas_group_sums_py, py::arg("order"), py::arg("offsets"), py::arg("intensity"),
         py::arg("variance"), py::arg("scale"),
         "Per group, over the rows with sigma > 0 and I/sigma > 1 of the scaled data I/g, sigma/g: (count,\n"
         "sum |I/g - weighted mean|, sum I/g): the pieces of Rmeas.");
+  m.def("group_of_rows", &group_of_rows_py, py::arg("order"), py::arg("offsets"),
+        "The group of every row of a grouping (rows order[offsets[k]:offsets[k+1]] in group k; a row\n"
+        "of the order array in no group gets -1).");
   m.def("sum_in_groups", &sum_in_groups_py, py::arg("order"), py::arg("offsets"), py::arg("values"),
         "Per-group sums of a per-row array: out[k] = sum(values[order[offsets[k]:offsets[k+1]]]).");
   m.def("weighted_group_sums", &weighted_group_sums_py, py::arg("order"), py::arg("offsets"),

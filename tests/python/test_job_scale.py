@@ -298,7 +298,8 @@ def test_known_truth_small(main_rounds_subset):
         original_em = error_model.run_error_model_refinement
 
         def em_spy(model, grouped, *args, **kwargs):
-            em_rows.append(grouped.size)  # the rows the model is refined on
+            rows = kwargs.get("rows")  # the rows the model is refined on (a mask, or every row)
+            em_rows.append(grouped.size if rows is None else int(np.count_nonzero(rows)))
             return original_em(model, grouped, *args, **kwargs)
 
         reflection_selection.select_random_groups = spy

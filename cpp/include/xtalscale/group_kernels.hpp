@@ -28,6 +28,10 @@ struct GroupLayout {
 /// Check offsets (start 0, non-decreasing) and that every order entry is a valid row.
 XTALSCALE_EXPORT void check_layout(const GroupLayout& layout);
 
+/// out[row] = the group holding @p row (for every row of the layout's order; −1 for a row in
+/// none), with the groups written in order (prefetching the scattered writes).
+XTALSCALE_EXPORT void group_of_rows(const GroupLayout& layout, std::int64_t* out);
+
 /// out[k] = Σ values[row] over the rows of group k.
 XTALSCALE_EXPORT void sum_in_groups(const GroupLayout& layout, const double* values, double* out);
 
@@ -118,6 +122,20 @@ XTALSCALE_EXPORT void esq_bin_sums(std::size_t n_rows, const double* scaled_inte
 /// E² = I / (ε · N) with N = group_norm[group[row]] (0 where N is not positive).
 XTALSCALE_EXPORT void esq_values(std::size_t n_rows, const double* scaled_intensity, const double* epsilon,
                                  const std::int64_t* group, const double* group_norm, double* esq);
+
+/// esq_bin_sums of the scaled intensities I/g (each I/g formed as numpy forms it: the same
+/// sums as esq_bin_sums(I / g, ...)), without the array of I/g.
+XTALSCALE_EXPORT void esq_scaled_bin_sums(std::size_t n_rows, const double* intensity, const double* scale,
+                                          const double* epsilon, const std::int64_t* bin, std::size_t n_bins,
+                                          double* sums);
+
+/// The rows (ascending) whose E² of esq_values(I / g, ...) exceeds @p threshold, without the
+/// arrays of I/g and E². Rows go over @p n_threads threads in fixed chunks (the same rows for
+/// any thread count).
+XTALSCALE_EXPORT std::vector<std::int64_t> esq_rows_above(std::size_t n_rows, const double* intensity,
+                                                          const double* scale, const double* epsilon,
+                                                          const std::int64_t* group, const double* group_norm,
+                                                          double threshold, int n_threads = 1);
 
 /// Per-group sums of Rmeas on scaled intensities I/g with σ = sqrt(max(σ², 0))/g, over the
 /// rows with σ > 0 and I/σ > 1: their count, Σ|I/g − Ĩ| (Ĩ weighted by 1/σ²) and Σ I/g.

@@ -118,6 +118,19 @@ def error_model_search_b(
 def esq_bin_sums(
     scaled_intensity: npt.ArrayLike, epsilon: npt.ArrayLike, bin: npt.ArrayLike, n_bins: int
 ) -> npt.NDArray[np.float64]: ...
+def group_of_rows(order: npt.ArrayLike, offsets: npt.ArrayLike) -> npt.NDArray[np.int64]: ...
+def esq_scaled_bin_sums(
+    intensity: npt.ArrayLike, scale: npt.ArrayLike, epsilon: npt.ArrayLike, bin: npt.ArrayLike, n_bins: int
+) -> npt.NDArray[np.float64]: ...
+def esq_rows_above(
+    intensity: npt.ArrayLike,
+    scale: npt.ArrayLike,
+    epsilon: npt.ArrayLike,
+    group: npt.ArrayLike,
+    group_norm: npt.ArrayLike,
+    threshold: float,
+    n_threads: int = 1,
+) -> npt.NDArray[np.int64]: ...
 def esq_values(
     scaled_intensity: npt.ArrayLike,
     epsilon: npt.ArrayLike,

@@ -119,9 +119,11 @@ class ErrorModelData:
         if stills is None:
             keep, Ih, n_h = self._filter_rows(grouped, min_Ih, considered, self.n_threads)
             self._source, self._keep = grouped, keep
-            self.intensity, self.variance, self.scale = grouped.intensity[keep], grouped.variance[keep], grouped.scale[keep]
-            self.Ih, self.n_h = Ih[keep], n_h[keep]
-            partiality = grouped.extra["partiality"][keep] if "partiality" in grouped.extra else None
+            kept = np.flatnonzero(keep)  # one scan of the mask, then a gather per column
+            self.intensity, self.variance, self.scale = (grouped.intensity.take(kept), grouped.variance.take(kept),
+                                                         grouped.scale.take(kept))
+            self.Ih, self.n_h = Ih.take(kept), n_h.take(kept)
+            partiality = grouped.extra["partiality"].take(kept) if "partiality" in grouped.extra else None
         else:
             g = self._filter_stills(grouped.subset(considered), min_Ih, float(stills.min_Isigma),
                                     int(stills.min_multiplicity))
@@ -493,6 +495,13 @@ def extract_error_model_groups(params: Any, n_tables: int) -> list[list[int]]:
     return groups
 
 
+#: An error model refined on at least this fraction of the suitable rows reads every row's
+#: arrays with its rows as a mask (:func:`_every_suitable_row`); fewer rows (the rounds'
+#: subset, a capped sample) are gathered (:func:`_grouped_rows`): the filter then runs on a
+#: compact copy instead of visiting every group. Either way gives the same (a, b).
+EVERY_ROW_FRACTION = 0.8
+
+
 def _grouped_rows(scaler: Any, grouping: Any, rows: np.ndarray) -> GroupedObservations:
     """The ``rows`` (a bool array over every dataset's suitable rows, in dataset order) with
     their current I, σ² (no error model), g and partiality, grouped by ``grouping`` (the
@@ -500,6 +509,18 @@ def _grouped_rows(scaler: Any, grouping: Any, rows: np.ndarray) -> GroupedObserv
     job). Only those rows are gathered (an error model's: one sweep's, or a sample), and
     their grouping is the cached one without the other rows: no grouping per refinement."""
     datasets = scaler.datasets
+    order, offsets = _kern.subset_grouping(grouping.order, grouping.offsets, rows)
+    if hasattr(scaler, "suitable_values"):  # from the arrays the scaler keeps: a gather per column
+        idx = np.flatnonzero(rows)
+        _, dataset, row = scaler._suitable_layout()
+        V = scaler.suitable_values("variance").take(idx)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            weight = 1.0 / V
+        return GroupedObservations(
+            scaler.suitable_values("intensity").take(idx), V, weight,
+            scaler.suitable_values("inverse_scale_factor").take(idx), take_rows(grouping.asu_hkl, idx),
+            dataset.take(idx), row.take(idx), order, offsets, len(datasets), scaler.space_group,
+            {"partiality": scaler.suitable_values("partiality", 1.0).take(idx)})
     starts = np.concatenate([[0], np.cumsum([int(ds.suitable.sum()) for ds in datasets])])
     kept = [np.flatnonzero(rows[starts[k]:starts[k + 1]]) for k in range(len(datasets))]
 
@@ -510,15 +531,41 @@ def _grouped_rows(scaler: Any, grouping: Any, rows: np.ndarray) -> GroupedObserv
     V = gathered("variance")
     with np.errstate(divide="ignore", invalid="ignore"):
         weight = 1.0 / V
-    order, offsets = _kern.subset_grouping(grouping.order, grouping.offsets, rows)
     return GroupedObservations(
         gathered("intensity"), V, weight, gathered("inverse_scale_factor"), take_rows(grouping.asu_hkl, rows),
         np.repeat(np.arange(len(datasets), dtype=np.int64), [r.size for r in kept]), np.concatenate(kept),
         order, offsets, len(datasets), scaler.space_group, {"partiality": gathered("partiality", 1.0)})
 
 
-def _check_rows(grouped: GroupedObservations) -> None:
-    """The checks :meth:`GroupedObservations.from_tables` makes, on every row of ``grouped``."""
+def _every_suitable_row(scaler: Any, grouping: Any) -> GroupedObservations:
+    """Every suitable row of every dataset (dataset order) with its current I, σ² (no error
+    model), g and partiality, grouped by ``grouping`` (the scaler's
+    :meth:`~xtalscale.job.scaler.ScalerBase.suitable_asu_grouping`): the arrays the scaler keeps
+    (:meth:`~xtalscale.job.scaler.ScalerBase.suitable_values`, gathered once per column) and
+    the grouping itself, no copy. An error model's rows are then a mask over it (the filter
+    reads only those: the same (a, b) as on the rows gathered by :func:`_grouped_rows`)."""
+    starts, dataset, row = scaler._suitable_layout()
+    I = scaler.suitable_values("intensity")
+    return GroupedObservations(
+        I, scaler.suitable_values("variance"), scaler.suitable_weights(),
+        scaler.suitable_values("inverse_scale_factor"), grouping.asu_hkl, dataset, row,
+        grouping.order, grouping.offsets, len(scaler.datasets), scaler.space_group,
+        {"partiality": scaler.suitable_values("partiality", 1.0)})
+
+
+def _check_rows(grouped: GroupedObservations, rows: np.ndarray | None = None) -> None:
+    """The checks :meth:`GroupedObservations.from_tables` makes, on every row of ``grouped``
+    (or on its ``rows``, a bool mask: the rows named by their position among those)."""
+    if rows is not None:
+        ok = bool(np.all(np.isfinite(grouped.intensity)) and np.all(np.isfinite(grouped.scale))
+                  and np.all(grouped.variance > 0) and np.all(np.isfinite(grouped.variance)))
+        if not ok:  # name the first bad selected row as a check of the gathered rows would
+            idx = np.flatnonzero(rows)
+            _check_rows(GroupedObservations(grouped.intensity[idx], grouped.variance[idx], grouped.weight[idx],
+                                            grouped.scale[idx], grouped.asu_hkl, grouped.dataset, grouped.row,
+                                            grouped.order, grouped.offsets, grouped.n_datasets,
+                                            grouped.space_group, {}))
+        return
     for name, values in (("intensity", grouped.intensity), ("variance", grouped.variance),
                          ("inverse_scale_factor", grouped.scale)):
         bad = ~np.isfinite(values)
@@ -588,15 +635,19 @@ def refine_error_models(scaler: Any) -> None:
                 group_of_row = group_of_rows(grouping.order, grouping.offsets)
             rows = _capped_rows(group_of_row, grouping.offsets.size - 1, rows, cap,
                                 int(params.reflection_selection.seed))
-        data = _grouped_rows(scaler, grouping, rows)
-        _check_rows(data)
+        if hasattr(scaler, "suitable_values") and np.count_nonzero(rows) >= EVERY_ROW_FRACTION * rows.size:
+            # most rows: every row as the scaler keeps them, the model's rows a mask (no gather)
+            data, selected = _every_suitable_row(scaler, grouping), rows
+        else:
+            data, selected = _grouped_rows(scaler, grouping, rows), None
+        _check_rows(data, selected)
         model = BasicErrorModel(basic_params=em_params.basic)
         try:
             run_error_model_refinement(model, data, em_params.basic.minimisation or "None",
                                        em_params.basic.min_Ih, em_params.basic.n_bins,
                                        float(params.reflection_selection.min_partiality),
                                        stills=em_params.basic.stills if all_stills else None,
-                                       n_threads=scaler.n_threads)
+                                       rows=selected, n_threads=scaler.n_threads)
         except ErrorModelRefinementError as exc:
             logger.info("error model not refined for sweeps %s: %s", [m + 1 for m in members], exc)
             continue

@@ -18,7 +18,8 @@ import numpy as np
 from .._core import job as _kern
 from .._rows import negate_rows, take_rows
 
-__all__ = ["AsuGrouping", "GroupedObservations", "asu_grouping", "group_of_rows", "regroup", "suitable_rows"]
+__all__ = ["AsuGrouping", "GroupedObservations", "asu_grouping", "cached_asu_grouping_of", "group_of_rows", "regroup",
+           "suitable_rows"]
 
 
 def suitable_rows(table: Any) -> np.ndarray:
@@ -57,9 +58,7 @@ def _rows_of(values: np.ndarray, idx: np.ndarray, every: bool) -> np.ndarray:
 def group_of_rows(order: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """The group number of every row of a grouping (``order``: rows in group order, group g
     at ``order[offsets[g]:offsets[g + 1]]``)."""
-    out = np.empty(order.size, dtype=np.int64)
-    out[order] = np.repeat(np.arange(offsets.size - 1), np.diff(offsets))
-    return out
+    return _kern.group_of_rows(np.asarray(order, dtype=np.int64), np.asarray(offsets, dtype=np.int64))
 
 
 def regroup(order: np.ndarray, offsets: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -117,6 +116,22 @@ def asu_grouping(hkl: np.ndarray, space_group: Any, anomalous: bool, n_threads: 
         _read_only(*entry[1:4])
         _ASU_CACHE.insert(0, entry)
         del _ASU_CACHE[_ASU_CACHE_SIZE:]
+    return _grouping_of_entry(entry, anomalous)
+
+
+def cached_asu_grouping_of(order: np.ndarray, anomalous: bool) -> AsuGrouping | None:
+    """:func:`asu_grouping` (with ``anomalous``) of the Miller indices whose grouping in either
+    setting has the order array ``order`` (the same object, as :func:`asu_grouping` returned
+    it), from the cache without the indices being gathered and compared again; None when no
+    cached entry holds that array."""
+    entry = next((e for e in _ASU_CACHE if any(g.order is order for g in e[4].values())), None)
+    return None if entry is None else _grouping_of_entry(entry, anomalous)
+
+
+def _grouping_of_entry(entry: tuple, anomalous: bool) -> AsuGrouping:
+    """The grouping (made once) of a cache entry's ASU indices, Bijvoet mates apart or not."""
+    from ..symmetry import group_reflections
+
     _, _, asu, minus, groupings = entry
     if anomalous not in groupings:
         if anomalous:  # as map_to_asu(anomalous=True): the acentric minus mates negated

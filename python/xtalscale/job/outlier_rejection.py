@@ -224,21 +224,37 @@ def _resolution_bins(group: np.ndarray, d: np.ndarray, epsilon: np.ndarray) -> _
     return _ResolutionBins(group, which, epsilon[group], np.bincount(which, minlength=n_bins), dss, lo, step)
 
 
+def _group_norms(sums: np.ndarray, bins: _ResolutionBins) -> np.ndarray:
+    """N per group from the bins' sums of max(I, 0)/ε (interpolated between the centres of the
+    non-empty bins)."""
+    filled = bins.counts > 0
+    means = sums[filled] / bins.counts[filled]
+    centres = np.sqrt(bins.lo + (np.flatnonzero(filled) + 0.5) * bins.step)
+    return np.interp(np.sqrt(bins.d_star_sq), centres, means)
+
+
 def _quasi_normalised(intensity: np.ndarray, bins: _ResolutionBins) -> np.ndarray:
     """E² of per-row intensities in :func:`_resolution_bins`'s bins (the two per-row passes in
     C++, the interpolation per group here)."""
     intensity = np.asarray(intensity, dtype=np.float64)
-    sums = _kern.esq_bin_sums(intensity, bins.epsilon, bins.which, bins.counts.size)
-    filled = bins.counts > 0
-    means = sums[filled] / bins.counts[filled]
-    centres = np.sqrt(bins.lo + (np.flatnonzero(filled) + 0.5) * bins.step)
-    norm = np.interp(np.sqrt(bins.d_star_sq), centres, means)
+    norm = _group_norms(_kern.esq_bin_sums(intensity, bins.epsilon, bins.which, bins.counts.size), bins)
     return _kern.esq_values(intensity, bins.epsilon, bins.group, norm)
 
 
-def determine_Esq_outlier_index_arrays(Ih_table: Any, experiment: Any, emax: float = 10.0
-                                       ) -> list[np.ndarray]:
-    """Rows (per dataset) whose normalised scaled intensity E² exceeds emax²."""
+def _esq_rows_above(intensity: np.ndarray, scale: np.ndarray, bins: _ResolutionBins, threshold: float,
+                    n_threads: int = 1) -> np.ndarray:
+    """Rows (ascending) whose E² of the scaled intensities I/g exceeds ``threshold``: what
+    ``np.flatnonzero(_quasi_normalised(I / g, bins) > threshold)`` gives, in two C++ passes
+    without the arrays of I/g and E² (the second on ``n_threads`` threads)."""
+    sums = _kern.esq_scaled_bin_sums(intensity, scale, bins.epsilon, bins.which, bins.counts.size)
+    return _kern.esq_rows_above(intensity, scale, bins.epsilon, bins.group, _group_norms(sums, bins),
+                                float(threshold), n_threads=max(1, int(n_threads)))
+
+
+def determine_Esq_outlier_index_arrays(Ih_table: Any, experiment: Any, emax: float = 10.0,
+                                       n_threads: int = 1) -> list[np.ndarray]:
+    """Rows (per dataset) whose normalised scaled intensity E² exceeds emax² (the last pass on
+    ``n_threads`` threads: the same rows for any count)."""
     grouped = as_grouped(Ih_table)
     cell = experiment.crystal.get_unit_cell()
     sg = experiment.crystal.get_space_group()
@@ -257,8 +273,9 @@ def determine_Esq_outlier_index_arrays(Ih_table: Any, experiment: Any, emax: flo
 
     # the scaler's successive rounds share the grouping: the bins are made once
     key = ("Esq bins", tuple(cell.parameters()), sg.hall_symbol())
-    esq = _quasi_normalised(grouped.intensity / grouped.scale, grouped.derived_of_grouping(key, bins))
-    return grouped.rows_per_dataset(np.flatnonzero(esq > float(emax) ** 2))
+    rows = _esq_rows_above(grouped.intensity, grouped.scale, grouped.derived_of_grouping(key, bins),
+                           float(emax) ** 2, n_threads)
+    return grouped.rows_per_dataset(rows)
 
 
 def reject_outliers(reflection_table: Any, experiment: Any, method: str = "standard",

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import flex_arrays as fa
+from .._core import job as _kern
 from .._core import model_block as _mb
 from .._lazy import LazyModule, is_scipy_sparse
 from .._rows import take_rows
@@ -257,7 +258,11 @@ class ScalerBase:
         self.free_asu_hkl: np.ndarray | None = None
         self._update_keys: dict[int, tuple] = {}
         self._grouped_cache: GroupedObservations | None = None
-        self._asu_groupings: dict[bool, Any] = {}  # see suitable_asu_grouping
+        self._asu_groupings: dict[Any, Any] = {}  # see suitable_asu_grouping
+        #: per column name: (the columns and suitable arrays they were gathered from, the
+        #: values, whether every value is finite (None: not yet known)); see suitable_values
+        self._suitable_values_held: dict[str, list] = {}
+        self._suitable_layout_held: tuple | None = None  # see _suitable_layout
         #: the components hold the model data of the minimisation table's blocks (set by
         #: make_ready_for_scaling, cleared by an expansion, which gives them other rows)
         self._components_hold_minimisation_blocks = False
@@ -297,6 +302,101 @@ class ScalerBase:
             var = np.asarray(em.update_variances(var, ds.column("intensity", rows)), dtype=np.float64)
         return var
 
+    # ------------------------------------------------------------------ suitable-row columns
+    def _suitable_layout(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(starts, dataset, row)`` of the concatenated suitable rows (dataset order): the
+        first position of each dataset (and the total), and per position its dataset and its
+        row among that dataset's suitable rows. Made once per set of ``suitable`` arrays."""
+        key = [ds.suitable for ds in self.datasets]
+        held = self._suitable_layout_held
+        if held is None or len(held[0]) != len(key) or any(a is not b for a, b in zip(held[0], key)):
+            sizes = [int(ds.suitable_idx.size) for ds in self.datasets]
+            starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
+            dataset = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)
+            row = np.concatenate([np.arange(n, dtype=np.int64) for n in sizes]) if sizes else np.zeros(0, np.int64)
+            for a in (starts, dataset, row):
+                a.setflags(write=False)
+            held = self._suitable_layout_held = (key, (starts, dataset, row))
+        return held[1]
+
+    def suitable_values(self, name: str, default: float | None = None) -> np.ndarray:
+        """Every dataset's suitable rows' values of column ``name`` (float64, concatenated in
+        dataset order; ``default`` for a dataset without the column, else KeyError), gathered
+        straight into one array and kept (read-only) until a table's column or a dataset's
+        ``suitable`` array is replaced: the job replaces a column when it changes it (the
+        intensity combination its intensities and variances, an expansion g), so the outlier
+        rounds and error-model refinements in between read the same values without a gather."""
+        key = [(ds.table[name] if name in ds.table else None, ds.suitable) for ds in self.datasets]
+        held = self._suitable_values_held.get(name)
+        if held is not None and len(held[0]) == len(key) and all(
+                a[0] is b[0] and a[1] is b[1] for a, b in zip(held[0], key)):
+            return held[1]
+        starts = self._suitable_layout()[0]
+        out = np.empty(int(starts[-1]))
+        for k, ds in enumerate(self.datasets):
+            part = out[starts[k]:starts[k + 1]]
+            if key[k][0] is not None:
+                np.take(np.asarray(key[k][0], dtype=np.float64), ds.suitable_idx, out=part)
+            elif default is None:
+                raise KeyError(f"the reflection table of dataset {k} has no column '{name}'")
+            else:
+                part.fill(float(default))
+        out.setflags(write=False)
+        self._suitable_values_held[name] = [key, out, None]
+        return out
+
+    #: what :meth:`suitable_values` keeps for the whole job (I, σ² and 1/σ²: 24 B per suitable
+    #: row, read by every outlier round until the intensity choice changes them); the rest is
+    #: kept from an all-row outlier round to the error-model refinement after it only
+    KEPT_FOR_THE_JOB = ("intensity", "variance", "1/variance")
+
+    def _drop_suitable_values(self) -> None:
+        """Forget what :meth:`suitable_values` keeps beyond :attr:`KEPT_FOR_THE_JOB` (g,
+        partiality, the rows' datasets: some 30 B per suitable row), not held into the
+        minimisation that follows."""
+        for name in [k for k in self._suitable_values_held if k not in self.KEPT_FOR_THE_JOB]:
+            del self._suitable_values_held[name]
+        self._suitable_layout_held = None
+
+    def _all_finite(self, name: str, values: np.ndarray) -> bool:
+        """Whether every value of :meth:`suitable_values` ``name`` (``values``) is finite
+        (checked once per gathered array)."""
+        held = self._suitable_values_held.get(name)
+        if held is None or held[1] is not values:
+            return bool(np.all(np.isfinite(values)))
+        if held[2] is None:
+            held[2] = bool(np.all(np.isfinite(values)))
+        return held[2]
+
+    def suitable_weights(self) -> np.ndarray:
+        """1/σ² of :meth:`suitable_values` ``"variance"`` (no error model), kept with them."""
+        V = self.suitable_values("variance")
+        held = self._suitable_values_held.get("1/variance")
+        if held is None or held[0] is not V:
+            with np.errstate(divide="ignore", invalid="ignore"):
+                w = 1.0 / V
+            w.setflags(write=False)
+            held = self._suitable_values_held["1/variance"] = [V, w]
+        return held[1]
+
+    def _suitable_variances_and_weights(self, I: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # noqa: N803
+        """σ² of every suitable row through each dataset's error model (:meth:`_variances`,
+        element for element) and the weights 1/σ²; ``I``: :meth:`suitable_values` of the
+        intensities."""
+        V = self.suitable_values("variance")
+        models = [ds.error_model if ds.error_model is not None else self.error_model for ds in self.datasets]
+        if all(em is None for em in models):
+            return V, self.suitable_weights()
+        starts = self._suitable_layout()[0]
+        if all(em is models[0] for em in models):  # one model: one pass over every row
+            var = np.asarray(models[0].update_variances(V, I), dtype=np.float64)
+        else:
+            var = np.empty(V.size)
+            for k, em in enumerate(models):
+                a, b = starts[k], starts[k + 1]
+                var[a:b] = V[a:b] if em is None else em.update_variances(V[a:b], I[a:b])
+        return var, 1.0 / var
+
     def _grouped_groups_holding(self, rows: np.ndarray) -> GroupedObservations | None:
         """The suitable rows of the groups holding at least one of ``rows`` (a bool array over
         every dataset's suitable rows), with their current I, σ², weights and g, gathered for
@@ -313,14 +413,31 @@ class ScalerBase:
         order) of the cached grouping, without a new sort, and their current I, σ², weights and
         g gathered for them alone; ``row`` numbers suitable rows. None if a row has unusable
         values (the caller's fresh grouping then raises as it should)."""
-        sub = self._grouped_cache.subset(keep)
-        rows = [sub.row[sub.dataset == k] for k in range(len(self.datasets))]  # suitable rows
-        I = np.concatenate([ds.column("intensity", r) for ds, r in zip(self.datasets, rows)])
-        V = np.concatenate([self._variances(ds, r) for ds, r in zip(self.datasets, rows)])
-        g = np.concatenate([ds.column("inverse_scale_factor", r) for ds, r in zip(self.datasets, rows)])
+        cache = self._grouped_cache
+        keep = np.asarray(keep, dtype=bool)
+        if keep.shape != (cache.size,):
+            raise ValueError(f"keep must be a bool array of length {cache.size}")
+        order, offsets = _kern.subset_grouping(cache.order, cache.offsets, keep)
+        idx = np.flatnonzero(keep)  # positions among every dataset's suitable rows (the cache's)
+        starts = self._suitable_layout()[0]
+        cuts = np.searchsorted(idx, starts)  # each dataset's part of idx
+        # I and σ² from the arrays suitable_values keeps (they change with the intensity
+        # choice only), g (new after every expansion) gathered from the tables for these rows
+        I = self.suitable_values("intensity").take(idx)
+        V = self.suitable_values("variance").take(idx)
+        g = np.empty(idx.size)
+        for k, ds in enumerate(self.datasets):
+            a, b = cuts[k], cuts[k + 1]
+            np.take(np.asarray(ds.table["inverse_scale_factor"], dtype=np.float64),
+                    ds.suitable_idx.take(idx[a:b] - starts[k]), out=g[a:b])
+            em = ds.error_model if ds.error_model is not None else self.error_model
+            if em is not None:
+                V[a:b] = em.update_variances(V[a:b], I[a:b])
         if not (np.all(V > 0) and np.all(np.isfinite(I)) and np.all(np.isfinite(g))):
             return None
-        return replace(sub, intensity=I, variance=V, weight=1.0 / V, scale=g)
+        return replace(cache, intensity=I, variance=V, weight=1.0 / V, scale=g, asu_hkl=take_rows(cache.asu_hkl, idx),
+                       dataset=cache.dataset.take(idx), row=cache.row.take(idx), order=order, offsets=offsets,
+                       extra={k: np.take(v, idx, axis=0) for k, v in cache.extra.items()}, derived={})
 
     def _grouped_suitable(self, keep: Sequence[np.ndarray] | None = None) -> GroupedObservations:
         """The suitable rows of every dataset (or ``keep`` of them), current g and weights.
@@ -342,11 +459,14 @@ class ScalerBase:
                     row[mine] = numbers.take(sub.row[mine])
                 return replace(sub, row=row)
         if keep is None and self._grouped_cache is not None:
-            I = np.concatenate([ds.column("intensity") for ds in self.datasets])
-            V = np.concatenate([self._variances(ds) for ds in self.datasets])
-            g = np.concatenate([ds.column("inverse_scale_factor") for ds in self.datasets])
-            if np.all(V > 0) and np.all(np.isfinite(I)) and np.all(np.isfinite(g)):
-                return replace(self._grouped_cache, intensity=I, variance=V, weight=1.0 / V, scale=g)
+            # the columns as suitable_values keeps them (gathered once per column), σ² through
+            # the error models
+            I = self.suitable_values("intensity")
+            g = self.suitable_values("inverse_scale_factor")
+            if self._all_finite("intensity", I) and self._all_finite("inverse_scale_factor", g):
+                V, w = self._suitable_variances_and_weights(I)
+                if np.all(V > 0):
+                    return replace(self._grouped_cache, intensity=I, variance=V, weight=w, scale=g)
         tables = []
         for k, ds in enumerate(self.datasets):
             suitable_hkl = take_rows(np.asarray(ds.table["miller_index"]).reshape(-1, 3), ds.suitable)
@@ -832,6 +952,8 @@ class ScalerBase:
         so = self._params.scaling_options
         method = so.outlier_rejection
         if method is None:
+            if not self._error_model_configured():
+                self._drop_suitable_values()  # (g handed over by an expansion)
             return
         if minimisation_groups_only and method == "standard" and all(ds.minimisation is not None
                                                                      for ds in self.datasets):
@@ -847,15 +969,22 @@ class ScalerBase:
         rows = determine_outlier_rows(grouped, method, float(so.outlier_zmax), n_threads=self.n_threads)
         per_dataset = grouped.rows_per_dataset(rows)
         if so.emax:
-            esq = determine_Esq_outlier_index_arrays(grouped, self.datasets[0].experiment, float(so.emax))
+            esq = determine_Esq_outlier_index_arrays(grouped, self.datasets[0].experiment, float(so.emax),
+                                                     n_threads=self.n_threads)
         else:
             esq = [np.zeros(0, np.int64)] * len(self.datasets)
         for ds, out, e in zip(self.datasets, per_dataset, esq):
-            mask = np.zeros(int(ds.suitable.sum()), dtype=bool)
+            mask = np.zeros(ds.suitable_idx.size, dtype=bool)
             mask[out] = True
             mask[e] = True
             ds.outliers = mask
+        if not self._error_model_configured():
+            self._drop_suitable_values()  # no error model reads them next
         self._tick("outlier rejection", t0)
+
+    def _error_model_configured(self) -> bool:
+        weighting = getattr(self._params, "weighting", None)
+        return getattr(getattr(weighting, "error_model", None), "error_model", None) is not None
 
     # ------------------------------------------------------------------ error model
     def perform_error_optimisation(self, update_Ih: bool = True) -> None:
@@ -863,7 +992,10 @@ class ScalerBase:
         from .error_model import refine_error_models
 
         t0 = time.perf_counter()
-        refine_error_models(self)
+        try:
+            refine_error_models(self)
+        finally:
+            self._drop_suitable_values()  # (a minimisation or the output follows)
         self._tick("error model", t0)
 
     # ------------------------------------------------------------------ intensity combination
@@ -920,6 +1052,15 @@ class ScalerBase:
         the suitable rows never change, so later calls skip gathering and comparing 10⁶ Miller
         indices. The arrays are the grouping cache's own (read-only, shared)."""
         held = self._asu_groupings.get(anomalous)
+        cache = self._grouped_cache
+        if held is None and cache is not None and cache.order.size == int(self._suitable_layout()[0][-1]):
+            # the cached grouping of every suitable row came from asu_grouping of these same
+            # indices: that cache entry's, without gathering and comparing 10⁶ indices again
+            from .grouped import cached_asu_grouping_of
+
+            held = cached_asu_grouping_of(cache.order, anomalous)
+            if held is not None:
+                self._asu_groupings[anomalous] = held
         if held is None:
             hkl = np.concatenate([take_rows(np.asarray(ds.table["miller_index"]).reshape(-1, 3), ds.suitable)
                                   for ds in self.datasets])
