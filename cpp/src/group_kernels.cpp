@@ -451,27 +451,35 @@ void error_model_filter(const GroupLayout& layout, const double* intensity, cons
   }
 }
 
+namespace {
+
+/// A row's term of its resolution bin's mean I/ε (negative intensities count as 0).
+inline double esq_bin_term(double scaled_intensity, double epsilon) {
+  return std::max(scaled_intensity, 0.0) / epsilon;
+}
+
+/// E² = I / (ε N) of a row whose group's normalisation is @p norm (0 where N is not > 0).
+inline double esq_of(double scaled_intensity, double epsilon, double norm) {
+  return norm > 0.0 ? scaled_intensity / (epsilon * norm) : 0.0;
+}
+
+}  // namespace
+
 void esq_bin_sums(std::size_t n_rows, const double* scaled_intensity, const double* epsilon,
                   const std::int64_t* bin, std::size_t n_bins, double* sums) {
   std::fill(sums, sums + n_bins, 0.0);
-  for (std::size_t r = 0; r < n_rows; ++r) sums[bin[r]] += std::max(scaled_intensity[r], 0.0) / epsilon[r];
+  for (std::size_t r = 0; r < n_rows; ++r) sums[bin[r]] += esq_bin_term(scaled_intensity[r], epsilon[r]);
 }
 
 void esq_values(std::size_t n_rows, const double* scaled_intensity, const double* epsilon, const std::int64_t* group,
                 const double* group_norm, double* esq) {
-  for (std::size_t r = 0; r < n_rows; ++r) {
-    const double norm = group_norm[group[r]];
-    esq[r] = norm > 0.0 ? scaled_intensity[r] / (epsilon[r] * norm) : 0.0;
-  }
+  for (std::size_t r = 0; r < n_rows; ++r) esq[r] = esq_of(scaled_intensity[r], epsilon[r], group_norm[group[r]]);
 }
 
 void esq_scaled_bin_sums(std::size_t n_rows, const double* intensity, const double* scale, const double* epsilon,
                          const std::int64_t* bin, std::size_t n_bins, double* sums) {
   std::fill(sums, sums + n_bins, 0.0);
-  for (std::size_t r = 0; r < n_rows; ++r) {
-    const double scaled = intensity[r] / scale[r];
-    sums[bin[r]] += std::max(scaled, 0.0) / epsilon[r];
-  }
+  for (std::size_t r = 0; r < n_rows; ++r) sums[bin[r]] += esq_bin_term(intensity[r] / scale[r], epsilon[r]);
 }
 
 std::vector<std::int64_t> esq_rows_above(std::size_t n_rows, const double* intensity, const double* scale,
@@ -483,10 +491,8 @@ std::vector<std::int64_t> esq_rows_above(std::size_t n_rows, const double* inten
   fit::detail::parallel_for(n_chunks, n_threads, [&](std::size_t c) {
     const std::size_t end = std::min(n_rows, (c + 1) * kRowsPerChunk);
     for (std::size_t r = c * kRowsPerChunk; r < end; ++r) {
-      const double norm = group_norm[group[r]];
-      const double scaled = intensity[r] / scale[r];
-      const double esq = norm > 0.0 ? scaled / (epsilon[r] * norm) : 0.0;  // as esq_values
-      if (esq > threshold) found[c].push_back(static_cast<std::int64_t>(r));
+      if (esq_of(intensity[r] / scale[r], epsilon[r], group_norm[group[r]]) > threshold)
+        found[c].push_back(static_cast<std::int64_t>(r));
     }
   });
   std::vector<std::int64_t> rows;
