@@ -8,6 +8,7 @@
 #include "common.hpp"
 #include "xtalscale/merging_stats.hpp"
 #include "xtalscale/distributions.hpp"
+#include "xtalscale/stats_rows.hpp"
 
 namespace xtalscale::py_bind {
 namespace {
@@ -187,6 +188,126 @@ py::tuple deviations_and_batch_sums_py(const DoubleArray& intensity, const Doubl
   return batch_sums_impl(intensity, sigma, order, offsets, batch_index, n_batches, true);
 }
 
+using UInt64Array = py::array_t<std::uint64_t, py::array::c_style | py::array::forcecast>;
+using Int8Array = py::array_t<std::int8_t, py::array::c_style | py::array::forcecast>;
+
+/// A 1-D array of n values of type A from an optional argument (None: an empty array).
+template <typename A>
+A optional_column(const py::object& o, std::size_t n, const char* name) {
+  if (o.is_none()) return A(0);
+  A a = o.cast<A>();
+  require_ndim(a, 1, name);
+  require_same_length(size_of(a), n, name, "g");
+  return a;
+}
+
+py::tuple classify_scaled_rows_py(const py::object& id, const py::object& flags,
+                                  std::uint64_t bad_bits, const DoubleArray& g,
+                                  const DoubleArray& variance, const py::object& partiality,
+                                  double threshold, const Int32Array& hkl) {
+  require_ndim(g, 1, "g");
+  require_ndim(variance, 1, "variance");
+  const std::size_t n = size_of(g);
+  require_same_length(size_of(variance), n, "variance", "g");
+  require(hkl.ndim() == 2 && hkl.shape(1) == 3, "hkl must have shape (n, 3)");
+  require_same_length(static_cast<std::size_t>(hkl.shape(0)), n, "hkl", "g");
+  require(std::isfinite(threshold), "threshold must be finite");
+  const auto ids = optional_column<Int32Array>(id, n, "id");
+  const auto fl = optional_column<UInt64Array>(flags, n, "flags");
+  const auto part = optional_column<DoubleArray>(partiality, n, "partiality");
+  const std::int32_t* id_p = id.is_none() ? nullptr : ids.data();
+  const std::uint64_t* fl_p = flags.is_none() ? nullptr : fl.data();
+  const double* part_p = partiality.is_none() ? nullptr : part.data();
+  ByteArray code(static_cast<py::ssize_t>(n));
+  std::uint8_t* c = code.mutable_data();
+  ScaledRowCounts counts;
+  {
+    py::gil_scoped_release release;  // raw buffers only
+    counts = classify_scaled_rows(n, id_p, fl_p, bad_bits, g.data(), variance.data(), part_p,
+                                  threshold, hkl.data(), c);
+  }
+  py::dict d;
+  d["n_bad"] = counts.n_bad;
+  py::list survivors;
+  for (std::int64_t v : counts.survivors) survivors.append(v);
+  d["survivors"] = survivors;
+  d["n_partial_candidates"] = counts.n_partial_candidates;
+  d["n_zero_index"] = counts.n_zero_index;
+  return py::make_tuple(code, d);
+}
+
+py::tuple gather_scaled_rows_py(const ByteArray& code, std::size_t n_out, const DoubleArray& value,
+                                const DoubleArray& variance, const DoubleArray& g,
+                                bool apply_inverse_scale, const Int32Array& hkl,
+                                const py::object& id, const py::object& xyz) {
+  require_ndim(code, 1, "code");
+  const std::size_t n = size_of(code);
+  for (const auto* a : {&value, &variance, &g}) {
+    require_ndim(*a, 1, "value, variance and g");
+    require_same_length(size_of(*a), n, "value, variance and g", "code");
+  }
+  require(hkl.ndim() == 2 && hkl.shape(1) == 3, "hkl must have shape (n, 3)");
+  require_same_length(static_cast<std::size_t>(hkl.shape(0)), n, "hkl", "code");
+  require(n_out <= n, "n_out must not exceed the number of rows");
+  Int32Array ids = id.is_none() ? Int32Array(0) : id.cast<Int32Array>();
+  if (!id.is_none()) {
+    require_ndim(ids, 1, "id");
+    require_same_length(size_of(ids), n, "id", "code");
+  }
+  DoubleArray xyz_a = xyz.is_none() ? DoubleArray(0) : xyz.cast<DoubleArray>();
+  if (!xyz.is_none())
+    require(xyz_a.ndim() == 2 && xyz_a.shape(1) == 3 && static_cast<std::size_t>(xyz_a.shape(0)) == n,
+            "xyz must have shape (n, 3)");
+  const auto m = static_cast<py::ssize_t>(n_out);
+  Int64Array rows(m), dataset(m);
+  DoubleArray intensity(m), var_out(m), z(xyz.is_none() ? 0 : m);
+  Int32Array hkl_out({m, py::ssize_t{3}});
+  const std::int32_t* id_p = id.is_none() ? nullptr : ids.data();
+  const double* z_p = xyz.is_none() ? nullptr : xyz_a.data() + 2;
+  double* z_o = xyz.is_none() ? nullptr : z.mutable_data();
+  std::size_t written = 0;
+  {
+    py::gil_scoped_release release;  // raw buffers only
+    written = gather_scaled_rows(n, code.data(), n_out, value.data(), variance.data(), g.data(),
+                                 apply_inverse_scale, hkl.data(), id_p, z_p, rows.mutable_data(),
+                                 intensity.mutable_data(), var_out.mutable_data(),
+                                 hkl_out.mutable_data(), dataset.mutable_data(), z_o);
+  }
+  if (written != n_out)
+    throw std::invalid_argument("n_out (" + std::to_string(n_out) +
+                                ") is not the number of kept rows in code");
+  return py::make_tuple(rows, intensity, var_out, hkl_out, dataset,
+                        xyz.is_none() ? py::object(py::none()) : py::object(z));
+}
+
+DoubleArray quasi_normalised_e_squared_py(const DoubleArray& d_star_sq, const DoubleArray& intensity,
+                                          const py::array& epsilon, double lo, double step,
+                                          std::size_t n_shells) {
+  require_ndim(d_star_sq, 1, "d_star_sq");
+  require_ndim(intensity, 1, "intensity");
+  const std::size_t n = size_of(intensity);
+  require_same_length(size_of(d_star_sq), n, "d_star_sq", "intensity");
+  require(epsilon.ndim() == 1 && size_of(epsilon) == n,
+          "epsilon must be 1-dimensional with one value per intensity");
+  require(n_shells >= 1, "n_shells must be >= 1");
+  require(std::isfinite(lo) && std::isfinite(step) && step > 0,
+          "lo and step must be finite and step > 0");
+  DoubleArray out(static_cast<py::ssize_t>(n));
+  double* o = out.mutable_data();
+  if (epsilon.dtype().is(py::dtype::of<std::int8_t>())) {
+    const Int8Array eps = epsilon.cast<Int8Array>();
+    py::gil_scoped_release release;  // raw buffers only
+    quasi_normalised_e_squared(n, d_star_sq.data(), intensity.data(), eps.data(), lo, step,
+                               n_shells, o);
+  } else {
+    const DoubleArray eps = epsilon.cast<DoubleArray>();
+    py::gil_scoped_release release;  // raw buffers only
+    quasi_normalised_e_squared(n, d_star_sq.data(), intensity.data(), eps.data(), lo, step,
+                               n_shells, o);
+  }
+  return out;
+}
+
 /// out = f(values) element-wise for any-shaped float64 input, the GIL released.
 template <void (*F)(std::size_t, const double*, double*) noexcept>
 DoubleArray elementwise(const DoubleArray& values) {
@@ -212,6 +333,18 @@ void bind_stats(py::module_& m) {
   m.def("erf", &elementwise<&special::erf>, py::arg("x"), "erf(x), element-wise.");
   m.def("student_t_quantile", &special::student_t_quantile, py::arg("df"), py::arg("p"),
         "Student's t quantile (scipy's stdtrit(df, p)): t with P(T <= t) = p.");
+  m.def("classify_scaled_rows", &classify_scaled_rows_py, py::arg("id"), py::arg("flags"),
+        py::arg("bad_bits"), py::arg("g"), py::arg("variance"), py::arg("partiality"),
+        py::arg("threshold"), py::arg("hkl"),
+        "(code, counts): the first selection step each table row fails (0: kept, 6: kept\n"
+        "but index (0, 0, 0)) and the counts (n_bad, survivors per step, ...).");
+  m.def("gather_scaled_rows", &gather_scaled_rows_py, py::arg("code"), py::arg("n_out"),
+        py::arg("value"), py::arg("variance"), py::arg("g"), py::arg("apply_inverse_scale"),
+        py::arg("hkl"), py::arg("id"), py::arg("xyz"),
+        "(rows, I, V, hkl, dataset, z) of the rows with code 0 (n_out of them).");
+  m.def("quasi_normalised_e_squared", &quasi_normalised_e_squared_py, py::arg("d_star_sq"),
+        py::arg("intensity"), py::arg("epsilon"), py::arg("lo"), py::arg("step"),
+        py::arg("n_shells"), "E^2 by quasi-normalisation in equal-width d*^2 shells.");
   m.def("merging_statistics", &merging_statistics_py, py::arg("intensity"), py::arg("sigma"),
         py::arg("friedel_minus"), py::arg("order"), py::arg("offsets"), py::arg("group_shell"),
         py::arg("group_centric"), py::arg("n_shells"), py::arg("use_internal_variance") = false,

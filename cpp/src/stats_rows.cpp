@@ -1,0 +1,128 @@
+// Row passes of the statistics stage (see stats_rows.hpp).
+#include "xtalscale/stats_rows.hpp"
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace xtalscale {
+
+ScaledRowCounts classify_scaled_rows(std::size_t n, const std::int32_t* id,
+                                     const std::uint64_t* flags, std::uint64_t bad_bits,
+                                     const double* g, const double* variance,
+                                     const double* partiality, double threshold,
+                                     const std::int32_t* hkl, std::uint8_t* code) {
+  ScaledRowCounts c;
+  std::int64_t failed[7] = {0, 0, 0, 0, 0, 0, 0};  // rows per code
+  for (std::size_t i = 0; i < n; ++i) {
+    const bool bad = flags != nullptr && (flags[i] & bad_bits) != 0;
+    c.n_bad += bad ? 1 : 0;
+    std::uint8_t k = kScaledKept;
+    if (bad || (id != nullptr && id[i] < 0)) {
+      k = kScaledNotSelected;
+    } else if (!(g[i] > 0)) {
+      k = kScaledBadScale;
+    } else if (!(variance[i] > 0)) {
+      k = kScaledBadVariance;
+    } else if (partiality != nullptr && !(partiality[i] > 0)) {
+      k = kScaledBadPartiality;
+    } else {
+      if (partiality != nullptr && partiality[i] < 0.99) ++c.n_partial_candidates;
+      if (partiality != nullptr && !(partiality[i] >= threshold)) {
+        k = kScaledLowPartiality;
+      } else if ((hkl[3 * i] | hkl[3 * i + 1] | hkl[3 * i + 2]) == 0) {
+        k = kScaledZeroIndex;
+      }
+    }
+    code[i] = k;
+    ++failed[k];
+  }
+  std::int64_t left = static_cast<std::int64_t>(n);
+  for (int step = 0; step < 5; ++step) {
+    left -= failed[step + 1];
+    c.survivors[step] = left;
+  }
+  c.n_zero_index = failed[kScaledZeroIndex];
+  return c;
+}
+
+std::size_t gather_scaled_rows(std::size_t n, const std::uint8_t* code, std::size_t n_out,
+                        const double* value, const double* variance, const double* g,
+                        bool apply_inverse_scale, const std::int32_t* hkl,
+                        const std::int32_t* id, const double* z, std::int64_t* rows_out,
+                        double* intensity_out, double* variance_out, std::int32_t* hkl_out,
+                        std::int64_t* dataset_out, double* z_out) {
+  std::size_t j = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    if (code[i] != kScaledKept) continue;
+    if (j == n_out) return n_out + 1;  // (more kept rows than room for them)
+    rows_out[j] = static_cast<std::int64_t>(i);
+    if (apply_inverse_scale) {
+      const double gi = g[i];
+      intensity_out[j] = value[i] / gi;
+      variance_out[j] = variance[i] / (gi * gi);
+    } else {
+      intensity_out[j] = value[i];
+      variance_out[j] = variance[i];
+    }
+    hkl_out[3 * j] = hkl[3 * i];
+    hkl_out[3 * j + 1] = hkl[3 * i + 1];
+    hkl_out[3 * j + 2] = hkl[3 * i + 2];
+    dataset_out[j] = id != nullptr ? static_cast<std::int64_t>(id[i]) : 0;
+    if (z != nullptr) z_out[j] = z[3 * i];
+    ++j;
+  }
+  return j;
+}
+
+namespace {
+
+template <typename Eps>
+void e_squared(std::size_t n, const double* dss, const double* I, const Eps* eps, double lo,
+               double step, std::size_t n_shells, double* out) {
+  if (n == 0 || n_shells == 0) return;
+  const auto top = static_cast<std::int64_t>(n_shells) - 1;
+  std::vector<double> sums(n_shells, 0.0);
+  std::vector<std::int64_t> counts(n_shells, 0);
+  std::vector<std::uint8_t> shell_small;
+  std::vector<std::int32_t> shell_large;
+  const bool small = n_shells <= 256;
+  if (small) shell_small.resize(n); else shell_large.resize(n);
+  for (std::size_t i = 0; i < n; ++i) {
+    const double q = (dss[i] - lo) / step;
+    // numpy's unsafe cast truncates; a NaN or a value beyond int64 becomes INT64_MIN there,
+    // and the clip makes every negative value 0
+    std::int64_t s = (q >= 0 && q < 9223372036854775808.0) ? static_cast<std::int64_t>(q) : 0;
+    s = std::min(s, top);
+    if (small) shell_small[i] = static_cast<std::uint8_t>(s);
+    else shell_large[i] = static_cast<std::int32_t>(s);
+    const double e = static_cast<double>(eps[i]);
+    sums[static_cast<std::size_t>(s)] += std::max(I[i], 0.0) / e;  // (NaN stays NaN)
+    counts[static_cast<std::size_t>(s)] += 1;
+  }
+  std::vector<double> mean(n_shells);
+  for (std::size_t k = 0; k < n_shells; ++k)
+    mean[k] = counts[k] > 0 ? sums[k] / static_cast<double>(std::max<std::int64_t>(counts[k], 1))
+                            : 1.0;
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::size_t s = small ? shell_small[i] : static_cast<std::size_t>(shell_large[i]);
+    const double norm = mean[s] * static_cast<double>(eps[i]);
+    out[i] = norm > 0 ? I[i] / norm : 0.0;
+  }
+}
+
+}  // namespace
+
+void quasi_normalised_e_squared(std::size_t n, const double* d_star_sq, const double* intensity,
+                                const std::int8_t* epsilon, double lo, double step,
+                                std::size_t n_shells, double* out) {
+  e_squared(n, d_star_sq, intensity, epsilon, lo, step, n_shells, out);
+}
+
+void quasi_normalised_e_squared(std::size_t n, const double* d_star_sq, const double* intensity,
+                                const double* epsilon, double lo, double step,
+                                std::size_t n_shells, double* out) {
+  e_squared(n, d_star_sq, intensity, epsilon, lo, step, n_shells, out);
+}
+
+}  // namespace xtalscale
