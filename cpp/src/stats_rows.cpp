@@ -1,7 +1,13 @@
 // Row passes of the statistics stage (see stats_rows.hpp).
 #include "xtalscale/stats_rows.hpp"
 
+#include "xtalscale/check.hpp"
+
 #include <algorithm>
+#include <cmath>
+#include <limits>
+#include <stdexcept>
+#include <string>
 #include <cstdint>
 #include <vector>
 
@@ -123,6 +129,59 @@ void quasi_normalised_e_squared(std::size_t n, const double* d_star_sq, const do
                                 const double* epsilon, double lo, double step,
                                 std::size_t n_shells, double* out) {
   e_squared(n, d_star_sq, intensity, epsilon, lo, step, n_shells, out);
+}
+
+void grouped_deviations_and_batch_sums(std::size_t n, const double* I, const double* s,
+                                       const std::int64_t* offsets, std::size_t n_groups,
+                                       const double* mean, const std::int64_t* position,
+                                       std::size_t n_out, double* deviations,
+                                       const std::int64_t* batch_index, std::size_t n_batches,
+                                       std::int64_t* n_obs, double* sum_abs_dev, double* sum_i,
+                                       double* sum_ios) {
+  require_group_offsets(offsets, n_groups);
+  require(offsets[n_groups] == static_cast<std::int64_t>(n),
+          "offsets[-1] must equal the number of observations (" + std::to_string(n) + ")");
+  for (std::size_t j = 0; j < n; ++j) {
+    if (!std::isfinite(I[j]))
+      throw std::invalid_argument("intensity must be finite (element " + std::to_string(j) + ")");
+    if (!(std::isfinite(s[j]) && s[j] > 0))
+      throw std::invalid_argument("sigma must be finite and > 0 (element " + std::to_string(j) + ")");
+    if (position != nullptr) require_index(position[j], n_out, "position");
+    if (batch_index != nullptr && (batch_index[j] < -1 ||
+                                   batch_index[j] >= static_cast<std::int64_t>(n_batches)))
+      throw std::invalid_argument("batch_index: element " + std::to_string(j) +
+                                  " is outside [-1, n_batches)");
+  }
+  if (batch_index != nullptr) {
+    std::fill(n_obs, n_obs + n_batches, 0);
+    std::fill(sum_abs_dev, sum_abs_dev + n_batches, 0.0);
+    std::fill(sum_i, sum_i + n_batches, 0.0);
+    std::fill(sum_ios, sum_ios + n_batches, 0.0);
+  }
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  for (std::size_t g = 0; g < n_groups; ++g) {
+    const auto b = static_cast<std::size_t>(offsets[g]), e = static_cast<std::size_t>(offsets[g + 1]);
+    const std::size_t m = e - b;
+    if (m == 0) continue;
+    const double mu = mean[g];
+    if (deviations != nullptr) {
+      if (m == 1) {
+        deviations[position[b]] = nan;
+      } else {
+        const double f = std::sqrt((static_cast<double>(m) - 1.0) / static_cast<double>(m));
+        for (std::size_t j = b; j < e; ++j) deviations[position[j]] = f * (I[j] - mu) / s[j];
+      }
+    }
+    if (batch_index == nullptr) continue;
+    for (std::size_t j = b; j < e; ++j) {
+      const std::int64_t k = batch_index[j];
+      if (k < 0) continue;
+      n_obs[k] += 1;
+      sum_abs_dev[k] += std::fabs(I[j] - mu);
+      sum_i[k] += I[j];
+      sum_ios[k] += I[j] / s[j];
+    }
+  }
 }
 
 }  // namespace xtalscale

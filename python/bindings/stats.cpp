@@ -2,7 +2,9 @@
 //
 // xtalscale.stats.merging groups the observations (xtalscale.symmetry), assigns shells and
 // calls these; every kernel runs with the GIL released on numpy buffers.
+#include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <string>
 
 #include "common.hpp"
@@ -308,6 +310,42 @@ DoubleArray quasi_normalised_e_squared_py(const DoubleArray& d_star_sq, const Do
   return out;
 }
 
+py::tuple grouped_deviations_and_batch_sums_py(const DoubleArray& intensity,
+                                                const DoubleArray& sigma,
+                                                const Int64Array& offsets, const DoubleArray& mean,
+                                                const Int64Array& position, std::size_t n_out,
+                                                const Int64Array& batch_index,
+                                                std::size_t n_batches) {
+  for (const auto* a : {&intensity, &sigma, &mean}) require_ndim(*a, 1, "intensity, sigma and mean");
+  require_ndim(offsets, 1, "offsets");
+  require_ndim(position, 1, "position");
+  require_ndim(batch_index, 1, "batch_index");
+  const std::size_t n = size_of(intensity);
+  require_same_length(size_of(sigma), n, "sigma", "intensity");
+  require_same_length(size_of(position), n, "position", "intensity");
+  require_same_length(size_of(batch_index), n, "batch_index", "intensity");
+  require(offsets.size() >= 1, "offsets must have at least one entry (n_groups + 1)");
+  const auto n_groups = static_cast<std::size_t>(offsets.size() - 1);
+  require_same_length(size_of(mean), n_groups, "mean", "offsets[:-1]");
+  py::array_t<double> deviations(static_cast<py::ssize_t>(n_out));
+  const auto nb = static_cast<py::ssize_t>(n_batches);
+  py::array_t<std::int64_t> n_obs(nb);
+  py::array_t<double> abs_dev(nb), sum_i(nb), sum_ios(nb);
+  double* dev = deviations.mutable_data();
+  std::int64_t* p0 = n_obs.mutable_data();
+  double* p1 = abs_dev.mutable_data();
+  double* p2 = sum_i.mutable_data();
+  double* p3 = sum_ios.mutable_data();
+  {
+    py::gil_scoped_release release;  // raw buffers only
+    std::fill(dev, dev + n_out, std::numeric_limits<double>::quiet_NaN());  // (rows not given)
+    grouped_deviations_and_batch_sums(n, intensity.data(), sigma.data(), offsets.data(), n_groups,
+                                      mean.data(), position.data(), n_out, dev,
+                                      batch_index.data(), n_batches, p0, p1, p2, p3);
+  }
+  return py::make_tuple(deviations, n_obs, abs_dev, sum_i, sum_ios);
+}
+
 /// out = f(values) element-wise for any-shaped float64 input, the GIL released.
 template <void (*F)(std::size_t, const double*, double*) noexcept>
 DoubleArray elementwise(const DoubleArray& values) {
@@ -345,6 +383,11 @@ void bind_stats(py::module_& m) {
   m.def("quasi_normalised_e_squared", &quasi_normalised_e_squared_py, py::arg("d_star_sq"),
         py::arg("intensity"), py::arg("epsilon"), py::arg("lo"), py::arg("step"),
         py::arg("n_shells"), "E^2 by quasi-normalisation in equal-width d*^2 shells.");
+  m.def("grouped_deviations_and_batch_sums", &grouped_deviations_and_batch_sums_py,
+        py::arg("intensity"), py::arg("sigma"), py::arg("offsets"), py::arg("mean"),
+        py::arg("position"), py::arg("n_out"), py::arg("batch_index"), py::arg("n_batches"),
+        "deviations_and_batch_sums of rows in group order with each group's mean given:\n"
+        "(deviations (n_out, NaN where no row is placed), n_obs, sum|I-<I>|, sum I, sum I/s).");
   m.def("merging_statistics", &merging_statistics_py, py::arg("intensity"), py::arg("sigma"),
         py::arg("friedel_minus"), py::arg("order"), py::arg("offsets"), py::arg("group_shell"),
         py::arg("group_centric"), py::arg("n_shells"), py::arg("use_internal_variance") = false,

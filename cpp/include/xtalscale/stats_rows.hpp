@@ -72,4 +72,19 @@ XTALSCALE_EXPORT void quasi_normalised_e_squared(std::size_t n, const double* d_
                                                  double step, std::size_t n_shells,
                                                  double* out);
 
+/// deviations_and_batch_sums (merging_stats.hpp) of observations already in group order
+/// (group g is rows offsets[g] .. offsets[g+1]-1) with each group's weighted mean given
+/// (@p mean, n_groups values: the merged <I> of the non-anomalous merging statistics, the
+/// same value that kernel computes): delta = sqrt((m-1)/m) (I - <I>)/sigma (NaN for m = 1)
+/// written to deviations[position[j]] (every position < @p n_out; nullptr: not written),
+/// and per batch (@p batch_index of each row, -1 = none) the number of observations,
+/// sum |I - <I>|, sum I and sum I/sigma, accumulated in row order.
+/// Throws std::invalid_argument for bad offsets, a non-finite value, sigma <= 0, a position or
+/// batch index out of range.
+XTALSCALE_EXPORT void grouped_deviations_and_batch_sums(
+    std::size_t n, const double* intensity, const double* sigma, const std::int64_t* offsets,
+    std::size_t n_groups, const double* mean, const std::int64_t* position, std::size_t n_out,
+    double* deviations, const std::int64_t* batch_index, std::size_t n_batches,
+    std::int64_t* n_obs, double* sum_abs_dev, double* sum_i, double* sum_i_over_sigma);
+
 }  // namespace xtalscale

@@ -142,6 +142,8 @@ def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True
     # one grouping of the observations for the per-observation statistics: the merging
     # statistics' own when they were computed on every usable row
     groups = out.statistics.observation_groups() if out.statistics is not None else None
+    # (and then the groups' weighted means: those of the merging statistics)
+    means = out.statistics.group_means() if groups is not None else None
     if groups is None:
         groups = ms.group_observations(obs.miller_index, obs.intensity, sigma, obs.space_group)
     out.observation_groups = groups
@@ -149,7 +151,8 @@ def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True
     # numbered once
     pairs = (batch_pairs.result() if batch_pairs is not None
              else _grouped_batch_pairs(obs.batch, obs.dataset, max_batch_points))
-    per_batch, out.normalised_deviations = ms._pair_statistics_and_deviations(groups, *pairs)
+    per_batch, out.normalised_deviations = ms._pair_statistics_and_deviations(
+        groups, *pairs, group_means=means)
     if pending is not None:
         out.resolution = pending.result()  # (re-raises anything but a ValueError)
     if isinstance(out.resolution, ValueError):

@@ -786,6 +786,13 @@ class MergingStatistics:
         out."""
         return self._prepared.observation_groups()
 
+    def group_means(self) -> np.ndarray | None:
+        """Each group's weighted mean ⟨I⟩ in the order of :meth:`observation_groups` (one
+        merged reflection per group: non-anomalous statistics), or None (anomalous)."""
+        if self.anomalous or len(self.merged) != self._prepared.grouped[0].n_groups:
+            return None
+        return self.merged.intensity
+
     # ------------------------------------------------------------------ computation
     def _compute(self) -> None:
         p = self._prepared
@@ -1141,14 +1148,24 @@ def batch_statistics_and_deviations(miller_index, intensity, sigma, batch, space
 
 
 def _pair_statistics_and_deviations(g: ObservationGroups, ds: np.ndarray, batches: np.ndarray,
-                                    index: np.ndarray, pair_map: np.ndarray | None = None
+                                    index: np.ndarray, pair_map: np.ndarray | None = None,
+                                    group_means: np.ndarray | None = None
                                     ) -> tuple[BatchStatistics, np.ndarray]:
     """:func:`batch_statistics_and_deviations` of the grouped observations ``g`` with each
     input row's (dataset, batch) pair given: pair ``pair_map[index[i]]`` (``index[i]``
     without a map) of the distinct sorted pairs ``(ds, batches)``; a pair without a usable
-    row is dropped."""
+    row is dropped.
+
+    ``group_means``: each group's weighted mean (the ``merged.intensity`` of non-anomalous
+    :class:`MergingStatistics` whose :meth:`~MergingStatistics.observation_groups` ``g``
+    is: the value the kernel would compute), so that only the deviations and sums are made,
+    each deviation written at its input row."""
     g.check_length(len(index))
     ds, batches, index = _pairs_of_grouped_rows(g, ds, batches, index, pair_map)
+    if group_means is not None:
+        deviations, n_obs, dev, si, sios = _core_stats.grouped_deviations_and_batch_sums(
+            g.intensity, g.sigma, g.offsets, group_means, g.rows, g.n_input, index, len(ds))
+        return _batch_result(ds, batches, n_obs, dev, si, sios), deviations
     deviations, n_obs, dev, si, sios = _core_stats.deviations_and_batch_sums(
         g.intensity, g.sigma, _identity_order(len(g.rows)), g.offsets, index, len(ds))
     return (_batch_result(ds, batches, n_obs, dev, si, sios),
