@@ -76,12 +76,28 @@ py::dict shell_dict(const std::vector<ShellStatistics>& shells) {
   return d;
 }
 
-py::tuple merging_statistics_py(const DoubleArray& intensity, const DoubleArray& sigma,
-                                const py::object& friedel_minus, const Int64Array& order,
-                                const Int64Array& offsets, const Int32Array& group_shell,
-                                const py::object& group_centric, std::size_t n_shells,
-                                bool use_internal_variance, bool anomalous, std::uint64_t seed,
-                                double sigma_dynamic_range, bool weighted_halves) {
+py::tuple merged_dict_and_shells(const MergingStatistics& result) {
+  const MergedReflections& m = result.merged;
+  py::dict merged;
+  merged["group"] = to_numpy(m.group);
+  merged["bijvoet"] = to_numpy(m.bijvoet);
+  merged["intensity"] = to_numpy(m.intensity);
+  merged["sigma"] = to_numpy(m.sigma);
+  merged["sigma_internal"] = to_numpy(m.sigma_internal);
+  merged["multiplicity"] = to_numpy(m.multiplicity);
+  merged["half1"] = to_numpy(m.half1);
+  merged["half2"] = to_numpy(m.half2);
+  return py::make_tuple(merged, shell_dict(result.shells));
+}
+
+/// merging_statistics (both = false: one pass with @p anomalous) or
+/// merging_statistics_both (both = true: the non-anomalous and anomalous passes).
+py::tuple merging_statistics_impl(const DoubleArray& intensity, const DoubleArray& sigma,
+                                  const py::object& friedel_minus, const Int64Array& order,
+                                  const Int64Array& offsets, const Int32Array& group_shell,
+                                  const py::object& group_centric, std::size_t n_shells,
+                                  bool use_internal_variance, bool anomalous, std::uint64_t seed,
+                                  double sigma_dynamic_range, bool weighted_halves, bool both) {
   check_grouping(intensity, sigma, order, offsets);
   require_ndim(group_shell, 1, "group_shell");
   const auto n = static_cast<std::size_t>(intensity.size());
@@ -112,6 +128,18 @@ py::tuple merging_statistics_py(const DoubleArray& intensity, const DoubleArray&
   opt.seed = seed;
   opt.sigma_dynamic_range = sigma_dynamic_range;
   opt.weighted_halves = weighted_halves;
+  if (both) {
+    std::pair<MergingStatistics, MergingStatistics> result;
+    {
+      // Safe: only raw buffers of the arrays held above are read; no Python objects touched.
+      py::gil_scoped_release release;
+      result = compute_merging_statistics_both(intensity.data(), sigma.data(), minus_ptr, n,
+                                               order.data(), offsets.data(), n_groups,
+                                               group_shell.data(), centric_ptr, n_shells, opt);
+    }
+    return py::make_tuple(merged_dict_and_shells(result.first),
+                          merged_dict_and_shells(result.second));
+  }
   MergingStatistics result;
   {
     // Safe: only raw buffers of the arrays held above are read; no Python objects touched.
@@ -120,17 +148,29 @@ py::tuple merging_statistics_py(const DoubleArray& intensity, const DoubleArray&
                                         order.data(), offsets.data(), n_groups,
                                         group_shell.data(), centric_ptr, n_shells, opt);
   }
-  const MergedReflections& m = result.merged;
-  py::dict merged;
-  merged["group"] = to_numpy(m.group);
-  merged["bijvoet"] = to_numpy(m.bijvoet);
-  merged["intensity"] = to_numpy(m.intensity);
-  merged["sigma"] = to_numpy(m.sigma);
-  merged["sigma_internal"] = to_numpy(m.sigma_internal);
-  merged["multiplicity"] = to_numpy(m.multiplicity);
-  merged["half1"] = to_numpy(m.half1);
-  merged["half2"] = to_numpy(m.half2);
-  return py::make_tuple(merged, shell_dict(result.shells));
+  return merged_dict_and_shells(result);
+}
+
+py::tuple merging_statistics_py(const DoubleArray& intensity, const DoubleArray& sigma,
+                                const py::object& friedel_minus, const Int64Array& order,
+                                const Int64Array& offsets, const Int32Array& group_shell,
+                                const py::object& group_centric, std::size_t n_shells,
+                                bool use_internal_variance, bool anomalous, std::uint64_t seed,
+                                double sigma_dynamic_range, bool weighted_halves) {
+  return merging_statistics_impl(intensity, sigma, friedel_minus, order, offsets, group_shell,
+                                 group_centric, n_shells, use_internal_variance, anomalous, seed,
+                                 sigma_dynamic_range, weighted_halves, false);
+}
+
+py::tuple merging_statistics_both_py(const DoubleArray& intensity, const DoubleArray& sigma,
+                                     const py::object& friedel_minus, const Int64Array& order,
+                                     const Int64Array& offsets, const Int32Array& group_shell,
+                                     const py::object& group_centric, std::size_t n_shells,
+                                     bool use_internal_variance, std::uint64_t seed,
+                                     double sigma_dynamic_range, bool weighted_halves) {
+  return merging_statistics_impl(intensity, sigma, friedel_minus, order, offsets, group_shell,
+                                 group_centric, n_shells, use_internal_variance, false, seed,
+                                 sigma_dynamic_range, weighted_halves, true);
 }
 
 py::array_t<double> normalised_deviations_py(const DoubleArray& intensity,
@@ -388,6 +428,13 @@ void bind_stats(py::module_& m) {
         py::arg("position"), py::arg("n_out"), py::arg("batch_index"), py::arg("n_batches"),
         "deviations_and_batch_sums of rows in group order with each group's mean given:\n"
         "(deviations (n_out, NaN where no row is placed), n_obs, sum|I-<I>|, sum I, sum I/s).");
+  m.def("merging_statistics_both", &merging_statistics_both_py, py::arg("intensity"),
+        py::arg("sigma"), py::arg("friedel_minus"), py::arg("order"), py::arg("offsets"),
+        py::arg("group_shell"), py::arg("group_centric"), py::arg("n_shells"),
+        py::arg("use_internal_variance") = false, py::arg("seed") = 0,
+        py::arg("sigma_dynamic_range") = 1e-6, py::arg("weighted_halves") = true,
+        "merging_statistics non-anomalous and anomalous of the same shells in one pass over\n"
+        "the groups: ((merged, shells), (merged, shells)), the same as the two calls.");
   m.def("merging_statistics", &merging_statistics_py, py::arg("intensity"), py::arg("sigma"),
         py::arg("friedel_minus"), py::arg("order"), py::arg("offsets"), py::arg("group_shell"),
         py::arg("group_centric"), py::arg("n_shells"), py::arg("use_internal_variance") = false,

@@ -128,9 +128,18 @@ def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True
                                       max_batch_points)
             pending = pool.submit(resolution, prepared)
             pool.shutdown(wait=False)
-        out.statistics = ms.dataset_statistics(prepared, anomalous=False, **settings)
         if anomalous and not obs.space_group.is_centric():
-            out.anomalous_statistics = out.statistics.anomalous_pass()  # same data and shells
+            # the statistics and their anomalous pass (same data and shells) from one pass
+            # over the groups; should that fail, each as alone (the same values, or the same
+            # error with the non-anomalous statistics kept)
+            try:
+                out.statistics, out.anomalous_statistics = ms.MergingStatistics._with_anomalous_pass(
+                    prepared, **settings)
+            except ValueError:
+                out.statistics = ms.dataset_statistics(prepared, anomalous=False, **settings)
+                out.anomalous_statistics = out.statistics.anomalous_pass()
+        else:
+            out.statistics = ms.dataset_statistics(prepared, anomalous=False, **settings)
     except ValueError as error:
         out.notes.append(f"Merging statistics could not be computed: {error}")
     if out.statistics is None:

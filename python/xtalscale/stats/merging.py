@@ -578,6 +578,27 @@ def _cc_star(cc: float) -> float:
     return math.copysign(math.sqrt(2 * abs(cc) / (1 + cc)), cc)
 
 
+_NO_EQUIVALENTS = ("the data contain no symmetry-equivalent observations (already merged?): "
+                   "merging statistics need unmerged data")
+
+
+def _kernel_inputs(p: _Prepared, limits: np.ndarray) -> tuple | None:
+    """The merging-statistics kernel's positional arguments for the prepared rows ``p`` in
+    the shells ``limits`` (intensity, sigma, friedel_minus, order, offsets, group shells,
+    group centric flags, n_shells), then each group's d*² and shell; None if no group has
+    two observations."""
+    grouping, _, group_centric = p.grouped
+    intensity, sigma, friedel_minus = p.in_group_order
+    group_dss = p.d_star_sq[grouping.order[grouping.offsets[:-1]]]  # each group's first row
+    n_shells = len(limits) - 1
+    shell = np.searchsorted(limits, group_dss, side="right") - 1
+    shell[(shell < 0) | (shell >= n_shells)] = -1
+    if int(grouping.group_sizes().max()) < 2:
+        return None
+    return (intensity, sigma, friedel_minus, _identity_order(len(intensity)), grouping.offsets,
+            shell.astype(np.int32), group_centric.astype(np.uint8), n_shells, group_dss, shell)
+
+
 class MergingStatistics:
     """Overall and per-shell merging statistics (iotbx ``dataset_statistics``-shaped).
 
@@ -602,7 +623,7 @@ class MergingStatistics:
     def __init__(self, prepared: _Prepared, n_bins: int = 20, anomalous: bool = False,
                  use_internal_variance: bool = False, binning_method: str = "volume",
                  reflections_per_bin: int | None = None, seed: int = 0,
-                 cc_one_half_significance_level: float | None = None):
+                 cc_one_half_significance_level: float | None = None, _kernel_result=None):
         self._prepared = prepared
         self.space_group = prepared.space_group
         self.unit_cell = prepared.unit_cell
@@ -622,7 +643,31 @@ class MergingStatistics:
         else:
             self.limits = shell_limits(prepared.binning_dss, n_bins, binning_method,
                                        reflections_per_bin)
-        self._compute()
+        # (_kernel_result: the kernel's (merged, sums) of these settings, made already by
+        # _with_anomalous_pass)
+        self._compute(_kernel_result)
+
+    @classmethod
+    def _with_anomalous_pass(cls, prepared: _Prepared, n_bins: int = 20,
+                             use_internal_variance: bool = False, seed: int = 0
+                             ) -> tuple[MergingStatistics, MergingStatistics]:
+        """``(s, s.anomalous_pass())`` for ``s = MergingStatistics(prepared, n_bins,
+        use_internal_variance=..., seed=...)``, the same values, from one kernel pass over
+        the groups for both (``xtalscale._core.stats.merging_statistics_both``)."""
+        if int(seed) < 0:
+            raise MergingStatisticsError(f"seed must be >= 0, got {seed}")
+        if prepared.binning_dss is prepared.d_star_sq:
+            limits = _shell_limits_in(prepared.d_star_sq_range, n_bins)
+        else:
+            limits = shell_limits(prepared.binning_dss, n_bins)
+        inputs = _kernel_inputs(prepared, limits)
+        if inputs is None:
+            raise MergingStatisticsError(_NO_EQUIVALENTS)
+        plain, anomalous = _core_stats.merging_statistics_both(
+            *inputs[:-2], use_internal_variance=bool(use_internal_variance), seed=int(seed))
+        settings = {"use_internal_variance": use_internal_variance, "seed": seed}
+        return (cls(prepared, n_bins, anomalous=False, _kernel_result=plain, **settings),
+                cls(prepared, n_bins, anomalous=True, _kernel_result=anomalous, **settings))
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -794,23 +839,18 @@ class MergingStatistics:
         return self.merged.intensity
 
     # ------------------------------------------------------------------ computation
-    def _compute(self) -> None:
+    def _compute(self, kernel_result=None) -> None:
         p = self._prepared
         grouping, _, group_centric = p.grouped
-        intensity, sigma, friedel_minus = p.in_group_order
-        group_dss = p.d_star_sq[grouping.order[grouping.offsets[:-1]]]  # each group's first row
-        n_shells = len(self.limits) - 1
-        shell = np.searchsorted(self.limits, group_dss, side="right") - 1
-        shell[(shell < 0) | (shell >= n_shells)] = -1
-        if int(grouping.group_sizes().max()) < 2:
-            raise MergingStatisticsError(
-                "the data contain no symmetry-equivalent observations (already merged?): "
-                "merging statistics need unmerged data")
-        merged, sums = _core_stats.merging_statistics(
-            intensity, sigma, friedel_minus, _identity_order(len(intensity)),
-            grouping.offsets, shell.astype(np.int32), group_centric.astype(np.uint8), n_shells,
-            use_internal_variance=self.use_internal_variance, anomalous=self.anomalous,
-            seed=self.seed)
+        inputs = _kernel_inputs(p, self.limits)
+        if inputs is None:
+            raise MergingStatisticsError(_NO_EQUIVALENTS)
+        n_shells, group_dss, shell = inputs[7], inputs[-2], inputs[-1]
+        if kernel_result is None:
+            kernel_result = _core_stats.merging_statistics(
+                *inputs[:-2], use_internal_variance=self.use_internal_variance,
+                anomalous=self.anomalous, seed=self.seed)
+        merged, sums = kernel_result
         g = merged["group"]
         bij = merged["bijvoet"]
         hkl_u = negate_rows(take_rows(grouping.unique_hkl, g), bij < 0)  # (a fresh gather)
