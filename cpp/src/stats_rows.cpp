@@ -184,4 +184,63 @@ void grouped_deviations_and_batch_sums(std::size_t n, const double* I, const dou
   }
 }
 
+bool sorted_values_at(std::size_t n, const double* values, std::size_t n_positions,
+                      const std::int64_t* positions, double* out) {
+  if (n_positions == 0) return true;
+  for (std::size_t k = 0; k < n_positions; ++k) require_index(positions[k], n, "positions");
+  double lo = values[0], hi = values[0];
+  bool finite = true;
+  for (std::size_t i = 0; i < n; ++i) {
+    const double v = values[i];
+    finite = finite && std::isfinite(v);
+    lo = std::min(lo, v);
+    hi = std::max(hi, v);
+  }
+  if (!finite) return false;
+  if (!(hi > lo)) {  // every value the same
+    std::fill(out, out + n_positions, lo);
+    return true;
+  }
+  // bucket(v) = min(B - 1, floor((v - lo) * scale)): non-decreasing in v (each step rounds
+  // monotonically), so the values of a bucket lie between those of the buckets around it and
+  // sorted[p] is the (p - values in lower buckets)-th smallest of p's bucket
+  const std::size_t n_buckets = std::max<std::size_t>(1, std::min<std::size_t>(n / 64, std::size_t{1} << 14));
+  const double scale = static_cast<double>(n_buckets) / (hi - lo);
+  const auto bucket_of = [&](double v) {
+    const double x = (v - lo) * scale;
+    const auto b = x >= static_cast<double>(n_buckets) ? n_buckets - 1 : static_cast<std::size_t>(x);
+    return b;
+  };
+  std::vector<std::int64_t> start(n_buckets + 1, 0);
+  for (std::size_t i = 0; i < n; ++i) ++start[bucket_of(values[i]) + 1];
+  for (std::size_t b = 0; b < n_buckets; ++b) start[b + 1] += start[b];
+  // the buckets holding a position, each given a slot
+  std::vector<std::int64_t> slot(n_buckets, -1);
+  std::vector<std::size_t> slot_bucket;
+  std::vector<std::size_t> bucket_of_position(n_positions);
+  for (std::size_t k = 0; k < n_positions; ++k) {
+    const auto b = static_cast<std::size_t>(
+        std::upper_bound(start.begin(), start.end(), positions[k]) - start.begin() - 1);
+    bucket_of_position[k] = b;
+    if (slot[b] < 0) {
+      slot[b] = static_cast<std::int64_t>(slot_bucket.size());
+      slot_bucket.push_back(b);
+    }
+  }
+  std::vector<std::vector<double>> held(slot_bucket.size());
+  for (std::size_t t = 0; t < slot_bucket.size(); ++t)
+    held[t].reserve(static_cast<std::size_t>(start[slot_bucket[t] + 1] - start[slot_bucket[t]]));
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::int64_t t = slot[bucket_of(values[i])];
+    if (t >= 0) held[static_cast<std::size_t>(t)].push_back(values[i]);
+  }
+  for (auto& h : held) std::sort(h.begin(), h.end());
+  for (std::size_t k = 0; k < n_positions; ++k) {
+    const std::size_t b = bucket_of_position[k];
+    const auto rank = static_cast<std::size_t>(positions[k] - start[b]);
+    out[k] = held[static_cast<std::size_t>(slot[b])][rank];
+  }
+  return true;
+}
+
 }  // namespace xtalscale

@@ -386,6 +386,20 @@ py::tuple grouped_deviations_and_batch_sums_py(const DoubleArray& intensity,
   return py::make_tuple(deviations, n_obs, abs_dev, sum_i, sum_ios);
 }
 
+py::object sorted_values_at_py(const DoubleArray& values, const Int64Array& positions) {
+  require_ndim(values, 1, "values");
+  require_ndim(positions, 1, "positions");
+  const std::size_t n = size_of(values), m = size_of(positions);
+  DoubleArray out(static_cast<py::ssize_t>(m));
+  bool ok = true;
+  {
+    py::gil_scoped_release release;  // raw buffers only
+    ok = sorted_values_at(n, values.data(), m, positions.data(), out.mutable_data());
+  }
+  if (!ok) return py::none();
+  return std::move(out);
+}
+
 /// out = f(values) element-wise for any-shaped float64 input, the GIL released.
 template <void (*F)(std::size_t, const double*, double*) noexcept>
 DoubleArray elementwise(const DoubleArray& values) {
@@ -428,6 +442,9 @@ void bind_stats(py::module_& m) {
         py::arg("position"), py::arg("n_out"), py::arg("batch_index"), py::arg("n_batches"),
         "deviations_and_batch_sums of rows in group order with each group's mean given:\n"
         "(deviations (n_out, NaN where no row is placed), n_obs, sum|I-<I>|, sum I, sum I/s).");
+  m.def("sorted_values_at", &sorted_values_at_py, py::arg("values"), py::arg("positions"),
+        "np.sort(values)[positions] exactly without a full sort; None if a value is not\n"
+        "finite.");
   m.def("merging_statistics_both", &merging_statistics_both_py, py::arg("intensity"),
         py::arg("sigma"), py::arg("friedel_minus"), py::arg("order"), py::arg("offsets"),
         py::arg("group_shell"), py::arg("group_centric"), py::arg("n_shells"),

@@ -87,4 +87,13 @@ XTALSCALE_EXPORT void grouped_deviations_and_batch_sums(
     double* deviations, const std::int64_t* batch_index, std::size_t n_batches,
     std::int64_t* n_obs, double* sum_abs_dev, double* sum_i, double* sum_i_over_sigma);
 
+/// The values at @p positions of the ascending sort of @p values (n of them, all finite;
+/// every position < n): sorted[positions[k]] into @p out, exactly, without sorting them all
+/// (a histogram over equal-width buckets between the minimum and maximum, then a selection
+/// within the buckets holding the positions). Returns false (nothing written) if a value is
+/// not finite.
+XTALSCALE_EXPORT bool sorted_values_at(std::size_t n, const double* values,
+                                       std::size_t n_positions, const std::int64_t* positions,
+                                       double* out);
+
 }  // namespace xtalscale

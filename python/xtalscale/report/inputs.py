@@ -80,6 +80,17 @@ def _grouped_batch_pairs(batch: np.ndarray, dataset: np.ndarray, max_points: int
     return ds[new_pair], grouped[new_pair], index, pair_map
 
 
+def _cache_in_group_order(prepared, pool) -> None:
+    """Fill ``prepared.in_group_order`` (its rows' values in group order) with the intensity
+    gathered on ``pool``'s thread while this one gathers the sigma and Friedel flags: the
+    same arrays as the property makes."""
+    grouping, friedel_minus, _ = prepared.grouped
+    order = grouping.order
+    intensity = pool.submit(np.take, prepared.intensity, order)
+    sigma, minus = np.take(prepared.sigma, order), np.take(friedel_minus, order)
+    prepared.__dict__["in_group_order"] = (intensity.result(), sigma, minus)
+
+
 def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True,
                           use_internal_variance: bool = False,
                           max_batch_points: int = 100, n_threads: int = 1) -> ReportInputs:
@@ -89,9 +100,11 @@ def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True
     computed (e.g. no reflection measured twice) is left out with a note saying why, so the
     report and the table say so instead of failing. Per-batch statistics of a dataset with
     more than ``max_batch_points`` batches are computed over groups of consecutive batches
-    (each point at the group's first batch). With ``n_threads`` > 1 the resolution estimate
-    is made on a second thread while the merging and per-batch statistics are computed (it
-    reads only the grouped observations they share; the results are the same).
+    (each point at the group's first batch). With ``n_threads`` > 1 a second thread makes
+    the batch pairs while the observations are grouped, gathers a third of the grouped
+    values, then makes the resolution estimate while the merging and per-batch statistics
+    are computed (it reads only the grouped observations they share; the results are the
+    same).
     """
     from ..stats import merging as ms  # the core module (merging_statistics is its facade)
     from ..stats.resolution import _estimate_resolution
@@ -110,24 +123,23 @@ def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True
         except ValueError as error:
             return error
 
-    pending = batch_pairs = None
+    pending = batch_pairs = pool = None
+    if n_threads > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=1)
+        # the batch pairs read the observations alone: made while this thread groups them
+        batch_pairs = pool.submit(_grouped_batch_pairs, obs.batch, obs.dataset, max_batch_points)
     try:
         # MergingStatistics.from_arrays(*arrays, anomalous=False, **settings) in its two steps:
         # with n_threads > 1 the resolution estimate (which reads the prepared rows alone)
-        # starts on a second thread once they are grouped
+        # starts on the second thread once they are grouped
         prepared = ms._prepare(*arrays)
         prepared.n_threads = n_threads  # (its ASU mapping's threads; the same result)
-        if n_threads > 1 and int(n_bins) >= 1:  # (a bad n_bins is reported first, as alone)
-            from concurrent.futures import ThreadPoolExecutor
-
-            prepared.grouped, prepared.in_group_order  # noqa: B018 - (cached before sharing)
-            pool = ThreadPoolExecutor(max_workers=1)
-            # (the batch pairs first: this thread's merging and per-batch statistics take
-            # longer than the estimate)
-            batch_pairs = pool.submit(_grouped_batch_pairs, obs.batch, obs.dataset,
-                                      max_batch_points)
+        if pool is not None and int(n_bins) >= 1:  # (a bad n_bins is reported first, as alone)
+            prepared.grouped  # noqa: B018 - (cached before sharing)
+            _cache_in_group_order(prepared, pool)
             pending = pool.submit(resolution, prepared)
-            pool.shutdown(wait=False)
         if anomalous and not obs.space_group.is_centric():
             # the statistics and their anomalous pass (same data and shells) from one pass
             # over the groups; should that fail, each as alone (the same values, or the same
@@ -142,6 +154,9 @@ def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True
             out.statistics = ms.dataset_statistics(prepared, anomalous=False, **settings)
     except ValueError as error:
         out.notes.append(f"Merging statistics could not be computed: {error}")
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False)  # (its tasks still run; their results are waited for)
     if out.statistics is None:
         if pending is not None:
             pending.exception()  # (no estimate without statistics: waited for, not kept)

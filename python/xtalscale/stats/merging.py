@@ -112,16 +112,23 @@ def _counting_limits(dss: np.ndarray, n_bins: int, reflections_per_bin: int | No
     """Limits of shells with about equal numbers of observations (cctbx
     ``setup_binner_counting_sorted``: ``max(ceil(n/n_bins), reflections_per_bin)`` sorted
     d*² values per shell; equal d*² values never straddle a limit)."""
-    s = np.sort(dss)
-    n = len(s)
+    n = len(dss)
     per_bin = max(1, math.ceil(n / max(1, n_bins)))
     if reflections_per_bin:
         per_bin = max(per_bin, int(reflections_per_bin))
-    cuts = s[per_bin:n:per_bin]
-    cuts = cuts[cuts > s[0]]
-    span = s[-1] - s[0]
-    lo = max(s[0] - span * _D_TOLERANCE, 0.0)
-    hi = s[-1] + span * _D_TOLERANCE
+    # the sorted values at 0, n - 1 and every per_bin-th position: selected from the values
+    # (the same values as of np.sort(dss), ~1/2 its time at 10⁶ values); sorted when few or
+    # not all finite
+    positions = np.concatenate([[0, n - 1], np.arange(per_bin, n, per_bin)]).astype(np.int64)
+    at = (_core_stats.sorted_values_at(np.asarray(dss, dtype=np.float64), positions)
+          if n >= 4096 else None)
+    if at is None:
+        at = np.sort(dss)[positions]
+    first, last, cuts = at[0], at[1], at[2:]
+    cuts = cuts[cuts > first]
+    span = last - first
+    lo = max(first - span * _D_TOLERANCE, 0.0)
+    hi = last + span * _D_TOLERANCE
     if hi <= lo:
         hi = lo * (1 + 1e-6) + 1e-12
     return np.unique(np.concatenate([[lo], cuts[cuts < hi], [hi]]))
