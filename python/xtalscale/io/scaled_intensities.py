@@ -275,7 +275,11 @@ def _scaled_observation_rows(table, partiality_threshold: float = 0.99,
         if left == 0:
             raise ScaledIntensityError(f"no reflections remain after {step}")
     if part is not None and "partial_id" in table and counts["n_partial_candidates"] >= 2:
-        return _observation_rows_by_arrays(table, thr, with_z)  # (partials may combine)
+        # (the rows selected before the partiality threshold: code 0, 5 or 6)
+        sel = (code == 0) | (code >= 5)
+        if _partials_combine(ids if ids is not None else np.zeros(len(g), dtype=np.int64),
+                             np.asarray(table["partial_id"]), part, var, g, sel, True):
+            return _observation_rows_by_arrays(table, thr, with_z)  # (partials combine)
     n_selected = int(survivors[4])
     if part is not None and n_selected == 0:
         raise ScaledIntensityError(f"no reflections remain after removing partiality < {thr}")
