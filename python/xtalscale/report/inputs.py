@@ -91,6 +91,20 @@ def _cache_in_group_order(prepared, pool) -> None:
     prepared.__dict__["in_group_order"] = (intensity.result(), sigma, minus)
 
 
+def _grouped_rows_pairs(prepared, batch_pairs) -> tuple | None:
+    """The (dataset, batch) pairs of the prepared rows' groups (``_pairs_of_grouped_rows`` of
+    :meth:`~xtalscale.stats.merging._Prepared.observation_groups` and the pairs of the future
+    ``batch_pairs``), or None without those groups."""
+    from ..stats import merging as ms
+
+    groups = prepared.observation_groups()
+    if groups is None:
+        return None
+    ds, batches, index, pair_map = batch_pairs.result()
+    groups.check_length(len(index))
+    return ms._pairs_of_grouped_rows(groups, ds, batches, index, pair_map)
+
+
 def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True,
                           use_internal_variance: bool = False,
                           max_batch_points: int = 100, n_threads: int = 1) -> ReportInputs:
@@ -123,7 +137,7 @@ def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True
         except ValueError as error:
             return error
 
-    pending = batch_pairs = pool = None
+    pending = batch_pairs = grouped_pairs = pool = None
     if n_threads > 1:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -139,6 +153,9 @@ def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True
         if pool is not None and int(n_bins) >= 1:  # (a bad n_bins is reported first, as alone)
             prepared.grouped  # noqa: B018 - (cached before sharing)
             _cache_in_group_order(prepared, pool)
+            # (the grouped rows' batch pairs, then the estimate: the per-batch statistics
+            # after the merging statistics on this thread take as long)
+            grouped_pairs = pool.submit(_grouped_rows_pairs, prepared, batch_pairs)
             pending = pool.submit(resolution, prepared)
         if anomalous and not obs.space_group.is_centric():
             # the statistics and their anomalous pass (same data and shells) from one pass
@@ -175,8 +192,11 @@ def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True
     # numbered once
     pairs = (batch_pairs.result() if batch_pairs is not None
              else _grouped_batch_pairs(obs.batch, obs.dataset, max_batch_points))
+    # (those of the grouped rows, made on the second thread, when the groups are the
+    # statistics' own)
+    of_rows = grouped_pairs.result() if grouped_pairs is not None and means is not None else None
     per_batch, out.normalised_deviations = ms._pair_statistics_and_deviations(
-        groups, *pairs, group_means=means)
+        groups, *pairs, group_means=means, grouped_pairs=of_rows)
     if pending is not None:
         out.resolution = pending.result()  # (re-raises anything but a ValueError)
     if isinstance(out.resolution, ValueError):

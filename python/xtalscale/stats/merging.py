@@ -1196,7 +1196,8 @@ def batch_statistics_and_deviations(miller_index, intensity, sigma, batch, space
 
 def _pair_statistics_and_deviations(g: ObservationGroups, ds: np.ndarray, batches: np.ndarray,
                                     index: np.ndarray, pair_map: np.ndarray | None = None,
-                                    group_means: np.ndarray | None = None
+                                    group_means: np.ndarray | None = None,
+                                    grouped_pairs: tuple | None = None
                                     ) -> tuple[BatchStatistics, np.ndarray]:
     """:func:`batch_statistics_and_deviations` of the grouped observations ``g`` with each
     input row's (dataset, batch) pair given: pair ``pair_map[index[i]]`` (``index[i]``
@@ -1206,9 +1207,11 @@ def _pair_statistics_and_deviations(g: ObservationGroups, ds: np.ndarray, batche
     ``group_means``: each group's weighted mean (the ``merged.intensity`` of non-anomalous
     :class:`MergingStatistics` whose :meth:`~MergingStatistics.observation_groups` ``g``
     is: the value the kernel would compute), so that only the deviations and sums are made,
-    each deviation written at its input row."""
+    each deviation written at its input row. ``grouped_pairs``: ``_pairs_of_grouped_rows``
+    of these arguments, made already."""
     g.check_length(len(index))
-    ds, batches, index = _pairs_of_grouped_rows(g, ds, batches, index, pair_map)
+    ds, batches, index = (grouped_pairs if grouped_pairs is not None
+                          else _pairs_of_grouped_rows(g, ds, batches, index, pair_map))
     if group_means is not None:
         deviations, n_obs, dev, si, sios = _core_stats.grouped_deviations_and_batch_sums(
             g.intensity, g.sigma, g.offsets, group_means, g.rows, g.n_input, index, len(ds))
