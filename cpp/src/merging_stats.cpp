@@ -244,62 +244,54 @@ void select_mate(const Sorted& d, std::size_t b, std::size_t e, std::uint8_t fla
 
 }  // namespace
 
-MergingStatistics compute_merging_statistics(
-    const double* I, const double* s, const std::uint8_t* minus, std::size_t n,
-    const std::int64_t* order, const std::int64_t* offsets, std::size_t n_groups,
-    const std::int32_t* group_shell, const std::uint8_t* group_centric, std::size_t n_shells,
-    const MergingOptions& opt) {
-  require(n_groups == 0 || group_shell != nullptr, "group_shell is required");
-  for (std::size_t g = 0; g < n_groups; ++g)
-    if (group_shell[g] < -1 || group_shell[g] >= static_cast<std::int64_t>(n_shells))
-      throw std::invalid_argument("group_shell: group " + std::to_string(g) + " has shell " +
-                                  std::to_string(group_shell[g]) + ", outside [-1, " +
-                                  std::to_string(n_shells) + ")");
-  const Sorted d = gather(I, s, minus, n, order, offsets, n_groups);
+namespace {
+
+// One unique reflection's merge, half means and sums (the same for every pass that counts it).
+struct Unique {
+  std::size_t group;
+  std::int8_t bijvoet;
+  std::size_t m;
+  Merged r;
+  double h1, h2, abs_dev, sum_i, unmerged_ios;
+};
+
+// One mode's (anomalous or not) accumulation over the groups.
+struct Pass {
   MergingStatistics out;
-  out.shells.assign(n_shells + 1, ShellStatistics{});
-  std::vector<ShellWork> work(n_shells + 1);
+  std::vector<ShellWork> work;
   std::vector<std::int32_t> uniq_shell;
   std::vector<AnomPair> pairs;
-  MergedReflections& mr = out.merged;
-  const std::size_t reserve = n_groups + (opt.anomalous ? n_groups / 2 : 0);
-  for (auto* v : {&mr.intensity, &mr.sigma, &mr.sigma_internal, &mr.half1, &mr.half2})
-    v->reserve(reserve);
-  mr.group.reserve(reserve);
-  mr.bijvoet.reserve(reserve);
-  mr.multiplicity.reserve(reserve);
-  uniq_shell.reserve(reserve);
+  bool anomalous;
 
-  std::vector<double> pI, ps, pw, mI, ms, mw;  // I(+) and I(-) of the current group
-  std::vector<std::uint32_t> perm;
-  const std::size_t overall = n_shells;
+  Pass(std::size_t n_shells, std::size_t n_groups, bool anomalous_)
+      : work(n_shells + 1), anomalous(anomalous_) {
+    out.shells.assign(n_shells + 1, ShellStatistics{});
+    MergedReflections& mr = out.merged;
+    const std::size_t reserve = n_groups + (anomalous ? n_groups / 2 : 0);
+    for (auto* v : {&mr.intensity, &mr.sigma, &mr.sigma_internal, &mr.half1, &mr.half2})
+      v->reserve(reserve);
+    mr.group.reserve(reserve);
+    mr.bijvoet.reserve(reserve);
+    mr.multiplicity.reserve(reserve);
+    uniq_shell.reserve(reserve);
+  }
 
-  // Merge one set of observations into a unique reflection and accumulate its shell sums.
-  auto add_unique = [&](std::size_t g, std::int8_t bijvoet, const Obs& o, std::int32_t shell,
-                        std::uint64_t sub) {
-    const std::size_t m = o.m;
-    const Merged r = merge(o, opt);
-    double h1 = kNaN, h2 = kNaN;
-    double abs_dev = 0, sum_i = 0, unmerged_ios = 0;
-    for (std::size_t i = 0; i < m; ++i) {
-      abs_dev += std::fabs(o.I[i] - r.mean);
-      sum_i += o.I[i];
-      unmerged_ios += o.I[i] / o.s[i];
-    }
-    if (m >= 2) {
-      if (perm.size() < m) perm.resize(m);
-      half_means(o, stream(opt.seed, g, sub), opt.weighted_halves, perm.data(), h1, h2);
-    }
-    mr.group.push_back(static_cast<std::int64_t>(g));
-    mr.bijvoet.push_back(bijvoet);
+  // Record a unique reflection and accumulate its shell sums.
+  void add(const Unique& u, std::int32_t shell) {
+    MergedReflections& mr = out.merged;
+    const std::size_t m = u.m;
+    const Merged& r = u.r;
+    mr.group.push_back(static_cast<std::int64_t>(u.group));
+    mr.bijvoet.push_back(u.bijvoet);
     mr.intensity.push_back(r.mean);
     mr.sigma.push_back(r.sigma);
     mr.sigma_internal.push_back(r.sigma_internal);
     mr.multiplicity.push_back(static_cast<std::int32_t>(m));
-    mr.half1.push_back(h1);
-    mr.half2.push_back(h2);
+    mr.half1.push_back(u.h1);
+    mr.half2.push_back(u.h2);
     uniq_shell.push_back(shell);
     if (shell < 0) return;
+    const std::size_t overall = out.shells.size() - 1;
     for (std::size_t k : {static_cast<std::size_t>(shell), overall}) {
       ShellStatistics& st = out.shells[k];
       st.n_obs += static_cast<std::int64_t>(m);
@@ -310,20 +302,102 @@ MergingStatistics compute_merging_statistics(
         st.sum_i_over_sigma += r.mean / r.sigma;
         st.n_i_over_sigma += 1;
       }
-      st.sum_unmerged_i_over_sigma += unmerged_ios;
+      st.sum_unmerged_i_over_sigma += u.unmerged_ios;
       st.n_unmerged_positive_sigma += static_cast<std::int64_t>(m);
       if (m > 1) {
         const double dm = static_cast<double>(m);
         st.n_multi += 1;
-        st.r_num += abs_dev;
-        st.r_meas_num += std::sqrt(dm / (dm - 1.0)) * abs_dev;
-        st.r_pim_num += std::sqrt(1.0 / (dm - 1.0)) * abs_dev;
-        st.r_den += sum_i;
-        work[k].cc_half.add_mean(h1, h2);
+        st.r_num += u.abs_dev;
+        st.r_meas_num += std::sqrt(dm / (dm - 1.0)) * u.abs_dev;
+        st.r_pim_num += std::sqrt(1.0 / (dm - 1.0)) * u.abs_dev;
+        st.r_den += u.sum_i;
+        work[k].cc_half.add_mean(u.h1, u.h2);
         work[k].sum_y += r.mean;
         work[k].sum_s2 += r.sigma_internal * r.sigma_internal;
       }
     }
+  }
+
+  // Second pass: centred sums for the correlations and the sigma-tau variance; the ratios.
+  void finish() {
+    const std::size_t n_shells = out.shells.size() - 1, overall = n_shells;
+    const MergedReflections& mr = out.merged;
+    for (const AnomPair& p : pairs) {
+      if (p.shell < 0) continue;
+      for (std::size_t k : {static_cast<std::size_t>(p.shell), overall})
+        work[k].cc_anom.add_mean(p.d1, p.d2);
+    }
+    for (const AnomPair& p : pairs) {
+      if (p.shell < 0) continue;
+      for (std::size_t k : {static_cast<std::size_t>(p.shell), overall})
+        work[k].cc_anom.add_centered(p.d1, p.d2);
+    }
+    for (std::size_t u = 0; u < uniq_shell.size(); ++u) {
+      if (uniq_shell[u] < 0 || mr.multiplicity[u] < 2) continue;
+      for (std::size_t k : {static_cast<std::size_t>(uniq_shell[u]), overall}) {
+        work[k].cc_half.add_centered(mr.half1[u], mr.half2[u]);
+        const double dy =
+            mr.intensity[u] - work[k].sum_y / static_cast<double>(out.shells[k].n_multi);
+        work[k].sum_yy_c += dy * dy;
+      }
+    }
+    for (std::size_t k = 0; k <= n_shells; ++k) {
+      ShellStatistics& st = out.shells[k];
+      const ShellWork& w = work[k];
+      if (st.r_den != 0) {
+        st.r_merge = st.r_num / st.r_den;
+        st.r_meas = st.r_meas_num / st.r_den;
+        st.r_pim = st.r_pim_num / st.r_den;
+      }
+      st.cc_half = w.cc_half.coefficient();
+      st.cc_half_n = w.cc_half.n;
+      st.cc_anom = w.cc_anom.coefficient();
+      st.cc_anom_n = w.cc_anom.n;
+      st.cc_half_sigma_tau_n = st.n_multi;
+      if (st.n_multi >= 2) {
+        const double var_y = w.sum_yy_c / static_cast<double>(st.n_multi - 1);
+        const double var_e = w.sum_s2 / static_cast<double>(st.n_multi);
+        if (var_y + var_e > 0) st.cc_half_sigma_tau = (var_y - var_e) / (var_y + var_e);
+      }
+    }
+  }
+};
+
+// The merging statistics of one or two passes (non-anomalous and/or anomalous, the options
+// otherwise alike) in one loop over the groups: the Friedel mates are selected, the CC_ano
+// half means made and every unique reflection merged once for the passes that count it.
+std::vector<MergingStatistics> compute_passes(
+    const double* I, const double* s, const std::uint8_t* minus, std::size_t n,
+    const std::int64_t* order, const std::int64_t* offsets, std::size_t n_groups,
+    const std::int32_t* group_shell, const std::uint8_t* group_centric, std::size_t n_shells,
+    const MergingOptions& opt, const std::vector<bool>& modes) {
+  require(n_groups == 0 || group_shell != nullptr, "group_shell is required");
+  for (std::size_t g = 0; g < n_groups; ++g)
+    if (group_shell[g] < -1 || group_shell[g] >= static_cast<std::int64_t>(n_shells))
+      throw std::invalid_argument("group_shell: group " + std::to_string(g) + " has shell " +
+                                  std::to_string(group_shell[g]) + ", outside [-1, " +
+                                  std::to_string(n_shells) + ")");
+  const Sorted d = gather(I, s, minus, n, order, offsets, n_groups);
+  std::vector<Pass> passes;
+  passes.reserve(modes.size());
+  for (bool anomalous : modes) passes.emplace_back(n_shells, n_groups, anomalous);
+
+  std::vector<double> pI, ps, pw, mI, ms, mw;  // I(+) and I(-) of the current group
+  std::vector<std::uint32_t> perm;
+
+  // Merge one set of observations into a unique reflection (merge, sums, half means).
+  auto make_unique = [&](std::size_t g, std::int8_t bijvoet, const Obs& o, std::uint64_t sub) {
+    Unique u{g, bijvoet, o.m, merge(o, opt), kNaN, kNaN, 0, 0, 0};
+    for (std::size_t i = 0; i < o.m; ++i) {
+      u.abs_dev += std::fabs(o.I[i] - u.r.mean);
+      u.sum_i += o.I[i];
+      u.unmerged_ios += o.I[i] / o.s[i];
+    }
+    if (o.m >= 2) {
+      if (perm.size() < o.m) perm.resize(o.m);
+      half_means(o, stream(opt.seed, g, sub), opt.weighted_halves, perm.data(), u.h1, u.h2);
+    }
+    return u;
   };
 
   for (std::size_t g = 0; g < n_groups; ++g) {
@@ -333,7 +407,8 @@ MergingStatistics compute_merging_statistics(
     const bool centric = group_centric != nullptr && group_centric[g] != 0;
     const Obs all{d.I + b, d.s + b, d.w + b, e - b};
     if (centric || d.minus == nullptr) {
-      add_unique(g, 0, all, shell, 0);
+      const Unique u = make_unique(g, 0, all, 0);
+      for (Pass& p : passes) p.add(u, shell);
       continue;
     }
     select_mate(d, b, e, 0, pI, ps, pw);
@@ -341,9 +416,11 @@ MergingStatistics compute_merging_statistics(
     const Obs plus{pI.data(), ps.data(), pw.data(), pI.size()};
     const Obs minus_o{mI.data(), ms.data(), mw.data(), mI.size()};
     if (shell >= 0) {
-      for (std::size_t k : {static_cast<std::size_t>(shell), overall}) {
-        out.shells[k].n_acentric += 1;
-        if (plus.m > 0 && minus_o.m > 0) out.shells[k].n_bijvoet_pairs += 1;
+      for (Pass& p : passes) {
+        for (std::size_t k : {static_cast<std::size_t>(shell), n_shells}) {
+          p.out.shells[k].n_acentric += 1;
+          if (plus.m > 0 && minus_o.m > 0) p.out.shells[k].n_bijvoet_pairs += 1;
+        }
       }
     }
     if (plus.m >= 2 && minus_o.m >= 2) {
@@ -351,56 +428,45 @@ MergingStatistics compute_merging_statistics(
       if (perm.size() < e - b) perm.resize(e - b);
       half_means(plus, stream(opt.seed, g, 3), opt.weighted_halves, perm.data(), p1, p2);
       half_means(minus_o, stream(opt.seed, g, 4), opt.weighted_halves, perm.data(), m1, m2);
-      pairs.push_back({shell, p1 - m1, p2 - m2});
+      for (Pass& p : passes) p.pairs.push_back({shell, p1 - m1, p2 - m2});
     }
-    if (!opt.anomalous) {
-      add_unique(g, 0, all, shell, 0);
-    } else {
-      if (plus.m > 0) add_unique(g, 1, plus, shell, 1);
-      if (minus_o.m > 0) add_unique(g, -1, minus_o, shell, 2);
-    }
-  }
-
-  // Second pass: centred sums for the correlations and the sigma-tau variance.
-  for (const AnomPair& p : pairs) {
-    if (p.shell < 0) continue;
-    for (std::size_t k : {static_cast<std::size_t>(p.shell), overall})
-      work[k].cc_anom.add_mean(p.d1, p.d2);
-  }
-  for (const AnomPair& p : pairs) {
-    if (p.shell < 0) continue;
-    for (std::size_t k : {static_cast<std::size_t>(p.shell), overall})
-      work[k].cc_anom.add_centered(p.d1, p.d2);
-  }
-  for (std::size_t u = 0; u < uniq_shell.size(); ++u) {
-    if (uniq_shell[u] < 0 || mr.multiplicity[u] < 2) continue;
-    for (std::size_t k : {static_cast<std::size_t>(uniq_shell[u]), overall}) {
-      work[k].cc_half.add_centered(mr.half1[u], mr.half2[u]);
-      const double dy =
-          mr.intensity[u] - work[k].sum_y / static_cast<double>(out.shells[k].n_multi);
-      work[k].sum_yy_c += dy * dy;
+    for (Pass& p : passes) {
+      if (!p.anomalous) {
+        p.add(make_unique(g, 0, all, 0), shell);
+      } else {
+        if (plus.m > 0) p.add(make_unique(g, 1, plus, 1), shell);
+        if (minus_o.m > 0) p.add(make_unique(g, -1, minus_o, 2), shell);
+      }
     }
   }
-  for (std::size_t k = 0; k <= n_shells; ++k) {
-    ShellStatistics& st = out.shells[k];
-    const ShellWork& w = work[k];
-    if (st.r_den != 0) {
-      st.r_merge = st.r_num / st.r_den;
-      st.r_meas = st.r_meas_num / st.r_den;
-      st.r_pim = st.r_pim_num / st.r_den;
-    }
-    st.cc_half = w.cc_half.coefficient();
-    st.cc_half_n = w.cc_half.n;
-    st.cc_anom = w.cc_anom.coefficient();
-    st.cc_anom_n = w.cc_anom.n;
-    st.cc_half_sigma_tau_n = st.n_multi;
-    if (st.n_multi >= 2) {
-      const double var_y = w.sum_yy_c / static_cast<double>(st.n_multi - 1);
-      const double var_e = w.sum_s2 / static_cast<double>(st.n_multi);
-      if (var_y + var_e > 0) st.cc_half_sigma_tau = (var_y - var_e) / (var_y + var_e);
-    }
+  std::vector<MergingStatistics> out;
+  out.reserve(passes.size());
+  for (Pass& p : passes) {
+    p.finish();
+    out.push_back(std::move(p.out));
   }
   return out;
+}
+
+}  // namespace
+
+MergingStatistics compute_merging_statistics(
+    const double* I, const double* s, const std::uint8_t* minus, std::size_t n,
+    const std::int64_t* order, const std::int64_t* offsets, std::size_t n_groups,
+    const std::int32_t* group_shell, const std::uint8_t* group_centric, std::size_t n_shells,
+    const MergingOptions& opt) {
+  return std::move(compute_passes(I, s, minus, n, order, offsets, n_groups, group_shell,
+                                  group_centric, n_shells, opt, {opt.anomalous})[0]);
+}
+
+std::pair<MergingStatistics, MergingStatistics> compute_merging_statistics_both(
+    const double* I, const double* s, const std::uint8_t* minus, std::size_t n,
+    const std::int64_t* order, const std::int64_t* offsets, std::size_t n_groups,
+    const std::int32_t* group_shell, const std::uint8_t* group_centric, std::size_t n_shells,
+    const MergingOptions& opt) {
+  auto both = compute_passes(I, s, minus, n, order, offsets, n_groups, group_shell,
+                             group_centric, n_shells, opt, {false, true});
+  return {std::move(both[0]), std::move(both[1])};
 }
 
 void normalised_deviations(const double* I, const double* s, std::size_t n,

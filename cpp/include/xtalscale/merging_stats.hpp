@@ -30,6 +30,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "xtalscale/export.hpp"
@@ -108,6 +109,16 @@ struct MergingStatistics {
 /// Throws std::invalid_argument on inconsistent sizes, non-finite values, sigma <= 0, an order
 /// entry out of range or non-monotone offsets. Thread-safe (no shared state).
 XTALSCALE_EXPORT MergingStatistics compute_merging_statistics(
+    const double* intensity, const double* sigma, const std::uint8_t* friedel_minus,
+    std::size_t n, const std::int64_t* order, const std::int64_t* offsets,
+    std::size_t n_groups, const std::int32_t* group_shell, const std::uint8_t* group_centric,
+    std::size_t n_shells, const MergingOptions& options);
+
+/// compute_merging_statistics of the same observations and shells non-anomalous (first) and
+/// anomalous (second; @c options.anomalous is ignored), the same results as the two calls,
+/// from one pass over the groups (the Friedel mates selected and CC_ano computed once, and a
+/// centric reflection merged once for both).
+XTALSCALE_EXPORT std::pair<MergingStatistics, MergingStatistics> compute_merging_statistics_both(
     const double* intensity, const double* sigma, const std::uint8_t* friedel_minus,
     std::size_t n, const std::int64_t* order, const std::int64_t* offsets,
     std::size_t n_groups, const std::int32_t* group_shell, const std::uint8_t* group_centric,

@@ -24,6 +24,7 @@ dropped row can be traced.
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -216,6 +217,107 @@ def _scaled_rows(table, partiality_threshold: float = 0.99, combine_partials: bo
         rows, I, V = rows[keep], I[keep], V[keep]
         P = P[keep] if P is not None else None
     return rows, I, V, P
+
+
+@dataclass
+class _ObservationRows:
+    """The rows :func:`_scaled_observation_rows` selects and their values."""
+
+    rows: np.ndarray  #: int64, ascending: rows of the table kept
+    hkl: np.ndarray  #: (m, 3) int32 Miller indices of ``rows``
+    intensity: np.ndarray  #: scaled intensity (value / g, partials combined)
+    variance: np.ndarray  #: its variance (variance / g²)
+    dataset: np.ndarray  #: int64 ``id`` of ``rows`` (0 without an id column)
+    z: np.ndarray | None  #: frame coordinate of ``rows`` (``xyzobs.px.value``) if asked for
+    n_bad: int  #: table rows with a bad_for_scaling bit
+    n_selected: int  #: rows selected before the (0, 0, 0) rows were left out
+    n_zero: int  #: selected rows with index (0, 0, 0), left out
+
+
+_STEPS = ("selecting scaled (not bad_for_scaling) rows", "removing inverse scale factors <= 0",
+          "removing variances <= 0", "removing partiality <= 0")
+
+
+def _scaled_observation_rows(table, partiality_threshold: float = 0.99,
+                             with_z: bool = False) -> _ObservationRows:
+    """:func:`_scaled_rows` (partials combined, no I/σ cut, g applied) with the (0, 0, 0) rows
+    left out, the rows' indices, ids and (``with_z``) frame coordinates: what merging needs
+    of a scaled table. Raises as :func:`_scaled_rows`.
+
+    One pass classifies the rows (each one's first failed step, and the counts) and a second
+    gathers the kept ones (the kernels of ``xtalscale._core.stats``), where the array
+    formulation (:func:`_observation_rows_by_arrays`, used when partials are to be combined
+    or a column has an unusual type) makes a mask per condition and a gather per column: the
+    same rows and values.
+    """
+    from .._core import stats as _core_stats
+
+    missing = [c for c in _REQUIRED if c not in table]
+    if missing:
+        raise ScaledIntensityError(f"reflection table lacks column(s) {', '.join(missing)} "
+                                   "needed for scaled intensities")
+    thr = float(partiality_threshold)
+    if not np.isfinite(thr):
+        raise ScaledIntensityError("partiality_threshold must be finite")
+    ids = np.asarray(table["id"]) if "id" in table else None
+    flags = np.asarray(table["flags"]) if "flags" in table else None
+    hkl = np.asarray(table["miller_index"])
+    if ((ids is not None and ids.dtype != np.int32) or (flags is not None and flags.dtype != np.uint64)
+            or hkl.dtype != np.int32 or hkl.ndim != 2 or hkl.shape[1:] != (3,)):
+        return _observation_rows_by_arrays(table, thr, with_z)
+    part = np.asarray(table["partiality"], dtype=np.float64) if "partiality" in table else None
+    g = np.asarray(table["inverse_scale_factor"], dtype=np.float64)
+    var = np.asarray(table["intensity.scale.variance"], dtype=np.float64)
+    code, counts = _core_stats.classify_scaled_rows(ids, flags, int(Flags.bad_for_scaling), g,
+                                                    var, part, thr, hkl)
+    survivors = counts["survivors"]
+    for step, left in zip(_STEPS if part is not None else _STEPS[:3], survivors):
+        if left == 0:
+            raise ScaledIntensityError(f"no reflections remain after {step}")
+    if part is not None and "partial_id" in table and counts["n_partial_candidates"] >= 2:
+        # (the rows selected before the partiality threshold: code 0, 5 or 6)
+        sel = (code == 0) | (code >= 5)
+        if _partials_combine(ids if ids is not None else np.zeros(len(g), dtype=np.int64),
+                             np.asarray(table["partial_id"]), part, var, g, sel, True):
+            return _observation_rows_by_arrays(table, thr, with_z)  # (partials combine)
+    n_selected = int(survivors[4])
+    if part is not None and n_selected == 0:
+        raise ScaledIntensityError(f"no reflections remain after removing partiality < {thr}")
+    n_zero = int(counts["n_zero_index"])
+    xyz = np.asarray(table["xyzobs.px.value"], dtype=np.float64) if with_z else None
+    rows, intensity, variance, hkl_out, dataset, z = _core_stats.gather_scaled_rows(
+        code, n_selected - n_zero, np.asarray(table["intensity.scale.value"], dtype=np.float64),
+        var, g, True, hkl, ids, xyz)
+    return _ObservationRows(rows, hkl_out, intensity, variance, dataset, z,
+                            int(counts["n_bad"]), n_selected, n_zero)
+
+
+def _observation_rows_by_arrays(table, partiality_threshold: float, with_z: bool
+                                ) -> _ObservationRows:
+    """:func:`_scaled_observation_rows` by array operations (a mask per condition, a gather
+    per column); combines partials."""
+    from .._rows import take_rows
+
+    n = len(table)
+    n_bad = (n - int(np.count_nonzero(_flags_clear(np.asarray(table["flags"], dtype=np.uint64))))
+             if "flags" in table else 0)
+    rows, intensity, variance, _ = _scaled_rows(table, partiality_threshold, with_partiality=False)
+    hkl = take_rows(np.asarray(table["miller_index"], dtype=np.int32).reshape(-1, 3), rows)
+    n_selected = len(rows)
+    zero = np.bitwise_or(hkl[:, 0], hkl[:, 1])  # (0, 0, 0); faster than ~any(axis=1)
+    zero |= hkl[:, 2]
+    zero = np.equal(zero, 0)
+    n_zero = int(np.count_nonzero(zero))
+    if n_zero:  # (otherwise every selected row is kept: no copies)
+        keep = ~zero
+        hkl, intensity, variance, rows = take_rows(hkl, keep), intensity[keep], variance[keep], rows[keep]
+    if "id" in table:
+        dataset = np.take(np.asarray(table["id"]), rows).astype(np.int64, copy=False)
+    else:
+        dataset = np.zeros(len(rows), dtype=np.int64)
+    z = (np.asarray(table["xyzobs.px.value"], dtype=np.float64).reshape(-1, 3)[:, 2][rows]
+         if with_z else None)
+    return _ObservationRows(rows, hkl, intensity, variance, dataset, z, n_bad, n_selected, n_zero)
 
 
 def _partials_combine(ids, partial_id, part, var, g, sel, apply_inverse_scale: bool) -> bool:

@@ -105,7 +105,7 @@ def observations_from_reflections(experiments, table, partiality_threshold: floa
     NoScaledDataError
         If nothing is left (the message names the step that removed the last rows).
     """
-    from ..io.scaled_intensities import ScaledIntensityError, _flags_clear, _scaled_rows
+    from ..io.scaled_intensities import ScaledIntensityError, _scaled_observation_rows
 
     missing = [c for c in ("miller_index", "intensity.scale.value", "intensity.scale.variance",
                            "inverse_scale_factor") if c not in table]
@@ -115,33 +115,18 @@ def observations_from_reflections(experiments, table, partiality_threshold: floa
     if len(experiments) == 0 or experiments[0].crystal is None:
         raise ValueError(f"{source}: the experiment list has no crystal (space group, cell)")
     n = len(table)
-    n_bad = (n - int(np.count_nonzero(_flags_clear(np.asarray(table["flags"], dtype=np.uint64))))
-             if "flags" in table else 0)
     if n == 0:
         raise NoScaledDataError(f"{source}: no scaled observation to merge (empty table)")
     try:
-        # the rows and values alone: the Miller index is the only other column read
-        rows, intensity, variance, _ = _scaled_rows(table, partiality_threshold,
-                                                    with_partiality=False)
+        # the rows and values alone: the Miller index, id and frame are the other columns read
+        s = _scaled_observation_rows(table, partiality_threshold,
+                                     with_z="batch" not in table and "xyzobs.px.value" in table)
     except ScaledIntensityError as error:
         raise NoScaledDataError(f"{source}: no scaled observation to merge ({error})") from None
-    hkl = take_rows(np.asarray(table["miller_index"], dtype=np.int32).reshape(-1, 3), rows)
-    n_selected = len(rows)
-    zero = np.bitwise_or(hkl[:, 0], hkl[:, 1])  # (0, 0, 0); faster than ~any(axis=1)
-    zero |= hkl[:, 2]
-    zero = np.equal(zero, 0)
-    n_zero = int(np.count_nonzero(zero))
-    if n_zero:  # (otherwise every selected row is kept: no copies)
-        keep = ~zero
-        hkl, intensity, variance, rows = take_rows(hkl, keep), intensity[keep], variance[keep], rows[keep]
-    del zero
-    if "id" in table:
-        dataset = np.take(np.asarray(table["id"]), rows)
-        dataset = dataset.astype(np.int64, copy=False)
-    else:
-        dataset = np.zeros(len(rows), dtype=np.int64)
+    n_bad, n_selected, n_zero = s.n_bad, s.n_selected, s.n_zero
+    rows, hkl, intensity, variance, dataset = s.rows, s.hkl, s.intensity, s.variance, s.dataset
     batch = (np.take(np.asarray(table["batch"]), rows).astype(np.int64, copy=False)
-             if "batch" in table else _batches_from_z(experiments, table, rows, dataset))
+             if "batch" in table else _batches_from_z(experiments, table, rows, dataset, s.z))
     excluded = {"bad_for_scaling": n_bad,
                 "g <= 0, variance <= 0, partiality or combined partial pieces":
                     n - n_bad - n_selected,
@@ -154,12 +139,15 @@ def observations_from_reflections(experiments, table, partiality_threshold: floa
     return _check_usable(obs)
 
 
-def _batches_from_z(experiments, table, rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
+def _batches_from_z(experiments, table, rows: np.ndarray, ids: np.ndarray,
+                    z: np.ndarray | None = None) -> np.ndarray:
     """Image numbers of ``rows`` (experiment ``ids``) from the observed z (frame) when the
-    table has no batch column."""
+    table has no batch column. ``z``: the rows' frame coordinates, gathered already (a
+    fresh array, worked on in place)."""
     if "xyzobs.px.value" not in table:
         return np.ones(len(rows), dtype=np.int64)
-    z = np.asarray(table["xyzobs.px.value"], dtype=np.float64).reshape(-1, 3)[:, 2][rows]
+    if z is None:
+        z = np.asarray(table["xyzobs.px.value"], dtype=np.float64).reshape(-1, 3)[:, 2][rows]
     first = np.array([e.scan.get_image_range()[0] if e.scan is not None else 1
                       for e in experiments], dtype=np.int64)
     if len(z) and z.min() >= 0 and z.max() < np.inf:

@@ -80,6 +80,31 @@ def _grouped_batch_pairs(batch: np.ndarray, dataset: np.ndarray, max_points: int
     return ds[new_pair], grouped[new_pair], index, pair_map
 
 
+def _cache_in_group_order(prepared, pool) -> None:
+    """Fill ``prepared.in_group_order`` (its rows' values in group order) with the intensity
+    gathered on ``pool``'s thread while this one gathers the sigma and Friedel flags: the
+    same arrays as the property makes."""
+    grouping, friedel_minus, _ = prepared.grouped
+    order = grouping.order
+    intensity = pool.submit(np.take, prepared.intensity, order)
+    sigma, minus = np.take(prepared.sigma, order), np.take(friedel_minus, order)
+    prepared.__dict__["in_group_order"] = (intensity.result(), sigma, minus)
+
+
+def _grouped_rows_pairs(prepared, batch_pairs) -> tuple | None:
+    """The (dataset, batch) pairs of the prepared rows' groups (``_pairs_of_grouped_rows`` of
+    :meth:`~xtalscale.stats.merging._Prepared.observation_groups` and the pairs of the future
+    ``batch_pairs``), or None without those groups."""
+    from ..stats import merging as ms
+
+    groups = prepared.observation_groups()
+    if groups is None:
+        return None
+    ds, batches, index, pair_map = batch_pairs.result()
+    groups.check_length(len(index))
+    return ms._pairs_of_grouped_rows(groups, ds, batches, index, pair_map)
+
+
 def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True,
                           use_internal_variance: bool = False,
                           max_batch_points: int = 100, n_threads: int = 1) -> ReportInputs:
@@ -89,9 +114,11 @@ def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True
     computed (e.g. no reflection measured twice) is left out with a note saying why, so the
     report and the table say so instead of failing. Per-batch statistics of a dataset with
     more than ``max_batch_points`` batches are computed over groups of consecutive batches
-    (each point at the group's first batch). With ``n_threads`` > 1 the resolution estimate
-    is made on a second thread while the merging and per-batch statistics are computed (it
-    reads only the grouped observations they share; the results are the same).
+    (each point at the group's first batch). With ``n_threads`` > 1 a second thread makes
+    the batch pairs while the observations are grouped, gathers a third of the grouped
+    values, then makes the resolution estimate while the merging and per-batch statistics
+    are computed (it reads only the grouped observations they share; the results are the
+    same).
     """
     from ..stats import merging as ms  # the core module (merging_statistics is its facade)
     from ..stats.resolution import _estimate_resolution
@@ -110,29 +137,43 @@ def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True
         except ValueError as error:
             return error
 
-    pending = batch_pairs = None
+    pending = batch_pairs = grouped_pairs = pool = None
+    if n_threads > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=1)
+        # the batch pairs read the observations alone: made while this thread groups them
+        batch_pairs = pool.submit(_grouped_batch_pairs, obs.batch, obs.dataset, max_batch_points)
     try:
         # MergingStatistics.from_arrays(*arrays, anomalous=False, **settings) in its two steps:
         # with n_threads > 1 the resolution estimate (which reads the prepared rows alone)
-        # starts on a second thread once they are grouped
+        # starts on the second thread once they are grouped
         prepared = ms._prepare(*arrays)
         prepared.n_threads = n_threads  # (its ASU mapping's threads; the same result)
-        if n_threads > 1 and int(n_bins) >= 1:  # (a bad n_bins is reported first, as alone)
-            from concurrent.futures import ThreadPoolExecutor
-
-            prepared.grouped, prepared.in_group_order  # noqa: B018 - (cached before sharing)
-            pool = ThreadPoolExecutor(max_workers=1)
-            # (the batch pairs first: this thread's merging and per-batch statistics take
-            # longer than the estimate)
-            batch_pairs = pool.submit(_grouped_batch_pairs, obs.batch, obs.dataset,
-                                      max_batch_points)
+        if pool is not None and int(n_bins) >= 1:  # (a bad n_bins is reported first, as alone)
+            prepared.grouped  # noqa: B018 - (cached before sharing)
+            _cache_in_group_order(prepared, pool)
+            # (the grouped rows' batch pairs, then the estimate: the per-batch statistics
+            # after the merging statistics on this thread take as long)
+            grouped_pairs = pool.submit(_grouped_rows_pairs, prepared, batch_pairs)
             pending = pool.submit(resolution, prepared)
-            pool.shutdown(wait=False)
-        out.statistics = ms.dataset_statistics(prepared, anomalous=False, **settings)
         if anomalous and not obs.space_group.is_centric():
-            out.anomalous_statistics = out.statistics.anomalous_pass()  # same data and shells
+            # the statistics and their anomalous pass (same data and shells) from one pass
+            # over the groups; should that fail, each as alone (the same values, or the same
+            # error with the non-anomalous statistics kept)
+            try:
+                out.statistics, out.anomalous_statistics = ms.MergingStatistics._with_anomalous_pass(
+                    prepared, **settings)
+            except ValueError:
+                out.statistics = ms.dataset_statistics(prepared, anomalous=False, **settings)
+                out.anomalous_statistics = out.statistics.anomalous_pass()
+        else:
+            out.statistics = ms.dataset_statistics(prepared, anomalous=False, **settings)
     except ValueError as error:
         out.notes.append(f"Merging statistics could not be computed: {error}")
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=False)  # (its tasks still run; their results are waited for)
     if out.statistics is None:
         if pending is not None:
             pending.exception()  # (no estimate without statistics: waited for, not kept)
@@ -142,6 +183,8 @@ def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True
     # one grouping of the observations for the per-observation statistics: the merging
     # statistics' own when they were computed on every usable row
     groups = out.statistics.observation_groups() if out.statistics is not None else None
+    # (and then the groups' weighted means: those of the merging statistics)
+    means = out.statistics.group_means() if groups is not None else None
     if groups is None:
         groups = ms.group_observations(obs.miller_index, obs.intensity, sigma, obs.space_group)
     out.observation_groups = groups
@@ -149,7 +192,11 @@ def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True
     # numbered once
     pairs = (batch_pairs.result() if batch_pairs is not None
              else _grouped_batch_pairs(obs.batch, obs.dataset, max_batch_points))
-    per_batch, out.normalised_deviations = ms._pair_statistics_and_deviations(groups, *pairs)
+    # (those of the grouped rows, made on the second thread, when the groups are the
+    # statistics' own)
+    of_rows = grouped_pairs.result() if grouped_pairs is not None and means is not None else None
+    per_batch, out.normalised_deviations = ms._pair_statistics_and_deviations(
+        groups, *pairs, group_means=means, grouped_pairs=of_rows)
     if pending is not None:
         out.resolution = pending.result()  # (re-raises anything but a ValueError)
     if isinstance(out.resolution, ValueError):

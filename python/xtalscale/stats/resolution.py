@@ -404,12 +404,17 @@ def _significance_fit(stats: MergingStatistics) -> ResolutionResult:
 
 
 def quasi_normalised_e_squared(miller_index, intensity, space_group, unit_cell,
-                               d_star_sq=None, epsilon=None) -> np.ndarray:
+                               d_star_sq=None, epsilon=None, d_star_sq_range=None) -> np.ndarray:
     """E² of every observation by quasi-normalisation (as DIALS's ``quasi_normalisation``).
 
     Negative intensities count as 0 in the shell means; shells are of equal width in d*²
     (10, 15 or 20 for <= 15000, <= 20000 or more observations); E² = I/(ε ⟨I/ε⟩_shell).
-    ``d_star_sq`` and ``epsilon`` (per observation) may be given when already known.
+    ``d_star_sq`` and ``epsilon`` (per observation) may be given when already known, and
+    with ``d_star_sq`` its (min, max) ``d_star_sq_range``.
+
+    One C++ pass sums the shells and a second divides
+    (``xtalscale._core.stats.quasi_normalised_e_squared``); :func:`_e_squared_by_arrays`
+    is the same arithmetic by array operations (the same bits), used for non-finite d*².
     """
     from ..symmetry import SpaceGroup, UnitCell, miller_array
 
@@ -430,21 +435,35 @@ def quasi_normalised_e_squared(miller_index, intensity, space_group, unit_cell,
         dss = cell.d_star_sq(hkl)
     else:
         dss = np.asarray(d_star_sq, dtype=float)
-    lo, hi = dss.min(), dss.max()
-    span = hi - lo
-    lo, hi = lo - span * 1e-6, hi + span * 1e-6
-    step = (hi - lo) / n_shells if hi > lo else 1.0
-    # (one scratch array worked on in place: fewer fresh arrays of n values)
-    scratch = np.subtract(dss, lo)
-    # (the quotient cast to int64 as it is written: astype's truncation, one pass fewer)
-    shell = np.divide(scratch, step, out=np.empty(n, dtype=np.int64), casting="unsafe")
-    np.clip(shell, 0, n_shells - 1, out=shell)
     if epsilon is None:
         sg = space_group if isinstance(space_group, SpaceGroup) else SpaceGroup(space_group)
         epsilon = sg.epsilon(hkl)
     eps = np.asarray(epsilon)
     if eps.dtype.kind not in "iuf":
         eps = eps.astype(float)
+    lo, hi = (dss.min(), dss.max()) if d_star_sq_range is None or d_star_sq is None \
+        else d_star_sq_range
+    span = hi - lo
+    lo, hi = lo - span * 1e-6, hi + span * 1e-6
+    step = (hi - lo) / n_shells if hi > lo else 1.0
+    if n == 0 or not (math.isfinite(lo) and math.isfinite(step) and step > 0):
+        return _e_squared_by_arrays(dss, I, eps, lo, step, n_shells)
+    from .._core.stats import quasi_normalised_e_squared as kernel
+
+    # (ε as int8 when it fits, else as float64: each converted exactly where it is used)
+    if eps.dtype != np.int8:
+        eps = eps.astype(np.float64, copy=False)
+    return kernel(dss, I, eps, float(lo), float(step), n_shells)
+
+
+def _e_squared_by_arrays(dss, I, eps, lo, step, n_shells: int) -> np.ndarray:
+    """The E² of :func:`quasi_normalised_e_squared` by array operations."""
+    n = len(I)
+    # (one scratch array worked on in place: fewer fresh arrays of n values)
+    scratch = np.subtract(dss, lo)
+    # (the quotient cast to int64 as it is written: astype's truncation, one pass fewer)
+    shell = np.divide(scratch, step, out=np.empty(n, dtype=np.int64), casting="unsafe")
+    np.clip(shell, 0, n_shells - 1, out=shell)
     # (integer ε stays as it is: the float64 arithmetic below converts each value exactly)
     work = np.divide(np.maximum(I, 0.0, out=scratch), eps, out=scratch)
     sums = np.bincount(shell, weights=work, minlength=n_shells)
@@ -517,7 +536,8 @@ def _estimate_resolution(prepared, anomalous: bool, seed: int, cc_half=0.3, isig
         epsilon = np.take(prepared.space_group.epsilon(grouping.unique_hkl).astype(np.int8),
                           grouping.group_index)
         e2 = quasi_normalised_e_squared(prepared.hkl, prepared.intensity, prepared.space_group,
-                                        prepared.unit_cell, prepared.d_star_sq, epsilon)
+                                        prepared.unit_cell, prepared.d_star_sq, epsilon,
+                                        prepared.d_star_sq_range)
         keep = e2 < emax ** 2
         n_outliers = int((~keep).sum())
         if not keep.any():
