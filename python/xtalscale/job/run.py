@@ -268,25 +268,6 @@ def run_scale_job(params: Any, files: Sequence[str]) -> ScaleJobResult:
         return _run_scale_job(params, files)
 
 
-def _prepare_report_in_background() -> None:
-    """Import and compile the report's template on a daemon thread while the job reads and
-    scales (:func:`~xtalscale.report.html.prepare_report_rendering`): ~50 ms of imports,
-    mostly done while the job's kernels have released the GIL, off the end of the job. No CPU
-    is added (the report needs them anyway). A failure here is left to the report itself,
-    which then raises it on the job's thread."""
-    import threading
-
-    def prepare() -> None:
-        try:
-            from ..report.html import prepare_report_rendering
-
-            prepare_report_rendering()
-        except Exception:  # noqa: BLE001 - raised again, with its context, by the report
-            pass
-
-    threading.Thread(target=prepare, name="xtalscale-report-warm-up", daemon=True).start()
-
-
 def _run_scale_job(params: Any, files: Sequence[str]) -> ScaleJobResult:
     from .algorithm import ScalingAlgorithm
     from .inputs import load_inputs
@@ -294,8 +275,6 @@ def _run_scale_job(params: Any, files: Sequence[str]) -> ScaleJobResult:
 
     timings: dict[str, float] = {}
     check_outputs_writable(params)
-    if output_path(params.output.html) is not None:
-        _prepare_report_in_background()
     t0 = time.perf_counter()
     inputs = load_inputs(files)
     timings["read"] = time.perf_counter() - t0

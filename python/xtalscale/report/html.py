@@ -102,19 +102,12 @@ def _json_figures(figures: dict) -> str:
 @functools.lru_cache(maxsize=1)
 def _template() -> Any:
     """The report's compiled jinja2 template, made once per process (importing jinja2 and
-    compiling the template cost ~50 ms: see :func:`prepare_report_rendering`)."""
+    compiling the template cost ~50 ms; a process that writes several reports pays once)."""
     import jinja2
 
     env = jinja2.Environment(loader=jinja2.PackageLoader("xtalscale.report", "templates"),
                              autoescape=jinja2.select_autoescape(["html", "j2"]))
     return env.get_template("report.html.j2")
-
-
-def prepare_report_rendering() -> None:
-    """Import and compile what :func:`render_html_report` needs ahead of it (the template;
-    plotly.js is read when rendering). A job calls this on a spare thread while it scales,
-    so the ~50 ms are not on its critical path; the report is the same either way."""
-    _template()
 
 
 def _plotly_js() -> str:
