@@ -134,6 +134,19 @@ def scaled_intensities(table, partiality_threshold: float = 0.99, combine_partia
     return out
 
 
+def _checked_inputs(table, partiality_threshold: float) -> float:
+    """The partiality threshold as a float, after checking that ``table`` has the columns
+    scaled intensities need and that the threshold is finite (ScaledIntensityError)."""
+    missing = [c for c in _REQUIRED if c not in table]
+    if missing:
+        raise ScaledIntensityError(f"reflection table lacks column(s) {', '.join(missing)} "
+                                   "needed for scaled intensities")
+    thr = float(partiality_threshold)
+    if not np.isfinite(thr):
+        raise ScaledIntensityError("partiality_threshold must be finite")
+    return thr
+
+
 def _scaled_rows(table, partiality_threshold: float = 0.99, combine_partials: bool = True,
                  min_isigi: float | None = None, apply_inverse_scale: bool = True,
                  with_partiality: bool = True
@@ -148,13 +161,7 @@ def _scaled_rows(table, partiality_threshold: float = 0.99, combine_partials: bo
     ScaledIntensityError
         As :func:`scaled_intensities`.
     """
-    missing = [c for c in _REQUIRED if c not in table]
-    if missing:
-        raise ScaledIntensityError(f"reflection table lacks column(s) {', '.join(missing)} "
-                                   "needed for scaled intensities")
-    thr = float(partiality_threshold)
-    if not np.isfinite(thr):
-        raise ScaledIntensityError("partiality_threshold must be finite")
+    thr = _checked_inputs(table, partiality_threshold)
     n = len(table)
     ids = np.asarray(table["id"]) if "id" in table else np.zeros(n, dtype=np.int64)
     g = np.asarray(table["inverse_scale_factor"], dtype=np.float64)
@@ -252,13 +259,7 @@ def _scaled_observation_rows(table, partiality_threshold: float = 0.99,
     """
     from .._core import stats as _core_stats
 
-    missing = [c for c in _REQUIRED if c not in table]
-    if missing:
-        raise ScaledIntensityError(f"reflection table lacks column(s) {', '.join(missing)} "
-                                   "needed for scaled intensities")
-    thr = float(partiality_threshold)
-    if not np.isfinite(thr):
-        raise ScaledIntensityError("partiality_threshold must be finite")
+    thr = _checked_inputs(table, partiality_threshold)
     ids = np.asarray(table["id"]) if "id" in table else None
     flags = np.asarray(table["flags"]) if "flags" in table else None
     hkl = np.asarray(table["miller_index"])
