@@ -293,11 +293,15 @@ class ScalerBase:
         self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - t0
 
     # ------------------------------------------------------------------ weights
+    def _error_model_for(self, ds: Dataset) -> Any:
+        """The error model that weights ``ds``: its own, else the scaler's shared one (or None)."""
+        return ds.error_model if ds.error_model is not None else self.error_model
+
     def _variances(self, ds: Dataset, rows: np.ndarray | None = None) -> np.ndarray:
         """σ² of the suitable rows (or of ``rows`` of them, positions among the suitable rows),
         through the error model if there is one."""
         var = ds.column("variance", rows)
-        em = ds.error_model if ds.error_model is not None else self.error_model
+        em = self._error_model_for(ds)
         if em is not None:
             var = np.asarray(em.update_variances(var, ds.column("intensity", rows)), dtype=np.float64)
         return var
@@ -384,7 +388,7 @@ class ScalerBase:
         element for element) and the weights 1/σ²; ``I``: :meth:`suitable_values` of the
         intensities."""
         V = self.suitable_values("variance")
-        models = [ds.error_model if ds.error_model is not None else self.error_model for ds in self.datasets]
+        models = [self._error_model_for(ds) for ds in self.datasets]
         if all(em is None for em in models):
             return V, self.suitable_weights()
         starts = self._suitable_layout()[0]
@@ -430,7 +434,7 @@ class ScalerBase:
             a, b = cuts[k], cuts[k + 1]
             np.take(np.asarray(ds.table["inverse_scale_factor"], dtype=np.float64),
                     ds.suitable_idx.take(idx[a:b] - starts[k]), out=g[a:b])
-            em = ds.error_model if ds.error_model is not None else self.error_model
+            em = self._error_model_for(ds)
             if em is not None:
                 V[a:b] = em.update_variances(V[a:b], I[a:b])
         if not (np.all(V > 0) and np.all(np.isfinite(I)) and np.all(np.isfinite(g))):
@@ -555,7 +559,7 @@ class ScalerBase:
         if self.error_model is not None or any(ds.error_model is not None for ds in self.datasets):
             for block in self.Ih_table.blocked_data_list:
                 for k, ds in enumerate(self.datasets):
-                    em = ds.error_model if ds.error_model is not None else self.error_model
+                    em = self._error_model_for(ds)
                     if em is not None:
                         block.update_weights(em, dataset_id=k)
 
@@ -1015,7 +1019,7 @@ class ScalerBase:
             n = len(t)
             var = np.asarray(t["variance"], dtype=np.float64).copy()
             inten = np.asarray(t["intensity"], dtype=np.float64)
-            em = ds.error_model if ds.error_model is not None else self.error_model
+            em = self._error_model_for(ds)
             if em is not None:
                 var = np.asarray(em.update_variances(var, inten), dtype=np.float64)
             g = np.asarray(t["inverse_scale_factor"], dtype=np.float64)
