@@ -931,8 +931,9 @@ class SHScaleComponent(ScaleComponentBase):
         """The class lookup table stacked row-major (n_grid × n_params_max), cached by identity.
         Unset, it is xtalscale's own table, built here (:func:`ensure_sh_lookup_table`) for the
         largest lmax whose factors the process made (a job's models make only the factors)."""
-        if cls.coefficients_list is None and _OWN_FACTORS:
-            ensure_sh_lookup_table(max(lmax for lmax, _ in _OWN_FACTORS))
+        own = _own_default_grid_factors()
+        if cls.coefficients_list is None and own is not None:
+            ensure_sh_lookup_table(own.lmax)
         coeffs = cls.coefficients_list
         if coeffs is None:
             raise ComponentError(
@@ -962,8 +963,7 @@ class SHScaleComponent(ScaleComponentBase):
         user-assigned table, whose factors are unknown)."""
         coeffs = cls.coefficients_list
         if coeffs is None:  # no table yet: it will be xtalscale's own, from these factors
-            factors = next((f for (_, ppd), f in sorted(_OWN_FACTORS.items(), reverse=True)
-                            if ppd == SH_POINTS_PER_DEGREE), None)
+            factors = _own_default_grid_factors()
         else:
             factors = coeffs.unchanged_factors() if isinstance(coeffs, SHLookupColumns) else None
         return factors if factors is not None and factors.n_params >= n_params else None
@@ -977,8 +977,9 @@ class SHScaleComponent(ScaleComponentBase):
         factors, or, with a user-assigned table, a float32 block is built here (see the class
         notes; float64 with ``exact_harmonics``). With ``cache_harmonics`` False, or for this
         call with ``scales_only`` (a caller that wants only scales, e.g. an expansion to
-        every reflection), only the grid indices are kept; scales are then read from the
-        shared table and the harmonic matrix is built on the first derivative call.
+        every reflection), only the grid indices are kept; scales then come from the grid's
+        factors (large data with xtalscale's own table) or the shared table, and the harmonic
+        matrix is built on the first derivative call.
         """
         name = type(self).__name__
         if self._mode is None:
@@ -1831,6 +1832,14 @@ def ensure_sh_lookup_table(lmax: int, points_per_degree: int = SH_POINTS_PER_DEG
 #: xtalscale's lookup-grid factors by (lmax, points per degree): ~200 KB each, made once
 _OWN_FACTORS: dict[tuple[int, int], Any] = {}
 _OWN_TABLE_LOCK = threading.RLock()  # (re-entrant: a table build makes its factors under it)
+
+
+def _own_default_grid_factors() -> Any:
+    """xtalscale's factors of the largest lmax made so far on the default grid
+    (``SH_POINTS_PER_DEGREE``), or None: what the class table will be built from when a path
+    first needs it."""
+    lmaxes = [lmax for lmax, ppd in _OWN_FACTORS if ppd == SH_POINTS_PER_DEGREE]
+    return _OWN_FACTORS[(max(lmaxes), SH_POINTS_PER_DEGREE)] if lmaxes else None
 
 
 def sh_lookup_factors(lmax: int, points_per_degree: int = SH_POINTS_PER_DEGREE) -> Any:

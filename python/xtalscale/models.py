@@ -75,10 +75,6 @@ AUTO = "auto"
 #: Above this many reflections the absorption harmonics use DIALS's 0.5° lookup table.
 SH_LOOKUP_THRESHOLD = 100000
 
-# Guards the class-wide SH lookup table shared by all SHScaleComponent instances (as in DIALS).
-_SH_TABLE_LOCK = threading.Lock()
-
-
 class ScalingModelError(ValueError):
     """A scaling-model configuration or parameter set is inconsistent."""
 
@@ -800,9 +796,9 @@ def _add_absorption(model: ScalingModelBase, reflection_table: Any, experiment: 
     s0c = np.ascontiguousarray(s0c, dtype=np.float64).reshape(-1, 3)
     s1c = np.ascontiguousarray(s1c, dtype=np.float64).reshape(-1, 3)
     if large:
-        # Grid indices into the class-wide table (built or grown for lmax under the lock).
-        with _SH_TABLE_LOCK:
-            absorption.data = _components_module().sh_lookup_data(s0c, s1c, lmax)
+        # grid indices into the class-wide lookup grid (its factors and table are made
+        # thread-safely by the components module)
+        absorption.data = _components_module().sh_lookup_data(s0c, s1c, lmax)
     else:
         table = kern.sph_harm_table(kern.calc_theta_phi(s0c), kern.calc_theta_phi(s1c), lmax)
         absorption.data = {"sph_harm_table": table.T}  # DIALS's (n_params x n_refl) orientation, a view
