@@ -301,12 +301,13 @@ class ScalerObjective:
         """Every block's terms added to ``matrix`` and ``rhs`` (unfolded when ``in_place``) from
         its ∂g/∂p; returns ``(Σ w r², n_equations)``."""
         r_sq, n_eq = 0.0, 0
-        for block in self._each_block(check_scales=check_scales):
-            if in_place:  # the blocks' terms summed into matrix and rhs, folded by the caller
-                _, _, sb, eb = inner.compute_normal_equations(block, out=(matrix, rhs))
+        if in_place:  # the blocks' terms summed into matrix and rhs, folded by the caller
+            for block_id, block in enumerate(self._blocks()):
+                _, _, sb, eb = self._derivative_terms(inner, block_id, block, matrix, rhs, check_scales)
                 r_sq += sb
                 n_eq += eb
-                continue
+            return r_sq, n_eq
+        for block in self._each_block(check_scales=check_scales):
             if hasattr(inner, "compute_normal_equations"):
                 nb, rb, sb, eb = inner.compute_normal_equations(block)
             else:  # a target without the C++ path: explicit Jacobian
