@@ -343,16 +343,32 @@ std::vector<std::int64_t> select_rows_in_groups(const GroupLayout& layout, const
 
 std::vector<std::int64_t> subset_grouping(const GroupLayout& layout, const std::uint8_t* keep,
                                           std::vector<std::int64_t>& new_order) {
-  std::vector<std::int64_t> kept_groups;
-  auto offsets = select_rows_in_groups(layout, keep, new_order, kept_groups);
-  // row r of the layout is row rank[r] of the subset (kept rows keep their relative order)
-  std::vector<std::int64_t> rank(layout.n_rows);
-  std::int64_t n_kept = 0;
-  for (std::size_t r = 0; r < layout.n_rows; ++r) {
-    rank[r] = n_kept;
-    n_kept += keep[r] != 0 ? 1 : 0;
+  // Row r of the layout is row r - (dropped rows before r) of the subset (kept rows keep their
+  // relative order). The dropped rows are a bitset with a running count per 64-row word, so
+  // that a row's test and new number read ~n/6 bytes in all (cache-resident) instead of a
+  // byte and an 8-byte rank per row at random.
+  const std::size_t n = layout.n_rows, n_words = (n + 63) / 64;
+  std::vector<std::uint64_t> dropped(n_words, 0);
+  for (std::size_t r = 0; r < n; ++r)
+    if (keep[r] == 0) dropped[r >> 6] |= std::uint64_t{1} << (r & 63);
+  std::vector<std::int64_t> dropped_before(n_words + 1, 0);  // in the words before word w
+  for (std::size_t w = 0; w < n_words; ++w)
+    dropped_before[w + 1] = dropped_before[w] + __builtin_popcountll(dropped[w]);
+  new_order.clear();
+  new_order.reserve(n - static_cast<std::size_t>(dropped_before[n_words]));
+  std::vector<std::int64_t> offsets{0};
+  offsets.reserve(layout.n_groups + 1);
+  for (std::size_t k = 0; k < layout.n_groups; ++k) {
+    const auto before = new_order.size();
+    for (auto i = layout.offsets[k]; i < layout.offsets[k + 1]; ++i) {
+      const auto r = static_cast<std::size_t>(layout.order[i]);
+      const std::uint64_t word = dropped[r >> 6], bit = std::uint64_t{1} << (r & 63);
+      if ((word & bit) != 0) continue;
+      new_order.push_back(static_cast<std::int64_t>(r) - dropped_before[r >> 6] -
+                          __builtin_popcountll(word & (bit - 1)));
+    }
+    if (new_order.size() > before) offsets.push_back(static_cast<std::int64_t>(new_order.size()));
   }
-  for (auto& r : new_order) r = rank[static_cast<std::size_t>(r)];
   return offsets;
 }
 

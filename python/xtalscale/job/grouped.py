@@ -18,8 +18,8 @@ import numpy as np
 from .._core import job as _kern
 from .._rows import negate_rows, take_rows
 
-__all__ = ["AsuGrouping", "GroupedObservations", "asu_grouping", "cached_asu_grouping_of", "group_of_rows", "regroup",
-           "suitable_rows"]
+__all__ = ["AsuGrouping", "GroupedObservations", "asu_grouping", "cached_asu_grouping_of", "cached_asu_mapping",
+           "cached_grouping_of_rows", "group_of_rows", "regroup", "suitable_rows"]
 
 
 def suitable_rows(table: Any) -> np.ndarray:
@@ -108,8 +108,7 @@ def asu_grouping(hkl: np.ndarray, space_group: Any, anomalous: bool, n_threads: 
     if hkl.size == 0:
         grouping = group_reflections(hkl)
         return AsuGrouping(hkl, grouping.order, grouping.offsets)
-    entry = next((e for e in _ASU_CACHE if e[0] == sg and e[1].shape == hkl.shape and np.array_equal(e[1], hkl)),
-                 None)
+    entry = _cached_entry(hkl, sg)
     if entry is None:
         mapping = map_to_asu(hkl, sg, anomalous=False, n_threads=n_threads)
         entry = (sg, hkl.copy(), mapping.asu_hkl, mapping.friedel_minus, {})
@@ -117,6 +116,47 @@ def asu_grouping(hkl: np.ndarray, space_group: Any, anomalous: bool, n_threads: 
         _ASU_CACHE.insert(0, entry)
         del _ASU_CACHE[_ASU_CACHE_SIZE:]
     return _grouping_of_entry(entry, anomalous)
+
+
+def _cached_entry(hkl: np.ndarray, space_group: Any) -> tuple | None:
+    """The cache entry of these (n, 3) int32 indices in this space group, or None."""
+    return next((e for e in _ASU_CACHE
+                 if e[0] == space_group and e[1].shape == hkl.shape and np.array_equal(e[1], hkl)), None)
+
+
+def cached_asu_mapping(hkl: np.ndarray, space_group: Any) -> tuple[AsuGrouping, np.ndarray] | None:
+    """The :func:`asu_grouping` (Bijvoet mates together) of ``hkl`` and each row's Bijvoet-minus
+    flag (``friedel_minus`` of :func:`~xtalscale.symmetry.map_to_asu`: an acentric row with an
+    even ISYM) when the cache holds these indices (compared by content), else None: nothing is
+    mapped, and nothing sorted unless only the anomalous grouping was made. Shared, read-only."""
+    from ..symmetry import SpaceGroup
+
+    sg = space_group if isinstance(space_group, SpaceGroup) else SpaceGroup(space_group)
+    entry = _cached_entry(np.asarray(hkl, dtype=np.int32).reshape(-1, 3), sg)
+    return None if entry is None else (_grouping_of_entry(entry, False), entry[3])
+
+
+def cached_grouping_of_rows(hkl: np.ndarray, space_group: Any, rows: np.ndarray) -> tuple[Any, np.ndarray] | None:
+    """The :func:`~xtalscale.symmetry.group_reflections` grouping of the ASU indices (Bijvoet
+    mates together) of rows ``rows`` (ascending, distinct) of ``hkl`` and their Bijvoet-minus
+    flags, made from the cached grouping of ``hkl`` (:func:`cached_asu_mapping`) with the other
+    rows taken out: the same arrays as mapping and grouping those rows afresh (the kept rows
+    keep their order), without a mapping or a sort. None when ``hkl`` is not cached."""
+    from ..symmetry import Grouping
+
+    cached = cached_asu_mapping(hkl, space_group)
+    if cached is None:
+        return None
+    (asu, order, offsets), minus = cached
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) == len(asu):  # every row (ascending and distinct: 0..n-1)
+        first = order[offsets[:-1]]
+        return Grouping(order, group_of_rows(order, offsets), offsets, take_rows(asu, first)), minus
+    keep = np.zeros(len(asu), dtype=bool)
+    keep[rows] = True
+    order, offsets = _kern.subset_grouping(order, offsets, keep)
+    first = np.take(rows, order[offsets[:-1]])  # each group's first row, numbered in hkl
+    return Grouping(order, group_of_rows(order, offsets), offsets, take_rows(asu, first)), np.take(minus, rows)
 
 
 def cached_asu_grouping_of(order: np.ndarray, anomalous: bool) -> AsuGrouping | None:

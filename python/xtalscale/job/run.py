@@ -86,8 +86,29 @@ def _statistics(experiments: Any, table: Any, params: Any) -> tuple[Any, Any]:
 
     inputs = statistics_for_report(
         obs, n_bins=int(params.output.merging.nbins), anomalous=bool(params.anomalous),
-        use_internal_variance=bool(params.output.use_internal_variance), n_threads=threads_of(params))
+        use_internal_variance=bool(params.output.use_internal_variance), n_threads=threads_of(params),
+        asu_grouping=_scaled_grouping(table, obs))
     return inputs, obs
+
+
+def _scaled_grouping(table: Any, obs: Any) -> tuple | None:
+    """The grouping of the observations' ASU indices and their Bijvoet-minus flags taken from
+    the scaler's grouping of the suitable rows (kept in :mod:`.grouped`'s cache; the scaled
+    observations are suitable rows less outliers), or None when it is not there."""
+    from .._rows import take_rows
+    from .grouped import cached_grouping_of_rows, suitable_rows
+
+    rows = obs.rows
+    if rows is None or len(rows) == 0:
+        return None
+    suitable = suitable_rows(table)
+    hkl = np.asarray(table["miller_index"], dtype=np.int32).reshape(-1, 3)
+    if not suitable.all():
+        if not suitable[rows].all():
+            return None
+        hkl = take_rows(hkl, suitable)
+        rows = np.take(np.cumsum(suitable, dtype=np.int64) - 1, rows)  # numbered among the suitable rows
+    return cached_grouping_of_rows(hkl, obs.space_group, rows)
 
 
 def _write_scaled_files(params: Any, experiments: Any, table: Any, result: ScaleJobResult) -> None:

@@ -43,6 +43,9 @@ class ScaledObservations:
     source: str = ""  #: file(s) the data came from
     n_rows_read: int = 0  #: rows before selection
     excluded: dict = field(default_factory=dict)  #: reason -> rows not merged
+    #: the row of the source table of each observation (ascending), when read from a
+    #: reflection table (:func:`observations_from_reflections`); None otherwise
+    rows: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.intensity)
@@ -66,7 +69,8 @@ class ScaledObservations:
         return ScaledObservations(self.miller_index[keep], self.intensity[keep],
                                   self.variance[keep], self.batch[keep], self.dataset[keep],
                                   self.space_group, self.unit_cell, self.wavelength,
-                                  self.source, self.n_rows_read, excluded)
+                                  self.source, self.n_rows_read, excluded,
+                                  None if self.rows is None else self.rows[keep])
 
 
 def _check_usable(obs: ScaledObservations) -> ScaledObservations:
@@ -135,7 +139,7 @@ def observations_from_reflections(experiments, table, partiality_threshold: floa
     obs = ScaledObservations(
         hkl, intensity, variance, batch, dataset,
         crystal.get_space_group(), crystal.get_unit_cell(),
-        float(beam.get_wavelength()) if beam is not None else 0.0, source, n, excluded)
+        float(beam.get_wavelength()) if beam is not None else 0.0, source, n, excluded, rows)
     return _check_usable(obs)
 
 

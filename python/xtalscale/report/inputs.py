@@ -107,7 +107,8 @@ def _grouped_rows_pairs(prepared, batch_pairs) -> tuple | None:
 
 def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True,
                           use_internal_variance: bool = False,
-                          max_batch_points: int = 100, n_threads: int = 1) -> ReportInputs:
+                          max_batch_points: int = 100, n_threads: int = 1,
+                          asu_grouping: tuple | None = None) -> ReportInputs:
     """Statistics of scaled observations (a :class:`~xtalscale.merge.ScaledObservations`).
 
     Computed on exactly these observations, as dials.merge does. A statistic that cannot be
@@ -118,7 +119,9 @@ def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True
     the batch pairs while the observations are grouped, gathers a third of the grouped
     values, then makes the resolution estimate while the merging and per-batch statistics
     are computed (it reads only the grouped observations they share; the results are the
-    same).
+    same). ``asu_grouping``: ``(grouping, friedel_minus)`` of the observations' ASU indices
+    made already (see :meth:`xtalscale.stats.merging._Prepared.use_grouping`; the scaling
+    job's), used instead of mapping and sorting them again when every observation is usable.
     """
     from ..stats import merging as ms  # the core module (merging_statistics is its facade)
     from ..stats.resolution import _estimate_resolution
@@ -150,6 +153,8 @@ def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True
         # starts on the second thread once they are grouped
         prepared = ms._prepare(*arrays)
         prepared.n_threads = n_threads  # (its ASU mapping's threads; the same result)
+        if asu_grouping is not None:
+            prepared.use_grouping(*asu_grouping)
         if pool is not None and int(n_bins) >= 1:  # (a bad n_bins is reported first, as alone)
             prepared.grouped  # noqa: B018 - (cached before sharing)
             _cache_in_group_order(prepared, pool)
@@ -202,7 +207,7 @@ def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True
     if isinstance(out.resolution, ValueError):
         out.notes.append(f"Resolution estimate failed: {out.resolution}")
         out.resolution = None
-    for d in np.unique(per_batch.dataset):
+    for d in ms.sorted_distinct(per_batch.dataset):  # (np.unique: without importing numpy.ma)
         mine = per_batch.dataset == d
         out.batch_statistics[f"dataset {int(d)}"] = {
             "batch": per_batch.batch[mine], "r_merge": per_batch.r_merge[mine],

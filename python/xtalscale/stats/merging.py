@@ -131,7 +131,23 @@ def _counting_limits(dss: np.ndarray, n_bins: int, reflections_per_bin: int | No
     hi = last + span * _D_TOLERANCE
     if hi <= lo:
         hi = lo * (1 + 1e-6) + 1e-12
-    return np.unique(np.concatenate([[lo], cuts[cuts < hi], [hi]]))
+    return sorted_distinct(np.concatenate([[lo], cuts[cuts < hi], [hi]]))
+
+
+def sorted_distinct(values) -> np.ndarray:
+    """``np.unique(values)``: the distinct values, ascending (NaNs, sorted last, as one).
+
+    numpy 2's ``unique`` imports ``numpy.ma`` on its first plain call (about 15 ms of the
+    job's statistics); a sort and a comparison of neighbours give the same values."""
+    a = np.sort(np.asarray(values).ravel())
+    if len(a) < 2:
+        return a
+    first = np.empty(len(a), dtype=bool)
+    first[0] = True
+    np.not_equal(a[1:], a[:-1], out=first[1:])
+    if a.dtype.kind in "fc" and np.isnan(a[-1]):  # (NaN != NaN: keep the first NaN only)
+        first[1:] &= ~(np.isnan(a[1:]) & np.isnan(a[:-1]))
+    return a[first]
 
 
 def shell_limits(d_star_sq, n_bins: int = 20, binning_method: str = "volume",
@@ -342,6 +358,34 @@ class _Prepared:
         # centric groups); isym is ours, so its parity is taken in place
         friedel_minus = np.equal(np.bitwise_and(isym, 1, out=isym), 0).view(np.uint8)
         return grouping, friedel_minus, _centric(grouping.unique_hkl, self.space_group)
+
+    def use_grouping(self, grouping: Grouping, friedel_minus: np.ndarray) -> bool:
+        """Take the grouping of these rows made by the caller as :attr:`grouped` instead of
+        mapping and sorting their indices again: ``grouping`` is
+        :func:`~xtalscale.symmetry.group_reflections` of the non-anomalous ASU indices of the
+        caller's rows, ``friedel_minus`` each row's Bijvoet-minus flag (bool or 0/1).
+
+        Only when every input row is used and nothing has been grouped yet (else False and
+        nothing changes). ``map_to_asu``'s ``friedel_minus`` (False for centric rows) serves
+        as well as the ISYM parity :attr:`grouped` keeps: the kernels take a centric group's
+        rows together and never read their flags.
+
+        Raises
+        ------
+        MergingStatisticsError
+            If the grouping or the flags do not have one entry per row.
+        """
+        n = len(self.intensity)
+        order, offsets = grouping.order, grouping.offsets
+        if not (len(order) == len(grouping.group_index) == len(friedel_minus) == n
+                and len(offsets) == len(grouping.unique_hkl) + 1 and int(offsets[-1]) == n):
+            raise MergingStatisticsError(f"the grouping given is not one of {n} observations")
+        if len(self.used_rows) != self.n_input or "grouped" in self.__dict__:
+            return False
+        minus = np.asarray(friedel_minus)
+        minus = minus.view(np.uint8) if minus.dtype == np.bool_ else minus.astype(np.uint8)
+        self.__dict__["grouped"] = (grouping, minus, _centric(grouping.unique_hkl, self.space_group))
+        return True
 
     @cached_property
     def d_star_sq_range(self) -> tuple[float, float]:
