@@ -123,12 +123,26 @@ def _write_scaled_files(params: Any, experiments: Any, table: Any, result: Scale
         result.files["experiments"] = expts
 
 
+def _merged(params: Any, obs: Any, report_inputs: Any) -> Any:
+    """The merged data of the scaled observations when a merged MTZ or the report needs
+    them (else None), merged on the grouping the statistics made of the same observations."""
+    out = params.output
+    if obs is None or (output_path(out.merged_mtz) is None and output_path(out.html) is None):
+        return None
+    from ..merge import merge_observations
+
+    groups = report_inputs.observation_groups if report_inputs is not None else None
+    return merge_observations(obs, anomalous=bool(params.anomalous), groups=groups)
+
+
 def _write(params: Any, experiments: Any, table: Any, obs: Any, report_inputs: Any,
-           result: ScaleJobResult, scaled_files: Future | None = None) -> Any:
+           result: ScaleJobResult, scaled_files: Future | None = None,
+           merging: Future | None = None) -> Any:
     """Write the output files (recorded in ``result.files``); returns the merged data of
     the scaled observations when a merged MTZ or the report needs them (else None).
     ``scaled_files``: scaled.refl/.expt are already being written (a future of
-    :func:`_write_scaled_files`), so only wait for them."""
+    :func:`_write_scaled_files`), so only wait for them; ``merging``: likewise the merged
+    data (a future of :func:`_merged`)."""
     out = params.output
     if scaled_files is None:
         _write_scaled_files(params, experiments, table, result)
@@ -143,16 +157,12 @@ def _write(params: Any, experiments: Any, table: Any, obs: Any, report_inputs: A
         write_unmerged_mtz(unmerged_mtz, scaled, experiments, project_name=out.project_name,
                            crystal_name=out.crystal_name)
         result.files["unmerged_mtz"] = unmerged_mtz
-    merged = None
-    if obs is not None and (merged_mtz is not None or output_path(out.html) is not None):
-        from ..merge import merge_observations, write_merged_mtz
+    merged = merging.result() if merging is not None else _merged(params, obs, report_inputs)
+    if merged is not None and merged_mtz is not None:
+        from ..merge import write_merged_mtz
 
-        # merged on the grouping the statistics made of the same observations
-        groups = report_inputs.observation_groups if report_inputs is not None else None
-        merged = merge_observations(obs, anomalous=bool(params.anomalous), groups=groups)
-        if merged_mtz is not None:
-            write_merged_mtz(merged_mtz, merged, out.project_name, out.crystal_name)
-            result.files["merged_mtz"] = merged_mtz
+        write_merged_mtz(merged_mtz, merged, out.project_name, out.crystal_name)
+        result.files["merged_mtz"] = merged_mtz
     stats = result.statistics
     if json_path is not None and stats is not None:
         Path(json_path).write_text(stats.as_json())
@@ -343,15 +353,24 @@ def _run_scale_job(params: Any, files: Sequence[str]) -> ScaleJobResult:
         raise RuntimeError(f"internal error: {n_in} rows read but {len(table)} to write")
 
     # With more than one thread, scaled.refl/.expt (~0.2 kB per row) are written while the
-    # statistics are computed: both only read the joined table.
-    writer = ThreadPoolExecutor(max_workers=1) if threads_of(params) > 1 else None
+    # statistics are computed: both only read the joined table. Then the observations are
+    # merged on a second worker while this thread compiles the report's template (pure
+    # Python; the merge's kernels and numpy release the GIL).
+    writer = ThreadPoolExecutor(max_workers=2) if threads_of(params) > 1 else None
     scaled_files = writer.submit(_write_scaled_files, params, experiments, table, result) if writer else None
     try:
         stats, obs, report_inputs, result_free = _statistics_stage(algorithm, experiments, table, params, timings)
         result.statistics = stats
         result.work_free = result_free
         t0 = time.perf_counter()
-        merged = _write(params, experiments, table, obs, report_inputs, result, scaled_files)
+        merging = None
+        if writer is not None:
+            merging = writer.submit(_merged, params, obs, report_inputs)
+            if output_path(params.output.html) is not None:
+                from ..report import prepare_report
+
+                prepare_report()
+        merged = _write(params, experiments, table, obs, report_inputs, result, scaled_files, merging)
     finally:
         if writer is not None:
             writer.shutdown(wait=True)

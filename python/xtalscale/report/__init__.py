@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from .html import (
     STATISTICS_COLUMNS,
+    prepare_report,
     render_html_report,
     statistics_as_dict,
     write_html_report,
 )
 from .inputs import ReportInputs, statistics_for_report
 
-__all__ = ["STATISTICS_COLUMNS", "ReportInputs", "render_html_report", "statistics_as_dict",
-           "statistics_for_report", "write_html_report"]
+__all__ = ["STATISTICS_COLUMNS", "ReportInputs", "prepare_report", "render_html_report",
+           "statistics_as_dict", "statistics_for_report", "write_html_report"]

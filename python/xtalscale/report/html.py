@@ -23,7 +23,7 @@ import numpy as np
 
 from . import plots
 
-__all__ = ["STATISTICS_COLUMNS", "render_html_report", "statistics_as_dict",
+__all__ = ["STATISTICS_COLUMNS", "prepare_report", "render_html_report", "statistics_as_dict",
            "write_html_report"]
 
 #: (iotbx name, column header, format) of the statistics table, in AIMLESS/DIALS order.
@@ -108,6 +108,13 @@ def _template() -> Any:
     env = jinja2.Environment(loader=jinja2.PackageLoader("xtalscale.report", "templates"),
                              autoescape=jinja2.select_autoescape(["html", "j2"]))
     return env.get_template("report.html.j2")
+
+
+def prepare_report() -> None:
+    """Import jinja2 and compile the report's template now (once per process; ~50 ms of
+    Python): for a caller whose other thread is busy meanwhile (the scaling job merges the
+    observations then), so that :func:`write_html_report` later does not wait for it."""
+    _template()
 
 
 def _plotly_js() -> str:
