@@ -1238,3 +1238,36 @@ def test_final_expansion_reuses_the_minimisation_blocks_model_data(monkeypatch):
         np.testing.assert_allclose(np.asarray(ds.table["inverse_scale_factor"]), g, rtol=1e-14, atol=0)
         np.testing.assert_allclose(np.asarray(ds.table["inverse_scale_factor_variance"]), var, rtol=1e-13, atol=0)
         assert np.all(var[ds.suitable] > 0)
+
+
+def test_the_statistics_stage_groups_the_scaled_rows_from_the_scalers_grouping(tmp_path, monkeypatch):
+    """The statistics stage takes the scaled observations' grouping from the scaler's cached
+    grouping of the suitable rows (the outliers taken out) instead of mapping and sorting them
+    again: the grouping and Bijvoet-minus flags of a fresh mapping of those rows."""
+    from xtalscale.job import run
+    from xtalscale.merge.observations import observations_from_reflections
+    from xtalscale.symmetry import group_reflections, map_to_asu
+
+    seen = []
+    scaled_grouping = run._scaled_grouping
+
+    def recorded(table, obs):
+        got = scaled_grouping(table, obs)
+        seen.append((obs, got))
+        return got
+
+    monkeypatch.setattr(run, "_scaled_grouping", recorded)
+    params, _ = parse_phil_arguments(["output.html=None", f"output.reflections={tmp_path}/s.refl",
+                                      f"output.experiments={tmp_path}/s.expt", f"output.log={tmp_path}/s.log"])
+    result = run.run_scale_job(params, SWEEP20 + SWEEP25)
+    (obs, got), = seen
+    assert got is not None
+    assert len(obs) < len(result.reflections)  # (outliers and unscaled rows left out)
+    grouping, minus = got
+    mapping = map_to_asu(obs.miller_index, obs.space_group)
+    fresh = group_reflections(mapping.asu_hkl)
+    for name in fresh._fields:
+        np.testing.assert_array_equal(getattr(grouping, name), getattr(fresh, name))
+    np.testing.assert_array_equal(minus, mapping.friedel_minus)
+    again = observations_from_reflections(result.experiments, result.reflections)
+    np.testing.assert_array_equal(again.rows, obs.rows)

@@ -473,3 +473,116 @@ def test_volume_shells_from_the_cached_range_equal_shell_limits(insulin):
     with pytest.raises(MergingStatisticsError, match="n_bins"):
         MergingStatistics.from_arrays(one, np.arange(8.0), np.ones(8), "P 1 2 1",
                                       (30, 40, 50, 90, 90, 90), n_bins=0)
+
+
+# --------------------------------------------------------------------------- the statistics on
+# the scaler's grouping (the job's statistics stage)
+
+
+def _subset_by_rank(order, offsets, keep):
+    """subset_grouping's result by array operations: the kept rows of each group (empty
+    groups dropped), each row numbered by the kept rows before it."""
+    rank = np.cumsum(keep) - 1
+    kept = keep[order]
+    counts = np.add.reduceat(kept.astype(np.int64), offsets[:-1]) if len(order) else np.zeros(0, np.int64)
+    counts = counts[counts > 0]
+    return rank[order[kept]], np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 128, 5_000])
+def test_subset_grouping_numbers_the_kept_rows_by_their_rank(n):
+    """The kept rows' numbers (made from a dropped-row bitset) are their ranks among the kept
+    rows, groups and row order kept, empty groups dropped: every keep pattern, word edges
+    included."""
+    from xtalscale._core import job as kern
+    from xtalscale.symmetry import group_reflections
+
+    rng = np.random.default_rng(n)
+    grouping = group_reflections(rng.integers(-3, 4, (n, 3)).astype(np.int32))
+    for keep in (np.ones(n, bool), np.zeros(n, bool), rng.random(n) < 0.997, rng.random(n) < 0.5,
+                 np.arange(n) % 64 != 63, np.arange(n) % 64 == 0):
+        order, offsets = kern.subset_grouping(grouping.order, grouping.offsets, keep)
+        expected_order, expected_offsets = _subset_by_rank(grouping.order, grouping.offsets, keep)
+        same(order, expected_order.astype(np.int64))
+        same(offsets, expected_offsets)
+    with pytest.raises(IndexError, match="order"):  # (a row of the grouping beyond keep)
+        kern.subset_grouping(grouping.order, grouping.offsets, np.ones(n - 1, bool))
+
+
+@pytest.mark.parametrize("space_group", ["P 2 2 2", "P 21 21 21", "P 4/m m m", "P 3 2 1", "C 2"])
+def test_cached_grouping_of_rows_equals_grouping_those_rows(space_group):
+    """The grouping of some rows taken from the cached grouping of all (the job's statistics
+    on the scaler's grouping) is group_reflections of their ASU indices, with map_to_asu's
+    Bijvoet-minus flags; None when the indices were not grouped before."""
+    from xtalscale.job.grouped import _ASU_CACHE, asu_grouping, cached_grouping_of_rows
+    from xtalscale.symmetry import SpaceGroup, group_reflections, map_to_asu
+
+    rng = np.random.default_rng(5)
+    hkl = rng.integers(-9, 10, (20_000, 3)).astype(np.int32)
+    hkl = hkl[np.any(hkl != 0, axis=1)]
+    _ASU_CACHE.clear()
+    assert cached_grouping_of_rows(hkl, space_group, np.arange(len(hkl))) is None
+    asu_grouping(hkl, space_group, anomalous=True)  # (only the Bijvoet-split grouping made)
+    for rows in (np.arange(len(hkl)), np.flatnonzero(rng.random(len(hkl)) < 0.99),
+                 np.flatnonzero(rng.random(len(hkl)) < 0.2)):
+        grouping, minus = cached_grouping_of_rows(hkl, space_group, rows)
+        mapping = map_to_asu(hkl[rows], SpaceGroup(space_group))
+        expected = group_reflections(mapping.asu_hkl)
+        for name in expected._fields:
+            same(getattr(grouping, name), getattr(expected, name))
+        same(np.asarray(minus), mapping.friedel_minus)
+    assert cached_grouping_of_rows(hkl[:-1], space_group, np.arange(len(hkl) - 1)) is None
+
+
+def test_statistics_on_a_given_grouping_are_those_on_their_own(insulin):
+    """Merging statistics (both passes), the resolution estimate and the per-batch
+    statistics of statistics_for_report on a grouping given (map_to_asu's Bijvoet-minus
+    flags, False for centric rows, instead of the ISYM parity) equal those it makes itself;
+    a grouping of other rows is refused and one of rows that are partly unusable is not
+    used."""
+    from xtalscale.merge import ScaledObservations
+    from xtalscale.report import statistics_for_report
+    from xtalscale.stats.merging import MergingStatisticsError
+    from xtalscale.symmetry import SpaceGroup, UnitCell, group_reflections, map_to_asu
+
+    hkl, intensity, sigma, batch, dataset, sg, cell = insulin
+    usable = np.isfinite(intensity) & (sigma > 0)
+    hkl, intensity, sigma = np.asarray(hkl, dtype=np.int32)[usable], intensity[usable], sigma[usable]
+    mapping = map_to_asu(hkl, SpaceGroup(sg))
+    given = (group_reflections(mapping.asu_hkl), mapping.friedel_minus)
+    obs = ScaledObservations(hkl, intensity, sigma ** 2, np.asarray(batch)[usable],
+                             np.asarray(dataset, dtype=np.int64)[usable], SpaceGroup(sg), UnitCell(cell), 1.0)
+    for n_threads in (1, 2):
+        alone = statistics_for_report(obs, anomalous=True, n_threads=n_threads)
+        shared = statistics_for_report(obs, anomalous=True, n_threads=n_threads, asu_grouping=given)
+        same_statistics(alone.statistics, shared.statistics)
+        same_statistics(alone.anomalous_statistics, shared.anomalous_statistics)
+        same_statistics(alone.resolution.statistics, shared.resolution.statistics)
+        assert alone.resolution.d_min == shared.resolution.d_min
+        same(alone.normalised_deviations, shared.normalised_deviations)
+        for key, values in alone.batch_statistics.items():
+            for name, array in values.items():
+                same(array, shared.batch_statistics[key][name])
+    prepared = _prepare(hkl, intensity, sigma, sg, cell)
+    with pytest.raises(MergingStatisticsError, match="not one of"):
+        prepared.use_grouping(given[0], given[1][:-1])
+    assert prepared.use_grouping(*given) and not prepared.use_grouping(*given)  # (grouped once)
+    sigma_bad = sigma.copy()
+    sigma_bad[0] = 0.0
+    assert not _prepare(hkl, intensity, sigma_bad, sg, cell).use_grouping(*given)
+
+
+def test_sorted_distinct_and_median_are_numpys():
+    """The numpy.ma-free stand-ins of np.unique (shell limits, datasets) and np.median
+    (French-Wilson prior) give numpy's values."""
+    from xtalscale.merge.french_wilson import _median
+    from xtalscale.stats.merging import sorted_distinct
+
+    rng = np.random.default_rng(2)
+    for n in (0, 1, 2, 3, 10, 101):
+        for values in (rng.integers(-3, 4, n), rng.normal(size=n), np.round(rng.normal(size=n), 1)):
+            same(sorted_distinct(values), np.unique(values))
+            if n:
+                assert _median(values.astype(float)) == np.median(values.astype(float))
+    with_nan = np.array([3.0, np.nan, 1.0, np.nan, 3.0, -0.0, 0.0])
+    same(sorted_distinct(with_nan), np.unique(with_nan))

@@ -375,7 +375,7 @@ class _Prepared:
         MergingStatisticsError
             If the grouping or the flags do not have one entry per row.
         """
-        n = len(self.intensity)
+        n = self.n_input  # (the caller's rows)
         order, offsets = grouping.order, grouping.offsets
         if not (len(order) == len(grouping.group_index) == len(friedel_minus) == n
                 and len(offsets) == len(grouping.unique_hkl) + 1 and int(offsets[-1]) == n):
