@@ -75,20 +75,29 @@ def exclusion_summary(table: Any) -> list[tuple[str, int]]:
             ("outliers", int(outlier.sum()))]
 
 
-def _statistics(experiments: Any, table: Any, params: Any) -> tuple[Any, Any]:
+def _statistics(experiments: Any, table: Any, params: Any,
+                workers: ThreadPoolExecutor | None = None) -> tuple[Any, Any, Future | None]:
     """The report inputs (statistics, per-batch, deviations, resolution) of the scaled rows,
-    and the scaled observations they were computed on."""
+    the scaled observations they were computed on and, with ``workers``, the future of their
+    merged data (:func:`_merged`), started on a worker as soon as the observations are
+    grouped (None if it was not started)."""
     from ..merge.observations import observations_from_reflections
     from ..report import statistics_for_report
 
     obs = observations_from_reflections(experiments, table)
     from .scaler import threads_of
 
+    merging = []
+
+    def merge_meanwhile(groups: Any) -> None:
+        merging.append(workers.submit(_merged, params, obs, groups, False))
+
     inputs = statistics_for_report(
         obs, n_bins=int(params.output.merging.nbins), anomalous=bool(params.anomalous),
         use_internal_variance=bool(params.output.use_internal_variance), n_threads=threads_of(params),
-        asu_grouping=_scaled_grouping(table, obs))
-    return inputs, obs
+        asu_grouping=_scaled_grouping(table, obs),
+        groups_ready=merge_meanwhile if workers is not None and _merge_needed(params) else None)
+    return inputs, obs, merging[0] if merging else None
 
 
 def _scaled_grouping(table: Any, obs: Any) -> tuple | None:
@@ -123,16 +132,20 @@ def _write_scaled_files(params: Any, experiments: Any, table: Any, result: Scale
         result.files["experiments"] = expts
 
 
-def _merged(params: Any, obs: Any, report_inputs: Any) -> Any:
+def _merge_needed(params: Any) -> bool:
+    """Whether a merged MTZ or the report needs the merged data."""
+    return output_path(params.output.merged_mtz) is not None or output_path(params.output.html) is not None
+
+
+def _merged(params: Any, obs: Any, groups: Any, log: bool = True) -> Any:
     """The merged data of the scaled observations when a merged MTZ or the report needs
-    them (else None), merged on the grouping the statistics made of the same observations."""
-    out = params.output
-    if obs is None or (output_path(out.merged_mtz) is None and output_path(out.html) is None):
+    them (else None), merged on ``groups``, the grouping the statistics made of the same
+    observations (None: the merge groups them). ``log``: see ``merge_observations``."""
+    if obs is None or not _merge_needed(params):
         return None
     from ..merge import merge_observations
 
-    groups = report_inputs.observation_groups if report_inputs is not None else None
-    return merge_observations(obs, anomalous=bool(params.anomalous), groups=groups)
+    return merge_observations(obs, anomalous=bool(params.anomalous), groups=groups, log=log)
 
 
 def _write(params: Any, experiments: Any, table: Any, obs: Any, report_inputs: Any,
@@ -157,7 +170,14 @@ def _write(params: Any, experiments: Any, table: Any, obs: Any, report_inputs: A
         write_unmerged_mtz(unmerged_mtz, scaled, experiments, project_name=out.project_name,
                            crystal_name=out.crystal_name)
         result.files["unmerged_mtz"] = unmerged_mtz
-    merged = merging.result() if merging is not None else _merged(params, obs, report_inputs)
+    if merging is None:
+        merged = _merged(params, obs, _groups_of(report_inputs))
+    else:  # (merged on a worker, logged here: the log's order does not depend on the threads)
+        merged = merging.result()
+        if merged is not None:
+            from ..merge.merging import log_merged
+
+            log_merged(merged)
     if merged is not None and merged_mtz is not None:
         from ..merge import write_merged_mtz
 
@@ -168,6 +188,10 @@ def _write(params: Any, experiments: Any, table: Any, obs: Any, report_inputs: A
         Path(json_path).write_text(stats.as_json())
         result.files["json"] = json_path
     return merged
+
+
+def _groups_of(report_inputs: Any) -> Any:
+    return report_inputs.observation_groups if report_inputs is not None else None
 
 
 def work_free_statistics(algorithm: Any, obs: Any, params: Any) -> dict[str, dict[str, float]] | None:
@@ -247,15 +271,17 @@ def _add_reference(inputs: Any, path: str) -> int:
 
 
 def _statistics_stage(algorithm: Any, experiments: Any, table: Any, params: Any,
-                      timings: dict[str, float]) -> tuple[Any, Any, Any, Any]:
-    """``(statistics, observations, report inputs, work/free)`` of a scaled job (all None if
-    it was not scaled), logged as the job logs them."""
-    stats = obs = report_inputs = result_free = None
+                      timings: dict[str, float], workers: ThreadPoolExecutor | None = None
+                      ) -> tuple[Any, Any, Any, Any, Future | None]:
+    """``(statistics, observations, report inputs, work/free, merging)`` of a scaled job (all
+    None if it was not scaled), logged as the job logs them; ``merging``: see
+    :func:`_statistics`."""
+    stats = obs = report_inputs = result_free = merging = None
     if not algorithm.scaled:
-        return stats, obs, report_inputs, result_free
+        return stats, obs, report_inputs, result_free, merging
     t0 = time.perf_counter()
     try:
-        report_inputs, obs = _statistics(experiments, table, params)
+        report_inputs, obs, merging = _statistics(experiments, table, params, workers)
     except ValueError as exc:
         logger.warning("merging statistics not computed: %s", exc)
     if report_inputs is not None:
@@ -281,7 +307,7 @@ def _statistics_stage(algorithm: Any, experiments: Any, table: Any, params: Any,
         if report_inputs.resolution is not None and report_inputs.resolution.d_min is not None:
             logger.info("resolution estimate (CC½ fit, 0.3): %.2f Å", report_inputs.resolution.d_min)
     timings["statistics"] = time.perf_counter() - t0
-    return stats, obs, report_inputs, result_free
+    return stats, obs, report_inputs, result_free, merging
 
 
 def run_scale_job(params: Any, files: Sequence[str]) -> ScaleJobResult:
@@ -353,19 +379,21 @@ def _run_scale_job(params: Any, files: Sequence[str]) -> ScaleJobResult:
         raise RuntimeError(f"internal error: {n_in} rows read but {len(table)} to write")
 
     # With more than one thread, scaled.refl/.expt (~0.2 kB per row) are written while the
-    # statistics are computed: both only read the joined table. Then the observations are
-    # merged on a second worker while this thread compiles the report's template (pure
-    # Python; the merge's kernels and numpy release the GIL).
+    # statistics are computed: both only read the joined table. The observations are merged
+    # on a second worker once the statistics have grouped them, while the statistics are
+    # computed and this thread compiles the report's template (pure Python; the kernels and
+    # numpy release the GIL).
     writer = ThreadPoolExecutor(max_workers=2) if threads_of(params) > 1 else None
     scaled_files = writer.submit(_write_scaled_files, params, experiments, table, result) if writer else None
     try:
-        stats, obs, report_inputs, result_free = _statistics_stage(algorithm, experiments, table, params, timings)
+        stats, obs, report_inputs, result_free, merging = _statistics_stage(algorithm, experiments, table, params,
+                                                                            timings, writer)
         result.statistics = stats
         result.work_free = result_free
         t0 = time.perf_counter()
-        merging = None
         if writer is not None:
-            merging = writer.submit(_merged, params, obs, report_inputs)
+            if merging is None:  # (not started by the statistics)
+                merging = writer.submit(_merged, params, obs, _groups_of(report_inputs), False)
             if output_path(params.output.html) is not None:
                 from ..report import prepare_report
 

@@ -62,7 +62,7 @@ def _amplitudes_from_intensities(hkl, intensity, sigma, space_group, unit_cell,
 def merge_observations(observations: ScaledObservations, anomalous: bool = True,
                        truncate: bool = True, min_reflections: int = 200,
                        fallback_to_flat_prior: bool = True,
-                       max_bins: int = 60, groups=None) -> MergedData:
+                       max_bins: int = 60, groups=None, log: bool = True) -> MergedData:
     """Merge scaled observations (see the module docstring).
 
     Parameters
@@ -78,6 +78,9 @@ def merge_observations(observations: ScaledObservations, anomalous: bool = True,
         The grouping of these observations (with σ = sqrt(variance)) made for their
         statistics (:attr:`xtalscale.report.ReportInputs.observation_groups`): the mean
         intensities are merged on it instead of mapping and sorting the indices again.
+    log : bool
+        Log the counts (:func:`log_merged`); a caller merging on another thread logs them
+        itself once the result is in, so that its log keeps its order.
 
     Returns
     -------
@@ -115,8 +118,15 @@ def merge_observations(observations: ScaledObservations, anomalous: bool = True,
             anomalous_columns["DANO"] = np.where(pair, fp - fm, np.nan)
             anomalous_columns["SIGDANO"] = np.where(pair, np.hypot(sfp, sfm), np.nan)
         columns.update(anomalous_columns)
-    logger.debug("merged %d observations into %d unique reflections", len(obs), len(hkl))
-    return MergedData(hkl, columns, sg, cell, obs.wavelength, len(obs), truncation)
+    merged = MergedData(hkl, columns, sg, cell, obs.wavelength, len(obs), truncation)
+    if log:
+        log_merged(merged)
+    return merged
+
+
+def log_merged(merged: MergedData) -> None:
+    """Log (debug) how many observations were merged into how many unique reflections."""
+    logger.debug("merged %d observations into %d unique reflections", merged.n_observations, len(merged))
 
 
 def _grouping_of(groups, obs: ScaledObservations):
