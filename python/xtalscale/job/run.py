@@ -5,6 +5,7 @@ object from :func:`xtalscale.job.phil.parse_phil_arguments`.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -75,29 +76,22 @@ def exclusion_summary(table: Any) -> list[tuple[str, int]]:
             ("outliers", int(outlier.sum()))]
 
 
-def _statistics(experiments: Any, table: Any, params: Any,
-                workers: ThreadPoolExecutor | None = None) -> tuple[Any, Any, Future | None]:
+def _statistics(experiments: Any, table: Any, params: Any) -> tuple[Any, Any]:
     """The report inputs (statistics, per-batch, deviations, resolution) of the scaled rows,
-    the scaled observations they were computed on and, with ``workers``, the future of their
-    merged data (:func:`_merged`), started on a worker as soon as the observations are
-    grouped (None if it was not started)."""
+    and the scaled observations they were computed on."""
     from ..merge.observations import observations_from_reflections
     from ..report import statistics_for_report
 
     obs = observations_from_reflections(experiments, table)
     from .scaler import threads_of
 
-    merging = []
-
-    def merge_meanwhile(groups: Any) -> None:
-        merging.append(workers.submit(_merged, params, obs, groups, False))
-
+    asu_grouping = _scaled_grouping(table, obs)
+    obs = dataclasses.replace(obs, rows=None)  # (needed for the grouping only: 8 bytes a row not held)
     inputs = statistics_for_report(
         obs, n_bins=int(params.output.merging.nbins), anomalous=bool(params.anomalous),
         use_internal_variance=bool(params.output.use_internal_variance), n_threads=threads_of(params),
-        asu_grouping=_scaled_grouping(table, obs),
-        groups_ready=merge_meanwhile if workers is not None and _merge_needed(params) else None)
-    return inputs, obs, merging[0] if merging else None
+        asu_grouping=asu_grouping)
+    return inputs, obs
 
 
 def _scaled_grouping(table: Any, obs: Any) -> tuple | None:
@@ -271,17 +265,15 @@ def _add_reference(inputs: Any, path: str) -> int:
 
 
 def _statistics_stage(algorithm: Any, experiments: Any, table: Any, params: Any,
-                      timings: dict[str, float], workers: ThreadPoolExecutor | None = None
-                      ) -> tuple[Any, Any, Any, Any, Future | None]:
-    """``(statistics, observations, report inputs, work/free, merging)`` of a scaled job (all
-    None if it was not scaled), logged as the job logs them; ``merging``: see
-    :func:`_statistics`."""
-    stats = obs = report_inputs = result_free = merging = None
+                      timings: dict[str, float]) -> tuple[Any, Any, Any, Any]:
+    """``(statistics, observations, report inputs, work/free)`` of a scaled job (all None if
+    it was not scaled), logged as the job logs them."""
+    stats = obs = report_inputs = result_free = None
     if not algorithm.scaled:
-        return stats, obs, report_inputs, result_free, merging
+        return stats, obs, report_inputs, result_free
     t0 = time.perf_counter()
     try:
-        report_inputs, obs, merging = _statistics(experiments, table, params, workers)
+        report_inputs, obs = _statistics(experiments, table, params)
     except ValueError as exc:
         logger.warning("merging statistics not computed: %s", exc)
     if report_inputs is not None:
@@ -307,7 +299,7 @@ def _statistics_stage(algorithm: Any, experiments: Any, table: Any, params: Any,
         if report_inputs.resolution is not None and report_inputs.resolution.d_min is not None:
             logger.info("resolution estimate (CC½ fit, 0.3): %.2f Å", report_inputs.resolution.d_min)
     timings["statistics"] = time.perf_counter() - t0
-    return stats, obs, report_inputs, result_free, merging
+    return stats, obs, report_inputs, result_free
 
 
 def run_scale_job(params: Any, files: Sequence[str]) -> ScaleJobResult:
@@ -379,21 +371,20 @@ def _run_scale_job(params: Any, files: Sequence[str]) -> ScaleJobResult:
         raise RuntimeError(f"internal error: {n_in} rows read but {len(table)} to write")
 
     # With more than one thread, scaled.refl/.expt (~0.2 kB per row) are written while the
-    # statistics are computed: both only read the joined table. The observations are merged
-    # on a second worker once the statistics have grouped them, while the statistics are
-    # computed and this thread compiles the report's template (pure Python; the kernels and
-    # numpy release the GIL).
+    # statistics are computed: both only read the joined table. Then the observations are
+    # merged on a second worker while this thread compiles the report's template (pure
+    # Python; the merge's kernels and numpy release the GIL). (Merged during the statistics,
+    # the merge's arrays would add to theirs: measured up to 0.87 GB at the job's peak.)
     writer = ThreadPoolExecutor(max_workers=2) if threads_of(params) > 1 else None
     scaled_files = writer.submit(_write_scaled_files, params, experiments, table, result) if writer else None
     try:
-        stats, obs, report_inputs, result_free, merging = _statistics_stage(algorithm, experiments, table, params,
-                                                                            timings, writer)
+        stats, obs, report_inputs, result_free = _statistics_stage(algorithm, experiments, table, params, timings)
         result.statistics = stats
         result.work_free = result_free
         t0 = time.perf_counter()
+        merging = None
         if writer is not None:
-            if merging is None:  # (not started by the statistics)
-                merging = writer.submit(_merged, params, obs, _groups_of(report_inputs), False)
+            merging = writer.submit(_merged, params, obs, _groups_of(report_inputs), False)
             if output_path(params.output.html) is not None:
                 from ..report import prepare_report
 

@@ -108,8 +108,7 @@ def _grouped_rows_pairs(prepared, batch_pairs) -> tuple | None:
 def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True,
                           use_internal_variance: bool = False,
                           max_batch_points: int = 100, n_threads: int = 1,
-                          asu_grouping: tuple | None = None,
-                          groups_ready: Any = None) -> ReportInputs:
+                          asu_grouping: tuple | None = None) -> ReportInputs:
     """Statistics of scaled observations (a :class:`~xtalscale.merge.ScaledObservations`).
 
     Computed on exactly these observations, as dials.merge does. A statistic that cannot be
@@ -123,9 +122,6 @@ def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True
     same). ``asu_grouping``: ``(grouping, friedel_minus)`` of the observations' ASU indices
     made already (see :meth:`xtalscale.stats.merging._Prepared.use_grouping`; the scaling
     job's), used instead of mapping and sorting them again when every observation is usable.
-    ``groups_ready``: with ``n_threads`` > 1, called with the observation groups (those of
-    :attr:`ReportInputs.observation_groups`) as soon as they are made, before the statistics,
-    so that the caller can start work on them (the job merges the observations meanwhile).
     """
     from ..stats import merging as ms  # the core module (merging_statistics is its facade)
     from ..stats.resolution import _estimate_resolution
@@ -166,8 +162,6 @@ def statistics_for_report(observations, n_bins: int = 20, anomalous: bool = True
             # after the merging statistics on this thread take as long)
             grouped_pairs = pool.submit(_grouped_rows_pairs, prepared, batch_pairs)
             pending = pool.submit(resolution, prepared)
-            if groups_ready is not None and prepared.observation_groups() is not None:
-                groups_ready(prepared.observation_groups())
         if anomalous and not obs.space_group.is_centric():
             # the statistics and their anomalous pass (same data and shells) from one pass
             # over the groups; should that fail, each as alone (the same values, or the same
