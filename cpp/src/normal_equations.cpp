@@ -1423,32 +1423,85 @@ void row_quadratic_forms(std::size_t n_rows, const std::int64_t* indptr,
   });
 }
 
-void model_row_variances(const ModelBlock& block, const double* params, std::size_t n_params,
-                         const double* V, double* variances, double* g, int n_threads) {
-  const std::size_t n_rows = block.n_rows(), n = block.n_cols();
-  constexpr std::size_t kMaxRows = 4096;  // a chunk's ∂g/∂p (~0.5 MB) stays in L2
-  // Equal chunks, a whole multiple of the threads: each row's variance does not depend on the
-  // chunking, and a streamed block of ~20k rows is then 6 chunks (3 : 3 on two threads)
-  // instead of 5 of 4096 rows (3 : 2).
+namespace {
+
+/// The equal row chunks of model_row_variances for a block of @p n_rows rows on @p n_threads
+/// threads: at most 4096 rows each (a chunk's ∂g/∂p, ~0.5 MB, stays in L2), their count a
+/// whole multiple of the threads (a streamed block of ~20k rows is then 6 chunks, 3 : 3 on two
+/// threads, instead of 5 of 4096 rows, 3 : 2). Each row's variance does not depend on it.
+struct RowChunks {
+  std::size_t rows_per_chunk = 0, n_chunks = 0;
+};
+
+RowChunks row_chunks(std::size_t n_rows, int n_threads) {
+  constexpr std::size_t kMaxRows = 4096;
   const auto threads = static_cast<std::size_t>(std::max(1, n_threads));
   std::size_t n_chunks = (n_rows + kMaxRows - 1) / kMaxRows;
   if (threads > 1 && n_chunks > 0) n_chunks = (n_chunks + threads - 1) / threads * threads;
-  const std::size_t kRows = n_chunks > 0 ? (n_rows + n_chunks - 1) / n_chunks : kMaxRows;
-  n_chunks = kRows > 0 ? (n_rows + kRows - 1) / kRows : 0;
-  const int nt = std::max(1, std::min<int>(n_threads, static_cast<int>(std::max<std::size_t>(n_chunks, 1))));
+  RowChunks c;
+  c.rows_per_chunk = n_chunks > 0 ? (n_rows + n_chunks - 1) / n_chunks : kMaxRows;
+  c.n_chunks = c.rows_per_chunk > 0 ? (n_rows + c.rows_per_chunk - 1) / c.rows_per_chunk : 0;
+  return c;
+}
+
+}  // namespace
+
+void model_row_variances(const ModelBlock& block, const double* params, std::size_t n_params,
+                         const double* V, double* variances, double* g, int n_threads) {
+  const ModelBlock* blocks[1] = {&block};
+  model_row_variances_into(1, blocks, params, n_params, V, nullptr, variances, g, n_threads);
+}
+
+void model_row_variances_into(std::size_t n_blocks, const ModelBlock* const* blocks,
+                              const double* params, std::size_t n_params, const double* V,
+                              const std::int64_t* const* rows, double* variances, double* g,
+                              int n_threads) {
+  // The tasks are every block's chunks, block after block: each chunk as model_row_variances
+  // of its block alone cuts it (the same rows evaluated and reduced together).
+  struct Task {
+    std::size_t block, first, count;
+  };
+  std::vector<Task> tasks;
+  std::size_t n_cols = 0;
+  for (std::size_t b = 0; b < n_blocks; ++b) {
+    if (b == 0) n_cols = blocks[b]->n_cols();
+    if (blocks[b]->n_cols() != n_cols)
+      throw std::invalid_argument("model_row_variances: the blocks have different column counts");
+    const std::size_t n_rows = blocks[b]->n_rows();
+    const RowChunks c = row_chunks(n_rows, n_threads);
+    for (std::size_t k = 0; k < c.n_chunks; ++k) {
+      const std::size_t first = k * c.rows_per_chunk;
+      tasks.push_back({b, first, std::min(c.rows_per_chunk, n_rows - first)});
+    }
+  }
+  const std::size_t n_tasks = tasks.size();
+  const int nt = std::max(1, std::min<int>(n_threads, static_cast<int>(std::max<std::size_t>(n_tasks, 1))));
   std::vector<std::string> failure(static_cast<std::size_t>(nt));
   // threads take contiguous runs of whole chunks; each row's result does not depend on the split
   detail::per_thread(nt, [&](int th, int) {
-    const std::size_t lo = n_chunks * static_cast<std::size_t>(th) / static_cast<std::size_t>(nt);
-    const std::size_t hi = n_chunks * static_cast<std::size_t>(th + 1) / static_cast<std::size_t>(nt);
+    const std::size_t lo = n_tasks * static_cast<std::size_t>(th) / static_cast<std::size_t>(nt);
+    const std::size_t hi = n_tasks * static_cast<std::size_t>(th + 1) / static_cast<std::size_t>(nt);
     RowsScratch scratch;
+    std::vector<double> chunk_variances;
     try {
-      for (std::size_t c = lo; c < hi; ++c) {
-        const std::size_t first = c * kRows, count = std::min(kRows, n_rows - first);
-        block.evaluate_rows(params, n_params, first, count, scratch);
-        std::copy(scratch.g.begin(), scratch.g.end(), g + first);
-        row_quadratic_forms(count, scratch.indptr.data(), scratch.indices.data(),
-                            scratch.values.data(), n, V, variances + first, 1);
+      for (std::size_t k = lo; k < hi; ++k) {
+        const Task& task = tasks[k];
+        blocks[task.block]->evaluate_rows(params, n_params, task.first, task.count, scratch);
+        if (rows == nullptr) {  // the block's own rows, in order
+          std::copy(scratch.g.begin(), scratch.g.end(), g + task.first);
+          row_quadratic_forms(task.count, scratch.indptr.data(), scratch.indices.data(),
+                              scratch.values.data(), n_cols, V, variances + task.first, 1);
+          continue;
+        }
+        chunk_variances.resize(task.count);
+        row_quadratic_forms(task.count, scratch.indptr.data(), scratch.indices.data(),
+                            scratch.values.data(), n_cols, V, chunk_variances.data(), 1);
+        const std::int64_t* at = rows[task.block] + task.first;
+        for (std::size_t r = 0; r < task.count; ++r) {
+          const auto out = static_cast<std::size_t>(at[r]);
+          variances[out] = chunk_variances[r];
+          g[out] = scratch.g[r];
+        }
       }
     } catch (const std::exception& e) {  // no exception may leave an OpenMP region
       failure[static_cast<std::size_t>(th)] = e.what();

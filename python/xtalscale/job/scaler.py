@@ -832,18 +832,18 @@ class ScalerBase:
         def blocks_into(ds: Dataset, blocks: list[np.ndarray], g: np.ndarray, var: np.ndarray) -> bool:
             """g and var g on the components' current data blocks (rows ``blocks``), written to
             those rows of ``g`` and ``var``: each block's from one evaluation of its model block
-            (g is the product of the component scales in the same order, bit for bit). False
-            (g alone) when no active parameter has a variance."""
-            with_var = True
-            for b, rows in enumerate(blocks):
-                if not rows.size:
-                    continue
-                both = self._scale_variances(ds, block_id=b, with_scales=True, n_threads=self.n_threads)
-                if both is None:
-                    g[rows], with_var = _scales_product(ds.model.components, b, rows.size), False
-                else:
-                    var[rows], g[rows] = both
-            return with_var
+            (g is the product of the component scales in the same order, bit for bit), all
+            blocks in one C++ call. False (g alone) when no active parameter has a variance."""
+            from ..parameter_managers import calc_sf_variances_into
+
+            V = self._full_var_cov(ds)
+            if V is None:
+                for b, rows in enumerate(blocks):
+                    if rows.size:
+                        g[rows] = _scales_product(ds.model.components, b, rows.size)
+                return False
+            calc_sf_variances_into(ds.model.components, V, blocks, var, g, n_threads=self.n_threads)
+            return True
 
         def holds_minimisation_blocks(ds: Dataset, blocks: list[np.ndarray]) -> bool:
             """Whether the components still hold the data of the minimisation table's blocks
@@ -914,16 +914,13 @@ class ScalerBase:
         ds.table["inverse_scale_factor"] = fa.double(full)
 
     @staticmethod
-    def _scale_variances(ds: Dataset, block_id: int = 0, with_scales: bool = False, n_threads: int = 1) -> Any:
-        """diag(J V Jᵀ) on the components' data block ``block_id``, with V embedded in the full
-        parameter layout of the model (None when no active parameter has a variance). With
-        ``with_scales``: ``(var, g)`` from the same evaluation."""
-        from ..parameter_managers import calc_sf_variances as _calc
-
+    def _full_var_cov(ds: Dataset) -> np.ndarray | None:
+        """The dataset's var-cov of its active parameters embedded in the full parameter layout
+        of its model (zero elsewhere), as calc_sf_variances expects; None when no active
+        parameter has a variance."""
         V_active, active = ds.var_cov
         comps = ds.model.components
         n_full = int(sum(int(c.n_params) for c in comps.values()))
-        V = np.zeros((n_full, n_full))
         # An active component's free parameters (a fixed-first smoother has n - 1) fill the
         # first columns of its block of the full layout, as calc_sf_variances expects.
         full_idx, active_idx, start = [], [], 0
@@ -936,7 +933,21 @@ class ScalerBase:
             start += int(comp.n_params)
         if not active_idx or max(active_idx) >= V_active.shape[0]:
             return None
+        V = np.zeros((n_full, n_full))
         V[np.ix_(full_idx, full_idx)] = V_active[np.ix_(active_idx, active_idx)]
+        return V
+
+    @classmethod
+    def _scale_variances(cls, ds: Dataset, block_id: int = 0, with_scales: bool = False, n_threads: int = 1) -> Any:
+        """diag(J V Jᵀ) on the components' data block ``block_id``, with V embedded in the full
+        parameter layout of the model (None when no active parameter has a variance). With
+        ``with_scales``: ``(var, g)`` from the same evaluation."""
+        from ..parameter_managers import calc_sf_variances as _calc
+
+        V = cls._full_var_cov(ds)
+        if V is None:
+            return None
+        comps = ds.model.components
         if with_scales:
             var, g = _calc(comps, V, block_id=block_id, with_scales=True, n_threads=n_threads)
             return np.asarray(var, dtype=np.float64), g
