@@ -35,7 +35,7 @@ from .outlier_rejection import (
     determine_Esq_outlier_index_arrays,
     determine_outlier_rows,
 )
-from .prepare import BadDatasetForScalingException, flags_of
+from .prepare import BadDatasetForScalingException
 
 if TYPE_CHECKING:
     import scipy.sparse as sp
@@ -1037,22 +1037,25 @@ class ScalerBase:
             if "inverse_scale_factor_variance" in t:
                 gv = np.asarray(t["inverse_scale_factor_variance"], dtype=np.float64)
                 if np.any(gv != 0):
+                    # var · (1 + sqrt(max(gv, 0)) / g), the fraction 0 where g <= 0, in one
+                    # buffer (the same operations as with a temporary for each)
+                    factor = np.maximum(gv, 0)
                     with np.errstate(divide="ignore", invalid="ignore"):
-                        frac = np.where(g > 0, np.sqrt(np.maximum(gv, 0)) / g, 0.0)
-                    var = var * (1.0 + frac)
+                        np.sqrt(factor, out=factor)
+                        np.divide(factor, g, out=factor)
+                    factor[~(g > 0)] = 0.0
+                    factor += 1.0
+                    var = np.multiply(var, factor, out=factor)
             else:
                 t["inverse_scale_factor_variance"] = fa.double(np.zeros(n))
             outl = np.zeros(n, dtype=bool)
             if ds.outliers.size:
                 outl[ds.suitable] = ds.outliers
-            t.unset_flags(np.ones(n, bool), Flags.outlier_in_scaling)
-            t.set_flags(outl, Flags.outlier_in_scaling)
+            t.assign_flags(outl, Flags.outlier_in_scaling)
             t["intensity.scale.value"] = fa.double(inten)
             t["intensity.scale.variance"] = fa.double(var)
-            flags = flags_of(t)
-            bad = (flags & np.uint64(int(Flags.bad_for_scaling))) != 0
-            t.unset_flags(np.ones(n, bool), Flags.scaled)
-            t.set_flags(~bad, Flags.scaled)
+            bad = np.asarray(t.get_flags(Flags.bad_for_scaling, all=False))
+            t.assign_flags(~bad, Flags.scaled)
 
     def clear_Ih_table(self) -> None:
         self.Ih_table = None
