@@ -1098,8 +1098,8 @@ def _rows_of_groups_holding(grouped: GroupedObservations, rows: np.ndarray) -> n
 def _scales_product(components: Mapping[str, Any], block_id: int, n_rows: int) -> np.ndarray:
     """g of a data block: the product of every component's scales, in component order."""
     g = np.ones(n_rows)
-    for comp in components.values():
-        g = g * np.asarray(comp.calculate_scales(block_id), dtype=np.float64)
+    for comp in components.values():  # in place: the same products, no temporary per component
+        g *= np.asarray(comp.calculate_scales(block_id), dtype=np.float64)
     return g
 
 
