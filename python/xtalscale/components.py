@@ -1370,6 +1370,18 @@ class _SmoothComponentND(ScaleComponentBase, SmoothMixin):
             return _mb.LeanSmoothTerm(*setup, window, q, self._fixed_initial, factor)
         return _mb.SmoothTerm(self._weights(b).matrix, factor)
 
+    def prepare_model_terms(self) -> None:
+        """Build the C++ term of every lean block now (what :meth:`model_term` then returns
+        while the data and settings stay): for a caller that holds the data on a worker thread
+        (the scaler's minimisation table set-up), so that a streamed round's first evaluation
+        of each block does not compute its window records on one core. Nothing for
+        weight-matrix blocks (built on first use, as before)."""
+        if self._seed_form:
+            return
+        for b, n in enumerate(self._n_refl):
+            if n and self._is_lean(b):
+                self.model_term(b)
+
     def model_term(self, block_id: int = 0) -> Any:
         """The block's C++ term (see :meth:`ScaleComponentBase.model_term`); rebuilt when the
         smoothing settings or the fixed first parameter change."""
