@@ -544,7 +544,7 @@ class ScalerBase:
         free = self.Ih_table.extract_free_set() if pct > 0 else None
         # the free groups' ASU indices, for work/free statistics after scaling
         self.free_asu_hkl = None if free is None else np.unique(np.asarray(free.asu_miller_index), axis=0)
-        self.apply_error_model_weights()
+        self.apply_error_model_weights(table_order=True)
 
         # block selections are rows of the table given to the Ih table (here: suitable rows)
         selections = [self.Ih_table.get_block_selections_for_dataset(k) for k in range(len(self.datasets))]
@@ -573,18 +573,26 @@ class ScalerBase:
             sel &= ~ds.outliers
         return sel
 
-    def apply_error_model_weights(self) -> None:
-        """The minimisation table's weights from each dataset's error model (if any)."""
-        if self.error_model is not None or any(ds.error_model is not None for ds in self.datasets):
-            models = [self._error_model_for(ds) for ds in self.datasets]
+    def apply_error_model_weights(self, table_order: bool = False) -> None:
+        """The minimisation table's weights from each dataset's error model (if any).
+        ``table_order``: then also make each work block's table-order I and w
+        (``IhTableBlock.table_arrays``, kept by the block until its weights change), which a
+        fit reads at its first pass over the blocks, one block after another on one core."""
+        models = [self._error_model_for(ds) for ds in self.datasets]
+        if not table_order and all(em is None for em in models):
+            return
+        n_work = self.Ih_table.n_work_blocks
 
-            def weigh(block: Any) -> None:
-                for k, em in enumerate(models):
-                    if em is not None:
-                        block.update_weights(em, dataset_id=k)
+        def weigh(b: int) -> None:
+            block = self.Ih_table.blocked_data_list[b]
+            for k, em in enumerate(models):
+                if em is not None:
+                    block.update_weights(em, dataset_id=k)
+            if table_order and b < n_work:
+                block.table_arrays()
 
-            # each block's weights are its own (numpy's arithmetic releases the GIL)
-            self._map_datasets(weigh, self.Ih_table.blocked_data_list)
+        # each block's arrays are its own (numpy's arithmetic and gathers release the GIL)
+        self._map_datasets(weigh, range(len(self.Ih_table.blocked_data_list)))
 
     def get_blocks_for_minimisation(self) -> list[Any]:
         return self.Ih_table.blocked_data_list[: self.Ih_table.n_work_blocks]
