@@ -795,11 +795,17 @@ class IhTable:
         group_order, block_starts = _stable_group_order(block_of_group, n_blocks_total)
         local = np.empty(n_unique, np.int64)
         local[group_order] = np.arange(n_unique) - np.repeat(block_starts[:-1], np.diff(block_starts))
+        # without free groups every block is a run of consecutive groups (block numbers ascend
+        # with the group numbers): rows in group order are then in block order already
+        blocks_are_group_runs = bool(np.all(block_of_group[1:] >= block_of_group[:-1]))
+
         def rows_by_block(d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             g = np.ascontiguousarray(gidx_parts[d], dtype=np.int64)
             by_group, group_starts = _stable_group_order(g, n_unique)
             # the groups in by_group's order, made in order (not read through it): ascending
             g_sorted = np.repeat(np.arange(n_unique, dtype=np.int64), np.diff(group_starts))
+            if blocks_are_group_runs:  # (the stable sort by block below would be the identity)
+                return by_group, g_sorted, group_starts[block_starts]
             within, row_starts = _stable_group_order(block_of_group[g_sorted], n_blocks_total)
             # the rows by block, then group; and their groups (numbered over the table: local
             # maps them to the block's), so no block reads a row's group out of order
