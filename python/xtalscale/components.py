@@ -1044,6 +1044,18 @@ class SHScaleComponent(ScaleComponentBase):
             return None  # only the grid indices are held: evaluated through Python
         return _mb.HarmonicsTerm(self._block_matrix(b))
 
+    def prepare_model_terms(self) -> None:
+        """Build the C++ term of every block now (what :meth:`model_term` then returns) where
+        the blocks' harmonics are formed from the grid's factors (large data with xtalscale's
+        own table): those terms hold only the grid indices and the factors, so making them on
+        a worker thread (the scaler's minimisation table set-up) costs no memory. Nothing in
+        the other forms (their terms hold harmonic blocks, built on first use as before)."""
+        if not self._factored:
+            return
+        for b, n in enumerate(self._n_refl):
+            if n:
+                self.model_term(b)
+
     def _lookup_term(self, b: int) -> Any:
         """Block ``b``'s ``LookupHarmonicsTerm`` (factored mode), made once and shared with
         :meth:`model_term`."""

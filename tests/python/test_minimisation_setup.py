@@ -157,3 +157,28 @@ def test_prepared_terms_are_the_terms_built_on_use(cls):
     small.update_reflection_data()
     small.prepare_model_terms()  # below lean_min_reflections: weight matrices, built on use
     assert small._terms == {} and small._lean_windows == {}
+
+
+@pytest.mark.parametrize("factored", [True, False])
+def test_prepared_sh_terms_only_in_the_factored_form(factored):
+    """Factored SH blocks (large data, xtalscale's own table) get their light terms ahead, the
+    same as built on use; the other forms (terms holding harmonic blocks) are left alone."""
+    from test_components_lean import _sh
+
+    rng = np.random.default_rng(5)
+    made = []
+    for prepare in (True, False):
+        comp = _sh(np.random.default_rng(5), 400, float32=factored)
+        comp.update_reflection_data(block_selections=[np.arange(0, 400, 2), np.arange(1, 400, 2)])
+        assert comp._factored is factored
+        if prepare:
+            comp.prepare_model_terms()
+            assert sorted(comp._terms) == ([0, 1] if factored else [])
+        made.append(comp)
+    p = rng.uniform(-0.05, 0.05, made[0].parameters.size)
+    for comp in made:
+        comp.parameters = p
+    for b in range(2):
+        one, two = made[0].model_term(b), made[1].model_term(b)
+        for x_, y_ in zip(one.evaluate(p), two.evaluate(p)):
+            assert np.asarray(x_).tobytes() == np.asarray(y_).tobytes()
