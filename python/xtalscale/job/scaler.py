@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -544,22 +545,24 @@ class ScalerBase:
         free = self.Ih_table.extract_free_set() if pct > 0 else None
         # the free groups' ASU indices, for work/free statistics after scaling
         self.free_asu_hkl = None if free is None else np.unique(np.asarray(free.asu_miller_index), axis=0)
-        self.apply_error_model_weights(table_order=True)
-
         # block selections are rows of the table given to the Ih table (here: suitable rows)
         selections = [self.Ih_table.get_block_selections_for_dataset(k) for k in range(len(self.datasets))]
 
-        def give_blocks(item: tuple[int, Any]) -> None:
-            k, comp = item
+        def give_blocks(k: int, comp: Any) -> None:
             comp.update_reflection_data(block_selections=selections[k])
             prepare = getattr(comp, "prepare_model_terms", None)
             if prepare is not None:
                 prepare()  # the blocks' C++ terms now, not one by one in the minimisation
 
-        # every component is independent of the others (their set-up kernels release the GIL):
-        # one item each, so a few datasets' components still spread over the threads
-        self._map_datasets(give_blocks, [(k, comp) for k, ds in enumerate(self.datasets)
-                                         for comp in ds.model.components.values()])
+        # One pass over the threads: every component's blocks of data and C++ terms (each
+        # component is independent of the others: one task each, so a few datasets' still
+        # spread over the threads; the longest tasks first), then every block's error-model
+        # weights and table-order arrays (each block's own). Their kernels release the GIL.
+        weigh = self._block_weigher(table_order=True)
+        tasks = [partial(give_blocks, k, comp) for k, ds in enumerate(self.datasets)
+                 for comp in ds.model.components.values()]
+        tasks += [partial(weigh, b) for b in range(len(self.Ih_table.blocked_data_list))]
+        self._map_datasets(_run, tasks)
         self._components_hold_minimisation_blocks = True
         self._tick("prepare minimisation", t0)
 
@@ -573,26 +576,28 @@ class ScalerBase:
             sel &= ~ds.outliers
         return sel
 
-    def apply_error_model_weights(self, table_order: bool = False) -> None:
-        """The minimisation table's weights from each dataset's error model (if any).
-        ``table_order``: then also make each work block's table-order I and w
-        (``IhTableBlock.table_arrays``, kept by the block until its weights change), which a
-        fit reads at its first pass over the blocks, one block after another on one core."""
+    def apply_error_model_weights(self) -> None:
+        """The minimisation table's weights from each dataset's error model (if any)."""
+        if any(self._error_model_for(ds) is not None for ds in self.datasets):
+            # each block's weights are its own (numpy's arithmetic releases the GIL)
+            self._map_datasets(self._block_weigher(), range(len(self.Ih_table.blocked_data_list)))
+
+    def _block_weigher(self, table_order: bool = False) -> Callable[[int], None]:
+        """``weigh(b)``: give block ``b`` of the minimisation table its datasets' error-model
+        weights (where they have one); with ``table_order`` then, for a work block, its
+        table-order I and w (``IhTableBlock.table_arrays``, kept by the block until its weights
+        change), which a fit reads at its first pass over the blocks on one core."""
         models = [self._error_model_for(ds) for ds in self.datasets]
-        if not table_order and all(em is None for em in models):
-            return
-        n_work = self.Ih_table.n_work_blocks
+        blocks, n_work = self.Ih_table.blocked_data_list, self.Ih_table.n_work_blocks
 
         def weigh(b: int) -> None:
-            block = self.Ih_table.blocked_data_list[b]
             for k, em in enumerate(models):
                 if em is not None:
-                    block.update_weights(em, dataset_id=k)
+                    blocks[b].update_weights(em, dataset_id=k)
             if table_order and b < n_work:
-                block.table_arrays()
+                blocks[b].table_arrays()
 
-        # each block's arrays are its own (numpy's arithmetic and gathers release the GIL)
-        self._map_datasets(weigh, range(len(self.Ih_table.blocked_data_list)))
+        return weigh
 
     def get_blocks_for_minimisation(self) -> list[Any]:
         return self.Ih_table.blocked_data_list[: self.Ih_table.n_work_blocks]
@@ -1101,6 +1106,11 @@ class ScalerBase:
             held = self._asu_groupings[anomalous] = asu_grouping(hkl, self.space_group, anomalous=anomalous,
                                                                    n_threads=self.n_threads)
         return held
+
+
+def _run(task: Callable[[], Any]) -> Any:
+    """``task()``: for mapping a list of prepared calls over the scaler's threads."""
+    return task()
 
 
 def _rows_of_groups_holding(grouped: GroupedObservations, rows: np.ndarray) -> np.ndarray:
