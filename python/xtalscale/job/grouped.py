@@ -18,8 +18,8 @@ import numpy as np
 from .._core import job as _kern
 from .._rows import negate_rows, take_rows
 
-__all__ = ["AsuGrouping", "GroupedObservations", "asu_grouping", "asu_grouping_and_groups", "cached_asu_grouping_of", "group_of_rows", "regroup",
-           "suitable_rows"]
+__all__ = ["AsuGrouping", "GroupedObservations", "asu_grouping", "asu_grouping_and_groups", "cached_asu_grouping_of",
+           "group_of_rows", "regroup", "suitable_rows"]
 
 
 def suitable_rows(table: Any) -> np.ndarray:
@@ -29,7 +29,7 @@ def suitable_rows(table: Any) -> np.ndarray:
     n = _nrows(table)
     if "flags" not in table:
         return np.ones(n, dtype=bool)
-    flags = np.asarray(table["flags"]).astype(np.uint64)
+    flags = np.asarray(table["flags"], dtype=np.uint64)  # (no copy of a uint64 column)
     bad = np.uint64(int(Flags.excluded_for_scaling) | int(Flags.user_excluded_in_scaling))
     return (flags & bad) == 0
 
