@@ -471,6 +471,8 @@ class ScalerBase:
                 return None
             return I, V, w, g, self.suitable_values("d")
 
+        from concurrent.futures import wait  # noqa: PLC0415
+
         pending = self._thread_pool().submit(values) if self.n_threads > 1 else None
         try:
             hkl = np.empty((int(starts[-1]), 3), dtype=np.int32)
@@ -481,6 +483,9 @@ class ScalerBase:
                                                              n_threads=self.n_threads, copy=False)
         except ValueError:
             grouping = None  # (bad indices) from_tables raises, after its checks of the values
+        finally:
+            if pending is not None:  # (also when this thread failed: the pool's work reads the scaler)
+                wait([pending])
         gathered = values() if pending is None else pending.result()
         if gathered is None or grouping is None:
             return None
