@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -237,6 +237,37 @@ STREAM_BLOCK_ROWS = 60_000
 STREAM_RELEASE_PATTERN = True
 
 
+class _SubsetLayout(NamedTuple):
+    """A subset of the scaler's cached grouping of every suitable row, as
+    :meth:`ScalerBase._subset_layout` keeps it: what it was made from (``source_order``: the
+    cached grouping's order array, ``suitable``: each dataset's suitable-row array, ``keep``:
+    the rows; ``holding``: the rows whose groups they are, if asked so), the subset's grouping
+    (``order``, ``offsets``), its positions ``idx`` among every suitable row, each dataset's
+    part of them (``cuts``) and table rows (``table_rows``), the columns that never change
+    (``asu_hkl``, ``dataset``, ``row``, ``extra``) and the subsets' shared ``derived`` cache
+    (the E² bins of its grouping...)."""
+
+    source_order: np.ndarray
+    suitable: list
+    keep: np.ndarray
+    holding: np.ndarray | None
+    order: np.ndarray
+    offsets: np.ndarray
+    idx: np.ndarray
+    cuts: np.ndarray
+    table_rows: list
+    asu_hkl: np.ndarray
+    dataset: np.ndarray
+    row: np.ndarray
+    extra: dict
+    derived: dict
+
+    def fits(self, scaler: ScalerBase, cache: GroupedObservations) -> bool:
+        """Whether it was made from ``cache``'s grouping and the scaler's suitable rows."""
+        return (self.source_order is cache.order and len(self.suitable) == len(scaler.datasets)
+                and all(a is ds.suitable for a, ds in zip(self.suitable, scaler.datasets)))
+
+
 def threads_of(params: Any) -> int:
     """The threads the job may use: ``scaling_options.nproc`` (1 when absent or unset)."""
     nproc = getattr(getattr(params, "scaling_options", None), "nproc", None)
@@ -259,6 +290,7 @@ class ScalerBase:
         self._update_keys: dict[int, tuple] = {}
         self._grouped_cache: GroupedObservations | None = None
         self._asu_groupings: dict[Any, Any] = {}  # see suitable_asu_grouping
+        self._subset_held: _SubsetLayout | None = None  # see _subset_layout
         #: per column name: (the columns and suitable arrays they were gathered from, the
         #: values, whether every value is finite (None: not yet known)); see suitable_values
         self._suitable_values_held: dict[str, list] = {}
@@ -410,7 +442,45 @@ class ScalerBase:
         cache = self._grouped_cache
         if cache is None:
             return None
-        return self._cached_subset(_rows_of_groups_holding(cache, rows))
+        held = self._subset_held
+        if held is not None and held.holding is not None and held.fits(self, cache) \
+                and np.array_equal(held.holding, rows):
+            # the subset rounds ask with the same minimisation subset: its groups' rows again
+            return self._cached_subset(held.keep)
+        keep = _rows_of_groups_holding(cache, rows)
+        subset = self._cached_subset(keep)
+        held = self._subset_held
+        if held is not None and held.keep is keep:  # kept: remember which rows chose it
+            self._subset_held = held._replace(holding=np.array(rows, dtype=bool))
+        return subset
+
+    #: :meth:`_cached_subset` keeps the layout of a subset of at most this fraction of the
+    #: suitable rows for the next call with the same rows (the subset rounds: some 5 %)
+    SUBSET_HELD_FRACTION = 0.25
+
+    def _subset_layout(self, cache: GroupedObservations, keep: np.ndarray) -> _SubsetLayout:
+        """What :meth:`_cached_subset` takes from the cached grouping for the rows ``keep``
+        (their grouping, positions, table rows and the columns that do not change): made once
+        and kept while the same rows are asked for (the subset rounds between an expansion and
+        the intensity choice ask three times) and the grouping and suitable rows stay."""
+        held = self._subset_held
+        if held is not None and held.fits(self, cache) and (held.keep is keep or np.array_equal(held.keep, keep)):
+            return held
+        order, offsets = _kern.subset_grouping(cache.order, cache.offsets, keep)
+        idx = np.flatnonzero(keep)  # positions among every dataset's suitable rows (the cache's)
+        starts = self._suitable_layout()[0]
+        cuts = np.searchsorted(idx, starts)  # each dataset's part of idx
+        table_rows = [ds.suitable_idx.take(idx[cuts[k]:cuts[k + 1]] - starts[k]) for k, ds in enumerate(self.datasets)]
+        layout = _SubsetLayout(
+            cache.order, [ds.suitable for ds in self.datasets], keep, None, order, offsets, idx, cuts, table_rows,
+            take_rows(cache.asu_hkl, idx), cache.dataset.take(idx), cache.row.take(idx),
+            {k: np.take(v, idx, axis=0) for k, v in cache.extra.items()}, {})
+        if idx.size <= self.SUBSET_HELD_FRACTION * cache.size:
+            for a in (order, offsets, idx, cuts, *table_rows, layout.asu_hkl, layout.dataset, layout.row,
+                      *layout.extra.values()):
+                a.setflags(write=False)  # shared by the subsets made from it
+            self._subset_held = layout
+        return layout
 
     def _cached_subset(self, keep: np.ndarray) -> GroupedObservations | None:
         """The rows ``keep`` (bool over every dataset's suitable rows, in the cached grouping's
@@ -421,10 +491,8 @@ class ScalerBase:
         keep = np.asarray(keep, dtype=bool)
         if keep.shape != (cache.size,):
             raise ValueError(f"keep must be a bool array of length {cache.size}")
-        order, offsets = _kern.subset_grouping(cache.order, cache.offsets, keep)
-        idx = np.flatnonzero(keep)  # positions among every dataset's suitable rows (the cache's)
-        starts = self._suitable_layout()[0]
-        cuts = np.searchsorted(idx, starts)  # each dataset's part of idx
+        layout = self._subset_layout(cache, keep)
+        idx, cuts = layout.idx, layout.cuts
         # I and σ² from the arrays suitable_values keeps (they change with the intensity
         # choice only), g (new after every expansion) gathered from the tables for these rows
         I = self.suitable_values("intensity").take(idx)
@@ -432,16 +500,15 @@ class ScalerBase:
         g = np.empty(idx.size)
         for k, ds in enumerate(self.datasets):
             a, b = cuts[k], cuts[k + 1]
-            np.take(np.asarray(ds.table["inverse_scale_factor"], dtype=np.float64),
-                    ds.suitable_idx.take(idx[a:b] - starts[k]), out=g[a:b])
+            np.take(np.asarray(ds.table["inverse_scale_factor"], dtype=np.float64), layout.table_rows[k], out=g[a:b])
             em = self._error_model_for(ds)
             if em is not None:
                 V[a:b] = em.update_variances(V[a:b], I[a:b])
         if not (np.all(V > 0) and np.all(np.isfinite(I)) and np.all(np.isfinite(g))):
             return None
-        return replace(cache, intensity=I, variance=V, weight=1.0 / V, scale=g, asu_hkl=take_rows(cache.asu_hkl, idx),
-                       dataset=cache.dataset.take(idx), row=cache.row.take(idx), order=order, offsets=offsets,
-                       extra={k: np.take(v, idx, axis=0) for k, v in cache.extra.items()}, derived={})
+        return replace(cache, intensity=I, variance=V, weight=1.0 / V, scale=g, asu_hkl=layout.asu_hkl,
+                       dataset=layout.dataset, row=layout.row, order=layout.order, offsets=layout.offsets,
+                       extra=dict(layout.extra), derived=layout.derived)
 
     def _grouped_suitable(self, keep: Sequence[np.ndarray] | None = None) -> GroupedObservations:
         """The suitable rows of every dataset (or ``keep`` of them), current g and weights.
@@ -969,6 +1036,7 @@ class ScalerBase:
                 grouped = self._grouped_suitable()
                 grouped = grouped.subset(_rows_of_groups_holding(grouped, in_subset))
         else:
+            self._subset_held = None  # the subset rounds are over
             grouped = self._grouped_suitable()
         rows = determine_outlier_rows(grouped, method, float(so.outlier_zmax), n_threads=self.n_threads)
         per_dataset = grouped.rows_per_dataset(rows)
