@@ -518,9 +518,9 @@ def _grouped_rows(scaler: Any, grouping: Any, rows: np.ndarray) -> GroupedObserv
             weight = 1.0 / V
         return GroupedObservations(
             scaler.suitable_values("intensity").take(idx), V, weight,
-            scaler.suitable_values("inverse_scale_factor").take(idx), take_rows(grouping.asu_hkl, idx),
+            scaler.suitable_values_at("inverse_scale_factor", idx), take_rows(grouping.asu_hkl, idx),
             dataset.take(idx), row.take(idx), order, offsets, len(datasets), scaler.space_group,
-            {"partiality": scaler.suitable_values("partiality", 1.0).take(idx)})
+            {"partiality": scaler.suitable_values_at("partiality", idx, 1.0)})
     starts = np.concatenate([[0], np.cumsum([int(ds.suitable.sum()) for ds in datasets])])
     kept = [np.flatnonzero(rows[starts[k]:starts[k + 1]]) for k in range(len(datasets))]
 

@@ -362,11 +362,10 @@ class ScalerBase:
         ``suitable`` array is replaced: the job replaces a column when it changes it (the
         intensity combination its intensities and variances, an expansion g), so the outlier
         rounds and error-model refinements in between read the same values without a gather."""
-        key = [(ds.table[name] if name in ds.table else None, ds.suitable) for ds in self.datasets]
-        held = self._suitable_values_held.get(name)
-        if held is not None and len(held[0]) == len(key) and all(
-                a[0] is b[0] and a[1] is b[1] for a, b in zip(held[0], key)):
-            return held[1]
+        key = self._suitable_values_key(name)
+        held = self._kept_suitable_values(name, key)
+        if held is not None:
+            return held
         starts = self._suitable_layout()[0]
         out = np.empty(int(starts[-1]))
         for k, ds in enumerate(self.datasets):
@@ -379,6 +378,43 @@ class ScalerBase:
                 part.fill(float(default))
         out.setflags(write=False)
         self._suitable_values_held[name] = [key, out, None]
+        return out
+
+    def _suitable_values_key(self, name: str) -> list[tuple[Any, np.ndarray]]:
+        """What :meth:`suitable_values` ``name`` is gathered from: per dataset its column (None
+        when absent) and its ``suitable`` array."""
+        return [(ds.table[name] if name in ds.table else None, ds.suitable) for ds in self.datasets]
+
+    def _kept_suitable_values(self, name: str, key: list | None = None) -> np.ndarray | None:
+        """The array :meth:`suitable_values` keeps for ``name`` if it is current, else None."""
+        key = self._suitable_values_key(name) if key is None else key
+        held = self._suitable_values_held.get(name)
+        if held is not None and len(held[0]) == len(key) and all(
+                a[0] is b[0] and a[1] is b[1] for a, b in zip(held[0], key)):
+            return held[1]
+        return None
+
+    def suitable_values_at(self, name: str, idx: np.ndarray, default: float | None = None) -> np.ndarray:
+        """``suitable_values(name, default).take(idx)`` (``idx``: ascending positions among every
+        dataset's suitable rows) as a fresh array: from the kept array when it is current, else
+        gathered from the tables for those rows alone (an error model's rows need the
+        partiality of some of the rows once, not every row's)."""
+        key = self._suitable_values_key(name)
+        held = self._kept_suitable_values(name, key)
+        if held is not None:
+            return held.take(idx)
+        starts = self._suitable_layout()[0]
+        cuts = np.searchsorted(idx, starts)  # each dataset's part of idx
+        out = np.empty(idx.size)
+        for k, ds in enumerate(self.datasets):
+            part = out[cuts[k]:cuts[k + 1]]
+            if key[k][0] is not None:
+                np.take(np.asarray(key[k][0], dtype=np.float64),
+                        ds.suitable_idx.take(idx[cuts[k]:cuts[k + 1]] - starts[k]), out=part)
+            elif default is None:
+                raise KeyError(f"the reflection table of dataset {k} has no column '{name}'")
+            else:
+                part.fill(float(default))
         return out
 
     #: what :meth:`suitable_values` keeps for the whole job (I, σ² and 1/σ²: 24 B per suitable
@@ -446,23 +482,24 @@ class ScalerBase:
         if held is not None and held.holding is not None and held.fits(self, cache) \
                 and np.array_equal(held.holding, rows):
             # the subset rounds ask with the same minimisation subset: its groups' rows again
-            return self._cached_subset(held.keep)
+            return self._cached_subset(held.keep, hold=True)
         keep = _rows_of_groups_holding(cache, rows)
-        subset = self._cached_subset(keep)
+        subset = self._cached_subset(keep, hold=True)
         held = self._subset_held
         if held is not None and held.keep is keep:  # kept: remember which rows chose it
             self._subset_held = held._replace(holding=np.array(rows, dtype=bool))
         return subset
 
-    #: :meth:`_cached_subset` keeps the layout of a subset of at most this fraction of the
-    #: suitable rows for the next call with the same rows (the subset rounds: some 5 %)
+    #: :meth:`_cached_subset` keeps (``hold``) the layout of a subset of at most this fraction
+    #: of the suitable rows for the next call with the same rows (the subset rounds: some 5 %)
     SUBSET_HELD_FRACTION = 0.25
 
-    def _subset_layout(self, cache: GroupedObservations, keep: np.ndarray) -> _SubsetLayout:
+    def _subset_layout(self, cache: GroupedObservations, keep: np.ndarray, hold: bool = False) -> _SubsetLayout:
         """What :meth:`_cached_subset` takes from the cached grouping for the rows ``keep``
-        (their grouping, positions, table rows and the columns that do not change): made once
-        and kept while the same rows are asked for (the subset rounds between an expansion and
-        the intensity choice ask three times) and the grouping and suitable rows stay."""
+        (their grouping, positions, table rows and the columns that do not change). With
+        ``hold`` it is kept while the same rows are asked for (the subset rounds between an
+        expansion and the intensity choice ask three times) and the grouping and suitable
+        rows stay; a one-off subset (``hold`` False) leaves the kept one in place."""
         held = self._subset_held
         if held is not None and held.fits(self, cache) and (held.keep is keep or np.array_equal(held.keep, keep)):
             return held
@@ -475,23 +512,24 @@ class ScalerBase:
             cache.order, [ds.suitable for ds in self.datasets], keep, None, order, offsets, idx, cuts, table_rows,
             take_rows(cache.asu_hkl, idx), cache.dataset.take(idx), cache.row.take(idx),
             {k: np.take(v, idx, axis=0) for k, v in cache.extra.items()}, {})
-        if idx.size <= self.SUBSET_HELD_FRACTION * cache.size:
+        if hold and idx.size <= self.SUBSET_HELD_FRACTION * cache.size:
             for a in (order, offsets, idx, cuts, *table_rows, layout.asu_hkl, layout.dataset, layout.row,
                       *layout.extra.values()):
                 a.setflags(write=False)  # shared by the subsets made from it
             self._subset_held = layout
         return layout
 
-    def _cached_subset(self, keep: np.ndarray) -> GroupedObservations | None:
+    def _cached_subset(self, keep: np.ndarray, hold: bool = False) -> GroupedObservations | None:
         """The rows ``keep`` (bool over every dataset's suitable rows, in the cached grouping's
         order) of the cached grouping, without a new sort, and their current I, σ², weights and
         g gathered for them alone; ``row`` numbers suitable rows. None if a row has unusable
-        values (the caller's fresh grouping then raises as it should)."""
+        values (the caller's fresh grouping then raises as it should). ``hold``: keep the
+        subset's layout for the next call with the same rows (:meth:`_subset_layout`)."""
         cache = self._grouped_cache
         keep = np.asarray(keep, dtype=bool)
         if keep.shape != (cache.size,):
             raise ValueError(f"keep must be a bool array of length {cache.size}")
-        layout = self._subset_layout(cache, keep)
+        layout = self._subset_layout(cache, keep, hold)
         idx, cuts = layout.idx, layout.cuts
         # I and σ² from the arrays suitable_values keeps (they change with the intensity
         # choice only), g (new after every expansion) gathered from the tables for these rows
