@@ -341,18 +341,79 @@ std::vector<std::int64_t> select_rows_in_groups(const GroupLayout& layout, const
   return offsets;
 }
 
+namespace {
+
+/// Rows (and groups) per part of the threaded subset_grouping: fixed, though any split gives
+/// the same integers.
+constexpr std::size_t kSubsetPartRows = std::size_t{1} << 16;
+constexpr std::size_t kSubsetPartGroups = 4096;
+
+/// Per row, the number of kept rows before it (parts of rows counted, then numbered, over
+/// the threads).
+std::vector<std::int64_t> kept_rank(std::size_t n_rows, const std::uint8_t* keep, int n_threads) {
+  std::vector<std::int64_t> rank(n_rows);
+  const std::size_t n_parts = (n_rows + kSubsetPartRows - 1) / kSubsetPartRows;
+  std::vector<std::int64_t> first(n_parts + 1, 0);
+  fit::detail::parallel_for(n_parts, n_threads, [&](std::size_t p) {
+    std::int64_t n = 0;
+    for (std::size_t r = p * kSubsetPartRows, end = std::min(n_rows, (p + 1) * kSubsetPartRows); r < end; ++r)
+      n += keep[r] != 0 ? 1 : 0;
+    first[p + 1] = n;
+  });
+  for (std::size_t p = 0; p < n_parts; ++p) first[p + 1] += first[p];
+  fit::detail::parallel_for(n_parts, n_threads, [&](std::size_t p) {
+    std::int64_t n = first[p];
+    for (std::size_t r = p * kSubsetPartRows, end = std::min(n_rows, (p + 1) * kSubsetPartRows); r < end; ++r) {
+      rank[r] = n;
+      n += keep[r] != 0 ? 1 : 0;
+    }
+  });
+  return rank;
+}
+
+}  // namespace
+
 std::vector<std::int64_t> subset_grouping(const GroupLayout& layout, const std::uint8_t* keep,
-                                          std::vector<std::int64_t>& new_order) {
-  std::vector<std::int64_t> kept_groups;
-  auto offsets = select_rows_in_groups(layout, keep, new_order, kept_groups);
+                                          std::vector<std::int64_t>& new_order, int n_threads) {
   // row r of the layout is row rank[r] of the subset (kept rows keep their relative order)
-  std::vector<std::int64_t> rank(layout.n_rows);
-  std::int64_t n_kept = 0;
-  for (std::size_t r = 0; r < layout.n_rows; ++r) {
-    rank[r] = n_kept;
-    n_kept += keep[r] != 0 ? 1 : 0;
+  const std::vector<std::int64_t> rank = kept_rank(layout.n_rows, keep, n_threads);
+  // parts of groups: their kept rows and non-empty groups counted, then written in place
+  const std::size_t n_parts = (layout.n_groups + kSubsetPartGroups - 1) / kSubsetPartGroups;
+  std::vector<std::int64_t> rows_before(n_parts + 1, 0), groups_before(n_parts + 1, 0);
+  const auto groups_of = [&](std::size_t p) {
+    return std::make_pair(p * kSubsetPartGroups, std::min(layout.n_groups, (p + 1) * kSubsetPartGroups));
+  };
+  fit::detail::parallel_for(n_parts, n_threads, [&](std::size_t p) {
+    const auto [k_first, k_end] = groups_of(p);
+    std::int64_t rows = 0, groups = 0;
+    for (std::size_t k = k_first; k < k_end; ++k) {
+      std::int64_t in_group = 0;
+      for (auto i = layout.offsets[k]; i < layout.offsets[k + 1]; ++i) in_group += keep[layout.order[i]] != 0 ? 1 : 0;
+      rows += in_group;
+      groups += in_group > 0 ? 1 : 0;
+    }
+    rows_before[p + 1] = rows;
+    groups_before[p + 1] = groups;
+  });
+  for (std::size_t p = 0; p < n_parts; ++p) {
+    rows_before[p + 1] += rows_before[p];
+    groups_before[p + 1] += groups_before[p];
   }
-  for (auto& r : new_order) r = rank[static_cast<std::size_t>(r)];
+  new_order.assign(static_cast<std::size_t>(rows_before[n_parts]), 0);
+  std::vector<std::int64_t> offsets(static_cast<std::size_t>(groups_before[n_parts]) + 1, 0);
+  fit::detail::parallel_for(n_parts, n_threads, [&](std::size_t p) {
+    const auto [k_first, k_end] = groups_of(p);
+    auto at = static_cast<std::size_t>(rows_before[p]);
+    auto group = static_cast<std::size_t>(groups_before[p]);
+    for (std::size_t k = k_first; k < k_end; ++k) {
+      const std::size_t before = at;
+      for (auto i = layout.offsets[k]; i < layout.offsets[k + 1]; ++i) {
+        const auto r = layout.order[i];
+        if (keep[r]) new_order[at++] = rank[static_cast<std::size_t>(r)];
+      }
+      if (at > before) offsets[++group] = static_cast<std::int64_t>(at);
+    }
+  });
   return offsets;
 }
 
@@ -449,6 +510,22 @@ void error_model_filter(const GroupLayout& layout, const double* intensity, cons
     if (!reached_ratio[k] || ratio[k] < cutoff) continue;
     for (auto i = layout.offsets[k]; i < layout.offsets[k + 1]; ++i) keep[layout.order[i]] = 0;
   }
+}
+
+void error_model_variances(std::size_t n_rows, const double* variance, const double* intensity, double a,
+                           double b, double* updated, double* weight, int n_threads) {
+  constexpr std::size_t kRowsPerPart = std::size_t{1} << 16;
+  const double a_squared = a * a;  // Python's a * a * (...): the square first
+  const std::size_t n_parts = (n_rows + kRowsPerPart - 1) / kRowsPerPart;
+  fit::detail::parallel_for(n_parts, n_threads, [&](std::size_t p) {
+    const std::size_t end = std::min(n_rows, (p + 1) * kRowsPerPart);
+    for (std::size_t r = p * kRowsPerPart; r < end; ++r) {
+      const double bI = b * intensity[r];
+      const double v = a_squared * (variance[r] + bI * bI);
+      updated[r] = v;
+      weight[r] = 1.0 / v;
+    }
+  });
 }
 
 namespace {

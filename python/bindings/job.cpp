@@ -176,16 +176,36 @@ const std::uint8_t* row_mask(const BoolArray& mask, std::size_t n_rows, const ch
   return reinterpret_cast<const std::uint8_t*>(mask.data());
 }
 
-py::tuple subset_grouping_py(const Int64Array& order, const Int64Array& offsets, const BoolArray& keep) {
+py::tuple subset_grouping_py(const Int64Array& order, const Int64Array& offsets, const BoolArray& keep,
+                             int n_threads) {
   const auto n = static_cast<std::size_t>(keep.size());
   const auto* k = row_mask(keep, n, "keep");
   const auto layout = layout_of(order, offsets, n);
+  require_threads(n_threads);
   std::vector<std::int64_t> new_order, new_offsets;
   {
     py::gil_scoped_release release;
-    new_offsets = subset_grouping(layout, k, new_order);
+    new_offsets = subset_grouping(layout, k, new_order, n_threads);
   }
   return py::make_tuple(to_array(new_order), to_array(new_offsets));
+}
+
+py::tuple error_model_variances_py(const DoubleArray& variance, const DoubleArray& intensity, double a, double b,
+                                   int n_threads) {
+  const auto n = static_cast<std::size_t>(variance.size());
+  // any values, as the numpy formula takes them (the callers check the results)
+  const double* V = row_array(variance, n, "variance", false);
+  const double* I = row_array(intensity, n, "intensity", false);
+  if (!std::isfinite(a) || !std::isfinite(b)) throw std::invalid_argument("a and b must be finite");
+  require_threads(n_threads);
+  auto updated = new_doubles(n), weight = new_doubles(n);
+  double* pu = updated.mutable_data();
+  double* pw = weight.mutable_data();
+  {
+    py::gil_scoped_release release;
+    error_model_variances(n, V, I, a, b, pu, pw, n_threads);
+  }
+  return py::make_tuple(updated, weight);
 }
 
 py::tuple error_model_filter_py(const Int64Array& order, const Int64Array& offsets, const DoubleArray& intensity,
@@ -513,8 +533,14 @@ void bind_job(py::module_& m) {
         "detection order (round by round, groups in order). Weights are capped at 10 x the group median\n"
         "each round; weights in tested groups must be positive.");
   m.def("subset_grouping", &subset_grouping_py, py::arg("order"), py::arg("offsets"), py::arg("keep"),
+        py::arg("n_threads") = 1,
         "The grouping of the rows with keep[row], renumbered to the subset (row i of the subset is the\n"
-        "i-th kept row): returns (order, offsets); empty groups are dropped, group order is kept.");
+        "i-th kept row): returns (order, offsets); empty groups are dropped, group order is kept.\n"
+        "Over n_threads threads (the same grouping for any count).");
+  m.def("error_model_variances", &error_model_variances_py, py::arg("variance"), py::arg("intensity"),
+        py::arg("a"), py::arg("b"), py::arg("n_threads") = 1,
+        "The basic error model's variances a*a*(variance + (b*intensity)**2) and their weights 1/variance',\n"
+        "row by row as numpy forms them (bit for bit), over n_threads threads. Returns (variance', weight).");
   m.def("error_model_filter", &error_model_filter_py, py::arg("order"), py::arg("offsets"), py::arg("intensity"),
         py::arg("variance"), py::arg("scale"), py::arg("considered"), py::arg("min_Ih"),
         py::arg("n_threads") = 1,

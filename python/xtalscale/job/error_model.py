@@ -509,7 +509,8 @@ def _grouped_rows(scaler: Any, grouping: Any, rows: np.ndarray) -> GroupedObserv
     job). Only those rows are gathered (an error model's: one sweep's, or a sample), and
     their grouping is the cached one without the other rows: no grouping per refinement."""
     datasets = scaler.datasets
-    order, offsets = _kern.subset_grouping(grouping.order, grouping.offsets, rows)
+    order, offsets = _kern.subset_grouping(grouping.order, grouping.offsets, rows,
+                                           n_threads=max(1, int(getattr(scaler, "n_threads", 1))))
     if hasattr(scaler, "suitable_values"):  # from the arrays the scaler keeps: a gather per column
         idx = np.flatnonzero(rows)
         _, dataset, row = scaler._suitable_layout()

@@ -461,6 +461,9 @@ class ScalerBase:
             return V, self.suitable_weights()
         starts = self._suitable_layout()[0]
         if all(em is models[0] for em in models):  # one model: one pass over every row
+            fused = getattr(models[0], "update_variances_and_weights", None)
+            if fused is not None:  # σ'² and 1/σ'² in one threaded pass (the same bits)
+                return fused(V, I, n_threads=self.n_threads)
             var = np.asarray(models[0].update_variances(V, I), dtype=np.float64)
         else:
             var = np.empty(V.size)
@@ -503,7 +506,7 @@ class ScalerBase:
         held = self._subset_held
         if held is not None and held.fits(self, cache) and (held.keep is keep or np.array_equal(held.keep, keep)):
             return held
-        order, offsets = _kern.subset_grouping(cache.order, cache.offsets, keep)
+        order, offsets = _kern.subset_grouping(cache.order, cache.offsets, keep, n_threads=self.n_threads)
         idx = np.flatnonzero(keep)  # positions among every dataset's suitable rows (the cache's)
         starts = self._suitable_layout()[0]
         cuts = np.searchsorted(idx, starts)  # each dataset's part of idx

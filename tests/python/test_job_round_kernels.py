@@ -1,0 +1,81 @@
+"""Kernels of the outlier rounds and error-model refinements: the threaded subset grouping and
+the fused error-model variances, bit for bit their serial / numpy forms for any thread count,
+and their input checks."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from xtalscale._core import job as kernels
+from xtalscale.error_model import BasicErrorModel
+
+
+def _grouping(n: int, n_groups: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n).astype(np.int64)
+    cuts = np.sort(rng.integers(0, n, n_groups - 1))
+    offsets = np.concatenate([[0], cuts, [n]]).astype(np.int64)
+    return order, offsets
+
+
+def _subset_reference(order: np.ndarray, offsets: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The subset's grouping by numpy: kept rows renumbered, empty groups dropped."""
+    rank = np.cumsum(keep) - keep
+    sizes = np.add.reduceat(keep[order].astype(np.int64), offsets[:-1]) if order.size else np.zeros(0, np.int64)
+    sizes = np.where(np.diff(offsets) > 0, sizes, 0)  # reduceat of an empty group gives a row's value
+    new_order = rank[order[keep[order]]]
+    return new_order, np.concatenate([[0], np.cumsum(sizes[sizes > 0])])
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+@pytest.mark.parametrize("n, n_groups, fraction", [(300_001, 20_000, 0.3), (70_000, 9000, 0.97), (1000, 5, 0.5),
+                                                     (0, 1, 0.5)])
+def test_threaded_subset_grouping_is_the_serial_one(n_threads, n, n_groups, fraction):
+    order, offsets = _grouping(n, n_groups, n)
+    keep = np.random.default_rng(1).random(n) < fraction
+    got_order, got_offsets = kernels.subset_grouping(order, offsets, keep, n_threads=n_threads)
+    want_order, want_offsets = _subset_reference(order, offsets, keep)
+    np.testing.assert_array_equal(got_order, want_order)
+    np.testing.assert_array_equal(got_offsets, want_offsets)
+    assert got_order.dtype == np.int64 and got_offsets.dtype == np.int64
+    serial = kernels.subset_grouping(order, offsets, keep)
+    assert serial[0].tobytes() == got_order.tobytes() and serial[1].tobytes() == got_offsets.tobytes()
+
+
+def test_subset_grouping_rejects_bad_input():
+    order, offsets = _grouping(100, 10, 0)
+    keep = np.ones(100, bool)
+    with pytest.raises(ValueError, match="n_threads"):
+        kernels.subset_grouping(order, offsets, keep, n_threads=0)
+    with pytest.raises(IndexError, match="order"):  # rows beyond keep's length
+        kernels.subset_grouping(order, offsets, keep[:50])
+    with pytest.raises(ValueError, match="keep"):
+        kernels.subset_grouping(order, offsets, np.ones((10, 10), bool))
+    with pytest.raises(ValueError, match="last offset"):
+        kernels.subset_grouping(order, offsets[:-1], keep)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_error_model_variances_are_the_numpy_formula_bit_for_bit(n_threads):
+    rng = np.random.default_rng(5)
+    n = 200_003
+    V = rng.uniform(0.1, 1e4, n)
+    I = rng.normal(100.0, 400.0, n)
+    model = BasicErrorModel(1.37, 0.0431)
+    want = model.update_variances(V, I)
+    got, weight = kernels.error_model_variances(V, I, model.a, model.b, n_threads=n_threads)
+    assert got.tobytes() == want.tobytes()
+    assert weight.tobytes() == (1.0 / want).tobytes()
+    # the model's own fused form
+    got2, weight2 = model.update_variances_and_weights(V, I, n_threads=n_threads)
+    assert got2.tobytes() == want.tobytes() and weight2.tobytes() == weight.tobytes()
+
+
+def test_error_model_variances_reject_bad_input():
+    V, I = np.ones(5), np.ones(5)
+    with pytest.raises(ValueError, match="intensity"):
+        kernels.error_model_variances(V, I[:4], 1.0, 0.02)
+    with pytest.raises(ValueError, match="finite"):
+        kernels.error_model_variances(V, I, float("nan"), 0.02)
+    with pytest.raises(ValueError, match="n_threads"):
+        kernels.error_model_variances(V, I, 1.0, 0.02, n_threads=0)
