@@ -142,6 +142,37 @@ void cap_weights_of_rows(const std::int64_t* rows, std::size_t n_members, const 
   for (std::size_t i = 0; i < n_members; ++i) out[rows[i]] = std::min(weight[rows[i]], cap);
 }
 
+/// The weights of a gathered group capped at 10 x its median (cap_weights_of_rows): the
+/// group's own weights when none reaches the cap (the usual case: no copy), else @p capped.
+const double* capped_weights(const GatheredGroup& group, std::vector<double>& capped, std::vector<double>& buffer) {
+  const std::size_t m = group.rows.size();
+  const double* w = group.weight.data();
+  double smallest = w[0], largest = w[0];
+  for (std::size_t i = 1; i < m; ++i) {
+    smallest = std::min(smallest, w[i]);
+    largest = std::max(largest, w[i]);
+  }
+  if (smallest >= 0.0 && largest <= 10.0 * smallest) return w;  // cap_weights_of_rows's shortcut
+  capped.resize(m);
+  cap_weights_of_rows(group.positions.data(), m, w, capped.data(), buffer);
+  return capped.data();
+}
+
+/// Position of the largest |z[i]| of @p n values (the first maximum wins): what
+/// position_of_largest gives on the magnitudes, without forming them.
+std::size_t position_of_largest_magnitude(const double* z, std::size_t n) {
+  std::size_t best = 0;
+  double largest = std::abs(z[0]);
+  for (std::size_t i = 1; i < n; ++i) {
+    const double magnitude = std::abs(z[i]);
+    if (magnitude > largest) {
+      best = i;
+      largest = magnitude;
+    }
+  }
+  return best;
+}
+
 /// Position (in @p rows) of the largest values[row]; the first maximum wins.
 std::size_t position_of_largest(const std::int64_t* rows, std::size_t n_members, const double* values) {
   std::size_t best = 0;
@@ -253,7 +284,7 @@ std::int64_t standard_outliers_of_groups(const GroupLayout& layout, std::size_t 
                                          const double* intensity, const double* weight, const double* scale,
                                          double zmax, std::vector<std::vector<std::int64_t>>& by_round) {
   GatheredGroup group;
-  std::vector<double> capped, abs_z, buffer;
+  std::vector<double> capped, z, buffer;
   detail::RowPrefetcher prefetch(layout.order, layout.offsets[layout.n_groups], {intensity, weight, scale});
   for (std::size_t k = first; k < last; ++k) {
     const auto begin = layout.offsets[k];
@@ -265,14 +296,15 @@ std::int64_t standard_outliers_of_groups(const GroupLayout& layout, std::size_t 
       if (!(group.weight[i] > 0.0)) return group.rows[i];
     for (std::size_t round = 0; group.rows.size() > 2; ++round) {
       const std::size_t m = group.rows.size();
-      const std::int64_t* at = group.positions.data();
-      capped.resize(m);
-      abs_z.resize(m);
-      cap_weights_of_rows(at, m, group.weight.data(), capped.data(), buffer);
-      leave_one_out_of_group(group, capped.data(), abs_z.data());
-      for (auto& z : abs_z) z = std::abs(z);
-      const std::size_t best = position_of_largest(at, m, abs_z.data());
-      if (!(abs_z[best] > zmax)) break;
+      // the weights were checked positive (and the cap, 10 x their median, is positive): the
+      // capped ones need no check again
+      const double* w = capped_weights(group, capped, buffer);
+      const auto [a, b] = weighted_sums_of_rows(group.positions.data(), m, group.intensity.data(), w,
+                                                group.scale.data());
+      z.resize(m);
+      leave_one_out_contiguous(m, group.intensity.data(), w, group.scale.data(), a, b, z.data());
+      const std::size_t best = position_of_largest_magnitude(z.data(), m);
+      if (!(std::abs(z[best]) > zmax)) break;
       if (by_round.size() <= round) by_round.resize(round + 1);
       by_round[round].push_back(group.rows[best]);
       group.erase(best);
