@@ -513,14 +513,18 @@ def _grouped_rows(scaler: Any, grouping: Any, rows: np.ndarray) -> GroupedObserv
                                            n_threads=max(1, int(getattr(scaler, "n_threads", 1))))
     if hasattr(scaler, "suitable_values"):  # from the arrays the scaler keeps: a gather per column
         idx = np.flatnonzero(rows)
-        _, dataset, row = scaler._suitable_layout()
+        # each row's dataset and its row among that dataset's suitable rows, from the datasets'
+        # first positions (no per-row layout of every suitable row)
+        starts = scaler._suitable_starts()
+        dataset = np.repeat(np.arange(len(datasets), dtype=np.int64), np.diff(np.searchsorted(idx, starts)))
+        row = idx - starts.take(dataset)
         V = scaler.suitable_values("variance").take(idx)
         with np.errstate(divide="ignore", invalid="ignore"):
             weight = 1.0 / V
         return GroupedObservations(
             scaler.suitable_values("intensity").take(idx), V, weight,
             scaler.suitable_values_at("inverse_scale_factor", idx), take_rows(grouping.asu_hkl, idx),
-            dataset.take(idx), row.take(idx), order, offsets, len(datasets), scaler.space_group,
+            dataset, row, order, offsets, len(datasets), scaler.space_group,
             {"partiality": scaler.suitable_values_at("partiality", idx, 1.0)})
     starts = np.concatenate([[0], np.cumsum([int(ds.suitable.sum()) for ds in datasets])])
     kept = [np.flatnonzero(rows[starts[k]:starts[k + 1]]) for k in range(len(datasets))]

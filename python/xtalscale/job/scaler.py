@@ -295,6 +295,7 @@ class ScalerBase:
         #: values, whether every value is finite (None: not yet known)); see suitable_values
         self._suitable_values_held: dict[str, list] = {}
         self._suitable_layout_held: tuple | None = None  # see _suitable_layout
+        self._suitable_starts_held: tuple | None = None  # see _suitable_starts
         #: the components hold the model data of the minimisation table's blocks (set by
         #: make_ready_for_scaling, cleared by an expansion, which gives them other rows)
         self._components_hold_minimisation_blocks = False
@@ -339,20 +340,33 @@ class ScalerBase:
         return var
 
     # ------------------------------------------------------------------ suitable-row columns
-    def _suitable_layout(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(starts, dataset, row)`` of the concatenated suitable rows (dataset order): the
-        first position of each dataset (and the total), and per position its dataset and its
-        row among that dataset's suitable rows. Made once per set of ``suitable`` arrays."""
+    def _suitable_starts(self) -> np.ndarray:
+        """The first position of each dataset's suitable rows among every dataset's
+        (concatenated in dataset order) and the total (read-only). Made once per set of
+        ``suitable`` arrays and kept for the job (a few integers)."""
         key = [ds.suitable for ds in self.datasets]
-        held = self._suitable_layout_held
+        held = self._suitable_starts_held
         if held is None or len(held[0]) != len(key) or any(a is not b for a, b in zip(held[0], key)):
             sizes = [int(ds.suitable_idx.size) for ds in self.datasets]
             starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
-            dataset = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)
-            row = np.concatenate([np.arange(n, dtype=np.int64) for n in sizes]) if sizes else np.zeros(0, np.int64)
-            for a in (starts, dataset, row):
+            starts.setflags(write=False)
+            held = self._suitable_starts_held = (key, starts)
+        return held[1]
+
+    def _suitable_layout(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(starts, dataset, row)`` of the concatenated suitable rows (dataset order): the
+        first position of each dataset (and the total, :meth:`_suitable_starts`), and per
+        position its dataset and its row among that dataset's suitable rows. Made once per set
+        of ``suitable`` arrays (until :meth:`_drop_suitable_values`)."""
+        starts = self._suitable_starts()
+        held = self._suitable_layout_held
+        if held is None or held[0] is not starts:
+            sizes = np.diff(starts)
+            dataset = np.repeat(np.arange(sizes.size, dtype=np.int64), sizes)
+            row = np.concatenate([np.arange(n, dtype=np.int64) for n in sizes]) if sizes.size else np.zeros(0, np.int64)
+            for a in (dataset, row):
                 a.setflags(write=False)
-            held = self._suitable_layout_held = (key, (starts, dataset, row))
+            held = self._suitable_layout_held = (starts, (starts, dataset, row))
         return held[1]
 
     def suitable_values(self, name: str, default: float | None = None) -> np.ndarray:
@@ -366,7 +380,7 @@ class ScalerBase:
         held = self._kept_suitable_values(name, key)
         if held is not None:
             return held
-        starts = self._suitable_layout()[0]
+        starts = self._suitable_starts()
         out = np.empty(int(starts[-1]))
         for k, ds in enumerate(self.datasets):
             part = out[starts[k]:starts[k + 1]]
@@ -403,7 +417,7 @@ class ScalerBase:
         held = self._kept_suitable_values(name, key)
         if held is not None:
             return held.take(idx)
-        starts = self._suitable_layout()[0]
+        starts = self._suitable_starts()
         cuts = np.searchsorted(idx, starts)  # each dataset's part of idx
         out = np.empty(idx.size)
         for k, ds in enumerate(self.datasets):
@@ -459,7 +473,7 @@ class ScalerBase:
         models = [self._error_model_for(ds) for ds in self.datasets]
         if all(em is None for em in models):
             return V, self.suitable_weights()
-        starts = self._suitable_layout()[0]
+        starts = self._suitable_starts()
         if all(em is models[0] for em in models):  # one model: one pass over every row
             fused = getattr(models[0], "update_variances_and_weights", None)
             if fused is not None:  # σ'² and 1/σ'² in one threaded pass (the same bits)
@@ -508,7 +522,7 @@ class ScalerBase:
             return held
         order, offsets = _kern.subset_grouping(cache.order, cache.offsets, keep, n_threads=self.n_threads)
         idx = np.flatnonzero(keep)  # positions among every dataset's suitable rows (the cache's)
-        starts = self._suitable_layout()[0]
+        starts = self._suitable_starts()
         cuts = np.searchsorted(idx, starts)  # each dataset's part of idx
         table_rows = [ds.suitable_idx.take(idx[cuts[k]:cuts[k + 1]] - starts[k]) for k, ds in enumerate(self.datasets)]
         layout = _SubsetLayout(
@@ -1166,7 +1180,7 @@ class ScalerBase:
         indices. The arrays are the grouping cache's own (read-only, shared)."""
         held = self._asu_groupings.get(anomalous)
         cache = self._grouped_cache
-        if held is None and cache is not None and cache.order.size == int(self._suitable_layout()[0][-1]):
+        if held is None and cache is not None and cache.order.size == int(self._suitable_starts()[-1]):
             # the cached grouping of every suitable row came from asu_grouping of these same
             # indices: that cache entry's, without gathering and comparing 10⁶ indices again
             from .grouped import cached_asu_grouping_of
