@@ -544,6 +544,27 @@ void error_model_filter(const GroupLayout& layout, const double* intensity, cons
   }
 }
 
+std::int64_t gather_values(std::size_t n_values, const double* values, std::size_t n_out, const std::int64_t* rows,
+                           double* out, int n_threads) {
+  constexpr std::size_t kRowsPerPart = std::size_t{1} << 16;
+  const std::size_t n_parts = (n_out + kRowsPerPart - 1) / kRowsPerPart;
+  std::vector<std::int64_t> bad(n_parts, -1);
+  fit::detail::parallel_for(n_parts, n_threads, [&](std::size_t p) {
+    const std::size_t end = std::min(n_out, (p + 1) * kRowsPerPart);
+    for (std::size_t i = p * kRowsPerPart; i < end; ++i) {
+      const auto r = rows[i];
+      if (r < 0 || static_cast<std::size_t>(r) >= n_values) {
+        bad[p] = static_cast<std::int64_t>(i);
+        return;
+      }
+      out[i] = values[r];
+    }
+  });
+  for (const auto i : bad)
+    if (i >= 0) return i;
+  return -1;
+}
+
 void error_model_variances(std::size_t n_rows, const double* variance, const double* intensity, double a,
                            double b, double* updated, double* weight, int n_threads) {
   constexpr std::size_t kRowsPerPart = std::size_t{1} << 16;

@@ -190,6 +190,38 @@ py::tuple subset_grouping_py(const Int64Array& order, const Int64Array& offsets,
   return py::make_tuple(to_array(new_order), to_array(new_offsets));
 }
 
+py::array gather_values_py(const DoubleArray& values, const Int64Array& rows, const py::object& out, int n_threads) {
+  if (values.ndim() != 1) throw std::invalid_argument("values must be 1-dimensional");
+  if (rows.ndim() != 1) throw std::invalid_argument("rows must be 1-dimensional");
+  require_threads(n_threads);
+  const auto n = static_cast<std::size_t>(rows.size());
+  py::array result;
+  if (out.is_none()) {
+    result = new_doubles(n);
+  } else {
+    // written in place: the caller's own float64 array, never a converted copy
+    if (!py::isinstance<py::array>(out)) throw std::invalid_argument("out must be a numpy array");
+    result = py::reinterpret_borrow<py::array>(out);
+    if (!result.dtype().is(py::dtype::of<double>()) || result.ndim() != 1 ||
+        static_cast<std::size_t>(result.size()) != n || !(result.flags() & py::array::c_style) ||
+        !result.writeable())
+      throw std::invalid_argument("out must be a writeable contiguous float64 array of " + std::to_string(n) +
+                                  " entries");
+  }
+  const double* v = values.data();
+  const std::int64_t* r = rows.data();
+  auto* o = static_cast<double*>(result.mutable_data());
+  std::int64_t bad = -1;
+  {
+    py::gil_scoped_release release;
+    bad = gather_values(static_cast<std::size_t>(values.size()), v, n, r, o, n_threads);
+  }
+  if (bad >= 0)
+    throw py::index_error("rows: index " + std::to_string(r[bad]) + " at position " + std::to_string(bad) +
+                          " is out of range for " + std::to_string(values.size()) + " values");
+  return result;
+}
+
 py::tuple error_model_variances_py(const DoubleArray& variance, const DoubleArray& intensity, double a, double b,
                                    int n_threads) {
   const auto n = static_cast<std::size_t>(variance.size());
@@ -537,6 +569,11 @@ void bind_job(py::module_& m) {
         "The grouping of the rows with keep[row], renumbered to the subset (row i of the subset is the\n"
         "i-th kept row): returns (order, offsets); empty groups are dropped, group order is kept.\n"
         "Over n_threads threads (the same grouping for any count).");
+  m.def("gather_values", &gather_values_py, py::arg("values"), py::arg("rows"), py::arg("out") = py::none(),
+        py::arg("n_threads") = 1,
+        "values[rows] (numpy's take of float64 values by int64 rows) into out (a writeable contiguous float64\n"
+        "array of len(rows)) or a new array, over n_threads threads (GIL released). Raises IndexError\n"
+        "for a row out of range.");
   m.def("error_model_variances", &error_model_variances_py, py::arg("variance"), py::arg("intensity"),
         py::arg("a"), py::arg("b"), py::arg("n_threads") = 1,
         "The basic error model's variances a*a*(variance + (b*intensity)**2) and their weights 1/variance',\n"

@@ -79,3 +79,35 @@ def test_error_model_variances_reject_bad_input():
         kernels.error_model_variances(V, I, float("nan"), 0.02)
     with pytest.raises(ValueError, match="n_threads"):
         kernels.error_model_variances(V, I, 1.0, 0.02, n_threads=0)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_gather_values_is_numpy_take(n_threads):
+    rng = np.random.default_rng(8)
+    values = rng.normal(size=300_001)
+    rows = rng.integers(0, values.size, 200_003)
+    np.testing.assert_array_equal(kernels.gather_values(values, rows, n_threads=n_threads), values.take(rows))
+    out = np.full(rows.size + 10, -1.0)
+    got = kernels.gather_values(values, rows, out=out[5:-5], n_threads=n_threads)
+    assert np.shares_memory(got, out)
+    np.testing.assert_array_equal(out[5:-5], values.take(rows))
+    assert (out[:5] == -1).all() and (out[-5:] == -1).all()
+    assert kernels.gather_values(values, np.zeros(0, np.int64)).size == 0
+
+
+def test_gather_values_rejects_bad_input():
+    values = np.arange(10.0)
+    with pytest.raises(IndexError, match="index 10 at position 2"):
+        kernels.gather_values(values, np.array([0, 9, 10, 3]))
+    with pytest.raises(IndexError, match="index -1"):
+        kernels.gather_values(values, np.array([-1]), n_threads=2)
+    with pytest.raises(ValueError, match="out must be"):
+        kernels.gather_values(values, np.array([1, 2]), out=np.zeros(3))
+    with pytest.raises(ValueError, match="out must be"):
+        kernels.gather_values(values, np.array([1, 2]), out=np.zeros(2, np.float32))
+    with pytest.raises(ValueError, match="out must be"):
+        kernels.gather_values(values, np.array([1, 2]), out=np.zeros(4)[::2])
+    with pytest.raises(ValueError, match="n_threads"):
+        kernels.gather_values(values, np.array([1]), n_threads=0)
+    with pytest.raises(ValueError, match="1-dimensional"):
+        kernels.gather_values(values.reshape(2, 5), np.array([1]))

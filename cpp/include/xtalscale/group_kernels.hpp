@@ -117,6 +117,12 @@ XTALSCALE_EXPORT void error_model_normalised_deviations(std::size_t n_rows, cons
                                                         const double* scale, double a, double b,
                                                         double* delta);
 
+/// out[i] = values[rows[i]] for i < @p n_out (numpy's take), in fixed ranges over up to
+/// @p n_threads threads. Returns the first i whose row is not in [0, @p n_values) (nothing
+/// is written from the range holding it on), or −1.
+XTALSCALE_EXPORT std::int64_t gather_values(std::size_t n_values, const double* values, std::size_t n_out,
+                                            const std::int64_t* rows, double* out, int n_threads = 1);
+
 /// The basic error model's variances σ'² = (a·a)·(σ² + (b·I)²) and weights 1/σ'², row by row
 /// (the operation order of xtalscale.error_model.BasicErrorModel.update_variances and of
 /// numpy's 1 / σ'²), in fixed ranges of rows over up to @p n_threads threads.

@@ -56,6 +56,9 @@ def standard_outlier_rows(
 def subset_grouping(
     order: npt.ArrayLike, offsets: npt.ArrayLike, keep: npt.ArrayLike, n_threads: int = 1
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
+def gather_values(
+    values: npt.ArrayLike, rows: npt.ArrayLike, out: npt.NDArray[np.float64] | None = None, n_threads: int = 1
+) -> npt.NDArray[np.float64]: ...
 def error_model_variances(
     variance: npt.ArrayLike, intensity: npt.ArrayLike, a: float, b: float, n_threads: int = 1
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...

@@ -518,11 +518,11 @@ def _grouped_rows(scaler: Any, grouping: Any, rows: np.ndarray) -> GroupedObserv
         starts = scaler._suitable_starts()
         dataset = np.repeat(np.arange(len(datasets), dtype=np.int64), np.diff(np.searchsorted(idx, starts)))
         row = idx - starts.take(dataset)
-        V = scaler.suitable_values("variance").take(idx)
+        V = scaler._gather(scaler.suitable_values("variance"), idx)
         with np.errstate(divide="ignore", invalid="ignore"):
             weight = 1.0 / V
         return GroupedObservations(
-            scaler.suitable_values("intensity").take(idx), V, weight,
+            scaler._gather(scaler.suitable_values("intensity"), idx), V, weight,
             scaler.suitable_values_at("inverse_scale_factor", idx), take_rows(grouping.asu_hkl, idx),
             dataset, row, order, offsets, len(datasets), scaler.space_group,
             {"partiality": scaler.suitable_values_at("partiality", idx, 1.0)})
