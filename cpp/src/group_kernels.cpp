@@ -772,8 +772,14 @@ void error_model_scaled_deltas(std::size_t n, const double* __restrict deviation
 
 void error_model_normalised_deviations(std::size_t n_rows, const double* deviation, const double* variance,
                                        const double* intensity, const double* scale, double a, double b,
-                                       double* delta) {
-  error_model_scaled_deltas(n_rows, deviation, variance, intensity, scale, a, b, delta);
+                                       double* delta, int n_threads) {
+  const std::size_t n_parts = (n_rows + kMomentPartRows - 1) / kMomentPartRows;
+  fit::detail::parallel_for(n_parts, n_threads, [&](std::size_t p) {
+    const std::size_t first = p * kMomentPartRows;
+    const std::size_t m = std::min(n_rows, first + kMomentPartRows) - first;
+    error_model_scaled_deltas(m, deviation + first, variance + first, intensity + first, scale + first, a, b,
+                              delta + first);
+  });
 }
 
 void error_model_bin_moments(std::size_t n_rows, const double* numerator, const double* variance,

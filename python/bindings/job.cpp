@@ -274,18 +274,19 @@ py::tuple error_model_filter_py(const Int64Array& order, const Int64Array& offse
 
 DoubleArray error_model_normalised_deviations_py(const DoubleArray& deviation, const DoubleArray& variance,
                                                  const DoubleArray& intensity, const DoubleArray& scale, double a,
-                                                 double b) {
+                                                 double b, int n_threads) {
   const auto n = static_cast<std::size_t>(deviation.size());
   const double* dev = row_array(deviation, n, "deviation");
   const double* v = row_array(variance, n, "variance");
   const double* I = row_array(intensity, n, "intensity");
   const double* g = row_array(scale, n, "scale");
   if (!std::isfinite(a) || !std::isfinite(b)) throw std::invalid_argument("a and b must be finite");
+  require_threads(n_threads);
   auto delta = new_doubles(n);
   double* out = delta.mutable_data();
   {
     py::gil_scoped_release release;
-    error_model_normalised_deviations(n, dev, v, I, g, a, b, out);
+    error_model_normalised_deviations(n, dev, v, I, g, a, b, out, n_threads);
   }
   return delta;
 }
@@ -587,8 +588,9 @@ void bind_job(py::module_& m) {
         "elsewhere).");
   m.def("error_model_normalised_deviations", &error_model_normalised_deviations_py, py::arg("deviation"),
         py::arg("variance"), py::arg("intensity"), py::arg("scale"), py::arg("a"), py::arg("b"),
+        py::arg("n_threads") = 1,
         "delta = deviation / (a * sqrt(variance + (b * intensity)**2) / scale), row by row (the\n"
-        "error model's normalised deviations with the sigma-free part given).");
+        "error model's normalised deviations with the sigma-free part given), over n_threads threads.");
   m.def("esq_bin_sums", &esq_bin_sums_py, py::arg("scaled_intensity"), py::arg("epsilon"), py::arg("bin"),
         py::arg("n_bins"),
         "Per bin, sum of max(I, 0) / epsilon over its rows in row order (numpy's bincount of those terms).");

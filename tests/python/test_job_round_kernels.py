@@ -111,3 +111,17 @@ def test_gather_values_rejects_bad_input():
         kernels.gather_values(values, np.array([1]), n_threads=0)
     with pytest.raises(ValueError, match="1-dimensional"):
         kernels.gather_values(values.reshape(2, 5), np.array([1]))
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_threaded_normalised_deviations_are_the_serial_ones(n_threads):
+    rng = np.random.default_rng(9)
+    n = 150_001
+    dev, V = rng.normal(0.0, 30.0, n), rng.uniform(1.0, 500.0, n)
+    I, g = rng.normal(200.0, 300.0, n), rng.uniform(0.3, 3.0, n)
+    serial = kernels.error_model_normalised_deviations(dev, V, I, g, 1.3, 0.04)
+    threaded = kernels.error_model_normalised_deviations(dev, V, I, g, 1.3, 0.04, n_threads=n_threads)
+    assert serial.tobytes() == threaded.tobytes()
+    np.testing.assert_array_equal(serial, dev / (1.3 * np.sqrt(V + (0.04 * I) ** 2) / g))
+    with pytest.raises(ValueError, match="n_threads"):
+        kernels.error_model_normalised_deviations(dev, V, I, g, 1.3, 0.04, n_threads=0)

@@ -111,11 +111,12 @@ XTALSCALE_EXPORT void error_model_filter(const GroupLayout& layout, const double
                                          int n_threads = 1);
 
 /// The error model's δ = deviation / σ' with σ' = a·sqrt(σ² + (b·I)²)/g, row by row (in the
-/// operation order of xtalscale.job.error_model.calc_sigmaprime / calc_deltahl).
+/// operation order of xtalscale.job.error_model.calc_sigmaprime / calc_deltahl), in fixed
+/// ranges of rows over up to @p n_threads threads.
 XTALSCALE_EXPORT void error_model_normalised_deviations(std::size_t n_rows, const double* deviation,
                                                         const double* variance, const double* intensity,
                                                         const double* scale, double a, double b,
-                                                        double* delta);
+                                                        double* delta, int n_threads = 1);
 
 /// out[i] = values[rows[i]] for i < @p n_out (numpy's take), in fixed ranges over up to
 /// @p n_threads threads. Returns the first i whose row is not in [0, @p n_values) (nothing

@@ -79,6 +79,7 @@ def error_model_normalised_deviations(
     scale: npt.ArrayLike,
     a: float,
     b: float,
+    n_threads: int = 1,
 ) -> npt.NDArray[np.float64]: ...
 def rmeas_group_sums(
     order: npt.ArrayLike,

@@ -284,7 +284,8 @@ def _refine_a(model: BasicErrorModel, data: ErrorModelData) -> None:
     # calc_deltahl (σ' as calc_sigmaprime) in one C++ pass, its σ-independent factor made once
     a, b = model.parameters
     delta = np.sort(kernels.error_model_normalised_deviations(data.scaled_deviation, data.variance,
-                                                              data.intensity, data.scale, a, b))
+                                                              data.intensity, data.scale, a, b,
+                                                              n_threads=data.n_threads))
     n = delta.size
     lo = int(math.ceil(_normal_cdf(-1.5) * n - 0.5))
     hi = int(math.ceil(_normal_cdf(1.5) * n - 0.5))
