@@ -403,10 +403,27 @@ std::vector<std::int64_t> kept_rank(std::size_t n_rows, const std::uint8_t* keep
   return rank;
 }
 
+/// subset_grouping on one thread: the kept rows gathered group by group, then renumbered (a
+/// pass fewer than the threaded form's count-then-place).
+std::vector<std::int64_t> serial_subset_grouping(const GroupLayout& layout, const std::uint8_t* keep,
+                                                 std::vector<std::int64_t>& new_order) {
+  std::vector<std::int64_t> kept_groups;
+  auto offsets = select_rows_in_groups(layout, keep, new_order, kept_groups);
+  std::vector<std::int64_t> rank(layout.n_rows);
+  std::int64_t n_kept = 0;
+  for (std::size_t r = 0; r < layout.n_rows; ++r) {
+    rank[r] = n_kept;
+    n_kept += keep[r] != 0 ? 1 : 0;
+  }
+  for (auto& r : new_order) r = rank[static_cast<std::size_t>(r)];
+  return offsets;
+}
+
 }  // namespace
 
 std::vector<std::int64_t> subset_grouping(const GroupLayout& layout, const std::uint8_t* keep,
                                           std::vector<std::int64_t>& new_order, int n_threads) {
+  if (n_threads <= 1 || layout.n_groups <= kSubsetPartGroups) return serial_subset_grouping(layout, keep, new_order);
   // row r of the layout is row rank[r] of the subset (kept rows keep their relative order)
   const std::vector<std::int64_t> rank = kept_rank(layout.n_rows, keep, n_threads);
   // parts of groups: their kept rows and non-empty groups counted, then written in place

@@ -29,6 +29,7 @@ def _subset_reference(order: np.ndarray, offsets: np.ndarray, keep: np.ndarray) 
 
 @pytest.mark.parametrize("n_threads", [1, 2, 3])
 @pytest.mark.parametrize("n, n_groups, fraction", [(300_001, 20_000, 0.3), (70_000, 9000, 0.97), (1000, 5, 0.5),
+                                                     (100_000, 4097, 0.01),
                                                      (0, 1, 0.5)])
 def test_threaded_subset_grouping_is_the_serial_one(n_threads, n, n_groups, fraction):
     order, offsets = _grouping(n, n_groups, n)
