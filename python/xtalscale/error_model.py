@@ -76,11 +76,15 @@ class BasicErrorModel:
 
     def update_variances_and_weights(self, variances: Any, intensities: Any, n_threads: int = 1) -> tuple[Any, Any]:
         """:meth:`update_variances` and the weights 1/σ'², bit for bit, in one C++ pass over
-        ``n_threads`` threads (the job's rounds weight 10⁶ rows this way)."""
+        ``n_threads`` threads (the job's rounds weight 10⁶ rows this way). A subclass with its
+        own :meth:`update_variances` gets that and the weights from numpy."""
         import numpy as np  # noqa: PLC0415  (kept out of the import of the stored form)
 
         from ._core import job as kernels  # noqa: PLC0415
 
+        if type(self).update_variances is not BasicErrorModel.update_variances:
+            var = np.asarray(self.update_variances(variances, intensities), dtype=np.float64)
+            return var, 1.0 / var
         v = np.asarray(variances, dtype=np.float64)
         i = np.asarray(intensities, dtype=np.float64)
         if v.shape != i.shape or v.ndim != 1:

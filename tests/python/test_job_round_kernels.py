@@ -70,6 +70,20 @@ def test_error_model_variances_are_the_numpy_formula_bit_for_bit(n_threads):
     # the model's own fused form
     got2, weight2 = model.update_variances_and_weights(V, I, n_threads=n_threads)
     assert got2.tobytes() == want.tobytes() and weight2.tobytes() == weight.tobytes()
+    # the job's refined model (a subclass) too; a subclass with its own formula keeps it
+
+    class Doubled(BasicErrorModel):
+        def update_variances(self, variances, intensities):
+            return 2.0 * super().update_variances(variances, intensities)
+
+    own, own_weight = Doubled(1.37, 0.0431).update_variances_and_weights(V, I, n_threads=n_threads)
+    assert own.tobytes() == (2.0 * want).tobytes() and own_weight.tobytes() == (1.0 / (2.0 * want)).tobytes()
+    from xtalscale.job.error_model import BasicErrorModel as RefinedModel
+
+    refined = RefinedModel(1.37, 0.0431)
+    assert refined.update_variances_and_weights(V, I, n_threads=n_threads)[0].tobytes() == want.tobytes()
+    with pytest.raises(ValueError, match="same shape"):
+        model.update_variances_and_weights(V, I[:-1])
 
 
 def test_error_model_variances_reject_bad_input():
