@@ -375,47 +375,57 @@ std::vector<std::int64_t> select_rows_in_groups(const GroupLayout& layout, const
 
 namespace {
 
-/// Rows (and groups) per part of the threaded subset_grouping: fixed, though any split gives
-/// the same integers.
-constexpr std::size_t kSubsetPartRows = std::size_t{1} << 16;
+/// Groups per part of the threaded subset_grouping: fixed, though any split gives the same
+/// integers.
 constexpr std::size_t kSubsetPartGroups = 4096;
 
-/// Per row, the number of kept rows before it (parts of rows counted, then numbered, over
-/// the threads).
-std::vector<std::int64_t> kept_rank(std::size_t n_rows, const std::uint8_t* keep, int n_threads) {
-  std::vector<std::int64_t> rank(n_rows);
-  const std::size_t n_parts = (n_rows + kSubsetPartRows - 1) / kSubsetPartRows;
-  std::vector<std::int64_t> first(n_parts + 1, 0);
-  fit::detail::parallel_for(n_parts, n_threads, [&](std::size_t p) {
-    std::int64_t n = 0;
-    for (std::size_t r = p * kSubsetPartRows, end = std::min(n_rows, (p + 1) * kSubsetPartRows); r < end; ++r)
-      n += keep[r] != 0 ? 1 : 0;
-    first[p + 1] = n;
-  });
-  for (std::size_t p = 0; p < n_parts; ++p) first[p + 1] += first[p];
-  fit::detail::parallel_for(n_parts, n_threads, [&](std::size_t p) {
-    std::int64_t n = first[p];
-    for (std::size_t r = p * kSubsetPartRows, end = std::min(n_rows, (p + 1) * kSubsetPartRows); r < end; ++r) {
-      rank[r] = n;
-      n += keep[r] != 0 ? 1 : 0;
-    }
-  });
-  return rank;
-}
-
-/// subset_grouping on one thread: the kept rows gathered group by group, then renumbered (a
-/// pass fewer than the threaded form's count-then-place).
-std::vector<std::int64_t> serial_subset_grouping(const GroupLayout& layout, const std::uint8_t* keep,
-                                                 std::vector<std::int64_t>& new_order) {
-  std::vector<std::int64_t> kept_groups;
-  auto offsets = select_rows_in_groups(layout, keep, new_order, kept_groups);
-  std::vector<std::int64_t> rank(layout.n_rows);
-  std::int64_t n_kept = 0;
-  for (std::size_t r = 0; r < layout.n_rows; ++r) {
-    rank[r] = n_kept;
-    n_kept += keep[r] != 0 ? 1 : 0;
+/// The kept rows of a per-row byte mask as bits, with the number of kept rows before each
+/// 64-row word: whether a row is kept, and its position among the kept rows, from two small
+/// arrays (1/64 of the mask's size each) instead of a per-row array of positions.
+class KeptRows {
+ public:
+  KeptRows(std::size_t n_rows, const std::uint8_t* keep, int n_threads)
+      : bits_((n_rows + 63) / 64, 0), before_(bits_.size() + 1, 0) {
+    constexpr std::size_t kWordsPerPart = 1024;
+    const std::size_t n_words = bits_.size();
+    const std::size_t n_parts = (n_words + kWordsPerPart - 1) / kWordsPerPart;
+    fit::detail::parallel_for(n_parts, n_threads, [&](std::size_t p) {
+      for (std::size_t w = p * kWordsPerPart, end = std::min(n_words, (p + 1) * kWordsPerPart); w < end; ++w) {
+        std::uint64_t word = 0;
+        for (std::size_t r = 64 * w, last = std::min(n_rows, 64 * w + 64); r < last; ++r)
+          word |= static_cast<std::uint64_t>(keep[r] != 0) << (r - 64 * w);
+        bits_[w] = word;
+        before_[w + 1] = __builtin_popcountll(word);
+      }
+    });
+    for (std::size_t w = 0; w < n_words; ++w) before_[w + 1] += before_[w];
   }
-  for (auto& r : new_order) r = rank[static_cast<std::size_t>(r)];
+
+  bool kept(std::int64_t row) const { return ((bits_[static_cast<std::size_t>(row) >> 6] >> (row & 63)) & 1U) != 0; }
+
+  /// The number of kept rows before @p row.
+  std::int64_t rank(std::int64_t row) const {
+    const auto w = static_cast<std::size_t>(row) >> 6;
+    const std::uint64_t below = (std::uint64_t{1} << (row & 63)) - 1;
+    return before_[w] + __builtin_popcountll(bits_[w] & below);
+  }
+
+ private:
+  std::vector<std::uint64_t> bits_;
+  std::vector<std::int64_t> before_;
+};
+
+/// subset_grouping on one thread: one pass over the groups.
+std::vector<std::int64_t> serial_subset_grouping(const GroupLayout& layout, const KeptRows& kept,
+                                                 std::vector<std::int64_t>& new_order) {
+  std::vector<std::int64_t> offsets{0};
+  new_order.clear();
+  for (std::size_t k = 0; k < layout.n_groups; ++k) {
+    const auto before = new_order.size();
+    for (auto i = layout.offsets[k]; i < layout.offsets[k + 1]; ++i)
+      if (kept.kept(layout.order[i])) new_order.push_back(kept.rank(layout.order[i]));
+    if (new_order.size() > before) offsets.push_back(static_cast<std::int64_t>(new_order.size()));
+  }
   return offsets;
 }
 
@@ -423,9 +433,9 @@ std::vector<std::int64_t> serial_subset_grouping(const GroupLayout& layout, cons
 
 std::vector<std::int64_t> subset_grouping(const GroupLayout& layout, const std::uint8_t* keep,
                                           std::vector<std::int64_t>& new_order, int n_threads) {
-  if (n_threads <= 1 || layout.n_groups <= kSubsetPartGroups) return serial_subset_grouping(layout, keep, new_order);
-  // row r of the layout is row rank[r] of the subset (kept rows keep their relative order)
-  const std::vector<std::int64_t> rank = kept_rank(layout.n_rows, keep, n_threads);
+  // row r of the layout is row kept.rank(r) of the subset (kept rows keep their relative order)
+  const KeptRows kept(layout.n_rows, keep, n_threads);
+  if (n_threads <= 1 || layout.n_groups <= kSubsetPartGroups) return serial_subset_grouping(layout, kept, new_order);
   // parts of groups: their kept rows and non-empty groups counted, then written in place
   const std::size_t n_parts = (layout.n_groups + kSubsetPartGroups - 1) / kSubsetPartGroups;
   std::vector<std::int64_t> rows_before(n_parts + 1, 0), groups_before(n_parts + 1, 0);
@@ -437,7 +447,7 @@ std::vector<std::int64_t> subset_grouping(const GroupLayout& layout, const std::
     std::int64_t rows = 0, groups = 0;
     for (std::size_t k = k_first; k < k_end; ++k) {
       std::int64_t in_group = 0;
-      for (auto i = layout.offsets[k]; i < layout.offsets[k + 1]; ++i) in_group += keep[layout.order[i]] != 0 ? 1 : 0;
+      for (auto i = layout.offsets[k]; i < layout.offsets[k + 1]; ++i) in_group += kept.kept(layout.order[i]) ? 1 : 0;
       rows += in_group;
       groups += in_group > 0 ? 1 : 0;
     }
@@ -458,7 +468,7 @@ std::vector<std::int64_t> subset_grouping(const GroupLayout& layout, const std::
       const std::size_t before = at;
       for (auto i = layout.offsets[k]; i < layout.offsets[k + 1]; ++i) {
         const auto r = layout.order[i];
-        if (keep[r]) new_order[at++] = rank[static_cast<std::size_t>(r)];
+        if (kept.kept(r)) new_order[at++] = kept.rank(r);
       }
       if (at > before) offsets[++group] = static_cast<std::int64_t>(at);
     }
