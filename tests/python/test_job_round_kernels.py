@@ -140,3 +140,72 @@ def test_threaded_normalised_deviations_are_the_serial_ones(n_threads):
     np.testing.assert_array_equal(serial, dev / (1.3 * np.sqrt(V + (0.04 * I) ** 2) / g))
     with pytest.raises(ValueError, match="n_threads"):
         kernels.error_model_normalised_deviations(dev, V, I, g, 1.3, 0.04, n_threads=0)
+
+
+# ---------------------------------------------------------------- the rounds' kept subset
+def _scaler(*args: str):
+    from pathlib import Path
+
+    from xtalscale.job.algorithm import ScalingAlgorithm
+    from xtalscale.job.inputs import load_inputs
+    from xtalscale.job.phil import parse_phil_arguments
+
+    data = Path(__file__).resolve().parents[1] / "data" / "dials_l_cysteine_integrated"
+    sweeps = [str(data / "20_integrated.pickle"), str(data / "20_integrated_experiments.json"),
+              str(data / "25_integrated.pickle"), str(data / "25_integrated_experiments.json")]
+    inputs = load_inputs(sweeps)
+    params, _ = parse_phil_arguments(list(args))
+    return ScalingAlgorithm(params, inputs.experiments, inputs.tables).scaler
+
+
+def test_subset_rounds_reuse_their_layout_and_give_the_fresh_subset():
+    """The groups holding the same rows, asked again (the subset rounds), come from the kept
+    layout (no new grouping) with the current g, and equal a fresh subset of the grouping."""
+
+    from xtalscale import flex_arrays as fa
+    from xtalscale.job.scaler import _rows_of_groups_holding
+
+    scaler = _scaler()
+    every = scaler.global_Ih_table  # the cached grouping of every suitable row
+    rng = np.random.default_rng(3)
+    rows = rng.random(every.size) < 0.03
+
+    def fresh():
+        return scaler._grouped_suitable().subset(_rows_of_groups_holding(scaler._grouped_suitable(), rows))
+
+    first = scaler._grouped_groups_holding(rows)
+    held = scaler._subset_held
+    assert held is not None and held.holding is not None
+    # an expansion replaces g: the kept layout serves, with the new g
+    for ds in scaler.datasets:
+        ds.table["inverse_scale_factor"] = fa.double(rng.uniform(0.5, 2.0, len(ds.table)))
+    again = scaler._grouped_groups_holding(rows.copy())
+    assert scaler._subset_held is held and again.order is first.order
+    want = fresh()
+    for name in ("intensity", "variance", "weight", "scale", "asu_hkl", "dataset", "row", "order", "offsets"):
+        assert getattr(again, name).tobytes() == getattr(want, name).tobytes(), name
+    assert not np.array_equal(again.scale, first.scale)
+    # a one-off subset of other rows leaves the kept layout in place
+    scaler._cached_subset(rng.random(every.size) < 0.5)
+    assert scaler._subset_held is held
+    # most rows' groups: a subset not kept (the kept one stays); other few rows: kept instead
+    scaler._grouped_groups_holding(~rows)
+    assert scaler._subset_held is held
+    other = rng.random(every.size) < 0.01
+    scaler._grouped_groups_holding(other)
+    assert scaler._subset_held is not held and np.array_equal(scaler._subset_held.holding, other)
+
+
+def test_suitable_values_at_is_the_kept_values_taken():
+    scaler = _scaler()
+    n = int(scaler._suitable_starts()[-1])
+    idx = np.flatnonzero(np.random.default_rng(2).random(n) < 0.3)
+    for name in ("intensity", "inverse_scale_factor", "d"):
+        scaler._suitable_values_held.pop(name, None)
+        gathered = scaler.suitable_values_at(name, idx)  # from the tables (none kept)
+        assert name not in scaler._suitable_values_held
+        np.testing.assert_array_equal(gathered, scaler.suitable_values(name).take(idx))
+        np.testing.assert_array_equal(scaler.suitable_values_at(name, idx), gathered)  # from the kept array
+    np.testing.assert_array_equal(scaler.suitable_values_at("no_such_column", idx, 1.0), np.ones(idx.size))
+    with pytest.raises(KeyError, match="no_such_column"):
+        scaler.suitable_values_at("no_such_column", idx)
