@@ -161,7 +161,6 @@ def _scaler(*args: str):
 def test_subset_rounds_reuse_their_layout_and_give_the_fresh_subset():
     """The groups holding the same rows, asked again (the subset rounds), come from the kept
     layout (no new grouping) with the current g, and equal a fresh subset of the grouping."""
-
     from xtalscale import flex_arrays as fa
     from xtalscale.job.scaler import _rows_of_groups_holding
 
