@@ -88,9 +88,10 @@ XTALSCALE_EXPORT std::vector<std::int64_t> standard_outlier_rows(const GroupLayo
 
 /// select_rows_in_groups with the rows renumbered to the subset: @p new_order holds positions
 /// among the kept rows (row r becomes the number of kept rows before it), so the subset's
-/// per-row arrays are the kept rows in their original order. Returns the new offsets. Fixed
-/// ranges of rows and of groups go to up to @p n_threads threads (integer counts placed by
-/// prefix sums: the same grouping for any thread count).
+/// per-row arrays are the kept rows in their original order. Returns the new offsets. The
+/// kept rows' positions come from a bit index of @p keep (no per-row array); with several
+/// threads, fixed ranges of groups are counted and then placed by prefix sums (the same
+/// grouping for any thread count).
 XTALSCALE_EXPORT std::vector<std::int64_t> subset_grouping(const GroupLayout& layout,
                                                            const std::uint8_t* keep,
                                                            std::vector<std::int64_t>& new_order,
