@@ -1379,6 +1379,165 @@ void quadratic_forms_rows(std::size_t lo, std::size_t hi, const std::int64_t* in
   if (used > 0) flush();
 }
 
+/// row_quadratic_form of a row without the dense run, compiled for each target as
+/// quadratic_forms_rows inlines it (the same FMAs): for the AVX-512 kernel below.
+XS_MULTIVERSION
+double row_quadratic_form_any(std::int64_t first, std::int64_t last, const std::int32_t* indices,
+                              const double* values, std::size_t n, const double* V) {
+  return row_quadratic_form(first, last, indices, values, n, V);
+}
+
+#ifdef XS_TILE_FMA
+/// quadratic_forms_rows for a dense run of at most 8 · kStrips columns, with AVX-512: each
+/// row's cross vector z and its run's products x V_DD + 2 z held in registers (kStrips
+/// strips of 8), four rows' products interleaved for independent FMA chains, x read in place
+/// from the row's entries. Every value is the x86-64-v3 quadratic_forms_rows' operation for
+/// operation: z_j = fma(v_s, V_sj, z_j) over the other entries s in order; the sparse sum
+/// fma(v_s, fma(after_s, 2, v_s V_ss), ·) with after_s an FMA chain; per 8-column strip
+/// acc = 2z then fma(x_i, V_ij, acc) over i, lanes = fma(acc, x, lanes) over the strips, and
+/// ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)) + 0 added to the sparse sum: the bits do
+/// not change, only the speed (the zero-padded columns past the run stay +0 as there).
+template <int kStrips>
+struct RunTileAvx512 {
+  std::size_t used = 0;
+  std::size_t pending[kTileRows] = {};
+  const double* run_values[kTileRows] = {};  ///< each row's run entries (x), in place
+  double sparse_sums[kTileRows] = {};
+  __m512d z[kTileRows][kStrips];
+};
+
+/// The dense-run part of the tile's rows (see quadratic_forms_rows_avx512), written to @p out.
+template <int kStrips>
+__attribute__((target("avx512f,fma"))) void flush_run_tile_avx512(RunTileAvx512<kStrips>& tile,
+                                                                   std::size_t len,
+                                                                   const double* vdd,
+                                                                   __mmask8 tail, double* out) {
+  const std::size_t len_pad = padded_columns(len);
+  const std::size_t used = tile.used;
+  __m512d acc[kTileRows][kStrips];
+  for (std::size_t rr = 0; rr < used; ++rr)
+    for (int k = 0; k < kStrips; ++k) acc[rr][k] = _mm512_add_pd(tile.z[rr][k], tile.z[rr][k]);
+  if (used == kTileRows) {  // the usual case: four chains per strip, unrolled
+    for (std::size_t i = 0; i < len; ++i) {
+      const double* vr = vdd + i * len_pad;
+      __m512d vrow[kStrips];
+      for (int k = 0; k < kStrips; ++k) vrow[k] = _mm512_loadu_pd(vr + k * kStrip);
+      for (std::size_t rr = 0; rr < kTileRows; ++rr) {
+        const __m512d xi = _mm512_set1_pd(tile.run_values[rr][i]);
+        for (int k = 0; k < kStrips; ++k) acc[rr][k] = _mm512_fmadd_pd(xi, vrow[k], acc[rr][k]);
+      }
+    }
+  } else {
+    for (std::size_t i = 0; i < len; ++i) {
+      const double* vr = vdd + i * len_pad;
+      for (std::size_t rr = 0; rr < used; ++rr) {
+        const __m512d xi = _mm512_set1_pd(tile.run_values[rr][i]);
+        for (int k = 0; k < kStrips; ++k)
+          acc[rr][k] = _mm512_fmadd_pd(xi, _mm512_loadu_pd(vr + k * kStrip), acc[rr][k]);
+      }
+    }
+  }
+  for (std::size_t rr = 0; rr < used; ++rr) {
+    __m512d lanes = _mm512_setzero_pd();
+    for (int k = 0; k < kStrips; ++k) {
+      const __mmask8 m = k == kStrips - 1 ? tail : static_cast<__mmask8>(0xFF);
+      lanes = _mm512_fmadd_pd(acc[rr][k], _mm512_maskz_loadu_pd(m, tile.run_values[rr] + k * kStrip), lanes);
+    }
+    // (l0 + l1), (l2 + l3), ... in every pair; then pairs of pairs; then the two halves
+    // (a + b and b + a are the same bits)
+    const __m512d pairs = _mm512_add_pd(lanes, _mm512_shuffle_pd(lanes, lanes, 0x55));
+    const __m512d quads = _mm512_add_pd(pairs, _mm512_maskz_shuffle_f64x2(0xFF, pairs, pairs, 0xB1));
+    const __m512d all = _mm512_add_pd(quads, _mm512_maskz_shuffle_f64x2(0xFF, quads, quads, 0x4E));
+    const double form = 0.0 + _mm512_cvtsd_f64(all);
+    out[tile.pending[rr]] = tile.sparse_sums[rr] + form;
+  }
+  tile.used = 0;
+}
+
+/// quadratic_forms_rows for a dense run of at most 8 · kStrips columns, with AVX-512: each
+/// row's cross vector z and its run's products x V_DD + 2 z held in registers (kStrips
+/// strips of 8), four rows' products interleaved for independent FMA chains, x read in place
+/// from the row's entries. Every value is the x86-64-v3 quadratic_forms_rows' operation for
+/// operation: z_j = fma(v_s, V_sj, z_j) over the other entries s in order; the sparse sum
+/// fma(v_s, fma(after_s, 2, v_s V_ss), ·) with after_s an FMA chain; per 8-column strip
+/// acc = 2z then fma(x_i, V_ij, acc) over i, lanes = fma(acc, x, lanes) over the strips, and
+/// ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)) + 0 added to the sparse sum: the bits do
+/// not change, only the speed (the zero-padded columns past the run stay +0 as there).
+template <int kStrips>
+__attribute__((target("avx512f,fma"))) void quadratic_forms_rows_avx512(
+    std::size_t lo, std::size_t hi, const std::int64_t* indptr, const std::int32_t* indices,
+    const double* values, std::size_t n, const double* vs, const DenseRun& run,
+    const double* vdd, double* out) {
+  const std::size_t len = run.size();
+  // lanes of the last strip past the run: masked off (loaded as +0)
+  const auto tail = static_cast<__mmask8>(len % kStrip == 0 ? 0xFF : (1u << (len % kStrip)) - 1u);
+  RunTileAvx512<kStrips> tile;
+  for (std::size_t r = lo; r < hi; ++r) {
+    const std::int64_t first = indptr[r];
+    const std::int64_t last = indptr[r + 1];
+    const std::int64_t p = run_position(indices, first, last, run);
+    if (p == last) {
+      out[r] = row_quadratic_form_any(first, last, indices, values, n, vs);
+      continue;
+    }
+    const auto run_end = p + static_cast<std::int64_t>(len);
+    __m512d zr[kStrips];
+    for (int k = 0; k < kStrips; ++k) zr[k] = _mm512_setzero_pd();
+    const std::int64_t side_first[2] = {first, run_end};
+    const std::int64_t side_last[2] = {p, last};
+    double sparse = 0.0;
+    for (int side = 0; side < 2; ++side)
+      for (auto s = side_first[side]; s < side_last[side]; ++s) {
+        const double* vrow = vs + static_cast<std::size_t>(indices[s]) * n;
+        const double* vsd = vrow + run.first;
+        const __m512d vs_b = _mm512_set1_pd(values[s]);
+        for (int k = 0; k < kStrips; ++k) {
+          const __mmask8 m = k == kStrips - 1 ? tail : static_cast<__mmask8>(0xFF);
+          zr[k] = _mm512_fmadd_pd(vs_b, _mm512_maskz_loadu_pd(m, vsd + k * kStrip), zr[k]);
+        }
+        double after = 0.0;
+        for (int other = side; other < 2; ++other)
+          for (auto t = other == side ? s + 1 : side_first[other]; t < side_last[other]; ++t)
+            after = std::fma(vrow[indices[t]], values[t], after);
+        const double diagonal = values[s] * vrow[indices[s]];
+        sparse = std::fma(values[s], std::fma(after, 2.0, diagonal), sparse);
+      }
+    const std::size_t u = tile.used;
+    for (int k = 0; k < kStrips; ++k) tile.z[u][k] = zr[k];
+    tile.sparse_sums[u] = sparse;
+    tile.run_values[u] = values + p;
+    tile.pending[u] = r;
+    if (++tile.used == kTileRows) flush_run_tile_avx512<kStrips>(tile, len, vdd, tail, out);
+  }
+  if (tile.used > 0) flush_run_tile_avx512<kStrips>(tile, len, vdd, tail, out);
+}
+
+/// quadratic_forms_rows, with the AVX-512 kernel when the CPU has it and the run fits in four
+/// strips (the same bits either way).
+void quadratic_forms_rows_widest(std::size_t lo, std::size_t hi, const std::int64_t* indptr,
+                                 const std::int32_t* indices, const double* values, std::size_t n,
+                                 const double* vs, const DenseRun& run, const double* vdd,
+                                 double* out) {
+  const std::size_t strips = padded_columns(run.size()) / kStrip;
+  if (cpu_has_avx512() && strips >= 1 && strips <= 4) {
+    switch (strips) {
+      case 1: return quadratic_forms_rows_avx512<1>(lo, hi, indptr, indices, values, n, vs, run, vdd, out);
+      case 2: return quadratic_forms_rows_avx512<2>(lo, hi, indptr, indices, values, n, vs, run, vdd, out);
+      case 3: return quadratic_forms_rows_avx512<3>(lo, hi, indptr, indices, values, n, vs, run, vdd, out);
+      default: return quadratic_forms_rows_avx512<4>(lo, hi, indptr, indices, values, n, vs, run, vdd, out);
+    }
+  }
+  quadratic_forms_rows(lo, hi, indptr, indices, values, n, vs, run, vdd, out);
+}
+#else
+void quadratic_forms_rows_widest(std::size_t lo, std::size_t hi, const std::int64_t* indptr,
+                                 const std::int32_t* indices, const double* values, std::size_t n,
+                                 const double* vs, const DenseRun& run, const double* vdd,
+                                 double* out) {
+  quadratic_forms_rows(lo, hi, indptr, indices, values, n, vs, run, vdd, out);
+}
+#endif
+
 }  // namespace
 
 void row_quadratic_forms(std::size_t n_rows, const std::int64_t* indptr,
@@ -1419,36 +1578,89 @@ void row_quadratic_forms(std::size_t n_rows, const std::int64_t* indptr,
   detail::per_thread(nt, [&](int th, int) {
     const std::size_t lo = n_rows * static_cast<std::size_t>(th) / static_cast<std::size_t>(nt);
     const std::size_t hi = n_rows * static_cast<std::size_t>(th + 1) / static_cast<std::size_t>(nt);
-    quadratic_forms_rows(lo, hi, indptr, indices, values, n, vs, run, vdd.data(), out);
+    quadratic_forms_rows_widest(lo, hi, indptr, indices, values, n, vs, run, vdd.data(), out);
   });
 }
 
-void model_row_variances(const ModelBlock& block, const double* params, std::size_t n_params,
-                         const double* V, double* variances, double* g, int n_threads) {
-  const std::size_t n_rows = block.n_rows(), n = block.n_cols();
-  constexpr std::size_t kMaxRows = 4096;  // a chunk's ∂g/∂p (~0.5 MB) stays in L2
-  // Equal chunks, a whole multiple of the threads: each row's variance does not depend on the
-  // chunking, and a streamed block of ~20k rows is then 6 chunks (3 : 3 on two threads)
-  // instead of 5 of 4096 rows (3 : 2).
+namespace {
+
+/// The equal row chunks of model_row_variances for a block of @p n_rows rows on @p n_threads
+/// threads: at most 4096 rows each (a chunk's ∂g/∂p, ~0.5 MB, stays in L2), their count a
+/// whole multiple of the threads (a streamed block of ~20k rows is then 6 chunks, 3 : 3 on two
+/// threads, instead of 5 of 4096 rows, 3 : 2). Each row's variance does not depend on it.
+struct RowChunks {
+  std::size_t rows_per_chunk = 0, n_chunks = 0;
+};
+
+RowChunks row_chunks(std::size_t n_rows, int n_threads) {
+  constexpr std::size_t kMaxRows = 4096;
   const auto threads = static_cast<std::size_t>(std::max(1, n_threads));
   std::size_t n_chunks = (n_rows + kMaxRows - 1) / kMaxRows;
   if (threads > 1 && n_chunks > 0) n_chunks = (n_chunks + threads - 1) / threads * threads;
-  const std::size_t kRows = n_chunks > 0 ? (n_rows + n_chunks - 1) / n_chunks : kMaxRows;
-  n_chunks = kRows > 0 ? (n_rows + kRows - 1) / kRows : 0;
-  const int nt = std::max(1, std::min<int>(n_threads, static_cast<int>(std::max<std::size_t>(n_chunks, 1))));
+  RowChunks c;
+  c.rows_per_chunk = n_chunks > 0 ? (n_rows + n_chunks - 1) / n_chunks : kMaxRows;
+  c.n_chunks = c.rows_per_chunk > 0 ? (n_rows + c.rows_per_chunk - 1) / c.rows_per_chunk : 0;
+  return c;
+}
+
+}  // namespace
+
+void model_row_variances(const ModelBlock& block, const double* params, std::size_t n_params,
+                         const double* V, double* variances, double* g, int n_threads) {
+  const ModelBlock* blocks[1] = {&block};
+  model_row_variances_into(1, blocks, params, n_params, V, nullptr, variances, g, n_threads);
+}
+
+void model_row_variances_into(std::size_t n_blocks, const ModelBlock* const* blocks,
+                              const double* params, std::size_t n_params, const double* V,
+                              const std::int64_t* const* rows, double* variances, double* g,
+                              int n_threads) {
+  // The tasks are every block's chunks, block after block: each chunk as model_row_variances
+  // of its block alone cuts it (the same rows evaluated and reduced together).
+  struct Task {
+    std::size_t block, first, count;
+  };
+  std::vector<Task> tasks;
+  std::size_t n_cols = 0;
+  for (std::size_t b = 0; b < n_blocks; ++b) {
+    if (b == 0) n_cols = blocks[b]->n_cols();
+    if (blocks[b]->n_cols() != n_cols)
+      throw std::invalid_argument("model_row_variances: the blocks have different column counts");
+    const std::size_t n_rows = blocks[b]->n_rows();
+    const RowChunks c = row_chunks(n_rows, n_threads);
+    for (std::size_t k = 0; k < c.n_chunks; ++k) {
+      const std::size_t first = k * c.rows_per_chunk;
+      tasks.push_back({b, first, std::min(c.rows_per_chunk, n_rows - first)});
+    }
+  }
+  const std::size_t n_tasks = tasks.size();
+  const int nt = std::max(1, std::min<int>(n_threads, static_cast<int>(std::max<std::size_t>(n_tasks, 1))));
   std::vector<std::string> failure(static_cast<std::size_t>(nt));
   // threads take contiguous runs of whole chunks; each row's result does not depend on the split
   detail::per_thread(nt, [&](int th, int) {
-    const std::size_t lo = n_chunks * static_cast<std::size_t>(th) / static_cast<std::size_t>(nt);
-    const std::size_t hi = n_chunks * static_cast<std::size_t>(th + 1) / static_cast<std::size_t>(nt);
+    const std::size_t lo = n_tasks * static_cast<std::size_t>(th) / static_cast<std::size_t>(nt);
+    const std::size_t hi = n_tasks * static_cast<std::size_t>(th + 1) / static_cast<std::size_t>(nt);
     RowsScratch scratch;
+    std::vector<double> chunk_variances;
     try {
-      for (std::size_t c = lo; c < hi; ++c) {
-        const std::size_t first = c * kRows, count = std::min(kRows, n_rows - first);
-        block.evaluate_rows(params, n_params, first, count, scratch);
-        std::copy(scratch.g.begin(), scratch.g.end(), g + first);
-        row_quadratic_forms(count, scratch.indptr.data(), scratch.indices.data(),
-                            scratch.values.data(), n, V, variances + first, 1);
+      for (std::size_t k = lo; k < hi; ++k) {
+        const Task& task = tasks[k];
+        blocks[task.block]->evaluate_rows(params, n_params, task.first, task.count, scratch);
+        if (rows == nullptr) {  // the block's own rows, in order
+          std::copy(scratch.g.begin(), scratch.g.end(), g + task.first);
+          row_quadratic_forms(task.count, scratch.indptr.data(), scratch.indices.data(),
+                              scratch.values.data(), n_cols, V, variances + task.first, 1);
+          continue;
+        }
+        chunk_variances.resize(task.count);
+        row_quadratic_forms(task.count, scratch.indptr.data(), scratch.indices.data(),
+                            scratch.values.data(), n_cols, V, chunk_variances.data(), 1);
+        const std::int64_t* at = rows[task.block] + task.first;
+        for (std::size_t r = 0; r < task.count; ++r) {
+          const auto out = static_cast<std::size_t>(at[r]);
+          variances[out] = chunk_variances[r];
+          g[out] = scratch.g[r];
+        }
       }
     } catch (const std::exception& e) {  // no exception may leave an OpenMP region
       failure[static_cast<std::size_t>(th)] = e.what();

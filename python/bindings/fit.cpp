@@ -8,6 +8,7 @@
 // checked.
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
 #include <vector>
@@ -442,6 +443,65 @@ py::tuple model_row_variances_py(const ModelBlock& block, const DoubleArray& par
   return py::make_tuple(var, g);
 }
 
+void model_row_variances_into_py(const std::vector<std::shared_ptr<ModelBlock>>& blocks,
+                                  const DoubleArray& params, const DoubleArray& V,
+                                  const std::vector<Int64Array>& rows, const py::object& variances,
+                                  const py::object& g, int n_threads) {
+  if (params.ndim() != 1) throw std::invalid_argument("params must be 1-dimensional");
+  require_threads(n_threads);
+  if (rows.size() != blocks.size())
+    throw std::invalid_argument("rows must hold one array per block (got " +
+                                std::to_string(rows.size()) + " for " +
+                                std::to_string(blocks.size()) + " blocks)");
+  if (blocks.empty()) return;
+  for (const auto& b : blocks) {
+    if (!b) throw std::invalid_argument("blocks must be ModelBlocks (got None)");
+    if (!b->evaluates_rows())
+      throw std::invalid_argument("a term of this model block does not evaluate row ranges");
+    if (b->n_cols() != blocks[0]->n_cols())
+      throw std::invalid_argument("the blocks must have the same columns (one model's blocks)");
+  }
+  const auto n = static_cast<py::ssize_t>(blocks[0]->n_cols());
+  if (V.ndim() != 2 || V.shape(0) != n || V.shape(1) != n)
+    throw std::invalid_argument("V must have shape (" + std::to_string(n) + ", " +
+                                std::to_string(n) + "): the blocks' columns");
+  require_finite(V.data(), static_cast<std::size_t>(n * n), "V");
+  if (!py::isinstance<py::array_t<double>>(variances) || py::array(variances).ndim() != 1)
+    throw std::invalid_argument("variances must be a 1-dimensional float64 numpy array");
+  const auto n_out = py::array(variances).shape(0);
+  auto var_out = writable_doubles(variances, {n_out}, "variances");
+  auto g_out = writable_doubles(g, {n_out}, "g");
+  // every output position named once: the threads then never write the same entry
+  std::vector<char> taken(static_cast<std::size_t>(n_out), 0);
+  std::vector<const ModelBlock*> block_ptrs;
+  std::vector<const std::int64_t*> row_ptrs;
+  for (std::size_t b = 0; b < blocks.size(); ++b) {
+    const std::string name = "rows[" + std::to_string(b) + "]";
+    require_1d(rows[b], blocks[b]->n_rows(), name.c_str());
+    const std::int64_t* r = rows[b].data();
+    for (std::size_t i = 0; i < blocks[b]->n_rows(); ++i) {
+      if (r[i] < 0 || r[i] >= n_out)
+        throw std::invalid_argument(name + ": position " + std::to_string(r[i]) +
+                                    " outside the outputs' " + std::to_string(n_out) + " rows");
+      char& t = taken[static_cast<std::size_t>(r[i])];
+      if (t) throw std::invalid_argument(name + ": position " + std::to_string(r[i]) + " named twice");
+      t = 1;
+    }
+    block_ptrs.push_back(blocks[b].get());
+    row_ptrs.push_back(r);
+  }
+  const double* p = params.data();
+  const auto np_ = static_cast<std::size_t>(params.size());
+  const double* v = V.data();
+  double* vo = var_out.mutable_data();
+  double* go = g_out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    model_row_variances_into(block_ptrs.size(), block_ptrs.data(), p, np_, v, row_ptrs.data(),
+                             vo, go, n_threads);
+  }
+}
+
 py::tuple calc_Ih_py(const Int64Array& offsets, const DoubleArray& intensities,
                      const DoubleArray& weights, const DoubleArray& g, int n_threads) {
   CallData d;
@@ -688,6 +748,13 @@ void bind_fit(py::module_& m) {
         py::arg("V"), py::arg("n_threads") = 1,
         "(var g, g) of every row of a model block (ModelBlock) at params with V (n_cols x n_cols,\n"
         "the block's columns), without forming dg/dp: 4096-row chunks reduced by row_quadratic_forms.");
+  m.def("model_row_variances_into", &model_row_variances_into_py, py::arg("blocks"),
+        py::arg("params"), py::arg("V"), py::arg("rows"), py::arg("variances"), py::arg("g"),
+        py::arg("n_threads") = 1,
+        "model_row_variances of several blocks of one model (the same params and V) in one call:\n"
+        "row r of blocks[b] written to variances and g (float64, C-contiguous, writeable) at\n"
+        "rows[b][r] (distinct positions). Each block's values are model_row_variances' bit for\n"
+        "bit; the chunks of all blocks shared over n_threads (identical for any count).");
   m.def("calc_Ih", &calc_Ih_py, py::arg("group_offsets"), py::arg("intensities"),
         py::arg("weights"), py::arg("g"), py::arg("n_threads") = 1,
         "Per group Ih = sum wgI / sum wg^2 (0 if the sum is 0) and S = sum wg^2.");

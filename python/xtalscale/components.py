@@ -1044,6 +1044,18 @@ class SHScaleComponent(ScaleComponentBase):
             return None  # only the grid indices are held: evaluated through Python
         return _mb.HarmonicsTerm(self._block_matrix(b))
 
+    def prepare_model_terms(self) -> None:
+        """Build the C++ term of every block now (what :meth:`model_term` then returns) where
+        the blocks' harmonics are formed from the grid's factors (large data with xtalscale's
+        own table): those terms hold only the grid indices and the factors, so making them on
+        a worker thread (the scaler's minimisation table set-up) costs no memory. Nothing in
+        the other forms (their terms hold harmonic blocks, built on first use as before)."""
+        if not self._factored:
+            return
+        for b, n in enumerate(self._n_refl):
+            if n:
+                self.model_term(b)
+
     def _lookup_term(self, b: int) -> Any:
         """Block ``b``'s ``LookupHarmonicsTerm`` (factored mode), made once and shared with
         :meth:`model_term`."""
@@ -1369,6 +1381,18 @@ class _SmoothComponentND(ScaleComponentBase, SmoothMixin):
             setup, window, q = self._lean_setup(b)
             return _mb.LeanSmoothTerm(*setup, window, q, self._fixed_initial, factor)
         return _mb.SmoothTerm(self._weights(b).matrix, factor)
+
+    def prepare_model_terms(self) -> None:
+        """Build the C++ term of every lean block now (what :meth:`model_term` then returns
+        while the data and settings stay): for a caller that holds the data on a worker thread
+        (the scaler's minimisation table set-up), so that a streamed round's first evaluation
+        of each block does not compute its window records on one core. Nothing for
+        weight-matrix blocks (built on first use, as before)."""
+        if self._seed_form:
+            return
+        for b, n in enumerate(self._n_refl):
+            if n and self._is_lean(b):
+                self.model_term(b)
 
     def model_term(self, block_id: int = 0) -> Any:
         """The block's C++ term (see :meth:`ScaleComponentBase.model_term`); rebuilt when the

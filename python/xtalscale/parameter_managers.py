@@ -54,6 +54,7 @@ __all__ = [
     "scaling_active_parameter_manager",
     "ScalingParameterManagerGenerator",
     "calc_sf_variances",
+    "calc_sf_variances_into",
     "full_model_var_cov",
     "RefinerCalculator",
     "row_multiply",
@@ -908,6 +909,68 @@ def full_model_var_cov(components: Mapping[str, Any], apm: Any) -> np.ndarray:
     return full
 
 
+def _var_cov_in_block_columns(components: Mapping[str, Any], V: np.ndarray,
+                              block: ComponentModelBlock) -> np.ndarray:
+    """The full-model var-cov ``V`` re-indexed into ``block``'s column layout (a small matrix),
+    so the Jacobian's own column indices are used as they are (no per-entry gather).
+    Component c's derivative columns sit at its full-model offset, the cumulative parameter
+    count (a fixed-first smoother's ``n_params - 1`` columns fill the first of its block)."""
+    column_map, start = [], 0
+    for i, (name, comp) in enumerate(components.items()):
+        width = int(block.core.term(i).n_cols)
+        if width > comp.n_params:
+            raise ValueError(f"component {name!r} returned {width} derivative columns for "
+                             f"{comp.n_params} parameters")
+        column_map.append(np.arange(start, start + width, dtype=np.int32))
+        start += int(comp.n_params)
+    model_columns = np.concatenate(column_map)
+    return np.ascontiguousarray(np.asarray(V, dtype=np.float64)[np.ix_(model_columns, model_columns)])
+
+
+def calc_sf_variances_into(components: Mapping[str, Any], var_cov: Any, rows: Sequence[Any],
+                           variances: np.ndarray, g: np.ndarray, n_threads: int = 1) -> None:
+    """:func:`calc_sf_variances` with ``with_scales`` of several data blocks, written in place.
+
+    Block ``b``'s ``(var, g)`` go to ``variances[rows[b]]`` and ``g[rows[b]]`` (blocks with no
+    rows are skipped), bit for bit as ``calc_sf_variances(components, var_cov, block_id=b,
+    with_scales=True)``. When every block's terms evaluate row ranges, all blocks go to C++ in
+    one call (their chunks shared over ``n_threads`` threads, each row written in place).
+
+    Parameters
+    ----------
+    components : dict
+        ``{name: component}`` of one model, holding reflection data split into blocks.
+    var_cov : array_like or sparse matrix
+        ``n_model_params x n_model_params`` matrix (as :func:`calc_sf_variances`).
+    rows : sequence of array_like
+        Per data block, the output positions of its rows (int, ``n_refl[b]`` of them;
+        distinct over all blocks).
+    variances, g : numpy.ndarray
+        float64 C-contiguous outputs, written at the ``rows`` positions only.
+    n_threads : int, optional
+        Threads of the C++ reduction; the result does not depend on it.
+    """
+    names = list(components)
+    n_param = int(sum(components[n].n_params for n in names))
+    V = _square(var_cov, n_param, "var_cov")
+    used = [b for b, r in enumerate(rows) if np.size(r)]
+    if not names or not used:
+        return
+    blocks = [ComponentModelBlock([components[n] for n in names], b) for b in used]
+    if all(block.core.evaluates_rows() for block in blocks):
+        v_block = _var_cov_in_block_columns(components, V, blocks[0])
+        widths = [int(blocks[0].core.term(i).n_cols) for i in range(len(names))]
+        if any([int(block.core.term(i).n_cols) for i in range(len(names))] != widths for block in blocks):
+            raise ValueError("the components' data blocks have different derivative columns")
+        _fit_kernels.model_row_variances_into([block.core for block in blocks], blocks[0].parameters(), v_block,
+                                              [np.asarray(rows[b], dtype=np.int64) for b in used],
+                                              variances, g, n_threads=n_threads)
+        return
+    for b in used:  # a Python-defined term: block by block through its evaluated matrix
+        variances[rows[b]], g[rows[b]] = calc_sf_variances(components, V, block_id=b, with_scales=True,
+                                                           n_threads=n_threads)
+
+
 def calc_sf_variances(components: Mapping[str, Any], var_cov: Any, block_id: int = 0,
                       with_scales: bool = False, n_threads: int = 1) -> Any:
     """Variance of each reflection's inverse scale factor from a parameter var-cov matrix.
@@ -953,19 +1016,7 @@ def calc_sf_variances(components: Mapping[str, Any], var_cov: Any, block_id: int
     fused = block.core.evaluates_rows()  # then ∂g/∂p is never formed (model_row_variances)
     if not fused:
         g, model_jac = block.evaluate()
-    # Component c's columns move to its full-model offset (trailing unused columns stay zero).
-    column_map, start = [], 0
-    for i, name in enumerate(names):
-        width = int(block.core.term(i).n_cols)
-        if width > components[name].n_params:
-            raise ValueError(f"component {name!r} returned {width} derivative columns for "
-                             f"{components[name].n_params} parameters")
-        column_map.append(np.arange(start, start + width, dtype=np.int32))
-        start += int(components[name].n_params)
-    # V re-indexed into the block's column layout (a small matrix), so the Jacobian's own
-    # column indices are used as they are (no per-entry gather)
-    model_columns = np.concatenate(column_map)
-    v_block = np.ascontiguousarray(np.asarray(V, dtype=np.float64)[np.ix_(model_columns, model_columns)])
+    v_block = _var_cov_in_block_columns(components, V, block)
     if fused:  # chunks of rows: their ∂g/∂p evaluated in cache and reduced at once
         var, g = _fit_kernels.model_row_variances(block.core, block.parameters(), v_block, n_threads=n_threads)
         return (var, g) if with_scales else var

@@ -499,6 +499,19 @@ class reflection_table:
             raise TypeError(f"'flags' column must be flex.size_t (got {type(col).__name__})")
         return col._a
 
+    def assign_flags(self, mask: Any, value: int) -> None:
+        """Set the bits ``value`` on the rows where ``mask`` (bool, one per row) is True and
+        clear them on every other row: :meth:`unset_flags` on all rows then :meth:`set_flags`
+        on ``mask``, in one pass over the column (no row selection)."""
+        m = np.asarray(mask)
+        if m.dtype != np.bool_ or m.shape != (self._nrows,):
+            raise ValueError(f"mask must be a bool array of {self._nrows} rows "
+                             f"(got {m.dtype} of shape {m.shape})")
+        f = self._flags_column(create=True)
+        bits = np.uint64(int(value))
+        f &= ~bits
+        f |= m * bits
+
     def get_flags(self, value: int, all: bool = True) -> fa.bool:  # noqa: A002 (DIALS name)
         """Rows where all (or, with ``all=False``, any) of the bits in ``value`` are set."""
         v = np.uint64(int(value))
@@ -605,16 +618,21 @@ class reflection_table:
         return read_msgpack_bytes(data)
 
     @staticmethod
-    def concat(tables: Iterable["reflection_table"], consume: bool = False) -> "reflection_table":
+    def concat(tables: Iterable["reflection_table"], consume: bool = False,
+               n_threads: int = 1) -> "reflection_table":
         """One table holding the rows of all ``tables`` in order (identifiers merged; a column
         missing from some tables is zero-filled there, as :meth:`extend` does).
 
         Each column is joined in one copy. With ``consume`` each column is removed from the
         input tables once it has been joined, so the inputs and the result are not both held
-        in full (the tables are left without columns)."""
+        in full (the tables are left without columns). With ``n_threads`` > 1 the columns are
+        joined on that many threads (numpy copies without the GIL; at 10⁶ rows the copies and
+        the fresh pages they touch are the whole cost); the result is the same."""
         tables = list(tables)
         if not tables:
             return reflection_table()
+        if int(n_threads) < 1:
+            raise ValueError(f"n_threads must be >= 1 (got {n_threads})")
         out = reflection_table.__new__(reflection_table)
         out._nrows = 0
         out._cols = {}
@@ -628,14 +646,25 @@ class reflection_table:
                     raise TypeError(f"concat: column {name!r} types differ "
                                     f"({names[name].__name__} vs {type(col).__name__})")
                 names.setdefault(name, type(col))
-        for name, typ in names.items():
+
+        def join(name: str) -> Any:
+            typ = names[name]
             parts = [t._cols[name]._a if name in t._cols else typ._empty(len(t)) for t in tables]
             joined = np.concatenate(parts)
             del parts
             if consume:
                 for t in tables:
                     t._cols.pop(name, None)
-            out._cols[name] = typ._wrap(joined)
+            return typ._wrap(joined)
+
+        if int(n_threads) > 1 and len(names) > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(max_workers=min(int(n_threads), len(names))) as pool:
+                joined_columns = list(pool.map(join, list(names)))
+        else:
+            joined_columns = [join(name) for name in names]
+        out._cols = dict(zip(names, joined_columns))
         out._nrows = sum(t._nrows for t in tables)
         if consume:
             for t in tables:

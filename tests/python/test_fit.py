@@ -867,6 +867,52 @@ def test_row_quadratic_forms_is_diag_of_j_v_jt():
         core_fit.row_quadratic_forms(*args, V[:10, :10])
 
 
+
+def _csr_with_dense_run(rng, n_rows, n_cols, run_first, run_len):
+    """Rows holding columns run_first .. run_first + run_len (the run) between a few sparse
+    columns on either side; every 7th row lacks one run column (the entry-by-entry path)."""
+    indptr, indices = [0], []
+    for r in range(n_rows):
+        before = rng.choice(run_first, size=min(run_first, int(rng.integers(0, 4))), replace=False)
+        after_cols = np.arange(run_first + run_len, n_cols)
+        after = rng.choice(after_cols, size=min(after_cols.size, int(rng.integers(0, 4))), replace=False)
+        run = np.arange(run_first, run_first + run_len)
+        if r % 7 == 3:
+            run = np.delete(run, int(rng.integers(0, run_len)))
+        cols = np.sort(np.concatenate([before, run, after]))
+        indices.extend(cols.tolist())
+        indptr.append(len(indices))
+    values = rng.standard_normal(len(indices))
+    values[::11] = -0.0
+    return np.array(indptr, np.int64), np.array(indices, np.int32), values
+
+
+@pytest.mark.parametrize("run_len", [8, 11, 16, 24, 29, 32, 40])
+def test_row_quadratic_forms_same_bits_at_every_simd_level(run_len):
+    """The variances' AVX-512 kernel (runs of up to 32 columns in registers) gives the bits of
+    the AVX2 one, for runs that fill or do not fill their last 8-column strip, rows without
+    the whole run, entries on both sides of it, a partial last tile, symmetric and
+    non-symmetric V; longer runs take the AVX2 kernel at every level."""
+    rng = np.random.default_rng(run_len)
+    n_cols = run_len + 12
+    indptr, indices, values = _csr_with_dense_run(rng, 203, n_cols, 6, run_len)
+    a = rng.standard_normal((n_cols, n_cols))
+    widest = core.simd_level()
+    for V in (a @ a.T, a):
+        got = {}
+        try:
+            for level in range(widest + 1):
+                core.set_simd_level(level)
+                got[level] = [core_fit.row_quadratic_forms(indptr, indices, values, V, n_threads=t) for t in (1, 2)]
+        finally:
+            core.set_simd_level(widest)
+        dense = sp.csr_matrix((values, indices, indptr), shape=(indptr.size - 1, n_cols)).toarray()
+        np.testing.assert_allclose(got[widest][0], np.einsum("ij,jk,ik->i", dense, V, dense), rtol=1e-9, atol=1e-9)
+        for level in range(widest + 1):
+            for one in got[level]:
+                assert np.array_equal(one.view(np.int64), got[widest][0].view(np.int64)), level
+
+
 # ----------------------------------------------------------------------------- spec 9.6: target, miller array
 def _splitting_tables(moved=()):
     """DIALS's two small tables for block splitting; ``moved`` = (table, row) pairs whose index

@@ -591,6 +591,49 @@ def test_model_row_variances_without_the_derivative_matrix(rng, lean):
         core_fit.model_row_variances(grid_block.core, grid_block.parameters(), np.eye(15))
 
 
+
+def test_model_row_variances_into_writes_each_block_in_place(rng):
+    """model_row_variances_into of several data blocks of one model: each block's (var, g) are
+    model_row_variances' bit for bit, written at its rows (other positions untouched), for one
+    and two threads; mismatched rows, repeated or out-of-range positions, other column layouts
+    and read-only outputs are refused."""
+    from xtalscale._core import fit as core_fit
+
+    blocks = [ComponentModelBlock(_physical(rng, n, True)) for n in (5000, 9000, 1)]
+    params = blocks[0].parameters()  # the same layout in every block: one model's parameters
+    n = blocks[0].core.n_cols
+    a = rng.standard_normal((n, n))
+    V = a @ a.T * 1e-4
+    n_out = sum(b.core.n_rows for b in blocks) + 7
+    order = rng.permutation(n_out)
+    rows = np.split(order[:n_out - 7], np.cumsum([b.core.n_rows for b in blocks])[:-1])
+    for threads in (1, 2):
+        var, g = np.full(n_out, -1.0), np.full(n_out, -2.0)
+        core_fit.model_row_variances_into([b.core for b in blocks], params, V, rows, var, g, n_threads=threads)
+        for block, where in zip(blocks, rows):
+            want_var, want_g = core_fit.model_row_variances(block.core, params, V)
+            assert np.array_equal(var[where], want_var) and np.array_equal(g[where], want_g)
+        assert np.all(var[order[n_out - 7:]] == -1.0) and np.all(g[order[n_out - 7:]] == -2.0)
+    cores = [b.core for b in blocks]
+    var, g = np.zeros(n_out), np.zeros(n_out)
+    with pytest.raises(ValueError, match="one array per block"):
+        core_fit.model_row_variances_into(cores, params, V, rows[:2], var, g)
+    with pytest.raises(ValueError, match="rows\\[1\\]"):
+        core_fit.model_row_variances_into(cores, params, V, [rows[0], rows[1][:-1], rows[2]], var, g)
+    with pytest.raises(ValueError, match="named twice"):
+        core_fit.model_row_variances_into(cores, params, V, [rows[0], rows[1], rows[0][:1]], var, g)
+    with pytest.raises(ValueError, match="outside"):
+        core_fit.model_row_variances_into(cores, params, V, [rows[0], rows[1], np.array([n_out])], var, g)
+    with pytest.raises(ValueError, match="shape"):
+        core_fit.model_row_variances_into(cores, params, V[:-1, :-1], rows, var, g)
+    with pytest.raises(ValueError, match="g"):
+        core_fit.model_row_variances_into(cores, params, V, rows, var, g[:-1])
+    frozen = np.zeros(n_out)
+    frozen.setflags(write=False)
+    with pytest.raises(ValueError, match="writeable"):
+        core_fit.model_row_variances_into(cores, params, V, rows, frozen, g)
+
+
 @pytest.mark.parametrize("lean", [False, True])
 def test_chunks_on_threads_give_the_same_bits(rng, lean):
     """evaluate, evaluate_scales and transpose_product with the row chunks on 1, 2 or 3 C++

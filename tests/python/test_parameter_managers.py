@@ -340,6 +340,47 @@ def test_calc_sf_variances_matches_dense_formula_with_fixed_first_parameter():
     np.testing.assert_array_equal(g, (np.ones(11) * s1) * s2)
 
 
+
+class _PythonDecay(SingleBScaleFactor):
+    """A decay without a C++ term: its model block takes the evaluated-matrix path."""
+
+    def model_term(self, block_id=0):
+        return None
+
+
+@pytest.mark.parametrize("python_term", [False, True])
+def test_calc_sf_variances_into_equals_it_block_by_block(python_term):
+    """Several data blocks in one call, each written at its own output rows: calc_sf_variances
+    with_scales of each block bit for bit (an empty block skipped, other rows untouched), for
+    one and two threads, with C++ terms (one call) and with a Python-defined one."""
+    from xtalscale.parameter_managers import calc_sf_variances_into
+
+    rng = np.random.default_rng(11)
+    n = 40
+    scale = SmoothScaleComponent1D(np.array([1.0, 1.2, 0.9, 1.1, 1.05]))
+    scale.data = {"x": rng.uniform(0.0, 3.0, n)}
+    scale.fix_initial_parameter()
+    decay = (_PythonDecay if python_term else SingleBScaleFactor)(np.array([0.3]))
+    decay.data = {"d": rng.uniform(1.0, 3.0, n)}
+    comps = {"scale": scale, "decay": decay}
+    selections = [np.arange(0, n, 3), np.zeros(0, np.int64), np.setdiff1d(np.arange(n), np.arange(0, n, 3))]
+    for c in comps.values():
+        c.update_reflection_data(block_selections=selections)
+    A = rng.normal(size=(6, 6))
+    V = A @ A.T
+    where = np.split(rng.permutation(n + 3)[:n], [selections[0].size, selections[0].size])
+    for threads in (1, 2):
+        var, g = np.full(n + 3, -1.0), np.full(n + 3, -1.0)
+        calc_sf_variances_into(comps, V, where, var, g, n_threads=threads)
+        for b, rows in enumerate(where):
+            if rows.size:
+                want_var, want_g = calc_sf_variances(comps, V, block_id=b, with_scales=True)
+                assert np.array_equal(var[rows], want_var) and np.array_equal(g[rows], want_g)
+        assert np.sum(var == -1.0) == 3 and np.sum(g == -1.0) == 3
+    with pytest.raises(ValueError, match="shape \\(6, 6\\)"):
+        calc_sf_variances_into(comps, np.eye(5), where, var, g)
+
+
 def test_full_model_var_cov_places_blocks_at_model_offsets():
     """Fixed-first scale (4 params, 3 free) + decay (1): the 4x4 apm matrix goes to a 5x5 model one."""
     from xtalscale.parameter_managers import full_model_var_cov

@@ -191,10 +191,11 @@ def test_concat_joins_each_column_once_and_can_consume_its_inputs():
     expected = a.copy()
     expected.extend(b)
     expected.extend(c)
-    for consume in (False, True):
+    for consume, threads in ((False, 1), (True, 1), (False, 2), (True, 3)):
         parts = [a.copy(), b.copy(), c.copy()]
-        joined = flex.reflection_table.concat(parts, consume=consume)
-        assert len(joined) == 12 and sorted(joined.keys()) == sorted(expected.keys())
+        joined = flex.reflection_table.concat(parts, consume=consume, n_threads=threads)
+        assert len(joined) == 12 and list(joined.keys()) == list(flex.reflection_table.concat([a, b, c]).keys())
+        assert sorted(joined.keys()) == sorted(expected.keys())
         for k in expected.keys():
             np.testing.assert_array_equal(np.asarray(joined[k]), np.asarray(expected[k]))
         assert joined.experiment_identifiers().as_dict() == expected.experiment_identifiers().as_dict()
@@ -203,6 +204,30 @@ def test_concat_joins_each_column_once_and_can_consume_its_inputs():
     bad["extra"] = flex.int([1, 2, 3, 4])
     with pytest.raises(TypeError, match="types differ"):
         flex.reflection_table.concat([c, bad])
+    with pytest.raises(ValueError, match="n_threads"):
+        flex.reflection_table.concat([a, b], n_threads=0)
+
+
+def test_assign_flags_sets_the_mask_and_clears_the_rest():
+    """assign_flags = unset_flags on every row then set_flags on the mask (other bits kept;
+    a table without flags gets the column); a mask of the wrong length or dtype is refused."""
+    t = _table()
+    t.set_flags(flex.bool([True, False, True, False]), F.scaled)
+    t.set_flags(flex.bool([True, True, False, False]), F.outlier_in_scaling)
+    expected = t.copy()
+    mask = np.array([False, True, True, False])
+    expected.unset_flags(flex.bool([True] * 4), F.scaled)
+    expected.set_flags(flex.bool(mask.tolist()), F.scaled)
+    t.assign_flags(mask, F.scaled)
+    np.testing.assert_array_equal(np.asarray(t["flags"]), np.asarray(expected["flags"]))
+    bare = flex.reflection_table()
+    bare["id"] = flex.int([0, 0])
+    bare.assign_flags(np.array([True, False]), F.scaled)
+    assert list(bare.get_flags(F.scaled)) == [True, False]
+    with pytest.raises(ValueError, match="bool array of 4 rows"):
+        t.assign_flags(mask[:3], F.scaled)
+    with pytest.raises(ValueError, match="bool array"):
+        t.assign_flags(mask.astype(int), F.scaled)
 
 
 def test_split_by_experiment_id_without_copies():

@@ -115,6 +115,21 @@ XTALSCALE_EXPORT void model_row_variances(const ModelBlock& block, const double*
                                           std::size_t n_params, const double* V,
                                           double* variances, double* g, int n_threads = 1);
 
+/// model_row_variances of several blocks of one model (the same parameters and column layout,
+/// such as its data blocks) in one call, each row's results written to its own position:
+/// row r of block b to @p variances and @p g at rows[b][r]. Every block is cut into the
+/// chunks model_row_variances cuts it into, and the chunks of all blocks are shared out
+/// over @p n_threads threads: the values are model_row_variances' bit for bit, for any
+/// @p n_threads. @p rows (null: the single block's rows in order, @p n_blocks must be 1)
+/// must address distinct positions of the outputs (checked by the caller).
+/// @throws std::invalid_argument if the blocks' column counts differ, or as
+/// ModelBlock::evaluate_rows.
+XTALSCALE_EXPORT void model_row_variances_into(std::size_t n_blocks,
+                                               const ModelBlock* const* blocks,
+                                               const double* params, std::size_t n_params,
+                                               const double* V, const std::int64_t* const* rows,
+                                               double* variances, double* g, int n_threads = 1);
+
 /// x ← (L Lᵀ)⁻¹ x: the solution of L Lᵀ x = b given the Cholesky factor @p lower (n x n,
 /// row-major, lower triangle read, diagonal non-zero) and b in @p x (n values), by forward and
 /// back substitution: O(n²), where a general solver on each triangle costs O(n³).

@@ -10,6 +10,15 @@ def model_row_variances(
     V: npt.ArrayLike,
     n_threads: int = 1,
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
+def model_row_variances_into(
+    blocks: Sequence[Any],
+    params: npt.ArrayLike,
+    V: npt.ArrayLike,
+    rows: Sequence[npt.ArrayLike],
+    variances: npt.NDArray[np.float64],
+    g: npt.NDArray[np.float64],
+    n_threads: int = 1,
+) -> None: ...
 def functional_and_scale_gradient(
     group_offsets: npt.ArrayLike,
     intensities: npt.ArrayLike,

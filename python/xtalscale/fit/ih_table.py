@@ -74,6 +74,16 @@ def _stable_group_order(groups: np.ndarray, n_groups: int) -> tuple[np.ndarray, 
 def _given_group_index(group_index: Sequence[Any], n_rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """``(group_index, offsets)`` of the concatenated rows from a caller's group numbers:
     checked, and renumbered 0, 1, ... in the same order without the numbers no row uses."""
+    parts, offsets = _given_group_parts(group_index, n_rows)
+    return (np.concatenate(parts) if parts else np.zeros(0, np.int64)), offsets
+
+
+def _given_group_parts(group_index: Sequence[Any], n_rows: list[int],
+                       mapper: Callable[..., Any] | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+    """:func:`_given_group_index` with the group numbers kept per table (one array each, not
+    concatenated): ``mapper`` (like ``map``, e.g. a thread pool's) counts and renumbers the
+    tables' rows concurrently (numpy's counting and gathering release the GIL); the counts
+    are integers, so their sum is the same for any mapper."""
     if len(group_index) != len(n_rows):
         raise IhTableError(f"group_index has {len(group_index)} arrays for {len(n_rows)} tables")
     parts = []
@@ -82,14 +92,18 @@ def _given_group_index(group_index: Sequence[Any], n_rows: list[int]) -> tuple[n
         if g.ndim != 1 or g.size != n or (g.size and not np.issubdtype(g.dtype, np.integer)):
             raise IhTableError(f"group_index[{i}] must hold one integer per selected row ({n})")
         parts.append(g.astype(np.int64, copy=False))
-    numbers = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-    if numbers.size and numbers.min() < 0:
+    each = mapper or map
+    ranges = [(int(lo), int(hi)) for lo, hi in each(lambda p: (p.min(), p.max()), [p for p in parts if p.size])]
+    if any(lo < 0 for lo, _ in ranges):
         raise IhTableError("group_index must be >= 0")
-    counts = np.bincount(numbers) if numbers.size else np.zeros(0, np.int64)
+    size = max((hi for _, hi in ranges), default=-1) + 1
+    counts = np.zeros(size, np.int64)
+    for part_counts in each(lambda p: np.bincount(p, minlength=size), parts):
+        counts += part_counts
     used = counts > 0
     renumber = np.cumsum(used) - 1
     offsets = np.concatenate([[0], np.cumsum(counts[used])]).astype(np.int64)
-    return renumber[numbers], offsets
+    return list(each(renumber.take, parts)), offsets
 
 
 _CORE = ("intensity", "variance", "inverse_scale_factor")  # the columns every block holds
@@ -162,6 +176,8 @@ class IhTableBlock:
         self.derivatives: Any = None
         self.binner: Any = None
         self._finalised = False
+        # (row map, {row ranges: whether each range's table rows ascend}): see rows_ascend
+        self._ascending_held: tuple[np.ndarray, dict[tuple[int, ...], bool]] | None = None
 
     # ------------------------------------------------------------------ filling
     def add_data(self, dataset_id: int, group_ids: Any, df: Mapping[str, Any], hkl: Any) -> None:
@@ -283,6 +299,8 @@ class IhTableBlock:
         for k in range(len(parts)):
             block.dataset_info[k] = {"start_index": int(starts[k]), "end_index": int(starts[k + 1])}
         block._n_filled, block._next_dataset = int(starts[-1]), len(parts)
+        # found here, on the thread building the block, for a fit that asks (rows_ascend)
+        block.rows_ascend(starts.tolist())
         return block
 
     def _init_weights(self) -> None:
@@ -431,6 +449,22 @@ class IhTableBlock:
             w_t.setflags(write=False)
             held = self._table_order_held = (inten_src, w_src, self._order, inten_t, w_t)
         return (self._offsets, held[3], held[4], self._table_rows)
+
+    def rows_ascend(self, starts: Sequence[int]) -> bool:
+        """True when the table rows (:meth:`table_arrays`' row map) of the block rows in each
+        range ``[starts[k], starts[k + 1])`` ascend (each dataset's rows in group order, as a
+        model block evaluated over table rows needs them). Found once per row map and ranges:
+        the block builder finds its datasets' on the worker thread that builds the block, so a
+        streamed fit does not check each block again on its one thread."""
+        key = tuple(int(k) for k in starts)
+        held = self._ascending_held
+        if held is None or held[0] is not self._table_rows:
+            held = self._ascending_held = (self._table_rows, {})
+        found = held[1].get(key)
+        if found is None:
+            rows = self._table_rows
+            found = held[1][key] = all(bool(np.all(np.diff(rows[lo:hi]) > 0)) for lo, hi in zip(key, key[1:]))
+        return found
 
     # ------------------------------------------------------------------ group maths
     def calc_Ih(self) -> None:  # noqa: N802
@@ -642,7 +676,7 @@ class IhTable:
                 src.hkl_rows = sel
             sources.append(src)
         given = None if group_index is None or group_keys is not None else \
-            _given_group_index(group_index, [src.n_selected for src in sources])
+            _given_group_parts(group_index, [src.n_selected for src in sources], mapper)
         self._build(sources, keys if group_keys is not None else None, nblocks,
                     free_set_percentage, free_set_offset, given, mapper)
 
@@ -664,7 +698,7 @@ class IhTable:
         table.properties_dict = {"n_unique_in_each_block": [], "n_reflections_in_each_block": {},
                                  "miller_index_boundaries": []}
         table.free_Ih_table = None
-        given = _given_group_index(group_index, [src.n_selected for src in sources])
+        given = _given_group_parts(group_index, [src.n_selected for src in sources], mapper)
         table._build(list(sources), None, nblocks, free_set_percentage, free_set_offset, given, mapper)
         return table
 
@@ -722,16 +756,24 @@ class IhTable:
         return asu
 
     def _build(self, sources: list[_RowSource], keys: list[np.ndarray] | None,
-               nblocks: int, pct: float, offset: int, given: tuple[np.ndarray, np.ndarray] | None = None,
+               nblocks: int, pct: float, offset: int, given: tuple[list[np.ndarray], np.ndarray] | None = None,
                mapper: Callable[..., Any] | None = None) -> None:
-        if keys is not None:
-            _, gidx, offs = group_offsets_from_keys(np.concatenate(keys))
-        elif given is not None:
-            gidx, offs = given
+        """Cut the rows into blocks of whole groups and build them. ``given``: each source's
+        rows' group numbers (one array per source) and the groups' offsets
+        (:func:`_given_group_parts`). ``mapper`` (like ``map``): the per-source sorts and the
+        blocks are made through it (their kernels release the GIL)."""
+        each = mapper or map
+        starts = np.cumsum([0] + [src.n_selected for src in sources])
+        if given is not None and keys is None:
+            gidx_parts, offs = given
         else:
-            hkls = [src.hkl if src.hkl_rows is None else take_rows(src.hkl, src.hkl_rows) for src in sources]
-            grouping = group_reflections(np.concatenate(hkls) if hkls else np.zeros((0, 3), np.int64))
-            gidx, offs = grouping.group_index, grouping.offsets
+            if keys is not None:
+                _, gidx, offs = group_offsets_from_keys(np.concatenate(keys))
+            else:
+                hkls = [src.hkl if src.hkl_rows is None else take_rows(src.hkl, src.hkl_rows) for src in sources]
+                grouping = group_reflections(np.concatenate(hkls) if hkls else np.zeros((0, 3), np.int64))
+                gidx, offs = grouping.group_index, grouping.offsets
+            gidx_parts = [gidx[starts[d]:starts[d + 1]] for d in range(len(sources))]
         n_unique = offs.size - 1
         is_free = np.zeros(n_unique, bool)
         if pct > 0:
@@ -744,7 +786,6 @@ class IhTable:
         bounds = [int(i * n_unique / n_work_blocks) for i in range(n_work_blocks)] + [n_unique]
         block_of_group = np.searchsorted(np.asarray(bounds[1:]), np.arange(n_unique), side="right")
         block_of_group[is_free] = n_work_blocks  # the free block comes last
-        starts = np.cumsum([0] + [src.n_selected for src in sources])
         n_blocks_total = n_work_blocks + (1 if pct > 0 else 0)
         self.blocked_data_list: list[IhTableBlock] = []
         self.blocked_selection_list: list[list[np.ndarray]] = []
@@ -754,16 +795,24 @@ class IhTable:
         group_order, block_starts = _stable_group_order(block_of_group, n_blocks_total)
         local = np.empty(n_unique, np.int64)
         local[group_order] = np.arange(n_unique) - np.repeat(block_starts[:-1], np.diff(block_starts))
-        by_block = []
-        for d in range(len(sources)):
-            g = np.ascontiguousarray(gidx[starts[d]:starts[d + 1]], dtype=np.int64)
+        # without free groups every block is a run of consecutive groups (block numbers ascend
+        # with the group numbers): rows in group order are then in block order already
+        blocks_are_group_runs = bool(np.all(block_of_group[1:] >= block_of_group[:-1]))
+
+        def rows_by_block(d: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+            g = np.ascontiguousarray(gidx_parts[d], dtype=np.int64)
             by_group, group_starts = _stable_group_order(g, n_unique)
             # the groups in by_group's order, made in order (not read through it): ascending
             g_sorted = np.repeat(np.arange(n_unique, dtype=np.int64), np.diff(group_starts))
+            if blocks_are_group_runs:  # (the stable sort by block below would be the identity)
+                return by_group, g_sorted, group_starts[block_starts]
             within, row_starts = _stable_group_order(block_of_group[g_sorted], n_blocks_total)
             # the rows by block, then group; and their groups (numbered over the table: local
             # maps them to the block's), so no block reads a row's group out of order
-            by_block.append((by_group[within], g_sorted[within], row_starts))
+            return by_group[within], g_sorted[within], row_starts
+
+        # each source's sorts are its own (the counting sorts release the GIL)
+        by_block = list(each(rows_by_block, range(len(sources))))
         names = [*sources[0].columns, "loc_indices"]
 
         def make_block(b: int) -> IhTableBlock:
@@ -772,7 +821,7 @@ class IhTable:
                      for (order, groups, row_starts), src in zip(by_block, sources)]
             return IhTableBlock._from_rows(n_groups_b, parts, names, local)
 
-        for block in (mapper or map)(make_block, range(n_blocks_total)):
+        for block in each(make_block, range(n_blocks_total)):
             self.blocked_data_list.append(block)
             self.blocked_selection_list.append([blk for blk in block.block_selections])
             self.properties_dict["n_unique_in_each_block"].append(block.n_groups)

@@ -364,7 +364,8 @@ class ScalingAlgorithm:
             for key in list(ids.keys()):
                 del ids[key]
             tables.append(_with_columns_of(orphans, tables[0]))
-        joined = reflection_table.concat(tables, consume=consume) if len(tables) > 1 else tables[0]
+        joined = (reflection_table.concat(tables, consume=consume, n_threads=self.scaler.n_threads)
+                  if len(tables) > 1 else tables[0])
         return experiments, joined
 
     def release_scaling_memory(self) -> None:

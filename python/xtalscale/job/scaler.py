@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -35,7 +36,7 @@ from .outlier_rejection import (
     determine_Esq_outlier_index_arrays,
     determine_outlier_rows,
 )
-from .prepare import BadDatasetForScalingException, flags_of
+from .prepare import BadDatasetForScalingException
 
 if TYPE_CHECKING:
     import scipy.sparse as sp
@@ -83,7 +84,7 @@ class _BlockPlan:
     datasets for the threads, g and the transposed product of all the datasets go in one C++ call (``_core.model_block.*_of_blocks``: the
     datasets over the threads, each on one; the same bits as one call per dataset)."""
 
-    __slots__ = ("apm", "managers", "models", "starts", "cores", "_ascending")
+    __slots__ = ("apm", "managers", "models", "starts", "cores", "_columns")
 
     #: datasets per thread from which the one-call path applies with several threads: it puts
     #: each dataset on one thread, so a few large datasets (3 sweeps of a streamed block) would
@@ -104,7 +105,8 @@ class _BlockPlan:
         enough = n_threads <= 1 or len(self.models) >= self.BATCH_MIN_DATASETS_PER_THREAD * n_threads
         batched = len(self.models) > 1 and enough and all(m is not None and not m._external for m in self.models)
         self.cores = [m.core for m in self.models] if batched else None
-        self._ascending: tuple[Any, bool] | None = None  # (row map, its datasets' rows ascend)
+        # each dataset's first column in the round's normal matrix
+        self._columns = np.cumsum([0] + [a.n_active_params for a in self.managers]).tolist()
 
     def _parameters(self) -> list[np.ndarray]:
         """Each model block's parameter vector at its components' current parameters."""
@@ -152,21 +154,19 @@ class _BlockPlan:
                 out.append((g.copy(), jac))
         return out
 
-    def table_models(self, table_rows: np.ndarray) -> list[tuple[Any, ...]] | None:
-        """The block's datasets as ``_core.fit.model_normal_equations`` takes them: per dataset
-        ``(model block, parameters, 0, first column, its rows' table rows)`` at the components'
-        current parameters, ``table_rows`` the block's row map. None unless every dataset has a
-        C++ model block whose terms all evaluate row ranges and whose rows are in group order
-        (their table rows ascend; the Ih table gathers them so)."""
+    def table_models(self, block: Any) -> list[tuple[Any, ...]] | None:
+        """The datasets of the Ih table block ``block`` as ``_core.fit.model_normal_equations``
+        takes them: per dataset ``(model block, parameters, 0, first column, its rows' table
+        rows)`` at the components' current parameters, the table rows read from the block's
+        row map. None unless every dataset has a C++ model block whose terms all evaluate row
+        ranges and whose rows are in group order (their table rows ascend, which the block
+        finds once: :meth:`~xtalscale.fit.ih_table.IhTableBlock.rows_ascend`)."""
         if any(m is None or m._external or not m.core.evaluates_rows() for m in self.models):
             return None
-        if self._ascending is None or self._ascending[0] is not table_rows:
-            ascending = all(np.all(np.diff(table_rows[lo:hi]) > 0) for lo, hi in zip(self.starts, self.starts[1:]))
-            self._ascending = (table_rows, ascending)
-        if not self._ascending[1]:
+        if not block.rows_ascend(self.starts):
             return None
-        columns = np.cumsum([0] + [a.n_active_params for a in self.managers]).tolist()
-        return [(m.core, m.parameters(), 0, columns[k], table_rows[self.starts[k]:self.starts[k + 1]])
+        table_rows = block.table_arrays()[3]
+        return [(m.core, m.parameters(), 0, self._columns[k], table_rows[self.starts[k]:self.starts[k + 1]])
                 for k, m in enumerate(self.models)]
 
     def transpose_product(self, block_id: int, coefficients: np.ndarray, n_threads: int) -> np.ndarray:
@@ -626,30 +626,34 @@ class ScalerBase:
         t0 = time.perf_counter()
         tables, indices, group_index, sources = [], [], [], []
         cached = self._grouped_cache  # every suitable row, mapped to the ASU and grouped
-        group_of_row = cached.group_of_row() if cached is not None else None
-        start = 0  # the cache holds each dataset's suitable rows in order, dataset after dataset
-        for ds in self.datasets:
-            n_suitable = int(ds.suitable.sum())
-            sel = np.ones(n_suitable, bool) if ds.minimisation is None else ds.minimisation.copy()
-            if outlier and ds.outliers.size:
-                sel &= ~ds.outliers
-            idx = np.flatnonzero(sel)
-            if cached is not None:
+        if cached is not None:
+            group_of_row = cached.group_of_row()
+            # the cache holds each dataset's suitable rows in order, dataset after dataset
+            starts = np.cumsum([0] + [ds.suitable_idx.size for ds in self.datasets])
+
+            def source(k: int) -> tuple[_RowSource, np.ndarray]:
                 # nothing gathered here: each block reads its rows' columns straight from the
                 # reflection table (through suitable_idx[idx]) and their ASU indices (on first
                 # use) from the cache; the rows' groups from the cache's grouping
+                ds = self.datasets[k]
+                idx = np.flatnonzero(self._minimisation_selection(ds, outlier))
                 names = ("intensity", "variance", "inverse_scale_factor")
                 columns = {name: np.asarray(ds.table[name], dtype=np.float64) for name in names}
-                sources.append(_RowSource(columns, idx.size, ds.suitable_idx.take(idx), idx,
-                                          cached.asu_hkl, start + idx, None))
-                group_index.append(group_of_row.take(start + idx))
-            else:
+                rows = starts[k] + idx
+                return (_RowSource(columns, idx.size, ds.suitable_idx.take(idx), idx, cached.asu_hkl, rows, None),
+                        group_of_row.take(rows))
+
+            # the datasets' row selections are their own (numpy's gathers release the GIL)
+            for src, groups in self._map_datasets(source, range(len(self.datasets))):
+                sources.append(src)
+                group_index.append(groups)
+        else:
+            for ds in self.datasets:
                 tables.append({"intensity": ds.column("intensity"), "variance": ds.column("variance"),
                                "inverse_scale_factor": ds.column("inverse_scale_factor"),
                                "miller_index": take_rows(np.asarray(ds.table["miller_index"]).reshape(-1, 3),
                                                          ds.suitable)})
-                indices.append(idx)
-            start += n_suitable
+                indices.append(np.flatnonzero(self._minimisation_selection(ds, outlier)))
         so = self._params.scaling_options
         pct = float(so.free_set_percentage) if so.use_free_set else 0.0
         self._update_keys = {}
@@ -669,27 +673,59 @@ class ScalerBase:
         free = self.Ih_table.extract_free_set() if pct > 0 else None
         # the free groups' ASU indices, for work/free statistics after scaling
         self.free_asu_hkl = None if free is None else np.unique(np.asarray(free.asu_miller_index), axis=0)
-        self.apply_error_model_weights()
+        # block selections are rows of the table given to the Ih table (here: suitable rows)
+        selections = [self.Ih_table.get_block_selections_for_dataset(k) for k in range(len(self.datasets))]
 
-        def give_blocks(k: int) -> None:
-            # block selections are rows of the table given to the Ih table (here: suitable rows)
-            sels = self.Ih_table.get_block_selections_for_dataset(k)
-            for comp in self.datasets[k].model.components.values():
-                comp.update_reflection_data(block_selections=sels)
+        def give_blocks(k: int, comp: Any) -> None:
+            comp.update_reflection_data(block_selections=selections[k])
+            prepare = getattr(comp, "prepare_model_terms", None)
+            if prepare is not None:
+                prepare()  # the blocks' C++ terms now, not one by one in the minimisation
 
-        # the datasets' components are independent (their set-up kernels release the GIL)
-        self._map_datasets(give_blocks, range(len(self.datasets)))
+        # One pass over the threads: every component's blocks of data and C++ terms (each
+        # component is independent of the others: one task each, so a few datasets' still
+        # spread over the threads; the longest tasks first), then every block's error-model
+        # weights and table-order arrays (each block's own). Their kernels release the GIL.
+        weigh = self._block_weigher(table_order=True)
+        tasks = [partial(give_blocks, k, comp) for k, ds in enumerate(self.datasets)
+                 for comp in ds.model.components.values()]
+        tasks += [partial(weigh, b) for b in range(len(self.Ih_table.blocked_data_list))]
+        self._map_datasets(_run, tasks)
         self._components_hold_minimisation_blocks = True
         self._tick("prepare minimisation", t0)
 
+    @staticmethod
+    def _minimisation_selection(ds: Dataset, outlier: bool) -> np.ndarray:
+        """The dataset's suitable rows the minimisation table takes (bool over its suitable
+        rows): its minimisation subset (every row without one), less its outliers with
+        ``outlier``."""
+        sel = np.ones(ds.suitable_idx.size, bool) if ds.minimisation is None else ds.minimisation.copy()
+        if outlier and ds.outliers.size:
+            sel &= ~ds.outliers
+        return sel
+
     def apply_error_model_weights(self) -> None:
         """The minimisation table's weights from each dataset's error model (if any)."""
-        if self.error_model is not None or any(ds.error_model is not None for ds in self.datasets):
-            for block in self.Ih_table.blocked_data_list:
-                for k, ds in enumerate(self.datasets):
-                    em = self._error_model_for(ds)
-                    if em is not None:
-                        block.update_weights(em, dataset_id=k)
+        if any(self._error_model_for(ds) is not None for ds in self.datasets):
+            # each block's weights are its own (numpy's arithmetic releases the GIL)
+            self._map_datasets(self._block_weigher(), range(len(self.Ih_table.blocked_data_list)))
+
+    def _block_weigher(self, table_order: bool = False) -> Callable[[int], None]:
+        """``weigh(b)``: give block ``b`` of the minimisation table its datasets' error-model
+        weights (where they have one); with ``table_order`` then, for a work block, its
+        table-order I and w (``IhTableBlock.table_arrays``, kept by the block until its weights
+        change), which a fit reads at its first pass over the blocks on one core."""
+        models = [self._error_model_for(ds) for ds in self.datasets]
+        blocks, n_work = self.Ih_table.blocked_data_list, self.Ih_table.n_work_blocks
+
+        def weigh(b: int) -> None:
+            for k, em in enumerate(models):
+                if em is not None:
+                    blocks[b].update_weights(em, dataset_id=k)
+            if table_order and b < n_work:
+                blocks[b].table_arrays()
+
+        return weigh
 
     def get_blocks_for_minimisation(self) -> list[Any]:
         return self.Ih_table.blocked_data_list[: self.Ih_table.n_work_blocks]
@@ -775,8 +811,7 @@ class ScalerBase:
         equations build that evaluates them itself (``_core.fit.model_normal_equations``, no
         ∂g/∂p formed); None when a dataset has no such block (:meth:`_BlockPlan.table_models`).
         The caller hands the g and Ĩ it evaluated back through :meth:`take_block_scales`."""
-        block = self.Ih_table.blocked_data_list[block_id]
-        return self._block_plan(apm, block_id).table_models(block.table_arrays()[3])
+        return self._block_plan(apm, block_id).table_models(self.Ih_table.blocked_data_list[block_id])
 
     def take_block_scales(self, apm: Any, block_id: int, g: np.ndarray, Ih: np.ndarray | None) -> None:  # noqa: N803
         """Store g and Ĩ (block row order; Ĩ None: recomputed from g) that a caller evaluated
@@ -960,18 +995,18 @@ class ScalerBase:
         def blocks_into(ds: Dataset, blocks: list[np.ndarray], g: np.ndarray, var: np.ndarray) -> bool:
             """g and var g on the components' current data blocks (rows ``blocks``), written to
             those rows of ``g`` and ``var``: each block's from one evaluation of its model block
-            (g is the product of the component scales in the same order, bit for bit). False
-            (g alone) when no active parameter has a variance."""
-            with_var = True
-            for b, rows in enumerate(blocks):
-                if not rows.size:
-                    continue
-                both = self._scale_variances(ds, block_id=b, with_scales=True, n_threads=self.n_threads)
-                if both is None:
-                    g[rows], with_var = _scales_product(ds.model.components, b, rows.size), False
-                else:
-                    var[rows], g[rows] = both
-            return with_var
+            (g is the product of the component scales in the same order, bit for bit), all
+            blocks in one C++ call. False (g alone) when no active parameter has a variance."""
+            from ..parameter_managers import calc_sf_variances_into
+
+            V = self._full_var_cov(ds)
+            if V is None:
+                for b, rows in enumerate(blocks):
+                    if rows.size:
+                        g[rows] = _scales_product(ds.model.components, b, rows.size)
+                return False
+            calc_sf_variances_into(ds.model.components, V, blocks, var, g, n_threads=self.n_threads)
+            return True
 
         def holds_minimisation_blocks(ds: Dataset, blocks: list[np.ndarray]) -> bool:
             """Whether the components still hold the data of the minimisation table's blocks
@@ -1042,16 +1077,13 @@ class ScalerBase:
         ds.table["inverse_scale_factor"] = fa.double(full)
 
     @staticmethod
-    def _scale_variances(ds: Dataset, block_id: int = 0, with_scales: bool = False, n_threads: int = 1) -> Any:
-        """diag(J V Jᵀ) on the components' data block ``block_id``, with V embedded in the full
-        parameter layout of the model (None when no active parameter has a variance). With
-        ``with_scales``: ``(var, g)`` from the same evaluation."""
-        from ..parameter_managers import calc_sf_variances as _calc
-
+    def _full_var_cov(ds: Dataset) -> np.ndarray | None:
+        """The dataset's var-cov of its active parameters embedded in the full parameter layout
+        of its model (zero elsewhere), as calc_sf_variances expects; None when no active
+        parameter has a variance."""
         V_active, active = ds.var_cov
         comps = ds.model.components
         n_full = int(sum(int(c.n_params) for c in comps.values()))
-        V = np.zeros((n_full, n_full))
         # An active component's free parameters (a fixed-first smoother has n - 1) fill the
         # first columns of its block of the full layout, as calc_sf_variances expects.
         full_idx, active_idx, start = [], [], 0
@@ -1064,7 +1096,21 @@ class ScalerBase:
             start += int(comp.n_params)
         if not active_idx or max(active_idx) >= V_active.shape[0]:
             return None
+        V = np.zeros((n_full, n_full))
         V[np.ix_(full_idx, full_idx)] = V_active[np.ix_(active_idx, active_idx)]
+        return V
+
+    @classmethod
+    def _scale_variances(cls, ds: Dataset, block_id: int = 0, with_scales: bool = False, n_threads: int = 1) -> Any:
+        """diag(J V Jᵀ) on the components' data block ``block_id``, with V embedded in the full
+        parameter layout of the model (None when no active parameter has a variance). With
+        ``with_scales``: ``(var, g)`` from the same evaluation."""
+        from ..parameter_managers import calc_sf_variances as _calc
+
+        V = cls._full_var_cov(ds)
+        if V is None:
+            return None
+        comps = ds.model.components
         if with_scales:
             var, g = _calc(comps, V, block_id=block_id, with_scales=True, n_threads=n_threads)
             return np.asarray(var, dtype=np.float64), g
@@ -1155,22 +1201,25 @@ class ScalerBase:
             if "inverse_scale_factor_variance" in t:
                 gv = np.asarray(t["inverse_scale_factor_variance"], dtype=np.float64)
                 if np.any(gv != 0):
+                    # var · (1 + sqrt(max(gv, 0)) / g), the fraction 0 where g <= 0, in one
+                    # buffer (the same operations as with a temporary for each)
+                    factor = np.maximum(gv, 0)
                     with np.errstate(divide="ignore", invalid="ignore"):
-                        frac = np.where(g > 0, np.sqrt(np.maximum(gv, 0)) / g, 0.0)
-                    var = var * (1.0 + frac)
+                        np.sqrt(factor, out=factor)
+                        np.divide(factor, g, out=factor)
+                    factor[~(g > 0)] = 0.0
+                    factor += 1.0
+                    var = np.multiply(var, factor, out=factor)
             else:
                 t["inverse_scale_factor_variance"] = fa.double(np.zeros(n))
             outl = np.zeros(n, dtype=bool)
             if ds.outliers.size:
                 outl[ds.suitable] = ds.outliers
-            t.unset_flags(np.ones(n, bool), Flags.outlier_in_scaling)
-            t.set_flags(outl, Flags.outlier_in_scaling)
+            t.assign_flags(outl, Flags.outlier_in_scaling)
             t["intensity.scale.value"] = fa.double(inten)
             t["intensity.scale.variance"] = fa.double(var)
-            flags = flags_of(t)
-            bad = (flags & np.uint64(int(Flags.bad_for_scaling))) != 0
-            t.unset_flags(np.ones(n, bool), Flags.scaled)
-            t.set_flags(~bad, Flags.scaled)
+            bad = np.asarray(t.get_flags(Flags.bad_for_scaling, all=False))
+            t.assign_flags(~bad, Flags.scaled)
 
     def clear_Ih_table(self) -> None:
         self.Ih_table = None
@@ -1202,6 +1251,11 @@ class ScalerBase:
         return held
 
 
+def _run(task: Callable[[], Any]) -> Any:
+    """``task()``: for mapping a list of prepared calls over the scaler's threads."""
+    return task()
+
+
 def _rows_of_groups_holding(grouped: GroupedObservations, rows: np.ndarray) -> np.ndarray:
     """Every row (bool over ``grouped``) of the groups holding at least one of ``rows``."""
     group_of_row = grouped.group_of_row()
@@ -1213,8 +1267,8 @@ def _rows_of_groups_holding(grouped: GroupedObservations, rows: np.ndarray) -> n
 def _scales_product(components: Mapping[str, Any], block_id: int, n_rows: int) -> np.ndarray:
     """g of a data block: the product of every component's scales, in component order."""
     g = np.ones(n_rows)
-    for comp in components.values():
-        g = g * np.asarray(comp.calculate_scales(block_id), dtype=np.float64)
+    for comp in components.values():  # in place: the same products, no temporary per component
+        g *= np.asarray(comp.calculate_scales(block_id), dtype=np.float64)
     return g
 
 
