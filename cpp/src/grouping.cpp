@@ -56,36 +56,56 @@ struct Tester {
   }
 };
 
+/// The ASU image of one index (@p row, 3 values; row @p i of the input, named in messages),
+/// written to @p out (3 values); returns its ISYM.
+inline std::int32_t map_row_to_asu(const AsuSymmetry& sym, const Tester& in, const std::int32_t* row,
+                                   std::size_t i, std::int32_t* out) {
+  const std::int64_t h = row[0], k = row[1], l = row[2];
+  if (h == 0 && k == 0 && l == 0)
+    throw std::invalid_argument("hkl: row " + std::to_string(i) + " is (0, 0, 0), which has no ASU image");
+  for (std::size_t j = 0; j < sym.rotations.size(); ++j) {
+    const auto& r = sym.rotations[j];
+    // Reciprocal indices transform as the row vector h R.
+    const std::int64_t a = h * r[0] + k * r[3] + l * r[6];
+    const std::int64_t b = h * r[1] + k * r[4] + l * r[7];
+    const std::int64_t c = h * r[2] + k * r[5] + l * r[8];
+    int sign = 0;
+    if (in(a, b, c)) sign = 1;
+    else if (in(-a, -b, -c)) sign = -1;
+    if (sign != 0) {
+      out[0] = static_cast<std::int32_t>(sign * a);
+      out[1] = static_cast<std::int32_t>(sign * b);
+      out[2] = static_cast<std::int32_t>(sign * c);
+      return static_cast<std::int32_t>(2 * j + (sign > 0 ? 1 : 2));
+    }
+  }
+  throw std::invalid_argument("hkl: row " + std::to_string(i) + " has no image in the ASU (inconsistent symmetry)");
+}
+
 /// Rows [first, last) of map_to_asu, indexed (and named in messages) as rows of the whole
 /// input.
 void map_rows_to_asu(const AsuSymmetry& sym, const Tester& in, const std::int32_t* hkl, std::size_t first,
                      std::size_t last, std::int32_t* asu_out, std::int32_t* isym_out) {
+  for (std::size_t i = first; i < last; ++i) isym_out[i] = map_row_to_asu(sym, in, hkl + 3 * i, i, asu_out + 3 * i);
+}
+
+/// Whether some rotation R of @p sym gives h R = −h (@p hkl: one index, 3 values).
+inline bool is_centric(const AsuSymmetry& sym, const std::int32_t* hkl) {
+  const std::int64_t h = hkl[0], k = hkl[1], l = hkl[2];
+  for (const auto& r : sym.rotations)
+    if (h * r[0] + k * r[3] + l * r[6] == -h && h * r[1] + k * r[4] + l * r[7] == -k &&
+        h * r[2] + k * r[5] + l * r[8] == -l)
+      return true;
+  return false;
+}
+
+/// Rows [first, last) of map_to_asu_bijvoet.
+void bijvoet_rows(const AsuSymmetry& sym, const Tester& in, const std::int32_t* hkl, std::size_t first,
+                  std::size_t last, std::int32_t* asu_out, std::uint8_t* minus_out) {
   for (std::size_t i = first; i < last; ++i) {
-    const std::int64_t h = hkl[3 * i], k = hkl[3 * i + 1], l = hkl[3 * i + 2];
-    if (h == 0 && k == 0 && l == 0)
-      throw std::invalid_argument("hkl: row " + std::to_string(i) +
-                                  " is (0, 0, 0), which has no ASU image");
-    bool found = false;
-    for (std::size_t j = 0; j < sym.rotations.size() && !found; ++j) {
-      const auto& r = sym.rotations[j];
-      // Reciprocal indices transform as the row vector h R.
-      const std::int64_t a = h * r[0] + k * r[3] + l * r[6];
-      const std::int64_t b = h * r[1] + k * r[4] + l * r[7];
-      const std::int64_t c = h * r[2] + k * r[5] + l * r[8];
-      int sign = 0;
-      if (in(a, b, c)) sign = 1;
-      else if (in(-a, -b, -c)) sign = -1;
-      if (sign != 0) {
-        asu_out[3 * i] = static_cast<std::int32_t>(sign * a);
-        asu_out[3 * i + 1] = static_cast<std::int32_t>(sign * b);
-        asu_out[3 * i + 2] = static_cast<std::int32_t>(sign * c);
-        isym_out[i] = static_cast<std::int32_t>(2 * j + (sign > 0 ? 1 : 2));
-        found = true;
-      }
-    }
-    if (!found)
-      throw std::invalid_argument("hkl: row " + std::to_string(i) +
-                                  " has no image in the ASU (inconsistent symmetry)");
+    const std::int32_t isym = map_row_to_asu(sym, in, hkl + 3 * i, i, asu_out + 3 * i);
+    // the centric test only where it can matter (an even ISYM: the image of −h)
+    minus_out[i] = (isym % 2 == 0 && !is_centric(sym, asu_out + 3 * i)) ? 1 : 0;
   }
 }
 
@@ -116,18 +136,7 @@ Tester checked_tester(const AsuSymmetry& sym) {
 /// centric_flags of rows [first, last).
 void centric_rows(const AsuSymmetry& sym, const std::int32_t* hkl, std::size_t first, std::size_t last,
                   std::uint8_t* out) {
-  for (std::size_t i = first; i < last; ++i) {
-    const std::int64_t h = hkl[3 * i], k = hkl[3 * i + 1], l = hkl[3 * i + 2];
-    std::uint8_t centric = 0;
-    for (const auto& r : sym.rotations) {
-      if (h * r[0] + k * r[3] + l * r[6] == -h && h * r[1] + k * r[4] + l * r[7] == -k &&
-          h * r[2] + k * r[5] + l * r[8] == -l) {
-        centric = 1;
-        break;
-      }
-    }
-    out[i] = centric;
-  }
+  for (std::size_t i = first; i < last; ++i) out[i] = is_centric(sym, hkl + 3 * i) ? 1 : 0;
 }
 
 }  // namespace
@@ -142,6 +151,14 @@ void map_to_asu(const AsuSymmetry& sym, const std::int32_t* hkl, std::size_t n,
   const Tester in = checked_tester(sym);
   over_row_ranges(n, n_threads, [&](std::size_t first, std::size_t last) {
     map_rows_to_asu(sym, in, hkl, first, last, asu_out, isym_out);
+  });
+}
+
+void map_to_asu_bijvoet(const AsuSymmetry& sym, const std::int32_t* hkl, std::size_t n, std::int32_t* asu_out,
+                        std::uint8_t* minus_out, int n_threads) {
+  const Tester in = checked_tester(sym);
+  over_row_ranges(n, n_threads, [&](std::size_t first, std::size_t last) {
+    bijvoet_rows(sym, in, hkl, first, last, asu_out, minus_out);
   });
 }
 
@@ -202,32 +219,51 @@ std::vector<std::int64_t> radix_group(std::vector<std::uint64_t>& k, std::uint64
   return offsets;
 }
 
+/// The number of contiguous row parts over_row_ranges splits @p n rows into.
+inline std::size_t row_parts(std::size_t n, int n_threads) {
+  const auto wanted = static_cast<std::size_t>(std::max(1, n_threads));
+  return std::max<std::size_t>(1, std::min(wanted, n / kMinRowsPerThread));
+}
+
 /// Group boundaries of keys in [0, range] by one counting sort, for key ranges not much
 /// larger than the row count: no per-row temporaries (the keys are recomputed by @p key_of),
-/// only two arrays over the range. Stable, so the order is the radix sort's.
+/// only range-sized arrays. Stable, so the order is the radix sort's. With several threads
+/// each contiguous part of the rows counts its own keys, and a part's rows of a key are
+/// placed after the earlier parts' rows of that key: the same order as one pass.
 template <class KeyOf>
 std::vector<std::int64_t> counting_group(std::size_t n, std::uint64_t range, KeyOf key_of,
-                                         std::int64_t* order, std::int64_t* group_index) {
+                                         std::int64_t* order, std::int64_t* group_index, int n_threads) {
   const std::size_t n_keys = static_cast<std::size_t>(range) + 1;
-  std::vector<std::int64_t> next(n_keys, 0);  // counts, then each key's next position
-  for (std::size_t i = 0; i < n; ++i) ++next[key_of(i)];
+  const std::size_t parts = row_parts(n, n_threads);
+  // per part: its counts of each key, then the next position of its rows of that key
+  std::vector<std::vector<std::int64_t>> next(parts);
+  fit::detail::parallel_for(parts, static_cast<int>(parts), [&](std::size_t p) {
+    next[p].assign(n_keys, 0);
+    for (std::size_t i = n * p / parts, last = n * (p + 1) / parts; i < last; ++i) ++next[p][key_of(i)];
+  });
   std::vector<std::int64_t> rank(n_keys, -1);  // group of each present key
   std::vector<std::int64_t> offsets;
   std::int64_t position = 0, group = 0;
   for (std::size_t key = 0; key < n_keys; ++key) {
-    const std::int64_t count = next[key];
-    next[key] = position;
-    if (count == 0) continue;
-    offsets.push_back(position);
+    const std::int64_t start = position;
+    for (std::size_t p = 0; p < parts; ++p) {
+      const std::int64_t count = next[p][key];
+      next[p][key] = position;
+      position += count;
+    }
+    if (position == start) continue;
+    offsets.push_back(start);
     rank[key] = group++;
-    position += count;
   }
   offsets.push_back(static_cast<std::int64_t>(n));
-  for (std::size_t i = 0; i < n; ++i) {
-    const std::uint64_t key = key_of(i);
-    order[next[key]++] = static_cast<std::int64_t>(i);
-    group_index[i] = rank[key];
-  }
+  fit::detail::parallel_for(parts, static_cast<int>(parts), [&](std::size_t p) {
+    std::int64_t* mine = next[p].data();
+    for (std::size_t i = n * p / parts, last = n * (p + 1) / parts; i < last; ++i) {
+      const std::uint64_t key = key_of(i);
+      order[mine[key]++] = static_cast<std::int64_t>(i);
+      group_index[i] = rank[key];
+    }
+  });
   return offsets;
 }
 
@@ -267,7 +303,7 @@ std::vector<std::int64_t> group_keys(const std::int64_t* keys, std::size_t n,
   const std::uint64_t range = static_cast<std::uint64_t>(*hi_it) - lo;
   if (counting_suits(n, range))
     return counting_group(n, range, [&](std::size_t i) { return static_cast<std::uint64_t>(keys[i]) - lo; },
-                          order, group_index);
+                          order, group_index, 1);
   std::vector<std::uint64_t> k(n);
   for (std::size_t i = 0; i < n; ++i) k[i] = static_cast<std::uint64_t>(keys[i]) - lo;
   return radix_group(k, static_cast<std::uint64_t>(*hi_it) - lo, order, group_index);
@@ -276,15 +312,36 @@ std::vector<std::int64_t> group_keys(const std::int64_t* keys, std::size_t n,
 std::vector<std::int64_t> group_miller_indices(const std::int32_t* hkl, std::size_t n,
                                                std::int64_t* order,
                                                std::int64_t* group_index) {
+  return group_miller_indices(hkl, n, order, group_index, 1);
+}
+
+std::vector<std::int64_t> group_miller_indices(const std::int32_t* hkl, std::size_t n, std::int64_t* order,
+                                               std::int64_t* group_index, int n_threads) {
   if (n == 0) return {0};
+  // each part's component ranges, then their union
+  const std::size_t parts = row_parts(n, n_threads);
+  std::vector<std::array<std::int64_t, 6>> part_range(parts);
+  fit::detail::parallel_for(parts, static_cast<int>(parts), [&](std::size_t p) {
+    const std::size_t first = n * p / parts, last = n * (p + 1) / parts;
+    std::array<std::int64_t, 6> r{hkl[3 * first], hkl[3 * first + 1], hkl[3 * first + 2],
+                                  hkl[3 * first], hkl[3 * first + 1], hkl[3 * first + 2]};
+    for (std::size_t i = first; i < last; ++i)
+      for (std::size_t c = 0; c < 3; ++c) {
+        const std::int64_t v = hkl[3 * i + c];
+        r[c] = std::min(r[c], v);
+        r[3 + c] = std::max(r[3 + c], v);
+      }
+    part_range[p] = r;
+  });
   std::int64_t lo[3], hi[3];
-  for (int c = 0; c < 3; ++c) lo[c] = hi[c] = hkl[c];
-  for (std::size_t i = 0; i < n; ++i)
-    for (int c = 0; c < 3; ++c) {
-      const std::int64_t v = hkl[3 * i + static_cast<std::size_t>(c)];
-      lo[c] = std::min(lo[c], v);
-      hi[c] = std::max(hi[c], v);
+  for (std::size_t c = 0; c < 3; ++c) {
+    lo[c] = part_range[0][c];
+    hi[c] = part_range[0][3 + c];
+    for (const auto& r : part_range) {
+      lo[c] = std::min(lo[c], r[c]);
+      hi[c] = std::max(hi[c], r[3 + c]);
     }
+  }
   // Mixed-radix key from the actual ranges: lexicographic (h, k, l) order, few bits.
   const std::uint64_t s1 = static_cast<std::uint64_t>(hi[1] - lo[1] + 1);
   const std::uint64_t s2 = static_cast<std::uint64_t>(hi[2] - lo[2] + 1);
@@ -299,7 +356,7 @@ std::vector<std::int64_t> group_miller_indices(const std::int32_t* hkl, std::siz
     return (h * s1 + kk) * s2 + l;
   };
   const std::uint64_t range = s0 * s1 * s2 - 1;
-  if (counting_suits(n, range)) return counting_group(n, range, key_of, order, group_index);
+  if (counting_suits(n, range)) return counting_group(n, range, key_of, order, group_index, n_threads);
   std::vector<std::uint64_t> k(n);
   for (std::size_t i = 0; i < n; ++i) k[i] = key_of(i);
   return radix_group(k, range, order, group_index);

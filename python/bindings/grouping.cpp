@@ -45,8 +45,9 @@ py::array_t<bool> centric_flags_py(const Int32Array& hkl, const Int64Array& rota
   return out;
 }
 
-py::tuple map_to_asu_py(const Int32Array& hkl, const Int64Array& rotations, const Int64Array& basis,
-                        int condition, int n_threads) {
+/// The AsuSymmetry of map_to_asu's arguments, checked (and @p hkl's shape).
+AsuSymmetry checked_symmetry(const Int32Array& hkl, const Int64Array& rotations, const Int64Array& basis,
+                             int condition) {
   if (hkl.ndim() != 2 || hkl.shape(1) != 3)
     throw std::invalid_argument("hkl must have shape (n, 3)");
   const auto checked_rotations = rotations_of(rotations);
@@ -58,6 +59,28 @@ py::tuple map_to_asu_py(const Int32Array& hkl, const Int64Array& rotations, cons
   sym.condition = static_cast<AsuCondition>(condition);
   sym.rotations = checked_rotations;
   for (int e = 0; e < 9; ++e) sym.basis[static_cast<std::size_t>(e)] = basis.data()[e];
+  return sym;
+}
+
+py::tuple map_to_asu_bijvoet_py(const Int32Array& hkl, const Int64Array& rotations, const Int64Array& basis,
+                                int condition, int n_threads) {
+  const AsuSymmetry sym = checked_symmetry(hkl, rotations, basis, condition);
+  const auto n = static_cast<std::size_t>(hkl.shape(0));
+  Int32Array asu({static_cast<py::ssize_t>(n), py::ssize_t{3}});
+  py::array_t<bool> minus(static_cast<py::ssize_t>(n));
+  const std::int32_t* in = hkl.data();
+  std::int32_t* out = asu.mutable_data();
+  auto* flags = reinterpret_cast<std::uint8_t*>(minus.mutable_data());
+  {
+    py::gil_scoped_release release;  // raw buffers owned by the arrays above
+    map_to_asu_bijvoet(sym, in, n, out, flags, n_threads);
+  }
+  return py::make_tuple(asu, minus);
+}
+
+py::tuple map_to_asu_py(const Int32Array& hkl, const Int64Array& rotations, const Int64Array& basis,
+                        int condition, int n_threads) {
+  const AsuSymmetry sym = checked_symmetry(hkl, rotations, basis, condition);
   const auto n = static_cast<std::size_t>(hkl.shape(0));
   Int32Array asu({static_cast<py::ssize_t>(n), py::ssize_t{3}});
   Int32Array isym({static_cast<py::ssize_t>(n)});
@@ -137,7 +160,7 @@ py::tuple split_bijvoet_groups_py(const Int64Array& order, const Int64Array& off
   return py::make_tuple(out_order, out_off);
 }
 
-py::tuple group_miller_py(const Int32Array& hkl) {
+py::tuple group_miller_py(const Int32Array& hkl, int n_threads) {
   if (hkl.ndim() != 2 || hkl.shape(1) != 3)
     throw std::invalid_argument("hkl must have shape (n, 3)");
   const auto n = static_cast<std::size_t>(hkl.shape(0));
@@ -150,7 +173,7 @@ py::tuple group_miller_py(const Int32Array& hkl) {
   {
     // Safe: only raw buffers owned by the arrays above are touched; no Python objects.
     py::gil_scoped_release release;
-    offsets = group_miller_indices(in, n, o, g);
+    offsets = group_miller_indices(in, n, o, g, n_threads);
   }
   Int64Array off({static_cast<py::ssize_t>(offsets.size())});
   std::copy(offsets.begin(), offsets.end(), off.mutable_data());
@@ -183,6 +206,10 @@ void bind_grouping(py::module_& m) {
         "reference-setting transform (h_ref = h @ basis, any positive scale); condition: 0-9\n"
         "(xtalscale.grouping.AsuCondition). Returns (asu_hkl (n, 3) int32, isym (n,) int32).\n"
         "n_threads: rows split over up to that many threads (the same results).");
+  m.def("map_to_asu_bijvoet", &map_to_asu_bijvoet_py, py::arg("hkl"), py::arg("rotations"), py::arg("basis"),
+        py::arg("condition"), py::arg("n_threads") = 1,
+        "map_to_asu's ASU indices and, instead of ISYM, each row's Bijvoet-minus flag (an even\n"
+        "ISYM of an acentric reflection), in one pass. Returns (asu_hkl (n, 3) int32, minus (n,) bool).");
   m.def("group_keys", &group_keys_py, py::arg("keys"),
         "Stable O(n) grouping of equal int64 keys (LSD radix sort).\n\n"
         "Returns (order, group_index, offsets): the sort permutation, each row's group\n"
@@ -196,9 +223,10 @@ void bind_grouping(py::module_& m) {
         "group_miller_indices' grouping of the same indices with the rows flagged in minus negated,\n"
         "from the grouping (order, offsets) of the indices and its group keys, without sorting again.\n"
         "Returns (order, offsets).");
-  m.def("group_miller_indices", &group_miller_py, py::arg("hkl"),
+  m.def("group_miller_indices", &group_miller_py, py::arg("hkl"), py::arg("n_threads") = 1,
         "Stable O(n) grouping of (n, 3) int32 Miller indices in signed lexicographic\n"
-        "(h, k, l) order (DIALS order). Returns (order, group_index, offsets).");
+        "(h, k, l) order (DIALS order). Returns (order, group_index, offsets).\n"
+        "n_threads: the counting sort's rows split over up to that many threads (the same results).");
 }
 
 }  // namespace xtalscale::py_bind

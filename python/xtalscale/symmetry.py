@@ -38,6 +38,7 @@ __all__ = [
     "space_group_from_hall",
     "map_to_asu",
     "map_to_asu_isym",
+    "map_to_asu_bijvoet",
     "AsuMapping",
     "Grouping",
     "group_reflections",
@@ -82,7 +83,9 @@ def miller_array(hkl, name: str = "miller_index") -> np.ndarray:
             raise ValueError(f"{name} must hold integer values")
     elif a.dtype.kind not in "iu" and a.size:
         raise ValueError(f"{name} must be integer, got dtype {a.dtype}")
-    if a.size and (np.abs(a).max() >= 2**20):
+    # |h| >= 2**20; np.abs(a) (a temporary as large as the input) only for an input holding
+    # some h <= -2**20, which it judges as before (np.abs of the type's minimum wraps)
+    if a.size and (a.max() >= 2**20 or (a.min() <= -(2**20) and np.abs(a).max() >= 2**20)):
         raise ValueError(f"{name} holds implausibly large indices (|h| >= 2**20)")
     return np.ascontiguousarray(a, dtype=np.int32)
 
@@ -530,6 +533,21 @@ def map_to_asu(hkl, space_group, anomalous: bool = False, n_threads: int = 1) ->
     return AsuMapping(asu, isym, minus, centric)
 
 
+def map_to_asu_bijvoet(hkl, space_group, n_threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """ASU indices and Bijvoet-minus flags only: ``(asu_hkl, friedel_minus)`` of
+    :func:`map_to_asu` with ``anomalous=False``, in one C++ pass (no ISYM or per-row centric
+    arrays; the centric test runs only for the rows mapped from ``-h R``).
+
+    Returns
+    -------
+    (asu_hkl (n, 3) int32, friedel_minus (n,) bool)
+    """
+    sg = _as_space_group(space_group)
+    hkl = miller_array(hkl, "hkl")
+    rotations, basis, condition = _asu_symmetry(sg)
+    return _core_grouping.map_to_asu_bijvoet(hkl, rotations, basis, condition, n_threads=int(n_threads))
+
+
 def map_to_asu_isym(hkl, space_group, n_threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """ASU indices and ISYM only: :func:`map_to_asu` without the per-row centric test.
 
@@ -578,7 +596,7 @@ class Grouping(NamedTuple):
         return np.diff(self.offsets)
 
 
-def group_reflections(asu_hkl) -> Grouping:
+def group_reflections(asu_hkl, n_threads: int = 1) -> Grouping:
     """Group rows with equal (ASU) Miller index, DIALS order (spec 6.1, 11.16).
 
     Groups are ordered lexicographically by signed (h, k, l) (cctbx ``packed_indices``
@@ -588,11 +606,13 @@ def group_reflections(asu_hkl) -> Grouping:
     ----------
     asu_hkl : array_like, (n, 3)
         Indices already mapped to the ASU (e.g. ``map_to_asu(...).asu_hkl``).
+    n_threads : int
+        The sort's threads (the results do not depend on it).
     """
     hkl = miller_array(asu_hkl, "asu_hkl")
     # O(n) stable radix sort in C++ on an order-preserving key packed from the actual
     # index ranges (few bits, so few radix passes).
-    order, group_index, offsets = _core_grouping.group_miller_indices(hkl)
+    order, group_index, offsets = _core_grouping.group_miller_indices(hkl, n_threads=int(n_threads))
     unique = np.ascontiguousarray(hkl[order[offsets[:-1]]])
     return Grouping(order, group_index, offsets, unique)
 

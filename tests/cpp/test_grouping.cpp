@@ -1,6 +1,7 @@
 // ASU mapping kernel: conditions and the operator search (values checked against gemmi).
 #include <cstdint>
 #include <stdexcept>
+#include <vector>
 
 #include "harness.hpp"
 #include "xtalscale/grouping.hpp"
@@ -59,6 +60,42 @@ TEST_CASE("group_miller_indices: signed lexicographic groups, stable rows") {
   }
   CHECK(offsets.size() == 5 && offsets[0] == 0 && offsets[1] == 1 && offsets[2] == 2 &&
         offsets[3] == 4 && offsets[4] == 6);
+}
+
+TEST_CASE("map_to_asu_bijvoet: map_to_asu's indices, minus = even ISYM of an acentric index") {
+  // C 1 2 1: (1,1,1) -> ISYM 1, (-1,1,-1) -> 3, (-1,-1,-1) -> 2, (1,-1,1) -> 4; (1,0,1) with its
+  // mate (-1,0,-1) is centric (the 2-fold about b gives -h), so never a minus mate
+  xtalscale::AsuSymmetry sym;
+  sym.rotations = {{1, 0, 0, 0, 1, 0, 0, 0, 1}, {-1, 0, 0, 0, 1, 0, 0, 0, -1}};
+  sym.condition = AsuCondition::monoclinic;
+  const std::int32_t hkl[18] = {1, 1, 1, -1, 1, -1, -1, -1, -1, 1, -1, 1, 1, 0, 1, -1, 0, -1};
+  std::int32_t asu[18] = {}, reference[18] = {}, isym[6] = {};
+  std::uint8_t minus[6] = {};
+  xtalscale::map_to_asu(sym, hkl, 6, reference, isym);
+  xtalscale::map_to_asu_bijvoet(sym, hkl, 6, asu, minus, 2);
+  for (int i = 0; i < 18; ++i) CHECK(asu[i] == reference[i]);
+  const std::uint8_t want[6] = {0, 0, 1, 1, 0, 0};
+  for (int i = 0; i < 6; ++i) CHECK(minus[i] == want[i]);
+  const std::int32_t zero[3] = {0, 0, 0};
+  CHECK_THROWS_AS(xtalscale::map_to_asu_bijvoet(sym, zero, 1, asu, minus, 2), std::invalid_argument);
+}
+
+TEST_CASE("group_miller_indices: the same grouping on any number of threads") {
+  std::vector<std::int32_t> hkl(3 * 200000);
+  std::uint64_t state = 12345;
+  for (auto& v : hkl) {
+    state = state * 6364136223846793005ULL + 1442695040888963407ULL;
+    v = static_cast<std::int32_t>((state >> 33) % 41) - 20;
+  }
+  const std::size_t n = hkl.size() / 3;
+  std::vector<std::int64_t> order1(n), group1(n), order(n), group(n);
+  const auto offsets1 = xtalscale::group_miller_indices(hkl.data(), n, order1.data(), group1.data());
+  for (int threads : {2, 3, 8}) {
+    const auto offsets = xtalscale::group_miller_indices(hkl.data(), n, order.data(), group.data(), threads);
+    CHECK(offsets == offsets1);
+    CHECK(order == order1);
+    CHECK(group == group1);
+  }
 }
 
 TEST_CASE("group_keys handles negative and extreme keys") {

@@ -71,6 +71,14 @@ XTALSCALE_EXPORT void centric_flags(const AsuSymmetry& sym, const std::int32_t* 
 XTALSCALE_EXPORT void centric_flags(const AsuSymmetry& sym, const std::int32_t* hkl, std::size_t n,
                                     std::uint8_t* out, int n_threads);
 
+/// map_to_asu's ASU index of each row (to @p asu_out, n x 3) and, instead of ISYM, whether the
+/// row is a Bijvoet-minus mate (to @p minus_out, n): an even ISYM (h maps to −h R) of an
+/// acentric reflection (centric_flags of the ASU index is 0), the flags xtalscale.symmetry's
+/// map_to_asu derives from ISYM and the centric test, in one pass. Rows split over up to
+/// @p n_threads threads (the same outputs); failures as map_to_asu's.
+XTALSCALE_EXPORT void map_to_asu_bijvoet(const AsuSymmetry& sym, const std::int32_t* hkl, std::size_t n,
+                                         std::int32_t* asu_out, std::uint8_t* minus_out, int n_threads);
+
 /// Group equal keys: a stable sort of @p keys (one counting sort when the key range is at most
 /// twice the row count, else an LSD radix sort: O(n) and deterministic either way).
 /// Writes the sort permutation to @p order (n), the 0-based group of every input position to
@@ -95,6 +103,14 @@ XTALSCALE_EXPORT std::vector<std::int64_t> group_miller_indices(const std::int32
                                                                 std::size_t n,
                                                                 std::int64_t* order,
                                                                 std::int64_t* group_index);
+
+/// group_miller_indices with its counting sort (a key range at most about twice the row
+/// count) over up to @p n_threads contiguous parts of the rows: each part counts its keys,
+/// then places its rows after the earlier parts' rows of the same key, so the outputs are
+/// the serial call's whatever the thread count. (The radix sort of wider ranges is serial.)
+XTALSCALE_EXPORT std::vector<std::int64_t> group_miller_indices(const std::int32_t* hkl, std::size_t n,
+                                                                std::int64_t* order, std::int64_t* group_index,
+                                                                int n_threads);
 
 /// Split a grouping by Miller index into Bijvoet halves: what group_miller_indices gives
 /// for the same indices with the rows flagged in @p minus negated, without sorting again.

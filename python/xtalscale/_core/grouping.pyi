@@ -42,6 +42,14 @@ def map_to_asu(
     n_threads: int = 1,
 ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.int32]]: ...
 
+def map_to_asu_bijvoet(
+    hkl: npt.ArrayLike,
+    rotations: npt.ArrayLike,
+    basis: npt.ArrayLike,
+    condition: int,
+    n_threads: int = 1,
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.bool_]]: ...
+
 def group_keys(
     keys: npt.ArrayLike,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
@@ -52,6 +60,7 @@ def counting_order(
 
 def group_miller_indices(
     hkl: npt.ArrayLike,
+    n_threads: int = 1,
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
 def split_bijvoet_groups(
     order: npt.ArrayLike,

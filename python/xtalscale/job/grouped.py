@@ -18,8 +18,8 @@ import numpy as np
 from .._core import job as _kern
 from .._rows import negate_rows, take_rows
 
-__all__ = ["AsuGrouping", "GroupedObservations", "asu_grouping", "cached_asu_grouping_of", "group_of_rows", "regroup",
-           "suitable_rows"]
+__all__ = ["AsuGrouping", "GroupedObservations", "asu_grouping", "asu_grouping_and_groups", "cached_asu_grouping_of",
+           "group_of_rows", "regroup", "suitable_rows"]
 
 
 def suitable_rows(table: Any) -> np.ndarray:
@@ -29,7 +29,7 @@ def suitable_rows(table: Any) -> np.ndarray:
     n = _nrows(table)
     if "flags" not in table:
         return np.ones(n, dtype=bool)
-    flags = np.asarray(table["flags"]).astype(np.uint64)
+    flags = np.asarray(table["flags"], dtype=np.uint64)  # (no copy of a uint64 column)
     bad = np.uint64(int(Flags.excluded_for_scaling) | int(Flags.user_excluded_in_scaling))
     return (flags & bad) == 0
 
@@ -96,27 +96,41 @@ def _read_only(*arrays: np.ndarray) -> None:
         a.setflags(write=False)
 
 
-def asu_grouping(hkl: np.ndarray, space_group: Any, anomalous: bool, n_threads: int = 1) -> AsuGrouping:
+def asu_grouping(hkl: np.ndarray, space_group: Any, anomalous: bool, n_threads: int = 1,
+                 copy: bool = True) -> AsuGrouping:
     """ASU indices of ``hkl`` (Bijvoet minus mates negated if ``anomalous``) and their grouping,
     as :func:`~xtalscale.symmetry.map_to_asu` and :func:`~xtalscale.symmetry.group_reflections`
     give them, reused from a cache when the same indices were grouped before. The returned
-    arrays are shared and read-only. ``n_threads``: the ASU mapping's threads (the same result)."""
-    from ..symmetry import SpaceGroup, group_reflections, map_to_asu
+    arrays are shared and read-only. ``n_threads``: the ASU mapping's and the sort's threads
+    (the same result). ``copy=False``: the caller hands ``hkl`` over (an int32 (n, 3) array
+    nobody changes afterwards): the cache keeps it, made read-only, instead of a copy."""
+    return asu_grouping_and_groups(hkl, space_group, anomalous, n_threads, copy)[0]
+
+
+def asu_grouping_and_groups(hkl: np.ndarray, space_group: Any, anomalous: bool, n_threads: int = 1,
+                            copy: bool = True) -> tuple[AsuGrouping, np.ndarray | None]:
+    """:func:`asu_grouping`, and the group of every row (``group_of_rows`` of the grouping)
+    when the sort that made the grouping gave it (a grouping sorted by this call; None for
+    one from the cache or split from the merged grouping): the caller may keep it instead
+    of computing it again. It is not kept in the cache (8 B per row)."""
+    from ..symmetry import SpaceGroup, group_reflections, map_to_asu_bijvoet
 
     sg = space_group if isinstance(space_group, SpaceGroup) else SpaceGroup(space_group)
     hkl = np.asarray(hkl, dtype=np.int32).reshape(-1, 3)
     if hkl.size == 0:
         grouping = group_reflections(hkl)
-        return AsuGrouping(hkl, grouping.order, grouping.offsets)
+        return AsuGrouping(hkl, grouping.order, grouping.offsets), grouping.group_index
     entry = next((e for e in _ASU_CACHE if e[0] == sg and e[1].shape == hkl.shape and np.array_equal(e[1], hkl)),
                  None)
     if entry is None:
-        mapping = map_to_asu(hkl, sg, anomalous=False, n_threads=n_threads)
-        entry = (sg, hkl.copy(), mapping.asu_hkl, mapping.friedel_minus, {})
+        # map_to_asu(anomalous=False)'s ASU indices and Bijvoet-minus flags, in one pass
+        asu, minus = map_to_asu_bijvoet(hkl, sg, n_threads=n_threads)
+        kept = hkl.copy() if copy or not hkl.flags.c_contiguous else hkl
+        entry = (sg, kept, asu, minus, {})
         _read_only(*entry[1:4])
         _ASU_CACHE.insert(0, entry)
         del _ASU_CACHE[_ASU_CACHE_SIZE:]
-    return _grouping_of_entry(entry, anomalous)
+    return _grouping_of_entry(entry, anomalous, n_threads)
 
 
 def cached_asu_grouping_of(order: np.ndarray, anomalous: bool) -> AsuGrouping | None:
@@ -125,14 +139,16 @@ def cached_asu_grouping_of(order: np.ndarray, anomalous: bool) -> AsuGrouping | 
     it), from the cache without the indices being gathered and compared again; None when no
     cached entry holds that array."""
     entry = next((e for e in _ASU_CACHE if any(g.order is order for g in e[4].values())), None)
-    return None if entry is None else _grouping_of_entry(entry, anomalous)
+    return None if entry is None else _grouping_of_entry(entry, anomalous)[0]
 
 
-def _grouping_of_entry(entry: tuple, anomalous: bool) -> AsuGrouping:
-    """The grouping (made once) of a cache entry's ASU indices, Bijvoet mates apart or not."""
+def _grouping_of_entry(entry: tuple, anomalous: bool, n_threads: int = 1) -> tuple[AsuGrouping, np.ndarray | None]:
+    """The grouping (made once) of a cache entry's ASU indices, Bijvoet mates apart or not, and
+    the group of every row if it was sorted here (else None)."""
     from ..symmetry import group_reflections
 
     _, _, asu, minus, groupings = entry
+    group_index = None
     if anomalous not in groupings:
         if anomalous:  # as map_to_asu(anomalous=True): the acentric minus mates negated
             signed = negate_rows(asu.copy(), minus)
@@ -144,13 +160,15 @@ def _grouping_of_entry(entry: tuple, anomalous: bool) -> AsuGrouping:
                 order, offsets = _grouping.split_bijvoet_groups(merged.order, merged.offsets, keys, minus)
                 groupings[True] = AsuGrouping(signed, order, offsets)
             else:
-                grouping = group_reflections(signed)
+                grouping = group_reflections(signed, n_threads=n_threads)
                 groupings[True] = AsuGrouping(signed, grouping.order, grouping.offsets)
+                group_index = grouping.group_index
         else:
-            grouping = group_reflections(asu)
+            grouping = group_reflections(asu, n_threads=n_threads)
             groupings[False] = AsuGrouping(asu, grouping.order, grouping.offsets)
+            group_index = grouping.group_index
         _read_only(*groupings[anomalous])
-    return groupings[anomalous]
+    return groupings[anomalous], group_index
 
 
 @dataclass

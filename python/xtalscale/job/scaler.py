@@ -14,6 +14,7 @@ outliers. It offers DIALS's scaler protocol to the refinement engine (``Ih_table
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -31,7 +32,7 @@ from ..components import SHScaleComponent
 from ..csr_view import CsrView
 from ..parameter_managers import single_managers
 from ..reflection_table import Flags
-from .grouped import GroupedObservations, asu_grouping, suitable_rows
+from .grouped import GroupedObservations, asu_grouping, asu_grouping_and_groups, suitable_rows
 from .outlier_rejection import (
     determine_Esq_outlier_index_arrays,
     determine_outlier_rows,
@@ -340,10 +341,18 @@ class ScalerBase:
         return var
 
     # ------------------------------------------------------------------ suitable-row columns
+    def _kernel_threads(self) -> int:
+        """Threads for a C++ kernel called here: the job's, or one on a thread of the scaler's
+        own pool (work mapped there is already spread over the threads, e.g. the first
+        grouping's gathers beside the ASU mapping)."""
+        if self.n_threads > 1 and threading.current_thread().name.startswith(self.POOL_THREAD_PREFIX):
+            return 1
+        return self.n_threads
+
     def _gather(self, values: np.ndarray, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """``np.take(values, rows, out=out)`` of float64 values over the scaler's threads (C++,
-        GIL released): the rounds gather 10⁶-row columns."""
-        return _kern.gather_values(values, rows, out=out, n_threads=self.n_threads)
+        """``np.take(values, rows, out=out)`` of float64 values over :meth:`_kernel_threads`
+        threads (C++, GIL released): the rounds gather 10⁶-row columns."""
+        return _kern.gather_values(values, rows, out=out, n_threads=self._kernel_threads())
 
     def _suitable_starts(self) -> np.ndarray:
         """The first position of each dataset's suitable rows among every dataset's
@@ -385,7 +394,8 @@ class ScalerBase:
         held = self._kept_suitable_values(name, key)
         if held is not None:
             return held
-        starts = self._suitable_starts()
+        # the per-row layout too: the first grouping reads it after gathering here on the pool
+        starts = self._suitable_layout()[0]
         out = np.empty(int(starts[-1]))
         for k, ds in enumerate(self.datasets):
             part = out[starts[k]:starts[k + 1]]
@@ -482,7 +492,7 @@ class ScalerBase:
         if all(em is models[0] for em in models):  # one model: one pass over every row
             fused = getattr(models[0], "update_variances_and_weights", None)
             if fused is not None:  # σ'² and 1/σ'² in one threaded pass (the same bits)
-                return fused(V, I, n_threads=self.n_threads)
+                return fused(V, I, n_threads=self._kernel_threads())
             var = np.asarray(models[0].update_variances(V, I), dtype=np.float64)
         else:
             var = np.empty(V.size)
@@ -571,6 +581,57 @@ class ScalerBase:
                        dataset=layout.dataset, row=layout.row, order=layout.order, offsets=layout.offsets,
                        extra=dict(layout.extra), derived=layout.derived)
 
+    def _group_every_suitable_row(self) -> GroupedObservations | None:
+        """The first grouping of every suitable row (what :meth:`_grouped_suitable` caches),
+        made with the values gathered straight into the arrays :meth:`suitable_values` keeps
+        (no per-dataset copies to concatenate; the job's next readers find them gathered).
+        With several threads the values are gathered and checked on the scaler's pool while
+        this thread maps the Miller indices to the ASU and sorts them (independent work).
+        None if a row has unusable values or a column is missing: the caller's
+        :meth:`GroupedObservations.from_tables` then raises as it should."""
+        if any(name not in ds.table for ds in self.datasets for name in ("miller_index", "d")):
+            return None
+        # each dataset's suitable rows found here, before both threads read them
+        sizes = [int(ds.suitable_idx.size) for ds in self.datasets]
+        starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
+
+        def values() -> tuple[np.ndarray, ...] | None:
+            I = self.suitable_values("intensity")
+            g = self.suitable_values("inverse_scale_factor", 1.0)
+            if not (self._all_finite("intensity", I) and self._all_finite("inverse_scale_factor", g)):
+                return None
+            V, w = self._suitable_variances_and_weights(I)
+            # from_tables' checks: σ² finite and positive
+            if not (np.all(np.isfinite(V)) and np.all(V > 0)):
+                return None
+            return I, V, w, g, self.suitable_values("d")
+
+        from concurrent.futures import wait  # noqa: PLC0415
+
+        pending = self._thread_pool().submit(values) if self.n_threads > 1 else None
+        try:
+            hkl = np.empty((int(starts[-1]), 3), dtype=np.int32)
+            for k, ds in enumerate(self.datasets):
+                table_hkl = np.asarray(ds.table["miller_index"], dtype=np.int32).reshape(-1, 3)
+                np.take(table_hkl, ds.suitable_idx, axis=0, out=hkl[starts[k]:starts[k + 1]], mode="clip")
+            grouping, group_of_row = asu_grouping_and_groups(hkl, self.space_group, bool(self._params.anomalous),
+                                                             n_threads=self.n_threads, copy=False)
+        except ValueError:
+            grouping = None  # (bad indices) from_tables raises, after its checks of the values
+        finally:
+            if pending is not None:  # (also when this thread failed: the pool's work reads the scaler)
+                wait([pending])
+        gathered = values() if pending is None else pending.result()
+        if gathered is None or grouping is None:
+            return None
+        I, V, w, g, d = gathered
+        _, dataset, row = self._suitable_layout()  # (made by suitable_values)
+        grouped = GroupedObservations(I, V, w, g, grouping.asu_hkl, dataset, row, grouping.order, grouping.offsets,
+                                      len(self.datasets), self.space_group, {"d": d})
+        if group_of_row is not None:  # the sort's: what group_of_row() would compute again
+            grouped.derived_of_grouping("group_of_row", lambda: group_of_row)
+        return grouped
+
     def _grouped_suitable(self, keep: Sequence[np.ndarray] | None = None) -> GroupedObservations:
         """The suitable rows of every dataset (or ``keep`` of them), current g and weights.
 
@@ -590,6 +651,11 @@ class ScalerBase:
                     mine = sub.dataset == k
                     row[mine] = numbers.take(sub.row[mine])
                 return replace(sub, row=row)
+        if keep is None and self._grouped_cache is None:
+            grouped = self._group_every_suitable_row()
+            if grouped is not None:
+                self._grouped_cache = grouped
+                return grouped
         if keep is None and self._grouped_cache is not None:
             # the columns as suitable_values keeps them (gathered once per column), σ² through
             # the error models
@@ -868,6 +934,9 @@ class ScalerBase:
             return [function(item) for item in items]
         return list(self._thread_pool().map(function, items))
 
+    #: the names of the scaler's pool threads start so (see _kernel_threads)
+    POOL_THREAD_PREFIX = "xtalscale-scaler"
+
     def _thread_pool(self) -> Any:
         pool = getattr(self, "_pool", None)
         if pool is None:
@@ -875,7 +944,7 @@ class ScalerBase:
             from concurrent.futures import ThreadPoolExecutor
 
             pool = self._pool = ThreadPoolExecutor(max_workers=self.n_threads,
-                                                   thread_name_prefix="xtalscale-scaler")
+                                                   thread_name_prefix=self.POOL_THREAD_PREFIX)
             weakref.finalize(self, pool.shutdown, wait=False)  # idle threads end with the scaler
         return pool
 
@@ -1371,7 +1440,7 @@ def _make_dataset(params: Any, experiment: Any, table: Any) -> Dataset:
     # of a wide table cost ~0.2 s and ~200 B/row at 10⁶ rows); a stored or user model gets all.
     fresh = existing is None or params.overwrite_existing_models
     columns = [c for c in MODEL_COLUMNS if c in table] if fresh else None
-    sub = table.select(suitable, columns=columns)
+    sub = _suitable_part(table, suitable, columns)
     if existing is not None and not params.overwrite_existing_models:
         model = existing if hasattr(existing, "components") else model_from_dict(existing)
     else:
@@ -1390,6 +1459,27 @@ def _make_dataset(params: Any, experiment: Any, table: Any) -> Dataset:
     model.configure_components(sub, experiment, params)
     experiment.scaling_model = model
     return Dataset(experiment, table, model, suitable, np.zeros(int(suitable.sum()), bool))
+
+
+def _suitable_part(table: Any, suitable: np.ndarray, columns: Sequence[str] | None) -> Any:
+    """The suitable rows of ``table`` (only ``columns``, if given) that the model is set up
+    from. When every row is suitable, a table of read-only views of the columns instead of
+    copies (the set-up only reads them; some it keeps): at 10⁶ rows the copies cost ~30 ms and
+    70 MB of fresh memory."""
+    if not suitable.all():
+        return table.select(suitable, columns=columns)
+    from ..reflection_table import reflection_table
+
+    part = reflection_table(len(table))
+    for name in table.keys() if columns is None else columns:
+        col = table[name]
+        view = np.asarray(col).view()
+        view.setflags(write=False)
+        part[name] = type(col)._wrap(view)
+    ids = part.experiment_identifiers()
+    for key, value in table.experiment_identifiers().items():
+        ids[key] = value
+    return part
 
 
 def _auto_model(experiment: Any) -> str:
