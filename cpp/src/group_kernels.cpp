@@ -142,6 +142,37 @@ void cap_weights_of_rows(const std::int64_t* rows, std::size_t n_members, const 
   for (std::size_t i = 0; i < n_members; ++i) out[rows[i]] = std::min(weight[rows[i]], cap);
 }
 
+/// The weights of a gathered group capped at 10 x its median (cap_weights_of_rows): the
+/// group's own weights when none reaches the cap (the usual case: no copy), else @p capped.
+const double* capped_weights(const GatheredGroup& group, std::vector<double>& capped, std::vector<double>& buffer) {
+  const std::size_t m = group.rows.size();
+  const double* w = group.weight.data();
+  double smallest = w[0], largest = w[0];
+  for (std::size_t i = 1; i < m; ++i) {
+    smallest = std::min(smallest, w[i]);
+    largest = std::max(largest, w[i]);
+  }
+  if (smallest >= 0.0 && largest <= 10.0 * smallest) return w;  // cap_weights_of_rows's shortcut
+  capped.resize(m);
+  cap_weights_of_rows(group.positions.data(), m, w, capped.data(), buffer);
+  return capped.data();
+}
+
+/// Position of the largest |z[i]| of @p n values (the first maximum wins): what
+/// position_of_largest gives on the magnitudes, without forming them.
+std::size_t position_of_largest_magnitude(const double* z, std::size_t n) {
+  std::size_t best = 0;
+  double largest = std::abs(z[0]);
+  for (std::size_t i = 1; i < n; ++i) {
+    const double magnitude = std::abs(z[i]);
+    if (magnitude > largest) {
+      best = i;
+      largest = magnitude;
+    }
+  }
+  return best;
+}
+
 /// Position (in @p rows) of the largest values[row]; the first maximum wins.
 std::size_t position_of_largest(const std::int64_t* rows, std::size_t n_members, const double* values) {
   std::size_t best = 0;
@@ -253,7 +284,7 @@ std::int64_t standard_outliers_of_groups(const GroupLayout& layout, std::size_t 
                                          const double* intensity, const double* weight, const double* scale,
                                          double zmax, std::vector<std::vector<std::int64_t>>& by_round) {
   GatheredGroup group;
-  std::vector<double> capped, abs_z, buffer;
+  std::vector<double> capped, z, buffer;
   detail::RowPrefetcher prefetch(layout.order, layout.offsets[layout.n_groups], {intensity, weight, scale});
   for (std::size_t k = first; k < last; ++k) {
     const auto begin = layout.offsets[k];
@@ -265,14 +296,15 @@ std::int64_t standard_outliers_of_groups(const GroupLayout& layout, std::size_t 
       if (!(group.weight[i] > 0.0)) return group.rows[i];
     for (std::size_t round = 0; group.rows.size() > 2; ++round) {
       const std::size_t m = group.rows.size();
-      const std::int64_t* at = group.positions.data();
-      capped.resize(m);
-      abs_z.resize(m);
-      cap_weights_of_rows(at, m, group.weight.data(), capped.data(), buffer);
-      leave_one_out_of_group(group, capped.data(), abs_z.data());
-      for (auto& z : abs_z) z = std::abs(z);
-      const std::size_t best = position_of_largest(at, m, abs_z.data());
-      if (!(abs_z[best] > zmax)) break;
+      // the weights were checked positive (and the cap, 10 x their median, is positive): the
+      // capped ones need no check again
+      const double* w = capped_weights(group, capped, buffer);
+      const auto [a, b] = weighted_sums_of_rows(group.positions.data(), m, group.intensity.data(), w,
+                                                group.scale.data());
+      z.resize(m);
+      leave_one_out_contiguous(m, group.intensity.data(), w, group.scale.data(), a, b, z.data());
+      const std::size_t best = position_of_largest_magnitude(z.data(), m);
+      if (!(std::abs(z[best]) > zmax)) break;
       if (by_round.size() <= round) by_round.resize(round + 1);
       by_round[round].push_back(group.rows[best]);
       group.erase(best);
@@ -341,34 +373,106 @@ std::vector<std::int64_t> select_rows_in_groups(const GroupLayout& layout, const
   return offsets;
 }
 
-std::vector<std::int64_t> subset_grouping(const GroupLayout& layout, const std::uint8_t* keep,
-                                          std::vector<std::int64_t>& new_order) {
-  // Row r of the layout is row r - (dropped rows before r) of the subset (kept rows keep their
-  // relative order). The dropped rows are a bitset with a running count per 64-row word, so
-  // that a row's test and new number read ~n/6 bytes in all (cache-resident) instead of a
-  // byte and an 8-byte rank per row at random.
-  const std::size_t n = layout.n_rows, n_words = (n + 63) / 64;
-  std::vector<std::uint64_t> dropped(n_words, 0);
-  for (std::size_t r = 0; r < n; ++r)
-    if (keep[r] == 0) dropped[r >> 6] |= std::uint64_t{1} << (r & 63);
-  std::vector<std::int64_t> dropped_before(n_words + 1, 0);  // in the words before word w
-  for (std::size_t w = 0; w < n_words; ++w)
-    dropped_before[w + 1] = dropped_before[w] + __builtin_popcountll(dropped[w]);
-  new_order.clear();
-  new_order.reserve(n - static_cast<std::size_t>(dropped_before[n_words]));
+namespace {
+
+/// Groups per part of the threaded subset_grouping: fixed, though any split gives the same
+/// integers.
+constexpr std::size_t kSubsetPartGroups = 4096;
+
+/// The kept rows of a per-row byte mask as bits, with the number of kept rows before each
+/// 64-row word: whether a row is kept, and its position among the kept rows, from two small
+/// arrays (1/64 of the mask's size each) instead of a per-row array of positions.
+class KeptRows {
+ public:
+  KeptRows(std::size_t n_rows, const std::uint8_t* keep, int n_threads)
+      : bits_((n_rows + 63) / 64, 0), before_(bits_.size() + 1, 0) {
+    constexpr std::size_t kWordsPerPart = 1024;
+    const std::size_t n_words = bits_.size();
+    const std::size_t n_parts = (n_words + kWordsPerPart - 1) / kWordsPerPart;
+    fit::detail::parallel_for(n_parts, n_threads, [&](std::size_t p) {
+      for (std::size_t w = p * kWordsPerPart, end = std::min(n_words, (p + 1) * kWordsPerPart); w < end; ++w) {
+        std::uint64_t word = 0;
+        for (std::size_t r = 64 * w, last = std::min(n_rows, 64 * w + 64); r < last; ++r)
+          word |= static_cast<std::uint64_t>(keep[r] != 0) << (r - 64 * w);
+        bits_[w] = word;
+        before_[w + 1] = __builtin_popcountll(word);
+      }
+    });
+    for (std::size_t w = 0; w < n_words; ++w) before_[w + 1] += before_[w];
+  }
+
+  bool kept(std::int64_t row) const { return ((bits_[static_cast<std::size_t>(row) >> 6] >> (row & 63)) & 1U) != 0; }
+
+  /// The number of kept rows before @p row.
+  std::int64_t rank(std::int64_t row) const {
+    const auto w = static_cast<std::size_t>(row) >> 6;
+    const std::uint64_t below = (std::uint64_t{1} << (row & 63)) - 1;
+    return before_[w] + __builtin_popcountll(bits_[w] & below);
+  }
+
+ private:
+  std::vector<std::uint64_t> bits_;
+  std::vector<std::int64_t> before_;
+};
+
+/// subset_grouping on one thread: one pass over the groups.
+std::vector<std::int64_t> serial_subset_grouping(const GroupLayout& layout, const KeptRows& kept,
+                                                 std::vector<std::int64_t>& new_order) {
   std::vector<std::int64_t> offsets{0};
-  offsets.reserve(layout.n_groups + 1);
+  new_order.clear();
   for (std::size_t k = 0; k < layout.n_groups; ++k) {
     const auto before = new_order.size();
-    for (auto i = layout.offsets[k]; i < layout.offsets[k + 1]; ++i) {
-      const auto r = static_cast<std::size_t>(layout.order[i]);
-      const std::uint64_t word = dropped[r >> 6], bit = std::uint64_t{1} << (r & 63);
-      if ((word & bit) != 0) continue;
-      new_order.push_back(static_cast<std::int64_t>(r) - dropped_before[r >> 6] -
-                          __builtin_popcountll(word & (bit - 1)));
-    }
+    for (auto i = layout.offsets[k]; i < layout.offsets[k + 1]; ++i)
+      if (kept.kept(layout.order[i])) new_order.push_back(kept.rank(layout.order[i]));
     if (new_order.size() > before) offsets.push_back(static_cast<std::int64_t>(new_order.size()));
   }
+  return offsets;
+}
+
+}  // namespace
+
+std::vector<std::int64_t> subset_grouping(const GroupLayout& layout, const std::uint8_t* keep,
+                                          std::vector<std::int64_t>& new_order, int n_threads) {
+  // row r of the layout is row kept.rank(r) of the subset (kept rows keep their relative order)
+  const KeptRows kept(layout.n_rows, keep, n_threads);
+  if (n_threads <= 1 || layout.n_groups <= kSubsetPartGroups) return serial_subset_grouping(layout, kept, new_order);
+  // parts of groups: their kept rows and non-empty groups counted, then written in place
+  const std::size_t n_parts = (layout.n_groups + kSubsetPartGroups - 1) / kSubsetPartGroups;
+  std::vector<std::int64_t> rows_before(n_parts + 1, 0), groups_before(n_parts + 1, 0);
+  const auto groups_of = [&](std::size_t p) {
+    return std::make_pair(p * kSubsetPartGroups, std::min(layout.n_groups, (p + 1) * kSubsetPartGroups));
+  };
+  fit::detail::parallel_for(n_parts, n_threads, [&](std::size_t p) {
+    const auto [k_first, k_end] = groups_of(p);
+    std::int64_t rows = 0, groups = 0;
+    for (std::size_t k = k_first; k < k_end; ++k) {
+      std::int64_t in_group = 0;
+      for (auto i = layout.offsets[k]; i < layout.offsets[k + 1]; ++i) in_group += kept.kept(layout.order[i]) ? 1 : 0;
+      rows += in_group;
+      groups += in_group > 0 ? 1 : 0;
+    }
+    rows_before[p + 1] = rows;
+    groups_before[p + 1] = groups;
+  });
+  for (std::size_t p = 0; p < n_parts; ++p) {
+    rows_before[p + 1] += rows_before[p];
+    groups_before[p + 1] += groups_before[p];
+  }
+  new_order.assign(static_cast<std::size_t>(rows_before[n_parts]), 0);
+  std::vector<std::int64_t> offsets(static_cast<std::size_t>(groups_before[n_parts]) + 1, 0);
+  fit::detail::parallel_for(n_parts, n_threads, [&](std::size_t p) {
+    const auto [k_first, k_end] = groups_of(p);
+    auto at = static_cast<std::size_t>(rows_before[p]);
+    auto group = static_cast<std::size_t>(groups_before[p]);
+    for (std::size_t k = k_first; k < k_end; ++k) {
+      const std::size_t before = at;
+      for (auto i = layout.offsets[k]; i < layout.offsets[k + 1]; ++i) {
+        const auto r = layout.order[i];
+        if (kept.kept(r)) new_order[at++] = kept.rank(r);
+      }
+      if (at > before) offsets[++group] = static_cast<std::int64_t>(at);
+    }
+  });
   return offsets;
 }
 
@@ -465,6 +569,43 @@ void error_model_filter(const GroupLayout& layout, const double* intensity, cons
     if (!reached_ratio[k] || ratio[k] < cutoff) continue;
     for (auto i = layout.offsets[k]; i < layout.offsets[k + 1]; ++i) keep[layout.order[i]] = 0;
   }
+}
+
+std::int64_t gather_values(std::size_t n_values, const double* values, std::size_t n_out, const std::int64_t* rows,
+                           double* out, int n_threads) {
+  constexpr std::size_t kRowsPerPart = std::size_t{1} << 16;
+  const std::size_t n_parts = (n_out + kRowsPerPart - 1) / kRowsPerPart;
+  std::vector<std::int64_t> bad(n_parts, -1);
+  fit::detail::parallel_for(n_parts, n_threads, [&](std::size_t p) {
+    const std::size_t end = std::min(n_out, (p + 1) * kRowsPerPart);
+    for (std::size_t i = p * kRowsPerPart; i < end; ++i) {
+      const auto r = rows[i];
+      if (r < 0 || static_cast<std::size_t>(r) >= n_values) {
+        bad[p] = static_cast<std::int64_t>(i);
+        return;
+      }
+      out[i] = values[r];
+    }
+  });
+  for (const auto i : bad)
+    if (i >= 0) return i;
+  return -1;
+}
+
+void error_model_variances(std::size_t n_rows, const double* variance, const double* intensity, double a,
+                           double b, double* updated, double* weight, int n_threads) {
+  constexpr std::size_t kRowsPerPart = std::size_t{1} << 16;
+  const double a_squared = a * a;  // Python's a * a * (...): the square first
+  const std::size_t n_parts = (n_rows + kRowsPerPart - 1) / kRowsPerPart;
+  fit::detail::parallel_for(n_parts, n_threads, [&](std::size_t p) {
+    const std::size_t end = std::min(n_rows, (p + 1) * kRowsPerPart);
+    for (std::size_t r = p * kRowsPerPart; r < end; ++r) {
+      const double bI = b * intensity[r];
+      const double v = a_squared * (variance[r] + bI * bI);
+      updated[r] = v;
+      weight[r] = 1.0 / v;
+    }
+  });
 }
 
 namespace {
@@ -658,8 +799,14 @@ void error_model_scaled_deltas(std::size_t n, const double* __restrict deviation
 
 void error_model_normalised_deviations(std::size_t n_rows, const double* deviation, const double* variance,
                                        const double* intensity, const double* scale, double a, double b,
-                                       double* delta) {
-  error_model_scaled_deltas(n_rows, deviation, variance, intensity, scale, a, b, delta);
+                                       double* delta, int n_threads) {
+  const std::size_t n_parts = (n_rows + kMomentPartRows - 1) / kMomentPartRows;
+  fit::detail::parallel_for(n_parts, n_threads, [&](std::size_t p) {
+    const std::size_t first = p * kMomentPartRows;
+    const std::size_t m = std::min(n_rows, first + kMomentPartRows) - first;
+    error_model_scaled_deltas(m, deviation + first, variance + first, intensity + first, scale + first, a, b,
+                              delta + first);
+  });
 }
 
 void error_model_bin_moments(std::size_t n_rows, const double* numerator, const double* variance,

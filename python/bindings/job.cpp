@@ -176,16 +176,68 @@ const std::uint8_t* row_mask(const BoolArray& mask, std::size_t n_rows, const ch
   return reinterpret_cast<const std::uint8_t*>(mask.data());
 }
 
-py::tuple subset_grouping_py(const Int64Array& order, const Int64Array& offsets, const BoolArray& keep) {
+py::tuple subset_grouping_py(const Int64Array& order, const Int64Array& offsets, const BoolArray& keep,
+                             int n_threads) {
   const auto n = static_cast<std::size_t>(keep.size());
   const auto* k = row_mask(keep, n, "keep");
   const auto layout = layout_of(order, offsets, n);
+  require_threads(n_threads);
   std::vector<std::int64_t> new_order, new_offsets;
   {
     py::gil_scoped_release release;
-    new_offsets = subset_grouping(layout, k, new_order);
+    new_offsets = subset_grouping(layout, k, new_order, n_threads);
   }
   return py::make_tuple(to_array(new_order), to_array(new_offsets));
+}
+
+py::array gather_values_py(const DoubleArray& values, const Int64Array& rows, const py::object& out, int n_threads) {
+  if (values.ndim() != 1) throw std::invalid_argument("values must be 1-dimensional");
+  if (rows.ndim() != 1) throw std::invalid_argument("rows must be 1-dimensional");
+  require_threads(n_threads);
+  const auto n = static_cast<std::size_t>(rows.size());
+  py::array result;
+  if (out.is_none()) {
+    result = new_doubles(n);
+  } else {
+    // written in place: the caller's own float64 array, never a converted copy
+    if (!py::isinstance<py::array>(out)) throw std::invalid_argument("out must be a numpy array");
+    result = py::reinterpret_borrow<py::array>(out);
+    if (!result.dtype().is(py::dtype::of<double>()) || result.ndim() != 1 ||
+        static_cast<std::size_t>(result.size()) != n || !(result.flags() & py::array::c_style) ||
+        !result.writeable())
+      throw std::invalid_argument("out must be a writeable contiguous float64 array of " + std::to_string(n) +
+                                  " entries");
+  }
+  const double* v = values.data();
+  const std::int64_t* r = rows.data();
+  auto* o = static_cast<double*>(result.mutable_data());
+  std::int64_t bad = -1;
+  {
+    py::gil_scoped_release release;
+    bad = gather_values(static_cast<std::size_t>(values.size()), v, n, r, o, n_threads);
+  }
+  if (bad >= 0)
+    throw py::index_error("rows: index " + std::to_string(r[bad]) + " at position " + std::to_string(bad) +
+                          " is out of range for " + std::to_string(values.size()) + " values");
+  return result;
+}
+
+py::tuple error_model_variances_py(const DoubleArray& variance, const DoubleArray& intensity, double a, double b,
+                                   int n_threads) {
+  const auto n = static_cast<std::size_t>(variance.size());
+  // any values, as the numpy formula takes them (the callers check the results)
+  const double* V = row_array(variance, n, "variance", false);
+  const double* I = row_array(intensity, n, "intensity", false);
+  if (!std::isfinite(a) || !std::isfinite(b)) throw std::invalid_argument("a and b must be finite");
+  require_threads(n_threads);
+  auto updated = new_doubles(n), weight = new_doubles(n);
+  double* pu = updated.mutable_data();
+  double* pw = weight.mutable_data();
+  {
+    py::gil_scoped_release release;
+    error_model_variances(n, V, I, a, b, pu, pw, n_threads);
+  }
+  return py::make_tuple(updated, weight);
 }
 
 py::tuple error_model_filter_py(const Int64Array& order, const Int64Array& offsets, const DoubleArray& intensity,
@@ -222,18 +274,19 @@ py::tuple error_model_filter_py(const Int64Array& order, const Int64Array& offse
 
 DoubleArray error_model_normalised_deviations_py(const DoubleArray& deviation, const DoubleArray& variance,
                                                  const DoubleArray& intensity, const DoubleArray& scale, double a,
-                                                 double b) {
+                                                 double b, int n_threads) {
   const auto n = static_cast<std::size_t>(deviation.size());
   const double* dev = row_array(deviation, n, "deviation");
   const double* v = row_array(variance, n, "variance");
   const double* I = row_array(intensity, n, "intensity");
   const double* g = row_array(scale, n, "scale");
   if (!std::isfinite(a) || !std::isfinite(b)) throw std::invalid_argument("a and b must be finite");
+  require_threads(n_threads);
   auto delta = new_doubles(n);
   double* out = delta.mutable_data();
   {
     py::gil_scoped_release release;
-    error_model_normalised_deviations(n, dev, v, I, g, a, b, out);
+    error_model_normalised_deviations(n, dev, v, I, g, a, b, out, n_threads);
   }
   return delta;
 }
@@ -513,8 +566,19 @@ void bind_job(py::module_& m) {
         "detection order (round by round, groups in order). Weights are capped at 10 x the group median\n"
         "each round; weights in tested groups must be positive.");
   m.def("subset_grouping", &subset_grouping_py, py::arg("order"), py::arg("offsets"), py::arg("keep"),
+        py::arg("n_threads") = 1,
         "The grouping of the rows with keep[row], renumbered to the subset (row i of the subset is the\n"
-        "i-th kept row): returns (order, offsets); empty groups are dropped, group order is kept.");
+        "i-th kept row): returns (order, offsets); empty groups are dropped, group order is kept.\n"
+        "Over n_threads threads (the same grouping for any count).");
+  m.def("gather_values", &gather_values_py, py::arg("values"), py::arg("rows"), py::arg("out") = py::none(),
+        py::arg("n_threads") = 1,
+        "values[rows] (numpy's take of float64 values by int64 rows) into out (a writeable contiguous float64\n"
+        "array of len(rows)) or a new array, over n_threads threads (GIL released). Raises IndexError\n"
+        "for a row out of range.");
+  m.def("error_model_variances", &error_model_variances_py, py::arg("variance"), py::arg("intensity"),
+        py::arg("a"), py::arg("b"), py::arg("n_threads") = 1,
+        "The basic error model's variances a*a*(variance + (b*intensity)**2) and their weights 1/variance',\n"
+        "row by row as numpy forms them (bit for bit), over n_threads threads. Returns (variance', weight).");
   m.def("error_model_filter", &error_model_filter_py, py::arg("order"), py::arg("offsets"), py::arg("intensity"),
         py::arg("variance"), py::arg("scale"), py::arg("considered"), py::arg("min_Ih"),
         py::arg("n_threads") = 1,
@@ -524,8 +588,9 @@ void bind_job(py::module_& m) {
         "elsewhere).");
   m.def("error_model_normalised_deviations", &error_model_normalised_deviations_py, py::arg("deviation"),
         py::arg("variance"), py::arg("intensity"), py::arg("scale"), py::arg("a"), py::arg("b"),
+        py::arg("n_threads") = 1,
         "delta = deviation / (a * sqrt(variance + (b * intensity)**2) / scale), row by row (the\n"
-        "error model's normalised deviations with the sigma-free part given).");
+        "error model's normalised deviations with the sigma-free part given), over n_threads threads.");
   m.def("esq_bin_sums", &esq_bin_sums_py, py::arg("scaled_intensity"), py::arg("epsilon"), py::arg("bin"),
         py::arg("n_bins"),
         "Per bin, sum of max(I, 0) / epsilon over its rows in row order (numpy's bincount of those terms).");

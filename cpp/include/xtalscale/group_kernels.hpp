@@ -88,10 +88,14 @@ XTALSCALE_EXPORT std::vector<std::int64_t> standard_outlier_rows(const GroupLayo
 
 /// select_rows_in_groups with the rows renumbered to the subset: @p new_order holds positions
 /// among the kept rows (row r becomes the number of kept rows before it), so the subset's
-/// per-row arrays are the kept rows in their original order. Returns the new offsets.
+/// per-row arrays are the kept rows in their original order. Returns the new offsets. The
+/// kept rows' positions come from a bit index of @p keep (no per-row array); with several
+/// threads, fixed ranges of groups are counted and then placed by prefix sums (the same
+/// grouping for any thread count).
 XTALSCALE_EXPORT std::vector<std::int64_t> subset_grouping(const GroupLayout& layout,
                                                            const std::uint8_t* keep,
-                                                           std::vector<std::int64_t>& new_order);
+                                                           std::vector<std::int64_t>& new_order,
+                                                           int n_threads = 1);
 
 /// DIALS's filter of the data the basic error model is fitted to, on the rows with
 /// considered[row] != 0, group by group (Ĩ with weights 1/σ²): the group's mean I/σ² > 0.85;
@@ -108,11 +112,25 @@ XTALSCALE_EXPORT void error_model_filter(const GroupLayout& layout, const double
                                          int n_threads = 1);
 
 /// The error model's δ = deviation / σ' with σ' = a·sqrt(σ² + (b·I)²)/g, row by row (in the
-/// operation order of xtalscale.job.error_model.calc_sigmaprime / calc_deltahl).
+/// operation order of xtalscale.job.error_model.calc_sigmaprime / calc_deltahl), in fixed
+/// ranges of rows over up to @p n_threads threads.
 XTALSCALE_EXPORT void error_model_normalised_deviations(std::size_t n_rows, const double* deviation,
                                                         const double* variance, const double* intensity,
                                                         const double* scale, double a, double b,
-                                                        double* delta);
+                                                        double* delta, int n_threads = 1);
+
+/// out[i] = values[rows[i]] for i < @p n_out (numpy's take), in fixed ranges over up to
+/// @p n_threads threads. Returns the first i whose row is not in [0, @p n_values) (nothing
+/// is written from the range holding it on), or −1.
+XTALSCALE_EXPORT std::int64_t gather_values(std::size_t n_values, const double* values, std::size_t n_out,
+                                            const std::int64_t* rows, double* out, int n_threads = 1);
+
+/// The basic error model's variances σ'² = (a·a)·(σ² + (b·I)²) and weights 1/σ'², row by row
+/// (the operation order of xtalscale.error_model.BasicErrorModel.update_variances and of
+/// numpy's 1 / σ'²), in fixed ranges of rows over up to @p n_threads threads.
+XTALSCALE_EXPORT void error_model_variances(std::size_t n_rows, const double* variance, const double* intensity,
+                                            double a, double b, double* updated, double* weight,
+                                            int n_threads = 1);
 
 /// The normalisation sums of E²: sums[k] = Σ max(I, 0)/ε over the rows with bin[row] = k, in
 /// row order (numpy's bincount of those terms). Bins must be in [0, n_bins).

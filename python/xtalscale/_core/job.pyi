@@ -54,8 +54,14 @@ def standard_outlier_rows(
     n_threads: int = 1,
 ) -> npt.NDArray[np.int64]: ...
 def subset_grouping(
-    order: npt.ArrayLike, offsets: npt.ArrayLike, keep: npt.ArrayLike
+    order: npt.ArrayLike, offsets: npt.ArrayLike, keep: npt.ArrayLike, n_threads: int = 1
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]: ...
+def gather_values(
+    values: npt.ArrayLike, rows: npt.ArrayLike, out: npt.NDArray[np.float64] | None = None, n_threads: int = 1
+) -> npt.NDArray[np.float64]: ...
+def error_model_variances(
+    variance: npt.ArrayLike, intensity: npt.ArrayLike, a: float, b: float, n_threads: int = 1
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
 def error_model_filter(
     order: npt.ArrayLike,
     offsets: npt.ArrayLike,
@@ -73,6 +79,7 @@ def error_model_normalised_deviations(
     scale: npt.ArrayLike,
     a: float,
     b: float,
+    n_threads: int = 1,
 ) -> npt.NDArray[np.float64]: ...
 def rmeas_group_sums(
     order: npt.ArrayLike,

@@ -284,7 +284,8 @@ def _refine_a(model: BasicErrorModel, data: ErrorModelData) -> None:
     # calc_deltahl (σ' as calc_sigmaprime) in one C++ pass, its σ-independent factor made once
     a, b = model.parameters
     delta = np.sort(kernels.error_model_normalised_deviations(data.scaled_deviation, data.variance,
-                                                              data.intensity, data.scale, a, b))
+                                                              data.intensity, data.scale, a, b,
+                                                              n_threads=data.n_threads))
     n = delta.size
     lo = int(math.ceil(_normal_cdf(-1.5) * n - 0.5))
     hi = int(math.ceil(_normal_cdf(1.5) * n - 0.5))
@@ -509,18 +510,23 @@ def _grouped_rows(scaler: Any, grouping: Any, rows: np.ndarray) -> GroupedObserv
     job). Only those rows are gathered (an error model's: one sweep's, or a sample), and
     their grouping is the cached one without the other rows: no grouping per refinement."""
     datasets = scaler.datasets
-    order, offsets = _kern.subset_grouping(grouping.order, grouping.offsets, rows)
+    order, offsets = _kern.subset_grouping(grouping.order, grouping.offsets, rows,
+                                           n_threads=max(1, int(getattr(scaler, "n_threads", 1))))
     if hasattr(scaler, "suitable_values"):  # from the arrays the scaler keeps: a gather per column
         idx = np.flatnonzero(rows)
-        _, dataset, row = scaler._suitable_layout()
-        V = scaler.suitable_values("variance").take(idx)
+        # each row's dataset and its row among that dataset's suitable rows, from the datasets'
+        # first positions (no per-row layout of every suitable row)
+        starts = scaler._suitable_starts()
+        dataset = np.repeat(np.arange(len(datasets), dtype=np.int64), np.diff(np.searchsorted(idx, starts)))
+        row = idx - starts.take(dataset)
+        V = scaler._gather(scaler.suitable_values("variance"), idx)
         with np.errstate(divide="ignore", invalid="ignore"):
             weight = 1.0 / V
         return GroupedObservations(
-            scaler.suitable_values("intensity").take(idx), V, weight,
-            scaler.suitable_values("inverse_scale_factor").take(idx), take_rows(grouping.asu_hkl, idx),
-            dataset.take(idx), row.take(idx), order, offsets, len(datasets), scaler.space_group,
-            {"partiality": scaler.suitable_values("partiality", 1.0).take(idx)})
+            scaler._gather(scaler.suitable_values("intensity"), idx), V, weight,
+            scaler.suitable_values_at("inverse_scale_factor", idx), take_rows(grouping.asu_hkl, idx),
+            dataset, row, order, offsets, len(datasets), scaler.space_group,
+            {"partiality": scaler.suitable_values_at("partiality", idx, 1.0)})
     starts = np.concatenate([[0], np.cumsum([int(ds.suitable.sum()) for ds in datasets])])
     kept = [np.flatnonzero(rows[starts[k]:starts[k + 1]]) for k in range(len(datasets))]
 

@@ -14,11 +14,12 @@ outliers. It offers DIALS's scaler protocol to the refinement engine (``Ih_table
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -237,6 +238,37 @@ STREAM_BLOCK_ROWS = 60_000
 STREAM_RELEASE_PATTERN = True
 
 
+class _SubsetLayout(NamedTuple):
+    """A subset of the scaler's cached grouping of every suitable row, as
+    :meth:`ScalerBase._subset_layout` keeps it: what it was made from (``source_order``: the
+    cached grouping's order array, ``suitable``: each dataset's suitable-row array, ``keep``:
+    the rows; ``holding``: the rows whose groups they are, if asked so), the subset's grouping
+    (``order``, ``offsets``), its positions ``idx`` among every suitable row, each dataset's
+    part of them (``cuts``) and table rows (``table_rows``), the columns that never change
+    (``asu_hkl``, ``dataset``, ``row``, ``extra``) and the subsets' shared ``derived`` cache
+    (the E² bins of its grouping...)."""
+
+    source_order: np.ndarray
+    suitable: list
+    keep: np.ndarray
+    holding: np.ndarray | None
+    order: np.ndarray
+    offsets: np.ndarray
+    idx: np.ndarray
+    cuts: np.ndarray
+    table_rows: list
+    asu_hkl: np.ndarray
+    dataset: np.ndarray
+    row: np.ndarray
+    extra: dict
+    derived: dict
+
+    def fits(self, scaler: ScalerBase, cache: GroupedObservations) -> bool:
+        """Whether it was made from ``cache``'s grouping and the scaler's suitable rows."""
+        return (self.source_order is cache.order and len(self.suitable) == len(scaler.datasets)
+                and all(a is ds.suitable for a, ds in zip(self.suitable, scaler.datasets)))
+
+
 def threads_of(params: Any) -> int:
     """The threads the job may use: ``scaling_options.nproc`` (1 when absent or unset)."""
     nproc = getattr(getattr(params, "scaling_options", None), "nproc", None)
@@ -259,10 +291,12 @@ class ScalerBase:
         self._update_keys: dict[int, tuple] = {}
         self._grouped_cache: GroupedObservations | None = None
         self._asu_groupings: dict[Any, Any] = {}  # see suitable_asu_grouping
+        self._subset_held: _SubsetLayout | None = None  # see _subset_layout
         #: per column name: (the columns and suitable arrays they were gathered from, the
         #: values, whether every value is finite (None: not yet known)); see suitable_values
         self._suitable_values_held: dict[str, list] = {}
         self._suitable_layout_held: tuple | None = None  # see _suitable_layout
+        self._suitable_starts_held: tuple | None = None  # see _suitable_starts
         #: the components hold the model data of the minimisation table's blocks (set by
         #: make_ready_for_scaling, cleared by an expansion, which gives them other rows)
         self._components_hold_minimisation_blocks = False
@@ -307,20 +341,46 @@ class ScalerBase:
         return var
 
     # ------------------------------------------------------------------ suitable-row columns
-    def _suitable_layout(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(starts, dataset, row)`` of the concatenated suitable rows (dataset order): the
-        first position of each dataset (and the total), and per position its dataset and its
-        row among that dataset's suitable rows. Made once per set of ``suitable`` arrays."""
+    def _kernel_threads(self) -> int:
+        """Threads for a C++ kernel called here: the job's, or one on a thread of the scaler's
+        own pool (work mapped there is already spread over the threads, e.g. the first
+        grouping's gathers beside the ASU mapping)."""
+        if self.n_threads > 1 and threading.current_thread().name.startswith(self.POOL_THREAD_PREFIX):
+            return 1
+        return self.n_threads
+
+    def _gather(self, values: np.ndarray, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """``np.take(values, rows, out=out)`` of float64 values over :meth:`_kernel_threads`
+        threads (C++, GIL released): the rounds gather 10⁶-row columns."""
+        return _kern.gather_values(values, rows, out=out, n_threads=self._kernel_threads())
+
+    def _suitable_starts(self) -> np.ndarray:
+        """The first position of each dataset's suitable rows among every dataset's
+        (concatenated in dataset order) and the total (read-only). Made once per set of
+        ``suitable`` arrays and kept for the job (a few integers)."""
         key = [ds.suitable for ds in self.datasets]
-        held = self._suitable_layout_held
+        held = self._suitable_starts_held
         if held is None or len(held[0]) != len(key) or any(a is not b for a, b in zip(held[0], key)):
             sizes = [int(ds.suitable_idx.size) for ds in self.datasets]
             starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
-            dataset = np.repeat(np.arange(len(sizes), dtype=np.int64), sizes)
-            row = np.concatenate([np.arange(n, dtype=np.int64) for n in sizes]) if sizes else np.zeros(0, np.int64)
-            for a in (starts, dataset, row):
+            starts.setflags(write=False)
+            held = self._suitable_starts_held = (key, starts)
+        return held[1]
+
+    def _suitable_layout(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(starts, dataset, row)`` of the concatenated suitable rows (dataset order): the
+        first position of each dataset (and the total, :meth:`_suitable_starts`), and per
+        position its dataset and its row among that dataset's suitable rows. Made once per set
+        of ``suitable`` arrays (until :meth:`_drop_suitable_values`)."""
+        starts = self._suitable_starts()
+        held = self._suitable_layout_held
+        if held is None or held[0] is not starts:
+            sizes = np.diff(starts)
+            dataset = np.repeat(np.arange(sizes.size, dtype=np.int64), sizes)
+            row = np.concatenate([np.arange(n, dtype=np.int64) for n in sizes]) if sizes.size else np.zeros(0, np.int64)
+            for a in (dataset, row):
                 a.setflags(write=False)
-            held = self._suitable_layout_held = (key, (starts, dataset, row))
+            held = self._suitable_layout_held = (starts, (starts, dataset, row))
         return held[1]
 
     def suitable_values(self, name: str, default: float | None = None) -> np.ndarray:
@@ -330,26 +390,60 @@ class ScalerBase:
         ``suitable`` array is replaced: the job replaces a column when it changes it (the
         intensity combination its intensities and variances, an expansion g), so the outlier
         rounds and error-model refinements in between read the same values without a gather."""
-        key = [(ds.table[name] if name in ds.table else None, ds.suitable) for ds in self.datasets]
-        held = self._suitable_values_held.get(name)
-        if held is not None and len(held[0]) == len(key) and all(
-                a[0] is b[0] and a[1] is b[1] for a, b in zip(held[0], key)):
-            return held[1]
+        key = self._suitable_values_key(name)
+        held = self._kept_suitable_values(name, key)
+        if held is not None:
+            return held
+        # the per-row layout too: the first grouping reads it after gathering here on the pool
         starts = self._suitable_layout()[0]
         out = np.empty(int(starts[-1]))
         for k, ds in enumerate(self.datasets):
             part = out[starts[k]:starts[k + 1]]
             if key[k][0] is not None:
-                # mode="clip": the rows are valid (flatnonzero of the mask), and numpy gathers
-                # straight into ``out`` only without the bounds check (with it: through a
-                # buffer, a fresh array and a second copy)
-                np.take(np.asarray(key[k][0], dtype=np.float64), ds.suitable_idx, out=part, mode="clip")
+                self._gather(np.asarray(key[k][0], dtype=np.float64), ds.suitable_idx, out=part)
             elif default is None:
                 raise KeyError(f"the reflection table of dataset {k} has no column '{name}'")
             else:
                 part.fill(float(default))
         out.setflags(write=False)
         self._suitable_values_held[name] = [key, out, None]
+        return out
+
+    def _suitable_values_key(self, name: str) -> list[tuple[Any, np.ndarray]]:
+        """What :meth:`suitable_values` ``name`` is gathered from: per dataset its column (None
+        when absent) and its ``suitable`` array."""
+        return [(ds.table[name] if name in ds.table else None, ds.suitable) for ds in self.datasets]
+
+    def _kept_suitable_values(self, name: str, key: list | None = None) -> np.ndarray | None:
+        """The array :meth:`suitable_values` keeps for ``name`` if it is current, else None."""
+        key = self._suitable_values_key(name) if key is None else key
+        held = self._suitable_values_held.get(name)
+        if held is not None and len(held[0]) == len(key) and all(
+                a[0] is b[0] and a[1] is b[1] for a, b in zip(held[0], key)):
+            return held[1]
+        return None
+
+    def suitable_values_at(self, name: str, idx: np.ndarray, default: float | None = None) -> np.ndarray:
+        """``suitable_values(name, default).take(idx)`` (``idx``: ascending positions among every
+        dataset's suitable rows) as a fresh array: from the kept array when it is current, else
+        gathered from the tables for those rows alone (an error model's rows need the
+        partiality of some of the rows once, not every row's)."""
+        key = self._suitable_values_key(name)
+        held = self._kept_suitable_values(name, key)
+        if held is not None:
+            return self._gather(held, idx)
+        starts = self._suitable_starts()
+        cuts = np.searchsorted(idx, starts)  # each dataset's part of idx
+        out = np.empty(idx.size)
+        for k, ds in enumerate(self.datasets):
+            part = out[cuts[k]:cuts[k + 1]]
+            if key[k][0] is not None:
+                self._gather(np.asarray(key[k][0], dtype=np.float64),
+                             ds.suitable_idx.take(idx[cuts[k]:cuts[k + 1]] - starts[k]), out=part)
+            elif default is None:
+                raise KeyError(f"the reflection table of dataset {k} has no column '{name}'")
+            else:
+                part.fill(float(default))
         return out
 
     #: what :meth:`suitable_values` keeps for the whole job (I, σ² and 1/σ²: 24 B per suitable
@@ -394,8 +488,11 @@ class ScalerBase:
         models = [self._error_model_for(ds) for ds in self.datasets]
         if all(em is None for em in models):
             return V, self.suitable_weights()
-        starts = self._suitable_layout()[0]
+        starts = self._suitable_starts()
         if all(em is models[0] for em in models):  # one model: one pass over every row
+            fused = getattr(models[0], "update_variances_and_weights", None)
+            if fused is not None:  # σ'² and 1/σ'² in one threaded pass (the same bits)
+                return fused(V, I, n_threads=self._kernel_threads())
             var = np.asarray(models[0].update_variances(V, I), dtype=np.float64)
         else:
             var = np.empty(V.size)
@@ -413,38 +510,76 @@ class ScalerBase:
         cache = self._grouped_cache
         if cache is None:
             return None
-        return self._cached_subset(_rows_of_groups_holding(cache, rows))
+        held = self._subset_held
+        if held is not None and held.holding is not None and held.fits(self, cache) \
+                and np.array_equal(held.holding, rows):
+            # the subset rounds ask with the same minimisation subset: its groups' rows again
+            return self._cached_subset(held.keep, hold=True)
+        keep = _rows_of_groups_holding(cache, rows)
+        subset = self._cached_subset(keep, hold=True)
+        held = self._subset_held
+        if held is not None and held.keep is keep:  # kept: remember which rows chose it
+            self._subset_held = held._replace(holding=np.array(rows, dtype=bool))
+        return subset
 
-    def _cached_subset(self, keep: np.ndarray) -> GroupedObservations | None:
+    #: :meth:`_cached_subset` keeps (``hold``) the layout of a subset of at most this fraction
+    #: of the suitable rows for the next call with the same rows (the subset rounds: some 5 %)
+    SUBSET_HELD_FRACTION = 0.25
+
+    def _subset_layout(self, cache: GroupedObservations, keep: np.ndarray, hold: bool = False) -> _SubsetLayout:
+        """What :meth:`_cached_subset` takes from the cached grouping for the rows ``keep``
+        (their grouping, positions, table rows and the columns that do not change). With
+        ``hold`` it is kept while the same rows are asked for (the subset rounds between an
+        expansion and the intensity choice ask three times) and the grouping and suitable
+        rows stay; a one-off subset (``hold`` False) leaves the kept one in place."""
+        held = self._subset_held
+        if held is not None and held.fits(self, cache) and (held.keep is keep or np.array_equal(held.keep, keep)):
+            return held
+        order, offsets = _kern.subset_grouping(cache.order, cache.offsets, keep, n_threads=self.n_threads)
+        idx = np.flatnonzero(keep)  # positions among every dataset's suitable rows (the cache's)
+        starts = self._suitable_starts()
+        cuts = np.searchsorted(idx, starts)  # each dataset's part of idx
+        table_rows = [ds.suitable_idx.take(idx[cuts[k]:cuts[k + 1]] - starts[k]) for k, ds in enumerate(self.datasets)]
+        layout = _SubsetLayout(
+            cache.order, [ds.suitable for ds in self.datasets], keep, None, order, offsets, idx, cuts, table_rows,
+            take_rows(cache.asu_hkl, idx), cache.dataset.take(idx), cache.row.take(idx),
+            {k: np.take(v, idx, axis=0) for k, v in cache.extra.items()}, {})
+        if hold and idx.size <= self.SUBSET_HELD_FRACTION * cache.size:
+            for a in (order, offsets, idx, cuts, *table_rows, layout.asu_hkl, layout.dataset, layout.row,
+                      *layout.extra.values()):
+                a.setflags(write=False)  # shared by the subsets made from it
+            self._subset_held = layout
+        return layout
+
+    def _cached_subset(self, keep: np.ndarray, hold: bool = False) -> GroupedObservations | None:
         """The rows ``keep`` (bool over every dataset's suitable rows, in the cached grouping's
         order) of the cached grouping, without a new sort, and their current I, σ², weights and
         g gathered for them alone; ``row`` numbers suitable rows. None if a row has unusable
-        values (the caller's fresh grouping then raises as it should)."""
+        values (the caller's fresh grouping then raises as it should). ``hold``: keep the
+        subset's layout for the next call with the same rows (:meth:`_subset_layout`)."""
         cache = self._grouped_cache
         keep = np.asarray(keep, dtype=bool)
         if keep.shape != (cache.size,):
             raise ValueError(f"keep must be a bool array of length {cache.size}")
-        order, offsets = _kern.subset_grouping(cache.order, cache.offsets, keep)
-        idx = np.flatnonzero(keep)  # positions among every dataset's suitable rows (the cache's)
-        starts = self._suitable_layout()[0]
-        cuts = np.searchsorted(idx, starts)  # each dataset's part of idx
+        layout = self._subset_layout(cache, keep, hold)
+        idx, cuts = layout.idx, layout.cuts
         # I and σ² from the arrays suitable_values keeps (they change with the intensity
         # choice only), g (new after every expansion) gathered from the tables for these rows
-        I = self.suitable_values("intensity").take(idx)
-        V = self.suitable_values("variance").take(idx)
+        I = self._gather(self.suitable_values("intensity"), idx)
+        V = self._gather(self.suitable_values("variance"), idx)
         g = np.empty(idx.size)
         for k, ds in enumerate(self.datasets):
             a, b = cuts[k], cuts[k + 1]
-            np.take(np.asarray(ds.table["inverse_scale_factor"], dtype=np.float64),
-                    ds.suitable_idx.take(idx[a:b] - starts[k]), out=g[a:b])
+            self._gather(np.asarray(ds.table["inverse_scale_factor"], dtype=np.float64), layout.table_rows[k],
+                         out=g[a:b])
             em = self._error_model_for(ds)
             if em is not None:
                 V[a:b] = em.update_variances(V[a:b], I[a:b])
         if not (np.all(V > 0) and np.all(np.isfinite(I)) and np.all(np.isfinite(g))):
             return None
-        return replace(cache, intensity=I, variance=V, weight=1.0 / V, scale=g, asu_hkl=take_rows(cache.asu_hkl, idx),
-                       dataset=cache.dataset.take(idx), row=cache.row.take(idx), order=order, offsets=offsets,
-                       extra={k: np.take(v, idx, axis=0) for k, v in cache.extra.items()}, derived={})
+        return replace(cache, intensity=I, variance=V, weight=1.0 / V, scale=g, asu_hkl=layout.asu_hkl,
+                       dataset=layout.dataset, row=layout.row, order=layout.order, offsets=layout.offsets,
+                       extra=dict(layout.extra), derived=layout.derived)
 
     def _group_every_suitable_row(self) -> GroupedObservations | None:
         """The first grouping of every suitable row (what :meth:`_grouped_suitable` caches),
@@ -799,6 +934,9 @@ class ScalerBase:
             return [function(item) for item in items]
         return list(self._thread_pool().map(function, items))
 
+    #: the names of the scaler's pool threads start so (see _kernel_threads)
+    POOL_THREAD_PREFIX = "xtalscale-scaler"
+
     def _thread_pool(self) -> Any:
         pool = getattr(self, "_pool", None)
         if pool is None:
@@ -806,7 +944,7 @@ class ScalerBase:
             from concurrent.futures import ThreadPoolExecutor
 
             pool = self._pool = ThreadPoolExecutor(max_workers=self.n_threads,
-                                                   thread_name_prefix="xtalscale-scaler")
+                                                   thread_name_prefix=self.POOL_THREAD_PREFIX)
             weakref.finalize(self, pool.shutdown, wait=False)  # idle threads end with the scaler
         return pool
 
@@ -1074,6 +1212,7 @@ class ScalerBase:
                 grouped = self._grouped_suitable()
                 grouped = grouped.subset(_rows_of_groups_holding(grouped, in_subset))
         else:
+            self._subset_held = None  # the subset rounds are over
             grouped = self._grouped_suitable()
         rows = determine_outlier_rows(grouped, method, float(so.outlier_zmax), n_threads=self.n_threads)
         per_dataset = grouped.rows_per_dataset(rows)
@@ -1165,7 +1304,7 @@ class ScalerBase:
         indices. The arrays are the grouping cache's own (read-only, shared)."""
         held = self._asu_groupings.get(anomalous)
         cache = self._grouped_cache
-        if held is None and cache is not None and cache.order.size == int(self._suitable_layout()[0][-1]):
+        if held is None and cache is not None and cache.order.size == int(self._suitable_starts()[-1]):
             # the cached grouping of every suitable row came from asu_grouping of these same
             # indices: that cache entry's, without gathering and comparing 10⁶ indices again
             from .grouped import cached_asu_grouping_of
