@@ -912,6 +912,7 @@ void ModelBlock::evaluate_terms(const double* params, std::size_t n_params) {
 
 void ModelBlock::free_scratch() {
   std::vector<TermScratch>().swap(scratch_);
+  std::vector<std::vector<TermScratch>>().swap(thread_scratch_);
   term_values_.clear();
 }
 
@@ -940,8 +941,11 @@ void ModelBlock::for_each_chunk(const double* params, int n_threads, Body body, 
     for (std::size_t c = 0; c < n_chunks; ++c) chunk(c, scratch_);
     return;
   }
-  std::vector<std::vector<TermScratch>> scratch(static_cast<std::size_t>(nt),
-                                                std::vector<TermScratch>(terms_.size() + 1));
+  // per-thread scratch kept from call to call (as the block's own on one thread): fresh
+  // chunk-sized buffers per call would be new pages for the kernel to clear every time
+  auto& scratch = thread_scratch_;
+  if (scratch.size() < static_cast<std::size_t>(nt)) scratch.resize(static_cast<std::size_t>(nt));
+  for (auto& s : scratch) s.resize(terms_.size() + 1);
   std::vector<std::string> failure(n_chunks);
   fit::detail::parallel_for(n_chunks, nt, [&](std::size_t c) {
     try {  // no exception may leave an OpenMP region
@@ -1436,6 +1440,8 @@ std::size_t ModelBlock::nbytes() const noexcept {
                   out_.values->size() * 8;
   for (const auto& r : row_starts_) b += r.size() * 8;
   for (const auto& s : scratch_) b += (s.scales.size() + s.values.size()) * 8;
+  for (const auto& thread : thread_scratch_)
+    for (const auto& s : thread) b += (s.scales.size() + s.values.size()) * 8;
   return b;
 }
 

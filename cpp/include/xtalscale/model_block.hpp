@@ -691,6 +691,7 @@ class XTALSCALE_EXPORT ModelBlock {
   std::vector<std::uint64_t> built_versions_;     ///< term pattern versions of the last build
   std::vector<std::vector<std::int64_t>> row_starts_;  ///< sparse active terms' indptr
   std::vector<TermScratch> scratch_;                  ///< one per term
+  std::vector<std::vector<TermScratch>> thread_scratch_;  ///< for_each_chunk's, per thread
   std::vector<TermValues> term_values_;
   Buffers out_;
   std::uint64_t version_ = 0;
