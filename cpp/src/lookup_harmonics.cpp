@@ -295,6 +295,16 @@ struct GridTables {
   }
 };
 
+/// The first 64-byte boundary at or after @p p: the grid-row tables are held with 8 values of
+/// slack and start there, so that each eight-lane row is one cache line (a row split over two
+/// lines costs two accesses, and a store to one defeats forwarding to the next load).
+template <class T>
+T* align64(T* p) {
+  const auto a = reinterpret_cast<std::uintptr_t>(p);
+  return reinterpret_cast<T*>((a + 63) & ~std::uintptr_t{63});
+}
+constexpr std::size_t kAlignSlack = 8;
+
 /// A row's scale from its two points' F_0 sum and its eight-lane sum (0 + the reduction on
 /// every path, so that the vectorised kernels' zero base gives the same bits).
 XS_ALWAYS_INLINE double grid_scale(double f0_pair, double lane_sum) {
@@ -613,13 +623,13 @@ LookupHarmonicsTerm::LookupHarmonicsTerm(std::shared_ptr<const harmonics::Lookup
   lane_of_ = lanes_of_harmonics(n_params, lmax);
   lanes_ = (2 * static_cast<std::size_t>(lmax) + 7) / 8 * 8;
   const std::size_t n_phi = factors_->n_phi;
-  trig_.assign(n_phi * lanes_, 0.0);
+  trig_.assign(n_phi * lanes_ + kAlignSlack, 0.0);
   std::vector<char> seen(lanes_, 0);
   bool separable = true;
   for (std::size_t j = 0; j < n_phi && separable; ++j) {
     std::fill(seen.begin(), seen.end(), 0);
     const double* b = factors_->phi.data() + j * n_params;
-    double* row = trig_.data() + j * lanes_;
+    double* row = align64(trig_.data()) + j * lanes_;
     for (std::size_t k = 0; k < n_params; ++k) {
       const int q = lane_of_[k];
       if (q < 0) {
@@ -662,11 +672,11 @@ std::shared_ptr<const LookupHarmonicsTerm::ThetaSums> LookupHarmonicsTerm::theta
   if (cache_->sums != nullptr && std::memcmp(cache_->p.data(), p, np * sizeof(double)) == 0)
     return cache_->sums;
   auto sums = std::make_shared<ThetaSums>();
-  sums->f.assign(n_theta * lanes_, 0.0);
+  sums->f.assign(n_theta * lanes_ + kAlignSlack, 0.0);
   sums->f0.assign(n_theta, 0.0);
   for (std::size_t t = 0; t < n_theta; ++t) {  // ascending k by fused multiply-add
     const double* a = factors_->theta.data() + t * np;
-    double* f = sums->f.data() + t * lanes_;
+    double* f = align64(sums->f.data()) + t * lanes_;
     double& f0 = sums->f0[t];
     for (std::size_t k = 0; k < np; ++k) {
       double& target = lane_of_[k] < 0 ? f0 : f[lane_of_[k]];
@@ -682,7 +692,7 @@ void LookupHarmonicsTerm::grid_scales(const double* p, std::size_t first, std::s
                                       double* scales) const {
   const std::shared_ptr<const ThetaSums> sums = theta_sums(p);
   const GridRows<> rows(*factors_);
-  const GridTables g{sums->f.data(), sums->f0.data(), trig_.data(), lanes_,
+  const GridTables g{align64(sums->f.data()), sums->f0.data(), align64(trig_.data()), lanes_,
                      rows.magic,     factors_->n_phi, rows.shift};
   grid_scales_any(g, s0_.data + first, s1_.data + first, count, scales);
 }
@@ -728,11 +738,11 @@ void LookupHarmonicsTerm::fused_transpose_rows(const TermValues& v, std::size_t 
   // M (n_theta × lanes) and M_0 (n_theta) in the scratch's value room (fused_rows() stored no
   // row there), zeroed per call; then this chunk's product, its own sum
   const std::size_t n_theta = factors_->n_theta, np = n_params();
-  double* m = sized(scratch.values, n_theta * (lanes_ + 1) + 2 * np);
+  double* m = align64(sized(scratch.values, n_theta * (lanes_ + 1) + 2 * np + kAlignSlack));
   double* m0 = m + n_theta * lanes_;
   std::fill(m, m + n_theta * (lanes_ + 1), 0.0);
   const GridRows<> rows(*factors_);
-  const GridTables g{nullptr, nullptr, trig_.data(), lanes_, rows.magic, factors_->n_phi,
+  const GridTables g{nullptr, nullptr, align64(trig_.data()), lanes_, rows.magic, factors_->n_phi,
                      rows.shift};
   std::size_t t_lo = n_theta, t_hi = 0;
   grid_accumulate_any(g, s0_.data + first, s1_.data + first, count, u, m, m0, t_lo, t_hi);
