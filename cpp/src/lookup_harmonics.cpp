@@ -453,6 +453,50 @@ __attribute__((target("avx512f"))) void grid_accumulate_avx512(
   t_hi = hi;
 }
 
+/// grid_transpose_finish with eight harmonics a register (lanes up to 16: a θ row's M in one
+/// or two registers, expanded to the harmonics by a permutation and M_0 by a blend).
+__attribute__((target("avx512f"))) void grid_transpose_finish_avx512(
+    const harmonics::LookupFactors& f, const int* lane_of, const double* m, const double* m0,
+    std::size_t lanes, std::size_t t_lo, std::size_t t_hi, double* out) {
+  const std::size_t np = f.n_params;
+  const std::size_t n_reg = (np + 7) / 8;  // <= 6: lmax <= 6
+  __m512i index[6];
+  __mmask8 is_m0[6], valid[6];
+  __m512d acc[6];
+  for (std::size_t z = 0; z < n_reg; ++z) {
+    alignas(64) std::int64_t idx[8] = {};
+    unsigned m0_bits = 0, valid_bits = 0;
+    for (std::size_t r = 0; r < 8 && 8 * z + r < np; ++r) {
+      const int q = lane_of[8 * z + r];
+      idx[r] = q < 0 ? 0 : q;
+      m0_bits |= (q < 0 ? 1u : 0u) << r;
+      valid_bits |= 1u << r;
+    }
+    index[z] = _mm512_load_si512(idx);
+    is_m0[z] = static_cast<__mmask8>(m0_bits);
+    valid[z] = static_cast<__mmask8>(valid_bits);
+    acc[z] = _mm512_setzero_pd();
+  }
+  const double* theta = f.theta.data();
+  for (std::size_t t = t_lo; t <= t_hi; ++t) {
+    const double* mt = m + t * lanes;
+    const __m512d lo = _mm512_loadu_pd(mt);
+    const __m512d hi = lanes > 8 ? _mm512_loadu_pd(mt + 8) : lo;
+    const __m512d zero_m = _mm512_set1_pd(m0[t]);
+    const double* a = theta + t * np;
+    for (std::size_t z = 0; z < n_reg; ++z) {
+      const __m512d e = _mm512_mask_blend_pd(is_m0[z], _mm512_permutex2var_pd(lo, index[z], hi),
+                                             zero_m);
+      acc[z] = _mm512_fmadd_pd(_mm512_maskz_loadu_pd(valid[z], a + 8 * z), e, acc[z]);
+    }
+  }
+  const __m512d half = _mm512_set1_pd(0.5);
+  for (std::size_t z = 0; z < n_reg; ++z) {
+    const __m512d o = _mm512_maskz_loadu_pd(valid[z], out + 8 * z);
+    _mm512_mask_storeu_pd(out + 8 * z, valid[z], _mm512_add_pd(o, _mm512_mul_pd(half, acc[z])));
+  }
+}
+
 /// grid_scales_plain with 2·NZ registers of four lanes (register 2z: lanes 0–3 of the z-th
 /// eight, 2z + 1: lanes 4–7), a row at a time.
 template <int NZ>
@@ -747,6 +791,12 @@ void LookupHarmonicsTerm::fused_transpose_rows(const TermValues& v, std::size_t 
   std::size_t t_lo = n_theta, t_hi = 0;
   grid_accumulate_any(g, s0_.data + first, s1_.data + first, count, u, m, m0, t_lo, t_hi);
   if (t_lo > t_hi) return;  // no row
+#ifdef XS_LOOKUP_SIMD
+  if (detail::simd_level() >= 2 && lanes_ <= 16 && np <= 48) {
+    grid_transpose_finish_avx512(*factors_, lane_of_.data(), m, m0, lanes_, t_lo, t_hi, out);
+    return;
+  }
+#endif
   grid_transpose_finish(*factors_, lane_of_.data(), m, m0, lanes_, t_lo, t_hi, out,
                         m0 + n_theta);
 }

@@ -181,7 +181,8 @@ def test_the_automatic_path_and_bad_paths(grid, rng):
 @pytest.mark.parametrize("lmax, n_params", [(2, 8), (3, 15), (4, 20), (4, 5), (6, 48)])
 def test_grid_rows_for_other_degrees(rng, lmax, n_params):
     """Lanes padded to whole registers (2·lmax rounded up to 8) and a partial last degree:
-    scales and the transposed product against the table's rows."""
+    scales and the transposed product against the table's rows, the same bits at every SIMD
+    level."""
     f = kern.sph_harm_lookup_factors(lmax, 2)
     table = kern.sph_harm_lookup_table(lmax, 2)
     n = 5000
@@ -189,12 +190,22 @@ def test_grid_rows_for_other_degrees(rng, lmax, n_params):
     h = _table_rows(table, i0, i1, n_params)
     c = rng.normal(size=n_params) * 0.05
     u = rng.normal(size=n)
-    term = mb.LookupHarmonicsTerm(f, i0, i1, n_params, "grid")
-    block = mb.ModelBlock(n)
-    block.add_term(term)
-    np.testing.assert_allclose(term.scales(c), kern.sh_scales(h, c), rtol=1e-15, atol=0)
+    results = []
+    try:
+        for level in (2, 1, 0):  # one order at every SIMD level: the same bits
+            _core.set_simd_level(level)
+            term = mb.LookupHarmonicsTerm(f, i0, i1, n_params, "grid")
+            block = mb.ModelBlock(n)
+            block.add_term(term)
+            results.append((term.scales(c), block.transpose_product(c, u)))
+    finally:
+        _core.set_simd_level(2)
+    for other in results[1:]:
+        np.testing.assert_array_equal(other[0], results[0][0])
+        np.testing.assert_array_equal(other[1], results[0][1])
+    np.testing.assert_allclose(results[0][0], kern.sh_scales(h, c), rtol=1e-15, atol=0)
     ref = h.T @ u
-    np.testing.assert_allclose(block.transpose_product(c, u), ref, rtol=0, atol=1e-13 * np.abs(ref).max())
+    np.testing.assert_allclose(results[0][1], ref, rtol=0, atol=1e-13 * np.abs(ref).max())
 
 
 def _fg_by_three_calls(block, params, offsets, inten, w):
