@@ -365,10 +365,12 @@ class XTALSCALE_EXPORT HarmonicsTerm final : public ModelTerm {
 class XTALSCALE_EXPORT LookupHarmonicsTerm final : public ModelTerm {
  public:
   /// The way to the scales and transposed product (see the class notes). automatic: by grid
-  /// rows from kMinGridRows rows on (fewer rows do not repay the per-parameter-vector and
-  /// per-chunk passes over the θ rows), else by rows.
+  /// rows from kMinRowsPerThetaRow rows per θ row of the grid on (1440 rows at 2 points per
+  /// degree), else by rows: the grid path's fixed costs (F, n_theta·n_params multiply-adds per
+  /// parameter vector; per chunk of rows one pass over its θ rows for the transposed product)
+  /// are what forming about 100–200 rows' harmonics costs, so fewer rows keep the per-row path.
   enum class Path { automatic, rows, grid };
-  /// automatic's threshold, in rows per θ row of the grid (360 θ rows at 2 points/degree).
+  /// automatic's threshold, in rows per θ row of the grid.
   static constexpr std::size_t kMinRowsPerThetaRow = 4;
 
   /// @p factors: the grid's factor tables (shared by every term of that grid); @p s0_lookup,
