@@ -5,11 +5,14 @@
 // each product rounded, which is (T[i0] + T[i1]) / 2 of the table harmonics_from_lookup reads
 // (T = a·b; halving is exact either way), so the compiler must not fuse a product into the
 // sum. The fused multiply-adds of the scale's sum are written out (intrinsics or std::fma), so
-// every SIMD level gives the same bits. The transposed product reads the rows formed here
-// (components::dense_transpose_product, the same bits at every level with FMA).
+// every SIMD level gives the same bits. By rows the transposed product reads the rows formed
+// here (components::dense_transpose_product, the same bits at every level with FMA); by grid
+// rows it goes through the θ rows' sums (the second half of this file).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <mutex>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -134,11 +137,12 @@ __attribute__((target("avx512f"), always_inline)) inline void form_row_avx512(
 // (The kernels copy what they read per row into locals: their stores are through may-alias
 // vector types, after which the compiler would otherwise reload every field for every row.)
 
-/// 1 + the eight-lane reduction of each of eight rows' accumulators @p a (lanes l0…l7 of a
-/// row), in row order: the single row's additions, ((l0 + l4) + (l2 + l6)) + ((l1 + l5) +
+/// @p base (1: a scale) + the eight-lane reduction of each of eight rows' accumulators @p a
+/// (lanes l0…l7 of a row), in row order: the single row's additions, ((l0 + l4) + (l2 + l6)) + ((l1 + l5) +
 /// (l3 + l7)) as the 512 → 256 → 128 → 64-bit halvings form them, with the halves of two,
 /// four and then eight rows gathered into one register before each addition.
-__attribute__((target("avx512f"), always_inline)) inline __m512d reduce_eight(const __m512d* a) {
+__attribute__((target("avx512f"), always_inline)) inline __m512d reduce_eight(const __m512d* a,
+                                                                             double base = 1.0) {
   __m512d t[4];  // rows 2p, 2p + 1: (l_j + l_{j+4}) for j < 4, each row a 256-bit half
   for (int p = 0; p < 4; ++p)
     t[p] = _mm512_add_pd(_mm512_shuffle_f64x2(a[2 * p], a[2 * p + 1], _MM_SHUFFLE(1, 0, 1, 0)),
@@ -149,7 +153,7 @@ __attribute__((target("avx512f"), always_inline)) inline __m512d reduce_eight(co
                          _mm512_shuffle_f64x2(t[2 * p], t[2 * p + 1], _MM_SHUFFLE(3, 1, 3, 1)));
   // lane q of u[0] is row q, of u[1] row 4 + q: the last addition gives rows 0 4 1 5 2 6 3 7
   const __m512d sum = _mm512_add_pd(_mm512_unpacklo_pd(u[0], u[1]), _mm512_unpackhi_pd(u[0], u[1]));
-  const __m512d scale = _mm512_add_pd(_mm512_set1_pd(1.0), sum);
+  const __m512d scale = _mm512_add_pd(_mm512_set1_pd(base), sum);
   return _mm512_permutexvar_pd(_mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7), scale);
 }
 
@@ -270,6 +274,295 @@ void lookup_scales(const LookupRows& r, const double* coef, double* scales, doub
   scales_plain(r, coef, scales, rows, sized(work, r.n_params));
 }
 
+
+// ------------------------------------------------------------------ by grid (θ) rows
+
+/// What the grid-row kernels read: per θ row the m ≠ 0 sums F (n_theta × lanes) and F_0,
+/// per φ column trig_m(φ) of the m ≠ 0 lanes (n_phi × lanes), and the grid's index split.
+struct GridTables {
+  const double* f;
+  const double* f0;
+  const double* trig;
+  std::size_t lanes;  // a multiple of 8
+  std::uint64_t magic, n_phi;
+  unsigned shift;
+
+  XS_ALWAYS_INLINE void split(std::int32_t index, std::size_t& t, std::size_t& j) const {
+    const auto i = static_cast<std::uint64_t>(index);
+    const std::uint64_t q = (i * magic) >> shift;  // GridRows' division by n_phi
+    t = q;
+    j = i - q * n_phi;
+  }
+};
+
+/// The first 64-byte boundary at or after @p p: the grid-row tables are held with 8 values of
+/// slack and start there, so that each eight-lane row is one cache line (a row split over two
+/// lines costs two accesses, and a store to one defeats forwarding to the next load).
+template <class T>
+T* align64(T* p) {
+  const auto a = reinterpret_cast<std::uintptr_t>(p);
+  return reinterpret_cast<T*>((a + 63) & ~std::uintptr_t{63});
+}
+constexpr std::size_t kAlignSlack = 8;
+
+/// A row's scale from its two points' F_0 sum and its eight-lane sum (0 + the reduction on
+/// every path, so that the vectorised kernels' zero base gives the same bits).
+XS_ALWAYS_INLINE double grid_scale(double f0_pair, double lane_sum) {
+  return 1.0 + 0.5 * (f0_pair + lane_sum);
+}
+
+XS_MULTIVERSION void grid_scales_plain(const GridTables& g, const std::int32_t* s0,
+                                       const std::int32_t* s1, std::size_t count,
+                                       double* scales) {
+  const std::size_t L = g.lanes;
+  for (std::size_t i = 0; i < count; ++i) {
+    std::size_t t0, j0, t1, j1;
+    g.split(s0[i], t0, j0);
+    g.split(s1[i], t1, j1);
+    const double *fa = g.f + t0 * L, *ba = g.trig + j0 * L;
+    const double *fb = g.f + t1 * L, *bb = g.trig + j1 * L;
+    double lanes[8] = {};
+    for (std::size_t q = 0; q < L; ++q) lanes[q % 8] = std::fma(fa[q], ba[q], lanes[q % 8]);
+    for (std::size_t q = 0; q < L; ++q) lanes[q % 8] = std::fma(fb[q], bb[q], lanes[q % 8]);
+    scales[i] = grid_scale(g.f0[t0] + g.f0[t1], 0.0 + reduce_lanes(lanes));
+  }
+}
+
+/// M_m(t) += u_i·trig_m(φ_j) and M_0(t) += u_i for each row's two points (the first point's
+/// then the second's), rows in order; the θ rows touched widen [@p t_lo, @p t_hi].
+XS_MULTIVERSION void grid_accumulate_plain(const GridTables& g, const std::int32_t* s0,
+                                           const std::int32_t* s1, std::size_t count,
+                                           const double* u, double* m, double* m0,
+                                           std::size_t& t_lo, std::size_t& t_hi) {
+  const std::size_t L = g.lanes;
+  for (std::size_t i = 0; i < count; ++i) {
+    const double ui = u[i];
+    for (const std::int32_t index : {s0[i], s1[i]}) {
+      std::size_t t, j;
+      g.split(index, t, j);
+      double* mt = m + t * L;
+      const double* b = g.trig + j * L;
+      for (std::size_t q = 0; q < L; ++q) mt[q] = std::fma(ui, b[q], mt[q]);
+      m0[t] += ui;
+      t_lo = std::min(t_lo, t);
+      t_hi = std::max(t_hi, t);
+    }
+  }
+}
+
+/// out[k] += ½·Σ_t A_k(t)·M_m(k)(t) over θ rows [t_lo, t_hi] (ascending t by fused
+/// multiply-add per k: the order does not depend on the level). @p work: 2·n_params values.
+XS_MULTIVERSION void grid_transpose_finish(const harmonics::LookupFactors& f,
+                                           const int* lane_of, const double* m, const double* m0,
+                                           std::size_t lanes, std::size_t t_lo, std::size_t t_hi,
+                                           double* out, double* work) {
+  const std::size_t np = f.n_params;
+  double* acc = work;
+  double* e = work + np;
+  std::fill(acc, acc + np, 0.0);
+  for (std::size_t t = t_lo; t <= t_hi; ++t) {
+    const double* a = f.theta.data() + t * np;
+    const double* mt = m + t * lanes;
+    for (std::size_t k = 0; k < np; ++k) e[k] = lane_of[k] < 0 ? m0[t] : mt[lane_of[k]];
+    for (std::size_t k = 0; k < np; ++k) acc[k] = std::fma(a[k], e[k], acc[k]);
+  }
+  for (std::size_t k = 0; k < np; ++k) out[k] += 0.5 * acc[k];
+}
+
+#ifdef XS_LOOKUP_SIMD
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+/// A row's eight lanes (grid_scales_plain's order) and its two points' F_0 sum.
+template <int NZ>
+__attribute__((target("avx512f"), always_inline)) inline __m512d grid_row_lanes(
+    const GridTables& t, std::int32_t i0, std::int32_t i1, double& f0_pair) {
+  constexpr std::size_t L = 8 * NZ;
+  std::size_t t0, j0, t1, j1;
+  t.split(i0, t0, j0);
+  t.split(i1, t1, j1);
+  const double *fa = t.f + t0 * L, *ba = t.trig + j0 * L;
+  const double *fb = t.f + t1 * L, *bb = t.trig + j1 * L;
+  __m512d acc = _mm512_setzero_pd();
+  for (int z = 0; z < NZ; ++z)
+    acc = _mm512_fmadd_pd(_mm512_loadu_pd(fa + 8 * z), _mm512_loadu_pd(ba + 8 * z), acc);
+  for (int z = 0; z < NZ; ++z)
+    acc = _mm512_fmadd_pd(_mm512_loadu_pd(fb + 8 * z), _mm512_loadu_pd(bb + 8 * z), acc);
+  f0_pair = t.f0[t0] + t.f0[t1];
+  return acc;
+}
+
+/// grid_scales_plain with NZ registers of eight lanes (lanes = 8·NZ), eight rows at a time.
+template <int NZ>
+__attribute__((target("avx512f"))) void grid_scales_avx512(const GridTables& g,
+                                                           const std::int32_t* s0,
+                                                           const std::int32_t* s1,
+                                                           std::size_t count, double* scales) {
+  const GridTables t = g;  // locals: the stores below would make the compiler reload fields
+  std::size_t i = 0;
+  const __m512d one = _mm512_set1_pd(1.0), half = _mm512_set1_pd(0.5);
+  for (; i + 8 <= count; i += 8) {
+    __m512d acc[8];
+    alignas(64) double f0_pair[8];
+    for (int row = 0; row < 8; ++row)
+      acc[row] = grid_row_lanes<NZ>(t, s0[i + row], s1[i + row], f0_pair[row]);
+    const __m512d sums = reduce_eight(acc, 0.0);  // 0 + each row's reduction
+    const __m512d s = _mm512_add_pd(one, _mm512_mul_pd(half, _mm512_add_pd(_mm512_load_pd(f0_pair), sums)));
+    _mm512_storeu_pd(scales + i, s);
+  }
+  for (; i < count; ++i) {
+    double f0_pair;
+    const __m512d acc = grid_row_lanes<NZ>(t, s0[i], s1[i], f0_pair);
+    const __m256d h = _mm256_add_pd(_mm512_castpd512_pd256(acc), _mm512_extractf64x4_pd(acc, 1));
+    const __m128d q = _mm_add_pd(_mm256_castpd256_pd128(h), _mm256_extractf128_pd(h, 1));
+    scales[i] = grid_scale(f0_pair, 0.0 + (_mm_cvtsd_f64(q) + _mm_cvtsd_f64(_mm_unpackhi_pd(q, q))));
+  }
+}
+
+/// One grid point's update of grid_accumulate_plain.
+template <int NZ>
+__attribute__((target("avx512f"), always_inline)) inline void grid_add_point(
+    const GridTables& t, std::int32_t index, double ui, double* m, double* m0, std::size_t& lo,
+    std::size_t& hi) {
+  constexpr std::size_t L = 8 * NZ;
+  std::size_t th, j;
+  t.split(index, th, j);
+  double* mt = m + th * L;
+  const double* b = t.trig + j * L;
+  const __m512d uv = _mm512_set1_pd(ui);
+  for (int z = 0; z < NZ; ++z)
+    _mm512_storeu_pd(mt + 8 * z,
+                     _mm512_fmadd_pd(uv, _mm512_loadu_pd(b + 8 * z), _mm512_loadu_pd(mt + 8 * z)));
+  m0[th] += ui;
+  lo = std::min(lo, th);
+  hi = std::max(hi, th);
+}
+
+/// grid_accumulate_plain with NZ registers of eight lanes.
+template <int NZ>
+__attribute__((target("avx512f"))) void grid_accumulate_avx512(
+    const GridTables& g, const std::int32_t* s0, const std::int32_t* s1, std::size_t count,
+    const double* u, double* m, double* m0, std::size_t& t_lo, std::size_t& t_hi) {
+  const GridTables t = g;
+  std::size_t lo = t_lo, hi = t_hi;
+  for (std::size_t i = 0; i < count; ++i) {
+    grid_add_point<NZ>(t, s0[i], u[i], m, m0, lo, hi);
+    grid_add_point<NZ>(t, s1[i], u[i], m, m0, lo, hi);
+  }
+  t_lo = lo;
+  t_hi = hi;
+}
+
+/// grid_transpose_finish with eight harmonics a register (lanes up to 16: a θ row's M in one
+/// or two registers, expanded to the harmonics by a permutation and M_0 by a blend).
+__attribute__((target("avx512f"))) void grid_transpose_finish_avx512(
+    const harmonics::LookupFactors& f, const int* lane_of, const double* m, const double* m0,
+    std::size_t lanes, std::size_t t_lo, std::size_t t_hi, double* out) {
+  const std::size_t np = f.n_params;
+  const std::size_t n_reg = (np + 7) / 8;  // <= 6: lmax <= 6
+  __m512i index[6];
+  __mmask8 is_m0[6], valid[6];
+  __m512d acc[6];
+  for (std::size_t z = 0; z < n_reg; ++z) {
+    alignas(64) std::int64_t idx[8] = {};
+    unsigned m0_bits = 0, valid_bits = 0;
+    for (std::size_t r = 0; r < 8 && 8 * z + r < np; ++r) {
+      const int q = lane_of[8 * z + r];
+      idx[r] = q < 0 ? 0 : q;
+      m0_bits |= (q < 0 ? 1u : 0u) << r;
+      valid_bits |= 1u << r;
+    }
+    index[z] = _mm512_load_si512(idx);
+    is_m0[z] = static_cast<__mmask8>(m0_bits);
+    valid[z] = static_cast<__mmask8>(valid_bits);
+    acc[z] = _mm512_setzero_pd();
+  }
+  const double* theta = f.theta.data();
+  for (std::size_t t = t_lo; t <= t_hi; ++t) {
+    const double* mt = m + t * lanes;
+    const __m512d lo = _mm512_loadu_pd(mt);
+    const __m512d hi = lanes > 8 ? _mm512_loadu_pd(mt + 8) : lo;
+    const __m512d zero_m = _mm512_set1_pd(m0[t]);
+    const double* a = theta + t * np;
+    for (std::size_t z = 0; z < n_reg; ++z) {
+      const __m512d e = _mm512_mask_blend_pd(is_m0[z], _mm512_permutex2var_pd(lo, index[z], hi),
+                                             zero_m);
+      acc[z] = _mm512_fmadd_pd(_mm512_maskz_loadu_pd(valid[z], a + 8 * z), e, acc[z]);
+    }
+  }
+  const __m512d half = _mm512_set1_pd(0.5);
+  for (std::size_t z = 0; z < n_reg; ++z) {
+    const __m512d o = _mm512_maskz_loadu_pd(valid[z], out + 8 * z);
+    _mm512_mask_storeu_pd(out + 8 * z, valid[z], _mm512_add_pd(o, _mm512_mul_pd(half, acc[z])));
+  }
+}
+
+/// grid_scales_plain with 2·NZ registers of four lanes (register 2z: lanes 0–3 of the z-th
+/// eight, 2z + 1: lanes 4–7), a row at a time.
+template <int NZ>
+__attribute__((target("avx2,fma"))) void grid_scales_avx2(const GridTables& g,
+                                                          const std::int32_t* s0,
+                                                          const std::int32_t* s1,
+                                                          std::size_t count, double* scales) {
+  const GridTables t = g;
+  constexpr std::size_t L = 8 * NZ;
+  for (std::size_t i = 0; i < count; ++i) {
+    std::size_t t0, j0, t1, j1;
+    t.split(s0[i], t0, j0);
+    t.split(s1[i], t1, j1);
+    const double *fa = t.f + t0 * L, *ba = t.trig + j0 * L;
+    const double *fb = t.f + t1 * L, *bb = t.trig + j1 * L;
+    __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
+    for (int z = 0; z < NZ; ++z) {
+      lo = _mm256_fmadd_pd(_mm256_loadu_pd(fa + 8 * z), _mm256_loadu_pd(ba + 8 * z), lo);
+      hi = _mm256_fmadd_pd(_mm256_loadu_pd(fa + 8 * z + 4), _mm256_loadu_pd(ba + 8 * z + 4), hi);
+    }
+    for (int z = 0; z < NZ; ++z) {
+      lo = _mm256_fmadd_pd(_mm256_loadu_pd(fb + 8 * z), _mm256_loadu_pd(bb + 8 * z), lo);
+      hi = _mm256_fmadd_pd(_mm256_loadu_pd(fb + 8 * z + 4), _mm256_loadu_pd(bb + 8 * z + 4), hi);
+    }
+    const __m256d h = _mm256_add_pd(lo, hi);
+    const __m128d q = _mm_add_pd(_mm256_castpd256_pd128(h), _mm256_extractf128_pd(h, 1));
+    scales[i] = grid_scale(t.f0[t0] + t.f0[t1],
+                           0.0 + (_mm_cvtsd_f64(q) + _mm_cvtsd_f64(_mm_unpackhi_pd(q, q))));
+  }
+}
+
+#pragma GCC diagnostic pop
+#endif
+
+/// The grid-row scales of @p count rows at the widest level this CPU runs (the same bits at
+/// each: one lane order, see grid_scales_plain).
+void grid_scales_any(const GridTables& g, const std::int32_t* s0, const std::int32_t* s1,
+                     std::size_t count, double* scales) {
+#ifdef XS_LOOKUP_SIMD
+  const int level = detail::simd_level();
+  if (with_register_count(level, g.lanes, [&](auto nz) {
+        constexpr int NZ = decltype(nz)::value;
+        if (level >= 2)
+          grid_scales_avx512<NZ>(g, s0, s1, count, scales);
+        else if constexpr (NZ <= 3)
+          grid_scales_avx2<NZ>(g, s0, s1, count, scales);
+      }))
+    return;
+#endif
+  grid_scales_plain(g, s0, s1, count, scales);
+}
+
+/// grid_accumulate_plain at the widest level (AVX-512, else the plain path: the updates are
+/// independent fused multiply-adds, the same bits either way).
+void grid_accumulate_any(const GridTables& g, const std::int32_t* s0, const std::int32_t* s1,
+                         std::size_t count, const double* u, double* m, double* m0,
+                         std::size_t& t_lo, std::size_t& t_hi) {
+#ifdef XS_LOOKUP_SIMD
+  if (detail::simd_level() >= 2 && with_register_count(2, g.lanes, [&](auto nz) {
+        grid_accumulate_avx512<decltype(nz)::value>(g, s0, s1, count, u, m, m0, t_lo, t_hi);
+      }))
+    return;
+#endif
+  grid_accumulate_plain(g, s0, s1, count, u, m, m0, t_lo, t_hi);
+}
+
 /// Throws std::out_of_range naming @p name and the row unless every index lies in the grid.
 void check_grid_indices(const HeldArray<std::int32_t>& indices, std::size_t grid_size,
                         const char* name) {
@@ -309,13 +602,43 @@ std::shared_ptr<const harmonics::LookupFactors> leading_columns(
 
 }  // namespace
 
+/// F of one parameter vector: per θ row the m ≠ 0 lanes' sums and F_0.
+struct LookupHarmonicsTerm::ThetaSums {
+  std::vector<double> f;   ///< n_theta × lanes
+  std::vector<double> f0;  ///< n_theta
+};
+
+/// The last parameter vector and its F (see theta_sums()).
+struct LookupHarmonicsTerm::SumCache {
+  std::mutex mutex;
+  std::vector<double> p;
+  std::shared_ptr<const ThetaSums> sums;
+};
+
+namespace {
+
+/// Harmonic k's lane among the m ≠ 0 values of degrees up to @p lmax (m = −lmax…−1 in lanes
+/// 0…lmax − 1, m = 1…lmax after them), or −1 for m = 0; harmonics in the order l = 1, 2, …,
+/// m = −l…l.
+std::vector<int> lanes_of_harmonics(std::size_t n_params, int lmax) {
+  std::vector<int> lane;
+  for (int l = 1; lane.size() < n_params; ++l)
+    for (int m = -l; m <= l && lane.size() < n_params; ++m)
+      lane.push_back(m < 0 ? m + lmax : m == 0 ? -1 : m + lmax - 1);
+  return lane;
+}
+
+}  // namespace
+
 LookupHarmonicsTerm::LookupHarmonicsTerm(std::shared_ptr<const harmonics::LookupFactors> factors,
                                          HeldArray<std::int32_t> s0_lookup,
-                                         HeldArray<std::int32_t> s1_lookup, std::size_t n_params)
+                                         HeldArray<std::int32_t> s1_lookup, std::size_t n_params,
+                                         Path path)
     : ModelTerm(s0_lookup.size, n_params, n_params, true),
       factors_(std::move(factors)),
       s0_(std::move(s0_lookup)),
-      s1_(std::move(s1_lookup)) {
+      s1_(std::move(s1_lookup)),
+      cache_(std::make_unique<SumCache>()) {
   require(factors_ != nullptr, "the lookup factors must not be null");
   require_same_length(s0_.size, s1_.size, "s0_lookup", "s1_lookup");
   require(s0_.size == 0 || (s0_.data != nullptr && s1_.data != nullptr),
@@ -323,6 +646,8 @@ LookupHarmonicsTerm::LookupHarmonicsTerm(std::shared_ptr<const harmonics::Lookup
   require(n_params >= 1 && n_params <= factors_->n_params,
           "n_params must lie in [1, " + std::to_string(factors_->n_params) +
               "] (the lookup factors' harmonics), got " + std::to_string(n_params));
+  require(path == Path::automatic || path == Path::rows || path == Path::grid,
+          "unknown evaluation path");
   // the factors' own invariants, on which the index arithmetic relies
   require(factors_->theta.size() == factors_->n_theta * factors_->n_params &&
               factors_->phi.size() == factors_->n_phi * factors_->n_params &&
@@ -331,7 +656,47 @@ LookupHarmonicsTerm::LookupHarmonicsTerm(std::shared_ptr<const harmonics::Lookup
   if (n_params < factors_->n_params) factors_ = leading_columns(*factors_, n_params);
   check_grid_indices(s0_, factors_->grid_size(), "s0_lookup");
   check_grid_indices(s1_, factors_->grid_size(), "s1_lookup");
+  if (path == Path::rows ||
+      (path == Path::automatic && n_rows() < kMinRowsPerThetaRow * factors_->n_theta))
+    return;
+  // By grid rows: the φ factors as trig_m(φ) per lane, checked to be one value per m (as
+  // sph_harm_lookup_factors makes them: 1, cos mφ, sin |m|φ), padded with zeros to a whole
+  // number of eight-lane registers (a zero lane adds nothing).
+  int lmax = 1;
+  while (static_cast<std::size_t>((lmax + 1) * (lmax + 1) - 1) < n_params) ++lmax;
+  lane_of_ = lanes_of_harmonics(n_params, lmax);
+  lanes_ = (2 * static_cast<std::size_t>(lmax) + 7) / 8 * 8;
+  const std::size_t n_phi = factors_->n_phi;
+  trig_.assign(n_phi * lanes_ + kAlignSlack, 0.0);
+  std::vector<char> seen(lanes_, 0);
+  bool separable = true;
+  for (std::size_t j = 0; j < n_phi && separable; ++j) {
+    std::fill(seen.begin(), seen.end(), 0);
+    const double* b = factors_->phi.data() + j * n_params;
+    double* row = align64(trig_.data()) + j * lanes_;
+    for (std::size_t k = 0; k < n_params; ++k) {
+      const int q = lane_of_[k];
+      if (q < 0) {
+        separable = separable && b[k] == 1.0;
+      } else if (!seen[q]) {
+        row[q] = b[k];
+        seen[q] = 1;
+      } else {
+        separable = separable && std::memcmp(&row[q], &b[k], sizeof(double)) == 0;
+      }
+    }
+  }
+  require(separable || path == Path::automatic,
+          "path grid: the lookup factors' phi factors are not one value per order m");
+  by_grid_ = separable;
+  if (!by_grid_) {
+    lane_of_.clear();
+    trig_.clear();
+    lanes_ = 0;
+  }
 }
+
+LookupHarmonicsTerm::~LookupHarmonicsTerm() = default;
 
 TermValues LookupHarmonicsTerm::evaluate(const double* p, TermScratch& scratch) const {
   return evaluate_rows(p, 0, n_rows(), scratch);
@@ -339,7 +704,41 @@ TermValues LookupHarmonicsTerm::evaluate(const double* p, TermScratch& scratch) 
 
 std::size_t LookupHarmonicsTerm::nbytes() const {
   return (s0_.size + s1_.size) * sizeof(std::int32_t) +
-         (factors_->theta.size() + factors_->phi.size()) * sizeof(double);
+         (factors_->theta.size() + factors_->phi.size() + trig_.size() +
+          (by_grid_ ? factors_->n_theta * (lanes_ + 1) : 0)) * sizeof(double);
+}
+
+std::shared_ptr<const LookupHarmonicsTerm::ThetaSums> LookupHarmonicsTerm::theta_sums(
+    const double* p) const {
+  const std::size_t np = n_params(), n_theta = factors_->n_theta;
+  std::lock_guard<std::mutex> lock(cache_->mutex);
+  // the same bits (not ==): the sums are those of exactly these parameters
+  if (cache_->sums != nullptr && std::memcmp(cache_->p.data(), p, np * sizeof(double)) == 0)
+    return cache_->sums;
+  auto sums = std::make_shared<ThetaSums>();
+  sums->f.assign(n_theta * lanes_ + kAlignSlack, 0.0);
+  sums->f0.assign(n_theta, 0.0);
+  for (std::size_t t = 0; t < n_theta; ++t) {  // ascending k by fused multiply-add
+    const double* a = factors_->theta.data() + t * np;
+    double* f = align64(sums->f.data()) + t * lanes_;
+    double& f0 = sums->f0[t];
+    for (std::size_t k = 0; k < np; ++k) {
+      double& target = lane_of_[k] < 0 ? f0 : f[lane_of_[k]];
+      target = std::fma(p[k], a[k], target);
+    }
+  }
+  cache_->p.assign(p, p + np);
+  cache_->sums = sums;
+  return sums;
+}
+
+void LookupHarmonicsTerm::grid_scales(const double* p, std::size_t first, std::size_t count,
+                                      double* scales) const {
+  const std::shared_ptr<const ThetaSums> sums = theta_sums(p);
+  const GridRows<> rows(*factors_);
+  const GridTables g{align64(sums->f.data()), sums->f0.data(), align64(trig_.data()), lanes_,
+                     rows.magic,     factors_->n_phi, rows.shift};
+  grid_scales_any(g, s0_.data + first, s1_.data + first, count, scales);
 }
 
 TermValues LookupHarmonicsTerm::evaluate_rows(const double* p, std::size_t first,
@@ -349,6 +748,7 @@ TermValues LookupHarmonicsTerm::evaluate_rows(const double* p, std::size_t first
   double* rows = sized(scratch.values, count * n_params());
   lookup_scales({*factors_, s0_.data + first, s1_.data + first, count, n_params()}, p, s, rows,
                 scratch.aux);
+  if (by_grid_) grid_scales(p, first, count, s);  // the rows stay; the scales by grid rows
   return {s, rows, nullptr};
 }
 
@@ -356,6 +756,10 @@ const double* LookupHarmonicsTerm::scales_rows(const double* p, std::size_t firs
                                                std::size_t count, TermScratch& scratch) const {
   require_finite(p, n_params(), "parameters");
   double* s = sized(scratch.scales, count);
+  if (by_grid_) {
+    grid_scales(p, first, count, s);
+    return s;
+  }
   lookup_scales({*factors_, s0_.data + first, s1_.data + first, count, n_params()}, p, s,
                 nullptr, scratch.aux);  // no row stored
   return s;
@@ -363,16 +767,38 @@ const double* LookupHarmonicsTerm::scales_rows(const double* p, std::size_t firs
 
 TermValues LookupHarmonicsTerm::fused_rows(const double* p, std::size_t first, std::size_t count,
                                            TermScratch& scratch) const {
-  // The rows are kept for fused_transpose_rows() (a chunk's 4096 rows, 786 KB at lmax 4, stay
-  // in L2): storing and reading them back costs less than forming them a second time
-  // (measured: the one-pass f+g 3.5 ns/obs faster at lmax 4).
+  // By grid rows the transposed product reads no row. By rows the rows are kept for
+  // fused_transpose_rows() (a chunk's 4096 rows, 786 KB at lmax 4, stay in L2): storing and
+  // reading them back costs less than forming them a second time (measured: the one-pass f+g
+  // 3.5 ns/obs faster at lmax 4).
+  if (by_grid_) return {scales_rows(p, first, count, scratch), nullptr, nullptr};
   return evaluate_rows(p, first, count, scratch);
 }
 
 void LookupHarmonicsTerm::fused_transpose_rows(const TermValues& v, std::size_t first,
                                                std::size_t count, const double* u, double* out,
-                                               TermScratch&) const {
-  add_transpose_product_rows(v, first, count, u, out);
+                                               TermScratch& scratch) const {
+  if (!by_grid_) return add_transpose_product_rows(v, first, count, u, out);
+  // M (n_theta × lanes) and M_0 (n_theta) in the scratch's value room (fused_rows() stored no
+  // row there), zeroed per call; then this chunk's product, its own sum
+  const std::size_t n_theta = factors_->n_theta, np = n_params();
+  double* m = align64(sized(scratch.values, n_theta * (lanes_ + 1) + 2 * np + kAlignSlack));
+  double* m0 = m + n_theta * lanes_;
+  std::fill(m, m + n_theta * (lanes_ + 1), 0.0);
+  const GridRows<> rows(*factors_);
+  const GridTables g{nullptr, nullptr, align64(trig_.data()), lanes_, rows.magic, factors_->n_phi,
+                     rows.shift};
+  std::size_t t_lo = n_theta, t_hi = 0;
+  grid_accumulate_any(g, s0_.data + first, s1_.data + first, count, u, m, m0, t_lo, t_hi);
+  if (t_lo > t_hi) return;  // no row
+#ifdef XS_LOOKUP_SIMD
+  if (detail::simd_level() >= 2 && lanes_ <= 16 && np <= 48) {
+    grid_transpose_finish_avx512(*factors_, lane_of_.data(), m, m0, lanes_, t_lo, t_hi, out);
+    return;
+  }
+#endif
+  grid_transpose_finish(*factors_, lane_of_.data(), m, m0, lanes_, t_lo, t_hi, out,
+                        m0 + n_theta);
 }
 
 }  // namespace xtalscale

@@ -28,6 +28,19 @@ double* sized(std::vector<double>& v, std::size_t n) {
   return v.data();
 }
 
+/// u_t = (c·s_a)·s_b for each of three terms t (a < b the other two): the products of
+/// ModelBlock::rows_fused_transpose's per-term passes, in one pass over the rows.
+void others_products3(std::size_t count, const double* __restrict c,
+                      const double* __restrict s0, const double* __restrict s1,
+                      const double* __restrict s2, double* __restrict u0,
+                      double* __restrict u1, double* __restrict u2) {
+  for (std::size_t i = 0; i < count; ++i) {
+    u0[i] = (c[i] * s1[i]) * s2[i];
+    u1[i] = (c[i] * s0[i]) * s2[i];
+    u2[i] = (c[i] * s0[i]) * s1[i];
+  }
+}
+
 void check_held(const void* data, std::size_t size, std::size_t n, const char* name) {
   require(size == n, std::string(name) + " must have one value per row (" + std::to_string(n) +
                          "), got " + std::to_string(size));
@@ -899,6 +912,7 @@ void ModelBlock::evaluate_terms(const double* params, std::size_t n_params) {
 
 void ModelBlock::free_scratch() {
   std::vector<TermScratch>().swap(scratch_);
+  std::vector<std::vector<TermScratch>>().swap(thread_scratch_);
   term_values_.clear();
 }
 
@@ -927,8 +941,11 @@ void ModelBlock::for_each_chunk(const double* params, int n_threads, Body body, 
     for (std::size_t c = 0; c < n_chunks; ++c) chunk(c, scratch_);
     return;
   }
-  std::vector<std::vector<TermScratch>> scratch(static_cast<std::size_t>(nt),
-                                                std::vector<TermScratch>(terms_.size() + 1));
+  // per-thread scratch kept from call to call (as the block's own on one thread): fresh
+  // chunk-sized buffers per call would be new pages for the kernel to clear every time
+  auto& scratch = thread_scratch_;
+  if (scratch.size() < static_cast<std::size_t>(nt)) scratch.resize(static_cast<std::size_t>(nt));
+  for (auto& s : scratch) s.resize(terms_.size() + 1);
   std::vector<std::string> failure(n_chunks);
   fit::detail::parallel_for(n_chunks, nt, [&](std::size_t c) {
     try {  // no exception may leave an OpenMP region
@@ -943,6 +960,12 @@ void ModelBlock::for_each_chunk(const double* params, int n_threads, Body body, 
 
 void ModelBlock::product_of_scales(const std::vector<TermValues>& tv, std::size_t count,
                                    double* g) const {
+  if (terms_.size() == 3) {  // a physical model: one pass, the same products (1·s₀ = s₀)
+    const double *__restrict s0 = tv[0].scales, *__restrict s1 = tv[1].scales,
+                             *__restrict s2 = tv[2].scales;
+    for (std::size_t i = 0; i < count; ++i) g[i] = (s0[i] * s1[i]) * s2[i];
+    return;
+  }
   std::fill(g, g + count, 1.0);
   for (std::size_t t = 0; t < terms_.size(); ++t)  // the same product order as fill()
     for (std::size_t i = 0; i < count; ++i) g[i] *= tv[t].scales[i];
@@ -1245,10 +1268,21 @@ void ModelBlock::rows_fused_transpose(const std::vector<TermValues>& tv, std::si
                                       std::vector<TermScratch>& scratch) const {
   const std::size_t k = terms_.size();
   if (!g_known) product_of_scales(tv, count, g);
-  double* u = sized(scratch[k].aux, count);  // the block's workspace (see start_chunks)
+  // u_t = c · Π of the other terms' scales in ascending term order (no division: a zero
+  // scale is exact), in the block's workspace (see start_chunks)
+  if (k == 3) {  // a physical model: the three u in one pass over the rows, the same products
+    double* u = sized(scratch[k].aux, 3 * count);
+    others_products3(count, coefficients, tv[0].scales, tv[1].scales, tv[2].scales, u,
+                     u + count, u + 2 * count);
+    for (std::size_t t = 0; t < k; ++t)
+      if (active_[t] && terms_[t]->n_cols() > 0)
+        terms_[t]->fused_transpose_rows(tv[t], first, count, u + t * count,
+                                        acc + col_start_[t], scratch[t]);
+    return;
+  }
+  double* u = sized(scratch[k].aux, count);
   for (std::size_t t = 0; t < k; ++t) {
     if (!active_[t] || terms_[t]->n_cols() == 0) continue;
-    // u = c · Π of the other terms' scales (no division: a zero scale is exact)
     std::copy(coefficients, coefficients + count, u);
     for (std::size_t o = 0; o < k; ++o) {
       if (o == t) continue;
@@ -1406,6 +1440,8 @@ std::size_t ModelBlock::nbytes() const noexcept {
                   out_.values->size() * 8;
   for (const auto& r : row_starts_) b += r.size() * 8;
   for (const auto& s : scratch_) b += (s.scales.size() + s.values.size()) * 8;
+  for (const auto& thread : thread_scratch_)
+    for (const auto& s : thread) b += (s.scales.size() + s.values.size()) * 8;
   return b;
 }
 

@@ -69,12 +69,20 @@ HeldArray<std::int32_t> held_grid_indices(const py::array& a, const char* name) 
 
 std::shared_ptr<LookupHarmonicsTerm> lookup_harmonics_term(
     std::shared_ptr<harmonics::LookupFactors> factors, const py::array& s0_lookup,
-    const py::array& s1_lookup, std::size_t n_params) {
+    const py::array& s1_lookup, std::size_t n_params, const std::string& path) {
+  using Path = LookupHarmonicsTerm::Path;
+  Path chosen = Path::automatic;
+  if (path == "rows")
+    chosen = Path::rows;
+  else if (path == "grid")
+    chosen = Path::grid;
+  else
+    require(path == "auto", "path must be 'auto', 'rows' or 'grid', got '" + path + "'");
   HeldArray<std::int32_t> s0 = held_grid_indices(s0_lookup, "s0_lookup");
   HeldArray<std::int32_t> s1 = held_grid_indices(s1_lookup, "s1_lookup");
   py::gil_scoped_release release;  // the indices are checked row by row
   return std::make_shared<LookupHarmonicsTerm>(std::move(factors), std::move(s0), std::move(s1),
-                                               n_params);
+                                               n_params, chosen);
 }
 
 /// The term's scales alone (scales_rows over every row), copied: no harmonic row is stored.
@@ -382,10 +390,14 @@ void bind_model_block(py::module_& m) {
   py::class_<LookupHarmonicsTerm, ModelTerm, std::shared_ptr<LookupHarmonicsTerm>>(
       m, "LookupHarmonicsTerm",
       "s = 1 + h·c, ds/dc = h with h = (T[s0] + T[s1]) / 2 of the lookup table T, formed per\n"
-      "row from the grid's separable factors (LookupFactors): only the int32 grid indices are\n"
-      "held (not copied). Rows equal harmonics_from_lookup's bit for bit.")
+      "row from the grid's separable factors (LookupFactors): the int32 grid indices are held\n"
+      "(not copied). Rows equal harmonics_from_lookup's bit for bit. path 'grid' (or 'auto'\n"
+      "with enough rows) forms the scales and the transposed product through sums over the\n"
+      "grid's theta rows (the scales then differ from 'rows' in the last bits).")
       .def(py::init(&lookup_harmonics_term), py::arg("factors"), py::arg("s0_lookup"),
-           py::arg("s1_lookup"), py::arg("n_params"))
+           py::arg("s1_lookup"), py::arg("n_params"), py::arg("path") = "auto")
+      .def_property_readonly("by_grid", &LookupHarmonicsTerm::by_grid,
+                             "True when the term goes by the grid's theta rows (path 'grid').")
       .def("scales", &lookup_harmonics_scales, py::arg("parameters"),
            "The scales 1 + h·c of every row (the model block's bits), without storing h.")
       .def_property_readonly("factors", [](const LookupHarmonicsTerm& t) {

@@ -792,7 +792,9 @@ class SHScaleComponent(ScaleComponentBase):
     keeps the factor tables beside it) a block holds only its two int32 grid indices (8
     B/reflection) and its model-block term (``LookupHarmonicsTerm``) forms each row from the
     factor tables (~200 KB for lmax 4, in cache) as it goes: the float64 lookup harmonics bit
-    for bit, faster than streaming a held block from memory. Callers that want the matrix
+    for bit, faster than streaming a held block from memory. Its scales (and transposed
+    product) go through per-θ-row sums of the grid (the φ factors depend on m alone), so they
+    equal 1 + h·C to the last bits, not bit for bit. Callers that want the matrix
     (:meth:`calculate_scales_and_derivatives`, :meth:`calculate_scales_and_dense_derivatives`,
     :attr:`harmonic_values`) get float64 rows built per call and not kept; scales come from the
     term, the model block's own bits.

@@ -3,6 +3,14 @@
 The term holds two int32 grid indices per row and forms h_k = (T[i0, k] + T[i1, k]) / 2 from
 the factor tables (T[t·n_phi + j, k] = A[t, k]·B[j, k]); these tests pin it to the table path
 (harmonics_from_lookup, the float64 HarmonicsTerm) and to the model block's contracts.
+
+Two paths (``path``): "rows" forms each row's harmonics, so its scales and transposed product
+are the float64 block's up to the scale's summation order (its transposed product bit for bit);
+"grid" (the default for enough rows) goes through sums over the grid's θ rows (the φ factor of
+harmonic (l, m) depends on m alone), so its scales differ from the rows' in the last bits and
+its transposed product by rounding: those are checked against tight tolerances, and every path
+of one term (scales, evaluate, the model block's calls, the fused normal equations) against
+each other bit for bit.
 """
 from __future__ import annotations
 
@@ -84,11 +92,14 @@ def test_a_smaller_lmax_reads_the_leading_harmonics(grid, rng):
 
 
 @pytest.mark.parametrize("level", [2, 1, 0])
-def test_scales_and_transposed_product_against_the_float64_rows(grid, rng, level):
-    """Scales: one eight-lane order at every SIMD level (the same bits at each), within
-    1e-15 relative of the float64 block's Eigen product (another summation order). The
-    transposed product: per column in row order by FMA on the same rows, so the float64
-    HarmonicsTerm's bits wherever that kernel uses FMA (levels 1 and 2)."""
+@pytest.mark.parametrize("path", ["rows", "grid"])
+def test_scales_and_transposed_product_against_the_float64_rows(grid, rng, level, path):
+    """Scales: one order at every SIMD level (the same bits at each), within a few ulp of
+    the float64 block's Eigen product (another summation order; by grid rows through F_m(θ)
+    sums, see the class notes). The transposed product by rows: per column in row order by
+    FMA on the same rows, so the float64 HarmonicsTerm's bits wherever that kernel uses FMA
+    (levels 1 and 2); by grid rows another order (through the θ rows' sums), so within
+    1e-13 of the largest entry."""
     f, table = grid
     n = 20_000
     i0, i1 = _indices(rng, n, f.grid_size)
@@ -96,26 +107,105 @@ def test_scales_and_transposed_product_against_the_float64_rows(grid, rng, level
     u = rng.normal(size=n)
     h = _table_rows(table, i0, i1, 24)
     lookup = mb.ModelBlock(n)
-    lookup.add_term(mb.LookupHarmonicsTerm(f, i0, i1, 24))
+    lookup.add_term(mb.LookupHarmonicsTerm(f, i0, i1, 24, path))
     held = mb.ModelBlock(n)
     held.add_term(mb.HarmonicsTerm(h))
     try:
         _core.set_simd_level(2)
-        s_ref = mb.LookupHarmonicsTerm(f, i0, i1, 24).scales(c)
+        s_ref = mb.LookupHarmonicsTerm(f, i0, i1, 24, path).scales(c)
         _core.set_simd_level(level)
-        term = mb.LookupHarmonicsTerm(f, i0, i1, 24)
+        term = mb.LookupHarmonicsTerm(f, i0, i1, 24, path)
+        assert term.by_grid == (path == "grid")
         s = term.scales(c)
         np.testing.assert_array_equal(s, s_ref)  # the same bits at every level
         np.testing.assert_array_equal(term.evaluate(c)[0], s)
+        np.testing.assert_array_equal(term.evaluate(c)[1].reshape(-1, 24), h)  # rows either way
+        # |s − 1| ≤ Σ|c_k h_k| ≈ 0.5 here: a few ulp of 1
         np.testing.assert_allclose(s, kern.sh_scales(h, c), rtol=1e-15, atol=0)
         jt = lookup.transpose_product(c, u)
         jt_held = held.transpose_product(c, u)
-        if level >= 1:
+        if level >= 1 and path == "rows":
             np.testing.assert_array_equal(jt, jt_held)
-        else:  # the held block's plain path may leave the products unfused
+        else:  # the held block's plain path may leave the products unfused; grid: another order
             np.testing.assert_allclose(jt, jt_held, rtol=1e-13, atol=1e-13 * np.abs(jt_held).max())
     finally:
         _core.set_simd_level(2)
+
+
+def test_the_paths_scales_agree_bit_for_bit_within_each_path(grid, rng):
+    """By grid rows the scales come from one kernel whichever call asks: the term's scales()
+    and evaluate(), a model block's evaluate(), evaluate_scales(), transpose_product() and
+    functional_and_gradient() (any thread count), and the fused normal equations."""
+    from xtalscale._core import fit as core_fit
+
+    f, _ = grid
+    n = 30_000
+    i0, i1 = _indices(rng, n, f.grid_size)
+    offsets, inten, w = _grouped(rng, n)
+    c = rng.normal(size=24) * 0.05
+    term = mb.LookupHarmonicsTerm(f, i0, i1, 24)
+    assert term.by_grid  # the default for this many rows
+    s = term.scales(c)
+    block = mb.ModelBlock(n)
+    block.add_term(term)
+    got = [term.evaluate(c)[0]]
+    for nt in (1, 2, 3):
+        block.evaluate(c, nt)
+        got.append(np.array(block.scales))
+        block.evaluate_scales(c, nt)
+        got.append(np.array(block.scales))
+        block.transpose_product(c, np.ones(n), nt)
+        got.append(np.array(block.scales))
+        block.functional_and_gradient(c, offsets, inten, w, nt)
+        got.append(np.array(block.scales))
+        g_fused = core_fit.model_normal_equations(offsets, inten, w, [(block, c, 0, 0, np.arange(n))], 24,
+                                                  n_threads=nt)[4]
+        got.append(g_fused)
+    for g in got:
+        np.testing.assert_array_equal(g, s)
+    rows = mb.LookupHarmonicsTerm(f, i0, i1, 24, "rows").scales(c)
+    assert np.max(np.abs(rows - s)) <= 4 * np.finfo(float).eps  # the two paths: last bits only
+
+
+def test_the_automatic_path_and_bad_paths(grid, rng):
+    f, _ = grid
+    small = _indices(rng, 1000, f.grid_size)  # under 4 rows per θ row (360)
+    assert not mb.LookupHarmonicsTerm(f, *small, 24).by_grid
+    assert mb.LookupHarmonicsTerm(f, *small, 24, "grid").by_grid
+    assert mb.LookupHarmonicsTerm(f, *_indices(rng, 1440, f.grid_size), 24).by_grid
+    assert not mb.LookupHarmonicsTerm(f, *_indices(rng, 5000, f.grid_size), 24, "rows").by_grid
+    with pytest.raises(ValueError, match="path"):
+        mb.LookupHarmonicsTerm(f, *small, 24, "cells")
+
+
+@pytest.mark.parametrize("lmax, n_params", [(2, 8), (3, 15), (4, 20), (4, 5), (6, 48)])
+def test_grid_rows_for_other_degrees(rng, lmax, n_params):
+    """Lanes padded to whole registers (2·lmax rounded up to 8) and a partial last degree:
+    scales and the transposed product against the table's rows, the same bits at every SIMD
+    level."""
+    f = kern.sph_harm_lookup_factors(lmax, 2)
+    table = kern.sph_harm_lookup_table(lmax, 2)
+    n = 5000
+    i0, i1 = _indices(rng, n, f.grid_size)
+    h = _table_rows(table, i0, i1, n_params)
+    c = rng.normal(size=n_params) * 0.05
+    u = rng.normal(size=n)
+    results = []
+    try:
+        for level in (2, 1, 0):  # one order at every SIMD level: the same bits
+            _core.set_simd_level(level)
+            term = mb.LookupHarmonicsTerm(f, i0, i1, n_params, "grid")
+            block = mb.ModelBlock(n)
+            block.add_term(term)
+            results.append((term.scales(c), block.transpose_product(c, u)))
+    finally:
+        _core.set_simd_level(2)
+    for other in results[1:]:
+        np.testing.assert_array_equal(other[0], results[0][0])
+        np.testing.assert_array_equal(other[1], results[0][1])
+    np.testing.assert_allclose(results[0][0], kern.sh_scales(h, c), rtol=1e-15, atol=0)
+    ref = h.T @ u
+    np.testing.assert_allclose(results[0][1], ref, rtol=0, atol=1e-13 * np.abs(ref).max())
 
 
 def _fg_by_three_calls(block, params, offsets, inten, w):
@@ -129,13 +219,14 @@ def _fg_by_three_calls(block, params, offsets, inten, w):
     return f, block.transpose_product(params, dfdg)
 
 
-def test_one_pass_gradient_matches_the_three_calls_and_finite_differences(grid, rng):
+@pytest.mark.parametrize("path", ["rows", "grid"])
+def test_one_pass_gradient_matches_the_three_calls_and_finite_differences(grid, rng, path):
     f, _ = grid
     n = 30_000
     i0, i1 = _indices(rng, n, f.grid_size)
     offsets, inten, w = _grouped(rng, n)
     block = mb.ModelBlock(n)
-    block.add_term(mb.LookupHarmonicsTerm(f, i0, i1, 24))
+    block.add_term(mb.LookupHarmonicsTerm(f, i0, i1, 24, path))
     c = rng.normal(size=24) * 0.05
     f1, g1 = block.functional_and_gradient(c, offsets, inten, w)
     f3, g3 = _fg_by_three_calls(block, c, offsets, inten, w)
@@ -151,13 +242,14 @@ def test_one_pass_gradient_matches_the_three_calls_and_finite_differences(grid, 
         assert fd == pytest.approx(g1[k], rel=1e-6, abs=1e-6 * np.abs(g1).max())
 
 
-def test_thread_counts_give_the_same_bits(grid, rng):
+@pytest.mark.parametrize("path", ["rows", "grid"])
+def test_thread_counts_give_the_same_bits(grid, rng, path):
     f, _ = grid
     n = 40_000
     i0, i1 = _indices(rng, n, f.grid_size)
     offsets, inten, w = _grouped(rng, n)
     block = mb.ModelBlock(n)
-    block.add_term(mb.LookupHarmonicsTerm(f, i0, i1, 24))
+    block.add_term(mb.LookupHarmonicsTerm(f, i0, i1, 24, path))
     c = rng.normal(size=24) * 0.05
     u = rng.normal(size=n)
     results = []

@@ -36,6 +36,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <utility>
 #include <vector>
 
@@ -331,21 +332,47 @@ class XTALSCALE_EXPORT HarmonicsTerm final : public ModelTerm {
 /// Spherical-harmonic surface read from the lookup grid's separable factors: s = 1 + h·c,
 /// ∂s/∂c = h, where row i's harmonics are h_k = (T[s0_i, k] + T[s1_i, k]) / 2 for the lookup
 /// table T, each entry formed on the fly as the product of its θ and φ factors
-/// (harmonics::LookupFactors). Bit for bit harmonics::harmonics_from_lookup()'s rows, and
-/// nothing per row is held but the two int32 grid indices (8 B), against 8·n_params B for a
-/// held float64 block (4·n_params for float32): the factor tables (~200 KB for lmax 4) stay in
+/// (harmonics::LookupFactors). The derivative rows are harmonics::harmonics_from_lookup()'s
+/// bit for bit, and nothing per row is held but the two int32 grid indices (8 B), against
+/// 8·n_params B for a held float64 block: the factor tables (~200 KB for lmax 4) stay in
 /// cache, so forming a row costs less than streaming it from memory.
 ///
-/// Dense, n_cols = n_params. scales_rows() forms each row in registers and stores none;
-/// evaluate() materialises every row (for a caller that wants the whole matrix), and the row
-/// ranges of evaluate_rows() and fused_rows() (a ModelBlock's chunks of 4096 rows, which stay
-/// in cache) keep their rows for the transposed product. Sums have one fixed order at every
-/// SIMD level: the scale 1 + Σ_k c_k·h_k in eight lanes (lane j takes k ≡ j mod 8 in
-/// ascending k by fused multiply-add), reduced as ((l0 + l4) + (l2 + l6)) + ((l1 + l5) +
-/// (l3 + l7)); the transposed product per column in row order by fused multiply-add
-/// (components::dense_transpose_product on the rows).
+/// Two ways to the scales and the transposed product, fixed at construction (Path):
+///  * by rows: each row's harmonics formed and dotted with c, the scale 1 + Σ_k c_k·h_k in
+///    eight lanes (lane j takes k ≡ j mod 8 in ascending k by fused multiply-add), reduced
+///    as ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)); the transposed product per column
+///    in row order by fused multiply-add on the rows (components::dense_transpose_product).
+///  * by grid rows (θ rows): the φ factor of harmonic (l, m) is trig_m(φ) whatever l (1,
+///    cos mφ or sin |m|φ), so the surface on the grid is Y(t, j) = Σ_m F_m(t)·trig_m(φ_j)
+///    with F_m(t) = Σ_l c_lm·A_lm(t): 2·lmax + 1 terms instead of n_params. Per parameter
+///    vector F is formed once for the grid's θ rows (cached); a row's scale is then
+///    s = 1 + ½·((F_0(t0) + F_0(t1)) + Σ over the 2·lmax lanes m ≠ 0 of the two points'
+///    F_m·trig_m) (eight lanes by fused multiply-add, the first point's products then the
+///    second's, reduced as above), no harmonic formed. The transposed product Σ_i u_i·h_ik =
+///    ½·Σ_t A_k(t)·M_m(k)(t) with M_m(t) the sum of u_i·trig_m(φ) over the rows' grid points
+///    on θ row t: per row two short vector updates, per chunk of rows one pass over the θ
+///    rows (in fused_transpose_rows(), so each chunk's sum is its own: the same for any
+///    thread count). The scales differ from the by-rows path's in the last bits (another
+///    summation order), the transposed product by rounding; the derivative rows are the same.
+/// Either way every path of a term (evaluate(), evaluate_rows(), scales_rows(), fused_rows(),
+/// a ModelBlock's evaluate_scales(), transpose_product(), functional_and_gradient() and the
+/// fused normal equations) gives the same scales, at every SIMD level and thread count.
+///
+/// Dense, n_cols = n_params. scales_rows() stores no row; evaluate() materialises every row
+/// (for a caller that wants the whole matrix), evaluate_rows() a chunk's rows; fused_rows()
+/// keeps the rows for the transposed product by rows (storing and reading back a chunk's rows,
+/// in cache, costs less than forming them again) and stores none by grid rows.
 class XTALSCALE_EXPORT LookupHarmonicsTerm final : public ModelTerm {
  public:
+  /// The way to the scales and transposed product (see the class notes). automatic: by grid
+  /// rows from kMinRowsPerThetaRow rows per θ row of the grid on (1440 rows at 2 points per
+  /// degree), else by rows: the grid path's fixed costs (F, n_theta·n_params multiply-adds per
+  /// parameter vector; per chunk of rows one pass over its θ rows for the transposed product)
+  /// are what forming about 100–200 rows' harmonics costs, so fewer rows keep the per-row path.
+  enum class Path { automatic, rows, grid };
+  /// automatic's threshold, in rows per θ row of the grid.
+  static constexpr std::size_t kMinRowsPerThetaRow = 4;
+
   /// @p factors: the grid's factor tables (shared by every term of that grid); @p s0_lookup,
   /// @p s1_lookup: grid indices per row (held, not copied); @p n_params: harmonics used, the
   /// first n_params of the factors' (a table built for a larger lmax serves a smaller one).
@@ -354,11 +381,13 @@ class XTALSCALE_EXPORT LookupHarmonicsTerm final : public ModelTerm {
   /// s1_lookup) for an index outside the grid.
   LookupHarmonicsTerm(std::shared_ptr<const harmonics::LookupFactors> factors,
                       HeldArray<std::int32_t> s0_lookup, HeldArray<std::int32_t> s1_lookup,
-                      std::size_t n_params);
+                      std::size_t n_params, Path path = Path::automatic);
+  ~LookupHarmonicsTerm() override;
   /// Materialises every row (n_rows × n_params doubles in @p scratch): for callers that want
   /// the whole derivative matrix.
   TermValues evaluate(const double* p, TermScratch& scratch) const override;
-  /// The held indices and the factor tables (counted in full, though shared).
+  /// The held indices, the factor tables (counted in full, though shared) and the grid rows'
+  /// tables.
   std::size_t nbytes() const override;
   bool evaluates_rows() const override { return true; }
   /// The rows' scales and their harmonics, materialised in @p scratch.
@@ -366,13 +395,16 @@ class XTALSCALE_EXPORT LookupHarmonicsTerm final : public ModelTerm {
                            TermScratch& scratch) const override;
   const double* scales_rows(const double* p, std::size_t first, std::size_t count,
                             TermScratch& scratch) const override;
-  /// evaluate_rows(): the rows are kept for fused_transpose_rows() (storing and reading back
-  /// a chunk's rows, in cache, costs less than forming them again).
+  /// By rows evaluate_rows() (its rows kept for fused_transpose_rows()), by grid rows the
+  /// scales alone.
   TermValues fused_rows(const double* p, std::size_t first, std::size_t count,
                         TermScratch& scratch) const override;
-  /// The dense transposed product of fused_rows()'s rows.
+  /// By rows the dense transposed product of fused_rows()'s rows; by grid rows through the
+  /// θ rows' sums (see the class notes).
   void fused_transpose_rows(const TermValues& v, std::size_t first, std::size_t count,
                             const double* u, double* out, TermScratch& scratch) const override;
+  /// True when the term goes by grid rows (see Path).
+  bool by_grid() const noexcept { return by_grid_; }
   /// The factor tables: those given, or a copy of their first n_params harmonics when a
   /// smaller lmax than theirs is used (so that the kernels read rows of a fixed length).
   const std::shared_ptr<const harmonics::LookupFactors>& factors() const noexcept {
@@ -380,8 +412,22 @@ class XTALSCALE_EXPORT LookupHarmonicsTerm final : public ModelTerm {
   }
 
  private:
+  struct ThetaSums;  ///< F of one parameter vector (see the class notes)
+  /// F at @p p: the cached sums when @p p is the cached vector (the same bits), else formed and
+  /// cached (under a mutex: threads evaluating one term share the cache). Shared, so that a
+  /// caller keeps its sums while another thread caches another vector's.
+  std::shared_ptr<const ThetaSums> theta_sums(const double* p) const;
+  /// By grid rows: the scales of rows [first, first + count) at @p p.
+  void grid_scales(const double* p, std::size_t first, std::size_t count, double* scales) const;
+
   std::shared_ptr<const harmonics::LookupFactors> factors_;
   HeldArray<std::int32_t> s0_, s1_;
+  bool by_grid_ = false;
+  std::size_t lanes_ = 0;               ///< by grid rows: the m ≠ 0 lanes, 2·lmax rounded up to 8
+  std::vector<int> lane_of_;            ///< per harmonic its lane, or −1 for m = 0
+  std::vector<double> trig_;            ///< n_phi × lanes_: trig_m(φ) of the m ≠ 0 lanes
+  struct SumCache;
+  std::unique_ptr<SumCache> cache_;     ///< the last parameter vector's F
 };
 
 /// Fixed scales with no parameters (an analytical correction, or the product of the fixed
@@ -647,6 +693,7 @@ class XTALSCALE_EXPORT ModelBlock {
   std::vector<std::uint64_t> built_versions_;     ///< term pattern versions of the last build
   std::vector<std::vector<std::int64_t>> row_starts_;  ///< sparse active terms' indptr
   std::vector<TermScratch> scratch_;                  ///< one per term
+  std::vector<std::vector<TermScratch>> thread_scratch_;  ///< for_each_chunk's, per thread
   std::vector<TermValues> term_values_;
   Buffers out_;
   std::uint64_t version_ = 0;

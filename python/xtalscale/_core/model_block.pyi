@@ -65,15 +65,18 @@ class HarmonicsTerm(ModelTerm):
     def __init__(self, harmonics: npt.NDArray[np.floating]) -> None: ...
 
 class LookupHarmonicsTerm(ModelTerm):
-    """s = 1 + h·c with h = (T[s0] + T[s1]) / 2 formed per row from the lookup grid's factors."""
+    """s = 1 + h·c with h = (T[s0] + T[s1]) / 2 from the lookup grid's factors, by rows or by
+    the grid's theta rows (``path``: "auto", "rows" or "grid")."""
 
     def __init__(
         self, factors: LookupFactors, s0_lookup: npt.NDArray[np.int32],
-        s1_lookup: npt.NDArray[np.int32], n_params: int
+        s1_lookup: npt.NDArray[np.int32], n_params: int, path: str = "auto"
     ) -> None: ...
     def scales(self, parameters: npt.ArrayLike) -> _F64: ...
     @property
     def factors(self) -> LookupFactors: ...
+    @property
+    def by_grid(self) -> bool: ...
 
 class FixedScalesTerm(ModelTerm):
     def __init__(self, scales: npt.ArrayLike) -> None: ...
