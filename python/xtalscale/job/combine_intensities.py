@@ -212,18 +212,27 @@ REFIT_ENGINE = "LevMarStep"
 REFIT_MAX_OBSERVATIONS = 30_000
 
 
-def _summation_over_partiality(tables: Sequence[Any], selections: Sequence[np.ndarray]) -> np.ndarray:
+def _summation_over_partiality(tables: Sequence[Any], selections: Sequence[np.ndarray],
+                               mapper: Any = None) -> np.ndarray:
     """I_sum/p (prescaling correction applied) of the selected rows, tables one after the other:
-    what the candidate Imids are derived from (:func:`candidate_Imids`). Raises ValueError
+    what the candidate Imids are derived from (:func:`candidate_Imids`). ``mapper``
+    (``map``-like, e.g. a scaler's thread pool) runs the tables' parts. Raises ValueError
     naming the first row that is not finite."""
-    parts = []
-    for t, sel in zip(tables, selections):
-        conv = np.asarray(t["prescaling_correction"], dtype=np.float64)[sel] if "prescaling_correction" in t else 1.0
-        p = np.asarray(t["partiality"], dtype=np.float64)[sel] if "partiality" in t else 1.0
-        parts.append(np.asarray(t["intensity.sum.value"], dtype=np.float64)[sel] * conv / p)
+    parts = list((mapper or map)(_summation_part, list(zip(tables, selections))))
     isum = np.concatenate(parts) if parts else np.zeros(0)
     _require_finite(isum, "intensity.sum.value")
     return isum
+
+
+def _summation_part(table_and_rows: tuple[Any, np.ndarray]) -> np.ndarray:
+    """One table's I_sum·c/p of its selected rows: formed over every row (the same operations
+    per row) and gathered once, rather than gathering each column first; rows outside the
+    selection may divide by zero unseen."""
+    t, sel = table_and_rows
+    conv = np.asarray(t["prescaling_correction"], dtype=np.float64) if "prescaling_correction" in t else 1.0
+    p = np.asarray(t["partiality"], dtype=np.float64) if "partiality" in t else 1.0
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        return (np.asarray(t["intensity.sum.value"], dtype=np.float64) * conv / p)[sel]
 
 
 def _too_many_parameters_to_refit(scaler: Any) -> bool:
@@ -335,6 +344,13 @@ def _restore(saved: Sequence[Any]) -> None:
         ds.var_cov = var_cov
 
 
+def _each_dataset(scaler: Any, function: Any, items: Sequence[Any]) -> list[Any]:
+    """``[function(item) for item in items]``, on the scaler's threads when it has a pool
+    (``_map_datasets``; a DIALS-style scaler without one runs them in turn)."""
+    mapper = getattr(scaler, "_map_datasets", None)
+    return mapper(function, items) if mapper is not None else [function(item) for item in items]
+
+
 def judges_on_minimisation_rows(scaler: Any) -> bool:
     """Whether the Imid search reads g (and outlier flags) only on rows of the minimisation
     table: true when it is not run (no combination) or when it refits the candidates (their
@@ -348,6 +364,26 @@ def judges_on_minimisation_rows(scaler: Any) -> bool:
             and not _too_many_parameters_to_refit(scaler))
 
 
+def _combination_rows(ds: Any) -> np.ndarray:
+    """A dataset's rows the Imid search reads: suitable, integrated both ways, positive
+    variances, g and partiality, not an outlier (bool over its table rows)."""
+    t = ds.table
+    flags = flags_of(t)
+    both = ((flags & np.uint64(int(Flags.integrated_prf))) != 0) & \
+           ((flags & np.uint64(int(Flags.integrated_sum))) != 0)
+    sel = ds.suitable & both
+    sel &= np.asarray(t["intensity.prf.variance"], float) > 0
+    sel &= np.asarray(t["intensity.sum.variance"], float) > 0
+    sel &= np.asarray(t["inverse_scale_factor"], float) > 0
+    if "partiality" in t:
+        sel &= np.asarray(t["partiality"], float) > 0
+    if ds.outliers.size:
+        out = np.zeros(len(t), bool)
+        out[ds.suitable] = ds.outliers
+        sel &= ~out
+    return sel
+
+
 def combine_scaler_intensities(scaler: Any) -> None:
     """The Imid search over a scaler's datasets (jointly by default) and its application."""
     params = scaler.params
@@ -357,29 +393,14 @@ def combine_scaler_intensities(scaler: Any) -> None:
                 if "intensity.prf.value" in ds.table and "intensity.sum.value" in ds.table]
     if not datasets:
         return
-    sels = []
-    for ds in datasets:
-        t = ds.table
-        flags = flags_of(t)
-        both = ((flags & np.uint64(int(Flags.integrated_prf))) != 0) & \
-               ((flags & np.uint64(int(Flags.integrated_sum))) != 0)
-        sel = ds.suitable & both
-        sel &= np.asarray(t["intensity.prf.variance"], float) > 0
-        sel &= np.asarray(t["intensity.sum.variance"], float) > 0
-        sel &= np.asarray(t["inverse_scale_factor"], float) > 0
-        if "partiality" in t:
-            sel &= np.asarray(t["partiality"], float) > 0
-        if ds.outliers.size:
-            out = np.zeros(len(t), bool)
-            out[ds.suitable] = ds.outliers
-            sel &= ~out
-        sels.append(sel)
+    sels = _each_dataset(scaler, _combination_rows, datasets)
     given = params.reflection_selection.combine.Imid
     refit = bool(getattr(params.reflection_selection.combine, "refit_candidates", False))
     if given:
         candidates = list(given)
     else:
-        isum = _summation_over_partiality([ds.table for ds in datasets], sels)
+        isum = _summation_over_partiality([ds.table for ds in datasets], sels,
+                                          mapper=getattr(scaler, "_map_datasets", None))
         candidates = candidate_Imids(isum) if isum.size else []
     refitted = None
     if refit and _too_many_parameters_to_refit(scaler):
@@ -411,7 +432,10 @@ def combine_scaler_intensities(scaler: Any) -> None:
     else:
         choices = [combine_intensities([ds.table], scaler.space_group, [s], given)[0]
                    for ds, s in zip(datasets, sels)]
+    # each dataset's columns are its own: the datasets' numpy passes (which release the GIL)
+    # go over the scaler's threads
+    _each_dataset(scaler, lambda pair: _apply(pair[0].table, pair[0].suitable, pair[1]),
+                  list(zip(datasets, choices)))
     for ds, Imid in zip(datasets, choices):
-        _apply(ds.table, ds.suitable, Imid)
         ds.model.record_intensity_combination_Imid(Imid)
     scaler.Imid = choices[0]
