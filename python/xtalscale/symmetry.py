@@ -542,10 +542,7 @@ def map_to_asu_bijvoet(hkl, space_group, n_threads: int = 1) -> tuple[np.ndarray
     -------
     (asu_hkl (n, 3) int32, friedel_minus (n,) bool)
     """
-    sg = _as_space_group(space_group)
-    hkl = miller_array(hkl, "hkl")
-    rotations, basis, condition = _asu_symmetry(sg)
-    return _core_grouping.map_to_asu_bijvoet(hkl, rotations, basis, condition, n_threads=int(n_threads))
+    return _core_grouping.map_to_asu_bijvoet(*_asu_kernel_arguments(hkl, space_group), n_threads=int(n_threads))
 
 
 def map_to_asu_isym(hkl, space_group, n_threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -559,10 +556,14 @@ def map_to_asu_isym(hkl, space_group, n_threads: int = 1) -> tuple[np.ndarray, n
     -------
     (asu_hkl (n, 3) int32, isym (n,) int32)
     """
-    sg = _as_space_group(space_group)
-    hkl = miller_array(hkl, "hkl")
-    rotations, basis, condition = _asu_symmetry(sg)
-    return _core_grouping.map_to_asu(hkl, rotations, basis, condition, n_threads=int(n_threads))
+    return _core_grouping.map_to_asu(*_asu_kernel_arguments(hkl, space_group), n_threads=int(n_threads))
+
+
+def _asu_kernel_arguments(hkl, space_group) -> tuple[np.ndarray, ...]:
+    """``(hkl, rotations, basis, condition)``: the checked Miller indices and the space
+    group's ASU description, as the C++ ASU mappings take them."""
+    rotations, basis, condition = _asu_symmetry(_as_space_group(space_group))
+    return (miller_array(hkl, "hkl"), rotations, basis, condition)
 
 
 # --------------------------------------------------------------------------- grouping

@@ -950,6 +950,19 @@ def _tilted_experiment():
     return SimpleNamespace(beam=beam, goniometer=gonio, scan=scan)
 
 
+def _reference_lookup_indices(table, expt):
+    """The lookup-grid indices (2 points per degree) of the absorption frame vectors by the
+    vector path: frame vectors → θ, φ → grid index, θ = π moved to the last row."""
+    from xtalscale.scaling_utilities import absorption_frame_vectors
+
+    expected = []
+    for v in absorption_frame_vectors(dict(table), expt):
+        idx = ext.calc_lookup_index(ext.calc_theta_phi(v), 2)
+        idx[idx >= 360 * 180 * 4] -= 720
+        expected.append(idx)
+    return expected
+
+
 @pytest.mark.parametrize("tilted", [False, True])
 def test_fused_absorption_lookup_indices_equal_the_vector_path(tilted):
     # The one-pass kernel equals frame vectors → θ, φ → grid index (θ = π moved to the last
@@ -968,11 +981,7 @@ def test_fused_absorption_lookup_indices_equal_the_vector_path(tilted):
         expt.goniometer.get_fixed_rotation = lambda: (1, 0, 0, 0, 1, 0, 0, 0, 1)
         expt.goniometer.get_setting_rotation = lambda: (1, 0, 0, 0, 1, 0, 0, 0, 1)
     s0c, s1c = absorption_frame_vectors(dict(table), expt)
-    expected = []
-    for v in (s0c, s1c):
-        idx = ext.calc_lookup_index(ext.calc_theta_phi(v), 2)
-        idx[idx >= 360 * 180 * 4] -= 720
-        expected.append(idx)
+    expected = _reference_lookup_indices(table, expt)
     for n_threads in (1, 2, 3):
         i0, i1 = absorption_lookup_indices(table, expt, 2, n_threads=n_threads)
         np.testing.assert_array_equal(i0, expected[0])
@@ -1033,3 +1042,29 @@ def test_absorption_frame_kernels_reject_bad_input():
         kern.grid_lookup_indices(np.ones((2, 3)), 0)
     with pytest.raises(ValueError):
         kern.grid_lookup_indices(np.ones((2, 2)), 2)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_absorption_lookup_indices_on_and_near_grid_lines_are_the_exact_path(n_threads):
+    """Directions on grid lines (integer vectors in a frame that rounds them by an ulp or two),
+    poles and random ones: the two-lane kernel's indices are those of the exact angles."""
+    from types import SimpleNamespace
+
+    from xtalscale.scaling_utilities import absorption_lookup_indices
+
+    identity = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    expt = SimpleNamespace(
+        beam=SimpleNamespace(get_sample_to_source_direction=lambda: (0.0, 0.0, 1.0)),
+        goniometer=SimpleNamespace(get_rotation_axis_datum=lambda: (1.0, 0.0, 0.0),
+                                   get_fixed_rotation=lambda: identity, get_setting_rotation=lambda: identity),
+        scan=SimpleNamespace(get_angle_from_array_index=lambda z, deg=True: np.radians(0.5 * np.round(z))))
+    grid = np.stack(np.meshgrid(*[np.arange(-3, 4)] * 3, indexing="ij"), axis=-1).reshape(-1, 3).astype(float)
+    grid = grid[np.any(grid != 0, axis=1)]
+    rng = np.random.default_rng(12)
+    s1 = np.concatenate([np.repeat(grid, 40, axis=0), rng.normal(size=(60_000, 3))])
+    z = rng.integers(0, 720, s1.shape[0]).astype(float)  # scan angles on 0.5° steps
+    table = {"s1": s1, "xyzobs.px.value": np.column_stack([np.zeros_like(z), np.zeros_like(z), z])}
+    expected = _reference_lookup_indices(table, expt)
+    i0, i1 = absorption_lookup_indices(table, expt, 2, n_threads=n_threads)
+    np.testing.assert_array_equal(i0, expected[0])
+    np.testing.assert_array_equal(i1, expected[1])

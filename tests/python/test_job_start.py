@@ -248,34 +248,3 @@ def test_unset_flags_of_every_row_is_unset_flags_of_an_all_true_mask():
         _unset_flags_of_every_row(wrong, bits)
 
 
-# ---------------------------------------------------------------- absorption lookup indices
-@pytest.mark.parametrize("n_threads", [1, 2])
-def test_absorption_lookup_indices_on_and_near_grid_lines_are_the_exact_path(n_threads):
-    """Directions on grid lines (integer vectors in a frame that rounds them by an ulp or two),
-    poles and random ones: the two-lane kernel's indices are those of the exact angles."""
-    from types import SimpleNamespace
-
-    from xtalscale import dials_scaling_ext as ext
-    from xtalscale.scaling_utilities import absorption_frame_vectors, absorption_lookup_indices
-
-    identity = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
-    expt = SimpleNamespace(
-        beam=SimpleNamespace(get_sample_to_source_direction=lambda: (0.0, 0.0, 1.0)),
-        goniometer=SimpleNamespace(get_rotation_axis_datum=lambda: (1.0, 0.0, 0.0),
-                                   get_fixed_rotation=lambda: identity, get_setting_rotation=lambda: identity),
-        scan=SimpleNamespace(get_angle_from_array_index=lambda z, deg=True: np.radians(0.5 * np.round(z))))
-    grid = np.stack(np.meshgrid(*[np.arange(-3, 4)] * 3, indexing="ij"), axis=-1).reshape(-1, 3).astype(float)
-    grid = grid[np.any(grid != 0, axis=1)]
-    rng = np.random.default_rng(12)
-    s1 = np.concatenate([np.repeat(grid, 40, axis=0), rng.normal(size=(60_000, 3))])
-    z = rng.integers(0, 720, s1.shape[0]).astype(float)  # scan angles on 0.5° steps
-    table = {"s1": s1, "xyzobs.px.value": np.column_stack([np.zeros_like(z), np.zeros_like(z), z])}
-    s0c, s1c = absorption_frame_vectors(dict(table), expt)
-    expected = []
-    for v in (s0c, s1c):
-        idx = ext.calc_lookup_index(ext.calc_theta_phi(v), 2)
-        idx[idx >= 360 * 180 * 4] -= 720
-        expected.append(idx)
-    i0, i1 = absorption_lookup_indices(table, expt, 2, n_threads=n_threads)
-    np.testing.assert_array_equal(i0, expected[0])
-    np.testing.assert_array_equal(i1, expected[1])
