@@ -507,10 +507,15 @@ class reflection_table:
         if m.dtype != np.bool_ or m.shape != (self._nrows,):
             raise ValueError(f"mask must be a bool array of {self._nrows} rows "
                              f"(got {m.dtype} of shape {m.shape})")
+        self.clear_flags(value)
         f = self._flags_column(create=True)
-        bits = np.uint64(int(value))
-        f &= ~bits
-        f |= m * bits
+        f |= m * np.uint64(int(value))
+
+    def clear_flags(self, value: int) -> None:
+        """Clear the bits ``value`` on every row, in place on the flags column (made if absent):
+        :meth:`unset_flags` of an all-true mask without gathering and scattering every row."""
+        f = self._flags_column(create=True)
+        np.bitwise_and(f, ~np.uint64(int(value)), out=f)
 
     def get_flags(self, value: int, all: bool = True) -> fa.bool:  # noqa: A002 (DIALS name)
         """Rows where all (or, with ``all=False``, any) of the bits in ``value`` are set."""

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from xtalscale._core import fit as _fit
-from xtalscale.fit.ih_table import IhTableBlock, IhTableError, _given_group_index, _stable_group_order
+from xtalscale.fit.ih_table import IhTableBlock, IhTableError, _given_group_parts, _stable_group_order
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "dials_l_cysteine_integrated"
 SWEEP20 = [str(DATA / "20_integrated.pickle"), str(DATA / "20_integrated_experiments.json")]
@@ -44,7 +44,8 @@ def _numpy_block(n_groups, parts):
 def _numpy_table_blocks(cols, hkls, group_index, nblocks, pct, offset):
     """The former make_ready_for_scaling + IhTable._build: gathered columns per dataset, the
     rows' groups, the blocks' partition, each block by _numpy_block."""
-    gidx, offs = _given_group_index(group_index, [c["intensity"].size for c in cols])
+    parts, offs = _given_group_parts(group_index, [c["intensity"].size for c in cols])
+    gidx = np.concatenate(parts)
     n_unique = offs.size - 1
     is_free = np.zeros(n_unique, bool)
     if pct > 0:

@@ -221,9 +221,8 @@ def test_suitable_part_views_every_row_read_only_and_copies_a_selection():
     assert every_column.keys() == table.keys()
 
 
-def test_unset_flags_of_every_row_is_unset_flags_of_an_all_true_mask():
+def test_clear_flags_is_unset_flags_of_an_all_true_mask():
     from xtalscale import flex_arrays as fa
-    from xtalscale.job.algorithm import _unset_flags_of_every_row
     from xtalscale.reflection_table import Flags, reflection_table
 
     bits = int(Flags.bad_for_scaling) | int(Flags.scaled)
@@ -234,17 +233,17 @@ def test_unset_flags_of_every_row_is_unset_flags_of_an_all_true_mask():
     reference = table.copy()
     reference.unset_flags(np.ones(1000, bool), bits)
     column = np.asarray(table["flags"])
-    _unset_flags_of_every_row(table, bits)
+    table.clear_flags(bits)
     assert np.asarray(table["flags"]) is column  # in place
     np.testing.assert_array_equal(column, np.asarray(reference["flags"]))
     assert not np.array_equal(column, expected)
     no_flags = reflection_table(5)
     no_flags["d"] = fa.double(np.ones(5))
-    _unset_flags_of_every_row(no_flags, bits)  # made, as unset_flags makes it
+    no_flags.clear_flags(bits)  # made, as unset_flags makes it
     np.testing.assert_array_equal(np.asarray(no_flags["flags"]), np.zeros(5, np.uint64))
     wrong = reflection_table(3)
     wrong["flags"] = fa.int(np.zeros(3, np.int32))
     with pytest.raises(TypeError, match="flags"):
-        _unset_flags_of_every_row(wrong, bits)
+        wrong.clear_flags(bits)
 
 

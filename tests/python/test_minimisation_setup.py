@@ -11,7 +11,7 @@ import pytest
 from test_ih_block_builder import SWEEP20, SWEEP25, _assert_same_block
 
 from xtalscale.components import SmoothBScaleComponent1D, SmoothScaleComponent1D, _SmoothComponentND
-from xtalscale.fit.ih_table import IhTableBlock, IhTableError, _given_group_index, _given_group_parts
+from xtalscale.fit.ih_table import IhTableBlock, IhTableError, _given_group_parts
 
 
 def _ready_scaler(monkeypatch, nproc, error_model):
@@ -90,15 +90,17 @@ def _group_numbers(rng):
 def test_given_group_parts_are_the_concatenated_numbering_split(threads):
     rng = np.random.default_rng(3)
     parts, sizes = _group_numbers(rng)
-    whole, offsets = _given_group_index(parts, sizes)
+    serial, offsets = _given_group_parts(parts, sizes)
     with ThreadPoolExecutor(threads or 1) as pool:
         mapper = pool.map if threads else None
         split, split_offsets = _given_group_parts(parts, sizes, mapper)
     assert split_offsets.dtype == offsets.dtype and split_offsets.tobytes() == offsets.tobytes()
     assert [p.dtype for p in split] == [np.dtype(np.int64)] * 3
-    assert np.concatenate(split).tobytes() == whole.tobytes()
+    assert np.concatenate(split).tobytes() == np.concatenate(serial).tobytes()
     # the numbers each table's rows had before are kept in order, renumbered 0, 1, ...
-    assert whole.tobytes() == np.unique(np.concatenate(parts), return_inverse=True)[1].astype(np.int64).tobytes()
+    numbers, counts = np.unique(np.concatenate(parts), return_inverse=True, return_counts=True)[1:]
+    assert np.concatenate(split).tobytes() == numbers.astype(np.int64).tobytes()
+    assert offsets.tolist() == [0, *np.cumsum(counts).tolist()]
 
 
 def test_given_group_parts_refuses_bad_numbers():

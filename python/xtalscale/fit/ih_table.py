@@ -71,17 +71,11 @@ def _stable_group_order(groups: np.ndarray, n_groups: int) -> tuple[np.ndarray, 
     return grouping.counting_order(np.ascontiguousarray(groups, dtype=np.int64), int(n_groups))
 
 
-def _given_group_index(group_index: Sequence[Any], n_rows: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """``(group_index, offsets)`` of the concatenated rows from a caller's group numbers:
-    checked, and renumbered 0, 1, ... in the same order without the numbers no row uses."""
-    parts, offsets = _given_group_parts(group_index, n_rows)
-    return (np.concatenate(parts) if parts else np.zeros(0, np.int64)), offsets
-
-
 def _given_group_parts(group_index: Sequence[Any], n_rows: list[int],
                        mapper: Callable[..., Any] | None = None) -> tuple[list[np.ndarray], np.ndarray]:
-    """:func:`_given_group_index` with the group numbers kept per table (one array each, not
-    concatenated): ``mapper`` (like ``map``, e.g. a thread pool's) counts and renumbers the
+    """``(group numbers, offsets)`` of the tables' rows from a caller's group numbers: checked,
+    and renumbered 0, 1, ... in the same order without the numbers no row uses; the numbers
+    kept per table (one array each, not concatenated). ``mapper`` (like ``map``, e.g. a thread pool's) counts and renumbers the
     tables' rows concurrently (numpy's counting and gathering release the GIL); the counts
     are integers, so their sum is the same for any mapper."""
     if len(group_index) != len(n_rows):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -400,7 +401,7 @@ def combine_scaler_intensities(scaler: Any) -> None:
         candidates = list(given)
     else:
         isum = _summation_over_partiality([ds.table for ds in datasets], sels,
-                                          mapper=getattr(scaler, "_map_datasets", None))
+                                          mapper=partial(_each_dataset, scaler))
         candidates = candidate_Imids(isum) if isum.size else []
     refitted = None
     if refit and _too_many_parameters_to_refit(scaler):

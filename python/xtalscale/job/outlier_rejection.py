@@ -299,8 +299,7 @@ def reject_outliers(reflection_table: Any, experiment: Any, method: str = "stand
     rows = determine_outlier_index_arrays(grouped, method, zmax)[0]
     flags = np.zeros(len(reflection_table), dtype=bool)
     flags[rows] = True
-    reflection_table.unset_flags(np.ones(len(reflection_table), dtype=bool), Flags.outlier_in_scaling)
-    reflection_table.set_flags(flags, Flags.outlier_in_scaling)
+    reflection_table.assign_flags(flags, Flags.outlier_in_scaling)
     return reflection_table
 
 

@@ -591,9 +591,8 @@ class ScalerBase:
         :meth:`GroupedObservations.from_tables` then raises as it should."""
         if any(name not in ds.table for ds in self.datasets for name in ("miller_index", "d")):
             return None
-        # each dataset's suitable rows found here, before both threads read them
-        sizes = [int(ds.suitable_idx.size) for ds in self.datasets]
-        starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
+        # each dataset's suitable rows (and their starts) found here, before both threads read them
+        starts = self._suitable_starts()
 
         def values() -> tuple[np.ndarray, ...] | None:
             I = self.suitable_values("intensity")
@@ -695,7 +694,7 @@ class ScalerBase:
         if cached is not None:
             group_of_row = cached.group_of_row()
             # the cache holds each dataset's suitable rows in order, dataset after dataset
-            starts = np.cumsum([0] + [ds.suitable_idx.size for ds in self.datasets])
+            starts = self._suitable_starts()
 
             def source(k: int) -> tuple[_RowSource, np.ndarray]:
                 # nothing gathered here: each block reads its rows' columns straight from the
@@ -1170,20 +1169,15 @@ class ScalerBase:
         return V
 
     @classmethod
-    def _scale_variances(cls, ds: Dataset, block_id: int = 0, with_scales: bool = False, n_threads: int = 1) -> Any:
-        """diag(J V Jᵀ) on the components' data block ``block_id``, with V embedded in the full
-        parameter layout of the model (None when no active parameter has a variance). With
-        ``with_scales``: ``(var, g)`` from the same evaluation."""
+    def _scale_variances(cls, ds: Dataset) -> np.ndarray | None:
+        """diag(J V Jᵀ) on the components' data (block 0), with V embedded in the full parameter
+        layout of the model; None when no active parameter has a variance."""
         from ..parameter_managers import calc_sf_variances as _calc
 
         V = cls._full_var_cov(ds)
         if V is None:
             return None
-        comps = ds.model.components
-        if with_scales:
-            var, g = _calc(comps, V, block_id=block_id, with_scales=True, n_threads=n_threads)
-            return np.asarray(var, dtype=np.float64), g
-        return np.asarray(_calc(comps, V, block_id=block_id), dtype=np.float64)
+        return np.asarray(_calc(ds.model.components, V), dtype=np.float64)
 
     # ------------------------------------------------------------------ outliers
     def round_of_outlier_rejection(self, minimisation_groups_only: bool = False) -> None:
