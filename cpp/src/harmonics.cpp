@@ -63,22 +63,29 @@ void associated_legendre(int lmax, double theta, double* legendre) {
 }
 
 /// All harmonics at one direction, given the prefactor table; legendre is scratch of
-/// (lmax+1)² doubles.
+/// (lmax+1)² doubles. cos(mφ) and sin(mφ) are taken once per order m (each l of that order
+/// reuses them): the same library calls on the same arguments as one call per (l, m), so the
+/// same bits, with 2·lmax trigonometric calls per direction instead of lmax·(lmax+1).
 void evaluate(int lmax, const double* pref, double theta, double phi, double* legendre,
               double* out) {
   const int stride = lmax + 1;
   associated_legendre(lmax, theta, legendre);
+  std::array<double, kMaxLmax + 1> cos_m{}, sin_m{};
+  for (int m = 1; m <= lmax; ++m) {
+    cos_m[static_cast<std::size_t>(m)] = std::cos(m * phi);
+    sin_m[static_cast<std::size_t>(m)] = std::sin(m * phi);
+  }
   std::size_t k = 0;
   for (int l = 1; l <= lmax; ++l) {
     for (int m = -l; m <= l; ++m, ++k) {
       const int am = m < 0 ? -m : m;
       const double base = pref[l * stride + am] * legendre[l * stride + am];
       if (m > 0)
-        out[k] = base * std::cos(m * phi);
+        out[k] = base * cos_m[static_cast<std::size_t>(am)];
       else if (m == 0)
         out[k] = base;
       else
-        out[k] = base * std::sin(am * phi);
+        out[k] = base * sin_m[static_cast<std::size_t>(am)];
     }
   }
 }

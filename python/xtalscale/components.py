@@ -934,7 +934,11 @@ class SHScaleComponent(ScaleComponentBase):
         Unset, it is xtalscale's own table, built here (:func:`ensure_sh_lookup_table`) for the
         largest lmax whose factors the process made (a job's models make only the factors)."""
         own = _own_default_grid_factors()
-        if cls.coefficients_list is None and own is not None:
+        coeffs = cls.coefficients_list
+        # xtalscale's own table (unset, or built for a smaller lmax earlier in the process) is
+        # (re)built to cover the factors made since; a table a user assigned is left alone
+        own_table = coeffs is None or isinstance(coeffs, SHLookupColumns)
+        if own_table and own is not None and (coeffs is None or len(coeffs) < n_params):
             ensure_sh_lookup_table(own.lmax)
         coeffs = cls.coefficients_list
         if coeffs is None:

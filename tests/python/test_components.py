@@ -595,6 +595,31 @@ def test_lookup_mode_scales_without_the_harmonic_matrix(rng, n):
     np.testing.assert_allclose(comp.calculate_scales(), s, rtol=0, atol=0)
 
 
+def test_own_lookup_table_grows_when_a_larger_lmax_follows_a_smaller_one(rng, monkeypatch):
+    # A script that scales an lmax-2 model and then an lmax-4 one in the same process: the
+    # class table xtalscale built for lmax 2 (8 harmonics) is rebuilt to cover 24, not an error.
+    monkeypatch.setattr(SHScaleComponent, "coefficients_list", create_sph_harm_lookup_table(2))
+    n = 300
+    s0c, s1c = rng.normal(size=(n, 3)), rng.normal(size=(n, 3))
+    comp = SHScaleComponent(rng.uniform(-0.1, 0.1, 24))
+    comp.exact_harmonics = True
+    comp.data = sh_lookup_data(s0c, s1c, 4)
+    comp.update_reflection_data()
+    s, d = comp.calculate_scales_and_derivatives()
+    assert d.shape == (n, 24) and len(SHScaleComponent.coefficients_list) >= 24
+    np.testing.assert_allclose(comp.calculate_scales(), s, rtol=0, atol=1e-14)
+
+
+def test_user_assigned_lookup_table_too_small_is_a_clear_error(rng, monkeypatch):
+    small = [np.asarray(column) for column in create_sph_harm_lookup_table(2)]  # a plain list
+    monkeypatch.setattr(SHScaleComponent, "coefficients_list", small)
+    comp = SHScaleComponent(rng.uniform(-0.1, 0.1, 24))
+    comp.exact_harmonics = True
+    comp.data = sh_lookup_data(rng.normal(size=(20, 3)), rng.normal(size=(20, 3)), 4)
+    with pytest.raises(ComponentError, match="8 harmonics but the component has 24"):
+        comp.update_reflection_data()  # rows are read from a user's table straight away
+
+
 def test_lookup_mode_without_caching_holds_only_indices(rng):
     n = 500
     s0c, s1c = rng.normal(size=(n, 3)), rng.normal(size=(n, 3))
