@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/bench_scale_job.py [--sweeps 3] [--cell-scale 4] [--d-min 0.7] [--nproc 1 2] [--repeats 2]
+    python bench/bench_scale_job.py [--sweeps 3] [--cell-scale 4] [--d-min 0.7] [--nproc 1 2] [--repeats 2] [--fresh-outputs]
 
 Simulates (xtalscale.job.simulate) about 1.1 × 10⁶ observations with the defaults, writes them as
 DIALS integrated files, then runs ``xtalscale scale`` (defaults) ``--repeats`` times in a fresh
@@ -79,6 +79,11 @@ def main() -> None:
                              "first job after the simulation is typically ~0.9 s slower: reading and "
                              "set-up run on a machine still settling the simulation's 0.2 GB of "
                              "fresh files and freed memory)")
+    parser.add_argument("--fresh-outputs", action="store_true",
+                        help="delete the previous run's output files before each run, so every run "
+                             "writes new files as a user's first run does (rewriting existing files "
+                             "is ~0.2 s faster for the 0.26 GB scaled.refl: no new page-cache pages "
+                             "or file blocks)")
     parser.add_argument("--full-matrix-max-params", type=int, default=None,
                         help="the refinery's limit for a dense normal matrix (default 2000; above "
                              "it L-BFGS stands in for the full-matrix rounds): to compare the two")
@@ -107,6 +112,10 @@ def main() -> None:
                 f"output.html={out}/report.html", *args.phil]
         runs = []
         for _ in range(max(1, args.repeats)):
+            if args.fresh_outputs:
+                for path in out.iterdir():
+                    path.unlink()
+                os.sync()
             t1 = time.perf_counter()
             proc = subprocess.run([sys.executable, "-c", CHILD, str(paths["refl"]), str(paths["expt"]), *phil],
                                   capture_output=True, text=True, env=env)
