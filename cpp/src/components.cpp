@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <iterator>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -453,11 +454,57 @@ std::size_t smooth_1d_prepare(const GaussianSmoother<1>& smoother, std::size_t n
 
 namespace {
 
+#ifdef XS_SH_SIMD
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12: _mm512_undefined_* in the intrinsics
+/// exp_bounded of eight lanes as its AVX2+FMA compilation computes each value (the product
+/// and the reduction's two subtractions of k·ln 2 fused, Horner by fused multiply-add): the
+/// same bits.
+__attribute__((target("avx512f"), always_inline)) inline __m512d exp_bounded_lanes(__m512d x) {
+  const __m512d t = _mm512_fmadd_pd(x, _mm512_set1_pd(detail::kLog2e),
+                                    _mm512_set1_pd(detail::kRoundShifter));
+  const __m512d kd = _mm512_sub_pd(t, _mm512_set1_pd(detail::kRoundShifter));
+  const __m512d r = _mm512_fnmadd_pd(kd, _mm512_set1_pd(detail::kLn2Lo),
+                                     _mm512_fnmadd_pd(kd, _mm512_set1_pd(detail::kLn2Hi), x));
+  __m512d p = _mm512_set1_pd(detail::kExpPoly[0]);
+  for (std::size_t c = 1; c < std::size(detail::kExpPoly); ++c)
+    p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(detail::kExpPoly[c]));
+  const __m512i scale = _mm512_slli_epi64(
+      _mm512_add_epi64(_mm512_castpd_si512(t), _mm512_set1_epi64(1023)), 52);
+  return _mm512_mul_pd(p, _mm512_castsi512_pd(scale));
+}
+
+/// v[i] = exp_bounded(v[i]) for arguments in range (detail::exp_args_in_range), 32 values at a
+/// time in four interleaved chains: one exponential is a chain of ~15 dependent operations,
+/// and a loop of one chain a step runs at the chain's latency, not the core's throughput.
+__attribute__((target("avx512f"))) void exp_bounded_avx512(std::size_t n, double* v) {
+  std::size_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    __m512d x[4];
+    for (int z = 0; z < 4; ++z) x[z] = _mm512_loadu_pd(v + i + 8 * z);
+    for (int z = 0; z < 4; ++z) x[z] = exp_bounded_lanes(x[z]);  // inlined: interleaved
+    for (int z = 0; z < 4; ++z) _mm512_storeu_pd(v + i + 8 * z, x[z]);
+  }
+  for (; i < n; i += 8) {
+    const __mmask8 in = n - i >= 8 ? 0xff : static_cast<__mmask8>((1u << (n - i)) - 1);
+    _mm512_mask_storeu_pd(v + i, in, exp_bounded_lanes(_mm512_maskz_loadu_pd(in, v + i)));
+  }
+}
+#pragma GCC diagnostic pop
+#endif
+
 /// s[j] = exp(s[j]·fac[j]) over a chunk, vectorised (and compiled for AVX2+FMA too, picked at
-/// run time: FMA may change the last bit, within exp_bounded's ~2 ulp). std::exp for a chunk
-/// with an argument outside [−700, 700], so overflow/underflow follow IEEE as elsewhere.
+/// run time: FMA may change the last bit, within exp_bounded's ~2 ulp; at AVX-512 the same
+/// bits as AVX2+FMA). std::exp for a chunk with an argument outside [−700, 700], so
+/// overflow/underflow follow IEEE as elsewhere.
 XS_MULTIVERSION void exp_times(std::size_t m, double* s, const double* fac) {
   for (std::size_t j = 0; j < m; ++j) s[j] *= fac[j];
+#ifdef XS_SH_SIMD
+  if (detail::simd_level() >= 2 && detail::exp_args_in_range(s, m)) {
+    exp_bounded_avx512(m, s);
+    return;
+  }
+#endif
   exp_guarded(m, s);  // inlined, so compiled for each target of this function
 }
 
@@ -497,9 +544,41 @@ XS_ALWAYS_INLINE double lean_row(const LeanRows<W>& k, std::uint16_t record, dou
 // compiled for AVX2+FMA. Only blocks of rows without a far point (NaN q) come here; the
 // derivative entries are written row by row from the lanes' normalised weights.
 
+/// The smoother's values held in registers for lean_lanes_avx512, when they are few enough:
+/// eight lanes then read p[first + j] by two permutations and a blend instead of a gather (a
+/// gather of eight doubles costs several times as much on the CPUs measured). The same
+/// values either way, so the same bits.
+struct ValueRegisters {
+  static constexpr std::size_t kMaxValues = 32;  ///< four registers
+  __m512d r[4];
+  bool held = false;
+};
+
+/// @p p's @p n values in @p v (zeros past them) when n <= ValueRegisters::kMaxValues.
+__attribute__((target("avx512f"), always_inline)) inline void hold_values(const double* p,
+                                                                         std::size_t n,
+                                                                         ValueRegisters& v) {
+  v.held = n <= ValueRegisters::kMaxValues;
+  if (!v.held) return;
+  alignas(64) double padded[ValueRegisters::kMaxValues] = {};
+  std::copy(p, p + n, padded);
+  for (int z = 0; z < 4; ++z) v.r[z] = _mm512_load_pd(padded + 8 * z);
+}
+
+/// p[col] of the lanes in @p in (other lanes: any value), from @p v when held, else gathered.
+__attribute__((target("avx512f"), always_inline)) inline __m512d lane_values(
+    const double* p, const ValueRegisters& v, __m512i col, __mmask8 in) {
+  if (!v.held) return _mm512_mask_i64gather_pd(_mm512_setzero_pd(), in, col, p, 8);
+  const __m512d low = _mm512_permutex2var_pd(v.r[0], col, v.r[1]);   // col mod 16 of 0…15
+  const __m512d high = _mm512_permutex2var_pd(v.r[2], col, v.r[3]);  // … of 16…31
+  return _mm512_mask_blend_pd(_mm512_test_epi64_mask(col, _mm512_set1_epi64(16)), low, high);
+}
+
 /// Weights w_k (0 past a row's window) of 8 rows, normalised in place; returns the scales.
+/// @p values: the smoother's values (hold_values() of k.p).
 template <int W>
 __attribute__((target("avx512f"))) inline __m512d lean_lanes_avx512(const LeanRows<W>& k,
+                                                                    const ValueRegisters& values,
                                                                     const std::uint16_t* window,
                                                                     const double* q, __m512d* wn) {
   const __m512i rec = _mm512_cvtepu16_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(window)));
@@ -519,8 +598,7 @@ __attribute__((target("avx512f"))) inline __m512d lean_lanes_avx512(const LeanRo
   for (int j = 0; j < W; ++j) {
     wn[j] = _mm512_mul_pd(wn[j], inv);
     const __m512i col = _mm512_add_epi64(first, _mm512_set1_epi64(j));
-    const __m512d pj = _mm512_mask_i64gather_pd(_mm512_setzero_pd(), in[j], col, k.p, 8);
-    value = _mm512_mask3_fmadd_pd(wn[j], pj, value, in[j]);
+    value = _mm512_mask3_fmadd_pd(wn[j], lane_values(k.p, values, col, in[j]), value, in[j]);
   }
   return value;
 }
@@ -585,6 +663,8 @@ __attribute__((target("avx512f,avx2,fma"))) void lean_rows_avx512(
     const LeanRows<W>& k, std::size_t m, const std::uint16_t* window, const double* q,
     const double* x, double* scales, double* data, std::size_t& nnz, std::size_t* row_start) {
   std::size_t i = 0;
+  ValueRegisters values;
+  hold_values(k.p, k.ax->num_values(), values);
   alignas(64) double wbuf[W * 8];
   for (; i + 8 <= m; i += 8) {
     if (!no_nan(q + i, 8)) {
@@ -595,7 +675,7 @@ __attribute__((target("avx512f,avx2,fma"))) void lean_rows_avx512(
       continue;
     }
     __m512d wn[W];
-    _mm512_storeu_pd(scales + i, lean_lanes_avx512<W>(k, window + i, q + i, wn));
+    _mm512_storeu_pd(scales + i, lean_lanes_avx512<W>(k, values, window + i, q + i, wn));
     if (data == nullptr) continue;
     for (int j = 0; j < W; ++j) _mm512_store_pd(wbuf + 8 * j, wn[j]);
     lean_lanes_data<W>(wbuf, 8, window + i, k.skip, data, nnz, row_start + i);
@@ -758,6 +838,8 @@ __attribute__((target("avx512f,avx2,fma"))) void lean_fused_avx512(
     const LeanRows<W>& k, std::size_t m, const std::uint16_t* window, const double* q,
     const double* x, double* scales, double* wn) {
   std::size_t i = 0;
+  ValueRegisters values;
+  hold_values(k.p, k.ax->num_values(), values);
   const __m512d zero = _mm512_setzero_pd();
   for (; i + 8 <= m; i += 8) {
     if (!no_nan(q + i, 8)) {
@@ -766,7 +848,7 @@ __attribute__((target("avx512f,avx2,fma"))) void lean_fused_avx512(
       continue;
     }
     __m512d w[W];
-    _mm512_storeu_pd(scales + i, lean_lanes_avx512<W>(k, window + i, q + i, w));
+    _mm512_storeu_pd(scales + i, lean_lanes_avx512<W>(k, values, window + i, q + i, w));
     double* out = wn + i * S;
     if constexpr (S == 4) {
       __m512d l[4];
