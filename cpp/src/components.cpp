@@ -574,33 +574,51 @@ __attribute__((target("avx512f"), always_inline)) inline __m512d lane_values(
   return _mm512_mask_blend_pd(_mm512_test_epi64_mask(col, _mm512_set1_epi64(16)), low, high);
 }
 
-/// Weights w_k (0 past a row's window) of 8 rows, normalised in place; returns the scales.
-/// @p values: the smoother's values (hold_values() of k.p).
-template <int W>
-__attribute__((target("avx512f"))) inline __m512d lean_lanes_avx512(const LeanRows<W>& k,
-                                                                    const ValueRegisters& values,
-                                                                    const std::uint16_t* window,
-                                                                    const double* q, __m512d* wn) {
-  const __m512i rec = _mm512_cvtepu16_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(window)));
-  const __m512i first = _mm512_srli_epi64(rec, 3), cnt = _mm512_and_si512(rec, _mm512_set1_epi64(7));
-  const __m512d qv = _mm512_loadu_pd(q);
-  __m512d t = _mm512_set1_pd(1.0), sumw = _mm512_setzero_pd();
-  __mmask8 in[W];
-  for (int j = 0; j < W; ++j) {
-    in[j] = _mm512_cmpgt_epi64_mask(cnt, _mm512_set1_epi64(j));
-    wn[j] = _mm512_maskz_mul_pd(in[j], t, _mm512_set1_pd(k.c[j]));
-    t = _mm512_mul_pd(t, qv);
+/// Weights w_k (0 past a row's window) of B blocks of 8 rows (rows 8b … 8b + 7 from
+/// @p window and @p q), normalised in place into wn[b·W + k]; the blocks' scales into
+/// @p scales[b]. @p values: the smoother's values (hold_values() of k.p). Each step is taken
+/// for every block before the next, so that B > 1 runs B blocks' chains of dependent
+/// operations (the weights' recurrence, their sum, the division, the value's fused
+/// multiply-adds) side by side; the same operations on each lane for any B.
+template <int W, int B = 1>
+__attribute__((target("avx512f"), always_inline)) inline void lean_lanes_avx512(
+    const LeanRows<W>& k, const ValueRegisters& values, const std::uint16_t* window,
+    const double* q, __m512d* wn, __m512d* scales) {
+  __m512i first[B], cnt[B];
+  __m512d qv[B], t[B], sumw[B], inv[B];
+  __mmask8 in[B][W];
+  for (int b = 0; b < B; ++b) {
+    const __m512i rec = _mm512_cvtepu16_epi64(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(window + 8 * b)));
+    first[b] = _mm512_srli_epi64(rec, 3);
+    cnt[b] = _mm512_and_si512(rec, _mm512_set1_epi64(7));
+    qv[b] = _mm512_loadu_pd(q + 8 * b);
+    t[b] = _mm512_set1_pd(1.0);
+    sumw[b] = _mm512_setzero_pd();
+    scales[b] = _mm512_setzero_pd();
   }
-  for (int j = 0; j < W; ++j) sumw = _mm512_add_pd(sumw, wn[j]);
-  const __mmask8 positive = _mm512_cmp_pd_mask(sumw, _mm512_setzero_pd(), _CMP_GT_OQ);
-  const __m512d inv = _mm512_maskz_div_pd(positive, _mm512_set1_pd(1.0), sumw);
-  __m512d value = _mm512_setzero_pd();
   for (int j = 0; j < W; ++j) {
-    wn[j] = _mm512_mul_pd(wn[j], inv);
-    const __m512i col = _mm512_add_epi64(first, _mm512_set1_epi64(j));
-    value = _mm512_mask3_fmadd_pd(wn[j], lane_values(k.p, values, col, in[j]), value, in[j]);
+    for (int b = 0; b < B; ++b) {
+      in[b][j] = _mm512_cmpgt_epi64_mask(cnt[b], _mm512_set1_epi64(j));
+      wn[b * W + j] = _mm512_maskz_mul_pd(in[b][j], t[b], _mm512_set1_pd(k.c[j]));
+      t[b] = _mm512_mul_pd(t[b], qv[b]);
+    }
   }
-  return value;
+  for (int j = 0; j < W; ++j)
+    for (int b = 0; b < B; ++b) sumw[b] = _mm512_add_pd(sumw[b], wn[b * W + j]);
+  for (int b = 0; b < B; ++b) {
+    const __mmask8 positive = _mm512_cmp_pd_mask(sumw[b], _mm512_setzero_pd(), _CMP_GT_OQ);
+    inv[b] = _mm512_maskz_div_pd(positive, _mm512_set1_pd(1.0), sumw[b]);
+  }
+  for (int j = 0; j < W; ++j) {
+    for (int b = 0; b < B; ++b) {
+      __m512d& w = wn[b * W + j];
+      w = _mm512_mul_pd(w, inv[b]);
+      const __m512i col = _mm512_add_epi64(first[b], _mm512_set1_epi64(j));
+      scales[b] = _mm512_mask3_fmadd_pd(w, lane_values(k.p, values, col, in[b][j]), scales[b],
+                                        in[b][j]);
+    }
+  }
 }
 
 template <int W>
@@ -674,8 +692,9 @@ __attribute__((target("avx512f,avx2,fma"))) void lean_rows_avx512(
       }
       continue;
     }
-    __m512d wn[W];
-    _mm512_storeu_pd(scales + i, lean_lanes_avx512<W>(k, values, window + i, q + i, wn));
+    __m512d wn[W], value;
+    lean_lanes_avx512<W>(k, values, window + i, q + i, wn, &value);
+    _mm512_storeu_pd(scales + i, value);
     if (data == nullptr) continue;
     for (int j = 0; j < W; ++j) _mm512_store_pd(wbuf + 8 * j, wn[j]);
     lean_lanes_data<W>(wbuf, 8, window + i, k.skip, data, nnz, row_start + i);
@@ -831,8 +850,54 @@ XS_ALWAYS_INLINE double lean_fused_row(const LeanRows<W>& k, std::uint16_t recor
 #ifdef XS_SH_SIMD
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12: _mm512_undefined_* in the intrinsics
-/// Rows in blocks of 8 lanes (lean_lanes_avx512: the row-by-row bits), each block's weights
-/// transposed to rows of S doubles in registers (S = 4) or through a small buffer (S = 8).
+/// One block of 8 rows' normalised weights @p w (lane r of w[j]: row r's weight j) stored as
+/// rows of S doubles at @p out: transposed in registers (S = 4) or through a small buffer.
+template <int W, int S>
+__attribute__((target("avx512f"), always_inline)) inline void store_weight_rows(const __m512d* w,
+                                                                               double* out) {
+  if constexpr (S == 4) {
+    const __m512d zero = _mm512_setzero_pd();
+    __m512d l[4];
+    for (int j = 0; j < 4; ++j) l[j] = j < W ? w[j] : zero;
+    // 8 rows × 4 weights: pairs of rows per 128-bit lane, then rows gathered by lane shuffles
+    const __m512d t0 = _mm512_unpacklo_pd(l[0], l[1]);  // even rows, weights 0, 1
+    const __m512d t1 = _mm512_unpackhi_pd(l[0], l[1]);  // odd rows, weights 0, 1
+    const __m512d t2 = _mm512_unpacklo_pd(l[2], l[3]);  // even rows, weights 2, 3
+    const __m512d t3 = _mm512_unpackhi_pd(l[2], l[3]);  // odd rows, weights 2, 3
+    const __m512d ea = _mm512_shuffle_f64x2(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512d oa = _mm512_shuffle_f64x2(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512d eb = _mm512_shuffle_f64x2(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+    const __m512d ob = _mm512_shuffle_f64x2(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+    _mm512_storeu_pd(out, _mm512_shuffle_f64x2(ea, oa, _MM_SHUFFLE(2, 0, 2, 0)));       // rows 0, 1
+    _mm512_storeu_pd(out + 8, _mm512_shuffle_f64x2(ea, oa, _MM_SHUFFLE(3, 1, 3, 1)));   // rows 2, 3
+    _mm512_storeu_pd(out + 16, _mm512_shuffle_f64x2(eb, ob, _MM_SHUFFLE(2, 0, 2, 0)));  // rows 4, 5
+    _mm512_storeu_pd(out + 24, _mm512_shuffle_f64x2(eb, ob, _MM_SHUFFLE(3, 1, 3, 1)));  // rows 6, 7
+  } else {
+    alignas(64) double buf[8 * W];
+    for (int j = 0; j < W; ++j) _mm512_store_pd(buf + 8 * j, w[j]);
+    for (int r = 0; r < 8; ++r)
+      for (int j = 0; j < S; ++j) out[r * S + j] = j < W ? buf[8 * j + r] : 0.0;
+  }
+}
+
+/// Rows [i, i + 8) of lean_fused_avx512: in lanes, or row by row when one is a far point.
+template <int W, int S>
+__attribute__((target("avx512f,avx2,fma"), always_inline)) inline void lean_fused_block(
+    const LeanRows<W>& k, const ValueRegisters& values, std::size_t i,
+    const std::uint16_t* window, const double* q, const double* x, double* scales, double* wn) {
+  if (!no_nan(q + i, 8)) {
+    for (std::size_t r = i; r < i + 8; ++r)
+      scales[r] = lean_fused_row<W, S>(k, window[r], q[r], x + r, wn + r * S);
+    return;
+  }
+  __m512d w[W], value;
+  lean_lanes_avx512<W>(k, values, window + i, q + i, w, &value);
+  _mm512_storeu_pd(scales + i, value);
+  store_weight_rows<W, S>(w, wn + i * S);
+}
+
+/// Rows in blocks of 8 lanes (lean_lanes_avx512: the row-by-row bits), two blocks side by side
+/// where neither holds a far point, each block's weights stored as rows (store_weight_rows).
 template <int W, int S>
 __attribute__((target("avx512f,avx2,fma"))) void lean_fused_avx512(
     const LeanRows<W>& k, std::size_t m, const std::uint16_t* window, const double* q,
@@ -840,39 +905,20 @@ __attribute__((target("avx512f,avx2,fma"))) void lean_fused_avx512(
   std::size_t i = 0;
   ValueRegisters values;
   hold_values(k.p, k.ax->num_values(), values);
-  const __m512d zero = _mm512_setzero_pd();
-  for (; i + 8 <= m; i += 8) {
-    if (!no_nan(q + i, 8)) {
-      for (std::size_t r = i; r < i + 8; ++r)
-        scales[r] = lean_fused_row<W, S>(k, window[r], q[r], x + r, wn + r * S);
+  for (; i + 16 <= m; i += 16) {
+    if (!no_nan(q + i, 16)) {
+      lean_fused_block<W, S>(k, values, i, window, q, x, scales, wn);
+      lean_fused_block<W, S>(k, values, i + 8, window, q, x, scales, wn);
       continue;
     }
-    __m512d w[W];
-    _mm512_storeu_pd(scales + i, lean_lanes_avx512<W>(k, values, window + i, q + i, w));
-    double* out = wn + i * S;
-    if constexpr (S == 4) {
-      __m512d l[4];
-      for (int j = 0; j < 4; ++j) l[j] = j < W ? w[j] : zero;
-      // 8 rows × 4 weights: pairs of rows per 128-bit lane, then rows gathered by lane shuffles
-      const __m512d t0 = _mm512_unpacklo_pd(l[0], l[1]);  // even rows, weights 0, 1
-      const __m512d t1 = _mm512_unpackhi_pd(l[0], l[1]);  // odd rows, weights 0, 1
-      const __m512d t2 = _mm512_unpacklo_pd(l[2], l[3]);  // even rows, weights 2, 3
-      const __m512d t3 = _mm512_unpackhi_pd(l[2], l[3]);  // odd rows, weights 2, 3
-      const __m512d ea = _mm512_shuffle_f64x2(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
-      const __m512d oa = _mm512_shuffle_f64x2(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
-      const __m512d eb = _mm512_shuffle_f64x2(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
-      const __m512d ob = _mm512_shuffle_f64x2(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
-      _mm512_storeu_pd(out, _mm512_shuffle_f64x2(ea, oa, _MM_SHUFFLE(2, 0, 2, 0)));       // rows 0, 1
-      _mm512_storeu_pd(out + 8, _mm512_shuffle_f64x2(ea, oa, _MM_SHUFFLE(3, 1, 3, 1)));   // rows 2, 3
-      _mm512_storeu_pd(out + 16, _mm512_shuffle_f64x2(eb, ob, _MM_SHUFFLE(2, 0, 2, 0)));  // rows 4, 5
-      _mm512_storeu_pd(out + 24, _mm512_shuffle_f64x2(eb, ob, _MM_SHUFFLE(3, 1, 3, 1)));  // rows 6, 7
-    } else {
-      alignas(64) double buf[8 * W];
-      for (int j = 0; j < W; ++j) _mm512_store_pd(buf + 8 * j, w[j]);
-      for (int r = 0; r < 8; ++r)
-        for (int j = 0; j < S; ++j) out[r * S + j] = j < W ? buf[8 * j + r] : 0.0;
-    }
+    __m512d w[2 * W], value[2];
+    lean_lanes_avx512<W, 2>(k, values, window + i, q + i, w, value);
+    _mm512_storeu_pd(scales + i, value[0]);
+    _mm512_storeu_pd(scales + i + 8, value[1]);
+    store_weight_rows<W, S>(w, wn + i * S);
+    store_weight_rows<W, S>(w + W, wn + (i + 8) * S);
   }
+  for (; i + 8 <= m; i += 8) lean_fused_block<W, S>(k, values, i, window, q, x, scales, wn);
   for (; i < m; ++i) scales[i] = lean_fused_row<W, S>(k, window[i], q[i], x + i, wn + i * S);
 }
 
