@@ -420,11 +420,11 @@ class XTALSCALE_EXPORT LookupHarmonicsTerm final : public ModelTerm {
   /// cached (under a mutex: threads evaluating one term share the cache). Shared, so that a
   /// caller keeps its sums while another thread caches another vector's.
   std::shared_ptr<const ThetaSums> theta_sums(const double* p) const;
-  /// By grid rows: the scales of rows [first, first + count) at @p p and, unless @p points is
-  /// null, each row's two grid points as (θ row, φ column) pairs, 4 values a row (what
-  /// fused_rows() keeps for fused_transpose_rows()).
+  /// By grid rows: the scales of rows [first, first + count) at @p p, from each row's two
+  /// grid points split into θ rows and φ columns in @p points (4·count values, grown when
+  /// needed: what fused_rows() keeps for fused_transpose_rows()).
   void grid_scales(const double* p, std::size_t first, std::size_t count, double* scales,
-                   std::uint32_t* points = nullptr) const;
+                   std::vector<std::uint32_t>& points) const;
 
   std::shared_ptr<const harmonics::LookupFactors> factors_;
   HeldArray<std::int32_t> s0_, s1_;
