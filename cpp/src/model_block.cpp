@@ -31,7 +31,7 @@ double* sized(std::vector<double>& v, std::size_t n) {
 
 /// u_t = (c·s_a)·s_b for each of three terms t (a < b the other two): the products of
 /// ModelBlock::rows_fused_transpose's per-term passes, in one pass over the rows.
-void others_products3(std::size_t count, const double* __restrict c,
+XS_MULTIVERSION void others_products3(std::size_t count, const double* __restrict c,
                       const double* __restrict s0, const double* __restrict s1,
                       const double* __restrict s2, double* __restrict u0,
                       double* __restrict u1, double* __restrict u2) {
