@@ -880,6 +880,12 @@ __attribute__((target("avx512f"), always_inline)) inline void store_weight_rows(
   }
 }
 
+/// True when none of the 16 values at @p q is NaN (no_nan in two comparisons).
+__attribute__((target("avx512f"), always_inline)) inline bool no_nan16(const double* q) {
+  const __m512d a = _mm512_loadu_pd(q), b = _mm512_loadu_pd(q + 8);
+  return (_mm512_cmp_pd_mask(a, a, _CMP_UNORD_Q) | _mm512_cmp_pd_mask(b, b, _CMP_UNORD_Q)) == 0;
+}
+
 /// Rows [i, i + 8) of lean_fused_avx512: in lanes, or row by row when one is a far point.
 template <int W, int S>
 __attribute__((target("avx512f,avx2,fma"), always_inline)) inline void lean_fused_block(
@@ -906,7 +912,7 @@ __attribute__((target("avx512f,avx2,fma"))) void lean_fused_avx512(
   ValueRegisters values;
   hold_values(k.p, k.ax->num_values(), values);
   for (; i + 16 <= m; i += 16) {
-    if (!no_nan(q + i, 16)) {
+    if (!no_nan16(q + i)) {
       lean_fused_block<W, S>(k, values, i, window, q, x, scales, wn);
       lean_fused_block<W, S>(k, values, i + 8, window, q, x, scales, wn);
       continue;
