@@ -1344,6 +1344,38 @@ std::pair<std::vector<std::size_t>, std::vector<std::size_t>> group_chunks(
   return {rows, groups};
 }
 
+/// The target kernel's operations (residual_pass) on @p n_groups groups (@p off: their
+/// offsets, rows counted from @p base): f returned, ∂f/∂g into @p dfdg; each group's f summed
+/// apart, then added (no chain of dependent adds over all rows). Not vectorised: a group holds
+/// a few rows, and a vectorised loop's set-up (an odd row, a group of one, an overlap check)
+/// adds branches that follow the group lengths, mispredicted about once a group. The
+/// operations are the same either way (no fused multiply-add in this file's plain build).
+__attribute__((optimize("no-tree-vectorize"))) double groups_target(
+    const std::int64_t* off, std::size_t n_groups, std::int64_t base, const double* __restrict w,
+    const double* __restrict inten, const double* __restrict g, double* __restrict dfdg) {
+  double f = 0.0;
+  for (std::size_t h = 0; h < n_groups; ++h) {
+    const auto a = static_cast<std::size_t>(off[h] - base);
+    const auto b = static_cast<std::size_t>(off[h + 1] - base);
+    double wgg = 0.0, wgi = 0.0;
+    for (std::size_t l = a; l < b; ++l) {  // fit::detail::group_sums's order
+      const double wg = w[l] * g[l];
+      wgg += wg * g[l];
+      wgi += wg * inten[l];
+    }
+    const double ih = wgg > 0.0 ? wgi / wgg : 0.0;
+    double fh = 0.0;
+    for (std::size_t l = a; l < b; ++l) {
+      const double r = inten[l] - g[l] * ih;
+      const double wr = w[l] * r;
+      fh += wr * r;
+      dfdg[l] = -2.0 * wr * ih;
+    }
+    f += fh;
+  }
+  return f;
+}
+
 }  // namespace
 
 double ModelBlock::chunk_functional_and_gradient(const std::vector<TermValues>& tv,
@@ -1374,28 +1406,8 @@ double ModelBlock::chunk_functional_and_gradient(const std::vector<TermValues>& 
   // The target kernel's operations (residual_pass) on these groups, ∂f/∂g kept for the chunk;
   // each group's f summed apart, then added (no chain of dependent adds over all rows).
   double* dfdg = sized(ws.values, count);
-  const std::int64_t* off = t.group_offsets;
-  const auto base = static_cast<std::int64_t>(first);
-  double f = 0.0;
-  for (std::size_t h = group_first; h < group_last; ++h) {
-    const auto a = static_cast<std::size_t>(off[h] - base);
-    const auto b = static_cast<std::size_t>(off[h + 1] - base);
-    double wgg = 0.0, wgi = 0.0;
-    for (std::size_t l = a; l < b; ++l) {  // fit::detail::group_sums's order
-      const double wg = w[l] * g[l];
-      wgg += wg * g[l];
-      wgi += wg * inten[l];
-    }
-    const double ih = wgg > 0.0 ? wgi / wgg : 0.0;
-    double fh = 0.0;
-    for (std::size_t l = a; l < b; ++l) {
-      const double r = inten[l] - g[l] * ih;
-      const double wr = w[l] * r;
-      fh += wr * r;
-      dfdg[l] = -2.0 * wr * ih;
-    }
-    f += fh;
-  }
+  const double f = groups_target(t.group_offsets + group_first, group_last - group_first,
+                                 static_cast<std::int64_t>(first), w, inten, g, dfdg);
   rows_fused_transpose(tv, first, count, dfdg, g, true, acc, scratch);
   detail::copy_streaming(g, count, out_.scales->data() + first);
   return f;
