@@ -1035,6 +1035,48 @@ __attribute__((target("avx2,fma"))) void lean_transpose_avx2(
 }
 #endif
 
+#ifdef XS_SH_SIMD
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12: _mm512_undefined_* in the intrinsics
+/// lean_transpose_avx2's updates, eight rows at a time: the rows' accumulator offsets and
+/// coefficients (u, or u·(scale·factor)) formed in vector registers and read back one row at a
+/// time, so that a row costs its accumulator's update alone. The same fused multiply-adds in
+/// the same order: the same bits.
+template <int S>
+__attribute__((target("avx512f,avx2,fma"))) void lean_transpose_avx512(
+    std::size_t n, const std::uint16_t* window, const double* wn, const double* u,
+    const double* scales, const double* factor, std::size_t slots, double* acc) {
+  static_assert(S == 4 || S == 8, "strides 4 and 8");
+  const auto sl = static_cast<long long>(slots);
+  // row i's accumulator: ((i mod 4)·slots + window first)·S values in
+  const __m512i phase = _mm512_setr_epi64(0, sl, 2 * sl, 3 * sl, 0, sl, 2 * sl, 3 * sl);
+  alignas(64) std::int64_t offset[8];
+  alignas(64) double coef[8];
+  std::size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m512i record =
+        _mm512_cvtepu16_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(window + i)));
+    const __m512i slot = _mm512_add_epi64(phase, _mm512_srli_epi64(record, 3));
+    _mm512_store_si512(offset, _mm512_slli_epi64(slot, S == 4 ? 2 : 3));
+    __m512d ui = _mm512_loadu_pd(u + i);
+    if (factor != nullptr)
+      ui = _mm512_mul_pd(ui, _mm512_mul_pd(_mm512_loadu_pd(scales + i), _mm512_loadu_pd(factor + i)));
+    _mm512_store_pd(coef, ui);
+    for (int r = 0; r < 8; ++r) {
+      double* a = acc + offset[r];
+      const double* w = wn + (i + static_cast<std::size_t>(r)) * S;
+      const __m256d uv = _mm256_broadcast_sd(coef + r);
+      for (int j = 0; j < S; j += 4)
+        _mm256_storeu_pd(a + j, _mm256_fmadd_pd(uv, _mm256_loadu_pd(w + j), _mm256_loadu_pd(a + j)));
+    }
+  }
+  if (i < n)
+    lean_transpose_avx2<S>(n - i, window + i, wn + i * S, u + i, scales ? scales + i : nullptr,
+                           factor ? factor + i : nullptr, slots, acc);
+}
+#pragma GCC diagnostic pop
+#endif
+
 template <int S>
 XS_ALWAYS_INLINE void lean_transpose_s(std::size_t n, const std::uint16_t* window,
                                        const double* wn, const double* u, const double* scales,
@@ -1045,7 +1087,9 @@ XS_ALWAYS_INLINE void lean_transpose_s(std::size_t n, const std::uint16_t* windo
   double* a = acc.data();
   (void)level;
 #ifdef XS_SH_SIMD
-  if (level >= 1) {
+  if (level >= 2) {
+    lean_transpose_avx512<S>(n, window, wn, u, scales, factor, slots, a);
+  } else if (level >= 1) {
     lean_transpose_avx2<S>(n, window, wn, u, scales, factor, slots, a);
   } else
 #endif
