@@ -490,6 +490,22 @@ __attribute__((target("avx512f"))) void exp_bounded_avx512(std::size_t n, double
     _mm512_mask_storeu_pd(v + i, in, exp_bounded_lanes(_mm512_maskz_loadu_pd(in, v + i)));
   }
 }
+/// s[j] *= fac[j] over @p m values, and whether every product lies in [−700, 700]
+/// (detail::exp_args_in_range's test, NaN outside) in the same pass: ordered comparisons in
+/// mask registers (a comparison of doubles does not vectorise under -ftrapping-math).
+__attribute__((target("avx512f"))) bool times_in_exp_range_avx512(std::size_t m, double* s,
+                                                                  const double* fac) {
+  const __m512d lo = _mm512_set1_pd(-detail::kExpArgLimit), hi = _mm512_set1_pd(detail::kExpArgLimit);
+  unsigned outside = 0;  // lanes of any block with a product out of range
+  for (std::size_t i = 0; i < m; i += 8) {
+    const __mmask8 in = m - i >= 8 ? 0xff : static_cast<__mmask8>((1u << (m - i)) - 1);
+    const __m512d x = _mm512_mul_pd(_mm512_maskz_loadu_pd(in, s + i), _mm512_maskz_loadu_pd(in, fac + i));
+    _mm512_mask_storeu_pd(s + i, in, x);
+    const __mmask8 inside = _mm512_cmp_pd_mask(x, lo, _CMP_GE_OQ) & _mm512_cmp_pd_mask(x, hi, _CMP_LE_OQ);
+    outside |= in & static_cast<unsigned>(static_cast<__mmask8>(~inside));
+  }
+  return outside == 0;
+}
 #pragma GCC diagnostic pop
 #endif
 
@@ -498,13 +514,17 @@ __attribute__((target("avx512f"))) void exp_bounded_avx512(std::size_t n, double
 /// bits as AVX2+FMA). std::exp for a chunk with an argument outside [−700, 700], so
 /// overflow/underflow follow IEEE as elsewhere.
 XS_MULTIVERSION void exp_times(std::size_t m, double* s, const double* fac) {
-  for (std::size_t j = 0; j < m; ++j) s[j] *= fac[j];
 #ifdef XS_SH_SIMD
-  if (detail::simd_level() >= 2 && detail::exp_args_in_range(s, m)) {
-    exp_bounded_avx512(m, s);
+  if (detail::simd_level() >= 2) {
+    if (times_in_exp_range_avx512(m, s, fac)) {
+      exp_bounded_avx512(m, s);
+    } else {
+      for (std::size_t j = 0; j < m; ++j) s[j] = std::exp(s[j]);  // exp_guarded's fallback
+    }
     return;
   }
 #endif
+  for (std::size_t j = 0; j < m; ++j) s[j] *= fac[j];
   exp_guarded(m, s);  // inlined, so compiled for each target of this function
 }
 

@@ -328,6 +328,33 @@ def test_lean_fused_rows_read_the_values_in_registers_or_by_gather(n_intervals, 
         assert f == results[-1][0] and np.array_equal(grad, results[-1][1])
 
 
+@pytest.mark.parametrize("bad_row", [5, 1031, 1035])  # a full block of lanes, its last lane, the tail
+def test_smoothed_b_exponent_out_of_range_takes_std_exp_at_every_level(bad_row):
+    """A block of rows (256) with an exponent outside [−700, 700] goes through std::exp as a
+    whole at every SIMD level (overflow to inf as IEEE says), wherever the row lies among
+    the lanes and the last partial lanes: the same bits at every level."""
+    rng = np.random.default_rng(24)
+    n = 1037  # the last block of 256 rows ends in 8 + 5 lanes
+    x = rng.uniform(0, 10, n)
+    setup = (x, 0.0, (0.0, 10.0), 10, 3, 0.7)
+    kern = core.components
+    window, q = kern.smooth_1d_prepare(*setup)
+    p = rng.uniform(0.3, 0.5, 12)  # B > 0 everywhere
+    factor = rng.uniform(0.03, 0.8, n)
+    factor[bad_row] = 1e4  # B·f > 700
+    results = at_every_simd_level(lambda: kern.smooth_1d_apply(*setup, window, q, p, factor=factor,
+                                                               derivatives=False)[0])
+    for s in results:
+        assert s[bad_row] == np.inf
+        np.testing.assert_array_equal(s, results[-1])
+    # the block's other rows: std::exp's values, within exp_bounded's ~2 ulp of them
+    factor[bad_row] = 0.5
+    in_range = kern.smooth_1d_apply(*setup, window, q, p, factor=factor, derivatives=False)[0]
+    block = np.r_[bad_row // 256 * 256:min(bad_row // 256 * 256 + 256, n)]
+    block = block[block != bad_row]
+    np.testing.assert_allclose(results[-1][block], in_range[block], rtol=5e-16, atol=0)
+
+
 def test_fused_functional_and_gradient_of_a_physical_model_names_bad_rows():
     """A physical model's chunks check g, the weights and the intensities in one pass: each
     fault is still refused with its own message."""
