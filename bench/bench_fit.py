@@ -7,7 +7,10 @@ quadratic forms diag(J V Jᵀ) of the scale variances), the same-run ratio again
 explicit-Jacobian path (scipy JᵀWJ) and a numpy reference f+g, the bytes per observation the kernels' inputs hold, and a stills-like fit
 (one multiplier per image + a shared 5-point resolution smoother, voxel groups).
 
-    PYTHONPATH=python python bench/bench_fit.py [--n-obs 1000000] [--stills-obs 1000000]
+    PYTHONPATH=python python bench/bench_fit.py [--n-obs 1000000] [--stills-obs 1000000] [--physical-only]
+
+--physical-only prints the physical model's section alone (its f+g, one-pass f+g, normal matrix
+and bytes held), on the same data as the full run.
 """
 from __future__ import annotations
 
@@ -256,7 +259,13 @@ def main():
     ap.add_argument("--stills-obs", type=int, default=1_000_000)
     ap.add_argument("--stills-images", type=int, default=10_000)
     ap.add_argument("--stills-voxels", type=int, default=100_000)
+    ap.add_argument("--physical-only", action="store_true",
+                    help="only the physical model's section (its own data, as in the full run)")
     a = ap.parse_args()
+    if a.physical_only:
+        o1, i1, w1, _, _ = physical_like(a.n_obs, 1, 8, np.random.default_rng(7))
+        physical_model_f_g(o1, i1, w1, np.random.default_rng(11))
+        return
     rng = np.random.default_rng(7)
     offsets, inten, w, blocks, P = physical_like(a.n_obs, a.datasets, 8, rng)
     n = a.n_obs

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <iterator>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -453,10 +454,76 @@ std::size_t smooth_1d_prepare(const GaussianSmoother<1>& smoother, std::size_t n
 
 namespace {
 
+#ifdef XS_SH_SIMD
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12: _mm512_undefined_* in the intrinsics
+/// exp_bounded of eight lanes as its AVX2+FMA compilation computes each value (the product
+/// and the reduction's two subtractions of k·ln 2 fused, Horner by fused multiply-add): the
+/// same bits.
+__attribute__((target("avx512f"), always_inline)) inline __m512d exp_bounded_lanes(__m512d x) {
+  const __m512d t = _mm512_fmadd_pd(x, _mm512_set1_pd(detail::kLog2e),
+                                    _mm512_set1_pd(detail::kRoundShifter));
+  const __m512d kd = _mm512_sub_pd(t, _mm512_set1_pd(detail::kRoundShifter));
+  const __m512d r = _mm512_fnmadd_pd(kd, _mm512_set1_pd(detail::kLn2Lo),
+                                     _mm512_fnmadd_pd(kd, _mm512_set1_pd(detail::kLn2Hi), x));
+  __m512d p = _mm512_set1_pd(detail::kExpPoly[0]);
+  for (std::size_t c = 1; c < std::size(detail::kExpPoly); ++c)
+    p = _mm512_fmadd_pd(p, r, _mm512_set1_pd(detail::kExpPoly[c]));
+  const __m512i scale = _mm512_slli_epi64(
+      _mm512_add_epi64(_mm512_castpd_si512(t), _mm512_set1_epi64(1023)), 52);
+  return _mm512_mul_pd(p, _mm512_castsi512_pd(scale));
+}
+
+/// v[i] = exp_bounded(v[i]) for arguments in range (detail::exp_args_in_range), 32 values at a
+/// time in four interleaved chains: one exponential is a chain of ~15 dependent operations,
+/// and a loop of one chain a step runs at the chain's latency, not the core's throughput.
+__attribute__((target("avx512f"))) void exp_bounded_avx512(std::size_t n, double* v) {
+  std::size_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    __m512d x[4];
+    for (int z = 0; z < 4; ++z) x[z] = _mm512_loadu_pd(v + i + 8 * z);
+    for (int z = 0; z < 4; ++z) x[z] = exp_bounded_lanes(x[z]);  // inlined: interleaved
+    for (int z = 0; z < 4; ++z) _mm512_storeu_pd(v + i + 8 * z, x[z]);
+  }
+  for (; i < n; i += 8) {
+    const __mmask8 in = n - i >= 8 ? 0xff : static_cast<__mmask8>((1u << (n - i)) - 1);
+    _mm512_mask_storeu_pd(v + i, in, exp_bounded_lanes(_mm512_maskz_loadu_pd(in, v + i)));
+  }
+}
+/// s[j] *= fac[j] over @p m values, and whether every product lies in [−700, 700]
+/// (detail::exp_args_in_range's test, NaN outside) in the same pass: ordered comparisons in
+/// mask registers (a comparison of doubles does not vectorise under -ftrapping-math).
+__attribute__((target("avx512f"))) bool times_in_exp_range_avx512(std::size_t m, double* s,
+                                                                  const double* fac) {
+  const __m512d lo = _mm512_set1_pd(-detail::kExpArgLimit), hi = _mm512_set1_pd(detail::kExpArgLimit);
+  unsigned outside = 0;  // lanes of any block with a product out of range
+  for (std::size_t i = 0; i < m; i += 8) {
+    const __mmask8 in = m - i >= 8 ? 0xff : static_cast<__mmask8>((1u << (m - i)) - 1);
+    const __m512d x = _mm512_mul_pd(_mm512_maskz_loadu_pd(in, s + i), _mm512_maskz_loadu_pd(in, fac + i));
+    _mm512_mask_storeu_pd(s + i, in, x);
+    const __mmask8 inside = _mm512_cmp_pd_mask(x, lo, _CMP_GE_OQ) & _mm512_cmp_pd_mask(x, hi, _CMP_LE_OQ);
+    outside |= in & static_cast<unsigned>(static_cast<__mmask8>(~inside));
+  }
+  return outside == 0;
+}
+#pragma GCC diagnostic pop
+#endif
+
 /// s[j] = exp(s[j]·fac[j]) over a chunk, vectorised (and compiled for AVX2+FMA too, picked at
-/// run time: FMA may change the last bit, within exp_bounded's ~2 ulp). std::exp for a chunk
-/// with an argument outside [−700, 700], so overflow/underflow follow IEEE as elsewhere.
+/// run time: FMA may change the last bit, within exp_bounded's ~2 ulp; at AVX-512 the same
+/// bits as AVX2+FMA). std::exp for a chunk with an argument outside [−700, 700], so
+/// overflow/underflow follow IEEE as elsewhere.
 XS_MULTIVERSION void exp_times(std::size_t m, double* s, const double* fac) {
+#ifdef XS_SH_SIMD
+  if (detail::simd_level() >= 2) {
+    if (times_in_exp_range_avx512(m, s, fac)) {
+      exp_bounded_avx512(m, s);
+    } else {
+      for (std::size_t j = 0; j < m; ++j) s[j] = std::exp(s[j]);  // exp_guarded's fallback
+    }
+    return;
+  }
+#endif
   for (std::size_t j = 0; j < m; ++j) s[j] *= fac[j];
   exp_guarded(m, s);  // inlined, so compiled for each target of this function
 }
@@ -497,32 +564,81 @@ XS_ALWAYS_INLINE double lean_row(const LeanRows<W>& k, std::uint16_t record, dou
 // compiled for AVX2+FMA. Only blocks of rows without a far point (NaN q) come here; the
 // derivative entries are written row by row from the lanes' normalised weights.
 
-/// Weights w_k (0 past a row's window) of 8 rows, normalised in place; returns the scales.
-template <int W>
-__attribute__((target("avx512f"))) inline __m512d lean_lanes_avx512(const LeanRows<W>& k,
-                                                                    const std::uint16_t* window,
-                                                                    const double* q, __m512d* wn) {
-  const __m512i rec = _mm512_cvtepu16_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(window)));
-  const __m512i first = _mm512_srli_epi64(rec, 3), cnt = _mm512_and_si512(rec, _mm512_set1_epi64(7));
-  const __m512d qv = _mm512_loadu_pd(q);
-  __m512d t = _mm512_set1_pd(1.0), sumw = _mm512_setzero_pd();
-  __mmask8 in[W];
-  for (int j = 0; j < W; ++j) {
-    in[j] = _mm512_cmpgt_epi64_mask(cnt, _mm512_set1_epi64(j));
-    wn[j] = _mm512_maskz_mul_pd(in[j], t, _mm512_set1_pd(k.c[j]));
-    t = _mm512_mul_pd(t, qv);
+/// The smoother's values held in registers for lean_lanes_avx512, when they are few enough:
+/// eight lanes then read p[first + j] by two permutations and a blend instead of a gather (a
+/// gather of eight doubles costs several times as much on the CPUs measured). The same
+/// values either way, so the same bits.
+struct ValueRegisters {
+  static constexpr std::size_t kMaxValues = 32;  ///< four registers
+  __m512d r[4];
+  bool held = false;
+};
+
+/// @p p's @p n values in @p v (zeros past them) when n <= ValueRegisters::kMaxValues.
+__attribute__((target("avx512f"), always_inline)) inline void hold_values(const double* p,
+                                                                         std::size_t n,
+                                                                         ValueRegisters& v) {
+  v.held = n <= ValueRegisters::kMaxValues;
+  if (!v.held) return;
+  alignas(64) double padded[ValueRegisters::kMaxValues] = {};
+  std::copy(p, p + n, padded);
+  for (int z = 0; z < 4; ++z) v.r[z] = _mm512_load_pd(padded + 8 * z);
+}
+
+/// p[col] of the lanes in @p in (other lanes: any value), from @p v when held, else gathered.
+__attribute__((target("avx512f"), always_inline)) inline __m512d lane_values(
+    const double* p, const ValueRegisters& v, __m512i col, __mmask8 in) {
+  if (!v.held) return _mm512_mask_i64gather_pd(_mm512_setzero_pd(), in, col, p, 8);
+  const __m512d low = _mm512_permutex2var_pd(v.r[0], col, v.r[1]);   // col mod 16 of 0…15
+  const __m512d high = _mm512_permutex2var_pd(v.r[2], col, v.r[3]);  // … of 16…31
+  return _mm512_mask_blend_pd(_mm512_test_epi64_mask(col, _mm512_set1_epi64(16)), low, high);
+}
+
+/// Weights w_k (0 past a row's window) of B blocks of 8 rows (rows 8b … 8b + 7 from
+/// @p window and @p q), normalised in place into wn[b·W + k]; the blocks' scales into
+/// @p scales[b]. @p values: the smoother's values (hold_values() of k.p). Each step is taken
+/// for every block before the next, so that B > 1 runs B blocks' chains of dependent
+/// operations (the weights' recurrence, their sum, the division, the value's fused
+/// multiply-adds) side by side; the same operations on each lane for any B.
+template <int W, int B = 1>
+__attribute__((target("avx512f"), always_inline)) inline void lean_lanes_avx512(
+    const LeanRows<W>& k, const ValueRegisters& values, const std::uint16_t* window,
+    const double* q, __m512d* wn, __m512d* scales) {
+  __m512i first[B], cnt[B];
+  __m512d qv[B], t[B], sumw[B], inv[B];
+  __mmask8 in[B][W];
+  for (int b = 0; b < B; ++b) {
+    const __m512i rec = _mm512_cvtepu16_epi64(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(window + 8 * b)));
+    first[b] = _mm512_srli_epi64(rec, 3);
+    cnt[b] = _mm512_and_si512(rec, _mm512_set1_epi64(7));
+    qv[b] = _mm512_loadu_pd(q + 8 * b);
+    t[b] = _mm512_set1_pd(1.0);
+    sumw[b] = _mm512_setzero_pd();
+    scales[b] = _mm512_setzero_pd();
   }
-  for (int j = 0; j < W; ++j) sumw = _mm512_add_pd(sumw, wn[j]);
-  const __mmask8 positive = _mm512_cmp_pd_mask(sumw, _mm512_setzero_pd(), _CMP_GT_OQ);
-  const __m512d inv = _mm512_maskz_div_pd(positive, _mm512_set1_pd(1.0), sumw);
-  __m512d value = _mm512_setzero_pd();
   for (int j = 0; j < W; ++j) {
-    wn[j] = _mm512_mul_pd(wn[j], inv);
-    const __m512i col = _mm512_add_epi64(first, _mm512_set1_epi64(j));
-    const __m512d pj = _mm512_mask_i64gather_pd(_mm512_setzero_pd(), in[j], col, k.p, 8);
-    value = _mm512_mask3_fmadd_pd(wn[j], pj, value, in[j]);
+    for (int b = 0; b < B; ++b) {
+      in[b][j] = _mm512_cmpgt_epi64_mask(cnt[b], _mm512_set1_epi64(j));
+      wn[b * W + j] = _mm512_maskz_mul_pd(in[b][j], t[b], _mm512_set1_pd(k.c[j]));
+      t[b] = _mm512_mul_pd(t[b], qv[b]);
+    }
   }
-  return value;
+  for (int j = 0; j < W; ++j)
+    for (int b = 0; b < B; ++b) sumw[b] = _mm512_add_pd(sumw[b], wn[b * W + j]);
+  for (int b = 0; b < B; ++b) {
+    const __mmask8 positive = _mm512_cmp_pd_mask(sumw[b], _mm512_setzero_pd(), _CMP_GT_OQ);
+    inv[b] = _mm512_maskz_div_pd(positive, _mm512_set1_pd(1.0), sumw[b]);
+  }
+  for (int j = 0; j < W; ++j) {
+    for (int b = 0; b < B; ++b) {
+      __m512d& w = wn[b * W + j];
+      w = _mm512_mul_pd(w, inv[b]);
+      const __m512i col = _mm512_add_epi64(first[b], _mm512_set1_epi64(j));
+      scales[b] = _mm512_mask3_fmadd_pd(w, lane_values(k.p, values, col, in[b][j]), scales[b],
+                                        in[b][j]);
+    }
+  }
 }
 
 template <int W>
@@ -585,6 +701,8 @@ __attribute__((target("avx512f,avx2,fma"))) void lean_rows_avx512(
     const LeanRows<W>& k, std::size_t m, const std::uint16_t* window, const double* q,
     const double* x, double* scales, double* data, std::size_t& nnz, std::size_t* row_start) {
   std::size_t i = 0;
+  ValueRegisters values;
+  hold_values(k.p, k.ax->num_values(), values);
   alignas(64) double wbuf[W * 8];
   for (; i + 8 <= m; i += 8) {
     if (!no_nan(q + i, 8)) {
@@ -594,8 +712,9 @@ __attribute__((target("avx512f,avx2,fma"))) void lean_rows_avx512(
       }
       continue;
     }
-    __m512d wn[W];
-    _mm512_storeu_pd(scales + i, lean_lanes_avx512<W>(k, window + i, q + i, wn));
+    __m512d wn[W], value;
+    lean_lanes_avx512<W>(k, values, window + i, q + i, wn, &value);
+    _mm512_storeu_pd(scales + i, value);
     if (data == nullptr) continue;
     for (int j = 0; j < W; ++j) _mm512_store_pd(wbuf + 8 * j, wn[j]);
     lean_lanes_data<W>(wbuf, 8, window + i, k.skip, data, nnz, row_start + i);
@@ -751,46 +870,81 @@ XS_ALWAYS_INLINE double lean_fused_row(const LeanRows<W>& k, std::uint16_t recor
 #ifdef XS_SH_SIMD
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12: _mm512_undefined_* in the intrinsics
-/// Rows in blocks of 8 lanes (lean_lanes_avx512: the row-by-row bits), each block's weights
-/// transposed to rows of S doubles in registers (S = 4) or through a small buffer (S = 8).
+/// One block of 8 rows' normalised weights @p w (lane r of w[j]: row r's weight j) stored as
+/// rows of S doubles at @p out: transposed in registers (S = 4) or through a small buffer.
+template <int W, int S>
+__attribute__((target("avx512f"), always_inline)) inline void store_weight_rows(const __m512d* w,
+                                                                               double* out) {
+  if constexpr (S == 4) {
+    const __m512d zero = _mm512_setzero_pd();
+    __m512d l[4];
+    for (int j = 0; j < 4; ++j) l[j] = j < W ? w[j] : zero;
+    // 8 rows × 4 weights: pairs of rows per 128-bit lane, then rows gathered by lane shuffles
+    const __m512d t0 = _mm512_unpacklo_pd(l[0], l[1]);  // even rows, weights 0, 1
+    const __m512d t1 = _mm512_unpackhi_pd(l[0], l[1]);  // odd rows, weights 0, 1
+    const __m512d t2 = _mm512_unpacklo_pd(l[2], l[3]);  // even rows, weights 2, 3
+    const __m512d t3 = _mm512_unpackhi_pd(l[2], l[3]);  // odd rows, weights 2, 3
+    const __m512d ea = _mm512_shuffle_f64x2(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512d oa = _mm512_shuffle_f64x2(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+    const __m512d eb = _mm512_shuffle_f64x2(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+    const __m512d ob = _mm512_shuffle_f64x2(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+    _mm512_storeu_pd(out, _mm512_shuffle_f64x2(ea, oa, _MM_SHUFFLE(2, 0, 2, 0)));       // rows 0, 1
+    _mm512_storeu_pd(out + 8, _mm512_shuffle_f64x2(ea, oa, _MM_SHUFFLE(3, 1, 3, 1)));   // rows 2, 3
+    _mm512_storeu_pd(out + 16, _mm512_shuffle_f64x2(eb, ob, _MM_SHUFFLE(2, 0, 2, 0)));  // rows 4, 5
+    _mm512_storeu_pd(out + 24, _mm512_shuffle_f64x2(eb, ob, _MM_SHUFFLE(3, 1, 3, 1)));  // rows 6, 7
+  } else {
+    alignas(64) double buf[8 * W];
+    for (int j = 0; j < W; ++j) _mm512_store_pd(buf + 8 * j, w[j]);
+    for (int r = 0; r < 8; ++r)
+      for (int j = 0; j < S; ++j) out[r * S + j] = j < W ? buf[8 * j + r] : 0.0;
+  }
+}
+
+/// True when none of the 16 values at @p q is NaN (no_nan in two comparisons).
+__attribute__((target("avx512f"), always_inline)) inline bool no_nan16(const double* q) {
+  const __m512d a = _mm512_loadu_pd(q), b = _mm512_loadu_pd(q + 8);
+  return (_mm512_cmp_pd_mask(a, a, _CMP_UNORD_Q) | _mm512_cmp_pd_mask(b, b, _CMP_UNORD_Q)) == 0;
+}
+
+/// Rows [i, i + 8) of lean_fused_avx512: in lanes, or row by row when one is a far point.
+template <int W, int S>
+__attribute__((target("avx512f,avx2,fma"), always_inline)) inline void lean_fused_block(
+    const LeanRows<W>& k, const ValueRegisters& values, std::size_t i,
+    const std::uint16_t* window, const double* q, const double* x, double* scales, double* wn) {
+  if (!no_nan(q + i, 8)) {
+    for (std::size_t r = i; r < i + 8; ++r)
+      scales[r] = lean_fused_row<W, S>(k, window[r], q[r], x + r, wn + r * S);
+    return;
+  }
+  __m512d w[W], value;
+  lean_lanes_avx512<W>(k, values, window + i, q + i, w, &value);
+  _mm512_storeu_pd(scales + i, value);
+  store_weight_rows<W, S>(w, wn + i * S);
+}
+
+/// Rows in blocks of 8 lanes (lean_lanes_avx512: the row-by-row bits), two blocks side by side
+/// where neither holds a far point, each block's weights stored as rows (store_weight_rows).
 template <int W, int S>
 __attribute__((target("avx512f,avx2,fma"))) void lean_fused_avx512(
     const LeanRows<W>& k, std::size_t m, const std::uint16_t* window, const double* q,
     const double* x, double* scales, double* wn) {
   std::size_t i = 0;
-  const __m512d zero = _mm512_setzero_pd();
-  for (; i + 8 <= m; i += 8) {
-    if (!no_nan(q + i, 8)) {
-      for (std::size_t r = i; r < i + 8; ++r)
-        scales[r] = lean_fused_row<W, S>(k, window[r], q[r], x + r, wn + r * S);
+  ValueRegisters values;
+  hold_values(k.p, k.ax->num_values(), values);
+  for (; i + 16 <= m; i += 16) {
+    if (!no_nan16(q + i)) {
+      lean_fused_block<W, S>(k, values, i, window, q, x, scales, wn);
+      lean_fused_block<W, S>(k, values, i + 8, window, q, x, scales, wn);
       continue;
     }
-    __m512d w[W];
-    _mm512_storeu_pd(scales + i, lean_lanes_avx512<W>(k, window + i, q + i, w));
-    double* out = wn + i * S;
-    if constexpr (S == 4) {
-      __m512d l[4];
-      for (int j = 0; j < 4; ++j) l[j] = j < W ? w[j] : zero;
-      // 8 rows × 4 weights: pairs of rows per 128-bit lane, then rows gathered by lane shuffles
-      const __m512d t0 = _mm512_unpacklo_pd(l[0], l[1]);  // even rows, weights 0, 1
-      const __m512d t1 = _mm512_unpackhi_pd(l[0], l[1]);  // odd rows, weights 0, 1
-      const __m512d t2 = _mm512_unpacklo_pd(l[2], l[3]);  // even rows, weights 2, 3
-      const __m512d t3 = _mm512_unpackhi_pd(l[2], l[3]);  // odd rows, weights 2, 3
-      const __m512d ea = _mm512_shuffle_f64x2(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
-      const __m512d oa = _mm512_shuffle_f64x2(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
-      const __m512d eb = _mm512_shuffle_f64x2(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
-      const __m512d ob = _mm512_shuffle_f64x2(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
-      _mm512_storeu_pd(out, _mm512_shuffle_f64x2(ea, oa, _MM_SHUFFLE(2, 0, 2, 0)));       // rows 0, 1
-      _mm512_storeu_pd(out + 8, _mm512_shuffle_f64x2(ea, oa, _MM_SHUFFLE(3, 1, 3, 1)));   // rows 2, 3
-      _mm512_storeu_pd(out + 16, _mm512_shuffle_f64x2(eb, ob, _MM_SHUFFLE(2, 0, 2, 0)));  // rows 4, 5
-      _mm512_storeu_pd(out + 24, _mm512_shuffle_f64x2(eb, ob, _MM_SHUFFLE(3, 1, 3, 1)));  // rows 6, 7
-    } else {
-      alignas(64) double buf[8 * W];
-      for (int j = 0; j < W; ++j) _mm512_store_pd(buf + 8 * j, w[j]);
-      for (int r = 0; r < 8; ++r)
-        for (int j = 0; j < S; ++j) out[r * S + j] = j < W ? buf[8 * j + r] : 0.0;
-    }
+    __m512d w[2 * W], value[2];
+    lean_lanes_avx512<W, 2>(k, values, window + i, q + i, w, value);
+    _mm512_storeu_pd(scales + i, value[0]);
+    _mm512_storeu_pd(scales + i + 8, value[1]);
+    store_weight_rows<W, S>(w, wn + i * S);
+    store_weight_rows<W, S>(w + W, wn + (i + 8) * S);
   }
+  for (; i + 8 <= m; i += 8) lean_fused_block<W, S>(k, values, i, window, q, x, scales, wn);
   for (; i < m; ++i) scales[i] = lean_fused_row<W, S>(k, window[i], q[i], x + i, wn + i * S);
 }
 
@@ -901,6 +1055,48 @@ __attribute__((target("avx2,fma"))) void lean_transpose_avx2(
 }
 #endif
 
+#ifdef XS_SH_SIMD
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12: _mm512_undefined_* in the intrinsics
+/// lean_transpose_avx2's updates, eight rows at a time: the rows' accumulator offsets and
+/// coefficients (u, or u·(scale·factor)) formed in vector registers and read back one row at a
+/// time, so that a row costs its accumulator's update alone. The same fused multiply-adds in
+/// the same order: the same bits.
+template <int S>
+__attribute__((target("avx512f,avx2,fma"))) void lean_transpose_avx512(
+    std::size_t n, const std::uint16_t* window, const double* wn, const double* u,
+    const double* scales, const double* factor, std::size_t slots, double* acc) {
+  static_assert(S == 4 || S == 8, "strides 4 and 8");
+  const auto sl = static_cast<long long>(slots);
+  // row i's accumulator: ((i mod 4)·slots + window first)·S values in
+  const __m512i phase = _mm512_setr_epi64(0, sl, 2 * sl, 3 * sl, 0, sl, 2 * sl, 3 * sl);
+  alignas(64) std::int64_t offset[8];
+  alignas(64) double coef[8];
+  std::size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m512i record =
+        _mm512_cvtepu16_epi64(_mm_loadu_si128(reinterpret_cast<const __m128i*>(window + i)));
+    const __m512i slot = _mm512_add_epi64(phase, _mm512_srli_epi64(record, 3));
+    _mm512_store_si512(offset, _mm512_slli_epi64(slot, S == 4 ? 2 : 3));
+    __m512d ui = _mm512_loadu_pd(u + i);
+    if (factor != nullptr)
+      ui = _mm512_mul_pd(ui, _mm512_mul_pd(_mm512_loadu_pd(scales + i), _mm512_loadu_pd(factor + i)));
+    _mm512_store_pd(coef, ui);
+    for (int r = 0; r < 8; ++r) {
+      double* a = acc + offset[r];
+      const double* w = wn + (i + static_cast<std::size_t>(r)) * S;
+      const __m256d uv = _mm256_broadcast_sd(coef + r);
+      for (int j = 0; j < S; j += 4)
+        _mm256_storeu_pd(a + j, _mm256_fmadd_pd(uv, _mm256_loadu_pd(w + j), _mm256_loadu_pd(a + j)));
+    }
+  }
+  if (i < n)
+    lean_transpose_avx2<S>(n - i, window + i, wn + i * S, u + i, scales ? scales + i : nullptr,
+                           factor ? factor + i : nullptr, slots, acc);
+}
+#pragma GCC diagnostic pop
+#endif
+
 template <int S>
 XS_ALWAYS_INLINE void lean_transpose_s(std::size_t n, const std::uint16_t* window,
                                        const double* wn, const double* u, const double* scales,
@@ -911,7 +1107,9 @@ XS_ALWAYS_INLINE void lean_transpose_s(std::size_t n, const std::uint16_t* windo
   double* a = acc.data();
   (void)level;
 #ifdef XS_SH_SIMD
-  if (level >= 1) {
+  if (level >= 2) {
+    lean_transpose_avx512<S>(n, window, wn, u, scales, factor, slots, a);
+  } else if (level >= 1) {
     lean_transpose_avx2<S>(n, window, wn, u, scales, factor, slots, a);
   } else
 #endif

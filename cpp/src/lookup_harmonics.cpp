@@ -311,14 +311,76 @@ XS_ALWAYS_INLINE double grid_scale(double f0_pair, double lane_sum) {
   return 1.0 + 0.5 * (f0_pair + lane_sum);
 }
 
-XS_MULTIVERSION void grid_scales_plain(const GridTables& g, const std::int32_t* s0,
-                                       const std::int32_t* s1, std::size_t count,
-                                       double* scales) {
-  const std::size_t L = g.lanes;
-  for (std::size_t i = 0; i < count; ++i) {
+/// The grid points of @p count rows split into θ rows and φ columns (GridTables::split), by
+/// split_points() into four planar arrays of @p count values: the first points' θ rows t0 and
+/// φ columns j0, the second points' t1 and j1. The scales' kernels and the transposed product
+/// of the same rows read them (fused_rows() keeps them for fused_transpose_rows()).
+struct GridPoints {
+  const std::uint32_t *t0, *j0, *t1, *j1;
+  GridPoints(const std::uint32_t* planar, std::size_t count)
+      : t0(planar), j0(planar + count), t1(planar + 2 * count), j1(planar + 3 * count) {}
+};
+
+/// split_points() row by row (any level; the tail of the vectorised split).
+void split_points_rows(const GridTables& g, const std::int32_t* s0, const std::int32_t* s1,
+                       std::size_t from, std::size_t count, std::uint32_t* planar) {
+  for (std::size_t i = from; i < count; ++i) {
     std::size_t t0, j0, t1, j1;
     g.split(s0[i], t0, j0);
     g.split(s1[i], t1, j1);
+    planar[i] = static_cast<std::uint32_t>(t0);
+    planar[count + i] = static_cast<std::uint32_t>(j0);
+    planar[2 * count + i] = static_cast<std::uint32_t>(t1);
+    planar[3 * count + i] = static_cast<std::uint32_t>(j1);
+  }
+}
+
+#ifdef XS_LOOKUP_SIMD
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12: _mm512_undefined_* in the intrinsics
+/// split_points_rows for eight rows at a time: the magic multiplier is below 2³² and the
+/// indices below 2³¹ (see GridRows), so each product is one 32 × 32 → 64-bit multiplication.
+__attribute__((target("avx512f"))) void split_points_avx512(const GridTables& g,
+                                                            const std::int32_t* s0,
+                                                            const std::int32_t* s1,
+                                                            std::size_t count,
+                                                            std::uint32_t* planar) {
+  const __m512i magic = _mm512_set1_epi64(static_cast<long long>(g.magic));
+  const __m512i n_phi = _mm512_set1_epi64(static_cast<long long>(g.n_phi));
+  const __m128i shift = _mm_cvtsi32_si128(static_cast<int>(g.shift));
+  std::size_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    for (int point = 0; point < 2; ++point) {
+      const std::int32_t* s = point == 0 ? s0 : s1;
+      const __m512i index =
+          _mm512_cvtepu32_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + i)));
+      const __m512i t = _mm512_srl_epi64(_mm512_mul_epu32(index, magic), shift);
+      const __m512i j = _mm512_sub_epi64(index, _mm512_mul_epu32(t, n_phi));
+      std::uint32_t* out = planar + 2 * point * count + i;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi64_epi32(t));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + count), _mm512_cvtepi64_epi32(j));
+    }
+  }
+  split_points_rows(g, s0, s1, i, count, planar);
+}
+#pragma GCC diagnostic pop
+#endif
+
+/// Each of @p count rows' grid points split into @p planar (4·count values, see GridPoints).
+void split_points(const GridTables& g, const std::int32_t* s0, const std::int32_t* s1,
+                  std::size_t count, std::uint32_t* planar) {
+#ifdef XS_LOOKUP_SIMD
+  if (detail::simd_level() >= 2) return split_points_avx512(g, s0, s1, count, planar);
+#endif
+  split_points_rows(g, s0, s1, 0, count, planar);
+}
+
+/// The scales of @p count rows from their grid points @p pt.
+XS_MULTIVERSION void grid_scales_plain(const GridTables& g, GridPoints pt, std::size_t count,
+                                       double* scales) {
+  const std::size_t L = g.lanes;
+  for (std::size_t i = 0; i < count; ++i) {
+    const std::size_t t0 = pt.t0[i], j0 = pt.j0[i], t1 = pt.t1[i], j1 = pt.j1[i];
     const double *fa = g.f + t0 * L, *ba = g.trig + j0 * L;
     const double *fb = g.f + t1 * L, *bb = g.trig + j1 * L;
     double lanes[8] = {};
@@ -328,18 +390,17 @@ XS_MULTIVERSION void grid_scales_plain(const GridTables& g, const std::int32_t* 
   }
 }
 
-/// M_m(t) += u_i·trig_m(φ_j) and M_0(t) += u_i for each row's two points (the first point's
-/// then the second's), rows in order; the θ rows touched widen [@p t_lo, @p t_hi].
-XS_MULTIVERSION void grid_accumulate_plain(const GridTables& g, const std::int32_t* s0,
-                                           const std::int32_t* s1, std::size_t count,
+/// M_m(t) += u_i·trig_m(φ_j) and M_0(t) += u_i for each row's two points @p pt (the first
+/// point's then the second's), rows in order; the θ rows touched widen [@p t_lo, @p t_hi].
+XS_MULTIVERSION void grid_accumulate_plain(const GridTables& g, GridPoints pt, std::size_t count,
                                            const double* u, double* m, double* m0,
                                            std::size_t& t_lo, std::size_t& t_hi) {
   const std::size_t L = g.lanes;
   for (std::size_t i = 0; i < count; ++i) {
     const double ui = u[i];
-    for (const std::int32_t index : {s0[i], s1[i]}) {
-      std::size_t t, j;
-      g.split(index, t, j);
+    for (int point = 0; point < 2; ++point) {
+      const std::size_t t = point == 0 ? pt.t0[i] : pt.t1[i];
+      const std::size_t j = point == 0 ? pt.j0[i] : pt.j1[i];
       double* mt = m + t * L;
       const double* b = g.trig + j * L;
       for (std::size_t q = 0; q < L; ++q) mt[q] = std::fma(ui, b[q], mt[q]);
@@ -376,11 +437,9 @@ XS_MULTIVERSION void grid_transpose_finish(const harmonics::LookupFactors& f,
 /// A row's eight lanes (grid_scales_plain's order) and its two points' F_0 sum.
 template <int NZ>
 __attribute__((target("avx512f"), always_inline)) inline __m512d grid_row_lanes(
-    const GridTables& t, std::int32_t i0, std::int32_t i1, double& f0_pair) {
+    const GridTables& t, std::size_t t0, std::size_t j0, std::size_t t1, std::size_t j1,
+    double& f0_pair) {
   constexpr std::size_t L = 8 * NZ;
-  std::size_t t0, j0, t1, j1;
-  t.split(i0, t0, j0);
-  t.split(i1, t1, j1);
   const double *fa = t.f + t0 * L, *ba = t.trig + j0 * L;
   const double *fb = t.f + t1 * L, *bb = t.trig + j1 * L;
   __m512d acc = _mm512_setzero_pd();
@@ -394,9 +453,7 @@ __attribute__((target("avx512f"), always_inline)) inline __m512d grid_row_lanes(
 
 /// grid_scales_plain with NZ registers of eight lanes (lanes = 8·NZ), eight rows at a time.
 template <int NZ>
-__attribute__((target("avx512f"))) void grid_scales_avx512(const GridTables& g,
-                                                           const std::int32_t* s0,
-                                                           const std::int32_t* s1,
+__attribute__((target("avx512f"))) void grid_scales_avx512(const GridTables& g, GridPoints pt,
                                                            std::size_t count, double* scales) {
   const GridTables t = g;  // locals: the stores below would make the compiler reload fields
   std::size_t i = 0;
@@ -405,28 +462,26 @@ __attribute__((target("avx512f"))) void grid_scales_avx512(const GridTables& g,
     __m512d acc[8];
     alignas(64) double f0_pair[8];
     for (int row = 0; row < 8; ++row)
-      acc[row] = grid_row_lanes<NZ>(t, s0[i + row], s1[i + row], f0_pair[row]);
+      acc[row] = grid_row_lanes<NZ>(t, pt.t0[i + row], pt.j0[i + row], pt.t1[i + row],
+                                    pt.j1[i + row], f0_pair[row]);
     const __m512d sums = reduce_eight(acc, 0.0);  // 0 + each row's reduction
     const __m512d s = _mm512_add_pd(one, _mm512_mul_pd(half, _mm512_add_pd(_mm512_load_pd(f0_pair), sums)));
     _mm512_storeu_pd(scales + i, s);
   }
   for (; i < count; ++i) {
     double f0_pair;
-    const __m512d acc = grid_row_lanes<NZ>(t, s0[i], s1[i], f0_pair);
+    const __m512d acc = grid_row_lanes<NZ>(t, pt.t0[i], pt.j0[i], pt.t1[i], pt.j1[i], f0_pair);
     const __m256d h = _mm256_add_pd(_mm512_castpd512_pd256(acc), _mm512_extractf64x4_pd(acc, 1));
     const __m128d q = _mm_add_pd(_mm256_castpd256_pd128(h), _mm256_extractf128_pd(h, 1));
     scales[i] = grid_scale(f0_pair, 0.0 + (_mm_cvtsd_f64(q) + _mm_cvtsd_f64(_mm_unpackhi_pd(q, q))));
   }
 }
 
-/// One grid point's update of grid_accumulate_plain.
+/// One grid point's update of grid_accumulate_plain (θ row @p th, φ column @p j).
 template <int NZ>
 __attribute__((target("avx512f"), always_inline)) inline void grid_add_point(
-    const GridTables& t, std::int32_t index, double ui, double* m, double* m0, std::size_t& lo,
-    std::size_t& hi) {
+    const GridTables& t, std::size_t th, std::size_t j, double ui, double* m, double* m0) {
   constexpr std::size_t L = 8 * NZ;
-  std::size_t th, j;
-  t.split(index, th, j);
   double* mt = m + th * L;
   const double* b = t.trig + j * L;
   const __m512d uv = _mm512_set1_pd(ui);
@@ -434,23 +489,20 @@ __attribute__((target("avx512f"), always_inline)) inline void grid_add_point(
     _mm512_storeu_pd(mt + 8 * z,
                      _mm512_fmadd_pd(uv, _mm512_loadu_pd(b + 8 * z), _mm512_loadu_pd(mt + 8 * z)));
   m0[th] += ui;
-  lo = std::min(lo, th);
-  hi = std::max(hi, th);
 }
 
-/// grid_accumulate_plain with NZ registers of eight lanes.
+/// grid_accumulate_plain with NZ registers of eight lanes, without the range of θ rows
+/// touched (the caller takes them all).
 template <int NZ>
-__attribute__((target("avx512f"))) void grid_accumulate_avx512(
-    const GridTables& g, const std::int32_t* s0, const std::int32_t* s1, std::size_t count,
-    const double* u, double* m, double* m0, std::size_t& t_lo, std::size_t& t_hi) {
+__attribute__((target("avx512f"))) void grid_accumulate_avx512(const GridTables& g,
+                                                               GridPoints pt, std::size_t count,
+                                                               const double* u, double* m,
+                                                               double* m0) {
   const GridTables t = g;
-  std::size_t lo = t_lo, hi = t_hi;
   for (std::size_t i = 0; i < count; ++i) {
-    grid_add_point<NZ>(t, s0[i], u[i], m, m0, lo, hi);
-    grid_add_point<NZ>(t, s1[i], u[i], m, m0, lo, hi);
+    grid_add_point<NZ>(t, pt.t0[i], pt.j0[i], u[i], m, m0);
+    grid_add_point<NZ>(t, pt.t1[i], pt.j1[i], u[i], m, m0);
   }
-  t_lo = lo;
-  t_hi = hi;
 }
 
 /// grid_transpose_finish with eight harmonics a register (lanes up to 16: a θ row's M in one
@@ -500,16 +552,12 @@ __attribute__((target("avx512f"))) void grid_transpose_finish_avx512(
 /// grid_scales_plain with 2·NZ registers of four lanes (register 2z: lanes 0–3 of the z-th
 /// eight, 2z + 1: lanes 4–7), a row at a time.
 template <int NZ>
-__attribute__((target("avx2,fma"))) void grid_scales_avx2(const GridTables& g,
-                                                          const std::int32_t* s0,
-                                                          const std::int32_t* s1,
+__attribute__((target("avx2,fma"))) void grid_scales_avx2(const GridTables& g, GridPoints pt,
                                                           std::size_t count, double* scales) {
   const GridTables t = g;
   constexpr std::size_t L = 8 * NZ;
   for (std::size_t i = 0; i < count; ++i) {
-    std::size_t t0, j0, t1, j1;
-    t.split(s0[i], t0, j0);
-    t.split(s1[i], t1, j1);
+    const std::size_t t0 = pt.t0[i], j0 = pt.j0[i], t1 = pt.t1[i], j1 = pt.j1[i];
     const double *fa = t.f + t0 * L, *ba = t.trig + j0 * L;
     const double *fb = t.f + t1 * L, *bb = t.trig + j1 * L;
     __m256d lo = _mm256_setzero_pd(), hi = _mm256_setzero_pd();
@@ -531,36 +579,42 @@ __attribute__((target("avx2,fma"))) void grid_scales_avx2(const GridTables& g,
 #pragma GCC diagnostic pop
 #endif
 
-/// The grid-row scales of @p count rows at the widest level this CPU runs (the same bits at
-/// each: one lane order, see grid_scales_plain).
-void grid_scales_any(const GridTables& g, const std::int32_t* s0, const std::int32_t* s1,
-                     std::size_t count, double* scales) {
+/// The grid-row scales of @p count rows from their grid points at the widest level this CPU
+/// runs (the same bits at each: one lane order, see grid_scales_plain).
+void grid_scales_any(const GridTables& g, GridPoints pt, std::size_t count, double* scales) {
 #ifdef XS_LOOKUP_SIMD
   const int level = detail::simd_level();
   if (with_register_count(level, g.lanes, [&](auto nz) {
         constexpr int NZ = decltype(nz)::value;
         if (level >= 2)
-          grid_scales_avx512<NZ>(g, s0, s1, count, scales);
+          grid_scales_avx512<NZ>(g, pt, count, scales);
         else if constexpr (NZ <= 3)
-          grid_scales_avx2<NZ>(g, s0, s1, count, scales);
+          grid_scales_avx2<NZ>(g, pt, count, scales);
       }))
     return;
 #endif
-  grid_scales_plain(g, s0, s1, count, scales);
+  grid_scales_plain(g, pt, count, scales);
 }
 
 /// grid_accumulate_plain at the widest level (AVX-512, else the plain path: the updates are
-/// independent fused multiply-adds, the same bits either way).
-void grid_accumulate_any(const GridTables& g, const std::int32_t* s0, const std::int32_t* s1,
-                         std::size_t count, const double* u, double* m, double* m0,
+/// independent fused multiply-adds, the same bits either way). [@p t_lo, @p t_hi]: the θ rows
+/// to finish, those touched or (AVX-512, which tracks none) all @p n_theta. Finishing a θ row
+/// that no point touched adds exact zeros to sums that are never −0 (they start at +0): the
+/// same bits.
+void grid_accumulate_any(const GridTables& g, GridPoints pt, std::size_t count,
+                         const double* u, double* m, double* m0, std::size_t n_theta,
                          std::size_t& t_lo, std::size_t& t_hi) {
 #ifdef XS_LOOKUP_SIMD
   if (detail::simd_level() >= 2 && with_register_count(2, g.lanes, [&](auto nz) {
-        grid_accumulate_avx512<decltype(nz)::value>(g, s0, s1, count, u, m, m0, t_lo, t_hi);
-      }))
+        grid_accumulate_avx512<decltype(nz)::value>(g, pt, count, u, m, m0);
+      })) {
+    if (count == 0) return;  // the range stays empty
+    t_lo = 0;
+    t_hi = n_theta - 1;
     return;
+  }
 #endif
-  grid_accumulate_plain(g, s0, s1, count, u, m, m0, t_lo, t_hi);
+  grid_accumulate_plain(g, pt, count, u, m, m0, t_lo, t_hi);
 }
 
 /// Throws std::out_of_range naming @p name and the row unless every index lies in the grid.
@@ -733,12 +787,14 @@ std::shared_ptr<const LookupHarmonicsTerm::ThetaSums> LookupHarmonicsTerm::theta
 }
 
 void LookupHarmonicsTerm::grid_scales(const double* p, std::size_t first, std::size_t count,
-                                      double* scales) const {
+                                      double* scales, std::vector<std::uint32_t>& points) const {
   const std::shared_ptr<const ThetaSums> sums = theta_sums(p);
   const GridRows<> rows(*factors_);
   const GridTables g{align64(sums->f.data()), sums->f0.data(), align64(trig_.data()), lanes_,
                      rows.magic,     factors_->n_phi, rows.shift};
-  grid_scales_any(g, s0_.data + first, s1_.data + first, count, scales);
+  if (points.size() < 4 * count) detail::resize_large(points, 4 * count);
+  split_points(g, s0_.data + first, s1_.data + first, count, points.data());
+  grid_scales_any(g, GridPoints(points.data(), count), count, scales);
 }
 
 TermValues LookupHarmonicsTerm::evaluate_rows(const double* p, std::size_t first,
@@ -748,7 +804,7 @@ TermValues LookupHarmonicsTerm::evaluate_rows(const double* p, std::size_t first
   double* rows = sized(scratch.values, count * n_params());
   lookup_scales({*factors_, s0_.data + first, s1_.data + first, count, n_params()}, p, s, rows,
                 scratch.aux);
-  if (by_grid_) grid_scales(p, first, count, s);  // the rows stay; the scales by grid rows
+  if (by_grid_) grid_scales(p, first, count, s, scratch.indices);  // the scales by grid rows
   return {s, rows, nullptr};
 }
 
@@ -757,7 +813,7 @@ const double* LookupHarmonicsTerm::scales_rows(const double* p, std::size_t firs
   require_finite(p, n_params(), "parameters");
   double* s = sized(scratch.scales, count);
   if (by_grid_) {
-    grid_scales(p, first, count, s);
+    grid_scales(p, first, count, s, scratch.indices);
     return s;
   }
   lookup_scales({*factors_, s0_.data + first, s1_.data + first, count, n_params()}, p, s,
@@ -771,8 +827,9 @@ TermValues LookupHarmonicsTerm::fused_rows(const double* p, std::size_t first, s
   // fused_transpose_rows() (a chunk's 4096 rows, 786 KB at lmax 4, stay in L2): storing and
   // reading them back costs less than forming them a second time (measured: the one-pass f+g
   // 3.5 ns/obs faster at lmax 4).
-  if (by_grid_) return {scales_rows(p, first, count, scratch), nullptr, nullptr};
-  return evaluate_rows(p, first, count, scratch);
+  if (!by_grid_) return evaluate_rows(p, first, count, scratch);
+  // the scales alone; their grid points stay in scratch.indices for fused_transpose_rows()
+  return {scales_rows(p, first, count, scratch), nullptr, nullptr};
 }
 
 void LookupHarmonicsTerm::fused_transpose_rows(const TermValues& v, std::size_t first,
@@ -789,7 +846,8 @@ void LookupHarmonicsTerm::fused_transpose_rows(const TermValues& v, std::size_t 
   const GridTables g{nullptr, nullptr, align64(trig_.data()), lanes_, rows.magic, factors_->n_phi,
                      rows.shift};
   std::size_t t_lo = n_theta, t_hi = 0;
-  grid_accumulate_any(g, s0_.data + first, s1_.data + first, count, u, m, m0, t_lo, t_hi);
+  grid_accumulate_any(g, GridPoints(scratch.indices.data(), count), count, u, m, m0, n_theta,
+                      t_lo, t_hi);
   if (t_lo > t_hi) return;  // no row
 #ifdef XS_LOOKUP_SIMD
   if (detail::simd_level() >= 2 && lanes_ <= 16 && np <= 48) {

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <exception>
 #include <limits>
 #include <stdexcept>
@@ -30,7 +31,7 @@ double* sized(std::vector<double>& v, std::size_t n) {
 
 /// u_t = (c·s_a)·s_b for each of three terms t (a < b the other two): the products of
 /// ModelBlock::rows_fused_transpose's per-term passes, in one pass over the rows.
-void others_products3(std::size_t count, const double* __restrict c,
+XS_MULTIVERSION void others_products3(std::size_t count, const double* __restrict c,
                       const double* __restrict s0, const double* __restrict s1,
                       const double* __restrict s2, double* __restrict u0,
                       double* __restrict u1, double* __restrict u2) {
@@ -39,6 +40,29 @@ void others_products3(std::size_t count, const double* __restrict c,
     u1[i] = (c[i] * s0[i]) * s2[i];
     u2[i] = (c[i] * s0[i]) * s1[i];
   }
+}
+
+/// The first pass of a physical model's chunk in ModelBlock::functional_and_gradient: g =
+/// (s0·s1)·s2 (product_of_scales's products) and, in the same pass, the chunk's checks
+/// (all_positive_finite of g; all_non_negative_finite of the weights @p w and all_finite of
+/// the intensities @p inten, into @p table_ok). Returns whether every g is finite and > 0.
+XS_MULTIVERSION bool product3_checked(std::size_t count, const double* __restrict s0,
+                                      const double* __restrict s1, const double* __restrict s2,
+                                      const double* __restrict w, const double* __restrict inten,
+                                      double* __restrict g, bool& table_ok) {
+  std::uint64_t bad_g = 0, bad_table = 0;
+  for (std::size_t i = 0; i < count; ++i) {
+    const double gi = (s0[i] * s1[i]) * s2[i];
+    g[i] = gi;
+    std::uint64_t bg, bw, bi;
+    std::memcpy(&bg, &gi, sizeof bg);
+    std::memcpy(&bw, w + i, sizeof bw);
+    std::memcpy(&bi, inten + i, sizeof bi);
+    bad_g |= positive_finite_flag(bg);
+    bad_table |= non_negative_finite_flag(bw) | finite_flag(bi);
+  }
+  if ((bad_table >> 63) != 0) table_ok = false;
+  return (bad_g >> 63) == 0;
 }
 
 void check_held(const void* data, std::size_t size, std::size_t n, const char* name) {
@@ -1320,31 +1344,17 @@ std::pair<std::vector<std::size_t>, std::vector<std::size_t>> group_chunks(
   return {rows, groups};
 }
 
-}  // namespace
-
-double ModelBlock::chunk_functional_and_gradient(const std::vector<TermValues>& tv,
-                                                 std::size_t first, std::size_t count,
-                                                 const fit::GroupedObservations& t,
-                                                 std::size_t group_first, std::size_t group_last,
-                                                 double* acc, std::vector<TermScratch>& scratch,
-                                                 bool& table_ok) const {
-  // g in the workspace, which stays in cache, and copied out at the end by stores that do not
-  // first read the block's buffer from memory (the copy is its only use in this call)
-  TermScratch& ws = scratch[terms_.size()];
-  double* g = sized(ws.scales, count);
-  product_of_scales(tv, count, g);
-  if (!all_positive_finite(g, count))
-    throw std::invalid_argument("a scale g is not finite and > 0 (rows " + std::to_string(first) +
-                                " to " + std::to_string(first + count - 1) + ")");
-  // The target kernel's operations (residual_pass) on these groups, ∂f/∂g kept for the chunk;
-  // each group's f summed apart, then added (no chain of dependent adds over all rows).
-  double* dfdg = sized(ws.values, count);
-  const std::int64_t* off = t.group_offsets;
-  const double* inten = t.intensities + first;
-  const double* w = t.weights + first;
-  const auto base = static_cast<std::int64_t>(first);
+/// The target kernel's operations (residual_pass) on @p n_groups groups (@p off: their
+/// offsets, rows counted from @p base): f returned, ∂f/∂g into @p dfdg; each group's f summed
+/// apart, then added (no chain of dependent adds over all rows). Not vectorised: a group holds
+/// a few rows, and a vectorised loop's set-up (an odd row, a group of one, an overlap check)
+/// adds branches that follow the group lengths, mispredicted about once a group. The
+/// operations are the same either way (no fused multiply-add in this file's plain build).
+__attribute__((optimize("no-tree-vectorize"))) double groups_target(
+    const std::int64_t* off, std::size_t n_groups, std::int64_t base, const double* __restrict w,
+    const double* __restrict inten, const double* __restrict g, double* __restrict dfdg) {
   double f = 0.0;
-  for (std::size_t h = group_first; h < group_last; ++h) {
+  for (std::size_t h = 0; h < n_groups; ++h) {
     const auto a = static_cast<std::size_t>(off[h] - base);
     const auto b = static_cast<std::size_t>(off[h + 1] - base);
     double wgg = 0.0, wgi = 0.0;
@@ -1363,8 +1373,41 @@ double ModelBlock::chunk_functional_and_gradient(const std::vector<TermValues>& 
     }
     f += fh;
   }
-  // the table's check, on rows now in cache (the binding no longer reads them beforehand)
-  if (!all_non_negative_finite(w, count) || !all_finite(inten, count)) table_ok = false;
+  return f;
+}
+
+}  // namespace
+
+double ModelBlock::chunk_functional_and_gradient(const std::vector<TermValues>& tv,
+                                                 std::size_t first, std::size_t count,
+                                                 const fit::GroupedObservations& t,
+                                                 std::size_t group_first, std::size_t group_last,
+                                                 double* acc, std::vector<TermScratch>& scratch,
+                                                 bool& table_ok) const {
+  // g in the workspace, which stays in cache, and copied out at the end by stores that do not
+  // first read the block's buffer from memory (the copy is its only use in this call)
+  TermScratch& ws = scratch[terms_.size()];
+  double* g = sized(ws.scales, count);
+  const double* inten = t.intensities + first;
+  const double* w = t.weights + first;
+  bool g_ok;
+  if (terms_.size() == 3) {  // a physical model: g and every check of the chunk in one pass
+    g_ok = product3_checked(count, tv[0].scales, tv[1].scales, tv[2].scales, w, inten, g,
+                            table_ok);
+  } else {
+    product_of_scales(tv, count, g);
+    g_ok = all_positive_finite(g, count);
+    // the table's check, on rows now in cache (the binding no longer reads them beforehand)
+    if (!all_non_negative_finite(w, count) || !all_finite(inten, count)) table_ok = false;
+  }
+  if (!g_ok)
+    throw std::invalid_argument("a scale g is not finite and > 0 (rows " + std::to_string(first) +
+                                " to " + std::to_string(first + count - 1) + ")");
+  // The target kernel's operations (residual_pass) on these groups, ∂f/∂g kept for the chunk;
+  // each group's f summed apart, then added (no chain of dependent adds over all rows).
+  double* dfdg = sized(ws.values, count);
+  const double f = groups_target(t.group_offsets + group_first, group_last - group_first,
+                                 static_cast<std::int64_t>(first), w, inten, g, dfdg);
   rows_fused_transpose(tv, first, count, dfdg, g, true, acc, scratch);
   detail::copy_streaming(g, count, out_.scales->data() + first);
   return f;

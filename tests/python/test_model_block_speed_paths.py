@@ -272,6 +272,115 @@ def test_fused_functional_and_gradient_matches_the_three_calls(long_group):
     assert np.max(np.abs(grad0 - grad_ref)) <= 1e-12 * np.max(np.abs(grad_ref))
 
 
+def test_fused_f_g_with_far_points_same_bits_at_every_level_and_thread_count():
+    """Far points (the direct formula, row by row) among the lean smoothers' SIMD lanes, which
+    go two blocks of eight at a time in the one-pass f+g: the same f, gradient and g at every
+    SIMD level and thread count, g that of evaluate_scales()."""
+    rng = np.random.default_rng(21)
+    n = 9001
+    offsets, inten, w = grouped_table(n, rng)
+    block = physical_block(n, rng, far=60)
+    g_ref = np.array(block.evaluate_scales())
+    params = block.parameters()
+
+    def run():
+        out = []
+        for nt in (1, 2):
+            f, grad = block.core.functional_and_gradient(params, offsets, inten, w, nt)
+            out.append((f, grad, np.array(block.scales)))
+        return out
+
+    results = at_every_simd_level(run)
+    f0, grad0, _ = results[-1][0]
+    for per_level in results:
+        for f, grad, g in per_level:
+            assert f == f0 and np.array_equal(grad, grad0)
+            np.testing.assert_array_equal(g, g_ref)
+
+
+@pytest.mark.parametrize("n_intervals", [10, 22, 40])  # 12, 24 and 42 smoother values
+@pytest.mark.parametrize("b_factor", [False, True])
+def test_lean_fused_rows_read_the_values_in_registers_or_by_gather(n_intervals, b_factor):
+    """The lean kernel's lanes read a smoother's values held in registers (up to 32 values)
+    or gathered (more): the one-pass f+g of a lean term gives the row-by-row scales bit for
+    bit (smooth_1d_apply writing its pattern), and the same f and gradient at every level."""
+    rng = np.random.default_rng(22 + n_intervals)
+    n = 3001
+    x = rng.uniform(0, 10, n)
+    setup = (x, 0.0, (0.0, 10.0), n_intervals, 3, 0.7)
+    kern = core.components
+    window, q = kern.smooth_1d_prepare(*setup)
+    n_values = n_intervals + 2
+    p = rng.uniform(-0.3, 0.3, n_values) if b_factor else rng.uniform(0.8, 1.2, n_values)
+    factor = rng.uniform(0.03, 0.8, n) if b_factor else None
+    ref_s = kern.smooth_1d_apply(*setup, window, q, p, factor=factor)[0]
+    block = mb.ModelBlock(n)
+    block.add_term(mb.LeanSmoothTerm(*setup, window, q, False, factor))
+    offsets, inten, w = grouped_table(n, rng)
+
+    def run():
+        f, grad = block.functional_and_gradient(p, offsets, inten, w)
+        return f, grad, np.array(block.scales)
+
+    results = at_every_simd_level(run)
+    for f, grad, g in results:
+        np.testing.assert_array_equal(g, ref_s)
+        assert f == results[-1][0] and np.array_equal(grad, results[-1][1])
+
+
+@pytest.mark.parametrize("bad_row", [5, 1031, 1035])  # a full block of lanes, its last lane, the tail
+def test_smoothed_b_exponent_out_of_range_takes_std_exp_at_every_level(bad_row):
+    """A block of rows (256) with an exponent outside [−700, 700] goes through std::exp as a
+    whole at every SIMD level (overflow to inf as IEEE says), wherever the row lies among
+    the lanes and the last partial lanes: the same bits at every level."""
+    rng = np.random.default_rng(24)
+    n = 1037  # the last block of 256 rows ends in 8 + 5 lanes
+    x = rng.uniform(0, 10, n)
+    setup = (x, 0.0, (0.0, 10.0), 10, 3, 0.7)
+    kern = core.components
+    window, q = kern.smooth_1d_prepare(*setup)
+    p = rng.uniform(0.3, 0.5, 12)  # B > 0 everywhere
+    factor = rng.uniform(0.03, 0.8, n)
+    factor[bad_row] = 1e4  # B·f > 700
+    results = at_every_simd_level(lambda: kern.smooth_1d_apply(*setup, window, q, p, factor=factor,
+                                                               derivatives=False)[0])
+    for s in results:
+        assert s[bad_row] == np.inf
+        np.testing.assert_array_equal(s, results[-1])
+    # the block's other rows: std::exp's values, within exp_bounded's ~2 ulp of them
+    factor[bad_row] = 0.5
+    in_range = kern.smooth_1d_apply(*setup, window, q, p, factor=factor, derivatives=False)[0]
+    block = np.r_[bad_row // 256 * 256:min(bad_row // 256 * 256 + 256, n)]
+    block = block[block != bad_row]
+    np.testing.assert_allclose(results[-1][block], in_range[block], rtol=5e-16, atol=0)
+
+
+def test_fused_functional_and_gradient_of_a_physical_model_names_bad_rows():
+    """A physical model's chunks check g, the weights and the intensities in one pass: each
+    fault is still refused with its own message."""
+    rng = np.random.default_rng(23)
+    n = 5000
+    offsets, inten, w = grouped_table(n, rng)
+    block = physical_block(n, rng)
+    params = block.parameters()
+    for bad, match in ((np.nan, "intensities"), (np.inf, "intensities")):
+        i_bad = inten.copy()
+        i_bad[4321] = bad
+        with pytest.raises(ValueError, match=match):
+            block.core.functional_and_gradient(params, offsets, i_bad, w)
+    for bad in (np.inf, -1.0, np.nan):
+        w_bad = w.copy()
+        w_bad[17] = bad
+        with pytest.raises(ValueError, match="weights"):
+            block.core.functional_and_gradient(params, offsets, inten, w_bad)
+    negative = params.copy()
+    negative[block.core.parameter_start(0):block.core.parameter_start(1)] *= -1.0  # the scale smoother
+    with pytest.raises(ValueError, match="scale g is not finite and > 0"):
+        block.core.functional_and_gradient(negative, offsets, inten, w)
+    f, grad = block.core.functional_and_gradient(params, offsets, inten, w)
+    assert np.isfinite(f) and np.all(np.isfinite(grad))
+
+
 def test_fused_functional_and_gradient_refuses_bad_input():
     rng = np.random.default_rng(10)
     n = 500

@@ -44,6 +44,26 @@ inline void require_same_length(std::size_t a, std::size_t b, const char* name_a
                                 " and " + std::to_string(b) + ")");
 }
 
+/// The bit tests of the checks below, on a double's 64-bit pattern @p b: the sign bit of the
+/// result is set when the value fails. finite_flag: NaN or infinite (exponent all ones ⇔
+/// adding one unit of the exponent carries into the sign bit).
+constexpr std::uint64_t finite_flag(std::uint64_t b) noexcept {
+  return (b & 0x7FF0000000000000ULL) + (std::uint64_t{1} << 52);
+}
+
+/// Not finite and > 0: the positive finite doubles are the bit patterns 1 …
+/// 0x7FEFFFFFFFFFFFFF (sign bit of: b (negative or −0), b + 2⁵² (inf/NaN), b − 1 (+0)).
+constexpr std::uint64_t positive_finite_flag(std::uint64_t b) noexcept {
+  return b | (b + (std::uint64_t{1} << 52)) | (b - 1);
+}
+
+/// Not finite and >= 0 (−0 passes, as `v >= 0` holds for it): sign bit of b with a nonzero
+/// magnitude (negative), or of finite_flag.
+constexpr std::uint64_t non_negative_finite_flag(std::uint64_t b) noexcept {
+  const std::uint64_t magnitude = b << 1;  // 0 for ±0 only
+  return (b & (magnitude | (0 - magnitude))) | finite_flag(b);
+}
+
 /// Whether no value's 64-bit pattern gives a word with the sign bit set under @p test: the
 /// integer form of the finiteness and sign tests below, ORed over the values in a loop that
 /// the compiler vectorises (a comparison of doubles does not, under GCC's default
@@ -63,9 +83,7 @@ inline bool no_flagged_bits(const double* values, std::size_t n, BitTest test) n
 /// of the exponent carries into the sign bit); no element is named (callers that need one
 /// search again, as require_finite does).
 inline bool all_finite(const double* values, std::size_t n) noexcept {
-  return no_flagged_bits(values, n, [](std::uint64_t b) {
-    return (b & 0x7FF0000000000000ULL) + (std::uint64_t{1} << 52);
-  });
+  return no_flagged_bits(values, n, finite_flag);
 }
 
 /// Throw std::invalid_argument if any of the @p n values is NaN or infinite.
@@ -89,18 +107,13 @@ inline void require_finite(const double* values, std::size_t n, const char* name
 /// finite doubles are the bit patterns 1 … 0x7FEFFFFFFFFFFFFF. Callers search the values again
 /// to name a failing element.
 inline bool all_positive_finite(const double* values, std::size_t n) noexcept {
-  // sign bit of: b (negative or −0), b + 2⁵² (exponent all ones: inf/NaN), b − 1 (+0)
-  return no_flagged_bits(values, n, [](std::uint64_t b) { return b | (b + (std::uint64_t{1} << 52)) | (b - 1); });
+  return no_flagged_bits(values, n, positive_finite_flag);
 }
 
 /// True when every one of the @p n values is finite and >= 0 (−0 included, as `v >= 0`
 /// holds for it).
 inline bool all_non_negative_finite(const double* values, std::size_t n) noexcept {
-  return no_flagged_bits(values, n, [](std::uint64_t b) {
-    const std::uint64_t magnitude = b << 1;  // 0 for ±0 only
-    // sign bit of: b with a nonzero magnitude (negative), the exponent plus one unit (inf/NaN)
-    return (b & (magnitude | (0 - magnitude))) | ((b & 0x7FF0000000000000ULL) + (std::uint64_t{1} << 52));
-  });
+  return no_flagged_bits(values, n, non_negative_finite_flag);
 }
 
 /// Throw std::invalid_argument unless @p offsets (n_groups + 1 entries) start at 0 and never

@@ -69,6 +69,8 @@ struct TermScratch {
   std::vector<double> scales;  ///< the term's scales
   std::vector<double> values;  ///< the term's derivative values (when they are computed)
   std::vector<double> aux;     ///< a term's own working space (e.g. fused_transpose_rows())
+  std::vector<std::uint32_t> indices;  ///< a term's own integer working space (e.g. what
+                                       ///< fused_rows() keeps for fused_transpose_rows())
 };
 
 /// One component's scales and derivatives after an evaluation; the pointers stay valid until
@@ -396,7 +398,8 @@ class XTALSCALE_EXPORT LookupHarmonicsTerm final : public ModelTerm {
   const double* scales_rows(const double* p, std::size_t first, std::size_t count,
                             TermScratch& scratch) const override;
   /// By rows evaluate_rows() (its rows kept for fused_transpose_rows()), by grid rows the
-  /// scales alone.
+  /// scales, and each row's two grid points in @p scratch.indices (split into θ row and φ
+  /// column once, for both passes).
   TermValues fused_rows(const double* p, std::size_t first, std::size_t count,
                         TermScratch& scratch) const override;
   /// By rows the dense transposed product of fused_rows()'s rows; by grid rows through the
@@ -417,8 +420,11 @@ class XTALSCALE_EXPORT LookupHarmonicsTerm final : public ModelTerm {
   /// cached (under a mutex: threads evaluating one term share the cache). Shared, so that a
   /// caller keeps its sums while another thread caches another vector's.
   std::shared_ptr<const ThetaSums> theta_sums(const double* p) const;
-  /// By grid rows: the scales of rows [first, first + count) at @p p.
-  void grid_scales(const double* p, std::size_t first, std::size_t count, double* scales) const;
+  /// By grid rows: the scales of rows [first, first + count) at @p p, from each row's two
+  /// grid points split into θ rows and φ columns in @p points (4·count values, grown when
+  /// needed: what fused_rows() keeps for fused_transpose_rows()).
+  void grid_scales(const double* p, std::size_t first, std::size_t count, double* scales,
+                   std::vector<std::uint32_t>& points) const;
 
   std::shared_ptr<const harmonics::LookupFactors> factors_;
   HeldArray<std::int32_t> s0_, s1_;

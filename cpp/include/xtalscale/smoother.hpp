@@ -89,6 +89,12 @@ inline double times_pow2(double p, double t) noexcept {
   return p * scale;
 }
 
+/// exp_bounded's reduction constants: log₂e and ln 2 split in two (the high part's low 32
+/// bits zero, so that k·kLn2Hi is exact).
+constexpr double kLog2e = 1.4426950408889634;
+constexpr double kLn2Hi = 6.93147180369123816490e-01;
+constexpr double kLn2Lo = 1.90821492927058770002e-10;
+
 /// Near-minimax (Chebyshev-fitted) degree-11 polynomial for e^r on |r| <= ln2/2, absolute
 /// error 3.2e-18 (0.03 ulp): as accurate as the degree-13 Taylor series, two FMAs cheaper.
 constexpr double kExpPoly[12] = {
@@ -112,12 +118,9 @@ constexpr double kExp2Poly[12] = {
 /// it inlines and pipelines where std::exp is a libm call. The caller guarantees the range;
 /// the bulk kernels fall back to std::exp outside it.
 inline double exp_bounded(double x) noexcept {
-  constexpr double log2e = 1.4426950408889634;
-  constexpr double ln2_hi = 6.93147180369123816490e-01;  // low 32 bits zero: k·ln2_hi is exact
-  constexpr double ln2_lo = 1.90821492927058770002e-10;
-  const double t = x * log2e + detail::kRoundShifter;
+  const double t = x * detail::kLog2e + detail::kRoundShifter;
   const double kd = t - detail::kRoundShifter;
-  const double r = (x - kd * ln2_hi) - kd * ln2_lo;
+  const double r = (x - kd * detail::kLn2Hi) - kd * detail::kLn2Lo;
   return detail::times_pow2(detail::horner(r, detail::kExpPoly), t);
 }
 
