@@ -12,6 +12,7 @@
 #include <limits>
 
 #include "xtalscale/smoother.hpp"  // exp_bounded
+#include "fit_parallel.hpp"
 
 namespace xtalscale {
 namespace {
@@ -111,11 +112,15 @@ FrenchWilsonMoments french_wilson_moments(double h, bool centric) {
   return centric ? integrate<true>(h) : integrate<false>(h);
 }
 
-void french_wilson(const double* intensity, const double* sigma, const double* expected,
-                   const std::uint8_t* centric, std::size_t n, double h_min, double* j,
-                   double* sig_j, double* f, double* sig_f, std::uint8_t* valid) {
+namespace {
+
+/// Rows [first, last) of french_wilson().
+void french_wilson_rows(const double* intensity, const double* sigma, const double* expected,
+                        const std::uint8_t* centric, std::size_t first, std::size_t last,
+                        double h_min, double* j, double* sig_j, double* f, double* sig_f,
+                        std::uint8_t* valid) {
   const double nan = std::numeric_limits<double>::quiet_NaN();
-  for (std::size_t r = 0; r < n; ++r) {
+  for (std::size_t r = first; r < last; ++r) {
     const double i_obs = intensity[r], s = sigma[r], prior = std::abs(expected[r]);
     j[r] = sig_j[r] = f[r] = sig_f[r] = nan;
     valid[r] = 0;
@@ -134,6 +139,21 @@ void french_wilson(const double* intensity, const double* sigma, const double* e
     sig_f[r] = m.sig_f * root_s;
     valid[r] = 1;
   }
+}
+
+}  // namespace
+
+void french_wilson(const double* intensity, const double* sigma, const double* expected,
+                   const std::uint8_t* centric, std::size_t n, double h_min, double* j,
+                   double* sig_j, double* f, double* sig_f, std::uint8_t* valid, int n_threads) {
+  // ~0.6 µs per row (the 64-point quadrature): blocks of 2048 rows are ~1 ms of work each
+  constexpr std::size_t kBlockRows = 2048;
+  const std::size_t n_blocks = (n + kBlockRows - 1) / kBlockRows;
+  fit::detail::parallel_for(n_blocks, n_threads, [&](std::size_t b) {
+    const std::size_t first = b * kBlockRows;
+    french_wilson_rows(intensity, sigma, expected, centric, first, std::min(n, first + kBlockRows),
+                       h_min, j, sig_j, f, sig_f, valid);
+  });
 }
 
 }  // namespace xtalscale

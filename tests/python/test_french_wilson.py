@@ -160,3 +160,24 @@ def test_expected_intensity_is_the_binned_standardised_median():
 def test_wrapper_validates_lengths():
     with pytest.raises(ValueError, match="equal length"):
         french_wilson([1.0, 2.0], [1.0], [0.1, 0.2], [False, False])
+
+
+def test_threads_give_the_same_bits_and_keep_every_row():
+    # 10,001 rows: several 2048-row blocks and a short last one, with rejections and
+    # non-finite rows among them; each row is computed alone, so any thread count agrees
+    rng = np.random.default_rng(7)
+    n = 10_001
+    sigma = rng.uniform(0.5, 20.0, n)
+    intensity = rng.normal(50.0, 40.0, n)
+    intensity[::97] = np.nan
+    sigma[::131] = 0.0
+    x = rng.uniform(0.001, 0.3, n)
+    centric = rng.random(n) < 0.2
+    one = french_wilson(intensity, sigma, x, centric, n_threads=1)
+    for threads in (2, 3, 16):
+        many = french_wilson(intensity, sigma, x, centric, n_threads=threads)
+        for name in ("intensity", "sigma_intensity", "amplitude", "sigma_amplitude", "valid"):
+            np.testing.assert_array_equal(getattr(one, name), getattr(many, name))
+    assert one.amplitude.shape == (n,) and not one.valid[::97].any() and not one.valid[::131].any()
+    with pytest.raises(ValueError, match="n_threads"):
+        kernel.french_wilson(intensity, sigma, np.ones(n), centric.astype(np.uint8), -4.0, 0)

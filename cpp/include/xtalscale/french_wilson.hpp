@@ -38,8 +38,11 @@ FrenchWilsonMoments french_wilson_moments(double h, bool centric);
 /// @param j, sig_j, f, sig_f outputs (NaN where rejected)
 /// @param valid              output: 1 where estimated; 0 for σ ≤ 0, non-finite input,
 ///                           Σ = 0 or the h_min rejection
+/// @param n_threads          threads over blocks of rows (OpenMP; each row is computed alone,
+///                           so the results are the same for any count)
 void french_wilson(const double* intensity, const double* sigma, const double* expected,
                    const std::uint8_t* centric, std::size_t n, double h_min, double* j,
-                   double* sig_j, double* f, double* sig_f, std::uint8_t* valid);
+                   double* sig_j, double* f, double* sig_f, std::uint8_t* valid,
+                   int n_threads = 1);
 
 }  // namespace xtalscale

@@ -8,6 +8,7 @@ def french_wilson(
     expected: npt.ArrayLike,
     centric: npt.ArrayLike,
     h_min: float = -4.0,
+    n_threads: int = 1,
 ) -> tuple[
     npt.NDArray[np.float64],
     npt.NDArray[np.float64],

@@ -139,7 +139,10 @@ def _merged(params: Any, obs: Any, groups: Any, log: bool = True) -> Any:
         return None
     from ..merge import merge_observations
 
-    return merge_observations(obs, anomalous=bool(params.anomalous), groups=groups, log=log)
+    from .scaler import threads_of
+
+    return merge_observations(obs, anomalous=bool(params.anomalous), groups=groups, log=log,
+                              n_threads=threads_of(params))
 
 
 def _write(params: Any, experiments: Any, table: Any, obs: Any, report_inputs: Any,

@@ -89,7 +89,7 @@ def _median(values: np.ndarray) -> float:
 
 
 def french_wilson(intensities, sigmas, d_star_cubed, centric, max_bins: int = 60,
-                  h_min: float = -4.0, flat_prior: bool = False) -> FrenchWilsonResult:
+                  h_min: float = -4.0, flat_prior: bool = False, n_threads: int = 1) -> FrenchWilsonResult:
     """French–Wilson posterior intensity and amplitude for merged intensities.
 
     Parameters
@@ -107,6 +107,9 @@ def french_wilson(intensities, sigmas, d_star_cubed, centric, max_bins: int = 60
     flat_prior : bool
         Use a flat positive prior instead of the Wilson prior (for too few reflections to
         estimate ⟨Σ⟩; dials falls back to a flat prior below 200 reflections).
+    n_threads : int
+        Threads of the posterior integrals (~0.6 µs per reflection); the results are the
+        same for any count.
 
     Returns
     -------
@@ -129,5 +132,6 @@ def french_wilson(intensities, sigmas, d_star_cubed, centric, max_bins: int = 60
             expected[usable] = expected_intensities(x[usable], I[usable], max_bins=max_bins)
     # A flat positive prior has no centric/acentric distinction: the acentric form, Σ = ∞.
     kernel_centric = np.zeros(I.shape, np.uint8) if flat_prior else c.astype(np.uint8)
-    j, sig_j, f, sig_f, valid = _kernel.french_wilson(I, s, expected, kernel_centric, h_min)
+    j, sig_j, f, sig_f, valid = _kernel.french_wilson(I, s, expected, kernel_centric, h_min,
+                                                      n_threads=int(n_threads))
     return FrenchWilsonResult(j, sig_j, f, sig_f, valid, expected)

@@ -41,7 +41,7 @@ class MergedData:
 
 def _amplitudes_from_intensities(hkl, intensity, sigma, space_group, unit_cell,
                                  min_reflections: int, fallback_to_flat_prior: bool,
-                                 max_bins: int):
+                                 max_bins: int, n_threads: int = 1):
     """French–Wilson on one merged array; returns (F, σF, summary)."""
     finite = np.isfinite(intensity)
     n = int(finite.sum())
@@ -53,7 +53,7 @@ def _amplitudes_from_intensities(hkl, intensity, sigma, space_group, unit_cell,
             "french_wilson.fallback_to_flat_prior=True or truncate=False")
     d_star_cubed = unit_cell.d_star_sq(hkl) ** 1.5
     result = french_wilson(intensity, sigma, d_star_cubed, centric_flags(hkl, space_group),
-                           max_bins=max_bins, flat_prior=flat)
+                           max_bins=max_bins, flat_prior=flat, n_threads=n_threads)
     summary = {"prior": "flat positive" if flat else "Wilson (French & Wilson 1978)",
                "n_input": n, "n_rejected": int(n - result.valid.sum())}
     return result.amplitude, result.sigma_amplitude, summary
@@ -62,7 +62,8 @@ def _amplitudes_from_intensities(hkl, intensity, sigma, space_group, unit_cell,
 def merge_observations(observations: ScaledObservations, anomalous: bool = True,
                        truncate: bool = True, min_reflections: int = 200,
                        fallback_to_flat_prior: bool = True,
-                       max_bins: int = 60, groups=None, log: bool = True) -> MergedData:
+                       max_bins: int = 60, groups=None, log: bool = True,
+                       n_threads: int = 1) -> MergedData:
     """Merge scaled observations (see the module docstring).
 
     Parameters
@@ -81,6 +82,8 @@ def merge_observations(observations: ScaledObservations, anomalous: bool = True,
     log : bool
         Log the counts (:func:`log_merged`); a caller merging on another thread logs them
         itself once the result is in, so that its log keeps its order.
+    n_threads : int
+        Threads of the French–Wilson integrals (the same results for any count).
 
     Returns
     -------
@@ -98,7 +101,8 @@ def merge_observations(observations: ScaledObservations, anomalous: bool = True,
     truncation = {}
     if truncate and not anomalous:
         f, sigf, truncation = _amplitudes_from_intensities(
-            hkl, imean, sigimean, sg, cell, min_reflections, fallback_to_flat_prior, max_bins)
+            hkl, imean, sigimean, sg, cell, min_reflections, fallback_to_flat_prior, max_bins,
+            n_threads)
         columns.update({"F": f, "SIGF": sigf})
     if anomalous:
         ahkl, ai, asig, an = merge_intensities(obs.miller_index, obs.intensity, obs.variance,
@@ -109,7 +113,8 @@ def merge_observations(observations: ScaledObservations, anomalous: bool = True,
                              "N(+)": nplus, "N(-)": nminus}
         if truncate:
             af, asigf, truncation = _amplitudes_from_intensities(
-                ahkl, ai, asig, sg, cell, min_reflections, fallback_to_flat_prior, max_bins)
+                ahkl, ai, asig, sg, cell, min_reflections, fallback_to_flat_prior, max_bins,
+                n_threads)
             (fp, sfp), (fm, sfm) = anomalous_halves(hkl, ahkl, af, asigf)
             columns.update(_mean_amplitude(fp, sfp, fm, sfm))
             anomalous_columns.update({"F(+)": fp, "SIGF(+)": sfp, "F(-)": fm, "SIGF(-)": sfm})
