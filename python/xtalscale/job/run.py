@@ -138,7 +138,6 @@ def _merged(params: Any, obs: Any, groups: Any, log: bool = True) -> Any:
     if obs is None or not _merge_needed(params):
         return None
     from ..merge import merge_observations
-
     from .scaler import threads_of
 
     return merge_observations(obs, anomalous=bool(params.anomalous), groups=groups, log=log,
