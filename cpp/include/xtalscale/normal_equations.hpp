@@ -81,6 +81,29 @@ XTALSCALE_EXPORT NormalEquationsSummary model_normal_equations(
     NormalMatrixKind kind = NormalMatrixKind::schur, const double* fixed_Ih = nullptr,
     int n_threads = 1, bool accumulate = false);
 
+/// The scaling target f = Σ w (I − g Ĩ)² (Ĩ per group, held: the envelope theorem) and its
+/// gradient ∂f/∂p into @p gradient (n_params values, written) of a table whose rows come from
+/// several C++ model blocks (e.g. one per dataset, groups spanning datasets), in one pass and
+/// without forming any ∂g/∂p: per chunk of whole groups (ModelBlock::functional_and_gradient's
+/// chunks, fixed by the groups) each model's rows of the chunk are evaluated once
+/// (ModelBlock::fused_scales_rows), their g scattered to table order, the chunk's groups give
+/// f and ∂f/∂g, and each model's transposed product (ModelBlock::fused_transpose_rows) goes
+/// into its columns [column_offset, column_offset + n_cols) of the chunk's gradient. Chunks go
+/// over up to @p n_threads threads; their sums are added in chunk order: the same bits for any
+/// thread count. Equal to g per block, the target's ∂f/∂g and each block's transposed product
+/// to rounding, and to ModelBlock::functional_and_gradient bit for bit for one model covering
+/// the table in order. Writes g of every table row into @p g_table (n_obs values) and, when
+/// @p Ih_table is given, each row's least-squares Ĩ (as model_normal_equations).
+/// @throws std::invalid_argument for a null block, a parameter count or a row or column range
+/// that does not fit, table rows that are out of range, not strictly ascending or that do not
+/// cover each table row once, non-finite parameters, weights or intensities, or a scale g that
+/// is not finite and > 0; std::logic_error for a block whose terms do not evaluate row ranges.
+XTALSCALE_EXPORT double model_functional_and_gradient(const GroupedObservations& table,
+                                                      const std::vector<TableModel>& models,
+                                                      std::size_t n_params, double* gradient,
+                                                      double* g_table, double* Ih_table = nullptr,
+                                                      int n_threads = 1);
+
 /// Make a matrix accumulated by normal_equations(..., accumulate = true) symmetric: each
 /// element's two triangle terms added and mirrored (n x n, row-major).
 XTALSCALE_EXPORT void fold_normal_matrix(std::size_t n, double* matrix);
