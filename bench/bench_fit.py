@@ -9,8 +9,9 @@ explicit-Jacobian path (scipy JᵀWJ) and a numpy reference f+g, the bytes per o
 
     PYTHONPATH=python python bench/bench_fit.py [--n-obs 1000000] [--stills-obs 1000000] [--physical-only]
 
---physical-only prints the physical model's section alone (its f+g, one-pass f+g, normal matrix
-and bytes held), on the same data as the full run.
+--physical-only prints the physical model's section alone (its f+g, one-pass f+g, the one-pass
+f+g of 3 datasets in one table against the three calls, normal matrix and bytes held), on the
+same data as the full run.
 """
 from __future__ import annotations
 

@@ -153,3 +153,28 @@ def test_bad_inputs_are_clear_errors():
     # a block whose terms do not evaluate row ranges is refused as model_normal_equations does
     with pytest.raises(TypeError, match="ModelBlock"):
         call(models=[(object(), p0, f0, col0, rows0), models[1]])
+
+
+def test_a_job_block_of_two_sweeps_equals_the_objectives_three_calls():
+    """The job's table block of two sweeps (the scaler's own model blocks, ``table_models``):
+    f, the gradient, g and Ĩ against the objective's matrix-free calls on the same block."""
+    from test_job_scale import _unstreamed_objective
+
+    scaler, target, apm, obj = _unstreamed_objective()
+    x = np.asarray(apm.get_param_vals(), dtype=np.float64)
+    obj.set_x(x * (1.0 + 0.01 * np.random.default_rng(6).standard_normal(x.size)))
+    inner = obj._matrix_free()
+    assert inner is not None
+    block = scaler.get_blocks_for_minimisation()[0]
+    f3, dfdg = inner.compute_functional_and_scale_gradient(block)
+    grad3 = scaler.transpose_product(apm, 0, dfdg)
+    offsets, inten, w, rows = block.table_arrays()
+    models = scaler.table_models(apm, 0)
+    assert models is not None and len(models) == 2
+    for nt in (1, 2):
+        f, grad, g, ih = _fit.model_functional_and_gradient(offsets, inten, w, models, int(apm.n_active_params),
+                                                             Ih=True, n_threads=nt)
+        assert abs(f - f3) <= 1e-12 * abs(f3)
+        assert np.max(np.abs(grad - grad3)) <= 1e-12 * np.max(np.abs(grad3))
+        np.testing.assert_array_equal(g[rows], block.inverse_scale_factors)
+        np.testing.assert_array_equal(ih[rows], block.Ih_values)

@@ -49,7 +49,8 @@ XTALSCALE_EXPORT NormalEquationsSummary normal_equations(
     NormalMatrixKind kind = NormalMatrixKind::schur, const double* fixed_Ih = nullptr,
     int n_threads = 1, bool accumulate = false);
 
-/// One model block's rows in a table, for model_normal_equations: the block's rows
+/// One model block's rows in a table, for model_normal_equations and
+/// model_functional_and_gradient: the block's rows
 /// [first_row, first_row + n_rows), evaluated at @p params, are the table rows @p table_rows.
 struct TableModel {
   const ModelBlock* block = nullptr;  ///< needs evaluates_rows()
@@ -93,7 +94,11 @@ XTALSCALE_EXPORT NormalEquationsSummary model_normal_equations(
 /// thread count. Equal to g per block, the target's ∂f/∂g and each block's transposed product
 /// to rounding, and to ModelBlock::functional_and_gradient bit for bit for one model covering
 /// the table in order. Writes g of every table row into @p g_table (n_obs values) and, when
-/// @p Ih_table is given, each row's least-squares Ĩ (as model_normal_equations).
+/// @p Ih_table is given, each row's least-squares Ĩ (as model_normal_equations). The chunks
+/// hold 4096 table rows per model (at most 32768); each thread keeps its chunk buffers from
+/// call to call (fresh pages per call cost the kernel's clearing). The models' rows are
+/// checked here (no caller's pass over them is needed): with each model's table rows in range
+/// and ascending and n_obs rows in all, a row no model holds is found by the chunk's g check.
 /// @throws std::invalid_argument for a null block, a parameter count or a row or column range
 /// that does not fit, table rows that are out of range, not strictly ascending or that do not
 /// cover each table row once, non-finite parameters, weights or intensities, or a scale g that
