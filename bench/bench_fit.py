@@ -9,8 +9,9 @@ explicit-Jacobian path (scipy JᵀWJ) and a numpy reference f+g, the bytes per o
 
     PYTHONPATH=python python bench/bench_fit.py [--n-obs 1000000] [--stills-obs 1000000] [--physical-only]
 
---physical-only prints the physical model's section alone (its f+g, one-pass f+g, normal matrix
-and bytes held), on the same data as the full run.
+--physical-only prints the physical model's section alone (its f+g, one-pass f+g, the one-pass
+f+g of 3 datasets in one table against the three calls, normal matrix and bytes held), on the
+same data as the full run.
 """
 from __future__ import annotations
 
@@ -210,6 +211,7 @@ def physical_model_f_g(offsets, inten, w, rng):
     print(f"  the same in one pass (ModelBlock.functional_and_gradient, chunks of whole groups): "
           f"{t_f[0] / n * 1e9:6.1f} ns/obs, 2 threads {t_f[1] / n * 1e9:6.1f} ns/obs "
           f"(gradient agrees to {agree_fused:.1e}, f to {abs(f1 - f3) / f1:.1e})")
+    physical_models_f_g_datasets(offsets, inten, w, np.random.default_rng(13))
     physical_model_normal_matrix(block, offsets, inten, w)
     # held between evaluations without dg/dp: the table (I, w, offsets), the terms' data, g
     terms = sum(block.core.term(i).nbytes for i in range(block.core.n_terms))
@@ -219,6 +221,50 @@ def physical_model_f_g(offsets, inten, w, rng):
     print(f"  bytes held for it: {held / n:.0f} B/obs (table, g and the model's terms {terms / n:.0f}, of which "
           f"the absorption term's grid indices and factor tables {block.core.term(2).nbytes / n:.1f}); "
           f"forming dg/dp adds {csr / n:.0f} B/obs of CSR")
+
+
+def physical_models_f_g_datasets(offsets, inten, w, rng, n_datasets=3):
+    """f+g of the same physical model over several datasets in one table (each row's dataset
+    drawn at random, so groups span datasets; each dataset its own model block, its columns
+    after the previous ones'): in one pass (model_functional_and_gradient) and through the
+    three calls (g per block, ∂f/∂g from the target, each block's transposed product), timed
+    in alternation, best of each."""
+    from xtalscale.components import ComponentModelBlock
+
+    n = inten.size
+    dataset = rng.integers(0, n_datasets, n)
+    blocks, models, n_params = [], [], 0
+    for d in range(n_datasets):
+        rows = np.flatnonzero(dataset == d).astype(np.int64)
+        block = ComponentModelBlock(list(physical_components(rows.size, rng)))
+        blocks.append((block, rows))
+        models.append((block.core, block.parameters(), 0, n_params, rows))
+        n_params += block.core.n_cols
+    empty = (np.zeros(n + 1, np.int64), np.zeros(0, np.int32), np.zeros(0))
+
+    def three_calls(nt):
+        g = np.empty(n)
+        for block, rows in blocks:
+            g[rows] = block.evaluate_scales(nt)
+        f, dfdg, _ = core_fit.functional_and_scale_gradient(offsets, inten, w, [(g, *empty, 0, 0, None)],
+                                                            n_threads=nt)
+        return f, np.concatenate([block.transpose_product(dfdg[rows], nt) for block, rows in blocks])
+
+    def one_pass(nt):
+        return core_fit.model_functional_and_gradient(offsets, inten, w, models, n_params, n_threads=nt)[:2]
+
+    (f3, g3), (f1, g1) = three_calls(1), one_pass(1)
+    agree = np.max(np.abs(g1 - g3)) / np.max(np.abs(g3))
+    line = []
+    for nt in (1, 2):
+        t_3 = t_1 = float("inf")
+        for _ in range(5):
+            t_3 = min(t_3, best_time(lambda nt=nt: three_calls(nt), 1))
+            t_1 = min(t_1, best_time(lambda nt=nt: one_pass(nt), 1))
+        line.append(f"{nt} thread(s): one pass {t_1 / n * 1e9:6.1f} ns/obs, three calls {t_3 / n * 1e9:6.1f} ns/obs")
+    print(f"  {n_datasets} datasets in one table (groups spanning them, one model block each; "
+          f"model_functional_and_gradient), " + "; ".join(line)
+          + f" (gradient agrees to {agree:.1e}, f to {abs(f1 - f3) / f3:.1e})")
 
 
 def physical_model_normal_matrix(block, offsets, inten, w):

@@ -13,6 +13,7 @@
 
 #include "xtalscale/check.hpp"
 #include "fit_parallel.hpp"  // parallel_for, thread_number (OpenMP optional)
+#include "internal/group_target.hpp"
 #include "internal/kernel_support.hpp"  // with_window_width
 #include "internal/large_buffers.hpp"
 #include "internal/lean_fused.hpp"
@@ -1317,22 +1318,23 @@ void ModelBlock::rows_fused_transpose(const std::vector<TermValues>& tv, std::si
   }
 }
 
-namespace {
+namespace detail {
 
 /// Chunks of whole groups for ModelBlock::functional_and_gradient: row bounds (from 0 to
 /// n_obs) and the matching group bounds. A chunk ends at the first group end at least
-/// kChunkRows rows after its start, so a group longer than that is a chunk of its own. The
+/// @p chunk_rows (0: kChunkRows) rows after its start, so a group longer than that is a chunk of its own. The
 /// walk checks the offsets (from 0, non-decreasing, ending at n_obs) before any row is read
 /// through them; check_grouped_observations names a fault.
 std::pair<std::vector<std::size_t>, std::vector<std::size_t>> group_chunks(
-    const fit::GroupedObservations& t) {
+    const fit::GroupedObservations& t, std::size_t chunk_rows) {
+  if (chunk_rows == 0) chunk_rows = kChunkRows;
   std::vector<std::size_t> rows{0}, groups{0};
   const std::int64_t* off = t.group_offsets;
   bool ok = off != nullptr && off[0] == 0;
   for (std::size_t h = 0; ok && h < t.n_groups; ++h) {
     ok = off[h + 1] >= off[h];
     const auto end = static_cast<std::size_t>(off[h + 1]);
-    if (end - rows.back() >= kChunkRows || h + 1 == t.n_groups) {
+    if (end - rows.back() >= chunk_rows || h + 1 == t.n_groups) {
       rows.push_back(end);
       groups.push_back(h + 1);
     }
@@ -1376,7 +1378,7 @@ __attribute__((optimize("no-tree-vectorize"))) double groups_target(
   return f;
 }
 
-}  // namespace
+}  // namespace detail
 
 double ModelBlock::chunk_functional_and_gradient(const std::vector<TermValues>& tv,
                                                  std::size_t first, std::size_t count,
@@ -1406,7 +1408,7 @@ double ModelBlock::chunk_functional_and_gradient(const std::vector<TermValues>& 
   // The target kernel's operations (residual_pass) on these groups, ∂f/∂g kept for the chunk;
   // each group's f summed apart, then added (no chain of dependent adds over all rows).
   double* dfdg = sized(ws.values, count);
-  const double f = groups_target(t.group_offsets + group_first, group_last - group_first,
+  const double f = detail::groups_target(t.group_offsets + group_first, group_last - group_first,
                                  static_cast<std::int64_t>(first), w, inten, g, dfdg);
   rows_fused_transpose(tv, first, count, dfdg, g, true, acc, scratch);
   detail::copy_streaming(g, count, out_.scales->data() + first);
@@ -1427,7 +1429,7 @@ double ModelBlock::functional_and_gradient(const double* params, std::size_t n_p
     fit::check_grouped_observations(table);
     return 0.0;
   }
-  const auto [rows, groups] = group_chunks(table);  // checks the offsets
+  const auto [rows, groups] = detail::group_chunks(table);  // checks the offsets
   const std::size_t n_chunks = rows.size() - 1;
   std::vector<double> partial(n_chunks * n_cols_, 0.0), f_chunk(n_chunks, 0.0);
   std::vector<char> table_ok(n_chunks, 1);
@@ -1450,6 +1452,31 @@ double ModelBlock::functional_and_gradient(const double* params, std::size_t n_p
     for (std::size_t j = 0; j < n_cols_; ++j) gradient[j] += partial[c * n_cols_ + j];
   }
   return f;
+}
+
+void ModelBlock::fused_scales_rows(const double* params, std::size_t n_params, std::size_t first,
+                                   std::size_t count, FusedRowsScratch& s, double* g) const {
+  if (!chunked()) throw std::logic_error("a term of this block does not evaluate row ranges");
+  check_params(params, n_params);
+  require(first <= n_rows_ && count <= n_rows_ - first, "rows out of range");
+  const std::size_t k = terms_.size();
+  s.terms.resize(k + 1);  // the terms', then rows_fused_transpose's workspace
+  s.values.resize(k);
+  s.first = first;
+  s.count = 0;  // nothing valid until every term has its values
+  for (std::size_t t = 0; t < k; ++t)  // for_each_chunk's ChunkValues::fused
+    s.values[t] = terms_[t]->fused_rows(params + param_start_[t], first, count, s.terms[t]);
+  s.count = count;
+  product_of_scales(s.values, count, g);
+}
+
+void ModelBlock::fused_transpose_rows(const double* coefficients, FusedRowsScratch& s,
+                                      double* acc) const {
+  if (s.values.size() != terms_.size() || s.terms.size() != terms_.size() + 1)
+    throw std::logic_error("fused_transpose_rows: the scratch holds no rows of this block");
+  if (s.count == 0) return;
+  // g is not read when known (g_known): the terms' scales are in s.values
+  rows_fused_transpose(s.values, s.first, s.count, coefficients, nullptr, true, acc, s.terms);
 }
 
 void ModelBlock::release_values(bool pattern) {

@@ -255,9 +255,11 @@ struct TableModels {
 /// ranges, its parameters are finite and of its count, its rows [first_row, first_row +
 /// len(table_rows)) lie within it, its columns within n_params, and the table rows of each
 /// model ascend strictly while all the models' rows cover each table row once.
-TableModels load_table_models(const py::list& items, std::size_t n_obs, std::size_t n_params) {
+/// With @p check_rows false the table rows are not read (a kernel that checks them itself).
+TableModels load_table_models(const py::list& items, std::size_t n_obs, std::size_t n_params,
+                              bool check_rows = true) {
   TableModels d;
-  std::vector<char> covered(n_obs, 0);
+  std::vector<char> covered(check_rows ? n_obs : 0, 0);
   for (std::size_t k = 0; k < items.size(); ++k) {
     const std::string name = "model " + std::to_string(k);
     auto item = items[k].cast<py::tuple>();
@@ -293,7 +295,7 @@ TableModels load_table_models(const py::list& items, std::size_t n_obs, std::siz
                                   std::to_string(m.column_offset + m.block->n_cols()) +
                                   ") outside n_params = " + std::to_string(n_params));
     m.table_rows = rows.data();
-    for (std::size_t r = 0; r < m.n_rows; ++r) {
+    for (std::size_t r = 0; check_rows && r < m.n_rows; ++r) {
       const std::int64_t l = m.table_rows[r];
       if (l < 0 || static_cast<std::size_t>(l) >= n_obs)
         throw std::invalid_argument(name + " table_rows[" + std::to_string(r) + "] = " +
@@ -308,7 +310,7 @@ TableModels load_table_models(const py::list& items, std::size_t n_obs, std::siz
     }
     d.models.push_back(m);
   }
-  for (std::size_t l = 0; l < n_obs; ++l)
+  for (std::size_t l = 0; check_rows && l < n_obs; ++l)
     if (!covered[l])
       throw std::invalid_argument("table row " + std::to_string(l) + " is no model's row");
   return d;
@@ -346,6 +348,35 @@ py::tuple model_normal_equations_py(const Int64Array& offsets, const DoubleArray
                                 "not finite, or the terms overflowed");
   return py::make_tuple(matrix, rhs, s.r_sq, s.n_equations, g,
                         ih ? py::object(*ih) : py::object(py::none()), s.scales_usable);
+}
+
+py::tuple model_functional_and_gradient_py(const Int64Array& offsets, const DoubleArray& intensities,
+                                           const DoubleArray& weights, const py::list& models,
+                                           std::int64_t n_params, bool Ih, int n_threads) {
+  if (n_params < 0) throw std::invalid_argument("n_params must be >= 0");
+  require_threads(n_threads);
+  CallData d;
+  load_table(d, offsets, intensities, weights);
+  // the kernel checks the table rows (ascending, in the table, each row one model's) itself,
+  // the coverage on the way through its chunks: no pass over them here
+  const TableModels tm = load_table_models(models, d.table.n_obs, static_cast<std::size_t>(n_params), false);
+  const auto n_obs = static_cast<py::ssize_t>(d.table.n_obs);
+  DoubleArray grad(n_params), g(n_obs);
+  std::optional<DoubleArray> ih;
+  if (Ih) ih.emplace(n_obs);
+  double f = 0.0;
+  {
+    py::gil_scoped_release release;
+    f = model_functional_and_gradient(d.table, tm.models, static_cast<std::size_t>(n_params),
+                                      grad.mutable_data(), g.mutable_data(),
+                                      ih ? ih->mutable_data() : nullptr, n_threads);
+  }
+  bool finite = std::isfinite(f);
+  for (std::int64_t j = 0; j < n_params; ++j) finite = finite && std::isfinite(grad.data()[j]);
+  if (!finite)
+    throw std::invalid_argument("the target or its gradient is not finite: a model's derivatives "
+                                "are not finite, or the sums overflowed");
+  return py::make_tuple(f, grad, g, ih ? py::object(*ih) : py::object(py::none()));
 }
 
 void fold_normal_matrix_py(const py::object& matrix) {
@@ -732,6 +763,15 @@ void bind_fit(py::module_& m) {
         "tuples, table_rows strictly ascending. Returns (matrix, rhs, r_sq, n_equations, g, Ih |\n"
         "None, scales_usable), g and Ih per table row (Ih None with fixed_Ih); scales_usable\n"
         "False when some g is not finite and > 0 (the matrix is then meaningless).");
+  m.def("model_functional_and_gradient", &model_functional_and_gradient_py,
+        py::arg("group_offsets"), py::arg("intensities"), py::arg("weights"), py::arg("models"),
+        py::arg("n_params"), py::arg("Ih") = false, py::arg("n_threads") = 1,
+        "f = sum w (I - g Ih)^2 and its gradient (Ih held) in one pass over chunks of whole\n"
+        "groups, the table's rows from several C++ model blocks (e.g. one per dataset, groups\n"
+        "spanning datasets), no dg/dp formed. models: as model_normal_equations takes them,\n"
+        "(ModelBlock, params, first_row, column_offset, table_rows) tuples, table_rows strictly\n"
+        "ascending, covering each table row once. Returns (f, gradient, g, Ih | None), g and Ih\n"
+        "(with Ih=True) per table row; the same bits for any n_threads.");
   m.def("fold_normal_matrix", &fold_normal_matrix_py, py::arg("matrix"),
         "Make a matrix accumulated by normal_equations(out=...) symmetric, in place.");
   m.def("normal_matrix_diagonal", &normal_matrix_diagonal_py, py::arg("group_offsets"),

@@ -498,6 +498,16 @@ struct RowsScratch {
   std::vector<double> work;               ///< the product rule's multipliers of the rows
 };
 
+/// Caller-owned buffers of ModelBlock::fused_scales_rows() and fused_transpose_rows() (one per
+/// thread): the terms' values of the last row range, kept between the two calls, and their
+/// scratch. Reused from call to call (sized on first use, never shrunk).
+struct FusedRowsScratch {
+  std::vector<TermScratch> terms;   ///< per term, then the block's own chunk workspace
+  std::vector<TermValues> values;   ///< per term, fused_rows() of the last rows
+  std::size_t first = 0;            ///< those rows: [first, first + count)
+  std::size_t count = 0;
+};
+
 /// g = Π_c s_c and ∂g/∂p of one model over one block of observations (see the file notes).
 class XTALSCALE_EXPORT ModelBlock {
  public:
@@ -576,6 +586,22 @@ class XTALSCALE_EXPORT ModelBlock {
   double functional_and_gradient(const double* params, std::size_t n_params,
                                  const fit::GroupedObservations& table, double* gradient,
                                  int n_threads = 1);
+
+  /// The first half of functional_and_gradient()'s work on one chunk, for a caller that owns
+  /// the chunking (several models in one table: fit::model_functional_and_gradient): g of rows
+  /// [first, first + count) into @p g (count values, functional_and_gradient()'s bits), and
+  /// the terms' fused_rows() values of these rows kept in @p scratch for fused_transpose_rows().
+  /// Const: threads with their own scratch may work on any rows at once.
+  /// @throws std::invalid_argument as evaluate() or for rows out of range; std::logic_error
+  /// unless evaluates_rows().
+  void fused_scales_rows(const double* params, std::size_t n_params, std::size_t first,
+                         std::size_t count, FusedRowsScratch& scratch, double* g) const;
+  /// The second half: @p acc[j] += Σ_i c_i·∂g_i/∂p_j (j < n_cols()) over the rows of the last
+  /// fused_scales_rows() with @p scratch, @p coefficients c of those rows (count values), in
+  /// functional_and_gradient()'s order (the same bits for the same rows).
+  /// @throws std::logic_error when @p scratch holds no rows of this block.
+  void fused_transpose_rows(const double* coefficients, FusedRowsScratch& scratch,
+                            double* acc) const;
 
   /// True when every term evaluates row ranges: evaluate_rows() is then available.
   bool evaluates_rows() const;

@@ -49,7 +49,8 @@ XTALSCALE_EXPORT NormalEquationsSummary normal_equations(
     NormalMatrixKind kind = NormalMatrixKind::schur, const double* fixed_Ih = nullptr,
     int n_threads = 1, bool accumulate = false);
 
-/// One model block's rows in a table, for model_normal_equations: the block's rows
+/// One model block's rows in a table, for model_normal_equations and
+/// model_functional_and_gradient: the block's rows
 /// [first_row, first_row + n_rows), evaluated at @p params, are the table rows @p table_rows.
 struct TableModel {
   const ModelBlock* block = nullptr;  ///< needs evaluates_rows()
@@ -80,6 +81,33 @@ XTALSCALE_EXPORT NormalEquationsSummary model_normal_equations(
     std::size_t n_params, double* matrix, double* rhs, double* g_table, double* Ih_table = nullptr,
     NormalMatrixKind kind = NormalMatrixKind::schur, const double* fixed_Ih = nullptr,
     int n_threads = 1, bool accumulate = false);
+
+/// The scaling target f = Σ w (I − g Ĩ)² (Ĩ per group, held: the envelope theorem) and its
+/// gradient ∂f/∂p into @p gradient (n_params values, written) of a table whose rows come from
+/// several C++ model blocks (e.g. one per dataset, groups spanning datasets), in one pass and
+/// without forming any ∂g/∂p: per chunk of whole groups (ModelBlock::functional_and_gradient's
+/// chunks, fixed by the groups) each model's rows of the chunk are evaluated once
+/// (ModelBlock::fused_scales_rows), their g scattered to table order, the chunk's groups give
+/// f and ∂f/∂g, and each model's transposed product (ModelBlock::fused_transpose_rows) goes
+/// into its columns [column_offset, column_offset + n_cols) of the chunk's gradient. Chunks go
+/// over up to @p n_threads threads; their sums are added in chunk order: the same bits for any
+/// thread count. Equal to g per block, the target's ∂f/∂g and each block's transposed product
+/// to rounding, and to ModelBlock::functional_and_gradient bit for bit for one model covering
+/// the table in order. Writes g of every table row into @p g_table (n_obs values) and, when
+/// @p Ih_table is given, each row's least-squares Ĩ (as model_normal_equations). The chunks
+/// hold 4096 table rows per model (at most 32768); each thread keeps its chunk buffers from
+/// call to call (fresh pages per call cost the kernel's clearing). The models' rows are
+/// checked here (no caller's pass over them is needed): with each model's table rows in range
+/// and ascending and n_obs rows in all, a row no model holds is found by the chunk's g check.
+/// @throws std::invalid_argument for a null block, a parameter count or a row or column range
+/// that does not fit, table rows that are out of range, not strictly ascending or that do not
+/// cover each table row once, non-finite parameters, weights or intensities, or a scale g that
+/// is not finite and > 0; std::logic_error for a block whose terms do not evaluate row ranges.
+XTALSCALE_EXPORT double model_functional_and_gradient(const GroupedObservations& table,
+                                                      const std::vector<TableModel>& models,
+                                                      std::size_t n_params, double* gradient,
+                                                      double* g_table, double* Ih_table = nullptr,
+                                                      int n_threads = 1);
 
 /// Make a matrix accumulated by normal_equations(..., accumulate = true) symmetric: each
 /// element's two triangle terms added and mirrored (n x n, row-major).

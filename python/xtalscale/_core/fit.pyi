@@ -66,6 +66,16 @@ def model_normal_equations(
 ) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], float, int, npt.NDArray[np.float64],
            npt.NDArray[np.float64] | None, bool]: ...
 
+def model_functional_and_gradient(
+    group_offsets: npt.ArrayLike,
+    intensities: npt.ArrayLike,
+    weights: npt.ArrayLike,
+    models: list[tuple[Any, npt.ArrayLike, int, int, npt.ArrayLike]],
+    n_params: int,
+    Ih: bool = False,  # noqa: N803
+    n_threads: int = 1,
+) -> tuple[float, npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64] | None]: ...
+
 def fold_normal_matrix(matrix: npt.NDArray[np.float64]) -> None: ...
 
 def normal_matrix_diagonal(
