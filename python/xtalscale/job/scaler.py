@@ -1044,6 +1044,25 @@ class ScalerBase:
         return fixed
 
     # ------------------------------------------------------------------ expansion
+    def _all_row_scales(self, components: Mapping[str, Any], n_rows: int) -> np.ndarray:
+        """g of every suitable row of a dataset (scales only): each component set up on all
+        rows and evaluated, then their product in component order (:func:`_scales_product`'s
+        products, the same bits). A job of one dataset has no other dataset to put on the
+        second thread, so its components go concurrently on the scaler's pool (each holds its
+        own data; their set-up and evaluation are C++ that releases the GIL)."""
+        def scales_of(comp: Any) -> np.ndarray:
+            _update_all_rows(comp, scales_only=True)
+            return np.asarray(comp.calculate_scales(0), dtype=np.float64)
+
+        items = list(components.values())
+        # (several datasets are already mapped over the pool, one per task: not nested)
+        scales = self._map_datasets(scales_of, items) if len(self.datasets) == 1 else [
+            scales_of(comp) for comp in items]
+        g = np.ones(n_rows)
+        for s in scales:  # in component order, in place: _scales_product's arithmetic
+            g *= s
+        return g
+
     def expand_scales_to_all_reflections(self, caller: Any = None, calc_cov: bool = False,
                                          minimisation_rows_only: bool = False) -> None:
         """g (and, with ``calc_cov``, its variance) for every suitable row of every dataset.
@@ -1095,10 +1114,12 @@ class ScalerBase:
             with_var = calc_cov and ds.var_cov is not None
             comps = ds.model.components
             n = int(ds.suitable.sum())
-            if not with_var or n <= STREAM_MIN_ROWS:
+            if not with_var:
+                return self._all_row_scales(comps, n), None
+            if n <= STREAM_MIN_ROWS:
                 for comp in comps.values():
-                    _update_all_rows(comp, scales_only=not with_var)
-                return _scales_product(comps, 0, n), self._scale_variances(ds) if with_var else None
+                    _update_all_rows(comp, scales_only=False)
+                return _scales_product(comps, 0, n), self._scale_variances(ds)
             g, var = np.empty(n), np.empty(n)
             rest = np.arange(n, dtype=np.int64)
             has_var = True
