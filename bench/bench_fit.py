@@ -24,7 +24,7 @@ import numpy as np
 import scipy.sparse as sp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from timing import best_time  # noqa: E402
+from timing import best_time, best_times_alternating  # noqa: E402
 
 from xtalscale._core import fit as core_fit  # noqa: E402
 from xtalscale.fit import ModelBlockData, ModelObjective, refine  # noqa: E402
@@ -257,10 +257,7 @@ def physical_models_f_g_datasets(offsets, inten, w, rng, n_datasets=3):
     agree = np.max(np.abs(g1 - g3)) / np.max(np.abs(g3))
     line = []
     for nt in (1, 2):
-        t_3 = t_1 = float("inf")
-        for _ in range(5):
-            t_3 = min(t_3, best_time(lambda nt=nt: three_calls(nt), 1))
-            t_1 = min(t_1, best_time(lambda nt=nt: one_pass(nt), 1))
+        t_3, t_1 = best_times_alternating(lambda nt=nt: three_calls(nt), lambda nt=nt: one_pass(nt))
         line.append(f"{nt} thread(s): one pass {t_1 / n * 1e9:6.1f} ns/obs, three calls {t_3 / n * 1e9:6.1f} ns/obs")
     print(f"  {n_datasets} datasets in one table (groups spanning them, one model block each; "
           f"model_functional_and_gradient), " + "; ".join(line)
@@ -289,10 +286,7 @@ def physical_model_normal_matrix(block, offsets, inten, w):
     same = all(np.array_equal(a, b) for a, b in zip(through_derivatives(1)[:2], fused(1)[:2]))
     line = []
     for nt in (1, 2):
-        t_d = t_f = float("inf")
-        for _ in range(5):
-            t_d = min(t_d, best_time(lambda nt=nt: through_derivatives(nt), 1))
-            t_f = min(t_f, best_time(lambda nt=nt: fused(nt), 1))
+        t_d, t_f = best_times_alternating(lambda nt=nt: through_derivatives(nt), lambda nt=nt: fused(nt))
         line.append(f"{nt} thread(s): through dg/dp {t_d / n * 1e9:6.1f} ns/obs, fused {t_f / n * 1e9:6.1f} ns/obs")
     print("  normal matrix including the model's evaluation (kind dials), " + "; ".join(line)
           + f" ({'the same bits' if same else 'NOT the same bits'})")

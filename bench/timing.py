@@ -16,3 +16,14 @@ def best_time(fn: Callable[[], object], repeat: int, clock: Callable[[], float] 
         fn()
         best = min(best, clock() - start)
     return best
+
+
+def best_times_alternating(first: Callable[[], object], second: Callable[[], object],
+                           repeat: int = 5) -> tuple[float, float]:
+    """Shortest of ``repeat`` timed calls of each of two functions, called in alternation, so
+    that a change in the machine's load during the measurement reaches both alike."""
+    best_first = best_second = float("inf")
+    for _ in range(repeat):
+        best_first = min(best_first, best_time(first, 1))
+        best_second = min(best_second, best_time(second, 1))
+    return best_first, best_second
