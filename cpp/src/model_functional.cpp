@@ -90,11 +90,11 @@ void check_coverage(const std::vector<TableModel>& models, std::size_t first, st
 }
 
 /// A thread's buffers, reused by its chunks: per model the terms' values of the chunk's rows;
-/// g and ∂f/∂g in table order; a model's rows' g or coefficients when they are not consecutive
-/// table rows (then scattered or gathered).
+/// ∂f/∂g in table order; a model's rows' g or coefficients when they are not consecutive
+/// table rows (then scattered or gathered). (g is written into the output rows.)
 struct ChunkState {
   std::vector<FusedRowsScratch> models;
-  std::vector<double> g, dfdg, model_rows;
+  std::vector<double> dfdg, model_rows;
 };
 
 /// The rows of model @p m among table rows [first, last): their index in the model and count
@@ -118,7 +118,7 @@ ModelRows rows_in(const TableModel& m, std::size_t first, std::size_t last) {
 }
 
 /// One chunk: table rows [first, last), groups [h_first, h_last). f returned, the gradient share
-/// into @p acc (n_params), g into @p g_table; @p table_ok cleared when a weight or intensity of
+/// into @p acc (n_params), g into those rows of @p g_table; @p table_ok cleared when a weight or intensity of
 /// the chunk is not valid (the caller names it).
 double chunk_functional_and_gradient(const GroupedObservations& t,
                                      const std::vector<TableModel>& models, std::size_t first,
@@ -126,7 +126,8 @@ double chunk_functional_and_gradient(const GroupedObservations& t,
                                      ChunkState& state, double* acc, double* g_table,
                                      bool& table_ok) {
   const std::size_t count = last - first;
-  double* g = room(state.g, count);
+  // g straight into the output rows (the chunks' rows are disjoint): no copy at the end
+  double* g = g_table + first;
   std::fill(g, g + count, 0.0);  // a row no model writes stays 0: found by the g check
   std::vector<ModelRows> rows(models.size());
   for (std::size_t k = 0; k < models.size(); ++k) {
@@ -166,7 +167,6 @@ double chunk_functional_and_gradient(const GroupedObservations& t,
     }
     models[k].block->fused_transpose_rows(c, state.models[k], acc + models[k].column_offset);
   }
-  std::copy(g, g + count, g_table + first);
   return f;
 }
 

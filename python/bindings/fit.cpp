@@ -352,7 +352,8 @@ py::tuple model_normal_equations_py(const Int64Array& offsets, const DoubleArray
 
 py::tuple model_functional_and_gradient_py(const Int64Array& offsets, const DoubleArray& intensities,
                                            const DoubleArray& weights, const py::list& models,
-                                           std::int64_t n_params, bool Ih, int n_threads) {
+                                           std::int64_t n_params, bool Ih, int n_threads,
+                                           const py::object& g_out) {
   if (n_params < 0) throw std::invalid_argument("n_params must be >= 0");
   require_threads(n_threads);
   CallData d;
@@ -361,7 +362,11 @@ py::tuple model_functional_and_gradient_py(const Int64Array& offsets, const Doub
   // the coverage on the way through its chunks: no pass over them here
   const TableModels tm = load_table_models(models, d.table.n_obs, static_cast<std::size_t>(n_params), false);
   const auto n_obs = static_cast<py::ssize_t>(d.table.n_obs);
-  DoubleArray grad(n_params), g(n_obs);
+  DoubleArray grad(n_params);
+  // g into the caller's array when given (an engine calling f+g every step reuses it: a fresh
+  // n_obs array is ~1 ns/obs of new pages per call at 10⁶ rows)
+  py::array_t<double> g = g_out.is_none() ? py::array_t<double>(n_obs)
+                                          : writable_doubles(g_out, {n_obs}, "g_out");
   std::optional<DoubleArray> ih;
   if (Ih) ih.emplace(n_obs);
   double f = 0.0;
@@ -766,12 +771,14 @@ void bind_fit(py::module_& m) {
   m.def("model_functional_and_gradient", &model_functional_and_gradient_py,
         py::arg("group_offsets"), py::arg("intensities"), py::arg("weights"), py::arg("models"),
         py::arg("n_params"), py::arg("Ih") = false, py::arg("n_threads") = 1,
+        py::arg("g_out") = py::none(),
         "f = sum w (I - g Ih)^2 and its gradient (Ih held) in one pass over chunks of whole\n"
         "groups, the table's rows from several C++ model blocks (e.g. one per dataset, groups\n"
         "spanning datasets), no dg/dp formed. models: as model_normal_equations takes them,\n"
         "(ModelBlock, params, first_row, column_offset, table_rows) tuples, table_rows strictly\n"
         "ascending, covering each table row once. Returns (f, gradient, g, Ih | None), g and Ih\n"
-        "(with Ih=True) per table row; the same bits for any n_threads.");
+        "(with Ih=True) per table row (g written into g_out, a writable float64 array of one\n"
+        "value per table row, when given); the same bits for any n_threads.");
   m.def("fold_normal_matrix", &fold_normal_matrix_py, py::arg("matrix"),
         "Make a matrix accumulated by normal_equations(out=...) symmetric, in place.");
   m.def("normal_matrix_diagonal", &normal_matrix_diagonal_py, py::arg("group_offsets"),

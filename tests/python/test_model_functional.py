@@ -85,6 +85,24 @@ def test_several_datasets_equal_the_three_calls_for_any_thread_count():
     assert _fit.model_functional_and_gradient(offsets, inten, w, models, n_params)[3] is None
 
 
+def test_g_into_the_callers_array():
+    offsets, inten, w, blocks, models, n_params = _datasets()
+    f, grad, g, _ = _fit.model_functional_and_gradient(offsets, inten, w, models, n_params)
+    held = np.full(inten.size, np.nan)
+    f_held, grad_held, g_held, _ = _fit.model_functional_and_gradient(offsets, inten, w, models, n_params,
+                                                                      g_out=held)
+    assert g_held is held or np.shares_memory(g_held, held)
+    assert f_held == f
+    np.testing.assert_array_equal(held, g)
+    np.testing.assert_array_equal(grad_held, grad)
+    with pytest.raises(ValueError, match="g_out"):
+        _fit.model_functional_and_gradient(offsets, inten, w, models, n_params, g_out=np.empty(inten.size - 1))
+    read_only = np.empty(inten.size)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match="g_out"):
+        _fit.model_functional_and_gradient(offsets, inten, w, models, n_params, g_out=read_only)
+
+
 def test_shared_columns_and_a_model_without_rows_in_a_chunk():
     """Two models may share columns (their products add up) and a model's rows may be a sub-
     range of its block: here dataset 1's model serves its block's rows from 1 on, and a

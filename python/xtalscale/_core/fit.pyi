@@ -74,6 +74,7 @@ def model_functional_and_gradient(
     n_params: int,
     Ih: bool = False,  # noqa: N803
     n_threads: int = 1,
+    g_out: npt.NDArray[np.float64] | None = None,
 ) -> tuple[float, npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64] | None]: ...
 
 def fold_normal_matrix(matrix: npt.NDArray[np.float64]) -> None: ...
