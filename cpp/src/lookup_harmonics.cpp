@@ -30,11 +30,7 @@
 namespace xtalscale {
 namespace {
 
-/// Room for @p n values in @p v, grown when needed and never shrunk (as model_block.cpp's).
-double* sized(std::vector<double>& v, std::size_t n) {
-  if (v.size() < n) detail::resize_large(v, n);
-  return v.data();
-}
+using detail::sized;
 
 /// Grid index → its θ and φ factor rows, for factor rows of @p P doubles (0: a stride known
 /// at run time only; the vectorised kernels fix it, so that it costs no multiplication). The
@@ -792,7 +788,7 @@ void LookupHarmonicsTerm::grid_scales(const double* p, std::size_t first, std::s
   const GridRows<> rows(*factors_);
   const GridTables g{align64(sums->f.data()), sums->f0.data(), align64(trig_.data()), lanes_,
                      rows.magic,     factors_->n_phi, rows.shift};
-  if (points.size() < 4 * count) detail::resize_large(points, 4 * count);
+  sized(points, 4 * count);  // (grown, never shrunk)
   split_points(g, s0_.data + first, s1_.data + first, count, points.data());
   grid_scales_any(g, GridPoints(points.data(), count), count, scales);
 }

@@ -22,13 +22,7 @@ namespace xtalscale {
 
 namespace {
 
-/// Room for @p n values in @p v, grown when needed and never shrunk: a run of row chunks of
-/// varying length (the fused normal equations' chunks of whole groups) then allocates and
-/// zero-fills nothing after the longest.
-double* sized(std::vector<double>& v, std::size_t n) {
-  if (v.size() < n) detail::resize_large(v, n);
-  return v.data();
-}
+using detail::sized;
 
 /// u_t = (c·s_a)·s_b for each of three terms t (a < b the other two): the products of
 /// ModelBlock::rows_fused_transpose's per-term passes, in one pass over the rows.

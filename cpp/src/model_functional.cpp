@@ -14,6 +14,7 @@
 
 #include "fit_parallel.hpp"  // parallel_for_rethrowing, thread_number, group_sums
 #include "internal/group_target.hpp"
+#include "internal/large_buffers.hpp"
 #include "xtalscale/check.hpp"
 #include "xtalscale/normal_equations.hpp"
 
@@ -21,11 +22,7 @@ namespace xtalscale::fit {
 
 namespace {
 
-/// Room for @p n values in @p v (grown when needed, never shrunk: the chunks vary in length).
-double* room(std::vector<double>& v, std::size_t n) {
-  if (v.size() < n) v.resize(n);
-  return v.data();
-}
+using xtalscale::detail::sized;
 
 /// Throws unless every model fits its block, the table and the parameter vector, and its table
 /// rows lie in the table and ascend strictly; and the models hold n_obs rows in all (with
@@ -137,7 +134,7 @@ double chunk_functional_and_gradient(const GroupedObservations& t,
     if (r.count == 0) continue;
     // consecutive table rows (one dataset's run) are written in place, others scattered
     double* gm = r.consecutive ? g + (r.table_rows[0] - static_cast<std::int64_t>(first))
-                               : room(state.model_rows, r.count);
+                               : sized(state.model_rows, r.count);
     m.block->fused_scales_rows(m.params, m.n_params, m.first_row + r.index, r.count,
                                state.models[k], gm);
     if (!r.consecutive)
@@ -152,7 +149,7 @@ double chunk_functional_and_gradient(const GroupedObservations& t,
     throw std::invalid_argument("a scale g is not finite and > 0 (table rows " +
                                 std::to_string(first) + " to " + std::to_string(last - 1) + ")");
   }
-  double* dfdg = room(state.dfdg, count);
+  double* dfdg = sized(state.dfdg, count);
   const double f = xtalscale::detail::groups_target(t.group_offsets + h_first, h_last - h_first,
                                          static_cast<std::int64_t>(first), w, inten, g, dfdg);
   for (std::size_t k = 0; k < models.size(); ++k) {
@@ -160,7 +157,7 @@ double chunk_functional_and_gradient(const GroupedObservations& t,
     if (r.count == 0) continue;
     const double* c = dfdg + (r.table_rows[0] - static_cast<std::int64_t>(first));
     if (!r.consecutive) {
-      double* gathered = room(state.model_rows, r.count);
+      double* gathered = sized(state.model_rows, r.count);
       for (std::size_t i = 0; i < r.count; ++i)
         gathered[i] = dfdg[static_cast<std::size_t>(r.table_rows[i]) - first];
       c = gathered;

@@ -75,6 +75,14 @@ void resize_large(std::vector<T>& v, std::size_t n) {
   v.resize(n);
 }
 
+/// Room for @p n values in @p v, grown when needed and never shrunk (resize_large): a run of
+/// row chunks of varying length then allocates and zero-fills nothing after the longest.
+template <class T>
+T* sized(std::vector<T>& v, std::size_t n) {
+  if (v.size() < n) resize_large(v, n);
+  return v.data();
+}
+
 /// A new vector of @p n value-initialised elements (see resize_large).
 template <class T>
 std::vector<T> large_vector(std::size_t n) {
