@@ -186,8 +186,24 @@ py::array_t<double> writable_doubles(const py::object& obj, const std::vector<py
     throw std::invalid_argument(std::string(name) + " must be C-contiguous and writeable");
   bool same = a.ndim() == static_cast<py::ssize_t>(shape.size());
   for (std::size_t k = 0; same && k < shape.size(); ++k) same = a.shape(static_cast<py::ssize_t>(k)) == shape[k];
-  if (!same) throw std::invalid_argument(std::string(name) + " has the wrong shape for n_params");
+  if (!same) {
+    std::string expected;
+    for (const py::ssize_t extent : shape)
+      expected += (expected.empty() ? "" : ", ") + std::to_string(extent);
+    throw std::invalid_argument(std::string(name) + " has the wrong shape (expected (" + expected + "))");
+  }
   return a;
+}
+
+/// Throws unless the @p bytes at @p out share no memory with @p input (@p input_name): a
+/// kernel writing @p out while it reads @p input would read its own results.
+void require_apart(const void* out, std::size_t bytes, const py::array& input, const char* out_name,
+                   const char* input_name) {
+  const auto a = reinterpret_cast<std::uintptr_t>(out);
+  const auto b = reinterpret_cast<std::uintptr_t>(input.data());
+  const auto input_bytes = static_cast<std::size_t>(input.nbytes());
+  if (bytes > 0 && input_bytes > 0 && a < b + input_bytes && b < a + bytes)
+    throw std::invalid_argument(std::string(out_name) + " must not share memory with " + input_name);
 }
 
 /// The matrix kind named @p kind ("schur" or "dials"), after checking @p n_params >= 0.
@@ -367,6 +383,11 @@ py::tuple model_functional_and_gradient_py(const Int64Array& offsets, const Doub
   // n_obs array is ~1 ns/obs of new pages per call at 10⁶ rows)
   py::array_t<double> g = g_out.is_none() ? py::array_t<double>(n_obs)
                                           : writable_doubles(g_out, {n_obs}, "g_out");
+  if (!g_out.is_none()) {  // g is written while the chunks read the table
+    const auto bytes = static_cast<std::size_t>(g.nbytes());
+    require_apart(g.data(), bytes, intensities, "g_out", "the intensities");
+    require_apart(g.data(), bytes, weights, "g_out", "the weights");
+  }
   std::optional<DoubleArray> ih;
   if (Ih) ih.emplace(n_obs);
   double f = 0.0;

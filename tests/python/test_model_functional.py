@@ -97,6 +97,10 @@ def test_g_into_the_callers_array():
     np.testing.assert_array_equal(grad_held, grad)
     with pytest.raises(ValueError, match="g_out"):
         _fit.model_functional_and_gradient(offsets, inten, w, models, n_params, g_out=np.empty(inten.size - 1))
+    with pytest.raises(ValueError, match="g_out must not share memory with the intensities"):
+        _fit.model_functional_and_gradient(offsets, inten, w, models, n_params, g_out=inten)
+    with pytest.raises(ValueError, match="g_out must not share memory with the weights"):
+        _fit.model_functional_and_gradient(offsets, inten, w, models, n_params, g_out=w)
     read_only = np.empty(inten.size)
     read_only.flags.writeable = False
     with pytest.raises(ValueError, match="g_out"):
