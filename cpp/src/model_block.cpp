@@ -37,6 +37,30 @@ XS_MULTIVERSION void others_products3(std::size_t count, const double* __restric
   }
 }
 
+/// others_products3 with row i's c read at c[rows[i] − base] (a caller's table order).
+XS_MULTIVERSION void others_products3_gathered(std::size_t count, const double* __restrict c,
+                                               const std::int64_t* __restrict rows,
+                                               std::int64_t base, const double* __restrict s0,
+                                               const double* __restrict s1,
+                                               const double* __restrict s2,
+                                               double* __restrict u0, double* __restrict u1,
+                                               double* __restrict u2) {
+  for (std::size_t i = 0; i < count; ++i) {
+    const double ci = c[rows[i] - base];
+    u0[i] = (ci * s1[i]) * s2[i];
+    u1[i] = (ci * s0[i]) * s2[i];
+    u2[i] = (ci * s0[i]) * s1[i];
+  }
+}
+
+/// ModelBlock::product_of_scales's physical-model products, row i's into g[rows[i] − base].
+XS_MULTIVERSION void product3_scattered(std::size_t count, const double* __restrict s0,
+                                        const double* __restrict s1, const double* __restrict s2,
+                                        const std::int64_t* __restrict rows, std::int64_t base,
+                                        double* __restrict g) {
+  for (std::size_t i = 0; i < count; ++i) g[rows[i] - base] = (s0[i] * s1[i]) * s2[i];
+}
+
 /// The first pass of a physical model's chunk in ModelBlock::functional_and_gradient: g =
 /// (s0·s1)·s2 (product_of_scales's products) and, in the same pass, the chunk's checks
 /// (all_positive_finite of g; all_non_negative_finite of the weights @p w and all_finite of
@@ -1284,15 +1308,26 @@ void ModelBlock::rows_transpose_product(const std::vector<TermValues>& tv, std::
 void ModelBlock::rows_fused_transpose(const std::vector<TermValues>& tv, std::size_t first,
                                       std::size_t count, const double* coefficients, double* g,
                                       bool g_known, double* acc,
-                                      std::vector<TermScratch>& scratch) const {
+                                      std::vector<TermScratch>& scratch,
+                                      const std::int64_t* c_rows, std::int64_t c_row_base) const {
   const std::size_t k = terms_.size();
   if (!g_known) product_of_scales(tv, count, g);
+  if (c_rows != nullptr && k != 3) {  // the coefficients gathered once for the per-term passes
+    double* gathered = sized(scratch[k].scales, count);
+    for (std::size_t i = 0; i < count; ++i) gathered[i] = coefficients[c_rows[i] - c_row_base];
+    coefficients = gathered;
+    c_rows = nullptr;
+  }
   // u_t = c · Π of the other terms' scales in ascending term order (no division: a zero
   // scale is exact), in the block's workspace (see start_chunks)
   if (k == 3) {  // a physical model: the three u in one pass over the rows, the same products
     double* u = sized(scratch[k].aux, 3 * count);
-    others_products3(count, coefficients, tv[0].scales, tv[1].scales, tv[2].scales, u,
-                     u + count, u + 2 * count);
+    if (c_rows != nullptr)
+      others_products3_gathered(count, coefficients, c_rows, c_row_base, tv[0].scales,
+                                tv[1].scales, tv[2].scales, u, u + count, u + 2 * count);
+    else
+      others_products3(count, coefficients, tv[0].scales, tv[1].scales, tv[2].scales, u,
+                       u + count, u + 2 * count);
     for (std::size_t t = 0; t < k; ++t)
       if (active_[t] && terms_[t]->n_cols() > 0)
         terms_[t]->fused_transpose_rows(tv[t], first, count, u + t * count,
@@ -1449,7 +1484,8 @@ double ModelBlock::functional_and_gradient(const double* params, std::size_t n_p
 }
 
 void ModelBlock::fused_scales_rows(const double* params, std::size_t n_params, std::size_t first,
-                                   std::size_t count, FusedRowsScratch& s, double* g) const {
+                                   std::size_t count, FusedRowsScratch& s, double* g,
+                                   const std::int64_t* g_rows, std::int64_t g_row_base) const {
   if (!chunked()) throw std::logic_error("a term of this block does not evaluate row ranges");
   check_params(params, n_params);
   require(first <= n_rows_ && count <= n_rows_ - first, "rows out of range");
@@ -1461,16 +1497,27 @@ void ModelBlock::fused_scales_rows(const double* params, std::size_t n_params, s
   for (std::size_t t = 0; t < k; ++t)  // for_each_chunk's ChunkValues::fused
     s.values[t] = terms_[t]->fused_rows(params + param_start_[t], first, count, s.terms[t]);
   s.count = count;
-  product_of_scales(s.values, count, g);
+  if (g_rows == nullptr) {
+    product_of_scales(s.values, count, g);
+  } else if (k == 3) {
+    product3_scattered(count, s.values[0].scales, s.values[1].scales, s.values[2].scales, g_rows,
+                       g_row_base, g);
+  } else {  // formed in the block's workspace, then scattered
+    double* own = sized(s.terms[k].scales, count);
+    product_of_scales(s.values, count, own);
+    for (std::size_t i = 0; i < count; ++i) g[g_rows[i] - g_row_base] = own[i];
+  }
 }
 
 void ModelBlock::fused_transpose_rows(const double* coefficients, FusedRowsScratch& s,
-                                      double* acc) const {
+                                      double* acc, const std::int64_t* c_rows,
+                                      std::int64_t c_row_base) const {
   if (s.values.size() != terms_.size() || s.terms.size() != terms_.size() + 1)
     throw std::logic_error("fused_transpose_rows: the scratch holds no rows of this block");
   if (s.count == 0) return;
   // g is not read when known (g_known): the terms' scales are in s.values
-  rows_fused_transpose(s.values, s.first, s.count, coefficients, nullptr, true, acc, s.terms);
+  rows_fused_transpose(s.values, s.first, s.count, coefficients, nullptr, true, acc, s.terms,
+                       c_rows, c_row_base);
 }
 
 void ModelBlock::release_values(bool pattern) {

@@ -177,6 +177,32 @@ def test_bad_inputs_are_clear_errors():
         call(models=[(object(), p0, f0, col0, rows0), models[1]])
 
 
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_rows_out_of_order_across_chunks_are_found_by_the_chunks(n_threads):
+    """The chunks check the models' rows as they read them (no serial pass): rows that ascend
+    within each chunk but not over the table (two chunks' runs swapped), a repeated row inside
+    a run that looks consecutive, and rows beyond the table all name the fault, as the
+    serial check did, and nothing is written outside the arrays."""
+    offsets, inten, w, blocks, models, n_params = _datasets(n_obs=120_000, n_datasets=3, seed=8)
+    (c0, p0, f0, col0, rows0) = models[0]
+    half = int(np.searchsorted(rows0, inten.size // 2))
+    swapped = np.concatenate([rows0[half:], rows0[:half]])
+    repeated = rows0.copy()
+    repeated[100] = repeated[99]
+    beyond = rows0.copy()
+    beyond[-1] = inten.size + 5
+    for bad, message in ((swapped, "ascend strictly"), (repeated, "ascend strictly"),
+                         (beyond, "outside the table's")):
+        with pytest.raises(ValueError, match=message):
+            _fit.model_functional_and_gradient(offsets, inten, w, [(c0, p0, f0, col0, bad), *models[1:]],
+                                               n_params, n_threads=n_threads)
+    # and the good rows still give the three calls' result
+    f3, grad3, g3, _ = _three_calls(offsets, inten, w, blocks)
+    f, grad, g, _ = _fit.model_functional_and_gradient(offsets, inten, w, models, n_params, n_threads=n_threads)
+    assert abs(f - f3) <= 1e-12 * abs(f3)
+    np.testing.assert_array_equal(g, g3)
+
+
 def test_a_job_block_of_two_sweeps_equals_the_objectives_three_calls():
     """The job's table block of two sweeps (the scaler's own model blocks, ``table_models``):
     f, the gradient, g and Ĩ against the objective's matrix-free calls on the same block."""

@@ -594,14 +594,22 @@ class XTALSCALE_EXPORT ModelBlock {
   /// Const: threads with their own scratch may work on any rows at once.
   /// @throws std::invalid_argument as evaluate() or for rows out of range; std::logic_error
   /// unless evaluates_rows().
+  /// With @p g_rows, row i's g goes to g[g_rows[i] − g_row_base] instead of g[i] (the
+  /// caller's table order: its rows of several models interleaved), in the same pass; the
+  /// caller guarantees those positions lie in its array.
   void fused_scales_rows(const double* params, std::size_t n_params, std::size_t first,
-                         std::size_t count, FusedRowsScratch& scratch, double* g) const;
+                         std::size_t count, FusedRowsScratch& scratch, double* g,
+                         const std::int64_t* g_rows = nullptr, std::int64_t g_row_base = 0) const;
   /// The second half: @p acc[j] += Σ_i c_i·∂g_i/∂p_j (j < n_cols()) over the rows of the last
   /// fused_scales_rows() with @p scratch, @p coefficients c of those rows (count values), in
   /// functional_and_gradient()'s order (the same bits for the same rows).
   /// @throws std::logic_error when @p scratch holds no rows of this block.
-  void fused_transpose_rows(const double* coefficients, FusedRowsScratch& scratch,
-                            double* acc) const;
+  /// With @p c_rows, row i's coefficient is coefficients[c_rows[i] − c_row_base] (read in the
+  /// pass that forms the terms' coefficients: no gathered copy); the caller guarantees those
+  /// positions lie in its array.
+  void fused_transpose_rows(const double* coefficients, FusedRowsScratch& scratch, double* acc,
+                            const std::int64_t* c_rows = nullptr,
+                            std::int64_t c_row_base = 0) const;
 
   /// True when every term evaluates row ranges: evaluate_rows() is then available.
   bool evaluates_rows() const;
@@ -683,10 +691,13 @@ class XTALSCALE_EXPORT ModelBlock {
                                        bool& table_ok) const;
   /// The transposed product of a chunk's rows from the terms' fused_rows() values: g into
   /// @p g, (∂g/∂p)ᵀc into @p acc, @p coefficients c of these rows (the chunk's g, when
-  /// @p g_known, already in @p g).
+  /// @p g_known, already in @p g). With @p c_rows, row i's coefficient is
+  /// coefficients[c_rows[i] − c_row_base] (fused_transpose_rows()).
   void rows_fused_transpose(const std::vector<TermValues>& tv, std::size_t first,
                             std::size_t count, const double* coefficients, double* g,
-                            bool g_known, double* acc, std::vector<TermScratch>& scratch) const;
+                            bool g_known, double* acc, std::vector<TermScratch>& scratch,
+                            const std::int64_t* c_rows = nullptr,
+                            std::int64_t c_row_base = 0) const;
   /// g = Π_t s_t of @p count rows from the terms' values @p tv (fill()'s product order).
   void product_of_scales(const std::vector<TermValues>& tv, std::size_t count, double* g) const;
   /// Check @p params and evaluate every term into its scratch (term_values_).

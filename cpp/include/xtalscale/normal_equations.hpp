@@ -95,10 +95,14 @@ XTALSCALE_EXPORT NormalEquationsSummary model_normal_equations(
 /// to rounding, and to ModelBlock::functional_and_gradient bit for bit for one model covering
 /// the table in order. Writes g of every table row into @p g_table (n_obs values) and, when
 /// @p Ih_table is given, each row's least-squares Ĩ (as model_normal_equations). The chunks
-/// hold 4096 table rows per model (at most 32768); each thread keeps its chunk buffers from
-/// call to call (fresh pages per call cost the kernel's clearing). The models' rows are
-/// checked here (no caller's pass over them is needed): with each model's table rows in range
-/// and ascending and n_obs rows in all, a row no model holds is found by the chunk's g check.
+/// hold 4096 table rows for one model, 8192 per model for several (at most 32768); each
+/// thread keeps its chunk buffers from call to call (fresh pages per call cost the kernel's
+/// clearing). A model's rows not consecutive in the table have their g written to, and their
+/// ∂f/∂g read from, table order in the passes that form them (no gathered copies). The
+/// models' rows are checked here, by the chunks as they read them (no serial pass over them):
+/// each chunk's rows of a model ascend within the chunk and the chunks' rows follow one another
+/// over the model's rows; with n_obs rows in all, a row no model holds is then found by the
+/// chunk's g check.
 /// @throws std::invalid_argument for a null block, a parameter count or a row or column range
 /// that does not fit, table rows that are out of range, not strictly ascending or that do not
 /// cover each table row once, non-finite parameters, weights or intensities, or a scale g that
