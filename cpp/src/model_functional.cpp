@@ -13,7 +13,7 @@
 #include <string>
 #include <vector>
 
-#include "fit_parallel.hpp"  // parallel_for_rethrowing, thread_number, group_sums
+#include "fit_parallel.hpp"  // parallel_for_rethrowing, thread_number
 #include "internal/group_target.hpp"
 #include "internal/kernel_support.hpp"  // XS_MULTIVERSION
 #include "internal/large_buffers.hpp"
@@ -165,6 +165,24 @@ XS_MULTIVERSION bool chunk_checked(std::size_t count, const double* __restrict g
   return (bad_g >> 63) == 0;
 }
 
+/// Each row's least-squares Ĩ of the groups @p off (rows counted from @p base) into @p ih
+/// (the chunk's rows), from the chunk's @p w, @p inten and @p g: detail::group_sums's order,
+/// so the same bits as calc_Ih and the normal equations' Ĩ.
+void chunk_Ih(const std::int64_t* off, std::size_t n_groups, std::size_t base,
+              const double* w, const double* inten, const double* g, double* ih) {
+  for (std::size_t h = 0; h < n_groups; ++h) {
+    const auto a = static_cast<std::size_t>(off[h]) - base;
+    const auto b = static_cast<std::size_t>(off[h + 1]) - base;
+    double wgg = 0.0, wgi = 0.0;
+    for (std::size_t l = a; l < b; ++l) {
+      const double wg = w[l] * g[l];
+      wgg += wg * g[l];
+      wgi += wg * inten[l];
+    }
+    std::fill(ih + a, ih + b, wgg > 0.0 ? wgi / wgg : 0.0);
+  }
+}
+
 /// A thread's buffers, reused by its chunks: per model the terms' values of the chunk's rows;
 /// the chunk's g and ∂f/∂g in table order (in cache: g is copied out with streaming stores,
 /// which do not read the output's old contents from memory).
@@ -182,7 +200,8 @@ double chunk_functional_and_gradient(const GroupedObservations& t,
                                      const std::vector<TableModel>& models, std::size_t first,
                                      std::size_t last, std::size_t h_first, std::size_t h_last,
                                      ChunkState& state, double* acc, double* g_table,
-                                     ModelRows* found, bool& table_ok, bool& rows_ok) {
+                                     double* Ih_table, ModelRows* found, bool& table_ok,
+                                     bool& rows_ok) {
   const std::size_t count = last - first;
   for (std::size_t k = 0; k < models.size(); ++k) {
     found[k] = rows_in(models[k], first, last);
@@ -230,6 +249,8 @@ double chunk_functional_and_gradient(const GroupedObservations& t,
                                             static_cast<std::int64_t>(first));
   }
   xtalscale::detail::copy_streaming(g, count, g_table + first);
+  if (Ih_table != nullptr)  // each row's least-squares Ĩ, as model_normal_equations writes it
+    chunk_Ih(t.group_offsets + h_first, h_last - h_first, first, w, inten, g, Ih_table + first);
   return f;
 }
 
@@ -276,8 +297,9 @@ double model_functional_and_gradient(const GroupedObservations& t,
       bool table_fine = true, rows_fine = true;
       f_chunk[c] = chunk_functional_and_gradient(t, models, rows[c], rows[c + 1], groups[c],
                                                  groups[c + 1], state, partial.data() + c * n,
-                                                 g_table, found.data() + c * models.size(),
-                                                 table_fine, rows_fine);
+                                                 g_table, Ih_table,
+                                                 found.data() + c * models.size(), table_fine,
+                                                 rows_fine);
       table_ok[c] = table_fine ? 1 : 0;
       rows_ok[c] = rows_fine ? 1 : 0;
     });
@@ -298,12 +320,6 @@ double model_functional_and_gradient(const GroupedObservations& t,
     f += f_chunk[c];
     for (std::size_t j = 0; j < n; ++j) gradient[j] += partial[c * n + j];
   }
-  if (Ih_table != nullptr)  // as model_normal_equations writes it
-    for (std::size_t h = 0; h < t.n_groups; ++h) {
-      const detail::GroupSums sums = detail::group_sums(t, g_table, h);
-      const double ih = sums.wgg > 0.0 ? sums.wgi / sums.wgg : 0.0;
-      std::fill(Ih_table + t.group_offsets[h], Ih_table + t.group_offsets[h + 1], ih);
-    }
   return f;
 }
 

@@ -266,8 +266,20 @@ class ScalerObjective:
         f, grad = 0.0, np.zeros(self.n_params)
         inner = self._matrix_free()
         if inner is not None:
-            # ∂f/∂g from g alone, then (∂g/∂p)ᵀ ∂f/∂g from each model block: no ∂g/∂p formed
-            for block_id, block in enumerate(self._each_block(derivatives=False)):
+            fused = self._fused_target()
+            one_pass = fused is not None and hasattr(fused, "compute_model_functional_and_gradient")
+            for block_id, block in enumerate(self._blocks()):
+                models = self.scaler.table_models(self.apm, block_id) if one_pass else None
+                if models is not None:
+                    # g, ∂f/∂g and the transposed products in one pass over chunks of groups
+                    with np.errstate(over="ignore", invalid="ignore"):
+                        fb, gb, g, ih = fused.compute_model_functional_and_gradient(block, models, self.n_params)
+                    self.scaler.take_block_scales(self.apm, block_id, g, ih)
+                    f += fb
+                    grad += gb
+                    continue
+                # ∂f/∂g from g alone, then (∂g/∂p)ᵀ ∂f/∂g from each model block: no ∂g/∂p formed
+                self._update_block(block_id, block, False, False)
                 fb, dfdg = inner.compute_functional_and_scale_gradient(block)
                 f += fb
                 grad += self.scaler.transpose_product(self.apm, block_id, dfdg)

@@ -228,6 +228,29 @@ class ScalingTarget:
             block.Ih_table["Ih_values"] = ih[block._table_rows]
         return f, dfdg[rows]
 
+    def compute_model_functional_and_gradient(self, block: Any, models: list[tuple[Any, ...]], n_params: int
+                                              ) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+        """``(f, ∂f/∂p, g, Ĩ)`` of one block with its rows evaluated from C++ model blocks in one
+        pass over chunks of whole groups (``_core.fit.model_functional_and_gradient``): g, the
+        groups' f and ∂f/∂g and each model's transposed product while a chunk is in cache, no
+        ∂g/∂p formed. Equal to :meth:`compute_functional_and_scale_gradient` with the models'
+        transposed products to rounding (another summation order); g and Ĩ (block row order)
+        are the same bits as evaluating the models and :meth:`calc_Ih`.
+
+        Parameters
+        ----------
+        block : the Ih table block
+        models : per dataset ``(ModelBlock, parameters, first_row, column_offset, table_rows)``
+            covering the block's rows (``scaler.table_models``)
+        n_params : length of the gradient
+        """
+        if self.fixed_Ih:
+            raise ValueError("a fixed-Ĩ target has no one-pass f+g from model blocks (Ĩ is eliminated there)")
+        offsets, inten, w, rows = block.table_arrays()
+        f, grad, g, ih = _fit.model_functional_and_gradient(offsets, inten, w, models, n_params, Ih=True,
+                                                            n_threads=getattr(self, "n_threads", 1))
+        return f, grad, g[rows], ih[rows]
+
     def compute_residuals_and_gradients(self, block: Any) -> tuple[np.ndarray, sp.csr_matrix, np.ndarray]:
         """``(r, J, w)`` with the explicit Jacobian (DIALS path)."""
         jac = self.calculate_jacobian(block)
