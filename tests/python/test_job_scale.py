@@ -917,8 +917,9 @@ def test_unstreamed_set_x_builds_g_alone_and_f_and_grad_goes_matrix_free():
     """On a table that is not streamed, set_x updates g and Ĩ only (a line search's rejected
     trial point costs no ∂g/∂p) and f+g goes through the models' transposed products: f, the
     gradient and Ĩ equal the derivative-matrix path's to rounding, at the start and after a
-    parameter change. A DIALS-protocol scaler (update_for_minimisation without ``derivatives``)
-    keeps the derivative path and gives the same numbers."""
+    parameter change; in one pass (model_functional_and_gradient, g and Ĩ handed back to the
+    blocks) as in three calls. A DIALS-protocol scaler (update_for_minimisation without
+    ``derivatives``) keeps the derivative path and gives the same numbers."""
     scaler, target, apm, obj = _unstreamed_objective()
     assert obj._matrix_free() is not None
     blocks = scaler.get_blocks_for_minimisation()
@@ -942,8 +943,12 @@ def test_unstreamed_set_x_builds_g_alone_and_f_and_grad_goes_matrix_free():
     x0 = np.asarray(apm.get_param_vals(), dtype=np.float64)
     for x in (x0, x0 * (1.0 + 0.01 * rng.standard_normal(x0.size))):
         results = []
-        for objective, free in ((obj, True), (obj, False), (dials, True)):
+        # matrix-free in one pass (the models' model_functional_and_gradient), matrix-free in
+        # three calls (g, ∂f/∂g, the transposed products), the derivative path, DIALS's protocol
+        for objective, free, one_pass in ((obj, True, True), (obj, True, False), (obj, False, False),
+                                          (dials, True, False)):
             objective.matrix_free = free
+            objective.fused_normal_equations = one_pass
             objective.set_x(x)
             lazy = objective is obj and free
             assert all((b.derivatives is None) == lazy for b in blocks)

@@ -107,7 +107,9 @@ class ScalerObjective:
         self._free_target: tuple[Any] | None = None  # (target or None), found once: see _matrix_free
         self._update_takes: frozenset[str] | None = None  # see _update_arguments
         #: normal equations straight from the scaler's C++ model blocks where it offers them
-        #: (:meth:`_fused_target`: no ∂g/∂p formed, the same bits); False: the derivative way
+        #: (:meth:`_fused_target`: no ∂g/∂p formed, the same bits), and the matrix-free f+g in
+        #: one pass over them (g, ∂f/∂g and the transposed products per chunk of groups, equal
+        #: to the three calls to rounding); False: the derivative way and the three calls
         self.fused_normal_equations = True
 
     def _blocks(self) -> list[Any]:
