@@ -63,6 +63,23 @@ def test_noise_and_outliers(sim):
     assert 0.002 < frac < 0.004
 
 
+def test_outliers_are_gross_against_the_true_noise_of_strong_reflections():
+    """An injected outlier lies 20-60 standard deviations of its true noise (counting and the
+    fractional error) away, also for strong reflections, where the fractional error dominates:
+    raised by 20-60 counting σ only, one of 10⁵ counts would sit ~5 true σ away, which no
+    rule that keeps clean observations can flag."""
+    sim = simulate(n_sweeps=1, seed=4, n_images=1800, mean_intensity=2.0e6)
+    t = sim.reflections
+    lp = np.asarray(t["lp"])
+    counts = sim.g_true * sim.intensity_true / lp
+    raw = np.asarray(t["intensity.prf.value"])
+    true_sigma = np.sqrt(counts + 1.25 * 30.0 + (0.02 * counts) ** 2)
+    out = sim.outlier_true
+    assert np.count_nonzero(out & (0.02 * counts > 3 * np.sqrt(counts))) >= 8  # strong ones among them
+    # 20 σ raised, less at most ~6 σ of the observation's own noise
+    assert np.all((raw - counts)[out] > 14 * true_sigma[out])
+
+
 def test_deterministic_and_validated():
     a = simulate(seed=5, n_images=200)
     b = simulate(SimulationOptions(seed=5, n_images=200))

@@ -57,7 +57,8 @@ class SimulationOptions:
         Images per sweep (0.1° each in the default geometry); ``None`` keeps the file's scan.
     outlier_fraction : float
         Fraction of observations turned into gross outliers (chosen among observations of
-        groups with multiplicity ≥ 3, where an outlier is identifiable at all).
+        groups with multiplicity ≥ 3, where an outlier is identifiable at all), each raised by
+        20–60 standard deviations of its true noise (counting and fractional error).
     fractional_error : float
         The true error model's ``b``: each observation gets extra Gaussian noise of
         ``fractional_error · signal``.
@@ -398,7 +399,13 @@ def simulate(options: SimulationOptions | None = None, **overrides: Any) -> Simu
     var_prf = np.maximum(raw_prf, 0.0) + 1.25 * bg
 
     outliers = _inject_outliers(grouping, signal, var_sum, float(opts.outlier_fraction), rng)
-    boost = np.where(outliers, rng.uniform(20.0, 60.0, size=n) * np.sqrt(var_sum), 0.0)
+    # a gross outlier lies 20-60 standard deviations of the observation's *true* noise away:
+    # the counting variance with the fractional error's (unrecorded, as an integration program
+    # does not know it). Scaled by the counting σ alone, a strong reflection's "outlier" was
+    # only ~4-6 true σ away (2 % of 10⁵ counts is 6x their counting σ): indistinguishable from
+    # a clean observation by any rule that keeps clean data (z_max 6), and not gross at all.
+    true_sigma = np.sqrt(var_sum + (float(opts.fractional_error) * signal) ** 2)
+    boost = np.where(outliers, rng.uniform(20.0, 60.0, size=n) * true_sigma, 0.0)
     raw_sum = raw_sum + boost
     raw_prf = raw_prf + boost
     var_sum = np.where(outliers, np.maximum(raw_sum, 0) + 2 * bg, var_sum)
