@@ -69,19 +69,13 @@ XS_MULTIVERSION bool product3_checked(std::size_t count, const double* __restric
                                       const double* __restrict s1, const double* __restrict s2,
                                       const double* __restrict w, const double* __restrict inten,
                                       double* __restrict g, bool& table_ok) {
-  std::uint64_t bad_g = 0, bad_table = 0;
+  detail::RowChecks checks;
   for (std::size_t i = 0; i < count; ++i) {
     const double gi = (s0[i] * s1[i]) * s2[i];
     g[i] = gi;
-    std::uint64_t bg, bw, bi;
-    std::memcpy(&bg, &gi, sizeof bg);
-    std::memcpy(&bw, w + i, sizeof bw);
-    std::memcpy(&bi, inten + i, sizeof bi);
-    bad_g |= positive_finite_flag(bg);
-    bad_table |= non_negative_finite_flag(bw) | finite_flag(bi);
+    checks.add(gi, w[i], inten[i]);
   }
-  if ((bad_table >> 63) != 0) table_ok = false;
-  return (bad_g >> 63) == 0;
+  return checks.finish(table_ok);
 }
 
 void check_held(const void* data, std::size_t size, std::size_t n, const char* name) {

@@ -7,7 +7,6 @@
 // three passes over memory and evaluates every model twice.
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <exception>
 #include <stdexcept>
 #include <string>
@@ -152,17 +151,9 @@ bool tiles_model_rows(const std::vector<TableModel>& models, const std::vector<M
 XS_MULTIVERSION bool chunk_checked(std::size_t count, const double* __restrict g,
                                    const double* __restrict w, const double* __restrict inten,
                                    bool& table_ok) {
-  std::uint64_t bad_g = 0, bad_table = 0;
-  for (std::size_t i = 0; i < count; ++i) {
-    std::uint64_t bg, bw, bi;
-    std::memcpy(&bg, g + i, sizeof bg);
-    std::memcpy(&bw, w + i, sizeof bw);
-    std::memcpy(&bi, inten + i, sizeof bi);
-    bad_g |= positive_finite_flag(bg);
-    bad_table |= non_negative_finite_flag(bw) | finite_flag(bi);
-  }
-  if ((bad_table >> 63) != 0) table_ok = false;
-  return (bad_g >> 63) == 0;
+  xtalscale::detail::RowChecks checks;
+  for (std::size_t i = 0; i < count; ++i) checks.add(g[i], w[i], inten[i]);
+  return checks.finish(table_ok);
 }
 
 /// Each row's least-squares Ĩ of the groups @p off (rows counted from @p base) into @p ih

@@ -6,8 +6,11 @@
 #include <atomic>
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
+#include <cstring>
 #include <type_traits>
 
+#include "xtalscale/check.hpp"     // the bit tests of RowChecks
 #include "xtalscale/smoother.hpp"  // exp_bounded
 
 /// Compile a function for AVX2+FMA (x86-64-v3) as well as the baseline, picked at run time
@@ -30,6 +33,26 @@
 #endif
 
 namespace xtalscale::detail {
+
+/// A chunk's checks, row by row inside a kernel's own pass (the caller reads the sign bits
+/// once at the end): g not finite and > 0 sets bad_g's, a weight not finite and >= 0 or an
+/// intensity not finite sets bad_table's (check.hpp's bit tests, which vectorise).
+struct RowChecks {
+  std::uint64_t bad_g = 0, bad_table = 0;
+  XS_ALWAYS_INLINE void add(double g, double w, double intensity) noexcept {
+    std::uint64_t bg, bw, bi;
+    std::memcpy(&bg, &g, sizeof bg);
+    std::memcpy(&bw, &w, sizeof bw);
+    std::memcpy(&bi, &intensity, sizeof bi);
+    bad_g |= positive_finite_flag(bg);
+    bad_table |= non_negative_finite_flag(bw) | finite_flag(bi);
+  }
+  /// Clears @p table_ok when a weight or intensity failed; returns whether every g passed.
+  bool finish(bool& table_ok) const noexcept {
+    if ((bad_table >> 63) != 0) table_ok = false;
+    return (bad_g >> 63) == 0;
+  }
+};
 
 /// The widest hand-vectorised kernels this CPU runs: 2 AVX-512F, 1 AVX2+FMA, 0 neither (or a
 /// compiler/platform without them). Each level computes every result with the same FMAs in the
