@@ -1370,14 +1370,16 @@ std::pair<std::vector<std::size_t>, std::vector<std::size_t>> group_chunks(
 }
 
 /// The target kernel's operations (residual_pass) on @p n_groups groups (@p off: their
-/// offsets, rows counted from @p base): f returned, ∂f/∂g into @p dfdg; each group's f summed
+/// offsets, rows counted from @p base): f returned, ∂f/∂g into @p dfdg (and each row's Ĩ into
+/// @p ih_rows, when given: the Ĩ formed here, not a second pass of sums); each group's f summed
 /// apart, then added (no chain of dependent adds over all rows). Not vectorised: a group holds
 /// a few rows, and a vectorised loop's set-up (an odd row, a group of one, an overlap check)
 /// adds branches that follow the group lengths, mispredicted about once a group. The
 /// operations are the same either way (no fused multiply-add in this file's plain build).
 __attribute__((optimize("no-tree-vectorize"))) double groups_target(
     const std::int64_t* off, std::size_t n_groups, std::int64_t base, const double* __restrict w,
-    const double* __restrict inten, const double* __restrict g, double* __restrict dfdg) {
+    const double* __restrict inten, const double* __restrict g, double* __restrict dfdg,
+    double* __restrict ih_rows) {
   double f = 0.0;
   for (std::size_t h = 0; h < n_groups; ++h) {
     const auto a = static_cast<std::size_t>(off[h] - base);
@@ -1396,6 +1398,7 @@ __attribute__((optimize("no-tree-vectorize"))) double groups_target(
       fh += wr * r;
       dfdg[l] = -2.0 * wr * ih;
     }
+    if (ih_rows != nullptr) std::fill(ih_rows + a, ih_rows + b, ih);
     f += fh;
   }
   return f;

@@ -156,24 +156,6 @@ XS_MULTIVERSION bool chunk_checked(std::size_t count, const double* __restrict g
   return checks.finish(table_ok);
 }
 
-/// Each row's least-squares Ĩ of the groups @p off (rows counted from @p base) into @p ih
-/// (the chunk's rows), from the chunk's @p w, @p inten and @p g: detail::group_sums's order,
-/// so the same bits as calc_Ih and the normal equations' Ĩ.
-void chunk_Ih(const std::int64_t* off, std::size_t n_groups, std::size_t base,
-              const double* w, const double* inten, const double* g, double* ih) {
-  for (std::size_t h = 0; h < n_groups; ++h) {
-    const auto a = static_cast<std::size_t>(off[h]) - base;
-    const auto b = static_cast<std::size_t>(off[h + 1]) - base;
-    double wgg = 0.0, wgi = 0.0;
-    for (std::size_t l = a; l < b; ++l) {
-      const double wg = w[l] * g[l];
-      wgg += wg * g[l];
-      wgi += wg * inten[l];
-    }
-    std::fill(ih + a, ih + b, wgg > 0.0 ? wgi / wgg : 0.0);
-  }
-}
-
 /// A thread's buffers, reused by its chunks: per model the terms' values of the chunk's rows;
 /// the chunk's g and ∂f/∂g in table order (in cache: g is copied out with streaming stores,
 /// which do not read the output's old contents from memory).
@@ -226,8 +208,10 @@ double chunk_functional_and_gradient(const GroupedObservations& t,
                                 std::to_string(first) + " to " + std::to_string(last - 1) + ")");
   }
   double* dfdg = sized(state.dfdg, count);
-  const double f = xtalscale::detail::groups_target(t.group_offsets + h_first, h_last - h_first,
-                                         static_cast<std::int64_t>(first), w, inten, g, dfdg);
+  // each row's least-squares Ĩ too, when asked (as model_normal_equations writes it)
+  const double f = xtalscale::detail::groups_target(
+      t.group_offsets + h_first, h_last - h_first, static_cast<std::int64_t>(first), w, inten, g,
+      dfdg, Ih_table != nullptr ? Ih_table + first : nullptr);
   for (std::size_t k = 0; k < models.size(); ++k) {
     const ModelRows& r = found[k];
     if (r.count == 0) continue;
@@ -240,8 +224,6 @@ double chunk_functional_and_gradient(const GroupedObservations& t,
                                             static_cast<std::int64_t>(first));
   }
   xtalscale::detail::copy_streaming(g, count, g_table + first);
-  if (Ih_table != nullptr)  // each row's least-squares Ĩ, as model_normal_equations writes it
-    chunk_Ih(t.group_offsets + h_first, h_last - h_first, first, w, inten, g, Ih_table + first);
   return f;
 }
 

@@ -21,9 +21,11 @@ std::pair<std::vector<std::size_t>, std::vector<std::size_t>> group_chunks(
     const fit::GroupedObservations& table, std::size_t chunk_rows = 0);
 
 /// The target kernel's operations on @p n_groups groups (@p off: their offsets, rows counted
-/// from @p base; @p w, @p inten, @p g and @p dfdg indexed from that row): f returned, ∂f/∂g =
-/// −2 w r Ĩ per row into @p dfdg (Ĩ of each group held: the envelope theorem).
+/// from @p base; @p w, @p inten, @p g, @p dfdg and @p ih indexed from that row): f returned,
+/// ∂f/∂g = −2 w r Ĩ per row into @p dfdg (Ĩ of each group held: the envelope theorem) and,
+/// when @p ih is given, each row's Ĩ (fit::detail::group_sums's order: calc_Ih's bits).
 double groups_target(const std::int64_t* off, std::size_t n_groups, std::int64_t base,
-                     const double* w, const double* inten, const double* g, double* dfdg);
+                     const double* w, const double* inten, const double* g, double* dfdg,
+                     double* ih = nullptr);
 
 }  // namespace xtalscale::detail
