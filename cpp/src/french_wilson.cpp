@@ -13,6 +13,11 @@
 
 #include "xtalscale/smoother.hpp"  // exp_bounded
 #include "fit_parallel.hpp"
+#include "internal/kernel_support.hpp"  // simd_level
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#include <immintrin.h>
+#endif
 
 namespace xtalscale {
 namespace {
@@ -69,11 +74,13 @@ const CompositeRule& rule() {
   return r;
 }
 
-// Raw moments of δ and z - h in one pass. The acentric density carries the factor u = √h + δ
-// (the Jacobian 2u is not cancelled); every exponent lies in [-50, 0], exp_bounded's range.
-template <bool Centric>
-FrenchWilsonMoments integrate(double h) {
-  const CompositeRule& r = rule();
+/// The integration range of one h: nodes d = delta_lo + span·t_k (δ = u − √h), z − h =
+/// d(2√h + d) + z_offset, and the exponent's shift peak (so that it lies in [−50, 0]).
+struct Range {
+  double sqrt_h, delta_lo, span, z_offset, peak;
+};
+
+Range range_of(double h) {
   const double sqrt_h = h > 0.0 ? std::sqrt(h) : 0.0;
   const double top = std::sqrt((h < 0.0 ? h * h : 0.0) + kHalfWidth * kHalfWidth);
   const double u_max = std::sqrt(h + top);
@@ -82,29 +89,107 @@ FrenchWilsonMoments integrate(double h) {
   // δ = u - √h at the ends, written without cancellation.
   const double delta_lo = h > 0.0 ? (z_min - h) / (u_min + sqrt_h) : 0.0;
   const double delta_hi = h > 0.0 ? top / (u_max + sqrt_h) : u_max;
-  const double span = delta_hi - delta_lo;
-  const double z_offset = h > 0.0 ? 0.0 : -h;  // z - h = δ(2√h + δ) + z_offset
-  const double peak = h < 0.0 ? 0.5 * h * h : 0.0;
+  return {sqrt_h, delta_lo, delta_hi - delta_lo, h > 0.0 ? 0.0 : -h, h < 0.0 ? 0.5 * h * h : 0.0};
+}
+
+/// The raw moments Σw, Σwδ, Σwδ², Σw(z−h), Σw(z−h)² of one h over the rule's nodes.
+struct RawMoments {
   double m0 = 0.0, s_d = 0.0, s_dd = 0.0, s_z = 0.0, s_zz = 0.0;
-  for (std::size_t k = 0; k < static_cast<std::size_t>(kPoints); ++k) {
-    const double d = delta_lo + span * r.t[k];
-    const double z = d * (2.0 * sqrt_h + d) + z_offset;
-    double w = r.w[k] * exp_bounded(peak - 0.5 * z * z);
-    if constexpr (!Centric) w *= sqrt_h + d;
-    m0 += w;
-    s_d += w * d;
-    s_dd += w * d * d;
-    s_z += w * z;
-    s_zz += w * z * z;
-  }
-  const double mean_d = s_d / m0, mean_z = s_z / m0;
+};
+
+/// The posterior moments of @p h from its raw moments.
+FrenchWilsonMoments moments_of(double h, double sqrt_h, const RawMoments& m) {
+  const double mean_d = m.s_d / m.m0, mean_z = m.s_z / m.m0;
   FrenchWilsonMoments out;
   out.f = sqrt_h + mean_d;
-  out.sig_f = std::sqrt(std::max(s_dd / m0 - mean_d * mean_d, 0.0));
+  out.sig_f = std::sqrt(std::max(m.s_dd / m.m0 - mean_d * mean_d, 0.0));
   out.j = h + mean_z;
-  out.sig_j = std::sqrt(std::max(s_zz / m0 - mean_z * mean_z, 0.0));
+  out.sig_j = std::sqrt(std::max(m.s_zz / m.m0 - mean_z * mean_z, 0.0));
   return out;
 }
+
+// Raw moments of δ and z - h in one pass. The acentric density carries the factor u = √h + δ
+// (the Jacobian 2u is not cancelled); every exponent lies in [-50, 0], exp_bounded's range.
+template <bool Centric>
+FrenchWilsonMoments integrate(double h) {
+  const CompositeRule& r = rule();
+  const Range g = range_of(h);
+  RawMoments m;
+  for (std::size_t k = 0; k < static_cast<std::size_t>(kPoints); ++k) {
+    const double d = g.delta_lo + g.span * r.t[k];
+    const double z = d * (2.0 * g.sqrt_h + d) + g.z_offset;
+    double w = r.w[k] * exp_bounded(g.peak - 0.5 * z * z);
+    if constexpr (!Centric) w *= g.sqrt_h + d;
+    m.m0 += w;
+    m.s_d += w * d;
+    m.s_dd += w * d * d;
+    m.s_z += w * z;
+    m.s_zz += w * z * z;
+  }
+  return moments_of(h, g.sqrt_h, m);
+}
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define XS_FW_SIMD 1
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // GCC 12: _mm512_undefined_* in the intrinsics
+#pragma GCC diagnostic ignored "-Wuninitialized"
+/// integrate() of eight values of h at once, one per lane (@p centric: a lane mask), into
+/// @p out: every lane takes exactly the scalar operations in the same order (this file is
+/// compiled with -ffp-contract=off, so no multiply-add is fused, as in the baseline scalar
+/// build; exp_bounded written out the same way): the same bits as eight calls of integrate().
+__attribute__((target("avx512f"))) void integrate8(const double* h, unsigned centric,
+                                                    FrenchWilsonMoments* out) {
+  const CompositeRule& r = rule();
+  alignas(64) double sqrt_h[8], delta_lo[8], span[8], z_offset[8], peak[8];
+  for (int l = 0; l < 8; ++l) {
+    const Range g = range_of(h[l]);
+    sqrt_h[l] = g.sqrt_h;
+    delta_lo[l] = g.delta_lo;
+    span[l] = g.span;
+    z_offset[l] = g.z_offset;
+    peak[l] = g.peak;
+  }
+  const __m512d vs = _mm512_load_pd(sqrt_h), vlo = _mm512_load_pd(delta_lo),
+                vspan = _mm512_load_pd(span), voff = _mm512_load_pd(z_offset),
+                vpeak = _mm512_load_pd(peak);
+  const __m512d two_sqrt_h = _mm512_mul_pd(_mm512_set1_pd(2.0), vs);
+  const __mmask8 acentric = static_cast<__mmask8>(~centric);
+  __m512d m0 = _mm512_setzero_pd(), s_d = m0, s_dd = m0, s_z = m0, s_zz = m0;
+  for (std::size_t k = 0; k < static_cast<std::size_t>(kPoints); ++k) {
+    const __m512d d = _mm512_add_pd(vlo, _mm512_mul_pd(vspan, _mm512_set1_pd(r.t[k])));
+    const __m512d z = _mm512_add_pd(_mm512_mul_pd(d, _mm512_add_pd(two_sqrt_h, d)), voff);
+    const __m512d x = _mm512_sub_pd(vpeak, _mm512_mul_pd(_mm512_mul_pd(_mm512_set1_pd(0.5), z), z));
+    // exp_bounded(x), its baseline operations
+    const __m512d t = _mm512_add_pd(_mm512_mul_pd(x, _mm512_set1_pd(detail::kLog2e)),
+                                    _mm512_set1_pd(detail::kRoundShifter));
+    const __m512d kd = _mm512_sub_pd(t, _mm512_set1_pd(detail::kRoundShifter));
+    const __m512d red = _mm512_sub_pd(_mm512_sub_pd(x, _mm512_mul_pd(kd, _mm512_set1_pd(detail::kLn2Hi))),
+                                      _mm512_mul_pd(kd, _mm512_set1_pd(detail::kLn2Lo)));
+    __m512d p = _mm512_set1_pd(detail::kExpPoly[0]);
+    for (std::size_t c = 1; c < std::size(detail::kExpPoly); ++c)
+      p = _mm512_add_pd(_mm512_mul_pd(p, red), _mm512_set1_pd(detail::kExpPoly[c]));
+    const __m512i scale = _mm512_slli_epi64(
+        _mm512_add_epi64(_mm512_castpd_si512(t), _mm512_set1_epi64(1023)), 52);
+    __m512d w = _mm512_mul_pd(_mm512_set1_pd(r.w[k]), _mm512_mul_pd(p, _mm512_castsi512_pd(scale)));
+    w = _mm512_mask_mul_pd(w, acentric, w, _mm512_add_pd(vs, d));  // acentric lanes: × (√h + δ)
+    m0 = _mm512_add_pd(m0, w);
+    const __m512d wd = _mm512_mul_pd(w, d), wz = _mm512_mul_pd(w, z);
+    s_d = _mm512_add_pd(s_d, wd);
+    s_dd = _mm512_add_pd(s_dd, _mm512_mul_pd(wd, d));
+    s_z = _mm512_add_pd(s_z, wz);
+    s_zz = _mm512_add_pd(s_zz, _mm512_mul_pd(wz, z));
+  }
+  alignas(64) double a0[8], ad[8], add[8], az[8], azz[8];
+  _mm512_store_pd(a0, m0);
+  _mm512_store_pd(ad, s_d);
+  _mm512_store_pd(add, s_dd);
+  _mm512_store_pd(az, s_z);
+  _mm512_store_pd(azz, s_zz);
+  for (int l = 0; l < 8; ++l) out[l] = moments_of(h[l], sqrt_h[l], {a0[l], ad[l], add[l], az[l], azz[l]});
+}
+#pragma GCC diagnostic pop
+#endif
 
 }  // namespace
 
@@ -114,31 +199,74 @@ FrenchWilsonMoments french_wilson_moments(double h, bool centric) {
 
 namespace {
 
-/// Rows [first, last) of french_wilson().
+/// The standardised intensity h of row @p r, or NaN when the row is rejected (σ ≤ 0,
+/// non-finite input, Σ = 0 or the h_min rejection).
+double standardised(const double* intensity, const double* sigma, const double* expected,
+                    const std::uint8_t* centric, std::size_t r, double h_min) {
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const double i_obs = intensity[r], s = sigma[r], prior = std::abs(expected[r]);
+  if (!std::isfinite(i_obs) || !std::isfinite(s) || !(s > 0.0) || std::isnan(prior) ||
+      prior == 0.0)
+    return nan;
+  const double i_over_sigma = i_obs / s;
+  const double prior_term = std::isinf(prior) ? 0.0 : s / prior;
+  const double h = i_over_sigma - (centric[r] ? 0.5 * prior_term : prior_term);
+  if (i_over_sigma < h_min + 0.3 || h < h_min) return nan;
+  return h;
+}
+
+/// The outputs of row @p r from its moments m (units of σ and √σ).
+void store_row(const FrenchWilsonMoments& m, double s, std::size_t r, double* j, double* sig_j,
+               double* f, double* sig_f, std::uint8_t* valid) {
+  const double root_s = std::sqrt(s);
+  j[r] = m.j * s;
+  sig_j[r] = m.sig_j * s;
+  f[r] = m.f * root_s;
+  sig_f[r] = m.sig_f * root_s;
+  valid[r] = 1;
+}
+
+/// Rows [first, last) of french_wilson(): rejected rows NaN and invalid; the others' moments
+/// one row at a time, or (AVX-512) eight rows at a time, the same bits.
 void french_wilson_rows(const double* intensity, const double* sigma, const double* expected,
                         const std::uint8_t* centric, std::size_t first, std::size_t last,
                         double h_min, double* j, double* sig_j, double* f, double* sig_f,
                         std::uint8_t* valid) {
   const double nan = std::numeric_limits<double>::quiet_NaN();
+  std::size_t rows[8];
+  double hs[8];
+  unsigned centric_lanes = 0;
+  int filled = 0;
+#ifdef XS_FW_SIMD
+  const bool lanes = xtalscale::detail::simd_level() >= 2;
+#else
+  const bool lanes = false;
+#endif
   for (std::size_t r = first; r < last; ++r) {
-    const double i_obs = intensity[r], s = sigma[r], prior = std::abs(expected[r]);
     j[r] = sig_j[r] = f[r] = sig_f[r] = nan;
     valid[r] = 0;
-    if (!std::isfinite(i_obs) || !std::isfinite(s) || !(s > 0.0) || std::isnan(prior) ||
-        prior == 0.0)
+    const double h = standardised(intensity, sigma, expected, centric, r, h_min);
+    if (std::isnan(h)) continue;
+    if (!lanes) {
+      store_row(french_wilson_moments(h, centric[r] != 0), sigma[r], r, j, sig_j, f, sig_f, valid);
       continue;
-    const double i_over_sigma = i_obs / s;
-    const double prior_term = std::isinf(prior) ? 0.0 : s / prior;
-    const double h = i_over_sigma - (centric[r] ? 0.5 * prior_term : prior_term);
-    if (i_over_sigma < h_min + 0.3 || h < h_min) continue;
-    const FrenchWilsonMoments m = french_wilson_moments(h, centric[r] != 0);
-    const double root_s = std::sqrt(s);
-    j[r] = m.j * s;
-    sig_j[r] = m.sig_j * s;
-    f[r] = m.f * root_s;
-    sig_f[r] = m.sig_f * root_s;
-    valid[r] = 1;
+    }
+    rows[filled] = r;
+    hs[filled] = h;
+    if (centric[r]) centric_lanes |= 1u << filled;
+    if (++filled < 8) continue;
+#ifdef XS_FW_SIMD
+    FrenchWilsonMoments moments[8];
+    integrate8(hs, centric_lanes, moments);
+    for (int l = 0; l < 8; ++l)
+      store_row(moments[l], sigma[rows[l]], rows[l], j, sig_j, f, sig_f, valid);
+#endif
+    filled = 0;
+    centric_lanes = 0;
   }
+  for (int l = 0; l < filled; ++l)  // the last few rows one at a time
+    store_row(french_wilson_moments(hs[l], centric[rows[l]] != 0), sigma[rows[l]], rows[l], j,
+              sig_j, f, sig_f, valid);
 }
 
 }  // namespace
