@@ -104,6 +104,7 @@ def test_job_blocks_are_the_numpy_paths_blocks(monkeypatch, free_set):
 
     monkeypatch.setattr(scaler_module, "STREAM_MIN_ROWS", 1000)
     monkeypatch.setattr(scaler_module, "STREAM_BLOCK_ROWS", 1000)
+    monkeypatch.setattr(scaler_module, "FUSED_BLOCK_ROWS", 1000)
     inputs = load_inputs(SWEEP20 + SWEEP25)
     args = ["output.html=None"] + (["use_free_set=True", "free_set_percentage=10", "free_set_offset=3"]
                                    if free_set else [])

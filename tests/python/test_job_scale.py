@@ -720,6 +720,7 @@ def test_streamed_blocks_give_the_unstreamed_fit(monkeypatch):
         if stream:
             monkeypatch.setattr(scaler_module, "STREAM_MIN_ROWS", 1000)
             monkeypatch.setattr(scaler_module, "STREAM_BLOCK_ROWS", 1000)
+            monkeypatch.setattr(scaler_module, "FUSED_BLOCK_ROWS", 1000)
         else:
             monkeypatch.setattr(scaler_module, "STREAM_MIN_ROWS", 10**12)
         algorithm, _, table = _run(SWEEP20 + SWEEP25, "output.html=None")
@@ -806,6 +807,7 @@ def _streamed_scaler(monkeypatch):
 
     monkeypatch.setattr(scaler_module, "STREAM_MIN_ROWS", 1000)
     monkeypatch.setattr(scaler_module, "STREAM_BLOCK_ROWS", 1000)
+    monkeypatch.setattr(scaler_module, "FUSED_BLOCK_ROWS", 1000)
     inputs = load_inputs(SWEEP20 + SWEEP25)
     params, _ = parse_phil_arguments(["output.html=None"])
     scaler = ScalingAlgorithm(params, inputs.experiments, inputs.tables).scaler
@@ -973,6 +975,20 @@ def test_unstreamed_set_x_builds_g_alone_and_f_and_grad_goes_matrix_free():
     f_matrix, g_matrix = obj.f_and_grad()
     assert f_again == pytest.approx(f_matrix, rel=1e-13)
     assert np.max(np.abs(g_again - g_matrix)) <= 1e-12 * np.max(np.abs(g_matrix))
+
+
+def test_streamed_blocks_grow_once_the_models_evaluate_their_rows_in_cpp():
+    """The streamed blocks hold STREAM_BLOCK_ROWS rows while ∂g/∂p may be formed, and
+    FUSED_BLOCK_ROWS once a minimisation evaluated every dataset's model row by row in C++
+    (table_models): then no block's ∂g/∂p is ever formed."""
+    from xtalscale.job import scaler as scaler_module
+
+    scaler, target, apm, obj = _unstreamed_objective()
+    assert scaler._stream_block_rows() == scaler_module.STREAM_BLOCK_ROWS  # nothing evaluated yet
+    obj.normal_equations()  # the fused build: the scaler's model blocks over the table's rows
+    assert scaler._models_evaluate_rows
+    assert scaler._stream_block_rows() == scaler_module.FUSED_BLOCK_ROWS > scaler_module.STREAM_BLOCK_ROWS
+    assert scaler.table_models(apm, 0) is not None
 
 
 def test_unstreamed_lbfgs_matrix_free_ends_where_the_derivative_path_ends():
