@@ -164,8 +164,9 @@ __attribute__((target("avx512f"))) void integrate8(const double* h, unsigned cen
     const __m512d t = _mm512_add_pd(_mm512_mul_pd(x, _mm512_set1_pd(detail::kLog2e)),
                                     _mm512_set1_pd(detail::kRoundShifter));
     const __m512d kd = _mm512_sub_pd(t, _mm512_set1_pd(detail::kRoundShifter));
-    const __m512d red = _mm512_sub_pd(_mm512_sub_pd(x, _mm512_mul_pd(kd, _mm512_set1_pd(detail::kLn2Hi))),
-                                      _mm512_mul_pd(kd, _mm512_set1_pd(detail::kLn2Lo)));
+    const __m512d hi = _mm512_mul_pd(kd, _mm512_set1_pd(detail::kLn2Hi));
+    const __m512d lo = _mm512_mul_pd(kd, _mm512_set1_pd(detail::kLn2Lo));
+    const __m512d red = _mm512_sub_pd(_mm512_sub_pd(x, hi), lo);
     __m512d p = _mm512_set1_pd(detail::kExpPoly[0]);
     for (std::size_t c = 1; c < std::size(detail::kExpPoly); ++c)
       p = _mm512_add_pd(_mm512_mul_pd(p, red), _mm512_set1_pd(detail::kExpPoly[c]));
@@ -186,7 +187,8 @@ __attribute__((target("avx512f"))) void integrate8(const double* h, unsigned cen
   _mm512_store_pd(add, s_dd);
   _mm512_store_pd(az, s_z);
   _mm512_store_pd(azz, s_zz);
-  for (int l = 0; l < 8; ++l) out[l] = moments_of(h[l], sqrt_h[l], {a0[l], ad[l], add[l], az[l], azz[l]});
+  for (int l = 0; l < 8; ++l)
+    out[l] = moments_of(h[l], sqrt_h[l], {a0[l], ad[l], add[l], az[l], azz[l]});
 }
 #pragma GCC diagnostic pop
 #endif

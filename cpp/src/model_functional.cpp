@@ -281,7 +281,8 @@ double model_functional_and_gradient(const GroupedObservations& t,
     check_grouped_observations(t);  // then one of the table
     throw;
   }
-  const bool rows_fine = std::all_of(rows_ok.begin(), rows_ok.end(), [](char ok) { return ok != 0; });
+  const bool rows_fine =
+      std::all_of(rows_ok.begin(), rows_ok.end(), [](char ok) { return ok != 0; });
   if (!rows_fine || !tiles_model_rows(models, found, n_chunks)) {
     check_model_rows(t, models);  // throws, naming the fault
     throw std::invalid_argument("the models' table_rows do not ascend strictly");

@@ -1346,7 +1346,7 @@ class _SmoothComponentND(ScaleComponentBase, SmoothMixin):
 
     def _is_lean(self, b: int) -> bool:
         # decided on all the component's rows, not per block: the blocks of a streamed
-        # minimisation table (~60k rows each) must not each hold a weight matrix
+        # minimisation table (60k or 240k rows each) must not each hold a weight matrix
         return len(self._axes) == 1 and sum(self._n_refl) > self.lean_min_reflections
 
     def _lean_factor(self, b: int) -> Optional[np.ndarray]:

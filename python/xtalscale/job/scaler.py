@@ -230,9 +230,9 @@ class Dataset:
 #: the memory the previous one freed. Where every dataset's model evaluates its rows in C++
 #: (the fused normal equations and f+g, chunked variances: no ∂g/∂p is ever formed) the
 #: blocks hold FUSED_BLOCK_ROWS rows: fewer per-block calls and buffers. Measured on the 3-,
-#: 24- and 60-sweep sets (1.1-1.4 × 10⁶ rows), alternating with 60k-row blocks: 1.43-1.47 s
-#: against 1.45-1.61 s, 3.2-3.3 s against 3.4-3.7 s and 4.2 s against 5.6 s at nproc 2, with
-#: 35-80 MB less at the peak.
+#: 24- and 60-sweep sets (1.1-1.4 × 10⁶ rows), alternating with 60k-row blocks throughout:
+#: 1.45-1.53 s against 1.52-1.92 s, 3.67 s against 4.38 s and 4.68 s against 6.20 s at nproc
+#: 2, with 30-80 MB less at the peak.
 STREAM_MIN_ROWS = 300_000
 #: Minimisation tables of at least this many rows let LevMar reuse its previous normal matrix
 #: for a step near the optimum (minimisers.levenberg_marquardt, ``reuse_matrix``); below it a
